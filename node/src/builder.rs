@@ -1,0 +1,272 @@
+//! [`NodeBuilder`]: every knob of a node, with its default.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use peerbus_discovery::{Discovery, Interfaces};
+use peerbus_transport::MeshKey;
+
+use crate::error::StartError;
+use crate::store::Durability;
+use crate::node::Node;
+
+/// How a node proves it belongs to its mesh.
+#[derive(Clone, Debug)]
+pub(crate) enum MembershipChoice {
+    Unset,
+    Key(MeshKey),
+    KeyFile(PathBuf),
+    Insecure,
+}
+
+/// Configures and starts a [`Node`]. Start with [`Node::builder`].
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use peerbus_node::{Node, Interfaces};
+/// let node = Node::builder("payments")
+///     .mesh("shop")
+///     .mesh_key_file("/etc/peerbus/mesh.key")
+///     .data_dir("/var/lib/payments/peerbus")
+///     .interfaces(Interfaces::All)
+///     .start()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "a builder does nothing until `start()` is awaited"]
+pub struct NodeBuilder {
+    pub(crate) service: String,
+    pub(crate) mesh: String,
+    pub(crate) membership: MembershipChoice,
+    pub(crate) data_dir: Option<PathBuf>,
+    pub(crate) listen: Option<SocketAddr>,
+    pub(crate) interfaces: Option<Interfaces>,
+    pub(crate) mdns: bool,
+    pub(crate) seeds: Vec<SocketAddr>,
+    pub(crate) discoveries: Vec<Box<dyn Discovery>>,
+    pub(crate) prefetch: u32,
+    pub(crate) max_message_size: usize,
+    pub(crate) ack_timeout: Duration,
+    pub(crate) max_attempts: u32,
+    pub(crate) retry_backoff: (Duration, Duration),
+    pub(crate) lanes: usize,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) max_requests_in_flight: usize,
+    pub(crate) serve_concurrency: usize,
+    pub(crate) durability: Option<Durability>,
+    pub(crate) max_log_entries: usize,
+    pub(crate) max_log_bytes: usize,
+    pub(crate) send_timeout: Duration,
+}
+
+impl std::fmt::Debug for NodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeBuilder")
+            .field("service", &self.service)
+            .field("mesh", &self.mesh)
+            .field("data_dir", &self.data_dir)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeBuilder {
+    pub(crate) fn new(service: impl Into<String>) -> Self {
+        Self {
+            service: service.into(),
+            mesh: "default".into(),
+            membership: MembershipChoice::Unset,
+            data_dir: None,
+            listen: None,
+            interfaces: None,
+            mdns: true,
+            seeds: Vec::new(),
+            discoveries: Vec::new(),
+            prefetch: 256,
+            max_message_size: 4 * 1024 * 1024,
+            ack_timeout: Duration::from_secs(30),
+            max_attempts: 10,
+            retry_backoff: (Duration::from_millis(200), Duration::from_secs(30)),
+            lanes: 4,
+            shutdown_grace: Duration::from_secs(5),
+            max_requests_in_flight: 65_536,
+            serve_concurrency: 256,
+            durability: None,
+            max_log_entries: 1_000_000,
+            max_log_bytes: 1 << 30,
+            send_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Mesh name. Nodes only see peers of the same mesh. Default: `default`.
+    pub fn mesh(mut self, mesh: impl Into<String>) -> Self {
+        self.mesh = mesh.into();
+        self
+    }
+
+    /// The mesh key every member proves it holds (HMAC over TLS keying material; the key never
+    /// crosses the wire). Peers without it are refused before any message moves.
+    pub fn mesh_key(mut self, key: MeshKey) -> Self {
+        self.membership = MembershipChoice::Key(key);
+        self
+    }
+
+    /// Reads the mesh key from a file written by `peerbus keygen` (64 hex characters).
+    /// A missing or malformed file fails `start()`.
+    pub fn mesh_key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.membership = MembershipChoice::KeyFile(path.into());
+        self
+    }
+
+    /// Runs without a mesh key: any node that finds this one may exchange messages with it.
+    /// Logged as a warning at start. Only for demos and trusted networks.
+    pub fn insecure_open_mesh(mut self) -> Self {
+        self.membership = MembershipChoice::Insecure;
+        self
+    }
+
+    /// Directory for the node identity (`node.key`) and, later, its durable log.
+    /// Default: none — a fresh identity per start, nothing kept.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// QUIC listen address. Default: `127.0.0.1:0` when discovery is loopback-only, else
+    /// `0.0.0.0:0` (all interfaces, a free port).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
+    /// Interfaces mDNS runs on. Default: [`Interfaces::All`] (non-loopback). Tests and demos
+    /// on one machine use [`Interfaces::Loopback`].
+    pub fn interfaces(mut self, interfaces: Interfaces) -> Self {
+        self.interfaces = Some(interfaces);
+        self
+    }
+
+    /// Turns mDNS off (use seeds or a custom discovery instead).
+    pub fn no_mdns(mut self) -> Self {
+        self.mdns = false;
+        self
+    }
+
+    /// Adds a static seed address (for networks without multicast). The node at the address is
+    /// identified by its certificate and must pass the mesh proof.
+    pub fn seed(mut self, addr: SocketAddr) -> Self {
+        self.seeds.push(addr);
+        self
+    }
+
+    /// Adds a discovery source (for example `MemoryNetwork::discovery()` in tests). When any is
+    /// added, mDNS is only used if [`NodeBuilder::interfaces`] was also called.
+    pub fn discovery(mut self, d: impl Discovery) -> Self {
+        self.discoveries.push(Box::new(d));
+        self
+    }
+
+    /// How many unacknowledged deliveries each peer may have outstanding with this node (the
+    /// prefetch window). Default 256. Too small limits throughput over high-latency links; too
+    /// large lets one slow handler hold many messages that other instances could take.
+    pub fn prefetch(mut self, n: u32) -> Self {
+        self.prefetch = n.max(1);
+        self
+    }
+
+    /// Largest payload accepted by `send`/`publish`/`request`. Default 4 MiB; must stay below
+    /// the transport's 8 MiB frame limit.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// How long a delivered message may stay unacknowledged before it is sent again.
+    /// Default 30 s. Set it above your slowest handler, or messages are handled twice.
+    pub fn ack_timeout(mut self, d: Duration) -> Self {
+        self.ack_timeout = d;
+        self
+    }
+
+    /// Attempts (handler failures and ack timeouts) before a message is dead-lettered. Default 10.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    /// Retry delay: starts at `base`, doubles per attempt up to `max`, ±50 % jitter.
+    /// Default 200 ms to 30 s.
+    pub fn retry_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.retry_backoff = (base, max.max(base));
+        self
+    }
+
+    /// Data lanes (unidirectional streams) per connection and direction. Keys hash onto lanes,
+    /// so one slow key only delays keys on its lane. Default 4.
+    pub fn lanes(mut self, n: usize) -> Self {
+        self.lanes = n.clamp(1, 64);
+        self
+    }
+
+    /// How long `shutdown()` waits for in-flight handlers and acks before closing. Default 5 s.
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.shutdown_grace = d;
+        self
+    }
+
+    /// Requests of this node waiting for a reply at once. Default 65,536.
+    pub fn max_requests_in_flight(mut self, n: usize) -> Self {
+        self.max_requests_in_flight = n.max(1);
+        self
+    }
+
+    /// Requests served concurrently by this node's `serve` handler. Default 256.
+    pub fn serve_concurrency(mut self, n: usize) -> Self {
+        self.serve_concurrency = n.max(1);
+        self
+    }
+
+    /// How durable `send`/`publish` are when they return. Default: [`Durability::Fsync`] with a
+    /// data directory (many concurrent sends share one fsync), [`Durability::Memory`] without
+    /// one. See [`Durability`] for exactly what each level can lose.
+    pub fn durability(mut self, d: Durability) -> Self {
+        self.durability = Some(d);
+        self
+    }
+
+    /// Most unsettled entries per destination log. Default 1,000,000. When a log is full,
+    /// `send` waits up to [`NodeBuilder::send_timeout`] for room, then fails with
+    /// [`crate::SendError::Backpressure`].
+    pub fn max_log_entries(mut self, n: usize) -> Self {
+        self.max_log_entries = n.max(1);
+        self
+    }
+
+    /// Most unsettled payload bytes across all logs. Default 1 GiB. Same behaviour as
+    /// [`NodeBuilder::max_log_entries`] when reached.
+    pub fn max_log_bytes(mut self, n: usize) -> Self {
+        self.max_log_bytes = n.max(1);
+        self
+    }
+
+    /// How long `send`/`publish` wait for room in a full log. Default 5 s.
+    pub fn send_timeout(mut self, d: Duration) -> Self {
+        self.send_timeout = d;
+        self
+    }
+
+    /// Starts the node: loads or creates its identity, binds QUIC, starts discovery.
+    pub async fn start(self) -> Result<Node, StartError> {
+        crate::runtime::start(self).await
+    }
+
+    pub(crate) fn default_listen(&self) -> SocketAddr {
+        match (&self.listen, &self.interfaces, self.mdns) {
+            (Some(a), _, _) => *a,
+            (None, Some(Interfaces::Loopback), _) => (Ipv4Addr::LOCALHOST, 0).into(),
+            (None, None, _) if !self.discoveries.is_empty() => (Ipv4Addr::LOCALHOST, 0).into(),
+            _ => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        }
+    }
+}

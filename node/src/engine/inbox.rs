@@ -1,0 +1,240 @@
+//! Receiver-side delivery state: the dedup window per `(origin, log)` and
+//! the per-key block that keeps a failed key's later entries from overtaking it.
+//!
+//! Invariant: an entry reaches a handler only through [`Inbox::admit`]
+//! returning [`Admit::Handle`], and at most once per window unless the window
+//! was forced to forget it (see [`MAX_HANDLED_PER_WINDOW`]).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use peerbus_transport::NodeId;
+
+/// Most handled sequence numbers remembered above a window's floor. The
+/// origin advances the floor as its log settles, so this is only reached when
+/// one key of a log is stuck at the origin for a long time. Past it the oldest
+/// handled seq is forgotten: a later retransmission of exactly that seq would
+/// reach the handler again (a duplicate, never a loss).
+pub const MAX_HANDLED_PER_WINDOW: usize = 100_000;
+
+/// Most dedup windows (distinct `(origin, log)` pairs) kept. Past it the
+/// window with the lowest activity stamp is dropped (duplicates possible for
+/// its retransmissions, never loss).
+pub const MAX_WINDOWS: usize = 65_536;
+
+/// Most keys blocked behind a failed entry at once. Past it new failures are
+/// still nacked but do not block their key; order for such a key then relies
+/// on the origin's own gating.
+pub const MAX_BLOCKED_KEYS: usize = 100_000;
+
+/// What to do with an arriving entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Run the handler.
+    Handle,
+    /// Already handled: acknowledge again, do not run the handler.
+    Duplicate,
+    /// A copy is being handled right now: ignore this one (its ack will follow).
+    InProgress,
+    /// An earlier entry of the same key failed and has not come back yet: nack.
+    Blocked {
+        /// The failed seq this key waits for.
+        behind: u64,
+    },
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Window {
+    floor: u64,
+    handled: BTreeSet<u64>,
+    stamp: u64,
+}
+
+/// Identifies one entry at a receiver.
+pub type EntryRef<'a> = (NodeId, &'a str, u64);
+
+/// Receiver-side dedup and key-block state.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    windows: HashMap<(NodeId, String), Window>,
+    blocked: HashMap<(NodeId, String, String), u64>,
+    in_progress: HashSet<(NodeId, String, u64)>,
+    clock: u64,
+}
+
+/// A persisted dedup window, as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WindowSnapshot {
+    /// Origin node.
+    pub origin: NodeId,
+    /// Origin's log name.
+    pub log: String,
+    /// Everything below is settled at the origin.
+    pub floor: u64,
+    /// Handled seqs at or above the floor.
+    pub handled: Vec<u64>,
+}
+
+impl Inbox {
+    /// An empty inbox.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Restores windows persisted by an earlier run.
+    pub fn restore(snapshots: impl IntoIterator<Item = WindowSnapshot>) -> Self {
+        let mut inbox = Self::new();
+        for s in snapshots {
+            inbox.windows.insert(
+                (s.origin, s.log),
+                Window { floor: s.floor, handled: s.handled.into_iter().collect(), stamp: 0 },
+            );
+        }
+        inbox
+    }
+
+    /// The current state of one window, for persisting.
+    pub fn snapshot(&self, origin: NodeId, log: &str) -> Option<WindowSnapshot> {
+        self.windows.get(&(origin, log.to_string())).map(|w| WindowSnapshot {
+            origin,
+            log: log.to_string(),
+            floor: w.floor,
+            handled: w.handled.iter().copied().collect(),
+        })
+    }
+
+    /// Decides what to do with entry `seq` of `(origin, log)`.
+    ///
+    /// `floor` and `key_floor` come from the origin (see [`crate::engine::wire::Data::Deliver`]).
+    pub fn admit(
+        &mut self,
+        (origin, log, seq): EntryRef<'_>,
+        floor: u64,
+        key: Option<&str>,
+        key_floor: Option<u64>,
+    ) -> Admit {
+        self.clock += 1;
+        let stamp = self.clock;
+        if !self.windows.contains_key(&(origin, log.to_string())) && self.windows.len() >= MAX_WINDOWS
+        {
+            self.evict_window();
+        }
+        let w = self.windows.entry((origin, log.to_string())).or_default();
+        w.stamp = stamp;
+        if floor > w.floor {
+            w.floor = floor;
+            w.handled = w.handled.split_off(&floor);
+        }
+        if seq < w.floor || w.handled.contains(&seq) {
+            return Admit::Duplicate;
+        }
+        if self.in_progress.contains(&(origin, log.to_string(), seq)) {
+            return Admit::InProgress;
+        }
+        if let Some(k) = key {
+            let bkey = (origin, log.to_string(), k.to_string());
+            if let Some(&behind) = self.blocked.get(&bkey) {
+                let failed_settled = key_floor.is_some_and(|kf| kf > behind);
+                if seq == behind || failed_settled || seq < behind {
+                    self.blocked.remove(&bkey);
+                } else {
+                    return Admit::Blocked { behind };
+                }
+            }
+        }
+        self.in_progress.insert((origin, log.to_string(), seq));
+        Admit::Handle
+    }
+
+    /// Records the outcome of a handler run started by [`Inbox::admit`].
+    pub fn complete(&mut self, (origin, log, seq): EntryRef<'_>, key: Option<&str>, ok: bool) {
+        self.in_progress.remove(&(origin, log.to_string(), seq));
+        if ok {
+            let w = self.windows.entry((origin, log.to_string())).or_default();
+            if seq >= w.floor {
+                w.handled.insert(seq);
+                if w.handled.len() > MAX_HANDLED_PER_WINDOW {
+                    w.handled.pop_first();
+                }
+            }
+        } else if let Some(k) = key {
+            if self.blocked.len() < MAX_BLOCKED_KEYS {
+                self.blocked.entry((origin, log.to_string(), k.to_string())).or_insert(seq);
+            }
+        }
+    }
+
+    /// Forgets entries being handled for a connection that went away, so
+    /// their redelivery is handled (the handler's outcome still counts).
+    pub fn is_in_progress(&self, (origin, log, seq): EntryRef<'_>) -> bool {
+        self.in_progress.contains(&(origin, log.to_string(), seq))
+    }
+
+    /// Whether no entry is being handled right now.
+    pub fn is_idle(&self) -> bool {
+        self.in_progress.is_empty()
+    }
+
+    fn evict_window(&mut self) {
+        if let Some(victim) =
+            self.windows.iter().min_by_key(|(_, w)| w.stamp).map(|(k, _)| k.clone())
+        {
+            self.windows.remove(&victim);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a() -> NodeId {
+        NodeId::from_bytes([1; 32])
+    }
+
+    #[test]
+    fn duplicates_are_recognised_until_the_floor_passes() {
+        let mut i = Inbox::new();
+        assert_eq!(i.admit((a(), "svc:x", 5), 0, None, None), Admit::Handle);
+        assert_eq!(i.admit((a(), "svc:x", 5), 0, None, None), Admit::InProgress);
+        i.complete((a(), "svc:x", 5), None, true);
+        assert_eq!(i.admit((a(), "svc:x", 5), 0, None, None), Admit::Duplicate);
+        // Origin says all below 6 is settled: still a duplicate, and the set is pruned.
+        assert_eq!(i.admit((a(), "svc:x", 5), 6, None, None), Admit::Duplicate);
+        assert_eq!(i.snapshot(a(), "svc:x").map(|s| s.handled.len()), Some(0));
+        assert_eq!(i.admit((a(), "svc:x", 7), 6, None, None), Admit::Handle);
+    }
+
+    #[test]
+    fn failed_key_blocks_later_entries_until_it_returns() {
+        let mut i = Inbox::new();
+        assert_eq!(i.admit((a(), "l", 1), 0, Some("k"), Some(1)), Admit::Handle);
+        i.complete((a(), "l", 1), Some("k"), false);
+        // seq 2 of the same key was pipelined: it must wait for 1.
+        assert_eq!(i.admit((a(), "l", 2), 0, Some("k"), Some(1)), Admit::Blocked { behind: 1 });
+        // Other keys flow.
+        assert_eq!(i.admit((a(), "l", 3), 0, Some("other"), Some(3)), Admit::Handle);
+        // The redelivery of 1 unblocks.
+        assert_eq!(i.admit((a(), "l", 1), 0, Some("k"), Some(1)), Admit::Handle);
+        i.complete((a(), "l", 1), Some("k"), true);
+        assert_eq!(i.admit((a(), "l", 2), 0, Some("k"), Some(2)), Admit::Handle);
+    }
+
+    #[test]
+    fn dead_lettered_head_unblocks_its_key() {
+        let mut i = Inbox::new();
+        assert_eq!(i.admit((a(), "l", 1), 0, Some("k"), Some(1)), Admit::Handle);
+        i.complete((a(), "l", 1), Some("k"), false);
+        // The origin gave up on 1 (dead letter): key_floor moves past it.
+        assert_eq!(i.admit((a(), "l", 2), 0, Some("k"), Some(2)), Admit::Handle);
+    }
+
+    #[test]
+    fn restore_keeps_dedup_across_restarts() {
+        let mut i = Inbox::new();
+        assert_eq!(i.admit((a(), "l", 1), 0, None, None), Admit::Handle);
+        i.complete((a(), "l", 1), None, true);
+        let snap = i.snapshot(a(), "l").expect("window");
+        let mut j = Inbox::restore([snap]);
+        assert_eq!(j.admit((a(), "l", 1), 0, None, None), Admit::Duplicate);
+    }
+}

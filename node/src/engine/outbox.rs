@@ -1,0 +1,732 @@
+//! Sender-side delivery state: the logs of entries waiting for, or in flight
+//! to, a consumer; which instance gets what; acks, nacks, timeouts, retries
+//! and expiry.
+//!
+//! Invariants:
+//! - an entry leaves a log only when acknowledged, expired or dead-lettered,
+//!   and each of these is reported as a [`Settled`] output;
+//! - an entry with key `k` is transmitted only when every earlier unsettled
+//!   entry with key `k` is in flight to the same instance (pipelining on one
+//!   connection) — so a key moves to another instance only after its
+//!   in-flight entries are settled or their instance is gone;
+//! - an instance never holds more unacknowledged entries than it granted
+//!   credits for.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use peerbus_transport::NodeId;
+
+use super::routing::{rendezvous, topic_matches};
+use super::wire::{Data, Envelope, Interest};
+
+/// Most entries one [`Outbox::poll`] looks at per log. Bounds the work per
+/// event when a long backlog sits behind a key that cannot move.
+pub const SCAN_BUDGET_PER_POLL: usize = 65_536;
+
+/// Who consumes a log.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// Every instance of a service competes for `send`s to it.
+    Service(String),
+    /// A subscriber group: instances with an interest in this group.
+    Group(String),
+}
+
+impl Target {
+    /// The log's name: `svc:<service>` or `grp:<group>`.
+    pub fn log_name(&self) -> String {
+        match self {
+            Target::Service(s) => format!("svc:{s}"),
+            Target::Group(g) => format!("grp:{g}"),
+        }
+    }
+
+    /// Parses a log name back into its target.
+    pub fn from_log_name(name: &str) -> Option<Target> {
+        if let Some(s) = name.strip_prefix("svc:") {
+            Some(Target::Service(s.to_string()))
+        } else {
+            name.strip_prefix("grp:").map(|g| Target::Group(g.to_string()))
+        }
+    }
+}
+
+/// Retry and timeout policy.
+#[derive(Clone, Debug)]
+pub struct OutboxConfig {
+    /// An in-flight entry with no ack after this long is sent again.
+    pub ack_timeout_ms: u64,
+    /// Attempts (handler failures and ack timeouts) before an entry is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt up to `backoff_max_ms`, with ±50 % jitter.
+    pub backoff_base_ms: u64,
+    /// Cap of the retry delay.
+    pub backoff_max_ms: u64,
+    /// Seed of the jitter generator (tests pass a fixed one).
+    pub seed: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            ack_timeout_ms: 30_000,
+            max_attempts: 10,
+            backoff_base_ms: 200,
+            backoff_max_ms: 30_000,
+            seed: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+}
+
+/// How an entry left its log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A consumer handled it and acknowledged.
+    Acked {
+        /// The instance that acknowledged.
+        by: NodeId,
+    },
+    /// Given up: moved to the dead-letter store with this reason.
+    DeadLettered {
+        /// Why (`ttl expired`, `handler rejected: …`, `gave up after N attempts`).
+        reason: String,
+    },
+}
+
+/// An entry that left its log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settled {
+    /// The log it was in.
+    pub log: String,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The entry itself (for the dead-letter store).
+    pub env: Envelope,
+    /// Attempts made.
+    pub attempts: u32,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// A frame for the runtime to put on the wire.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transmit {
+    /// The receiving instance.
+    pub peer: NodeId,
+    /// The connection generation it must go out on.
+    pub conn: u64,
+    /// The frame.
+    pub frame: Data,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum State {
+    /// Appended but not yet durable in the store: not sent, and later entries of its key wait.
+    Staged,
+    Pending,
+    InFlight { peer: NodeId, conn: u64, sent_at: u64 },
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    env: Envelope,
+    state: State,
+    not_before: u64,
+    expires_at: Option<u64>,
+    attempts: u32,
+}
+
+#[derive(Debug, Default)]
+struct Log {
+    entries: BTreeMap<u64, Entry>,
+    /// Payload bytes of the entries.
+    bytes: usize,
+    /// Unsettled seqs per key.
+    keys: HashMap<String, BTreeSet<u64>>,
+    next_seq: u64,
+}
+
+impl Log {
+    fn floor(&self) -> u64 {
+        self.entries.keys().next().copied().unwrap_or(self.next_seq)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Peer {
+    conn: u64,
+    service: String,
+    interests: Vec<Interest>,
+    credits: u32,
+    in_flight: u32,
+    draining: bool,
+}
+
+/// Per-log figures for `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LogStats {
+    /// Entries not yet sent (or waiting for a retry).
+    pub waiting: usize,
+    /// Entries sent and not yet acknowledged.
+    pub in_flight: usize,
+    /// Creation time (ms since epoch) of the oldest entry.
+    pub oldest_created_ms: Option<u64>,
+}
+
+/// The sender side of every log of this node.
+#[derive(Debug)]
+pub struct Outbox {
+    config: OutboxConfig,
+    logs: BTreeMap<String, Log>,
+    peers: HashMap<NodeId, Peer>,
+    rng: u64,
+    round_robin: u64,
+    total_bytes: usize,
+}
+
+impl Outbox {
+    /// An empty outbox.
+    pub fn new(config: OutboxConfig) -> Self {
+        let rng = config.seed | 1;
+        Self {
+            config,
+            logs: BTreeMap::new(),
+            peers: HashMap::new(),
+            rng,
+            round_robin: 0,
+            total_bytes: 0,
+        }
+    }
+
+    /// Assigns the next sequence number of `target`'s log and appends `env`
+    /// (whose `origin`, `kind`, `destination`, `key` … the caller filled in).
+    /// Returns the entry as stored, with `log` and `seq` set.
+    ///
+    /// With `staged`, the entry is not sent until [`Outbox::mark_durable`] (the store has it).
+    pub fn append(
+        &mut self,
+        target: &Target,
+        mut env: Envelope,
+        now: u64,
+        ttl_ms: Option<u64>,
+        not_before_ms: Option<u64>,
+        staged: bool,
+    ) -> Envelope {
+        let name = target.log_name();
+        let log = self.logs.entry(name.clone()).or_default();
+        let seq = log.next_seq.max(1);
+        log.next_seq = seq + 1;
+        env.log = name;
+        env.seq = seq;
+        env.attempt = env.attempt.max(1);
+        let state = if staged { State::Staged } else { State::Pending };
+        self.insert(env.clone(), ttl_ms.map(|t| now + t), not_before_ms.unwrap_or(0), state);
+        env
+    }
+
+    /// The store has made `seq` of `log` durable: it may be sent now.
+    pub fn mark_durable(&mut self, log: &str, seq: u64) {
+        if let Some(e) = self.logs.get_mut(log).and_then(|l| l.entries.get_mut(&seq)) {
+            if e.state == State::Staged {
+                e.state = State::Pending;
+            }
+        }
+    }
+
+    /// Drops a staged entry the store failed to write (its `send` reports the error).
+    pub fn discard_staged(&mut self, log: &str, seq: u64) {
+        if let Some(l) = self.logs.get_mut(log) {
+            if l.entries.get(&seq).is_some_and(|e| e.state == State::Staged) {
+                if let Some(e) = l.entries.remove(&seq) {
+                    l.bytes -= e.env.payload.len();
+                    self.total_bytes -= e.env.payload.len();
+                    forget_key(&mut l.keys, &e.env);
+                }
+            }
+        }
+    }
+
+    /// Unsettled bytes (payloads) across all logs and in one log.
+    pub fn bytes(&self, log: &str) -> (usize, usize) {
+        let one = self.logs.get(log).map_or(0, |l| l.bytes);
+        (self.total_bytes, one)
+    }
+
+    /// Puts back an entry recovered from the store after a restart.
+    /// `expires_at`/`not_before` are absolute (same clock as `now`).
+    pub fn restore(&mut self, env: Envelope, expires_at: Option<u64>, not_before: u64) {
+        let log = self.logs.entry(env.log.clone()).or_default();
+        log.next_seq = log.next_seq.max(env.seq + 1);
+        self.insert(env, expires_at, not_before, State::Pending);
+    }
+
+    /// Makes sure the next seq of `log` is above `seq` (sequence numbers are
+    /// never reused, even after the entries holding them were settled).
+    pub fn bump_seq(&mut self, log: &str, next: u64) {
+        let l = self.logs.entry(log.to_string()).or_default();
+        l.next_seq = l.next_seq.max(next);
+    }
+
+    /// Next seq each log will hand out (persisted so seqs survive restarts).
+    pub fn next_seqs(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.logs.iter().map(|(n, l)| (n.as_str(), l.next_seq))
+    }
+
+    fn insert(&mut self, env: Envelope, expires_at: Option<u64>, not_before: u64, state: State) {
+        let log = self.logs.entry(env.log.clone()).or_default();
+        if let Some(k) = &env.key {
+            log.keys.entry(k.clone()).or_default().insert(env.seq);
+        }
+        let attempts = env.attempt.saturating_sub(1);
+        let size = env.payload.len();
+        if log.entries.insert(env.seq, Entry { env, state, not_before, expires_at, attempts }).is_none()
+        {
+            log.bytes += size;
+            self.total_bytes += size;
+        }
+    }
+
+    /// A connection to `peer` is ready (generation `conn`).
+    pub fn peer_up(
+        &mut self,
+        peer: NodeId,
+        conn: u64,
+        service: String,
+        interests: Vec<Interest>,
+        credits: u32,
+    ) {
+        // A new connection replaces an old one: what was in flight on the old
+        // one is sent again (the receiver's dedup window drops what it had).
+        self.requeue_peer(peer);
+        self.peers.insert(
+            peer,
+            Peer { conn, service, interests, credits: credits.max(1), in_flight: 0, draining: false },
+        );
+    }
+
+    /// The peer announced new interests.
+    pub fn peer_interests(&mut self, peer: NodeId, interests: Vec<Interest>) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.interests = interests;
+        }
+    }
+
+    /// The peer said goodbye: send it nothing new, keep waiting for acks.
+    pub fn peer_draining(&mut self, peer: NodeId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.draining = true;
+        }
+    }
+
+    /// The connection `conn` to `peer` is gone: its in-flight entries go back
+    /// to waiting, to be sent to another instance or on reconnect.
+    pub fn peer_down(&mut self, peer: NodeId, conn: u64) {
+        if self.peers.get(&peer).is_some_and(|p| p.conn == conn) {
+            self.peers.remove(&peer);
+            self.requeue_peer(peer);
+        }
+    }
+
+    fn requeue_peer(&mut self, peer: NodeId) {
+        for log in self.logs.values_mut() {
+            for e in log.entries.values_mut() {
+                if matches!(e.state, State::InFlight { peer: p, .. } if p == peer) {
+                    e.state = State::Pending;
+                }
+            }
+        }
+    }
+
+    /// Whether a connection generation is the current one for the peer.
+    pub fn is_current(&self, peer: NodeId, conn: u64) -> bool {
+        self.peers.get(&peer).is_some_and(|p| p.conn == conn)
+    }
+
+    /// Live instances that consume `target` (connected, not draining).
+    pub fn instances(&self, target: &Target) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.draining && consumes(p, target, None))
+            .map(|(id, _)| *id)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The groups (from connected peers' interests) whose patterns match `topic`.
+    pub fn groups_for(&self, topic: &str) -> BTreeSet<String> {
+        self.peers
+            .values()
+            .flat_map(|p| p.interests.iter())
+            .filter(|i| topic_matches(&i.pattern, topic))
+            .filter_map(|i| i.group.clone())
+            .collect()
+    }
+
+    /// The peer acknowledged `seqs` of `log`.
+    pub fn on_ack(&mut self, peer: NodeId, log_name: &str, seqs: &[u64]) -> Vec<Settled> {
+        let mut out = Vec::new();
+        let Some(log) = self.logs.get_mut(log_name) else { return out };
+        for seq in seqs {
+            let Some(e) = log.entries.remove(seq) else { continue };
+            log.bytes -= e.env.payload.len();
+            self.total_bytes -= e.env.payload.len();
+            if let State::InFlight { peer: p, .. } = e.state {
+                if let Some(pp) = self.peers.get_mut(&p) {
+                    pp.in_flight = pp.in_flight.saturating_sub(1);
+                }
+            }
+            forget_key(&mut log.keys, &e.env);
+            out.push(Settled {
+                log: log_name.to_string(),
+                seq: *seq,
+                attempts: e.attempts.max(1),
+                env: e.env,
+                outcome: Outcome::Acked { by: peer },
+            });
+        }
+        out
+    }
+
+    /// The peer's handler failed on `seq` of `log`: retry later, or dead-letter
+    /// when attempts are exhausted. `permanent` dead-letters at once.
+    pub fn on_nack(
+        &mut self,
+        peer: NodeId,
+        log_name: &str,
+        seq: u64,
+        reason: &str,
+        permanent: bool,
+        now: u64,
+    ) -> Option<Settled> {
+        let max_attempts = self.config.max_attempts;
+        let delay = self.backoff_for(seq);
+        let log = self.logs.get_mut(log_name)?;
+        let e = log.entries.get_mut(&seq)?;
+        if !matches!(e.state, State::InFlight { peer: p, .. } if p == peer) {
+            return None;
+        }
+        if let Some(pp) = self.peers.get_mut(&peer) {
+            pp.in_flight = pp.in_flight.saturating_sub(1);
+        }
+        e.state = State::Pending;
+        // A nack caused by an earlier failure of the same key is not this entry's failure.
+        if reason.starts_with(BLOCKED_PREFIX) || reason.starts_with(NOT_HERE_PREFIX) {
+            return None;
+        }
+        e.attempts += 1;
+        if permanent || e.attempts >= max_attempts {
+            let why = if permanent {
+                format!("handler rejected: {reason}")
+            } else {
+                format!("gave up after {} attempts; last error: {reason}", e.attempts)
+            };
+            return self.dead_letter(log_name, seq, why);
+        }
+        let delay = delay(e.attempts);
+        e.not_before = now + delay;
+        None
+    }
+
+    fn backoff_for(&mut self, _seq: u64) -> impl Fn(u32) -> u64 + use<> {
+        // xorshift64*: deterministic jitter for a given seed.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let r = self.rng;
+        let base = self.config.backoff_base_ms;
+        let max = self.config.backoff_max_ms;
+        move |attempt: u32| {
+            let exp = base.saturating_mul(1u64 << attempt.saturating_sub(1).min(20)).min(max);
+            let half = exp / 2;
+            half + r % (exp - half + 1)
+        }
+    }
+
+    fn dead_letter(&mut self, log_name: &str, seq: u64, reason: String) -> Option<Settled> {
+        let log = self.logs.get_mut(log_name)?;
+        let e = log.entries.remove(&seq)?;
+        log.bytes -= e.env.payload.len();
+        self.total_bytes -= e.env.payload.len();
+        if let State::InFlight { peer, .. } = e.state {
+            if let Some(pp) = self.peers.get_mut(&peer) {
+                pp.in_flight = pp.in_flight.saturating_sub(1);
+            }
+        }
+        forget_key(&mut log.keys, &e.env);
+        Some(Settled {
+            log: log_name.to_string(),
+            seq,
+            attempts: e.attempts,
+            env: e.env,
+            outcome: Outcome::DeadLettered { reason },
+        })
+    }
+
+    /// Moves an entry out of its log by hand (for `dlq`-style tooling and tests).
+    pub fn remove(&mut self, log_name: &str, seq: u64, reason: &str) -> Option<Settled> {
+        self.dead_letter(log_name, seq, reason.to_string())
+    }
+
+    /// Expires entries, resends timed-out ones, and hands waiting entries to
+    /// instances with credit. Returns frames to send and entries that left.
+    pub fn poll(&mut self, now: u64) -> (Vec<Transmit>, Vec<Settled>) {
+        let settled = self.check_timers(now);
+        (self.dispatch(now), settled)
+    }
+
+    /// Timer work only: expiry and ack timeouts (a scan of every entry; call it on a tick,
+    /// not per event).
+    pub fn check_timers(&mut self, now: u64) -> Vec<Settled> {
+        let mut settled = Vec::new();
+        self.expire_and_time_out(now, &mut settled);
+        settled
+    }
+
+    /// Hands waiting entries to instances with credit (cheap when nothing can move).
+    pub fn dispatch(&mut self, now: u64) -> Vec<Transmit> {
+        let mut tx = Vec::new();
+        let names: Vec<String> = self.logs.keys().cloned().collect();
+        for name in names {
+            self.dispatch_log(&name, now, &mut tx);
+        }
+        tx
+    }
+
+    fn expire_and_time_out(&mut self, now: u64, settled: &mut Vec<Settled>) {
+        let ack_timeout = self.config.ack_timeout_ms;
+        let mut expired = Vec::new();
+        let mut timed_out = Vec::new();
+        for (name, log) in &self.logs {
+            for (seq, e) in &log.entries {
+                match e.state {
+                    State::Pending if e.expires_at.is_some_and(|t| t <= now) => {
+                        expired.push((name.clone(), *seq));
+                    }
+                    State::InFlight { peer, sent_at, .. } if sent_at + ack_timeout <= now => {
+                        timed_out.push((name.clone(), *seq, peer));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (name, seq) in expired {
+            settled.extend(self.dead_letter(&name, seq, "ttl expired".into()));
+        }
+        for (name, seq, peer) in timed_out {
+            let reason = format!("no ack within {ack_timeout} ms");
+            settled.extend(self.on_nack(peer, &name, seq, &reason, false, now));
+        }
+    }
+
+    fn dispatch_log(&mut self, name: &str, now: u64, tx: &mut Vec<Transmit>) {
+        let Some(target) = Target::from_log_name(name) else { return };
+        let Some(log) = self.logs.get_mut(name) else { return };
+        if log.entries.is_empty() {
+            return;
+        }
+        let candidates: Vec<NodeId> = {
+            let mut v: Vec<NodeId> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| !p.draining && consumes(p, &target, None))
+                .map(|(id, _)| *id)
+                .collect();
+            v.sort();
+            v
+        };
+        if candidates.is_empty() {
+            return;
+        }
+        let floor = log.floor();
+        // Per key, within this scan: `Some(peer)` = all earlier unsettled
+        // entries are in flight to `peer`; `None` = the key cannot move now.
+        let mut chain: HashMap<String, Option<NodeId>> = HashMap::new();
+        let mut scanned = 0usize;
+        for e in log.entries.values_mut() {
+            scanned += 1;
+            if scanned > SCAN_BUDGET_PER_POLL {
+                break;
+            }
+            let key = e.env.key.clone();
+            match e.state {
+                State::InFlight { peer, .. } => {
+                    if let Some(k) = key {
+                        let c = chain.entry(k).or_insert(Some(peer));
+                        if *c != Some(peer) {
+                            *c = None;
+                        }
+                    }
+                    continue;
+                }
+                State::Staged => {
+                    if let Some(k) = key {
+                        chain.insert(k, None);
+                    }
+                    continue;
+                }
+                State::Pending => {}
+            }
+            let blocked_by_time = e.not_before > now;
+            let chosen: Option<NodeId> = match &key {
+                Some(k) => match chain.get(k) {
+                    Some(None) => None,
+                    Some(Some(_)) if blocked_by_time => {
+                        chain.insert(k.clone(), None);
+                        None
+                    }
+                    Some(Some(p)) => Some(*p),
+                    None if blocked_by_time => {
+                        chain.insert(k.clone(), None);
+                        None
+                    }
+                    None => {
+                        let live = candidates.iter().filter(|c| {
+                            self.peers
+                                .get(c)
+                                .is_some_and(|p| consumes(p, &target, Some(&e.env.destination)))
+                        });
+                        rendezvous(k, live)
+                    }
+                },
+                None if blocked_by_time => None,
+                None => candidates
+                    .iter()
+                    .filter_map(|c| self.peers.get(c).map(|p| (c, p)))
+                    .filter(|(_, p)| {
+                        p.in_flight < p.credits && consumes(p, &target, Some(&e.env.destination))
+                    })
+                    .min_by_key(|(c, p)| (p.in_flight, stable_rr(c, self.round_robin)))
+                    .map(|(c, _)| *c),
+            };
+            let Some(peer_id) = chosen else { continue };
+            let Some(peer) = self.peers.get_mut(&peer_id) else { continue };
+            if peer.in_flight >= peer.credits || peer.draining {
+                // The key sticks to its instance: wait for credit, do not move it.
+                if let Some(k) = key {
+                    chain.insert(k, None);
+                }
+                if self.peers.values().all(|p| p.in_flight >= p.credits) {
+                    break;
+                }
+                continue;
+            }
+            peer.in_flight += 1;
+            self.round_robin = self.round_robin.wrapping_add(1);
+            e.state = State::InFlight { peer: peer_id, conn: peer.conn, sent_at: now };
+            let key_floor = key.as_ref().and_then(|k| log.keys.get(k)?.first().copied());
+            if let Some(k) = key {
+                chain.insert(k, Some(peer_id));
+            }
+            let mut env = e.env.clone();
+            env.attempt = e.attempts + 1;
+            tx.push(Transmit {
+                peer: peer_id,
+                conn: peer.conn,
+                frame: Data::Deliver { floor, key_floor, env },
+            });
+        }
+    }
+
+    /// The earliest time (same clock as `now`) at which [`Outbox::poll`] has
+    /// timer work: a retry becoming due, an ack timeout, or an expiry.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let ack_timeout = self.config.ack_timeout_ms;
+        let mut best: Option<u64> = None;
+        let mut consider = |t: u64| best = Some(best.map_or(t, |b: u64| b.min(t)));
+        for log in self.logs.values() {
+            for e in log.entries.values() {
+                match e.state {
+                    State::Pending => {
+                        if e.not_before > 0 {
+                            consider(e.not_before);
+                        }
+                        if let Some(t) = e.expires_at {
+                            consider(t);
+                        }
+                    }
+                    State::InFlight { sent_at, .. } => consider(sent_at + ack_timeout),
+                    State::Staged => {}
+                }
+            }
+        }
+        best
+    }
+
+    /// Figures per log.
+    pub fn stats(&self) -> BTreeMap<String, LogStats> {
+        self.logs
+            .iter()
+            .map(|(n, l)| {
+                let mut s = LogStats::default();
+                for e in l.entries.values() {
+                    match e.state {
+                        State::Pending | State::Staged => s.waiting += 1,
+                        State::InFlight { .. } => s.in_flight += 1,
+                    }
+                    let c = e.env.created_at_ms;
+                    s.oldest_created_ms = Some(s.oldest_created_ms.map_or(c, |o| o.min(c)));
+                }
+                (n.clone(), s)
+            })
+            .collect()
+    }
+
+    /// Total unsettled entries.
+    pub fn len(&self) -> usize {
+        self.logs.values().map(|l| l.entries.len()).sum()
+    }
+
+    /// Whether no entry is unsettled.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Unsettled entries of one log.
+    pub fn log_len(&self, log: &str) -> usize {
+        self.logs.get(log).map_or(0, |l| l.entries.len())
+    }
+
+    /// Peers that said goodbye and get no new work.
+    pub fn draining_peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.peers.iter().filter(|(_, p)| p.draining).map(|(id, _)| *id)
+    }
+
+    /// Connected peers and their service.
+    pub fn peers(&self) -> impl Iterator<Item = (NodeId, &str)> {
+        self.peers.iter().map(|(id, p)| (*id, p.service.as_str()))
+    }
+}
+
+/// Reason prefix of a nack sent because an earlier entry of the same key failed.
+/// Such nacks do not count as an attempt.
+pub const BLOCKED_PREFIX: &str = "blocked behind";
+
+/// Reason prefix of a nack sent because the receiver no longer consumes the
+/// log (it unsubscribed, or is shutting down). Does not count as an attempt.
+pub const NOT_HERE_PREFIX: &str = "not consumed here";
+
+fn stable_rr(id: &NodeId, rr: u64) -> u64 {
+    super::routing::stable_hash(&[id.as_bytes(), &rr.to_le_bytes()])
+}
+
+fn forget_key(keys: &mut HashMap<String, BTreeSet<u64>>, env: &Envelope) {
+    if let Some(k) = &env.key {
+        if let Some(set) = keys.get_mut(k) {
+            set.remove(&env.seq);
+            if set.is_empty() {
+                keys.remove(k);
+            }
+        }
+    }
+}
+
+fn consumes(p: &Peer, target: &Target, topic: Option<&str>) -> bool {
+    match target {
+        Target::Service(s) => &p.service == s,
+        Target::Group(g) => p.interests.iter().any(|i| {
+            i.group.as_deref() == Some(g.as_str()) && topic.is_none_or(|t| topic_matches(&i.pattern, t))
+        }),
+    }
+}

@@ -1,0 +1,230 @@
+//! The frames two nodes exchange, and the message envelope.
+//!
+//! Every frame travels as `u32` length prefix + bincode (the codec lives in
+//! `peerbus-transport`). The control stream carries [`Control`] frames; data
+//! lanes carry [`Data`] frames. Field order is part of the wire format:
+//! append new fields at the end of a variant and bump
+//! [`PROTOCOL_VERSION`](peerbus_discovery::PROTOCOL_VERSION) when an old peer
+//! could not read them.
+
+use bytes::Bytes;
+use peerbus_transport::NodeId;
+use serde::{Deserialize, Serialize};
+
+/// What kind of interaction a message belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    /// `send(service, …)`: one instance of the service handles it.
+    Send,
+    /// `publish(topic, …)`: each subscriber group gets a copy.
+    Publish,
+    /// `request(service, …)`: one instance answers with a reply.
+    Request,
+    /// The answer to a request.
+    Reply,
+}
+
+impl Kind {
+    /// Lower-case name used in JSON output: `send`, `publish`, `request`, `reply`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Send => "send",
+            Kind::Publish => "publish",
+            Kind::Request => "request",
+            Kind::Reply => "reply",
+        }
+    }
+}
+
+/// The envelope of one message as it crosses the wire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The node that created the message.
+    pub origin: NodeId,
+    /// The origin's log the entry lives in (`svc:<service>` or `grp:<group>`); empty for requests.
+    pub log: String,
+    /// Sequence number within `(origin, log)`; for requests, the correlation id.
+    pub seq: u64,
+    /// Send, publish, request or reply.
+    pub kind: Kind,
+    /// Service name (send, request) or topic (publish).
+    pub destination: String,
+    /// Partition key: messages with the same key are handled in order.
+    pub key: Option<String>,
+    /// User headers; `traceparent`/`tracestate` ride here too.
+    pub headers: Vec<(String, String)>,
+    /// MIME type of the payload, when the sender set one.
+    pub content_type: Option<String>,
+    /// Milliseconds since the Unix epoch when the message was created.
+    pub created_at_ms: u64,
+    /// Delivery attempt, starting at 1.
+    pub attempt: u32,
+    /// The payload bytes.
+    pub payload: Bytes,
+}
+
+/// A subscription interest a node announces to its peers.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Interest {
+    /// Topic pattern (`*` one token, `>` the rest).
+    pub pattern: String,
+    /// Subscriber group; `None` for an ephemeral subscriber of this node only.
+    pub group: Option<String>,
+}
+
+/// Frames on the control stream (one bidirectional stream per connection).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// First frame in each direction.
+    Hello(Hello),
+    /// The sender's interests changed; the full new set follows.
+    Interests(Vec<Interest>),
+    /// Entries of `log` (of the receiver of this frame, as origin) that were handled.
+    Ack {
+        /// Log name at the origin.
+        log: String,
+        /// Handled sequence numbers.
+        seqs: Vec<u64>,
+    },
+    /// An entry the handler rejected or could not take now.
+    Nack {
+        /// Log name at the origin.
+        log: String,
+        /// The rejected sequence number.
+        seq: u64,
+        /// Why, for the dead-letter store and logs.
+        reason: String,
+        /// Dead-letter at once instead of retrying.
+        permanent: bool,
+    },
+    /// The peer is shutting down gracefully; stop sending it new work.
+    Goodbye,
+    /// Whether the sender now serves requests.
+    Serves(bool),
+}
+
+/// The opening frame of a connection, in both directions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version spoken by the sender.
+    pub version: u32,
+    /// Sender's node id (must equal the id proven by TLS).
+    pub node_id: NodeId,
+    /// Sender's service name.
+    pub service: String,
+    /// Sender's mesh name.
+    pub mesh: String,
+    /// Topic interests of the sender.
+    pub interests: Vec<Interest>,
+    /// Whether the sender serves requests.
+    pub serves: bool,
+    /// How many unacknowledged deliveries the sender accepts from this peer.
+    pub credits: u32,
+    /// Random per process start: a different value means the peer restarted.
+    pub incarnation: u64,
+}
+
+/// Frames on data lanes (unidirectional streams).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Data {
+    /// A log entry to hand to a handler.
+    Deliver {
+        /// Every seq below this in `(origin, log)` is settled at the origin: the dedup window may
+        /// forget them.
+        floor: u64,
+        /// Lowest unsettled seq with the same key at the origin when this was sent.
+        key_floor: Option<u64>,
+        /// The message.
+        env: Envelope,
+    },
+    /// A request; `env.seq` is the correlation id.
+    Request {
+        /// Milliseconds the responder has left when the frame was sent.
+        budget_ms: u64,
+        /// The request.
+        env: Envelope,
+    },
+    /// The answer to a request.
+    Reply {
+        /// Correlation id of the request.
+        corr: u64,
+        /// The reply payload, or the handler's error text.
+        result: Result<Bytes, String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peerbus_transport::{decode_frame, encode_frame};
+    use proptest::prelude::*;
+
+    fn node(b: u8) -> NodeId {
+        NodeId::from_bytes([b; 32])
+    }
+
+    fn env_strategy() -> impl Strategy<Value = Envelope> {
+        (
+            any::<u8>(),
+            ".{0,12}",
+            any::<u64>(),
+            prop_oneof![Just(Kind::Send), Just(Kind::Publish), Just(Kind::Request), Just(Kind::Reply)],
+            ".{0,20}",
+            proptest::option::of(".{0,8}"),
+            proptest::collection::vec((".{0,5}", ".{0,5}"), 0..3),
+            any::<u64>(),
+            any::<u32>(),
+            proptest::collection::vec(any::<u8>(), 0..256),
+        )
+            .prop_map(|(o, log, seq, kind, destination, key, headers, created, attempt, p)| {
+                Envelope {
+                    origin: node(o),
+                    log,
+                    seq,
+                    kind,
+                    destination,
+                    key,
+                    headers,
+                    content_type: None,
+                    created_at_ms: created,
+                    attempt,
+                    payload: Bytes::from(p),
+                }
+            })
+    }
+
+    fn roundtrip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(v: T) {
+        let mut out = Vec::new();
+        encode_frame(&v, &mut out, 1 << 20).expect("encode");
+        let (back, used) = decode_frame::<T>(&out, 1 << 20).expect("decode").expect("complete");
+        assert_eq!(used, out.len());
+        assert_eq!(back, v);
+    }
+
+    proptest! {
+        #[test]
+        fn data_frames_round_trip(env in env_strategy(), floor in any::<u64>(), kf in proptest::option::of(any::<u64>()), budget in any::<u64>()) {
+            roundtrip(Data::Deliver { floor, key_floor: kf, env: env.clone() });
+            roundtrip(Data::Request { budget_ms: budget, env: env.clone() });
+            roundtrip(Data::Reply { corr: floor, result: Ok(env.payload.clone()) });
+            roundtrip(Data::Reply { corr: floor, result: Err(env.destination) });
+        }
+
+        #[test]
+        fn control_frames_round_trip(log in ".{0,16}", seqs in proptest::collection::vec(any::<u64>(), 0..50), reason in ".{0,30}", pat in ".{0,10}", group in proptest::option::of(".{0,6}"), credits in any::<u32>()) {
+            let interests = vec![Interest { pattern: pat, group }];
+            roundtrip(Control::Hello(Hello { version: 1, node_id: node(3), service: log.clone(), mesh: reason.clone(), interests: interests.clone(), serves: true, credits, incarnation: 7 }));
+            roundtrip(Control::Interests(interests));
+            roundtrip(Control::Ack { log: log.clone(), seqs: seqs.clone() });
+            roundtrip(Control::Nack { log, seq: seqs.first().copied().unwrap_or(0), reason, permanent: true });
+            roundtrip(Control::Goodbye);
+            roundtrip(Control::Serves(true));
+        }
+
+        #[test]
+        fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_frame::<Data>(&bytes, 1 << 16);
+            let _ = decode_frame::<Control>(&bytes, 1 << 16);
+        }
+    }
+}

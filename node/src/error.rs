@@ -1,0 +1,212 @@
+//! Errors, one enum per operation. Each message says what happened and what
+//! to do about it.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Starting a node failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Neither a mesh key nor `insecure_open_mesh()` was configured.
+    #[error(
+        "no mesh key configured: pass a mesh key (`mesh_key_file`, CLI `--mesh-key-file`, env \
+         PEERBUS_MESH_KEY_FILE; create one with `peerbus keygen`) or opt into an open mesh with \
+         `insecure_open_mesh()` (CLI `--insecure-open-mesh`)"
+    )]
+    NoMembership,
+    /// The mesh key file could not be read.
+    #[error("mesh key: {0}")]
+    MeshKey(#[from] peerbus_transport::MeshKeyError),
+    /// The node identity could not be loaded or created.
+    #[error("node identity: {0}")]
+    Identity(#[from] peerbus_transport::IdentityError),
+    /// The QUIC endpoint could not bind.
+    #[error("could not listen: {0}")]
+    Bind(#[from] peerbus_transport::BindError),
+    /// Discovery could not start.
+    #[error("discovery: {0}")]
+    Discovery(#[from] peerbus_discovery::DiscoveryError),
+    /// The data directory is unusable.
+    #[error("data directory {path}: {reason}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The durable store could not be opened (in use by another process, corrupt, disk full).
+    #[error("store: {0}")]
+    Store(crate::store::StoreError),
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// `send` or `publish` failed; nothing was stored.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The service name or topic is not valid.
+    #[error("invalid destination `{destination}`: {reason}")]
+    InvalidDestination {
+        /// What was given.
+        destination: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The payload plus headers exceed the maximum message size.
+    #[error(
+        "message of {size} bytes exceeds the maximum of {max} bytes; split it or raise \
+         `max_message_size`"
+    )]
+    TooLarge {
+        /// Encoded size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The local log is full and did not drain within the send deadline.
+    #[error(
+        "backpressure: the local log for `{destination}` is full ({entries} entries) and did not \
+         drain within {waited:?}; consumers are slow or offline"
+    )]
+    Backpressure {
+        /// The destination whose log is full.
+        destination: String,
+        /// Entries currently held.
+        entries: usize,
+        /// How long `send` waited.
+        waited: Duration,
+    },
+    /// The local store could not write the message (for example the disk is full); nothing
+    /// was stored.
+    #[error("could not store the message for `{destination}`: {reason}")]
+    Store {
+        /// The destination.
+        destination: String,
+        /// The store's error.
+        reason: String,
+    },
+    /// The node is shutting down or stopped.
+    #[error("the node is shut down")]
+    Stopped,
+}
+
+/// A stored message did not reach a handler.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeliveryError {
+    /// Given up and moved to the dead-letter store (`peerbus dlq list`).
+    #[error("dead-lettered: {reason}")]
+    DeadLettered {
+        /// Why.
+        reason: String,
+    },
+    /// The node stopped before an acknowledgement arrived; the entry stays in the log (when
+    /// durable) and is delivered after the next start.
+    #[error("the node stopped before the message was acknowledged")]
+    Stopped,
+}
+
+/// A request got no reply.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// No connected instance of the service serves requests.
+    #[error("no responders: no connected instance of service `{service}` serves requests")]
+    NoResponders {
+        /// The service.
+        service: String,
+    },
+    /// The deadline passed.
+    #[error("request to `{service}` timed out after {after:?}")]
+    Timeout {
+        /// The service.
+        service: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The responder's handler returned an error.
+    #[error("`{service}` answered with an error: {message}")]
+    Remote {
+        /// The service.
+        service: String,
+        /// The handler's error text.
+        message: String,
+    },
+    /// The connection to the chosen instance was lost before it replied.
+    #[error("the instance of `{service}` handling the request went away before replying")]
+    PeerLost {
+        /// The service.
+        service: String,
+    },
+    /// Too many requests are waiting for replies.
+    #[error("too many requests in flight ({limit}); wait for some to finish")]
+    TooManyInFlight {
+        /// The limit.
+        limit: usize,
+    },
+    /// The request could not be sent.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The node is shutting down or stopped.
+    #[error("the node is shut down")]
+    Stopped,
+}
+
+/// Subscribing failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// The pattern is not valid.
+    #[error("invalid topic pattern `{pattern}`: {reason}")]
+    InvalidPattern {
+        /// What was given.
+        pattern: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The node's service inbox was already taken by an earlier `messages()` call.
+    #[error("the service inbox is already taken by an earlier `messages()` call")]
+    AlreadyTaken,
+    /// Too many subscriptions on this node.
+    #[error("too many subscriptions ({limit})")]
+    TooMany {
+        /// The limit.
+        limit: usize,
+    },
+    /// The node is shutting down or stopped.
+    #[error("the node is shut down")]
+    Stopped,
+}
+
+/// A payload could not be encoded or decoded.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("payload codec: {0}")]
+pub struct CodecError(pub String);
+
+/// What a handler returns when it cannot handle a message.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandlerError {
+    /// Try again later (counts as an attempt; after `max_attempts` the message is dead-lettered).
+    #[error("retry: {0}")]
+    Retry(String),
+    /// Never going to work: dead-letter at once.
+    #[error("reject: {0}")]
+    Reject(String),
+}
+
+impl HandlerError {
+    /// A retryable failure.
+    pub fn retry(reason: impl std::fmt::Display) -> Self {
+        HandlerError::Retry(reason.to_string())
+    }
+
+    /// A permanent failure.
+    pub fn reject(reason: impl std::fmt::Display) -> Self {
+        HandlerError::Reject(reason.to_string())
+    }
+}

@@ -1,0 +1,555 @@
+//! [`Node`]: the handle a service holds.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use peerbus_discovery::Discovery;
+use peerbus_transport::NodeId;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{Instrument, info};
+
+use crate::builder::NodeBuilder;
+use crate::engine::outbox::{LogStats, Target};
+use crate::engine::routing::validate_subject;
+use crate::engine::wire::{Envelope, Interest, Kind};
+use crate::error::{DeliveryError, HandlerError, RequestError, SendError, SubscribeError};
+use crate::message::{Message, Outgoing, now_unix_ms};
+use crate::runtime::core::{Append, CoreMsg};
+use crate::runtime::{self, InboundRequest, LocalSub, MAX_SUBSCRIPTIONS, SERVE_QUEUE, Shared};
+use crate::subscription::Subscription;
+
+/// A running peerbus node, embedded in a service. Cheap to clone; every clone
+/// is the same node. Stop it with [`Node::shutdown`].
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) inner: Arc<NodeInner>,
+}
+
+pub(crate) struct NodeInner {
+    pub(crate) discoveries: Mutex<Vec<Box<dyn Discovery>>>,
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) stopped: Mutex<bool>,
+    pub(crate) store_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub(crate) span: tracing::Span,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.shared.id)
+            .field("service", &self.shared.service)
+            .field("mesh", &self.shared.mesh)
+            .finish()
+    }
+}
+
+/// How this node sees a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// Announced by discovery; not dialed yet.
+    Discovered,
+    /// Dialing.
+    Connecting,
+    /// Connected and past the mesh proof.
+    Connected,
+    /// Dial or connection failed; retrying while it is advertised.
+    Unreachable,
+    /// The peer refused us (for example a mesh key mismatch).
+    Refused,
+    /// No longer advertised and not connected.
+    Gone,
+}
+
+/// A peer as this node sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerInfo {
+    /// Its node id.
+    #[serde(serialize_with = "ser_display")]
+    pub node_id: NodeId,
+    /// Its service (empty until known).
+    pub service: String,
+    /// Addresses it was found at.
+    pub addrs: Vec<SocketAddr>,
+    /// Connection state.
+    pub state: PeerState,
+    /// Round-trip time when connected, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// The last connection error, if any.
+    pub last_error: Option<String>,
+    /// Which side dialed the current connection (both ends agree: one connection per pair).
+    #[serde(serialize_with = "ser_opt_display")]
+    pub dialer: Option<NodeId>,
+}
+
+/// A snapshot of a node's state, for `peerbus status` and the admin endpoint.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// This node's id.
+    #[serde(serialize_with = "ser_display")]
+    pub node_id: NodeId,
+    /// This node's service.
+    pub service: String,
+    /// This node's mesh.
+    pub mesh: String,
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// Known peers.
+    pub peers: Vec<PeerInfo>,
+    /// Open connections (at most one per peer).
+    pub connections: usize,
+    /// Per destination log: waiting, in flight, oldest.
+    pub logs: BTreeMap<String, LogStats>,
+    /// Entries dead-lettered since start.
+    pub dead_letters: usize,
+    /// Entries stored by `send`/`publish` since start (one per group copy).
+    pub sent: u64,
+    /// Entries acknowledged by receivers since start.
+    pub acked: u64,
+    /// Entries handed to local handlers since start.
+    pub delivered: u64,
+    /// Entries sent again (retries, reconnects) since start.
+    pub redelivered: u64,
+    /// Requests waiting for a reply.
+    pub requests_in_flight: usize,
+}
+
+fn ser_opt_display<S: serde::Serializer>(id: &Option<NodeId>, s: S) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => s.collect_str(id),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_display<S: serde::Serializer>(id: &NodeId, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
+}
+
+/// Awaitable acknowledgement of a `send` or `publish`.
+///
+/// The message is already accepted when you hold a receipt; awaiting
+/// [`Receipt::acked`] waits until every copy was handled by a consumer.
+#[derive(Debug)]
+#[must_use = "dropping a receipt is fine, but then you do not learn when the message was handled"]
+pub struct Receipt {
+    copies: Vec<oneshot::Receiver<Result<(), DeliveryError>>>,
+}
+
+impl Receipt {
+    /// How many copies were stored (1 for `send`; one per subscriber group for `publish`).
+    pub fn copies(&self) -> usize {
+        self.copies.len()
+    }
+
+    /// Waits until every copy was acknowledged by a consumer's handler.
+    pub async fn acked(self) -> Result<(), DeliveryError> {
+        for rx in self.copies {
+            match rx.await {
+                Ok(r) => r?,
+                Err(_) => return Err(DeliveryError::Stopped),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running `serve` handler; dropping it does not stop serving (use [`ServeHandle::stop`]).
+pub struct ServeHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ServeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeHandle").finish_non_exhaustive()
+    }
+}
+
+impl ServeHandle {
+    /// Stops taking new requests; peers are told this node no longer serves.
+    pub async fn stop(self) {
+        runtime::write(&self.shared.routes).serve = None;
+        let _ = self.shared.core.send(CoreMsg::InterestsChanged).await;
+    }
+}
+
+impl Node {
+    /// Starts configuring a node for `service`. See [`NodeBuilder`].
+    pub fn builder(service: impl Into<String>) -> NodeBuilder {
+        NodeBuilder::new(service)
+    }
+
+    /// This node's id (its public key).
+    pub fn id(&self) -> NodeId {
+        self.shared.id
+    }
+
+    /// This node's service name.
+    pub fn service(&self) -> &str {
+        &self.shared.service
+    }
+
+    /// This node's mesh name.
+    pub fn mesh(&self) -> &str {
+        &self.shared.mesh
+    }
+
+    /// The QUIC address the node listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// Sends to one live instance of `service`. Returns once the message is accepted into the
+    /// local log; await [`Receipt::acked`] to learn that an instance handled it. While no
+    /// instance is reachable the message waits in the log.
+    pub async fn send(
+        &self,
+        service: &str,
+        msg: impl Into<Outgoing>,
+    ) -> Result<Receipt, SendError> {
+        validate_subject(service, false).map_err(|reason| SendError::InvalidDestination {
+            destination: service.to_string(),
+            reason,
+        })?;
+        let msg = msg.into();
+        let env = self.envelope(Kind::Send, service, &msg)?;
+        self.append(vec![Target::Service(service.to_string())], env, &msg).await
+    }
+
+    /// Publishes to `topic`: each subscriber group whose pattern matches gets one copy, handled
+    /// by one of its instances. Groups are learnt from peers' announced interests (including
+    /// peers seen earlier that are now down, whose copies wait in the log).
+    pub async fn publish(&self, topic: &str, msg: impl Into<Outgoing>) -> Result<Receipt, SendError> {
+        validate_subject(topic, false).map_err(|reason| SendError::InvalidDestination {
+            destination: topic.to_string(),
+            reason,
+        })?;
+        let msg = msg.into();
+        let env = self.envelope(Kind::Publish, topic, &msg)?;
+        let (tx, rx) = oneshot::channel();
+        self.core(CoreMsg::GroupsFor { topic: topic.to_string(), reply: tx })
+            .await
+            .map_err(|()| SendError::Stopped)?;
+        let groups = rx.await.map_err(|_| SendError::Stopped)?;
+        let targets = groups.into_iter().map(Target::Group).collect();
+        self.append(targets, env, &msg).await
+    }
+
+    async fn append(
+        &self,
+        targets: Vec<Target>,
+        env: Envelope,
+        msg: &Outgoing,
+    ) -> Result<Receipt, SendError> {
+        if targets.is_empty() {
+            return Ok(Receipt { copies: Vec::new() });
+        }
+        let (tx, rx) = oneshot::channel();
+        let deadline = self.shared.now() + self.shared.send_timeout.as_millis() as u64;
+        self.core(CoreMsg::Append(Append {
+            targets,
+            env,
+            ttl_ms: msg.ttl.map(|d| d.as_millis() as u64),
+            delay_ms: msg.deliver_after.map(|d| d.as_millis() as u64),
+            deadline,
+            reply: tx,
+        }))
+        .await
+        .map_err(|()| SendError::Stopped)?;
+        let copies = rx.await.map_err(|_| SendError::Stopped)??;
+        Ok(Receipt { copies })
+    }
+
+    /// Sends a request to one instance of `service` that serves requests and waits for its
+    /// reply. Fails at once with [`RequestError::NoResponders`] when none is connected, and with
+    /// [`RequestError::Timeout`] when `timeout` passes. The responder sees the time left.
+    pub async fn request(
+        &self,
+        service: &str,
+        msg: impl Into<Outgoing>,
+        timeout: Duration,
+    ) -> Result<Bytes, RequestError> {
+        validate_subject(service, false).map_err(RequestError::Invalid)?;
+        let msg = msg.into();
+        let env = self
+            .envelope(Kind::Request, service, &msg)
+            .map_err(|e| RequestError::Invalid(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.core(CoreMsg::Request {
+            service: service.to_string(),
+            env,
+            budget_ms: timeout.as_millis() as u64,
+            reply: tx,
+        })
+        .await
+        .map_err(|()| RequestError::Stopped)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(RequestError::Stopped),
+            // Core forgets the request when its deadline passes (it sweeps on every tick).
+            Err(_) => Err(RequestError::Timeout { service: service.to_string(), after: timeout }),
+        }
+    }
+
+    /// Serves requests addressed to this node's service with `handler`, running up to
+    /// `serve_concurrency` at once. The handler's `Ok` bytes are the reply; its `Err` text is
+    /// returned to the requester as [`RequestError::Remote`].
+    pub async fn serve<F, Fut>(&self, handler: F) -> Result<ServeHandle, SubscribeError>
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
+    {
+        let (tx, mut rx) = mpsc::channel::<InboundRequest>(SERVE_QUEUE);
+        {
+            let mut routes = runtime::write(&self.shared.routes);
+            if routes.serve.is_some() {
+                return Err(SubscribeError::AlreadyTaken);
+            }
+            routes.serve = Some(tx);
+        }
+        let shared = self.shared.clone();
+        let handler = Arc::new(handler);
+        let limit = Arc::new(tokio::sync::Semaphore::new(shared.serve_concurrency));
+        let task_shared = shared.clone();
+        shared.tracker.spawn(
+            async move {
+                loop {
+                    let req = tokio::select! {
+                        r = rx.recv() => r,
+                        () = task_shared.cancel.cancelled() => None,
+                    };
+                    let Some(req) = req else { break };
+                    let Ok(permit) = limit.clone().acquire_owned().await else { break };
+                    let handler = handler.clone();
+                    let s = task_shared.clone();
+                    task_shared.tracker.spawn(async move {
+                        let _permit = permit;
+                        let to = req.env.origin;
+                        let corr = req.env.seq;
+                        let budget = Duration::from_millis(req.budget_ms);
+                        let request = Request { msg: Message::new(req.env), budget };
+                        let result = match tokio::time::timeout(budget, handler(request)).await {
+                            Ok(Ok(b)) => Ok(b),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => return, // the requester has given up already
+                        };
+                        let _ = s.core.send(CoreMsg::SendReply { to, corr, result }).await;
+                    });
+                }
+            }
+            .instrument(self.inner.span.clone()),
+        );
+        self.core(CoreMsg::InterestsChanged).await.map_err(|()| SubscribeError::Stopped)?;
+        Ok(ServeHandle { shared })
+    }
+
+    /// The stream of messages sent to this node's service (`send`). Can be taken once.
+    pub fn messages(&self) -> Result<Subscription, SubscribeError> {
+        let rx = runtime::write(&self.shared.routes)
+            .service_rx
+            .take()
+            .ok_or(SubscribeError::AlreadyTaken)?;
+        Ok(Subscription::new(self.shared.clone(), rx, None))
+    }
+
+    /// Subscribes to topics matching `pattern` as a member of this node's service group: each
+    /// message is handled by one instance of the service.
+    pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, SubscribeError> {
+        let group = self.shared.service.clone();
+        self.subscribe_group(pattern, &group).await
+    }
+
+    /// Subscribes to topics matching `pattern` in subscriber group `group`: the group gets one
+    /// copy of each message, handled by one of its live instances.
+    pub async fn subscribe_group(
+        &self,
+        pattern: &str,
+        group: &str,
+    ) -> Result<Subscription, SubscribeError> {
+        validate_subject(pattern, true).map_err(|reason| SubscribeError::InvalidPattern {
+            pattern: pattern.to_string(),
+            reason,
+        })?;
+        let (tx, rx) = mpsc::channel(runtime::SUBSCRIPTION_QUEUE);
+        let id = {
+            let mut routes = runtime::write(&self.shared.routes);
+            if routes.subs.len() >= MAX_SUBSCRIPTIONS {
+                return Err(SubscribeError::TooMany { limit: MAX_SUBSCRIPTIONS });
+            }
+            let id = routes.next_sub;
+            routes.next_sub += 1;
+            let interest = Interest { pattern: pattern.to_string(), group: Some(group.to_string()) };
+            routes.subs.push(LocalSub { id, interest, tx });
+            id
+        };
+        self.core(CoreMsg::InterestsChanged).await.map_err(|()| SubscribeError::Stopped)?;
+        Ok(Subscription::new(self.shared.clone(), rx, Some(id)))
+    }
+
+    /// Peers this node knows of, with their state.
+    pub async fn peers(&self) -> Vec<PeerInfo> {
+        self.status().await.map(|s| s.peers).unwrap_or_default()
+    }
+
+    /// A snapshot of this node's state; `None` if the node is stopped.
+    pub async fn status(&self) -> Option<Status> {
+        let (tx, rx) = oneshot::channel();
+        self.core(CoreMsg::Status(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Connected instances of `service`.
+    pub async fn instances(&self, service: &str) -> Vec<NodeId> {
+        let (tx, rx) = oneshot::channel();
+        if self.core(CoreMsg::Instances { service: service.to_string(), reply: tx }).await.is_err()
+        {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Waits until at least `count` instances of `service` are connected, or `timeout` passes.
+    /// Returns whether they were found.
+    pub async fn wait_for_instances(&self, service: &str, count: usize, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.instances(service).await.len() >= count {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Shuts down in order: stop discovery and accepting, tell peers goodbye, wait up to the
+    /// shutdown grace for in-flight handlers and acks, close connections, join every task.
+    /// Messages still unacknowledged stay in the log (kept on disk with a data directory).
+    pub async fn shutdown(&self) {
+        {
+            let mut stopped = runtime::lock(&self.inner.stopped);
+            if *stopped {
+                return;
+            }
+            *stopped = true;
+        }
+        let span = self.inner.span.clone();
+        async {
+            // 1. Stop discovery (mDNS goodbye) so nobody new dials us.
+            for d in runtime::lock(&self.inner.discoveries).iter_mut() {
+                d.stop();
+            }
+            // 2. Goodbye: peers stop sending us new work.
+            let (tx, rx) = oneshot::channel();
+            if self.core(CoreMsg::Goodbye(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+            // 3. Let handlers finish and acks go out, bounded by the grace period.
+            let deadline = tokio::time::Instant::now() + self.shared.shutdown_grace;
+            loop {
+                let (tx, rx) = oneshot::channel();
+                if self.core(CoreMsg::Quiet(tx)).await.is_err() {
+                    break;
+                }
+                let Ok((_unsettled, acks_pending)) = rx.await else { break };
+                let handling = !runtime::lock(&self.shared.inbox).is_idle();
+                if (acks_pending == 0 && !handling) || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Give the writers a moment to flush the last acks.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // 4. Cancel every task, close the endpoint (connections close with `Shutdown`).
+            self.shared.cancel.cancel();
+            self.shared.endpoint.close().await;
+            // 5. Join.
+            self.shared.tracker.close();
+            if tokio::time::timeout(Duration::from_secs(5), self.shared.tracker.wait()).await.is_err()
+            {
+                tracing::warn!("some tasks did not stop within 5s of shutdown");
+            }
+            // 6. The store writer commits what is queued and syncs once core is gone.
+            let store_thread = runtime::lock(&self.inner.store_thread).take();
+            if let Some(t) = store_thread {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+            info!("node stopped");
+        }
+        .instrument(span)
+        .await;
+    }
+
+    fn envelope(&self, kind: Kind, destination: &str, msg: &Outgoing) -> Result<Envelope, SendError> {
+        let size = msg.payload.len()
+            + msg.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + msg.key.as_ref().map_or(0, String::len);
+        if size > self.shared.max_message_size {
+            return Err(SendError::TooLarge { size, max: self.shared.max_message_size });
+        }
+        Ok(Envelope {
+            origin: self.shared.id,
+            log: String::new(),
+            seq: 0,
+            kind,
+            destination: destination.to_string(),
+            key: msg.key.clone(),
+            headers: msg.headers.clone(),
+            content_type: msg.content_type.clone(),
+            created_at_ms: now_unix_ms(),
+            attempt: 1,
+            payload: msg.payload.clone(),
+        })
+    }
+
+    async fn core(&self, msg: CoreMsg) -> Result<(), ()> {
+        if self.shared.cancel.is_cancelled() {
+            return Err(());
+        }
+        self.shared.core.send(msg).await.map_err(|_| ())
+    }
+
+    /// Counter of messages handed to local handlers (for tests and status).
+    pub fn delivered_count(&self) -> u64 {
+        self.shared.counters.delivered.load(Ordering::Relaxed)
+    }
+}
+
+/// A request as a `serve` handler sees it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    msg: Message,
+    budget: Duration,
+}
+
+impl Request {
+    /// The request message.
+    pub fn message(&self) -> &Message {
+        &self.msg
+    }
+
+    /// The request payload.
+    pub fn payload(&self) -> &Bytes {
+        self.msg.payload()
+    }
+
+    /// How long the requester was willing to wait when it sent the request (its deadline
+    /// travels with the request). The handler is abandoned when it passes.
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+}
+
+impl std::ops::Deref for Request {
+    type Target = Message;
+    fn deref(&self) -> &Message {
+        &self.msg
+    }
+}

@@ -1,0 +1,402 @@
+//! Connections: accepting, dialing with backoff, the hello exchange, and the
+//! per-connection writer and reader tasks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use peerbus_transport::{
+    CloseCode, ConnectError, Connection, FrameError, FrameReceiver, FrameSender, NodeId,
+};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::core::{CoreMsg, Out, local_hello};
+use super::{Inbound, InboundRequest, MAX_INBOUND_LANES, MAX_PENDING_HANDSHAKES, Shared};
+use crate::engine::outbox::NOT_HERE_PREFIX;
+use crate::engine::routing::topic_matches;
+use crate::engine::wire::{Control, Data, Hello};
+
+/// How long the hello exchange may take after the transport handshake.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a whole accept-side handshake (TLS, mesh proof, hello) may take.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Redial backoff: starts here, doubles, capped at [`DIAL_BACKOFF_MAX`], ±50 % jitter.
+const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Cap of the redial backoff.
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Frames taken from the outgoing queue before one flush.
+const WRITE_BATCH: usize = 1024;
+/// Buffered bytes on one stream that force a flush mid-batch.
+const FLUSH_BYTES: usize = 1 << 20;
+
+/// A connection whose hello exchange finished.
+pub(crate) struct Ready {
+    pub(crate) conn: Connection,
+    pub(crate) hello: Hello,
+    pub(crate) ctl_tx: FrameSender,
+    pub(crate) ctl_rx: FrameReceiver,
+}
+
+async fn handshake(shared: &Shared, conn: Connection) -> Result<Ready, String> {
+    let ours = Control::Hello(local_hello(shared));
+    let exchange = async {
+        let (mut tx, mut rx) = if conn.is_dialer() {
+            let (mut tx, rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            tx.send(&ours).await.map_err(|e| e.to_string())?;
+            (tx, rx)
+        } else {
+            conn.accept_bi().await.map_err(|e| e.to_string())?
+        };
+        let theirs = match rx.recv::<Control>().await {
+            Ok(Some(Control::Hello(h))) => h,
+            Ok(Some(other)) => return Err(format!("expected hello, got {other:?}")),
+            Ok(None) => return Err("peer closed the control stream before hello".to_string()),
+            Err(e) => return Err(e.to_string()),
+        };
+        if !conn.is_dialer() {
+            tx.send(&ours).await.map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>((tx, rx, theirs))
+    };
+    let (tx, rx, hello) = tokio::time::timeout(HELLO_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "hello not received within 5s".to_string())??;
+    if hello.node_id != conn.peer_id() {
+        conn.close(CloseCode::ProtocolViolation, "hello node id differs from certificate");
+        return Err(format!(
+            "hello claims node {} but the certificate proves {}",
+            hello.node_id,
+            conn.peer_id()
+        ));
+    }
+    if hello.mesh != shared.mesh {
+        conn.close(CloseCode::ProtocolViolation, "different mesh");
+        return Err(format!("peer is in mesh `{}`, we are in `{}`", hello.mesh, shared.mesh));
+    }
+    if hello.version != peerbus_discovery::PROTOCOL_VERSION {
+        conn.close(CloseCode::ProtocolViolation, "unsupported protocol version");
+        return Err(format!("peer speaks protocol version {}", hello.version));
+    }
+    Ok(Ready { conn, hello, ctl_tx: tx, ctl_rx: rx })
+}
+
+/// Accepts incoming connections until the node stops.
+pub(crate) async fn accept_loop(shared: Arc<Shared>) {
+    let permits = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    loop {
+        let incoming = tokio::select! {
+            i = shared.endpoint.accept() => i,
+            () = shared.cancel.cancelled() => None,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            warn!(
+                addr = %incoming.remote_addr(),
+                limit = MAX_PENDING_HANDSHAKES,
+                "too many handshakes in progress; refusing a connection"
+            );
+            continue;
+        };
+        let shared2 = shared.clone();
+        let addr = incoming.remote_addr();
+        shared.tracker.spawn(
+            async move {
+                let _permit = permit;
+                let res = tokio::time::timeout(ACCEPT_TIMEOUT, async {
+                    let conn = incoming.complete().await.map_err(|e| e.to_string())?;
+                    handshake(&shared2, conn).await
+                })
+                .await;
+                match res {
+                    Ok(Ok(ready)) => {
+                        let _ = shared2.core.send(CoreMsg::PeerReady(Box::new(ready))).await;
+                    }
+                    Ok(Err(e)) => debug!(%addr, error = %e, "incoming connection failed"),
+                    Err(_) => debug!(%addr, "incoming handshake timed out"),
+                }
+            }
+            .instrument(info_span!("accept", %addr)),
+        );
+    }
+}
+
+/// Dials `addrs` until connected or cancelled, with capped exponential backoff and jitter.
+/// `expected` pins the peer's node id (None for seeds, whose id is learnt from the certificate).
+pub(crate) async fn dial_loop(
+    shared: Arc<Shared>,
+    addrs: Vec<SocketAddr>,
+    expected: Option<NodeId>,
+    cancel: CancellationToken,
+) {
+    let span = info_span!("dial", peer = ?expected.map(|p| p.short()), addrs = ?addrs);
+    async move {
+        let mut attempt: u32 = 0;
+        loop {
+            for addr in &addrs {
+                if cancel.is_cancelled() {
+                    return;
+                }
+                let res = tokio::select! {
+                    r = shared.endpoint.connect(*addr, expected) => r,
+                    () = cancel.cancelled() => return,
+                };
+                let error = match res {
+                    Ok(conn) => match handshake(&shared, conn).await {
+                        Ok(ready) => {
+                            let _ = shared.core.send(CoreMsg::PeerReady(Box::new(ready))).await;
+                            return;
+                        }
+                        Err(e) => (false, e),
+                    },
+                    Err(e) => (matches!(e, ConnectError::Refused { .. }), e.to_string()),
+                };
+                if attempt == 0 || error.0 {
+                    warn!(%addr, error = %error.1, "could not connect; will retry");
+                } else {
+                    debug!(%addr, error = %error.1, attempt, "could not connect");
+                }
+                let _ = shared
+                    .core
+                    .send(CoreMsg::DialFailed { peer: expected, refused: error.0, error: error.1 })
+                    .await;
+            }
+            attempt = attempt.saturating_add(1);
+            let base = DIAL_BACKOFF_MIN
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(DIAL_BACKOFF_MAX)
+                .as_millis() as u64;
+            let jittered = base / 2 + rand::random::<u64>() % (base / 2 + 1);
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(jittered)) => {}
+                () = cancel.cancelled() => return,
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Starts the writer, readers and close watcher of an accepted connection.
+pub(crate) fn spawn_connection(
+    shared: Arc<Shared>,
+    ready: Ready,
+    generation: u64,
+    rx: mpsc::Receiver<Out>,
+    cancel: CancellationToken,
+) {
+    let Ready { conn, hello, ctl_tx, ctl_rx } = ready;
+    let peer = hello.node_id;
+    let span = info_span!("peer", peer = %peer.short(), service = %hello.service, generation);
+    let t = &shared.tracker;
+    t.spawn(writer(conn.clone(), ctl_tx, rx, shared.lanes, cancel.clone()).instrument(span.clone()));
+    t.spawn(control_reader(shared.clone(), peer, generation, ctl_rx, cancel.clone()).instrument(span.clone()));
+    t.spawn(lane_acceptor(shared.clone(), conn.clone(), cancel.clone()).instrument(span.clone()));
+    let shared2 = shared.clone();
+    t.spawn(
+        async move {
+            let reason = tokio::select! {
+                e = conn.closed() => e.to_string(),
+                () = cancel.cancelled() => {
+                    conn.close(CloseCode::Shutdown, "connection replaced or node stopping");
+                    "closed locally".to_string()
+                }
+            };
+            cancel.cancel();
+            let _ = shared2.core.send(CoreMsg::PeerGone { peer, generation, reason }).await;
+        }
+        .instrument(span),
+    );
+}
+
+async fn writer(
+    conn: Connection,
+    mut ctl: FrameSender,
+    mut rx: mpsc::Receiver<Out>,
+    lanes: usize,
+    cancel: CancellationToken,
+) {
+    let mut lane_tx: Vec<Option<FrameSender>> = (0..lanes).map(|_| None).collect();
+    let result: Result<(), FrameError> = async {
+        loop {
+            let first = tokio::select! {
+                m = rx.recv() => m,
+                () = cancel.cancelled() => None,
+            };
+            let Some(first) = first else { return Ok(()) };
+            let mut dirty_ctl = false;
+            let mut dirty = vec![false; lanes];
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(out) = next.take() {
+                match out {
+                    Out::Control(c) => {
+                        ctl.push(&c)?;
+                        dirty_ctl = true;
+                        if ctl.buffered_bytes() >= FLUSH_BYTES {
+                            ctl.flush().await?;
+                        }
+                    }
+                    Out::Data { lane, frame } => {
+                        let lane = lane % lanes;
+                        let slot = &mut lane_tx[lane];
+                        if slot.is_none() {
+                            *slot = Some(conn.open_uni().await?);
+                        }
+                        if let Some(s) = slot.as_mut() {
+                            s.push(&frame)?;
+                            dirty[lane] = true;
+                            if s.buffered_bytes() >= FLUSH_BYTES {
+                                s.flush().await?;
+                            }
+                        }
+                    }
+                }
+                taken += 1;
+                if taken < WRITE_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            for (i, d) in dirty.iter().enumerate() {
+                if *d {
+                    if let Some(s) = lane_tx[i].as_mut() {
+                        s.flush().await?;
+                    }
+                }
+            }
+            if dirty_ctl {
+                ctl.flush().await?;
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        debug!(error = %e, "writer stopped");
+    }
+}
+
+async fn control_reader(
+    shared: Arc<Shared>,
+    peer: NodeId,
+    generation: u64,
+    mut rx: FrameReceiver,
+    cancel: CancellationToken,
+) {
+    loop {
+        let frame = tokio::select! {
+            f = rx.recv::<Control>() => f,
+            () = cancel.cancelled() => return,
+        };
+        match frame {
+            Ok(Some(frame)) => {
+                if shared.core.send(CoreMsg::Control { peer, generation, frame }).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                debug!(error = %e, "control stream ended");
+                return;
+            }
+        }
+    }
+}
+
+async fn lane_acceptor(shared: Arc<Shared>, conn: Connection, cancel: CancellationToken) {
+    let mut lanes = 0usize;
+    loop {
+        let rx = tokio::select! {
+            r = conn.accept_uni() => r,
+            () = cancel.cancelled() => return,
+        };
+        let Ok(rx) = rx else { return };
+        lanes += 1;
+        if lanes > MAX_INBOUND_LANES {
+            warn!(limit = MAX_INBOUND_LANES, "peer opened too many lanes; closing");
+            conn.close(CloseCode::ProtocolViolation, "too many lanes");
+            return;
+        }
+        shared.tracker.spawn(
+            lane_reader(shared.clone(), conn.peer_id(), rx, cancel.clone())
+                .instrument(tracing::Span::current()),
+        );
+    }
+}
+
+async fn lane_reader(
+    shared: Arc<Shared>,
+    peer: NodeId,
+    mut rx: FrameReceiver,
+    cancel: CancellationToken,
+) {
+    loop {
+        let frame = tokio::select! {
+            f = rx.recv::<Data>() => f,
+            () = cancel.cancelled() => return,
+        };
+        let frame = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(error = %e, "lane ended");
+                return;
+            }
+        };
+        match frame {
+            Data::Deliver { floor, key_floor, env } => {
+                let target = route(&shared, &env.log, &env.destination);
+                let (origin, log, seq) = (env.origin, env.log.clone(), env.seq);
+                let sent = match target {
+                    Some(tx) => tokio::select! {
+                        r = tx.send(Inbound { env, floor, key_floor }) => r.is_ok(),
+                        () = cancel.cancelled() => return,
+                    },
+                    None => false,
+                };
+                if !sent {
+                    let reason = format!("{NOT_HERE_PREFIX}: no local consumer for `{log}`");
+                    let msg = CoreMsg::Completed { origin, log, seq, result: Err((reason, false)) };
+                    if shared.core.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Data::Request { budget_ms, env } => {
+                let serve = super::read(&shared.routes).serve.clone();
+                let corr = env.seq;
+                let delivered = match serve {
+                    Some(tx) => tx.send(InboundRequest { env, budget_ms }).await.is_ok(),
+                    None => false,
+                };
+                if !delivered {
+                    let result = Err(format!("`{}` does not serve requests", shared.service));
+                    if shared.core.send(CoreMsg::SendReply { to: peer, corr, result }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Data::Reply { corr, result } => {
+                if shared.core.send(CoreMsg::Reply { corr, result }).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The local queue an entry of `log` (addressed to `destination`) belongs in.
+fn route(shared: &Shared, log: &str, destination: &str) -> Option<mpsc::Sender<Inbound>> {
+    let routes = super::read(&shared.routes);
+    if let Some(svc) = log.strip_prefix("svc:") {
+        return (svc == shared.service).then(|| routes.service_tx.clone());
+    }
+    let group = log.strip_prefix("grp:")?;
+    routes
+        .subs
+        .iter()
+        .find(|s| {
+            s.interest.group.as_deref() == Some(group) && topic_matches(&s.interest.pattern, destination)
+        })
+        .map(|s| s.tx.clone())
+}

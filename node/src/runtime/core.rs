@@ -1,0 +1,974 @@
+//! The core actor: owns the outbox, the connection table, receipts and
+//! pending requests. Everything reaches it through [`CoreMsg`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use peerbus_discovery::DiscoveryEvent;
+use peerbus_transport::{CloseCode, Connection, NodeId};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::storage::{Clock, Durable, StoreOp};
+use super::{MAX_KNOWN_PEERS, Shared, conn};
+use crate::store::{DeadLetter, StoredEntry};
+use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target};
+use crate::engine::routing::stable_hash;
+use crate::engine::wire::{Control, Data, Envelope, Hello, Interest};
+use crate::error::{DeliveryError, RequestError, SendError};
+use crate::node::{PeerInfo, PeerState, Status};
+
+/// Ticks of the timer work (retries, ack timeouts, expiry, request deadlines).
+const TICK: Duration = Duration::from_millis(50);
+/// Most messages core handles before it dispatches and flushes acks.
+const BATCH: usize = 512;
+
+/// What a `send`/`publish` call gets back: one receipt receiver per stored copy.
+pub(crate) type AppendReply =
+    Result<Vec<oneshot::Receiver<Result<(), DeliveryError>>>, SendError>;
+
+/// A `send`/`publish` waiting to be stored.
+pub(crate) struct Append {
+    pub(crate) targets: Vec<Target>,
+    pub(crate) env: Envelope,
+    pub(crate) ttl_ms: Option<u64>,
+    pub(crate) delay_ms: Option<u64>,
+    /// Engine time after which a full log fails the call with a backpressure error.
+    pub(crate) deadline: u64,
+    pub(crate) reply: oneshot::Sender<AppendReply>,
+}
+
+/// A stored-but-not-yet-durable call.
+struct PendingAppend {
+    remaining: usize,
+    receipts: Vec<oneshot::Receiver<Result<(), DeliveryError>>>,
+    reply: oneshot::Sender<AppendReply>,
+    destination: String,
+}
+
+/// Frames for one connection's writer task.
+#[derive(Debug)]
+pub(crate) enum Out {
+    Control(Control),
+    Data { lane: usize, frame: Data },
+}
+
+/// Messages to the core actor.
+pub(crate) enum CoreMsg {
+    /// Store and deliver one entry per target; reply with one receiver per copy.
+    Append(Append),
+    /// The store writer finished a group commit.
+    Durable(Durable),
+    /// Which groups subscribe to a topic (connected peers' interests and groups seen before).
+    GroupsFor { topic: String, reply: oneshot::Sender<Vec<String>> },
+    /// A handshake finished.
+    PeerReady(Box<conn::Ready>),
+    /// A connection closed.
+    PeerGone { peer: NodeId, generation: u64, reason: String },
+    /// A dial attempt failed.
+    DialFailed { peer: Option<NodeId>, refused: bool, error: String },
+    /// A control frame from a peer.
+    Control { peer: NodeId, generation: u64, frame: Control },
+    /// A reply arrived.
+    Reply { corr: u64, result: Result<Bytes, String> },
+    /// Send a request; the reply (or error) comes back on `reply`.
+    Request {
+        service: String,
+        env: Envelope,
+        budget_ms: u64,
+        reply: oneshot::Sender<Result<Bytes, RequestError>>,
+    },
+    /// Local serve handler answered a request.
+    SendReply { to: NodeId, corr: u64, result: Result<Bytes, String> },
+    /// Local handler finished an entry: ack or nack it to its origin.
+    Completed { origin: NodeId, log: String, seq: u64, result: Result<(), (String, bool)> },
+    /// A discovery event.
+    Discovery(DiscoveryEvent),
+    /// Local interests changed: tell every peer.
+    InterestsChanged,
+    /// Status snapshot.
+    Status(oneshot::Sender<Status>),
+    /// Instances currently connected for a service.
+    Instances { service: String, reply: oneshot::Sender<Vec<NodeId>> },
+    /// Begin shutdown: say goodbye to every peer, report the unsettled count.
+    Goodbye(oneshot::Sender<()>),
+    /// Whether every local handler ack has been flushed and nothing waits for an ack.
+    Quiet(oneshot::Sender<(usize, usize)>),
+}
+
+struct Link {
+    generation: u64,
+    tx: mpsc::Sender<Out>,
+    conn: Connection,
+    incarnation: u64,
+    service: String,
+    serves: bool,
+    outstanding: usize,
+    cancel: CancellationToken,
+}
+
+struct Known {
+    service: Option<String>,
+    addrs: Vec<SocketAddr>,
+    advertised: bool,
+    dialing: Option<CancellationToken>,
+    state: PeerState,
+    last_error: Option<String>,
+}
+
+struct PendingRequest {
+    peer: NodeId,
+    service: String,
+    deadline: u64,
+    reply: oneshot::Sender<Result<Bytes, RequestError>>,
+}
+
+struct Core {
+    shared: Arc<Shared>,
+    outbox: Outbox,
+    links: HashMap<NodeId, Link>,
+    known: HashMap<NodeId, Known>,
+    receipts: HashMap<(String, u64), oneshot::Sender<Result<(), DeliveryError>>>,
+    requests: HashMap<u64, PendingRequest>,
+    next_corr: u64,
+    next_generation: u64,
+    pending_acks: BTreeMap<(NodeId, String), Vec<u64>>,
+    /// Groups seen in any peer's interests (pattern per group), kept after the peer leaves so a
+    /// publisher keeps copies for a group whose instances are all down.
+    known_groups: BTreeMap<String, BTreeSet<String>>,
+    seeds: Vec<SocketAddr>,
+    seed_dialing: HashMap<SocketAddr, CancellationToken>,
+    dead_letters: usize,
+    closing: bool,
+    store: Option<mpsc::Sender<StoreOp>>,
+    clock: Clock,
+    next_call: u64,
+    calls: HashMap<u64, PendingAppend>,
+    staged: HashMap<(String, u64), u64>,
+    /// `send` calls waiting for room in a full log, oldest first.
+    parked: std::collections::VecDeque<Append>,
+    limits: Limits,
+}
+
+/// Log size limits (see `NodeBuilder::max_log_entries` and friends).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) log_entries: usize,
+    pub(crate) total_bytes: usize,
+    pub(crate) max_parked: usize,
+}
+
+/// What core starts with.
+pub(crate) struct CoreInit {
+    pub(crate) cfg: OutboxConfig,
+    pub(crate) store: Option<mpsc::Sender<StoreOp>>,
+    pub(crate) recovered: Option<crate::store::Recovered>,
+    pub(crate) start_unix_ms: u64,
+    pub(crate) limits: Limits,
+}
+
+pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, init: CoreInit) {
+    let clock = Clock { start_unix_ms: init.start_unix_ms };
+    let mut outbox = Outbox::new(init.cfg);
+    let mut dead_letters = 0;
+    if let Some(rec) = init.recovered {
+        for (log, next) in &rec.next_seqs {
+            outbox.bump_seq(log, *next);
+        }
+        for e in rec.entries {
+            let expires = e.expires_at_ms.map(|t| clock.from_unix(t));
+            let not_before = e.not_before_ms.map_or(0, |t| clock.from_unix(t));
+            outbox.restore(e.env, expires, not_before);
+        }
+        dead_letters = rec.dead_letters;
+        if !outbox.is_empty() {
+            info!(entries = outbox.len(), "resuming delivery of entries recovered from the store");
+        }
+    }
+    let mut core = Core {
+        shared: shared.clone(),
+        outbox,
+        links: HashMap::new(),
+        known: HashMap::new(),
+        receipts: HashMap::new(),
+        requests: HashMap::new(),
+        next_corr: 1,
+        next_generation: 1,
+        pending_acks: BTreeMap::new(),
+        known_groups: BTreeMap::new(),
+        seeds: Vec::new(),
+        seed_dialing: HashMap::new(),
+        dead_letters,
+        closing: false,
+        store: init.store,
+        clock,
+        next_call: 1,
+        calls: HashMap::new(),
+        staged: HashMap::new(),
+        parked: std::collections::VecDeque::new(),
+        limits: init.limits,
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                core.handle(msg);
+                for _ in 0..BATCH {
+                    match rx.try_recv() {
+                        Ok(m) => core.handle(m),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tick.tick() => core.on_tick(),
+            () = shared.cancel.cancelled() => break,
+        }
+        core.dispatch();
+        core.flush_acks();
+    }
+    core.stop();
+}
+
+impl Core {
+    fn now(&self) -> u64 {
+        self.shared.now()
+    }
+
+    fn handle(&mut self, msg: CoreMsg) {
+        match msg {
+            CoreMsg::Append(a) => {
+                if !self.parked.is_empty() {
+                    self.park(a);
+                } else {
+                    self.append(a);
+                }
+            }
+            CoreMsg::Durable(d) => self.on_durable(d),
+            CoreMsg::GroupsFor { topic, reply } => {
+                let mut groups: BTreeSet<String> = self.outbox.groups_for(&topic);
+                for (g, patterns) in &self.known_groups {
+                    if patterns.iter().any(|p| crate::engine::routing::topic_matches(p, &topic)) {
+                        groups.insert(g.clone());
+                    }
+                }
+                let _ = reply.send(groups.into_iter().collect());
+            }
+            CoreMsg::PeerReady(ready) => self.peer_ready(*ready),
+            CoreMsg::PeerGone { peer, generation, reason } => self.peer_gone(peer, generation, &reason),
+            CoreMsg::DialFailed { peer, refused, error } => {
+                if let Some(k) = peer.and_then(|p| self.known.get_mut(&p)) {
+                    if k.state != PeerState::Connected {
+                        k.state = if refused { PeerState::Refused } else { PeerState::Unreachable };
+                    }
+                    k.last_error = Some(error);
+                }
+            }
+            CoreMsg::Control { peer, generation, frame } => self.on_control(peer, generation, frame),
+            CoreMsg::Reply { corr, result } => {
+                if let Some(p) = self.requests.remove(&corr) {
+                    if let Some(l) = self.links.get_mut(&p.peer) {
+                        l.outstanding = l.outstanding.saturating_sub(1);
+                    }
+                    let _ = p.reply.send(result.map_err(|message| RequestError::Remote {
+                        service: p.service,
+                        message,
+                    }));
+                }
+            }
+            CoreMsg::Request { service, mut env, budget_ms, reply } => {
+                self.request(&service, &mut env, budget_ms, reply);
+            }
+            CoreMsg::SendReply { to, corr, result } => {
+                let lanes = self.shared.lanes;
+                if let Some(l) = self.links.get(&to) {
+                    let lane = (corr % lanes as u64) as usize;
+                    try_out(l, Out::Data { lane, frame: Data::Reply { corr, result } });
+                } else {
+                    debug!(peer = %to.short(), corr, "reply dropped: requester no longer connected");
+                }
+            }
+            CoreMsg::Completed { origin, log, seq, result } => match result {
+                Ok(()) => self.ack_after_persist(origin, log, seq),
+                Err((reason, permanent)) => {
+                    if let Some(l) = self.links.get(&origin) {
+                        try_out(l, Out::Control(Control::Nack { log, seq, reason, permanent }));
+                    }
+                }
+            },
+            CoreMsg::Discovery(ev) => self.on_discovery(ev),
+            CoreMsg::InterestsChanged => {
+                let (interests, serves) = {
+                    let r = super::read(&self.shared.routes);
+                    (r.interests(), r.serve.is_some())
+                };
+                for l in self.links.values() {
+                    try_out(l, Out::Control(Control::Interests(interests.clone())));
+                    try_out(l, Out::Control(Control::Serves(serves)));
+                }
+            }
+            CoreMsg::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            CoreMsg::Instances { service, reply } => {
+                let v = self.outbox.instances(&Target::Service(service));
+                let _ = reply.send(v);
+            }
+            CoreMsg::Goodbye(reply) => {
+                self.closing = true;
+                for (_, k) in self.known.iter_mut() {
+                    if let Some(c) = k.dialing.take() {
+                        c.cancel();
+                    }
+                }
+                for c in self.seed_dialing.values() {
+                    c.cancel();
+                }
+                for l in self.links.values() {
+                    try_out(l, Out::Control(Control::Goodbye));
+                }
+                let _ = reply.send(());
+            }
+            CoreMsg::Quiet(reply) => {
+                let in_progress = self.pending_acks.values().map(Vec::len).sum::<usize>();
+                let _ = reply.send((self.outbox.len(), in_progress));
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = self.now();
+        self.expire_parked(now);
+        let settled = self.outbox.check_timers(now);
+        self.settle(settled);
+        // Requests whose deadline passed without the caller cancelling (caller dropped).
+        let expired: Vec<u64> =
+            self.requests.iter().filter(|(_, r)| r.deadline < now).map(|(c, _)| *c).collect();
+        for corr in expired {
+            if let Some(p) = self.requests.remove(&corr) {
+                if let Some(l) = self.links.get_mut(&p.peer) {
+                    l.outstanding = l.outstanding.saturating_sub(1);
+                }
+                let _ = p.reply.send(Err(RequestError::Timeout {
+                    service: p.service,
+                    after: Duration::from_millis(0),
+                }));
+            }
+        }
+    }
+
+    fn dispatch(&mut self) {
+        let now = self.now();
+        let lanes = self.shared.lanes;
+        for t in self.outbox.dispatch(now) {
+            let Some(l) = self.links.get(&t.peer) else { continue };
+            if l.generation != t.conn {
+                continue;
+            }
+            let lane = match &t.frame {
+                Data::Deliver { env, .. } => crate::engine::routing::lane_for(
+                    &env.log,
+                    env.key.as_deref(),
+                    lanes,
+                    env.seq,
+                ),
+                _ => 0,
+            };
+            if let Data::Deliver { env, .. } = &t.frame {
+                if env.attempt > 1 {
+                    self.shared.counters.redelivered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            try_out(l, Out::Data { lane, frame: t.frame });
+        }
+    }
+
+    fn flush_acks(&mut self) {
+        for ((peer, log), seqs) in std::mem::take(&mut self.pending_acks) {
+            if let Some(l) = self.links.get(&peer) {
+                try_out(l, Out::Control(Control::Ack { log, seqs }));
+            }
+        }
+    }
+
+    fn settle(&mut self, settled: Vec<Settled>) {
+        let any = !settled.is_empty();
+        for s in settled {
+            self.store_op(StoreOp::Remove(s.log.clone(), s.seq));
+            if let Outcome::DeadLettered { reason } = &s.outcome {
+                self.store_op(StoreOp::Dead(DeadLetter {
+                    id: 0,
+                    env: s.env.clone(),
+                    reason: reason.clone(),
+                    attempts: s.attempts,
+                    dead_at_ms: crate::message::now_unix_ms(),
+                }));
+            }
+            let result = match &s.outcome {
+                Outcome::Acked { .. } => {
+                    self.shared.counters.acked.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Outcome::DeadLettered { reason } => {
+                    self.dead_letters += 1;
+                    self.shared.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    warn!(log = %s.log, seq = s.seq, attempts = s.attempts, %reason, "dead-lettered");
+                    Err(DeliveryError::DeadLettered { reason: reason.clone() })
+                }
+            };
+            if let Some(tx) = self.receipts.remove(&(s.log, s.seq)) {
+                let _ = tx.send(result);
+            }
+        }
+        if any {
+            self.unpark();
+        }
+    }
+
+    fn store_op(&self, op: StoreOp) {
+        if let Some(store) = &self.store {
+            if store.try_send(op).is_err() {
+                warn!(
+                    limit = super::storage::STORE_QUEUE,
+                    "store queue full: a removal or dead letter is not persisted yet (it is \
+                     replayed as a duplicate after a crash, never lost)"
+                );
+            }
+        }
+    }
+
+    /// Persist the dedup window that now includes `seq`, then ack (so a crash after the ack
+    /// can never make the handler run again for it).
+    fn ack_after_persist(&mut self, origin: NodeId, log: String, seq: u64) {
+        let Some(store) = &self.store else {
+            self.pending_acks.entry((origin, log)).or_default().push(seq);
+            return;
+        };
+        let snap = super::lock(&self.shared.inbox).snapshot(origin, &log);
+        let Some(snap) = snap else {
+            self.pending_acks.entry((origin, log)).or_default().push(seq);
+            return;
+        };
+        if let Err(e) = store.try_send(StoreOp::Window(snap, (origin, log, seq))) {
+            if let StoreOp::Window(_, (o, l, s)) = e.into_inner() {
+                warn!("store queue full: acking without persisting the dedup window first");
+                self.pending_acks.entry((o, l)).or_default().push(s);
+            }
+        }
+    }
+
+    fn over_limit(&self, targets: &[Target]) -> Option<(String, usize)> {
+        let (total, _) = self.outbox.bytes("");
+        if total >= self.limits.total_bytes {
+            return Some(("all destinations".to_string(), self.outbox.len()));
+        }
+        targets.iter().map(Target::log_name).find_map(|log| {
+            let n = self.outbox.log_len(&log);
+            (n >= self.limits.log_entries).then_some((log, n))
+        })
+    }
+
+    fn park(&mut self, a: Append) {
+        if self.parked.len() >= self.limits.max_parked {
+            let _ = a.reply.send(Err(SendError::Backpressure {
+                destination: a.env.destination.clone(),
+                entries: self.outbox.len(),
+                waited: Duration::ZERO,
+            }));
+            return;
+        }
+        self.parked.push_back(a);
+    }
+
+    fn unpark(&mut self) {
+        while let Some(a) = self.parked.pop_front() {
+            if self.over_limit(&a.targets).is_some() {
+                self.parked.push_front(a);
+                break;
+            }
+            self.append(a);
+        }
+    }
+
+    fn expire_parked(&mut self, now: u64) {
+        let mut keep = std::collections::VecDeque::with_capacity(self.parked.len());
+        for a in self.parked.drain(..) {
+            if a.deadline <= now {
+                let entries = self.outbox.len();
+                let _ = a.reply.send(Err(SendError::Backpressure {
+                    destination: a.env.destination.clone(),
+                    entries,
+                    waited: Duration::from_millis(now.saturating_sub(a.deadline)),
+                }));
+            } else {
+                keep.push_back(a);
+            }
+        }
+        self.parked = keep;
+    }
+
+    fn append(&mut self, a: Append) {
+        if self.over_limit(&a.targets).is_some() {
+            self.park(a);
+            return;
+        }
+        let now = self.now();
+        let staged = self.store.is_some();
+        let mut receipts = Vec::with_capacity(a.targets.len());
+        let mut stored = Vec::with_capacity(a.targets.len());
+        for t in &a.targets {
+            let e = self.outbox.append(
+                t,
+                a.env.clone(),
+                now,
+                a.ttl_ms,
+                a.delay_ms.map(|d| now + d),
+                staged,
+            );
+            let (tx, rx) = oneshot::channel();
+            self.receipts.insert((e.log.clone(), e.seq), tx);
+            receipts.push(rx);
+            self.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
+            stored.push(StoredEntry {
+                expires_at_ms: a.ttl_ms.map(|t| self.clock.to_unix(now + t)),
+                not_before_ms: a.delay_ms.map(|d| self.clock.to_unix(now + d)),
+                env: e,
+            });
+        }
+        let Some(store) = &self.store else {
+            let _ = a.reply.send(Ok(receipts));
+            return;
+        };
+        let call = self.next_call;
+        self.next_call += 1;
+        let ids: Vec<(String, u64)> = stored.iter().map(|e| (e.env.log.clone(), e.env.seq)).collect();
+        let next_seqs: Vec<(String, u64)> = ids.iter().map(|(l, s)| (l.clone(), s + 1)).collect();
+        if store.try_send(StoreOp::Append(stored)).is_err() {
+            for (log, seq) in &ids {
+                self.outbox.discard_staged(log, *seq);
+                self.receipts.remove(&(log.clone(), *seq));
+            }
+            let _ = a.reply.send(Err(SendError::Backpressure {
+                destination: a.env.destination.clone(),
+                entries: self.outbox.len(),
+                waited: Duration::ZERO,
+            }));
+            return;
+        }
+        for (log, next) in next_seqs {
+            self.store_op(StoreOp::NextSeq(log, next));
+        }
+        for id in &ids {
+            self.staged.insert(id.clone(), call);
+        }
+        self.calls.insert(
+            call,
+            PendingAppend {
+                remaining: ids.len(),
+                receipts,
+                reply: a.reply,
+                destination: a.env.destination.clone(),
+            },
+        );
+    }
+
+    fn on_durable(&mut self, d: Durable) {
+        for (log, seq) in d.appended {
+            let call = self.staged.remove(&(log.clone(), seq));
+            if d.error.is_some() {
+                self.outbox.discard_staged(&log, seq);
+                self.receipts.remove(&(log.clone(), seq));
+                if let Some(p) = call.and_then(|c| self.calls.remove(&c)) {
+                    let _ = p.reply.send(Err(SendError::Store {
+                        destination: p.destination,
+                        reason: d.error.clone().unwrap_or_default(),
+                    }));
+                }
+                continue;
+            }
+            self.outbox.mark_durable(&log, seq);
+            if let Some(c) = call {
+                let done = self.calls.get_mut(&c).is_some_and(|p| {
+                    p.remaining -= 1;
+                    p.remaining == 0
+                });
+                if done {
+                    if let Some(p) = self.calls.remove(&c) {
+                        let _ = p.reply.send(Ok(p.receipts));
+                    }
+                }
+            }
+        }
+        for (origin, log, seq) in d.acks {
+            self.pending_acks.entry((origin, log)).or_default().push(seq);
+        }
+    }
+
+    fn on_control(&mut self, peer: NodeId, generation: u64, frame: Control) {
+        if !self.links.get(&peer).is_some_and(|l| l.generation == generation) {
+            return;
+        }
+        match frame {
+            Control::Ack { log, seqs } => {
+                let settled = self.outbox.on_ack(peer, &log, &seqs);
+                self.settle(settled);
+            }
+            Control::Nack { log, seq, reason, permanent } => {
+                let now = self.now();
+                let settled = self.outbox.on_nack(peer, &log, seq, &reason, permanent, now);
+                self.settle(settled.into_iter().collect());
+            }
+            Control::Interests(interests) => {
+                self.remember_groups(&interests);
+                self.outbox.peer_interests(peer, interests);
+            }
+            Control::Goodbye => {
+                info!(peer = %peer.short(), "peer is shutting down");
+                self.outbox.peer_draining(peer);
+            }
+            Control::Serves(serves) => {
+                if let Some(l) = self.links.get_mut(&peer) {
+                    l.serves = serves;
+                }
+            }
+            Control::Hello(_) => {
+                if let Some(l) = self.links.get(&peer) {
+                    l.conn.close(CloseCode::ProtocolViolation, "second hello");
+                }
+            }
+        }
+    }
+
+    fn remember_groups(&mut self, interests: &[Interest]) {
+        for i in interests {
+            if let Some(g) = &i.group {
+                let set = self.known_groups.entry(g.clone()).or_default();
+                if set.len() < 256 {
+                    set.insert(i.pattern.clone());
+                }
+            }
+        }
+    }
+
+    fn request(
+        &mut self,
+        service: &str,
+        env: &mut Envelope,
+        budget_ms: u64,
+        reply: oneshot::Sender<Result<Bytes, RequestError>>,
+    ) {
+        if self.requests.len() >= self.shared.max_requests_in_flight {
+            let _ = reply.send(Err(RequestError::TooManyInFlight {
+                limit: self.shared.max_requests_in_flight,
+            }));
+            return;
+        }
+        let chosen = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.service == service && l.serves)
+            .filter(|(id, _)| !self.outbox.is_draining(**id))
+            .min_by_key(|(id, l)| (l.outstanding, stable_hash(&[id.as_bytes(), &self.next_corr.to_le_bytes()])))
+            .map(|(id, _)| *id);
+        let Some(peer) = chosen else {
+            let _ = reply.send(Err(RequestError::NoResponders { service: service.to_string() }));
+            return;
+        };
+        let corr = self.next_corr;
+        self.next_corr += 1;
+        env.seq = corr;
+        let lanes = self.shared.lanes as u64;
+        let Some(l) = self.links.get_mut(&peer) else { return };
+        l.outstanding += 1;
+        let frame = Data::Request { budget_ms, env: env.clone() };
+        try_out(l, Out::Data { lane: (corr % lanes) as usize, frame });
+        let deadline = self.shared.now() + budget_ms;
+        self.requests
+            .insert(corr, PendingRequest { peer, service: service.to_string(), deadline, reply });
+    }
+
+    fn on_discovery(&mut self, ev: DiscoveryEvent) {
+        if self.closing {
+            return;
+        }
+        match ev {
+            DiscoveryEvent::Up(rec) => {
+                if rec.node_id == self.shared.id {
+                    return;
+                }
+                if !self.known.contains_key(&rec.node_id) && self.known.len() >= MAX_KNOWN_PEERS {
+                    warn!(limit = MAX_KNOWN_PEERS, "too many known peers; ignoring a discovered one");
+                    return;
+                }
+                let k = self.known.entry(rec.node_id).or_insert_with(|| Known {
+                    service: None,
+                    addrs: Vec::new(),
+                    advertised: true,
+                    dialing: None,
+                    state: PeerState::Discovered,
+                    last_error: None,
+                });
+                k.service = Some(rec.service.clone());
+                k.addrs = rec.addrs.clone();
+                k.advertised = true;
+                debug!(peer = %rec.node_id.short(), service = %rec.service, addrs = ?rec.addrs, "discovered");
+                if !self.links.contains_key(&rec.node_id) {
+                    self.start_dial(rec.node_id);
+                }
+            }
+            DiscoveryEvent::Down(id) => {
+                if let Some(k) = self.known.get_mut(&id) {
+                    k.advertised = false;
+                    if let Some(c) = k.dialing.take() {
+                        c.cancel();
+                    }
+                    if !self.links.contains_key(&id) {
+                        k.state = PeerState::Gone;
+                    }
+                }
+            }
+            DiscoveryEvent::Seed(addr) => {
+                if !self.seeds.contains(&addr) {
+                    self.seeds.push(addr);
+                }
+                self.start_seed_dial(addr);
+            }
+        }
+    }
+
+    fn start_dial(&mut self, peer: NodeId) {
+        let Some(k) = self.known.get_mut(&peer) else { return };
+        if k.dialing.as_ref().is_some_and(|c| !c.is_cancelled()) || k.addrs.is_empty() {
+            return;
+        }
+        let token = self.shared.cancel.child_token();
+        k.dialing = Some(token.clone());
+        if k.state != PeerState::Connected {
+            k.state = PeerState::Connecting;
+        }
+        let shared = self.shared.clone();
+        let addrs = k.addrs.clone();
+        self.shared.tracker.spawn(conn::dial_loop(shared, addrs, Some(peer), token));
+    }
+
+    fn start_seed_dial(&mut self, addr: SocketAddr) {
+        if self.seed_dialing.get(&addr).is_some_and(|c| !c.is_cancelled()) {
+            return;
+        }
+        if self.links.values().any(|l| l.conn.remote_addr() == addr) {
+            return;
+        }
+        let token = self.shared.cancel.child_token();
+        self.seed_dialing.insert(addr, token.clone());
+        let shared = self.shared.clone();
+        self.shared.tracker.spawn(conn::dial_loop(shared, vec![addr], None, token));
+    }
+
+    fn peer_ready(&mut self, r: conn::Ready) {
+        let peer = r.hello.node_id;
+        let local = self.shared.id;
+        if self.closing {
+            r.conn.close(CloseCode::Shutdown, "node is shutting down");
+            return;
+        }
+        if let Some(existing) = self.links.get(&peer) {
+            let preferred_dialer = local.min(peer);
+            let dialer_of = |c: &Connection| if c.is_dialer() { local } else { peer };
+            let replace = if existing.incarnation != r.hello.incarnation {
+                true // the peer restarted: the old connection is dead
+            } else {
+                dialer_of(&r.conn) == preferred_dialer && dialer_of(&existing.conn) != preferred_dialer
+            };
+            if !replace {
+                debug!(peer = %peer.short(), "duplicate connection: keeping the existing one");
+                r.conn.close(CloseCode::DuplicateConnection, "duplicate connection");
+                return;
+            }
+            debug!(peer = %peer.short(), "duplicate connection: replacing the existing one");
+            if let Some(old) = self.links.remove(&peer) {
+                old.conn.close(CloseCode::DuplicateConnection, "duplicate connection");
+                old.cancel.cancel();
+                self.outbox.peer_down(peer, old.generation);
+                self.fail_requests_to(peer);
+            }
+        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let (tx, rx) = mpsc::channel(super::LINK_QUEUE);
+        let cancel = self.shared.cancel.child_token();
+        self.remember_groups(&r.hello.interests);
+        self.outbox.peer_up(
+            peer,
+            generation,
+            r.hello.service.clone(),
+            r.hello.interests.clone(),
+            r.hello.credits,
+        );
+        let addr = r.conn.remote_addr();
+        info!(peer = %peer.short(), service = %r.hello.service, %addr, dialer = r.conn.is_dialer(), "peer connected");
+        let k = self.known.entry(peer).or_insert_with(|| Known {
+            service: None,
+            addrs: Vec::new(),
+            advertised: false,
+            dialing: None,
+            state: PeerState::Connected,
+            last_error: None,
+        });
+        k.service = Some(r.hello.service.clone());
+        if !k.addrs.contains(&addr) && r.conn.is_dialer() {
+            k.addrs.push(addr);
+        }
+        k.state = PeerState::Connected;
+        k.last_error = None;
+        if self.seeds.contains(&addr) {
+            k.advertised = true;
+            if let Some(c) = self.seed_dialing.remove(&addr) {
+                c.cancel();
+            }
+        }
+        if let Some(c) = k.dialing.take() {
+            c.cancel();
+        }
+        let link = Link {
+            generation,
+            tx,
+            conn: r.conn.clone(),
+            incarnation: r.hello.incarnation,
+            service: r.hello.service.clone(),
+            serves: r.hello.serves,
+            outstanding: 0,
+            cancel: cancel.clone(),
+        };
+        self.links.insert(peer, link);
+        conn::spawn_connection(self.shared.clone(), r, generation, rx, cancel);
+    }
+
+    fn peer_gone(&mut self, peer: NodeId, generation: u64, reason: &str) {
+        if !self.links.get(&peer).is_some_and(|l| l.generation == generation) {
+            return;
+        }
+        if let Some(l) = self.links.remove(&peer) {
+            l.cancel.cancel();
+            if self.seeds.contains(&l.conn.remote_addr()) && !self.closing {
+                self.start_seed_dial(l.conn.remote_addr());
+            }
+        }
+        info!(peer = %peer.short(), %reason, "peer disconnected");
+        self.outbox.peer_down(peer, generation);
+        self.fail_requests_to(peer);
+        let advertised = self.known.get(&peer).is_some_and(|k| k.advertised);
+        if let Some(k) = self.known.get_mut(&peer) {
+            k.state = if advertised { PeerState::Unreachable } else { PeerState::Gone };
+            k.last_error = Some(reason.to_string());
+        }
+        if advertised && !self.closing {
+            self.start_dial(peer);
+        }
+    }
+
+    fn fail_requests_to(&mut self, peer: NodeId) {
+        let lost: Vec<u64> =
+            self.requests.iter().filter(|(_, r)| r.peer == peer).map(|(c, _)| *c).collect();
+        for corr in lost {
+            if let Some(p) = self.requests.remove(&corr) {
+                let _ = p.reply.send(Err(RequestError::PeerLost { service: p.service }));
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let mut peers: Vec<PeerInfo> = self
+            .known
+            .iter()
+            .map(|(id, k)| PeerInfo {
+                node_id: *id,
+                service: k.service.clone().unwrap_or_default(),
+                addrs: k.addrs.clone(),
+                state: k.state,
+                rtt_ms: self.links.get(id).map(|l| l.conn.rtt().as_secs_f64() * 1000.0),
+                last_error: k.last_error.clone(),
+                dialer: self.links.get(id).map(|l| {
+                    if l.conn.is_dialer() { self.shared.id } else { *id }
+                }),
+            })
+            .collect();
+        peers.sort_by(|a, b| (&a.service, a.node_id).cmp(&(&b.service, b.node_id)));
+        let c = &self.shared.counters;
+        Status {
+            node_id: self.shared.id,
+            service: self.shared.service.clone(),
+            mesh: self.shared.mesh.clone(),
+            listen: self.shared.endpoint.local_addr(),
+            peers,
+            connections: self.links.len(),
+            logs: self.outbox.stats(),
+            dead_letters: self.dead_letters,
+            sent: c.sent.load(Ordering::Relaxed),
+            acked: c.acked.load(Ordering::Relaxed),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            redelivered: c.redelivered.load(Ordering::Relaxed),
+            requests_in_flight: self.requests.len(),
+        }
+    }
+
+    fn stop(&mut self) {
+        for l in self.links.values() {
+            l.cancel.cancel();
+        }
+        for (_, tx) in self.receipts.drain() {
+            let _ = tx.send(Err(DeliveryError::Stopped));
+        }
+        for a in self.parked.drain(..) {
+            let _ = a.reply.send(Err(SendError::Stopped));
+        }
+        for (_, p) in self.calls.drain() {
+            let _ = p.reply.send(Err(SendError::Stopped));
+        }
+        for (_, r) in self.requests.drain() {
+            let _ = r.reply.send(Err(RequestError::Stopped));
+        }
+    }
+}
+
+fn try_out(l: &Link, out: Out) {
+    match l.tx.try_send(out) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            warn!(
+                peer = %l.conn.peer_id().short(),
+                limit = super::LINK_QUEUE,
+                "outgoing queue full: the peer stopped reading; closing the connection"
+            );
+            l.conn.close(CloseCode::ProtocolViolation, "peer stopped reading");
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+impl Outbox {
+    /// Whether the peer said goodbye.
+    pub(crate) fn is_draining(&self, peer: NodeId) -> bool {
+        self.draining_peers().any(|p| p == peer)
+    }
+}
+
+/// Records a hello for a connection: used by `conn` to build ours.
+pub(crate) fn local_hello(shared: &Shared) -> Hello {
+    let routes = super::read(&shared.routes);
+    Hello {
+        version: peerbus_discovery::PROTOCOL_VERSION,
+        node_id: shared.id,
+        service: shared.service.clone(),
+        mesh: shared.mesh.clone(),
+        interests: routes.interests(),
+        serves: routes.serve.is_some(),
+        credits: shared.prefetch,
+        incarnation: shared.incarnation,
+    }
+}

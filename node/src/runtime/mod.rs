@@ -1,0 +1,355 @@
+//! The tokio runtime that drives the engine.
+//!
+//! Tasks (all tracked by one `TaskTracker`, all cancelled through child
+//! tokens of the node's root `CancellationToken`):
+//! - **core** (`core.rs`): owns the [`Outbox`](crate::engine::outbox::Outbox),
+//!   the connection table, pending receipts and requests. Fed by one bounded
+//!   channel ([`CORE_QUEUE`]); never awaits anything but that channel and its
+//!   tick, so it cannot deadlock with connection tasks (it only `try_send`s to
+//!   them).
+//! - **accept loop** and **dialers** (`conn.rs`): turn transport connections
+//!   into peers (hello exchange), then hand them to core.
+//! - **per connection**: one writer (coalesces frames from a bounded queue
+//!   into large stream writes) and readers for the control stream and each
+//!   data lane. Inbound deliveries go straight to the local subscription
+//!   queues; when those are full the lane stops reading and QUIC flow control
+//!   pushes back on the sender.
+//! - **discovery pump**: forwards discovery events to core.
+//!
+//! Shutdown order (see [`crate::Node::shutdown`]): stop discovery and
+//! accepting, say goodbye to peers, wait (up to the grace period) for local
+//! handlers and acks, close connections, cancel and join every task.
+
+pub(crate) mod conn;
+pub(crate) mod core;
+pub(crate) mod storage;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use peerbus_discovery::{
+    Discovery, DiscoveryEvent, MdnsDiscovery, PeerRecord, PROTOCOL_VERSION, StaticDiscovery,
+};
+use peerbus_transport::{Endpoint, EndpointConfig, Identity, Membership, MeshKey, NodeId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::builder::{MembershipChoice, NodeBuilder};
+use crate::engine::inbox::Inbox;
+use crate::engine::outbox::OutboxConfig;
+use crate::store::{Durability, RedbStore, Store};
+use crate::engine::wire::{Envelope, Interest};
+use crate::error::StartError;
+use crate::node::{Node, NodeInner};
+
+/// Capacity of the core actor's queue. Producers (API calls, connection
+/// readers) wait when it is full.
+pub(crate) const CORE_QUEUE: usize = 4096;
+/// Capacity of each connection's outgoing frame queue. Core `try_send`s into
+/// it; deliveries are bounded by the peer's credits, acks are batched, so a
+/// full queue means the peer stopped reading: the connection is closed.
+pub(crate) const LINK_QUEUE: usize = 16_384;
+/// Capacity of a local subscription's queue (per subscription).
+pub(crate) const SUBSCRIPTION_QUEUE: usize = 1024;
+/// Capacity of the request queue feeding `serve`.
+pub(crate) const SERVE_QUEUE: usize = 1024;
+/// Most local subscriptions on one node.
+pub(crate) const MAX_SUBSCRIPTIONS: usize = 1024;
+/// Most peers the node remembers (discovered or connected).
+pub(crate) const MAX_KNOWN_PEERS: usize = 4096;
+/// Handshakes (TLS + mesh proof + hello) running at once on the accept side.
+pub(crate) const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Data lanes a peer may open towards us per connection.
+pub(crate) const MAX_INBOUND_LANES: usize = 64;
+
+/// An entry arriving for a local consumer.
+#[derive(Debug)]
+pub(crate) struct Inbound {
+    pub(crate) env: Envelope,
+    pub(crate) floor: u64,
+    pub(crate) key_floor: Option<u64>,
+}
+
+/// A request arriving for the local `serve` handler.
+#[derive(Debug)]
+pub(crate) struct InboundRequest {
+    pub(crate) env: Envelope,
+    pub(crate) budget_ms: u64,
+}
+
+pub(crate) struct LocalSub {
+    pub(crate) id: u64,
+    pub(crate) interest: Interest,
+    pub(crate) tx: mpsc::Sender<Inbound>,
+}
+
+/// Where inbound traffic goes on this node.
+pub(crate) struct Routes {
+    pub(crate) service_tx: mpsc::Sender<Inbound>,
+    pub(crate) service_rx: Option<mpsc::Receiver<Inbound>>,
+    pub(crate) subs: Vec<LocalSub>,
+    pub(crate) serve: Option<mpsc::Sender<InboundRequest>>,
+    pub(crate) next_sub: u64,
+}
+
+impl Routes {
+    pub(crate) fn interests(&self) -> Vec<Interest> {
+        let mut v: Vec<Interest> = self.subs.iter().map(|s| s.interest.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// Counters for status output.
+#[derive(Default, Debug)]
+pub(crate) struct Counters {
+    pub(crate) sent: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) acked: AtomicU64,
+    pub(crate) redelivered: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) duplicates_dropped: AtomicU64,
+}
+
+/// State shared by the node handle, core and connection tasks.
+pub(crate) struct Shared {
+    pub(crate) id: NodeId,
+    pub(crate) service: String,
+    pub(crate) mesh: String,
+    pub(crate) incarnation: u64,
+    pub(crate) prefetch: u32,
+    pub(crate) lanes: usize,
+    pub(crate) max_message_size: usize,
+    pub(crate) max_requests_in_flight: usize,
+    pub(crate) serve_concurrency: usize,
+    pub(crate) shutdown_grace: std::time::Duration,
+    pub(crate) send_timeout: std::time::Duration,
+    pub(crate) store_stats: Arc<Mutex<crate::store::StoreStats>>,
+    pub(crate) durability: Durability,
+    pub(crate) started: Instant,
+    pub(crate) core: mpsc::Sender<core::CoreMsg>,
+    pub(crate) inbox: Mutex<Inbox>,
+    pub(crate) routes: RwLock<Routes>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) counters: Counters,
+    pub(crate) endpoint: Endpoint,
+}
+
+impl Shared {
+    /// Milliseconds since the node started: the engine's clock.
+    pub(crate) fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+/// Locks a std mutex, recovering the data if a panicking thread poisoned it
+/// (every critical section leaves the data consistent).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
+    if b.service.is_empty() || b.service.contains(char::is_whitespace) {
+        return Err(StartError::Config(format!(
+            "service name `{}` must be non-empty and contain no spaces",
+            b.service
+        )));
+    }
+    if b.max_message_size >= peerbus_transport::DEFAULT_MAX_FRAME_SIZE - 64 * 1024 {
+        return Err(StartError::Config(format!(
+            "max_message_size {} must stay below the transport frame limit {} minus 64 KiB",
+            b.max_message_size,
+            peerbus_transport::DEFAULT_MAX_FRAME_SIZE
+        )));
+    }
+    let membership = match &b.membership {
+        MembershipChoice::Unset => return Err(StartError::NoMembership),
+        MembershipChoice::Key(k) => Membership::Key(k.clone()),
+        MembershipChoice::KeyFile(p) => Membership::Key(MeshKey::load(p)?),
+        MembershipChoice::Insecure => {
+            warn!(
+                mesh = %b.mesh,
+                "INSECURE OPEN MESH: no mesh key; any node that finds this one can exchange \
+                 messages with it. Use a mesh key (`peerbus keygen`) outside demos."
+            );
+            Membership::InsecureOpen
+        }
+    };
+    let identity = match &b.data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| StartError::DataDir {
+                path: dir.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            Identity::load_or_create(dir)?
+        }
+        None => Identity::generate(),
+    };
+    let id = identity.node_id();
+
+    // The durable log: redb in the data directory unless durability is Memory.
+    let durability = match (&b.data_dir, b.durability) {
+        (Some(_), Some(d)) => d,
+        (Some(_), None) => Durability::Fsync,
+        (None, _) => Durability::Memory,
+    };
+    let (store, recovered): (Option<Box<dyn Store>>, _) = match (&b.data_dir, &durability) {
+        (Some(dir), Durability::Fsync | Durability::Interval(_)) => {
+            let mut st = RedbStore::open(dir, durability).map_err(StartError::Store)?;
+            let rec = st.recover().map_err(StartError::Store)?;
+            for c in &rec.corrupt {
+                warn!(table = c.table, key = %c.key, reason = %c.reason, "corrupt store record quarantined");
+            }
+            (Some(Box::new(st)), Some(rec))
+        }
+        _ => (None, None),
+    };
+    let inbox = match &recovered {
+        Some(r) => Inbox::restore(r.windows.iter().cloned()),
+        None => Inbox::new(),
+    };
+    let listen = b.default_listen();
+    let endpoint = Endpoint::bind(EndpointConfig::new(identity, membership, listen))?;
+    let local_addr = endpoint.local_addr();
+
+    let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
+    let (service_tx, service_rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let shared = Arc::new(Shared {
+        id,
+        service: b.service.clone(),
+        mesh: b.mesh.clone(),
+        incarnation: rand::random(),
+        prefetch: b.prefetch,
+        lanes: b.lanes,
+        max_message_size: b.max_message_size,
+        max_requests_in_flight: b.max_requests_in_flight,
+        serve_concurrency: b.serve_concurrency,
+        shutdown_grace: b.shutdown_grace,
+        send_timeout: b.send_timeout,
+        store_stats: Arc::new(Mutex::new(crate::store::StoreStats::default())),
+        durability,
+        started: Instant::now(),
+        core: core_tx.clone(),
+        inbox: Mutex::new(inbox),
+        routes: RwLock::new(Routes {
+            service_tx,
+            service_rx: Some(service_rx),
+            subs: Vec::new(),
+            serve: None,
+            next_sub: 1,
+        }),
+        cancel: cancel.clone(),
+        tracker: tracker.clone(),
+        counters: Counters::default(),
+        endpoint: endpoint.clone(),
+    });
+    let span = info_span!("node", node = %id.short(), service = %b.service);
+    info!(parent: &span, %local_addr, mesh = %b.mesh, "node started");
+
+    let outbox_cfg = OutboxConfig {
+        ack_timeout_ms: b.ack_timeout.as_millis() as u64,
+        max_attempts: b.max_attempts,
+        backoff_base_ms: b.retry_backoff.0.as_millis() as u64,
+        backoff_max_ms: b.retry_backoff.1.as_millis() as u64,
+        seed: rand::random(),
+    };
+    let mut store_thread = None;
+    let store_tx = match store {
+        Some(st) => {
+            let (tx, rx) = mpsc::channel(storage::STORE_QUEUE);
+            let handle = storage::spawn(st, rx, core_tx.clone(), shared.store_stats.clone())
+                .map_err(|e| StartError::DataDir {
+                    path: b.data_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                    reason: format!("could not start the store writer thread: {e}"),
+                })?;
+            store_thread = Some(handle);
+            Some(tx)
+        }
+        None => None,
+    };
+    let init = core::CoreInit {
+        cfg: outbox_cfg,
+        store: store_tx,
+        recovered,
+        start_unix_ms: crate::message::now_unix_ms().saturating_sub(shared.now()),
+        limits: core::Limits {
+            log_entries: b.max_log_entries,
+            total_bytes: b.max_log_bytes,
+            max_parked: b.max_log_entries.min(65_536),
+        },
+    };
+    tracker.spawn(core::run(shared.clone(), core_rx, init).instrument(span.clone()));
+    drop(core_tx);
+    tracker.spawn(conn::accept_loop(shared.clone()).instrument(span.clone()));
+
+    // Discovery: user-supplied sources, seeds, and mDNS unless turned off.
+    let mut discoveries: Vec<Box<dyn Discovery>> = b.discoveries;
+    if !b.seeds.is_empty() {
+        discoveries.push(Box::new(StaticDiscovery::new(b.seeds.clone())));
+    }
+    let want_mdns = b.mdns && (b.interfaces.is_some() || discoveries.is_empty());
+    if want_mdns {
+        let ifs = b.interfaces.clone().unwrap_or(peerbus_discovery::Interfaces::All);
+        discoveries.push(Box::new(MdnsDiscovery::new(ifs)));
+    }
+    let record = PeerRecord {
+        node_id: id,
+        service: b.service.clone(),
+        mesh: b.mesh.clone(),
+        protocol_version: PROTOCOL_VERSION,
+        addrs: vec![local_addr],
+    };
+    let (disc_tx, mut disc_rx) = mpsc::channel::<DiscoveryEvent>(peerbus_discovery::EVENT_CHANNEL_CAPACITY);
+    for d in discoveries.iter_mut() {
+        if let Err(e) = d.start(record.clone(), disc_tx.clone()) {
+            cancel.cancel();
+            endpoint.close().await;
+            return Err(e.into());
+        }
+        info!(parent: &span, discovery = d.name(), "discovery started");
+    }
+    drop(disc_tx);
+    {
+        let shared = shared.clone();
+        tracker.spawn(
+            async move {
+                loop {
+                    let ev = tokio::select! {
+                        ev = disc_rx.recv() => ev,
+                        () = shared.cancel.cancelled() => None,
+                    };
+                    let Some(ev) = ev else { break };
+                    if shared.core.send(core::CoreMsg::Discovery(ev)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            .instrument(span.clone()),
+        );
+    }
+    Ok(Node {
+        shared,
+        inner: Arc::new(NodeInner {
+            discoveries: Mutex::new(discoveries),
+            local_addr,
+            stopped: Mutex::new(false),
+            store_thread: Mutex::new(store_thread),
+            span,
+        }),
+    })
+}

@@ -1,0 +1,151 @@
+//! The store writer: one OS thread that owns the [`Store`] and commits what
+//! core hands it in groups (group commit: every op that queued up while the
+//! previous commit ran goes into the next one, so many `send` callers share
+//! one fsync).
+//!
+//! Core never waits on it: it `try_send`s ops and learns the outcome from a
+//! [`CoreMsg::Durable`] message.
+
+use std::sync::Arc;
+
+use peerbus_transport::NodeId;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, warn};
+
+use super::core::CoreMsg;
+use crate::engine::inbox::WindowSnapshot;
+use crate::store::{Batch, DeadLetter, Store, StoredEntry};
+
+/// Capacity of the store writer's queue. When it is full `send` fails with a
+/// backpressure error instead of waiting inside core.
+pub(crate) const STORE_QUEUE: usize = 65_536;
+/// Most ops folded into one commit.
+const MAX_GROUP: usize = 8192;
+
+/// An entry of `(origin or log owner, log, seq)` identity.
+pub(crate) type AckRef = (NodeId, String, u64);
+
+/// Work for the store writer.
+pub(crate) enum StoreOp {
+    /// New entries (core staged them; they become sendable once durable).
+    Append(Vec<StoredEntry>),
+    /// Settled entries to delete.
+    Remove(String, u64),
+    /// A dedup window changed because a handler finished `ack`: persist it, then send the ack.
+    Window(WindowSnapshot, AckRef),
+    /// An entry was dead-lettered.
+    Dead(DeadLetter),
+    /// Next sequence numbers (so they are never reused after a restart).
+    NextSeq(String, u64),
+    /// List dead letters (oldest first).
+    ListDead(usize, oneshot::Sender<Result<Vec<DeadLetter>, String>>),
+    /// Remove dead letters by id and return them (for replay).
+    TakeDead(Vec<u64>, oneshot::Sender<Result<Vec<DeadLetter>, String>>),
+    /// Commit and fsync everything queued, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Outcome of one group commit, reported to core.
+#[derive(Debug, Default)]
+pub(crate) struct Durable {
+    /// Appended entries now durable: `(log, seq)`.
+    pub(crate) appended: Vec<(String, u64)>,
+    /// Acks that may be sent now.
+    pub(crate) acks: Vec<AckRef>,
+    /// Set when the commit failed: appended entries were not stored.
+    pub(crate) error: Option<String>,
+}
+
+/// Starts the writer thread. It stops when every sender is dropped.
+pub(crate) fn spawn(
+    mut store: Box<dyn Store>,
+    mut rx: mpsc::Receiver<StoreOp>,
+    core: mpsc::Sender<CoreMsg>,
+    stats: Arc<std::sync::Mutex<crate::store::StoreStats>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("peerbus-store".into()).spawn(move || {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = Batch::default();
+            let mut report = Durable::default();
+            let mut queries = Vec::new();
+            let mut flushes = Vec::new();
+            let mut next = Some(first);
+            let mut n = 0;
+            while let Some(op) = next.take() {
+                match op {
+                    StoreOp::Append(entries) => {
+                        report.appended.extend(entries.iter().map(|e| (e.env.log.clone(), e.env.seq)));
+                        batch.append.extend(entries);
+                    }
+                    StoreOp::Remove(log, seq) => batch.remove.push((log, seq)),
+                    StoreOp::Window(w, ack) => {
+                        // Only the newest snapshot of a window matters.
+                        batch.windows.retain(|o| !(o.origin == w.origin && o.log == w.log));
+                        batch.windows.push(w);
+                        report.acks.push(ack);
+                    }
+                    StoreOp::Dead(d) => batch.dead.push(d),
+                    StoreOp::NextSeq(log, seq) => {
+                        batch.next_seqs.retain(|(l, _)| *l != log);
+                        batch.next_seqs.push((log, seq));
+                    }
+                    q @ (StoreOp::ListDead(..) | StoreOp::TakeDead(..)) => queries.push(q),
+                    StoreOp::Flush(tx) => flushes.push(tx),
+                }
+                n += 1;
+                if n < MAX_GROUP {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                if let Err(e) = store.commit(batch) {
+                    error!(error = %e, "store commit failed; the affected sends report it");
+                    report.error = Some(e.to_string());
+                }
+            }
+            if !flushes.is_empty() {
+                if let Err(e) = store.sync() {
+                    warn!(error = %e, "store sync failed");
+                }
+                for f in flushes {
+                    let _ = f.send(());
+                }
+            }
+            for q in queries {
+                match q {
+                    StoreOp::ListDead(limit, tx) => {
+                        let _ = tx.send(store.dead_letters(limit).map_err(|e| e.to_string()));
+                    }
+                    StoreOp::TakeDead(ids, tx) => {
+                        let _ = tx.send(store.take_dead_letters(&ids).map_err(|e| e.to_string()));
+                    }
+                    _ => {}
+                }
+            }
+            *super::lock(&stats) = store.stats();
+            if (!report.appended.is_empty() || !report.acks.is_empty() || report.error.is_some())
+                && core.blocking_send(CoreMsg::Durable(report)).is_err()
+            {
+                break;
+            }
+        }
+        if let Err(e) = store.sync() {
+            warn!(error = %e, "final store sync failed");
+        }
+    })
+}
+
+/// Converts an absolute engine time to Unix ms for the store and back.
+pub(crate) struct Clock {
+    pub(crate) start_unix_ms: u64,
+}
+
+impl Clock {
+    pub(crate) fn to_unix(&self, engine_ms: u64) -> u64 {
+        self.start_unix_ms + engine_ms
+    }
+
+    pub(crate) fn from_unix(&self, unix_ms: u64) -> u64 {
+        unix_ms.saturating_sub(self.start_unix_ms)
+    }
+}

@@ -1,0 +1,234 @@
+//! Receiving: [`Subscription`] (a stream of [`Delivery`]s) and its handler
+//! form, [`Subscription::handle`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info_span};
+
+use crate::engine::inbox::Admit;
+use crate::engine::outbox::BLOCKED_PREFIX;
+use crate::engine::routing::stable_hash;
+use crate::error::HandlerError;
+use crate::message::Message;
+use crate::runtime::core::CoreMsg;
+use crate::runtime::{self, Inbound, Shared};
+
+/// Queue depth of each worker of [`Subscription::handle`].
+const WORKER_QUEUE: usize = 64;
+
+/// Messages for this node: `send`s to its service ([`crate::Node::messages`]) or publishes on
+/// a subscribed topic ([`crate::Node::subscribe`]). Dropping a topic subscription unsubscribes.
+pub struct Subscription {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Inbound>,
+    sub_id: Option<u64>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("sub_id", &self.sub_id).finish_non_exhaustive()
+    }
+}
+
+/// One message handed to the application. Acknowledge it with [`Delivery::ack`] once handled;
+/// [`Delivery::retry`] asks for redelivery later, [`Delivery::reject`] dead-letters it.
+/// Dropping a delivery without any of these counts as a retry.
+///
+/// Per-key order holds when each delivery is finished before the next is taken from the same
+/// subscription (or when using [`Subscription::handle`], which does this per key).
+pub struct Delivery {
+    msg: Message,
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").field("msg", &self.msg).finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    pub(crate) fn new(shared: Arc<Shared>, rx: mpsc::Receiver<Inbound>, sub_id: Option<u64>) -> Self {
+        Self { shared, rx, sub_id }
+    }
+
+    /// The next message to handle; `None` once the node shuts down.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            let inbound = tokio::select! {
+                r = self.rx.recv() => r?,
+                () = self.shared.cancel.cancelled() => return None,
+            };
+            if let Some(d) = admit(&self.shared, inbound).await {
+                return Some(d);
+            }
+        }
+    }
+
+    /// Runs `handler` for every message until the node shuts down. Messages with the same key
+    /// run one at a time, in order; up to `concurrency` keys run in parallel. `Ok` acknowledges;
+    /// [`HandlerError::Retry`] redelivers later (the key waits); [`HandlerError::Reject`]
+    /// dead-letters at the sender.
+    pub async fn handle<F, Fut>(mut self, concurrency: usize, handler: F)
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let workers: Vec<mpsc::Sender<Inbound>> = (0..concurrency.max(1))
+            .map(|i| {
+                let (tx, mut rx) = mpsc::channel::<Inbound>(WORKER_QUEUE);
+                let shared = self.shared.clone();
+                let handler = handler.clone();
+                self.shared.tracker.spawn(
+                    async move {
+                        while let Some(inbound) = rx.recv().await {
+                            // Admission happens here, right before the run, so a failure of
+                            // key K blocks K's later entries that were already queued.
+                            let Some(d) = admit(&shared, inbound).await else { continue };
+                            let result = handler(d.message().clone()).await;
+                            match result {
+                                Ok(()) => d.ack().await,
+                                Err(HandlerError::Retry(r)) => d.retry(r).await,
+                                Err(HandlerError::Reject(r)) => d.reject(r).await,
+                            }
+                        }
+                    }
+                    .instrument(info_span!("handler", worker = i)),
+                );
+                tx
+            })
+            .collect();
+        let mut rr: usize = 0;
+        loop {
+            let inbound = tokio::select! {
+                r = self.rx.recv() => r,
+                () = self.shared.cancel.cancelled() => None,
+            };
+            let Some(inbound) = inbound else { break };
+            let idx = match &inbound.env.key {
+                Some(k) => {
+                    (stable_hash(&[inbound.env.log.as_bytes(), k.as_bytes()]) % workers.len() as u64)
+                        as usize
+                }
+                None => {
+                    rr = rr.wrapping_add(1);
+                    rr % workers.len()
+                }
+            };
+            if workers[idx].send(inbound).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(id) = self.sub_id {
+            runtime::write(&self.shared.routes).subs.retain(|s| s.id != id);
+            let _ = self.shared.core.try_send(CoreMsg::InterestsChanged);
+        }
+    }
+}
+
+/// Runs the dedup window and key block for an arriving entry; `Some` when the
+/// application should handle it.
+async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
+    let Inbound { env, floor, key_floor } = inbound;
+    let decision = runtime::lock(&shared.inbox).admit(
+        (env.origin, &env.log, env.seq),
+        floor,
+        env.key.as_deref(),
+        key_floor,
+    );
+    let reply = match decision {
+        Admit::Handle => {
+            shared.counters.delivered.fetch_add(1, Ordering::Relaxed);
+            return Some(Delivery { msg: Message::new(env), shared: shared.clone(), done: false });
+        }
+        Admit::Duplicate => {
+            shared.counters.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+            debug!(origin = %env.origin.short(), log = %env.log, seq = env.seq, "duplicate dropped, acknowledging again");
+            Ok(())
+        }
+        Admit::InProgress => return None,
+        Admit::Blocked { behind } => Err((format!("{BLOCKED_PREFIX} {behind}"), false)),
+    };
+    let _ = shared
+        .core
+        .send(CoreMsg::Completed { origin: env.origin, log: env.log, seq: env.seq, result: reply })
+        .await;
+    None
+}
+
+impl Delivery {
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.msg
+    }
+
+    /// Handled: acknowledge to the sender. The dedup window records it first, so a
+    /// retransmission will not reach a handler again.
+    pub async fn ack(mut self) {
+        self.finish(Ok(())).await;
+    }
+
+    /// Not handled now: the sender redelivers after a backoff (this counts as an attempt).
+    pub async fn retry(mut self, reason: impl Into<String>) {
+        self.finish(Err((reason.into(), false))).await;
+    }
+
+    /// Never going to work: the sender moves it to its dead-letter store.
+    pub async fn reject(mut self, reason: impl Into<String>) {
+        self.finish(Err((reason.into(), true))).await;
+    }
+
+    fn record(&mut self, ok: bool) -> CoreMsg {
+        self.done = true;
+        let env = &self.msg.env;
+        runtime::lock(&self.shared.inbox).complete(
+            (env.origin, &env.log, env.seq),
+            env.key.as_deref(),
+            ok,
+        );
+        CoreMsg::Completed {
+            origin: env.origin,
+            log: env.log.clone(),
+            seq: env.seq,
+            result: Ok(()),
+        }
+    }
+
+    async fn finish(&mut self, result: Result<(), (String, bool)>) {
+        let mut msg = self.record(result.is_ok());
+        if let CoreMsg::Completed { result: r, .. } = &mut msg {
+            *r = result;
+        }
+        let _ = self.shared.core.send(msg).await;
+    }
+}
+
+impl std::ops::Deref for Delivery {
+    type Target = Message;
+    fn deref(&self) -> &Message {
+        &self.msg
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut msg = self.record(false);
+            if let CoreMsg::Completed { result, .. } = &mut msg {
+                *result = Err(("delivery dropped without ack".into(), false));
+            }
+            // If the queue is full the ack timeout redelivers it instead.
+            let _ = self.shared.core.try_send(msg);
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Helpers shared by the integration tests. Every node binds 127.0.0.1 and
+//! uses in-memory discovery or mDNS on the loopback interface only.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use peerbus::{Interfaces, MemoryNetwork, MeshKey, Node, NodeBuilder};
+
+/// Runs a test body with an overall deadline.
+pub async fn within<F: Future<Output = T>, T>(secs: u64, f: F) -> T {
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(v) => v,
+        Err(_) => panic!("test did not finish within {secs}s"),
+    }
+}
+
+/// A builder on loopback with in-memory discovery and the given key.
+pub fn builder(net: &MemoryNetwork, service: &str, key: &MeshKey) -> NodeBuilder {
+    Node::builder(service)
+        .mesh("test")
+        .mesh_key(key.clone())
+        .listen("127.0.0.1:0".parse().expect("addr"))
+        .discovery(net.discovery())
+        .ack_timeout(Duration::from_secs(5))
+        .shutdown_grace(Duration::from_millis(500))
+}
+
+/// A builder on loopback with real mDNS on the loopback interface.
+pub fn mdns_builder(mesh: &str, service: &str, key: &MeshKey) -> NodeBuilder {
+    Node::builder(service)
+        .mesh(mesh)
+        .mesh_key(key.clone())
+        .listen("127.0.0.1:0".parse().expect("addr"))
+        .interfaces(Interfaces::Loopback)
+        .shutdown_grace(Duration::from_millis(500))
+}
+
+/// Starts a node, panicking with the error.
+pub async fn start(b: NodeBuilder) -> Node {
+    match b.start().await {
+        Ok(n) => n,
+        Err(e) => panic!("node failed to start: {e}"),
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `secs` pass.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if cond().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {secs}s waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,301 @@
+//! In-process meshes over real QUIC on 127.0.0.1.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{builder, eventually, mdns_builder, start, within};
+use peerbus::{HandlerError, MemoryNetwork, MeshKey, Node, Outgoing, PeerState, RequestError};
+use tokio::sync::mpsc;
+
+/// Collects (key, payload) of every message a node's service handles.
+fn collect(node: &Node) -> mpsc::Receiver<(Option<String>, String)> {
+    let (tx, rx) = mpsc::channel(100_000);
+    let sub = node.messages().expect("messages");
+    tokio::spawn(sub.handle(4, move |m| {
+        let tx = tx.clone();
+        async move {
+            tx.send((m.key().map(str::to_string), m.payload_text())).await.ok();
+            Ok::<(), HandlerError>(())
+        }
+    }));
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_send_publish_and_request() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let a = start(builder(&net, "payments", &key)).await;
+        let b = start(builder(&net, "orders", &key)).await;
+        let c = start(builder(&net, "accounts", &key)).await;
+        let mut orders = collect(&b);
+        c.serve(|req| async move {
+            let n: u64 = req.payload_text().parse().map_err(HandlerError::reject)?;
+            Ok(format!("{}", n * 2).into())
+        })
+        .await
+        .expect("serve");
+        let mut sub_b = b.subscribe("payment.*").await.expect("sub");
+        let mut sub_c = c.subscribe("payment.>").await.expect("sub");
+        assert!(a.wait_for_instances("orders", 1, Duration::from_secs(10)).await);
+        assert!(a.wait_for_instances("accounts", 1, Duration::from_secs(10)).await);
+
+        // send: 200 keyed messages, every receipt acknowledged, order per key kept.
+        let mut receipts = Vec::new();
+        for i in 0..200 {
+            let msg = Outgoing::new(format!("{i}")).key(format!("k{}", i % 7));
+            receipts.push(a.send("orders", msg).await.expect("send"));
+        }
+        for r in receipts {
+            r.acked().await.expect("acked");
+        }
+        let mut per_key: HashMap<String, Vec<u64>> = HashMap::new();
+        for _ in 0..200 {
+            let (k, p) = orders.recv().await.expect("message");
+            per_key.entry(k.expect("key")).or_default().push(p.parse().expect("n"));
+        }
+        for (k, v) in &per_key {
+            assert!(v.windows(2).all(|w| w[0] < w[1]), "key {k} out of order: {v:?}");
+        }
+        assert_eq!(per_key.values().map(Vec::len).sum::<usize>(), 200);
+
+        // request/reply.
+        let reply = a.request("accounts", "21", Duration::from_secs(5)).await.expect("reply");
+        assert_eq!(&reply[..], b"42");
+        let err = a.request("accounts", "x", Duration::from_secs(5)).await.expect_err("remote error");
+        assert!(matches!(err, RequestError::Remote { .. }), "{err}");
+        let err = a.request("nobody", "x", Duration::from_secs(5)).await.expect_err("no responders");
+        assert!(matches!(err, RequestError::NoResponders { .. }), "{err}");
+
+        // publish: interests arrive asynchronously; wait until both groups are known.
+        eventually(10, "both groups subscribed", || async {
+            let r = a.publish("payment.warmup", "w").await.expect("publish");
+            r.copies() == 2
+        })
+        .await;
+        let r = a.publish("payment.succeeded", "order-1").await.expect("publish");
+        assert_eq!(r.copies(), 2, "one copy per subscriber group");
+        r.acked().await.expect("acked by both groups");
+        for sub in [&mut sub_b, &mut sub_c] {
+            loop {
+                let d = sub.next().await.expect("delivery");
+                let text = d.payload_text();
+                d.ack().await;
+                if text == "order-1" {
+                    break;
+                }
+            }
+        }
+        for n in [a, b, c] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_service_gets_its_messages_after_restart_and_rediscovery() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sender = start(builder(&net, "payments", &key)).await;
+        let rx_node = start(builder(&net, "orders", &key).data_dir(dir.path())).await;
+        let first_id = rx_node.id();
+        assert!(sender.wait_for_instances("orders", 1, Duration::from_secs(10)).await);
+        rx_node.shutdown().await;
+        eventually(10, "orders gone", || async { sender.instances("orders").await.is_empty() }).await;
+
+        // Sent while no instance is up: accepted and waiting.
+        let mut receipts = Vec::new();
+        for i in 0..50 {
+            receipts.push(sender.send("orders", Outgoing::new(format!("{i}")).key("k")).await.expect("send"));
+        }
+        let st = sender.status().await.expect("status");
+        assert_eq!(st.logs.get("svc:orders").map(|l| l.waiting), Some(50));
+
+        // Same data dir: same identity, rediscovered, backlog delivered in order.
+        let rx_node = start(builder(&net, "orders", &key).data_dir(dir.path())).await;
+        assert_eq!(rx_node.id(), first_id, "identity persists in the data dir");
+        let mut got = collect(&rx_node);
+        for r in receipts {
+            r.acked().await.expect("acked after restart");
+        }
+        for i in 0..50 {
+            let (_, p) = got.recv().await.expect("msg");
+            assert_eq!(p, i.to_string());
+        }
+        sender.shutdown().await;
+        rx_node.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competing_instances_share_work_and_take_over_a_lost_instance() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let sender = start(builder(&net, "payments", &key)).await;
+        let i1 = start(builder(&net, "orders", &key)).await;
+        let i2 = start(builder(&net, "orders", &key)).await;
+        let seen: Arc<Mutex<Vec<(u8, String)>>> = Arc::default();
+        for (tag, node) in [(1u8, &i1), (2u8, &i2)] {
+            let seen = seen.clone();
+            tokio::spawn(node.messages().expect("messages").handle(4, move |m| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().expect("lock").push((tag, m.payload_text()));
+                    Ok::<(), HandlerError>(())
+                }
+            }));
+        }
+        assert!(sender.wait_for_instances("orders", 2, Duration::from_secs(10)).await);
+        let mut receipts = Vec::new();
+        for i in 0..400 {
+            let msg = Outgoing::new(format!("{i}")).key(format!("k{}", i % 40));
+            receipts.push(sender.send("orders", msg).await.expect("send"));
+        }
+        for r in receipts {
+            r.acked().await.expect("acked");
+        }
+        {
+            let s = seen.lock().expect("lock");
+            let by1 = s.iter().filter(|(t, _)| *t == 1).count();
+            let by2 = s.iter().filter(|(t, _)| *t == 2).count();
+            assert!(by1 > 0 && by2 > 0, "work spread over both instances: {by1} / {by2}");
+        }
+        // One instance goes away: everything after goes to the other.
+        i1.shutdown().await;
+        eventually(10, "one instance left", || async { sender.instances("orders").await.len() == 1 }).await;
+        let before = seen.lock().expect("lock").len();
+        let mut receipts = Vec::new();
+        for i in 400..500 {
+            let msg = Outgoing::new(format!("{i}")).key(format!("k{}", i % 40));
+            receipts.push(sender.send("orders", msg).await.expect("send"));
+        }
+        for r in receipts {
+            r.acked().await.expect("acked");
+        }
+        let s = seen.lock().expect("lock");
+        assert!(s[before..].iter().all(|(t, _)| *t == 2));
+        drop(s);
+        sender.shutdown().await;
+        i2.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_mesh_key_or_no_key_is_refused_and_receives_nothing() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let good = start(builder(&net, "payments", &key)).await;
+        let intruder = start(builder(&net, "orders", &MeshKey::generate())).await;
+        let open = start(
+            peerbus::Node::builder("orders")
+                .mesh("test")
+                .insecure_open_mesh()
+                .listen("127.0.0.1:0".parse().expect("addr"))
+                .discovery(net.discovery()),
+        )
+        .await;
+        let _got = collect(&intruder);
+        // The good node sees both peers but connects to neither.
+        eventually(15, "both peers marked refused/unreachable", || async {
+            let peers = good.peers().await;
+            peers.len() == 2
+                && peers.iter().all(|p| p.state != PeerState::Connected && p.last_error.is_some())
+        })
+        .await;
+        let receipt = good.send("orders", "secret").await.expect("stored");
+        let waited = tokio::time::timeout(Duration::from_secs(2), receipt.acked()).await;
+        assert!(waited.is_err(), "no instance outside the mesh may acknowledge");
+        assert_eq!(intruder.delivered_count(), 0);
+        assert_eq!(open.delivered_count(), 0);
+        let peers = good.peers().await;
+        assert!(
+            peers.iter().any(|p| p.last_error.as_deref().unwrap_or("").contains("mesh key")),
+            "a refusal names the mesh key: {peers:?}"
+        );
+        for n in [good, intruder, open] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_dial_leaves_one_connection() {
+    within(60, async {
+        for _ in 0..5 {
+            let net = MemoryNetwork::new();
+            let key = MeshKey::generate();
+            // Both start at once, discover each other at once, and both dial.
+            let (a, b) = tokio::join!(
+                start(builder(&net, "a", &key)),
+                start(builder(&net, "b", &key))
+            );
+            assert!(a.wait_for_instances("b", 1, Duration::from_secs(10)).await);
+            assert!(b.wait_for_instances("a", 1, Duration::from_secs(10)).await);
+            // Let any duplicate settle, then both must agree on the one connection they kept.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let sa = a.status().await.expect("status");
+            let sb = b.status().await.expect("status");
+            assert_eq!(sa.connections, 1);
+            assert_eq!(sb.connections, 1);
+            let pa = sa.peers.iter().find(|p| p.node_id == b.id()).expect("b known");
+            let pb = sb.peers.iter().find(|p| p.node_id == a.id()).expect("a known");
+            assert_eq!(pa.dialer, pb.dialer, "both kept the same connection");
+            // And it works.
+            let mut got = collect(&b);
+            a.send("b", "hi").await.expect("send").acked().await.expect("acked");
+            assert_eq!(got.recv().await.map(|m| m.1).as_deref(), Some("hi"));
+            a.shutdown().await;
+            b.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mdns_on_loopback_finds_peers_and_a_restarted_node() {
+    within(90, async {
+        // A mesh name of its own so parallel test runs do not see each other.
+        let mesh = format!("mdns-{}", std::process::id());
+        let key = MeshKey::generate();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = start(mdns_builder(&mesh, "payments", &key)).await;
+        let b = start(mdns_builder(&mesh, "orders", &key).data_dir(dir.path())).await;
+        let c = start(mdns_builder(&mesh, "accounts", &key)).await;
+        c.serve(|r| async move { Ok(r.payload().clone()) }).await.expect("serve");
+        let mut got = collect(&b);
+        assert!(a.wait_for_instances("orders", 1, Duration::from_secs(20)).await, "mDNS found orders");
+        assert!(a.wait_for_instances("accounts", 1, Duration::from_secs(20)).await);
+        a.send("orders", "one").await.expect("send").acked().await.expect("acked");
+        assert_eq!(got.recv().await.map(|m| m.1).as_deref(), Some("one"));
+        let echo = a.request("accounts", "ping", Duration::from_secs(5)).await.expect("reply");
+        assert_eq!(&echo[..], b"ping");
+
+        // Restart orders: found again without restarting anyone else.
+        b.shutdown().await;
+        drop(got);
+        let r = a.send("orders", "two").await.expect("stored while down");
+        let b = start(mdns_builder(&mesh, "orders", &key).data_dir(dir.path())).await;
+        let mut got = collect(&b);
+        tokio::time::timeout(Duration::from_secs(30), r.acked())
+            .await
+            .expect("restarted node rediscovered")
+            .expect("acked");
+        assert_eq!(got.recv().await.map(|m| m.1).as_deref(), Some("two"));
+        for n in [a, b, c] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
