@@ -1,0 +1,244 @@
+//! Errors and connection close codes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::identity::NodeId;
+
+/// Why a connection was closed, carried as the QUIC application close code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CloseCode {
+    /// Closed normally.
+    Normal = 0,
+    /// The node is shutting down.
+    Shutdown = 1,
+    /// The peer could not prove it holds the mesh key.
+    MeshProofFailed = 2,
+    /// A frame did not decode.
+    MalformedFrame = 3,
+    /// A frame exceeded the maximum frame size.
+    FrameTooLarge = 4,
+    /// Another connection to the same peer was kept.
+    DuplicateConnection = 5,
+    /// The peer broke the protocol (unexpected frame, wrong mesh, …).
+    ProtocolViolation = 6,
+    /// A code this version does not know.
+    Unknown = 0xffff,
+}
+
+impl CloseCode {
+    /// The code for a number received on the wire.
+    pub fn from_u32(c: u32) -> CloseCode {
+        match c {
+            0 => CloseCode::Normal,
+            1 => CloseCode::Shutdown,
+            2 => CloseCode::MeshProofFailed,
+            3 => CloseCode::MalformedFrame,
+            4 => CloseCode::FrameTooLarge,
+            5 => CloseCode::DuplicateConnection,
+            6 => CloseCode::ProtocolViolation,
+            _ => CloseCode::Unknown,
+        }
+    }
+
+    /// A short human description.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            CloseCode::Normal => "closed",
+            CloseCode::Shutdown => "node shutting down",
+            CloseCode::MeshProofFailed => "mesh key mismatch",
+            CloseCode::MalformedFrame => "malformed frame",
+            CloseCode::FrameTooLarge => "frame too large",
+            CloseCode::DuplicateConnection => "duplicate connection",
+            CloseCode::ProtocolViolation => "protocol violation",
+            CloseCode::Unknown => "unknown reason",
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, Error, Clone)]
+#[non_exhaustive]
+pub enum ConnectionError {
+    /// The peer closed it.
+    #[error("peer closed the connection: {} ({reason})", code.describe())]
+    ClosedByPeer {
+        /// Its close code.
+        code: CloseCode,
+        /// Its reason text.
+        reason: String,
+    },
+    /// We closed it.
+    #[error("connection closed locally: {} ({reason})", code.describe())]
+    ClosedLocally {
+        /// The close code.
+        code: CloseCode,
+        /// The reason text.
+        reason: String,
+    },
+    /// The peer stopped answering.
+    #[error("peer stopped answering (idle timeout)")]
+    TimedOut,
+    /// The peer reset the connection (it probably restarted).
+    #[error("connection reset by the peer")]
+    Reset,
+    /// Any other transport failure.
+    #[error("transport error: {0}")]
+    Transport(String),
+}
+
+impl From<quinn::ConnectionError> for ConnectionError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        match e {
+            quinn::ConnectionError::ApplicationClosed(c) => ConnectionError::ClosedByPeer {
+                code: CloseCode::from_u32(
+                    u32::try_from(c.error_code.into_inner()).unwrap_or(u32::MAX),
+                ),
+                reason: String::from_utf8_lossy(&c.reason).into_owned(),
+            },
+            quinn::ConnectionError::LocallyClosed => ConnectionError::ClosedLocally {
+                code: CloseCode::Normal,
+                reason: "closed".into(),
+            },
+            quinn::ConnectionError::TimedOut => ConnectionError::TimedOut,
+            quinn::ConnectionError::Reset => ConnectionError::Reset,
+            other => ConnectionError::Transport(other.to_string()),
+        }
+    }
+}
+
+/// A node id did not parse.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("invalid node id: {0}")]
+pub struct IdParseError(pub String);
+
+/// The node identity could not be loaded or created.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// Reading or writing the key file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The key file exists but does not hold an ed25519 PKCS#8 key.
+    #[error("{} is not a peerbus node key ({reason}); move it aside to create a new identity", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Key generation or parsing failed.
+    #[error("key error: {0}")]
+    Key(String),
+}
+
+/// A mesh key file could not be read or written.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum MeshKeyError {
+    /// The file could not be read or written.
+    #[error("mesh key file {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file does not hold 64 hex characters.
+    #[error("mesh key file {} is malformed: {reason} (create one with `peerbus keygen --out FILE`)", path.display())]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `write_new` found the file already there.
+    #[error("mesh key file {} already exists; not overwriting it", path.display())]
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// The endpoint could not be created.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// The UDP socket could not bind.
+    #[error("cannot bind UDP {addr}: {source}")]
+    Io {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// TLS setup failed.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+}
+
+/// Dialing a peer failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The peer (or we) refused the connection, for example over the mesh key.
+    #[error("peer refused: {} ({reason})", code.describe())]
+    Refused {
+        /// The close code.
+        code: CloseCode,
+        /// Detail.
+        reason: String,
+    },
+    /// The certificate is for another node than the one discovery announced.
+    #[error("wrong peer: expected node {expected}, reached {actual}")]
+    WrongPeer {
+        /// The id we pinned.
+        expected: NodeId,
+        /// The id the certificate proves.
+        actual: NodeId,
+    },
+    /// Nothing answered at the address.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The handshake did not finish in time.
+    #[error("handshake timed out")]
+    TimedOut,
+    /// TLS failed.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// An incoming connection failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AcceptError {
+    /// The dialer failed the mesh proof.
+    #[error("refused {addr} (claims node {claimed}): {reason}")]
+    MeshProofFailed {
+        /// Its address.
+        addr: SocketAddr,
+        /// The id its certificate proves.
+        claimed: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// The handshake or proof exchange failed otherwise.
+    #[error("incoming connection from {addr} failed: {reason}")]
+    Failed {
+        /// Its address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+}
