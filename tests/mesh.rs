@@ -17,7 +17,9 @@ fn collect(node: &Node) -> mpsc::Receiver<(Option<String>, String)> {
     tokio::spawn(sub.handle(4, move |m| {
         let tx = tx.clone();
         async move {
-            tx.send((m.key().map(str::to_string), m.payload_text())).await.ok();
+            tx.send((m.key().map(str::to_string), m.payload_text()))
+                .await
+                .ok();
             Ok::<(), HandlerError>(())
         }
     }));
@@ -41,8 +43,14 @@ async fn three_nodes_send_publish_and_request() {
         .expect("serve");
         let mut sub_b = b.subscribe("payment.*").await.expect("sub");
         let mut sub_c = c.subscribe("payment.>").await.expect("sub");
-        assert!(a.wait_for_instances("orders", 1, Duration::from_secs(10)).await);
-        assert!(a.wait_for_instances("accounts", 1, Duration::from_secs(10)).await);
+        assert!(
+            a.wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        assert!(
+            a.wait_for_instances("accounts", 1, Duration::from_secs(10))
+                .await
+        );
 
         // send: 200 keyed messages, every receipt acknowledged, order per key kept.
         let mut receipts = Vec::new();
@@ -56,19 +64,34 @@ async fn three_nodes_send_publish_and_request() {
         let mut per_key: HashMap<String, Vec<u64>> = HashMap::new();
         for _ in 0..200 {
             let (k, p) = orders.recv().await.expect("message");
-            per_key.entry(k.expect("key")).or_default().push(p.parse().expect("n"));
+            per_key
+                .entry(k.expect("key"))
+                .or_default()
+                .push(p.parse().expect("n"));
         }
         for (k, v) in &per_key {
-            assert!(v.windows(2).all(|w| w[0] < w[1]), "key {k} out of order: {v:?}");
+            assert!(
+                v.windows(2).all(|w| w[0] < w[1]),
+                "key {k} out of order: {v:?}"
+            );
         }
         assert_eq!(per_key.values().map(Vec::len).sum::<usize>(), 200);
 
         // request/reply.
-        let reply = a.request("accounts", "21", Duration::from_secs(5)).await.expect("reply");
+        let reply = a
+            .request("accounts", "21", Duration::from_secs(5))
+            .await
+            .expect("reply");
         assert_eq!(&reply[..], b"42");
-        let err = a.request("accounts", "x", Duration::from_secs(5)).await.expect_err("remote error");
+        let err = a
+            .request("accounts", "x", Duration::from_secs(5))
+            .await
+            .expect_err("remote error");
         assert!(matches!(err, RequestError::Remote { .. }), "{err}");
-        let err = a.request("nobody", "x", Duration::from_secs(5)).await.expect_err("no responders");
+        let err = a
+            .request("nobody", "x", Duration::from_secs(5))
+            .await
+            .expect_err("no responders");
         assert!(matches!(err, RequestError::NoResponders { .. }), "{err}");
 
         // publish: interests arrive asynchronously; wait until both groups are known.
@@ -77,9 +100,11 @@ async fn three_nodes_send_publish_and_request() {
             r.copies() == 2
         })
         .await;
-        let r = a.publish("payment.succeeded", "order-1").await.expect("publish");
+        let r = a
+            .publish("payment.succeeded", "order-1")
+            .await
+            .expect("publish");
         assert_eq!(r.copies(), 2, "one copy per subscriber group");
-        r.acked().await.expect("acked by both groups");
         for sub in [&mut sub_b, &mut sub_c] {
             loop {
                 let d = sub.next().await.expect("delivery");
@@ -90,6 +115,7 @@ async fn three_nodes_send_publish_and_request() {
                 }
             }
         }
+        r.acked().await.expect("acked by both groups");
         for n in [a, b, c] {
             n.shutdown().await;
         }
@@ -106,14 +132,26 @@ async fn offline_service_gets_its_messages_after_restart_and_rediscovery() {
         let sender = start(builder(&net, "payments", &key)).await;
         let rx_node = start(builder(&net, "orders", &key).data_dir(dir.path())).await;
         let first_id = rx_node.id();
-        assert!(sender.wait_for_instances("orders", 1, Duration::from_secs(10)).await);
+        assert!(
+            sender
+                .wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await
+        );
         rx_node.shutdown().await;
-        eventually(10, "orders gone", || async { sender.instances("orders").await.is_empty() }).await;
+        eventually(10, "orders gone", || async {
+            sender.instances("orders").await.is_empty()
+        })
+        .await;
 
         // Sent while no instance is up: accepted and waiting.
         let mut receipts = Vec::new();
         for i in 0..50 {
-            receipts.push(sender.send("orders", Outgoing::new(format!("{i}")).key("k")).await.expect("send"));
+            receipts.push(
+                sender
+                    .send("orders", Outgoing::new(format!("{i}")).key("k"))
+                    .await
+                    .expect("send"),
+            );
         }
         let st = sender.status().await.expect("status");
         assert_eq!(st.logs.get("svc:orders").map(|l| l.waiting), Some(50));
@@ -154,7 +192,11 @@ async fn competing_instances_share_work_and_take_over_a_lost_instance() {
                 }
             }));
         }
-        assert!(sender.wait_for_instances("orders", 2, Duration::from_secs(10)).await);
+        assert!(
+            sender
+                .wait_for_instances("orders", 2, Duration::from_secs(10))
+                .await
+        );
         let mut receipts = Vec::new();
         for i in 0..400 {
             let msg = Outgoing::new(format!("{i}")).key(format!("k{}", i % 40));
@@ -167,11 +209,17 @@ async fn competing_instances_share_work_and_take_over_a_lost_instance() {
             let s = seen.lock().expect("lock");
             let by1 = s.iter().filter(|(t, _)| *t == 1).count();
             let by2 = s.iter().filter(|(t, _)| *t == 2).count();
-            assert!(by1 > 0 && by2 > 0, "work spread over both instances: {by1} / {by2}");
+            assert!(
+                by1 > 0 && by2 > 0,
+                "work spread over both instances: {by1} / {by2}"
+            );
         }
         // One instance goes away: everything after goes to the other.
         i1.shutdown().await;
-        eventually(10, "one instance left", || async { sender.instances("orders").await.len() == 1 }).await;
+        eventually(10, "one instance left", || async {
+            sender.instances("orders").await.len() == 1
+        })
+        .await;
         let before = seen.lock().expect("lock").len();
         let mut receipts = Vec::new();
         for i in 400..500 {
@@ -181,9 +229,15 @@ async fn competing_instances_share_work_and_take_over_a_lost_instance() {
         for r in receipts {
             r.acked().await.expect("acked");
         }
-        let s = seen.lock().expect("lock");
-        assert!(s[before..].iter().all(|(t, _)| *t == 2));
-        drop(s);
+        let after: Vec<u8> = seen.lock().expect("lock")[before..]
+            .iter()
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(after.len(), 100);
+        assert!(
+            after.iter().all(|t| *t == 2),
+            "the lost instance got nothing: {after:?}"
+        );
         sender.shutdown().await;
         i2.shutdown().await;
     })
@@ -210,17 +264,24 @@ async fn wrong_mesh_key_or_no_key_is_refused_and_receives_nothing() {
         eventually(15, "both peers marked refused/unreachable", || async {
             let peers = good.peers().await;
             peers.len() == 2
-                && peers.iter().all(|p| p.state != PeerState::Connected && p.last_error.is_some())
+                && peers
+                    .iter()
+                    .all(|p| p.state != PeerState::Connected && p.last_error.is_some())
         })
         .await;
         let receipt = good.send("orders", "secret").await.expect("stored");
         let waited = tokio::time::timeout(Duration::from_secs(2), receipt.acked()).await;
-        assert!(waited.is_err(), "no instance outside the mesh may acknowledge");
+        assert!(
+            waited.is_err(),
+            "no instance outside the mesh may acknowledge"
+        );
         assert_eq!(intruder.delivered_count(), 0);
         assert_eq!(open.delivered_count(), 0);
         let peers = good.peers().await;
         assert!(
-            peers.iter().any(|p| p.last_error.as_deref().unwrap_or("").contains("mesh key")),
+            peers
+                .iter()
+                .any(|p| p.last_error.as_deref().unwrap_or("").contains("mesh key")),
             "a refusal names the mesh key: {peers:?}"
         );
         for n in [good, intruder, open] {
@@ -249,12 +310,25 @@ async fn simultaneous_dial_leaves_one_connection() {
             let sb = b.status().await.expect("status");
             assert_eq!(sa.connections, 1);
             assert_eq!(sb.connections, 1);
-            let pa = sa.peers.iter().find(|p| p.node_id == b.id()).expect("b known");
-            let pb = sb.peers.iter().find(|p| p.node_id == a.id()).expect("a known");
+            let pa = sa
+                .peers
+                .iter()
+                .find(|p| p.node_id == b.id())
+                .expect("b known");
+            let pb = sb
+                .peers
+                .iter()
+                .find(|p| p.node_id == a.id())
+                .expect("a known");
             assert_eq!(pa.dialer, pb.dialer, "both kept the same connection");
             // And it works.
             let mut got = collect(&b);
-            a.send("b", "hi").await.expect("send").acked().await.expect("acked");
+            a.send("b", "hi")
+                .await
+                .expect("send")
+                .acked()
+                .await
+                .expect("acked");
             assert_eq!(got.recv().await.map(|m| m.1).as_deref(), Some("hi"));
             a.shutdown().await;
             b.shutdown().await;
@@ -273,13 +347,30 @@ async fn mdns_on_loopback_finds_peers_and_a_restarted_node() {
         let a = start(mdns_builder(&mesh, "payments", &key)).await;
         let b = start(mdns_builder(&mesh, "orders", &key).data_dir(dir.path())).await;
         let c = start(mdns_builder(&mesh, "accounts", &key)).await;
-        c.serve(|r| async move { Ok(r.payload().clone()) }).await.expect("serve");
+        c.serve(|r| async move { Ok(r.payload().clone()) })
+            .await
+            .expect("serve");
         let mut got = collect(&b);
-        assert!(a.wait_for_instances("orders", 1, Duration::from_secs(20)).await, "mDNS found orders");
-        assert!(a.wait_for_instances("accounts", 1, Duration::from_secs(20)).await);
-        a.send("orders", "one").await.expect("send").acked().await.expect("acked");
+        assert!(
+            a.wait_for_instances("orders", 1, Duration::from_secs(20))
+                .await,
+            "mDNS found orders"
+        );
+        assert!(
+            a.wait_for_instances("accounts", 1, Duration::from_secs(20))
+                .await
+        );
+        a.send("orders", "one")
+            .await
+            .expect("send")
+            .acked()
+            .await
+            .expect("acked");
         assert_eq!(got.recv().await.map(|m| m.1).as_deref(), Some("one"));
-        let echo = a.request("accounts", "ping", Duration::from_secs(5)).await.expect("reply");
+        let echo = a
+            .request("accounts", "ping", Duration::from_secs(5))
+            .await
+            .expect("reply");
         assert_eq!(&echo[..], b"ping");
 
         // Restart orders: found again without restarting anyone else.

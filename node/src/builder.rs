@@ -8,8 +8,8 @@ use peerbus_discovery::{Discovery, Interfaces};
 use peerbus_transport::MeshKey;
 
 use crate::error::StartError;
-use crate::store::Durability;
 use crate::node::Node;
+use crate::store::Durability;
 
 /// How a node proves it belongs to its mesh.
 #[derive(Clone, Debug)]

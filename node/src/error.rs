@@ -210,3 +210,15 @@ impl HandlerError {
         HandlerError::Reject(reason.to_string())
     }
 }
+
+/// An administrative operation (dead letters, status) failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The store reported an error.
+    #[error("store: {0}")]
+    Store(String),
+    /// The node is shutting down or stopped.
+    #[error("the node is shut down")]
+    Stopped,
+}

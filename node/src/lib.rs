@@ -41,6 +41,7 @@
 //! Layout: [`engine`] is the sans-IO delivery logic; `runtime` drives it with
 //! tokio; this crate root is the public face.
 
+pub mod control;
 pub mod engine;
 pub mod store;
 
@@ -53,10 +54,12 @@ mod subscription;
 
 pub use builder::NodeBuilder;
 pub use error::{
-    CodecError, DeliveryError, HandlerError, RequestError, SendError, StartError, SubscribeError,
+    AdminError, CodecError, DeliveryError, HandlerError, RequestError, SendError, StartError,
+    SubscribeError,
 };
 pub use message::{Message, MessageId, MessageKind, Outgoing};
 pub use node::{Node, PeerInfo, PeerState, Receipt, Request, ServeHandle, Status};
+pub use store::{DeadLetter, Durability, StoreError, StoreStats};
 pub use subscription::{Delivery, Subscription};
 
 pub use bytes::Bytes;

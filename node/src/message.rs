@@ -46,7 +46,11 @@ impl Message {
 
     /// The message's id.
     pub fn id(&self) -> MessageId {
-        MessageId { origin: self.env.origin, log: self.env.log.clone(), seq: self.env.seq }
+        MessageId {
+            origin: self.env.origin,
+            log: self.env.log.clone(),
+            seq: self.env.seq,
+        }
     }
 
     /// Send, publish or request.
@@ -76,7 +80,11 @@ impl Message {
 
     /// The first header named `name` (case-sensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.env.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.env
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The payload's MIME type, if the sender set one.
@@ -141,7 +149,10 @@ pub struct Outgoing {
 impl Outgoing {
     /// A message with raw bytes.
     pub fn new(payload: impl Into<Bytes>) -> Self {
-        Self { payload: payload.into(), ..Self::default() }
+        Self {
+            payload: payload.into(),
+            ..Self::default()
+        }
     }
 
     /// A message whose payload is `value` encoded with bincode 2 (read it with [`Message::decode`]).
@@ -232,5 +243,7 @@ impl From<String> for Outgoing {
 }
 
 pub(crate) fn now_unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

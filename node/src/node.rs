@@ -18,10 +18,15 @@ use crate::builder::NodeBuilder;
 use crate::engine::outbox::{LogStats, Target};
 use crate::engine::routing::validate_subject;
 use crate::engine::wire::{Envelope, Interest, Kind};
-use crate::error::{DeliveryError, HandlerError, RequestError, SendError, SubscribeError};
+use crate::error::{
+    AdminError, DeliveryError, HandlerError, RequestError, SendError, SubscribeError,
+};
 use crate::message::{Message, Outgoing, now_unix_ms};
 use crate::runtime::core::{Append, CoreMsg};
+use crate::runtime::storage::StoreOp;
 use crate::runtime::{self, InboundRequest, LocalSub, MAX_SUBSCRIPTIONS, SERVE_QUEUE, Shared};
+use crate::store::DeadLetter;
+use crate::store::Durability;
 use crate::subscription::Subscription;
 
 /// A running peerbus node, embedded in a service. Cheap to clone; every clone
@@ -37,6 +42,7 @@ pub(crate) struct NodeInner {
     pub(crate) local_addr: SocketAddr,
     pub(crate) stopped: Mutex<bool>,
     pub(crate) store_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub(crate) store: mpsc::Sender<crate::runtime::storage::StoreOp>,
     pub(crate) span: tracing::Span,
 }
 
@@ -219,13 +225,18 @@ impl Node {
         })?;
         let msg = msg.into();
         let env = self.envelope(Kind::Send, service, &msg)?;
-        self.append(vec![Target::Service(service.to_string())], env, &msg).await
+        self.append(vec![Target::Service(service.to_string())], env, &msg)
+            .await
     }
 
     /// Publishes to `topic`: each subscriber group whose pattern matches gets one copy, handled
     /// by one of its instances. Groups are learnt from peers' announced interests (including
     /// peers seen earlier that are now down, whose copies wait in the log).
-    pub async fn publish(&self, topic: &str, msg: impl Into<Outgoing>) -> Result<Receipt, SendError> {
+    pub async fn publish(
+        &self,
+        topic: &str,
+        msg: impl Into<Outgoing>,
+    ) -> Result<Receipt, SendError> {
         validate_subject(topic, false).map_err(|reason| SendError::InvalidDestination {
             destination: topic.to_string(),
             reason,
@@ -233,9 +244,12 @@ impl Node {
         let msg = msg.into();
         let env = self.envelope(Kind::Publish, topic, &msg)?;
         let (tx, rx) = oneshot::channel();
-        self.core(CoreMsg::GroupsFor { topic: topic.to_string(), reply: tx })
-            .await
-            .map_err(|()| SendError::Stopped)?;
+        self.core(CoreMsg::GroupsFor {
+            topic: topic.to_string(),
+            reply: tx,
+        })
+        .await
+        .map_err(|()| SendError::Stopped)?;
         let groups = rx.await.map_err(|_| SendError::Stopped)?;
         let targets = groups.into_iter().map(Target::Group).collect();
         self.append(targets, env, &msg).await
@@ -293,7 +307,10 @@ impl Node {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(RequestError::Stopped),
             // Core forgets the request when its deadline passes (it sweeps on every tick).
-            Err(_) => Err(RequestError::Timeout { service: service.to_string(), after: timeout }),
+            Err(_) => Err(RequestError::Timeout {
+                service: service.to_string(),
+                after: timeout,
+            }),
         }
     }
 
@@ -325,7 +342,9 @@ impl Node {
                         () = task_shared.cancel.cancelled() => None,
                     };
                     let Some(req) = req else { break };
-                    let Ok(permit) = limit.clone().acquire_owned().await else { break };
+                    let Ok(permit) = limit.clone().acquire_owned().await else {
+                        break;
+                    };
                     let handler = handler.clone();
                     let s = task_shared.clone();
                     task_shared.tracker.spawn(async move {
@@ -333,7 +352,10 @@ impl Node {
                         let to = req.env.origin;
                         let corr = req.env.seq;
                         let budget = Duration::from_millis(req.budget_ms);
-                        let request = Request { msg: Message::new(req.env), budget };
+                        let request = Request {
+                            msg: Message::new(req.env),
+                            budget,
+                        };
                         let result = match tokio::time::timeout(budget, handler(request)).await {
                             Ok(Ok(b)) => Ok(b),
                             Ok(Err(e)) => Err(e.to_string()),
@@ -345,7 +367,9 @@ impl Node {
             }
             .instrument(self.inner.span.clone()),
         );
-        self.core(CoreMsg::InterestsChanged).await.map_err(|()| SubscribeError::Stopped)?;
+        self.core(CoreMsg::InterestsChanged)
+            .await
+            .map_err(|()| SubscribeError::Stopped)?;
         Ok(ServeHandle { shared })
     }
 
@@ -380,15 +404,22 @@ impl Node {
         let id = {
             let mut routes = runtime::write(&self.shared.routes);
             if routes.subs.len() >= MAX_SUBSCRIPTIONS {
-                return Err(SubscribeError::TooMany { limit: MAX_SUBSCRIPTIONS });
+                return Err(SubscribeError::TooMany {
+                    limit: MAX_SUBSCRIPTIONS,
+                });
             }
             let id = routes.next_sub;
             routes.next_sub += 1;
-            let interest = Interest { pattern: pattern.to_string(), group: Some(group.to_string()) };
+            let interest = Interest {
+                pattern: pattern.to_string(),
+                group: Some(group.to_string()),
+            };
             routes.subs.push(LocalSub { id, interest, tx });
             id
         };
-        self.core(CoreMsg::InterestsChanged).await.map_err(|()| SubscribeError::Stopped)?;
+        self.core(CoreMsg::InterestsChanged)
+            .await
+            .map_err(|()| SubscribeError::Stopped)?;
         Ok(Subscription::new(self.shared.clone(), rx, Some(id)))
     }
 
@@ -407,7 +438,13 @@ impl Node {
     /// Connected instances of `service`.
     pub async fn instances(&self, service: &str) -> Vec<NodeId> {
         let (tx, rx) = oneshot::channel();
-        if self.core(CoreMsg::Instances { service: service.to_string(), reply: tx }).await.is_err()
+        if self
+            .core(CoreMsg::Instances {
+                service: service.to_string(),
+                reply: tx,
+            })
+            .await
+            .is_err()
         {
             return Vec::new();
         }
@@ -458,7 +495,9 @@ impl Node {
                 if self.core(CoreMsg::Quiet(tx)).await.is_err() {
                     break;
                 }
-                let Ok((_unsettled, acks_pending)) = rx.await else { break };
+                let Ok((_unsettled, acks_pending)) = rx.await else {
+                    break;
+                };
                 let handling = !runtime::lock(&self.shared.inbox).is_idle();
                 if (acks_pending == 0 && !handling) || tokio::time::Instant::now() >= deadline {
                     break;
@@ -472,12 +511,15 @@ impl Node {
             self.shared.endpoint.close().await;
             // 5. Join.
             self.shared.tracker.close();
-            if tokio::time::timeout(Duration::from_secs(5), self.shared.tracker.wait()).await.is_err()
+            if tokio::time::timeout(Duration::from_secs(5), self.shared.tracker.wait())
+                .await
+                .is_err()
             {
                 tracing::warn!("some tasks did not stop within 5s of shutdown");
             }
             // 6. The store writer commits what is queued and syncs once core is gone.
             let store_thread = runtime::lock(&self.inner.store_thread).take();
+            let _ = self.inner.store.send(StoreOp::Stop).await;
             if let Some(t) = store_thread {
                 let _ = tokio::task::spawn_blocking(move || t.join()).await;
             }
@@ -487,12 +529,24 @@ impl Node {
         .await;
     }
 
-    fn envelope(&self, kind: Kind, destination: &str, msg: &Outgoing) -> Result<Envelope, SendError> {
+    fn envelope(
+        &self,
+        kind: Kind,
+        destination: &str,
+        msg: &Outgoing,
+    ) -> Result<Envelope, SendError> {
         let size = msg.payload.len()
-            + msg.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+            + msg
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
             + msg.key.as_ref().map_or(0, String::len);
         if size > self.shared.max_message_size {
-            return Err(SendError::TooLarge { size, max: self.shared.max_message_size });
+            return Err(SendError::TooLarge {
+                size,
+                max: self.shared.max_message_size,
+            });
         }
         Ok(Envelope {
             origin: self.shared.id,
@@ -514,6 +568,81 @@ impl Node {
             return Err(());
         }
         self.shared.core.send(msg).await.map_err(|_| ())
+    }
+
+    /// Dead letters of this node (entries it gave up delivering), oldest first, at most `limit`.
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, AdminError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .store
+            .send(StoreOp::ListDead(limit, tx))
+            .await
+            .map_err(|_| AdminError::Stopped)?;
+        rx.await
+            .map_err(|_| AdminError::Stopped)?
+            .map_err(AdminError::Store)
+    }
+
+    /// Re-sends dead letters (all of them when `ids` is `None`) to their original destination as
+    /// new entries, attempts reset. Returns how many were re-sent.
+    pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<usize, AdminError> {
+        let ids: Vec<u64> = match ids {
+            Some(ids) => ids.to_vec(),
+            None => self
+                .dead_letters(usize::MAX)
+                .await?
+                .iter()
+                .map(|d| d.id)
+                .collect(),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .store
+            .send(StoreOp::TakeDead(ids, tx))
+            .await
+            .map_err(|_| AdminError::Stopped)?;
+        let letters = rx
+            .await
+            .map_err(|_| AdminError::Stopped)?
+            .map_err(AdminError::Store)?;
+        let mut n = 0;
+        for d in letters {
+            let Some(target) = Target::from_log_name(&d.env.log) else {
+                continue;
+            };
+            let mut env = d.env;
+            env.origin = self.shared.id;
+            env.attempt = 1;
+            env.created_at_ms = now_unix_ms();
+            let (tx, rx) = oneshot::channel();
+            let deadline = self.shared.now() + self.shared.send_timeout.as_millis() as u64;
+            self.core(CoreMsg::Append(Append {
+                targets: vec![target],
+                env,
+                ttl_ms: None,
+                delay_ms: None,
+                deadline,
+                reply: tx,
+            }))
+            .await
+            .map_err(|()| AdminError::Stopped)?;
+            match rx.await {
+                Ok(Ok(_receipts)) => n += 1,
+                Ok(Err(e)) => return Err(AdminError::Store(e.to_string())),
+                Err(_) => return Err(AdminError::Stopped),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Durability of this node's log.
+    pub fn durability(&self) -> Durability {
+        self.shared.durability
+    }
+
+    /// Store figures: commits, fsyncs, file size.
+    pub fn store_stats(&self) -> crate::store::StoreStats {
+        runtime::lock(&self.shared.store_stats).clone()
     }
 
     /// Counter of messages handed to local handlers (for tests and status).

@@ -29,7 +29,9 @@ pub struct Subscription {
 
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription").field("sub_id", &self.sub_id).finish_non_exhaustive()
+        f.debug_struct("Subscription")
+            .field("sub_id", &self.sub_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -47,12 +49,18 @@ pub struct Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery").field("msg", &self.msg).finish_non_exhaustive()
+        f.debug_struct("Delivery")
+            .field("msg", &self.msg)
+            .finish_non_exhaustive()
     }
 }
 
 impl Subscription {
-    pub(crate) fn new(shared: Arc<Shared>, rx: mpsc::Receiver<Inbound>, sub_id: Option<u64>) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        rx: mpsc::Receiver<Inbound>,
+        sub_id: Option<u64>,
+    ) -> Self {
         Self { shared, rx, sub_id }
     }
 
@@ -89,7 +97,9 @@ impl Subscription {
                         while let Some(inbound) = rx.recv().await {
                             // Admission happens here, right before the run, so a failure of
                             // key K blocks K's later entries that were already queued.
-                            let Some(d) = admit(&shared, inbound).await else { continue };
+                            let Some(d) = admit(&shared, inbound).await else {
+                                continue;
+                            };
                             let result = handler(d.message().clone()).await;
                             match result {
                                 Ok(()) => d.ack().await,
@@ -112,8 +122,8 @@ impl Subscription {
             let Some(inbound) = inbound else { break };
             let idx = match &inbound.env.key {
                 Some(k) => {
-                    (stable_hash(&[inbound.env.log.as_bytes(), k.as_bytes()]) % workers.len() as u64)
-                        as usize
+                    (stable_hash(&[inbound.env.log.as_bytes(), k.as_bytes()])
+                        % workers.len() as u64) as usize
                 }
                 None => {
                     rr = rr.wrapping_add(1);
@@ -130,7 +140,9 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         if let Some(id) = self.sub_id {
-            runtime::write(&self.shared.routes).subs.retain(|s| s.id != id);
+            runtime::write(&self.shared.routes)
+                .subs
+                .retain(|s| s.id != id);
             let _ = self.shared.core.try_send(CoreMsg::InterestsChanged);
         }
     }
@@ -139,7 +151,11 @@ impl Drop for Subscription {
 /// Runs the dedup window and key block for an arriving entry; `Some` when the
 /// application should handle it.
 async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
-    let Inbound { env, floor, key_floor } = inbound;
+    let Inbound {
+        env,
+        floor,
+        key_floor,
+    } = inbound;
     let decision = runtime::lock(&shared.inbox).admit(
         (env.origin, &env.log, env.seq),
         floor,
@@ -149,10 +165,17 @@ async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
     let reply = match decision {
         Admit::Handle => {
             shared.counters.delivered.fetch_add(1, Ordering::Relaxed);
-            return Some(Delivery { msg: Message::new(env), shared: shared.clone(), done: false });
+            return Some(Delivery {
+                msg: Message::new(env),
+                shared: shared.clone(),
+                done: false,
+            });
         }
         Admit::Duplicate => {
-            shared.counters.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .duplicates_dropped
+                .fetch_add(1, Ordering::Relaxed);
             debug!(origin = %env.origin.short(), log = %env.log, seq = env.seq, "duplicate dropped, acknowledging again");
             Ok(())
         }
@@ -161,7 +184,12 @@ async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
     };
     let _ = shared
         .core
-        .send(CoreMsg::Completed { origin: env.origin, log: env.log, seq: env.seq, result: reply })
+        .send(CoreMsg::Completed {
+            origin: env.origin,
+            log: env.log,
+            seq: env.seq,
+            result: reply,
+        })
         .await;
     None
 }

@@ -7,8 +7,12 @@ use std::time::Duration;
 
 use peerbus::{Interfaces, MemoryNetwork, MeshKey, Node, NodeBuilder};
 
-/// Runs a test body with an overall deadline.
+/// Runs a test body with an overall deadline. Logs go to the test output (`RUST_LOG`).
 pub async fn within<F: Future<Output = T>, T>(secs: u64, f: F) -> T {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     match tokio::time::timeout(Duration::from_secs(secs), f).await {
         Ok(v) => v,
         Err(_) => panic!("test did not finish within {secs}s"),

@@ -86,7 +86,11 @@ impl Inbox {
         for s in snapshots {
             inbox.windows.insert(
                 (s.origin, s.log),
-                Window { floor: s.floor, handled: s.handled.into_iter().collect(), stamp: 0 },
+                Window {
+                    floor: s.floor,
+                    handled: s.handled.into_iter().collect(),
+                    stamp: 0,
+                },
             );
         }
         inbox
@@ -94,12 +98,14 @@ impl Inbox {
 
     /// The current state of one window, for persisting.
     pub fn snapshot(&self, origin: NodeId, log: &str) -> Option<WindowSnapshot> {
-        self.windows.get(&(origin, log.to_string())).map(|w| WindowSnapshot {
-            origin,
-            log: log.to_string(),
-            floor: w.floor,
-            handled: w.handled.iter().copied().collect(),
-        })
+        self.windows
+            .get(&(origin, log.to_string()))
+            .map(|w| WindowSnapshot {
+                origin,
+                log: log.to_string(),
+                floor: w.floor,
+                handled: w.handled.iter().copied().collect(),
+            })
     }
 
     /// Decides what to do with entry `seq` of `(origin, log)`.
@@ -114,7 +120,8 @@ impl Inbox {
     ) -> Admit {
         self.clock += 1;
         let stamp = self.clock;
-        if !self.windows.contains_key(&(origin, log.to_string())) && self.windows.len() >= MAX_WINDOWS
+        if !self.windows.contains_key(&(origin, log.to_string()))
+            && self.windows.len() >= MAX_WINDOWS
         {
             self.evict_window();
         }
@@ -156,10 +163,12 @@ impl Inbox {
                     w.handled.pop_first();
                 }
             }
-        } else if let Some(k) = key {
-            if self.blocked.len() < MAX_BLOCKED_KEYS {
-                self.blocked.entry((origin, log.to_string(), k.to_string())).or_insert(seq);
-            }
+        } else if let Some(k) = key
+            && self.blocked.len() < MAX_BLOCKED_KEYS
+        {
+            self.blocked
+                .entry((origin, log.to_string(), k.to_string()))
+                .or_insert(seq);
         }
     }
 
@@ -175,8 +184,11 @@ impl Inbox {
     }
 
     fn evict_window(&mut self) {
-        if let Some(victim) =
-            self.windows.iter().min_by_key(|(_, w)| w.stamp).map(|(k, _)| k.clone())
+        if let Some(victim) = self
+            .windows
+            .iter()
+            .min_by_key(|(_, w)| w.stamp)
+            .map(|(k, _)| k.clone())
         {
             self.windows.remove(&victim);
         }
@@ -210,9 +222,15 @@ mod tests {
         assert_eq!(i.admit((a(), "l", 1), 0, Some("k"), Some(1)), Admit::Handle);
         i.complete((a(), "l", 1), Some("k"), false);
         // seq 2 of the same key was pipelined: it must wait for 1.
-        assert_eq!(i.admit((a(), "l", 2), 0, Some("k"), Some(1)), Admit::Blocked { behind: 1 });
+        assert_eq!(
+            i.admit((a(), "l", 2), 0, Some("k"), Some(1)),
+            Admit::Blocked { behind: 1 }
+        );
         // Other keys flow.
-        assert_eq!(i.admit((a(), "l", 3), 0, Some("other"), Some(3)), Admit::Handle);
+        assert_eq!(
+            i.admit((a(), "l", 3), 0, Some("other"), Some(3)),
+            Admit::Handle
+        );
         // The redelivery of 1 unblocks.
         assert_eq!(i.admit((a(), "l", 1), 0, Some("k"), Some(1)), Admit::Handle);
         i.complete((a(), "l", 1), Some("k"), true);

@@ -46,7 +46,8 @@ impl Target {
         if let Some(s) = name.strip_prefix("svc:") {
             Some(Target::Service(s.to_string()))
         } else {
-            name.strip_prefix("grp:").map(|g| Target::Group(g.to_string()))
+            name.strip_prefix("grp:")
+                .map(|g| Target::Group(g.to_string()))
         }
     }
 }
@@ -124,7 +125,11 @@ enum State {
     /// Appended but not yet durable in the store: not sent, and later entries of its key wait.
     Staged,
     Pending,
-    InFlight { peer: NodeId, conn: u64, sent_at: u64 },
+    InFlight {
+        peer: NodeId,
+        conn: u64,
+        sent_at: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -219,30 +224,40 @@ impl Outbox {
         env.log = name;
         env.seq = seq;
         env.attempt = env.attempt.max(1);
-        let state = if staged { State::Staged } else { State::Pending };
-        self.insert(env.clone(), ttl_ms.map(|t| now + t), not_before_ms.unwrap_or(0), state);
+        let state = if staged {
+            State::Staged
+        } else {
+            State::Pending
+        };
+        self.insert(
+            env.clone(),
+            ttl_ms.map(|t| now + t),
+            not_before_ms.unwrap_or(0),
+            state,
+        );
         env
     }
 
     /// The store has made `seq` of `log` durable: it may be sent now.
     pub fn mark_durable(&mut self, log: &str, seq: u64) {
-        if let Some(e) = self.logs.get_mut(log).and_then(|l| l.entries.get_mut(&seq)) {
-            if e.state == State::Staged {
-                e.state = State::Pending;
-            }
+        if let Some(e) = self.logs.get_mut(log).and_then(|l| l.entries.get_mut(&seq))
+            && e.state == State::Staged
+        {
+            e.state = State::Pending;
         }
     }
 
     /// Drops a staged entry the store failed to write (its `send` reports the error).
     pub fn discard_staged(&mut self, log: &str, seq: u64) {
-        if let Some(l) = self.logs.get_mut(log) {
-            if l.entries.get(&seq).is_some_and(|e| e.state == State::Staged) {
-                if let Some(e) = l.entries.remove(&seq) {
-                    l.bytes -= e.env.payload.len();
-                    self.total_bytes -= e.env.payload.len();
-                    forget_key(&mut l.keys, &e.env);
-                }
-            }
+        if let Some(l) = self.logs.get_mut(log)
+            && l.entries
+                .get(&seq)
+                .is_some_and(|e| e.state == State::Staged)
+            && let Some(e) = l.entries.remove(&seq)
+        {
+            l.bytes -= e.env.payload.len();
+            self.total_bytes -= e.env.payload.len();
+            forget_key(&mut l.keys, &e.env);
         }
     }
 
@@ -279,7 +294,19 @@ impl Outbox {
         }
         let attempts = env.attempt.saturating_sub(1);
         let size = env.payload.len();
-        if log.entries.insert(env.seq, Entry { env, state, not_before, expires_at, attempts }).is_none()
+        if log
+            .entries
+            .insert(
+                env.seq,
+                Entry {
+                    env,
+                    state,
+                    not_before,
+                    expires_at,
+                    attempts,
+                },
+            )
+            .is_none()
         {
             log.bytes += size;
             self.total_bytes += size;
@@ -300,7 +327,14 @@ impl Outbox {
         self.requeue_peer(peer);
         self.peers.insert(
             peer,
-            Peer { conn, service, interests, credits: credits.max(1), in_flight: 0, draining: false },
+            Peer {
+                conn,
+                service,
+                interests,
+                credits: credits.max(1),
+                in_flight: 0,
+                draining: false,
+            },
         );
     }
 
@@ -367,15 +401,19 @@ impl Outbox {
     /// The peer acknowledged `seqs` of `log`.
     pub fn on_ack(&mut self, peer: NodeId, log_name: &str, seqs: &[u64]) -> Vec<Settled> {
         let mut out = Vec::new();
-        let Some(log) = self.logs.get_mut(log_name) else { return out };
+        let Some(log) = self.logs.get_mut(log_name) else {
+            return out;
+        };
         for seq in seqs {
-            let Some(e) = log.entries.remove(seq) else { continue };
+            let Some(e) = log.entries.remove(seq) else {
+                continue;
+            };
             log.bytes -= e.env.payload.len();
             self.total_bytes -= e.env.payload.len();
-            if let State::InFlight { peer: p, .. } = e.state {
-                if let Some(pp) = self.peers.get_mut(&p) {
-                    pp.in_flight = pp.in_flight.saturating_sub(1);
-                }
+            if let State::InFlight { peer: p, .. } = e.state
+                && let Some(pp) = self.peers.get_mut(&p)
+            {
+                pp.in_flight = pp.in_flight.saturating_sub(1);
             }
             forget_key(&mut log.keys, &e.env);
             out.push(Settled {
@@ -420,7 +458,10 @@ impl Outbox {
             let why = if permanent {
                 format!("handler rejected: {reason}")
             } else {
-                format!("gave up after {} attempts; last error: {reason}", e.attempts)
+                format!(
+                    "gave up after {} attempts; last error: {reason}",
+                    e.attempts
+                )
             };
             return self.dead_letter(log_name, seq, why);
         }
@@ -438,7 +479,9 @@ impl Outbox {
         let base = self.config.backoff_base_ms;
         let max = self.config.backoff_max_ms;
         move |attempt: u32| {
-            let exp = base.saturating_mul(1u64 << attempt.saturating_sub(1).min(20)).min(max);
+            let exp = base
+                .saturating_mul(1u64 << attempt.saturating_sub(1).min(20))
+                .min(max);
             let half = exp / 2;
             half + r % (exp - half + 1)
         }
@@ -449,10 +492,10 @@ impl Outbox {
         let e = log.entries.remove(&seq)?;
         log.bytes -= e.env.payload.len();
         self.total_bytes -= e.env.payload.len();
-        if let State::InFlight { peer, .. } = e.state {
-            if let Some(pp) = self.peers.get_mut(&peer) {
-                pp.in_flight = pp.in_flight.saturating_sub(1);
-            }
+        if let State::InFlight { peer, .. } = e.state
+            && let Some(pp) = self.peers.get_mut(&peer)
+        {
+            pp.in_flight = pp.in_flight.saturating_sub(1);
         }
         forget_key(&mut log.keys, &e.env);
         Some(Settled {
@@ -521,8 +564,12 @@ impl Outbox {
     }
 
     fn dispatch_log(&mut self, name: &str, now: u64, tx: &mut Vec<Transmit>) {
-        let Some(target) = Target::from_log_name(name) else { return };
-        let Some(log) = self.logs.get_mut(name) else { return };
+        let Some(target) = Target::from_log_name(name) else {
+            return;
+        };
+        let Some(log) = self.logs.get_mut(name) else {
+            return;
+        };
         if log.entries.is_empty() {
             return;
         }
@@ -601,7 +648,9 @@ impl Outbox {
                     .map(|(c, _)| *c),
             };
             let Some(peer_id) = chosen else { continue };
-            let Some(peer) = self.peers.get_mut(&peer_id) else { continue };
+            let Some(peer) = self.peers.get_mut(&peer_id) else {
+                continue;
+            };
             if peer.in_flight >= peer.credits || peer.draining {
                 // The key sticks to its instance: wait for credit, do not move it.
                 if let Some(k) = key {
@@ -614,7 +663,11 @@ impl Outbox {
             }
             peer.in_flight += 1;
             self.round_robin = self.round_robin.wrapping_add(1);
-            e.state = State::InFlight { peer: peer_id, conn: peer.conn, sent_at: now };
+            e.state = State::InFlight {
+                peer: peer_id,
+                conn: peer.conn,
+                sent_at: now,
+            };
             let key_floor = key.as_ref().and_then(|k| log.keys.get(k)?.first().copied());
             if let Some(k) = key {
                 chain.insert(k, Some(peer_id));
@@ -624,7 +677,11 @@ impl Outbox {
             tx.push(Transmit {
                 peer: peer_id,
                 conn: peer.conn,
-                frame: Data::Deliver { floor, key_floor, env },
+                frame: Data::Deliver {
+                    floor,
+                    key_floor,
+                    env,
+                },
             });
         }
     }
@@ -690,7 +747,10 @@ impl Outbox {
 
     /// Peers that said goodbye and get no new work.
     pub fn draining_peers(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.peers.iter().filter(|(_, p)| p.draining).map(|(id, _)| *id)
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.draining)
+            .map(|(id, _)| *id)
     }
 
     /// Connected peers and their service.
@@ -712,12 +772,12 @@ fn stable_rr(id: &NodeId, rr: u64) -> u64 {
 }
 
 fn forget_key(keys: &mut HashMap<String, BTreeSet<u64>>, env: &Envelope) {
-    if let Some(k) = &env.key {
-        if let Some(set) = keys.get_mut(k) {
-            set.remove(&env.seq);
-            if set.is_empty() {
-                keys.remove(k);
-            }
+    if let Some(k) = &env.key
+        && let Some(set) = keys.get_mut(k)
+    {
+        set.remove(&env.seq);
+        if set.is_empty() {
+            keys.remove(k);
         }
     }
 }
@@ -726,7 +786,221 @@ fn consumes(p: &Peer, target: &Target, topic: Option<&str>) -> bool {
     match target {
         Target::Service(s) => &p.service == s,
         Target::Group(g) => p.interests.iter().any(|i| {
-            i.group.as_deref() == Some(g.as_str()) && topic.is_none_or(|t| topic_matches(&i.pattern, t))
+            i.group.as_deref() == Some(g.as_str())
+                && topic.is_none_or(|t| topic_matches(&i.pattern, t))
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    use crate::engine::wire::Kind;
+
+    fn id(b: u8) -> NodeId {
+        NodeId::from_bytes([b; 32])
+    }
+
+    fn env(key: Option<&str>) -> Envelope {
+        Envelope {
+            origin: id(9),
+            log: String::new(),
+            seq: 0,
+            kind: Kind::Send,
+            destination: "svc".into(),
+            key: key.map(str::to_string),
+            headers: vec![],
+            content_type: None,
+            created_at_ms: 0,
+            attempt: 1,
+            payload: Bytes::from_static(b"x"),
+        }
+    }
+
+    fn outbox() -> Outbox {
+        Outbox::new(OutboxConfig {
+            ack_timeout_ms: 1_000,
+            max_attempts: 3,
+            backoff_base_ms: 100,
+            backoff_max_ms: 1_000,
+            seed: 7,
+        })
+    }
+
+    fn target() -> Target {
+        Target::Service("svc".into())
+    }
+
+    #[test]
+    fn waits_while_no_instance_then_sends_in_order() {
+        let mut ob = outbox();
+        for _ in 0..5 {
+            ob.append(&target(), env(Some("k")), 0, None, None, false);
+        }
+        assert!(
+            ob.dispatch(0).is_empty(),
+            "no instance: nothing sent, nothing lost"
+        );
+        assert_eq!(ob.len(), 5);
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        let seqs: Vec<u64> = ob
+            .dispatch(1)
+            .into_iter()
+            .map(|t| match t.frame {
+                Data::Deliver { env, .. } => env.seq,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn credits_bound_what_is_in_flight() {
+        let mut ob = outbox();
+        for _ in 0..10 {
+            ob.append(&target(), env(None), 0, None, None, false);
+        }
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 4);
+        assert_eq!(ob.dispatch(0).len(), 4);
+        assert!(ob.dispatch(0).is_empty());
+        assert_eq!(ob.on_ack(id(1), "svc:svc", &[1, 2]).len(), 2);
+        assert_eq!(ob.dispatch(0).len(), 2);
+    }
+
+    #[test]
+    fn staged_entries_wait_for_the_store_and_block_their_key() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        let a = ob.append(&target(), env(Some("k")), 0, None, None, true);
+        ob.append(&target(), env(Some("k")), 0, None, None, false);
+        assert!(
+            ob.dispatch(0).is_empty(),
+            "key k waits behind its staged head"
+        );
+        ob.mark_durable(&a.log, a.seq);
+        assert_eq!(ob.dispatch(0).len(), 2);
+    }
+
+    #[test]
+    fn ttl_expiry_dead_letters_with_reason() {
+        let mut ob = outbox();
+        ob.append(&target(), env(None), 0, Some(500), None, false);
+        assert!(ob.check_timers(499).is_empty());
+        let dead = ob.check_timers(500);
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            dead[0].outcome,
+            Outcome::DeadLettered {
+                reason: "ttl expired".into()
+            }
+        );
+        assert!(ob.is_empty());
+    }
+
+    #[test]
+    fn exhausted_attempts_dead_letter_and_retries_back_off() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        ob.append(&target(), env(None), 0, None, None, false);
+        let mut now = 0;
+        for attempt in 1..=3 {
+            let tx = ob.dispatch(now);
+            assert_eq!(tx.len(), 1, "attempt {attempt} sent");
+            if let Data::Deliver { env, .. } = &tx[0].frame {
+                assert_eq!(env.attempt, attempt);
+            }
+            let settled = ob.on_nack(id(1), "svc:svc", 1, "boom", false, now);
+            if attempt < 3 {
+                assert!(settled.is_none());
+                assert!(ob.dispatch(now).is_empty(), "backoff holds the retry");
+                now = ob.next_deadline().expect("retry scheduled");
+            } else {
+                let s = settled.expect("dead-lettered");
+                assert!(
+                    matches!(s.outcome, Outcome::DeadLettered { ref reason } if reason.contains("3 attempts"))
+                );
+            }
+        }
+        assert!(ob.is_empty());
+    }
+
+    #[test]
+    fn rejection_dead_letters_at_once_and_other_keys_keep_flowing() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        ob.append(&target(), env(Some("bad")), 0, None, None, false);
+        ob.append(&target(), env(Some("bad")), 0, None, None, false);
+        ob.append(&target(), env(Some("good")), 0, None, None, false);
+        assert_eq!(ob.dispatch(0).len(), 3);
+        // `bad`@1 fails (retryable): bad@2 was pipelined and the receiver blocks it.
+        assert!(ob.on_nack(id(1), "svc:svc", 1, "boom", false, 0).is_none());
+        assert!(
+            ob.on_nack(id(1), "svc:svc", 2, "blocked behind 1", false, 0)
+                .is_none()
+        );
+        assert_eq!(
+            ob.on_ack(id(1), "svc:svc", &[3]).len(),
+            1,
+            "the good key flowed"
+        );
+        // Nothing of `bad` moves before its head's backoff.
+        assert!(ob.dispatch(0).is_empty());
+        let due = ob.next_deadline().expect("deadline");
+        let tx = ob.dispatch(due);
+        assert_eq!(tx.len(), 2, "head and its follower go again, in order");
+        let s = ob
+            .on_nack(id(1), "svc:svc", 1, "poison", true, due)
+            .expect("rejected");
+        assert!(matches!(s.outcome, Outcome::DeadLettered { .. }));
+    }
+
+    #[test]
+    fn scheduled_delivery_waits_for_its_time() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        ob.append(&target(), env(None), 0, None, Some(5_000), false);
+        assert!(ob.dispatch(4_999).is_empty());
+        assert_eq!(ob.dispatch(5_000).len(), 1);
+    }
+
+    #[test]
+    fn ack_timeout_resends() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        ob.append(&target(), env(None), 0, None, None, false);
+        assert_eq!(ob.dispatch(0).len(), 1);
+        assert!(ob.check_timers(999).is_empty());
+        assert!(ob.check_timers(1_000).is_empty());
+        let due = ob.next_deadline().expect("retry");
+        assert_eq!(ob.dispatch(due).len(), 1, "resent after the ack timeout");
+    }
+
+    #[test]
+    fn keyed_entries_stick_to_their_instance_until_settled() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        ob.append(&target(), env(Some("k")), 0, None, None, false);
+        let first = ob.dispatch(0);
+        assert_eq!(first.len(), 1);
+        let owner = first[0].peer;
+        // A second instance joins: k's in-flight entry pins its next one to the same owner.
+        ob.peer_up(id(2), 1, "svc".into(), vec![], 100);
+        ob.append(&target(), env(Some("k")), 0, None, None, false);
+        let second = ob.dispatch(0);
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].peer, owner);
+        // The owner disappears: both go to the survivor, in order.
+        ob.peer_down(owner, 1);
+        let moved: Vec<u64> = ob
+            .dispatch(0)
+            .into_iter()
+            .map(|t| match t.frame {
+                Data::Deliver { env, .. } => env.seq,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(moved, vec![1, 2]);
     }
 }

@@ -30,17 +30,23 @@ pub fn validate_subject(subject: &str, allow_wildcards: bool) -> Result<(), Stri
     let tokens: Vec<&str> = subject.split('.').collect();
     for (i, t) in tokens.iter().enumerate() {
         if t.is_empty() {
-            return Err(format!("`{subject}` has an empty token (two dots, or a dot at an end)"));
+            return Err(format!(
+                "`{subject}` has an empty token (two dots, or a dot at an end)"
+            ));
         }
         let wild = *t == "*" || *t == ">";
         if wild && !allow_wildcards {
-            return Err(format!("`{subject}`: wildcards are only allowed when subscribing"));
+            return Err(format!(
+                "`{subject}`: wildcards are only allowed when subscribing"
+            ));
         }
         if *t == ">" && i + 1 != tokens.len() {
             return Err(format!("`{subject}`: `>` may only be the last token"));
         }
         if !wild && (t.contains('*') || t.contains('>')) {
-            return Err(format!("`{subject}`: `*` and `>` must stand alone as a token"));
+            return Err(format!(
+                "`{subject}`: `*` and `>` must stand alone as a token"
+            ));
         }
     }
     Ok(())
@@ -65,7 +71,10 @@ pub fn stable_hash(parts: &[&[u8]]) -> u64 {
 ///
 /// Every node computes the same owner from the same set, and when an instance
 /// leaves only the keys it owned move.
-pub fn rendezvous<'a>(key: &str, candidates: impl IntoIterator<Item = &'a NodeId>) -> Option<NodeId> {
+pub fn rendezvous<'a>(
+    key: &str,
+    candidates: impl IntoIterator<Item = &'a NodeId>,
+) -> Option<NodeId> {
     candidates
         .into_iter()
         .map(|n| (stable_hash(&[key.as_bytes(), n.as_bytes()]), *n))
@@ -88,7 +97,11 @@ mod tests {
     use super::*;
 
     fn check(pattern: &str, topic: &str, expected: bool) {
-        assert_eq!(topic_matches(pattern, topic), expected, "pattern {pattern} topic {topic}");
+        assert_eq!(
+            topic_matches(pattern, topic),
+            expected,
+            "pattern {pattern} topic {topic}"
+        );
     }
 
     #[test]
@@ -130,8 +143,10 @@ mod tests {
     fn rendezvous_moves_only_the_leavers_keys() {
         let nodes: Vec<NodeId> = (1..=4u8).map(|b| NodeId::from_bytes([b; 32])).collect();
         let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
-        let before: Vec<NodeId> =
-            keys.iter().filter_map(|k| rendezvous(k, nodes.iter())).collect();
+        let before: Vec<NodeId> = keys
+            .iter()
+            .filter_map(|k| rendezvous(k, nodes.iter()))
+            .collect();
         let survivors = &nodes[..3];
         let mut moved = 0;
         for (k, owner) in keys.iter().zip(&before) {

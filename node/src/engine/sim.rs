@@ -101,7 +101,10 @@ fn run(seed: u64, receivers: usize, messages: u64, keys: u64, faults: Faults) {
     let mut steps = 0u64;
     while settled < messages {
         steps += 1;
-        assert!(steps < 2_000_000, "simulation did not converge (seed {seed}): {settled}/{messages}");
+        assert!(
+            steps < 2_000_000,
+            "simulation did not converge (seed {seed}): {settled}/{messages}"
+        );
         now += 1 + rng.next() % 5;
         // Append a few.
         for _ in 0..(rng.next() % 4) {
@@ -146,7 +149,12 @@ fn run(seed: u64, receivers: usize, messages: u64, keys: u64, faults: Faults) {
         // Receivers handle a few frames, in order.
         for (ri, r) in rx.iter_mut().enumerate() {
             for _ in 0..(rng.next() % 8) {
-                let Some(Data::Deliver { floor, key_floor, env }) = r.inbound.pop_front() else {
+                let Some(Data::Deliver {
+                    floor,
+                    key_floor,
+                    env,
+                }) = r.inbound.pop_front()
+                else {
                     break;
                 };
                 let id = (env.origin, env.log.as_str(), env.seq);
@@ -154,10 +162,17 @@ fn run(seed: u64, receivers: usize, messages: u64, keys: u64, faults: Faults) {
                     Admit::Handle => {
                         if rng.chance(faults.fail_handler) {
                             r.inbox.complete(id, env.key.as_deref(), false);
-                            r.outbound.push_back(Reply::Nack(env.log.clone(), env.seq, "boom".into()));
+                            r.outbound.push_back(Reply::Nack(
+                                env.log.clone(),
+                                env.seq,
+                                "boom".into(),
+                            ));
                         } else {
                             let idx = u64::from_le_bytes(env.payload[..8].try_into().expect("8"));
-                            handled.entry(env.key.clone().unwrap_or_default()).or_default().push((idx, ri));
+                            handled
+                                .entry(env.key.clone().unwrap_or_default())
+                                .or_default()
+                                .push((idx, ri));
                             r.inbox.complete(id, env.key.as_deref(), true);
                             if let Some(s) = r.inbox.snapshot(env.origin, &env.log) {
                                 r.persisted.insert(env.log.clone(), s);
@@ -199,7 +214,10 @@ fn run(seed: u64, receivers: usize, messages: u64, keys: u64, faults: Faults) {
         }
     }
     for i in appended.keys() {
-        assert!(seen.contains_key(i), "seed {seed}: entry {i} was acknowledged but never handled");
+        assert!(
+            seen.contains_key(i),
+            "seed {seed}: entry {i} was acknowledged but never handled"
+        );
     }
     // The dedup window: never twice at the same receiver, across connection
     // drops and crashes. A repeat on another instance happens only when a
@@ -209,20 +227,41 @@ fn run(seed: u64, receivers: usize, messages: u64, keys: u64, faults: Faults) {
         let mut distinct = rs.clone();
         distinct.sort();
         distinct.dedup();
-        assert_eq!(distinct.len(), rs.len(), "seed {seed}: entry {i} handled twice by one receiver");
-        assert!(faulty || rs.len() == 1, "seed {seed}: entry {i} handled {} times without faults", rs.len());
+        assert_eq!(
+            distinct.len(),
+            rs.len(),
+            "seed {seed}: entry {i} handled twice by one receiver"
+        );
+        assert!(
+            faulty || rs.len() == 1,
+            "seed {seed}: entry {i} handled {} times without faults",
+            rs.len()
+        );
     }
     // Per-key order: at every receiver each key's entries arrive in increasing order, and the
     // first handling of each entry (across receivers) is in increasing order too. A fault may
     // replay a prefix on another instance; it never lets a later entry overtake an earlier one.
     for (k, list) in &handled {
         let mut first_seen = std::collections::HashSet::new();
-        let firsts: Vec<u64> =
-            list.iter().filter(|(i, _)| first_seen.insert(*i)).map(|(i, _)| *i).collect();
-        assert!(firsts.windows(2).all(|w| w[0] < w[1]), "seed {seed}: key {k} out of order: {list:?}");
+        let firsts: Vec<u64> = list
+            .iter()
+            .filter(|(i, _)| first_seen.insert(*i))
+            .map(|(i, _)| *i)
+            .collect();
+        assert!(
+            firsts.windows(2).all(|w| w[0] < w[1]),
+            "seed {seed}: key {k} out of order: {list:?}"
+        );
         for r in 0..receivers {
-            let at_r: Vec<u64> = list.iter().filter(|(_, x)| *x == r).map(|(i, _)| *i).collect();
-            assert!(at_r.windows(2).all(|w| w[0] < w[1]), "seed {seed}: key {k} out of order at receiver {r}: {at_r:?}");
+            let at_r: Vec<u64> = list
+                .iter()
+                .filter(|(_, x)| *x == r)
+                .map(|(i, _)| *i)
+                .collect();
+            assert!(
+                at_r.windows(2).all(|w| w[0] < w[1]),
+                "seed {seed}: key {k} out of order at receiver {r}: {at_r:?}"
+            );
         }
     }
     assert!(ob.is_empty());
@@ -230,26 +269,66 @@ fn run(seed: u64, receivers: usize, messages: u64, keys: u64, faults: Faults) {
 
 #[test]
 fn clean_network_delivers_everything_in_order() {
-    run(1, 3, 2_000, 17, Faults { drop_conn: 0, crash: 0, fail_handler: 0 });
+    run(
+        1,
+        3,
+        2_000,
+        17,
+        Faults {
+            drop_conn: 0,
+            crash: 0,
+            fail_handler: 0,
+        },
+    );
 }
 
 #[test]
 fn dropped_connections_lose_nothing_and_keep_key_order() {
     for seed in 1..=20 {
-        run(seed, 3, 1_500, 13, Faults { drop_conn: 5, crash: 0, fail_handler: 0 });
+        run(
+            seed,
+            3,
+            1_500,
+            13,
+            Faults {
+                drop_conn: 5,
+                crash: 0,
+                fail_handler: 0,
+            },
+        );
     }
 }
 
 #[test]
 fn handler_failures_are_retried_in_key_order() {
     for seed in 1..=20 {
-        run(seed, 2, 1_000, 7, Faults { drop_conn: 0, crash: 0, fail_handler: 30 });
+        run(
+            seed,
+            2,
+            1_000,
+            7,
+            Faults {
+                drop_conn: 0,
+                crash: 0,
+                fail_handler: 30,
+            },
+        );
     }
 }
 
 #[test]
 fn receiver_crashes_with_persisted_windows_cause_no_duplicates() {
     for seed in 1..=20 {
-        run(seed, 3, 1_000, 11, Faults { drop_conn: 3, crash: 3, fail_handler: 10 });
+        run(
+            seed,
+            3,
+            1_000,
+            11,
+            Faults {
+                drop_conn: 3,
+                crash: 3,
+                fail_handler: 10,
+            },
+        );
     }
 }

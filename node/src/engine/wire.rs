@@ -168,7 +168,12 @@ mod tests {
             any::<u8>(),
             ".{0,12}",
             any::<u64>(),
-            prop_oneof![Just(Kind::Send), Just(Kind::Publish), Just(Kind::Request), Just(Kind::Reply)],
+            prop_oneof![
+                Just(Kind::Send),
+                Just(Kind::Publish),
+                Just(Kind::Request),
+                Just(Kind::Reply)
+            ],
             ".{0,20}",
             proptest::option::of(".{0,8}"),
             proptest::collection::vec((".{0,5}", ".{0,5}"), 0..3),
@@ -176,8 +181,8 @@ mod tests {
             any::<u32>(),
             proptest::collection::vec(any::<u8>(), 0..256),
         )
-            .prop_map(|(o, log, seq, kind, destination, key, headers, created, attempt, p)| {
-                Envelope {
+            .prop_map(
+                |(o, log, seq, kind, destination, key, headers, created, attempt, p)| Envelope {
                     origin: node(o),
                     log,
                     seq,
@@ -189,14 +194,16 @@ mod tests {
                     created_at_ms: created,
                     attempt,
                     payload: Bytes::from(p),
-                }
-            })
+                },
+            )
     }
 
     fn roundtrip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(v: T) {
         let mut out = Vec::new();
         encode_frame(&v, &mut out, 1 << 20).expect("encode");
-        let (back, used) = decode_frame::<T>(&out, 1 << 20).expect("decode").expect("complete");
+        let (back, used) = decode_frame::<T>(&out, 1 << 20)
+            .expect("decode")
+            .expect("complete");
         assert_eq!(used, out.len());
         assert_eq!(back, v);
     }

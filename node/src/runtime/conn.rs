@@ -64,7 +64,10 @@ async fn handshake(shared: &Shared, conn: Connection) -> Result<Ready, String> {
         .await
         .map_err(|_| "hello not received within 5s".to_string())??;
     if hello.node_id != conn.peer_id() {
-        conn.close(CloseCode::ProtocolViolation, "hello node id differs from certificate");
+        conn.close(
+            CloseCode::ProtocolViolation,
+            "hello node id differs from certificate",
+        );
         return Err(format!(
             "hello claims node {} but the certificate proves {}",
             hello.node_id,
@@ -73,13 +76,21 @@ async fn handshake(shared: &Shared, conn: Connection) -> Result<Ready, String> {
     }
     if hello.mesh != shared.mesh {
         conn.close(CloseCode::ProtocolViolation, "different mesh");
-        return Err(format!("peer is in mesh `{}`, we are in `{}`", hello.mesh, shared.mesh));
+        return Err(format!(
+            "peer is in mesh `{}`, we are in `{}`",
+            hello.mesh, shared.mesh
+        ));
     }
     if hello.version != peerbus_discovery::PROTOCOL_VERSION {
         conn.close(CloseCode::ProtocolViolation, "unsupported protocol version");
         return Err(format!("peer speaks protocol version {}", hello.version));
     }
-    Ok(Ready { conn, hello, ctl_tx: tx, ctl_rx: rx })
+    Ok(Ready {
+        conn,
+        hello,
+        ctl_tx: tx,
+        ctl_rx: rx,
+    })
 }
 
 /// Accepts incoming connections until the node stops.
@@ -159,7 +170,11 @@ pub(crate) async fn dial_loop(
                 }
                 let _ = shared
                     .core
-                    .send(CoreMsg::DialFailed { peer: expected, refused: error.0, error: error.1 })
+                    .send(CoreMsg::DialFailed {
+                        peer: expected,
+                        refused: error.0,
+                        error: error.1,
+                    })
                     .await;
             }
             attempt = attempt.saturating_add(1);
@@ -186,12 +201,22 @@ pub(crate) fn spawn_connection(
     rx: mpsc::Receiver<Out>,
     cancel: CancellationToken,
 ) {
-    let Ready { conn, hello, ctl_tx, ctl_rx } = ready;
+    let Ready {
+        conn,
+        hello,
+        ctl_tx,
+        ctl_rx,
+    } = ready;
     let peer = hello.node_id;
     let span = info_span!("peer", peer = %peer.short(), service = %hello.service, generation);
     let t = &shared.tracker;
-    t.spawn(writer(conn.clone(), ctl_tx, rx, shared.lanes, cancel.clone()).instrument(span.clone()));
-    t.spawn(control_reader(shared.clone(), peer, generation, ctl_rx, cancel.clone()).instrument(span.clone()));
+    t.spawn(
+        writer(conn.clone(), ctl_tx, rx, shared.lanes, cancel.clone()).instrument(span.clone()),
+    );
+    t.spawn(
+        control_reader(shared.clone(), peer, generation, ctl_rx, cancel.clone())
+            .instrument(span.clone()),
+    );
     t.spawn(lane_acceptor(shared.clone(), conn.clone(), cancel.clone()).instrument(span.clone()));
     let shared2 = shared.clone();
     t.spawn(
@@ -204,7 +229,14 @@ pub(crate) fn spawn_connection(
                 }
             };
             cancel.cancel();
-            let _ = shared2.core.send(CoreMsg::PeerGone { peer, generation, reason }).await;
+            let _ = shared2
+                .core
+                .send(CoreMsg::PeerGone {
+                    peer,
+                    generation,
+                    reason,
+                })
+                .await;
         }
         .instrument(span),
     );
@@ -259,10 +291,8 @@ async fn writer(
                 }
             }
             for (i, d) in dirty.iter().enumerate() {
-                if *d {
-                    if let Some(s) = lane_tx[i].as_mut() {
-                        s.flush().await?;
-                    }
+                if *d && let Some(s) = lane_tx[i].as_mut() {
+                    s.flush().await?;
                 }
             }
             if dirty_ctl {
@@ -290,7 +320,16 @@ async fn control_reader(
         };
         match frame {
             Ok(Some(frame)) => {
-                if shared.core.send(CoreMsg::Control { peer, generation, frame }).await.is_err() {
+                if shared
+                    .core
+                    .send(CoreMsg::Control {
+                        peer,
+                        generation,
+                        frame,
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -313,7 +352,10 @@ async fn lane_acceptor(shared: Arc<Shared>, conn: Connection, cancel: Cancellati
         let Ok(rx) = rx else { return };
         lanes += 1;
         if lanes > MAX_INBOUND_LANES {
-            warn!(limit = MAX_INBOUND_LANES, "peer opened too many lanes; closing");
+            warn!(
+                limit = MAX_INBOUND_LANES,
+                "peer opened too many lanes; closing"
+            );
             conn.close(CloseCode::ProtocolViolation, "too many lanes");
             return;
         }
@@ -344,7 +386,11 @@ async fn lane_reader(
             }
         };
         match frame {
-            Data::Deliver { floor, key_floor, env } => {
+            Data::Deliver {
+                floor,
+                key_floor,
+                env,
+            } => {
                 let target = route(&shared, &env.log, &env.destination);
                 let (origin, log, seq) = (env.origin, env.log.clone(), env.seq);
                 let sent = match target {
@@ -356,7 +402,12 @@ async fn lane_reader(
                 };
                 if !sent {
                     let reason = format!("{NOT_HERE_PREFIX}: no local consumer for `{log}`");
-                    let msg = CoreMsg::Completed { origin, log, seq, result: Err((reason, false)) };
+                    let msg = CoreMsg::Completed {
+                        origin,
+                        log,
+                        seq,
+                        result: Err((reason, false)),
+                    };
                     if shared.core.send(msg).await.is_err() {
                         return;
                     }
@@ -371,13 +422,27 @@ async fn lane_reader(
                 };
                 if !delivered {
                     let result = Err(format!("`{}` does not serve requests", shared.service));
-                    if shared.core.send(CoreMsg::SendReply { to: peer, corr, result }).await.is_err() {
+                    if shared
+                        .core
+                        .send(CoreMsg::SendReply {
+                            to: peer,
+                            corr,
+                            result,
+                        })
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
             }
             Data::Reply { corr, result } => {
-                if shared.core.send(CoreMsg::Reply { corr, result }).await.is_err() {
+                if shared
+                    .core
+                    .send(CoreMsg::Reply { corr, result })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -396,7 +461,8 @@ fn route(shared: &Shared, log: &str, destination: &str) -> Option<mpsc::Sender<I
         .subs
         .iter()
         .find(|s| {
-            s.interest.group.as_deref() == Some(group) && topic_matches(&s.interest.pattern, destination)
+            s.interest.group.as_deref() == Some(group)
+                && topic_matches(&s.interest.pattern, destination)
         })
         .map(|s| s.tx.clone())
 }

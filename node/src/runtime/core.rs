@@ -16,12 +16,12 @@ use tracing::{debug, info, warn};
 
 use super::storage::{Clock, Durable, StoreOp};
 use super::{MAX_KNOWN_PEERS, Shared, conn};
-use crate::store::{DeadLetter, StoredEntry};
 use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target};
 use crate::engine::routing::stable_hash;
 use crate::engine::wire::{Control, Data, Envelope, Hello, Interest};
 use crate::error::{DeliveryError, RequestError, SendError};
 use crate::node::{PeerInfo, PeerState, Status};
+use crate::store::{DeadLetter, StoredEntry};
 
 /// Ticks of the timer work (retries, ack timeouts, expiry, request deadlines).
 const TICK: Duration = Duration::from_millis(50);
@@ -29,8 +29,7 @@ const TICK: Duration = Duration::from_millis(50);
 const BATCH: usize = 512;
 
 /// What a `send`/`publish` call gets back: one receipt receiver per stored copy.
-pub(crate) type AppendReply =
-    Result<Vec<oneshot::Receiver<Result<(), DeliveryError>>>, SendError>;
+pub(crate) type AppendReply = Result<Vec<oneshot::Receiver<Result<(), DeliveryError>>>, SendError>;
 
 /// A `send`/`publish` waiting to be stored.
 pub(crate) struct Append {
@@ -65,17 +64,35 @@ pub(crate) enum CoreMsg {
     /// The store writer finished a group commit.
     Durable(Durable),
     /// Which groups subscribe to a topic (connected peers' interests and groups seen before).
-    GroupsFor { topic: String, reply: oneshot::Sender<Vec<String>> },
+    GroupsFor {
+        topic: String,
+        reply: oneshot::Sender<Vec<String>>,
+    },
     /// A handshake finished.
     PeerReady(Box<conn::Ready>),
     /// A connection closed.
-    PeerGone { peer: NodeId, generation: u64, reason: String },
+    PeerGone {
+        peer: NodeId,
+        generation: u64,
+        reason: String,
+    },
     /// A dial attempt failed.
-    DialFailed { peer: Option<NodeId>, refused: bool, error: String },
+    DialFailed {
+        peer: Option<NodeId>,
+        refused: bool,
+        error: String,
+    },
     /// A control frame from a peer.
-    Control { peer: NodeId, generation: u64, frame: Control },
+    Control {
+        peer: NodeId,
+        generation: u64,
+        frame: Control,
+    },
     /// A reply arrived.
-    Reply { corr: u64, result: Result<Bytes, String> },
+    Reply {
+        corr: u64,
+        result: Result<Bytes, String>,
+    },
     /// Send a request; the reply (or error) comes back on `reply`.
     Request {
         service: String,
@@ -84,9 +101,18 @@ pub(crate) enum CoreMsg {
         reply: oneshot::Sender<Result<Bytes, RequestError>>,
     },
     /// Local serve handler answered a request.
-    SendReply { to: NodeId, corr: u64, result: Result<Bytes, String> },
+    SendReply {
+        to: NodeId,
+        corr: u64,
+        result: Result<Bytes, String>,
+    },
     /// Local handler finished an entry: ack or nack it to its origin.
-    Completed { origin: NodeId, log: String, seq: u64, result: Result<(), (String, bool)> },
+    Completed {
+        origin: NodeId,
+        log: String,
+        seq: u64,
+        result: Result<(), (String, bool)>,
+    },
     /// A discovery event.
     Discovery(DiscoveryEvent),
     /// Local interests changed: tell every peer.
@@ -94,7 +120,10 @@ pub(crate) enum CoreMsg {
     /// Status snapshot.
     Status(oneshot::Sender<Status>),
     /// Instances currently connected for a service.
-    Instances { service: String, reply: oneshot::Sender<Vec<NodeId>> },
+    Instances {
+        service: String,
+        reply: oneshot::Sender<Vec<NodeId>>,
+    },
     /// Begin shutdown: say goodbye to every peer, report the unsettled count.
     Goodbye(oneshot::Sender<()>),
     /// Whether every local handler ack has been flushed and nothing waits for an ack.
@@ -145,7 +174,7 @@ struct Core {
     seed_dialing: HashMap<SocketAddr, CancellationToken>,
     dead_letters: usize,
     closing: bool,
-    store: Option<mpsc::Sender<StoreOp>>,
+    store: mpsc::Sender<StoreOp>,
     clock: Clock,
     next_call: u64,
     calls: HashMap<u64, PendingAppend>,
@@ -166,14 +195,16 @@ pub(crate) struct Limits {
 /// What core starts with.
 pub(crate) struct CoreInit {
     pub(crate) cfg: OutboxConfig,
-    pub(crate) store: Option<mpsc::Sender<StoreOp>>,
+    pub(crate) store: mpsc::Sender<StoreOp>,
     pub(crate) recovered: Option<crate::store::Recovered>,
     pub(crate) start_unix_ms: u64,
     pub(crate) limits: Limits,
 }
 
 pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, init: CoreInit) {
-    let clock = Clock { start_unix_ms: init.start_unix_ms };
+    let clock = Clock {
+        start_unix_ms: init.start_unix_ms,
+    };
     let mut outbox = Outbox::new(init.cfg);
     let mut dead_letters = 0;
     if let Some(rec) = init.recovered {
@@ -181,13 +212,16 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
             outbox.bump_seq(log, *next);
         }
         for e in rec.entries {
-            let expires = e.expires_at_ms.map(|t| clock.from_unix(t));
-            let not_before = e.not_before_ms.map_or(0, |t| clock.from_unix(t));
+            let expires = e.expires_at_ms.map(|t| clock.engine_time(t));
+            let not_before = e.not_before_ms.map_or(0, |t| clock.engine_time(t));
             outbox.restore(e.env, expires, not_before);
         }
         dead_letters = rec.dead_letters;
         if !outbox.is_empty() {
-            info!(entries = outbox.len(), "resuming delivery of entries recovered from the store");
+            info!(
+                entries = outbox.len(),
+                "resuming delivery of entries recovered from the store"
+            );
         }
     }
     let mut core = Core {
@@ -254,23 +288,42 @@ impl Core {
             CoreMsg::GroupsFor { topic, reply } => {
                 let mut groups: BTreeSet<String> = self.outbox.groups_for(&topic);
                 for (g, patterns) in &self.known_groups {
-                    if patterns.iter().any(|p| crate::engine::routing::topic_matches(p, &topic)) {
+                    if patterns
+                        .iter()
+                        .any(|p| crate::engine::routing::topic_matches(p, &topic))
+                    {
                         groups.insert(g.clone());
                     }
                 }
                 let _ = reply.send(groups.into_iter().collect());
             }
             CoreMsg::PeerReady(ready) => self.peer_ready(*ready),
-            CoreMsg::PeerGone { peer, generation, reason } => self.peer_gone(peer, generation, &reason),
-            CoreMsg::DialFailed { peer, refused, error } => {
+            CoreMsg::PeerGone {
+                peer,
+                generation,
+                reason,
+            } => self.peer_gone(peer, generation, &reason),
+            CoreMsg::DialFailed {
+                peer,
+                refused,
+                error,
+            } => {
                 if let Some(k) = peer.and_then(|p| self.known.get_mut(&p)) {
                     if k.state != PeerState::Connected {
-                        k.state = if refused { PeerState::Refused } else { PeerState::Unreachable };
+                        k.state = if refused {
+                            PeerState::Refused
+                        } else {
+                            PeerState::Unreachable
+                        };
                     }
                     k.last_error = Some(error);
                 }
             }
-            CoreMsg::Control { peer, generation, frame } => self.on_control(peer, generation, frame),
+            CoreMsg::Control {
+                peer,
+                generation,
+                frame,
+            } => self.on_control(peer, generation, frame),
             CoreMsg::Reply { corr, result } => {
                 if let Some(p) = self.requests.remove(&corr) {
                     if let Some(l) = self.links.get_mut(&p.peer) {
@@ -282,23 +335,47 @@ impl Core {
                     }));
                 }
             }
-            CoreMsg::Request { service, mut env, budget_ms, reply } => {
+            CoreMsg::Request {
+                service,
+                mut env,
+                budget_ms,
+                reply,
+            } => {
                 self.request(&service, &mut env, budget_ms, reply);
             }
             CoreMsg::SendReply { to, corr, result } => {
                 let lanes = self.shared.lanes;
                 if let Some(l) = self.links.get(&to) {
                     let lane = (corr % lanes as u64) as usize;
-                    try_out(l, Out::Data { lane, frame: Data::Reply { corr, result } });
+                    try_out(
+                        l,
+                        Out::Data {
+                            lane,
+                            frame: Data::Reply { corr, result },
+                        },
+                    );
                 } else {
                     debug!(peer = %to.short(), corr, "reply dropped: requester no longer connected");
                 }
             }
-            CoreMsg::Completed { origin, log, seq, result } => match result {
+            CoreMsg::Completed {
+                origin,
+                log,
+                seq,
+                result,
+            } => match result {
                 Ok(()) => self.ack_after_persist(origin, log, seq),
                 Err((reason, permanent)) => {
                     if let Some(l) = self.links.get(&origin) {
-                        try_out(l, Out::Control(Control::Nack { log, seq, reason, permanent }));
+                        try_out(
+                            l,
+                            Out::Control(Control::Nack {
+                                log,
+                                seq,
+                                reason,
+                                permanent,
+                            }),
+                        );
                     }
                 }
             },
@@ -348,8 +425,12 @@ impl Core {
         let settled = self.outbox.check_timers(now);
         self.settle(settled);
         // Requests whose deadline passed without the caller cancelling (caller dropped).
-        let expired: Vec<u64> =
-            self.requests.iter().filter(|(_, r)| r.deadline < now).map(|(c, _)| *c).collect();
+        let expired: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.deadline < now)
+            .map(|(c, _)| *c)
+            .collect();
         for corr in expired {
             if let Some(p) = self.requests.remove(&corr) {
                 if let Some(l) = self.links.get_mut(&p.peer) {
@@ -367,25 +448,33 @@ impl Core {
         let now = self.now();
         let lanes = self.shared.lanes;
         for t in self.outbox.dispatch(now) {
-            let Some(l) = self.links.get(&t.peer) else { continue };
+            let Some(l) = self.links.get(&t.peer) else {
+                continue;
+            };
             if l.generation != t.conn {
                 continue;
             }
             let lane = match &t.frame {
-                Data::Deliver { env, .. } => crate::engine::routing::lane_for(
-                    &env.log,
-                    env.key.as_deref(),
-                    lanes,
-                    env.seq,
-                ),
+                Data::Deliver { env, .. } => {
+                    crate::engine::routing::lane_for(&env.log, env.key.as_deref(), lanes, env.seq)
+                }
                 _ => 0,
             };
-            if let Data::Deliver { env, .. } = &t.frame {
-                if env.attempt > 1 {
-                    self.shared.counters.redelivered.fetch_add(1, Ordering::Relaxed);
-                }
+            if let Data::Deliver { env, .. } = &t.frame
+                && env.attempt > 1
+            {
+                self.shared
+                    .counters
+                    .redelivered
+                    .fetch_add(1, Ordering::Relaxed);
             }
-            try_out(l, Out::Data { lane, frame: t.frame });
+            try_out(
+                l,
+                Out::Data {
+                    lane,
+                    frame: t.frame,
+                },
+            );
         }
     }
 
@@ -417,9 +506,14 @@ impl Core {
                 }
                 Outcome::DeadLettered { reason } => {
                     self.dead_letters += 1;
-                    self.shared.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .counters
+                        .dead_lettered
+                        .fetch_add(1, Ordering::Relaxed);
                     warn!(log = %s.log, seq = s.seq, attempts = s.attempts, %reason, "dead-lettered");
-                    Err(DeliveryError::DeadLettered { reason: reason.clone() })
+                    Err(DeliveryError::DeadLettered {
+                        reason: reason.clone(),
+                    })
                 }
             };
             if let Some(tx) = self.receipts.remove(&(s.log, s.seq)) {
@@ -432,34 +526,32 @@ impl Core {
     }
 
     fn store_op(&self, op: StoreOp) {
-        if let Some(store) = &self.store {
-            if store.try_send(op).is_err() {
-                warn!(
-                    limit = super::storage::STORE_QUEUE,
-                    "store queue full: a removal or dead letter is not persisted yet (it is \
-                     replayed as a duplicate after a crash, never lost)"
-                );
-            }
+        if self.store.try_send(op).is_err() {
+            warn!(
+                limit = super::storage::STORE_QUEUE,
+                "store queue full: a removal or dead letter is not persisted yet (it is \
+                 replayed as a duplicate after a crash, never lost)"
+            );
         }
     }
 
     /// Persist the dedup window that now includes `seq`, then ack (so a crash after the ack
     /// can never make the handler run again for it).
     fn ack_after_persist(&mut self, origin: NodeId, log: String, seq: u64) {
-        let Some(store) = &self.store else {
-            self.pending_acks.entry((origin, log)).or_default().push(seq);
-            return;
-        };
+        let store = &self.store;
         let snap = super::lock(&self.shared.inbox).snapshot(origin, &log);
         let Some(snap) = snap else {
-            self.pending_acks.entry((origin, log)).or_default().push(seq);
+            self.pending_acks
+                .entry((origin, log))
+                .or_default()
+                .push(seq);
             return;
         };
-        if let Err(e) = store.try_send(StoreOp::Window(snap, (origin, log, seq))) {
-            if let StoreOp::Window(_, (o, l, s)) = e.into_inner() {
-                warn!("store queue full: acking without persisting the dedup window first");
-                self.pending_acks.entry((o, l)).or_default().push(s);
-            }
+        if let Err(e) = store.try_send(StoreOp::Window(snap, (origin, log, seq)))
+            && let StoreOp::Window(_, (o, l, s)) = e.into_inner()
+        {
+            warn!("store queue full: acking without persisting the dedup window first");
+            self.pending_acks.entry((o, l)).or_default().push(s);
         }
     }
 
@@ -519,7 +611,7 @@ impl Core {
             return;
         }
         let now = self.now();
-        let staged = self.store.is_some();
+        let staged = true;
         let mut receipts = Vec::with_capacity(a.targets.len());
         let mut stored = Vec::with_capacity(a.targets.len());
         for t in &a.targets {
@@ -536,18 +628,18 @@ impl Core {
             receipts.push(rx);
             self.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
             stored.push(StoredEntry {
-                expires_at_ms: a.ttl_ms.map(|t| self.clock.to_unix(now + t)),
-                not_before_ms: a.delay_ms.map(|d| self.clock.to_unix(now + d)),
+                expires_at_ms: a.ttl_ms.map(|t| self.clock.unix_time(now + t)),
+                not_before_ms: a.delay_ms.map(|d| self.clock.unix_time(now + d)),
                 env: e,
             });
         }
-        let Some(store) = &self.store else {
-            let _ = a.reply.send(Ok(receipts));
-            return;
-        };
+        let store = &self.store;
         let call = self.next_call;
         self.next_call += 1;
-        let ids: Vec<(String, u64)> = stored.iter().map(|e| (e.env.log.clone(), e.env.seq)).collect();
+        let ids: Vec<(String, u64)> = stored
+            .iter()
+            .map(|e| (e.env.log.clone(), e.env.seq))
+            .collect();
         let next_seqs: Vec<(String, u64)> = ids.iter().map(|(l, s)| (l.clone(), s + 1)).collect();
         if store.try_send(StoreOp::Append(stored)).is_err() {
             for (log, seq) in &ids {
@@ -598,20 +690,25 @@ impl Core {
                     p.remaining -= 1;
                     p.remaining == 0
                 });
-                if done {
-                    if let Some(p) = self.calls.remove(&c) {
-                        let _ = p.reply.send(Ok(p.receipts));
-                    }
+                if done && let Some(p) = self.calls.remove(&c) {
+                    let _ = p.reply.send(Ok(p.receipts));
                 }
             }
         }
         for (origin, log, seq) in d.acks {
-            self.pending_acks.entry((origin, log)).or_default().push(seq);
+            self.pending_acks
+                .entry((origin, log))
+                .or_default()
+                .push(seq);
         }
     }
 
     fn on_control(&mut self, peer: NodeId, generation: u64, frame: Control) {
-        if !self.links.get(&peer).is_some_and(|l| l.generation == generation) {
+        if self
+            .links
+            .get(&peer)
+            .is_none_or(|l| l.generation != generation)
+        {
             return;
         }
         match frame {
@@ -619,9 +716,16 @@ impl Core {
                 let settled = self.outbox.on_ack(peer, &log, &seqs);
                 self.settle(settled);
             }
-            Control::Nack { log, seq, reason, permanent } => {
+            Control::Nack {
+                log,
+                seq,
+                reason,
+                permanent,
+            } => {
                 let now = self.now();
-                let settled = self.outbox.on_nack(peer, &log, seq, &reason, permanent, now);
+                let settled = self
+                    .outbox
+                    .on_nack(peer, &log, seq, &reason, permanent, now);
                 self.settle(settled.into_iter().collect());
             }
             Control::Interests(interests) => {
@@ -674,23 +778,48 @@ impl Core {
             .iter()
             .filter(|(_, l)| l.service == service && l.serves)
             .filter(|(id, _)| !self.outbox.is_draining(**id))
-            .min_by_key(|(id, l)| (l.outstanding, stable_hash(&[id.as_bytes(), &self.next_corr.to_le_bytes()])))
+            .min_by_key(|(id, l)| {
+                (
+                    l.outstanding,
+                    stable_hash(&[id.as_bytes(), &self.next_corr.to_le_bytes()]),
+                )
+            })
             .map(|(id, _)| *id);
         let Some(peer) = chosen else {
-            let _ = reply.send(Err(RequestError::NoResponders { service: service.to_string() }));
+            let _ = reply.send(Err(RequestError::NoResponders {
+                service: service.to_string(),
+            }));
             return;
         };
         let corr = self.next_corr;
         self.next_corr += 1;
         env.seq = corr;
         let lanes = self.shared.lanes as u64;
-        let Some(l) = self.links.get_mut(&peer) else { return };
+        let Some(l) = self.links.get_mut(&peer) else {
+            return;
+        };
         l.outstanding += 1;
-        let frame = Data::Request { budget_ms, env: env.clone() };
-        try_out(l, Out::Data { lane: (corr % lanes) as usize, frame });
+        let frame = Data::Request {
+            budget_ms,
+            env: env.clone(),
+        };
+        try_out(
+            l,
+            Out::Data {
+                lane: (corr % lanes) as usize,
+                frame,
+            },
+        );
         let deadline = self.shared.now() + budget_ms;
-        self.requests
-            .insert(corr, PendingRequest { peer, service: service.to_string(), deadline, reply });
+        self.requests.insert(
+            corr,
+            PendingRequest {
+                peer,
+                service: service.to_string(),
+                deadline,
+                reply,
+            },
+        );
     }
 
     fn on_discovery(&mut self, ev: DiscoveryEvent) {
@@ -703,7 +832,10 @@ impl Core {
                     return;
                 }
                 if !self.known.contains_key(&rec.node_id) && self.known.len() >= MAX_KNOWN_PEERS {
-                    warn!(limit = MAX_KNOWN_PEERS, "too many known peers; ignoring a discovered one");
+                    warn!(
+                        limit = MAX_KNOWN_PEERS,
+                        "too many known peers; ignoring a discovered one"
+                    );
                     return;
                 }
                 let k = self.known.entry(rec.node_id).or_insert_with(|| Known {
@@ -743,7 +875,9 @@ impl Core {
     }
 
     fn start_dial(&mut self, peer: NodeId) {
-        let Some(k) = self.known.get_mut(&peer) else { return };
+        let Some(k) = self.known.get_mut(&peer) else {
+            return;
+        };
         if k.dialing.as_ref().is_some_and(|c| !c.is_cancelled()) || k.addrs.is_empty() {
             return;
         }
@@ -754,11 +888,17 @@ impl Core {
         }
         let shared = self.shared.clone();
         let addrs = k.addrs.clone();
-        self.shared.tracker.spawn(conn::dial_loop(shared, addrs, Some(peer), token));
+        self.shared
+            .tracker
+            .spawn(conn::dial_loop(shared, addrs, Some(peer), token));
     }
 
     fn start_seed_dial(&mut self, addr: SocketAddr) {
-        if self.seed_dialing.get(&addr).is_some_and(|c| !c.is_cancelled()) {
+        if self
+            .seed_dialing
+            .get(&addr)
+            .is_some_and(|c| !c.is_cancelled())
+        {
             return;
         }
         if self.links.values().any(|l| l.conn.remote_addr() == addr) {
@@ -767,7 +907,9 @@ impl Core {
         let token = self.shared.cancel.child_token();
         self.seed_dialing.insert(addr, token.clone());
         let shared = self.shared.clone();
-        self.shared.tracker.spawn(conn::dial_loop(shared, vec![addr], None, token));
+        self.shared
+            .tracker
+            .spawn(conn::dial_loop(shared, vec![addr], None, token));
     }
 
     fn peer_ready(&mut self, r: conn::Ready) {
@@ -783,16 +925,19 @@ impl Core {
             let replace = if existing.incarnation != r.hello.incarnation {
                 true // the peer restarted: the old connection is dead
             } else {
-                dialer_of(&r.conn) == preferred_dialer && dialer_of(&existing.conn) != preferred_dialer
+                dialer_of(&r.conn) == preferred_dialer
+                    && dialer_of(&existing.conn) != preferred_dialer
             };
             if !replace {
                 debug!(peer = %peer.short(), "duplicate connection: keeping the existing one");
-                r.conn.close(CloseCode::DuplicateConnection, "duplicate connection");
+                r.conn
+                    .close(CloseCode::DuplicateConnection, "duplicate connection");
                 return;
             }
             debug!(peer = %peer.short(), "duplicate connection: replacing the existing one");
             if let Some(old) = self.links.remove(&peer) {
-                old.conn.close(CloseCode::DuplicateConnection, "duplicate connection");
+                old.conn
+                    .close(CloseCode::DuplicateConnection, "duplicate connection");
                 old.cancel.cancel();
                 self.outbox.peer_down(peer, old.generation);
                 self.fail_requests_to(peer);
@@ -850,7 +995,11 @@ impl Core {
     }
 
     fn peer_gone(&mut self, peer: NodeId, generation: u64, reason: &str) {
-        if !self.links.get(&peer).is_some_and(|l| l.generation == generation) {
+        if self
+            .links
+            .get(&peer)
+            .is_none_or(|l| l.generation != generation)
+        {
             return;
         }
         if let Some(l) = self.links.remove(&peer) {
@@ -864,7 +1013,11 @@ impl Core {
         self.fail_requests_to(peer);
         let advertised = self.known.get(&peer).is_some_and(|k| k.advertised);
         if let Some(k) = self.known.get_mut(&peer) {
-            k.state = if advertised { PeerState::Unreachable } else { PeerState::Gone };
+            k.state = if advertised {
+                PeerState::Unreachable
+            } else {
+                PeerState::Gone
+            };
             k.last_error = Some(reason.to_string());
         }
         if advertised && !self.closing {
@@ -873,11 +1026,17 @@ impl Core {
     }
 
     fn fail_requests_to(&mut self, peer: NodeId) {
-        let lost: Vec<u64> =
-            self.requests.iter().filter(|(_, r)| r.peer == peer).map(|(c, _)| *c).collect();
+        let lost: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.peer == peer)
+            .map(|(c, _)| *c)
+            .collect();
         for corr in lost {
             if let Some(p) = self.requests.remove(&corr) {
-                let _ = p.reply.send(Err(RequestError::PeerLost { service: p.service }));
+                let _ = p
+                    .reply
+                    .send(Err(RequestError::PeerLost { service: p.service }));
             }
         }
     }
@@ -891,10 +1050,17 @@ impl Core {
                 service: k.service.clone().unwrap_or_default(),
                 addrs: k.addrs.clone(),
                 state: k.state,
-                rtt_ms: self.links.get(id).map(|l| l.conn.rtt().as_secs_f64() * 1000.0),
+                rtt_ms: self
+                    .links
+                    .get(id)
+                    .map(|l| l.conn.rtt().as_secs_f64() * 1000.0),
                 last_error: k.last_error.clone(),
                 dialer: self.links.get(id).map(|l| {
-                    if l.conn.is_dialer() { self.shared.id } else { *id }
+                    if l.conn.is_dialer() {
+                        self.shared.id
+                    } else {
+                        *id
+                    }
                 }),
             })
             .collect();
@@ -945,7 +1111,8 @@ fn try_out(l: &Link, out: Out) {
                 limit = super::LINK_QUEUE,
                 "outgoing queue full: the peer stopped reading; closing the connection"
             );
-            l.conn.close(CloseCode::ProtocolViolation, "peer stopped reading");
+            l.conn
+                .close(CloseCode::ProtocolViolation, "peer stopped reading");
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {}
     }

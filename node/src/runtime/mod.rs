@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use peerbus_discovery::{
-    Discovery, DiscoveryEvent, MdnsDiscovery, PeerRecord, PROTOCOL_VERSION, StaticDiscovery,
+    Discovery, DiscoveryEvent, MdnsDiscovery, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
 };
 use peerbus_transport::{Endpoint, EndpointConfig, Identity, Membership, MeshKey, NodeId};
 use tokio::sync::mpsc;
@@ -40,10 +40,10 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::builder::{MembershipChoice, NodeBuilder};
 use crate::engine::inbox::Inbox;
 use crate::engine::outbox::OutboxConfig;
-use crate::store::{Durability, RedbStore, Store};
 use crate::engine::wire::{Envelope, Interest};
 use crate::error::StartError;
 use crate::node::{Node, NodeInner};
+use crate::store::{Durability, MemoryStore, RedbStore, Store};
 
 /// Capacity of the core actor's queue. Producers (API calls, connection
 /// readers) wait when it is full.
@@ -196,7 +196,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
             })?;
             Identity::load_or_create(dir)?
         }
-        None => Identity::generate(),
+        None => Identity::generate()?,
     };
     let id = identity.node_id();
 
@@ -206,16 +206,16 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         (Some(_), None) => Durability::Fsync,
         (None, _) => Durability::Memory,
     };
-    let (store, recovered): (Option<Box<dyn Store>>, _) = match (&b.data_dir, &durability) {
+    let (store, recovered): (Box<dyn Store>, _) = match (&b.data_dir, &durability) {
         (Some(dir), Durability::Fsync | Durability::Interval(_)) => {
             let mut st = RedbStore::open(dir, durability).map_err(StartError::Store)?;
             let rec = st.recover().map_err(StartError::Store)?;
             for c in &rec.corrupt {
                 warn!(table = c.table, key = %c.key, reason = %c.reason, "corrupt store record quarantined");
             }
-            (Some(Box::new(st)), Some(rec))
+            (Box::new(st), Some(rec))
         }
-        _ => (None, None),
+        _ => (Box::new(MemoryStore::new()), None),
     };
     let inbox = match &recovered {
         Some(r) => Inbox::restore(r.windows.iter().cloned()),
@@ -268,23 +268,19 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         backoff_max_ms: b.retry_backoff.1.as_millis() as u64,
         seed: rand::random(),
     };
-    let mut store_thread = None;
-    let store_tx = match store {
-        Some(st) => {
-            let (tx, rx) = mpsc::channel(storage::STORE_QUEUE);
-            let handle = storage::spawn(st, rx, core_tx.clone(), shared.store_stats.clone())
-                .map_err(|e| StartError::DataDir {
-                    path: b.data_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
-                    reason: format!("could not start the store writer thread: {e}"),
-                })?;
-            store_thread = Some(handle);
-            Some(tx)
-        }
-        None => None,
-    };
+    let (store_tx, store_rx) = mpsc::channel(storage::STORE_QUEUE);
+    let store_thread = storage::spawn(store, store_rx, core_tx.clone(), shared.store_stats.clone())
+        .map_err(|e| StartError::DataDir {
+            path: b
+                .data_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            reason: format!("could not start the store writer thread: {e}"),
+        })?;
     let init = core::CoreInit {
         cfg: outbox_cfg,
-        store: store_tx,
+        store: store_tx.clone(),
         recovered,
         start_unix_ms: crate::message::now_unix_ms().saturating_sub(shared.now()),
         limits: core::Limits {
@@ -304,7 +300,10 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     }
     let want_mdns = b.mdns && (b.interfaces.is_some() || discoveries.is_empty());
     if want_mdns {
-        let ifs = b.interfaces.clone().unwrap_or(peerbus_discovery::Interfaces::All);
+        let ifs = b
+            .interfaces
+            .clone()
+            .unwrap_or(peerbus_discovery::Interfaces::All);
         discoveries.push(Box::new(MdnsDiscovery::new(ifs)));
     }
     let record = PeerRecord {
@@ -314,7 +313,8 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         protocol_version: PROTOCOL_VERSION,
         addrs: vec![local_addr],
     };
-    let (disc_tx, mut disc_rx) = mpsc::channel::<DiscoveryEvent>(peerbus_discovery::EVENT_CHANNEL_CAPACITY);
+    let (disc_tx, mut disc_rx) =
+        mpsc::channel::<DiscoveryEvent>(peerbus_discovery::EVENT_CHANNEL_CAPACITY);
     for d in discoveries.iter_mut() {
         if let Err(e) = d.start(record.clone(), disc_tx.clone()) {
             cancel.cancel();
@@ -334,7 +334,12 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
                         () = shared.cancel.cancelled() => None,
                     };
                     let Some(ev) = ev else { break };
-                    if shared.core.send(core::CoreMsg::Discovery(ev)).await.is_err() {
+                    if shared
+                        .core
+                        .send(core::CoreMsg::Discovery(ev))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -342,14 +347,21 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
             .instrument(span.clone()),
         );
     }
-    Ok(Node {
+    let node = Node {
         shared,
         inner: Arc::new(NodeInner {
             discoveries: Mutex::new(discoveries),
             local_addr,
             stopped: Mutex::new(false),
-            store_thread: Mutex::new(store_thread),
-            span,
+            store_thread: Mutex::new(Some(store_thread)),
+            store: store_tx,
+            span: span.clone(),
         }),
-    })
+    };
+    if let Some(dir) = &b.data_dir {
+        node.shared
+            .tracker
+            .spawn(crate::control::serve(node.clone(), dir.clone()).instrument(span));
+    }
+    Ok(node)
 }

@@ -41,8 +41,8 @@ pub(crate) enum StoreOp {
     ListDead(usize, oneshot::Sender<Result<Vec<DeadLetter>, String>>),
     /// Remove dead letters by id and return them (for replay).
     TakeDead(Vec<u64>, oneshot::Sender<Result<Vec<DeadLetter>, String>>),
-    /// Commit and fsync everything queued, then answer.
-    Flush(oneshot::Sender<()>),
+    /// Commit what is queued, sync, and end the writer thread.
+    Stop,
 }
 
 /// Outcome of one group commit, reported to core.
@@ -63,76 +63,85 @@ pub(crate) fn spawn(
     core: mpsc::Sender<CoreMsg>,
     stats: Arc<std::sync::Mutex<crate::store::StoreStats>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("peerbus-store".into()).spawn(move || {
-        while let Some(first) = rx.blocking_recv() {
-            let mut batch = Batch::default();
-            let mut report = Durable::default();
-            let mut queries = Vec::new();
-            let mut flushes = Vec::new();
-            let mut next = Some(first);
-            let mut n = 0;
-            while let Some(op) = next.take() {
-                match op {
-                    StoreOp::Append(entries) => {
-                        report.appended.extend(entries.iter().map(|e| (e.env.log.clone(), e.env.seq)));
-                        batch.append.extend(entries);
+    std::thread::Builder::new()
+        .name("peerbus-store".into())
+        .spawn(move || {
+            while let Some(first) = rx.blocking_recv() {
+                let mut batch = Batch::default();
+                let mut report = Durable::default();
+                let mut queries = Vec::new();
+                let mut next = Some(first);
+                let mut n = 0;
+                let mut stop = false;
+                while let Some(op) = next.take() {
+                    match op {
+                        StoreOp::Append(entries) => {
+                            report
+                                .appended
+                                .extend(entries.iter().map(|e| (e.env.log.clone(), e.env.seq)));
+                            batch.append.extend(entries);
+                        }
+                        StoreOp::Remove(log, seq) => batch.remove.push((log, seq)),
+                        StoreOp::Window(w, ack) => {
+                            // Only the newest snapshot of a window matters.
+                            batch
+                                .windows
+                                .retain(|o| !(o.origin == w.origin && o.log == w.log));
+                            batch.windows.push(w);
+                            report.acks.push(ack);
+                        }
+                        StoreOp::Dead(d) => batch.dead.push(d),
+                        StoreOp::NextSeq(log, seq) => {
+                            batch.next_seqs.retain(|(l, _)| *l != log);
+                            batch.next_seqs.push((log, seq));
+                        }
+                        q @ (StoreOp::ListDead(..) | StoreOp::TakeDead(..)) => queries.push(q),
+                        StoreOp::Stop => stop = true,
                     }
-                    StoreOp::Remove(log, seq) => batch.remove.push((log, seq)),
-                    StoreOp::Window(w, ack) => {
-                        // Only the newest snapshot of a window matters.
-                        batch.windows.retain(|o| !(o.origin == w.origin && o.log == w.log));
-                        batch.windows.push(w);
-                        report.acks.push(ack);
+                    n += 1;
+                    if n < MAX_GROUP {
+                        next = rx.try_recv().ok();
                     }
-                    StoreOp::Dead(d) => batch.dead.push(d),
-                    StoreOp::NextSeq(log, seq) => {
-                        batch.next_seqs.retain(|(l, _)| *l != log);
-                        batch.next_seqs.push((log, seq));
-                    }
-                    q @ (StoreOp::ListDead(..) | StoreOp::TakeDead(..)) => queries.push(q),
-                    StoreOp::Flush(tx) => flushes.push(tx),
                 }
-                n += 1;
-                if n < MAX_GROUP {
-                    next = rx.try_recv().ok();
-                }
-            }
-            if !batch.is_empty() {
-                if let Err(e) = store.commit(batch) {
+                if !batch.is_empty()
+                    && let Err(e) = store.commit(batch)
+                {
                     error!(error = %e, "store commit failed; the affected sends report it");
                     report.error = Some(e.to_string());
                 }
-            }
-            if !flushes.is_empty() {
-                if let Err(e) = store.sync() {
-                    warn!(error = %e, "store sync failed");
-                }
-                for f in flushes {
-                    let _ = f.send(());
-                }
-            }
-            for q in queries {
-                match q {
-                    StoreOp::ListDead(limit, tx) => {
-                        let _ = tx.send(store.dead_letters(limit).map_err(|e| e.to_string()));
+                for q in queries {
+                    match q {
+                        StoreOp::ListDead(limit, tx) => {
+                            let _ = tx.send(store.dead_letters(limit).map_err(|e| e.to_string()));
+                        }
+                        StoreOp::TakeDead(ids, tx) => {
+                            let _ =
+                                tx.send(store.take_dead_letters(&ids).map_err(|e| e.to_string()));
+                        }
+                        _ => {}
                     }
-                    StoreOp::TakeDead(ids, tx) => {
-                        let _ = tx.send(store.take_dead_letters(&ids).map_err(|e| e.to_string()));
-                    }
-                    _ => {}
+                }
+                *super::lock(&stats) = store.stats();
+                if stop {
+                    break;
+                }
+                // Core may already be gone during shutdown: then nobody needs the report.
+                if !report.appended.is_empty() || !report.acks.is_empty() || report.error.is_some()
+                {
+                    let _ = core
+                        .try_send(CoreMsg::Durable(report))
+                        .or_else(|e| match e {
+                            mpsc::error::TrySendError::Full(m) => {
+                                core.blocking_send(m).map_err(|_| ())
+                            }
+                            mpsc::error::TrySendError::Closed(_) => Err(()),
+                        });
                 }
             }
-            *super::lock(&stats) = store.stats();
-            if (!report.appended.is_empty() || !report.acks.is_empty() || report.error.is_some())
-                && core.blocking_send(CoreMsg::Durable(report)).is_err()
-            {
-                break;
+            if let Err(e) = store.sync() {
+                warn!(error = %e, "final store sync failed");
             }
-        }
-        if let Err(e) = store.sync() {
-            warn!(error = %e, "final store sync failed");
-        }
-    })
+        })
 }
 
 /// Converts an absolute engine time to Unix ms for the store and back.
@@ -141,11 +150,11 @@ pub(crate) struct Clock {
 }
 
 impl Clock {
-    pub(crate) fn to_unix(&self, engine_ms: u64) -> u64 {
+    pub(crate) fn unix_time(&self, engine_ms: u64) -> u64 {
         self.start_unix_ms + engine_ms
     }
 
-    pub(crate) fn from_unix(&self, unix_ms: u64) -> u64 {
+    pub(crate) fn engine_time(&self, unix_ms: u64) -> u64 {
         unix_ms.saturating_sub(self.start_unix_ms)
     }
 }

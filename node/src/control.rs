@@ -1,0 +1,246 @@
+//! The local control socket and offline inspection of a data directory.
+//!
+//! A node with a data directory listens on `<data_dir>/peerbus.sock` (a Unix
+//! socket, mode 0600 by the umask of the process owner; only local users with
+//! access to the directory can reach it). The protocol is one JSON object per
+//! line in each direction:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `{"cmd":"status"}` | `{"ok":true,"status":{…}}` |
+//! | `{"cmd":"dlq_list","limit":100}` | `{"ok":true,"dead_letters":[…]}` |
+//! | `{"cmd":"dlq_replay","ids":[1,2]}` or `{"cmd":"dlq_replay","all":true}` | `{"ok":true,"replayed":2}` |
+//!
+//! Errors answer `{"ok":false,"error":"…"}`. Limits: [`MAX_CONTROL_CLIENTS`]
+//! connections at once, [`MAX_LINE`] bytes per request line.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::engine::outbox::LogStats;
+use crate::node::Node;
+use crate::store::{DeadLetter, RedbStore, Store, StoreError};
+
+/// File name of the control socket inside the data directory.
+pub const SOCKET_NAME: &str = "peerbus.sock";
+/// Control connections served at once.
+pub const MAX_CONTROL_CLIENTS: usize = 16;
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// The control socket path of a data directory.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(SOCKET_NAME)
+}
+
+/// A dead letter as shown by `peerbus dlq list`.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeadLetterView {
+    /// Id to replay it by.
+    pub id: u64,
+    /// The log it was in (`svc:<service>` / `grp:<group>`).
+    pub log: String,
+    /// Its sequence number there.
+    pub seq: u64,
+    /// Service or topic it was addressed to.
+    pub destination: String,
+    /// Partition key.
+    pub key: Option<String>,
+    /// Why it was given up.
+    pub reason: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// When it was created (Unix ms).
+    pub created_at_ms: u64,
+    /// When it was dead-lettered (Unix ms).
+    pub dead_at_ms: u64,
+    /// Payload as UTF-8 text (lossy).
+    pub payload: String,
+}
+
+impl From<&DeadLetter> for DeadLetterView {
+    fn from(d: &DeadLetter) -> Self {
+        Self {
+            id: d.id,
+            log: d.env.log.clone(),
+            seq: d.env.seq,
+            destination: d.env.destination.clone(),
+            key: d.env.key.clone(),
+            reason: d.reason.clone(),
+            attempts: d.attempts,
+            created_at_ms: d.env.created_at_ms,
+            dead_at_ms: d.dead_at_ms,
+            payload: String::from_utf8_lossy(&d.env.payload).into_owned(),
+        }
+    }
+}
+
+/// What a stopped node's data directory holds.
+#[derive(Clone, Debug, Serialize)]
+pub struct OfflineStatus {
+    /// The directory.
+    pub data_dir: PathBuf,
+    /// Per destination log: entries waiting, and the oldest.
+    pub logs: BTreeMap<String, LogStats>,
+    /// Dead letters stored.
+    pub dead_letters: usize,
+    /// Corrupt records found (and quarantined) while reading.
+    pub corrupt_records: usize,
+}
+
+/// Reads a stopped node's data directory. Fails with [`StoreError::InUse`] when a node runs
+/// there (ask it through its control socket instead).
+pub fn offline_status(data_dir: &Path) -> Result<OfflineStatus, StoreError> {
+    let mut store = RedbStore::open_read_only(data_dir)?;
+    let rec = store.recover()?;
+    let mut logs: BTreeMap<String, LogStats> = BTreeMap::new();
+    for e in &rec.entries {
+        let s = logs.entry(e.env.log.clone()).or_default();
+        s.waiting += 1;
+        let c = e.env.created_at_ms;
+        s.oldest_created_ms = Some(s.oldest_created_ms.map_or(c, |o| o.min(c)));
+    }
+    Ok(OfflineStatus {
+        data_dir: data_dir.to_path_buf(),
+        logs,
+        dead_letters: rec.dead_letters,
+        corrupt_records: rec.corrupt.len(),
+    })
+}
+
+/// Dead letters in a stopped node's data directory, oldest first.
+pub fn offline_dead_letters(
+    data_dir: &Path,
+    limit: usize,
+) -> Result<Vec<DeadLetterView>, StoreError> {
+    let mut store = RedbStore::open_read_only(data_dir)?;
+    Ok(store
+        .dead_letters(limit)?
+        .iter()
+        .map(DeadLetterView::from)
+        .collect())
+}
+
+/// Sends one request to a running node's control socket and returns its answer.
+pub async fn request(data_dir: &Path, req: &Value) -> std::io::Result<Value> {
+    let stream = UnixStream::connect(socket_path(data_dir)).await?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut reader = BufReader::new(r);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).await?;
+    serde_json::from_str(&answer).map_err(std::io::Error::other)
+}
+
+/// Serves the control socket until the node stops.
+pub(crate) async fn serve(node: Node, data_dir: PathBuf) {
+    let path = socket_path(&data_dir);
+    // A stale socket from a crashed run: we hold the data directory lock, so it is ours.
+    let _ = std::fs::remove_file(&path);
+    let listener = match UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "control socket unavailable");
+            return;
+        }
+    };
+    let permits = Arc::new(Semaphore::new(MAX_CONTROL_CLIENTS));
+    let cancel = node.shared.cancel.clone();
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            () = cancel.cancelled() => break,
+        };
+        let Ok((stream, _)) = conn else { continue };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!("too many control clients");
+            continue;
+        };
+        let node = node.clone();
+        node.shared.tracker.clone().spawn(async move {
+            let _permit = permit;
+            if let Err(e) = client(node, stream).await {
+                debug!(error = %e, "control client ended");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn client(node: Node, stream: UnixStream) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let mut limited = (&mut reader).take(MAX_LINE as u64 + 1);
+        let n = tokio::select! {
+            n = limited.read_line(&mut line) => n?,
+            () = node.shared.cancel.cancelled() => return Ok(()),
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let too_long = line.len() > MAX_LINE;
+        let answer = if too_long {
+            json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
+        } else {
+            match serde_json::from_str::<Value>(&line) {
+                Ok(req) => answer(&node, &req).await,
+                Err(e) => json!({"ok": false, "error": format!("not JSON: {e}")}),
+            }
+        };
+        let mut out = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        w.write_all(&out).await?;
+        if too_long {
+            return Ok(());
+        }
+    }
+}
+
+async fn answer(node: &Node, req: &Value) -> Value {
+    match req.get("cmd").and_then(Value::as_str) {
+        Some("status") => match node.status().await {
+            Some(s) => json!({"ok": true, "status": s}),
+            None => json!({"ok": false, "error": "node is stopping"}),
+        },
+        Some("dlq_list") => {
+            let limit = req.get("limit").and_then(Value::as_u64).unwrap_or(1000) as usize;
+            match node.dead_letters(limit).await {
+                Ok(list) => {
+                    let views: Vec<DeadLetterView> =
+                        list.iter().map(DeadLetterView::from).collect();
+                    json!({"ok": true, "dead_letters": views})
+                }
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            }
+        }
+        Some("dlq_replay") => {
+            let ids: Option<Vec<u64>> = req
+                .get("ids")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_u64).collect());
+            let all = req.get("all").and_then(Value::as_bool).unwrap_or(false);
+            if ids.is_none() && !all {
+                return json!({"ok": false, "error": "give `ids` or `all: true`"});
+            }
+            match node.replay_dead_letters(ids.as_deref()).await {
+                Ok(n) => json!({"ok": true, "replayed": n}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            }
+        }
+        Some(other) => json!({"ok": false, "error": format!("unknown command `{other}`")}),
+        None => json!({"ok": false, "error": "missing `cmd`"}),
+    }
+}

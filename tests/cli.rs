@@ -1,0 +1,571 @@
+//! The `peerbus` binary, run as real processes.
+//!
+//! How the binary is found: an integration test of the facade package cannot use
+//! `CARGO_BIN_EXE_peerbus` (the binary belongs to `peerbus-cli`), so [`peerbus_bin`] runs
+//! `cargo build -p peerbus-cli --bin peerbus` once per test run, into the target directory and
+//! profile this test binary was built in (derived from `current_exe()`), and uses the result.
+//! That build is a no-op when `scripts/test` already built the workspace. Set `PEERBUS_BIN`
+//! to use a prebuilt binary instead.
+//!
+//! Network safety: every node runs with `--interface loopback --listen 127.0.0.1:0` (the demo
+//! forces both itself), each test in a mesh of its own. Every wait is bounded by the test's
+//! overall budget, and every child process is killed when its guard drops (also on panic).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `peerbus` binary, built on first use.
+fn peerbus_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("PEERBUS_BIN") {
+            return PathBuf::from(bin);
+        }
+        let exe = std::env::current_exe().expect("path of the test binary");
+        // <target>/<profile>/deps/cli-<hash>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        let target_dir = profile_dir.parent().expect("target directory");
+        let profile = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("profile name");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "peerbus-cli",
+                "--bin",
+                "peerbus",
+                "--target-dir",
+            ])
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile != "debug" {
+            build.args(["--profile", profile]);
+        }
+        let status = build
+            .status()
+            .expect("run cargo build for the peerbus binary");
+        assert!(
+            status.success(),
+            "cargo build -p peerbus-cli failed: {status}"
+        );
+        let bin = profile_dir.join(format!("peerbus{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
+}
+
+/// An overall deadline for one test; every wait takes what is left of it.
+struct Budget {
+    deadline: Instant,
+    secs: u64,
+}
+
+impl Budget {
+    fn new(secs: u64) -> Self {
+        Self {
+            deadline: Instant::now() + Duration::from_secs(secs),
+            secs,
+        }
+    }
+
+    fn left(&self) -> Duration {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "test did not finish within its budget of {}s",
+            self.secs
+        );
+        left
+    }
+}
+
+/// A child process that is killed when dropped.
+struct Guard {
+    child: Child,
+    what: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Guard {
+    fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit within `limit`; panics (killing it) otherwise.
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "`{}` did not exit within {limit:?}; stderr:\n{}",
+                    self.what,
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A mesh of its own for one test: the options every process of it gets.
+struct Mesh {
+    name: String,
+    membership: Vec<String>,
+}
+
+impl Mesh {
+    fn open(test: &str) -> Self {
+        Self {
+            name: format!("cli-{}-{test}", std::process::id()),
+            membership: vec!["--insecure-open-mesh".into()],
+        }
+    }
+
+    fn keyed(test: &str, key: &Path) -> Self {
+        Self {
+            name: format!("cli-{}-{test}", std::process::id()),
+            membership: vec!["--mesh-key-file".into(), key.display().to_string()],
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = base_command(args);
+        cmd.args([
+            "--mesh",
+            &self.name,
+            "--interface",
+            "loopback",
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        cmd.args(&self.membership);
+        cmd
+    }
+}
+
+/// `peerbus <args>` with a clean PEERBUS_* environment.
+fn base_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(peerbus_bin());
+    cmd.args(args);
+    for var in [
+        "PEERBUS_MESH",
+        "PEERBUS_MESH_KEY_FILE",
+        "PEERBUS_INSECURE_OPEN_MESH",
+        "PEERBUS_INTERFACE",
+        "PEERBUS_LISTEN",
+        "PEERBUS_DATA_DIR",
+        "PEERBUS_SEEDS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// A running process whose stdout arrives line by line.
+struct Running {
+    guard: Guard,
+    lines: Receiver<String>,
+}
+
+fn spawn(mut cmd: Command, what: &str) -> Running {
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn `{what}`: {e}"));
+    let stdout = child.stdout.take().expect("stdout");
+    let mut stderr_pipe = child.stderr.take().expect("stderr");
+    let (tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let sink = stderr.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr_pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut s) = sink.lock() {
+                s.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    });
+    Running {
+        guard: Guard {
+            child,
+            what: what.to_string(),
+            stderr,
+        },
+        lines,
+    }
+}
+
+impl Running {
+    /// The next `n` stdout lines, within `limit`.
+    fn take_lines(&self, n: usize, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => out.push(line),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => panic!(
+                    "`{}` printed {} of {n} lines within {limit:?}:\n{}\nstderr:\n{}",
+                    self.guard.what,
+                    out.len(),
+                    out.join("\n"),
+                    self.guard.stderr()
+                ),
+            }
+        }
+        out
+    }
+
+    /// Asks the process to stop with SIGTERM and waits for its exit.
+    fn terminate(mut self, limit: Duration) -> ExitStatus {
+        let pid = self.guard.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        self.guard.wait(limit)
+    }
+}
+
+/// A finished one-shot command.
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs a one-shot command to completion within `limit`.
+fn run(cmd: Command, what: &str, limit: Duration) -> Finished {
+    let mut p = spawn(cmd, what);
+    let status = p.guard.wait(limit);
+    // The pipes close at exit; the reader threads drain what is left.
+    let mut stdout = Vec::new();
+    while let Ok(line) = p.lines.recv_timeout(Duration::from_secs(5)) {
+        stdout.push(line);
+    }
+    let stderr_deadline = Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&p.guard.stderr) > 1 && Instant::now() < stderr_deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    Finished {
+        status,
+        stdout: stdout.join("\n"),
+        stderr: p.guard.stderr(),
+    }
+}
+
+fn parse_line(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
+}
+
+#[test]
+fn node_prints_every_message_a_pipelined_send_delivers() {
+    let budget = Budget::new(90);
+    let mesh = Mesh::open("send");
+    let mut node_cmd = mesh.command(&["node", "--service", "inventory", "--print"]);
+    node_cmd.env("RUST_LOG", "info");
+    let node = spawn(node_cmd, "peerbus node --print");
+
+    let send = run(
+        mesh.command(&[
+            "send",
+            "inventory",
+            "reserve {i}",
+            "--key",
+            "sku-{i%5}",
+            "--count",
+            "50",
+            "--timeout",
+            "30s",
+        ]),
+        "peerbus send --count 50",
+        budget.left(),
+    );
+    assert!(
+        send.status.success(),
+        "send failed ({}):\nstdout: {}\nstderr: {}\nnode stderr: {}",
+        send.status,
+        send.stdout,
+        send.stderr,
+        node.guard.stderr()
+    );
+    assert!(
+        send.stdout
+            .starts_with("sent 50 messages to inventory, all acknowledged in "),
+        "unexpected summary: {}",
+        send.stdout
+    );
+
+    let lines = node.take_lines(50, budget.left().min(Duration::from_secs(20)));
+    let mut payloads = BTreeSet::new();
+    let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for line in &lines {
+        let v = parse_line(line);
+        assert_eq!(v["kind"], "send", "{line}");
+        assert_eq!(v["service"], "inventory", "{line}");
+        assert!(v.get("topic").is_none(), "a send has no topic: {line}");
+        assert!(v["id"].as_str().is_some_and(|s| !s.is_empty()), "{line}");
+        assert!(v["from"].as_str().is_some_and(|s| !s.is_empty()), "{line}");
+        assert!(v["attempt"].as_u64().is_some_and(|a| a >= 1), "{line}");
+        assert!(v["redelivered"].is_boolean(), "{line}");
+        let payload = v["payload"].as_str().expect("payload");
+        let i: u64 = payload
+            .strip_prefix("reserve ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("payload not rendered from the template: {line}"));
+        assert_eq!(v["key"], format!("sku-{}", i % 5), "{line}");
+        assert!(payloads.insert(i), "message {i} printed twice");
+        per_key.entry(format!("sku-{}", i % 5)).or_default().push(i);
+    }
+    assert_eq!(payloads, (0..50).collect(), "every message printed once");
+    for (key, order) in per_key {
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "key {key} out of order: {order:?}"
+        );
+    }
+
+    let status = node.terminate(budget.left().min(Duration::from_secs(20)));
+    assert!(
+        status.success(),
+        "node did not exit cleanly on SIGTERM: {status}"
+    );
+}
+
+#[test]
+fn req_gets_the_echo_and_fails_clearly_without_an_instance() {
+    let budget = Budget::new(90);
+    let mesh = Mesh::open("req");
+    let _echo = spawn(
+        mesh.command(&["node", "--service", "echo", "--echo"]),
+        "node --echo",
+    );
+    let _quiet = spawn(
+        mesh.command(&["node", "--service", "quiet"]),
+        "node (no --echo)",
+    );
+
+    let req = run(
+        mesh.command(&["req", "echo", "hello mesh", "--timeout", "30s"]),
+        "peerbus req echo",
+        budget.left(),
+    );
+    assert!(
+        req.status.success(),
+        "req failed: {}\n{}",
+        req.status,
+        req.stderr
+    );
+    assert_eq!(req.stdout, "hello mesh");
+
+    let none = run(
+        mesh.command(&["req", "nobody", "ping", "--timeout", "2s"]),
+        "peerbus req nobody",
+        budget.left(),
+    );
+    assert_eq!(none.status.code(), Some(1), "stderr: {}", none.stderr);
+    assert!(
+        none.stderr
+            .contains("no instance of service \"nobody\" found within 2s"),
+        "stderr: {}",
+        none.stderr
+    );
+
+    let quiet = run(
+        mesh.command(&["req", "quiet", "ping", "--timeout", "30s"]),
+        "peerbus req quiet",
+        budget.left(),
+    );
+    assert_eq!(quiet.status.code(), Some(1), "stderr: {}", quiet.stderr);
+    assert!(
+        quiet.stderr.contains("no responders"),
+        "stderr: {}",
+        quiet.stderr
+    );
+}
+
+#[test]
+fn send_with_another_mesh_key_is_refused() {
+    let budget = Budget::new(90);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_a = dir.path().join("a.key");
+    let key_b = dir.path().join("b.key");
+    for key in [&key_a, &key_b] {
+        let path = key.to_str().expect("utf-8 path");
+        let out = run(
+            base_command(&["keygen", "--out", path]),
+            "keygen",
+            budget.left(),
+        );
+        assert!(out.status.success(), "keygen failed: {}", out.stderr);
+    }
+    let before = std::fs::read(&key_a).expect("read key a");
+    let again = run(
+        base_command(&["keygen", "--out", key_a.to_str().expect("utf-8 path")]),
+        "keygen over an existing file",
+        budget.left(),
+    );
+    assert_eq!(
+        again.status.code(),
+        Some(1),
+        "keygen must refuse to overwrite"
+    );
+    assert_eq!(
+        std::fs::read(&key_a).expect("read key a"),
+        before,
+        "key a was changed"
+    );
+
+    let with_a = Mesh::keyed("key", &key_a);
+    let with_b = Mesh::keyed("key", &key_b);
+    let _vault = spawn(
+        with_a.command(&["node", "--service", "vault"]),
+        "node with key a",
+    );
+
+    let refused = run(
+        with_b.command(&["send", "vault", "let me in", "--timeout", "5s"]),
+        "send with key b",
+        budget.left(),
+    );
+    assert!(
+        !refused.status.success(),
+        "send with the wrong key succeeded"
+    );
+    assert!(
+        refused.stderr.contains("mesh key mismatch") || refused.stderr.contains("refused"),
+        "stderr does not explain the refusal:\n{}",
+        refused.stderr
+    );
+
+    let accepted = run(
+        with_a.command(&["send", "vault", "hello", "--timeout", "30s"]),
+        "send with key a",
+        budget.left(),
+    );
+    assert!(
+        accepted.status.success(),
+        "send with the right key failed: {}",
+        accepted.stderr
+    );
+}
+
+#[test]
+fn demo_runs_and_ends_with_an_honest_summary() {
+    let budget = Budget::new(120);
+    let demo = run(
+        base_command(&["demo", "--duration", "6s"]),
+        "peerbus demo",
+        budget.left(),
+    );
+    assert!(
+        demo.status.success(),
+        "demo failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        demo.status,
+        demo.stdout,
+        demo.stderr
+    );
+    let last = demo.stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("summary: "),
+        "last line: {last}\n{}",
+        demo.stdout
+    );
+    let counts: BTreeMap<&str, u64> = last["summary: ".len()..]
+        .split(' ')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k, v.parse().expect("a count")))
+        .collect();
+    assert!(counts["sent"] > 0, "{last}");
+    assert_eq!(counts["sent"], counts["received"], "{last}");
+    assert_eq!(counts["requests"], counts["replies"], "{last}");
+    assert!(
+        demo.stdout.contains("discovered"),
+        "no discovery shown:\n{}",
+        demo.stdout
+    );
+}
+
+#[test]
+fn bad_template_and_bad_options_are_usage_errors() {
+    let budget = Budget::new(30);
+    let bad_template = run(
+        base_command(&[
+            "send",
+            "svc",
+            "n={i%0}",
+            "--count",
+            "2",
+            "--insecure-open-mesh",
+        ]),
+        "send with {i%0}",
+        budget.left(),
+    );
+    assert_eq!(
+        bad_template.status.code(),
+        Some(2),
+        "stderr: {}",
+        bad_template.stderr
+    );
+    assert!(
+        bad_template.stderr.contains("{i%0}"),
+        "stderr: {}",
+        bad_template.stderr
+    );
+
+    let both = run(
+        base_command(&[
+            "send",
+            "svc",
+            "x",
+            "--insecure-open-mesh",
+            "--mesh-key-file",
+            "k",
+        ]),
+        "send with two memberships",
+        budget.left(),
+    );
+    assert_eq!(both.status.code(), Some(2), "stderr: {}", both.stderr);
+}
