@@ -735,6 +735,14 @@ impl Core {
             Control::Goodbye => {
                 info!(peer = %peer.short(), "peer is shutting down");
                 self.outbox.peer_draining(peer);
+                // Do not redial it when the connection closes; discovery announces it again
+                // when it comes back.
+                if let Some(k) = self.known.get_mut(&peer) {
+                    k.advertised = false;
+                    if let Some(c) = k.dialing.take() {
+                        c.cancel();
+                    }
+                }
             }
             Control::Serves(serves) => {
                 if let Some(l) = self.links.get_mut(&peer) {

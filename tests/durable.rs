@@ -1,0 +1,316 @@
+//! Durable store-and-forward, in process over real QUIC on 127.0.0.1.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{builder, eventually, start, within};
+use peerbus::{
+    DeliveryError, Durability, HandlerError, MemoryNetwork, MeshKey, Outgoing, SendError,
+};
+use tokio::sync::mpsc;
+
+/// Runs a handler on `node`'s service that records (key, payload) and applies `verdict`.
+fn handle_with(
+    node: &peerbus::Node,
+    verdict: impl Fn(&str) -> Result<(), HandlerError> + Send + Sync + 'static,
+) -> mpsc::Receiver<(String, String, u32)> {
+    let (tx, rx) = mpsc::channel(100_000);
+    let verdict = std::sync::Arc::new(verdict);
+    tokio::spawn(node.messages().expect("messages").handle(8, move |m| {
+        let tx = tx.clone();
+        let verdict = verdict.clone();
+        async move {
+            let payload = m.payload_text();
+            let v = verdict(&payload);
+            if v.is_ok() {
+                tx.send((m.key().unwrap_or("").to_string(), payload, m.attempt()))
+                    .await
+                    .ok();
+            }
+            v
+        }
+    }));
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_receiver_gets_ten_thousand_in_key_order() {
+    within(120, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sender = start(builder(&net, "payments", &key).data_dir(dir.path())).await;
+        // 50 concurrent callers, one per key, each sending its key's 200 messages in order.
+        let mut tasks = Vec::new();
+        for k in 0..50u32 {
+            let sender = sender.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut rs = Vec::with_capacity(200);
+                for j in 0..200u32 {
+                    let i = j * 50 + k;
+                    let msg = Outgoing::new(format!("{i}")).key(format!("k{k}"));
+                    rs.push(sender.send("orders", msg).await.expect("stored"));
+                }
+                rs
+            }));
+        }
+        let mut receipts = Vec::with_capacity(10_000);
+        for t in tasks {
+            receipts.extend(t.await.expect("task"));
+        }
+        let st = sender.status().await.expect("status");
+        assert_eq!(
+            st.logs["svc:orders"].waiting, 10_000,
+            "all waiting while orders is offline"
+        );
+        let stats = sender.store_stats();
+        assert!(stats.fsyncs > 0, "Fsync durability fsyncs");
+        assert!(
+            stats.fsyncs < 5_000,
+            "concurrent sends share fsyncs (group commit): {stats:?}"
+        );
+
+        let receiver = start(builder(&net, "orders", &key)).await;
+        let mut got = handle_with(&receiver, |_| Ok(()));
+        for r in receipts {
+            r.acked().await.expect("acked");
+        }
+        let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
+        for _ in 0..10_000 {
+            let (k, p, _) = got.recv().await.expect("message");
+            per_key.entry(k).or_default().push(p.parse().expect("n"));
+        }
+        for (k, v) in &per_key {
+            assert!(v.windows(2).all(|w| w[0] < w[1]), "key {k} out of order");
+        }
+        assert_eq!(per_key.values().map(Vec::len).sum::<usize>(), 10_000);
+        assert!(got.try_recv().is_err(), "no duplicates");
+        sender.shutdown().await;
+        receiver.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sender_resumes_from_its_log() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let sender = start(builder(&net, "payments", &key).data_dir(dir.path())).await;
+            for i in 0..300 {
+                let _ = sender
+                    .send("orders", Outgoing::new(format!("{i}")).key("k"))
+                    .await
+                    .expect("stored");
+            }
+            sender.shutdown().await;
+        }
+        // Offline status of the stopped node's directory.
+        let offline = peerbus::control::offline_status(dir.path()).expect("offline status");
+        assert_eq!(offline.logs["svc:orders"].waiting, 300);
+
+        let receiver = start(builder(&net, "orders", &key)).await;
+        let mut got = handle_with(&receiver, |_| Ok(()));
+        let sender = start(builder(&net, "payments", &key).data_dir(dir.path())).await;
+        for i in 0..300 {
+            let (_, p, _) = got
+                .recv()
+                .await
+                .expect("delivered after the sender restarted");
+            assert_eq!(p, i.to_string());
+        }
+        eventually(10, "log drained", || async {
+            sender.status().await.is_some_and(|s| {
+                s.logs
+                    .get("svc:orders")
+                    .is_none_or(|l| l.waiting + l.in_flight == 0)
+            })
+        })
+        .await;
+        // New sends continue the sequence (no reuse of acknowledged seqs).
+        sender
+            .send("orders", "after")
+            .await
+            .expect("send")
+            .acked()
+            .await
+            .expect("acked");
+        assert_eq!(got.recv().await.map(|m| m.1).as_deref(), Some("after"));
+        sender.shutdown().await;
+        receiver.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_and_exhausted_attempts_go_to_the_dead_letter_store_and_replay() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sender = start(
+            builder(&net, "payments", &key)
+                .data_dir(dir.path())
+                .max_attempts(3)
+                .retry_backoff(Duration::from_millis(20), Duration::from_millis(100)),
+        )
+        .await;
+        // TTL: nobody is there to take it.
+        let r = sender
+            .send(
+                "nobody",
+                Outgoing::new("late").ttl(Duration::from_millis(200)),
+            )
+            .await
+            .expect("stored");
+        let err = r.acked().await.expect_err("expired");
+        assert!(
+            matches!(err, DeliveryError::DeadLettered { ref reason } if reason == "ttl expired"),
+            "{err}"
+        );
+
+        // A handler that fails "poison" every time, and a permanently rejected one.
+        let receiver = start(builder(&net, "orders", &key)).await;
+        let mut got = handle_with(&receiver, |p| match p {
+            "poison" => Err(HandlerError::retry("cannot parse")),
+            "reject" => Err(HandlerError::reject("invalid order")),
+            _ => Ok(()),
+        });
+        assert!(
+            sender
+                .wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        let poison = sender
+            .send("orders", Outgoing::new("poison").key("a"))
+            .await
+            .expect("send");
+        let reject = sender
+            .send("orders", Outgoing::new("reject").key("b"))
+            .await
+            .expect("send");
+        let fine = sender
+            .send("orders", Outgoing::new("fine").key("c"))
+            .await
+            .expect("send");
+        let e = poison.acked().await.expect_err("gave up");
+        assert!(
+            e.to_string().contains("3 attempts") && e.to_string().contains("cannot parse"),
+            "{e}"
+        );
+        let e = reject.acked().await.expect_err("rejected");
+        assert!(e.to_string().contains("invalid order"), "{e}");
+        fine.acked().await.expect("other keys keep flowing");
+        assert_eq!(got.recv().await.map(|m| m.1).as_deref(), Some("fine"));
+
+        let dead = sender.dead_letters(10).await.expect("list");
+        let reasons: Vec<(&str, u32)> = dead
+            .iter()
+            .map(|d| (d.reason.as_str(), d.attempts))
+            .collect();
+        assert_eq!(dead.len(), 3, "{reasons:?}");
+        assert_eq!(dead[0].env.destination, "nobody");
+        assert!(dead.iter().any(|d| d.attempts == 3));
+
+        // Replay the TTL one after a consumer for it appears.
+        let nobody = start(builder(&net, "nobody", &key)).await;
+        let mut late = handle_with(&nobody, |_| Ok(()));
+        let n = sender
+            .replay_dead_letters(Some(&[dead[0].id]))
+            .await
+            .expect("replay");
+        assert_eq!(n, 1);
+        assert_eq!(late.recv().await.map(|m| m.1).as_deref(), Some("late"));
+        assert_eq!(sender.dead_letters(10).await.expect("list").len(), 2);
+        for n in [sender, receiver, nobody] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_makes_send_wait_then_fail_and_loses_nothing_accepted() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let sender = start(
+            builder(&net, "payments", &key)
+                .durability(Durability::Memory)
+                .max_log_entries(100)
+                .send_timeout(Duration::from_millis(300)),
+        )
+        .await;
+        let mut accepted = Vec::new();
+        for i in 0..100 {
+            accepted.push(sender.send("orders", format!("{i}")).await.expect("room"));
+        }
+        let t0 = std::time::Instant::now();
+        let err = sender
+            .send("orders", "one too many")
+            .await
+            .expect_err("full");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(250),
+            "send waited before failing"
+        );
+        assert!(matches!(err, SendError::Backpressure { .. }), "{err}");
+        assert!(err.to_string().contains("backpressure"), "{err}");
+        // A consumer drains the log: everything accepted arrives, and there is room again.
+        let receiver = start(builder(&net, "orders", &key)).await;
+        let mut got = handle_with(&receiver, |_| Ok(()));
+        for r in accepted {
+            r.acked().await.expect("accepted entries are delivered");
+        }
+        let mut n = 0;
+        while got.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 100);
+        sender
+            .send("orders", "room again")
+            .await
+            .expect("room")
+            .acked()
+            .await
+            .expect("acked");
+        sender.shutdown().await;
+        receiver.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_store_or_busy_data_dir_is_a_clear_start_error() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = start(builder(&net, "payments", &key).data_dir(dir.path())).await;
+        let err = builder(&net, "payments", &key)
+            .data_dir(dir.path())
+            .start()
+            .await
+            .expect_err("busy");
+        assert!(
+            err.to_string()
+                .contains(&format!("in use by pid {}", std::process::id())),
+            "{err}"
+        );
+        first.shutdown().await;
+
+        let bad = tempfile::tempdir().expect("tempdir");
+        std::fs::write(bad.path().join("peerbus.redb"), vec![0xa5; 32 * 1024]).expect("write");
+        let err = builder(&net, "payments", &key)
+            .data_dir(bad.path())
+            .start()
+            .await
+            .expect_err("corrupt");
+        assert!(err.to_string().contains("peerbus.redb"), "{err}");
+    })
+    .await;
+}
