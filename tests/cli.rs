@@ -375,6 +375,89 @@ fn node_prints_every_message_a_pipelined_send_delivers() {
 }
 
 #[test]
+fn pub_reaches_every_subscriber_group_once() {
+    let budget = Budget::new(90);
+    let mesh = Mesh::open("pub");
+    let ledger = spawn(
+        mesh.command(&[
+            "node",
+            "--service",
+            "ledger",
+            "--print",
+            "--subscribe",
+            "payment.>",
+        ]),
+        "node --subscribe payment.>",
+    );
+    let tap = spawn(
+        mesh.command(&["sub", "payment.*", "--group", "tap"]),
+        "sub --group tap",
+    );
+    // Both subscribers must be connected to each other before `pub` starts, so that its
+    // discovery window sees them together (not a claim about `pub`, a precondition).
+    let peers = run(
+        mesh.command(&["peers", "--wait", "3s", "--json"]),
+        "peers",
+        budget.left(),
+    );
+    assert!(peers.status.success(), "peers failed: {}", peers.stderr);
+
+    let publish = run(
+        mesh.command(&[
+            "pub",
+            "payment.ok",
+            "paid {i}",
+            "--count",
+            "5",
+            "--timeout",
+            "30s",
+        ]),
+        "pub --count 5",
+        budget.left(),
+    );
+    assert!(
+        publish.status.success(),
+        "pub failed: {}\n{}",
+        publish.status,
+        publish.stderr
+    );
+    assert!(
+        publish
+            .stdout
+            .starts_with("published 5 messages to payment.ok as 10 group copies"),
+        "unexpected summary: {}",
+        publish.stdout
+    );
+    for (p, group) in [(&ledger, "ledger"), (&tap, "tap")] {
+        let lines = p.take_lines(5, budget.left().min(Duration::from_secs(20)));
+        let mut payloads = BTreeSet::new();
+        for line in &lines {
+            let v = parse_line(line);
+            assert_eq!(v["kind"], "publish", "{line}");
+            assert_eq!(v["topic"], "payment.ok", "{line}");
+            assert!(
+                v.get("service").is_none(),
+                "a publish has no service: {line}"
+            );
+            assert!(
+                v["id"]
+                    .as_str()
+                    .is_some_and(|id| id.contains(&format!("grp:{group}/"))),
+                "{line}"
+            );
+            payloads.insert(v["payload"].as_str().expect("payload").to_string());
+        }
+        let expected: BTreeSet<String> = (0..5).map(|i| format!("paid {i}")).collect();
+        assert_eq!(payloads, expected, "group {group}");
+    }
+    let status = tap.terminate(budget.left().min(Duration::from_secs(20)));
+    assert!(
+        status.success(),
+        "sub did not exit cleanly on SIGTERM: {status}"
+    );
+}
+
+#[test]
 fn req_gets_the_echo_and_fails_clearly_without_an_instance() {
     let budget = Budget::new(90);
     let mesh = Mesh::open("req");

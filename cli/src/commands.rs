@@ -1,0 +1,541 @@
+//! The one-node commands: `keygen`, `node`, `send`, `pub`, `sub`, `req`, `peers`.
+//!
+//! Each parses nothing itself (clap did), calls the library and prints.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::value_parser;
+use peerbus::{MeshKey, Node, Outgoing, PeerInfo, PeerState, Receipt, Subscription};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::common::{CLI_SERVICE, CommonArgs, UsageError, shutdown_signal};
+use crate::output::{message_json, peers_table, print_line, rate, state_name};
+use crate::template::Template;
+
+/// How long `pub` waits for peers before publishing.
+const PEERS_WAIT: Duration = Duration::from_secs(2);
+/// How long `pub` lets discovery run at least.
+const PEERS_MIN: Duration = Duration::from_secs(1);
+/// How long the peer list must stay unchanged before `pub` publishes.
+const PEERS_SETTLE: Duration = Duration::from_millis(300);
+
+/// `peerbus keygen`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct KeygenArgs {
+    /// File to write the new key to (64 hex characters, mode 0600). An existing file is
+    /// never overwritten.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+/// `peerbus node`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct NodeArgs {
+    /// The service this node is an instance of.
+    #[arg(long, value_name = "NAME")]
+    service: String,
+    /// Print each message received as one JSON line on stdout (id, kind, from, service or
+    /// topic, key, payload, attempt, redelivered). Messages are acknowledged either way.
+    #[arg(long)]
+    print: bool,
+    /// Also subscribe to topics matching this pattern, in the service's group (repeatable;
+    /// `*` matches one token, `>` the rest).
+    #[arg(long, value_name = "TOPIC")]
+    subscribe: Vec<String>,
+    /// Answer requests with their own payload.
+    #[arg(long)]
+    echo: bool,
+}
+
+/// `peerbus send`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SendArgs {
+    /// The service to send to (one instance handles each message).
+    service: String,
+    #[command(flatten)]
+    batch: BatchArgs,
+}
+
+/// `peerbus pub`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PubArgs {
+    /// The topic to publish on (each subscriber group gets one copy). `pub` first lets
+    /// discovery run for 1 to 2 s: a subscriber group that no connected peer has announced by
+    /// then gets no copy.
+    topic: String,
+    #[command(flatten)]
+    batch: BatchArgs,
+}
+
+/// What `send` and `pub` send.
+#[derive(Debug, clap::Args)]
+struct BatchArgs {
+    /// The payload (text). With --count, `{i}` becomes the message index (from 0) and `{i%M}`
+    /// the index modulo M.
+    payload: String,
+    /// Partition key: messages with one key are handled in order. With --count, `{i}` and
+    /// `{i%M}` work as in the payload.
+    #[arg(long)]
+    key: Option<String>,
+    /// Send this many messages (pipelined: they do not wait for each other's acknowledgement).
+    #[arg(long, value_name = "N", value_parser = value_parser!(u64).range(1..))]
+    count: Option<u64>,
+    /// How long to wait for a consumer, and then for every acknowledgement (e.g. `500ms`, `1m`).
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+/// `peerbus sub`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SubArgs {
+    /// Topic pattern (`*` matches one token, `>` the rest).
+    topic: String,
+    /// Subscriber group; each group gets one copy of every message. The group is durable:
+    /// publishers keep its copies while no member runs.
+    #[arg(long, value_name = "G", default_value = CLI_SERVICE)]
+    group: String,
+}
+
+/// `peerbus req`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReqArgs {
+    /// The service to ask.
+    service: String,
+    /// The request payload (text).
+    payload: String,
+    /// How long to wait for an instance and its reply together.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+/// `peerbus peers`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PeersArgs {
+    /// Print again every second until Ctrl-C.
+    #[arg(long)]
+    watch: bool,
+    /// Print JSON (one array per line) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// How long to let discovery run before printing.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = humantime::parse_duration)]
+    wait: Duration,
+}
+
+/// Writes a new mesh key.
+pub(crate) fn keygen(args: &KeygenArgs) -> Result<()> {
+    MeshKey::write_new(&args.out)
+        .with_context(|| format!("could not write a mesh key to {}", args.out.display()))?;
+    print_line(&format!("wrote a new mesh key to {}", args.out.display()))
+}
+
+/// Runs a node until Ctrl-C or SIGTERM.
+pub(crate) async fn node(common: &CommonArgs, args: &NodeArgs) -> Result<()> {
+    let node = common.start(&args.service).await?;
+    info!(node = %node.id(), service = %args.service, mesh = %common.mesh, listen = %node.local_addr(), "node running; Ctrl-C to stop");
+    let result = run_node(&node, args).await;
+    node.shutdown().await;
+    result
+}
+
+async fn run_node(node: &Node, args: &NodeArgs) -> Result<()> {
+    let handled = Arc::new(AtomicU64::new(0));
+    let mut receivers = JoinSet::new();
+    let inbox = node
+        .messages()
+        .context("could not take the service inbox")?;
+    receivers.spawn(receive(inbox, args.print, handled.clone()));
+    for topic in &args.subscribe {
+        let sub = node
+            .subscribe(topic)
+            .await
+            .with_context(|| format!("could not subscribe to `{topic}`"))?;
+        receivers.spawn(receive(sub, args.print, handled.clone()));
+    }
+    let _serving = if args.echo {
+        Some(
+            node.serve(|req| async move { Ok(req.payload().clone()) })
+                .await
+                .context("could not serve requests")?,
+        )
+    } else {
+        None
+    };
+    let result = until_signal(&mut receivers, &handled).await;
+    info!(handled = handled.load(Ordering::Relaxed), "stopping");
+    result
+}
+
+/// Waits for Ctrl-C or SIGTERM, logging progress; fails early if a receiver fails (for
+/// example because stdout was closed).
+async fn until_signal(receivers: &mut JoinSet<Result<()>>, handled: &AtomicU64) -> Result<()> {
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut last = 0;
+    loop {
+        tokio::select! {
+            r = &mut signal => return r,
+            Some(r) = receivers.join_next() => {
+                r.context("a receiver task panicked")??;
+                bail!("the node stopped receiving");
+            }
+            _ = tick.tick() => {
+                let n = handled.load(Ordering::Relaxed);
+                if n != last {
+                    info!(handled = n, "messages acknowledged");
+                    last = n;
+                }
+            }
+        }
+    }
+}
+
+/// Takes messages until the node stops: prints each one (with `print`), then acknowledges it.
+async fn receive(mut sub: Subscription, print: bool, handled: Arc<AtomicU64>) -> Result<()> {
+    while let Some(delivery) = sub.next().await {
+        if print {
+            // On error the delivery is dropped unacknowledged, so it will be redelivered.
+            print_line(&message_json(&delivery).to_string())?;
+        }
+        delivery.ack().await;
+        handled.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Sends to a service and waits for every acknowledgement.
+pub(crate) async fn send(common: &CommonArgs, args: &SendArgs) -> Result<()> {
+    let batch = Batch::new(&args.batch)?;
+    let node = common.start(CLI_SERVICE).await?;
+    let result = send_batch(&node, &args.service, &batch).await;
+    if let Ok(summary) = &result {
+        print_line(summary)?;
+    }
+    node.shutdown().await;
+    result.map(drop)
+}
+
+async fn send_batch(node: &Node, service: &str, batch: &Batch) -> Result<String> {
+    let timeout = batch.timeout;
+    if !node.wait_for_instances(service, 1, timeout).await {
+        return Err(no_instance_error(node, service, timeout).await);
+    }
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut receipts = Vec::new();
+    for i in 0..batch.count {
+        let r = tokio::time::timeout_at(deadline, node.send(service, batch.message(i)))
+            .await
+            .map_err(|_| anyhow!("timed out after {} storing message {i}", fmt_dur(timeout)))?
+            .with_context(|| format!("could not send message {i} to `{service}`"))?;
+        receipts.push(r);
+    }
+    let copies = await_receipts(receipts, deadline, &format!("`{service}`"), timeout).await?;
+    Ok(format!(
+        "sent {copies} messages to {service}, all acknowledged in {}",
+        rate(copies, start.elapsed())
+    ))
+}
+
+/// Publishes to a topic and waits for every acknowledgement.
+pub(crate) async fn publish(common: &CommonArgs, args: &PubArgs) -> Result<()> {
+    let batch = Batch::new(&args.batch)?;
+    let node = common.start(CLI_SERVICE).await?;
+    let result = publish_batch(&node, &args.topic, &batch).await;
+    if let Ok(summary) = &result {
+        print_line(summary)?;
+    }
+    node.shutdown().await;
+    result.map(drop)
+}
+
+async fn publish_batch(node: &Node, topic: &str, batch: &Batch) -> Result<String> {
+    let timeout = batch.timeout;
+    // Subscriber groups are learnt from connected peers (their hello carries their
+    // interests), so give discovery a moment.
+    let wait = timeout.min(PEERS_WAIT);
+    if !wait_for_peers(node, wait).await {
+        warn!(
+            "no peer connected within {}; publishing anyway",
+            fmt_dur(wait)
+        );
+    }
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut receipts = Vec::new();
+    for i in 0..batch.count {
+        let r = tokio::time::timeout_at(deadline, node.publish(topic, batch.message(i)))
+            .await
+            .map_err(|_| anyhow!("timed out after {} storing message {i}", fmt_dur(timeout)))?
+            .with_context(|| format!("could not publish message {i} on `{topic}`"))?;
+        receipts.push(r);
+    }
+    let copies = await_receipts(receipts, deadline, "subscriber groups", timeout).await?;
+    let n = batch.count;
+    if copies == 0 {
+        warn!(topic, "no subscriber group is known for this topic");
+        return Ok(format!(
+            "published {n} messages to {topic}: no subscriber group is known, nothing was stored"
+        ));
+    }
+    Ok(format!(
+        "published {n} messages to {topic} as {copies} group copies, all acknowledged in {}",
+        rate(copies, start.elapsed())
+    ))
+}
+
+/// Awaits every receipt until `deadline`; returns the number of copies acknowledged, or an
+/// error saying how many were not.
+async fn await_receipts(
+    receipts: Vec<Receipt>,
+    deadline: Instant,
+    to: &str,
+    timeout: Duration,
+) -> Result<u64> {
+    let total: usize = receipts.iter().map(Receipt::copies).sum();
+    let mut acked = 0u64;
+    let mut failed = 0u64;
+    let mut first_error = None;
+    let mut timed_out = false;
+    for r in receipts {
+        let copies = r.copies() as u64;
+        if timed_out {
+            continue;
+        }
+        match tokio::time::timeout_at(deadline, r.acked()).await {
+            Ok(Ok(())) => acked += copies,
+            Ok(Err(e)) => {
+                failed += copies;
+                first_error.get_or_insert(e);
+            }
+            Err(_) => timed_out = true,
+        }
+    }
+    if acked == total as u64 {
+        return Ok(acked);
+    }
+    let mut msg = format!(
+        "{acked} of {total} messages to {to} acknowledged within {}",
+        fmt_dur(timeout)
+    );
+    if let Some(e) = first_error {
+        msg.push_str(&format!("; {failed} not delivered (first: {e})"));
+    }
+    let pending = total as u64 - acked - failed;
+    if pending > 0 {
+        msg.push_str(&format!("; {pending} still unacknowledged"));
+    }
+    Err(anyhow!(msg))
+}
+
+/// Subscribes and prints every message as a JSON line until Ctrl-C or SIGTERM.
+pub(crate) async fn sub(common: &CommonArgs, args: &SubArgs) -> Result<()> {
+    let node = common.start(CLI_SERVICE).await?;
+    let result = async {
+        let sub = node
+            .subscribe_group(&args.topic, &args.group)
+            .await
+            .with_context(|| format!("could not subscribe to `{}`", args.topic))?;
+        let handled = Arc::new(AtomicU64::new(0));
+        let mut receivers = JoinSet::new();
+        receivers.spawn(receive(sub, true, handled.clone()));
+        until_signal(&mut receivers, &handled).await
+    }
+    .await;
+    node.shutdown().await;
+    result
+}
+
+/// Sends one request and prints the reply.
+pub(crate) async fn req(common: &CommonArgs, args: &ReqArgs) -> Result<()> {
+    let node = common.start(CLI_SERVICE).await?;
+    let result = async {
+        let deadline = Instant::now() + args.timeout;
+        if !node
+            .wait_for_instances(&args.service, 1, args.timeout)
+            .await
+        {
+            return Err(no_instance_error(&node, &args.service, args.timeout).await);
+        }
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        let reply = node
+            .request(&args.service, args.payload.as_str(), left)
+            .await?;
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    }
+    .await;
+    if let Ok(reply) = &result {
+        print_line(reply)?;
+    }
+    node.shutdown().await;
+    result.map(drop)
+}
+
+/// Prints the peers an ephemeral node finds.
+pub(crate) async fn peers(common: &CommonArgs, args: &PeersArgs) -> Result<()> {
+    let node = common.start(CLI_SERVICE).await?;
+    let result = async {
+        tokio::time::sleep(args.wait).await;
+        print_peers(&node.peers().await, args.json)?;
+        if !args.watch {
+            return Ok(());
+        }
+        let signal = shutdown_signal();
+        tokio::pin!(signal);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut signal => return r,
+                _ = tick.tick() => {
+                    if !args.json {
+                        print_line("")?;
+                    }
+                    print_peers(&node.peers().await, args.json)?;
+                }
+            }
+        }
+    }
+    .await;
+    node.shutdown().await;
+    result
+}
+
+fn print_peers(peers: &[PeerInfo], json: bool) -> Result<()> {
+    if json {
+        print_line(&serde_json::to_string(peers).context("could not encode peers as JSON")?)
+    } else {
+        print_line(peers_table(peers).trim_end())
+    }
+}
+
+/// Waits (at most `max`) until a peer is connected, [`PEERS_MIN`] has passed and the peer list
+/// has been quiet for [`PEERS_SETTLE`]: no peer still being dialed, no new connection. The
+/// peers answering the first mDNS query are then connected and their subscriber groups known
+/// (one early answer, e.g. to an earlier query, can come well before the rest). Returns
+/// whether any peer is connected.
+async fn wait_for_peers(node: &Node, max: Duration) -> bool {
+    let start = Instant::now();
+    let deadline = start + max;
+    let mut connected = 0;
+    let mut changed = Instant::now();
+    loop {
+        let peers = node.peers().await;
+        let now = Instant::now();
+        let n = peers
+            .iter()
+            .filter(|p| p.state == PeerState::Connected)
+            .count();
+        if n != connected {
+            connected = n;
+            changed = now;
+        }
+        let dialing = peers
+            .iter()
+            .any(|p| matches!(p.state, PeerState::Discovered | PeerState::Connecting));
+        let settled = now.duration_since(changed) >= PEERS_SETTLE;
+        if connected > 0 && !dialing && settled && now.duration_since(start) >= PEERS_MIN {
+            return true;
+        }
+        if now >= deadline {
+            return connected > 0;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Why no instance of `service` was found: a peer refusing our mesh key, or nothing at all.
+async fn no_instance_error(node: &Node, service: &str, waited: Duration) -> anyhow::Error {
+    let peers = node.peers().await;
+    let waited = fmt_dur(waited);
+    let refusing: Vec<&PeerInfo> = peers.iter().filter(|p| mentions_mesh_key(p)).collect();
+    if let Some(p) = refusing.first() {
+        return anyhow!(
+            "peer refused: mesh key mismatch: {} peer(s) of mesh \"{}\" (for example {} of \
+             service \"{}\") do not accept this node's mesh key, and no instance of service \
+             \"{service}\" was reachable within {waited}; use the mesh's key file \
+             (--mesh-key-file)",
+            refusing.len(),
+            node.mesh(),
+            p.node_id.short(),
+            p.service,
+        );
+    }
+    if let Some(p) = peers.iter().find(|p| p.state == PeerState::Refused) {
+        let reason = p.last_error.as_deref().unwrap_or("no reason given");
+        let reason = reason.strip_prefix("peer refused: ").unwrap_or(reason);
+        return anyhow!(
+            "peer refused: {reason} (peer {} of service \"{}\"); no instance of service \
+             \"{service}\" found within {waited}",
+            p.node_id.short(),
+            p.service,
+        );
+    }
+    let mut msg = format!("no instance of service \"{service}\" found within {waited}");
+    let unreachable: Vec<&PeerInfo> = peers.iter().filter(|p| p.service == service).collect();
+    if let Some(p) = unreachable.first() {
+        msg.push_str(&format!(
+            " ({} discovered but {}{})",
+            unreachable.len(),
+            state_name(p),
+            p.last_error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    anyhow!(msg)
+}
+
+fn mentions_mesh_key(peer: &PeerInfo) -> bool {
+    let error = peer
+        .last_error
+        .as_deref()
+        .unwrap_or_default()
+        .to_lowercase();
+    error.contains("mesh key") || error.contains("mesh proof")
+}
+
+fn fmt_dur(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// The messages `send`/`pub` produce.
+struct Batch {
+    payload: Template,
+    key: Option<Template>,
+    count: u64,
+    timeout: Duration,
+}
+
+impl Batch {
+    fn new(args: &BatchArgs) -> Result<Self> {
+        let template = |text: &str| match args.count {
+            Some(_) => Template::parse(text).map_err(|e| anyhow!(UsageError(e))),
+            None => Ok(Template::verbatim(text)),
+        };
+        Ok(Self {
+            payload: template(&args.payload)?,
+            key: args.key.as_deref().map(template).transpose()?,
+            count: args.count.unwrap_or(1),
+            timeout: args.timeout,
+        })
+    }
+
+    fn message(&self, i: u64) -> Outgoing {
+        let msg = Outgoing::new(self.payload.render(i));
+        match &self.key {
+            Some(k) => msg.key(k.render(i)),
+            None => msg,
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! `peerbus`: the command line of the peerbus messaging mesh.
+//!
+//! Thin by design: each command parses its arguments, calls the `peerbus` library and
+//! prints. Data goes to stdout; logs (`RUST_LOG`) go to stderr. Exit codes: 0 success,
+//! 1 the operation failed, 2 usage error.
+
+mod commands;
+mod common;
+mod demo;
+mod output;
+mod template;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A brokerless messaging mesh: run nodes, send, publish, subscribe, request, list peers.
+///
+/// Every option of the mesh can also be set in the environment (PEERBUS_MESH,
+/// PEERBUS_MESH_KEY_FILE, PEERBUS_INSECURE_OPEN_MESH, PEERBUS_INTERFACE, PEERBUS_LISTEN,
+/// PEERBUS_DATA_DIR, PEERBUS_SEEDS).
+#[derive(Debug, Parser)]
+#[command(name = "peerbus", version, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    common: common::CommonArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a new mesh key to a file (never overwrites).
+    Keygen(commands::KeygenArgs),
+    /// Run a node of a service until Ctrl-C or SIGTERM.
+    Node(commands::NodeArgs),
+    /// Send messages to a service and wait until they are acknowledged.
+    Send(commands::SendArgs),
+    /// Publish messages on a topic and wait until every subscriber group acknowledged them.
+    Pub(commands::PubArgs),
+    /// Print messages published on a topic as JSON lines until Ctrl-C.
+    Sub(commands::SubArgs),
+    /// Send a request to a service and print the reply.
+    Req(commands::ReqArgs),
+    /// List the peers this machine can see.
+    Peers(commands::PeersArgs),
+    /// Run several services in this process on loopback and show what they do.
+    Demo(demo::DemoArgs),
+}
+
+impl Command {
+    /// Log level when `RUST_LOG` is not set: `info` for a long-running node, `warn` for the
+    /// rest, whose stdout is their output.
+    fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Node(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let common = &cli.common;
+    match &cli.command {
+        Command::Keygen(args) => commands::keygen(args),
+        Command::Node(args) => commands::node(common, args).await,
+        Command::Send(args) => commands::send(common, args).await,
+        Command::Pub(args) => commands::publish(common, args).await,
+        Command::Sub(args) => commands::sub(common, args).await,
+        Command::Req(args) => commands::req(common, args).await,
+        Command::Peers(args) => commands::peers(common, args).await,
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    common::init_logging(cli.command.default_log_level());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // Tasks left behind by a failed start must not hold the process open.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<common::UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
