@@ -652,3 +652,195 @@ fn bad_template_and_bad_options_are_usage_errors() {
     );
     assert_eq!(both.status.code(), Some(2), "stderr: {}", both.stderr);
 }
+
+impl Running {
+    /// Kills the process with SIGKILL (no shutdown of any kind) and reaps it. What it wrote
+    /// before dying can still be read from [`Running::lines`].
+    fn kill9(&mut self) {
+        let pid = self.guard.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -KILL {pid} failed");
+        let _ = self.guard.wait(Duration::from_secs(10));
+    }
+
+    /// Every stdout line that arrives within `limit` after the last one (stops at a quiet gap).
+    fn lines_until_quiet(&self, quiet: Duration, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut out = Vec::new();
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(quiet) {
+                Ok(l) => out.push(l),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+/// Payload index of a `--print` line of the form `m<i>`.
+fn index_of(v: &Value) -> u64 {
+    v["payload"]
+        .as_str()
+        .and_then(|p| p.strip_prefix('m'))
+        .and_then(|n| n.parse().ok())
+        .expect("payload m<i>")
+}
+
+#[test]
+fn receiver_killed_mid_stream_loses_nothing_and_keeps_key_order() {
+    const N: u64 = 10_000;
+    let budget = Budget::new(180);
+    let mesh = Mesh::open("kill-receiver");
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let recv_dir = dirs.path().join("orders");
+    let send_dir = dirs.path().join("payments");
+    let start_receiver = || {
+        spawn(
+            mesh.command(&[
+                "node",
+                "--service",
+                "orders",
+                "--print",
+                "--data-dir",
+                recv_dir.to_str().expect("utf8"),
+            ]),
+            "peerbus node orders",
+        )
+    };
+    let mut first = start_receiver();
+    let sender = spawn(
+        mesh.command(&[
+            "send",
+            "orders",
+            "m{i}",
+            "--key",
+            "k{i%50}",
+            "--count",
+            "10000",
+            "--timeout",
+            "120s",
+            "--data-dir",
+            send_dir.to_str().expect("utf8"),
+        ]),
+        "peerbus send --count 10000",
+    );
+    // Let part of the stream through, then kill the receiver without warning.
+    let mut before = first.take_lines(2_000, budget.left().min(Duration::from_secs(60)));
+    first.kill9();
+    // Whatever it printed up to the kill is still in the pipe.
+    before.extend(first.lines_until_quiet(Duration::from_millis(500), Duration::from_secs(10)));
+    let second = start_receiver();
+    let mut sender = sender;
+    let status = sender.guard.wait(budget.left());
+    assert!(status.success(), "send failed: {}", sender.guard.stderr());
+    let after = second.lines_until_quiet(Duration::from_secs(2), budget.left());
+    let status = second.terminate(Duration::from_secs(20));
+    assert!(status.success());
+
+    let first_run: Vec<Value> = before.drain(..).map(|l| parse_line(&l)).collect();
+    let second_run: Vec<Value> = after.iter().map(|l| parse_line(l)).collect();
+    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+    for v in first_run.iter().chain(&second_run) {
+        *seen.entry(index_of(v)).or_default() += 1;
+    }
+    let missing: Vec<u64> = (0..N).filter(|i| !seen.contains_key(i)).collect();
+    assert!(
+        missing.is_empty(),
+        "lost {} messages, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    // Within each run (each process lifetime) every key is in order and nothing repeats: the
+    // dedup window holds across the restart. Repeats across the kill are the documented crash
+    // case (handled, not yet recorded), bounded by what can be in flight (the prefetch window).
+    for (name, run) in [("first", &first_run), ("second", &second_run)] {
+        let mut per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for v in run.iter() {
+            per_key
+                .entry(v["key"].as_str().expect("key").to_string())
+                .or_default()
+                .push(index_of(v));
+        }
+        for (k, order) in per_key {
+            assert!(
+                order.windows(2).all(|w| w[0] < w[1]),
+                "{name} run: key {k} out of order"
+            );
+        }
+    }
+    let duplicates: u32 = seen.values().map(|n| n - 1).sum();
+    let first_ids: BTreeSet<u64> = first_run.iter().map(index_of).collect();
+    for v in &second_run {
+        let i = index_of(v);
+        if seen[&i] > 1 {
+            assert!(
+                first_ids.contains(&i),
+                "message {i} repeated within one run"
+            );
+        }
+    }
+    assert!(
+        duplicates <= 256,
+        "{duplicates} repeats exceed the in-flight window"
+    );
+    eprintln!(
+        "receiver kill: {} + {} lines, {duplicates} repeats (crash case)",
+        first_run.len(),
+        second_run.len()
+    );
+}
+
+#[test]
+fn sender_killed_after_send_returned_delivers_everything_after_restart() {
+    let budget = Budget::new(120);
+    let mesh = Mesh::open("kill-sender");
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let send_dir = dirs.path().join("payments");
+    let sd = send_dir.to_str().expect("utf8");
+    // No receiver yet: `send --no-wait` returns once all 500 are durably stored; kill it the
+    // moment it says so, before any graceful shutdown can help.
+    let mut sender = spawn(
+        mesh.command(&[
+            "send",
+            "orders",
+            "m{i}",
+            "--key",
+            "k{i%7}",
+            "--count",
+            "500",
+            "--no-wait",
+            "--data-dir",
+            sd,
+        ]),
+        "peerbus send --no-wait",
+    );
+    let line = sender.take_lines(1, budget.left().min(Duration::from_secs(30)));
+    assert!(line[0].starts_with("stored 500 messages"), "{}", line[0]);
+    sender.kill9();
+
+    let status = run(
+        mesh.command(&["status", "--json", "--data-dir", sd]),
+        "peerbus status",
+        budget.left(),
+    );
+    let v: Value = serde_json::from_str(&status.stdout).expect("status json");
+    assert_eq!(v["running"], false);
+    assert_eq!(v["logs"]["svc:orders"]["waiting"], 500, "{}", status.stdout);
+
+    let receiver = spawn(
+        mesh.command(&["node", "--service", "orders", "--print"]),
+        "peerbus node orders",
+    );
+    let restarted = spawn(
+        mesh.command(&["node", "--service", "payments", "--data-dir", sd]),
+        "restarted sender",
+    );
+    let lines = receiver.take_lines(500, budget.left().min(Duration::from_secs(60)));
+    let got: BTreeSet<u64> = lines.iter().map(|l| index_of(&parse_line(l))).collect();
+    assert_eq!(got, (0..500).collect(), "all 500 delivered exactly once");
+    assert!(restarted.terminate(Duration::from_secs(20)).success());
+    assert!(receiver.terminate(Duration::from_secs(20)).success());
+}

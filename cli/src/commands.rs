@@ -60,6 +60,10 @@ pub(crate) struct SendArgs {
     service: String,
     #[command(flatten)]
     batch: BatchArgs,
+    /// Return once the messages are durably stored (in --data-dir), without waiting for a
+    /// consumer. A later `send` (or `node`) with the same --data-dir delivers what is left.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 /// `peerbus pub`.
@@ -213,13 +217,51 @@ async fn receive(mut sub: Subscription, print: bool, handled: Arc<AtomicU64>) ->
 /// Sends to a service and waits for every acknowledgement.
 pub(crate) async fn send(common: &CommonArgs, args: &SendArgs) -> Result<()> {
     let batch = Batch::new(&args.batch)?;
+    if args.no_wait && common.data_dir.is_none() {
+        return Err(UsageError(
+            "--no-wait needs --data-dir: without one, stored messages die with this process".into(),
+        )
+        .into());
+    }
     let node = common.start(CLI_SERVICE).await?;
-    let result = send_batch(&node, &args.service, &batch).await;
+    let result = if args.no_wait {
+        store_batch(&node, &args.service, &batch).await
+    } else {
+        send_batch(&node, &args.service, &batch).await
+    };
     if let Ok(summary) = &result {
         print_line(summary)?;
     }
     node.shutdown().await;
     result.map(drop)
+}
+
+/// `send --no-wait`: store durably and return.
+async fn store_batch(node: &Node, service: &str, batch: &Batch) -> Result<String> {
+    for i in 0..batch.count {
+        let _receipt = node
+            .send(service, batch.message(i))
+            .await
+            .with_context(|| format!("could not store message {i} for `{service}`"))?;
+    }
+    let waiting = log_backlog(node, service).await;
+    Ok(format!(
+        "stored {} messages for {service} ({waiting} waiting in the log); a later run with the \
+         same --data-dir delivers them",
+        batch.count
+    ))
+}
+
+/// Entries of `service`'s log not yet acknowledged.
+async fn log_backlog(node: &Node, service: &str) -> usize {
+    node.status()
+        .await
+        .and_then(|s| {
+            s.logs
+                .get(&format!("svc:{service}"))
+                .map(|l| l.waiting + l.in_flight)
+        })
+        .unwrap_or(0)
 }
 
 async fn send_batch(node: &Node, service: &str, batch: &Batch) -> Result<String> {
@@ -238,9 +280,25 @@ async fn send_batch(node: &Node, service: &str, batch: &Batch) -> Result<String>
         receipts.push(r);
     }
     let copies = await_receipts(receipts, deadline, &format!("`{service}`"), timeout).await?;
+    let elapsed = start.elapsed();
+    // Entries an earlier run left in this data directory are delivered too: wait for them.
+    let mut leftover = log_backlog(node, service).await;
+    let earlier = leftover;
+    while leftover > 0 {
+        if Instant::now() >= deadline {
+            bail!("{leftover} entries left by an earlier run are still waiting for `{service}`");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        leftover = log_backlog(node, service).await;
+    }
+    let also = if earlier > 0 {
+        format!(" (and {earlier} left by an earlier run)")
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "sent {copies} messages to {service}, all acknowledged in {}",
-        rate(copies, start.elapsed())
+        "sent {copies} messages to {service}{also}, all acknowledged in {}",
+        rate(copies, elapsed)
     ))
 }
 

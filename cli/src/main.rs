@@ -4,6 +4,7 @@
 //! prints. Data goes to stdout; logs (`RUST_LOG`) go to stderr. Exit codes: 0 success,
 //! 1 the operation failed, 2 usage error.
 
+mod admin;
 mod commands;
 mod common;
 mod demo;
@@ -47,6 +48,11 @@ enum Command {
     Peers(commands::PeersArgs),
     /// Run several services in this process on loopback and show what they do.
     Demo(demo::DemoArgs),
+    /// Show a node's logs (waiting, in flight, oldest) and counters; works on a running node
+    /// (through its control socket) and on a stopped node's --data-dir.
+    Status(admin::StatusArgs),
+    /// Inspect and replay dead letters of the node in --data-dir.
+    Dlq(admin::DlqArgs),
 }
 
 impl Command {
@@ -71,6 +77,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Req(args) => commands::req(common, args).await,
         Command::Peers(args) => commands::peers(common, args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Status(args) => admin::status(common, args).await,
+        Command::Dlq(args) => admin::dlq(common, args).await,
     }
 }
 

@@ -223,11 +223,11 @@ impl Endpoint {
             Membership::InsecureOpen => Ok(()),
             Membership::Key(k) => {
                 if got[0] != 1 {
-                    Err("peer has no mesh key (mesh key mismatch)".into())
+                    Err("the peer has no mesh key".into())
                 } else if k.verify(role, dialer, listener, ekm, &got[1..]) {
                     Ok(())
                 } else {
-                    Err("peer's mesh proof is invalid (mesh key mismatch)".into())
+                    Err("the peer proved a different mesh key".into())
                 }
             }
         }

@@ -144,6 +144,7 @@ pub(crate) async fn dial_loop(
     let span = info_span!("dial", peer = ?expected.map(|p| p.short()), addrs = ?addrs);
     async move {
         let mut attempt: u32 = 0;
+        let mut last_error = String::new();
         loop {
             for addr in &addrs {
                 if cancel.is_cancelled() {
@@ -163,8 +164,10 @@ pub(crate) async fn dial_loop(
                     },
                     Err(e) => (matches!(e, ConnectError::Refused { .. }), e.to_string()),
                 };
-                if attempt == 0 || error.0 {
+                // Warn once per distinct failure; repeats of the same one are debug.
+                if error.1 != last_error {
                     warn!(%addr, error = %error.1, "could not connect; will retry");
+                    last_error.clone_from(&error.1);
                 } else {
                     debug!(%addr, error = %error.1, attempt, "could not connect");
                 }

@@ -1,0 +1,212 @@
+//! `peerbus status` and `peerbus dlq`: ask a running node through its control socket, or
+//! read a stopped node's data directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use peerbus::control;
+use serde_json::{Value, json};
+
+use crate::common::{CommonArgs, UsageError};
+use crate::output::print_line;
+
+/// `peerbus status`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StatusArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `peerbus dlq`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DlqArgs {
+    #[command(subcommand)]
+    action: DlqAction,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum DlqAction {
+    /// List dead letters, oldest first.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Send dead letters again to their original destination (needs the node running).
+    Replay {
+        /// Ids to replay (repeatable).
+        #[arg(long = "id", value_name = "ID", required_unless_present = "all")]
+        ids: Vec<u64>,
+        /// Replay all of them.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
+fn data_dir(common: &CommonArgs) -> Result<PathBuf> {
+    common
+        .data_dir
+        .clone()
+        .ok_or_else(|| UsageError("give the node's --data-dir (or PEERBUS_DATA_DIR)".into()).into())
+}
+
+/// Asks the running node, or `None` when no node answers on the socket.
+async fn ask(dir: &Path, req: Value) -> Result<Option<Value>> {
+    if !control::socket_path(dir).exists() {
+        return Ok(None);
+    }
+    match control::request(dir, &req).await {
+        Ok(answer) => {
+            if answer.get("ok").and_then(Value::as_bool) == Some(true) {
+                Ok(Some(answer))
+            } else {
+                let e = answer
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error");
+                bail!("the node answered: {e}")
+            }
+        }
+        // A socket left by a node that was killed: nobody listens.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(None),
+        Err(e) => Err(e).context("could not reach the node's control socket"),
+    }
+}
+
+/// `peerbus status`.
+pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()> {
+    let dir = data_dir(common)?;
+    let (running, status) = match ask(&dir, json!({"cmd": "status"})).await? {
+        Some(answer) => (true, answer.get("status").cloned().unwrap_or(Value::Null)),
+        None => {
+            let offline = control::offline_status(&dir)
+                .with_context(|| format!("reading the stopped node's data in {}", dir.display()))?;
+            (false, serde_json::to_value(offline)?)
+        }
+    };
+    if args.json {
+        let mut v = status;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("running".into(), json!(running));
+        }
+        return print_line(&serde_json::to_string_pretty(&v)?);
+    }
+    if running {
+        let s = |k: &str| {
+            status
+                .get(k)
+                .map(|v| v.to_string().trim_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        print_line(&format!(
+            "node {} service {} mesh {} (running, {})",
+            s("node_id"),
+            s("service"),
+            s("mesh"),
+            s("listen")
+        ))?;
+        print_line(&format!(
+            "sent {}  acked {}  delivered here {}  redelivered {}  dead letters {}  connections {}",
+            s("sent"),
+            s("acked"),
+            s("delivered"),
+            s("redelivered"),
+            s("dead_letters"),
+            s("connections")
+        ))?;
+    } else {
+        print_line(&format!(
+            "node in {} is not running (read from its data directory)",
+            dir.display()
+        ))?;
+        print_line(&format!(
+            "dead letters {}  corrupt records {}",
+            status.get("dead_letters").unwrap_or(&json!(0)),
+            status.get("corrupt_records").unwrap_or(&json!(0))
+        ))?;
+    }
+    print_line(&format!(
+        "{:<32} {:>9} {:>10} {:>12}",
+        "DESTINATION", "WAITING", "IN FLIGHT", "OLDEST"
+    ))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if let Some(logs) = status.get("logs").and_then(Value::as_object) {
+        for (name, l) in logs {
+            let n = |k: &str| l.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let age = l
+                .get("oldest_created_ms")
+                .and_then(Value::as_u64)
+                .map_or("-".to_string(), |t| {
+                    format!("{:.1}s", now.saturating_sub(t) as f64 / 1000.0)
+                });
+            print_line(&format!(
+                "{name:<32} {:>9} {:>10} {age:>12}",
+                n("waiting"),
+                n("in_flight")
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// `peerbus dlq`.
+pub(crate) async fn dlq(common: &CommonArgs, args: &DlqArgs) -> Result<()> {
+    let dir = data_dir(common)?;
+    match &args.action {
+        DlqAction::List {
+            json: as_json,
+            limit,
+        } => {
+            let letters: Value = match ask(&dir, json!({"cmd": "dlq_list", "limit": limit})).await?
+            {
+                Some(answer) => answer.get("dead_letters").cloned().unwrap_or(json!([])),
+                None => serde_json::to_value(
+                    control::offline_dead_letters(&dir, *limit)
+                        .with_context(|| format!("reading {}", dir.display()))?,
+                )?,
+            };
+            if *as_json {
+                return print_line(&serde_json::to_string_pretty(&letters)?);
+            }
+            let list = letters.as_array().cloned().unwrap_or_default();
+            print_line(&format!(
+                "{:>6} {:<24} {:>8} {:<24} REASON",
+                "ID", "DESTINATION", "ATTEMPTS", "KEY"
+            ))?;
+            for d in &list {
+                let s = |k: &str| {
+                    d.get(k)
+                        .map(|v| v.to_string().trim_matches('"').to_string())
+                        .unwrap_or_default()
+                };
+                print_line(&format!(
+                    "{:>6} {:<24} {:>8} {:<24} {}",
+                    s("id"),
+                    s("destination"),
+                    s("attempts"),
+                    s("key"),
+                    s("reason")
+                ))?;
+            }
+            print_line(&format!("{} dead letter(s)", list.len()))
+        }
+        DlqAction::Replay { ids, all } => {
+            let req = if *all {
+                json!({"cmd": "dlq_replay", "all": true})
+            } else {
+                json!({"cmd": "dlq_replay", "ids": ids})
+            };
+            let answer = ask(&dir, req).await?.ok_or_else(|| {
+                anyhow!("no node is running on {}: start it (`peerbus node --data-dir ...`), then replay", dir.display())
+            })?;
+            let n = answer.get("replayed").and_then(Value::as_u64).unwrap_or(0);
+            print_line(&format!("replayed {n} dead letter(s)"))
+        }
+    }
+}
