@@ -844,3 +844,87 @@ fn sender_killed_after_send_returned_delivers_everything_after_restart() {
     assert!(restarted.terminate(Duration::from_secs(20)).success());
     assert!(receiver.terminate(Duration::from_secs(20)).success());
 }
+
+#[test]
+fn one_of_two_instances_killed_the_other_takes_its_unacknowledged_work() {
+    const N: u64 = 3_000;
+    let budget = Budget::new(150);
+    let mesh = Mesh::open("kill-instance");
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let instance = |name: &str| {
+        let dir = dirs.path().join(name);
+        spawn(
+            mesh.command(&[
+                "node",
+                "--service",
+                "orders",
+                "--print",
+                "--data-dir",
+                dir.to_str().expect("utf8"),
+            ]),
+            name,
+        )
+    };
+    let mut a = instance("a");
+    let b = instance("b");
+    let mut sender = spawn(
+        mesh.command(&[
+            "send",
+            "orders",
+            "m{i}",
+            "--key",
+            "k{i%40}",
+            "--count",
+            "3000",
+            "--timeout",
+            "120s",
+        ]),
+        "peerbus send --count 3000",
+    );
+    // Both instances must be part of the work before one dies: wait for a's share to start.
+    let mut a_lines = a.take_lines(300, budget.left().min(Duration::from_secs(60)));
+    a.kill9();
+    a_lines.extend(a.lines_until_quiet(Duration::from_millis(500), Duration::from_secs(10)));
+    let status = sender.guard.wait(budget.left());
+    assert!(
+        status.success(),
+        "send failed after losing an instance: {}",
+        sender.guard.stderr()
+    );
+    let b_lines = b.lines_until_quiet(Duration::from_secs(2), budget.left());
+    assert!(b.terminate(Duration::from_secs(20)).success());
+
+    let a_ids: Vec<u64> = a_lines.iter().map(|l| index_of(&parse_line(l))).collect();
+    let b_ids: Vec<u64> = b_lines.iter().map(|l| index_of(&parse_line(l))).collect();
+    let all: BTreeSet<u64> = a_ids.iter().chain(&b_ids).copied().collect();
+    let missing: Vec<u64> = (0..N).filter(|i| !all.contains(i)).collect();
+    assert!(
+        missing.is_empty(),
+        "lost {} messages, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(!b_ids.is_empty() && !a_ids.is_empty(), "work was shared");
+    // Each instance saw each of its keys in order; a message handled by both is one the killed
+    // instance handled but never acknowledged (the crash case).
+    for (name, ids) in [("a", &a_ids), ("b", &b_ids)] {
+        let mut per_key: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for i in ids.iter() {
+            per_key.entry(i % 40).or_default().push(*i);
+        }
+        for (k, order) in per_key {
+            assert!(
+                order.windows(2).all(|w| w[0] < w[1]),
+                "instance {name}: key k{k} out of order"
+            );
+        }
+    }
+    let a_set: BTreeSet<u64> = a_ids.iter().copied().collect();
+    let both = b_ids.iter().filter(|i| a_set.contains(i)).count();
+    assert!(both <= 256, "{both} messages handled by both instances");
+    eprintln!(
+        "instance kill: a {} + b {} lines, {both} handled by both",
+        a_ids.len(),
+        b_ids.len()
+    );
+}

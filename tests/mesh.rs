@@ -390,3 +390,102 @@ async fn mdns_on_loopback_finds_peers_and_a_restarted_node() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_seeds_typed_payloads_headers_and_scheduled_delivery() {
+    within(60, async {
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Order {
+            id: u64,
+            items: Vec<String>,
+        }
+        let key = MeshKey::generate();
+        // No discovery at all on the server; the client knows only its address.
+        let server = start(
+            peerbus::Node::builder("orders")
+                .mesh("seeds")
+                .mesh_key(key.clone())
+                .listen("127.0.0.1:0".parse().expect("addr"))
+                .no_mdns(),
+        )
+        .await;
+        let client = start(
+            peerbus::Node::builder("payments")
+                .mesh("seeds")
+                .mesh_key(key.clone())
+                .listen("127.0.0.1:0".parse().expect("addr"))
+                .no_mdns()
+                .seed(server.local_addr()),
+        )
+        .await;
+        assert!(
+            client
+                .wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await,
+            "seed dialed"
+        );
+        let (tx, mut rx) = mpsc::channel(16);
+        tokio::spawn(server.messages().expect("messages").handle(2, move |m| {
+            let tx = tx.clone();
+            async move {
+                tx.send(m).await.ok();
+                Ok::<(), HandlerError>(())
+            }
+        }));
+        let order = Order {
+            id: 7,
+            items: vec!["sku-1".into()],
+        };
+        let msg = Outgoing::encode(&order)
+            .expect("encode")
+            .header("traceparent", "00-abc-def-01")
+            .key("7");
+        client
+            .send("orders", msg)
+            .await
+            .expect("send")
+            .acked()
+            .await
+            .expect("acked");
+        let got = rx.recv().await.expect("message");
+        assert_eq!(got.decode::<Order>().expect("decode"), order);
+        assert_eq!(got.header("traceparent"), Some("00-abc-def-01"));
+        assert_eq!(got.from(), client.id());
+        let json = Outgoing::json(&order).expect("json");
+        client
+            .send("orders", json)
+            .await
+            .expect("send")
+            .acked()
+            .await
+            .expect("acked");
+        assert_eq!(
+            rx.recv()
+                .await
+                .expect("message")
+                .json::<Order>()
+                .expect("json"),
+            order
+        );
+
+        // Scheduled delivery: not before its time.
+        let t0 = std::time::Instant::now();
+        let r = client
+            .send(
+                "orders",
+                Outgoing::new("later").deliver_after(Duration::from_millis(600)),
+            )
+            .await
+            .expect("send");
+        r.acked().await.expect("acked");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(550),
+            "delivered early: {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(rx.recv().await.expect("message").payload_text(), "later");
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}

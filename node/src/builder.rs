@@ -58,6 +58,7 @@ pub struct NodeBuilder {
     pub(crate) max_log_entries: usize,
     pub(crate) max_log_bytes: usize,
     pub(crate) send_timeout: Duration,
+    pub(crate) max_frame_size: usize,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -96,6 +97,7 @@ impl NodeBuilder {
             max_log_entries: 1_000_000,
             max_log_bytes: 1 << 30,
             send_timeout: Duration::from_secs(5),
+            max_frame_size: peerbus_transport::DEFAULT_MAX_FRAME_SIZE,
         }
     }
 
@@ -175,8 +177,16 @@ impl NodeBuilder {
         self
     }
 
-    /// Largest payload accepted by `send`/`publish`/`request`. Default 4 MiB; must stay below
-    /// the transport's 8 MiB frame limit.
+    /// Largest frame accepted from a peer. Default 8 MiB. A peer sending a larger frame is
+    /// disconnected with `FrameTooLarge`; every node of a mesh should use the same value, and it
+    /// must exceed `max_message_size` by at least 64 KiB.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.max_frame_size = bytes;
+        self
+    }
+
+    /// Largest payload accepted by `send`/`publish`/`request`. Default 4 MiB; must stay at
+    /// least 64 KiB below the frame limit ([`NodeBuilder::max_frame_size`]).
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self

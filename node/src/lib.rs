@@ -38,8 +38,42 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # The delivery promise
+//!
+//! - `send`/`publish` return once the message is in the sender's log, durable
+//!   per [`Durability`] (fsync'd by default with a data directory; concurrent
+//!   sends share one fsync). The [`Receipt`] resolves when a consumer's handler
+//!   has handled it.
+//! - Delivery is at-least-once. A consumer acknowledges only after its handler
+//!   returned `Ok` **and** the consumer has durably recorded that it handled
+//!   the message (its dedup window, per origin node and log). Unacknowledged
+//!   messages are sent again after a reconnect, to another instance when theirs
+//!   is gone, and after the ack timeout; the dedup window drops every such
+//!   retransmission before it reaches a handler, across consumer restarts too.
+//! - Messages with the same key are handled in the order they were sent.
+//!
+//! ## When a handler can see a message twice
+//!
+//! Exactly one case: the consumer process **crashed after the handler returned
+//! and before the handled mark was persisted** (a window of one group commit,
+//! typically well under a millisecond plus one fsync). The message was never
+//! acknowledged, so the sender delivers it again, to the restarted consumer or
+//! to another instance of the service, and the handler runs again. Such a
+//! redelivery has [`Message::redelivered`] set (attempt > 1), and it keeps its
+//! [`MessageId`].
+//!
+//! Without a data directory ([`Durability::Memory`]) the dedup window lives in
+//! memory only, so a consumer restart forgets it: a message in flight across
+//! that restart can reach a handler again.
+//!
+//! To make a handler idempotent, key its side effect by the message id (or a
+//! business id inside the payload): store `id` in the same database
+//! transaction as the side effect, and skip the work when the id is already
+//! there. Side effects that are naturally idempotent (set a value, upsert)
+//! need nothing more.
+//!
 //! Layout: [`engine`] is the sans-IO delivery logic; `runtime` drives it with
-//! tokio; this crate root is the public face.
+//! tokio; [`store`] is the durable log; this crate root is the public face.
 
 pub mod control;
 pub mod engine;

@@ -168,11 +168,10 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
             b.service
         )));
     }
-    if b.max_message_size >= peerbus_transport::DEFAULT_MAX_FRAME_SIZE - 64 * 1024 {
+    if b.max_message_size.saturating_add(64 * 1024) > b.max_frame_size {
         return Err(StartError::Config(format!(
-            "max_message_size {} must stay below the transport frame limit {} minus 64 KiB",
-            b.max_message_size,
-            peerbus_transport::DEFAULT_MAX_FRAME_SIZE
+            "max_message_size {} must stay at least 64 KiB below max_frame_size {}",
+            b.max_message_size, b.max_frame_size
         )));
     }
     let membership = match &b.membership {
@@ -222,7 +221,9 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         None => Inbox::new(),
     };
     let listen = b.default_listen();
-    let endpoint = Endpoint::bind(EndpointConfig::new(identity, membership, listen))?;
+    let mut endpoint_config = EndpointConfig::new(identity, membership, listen);
+    endpoint_config.max_frame_size = b.max_frame_size;
+    let endpoint = Endpoint::bind(endpoint_config)?;
     let local_addr = endpoint.local_addr();
 
     let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
