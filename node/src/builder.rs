@@ -7,6 +7,7 @@ use std::time::Duration;
 use peerbus_discovery::{Discovery, Interfaces};
 use peerbus_transport::MeshKey;
 
+use crate::engine::breaker::BreakerConfig;
 use crate::error::StartError;
 use crate::node::Node;
 use crate::store::Durability;
@@ -59,6 +60,8 @@ pub struct NodeBuilder {
     pub(crate) max_log_bytes: usize,
     pub(crate) send_timeout: Duration,
     pub(crate) max_frame_size: usize,
+    pub(crate) breaker: BreakerConfig,
+    pub(crate) max_in_flight_per_service: usize,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -98,6 +101,8 @@ impl NodeBuilder {
             max_log_bytes: 1 << 30,
             send_timeout: Duration::from_secs(5),
             max_frame_size: peerbus_transport::DEFAULT_MAX_FRAME_SIZE,
+            breaker: BreakerConfig::default(),
+            max_in_flight_per_service: 1024,
         }
     }
 
@@ -263,6 +268,22 @@ impl NodeBuilder {
     /// How long `send`/`publish` wait for room in a full log. Default 5 s.
     pub fn send_timeout(mut self, d: Duration) -> Self {
         self.send_timeout = d;
+        self
+    }
+
+    /// The circuit breaker every requested service gets. Default: opens when at least half of
+    /// 20 or more requests within 10 s failed (timeout, lost instance, handler error), refuses
+    /// for 5 s, then lets one probe through. Too sensitive a breaker refuses a healthy service
+    /// after a blip; too lax a one keeps callers waiting on a dead one.
+    pub fn circuit_breaker(mut self, cfg: BreakerConfig) -> Self {
+        self.breaker = cfg;
+        self
+    }
+
+    /// The bulkhead: most requests in flight to one service at once; more fail fast with
+    /// [`crate::RequestError::Bulkhead`]. Default 1024.
+    pub fn max_requests_in_flight_per_service(mut self, n: usize) -> Self {
+        self.max_in_flight_per_service = n.max(1);
         self
     }
 

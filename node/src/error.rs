@@ -142,6 +142,25 @@ pub enum RequestError {
         /// The service.
         service: String,
     },
+    /// The service's circuit breaker is open after too many failures: failing fast.
+    #[error(
+        "circuit breaker for `{service}` is open after repeated failures; next probe in \
+         {retry_after:?}"
+    )]
+    BreakerOpen {
+        /// The service.
+        service: String,
+        /// When a probe request will be let through.
+        retry_after: Duration,
+    },
+    /// The service's bulkhead is full: too many requests to it are in flight.
+    #[error("bulkhead full: {limit} requests to `{service}` are already in flight")]
+    Bulkhead {
+        /// The service.
+        service: String,
+        /// The limit.
+        limit: usize,
+    },
     /// Too many requests are waiting for replies.
     #[error("too many requests in flight ({limit}); wait for some to finish")]
     TooManyInFlight {

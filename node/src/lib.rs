@@ -87,12 +87,16 @@ mod runtime;
 mod subscription;
 
 pub use builder::NodeBuilder;
+pub use engine::breaker::{BreakerConfig, BreakerState};
 pub use error::{
     AdminError, CodecError, DeliveryError, HandlerError, RequestError, SendError, StartError,
     SubscribeError,
 };
 pub use message::{Message, MessageId, MessageKind, Outgoing};
-pub use node::{Node, PeerInfo, PeerState, Receipt, Request, ServeHandle, Status};
+pub use node::{
+    BreakerStatus, Node, PeerInfo, PeerState, Receipt, Request, RequestOptions, ScatterReply,
+    ServeHandle, Status,
+};
 pub use store::{DeadLetter, Durability, StoreError, StoreStats};
 pub use subscription::{Delivery, Subscription};
 

@@ -22,7 +22,7 @@ use crate::error::{
     AdminError, DeliveryError, HandlerError, RequestError, SendError, SubscribeError,
 };
 use crate::message::{Message, Outgoing, now_unix_ms};
-use crate::runtime::core::{Append, CoreMsg};
+use crate::runtime::core::{Append, CoreMsg, ScatterTarget};
 use crate::runtime::storage::StoreOp;
 use crate::runtime::{self, InboundRequest, LocalSub, MAX_SUBSCRIPTIONS, SERVE_QUEUE, Shared};
 use crate::store::DeadLetter;
@@ -125,6 +125,23 @@ pub struct Status {
     pub redelivered: u64,
     /// Requests waiting for a reply.
     pub requests_in_flight: usize,
+    /// Circuit breaker and bulkhead per requested service.
+    pub breakers: BTreeMap<String, BreakerStatus>,
+}
+
+/// A requested service's circuit breaker and bulkhead.
+#[derive(Clone, Debug, Serialize)]
+pub struct BreakerStatus {
+    /// Closed, open or half-open.
+    pub state: crate::engine::breaker::BreakerState,
+    /// Requests that ended within the breaker's window.
+    pub requests_in_window: usize,
+    /// Of those, failures (timeouts, lost instances, handler errors).
+    pub failures_in_window: usize,
+    /// Requests waiting for a reply now.
+    pub in_flight: usize,
+    /// The bulkhead: most requests in flight to this service.
+    pub max_in_flight: usize,
 }
 
 fn ser_opt_display<S: serde::Serializer>(id: &Option<NodeId>, s: S) -> Result<S::Ok, S::Error> {
@@ -283,17 +300,81 @@ impl Node {
     /// Sends a request to one instance of `service` that serves requests and waits for its
     /// reply. Fails at once with [`RequestError::NoResponders`] when none is connected, and with
     /// [`RequestError::Timeout`] when `timeout` passes. The responder sees the time left.
+    /// Never retried: see [`Node::request_with`] for idempotent requests.
     pub async fn request(
         &self,
         service: &str,
         msg: impl Into<Outgoing>,
         timeout: Duration,
     ) -> Result<Bytes, RequestError> {
+        self.request_with(service, msg, RequestOptions::new(timeout))
+            .await
+    }
+
+    /// A request with options. With [`RequestOptions::idempotent`], a request that timed out,
+    /// lost its instance or found no responder is retried (backoff with jitter) until it
+    /// succeeds, `max_attempts` are spent or the overall timeout passes; each attempt gets an
+    /// equal share of the time left. Handler errors, an open breaker and a full bulkhead are
+    /// never retried.
+    pub async fn request_with(
+        &self,
+        service: &str,
+        msg: impl Into<Outgoing>,
+        opts: RequestOptions,
+    ) -> Result<Bytes, RequestError> {
         validate_subject(service, false).map_err(RequestError::Invalid)?;
         let msg = msg.into();
         let env = self
             .envelope(Kind::Request, service, &msg)
             .map_err(|e| RequestError::Invalid(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + opts.timeout;
+        let attempts = if opts.idempotent {
+            opts.max_attempts.max(1)
+        } else {
+            1
+        };
+        let mut backoff = opts.backoff;
+        for attempt in 1..=attempts {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let share = left / (attempts - attempt + 1);
+            let mut env = env.clone();
+            env.attempt = attempt;
+            let result = self.request_once(service, env, share).await;
+            let retryable = matches!(
+                result,
+                Err(RequestError::Timeout { .. }
+                    | RequestError::PeerLost { .. }
+                    | RequestError::NoResponders { .. })
+            );
+            if result.is_ok() || !retryable || attempt == attempts {
+                return result.map_err(|e| match e {
+                    RequestError::Timeout { service, .. } => RequestError::Timeout {
+                        service,
+                        after: opts.timeout,
+                    },
+                    other => other,
+                });
+            }
+            let jitter = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            tokio::time::sleep(jitter.min(left)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        Err(RequestError::Timeout {
+            service: service.to_string(),
+            after: opts.timeout,
+        })
+    }
+
+    async fn request_once(
+        &self,
+        service: &str,
+        env: Envelope,
+        timeout: Duration,
+    ) -> Result<Bytes, RequestError> {
         let (tx, rx) = oneshot::channel();
         self.core(CoreMsg::Request {
             service: service.to_string(),
@@ -312,6 +393,84 @@ impl Node {
                 after: timeout,
             }),
         }
+    }
+
+    /// Scatter-gather: sends one request to every connected instance of `service` that serves
+    /// requests and collects replies until `within` passes or `max_replies` arrived. Returns
+    /// what arrived (possibly nothing); [`RequestError::NoResponders`] when no instance exists.
+    pub async fn scatter(
+        &self,
+        service: &str,
+        msg: impl Into<Outgoing>,
+        within: Duration,
+        max_replies: Option<usize>,
+    ) -> Result<Vec<ScatterReply>, RequestError> {
+        self.scatter_to(
+            ScatterTarget::Service(service.to_string()),
+            msg.into(),
+            within,
+            max_replies,
+        )
+        .await
+    }
+
+    /// Scatter-gather to every connected node subscribed to a topic matching `topic` (their
+    /// `serve` handler answers; the request's destination is the topic).
+    pub async fn scatter_topic(
+        &self,
+        topic: &str,
+        msg: impl Into<Outgoing>,
+        within: Duration,
+        max_replies: Option<usize>,
+    ) -> Result<Vec<ScatterReply>, RequestError> {
+        self.scatter_to(
+            ScatterTarget::Topic(topic.to_string()),
+            msg.into(),
+            within,
+            max_replies,
+        )
+        .await
+    }
+
+    async fn scatter_to(
+        &self,
+        target: ScatterTarget,
+        msg: Outgoing,
+        within: Duration,
+        max_replies: Option<usize>,
+    ) -> Result<Vec<ScatterReply>, RequestError> {
+        let name = match &target {
+            ScatterTarget::Service(s) | ScatterTarget::Topic(s) => s.clone(),
+        };
+        validate_subject(&name, false).map_err(RequestError::Invalid)?;
+        let env = self
+            .envelope(Kind::Request, &name, &msg)
+            .map_err(|e| RequestError::Invalid(e.to_string()))?;
+        let (tx, mut rx) = mpsc::channel(MAX_SCATTER);
+        let (started_tx, started_rx) = oneshot::channel();
+        self.core(CoreMsg::Scatter {
+            target,
+            env,
+            budget_ms: within.as_millis() as u64,
+            replies: tx,
+            started: started_tx,
+        })
+        .await
+        .map_err(|()| RequestError::Stopped)?;
+        let asked = started_rx.await.map_err(|_| RequestError::Stopped)?;
+        if asked == 0 {
+            return Err(RequestError::NoResponders { service: name });
+        }
+        let want = max_replies.unwrap_or(asked).min(asked);
+        let mut out = Vec::with_capacity(want);
+        let deadline = tokio::time::Instant::now() + within;
+        while out.len() < want {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some((from, result))) => out.push(ScatterReply { from, result }),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Ok(out)
     }
 
     /// Serves requests addressed to this node's service with `handler`, running up to
@@ -649,6 +808,58 @@ impl Node {
     pub fn delivered_count(&self) -> u64 {
         self.shared.counters.delivered.load(Ordering::Relaxed)
     }
+}
+
+/// Most replies one scatter-gather collects (and so instances it asks).
+pub(crate) const MAX_SCATTER: usize = 4096;
+
+/// Options of [`Node::request_with`].
+#[derive(Clone, Copy, Debug)]
+pub struct RequestOptions {
+    timeout: Duration,
+    idempotent: bool,
+    max_attempts: u32,
+    backoff: Duration,
+}
+
+impl RequestOptions {
+    /// One attempt with this overall timeout.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            idempotent: false,
+            max_attempts: 3,
+            backoff: Duration::from_millis(50),
+        }
+    }
+
+    /// The request may be repeated safely: retry it on timeouts, lost instances and missing
+    /// responders (default attempts: 3).
+    pub fn idempotent(mut self) -> Self {
+        self.idempotent = true;
+        self
+    }
+
+    /// Attempts for an idempotent request, including the first. Default 3.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    /// First retry delay (doubles per retry, capped at 2 s, jittered). Default 50 ms.
+    pub fn backoff(mut self, d: Duration) -> Self {
+        self.backoff = d;
+        self
+    }
+}
+
+/// One answer of a scatter-gather.
+#[derive(Clone, Debug)]
+pub struct ScatterReply {
+    /// The node that answered.
+    pub from: NodeId,
+    /// Its reply, or its handler's error text.
+    pub result: Result<Bytes, String>,
 }
 
 /// A request as a `serve` handler sees it.

@@ -8,6 +8,7 @@
 //! time, loss, reordering and restarts (see `tests` in each module and
 //! `sim.rs`).
 
+pub mod breaker;
 pub mod inbox;
 pub mod outbox;
 pub mod routing;

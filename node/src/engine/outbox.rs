@@ -745,6 +745,13 @@ impl Outbox {
         self.logs.get(log).map_or(0, |l| l.entries.len())
     }
 
+    /// Whether a connected peer has an interest matching `topic` (any group).
+    pub fn peer_matches_topic(&self, peer: NodeId, topic: &str) -> bool {
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.interests.iter().any(|i| topic_matches(&i.pattern, topic)))
+    }
+
     /// Peers that said goodbye and get no new work.
     pub fn draining_peers(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.peers

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::storage::{Clock, Durable, StoreOp};
 use super::{MAX_KNOWN_PEERS, Shared, conn};
+use crate::engine::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target};
 use crate::engine::routing::stable_hash;
 use crate::engine::wire::{Control, Data, Envelope, Hello, Interest};
@@ -100,6 +101,15 @@ pub(crate) enum CoreMsg {
         budget_ms: u64,
         reply: oneshot::Sender<Result<Bytes, RequestError>>,
     },
+    /// Send a request to every serving instance of a service, or every node subscribed to a
+    /// topic; replies stream into `replies`, `started` says how many were asked.
+    Scatter {
+        target: ScatterTarget,
+        env: Envelope,
+        budget_ms: u64,
+        replies: mpsc::Sender<(NodeId, Result<Bytes, String>)>,
+        started: oneshot::Sender<usize>,
+    },
     /// Local serve handler answered a request.
     SendReply {
         to: NodeId,
@@ -150,12 +160,38 @@ struct Known {
     last_error: Option<String>,
 }
 
+/// Who a scatter request goes to.
+#[derive(Clone, Debug)]
+pub(crate) enum ScatterTarget {
+    /// Every connected instance of the service that serves requests.
+    Service(String),
+    /// Every connected node with an interest matching the topic (and serving requests).
+    Topic(String),
+}
+
+enum Sink {
+    One(oneshot::Sender<Result<Bytes, RequestError>>),
+    Many(mpsc::Sender<(NodeId, Result<Bytes, String>)>),
+}
+
 struct PendingRequest {
     peer: NodeId,
     service: String,
     deadline: u64,
-    reply: oneshot::Sender<Result<Bytes, RequestError>>,
+    sink: Sink,
+    /// Counted by the service's breaker and bulkhead.
+    guarded: bool,
 }
+
+/// Request guards per destination service.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Guards {
+    pub(crate) breaker: BreakerConfig,
+    pub(crate) max_in_flight_per_service: usize,
+}
+
+/// Most services with a breaker (one per destination a node requests).
+const MAX_BREAKERS: usize = 4096;
 
 struct Core {
     shared: Arc<Shared>,
@@ -182,6 +218,9 @@ struct Core {
     /// `send` calls waiting for room in a full log, oldest first.
     parked: std::collections::VecDeque<Append>,
     limits: Limits,
+    guards: Guards,
+    breakers: HashMap<String, Breaker>,
+    service_in_flight: HashMap<String, usize>,
 }
 
 /// Log size limits (see `NodeBuilder::max_log_entries` and friends).
@@ -199,6 +238,7 @@ pub(crate) struct CoreInit {
     pub(crate) recovered: Option<crate::store::Recovered>,
     pub(crate) start_unix_ms: u64,
     pub(crate) limits: Limits,
+    pub(crate) guards: Guards,
 }
 
 pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, init: CoreInit) {
@@ -246,6 +286,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         staged: HashMap::new(),
         parked: std::collections::VecDeque::new(),
         limits: init.limits,
+        guards: init.guards,
+        breakers: HashMap::new(),
+        service_in_flight: HashMap::new(),
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -326,14 +369,30 @@ impl Core {
             } => self.on_control(peer, generation, frame),
             CoreMsg::Reply { corr, result } => {
                 if let Some(p) = self.requests.remove(&corr) {
-                    if let Some(l) = self.links.get_mut(&p.peer) {
-                        l.outstanding = l.outstanding.saturating_sub(1);
+                    let ok = result.is_ok();
+                    self.finish_request(&p, Some(ok));
+                    match p.sink {
+                        Sink::One(tx) => {
+                            let _ = tx.send(result.map_err(|message| RequestError::Remote {
+                                service: p.service,
+                                message,
+                            }));
+                        }
+                        Sink::Many(tx) => {
+                            let _ = tx.try_send((p.peer, result));
+                        }
                     }
-                    let _ = p.reply.send(result.map_err(|message| RequestError::Remote {
-                        service: p.service,
-                        message,
-                    }));
                 }
+            }
+            CoreMsg::Scatter {
+                target,
+                mut env,
+                budget_ms,
+                replies,
+                started,
+            } => {
+                let n = self.scatter(target, &mut env, budget_ms, replies);
+                let _ = started.send(n);
             }
             CoreMsg::Request {
                 service,
@@ -424,7 +483,7 @@ impl Core {
         self.expire_parked(now);
         let settled = self.outbox.check_timers(now);
         self.settle(settled);
-        // Requests whose deadline passed without the caller cancelling (caller dropped).
+        // Requests whose deadline passed: a failure for the breaker.
         let expired: Vec<u64> = self
             .requests
             .iter()
@@ -433,14 +492,31 @@ impl Core {
             .collect();
         for corr in expired {
             if let Some(p) = self.requests.remove(&corr) {
-                if let Some(l) = self.links.get_mut(&p.peer) {
-                    l.outstanding = l.outstanding.saturating_sub(1);
+                self.finish_request(&p, Some(false));
+                if let Sink::One(tx) = p.sink {
+                    let _ = tx.send(Err(RequestError::Timeout {
+                        service: p.service,
+                        after: Duration::from_millis(0),
+                    }));
                 }
-                let _ = p.reply.send(Err(RequestError::Timeout {
-                    service: p.service,
-                    after: Duration::from_millis(0),
-                }));
             }
+        }
+    }
+
+    /// Bookkeeping when a request ends: the instance's and the service's in-flight counts,
+    /// and the breaker (`Some(ok)`), unless it ended without a verdict (`None`).
+    fn finish_request(&mut self, p: &PendingRequest, ok: Option<bool>) {
+        if let Some(l) = self.links.get_mut(&p.peer) {
+            l.outstanding = l.outstanding.saturating_sub(1);
+        }
+        if !p.guarded {
+            return;
+        }
+        if let Some(n) = self.service_in_flight.get_mut(&p.service) {
+            *n = n.saturating_sub(1);
+        }
+        if let (Some(ok), Some(b)) = (ok, self.breakers.get_mut(&p.service)) {
+            b.record(self.shared.now(), ok);
         }
     }
 
@@ -799,6 +875,56 @@ impl Core {
             }));
             return;
         };
+        // Bulkhead, then breaker: both fail fast, before anything is sent.
+        let in_flight = self.service_in_flight.get(service).copied().unwrap_or(0);
+        let limit = self.guards.max_in_flight_per_service;
+        if in_flight >= limit {
+            let _ = reply.send(Err(RequestError::Bulkhead {
+                service: service.to_string(),
+                limit,
+            }));
+            return;
+        }
+        let now = self.shared.now();
+        if !self.breakers.contains_key(service) && self.breakers.len() >= MAX_BREAKERS {
+            // Forget a closed breaker to make room; open ones are kept.
+            let victim = self
+                .breakers
+                .iter()
+                .find(|(_, b)| b.state(now) == BreakerState::Closed)
+                .map(|(k, _)| k.clone());
+            if let Some(v) = victim {
+                self.breakers.remove(&v);
+            }
+        }
+        let guards = self.guards;
+        let breaker = self
+            .breakers
+            .entry(service.to_string())
+            .or_insert_with(|| Breaker::new(guards.breaker));
+        if let Err(r) = breaker.allow(now) {
+            let _ = reply.send(Err(RequestError::BreakerOpen {
+                service: service.to_string(),
+                retry_after: Duration::from_millis(r.retry_after_ms),
+            }));
+            return;
+        }
+        *self
+            .service_in_flight
+            .entry(service.to_string())
+            .or_default() += 1;
+        self.send_request(peer, service, env, budget_ms, Sink::One(reply), true);
+    }
+
+    fn send_request(
+        &mut self,
+        peer: NodeId,
+        service: &str,
+        env: &mut Envelope,
+        budget_ms: u64,
+        sink: Sink,
+        guarded: bool,
+    ) {
         let corr = self.next_corr;
         self.next_corr += 1;
         env.seq = corr;
@@ -825,9 +951,52 @@ impl Core {
                 peer,
                 service: service.to_string(),
                 deadline,
-                reply,
+                sink,
+                guarded,
             },
         );
+    }
+
+    fn scatter(
+        &mut self,
+        target: ScatterTarget,
+        env: &mut Envelope,
+        budget_ms: u64,
+        replies: mpsc::Sender<(NodeId, Result<Bytes, String>)>,
+    ) -> usize {
+        let peers: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(id, l)| {
+                l.serves
+                    && !self.outbox.is_draining(**id)
+                    && match &target {
+                        ScatterTarget::Service(s) => &l.service == s,
+                        ScatterTarget::Topic(t) => self.outbox.peer_matches_topic(**id, t),
+                    }
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let room = self
+            .shared
+            .max_requests_in_flight
+            .saturating_sub(self.requests.len());
+        let name = match &target {
+            ScatterTarget::Service(s) | ScatterTarget::Topic(s) => s.clone(),
+        };
+        let mut n = 0;
+        for peer in peers.into_iter().take(room) {
+            self.send_request(
+                peer,
+                &name,
+                env,
+                budget_ms,
+                Sink::Many(replies.clone()),
+                false,
+            );
+            n += 1;
+        }
+        n
     }
 
     fn on_discovery(&mut self, ev: DiscoveryEvent) {
@@ -1042,9 +1211,15 @@ impl Core {
             .collect();
         for corr in lost {
             if let Some(p) = self.requests.remove(&corr) {
-                let _ = p
-                    .reply
-                    .send(Err(RequestError::PeerLost { service: p.service }));
+                self.finish_request(&p, Some(false));
+                match p.sink {
+                    Sink::One(tx) => {
+                        let _ = tx.send(Err(RequestError::PeerLost { service: p.service }));
+                    }
+                    Sink::Many(tx) => {
+                        let _ = tx.try_send((p.peer, Err("instance went away".into())));
+                    }
+                }
             }
         }
     }
@@ -1088,6 +1263,23 @@ impl Core {
             delivered: c.delivered.load(Ordering::Relaxed),
             redelivered: c.redelivered.load(Ordering::Relaxed),
             requests_in_flight: self.requests.len(),
+            breakers: self
+                .breakers
+                .iter()
+                .map(|(svc, b)| {
+                    let mut b = b.clone();
+                    let now = self.shared.now();
+                    let (requests, failures) = b.window(now);
+                    let status = crate::node::BreakerStatus {
+                        state: b.state(now),
+                        requests_in_window: requests,
+                        failures_in_window: failures,
+                        in_flight: self.service_in_flight.get(svc).copied().unwrap_or(0),
+                        max_in_flight: self.guards.max_in_flight_per_service,
+                    };
+                    (svc.clone(), status)
+                })
+                .collect(),
         }
     }
 
@@ -1105,7 +1297,9 @@ impl Core {
             let _ = p.reply.send(Err(SendError::Stopped));
         }
         for (_, r) in self.requests.drain() {
-            let _ = r.reply.send(Err(RequestError::Stopped));
+            if let Sink::One(tx) = r.sink {
+                let _ = tx.send(Err(RequestError::Stopped));
+            }
         }
     }
 }

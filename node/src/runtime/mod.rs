@@ -289,6 +289,10 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
             total_bytes: b.max_log_bytes,
             max_parked: b.max_log_entries.min(65_536),
         },
+        guards: core::Guards {
+            breaker: b.breaker,
+            max_in_flight_per_service: b.max_in_flight_per_service,
+        },
     };
     tracker.spawn(core::run(shared.clone(), core_rx, init).instrument(span.clone()));
     drop(core_tx);

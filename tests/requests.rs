@@ -1,0 +1,307 @@
+//! Request/reply: deadlines, no responders, breaker, bulkhead, idempotent retries,
+//! scatter-gather. In process, real QUIC on 127.0.0.1.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{builder, eventually, start, within};
+use peerbus::{
+    BreakerConfig, BreakerState, HandlerError, MemoryNetwork, MeshKey, RequestError, RequestOptions,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_travels_and_timeout_and_no_responders_are_clear() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let err = client
+            .request("accounts", "x", Duration::from_secs(2))
+            .await
+            .expect_err("none");
+        assert!(matches!(err, RequestError::NoResponders { .. }), "{err}");
+        let t0 = std::time::Instant::now();
+        let server = start(builder(&net, "accounts", &key)).await;
+        server
+            .serve(|req| async move {
+                // The budget arrives with the request.
+                let budget = req.budget();
+                if req.payload_text() == "slow" {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                Ok(format!("{}", budget.as_millis()).into())
+            })
+            .await
+            .expect("serve");
+        assert!(
+            client
+                .wait_for_instances("accounts", 1, Duration::from_secs(10))
+                .await
+        );
+        eventually(10, "serving announced", || async {
+            client
+                .request("accounts", "hi", Duration::from_millis(800))
+                .await
+                .is_ok()
+        })
+        .await;
+        let budget: u64 = String::from_utf8(
+            client
+                .request("accounts", "hi", Duration::from_millis(1500))
+                .await
+                .expect("reply")
+                .to_vec(),
+        )
+        .expect("utf8")
+        .parse()
+        .expect("ms");
+        assert!(
+            (1000..=1500).contains(&budget),
+            "server saw a budget of {budget} ms"
+        );
+        let t1 = std::time::Instant::now();
+        let err = client
+            .request("accounts", "slow", Duration::from_millis(300))
+            .await
+            .expect_err("timeout");
+        assert!(matches!(err, RequestError::Timeout { .. }), "{err}");
+        assert!(t1.elapsed() < Duration::from_secs(2), "timed out on time");
+        assert!(err.to_string().contains("timed out"), "{err}");
+        let _ = t0;
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_on_failures_fails_fast_and_closes_after_recovery() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let cfg = BreakerConfig {
+            window_ms: 5_000,
+            min_requests: 5,
+            failure_ratio: 0.5,
+            cooldown_ms: 400,
+            half_open_probes: 1,
+        };
+        let client = start(builder(&net, "web", &key).circuit_breaker(cfg)).await;
+        let server = start(builder(&net, "accounts", &key)).await;
+        let healthy = Arc::new(AtomicBool::new(false));
+        let h = healthy.clone();
+        server
+            .serve(move |_req| {
+                let ok = h.load(Ordering::SeqCst);
+                async move {
+                    if ok {
+                        Ok("fine".into())
+                    } else {
+                        Err(HandlerError::retry("database down"))
+                    }
+                }
+            })
+            .await
+            .expect("serve");
+        eventually(10, "server reachable", || async {
+            matches!(
+                client
+                    .request("accounts", "x", Duration::from_millis(500))
+                    .await,
+                Err(RequestError::Remote { .. })
+            )
+        })
+        .await;
+        for _ in 0..5 {
+            let _ = client
+                .request("accounts", "x", Duration::from_secs(1))
+                .await;
+        }
+        let err = client
+            .request("accounts", "x", Duration::from_secs(1))
+            .await
+            .expect_err("open");
+        assert!(matches!(err, RequestError::BreakerOpen { .. }), "{err}");
+        let st = client.status().await.expect("status");
+        assert_eq!(st.breakers["accounts"].state, BreakerState::Open);
+        // Recovery: after the cool-down a probe succeeds and closes the breaker.
+        healthy.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert_eq!(
+            &client
+                .request("accounts", "x", Duration::from_secs(1))
+                .await
+                .expect("probe")[..],
+            b"fine"
+        );
+        assert_eq!(
+            client.status().await.expect("status").breakers["accounts"].state,
+            BreakerState::Closed
+        );
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulkhead_refuses_past_its_limit() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key).max_requests_in_flight_per_service(2)).await;
+        let server = start(builder(&net, "reports", &key)).await;
+        server
+            .serve(|_req| async {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                Ok("done".into())
+            })
+            .await
+            .expect("serve");
+        eventually(10, "server reachable", || async {
+            client
+                .request("reports", "x", Duration::from_secs(2))
+                .await
+                .is_ok()
+        })
+        .await;
+        let c1 = client.clone();
+        let c2 = client.clone();
+        let a =
+            tokio::spawn(async move { c1.request("reports", "a", Duration::from_secs(3)).await });
+        let b =
+            tokio::spawn(async move { c2.request("reports", "b", Duration::from_secs(3)).await });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let err = client
+            .request("reports", "c", Duration::from_secs(3))
+            .await
+            .expect_err("bulkhead");
+        assert!(
+            matches!(err, RequestError::Bulkhead { limit: 2, .. }),
+            "{err}"
+        );
+        assert!(a.await.expect("join").is_ok() && b.await.expect("join").is_ok());
+        client
+            .request("reports", "d", Duration::from_secs(3))
+            .await
+            .expect("room again");
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_retry_and_others_do_not() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        // No responder yet: a plain request fails at once.
+        let err = client
+            .request("prices", "x", Duration::from_secs(3))
+            .await
+            .expect_err("none");
+        assert!(matches!(err, RequestError::NoResponders { .. }));
+        // An idempotent one keeps trying while the responder starts.
+        let net2 = net.clone();
+        let key2 = key.clone();
+        let server = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let s = start(builder(&net2, "prices", &key2)).await;
+            s.serve(|_r| async { Ok("42".into()) })
+                .await
+                .expect("serve");
+            s
+        });
+        let opts = RequestOptions::new(Duration::from_secs(8))
+            .idempotent()
+            .max_attempts(40);
+        let reply = client
+            .request_with("prices", "x", opts)
+            .await
+            .expect("retried until served");
+        assert_eq!(&reply[..], b"42");
+        let server = server.await.expect("join");
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scatter_gather_collects_until_the_deadline() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let mut servers = Vec::new();
+        let answered = Arc::new(AtomicUsize::new(0));
+        for i in 0..3u64 {
+            let s = start(builder(&net, "inventory", &key)).await;
+            let answered = answered.clone();
+            s.serve(move |_r| {
+                let answered = answered.clone();
+                async move {
+                    // The third instance is too slow for the deadline.
+                    if i == 2 {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    Ok(format!("stock-{i}").into())
+                }
+            })
+            .await
+            .expect("serve");
+            servers.push(s);
+        }
+        assert!(
+            client
+                .wait_for_instances("inventory", 3, Duration::from_secs(10))
+                .await
+        );
+        eventually(10, "all three serve", || async {
+            client.status().await.is_some_and(|_| true)
+                && client
+                    .scatter("inventory", "warm", Duration::from_millis(300), Some(2))
+                    .await
+                    .is_ok_and(|r| r.len() == 2)
+        })
+        .await;
+        let t0 = std::time::Instant::now();
+        let replies = client
+            .scatter("inventory", "how many?", Duration::from_millis(500), None)
+            .await
+            .expect("scatter");
+        assert!(
+            t0.elapsed() < Duration::from_millis(1500),
+            "returned at the deadline"
+        );
+        assert_eq!(replies.len(), 2, "the slow instance missed the deadline");
+        let mut texts: Vec<String> = replies
+            .iter()
+            .map(|r| String::from_utf8_lossy(r.result.as_ref().expect("ok")).into_owned())
+            .collect();
+        texts.sort();
+        assert_eq!(texts, vec!["stock-0", "stock-1"]);
+        // With a count, it returns as soon as that many arrived.
+        let first = client
+            .scatter("inventory", "any", Duration::from_secs(5), Some(1))
+            .await
+            .expect("scatter");
+        assert_eq!(first.len(), 1);
+        let err = client
+            .scatter("nobody", "x", Duration::from_millis(100), None)
+            .await
+            .expect_err("none");
+        assert!(matches!(err, RequestError::NoResponders { .. }));
+        client.shutdown().await;
+        for s in servers {
+            s.shutdown().await;
+        }
+    })
+    .await;
+}
