@@ -104,6 +104,12 @@ pub enum DeliveryError {
         /// Why.
         reason: String,
     },
+    /// Its subscriber group was unsubscribed before it was delivered.
+    #[error("released: {reason}")]
+    Released {
+        /// Why.
+        reason: String,
+    },
     /// The node stopped before an acknowledgement arrived; the entry stays in the log (when
     /// durable) and is delivered after the next start.
     #[error("the node stopped before the message was acknowledged")]

@@ -246,9 +246,11 @@ impl Node {
             .await
     }
 
-    /// Publishes to `topic`: each subscriber group whose pattern matches gets one copy, handled
-    /// by one of its instances. Groups are learnt from peers' announced interests (including
-    /// peers seen earlier that are now down, whose copies wait in the log).
+    /// Publishes to `topic`: each durable subscriber group whose pattern matches gets one copy,
+    /// handled by one of its instances; each connected ephemeral subscriber gets an online-only
+    /// copy. Groups are learnt from peers' announced interests, including groups whose instances
+    /// are all down now (their copies wait in the log) and groups other nodes told us of. The
+    /// receipt covers the durable copies.
     pub async fn publish(
         &self,
         topic: &str,
@@ -267,8 +269,7 @@ impl Node {
         })
         .await
         .map_err(|()| SendError::Stopped)?;
-        let groups = rx.await.map_err(|_| SendError::Stopped)?;
-        let targets = groups.into_iter().map(Target::Group).collect();
+        let targets = rx.await.map_err(|_| SendError::Stopped)?;
         self.append(targets, env, &msg).await
     }
 
@@ -548,12 +549,34 @@ impl Node {
         self.subscribe_group(pattern, &group).await
     }
 
-    /// Subscribes to topics matching `pattern` in subscriber group `group`: the group gets one
-    /// copy of each message, handled by one of its live instances.
+    /// Subscribes to topics matching `pattern` in the durable subscriber group `group`: the
+    /// group gets one copy of each message, handled by one of its live instances, and
+    /// publishers keep the group's copies while none of its instances runs (until the group is
+    /// released with [`Node::unsubscribe_group`]).
     pub async fn subscribe_group(
         &self,
         pattern: &str,
         group: &str,
+    ) -> Result<Subscription, SubscribeError> {
+        validate_subject(group, false).map_err(|reason| SubscribeError::InvalidPattern {
+            pattern: group.to_string(),
+            reason: format!("group name: {reason}"),
+        })?;
+        self.add_subscription(pattern, Some(group.to_string()))
+            .await
+    }
+
+    /// An ephemeral subscription: online-only copies of messages published on topics matching
+    /// `pattern`, to this node only, while it is connected. Nothing is kept for it while it is
+    /// away; copies in flight when it disconnects are dropped. For taps, dashboards, caches.
+    pub async fn subscribe_ephemeral(&self, pattern: &str) -> Result<Subscription, SubscribeError> {
+        self.add_subscription(pattern, None).await
+    }
+
+    async fn add_subscription(
+        &self,
+        pattern: &str,
+        group: Option<String>,
     ) -> Result<Subscription, SubscribeError> {
         validate_subject(pattern, true).map_err(|reason| SubscribeError::InvalidPattern {
             pattern: pattern.to_string(),
@@ -571,7 +594,7 @@ impl Node {
             routes.next_sub += 1;
             let interest = Interest {
                 pattern: pattern.to_string(),
-                group: Some(group.to_string()),
+                group,
             };
             routes.subs.push(LocalSub { id, interest, tx });
             id
@@ -580,6 +603,22 @@ impl Node {
             .await
             .map_err(|()| SubscribeError::Stopped)?;
         Ok(Subscription::new(self.shared.clone(), rx, Some(id)))
+    }
+
+    /// Unsubscribes durable group `group` for good: this node's subscriptions in it stop, every
+    /// node forgets the group, and publishers release the copies they kept for it (their
+    /// receipts fail with [`DeliveryError::Released`]). Dropping a [`Subscription`] does not do
+    /// this: a group outlives its instances until it is released.
+    pub async fn unsubscribe_group(&self, group: &str) -> Result<(), SubscribeError> {
+        runtime::write(&self.shared.routes)
+            .subs
+            .retain(|s| s.interest.group.as_deref() != Some(group));
+        self.core(CoreMsg::InterestsChanged)
+            .await
+            .map_err(|()| SubscribeError::Stopped)?;
+        self.core(CoreMsg::ReleaseGroup(group.to_string()))
+            .await
+            .map_err(|()| SubscribeError::Stopped)
     }
 
     /// Peers this node knows of, with their state.

@@ -30,6 +30,8 @@ pub enum Target {
     Service(String),
     /// A subscriber group: instances with an interest in this group.
     Group(String),
+    /// One node's ephemeral subscriptions: online-only copies, dropped when it disconnects.
+    Node(NodeId),
 }
 
 impl Target {
@@ -38,7 +40,13 @@ impl Target {
         match self {
             Target::Service(s) => format!("svc:{s}"),
             Target::Group(g) => format!("grp:{g}"),
+            Target::Node(n) => format!("eph:{n}"),
         }
+    }
+
+    /// Whether copies for this target are online-only (not stored, no receipt).
+    pub fn is_ephemeral(&self) -> bool {
+        matches!(self, Target::Node(_))
     }
 
     /// Parses a log name back into its target.
@@ -46,8 +54,13 @@ impl Target {
         if let Some(s) = name.strip_prefix("svc:") {
             Some(Target::Service(s.to_string()))
         } else {
-            name.strip_prefix("grp:")
-                .map(|g| Target::Group(g.to_string()))
+            if let Some(g) = name.strip_prefix("grp:") {
+                Some(Target::Group(g.to_string()))
+            } else {
+                name.strip_prefix("eph:")
+                    .and_then(|n| n.parse().ok())
+                    .map(Target::Node)
+            }
         }
     }
 }
@@ -86,6 +99,11 @@ pub enum Outcome {
     Acked {
         /// The instance that acknowledged.
         by: NodeId,
+    },
+    /// Released without delivery: its subscriber group was unsubscribed.
+    Released {
+        /// Why.
+        reason: String,
     },
     /// Given up: moved to the dead-letter store with this reason.
     DeadLettered {
@@ -358,6 +376,11 @@ impl Outbox {
         if self.peers.get(&peer).is_some_and(|p| p.conn == conn) {
             self.peers.remove(&peer);
             self.requeue_peer(peer);
+            // Online-only copies for its ephemeral subscriptions go with it.
+            self.release_log(
+                &Target::Node(peer).log_name(),
+                "ephemeral subscriber disconnected",
+            );
         }
     }
 
@@ -381,7 +404,7 @@ impl Outbox {
         let mut v: Vec<NodeId> = self
             .peers
             .iter()
-            .filter(|(_, p)| !p.draining && consumes(p, target, None))
+            .filter(|(id, p)| !p.draining && consumes(id, p, target, None))
             .map(|(id, _)| *id)
             .collect();
         v.sort();
@@ -507,6 +530,52 @@ impl Outbox {
         })
     }
 
+    /// Empties a log (its group was unsubscribed, or its ephemeral subscriber left). Every
+    /// entry leaves as [`Outcome::Released`].
+    pub fn release_log(&mut self, log_name: &str, reason: &str) -> Vec<Settled> {
+        let Some(log) = self.logs.remove(log_name) else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(log.entries.len());
+        for (seq, e) in log.entries {
+            if let State::InFlight { peer, .. } = e.state
+                && let Some(pp) = self.peers.get_mut(&peer)
+            {
+                pp.in_flight = pp.in_flight.saturating_sub(1);
+            }
+            self.total_bytes -= e.env.payload.len();
+            out.push(Settled {
+                log: log_name.to_string(),
+                seq,
+                attempts: e.attempts,
+                env: e.env,
+                outcome: Outcome::Released {
+                    reason: reason.to_string(),
+                },
+            });
+        }
+        // Keep sequence numbers increasing if the log comes back.
+        self.bump_seq(log_name, log.next_seq);
+        out
+    }
+
+    /// Connected peers with an ephemeral (group-less) interest matching `topic`.
+    pub fn ephemeral_for(&self, topic: &str) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                !p.draining
+                    && p.interests
+                        .iter()
+                        .any(|i| i.group.is_none() && topic_matches(&i.pattern, topic))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Moves an entry out of its log by hand (for `dlq`-style tooling and tests).
     pub fn remove(&mut self, log_name: &str, seq: u64, reason: &str) -> Option<Settled> {
         self.dead_letter(log_name, seq, reason.to_string())
@@ -577,7 +646,7 @@ impl Outbox {
             let mut v: Vec<NodeId> = self
                 .peers
                 .iter()
-                .filter(|(_, p)| !p.draining && consumes(p, &target, None))
+                .filter(|(id, p)| !p.draining && consumes(id, p, &target, None))
                 .map(|(id, _)| *id)
                 .collect();
             v.sort();
@@ -632,7 +701,7 @@ impl Outbox {
                         let live = candidates.iter().filter(|c| {
                             self.peers
                                 .get(c)
-                                .is_some_and(|p| consumes(p, &target, Some(&e.env.destination)))
+                                .is_some_and(|p| consumes(c, p, &target, Some(&e.env.destination)))
                         });
                         rendezvous(k, live)
                     }
@@ -641,8 +710,8 @@ impl Outbox {
                 None => candidates
                     .iter()
                     .filter_map(|c| self.peers.get(c).map(|p| (c, p)))
-                    .filter(|(_, p)| {
-                        p.in_flight < p.credits && consumes(p, &target, Some(&e.env.destination))
+                    .filter(|(c, p)| {
+                        p.in_flight < p.credits && consumes(c, p, &target, Some(&e.env.destination))
                     })
                     .min_by_key(|(c, p)| (p.in_flight, stable_rr(c, self.round_robin)))
                     .map(|(c, _)| *c),
@@ -789,9 +858,10 @@ fn forget_key(keys: &mut HashMap<String, BTreeSet<u64>>, env: &Envelope) {
     }
 }
 
-fn consumes(p: &Peer, target: &Target, topic: Option<&str>) -> bool {
+fn consumes(id: &NodeId, p: &Peer, target: &Target, topic: Option<&str>) -> bool {
     match target {
         Target::Service(s) => &p.service == s,
+        Target::Node(n) => n == id,
         Target::Group(g) => p.interests.iter().any(|i| {
             i.group.as_deref() == Some(g.as_str())
                 && topic.is_none_or(|t| topic_matches(&i.pattern, t))

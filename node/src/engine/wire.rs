@@ -101,6 +101,11 @@ pub enum Control {
     Goodbye,
     /// Whether the sender now serves requests.
     Serves(bool),
+    /// Durable subscriber groups the sender knows of (group, topic patterns), so a publisher
+    /// keeps copies for a group even when it never met one of its instances.
+    Groups(Vec<(String, Vec<String>)>),
+    /// A durable group was unsubscribed for good: forget it and release its backlog.
+    GroupGone(String),
 }
 
 /// The opening frame of a connection, in both directions.
@@ -226,6 +231,8 @@ mod tests {
             roundtrip(Control::Nack { log, seq: seqs.first().copied().unwrap_or(0), reason, permanent: true });
             roundtrip(Control::Goodbye);
             roundtrip(Control::Serves(true));
+            roundtrip(Control::Groups(vec![("g".into(), vec!["a.>".into()])]));
+            roundtrip(Control::GroupGone("g".into()));
         }
 
         #[test]

@@ -459,6 +459,16 @@ fn route(shared: &Shared, log: &str, destination: &str) -> Option<mpsc::Sender<I
     if let Some(svc) = log.strip_prefix("svc:") {
         return (svc == shared.service).then(|| routes.service_tx.clone());
     }
+    if let Some(node) = log.strip_prefix("eph:") {
+        if node != shared.id.to_string() {
+            return None;
+        }
+        return routes
+            .subs
+            .iter()
+            .find(|s| s.interest.group.is_none() && topic_matches(&s.interest.pattern, destination))
+            .map(|s| s.tx.clone());
+    }
     let group = log.strip_prefix("grp:")?;
     routes
         .subs

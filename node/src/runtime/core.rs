@@ -64,11 +64,15 @@ pub(crate) enum CoreMsg {
     Append(Append),
     /// The store writer finished a group commit.
     Durable(Durable),
-    /// Which groups subscribe to a topic (connected peers' interests and groups seen before).
+    /// Who gets a copy of a publish on `topic`: every durable group known to subscribe to it
+    /// (from connected peers, groups seen before, and groups other nodes told us of), and every
+    /// connected node with a matching ephemeral subscription.
     GroupsFor {
         topic: String,
-        reply: oneshot::Sender<Vec<String>>,
+        reply: oneshot::Sender<Vec<Target>>,
     },
+    /// A durable group was unsubscribed for good here: forget it everywhere, release its backlog.
+    ReleaseGroup(String),
     /// A handshake finished.
     PeerReady(Box<conn::Ready>),
     /// A connection closed.
@@ -192,6 +196,10 @@ pub(crate) struct Guards {
 
 /// Most services with a breaker (one per destination a node requests).
 const MAX_BREAKERS: usize = 4096;
+/// Most durable subscriber groups a node remembers (learnt from peers and gossip).
+const MAX_KNOWN_GROUPS: usize = 1024;
+/// Most topic patterns remembered per durable group.
+const MAX_PATTERNS_PER_GROUP: usize = 64;
 
 struct Core {
     shared: Arc<Shared>,
@@ -338,8 +346,16 @@ impl Core {
                         groups.insert(g.clone());
                     }
                 }
-                let _ = reply.send(groups.into_iter().collect());
+                let mut targets: Vec<Target> = groups.into_iter().map(Target::Group).collect();
+                targets.extend(
+                    self.outbox
+                        .ephemeral_for(&topic)
+                        .into_iter()
+                        .map(Target::Node),
+                );
+                let _ = reply.send(targets);
             }
+            CoreMsg::ReleaseGroup(group) => self.release_group(&group, None),
             CoreMsg::PeerReady(ready) => self.peer_ready(*ready),
             CoreMsg::PeerGone {
                 peer,
@@ -580,6 +596,9 @@ impl Core {
                     self.shared.counters.acked.fetch_add(1, Ordering::Relaxed);
                     Ok(())
                 }
+                Outcome::Released { reason } => Err(DeliveryError::Released {
+                    reason: reason.clone(),
+                }),
                 Outcome::DeadLettered { reason } => {
                     self.dead_letters += 1;
                     self.shared
@@ -691,6 +710,19 @@ impl Core {
         let mut receipts = Vec::with_capacity(a.targets.len());
         let mut stored = Vec::with_capacity(a.targets.len());
         for t in &a.targets {
+            if t.is_ephemeral() {
+                // Online-only: not stored, no receipt; dropped if its subscriber disconnects.
+                self.outbox.append(
+                    t,
+                    a.env.clone(),
+                    now,
+                    a.ttl_ms,
+                    a.delay_ms.map(|d| now + d),
+                    false,
+                );
+                self.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let e = self.outbox.append(
                 t,
                 a.env.clone(),
@@ -708,6 +740,10 @@ impl Core {
                 not_before_ms: a.delay_ms.map(|d| self.clock.unix_time(now + d)),
                 env: e,
             });
+        }
+        if stored.is_empty() {
+            let _ = a.reply.send(Ok(receipts));
+            return;
         }
         let store = &self.store;
         let call = self.next_call;
@@ -805,9 +841,23 @@ impl Core {
                 self.settle(settled.into_iter().collect());
             }
             Control::Interests(interests) => {
-                self.remember_groups(&interests);
+                if self.remember_groups(&interests) {
+                    self.broadcast_groups();
+                }
                 self.outbox.peer_interests(peer, interests);
             }
+            Control::Groups(groups) => {
+                let mut changed = false;
+                for (g, patterns) in groups.into_iter().take(MAX_KNOWN_GROUPS) {
+                    for p in patterns.into_iter().take(MAX_PATTERNS_PER_GROUP) {
+                        changed |= self.remember_group(&g, &p);
+                    }
+                }
+                if changed {
+                    self.broadcast_groups();
+                }
+            }
+            Control::GroupGone(group) => self.release_group(&group, Some(peer)),
             Control::Goodbye => {
                 info!(peer = %peer.short(), "peer is shutting down");
                 self.outbox.peer_draining(peer);
@@ -833,12 +883,66 @@ impl Core {
         }
     }
 
-    fn remember_groups(&mut self, interests: &[Interest]) {
+    /// Learns the durable groups in `interests`; true when anything was new.
+    fn remember_groups(&mut self, interests: &[Interest]) -> bool {
+        let mut changed = false;
         for i in interests {
             if let Some(g) = &i.group {
-                let set = self.known_groups.entry(g.clone()).or_default();
-                if set.len() < 256 {
-                    set.insert(i.pattern.clone());
+                changed |= self.remember_group(g, &i.pattern);
+            }
+        }
+        changed
+    }
+
+    fn remember_group(&mut self, group: &str, pattern: &str) -> bool {
+        if !self.known_groups.contains_key(group) && self.known_groups.len() >= MAX_KNOWN_GROUPS {
+            warn!(
+                limit = MAX_KNOWN_GROUPS,
+                group, "too many durable groups known; ignoring one"
+            );
+            return false;
+        }
+        let set = self.known_groups.entry(group.to_string()).or_default();
+        set.len() < MAX_PATTERNS_PER_GROUP && set.insert(pattern.to_string())
+    }
+
+    fn groups_frame(&self) -> Control {
+        Control::Groups(
+            self.known_groups
+                .iter()
+                .map(|(g, p)| (g.clone(), p.iter().cloned().collect()))
+                .collect(),
+        )
+    }
+
+    /// Tells every peer what durable groups we know (sets only grow, so this converges).
+    fn broadcast_groups(&self) {
+        let frame = self.groups_frame();
+        for l in self.links.values() {
+            try_out(l, Out::Control(frame.clone()));
+        }
+    }
+
+    /// Forgets a durable group, releases its backlog, and passes the news on (not back to
+    /// `from`). Only a group we knew is passed on, so the news stops once everyone knows.
+    fn release_group(&mut self, group: &str, from: Option<NodeId>) {
+        let knew = self.known_groups.remove(group).is_some();
+        let released = self.outbox.release_log(
+            &Target::Group(group.to_string()).log_name(),
+            &format!("subscriber group `{group}` was unsubscribed"),
+        );
+        if !released.is_empty() {
+            info!(
+                group,
+                entries = released.len(),
+                "released the backlog of an unsubscribed group"
+            );
+        }
+        self.settle(released);
+        if knew || from.is_none() {
+            for (id, l) in &self.links {
+                if Some(*id) != from {
+                    try_out(l, Out::Control(Control::GroupGone(group.to_string())));
                 }
             }
         }
@@ -1124,7 +1228,7 @@ impl Core {
         self.next_generation += 1;
         let (tx, rx) = mpsc::channel(super::LINK_QUEUE);
         let cancel = self.shared.cancel.child_token();
-        self.remember_groups(&r.hello.interests);
+        let learnt = self.remember_groups(&r.hello.interests);
         self.outbox.peer_up(
             peer,
             generation,
@@ -1169,6 +1273,22 @@ impl Core {
         };
         self.links.insert(peer, link);
         conn::spawn_connection(self.shared.clone(), r, generation, rx, cancel);
+        if let Some(l) = self.links.get(&peer) {
+            // Our hello was built before this connection was registered: an interest or
+            // `serve` change in between never reached this peer. Send the current state once.
+            let (interests, serves) = {
+                let r = super::read(&self.shared.routes);
+                (r.interests(), r.serve.is_some())
+            };
+            try_out(l, Out::Control(Control::Interests(interests)));
+            try_out(l, Out::Control(Control::Serves(serves)));
+            if !learnt {
+                try_out(l, Out::Control(self.groups_frame()));
+            }
+        }
+        if learnt {
+            self.broadcast_groups();
+        }
     }
 
     fn peer_gone(&mut self, peer: NodeId, generation: u64, reason: &str) {

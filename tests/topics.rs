@@ -1,0 +1,312 @@
+//! Topics and subscriber groups: durable groups, ephemeral subscribers, group knowledge
+//! shared between nodes, unsubscribe, and competing instances under churn.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{builder, eventually, start, within};
+use peerbus::{DeliveryError, HandlerError, MemoryNetwork, MeshKey, Node, Outgoing};
+use tokio::sync::mpsc;
+
+fn drain(sub: peerbus::Subscription) -> mpsc::Receiver<(Option<String>, String)> {
+    let (tx, rx) = mpsc::channel(100_000);
+    tokio::spawn(sub.handle(4, move |m| {
+        let tx = tx.clone();
+        async move {
+            tx.send((m.key().map(str::to_string), m.payload_text()))
+                .await
+                .ok();
+            Ok::<(), HandlerError>(())
+        }
+    }));
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_group_catches_up_and_a_late_publisher_keeps_its_copies() {
+    within(90, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p1 = start(builder(&net, "payments", &key)).await;
+        let audit = start(builder(&net, "audit", &key).data_dir(dir.path())).await;
+        let sub = audit.subscribe("payment.>").await.expect("sub");
+        let mut probes = drain(sub);
+        eventually(10, "p1 learnt the audit group", || async {
+            p1.publish("payment.probe", "p")
+                .await
+                .is_ok_and(|r| r.copies() == 1)
+        })
+        .await;
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(300), probes.recv()).await
+        {}
+        audit.shutdown().await;
+        eventually(10, "audit gone", || async {
+            p1.peers()
+                .await
+                .iter()
+                .all(|p| p.service != "audit" || p.state != peerbus::PeerState::Connected)
+        })
+        .await;
+
+        // A publisher that never met an audit instance starts now: it learns the group from p1.
+        let p2 = start(builder(&net, "refunds", &key)).await;
+        eventually(10, "p2 learnt the audit group by gossip", || async {
+            p2.publish("payment.refunded", "r-probe")
+                .await
+                .is_ok_and(|r| r.copies() == 1)
+        })
+        .await;
+        for i in 0..200 {
+            let r1 = p1
+                .publish(
+                    "payment.succeeded",
+                    Outgoing::new(format!("p1-{i}")).key("acct"),
+                )
+                .await
+                .expect("publish");
+            assert_eq!(r1.copies(), 1, "copy kept for the offline group");
+            let r2 = p2
+                .publish(
+                    "payment.refunded",
+                    Outgoing::new(format!("p2-{i}")).key("acct2"),
+                )
+                .await
+                .expect("publish");
+            assert_eq!(r2.copies(), 1);
+        }
+        // The group comes back: everything arrives, in order per publisher and key.
+        let audit = start(builder(&net, "audit", &key).data_dir(dir.path())).await;
+        let mut got = drain(audit.subscribe("payment.>").await.expect("sub"));
+        let mut p1_seen = Vec::new();
+        let mut p2_seen = Vec::new();
+        while p1_seen.len() < 200 || p2_seen.len() < 200 {
+            let (_, text) = tokio::time::timeout(Duration::from_secs(30), got.recv())
+                .await
+                .expect("in time")
+                .expect("msg");
+            if let Some(n) = text.strip_prefix("p1-") {
+                p1_seen.push(n.parse::<u32>().expect("n"));
+            } else if let Some(n) = text.strip_prefix("p2-") {
+                p2_seen.push(n.parse::<u32>().expect("n"));
+            }
+        }
+        assert_eq!(p1_seen, (0..200).collect::<Vec<_>>());
+        assert_eq!(p2_seen, (0..200).collect::<Vec<_>>());
+        for n in [p1, p2, audit] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+/// Publishes on `topic` until the tap receives a copy (interests travel asynchronously).
+async fn wait_for_copy(
+    publisher: &Node,
+    tap: &mut mpsc::Receiver<(Option<String>, String)>,
+    topic: &str,
+) {
+    for _ in 0..100 {
+        let _ = publisher.publish(topic, "probe").await.expect("publish");
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(100), tap.recv()).await {
+            return;
+        }
+    }
+    panic!("the ephemeral subscriber never got a copy on {topic}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_subscribers_get_online_only_copies() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let publisher = start(builder(&net, "prices", &key)).await;
+        let dash = start(builder(&net, "dashboard", &key)).await;
+        let mut tap = drain(dash.subscribe_ephemeral("price.*").await.expect("sub"));
+        wait_for_copy(&publisher, &mut tap, "price.warmup").await;
+        let r = publisher
+            .publish("price.eur", "1.07")
+            .await
+            .expect("publish");
+        assert_eq!(r.copies(), 0, "ephemeral copies carry no receipt");
+        loop {
+            let (_, t) = tap.recv().await.expect("copy");
+            if t == "1.07" {
+                break;
+            }
+        }
+        // The dashboard goes away: nothing is kept for it.
+        dash.shutdown().await;
+        eventually(10, "dashboard gone", || async {
+            publisher.status().await.is_some_and(|s| s.connections == 0)
+        })
+        .await;
+        for i in 0..50 {
+            let _ = publisher
+                .publish("price.eur", format!("{i}"))
+                .await
+                .expect("publish");
+        }
+        let st = publisher.status().await.expect("status");
+        let kept: usize = st.logs.values().map(|l| l.waiting + l.in_flight).sum();
+        assert_eq!(
+            kept, 0,
+            "no backlog for an ephemeral subscriber: {:?}",
+            st.logs
+        );
+        let dash = start(builder(&net, "dashboard", &key)).await;
+        let mut tap = drain(dash.subscribe_ephemeral("price.*").await.expect("sub"));
+        wait_for_copy(&publisher, &mut tap, "price.usd").await;
+        publisher.shutdown().await;
+        dash.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribing_a_durable_group_releases_its_backlog_everywhere() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let publisher = start(builder(&net, "orders", &key)).await;
+        let billing = start(builder(&net, "billing", &key)).await;
+        // Subscribed but not consuming: copies stay unacknowledged.
+        let _sub = billing.subscribe("order.created").await.expect("sub");
+        eventually(10, "group known", || async {
+            publisher.publish("order.probe.x", "p").await.is_ok()
+                && publisher
+                    .publish("order.created", "probe")
+                    .await
+                    .is_ok_and(|r| r.copies() == 1)
+        })
+        .await;
+        // Nobody consumes: copies pile up for the group.
+        let mut receipts = Vec::new();
+        for i in 0..20 {
+            receipts.push(
+                publisher
+                    .publish("order.created", format!("{i}"))
+                    .await
+                    .expect("publish"),
+            );
+        }
+        billing
+            .unsubscribe_group("billing")
+            .await
+            .expect("unsubscribe");
+        for r in receipts {
+            let e = r.acked().await.expect_err("released");
+            assert!(matches!(e, DeliveryError::Released { .. }), "{e}");
+        }
+        let st = publisher.status().await.expect("status");
+        assert!(
+            st.logs
+                .get("grp:billing")
+                .is_none_or(|l| l.waiting + l.in_flight == 0)
+        );
+        let r = publisher
+            .publish("order.created", "after")
+            .await
+            .expect("publish");
+        assert_eq!(r.copies(), 0, "the group is forgotten");
+        publisher.shutdown().await;
+        billing.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_with_one_lost_and_one_added_keep_every_key_in_order() {
+    within(180, async {
+        const N: usize = 30_000;
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let sender = start(builder(&net, "payments", &key)).await;
+        let seen: Arc<Mutex<Vec<(usize, String, u32)>>> = Arc::default();
+        let spawn_instance = |tag: usize| {
+            let seen = seen.clone();
+            let b = builder(&net, "orders", &key);
+            async move {
+                let node: Node = start(b).await;
+                let seen2 = seen.clone();
+                tokio::spawn(node.messages().expect("messages").handle(8, move |m| {
+                    let seen = seen2.clone();
+                    async move {
+                        let k = m.key().unwrap_or("").to_string();
+                        let i: u32 = m.payload_text().parse().expect("n");
+                        seen.lock().expect("lock").push((tag, k, i));
+                        Ok::<(), HandlerError>(())
+                    }
+                }));
+                node
+            }
+        };
+        let i1 = spawn_instance(1).await;
+        let i2 = spawn_instance(2).await;
+        let i3 = spawn_instance(3).await;
+        assert!(
+            sender
+                .wait_for_instances("orders", 3, Duration::from_secs(10))
+                .await
+        );
+        let mut receipts = Vec::with_capacity(N);
+        let mut i4 = None;
+        for i in 0..N {
+            let msg = Outgoing::new(format!("{i}")).key(format!("k{}", i % 200));
+            receipts.push(sender.send("orders", msg).await.expect("send"));
+            if i == N / 3 {
+                i2.shutdown().await; // one instance leaves mid-run
+            }
+            if i == 2 * N / 3 {
+                i4 = Some(spawn_instance(4).await); // one joins
+                let s = &sender;
+                assert!(
+                    s.wait_for_instances("orders", 3, Duration::from_secs(10))
+                        .await
+                );
+            }
+        }
+        for r in receipts {
+            r.acked().await.expect("acked");
+        }
+        let seen = seen.lock().expect("lock").clone();
+        let mut count: HashMap<u32, u32> = HashMap::new();
+        let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut by_instance: HashMap<usize, usize> = HashMap::new();
+        for (tag, k, i) in &seen {
+            *count.entry(*i).or_default() += 1;
+            per_key.entry(k.clone()).or_default().push(*i);
+            *by_instance.entry(*tag).or_default() += 1;
+        }
+        assert_eq!(count.len(), N, "every message handled");
+        assert!(
+            count.values().all(|c| *c == 1),
+            "handled once each (graceful leave: no crash case)"
+        );
+        for (k, order) in &per_key {
+            assert!(
+                order.windows(2).all(|w| w[0] < w[1]),
+                "key {k} out of order"
+            );
+        }
+        assert!(
+            by_instance.get(&4).copied().unwrap_or(0) > 0,
+            "new instance got work: {by_instance:?}"
+        );
+        for tag in [1, 2, 3] {
+            assert!(
+                by_instance.get(&tag).copied().unwrap_or(0) > 0,
+                "instance {tag} got work: {by_instance:?}"
+            );
+        }
+        eprintln!("work per instance: {by_instance:?}");
+        for n in [Some(sender), Some(i1), Some(i3), i4].into_iter().flatten() {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
