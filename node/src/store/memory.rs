@@ -1,12 +1,12 @@
-//! The in-memory store.
+//! The in-memory store: the same behaviour as [`RedbStore`](super::RedbStore), nothing on disk.
 
 use std::collections::BTreeMap;
 
 use super::{Batch, DeadLetter, Recovered, Store, StoreError, StoreStats, StoredEntry};
 use crate::engine::inbox::WindowSnapshot;
 
-/// A store that keeps everything in memory: lost when the process ends.
-#[derive(Default, Debug)]
+/// A store that keeps everything in memory: all of it is lost when the process ends.
+#[derive(Default, Debug, Clone)]
 pub struct MemoryStore {
     entries: BTreeMap<(String, u64), StoredEntry>,
     seqs: BTreeMap<String, u64>,
@@ -25,6 +25,9 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn commit(&mut self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         for e in batch.append {
             self.entries.insert((e.env.log.clone(), e.env.seq), e);
         }
@@ -38,14 +41,20 @@ impl Store for MemoryStore {
         for (l, s) in batch.next_seqs {
             self.seqs.insert(l, s);
         }
+        let above_last = self.dead.last_key_value().map(|(k, _)| k.saturating_add(1));
+        let mut next = self.next_dead.max(above_last.unwrap_or(1)).max(1);
         for mut d in batch.dead {
-            self.next_dead += 1;
-            d.id = self.next_dead;
+            if d.id == 0 {
+                d.id = next;
+            }
+            next = next.max(d.id.saturating_add(1));
             self.dead.insert(d.id, d);
         }
+        self.next_dead = next;
         self.commits += 1;
         Ok(())
     }
+
     fn recover(&mut self) -> Result<Recovered, StoreError> {
         Ok(Recovered {
             entries: self.entries.values().cloned().collect(),
@@ -55,15 +64,20 @@ impl Store for MemoryStore {
             corrupt: vec![],
         })
     }
+
     fn dead_letters(&mut self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         Ok(self.dead.values().take(limit).cloned().collect())
     }
+
     fn take_dead_letters(&mut self, ids: &[u64]) -> Result<Vec<DeadLetter>, StoreError> {
+        self.commits += 1;
         Ok(ids.iter().filter_map(|i| self.dead.remove(i)).collect())
     }
+
     fn sync(&mut self) -> Result<(), StoreError> {
         Ok(())
     }
+
     fn stats(&self) -> StoreStats {
         StoreStats {
             fsyncs: 0,

@@ -3,15 +3,23 @@
 //! [`RedbStore`] keeps one redb database file, `peerbus.redb`, in the node's
 //! data directory; [`MemoryStore`] keeps the same data in memory (for
 //! [`Durability::Memory`] and tests). The runtime's store writer calls
-//! [`Store::commit`] with one [`Batch`] per group commit.
+//! [`Store::commit`] with one [`Batch`] per group commit: one batch is one
+//! database transaction and, with [`Durability::Fsync`], one fsync, however
+//! many `send` calls it carries.
 //!
 //! Every record is stored as a CRC-32 of its bytes followed by its bincode
 //! encoding. A record whose checksum or decoding fails is never returned as
 //! data: [`Store::recover`] moves it to a `quarantine` table and reports it
 //! with its table and key.
 //!
-//! The node keeps the index of its whole log in memory (the outbox), so
-//! recovery reads every stored entry once at start.
+//! Removed entries are deleted, so the file stops growing once delivery keeps
+//! up: redb reuses the freed pages, and [`RedbStore::compact`] gives them back
+//! to the file system.
+//!
+//! Memory: the node keeps the index of its whole log in memory (the outbox),
+//! so [`Store::recover`] reads every stored entry, window and next-seq at once
+//! (dead letters are only counted). Memory at start is therefore proportional
+//! to the undelivered log, which the runtime bounds.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,26 +30,32 @@ use crate::engine::inbox::WindowSnapshot;
 use crate::engine::wire::Envelope;
 
 mod memory;
+mod record;
 mod redb;
+#[cfg(test)]
+mod tests;
+mod wal;
 
 pub use self::memory::MemoryStore;
-pub use self::redb::{LOCK_FILE, RedbStore, STORE_FILE};
+pub use self::redb::{LOCK_FILE, RedbStore, STORE_FILE, WAL_FILE};
 
-/// An entry as stored.
+/// A log entry as stored, keyed by `(env.log, env.seq)`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StoredEntry {
     /// The message.
     pub env: Envelope,
-    /// Absolute expiry (Unix ms).
+    /// When it expires and goes to the dead-letter store (Unix ms); `None`: never.
     pub expires_at_ms: Option<u64>,
-    /// Absolute not-before (Unix ms).
+    /// Not delivered before this time (Unix ms); `None`: at once.
     pub not_before_ms: Option<u64>,
 }
 
-/// A dead letter.
+/// A message that will not be delivered, kept with the reason until it is replayed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
-    /// Store-assigned id (0 before it is stored).
+    /// Id in the dead-letter store. Committing a dead letter with id 0 assigns the next free
+    /// id (ids only grow, so id order is arrival order); a non-zero id is kept and replaces any
+    /// dead letter with that id.
     pub id: u64,
     /// The message.
     pub env: Envelope,
@@ -53,8 +67,10 @@ pub struct DeadLetter {
     pub dead_at_ms: u64,
 }
 
-/// One atomic change.
-#[derive(Default, Debug)]
+/// One atomic change: [`Store::commit`] applies all of it or nothing, in this order: append,
+/// remove (so an entry appended and removed in one batch is gone), windows, next seqs, dead
+/// letters. Later items for the same key win.
+#[derive(Clone, Default, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
     /// New entries.
     pub append: Vec<StoredEntry>,
@@ -79,54 +95,63 @@ impl Batch {
     }
 }
 
-/// A record that failed its checksum.
+/// A stored record that failed its checksum or did not decode; it was moved to the
+/// `quarantine` table (under `"<table>/<key>"`) and is not part of the recovered data.
 #[derive(Clone, Debug)]
 pub struct CorruptRecord {
-    /// Table.
+    /// The table it was in: `entries`, `seqs`, `windows`, `dead` or `meta`.
     pub table: &'static str,
-    /// Key.
+    /// Its key, readable: `log#seq` for entries, `origin/log` for windows, the log name for
+    /// seqs, the id for dead letters (hex when the key itself is damaged).
     pub key: String,
-    /// Why.
+    /// What was wrong (`checksum mismatch`, …).
     pub reason: String,
 }
 
 /// Everything recovered at start.
 #[derive(Default, Debug)]
 pub struct Recovered {
-    /// Entries, by (log, seq).
+    /// Stored entries, sorted by `(log, seq)`.
     pub entries: Vec<StoredEntry>,
-    /// Next seqs.
+    /// Next sequence number per log, sorted by log.
     pub next_seqs: Vec<(String, u64)>,
-    /// Windows.
+    /// Persisted dedup windows.
     pub windows: Vec<WindowSnapshot>,
-    /// Dead letters count.
+    /// Number of dead letters stored (list them with [`Store::dead_letters`]).
     pub dead_letters: usize,
-    /// Corrupt records.
+    /// Records found corrupt and quarantined (empty when all is well).
     pub corrupt: Vec<CorruptRecord>,
 }
 
 /// How durable `send`/`publish` are when they return.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
-    /// Each group commit is fsync'd before any of its `send` calls return. Survives process
-    /// crashes, OS crashes and power loss (as far as the disk honours fsync). The default with a
-    /// data directory. Concurrent sends share one fsync.
+    /// Each group commit is fsync'd before [`Store::commit`] returns, so before any of its
+    /// `send` calls return. Survives process crashes, OS crashes and power loss (as far as the
+    /// disk honours fsync). Concurrent sends share one fsync. The default with a data directory.
     Fsync,
-    /// Commits are written to the file at once but fsync'd at most once per interval. Survives
-    /// a process crash (the OS has the data); an OS crash or power loss can lose the entries of
-    /// the last interval.
+    /// Commits are not fsync'd; the next commit after the interval has elapsed is (and so is
+    /// [`Store::sync`], a stop, and any commit once 64 MiB are unsynced). Every commit is written
+    /// with one `write` to a side log (`peerbus.wal`) before it returns, so it **survives a
+    /// process crash** (kill -9, panic, abort): the next open replays it. An **OS crash or
+    /// power loss loses the commits since the last fsync**: at most one interval's worth while
+    /// commits keep coming; if they stop, the unsynced tail waits for the next commit, `sync` or
+    /// stop. `Interval(Duration::ZERO)` behaves like `Fsync`.
     Interval(Duration),
-    /// Nothing is written to disk. Every entry not yet acknowledged is lost when the process
-    /// stops, crashes or restarts. The default without a data directory.
+    /// Nothing is written to disk: every entry not yet acknowledged is lost when the process
+    /// stops, crashes or restarts. The default without a data directory (the node then uses
+    /// [`MemoryStore`]). A [`RedbStore`] opened with `Memory` never fsyncs and reaches the file
+    /// only when it is dropped cleanly or [`Store::sync`] is called.
     Memory,
 }
 
 /// Store figures since the store was opened.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct StoreStats {
-    /// fsyncs performed.
+    /// Durable (fsync'd) database commits, including the one made when opening.
     pub fsyncs: u64,
-    /// Commits (group commits) performed.
+    /// Database commits: one per non-empty [`Store::commit`], plus syncs, dead-letter takes and
+    /// quarantine moves.
     pub commits: u64,
     /// Size of the database file in bytes (0 in memory).
     pub file_bytes: u64,
@@ -148,7 +173,8 @@ pub enum StoreError {
         /// The pid written in its lock file, when readable.
         pid: Option<u32>,
     },
-    /// The database file is damaged beyond reading.
+    /// The database file is damaged beyond reading (single damaged records are quarantined
+    /// instead, see [`Store::recover`]).
     #[error(
         "store file {} is corrupt ({reason}); move it aside to start with an empty log (its \
          unsent entries are then lost)",
@@ -160,13 +186,13 @@ pub enum StoreError {
         /// What the database reported.
         reason: String,
     },
-    /// The disk is full.
+    /// The disk is full (`ENOSPC`). Nothing of the failed call was stored.
     #[error("disk full writing {}: nothing of this batch was stored; free space and retry", path.display())]
     Full {
         /// The file.
         path: PathBuf,
     },
-    /// An I/O error.
+    /// Any other I/O error on the data directory, its lock file or the database file.
     #[error("{}: {source}", path.display())]
     Io {
         /// The file or directory.
@@ -174,23 +200,31 @@ pub enum StoreError {
         /// The error.
         source: std::io::Error,
     },
-    /// Any other database error.
+    /// Any other database error (including use of a read-only store for writing).
     #[error("store: {0}")]
     Db(String),
 }
 
 /// A durable (or in-memory) log.
+///
+/// After [`StoreError::Io`] or [`StoreError::Full`] nothing of the failed call was stored and
+/// the store is still usable: it reopens its file on the next call (retry once space is free).
 pub trait Store: Send + 'static {
-    /// Applies a batch atomically (all or nothing) with the store's durability.
+    /// Applies a batch atomically (all or nothing) with the store's [`Durability`]. An empty
+    /// batch does nothing.
     fn commit(&mut self, batch: Batch) -> Result<(), StoreError>;
-    /// Everything persisted, for a restart. Corrupt records are quarantined and reported in
-    /// [`Recovered::corrupt`], never returned as data.
+    /// Everything persisted, for a restart: entries sorted by `(log, seq)`, next seqs, windows
+    /// and the dead-letter count. Records whose checksum fails, that do not decode or whose key
+    /// does not match their content are moved to the `quarantine` table, logged at warn and
+    /// reported in [`Recovered::corrupt`] — never returned as data.
     fn recover(&mut self) -> Result<Recovered, StoreError>;
-    /// Dead letters, oldest first, at most `limit`.
+    /// At most `limit` dead letters, oldest first (corrupt ones are skipped and logged).
     fn dead_letters(&mut self, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
-    /// Removes the dead letters with these ids and returns them (for replay).
+    /// Removes the dead letters with these ids and returns them, in the order asked (for
+    /// replay). Unknown ids are ignored. Durable when it returns, except with
+    /// [`Durability::Memory`].
     fn take_dead_letters(&mut self, ids: &[u64]) -> Result<Vec<DeadLetter>, StoreError>;
-    /// Makes everything committed so far durable now.
+    /// Makes everything committed so far durable now (an fsync when anything is unsynced).
     fn sync(&mut self) -> Result<(), StoreError>;
     /// Figures since opening.
     fn stats(&self) -> StoreStats;

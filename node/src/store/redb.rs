@@ -1,19 +1,24 @@
 //! The redb store: one database file in the data directory, guarded by an
 //! exclusive lock file that names the owning process.
+//!
+//! Invariant: one [`Store::commit`] is one redb write transaction.
+//! Invariant: a durable commit in `Interval` mode stores a new side-log epoch
+//! and then empties the side log (see `wal.rs`).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
     WriteTransaction,
 };
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use tracing::warn;
+use tracing::{info, warn};
 
+use super::record::{describe_key, entry_key, open_sealed, seal, window_key};
+use super::wal::{WAL_MAX_BYTES, Wal};
 use super::{
     Batch, CorruptRecord, DeadLetter, Durability, Recovered, Store, StoreError, StoreStats,
     StoredEntry,
@@ -24,23 +29,45 @@ use crate::engine::inbox::WindowSnapshot;
 pub const STORE_FILE: &str = "peerbus.redb";
 /// Lock file name inside the data directory (holds the owner's pid).
 pub const LOCK_FILE: &str = "peerbus.lock";
+/// Side log of [`Durability::Interval`] inside the data directory (empty after a clean stop).
+pub const WAL_FILE: &str = "peerbus.wal";
 
-const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
-const SEQS: TableDefinition<&str, u64> = TableDefinition::new("seqs");
+pub(super) const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
+const SEQS: TableDefinition<&str, &[u8]> = TableDefinition::new("seqs");
 const WINDOWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("windows");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const QUARANTINE: TableDefinition<&str, &[u8]> = TableDefinition::new("quarantine");
 
 const META_NEXT_DEAD: &str = "next_dead_id";
+const META_WAL_EPOCH: &str = "wal_epoch";
+
+enum Db {
+    Rw(Database),
+    Ro(ReadOnlyDatabase),
+}
 
 /// A store in `<data_dir>/peerbus.redb`.
+///
+/// Opening takes `<data_dir>/peerbus.lock` for as long as the value lives; dropping it makes
+/// everything committed durable (a final fsync) and releases the lock.
 pub struct RedbStore {
-    db: Database,
+    /// `None` after an I/O error: redb must be reopened before the next operation.
+    db: Option<Db>,
+    dir: PathBuf,
     path: PathBuf,
     durability: Durability,
+    /// Present in `Interval` mode.
+    wal: Option<Wal>,
+    /// Side-log epoch stored in the database.
+    epoch: u64,
+    /// Commits since the last fsync (Interval and Memory modes).
+    pending: bool,
+    /// Make the next commit durable (the side log could not be cut back).
+    force_durable: bool,
     last_fsync: Instant,
-    stats: StoreStats,
+    fsyncs: u64,
+    commits: u64,
     _lock: File,
 }
 
@@ -49,361 +76,668 @@ impl std::fmt::Debug for RedbStore {
         f.debug_struct("RedbStore")
             .field("path", &self.path)
             .field("durability", &self.durability)
+            .field("read_only", &matches!(self.db, Some(Db::Ro(_))))
             .finish_non_exhaustive()
     }
 }
 
+/// A raw key of a record found corrupt, to move it.
+enum BadKey {
+    Bytes(Vec<u8>),
+    Str(String),
+    Id(u64),
+}
+
+struct Bad {
+    table: &'static str,
+    key: BadKey,
+    value: Vec<u8>,
+    report: CorruptRecord,
+}
+
 impl RedbStore {
-    /// Opens (creating) `<dir>/peerbus.redb`, holding `<dir>/peerbus.lock` for as long as the
-    /// store lives. A second process gets [`StoreError::InUse`] with the first one's pid; a
-    /// damaged file gets [`StoreError::Corrupt`].
+    /// Opens (creating) `<dir>/peerbus.redb` with the given durability.
+    ///
+    /// Takes an exclusive lock on `<dir>/peerbus.lock` and writes this process's pid into it: a
+    /// second process (or a second open in this one) gets [`StoreError::InUse`] naming that pid.
+    /// A damaged or truncated database file gives [`StoreError::Corrupt`]. After a crash the file
+    /// is repaired first (redb walks it; this takes longer on large files) and the `Interval`
+    /// side log is replayed.
     pub fn open(dir: &Path, durability: Durability) -> Result<RedbStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         let lock = lock_dir(dir)?;
-        let path = dir.join(STORE_FILE);
-        // redb asserts (panics) on some damaged files, e.g. one truncated below its header's
-        // layout; contain that here and report it like any other corruption.
-        let opened = std::panic::catch_unwind(|| Database::create(&path)).map_err(|panic| {
-            let reason = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "the database panicked while opening it".into());
-            StoreError::Corrupt {
-                path: path.clone(),
-                reason,
-            }
-        })?;
-        let db = opened.map_err(|e| db_error(&path, e.into()))?;
-        // Create every table so readers never meet a missing one.
-        let txn = db.begin_write().map_err(|e| db_error(&path, e.into()))?;
-        {
-            let open = |e: redb::TableError| db_error(&path, e.into());
-            txn.open_table(ENTRIES).map_err(open)?;
-            txn.open_table(SEQS).map_err(open)?;
-            txn.open_table(WINDOWS).map_err(open)?;
-            txn.open_table(DEAD).map_err(open)?;
-            txn.open_table(META).map_err(open)?;
-            txn.open_table(QUARANTINE).map_err(open)?;
-        }
-        txn.commit().map_err(|e| db_error(&path, e.into()))?;
-        let file_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        Ok(RedbStore {
-            db,
-            path,
-            durability,
-            last_fsync: Instant::now(),
-            stats: StoreStats {
-                fsyncs: 0,
-                commits: 0,
-                file_bytes,
-            },
-            _lock: lock,
-        })
+        let mut store = RedbStore::new(dir, durability, lock);
+        store.open_rw()?;
+        Ok(store)
     }
 
-    /// Opens a stopped node's directory to inspect it (`peerbus status`, `dlq list`). Fails with
-    /// [`StoreError::InUse`] while a node runs there. Reading may quarantine corrupt records.
+    /// Opens a stopped node's directory to inspect it (`peerbus status`, `dlq list`).
+    ///
+    /// Fails with [`StoreError::InUse`] while a node runs there, and with [`StoreError::Io`]
+    /// (not found) when the directory holds no store. Nothing is written, except when the node
+    /// did not stop cleanly: then the file is repaired and the side log replayed first, exactly
+    /// as the node's next start would. [`Store::recover`] on a read-only store reports corrupt
+    /// records without moving them to quarantine; [`Store::commit`] and
+    /// [`Store::take_dead_letters`] fail.
     pub fn open_read_only(dir: &Path) -> Result<RedbStore, StoreError> {
-        if !dir.join(STORE_FILE).exists() {
-            return Err(io(
+        let path = dir.join(STORE_FILE);
+        if !path.exists() {
+            return Err(io_error(
                 dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no peerbus store here"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no peerbus store ({STORE_FILE}) in this directory"),
+                ),
             ));
         }
-        RedbStore::open(dir, Durability::Fsync)
+        let lock = lock_dir(dir)?;
+        let mut store = RedbStore::new(dir, Durability::Fsync, lock);
+        let wal_path = dir.join(WAL_FILE);
+        let wal_empty = std::fs::metadata(&wal_path).map_or(true, |m| m.len() == 0);
+        let opened = guard(&path, || {
+            ReadOnlyDatabase::open(&path).map_err(|e| open_error(&path, e.into()))
+        });
+        match opened {
+            Ok(db) if wal_empty => {
+                store.db = Some(Db::Ro(db));
+                return Ok(store);
+            }
+            // Closed first: redb refuses a writable open while a reader holds the file.
+            Ok(db) => drop(db),
+            // redb asks for a repair (or cannot read a format): the writable open says which.
+            Err(StoreError::Db(_)) => {}
+            Err(e) => return Err(e),
+        }
+        info!(path = %path.display(), "store was not closed cleanly; repairing it before reading");
+        store.open_rw()?;
+        Ok(store)
     }
 
-    /// Shrinks the file after many entries were removed.
-    pub fn compact(&mut self) -> Result<bool, StoreError> {
-        let done = self
-            .db
-            .compact()
-            .map_err(|e| db_error(&self.path, e.into()))?;
-        self.stats.file_bytes = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
-        Ok(done)
+    fn new(dir: &Path, durability: Durability, lock: File) -> RedbStore {
+        RedbStore {
+            db: None,
+            dir: dir.to_path_buf(),
+            path: dir.join(STORE_FILE),
+            durability,
+            wal: None,
+            epoch: 0,
+            pending: false,
+            force_durable: false,
+            last_fsync: Instant::now(),
+            fsyncs: 0,
+            commits: 0,
+            _lock: lock,
+        }
     }
 
-    fn begin(&mut self, force_fsync: bool) -> Result<(WriteTransaction, bool), StoreError> {
-        let mut txn = self
-            .db
-            .begin_write()
-            .map_err(|e| db_error(&self.path, e.into()))?;
-        let fsync = match self.durability {
-            Durability::Fsync => true,
-            Durability::Interval(every) => force_fsync || self.last_fsync.elapsed() >= every,
-            Durability::Memory => force_fsync,
+    /// Opens the database for writing, creates the tables and replays the side log.
+    fn open_rw(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let db = guard(&path, || {
+            Database::create(&path).map_err(|e| open_error(&path, e.into()))
+        })?;
+        let txn = db.begin_write().or_store(&path)?;
+        let epoch = {
+            txn.open_table(ENTRIES).or_store(&path)?;
+            txn.open_table(SEQS).or_store(&path)?;
+            txn.open_table(WINDOWS).or_store(&path)?;
+            txn.open_table(DEAD).or_store(&path)?;
+            txn.open_table(QUARANTINE).or_store(&path)?;
+            let meta = txn.open_table(META).or_store(&path)?;
+            let epoch = meta.get(META_WAL_EPOCH).or_store(&path)?;
+            epoch.and_then(|v| open_sealed::<u64>(v.value()).ok())
         };
-        let level = if fsync {
+        txn.commit().or_store(&path)?;
+        self.epoch = epoch.unwrap_or(0);
+        self.db = Some(Db::Rw(db));
+        self.fsyncs += 1;
+        let wal_path = self.dir.join(WAL_FILE);
+        let interval = matches!(self.durability, Durability::Interval(_));
+        let mut wal = self.wal.take();
+        if wal.is_none() && (interval || wal_path.exists()) {
+            // Without a side log an Interval store makes every commit durable (`durable_now`).
+            wal = Some(Wal::open(&wal_path)?);
+        }
+        let replayed = match &mut wal {
+            Some(w) => self.replay(w),
+            None => Ok(()),
+        };
+        if interval {
+            self.wal = wal;
+        } else if wal.take().is_some() && replayed.is_ok() {
+            std::fs::remove_file(&wal_path).map_err(|e| io_error(&wal_path, e))?;
+        }
+        replayed
+    }
+
+    /// Applies the side log's records of the stored epoch in one durable commit that starts a
+    /// new epoch, then empties it. `self.wal` is `None` meanwhile.
+    fn replay(&mut self, wal: &mut Wal) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let batches = wal.read(self.epoch)?;
+        if !batches.is_empty() {
+            let n = batches.len();
+            let txn = self.begin(true)?;
+            for mut b in batches {
+                apply(&txn, &mut b, &path)?;
+            }
+            {
+                // A new epoch: these records are never applied again.
+                let mut meta = txn.open_table(META).or_store(&path)?;
+                meta.insert(META_WAL_EPOCH, seal(&(self.epoch + 1))?.as_slice())
+                    .or_store(&path)?;
+            }
+            self.finish(txn, true)?;
+            self.epoch += 1;
+            info!(
+                batches = n,
+                "replayed the store's side log (commits not yet fsync'd when the node stopped)"
+            );
+        }
+        wal.clear();
+        Ok(())
+    }
+
+    /// Shrinks the file after many entries were removed: freed pages are given back to the
+    /// file system. Makes everything committed durable first. Returns whether the file changed.
+    pub fn compact(&mut self) -> Result<bool, StoreError> {
+        self.sync()?;
+        let path = self.path.clone();
+        self.rw()?.compact().or_store(&path)
+    }
+
+    /// The writable database, reopened after an earlier I/O error.
+    fn rw(&mut self) -> Result<&mut Database, StoreError> {
+        if self.db.is_none() {
+            self.open_rw()?;
+        }
+        match &mut self.db {
+            Some(Db::Rw(db)) => Ok(db),
+            _ => Err(StoreError::Db(format!(
+                "{} is open read-only (for inspection); stop using it to change data",
+                self.path.display()
+            ))),
+        }
+    }
+
+    fn reader(&mut self) -> Result<ReadTransaction, StoreError> {
+        if self.db.is_none() {
+            self.open_rw()?;
+        }
+        let path = &self.path;
+        match &self.db {
+            Some(Db::Rw(db)) => db.begin_read().or_store(path),
+            Some(Db::Ro(db)) => db.begin_read().or_store(path),
+            None => Err(StoreError::Db("store closed".into())),
+        }
+    }
+
+    /// Whether a commit now must fsync.
+    fn durable_now(&self) -> bool {
+        match self.durability {
+            Durability::Fsync => true,
+            Durability::Interval(every) => {
+                self.force_durable
+                    || self.wal.is_none()
+                    || self.last_fsync.elapsed() >= every
+                    || self.wal.as_ref().is_some_and(|w| w.len() >= WAL_MAX_BYTES)
+            }
+            Durability::Memory => false,
+        }
+    }
+
+    fn begin(&mut self, durable: bool) -> Result<WriteTransaction, StoreError> {
+        let path = self.path.clone();
+        let mut txn = self.rw()?.begin_write().or_store(&path)?;
+        let level = if durable {
             redb::Durability::Immediate
         } else {
             redb::Durability::None
         };
         txn.set_durability(level)
             .map_err(|e| StoreError::Db(e.to_string()))?;
-        Ok((txn, fsync))
+        Ok(txn)
     }
 
-    fn finish(&mut self, txn: WriteTransaction, fsync: bool) -> Result<(), StoreError> {
-        txn.commit().map_err(|e| db_error(&self.path, e.into()))?;
-        self.stats.commits += 1;
-        if fsync {
-            self.stats.fsyncs += 1;
+    /// Commits; a durable commit also starts a new side-log epoch and empties the side log.
+    fn finish(&mut self, txn: WriteTransaction, durable: bool) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let new_epoch = durable && self.wal.is_some();
+        if new_epoch {
+            let mut meta = txn.open_table(META).or_store(&path)?;
+            meta.insert(META_WAL_EPOCH, seal(&(self.epoch + 1))?.as_slice())
+                .or_store(&path)?;
+        }
+        txn.commit().or_store(&path)?;
+        self.commits += 1;
+        if new_epoch {
+            self.epoch += 1;
+        }
+        if durable {
+            self.fsyncs += 1;
             self.last_fsync = Instant::now();
-        }
-        Ok(())
-    }
-}
-
-impl Store for RedbStore {
-    fn commit(&mut self, batch: Batch) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let err = |e: redb::Error| db_error(&path, e);
-        let (txn, fsync) = self.begin(false)?;
-        {
-            let mut entries = txn.open_table(ENTRIES).map_err(|e| err(e.into()))?;
-            for e in &batch.append {
-                let value = seal(e)?;
-                entries
-                    .insert(
-                        entry_key(&e.env.log, e.env.seq).as_slice(),
-                        value.as_slice(),
-                    )
-                    .map_err(|e| err(e.into()))?;
-            }
-            for (log, seq) in &batch.remove {
-                entries
-                    .remove(entry_key(log, *seq).as_slice())
-                    .map_err(|e| err(e.into()))?;
-            }
-            let mut seqs = txn.open_table(SEQS).map_err(|e| err(e.into()))?;
-            for (log, next) in &batch.next_seqs {
-                seqs.insert(log.as_str(), *next)
-                    .map_err(|e| err(e.into()))?;
-            }
-            let mut windows = txn.open_table(WINDOWS).map_err(|e| err(e.into()))?;
-            for w in &batch.windows {
-                let value = seal(w)?;
-                windows
-                    .insert(window_key(w).as_slice(), value.as_slice())
-                    .map_err(|e| err(e.into()))?;
-            }
-            if !batch.dead.is_empty() {
-                let mut meta = txn.open_table(META).map_err(|e| err(e.into()))?;
-                let mut next = meta
-                    .get(META_NEXT_DEAD)
-                    .map_err(|e| err(e.into()))?
-                    .map_or(1, |v| v.value());
-                let mut dead = txn.open_table(DEAD).map_err(|e| err(e.into()))?;
-                for d in &batch.dead {
-                    let mut d = d.clone();
-                    d.id = next;
-                    next += 1;
-                    let value = seal(&d)?;
-                    dead.insert(d.id, value.as_slice())
-                        .map_err(|e| err(e.into()))?;
+            self.pending = false;
+            self.force_durable = false;
+            if let Some(wal) = &mut self.wal {
+                wal.clear();
+                if wal.len() != 0 {
+                    self.force_durable = true;
                 }
-                meta.insert(META_NEXT_DEAD, next)
-                    .map_err(|e| err(e.into()))?;
             }
-        }
-        self.finish(txn, fsync)?;
-        if batch.remove.len() > 4096 || self.stats.commits.is_multiple_of(1024) {
-            self.stats.file_bytes = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        } else {
+            self.pending = true;
         }
         Ok(())
     }
 
-    fn recover(&mut self) -> Result<Recovered, StoreError> {
+    /// After an I/O error redb refuses further work until reopened: drop it now, reopen lazily.
+    fn after<T>(&mut self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Io { .. } | StoreError::Full { .. }) = &r
+            && matches!(self.db, Some(Db::Rw(_)))
+        {
+            warn!(path = %self.path.display(), "store I/O failed; reopening the database before the next operation");
+            self.db = None;
+        }
+        r
+    }
+
+    fn commit_inner(&mut self, mut batch: Batch) -> Result<(), StoreError> {
+        let durable = self.durable_now();
         let path = self.path.clone();
-        let err = |e: redb::Error| db_error(&path, e);
+        let txn = self.begin(durable)?;
+        apply(&txn, &mut batch, &path)?;
+        let mut wal_before = None;
+        if !durable && let Some(wal) = &mut self.wal {
+            let before = wal.len();
+            if let Err(e) = wal.append(self.epoch, &batch) {
+                let _ = txn.abort();
+                return Err(e);
+            }
+            wal_before = Some(before);
+        }
+        let r = self.finish(txn, durable);
+        if r.is_err()
+            && let (Some(before), Some(wal)) = (wal_before, &mut self.wal)
+        {
+            wal.cut(before);
+            if wal.len() != before {
+                self.force_durable = true;
+            }
+        }
+        r
+    }
+
+    fn recover_inner(&mut self) -> Result<Recovered, StoreError> {
+        let path = self.path.clone();
         let mut rec = Recovered::default();
-        let mut bad: Vec<(&'static str, Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut bad: Vec<Bad> = Vec::new();
+        let mut flag = |table: &'static str, key: BadKey, raw: &[u8], value: &[u8], reason| {
+            bad.push(Bad {
+                table,
+                key,
+                value: value.to_vec(),
+                report: CorruptRecord {
+                    table,
+                    key: describe_key(table, raw),
+                    reason,
+                },
+            })
+        };
         {
-            let read = self.db.begin_read().map_err(|e| err(e.into()))?;
-            let entries = read.open_table(ENTRIES).map_err(|e| err(e.into()))?;
-            for item in entries.iter().map_err(|e| err(e.into()))? {
-                let (k, v) = item.map_err(|e| err(e.into()))?;
-                match open_sealed::<StoredEntry>(v.value()) {
-                    Ok(e) => rec.entries.push(e),
+            let read = self.reader()?;
+            let entries = read.open_table(ENTRIES).or_store(&path)?;
+            for item in entries.iter().or_store(&path)? {
+                let (k, v) = item.or_store(&path)?;
+                let (k, v) = (k.value(), v.value());
+                match open_sealed::<StoredEntry>(v) {
+                    Ok(e) if entry_key(&e.env.log, e.env.seq) == k => rec.entries.push(e),
+                    Ok(_) => flag(
+                        "entries",
+                        BadKey::Bytes(k.to_vec()),
+                        k,
+                        v,
+                        "key does not match the record".into(),
+                    ),
+                    Err(reason) => flag("entries", BadKey::Bytes(k.to_vec()), k, v, reason),
+                }
+            }
+            let seqs = read.open_table(SEQS).or_store(&path)?;
+            for item in seqs.iter().or_store(&path)? {
+                let (k, v) = item.or_store(&path)?;
+                let (k, v) = (k.value(), v.value());
+                match open_sealed::<u64>(v) {
+                    Ok(next) => rec.next_seqs.push((k.to_string(), next)),
                     Err(reason) => {
-                        rec.corrupt.push(CorruptRecord {
-                            table: "entries",
-                            key: describe_entry_key(k.value()),
-                            reason,
-                        });
-                        bad.push(("entries", k.value().to_vec(), v.value().to_vec()));
+                        flag("seqs", BadKey::Str(k.to_string()), k.as_bytes(), v, reason)
                     }
                 }
             }
-            let seqs = read.open_table(SEQS).map_err(|e| err(e.into()))?;
-            for item in seqs.iter().map_err(|e| err(e.into()))? {
-                let (k, v) = item.map_err(|e| err(e.into()))?;
-                rec.next_seqs.push((k.value().to_string(), v.value()));
+            let windows = read.open_table(WINDOWS).or_store(&path)?;
+            for item in windows.iter().or_store(&path)? {
+                let (k, v) = item.or_store(&path)?;
+                let (k, v) = (k.value(), v.value());
+                match open_sealed::<WindowSnapshot>(v) {
+                    Ok(w) if window_key(&w.origin, &w.log) == k => rec.windows.push(w),
+                    Ok(_) => flag(
+                        "windows",
+                        BadKey::Bytes(k.to_vec()),
+                        k,
+                        v,
+                        "key does not match the record".into(),
+                    ),
+                    Err(reason) => flag("windows", BadKey::Bytes(k.to_vec()), k, v, reason),
+                }
             }
-            let windows = read.open_table(WINDOWS).map_err(|e| err(e.into()))?;
-            for item in windows.iter().map_err(|e| err(e.into()))? {
-                let (k, v) = item.map_err(|e| err(e.into()))?;
-                match open_sealed::<WindowSnapshot>(v.value()) {
-                    Ok(w) => rec.windows.push(w),
+            let dead = read.open_table(DEAD).or_store(&path)?;
+            for item in dead.iter().or_store(&path)? {
+                let (k, v) = item.or_store(&path)?;
+                let (id, v) = (k.value(), v.value());
+                match open_sealed::<DeadLetter>(v) {
+                    Ok(d) if d.id == id => rec.dead_letters += 1,
+                    Ok(_) => flag(
+                        "dead",
+                        BadKey::Id(id),
+                        id.to_string().as_bytes(),
+                        v,
+                        "key does not match the record".into(),
+                    ),
                     Err(reason) => {
-                        rec.corrupt.push(CorruptRecord {
-                            table: "windows",
-                            key: hex(k.value()),
-                            reason,
-                        });
-                        bad.push(("windows", k.value().to_vec(), v.value().to_vec()));
+                        flag("dead", BadKey::Id(id), id.to_string().as_bytes(), v, reason)
                     }
                 }
             }
-            let dead = read.open_table(DEAD).map_err(|e| err(e.into()))?;
-            rec.dead_letters = dead.len().map_err(|e| err(e.into()))? as usize;
+            let meta = read.open_table(META).or_store(&path)?;
+            for item in meta.iter().or_store(&path)? {
+                let (k, v) = item.or_store(&path)?;
+                let (k, v) = (k.value(), v.value());
+                if let Err(reason) = open_sealed::<u64>(v) {
+                    flag("meta", BadKey::Str(k.to_string()), k.as_bytes(), v, reason);
+                }
+            }
         }
+        // Keys are ordered by (log, seq) except for log names with NUL bytes; sorting an already
+        // sorted vector is linear.
         rec.entries
             .sort_by(|a, b| (&a.env.log, a.env.seq).cmp(&(&b.env.log, b.env.seq)));
+        rec.corrupt = bad.iter().map(|b| b.report.clone()).collect();
         if !bad.is_empty() {
             self.quarantine(&bad)?;
         }
         Ok(rec)
     }
 
-    fn dead_letters(&mut self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    fn quarantine(&mut self, bad: &[Bad]) -> Result<(), StoreError> {
+        if matches!(self.db, Some(Db::Ro(_))) {
+            for b in bad {
+                warn!(table = b.table, key = %b.report.key, reason = %b.report.reason,
+                    "corrupt store record skipped (read-only: left in place)");
+            }
+            return Ok(());
+        }
         let path = self.path.clone();
-        let err = |e: redb::Error| db_error(&path, e);
-        let read = self.db.begin_read().map_err(|e| err(e.into()))?;
-        let dead = read.open_table(DEAD).map_err(|e| err(e.into()))?;
+        let txn = self.begin(self.durability != Durability::Memory)?;
+        {
+            let mut q = txn.open_table(QUARANTINE).or_store(&path)?;
+            for b in bad {
+                let name = format!("{}/{}", b.table, b.report.key);
+                q.insert(name.as_str(), b.value.as_slice())
+                    .or_store(&path)?;
+                match (&b.key, b.table) {
+                    (BadKey::Bytes(k), "entries") => {
+                        txn.open_table(ENTRIES)
+                            .or_store(&path)?
+                            .remove(k.as_slice())
+                            .or_store(&path)?;
+                    }
+                    (BadKey::Bytes(k), _) => {
+                        txn.open_table(WINDOWS)
+                            .or_store(&path)?
+                            .remove(k.as_slice())
+                            .or_store(&path)?;
+                    }
+                    (BadKey::Str(k), "seqs") => {
+                        txn.open_table(SEQS)
+                            .or_store(&path)?
+                            .remove(k.as_str())
+                            .or_store(&path)?;
+                    }
+                    (BadKey::Str(k), _) => {
+                        txn.open_table(META)
+                            .or_store(&path)?
+                            .remove(k.as_str())
+                            .or_store(&path)?;
+                    }
+                    (BadKey::Id(id), _) => {
+                        txn.open_table(DEAD)
+                            .or_store(&path)?
+                            .remove(*id)
+                            .or_store(&path)?;
+                    }
+                }
+                warn!(table = b.table, key = %b.report.key, reason = %b.report.reason,
+                    quarantine_key = %name, "corrupt store record moved to quarantine");
+            }
+        }
+        let durable = self.durability != Durability::Memory;
+        self.finish(txn, durable)
+    }
+
+    fn take_inner(&mut self, ids: &[u64]) -> Result<Vec<DeadLetter>, StoreError> {
+        let path = self.path.clone();
+        let durable = self.durability != Durability::Memory;
+        let txn = self.begin(durable)?;
         let mut out = Vec::new();
-        for item in dead.iter().map_err(|e| err(e.into()))? {
+        {
+            let mut dead = txn.open_table(DEAD).or_store(&path)?;
+            let mut q = txn.open_table(QUARANTINE).or_store(&path)?;
+            for &id in ids {
+                let Some(v) = dead.remove(id).or_store(&path)? else {
+                    continue;
+                };
+                let v = v.value().to_vec();
+                match open_sealed::<DeadLetter>(&v) {
+                    Ok(d) => out.push(d),
+                    Err(reason) => {
+                        let name = format!("dead/{id}");
+                        q.insert(name.as_str(), v.as_slice()).or_store(&path)?;
+                        warn!(id, %reason, quarantine_key = %name, "corrupt dead letter moved to quarantine instead of replay");
+                    }
+                }
+            }
+        }
+        self.finish(txn, durable)?;
+        Ok(out)
+    }
+
+    fn dead_inner(&mut self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let path = self.path.clone();
+        let read = self.reader()?;
+        let dead = read.open_table(DEAD).or_store(&path)?;
+        let mut out = Vec::new();
+        for item in dead.iter().or_store(&path)? {
             if out.len() >= limit {
                 break;
             }
-            let (k, v) = item.map_err(|e| err(e.into()))?;
+            let (k, v) = item.or_store(&path)?;
             match open_sealed::<DeadLetter>(v.value()) {
                 Ok(d) => out.push(d),
-                Err(reason) => warn!(id = k.value(), %reason, "corrupt dead letter skipped"),
+                Err(reason) => {
+                    warn!(id = k.value(), %reason, "corrupt dead letter skipped (recovery quarantines it)")
+                }
             }
         }
         Ok(out)
+    }
+
+    fn sync_inner(&mut self) -> Result<(), StoreError> {
+        if !self.pending || !matches!(self.db, Some(Db::Rw(_))) {
+            return Ok(());
+        }
+        let txn = self.begin(true)?;
+        self.finish(txn, true)
+    }
+
+    /// Flips a byte of one stored entry's value (tests of corruption handling).
+    #[cfg(test)]
+    pub(super) fn damage_entry(&mut self, log: &str, seq: u64) {
+        let txn = self.begin(true).expect("begin");
+        {
+            let mut t = txn.open_table(ENTRIES).expect("table");
+            let key = entry_key(log, seq);
+            let mut v = t
+                .get(key.as_slice())
+                .expect("get")
+                .expect("present")
+                .value()
+                .to_vec();
+            let last = v.len() - 1;
+            v[last] ^= 0x5a;
+            t.insert(key.as_slice(), v.as_slice()).expect("insert");
+        }
+        self.finish(txn, true).expect("commit");
+    }
+}
+
+/// Writes a batch into a transaction, assigning ids to new dead letters (in place, so the side
+/// log records them and a replay writes the same ids).
+fn apply(txn: &WriteTransaction, batch: &mut Batch, path: &Path) -> Result<(), StoreError> {
+    {
+        let mut entries = txn.open_table(ENTRIES).or_store(path)?;
+        for e in &batch.append {
+            entries
+                .insert(
+                    entry_key(&e.env.log, e.env.seq).as_slice(),
+                    seal(e)?.as_slice(),
+                )
+                .or_store(path)?;
+        }
+        for (log, seq) in &batch.remove {
+            entries
+                .remove(entry_key(log, *seq).as_slice())
+                .or_store(path)?;
+        }
+    }
+    if !batch.windows.is_empty() {
+        let mut windows = txn.open_table(WINDOWS).or_store(path)?;
+        for w in &batch.windows {
+            windows
+                .insert(
+                    window_key(&w.origin, &w.log).as_slice(),
+                    seal(w)?.as_slice(),
+                )
+                .or_store(path)?;
+        }
+    }
+    if !batch.next_seqs.is_empty() {
+        let mut seqs = txn.open_table(SEQS).or_store(path)?;
+        for (log, next) in &batch.next_seqs {
+            seqs.insert(log.as_str(), seal(next)?.as_slice())
+                .or_store(path)?;
+        }
+    }
+    if !batch.dead.is_empty() {
+        let mut meta = txn.open_table(META).or_store(path)?;
+        let mut dead = txn.open_table(DEAD).or_store(path)?;
+        let stored = meta
+            .get(META_NEXT_DEAD)
+            .or_store(path)?
+            .and_then(|v| open_sealed::<u64>(v.value()).ok());
+        let above_last = dead
+            .last()
+            .or_store(path)?
+            .map(|(k, _)| k.value().saturating_add(1));
+        let mut next = stored.unwrap_or(1).max(above_last.unwrap_or(1)).max(1);
+        for d in &mut batch.dead {
+            if d.id == 0 {
+                d.id = next;
+            }
+            next = next.max(d.id.saturating_add(1));
+            dead.insert(d.id, seal(&*d)?.as_slice()).or_store(path)?;
+        }
+        meta.insert(META_NEXT_DEAD, seal(&next)?.as_slice())
+            .or_store(path)?;
+    }
+    Ok(())
+}
+
+impl Store for RedbStore {
+    fn commit(&mut self, batch: Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let r = self.commit_inner(batch);
+        self.after(r)
+    }
+
+    fn recover(&mut self) -> Result<Recovered, StoreError> {
+        let path = self.path.clone();
+        let r = guard(&path, || self.recover_inner());
+        self.after(r)
+    }
+
+    fn dead_letters(&mut self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let path = self.path.clone();
+        let r = guard(&path, || self.dead_inner(limit));
+        self.after(r)
     }
 
     fn take_dead_letters(&mut self, ids: &[u64]) -> Result<Vec<DeadLetter>, StoreError> {
-        let path = self.path.clone();
-        let err = |e: redb::Error| db_error(&path, e);
-        let (txn, fsync) = self.begin(true)?;
-        let mut out = Vec::new();
-        {
-            let mut dead = txn.open_table(DEAD).map_err(|e| err(e.into()))?;
-            for id in ids {
-                if let Some(v) = dead.remove(*id).map_err(|e| err(e.into()))? {
-                    match open_sealed::<DeadLetter>(v.value()) {
-                        Ok(d) => out.push(d),
-                        Err(reason) => warn!(id, %reason, "corrupt dead letter dropped on replay"),
-                    }
-                }
-            }
-        }
-        self.finish(txn, fsync)?;
-        Ok(out)
+        let r = self.take_inner(ids);
+        self.after(r)
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
-        let (txn, fsync) = self.begin(true)?;
-        self.finish(txn, fsync)
+        let r = self.sync_inner();
+        self.after(r)
     }
 
     fn stats(&self) -> StoreStats {
-        self.stats.clone()
-    }
-}
-
-impl RedbStore {
-    fn quarantine(&mut self, bad: &[(&'static str, Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let err = |e: redb::Error| db_error(&path, e);
-        let (txn, fsync) = self.begin(true)?;
-        {
-            let mut q = txn.open_table(QUARANTINE).map_err(|e| err(e.into()))?;
-            for (table, key, value) in bad {
-                let name = format!("{table}/{}", hex(key));
-                q.insert(name.as_str(), value.as_slice())
-                    .map_err(|e| err(e.into()))?;
-                match *table {
-                    "entries" => {
-                        let mut t = txn.open_table(ENTRIES).map_err(|e| err(e.into()))?;
-                        t.remove(key.as_slice()).map_err(|e| err(e.into()))?;
-                    }
-                    _ => {
-                        let mut t = txn.open_table(WINDOWS).map_err(|e| err(e.into()))?;
-                        t.remove(key.as_slice()).map_err(|e| err(e.into()))?;
-                    }
-                }
-                warn!(record = %name, "corrupt store record moved to quarantine");
-            }
+        StoreStats {
+            fsyncs: self.fsyncs,
+            commits: self.commits,
+            file_bytes: std::fs::metadata(&self.path).map_or(0, |m| m.len()),
         }
-        self.finish(txn, fsync)
     }
 }
 
-/// Key of an entry: u16 length of the log name, the name, the seq big-endian (so the table is
-/// ordered by log, then seq).
-fn entry_key(log: &str, seq: u64) -> Vec<u8> {
-    let name = log.as_bytes();
-    let len = u16::try_from(name.len()).unwrap_or(u16::MAX);
-    let mut k = Vec::with_capacity(2 + name.len() + 8);
-    k.extend_from_slice(&len.to_be_bytes());
-    k.extend_from_slice(&name[..usize::from(len)]);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn describe_entry_key(k: &[u8]) -> String {
-    let parsed = (|| {
-        let len = usize::from(u16::from_be_bytes([*k.first()?, *k.get(1)?]));
-        let name = std::str::from_utf8(k.get(2..2 + len)?).ok()?;
-        let seq = u64::from_be_bytes(k.get(2 + len..2 + len + 8)?.try_into().ok()?);
-        Some(format!("{name}#{seq}"))
-    })();
-    parsed.unwrap_or_else(|| hex(k))
-}
-
-fn window_key(w: &WindowSnapshot) -> Vec<u8> {
-    let mut k = w.origin.as_bytes().to_vec();
-    k.extend_from_slice(w.log.as_bytes());
-    k
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// CRC-32 of the encoding, then the encoding.
-fn seal<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    let body = bincode::serde::encode_to_vec(v, bincode::config::standard())
-        .map_err(|e| StoreError::Db(format!("cannot encode a record: {e}")))?;
-    let mut out = Vec::with_capacity(body.len() + 4);
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
-}
-
-fn open_sealed<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    let (crc, body) = bytes
-        .split_at_checked(4)
-        .ok_or("record shorter than its checksum")?;
-    let want = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
-    if crc32fast::hash(body) != want {
-        return Err("checksum mismatch".into());
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.sync() {
+            warn!(error = %e, path = %self.path.display(), "final store sync failed");
+        }
     }
-    let (v, used) = bincode::serde::decode_from_slice(body, bincode::config::standard())
-        .map_err(|e| format!("does not decode: {e}"))?;
-    if used != body.len() {
-        return Err("trailing bytes".into());
-    }
-    Ok(v)
 }
 
-fn io(path: &Path, e: std::io::Error) -> StoreError {
-    if e.kind() == std::io::ErrorKind::StorageFull {
+/// Runs `f`, turning a panic inside the database library (it asserts on some damaged files)
+/// into [`StoreError::Corrupt`].
+fn guard<T>(path: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown failure".into());
+        Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("the database library failed reading it: {what}"),
+        })
+    })
+}
+
+/// Maps redb results into [`StoreError`]s that name the file.
+trait OrStore<T> {
+    fn or_store(self, path: &Path) -> Result<T, StoreError>;
+}
+
+impl<T, E: Into<redb::Error>> OrStore<T> for Result<T, E> {
+    fn or_store(self, path: &Path) -> Result<T, StoreError> {
+        self.map_err(|e| db_error(path, e.into()))
+    }
+}
+
+/// An I/O error on `path`; a full disk becomes [`StoreError::Full`].
+pub(super) fn io_error(path: &Path, e: std::io::Error) -> StoreError {
+    if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC) {
         StoreError::Full {
             path: path.to_path_buf(),
         }
@@ -417,7 +751,11 @@ fn io(path: &Path, e: std::io::Error) -> StoreError {
 
 fn db_error(path: &Path, e: redb::Error) -> StoreError {
     match e {
-        redb::Error::Io(io_err) => io(path, io_err),
+        redb::Error::Io(e) => io_error(path, e),
+        redb::Error::PreviousIo => io_error(
+            path,
+            std::io::Error::other("an earlier I/O error left the database closed"),
+        ),
         redb::Error::Corrupted(reason) => StoreError::Corrupt {
             path: path.to_path_buf(),
             reason,
@@ -426,17 +764,33 @@ fn db_error(path: &Path, e: redb::Error) -> StoreError {
             path: path.to_path_buf(),
             pid: None,
         },
-        other => {
-            let text = other.to_string();
-            if text.contains("corrupt") || text.contains("Corrupt") || text.contains("invalid") {
-                StoreError::Corrupt {
-                    path: path.to_path_buf(),
-                    reason: text,
-                }
-            } else {
-                StoreError::Db(text)
+        redb::Error::UpgradeRequired(v) => StoreError::Db(format!(
+            "{} uses redb file format {v}, which this version cannot read",
+            path.display()
+        )),
+        other => StoreError::Db(format!("{}: {other}", path.display())),
+    }
+}
+
+/// Errors while opening: a file too short to hold what its header describes is corrupt.
+fn open_error(path: &Path, e: redb::Error) -> StoreError {
+    match e {
+        redb::Error::Io(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData
+            ) =>
+        {
+            StoreError::Corrupt {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
             }
         }
+        redb::Error::RepairAborted => StoreError::Db(format!(
+            "{} was not closed cleanly and needs a repair",
+            path.display()
+        )),
+        other => db_error(path, other),
     }
 }
 
@@ -449,7 +803,7 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| io(&path, e))?;
+        .map_err(|e| io_error(&path, e))?;
     match f.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
@@ -460,280 +814,10 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
                 pid: text.trim().parse().ok(),
             });
         }
-        Err(TryLockError::Error(e)) => return Err(io(&path, e)),
+        Err(TryLockError::Error(e)) => return Err(io_error(&path, e)),
     }
-    f.set_len(0).map_err(|e| io(&path, e))?;
-    f.rewind().map_err(|e| io(&path, e))?;
-    writeln!(f, "{}", std::process::id()).map_err(|e| io(&path, e))?;
+    f.set_len(0).map_err(|e| io_error(&path, e))?;
+    f.rewind().map_err(|e| io_error(&path, e))?;
+    writeln!(f, "{}", std::process::id()).map_err(|e| io_error(&path, e))?;
     Ok(f)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::engine::wire::{Envelope, Kind};
-    use crate::store::MemoryStore;
-    use bytes::Bytes;
-    use peerbus_transport::NodeId;
-
-    fn entry(log: &str, seq: u64, size: usize) -> StoredEntry {
-        StoredEntry {
-            env: Envelope {
-                origin: NodeId::from_bytes([1; 32]),
-                log: log.into(),
-                seq,
-                kind: Kind::Send,
-                destination: "orders".into(),
-                key: Some(format!("k{}", seq % 3)),
-                headers: vec![("h".into(), "v".into())],
-                content_type: None,
-                created_at_ms: seq,
-                attempt: 1,
-                payload: Bytes::from(vec![7u8; size]),
-            },
-            expires_at_ms: None,
-            not_before_ms: Some(seq),
-        }
-    }
-
-    fn dead(seq: u64) -> DeadLetter {
-        DeadLetter {
-            id: 0,
-            env: entry("svc:orders", seq, 8).env,
-            reason: "ttl expired".into(),
-            attempts: 2,
-            dead_at_ms: 5,
-        }
-    }
-
-    /// The same scenario against any store: what is left after commits is what a fresh
-    /// open recovers. `open` drops nothing itself: each store is dropped before the next open.
-    fn check(open: &mut dyn FnMut() -> Box<dyn Store>) {
-        let window = WindowSnapshot {
-            origin: NodeId::from_bytes([2; 32]),
-            log: "svc:x".into(),
-            floor: 3,
-            handled: vec![4, 6],
-        };
-        {
-            let mut store = open();
-            store
-                .commit(Batch {
-                    append: (1..=5)
-                        .map(|s| entry("svc:orders", s, 16))
-                        .chain([entry("grp:audit", 1, 4)])
-                        .collect(),
-                    next_seqs: vec![("svc:orders".into(), 6), ("grp:audit".into(), 2)],
-                    windows: vec![window.clone()],
-                    ..Batch::default()
-                })
-                .expect("commit");
-            store
-                .commit(Batch {
-                    remove: vec![("svc:orders".into(), 2), ("svc:orders".into(), 4)],
-                    dead: vec![dead(2), dead(4)],
-                    ..Batch::default()
-                })
-                .expect("commit");
-        }
-        let mut s2 = open();
-        let rec = s2.recover().expect("recover");
-        let ids: Vec<(String, u64)> = rec
-            .entries
-            .iter()
-            .map(|e| (e.env.log.clone(), e.env.seq))
-            .collect();
-        assert_eq!(
-            ids,
-            vec![
-                ("grp:audit".into(), 1),
-                ("svc:orders".into(), 1),
-                ("svc:orders".into(), 3),
-                ("svc:orders".into(), 5)
-            ]
-        );
-        assert_eq!(rec.entries[1], entry("svc:orders", 1, 16));
-        let mut seqs = rec.next_seqs.clone();
-        seqs.sort();
-        assert_eq!(
-            seqs,
-            vec![("grp:audit".into(), 2), ("svc:orders".into(), 6)]
-        );
-        assert_eq!(rec.windows, vec![window]);
-        assert_eq!(rec.dead_letters, 2);
-        assert!(rec.corrupt.is_empty());
-        let dl = s2.dead_letters(10).expect("list");
-        assert_eq!(
-            dl.iter().map(|d| d.env.seq).collect::<Vec<_>>(),
-            vec![2, 4],
-            "oldest first"
-        );
-        assert_eq!(dl[0].reason, "ttl expired");
-        let taken = s2.take_dead_letters(&[dl[0].id]).expect("take");
-        assert_eq!(taken.len(), 1);
-        drop(s2);
-        let mut s3 = open();
-        let left = s3.dead_letters(10).expect("list");
-        assert_eq!(
-            left.iter().map(|d| d.env.seq).collect::<Vec<_>>(),
-            vec![4],
-            "take is durable"
-        );
-    }
-
-    #[test]
-    fn redb_round_trip_survives_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().to_path_buf();
-        check(&mut || Box::new(RedbStore::open(&path, Durability::Fsync).expect("open")));
-    }
-
-    #[test]
-    fn memory_store_behaves_the_same() {
-        type SharedMem = std::sync::Arc<std::sync::Mutex<MemoryStore>>;
-        struct Shared(SharedMem);
-        impl Store for Shared {
-            fn commit(&mut self, b: Batch) -> Result<(), StoreError> {
-                self.0.lock().expect("lock").commit(b)
-            }
-            fn recover(&mut self) -> Result<Recovered, StoreError> {
-                self.0.lock().expect("lock").recover()
-            }
-            fn dead_letters(&mut self, l: usize) -> Result<Vec<DeadLetter>, StoreError> {
-                self.0.lock().expect("lock").dead_letters(l)
-            }
-            fn take_dead_letters(&mut self, ids: &[u64]) -> Result<Vec<DeadLetter>, StoreError> {
-                self.0.lock().expect("lock").take_dead_letters(ids)
-            }
-            fn sync(&mut self) -> Result<(), StoreError> {
-                Ok(())
-            }
-            fn stats(&self) -> StoreStats {
-                StoreStats::default()
-            }
-        }
-        let shared: SharedMem = SharedMem::default();
-        check(&mut || Box::new(Shared(shared.clone())));
-    }
-
-    #[test]
-    fn second_open_names_the_owner_pid() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let _first = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
-        let err = RedbStore::open(dir.path(), Durability::Fsync).expect_err("in use");
-        let text = err.to_string();
-        assert!(
-            text.contains(&format!("pid {}", std::process::id())),
-            "{text}"
-        );
-        assert!(matches!(err, StoreError::InUse { .. }));
-    }
-
-    #[test]
-    fn corrupt_record_is_quarantined_not_returned() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
-            s.commit(Batch {
-                append: vec![entry("svc:a", 1, 8), entry("svc:a", 2, 8)],
-                ..Batch::default()
-            })
-            .expect("commit");
-            // Flip a byte of one record's value.
-            let txn = s.db.begin_write().expect("txn");
-            {
-                let mut t = txn.open_table(ENTRIES).expect("table");
-                let key = entry_key("svc:a", 2);
-                let mut v = t
-                    .get(key.as_slice())
-                    .expect("get")
-                    .expect("present")
-                    .value()
-                    .to_vec();
-                let last = v.len() - 1;
-                v[last] ^= 0xff;
-                t.insert(key.as_slice(), v.as_slice()).expect("insert");
-            }
-            txn.commit().expect("commit");
-        }
-        let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen");
-        let rec = s.recover().expect("recover");
-        assert_eq!(rec.entries.len(), 1);
-        assert_eq!(rec.entries[0].env.seq, 1);
-        assert_eq!(rec.corrupt.len(), 1);
-        assert_eq!(rec.corrupt[0].key, "svc:a#2");
-        assert_eq!(rec.corrupt[0].reason, "checksum mismatch");
-        // Quarantined: a second recovery is clean.
-        assert!(s.recover().expect("again").corrupt.is_empty());
-    }
-
-    #[test]
-    fn garbage_or_truncated_file_is_a_clear_error() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(STORE_FILE), vec![0x5a; 64 * 1024]).expect("write");
-        let err = RedbStore::open(dir.path(), Durability::Fsync).expect_err("garbage");
-        assert!(err.to_string().contains(STORE_FILE), "{err}");
-
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
-            s.commit(Batch {
-                append: (1..200).map(|i| entry("svc:a", i, 512)).collect(),
-                ..Batch::default()
-            })
-            .expect("commit");
-        }
-        let p = dir.path().join(STORE_FILE);
-        let len = std::fs::metadata(&p).expect("meta").len();
-        let f = OpenOptions::new().write(true).open(&p).expect("open");
-        f.set_len(len / 3).expect("truncate");
-        drop(f);
-        // Either a clear error or a recovery that returns only intact records: never a panic.
-        match RedbStore::open(dir.path(), Durability::Fsync) {
-            Err(e) => assert!(
-                e.to_string().contains(STORE_FILE) || e.to_string().contains("store"),
-                "{e}"
-            ),
-            Ok(mut s) => {
-                let _ = s.recover();
-            }
-        }
-    }
-
-    #[test]
-    fn removed_entries_do_not_grow_the_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = RedbStore::open(
-            dir.path(),
-            Durability::Interval(std::time::Duration::from_secs(60)),
-        )
-        .expect("open");
-        let p = dir.path().join(STORE_FILE);
-        let mut sizes = Vec::new();
-        for round in 0..5u64 {
-            let base = round * 2000;
-            s.commit(Batch {
-                append: (base..base + 2000)
-                    .map(|i| entry("svc:a", i, 1024))
-                    .collect(),
-                ..Batch::default()
-            })
-            .expect("append");
-            s.commit(Batch {
-                remove: (base..base + 2000)
-                    .map(|i| ("svc:a".to_string(), i))
-                    .collect(),
-                ..Batch::default()
-            })
-            .expect("remove");
-            s.sync().expect("sync");
-            sizes.push(std::fs::metadata(&p).expect("meta").len());
-        }
-        // Space freed by removals is reused: the file does not grow round after round.
-        assert!(
-            sizes[4] <= sizes[1] + sizes[1] / 2,
-            "file keeps growing: {sizes:?}"
-        );
-        assert!(s.recover().expect("recover").entries.is_empty());
-    }
 }

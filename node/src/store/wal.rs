@@ -1,0 +1,193 @@
+//! The side log that makes [`Durability::Interval`](super::Durability::Interval)
+//! survive a process crash.
+//!
+//! redb's non-durable commits live only in the process until the next durable
+//! commit, so a process crash would lose them. In `Interval` mode every
+//! non-durable commit first appends its batch to `peerbus.wal` with one
+//! `write` (no fsync): once `write` returns the kernel has the bytes, and they
+//! survive the process. Each durable commit stores a new *epoch* number in the
+//! database, then empties the file. Opening the store replays the records of
+//! the stored epoch, so records that are already in the database (a crash
+//! between the durable commit and emptying the file) are never applied twice.
+//!
+//! Record: `u32` body length (LE), `u32` CRC-32 of the body (LE), body =
+//! bincode of `(epoch, Batch)`. Reading stops at the first record that is
+//! short or fails its checksum: after a power loss that is the torn tail of
+//! the last unsynced write, whose commit never returned.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::Batch;
+use super::StoreError;
+
+/// Past this many bytes in the side log the next commit is made durable (which empties it),
+/// whatever the interval: the file and the replay after a crash stay bounded.
+pub(super) const WAL_MAX_BYTES: u64 = 64 << 20;
+
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    epoch: u64,
+    batch: &'a Batch,
+}
+
+#[derive(serde::Deserialize)]
+struct Record {
+    epoch: u64,
+    batch: Batch,
+}
+
+/// The open side log.
+#[derive(Debug)]
+pub(super) struct Wal {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+impl Wal {
+    /// Opens (creating) the side log.
+    pub(super) fn open(path: &Path) -> Result<Wal, StoreError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(|e| super::redb::io_error(path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| super::redb::io_error(path, e))?
+            .len();
+        Ok(Wal {
+            file,
+            path: path.to_path_buf(),
+            len,
+        })
+    }
+
+    /// Bytes in the file.
+    pub(super) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// The batches of `epoch`, oldest first. A torn or damaged tail ends the list (logged).
+    pub(super) fn read(&mut self, epoch: u64) -> Result<Vec<Batch>, StoreError> {
+        let mut bytes = Vec::new();
+        let mut f = File::open(&self.path).map_err(|e| super::redb::io_error(&self.path, e))?;
+        f.read_to_end(&mut bytes)
+            .map_err(|e| super::redb::io_error(&self.path, e))?;
+        let mut out = Vec::new();
+        let mut rest = bytes.as_slice();
+        while !rest.is_empty() {
+            let Some(batch) = next_record(&mut rest) else {
+                tracing::warn!(
+                    path = %self.path.display(),
+                    bytes = rest.len(),
+                    "ignoring the torn tail of the store's side log (a write that never completed)"
+                );
+                break;
+            };
+            if batch.epoch == epoch {
+                out.push(batch.batch);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends one batch with a single `write`; on failure the file is cut back to where it was.
+    pub(super) fn append(&mut self, epoch: u64, batch: &Batch) -> Result<(), StoreError> {
+        let body =
+            bincode::serde::encode_to_vec(RecordRef { epoch, batch }, bincode::config::standard())
+                .map_err(|e| StoreError::Db(format!("cannot encode a side-log record: {e}")))?;
+        let len = u32::try_from(body.len())
+            .map_err(|_| StoreError::Db("a batch over 4 GiB cannot be stored".into()))?;
+        let mut rec = Vec::with_capacity(body.len() + 8);
+        rec.extend_from_slice(&len.to_le_bytes());
+        rec.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        rec.extend_from_slice(&body);
+        let before = self.len;
+        match self.file.write_all(&rec) {
+            Ok(()) => {
+                self.len += rec.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.cut(before);
+                Err(super::redb::io_error(&self.path, e))
+            }
+        }
+    }
+
+    /// Shortens the file to `len` bytes (drops what a failed commit appended).
+    pub(super) fn cut(&mut self, len: u64) {
+        match self.file.set_len(len) {
+            Ok(()) => self.len = len,
+            Err(e) => {
+                // A record left behind belongs to the current epoch and would be replayed; the
+                // caller makes the next commit durable, which moves to a new epoch.
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot shorten the store's side log");
+                self.len = self.file.metadata().map_or(u64::MAX, |m| m.len());
+            }
+        }
+    }
+
+    /// Empties the file after a durable commit started a new epoch.
+    pub(super) fn clear(&mut self) {
+        self.cut(0);
+    }
+}
+
+fn next_record(rest: &mut &[u8]) -> Option<Record> {
+    let (len, tail) = rest.split_first_chunk::<4>()?;
+    let (crc, tail) = tail.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_le_bytes(*len)).ok()?;
+    let body = tail.get(..len)?;
+    if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
+        return None;
+    }
+    let (rec, used): (Record, usize) =
+        bincode::serde::decode_from_slice(body, bincode::config::standard()).ok()?;
+    if used != len {
+        return None;
+    }
+    *rest = &tail[len..];
+    Some(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn reading_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut rest = bytes.as_slice();
+            while next_record(&mut rest).is_some() {}
+        }
+    }
+
+    #[test]
+    fn torn_tail_and_other_epochs_are_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w");
+        let mut wal = Wal::open(&path).expect("open");
+        let b = |log: &str| Batch {
+            next_seqs: vec![(log.to_string(), 1)],
+            ..Batch::default()
+        };
+        wal.append(1, &b("old")).expect("append");
+        wal.append(2, &b("a")).expect("append");
+        wal.append(2, &b("b")).expect("append");
+        let full = wal.len();
+        wal.append(2, &b("torn")).expect("append");
+        wal.cut(full + 5);
+        let got = wal.read(2).expect("read");
+        assert_eq!(got, vec![b("a"), b("b")]);
+        wal.clear();
+        assert!(wal.read(2).expect("read").is_empty());
+    }
+}
