@@ -1,8 +1,13 @@
 //! The QUIC endpoint, connections, and the mesh proof run right after the
 //! TLS handshake.
+//!
+//! Invariant: a [`Connection`] exists only after the TLS handshake *and* the mesh proof
+//! succeeded, so no application stream can carry anything before membership is proven.
+//! The proof stream is the first bidirectional stream the dialer opens.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -10,6 +15,7 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 use tracing::warn;
 
 use crate::error::{AcceptError, BindError, CloseCode, ConnectError, ConnectionError};
+use crate::fault::{self, Faults};
 use crate::frame::{FrameReceiver, FrameSender};
 use crate::identity::{Identity, NodeId};
 use crate::membership::{EXPORTER_LABEL, Membership};
@@ -18,31 +24,48 @@ use crate::{DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_FRAME_SIZE};
 
 /// How long the mesh proof exchange may take after the TLS handshake.
 const PROOF_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a dial (TLS handshake) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Concurrent streams a peer may open, per kind (control + lanes need a handful).
+/// How long a dial or an accept (TLS handshake) may take. The idle timeout usually ends a
+/// silent handshake first.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Endpoint::close`] waits for the close frames to leave.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Concurrent streams a peer may open, per kind. A node uses one control stream plus a
+/// handful of lanes; 256 leaves room without letting a peer hold unbounded state.
 const MAX_STREAMS: u32 = 256;
-/// Flow-control window per stream.
+/// Flow-control window per stream (8 MiB): one lane can keep a LAN link busy by itself.
 const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
-/// Flow-control window per connection.
+/// Flow-control window per connection (32 MiB), in both directions. This bounds the memory a
+/// peer can make us buffer.
 const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// Size of one mesh proof message: a tag byte and 32 bytes.
+const PROOF_LEN: usize = 33;
 
-/// Endpoint settings.
+/// Endpoint settings. Build with [`EndpointConfig::new`], then adjust fields.
 #[derive(Clone, Debug)]
 pub struct EndpointConfig {
-    /// This node's key pair.
+    /// This node's key pair; its public key is the node id peers see.
     pub identity: Identity,
-    /// Mesh key or open mesh.
+    /// Mesh key or open mesh. A keyed endpoint refuses every peer that cannot prove the same
+    /// key, including open ones.
     pub membership: Membership,
-    /// UDP address to bind (tests and demos: `127.0.0.1:0`).
+    /// UDP address to bind (tests and demos: `127.0.0.1:0`, which picks a free port).
     pub listen: SocketAddr,
-    /// Largest frame accepted. Default [`DEFAULT_MAX_FRAME_SIZE`].
+    /// Largest frame sent or accepted, in bytes. Default [`DEFAULT_MAX_FRAME_SIZE`] (8 MiB).
+    /// A peer sending a larger frame is disconnected; set it equal on all nodes, and below
+    /// 64 MiB (bincode's allocation limit).
     pub max_frame_size: usize,
-    /// QUIC keep-alive interval. Default [`DEFAULT_KEEP_ALIVE`].
+    /// QUIC keep-alive interval. Default [`DEFAULT_KEEP_ALIVE`] (500 ms). Must be well below
+    /// `idle_timeout` or idle but healthy connections drop.
     pub keep_alive: Duration,
-    /// Idle timeout after which a silent peer is dead. Default [`DEFAULT_IDLE_TIMEOUT`]; keep it
-    /// a few times the keep-alive or healthy connections will drop.
+    /// A peer silent for this long (not even keep-alives) is dead. Default
+    /// [`DEFAULT_IDLE_TIMEOUT`] (3 s), so a dead peer is noticed within about 3 s. QUIC uses
+    /// the smaller of both sides' values. Keep it a few times `keep_alive`; larger values
+    /// notice dead peers later, smaller ones drop connections over short hiccups.
     pub idle_timeout: Duration,
+    /// Fault injection (tests, chaos runs): when set, the endpoint's UDP socket loses,
+    /// delays, duplicates and reorders datagrams and honours partitions as the handle says,
+    /// changeable at run time. Default `None`: the plain socket, no cost.
+    pub faults: Option<Faults>,
 }
 
 impl EndpointConfig {
@@ -55,6 +78,7 @@ impl EndpointConfig {
             max_frame_size: DEFAULT_MAX_FRAME_SIZE,
             keep_alive: DEFAULT_KEEP_ALIVE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            faults: None,
         }
     }
 }
@@ -63,6 +87,9 @@ struct Inner {
     quinn: quinn::Endpoint,
     config: EndpointConfig,
     transport: Arc<TransportConfig>,
+    certified: tls::Certified,
+    /// Set by [`Endpoint::close`], so that connections report why they closed.
+    closing: Arc<AtomicBool>,
 }
 
 /// A bound QUIC endpoint: dials and accepts peer connections. Cheap to clone.
@@ -81,16 +108,28 @@ impl std::fmt::Debug for Endpoint {
 }
 
 fn transport_config(cfg: &EndpointConfig) -> Result<TransportConfig, BindError> {
+    if cfg.keep_alive.is_zero() || cfg.keep_alive >= cfg.idle_timeout {
+        return Err(BindError::Config(format!(
+            "keep_alive ({:?}) must be non-zero and below idle_timeout ({:?})",
+            cfg.keep_alive, cfg.idle_timeout
+        )));
+    }
+    let idle = IdleTimeout::try_from(cfg.idle_timeout).map_err(|_| {
+        BindError::Config(format!(
+            "idle_timeout {:?} is too large for QUIC",
+            cfg.idle_timeout
+        ))
+    })?;
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(cfg.keep_alive));
-    t.max_idle_timeout(Some(
-        IdleTimeout::try_from(cfg.idle_timeout).map_err(|e| BindError::Tls(e.to_string()))?,
-    ));
+    t.max_idle_timeout(Some(idle));
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS));
     t.max_concurrent_uni_streams(VarInt::from_u32(MAX_STREAMS));
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(u64::from(CONNECTION_WINDOW));
+    // peerbus sends no datagrams; do not buffer any a peer sends.
+    t.datagram_receive_buffer_size(None);
     Ok(t)
 }
 
@@ -98,11 +137,23 @@ impl Endpoint {
     /// Binds the UDP socket and prepares TLS. Needs a tokio runtime.
     pub fn bind(config: EndpointConfig) -> Result<Endpoint, BindError> {
         let transport = Arc::new(transport_config(&config)?);
-        let tls = tls::server_config(&config.identity).map_err(BindError::Tls)?;
+        let certified = tls::certificate(&config.identity).map_err(BindError::Tls)?;
+        let tls = tls::server_config(&certified).map_err(BindError::Tls)?;
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| BindError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport.clone());
-        let quinn = quinn::Endpoint::server(server, config.listen).map_err(|e| BindError::Io {
+        let quinn = match &config.faults {
+            None => quinn::Endpoint::server(server, config.listen),
+            Some(faults) => fault::bind(config.listen, faults.clone()).and_then(|socket| {
+                quinn::Endpoint::new_with_abstract_socket(
+                    quinn::EndpointConfig::default(),
+                    Some(server),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            }),
+        }
+        .map_err(|e| BindError::Io {
             addr: config.listen,
             source: e,
         })?;
@@ -111,11 +162,13 @@ impl Endpoint {
                 quinn,
                 config,
                 transport,
+                certified,
+                closing: Arc::default(),
             }),
         })
     }
 
-    /// The bound address.
+    /// The bound address (with the real port when `listen` asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner
             .quinn
@@ -129,13 +182,18 @@ impl Endpoint {
     }
 
     /// Dials `addr`: TLS handshake (pinning `expected` when given), then the mesh proof.
+    ///
+    /// Errors: [`ConnectError::WrongPeer`] when the certificate is for another node than
+    /// `expected`; [`ConnectError::Refused`] when the peer closed us with a [`CloseCode`]
+    /// (for example [`CloseCode::MeshProofFailed`]: the meshes' keys differ), or when we
+    /// refused the peer's proof; [`ConnectError::Unreachable`] when nothing answered.
     pub async fn connect(
         &self,
         addr: SocketAddr,
         expected: Option<NodeId>,
     ) -> Result<Connection, ConnectError> {
-        let tls =
-            tls::client_config(&self.inner.config.identity, expected).map_err(ConnectError::Tls)?;
+        let (tls, seen) =
+            tls::client_config(&self.inner.certified, expected).map_err(ConnectError::Tls)?;
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Tls(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
@@ -144,66 +202,77 @@ impl Endpoint {
             .inner
             .quinn
             .connect_with(client, addr, tls::SERVER_NAME)
-            .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
-        let quinn_conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            .map_err(|e| ConnectError::Unreachable(format!("cannot dial {addr}: {e}")))?;
+        let quinn_conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
             Err(_) => return Err(ConnectError::TimedOut),
-            Ok(Err(e)) => return Err(connect_error(e, expected)),
+            Ok(Err(e)) => {
+                // A pinned-id mismatch fails inside the verifier; it recorded the real id.
+                if let (Some(expected), Some(actual)) = (expected, seen.get().copied())
+                    && actual != expected
+                {
+                    return Err(ConnectError::WrongPeer { expected, actual });
+                }
+                return Err(connect_error(e, addr));
+            }
             Ok(Ok(c)) => c,
         };
         let peer = peer_id(&quinn_conn).map_err(ConnectError::Tls)?;
-        let conn = Connection {
-            inner: quinn_conn,
-            peer,
-            dialer: true,
-            max_frame: self.inner.config.max_frame_size,
-        };
+        let conn = Connection::new(quinn_conn, peer, true, self);
         match tokio::time::timeout(PROOF_TIMEOUT, self.prove(&conn)).await {
             Ok(Ok(())) => Ok(conn),
             Ok(Err(e)) => Err(e),
             Err(_) => {
-                conn.close(CloseCode::MeshProofFailed, "mesh proof timed out");
+                conn.close(CloseCode::ProtocolViolation, "mesh proof timed out");
                 Err(ConnectError::TimedOut)
             }
         }
     }
 
-    /// The dialer's side of the mesh proof.
+    /// The dialer's side of the mesh proof: send ours, check theirs, then finish the stream,
+    /// which tells the listener that we accept it.
     async fn prove(&self, conn: &Connection) -> Result<(), ConnectError> {
-        let me = self.node_id();
-        let (dialer, listener) = (me, conn.peer);
+        let (dialer, listener) = (self.node_id(), conn.peer);
         let ekm = ekm(&conn.inner, &dialer, &listener).map_err(ConnectError::Other)?;
-        let (mut send, mut recv) = conn.inner.open_bi().await.map_err(|e| refused(e.into()))?;
+        let lost = |e: quinn::ConnectionError| refused(conn.convert(e));
+        let (mut send, mut recv) = conn.inner.open_bi().await.map_err(lost)?;
         let ours = self.proof_bytes(0, &dialer, &listener, &ekm);
-        send.write_all(&ours)
-            .await
-            .map_err(|e| ConnectError::Other(e.to_string()))?;
-        let mut theirs = [0u8; 33];
-        if let Err(e) = recv.read_exact(&mut theirs).await {
+        send.write_all(&ours).await.map_err(|e| match e {
+            quinn::WriteError::ConnectionLost(c) => lost(c),
+            other => ConnectError::Other(format!("mesh proof exchange failed: {other}")),
+        })?;
+        let mut theirs = [0u8; PROOF_LEN];
+        recv.read_exact(&mut theirs).await.map_err(|e| match e {
             // The listener closes the connection when our proof fails: report its reason.
-            return Err(match e {
-                quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => {
-                    refused(c.into())
-                }
-                other => match conn.inner.close_reason() {
-                    Some(r) => refused(r.into()),
-                    None => ConnectError::Other(format!("mesh proof exchange failed: {other}")),
-                },
-            });
-        }
+            quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => lost(c),
+            other => match conn.inner.close_reason() {
+                Some(c) => lost(c),
+                None => ConnectError::Other(format!("mesh proof exchange failed: {other}")),
+            },
+        })?;
         if let Err(why) = self.check_proof(1, &dialer, &listener, &ekm, &theirs) {
-            warn!(addr = %conn.remote_addr(), peer = %conn.peer, %why, "refusing peer: mesh proof failed");
+            warn!(addr = %conn.remote_addr(), claimed = %conn.peer, reason = %why,
+                "refusing peer: mesh proof failed");
             conn.close(CloseCode::MeshProofFailed, &why);
             return Err(ConnectError::Refused {
                 code: CloseCode::MeshProofFailed,
                 reason: why,
             });
         }
-        let _ = send.finish();
+        send.finish()
+            .map_err(|e| ConnectError::Other(format!("mesh proof exchange failed: {e}")))?;
         Ok(())
     }
 
-    fn proof_bytes(&self, role: u8, dialer: &NodeId, listener: &NodeId, ekm: &[u8]) -> [u8; 33] {
-        let mut out = [0u8; 33];
+    /// Our proof message for `role` (0 dialer, 1 listener): `[1][HMAC]`, or `[0][zeros]`
+    /// when we have no key.
+    fn proof_bytes(
+        &self,
+        role: u8,
+        dialer: &NodeId,
+        listener: &NodeId,
+        ekm: &[u8],
+    ) -> [u8; PROOF_LEN] {
+        let mut out = [0u8; PROOF_LEN];
         if let Membership::Key(k) = &self.inner.config.membership {
             out[0] = 1;
             out[1..].copy_from_slice(k.proof(role, dialer, listener, ekm).as_ref());
@@ -211,29 +280,36 @@ impl Endpoint {
         out
     }
 
+    /// Checks the peer's proof message. The error is the reason sent in the close frame,
+    /// worded so that it reads right on both sides.
     fn check_proof(
         &self,
         role: u8,
         dialer: &NodeId,
         listener: &NodeId,
         ekm: &[u8],
-        got: &[u8; 33],
+        got: &[u8; PROOF_LEN],
     ) -> Result<(), String> {
+        let who = if role == 0 { "dialer" } else { "listener" };
+        let other = if role == 0 { "listener" } else { "dialer" };
         match &self.inner.config.membership {
             Membership::InsecureOpen => Ok(()),
             Membership::Key(k) => {
                 if got[0] != 1 {
-                    Err("the peer has no mesh key".into())
+                    Err(format!(
+                        "the {who} has no mesh key but the {other} requires one"
+                    ))
                 } else if k.verify(role, dialer, listener, ekm, &got[1..]) {
                     Ok(())
                 } else {
-                    Err("the peer proved a different mesh key".into())
+                    Err(format!("the {who}'s mesh key differs from the {other}'s"))
                 }
             }
         }
     }
 
     /// The next incoming connection attempt; `None` once the endpoint is closed.
+    /// Dropping the [`Incoming`] refuses the attempt.
     pub async fn accept(&self) -> Option<Incoming> {
         let incoming = self.inner.quinn.accept().await?;
         Some(Incoming {
@@ -242,14 +318,15 @@ impl Endpoint {
         })
     }
 
-    /// Closes every connection with [`CloseCode::Shutdown`] and waits (at most 1 s) for the
-    /// close to reach peers.
+    /// Closes every connection with [`CloseCode::Shutdown`], stops accepting, and waits (at
+    /// most 1 s) for the close to reach peers.
     pub async fn close(&self) {
+        self.inner.closing.store(true, Ordering::Relaxed);
         self.inner.quinn.close(
             VarInt::from_u32(CloseCode::Shutdown as u32),
             b"node shutting down",
         );
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.quinn.wait_idle()).await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.inner.quinn.wait_idle()).await;
     }
 }
 
@@ -267,6 +344,16 @@ impl std::fmt::Debug for Incoming {
     }
 }
 
+/// Why the listener's side of the proof did not complete.
+enum ProofFailure {
+    /// The dialer proved no key or another key.
+    Mismatch(String),
+    /// The connection ended (for example the dialer refused our proof).
+    Lost(ConnectionError),
+    /// The dialer broke the exchange (wrong stream use, extra bytes).
+    Protocol(String),
+}
+
 impl Incoming {
     /// Where it comes from.
     pub fn remote_addr(&self) -> SocketAddr {
@@ -274,51 +361,29 @@ impl Incoming {
     }
 
     /// TLS handshake, then the mesh proof. A failed proof closes the connection with
-    /// [`CloseCode::MeshProofFailed`] and is logged with the address and claimed node id.
+    /// [`CloseCode::MeshProofFailed`] and is logged (warn) with the address and the claimed
+    /// node id. Completes only once the dialer has accepted our proof too.
     pub async fn complete(self) -> Result<Connection, AcceptError> {
         let addr = self.remote_addr();
         let failed = |reason: String| AcceptError::Failed { addr, reason };
-        let quinn_conn = match tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let handshake = async {
             self.incoming
                 .accept()
                 .map_err(|e| e.to_string())?
                 .await
-                .map_err(|e| e.to_string())
-        })
-        .await
-        {
-            Err(_) => return Err(failed("handshake timed out".into())),
-            Ok(Err(e)) => return Err(failed(e)),
+                .map_err(|e| ConnectionError::from(e).to_string())
+        };
+        let quinn_conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Err(_) => return Err(failed("TLS handshake timed out".into())),
+            Ok(Err(e)) => return Err(failed(format!("TLS handshake failed: {e}"))),
             Ok(Ok(c)) => c,
         };
         let peer = peer_id(&quinn_conn).map_err(failed)?;
-        let conn = Connection {
-            inner: quinn_conn,
-            peer,
-            dialer: false,
-            max_frame: self.endpoint.inner.config.max_frame_size,
-        };
         let ep = &self.endpoint;
-        let proof = async {
-            let (dialer, listener) = (peer, ep.node_id());
-            let ekm = ekm(&conn.inner, &dialer, &listener)?;
-            let (mut send, mut recv) = conn.inner.accept_bi().await.map_err(|e| e.to_string())?;
-            let mut theirs = [0u8; 33];
-            recv.read_exact(&mut theirs)
-                .await
-                .map_err(|e| e.to_string())?;
-            if let Err(why) = ep.check_proof(0, &dialer, &listener, &ekm, &theirs) {
-                return Err(format!("{MESH}{why}"));
-            }
-            let ours = ep.proof_bytes(1, &dialer, &listener, &ekm);
-            send.write_all(&ours).await.map_err(|e| e.to_string())?;
-            let _ = send.finish();
-            Ok(())
-        };
-        match tokio::time::timeout(PROOF_TIMEOUT, proof).await {
+        let conn = Connection::new(quinn_conn, peer, false, ep);
+        match tokio::time::timeout(PROOF_TIMEOUT, ep.answer_proof(&conn)).await {
             Ok(Ok(())) => Ok(conn),
-            Ok(Err(e)) if e.starts_with(MESH) => {
-                let reason = e.trim_start_matches(MESH).to_string();
+            Ok(Err(ProofFailure::Mismatch(reason))) => {
                 warn!(%addr, claimed = %peer, %reason, "refusing peer: mesh proof failed");
                 conn.close(CloseCode::MeshProofFailed, &reason);
                 Err(AcceptError::MeshProofFailed {
@@ -327,19 +392,58 @@ impl Incoming {
                     reason,
                 })
             }
-            Ok(Err(e)) => {
+            Ok(Err(ProofFailure::Lost(ConnectionError::ClosedByPeer { code, reason }))) => {
+                Err(AcceptError::Refused { addr, code, reason })
+            }
+            Ok(Err(ProofFailure::Lost(e))) => Err(failed(format!("during the mesh proof: {e}"))),
+            Ok(Err(ProofFailure::Protocol(e))) => {
                 conn.close(CloseCode::ProtocolViolation, "mesh proof exchange failed");
                 Err(failed(format!("mesh proof exchange failed: {e}")))
             }
             Err(_) => {
-                conn.close(CloseCode::MeshProofFailed, "mesh proof timed out");
+                conn.close(CloseCode::ProtocolViolation, "mesh proof timed out");
                 Err(failed("mesh proof timed out".into()))
             }
         }
     }
 }
 
-const MESH: &str = "mesh:";
+impl Endpoint {
+    /// The listener's side of the mesh proof: check the dialer's, send ours, then wait for the
+    /// dialer to finish its stream (its acceptance of our proof).
+    async fn answer_proof(&self, conn: &Connection) -> Result<(), ProofFailure> {
+        let (dialer, listener) = (conn.peer, self.node_id());
+        let lost = |e: quinn::ConnectionError| ProofFailure::Lost(conn.convert(e));
+        let read_err = |e: quinn::ReadError| match e {
+            quinn::ReadError::ConnectionLost(c) => lost(c),
+            other => ProofFailure::Protocol(other.to_string()),
+        };
+        let ekm = ekm(&conn.inner, &dialer, &listener).map_err(ProofFailure::Protocol)?;
+        let (mut send, mut recv) = conn.inner.accept_bi().await.map_err(lost)?;
+        let mut theirs = [0u8; PROOF_LEN];
+        recv.read_exact(&mut theirs).await.map_err(|e| match e {
+            quinn::ReadExactError::ReadError(e) => read_err(e),
+            quinn::ReadExactError::FinishedEarly(n) => {
+                ProofFailure::Protocol(format!("proof stream ended after {n} bytes"))
+            }
+        })?;
+        self.check_proof(0, &dialer, &listener, &ekm, &theirs)
+            .map_err(ProofFailure::Mismatch)?;
+        let ours = self.proof_bytes(1, &dialer, &listener, &ekm);
+        send.write_all(&ours).await.map_err(|e| match e {
+            quinn::WriteError::ConnectionLost(c) => lost(c),
+            other => ProofFailure::Protocol(other.to_string()),
+        })?;
+        let _ = send.finish();
+        recv.read_to_end(0).await.map_err(|e| match e {
+            quinn::ReadToEndError::Read(e) => read_err(e),
+            quinn::ReadToEndError::TooLong => {
+                ProofFailure::Protocol("extra bytes after the mesh proof".into())
+            }
+        })?;
+        Ok(())
+    }
+}
 
 fn ekm(conn: &quinn::Connection, dialer: &NodeId, listener: &NodeId) -> Result<[u8; 32], String> {
     let mut ctx = Vec::with_capacity(64);
@@ -365,6 +469,7 @@ fn peer_id(conn: &quinn::Connection) -> Result<NodeId, String> {
     tls::node_id_of(first).map_err(|e| e.to_string())
 }
 
+/// A dial that failed after the handshake, by the connection's end.
 fn refused(e: ConnectionError) -> ConnectError {
     match e {
         ConnectionError::ClosedByPeer { code, reason } => ConnectError::Refused { code, reason },
@@ -373,36 +478,38 @@ fn refused(e: ConnectionError) -> ConnectError {
     }
 }
 
-fn connect_error(e: quinn::ConnectionError, expected: Option<NodeId>) -> ConnectError {
-    let text = e.to_string();
+/// A dial whose handshake failed.
+fn connect_error(e: quinn::ConnectionError, addr: SocketAddr) -> ConnectError {
     match e {
         quinn::ConnectionError::TimedOut => {
-            ConnectError::Unreachable("no answer (timed out)".into())
+            ConnectError::Unreachable(format!("no answer from {addr} (timed out)"))
         }
         quinn::ConnectionError::ApplicationClosed(_) => refused(e.into()),
-        _ if text.contains(tls::WRONG_PEER) => match (expected, parse_actual(&text)) {
-            (Some(expected), Some(actual)) => ConnectError::WrongPeer { expected, actual },
-            _ => ConnectError::Tls(text),
-        },
-        _ => ConnectError::Tls(text),
+        quinn::ConnectionError::LocallyClosed => {
+            ConnectError::Other("the endpoint is closing".into())
+        }
+        other => ConnectError::Tls(other.to_string()),
     }
 }
 
-fn parse_actual(text: &str) -> Option<NodeId> {
-    let tail = text.split("certificate is for ").nth(1)?;
-    tail.split(|c: char| !c.is_ascii_alphanumeric())
-        .next()?
-        .parse()
-        .ok()
+/// State shared by all clones of one [`Connection`].
+#[derive(Debug, Default)]
+struct Shared {
+    /// The code and reason we closed with, so that [`ConnectionError::ClosedLocally`] can say.
+    local_close: OnceLock<(CloseCode, String)>,
+    /// The endpoint's shutdown flag.
+    endpoint_closing: Arc<AtomicBool>,
 }
 
-/// An established, mesh-proven connection to a peer. Cheap to clone.
+/// An established, mesh-proven connection to a peer. Cheap to clone; clones share the same
+/// QUIC connection.
 #[derive(Clone)]
 pub struct Connection {
     inner: quinn::Connection,
     peer: NodeId,
     dialer: bool,
     max_frame: usize,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -416,6 +523,36 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
+    fn new(inner: quinn::Connection, peer: NodeId, dialer: bool, ep: &Endpoint) -> Self {
+        Self {
+            inner,
+            peer,
+            dialer,
+            max_frame: ep.inner.config.max_frame_size,
+            shared: Arc::new(Shared {
+                local_close: OnceLock::new(),
+                endpoint_closing: ep.inner.closing.clone(),
+            }),
+        }
+    }
+
+    /// Converts quinn's reason, filling in our own close code for local closes.
+    pub(crate) fn convert(&self, e: quinn::ConnectionError) -> ConnectionError {
+        match e {
+            quinn::ConnectionError::LocallyClosed => {
+                let (code, reason) = match self.shared.local_close.get() {
+                    Some((c, r)) => (*c, r.clone()),
+                    None if self.shared.endpoint_closing.load(Ordering::Relaxed) => {
+                        (CloseCode::Shutdown, "node shutting down".into())
+                    }
+                    None => (CloseCode::Normal, "closed".into()),
+                };
+                ConnectionError::ClosedLocally { code, reason }
+            }
+            other => other.into(),
+        }
+    }
+
     /// The peer's node id (proven by its certificate).
     pub fn peer_id(&self) -> NodeId {
         self.peer
@@ -431,7 +568,7 @@ impl Connection {
         self.dialer
     }
 
-    /// An id unique among this endpoint's connections.
+    /// An id unique among this endpoint's live connections.
     pub fn stable_id(&self) -> usize {
         self.inner.stable_id()
     }
@@ -441,51 +578,54 @@ impl Connection {
         self.inner.rtt()
     }
 
-    /// Opens a bidirectional stream.
+    /// Opens a bidirectional stream. Waits while the peer's stream limit (256) is reached.
     pub async fn open_bi(&self) -> Result<(FrameSender, FrameReceiver), ConnectionError> {
-        let (s, r) = self.inner.open_bi().await?;
+        let (s, r) = self.inner.open_bi().await.map_err(|e| self.convert(e))?;
         Ok((
-            FrameSender::new(s, self.max_frame),
+            FrameSender::new(s, self.max_frame, self.clone()),
             FrameReceiver::new(r, self.max_frame, self.clone()),
         ))
     }
 
-    /// Accepts the peer's next bidirectional stream.
+    /// Accepts the peer's next bidirectional stream. The peer's first write opens it.
     pub async fn accept_bi(&self) -> Result<(FrameSender, FrameReceiver), ConnectionError> {
-        let (s, r) = self.inner.accept_bi().await?;
+        let (s, r) = self.inner.accept_bi().await.map_err(|e| self.convert(e))?;
         Ok((
-            FrameSender::new(s, self.max_frame),
+            FrameSender::new(s, self.max_frame, self.clone()),
             FrameReceiver::new(r, self.max_frame, self.clone()),
         ))
     }
 
-    /// Opens a unidirectional stream.
+    /// Opens a unidirectional stream. Waits while the peer's stream limit (256) is reached.
     pub async fn open_uni(&self) -> Result<FrameSender, ConnectionError> {
-        Ok(FrameSender::new(
-            self.inner.open_uni().await?,
-            self.max_frame,
-        ))
+        let s = self.inner.open_uni().await.map_err(|e| self.convert(e))?;
+        Ok(FrameSender::new(s, self.max_frame, self.clone()))
     }
 
     /// Accepts the peer's next unidirectional stream.
     pub async fn accept_uni(&self) -> Result<FrameReceiver, ConnectionError> {
-        let r = self.inner.accept_uni().await?;
+        let r = self.inner.accept_uni().await.map_err(|e| self.convert(e))?;
         Ok(FrameReceiver::new(r, self.max_frame, self.clone()))
     }
 
-    /// Closes the connection with a code and reason the peer will see.
+    /// Closes the connection at once with a code and reason the peer will see. Unsent
+    /// stream data is dropped. Only the first close counts.
     pub fn close(&self, code: CloseCode, reason: &str) {
+        if self.inner.close_reason().is_none() {
+            let _ = self.shared.local_close.set((code, reason.to_string()));
+        }
         self.inner
             .close(VarInt::from_u32(code as u32), reason.as_bytes());
     }
 
     /// Resolves when the connection is closed, with why.
     pub async fn closed(&self) -> ConnectionError {
-        self.inner.closed().await.into()
+        let e = self.inner.closed().await;
+        self.convert(e)
     }
 
     /// Why the connection closed, if it has.
     pub fn close_reason(&self) -> Option<ConnectionError> {
-        self.inner.close_reason().map(Into::into)
+        self.inner.close_reason().map(|e| self.convert(e))
     }
 }

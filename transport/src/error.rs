@@ -57,6 +57,22 @@ impl CloseCode {
             CloseCode::Unknown => "unknown reason",
         }
     }
+
+    /// What to do about it, appended to error messages ("" when there is nothing to do).
+    pub(crate) fn advice(&self) -> &'static str {
+        match self {
+            CloseCode::MeshProofFailed => {
+                "; every node of a mesh needs the same mesh key file (or all run an open mesh)"
+            }
+            CloseCode::MalformedFrame | CloseCode::ProtocolViolation => {
+                "; check that both nodes run the same peerbus version"
+            }
+            CloseCode::FrameTooLarge => {
+                "; use the same max_frame_size on every node, or send smaller messages"
+            }
+            _ => "",
+        }
+    }
 }
 
 /// Why a connection ended.
@@ -64,7 +80,7 @@ impl CloseCode {
 #[non_exhaustive]
 pub enum ConnectionError {
     /// The peer closed it.
-    #[error("peer closed the connection: {} ({reason})", code.describe())]
+    #[error("peer closed the connection: {} ({reason}){}", code.describe(), code.advice())]
     ClosedByPeer {
         /// Its close code.
         code: CloseCode,
@@ -120,7 +136,7 @@ pub struct IdParseError(pub String);
 #[non_exhaustive]
 pub enum IdentityError {
     /// Reading or writing the key file failed.
-    #[error("{}: {source}", path.display())]
+    #[error("cannot read or create the node key {}: {source} (check the data directory and its permissions)", path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -136,7 +152,7 @@ pub enum IdentityError {
         reason: String,
     },
     /// Key generation or parsing failed.
-    #[error("key error: {0}")]
+    #[error("cannot generate or use the node key: {0}")]
     Key(String),
 }
 
@@ -173,16 +189,20 @@ pub enum MeshKeyError {
 #[non_exhaustive]
 pub enum BindError {
     /// The UDP socket could not bind.
-    #[error("cannot bind UDP {addr}: {source}")]
+    #[error("cannot bind UDP {addr}: {source} (is the port in use, or the address not local?)")]
     Io {
         /// The address.
         addr: SocketAddr,
         /// The I/O error.
         source: std::io::Error,
     },
-    /// TLS setup failed.
+    /// TLS setup failed (the identity's key could not make a certificate).
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    /// The [`crate::EndpointConfig`] is inconsistent (for example keep-alive not below the
+    /// idle timeout).
+    #[error("invalid endpoint configuration: {0}")]
+    Config(String),
 }
 
 /// Dialing a peer failed.
@@ -190,7 +210,7 @@ pub enum BindError {
 #[non_exhaustive]
 pub enum ConnectError {
     /// The peer (or we) refused the connection, for example over the mesh key.
-    #[error("peer refused: {} ({reason})", code.describe())]
+    #[error("peer refused: {} ({reason}){}", code.describe(), code.advice())]
     Refused {
         /// The close code.
         code: CloseCode,
@@ -198,7 +218,9 @@ pub enum ConnectError {
         reason: String,
     },
     /// The certificate is for another node than the one discovery announced.
-    #[error("wrong peer: expected node {expected}, reached {actual}")]
+    #[error(
+        "wrong peer: expected node {expected}, reached {actual} (the address now belongs to another node)"
+    )]
     WrongPeer {
         /// The id we pinned.
         expected: NodeId,
@@ -209,7 +231,7 @@ pub enum ConnectError {
     #[error("unreachable: {0}")]
     Unreachable(String),
     /// The handshake did not finish in time.
-    #[error("handshake timed out")]
+    #[error("handshake timed out (the peer is overloaded or the path drops packets)")]
     TimedOut,
     /// TLS failed.
     #[error("TLS handshake failed: {0}")]
@@ -224,13 +246,24 @@ pub enum ConnectError {
 #[non_exhaustive]
 pub enum AcceptError {
     /// The dialer failed the mesh proof.
-    #[error("refused {addr} (claims node {claimed}): {reason}")]
+    #[error("refused {addr} (node {claimed}): mesh key mismatch ({reason}){}", CloseCode::MeshProofFailed.advice())]
     MeshProofFailed {
         /// Its address.
         addr: SocketAddr,
         /// The id its certificate proves.
         claimed: NodeId,
         /// Why.
+        reason: String,
+    },
+    /// The dialer refused us (for example it holds a mesh key and we run an open mesh), or
+    /// closed the connection during the proof.
+    #[error("{addr} refused this node: {} ({reason}){}", code.describe(), code.advice())]
+    Refused {
+        /// Its address.
+        addr: SocketAddr,
+        /// Its close code.
+        code: CloseCode,
+        /// Its reason text.
         reason: String,
     },
     /// The handshake or proof exchange failed otherwise.

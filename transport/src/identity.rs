@@ -104,27 +104,50 @@ impl Identity {
     }
 
     /// Loads `<dir>/node.key`, or creates it (mode 0600) on first use.
+    ///
+    /// The file appears atomically (written aside, then linked into place), so a crash never
+    /// leaves a half-written key, and two processes starting together end up with the same
+    /// identity.
     pub fn load_or_create(dir: &Path) -> Result<Identity, IdentityError> {
         let path = dir.join(KEY_FILE);
-        match fs::read(&path) {
-            Ok(bytes) => Self::from_pkcs8(bytes).map_err(|e| IdentityError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            }),
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| IdentityError::Io { path, source }
+        };
+        match read_key_file(&path) {
+            Ok(bytes) => Self::load(&path, bytes),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir_all(dir).map_err(|e| IdentityError::Io {
-                    path: dir.into(),
-                    source: e,
-                })?;
+                fs::create_dir_all(dir).map_err(io(dir))?;
                 let id = Self::generate()?;
-                write_private(&path, &id.pkcs8).map_err(|e| IdentityError::Io {
-                    path: path.clone(),
-                    source: e,
-                })?;
-                Ok(id)
+                if create_private(dir, &path, &id.pkcs8).map_err(io(&path))? {
+                    Ok(id)
+                } else {
+                    // Another process created it first: use theirs.
+                    let bytes = read_key_file(&path).map_err(io(&path))?;
+                    Self::load(&path, bytes)
+                }
             }
             Err(e) => Err(IdentityError::Io { path, source: e }),
         }
+    }
+
+    fn load(path: &Path, bytes: Vec<u8>) -> Result<Identity, IdentityError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = fs::metadata(path)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the node key is readable by other users; run `chmod 600` on it"
+                );
+            }
+        }
+        Self::from_pkcs8(bytes).map_err(|e| IdentityError::Corrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
     }
 
     /// This identity's node id.
@@ -135,6 +158,45 @@ impl Identity {
     pub(crate) fn pkcs8(&self) -> &[u8] {
         &self.pkcs8
     }
+}
+
+/// Reads a key file, at most 64 KiB of it (a PKCS#8 ed25519 key is 83 bytes).
+fn read_key_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::with_capacity(128);
+    fs::File::open(path)?
+        .take(64 * 1024)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Creates `path` with `bytes`, readable by the owner only, atomically: the bytes go to a
+/// temporary file in `dir` first, which is then hard-linked into place (linking never replaces
+/// an existing file). `Ok(false)` when `path` already existed. Falls back to writing `path`
+/// directly where hard links are not supported.
+fn create_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
+    let tmp = dir.join(format!(
+        ".{KEY_FILE}.{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    write_private(&tmp, bytes)?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    let created = match linked {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(_) => match write_private(path, bytes) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e),
+        },
+    };
+    if created {
+        // Make the new directory entry durable too; not every platform can sync a directory.
+        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(created)
 }
 
 /// Writes a new file readable by the owner only; refuses to overwrite.
@@ -190,5 +252,42 @@ mod tests {
         assert_eq!(s.parse::<NodeId>().expect("parse"), id);
         assert!("zz".parse::<NodeId>().is_err());
         assert_eq!(id.short().len(), 10);
+    }
+
+    #[test]
+    fn concurrent_first_starts_agree_on_one_identity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids: Vec<NodeId> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| Identity::load_or_create(dir.path()).expect("identity")))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("join").node_id())
+                .collect()
+        });
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from(KEY_FILE)],
+            "no temp files left"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_id_round_trips_and_any_text_parses_without_panic(
+            bytes in proptest::prelude::any::<[u8; 32]>(),
+            text in ".{0,80}",
+        ) {
+            let id = NodeId::from_bytes(bytes);
+            proptest::prop_assert_eq!(id.to_string().parse::<NodeId>().ok(), Some(id));
+            proptest::prop_assert_eq!(format!("{id:?}"), format!("NodeId({})", id.short()));
+            let _ = text.parse::<NodeId>();
+        }
     }
 }

@@ -32,15 +32,24 @@ impl MeshKey {
 
     /// Reads a key file: 64 hexadecimal characters, optionally followed by a newline.
     pub fn load(path: &Path) -> Result<MeshKey, MeshKeyError> {
-        let text = std::fs::read_to_string(path).map_err(|e| MeshKeyError::Io {
+        use std::io::Read;
+        let io = |e| MeshKeyError::Io {
             path: path.into(),
             source: e,
-        })?;
-        let hex = text.trim();
+        };
         let bad = |reason: String| MeshKeyError::Malformed {
             path: path.into(),
             reason,
         };
+        // A key file is 64 characters; read a little more than that, never a whole huge file.
+        let mut raw = Vec::with_capacity(128);
+        std::fs::File::open(path)
+            .map_err(io)?
+            .take(MAX_KEY_FILE)
+            .read_to_end(&mut raw)
+            .map_err(io)?;
+        let text = String::from_utf8(raw).map_err(|_| bad("not text".into()))?;
+        let hex = text.trim();
         if hex.len() != 64 {
             return Err(bad(format!(
                 "expected 64 hex characters, found {}",
@@ -111,6 +120,9 @@ impl MeshKey {
         hmac::verify(&key, &msg, tag).is_ok()
     }
 }
+
+/// Bytes of a mesh key file read at most (64 hex characters plus whitespace fit easily).
+const MAX_KEY_FILE: u64 = 1024;
 
 const PROOF_LABEL: &[u8] = b"peerbus/1 mesh-proof";
 /// TLS exporter label of the mesh proof.

@@ -1,7 +1,7 @@
 //! TLS 1.3 configuration: self-signed ed25519 certificates on both sides,
 //! verifiers that derive (and for the dialer, pin) the peer's node id.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -38,9 +38,21 @@ pub(crate) fn node_id_of(cert: &CertificateDer<'_>) -> Result<NodeId, TlsError> 
     Ok(NodeId::from_bytes(raw))
 }
 
-pub(crate) fn certificate(
-    identity: &Identity,
-) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), String> {
+/// A node's self-signed certificate and its key, made once per endpoint.
+pub(crate) struct Certified {
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Certified {
+    fn chain(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        (vec![self.cert.clone()], self.key.clone_key())
+    }
+}
+
+/// A self-signed certificate for the identity's ed25519 key. The verifiers ignore everything
+/// in it but the subject public key.
+pub(crate) fn certificate(identity: &Identity) -> Result<Certified, String> {
     let kp = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
         &PrivatePkcs8KeyDer::from(identity.pkcs8()),
         &rcgen::PKCS_ED25519,
@@ -53,30 +65,35 @@ pub(crate) fn certificate(
         .push(rcgen::DnType::CommonName, identity.node_id().to_string());
     let cert = params.self_signed(&kp).map_err(|e| e.to_string())?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.pkcs8().to_vec()));
-    Ok((cert.der().clone(), key))
+    Ok(Certified {
+        cert: cert.der().clone(),
+        key,
+    })
 }
 
+/// Accepts any self-signed ed25519 certificate (the key *is* the identity), checks the
+/// handshake signature against it, and on the dialer pins the expected node id.
 #[derive(Debug)]
 struct PeerVerifier {
     algs: WebPkiSupportedAlgorithms,
     expected: Option<NodeId>,
+    /// The id the peer's certificate proved, recorded even when it is the wrong one so that
+    /// the dialer can report [`crate::ConnectError::WrongPeer`].
+    seen: Arc<OnceLock<NodeId>>,
 }
 
 impl PeerVerifier {
     fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), TlsError> {
         let id = node_id_of(end_entity)?;
+        let _ = self.seen.set(id);
         match self.expected {
             Some(e) if e != id => Err(TlsError::General(format!(
-                "{}: expected node {e}, certificate is for {id}",
-                WRONG_PEER
+                "wrong peer: expected node {e}, certificate is for {id}"
             ))),
             _ => Ok(()),
         }
     }
 }
-
-/// Marker in TLS errors raised for a pinned-id mismatch.
-pub(crate) const WRONG_PEER: &str = "wrong peer";
 
 impl ServerCertVerifier for PeerVerifier {
     fn verify_server_cert(
@@ -152,40 +169,83 @@ impl ClientCertVerifier for PeerVerifier {
     }
 }
 
-pub(crate) fn server_config(identity: &Identity) -> Result<rustls::ServerConfig, String> {
+/// The listener's TLS config: TLS 1.3 only, ALPN [`ALPN`], client certificates mandatory.
+pub(crate) fn server_config(certified: &Certified) -> Result<rustls::ServerConfig, String> {
     let provider = provider();
     let verifier = Arc::new(PeerVerifier {
         algs: provider.signature_verification_algorithms,
         expected: None,
+        seen: Arc::default(),
     });
-    let (cert, key) = certificate(identity)?;
+    let (cert, key) = certified.chain();
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![cert], key)
+        .with_single_cert(cert, key)
         .map_err(|e| e.to_string())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     Ok(cfg)
 }
 
+/// A dialer's TLS config for one connection attempt, and the slot where its verifier records
+/// the id the listener's certificate proved.
 pub(crate) fn client_config(
-    identity: &Identity,
+    certified: &Certified,
     expected: Option<NodeId>,
-) -> Result<rustls::ClientConfig, String> {
+) -> Result<(rustls::ClientConfig, Arc<OnceLock<NodeId>>), String> {
     let provider = provider();
+    let seen = Arc::<OnceLock<NodeId>>::default();
     let verifier = Arc::new(PeerVerifier {
         algs: provider.signature_verification_algorithms,
         expected,
+        seen: seen.clone(),
     });
-    let (cert, key) = certificate(identity)?;
+    let (cert, key) = certified.chain();
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(vec![cert], key)
+        .with_client_auth_cert(cert, key)
         .map_err(|e| e.to_string())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    Ok(cfg)
+    Ok((cfg, seen))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_proves_the_identity() {
+        let id = Identity::generate().expect("identity");
+        let c = certificate(&id).expect("certificate");
+        assert_eq!(node_id_of(&c.cert).expect("ed25519"), id.node_id());
+    }
+
+    #[test]
+    fn non_ed25519_and_garbage_certificates_are_refused() {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("p256");
+        let params = rcgen::CertificateParams::new(vec![SERVER_NAME.into()]).expect("params");
+        let cert = params.self_signed(&kp).expect("self-signed");
+        let err = node_id_of(cert.der()).expect_err("p256 refused");
+        assert!(err.to_string().contains("not ed25519"), "{err}");
+        assert!(node_id_of(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])).is_err());
+        assert!(node_id_of(&CertificateDer::from(Vec::new())).is_err());
+    }
+
+    #[test]
+    fn pinning_records_the_real_id() {
+        let id = Identity::generate().expect("identity");
+        let c = certificate(&id).expect("certificate");
+        let other = NodeId::from_bytes([9; 32]);
+        let v = PeerVerifier {
+            algs: provider().signature_verification_algorithms,
+            expected: Some(other),
+            seen: Arc::default(),
+        };
+        assert!(v.check(&c.cert).is_err());
+        assert_eq!(v.seen.get().copied(), Some(id.node_id()));
+    }
 }

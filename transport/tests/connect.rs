@@ -1,17 +1,25 @@
-//! Real QUIC on 127.0.0.1: handshake, pinning, mesh proof, frames, bad input.
+//! Real QUIC on 127.0.0.1 only: handshake, pinning, mesh proof, frames, bad input, closing.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use peerbus_transport::{
-    CloseCode, ConnectError, ConnectionError, Endpoint, EndpointConfig, FrameError, Identity,
-    Membership, MeshKey, NodeId,
+    AcceptError, BindError, CloseCode, ConnectError, Connection, ConnectionError, Endpoint,
+    EndpointConfig, FrameError, Identity, Membership, MeshKey, NodeId,
 };
+use serde::{Deserialize, Serialize};
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
 
 fn endpoint(m: Membership) -> Endpoint {
     let id = Identity::generate().expect("identity");
-    let addr: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    Endpoint::bind(EndpointConfig::new(id, m, addr)).expect("bind")
+    Endpoint::bind(EndpointConfig::new(id, m, loopback())).expect("bind")
+}
+
+fn keyed(key: &MeshKey) -> Endpoint {
+    endpoint(Membership::Key(key.clone()))
 }
 
 async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -21,51 +29,89 @@ async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
 }
 
 /// Accepts one connection on `ep` in the background; returns its outcome.
-fn accept_one(
-    ep: &Endpoint,
-) -> tokio::task::JoinHandle<Result<peerbus_transport::Connection, String>> {
+fn accept_one(ep: &Endpoint) -> tokio::task::JoinHandle<Result<Connection, AcceptError>> {
     let ep = ep.clone();
     tokio::spawn(async move {
-        let inc = ep.accept().await.ok_or("endpoint closed")?;
-        inc.complete().await.map_err(|e| e.to_string())
+        let inc = ep.accept().await.expect("endpoint open");
+        inc.complete().await
     })
+}
+
+/// Dials `b` from `a` and returns both ends.
+async fn pair(a: &Endpoint, b: &Endpoint) -> (Connection, Connection) {
+    let acc = accept_one(b);
+    let ca = a
+        .connect(b.local_addr(), Some(b.node_id()))
+        .await
+        .expect("connect");
+    let cb = acc.await.expect("join").expect("accept");
+    (ca, cb)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Msg {
+    Hello { from: String, n: u32 },
+    Data(Vec<u8>),
+    Bye,
 }
 
 #[tokio::test]
 async fn matching_keys_connect_and_exchange_frames() {
     within(async {
         let key = MeshKey::generate();
-        let a = endpoint(Membership::Key(key.clone()));
-        let b = endpoint(Membership::Key(key));
-        let acc = accept_one(&b);
-        let ca = a
-            .connect(b.local_addr(), Some(b.node_id()))
-            .await
-            .expect("connect");
-        let cb = acc.await.expect("join").expect("accept");
+        let (a, b) = (keyed(&key), keyed(&key));
+        let (ca, cb) = pair(&a, &b).await;
         assert_eq!(ca.peer_id(), b.node_id());
         assert_eq!(cb.peer_id(), a.node_id());
         assert!(ca.is_dialer() && !cb.is_dialer());
+        assert_eq!(cb.remote_addr(), a.local_addr());
 
+        // Bidirectional: request and reply.
         let (mut tx, mut rx) = ca.open_bi().await.expect("bi");
-        tx.send(&("hello".to_string(), 7u32)).await.expect("send");
+        let hello = Msg::Hello {
+            from: "a".into(),
+            n: 7,
+        };
+        tx.send(&hello).await.expect("send");
         let (mut btx, mut brx) = cb.accept_bi().await.expect("accept bi");
-        let got: (String, u32) = brx.recv().await.expect("recv").expect("frame");
-        assert_eq!(got, ("hello".to_string(), 7));
-        btx.send(&42u64).await.expect("reply");
-        assert_eq!(rx.recv::<u64>().await.expect("recv"), Some(42));
+        assert_eq!(brx.recv::<Msg>().await.expect("recv"), Some(hello));
+        btx.send(&Msg::Data(vec![1, 2, 3])).await.expect("reply");
+        assert_eq!(
+            rx.recv::<Msg>().await.expect("recv"),
+            Some(Msg::Data(vec![1, 2, 3]))
+        );
 
-        // Coalescing: 10,000 frames, one flush, all in order.
-        let mut uni = ca.open_uni().await.expect("uni");
-        for i in 0..10_000u32 {
-            uni.push(&i).expect("push");
-        }
+        // Unidirectional, then a clean end of stream.
+        let mut uni = cb.open_uni().await.expect("uni");
+        uni.send(&Msg::Bye).await.expect("send");
         uni.finish().await.expect("finish");
-        let mut urx = cb.accept_uni().await.expect("accept uni");
+        let mut urx = ca.accept_uni().await.expect("accept uni");
+        assert_eq!(urx.recv::<Msg>().await.expect("recv"), Some(Msg::Bye));
+        assert_eq!(urx.recv::<Msg>().await.expect("eof"), None);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn coalesced_frames_arrive_all_and_in_order() {
+    within(async {
+        let key = MeshKey::generate();
+        let (a, b) = (keyed(&key), keyed(&key));
+        let (ca, cb) = pair(&a, &b).await;
+        let mut tx = ca.open_uni().await.expect("uni");
         for i in 0..10_000u32 {
-            assert_eq!(urx.recv::<u32>().await.expect("recv"), Some(i));
+            tx.push(&(i, format!("frame {i}"))).expect("push");
         }
-        assert_eq!(urx.recv::<u32>().await.expect("eof"), None);
+        assert!(tx.buffered_bytes() > 10_000 * 5);
+        tx.flush().await.expect("one flush");
+        assert_eq!(tx.buffered_bytes(), 0);
+        tx.finish().await.expect("finish");
+        let mut rx = cb.accept_uni().await.expect("accept uni");
+        for i in 0..10_000u32 {
+            let got = rx.recv::<(u32, String)>().await.expect("recv");
+            assert_eq!(got, Some((i, format!("frame {i}"))));
+        }
+        assert_eq!(rx.recv::<(u32, String)>().await.expect("eof"), None);
     })
     .await;
 }
@@ -73,7 +119,7 @@ async fn matching_keys_connect_and_exchange_frames() {
 #[tokio::test]
 async fn wrong_key_and_no_key_are_refused() {
     within(async {
-        let b = endpoint(Membership::Key(MeshKey::generate()));
+        let b = keyed(&MeshKey::generate());
         for dialer in [
             Membership::Key(MeshKey::generate()),
             Membership::InsecureOpen,
@@ -96,24 +142,45 @@ async fn wrong_key_and_no_key_are_refused() {
             );
             assert!(err.to_string().contains("mesh key mismatch"), "{err}");
             let acc_err = acc.await.expect("join").expect_err("listener refuses");
-            assert!(acc_err.contains("mesh"), "{acc_err}");
+            assert!(
+                matches!(acc_err, AcceptError::MeshProofFailed { claimed, .. } if claimed == a.node_id()),
+                "{acc_err:?}"
+            );
+            assert!(acc_err.to_string().contains("mesh key mismatch"), "{acc_err}");
         }
-        // A keyed dialer refuses an open listener.
+        // A keyed dialer refuses an open listener, and the listener learns it.
         let open = endpoint(Membership::InsecureOpen);
-        let keyed = endpoint(Membership::Key(MeshKey::generate()));
-        let _acc = accept_one(&open);
-        let err = keyed
+        let acc = accept_one(&open);
+        let err = b
             .connect(open.local_addr(), None)
             .await
             .expect_err("refused");
-        assert!(err.to_string().contains("mesh key mismatch"), "{err}");
-        // Two open nodes connect.
+        assert!(
+            matches!(
+                err,
+                ConnectError::Refused {
+                    code: CloseCode::MeshProofFailed,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let acc_err = acc.await.expect("join").expect_err("dialer refused us");
+        assert!(
+            matches!(
+                acc_err,
+                AcceptError::Refused {
+                    code: CloseCode::MeshProofFailed,
+                    ..
+                }
+            ),
+            "{acc_err:?}"
+        );
+        // Two open nodes connect, and the listener still serves after all of the above.
         let o2 = endpoint(Membership::InsecureOpen);
-        let acc = accept_one(&open);
-        o2.connect(open.local_addr(), Some(open.node_id()))
-            .await
-            .expect("open mesh");
-        acc.await.expect("join").expect("accepted");
+        let (c1, c2) = pair(&o2, &open).await;
+        assert_eq!(c1.peer_id(), open.node_id());
+        assert_eq!(c2.peer_id(), o2.node_id());
     })
     .await;
 }
@@ -122,26 +189,34 @@ async fn wrong_key_and_no_key_are_refused() {
 async fn pinned_id_mismatch_is_wrong_peer() {
     within(async {
         let key = MeshKey::generate();
-        let a = endpoint(Membership::Key(key.clone()));
-        let b = endpoint(Membership::Key(key));
+        let (a, b) = (keyed(&key), keyed(&key));
         let _acc = accept_one(&b);
         let other = NodeId::from_bytes([7; 32]);
-        let err = a.connect(b.local_addr(), Some(other)).await.expect_err("wrong peer");
+        let err = a
+            .connect(b.local_addr(), Some(other))
+            .await
+            .expect_err("wrong peer");
         assert!(
             matches!(err, ConnectError::WrongPeer { expected, actual } if expected == other && actual == b.node_id()),
             "{err:?}"
         );
+        // Without a pin, the id is learnt from the certificate.
+        let (ca, _cb) = {
+            let acc = accept_one(&b);
+            let ca = a.connect(b.local_addr(), None).await.expect("connect");
+            (ca, acc.await.expect("join").expect("accept"))
+        };
+        assert_eq!(ca.peer_id(), b.node_id());
     })
     .await;
 }
 
+/// Writes `bytes` raw on a stream from `a` to `b`; `b`'s receiver must fail with `expected`
+/// and close the connection, and `b` must go on serving others.
 async fn bad_bytes_close_the_connection(bytes: Vec<u8>, expected: CloseCode) {
     let key = MeshKey::generate();
-    let a = endpoint(Membership::Key(key.clone()));
-    let b = endpoint(Membership::Key(key.clone()));
-    let acc = accept_one(&b);
-    let ca = a.connect(b.local_addr(), None).await.expect("connect");
-    let cb = acc.await.expect("join").expect("accept");
+    let (a, b) = (keyed(&key), keyed(&key));
+    let (ca, cb) = pair(&a, &b).await;
     let mut tx = ca.open_uni().await.expect("uni");
     tx.write_raw_for_tests(&bytes).await.expect("raw write");
     let mut rx = cb.accept_uni().await.expect("accept uni");
@@ -150,19 +225,27 @@ async fn bad_bytes_close_the_connection(bytes: Vec<u8>, expected: CloseCode) {
         CloseCode::FrameTooLarge => assert!(matches!(err, FrameError::TooLarge { .. }), "{err:?}"),
         _ => assert!(matches!(err, FrameError::Malformed(_)), "{err:?}"),
     }
-    // The dialer sees the close code.
+    // Both sides see the close code.
     let why = ca.closed().await;
     assert!(
         matches!(why, ConnectionError::ClosedByPeer { code, .. } if code == expected),
         "{why:?}"
     );
-    // The listener still serves others.
-    let c = endpoint(Membership::Key(key));
-    let acc = accept_one(&b);
-    c.connect(b.local_addr(), Some(b.node_id()))
-        .await
-        .expect("still serving");
-    acc.await.expect("join").expect("accepted");
+    assert!(
+        matches!(cb.close_reason(), Some(ConnectionError::ClosedLocally { code, .. }) if code == expected),
+        "{:?}",
+        cb.close_reason()
+    );
+    // The listener still accepts and serves another connection.
+    let c = keyed(&key);
+    let (cc, cbc) = pair(&c, &b).await;
+    let mut tx = cc.open_uni().await.expect("uni");
+    tx.send(&(1u64, "fine".to_string())).await.expect("send");
+    let mut rx = cbc.accept_uni().await.expect("accept uni");
+    assert_eq!(
+        rx.recv::<(u64, String)>().await.expect("recv"),
+        Some((1, "fine".to_string()))
+    );
 }
 
 #[tokio::test]
@@ -182,5 +265,154 @@ async fn garbage_frame_closes_with_malformed_frame() {
         bytes,
         CloseCode::MalformedFrame,
     ))
+    .await;
+}
+
+#[tokio::test]
+async fn stream_ending_inside_a_frame_is_truncated() {
+    within(async {
+        let key = MeshKey::generate();
+        let (a, b) = (keyed(&key), keyed(&key));
+        let (ca, cb) = pair(&a, &b).await;
+        let mut tx = ca.open_uni().await.expect("uni");
+        tx.push(&7u32).expect("push");
+        tx.write_raw_for_tests(&100u32.to_le_bytes()[..3])
+            .await
+            .expect("raw");
+        tx.finish().await.expect("finish");
+        let mut rx = cb.accept_uni().await.expect("accept uni");
+        assert_eq!(rx.recv::<u32>().await.expect("whole frame"), Some(7));
+        assert!(matches!(rx.recv::<u32>().await, Err(FrameError::Truncated)));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn close_codes_reach_the_peer() {
+    within(async {
+        let key = MeshKey::generate();
+        let (a, b) = (keyed(&key), keyed(&key));
+        let (ca, cb) = pair(&a, &b).await;
+        ca.close(CloseCode::DuplicateConnection, "keeping the other one");
+        match cb.closed().await {
+            ConnectionError::ClosedByPeer { code, reason } => {
+                assert_eq!(code, CloseCode::DuplicateConnection);
+                assert_eq!(reason, "keeping the other one");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            ca.closed().await,
+            ConnectionError::ClosedLocally {
+                code: CloseCode::DuplicateConnection,
+                ..
+            }
+        ));
+        assert!(matches!(
+            ca.open_uni().await,
+            Err(ConnectionError::ClosedLocally { .. })
+        ));
+
+        // Endpoint shutdown closes every connection with Shutdown.
+        let (ca, cb) = pair(&a, &b).await;
+        b.close().await;
+        assert!(matches!(
+            ca.closed().await,
+            ConnectionError::ClosedByPeer {
+                code: CloseCode::Shutdown,
+                ..
+            }
+        ));
+        assert!(matches!(
+            cb.close_reason(),
+            Some(ConnectionError::ClosedLocally {
+                code: CloseCode::Shutdown,
+                ..
+            })
+        ));
+        assert!(
+            b.accept().await.is_none(),
+            "a closed endpoint accepts nothing"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn close_code_numbers_round_trip() {
+    for code in [
+        CloseCode::Normal,
+        CloseCode::Shutdown,
+        CloseCode::MeshProofFailed,
+        CloseCode::MalformedFrame,
+        CloseCode::FrameTooLarge,
+        CloseCode::DuplicateConnection,
+        CloseCode::ProtocolViolation,
+        CloseCode::Unknown,
+    ] {
+        assert_eq!(CloseCode::from_u32(code as u32), code);
+        assert!(!code.describe().is_empty());
+    }
+    assert_eq!(CloseCode::from_u32(77), CloseCode::Unknown);
+    assert_eq!(CloseCode::MeshProofFailed.describe(), "mesh key mismatch");
+}
+
+#[tokio::test]
+async fn inconsistent_timeouts_are_refused_at_bind() {
+    let mut cfg = EndpointConfig::new(
+        Identity::generate().expect("identity"),
+        Membership::InsecureOpen,
+        loopback(),
+    );
+    cfg.keep_alive = Duration::from_secs(5);
+    assert!(matches!(Endpoint::bind(cfg), Err(BindError::Config(_))));
+}
+
+#[tokio::test]
+async fn nothing_listening_is_unreachable() {
+    within(async {
+        // A port that was free a moment ago; nothing answers QUIC there.
+        let port = std::net::UdpSocket::bind(loopback())
+            .expect("udp")
+            .local_addr()
+            .expect("addr");
+        let a = endpoint(Membership::InsecureOpen);
+        let err = a.connect(port, None).await.expect_err("nobody there");
+        assert!(
+            matches!(err, ConnectError::Unreachable(_) | ConnectError::TimedOut),
+            "{err:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_interrupted_flush_resumes_without_cutting_frames() {
+    within(async {
+        let key = MeshKey::generate();
+        let (a, b) = (keyed(&key), keyed(&key));
+        let (ca, cb) = pair(&a, &b).await;
+        let mut tx = ca.open_uni().await.expect("uni");
+        // 12 MiB: more than the 8 MiB stream window, so the flush stalls while nobody reads.
+        let frames = 192u32;
+        for i in 0..frames {
+            tx.push(&(i, vec![i as u8; 64 * 1024])).expect("push");
+        }
+        let stalled = tokio::time::timeout(Duration::from_millis(300), tx.flush()).await;
+        assert!(stalled.is_err(), "the flush should wait for flow control");
+        assert!(tx.buffered_bytes() > 0);
+        let reader = tokio::spawn(async move {
+            let mut rx = cb.accept_uni().await.expect("accept uni");
+            let mut n = 0u32;
+            while let Some((i, body)) = rx.recv::<(u32, Vec<u8>)>().await.expect("recv") {
+                assert_eq!(i, n);
+                assert!(body.len() == 64 * 1024 && body.iter().all(|b| *b == i as u8));
+                n += 1;
+            }
+            n
+        });
+        tx.finish().await.expect("resumed flush and finish");
+        assert_eq!(reader.await.expect("join"), frames);
+    })
     .await;
 }
