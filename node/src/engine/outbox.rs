@@ -78,6 +78,13 @@ pub struct OutboxConfig {
     pub backoff_max_ms: u64,
     /// Seed of the jitter generator (tests pass a fixed one).
     pub seed: u64,
+    /// First sequence number of a log that has none stored. The runtime passes the Unix time
+    /// in ms × 1,000,000, so a log whose stored counter was lost (a quarantined record, a
+    /// deleted store file next to a kept identity) never reuses numbers that receivers'
+    /// dedup windows have seen — which would drop new messages as duplicates. Room: a log can
+    /// take a million entries per millisecond of downtime before it catches up with the base of
+    /// a later start.
+    pub seq_base: u64,
 }
 
 impl Default for OutboxConfig {
@@ -88,6 +95,7 @@ impl Default for OutboxConfig {
             backoff_base_ms: 200,
             backoff_max_ms: 30_000,
             seed: 0x9e37_79b9_7f4a_7c15,
+            seq_base: 1,
         }
     }
 }
@@ -236,8 +244,13 @@ impl Outbox {
         staged: bool,
     ) -> Envelope {
         let name = target.log_name();
+        let base = self.config.seq_base.max(1);
         let log = self.logs.entry(name.clone()).or_default();
-        let seq = log.next_seq.max(1);
+        let seq = if log.next_seq == 0 {
+            base
+        } else {
+            log.next_seq
+        };
         log.next_seq = seq + 1;
         env.log = name;
         env.seq = seq;
@@ -903,6 +916,7 @@ mod tests {
             backoff_base_ms: 100,
             backoff_max_ms: 1_000,
             seed: 7,
+            seq_base: 1,
         })
     }
 

@@ -76,6 +76,7 @@ fn run(seed: u64, receivers: usize, messages: u64, keys: u64, faults: Faults) {
         backoff_base_ms: 10,
         backoff_max_ms: 200,
         seed,
+        seq_base: 1,
     });
     let target = Target::Service("svc".into());
     let mut rx: Vec<Receiver> = (0..receivers)

@@ -268,6 +268,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         backoff_base_ms: b.retry_backoff.0.as_millis() as u64,
         backoff_max_ms: b.retry_backoff.1.as_millis() as u64,
         seed: rand::random(),
+        seq_base: crate::message::now_unix_ms().saturating_mul(1_000_000),
     };
     let (store_tx, store_rx) = mpsc::channel(storage::STORE_QUEUE);
     let store_thread = storage::spawn(store, store_rx, core_tx.clone(), shared.store_stats.clone())
