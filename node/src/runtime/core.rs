@@ -229,6 +229,7 @@ struct Core {
     guards: Guards,
     breakers: HashMap<String, Breaker>,
     service_in_flight: HashMap<String, usize>,
+    last_sync: u64,
 }
 
 /// Log size limits (see `NodeBuilder::max_log_entries` and friends).
@@ -297,6 +298,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         guards: init.guards,
         breakers: HashMap::new(),
         service_in_flight: HashMap::new(),
+        last_sync: 0,
     };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -496,6 +498,14 @@ impl Core {
 
     fn on_tick(&mut self) {
         let now = self.now();
+        // Interval durability: sync at least once per interval even when no commit comes.
+        if let crate::store::Durability::Interval(every) = self.shared.durability {
+            let every = (every.as_millis() as u64).max(1);
+            if now.saturating_sub(self.last_sync) >= every {
+                self.last_sync = now;
+                self.store_op(StoreOp::Sync);
+            }
+        }
         self.expire_parked(now);
         let settled = self.outbox.check_timers(now);
         self.settle(settled);

@@ -41,6 +41,8 @@ pub(crate) enum StoreOp {
     ListDead(usize, oneshot::Sender<Result<Vec<DeadLetter>, String>>),
     /// Remove dead letters by id and return them (for replay).
     TakeDead(Vec<u64>, oneshot::Sender<Result<Vec<DeadLetter>, String>>),
+    /// Make everything committed so far durable now (the `Interval` timer).
+    Sync,
     /// Commit what is queued, sync, and end the writer thread.
     Stop,
 }
@@ -73,6 +75,7 @@ pub(crate) fn spawn(
                 let mut next = Some(first);
                 let mut n = 0;
                 let mut stop = false;
+                let mut sync = false;
                 while let Some(op) = next.take() {
                     match op {
                         StoreOp::Append(entries) => {
@@ -96,6 +99,7 @@ pub(crate) fn spawn(
                             batch.next_seqs.push((log, seq));
                         }
                         q @ (StoreOp::ListDead(..) | StoreOp::TakeDead(..)) => queries.push(q),
+                        StoreOp::Sync => sync = true,
                         StoreOp::Stop => stop = true,
                     }
                     n += 1;
@@ -108,6 +112,9 @@ pub(crate) fn spawn(
                 {
                     error!(error = %e, "store commit failed; the affected sends report it");
                     report.error = Some(e.to_string());
+                }
+                if sync && let Err(e) = store.sync() {
+                    warn!(error = %e, "periodic store sync failed");
                 }
                 for q in queries {
                     match q {
