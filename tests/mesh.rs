@@ -489,3 +489,100 @@ async fn static_seeds_typed_payloads_headers_and_scheduled_delivery() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_follows_a_message_through_services() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let web = start(builder(&net, "web", &key)).await;
+        let orders = start(builder(&net, "orders", &key)).await;
+        let billing = start(builder(&net, "billing", &key)).await;
+        // orders forwards what it handles to billing and asks billing a question.
+        let fwd = orders.clone();
+        tokio::spawn(orders.messages().expect("messages").handle(2, move |m| {
+            let fwd = fwd.clone();
+            async move {
+                let r = fwd
+                    .send("billing", m.payload().clone())
+                    .await
+                    .map_err(HandlerError::retry)?;
+                drop(r);
+                let _ = fwd
+                    .request("billing", "price?", Duration::from_secs(2))
+                    .await;
+                Ok::<(), HandlerError>(())
+            }
+        }));
+        let (tx, mut rx) = mpsc::channel(4);
+        tokio::spawn(billing.messages().expect("messages").handle(2, move |m| {
+            let tx = tx.clone();
+            async move {
+                tx.send(m.trace_context()).await.ok();
+                Ok::<(), HandlerError>(())
+            }
+        }));
+        let (rtx, mut rrx) = mpsc::channel(4);
+        billing
+            .serve(move |req| {
+                let rtx = rtx.clone();
+                async move {
+                    rtx.send(req.trace_context()).await.ok();
+                    Ok("9.99".into())
+                }
+            })
+            .await
+            .expect("serve");
+        assert!(
+            web.wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        assert!(
+            orders
+                .wait_for_instances("billing", 1, Duration::from_secs(10))
+                .await
+        );
+        // The first hop starts a trace of its own.
+        let root = peerbus::trace::TraceContext::new_root();
+        let msg = Outgoing::new("order-9")
+            .header("traceparent", root.traceparent())
+            .header("tracestate", "vendor=1");
+        web.send("orders", msg)
+            .await
+            .expect("send")
+            .acked()
+            .await
+            .expect("acked");
+        let at_billing = rx
+            .recv()
+            .await
+            .expect("forwarded")
+            .expect("trace context carried");
+        assert_eq!(
+            at_billing.trace_id, root.trace_id,
+            "same trace two hops later"
+        );
+        assert_ne!(at_billing.span_id, root.span_id, "each hop is a new span");
+        assert_eq!(at_billing.state.as_deref(), Some("vendor=1"));
+        let at_serve = rrx
+            .recv()
+            .await
+            .expect("request")
+            .expect("trace context carried");
+        assert_eq!(at_serve.trace_id, root.trace_id, "requests carry it too");
+        // Outside any handler, a send starts a new trace.
+        let fresh = Outgoing::new("standalone");
+        web.send("orders", fresh)
+            .await
+            .expect("send")
+            .acked()
+            .await
+            .expect("acked");
+        let other = rx.recv().await.expect("forwarded").expect("stamped");
+        assert_ne!(other.trace_id, root.trace_id);
+        for n in [web, orders, billing] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}

@@ -78,6 +78,7 @@
 pub mod control;
 pub mod engine;
 pub mod store;
+pub mod trace;
 
 mod builder;
 mod error;

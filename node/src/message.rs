@@ -97,6 +97,11 @@ impl Message {
         UNIX_EPOCH + Duration::from_millis(self.env.created_at_ms)
     }
 
+    /// The W3C trace context the message carries (its `traceparent`/`tracestate` headers).
+    pub fn trace_context(&self) -> Option<crate::trace::TraceContext> {
+        crate::trace::of_headers(&self.env.headers)
+    }
+
     /// Delivery attempt, starting at 1.
     pub fn attempt(&self) -> u32 {
         self.env.attempt

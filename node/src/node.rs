@@ -516,7 +516,15 @@ impl Node {
                             msg: Message::new(req.env),
                             budget,
                         };
-                        let result = match tokio::time::timeout(budget, handler(request)).await {
+                        let (span, ctx) = crate::subscription::handler_span(&request.msg);
+                        let run = tokio::time::timeout(budget, handler(request));
+                        let run = async {
+                            match ctx {
+                                Some(ctx) => crate::trace::scope(ctx, run).await,
+                                None => run.await,
+                            }
+                        };
+                        let result = match run.instrument(span).await {
                             Ok(Ok(b)) => Ok(b),
                             Ok(Err(e)) => Err(e.to_string()),
                             Err(_) => return, // the requester has given up already
@@ -753,7 +761,11 @@ impl Node {
             kind,
             destination: destination.to_string(),
             key: msg.key.clone(),
-            headers: msg.headers.clone(),
+            headers: {
+                let mut h = msg.headers.clone();
+                crate::trace::stamp(&mut h);
+                h
+            },
             content_type: msg.content_type.clone(),
             created_at_ms: now_unix_ms(),
             attempt: 1,

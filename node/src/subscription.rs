@@ -100,7 +100,12 @@ impl Subscription {
                             let Some(d) = admit(&shared, inbound).await else {
                                 continue;
                             };
-                            let result = handler(d.message().clone()).await;
+                            let (span, ctx) = handler_span(d.message());
+                            let run = handler(d.message().clone());
+                            let result = match ctx {
+                                Some(ctx) => crate::trace::scope(ctx, run).instrument(span).await,
+                                None => run.instrument(span).await,
+                            };
                             match result {
                                 Ok(()) => d.ack().await,
                                 Err(HandlerError::Retry(r)) => d.retry(r).await,
@@ -146,6 +151,20 @@ impl Drop for Subscription {
             let _ = self.shared.core.try_send(CoreMsg::InterestsChanged);
         }
     }
+}
+
+/// The `message` span a handler runs in, and the trace context to make current.
+pub(crate) fn handler_span(msg: &Message) -> (tracing::Span, Option<crate::trace::TraceContext>) {
+    let ctx = msg.trace_context();
+    let span = info_span!(
+        "message",
+        id = %msg.id(),
+        destination = %msg.destination(),
+        trace_id = ctx.as_ref().map(|c| c.trace_id_hex()).unwrap_or_default(),
+        span_id = ctx.as_ref().map(|c| c.span_id_hex()).unwrap_or_default(),
+        attempt = msg.attempt(),
+    );
+    (span, ctx)
 }
 
 /// Runs the dedup window and key block for an arriving entry; `Some` when the

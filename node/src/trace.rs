@@ -1,0 +1,211 @@
+//! W3C trace context (`traceparent`, `tracestate`) carried on every message.
+//!
+//! Every `send`, `publish` and `request` carries a `traceparent` header:
+//! - the one the caller set explicitly, if any;
+//! - otherwise a child of the **current trace context**: peerbus sets it
+//!   around every handler it runs (`Subscription::handle`, `serve`), so a
+//!   handler that sends onwards continues the trace of the message it handles;
+//!   code outside handlers can set it with [`scope`] (for example from an
+//!   OpenTelemetry span context);
+//! - otherwise a new trace.
+//!
+//! Handlers run inside a `tracing` span named `message` with `trace_id`,
+//! `span_id`, the message id and its destination as fields, so logs of one
+//! trace can be found across services.
+
+use std::fmt;
+use std::future::Future;
+
+tokio::task_local! {
+    static CURRENT: TraceContext;
+}
+
+/// Header name of the W3C trace parent.
+pub const TRACEPARENT: &str = "traceparent";
+/// Header name of the W3C trace state.
+pub const TRACESTATE: &str = "tracestate";
+
+/// A W3C trace context: trace id, the id of the span that sent the message, flags, and the
+/// vendor `tracestate` (passed through unchanged).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    /// 16-byte trace id (never all zero).
+    pub trace_id: [u8; 16],
+    /// 8-byte id of the parent span (never all zero).
+    pub span_id: [u8; 8],
+    /// Trace flags (bit 0: sampled).
+    pub flags: u8,
+    /// The `tracestate` header, if any.
+    pub state: Option<String>,
+}
+
+impl TraceContext {
+    /// A new trace (random ids, sampled).
+    pub fn new_root() -> Self {
+        Self {
+            trace_id: nonzero(),
+            span_id: nonzero(),
+            flags: 1,
+            state: None,
+        }
+    }
+
+    /// A child in the same trace: same trace id and state, a new span id.
+    pub fn child(&self) -> Self {
+        Self {
+            span_id: nonzero(),
+            ..self.clone()
+        }
+    }
+
+    /// Parses a `traceparent` value (version 00), with an optional `tracestate`.
+    pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<Self> {
+        let mut parts = traceparent.trim().split('-');
+        let (v, t, s, f) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || v != "00" || t.len() != 32 || s.len() != 16 || f.len() != 2 {
+            return None;
+        }
+        let trace_id: [u8; 16] = hex(t)?.try_into().ok()?;
+        let span_id: [u8; 8] = hex(s)?.try_into().ok()?;
+        let flags = *hex(f)?.first()?;
+        if trace_id == [0; 16] || span_id == [0; 8] {
+            return None;
+        }
+        Some(Self {
+            trace_id,
+            span_id,
+            flags,
+            state: tracestate.map(str::to_string),
+        })
+    }
+
+    /// The `traceparent` header value.
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            to_hex(&self.trace_id),
+            to_hex(&self.span_id),
+            self.flags
+        )
+    }
+
+    /// The trace id as 32 hex characters.
+    pub fn trace_id_hex(&self) -> String {
+        to_hex(&self.trace_id)
+    }
+
+    /// The span id as 16 hex characters.
+    pub fn span_id_hex(&self) -> String {
+        to_hex(&self.span_id)
+    }
+}
+
+impl fmt::Display for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.traceparent())
+    }
+}
+
+/// The trace context of the running handler (or of an enclosing [`scope`]).
+pub fn current() -> Option<TraceContext> {
+    CURRENT.try_with(Clone::clone).ok()
+}
+
+/// Runs `fut` with `ctx` as the current trace context: messages it sends continue `ctx`.
+pub async fn scope<F: Future>(ctx: TraceContext, fut: F) -> F::Output {
+    CURRENT.scope(ctx, fut).await
+}
+
+/// Adds `traceparent` (and `tracestate`) to outgoing headers unless the caller set one.
+pub(crate) fn stamp(headers: &mut Vec<(String, String)>) {
+    if headers.iter().any(|(k, _)| k == TRACEPARENT) {
+        return;
+    }
+    let ctx = current().map_or_else(TraceContext::new_root, |c| c.child());
+    headers.push((TRACEPARENT.to_string(), ctx.traceparent()));
+    if let Some(state) = &ctx.state
+        && !headers.iter().any(|(k, _)| k == TRACESTATE)
+    {
+        headers.push((TRACESTATE.to_string(), state.clone()));
+    }
+}
+
+/// The trace context a message carries.
+pub(crate) fn of_headers(headers: &[(String, String)]) -> Option<TraceContext> {
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    TraceContext::parse(get(TRACEPARENT)?, get(TRACESTATE))
+}
+
+fn nonzero<const N: usize>() -> [u8; N] {
+    loop {
+        let b: [u8; N] = std::array::from_fn(|_| rand::random());
+        if b != [0; N] {
+            return b;
+        }
+    }
+}
+
+fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_rejects_garbage() {
+        let c = TraceContext::new_root();
+        let back = TraceContext::parse(&c.traceparent(), None).expect("parse");
+        assert_eq!(back, c);
+        let child = c.child();
+        assert_eq!(child.trace_id, c.trace_id);
+        assert_ne!(child.span_id, c.span_id);
+        for bad in [
+            "",
+            "00-abc-def-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-zzf067aa0ba902b7-01",
+        ] {
+            assert!(TraceContext::parse(bad, None).is_none(), "{bad}");
+        }
+        let w3c = TraceContext::parse(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("k=v"),
+        )
+        .expect("w3c example");
+        assert_eq!(w3c.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(w3c.state.as_deref(), Some("k=v"));
+    }
+
+    #[tokio::test]
+    async fn stamping_continues_the_current_trace() {
+        let mut h = vec![];
+        stamp(&mut h);
+        let root = of_headers(&h).expect("root stamped");
+        let mut inner = vec![];
+        scope(root.clone(), async { stamp(&mut inner) }).await;
+        let child = of_headers(&inner).expect("child stamped");
+        assert_eq!(child.trace_id, root.trace_id);
+        assert_ne!(child.span_id, root.span_id);
+        let mut explicit = vec![(TRACEPARENT.to_string(), "x".to_string())];
+        stamp(&mut explicit);
+        assert_eq!(explicit.len(), 1, "an explicit header is kept");
+    }
+}
