@@ -928,3 +928,92 @@ fn one_of_two_instances_killed_the_other_takes_its_unacknowledged_work() {
         b_ids.len()
     );
 }
+
+#[test]
+fn scatter_asks_every_instance_and_idempotent_req_and_topic_at_group_work() {
+    let budget = Budget::new(90);
+    let mesh = Mesh::open("scatter");
+    let a = spawn(
+        mesh.command(&[
+            "node",
+            "--service",
+            "inventory",
+            "--echo",
+            "--subscribe",
+            "stock.*@audit",
+            "--print",
+        ]),
+        "node a",
+    );
+    let _b = spawn(
+        mesh.command(&["node", "--service", "inventory", "--echo"]),
+        "node b",
+    );
+    let scatter = run(
+        mesh.command(&[
+            "scatter",
+            "inventory",
+            "count",
+            "--within",
+            "2s",
+            "--wait",
+            "5s",
+        ]),
+        "peerbus scatter",
+        budget.left(),
+    );
+    assert!(
+        scatter.status.success(),
+        "scatter failed: {}",
+        scatter.stderr
+    );
+    let answers: Vec<&str> = scatter
+        .stdout
+        .lines()
+        .filter(|l| l.ends_with(": count"))
+        .collect();
+    assert_eq!(
+        answers.len(),
+        2,
+        "both instances answered:\n{}",
+        scatter.stdout
+    );
+    let req = run(
+        mesh.command(&[
+            "req",
+            "inventory",
+            "hello",
+            "--idempotent",
+            "--attempts",
+            "3",
+        ]),
+        "req",
+        budget.left(),
+    );
+    assert!(req.status.success(), "{}", req.stderr);
+    assert_eq!(req.stdout.trim(), "hello");
+    let publish = run(
+        mesh.command(&["pub", "stock.eur", "1.07"]),
+        "pub",
+        budget.left(),
+    );
+    assert!(publish.status.success(), "{}", publish.stderr);
+    let line = a.take_lines(1, budget.left().min(Duration::from_secs(20)));
+    let v = parse_line(&line[0]);
+    assert_eq!(v["topic"], "stock.eur");
+    assert!(
+        v["id"]
+            .as_str()
+            .is_some_and(|id| id.contains("/grp:audit/")),
+        "joined group audit: {}",
+        line[0]
+    );
+    let none = run(
+        mesh.command(&[
+            "scatter", "nobody", "x", "--within", "300ms", "--wait", "1s",
+        ]),
+        "scatter nobody",
+        budget.left(),
+    );
+    assert!(!none.status.success());
+}

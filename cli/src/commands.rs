@@ -44,9 +44,10 @@ pub(crate) struct NodeArgs {
     /// topic, key, payload, attempt, redelivered). Messages are acknowledged either way.
     #[arg(long)]
     print: bool,
-    /// Also subscribe to topics matching this pattern, in the service's group (repeatable;
-    /// `*` matches one token, `>` the rest).
-    #[arg(long, value_name = "TOPIC")]
+    /// Also subscribe to topics matching this pattern (repeatable; `*` matches one token, `>`
+    /// the rest). `TOPIC@GROUP` joins durable group GROUP; plain `TOPIC` joins the service's
+    /// own group. Groups are durable: publishers keep their copies while no member runs.
+    #[arg(long, value_name = "TOPIC[@GROUP]")]
     subscribe: Vec<String>,
     /// Answer requests with their own payload.
     #[arg(long)]
@@ -75,6 +76,9 @@ pub(crate) struct PubArgs {
     topic: String,
     #[command(flatten)]
     batch: BatchArgs,
+    /// Return once the copies are stored, without waiting for the groups to acknowledge them.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 /// What `send` and `pub` send.
@@ -100,10 +104,14 @@ struct BatchArgs {
 pub(crate) struct SubArgs {
     /// Topic pattern (`*` matches one token, `>` the rest).
     topic: String,
-    /// Subscriber group; each group gets one copy of every message. The group is durable:
-    /// publishers keep its copies while no member runs.
-    #[arg(long, value_name = "G", default_value = CLI_SERVICE)]
-    group: String,
+    /// Join durable subscriber group G: the group gets one copy of every message (shared with
+    /// its other members), and publishers keep its copies while no member runs. Without it the
+    /// subscription is ephemeral: online-only copies, nothing kept while `sub` is not running.
+    #[arg(long, value_name = "G")]
+    group: Option<String>,
+    /// Insist on a durable subscription (needs --group).
+    #[arg(long, requires = "group")]
+    durable: bool,
 }
 
 /// `peerbus req`.
@@ -116,6 +124,33 @@ pub(crate) struct ReqArgs {
     /// How long to wait for an instance and its reply together.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// The request is safe to repeat: retry on timeouts and lost instances within --timeout.
+    #[arg(long)]
+    idempotent: bool,
+    /// Attempts for an --idempotent request, including the first.
+    #[arg(long, value_name = "N", default_value_t = 3, requires = "idempotent")]
+    attempts: u32,
+}
+
+/// `peerbus scatter`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ScatterArgs {
+    /// The service whose every instance is asked (or, with --topic, a topic).
+    target: String,
+    /// The request payload (text).
+    payload: String,
+    /// Collect replies until this much time has passed.
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    within: Duration,
+    /// TARGET is a topic: ask every node subscribed to it.
+    #[arg(long)]
+    topic: bool,
+    /// Stop after this many replies.
+    #[arg(long, value_name = "N")]
+    count: Option<usize>,
+    /// How long to wait for discovery before asking.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = humantime::parse_duration)]
+    wait: Duration,
 }
 
 /// `peerbus peers`.
@@ -155,11 +190,12 @@ async fn run_node(node: &Node, args: &NodeArgs) -> Result<()> {
         .messages()
         .context("could not take the service inbox")?;
     receivers.spawn(receive(inbox, args.print, handled.clone()));
-    for topic in &args.subscribe {
-        let sub = node
-            .subscribe(topic)
-            .await
-            .with_context(|| format!("could not subscribe to `{topic}`"))?;
+    for spec in &args.subscribe {
+        let sub = match spec.split_once('@') {
+            Some((topic, group)) => node.subscribe_group(topic, group).await,
+            None => node.subscribe(spec).await,
+        }
+        .with_context(|| format!("could not subscribe to `{spec}`"))?;
         receivers.spawn(receive(sub, args.print, handled.clone()));
     }
     let _serving = if args.echo {
@@ -306,7 +342,7 @@ async fn send_batch(node: &Node, service: &str, batch: &Batch) -> Result<String>
 pub(crate) async fn publish(common: &CommonArgs, args: &PubArgs) -> Result<()> {
     let batch = Batch::new(&args.batch)?;
     let node = common.start(CLI_SERVICE).await?;
-    let result = publish_batch(&node, &args.topic, &batch).await;
+    let result = publish_batch(&node, &args.topic, &batch, args.no_wait).await;
     if let Ok(summary) = &result {
         print_line(summary)?;
     }
@@ -314,7 +350,7 @@ pub(crate) async fn publish(common: &CommonArgs, args: &PubArgs) -> Result<()> {
     result.map(drop)
 }
 
-async fn publish_batch(node: &Node, topic: &str, batch: &Batch) -> Result<String> {
+async fn publish_batch(node: &Node, topic: &str, batch: &Batch, no_wait: bool) -> Result<String> {
     let timeout = batch.timeout;
     // Subscriber groups are learnt from connected peers (their hello carries their
     // interests), so give discovery a moment.
@@ -335,8 +371,14 @@ async fn publish_batch(node: &Node, topic: &str, batch: &Batch) -> Result<String
             .with_context(|| format!("could not publish message {i} on `{topic}`"))?;
         receipts.push(r);
     }
-    let copies = await_receipts(receipts, deadline, "subscriber groups", timeout).await?;
     let n = batch.count;
+    if no_wait {
+        let stored: usize = receipts.iter().map(Receipt::copies).sum();
+        return Ok(format!(
+            "published {n} messages to {topic}: {stored} group copies stored"
+        ));
+    }
+    let copies = await_receipts(receipts, deadline, "subscriber groups", timeout).await?;
     if copies == 0 {
         warn!(topic, "no subscriber group is known for this topic");
         return Ok(format!(
@@ -397,10 +439,11 @@ async fn await_receipts(
 pub(crate) async fn sub(common: &CommonArgs, args: &SubArgs) -> Result<()> {
     let node = common.start(CLI_SERVICE).await?;
     let result = async {
-        let sub = node
-            .subscribe_group(&args.topic, &args.group)
-            .await
-            .with_context(|| format!("could not subscribe to `{}`", args.topic))?;
+        let sub = match &args.group {
+            Some(group) => node.subscribe_group(&args.topic, group).await,
+            None => node.subscribe_ephemeral(&args.topic).await,
+        }
+        .with_context(|| format!("could not subscribe to `{}`", args.topic))?;
         let handled = Arc::new(AtomicU64::new(0));
         let mut receivers = JoinSet::new();
         receivers.spawn(receive(sub, true, handled.clone()));
@@ -425,8 +468,12 @@ pub(crate) async fn req(common: &CommonArgs, args: &ReqArgs) -> Result<()> {
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
+        let mut opts = peerbus::RequestOptions::new(left);
+        if args.idempotent {
+            opts = opts.idempotent().max_attempts(args.attempts);
+        }
         let reply = node
-            .request(&args.service, args.payload.as_str(), left)
+            .request_with(&args.service, args.payload.as_str(), opts)
             .await?;
         Ok(String::from_utf8_lossy(&reply).into_owned())
     }
@@ -436,6 +483,51 @@ pub(crate) async fn req(common: &CommonArgs, args: &ReqArgs) -> Result<()> {
     }
     node.shutdown().await;
     result.map(drop)
+}
+
+/// Asks every instance (or topic subscriber) and prints each reply.
+pub(crate) async fn scatter(common: &CommonArgs, args: &ScatterArgs) -> Result<()> {
+    let node = common.start(CLI_SERVICE).await?;
+    let result = async {
+        // Every instance should be asked: let discovery settle first.
+        wait_for_peers(&node, args.wait).await;
+        let t0 = Instant::now();
+        let replies = if args.topic {
+            node.scatter_topic(&args.target, args.payload.as_str(), args.within, args.count)
+                .await
+        } else {
+            node.scatter(&args.target, args.payload.as_str(), args.within, args.count)
+                .await
+        }?;
+        for r in &replies {
+            match &r.result {
+                Ok(b) => print_line(&format!(
+                    "{}: {}",
+                    r.from.short(),
+                    String::from_utf8_lossy(b)
+                ))?,
+                Err(e) => print_line(&format!("{}: error: {e}", r.from.short()))?,
+            }
+        }
+        let ok = replies.iter().filter(|r| r.result.is_ok()).count();
+        print_line(&format!(
+            "{} replies ({ok} ok) from {} within {} ms",
+            replies.len(),
+            args.target,
+            t0.elapsed().as_millis()
+        ))?;
+        if replies.is_empty() {
+            bail!(
+                "no reply from `{}` within {}",
+                args.target,
+                fmt_dur(args.within)
+            );
+        }
+        Ok(())
+    }
+    .await;
+    node.shutdown().await;
+    result
 }
 
 /// Prints the peers an ephemeral node finds.

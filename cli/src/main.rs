@@ -44,6 +44,9 @@ enum Command {
     Sub(commands::SubArgs),
     /// Send a request to a service and print the reply.
     Req(commands::ReqArgs),
+    /// Ask every instance of a service (or every subscriber of a topic) and print the replies
+    /// that arrive in time.
+    Scatter(commands::ScatterArgs),
     /// List the peers this machine can see.
     Peers(commands::PeersArgs),
     /// Run several services in this process on loopback and show what they do.
@@ -75,6 +78,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pub(args) => commands::publish(common, args).await,
         Command::Sub(args) => commands::sub(common, args).await,
         Command::Req(args) => commands::req(common, args).await,
+        Command::Scatter(args) => commands::scatter(common, args).await,
         Command::Peers(args) => commands::peers(common, args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Status(args) => admin::status(common, args).await,
