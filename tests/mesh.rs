@@ -12,18 +12,7 @@ use tokio::sync::mpsc;
 
 /// Collects (key, payload) of every message a node's service handles.
 fn collect(node: &Node) -> mpsc::Receiver<(Option<String>, String)> {
-    let (tx, rx) = mpsc::channel(100_000);
-    let sub = node.messages().expect("messages");
-    tokio::spawn(sub.handle(4, move |m| {
-        let tx = tx.clone();
-        async move {
-            tx.send((m.key().map(str::to_string), m.payload_text()))
-                .await
-                .ok();
-            Ok::<(), HandlerError>(())
-        }
-    }));
-    rx
+    common::drain(node.messages().expect("messages"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

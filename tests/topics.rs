@@ -7,23 +7,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{builder, eventually, start, within};
+use common::{builder, drain, eventually, start, within};
 use peerbus::{DeliveryError, HandlerError, MemoryNetwork, MeshKey, Node, Outgoing};
 use tokio::sync::mpsc;
-
-fn drain(sub: peerbus::Subscription) -> mpsc::Receiver<(Option<String>, String)> {
-    let (tx, rx) = mpsc::channel(100_000);
-    tokio::spawn(sub.handle(4, move |m| {
-        let tx = tx.clone();
-        async move {
-            tx.send((m.key().map(str::to_string), m.payload_text()))
-                .await
-                .ok();
-            Ok::<(), HandlerError>(())
-        }
-    }));
-    rx
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_group_catches_up_and_a_late_publisher_keeps_its_copies() {

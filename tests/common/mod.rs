@@ -65,3 +65,18 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Handles every message of `sub` (acknowledging it) and forwards (key, payload text).
+pub fn drain(sub: peerbus::Subscription) -> tokio::sync::mpsc::Receiver<(Option<String>, String)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(100_000);
+    tokio::spawn(sub.handle(4, move |m| {
+        let tx = tx.clone();
+        async move {
+            tx.send((m.key().map(str::to_string), m.payload_text()))
+                .await
+                .ok();
+            Ok::<(), peerbus::HandlerError>(())
+        }
+    }));
+    rx
+}
