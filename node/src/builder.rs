@@ -62,6 +62,7 @@ pub struct NodeBuilder {
     pub(crate) max_frame_size: usize,
     pub(crate) breaker: BreakerConfig,
     pub(crate) max_in_flight_per_service: usize,
+    pub(crate) faults: Option<peerbus_transport::Faults>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -103,6 +104,7 @@ impl NodeBuilder {
             max_frame_size: peerbus_transport::DEFAULT_MAX_FRAME_SIZE,
             breaker: BreakerConfig::default(),
             max_in_flight_per_service: 1024,
+            faults: None,
         }
     }
 
@@ -284,6 +286,16 @@ impl NodeBuilder {
     /// [`crate::RequestError::Bulkhead`]. Default 1024.
     pub fn max_requests_in_flight_per_service(mut self, n: usize) -> Self {
         self.max_in_flight_per_service = n.max(1);
+        self
+    }
+
+    /// Routes this node's UDP traffic through a fault injector (loss, delay, duplication,
+    /// reordering, partitions, freeze), controlled at run time through the [`Faults`] handle.
+    /// For chaos tests; off by default, and without it the normal socket is used.
+    ///
+    /// [`Faults`]: peerbus_transport::Faults
+    pub fn faults(mut self, faults: peerbus_transport::Faults) -> Self {
+        self.faults = Some(faults);
         self
     }
 

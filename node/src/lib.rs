@@ -106,4 +106,4 @@ pub use peerbus_discovery::{
     Discovery, DiscoveryEvent, Interfaces, MdnsDiscovery, MemoryDiscovery, MemoryNetwork,
     PeerRecord, StaticDiscovery,
 };
-pub use peerbus_transport::{MeshKey, NodeId};
+pub use peerbus_transport::{FaultConfig, FaultStats, Faults, MeshKey, NodeId};

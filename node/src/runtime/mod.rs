@@ -223,6 +223,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     let listen = b.default_listen();
     let mut endpoint_config = EndpointConfig::new(identity, membership, listen);
     endpoint_config.max_frame_size = b.max_frame_size;
+    endpoint_config.faults = b.faults.clone();
     let endpoint = Endpoint::bind(endpoint_config)?;
     let local_addr = endpoint.local_addr();
 
