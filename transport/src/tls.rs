@@ -95,6 +95,23 @@ impl PeerVerifier {
     }
 }
 
+impl PeerVerifier {
+    /// The TLS 1.3 handshake signature check both verifier roles share.
+    fn verify13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+}
+
+/// Both roles refuse TLS 1.2 (the configs never offer it; this is the belt to those braces).
+fn tls12_refused() -> TlsError {
+    TlsError::General("TLS 1.2 is not supported".into())
+}
+
 impl ServerCertVerifier for PeerVerifier {
     fn verify_server_cert(
         &self,
@@ -114,7 +131,7 @@ impl ServerCertVerifier for PeerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        Err(TlsError::General("TLS 1.2 is not supported".into()))
+        Err(tls12_refused())
     }
 
     fn verify_tls13_signature(
@@ -123,7 +140,7 @@ impl ServerCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        self.verify13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -152,7 +169,7 @@ impl ClientCertVerifier for PeerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        Err(TlsError::General("TLS 1.2 is not supported".into()))
+        Err(tls12_refused())
     }
 
     fn verify_tls13_signature(
@@ -161,7 +178,7 @@ impl ClientCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        self.verify13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -459,8 +459,8 @@ fn route(shared: &Shared, log: &str, destination: &str) -> Option<mpsc::Sender<I
     if let Some(svc) = log.strip_prefix("svc:") {
         return (svc == shared.service).then(|| routes.service_tx.clone());
     }
-    if let Some(node) = log.strip_prefix("eph:") {
-        if node != shared.id.to_string() {
+    if log.starts_with("eph:") {
+        if log != shared.eph_log {
             return None;
         }
         return routes

@@ -118,6 +118,8 @@ pub(crate) struct Counters {
 /// State shared by the node handle, core and connection tasks.
 pub(crate) struct Shared {
     pub(crate) id: NodeId,
+    /// This node's ephemeral log name (`eph:<id>`), computed once for inbound routing.
+    pub(crate) eph_log: String,
     pub(crate) service: String,
     pub(crate) mesh: String,
     pub(crate) incarnation: u64,
@@ -233,6 +235,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     let tracker = TaskTracker::new();
     let shared = Arc::new(Shared {
         id,
+        eph_log: crate::engine::outbox::Target::Node(id).log_name(),
         service: b.service.clone(),
         mesh: b.mesh.clone(),
         incarnation: rand::random(),
