@@ -1017,3 +1017,35 @@ fn scatter_asks_every_instance_and_idempotent_req_and_topic_at_group_work() {
     );
     assert!(!none.status.success());
 }
+
+/// `peerbus bench` writes its cases as JSON: names, figures, baselines, targets.
+#[test]
+fn bench_writes_json_cases() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("bench.json");
+    let mut cmd = Command::new(peerbus_bin());
+    cmd.args(["bench", "--quick", "--only", "memory,discovery", "--json"])
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let done = run(cmd, "bench", Duration::from_secs(120));
+    assert!(done.status.success(), "{}", done.stderr);
+    assert!(
+        done.stdout.contains("memory/idle-rss"),
+        "table: {}",
+        done.stdout
+    );
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json file")).expect("json");
+    assert!(doc["machine"]["cores"].as_u64().is_some_and(|n| n >= 1));
+    let cases = doc["cases"].as_array().expect("cases");
+    let names: Vec<&str> = cases.iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(names, ["discovery/first-message", "memory/idle-rss"]);
+    for c in cases {
+        assert!(c["target"].is_string() && c["met"].is_boolean(), "{c}");
+    }
+    let rss = cases[1]["mib"].as_f64().expect("mib");
+    assert!(rss > 1.0 && rss < 1024.0, "idle RSS {rss} MiB");
+    let secs = cases[0]["seconds"].as_f64().expect("seconds");
+    assert!(secs > 0.0 && secs < 30.0, "discovery {secs} s");
+}

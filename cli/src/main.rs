@@ -5,6 +5,7 @@
 //! 1 the operation failed, 2 usage error.
 
 mod admin;
+mod bench;
 mod commands;
 mod common;
 mod demo;
@@ -56,6 +57,9 @@ enum Command {
     Status(admin::StatusArgs),
     /// Inspect and replay dead letters of the node in --data-dir.
     Dlq(admin::DlqArgs),
+    /// Run the benchmark suite on loopback, each case beside its baseline (prints a table;
+    /// --json FILE for tools).
+    Bench(bench::BenchArgs),
 }
 
 impl Command {
@@ -83,6 +87,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Status(args) => admin::status(common, args).await,
         Command::Dlq(args) => admin::dlq(common, args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
 

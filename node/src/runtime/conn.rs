@@ -164,8 +164,10 @@ pub(crate) async fn dial_loop(
                     },
                     Err(e) => (matches!(e, ConnectError::Refused { .. }), e.to_string()),
                 };
-                // Warn once per distinct failure; repeats of the same one are debug.
-                if error.1 != last_error {
+                // Warn once per distinct failure; repeats of the same one are debug. Losing
+                // the tie-break of two nodes dialling each other at once is routine.
+                let tie_break = error.1.contains(CloseCode::DuplicateConnection.describe());
+                if error.1 != last_error && !tie_break {
                     warn!(%addr, error = %error.1, "could not connect; will retry");
                     last_error.clone_from(&error.1);
                 } else {

@@ -1,0 +1,373 @@
+//! The peerbus cases: two or more nodes in this process on 127.0.0.1.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use peerbus::{
+    Bytes, Durability, HandlerError, Interfaces, MemoryNetwork, MeshKey, Node, NodeBuilder,
+    Outgoing,
+};
+
+/// Concurrent callers of `send`/`publish`/`request` in the throughput cases.
+const CALLERS: usize = 64;
+/// Handler concurrency of the consumers.
+const HANDLER_CONCURRENCY: usize = 8;
+
+/// A two-or-more node mesh in this process: in-memory discovery, QUIC on 127.0.0.1.
+pub(crate) struct Mesh {
+    net: MemoryNetwork,
+    key: MeshKey,
+}
+
+impl Mesh {
+    pub(crate) fn new() -> Self {
+        Self {
+            net: MemoryNetwork::new(),
+            key: MeshKey::generate(),
+        }
+    }
+
+    pub(crate) fn node(&self, service: &str) -> Result<NodeBuilder> {
+        Ok(Node::builder(service)
+            .mesh("bench")
+            .mesh_key(self.key.clone())
+            .listen("127.0.0.1:0".parse().context("loopback address")?)
+            .discovery(self.net.discovery())
+            .prefetch(1024))
+    }
+}
+
+/// A consumer that counts what its handler saw.
+fn count_handled(node: &Node) -> Result<Arc<AtomicU64>> {
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = seen.clone();
+    let msgs = node.messages().context("subscribing to messages")?;
+    tokio::spawn(msgs.handle(HANDLER_CONCURRENCY, move |_m| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        async { Ok::<(), HandlerError>(()) }
+    }));
+    Ok(seen)
+}
+
+/// The figures of a send case.
+pub(crate) struct SendFigures {
+    pub(crate) msgs_per_s: f64,
+    pub(crate) fsyncs: u64,
+}
+
+/// `messages` sends of `size` bytes from one node to another, [`CALLERS`] callers at a time,
+/// each acknowledged by the receiver's handler: messages/s from the first send to the last ack.
+pub(crate) async fn send(
+    durability: Durability,
+    size: usize,
+    messages: usize,
+    dir: &Path,
+) -> Result<SendFigures> {
+    let mesh = Mesh::new();
+    let mut builder = mesh.node("payments")?.durability(durability);
+    if durability != Durability::Memory {
+        builder = builder.data_dir(dir);
+    }
+    let sender = builder.start().await.context("starting the sender")?;
+    let receiver = mesh
+        .node("orders")?
+        .start()
+        .await
+        .context("starting the receiver")?;
+    count_handled(&receiver)?;
+    if !sender
+        .wait_for_instances("orders", 1, Duration::from_secs(10))
+        .await
+    {
+        bail!("the receiver was never discovered");
+    }
+    let payload = Bytes::from(vec![0x42u8; size]);
+    let before = sender.store_stats();
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(CALLERS);
+    for caller in 0..CALLERS {
+        let sender = sender.clone();
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut receipts = Vec::new();
+            for i in (caller..messages).step_by(CALLERS) {
+                let msg = Outgoing::new(payload.clone()).key(format!("k{}", i % 256));
+                receipts.push(sender.send("orders", msg).await?);
+            }
+            for r in receipts {
+                r.acked().await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await.context("sender task")??;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let after = sender.store_stats();
+    sender.shutdown().await;
+    receiver.shutdown().await;
+    Ok(SendFigures {
+        msgs_per_s: messages as f64 / secs,
+        fsyncs: after.fsyncs - before.fsyncs,
+    })
+}
+
+/// `messages` publishes of `size` bytes to `groups` subscriber groups on other nodes:
+/// copies/s (messages/s × groups) until every copy was acknowledged.
+pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Result<f64> {
+    let mesh = Mesh::new();
+    let publisher = mesh
+        .node("pub")?
+        .start()
+        .await
+        .context("starting the publisher")?;
+    let mut subscribers = Vec::new();
+    for g in 0..groups {
+        let n = mesh
+            .node(&format!("group{g}"))?
+            .start()
+            .await
+            .context("starting a subscriber")?;
+        let s = n.subscribe("bench.>").await.context("subscribing")?;
+        tokio::spawn(s.handle(HANDLER_CONCURRENCY, |_m| async {
+            Ok::<(), HandlerError>(())
+        }));
+        subscribers.push(n);
+    }
+    let payload = Bytes::from(vec![0x42u8; size]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = publisher.publish("bench.warmup", payload.clone()).await?;
+        if r.copies() == groups {
+            r.acked().await?;
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the publisher never learnt all {groups} groups");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(CALLERS);
+    for caller in 0..CALLERS {
+        let p = publisher.clone();
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut receipts = Vec::new();
+            for _ in (caller..messages).step_by(CALLERS) {
+                receipts.push(p.publish("bench.tick", payload.clone()).await?);
+            }
+            for r in receipts {
+                r.acked().await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await.context("publisher task")??;
+    }
+    let rate = (messages * groups) as f64 / t0.elapsed().as_secs_f64();
+    publisher.shutdown().await;
+    for n in subscribers {
+        n.shutdown().await;
+    }
+    Ok(rate)
+}
+
+/// Request/reply: `rounds` sequential round trips (latencies), then requests/s with
+/// [`CALLERS`] concurrent callers.
+pub(crate) async fn requests(rounds: usize) -> Result<(Vec<Duration>, f64)> {
+    let mesh = Mesh::new();
+    let server = mesh
+        .node("echo")?
+        .start()
+        .await
+        .context("starting the server")?;
+    server
+        .serve(|r| async move { Ok(r.payload().clone()) })
+        .await
+        .context("serving")?;
+    let client = mesh
+        .node("client")?
+        .start()
+        .await
+        .context("starting the client")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .request("echo", "warm", Duration::from_millis(500))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("the echo service never answered");
+        }
+    }
+    // Warm both paths before measuring.
+    for _ in 0..rounds.min(500) {
+        client
+            .request("echo", "ping", Duration::from_secs(5))
+            .await?;
+    }
+    let mut lat = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        client
+            .request("echo", "ping", Duration::from_secs(5))
+            .await?;
+        lat.push(t.elapsed());
+    }
+    let total = rounds * 4;
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(CALLERS);
+    for caller in 0..CALLERS {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in (caller..total).step_by(CALLERS) {
+                client
+                    .request("echo", "ping", Duration::from_secs(5))
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await.context("caller task")??;
+    }
+    let rps = total as f64 / t0.elapsed().as_secs_f64();
+    client.shutdown().await;
+    server.shutdown().await;
+    Ok((lat, rps))
+}
+
+/// The figures of the backlog case.
+pub(crate) struct BacklogFigures {
+    pub(crate) drain_seconds: f64,
+    pub(crate) disk_bytes_per_entry: f64,
+}
+
+/// `entries` sends of `size` bytes to a service with no instance yet (buffered durably in the
+/// sender's log), then its receiver starts: seconds until every entry was handled, and the
+/// sender's store size per buffered entry.
+pub(crate) async fn backlog(entries: usize, size: usize, dir: &Path) -> Result<BacklogFigures> {
+    let mesh = Mesh::new();
+    let sender = mesh
+        .node("payments")?
+        .data_dir(dir)
+        .durability(Durability::Fsync)
+        .start()
+        .await
+        .context("starting the sender")?;
+    let payload = Bytes::from(vec![0x42u8; size]);
+    let empty = sender.store_stats().file_bytes;
+    let mut tasks = Vec::with_capacity(CALLERS);
+    for caller in 0..CALLERS {
+        let sender = sender.clone();
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (caller..entries).step_by(CALLERS) {
+                let msg = Outgoing::new(payload.clone()).key(format!("k{}", i % 256));
+                // The receipt is dropped: the entry stays in the log until handled.
+                let _receipt = sender.send("orders", msg).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await.context("sender task")??;
+    }
+    let full = sender.store_stats().file_bytes;
+    let disk_bytes_per_entry = full.saturating_sub(empty) as f64 / entries as f64;
+
+    let t0 = Instant::now();
+    let receiver = mesh
+        .node("orders")?
+        .start()
+        .await
+        .context("starting the receiver")?;
+    let seen = count_handled(&receiver)?;
+    let deadline = t0 + Duration::from_secs(120);
+    while seen.load(Ordering::Relaxed) < entries as u64 {
+        if Instant::now() > deadline {
+            bail!(
+                "backlog not drained after 120 s: {} of {entries}",
+                seen.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let drain_seconds = t0.elapsed().as_secs_f64();
+    sender.shutdown().await;
+    receiver.shutdown().await;
+    Ok(BacklogFigures {
+        drain_seconds,
+        disk_bytes_per_entry,
+    })
+}
+
+/// Discovery over mDNS on the loopback interface: seconds from a sender node's start until its
+/// first message was handled by a peer that started just before it.
+pub(crate) async fn discovery() -> Result<f64> {
+    let key = MeshKey::generate();
+    let mesh_name = format!("bench-{}", std::process::id());
+    let node = |service: &str| -> Result<NodeBuilder> {
+        Ok(Node::builder(service)
+            .mesh(mesh_name.clone())
+            .mesh_key(key.clone())
+            .listen("127.0.0.1:0".parse().context("loopback address")?)
+            .interfaces(Interfaces::Loopback))
+    };
+    let receiver = node("orders")?
+        .start()
+        .await
+        .context("starting the receiver")?;
+    let seen = count_handled(&receiver)?;
+    let t0 = Instant::now();
+    let sender = node("payments")?
+        .start()
+        .await
+        .context("starting the sender")?;
+    let receipt = sender.send("orders", "hello").await?;
+    tokio::time::timeout(Duration::from_secs(30), receipt.acked())
+        .await
+        .context("no delivery within 30 s")??;
+    let secs = t0.elapsed().as_secs_f64();
+    if seen.load(Ordering::Relaxed) == 0 {
+        bail!("acknowledged but never handled");
+    }
+    sender.shutdown().await;
+    receiver.shutdown().await;
+    Ok(secs)
+}
+
+/// Resident memory of an idle `peerbus node` process (this binary), in bytes, after it has
+/// run for a moment on loopback with no peers.
+pub(crate) async fn idle_rss(dir: &Path) -> Result<u64> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let mut child = std::process::Command::new(exe)
+        .args(["--insecure-open-mesh", "--interface", "loopback"])
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(["node", "--service", "idle"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting an idle node")?;
+    let pid = child.id();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"));
+    // Stop the idle node whatever the reading gave.
+    let _ = child.kill();
+    let _ = child.wait();
+    let status = status.context("reading /proc/<pid>/status (Linux only)")?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no VmRSS in /proc/<pid>/status")?;
+    Ok(kib * 1024)
+}

@@ -1,0 +1,435 @@
+//! `peerbus bench`: the benchmark suite, each case beside the baseline its target compares
+//! with, measured in the same run on 127.0.0.1.
+//!
+//! Case names follow `kind/durability/size` or `kind/figure`. Baselines: raw quinn streaming
+//! (`baseline/stream/<size>`: one connection, one stream, length-prefixed frames coalesced into
+//! 64 KiB writes) for `Memory` sends and publishes; the `Memory` send of the same size for
+//! `Fsync` sends; raw quinn ping-pong (`baseline/pingpong`) for request latency. Throughput
+//! cases run `--runs` times and report medians. Figures, not assertions: the ratios are what
+//! to compare across machines. Every case is bounded in count and time.
+
+mod cases;
+mod raw;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use peerbus::Durability;
+use serde_json::{Value, json};
+
+/// Time cap of the whole suite.
+const SUITE_CAP: Duration = Duration::from_secs(30 * 60);
+/// Buffered entries in the backlog case (the figure).
+const BACKLOG_ENTRIES: usize = 100_000;
+
+/// `peerbus bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// Run every case briefly (about a minute in all), once: for CI.
+    #[arg(long)]
+    quick: bool,
+    /// Runs of each throughput case; the median is reported (default 3, 1 with --quick).
+    #[arg(long, value_name = "N")]
+    runs: Option<usize>,
+    /// Run only the cases of these kinds (comma-separated: send, publish, request, backlog,
+    /// discovery, memory); the raw baselines always run.
+    #[arg(long, value_name = "KINDS", value_delimiter = ',')]
+    only: Vec<String>,
+    /// Also write the cases as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// One line of the report.
+struct Case {
+    name: String,
+    /// The figures, by name (`msgs_per_s`, `mb_per_s`, `p50_us`, `seconds`, …).
+    figures: BTreeMap<&'static str, f64>,
+    /// The figure compared with the baseline or target, by name.
+    primary: &'static str,
+    /// The baseline case's name and its figure.
+    baseline: Option<(String, f64)>,
+    /// How the target reads, and whether the figure meets it.
+    target: Option<(String, bool)>,
+}
+
+impl Case {
+    fn new(name: impl Into<String>, primary: &'static str, value: f64) -> Self {
+        Self {
+            name: name.into(),
+            figures: BTreeMap::from([(primary, value)]),
+            primary,
+            baseline: None,
+            target: None,
+        }
+    }
+
+    fn with(mut self, figure: &'static str, value: f64) -> Self {
+        self.figures.insert(figure, value);
+        self
+    }
+
+    fn value(&self) -> f64 {
+        self.figures.get(self.primary).copied().unwrap_or(f64::NAN)
+    }
+
+    fn against(mut self, baseline: &Case) -> Self {
+        self.baseline = Some((baseline.name.clone(), baseline.value()));
+        self
+    }
+
+    fn ratio(&self) -> Option<f64> {
+        self.baseline.as_ref().map(|(_, b)| self.value() / b)
+    }
+
+    /// Target on the ratio: at least `min`.
+    fn ratio_at_least(mut self, min: f64) -> Self {
+        let met = self.ratio().is_some_and(|r| r >= min);
+        self.target = Some((format!("ratio >= {min}"), met));
+        self
+    }
+
+    /// Target on the ratio: at most `max`.
+    fn ratio_at_most(mut self, max: f64) -> Self {
+        let met = self.ratio().is_some_and(|r| r <= max);
+        self.target = Some((format!("ratio <= {max}"), met));
+        self
+    }
+
+    /// Target on the figure itself: below `max` (in the figure's unit).
+    fn below(mut self, max: f64, unit: &str) -> Self {
+        let met = self.value() < max;
+        self.target = Some((format!("< {max} {unit}"), met));
+        self
+    }
+
+    fn json(&self) -> Value {
+        let mut v = json!({ "name": self.name });
+        for (k, x) in &self.figures {
+            v[*k] = json!(round(*x));
+        }
+        v["baseline"] = json!(self.baseline.as_ref().map(|(n, _)| n));
+        v["baseline_value"] = json!(self.baseline.as_ref().map(|(_, x)| round(*x)));
+        v["ratio"] = json!(self.ratio().map(round));
+        v["target"] = json!(self.target.as_ref().map(|(t, _)| t));
+        v["met"] = json!(self.target.as_ref().map(|(_, m)| m));
+        v
+    }
+
+    fn row(&self) -> String {
+        let figure = match self.primary {
+            "msgs_per_s" => format!(
+                "{:>10.0} msg/s {:>7.1} MB/s",
+                self.value(),
+                self.figures.get("mb_per_s").copied().unwrap_or(0.0)
+            ),
+            "requests_per_s" => format!("{:>10.0} req/s", self.value()),
+            "seconds" => format!("{:>10.3} s", self.value()),
+            "mib" => format!("{:>10.1} MiB", self.value()),
+            "bytes" => format!("{:>10.0} B", self.value()),
+            unit => format!("{:>10.0} µs ({unit})", self.value()),
+        };
+        let ratio = self.ratio().map_or(String::new(), |r| format!("{r:.3}"));
+        let target = self.target.as_ref().map_or(String::new(), |(t, met)| {
+            format!("{t}: {}", if *met { "met" } else { "MISSED" })
+        });
+        let baseline = self.baseline.as_ref().map_or("", |(n, _)| n.as_str());
+        format!(
+            "{:<32} {:<30} {:<22} {:>6}  {}",
+            self.name, figure, baseline, ratio, target
+        )
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn percentile_us(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+fn size_name(size: usize) -> String {
+    if size >= 1024 {
+        format!("{}KiB", size / 1024)
+    } else {
+        format!("{size}B")
+    }
+}
+
+/// Prints a case as soon as it is measured and keeps it for the table and JSON.
+struct Report {
+    cases: Vec<Case>,
+}
+
+impl Report {
+    fn add(&mut self, case: Case) -> usize {
+        println!("{}", case.row());
+        self.cases.push(case);
+        self.cases.len() - 1
+    }
+
+    fn get(&self, i: usize) -> &Case {
+        &self.cases[i]
+    }
+}
+
+/// Machine and versions, stated with the figures.
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let rustc = std::process::Command::new("rustc")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "os": std::env::consts::OS,
+        "kernel": kernel,
+        "peerbus": env!("CARGO_PKG_VERSION"),
+        "rustc": rustc,
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
+
+/// `peerbus bench`.
+pub(crate) async fn run(args: &BenchArgs) -> Result<()> {
+    let info = machine();
+    println!(
+        "peerbus bench: {} cores ({}), kernel {}, peerbus {}, {}, {} build, 127.0.0.1",
+        info["cores"],
+        info["cpu"].as_str().unwrap_or("?"),
+        info["kernel"].as_str().unwrap_or("?"),
+        info["peerbus"].as_str().unwrap_or("?"),
+        info["rustc"].as_str().unwrap_or("?"),
+        info["build"].as_str().unwrap_or("?"),
+    );
+    if cfg!(debug_assertions) {
+        println!(
+            "note: a debug build; run `cargo run --release -p peerbus-cli -- bench` for real figures"
+        );
+    }
+    println!(
+        "{:<32} {:<30} {:<22} {:>6}  target",
+        "case", "figure", "baseline", "ratio"
+    );
+    let mut report = Report { cases: Vec::new() };
+    tokio::time::timeout(SUITE_CAP, suite(args, &mut report))
+        .await
+        .context("the suite exceeded its time cap")??;
+
+    let missed: Vec<&str> = report
+        .cases
+        .iter()
+        .filter(|c| matches!(c.target, Some((_, false))))
+        .map(|c| c.name.as_str())
+        .collect();
+    let with_target = report.cases.iter().filter(|c| c.target.is_some()).count();
+    println!(
+        "targets met: {} of {with_target}{}",
+        with_target - missed.len(),
+        if missed.is_empty() {
+            String::new()
+        } else {
+            format!(" (missed: {})", missed.join(", "))
+        }
+    );
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "machine": info,
+            "quick": args.quick,
+            "cases": report.cases.iter().map(Case::json).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
+    let wanted = |kind: &str| args.only.is_empty() || args.only.iter().any(|k| k == kind);
+    let quick = args.quick;
+    let runs = args.runs.unwrap_or(if quick { 1 } else { 3 }).max(1);
+    let scale = if quick { 1 } else { 4 };
+    let tmp = tempfile::tempdir().context("creating a scratch directory")?;
+
+    // Raw transport baselines, when a case compares with them.
+    let sizes = [64usize, 1024, 16 * 1024];
+    let mut stream = BTreeMap::new();
+    let stream_sizes: &[usize] = if wanted("send") || wanted("publish") {
+        &sizes
+    } else {
+        &[]
+    };
+    for &size in stream_sizes {
+        let frames = match size {
+            64 => 400_000,
+            1024 => 100_000,
+            _ => 10_000,
+        } * scale;
+        let mut v = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            v.push(raw::stream(size, frames).await?);
+        }
+        let rate = median(v);
+        let case = Case::new(
+            format!("baseline/stream/{}", size_name(size)),
+            "msgs_per_s",
+            rate,
+        )
+        .with("mb_per_s", rate * size as f64 / 1e6);
+        stream.insert(size, report.add(case));
+    }
+
+    // Sends between two nodes.
+    let mut memory = BTreeMap::new();
+    let durabilities = if wanted("send") {
+        vec![Durability::Memory, Durability::Fsync]
+    } else {
+        Vec::new()
+    };
+    for durability in durabilities {
+        let dname = if durability == Durability::Memory {
+            "memory"
+        } else {
+            "fsync"
+        };
+        for size in sizes {
+            let messages = match size {
+                16_384 => 4_000,
+                _ => 20_000,
+            } * scale;
+            let mut rates = Vec::with_capacity(runs);
+            let mut fsyncs = 0;
+            for run in 0..runs {
+                let dir = tmp.path().join(format!("send-{dname}-{size}-{run}"));
+                let f = cases::send(durability, size, messages, &dir).await?;
+                rates.push(f.msgs_per_s);
+                fsyncs += f.fsyncs;
+            }
+            let rate = median(rates);
+            let name = format!("send/{dname}/{}", size_name(size));
+            let mut case =
+                Case::new(name, "msgs_per_s", rate).with("mb_per_s", rate * size as f64 / 1e6);
+            if durability == Durability::Memory {
+                case = case.against(report.get(stream[&size]));
+                case = match size {
+                    64 => case.ratio_at_least(0.35),
+                    1024 => case.ratio_at_least(0.8),
+                    _ => case,
+                };
+                memory.insert(size, report.add(case));
+            } else {
+                case = case
+                    .with(
+                        "fsyncs_per_message",
+                        fsyncs as f64 / (messages * runs) as f64,
+                    )
+                    .against(report.get(memory[&size]));
+                if size == 1024 {
+                    case = case.ratio_at_least(0.5);
+                }
+                report.add(case);
+            }
+        }
+    }
+
+    // Publish fan-out.
+    let fan_outs: &[usize] = if wanted("publish") { &[1, 3, 10] } else { &[] };
+    for &groups in fan_outs {
+        let mut rates = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            rates.push(cases::publish(groups, 1024, 5_000 * scale).await?);
+        }
+        let rate = median(rates);
+        let case = Case::new(
+            format!("publish/memory/1KiB/groups={groups}"),
+            "msgs_per_s",
+            rate,
+        )
+        .with("mb_per_s", rate * 1024.0 / 1e6)
+        .against(report.get(stream[&1024]));
+        report.add(case);
+    }
+
+    if wanted("request") {
+        requests(report, scale).await?;
+    }
+    if wanted("backlog") {
+        let backlog = cases::backlog(BACKLOG_ENTRIES, 1024, &tmp.path().join("backlog")).await?;
+        report.add(
+            Case::new("backlog/fsync/1KiB/100k", "seconds", backlog.drain_seconds)
+                .with("entries", BACKLOG_ENTRIES as f64)
+                .below(2.0, "s"),
+        );
+        report.add(Case::new(
+            "disk/bytes-per-entry/1KiB",
+            "bytes",
+            backlog.disk_bytes_per_entry,
+        ));
+    }
+    if wanted("discovery") {
+        // Over mDNS on the loopback interface.
+        let secs = cases::discovery().await?;
+        report.add(Case::new("discovery/first-message", "seconds", secs).below(1.0, "s"));
+    }
+    if wanted("memory") {
+        let rss = cases::idle_rss(&tmp.path().join("idle")).await?;
+        report.add(
+            Case::new("memory/idle-rss", "mib", rss as f64 / (1024.0 * 1024.0)).below(20.0, "MiB"),
+        );
+    }
+    Ok(())
+}
+
+/// Request/reply latency percentiles against raw ping-pong, and requests/s.
+async fn requests(report: &mut Report, scale: usize) -> Result<()> {
+    let mut pp = raw::pingpong(2_000 * scale).await?;
+    pp.sort();
+    let pingpong = [0.5, 0.99, 0.999].map(|p| percentile_us(&pp, p));
+    let pp_case = report.add(
+        Case::new("baseline/pingpong", "p50_us", pingpong[0])
+            .with("p99_us", pingpong[1])
+            .with("p999_us", pingpong[2]),
+    );
+    let (mut lat, rps) = cases::requests(2_000 * scale).await?;
+    lat.sort();
+    let baseline = report.get(pp_case);
+    let pp99 = Case::new("baseline/pingpong/p99", "p99_us", pingpong[1]);
+    let pp999 = Case::new("baseline/pingpong/p99.9", "p999_us", pingpong[2]);
+    let p50 = Case::new("request/p50", "p50_us", percentile_us(&lat, 0.5))
+        .against(baseline)
+        .ratio_at_most(1.3);
+    let p99 = Case::new("request/p99", "p99_us", percentile_us(&lat, 0.99)).against(&pp99);
+    let p999 = Case::new("request/p99.9", "p999_us", percentile_us(&lat, 0.999)).against(&pp999);
+    report.add(p50);
+    report.add(p99);
+    report.add(p999);
+    report.add(Case::new("request/throughput", "requests_per_s", rps));
+    Ok(())
+}
