@@ -29,6 +29,10 @@ use crate::store::DeadLetter;
 use crate::store::Durability;
 use crate::subscription::Subscription;
 
+/// How long a shutting-down node must see no handler running and no ack pending before it
+/// closes its connections: frames its peers sent before they saw its goodbye arrive meanwhile.
+const QUIET_SETTLE: Duration = Duration::from_millis(150);
+
 /// A running peerbus node, embedded in a service. Cheap to clone; every clone
 /// is the same node. Stop it with [`Node::shutdown`].
 #[derive(Clone)]
@@ -694,8 +698,11 @@ impl Node {
             if self.core(CoreMsg::Goodbye(tx)).await.is_ok() {
                 let _ = rx.await;
             }
-            // 3. Let handlers finish and acks go out, bounded by the grace period.
+            // 3. Let handlers finish and acks go out, bounded by the grace period. Quiet must
+            //    hold for QUIET_SETTLE: work sent just before our goodbye reached the peers is
+            //    still on its way, and handling it without acking would redeliver it elsewhere.
             let deadline = tokio::time::Instant::now() + self.shared.shutdown_grace;
+            let mut quiet_since: Option<tokio::time::Instant> = None;
             loop {
                 let (tx, rx) = oneshot::channel();
                 if self.core(CoreMsg::Quiet(tx)).await.is_err() {
@@ -705,7 +712,16 @@ impl Node {
                     break;
                 };
                 let handling = !runtime::lock(&self.shared.inbox).is_idle();
-                if (acks_pending == 0 && !handling) || tokio::time::Instant::now() >= deadline {
+                let now = tokio::time::Instant::now();
+                if acks_pending == 0 && !handling {
+                    let since = *quiet_since.get_or_insert(now);
+                    if now.duration_since(since) >= QUIET_SETTLE {
+                        break;
+                    }
+                } else {
+                    quiet_since = None;
+                }
+                if now >= deadline {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;

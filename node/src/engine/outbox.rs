@@ -175,9 +175,49 @@ struct Log {
     /// Unsettled seqs per key.
     keys: HashMap<String, BTreeSet<u64>>,
     next_seq: u64,
+    /// No entry below this seq is `Pending` (they are in flight or staged): dispatch starts
+    /// here instead of walking the in-flight window at the head of the log each time. Every
+    /// transition to `Pending` lowers it ([`Log::pending_at`]); dispatch raises it.
+    pending_from: u64,
+}
+
+/// What the earlier unsettled entries of a key allow for the next one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chain {
+    /// None unsettled: any instance may take it.
+    Free,
+    /// All in flight to this peer: it may follow them there (pipelined, still in order).
+    Follows(NodeId),
+    /// One waits (pending, staged) or they are split over peers: it must wait.
+    Blocked,
 }
 
 impl Log {
+    /// Entry `seq` became (or was inserted) `Pending`.
+    fn pending_at(&mut self, seq: u64) {
+        self.pending_from = self.pending_from.min(seq);
+    }
+
+    /// How the unsettled entries of `key` before `seq` constrain entry `seq`.
+    fn key_chain(&self, key: &str, seq: u64) -> Chain {
+        let Some(seqs) = self.keys.get(key) else {
+            return Chain::Free;
+        };
+        let mut follows = None;
+        for s in seqs.range(..seq) {
+            match self.entries.get(s).map(|e| &e.state) {
+                Some(State::InFlight { peer, .. }) => match follows {
+                    None => follows = Some(*peer),
+                    Some(p) if p == *peer => {}
+                    Some(_) => return Chain::Blocked,
+                },
+                Some(State::Pending | State::Staged) => return Chain::Blocked,
+                None => {}
+            }
+        }
+        follows.map_or(Chain::Free, Chain::Follows)
+    }
+
     fn floor(&self) -> u64 {
         self.entries.keys().next().copied().unwrap_or(self.next_seq)
     }
@@ -275,6 +315,9 @@ impl Outbox {
             && e.state == State::Staged
         {
             e.state = State::Pending;
+            if let Some(l) = self.logs.get_mut(log) {
+                l.pending_at(seq);
+            }
         }
     }
 
@@ -322,6 +365,9 @@ impl Outbox {
         let log = self.logs.entry(env.log.clone()).or_default();
         if let Some(k) = &env.key {
             log.keys.entry(k.clone()).or_default().insert(env.seq);
+        }
+        if state == State::Pending {
+            log.pending_at(env.seq);
         }
         let attempts = env.attempt.saturating_sub(1);
         let size = env.payload.len();
@@ -399,10 +445,15 @@ impl Outbox {
 
     fn requeue_peer(&mut self, peer: NodeId) {
         for log in self.logs.values_mut() {
-            for e in log.entries.values_mut() {
+            let mut lowest = None;
+            for (seq, e) in log.entries.iter_mut() {
                 if matches!(e.state, State::InFlight { peer: p, .. } if p == peer) {
                     e.state = State::Pending;
+                    lowest = lowest.or(Some(*seq));
                 }
+            }
+            if let Some(seq) = lowest {
+                log.pending_at(seq);
             }
         }
     }
@@ -485,6 +536,7 @@ impl Outbox {
             pp.in_flight = pp.in_flight.saturating_sub(1);
         }
         e.state = State::Pending;
+        log.pending_from = log.pending_from.min(seq);
         // A nack caused by an earlier failure of the same key is not this entry's failure.
         if reason.starts_with(BLOCKED_PREFIX) || reason.starts_with(NOT_HERE_PREFIX) {
             return None;
@@ -665,52 +717,40 @@ impl Outbox {
             v.sort();
             v
         };
-        if candidates.is_empty() {
+        // Nothing can move while every candidate is out of credit: skip the scan (the
+        // common case under load, where the log head is a full window in flight).
+        let any_credit = candidates
+            .iter()
+            .any(|c| self.peers.get(c).is_some_and(|p| p.in_flight < p.credits));
+        if !any_credit {
             return;
         }
         let floor = log.floor();
-        // Per key, within this scan: `Some(peer)` = all earlier unsettled
-        // entries are in flight to `peer`; `None` = the key cannot move now.
-        let mut chain: HashMap<String, Option<NodeId>> = HashMap::new();
+        // Walk the pending entries from `pending_from`; the in-flight window before it is
+        // skipped. An entry becomes in flight in place, so a later entry of the same key
+        // sees it through `key_chain`.
+        let mut cursor = log.pending_from.max(floor);
+        // `pending_from` may rise to the first entry still pending after this scan.
+        let mut first_left: Option<u64> = None;
         let mut scanned = 0usize;
-        for e in log.entries.values_mut() {
+        while let Some((&seq, e)) = log.entries.range(cursor..).next() {
+            cursor = seq + 1;
             scanned += 1;
             if scanned > SCAN_BUDGET_PER_POLL {
+                first_left = first_left.or(Some(seq));
                 break;
             }
-            let key = e.env.key.clone();
-            match e.state {
-                State::InFlight { peer, .. } => {
-                    if let Some(k) = key {
-                        let c = chain.entry(k).or_insert(Some(peer));
-                        if *c != Some(peer) {
-                            *c = None;
-                        }
-                    }
-                    continue;
-                }
-                State::Staged => {
-                    if let Some(k) = key {
-                        chain.insert(k, None);
-                    }
-                    continue;
-                }
-                State::Pending => {}
+            if e.state != State::Pending {
+                continue;
             }
+            let key = e.env.key.as_deref();
             let blocked_by_time = e.not_before > now;
-            let chosen: Option<NodeId> = match &key {
-                Some(k) => match chain.get(k) {
-                    Some(None) => None,
-                    Some(Some(_)) if blocked_by_time => {
-                        chain.insert(k.clone(), None);
-                        None
-                    }
-                    Some(Some(p)) => Some(*p),
-                    None if blocked_by_time => {
-                        chain.insert(k.clone(), None);
-                        None
-                    }
-                    None => {
+            let chosen: Option<NodeId> = match key {
+                _ if blocked_by_time => None,
+                Some(k) => match log.key_chain(k, seq) {
+                    Chain::Blocked => None,
+                    Chain::Follows(p) => Some(p),
+                    Chain::Free => {
                         let live = candidates.iter().filter(|c| {
                             self.peers
                                 .get(c)
@@ -719,7 +759,6 @@ impl Outbox {
                         rendezvous(k, live)
                     }
                 },
-                None if blocked_by_time => None,
                 None => candidates
                     .iter()
                     .filter_map(|c| self.peers.get(c).map(|p| (c, p)))
@@ -729,36 +768,39 @@ impl Outbox {
                     .min_by_key(|(c, p)| (p.in_flight, stable_rr(c, self.round_robin)))
                     .map(|(c, _)| *c),
             };
-            let Some(peer_id) = chosen else { continue };
+            let Some(peer_id) = chosen else {
+                first_left = first_left.or(Some(seq));
+                continue;
+            };
             let Some(peer) = self.peers.get_mut(&peer_id) else {
+                first_left = first_left.or(Some(seq));
                 continue;
             };
             if peer.in_flight >= peer.credits || peer.draining {
-                // The key sticks to its instance: wait for credit, do not move it.
-                if let Some(k) = key {
-                    chain.insert(k, None);
-                }
+                // The key sticks to its instance: wait for credit, do not move it (the entry
+                // stays pending, which holds back the later entries of its key).
+                first_left = first_left.or(Some(seq));
                 if self.peers.values().all(|p| p.in_flight >= p.credits) {
                     break;
                 }
                 continue;
             }
-            peer.in_flight += 1;
-            self.round_robin = self.round_robin.wrapping_add(1);
-            e.state = State::InFlight {
-                peer: peer_id,
-                conn: peer.conn,
-                sent_at: now,
-            };
-            let key_floor = key.as_ref().and_then(|k| log.keys.get(k)?.first().copied());
-            if let Some(k) = key {
-                chain.insert(k, Some(peer_id));
-            }
+            let key_floor = key.and_then(|k| log.keys.get(k)?.first().copied());
             let mut env = e.env.clone();
             env.attempt = e.attempts + 1;
+            peer.in_flight += 1;
+            let conn = peer.conn;
+            self.round_robin = self.round_robin.wrapping_add(1);
+            if let Some(e) = log.entries.get_mut(&seq) {
+                e.state = State::InFlight {
+                    peer: peer_id,
+                    conn,
+                    sent_at: now,
+                };
+            }
             tx.push(Transmit {
                 peer: peer_id,
-                conn: peer.conn,
+                conn,
                 frame: Data::Deliver {
                     floor,
                     key_floor,
@@ -766,6 +808,9 @@ impl Outbox {
                 },
             });
         }
+        // Everything before the first entry left pending (or before the cursor when the
+        // scan reached the end) is now in flight or staged.
+        log.pending_from = first_left.unwrap_or(cursor);
     }
 
     /// The earliest time (same clock as `now`) at which [`Outbox::poll`] has

@@ -328,6 +328,11 @@ impl Core {
         self.shared.now()
     }
 
+    /// Whether entries and dedup windows go to a durable store (not [`Durability::Memory`]).
+    fn persistent(&self) -> bool {
+        self.shared.durability != crate::store::Durability::Memory
+    }
+
     fn handle(&mut self, msg: CoreMsg) {
         match msg {
             CoreMsg::Append(a) => {
@@ -590,8 +595,11 @@ impl Core {
 
     fn settle(&mut self, settled: Vec<Settled>) {
         let any = !settled.is_empty();
+        let persistent = self.persistent();
         for s in settled {
-            self.store_op(StoreOp::Remove(s.log.clone(), s.seq));
+            if persistent {
+                self.store_op(StoreOp::Remove(s.log.clone(), s.seq));
+            }
             if let Outcome::DeadLettered { reason } = &s.outcome {
                 self.store_op(StoreOp::Dead(DeadLetter {
                     id: 0,
@@ -643,6 +651,14 @@ impl Core {
     /// Persist the dedup window that now includes `seq`, then ack (so a crash after the ack
     /// can never make the handler run again for it).
     fn ack_after_persist(&mut self, origin: NodeId, log: String, seq: u64) {
+        if !self.persistent() {
+            // Nothing survives a restart of an in-memory node: ack at once.
+            self.pending_acks
+                .entry((origin, log))
+                .or_default()
+                .push(seq);
+            return;
+        }
         let store = &self.store;
         let snap = super::lock(&self.shared.inbox).snapshot(origin, &log);
         let Some(snap) = snap else {
@@ -716,7 +732,9 @@ impl Core {
             return;
         }
         let now = self.now();
-        let staged = true;
+        // With a durable store an entry waits (staged) until its commit; in memory there is
+        // nothing to wait for, so it is sendable at once and `send` returns at once.
+        let staged = self.persistent();
         let mut receipts = Vec::with_capacity(a.targets.len());
         let mut stored = Vec::with_capacity(a.targets.len());
         for t in &a.targets {
@@ -751,7 +769,7 @@ impl Core {
                 env: e,
             });
         }
-        if stored.is_empty() {
+        if stored.is_empty() || !staged {
             let _ = a.reply.send(Ok(receipts));
             return;
         }
