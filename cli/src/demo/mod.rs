@@ -364,6 +364,10 @@ impl Demo {
                         event => self.on_event(&from, event)?,
                     }
                 }
+                r = tokio::signal::ctrl_c() => {
+                    r.context("could not watch Ctrl-C")?;
+                    bail!("interrupted");
+                }
                 _ = tick.tick() => {
                     ticks += 1;
                     let now = Instant::now();
@@ -570,7 +574,10 @@ impl Demo {
                 let b = self.backlog.get(*g);
                 let total = b.map_or(0, Backlog::total);
                 let in_flight = b.map_or(0, |b| b.in_flight);
-                let text = format!("{g} {total} ({in_flight} in flight)");
+                let mut text = format!("{g} {total}");
+                if in_flight > 0 {
+                    text.push_str(&format!(" ({in_flight} in flight)"));
+                }
                 if self.ui && total > 0 {
                     let bar = "█".repeat(total.div_ceil(10).min(30));
                     let color = if victim_down && *g == VICTIM {
@@ -578,10 +585,10 @@ impl Demo {
                     } else {
                         "33"
                     };
-                    format!("{text} {}", self.paint(color, &bar))
-                } else {
-                    text
+                    text.push(' ');
+                    text.push_str(&self.paint(color, &bar));
                 }
+                text
             })
             .collect();
         self.say(format!(
@@ -655,7 +662,7 @@ impl Drain {
     fn describe(&self) -> String {
         match (self.first, self.last) {
             (Some(a), Some(b)) => format!(
-                "orders {a} … {b}, {} of them redelivered after the kill",
+                "orders {a} … {b}, {} of them on a second attempt",
                 self.redelivered
             ),
             _ => "nothing yet".into(),
