@@ -195,10 +195,18 @@ pub(crate) async fn run(args: &DemoArgs) -> Result<()> {
         demo.say(format!("demo stopped early: {e:#}"));
     }
     demo.say("stopping every service");
-    let members = std::mem::take(&mut demo.members);
+    let mut members = std::mem::take(&mut demo.members);
+    let payments = members.remove("payments");
     let stopping = async {
+        // The others first, all at once, then payments: a consumer whose seed stopped first
+        // would only log failed redials while it stops.
+        let mut others = tokio::task::JoinSet::new();
         for (_, m) in members {
-            m.stop().await;
+            others.spawn(m.stop());
+        }
+        while others.join_next().await.is_some() {}
+        if let Some(p) = payments {
+            p.stop().await;
         }
     };
     tokio::pin!(stopping);
