@@ -171,7 +171,7 @@ pub(crate) async fn run(args: &DemoArgs) -> Result<()> {
         .with_context(|| format!("could not create {}", dir.0.display()))?;
     let key_file = dir.0.join("mesh.key");
     MeshKey::write_new(&key_file).context("could not write the demo's mesh key")?;
-    let (tx, rx) = mpsc::channel(REPORT_QUEUE);
+    let (tx, mut rx) = mpsc::channel(REPORT_QUEUE);
     let mut demo = Demo {
         start: Instant::now(),
         ui: !args.no_ui && std::io::stdout().is_terminal(),
@@ -189,7 +189,6 @@ pub(crate) async fn run(args: &DemoArgs) -> Result<()> {
         last_delivered: HashMap::new(),
         last_sent: 0,
     };
-    let mut rx = rx;
     let result = demo.play(&mut rx).await;
     if let Err(e) = &result {
         demo.say(format!("demo stopped early: {e:#}"));
@@ -216,16 +215,13 @@ pub(crate) async fn run(args: &DemoArgs) -> Result<()> {
         tokio::select! {
             () = &mut stopping => break,
             report = rx.recv() => match report {
-                Some(Report { from, event: Event::Handled { group, order, key, seq, .. } }) => {
-                    demo.checker.handled(&group, &from, order, &key, seq);
-                }
-                Some(Report { event: Event::Accepted { order, key, seq }, .. }) => {
-                    demo.checker.accepted(order, &key, seq);
-                }
-                Some(_) => {}
+                Some(report) => demo.book(report),
                 None => break,
             },
         }
+    }
+    while let Ok(report) = rx.try_recv() {
+        demo.book(report);
     }
     let figures = demo.checker.figures();
     demo.print_summary(&figures)?;
@@ -242,6 +238,23 @@ pub(crate) async fn run(args: &DemoArgs) -> Result<()> {
 }
 
 impl Demo {
+    /// Books a late report (while the services stop) without narrating it.
+    fn book(&mut self, report: Report) {
+        match report.event {
+            Event::Handled {
+                group,
+                order,
+                key,
+                seq,
+                ..
+            } => {
+                self.checker.handled(&group, &report.from, order, &key, seq);
+            }
+            Event::Accepted { order, key, seq } => self.checker.accepted(order, &key, seq),
+            _ => {}
+        }
+    }
+
     /// Prints one timeline line. Output errors are ignored: the timeline is a show.
     fn say(&self, text: impl AsRef<str>) {
         let t = self.start.elapsed().as_secs_f64();
