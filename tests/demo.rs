@@ -112,7 +112,7 @@ fn backlog_while_down(stdout: &str) -> Vec<u64> {
         .filter_map(|l| {
             let (_, after) = l.split_once("backlog at payments:")?;
             let (_, n) = after.split_once("notifications ")?;
-            n.split(' ').next()?.parse().ok()
+            n.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
         })
         .collect()
 }
@@ -170,4 +170,16 @@ fn demo_refuses_a_bad_rate() {
     let run = run(&["demo", "--rate", "0"], Duration::from_secs(60));
     assert_eq!(run.code, Some(2), "stderr: {}", run.stderr);
     assert!(run.stderr.contains("--rate"), "stderr: {}", run.stderr);
+}
+
+#[test]
+fn backlog_is_read_from_the_status_lines_between_kill_and_restart() {
+    let timeline = "\
+[  1.00s] paid 5 (+5/s) | handled/s: orders 5 | backlog at payments: orders 0, notifications 3, points 0
+[  2.00s] SIGKILL notifications (pid 42); payments keeps paying
+[  3.00s] paid 9 (+4/s) | handled/s: orders 4 | backlog at payments: orders 0, notifications 4 (4 in flight), points 0
+[  4.00s] paid 13 (+4/s) | handled/s: orders 4 | backlog at payments: orders 1, notifications 8, points 0
+[  5.00s] restarting notifications on the same data directory
+[  6.00s] paid 17 (+4/s) | handled/s: orders 4 | backlog at payments: orders 0, notifications 0, points 0";
+    assert_eq!(backlog_while_down(timeline), [4, 8]);
 }
