@@ -64,7 +64,7 @@ pub(crate) struct DemoArgs {
     /// How long payments keeps paying (the kill is at 30%, the restart at 60%).
     #[arg(long, value_name = "DUR", default_value = "20s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Checkouts per second (1 to 500).
+    /// Checkouts per second (1 to 500; a target: checkouts run one at a time).
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=500))]
     rate: u32,
     /// Plain log lines without colors, for scripts (the default when stdout is not a terminal).
@@ -424,12 +424,7 @@ impl Demo {
                         let done = self.checker.delivered_to(VICTIM);
                         if self.backlog.get(VICTIM).map_or(0, Backlog::total) == 0 && done == sent {
                             caught_up = true;
-                            self.say(self.paint("32;1", &format!(
-                                "{VICTIM} caught up: {} handled since its restart ({}), every \
-                                 payment so far handled, in key order",
-                                drain.count,
-                                drain.describe()
-                            )));
+                            self.say_caught_up(&drain);
                         } else if ticks.is_multiple_of(4) {
                             self.say(format!(
                                 "{VICTIM} draining: {} handled since its restart ({})",
@@ -441,6 +436,9 @@ impl Demo {
                     if let Some(done) = load_done {
                         let f = self.checker.figures();
                         if f.lost == 0 && restarted.is_some() {
+                            if !caught_up {
+                                self.say_caught_up(&drain);
+                            }
                             self.say(format!(
                                 "every copy handled: {} payments × {} groups",
                                 f.sent,
@@ -460,6 +458,31 @@ impl Demo {
                 }
             }
         }
+    }
+
+    /// The victim handled every payment accepted so far.
+    fn say_caught_up(&self, drain: &Drain) {
+        let violations = self
+            .checker
+            .figures()
+            .groups
+            .iter()
+            .find(|(g, _)| g == VICTIM)
+            .map_or(0, |(_, g)| g.order_violations);
+        let order = if violations == 0 {
+            "in key order".to_string()
+        } else {
+            format!("with {violations} ORDER VIOLATIONS")
+        };
+        self.say(self.paint(
+            "32;1",
+            &format!(
+                "{VICTIM} caught up: {} handled since its restart ({}), every payment so far \
+                 handled, {order}",
+                drain.count,
+                drain.describe()
+            ),
+        ));
     }
 
     /// Waits for payments' address.
