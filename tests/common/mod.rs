@@ -119,6 +119,24 @@ pub fn peerbus_bin() -> &'static std::path::Path {
             ])
             .arg(target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // Cargo sets these for the test process; ring's build script tracks some of them, so
+        // passing them on would rebuild the workspace here and again in the next `cargo` run.
+        for (var, _) in std::env::vars_os() {
+            let name = var.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p))
+                || name == "CARGO_PRIMARY_PACKAGE"
+                || name == "CARGO_TARGET_TMPDIR"
+            {
+                build.env_remove(&var);
+            }
+        }
         if profile != "debug" {
             build.args(["--profile", profile]);
         }
