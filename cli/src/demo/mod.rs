@@ -146,6 +146,8 @@ struct Demo {
     /// Latest backlog per group, as payments reported it.
     backlog: BTreeMap<String, Backlog>,
     declined: u64,
+    /// Duplicates narrated so far (the first few are).
+    duplicates_shown: u64,
     /// Distinct orders per group at the last status line, for rates.
     last_delivered: HashMap<String, u64>,
     last_sent: u64,
@@ -186,6 +188,7 @@ pub(crate) async fn run(args: &DemoArgs) -> Result<()> {
         checker: Checker::new(&GROUPS),
         backlog: BTreeMap::new(),
         declined: 0,
+        duplicates_shown: 0,
         last_delivered: HashMap::new(),
         last_sent: 0,
     };
@@ -541,20 +544,26 @@ impl Demo {
                 order,
                 key,
                 seq,
-                ..
-            } => {
-                if self.checker.handled(&group, from, order, &key, seq)
-                    == Some(check::Outcome::OutOfOrder)
-                {
-                    self.say(self.paint(
-                        "31;1",
-                        &format!(
-                            "ORDER VIOLATION: {from} handled order {order} ({key} #{seq}) after a \
+                attempt,
+            } => match self.checker.handled(&group, from, order, &key, seq) {
+                Some(check::Outcome::OutOfOrder) => self.say(self.paint(
+                    "31;1",
+                    &format!(
+                        "ORDER VIOLATION: {from} handled order {order} ({key} #{seq}) after a \
                          later payment of {key}"
-                        ),
-                    ));
+                    ),
+                )),
+                Some(check::Outcome::Duplicate) => {
+                    self.duplicates_shown += 1;
+                    if self.duplicates_shown <= 5 {
+                        self.say(format!(
+                            "{from} handled order {order} again (attempt {attempt}): a duplicate, \
+                             allowed by at-least-once delivery"
+                        ));
+                    }
                 }
-            }
+                Some(check::Outcome::First) | None => {}
+            },
             Event::Backlog { logs } => {
                 self.backlog = logs.into_iter().map(|b| (b.group.clone(), b)).collect();
             }
