@@ -50,8 +50,12 @@ enum Command {
     Scatter(commands::ScatterArgs),
     /// List the peers this machine can see.
     Peers(commands::PeersArgs),
-    /// Run several services in this process on loopback and show what they do.
+    /// Tell the payment story on loopback: real services, one killed and restarted, every
+    /// message accounted for.
     Demo(demo::DemoArgs),
+    /// One service of `peerbus demo` (started by the demo itself).
+    #[command(hide = true)]
+    DemoService(demo::ServiceArgs),
     /// Show a node's logs (waiting, in flight, oldest) and counters; works on a running node
     /// (through its control socket) and on a stopped node's --data-dir.
     Status(admin::StatusArgs),
@@ -68,6 +72,8 @@ impl Command {
     fn default_log_level(&self) -> &'static str {
         match self {
             Command::Node(_) => "info",
+            // Its stdout is the demo's report channel; only errors go to the shared stderr.
+            Command::DemoService(_) => "error",
             _ => "warn",
         }
     }
@@ -85,6 +91,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Scatter(args) => commands::scatter(common, args).await,
         Command::Peers(args) => commands::peers(common, args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::DemoService(args) => demo::run_service(args).await,
         Command::Status(args) => admin::status(common, args).await,
         Command::Dlq(args) => admin::dlq(common, args).await,
         Command::Bench(args) => bench::run(args).await,

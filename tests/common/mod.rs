@@ -80,3 +80,75 @@ pub fn drain(sub: peerbus::Subscription) -> tokio::sync::mpsc::Receiver<(Option<
     }));
     rx
 }
+
+/// The `peerbus` binary, built on first use (`cargo build -p peerbus-cli --bin peerbus` into
+/// the target directory and profile of this test binary, derived from `current_exe()`; a
+/// no-op when it is up to date). Set `PEERBUS_BIN` to use a prebuilt binary instead.
+pub fn peerbus_bin() -> &'static std::path::Path {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::OnceLock;
+
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("PEERBUS_BIN") {
+            return PathBuf::from(bin);
+        }
+        let exe = std::env::current_exe().expect("path of the test binary");
+        // <target>/<profile>/deps/<test>-<hash>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        let target_dir = profile_dir.parent().expect("target directory");
+        let profile = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("profile name");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "peerbus-cli",
+                "--bin",
+                "peerbus",
+                "--target-dir",
+            ])
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // Cargo sets these for the test process; ring's build script tracks some of them, so
+        // passing them on would rebuild the workspace here and again in the next `cargo` run.
+        for (var, _) in std::env::vars_os() {
+            let name = var.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p))
+                || name == "CARGO_PRIMARY_PACKAGE"
+                || name == "CARGO_TARGET_TMPDIR"
+            {
+                build.env_remove(&var);
+            }
+        }
+        if profile != "debug" {
+            build.args(["--profile", profile]);
+        }
+        let status = build
+            .status()
+            .expect("run cargo build for the peerbus binary");
+        assert!(
+            status.success(),
+            "cargo build -p peerbus-cli failed: {status}"
+        );
+        let bin = profile_dir.join(format!("peerbus{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
+}
