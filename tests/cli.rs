@@ -1,7 +1,7 @@
 //! The `peerbus` binary, run as real processes.
 //!
 //! How the binary is found: an integration test of the facade package cannot use
-//! `CARGO_BIN_EXE_peerbus` (the binary belongs to `peerbus-cli`), so [`peerbus_bin`] runs
+//! `CARGO_BIN_EXE_peerbus` (the binary belongs to `peerbus-cli`), so `common::peerbus_bin` runs
 //! `cargo build -p peerbus-cli --bin peerbus` once per test run, into the target directory and
 //! profile this test binary was built in (derived from `current_exe()`), and uses the result.
 //! That build is a no-op when `scripts/test` already built the workspace. Set `PEERBUS_BIN`
@@ -13,80 +13,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The `peerbus` binary, built on first use.
-fn peerbus_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("PEERBUS_BIN") {
-            return PathBuf::from(bin);
-        }
-        let exe = std::env::current_exe().expect("path of the test binary");
-        // <target>/<profile>/deps/cli-<hash>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>");
-        let target_dir = profile_dir.parent().expect("target directory");
-        let profile = profile_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("profile name");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "peerbus-cli",
-                "--bin",
-                "peerbus",
-                "--target-dir",
-            ])
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        // Cargo sets these for the test process; ring's build script tracks some of them, so
-        // passing them on would rebuild the workspace here and again in the next `cargo` run.
-        for (var, _) in std::env::vars_os() {
-            let name = var.to_string_lossy();
-            if [
-                "CARGO_PKG_",
-                "CARGO_MANIFEST_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_",
-            ]
-            .iter()
-            .any(|p| name.starts_with(p))
-                || name == "CARGO_PRIMARY_PACKAGE"
-                || name == "CARGO_TARGET_TMPDIR"
-            {
-                build.env_remove(&var);
-            }
-        }
-        if profile != "debug" {
-            build.args(["--profile", profile]);
-        }
-        let status = build
-            .status()
-            .expect("run cargo build for the peerbus binary");
-        assert!(
-            status.success(),
-            "cargo build -p peerbus-cli failed: {status}"
-        );
-        let bin = profile_dir.join(format!("peerbus{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.exists(), "{} was not built", bin.display());
-        bin
-    })
-}
+mod common;
+
+use common::peerbus_bin;
 
 /// An overall deadline for one test; every wait takes what is left of it.
 struct Budget {
