@@ -11,7 +11,8 @@
 //! - **duplicates**: handlings of a message by a consumer beyond its first. One is
 //!   *explained* by the documented crash case when the node that handled the previous copy
 //!   was SIGKILL'd between the two handlings (the handler ran, the dedup window was not yet
-//!   persisted).
+//!   persisted). Duplicates after a SIGKILL of the *sender* between the two handlings are
+//!   counted apart (the restarted sender resent an unacknowledged entry to another instance).
 //! - **order violations**: a consumer handles (origin, destination, key) sequence `n` for the
 //!   first time after it already handled a higher sequence of the same stream. Handlings on
 //!   different nodes are ordered by their journal clock (microseconds, one machine).
@@ -107,6 +108,10 @@ pub(crate) struct Findings {
     pub(crate) duplicates: u64,
     /// Of those, explained by a SIGKILL of the node that handled the previous copy.
     pub(crate) duplicates_explained: u64,
+    /// Of the rest, handled again after a SIGKILL of the message's *sender* between the two
+    /// handlings: the restarted sender resent an entry whose ack it had not received, to
+    /// another instance (whose dedup window had not seen it).
+    pub(crate) duplicates_after_sender_kill: u64,
     /// Order violations (must be 0).
     pub(crate) order_violations: u64,
     /// The first violations (at most 50).
@@ -219,8 +224,16 @@ pub(crate) fn check(
                     && fr.start_us >= prev_t
                     && fr.start_us <= t
             });
+            let sender_killed = faults.iter().any(|fr| {
+                fr.kind == FaultKind::Kill
+                    && fr.targets.contains(&p.o)
+                    && fr.start_us >= prev_t
+                    && fr.start_us <= t
+            });
             if killed {
                 f.duplicates_explained += 1;
+            } else if sender_killed {
+                f.duplicates_after_sender_kill += 1;
             }
             last.insert(id, (t, by));
             continue;
@@ -404,6 +417,7 @@ mod tests {
         assert_eq!(f.order_examples[0].key_seq, 0);
         assert_eq!(f.order_examples[0].after, 1);
         assert_eq!((f.duplicates, f.duplicates_explained), (2, 1));
+        assert_eq!(f.duplicates_after_sender_kill, 0);
         assert_eq!(f.drain_seconds, vec![None]);
     }
 

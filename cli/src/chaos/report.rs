@@ -77,6 +77,7 @@ impl RunReport {
             "lost": f.lost,
             "duplicates": f.duplicates,
             "duplicates_explained_by_crash": f.duplicates_explained,
+            "duplicates_after_sender_kill": f.duplicates_after_sender_kill,
             "order_violations": f.order_violations,
             "faults": self.faults,
             "drain_seconds": self.faults.iter().map(|x| x.drain_seconds).collect::<Vec<_>>(),
@@ -133,8 +134,8 @@ impl RunReport {
             (
                 "duplicates",
                 format!(
-                    "{} ({} explained by a kill after handling)",
-                    f.duplicates, f.duplicates_explained
+                    "{} ({} after a kill of the handler, {} of the sender)",
+                    f.duplicates, f.duplicates_explained, f.duplicates_after_sender_kill
                 ),
                 "",
             ),
