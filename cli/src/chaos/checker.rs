@@ -33,8 +33,11 @@ pub(crate) struct FaultRecord {
     pub(crate) kind: FaultKind,
     /// Node indexes.
     pub(crate) targets: Vec<usize>,
-    /// When it began.
+    /// When it began (the signal was sent).
     pub(crate) start_us: u64,
+    /// For a kill: when the process was seen dead (a SIGKILL'd process may still finish a
+    /// journal line between `start_us` and this). Otherwise `start_us`.
+    pub(crate) down_us: u64,
     /// When it was lifted (restart issued, SIGCONT sent, partition healed).
     pub(crate) end_us: u64,
 }
@@ -221,13 +224,13 @@ pub(crate) fn check(
             let killed = faults.iter().any(|fr| {
                 fr.kind == FaultKind::Kill
                     && fr.targets.contains(&prev_by)
-                    && fr.start_us >= prev_t
+                    && fr.down_us >= prev_t
                     && fr.start_us <= t
             });
             let sender_killed = faults.iter().any(|fr| {
                 fr.kind == FaultKind::Kill
                     && fr.targets.contains(&p.o)
-                    && fr.start_us >= prev_t
+                    && fr.down_us >= prev_t
                     && fr.start_us <= t
             });
             if killed {
@@ -389,6 +392,7 @@ mod tests {
             kind: FaultKind::Kill,
             targets: vec![1],
             start_us: 25,
+            down_us: 26,
             end_us: 30,
         };
         let j0 = vec![
@@ -427,6 +431,7 @@ mod tests {
             kind: FaultKind::Freeze,
             targets: vec![1],
             start_us: 0,
+            down_us: 0,
             end_us: 1_000_000,
         };
         let j0 = vec![

@@ -668,12 +668,14 @@ fn read_journals(dirs: &[PathBuf]) -> anyhow::Result<(Journals, usize)> {
 async fn inject(mesh: &mut Mesh, f: &Planned) -> anyhow::Result<FaultRecord> {
     let target = f.targets[0];
     let start_us = journal::now_us();
+    let mut down_us = start_us;
     match f.kind {
         FaultKind::Kill => {
             if let Some(pid) = mesh.pid(target) {
                 signal(pid, libc::SIGKILL);
             }
             mesh.reap(target, Duration::from_secs(5)).await;
+            down_us = journal::now_us();
             tokio::time::sleep(f.hold).await;
             mesh.spawn(target)?;
         }
@@ -733,6 +735,7 @@ async fn inject(mesh: &mut Mesh, f: &Planned) -> anyhow::Result<FaultRecord> {
         kind: f.kind,
         targets: f.targets.clone(),
         start_us,
+        down_us,
         end_us,
     })
 }
