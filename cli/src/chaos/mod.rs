@@ -139,6 +139,10 @@ pub(crate) struct ChaosArgs {
     /// Test-only: make every worker misbehave (`drop-every=N`), to prove the checker fails.
     #[arg(long, hide = true)]
     misbehave: Option<String>,
+    /// Let every node send as soon as it (re)starts, without first waiting (up to 5 s) for a
+    /// connection to an instance of every service, as a service with no readiness check would.
+    #[arg(long)]
+    no_ready_wait: bool,
 }
 
 /// Seconds without any handling, after the workload stopped, before the drain wait gives up.
@@ -406,6 +410,9 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         if let Some(m) = &a.misbehave {
             v.push(format!("--misbehave={m}"));
         }
+        if a.no_ready_wait {
+            v.push("--no-ready-wait".into());
+        }
         args.push(v);
         procs.push(Proc {
             data_dir,
@@ -613,6 +620,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             "seed": a.seed, "faults": kinds.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "fault_interval_s": a.fault_interval.as_secs_f64(),
             "publish_percent": a.publish_percent, "misbehave": a.misbehave,
+            "no_ready_wait": a.no_ready_wait,
         }),
         findings,
         faults,

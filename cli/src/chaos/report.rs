@@ -324,7 +324,7 @@ impl RunReport {
             r#"<!doctype html><html><head><meta charset="utf-8"><title>peerbus chaos report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 10px;text-align:left}}.ok{{color:#1b5e20}}.fail{{color:#b71c1c}}</style></head><body>
 <h1>peerbus chaos: <span class="{cls}">{verdict}</span></h1>
-<p>accepted {acc} · delivered {del} · lost {lost} · order violations {ord} · duplicates {dup} ({dupx} explained by a kill) · peak log depth {peak}</p>
+<p>accepted {acc} · delivered {del} · lost {lost} · order violations {ord} · duplicates {dup} ({dupx} after a kill of the handler, {dups} of the sender) · peak log depth {peak}</p>
 {svg}
 <h2>Faults</h2><table><tr><th>#</th><th>kind</th><th>target</th><th>start s</th><th>end s</th><th>drain s</th></tr>{rows}</table>
 <h2>Settings</h2><pre>{settings}</pre></body></html>
@@ -337,6 +337,7 @@ impl RunReport {
             ord = f.order_violations,
             dup = f.duplicates,
             dupx = f.duplicates_explained,
+            dups = f.duplicates_after_sender_kill,
             peak = self.peak_backlog,
             settings = serde_json::to_string_pretty(&self.settings).unwrap_or_default(),
         )

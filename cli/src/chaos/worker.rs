@@ -72,6 +72,10 @@ pub(crate) struct WorkerArgs {
     /// Nth handled message without journaling it (a loss).
     #[arg(long)]
     misbehave: Option<String>,
+    /// Start (and resume after a restart) sending at once, without waiting for a connection
+    /// to every service first.
+    #[arg(long)]
+    no_ready_wait: bool,
 }
 
 /// The service of node `index` in a run with `services` services.
@@ -175,6 +179,7 @@ struct Load {
     keys: usize,
     publish_percent: u32,
     seed: u64,
+    ready_wait: bool,
 }
 
 impl WorkerArgs {
@@ -188,6 +193,7 @@ impl WorkerArgs {
             keys: self.keys,
             publish_percent: self.publish_percent,
             seed: self.seed,
+            ready_wait: !self.no_ready_wait,
         }
     }
 }
@@ -234,7 +240,7 @@ async fn workload(
     // Readiness, as a service would wait for it: connected to an instance of every service
     // (bounded; a service whose only instance is this node never gets one).
     let ready_deadline = tokio::time::Instant::now() + READY_WAIT;
-    for j in 0..l.services {
+    for j in (0..l.services).filter(|_| l.ready_wait) {
         let svc = service_of(j, l.services);
         let left = ready_deadline.saturating_duration_since(tokio::time::Instant::now());
         node.wait_for_instances(&svc, 1, left).await;
