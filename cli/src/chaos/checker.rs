@@ -19,7 +19,7 @@
 //! - **drain seconds** of a fault: from the fault's end until every message accepted before
 //!   that end was handled by all its required consumers (none when one of them was lost).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -115,6 +115,10 @@ pub(crate) struct Findings {
     /// handlings: the restarted sender resent an entry whose ack it had not received, to
     /// another instance (whose dedup window had not seen it).
     pub(crate) duplicates_after_sender_kill: u64,
+    /// Every duplicate by its likeliest cause: the first of kill, graceful restart, partition
+    /// and freeze of the node that handled the previous copy or of the sender, overlapping
+    /// the time between the two handlings; else `no fault of the handler or sender`.
+    pub(crate) duplicate_causes: BTreeMap<String, u64>,
     /// Order violations (must be 0).
     pub(crate) order_violations: u64,
     /// The first violations (at most 50).
@@ -148,6 +152,47 @@ struct Sent {
     publish: bool,
     accepted_us: Option<u64>,
     copies: usize,
+}
+
+/// Why a message handled at `prev_t` on `prev_by` was handled again at `t` (see
+/// [`Findings::duplicate_causes`]).
+fn duplicate_cause(
+    faults: &[FaultRecord],
+    prev_t: u64,
+    prev_by: usize,
+    t: u64,
+    origin: usize,
+) -> &'static str {
+    let overlaps = |fr: &FaultRecord, node: usize| {
+        let until = if fr.kind == FaultKind::Kill {
+            fr.down_us
+        } else {
+            fr.end_us
+        };
+        fr.targets.contains(&node) && fr.start_us <= t && until >= prev_t
+    };
+    let causes: [(FaultKind, usize, &'static str); 8] = [
+        (FaultKind::Kill, prev_by, "kill of the handler"),
+        (FaultKind::Kill, origin, "kill of the sender"),
+        (
+            FaultKind::Restart,
+            prev_by,
+            "graceful restart of the handler",
+        ),
+        (FaultKind::Restart, origin, "graceful restart of the sender"),
+        (FaultKind::Partition, prev_by, "partition of the handler"),
+        (FaultKind::Partition, origin, "partition of the sender"),
+        (FaultKind::Freeze, prev_by, "freeze of the handler"),
+        (FaultKind::Freeze, origin, "freeze of the sender"),
+    ];
+    causes
+        .iter()
+        .find(|(kind, node, _)| {
+            faults
+                .iter()
+                .any(|fr| fr.kind == *kind && overlaps(fr, *node))
+        })
+        .map_or("no fault of the handler or sender", |c| c.2)
 }
 
 /// Checks the journals (`(node index, events)`) of a run with `services` services.
@@ -221,23 +266,13 @@ pub(crate) fn check(
         }
         if let Some(&(prev_t, prev_by)) = last.get(&id) {
             f.duplicates += 1;
-            let killed = faults.iter().any(|fr| {
-                fr.kind == FaultKind::Kill
-                    && fr.targets.contains(&prev_by)
-                    && fr.down_us >= prev_t
-                    && fr.start_us <= t
-            });
-            let sender_killed = faults.iter().any(|fr| {
-                fr.kind == FaultKind::Kill
-                    && fr.targets.contains(&p.o)
-                    && fr.down_us >= prev_t
-                    && fr.start_us <= t
-            });
-            if killed {
-                f.duplicates_explained += 1;
-            } else if sender_killed {
-                f.duplicates_after_sender_kill += 1;
+            let cause = duplicate_cause(faults, prev_t, prev_by, t, p.o);
+            match cause {
+                "kill of the handler" => f.duplicates_explained += 1,
+                "kill of the sender" => f.duplicates_after_sender_kill += 1,
+                _ => {}
             }
+            *f.duplicate_causes.entry(cause.to_string()).or_default() += 1;
             last.insert(id, (t, by));
             continue;
         }
@@ -422,6 +457,8 @@ mod tests {
         assert_eq!(f.order_examples[0].after, 1);
         assert_eq!((f.duplicates, f.duplicates_explained), (2, 1));
         assert_eq!(f.duplicates_after_sender_kill, 0);
+        assert_eq!(f.duplicate_causes["kill of the handler"], 1);
+        assert_eq!(f.duplicate_causes["no fault of the handler or sender"], 1);
         assert_eq!(f.drain_seconds, vec![None]);
     }
 

@@ -759,6 +759,7 @@ async fn sampler(
     let (mut prev_acc, mut prev_handled, mut prev_t) = (0u64, 0u64, 0.0f64);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate: sample from one second in
     loop {
         tick.tick().await;
         let polled = poll_all(&dirs).await;

@@ -78,6 +78,7 @@ impl RunReport {
             "duplicates": f.duplicates,
             "duplicates_explained_by_crash": f.duplicates_explained,
             "duplicates_after_sender_kill": f.duplicates_after_sender_kill,
+            "duplicate_causes": f.duplicate_causes,
             "order_violations": f.order_violations,
             "faults": self.faults,
             "drain_seconds": self.faults.iter().map(|x| x.drain_seconds).collect::<Vec<_>>(),
@@ -172,6 +173,9 @@ impl RunReport {
         ];
         for (k, v, ok) in rows {
             let _ = writeln!(s, "  {k:<30} {v:<52} {ok}");
+        }
+        for (cause, n) in &f.duplicate_causes {
+            let _ = writeln!(s, "    duplicates after {cause:<40} {n}");
         }
         for m in f.lost_messages.iter().take(10) {
             let _ = writeln!(

@@ -246,6 +246,7 @@ async fn workload(
         node.wait_for_instances(&svc, 1, left).await;
     }
     let next_g = Arc::new(AtomicU64::new(resume.next_g));
+    // One counter per (destination, key): at most keys × (services + 1) entries.
     let next_n = Arc::new(Mutex::new(resume.next_n));
     let senders = l.keys.clamp(1, MAX_SENDERS);
     let period = Duration::from_secs_f64(senders as f64 / l.rate.max(0.001));
