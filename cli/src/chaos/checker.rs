@@ -116,8 +116,9 @@ pub(crate) struct Findings {
     /// another instance (whose dedup window had not seen it).
     pub(crate) duplicates_after_sender_kill: u64,
     /// Every duplicate by its likeliest cause: the first of kill, graceful restart, partition
-    /// and freeze of the node that handled the previous copy or of the sender, overlapping
-    /// the time between the two handlings; else `no fault of the handler or sender`.
+    /// and freeze of the node that handled the previous copy or of the sender, then of the
+    /// node that handled it again, overlapping the time between the two handlings; else
+    /// `no fault of the handler or sender`.
     pub(crate) duplicate_causes: BTreeMap<String, u64>,
     /// Order violations (must be 0).
     pub(crate) order_violations: u64,
@@ -161,6 +162,7 @@ fn duplicate_cause(
     prev_t: u64,
     prev_by: usize,
     t: u64,
+    by: usize,
     origin: usize,
 ) -> &'static str {
     let overlaps = |fr: &FaultRecord, node: usize| {
@@ -171,7 +173,7 @@ fn duplicate_cause(
         };
         fr.targets.contains(&node) && fr.start_us <= t && until >= prev_t
     };
-    let causes: [(FaultKind, usize, &'static str); 8] = [
+    let causes: [(FaultKind, usize, &'static str); 12] = [
         (FaultKind::Kill, prev_by, "kill of the handler"),
         (FaultKind::Kill, origin, "kill of the sender"),
         (
@@ -184,6 +186,20 @@ fn duplicate_cause(
         (FaultKind::Partition, origin, "partition of the sender"),
         (FaultKind::Freeze, prev_by, "freeze of the handler"),
         (FaultKind::Freeze, origin, "freeze of the sender"),
+        // The node that handled it again was the one in trouble: it ran a delivery it had
+        // received before the fault, after the sender had given it to another instance.
+        (FaultKind::Freeze, by, "freeze of the repeating handler"),
+        (
+            FaultKind::Partition,
+            by,
+            "partition of the repeating handler",
+        ),
+        (
+            FaultKind::Restart,
+            by,
+            "graceful restart of the repeating handler",
+        ),
+        (FaultKind::Kill, by, "kill of the repeating handler"),
     ];
     causes
         .iter()
@@ -266,7 +282,7 @@ pub(crate) fn check(
         }
         if let Some(&(prev_t, prev_by)) = last.get(&id) {
             f.duplicates += 1;
-            let cause = duplicate_cause(faults, prev_t, prev_by, t, p.o);
+            let cause = duplicate_cause(faults, prev_t, prev_by, t, by, p.o);
             match cause {
                 "kill of the handler" => f.duplicates_explained += 1,
                 "kill of the sender" => f.duplicates_after_sender_kill += 1,
