@@ -10,6 +10,12 @@
 //! | `{"cmd":"status"}` | `{"ok":true,"status":{…}}` |
 //! | `{"cmd":"dlq_list","limit":100}` | `{"ok":true,"dead_letters":[…]}` |
 //! | `{"cmd":"dlq_replay","ids":[1,2]}` or `{"cmd":"dlq_replay","all":true}` | `{"ok":true,"replayed":2}` |
+//! | `{"cmd":"faults","partition":["127.0.0.1:7001"],"heal":["…"],"heal_all":true}` | `{"ok":true,"faults":{…}}` |
+//!
+//! `faults` only works on a node built with [`NodeBuilder::faults`](crate::NodeBuilder::faults)
+//! (`peerbus chaos` does): `partition` drops every datagram to and from those peer listen
+//! addresses, `heal` ends those partitions, `heal_all` ends all of them (applied first). Every
+//! field is optional; the answer lists the fault counters.
 //!
 //! Errors answer `{"ok":false,"error":"…"}`. Limits: [`MAX_CONTROL_CLIENTS`]
 //! connections at once, [`MAX_LINE`] bytes per request line.
@@ -240,7 +246,53 @@ async fn answer(node: &Node, req: &Value) -> Value {
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             }
         }
+        Some("faults") => faults(node, req),
         Some(other) => json!({"ok": false, "error": format!("unknown command `{other}`")}),
         None => json!({"ok": false, "error": "missing `cmd`"}),
     }
+}
+
+/// The `faults` command: partitions and heals through the node's fault injector.
+fn faults(node: &Node, req: &Value) -> Value {
+    let Some(faults) = &node.shared.faults else {
+        return json!({"ok": false, "error": "this node runs without fault injection (build it with NodeBuilder::faults)"});
+    };
+    let addrs = |field: &str| -> Result<Vec<std::net::SocketAddr>, String> {
+        match req.get(field) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|v| {
+                    v.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                        format!("`{field}` wants socket addresses like \"127.0.0.1:7001\", got {v}")
+                    })
+                })
+                .collect(),
+            Some(other) => Err(format!(
+                "`{field}` must be a list of socket addresses, got {other}"
+            )),
+        }
+    };
+    let (partition, heal) = match (addrs("partition"), addrs("heal")) {
+        (Ok(p), Ok(h)) => (p, h),
+        (Err(e), _) | (_, Err(e)) => return json!({"ok": false, "error": e}),
+    };
+    if req
+        .get("heal_all")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+    {
+        faults.heal_all();
+    }
+    for a in heal {
+        faults.heal(a);
+    }
+    for a in partition {
+        faults.partition(a);
+    }
+    let st = faults.stats();
+    json!({"ok": true, "faults": {
+        "sent": st.sent, "dropped": st.dropped, "duplicated": st.duplicated,
+        "delayed": st.delayed, "reordered": st.reordered,
+    }})
 }

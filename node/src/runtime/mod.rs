@@ -138,6 +138,9 @@ pub(crate) struct Shared {
     pub(crate) routes: RwLock<Routes>,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    /// The fault injector this node's socket goes through, when built with
+    /// [`NodeBuilder::faults`] (reached by the control socket's `faults` command).
+    pub(crate) faults: Option<peerbus_transport::Faults>,
     pub(crate) counters: Counters,
     pub(crate) endpoint: Endpoint,
 }
@@ -262,6 +265,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         tracker: tracker.clone(),
         counters: Counters::default(),
         endpoint: endpoint.clone(),
+        faults: b.faults.clone(),
     });
     let span = info_span!("node", node = %id.short(), service = %b.service);
     info!(parent: &span, %local_addr, mesh = %b.mesh, "node started");

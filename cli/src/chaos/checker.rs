@@ -1,0 +1,504 @@
+//! The checker: reads every worker's journal and decides whether the mesh kept its promises.
+//!
+//! - **accepted**: `send`/`publish` returned Ok (journal `accepted`).
+//! - **required consumers**: a send to `svc-j` must be handled by one instance of `svc-j`
+//!   (consumer `svc:svc-j`); a publish by every service's group (`grp:svc-j` for each j).
+//!   A publish whose receipt covered fewer groups than there are services is also counted
+//!   as *short* (the publisher did not know every durable group yet); a group that never
+//!   handled it makes it lost like any other.
+//! - **delivered**: accepted messages handled by every required consumer. **lost**: the
+//!   rest (must be 0).
+//! - **duplicates**: handlings of a message by a consumer beyond its first. One is
+//!   *explained* by the documented crash case when the node that handled the previous copy
+//!   was SIGKILL'd between the two handlings (the handler ran, the dedup window was not yet
+//!   persisted). Duplicates after a SIGKILL of the *sender* between the two handlings are
+//!   counted apart (the restarted sender resent an unacknowledged entry to another instance).
+//! - **order violations**: a consumer handles (origin, destination, key) sequence `n` for the
+//!   first time after it already handled a higher sequence of the same stream. Handlings on
+//!   different nodes are ordered by their journal clock (microseconds, one machine).
+//! - **drain seconds** of a fault: from the fault's end until every message accepted before
+//!   that end was handled by all its required consumers (none when one of them was lost).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Serialize;
+
+use super::journal::Event;
+use super::schedule::FaultKind;
+
+/// A fault as it happened (absolute times, microseconds since the Unix epoch).
+#[derive(Clone, Debug)]
+pub(crate) struct FaultRecord {
+    /// What.
+    pub(crate) kind: FaultKind,
+    /// Node indexes.
+    pub(crate) targets: Vec<usize>,
+    /// When it began (the signal was sent).
+    pub(crate) start_us: u64,
+    /// For a kill: when the process was seen dead (a SIGKILL'd process may still finish a
+    /// journal line between `start_us` and this). Otherwise `start_us`.
+    pub(crate) down_us: u64,
+    /// When it was lifted (restart issued, SIGCONT sent, partition healed).
+    pub(crate) end_us: u64,
+}
+
+/// One message the checker found lost.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct LostMessage {
+    /// Origin node.
+    pub(crate) origin: usize,
+    /// Per-origin sequence.
+    pub(crate) seq: u64,
+    /// Destination.
+    pub(crate) destination: String,
+    /// Key.
+    pub(crate) key: String,
+    /// Per-key sequence.
+    pub(crate) key_seq: u64,
+    /// When it was accepted (µs since epoch).
+    pub(crate) accepted_us: u64,
+    /// Consumers that never handled it.
+    pub(crate) missing: Vec<String>,
+    /// Copies its receipt reported (one per group known to the publisher; 1 for a send).
+    pub(crate) copies: usize,
+}
+
+/// One order violation.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct OrderViolation {
+    /// The consumer (`svc:…` / `grp:…`).
+    pub(crate) consumer: String,
+    /// Origin node.
+    pub(crate) origin: usize,
+    /// Destination.
+    pub(crate) destination: String,
+    /// Key.
+    pub(crate) key: String,
+    /// The sequence handled late.
+    pub(crate) key_seq: u64,
+    /// The higher sequence handled before it.
+    pub(crate) after: u64,
+    /// The node that handled it late.
+    pub(crate) by: usize,
+    /// When (µs since epoch).
+    pub(crate) at_us: u64,
+}
+
+/// What the checker found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct Findings {
+    /// Send/publish calls started (journal `intent`).
+    pub(crate) intents: u64,
+    /// Messages acknowledged by `send`/`publish`.
+    pub(crate) accepted: u64,
+    /// Of those, sends.
+    pub(crate) accepted_sends: u64,
+    /// Of those, publishes.
+    pub(crate) accepted_publishes: u64,
+    /// `send`/`publish` calls that returned an error (not acknowledged, not required).
+    pub(crate) failed: u64,
+    /// Accepted messages handled by every required consumer.
+    pub(crate) delivered: u64,
+    /// Accepted messages some required consumer never handled (must be 0).
+    pub(crate) lost: u64,
+    /// The first lost messages (at most 50).
+    pub(crate) lost_messages: Vec<LostMessage>,
+    /// Publishes whose receipt covered fewer groups than there are services.
+    pub(crate) short_publishes: u64,
+    /// Handler runs in all.
+    pub(crate) handled_events: u64,
+    /// Handlings beyond the first of a message by a consumer.
+    pub(crate) duplicates: u64,
+    /// Of those, explained by a SIGKILL of the node that handled the previous copy.
+    pub(crate) duplicates_explained: u64,
+    /// Of the rest, handled again after a SIGKILL of the message's *sender* between the two
+    /// handlings: the restarted sender resent an entry whose ack it had not received, to
+    /// another instance (whose dedup window had not seen it).
+    pub(crate) duplicates_after_sender_kill: u64,
+    /// Every duplicate by its likeliest cause: the first of kill, graceful restart, partition
+    /// and freeze of the node that handled the previous copy or of the sender, then of the
+    /// node that handled it again, overlapping the time between the two handlings; else
+    /// `no fault of the handler or sender`.
+    pub(crate) duplicate_causes: BTreeMap<String, u64>,
+    /// Order violations (must be 0).
+    pub(crate) order_violations: u64,
+    /// The first violations (at most 50).
+    pub(crate) order_examples: Vec<OrderViolation>,
+    /// Handled messages whose send never returned (crash in between): fine, not required.
+    pub(crate) handled_unacknowledged: u64,
+    /// Handled messages no journal ever intended to send (must be 0).
+    pub(crate) phantoms: u64,
+    /// Journal lines that could not be read (torn by a SIGKILL).
+    pub(crate) torn_lines: usize,
+    /// Per fault, in order: seconds from its end until everything accepted before then was
+    /// handled (`None` when a message accepted before then was lost).
+    pub(crate) drain_seconds: Vec<Option<f64>>,
+    /// Median and worst seconds from acceptance to the last required handling.
+    pub(crate) latency_p50_s: f64,
+    /// Worst seconds from acceptance to the last required handling.
+    pub(crate) latency_max_s: f64,
+}
+
+impl Findings {
+    /// Whether every invariant holds.
+    pub(crate) fn ok(&self) -> bool {
+        self.lost == 0 && self.order_violations == 0 && self.phantoms == 0
+    }
+}
+
+struct Sent {
+    destination: String,
+    key: String,
+    key_seq: u64,
+    publish: bool,
+    accepted_us: Option<u64>,
+    copies: usize,
+}
+
+/// Why a message handled at `prev_t` on `prev_by` was handled again at `t` (see
+/// [`Findings::duplicate_causes`]).
+fn duplicate_cause(
+    faults: &[FaultRecord],
+    prev_t: u64,
+    prev_by: usize,
+    t: u64,
+    by: usize,
+    origin: usize,
+) -> &'static str {
+    let overlaps = |fr: &FaultRecord, node: usize| {
+        let until = if fr.kind == FaultKind::Kill {
+            fr.down_us
+        } else {
+            fr.end_us
+        };
+        fr.targets.contains(&node) && fr.start_us <= t && until >= prev_t
+    };
+    let causes: [(FaultKind, usize, &'static str); 12] = [
+        (FaultKind::Kill, prev_by, "kill of the handler"),
+        (FaultKind::Kill, origin, "kill of the sender"),
+        (
+            FaultKind::Restart,
+            prev_by,
+            "graceful restart of the handler",
+        ),
+        (FaultKind::Restart, origin, "graceful restart of the sender"),
+        (FaultKind::Partition, prev_by, "partition of the handler"),
+        (FaultKind::Partition, origin, "partition of the sender"),
+        (FaultKind::Freeze, prev_by, "freeze of the handler"),
+        (FaultKind::Freeze, origin, "freeze of the sender"),
+        // The node that handled it again was the one in trouble: it ran a delivery it had
+        // received before the fault, after the sender had given it to another instance.
+        (FaultKind::Freeze, by, "freeze of the repeating handler"),
+        (
+            FaultKind::Partition,
+            by,
+            "partition of the repeating handler",
+        ),
+        (
+            FaultKind::Restart,
+            by,
+            "graceful restart of the repeating handler",
+        ),
+        (FaultKind::Kill, by, "kill of the repeating handler"),
+    ];
+    causes
+        .iter()
+        .find(|(kind, node, _)| {
+            faults
+                .iter()
+                .any(|fr| fr.kind == *kind && overlaps(fr, *node))
+        })
+        .map_or("no fault of the handler or sender", |c| c.2)
+}
+
+/// Checks the journals (`(node index, events)`) of a run with `services` services.
+pub(crate) fn check(
+    journals: &[(usize, Vec<Event>)],
+    torn_lines: usize,
+    services: usize,
+    faults: &[FaultRecord],
+) -> Findings {
+    let mut f = Findings {
+        torn_lines,
+        ..Findings::default()
+    };
+    let mut sent: HashMap<(usize, u64), Sent> = HashMap::new();
+    // (time, node, line) orders handlings; one node's lines are already in order.
+    let mut handlings: Vec<(u64, usize, usize, &super::journal::Payload, &str)> = Vec::new();
+    for (_, events) in journals {
+        for (line, e) in events.iter().enumerate() {
+            match e {
+                Event::Intent { p, publish, .. } => {
+                    f.intents += 1;
+                    sent.insert(
+                        (p.o, p.g),
+                        Sent {
+                            destination: p.d.clone(),
+                            key: p.k.clone(),
+                            key_seq: p.n,
+                            publish: *publish,
+                            accepted_us: None,
+                            copies: 0,
+                        },
+                    );
+                }
+                Event::Handled { t, p, by, c } => handlings.push((*t, *by, line, p, c)),
+                Event::Start { .. } | Event::Accepted { .. } | Event::Failed { .. } => {}
+            }
+        }
+    }
+    for (_, events) in journals {
+        for e in events {
+            match e {
+                Event::Accepted { t, o, g, copies } => {
+                    if let Some(s) = sent.get_mut(&(*o, *g)) {
+                        s.accepted_us = Some(*t);
+                        s.copies = *copies;
+                    }
+                }
+                Event::Failed { .. } => f.failed += 1,
+                _ => {}
+            }
+        }
+    }
+    handlings.sort_by_key(|h| (h.0, h.1, h.2));
+    f.handled_events = handlings.len() as u64;
+
+    // First handling per (message, consumer), duplicates, order.
+    let mut first: HashMap<(usize, u64, &str), (u64, usize)> = HashMap::new();
+    let mut last: HashMap<(usize, u64, &str), (u64, usize)> = HashMap::new();
+    let mut highest: HashMap<(&str, usize, &str, &str), u64> = HashMap::new();
+    let mut unacked_seen: HashSet<(usize, u64)> = HashSet::new();
+    for &(t, by, _, p, c) in &handlings {
+        let id = (p.o, p.g, c);
+        match sent.get(&(p.o, p.g)) {
+            None => f.phantoms += 1,
+            Some(s) if s.accepted_us.is_none() => {
+                if unacked_seen.insert((p.o, p.g)) {
+                    f.handled_unacknowledged += 1;
+                }
+            }
+            Some(_) => {}
+        }
+        if let Some(&(prev_t, prev_by)) = last.get(&id) {
+            f.duplicates += 1;
+            let cause = duplicate_cause(faults, prev_t, prev_by, t, by, p.o);
+            match cause {
+                "kill of the handler" => f.duplicates_explained += 1,
+                "kill of the sender" => f.duplicates_after_sender_kill += 1,
+                _ => {}
+            }
+            *f.duplicate_causes.entry(cause.to_string()).or_default() += 1;
+            last.insert(id, (t, by));
+            continue;
+        }
+        first.insert(id, (t, by));
+        last.insert(id, (t, by));
+        let stream = (c, p.o, p.d.as_str(), p.k.as_str());
+        let hi = highest.entry(stream).or_insert(p.n);
+        if p.n < *hi {
+            f.order_violations += 1;
+            if f.order_examples.len() < 50 {
+                f.order_examples.push(OrderViolation {
+                    consumer: c.to_string(),
+                    origin: p.o,
+                    destination: p.d.clone(),
+                    key: p.k.clone(),
+                    key_seq: p.n,
+                    after: *hi,
+                    by,
+                    at_us: t,
+                });
+            }
+        } else {
+            *hi = p.n;
+        }
+    }
+
+    // Delivery per accepted message.
+    let groups: Vec<String> = (0..services).map(|j| format!("grp:svc-{j}")).collect();
+    // (accepted time, completion time or None when lost)
+    let mut done: Vec<(u64, Option<u64>)> = Vec::new();
+    let mut latencies: Vec<f64> = Vec::new();
+    let mut ids: Vec<&(usize, u64)> = sent.keys().collect();
+    ids.sort();
+    for id in ids {
+        let s = &sent[id];
+        let Some(acc) = s.accepted_us else { continue };
+        f.accepted += 1;
+        let required: Vec<String> = if s.publish {
+            f.accepted_publishes += 1;
+            groups.clone()
+        } else {
+            f.accepted_sends += 1;
+            vec![format!("svc:{}", s.destination)]
+        };
+        let short = s.publish && s.copies < services;
+        if short {
+            f.short_publishes += 1;
+        }
+        let mut missing = Vec::new();
+        let mut complete = acc;
+        for c in &required {
+            match first.get(&(id.0, id.1, c.as_str())) {
+                Some(&(t, _)) => complete = complete.max(t),
+                None => missing.push(c.clone()),
+            }
+        }
+        let lost = !missing.is_empty();
+        if lost {
+            f.lost += 1;
+            if f.lost_messages.len() < 50 {
+                f.lost_messages.push(LostMessage {
+                    origin: id.0,
+                    seq: id.1,
+                    destination: s.destination.clone(),
+                    key: s.key.clone(),
+                    key_seq: s.key_seq,
+                    accepted_us: acc,
+                    missing,
+                    copies: s.copies,
+                });
+            }
+            done.push((acc, None));
+        } else {
+            f.delivered += 1;
+            latencies.push(complete.saturating_sub(acc) as f64 / 1e6);
+            done.push((acc, Some(complete)));
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    f.latency_p50_s = latencies.get(latencies.len() / 2).copied().unwrap_or(0.0);
+    f.latency_max_s = latencies.last().copied().unwrap_or(0.0);
+
+    // Drain per fault.
+    done.sort_by_key(|d| d.0);
+    for fr in faults {
+        let mut worst = Some(fr.end_us);
+        for &(_, complete) in done.iter().take_while(|d| d.0 <= fr.end_us) {
+            worst = match (worst, complete) {
+                (Some(w), Some(c)) => Some(w.max(c)),
+                _ => None,
+            };
+        }
+        f.drain_seconds
+            .push(worst.map(|w| w.saturating_sub(fr.end_us) as f64 / 1e6));
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::journal::Payload;
+    use super::*;
+
+    fn p(o: usize, g: u64, d: &str, k: &str, n: u64) -> Payload {
+        Payload {
+            o,
+            g,
+            d: d.into(),
+            k: k.into(),
+            n,
+        }
+    }
+    fn intent(t: u64, p: Payload, publish: bool) -> Event {
+        Event::Intent { t, p, publish }
+    }
+    fn acc(t: u64, o: usize, g: u64, copies: usize) -> Event {
+        Event::Accepted { t, o, g, copies }
+    }
+    fn h(t: u64, p: Payload, by: usize, c: &str) -> Event {
+        Event::Handled {
+            t,
+            p,
+            by,
+            c: c.into(),
+        }
+    }
+
+    #[test]
+    fn a_clean_run_passes() {
+        let j0 = vec![
+            intent(1, p(0, 0, "svc-1", "a", 0), false),
+            acc(2, 0, 0, 1),
+            intent(3, p(0, 1, "chaos.events", "a", 0), true),
+            acc(4, 0, 1, 2),
+            h(5, p(0, 1, "chaos.events", "a", 0), 0, "grp:svc-0"),
+        ];
+        let j1 = vec![
+            h(6, p(0, 0, "svc-1", "a", 0), 1, "svc:svc-1"),
+            h(7, p(0, 1, "chaos.events", "a", 0), 1, "grp:svc-1"),
+        ];
+        let f = check(&[(0, j0), (1, j1)], 0, 2, &[]);
+        assert!(f.ok(), "{f:?}");
+        assert_eq!(
+            (f.accepted, f.delivered, f.lost, f.duplicates),
+            (2, 2, 0, 0)
+        );
+    }
+
+    #[test]
+    fn finds_loss_reordering_and_explains_crash_duplicates() {
+        let kill = FaultRecord {
+            kind: FaultKind::Kill,
+            targets: vec![1],
+            start_us: 25,
+            down_us: 26,
+            end_us: 30,
+        };
+        let j0 = vec![
+            intent(1, p(0, 0, "svc-1", "a", 0), false),
+            acc(2, 0, 0, 1),
+            intent(3, p(0, 1, "svc-1", "a", 1), false),
+            acc(4, 0, 1, 1),
+            intent(5, p(0, 2, "svc-1", "a", 2), false),
+            acc(6, 0, 2, 1),
+            // A publish to two groups that only one group handled: lost.
+            intent(7, p(0, 3, "chaos.events", "b", 0), true),
+            acc(8, 0, 3, 2),
+        ];
+        let j1 = vec![
+            h(20, p(0, 1, "svc-1", "a", 1), 1, "svc:svc-1"),
+            h(21, p(0, 0, "svc-1", "a", 0), 1, "svc:svc-1"), // out of order
+            h(22, p(0, 3, "chaos.events", "b", 0), 1, "grp:svc-1"),
+            h(40, p(0, 1, "svc-1", "a", 1), 1, "svc:svc-1"), // after the kill: explained
+            h(41, p(0, 1, "svc-1", "a", 1), 1, "svc:svc-1"), // not explained
+        ];
+        let f = check(&[(0, j0), (1, j1)], 0, 2, &[kill]);
+        assert!(!f.ok());
+        assert_eq!(f.accepted, 4);
+        assert_eq!(f.lost, 2, "{:?}", f.lost_messages); // seq 2 never handled; publish short of a group
+        assert_eq!(f.order_violations, 1);
+        assert_eq!(f.order_examples[0].key_seq, 0);
+        assert_eq!(f.order_examples[0].after, 1);
+        assert_eq!((f.duplicates, f.duplicates_explained), (2, 1));
+        assert_eq!(f.duplicates_after_sender_kill, 0);
+        assert_eq!(f.duplicate_causes["kill of the handler"], 1);
+        assert_eq!(f.duplicate_causes["no fault of the handler or sender"], 1);
+        assert_eq!(f.drain_seconds, vec![None]);
+    }
+
+    #[test]
+    fn drain_is_measured_from_the_fault_end() {
+        let fr = FaultRecord {
+            kind: FaultKind::Freeze,
+            targets: vec![1],
+            start_us: 0,
+            down_us: 0,
+            end_us: 1_000_000,
+        };
+        let j0 = vec![
+            intent(1, p(0, 0, "svc-1", "a", 0), false),
+            acc(500_000, 0, 0, 1),
+            intent(2_000_000, p(0, 1, "svc-1", "a", 1), false),
+            acc(2_000_001, 0, 1, 1),
+        ];
+        let j1 = vec![
+            h(3_500_000, p(0, 0, "svc-1", "a", 0), 1, "svc:svc-1"),
+            h(9_000_000, p(0, 1, "svc-1", "a", 1), 1, "svc:svc-1"),
+        ];
+        let f = check(&[(0, j0), (1, j1)], 0, 2, &[fr]);
+        assert!(f.ok());
+        assert_eq!(f.drain_seconds, vec![Some(2.5)]);
+    }
+}

@@ -1,0 +1,196 @@
+//! Journals: what a chaos worker sent and what its handlers processed, one JSON object per
+//! line in `<data_dir>/journal.jsonl`.
+//!
+//! Each line is written with one `write` call on a file opened for appending, before the
+//! action it records is acknowledged, so a SIGKILL'd worker keeps every line it wrote (the
+//! page cache survives the process; no fsync is needed for that). A torn last line is
+//! counted and skipped by the reader.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// File name of a worker's journal inside its data directory.
+pub(crate) const JOURNAL: &str = "journal.jsonl";
+
+/// Microseconds since the Unix epoch (every process of a run shares the clock).
+pub(crate) fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The payload of every chaos message: enough to check it without the journal of its sender.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Payload {
+    /// Origin worker index.
+    pub(crate) o: usize,
+    /// Per-origin sequence (continues across restarts).
+    pub(crate) g: u64,
+    /// Destination (service or topic).
+    pub(crate) d: String,
+    /// Partition key.
+    pub(crate) k: String,
+    /// Per-(origin, destination, key) sequence.
+    pub(crate) n: u64,
+}
+
+/// One journal line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub(crate) enum Event {
+    /// A worker (re)started.
+    Start { t: u64, node: usize, pid: u32 },
+    /// About to call `send`/`publish`.
+    Intent {
+        t: u64,
+        #[serde(flatten)]
+        p: Payload,
+        publish: bool,
+    },
+    /// `send`/`publish` returned Ok: the message is acknowledged (durable).
+    Accepted {
+        t: u64,
+        o: usize,
+        g: u64,
+        copies: usize,
+    },
+    /// `send`/`publish` returned an error: not acknowledged.
+    Failed {
+        t: u64,
+        o: usize,
+        g: u64,
+        err: String,
+    },
+    /// A handler processed a message, as consumer `c` (`svc:<service>` or `grp:<group>`).
+    Handled {
+        t: u64,
+        #[serde(flatten)]
+        p: Payload,
+        by: usize,
+        c: String,
+    },
+}
+
+/// An append-only journal shared by a worker's tasks.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    file: Mutex<File>,
+}
+
+impl Journal {
+    /// Opens (creating) the journal of the worker whose data directory is `dir`.
+    pub(crate) fn open(dir: &Path) -> io::Result<Journal> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(JOURNAL))?;
+        Ok(Journal {
+            file: Mutex::new(file),
+        })
+    }
+
+    /// Appends one event as one line, in one `write`.
+    pub(crate) fn write(&self, ev: &Event) -> io::Result<()> {
+        let mut line = serde_json::to_vec(ev).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let mut f = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f.write_all(&line)
+    }
+}
+
+/// Every event of a journal file, and how many lines could not be read (a torn last line
+/// after a SIGKILL). A missing file reads as empty.
+pub(crate) fn read(path: &Path) -> io::Result<(Vec<Event>, usize)> {
+    let mut text = String::new();
+    match File::open(path) {
+        Ok(mut f) => {
+            f.read_to_string(&mut text)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(e),
+    }
+    let mut events = Vec::new();
+    let mut bad = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str::<Event>(line) {
+            Ok(e) => events.push(e),
+            Err(_) => bad += 1,
+        }
+    }
+    Ok((events, bad))
+}
+
+/// Where a restarted worker resumes: the next per-origin sequence and the next sequence of
+/// each (destination, key), after everything its journal shows it intended before.
+#[derive(Debug, Default)]
+pub(crate) struct Resume {
+    /// Next per-origin sequence.
+    pub(crate) next_g: u64,
+    /// Next per-(destination, key) sequence.
+    pub(crate) next_n: HashMap<(String, String), u64>,
+}
+
+/// Reads a worker's own journal to find where it resumes.
+pub(crate) fn resume(dir: &Path, me: usize) -> io::Result<Resume> {
+    let (events, _) = read(&dir.join(JOURNAL))?;
+    let mut r = Resume::default();
+    for e in events {
+        if let Event::Intent { p, .. } = e
+            && p.o == me
+        {
+            r.next_g = r.next_g.max(p.g + 1);
+            let n = r.next_n.entry((p.d, p.k)).or_default();
+            *n = (*n).max(p.n + 1);
+        }
+    }
+    Ok(r)
+}
+
+/// Follows journal files as they grow, counting acknowledged sends and handled messages for
+/// the progress lines (the checker reads the files whole at the end).
+#[derive(Debug, Default)]
+pub(crate) struct Tail {
+    offsets: HashMap<std::path::PathBuf, u64>,
+    /// `accepted` lines seen.
+    pub(crate) accepted: u64,
+    /// `handled` lines seen.
+    pub(crate) handled: u64,
+}
+
+impl Tail {
+    /// Reads what was appended to `path` since the last call (whole lines only).
+    pub(crate) fn poll(&mut self, path: &Path) {
+        use std::io::{Seek, SeekFrom};
+        let Ok(mut f) = File::open(path) else { return };
+        let off = self.offsets.get(path).copied().unwrap_or(0);
+        if f.seek(SeekFrom::Start(off)).is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        if f.read_to_end(&mut buf).is_err() {
+            return;
+        }
+        let Some(last_nl) = buf.iter().rposition(|&b| b == b'\n') else {
+            return;
+        };
+        for line in buf[..last_nl].split(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(line);
+            if line.contains("\"ev\":\"accepted\"") {
+                self.accepted += 1;
+            } else if line.contains("\"ev\":\"handled\"") {
+                self.handled += 1;
+            }
+        }
+        self.offsets
+            .insert(path.to_path_buf(), off + last_nl as u64 + 1);
+    }
+}

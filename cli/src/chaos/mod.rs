@@ -1,0 +1,801 @@
+//! `peerbus chaos`: a local mesh of separate OS processes on loopback, a keyed workload, faults
+//! on a seeded schedule (SIGKILL + restart, SIGSTOP/SIGCONT, graceful restart, partitions
+//! through each node's fault-injecting socket), then a check of every node's journal.
+//!
+//! Each node is this same binary run as the hidden `chaos-worker` command (see
+//! [`worker`]): mDNS off, static seeds, fixed 127.0.0.1 ports, `Fsync` durability, a data
+//! directory per node. The orchestrator only signals processes, talks to their control
+//! sockets (`status`, `faults`) and reads journals. See [`checker`] for what is checked.
+
+mod checker;
+mod journal;
+mod report;
+mod schedule;
+mod worker;
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use peerbus::MeshKey;
+use peerbus::control;
+use serde_json::json;
+
+use crate::common::UsageError;
+use checker::FaultRecord;
+use report::{FaultView, RunReport, Sample};
+use schedule::{FaultKind, Planned};
+use worker::WorkerArgs;
+
+/// `peerbus chaos` in the main command list (for `--help`); its options are parsed by
+/// [`parse_direct`].
+#[derive(Debug, Args)]
+pub(crate) struct ChaosPlaceholder {}
+
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "peerbus chaos",
+    bin_name = "peerbus chaos",
+    version,
+    about = "Chaos-test a local mesh: kill, freeze, restart and partition node processes on a \
+             seeded schedule under load, then check from every node's journal that no \
+             acknowledged message was lost or handled out of key order. Exits 1 when an \
+             invariant is broken."
+)]
+struct ChaosCli {
+    #[command(flatten)]
+    args: ChaosArgs,
+}
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "peerbus chaos-worker", bin_name = "peerbus chaos-worker")]
+struct WorkerCli {
+    #[command(flatten)]
+    args: WorkerArgs,
+}
+
+/// A chaos command parsed from the command line.
+#[derive(Debug)]
+pub(crate) enum Direct {
+    /// `peerbus chaos …`
+    Chaos(ChaosArgs),
+    /// `peerbus chaos-worker …` (started by `peerbus chaos`).
+    Worker(WorkerArgs),
+}
+
+impl Direct {
+    /// Runs it.
+    pub(crate) async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Direct::Chaos(a) => run(&a).await,
+            Direct::Worker(a) => worker::run(&a).await,
+        }
+    }
+}
+
+/// When the command line is `peerbus chaos …` or `peerbus chaos-worker …`, parses it (exiting
+/// with a usage message on bad input, like every command).
+pub(crate) fn parse_direct() -> Option<Direct> {
+    use clap::Parser;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match argv.get(1).and_then(|a| a.to_str()) {
+        Some("chaos") => Some(Direct::Chaos(ChaosCli::parse_from(&argv[1..]).args)),
+        Some("chaos-worker") => Some(Direct::Worker(WorkerCli::parse_from(&argv[1..]).args)),
+        _ => None,
+    }
+}
+
+/// Arguments of `peerbus chaos`.
+#[derive(Debug, Args)]
+pub(crate) struct ChaosArgs {
+    /// Nodes (OS processes) in the mesh.
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// Services; node i serves `svc-<i mod S>`, so instances spread over services.
+    #[arg(long, default_value_t = 2)]
+    services: usize,
+    /// How long the workload and the faults run (then the backlog drains and the checker runs).
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Messages per second over the whole mesh (spread evenly over the nodes).
+    #[arg(long, value_name = "MSGS_PER_S", default_value_t = 200.0)]
+    rate: f64,
+    /// Partition keys per node.
+    #[arg(long, default_value_t = 16)]
+    keys: usize,
+    /// Seed of the fault schedule and of the workload's choices. The same seed gives the same
+    /// fault schedule.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Fault kinds to inject, comma separated: kill, freeze, restart, partition (or none).
+    #[arg(
+        long,
+        value_name = "KINDS",
+        default_value = "kill,freeze,restart,partition"
+    )]
+    faults: String,
+    /// Time between fault starts; each fault is held for 30-60 % of it.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = humantime::parse_duration)]
+    fault_interval: Duration,
+    /// Percentage of messages published on the topic (every service's group gets a copy)
+    /// rather than sent to one service.
+    #[arg(long, default_value_t = 30)]
+    publish_percent: u32,
+    /// Longest wait, after the workload stops, for every accepted message to be handled.
+    #[arg(long, value_name = "DUR", default_value = "60s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Write the JSON report here, and an HTML page with a plot next to it (`.html`).
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Run directory (journals, node data, node logs). Default: a new directory under the
+    /// system temp directory, removed after a passing run.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Test-only: make every worker misbehave (`drop-every=N`), to prove the checker fails.
+    #[arg(long, hide = true)]
+    misbehave: Option<String>,
+    /// Let every node send as soon as it (re)starts, without first waiting (up to 5 s) for a
+    /// connection to an instance of every service, as a service with no readiness check would.
+    #[arg(long)]
+    no_ready_wait: bool,
+}
+
+/// Seconds without any handling, after the workload stopped, before the drain wait gives up.
+const IDLE_GIVE_UP: u32 = 15;
+
+/// What a node process is doing now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Up,
+    Frozen,
+    Down,
+}
+
+struct Proc {
+    data_dir: PathBuf,
+    addr: SocketAddr,
+    child: Option<Child>,
+    state: State,
+}
+
+/// The node processes; dropping it SIGKILLs whatever still runs (an error or Ctrl-C must not
+/// leave orphans behind).
+struct Mesh {
+    procs: Vec<Proc>,
+    args: Vec<Vec<String>>,
+    exe: PathBuf,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            if let Some(mut c) = p.child.take() {
+                signal(c.id(), libc::SIGCONT);
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Sends `sig` to process `pid`.
+#[allow(unsafe_code)]
+fn signal(pid: u32, sig: libc::c_int) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) takes two integers and touches no memory of ours; `pid` is a child we
+    // spawned and have not reaped yet, so it cannot name another process.
+    unsafe { libc::kill(pid, sig) == 0 }
+}
+
+impl Mesh {
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let p = &mut self.procs[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p.data_dir.join("worker.log"))
+            .context("opening the worker log")?;
+        let child = Command::new(&self.exe)
+            .arg("chaos-worker")
+            .args(&self.args[i])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting node-{i}"))?;
+        p.child = Some(child);
+        p.state = State::Up;
+        Ok(())
+    }
+
+    fn pid(&self, i: usize) -> Option<u32> {
+        self.procs[i].child.as_ref().map(Child::id)
+    }
+
+    /// Waits (bounded) for node `i` to exit; SIGKILLs it after `limit`. Returns whether it
+    /// exited by itself.
+    async fn reap(&mut self, i: usize, limit: Duration) -> bool {
+        let Some(mut c) = self.procs[i].child.take() else {
+            return true;
+        };
+        let deadline = Instant::now() + limit;
+        let mut clean = true;
+        loop {
+            match c.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    clean = false;
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        self.procs[i].state = State::Down;
+        clean
+    }
+}
+
+/// Free UDP ports on 127.0.0.1, one per node (bound together, then released).
+fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let socks: Vec<UdpSocket> = (0..n)
+        .map(|_| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<Result<_, _>>()
+        .context("finding free ports on 127.0.0.1")?;
+    socks
+        .iter()
+        .map(|s| s.local_addr().context("reading a bound port"))
+        .collect()
+}
+
+async fn control(dir: &Path, req: serde_json::Value) -> Option<serde_json::Value> {
+    match tokio::time::timeout(Duration::from_millis(700), control::request(dir, &req)).await {
+        Ok(Ok(v)) if v.get("ok").and_then(serde_json::Value::as_bool) == Some(true) => Some(v),
+        _ => None,
+    }
+}
+
+/// Entries waiting or in flight in a node's logs, when it answers.
+async fn backlog(dir: PathBuf) -> Option<(u64, usize)> {
+    let v = control(&dir, json!({"cmd": "status"})).await?;
+    let status = v.get("status")?;
+    let logs = status.get("logs")?.as_object()?;
+    let depth = logs
+        .values()
+        .map(|l| {
+            l.get("waiting")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+                + l.get("in_flight")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+        })
+        .sum();
+    let conns = status
+        .get("connections")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0) as usize;
+    Some((depth, conns))
+}
+
+/// Polls every node: per node `(backlog, connections)` or `None`.
+async fn poll_all(dirs: &[PathBuf]) -> Vec<Option<(u64, usize)>> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let d = d.clone();
+        set.spawn(async move { (i, backlog(d).await) });
+    }
+    let mut out = vec![None; dirs.len()];
+    while let Some(r) = set.join_next().await {
+        if let Ok((i, v)) = r {
+            out[i] = v;
+        }
+    }
+    out
+}
+
+/// Shared by the orchestrator and its sampler.
+struct Progress {
+    samples: Vec<Sample>,
+    peak: u64,
+    peak_per_node: Vec<u64>,
+}
+
+fn parse_kinds(s: &str) -> anyhow::Result<Vec<FaultKind>> {
+    if s.trim() == "none" || s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut kinds = Vec::new();
+    for part in s.split(',') {
+        match FaultKind::parse(part) {
+            Some(k) if !kinds.contains(&k) => kinds.push(k),
+            Some(_) => {}
+            None => bail!(UsageError(format!(
+                "unknown fault kind `{}` (expected kill, freeze, restart, partition or none)",
+                part.trim()
+            ))),
+        }
+    }
+    Ok(kinds)
+}
+
+fn validate(a: &ChaosArgs) -> anyhow::Result<Vec<FaultKind>> {
+    let usage = |m: String| Err(UsageError(m).into());
+    if !(2..=64).contains(&a.nodes) {
+        return usage(format!("--nodes must be between 2 and 64, got {}", a.nodes));
+    }
+    if a.services == 0 || a.services > a.nodes {
+        return usage(format!(
+            "--services must be between 1 and --nodes ({}), got {}",
+            a.nodes, a.services
+        ));
+    }
+    if !(a.rate > 0.0 && a.rate <= 100_000.0) {
+        return usage(format!(
+            "--rate must be above 0 and at most 100000, got {}",
+            a.rate
+        ));
+    }
+    if !(1..=10_000).contains(&a.keys) {
+        return usage(format!(
+            "--keys must be between 1 and 10000, got {}",
+            a.keys
+        ));
+    }
+    if a.publish_percent > 100 {
+        return usage(format!(
+            "--publish-percent must be at most 100, got {}",
+            a.publish_percent
+        ));
+    }
+    if a.duration < Duration::from_secs(1) {
+        return usage("--duration must be at least 1s".into());
+    }
+    if a.fault_interval < Duration::from_millis(500) {
+        return usage("--fault-interval must be at least 500ms".into());
+    }
+    parse_kinds(&a.faults)
+}
+
+/// Runs `peerbus chaos`.
+pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
+    let kinds = validate(a)?;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!(
+            "peerbus-chaos-{}-{}",
+            std::process::id(),
+            journal::now_us() / 1_000_000
+        )),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for f in [worker::GO_FILE, worker::STOP_FILE] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let key_path = dir.join("mesh.key");
+    if !key_path.exists() {
+        MeshKey::write_new(&key_path).context("writing the mesh key")?;
+    }
+    let addrs = free_ports(a.nodes)?;
+    let exe = std::env::current_exe().context("locating the peerbus binary")?;
+    let mut procs = Vec::new();
+    let mut args = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let data_dir = dir.join(format!("node-{i}"));
+        std::fs::create_dir_all(&data_dir)?;
+        let mut v = vec![
+            format!("--index={i}"),
+            format!("--services={}", a.services),
+            format!("--run-dir={}", dir.display()),
+            format!("--data-dir={}", data_dir.display()),
+            format!("--listen={addr}"),
+            format!("--rate={}", a.rate / a.nodes as f64),
+            format!("--keys={}", a.keys),
+            format!("--publish-percent={}", a.publish_percent),
+            format!("--seed={}", a.seed),
+        ];
+        for (j, other) in addrs.iter().enumerate() {
+            if j != i {
+                v.push(format!("--seed-peer={other}"));
+            }
+        }
+        if let Some(m) = &a.misbehave {
+            v.push(format!("--misbehave={m}"));
+        }
+        if a.no_ready_wait {
+            v.push("--no-ready-wait".into());
+        }
+        args.push(v);
+        procs.push(Proc {
+            data_dir,
+            addr: *addr,
+            child: None,
+            state: State::Down,
+        });
+    }
+    let mut mesh = Mesh { procs, args, exe };
+    let dirs: Vec<PathBuf> = mesh.procs.iter().map(|p| p.data_dir.clone()).collect();
+    println!(
+        "chaos: {} nodes, {} services, {:.0} msg/s, {} keys/node, seed {}, faults [{}] every {}, for {}; dir {}",
+        a.nodes,
+        a.services,
+        a.rate,
+        a.keys,
+        a.seed,
+        kinds
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        humantime::format_duration(a.fault_interval),
+        humantime::format_duration(a.duration),
+        dir.display()
+    );
+    for j in 0..a.services {
+        let members: Vec<usize> = (0..a.nodes).filter(|i| i % a.services == j).collect();
+        if let [only] = members[..] {
+            println!(
+                "chaos: warning: svc-{j} has a single instance (node-{only}); a node does not \
+                 deliver to itself, so node-{only}'s own sends and publishes to svc-{j} wait for \
+                 another instance that never comes and will show as lost"
+            );
+        }
+    }
+    for i in 0..a.nodes {
+        mesh.spawn(i)?;
+    }
+
+    // Wait until every node answers and is connected to every other.
+    let ready_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let polled = poll_all(&dirs).await;
+        let ready = polled
+            .iter()
+            .filter(|p| p.is_some_and(|(_, c)| c + 1 >= a.nodes))
+            .count();
+        if ready == a.nodes {
+            break;
+        }
+        if Instant::now() >= ready_deadline {
+            bail!(
+                "only {ready} of {} nodes were up and fully connected after 30s; see {}/node-*/worker.log",
+                a.nodes,
+                dir.display()
+            );
+        }
+        for (i, p) in mesh.procs.iter_mut().enumerate() {
+            if let Some(c) = p.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                bail!(
+                    "node-{i} exited at start ({st}); see {}/worker.log",
+                    p.data_dir.display()
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let the durable group interests spread before the first publish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let plan = schedule::plan(a.seed, a.nodes, &kinds, a.fault_interval, a.duration);
+    std::fs::write(dir.join(worker::GO_FILE), b"")?;
+    let t0 = Instant::now();
+    let t0_us = journal::now_us();
+    let progress = Arc::new(Mutex::new(Progress {
+        samples: Vec::new(),
+        peak: 0,
+        peak_per_node: vec![0; a.nodes],
+    }));
+    let faults_done = Arc::new(AtomicUsize::new(0));
+    let sampler = tokio::spawn(sampler(
+        dirs.clone(),
+        t0,
+        progress.clone(),
+        faults_done.clone(),
+    ));
+
+    let run_faults = async {
+        let mut records: Vec<FaultRecord> = Vec::new();
+        for f in &plan {
+            tokio::time::sleep_until((t0 + f.at).into()).await;
+            records.push(inject(&mut mesh, f).await?);
+            faults_done.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::time::sleep_until((t0 + a.duration).into()).await;
+        anyhow::Ok(records)
+    };
+    let records = tokio::select! {
+        r = run_faults => r?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; the run directory is {}", dir.display()),
+    };
+
+    // Stop the workload, heal everything, then wait for the backlog to drain.
+    for i in 0..a.nodes {
+        match mesh.procs[i].state {
+            State::Frozen => {
+                if let Some(pid) = mesh.pid(i) {
+                    signal(pid, libc::SIGCONT);
+                }
+                mesh.procs[i].state = State::Up;
+            }
+            State::Down => mesh.spawn(i)?,
+            State::Up => {}
+        }
+    }
+    for d in &dirs {
+        let _ = control(d, json!({"cmd": "faults", "heal_all": true})).await;
+    }
+    std::fs::write(dir.join(worker::STOP_FILE), b"")?;
+    let stop_deadline = Instant::now() + Duration::from_secs(20);
+    while dirs.iter().any(|d| !d.join(worker::STOPPED_FILE).exists())
+        && Instant::now() < stop_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let load_end = Instant::now();
+    println!(
+        "chaos: workload stopped at {:.1}s; waiting up to {} for every accepted message to be handled",
+        t0.elapsed().as_secs_f64(),
+        humantime::format_duration(a.drain_timeout)
+    );
+    let drain_deadline = load_end + a.drain_timeout;
+    let (mut idle_polls, mut prev_handled) = (0, u64::MAX);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (journals, torn) = read_journals(&dirs)?;
+        let f = checker::check(&journals, torn, a.services, &[]);
+        if f.lost == 0 {
+            break;
+        }
+        // Nothing handled for a while: what is missing will not come.
+        idle_polls = if f.handled_events == prev_handled {
+            idle_polls + 1
+        } else {
+            0
+        };
+        prev_handled = f.handled_events;
+        if idle_polls >= IDLE_GIVE_UP || Instant::now() >= drain_deadline {
+            println!(
+                "chaos: {} accepted messages still unhandled; {}",
+                f.lost,
+                if idle_polls >= IDLE_GIVE_UP {
+                    "nothing was handled for 15s, giving up"
+                } else {
+                    "drain timeout"
+                }
+            );
+            break;
+        }
+    }
+    let final_drain = load_end.elapsed().as_secs_f64();
+    sampler.abort();
+
+    // Stop the nodes gracefully.
+    for i in 0..a.nodes {
+        if let Some(pid) = mesh.pid(i) {
+            signal(pid, libc::SIGTERM);
+        }
+    }
+    for i in 0..a.nodes {
+        if !mesh.reap(i, Duration::from_secs(15)).await {
+            println!("chaos: node-{i} did not stop within 15s of SIGTERM; killed");
+        }
+    }
+
+    let (journals, torn) = read_journals(&dirs)?;
+    let findings = checker::check(&journals, torn, a.services, &records);
+    let secs_of = |us: u64| us.saturating_sub(t0_us) as f64 / 1e6;
+    let faults: Vec<FaultView> = records
+        .iter()
+        .zip(&findings.drain_seconds)
+        .map(|(r, d)| FaultView {
+            kind: r.kind.to_string(),
+            target: r
+                .targets
+                .iter()
+                .map(|t| format!("node-{t}"))
+                .collect::<Vec<_>>()
+                .join("|"),
+            start: secs_of(r.start_us),
+            end: secs_of(r.end_us),
+            drain_seconds: *d,
+        })
+        .collect();
+    let p = progress
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let report = RunReport {
+        settings: json!({
+            "nodes": a.nodes, "services": a.services,
+            "duration_s": a.duration.as_secs_f64(), "rate": a.rate, "keys": a.keys,
+            "seed": a.seed, "faults": kinds.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "fault_interval_s": a.fault_interval.as_secs_f64(),
+            "publish_percent": a.publish_percent, "misbehave": a.misbehave,
+            "no_ready_wait": a.no_ready_wait,
+        }),
+        findings,
+        faults,
+        samples: p.samples.clone(),
+        peak_backlog: p.peak,
+        peak_backlog_per_node: p.peak_per_node.clone(),
+        final_drain_seconds: final_drain,
+        dir: dir.display().to_string(),
+    };
+    drop(p);
+    print!("{}", report.table());
+    if let Some(path) = &a.report {
+        report.write(path)?;
+        println!(
+            "report: {} and {}",
+            path.display(),
+            path.with_extension("html").display()
+        );
+    }
+    let f = &report.findings;
+    if !f.ok() {
+        bail!(
+            "chaos: invariants broken: {} lost, {} out of key order, {} phantom; journals kept in {}",
+            f.lost,
+            f.order_violations,
+            f.phantoms,
+            dir.display()
+        );
+    }
+    if a.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// Every node's journal events, by node index.
+type Journals = Vec<(usize, Vec<journal::Event>)>;
+
+/// Reads every node's journal; also returns how many lines were torn.
+fn read_journals(dirs: &[PathBuf]) -> anyhow::Result<(Journals, usize)> {
+    let mut out = Vec::new();
+    let mut torn = 0;
+    for (i, d) in dirs.iter().enumerate() {
+        let (events, bad) = journal::read(&worker::journal_path(d))
+            .with_context(|| format!("reading the journal of node-{i}"))?;
+        torn += bad;
+        out.push((i, events));
+    }
+    Ok((out, torn))
+}
+
+/// Injects one planned fault and lifts it; returns what happened when.
+async fn inject(mesh: &mut Mesh, f: &Planned) -> anyhow::Result<FaultRecord> {
+    let target = f.targets[0];
+    let start_us = journal::now_us();
+    let mut down_us = start_us;
+    match f.kind {
+        FaultKind::Kill => {
+            if let Some(pid) = mesh.pid(target) {
+                signal(pid, libc::SIGKILL);
+            }
+            mesh.reap(target, Duration::from_secs(5)).await;
+            down_us = journal::now_us();
+            tokio::time::sleep(f.hold).await;
+            mesh.spawn(target)?;
+        }
+        FaultKind::Freeze => {
+            let pid = mesh.pid(target);
+            if let Some(pid) = pid {
+                signal(pid, libc::SIGSTOP);
+                mesh.procs[target].state = State::Frozen;
+            }
+            tokio::time::sleep(f.hold).await;
+            if let Some(pid) = pid {
+                signal(pid, libc::SIGCONT);
+                mesh.procs[target].state = State::Up;
+            }
+        }
+        FaultKind::Restart => {
+            if let Some(pid) = mesh.pid(target) {
+                signal(pid, libc::SIGTERM);
+            }
+            if !mesh.reap(target, Duration::from_secs(15)).await {
+                println!("chaos: node-{target} did not stop within 15s of SIGTERM; killed");
+            }
+            mesh.spawn(target)?;
+        }
+        FaultKind::Partition => {
+            let (x, y) = (f.targets[0], f.targets[1]);
+            let (dx, dy) = (
+                mesh.procs[x].data_dir.clone(),
+                mesh.procs[y].data_dir.clone(),
+            );
+            let (ax, ay) = (mesh.procs[x].addr, mesh.procs[y].addr);
+            let cut =
+                |other: SocketAddr| json!({"cmd": "faults", "partition": [other.to_string()]});
+            let okx = control(&dx, cut(ay)).await.is_some();
+            let oky = control(&dy, cut(ax)).await.is_some();
+            if !(okx && oky) {
+                println!("chaos: partition node-{x}|node-{y}: a node did not take it");
+            }
+            tokio::time::sleep(f.hold).await;
+            let heal = |other: SocketAddr| json!({"cmd": "faults", "heal": [other.to_string()]});
+            let _ = control(&dx, heal(ay)).await;
+            let _ = control(&dy, heal(ax)).await;
+        }
+    }
+    let end_us = journal::now_us();
+    println!(
+        "chaos: {} {} for {:.1}s",
+        f.kind,
+        f.targets
+            .iter()
+            .map(|t| format!("node-{t}"))
+            .collect::<Vec<_>>()
+            .join("|"),
+        (end_us - start_us) as f64 / 1e6
+    );
+    Ok(FaultRecord {
+        kind: f.kind,
+        targets: f.targets.clone(),
+        start_us,
+        down_us,
+        end_us,
+    })
+}
+
+/// Every second: tail the journals, poll every node's backlog, print a progress line.
+async fn sampler(
+    dirs: Vec<PathBuf>,
+    t0: Instant,
+    progress: Arc<Mutex<Progress>>,
+    faults_done: Arc<AtomicUsize>,
+) {
+    let mut tail = journal::Tail::default();
+    let (mut prev_acc, mut prev_handled, mut prev_t) = (0u64, 0u64, 0.0f64);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate: sample from one second in
+    loop {
+        tick.tick().await;
+        let polled = poll_all(&dirs).await;
+        for d in &dirs {
+            tail.poll(&worker::journal_path(d));
+        }
+        let t = t0.elapsed().as_secs_f64();
+        let dt = (t - prev_t).max(0.001);
+        let sent = (tail.accepted - prev_acc) as f64 / dt;
+        let handled = (tail.handled - prev_handled) as f64 / dt;
+        (prev_acc, prev_handled, prev_t) = (tail.accepted, tail.handled, t);
+        let answered = polled.iter().filter(|p| p.is_some()).count();
+        let backlog: u64 = polled.iter().flatten().map(|(b, _)| b).sum();
+        let mut p = progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (i, v) in polled.iter().enumerate() {
+            if let Some((b, _)) = v {
+                p.peak_per_node[i] = p.peak_per_node[i].max(*b);
+            }
+        }
+        p.peak = p.peak.max(backlog);
+        p.samples.push(Sample {
+            t,
+            sent_per_s: sent,
+            handled_per_s: handled,
+            backlog,
+            answered,
+        });
+        drop(p);
+        println!(
+            "[{t:6.1}s] sent {sent:6.0}/s  handled {handled:6.0}/s  accepted {}  handled {}  faults {}  backlog {backlog}  nodes answering {answered}/{}",
+            tail.accepted,
+            tail.handled,
+            faults_done.load(Ordering::Relaxed),
+            dirs.len()
+        );
+    }
+}

@@ -1,0 +1,349 @@
+//! The end of a chaos run: the table on stdout, the JSON report and its HTML page.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Serialize;
+use serde_json::json;
+
+use super::checker::Findings;
+
+/// One progress sample (taken about every second).
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Sample {
+    /// Seconds since the workload started.
+    pub(crate) t: f64,
+    /// Messages acknowledged per second since the previous sample.
+    pub(crate) sent_per_s: f64,
+    /// Handler runs per second since the previous sample.
+    pub(crate) handled_per_s: f64,
+    /// Entries waiting or in flight in every answering node's logs.
+    pub(crate) backlog: u64,
+    /// Nodes whose control socket answered.
+    pub(crate) answered: usize,
+}
+
+/// A fault in the report (seconds since the workload started).
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct FaultView {
+    /// `kill`, `freeze`, `restart` or `partition`.
+    pub(crate) kind: String,
+    /// `node-2`, or `node-1|node-3` for a partition.
+    pub(crate) target: String,
+    /// When it began.
+    pub(crate) start: f64,
+    /// When it was lifted.
+    pub(crate) end: f64,
+    /// Seconds from its end until everything accepted before then was handled.
+    pub(crate) drain_seconds: Option<f64>,
+}
+
+/// Everything a run produced.
+#[derive(Debug)]
+pub(crate) struct RunReport {
+    /// The settings, as given.
+    pub(crate) settings: serde_json::Value,
+    /// The checker's findings.
+    pub(crate) findings: Findings,
+    /// Faults injected.
+    pub(crate) faults: Vec<FaultView>,
+    /// Progress samples.
+    pub(crate) samples: Vec<Sample>,
+    /// Largest total backlog seen.
+    pub(crate) peak_backlog: u64,
+    /// Largest backlog seen per node.
+    pub(crate) peak_backlog_per_node: Vec<u64>,
+    /// Seconds from the end of the workload until every accepted message was handled (or the
+    /// wait gave up).
+    pub(crate) final_drain_seconds: f64,
+    /// The run directory (journals, node logs).
+    pub(crate) dir: String,
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map_or_else(|| "never".to_string(), |s| format!("{s:.2}"))
+}
+
+impl RunReport {
+    /// The JSON report (top-level `accepted`, `delivered`, `lost`, `duplicates`,
+    /// `order_violations`, `faults`, `drain_seconds`, …).
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        let f = &self.findings;
+        json!({
+            "ok": f.ok(),
+            "accepted": f.accepted,
+            "delivered": f.delivered,
+            "lost": f.lost,
+            "duplicates": f.duplicates,
+            "duplicates_explained_by_crash": f.duplicates_explained,
+            "duplicates_after_sender_kill": f.duplicates_after_sender_kill,
+            "duplicate_causes": f.duplicate_causes,
+            "order_violations": f.order_violations,
+            "faults": self.faults,
+            "drain_seconds": self.faults.iter().map(|x| x.drain_seconds).collect::<Vec<_>>(),
+            "peak_log_depth": self.peak_backlog,
+            "peak_log_depth_per_node": self.peak_backlog_per_node,
+            "final_drain_seconds": self.final_drain_seconds,
+            "settings": self.settings,
+            "findings": f,
+            "samples": self.samples,
+            "dir": self.dir,
+        })
+    }
+
+    /// The table printed at the end of a run.
+    pub(crate) fn table(&self) -> String {
+        let f = &self.findings;
+        let mut s = String::new();
+        let verdict = |ok: bool| if ok { "ok" } else { "FAIL" };
+        let _ = writeln!(s, "\nfaults");
+        let _ = writeln!(
+            s,
+            "  {:>3}  {:<10} {:<16} {:>8} {:>8} {:>10}",
+            "#", "kind", "target", "start s", "end s", "drain s"
+        );
+        for (i, x) in self.faults.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "  {:>3}  {:<10} {:<16} {:>8.2} {:>8.2} {:>10}",
+                i + 1,
+                x.kind,
+                x.target,
+                x.start,
+                x.end,
+                secs(x.drain_seconds)
+            );
+        }
+        let _ = writeln!(s, "\nresult");
+        let rows: Vec<(&str, String, &str)> = vec![
+            (
+                "accepted",
+                format!(
+                    "{} ({} sends, {} publishes)",
+                    f.accepted, f.accepted_sends, f.accepted_publishes
+                ),
+                "",
+            ),
+            ("delivered", f.delivered.to_string(), ""),
+            ("lost", f.lost.to_string(), verdict(f.lost == 0)),
+            (
+                "order violations",
+                f.order_violations.to_string(),
+                verdict(f.order_violations == 0),
+            ),
+            (
+                "duplicates",
+                format!(
+                    "{} ({} after a kill of the handler, {} of the sender)",
+                    f.duplicates, f.duplicates_explained, f.duplicates_after_sender_kill
+                ),
+                "",
+            ),
+            (
+                "phantom deliveries",
+                f.phantoms.to_string(),
+                verdict(f.phantoms == 0),
+            ),
+            (
+                "short publishes",
+                format!(
+                    "{} (receipt covered fewer groups than exist)",
+                    f.short_publishes
+                ),
+                "",
+            ),
+            ("send errors", f.failed.to_string(), ""),
+            (
+                "handled, send unacknowledged",
+                f.handled_unacknowledged.to_string(),
+                "",
+            ),
+            ("peak log depth", self.peak_backlog.to_string(), ""),
+            (
+                "latency p50 / max",
+                format!("{:.3} s / {:.3} s", f.latency_p50_s, f.latency_max_s),
+                "",
+            ),
+            (
+                "final drain",
+                format!("{:.2} s", self.final_drain_seconds),
+                "",
+            ),
+        ];
+        for (k, v, ok) in rows {
+            let _ = writeln!(s, "  {k:<30} {v:<52} {ok}");
+        }
+        for (cause, n) in &f.duplicate_causes {
+            let _ = writeln!(s, "    duplicates after {cause:<40} {n}");
+        }
+        for m in f.lost_messages.iter().take(10) {
+            let _ = writeln!(
+                s,
+                "  lost: origin node-{} seq {} to {} key {}#{} (missing {}; receipt copies {})",
+                m.origin,
+                m.seq,
+                m.destination,
+                m.key,
+                m.key_seq,
+                m.missing.join(","),
+                m.copies
+            );
+        }
+        for v in f.order_examples.iter().take(10) {
+            let _ = writeln!(
+                s,
+                "  order: {} handled node-{}'s {} key {}#{} after #{} (on node-{})",
+                v.consumer, v.origin, v.destination, v.key, v.key_seq, v.after, v.by
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n{}",
+            if f.ok() {
+                "PASS: no acknowledged message lost, none out of key order"
+            } else {
+                "FAIL: invariants broken (see above)"
+            }
+        );
+        s
+    }
+
+    /// Writes the JSON report to `path` and the HTML page next to it (`.html`).
+    pub(crate) fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(&self.to_json())?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        let html = path.with_extension("html");
+        std::fs::write(&html, self.html())
+            .with_context(|| format!("writing {}", html.display()))?;
+        Ok(())
+    }
+
+    /// A self-contained HTML page: the result and an inline SVG plot of throughput and backlog
+    /// over time, faults shaded.
+    pub(crate) fn html(&self) -> String {
+        let f = &self.findings;
+        let (w, h, ml, mr, mt, mb) = (960.0, 360.0, 60.0, 60.0, 20.0, 40.0);
+        let pw = w - ml - mr;
+        let ph = h - mt - mb;
+        let t_max = self.samples.iter().map(|s| s.t).fold(1.0_f64, f64::max);
+        let rate_max = self
+            .samples
+            .iter()
+            .map(|s| s.sent_per_s.max(s.handled_per_s))
+            .fold(1.0_f64, f64::max);
+        let back_max = self
+            .samples
+            .iter()
+            .map(|s| s.backlog as f64)
+            .fold(1.0, f64::max);
+        let x = |t: f64| ml + pw * t / t_max;
+        let yr = |v: f64| mt + ph * (1.0 - v / rate_max);
+        let yb = |v: f64| mt + ph * (1.0 - v / back_max);
+        let mut svg = String::new();
+        let _ = write!(
+            svg,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+        );
+        let colors = |k: &str| match k {
+            "kill" => "#e57373",
+            "freeze" => "#64b5f6",
+            "restart" => "#ffb74d",
+            _ => "#ba68c8",
+        };
+        for fv in &self.faults {
+            let (x0, x1) = (x(fv.start), x(fv.end).max(x(fv.start) + 2.0));
+            let _ = write!(
+                svg,
+                r##"<rect x="{x0:.1}" y="{mt}" width="{:.1}" height="{ph}" fill="{}" opacity="0.35"><title>{} {} {:.1}-{:.1}s drain {}</title></rect><text x="{x0:.1}" y="{:.1}" fill="#333">{}</text>"##,
+                x1 - x0,
+                colors(&fv.kind),
+                fv.kind,
+                fv.target,
+                fv.start,
+                fv.end,
+                secs(fv.drain_seconds),
+                mt + 10.0,
+                &fv.kind[..1].to_uppercase()
+            );
+        }
+        let line = |pts: Vec<(f64, f64)>, color: &str| {
+            let d: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
+            format!(
+                r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/>"#,
+                d.join(" ")
+            )
+        };
+        svg.push_str(&line(
+            self.samples
+                .iter()
+                .map(|s| (x(s.t), yr(s.sent_per_s)))
+                .collect(),
+            "#1b5e20",
+        ));
+        svg.push_str(&line(
+            self.samples
+                .iter()
+                .map(|s| (x(s.t), yr(s.handled_per_s)))
+                .collect(),
+            "#0d47a1",
+        ));
+        svg.push_str(&line(
+            self.samples
+                .iter()
+                .map(|s| (x(s.t), yb(s.backlog as f64)))
+                .collect(),
+            "#b71c1c",
+        ));
+        let _ = write!(
+            svg,
+            r##"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/><text x="{ml}" y="{:.1}">0 s</text><text x="{:.1}" y="{:.1}" text-anchor="end">{t_max:.0} s</text><text x="{:.1}" y="{:.1}" text-anchor="end">{rate_max:.0}/s</text><text x="{:.1}" y="{:.1}">{back_max:.0}</text>"##,
+            h - mb + 14.0,
+            ml + pw,
+            h - mb + 14.0,
+            ml - 4.0,
+            mt + 10.0,
+            ml + pw + 4.0,
+            mt + 10.0
+        );
+        let _ = write!(
+            svg,
+            r##"<text x="{ml}" y="{:.1}"><tspan fill="#1b5e20">— sent/s</tspan>  <tspan fill="#0d47a1">— handled/s</tspan>  <tspan fill="#b71c1c">— backlog (right axis)</tspan>  K kill · F freeze · R restart · P partition</text></svg>"##,
+            h - 8.0
+        );
+        let mut rows = String::new();
+        for (i, fv) in self.faults.iter().enumerate() {
+            let _ = write!(
+                rows,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>",
+                i + 1,
+                fv.kind,
+                fv.target,
+                fv.start,
+                fv.end,
+                secs(fv.drain_seconds)
+            );
+        }
+        format!(
+            r#"<!doctype html><html><head><meta charset="utf-8"><title>peerbus chaos report</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 10px;text-align:left}}.ok{{color:#1b5e20}}.fail{{color:#b71c1c}}</style></head><body>
+<h1>peerbus chaos: <span class="{cls}">{verdict}</span></h1>
+<p>accepted {acc} · delivered {del} · lost {lost} · order violations {ord} · duplicates {dup} ({dupx} after a kill of the handler, {dups} of the sender) · peak log depth {peak}</p>
+{svg}
+<h2>Faults</h2><table><tr><th>#</th><th>kind</th><th>target</th><th>start s</th><th>end s</th><th>drain s</th></tr>{rows}</table>
+<h2>Settings</h2><pre>{settings}</pre></body></html>
+"#,
+            cls = if f.ok() { "ok" } else { "fail" },
+            verdict = if f.ok() { "PASS" } else { "FAIL" },
+            acc = f.accepted,
+            del = f.delivered,
+            lost = f.lost,
+            ord = f.order_violations,
+            dup = f.duplicates,
+            dupx = f.duplicates_explained,
+            dups = f.duplicates_after_sender_kill,
+            peak = self.peak_backlog,
+            settings = serde_json::to_string_pretty(&self.settings).unwrap_or_default(),
+        )
+    }
+}

@@ -1,0 +1,345 @@
+//! `peerbus chaos-worker` (hidden): one node of a chaos run, as its own OS process.
+//!
+//! It builds a node with mDNS off, static seeds and a fault injector, subscribes its service
+//! to the chaos topic as a durable group, handles sends to its service, and, once the
+//! orchestrator's `go` file exists, drives keyed sends and publishes until the `stop` file
+//! appears. Everything it sends and handles goes to its journal first.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use peerbus::{Faults, HandlerError, Message, Node, Outgoing};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::journal::{self, Event, Journal, Payload};
+use super::schedule::SplitMix64;
+
+/// The topic every service subscribes to (as a durable group named after the service).
+pub(crate) const TOPIC: &str = "chaos.events";
+/// File (in the run directory) whose existence starts the workload.
+pub(crate) const GO_FILE: &str = "go";
+/// File (in the run directory) whose existence stops the workload.
+pub(crate) const STOP_FILE: &str = "stop";
+/// File a worker creates in its data directory once its workload has stopped.
+pub(crate) const STOPPED_FILE: &str = "load-stopped";
+/// Longest wait, before the workload (re)starts, for a connection to every service.
+const READY_WAIT: Duration = Duration::from_secs(5);
+/// Keyed handlers run at once per subscription.
+const HANDLER_CONCURRENCY: usize = 8;
+/// Most sending tasks per worker (each owns a disjoint set of keys and sends one at a time,
+/// so per-key order at the sender is the order of the per-key sequence).
+const MAX_SENDERS: usize = 8;
+
+/// Arguments of the hidden `chaos-worker` command (set by `peerbus chaos`).
+#[derive(Debug, Args)]
+pub(crate) struct WorkerArgs {
+    /// This node's index in the run.
+    #[arg(long)]
+    index: usize,
+    /// Number of services (`svc-0` … `svc-<S-1>`); this node serves `svc-<index % S>`.
+    #[arg(long)]
+    services: usize,
+    /// The run directory (mesh key, go and stop files).
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// This node's data directory.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// QUIC listen address (fixed, so restarts keep it).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The other nodes' addresses (static seeds).
+    #[arg(long = "seed-peer")]
+    seed_peers: Vec<SocketAddr>,
+    /// Messages per second this worker sends.
+    #[arg(long)]
+    rate: f64,
+    /// Keys per worker (`k0` …).
+    #[arg(long)]
+    keys: usize,
+    /// Share of messages published on the topic instead of sent to a service, in percent.
+    #[arg(long)]
+    publish_percent: u32,
+    /// Seed of the workload's choices.
+    #[arg(long)]
+    seed: u64,
+    /// Test-only misbehaviour, to prove the checker fails: `drop-every=N` acknowledges every
+    /// Nth handled message without journaling it (a loss).
+    #[arg(long)]
+    misbehave: Option<String>,
+    /// Start (and resume after a restart) sending at once, without waiting for a connection
+    /// to every service first.
+    #[arg(long)]
+    no_ready_wait: bool,
+}
+
+/// The service of node `index` in a run with `services` services.
+pub(crate) fn service_of(index: usize, services: usize) -> String {
+    format!("svc-{}", index % services.max(1))
+}
+
+/// Runs the worker until SIGTERM/SIGINT or until its parent (the orchestrator) is gone.
+pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
+    let drop_every = match a.misbehave.as_deref() {
+        None => None,
+        Some(m) => match m
+            .strip_prefix("drop-every=")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            Some(n) if n > 0 => Some(n),
+            _ => bail!("unknown --misbehave `{m}` (expected drop-every=N, N > 0)"),
+        },
+    };
+    let service = service_of(a.index, a.services);
+    let _ = std::fs::remove_file(a.data_dir.join(STOPPED_FILE));
+    let journal = Arc::new(Journal::open(&a.data_dir).context("opening the journal")?);
+    let resume = journal::resume(&a.data_dir, a.index).context("reading the journal")?;
+    let mut builder = Node::builder(service.clone())
+        .mesh("chaos")
+        .mesh_key_file(a.run_dir.join("mesh.key"))
+        .data_dir(&a.data_dir)
+        .listen(a.listen)
+        .no_mdns()
+        .faults(Faults::new(a.seed ^ a.index as u64));
+    for s in &a.seed_peers {
+        builder = builder.seed(*s);
+    }
+    let node = builder.start().await.context("starting the node")?;
+    journal.write(&Event::Start {
+        t: journal::now_us(),
+        node: a.index,
+        pid: std::process::id(),
+    })?;
+
+    // Consumers: sends to our service, and our service's group on the topic.
+    let handled = Arc::new(AtomicU64::new(0));
+    let sends = node.messages()?;
+    let group = node.subscribe(TOPIC).await?;
+    for (sub, consumer) in [
+        (sends, format!("svc:{service}")),
+        (group, format!("grp:{service}")),
+    ] {
+        let journal = journal.clone();
+        let handled = handled.clone();
+        let by = a.index;
+        tokio::spawn(sub.handle(HANDLER_CONCURRENCY, move |msg: Message| {
+            let r = handle(&journal, &msg, by, &consumer, &handled, drop_every);
+            async move { r }
+        }));
+    }
+
+    // The workload.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(workload(
+        node.clone(),
+        a.clone_load(),
+        resume,
+        journal,
+        stop.clone(),
+    ));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let parent = std::os::unix::process::parent_id();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => {
+                if std::os::unix::process::parent_id() != parent {
+                    // The orchestrator is gone: do not outlive it.
+                    break;
+                }
+                if a.run_dir.join(STOP_FILE).exists() && !stop.swap(true, Ordering::Relaxed) {
+                    tracing::info!("workload stopping");
+                }
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(10), load).await;
+    node.shutdown().await;
+    Ok(())
+}
+
+/// The part of the arguments the workload needs.
+#[derive(Clone, Debug)]
+struct Load {
+    index: usize,
+    services: usize,
+    run_dir: PathBuf,
+    data_dir: PathBuf,
+    rate: f64,
+    keys: usize,
+    publish_percent: u32,
+    seed: u64,
+    ready_wait: bool,
+}
+
+impl WorkerArgs {
+    fn clone_load(&self) -> Load {
+        Load {
+            index: self.index,
+            services: self.services,
+            run_dir: self.run_dir.clone(),
+            data_dir: self.data_dir.clone(),
+            rate: self.rate,
+            keys: self.keys,
+            publish_percent: self.publish_percent,
+            seed: self.seed,
+            ready_wait: !self.no_ready_wait,
+        }
+    }
+}
+
+fn handle(
+    journal: &Journal,
+    msg: &Message,
+    by: usize,
+    consumer: &str,
+    handled: &AtomicU64,
+    drop_every: Option<u64>,
+) -> Result<(), HandlerError> {
+    let p: Payload = msg
+        .json()
+        .map_err(|e| HandlerError::Reject(format!("not a chaos payload: {e}")))?;
+    let count = handled.fetch_add(1, Ordering::Relaxed) + 1;
+    if drop_every.is_some_and(|n| count.is_multiple_of(n)) {
+        return Ok(()); // misbehaving on purpose: acknowledged, never handled
+    }
+    journal
+        .write(&Event::Handled {
+            t: journal::now_us(),
+            p,
+            by,
+            c: consumer.to_string(),
+        })
+        .map_err(|e| HandlerError::Retry(format!("journal write failed: {e}")))
+}
+
+async fn workload(
+    node: Node,
+    l: Load,
+    resume: journal::Resume,
+    journal: Arc<Journal>,
+    stop: Arc<AtomicBool>,
+) {
+    // Wait for the go signal (already there after a restart).
+    while !l.run_dir.join(GO_FILE).exists() {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Readiness, as a service would wait for it: connected to an instance of every service
+    // (bounded; a service whose only instance is this node never gets one).
+    let ready_deadline = tokio::time::Instant::now() + READY_WAIT;
+    for j in (0..l.services).filter(|_| l.ready_wait) {
+        let svc = service_of(j, l.services);
+        let left = ready_deadline.saturating_duration_since(tokio::time::Instant::now());
+        node.wait_for_instances(&svc, 1, left).await;
+    }
+    let next_g = Arc::new(AtomicU64::new(resume.next_g));
+    // One counter per (destination, key): at most keys × (services + 1) entries.
+    let next_n = Arc::new(Mutex::new(resume.next_n));
+    let senders = l.keys.clamp(1, MAX_SENDERS);
+    let period = Duration::from_secs_f64(senders as f64 / l.rate.max(0.001));
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..senders {
+        let keys: Vec<String> = (0..l.keys)
+            .filter(|k| k % senders == task)
+            .map(|k| format!("k{k}"))
+            .collect();
+        let (node, l, journal, stop) = (node.clone(), l.clone(), journal.clone(), stop.clone());
+        let (next_g, next_n) = (next_g.clone(), next_n.clone());
+        tasks.spawn(async move {
+            let mut rng = SplitMix64::new(
+                l.seed ^ ((l.index as u64) << 32) ^ (task as u64) ^ journal::now_us(),
+            );
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let k = keys[rng.below(keys.len() as u64) as usize].clone();
+                let publish = rng.below(100) < u64::from(l.publish_percent);
+                let d = if publish {
+                    TOPIC.to_string()
+                } else {
+                    service_of(rng.below(l.services as u64) as usize, l.services)
+                };
+                let g = next_g.fetch_add(1, Ordering::Relaxed);
+                let n = {
+                    let mut map = next_n
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let n = map.entry((d.clone(), k.clone())).or_default();
+                    *n += 1;
+                    *n - 1
+                };
+                let p = Payload {
+                    o: l.index,
+                    g,
+                    d: d.clone(),
+                    k: k.clone(),
+                    n,
+                };
+                if let Err(e) = send_one(&node, &journal, p, publish).await {
+                    tracing::error!(error = %e, "journal write failed; stopping the workload");
+                    break;
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let _ = std::fs::write(l.data_dir.join(STOPPED_FILE), b"");
+}
+
+async fn send_one(
+    node: &Node,
+    journal: &Journal,
+    p: Payload,
+    publish: bool,
+) -> std::io::Result<()> {
+    let (o, g, d, k) = (p.o, p.g, p.d.clone(), p.k.clone());
+    let body = serde_json::to_vec(&p).map_err(std::io::Error::other)?;
+    journal.write(&Event::Intent {
+        t: journal::now_us(),
+        p,
+        publish,
+    })?;
+    let msg = Outgoing::new(body).key(k);
+    let result = if publish {
+        node.publish(&d, msg).await
+    } else {
+        node.send(&d, msg).await
+    };
+    let t = journal::now_us();
+    match result {
+        Ok(receipt) => journal.write(&Event::Accepted {
+            t,
+            o,
+            g,
+            copies: receipt.copies(),
+        }),
+        Err(e) => journal.write(&Event::Failed {
+            t,
+            o,
+            g,
+            err: e.to_string(),
+        }),
+    }
+}
+
+/// The journal path of a data directory.
+pub(crate) fn journal_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(journal::JOURNAL)
+}

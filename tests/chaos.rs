@@ -1,0 +1,227 @@
+//! `peerbus chaos`, run as a real process: a short chaos run must pass, and the checker must
+//! fail a mesh whose handlers misbehave.
+//!
+//! The binary is found as in `tests/cli.rs` (`cargo build -p peerbus-cli --bin peerbus` into
+//! this test's target directory and profile, or `PEERBUS_BIN`). Network safety: chaos nodes
+//! bind 127.0.0.1 with mDNS off and static seeds; nothing multicasts. Each run has an overall
+//! deadline after which it is killed (its workers notice their parent is gone and stop).
+//! The runs take turns (a lock), so two meshes never compete for the CPU at once.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `peerbus` binary, built on first use.
+fn peerbus_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("PEERBUS_BIN") {
+            return PathBuf::from(bin);
+        }
+        let exe = std::env::current_exe().expect("path of the test binary");
+        // <target>/<profile>/deps/chaos-<hash>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        let target_dir = profile_dir.parent().expect("target directory");
+        let profile = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("profile name");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args(["build", "--quiet", "-p", "peerbus-cli", "--bin", "peerbus"])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile != "debug" {
+            build.args(["--profile", profile]);
+        }
+        let status = build
+            .status()
+            .expect("run cargo build for the peerbus binary");
+        assert!(
+            status.success(),
+            "cargo build -p peerbus-cli failed: {status}"
+        );
+        let bin = profile_dir.join(format!("peerbus{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
+}
+
+/// Runs `peerbus chaos ARGS --dir <tmp>/run --report <tmp>/report.json`, killed after
+/// `limit`. Returns its output and the parsed report (when written).
+fn chaos(args: &[&str], limit: Duration) -> (Output, Option<Value>, tempfile::TempDir) {
+    static TURN: Mutex<()> = Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let report = tmp.path().join("report.json");
+    let mut child = Command::new(peerbus_bin())
+        .arg("chaos")
+        .args(args)
+        .arg("--dir")
+        .arg(tmp.path().join("run"))
+        .arg("--report")
+        .arg(&report)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start peerbus chaos");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("poll peerbus chaos").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("collect output");
+            panic!(
+                "peerbus chaos still running after {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("collect output");
+    let json = std::fs::read_to_string(&report)
+        .ok()
+        .map(|t| serde_json::from_str(&t).expect("the report is JSON"));
+    (out, json, tmp)
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
+    // Seed 2 schedules (4 s apart): partition, kill, kill, freeze.
+    let (out, report, tmp) = chaos(
+        &[
+            "--nodes=4",
+            "--services=2",
+            "--duration=18s",
+            "--rate=60",
+            "--keys=8",
+            "--seed=2",
+            "--faults=kill,freeze,partition",
+            "--fault-interval=4s",
+        ],
+        Duration::from_secs(240),
+    );
+    let why = describe(&out);
+    assert!(out.status.success(), "{why}");
+    let r = report.unwrap_or_else(|| panic!("no report written\n{why}"));
+    for field in [
+        "accepted",
+        "delivered",
+        "lost",
+        "duplicates",
+        "order_violations",
+        "faults",
+        "drain_seconds",
+    ] {
+        assert!(r.get(field).is_some(), "report lacks `{field}`: {r}");
+    }
+    let accepted = r["accepted"].as_u64().expect("accepted");
+    assert!(accepted > 300, "only {accepted} messages accepted\n{why}");
+    assert_eq!(r["lost"], 0, "{why}");
+    assert_eq!(r["order_violations"], 0, "{why}");
+    assert_eq!(r["delivered"].as_u64(), Some(accepted), "{why}");
+    let faults = r["faults"].as_array().expect("faults list");
+    let kinds: Vec<&str> = faults.iter().filter_map(|f| f["kind"].as_str()).collect();
+    for k in ["kill", "freeze", "partition"] {
+        assert!(kinds.contains(&k), "no {k} among {kinds:?}");
+    }
+    for f in faults {
+        let (start, end) = (
+            f["start"].as_f64().expect("start"),
+            f["end"].as_f64().expect("end"),
+        );
+        assert!(0.0 < start && start < end, "fault times {f}");
+        assert!(
+            f["target"].as_str().is_some_and(|t| t.starts_with("node-")),
+            "{f}"
+        );
+    }
+    let drains = r["drain_seconds"].as_array().expect("drain_seconds");
+    assert_eq!(drains.len(), faults.len());
+    assert!(
+        drains.iter().all(Value::is_f64),
+        "every fault drained: {drains:?}"
+    );
+    let html = std::fs::read_to_string(tmp.path().join("report.html")).expect("HTML report");
+    assert!(
+        html.contains("<svg") && html.contains("PASS"),
+        "HTML report: {html:.200}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("backlog"), "no progress lines\n{why}");
+}
+
+#[test]
+fn the_checker_fails_a_mesh_that_acknowledges_without_handling() {
+    // Every 20th message handled on each node is acknowledged but never handled (journaled).
+    let (out, report, _tmp) = chaos(
+        &[
+            "--nodes=3",
+            "--services=1",
+            "--duration=6s",
+            "--rate=90",
+            "--faults=none",
+            "--misbehave=drop-every=20",
+        ],
+        Duration::from_secs(180),
+    );
+    let why = describe(&out);
+    assert_eq!(out.status.code(), Some(1), "{why}");
+    let r = report.unwrap_or_else(|| panic!("no report written\n{why}"));
+    let accepted = r["accepted"].as_u64().expect("accepted");
+    let lost = r["lost"].as_u64().expect("lost");
+    let delivered = r["delivered"].as_u64().expect("delivered");
+    // About one in 20 handled messages is dropped (a publish needs only one of its copies
+    // dropped to be lost).
+    assert!(
+        lost >= accepted / 40 && lost > 0,
+        "lost {lost} of {accepted}\n{why}"
+    );
+    assert_eq!(delivered + lost, accepted, "{why}");
+    assert_eq!(r["ok"], false);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("FAIL"),
+        "{why}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invariants broken"),
+        "{why}"
+    );
+}
+
+#[test]
+fn bad_chaos_options_are_usage_errors() {
+    for (args, says) in [
+        (&["--nodes=1"][..], "--nodes"),
+        (&["--faults=kill,explode"][..], "explode"),
+        (&["--services=4", "--nodes=3"][..], "--services"),
+    ] {
+        let out = Command::new(peerbus_bin())
+            .arg("chaos")
+            .args(args)
+            .output()
+            .expect("run peerbus chaos");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
