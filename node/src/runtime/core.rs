@@ -12,7 +12,7 @@ use peerbus_discovery::DiscoveryEvent;
 use peerbus_transport::{CloseCode, Connection, NodeId};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::storage::{Clock, Durable, StoreOp};
 use super::{MAX_KNOWN_PEERS, Shared, conn};
@@ -588,6 +588,15 @@ impl Core {
             if let Some(k) = self.known.get_mut(&t.peer) {
                 k.delivered_to += 1;
             }
+            if let Data::Deliver { env, .. } = &t.frame {
+                trace!(
+                    peer = %t.peer.short(),
+                    id = %format_args!("{}/{}/{}", env.origin, env.log, env.seq),
+                    destination = %env.destination,
+                    attempt = env.attempt,
+                    "deliver"
+                );
+            }
             if let Data::Deliver { env, .. } = &t.frame
                 && env.attempt > 1
             {
@@ -629,6 +638,12 @@ impl Core {
             }
             let result = match &s.outcome {
                 Outcome::Acked { by } => {
+                    trace!(
+                        peer = %by.short(),
+                        id = %format_args!("{}/{}/{}", s.env.origin, s.log, s.seq),
+                        destination = %s.env.destination,
+                        "acknowledged"
+                    );
                     if let Some(k) = self.known.get_mut(by) {
                         k.acked_by += 1;
                     }
