@@ -1266,6 +1266,11 @@ impl Core {
             r.conn.close(CloseCode::Shutdown, "node is shutting down");
             return;
         }
+        // A tie-break between two connections of a live peer is no news for the event feed.
+        let restarted = self
+            .links
+            .get(&peer)
+            .map(|l| l.incarnation != r.hello.incarnation);
         if let Some(existing) = self.links.get(&peer) {
             let preferred_dialer = local.min(peer);
             let dialer_of = |c: &Connection| if c.is_dialer() { local } else { peer };
@@ -1304,12 +1309,21 @@ impl Core {
         );
         let addr = r.conn.remote_addr();
         info!(peer = %peer.short(), service = %r.hello.service, %addr, dialer = r.conn.is_dialer(), "peer connected");
-        self.shared.events.emit(
-            EventKind::PeerUp,
-            Some(peer),
-            Some(&r.hello.service),
-            format!("connected ({addr})"),
-        );
+        match restarted {
+            None => self.shared.events.emit(
+                EventKind::PeerUp,
+                Some(peer),
+                Some(&r.hello.service),
+                format!("connected ({addr})"),
+            ),
+            Some(true) => self.shared.events.emit(
+                EventKind::PeerUp,
+                Some(peer),
+                Some(&r.hello.service),
+                format!("reconnected: the peer restarted ({addr})"),
+            ),
+            Some(false) => {}
+        }
         let k = self.known.entry(peer).or_insert_with(|| Known {
             service: None,
             addrs: Vec::new(),
