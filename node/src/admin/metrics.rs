@@ -8,7 +8,7 @@
 //! nodes. Every series carries a `node` label (the node id).
 //!
 //! Counters are incremented where the event happens; gauges (backlog, peers,
-//! RTT, store figures) are sampled every [`FACADE_SAMPLE`] by a task of the
+//! RTT, store figures) are sampled every second by a task of the
 //! node, and computed afresh when `/metrics` is rendered.
 
 use std::fmt::Write as _;

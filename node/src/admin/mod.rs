@@ -7,7 +7,7 @@
 //! | path | answer |
 //! |---|---|
 //! | `/` | the live mesh page: one self-contained HTML file, no external assets |
-//! | `/status` | JSON: [`Status`](crate::Status) plus uptime, store figures, fault settings and recent events |
+//! | `/status` | JSON: the [`Status`] fields plus uptime, store figures, fault settings and recent events |
 //! | `/metrics` | Prometheus text format (0.0.4); names in [`metrics`] |
 //! | `/healthz` | `200 ok` while the node runs, `503 shutting down` once shutdown began |
 //! | `/events` | server-sent events: `status` (the `/status` JSON) every 500 ms, `mesh` for each [`MeshEvent`] |
