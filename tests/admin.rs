@@ -397,6 +397,46 @@ async fn healthz_page_events_and_errors() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_mesh_key_shows_as_refused() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let payments = start(admin(builder(&net, "payments", &MeshKey::generate()))).await;
+        let intruder = start(builder(&net, "intruder", &MeshKey::generate())).await;
+        let iid = intruder.id().to_string();
+        eventually(
+            20,
+            "the intruder refused in /status and in the events",
+            || async {
+                let s = status(&payments).await;
+                let refused = s["peers"].as_array().is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| p["node_id"] == iid && p["state"] == "refused")
+                });
+                let event = s["events"].as_array().is_some_and(|es| {
+                    es.iter()
+                        .any(|e| e["kind"] == "refused" && e["peer"] == iid)
+                });
+                refused && event
+            },
+        )
+        .await;
+        let m = metrics(&payments).await;
+        let pid = payments.id().to_string();
+        assert_eq!(
+            sample(&m, "peerbus_peers", &[("node", &pid), ("state", "refused")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&m, "peerbus_peers_connected", &[("node", &pid)]),
+            Some(0.0)
+        );
+        intruder.shutdown().await;
+        payments.shutdown().await;
+    })
+    .await;
+}
+
 // --- the metrics facade: a recorder installed by the "application" sees our series ---
 
 #[derive(Default)]
