@@ -437,6 +437,42 @@ async fn a_node_of_another_mesh_key_shows_as_refused() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed_and_service_resumes() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let node = start(admin(builder(&net, "payments", &MeshKey::generate()))).await;
+        let addr = node.admin_addr().expect("admin");
+        // Hold every slot with a connection that sends nothing.
+        let mut idle = Vec::new();
+        for _ in 0..peerbus::admin::MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        // Let the server accept them all before the next one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = extra
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut raw = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), extra.read_to_end(&mut raw))
+            .await
+            .expect("closed within 10s");
+        assert!(
+            read.is_err() || raw.is_empty(),
+            "a connection over the limit got an answer: {}",
+            String::from_utf8_lossy(&raw)
+        );
+        drop(idle);
+        eventually(10, "healthz answers again", || async {
+            get(&node, "/healthz").await.code == 200
+        })
+        .await;
+        node.shutdown().await;
+    })
+    .await;
+}
+
 // --- the metrics facade: a recorder installed by the "application" sees our series ---
 
 #[derive(Default)]

@@ -72,18 +72,13 @@ struct AdminState {
     faults: Option<Faults>,
 }
 
-/// Starts serving on `listener` until the node stops.
+/// Starts serving on `listener` (bound to `addr`) until the node stops.
 pub(crate) fn spawn(
     node: &Node,
     listener: std::net::TcpListener,
+    addr: SocketAddr,
     faults: Option<Faults>,
-) -> Result<SocketAddr, StartError> {
-    let addr = listener.local_addr().map_err(|e| StartError::Admin {
-        addr: "0.0.0.0:0"
-            .parse()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
-        reason: e.to_string(),
-    })?;
+) -> Result<(), StartError> {
     let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| StartError::Admin {
         addr,
         reason: e.to_string(),
@@ -99,7 +94,7 @@ pub(crate) fn spawn(
     if state.faults.is_some() {
         tracker.spawn(watch_faults(state).instrument(span));
     }
-    Ok(addr)
+    Ok(())
 }
 
 async fn accept_loop(state: Arc<AdminState>, listener: tokio::net::TcpListener) {

@@ -381,8 +381,8 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     node.shared
         .tracker
         .spawn(crate::admin::metrics::facade_sampler(node.clone()).instrument(span.clone()));
-    if let Some(l) = admin_listener
-        && let Err(e) = crate::admin::spawn(&node, l, b.faults.clone())
+    if let (Some(l), Some(addr)) = (admin_listener, admin_addr)
+        && let Err(e) = crate::admin::spawn(&node, l, addr, b.faults.clone())
     {
         node.shutdown().await;
         return Err(e);
