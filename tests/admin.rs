@@ -22,18 +22,32 @@ struct Http {
 /// A plain HTTP/1.1 GET (the admin endpoint answers with a length or closes).
 async fn get(node: &Node, path: &str) -> Http {
     let addr = node.admin_addr().expect("admin endpoint on");
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    match try_get(addr, path).await {
+        Ok(r) => r,
+        Err(e) => panic!("GET {path}: {e}"),
+    }
+}
+
+/// A GET that reports a refused, closed or garbled answer instead of panicking.
+async fn try_get(addr: std::net::SocketAddr, path: &str) -> Result<Http, String> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await
-    .expect("write");
+    .map_err(|e| format!("write: {e}"))?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
         .await
-        .expect("response within 10s")
-        .expect("read");
-    parse(&String::from_utf8(raw).expect("utf-8"))
+        .map_err(|_| "no response within 10s".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    let raw = String::from_utf8(raw).map_err(|e| e.to_string())?;
+    if !raw.contains("\r\n\r\n") {
+        return Err(format!("closed without a complete response: {raw:?}"));
+    }
+    Ok(parse(&raw))
 }
 
 fn parse(raw: &str) -> Http {
@@ -448,8 +462,9 @@ async fn connections_beyond_the_limit_are_closed_and_service_resumes() {
         for _ in 0..peerbus::admin::MAX_CONNECTIONS {
             idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
         }
-        // Let the server accept them all before the next one.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Let the server accept them all before the next one (well within the 5 s header
+        // timeout that would free their slots).
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let mut extra = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let _ = extra
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -465,7 +480,7 @@ async fn connections_beyond_the_limit_are_closed_and_service_resumes() {
         );
         drop(idle);
         eventually(10, "healthz answers again", || async {
-            get(&node, "/healthz").await.code == 200
+            try_get(addr, "/healthz").await.is_ok_and(|r| r.code == 200)
         })
         .await;
         node.shutdown().await;
