@@ -52,6 +52,12 @@ pub(crate) struct NodeArgs {
     /// Answer requests with their own payload.
     #[arg(long)]
     echo: bool,
+    /// Serve the admin HTTP endpoint on this address: the live mesh page at `/`, `/status`
+    /// (JSON), `/metrics` (Prometheus), `/healthz`. Plain HTTP without authentication: use
+    /// loopback, e.g. `127.0.0.1:9090` (port 0 picks a free one; the log says which)
+    /// [default: off].
+    #[arg(long, env = "PEERBUS_ADMIN", value_name = "ADDR")]
+    admin: Option<std::net::SocketAddr>,
 }
 
 /// `peerbus send`.
@@ -176,8 +182,18 @@ pub(crate) fn keygen(args: &KeygenArgs) -> Result<()> {
 
 /// Runs a node until Ctrl-C or SIGTERM.
 pub(crate) async fn node(common: &CommonArgs, args: &NodeArgs) -> Result<()> {
-    let node = common.start(&args.service).await?;
+    let mut builder = common.builder(&args.service)?;
+    if let Some(addr) = args.admin {
+        builder = builder.admin(addr);
+    }
+    let node = builder
+        .start()
+        .await
+        .with_context(|| format!("could not start a node for service `{}`", args.service))?;
     info!(node = %node.id(), service = %args.service, mesh = %common.mesh, listen = %node.local_addr(), "node running; Ctrl-C to stop");
+    if let Some(addr) = node.admin_addr() {
+        info!("live mesh page: http://{addr}/  (also /status, /metrics, /healthz)");
+    }
     let result = run_node(&node, args).await;
     node.shutdown().await;
     result

@@ -63,6 +63,7 @@ pub struct NodeBuilder {
     pub(crate) breaker: BreakerConfig,
     pub(crate) max_in_flight_per_service: usize,
     pub(crate) faults: Option<peerbus_transport::Faults>,
+    pub(crate) admin: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -105,6 +106,7 @@ impl NodeBuilder {
             breaker: BreakerConfig::default(),
             max_in_flight_per_service: 1024,
             faults: None,
+            admin: None,
         }
     }
 
@@ -296,6 +298,17 @@ impl NodeBuilder {
     /// [`Faults`]: peerbus_transport::Faults
     pub fn faults(mut self, faults: peerbus_transport::Faults) -> Self {
         self.faults = Some(faults);
+        self
+    }
+
+    /// Serves the admin HTTP endpoint on `addr`: `/status` (JSON), `/metrics` (Prometheus text),
+    /// `/healthz`, `/events` (server-sent events) and the live mesh page at `/`. Default: off.
+    ///
+    /// Plain HTTP without authentication: use a loopback address (`127.0.0.1:9090`, or
+    /// `127.0.0.1:0` for a free port, then read [`Node::admin_addr`]) or a private interface.
+    /// An address that cannot be bound fails `start()` with [`StartError::Admin`].
+    pub fn admin(mut self, addr: SocketAddr) -> Self {
+        self.admin = Some(addr);
         self
     }
 

@@ -42,6 +42,17 @@ pub enum StartError {
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The admin HTTP endpoint could not listen.
+    #[error(
+        "admin endpoint: cannot listen on {addr}: {reason}; choose another address (for \
+         example 127.0.0.1:0 for any free port)"
+    )]
+    Admin {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why it failed.
+        reason: String,
+    },
 }
 
 /// `send` or `publish` failed; nothing was stored.

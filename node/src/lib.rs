@@ -75,6 +75,7 @@
 //! Layout: [`engine`] is the sans-IO delivery logic; `runtime` drives it with
 //! tokio; [`store`] is the durable log; this crate root is the public face.
 
+pub mod admin;
 pub mod control;
 pub mod engine;
 pub mod store;

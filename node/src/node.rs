@@ -44,6 +44,7 @@ pub struct Node {
 pub(crate) struct NodeInner {
     pub(crate) discoveries: Mutex<Vec<Box<dyn Discovery>>>,
     pub(crate) local_addr: SocketAddr,
+    pub(crate) admin_addr: Option<SocketAddr>,
     pub(crate) stopped: Mutex<bool>,
     pub(crate) store_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub(crate) store: mpsc::Sender<crate::runtime::storage::StoreOp>,
@@ -94,6 +95,12 @@ pub struct PeerInfo {
     pub rtt_ms: Option<f64>,
     /// The last connection error, if any.
     pub last_error: Option<String>,
+    /// Deliveries this node sent to the peer since it started (retries included).
+    pub delivered_to: u64,
+    /// Entries of this node the peer acknowledged since this node started.
+    pub acked_by: u64,
+    /// Entries from the peer that this node's handlers finished since it started.
+    pub handled_from: u64,
     /// Which side dialed the current connection (both ends agree: one connection per pair).
     #[serde(serialize_with = "ser_opt_display")]
     pub dialer: Option<NodeId>,
@@ -230,6 +237,17 @@ impl Node {
     /// The QUIC address the node listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
+    }
+
+    /// The address of the admin HTTP endpoint (status, metrics, live mesh page), when it was
+    /// turned on with [`NodeBuilder::admin`]. With port 0 asked for, this is the port chosen.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.inner.admin_addr
+    }
+
+    /// Whether [`Node::shutdown`] has begun (or finished).
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        *runtime::lock(&self.inner.stopped) || self.shared.cancel.is_cancelled()
     }
 
     /// Sends to one live instance of `service`. Returns once the message is accepted into the

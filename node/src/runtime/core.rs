@@ -12,10 +12,11 @@ use peerbus_discovery::DiscoveryEvent;
 use peerbus_transport::{CloseCode, Connection, NodeId};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::storage::{Clock, Durable, StoreOp};
 use super::{MAX_KNOWN_PEERS, Shared, conn};
+use crate::admin::EventKind;
 use crate::engine::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target};
 use crate::engine::routing::stable_hash;
@@ -162,6 +163,11 @@ struct Known {
     dialing: Option<CancellationToken>,
     state: PeerState,
     last_error: Option<String>,
+    /// Deliveries sent to this peer (retries included), entries of ours it acknowledged, and
+    /// entries of its that our handlers finished: the live page's link rates.
+    delivered_to: u64,
+    acked_by: u64,
+    handled_from: u64,
 }
 
 /// Who a scatter request goes to.
@@ -375,6 +381,14 @@ impl Core {
                 error,
             } => {
                 if let Some(k) = peer.and_then(|p| self.known.get_mut(&p)) {
+                    if refused && k.state != PeerState::Refused {
+                        self.shared.events.emit(
+                            EventKind::Refused,
+                            peer,
+                            k.service.as_deref(),
+                            error.clone(),
+                        );
+                    }
                     if k.state != PeerState::Connected {
                         k.state = if refused {
                             PeerState::Refused
@@ -383,6 +397,10 @@ impl Core {
                         };
                     }
                     k.last_error = Some(error);
+                } else if refused {
+                    self.shared
+                        .events
+                        .emit(EventKind::Refused, None, None, error);
                 }
             }
             CoreMsg::Control {
@@ -446,7 +464,12 @@ impl Core {
                 seq,
                 result,
             } => match result {
-                Ok(()) => self.ack_after_persist(origin, log, seq),
+                Ok(()) => {
+                    if let Some(k) = self.known.get_mut(&origin) {
+                        k.handled_from += 1;
+                    }
+                    self.ack_after_persist(origin, log, seq)
+                }
                 Err((reason, permanent)) => {
                     if let Some(l) = self.links.get(&origin) {
                         try_out(
@@ -567,6 +590,18 @@ impl Core {
                 }
                 _ => 0,
             };
+            if let Some(k) = self.known.get_mut(&t.peer) {
+                k.delivered_to += 1;
+            }
+            if let Data::Deliver { env, .. } = &t.frame {
+                trace!(
+                    peer = %t.peer.short(),
+                    id = %format_args!("{}/{}/{}", env.origin, env.log, env.seq),
+                    destination = %env.destination,
+                    attempt = env.attempt,
+                    "deliver"
+                );
+            }
             if let Data::Deliver { env, .. } = &t.frame
                 && env.attempt > 1
             {
@@ -610,7 +645,16 @@ impl Core {
                 }));
             }
             let result = match &s.outcome {
-                Outcome::Acked { .. } => {
+                Outcome::Acked { by } => {
+                    trace!(
+                        peer = %by.short(),
+                        id = %format_args!("{}/{}/{}", s.env.origin, s.log, s.seq),
+                        destination = %s.env.destination,
+                        "acknowledged"
+                    );
+                    if let Some(k) = self.known.get_mut(by) {
+                        k.acked_by += 1;
+                    }
                     self.shared.counters.acked.fetch_add(1, Ordering::Relaxed);
                     Ok(())
                 }
@@ -624,6 +668,15 @@ impl Core {
                         .dead_lettered
                         .fetch_add(1, Ordering::Relaxed);
                     warn!(log = %s.log, seq = s.seq, attempts = s.attempts, %reason, "dead-lettered");
+                    self.shared.events.emit(
+                        EventKind::DeadLetter,
+                        None,
+                        None,
+                        format!(
+                            "{}#{} after {} attempts: {reason}",
+                            s.log, s.seq, s.attempts
+                        ),
+                    );
                     Err(DeliveryError::DeadLettered {
                         reason: reason.clone(),
                     })
@@ -1154,6 +1207,9 @@ impl Core {
                     dialing: None,
                     state: PeerState::Discovered,
                     last_error: None,
+                    delivered_to: 0,
+                    acked_by: 0,
+                    handled_from: 0,
                 });
                 k.service = Some(rec.service.clone());
                 k.addrs = rec.addrs.clone();
@@ -1228,6 +1284,11 @@ impl Core {
             r.conn.close(CloseCode::Shutdown, "node is shutting down");
             return;
         }
+        // A tie-break between two connections of a live peer is no news for the event feed.
+        let restarted = self
+            .links
+            .get(&peer)
+            .map(|l| l.incarnation != r.hello.incarnation);
         if let Some(existing) = self.links.get(&peer) {
             let preferred_dialer = local.min(peer);
             let dialer_of = |c: &Connection| if c.is_dialer() { local } else { peer };
@@ -1266,6 +1327,21 @@ impl Core {
         );
         let addr = r.conn.remote_addr();
         info!(peer = %peer.short(), service = %r.hello.service, %addr, dialer = r.conn.is_dialer(), "peer connected");
+        match restarted {
+            None => self.shared.events.emit(
+                EventKind::PeerUp,
+                Some(peer),
+                Some(&r.hello.service),
+                format!("connected ({addr})"),
+            ),
+            Some(true) => self.shared.events.emit(
+                EventKind::PeerUp,
+                Some(peer),
+                Some(&r.hello.service),
+                format!("reconnected: the peer restarted ({addr})"),
+            ),
+            Some(false) => {}
+        }
         let k = self.known.entry(peer).or_insert_with(|| Known {
             service: None,
             addrs: Vec::new(),
@@ -1273,6 +1349,9 @@ impl Core {
             dialing: None,
             state: PeerState::Connected,
             last_error: None,
+            delivered_to: 0,
+            acked_by: 0,
+            handled_from: 0,
         });
         k.service = Some(r.hello.service.clone());
         if !k.addrs.contains(&addr) && r.conn.is_dialer() {
@@ -1334,6 +1413,10 @@ impl Core {
             }
         }
         info!(peer = %peer.short(), %reason, "peer disconnected");
+        let service = self.known.get(&peer).and_then(|k| k.service.as_deref());
+        self.shared
+            .events
+            .emit(EventKind::PeerDown, Some(peer), service, reason);
         self.outbox.peer_down(peer, generation);
         self.fail_requests_to(peer);
         let advertised = self.known.get(&peer).is_some_and(|k| k.advertised);
@@ -1386,6 +1469,9 @@ impl Core {
                     .get(id)
                     .map(|l| l.conn.rtt().as_secs_f64() * 1000.0),
                 last_error: k.last_error.clone(),
+                delivered_to: k.delivered_to,
+                acked_by: k.acked_by,
+                handled_from: k.handled_from,
                 dialer: self.links.get(id).map(|l| {
                     if l.conn.is_dialer() {
                         self.shared.id

@@ -24,7 +24,6 @@ pub(crate) mod conn;
 pub(crate) mod core;
 pub(crate) mod storage;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -104,16 +103,8 @@ impl Routes {
     }
 }
 
-/// Counters for status output.
-#[derive(Default, Debug)]
-pub(crate) struct Counters {
-    pub(crate) sent: AtomicU64,
-    pub(crate) delivered: AtomicU64,
-    pub(crate) acked: AtomicU64,
-    pub(crate) redelivered: AtomicU64,
-    pub(crate) dead_lettered: AtomicU64,
-    pub(crate) duplicates_dropped: AtomicU64,
-}
+/// Counters for status output, `/metrics` and the metrics facade.
+pub(crate) use crate::admin::metrics::Counters;
 
 /// State shared by the node handle, core and connection tasks.
 pub(crate) struct Shared {
@@ -142,6 +133,8 @@ pub(crate) struct Shared {
     /// [`NodeBuilder::faults`] (reached by the control socket's `faults` command).
     pub(crate) faults: Option<peerbus_transport::Faults>,
     pub(crate) counters: Counters,
+    /// Mesh events for the admin page (peer up/down, refusals, dead letters).
+    pub(crate) events: crate::admin::events::Events,
     pub(crate) endpoint: Endpoint,
 }
 
@@ -225,6 +218,8 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         Some(r) => Inbox::restore(r.windows.iter().cloned()),
         None => Inbox::new(),
     };
+    // The admin endpoint binds first: a bad address fails `start()` before anything runs.
+    let admin_listener = b.admin.map(crate::admin::bind).transpose()?;
     let listen = b.default_listen();
     let mut endpoint_config = EndpointConfig::new(identity, membership, listen);
     endpoint_config.max_frame_size = b.max_frame_size;
@@ -263,7 +258,8 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         }),
         cancel: cancel.clone(),
         tracker: tracker.clone(),
-        counters: Counters::default(),
+        counters: Counters::new(&id),
+        events: crate::admin::events::Events::new(),
         endpoint: endpoint.clone(),
         faults: b.faults.clone(),
     });
@@ -279,15 +275,21 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         seq_base: crate::message::now_unix_ms().saturating_mul(1_000_000),
     };
     let (store_tx, store_rx) = mpsc::channel(storage::STORE_QUEUE);
-    let store_thread = storage::spawn(store, store_rx, core_tx.clone(), shared.store_stats.clone())
-        .map_err(|e| StartError::DataDir {
-            path: b
-                .data_dir
-                .as_ref()
-                .map(|d| d.display().to_string())
-                .unwrap_or_default(),
-            reason: format!("could not start the store writer thread: {e}"),
-        })?;
+    let store_thread = storage::spawn(
+        store,
+        store_rx,
+        core_tx.clone(),
+        shared.store_stats.clone(),
+        shared.counters.commit_latency.clone(),
+    )
+    .map_err(|e| StartError::DataDir {
+        path: b
+            .data_dir
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
+        reason: format!("could not start the store writer thread: {e}"),
+    })?;
     let init = core::CoreInit {
         cfg: outbox_cfg,
         store: store_tx.clone(),
@@ -361,17 +363,34 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
             .instrument(span.clone()),
         );
     }
+    let admin_addr = match &admin_listener {
+        Some(l) => Some(l.local_addr().map_err(|e| StartError::Admin {
+            addr: b.admin.unwrap_or(local_addr),
+            reason: e.to_string(),
+        })?),
+        None => None,
+    };
     let node = Node {
         shared,
         inner: Arc::new(NodeInner {
             discoveries: Mutex::new(discoveries),
             local_addr,
+            admin_addr,
             stopped: Mutex::new(false),
             store_thread: Mutex::new(Some(store_thread)),
             store: store_tx,
             span: span.clone(),
         }),
     };
+    node.shared
+        .tracker
+        .spawn(crate::admin::metrics::facade_sampler(node.clone()).instrument(span.clone()));
+    if let (Some(l), Some(addr)) = (admin_listener, admin_addr)
+        && let Err(e) = crate::admin::spawn(&node, l, addr, b.faults.clone())
+    {
+        node.shutdown().await;
+        return Err(e);
+    }
     if let Some(dir) = &b.data_dir {
         node.shared
             .tracker

@@ -64,6 +64,7 @@ pub(crate) fn spawn(
     mut rx: mpsc::Receiver<StoreOp>,
     core: mpsc::Sender<CoreMsg>,
     stats: Arc<std::sync::Mutex<crate::store::StoreStats>>,
+    commit_latency: Arc<crate::admin::metrics::Latency>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("peerbus-store".into())
@@ -107,11 +108,14 @@ pub(crate) fn spawn(
                         next = rx.try_recv().ok();
                     }
                 }
-                if !batch.is_empty()
-                    && let Err(e) = store.commit(batch)
-                {
-                    error!(error = %e, "store commit failed; the affected sends report it");
-                    report.error = Some(e.to_string());
+                if !batch.is_empty() {
+                    let started = std::time::Instant::now();
+                    let result = store.commit(batch);
+                    commit_latency.record(started.elapsed());
+                    if let Err(e) = result {
+                        error!(error = %e, "store commit failed; the affected sends report it");
+                        report.error = Some(e.to_string());
+                    }
                 }
                 if sync && let Err(e) = store.sync() {
                     warn!(error = %e, "periodic store sync failed");

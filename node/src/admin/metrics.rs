@@ -1,0 +1,512 @@
+//! Metrics: per-node counters kept in atomics (for the admin endpoint's own
+//! `/metrics`) and emitted through the [`metrics`] facade (for whatever
+//! recorder the embedding program installed).
+//!
+//! The library never installs a global recorder: several nodes can live in
+//! one process, and the program owns that choice. Facade handles are
+//! registered when the node starts, so install a recorder before starting
+//! nodes. Every series carries a `node` label (the node id).
+//!
+//! Counters are incremented where the event happens; gauges (backlog, peers,
+//! RTT, store figures) are sampled every second by a task of the
+//! node, and computed afresh when `/metrics` is rendered.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use peerbus_transport::NodeId;
+
+use crate::node::{Node, PeerState, Status};
+use crate::store::StoreStats;
+
+/// How often the node publishes its gauges to the metrics facade.
+pub(crate) const FACADE_SAMPLE: Duration = Duration::from_secs(1);
+
+/// Entries stored by `send`/`publish` (one per group copy).
+pub const MESSAGES_SENT: &str = "peerbus_messages_sent_total";
+/// Entries handed to local handlers.
+pub const MESSAGES_DELIVERED: &str = "peerbus_messages_delivered_total";
+/// Entries of this node acknowledged by a consumer.
+pub const MESSAGES_ACKNOWLEDGED: &str = "peerbus_messages_acknowledged_total";
+/// Deliveries sent again (retries, reconnects, another instance).
+pub const MESSAGES_REDELIVERED: &str = "peerbus_messages_redelivered_total";
+/// Entries given up and moved to the dead-letter store.
+pub const MESSAGES_DEAD_LETTERED: &str = "peerbus_messages_dead_lettered_total";
+/// Retransmissions dropped by the dedup window before reaching a handler.
+pub const DUPLICATES_DROPPED: &str = "peerbus_duplicates_dropped_total";
+/// Unsettled entries (waiting + in flight) per destination log.
+pub const BACKLOG_ENTRIES: &str = "peerbus_backlog_entries";
+/// Entries sent and not yet acknowledged, per destination log.
+pub const IN_FLIGHT_ENTRIES: &str = "peerbus_in_flight_entries";
+/// Age of the oldest unsettled entry per destination log.
+pub const BACKLOG_OLDEST_AGE: &str = "peerbus_backlog_oldest_age_seconds";
+/// Peers with an open connection.
+pub const PEERS_CONNECTED: &str = "peerbus_peers_connected";
+/// Known peers per state.
+pub const PEERS: &str = "peerbus_peers";
+/// Smoothed round-trip time of the connection to each connected peer.
+pub const CONNECTION_RTT: &str = "peerbus_connection_rtt_seconds";
+/// Requests waiting for a reply.
+pub const REQUESTS_IN_FLIGHT: &str = "peerbus_requests_in_flight";
+/// Circuit breaker state per requested service (0 closed, 1 half-open, 2 open).
+pub const BREAKER_STATE: &str = "peerbus_breaker_state";
+/// Durable (fsync'd) store commits.
+pub const STORE_FSYNCS: &str = "peerbus_store_fsyncs_total";
+/// Store commits.
+pub const STORE_COMMITS: &str = "peerbus_store_commits_total";
+/// Time one group commit took (a histogram).
+pub const STORE_COMMIT_SECONDS: &str = "peerbus_store_commit_seconds";
+/// Size of the store file.
+pub const STORE_FILE_BYTES: &str = "peerbus_store_file_bytes";
+/// Constant 1 with the node's identity as labels.
+pub const NODE_INFO: &str = "peerbus_node_info";
+
+/// A monotonic counter: an atomic for this node's own `/metrics`, mirrored
+/// into the metrics facade. Its methods mirror `AtomicU64`'s.
+pub(crate) struct Count {
+    local: AtomicU64,
+    facade: metrics::Counter,
+}
+
+impl std::fmt::Debug for Count {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Count")
+            .field(&self.local.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Count {
+    /// A counter named `name` with label `node`.
+    pub(crate) fn new(name: &'static str, node: &str) -> Self {
+        Self {
+            local: AtomicU64::new(0),
+            facade: metrics::counter!(name, "node" => node.to_string()),
+        }
+    }
+
+    /// Adds `n`; returns the previous value.
+    pub(crate) fn fetch_add(&self, n: u64, order: Ordering) -> u64 {
+        self.facade.increment(n);
+        self.local.fetch_add(n, order)
+    }
+
+    /// The current value.
+    pub(crate) fn load(&self, order: Ordering) -> u64 {
+        self.local.load(order)
+    }
+}
+
+/// Upper bounds (seconds) of the commit latency histogram's buckets.
+const COMMIT_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A fixed-bucket latency histogram (store commit time).
+pub(crate) struct Latency {
+    buckets: [AtomicU64; COMMIT_BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+    facade: metrics::Histogram,
+}
+
+impl std::fmt::Debug for Latency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Latency")
+            .field("count", &self.count.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Latency {
+    /// The store commit histogram of `node`.
+    pub(crate) fn store_commit(node: &str) -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+            facade: metrics::histogram!(STORE_COMMIT_SECONDS, "node" => node.to_string()),
+        }
+    }
+
+    /// Records one observation.
+    pub(crate) fn record(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        self.facade.record(secs);
+        if let Some(i) = COMMIT_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub(crate) fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// The node's counters: status output, `/metrics` and the facade.
+#[derive(Debug)]
+pub(crate) struct Counters {
+    pub(crate) sent: Count,
+    pub(crate) delivered: Count,
+    pub(crate) acked: Count,
+    pub(crate) redelivered: Count,
+    pub(crate) dead_lettered: Count,
+    pub(crate) duplicates_dropped: Count,
+    /// Store commit time, recorded by the store writer thread.
+    pub(crate) commit_latency: Arc<Latency>,
+}
+
+impl Counters {
+    /// Counters of node `id`, registered with the facade under `node="<id>"`.
+    pub(crate) fn new(id: &NodeId) -> Self {
+        let node = id.to_string();
+        Self {
+            sent: Count::new(MESSAGES_SENT, &node),
+            delivered: Count::new(MESSAGES_DELIVERED, &node),
+            acked: Count::new(MESSAGES_ACKNOWLEDGED, &node),
+            redelivered: Count::new(MESSAGES_REDELIVERED, &node),
+            dead_lettered: Count::new(MESSAGES_DEAD_LETTERED, &node),
+            duplicates_dropped: Count::new(DUPLICATES_DROPPED, &node),
+            commit_latency: Arc::new(Latency::store_commit(&node)),
+        }
+    }
+}
+
+fn breaker_value(s: crate::engine::breaker::BreakerState) -> f64 {
+    use crate::engine::breaker::BreakerState;
+    match s {
+        BreakerState::Closed => 0.0,
+        BreakerState::HalfOpen => 1.0,
+        BreakerState::Open => 2.0,
+    }
+}
+
+fn state_name(s: PeerState) -> &'static str {
+    match s {
+        PeerState::Discovered => "discovered",
+        PeerState::Connecting => "connecting",
+        PeerState::Connected => "connected",
+        PeerState::Unreachable => "unreachable",
+        PeerState::Refused => "refused",
+        PeerState::Gone => "gone",
+    }
+}
+
+const ALL_STATES: [PeerState; 6] = [
+    PeerState::Discovered,
+    PeerState::Connecting,
+    PeerState::Connected,
+    PeerState::Unreachable,
+    PeerState::Refused,
+    PeerState::Gone,
+];
+
+/// Age in seconds of an entry created at `created_ms` (Unix ms), at `now_ms`.
+fn age_secs(created_ms: Option<u64>, now_ms: u64) -> f64 {
+    created_ms.map_or(0.0, |c| now_ms.saturating_sub(c) as f64 / 1000.0)
+}
+
+/// Publishes the node's gauges to the metrics facade every [`FACADE_SAMPLE`] until it stops.
+pub(crate) async fn facade_sampler(node: Node) {
+    let cancel = node.shared.cancel.clone();
+    let id = node.id().to_string();
+    let mut tick = tokio::time::interval(FACADE_SAMPLE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Destinations and peers seen before: their gauges drop to 0 when they disappear.
+    let mut last_logs: Vec<String> = Vec::new();
+    let mut last_peers: Vec<String> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = cancel.cancelled() => break,
+        }
+        let Some(s) = node.status().await else { break };
+        let store = node.store_stats();
+        let now = crate::message::now_unix_ms();
+        let node_label = id.clone();
+        for (log, st) in &s.logs {
+            let labels = [("node", node_label.clone()), ("destination", log.clone())];
+            metrics::gauge!(BACKLOG_ENTRIES, &labels).set((st.waiting + st.in_flight) as f64);
+            metrics::gauge!(IN_FLIGHT_ENTRIES, &labels).set(st.in_flight as f64);
+            metrics::gauge!(BACKLOG_OLDEST_AGE, &labels).set(age_secs(st.oldest_created_ms, now));
+        }
+        for log in last_logs.iter().filter(|l| !s.logs.contains_key(*l)) {
+            let labels = [("node", node_label.clone()), ("destination", log.clone())];
+            metrics::gauge!(BACKLOG_ENTRIES, &labels).set(0.0);
+            metrics::gauge!(IN_FLIGHT_ENTRIES, &labels).set(0.0);
+            metrics::gauge!(BACKLOG_OLDEST_AGE, &labels).set(0.0);
+        }
+        last_logs = s.logs.keys().cloned().collect();
+        metrics::gauge!(PEERS_CONNECTED, "node" => node_label.clone()).set(s.connections as f64);
+        for st in ALL_STATES {
+            let n = s.peers.iter().filter(|p| p.state == st).count();
+            metrics::gauge!(PEERS, "node" => node_label.clone(), "state" => state_name(st))
+                .set(n as f64);
+        }
+        let mut peers_now = Vec::new();
+        for p in &s.peers {
+            let peer = p.node_id.to_string();
+            let rtt = p.rtt_ms.map_or(0.0, |ms| ms / 1000.0);
+            metrics::gauge!(CONNECTION_RTT, "node" => node_label.clone(), "peer" => peer.clone())
+                .set(rtt);
+            peers_now.push(peer);
+        }
+        for gone in last_peers.iter().filter(|p| !peers_now.contains(*p)) {
+            metrics::gauge!(CONNECTION_RTT, "node" => node_label.clone(), "peer" => gone.clone())
+                .set(0.0);
+        }
+        last_peers = peers_now;
+        metrics::gauge!(REQUESTS_IN_FLIGHT, "node" => node_label.clone())
+            .set(s.requests_in_flight as f64);
+        for (svc, b) in &s.breakers {
+            metrics::gauge!(BREAKER_STATE, "node" => node_label.clone(), "service" => svc.clone())
+                .set(breaker_value(b.state));
+        }
+        metrics::counter!(STORE_FSYNCS, "node" => node_label.clone()).absolute(store.fsyncs);
+        metrics::counter!(STORE_COMMITS, "node" => node_label.clone()).absolute(store.commits);
+        metrics::gauge!(STORE_FILE_BYTES, "node" => node_label).set(store.file_bytes as f64);
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn esc(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Writes `# HELP` and `# TYPE` lines.
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Renders a node's metrics in the Prometheus text exposition format (0.0.4).
+pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms: u64) -> String {
+    let mut out = String::with_capacity(4096);
+    let node = esc(&s.node_id.to_string());
+    let n = format!("node=\"{node}\"");
+
+    head(
+        &mut out,
+        NODE_INFO,
+        "gauge",
+        "The node's identity (always 1).",
+    );
+    let _ = writeln!(
+        out,
+        "{NODE_INFO}{{{n},service=\"{}\",mesh=\"{}\",listen=\"{}\"}} 1",
+        esc(&s.service),
+        esc(&s.mesh),
+        s.listen
+    );
+    let counter_rows: [(&str, &str, &Count); 6] = [
+        (
+            MESSAGES_SENT,
+            "Entries stored by send/publish (one per subscriber group copy).",
+            &counters.sent,
+        ),
+        (
+            MESSAGES_DELIVERED,
+            "Entries handed to this node's handlers.",
+            &counters.delivered,
+        ),
+        (
+            MESSAGES_ACKNOWLEDGED,
+            "Entries of this node acknowledged by a consumer.",
+            &counters.acked,
+        ),
+        (
+            MESSAGES_REDELIVERED,
+            "Deliveries sent again (retries, reconnects, another instance).",
+            &counters.redelivered,
+        ),
+        (
+            MESSAGES_DEAD_LETTERED,
+            "Entries moved to the dead-letter store.",
+            &counters.dead_lettered,
+        ),
+        (
+            DUPLICATES_DROPPED,
+            "Retransmissions dropped by the dedup window.",
+            &counters.duplicates_dropped,
+        ),
+    ];
+    for (name, help, c) in counter_rows {
+        head(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name}{{{n}}} {}", c.load(Ordering::Relaxed));
+    }
+
+    head(
+        &mut out,
+        BACKLOG_ENTRIES,
+        "gauge",
+        "Unsettled entries (waiting + in flight) per destination log.",
+    );
+    for (log, st) in &s.logs {
+        let _ = writeln!(
+            out,
+            "{BACKLOG_ENTRIES}{{{n},destination=\"{}\"}} {}",
+            esc(log),
+            st.waiting + st.in_flight
+        );
+    }
+    head(
+        &mut out,
+        IN_FLIGHT_ENTRIES,
+        "gauge",
+        "Entries sent and not yet acknowledged per destination log.",
+    );
+    for (log, st) in &s.logs {
+        let _ = writeln!(
+            out,
+            "{IN_FLIGHT_ENTRIES}{{{n},destination=\"{}\"}} {}",
+            esc(log),
+            st.in_flight
+        );
+    }
+    head(
+        &mut out,
+        BACKLOG_OLDEST_AGE,
+        "gauge",
+        "Age of the oldest unsettled entry per destination log.",
+    );
+    for (log, st) in &s.logs {
+        let _ = writeln!(
+            out,
+            "{BACKLOG_OLDEST_AGE}{{{n},destination=\"{}\"}} {:.3}",
+            esc(log),
+            age_secs(st.oldest_created_ms, now_ms)
+        );
+    }
+
+    head(
+        &mut out,
+        PEERS_CONNECTED,
+        "gauge",
+        "Peers with an open connection.",
+    );
+    let _ = writeln!(out, "{PEERS_CONNECTED}{{{n}}} {}", s.connections);
+    head(&mut out, PEERS, "gauge", "Known peers per state.");
+    for st in ALL_STATES {
+        let count = s.peers.iter().filter(|p| p.state == st).count();
+        let _ = writeln!(out, "{PEERS}{{{n},state=\"{}\"}} {count}", state_name(st));
+    }
+    head(
+        &mut out,
+        CONNECTION_RTT,
+        "gauge",
+        "Smoothed round-trip time of the connection to each connected peer.",
+    );
+    for p in &s.peers {
+        if let Some(ms) = p.rtt_ms {
+            let _ = writeln!(
+                out,
+                "{CONNECTION_RTT}{{{n},peer=\"{}\",service=\"{}\"}} {:.6}",
+                esc(&p.node_id.to_string()),
+                esc(&p.service),
+                ms / 1000.0
+            );
+        }
+    }
+    head(
+        &mut out,
+        REQUESTS_IN_FLIGHT,
+        "gauge",
+        "Requests waiting for a reply.",
+    );
+    let _ = writeln!(out, "{REQUESTS_IN_FLIGHT}{{{n}}} {}", s.requests_in_flight);
+    head(
+        &mut out,
+        BREAKER_STATE,
+        "gauge",
+        "Circuit breaker per requested service: 0 closed, 1 half-open, 2 open.",
+    );
+    for (svc, b) in &s.breakers {
+        let _ = writeln!(
+            out,
+            "{BREAKER_STATE}{{{n},service=\"{}\"}} {}",
+            esc(svc),
+            breaker_value(b.state)
+        );
+    }
+
+    head(
+        &mut out,
+        STORE_FSYNCS,
+        "counter",
+        "Durable (fsync'd) store commits.",
+    );
+    let _ = writeln!(out, "{STORE_FSYNCS}{{{n}}} {}", store.fsyncs);
+    head(&mut out, STORE_COMMITS, "counter", "Store commits.");
+    let _ = writeln!(out, "{STORE_COMMITS}{{{n}}} {}", store.commits);
+    head(
+        &mut out,
+        STORE_FILE_BYTES,
+        "gauge",
+        "Size of the store file in bytes.",
+    );
+    let _ = writeln!(out, "{STORE_FILE_BYTES}{{{n}}} {}", store.file_bytes);
+
+    let lat = &counters.commit_latency;
+    head(
+        &mut out,
+        STORE_COMMIT_SECONDS,
+        "histogram",
+        "Time one store group commit took.",
+    );
+    let mut cumulative = 0;
+    for (i, le) in COMMIT_BUCKETS.iter().enumerate() {
+        cumulative += lat.buckets[i].load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{STORE_COMMIT_SECONDS}_bucket{{{n},le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let count = lat.count.load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "{STORE_COMMIT_SECONDS}_bucket{{{n},le=\"+Inf\"}} {count}"
+    );
+    let sum = lat.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+    let _ = writeln!(out, "{STORE_COMMIT_SECONDS}_sum{{{n}}} {sum:.9}");
+    let _ = writeln!(out, "{STORE_COMMIT_SECONDS}_count{{{n}}} {count}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn latency_buckets_count_each_observation_once() {
+        let l = Latency::store_commit("n");
+        l.record(Duration::from_micros(50));
+        l.record(Duration::from_millis(3));
+        l.record(Duration::from_secs(10));
+        assert_eq!(l.count(), 3);
+        let in_buckets: u64 = l.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum();
+        // The 10 s observation is above every finite bucket: only in +Inf (the count).
+        assert_eq!(in_buckets, 2);
+        assert_eq!(l.buckets[0].load(Ordering::Relaxed), 1);
+        assert_eq!(l.buckets[5].load(Ordering::Relaxed), 1);
+    }
+}
