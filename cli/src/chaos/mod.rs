@@ -143,6 +143,10 @@ pub(crate) struct ChaosArgs {
     /// connection to an instance of every service, as a service with no readiness check would.
     #[arg(long)]
     no_ready_wait: bool,
+    /// Every node serves its admin endpoint and live mesh page on a loopback port of its own
+    /// (printed at start; each page shows that node and its peers, faults included).
+    #[arg(long)]
+    admin: bool,
 }
 
 /// Seconds without any handling, after the workload stopped, before the drain wait gives up.
@@ -245,6 +249,18 @@ impl Mesh {
 }
 
 /// Free UDP ports on 127.0.0.1, one per node (bound together, then released).
+/// `n` TCP ports on 127.0.0.1 free right now (for the admin endpoints).
+fn free_tcp_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let socks: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<Result<_, _>>()
+        .context("finding free TCP ports on 127.0.0.1")?;
+    socks
+        .iter()
+        .map(|s| s.local_addr().context("reading a bound port"))
+        .collect()
+}
+
 fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
     let socks: Vec<UdpSocket> = (0..n)
         .map(|_| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)))
@@ -385,6 +401,11 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         MeshKey::write_new(&key_path).context("writing the mesh key")?;
     }
     let addrs = free_ports(a.nodes)?;
+    let admins = if a.admin {
+        free_tcp_ports(a.nodes)?
+    } else {
+        Vec::new()
+    };
     let exe = std::env::current_exe().context("locating the peerbus binary")?;
     let mut procs = Vec::new();
     let mut args = Vec::new();
@@ -413,6 +434,9 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         if a.no_ready_wait {
             v.push("--no-ready-wait".into());
         }
+        if let Some(admin) = admins.get(i) {
+            v.push(format!("--admin={admin}"));
+        }
         args.push(v);
         procs.push(Proc {
             data_dir,
@@ -439,6 +463,9 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         humantime::format_duration(a.duration),
         dir.display()
     );
+    for (i, admin) in admins.iter().enumerate() {
+        println!("chaos: node-{i} live mesh page: http://{admin}/");
+    }
     for j in 0..a.services {
         let members: Vec<usize> = (0..a.nodes).filter(|i| i % a.services == j).collect();
         if let [only] = members[..] {

@@ -76,6 +76,9 @@ pub(crate) struct WorkerArgs {
     /// to every service first.
     #[arg(long)]
     no_ready_wait: bool,
+    /// Serve the admin endpoint and live mesh page here (loopback).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
 }
 
 /// The service of node `index` in a run with `services` services.
@@ -108,6 +111,9 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
         .faults(Faults::new(a.seed ^ a.index as u64));
     for s in &a.seed_peers {
         builder = builder.seed(*s);
+    }
+    if let Some(admin) = a.admin {
+        builder = builder.admin(admin);
     }
     let node = builder.start().await.context("starting the node")?;
     journal.write(&Event::Start {

@@ -24,6 +24,9 @@ pub(crate) enum Event {
         addr: SocketAddr,
         /// Short node id.
         node: String,
+        /// Where its admin endpoint and live mesh page are served, if anywhere.
+        #[serde(default)]
+        admin: Option<SocketAddr>,
     },
     /// `payments` connected to or lost a peer.
     Peer {

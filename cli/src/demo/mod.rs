@@ -74,6 +74,10 @@ pub(crate) struct DemoArgs {
     /// shut down rather than SIGKILLed).
     #[arg(long)]
     in_process: bool,
+    /// Where payments serves the live mesh page and its admin endpoint (/status, /metrics);
+    /// loopback only. Port 0 picks a free one; the address is printed.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    admin: SocketAddr,
 }
 
 /// A running service.
@@ -135,6 +139,8 @@ struct Demo {
     start: Instant,
     ui: bool,
     in_process: bool,
+    /// Where payments serves the admin endpoint and live mesh page.
+    admin: SocketAddr,
     dir: PathBuf,
     mesh: String,
     key_file: PathBuf,
@@ -178,6 +184,7 @@ pub(crate) async fn run(args: &DemoArgs) -> Result<()> {
         start: Instant::now(),
         ui: !args.no_ui && std::io::stdout().is_terminal(),
         in_process: args.in_process,
+        admin: args.admin,
         dir: dir.0.clone(),
         mesh,
         key_file,
@@ -284,6 +291,7 @@ impl Demo {
             demo_key_file: self.key_file.clone(),
             demo_dir: self.dir.join(name.replace('#', "-")),
             payments_addr: seed,
+            admin: (role == Role::Payments).then_some(self.admin),
             rate: self.rate,
             duration: self.duration,
         }
@@ -334,8 +342,6 @@ impl Demo {
         ));
         self.spawn("payments", self.args(Role::Payments, "payments", None))?;
         let seed = self.wait_ready(rx).await?;
-        // ADMIN: print the live mesh page here, e.g. `self.say(format!("live mesh page:
-        // http://{admin_addr}/"))`, once payments reports its admin address in Event::Ready.
         for (role, name) in [
             (Role::Accounts, "accounts"),
             (Role::Orders, "orders#1"),
@@ -508,8 +514,13 @@ impl Demo {
     /// Books and narrates one report; fails when payments fails.
     fn on_event(&mut self, from: &str, event: Event) -> Result<()> {
         match event {
-            Event::Ready { addr, node } => {
+            Event::Ready { addr, node, admin } => {
                 self.say(format!("{from} is up: node {node} on {addr}"));
+                if let Some(admin) = admin {
+                    self.say(format!(
+                        "live mesh page: http://{admin}/  (also /status, /metrics; up while the demo runs)"
+                    ));
+                }
             }
             Event::Peer {
                 service,
@@ -787,6 +798,10 @@ fn child_args(args: &ServiceArgs) -> Vec<OsString> {
     if let Some(seed) = args.payments_addr {
         v.push("--payments-addr".into());
         v.push(seed.to_string().into());
+    }
+    if let Some(admin) = args.admin {
+        v.push("--admin".into());
+        v.push(admin.to_string().into());
     }
     v
 }

@@ -91,6 +91,9 @@ pub(crate) struct ServiceArgs {
     /// Address of payments (every role but payments).
     #[arg(long)]
     pub(crate) payments_addr: Option<SocketAddr>,
+    /// Serve the admin endpoint and live mesh page here (payments).
+    #[arg(long)]
+    pub(crate) admin: Option<SocketAddr>,
     /// Checkouts per second (payments).
     #[arg(long, default_value_t = 20)]
     pub(crate) rate: u32,
@@ -157,10 +160,12 @@ pub(crate) async fn run(
             args.role.service()
         );
     }
-    // ADMIN: the payments node serves the live mesh page:
-    // `if args.role == Role::Payments { builder = builder.admin(admin_addr) }` with the
-    // address from a new `--admin` option (loopback), and report `node.admin_addr()` in
-    // `Event::Ready` so the orchestrator prints the page URL.
+    if let Some(admin) = args.admin {
+        if !admin.ip().is_loopback() {
+            bail!("--admin {admin}: the demo serves its page on loopback only");
+        }
+        builder = builder.admin(admin);
+    }
     let node = builder
         .start()
         .await
@@ -168,6 +173,7 @@ pub(crate) async fn run(
     out.report(Event::Ready {
         addr: node.local_addr(),
         node: node.id().short(),
+        admin: node.admin_addr(),
     })
     .await?;
     let result = tokio::select! {
