@@ -166,7 +166,9 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
     within(60, async {
         let net = MemoryNetwork::new();
         let key = MeshKey::generate();
-        let payments = start(admin(builder(&net, "payments", &key))).await;
+        // Payments keeps a durable log, so its store commits are timed.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let payments = start(admin(builder(&net, "payments", &key).data_dir(dir.path()))).await;
         let orders = start(admin(builder(&net, "orders", &key))).await;
         let mut handled = common::drain(orders.messages().expect("messages"));
         assert!(

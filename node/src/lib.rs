@@ -54,13 +54,22 @@
 //!
 //! ## When a handler can see a message twice
 //!
-//! Exactly one case: the consumer process **crashed after the handler returned
-//! and before the handled mark was persisted** (a window of one group commit,
-//! typically well under a millisecond plus one fsync). The message was never
-//! acknowledged, so the sender delivers it again, to the restarted consumer or
-//! to another instance of the service, and the handler runs again. Such a
-//! redelivery has [`Message::redelivered`] set (attempt > 1), and it keeps its
-//! [`MessageId`].
+//! Delivery is at-least-once, so a handler must tolerate repeats. They come from
+//! an acknowledgement that did not reach the sender, and `peerbus chaos` counts
+//! them by cause:
+//!
+//! - the consumer process **crashed after the handler returned and before the
+//!   handled mark was persisted** (a window of one group commit, typically well
+//!   under a millisecond plus one fsync);
+//! - the **sender** crashed or restarted after the handler ran and before the
+//!   ack arrived: it sends the entry again after its restart, possibly to
+//!   another instance, whose dedup window never saw it;
+//! - the consumer was **frozen or cut off** longer than the sender's ack
+//!   timeout: the sender gave the entry to another instance meanwhile.
+//!
+//! The same instance never runs a message twice while its dedup window holds
+//! it (restarts included). A redelivery has [`Message::redelivered`] set
+//! (attempt > 1), and it keeps its [`MessageId`].
 //!
 //! Without a data directory ([`Durability::Memory`]) the dedup window lives in
 //! memory only, so a consumer restart forgets it: a message in flight across
