@@ -1,7 +1,7 @@
 //! `peerbus chaos`, run as a real process: a short chaos run must pass, and the checker must
 //! fail a mesh whose handlers misbehave.
 //!
-//! The binary is found as in `tests/cli.rs` (`cargo build -p peerbus-cli --bin peerbus` into
+//! The binary is found by `common::peerbus_bin` (`cargo build -p peerbus-cli --bin peerbus` into
 //! this test's target directory and profile, or `PEERBUS_BIN`). Network safety: chaos nodes
 //! bind 127.0.0.1 with mDNS off and static seeds; nothing multicasts. Each run has an overall
 //! deadline after which it is killed (its workers notice their parent is gone and stop).
@@ -14,46 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The `peerbus` binary, built on first use.
-fn peerbus_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("PEERBUS_BIN") {
-            return PathBuf::from(bin);
-        }
-        let exe = std::env::current_exe().expect("path of the test binary");
-        // <target>/<profile>/deps/chaos-<hash>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>");
-        let target_dir = profile_dir.parent().expect("target directory");
-        let profile = profile_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("profile name");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args(["build", "--quiet", "-p", "peerbus-cli", "--bin", "peerbus"])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile != "debug" {
-            build.args(["--profile", profile]);
-        }
-        let status = build
-            .status()
-            .expect("run cargo build for the peerbus binary");
-        assert!(
-            status.success(),
-            "cargo build -p peerbus-cli failed: {status}"
-        );
-        let bin = profile_dir.join(format!("peerbus{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.exists(), "{} was not built", bin.display());
-        bin
-    })
-}
+mod common;
+
+use common::peerbus_bin;
 
 /// Runs `peerbus chaos ARGS --dir <tmp>/run --report <tmp>/report.json`, killed after
 /// `limit`. Returns its output and the parsed report (when written).

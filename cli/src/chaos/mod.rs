@@ -249,27 +249,26 @@ impl Mesh {
 }
 
 /// Free UDP ports on 127.0.0.1, one per node (bound together, then released).
-/// `n` TCP ports on 127.0.0.1 free right now (for the admin endpoints).
-fn free_tcp_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
-    let socks: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-        .collect::<Result<_, _>>()
-        .context("finding free TCP ports on 127.0.0.1")?;
-    socks
-        .iter()
-        .map(|s| s.local_addr().context("reading a bound port"))
-        .collect()
-}
-
-fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
-    let socks: Vec<UdpSocket> = (0..n)
-        .map(|_| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)))
-        .collect::<Result<_, _>>()
-        .context("finding free ports on 127.0.0.1")?;
-    socks
-        .iter()
-        .map(|s| s.local_addr().context("reading a bound port"))
-        .collect()
+/// `n` ports on 127.0.0.1 free right now: UDP ones for QUIC, TCP ones for admin endpoints.
+fn free_ports(n: usize, tcp: bool) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut addrs = Vec::with_capacity(n);
+    // Hold every socket until all are bound, so the ports differ.
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let addr = if tcp {
+            let s = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+            let a = s.local_addr()?;
+            held.push(Box::new(s) as Box<dyn std::any::Any>);
+            a
+        } else {
+            let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+            let a = s.local_addr()?;
+            held.push(Box::new(s) as Box<dyn std::any::Any>);
+            a
+        };
+        addrs.push(addr);
+    }
+    Ok(addrs)
 }
 
 async fn control(dir: &Path, req: serde_json::Value) -> Option<serde_json::Value> {
@@ -400,9 +399,9 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     if !key_path.exists() {
         MeshKey::write_new(&key_path).context("writing the mesh key")?;
     }
-    let addrs = free_ports(a.nodes)?;
+    let addrs = free_ports(a.nodes, false).context("finding free ports on 127.0.0.1")?;
     let admins = if a.admin {
-        free_tcp_ports(a.nodes)?
+        free_ports(a.nodes, true).context("finding free TCP ports on 127.0.0.1")?
     } else {
         Vec::new()
     };
