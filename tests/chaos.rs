@@ -7,9 +7,8 @@
 //! deadline after which it is killed (its workers notice their parent is gone and stop).
 //! The runs take turns (a lock), so two meshes never compete for the CPU at once.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
