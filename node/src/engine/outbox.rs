@@ -253,6 +253,10 @@ pub struct Outbox {
     rng: u64,
     round_robin: u64,
     total_bytes: usize,
+    /// No TTL expiry or ack timeout falls before this time: `check_timers` skips its walk
+    /// over every entry until then. Lowered when an entry with a TTL is inserted and when
+    /// an entry goes in flight; recomputed by each walk.
+    timer_due: u64,
 }
 
 impl Outbox {
@@ -266,6 +270,7 @@ impl Outbox {
             rng,
             round_robin: 0,
             total_bytes: 0,
+            timer_due: 0,
         }
     }
 
@@ -368,6 +373,9 @@ impl Outbox {
         }
         if state == State::Pending {
             log.pending_at(env.seq);
+        }
+        if let Some(t) = expires_at {
+            self.timer_due = self.timer_due.min(t);
         }
         let attempts = env.attempt.saturating_sub(1);
         let size = env.payload.len();
@@ -672,11 +680,24 @@ impl Outbox {
     }
 
     fn expire_and_time_out(&mut self, now: u64, settled: &mut Vec<Settled>) {
+        if now < self.timer_due {
+            return;
+        }
         let ack_timeout = self.config.ack_timeout_ms;
         let mut expired = Vec::new();
         let mut timed_out = Vec::new();
+        let mut due = u64::MAX;
         for (name, log) in &self.logs {
             for (seq, e) in &log.entries {
+                // The next walk is due at the earliest deadline still ahead.
+                if let Some(t) = e.expires_at.filter(|t| *t > now) {
+                    due = due.min(t);
+                }
+                if let State::InFlight { sent_at, .. } = e.state
+                    && sent_at + ack_timeout > now
+                {
+                    due = due.min(sent_at + ack_timeout);
+                }
                 match e.state {
                     State::Pending if e.expires_at.is_some_and(|t| t <= now) => {
                         expired.push((name.clone(), *seq));
@@ -688,6 +709,7 @@ impl Outbox {
                 }
             }
         }
+        self.timer_due = due;
         for (name, seq) in expired {
             settled.extend(self.dead_letter(&name, seq, "ttl expired".into()));
         }
@@ -798,6 +820,7 @@ impl Outbox {
                     sent_at: now,
                 };
             }
+            self.timer_due = self.timer_due.min(now + self.config.ack_timeout_ms);
             tx.push(Transmit {
                 peer: peer_id,
                 conn,
