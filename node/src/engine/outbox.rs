@@ -422,6 +422,15 @@ impl Outbox {
         }
     }
 
+    /// The peer's service changed. The local node registers itself as a peer (see
+    /// `runtime::core`) and uses this to become, or stop being, an instance of its service:
+    /// an empty name matches no service (service names are never empty).
+    pub fn peer_service(&mut self, peer: NodeId, service: String) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.service = service;
+        }
+    }
+
     /// The peer said goodbye: send it nothing new, keep waiting for acks.
     pub fn peer_draining(&mut self, peer: NodeId) {
         if let Some(p) = self.peers.get_mut(&peer) {
