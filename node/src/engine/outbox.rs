@@ -1002,6 +1002,28 @@ mod tests {
     }
 
     #[test]
+    fn a_peer_without_a_service_becomes_an_instance_when_it_takes_one() {
+        // How the local node joins and leaves its service (`peer_service`).
+        let mut ob = outbox();
+        ob.peer_up(id(1), 0, String::new(), vec![], 100);
+        ob.append(&target(), env(Some("k")), 0, None, None, false);
+        assert!(ob.dispatch(0).is_empty(), "an empty service matches none");
+        assert!(ob.instances(&target()).is_empty());
+        ob.peer_service(id(1), "svc".into());
+        assert_eq!(ob.instances(&target()), vec![id(1)]);
+        let tx = ob.dispatch(1);
+        assert_eq!(tx.len(), 1);
+        assert_eq!(tx[0].peer, id(1));
+        // Leaving the service sends it nothing new; the ack of what it holds still counts.
+        ob.peer_service(id(1), String::new());
+        ob.append(&target(), env(Some("k2")), 0, None, None, false);
+        assert!(ob.dispatch(2).is_empty());
+        let settled = ob.on_ack(id(1), &target().log_name(), &[1]);
+        assert_eq!(settled.len(), 1);
+        assert_eq!(ob.len(), 1);
+    }
+
+    #[test]
     fn credits_bound_what_is_in_flight() {
         let mut ob = outbox();
         for _ in 0..10 {
