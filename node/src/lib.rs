@@ -51,6 +51,12 @@
 //!   is gone, and after the ack timeout; the dedup window drops every such
 //!   retransmission before it reaches a handler, across consumer restarts too.
 //! - Messages with the same key are handled in the order they were sent.
+//! - The sending node is a consumer like any other: a node that takes
+//!   [`Node::messages`] is an instance of its own service for its own `send`s,
+//!   and its durable groups and ephemeral subscriptions get its own
+//!   `publish`es, through a local path (no network) with the same log,
+//!   retries, dedup window and receipts. A node that never takes
+//!   `messages()` is not an instance of its service.
 //!
 //! ## When a handler can see a message twice
 //!

@@ -430,6 +430,15 @@ impl Outbox {
         }
     }
 
+    /// The peer's service changed. The local node registers itself as a peer (see
+    /// `runtime::core`) and uses this to become, or stop being, an instance of its service:
+    /// an empty name matches no service (service names are never empty).
+    pub fn peer_service(&mut self, peer: NodeId, service: String) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.service = service;
+        }
+    }
+
     /// The peer said goodbye: send it nothing new, keep waiting for acks.
     pub fn peer_draining(&mut self, peer: NodeId) {
         if let Some(p) = self.peers.get_mut(&peer) {
@@ -1013,6 +1022,28 @@ mod tests {
             })
             .collect();
         assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_peer_without_a_service_becomes_an_instance_when_it_takes_one() {
+        // How the local node joins and leaves its service (`peer_service`).
+        let mut ob = outbox();
+        ob.peer_up(id(1), 0, String::new(), vec![], 100);
+        ob.append(&target(), env(Some("k")), 0, None, None, false);
+        assert!(ob.dispatch(0).is_empty(), "an empty service matches none");
+        assert!(ob.instances(&target()).is_empty());
+        ob.peer_service(id(1), "svc".into());
+        assert_eq!(ob.instances(&target()), vec![id(1)]);
+        let tx = ob.dispatch(1);
+        assert_eq!(tx.len(), 1);
+        assert_eq!(tx[0].peer, id(1));
+        // Leaving the service sends it nothing new; the ack of what it holds still counts.
+        ob.peer_service(id(1), String::new());
+        ob.append(&target(), env(Some("k2")), 0, None, None, false);
+        assert!(ob.dispatch(2).is_empty());
+        let settled = ob.on_ack(id(1), &target().log_name(), &[1]);
+        assert_eq!(settled.len(), 1);
+        assert_eq!(ob.len(), 1);
     }
 
     #[test]

@@ -396,26 +396,13 @@ async fn lane_reader(
                 key_floor,
                 env,
             } => {
-                let target = route(&shared, &env.log, &env.destination);
-                let (origin, log, seq) = (env.origin, env.log.clone(), env.seq);
-                let sent = match target {
-                    Some(tx) => tokio::select! {
-                        r = tx.send(Inbound { env, floor, key_floor }) => r.is_ok(),
-                        () = cancel.cancelled() => return,
-                    },
-                    None => false,
+                let inbound = Inbound {
+                    env,
+                    floor,
+                    key_floor,
                 };
-                if !sent {
-                    let reason = format!("{NOT_HERE_PREFIX}: no local consumer for `{log}`");
-                    let msg = CoreMsg::Completed {
-                        origin,
-                        log,
-                        seq,
-                        result: Err((reason, false)),
-                    };
-                    if shared.core.send(msg).await.is_err() {
-                        return;
-                    }
+                if !hand_over(&shared, inbound, &cancel).await {
+                    return;
                 }
             }
             Data::Request { budget_ms, env } => {
@@ -453,6 +440,65 @@ async fn lane_reader(
             }
         }
     }
+}
+
+/// Hands an arriving entry to its local subscription queue, waiting for room (which is what
+/// pushes back on the sender), or nacks it as not consumed here. False when the node is
+/// stopping and the caller should end.
+async fn hand_over(shared: &Shared, inbound: Inbound, cancel: &CancellationToken) -> bool {
+    let target = route(shared, &inbound.env.log, &inbound.env.destination);
+    let (origin, log, seq) = (inbound.env.origin, inbound.env.log.clone(), inbound.env.seq);
+    let sent = match target {
+        Some(tx) => tokio::select! {
+            r = tx.send(inbound) => r.is_ok(),
+            () = cancel.cancelled() => return false,
+        },
+        None => false,
+    };
+    if !sent {
+        let reason = format!("{NOT_HERE_PREFIX}: no local consumer for `{log}`");
+        let msg = CoreMsg::Completed {
+            origin,
+            log,
+            seq,
+            result: Err((reason, false)),
+        };
+        if shared.core.send(msg).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Starts the local lanes: entries this node's outbox delivers to itself go through them
+/// to the same routing as entries arriving on a QUIC lane, without touching the network.
+/// One task per lane, so (as on a connection) one key stays in order and a full
+/// subscription queue only holds back the keys of its lane. Each queue holds
+/// [`LOCAL_LANE_QUEUE`](super::LOCAL_LANE_QUEUE) entries; core only `try_send`s into them.
+pub(crate) fn spawn_local_lanes(shared: &Arc<Shared>) -> Vec<mpsc::Sender<Inbound>> {
+    (0..shared.lanes.max(1))
+        .map(|lane| {
+            let (tx, mut rx) = mpsc::channel::<Inbound>(super::LOCAL_LANE_QUEUE);
+            let s = shared.clone();
+            let cancel = shared.cancel.child_token();
+            shared.tracker.spawn(
+                async move {
+                    loop {
+                        let inbound = tokio::select! {
+                            i = rx.recv() => i,
+                            () = cancel.cancelled() => None,
+                        };
+                        let Some(inbound) = inbound else { break };
+                        if !hand_over(&s, inbound, &cancel).await {
+                            break;
+                        }
+                    }
+                }
+                .instrument(info_span!("local_lane", lane)),
+            );
+            tx
+        })
+        .collect()
 }
 
 /// The local queue an entry of `log` (addressed to `destination`) belongs in.

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
 use super::storage::{Clock, Durable, StoreOp};
-use super::{MAX_KNOWN_PEERS, Shared, conn};
+use super::{Inbound, MAX_KNOWN_PEERS, Shared, conn};
 use crate::admin::EventKind;
 use crate::engine::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target};
@@ -202,6 +202,23 @@ pub(crate) struct Guards {
 
 /// Most services with a breaker (one per destination a node requests).
 const MAX_BREAKERS: usize = 4096;
+/// The connection generation of the local node in the outbox (real connections count from 1).
+const LOCAL_CONN: u64 = 0;
+
+/// The local node as a consumer of its own logs: it is a peer in the outbox (same credits,
+/// rendezvous, retries, ack timeout and dead letters as any instance), its deliveries go
+/// through the local lanes instead of a connection, and its acks and nacks are applied to the
+/// outbox directly.
+struct LocalPeer {
+    /// Queues of the local lane tasks (`conn::spawn_local_lanes`).
+    lanes: Vec<mpsc::Sender<Inbound>>,
+    /// Whether the outbox currently counts us as an instance of our service: `messages()`
+    /// was taken and its subscription is alive.
+    service: bool,
+    /// Ids of the local subscriptions the outbox's view of our interests was built from.
+    subs: Vec<u64>,
+}
+
 /// Most durable subscriber groups a node remembers (learnt from peers and gossip).
 const MAX_KNOWN_GROUPS: usize = 1024;
 /// Most topic patterns remembered per durable group.
@@ -236,6 +253,7 @@ struct Core {
     breakers: HashMap<String, Breaker>,
     service_in_flight: HashMap<String, usize>,
     last_sync: u64,
+    local: LocalPeer,
 }
 
 /// Log size limits (see `NodeBuilder::max_log_entries` and friends).
@@ -279,6 +297,20 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
             );
         }
     }
+    // The local node consumes its own logs like any instance (see `LocalPeer`); what it
+    // consumes is filled in by `refresh_local` below.
+    outbox.peer_up(
+        shared.id,
+        LOCAL_CONN,
+        String::new(),
+        Vec::new(),
+        shared.prefetch,
+    );
+    let local = LocalPeer {
+        lanes: conn::spawn_local_lanes(&shared),
+        service: false,
+        subs: Vec::new(),
+    };
     let mut core = Core {
         shared: shared.clone(),
         outbox,
@@ -305,7 +337,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         breakers: HashMap::new(),
         service_in_flight: HashMap::new(),
         last_sync: 0,
+        local,
     };
+    core.refresh_local(true);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -470,6 +504,13 @@ impl Core {
                     }
                     self.ack_after_persist(origin, log, seq)
                 }
+                Err((reason, permanent)) if origin == self.shared.id => {
+                    let now = self.now();
+                    let settled = self
+                        .outbox
+                        .on_nack(origin, &log, seq, &reason, permanent, now);
+                    self.settle(settled.into_iter().collect());
+                }
                 Err((reason, permanent)) => {
                     if let Some(l) = self.links.get(&origin) {
                         try_out(
@@ -486,6 +527,7 @@ impl Core {
             },
             CoreMsg::Discovery(ev) => self.on_discovery(ev),
             CoreMsg::InterestsChanged => {
+                self.refresh_local(false);
                 let (interests, serves) = {
                     let r = super::read(&self.shared.routes);
                     (r.interests(), r.serve.is_some())
@@ -499,11 +541,16 @@ impl Core {
                 let _ = reply.send(self.status());
             }
             CoreMsg::Instances { service, reply } => {
-                let v = self.outbox.instances(&Target::Service(service));
+                let mut v = self.outbox.instances(&Target::Service(service));
+                // Other instances: the local node is not "connected".
+                v.retain(|id| *id != self.shared.id);
                 let _ = reply.send(v);
             }
             CoreMsg::Goodbye(reply) => {
                 self.closing = true;
+                // Like a peer that said goodbye: no new local work, in-flight entries may
+                // still be acked.
+                self.outbox.peer_draining(self.shared.id);
                 for (_, k) in self.known.iter_mut() {
                     if let Some(c) = k.dialing.take() {
                         c.cancel();
@@ -575,9 +622,14 @@ impl Core {
     }
 
     fn dispatch(&mut self) {
+        self.refresh_local(false);
         let now = self.now();
         let lanes = self.shared.lanes;
         for t in self.outbox.dispatch(now) {
+            if t.peer == self.shared.id {
+                self.deliver_local(t.frame);
+                continue;
+            }
             let Some(l) = self.links.get(&t.peer) else {
                 continue;
             };
@@ -621,11 +673,101 @@ impl Core {
     }
 
     fn flush_acks(&mut self) {
+        let mut local_settled = false;
         for ((peer, log), seqs) in std::mem::take(&mut self.pending_acks) {
-            if let Some(l) = self.links.get(&peer) {
+            if peer == self.shared.id {
+                let settled = self.outbox.on_ack(peer, &log, &seqs);
+                local_settled |= !settled.is_empty();
+                self.settle(settled);
+            } else if let Some(l) = self.links.get(&peer) {
                 try_out(l, Out::Control(Control::Ack { log, seqs }));
             }
         }
+        // Local acks freed credit now; do not wait for the next event to use it.
+        if local_settled {
+            self.dispatch();
+        }
+    }
+
+    /// A delivery the outbox chose the local node for: onto its local lane (same lane choice
+    /// as a connection, so one key stays in order). Core never waits: a full lane leaves the
+    /// entry in flight, to be resent after the ack timeout.
+    fn deliver_local(&mut self, frame: Data) {
+        let Data::Deliver {
+            floor,
+            key_floor,
+            env,
+        } = frame
+        else {
+            return;
+        };
+        let lanes = self.local.lanes.len().max(1);
+        let lane = crate::engine::routing::lane_for(&env.log, env.key.as_deref(), lanes, env.seq);
+        trace!(
+            id = %format_args!("{}/{}/{}", env.origin, env.log, env.seq),
+            destination = %env.destination,
+            attempt = env.attempt,
+            "deliver locally"
+        );
+        if env.attempt > 1 {
+            self.shared
+                .counters
+                .redelivered
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let Some(tx) = self.local.lanes.get(lane) else {
+            return;
+        };
+        match tx.try_send(Inbound {
+            env,
+            floor,
+            key_floor,
+        }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => warn!(
+                limit = super::LOCAL_LANE_QUEUE,
+                "local lane full: the entry is resent after the ack timeout"
+            ),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Brings the outbox's view of what the local node consumes up to date with its routes:
+    /// an instance of its service while `messages()` is taken and alive, a member of the groups
+    /// (and ephemeral patterns) of its subscriptions. Cheap when nothing changed (a read lock
+    /// and a comparison of subscription ids), so core runs it before every dispatch: a dropped
+    /// subscription only `try_send`s its notice.
+    fn refresh_local(&mut self, force: bool) {
+        let (service, subs, interests) = {
+            let r = super::read(&self.shared.routes);
+            let service = r.service_rx.is_none() && !r.service_tx.is_closed();
+            if !force
+                && service == self.local.service
+                && r.subs
+                    .iter()
+                    .map(|s| s.id)
+                    .eq(self.local.subs.iter().copied())
+            {
+                return;
+            }
+            let subs: Vec<u64> = r.subs.iter().map(|s| s.id).collect();
+            (service, subs, r.interests())
+        };
+        let id = self.shared.id;
+        let name = if service {
+            self.shared.service.clone()
+        } else {
+            String::new()
+        };
+        self.outbox.peer_service(id, name);
+        // Our own groups are known groups like any peer's: a publish here keeps their copies
+        // after the local subscription goes away.
+        if self.remember_groups(&interests) {
+            self.broadcast_groups();
+        }
+        self.outbox.peer_interests(id, interests);
+        self.local.service = service;
+        self.local.subs = subs;
     }
 
     fn settle(&mut self, settled: Vec<Settled>) {
@@ -1282,6 +1424,12 @@ impl Core {
         let local = self.shared.id;
         if self.closing {
             r.conn.close(CloseCode::Shutdown, "node is shutting down");
+            return;
+        }
+        if peer == local {
+            // A seed that is our own address: the local node is its own peer already.
+            r.conn
+                .close(CloseCode::ProtocolViolation, "connected to itself");
             return;
         }
         // A tie-break between two connections of a live peer is no news for the event feed.

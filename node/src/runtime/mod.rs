@@ -51,6 +51,12 @@ pub(crate) const CORE_QUEUE: usize = 4096;
 /// it; deliveries are bounded by the peer's credits, acks are batched, so a
 /// full queue means the peer stopped reading: the connection is closed.
 pub(crate) const LINK_QUEUE: usize = 16_384;
+/// Capacity of each local lane's queue (entries this node delivers to itself, see
+/// `conn::spawn_local_lanes`). Core `try_send`s into it. What is in flight to the local
+/// node is bounded by its credits (the prefetch window), so the queue only fills when
+/// timed-out entries are resent while their first copy still waits; an entry that finds it
+/// full stays in flight and is resent after the ack timeout.
+pub(crate) const LOCAL_LANE_QUEUE: usize = 16_384;
 /// Capacity of a local subscription's queue (per subscription).
 pub(crate) const SUBSCRIPTION_QUEUE: usize = 1024;
 /// Capacity of the request queue feeding `serve`.
