@@ -219,7 +219,9 @@ struct LocalPeer {
     subs: Vec<u64>,
 }
 
-/// Most durable subscriber groups a node remembers (learnt from peers and gossip).
+/// Most durable subscriber groups a node remembers (learnt from peers and gossip, and persisted
+/// in the store so a restarted publisher still keeps their copies; groups beyond it are ignored
+/// with a warning, also when restoring).
 const MAX_KNOWN_GROUPS: usize = 1024;
 /// Most topic patterns remembered per durable group.
 const MAX_PATTERNS_PER_GROUP: usize = 64;
@@ -280,6 +282,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
     };
     let mut outbox = Outbox::new(init.cfg);
     let mut dead_letters = 0;
+    let mut known_groups = BTreeMap::new();
     if let Some(rec) = init.recovered {
         for (log, next) in &rec.next_seqs {
             outbox.bump_seq(log, *next);
@@ -290,6 +293,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
             outbox.restore(e.env, expires, not_before);
         }
         dead_letters = rec.dead_letters;
+        known_groups = restore_groups(rec.groups);
         if !outbox.is_empty() {
             info!(
                 entries = outbox.len(),
@@ -321,7 +325,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         next_corr: 1,
         next_generation: 1,
         pending_acks: BTreeMap::new(),
-        known_groups: BTreeMap::new(),
+        known_groups,
         seeds: Vec::new(),
         seed_dialing: HashMap::new(),
         dead_letters,
@@ -1117,6 +1121,7 @@ impl Core {
         changed
     }
 
+    /// Learns one pattern of a durable group; true when it was new (then it is also persisted).
     fn remember_group(&mut self, group: &str, pattern: &str) -> bool {
         if !self.known_groups.contains_key(group) && self.known_groups.len() >= MAX_KNOWN_GROUPS {
             warn!(
@@ -1126,7 +1131,19 @@ impl Core {
             return false;
         }
         let set = self.known_groups.entry(group.to_string()).or_default();
-        set.len() < MAX_PATTERNS_PER_GROUP && set.insert(pattern.to_string())
+        let added = set.len() < MAX_PATTERNS_PER_GROUP && set.insert(pattern.to_string());
+        if added {
+            let patterns = set.iter().cloned().collect();
+            self.persist_group(group, Some(patterns));
+        }
+        added
+    }
+
+    /// Stores a change of the known groups (nothing to do without a durable store).
+    fn persist_group(&self, group: &str, patterns: Option<Vec<String>>) {
+        if self.persistent() {
+            self.store_op(StoreOp::Group(group.to_string(), patterns));
+        }
     }
 
     fn groups_frame(&self) -> Control {
@@ -1150,6 +1167,9 @@ impl Core {
     /// `from`). Only a group we knew is passed on, so the news stops once everyone knows.
     fn release_group(&mut self, group: &str, from: Option<NodeId>) {
         let knew = self.known_groups.remove(group).is_some();
+        if knew {
+            self.persist_group(group, None);
+        }
         let released = self.outbox.release_log(
             &Target::Group(group.to_string()).log_name(),
             &format!("subscriber group `{group}` was unsubscribed"),
@@ -1684,6 +1704,31 @@ impl Core {
             }
         }
     }
+}
+
+/// The known groups recovered from the store, within [`MAX_KNOWN_GROUPS`] and
+/// [`MAX_PATTERNS_PER_GROUP`] (a store written with larger limits is cut, with a warning).
+fn restore_groups(stored: Vec<(String, Vec<String>)>) -> BTreeMap<String, BTreeSet<String>> {
+    let total = stored.len();
+    let groups: BTreeMap<String, BTreeSet<String>> = stored
+        .into_iter()
+        .take(MAX_KNOWN_GROUPS)
+        .map(|(g, p)| (g, p.into_iter().take(MAX_PATTERNS_PER_GROUP).collect()))
+        .collect();
+    if total > groups.len() {
+        warn!(
+            stored = total,
+            limit = MAX_KNOWN_GROUPS,
+            "more durable groups stored than a node remembers; ignoring the rest"
+        );
+    }
+    if !groups.is_empty() {
+        info!(
+            groups = groups.len(),
+            "restored known durable groups from the store"
+        );
+    }
+    groups
 }
 
 fn try_out(l: &Link, out: Out) {

@@ -37,6 +37,10 @@ pub(crate) enum StoreOp {
     Dead(DeadLetter),
     /// Next sequence numbers (so they are never reused after a restart).
     NextSeq(String, u64),
+    /// A known durable group changed: `Some(patterns)` remembers it with exactly these topic
+    /// patterns, `None` forgets it (so a restarted publisher keeps copies for every group it
+    /// knew, and never for a released one).
+    Group(String, Option<Vec<String>>),
     /// List dead letters (oldest first).
     ListDead(usize, oneshot::Sender<Result<Vec<DeadLetter>, String>>),
     /// Remove dead letters by id and return them (for replay).
@@ -98,6 +102,11 @@ pub(crate) fn spawn(
                         StoreOp::NextSeq(log, seq) => {
                             batch.next_seqs.retain(|(l, _)| *l != log);
                             batch.next_seqs.push((log, seq));
+                        }
+                        StoreOp::Group(group, patterns) => {
+                            // Only the newest state of a group matters.
+                            batch.groups.retain(|(g, _)| *g != group);
+                            batch.groups.push((group, patterns));
                         }
                         q @ (StoreOp::ListDead(..) | StoreOp::TakeDead(..)) => queries.push(q),
                         StoreOp::Sync => sync = true,

@@ -12,6 +12,7 @@ pub struct MemoryStore {
     seqs: BTreeMap<String, u64>,
     windows: BTreeMap<(Vec<u8>, String), WindowSnapshot>,
     dead: BTreeMap<u64, DeadLetter>,
+    groups: BTreeMap<String, Vec<String>>,
     next_dead: u64,
     commits: u64,
 }
@@ -51,6 +52,12 @@ impl Store for MemoryStore {
             self.dead.insert(d.id, d);
         }
         self.next_dead = next;
+        for (g, patterns) in batch.groups {
+            match patterns {
+                Some(p) => self.groups.insert(g, p),
+                None => self.groups.remove(&g),
+            };
+        }
         self.commits += 1;
         Ok(())
     }
@@ -61,6 +68,11 @@ impl Store for MemoryStore {
             next_seqs: self.seqs.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             windows: self.windows.values().cloned().collect(),
             dead_letters: self.dead.len(),
+            groups: self
+                .groups
+                .iter()
+                .map(|(g, p)| (g.clone(), p.clone()))
+                .collect(),
             corrupt: vec![],
         })
     }

@@ -16,6 +16,11 @@
 //! up: redb reuses the freed pages, and [`RedbStore::compact`] gives them back
 //! to the file system.
 //!
+//! Known durable subscriber groups (group name -> topic patterns, learnt from peers) are stored
+//! too, in a `groups` table, so a restarted publisher keeps copies for every group it knew
+//! before any peer announces them again. The runtime remembers at most 1024 groups with at most
+//! 64 patterns each, so the table stays small.
+//!
 //! Memory: the node keeps the index of its whole log in memory (the outbox),
 //! so [`Store::recover`] reads every stored entry, window and next-seq at once
 //! (dead letters are only counted). Memory at start is therefore proportional
@@ -69,7 +74,7 @@ pub struct DeadLetter {
 
 /// One atomic change: [`Store::commit`] applies all of it or nothing, in this order: append,
 /// remove (so an entry appended and removed in one batch is gone), windows, next seqs, dead
-/// letters. Later items for the same key win.
+/// letters, groups. Later items for the same key win.
 #[derive(Clone, Default, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
     /// New entries.
@@ -82,6 +87,9 @@ pub struct Batch {
     pub next_seqs: Vec<(String, u64)>,
     /// Dead letters.
     pub dead: Vec<DeadLetter>,
+    /// Known durable subscriber groups: `Some(patterns)` remembers the group with exactly these
+    /// topic patterns (replacing what was stored), `None` forgets it (unknown: no-op).
+    pub groups: Vec<(String, Option<Vec<String>>)>,
 }
 
 impl Batch {
@@ -92,6 +100,7 @@ impl Batch {
             && self.windows.is_empty()
             && self.next_seqs.is_empty()
             && self.dead.is_empty()
+            && self.groups.is_empty()
     }
 }
 
@@ -99,10 +108,11 @@ impl Batch {
 /// `quarantine` table (under `"<table>/<key>"`) and is not part of the recovered data.
 #[derive(Clone, Debug)]
 pub struct CorruptRecord {
-    /// The table it was in: `entries`, `seqs`, `windows`, `dead` or `meta`.
+    /// The table it was in: `entries`, `seqs`, `windows`, `dead`, `meta` or `groups`.
     pub table: &'static str,
     /// Its key, readable: `log#seq` for entries, `origin/log` for windows, the log name for
-    /// seqs, the id for dead letters (hex when the key itself is damaged).
+    /// seqs and the group name for groups, the id for dead letters (hex when the key itself is
+    /// damaged).
     pub key: String,
     /// What was wrong (`checksum mismatch`, …).
     pub reason: String,
@@ -119,6 +129,8 @@ pub struct Recovered {
     pub windows: Vec<WindowSnapshot>,
     /// Number of dead letters stored (list them with [`Store::dead_letters`]).
     pub dead_letters: usize,
+    /// Known durable subscriber groups with their topic patterns, sorted by group name.
+    pub groups: Vec<(String, Vec<String>)>,
     /// Records found corrupt and quarantined (empty when all is well).
     pub corrupt: Vec<CorruptRecord>,
 }
@@ -213,8 +225,8 @@ pub trait Store: Send + 'static {
     /// Applies a batch atomically (all or nothing) with the store's [`Durability`]. An empty
     /// batch does nothing.
     fn commit(&mut self, batch: Batch) -> Result<(), StoreError>;
-    /// Everything persisted, for a restart: entries sorted by `(log, seq)`, next seqs, windows
-    /// and the dead-letter count. Records whose checksum fails, that do not decode or whose key
+    /// Everything persisted, for a restart: entries sorted by `(log, seq)`, next seqs, windows,
+    /// known groups and the dead-letter count. Records whose checksum fails, that do not decode or whose key
     /// does not match their content are moved to the `quarantine` table, logged at warn and
     /// reported in [`Recovered::corrupt`] — never returned as data.
     fn recover(&mut self) -> Result<Recovered, StoreError>;

@@ -37,6 +37,8 @@ const SEQS: TableDefinition<&str, &[u8]> = TableDefinition::new("seqs");
 const WINDOWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("windows");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Known durable groups: group name -> sealed `(group, patterns)`.
+const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
 const QUARANTINE: TableDefinition<&str, &[u8]> = TableDefinition::new("quarantine");
 
 const META_NEXT_DEAD: &str = "next_dead_id";
@@ -182,6 +184,7 @@ impl RedbStore {
             txn.open_table(SEQS).or_store(&path)?;
             txn.open_table(WINDOWS).or_store(&path)?;
             txn.open_table(DEAD).or_store(&path)?;
+            txn.open_table(GROUPS).or_store(&path)?;
             txn.open_table(QUARANTINE).or_store(&path)?;
             let meta = txn.open_table(META).or_store(&path)?;
             let epoch = meta.get(META_WAL_EPOCH).or_store(&path)?;
@@ -446,6 +449,34 @@ impl RedbStore {
                     }
                 }
             }
+            // Stores written before the table existed (read-only opens do not create it).
+            match read.open_table(GROUPS) {
+                Ok(groups) => {
+                    for item in groups.iter().or_store(&path)? {
+                        let (k, v) = item.or_store(&path)?;
+                        let (k, v) = (k.value(), v.value());
+                        match open_sealed::<(String, Vec<String>)>(v) {
+                            Ok((g, p)) if g == k => rec.groups.push((g, p)),
+                            Ok(_) => flag(
+                                "groups",
+                                BadKey::Str(k.to_string()),
+                                k.as_bytes(),
+                                v,
+                                "key does not match the record".into(),
+                            ),
+                            Err(reason) => flag(
+                                "groups",
+                                BadKey::Str(k.to_string()),
+                                k.as_bytes(),
+                                v,
+                                reason,
+                            ),
+                        }
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(db_error(&path, e.into())),
+            }
             let meta = read.open_table(META).or_store(&path)?;
             for item in meta.iter().or_store(&path)? {
                 let (k, v) = item.or_store(&path)?;
@@ -497,6 +528,12 @@ impl RedbStore {
                     }
                     (BadKey::Str(k), "seqs") => {
                         txn.open_table(SEQS)
+                            .or_store(&path)?
+                            .remove(k.as_str())
+                            .or_store(&path)?;
+                    }
+                    (BadKey::Str(k), "groups") => {
+                        txn.open_table(GROUPS)
                             .or_store(&path)?
                             .remove(k.as_str())
                             .or_store(&path)?;
@@ -596,6 +633,25 @@ impl RedbStore {
         }
         self.finish(txn, true).expect("commit");
     }
+
+    /// Flips a byte of one stored group record (tests of corruption handling).
+    #[cfg(test)]
+    pub(super) fn damage_group(&mut self, group: &str) {
+        let txn = self.begin(true).expect("begin");
+        {
+            let mut t = txn.open_table(GROUPS).expect("table");
+            let mut v = t
+                .get(group)
+                .expect("get")
+                .expect("present")
+                .value()
+                .to_vec();
+            let last = v.len() - 1;
+            v[last] ^= 0x5a;
+            t.insert(group, v.as_slice()).expect("insert");
+        }
+        self.finish(txn, true).expect("commit");
+    }
 }
 
 /// Writes a batch into a transaction, assigning ids to new dead letters (in place, so the side
@@ -656,6 +712,21 @@ fn apply(txn: &WriteTransaction, batch: &mut Batch, path: &Path) -> Result<(), S
         }
         meta.insert(META_NEXT_DEAD, seal(&next)?.as_slice())
             .or_store(path)?;
+    }
+    if !batch.groups.is_empty() {
+        let mut groups = txn.open_table(GROUPS).or_store(path)?;
+        for (g, patterns) in &batch.groups {
+            match patterns {
+                Some(p) => {
+                    groups
+                        .insert(g.as_str(), seal(&(g, p))?.as_slice())
+                        .or_store(path)?;
+                }
+                None => {
+                    groups.remove(g.as_str()).or_store(path)?;
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -86,6 +86,7 @@ fn check(open: &mut dyn FnMut() -> Box<dyn Store>) {
                 windows: vec![window(2, "svc:x", 9)],
                 next_seqs: vec![("svc:orders".into(), 7)],
                 dead: vec![dead(2), dead(4)],
+                groups: vec![],
             })
             .expect("commit");
         store.commit(Batch::default()).expect("empty commit");
@@ -637,19 +638,26 @@ fn batch_strategy() -> impl Strategy<Value = Batch> {
     let w = (0u8..3, log.clone(), 0u64..100).prop_map(|(o, l, f)| window(o, l, f));
     let n = (log, 0u64..100).prop_map(|(l, s)| (l.to_string(), s));
     let d = (0u64..5, 0u64..30).prop_map(|(id, s)| DeadLetter { id, ..dead(s) });
+    let g = (
+        prop_oneof![Just("g1"), Just("g2"), Just("g3")],
+        proptest::option::of(proptest::collection::vec("[a-z.*>]{1,6}", 0..3)),
+    )
+        .prop_map(|(g, p)| (g.to_string(), p));
     (
         proptest::collection::vec(e, 0..6),
         proptest::collection::vec(r, 0..6),
         proptest::collection::vec(w, 0..3),
         proptest::collection::vec(n, 0..3),
         proptest::collection::vec(d, 0..3),
+        proptest::collection::vec(g, 0..3),
     )
-        .prop_map(|(append, remove, windows, next_seqs, dead)| Batch {
+        .prop_map(|(append, remove, windows, next_seqs, dead, groups)| Batch {
             append,
             remove,
             windows,
             next_seqs,
             dead,
+            groups,
         })
 }
 
@@ -669,6 +677,7 @@ struct Model {
     windows: BTreeMap<([u8; 32], String), WindowSnapshot>,
     dead: BTreeMap<u64, DeadLetter>,
     next_dead: u64,
+    groups: BTreeMap<String, Vec<String>>,
 }
 
 impl Model {
@@ -695,6 +704,12 @@ impl Model {
             }
             self.next_dead = self.next_dead.max(d.id + 1);
             self.dead.insert(d.id, d);
+        }
+        for (g, p) in &b.groups {
+            match p {
+                Some(p) => self.groups.insert(g.clone(), p.clone()),
+                None => self.groups.remove(g),
+            };
         }
     }
 }
@@ -743,6 +758,14 @@ fn run_model(ops: &[Op], durability: Durability) {
             model.windows.values().cloned().collect::<Vec<_>>()
         );
         assert_eq!(rec.dead_letters, model.dead.len());
+        assert_eq!(
+            rec.groups,
+            model
+                .groups
+                .iter()
+                .map(|(g, p)| (g.clone(), p.clone()))
+                .collect::<Vec<_>>()
+        );
         assert!(rec.corrupt.is_empty());
         assert_eq!(
             store.dead_letters(usize::MAX).expect("list"),
@@ -766,4 +789,101 @@ proptest! {
         };
         run_model(&ops, durability);
     }
+}
+
+fn group(name: &str, patterns: &[&str]) -> (String, Option<Vec<String>>) {
+    (
+        name.to_string(),
+        Some(patterns.iter().map(|p| p.to_string()).collect()),
+    )
+}
+
+fn check_groups(store: &mut dyn Store, want: &[(&str, &[&str])]) {
+    let rec = store.recover().expect("recover");
+    let want: Vec<(String, Vec<String>)> = want
+        .iter()
+        .map(|(g, p)| (g.to_string(), p.iter().map(|p| p.to_string()).collect()))
+        .collect();
+    assert_eq!(rec.groups, want);
+    assert!(rec.corrupt.is_empty(), "{:?}", rec.corrupt);
+}
+
+#[test]
+fn known_groups_round_trip_are_removed_and_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut mem = MemoryStore::new();
+    let mut redb = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
+    let batches = [
+        Batch {
+            groups: vec![
+                group("billing", &["orders.*"]),
+                group("audit", &["orders.>", "payments.>"]),
+            ],
+            ..Batch::default()
+        },
+        // Replaced by the later item for the same group; an unknown removal is a no-op.
+        Batch {
+            groups: vec![
+                group("billing", &["orders.created"]),
+                group("billing", &["orders.*", "refunds.*"]),
+                ("nobody".to_string(), None),
+            ],
+            ..Batch::default()
+        },
+    ];
+    for b in &batches {
+        redb.commit(b.clone()).expect("commit");
+        mem.commit(b.clone()).expect("commit");
+    }
+    let both: &[(&str, &[&str])] = &[
+        ("audit", &["orders.>", "payments.>"]),
+        ("billing", &["orders.*", "refunds.*"]),
+    ];
+    check_groups(&mut redb, both);
+    check_groups(&mut mem, both);
+    drop(redb);
+    let mut redb = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen");
+    check_groups(&mut redb, both);
+
+    let forget = Batch {
+        groups: vec![("audit".to_string(), None)],
+        ..Batch::default()
+    };
+    redb.commit(forget.clone()).expect("commit");
+    mem.commit(forget).expect("commit");
+    let billing: &[(&str, &[&str])] = &[("billing", &["orders.*", "refunds.*"])];
+    check_groups(&mut mem, billing);
+    drop(redb);
+    let mut redb = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen");
+    check_groups(&mut redb, billing);
+    drop(redb);
+    let mut ro = RedbStore::open_read_only(dir.path()).expect("read-only");
+    check_groups(&mut ro, billing);
+}
+
+#[test]
+fn a_corrupt_group_record_is_quarantined() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
+        s.commit(Batch {
+            groups: vec![group("ok", &["a.*"]), group("bad", &["b.*"])],
+            ..Batch::default()
+        })
+        .expect("commit");
+        s.damage_group("bad");
+    }
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen");
+    let rec = s.recover().expect("recover");
+    assert_eq!(
+        rec.groups,
+        vec![("ok".to_string(), vec!["a.*".to_string()])]
+    );
+    assert_eq!(rec.corrupt.len(), 1, "{:?}", rec.corrupt);
+    assert_eq!(rec.corrupt[0].table, "groups");
+    assert_eq!(rec.corrupt[0].key, "bad");
+    // Moved out: the next recovery finds it no more.
+    let again = s.recover().expect("recover");
+    assert!(again.corrupt.is_empty(), "{:?}", again.corrupt);
+    assert_eq!(again.groups.len(), 1);
 }

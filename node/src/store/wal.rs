@@ -40,6 +40,42 @@ struct Record {
     batch: Batch,
 }
 
+/// A record written before [`Batch`] had `groups` (bincode is not self-describing, so the
+/// shorter body fails to decode as [`Record`]); replayed with no group changes, so a side log
+/// left by an older version after a crash is not dropped.
+#[derive(Serialize, serde::Deserialize)]
+struct RecordV1 {
+    epoch: u64,
+    batch: BatchV1,
+}
+
+/// [`Batch`] without `groups`.
+#[derive(Serialize, serde::Deserialize)]
+struct BatchV1 {
+    append: Vec<super::StoredEntry>,
+    remove: Vec<(String, u64)>,
+    windows: Vec<crate::engine::inbox::WindowSnapshot>,
+    next_seqs: Vec<(String, u64)>,
+    dead: Vec<super::DeadLetter>,
+}
+
+impl From<RecordV1> for Record {
+    fn from(r: RecordV1) -> Record {
+        let b = r.batch;
+        Record {
+            epoch: r.epoch,
+            batch: Batch {
+                append: b.append,
+                remove: b.remove,
+                windows: b.windows,
+                next_seqs: b.next_seqs,
+                dead: b.dead,
+                groups: Vec::new(),
+            },
+        }
+    }
+}
+
 /// The open side log.
 #[derive(Debug)]
 pub(super) struct Wal {
@@ -148,11 +184,14 @@ fn next_record(rest: &mut &[u8]) -> Option<Record> {
     if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
         return None;
     }
-    let (rec, used): (Record, usize) =
-        bincode::serde::decode_from_slice(body, bincode::config::standard()).ok()?;
-    if used != len {
-        return None;
-    }
+    let config = bincode::config::standard();
+    let rec = match bincode::serde::decode_from_slice::<Record, _>(body, config) {
+        Ok((rec, used)) if used == len => rec,
+        _ => match bincode::serde::decode_from_slice::<RecordV1, _>(body, config) {
+            Ok((rec, used)) if used == len => rec.into(),
+            _ => return None,
+        },
+    };
     *rest = &tail[len..];
     Some(rec)
 }
@@ -168,6 +207,40 @@ mod tests {
             let mut rest = bytes.as_slice();
             while next_record(&mut rest).is_some() {}
         }
+    }
+
+    #[test]
+    fn records_without_groups_from_an_older_version_are_replayed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w");
+        let old = RecordV1 {
+            epoch: 3,
+            batch: BatchV1 {
+                append: vec![],
+                remove: vec![("svc:a".into(), 7)],
+                windows: vec![],
+                next_seqs: vec![("svc:a".into(), 9)],
+                dead: vec![],
+            },
+        };
+        let body = bincode::serde::encode_to_vec(&old, bincode::config::standard()).expect("enc");
+        let mut rec = Vec::new();
+        rec.extend_from_slice(&u32::try_from(body.len()).expect("len").to_le_bytes());
+        rec.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        rec.extend_from_slice(&body);
+        std::fs::write(&path, &rec).expect("write");
+        let mut wal = Wal::open(&path).expect("open");
+        let new = Batch {
+            groups: vec![("billing".into(), Some(vec!["orders.*".into()]))],
+            ..Batch::default()
+        };
+        wal.append(3, &new).expect("append");
+        let want_old = Batch {
+            remove: vec![("svc:a".into(), 7)],
+            next_seqs: vec![("svc:a".into(), 9)],
+            ..Batch::default()
+        };
+        assert_eq!(wal.read(3).expect("read"), vec![want_old, new]);
     }
 
     #[test]
