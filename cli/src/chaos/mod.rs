@@ -465,16 +465,6 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     for (i, admin) in admins.iter().enumerate() {
         println!("chaos: node-{i} live mesh page: http://{admin}/");
     }
-    for j in 0..a.services {
-        let members: Vec<usize> = (0..a.nodes).filter(|i| i % a.services == j).collect();
-        if let [only] = members[..] {
-            println!(
-                "chaos: warning: svc-{j} has a single instance (node-{only}); a node does not \
-                 deliver to itself, so node-{only}'s own sends and publishes to svc-{j} wait for \
-                 another instance that never comes and will show as lost"
-            );
-        }
-    }
     for i in 0..a.nodes {
         mesh.spawn(i)?;
     }
