@@ -167,13 +167,42 @@ pub(crate) fn handler_span(msg: &Message) -> (tracing::Span, Option<crate::trace
     (span, ctx)
 }
 
+/// Why a queued entry must not reach a handler any more, if it must not.
+///
+/// Its sender redelivers it in both cases (to this node or another instance), so running it
+/// now could only repeat it, and repeat it late: after newer entries of its key were handled
+/// elsewhere. Not acking it is what the sender expects.
+fn stale_reason(shared: &Shared, inbound: &Inbound) -> Option<&'static str> {
+    if inbound.conn.is_cancelled() {
+        Some("its connection is gone")
+    } else if inbound.received.elapsed() >= shared.ack_timeout {
+        Some("it waited longer than the ack timeout")
+    } else {
+        None
+    }
+}
+
 /// Runs the dedup window and key block for an arriving entry; `Some` when the
-/// application should handle it.
+/// application should handle it. A stale entry ([`stale_reason`]) is dropped first, as if it
+/// never arrived.
 async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
+    if let Some(why) = stale_reason(shared, &inbound) {
+        let env = &inbound.env;
+        debug!(origin = %env.origin.short(), log = %env.log, seq = env.seq, why, "stale delivery dropped unhandled; its sender redelivers it");
+        if !inbound.conn.is_cancelled() {
+            // The connection lives on: later entries of the key may be queued behind this one
+            // and must not overtake its redelivery. (A gone connection's queued entries are all
+            // stale, and the sender resends its unsettled entries in order.)
+            runtime::lock(&shared.inbox)
+                .drop_stale((env.origin, &env.log, env.seq), env.key.as_deref());
+        }
+        return None;
+    }
     let Inbound {
         env,
         floor,
         key_floor,
+        ..
     } = inbound;
     let decision = runtime::lock(&shared.inbox).admit(
         (env.origin, &env.log, env.seq),

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use peerbus_transport::{
     CloseCode, ConnectError, Connection, FrameError, FrameReceiver, FrameSender, NodeId,
@@ -400,7 +400,13 @@ async fn lane_reader(
                 let (origin, log, seq) = (env.origin, env.log.clone(), env.seq);
                 let sent = match target {
                     Some(tx) => tokio::select! {
-                        r = tx.send(Inbound { env, floor, key_floor }) => r.is_ok(),
+                        r = tx.send(Inbound {
+                            env,
+                            floor,
+                            key_floor,
+                            conn: cancel.clone(),
+                            received: Instant::now(),
+                        }) => r.is_ok(),
                         () = cancel.cancelled() => return,
                     },
                     None => false,
