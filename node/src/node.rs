@@ -697,7 +697,9 @@ impl Node {
     /// Shuts down in order: stop discovery and accepting, tell peers goodbye, wait up to the
     /// shutdown grace for in-flight handlers and acks (local handlers' acks to their senders,
     /// and peers' acks for this node's own deliveries), close connections, join every task.
-    /// With a data directory no new deliveries go out once shutdown begins.
+    /// With a durable store no new deliveries go out once shutdown begins (they wait in the
+    /// store for the restart); with [`Durability::Memory`] delivering goes on during the grace,
+    /// so a node with a backlog may use all of it.
     /// Messages still unacknowledged stay in the log (kept on disk with a data directory).
     pub async fn shutdown(&self) {
         {
