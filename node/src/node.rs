@@ -12,7 +12,7 @@ use peerbus_discovery::Discovery;
 use peerbus_transport::NodeId;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{Instrument, info};
+use tracing::{Instrument, debug, info};
 
 use crate::builder::NodeBuilder;
 use crate::engine::outbox::{LogStats, Target};
@@ -695,7 +695,11 @@ impl Node {
     }
 
     /// Shuts down in order: stop discovery and accepting, tell peers goodbye, wait up to the
-    /// shutdown grace for in-flight handlers and acks, close connections, join every task.
+    /// shutdown grace for in-flight handlers and acks (local handlers' acks to their senders,
+    /// and peers' acks for this node's own deliveries), close connections, join every task.
+    /// With a durable store no new deliveries go out once shutdown begins (they wait in the
+    /// store for the restart); with [`Durability::Memory`] delivering goes on during the grace,
+    /// so a node with a backlog may use all of it.
     /// Messages still unacknowledged stay in the log (kept on disk with a data directory).
     pub async fn shutdown(&self) {
         {
@@ -716,9 +720,12 @@ impl Node {
             if self.core(CoreMsg::Goodbye(tx)).await.is_ok() {
                 let _ = rx.await;
             }
-            // 3. Let handlers finish and acks go out, bounded by the grace period. Quiet must
-            //    hold for QUIET_SETTLE: work sent just before our goodbye reached the peers is
-            //    still on its way, and handling it without acking would redeliver it elsewhere.
+            // 3. Let handlers finish and acks go out, and let our own in-flight entries be
+            //    acked (or time out), bounded by the grace period: closing with entries in
+            //    flight would resend them after a restart although peers handled them. (With
+            //    a durable store core sends no new entries once closing.) Quiet must hold for
+            //    QUIET_SETTLE: work sent just before our goodbye reached the peers is still on
+            //    its way, and handling it without acking would redeliver it elsewhere.
             let deadline = tokio::time::Instant::now() + self.shared.shutdown_grace;
             let mut quiet_since: Option<tokio::time::Instant> = None;
             loop {
@@ -726,12 +733,12 @@ impl Node {
                 if self.core(CoreMsg::Quiet(tx)).await.is_err() {
                     break;
                 }
-                let Ok((_unsettled, acks_pending)) = rx.await else {
+                let Ok(quiet) = rx.await else {
                     break;
                 };
                 let handling = !runtime::lock(&self.shared.inbox).is_idle();
                 let now = tokio::time::Instant::now();
-                if acks_pending == 0 && !handling {
+                if quiet.acks_pending == 0 && quiet.in_flight == 0 && !handling {
                     let since = *quiet_since.get_or_insert(now);
                     if now.duration_since(since) >= QUIET_SETTLE {
                         break;
@@ -740,6 +747,13 @@ impl Node {
                     quiet_since = None;
                 }
                 if now >= deadline {
+                    debug!(
+                        unsettled = quiet.unsettled,
+                        in_flight = quiet.in_flight,
+                        acks_pending = quiet.acks_pending,
+                        handling,
+                        "shutdown grace over; closing anyway"
+                    );
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -167,13 +167,49 @@ pub(crate) fn handler_span(msg: &Message) -> (tracing::Span, Option<crate::trace
     (span, ctx)
 }
 
+/// Why a queued entry must not reach a handler any more, if it must not: its connection is
+/// gone (closed, timed out, replaced), or it is a first attempt that waited here at least the
+/// ack timeout (this node's, taken as the sender's).
+///
+/// Its sender redelivers it in both cases (to this node or another instance), so running it
+/// now could only repeat it, and repeat it late: after newer entries of its key were handled
+/// elsewhere. Not acking it is what the sender expects.
+///
+/// Redeliveries (attempt 2 and later) are never dropped for their age: on a consumer whose
+/// queue takes about the ack timeout to drain, every copy would otherwise wait that long and
+/// be dropped again, until the sender dead-lettered the entry. Such a consumer now handles
+/// each entry's second copy at the latest.
+fn stale_reason(shared: &Shared, inbound: &Inbound) -> Option<&'static str> {
+    if inbound.conn.is_cancelled() {
+        Some("its connection is gone")
+    } else if inbound.env.attempt <= 1 && inbound.received.elapsed() >= shared.ack_timeout {
+        Some("its first attempt waited longer than the ack timeout")
+    } else {
+        None
+    }
+}
+
 /// Runs the dedup window and key block for an arriving entry; `Some` when the
-/// application should handle it.
+/// application should handle it. A stale entry ([`stale_reason`]) is dropped first, as if it
+/// never arrived.
 async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
+    if let Some(why) = stale_reason(shared, &inbound) {
+        let env = &inbound.env;
+        debug!(origin = %env.origin.short(), log = %env.log, seq = env.seq, why, "stale delivery dropped unhandled; its sender redelivers it");
+        if !inbound.conn.is_cancelled() {
+            // The connection lives on: later entries of the key may be queued behind this one
+            // and must not overtake its redelivery. (A gone connection's queued entries are all
+            // stale, and the sender resends its unsettled entries in order.)
+            runtime::lock(&shared.inbox)
+                .drop_stale((env.origin, &env.log, env.seq), env.key.as_deref());
+        }
+        return None;
+    }
     let Inbound {
         env,
         floor,
         key_floor,
+        ..
     } = inbound;
     let decision = runtime::lock(&shared.inbox).admit(
         (env.origin, &env.log, env.seq),

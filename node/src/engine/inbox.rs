@@ -172,6 +172,29 @@ impl Inbox {
         }
     }
 
+    /// Records that entry `seq` was dropped before its handler started because its sender had
+    /// already timed it out (it waited locally for the ack timeout, on a connection that is
+    /// still up). Nothing is remembered about the entry itself, so its redelivery is handled
+    /// as if this copy never arrived. Its key, if it has one and the entry is neither handled
+    /// nor being handled, is blocked behind it as after a failure: later entries of the key
+    /// queued behind the dropped one are nacked instead of overtaking its redelivery. The
+    /// block ends like any other (the entry comes back, or `key_floor` passes it).
+    pub fn drop_stale(&mut self, (origin, log, seq): EntryRef<'_>, key: Option<&str>) {
+        let Some(k) = key else { return };
+        let known = self
+            .windows
+            .get(&(origin, log.to_string()))
+            .is_some_and(|w| seq < w.floor || w.handled.contains(&seq));
+        if known || self.in_progress.contains(&(origin, log.to_string(), seq)) {
+            return;
+        }
+        if self.blocked.len() < MAX_BLOCKED_KEYS {
+            self.blocked
+                .entry((origin, log.to_string(), k.to_string()))
+                .or_insert(seq);
+        }
+    }
+
     /// Forgets entries being handled for a connection that went away, so
     /// their redelivery is handled (the handler's outcome still counts).
     pub fn is_in_progress(&self, (origin, log, seq): EntryRef<'_>) -> bool {
@@ -244,6 +267,39 @@ mod tests {
         i.complete((a(), "l", 1), Some("k"), false);
         // The origin gave up on 1 (dead letter): key_floor moves past it.
         assert_eq!(i.admit((a(), "l", 2), 0, Some("k"), Some(2)), Admit::Handle);
+    }
+
+    #[test]
+    fn a_stale_drop_is_forgotten_but_holds_its_key_until_it_returns() {
+        let mut i = Inbox::new();
+        // k@1 went stale in the local queue: dropped unhandled.
+        i.drop_stale((a(), "l", 1), Some("k"));
+        // k@2, queued behind it, must not overtake the redelivery of 1.
+        assert_eq!(
+            i.admit((a(), "l", 2), 0, Some("k"), Some(1)),
+            Admit::Blocked { behind: 1 }
+        );
+        // The redelivery of 1 is handled as if the dropped copy never arrived.
+        assert_eq!(i.admit((a(), "l", 1), 0, Some("k"), Some(1)), Admit::Handle);
+        i.complete((a(), "l", 1), Some("k"), true);
+        assert_eq!(i.admit((a(), "l", 2), 0, Some("k"), Some(2)), Admit::Handle);
+    }
+
+    #[test]
+    fn a_stale_drop_handled_elsewhere_unblocks_through_the_key_floor() {
+        let mut i = Inbox::new();
+        i.drop_stale((a(), "l", 1), Some("k"));
+        // Another instance handled 1; the origin's key floor moved past it.
+        assert_eq!(i.admit((a(), "l", 2), 0, Some("k"), Some(2)), Admit::Handle);
+    }
+
+    #[test]
+    fn a_stale_copy_of_a_handled_entry_blocks_nothing() {
+        let mut i = Inbox::new();
+        assert_eq!(i.admit((a(), "l", 1), 0, Some("k"), Some(1)), Admit::Handle);
+        i.complete((a(), "l", 1), Some("k"), true);
+        i.drop_stale((a(), "l", 1), Some("k"));
+        assert_eq!(i.admit((a(), "l", 2), 0, Some("k"), Some(1)), Admit::Handle);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use peerbus_transport::{
     CloseCode, ConnectError, Connection, FrameError, FrameReceiver, FrameSender, NodeId,
@@ -400,6 +400,8 @@ async fn lane_reader(
                     env,
                     floor,
                     key_floor,
+                    conn: cancel.clone(),
+                    received: Instant::now(),
                 };
                 if !hand_over(&shared, inbound, &cancel).await {
                     return;

@@ -141,8 +141,20 @@ pub(crate) enum CoreMsg {
     },
     /// Begin shutdown: say goodbye to every peer, report the unsettled count.
     Goodbye(oneshot::Sender<()>),
-    /// Whether every local handler ack has been flushed and nothing waits for an ack.
-    Quiet(oneshot::Sender<(usize, usize)>),
+    /// How far a shutdown has settled: see [`Quiet`].
+    Quiet(oneshot::Sender<Quiet>),
+}
+
+/// What a shutting-down node still waits for (answer to [`CoreMsg::Quiet`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Quiet {
+    /// Unsettled entries of this node's logs.
+    pub(crate) unsettled: usize,
+    /// Handled entries whose ack waits for its dedup window to be persisted or flushed.
+    pub(crate) acks_pending: usize,
+    /// This node's entries delivered to a peer and not yet acked or timed out. Closing with
+    /// any of them would resend them after a restart although their handlers may have run.
+    pub(crate) in_flight: usize,
 }
 
 struct Link {
@@ -569,8 +581,16 @@ impl Core {
                 let _ = reply.send(());
             }
             CoreMsg::Quiet(reply) => {
-                let in_progress = self.pending_acks.values().map(Vec::len).sum::<usize>();
-                let _ = reply.send((self.outbox.len(), in_progress));
+                let in_flight = if self.outbox.is_empty() {
+                    0
+                } else {
+                    self.outbox.stats().values().map(|s| s.in_flight).sum()
+                };
+                let _ = reply.send(Quiet {
+                    unsettled: self.outbox.len(),
+                    acks_pending: self.pending_acks.values().map(Vec::len).sum(),
+                    in_flight,
+                });
             }
         }
     }
@@ -626,6 +646,11 @@ impl Core {
     }
 
     fn dispatch(&mut self) {
+        if self.closing && self.persistent() {
+            // Shutting down: what is in flight drains (see `Node::shutdown`); the rest stays
+            // in the store and goes out after the restart.
+            return;
+        }
         self.refresh_local(false);
         let now = self.now();
         let lanes = self.shared.lanes;
@@ -726,6 +751,9 @@ impl Core {
             env,
             floor,
             key_floor,
+            // The local "connection" lasts as long as the node.
+            conn: self.shared.cancel.clone(),
+            received: std::time::Instant::now(),
         }) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => warn!(

@@ -76,6 +76,13 @@ pub(crate) struct Inbound {
     pub(crate) env: Envelope,
     pub(crate) floor: u64,
     pub(crate) key_floor: Option<u64>,
+    /// The token of the connection it arrived on: cancelled once that connection is closed,
+    /// timed out or replaced. The sender then redelivers the entry, so a queued copy whose
+    /// connection is gone must not reach a handler.
+    pub(crate) conn: CancellationToken,
+    /// When it arrived. A copy that waited here at least the ack timeout was already timed
+    /// out (and possibly given to another instance) by its sender.
+    pub(crate) received: Instant,
 }
 
 /// A request arriving for the local `serve` handler.
@@ -126,6 +133,9 @@ pub(crate) struct Shared {
     pub(crate) max_requests_in_flight: usize,
     pub(crate) serve_concurrency: usize,
     pub(crate) shutdown_grace: std::time::Duration,
+    /// This node's ack timeout, taken as its senders' too: an inbound entry that waited
+    /// locally this long before its handler would start is dropped as stale.
+    pub(crate) ack_timeout: std::time::Duration,
     pub(crate) send_timeout: std::time::Duration,
     pub(crate) store_stats: Arc<Mutex<crate::store::StoreStats>>,
     pub(crate) durability: Durability,
@@ -249,6 +259,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         max_requests_in_flight: b.max_requests_in_flight,
         serve_concurrency: b.serve_concurrency,
         shutdown_grace: b.shutdown_grace,
+        ack_timeout: b.ack_timeout,
         send_timeout: b.send_timeout,
         store_stats: Arc::new(Mutex::new(crate::store::StoreStats::default())),
         durability,

@@ -1,0 +1,272 @@
+//! Fewer repeats: a consumer does not run deliveries its sender already gave up on (their
+//! connection is gone, or they waited past the ack timeout), and a gracefully restarted sender
+//! does not resend what was handled. In process over real QUIC on 127.0.0.1.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{builder, eventually, start, within};
+use peerbus::{Faults, HandlerError, MemoryNetwork, MeshKey, Node, Outgoing, PeerState};
+use tokio::sync::Semaphore;
+
+/// Handler calls so far, as (consumer, payload) in call order.
+type Calls = Arc<Mutex<Vec<(&'static str, String)>>>;
+
+/// Handles `node`'s service messages one at a time, recording each call under `name`. The
+/// handler of payload `block_on`, if given, waits for a permit of `gate` after recording; every
+/// handler then takes `pause`.
+fn record(
+    node: &Node,
+    name: &'static str,
+    calls: &Calls,
+    block_on: Option<(&'static str, Arc<Semaphore>)>,
+    pause: Duration,
+) {
+    let calls = calls.clone();
+    let block_on = block_on.map(|(p, g)| (p.to_string(), g));
+    tokio::spawn(node.messages().expect("messages").handle(1, move |m| {
+        let calls = calls.clone();
+        let block_on = block_on.clone();
+        async move {
+            let payload = m.payload_text();
+            calls.lock().expect("calls").push((name, payload.clone()));
+            if let Some((p, gate)) = block_on
+                && p == payload
+            {
+                let _permit = gate.acquire().await.expect("gate");
+            }
+            tokio::time::sleep(pause).await;
+            Ok::<(), HandlerError>(())
+        }
+    }));
+}
+
+/// Handler calls per payload and consumer.
+fn tally(calls: &Calls) -> BTreeMap<String, Vec<&'static str>> {
+    let mut t: BTreeMap<String, Vec<&'static str>> = BTreeMap::new();
+    for (who, p) in calls.lock().expect("calls").iter() {
+        t.entry(p.clone()).or_default().push(who);
+    }
+    t
+}
+
+async fn in_flight(node: &Node, log: &str) -> usize {
+    node.status()
+        .await
+        .and_then(|s| s.logs.get(log).map(|l| l.in_flight))
+        .unwrap_or(0)
+}
+
+async fn unsettled(node: &Node) -> usize {
+    node.status()
+        .await
+        .map(|s| s.logs.values().map(|l| l.waiting + l.in_flight).sum())
+        .unwrap_or(usize::MAX)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_deliveries_of_a_cut_connection_are_not_run_once_the_handler_frees() {
+    within(90, async {
+        const N: usize = 20;
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let faults = Faults::new(11);
+        let sender = start(builder(&net, "payments", &key).faults(faults.clone())).await;
+        let first = start(builder(&net, "orders", &key)).await;
+        let calls: Calls = Arc::default();
+        let gate = Arc::new(Semaphore::new(0));
+        record(
+            &first,
+            "first",
+            &calls,
+            Some(("0", gate.clone())),
+            Duration::ZERO,
+        );
+        assert!(
+            sender
+                .wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        // One key: message 0 blocks the only worker, 1..N queue up behind it at `first`.
+        for i in 0..N {
+            let msg = Outgoing::new(format!("{i}")).key("k");
+            drop(sender.send("orders", msg).await.expect("stored"));
+        }
+        eventually(10, "all N in flight to `first`", || async {
+            in_flight(&sender, "svc:orders").await == N
+        })
+        .await;
+        eventually(10, "message 0 is being handled", || async {
+            !calls.lock().expect("calls").is_empty()
+        })
+        .await;
+        // Loopback: the frames sent with the in-flight entries arrive well within this.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // Cut the connection; a second instance comes up and gets everything redelivered.
+        faults.partition(first.local_addr());
+        let second = start(builder(&net, "orders", &key)).await;
+        record(&second, "second", &calls, None, Duration::ZERO);
+        eventually(30, "`second` handled all N", || async {
+            tally(&calls)
+                .values()
+                .filter(|w| w.contains(&"second"))
+                .count()
+                == N
+        })
+        .await;
+        eventually(10, "`first` noticed its connection is gone", || async {
+            first.status().await.is_some_and(|s| {
+                s.peers
+                    .iter()
+                    .any(|p| p.node_id == sender.id() && p.state != PeerState::Connected)
+            })
+        })
+        .await;
+
+        // Free the blocked handler: the deliveries queued behind it are stale.
+        gate.add_permits(1);
+        // Bounded wait for anything `first` would (wrongly) still run.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let t = tally(&calls);
+        assert_eq!(t.len(), N, "every message handled: {t:?}");
+        for (p, who) in &t {
+            let expected: &[&str] = if p == "0" {
+                // Its handler was running when the connection was cut: at least once allows it.
+                &["first", "second"]
+            } else {
+                &["second"]
+            };
+            assert_eq!(who, expected, "handler calls of message {p}");
+        }
+        assert_eq!(
+            first.delivered_count(),
+            1,
+            "`first` admitted only message 0"
+        );
+        faults.heal_all();
+        sender.shutdown().await;
+        first.shutdown().await;
+        second.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_that_waited_past_the_ack_timeout_is_skipped_for_its_redelivery() {
+    within(60, async {
+        const N: usize = 10;
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let ack_timeout = Duration::from_secs(1);
+        let sender = start(builder(&net, "payments", &key).ack_timeout(ack_timeout)).await;
+        let consumer = start(builder(&net, "orders", &key).ack_timeout(ack_timeout)).await;
+        let mut sub = consumer.messages().expect("messages");
+        assert!(
+            sender
+                .wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        let mut receipts = Vec::new();
+        for i in 0..N {
+            receipts.push(
+                sender
+                    .send("orders", Outgoing::new(format!("{i}")))
+                    .await
+                    .expect("stored"),
+            );
+        }
+        let held = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("in time")
+            .expect("a delivery");
+        assert_eq!(held.attempt(), 1);
+        // Hold it past the ack timeout: the sender times out all N and sends them again.
+        tokio::time::sleep(ack_timeout + Duration::from_millis(500)).await;
+        let first = held.payload_text();
+        held.ack().await;
+        let mut seen = vec![first];
+        while seen.len() < N {
+            let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+                .await
+                .expect("in time")
+                .expect("a delivery");
+            assert!(
+                d.attempt() >= 2,
+                "message {} (attempt {}) waited past the ack timeout: its sender already \
+                 redelivered it, this copy must not reach the application",
+                d.payload_text(),
+                d.attempt()
+            );
+            seen.push(d.payload_text());
+            d.ack().await;
+        }
+        seen.sort_by_key(|p| p.parse::<usize>().expect("n"));
+        let want: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+        assert_eq!(seen, want, "each message handled once");
+        for r in receipts {
+            tokio::time::timeout(Duration::from_secs(10), r.acked())
+                .await
+                .expect("in time")
+                .expect("acked");
+        }
+        sender.shutdown().await;
+        consumer.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gracefully_restarted_sender_does_not_resend_what_was_handled() {
+    within(90, async {
+        const N: usize = 100;
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sender_builder = || {
+            builder(&net, "payments", &key)
+                .data_dir(dir.path())
+                .shutdown_grace(Duration::from_secs(10))
+        };
+        let sender = start(sender_builder()).await;
+        let first = start(builder(&net, "orders", &key)).await;
+        let calls: Calls = Arc::default();
+        // A busy consumer: 20 ms a message, so shutdown finds most of them in flight.
+        record(&first, "first", &calls, None, Duration::from_millis(20));
+        assert!(
+            sender
+                .wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        for i in 0..N {
+            let msg = Outgoing::new(format!("{i}")).key(format!("k{}", i % 4));
+            drop(sender.send("orders", msg).await.expect("stored"));
+        }
+        eventually(10, "`first` is handling", || async {
+            calls.lock().expect("calls").len() >= 5
+        })
+        .await;
+        sender.shutdown().await;
+        drop(sender);
+        // Whatever the sender still resends goes to a fresh instance, whose dedup window never
+        // saw what `first` handled.
+        first.shutdown().await;
+        let second = start(builder(&net, "orders", &key)).await;
+        record(&second, "second", &calls, None, Duration::ZERO);
+        let sender = start(sender_builder()).await;
+        eventually(30, "the restarted sender's log is settled", || async {
+            unsettled(&sender).await == 0
+        })
+        .await;
+        let t = tally(&calls);
+        assert_eq!(t.len(), N, "every message handled");
+        let twice: Vec<(&String, &Vec<&str>)> = t.iter().filter(|(_, w)| w.len() > 1).collect();
+        assert!(twice.is_empty(), "handled more than once: {twice:?}");
+        sender.shutdown().await;
+        second.shutdown().await;
+    })
+    .await;
+}
