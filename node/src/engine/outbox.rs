@@ -811,7 +811,12 @@ impl Outbox {
                 // The key sticks to its instance: wait for credit, do not move it (the entry
                 // stays pending, which holds back the later entries of its key).
                 first_left = first_left.or(Some(seq));
-                if self.peers.values().all(|p| p.in_flight >= p.credits) {
+                // Stop when no instance of this log has credit left (not every peer: others,
+                // the local node among them, may consume other logs only).
+                if candidates
+                    .iter()
+                    .all(|c| self.peers.get(c).is_none_or(|p| p.in_flight >= p.credits))
+                {
                     break;
                 }
                 continue;
