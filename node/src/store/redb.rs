@@ -617,38 +617,29 @@ impl RedbStore {
     /// Flips a byte of one stored entry's value (tests of corruption handling).
     #[cfg(test)]
     pub(super) fn damage_entry(&mut self, log: &str, seq: u64) {
-        let txn = self.begin(true).expect("begin");
-        {
-            let mut t = txn.open_table(ENTRIES).expect("table");
-            let key = entry_key(log, seq);
-            let mut v = t
-                .get(key.as_slice())
-                .expect("get")
-                .expect("present")
-                .value()
-                .to_vec();
-            let last = v.len() - 1;
-            v[last] ^= 0x5a;
-            t.insert(key.as_slice(), v.as_slice()).expect("insert");
-        }
-        self.finish(txn, true).expect("commit");
+        self.damage(ENTRIES, entry_key(log, seq).as_slice());
     }
 
     /// Flips a byte of one stored group record (tests of corruption handling).
     #[cfg(test)]
     pub(super) fn damage_group(&mut self, group: &str) {
+        self.damage(GROUPS, group);
+    }
+
+    /// Flips the last byte of the value under `key` in `table`.
+    #[cfg(test)]
+    fn damage<K: redb::Key + 'static>(
+        &mut self,
+        table: redb::TableDefinition<'_, K, &[u8]>,
+        key: K::SelfType<'_>,
+    ) {
         let txn = self.begin(true).expect("begin");
         {
-            let mut t = txn.open_table(GROUPS).expect("table");
-            let mut v = t
-                .get(group)
-                .expect("get")
-                .expect("present")
-                .value()
-                .to_vec();
+            let mut t = txn.open_table(table).expect("table");
+            let mut v = t.get(&key).expect("get").expect("present").value().to_vec();
             let last = v.len() - 1;
             v[last] ^= 0x5a;
-            t.insert(group, v.as_slice()).expect("insert");
+            t.insert(&key, v.as_slice()).expect("insert");
         }
         self.finish(txn, true).expect("commit");
     }
