@@ -34,7 +34,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_name = "N")]
     runs: Option<usize>,
     /// Run only the cases of these kinds (comma-separated: send, publish, request, backlog,
-    /// discovery, memory); the raw baselines always run.
+    /// discovery, memory) or whose names start with these prefixes (`send/memory/1KiB`); the
+    /// raw baselines those cases compare with always run.
     #[arg(long, value_name = "KINDS", value_delimiter = ',')]
     only: Vec<String>,
     /// Also write the cases as JSON to FILE.
@@ -272,7 +273,20 @@ pub(crate) async fn run(args: &BenchArgs) -> Result<()> {
 }
 
 async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
-    let wanted = |kind: &str| args.only.is_empty() || args.only.iter().any(|k| k == kind);
+    // A kind is wanted when a selector names it or a case of it; a case when a selector is
+    // its kind or a prefix of its name.
+    let wanted = |kind: &str| {
+        args.only.is_empty()
+            || args.only.iter().any(|k| {
+                k == kind || k.strip_prefix(kind).is_some_and(|rest| rest.starts_with('/'))
+            })
+    };
+    let wanted_case = |name: &str| {
+        args.only.is_empty()
+            || args.only.iter().any(|k| {
+                name.starts_with(k.as_str()) || name.split('/').next() == Some(k.as_str())
+            })
+    };
     let quick = args.quick;
     let runs = args.runs.unwrap_or(if quick { 1 } else { 3 }).max(1);
     let scale = if quick { 1 } else { 4 };
@@ -320,6 +334,13 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
             "fsync"
         };
         for size in sizes {
+            let name = format!("send/{dname}/{}", size_name(size));
+            // An fsync case compares with the memory send of its size: that one runs too.
+            let fsync_name = format!("send/fsync/{}", size_name(size));
+            if !wanted_case(&name) && !(durability == Durability::Memory && wanted_case(&fsync_name))
+            {
+                continue;
+            }
             let messages = match size {
                 16_384 => 4_000,
                 _ => 20_000,
@@ -333,7 +354,6 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
                 fsyncs += f.fsyncs;
             }
             let rate = median(rates);
-            let name = format!("send/{dname}/{}", size_name(size));
             let mut case =
                 Case::new(name, "msgs_per_s", rate).with("mb_per_s", rate * size as f64 / 1e6);
             if durability == Durability::Memory {
