@@ -17,6 +17,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of the system allocator: a node allocates and frees small buffers
+/// (envelopes, frames, receipts) on every message, across threads, and glibc malloc was a
+/// fifth of the CPU time of the send benchmarks (`peerbus bench`). Applications embedding
+/// the library pick their own allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A brokerless messaging mesh: run nodes, send, publish, subscribe, request, list peers.
 ///
 /// Every option of the mesh can also be set in the environment (PEERBUS_MESH,
