@@ -81,12 +81,16 @@ impl TraceContext {
 
     /// The `traceparent` header value.
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            to_hex(&self.trace_id),
-            to_hex(&self.span_id),
-            self.flags
-        )
+        // Written by hand: this runs for every message sent, and `format!` per byte was a
+        // visible part of the send profile.
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        push_hex(&mut s, &self.trace_id);
+        s.push('-');
+        push_hex(&mut s, &self.span_id);
+        s.push('-');
+        push_hex(&mut s, &[self.flags]);
+        s
     }
 
     /// The trace id as 32 hex characters.
@@ -143,15 +147,25 @@ pub(crate) fn of_headers(headers: &[(String, String)]) -> Option<TraceContext> {
 
 fn nonzero<const N: usize>() -> [u8; N] {
     loop {
-        let b: [u8; N] = std::array::from_fn(|_| rand::random());
+        let b: [u8; N] = rand::random();
         if b != [0; N] {
             return b;
         }
     }
 }
 
+fn push_hex(s: &mut String, b: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for x in b {
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 0xf)]));
+    }
+}
+
 fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    let mut s = String::with_capacity(b.len() * 2);
+    push_hex(&mut s, b);
+    s
 }
 
 fn hex(s: &str) -> Option<Vec<u8>> {
