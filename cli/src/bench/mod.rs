@@ -122,9 +122,12 @@ impl Case {
     fn row(&self) -> String {
         let figure = match self.primary {
             "msgs_per_s" => format!(
-                "{:>10.0} msg/s {:>7.1} MB/s",
+                "{:>10.0} msg/s {:>7.1} MB/s{}",
                 self.value(),
-                self.figures.get("mb_per_s").copied().unwrap_or(0.0)
+                self.figures.get("mb_per_s").copied().unwrap_or(0.0),
+                self.figures
+                    .get("cpu_us_per_msg")
+                    .map_or(String::new(), |c| format!(" {c:>5.1} µs cpu"))
             ),
             "requests_per_s" => format!("{:>10.0} req/s", self.value()),
             "seconds" => format!("{:>10.3} s", self.value()),
@@ -138,7 +141,7 @@ impl Case {
         });
         let baseline = self.baseline.as_ref().map_or("", |(n, _)| n.as_str());
         format!(
-            "{:<32} {:<30} {:<22} {:>6}  {}",
+            "{:<32} {:<42} {:<22} {:>6}  {}",
             self.name, figure, baseline, ratio, target
         )
     }
@@ -235,7 +238,7 @@ pub(crate) async fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     println!(
-        "{:<32} {:<30} {:<22} {:>6}  target",
+        "{:<32} {:<42} {:<22} {:>6}  target",
         "case", "figure", "baseline", "ratio"
     );
     let mut report = Report { cases: Vec::new() };
@@ -278,14 +281,17 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
     let wanted = |kind: &str| {
         args.only.is_empty()
             || args.only.iter().any(|k| {
-                k == kind || k.strip_prefix(kind).is_some_and(|rest| rest.starts_with('/'))
+                k == kind
+                    || k.strip_prefix(kind)
+                        .is_some_and(|rest| rest.starts_with('/'))
             })
     };
     let wanted_case = |name: &str| {
         args.only.is_empty()
-            || args.only.iter().any(|k| {
-                name.starts_with(k.as_str()) || name.split('/').next() == Some(k.as_str())
-            })
+            || args
+                .only
+                .iter()
+                .any(|k| name.starts_with(k.as_str()) || name.split('/').next() == Some(k.as_str()))
     };
     let quick = args.quick;
     let runs = args.runs.unwrap_or(if quick { 1 } else { 3 }).max(1);
@@ -307,8 +313,11 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
             _ => 10_000,
         } * scale;
         let mut v = Vec::with_capacity(runs);
+        let mut cpu = Vec::with_capacity(runs);
         for _ in 0..runs {
+            let cpu0 = cases::cpu_time();
             v.push(raw::stream(size, frames).await?);
+            cpu.push(cases::cpu_time().saturating_sub(cpu0).as_secs_f64() * 1e6 / frames as f64);
         }
         let rate = median(v);
         let case = Case::new(
@@ -316,7 +325,8 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
             "msgs_per_s",
             rate,
         )
-        .with("mb_per_s", rate * size as f64 / 1e6);
+        .with("mb_per_s", rate * size as f64 / 1e6)
+        .with("cpu_us_per_msg", median(cpu));
         stream.insert(size, report.add(case));
     }
 
@@ -337,8 +347,9 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
             let name = format!("send/{dname}/{}", size_name(size));
             // An fsync case compares with the memory send of its size: that one runs too.
             let fsync_name = format!("send/fsync/{}", size_name(size));
-            if !wanted_case(&name) && !(durability == Durability::Memory && wanted_case(&fsync_name))
-            {
+            let wanted_here = wanted_case(&name)
+                || (durability == Durability::Memory && wanted_case(&fsync_name));
+            if !wanted_here {
                 continue;
             }
             let messages = match size {
@@ -346,16 +357,19 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
                 _ => 20_000,
             } * scale;
             let mut rates = Vec::with_capacity(runs);
+            let mut cpu = Vec::with_capacity(runs);
             let mut fsyncs = 0;
             for run in 0..runs {
                 let dir = tmp.path().join(format!("send-{dname}-{size}-{run}"));
                 let f = cases::send(durability, size, messages, &dir).await?;
                 rates.push(f.msgs_per_s);
+                cpu.push(f.cpu_us_per_msg);
                 fsyncs += f.fsyncs;
             }
             let rate = median(rates);
-            let mut case =
-                Case::new(name, "msgs_per_s", rate).with("mb_per_s", rate * size as f64 / 1e6);
+            let mut case = Case::new(name, "msgs_per_s", rate)
+                .with("mb_per_s", rate * size as f64 / 1e6)
+                .with("cpu_us_per_msg", median(cpu));
             if durability == Durability::Memory {
                 case = case.against(report.get(stream[&size]));
                 case = match size {
