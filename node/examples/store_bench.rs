@@ -31,7 +31,8 @@ fn entry(seq: u64, payload: &Bytes) -> StoredEntry {
             created_at_ms: 0,
             attempt: 1,
             payload: payload.clone(),
-        },
+        }
+        .into(),
         expires_at_ms: None,
         not_before_ms: None,
     }

@@ -26,7 +26,8 @@ fn entry(seq: u64) -> StoredEntry {
             created_at_ms: seq,
             attempt: 1,
             payload: Bytes::from(vec![7u8; 100]),
-        },
+        }
+        .into(),
         expires_at_ms: None,
         not_before_ms: Some(seq),
     }
@@ -61,7 +62,7 @@ fn main() {
             dead: if i % 10 == 0 {
                 vec![DeadLetter {
                     id: 0,
-                    env: entry(i).env,
+                    env: Envelope::clone(&entry(i).env),
                     reason: "ttl expired".into(),
                     attempts: 2,
                     dead_at_ms: 5,

@@ -2,6 +2,7 @@
 //! ([`Outgoing`]).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -33,14 +34,19 @@ impl fmt::Display for MessageId {
 /// The kind of a message.
 pub use crate::engine::wire::Kind as MessageKind;
 
-/// A message received by a handler or subscription.
+/// A message received by a handler or subscription. Cloning it is cheap: clones share the
+/// envelope.
 #[derive(Clone, Debug)]
 pub struct Message {
-    pub(crate) env: Envelope,
+    pub(crate) env: Arc<Envelope>,
 }
 
 impl Message {
     pub(crate) fn new(env: Envelope) -> Self {
+        Self { env: Arc::new(env) }
+    }
+
+    pub(crate) fn shared(env: Arc<Envelope>) -> Self {
         Self { env }
     }
 

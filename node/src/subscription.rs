@@ -221,7 +221,7 @@ async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
         Admit::Handle => {
             shared.counters.delivered.fetch_add(1, Ordering::Relaxed);
             return Some(Delivery {
-                msg: Message::new(env),
+                msg: Message::shared(env),
                 shared: shared.clone(),
                 done: false,
             });
@@ -241,7 +241,7 @@ async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
         .core
         .send(CoreMsg::Completed {
             origin: env.origin,
-            log: env.log,
+            log: env.log.clone(),
             seq: env.seq,
             result: reply,
         })

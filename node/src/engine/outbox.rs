@@ -13,6 +13,7 @@
 //!   credits for.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use peerbus_transport::NodeId;
 
@@ -128,7 +129,7 @@ pub struct Settled {
     /// Its sequence number.
     pub seq: u64,
     /// The entry itself (for the dead-letter store).
-    pub env: Envelope,
+    pub env: Arc<Envelope>,
     /// Attempts made.
     pub attempts: u32,
     /// What happened.
@@ -160,7 +161,8 @@ enum State {
 
 #[derive(Clone, Debug)]
 struct Entry {
-    env: Envelope,
+    /// Shared with the frames that carry it: a delivery clones the pointer, not the strings.
+    env: Arc<Envelope>,
     state: State,
     not_before: u64,
     expires_at: Option<u64>,
@@ -287,7 +289,7 @@ impl Outbox {
         ttl_ms: Option<u64>,
         not_before_ms: Option<u64>,
         staged: bool,
-    ) -> Envelope {
+    ) -> Arc<Envelope> {
         let name = target.log_name();
         let base = self.config.seq_base.max(1);
         let log = self.logs.entry(name.clone()).or_default();
@@ -305,6 +307,7 @@ impl Outbox {
         } else {
             State::Pending
         };
+        let env = Arc::new(env);
         self.insert(
             env.clone(),
             ttl_ms.map(|t| now + t),
@@ -348,7 +351,7 @@ impl Outbox {
 
     /// Puts back an entry recovered from the store after a restart.
     /// `expires_at`/`not_before` are absolute (same clock as `now`).
-    pub fn restore(&mut self, env: Envelope, expires_at: Option<u64>, not_before: u64) {
+    pub fn restore(&mut self, env: Arc<Envelope>, expires_at: Option<u64>, not_before: u64) {
         let log = self.logs.entry(env.log.clone()).or_default();
         log.next_seq = log.next_seq.max(env.seq + 1);
         self.insert(env, expires_at, not_before, State::Pending);
@@ -366,7 +369,13 @@ impl Outbox {
         self.logs.iter().map(|(n, l)| (n.as_str(), l.next_seq))
     }
 
-    fn insert(&mut self, env: Envelope, expires_at: Option<u64>, not_before: u64, state: State) {
+    fn insert(
+        &mut self,
+        env: Arc<Envelope>,
+        expires_at: Option<u64>,
+        not_before: u64,
+        state: State,
+    ) {
         let log = self.logs.entry(env.log.clone()).or_default();
         if let Some(k) = &env.key {
             log.keys.entry(k.clone()).or_default().insert(env.seq);
@@ -823,7 +832,10 @@ impl Outbox {
             }
             let key_floor = key.and_then(|k| log.keys.get(k)?.first().copied());
             let mut env = e.env.clone();
-            env.attempt = e.attempts + 1;
+            if env.attempt != e.attempts + 1 {
+                // Copies the envelope only if an earlier frame of it is still queued.
+                Arc::make_mut(&mut env).attempt = e.attempts + 1;
+            }
             peer.in_flight += 1;
             let conn = peer.conn;
             self.round_robin = self.round_robin.wrapping_add(1);

@@ -7,6 +7,8 @@
 //! [`PROTOCOL_VERSION`](peerbus_discovery::PROTOCOL_VERSION) when an old peer
 //! could not read them.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use peerbus_transport::NodeId;
 use serde::{Deserialize, Serialize};
@@ -139,8 +141,8 @@ pub enum Data {
         floor: u64,
         /// Lowest unsettled seq with the same key at the origin when this was sent.
         key_floor: Option<u64>,
-        /// The message.
-        env: Envelope,
+        /// The message (shared with the sender's log entry; on the wire, just the envelope).
+        env: Arc<Envelope>,
     },
     /// A request; `env.seq` is the correlation id.
     Request {
@@ -216,7 +218,7 @@ mod tests {
     proptest! {
         #[test]
         fn data_frames_round_trip(env in env_strategy(), floor in any::<u64>(), kf in proptest::option::of(any::<u64>()), budget in any::<u64>()) {
-            roundtrip(Data::Deliver { floor, key_floor: kf, env: env.clone() });
+            roundtrip(Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) });
             roundtrip(Data::Request { budget_ms: budget, env: env.clone() });
             roundtrip(Data::Reply { corr: floor, result: Ok(env.payload.clone()) });
             roundtrip(Data::Reply { corr: floor, result: Err(env.destination) });

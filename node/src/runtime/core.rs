@@ -812,7 +812,7 @@ impl Core {
             if let Outcome::DeadLettered { reason } = &s.outcome {
                 self.store_op(StoreOp::Dead(DeadLetter {
                     id: 0,
-                    env: s.env.clone(),
+                    env: Envelope::clone(&s.env),
                     reason: reason.clone(),
                     attempts: s.attempts,
                     dead_at_ms: crate::message::now_unix_ms(),

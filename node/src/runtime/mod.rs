@@ -73,7 +73,7 @@ pub(crate) const MAX_INBOUND_LANES: usize = 64;
 /// An entry arriving for a local consumer.
 #[derive(Debug)]
 pub(crate) struct Inbound {
-    pub(crate) env: Envelope,
+    pub(crate) env: Arc<Envelope>,
     pub(crate) floor: u64,
     pub(crate) key_floor: Option<u64>,
     /// The token of the connection it arrived on: cancelled once that connection is closed,

@@ -27,6 +27,7 @@
 //! to the undelivered log, which the runtime bounds.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -47,8 +48,8 @@ pub use self::redb::{LOCK_FILE, RedbStore, STORE_FILE, WAL_FILE};
 /// A log entry as stored, keyed by `(env.log, env.seq)`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StoredEntry {
-    /// The message.
-    pub env: Envelope,
+    /// The message (shared with the outbox entry it was stored for).
+    pub env: Arc<Envelope>,
     /// When it expires and goes to the dead-letter store (Unix ms); `None`: never.
     pub expires_at_ms: Option<u64>,
     /// Not delivered before this time (Unix ms); `None`: at once.

@@ -26,7 +26,8 @@ fn entry(log: &str, seq: u64, size: usize) -> StoredEntry {
             created_at_ms: seq,
             attempt: 1,
             payload: Bytes::from(vec![7u8; size]),
-        },
+        }
+        .into(),
         expires_at_ms: None,
         not_before_ms: Some(seq),
     }
@@ -35,7 +36,7 @@ fn entry(log: &str, seq: u64, size: usize) -> StoredEntry {
 fn dead(seq: u64) -> DeadLetter {
     DeadLetter {
         id: 0,
-        env: entry("svc:orders", seq, 8).env,
+        env: Envelope::clone(&entry("svc:orders", seq, 8).env),
         reason: "ttl expired".into(),
         attempts: 2,
         dead_at_ms: 5,
