@@ -65,9 +65,9 @@ impl TraceContext {
         if parts.next().is_some() || v != "00" || t.len() != 32 || s.len() != 16 || f.len() != 2 {
             return None;
         }
-        let trace_id: [u8; 16] = hex(t)?.try_into().ok()?;
-        let span_id: [u8; 8] = hex(s)?.try_into().ok()?;
-        let flags = *hex(f)?.first()?;
+        let trace_id: [u8; 16] = hex(t)?;
+        let span_id: [u8; 8] = hex(s)?;
+        let [flags] = hex::<1>(f)?;
         if trace_id == [0; 16] || span_id == [0; 8] {
             return None;
         }
@@ -168,14 +168,19 @@ fn to_hex(b: &[u8]) -> String {
     s
 }
 
-fn hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
+/// `N` bytes from exactly `2 * N` hex digits (either case); no allocation, as this runs for
+/// every message handled.
+fn hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let digits = s.as_bytes();
+    if digits.len() != 2 * N {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    let nibble = |c: u8| char::from(c).to_digit(16).map(|d| d as u8);
+    let mut out = [0u8; N];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = nibble(digits[2 * i])? << 4 | nibble(digits[2 * i + 1])?;
+    }
+    Some(out)
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@
 //! returning [`Admit::Handle`], and at most once per window unless the window
 //! was forced to forget it (see [`MAX_HANDLED_PER_WINDOW`]).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 
+use super::FastMap;
 use peerbus_transport::NodeId;
 
 /// Most handled sequence numbers remembered above a window's floor. The
@@ -55,8 +56,8 @@ pub type EntryRef<'a> = (NodeId, &'a str, u64);
 /// Receiver-side dedup and key-block state.
 #[derive(Debug, Default)]
 pub struct Inbox {
-    windows: HashMap<(NodeId, String), Window>,
-    blocked: HashMap<(NodeId, String, String), u64>,
+    windows: FastMap<(NodeId, String), Window>,
+    blocked: FastMap<(NodeId, String, String), u64>,
     in_progress: HashSet<(NodeId, String, u64)>,
     clock: u64,
 }

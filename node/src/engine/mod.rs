@@ -8,6 +8,12 @@
 //! time, loss, reordering and restarts (see `tests` in each module and
 //! `sim.rs`).
 
+/// A hash map with a fast, per-process randomly seeded hasher (foldhash) for the maps a
+/// node touches on every message (log keys, receipts, dedup windows). std's SipHash was a
+/// visible part of the send profile; foldhash keeps a random seed, so keys chosen by a
+/// remote peer cannot be picked to collide.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub mod breaker;
 pub mod inbox;
 pub mod outbox;

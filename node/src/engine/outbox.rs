@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use peerbus_transport::NodeId;
 
+use super::FastMap;
 use super::routing::{rendezvous, topic_matches};
 use super::wire::{Data, Envelope, Interest};
 
@@ -175,7 +176,7 @@ struct Log {
     /// Payload bytes of the entries.
     bytes: usize,
     /// Unsettled seqs per key.
-    keys: HashMap<String, BTreeSet<u64>>,
+    keys: FastMap<String, BTreeSet<u64>>,
     next_seq: u64,
     /// No entry below this seq is `Pending` (they are in flight or staged): dispatch starts
     /// here instead of walking the in-flight window at the head of the log each time. Every
@@ -954,7 +955,7 @@ fn stable_rr(id: &NodeId, rr: u64) -> u64 {
     super::routing::stable_hash(&[id.as_bytes(), &rr.to_le_bytes()])
 }
 
-fn forget_key(keys: &mut HashMap<String, BTreeSet<u64>>, env: &Envelope) {
+fn forget_key(keys: &mut FastMap<String, BTreeSet<u64>>, env: &Envelope) {
     if let Some(k) = &env.key
         && let Some(set) = keys.get_mut(k)
     {

@@ -17,6 +17,7 @@ use tracing::{debug, info, trace, warn};
 use super::storage::{Clock, Durable, StoreOp};
 use super::{Inbound, MAX_KNOWN_PEERS, Shared, conn};
 use crate::admin::EventKind;
+use crate::engine::FastMap;
 use crate::engine::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target};
 use crate::engine::routing::stable_hash;
@@ -243,7 +244,7 @@ struct Core {
     outbox: Outbox,
     links: HashMap<NodeId, Link>,
     known: HashMap<NodeId, Known>,
-    receipts: HashMap<(String, u64), oneshot::Sender<Result<(), DeliveryError>>>,
+    receipts: FastMap<(String, u64), oneshot::Sender<Result<(), DeliveryError>>>,
     requests: HashMap<u64, PendingRequest>,
     next_corr: u64,
     next_generation: u64,
@@ -259,7 +260,7 @@ struct Core {
     clock: Clock,
     next_call: u64,
     calls: HashMap<u64, PendingAppend>,
-    staged: HashMap<(String, u64), u64>,
+    staged: FastMap<(String, u64), u64>,
     /// `send` calls waiting for room in a full log, oldest first.
     parked: std::collections::VecDeque<Append>,
     limits: Limits,
@@ -332,7 +333,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         outbox,
         links: HashMap::new(),
         known: HashMap::new(),
-        receipts: HashMap::new(),
+        receipts: FastMap::default(),
         requests: HashMap::new(),
         next_corr: 1,
         next_generation: 1,
@@ -346,7 +347,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         clock,
         next_call: 1,
         calls: HashMap::new(),
-        staged: HashMap::new(),
+        staged: FastMap::default(),
         parked: std::collections::VecDeque::new(),
         limits: init.limits,
         guards: init.guards,
@@ -964,28 +965,22 @@ impl Core {
         let staged = self.persistent();
         let mut receipts = Vec::with_capacity(a.targets.len());
         let mut stored = Vec::with_capacity(a.targets.len());
-        for t in &a.targets {
+        let last = a.targets.len().saturating_sub(1);
+        // The envelope is copied for every target but the last, which takes it.
+        let mut env = Some(a.env);
+        for (i, t) in a.targets.iter().enumerate() {
+            let copy = if i == last { env.take() } else { env.clone() };
+            let Some(copy) = copy else { break };
             if t.is_ephemeral() {
                 // Online-only: not stored, no receipt; dropped if its subscriber disconnects.
-                self.outbox.append(
-                    t,
-                    a.env.clone(),
-                    now,
-                    a.ttl_ms,
-                    a.delay_ms.map(|d| now + d),
-                    false,
-                );
+                self.outbox
+                    .append(t, copy, now, a.ttl_ms, a.delay_ms.map(|d| now + d), false);
                 self.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let e = self.outbox.append(
-                t,
-                a.env.clone(),
-                now,
-                a.ttl_ms,
-                a.delay_ms.map(|d| now + d),
-                staged,
-            );
+            let e = self
+                .outbox
+                .append(t, copy, now, a.ttl_ms, a.delay_ms.map(|d| now + d), staged);
             let (tx, rx) = oneshot::channel();
             self.receipts.insert((e.log.clone(), e.seq), tx);
             receipts.push(rx);
@@ -1000,6 +995,10 @@ impl Core {
             let _ = a.reply.send(Ok(receipts));
             return;
         }
+        let destination = stored
+            .first()
+            .map(|e| e.env.destination.clone())
+            .unwrap_or_default();
         let store = &self.store;
         let call = self.next_call;
         self.next_call += 1;
@@ -1014,7 +1013,7 @@ impl Core {
                 self.receipts.remove(&(log.clone(), *seq));
             }
             let _ = a.reply.send(Err(SendError::Backpressure {
-                destination: a.env.destination.clone(),
+                destination: destination.clone(),
                 entries: self.outbox.len(),
                 waited: Duration::ZERO,
             }));
@@ -1032,7 +1031,7 @@ impl Core {
                 remaining: ids.len(),
                 receipts,
                 reply: a.reply,
-                destination: a.env.destination.clone(),
+                destination,
             },
         );
     }
