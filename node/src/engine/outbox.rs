@@ -691,11 +691,17 @@ impl Outbox {
     /// Hands waiting entries to instances with credit (cheap when nothing can move).
     pub fn dispatch(&mut self, now: u64) -> Vec<Transmit> {
         let mut tx = Vec::new();
+        self.dispatch_into(now, &mut tx);
+        tx
+    }
+
+    /// [`Outbox::dispatch`] into a caller's buffer (appended to), so a busy caller reuses one
+    /// allocation: a fresh `Vec` of a full credit window per dispatch cost page faults.
+    pub fn dispatch_into(&mut self, now: u64, tx: &mut Vec<Transmit>) {
         let names: Vec<String> = self.logs.keys().cloned().collect();
         for name in names {
-            self.dispatch_log(&name, now, &mut tx);
+            self.dispatch_log(&name, now, tx);
         }
-        tx
     }
 
     fn expire_and_time_out(&mut self, now: u64, settled: &mut Vec<Settled>) {

@@ -19,7 +19,7 @@ use super::{Inbound, MAX_KNOWN_PEERS, Shared, conn};
 use crate::admin::EventKind;
 use crate::engine::FastMap;
 use crate::engine::breaker::{Breaker, BreakerConfig, BreakerState};
-use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target};
+use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target, Transmit};
 use crate::engine::routing::stable_hash;
 use crate::engine::wire::{Control, Data, Envelope, Hello, Interest};
 use crate::error::{DeliveryError, RequestError, SendError};
@@ -245,6 +245,9 @@ struct Core {
     links: HashMap<NodeId, Link>,
     known: HashMap<NodeId, Known>,
     receipts: FastMap<(String, u64), oneshot::Sender<Result<(), DeliveryError>>>,
+    /// The buffer each dispatch fills and drains (empty between dispatches; its capacity is
+    /// at most one dispatch's deliveries, bounded by the peers' credits).
+    transmits: Vec<Transmit>,
     requests: HashMap<u64, PendingRequest>,
     next_corr: u64,
     next_generation: u64,
@@ -334,6 +337,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         links: HashMap::new(),
         known: HashMap::new(),
         receipts: FastMap::default(),
+        transmits: Vec::new(),
         requests: HashMap::new(),
         next_corr: 1,
         next_generation: 1,
@@ -655,7 +659,9 @@ impl Core {
         self.refresh_local(false);
         let now = self.now();
         let lanes = self.shared.lanes;
-        for t in self.outbox.dispatch(now) {
+        let mut transmits = std::mem::take(&mut self.transmits);
+        self.outbox.dispatch_into(now, &mut transmits);
+        for t in transmits.drain(..) {
             if t.peer == self.shared.id {
                 self.deliver_local(t.frame);
                 continue;
@@ -700,6 +706,7 @@ impl Core {
                 },
             );
         }
+        self.transmits = transmits;
     }
 
     fn flush_acks(&mut self) {
