@@ -528,11 +528,11 @@ impl Node {
                         break;
                     };
                     let handler = handler.clone();
-                    let s = task_shared.clone();
+                    let lanes = task_shared.lanes;
                     task_shared.tracker.spawn(async move {
                         let _permit = permit;
-                        let to = req.env.origin;
                         let corr = req.env.seq;
+                        let out = req.reply;
                         let budget = Duration::from_millis(req.budget_ms);
                         let request = Request {
                             msg: Message::new(req.env),
@@ -551,7 +551,7 @@ impl Node {
                             Ok(Err(e)) => Err(e.to_string()),
                             Err(_) => return, // the requester has given up already
                         };
-                        let _ = s.core.send(CoreMsg::SendReply { to, corr, result }).await;
+                        runtime::conn::send_reply(&out, lanes, corr, result);
                     });
                 }
             }

@@ -24,6 +24,7 @@ pub(crate) mod conn;
 pub(crate) mod core;
 pub(crate) mod storage;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -31,7 +32,7 @@ use peerbus_discovery::{
     Discovery, DiscoveryEvent, MdnsDiscovery, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
 };
 use peerbus_transport::{Endpoint, EndpointConfig, Identity, Membership, MeshKey, NodeId};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
@@ -40,7 +41,7 @@ use crate::builder::{MembershipChoice, NodeBuilder};
 use crate::engine::inbox::Inbox;
 use crate::engine::outbox::OutboxConfig;
 use crate::engine::wire::{Envelope, Interest};
-use crate::error::StartError;
+use crate::error::{RequestError, StartError};
 use crate::node::{Node, NodeInner};
 use crate::store::{Durability, MemoryStore, RedbStore, Store};
 
@@ -90,7 +91,29 @@ pub(crate) struct Inbound {
 pub(crate) struct InboundRequest {
     pub(crate) env: Envelope,
     pub(crate) budget_ms: u64,
+    /// The outgoing queue of the connection the request came on: the serve task writes the
+    /// reply there itself (`try_send`, like core), without a hop through core. Closed once
+    /// that connection is gone, which means the requester is gone too.
+    pub(crate) reply: mpsc::Sender<core::Out>,
 }
+
+/// A caller of `Node::request` waiting for its reply (see [`Shared::replies`]).
+#[derive(Debug)]
+pub(crate) struct ReplySlot {
+    /// The instance the request went to: only a reply from it completes the slot.
+    pub(crate) peer: NodeId,
+    /// The service asked, for the error of a failed request.
+    pub(crate) service: String,
+    pub(crate) tx: oneshot::Sender<Result<bytes::Bytes, RequestError>>,
+}
+
+/// Callers waiting for the reply of a single request, by correlation id. Core inserts a slot
+/// when it sends the request; whoever removes it first answers the caller, exactly once: the
+/// lane reader the reply arrives on (it then tells core, which does the bookkeeping), or core
+/// when the request times out, loses its instance or the node stops. Bounded by
+/// `max_requests_in_flight`: every slot belongs to a request core still counts, and core
+/// refuses requests beyond that limit.
+pub(crate) type Replies = Mutex<HashMap<u64, ReplySlot>>;
 
 pub(crate) struct LocalSub {
     pub(crate) id: u64,
@@ -141,6 +164,8 @@ pub(crate) struct Shared {
     pub(crate) durability: Durability,
     pub(crate) started: Instant,
     pub(crate) core: mpsc::Sender<core::CoreMsg>,
+    /// Callers waiting for a reply: see [`Replies`].
+    pub(crate) replies: Replies,
     pub(crate) inbox: Mutex<Inbox>,
     pub(crate) routes: RwLock<Routes>,
     pub(crate) cancel: CancellationToken,
@@ -265,6 +290,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         durability,
         started: Instant::now(),
         core: core_tx.clone(),
+        replies: Mutex::new(HashMap::new()),
         inbox: Mutex::new(inbox),
         routes: RwLock::new(Routes {
             service_tx,
