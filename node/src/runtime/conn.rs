@@ -436,7 +436,16 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
                     reply: out.clone(),
                 };
                 let delivered = match serve {
-                    Some(tx) => tx.send(request).await.is_ok(),
+                    Some(server) => match server.permits.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            (server.run)(request, permit);
+                            true
+                        }
+                        Err(_) => tokio::select! {
+                            r = server.queue.send(request) => r.is_ok(),
+                            () = cancel.cancelled() => return,
+                        },
+                    },
                     None => false,
                 };
                 if !delivered {

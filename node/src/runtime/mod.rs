@@ -32,7 +32,7 @@ use peerbus_discovery::{
     Discovery, DiscoveryEvent, MdnsDiscovery, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
 };
 use peerbus_transport::{Endpoint, EndpointConfig, Identity, Membership, MeshKey, NodeId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
@@ -97,6 +97,22 @@ pub(crate) struct InboundRequest {
     pub(crate) reply: mpsc::Sender<core::Out>,
 }
 
+/// Runs one request: spawns the `serve` handler's task, which keeps the permit while it runs.
+pub(crate) type ServeFn = Arc<dyn Fn(InboundRequest, OwnedSemaphorePermit) + Send + Sync>;
+
+/// The local `serve` handler, as lane readers reach it.
+pub(crate) struct Server {
+    /// One per handler running (`serve_concurrency`).
+    pub(crate) permits: Arc<Semaphore>,
+    /// Starts a handler. A lane reader that gets a permit at once calls it itself, so the
+    /// request reaches its handler without a hop through a queue.
+    pub(crate) run: ServeFn,
+    /// Requests that found every permit taken ([`SERVE_QUEUE`] of them; a lane reader waits
+    /// for room, which pushes back on the requester): the serve task starts them in order as
+    /// permits come free.
+    pub(crate) queue: mpsc::Sender<InboundRequest>,
+}
+
 /// A caller of `Node::request` waiting for its reply (see [`Shared::replies`]).
 #[derive(Debug)]
 pub(crate) struct ReplySlot {
@@ -126,7 +142,7 @@ pub(crate) struct Routes {
     pub(crate) service_tx: mpsc::Sender<Inbound>,
     pub(crate) service_rx: Option<mpsc::Receiver<Inbound>>,
     pub(crate) subs: Vec<LocalSub>,
-    pub(crate) serve: Option<mpsc::Sender<InboundRequest>>,
+    pub(crate) serve: Option<Arc<Server>>,
     pub(crate) next_sub: u64,
 }
 
