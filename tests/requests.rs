@@ -439,6 +439,55 @@ async fn a_request_whose_instance_goes_away_fails_as_peer_lost() {
     .await;
 }
 
+/// `serve_concurrency` bounds the handlers running at once; requests beyond it wait their
+/// turn (in the serve queue) and are all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_at_most_its_concurrency_and_queues_the_rest() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let server = start(builder(&net, "pool", &key).serve_concurrency(2)).await;
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (r, m) = (running.clone(), most.clone());
+        server
+            .serve(move |_req| {
+                let (r, m) = (r.clone(), m.clone());
+                async move {
+                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    m.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    Ok("done".into())
+                }
+            })
+            .await
+            .expect("serve");
+        eventually(10, "server reachable", || async {
+            client
+                .request("pool", "x", Duration::from_secs(1))
+                .await
+                .is_ok()
+        })
+        .await;
+        let mut calls = Vec::new();
+        for _ in 0..12 {
+            let c = client.clone();
+            calls.push(tokio::spawn(async move {
+                c.request("pool", "x", Duration::from_secs(10)).await
+            }));
+        }
+        for call in calls {
+            assert_eq!(&call.await.expect("join").expect("answered")[..], b"done");
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 2, "handlers at once");
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
 /// Waits until `node` counts no request in flight (each one got its reply or its deadline).
 async fn in_flight_drains(node: &peerbus::Node) {
     eventually(10, "nothing left in flight", || async {
