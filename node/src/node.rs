@@ -358,13 +358,20 @@ impl Node {
             1
         };
         let mut backoff = opts.backoff;
+        let mut env = Some(env);
         for attempt in 1..=attempts {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
                 break;
             }
             let share = left / (attempts - attempt + 1);
-            let mut env = env.clone();
+            // The last attempt takes the envelope; earlier ones send a copy.
+            let next = if attempt == attempts {
+                env.take()
+            } else {
+                env.clone()
+            };
+            let Some(mut env) = next else { break };
             env.attempt = attempt;
             let result = self.request_once(service, env, share).await;
             let retryable = matches!(
