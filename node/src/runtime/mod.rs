@@ -16,6 +16,12 @@
 //!   pushes back on the sender.
 //! - **discovery pump**: forwards discovery events to core.
 //!
+//! Requests take one hop through core, on the way out (choosing the instance, breaker and
+//! bulkhead). The server's lane reader starts the `serve` handler (a task per request, or the
+//! serve queue when `serve_concurrency` is reached) and the handler queues its reply on the
+//! connection's writer itself. The requester's lane reader answers the caller from
+//! [`Shared::replies`] and tells core afterwards, for its bookkeeping.
+//!
 //! Shutdown order (see [`crate::Node::shutdown`]): stop discovery and
 //! accepting, say goodbye to peers, wait (up to the grace period) for local
 //! handlers and acks, close connections, cancel and join every task.
