@@ -305,3 +305,195 @@ async fn scatter_gather_collects_until_the_deadline() {
     })
     .await;
 }
+
+/// Replies racing their callers' deadlines: every caller gets its reply or a timeout, nothing
+/// else, and once the late replies are in nothing stays counted in flight (the reply reaches
+/// the caller before core hears of it, so core must still see every request end): the
+/// bulkhead lets a full batch through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_racing_their_deadlines_leave_nothing_in_flight() {
+    const CALLS: usize = 40;
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        // Timeouts must not open the breaker: this test is about the counts.
+        let lenient = BreakerConfig {
+            min_requests: 1_000_000,
+            ..BreakerConfig::default()
+        };
+        let client = start(
+            builder(&net, "web", &key)
+                .circuit_breaker(lenient)
+                .max_requests_in_flight_per_service(CALLS),
+        )
+        .await;
+        let server = start(builder(&net, "clock", &key)).await;
+        server
+            .serve(|req| async move {
+                let ms: u64 = req.payload_text().parse().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok("done".into())
+            })
+            .await
+            .expect("serve");
+        eventually(10, "server reachable", || async {
+            client
+                .request("clock", "0", Duration::from_secs(1))
+                .await
+                .is_ok()
+        })
+        .await;
+        let (mut replies, mut timeouts) = (0, 0);
+        for _round in 0..5 {
+            let mut calls = Vec::new();
+            for i in 0..CALLS {
+                let c = client.clone();
+                // Handler times spread across the 200 ms deadline, both sides of it.
+                let ms = 150 + (i * 100 / CALLS) as u64;
+                calls.push(tokio::spawn(async move {
+                    c.request("clock", ms.to_string(), Duration::from_millis(200))
+                        .await
+                }));
+            }
+            for call in calls {
+                match call.await.expect("join") {
+                    Ok(b) => {
+                        assert_eq!(&b[..], b"done");
+                        replies += 1;
+                    }
+                    Err(RequestError::Timeout { .. }) => timeouts += 1,
+                    Err(e) => panic!("a racing request ended with {e}"),
+                }
+            }
+            // Requests whose handler was abandoned end at their deadline; the next round
+            // needs the room.
+            in_flight_drains(&client).await;
+        }
+        assert!(
+            replies > 0 && timeouts > 0,
+            "the race ran both ways: {replies} replies, {timeouts} timeouts"
+        );
+        let mut calls = Vec::new();
+        for _ in 0..CALLS {
+            let c = client.clone();
+            calls.push(tokio::spawn(async move {
+                c.request("clock", "50", Duration::from_secs(5)).await
+            }));
+        }
+        for call in calls {
+            let r = call.await.expect("join");
+            assert!(r.is_ok(), "the bulkhead kept a count: {r:?}");
+        }
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// A request whose instance goes away fails at once as `PeerLost`, not at its deadline, and
+/// ends its count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_instance_goes_away_fails_as_peer_lost() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let server =
+            start(builder(&net, "slow", &key).shutdown_grace(Duration::from_millis(300))).await;
+        server
+            .serve(|req| async move {
+                if req.payload_text() == "hang" {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                Ok("done".into())
+            })
+            .await
+            .expect("serve");
+        eventually(10, "server reachable", || async {
+            client
+                .request("slow", "x", Duration::from_secs(1))
+                .await
+                .is_ok()
+        })
+        .await;
+        let c = client.clone();
+        let call =
+            tokio::spawn(async move { c.request("slow", "hang", Duration::from_secs(20)).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t0 = std::time::Instant::now();
+        let stopping = tokio::spawn(async move { server.shutdown().await });
+        let err = call
+            .await
+            .expect("join")
+            .expect_err("the instance went away");
+        assert!(matches!(err, RequestError::PeerLost { .. }), "{err}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(4),
+            "failed when the instance left, not when the handler would have answered: {:?}",
+            t0.elapsed()
+        );
+        in_flight_drains(&client).await;
+        stopping.await.expect("join");
+        client.shutdown().await;
+    })
+    .await;
+}
+
+/// `serve_concurrency` bounds the handlers running at once; requests beyond it wait their
+/// turn (in the serve queue) and are all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_at_most_its_concurrency_and_queues_the_rest() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let server = start(builder(&net, "pool", &key).serve_concurrency(2)).await;
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (r, m) = (running.clone(), most.clone());
+        server
+            .serve(move |_req| {
+                let (r, m) = (r.clone(), m.clone());
+                async move {
+                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    m.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    Ok("done".into())
+                }
+            })
+            .await
+            .expect("serve");
+        eventually(10, "server reachable", || async {
+            client
+                .request("pool", "x", Duration::from_secs(1))
+                .await
+                .is_ok()
+        })
+        .await;
+        let mut calls = Vec::new();
+        for _ in 0..12 {
+            let c = client.clone();
+            calls.push(tokio::spawn(async move {
+                c.request("pool", "x", Duration::from_secs(10)).await
+            }));
+        }
+        for call in calls {
+            assert_eq!(&call.await.expect("join").expect("answered")[..], b"done");
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 2, "handlers at once");
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// Waits until `node` counts no request in flight (each one got its reply or its deadline).
+async fn in_flight_drains(node: &peerbus::Node) {
+    eventually(10, "nothing left in flight", || async {
+        node.status()
+            .await
+            .is_some_and(|s| s.requests_in_flight == 0)
+    })
+    .await;
+}

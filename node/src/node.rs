@@ -12,6 +12,7 @@ use peerbus_discovery::Discovery;
 use peerbus_transport::NodeId;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info};
 
 use crate::builder::NodeBuilder;
@@ -357,13 +358,20 @@ impl Node {
             1
         };
         let mut backoff = opts.backoff;
+        let mut env = Some(env);
         for attempt in 1..=attempts {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
                 break;
             }
             let share = left / (attempts - attempt + 1);
-            let mut env = env.clone();
+            // The last attempt takes the envelope; earlier ones send a copy.
+            let next = if attempt == attempts {
+                env.take()
+            } else {
+                env.clone()
+            };
+            let Some(mut env) = next else { break };
             env.attempt = attempt;
             let result = self.request_once(service, env, share).await;
             let retryable = matches!(
@@ -505,54 +513,35 @@ impl Node {
         Fut: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
     {
         let (tx, mut rx) = mpsc::channel::<InboundRequest>(SERVE_QUEUE);
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.shared.serve_concurrency));
+        let run = serve_fn(handler, self.shared.tracker.clone(), self.shared.lanes);
         {
             let mut routes = runtime::write(&self.shared.routes);
             if routes.serve.is_some() {
                 return Err(SubscribeError::AlreadyTaken);
             }
-            routes.serve = Some(tx);
+            routes.serve = Some(Arc::new(runtime::Server {
+                permits: permits.clone(),
+                run: run.clone(),
+                queue: tx,
+            }));
         }
         let shared = self.shared.clone();
-        let handler = Arc::new(handler);
-        let limit = Arc::new(tokio::sync::Semaphore::new(shared.serve_concurrency));
-        let task_shared = shared.clone();
+        let cancel = shared.cancel.clone();
+        // Starts the requests that found every permit taken, in order. Ends once `serve` is
+        // stopped (the queue's sender goes with the route) or the node stops.
         shared.tracker.spawn(
             async move {
                 loop {
                     let req = tokio::select! {
                         r = rx.recv() => r,
-                        () = task_shared.cancel.cancelled() => None,
+                        () = cancel.cancelled() => None,
                     };
                     let Some(req) = req else { break };
-                    let Ok(permit) = limit.clone().acquire_owned().await else {
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
                         break;
                     };
-                    let handler = handler.clone();
-                    let s = task_shared.clone();
-                    task_shared.tracker.spawn(async move {
-                        let _permit = permit;
-                        let to = req.env.origin;
-                        let corr = req.env.seq;
-                        let budget = Duration::from_millis(req.budget_ms);
-                        let request = Request {
-                            msg: Message::new(req.env),
-                            budget,
-                        };
-                        let (span, ctx) = crate::subscription::handler_span(&request.msg);
-                        let run = tokio::time::timeout(budget, handler(request));
-                        let run = async {
-                            match ctx {
-                                Some(ctx) => crate::trace::scope(ctx, run).await,
-                                None => run.await,
-                            }
-                        };
-                        let result = match run.instrument(span).await {
-                            Ok(Ok(b)) => Ok(b),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(_) => return, // the requester has given up already
-                        };
-                        let _ = s.core.send(CoreMsg::SendReply { to, corr, result }).await;
-                    });
+                    run(req, permit);
                 }
             }
             .instrument(self.inner.span.clone()),
@@ -950,6 +939,43 @@ impl RequestOptions {
         self.backoff = d;
         self
     }
+}
+
+/// How a request reaches `handler`: in its own task (tracked by `tracker`), with the time the
+/// requester gave it; the reply goes straight to the connection it came on.
+fn serve_fn<F, Fut>(handler: F, tracker: TaskTracker, lanes: usize) -> runtime::ServeFn
+where
+    F: Fn(Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    Arc::new(move |req: InboundRequest, permit| {
+        let handler = handler.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let corr = req.env.seq;
+            let out = req.reply;
+            let budget = Duration::from_millis(req.budget_ms);
+            let request = Request {
+                msg: Message::new(req.env),
+                budget,
+            };
+            let (span, ctx) = crate::subscription::handler_span(&request.msg);
+            let run = tokio::time::timeout(budget, handler(request));
+            let run = async {
+                match ctx {
+                    Some(ctx) => crate::trace::scope(ctx, run).await,
+                    None => run.await,
+                }
+            };
+            let result = match run.instrument(span).await {
+                Ok(Ok(b)) => Ok(b),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => return, // the requester has given up already
+            };
+            runtime::conn::send_reply(&out, lanes, corr, result);
+        });
+    })
 }
 
 /// One answer of a scatter-gather.

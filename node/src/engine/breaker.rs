@@ -65,6 +65,9 @@ pub struct Breaker {
     opened_at: u64,
     probes_in_flight: usize,
     outcomes: VecDeque<(u64, bool)>,
+    /// Failures among `outcomes`, kept as they come and go (a request's verdict must not
+    /// walk the whole window).
+    failed: usize,
 }
 
 impl Breaker {
@@ -76,6 +79,7 @@ impl Breaker {
             opened_at: 0,
             probes_in_flight: 0,
             outcomes: VecDeque::new(),
+            failed: 0,
         }
     }
 
@@ -109,7 +113,7 @@ impl Breaker {
                 self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
                 if ok {
                     self.state = BreakerState::Closed;
-                    self.outcomes.clear();
+                    self.clear();
                 } else {
                     self.open(now);
                 }
@@ -117,12 +121,13 @@ impl Breaker {
             BreakerState::Open => {}
             BreakerState::Closed => {
                 self.outcomes.push_back((now, ok));
+                self.failed += usize::from(!ok);
                 if self.outcomes.len() > MAX_OUTCOMES {
-                    self.outcomes.pop_front();
+                    self.pop_oldest();
                 }
                 self.trim(now);
                 let n = self.outcomes.len();
-                let failed = self.outcomes.iter().filter(|(_, ok)| !ok).count();
+                let failed = self.failed;
                 if n >= self.cfg.min_requests && failed as f64 >= self.cfg.failure_ratio * n as f64
                 {
                     self.open(now);
@@ -134,7 +139,18 @@ impl Breaker {
     fn open(&mut self, now: u64) {
         self.state = BreakerState::Open;
         self.opened_at = now;
+        self.clear();
+    }
+
+    fn clear(&mut self) {
         self.outcomes.clear();
+        self.failed = 0;
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((_, ok)) = self.outcomes.pop_front() {
+            self.failed = self.failed.saturating_sub(usize::from(!ok));
+        }
     }
 
     fn trim(&mut self, now: u64) {
@@ -143,7 +159,7 @@ impl Breaker {
             .front()
             .is_some_and(|(t, _)| t + self.cfg.window_ms < now)
         {
-            self.outcomes.pop_front();
+            self.pop_oldest();
         }
     }
 
@@ -160,16 +176,41 @@ impl Breaker {
     /// Outcomes in the current window: (total, failed).
     pub fn window(&mut self, now: u64) -> (usize, usize) {
         self.trim(now);
-        (
-            self.outcomes.len(),
-            self.outcomes.iter().filter(|(_, ok)| !ok).count(),
-        )
+        (self.outcomes.len(), self.failed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The failure count follows the window as outcomes enter, fall out of it by age and by
+    /// the [`MAX_OUTCOMES`] cap.
+    #[test]
+    fn window_counts_follow_age_and_cap() {
+        let lenient = BreakerConfig {
+            min_requests: usize::MAX,
+            ..cfg()
+        };
+        let mut b = Breaker::new(lenient);
+        // One outcome per millisecond, every third a failure: only the last `window_ms`
+        // (1 s) of them stay.
+        let total = MAX_OUTCOMES as u64 + 300;
+        for t in 0..total {
+            b.record(t, t % 3 != 0);
+        }
+        let oldest = total - 1 - 1_000;
+        let kept: Vec<u64> = (oldest..total).collect();
+        let failed = kept.iter().filter(|t| *t % 3 == 0).count();
+        assert_eq!(b.window(total - 1), (kept.len(), failed));
+        // The cap: a burst within one millisecond keeps only the newest MAX_OUTCOMES.
+        let mut b = Breaker::new(lenient);
+        for i in 0..MAX_OUTCOMES + 7 {
+            b.record(5, i % 2 == 0);
+        }
+        let failed = (7..MAX_OUTCOMES + 7).filter(|i| i % 2 == 1).count();
+        assert_eq!(b.window(5), (MAX_OUTCOMES, failed));
+    }
 
     fn cfg() -> BreakerConfig {
         BreakerConfig {

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use peerbus_transport::{
     CloseCode, ConnectError, Connection, FrameError, FrameReceiver, FrameSender, NodeId,
 };
@@ -12,11 +13,12 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::core::{CoreMsg, Out, local_hello};
+use super::core::{CoreMsg, Out, Replied, local_hello};
 use super::{Inbound, InboundRequest, MAX_INBOUND_LANES, MAX_PENDING_HANDSHAKES, Shared};
 use crate::engine::outbox::NOT_HERE_PREFIX;
 use crate::engine::routing::topic_matches;
 use crate::engine::wire::{Control, Data, Hello};
+use crate::error::RequestError;
 
 /// How long the hello exchange may take after the transport handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -198,12 +200,14 @@ pub(crate) async fn dial_loop(
     .await;
 }
 
-/// Starts the writer, readers and close watcher of an accepted connection.
+/// Starts the writer, readers and close watcher of an accepted connection. `out` is the
+/// sending side of the writer's queue `rx` (core keeps another clone): the lane readers and
+/// the serve handlers reply through it.
 pub(crate) fn spawn_connection(
     shared: Arc<Shared>,
     ready: Ready,
     generation: u64,
-    rx: mpsc::Receiver<Out>,
+    (out, rx): (mpsc::Sender<Out>, mpsc::Receiver<Out>),
     cancel: CancellationToken,
 ) {
     let Ready {
@@ -218,11 +222,17 @@ pub(crate) fn spawn_connection(
     t.spawn(
         writer(conn.clone(), ctl_tx, rx, shared.lanes, cancel.clone()).instrument(span.clone()),
     );
+    let lanes = LaneContext {
+        shared: shared.clone(),
+        peer,
+        out: out.clone(),
+        cancel: cancel.clone(),
+    };
     t.spawn(
         control_reader(shared.clone(), peer, generation, ctl_rx, cancel.clone())
             .instrument(span.clone()),
     );
-    t.spawn(lane_acceptor(shared.clone(), conn.clone(), cancel.clone()).instrument(span.clone()));
+    t.spawn(lane_acceptor(lanes, conn.clone()).instrument(span.clone()));
     let shared2 = shared.clone();
     t.spawn(
         async move {
@@ -347,12 +357,22 @@ async fn control_reader(
     }
 }
 
-async fn lane_acceptor(shared: Arc<Shared>, conn: Connection, cancel: CancellationToken) {
+/// What every data lane reader of one connection shares.
+#[derive(Clone)]
+struct LaneContext {
+    shared: Arc<Shared>,
+    peer: NodeId,
+    /// The connection's outgoing queue (see `spawn_connection`).
+    out: mpsc::Sender<Out>,
+    cancel: CancellationToken,
+}
+
+async fn lane_acceptor(cx: LaneContext, conn: Connection) {
     let mut lanes = 0usize;
     loop {
         let rx = tokio::select! {
             r = conn.accept_uni() => r,
-            () = cancel.cancelled() => return,
+            () = cx.cancel.cancelled() => return,
         };
         let Ok(rx) = rx else { return };
         lanes += 1;
@@ -364,19 +384,19 @@ async fn lane_acceptor(shared: Arc<Shared>, conn: Connection, cancel: Cancellati
             conn.close(CloseCode::ProtocolViolation, "too many lanes");
             return;
         }
-        shared.tracker.spawn(
-            lane_reader(shared.clone(), conn.peer_id(), rx, cancel.clone())
-                .instrument(tracing::Span::current()),
-        );
+        cx.shared
+            .tracker
+            .spawn(lane_reader(cx.clone(), rx).instrument(tracing::Span::current()));
     }
 }
 
-async fn lane_reader(
-    shared: Arc<Shared>,
-    peer: NodeId,
-    mut rx: FrameReceiver,
-    cancel: CancellationToken,
-) {
+async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
+    let LaneContext {
+        shared,
+        peer,
+        out,
+        cancel,
+    } = cx;
     loop {
         let frame = tokio::select! {
             f = rx.recv::<Data>() => f,
@@ -410,36 +430,93 @@ async fn lane_reader(
             Data::Request { budget_ms, env } => {
                 let serve = super::read(&shared.routes).serve.clone();
                 let corr = env.seq;
+                let request = InboundRequest {
+                    env,
+                    budget_ms,
+                    reply: out.clone(),
+                };
                 let delivered = match serve {
-                    Some(tx) => tx.send(InboundRequest { env, budget_ms }).await.is_ok(),
+                    Some(server) => match server.permits.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            (server.run)(request, permit);
+                            true
+                        }
+                        Err(_) => tokio::select! {
+                            r = server.queue.send(request) => r.is_ok(),
+                            () = cancel.cancelled() => return,
+                        },
+                    },
                     None => false,
                 };
                 if !delivered {
                     let result = Err(format!("`{}` does not serve requests", shared.service));
-                    if shared
-                        .core
-                        .send(CoreMsg::SendReply {
-                            to: peer,
-                            corr,
-                            result,
-                        })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
+                    send_reply(&out, shared.lanes, corr, result);
                 }
             }
             Data::Reply { corr, result } => {
-                if shared
-                    .core
-                    .send(CoreMsg::Reply { corr, result })
-                    .await
-                    .is_err()
-                {
+                let (replied, waiting) = match claim(&shared, peer, corr) {
+                    Some(slot) => (
+                        Replied::Answered { ok: result.is_ok() },
+                        Some((slot, result)),
+                    ),
+                    None => (Replied::Payload(result), None),
+                };
+                let msg = CoreMsg::Reply {
+                    peer,
+                    corr,
+                    replied,
+                };
+                // Core's bookkeeping is queued before the caller wakes: its next request
+                // queues behind it, so it finds this one's bulkhead count released and its
+                // verdict in the breaker.
+                let core_alive = shared.core.send(msg).await.is_ok();
+                if let Some((slot, result)) = waiting {
+                    let _ = slot.tx.send(result.map_err(|message| RequestError::Remote {
+                        service: slot.service,
+                        message,
+                    }));
+                }
+                if !core_alive {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Takes the caller waiting for the reply to `corr` out of [`Shared::replies`], if it waits
+/// for one from `peer`: whoever takes it answers it.
+fn claim(shared: &Shared, peer: NodeId, corr: u64) -> Option<super::ReplySlot> {
+    let mut replies = super::lock(&shared.replies);
+    match replies.get(&corr) {
+        Some(slot) if slot.peer == peer => replies.remove(&corr),
+        _ => None,
+    }
+}
+
+/// Queues the reply to request `corr` on the connection it came on (`out`), on the lane core
+/// would pick. Like core, never waits: a full queue means the requester stopped reading (core
+/// closes such a connection on its next write) and a closed one that it is gone; either way
+/// the reply is dropped and the requester times out or has failed already.
+pub(crate) fn send_reply(
+    out: &mpsc::Sender<Out>,
+    lanes: usize,
+    corr: u64,
+    result: Result<Bytes, String>,
+) {
+    let lane = (corr % lanes.max(1) as u64) as usize;
+    let frame = Data::Reply { corr, result };
+    match out.try_send(Out::Data { lane, frame }) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            warn!(
+                corr,
+                limit = super::LINK_QUEUE,
+                "reply dropped: the requester's outgoing queue is full"
+            );
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            debug!(corr, "reply dropped: requester no longer connected");
         }
     }
 }

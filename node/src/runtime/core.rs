@@ -60,6 +60,16 @@ pub(crate) enum Out {
     Data { lane: usize, frame: Data },
 }
 
+/// What a lane reader tells core about a reply that arrived.
+#[derive(Debug)]
+pub(crate) enum Replied {
+    /// The reader took the caller's slot from [`Shared::replies`] and answered it: core only
+    /// does the bookkeeping (`ok`: the handler succeeded, for the breaker).
+    Answered { ok: bool },
+    /// No slot to answer (a scatter reply, or a late one): core delivers or drops it.
+    Payload(Result<Bytes, String>),
+}
+
 /// Messages to the core actor.
 pub(crate) enum CoreMsg {
     /// Store and deliver one entry per target; reply with one receiver per copy.
@@ -95,10 +105,11 @@ pub(crate) enum CoreMsg {
         generation: u64,
         frame: Control,
     },
-    /// A reply arrived.
+    /// A reply arrived from `peer` (see [`Replied`]).
     Reply {
+        peer: NodeId,
         corr: u64,
-        result: Result<Bytes, String>,
+        replied: Replied,
     },
     /// Send a request; the reply (or error) comes back on `reply`.
     Request {
@@ -115,12 +126,6 @@ pub(crate) enum CoreMsg {
         budget_ms: u64,
         replies: mpsc::Sender<(NodeId, Result<Bytes, String>)>,
         started: oneshot::Sender<usize>,
-    },
-    /// Local serve handler answered a request.
-    SendReply {
-        to: NodeId,
-        corr: u64,
-        result: Result<Bytes, String>,
     },
     /// Local handler finished an entry: ack or nack it to its origin.
     Completed {
@@ -192,8 +197,11 @@ pub(crate) enum ScatterTarget {
     Topic(String),
 }
 
+/// Where a request's answer goes.
 enum Sink {
-    One(oneshot::Sender<Result<Bytes, RequestError>>),
+    /// One caller, waiting in [`Shared::replies`] under the request's correlation id.
+    One,
+    /// A scatter: every reply goes to its collector.
     Many(mpsc::Sender<(NodeId, Result<Bytes, String>)>),
 }
 
@@ -463,56 +471,27 @@ impl Core {
                 generation,
                 frame,
             } => self.on_control(peer, generation, frame),
-            CoreMsg::Reply { corr, result } => {
-                if let Some(p) = self.requests.remove(&corr) {
-                    let ok = result.is_ok();
-                    self.finish_request(&p, Some(ok));
-                    match p.sink {
-                        Sink::One(tx) => {
-                            let _ = tx.send(result.map_err(|message| RequestError::Remote {
-                                service: p.service,
-                                message,
-                            }));
-                        }
-                        Sink::Many(tx) => {
-                            let _ = tx.try_send((p.peer, result));
-                        }
-                    }
-                }
-            }
+            CoreMsg::Reply {
+                peer,
+                corr,
+                replied,
+            } => self.on_reply(peer, corr, replied),
             CoreMsg::Scatter {
                 target,
-                mut env,
+                env,
                 budget_ms,
                 replies,
                 started,
             } => {
-                let n = self.scatter(target, &mut env, budget_ms, replies);
+                let n = self.scatter(target, &env, budget_ms, replies);
                 let _ = started.send(n);
             }
             CoreMsg::Request {
                 service,
-                mut env,
+                env,
                 budget_ms,
                 reply,
-            } => {
-                self.request(&service, &mut env, budget_ms, reply);
-            }
-            CoreMsg::SendReply { to, corr, result } => {
-                let lanes = self.shared.lanes;
-                if let Some(l) = self.links.get(&to) {
-                    let lane = (corr % lanes as u64) as usize;
-                    try_out(
-                        l,
-                        Out::Data {
-                            lane,
-                            frame: Data::Reply { corr, result },
-                        },
-                    );
-                } else {
-                    debug!(peer = %to.short(), corr, "reply dropped: requester no longer connected");
-                }
-            }
+            } => self.request(&service, env, budget_ms, reply),
             CoreMsg::Completed {
                 origin,
                 log,
@@ -621,15 +600,75 @@ impl Core {
             .map(|(c, _)| *c)
             .collect();
         for corr in expired {
-            if let Some(p) = self.requests.remove(&corr) {
-                self.finish_request(&p, Some(false));
-                if let Sink::One(tx) = p.sink {
-                    let _ = tx.send(Err(RequestError::Timeout {
-                        service: p.service,
-                        after: Duration::from_millis(0),
+            let timeout = |service| RequestError::Timeout {
+                service,
+                after: Duration::from_millis(0),
+            };
+            self.end_request(corr, timeout, None);
+        }
+    }
+
+    /// A reply arrived from `peer`: the bookkeeping of its request, and its delivery unless
+    /// the lane reader answered the caller already.
+    fn on_reply(&mut self, peer: NodeId, corr: u64, replied: Replied) {
+        // Only the instance the request went to may answer it.
+        if self.requests.get(&corr).is_none_or(|p| p.peer != peer) {
+            return;
+        }
+        let Some(p) = self.requests.remove(&corr) else {
+            return;
+        };
+        let ok = match &replied {
+            Replied::Answered { ok } => *ok,
+            Replied::Payload(r) => r.is_ok(),
+        };
+        self.finish_request(&p, Some(ok));
+        match (p.sink, replied) {
+            (Sink::Many(tx), Replied::Payload(result)) => {
+                let _ = tx.try_send((p.peer, result));
+            }
+            (Sink::One, Replied::Payload(result)) => {
+                if let Some(slot) = take_slot(&self.shared, corr) {
+                    let _ = slot.tx.send(result.map_err(|message| RequestError::Remote {
+                        service: slot.service,
+                        message,
                     }));
                 }
             }
+            (_, Replied::Answered { .. }) => {}
+        }
+    }
+
+    /// Ends a request that got no reply (deadline passed, instance gone): a failure for the
+    /// breaker, and `error` for its caller, or `scatter_error` (if any) for a scatter's
+    /// collector.
+    /// A single request whose caller the lane reader answered meanwhile is left alone: that
+    /// reader's [`CoreMsg::Reply`] is on its way and ends it with the right verdict, so the
+    /// caller gets exactly one answer and the breaker the true one.
+    fn end_request(
+        &mut self,
+        corr: u64,
+        error: impl FnOnce(String) -> RequestError,
+        scatter_error: Option<&str>,
+    ) {
+        let Some(p) = self.requests.get(&corr) else {
+            return;
+        };
+        let slot = match p.sink {
+            Sink::One => match take_slot(&self.shared, corr) {
+                Some(slot) => Some(slot),
+                None => return,
+            },
+            Sink::Many(_) => None,
+        };
+        let Some(p) = self.requests.remove(&corr) else {
+            return;
+        };
+        self.finish_request(&p, Some(false));
+        if let Some(slot) = slot {
+            let _ = slot.tx.send(Err(error(slot.service)));
+        } else if let (Sink::Many(tx), Some(e)) = (&p.sink, scatter_error) {
+            let _ = tx.try_send((p.peer, Err(e.to_string())));
         }
     }
 
@@ -1228,7 +1267,7 @@ impl Core {
     fn request(
         &mut self,
         service: &str,
-        env: &mut Envelope,
+        env: Envelope,
         budget_ms: u64,
         reply: oneshot::Sender<Result<Bytes, RequestError>>,
     ) {
@@ -1278,51 +1317,71 @@ impl Core {
                 self.breakers.remove(&v);
             }
         }
-        let guards = self.guards;
-        let breaker = self
-            .breakers
-            .entry(service.to_string())
-            .or_insert_with(|| Breaker::new(guards.breaker));
-        if let Err(r) = breaker.allow(now) {
+        if !self.breakers.contains_key(service) {
+            self.breakers
+                .insert(service.to_string(), Breaker::new(self.guards.breaker));
+        }
+        let allowed = match self.breakers.get_mut(service) {
+            Some(b) => b.allow(now),
+            None => Ok(()),
+        };
+        if let Err(r) = allowed {
             let _ = reply.send(Err(RequestError::BreakerOpen {
                 service: service.to_string(),
                 retry_after: Duration::from_millis(r.retry_after_ms),
             }));
             return;
         }
-        *self
-            .service_in_flight
-            .entry(service.to_string())
-            .or_default() += 1;
-        self.send_request(peer, service, env, budget_ms, Sink::One(reply), true);
-    }
-
-    fn send_request(
-        &mut self,
-        peer: NodeId,
-        service: &str,
-        env: &mut Envelope,
-        budget_ms: u64,
-        sink: Sink,
-        guarded: bool,
-    ) {
+        match self.service_in_flight.get_mut(service) {
+            Some(n) => *n += 1,
+            None => {
+                self.service_in_flight.insert(service.to_string(), 1);
+            }
+        }
         let corr = self.next_corr;
         self.next_corr += 1;
+        let slot = super::ReplySlot {
+            peer,
+            service: service.to_string(),
+            tx: reply,
+        };
+        // In the shared map before the request leaves, so its reply always finds it.
+        super::lock(&self.shared.replies).insert(corr, slot);
+        self.send_request(corr, peer, service.to_string(), env, budget_ms, Sink::One);
+    }
+
+    /// Sends a request to `peer` (which must be connected) and remembers it until its reply,
+    /// deadline or the end of its connection.
+    fn send_request(
+        &mut self,
+        corr: u64,
+        peer: NodeId,
+        service: String,
+        mut env: Envelope,
+        budget_ms: u64,
+        sink: Sink,
+    ) {
+        // Single requests count for the service's breaker and bulkhead; scatters do not.
+        let guarded = matches!(sink, Sink::One);
         env.seq = corr;
         let lanes = self.shared.lanes as u64;
         let Some(l) = self.links.get_mut(&peer) else {
+            // Callers pick `peer` among the links; should it be gone all the same, the
+            // request ends here and leaves no count or waiting caller behind.
+            if guarded && let Some(n) = self.service_in_flight.get_mut(&service) {
+                *n = n.saturating_sub(1);
+            }
+            if let Some(slot) = take_slot(&self.shared, corr) {
+                let _ = slot.tx.send(Err(RequestError::PeerLost { service }));
+            }
             return;
         };
         l.outstanding += 1;
-        let frame = Data::Request {
-            budget_ms,
-            env: env.clone(),
-        };
         try_out(
             l,
             Out::Data {
                 lane: (corr % lanes) as usize,
-                frame,
+                frame: Data::Request { budget_ms, env },
             },
         );
         let deadline = self.shared.now() + budget_ms;
@@ -1330,7 +1389,7 @@ impl Core {
             corr,
             PendingRequest {
                 peer,
-                service: service.to_string(),
+                service,
                 deadline,
                 sink,
                 guarded,
@@ -1341,7 +1400,7 @@ impl Core {
     fn scatter(
         &mut self,
         target: ScatterTarget,
-        env: &mut Envelope,
+        env: &Envelope,
         budget_ms: u64,
         replies: mpsc::Sender<(NodeId, Result<Bytes, String>)>,
     ) -> usize {
@@ -1367,13 +1426,15 @@ impl Core {
         };
         let mut n = 0;
         for peer in peers.into_iter().take(room) {
+            let corr = self.next_corr;
+            self.next_corr += 1;
             self.send_request(
+                corr,
                 peer,
-                &name,
-                env,
+                name.clone(),
+                env.clone(),
                 budget_ms,
                 Sink::Many(replies.clone()),
-                false,
             );
             n += 1;
         }
@@ -1572,7 +1633,7 @@ impl Core {
         }
         let link = Link {
             generation,
-            tx,
+            tx: tx.clone(),
             conn: r.conn.clone(),
             incarnation: r.hello.incarnation,
             service: r.hello.service.clone(),
@@ -1581,7 +1642,7 @@ impl Core {
             cancel: cancel.clone(),
         };
         self.links.insert(peer, link);
-        conn::spawn_connection(self.shared.clone(), r, generation, rx, cancel);
+        conn::spawn_connection(self.shared.clone(), r, generation, (tx, rx), cancel);
         if let Some(l) = self.links.get(&peer) {
             // Our hello was built before this connection was registered: an interest or
             // `serve` change in between never reached this peer. Send the current state once.
@@ -1643,17 +1704,11 @@ impl Core {
             .map(|(c, _)| *c)
             .collect();
         for corr in lost {
-            if let Some(p) = self.requests.remove(&corr) {
-                self.finish_request(&p, Some(false));
-                match p.sink {
-                    Sink::One(tx) => {
-                        let _ = tx.send(Err(RequestError::PeerLost { service: p.service }));
-                    }
-                    Sink::Many(tx) => {
-                        let _ = tx.try_send((p.peer, Err("instance went away".into())));
-                    }
-                }
-            }
+            self.end_request(
+                corr,
+                |service| RequestError::PeerLost { service },
+                Some("instance went away"),
+            );
         }
     }
 
@@ -1732,10 +1787,13 @@ impl Core {
         for (_, p) in self.calls.drain() {
             let _ = p.reply.send(Err(SendError::Stopped));
         }
-        for (_, r) in self.requests.drain() {
-            if let Sink::One(tx) = r.sink {
-                let _ = tx.send(Err(RequestError::Stopped));
-            }
+        self.requests.clear();
+        let waiting: Vec<super::ReplySlot> = super::lock(&self.shared.replies)
+            .drain()
+            .map(|(_, slot)| slot)
+            .collect();
+        for slot in waiting {
+            let _ = slot.tx.send(Err(RequestError::Stopped));
         }
     }
 }
@@ -1763,6 +1821,12 @@ fn restore_groups(stored: Vec<(String, Vec<String>)>) -> BTreeMap<String, BTreeS
         );
     }
     groups
+}
+
+/// Takes the caller waiting for the reply to `corr` out of [`Shared::replies`]: whoever takes
+/// it answers it.
+fn take_slot(shared: &Shared, corr: u64) -> Option<super::ReplySlot> {
+    super::lock(&shared.replies).remove(&corr)
 }
 
 fn try_out(l: &Link, out: Out) {

@@ -16,6 +16,12 @@
 //!   pushes back on the sender.
 //! - **discovery pump**: forwards discovery events to core.
 //!
+//! Requests take one hop through core, on the way out (choosing the instance, breaker and
+//! bulkhead). The server's lane reader starts the `serve` handler (a task per request, or the
+//! serve queue when `serve_concurrency` is reached) and the handler queues its reply on the
+//! connection's writer itself. The requester's lane reader answers the caller from
+//! [`Shared::replies`] and tells core afterwards, for its bookkeeping.
+//!
 //! Shutdown order (see [`crate::Node::shutdown`]): stop discovery and
 //! accepting, say goodbye to peers, wait (up to the grace period) for local
 //! handlers and acks, close connections, cancel and join every task.
@@ -24,6 +30,7 @@ pub(crate) mod conn;
 pub(crate) mod core;
 pub(crate) mod storage;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -31,7 +38,7 @@ use peerbus_discovery::{
     Discovery, DiscoveryEvent, MdnsDiscovery, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
 };
 use peerbus_transport::{Endpoint, EndpointConfig, Identity, Membership, MeshKey, NodeId};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
@@ -40,7 +47,7 @@ use crate::builder::{MembershipChoice, NodeBuilder};
 use crate::engine::inbox::Inbox;
 use crate::engine::outbox::OutboxConfig;
 use crate::engine::wire::{Envelope, Interest};
-use crate::error::StartError;
+use crate::error::{RequestError, StartError};
 use crate::node::{Node, NodeInner};
 use crate::store::{Durability, MemoryStore, RedbStore, Store};
 
@@ -90,7 +97,45 @@ pub(crate) struct Inbound {
 pub(crate) struct InboundRequest {
     pub(crate) env: Envelope,
     pub(crate) budget_ms: u64,
+    /// The outgoing queue of the connection the request came on: the serve task writes the
+    /// reply there itself (`try_send`, like core), without a hop through core. Closed once
+    /// that connection is gone, which means the requester is gone too.
+    pub(crate) reply: mpsc::Sender<core::Out>,
 }
+
+/// Runs one request: spawns the `serve` handler's task, which keeps the permit while it runs.
+pub(crate) type ServeFn = Arc<dyn Fn(InboundRequest, OwnedSemaphorePermit) + Send + Sync>;
+
+/// The local `serve` handler, as lane readers reach it.
+pub(crate) struct Server {
+    /// One per handler running (`serve_concurrency`).
+    pub(crate) permits: Arc<Semaphore>,
+    /// Starts a handler. A lane reader that gets a permit at once calls it itself, so the
+    /// request reaches its handler without a hop through a queue.
+    pub(crate) run: ServeFn,
+    /// Requests that found every permit taken ([`SERVE_QUEUE`] of them; a lane reader waits
+    /// for room, which pushes back on the requester): the serve task starts them in order as
+    /// permits come free.
+    pub(crate) queue: mpsc::Sender<InboundRequest>,
+}
+
+/// A caller of `Node::request` waiting for its reply (see [`Shared::replies`]).
+#[derive(Debug)]
+pub(crate) struct ReplySlot {
+    /// The instance the request went to: only a reply from it completes the slot.
+    pub(crate) peer: NodeId,
+    /// The service asked, for the error of a failed request.
+    pub(crate) service: String,
+    pub(crate) tx: oneshot::Sender<Result<bytes::Bytes, RequestError>>,
+}
+
+/// Callers waiting for the reply of a single request, by correlation id. Core inserts a slot
+/// when it sends the request; whoever removes it first answers the caller, exactly once: the
+/// lane reader the reply arrives on (it then tells core, which does the bookkeeping), or core
+/// when the request times out, loses its instance or the node stops. Bounded by
+/// `max_requests_in_flight`: every slot belongs to a request core still counts, and core
+/// refuses requests beyond that limit.
+pub(crate) type Replies = Mutex<HashMap<u64, ReplySlot>>;
 
 pub(crate) struct LocalSub {
     pub(crate) id: u64,
@@ -103,7 +148,7 @@ pub(crate) struct Routes {
     pub(crate) service_tx: mpsc::Sender<Inbound>,
     pub(crate) service_rx: Option<mpsc::Receiver<Inbound>>,
     pub(crate) subs: Vec<LocalSub>,
-    pub(crate) serve: Option<mpsc::Sender<InboundRequest>>,
+    pub(crate) serve: Option<Arc<Server>>,
     pub(crate) next_sub: u64,
 }
 
@@ -141,6 +186,8 @@ pub(crate) struct Shared {
     pub(crate) durability: Durability,
     pub(crate) started: Instant,
     pub(crate) core: mpsc::Sender<core::CoreMsg>,
+    /// Callers waiting for a reply: see [`Replies`].
+    pub(crate) replies: Replies,
     pub(crate) inbox: Mutex<Inbox>,
     pub(crate) routes: RwLock<Routes>,
     pub(crate) cancel: CancellationToken,
@@ -265,6 +312,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         durability,
         started: Instant::now(),
         core: core_tx.clone(),
+        replies: Mutex::new(HashMap::new()),
         inbox: Mutex::new(inbox),
         routes: RwLock::new(Routes {
             service_tx,
