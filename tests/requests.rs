@@ -161,13 +161,7 @@ async fn bulkhead_refuses_past_its_limit() {
             })
             .await
             .expect("serve");
-        eventually(10, "server reachable", || async {
-            client
-                .request("reports", "x", Duration::from_secs(2))
-                .await
-                .is_ok()
-        })
-        .await;
+        until_served(&client, "reports", "x", Duration::from_secs(2)).await;
         let c1 = client.clone();
         let c2 = client.clone();
         let a =
@@ -336,13 +330,7 @@ async fn replies_racing_their_deadlines_leave_nothing_in_flight() {
             })
             .await
             .expect("serve");
-        eventually(10, "server reachable", || async {
-            client
-                .request("clock", "0", Duration::from_secs(1))
-                .await
-                .is_ok()
-        })
-        .await;
+        until_served(&client, "clock", "0", Duration::from_secs(1)).await;
         let (mut replies, mut timeouts) = (0, 0);
         for _round in 0..5 {
             let mut calls = Vec::new();
@@ -409,13 +397,7 @@ async fn a_request_whose_instance_goes_away_fails_as_peer_lost() {
             })
             .await
             .expect("serve");
-        eventually(10, "server reachable", || async {
-            client
-                .request("slow", "x", Duration::from_secs(1))
-                .await
-                .is_ok()
-        })
-        .await;
+        until_served(&client, "slow", "x", Duration::from_secs(1)).await;
         let c = client.clone();
         let call =
             tokio::spawn(async move { c.request("slow", "hang", Duration::from_secs(20)).await });
@@ -464,13 +446,7 @@ async fn serve_runs_at_most_its_concurrency_and_queues_the_rest() {
             })
             .await
             .expect("serve");
-        eventually(10, "server reachable", || async {
-            client
-                .request("pool", "x", Duration::from_secs(1))
-                .await
-                .is_ok()
-        })
-        .await;
+        until_served(&client, "pool", "x", Duration::from_secs(1)).await;
         let mut calls = Vec::new();
         for _ in 0..12 {
             let c = client.clone();
@@ -489,6 +465,14 @@ async fn serve_runs_at_most_its_concurrency_and_queues_the_rest() {
 }
 
 /// Waits until `node` counts no request in flight (each one got its reply or its deadline).
+/// Waits until `client` gets a reply from `service` to `payload` within `timeout`.
+async fn until_served(client: &peerbus::Node, service: &str, payload: &str, timeout: Duration) {
+    eventually(10, "server reachable", || async {
+        client.request(service, payload, timeout).await.is_ok()
+    })
+    .await;
+}
+
 async fn in_flight_drains(node: &peerbus::Node) {
     eventually(10, "nothing left in flight", || async {
         node.status()
