@@ -956,6 +956,7 @@ where
             let corr = req.env.seq;
             let out = req.reply;
             let budget = Duration::from_millis(req.budget_ms);
+            let deadline = tokio::time::Instant::now() + budget;
             let request = Request {
                 msg: Message::new(req.env),
                 budget,
@@ -973,7 +974,7 @@ where
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => return, // the requester has given up already
             };
-            runtime::conn::send_reply(&out, lanes, corr, result);
+            runtime::conn::queue_reply(&out, lanes, corr, result, deadline).await;
         });
     })
 }

@@ -521,6 +521,30 @@ pub(crate) fn send_reply(
     }
 }
 
+/// Like [`send_reply`], for a serve handler's answer: waits for room in a full queue until
+/// `deadline` (when the requester stops waiting), so a busy connection delays a reply instead
+/// of losing it. Holding the handler's task (and its concurrency permit) meanwhile is the
+/// back-pressure on a requester that does not read its replies.
+pub(crate) async fn queue_reply(
+    out: &mpsc::Sender<Out>,
+    lanes: usize,
+    corr: u64,
+    result: Result<Bytes, String>,
+    deadline: tokio::time::Instant,
+) {
+    let lane = (corr % lanes.max(1) as u64) as usize;
+    let frame = Data::Reply { corr, result };
+    match tokio::time::timeout_at(deadline, out.send(Out::Data { lane, frame })).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => debug!(corr, "reply dropped: requester no longer connected"),
+        Err(_) => warn!(
+            corr,
+            limit = super::LINK_QUEUE,
+            "reply dropped: the requester's outgoing queue stayed full until its deadline"
+        ),
+    }
+}
+
 /// Hands an arriving entry to its local subscription queue, waiting for room (which is what
 /// pushes back on the sender), or nacks it as not consumed here. False when the node is
 /// stopping and the caller should end.
