@@ -969,3 +969,41 @@ fn bench_writes_json_cases() {
     let secs = cases[0]["seconds"].as_f64().expect("seconds");
     assert!(secs > 0.0 && secs < 30.0, "discovery {secs} s");
 }
+
+#[test]
+fn bench_runs_one_case_by_name_with_what_it_compares_with() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("bench.json");
+    let mut cmd = Command::new(peerbus_bin());
+    cmd.args(["bench", "--quick", "--only", "send/fsync/64B", "--json"])
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let done = run(cmd, "bench", Duration::from_secs(300));
+    assert!(done.status.success(), "{}", done.stderr);
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json file")).expect("json");
+    let cases = doc["cases"].as_array().expect("cases");
+    let names: Vec<&str> = cases.iter().filter_map(|c| c["name"].as_str()).collect();
+    // The fsync case, the memory send it is a ratio of, and the raw baselines; nothing else.
+    assert_eq!(
+        names,
+        [
+            "baseline/stream/64B",
+            "baseline/stream/1KiB",
+            "baseline/stream/16KiB",
+            "send/memory/64B",
+            "send/fsync/64B"
+        ]
+    );
+    for c in cases {
+        let cpu = c["cpu_us_per_msg"].as_f64().expect("cpu_us_per_msg");
+        assert!(cpu > 0.0 && cpu < 100_000.0, "{c}");
+    }
+    assert_eq!(cases[4]["baseline"].as_str(), Some("send/memory/64B"));
+    assert!(
+        cases[4]["fsyncs_per_message"]
+            .as_f64()
+            .is_some_and(|f| f > 0.0)
+    );
+}
