@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use peerbus::{
     Bytes, Durability, HandlerError, Interfaces, MemoryNetwork, MeshKey, Node, NodeBuilder,
-    Outgoing,
+    Outgoing, Receipt, SendError,
 };
 
 /// Concurrent callers of `send`/`publish`/`request` in the throughput cases.
@@ -50,6 +50,33 @@ fn count_handled(node: &Node) -> Result<Arc<AtomicU64>> {
         async { Ok::<(), HandlerError>(()) }
     }));
     Ok(seen)
+}
+
+/// Makes `messages` calls of `call(i)` (a `send` or `publish`) from [`CALLERS`] concurrent
+/// tasks, each making its calls one after another, then waits until every receipt is acked.
+async fn run_callers<F, Fut>(messages: usize, call: F) -> Result<()>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Receipt, SendError>> + Send,
+{
+    let mut tasks = Vec::with_capacity(CALLERS);
+    for caller in 0..CALLERS {
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut receipts = Vec::new();
+            for i in (caller..messages).step_by(CALLERS) {
+                receipts.push(call(i).await?);
+            }
+            for r in receipts {
+                r.acked().await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await.context("caller task")??;
+    }
+    Ok(())
 }
 
 /// The figures of a send case.
@@ -109,25 +136,13 @@ pub(crate) async fn send(
     let before = sender.store_stats();
     let cpu0 = cpu_time();
     let t0 = Instant::now();
-    let mut tasks = Vec::with_capacity(CALLERS);
-    for caller in 0..CALLERS {
-        let sender = sender.clone();
-        let payload = payload.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut receipts = Vec::new();
-            for i in (caller..messages).step_by(CALLERS) {
-                let msg = Outgoing::new(payload.clone()).key(format!("k{}", i % 256));
-                receipts.push(sender.send("orders", msg).await?);
-            }
-            for r in receipts {
-                r.acked().await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await.context("sender task")??;
-    }
+    let callers = sender.clone();
+    run_callers(messages, move |i| {
+        let sender = callers.clone();
+        let msg = Outgoing::new(payload.clone()).key(format!("k{}", i % 256));
+        async move { sender.send("orders", msg).await }
+    })
+    .await?;
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_time().saturating_sub(cpu0);
     let after = sender.store_stats();
@@ -176,24 +191,13 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let t0 = Instant::now();
-    let mut tasks = Vec::with_capacity(CALLERS);
-    for caller in 0..CALLERS {
-        let p = publisher.clone();
+    let callers = publisher.clone();
+    run_callers(messages, move |_| {
+        let p = callers.clone();
         let payload = payload.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut receipts = Vec::new();
-            for _ in (caller..messages).step_by(CALLERS) {
-                receipts.push(p.publish("bench.tick", payload.clone()).await?);
-            }
-            for r in receipts {
-                r.acked().await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await.context("publisher task")??;
-    }
+        async move { p.publish("bench.tick", payload).await }
+    })
+    .await?;
     let rate = (messages * groups) as f64 / t0.elapsed().as_secs_f64();
     publisher.shutdown().await;
     for n in subscribers {
