@@ -4,8 +4,11 @@
 //! data directory; [`MemoryStore`] keeps the same data in memory (for
 //! [`Durability::Memory`] and tests). The runtime's store writer calls
 //! [`Store::commit`] with one [`Batch`] per group commit: one batch is one
-//! database transaction and, with [`Durability::Fsync`], one fsync, however
-//! many `send` calls it carries.
+//! record appended to the side log `peerbus.wal` and, with
+//! [`Durability::Fsync`], one fsync, however many `send` calls it carries.
+//! Checkpoints move what the side log holds into the database; an entry
+//! removed before the next checkpoint (a message acknowledged quickly) is never
+//! written to the database at all.
 //!
 //! Every record is stored as a CRC-32 of its bytes followed by its bincode
 //! encoding. A record whose checksum or decoding fails is never returned as
@@ -40,6 +43,7 @@ mod record;
 mod redb;
 #[cfg(test)]
 mod tests;
+mod unapplied;
 mod wal;
 
 pub use self::memory::MemoryStore;
@@ -139,17 +143,19 @@ pub struct Recovered {
 /// How durable `send`/`publish` are when they return.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
-    /// Each group commit is fsync'd before [`Store::commit`] returns, so before any of its
-    /// `send` calls return. Survives process crashes, OS crashes and power loss (as far as the
-    /// disk honours fsync). Concurrent sends share one fsync. The default with a data directory.
+    /// Each group commit is appended to the side log (`peerbus.wal`) and fsync'd before
+    /// [`Store::commit`] returns, so before any of its `send` calls return. Survives process
+    /// crashes, OS crashes and power loss (as far as the disk honours fsync). Concurrent sends
+    /// share one fsync. The default with a data directory.
     Fsync,
     /// Commits are not fsync'd; the next commit after the interval has elapsed is (and so is
-    /// [`Store::sync`], a stop, and any commit once 64 MiB are unsynced). Every commit is written
-    /// with one `write` to a side log (`peerbus.wal`) before it returns, so it **survives a
-    /// process crash** (kill -9, panic, abort): the next open replays it. An **OS crash or
-    /// power loss loses the commits since the last fsync**: at most one interval's worth while
-    /// commits keep coming; if they stop, the unsynced tail waits for the next commit, `sync` or
-    /// stop. `Interval(Duration::ZERO)` behaves like `Fsync`.
+    /// [`Store::sync`], a stop, and every checkpoint, at the latest once 16 MiB are logged).
+    /// Every commit is written with one `write` to the side log (`peerbus.wal`) before it
+    /// returns, so it **survives a process crash** (kill -9, panic, abort): the next open
+    /// replays it. An **OS crash or power loss loses the commits since the last fsync**: at
+    /// most one interval's worth while commits keep coming; if they stop, the unsynced tail
+    /// waits for the next commit, `sync` or stop. `Interval(Duration::ZERO)` behaves like
+    /// `Fsync`.
     Interval(Duration),
     /// Nothing is written to disk: every entry not yet acknowledged is lost when the process
     /// stops, crashes or restarts. The default without a data directory (the node then uses
@@ -161,12 +167,13 @@ pub enum Durability {
 /// Store figures since the store was opened.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct StoreStats {
-    /// Durable (fsync'd) database commits, including the one made when opening.
+    /// fsyncs: of the side log (one per `Fsync` commit, one per interval with `Interval`) and
+    /// of the database (each checkpoint, and the commit made when opening).
     pub fsyncs: u64,
-    /// Database commits: one per non-empty [`Store::commit`], plus syncs, dead-letter takes and
-    /// quarantine moves.
+    /// Commits: one per non-empty [`Store::commit`] (a side-log record, or a database
+    /// transaction with `Memory`), plus `Memory` syncs, dead-letter takes and quarantine moves.
     pub commits: u64,
-    /// Size of the database file in bytes (0 in memory).
+    /// Bytes of the database file plus the side log (0 in memory).
     pub file_bytes: u64,
 }
 

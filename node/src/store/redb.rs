@@ -1,15 +1,29 @@
 //! The redb store: one database file in the data directory, guarded by an
 //! exclusive lock file that names the owning process.
 //!
-//! Invariant: one [`Store::commit`] is one redb write transaction.
-//! Invariant: a durable commit in `Interval` mode stores a new side-log epoch
-//! and then empties the side log (see `wal.rs`).
+//! With `Fsync` and `Interval` durability a [`Store::commit`] is one record
+//! appended to the side log `peerbus.wal` (fsync'd at once with `Fsync`,
+//! once per interval with `Interval`) and folded into [`Unapplied`]; a
+//! *checkpoint* applies what was folded to the database in one durable
+//! transaction. An entry appended and removed between two checkpoints never
+//! reaches the database, so a quickly acknowledged message costs one sequential
+//! write instead of a B-tree insert, a delete and a database fsync.
+//! With `Memory` durability a commit is one non-durable redb transaction.
+//!
+//! Invariant: a durable database commit of a logged store stores a new
+//! side-log epoch and then empties the side log (see `wal.rs`); it happens only
+//! when nothing is unapplied (a checkpoint, or after one).
+//! Invariant: every record in the side log of the current epoch has been
+//! folded into `unapplied`, and `unapplied` holds nothing else; after a failed
+//! checkpoint the database is reopened, which replays the side log into the
+//! database and empties `unapplied`.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use redb::{
     Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
@@ -17,7 +31,8 @@ use redb::{
 };
 use tracing::{info, warn};
 
-use super::record::{describe_key, entry_key, open_sealed, seal, window_key};
+use super::record::{describe_key, entry_key, open_sealed, parse_entry_key, seal, window_key};
+use super::unapplied::Unapplied;
 use super::wal::{WAL_MAX_BYTES, Wal};
 use super::{
     Batch, CorruptRecord, DeadLetter, Durability, Recovered, Store, StoreError, StoreStats,
@@ -29,8 +44,18 @@ use crate::engine::inbox::WindowSnapshot;
 pub const STORE_FILE: &str = "peerbus.redb";
 /// Lock file name inside the data directory (holds the owner's pid).
 pub const LOCK_FILE: &str = "peerbus.lock";
-/// Side log of [`Durability::Interval`] inside the data directory (empty after a clean stop).
+/// Side log of [`Durability::Fsync`] and [`Durability::Interval`] stores inside the data
+/// directory (empty after a clean stop).
 pub const WAL_FILE: &str = "peerbus.wal";
+
+/// Most changes held unapplied (entries to put or delete, windows, …) before a checkpoint
+/// writes them to the database: bounds the memory they take and the replay after a crash.
+const MAX_UNAPPLIED: usize = 65_536;
+/// Most bytes of entries held unapplied: bounds the free space a checkpoint needs (a backlog
+/// moves into the database in steps of this size; entries acknowledged quickly never count).
+const MAX_UNAPPLIED_BYTES: usize = 4 << 20;
+/// Longest time between checkpoints while commits come.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
 pub(super) const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 const SEQS: TableDefinition<&str, &[u8]> = TableDefinition::new("seqs");
@@ -59,13 +84,25 @@ pub struct RedbStore {
     dir: PathBuf,
     path: PathBuf,
     durability: Durability,
-    /// Present in `Interval` mode.
+    /// Present with `Fsync` and `Interval` durability (see the module docs).
     wal: Option<Wal>,
+    /// Committed to the side log, not yet to the database.
+    unapplied: Unapplied,
+    /// Per log, the highest seq the database may hold (see [`Unapplied::fold`]).
+    db_max: HashMap<String, u64>,
+    /// The side log has records not yet fsync'd (`Interval`).
+    unsynced: bool,
+    /// The side log has not been replayed since this value was created: `unapplied` does not
+    /// hold its records yet. Once it has, a reopen after an error keeps `unapplied` and the side
+    /// log as they are (a failed checkpoint changed neither), so it needs no free space.
+    needs_replay: bool,
+    last_checkpoint: Instant,
     /// Side-log epoch stored in the database.
     epoch: u64,
-    /// Commits since the last fsync (Interval and Memory modes).
+    /// Commits since the last fsync (`Memory` mode).
     pending: bool,
-    /// Make the next commit durable (the side log could not be cut back).
+    /// Checkpoint before the next commit: the side log could not be cut back, so what it holds
+    /// must move to a new epoch.
     force_durable: bool,
     last_fsync: Instant,
     fsyncs: u64,
@@ -162,6 +199,11 @@ impl RedbStore {
             path: dir.join(STORE_FILE),
             durability,
             wal: None,
+            unapplied: Unapplied::default(),
+            db_max: HashMap::new(),
+            unsynced: false,
+            needs_replay: true,
+            last_checkpoint: Instant::now(),
             epoch: 0,
             pending: false,
             force_durable: false,
@@ -194,23 +236,111 @@ impl RedbStore {
         self.epoch = epoch.unwrap_or(0);
         self.db = Some(Db::Rw(db));
         self.fsyncs += 1;
+        if !self.needs_replay {
+            if self.logged() {
+                self.db_max = self.read_db_max()?;
+            }
+            return Ok(());
+        }
         let wal_path = self.dir.join(WAL_FILE);
-        let interval = matches!(self.durability, Durability::Interval(_));
+        let logged = self.logged();
         let mut wal = self.wal.take();
-        if wal.is_none() && (interval || wal_path.exists()) {
-            // Without a side log an Interval store makes every commit durable (`durable_now`).
+        if wal.is_none() && (logged || wal_path.exists()) {
             wal = Some(Wal::open(&wal_path)?);
         }
+        // Replaying applies every record of the current epoch, so nothing is unapplied after.
+        self.unapplied.clear();
         let replayed = match &mut wal {
             Some(w) => self.replay(w),
             None => Ok(()),
         };
-        if interval {
+        if logged {
             self.wal = wal;
         } else if wal.take().is_some() && replayed.is_ok() {
             std::fs::remove_file(&wal_path).map_err(|e| io_error(&wal_path, e))?;
         }
-        replayed
+        if let Err(e) = replayed {
+            // Retried by the next operation: nothing may be committed past an unreplayed log.
+            self.db = None;
+            return Err(e);
+        }
+        self.needs_replay = false;
+        self.unsynced = false;
+        self.last_checkpoint = Instant::now();
+        if logged {
+            self.db_max = self.read_db_max()?;
+        }
+        Ok(())
+    }
+
+    /// Whether commits go through the side log (`Fsync` and `Interval`).
+    fn logged(&self) -> bool {
+        self.durability != Durability::Memory
+    }
+
+    /// The highest stored seq of each log.
+    fn read_db_max(&mut self) -> Result<HashMap<String, u64>, StoreError> {
+        let path = self.path.clone();
+        guard(&path.clone(), || self.read_db_max_inner(&path))
+    }
+
+    fn read_db_max_inner(&mut self, path: &Path) -> Result<HashMap<String, u64>, StoreError> {
+        let read = self.reader()?;
+        let entries = read.open_table(ENTRIES).or_store(path)?;
+        let mut max = HashMap::new();
+        for item in entries.iter().or_store(path)? {
+            let (k, _) = item.or_store(path)?;
+            if let Some((log, seq)) = parse_entry_key(k.value()) {
+                let m = max.entry(log).or_insert(seq);
+                *m = (*m).max(seq);
+            }
+        }
+        Ok(max)
+    }
+
+    /// Applies everything committed to the side log but not yet to the database in one durable
+    /// transaction that starts a new side-log epoch, then empties the side log. The store does
+    /// this on its own (at 65,536 unapplied changes, 4 MiB of unapplied entries, 16 MiB of side
+    /// log, or 5 s while commits come), before reading, and when it is dropped; call it to do it
+    /// now.
+    ///
+    /// If it fails, nothing is lost: the side log still holds every commit, and the database is
+    /// reopened (replaying the side log) before the next operation.
+    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let r = guard(&path, || self.checkpoint_inner());
+        if r.is_err() && matches!(self.db, Some(Db::Rw(_))) {
+            warn!(path = %self.path.display(), "store checkpoint failed; reopening the database (replaying its side log) before the next operation");
+            self.db = None;
+        }
+        r
+    }
+
+    fn checkpoint_inner(&mut self) -> Result<(), StoreError> {
+        if self.db.is_none() {
+            self.open_rw()?;
+        }
+        if !matches!(self.db, Some(Db::Rw(_))) || self.wal.is_none() {
+            return Ok(());
+        }
+        let wal_empty = self.wal.as_ref().is_none_or(|w| w.len() == 0);
+        if self.unapplied.is_empty() && wal_empty && !self.force_durable {
+            self.last_checkpoint = Instant::now();
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let mut batch = self.unapplied.to_batch();
+        let txn = self.begin(true)?;
+        apply(&txn, &mut batch, &path)?;
+        self.finish(txn, true)?;
+        for e in &batch.append {
+            let m = self.db_max.entry(e.env.log.clone()).or_insert(e.env.seq);
+            *m = (*m).max(e.env.seq);
+        }
+        self.unapplied.clear();
+        self.unsynced = false;
+        self.last_checkpoint = Instant::now();
+        Ok(())
     }
 
     /// Applies the side log's records of the stored epoch in one durable commit that starts a
@@ -242,9 +372,11 @@ impl RedbStore {
     }
 
     /// Shrinks the file after many entries were removed: freed pages are given back to the
-    /// file system. Makes everything committed durable first. Returns whether the file changed.
+    /// file system. Checkpoints (and so makes everything committed durable) first. Returns
+    /// whether the file changed.
     pub fn compact(&mut self) -> Result<bool, StoreError> {
         self.sync()?;
+        self.checkpoint()?;
         let path = self.path.clone();
         self.rw()?.compact().or_store(&path)
     }
@@ -275,18 +407,21 @@ impl RedbStore {
         }
     }
 
-    /// Whether a commit now must fsync.
-    fn durable_now(&self) -> bool {
+    /// Whether a commit now must fsync the side log.
+    fn sync_due(&self) -> bool {
         match self.durability {
             Durability::Fsync => true,
-            Durability::Interval(every) => {
-                self.force_durable
-                    || self.wal.is_none()
-                    || self.last_fsync.elapsed() >= every
-                    || self.wal.as_ref().is_some_and(|w| w.len() >= WAL_MAX_BYTES)
-            }
+            Durability::Interval(every) => self.last_fsync.elapsed() >= every,
             Durability::Memory => false,
         }
+    }
+
+    /// Whether a commit should be followed by a checkpoint.
+    fn checkpoint_due(&self) -> bool {
+        self.unapplied.len() >= MAX_UNAPPLIED
+            || self.unapplied.put_bytes() >= MAX_UNAPPLIED_BYTES
+            || self.wal.as_ref().is_some_and(|w| w.len() >= WAL_MAX_BYTES)
+            || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
     }
 
     fn begin(&mut self, durable: bool) -> Result<WriteTransaction, StoreError> {
@@ -345,32 +480,54 @@ impl RedbStore {
     }
 
     fn commit_inner(&mut self, mut batch: Batch) -> Result<(), StoreError> {
-        let durable = self.durable_now();
-        let path = self.path.clone();
-        let txn = self.begin(durable)?;
-        apply(&txn, &mut batch, &path)?;
-        let mut wal_before = None;
-        if !durable && let Some(wal) = &mut self.wal {
-            let before = wal.len();
-            if let Err(e) = wal.append(self.epoch, &batch) {
-                let _ = txn.abort();
-                return Err(e);
-            }
-            wal_before = Some(before);
+        if !self.logged() {
+            let path = self.path.clone();
+            let txn = self.begin(false)?;
+            apply(&txn, &mut batch, &path)?;
+            return self.finish(txn, false);
         }
-        let r = self.finish(txn, durable);
-        if r.is_err()
-            && let (Some(before), Some(wal)) = (wal_before, &mut self.wal)
-        {
-            wal.cut(before);
+        self.rw()?;
+        if self.force_durable {
+            self.checkpoint()?;
+        }
+        let sync = self.sync_due();
+        let Some(wal) = &mut self.wal else {
+            return Err(StoreError::Db("the store's side log is not open".into()));
+        };
+        let before = wal.len();
+        let mut written = wal.append(self.epoch, &batch);
+        if written.is_ok() && sync {
+            written = wal.sync();
+            if written.is_err() {
+                wal.cut(before);
+            }
+        }
+        if let Err(e) = written {
             if wal.len() != before {
                 self.force_durable = true;
             }
+            return Err(e);
         }
-        r
+        self.commits += 1;
+        if sync {
+            self.fsyncs += 1;
+            self.last_fsync = Instant::now();
+            self.unsynced = false;
+        } else {
+            self.unsynced = true;
+        }
+        self.unapplied.fold(batch, &self.db_max);
+        if self.checkpoint_due()
+            && let Err(e) = self.checkpoint()
+        {
+            // The commit itself is safe in the side log; the next one retries.
+            warn!(error = %e, path = %self.path.display(), "store checkpoint failed");
+        }
+        Ok(())
     }
 
     fn recover_inner(&mut self) -> Result<Recovered, StoreError> {
+        self.checkpoint()?;
         let path = self.path.clone();
         let mut rec = Recovered::default();
         let mut bad: Vec<Bad> = Vec::new();
@@ -560,6 +717,7 @@ impl RedbStore {
     }
 
     fn take_inner(&mut self, ids: &[u64]) -> Result<Vec<DeadLetter>, StoreError> {
+        self.checkpoint()?;
         let path = self.path.clone();
         let durable = self.durability != Durability::Memory;
         let txn = self.begin(durable)?;
@@ -587,6 +745,7 @@ impl RedbStore {
     }
 
     fn dead_inner(&mut self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.checkpoint()?;
         let path = self.path.clone();
         let read = self.reader()?;
         let dead = read.open_table(DEAD).or_store(&path)?;
@@ -607,7 +766,19 @@ impl RedbStore {
     }
 
     fn sync_inner(&mut self) -> Result<(), StoreError> {
-        if !self.pending || !matches!(self.db, Some(Db::Rw(_))) {
+        if !matches!(self.db, Some(Db::Rw(_))) {
+            return Ok(());
+        }
+        if let Some(wal) = &mut self.wal {
+            if self.unsynced {
+                wal.sync()?;
+                self.fsyncs += 1;
+                self.last_fsync = Instant::now();
+                self.unsynced = false;
+            }
+            return Ok(());
+        }
+        if !self.pending {
             return Ok(());
         }
         let txn = self.begin(true)?;
@@ -633,6 +804,7 @@ impl RedbStore {
         table: redb::TableDefinition<'_, K, &[u8]>,
         key: K::SelfType<'_>,
     ) {
+        self.checkpoint().expect("checkpoint");
         let txn = self.begin(true).expect("begin");
         {
             let mut t = txn.open_table(table).expect("table");
@@ -757,14 +929,20 @@ impl Store for RedbStore {
         StoreStats {
             fsyncs: self.fsyncs,
             commits: self.commits,
-            file_bytes: std::fs::metadata(&self.path).map_or(0, |m| m.len()),
+            file_bytes: std::fs::metadata(&self.path).map_or(0, |m| m.len())
+                + self.wal.as_ref().map_or(0, Wal::len),
         }
     }
 }
 
 impl Drop for RedbStore {
     fn drop(&mut self) {
-        if let Err(e) = self.sync() {
+        let r = if self.logged() {
+            self.checkpoint()
+        } else {
+            self.sync()
+        };
+        if let Err(e) = r {
             warn!(error = %e, path = %self.path.display(), "final store sync failed");
         }
     }
@@ -856,6 +1034,11 @@ fn open_error(path: &Path, e: redb::Error) -> StoreError {
     }
 }
 
+/// Attempts to take a data directory's lock beyond the first, [`LOCK_RETRY_PAUSE`] apart.
+const LOCK_RETRIES: u32 = 10;
+/// Pause between attempts to take a data directory's lock.
+const LOCK_RETRY_PAUSE: Duration = Duration::from_millis(20);
+
 /// Takes the exclusive lock of a data directory and writes our pid into it.
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
@@ -866,7 +1049,19 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
         .truncate(false)
         .open(&path)
         .map_err(|e| io_error(&path, e))?;
-    match f.try_lock() {
+    // A lock just released can stay held for a moment by a process forked from ours (until it
+    // execs and closes its inherited copy): retry briefly before naming an owner.
+    let mut tries = 0;
+    let locked = loop {
+        match f.try_lock() {
+            Err(TryLockError::WouldBlock) if tries < LOCK_RETRIES => {
+                tries += 1;
+                std::thread::sleep(LOCK_RETRY_PAUSE);
+            }
+            other => break other,
+        }
+    };
+    match locked {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
             let mut text = String::new();

@@ -1,14 +1,17 @@
-//! The side log that makes [`Durability::Interval`](super::Durability::Interval)
-//! survive a process crash.
+//! The side log, `peerbus.wal`: where `Fsync` and `Interval` commits land.
 //!
-//! redb's non-durable commits live only in the process until the next durable
-//! commit, so a process crash would lose them. In `Interval` mode every
-//! non-durable commit first appends its batch to `peerbus.wal` with one
-//! `write` (no fsync): once `write` returns the kernel has the bytes, and they
-//! survive the process. Each durable commit stores a new *epoch* number in the
-//! database, then empties the file. Opening the store replays the records of
-//! the stored epoch, so records that are already in the database (a crash
-//! between the durable commit and emptying the file) are never applied twice.
+//! Every commit appends its batch here with one `write`. With
+//! [`Durability::Fsync`](super::Durability::Fsync) the file is then
+//! `fdatasync`'d before the commit returns; with
+//! [`Durability::Interval`](super::Durability::Interval) it is fsync'd once
+//! per interval, and once `write` returns the kernel has the bytes, so they
+//! survive a crash of the process. A sequential append and one fsync of one
+//! file is the cheapest durable write there is: the database (redb) is only
+//! written by checkpoints (`redb.rs`), which apply everything logged since the
+//! last one, store a new *epoch* number in the database, then empty the file.
+//! Opening the store replays the records of the stored epoch, so records that
+//! are already in the database (a crash between the checkpoint and emptying
+//! the file) are never applied twice.
 //!
 //! Record: `u32` body length (LE), `u32` CRC-32 of the body (LE), body =
 //! bincode of `(epoch, Batch)`. Reading stops at the first record that is
@@ -24,9 +27,9 @@ use serde::Serialize;
 use super::Batch;
 use super::StoreError;
 
-/// Past this many bytes in the side log the next commit is made durable (which empties it),
-/// whatever the interval: the file and the replay after a crash stay bounded.
-pub(super) const WAL_MAX_BYTES: u64 = 64 << 20;
+/// Past this many bytes in the side log the store checkpoints (which empties it): the file,
+/// the replay after a crash and the free space a checkpoint needs stay bounded.
+pub(super) const WAL_MAX_BYTES: u64 = 16 << 20;
 
 #[derive(Serialize)]
 struct RecordRef<'a> {
@@ -82,7 +85,13 @@ pub(super) struct Wal {
     file: File,
     path: PathBuf,
     len: u64,
+    /// The record being written, reused between appends (capacity kept up to
+    /// [`KEEP_BUFFER_BYTES`]).
+    buf: Vec<u8>,
 }
+
+/// Largest record buffer kept between appends; a larger batch's buffer is released after it.
+const KEEP_BUFFER_BYTES: usize = 1 << 20;
 
 impl Wal {
     /// Opens (creating) the side log.
@@ -101,6 +110,7 @@ impl Wal {
             file,
             path: path.to_path_buf(),
             len,
+            buf: Vec::new(),
         })
     }
 
@@ -135,17 +145,38 @@ impl Wal {
 
     /// Appends one batch with a single `write`; on failure the file is cut back to where it was.
     pub(super) fn append(&mut self, epoch: u64, batch: &Batch) -> Result<(), StoreError> {
-        let body =
-            bincode::serde::encode_to_vec(RecordRef { epoch, batch }, bincode::config::standard())
-                .map_err(|e| StoreError::Db(format!("cannot encode a side-log record: {e}")))?;
+        let mut rec = std::mem::take(&mut self.buf);
+        rec.clear();
+        rec.extend_from_slice(&[0; 8]);
+        let written = self.encode_and_write(epoch, batch, &mut rec);
+        if rec.capacity() <= KEEP_BUFFER_BYTES {
+            self.buf = rec;
+        }
+        written
+    }
+
+    /// Encodes the record into `rec` (which holds 8 placeholder bytes for its header) and
+    /// writes it with one `write`.
+    fn encode_and_write(
+        &mut self,
+        epoch: u64,
+        batch: &Batch,
+        rec: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        bincode::serde::encode_into_std_write(
+            RecordRef { epoch, batch },
+            rec,
+            bincode::config::standard(),
+        )
+        .map_err(|e| StoreError::Db(format!("cannot encode a side-log record: {e}")))?;
+        let body = rec.get(8..).unwrap_or_default();
         let len = u32::try_from(body.len())
             .map_err(|_| StoreError::Db("a batch over 4 GiB cannot be stored".into()))?;
-        let mut rec = Vec::with_capacity(body.len() + 8);
-        rec.extend_from_slice(&len.to_le_bytes());
-        rec.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        rec.extend_from_slice(&body);
+        let crc = crc32fast::hash(body);
+        rec[..4].copy_from_slice(&len.to_le_bytes());
+        rec[4..8].copy_from_slice(&crc.to_le_bytes());
         let before = self.len;
-        match self.file.write_all(&rec) {
+        match self.file.write_all(rec) {
             Ok(()) => {
                 self.len += rec.len() as u64;
                 Ok(())
@@ -155,6 +186,13 @@ impl Wal {
                 Err(super::redb::io_error(&self.path, e))
             }
         }
+    }
+
+    /// Makes everything appended so far durable (`fdatasync`).
+    pub(super) fn sync(&mut self) -> Result<(), StoreError> {
+        self.file
+            .sync_data()
+            .map_err(|e| super::redb::io_error(&self.path, e))
     }
 
     /// Shortens the file to `len` bytes (drops what a failed commit appended).
