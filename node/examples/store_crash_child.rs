@@ -1,6 +1,7 @@
 //! Used by the store's crash tests (not a user example): commits 50 batches to the store in
 //! the directory given as the first argument, in mode `fsync` or `interval` (second argument),
-//! then exits without closing the store, as a crash right after the commits returned would.
+//! with a checkpoint after the 26th, then exits without closing the store, as a crash right
+//! after the commits returned would.
 //!
 //! `cargo run -p peerbus-node --example store_crash_child -- DIR fsync`
 
@@ -74,6 +75,14 @@ fn main() {
         };
         if let Err(e) = s.commit(batch) {
             eprintln!("commit: {e}");
+            std::process::exit(1);
+        }
+        // Halfway, move everything into the database: the crash then leaves entries there
+        // that later side-log records remove, as well as records that append.
+        if i == 25
+            && let Err(e) = s.checkpoint()
+        {
+            eprintln!("checkpoint: {e}");
             std::process::exit(1);
         }
     }
