@@ -14,9 +14,9 @@
 //! side-log epoch and then empties the side log (see `wal.rs`); it happens only
 //! when nothing is unapplied (a checkpoint, or after one).
 //! Invariant: every record in the side log of the current epoch has been
-//! folded into `unapplied`, and `unapplied` holds nothing else; after a failed
-//! checkpoint the database is reopened, which replays the side log into the
-//! database and empties `unapplied`.
+//! folded into `unapplied`, and `unapplied` holds nothing else. A failed
+//! checkpoint leaves both as they were; the database is reopened (without a
+//! replay) before the next operation, as redb asks after an I/O error.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions, TryLockError};
