@@ -1158,3 +1158,74 @@ impl std::ops::Deref for Request {
         &self.msg
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A receipt for `copies` copies of a call core answered, and the call's reply.
+    fn answered(copies: usize) -> (Receipt, CallReply) {
+        let ticket = Arc::new(Ticket::default());
+        let reply = CallReply(Some(ticket.clone()));
+        let receipt = Receipt {
+            ticket: Some(ticket),
+            copies,
+        };
+        (receipt, reply)
+    }
+
+    async fn answer_of(ticket: &Ticket) -> Result<usize, SendError> {
+        std::future::poll_fn(|cx| ticket.poll_answer(cx)).await
+    }
+
+    #[tokio::test]
+    async fn a_call_core_never_answered_fails_as_stopped() {
+        let ticket = Arc::new(Ticket::default());
+        drop(CallReply(Some(ticket.clone())));
+        assert!(matches!(answer_of(&ticket).await, Err(SendError::Stopped)));
+        let ticket = Arc::new(Ticket::default());
+        CallReply(Some(ticket.clone())).send(Ok(2));
+        assert_eq!(answer_of(&ticket).await.ok(), Some(2));
+    }
+
+    #[tokio::test]
+    async fn acked_waits_for_every_copy() {
+        let (receipt, reply) = answered(2);
+        let (first, second) = (reply.copy_receipt(), reply.copy_receipt());
+        reply.send(Ok(2));
+        let waiting = tokio::spawn(receipt.acked());
+        first.send(Ok(()));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "one copy of two is still unsettled");
+        second.send(Ok(()));
+        assert_eq!(waiting.await.ok(), Some(Ok(())));
+    }
+
+    #[tokio::test]
+    async fn acked_fails_with_the_first_failed_copy_and_a_dropped_one_is_stopped() {
+        let (receipt, reply) = answered(3);
+        let copies = [
+            reply.copy_receipt(),
+            reply.copy_receipt(),
+            reply.copy_receipt(),
+        ];
+        reply.send(Ok(3));
+        let [a, b, c] = copies;
+        b.send(Err(DeliveryError::Released {
+            reason: "gone".into(),
+        }));
+        a.send(Err(DeliveryError::Stopped));
+        assert_eq!(
+            receipt.acked().await,
+            Err(DeliveryError::Released {
+                reason: "gone".into()
+            }),
+            "the first failure wins, before the last copy settles"
+        );
+        drop(c);
+        let (receipt, reply) = answered(1);
+        drop(reply.copy_receipt());
+        reply.send(Ok(1));
+        assert_eq!(receipt.acked().await, Err(DeliveryError::Stopped));
+    }
+}
