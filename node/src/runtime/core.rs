@@ -30,6 +30,12 @@ use crate::store::{DeadLetter, StoredEntry};
 const TICK: Duration = Duration::from_millis(50);
 /// Most messages core handles before it dispatches and flushes acks.
 const BATCH: usize = 512;
+/// An iteration of core that found fewer messages than this yields once before it dispatches
+/// and flushes: the callers its answers just woke make their next calls meanwhile, so one
+/// dispatch (one wake of a connection's writer, one stream write) carries many entries.
+/// Without it, under load core ran an iteration per `send` (about 18,000 iterations for
+/// 20,000 sends in `peerbus bench`; about 1,000 with it). The cost is one task yield.
+const SMALL_BATCH: usize = 8;
 
 /// Who gets a copy of a `send` (one target, no `Vec`) or a `publish` (any number).
 pub(crate) enum Targets {
@@ -396,11 +402,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
                 core.handle(msg);
-                for _ in 0..BATCH {
-                    match rx.try_recv() {
-                        Ok(m) => core.handle(m),
-                        Err(_) => break,
-                    }
+                if 1 + core.drain(&mut rx) < SMALL_BATCH {
+                    tokio::task::yield_now().await;
+                    core.drain(&mut rx);
                 }
             }
             _ = tick.tick() => core.on_tick(),
@@ -413,6 +417,19 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
 }
 
 impl Core {
+    /// Handles the messages queued already, at most [`BATCH`]; returns how many.
+    fn drain(&mut self, rx: &mut mpsc::Receiver<CoreMsg>) -> usize {
+        let mut n = 0;
+        while n < BATCH {
+            match rx.try_recv() {
+                Ok(m) => self.handle(m),
+                Err(_) => break,
+            }
+            n += 1;
+        }
+        n
+    }
+
     fn now(&self) -> u64 {
         self.shared.now()
     }
