@@ -5,6 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,7 +24,7 @@ use crate::error::{
     AdminError, DeliveryError, HandlerError, RequestError, SendError, SubscribeError,
 };
 use crate::message::{Message, Outgoing, now_unix_ms};
-use crate::runtime::core::{Append, CoreMsg, ScatterTarget};
+use crate::runtime::core::{Append, CoreMsg, ScatterTarget, Targets};
 use crate::runtime::storage::StoreOp;
 use crate::runtime::{self, InboundRequest, LocalSub, MAX_SUBSCRIPTIONS, SERVE_QUEUE, Shared};
 use crate::store::DeadLetter;
@@ -171,28 +172,169 @@ fn ser_display<S: serde::Serializer>(id: &NodeId, s: S) -> Result<S::Ok, S::Erro
 ///
 /// The message is already accepted when you hold a receipt; awaiting
 /// [`Receipt::acked`] waits until every copy was handled by a consumer.
-#[derive(Debug)]
 #[must_use = "dropping a receipt is fine, but then you do not learn when the message was handled"]
 pub struct Receipt {
-    copies: Vec<oneshot::Receiver<Result<(), DeliveryError>>>,
+    /// `None` when no copy was stored.
+    ticket: Option<Arc<Ticket>>,
+    copies: usize,
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receipt")
+            .field("copies", &self.copies)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Receipt {
     /// How many copies were stored (1 for `send`; one per subscriber group for `publish`).
     pub fn copies(&self) -> usize {
-        self.copies.len()
+        self.copies
     }
 
-    /// Waits until every copy was acknowledged by a consumer's handler.
+    /// Waits until every copy was acknowledged by a consumer's handler. Fails as soon as one
+    /// copy fails (dead-lettered, released, or the node stopped first).
     pub async fn acked(self) -> Result<(), DeliveryError> {
-        for rx in self.copies {
-            match rx.await {
-                Ok(r) => r?,
-                Err(_) => return Err(DeliveryError::Stopped),
-            }
-        }
-        Ok(())
+        let Some(ticket) = self.ticket else {
+            return Ok(());
+        };
+        let copies = self.copies;
+        std::future::poll_fn(|cx| ticket.poll_acked(cx, copies)).await
     }
+}
+
+/// What a `send`/`publish` caller and core share, one allocation per call: whether core
+/// accepted the call (and how many copies it stored), and how those copies ended. Core answers
+/// through a [`CallReply`] and one [`CopyReceipt`] per copy; only the caller's task waits on
+/// it (first for the answer, then through its [`Receipt`]), so one waker slot is enough.
+#[derive(Default)]
+pub(crate) struct Ticket {
+    state: Mutex<TicketState>,
+}
+
+#[derive(Default)]
+struct TicketState {
+    /// Core's answer to the call, until the caller takes it.
+    answer: Option<Result<usize, SendError>>,
+    /// Whether core answered (the answer may have been taken since).
+    answered: bool,
+    /// Copies settled so far.
+    settled: usize,
+    /// Why the first failed copy failed.
+    failed: Option<DeliveryError>,
+    /// The caller's task, when it waits.
+    waker: Option<Waker>,
+}
+
+impl Ticket {
+    /// Updates the state and wakes the caller.
+    fn update(&self, f: impl FnOnce(&mut TicketState)) {
+        let waker = {
+            let mut st = runtime::lock(&self.state);
+            f(&mut st);
+            st.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Core's answer: the number of copies stored, or why the call failed.
+    fn poll_answer(&self, cx: &mut Context<'_>) -> Poll<Result<usize, SendError>> {
+        let mut st = runtime::lock(&self.state);
+        if let Some(answer) = st.answer.take() {
+            return Poll::Ready(answer);
+        }
+        if st.answered {
+            return Poll::Ready(Err(SendError::Stopped));
+        }
+        st.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Every one of `copies` settled (`Ok`), or one failed.
+    fn poll_acked(&self, cx: &mut Context<'_>, copies: usize) -> Poll<Result<(), DeliveryError>> {
+        let mut st = runtime::lock(&self.state);
+        if let Some(e) = &st.failed {
+            return Poll::Ready(Err(e.clone()));
+        }
+        if st.settled >= copies {
+            return Poll::Ready(Ok(()));
+        }
+        st.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// Core's answer to one `send`/`publish` call. Dropped unanswered (core stopped first), it
+/// answers [`SendError::Stopped`].
+pub(crate) struct CallReply(Option<Arc<Ticket>>);
+
+impl CallReply {
+    /// Answers the call: `Ok(copies stored)` or why it failed.
+    pub(crate) fn send(mut self, answer: Result<usize, SendError>) {
+        if let Some(t) = self.0.take() {
+            t.update(|st| {
+                st.answer = Some(answer);
+                st.answered = true;
+            });
+        }
+    }
+
+    /// A receipt for one copy of this call.
+    pub(crate) fn copy_receipt(&self) -> CopyReceipt {
+        CopyReceipt(self.0.clone())
+    }
+}
+
+impl Drop for CallReply {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.update(|st| {
+                st.answer = Some(Err(SendError::Stopped));
+                st.answered = true;
+            });
+        }
+    }
+}
+
+/// How one stored copy of a call ended. Dropped unsettled (core stopped first, or the copy was
+/// discarded), it counts as [`DeliveryError::Stopped`].
+pub(crate) struct CopyReceipt(Option<Arc<Ticket>>);
+
+impl std::fmt::Debug for CopyReceipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CopyReceipt")
+    }
+}
+
+impl CopyReceipt {
+    /// Reports how the copy ended.
+    pub(crate) fn send(mut self, result: Result<(), DeliveryError>) {
+        if let Some(t) = self.0.take() {
+            settle_copy(&t, result);
+        }
+    }
+}
+
+impl Drop for CopyReceipt {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            settle_copy(&t, Err(DeliveryError::Stopped));
+        }
+    }
+}
+
+fn settle_copy(t: &Ticket, result: Result<(), DeliveryError>) {
+    t.update(|st| {
+        st.settled += 1;
+        if let Err(e) = result
+            && st.failed.is_none()
+        {
+            st.failed = Some(e);
+        }
+    });
 }
 
 /// A running `serve` handler; dropping it does not stop serving (use [`ServeHandle::stop`]).
@@ -264,9 +406,10 @@ impl Node {
             reason,
         })?;
         let msg = msg.into();
-        let env = self.envelope(Kind::Send, service, &msg)?;
-        self.append(vec![Target::Service(service.to_string())], env, &msg)
-            .await
+        let (ttl, after) = (msg.ttl, msg.deliver_after);
+        let env = self.envelope(Kind::Send, service, msg)?;
+        let target = Targets::One(Target::Service(service.to_string()));
+        self.append(target, env, ttl, after).await
     }
 
     /// Publishes to `topic`: each durable subscriber group whose pattern matches gets one copy,
@@ -284,7 +427,8 @@ impl Node {
             reason,
         })?;
         let msg = msg.into();
-        let env = self.envelope(Kind::Publish, topic, &msg)?;
+        let (ttl, after) = (msg.ttl, msg.deliver_after);
+        let env = self.envelope(Kind::Publish, topic, msg)?;
         let (tx, rx) = oneshot::channel();
         self.core(CoreMsg::GroupsFor {
             topic: topic.to_string(),
@@ -293,32 +437,39 @@ impl Node {
         .await
         .map_err(|()| SendError::Stopped)?;
         let targets = rx.await.map_err(|_| SendError::Stopped)?;
-        self.append(targets, env, &msg).await
+        self.append(Targets::Many(targets), env, ttl, after).await
     }
 
     async fn append(
         &self,
-        targets: Vec<Target>,
+        targets: Targets,
         env: Envelope,
-        msg: &Outgoing,
+        ttl: Option<Duration>,
+        deliver_after: Option<Duration>,
     ) -> Result<Receipt, SendError> {
         if targets.is_empty() {
-            return Ok(Receipt { copies: Vec::new() });
+            return Ok(Receipt {
+                ticket: None,
+                copies: 0,
+            });
         }
-        let (tx, rx) = oneshot::channel();
+        let ticket = Arc::new(Ticket::default());
         let deadline = self.shared.now() + self.shared.send_timeout.as_millis() as u64;
         self.core(CoreMsg::Append(Append {
             targets,
             env,
-            ttl_ms: msg.ttl.map(|d| d.as_millis() as u64),
-            delay_ms: msg.deliver_after.map(|d| d.as_millis() as u64),
+            ttl_ms: ttl.map(|d| d.as_millis() as u64),
+            delay_ms: deliver_after.map(|d| d.as_millis() as u64),
             deadline,
-            reply: tx,
+            reply: CallReply(Some(ticket.clone())),
         }))
         .await
         .map_err(|()| SendError::Stopped)?;
-        let copies = rx.await.map_err(|_| SendError::Stopped)??;
-        Ok(Receipt { copies })
+        let copies = std::future::poll_fn(|cx| ticket.poll_answer(cx)).await?;
+        Ok(Receipt {
+            ticket: (copies > 0).then_some(ticket),
+            copies,
+        })
     }
 
     /// Sends a request to one instance of `service` that serves requests and waits for its
@@ -349,7 +500,7 @@ impl Node {
         validate_subject(service, false).map_err(RequestError::Invalid)?;
         let msg = msg.into();
         let env = self
-            .envelope(Kind::Request, service, &msg)
+            .envelope(Kind::Request, service, msg)
             .map_err(|e| RequestError::Invalid(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + opts.timeout;
         let attempts = if opts.idempotent {
@@ -475,7 +626,7 @@ impl Node {
         };
         validate_subject(&name, false).map_err(RequestError::Invalid)?;
         let env = self
-            .envelope(Kind::Request, &name, &msg)
+            .envelope(Kind::Request, &name, msg)
             .map_err(|e| RequestError::Invalid(e.to_string()))?;
         let (tx, mut rx) = mpsc::channel(MAX_SCATTER);
         let (started_tx, started_rx) = oneshot::channel();
@@ -776,7 +927,7 @@ impl Node {
         &self,
         kind: Kind,
         destination: &str,
-        msg: &Outgoing,
+        msg: Outgoing,
     ) -> Result<Envelope, SendError> {
         let size = msg.payload.len()
             + msg
@@ -797,16 +948,16 @@ impl Node {
             seq: 0,
             kind,
             destination: destination.to_string(),
-            key: msg.key.clone(),
+            key: msg.key,
             headers: {
-                let mut h = msg.headers.clone();
+                let mut h = msg.headers;
                 crate::trace::stamp(&mut h);
                 h
             },
-            content_type: msg.content_type.clone(),
+            content_type: msg.content_type,
             created_at_ms: now_unix_ms(),
             attempt: 1,
-            payload: msg.payload.clone(),
+            payload: msg.payload,
         })
     }
 
@@ -861,22 +1012,10 @@ impl Node {
             env.origin = self.shared.id;
             env.attempt = 1;
             env.created_at_ms = now_unix_ms();
-            let (tx, rx) = oneshot::channel();
-            let deadline = self.shared.now() + self.shared.send_timeout.as_millis() as u64;
-            self.core(CoreMsg::Append(Append {
-                targets: vec![target],
-                env,
-                ttl_ms: None,
-                delay_ms: None,
-                deadline,
-                reply: tx,
-            }))
-            .await
-            .map_err(|()| AdminError::Stopped)?;
-            match rx.await {
-                Ok(Ok(_receipts)) => n += 1,
-                Ok(Err(e)) => return Err(AdminError::Store(e.to_string())),
-                Err(_) => return Err(AdminError::Stopped),
+            match self.append(Targets::One(target), env, None, None).await {
+                Ok(_receipt) => n += 1,
+                Err(SendError::Stopped) => return Err(AdminError::Stopped),
+                Err(e) => return Err(AdminError::Store(e.to_string())),
             }
         }
         Ok(n)
@@ -1017,5 +1156,76 @@ impl std::ops::Deref for Request {
     type Target = Message;
     fn deref(&self) -> &Message {
         &self.msg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A receipt for `copies` copies of a call core answered, and the call's reply.
+    fn answered(copies: usize) -> (Receipt, CallReply) {
+        let ticket = Arc::new(Ticket::default());
+        let reply = CallReply(Some(ticket.clone()));
+        let receipt = Receipt {
+            ticket: Some(ticket),
+            copies,
+        };
+        (receipt, reply)
+    }
+
+    async fn answer_of(ticket: &Ticket) -> Result<usize, SendError> {
+        std::future::poll_fn(|cx| ticket.poll_answer(cx)).await
+    }
+
+    #[tokio::test]
+    async fn a_call_core_never_answered_fails_as_stopped() {
+        let ticket = Arc::new(Ticket::default());
+        drop(CallReply(Some(ticket.clone())));
+        assert!(matches!(answer_of(&ticket).await, Err(SendError::Stopped)));
+        let ticket = Arc::new(Ticket::default());
+        CallReply(Some(ticket.clone())).send(Ok(2));
+        assert_eq!(answer_of(&ticket).await.ok(), Some(2));
+    }
+
+    #[tokio::test]
+    async fn acked_waits_for_every_copy() {
+        let (receipt, reply) = answered(2);
+        let (first, second) = (reply.copy_receipt(), reply.copy_receipt());
+        reply.send(Ok(2));
+        let waiting = tokio::spawn(receipt.acked());
+        first.send(Ok(()));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "one copy of two is still unsettled");
+        second.send(Ok(()));
+        assert_eq!(waiting.await.ok(), Some(Ok(())));
+    }
+
+    #[tokio::test]
+    async fn acked_fails_with_the_first_failed_copy_and_a_dropped_one_is_stopped() {
+        let (receipt, reply) = answered(3);
+        let copies = [
+            reply.copy_receipt(),
+            reply.copy_receipt(),
+            reply.copy_receipt(),
+        ];
+        reply.send(Ok(3));
+        let [a, b, c] = copies;
+        b.send(Err(DeliveryError::Released {
+            reason: "gone".into(),
+        }));
+        a.send(Err(DeliveryError::Stopped));
+        assert_eq!(
+            receipt.acked().await,
+            Err(DeliveryError::Released {
+                reason: "gone".into()
+            }),
+            "the first failure wins, before the last copy settles"
+        );
+        drop(c);
+        let (receipt, reply) = answered(1);
+        drop(reply.copy_receipt());
+        reply.send(Ok(1));
+        assert_eq!(receipt.acked().await, Err(DeliveryError::Stopped));
     }
 }

@@ -12,7 +12,7 @@
 //! - an instance never holds more unacknowledged entries than it granted
 //!   credits for.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use peerbus_transport::NodeId;
@@ -37,11 +37,17 @@ pub enum Target {
 }
 
 impl Target {
-    /// The log's name: `svc:<service>` or `grp:<group>`.
+    /// The log's name: `svc:<service>`, `grp:<group>` or `eph:<node id>`.
     pub fn log_name(&self) -> String {
+        let prefixed = |prefix: &str, name: &str| {
+            let mut s = String::with_capacity(prefix.len() + name.len());
+            s.push_str(prefix);
+            s.push_str(name);
+            s
+        };
         match self {
-            Target::Service(s) => format!("svc:{s}"),
-            Target::Group(g) => format!("grp:{g}"),
+            Target::Service(s) => prefixed("svc:", s),
+            Target::Group(g) => prefixed("grp:", g),
             Target::Node(n) => format!("eph:{n}"),
         }
     }
@@ -122,9 +128,10 @@ pub enum Outcome {
     },
 }
 
-/// An entry that left its log.
+/// An entry that left its log, with the receipt it was appended with (see
+/// [`Outbox::append_with_receipt`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Settled {
+pub struct Settled<R = ()> {
     /// The log it was in.
     pub log: String,
     /// Its sequence number.
@@ -135,6 +142,8 @@ pub struct Settled {
     pub attempts: u32,
     /// What happened.
     pub outcome: Outcome,
+    /// The entry's receipt: whatever the caller wants told of the outcome.
+    pub receipt: Option<R>,
 }
 
 /// A frame for the runtime to put on the wire.
@@ -160,19 +169,24 @@ enum State {
     },
 }
 
-#[derive(Clone, Debug)]
-struct Entry {
+#[derive(Debug)]
+struct Entry<R> {
     /// Shared with the frames that carry it: a delivery clones the pointer, not the strings.
     env: Arc<Envelope>,
+    /// Handed back in the entry's [`Settled`], so the caller keeps no map of its own.
+    receipt: Option<R>,
     state: State,
     not_before: u64,
     expires_at: Option<u64>,
     attempts: u32,
 }
 
-#[derive(Debug, Default)]
-struct Log {
-    entries: BTreeMap<u64, Entry>,
+#[derive(Debug)]
+struct Log<R> {
+    /// Who consumes it (parsed from its name once, not on every dispatch); `None` for a name
+    /// that names no target (never dispatched).
+    target: Option<Target>,
+    entries: BTreeMap<u64, Entry<R>>,
     /// Payload bytes of the entries.
     bytes: usize,
     /// Unsettled seqs per key.
@@ -195,7 +209,18 @@ enum Chain {
     Blocked,
 }
 
-impl Log {
+impl<R> Log<R> {
+    fn new(name: &str) -> Self {
+        Self {
+            target: Target::from_log_name(name),
+            entries: BTreeMap::new(),
+            bytes: 0,
+            keys: FastMap::default(),
+            next_seq: 0,
+            pending_from: 0,
+        }
+    }
+
     /// Entry `seq` became (or was inserted) `Pending`.
     fn pending_at(&mut self, seq: u64) {
         self.pending_from = self.pending_from.min(seq);
@@ -247,12 +272,15 @@ pub struct LogStats {
     pub oldest_created_ms: Option<u64>,
 }
 
-/// The sender side of every log of this node.
+/// The sender side of every log of this node. `R` is an opaque receipt an entry may carry
+/// (see [`Outbox::append_with_receipt`]); it comes back in the entry's [`Settled`].
 #[derive(Debug)]
-pub struct Outbox {
+pub struct Outbox<R = ()> {
     config: OutboxConfig,
-    logs: BTreeMap<String, Log>,
-    peers: HashMap<NodeId, Peer>,
+    logs: BTreeMap<String, Log<R>>,
+    peers: FastMap<NodeId, Peer>,
+    /// Scratch of [`Outbox::dispatch_into`]: the candidates of one log (empty between calls).
+    candidates: Vec<NodeId>,
     rng: u64,
     round_robin: u64,
     total_bytes: usize,
@@ -263,13 +291,31 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// An empty outbox.
+    /// An empty outbox whose entries carry no receipt.
     pub fn new(config: OutboxConfig) -> Self {
+        Self::with_receipts(config)
+    }
+}
+
+/// The log named `name`, created empty when there is none (no allocation when it exists).
+/// Always `Some`; an `Option` only because the map cannot hand out the entry without an owned
+/// key.
+fn log_mut<'a, R>(logs: &'a mut BTreeMap<String, Log<R>>, name: &str) -> Option<&'a mut Log<R>> {
+    if !logs.contains_key(name) {
+        logs.insert(name.to_string(), Log::new(name));
+    }
+    logs.get_mut(name)
+}
+
+impl<R> Outbox<R> {
+    /// An empty outbox whose entries may carry a receipt of type `R`.
+    pub fn with_receipts(config: OutboxConfig) -> Self {
         let rng = config.seed | 1;
         Self {
             config,
             logs: BTreeMap::new(),
-            peers: HashMap::new(),
+            peers: FastMap::default(),
+            candidates: Vec::new(),
             rng,
             round_robin: 0,
             total_bytes: 0,
@@ -285,21 +331,42 @@ impl Outbox {
     pub fn append(
         &mut self,
         target: &Target,
-        mut env: Envelope,
+        env: Envelope,
         now: u64,
         ttl_ms: Option<u64>,
         not_before_ms: Option<u64>,
         staged: bool,
     ) -> Arc<Envelope> {
+        self.append_with_receipt(target, env, now, ttl_ms, not_before_ms, staged, None)
+    }
+
+    /// [`Outbox::append`] of an entry that carries `receipt`: the entry's [`Settled`] hands it
+    /// back, whichever way the entry leaves its log (dropping the outbox drops it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_with_receipt(
+        &mut self,
+        target: &Target,
+        mut env: Envelope,
+        now: u64,
+        ttl_ms: Option<u64>,
+        not_before_ms: Option<u64>,
+        staged: bool,
+        receipt: Option<R>,
+    ) -> Arc<Envelope> {
         let name = target.log_name();
         let base = self.config.seq_base.max(1);
-        let log = self.logs.entry(name.clone()).or_default();
-        let seq = if log.next_seq == 0 {
-            base
-        } else {
-            log.next_seq
+        let seq = match log_mut(&mut self.logs, &name) {
+            Some(log) => {
+                let seq = if log.next_seq == 0 {
+                    base
+                } else {
+                    log.next_seq
+                };
+                log.next_seq = seq + 1;
+                seq
+            }
+            None => base,
         };
-        log.next_seq = seq + 1;
         env.log = name;
         env.seq = seq;
         env.attempt = env.attempt.max(1);
@@ -311,6 +378,7 @@ impl Outbox {
         let env = Arc::new(env);
         self.insert(
             env.clone(),
+            receipt,
             ttl_ms.map(|t| now + t),
             not_before_ms.unwrap_or(0),
             state,
@@ -353,16 +421,18 @@ impl Outbox {
     /// Puts back an entry recovered from the store after a restart.
     /// `expires_at`/`not_before` are absolute (same clock as `now`).
     pub fn restore(&mut self, env: Arc<Envelope>, expires_at: Option<u64>, not_before: u64) {
-        let log = self.logs.entry(env.log.clone()).or_default();
-        log.next_seq = log.next_seq.max(env.seq + 1);
-        self.insert(env, expires_at, not_before, State::Pending);
+        if let Some(log) = log_mut(&mut self.logs, &env.log) {
+            log.next_seq = log.next_seq.max(env.seq + 1);
+        }
+        self.insert(env, None, expires_at, not_before, State::Pending);
     }
 
     /// Makes sure the next seq of `log` is above `seq` (sequence numbers are
     /// never reused, even after the entries holding them were settled).
     pub fn bump_seq(&mut self, log: &str, next: u64) {
-        let l = self.logs.entry(log.to_string()).or_default();
-        l.next_seq = l.next_seq.max(next);
+        if let Some(l) = log_mut(&mut self.logs, log) {
+            l.next_seq = l.next_seq.max(next);
+        }
     }
 
     /// Next seq each log will hand out (persisted so seqs survive restarts).
@@ -373,13 +443,24 @@ impl Outbox {
     fn insert(
         &mut self,
         env: Arc<Envelope>,
+        receipt: Option<R>,
         expires_at: Option<u64>,
         not_before: u64,
         state: State,
     ) {
-        let log = self.logs.entry(env.log.clone()).or_default();
+        let Some(log) = log_mut(&mut self.logs, &env.log) else {
+            return;
+        };
         if let Some(k) = &env.key {
-            log.keys.entry(k.clone()).or_default().insert(env.seq);
+            // The key is cloned only for its first unsettled entry.
+            match log.keys.get_mut(k.as_str()) {
+                Some(seqs) => {
+                    seqs.insert(env.seq);
+                }
+                None => {
+                    log.keys.insert(k.clone(), BTreeSet::from([env.seq]));
+                }
+            }
         }
         if state == State::Pending {
             log.pending_at(env.seq);
@@ -395,6 +476,7 @@ impl Outbox {
                 env.seq,
                 Entry {
                     env,
+                    receipt,
                     state,
                     not_before,
                     expires_at,
@@ -513,8 +595,8 @@ impl Outbox {
     }
 
     /// The peer acknowledged `seqs` of `log`.
-    pub fn on_ack(&mut self, peer: NodeId, log_name: &str, seqs: &[u64]) -> Vec<Settled> {
-        let mut out = Vec::new();
+    pub fn on_ack(&mut self, peer: NodeId, log_name: &str, seqs: &[u64]) -> Vec<Settled<R>> {
+        let mut out = Vec::with_capacity(seqs.len());
         let Some(log) = self.logs.get_mut(log_name) else {
             return out;
         };
@@ -536,6 +618,7 @@ impl Outbox {
                 attempts: e.attempts.max(1),
                 env: e.env,
                 outcome: Outcome::Acked { by: peer },
+                receipt: e.receipt,
             });
         }
         out
@@ -551,7 +634,7 @@ impl Outbox {
         reason: &str,
         permanent: bool,
         now: u64,
-    ) -> Option<Settled> {
+    ) -> Option<Settled<R>> {
         let max_attempts = self.config.max_attempts;
         let delay = self.backoff_for(seq);
         let log = self.logs.get_mut(log_name)?;
@@ -585,7 +668,7 @@ impl Outbox {
         None
     }
 
-    fn backoff_for(&mut self, _seq: u64) -> impl Fn(u32) -> u64 + use<> {
+    fn backoff_for(&mut self, _seq: u64) -> impl Fn(u32) -> u64 + use<R> {
         // xorshift64*: deterministic jitter for a given seed.
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
@@ -602,7 +685,7 @@ impl Outbox {
         }
     }
 
-    fn dead_letter(&mut self, log_name: &str, seq: u64, reason: String) -> Option<Settled> {
+    fn dead_letter(&mut self, log_name: &str, seq: u64, reason: String) -> Option<Settled<R>> {
         let log = self.logs.get_mut(log_name)?;
         let e = log.entries.remove(&seq)?;
         log.bytes -= e.env.payload.len();
@@ -619,12 +702,13 @@ impl Outbox {
             attempts: e.attempts,
             env: e.env,
             outcome: Outcome::DeadLettered { reason },
+            receipt: e.receipt,
         })
     }
 
     /// Empties a log (its group was unsubscribed, or its ephemeral subscriber left). Every
     /// entry leaves as [`Outcome::Released`].
-    pub fn release_log(&mut self, log_name: &str, reason: &str) -> Vec<Settled> {
+    pub fn release_log(&mut self, log_name: &str, reason: &str) -> Vec<Settled<R>> {
         let Some(log) = self.logs.remove(log_name) else {
             return Vec::new();
         };
@@ -644,6 +728,7 @@ impl Outbox {
                 outcome: Outcome::Released {
                     reason: reason.to_string(),
                 },
+                receipt: e.receipt,
             });
         }
         // Keep sequence numbers increasing if the log comes back.
@@ -669,20 +754,20 @@ impl Outbox {
     }
 
     /// Moves an entry out of its log by hand (for `dlq`-style tooling and tests).
-    pub fn remove(&mut self, log_name: &str, seq: u64, reason: &str) -> Option<Settled> {
+    pub fn remove(&mut self, log_name: &str, seq: u64, reason: &str) -> Option<Settled<R>> {
         self.dead_letter(log_name, seq, reason.to_string())
     }
 
     /// Expires entries, resends timed-out ones, and hands waiting entries to
     /// instances with credit. Returns frames to send and entries that left.
-    pub fn poll(&mut self, now: u64) -> (Vec<Transmit>, Vec<Settled>) {
+    pub fn poll(&mut self, now: u64) -> (Vec<Transmit>, Vec<Settled<R>>) {
         let settled = self.check_timers(now);
         (self.dispatch(now), settled)
     }
 
     /// Timer work only: expiry and ack timeouts (a scan of every entry; call it on a tick,
     /// not per event).
-    pub fn check_timers(&mut self, now: u64) -> Vec<Settled> {
+    pub fn check_timers(&mut self, now: u64) -> Vec<Settled<R>> {
         let mut settled = Vec::new();
         self.expire_and_time_out(now, &mut settled);
         settled
@@ -698,13 +783,22 @@ impl Outbox {
     /// [`Outbox::dispatch`] into a caller's buffer (appended to), so a busy caller reuses one
     /// allocation: a fresh `Vec` of a full credit window per dispatch cost page faults.
     pub fn dispatch_into(&mut self, now: u64, tx: &mut Vec<Transmit>) {
-        let names: Vec<String> = self.logs.keys().cloned().collect();
-        for name in names {
-            self.dispatch_log(&name, now, tx);
+        let mut candidates = std::mem::take(&mut self.candidates);
+        let mut cx = Dispatch {
+            peers: &mut self.peers,
+            round_robin: &mut self.round_robin,
+            timer_due: &mut self.timer_due,
+            ack_timeout_ms: self.config.ack_timeout_ms,
+            now,
+        };
+        for log in self.logs.values_mut() {
+            cx.log(log, &mut candidates, tx);
+            candidates.clear();
         }
+        self.candidates = candidates;
     }
 
-    fn expire_and_time_out(&mut self, now: u64, settled: &mut Vec<Settled>) {
+    fn expire_and_time_out(&mut self, now: u64, settled: &mut Vec<Settled<R>>) {
         if now < self.timer_due {
             return;
         }
@@ -742,131 +836,6 @@ impl Outbox {
             let reason = format!("no ack within {ack_timeout} ms");
             settled.extend(self.on_nack(peer, &name, seq, &reason, false, now));
         }
-    }
-
-    fn dispatch_log(&mut self, name: &str, now: u64, tx: &mut Vec<Transmit>) {
-        let Some(target) = Target::from_log_name(name) else {
-            return;
-        };
-        let Some(log) = self.logs.get_mut(name) else {
-            return;
-        };
-        if log.entries.is_empty() {
-            return;
-        }
-        let candidates: Vec<NodeId> = {
-            let mut v: Vec<NodeId> = self
-                .peers
-                .iter()
-                .filter(|(id, p)| !p.draining && consumes(id, p, &target, None))
-                .map(|(id, _)| *id)
-                .collect();
-            v.sort();
-            v
-        };
-        // Nothing can move while every candidate is out of credit: skip the scan (the
-        // common case under load, where the log head is a full window in flight).
-        let any_credit = candidates
-            .iter()
-            .any(|c| self.peers.get(c).is_some_and(|p| p.in_flight < p.credits));
-        if !any_credit {
-            return;
-        }
-        let floor = log.floor();
-        // Walk the pending entries from `pending_from`; the in-flight window before it is
-        // skipped. An entry becomes in flight in place, so a later entry of the same key
-        // sees it through `key_chain`.
-        let mut cursor = log.pending_from.max(floor);
-        // `pending_from` may rise to the first entry still pending after this scan.
-        let mut first_left: Option<u64> = None;
-        let mut scanned = 0usize;
-        while let Some((&seq, e)) = log.entries.range(cursor..).next() {
-            cursor = seq + 1;
-            scanned += 1;
-            if scanned > SCAN_BUDGET_PER_POLL {
-                first_left = first_left.or(Some(seq));
-                break;
-            }
-            if e.state != State::Pending {
-                continue;
-            }
-            let key = e.env.key.as_deref();
-            let blocked_by_time = e.not_before > now;
-            let chosen: Option<NodeId> = match key {
-                _ if blocked_by_time => None,
-                Some(k) => match log.key_chain(k, seq) {
-                    Chain::Blocked => None,
-                    Chain::Follows(p) => Some(p),
-                    Chain::Free => {
-                        let live = candidates.iter().filter(|c| {
-                            self.peers
-                                .get(c)
-                                .is_some_and(|p| consumes(c, p, &target, Some(&e.env.destination)))
-                        });
-                        rendezvous(k, live)
-                    }
-                },
-                None => candidates
-                    .iter()
-                    .filter_map(|c| self.peers.get(c).map(|p| (c, p)))
-                    .filter(|(c, p)| {
-                        p.in_flight < p.credits && consumes(c, p, &target, Some(&e.env.destination))
-                    })
-                    .min_by_key(|(c, p)| (p.in_flight, stable_rr(c, self.round_robin)))
-                    .map(|(c, _)| *c),
-            };
-            let Some(peer_id) = chosen else {
-                first_left = first_left.or(Some(seq));
-                continue;
-            };
-            let Some(peer) = self.peers.get_mut(&peer_id) else {
-                first_left = first_left.or(Some(seq));
-                continue;
-            };
-            if peer.in_flight >= peer.credits || peer.draining {
-                // The key sticks to its instance: wait for credit, do not move it (the entry
-                // stays pending, which holds back the later entries of its key).
-                first_left = first_left.or(Some(seq));
-                // Stop when no instance of this log has credit left (not every peer: others,
-                // the local node among them, may consume other logs only).
-                if candidates
-                    .iter()
-                    .all(|c| self.peers.get(c).is_none_or(|p| p.in_flight >= p.credits))
-                {
-                    break;
-                }
-                continue;
-            }
-            let key_floor = key.and_then(|k| log.keys.get(k)?.first().copied());
-            let mut env = e.env.clone();
-            if env.attempt != e.attempts + 1 {
-                // Copies the envelope only if an earlier frame of it is still queued.
-                Arc::make_mut(&mut env).attempt = e.attempts + 1;
-            }
-            peer.in_flight += 1;
-            let conn = peer.conn;
-            self.round_robin = self.round_robin.wrapping_add(1);
-            if let Some(e) = log.entries.get_mut(&seq) {
-                e.state = State::InFlight {
-                    peer: peer_id,
-                    conn,
-                    sent_at: now,
-                };
-            }
-            self.timer_due = self.timer_due.min(now + self.config.ack_timeout_ms);
-            tx.push(Transmit {
-                peer: peer_id,
-                conn,
-                frame: Data::Deliver {
-                    floor,
-                    key_floor,
-                    env,
-                },
-            });
-        }
-        // Everything before the first entry left pending (or before the cursor when the
-        // scan reached the end) is now in flight or staged.
-        log.pending_from = first_left.unwrap_or(cursor);
     }
 
     /// The earliest time (same clock as `now`) at which [`Outbox::poll`] has
@@ -980,6 +949,141 @@ fn consumes(id: &NodeId, p: &Peer, target: &Target, topic: Option<&str>) -> bool
             i.group.as_deref() == Some(g.as_str())
                 && topic.is_none_or(|t| topic_matches(&i.pattern, t))
         }),
+    }
+}
+
+/// One dispatch's view of the outbox beside the log it walks.
+struct Dispatch<'a> {
+    peers: &'a mut FastMap<NodeId, Peer>,
+    round_robin: &'a mut u64,
+    timer_due: &'a mut u64,
+    ack_timeout_ms: u64,
+    now: u64,
+}
+
+impl Dispatch<'_> {
+    /// Hands the waiting entries of one log to its instances with credit. `candidates` is an
+    /// empty scratch buffer.
+    fn log<R>(&mut self, log: &mut Log<R>, candidates: &mut Vec<NodeId>, tx: &mut Vec<Transmit>) {
+        let now = self.now;
+        let Some(target) = log.target.as_ref() else {
+            return;
+        };
+        let floor = log.floor();
+        let mut cursor = log.pending_from.max(floor);
+        // Nothing at or after `pending_from`: nothing is waiting (the common case for a log
+        // whose entries are all in flight).
+        if log.entries.range(cursor..).next().is_none() {
+            return;
+        }
+        candidates.extend(
+            self.peers
+                .iter()
+                .filter(|(id, p)| !p.draining && consumes(id, p, target, None))
+                .map(|(id, _)| *id),
+        );
+        candidates.sort();
+        // Nothing can move while every candidate is out of credit: skip the scan (the
+        // common case under load, where the log head is a full window in flight).
+        let any_credit = candidates
+            .iter()
+            .any(|c| self.peers.get(c).is_some_and(|p| p.in_flight < p.credits));
+        if !any_credit {
+            return;
+        }
+        // Walk the pending entries from `pending_from`; the in-flight window before it is
+        // skipped. An entry becomes in flight in place, so a later entry of the same key
+        // sees it through `key_chain`.
+        // `pending_from` may rise to the first entry still pending after this scan.
+        let mut first_left: Option<u64> = None;
+        let mut scanned = 0usize;
+        while let Some((&seq, e)) = log.entries.range(cursor..).next() {
+            cursor = seq + 1;
+            scanned += 1;
+            if scanned > SCAN_BUDGET_PER_POLL {
+                first_left = first_left.or(Some(seq));
+                break;
+            }
+            if e.state != State::Pending {
+                continue;
+            }
+            let key = e.env.key.as_deref();
+            let blocked_by_time = e.not_before > now;
+            let chosen: Option<NodeId> = match key {
+                _ if blocked_by_time => None,
+                Some(k) => match log.key_chain(k, seq) {
+                    Chain::Blocked => None,
+                    Chain::Follows(p) => Some(p),
+                    Chain::Free => {
+                        let live = candidates.iter().filter(|c| {
+                            self.peers
+                                .get(c)
+                                .is_some_and(|p| consumes(c, p, target, Some(&e.env.destination)))
+                        });
+                        rendezvous(k, live)
+                    }
+                },
+                None => candidates
+                    .iter()
+                    .filter_map(|c| self.peers.get(c).map(|p| (c, p)))
+                    .filter(|(c, p)| {
+                        p.in_flight < p.credits && consumes(c, p, target, Some(&e.env.destination))
+                    })
+                    .min_by_key(|(c, p)| (p.in_flight, stable_rr(c, *self.round_robin)))
+                    .map(|(c, _)| *c),
+            };
+            let Some(peer_id) = chosen else {
+                first_left = first_left.or(Some(seq));
+                continue;
+            };
+            let Some(peer) = self.peers.get_mut(&peer_id) else {
+                first_left = first_left.or(Some(seq));
+                continue;
+            };
+            if peer.in_flight >= peer.credits || peer.draining {
+                // The key sticks to its instance: wait for credit, do not move it (the entry
+                // stays pending, which holds back the later entries of its key).
+                first_left = first_left.or(Some(seq));
+                // Stop when no instance of this log has credit left (not every peer: others,
+                // the local node among them, may consume other logs only).
+                if candidates
+                    .iter()
+                    .all(|c| self.peers.get(c).is_none_or(|p| p.in_flight >= p.credits))
+                {
+                    break;
+                }
+                continue;
+            }
+            let key_floor = key.and_then(|k| log.keys.get(k)?.first().copied());
+            let mut env = e.env.clone();
+            if env.attempt != e.attempts + 1 {
+                // Copies the envelope only if an earlier frame of it is still queued.
+                Arc::make_mut(&mut env).attempt = e.attempts + 1;
+            }
+            peer.in_flight += 1;
+            let conn = peer.conn;
+            *self.round_robin = self.round_robin.wrapping_add(1);
+            if let Some(e) = log.entries.get_mut(&seq) {
+                e.state = State::InFlight {
+                    peer: peer_id,
+                    conn,
+                    sent_at: now,
+                };
+            }
+            *self.timer_due = (*self.timer_due).min(now + self.ack_timeout_ms);
+            tx.push(Transmit {
+                peer: peer_id,
+                conn,
+                frame: Data::Deliver {
+                    floor,
+                    key_floor,
+                    env,
+                },
+            });
+        }
+        // Everything before the first entry left pending (or before the cursor when the
+        // scan reached the end) is now in flight or staged.
+        log.pending_from = first_left.unwrap_or(cursor);
     }
 }
 

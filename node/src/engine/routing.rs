@@ -27,20 +27,20 @@ pub fn validate_subject(subject: &str, allow_wildcards: bool) -> Result<(), Stri
     if subject.is_empty() {
         return Err("must not be empty".into());
     }
-    let tokens: Vec<&str> = subject.split('.').collect();
-    for (i, t) in tokens.iter().enumerate() {
+    let mut tokens = subject.split('.').peekable();
+    while let Some(t) = tokens.next() {
         if t.is_empty() {
             return Err(format!(
                 "`{subject}` has an empty token (two dots, or a dot at an end)"
             ));
         }
-        let wild = *t == "*" || *t == ">";
+        let wild = t == "*" || t == ">";
         if wild && !allow_wildcards {
             return Err(format!(
                 "`{subject}`: wildcards are only allowed when subscribing"
             ));
         }
-        if *t == ">" && i + 1 != tokens.len() {
+        if t == ">" && tokens.peek().is_some() {
             return Err(format!("`{subject}`: `>` may only be the last token"));
         }
         if !wild && (t.contains('*') || t.contains('>')) {
