@@ -265,6 +265,7 @@ async fn writer(
     cancel: CancellationToken,
 ) {
     let mut lane_tx: Vec<Option<FrameSender>> = (0..lanes).map(|_| None).collect();
+    let mut dirty = vec![false; lanes];
     let result: Result<(), FrameError> = async {
         loop {
             let first = tokio::select! {
@@ -273,7 +274,6 @@ async fn writer(
             };
             let Some(first) = first else { return Ok(()) };
             let mut dirty_ctl = false;
-            let mut dirty = vec![false; lanes];
             let mut next = Some(first);
             let mut taken = 0;
             while let Some(out) = next.take() {
@@ -305,8 +305,10 @@ async fn writer(
                     next = rx.try_recv().ok();
                 }
             }
-            for (i, d) in dirty.iter().enumerate() {
-                if *d && let Some(s) = lane_tx[i].as_mut() {
+            for (i, d) in dirty.iter_mut().enumerate() {
+                if std::mem::take(d)
+                    && let Some(s) = lane_tx[i].as_mut()
+                {
                     s.flush().await?;
                 }
             }
@@ -399,7 +401,7 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
     } = cx;
     loop {
         let frame = tokio::select! {
-            f = rx.recv::<Data>() => f,
+            f = rx.recv_shared(Data::decode_shared) => f,
             () = cancel.cancelled() => return,
         };
         let frame = match frame {
