@@ -55,7 +55,7 @@ pub fn encode_frame<T: Serialize>(
 ) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    if let Err(e) = bincode::serde::encode_into_std_write(frame, out, config()) {
+    if let Err(e) = bincode::serde::encode_into_writer(frame, VecWriter(out), config()) {
         out.truncate(start);
         return Err(FrameError::Malformed(format!("cannot encode: {e}")));
     }
@@ -66,6 +66,18 @@ pub fn encode_frame<T: Serialize>(
     }
     out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(())
+}
+
+/// bincode's output into a `Vec`. Inlined, so that the many small writes of a frame (single
+/// bytes, varints) become plain stores: through `std::io::Write` each was a `memcpy` call.
+struct VecWriter<'a>(&'a mut Vec<u8>);
+
+impl bincode::enc::write::Writer for VecWriter<'_> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
 }
 
 /// Decodes the first frame of `buf`: `Ok(None)` when `buf` does not hold a whole frame yet,
