@@ -552,20 +552,19 @@ pub(crate) async fn queue_reply(
 /// stopping and the caller should end.
 async fn hand_over(shared: &Shared, inbound: Inbound, cancel: &CancellationToken) -> bool {
     let target = route(shared, &inbound.env.log, &inbound.env.destination);
-    let (origin, log, seq) = (inbound.env.origin, inbound.env.log.clone(), inbound.env.seq);
-    let sent = match target {
+    let unsent = match target {
         Some(tx) => tokio::select! {
-            r = tx.send(inbound) => r.is_ok(),
+            r = tx.send(inbound) => r.err().map(|e| e.0),
             () = cancel.cancelled() => return false,
         },
-        None => false,
+        None => Some(inbound),
     };
-    if !sent {
-        let reason = format!("{NOT_HERE_PREFIX}: no local consumer for `{log}`");
+    if let Some(Inbound { env, .. }) = unsent {
+        let reason = format!("{NOT_HERE_PREFIX}: no local consumer for `{}`", env.log);
         let msg = CoreMsg::Completed {
-            origin,
-            log,
-            seq,
+            origin: env.origin,
+            log: env.log.clone(),
+            seq: env.seq,
             result: Err((reason, false)),
         };
         if shared.core.send(msg).await.is_err() {
