@@ -214,7 +214,7 @@ fn message_span(msg: &Message) -> tracing::Span {
 /// be dropped again, until the sender dead-lettered the entry. Such a consumer now handles
 /// each entry's second copy at the latest.
 fn stale_reason(shared: &Shared, inbound: &Inbound) -> Option<&'static str> {
-    if inbound.conn.is_cancelled() {
+    if inbound.conn.is_gone() {
         Some("its connection is gone")
     } else if inbound.env.attempt <= 1 && inbound.received.elapsed() >= shared.ack_timeout {
         Some("its first attempt waited longer than the ack timeout")
@@ -230,7 +230,7 @@ async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
     if let Some(why) = stale_reason(shared, &inbound) {
         let env = &inbound.env;
         debug!(origin = %env.origin.short(), log = %env.log, seq = env.seq, why, "stale delivery dropped unhandled; its sender redelivers it");
-        if !inbound.conn.is_cancelled() {
+        if !inbound.conn.is_gone() {
             // The connection lives on: later entries of the key may be queued behind this one
             // and must not overtake its redelivery. (A gone connection's queued entries are all
             // stale, and the sender resends its unsettled entries in order.)

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::core::{CoreMsg, Out, Replied, local_hello};
-use super::{Inbound, InboundRequest, MAX_INBOUND_LANES, MAX_PENDING_HANDSHAKES, Shared};
+use super::{
+    ConnState, Inbound, InboundRequest, MAX_INBOUND_LANES, MAX_PENDING_HANDSHAKES, Shared,
+};
 use crate::engine::outbox::NOT_HERE_PREFIX;
 use crate::engine::routing::topic_matches;
 use crate::engine::wire::{Control, Data, Hello};
@@ -222,11 +225,13 @@ pub(crate) fn spawn_connection(
     t.spawn(
         writer(conn.clone(), ctl_tx, rx, shared.lanes, cancel.clone()).instrument(span.clone()),
     );
+    let gone = Arc::new(AtomicBool::new(false));
     let lanes = LaneContext {
         shared: shared.clone(),
         peer,
         out: out.clone(),
         cancel: cancel.clone(),
+        gone: gone.clone(),
     };
     t.spawn(
         control_reader(shared.clone(), peer, generation, ctl_rx, cancel.clone())
@@ -244,6 +249,7 @@ pub(crate) fn spawn_connection(
                 }
             };
             cancel.cancel();
+            gone.store(true, Ordering::Release);
             let _ = shared2
                 .core
                 .send(CoreMsg::PeerGone {
@@ -367,6 +373,8 @@ struct LaneContext {
     /// The connection's outgoing queue (see `spawn_connection`).
     out: mpsc::Sender<Out>,
     cancel: CancellationToken,
+    /// Set once `cancel` is cancelled (see [`super::ConnState`]).
+    gone: Arc<AtomicBool>,
 }
 
 async fn lane_acceptor(cx: LaneContext, conn: Connection) {
@@ -398,6 +406,7 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
         peer,
         out,
         cancel,
+        gone,
     } = cx;
     loop {
         let frame = tokio::select! {
@@ -422,7 +431,7 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
                     env,
                     floor,
                     key_floor,
-                    conn: cancel.clone(),
+                    conn: ConnState::Flag(gone.clone()),
                     received: Instant::now(),
                 };
                 if !hand_over(&shared, inbound, &cancel).await {
