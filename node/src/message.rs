@@ -120,6 +120,11 @@ impl Message {
     }
 
     /// The raw payload.
+    ///
+    /// A payload that arrived from another node is a slice of the buffer its connection read
+    /// it into (no copy), so holding it keeps that buffer (up to a few hundred KiB, shared with
+    /// the messages read along with it) alive. To keep a small payload long after handling
+    /// its message, keep a copy (`Bytes::copy_from_slice`).
     pub fn payload(&self) -> &Bytes {
         &self.env.payload
     }

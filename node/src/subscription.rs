@@ -16,7 +16,9 @@ use crate::message::Message;
 use crate::runtime::core::CoreMsg;
 use crate::runtime::{self, Inbound, Shared};
 
-/// Queue depth of each worker of [`Subscription::handle`].
+/// Queue depth of each worker of [`Subscription::handle`], and the most entries a worker (or
+/// the dispatcher feeding the workers) takes out of its queue at once: a worker holds at most
+/// twice this many entries, queued and taken.
 const WORKER_QUEUE: usize = 64;
 
 /// Messages for this node: `send`s to its service ([`crate::Node::messages`]) or publishes on
@@ -94,22 +96,26 @@ impl Subscription {
                 let handler = handler.clone();
                 self.shared.tracker.spawn(
                     async move {
-                        while let Some(inbound) = rx.recv().await {
-                            // Admission happens here, right before the run, so a failure of
-                            // key K blocks K's later entries that were already queued.
-                            let Some(d) = admit(&shared, inbound).await else {
-                                continue;
-                            };
-                            let (span, ctx) = handler_span(d.message());
-                            let run = handler(d.message().clone());
-                            let result = match ctx {
-                                Some(ctx) => crate::trace::scope(ctx, run).instrument(span).await,
-                                None => run.instrument(span).await,
-                            };
-                            match result {
-                                Ok(()) => d.ack().await,
-                                Err(HandlerError::Retry(r)) => d.retry(r).await,
-                                Err(HandlerError::Reject(r)) => d.reject(r).await,
+                        // Taken from the queue in batches (one wake-up and one release of
+                        // queue room for many entries); the batch is at most the queue's size.
+                        let mut batch = Vec::with_capacity(WORKER_QUEUE);
+                        while rx.recv_many(&mut batch, WORKER_QUEUE).await > 0 {
+                            for inbound in batch.drain(..) {
+                                // Admission happens here, right before the run, so a failure of
+                                // key K blocks K's later entries that were already queued.
+                                let Some(d) = admit(&shared, inbound).await else {
+                                    continue;
+                                };
+                                let span = message_span(d.message());
+                                let run = handler(d.message().clone());
+                                let result = crate::trace::scope_message(d.msg.env.clone(), run)
+                                    .instrument(span)
+                                    .await;
+                                match result {
+                                    Ok(()) => d.ack().await,
+                                    Err(HandlerError::Retry(r)) => d.retry(r).await,
+                                    Err(HandlerError::Reject(r)) => d.reject(r).await,
+                                }
                             }
                         }
                     }
@@ -119,24 +125,30 @@ impl Subscription {
             })
             .collect();
         let mut rr: usize = 0;
+        // Taken from the subscription queue in batches of up to `WORKER_QUEUE` entries.
+        let mut batch = Vec::with_capacity(WORKER_QUEUE);
         loop {
-            let inbound = tokio::select! {
-                r = self.rx.recv() => r,
-                () = self.shared.cancel.cancelled() => None,
+            let taken = tokio::select! {
+                n = self.rx.recv_many(&mut batch, WORKER_QUEUE) => n,
+                () = self.shared.cancel.cancelled() => 0,
             };
-            let Some(inbound) = inbound else { break };
-            let idx = match &inbound.env.key {
-                Some(k) => {
-                    (stable_hash(&[inbound.env.log.as_bytes(), k.as_bytes()])
-                        % workers.len() as u64) as usize
-                }
-                None => {
-                    rr = rr.wrapping_add(1);
-                    rr % workers.len()
-                }
-            };
-            if workers[idx].send(inbound).await.is_err() {
+            if taken == 0 {
                 break;
+            }
+            for inbound in batch.drain(..) {
+                let idx = match &inbound.env.key {
+                    Some(k) => {
+                        (stable_hash(&[inbound.env.log.as_bytes(), k.as_bytes()])
+                            % workers.len() as u64) as usize
+                    }
+                    None => {
+                        rr = rr.wrapping_add(1);
+                        rr % workers.len()
+                    }
+                };
+                if workers[idx].send(inbound).await.is_err() {
+                    return;
+                }
             }
         }
     }
@@ -167,6 +179,28 @@ pub(crate) fn handler_span(msg: &Message) -> (tracing::Span, Option<crate::trace
     (span, ctx)
 }
 
+/// The `message` span of [`handler_span`], with the same fields, for a handler run inside
+/// [`crate::trace::scope_message`]: the trace context is only parsed when the span is
+/// enabled.
+fn message_span(msg: &Message) -> tracing::Span {
+    let span = info_span!(
+        "message",
+        id = %msg.id(),
+        destination = %msg.destination(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        attempt = msg.attempt(),
+    );
+    if !span.is_disabled() {
+        let ctx = msg.trace_context();
+        let hex =
+            |f: fn(&crate::trace::TraceContext) -> String| ctx.as_ref().map(f).unwrap_or_default();
+        span.record("trace_id", hex(crate::trace::TraceContext::trace_id_hex));
+        span.record("span_id", hex(crate::trace::TraceContext::span_id_hex));
+    }
+    span
+}
+
 /// Why a queued entry must not reach a handler any more, if it must not: its connection is
 /// gone (closed, timed out, replaced), or it is a first attempt that waited here at least the
 /// ack timeout (this node's, taken as the sender's).
@@ -180,7 +214,7 @@ pub(crate) fn handler_span(msg: &Message) -> (tracing::Span, Option<crate::trace
 /// be dropped again, until the sender dead-lettered the entry. Such a consumer now handles
 /// each entry's second copy at the latest.
 fn stale_reason(shared: &Shared, inbound: &Inbound) -> Option<&'static str> {
-    if inbound.conn.is_cancelled() {
+    if inbound.conn.is_gone() {
         Some("its connection is gone")
     } else if inbound.env.attempt <= 1 && inbound.received.elapsed() >= shared.ack_timeout {
         Some("its first attempt waited longer than the ack timeout")
@@ -196,7 +230,7 @@ async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
     if let Some(why) = stale_reason(shared, &inbound) {
         let env = &inbound.env;
         debug!(origin = %env.origin.short(), log = %env.log, seq = env.seq, why, "stale delivery dropped unhandled; its sender redelivers it");
-        if !inbound.conn.is_cancelled() {
+        if !inbound.conn.is_gone() {
             // The connection lives on: later entries of the key may be queued behind this one
             // and must not overtake its redelivery. (A gone connection's queued entries are all
             // stale, and the sender resends its unsettled entries in order.)

@@ -15,9 +15,21 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
+
+use crate::engine::wire::Envelope;
 
 tokio::task_local! {
-    static CURRENT: TraceContext;
+    static CURRENT: Current;
+}
+
+/// What [`current`] reads the context from.
+enum Current {
+    /// Set by [`scope`].
+    Context(TraceContext),
+    /// The message a handler runs for, whose headers are only parsed when [`current`] is
+    /// called (most handlers never ask).
+    Message(Arc<Envelope>),
 }
 
 /// Header name of the W3C trace parent.
@@ -112,12 +124,24 @@ impl fmt::Display for TraceContext {
 
 /// The trace context of the running handler (or of an enclosing [`scope`]).
 pub fn current() -> Option<TraceContext> {
-    CURRENT.try_with(Clone::clone).ok()
+    CURRENT
+        .try_with(|c| match c {
+            Current::Context(ctx) => Some(ctx.clone()),
+            Current::Message(env) => of_headers(&env.headers),
+        })
+        .ok()
+        .flatten()
 }
 
 /// Runs `fut` with `ctx` as the current trace context: messages it sends continue `ctx`.
 pub async fn scope<F: Future>(ctx: TraceContext, fut: F) -> F::Output {
-    CURRENT.scope(ctx, fut).await
+    CURRENT.scope(Current::Context(ctx), fut).await
+}
+
+/// Runs a handler's `fut` with the trace context of the message `env` carries (none if it
+/// carries none) as the current one, parsed only if asked for.
+pub(crate) async fn scope_message<F: Future>(env: Arc<Envelope>, fut: F) -> F::Output {
+    CURRENT.scope(Current::Message(env), fut).await
 }
 
 /// Adds `traceparent` (and `tracestate`) to outgoing headers unless the caller set one.
@@ -223,6 +247,30 @@ mod tests {
         let child = of_headers(&inner).expect("child stamped");
         assert_eq!(child.trace_id, root.trace_id);
         assert_ne!(child.span_id, root.span_id);
+        let env = |headers| {
+            Arc::new(Envelope {
+                origin: peerbus_transport::NodeId::from_bytes([1; 32]),
+                log: "svc:x".into(),
+                seq: 1,
+                kind: crate::engine::wire::Kind::Send,
+                destination: "x".into(),
+                key: None,
+                headers,
+                content_type: None,
+                created_at_ms: 0,
+                attempt: 1,
+                payload: bytes::Bytes::new(),
+            })
+        };
+        let mut from_message = vec![];
+        scope_message(env(h.clone()), async { stamp(&mut from_message) }).await;
+        let child = of_headers(&from_message).expect("child of the message stamped");
+        assert_eq!(child.trace_id, root.trace_id);
+        assert_ne!(child.span_id, root.span_id);
+        let mut untraced = vec![];
+        scope_message(env(vec![]), async { stamp(&mut untraced) }).await;
+        let new = of_headers(&untraced).expect("new root stamped");
+        assert_ne!(new.trace_id, root.trace_id);
         let mut explicit = vec![(TRACEPARENT.to_string(), "x".to_string())];
         stamp(&mut explicit);
         assert_eq!(explicit.len(), 1, "an explicit header is kept");

@@ -5,9 +5,9 @@
 //! fraction of that per frame. [`FrameReceiver`] reads large chunks and parses
 //! every complete frame they hold.
 
-use bytes::{Buf, BytesMut};
-use serde::Serialize;
+use bytes::{Buf, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::warn;
 
@@ -55,7 +55,7 @@ pub fn encode_frame<T: Serialize>(
 ) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    if let Err(e) = bincode::serde::encode_into_std_write(frame, out, config()) {
+    if let Err(e) = bincode::serde::encode_into_writer(frame, VecWriter(out), config()) {
         out.truncate(start);
         return Err(FrameError::Malformed(format!("cannot encode: {e}")));
     }
@@ -66,6 +66,18 @@ pub fn encode_frame<T: Serialize>(
     }
     out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(())
+}
+
+/// bincode's output into a `Vec`. Inlined, so that the many small writes of a frame (single
+/// bytes, varints) become plain stores: through `std::io::Write` each was a `memcpy` call.
+struct VecWriter<'a>(&'a mut Vec<u8>);
+
+impl bincode::enc::write::Writer for VecWriter<'_> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
 }
 
 /// Decodes the first frame of `buf`: `Ok(None)` when `buf` does not hold a whole frame yet,
@@ -85,15 +97,22 @@ pub fn decode_frame<T: DeserializeOwned>(
     let Some(body) = buf.get(4..4 + len) else {
         return Ok(None);
     };
-    let (value, used) = bincode::serde::decode_from_slice(body, config())
+    Ok(Some((decode_body(body)?, 4 + len)))
+}
+
+/// Decodes one frame's body (the bytes after its length prefix), which it must fill exactly.
+/// `T` may borrow from `body` (`&str`, `&[u8]` fields): with [`FrameReceiver::recv_shared`]
+/// a decoder keeps such slices as [`Bytes`] of the receive buffer instead of copying them.
+pub fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
+    let (value, used) = bincode::serde::borrow_decode_from_slice(body, config())
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    if used != len {
+    if used != body.len() {
         return Err(FrameError::Malformed(format!(
             "{} trailing bytes after the frame",
-            len - used
+            body.len() - used
         )));
     }
-    Ok(Some((value, 4 + len)))
+    Ok(value)
 }
 
 /// Writes frames to one QUIC stream, coalescing them.
@@ -252,20 +271,67 @@ impl FrameReceiver {
             if let Some(v) = self.try_recv_buffered()? {
                 return Ok(Some(v));
             }
-            match self.stream.read_chunk(READ_CHUNK, true).await {
-                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
-                Ok(None) if self.buf.is_empty() => return Ok(None),
-                Ok(None) => return Err(FrameError::Truncated),
-                Err(quinn::ReadError::ConnectionLost(e)) => {
-                    return Err(FrameError::Connection(self.conn.convert(e)));
-                }
-                Err(e) => {
-                    return Err(FrameError::Connection(ConnectionError::Transport(format!(
-                        "cannot read the stream: {e}"
-                    ))));
-                }
+            if !self.fill().await? {
+                return Ok(None);
             }
         }
+    }
+
+    /// Like [`recv`](Self::recv), but `decode` turns each frame's body (without its length
+    /// prefix) into a `T`. The body shares the receive buffer, so a decoder can keep slices of
+    /// it ([`Bytes::slice_ref`], for a payload) without copying them; such a slice keeps the
+    /// buffer it came from (about one read chunk) alive while it lives. An error from `decode`
+    /// is handled like a malformed frame. Cancel-safe like [`recv`](Self::recv).
+    pub async fn recv_shared<T>(
+        &mut self,
+        decode: impl Fn(Bytes) -> Result<T, FrameError>,
+    ) -> Result<Option<T>, FrameError> {
+        loop {
+            if let Some(body) = self.next_body()? {
+                return match decode(body) {
+                    Ok(v) => Ok(Some(v)),
+                    Err(e) => Err(self.fail(e)),
+                };
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads one chunk into the buffer: false at a clean end of the stream.
+    async fn fill(&mut self) -> Result<bool, FrameError> {
+        match self.stream.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                self.buf.extend_from_slice(&chunk.bytes);
+                Ok(true)
+            }
+            Ok(None) if self.buf.is_empty() => Ok(false),
+            Ok(None) => Err(FrameError::Truncated),
+            Err(quinn::ReadError::ConnectionLost(e)) => {
+                Err(FrameError::Connection(self.conn.convert(e)))
+            }
+            Err(e) => Err(FrameError::Connection(ConnectionError::Transport(format!(
+                "cannot read the stream: {e}"
+            )))),
+        }
+    }
+
+    /// Takes the body of the first buffered frame out of the buffer, if it is complete.
+    fn next_body(&mut self) -> Result<Option<Bytes>, FrameError> {
+        let Some(prefix) = self.buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        if len > self.max {
+            return Err(self.fail(FrameError::TooLarge { len, max: self.max }));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let mut frame = self.buf.split_to(4 + len);
+        frame.advance(4);
+        Ok(Some(frame.freeze()))
     }
 
     /// The next frame already buffered, without I/O: `Ok(None)` when no complete frame is
@@ -277,23 +343,26 @@ impl FrameReceiver {
                 Ok(Some(v))
             }
             Ok(None) => Ok(None),
-            Err(e) => {
-                let code = match e {
-                    FrameError::TooLarge { .. } => CloseCode::FrameTooLarge,
-                    _ => CloseCode::MalformedFrame,
-                };
-                warn!(
-                    peer = %self.conn.peer_id(),
-                    addr = %self.conn.remote_addr(),
-                    error = %e,
-                    "closing connection: {}",
-                    code.describe()
-                );
-                self.conn.close(code, &e.to_string());
-                self.buf.clear();
-                Err(e)
-            }
+            Err(e) => Err(self.fail(e)),
         }
+    }
+
+    /// Closes the connection over a bad frame (logged) and drops what is buffered.
+    fn fail(&mut self, e: FrameError) -> FrameError {
+        let code = match e {
+            FrameError::TooLarge { .. } => CloseCode::FrameTooLarge,
+            _ => CloseCode::MalformedFrame,
+        };
+        warn!(
+            peer = %self.conn.peer_id(),
+            addr = %self.conn.remote_addr(),
+            error = %e,
+            "closing connection: {}",
+            code.describe()
+        );
+        self.conn.close(code, &e.to_string());
+        self.buf.clear();
+        e
     }
 }
 

@@ -77,7 +77,7 @@ pub use error::{
     MeshKeyError,
 };
 pub use fault::{FaultConfig, FaultStats, Faults};
-pub use frame::{FrameError, FrameReceiver, FrameSender, decode_frame, encode_frame};
+pub use frame::{FrameError, FrameReceiver, FrameSender, decode_body, decode_frame, encode_frame};
 pub use identity::{Identity, NodeId};
 pub use membership::{Membership, MeshKey};
 

@@ -5,10 +5,80 @@
 //! returning [`Admit::Handle`], and at most once per window unless the window
 //! was forced to forget it (see [`MAX_HANDLED_PER_WINDOW`]).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
+use std::hash::{Hash, Hasher};
 
-use super::FastMap;
 use peerbus_transport::NodeId;
+
+/// The inbox's maps: foldhash like [`super::FastMap`], from hashbrown so an entry is found by a
+/// borrowed `(origin, &log, …)` key: admitting and completing an entry allocates nothing.
+type Map<K, V> = hashbrown::HashMap<K, V, foldhash::fast::RandomState>;
+type Set<K> = hashbrown::HashSet<K, foldhash::fast::RandomState>;
+
+/// Owned map key: an `(origin, log)` window, optionally narrowed to one seq or one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Owned<T> {
+    origin: NodeId,
+    log: String,
+    rest: T,
+}
+
+/// The borrowed form of [`Owned`], for lookups.
+struct Borrowed<'a, T> {
+    origin: NodeId,
+    log: &'a str,
+    rest: T,
+}
+
+// `String` hashes as its `str`, so both forms hash alike (hashbrown's `Equivalent` contract).
+impl<T: Hash> Hash for Owned<T> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        (self.origin, self.log.as_str(), &self.rest).hash(h);
+    }
+}
+
+impl<T: Hash> Hash for Borrowed<'_, T> {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        (self.origin, self.log, &self.rest).hash(h);
+    }
+}
+
+impl<R: PartialEq<T>, T> hashbrown::Equivalent<Owned<T>> for Borrowed<'_, R> {
+    fn equivalent(&self, k: &Owned<T>) -> bool {
+        self.origin == k.origin && self.rest == k.rest && self.log == k.log
+    }
+}
+
+impl<R: Copy, T: From<R>> From<&Borrowed<'_, R>> for Owned<T> {
+    fn from(b: &Borrowed<'_, R>) -> Self {
+        Owned {
+            origin: b.origin,
+            log: b.log.to_string(),
+            rest: T::from(b.rest),
+        }
+    }
+}
+
+fn at<T>(origin: NodeId, log: &str, rest: T) -> Borrowed<'_, T> {
+    Borrowed { origin, log, rest }
+}
+
+/// The value of `key` in `map`, inserting `value` first when it has none (the key is only
+/// copied then).
+fn get_or_insert<'m, R, T, V>(
+    map: &'m mut Map<Owned<T>, V>,
+    key: &Borrowed<'_, R>,
+    value: V,
+) -> &'m mut V
+where
+    R: Copy + Hash + PartialEq<T>,
+    T: Hash + Eq + From<R>,
+{
+    match map.entry_ref(key) {
+        hashbrown::hash_map::EntryRef::Occupied(o) => o.into_mut(),
+        hashbrown::hash_map::EntryRef::Vacant(v) => v.insert_with_key(key.into(), value),
+    }
+}
 
 /// Most handled sequence numbers remembered above a window's floor. The
 /// origin advances the floor as its log settles, so this is only reached when
@@ -56,9 +126,12 @@ pub type EntryRef<'a> = (NodeId, &'a str, u64);
 /// Receiver-side dedup and key-block state.
 #[derive(Debug, Default)]
 pub struct Inbox {
-    windows: FastMap<(NodeId, String), Window>,
-    blocked: FastMap<(NodeId, String, String), u64>,
-    in_progress: HashSet<(NodeId, String, u64)>,
+    /// Dedup window per `(origin, log)`.
+    windows: Map<Owned<()>, Window>,
+    /// Per `(origin, log, key)`: the failed seq the key waits for.
+    blocked: Map<Owned<String>, u64>,
+    /// `(origin, log, seq)` of the entries a handler is running for.
+    in_progress: Set<Owned<u64>>,
     clock: u64,
 }
 
@@ -86,7 +159,11 @@ impl Inbox {
         let mut inbox = Self::new();
         for s in snapshots {
             inbox.windows.insert(
-                (s.origin, s.log),
+                Owned {
+                    origin: s.origin,
+                    log: s.log,
+                    rest: (),
+                },
                 Window {
                     floor: s.floor,
                     handled: s.handled.into_iter().collect(),
@@ -100,7 +177,7 @@ impl Inbox {
     /// The current state of one window, for persisting.
     pub fn snapshot(&self, origin: NodeId, log: &str) -> Option<WindowSnapshot> {
         self.windows
-            .get(&(origin, log.to_string()))
+            .get(&at(origin, log, ()))
             .map(|w| WindowSnapshot {
                 origin,
                 log: log.to_string(),
@@ -121,12 +198,11 @@ impl Inbox {
     ) -> Admit {
         self.clock += 1;
         let stamp = self.clock;
-        if !self.windows.contains_key(&(origin, log.to_string()))
-            && self.windows.len() >= MAX_WINDOWS
-        {
+        let wkey = at(origin, log, ());
+        if !self.windows.contains_key(&wkey) && self.windows.len() >= MAX_WINDOWS {
             self.evict_window();
         }
-        let w = self.windows.entry((origin, log.to_string())).or_default();
+        let w = get_or_insert(&mut self.windows, &wkey, Window::default());
         w.stamp = stamp;
         if floor > w.floor {
             w.floor = floor;
@@ -135,11 +211,12 @@ impl Inbox {
         if seq < w.floor || w.handled.contains(&seq) {
             return Admit::Duplicate;
         }
-        if self.in_progress.contains(&(origin, log.to_string(), seq)) {
+        let ekey = at(origin, log, seq);
+        if self.in_progress.contains(&ekey) {
             return Admit::InProgress;
         }
         if let Some(k) = key {
-            let bkey = (origin, log.to_string(), k.to_string());
+            let bkey = at(origin, log, k);
             if let Some(&behind) = self.blocked.get(&bkey) {
                 let failed_settled = key_floor.is_some_and(|kf| kf > behind);
                 if seq == behind || failed_settled || seq < behind {
@@ -149,15 +226,15 @@ impl Inbox {
                 }
             }
         }
-        self.in_progress.insert((origin, log.to_string(), seq));
+        self.in_progress.insert((&ekey).into());
         Admit::Handle
     }
 
     /// Records the outcome of a handler run started by [`Inbox::admit`].
     pub fn complete(&mut self, (origin, log, seq): EntryRef<'_>, key: Option<&str>, ok: bool) {
-        self.in_progress.remove(&(origin, log.to_string(), seq));
+        self.in_progress.remove(&at(origin, log, seq));
         if ok {
-            let w = self.windows.entry((origin, log.to_string())).or_default();
+            let w = get_or_insert(&mut self.windows, &at(origin, log, ()), Window::default());
             if seq >= w.floor {
                 w.handled.insert(seq);
                 if w.handled.len() > MAX_HANDLED_PER_WINDOW {
@@ -167,9 +244,7 @@ impl Inbox {
         } else if let Some(k) = key
             && self.blocked.len() < MAX_BLOCKED_KEYS
         {
-            self.blocked
-                .entry((origin, log.to_string(), k.to_string()))
-                .or_insert(seq);
+            get_or_insert(&mut self.blocked, &at(origin, log, k), seq);
         }
     }
 
@@ -184,22 +259,20 @@ impl Inbox {
         let Some(k) = key else { return };
         let known = self
             .windows
-            .get(&(origin, log.to_string()))
+            .get(&at(origin, log, ()))
             .is_some_and(|w| seq < w.floor || w.handled.contains(&seq));
-        if known || self.in_progress.contains(&(origin, log.to_string(), seq)) {
+        if known || self.in_progress.contains(&at(origin, log, seq)) {
             return;
         }
         if self.blocked.len() < MAX_BLOCKED_KEYS {
-            self.blocked
-                .entry((origin, log.to_string(), k.to_string()))
-                .or_insert(seq);
+            get_or_insert(&mut self.blocked, &at(origin, log, k), seq);
         }
     }
 
     /// Forgets entries being handled for a connection that went away, so
     /// their redelivery is handled (the handler's outcome still counts).
     pub fn is_in_progress(&self, (origin, log, seq): EntryRef<'_>) -> bool {
-        self.in_progress.contains(&(origin, log.to_string(), seq))
+        self.in_progress.contains(&at(origin, log, seq))
     }
 
     /// Whether no entry is being handled right now.

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use peerbus_transport::NodeId;
+use peerbus_transport::{FrameError, NodeId};
 use serde::{Deserialize, Serialize};
 
 /// What kind of interaction a message belongs to.
@@ -160,6 +160,92 @@ pub enum Data {
     },
 }
 
+impl Data {
+    /// Decodes a data frame's body as received by
+    /// [`FrameReceiver::recv_shared`](peerbus_transport::FrameReceiver::recv_shared): the same
+    /// bytes [`Data`]'s `Deserialize` reads, but payloads stay slices of `body` instead of
+    /// copies, and a delivered envelope goes straight into its `Arc`.
+    pub fn decode_shared(body: Bytes) -> Result<Self, FrameError> {
+        let frame: DataIn<'_> = peerbus_transport::decode_body(&body)?;
+        Ok(match frame {
+            DataIn::Deliver {
+                floor,
+                key_floor,
+                env,
+            } => Data::Deliver {
+                floor,
+                key_floor,
+                env: Arc::new(env.into_envelope(&body)),
+            },
+            DataIn::Request { budget_ms, env } => Data::Request {
+                budget_ms,
+                env: env.into_envelope(&body),
+            },
+            DataIn::Reply { corr, result } => Data::Reply {
+                corr,
+                result: result.map(|p| body.slice_ref(p)),
+            },
+        })
+    }
+}
+
+/// [`Data`] as [`Data::decode_shared`] reads it: the same variants and fields in the same order
+/// (bincode knows variants by index and fields by position), payloads borrowed.
+#[derive(Deserialize)]
+enum DataIn<'a> {
+    Deliver {
+        floor: u64,
+        key_floor: Option<u64>,
+        #[serde(borrow)]
+        env: EnvelopeIn<'a>,
+    },
+    Request {
+        budget_ms: u64,
+        #[serde(borrow)]
+        env: EnvelopeIn<'a>,
+    },
+    Reply {
+        corr: u64,
+        #[serde(borrow)]
+        result: Result<&'a [u8], String>,
+    },
+}
+
+/// [`Envelope`] with its payload borrowed (see [`DataIn`]).
+#[derive(Deserialize)]
+struct EnvelopeIn<'a> {
+    origin: NodeId,
+    log: String,
+    seq: u64,
+    kind: Kind,
+    destination: String,
+    key: Option<String>,
+    headers: Vec<(String, String)>,
+    content_type: Option<String>,
+    created_at_ms: u64,
+    attempt: u32,
+    payload: &'a [u8],
+}
+
+impl EnvelopeIn<'_> {
+    /// The envelope, its payload a slice of `body` (which the payload was borrowed from).
+    fn into_envelope(self, body: &Bytes) -> Envelope {
+        Envelope {
+            origin: self.origin,
+            log: self.log,
+            seq: self.seq,
+            kind: self.kind,
+            destination: self.destination,
+            key: self.key,
+            headers: self.headers,
+            content_type: self.content_type,
+            created_at_ms: self.created_at_ms,
+            attempt: self.attempt,
+            payload: body.slice_ref(self.payload),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,13 +301,65 @@ mod tests {
         assert_eq!(back, v);
     }
 
+    /// A data frame round trip through [`Data::decode_shared`], which must agree with serde.
+    fn roundtrip_shared(v: Data) {
+        let mut out = Vec::new();
+        encode_frame(&v, &mut out, 1 << 20).expect("encode");
+        let body = Bytes::from(out).slice(4..);
+        let back = Data::decode_shared(body.clone()).expect("decode");
+        assert_eq!(back, v);
+        let payload = match &back {
+            Data::Deliver { env, .. } => env.payload.clone(),
+            Data::Request { env, .. } => env.payload.clone(),
+            Data::Reply { result, .. } => result.clone().unwrap_or_default(),
+        };
+        if !payload.is_empty() {
+            assert!(
+                body.as_ptr_range().contains(&payload.as_ptr()),
+                "the payload is a slice of the frame, not a copy"
+            );
+        }
+    }
+
     proptest! {
         #[test]
         fn data_frames_round_trip(env in env_strategy(), floor in any::<u64>(), kf in proptest::option::of(any::<u64>()), budget in any::<u64>()) {
             roundtrip(Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) });
             roundtrip(Data::Request { budget_ms: budget, env: env.clone() });
             roundtrip(Data::Reply { corr: floor, result: Ok(env.payload.clone()) });
-            roundtrip(Data::Reply { corr: floor, result: Err(env.destination) });
+            roundtrip(Data::Reply { corr: floor, result: Err(env.destination.clone()) });
+            roundtrip_shared(Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) });
+            roundtrip_shared(Data::Request { budget_ms: budget, env: env.clone() });
+            roundtrip_shared(Data::Reply { corr: floor, result: Ok(env.payload.clone()) });
+            roundtrip_shared(Data::Reply { corr: floor, result: Err(env.destination) });
+        }
+
+        #[test]
+        fn shared_decoding_agrees_with_serde_on_corrupted_frames(env in env_strategy(), at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+            let mut out = Vec::new();
+            encode_frame(&Data::Deliver { floor: 1, key_floor: Some(2), env: Arc::new(env) }, &mut out, 1 << 20).expect("encode");
+            let mut body = out.split_off(4);
+            let i = at.index(body.len());
+            body[i] = byte;
+            body.truncate(cut.index(body.len() + 1).max(i));
+            let serde = peerbus_transport::decode_body::<Data>(&body);
+            let shared = Data::decode_shared(Bytes::from(body));
+            match (serde, shared) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(_), Err(_)) => {}
+                (a, b) => prop_assert!(false, "serde {a:?} but shared {b:?}"),
+            }
+        }
+
+        #[test]
+        fn shared_decoding_agrees_with_serde_on_any_body(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let serde = peerbus_transport::decode_body::<Data>(&body);
+            let shared = Data::decode_shared(Bytes::from(body));
+            match (serde, shared) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(_), Err(_)) => {}
+                (a, b) => prop_assert!(false, "serde {a:?} but shared {b:?}"),
+            }
         }
 
         #[test]

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::core::{CoreMsg, Out, Replied, local_hello};
-use super::{Inbound, InboundRequest, MAX_INBOUND_LANES, MAX_PENDING_HANDSHAKES, Shared};
+use super::{
+    ConnState, Inbound, InboundRequest, MAX_INBOUND_LANES, MAX_PENDING_HANDSHAKES, Shared,
+};
 use crate::engine::outbox::NOT_HERE_PREFIX;
 use crate::engine::routing::topic_matches;
 use crate::engine::wire::{Control, Data, Hello};
@@ -222,11 +225,13 @@ pub(crate) fn spawn_connection(
     t.spawn(
         writer(conn.clone(), ctl_tx, rx, shared.lanes, cancel.clone()).instrument(span.clone()),
     );
+    let gone = Arc::new(AtomicBool::new(false));
     let lanes = LaneContext {
         shared: shared.clone(),
         peer,
         out: out.clone(),
         cancel: cancel.clone(),
+        gone: gone.clone(),
     };
     t.spawn(
         control_reader(shared.clone(), peer, generation, ctl_rx, cancel.clone())
@@ -244,6 +249,7 @@ pub(crate) fn spawn_connection(
                 }
             };
             cancel.cancel();
+            gone.store(true, Ordering::Release);
             let _ = shared2
                 .core
                 .send(CoreMsg::PeerGone {
@@ -265,6 +271,7 @@ async fn writer(
     cancel: CancellationToken,
 ) {
     let mut lane_tx: Vec<Option<FrameSender>> = (0..lanes).map(|_| None).collect();
+    let mut dirty = vec![false; lanes];
     let result: Result<(), FrameError> = async {
         loop {
             let first = tokio::select! {
@@ -273,7 +280,6 @@ async fn writer(
             };
             let Some(first) = first else { return Ok(()) };
             let mut dirty_ctl = false;
-            let mut dirty = vec![false; lanes];
             let mut next = Some(first);
             let mut taken = 0;
             while let Some(out) = next.take() {
@@ -305,8 +311,10 @@ async fn writer(
                     next = rx.try_recv().ok();
                 }
             }
-            for (i, d) in dirty.iter().enumerate() {
-                if *d && let Some(s) = lane_tx[i].as_mut() {
+            for (i, d) in dirty.iter_mut().enumerate() {
+                if std::mem::take(d)
+                    && let Some(s) = lane_tx[i].as_mut()
+                {
                     s.flush().await?;
                 }
             }
@@ -365,6 +373,8 @@ struct LaneContext {
     /// The connection's outgoing queue (see `spawn_connection`).
     out: mpsc::Sender<Out>,
     cancel: CancellationToken,
+    /// Set once `cancel` is cancelled (see [`super::ConnState`]).
+    gone: Arc<AtomicBool>,
 }
 
 async fn lane_acceptor(cx: LaneContext, conn: Connection) {
@@ -396,10 +406,11 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
         peer,
         out,
         cancel,
+        gone,
     } = cx;
     loop {
         let frame = tokio::select! {
-            f = rx.recv::<Data>() => f,
+            f = rx.recv_shared(Data::decode_shared) => f,
             () = cancel.cancelled() => return,
         };
         let frame = match frame {
@@ -420,7 +431,7 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
                     env,
                     floor,
                     key_floor,
-                    conn: cancel.clone(),
+                    conn: ConnState::Flag(gone.clone()),
                     received: Instant::now(),
                 };
                 if !hand_over(&shared, inbound, &cancel).await {
@@ -550,20 +561,19 @@ pub(crate) async fn queue_reply(
 /// stopping and the caller should end.
 async fn hand_over(shared: &Shared, inbound: Inbound, cancel: &CancellationToken) -> bool {
     let target = route(shared, &inbound.env.log, &inbound.env.destination);
-    let (origin, log, seq) = (inbound.env.origin, inbound.env.log.clone(), inbound.env.seq);
-    let sent = match target {
+    let unsent = match target {
         Some(tx) => tokio::select! {
-            r = tx.send(inbound) => r.is_ok(),
+            r = tx.send(inbound) => r.err().map(|e| e.0),
             () = cancel.cancelled() => return false,
         },
-        None => false,
+        None => Some(inbound),
     };
-    if !sent {
-        let reason = format!("{NOT_HERE_PREFIX}: no local consumer for `{log}`");
+    if let Some(Inbound { env, .. }) = unsent {
+        let reason = format!("{NOT_HERE_PREFIX}: no local consumer for `{}`", env.log);
         let msg = CoreMsg::Completed {
-            origin,
-            log,
-            seq,
+            origin: env.origin,
+            log: env.log.clone(),
+            seq: env.seq,
             result: Err((reason, false)),
         };
         if shared.core.send(msg).await.is_err() {

@@ -836,7 +836,7 @@ impl Core {
             floor,
             key_floor,
             // The local "connection" lasts as long as the node.
-            conn: self.shared.cancel.clone(),
+            conn: self.shared.cancel.clone().into(),
             received: std::time::Instant::now(),
         }) {
             Ok(()) => {}

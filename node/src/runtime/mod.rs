@@ -31,6 +31,7 @@ pub(crate) mod core;
 pub(crate) mod storage;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -83,13 +84,41 @@ pub(crate) struct Inbound {
     pub(crate) env: Arc<Envelope>,
     pub(crate) floor: u64,
     pub(crate) key_floor: Option<u64>,
-    /// The token of the connection it arrived on: cancelled once that connection is closed,
-    /// timed out or replaced. The sender then redelivers the entry, so a queued copy whose
-    /// connection is gone must not reach a handler.
-    pub(crate) conn: CancellationToken,
+    /// The connection it arrived on, gone once that connection is closed, timed out or
+    /// replaced. The sender then redelivers the entry, so a queued copy whose connection is
+    /// gone must not reach a handler.
+    pub(crate) conn: ConnState,
     /// When it arrived. A copy that waited here at least the ack timeout was already timed
     /// out (and possibly given to another instance) by its sender.
     pub(crate) received: Instant,
+}
+
+/// Whether the connection an [`Inbound`] entry arrived on is gone. Cloned and read for every
+/// entry, so a peer connection's is an atomic flag: a `CancellationToken` takes a lock (shared
+/// by the connection's tasks) to clone, drop or read.
+#[derive(Clone, Debug)]
+pub(crate) enum ConnState {
+    /// A peer connection: set by the connection's close watcher (`conn::spawn_connection`)
+    /// once the connection's token is cancelled.
+    Flag(Arc<AtomicBool>),
+    /// The local lanes' "connection": the node's token.
+    Token(CancellationToken),
+}
+
+impl ConnState {
+    /// Whether the connection is gone.
+    pub(crate) fn is_gone(&self) -> bool {
+        match self {
+            ConnState::Flag(gone) => gone.load(Ordering::Acquire),
+            ConnState::Token(t) => t.is_cancelled(),
+        }
+    }
+}
+
+impl From<CancellationToken> for ConnState {
+    fn from(t: CancellationToken) -> Self {
+        ConnState::Token(t)
+    }
 }
 
 /// A request arriving for the local `serve` handler.
