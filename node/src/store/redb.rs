@@ -938,7 +938,11 @@ impl Store for RedbStore {
 impl Drop for RedbStore {
     fn drop(&mut self) {
         let r = if self.logged() {
-            self.checkpoint()
+            // A clean stop leaves an empty side log: `open_read_only` relies on it.
+            self.checkpoint().and_then(|()| match &mut self.wal {
+                Some(wal) if matches!(self.db, Some(Db::Rw(_))) => wal.truncate(),
+                _ => Ok(()),
+            })
         } else {
             self.sync()
         };
