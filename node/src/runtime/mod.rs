@@ -299,6 +299,9 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         (Some(dir), Durability::Fsync | Durability::Interval(_)) => {
             let mut st = RedbStore::open(dir, durability).map_err(StartError::Store)?;
             let rec = st.recover().map_err(StartError::Store)?;
+            if let Err(e) = st.preallocate_side_log() {
+                warn!(error = %e, "cannot preallocate the store's side log; commits stay slower");
+            }
             for c in &rec.corrupt {
                 warn!(table = c.table, key = %c.key, reason = %c.reason, "corrupt store record quarantined");
             }

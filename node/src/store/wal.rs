@@ -16,7 +16,10 @@
 //! The file is reused in place: emptying it only moves the write position back
 //! to 0, and each epoch's records overwrite the previous epoch's from the
 //! start. Overwriting blocks the file already has lets `fdatasync` flush the
-//! data alone, without the file size (about 40% faster per commit on ext4).
+//! data alone, without the file size (`dd oflag=dsync` of 32 KiB blocks on this
+//! project's ext4 test machine: 0.17 ms each overwriting, 0.29 ms appending);
+//! a node also grows the file with zeros when it opens the store
+//! (`RedbStore::preallocate_side_log`), so even the first round overwrites.
 //! Reading stops at the first record of another epoch (the remains of an
 //! earlier one) or the first damaged one. A clean stop truncates the file.
 //!
@@ -36,8 +39,9 @@ use super::Batch;
 use super::StoreError;
 
 /// Past this many bytes in the side log the store checkpoints (which empties it): the file,
-/// the replay after a crash and the free space a checkpoint needs stay bounded.
-pub(super) const WAL_MAX_BYTES: u64 = 16 << 20;
+/// the replay after a crash and the free space a checkpoint needs stay bounded, and after the
+/// first round the records overwrite blocks the file already has (see the module docs).
+pub(super) const WAL_MAX_BYTES: u64 = 4 << 20;
 
 #[derive(Serialize)]
 struct RecordRef<'a> {
@@ -226,6 +230,25 @@ impl Wal {
     /// the start (the records left behind belong to an older epoch).
     pub(super) fn clear(&mut self) {
         self.len = 0;
+    }
+
+    /// Grows the file with zeros to `bytes` (when smaller) and makes that durable: records
+    /// that overwrite blocks the file has, holding data, let `fdatasync` skip the file's size
+    /// and block map. Zeros read as the end of the log.
+    pub(super) fn preallocate(&mut self, bytes: u64) -> Result<(), StoreError> {
+        let io = |e| super::redb::io_error(&self.path, e);
+        let mut at = self.file.metadata().map_err(io)?.len();
+        if at >= bytes {
+            return Ok(());
+        }
+        let zeros = vec![0u8; 1 << 20];
+        while at < bytes {
+            let n = (bytes - at).min(zeros.len() as u64);
+            let chunk = zeros.get(..n as usize).unwrap_or_default();
+            self.file.write_all_at(chunk, at).map_err(io)?;
+            at += n;
+        }
+        self.file.sync_all().map_err(io)
     }
 
     /// Empties the file for good (a clean stop).
