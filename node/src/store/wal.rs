@@ -329,6 +329,27 @@ mod tests {
     }
 
     #[test]
+    fn preallocated_zeros_read_as_the_end_of_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w");
+        let mut wal = Wal::open(&path).expect("open");
+        wal.preallocate(3 << 20).expect("preallocate");
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), 3 << 20);
+        assert!(wal.read(1).expect("read").is_empty());
+        let b = Batch {
+            next_seqs: vec![("svc:a".to_string(), 7)],
+            ..Batch::default()
+        };
+        wal.append(1, &b).expect("append");
+        assert_eq!(wal.read(1).expect("read"), vec![b]);
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").len(),
+            3 << 20,
+            "written in place"
+        );
+    }
+
+    #[test]
     fn a_torn_tail_or_an_older_epoch_ends_the_log() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("w");
