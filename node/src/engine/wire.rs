@@ -321,6 +321,19 @@ mod tests {
         }
     }
 
+    /// Decodes `body` with serde and with [`Data::decode_shared`]: both fail, or both give the
+    /// same frame.
+    fn decoders_agree(body: Vec<u8>) -> Result<(), TestCaseError> {
+        let serde = peerbus_transport::decode_body::<Data>(&body);
+        let shared = Data::decode_shared(Bytes::from(body));
+        match (serde, shared) {
+            (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+            (Err(_), Err(_)) => {}
+            (a, b) => prop_assert!(false, "serde {a:?} but shared {b:?}"),
+        }
+        Ok(())
+    }
+
     proptest! {
         #[test]
         fn data_frames_round_trip(env in env_strategy(), floor in any::<u64>(), kf in proptest::option::of(any::<u64>()), budget in any::<u64>()) {
@@ -342,24 +355,12 @@ mod tests {
             let i = at.index(body.len());
             body[i] = byte;
             body.truncate(cut.index(body.len() + 1).max(i));
-            let serde = peerbus_transport::decode_body::<Data>(&body);
-            let shared = Data::decode_shared(Bytes::from(body));
-            match (serde, shared) {
-                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
-                (Err(_), Err(_)) => {}
-                (a, b) => prop_assert!(false, "serde {a:?} but shared {b:?}"),
-            }
+            decoders_agree(body)?;
         }
 
         #[test]
         fn shared_decoding_agrees_with_serde_on_any_body(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let serde = peerbus_transport::decode_body::<Data>(&body);
-            let shared = Data::decode_shared(Bytes::from(body));
-            match (serde, shared) {
-                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
-                (Err(_), Err(_)) => {}
-                (a, b) => prop_assert!(false, "serde {a:?} but shared {b:?}"),
-            }
+            decoders_agree(body)?;
         }
 
         #[test]
