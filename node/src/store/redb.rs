@@ -237,9 +237,7 @@ impl RedbStore {
         self.db = Some(Db::Rw(db));
         self.fsyncs += 1;
         if !self.needs_replay {
-            if self.logged() {
-                self.db_max = self.read_db_max()?;
-            }
+            // `db_max` is still an upper bound: checkpoints raise it before they commit.
             return Ok(());
         }
         let wal_path = self.dir.join(WAL_FILE);
@@ -330,13 +328,15 @@ impl RedbStore {
         }
         let path = self.path.clone();
         let mut batch = self.unapplied.to_batch();
-        let txn = self.begin(true)?;
-        apply(&txn, &mut batch, &path)?;
-        self.finish(txn, true)?;
+        // Raised before the commit: an upper bound stays right whether or not the commit lands,
+        // so a reopen after a failure need not read the entries again.
         for e in &batch.append {
             let m = self.db_max.entry(e.env.log.clone()).or_insert(e.env.seq);
             *m = (*m).max(e.env.seq);
         }
+        let txn = self.begin(true)?;
+        apply(&txn, &mut batch, &path)?;
+        self.finish(txn, true)?;
         self.unapplied.clear();
         self.unsynced = false;
         self.last_checkpoint = Instant::now();
