@@ -264,3 +264,54 @@ async fn a_local_handler_failure_is_retried_like_a_remote_one() {
     })
     .await;
 }
+
+/// A handler worker sends its handled entries' acks in batches, but never holds one behind a
+/// handler that waits: `quick`'s ack goes out while `hold`, queued behind it on the same key,
+/// is still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_does_not_wait_for_the_next_handler_of_its_key() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let node = start(builder(&net, "svc", &key)).await;
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let (g, h) = (gate.clone(), hold.clone());
+        tokio::spawn(node.messages().expect("messages").handle(1, move |m| {
+            let (g, h) = (g.clone(), h.clone());
+            async move {
+                let wait_on = match m.payload_text().as_str() {
+                    "gate" => Some(g),
+                    "hold" => Some(h),
+                    _ => None,
+                };
+                if let Some(s) = wait_on {
+                    let _permit = s.acquire().await.expect("semaphore open");
+                }
+                Ok(())
+            }
+        }));
+        let send = |text: &str| {
+            let node = node.clone();
+            let msg = Outgoing::new(text.to_string()).key("k");
+            async move { node.send("svc", msg).await.expect("stored") }
+        };
+        let gated = send("gate").await;
+        // `quick` and `hold` queue up behind `gate`, so the worker takes them as one batch.
+        let quick = send("quick").await;
+        let held = send("hold").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gate.add_permits(1);
+        acked_within(10, gated).await;
+        acked_within(3, quick).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), held.acked())
+                .await
+                .is_err(),
+            "`hold` is still running, so it is not acked yet"
+        );
+        hold.add_permits(1);
+        node.shutdown().await;
+    })
+    .await;
+}

@@ -4,6 +4,8 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span};
@@ -13,7 +15,7 @@ use crate::engine::outbox::BLOCKED_PREFIX;
 use crate::engine::routing::stable_hash;
 use crate::error::HandlerError;
 use crate::message::Message;
-use crate::runtime::core::CoreMsg;
+use crate::runtime::core::{Completion, CoreMsg};
 use crate::runtime::{self, Inbound, Shared};
 
 /// Queue depth of each worker of [`Subscription::handle`], and the most entries a worker (or
@@ -99,24 +101,40 @@ impl Subscription {
                         // Taken from the queue in batches (one wake-up and one release of
                         // queue room for many entries); the batch is at most the queue's size.
                         let mut batch = Vec::with_capacity(WORKER_QUEUE);
+                        let mut done = Completions::default();
                         while rx.recv_many(&mut batch, WORKER_QUEUE).await > 0 {
                             for inbound in batch.drain(..) {
                                 // Admission happens here, right before the run, so a failure of
                                 // key K blocks K's later entries that were already queued.
-                                let Some(d) = admit(&shared, inbound).await else {
+                                let Some(mut d) = admit(&shared, inbound).await else {
                                     continue;
                                 };
                                 let span = message_span(d.message());
                                 let run = handler(d.message().clone());
-                                let result = crate::trace::scope_message(d.msg.env.clone(), run)
-                                    .instrument(span)
-                                    .await;
-                                match result {
-                                    Ok(()) => d.ack().await,
-                                    Err(HandlerError::Retry(r)) => d.retry(r).await,
-                                    Err(HandlerError::Reject(r)) => d.reject(r).await,
-                                }
+                                let run = crate::trace::scope_message(d.msg.env.clone(), run)
+                                    .instrument(span);
+                                let mut run = std::pin::pin!(run);
+                                // A handler that finishes without waiting leaves the earlier
+                                // outcomes queued; one that waits sends them first.
+                                let result = match std::future::poll_fn(|cx| {
+                                    Poll::Ready(run.as_mut().poll(cx))
+                                })
+                                .await
+                                {
+                                    Poll::Ready(r) => r,
+                                    Poll::Pending => {
+                                        done.flush(&shared).await;
+                                        run.await
+                                    }
+                                };
+                                let result = match result {
+                                    Ok(()) => Ok(()),
+                                    Err(HandlerError::Retry(r)) => Err((r, false)),
+                                    Err(HandlerError::Reject(r)) => Err((r, true)),
+                                };
+                                done.push(&shared, d.complete(result)).await;
                             }
+                            done.flush(&shared).await;
                         }
                     }
                     .instrument(info_span!("handler", worker = i)),
@@ -151,6 +169,48 @@ impl Subscription {
                 }
             }
         }
+    }
+}
+
+/// How long a handled entry's outcome may wait in a worker's [`Completions`] for the rest of
+/// its batch: once the oldest waited this long, the next outcome sends them all.
+const COMPLETIONS_WAIT: Duration = Duration::from_millis(1);
+
+/// Outcomes a handler worker owes core, sent as one [`CoreMsg::CompletedBatch`] per batch of
+/// entries taken from its queue (at most [`WORKER_QUEUE`]) instead of one message each.
+///
+/// The dedup window records each outcome at once ([`Delivery::complete`]); only the message
+/// to core (and so the ack to the sender) waits. It waits only while handlers finish without
+/// waiting themselves (a handler that waits sends the queue first) and at most about
+/// [`COMPLETIONS_WAIT`] plus one handler's run. A nack goes out at once, with the outcomes
+/// before it, so it precedes the nacks core sends for later entries of its key.
+#[derive(Default)]
+struct Completions {
+    pending: Vec<Completion>,
+    since: Option<Instant>,
+}
+
+impl Completions {
+    async fn push(&mut self, shared: &Shared, c: Completion) {
+        let failed = c.result.is_err();
+        self.pending.push(c);
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if failed || self.pending.len() >= WORKER_QUEUE || since.elapsed() >= COMPLETIONS_WAIT {
+            self.flush(shared).await;
+        }
+    }
+
+    async fn flush(&mut self, shared: &Shared) {
+        self.since = None;
+        let msg = match self.pending.len() {
+            0 => return,
+            1 => match self.pending.pop() {
+                Some(c) => CoreMsg::Completed(c),
+                None => return,
+            },
+            _ => CoreMsg::CompletedBatch(std::mem::take(&mut self.pending)),
+        };
+        let _ = shared.core.send(msg).await;
     }
 }
 
@@ -273,12 +333,7 @@ async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
     };
     let _ = shared
         .core
-        .send(CoreMsg::Completed {
-            origin: env.origin,
-            log: env.log.clone(),
-            seq: env.seq,
-            result: reply,
-        })
+        .send(CoreMsg::Completed(Completion { env, result: reply }))
         .await;
     None
 }
@@ -305,28 +360,25 @@ impl Delivery {
         self.finish(Err((reason.into(), true))).await;
     }
 
-    fn record(&mut self, ok: bool) -> CoreMsg {
+    /// Records the outcome in the dedup window (so a retransmission of an acked entry never
+    /// reaches a handler again) and returns what core must hear of it.
+    fn complete(&mut self, result: Result<(), (String, bool)>) -> Completion {
         self.done = true;
         let env = &self.msg.env;
         runtime::lock(&self.shared.inbox).complete(
             (env.origin, &env.log, env.seq),
             env.key.as_deref(),
-            ok,
+            result.is_ok(),
         );
-        CoreMsg::Completed {
-            origin: env.origin,
-            log: env.log.clone(),
-            seq: env.seq,
-            result: Ok(()),
+        Completion {
+            env: env.clone(),
+            result,
         }
     }
 
     async fn finish(&mut self, result: Result<(), (String, bool)>) {
-        let mut msg = self.record(result.is_ok());
-        if let CoreMsg::Completed { result: r, .. } = &mut msg {
-            *r = result;
-        }
-        let _ = self.shared.core.send(msg).await;
+        let c = self.complete(result);
+        let _ = self.shared.core.send(CoreMsg::Completed(c)).await;
     }
 }
 
@@ -340,12 +392,9 @@ impl std::ops::Deref for Delivery {
 impl Drop for Delivery {
     fn drop(&mut self) {
         if !self.done {
-            let mut msg = self.record(false);
-            if let CoreMsg::Completed { result, .. } = &mut msg {
-                *result = Err(("delivery dropped without ack".into(), false));
-            }
+            let c = self.complete(Err(("delivery dropped without ack".into(), false)));
             // If the queue is full the ack timeout redelivers it instead.
-            let _ = self.shared.core.try_send(msg);
+            let _ = self.shared.core.try_send(CoreMsg::Completed(c));
         }
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::core::{CoreMsg, Out, Replied, local_hello};
+use super::core::{Completion, CoreMsg, Out, Replied, local_hello};
 use super::{
     ConnState, Inbound, InboundRequest, MAX_INBOUND_LANES, MAX_PENDING_HANDSHAKES, Shared,
 };
@@ -570,12 +570,10 @@ async fn hand_over(shared: &Shared, inbound: Inbound, cancel: &CancellationToken
     };
     if let Some(Inbound { env, .. }) = unsent {
         let reason = format!("{NOT_HERE_PREFIX}: no local consumer for `{}`", env.log);
-        let msg = CoreMsg::Completed {
-            origin: env.origin,
-            log: env.log.clone(),
-            seq: env.seq,
+        let msg = CoreMsg::Completed(Completion {
+            env,
             result: Err((reason, false)),
-        };
+        });
         if shared.core.send(msg).await.is_err() {
             return false;
         }

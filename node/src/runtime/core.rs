@@ -99,6 +99,15 @@ pub(crate) enum Replied {
     Payload(Result<Bytes, String>),
 }
 
+/// A local handler finished an entry: `Ok` acks it to its origin, `Err((reason, permanent))`
+/// nacks it (`permanent`: dead-letter at once).
+pub(crate) struct Completion {
+    /// The entry (its origin, log and seq say which one).
+    pub(crate) env: Arc<Envelope>,
+    /// The handler's verdict.
+    pub(crate) result: Result<(), (String, bool)>,
+}
+
 /// Messages to the core actor.
 pub(crate) enum CoreMsg {
     /// Store and deliver one entry per target; answer with the number of copies stored.
@@ -157,12 +166,10 @@ pub(crate) enum CoreMsg {
         started: oneshot::Sender<usize>,
     },
     /// Local handler finished an entry: ack or nack it to its origin.
-    Completed {
-        origin: NodeId,
-        log: String,
-        seq: u64,
-        result: Result<(), (String, bool)>,
-    },
+    Completed(Completion),
+    /// Several [`CoreMsg::Completed`] at once: a handler worker's batch (at most its queue's
+    /// size, `WORKER_QUEUE` in `subscription.rs`).
+    CompletedBatch(Vec<Completion>),
     /// A discovery event.
     Discovery(DiscoveryEvent),
     /// Local interests changed: tell every peer.
@@ -289,7 +296,9 @@ struct Core {
     requests: HashMap<u64, PendingRequest>,
     next_corr: u64,
     next_generation: u64,
-    pending_acks: BTreeMap<(NodeId, String), Vec<u64>>,
+    /// Acks to send on the next flush, per origin and log (as many origins as send to this
+    /// node between two flushes, each with its few logs; emptied by every flush).
+    pending_acks: BTreeMap<NodeId, Vec<(String, Vec<u64>)>>,
     /// Groups seen in any peer's interests (pattern per group), kept after the peer leaves so a
     /// publisher keeps copies for a group whose instances are all down.
     known_groups: BTreeMap<String, BTreeSet<String>>,
@@ -538,39 +547,12 @@ impl Core {
                 budget_ms,
                 reply,
             } => self.request(&service, env, budget_ms, reply),
-            CoreMsg::Completed {
-                origin,
-                log,
-                seq,
-                result,
-            } => match result {
-                Ok(()) => {
-                    if let Some(k) = self.known.get_mut(&origin) {
-                        k.handled_from += 1;
-                    }
-                    self.ack_after_persist(origin, log, seq)
+            CoreMsg::Completed(c) => self.completed(c),
+            CoreMsg::CompletedBatch(cs) => {
+                for c in cs {
+                    self.completed(c);
                 }
-                Err((reason, permanent)) if origin == self.shared.id => {
-                    let now = self.now();
-                    let settled = self
-                        .outbox
-                        .on_nack(origin, &log, seq, &reason, permanent, now);
-                    self.settle(settled.into_iter().collect());
-                }
-                Err((reason, permanent)) => {
-                    if let Some(l) = self.links.get(&origin) {
-                        try_out(
-                            l,
-                            Out::Control(Control::Nack {
-                                log,
-                                seq,
-                                reason,
-                                permanent,
-                            }),
-                        );
-                    }
-                }
-            },
+            }
             CoreMsg::Discovery(ev) => self.on_discovery(ev),
             CoreMsg::InterestsChanged => {
                 self.refresh_local(false);
@@ -618,7 +600,12 @@ impl Core {
                 };
                 let _ = reply.send(Quiet {
                     unsettled: self.outbox.len(),
-                    acks_pending: self.pending_acks.values().map(Vec::len).sum(),
+                    acks_pending: self
+                        .pending_acks
+                        .values()
+                        .flatten()
+                        .map(|(_, seqs)| seqs.len())
+                        .sum(),
                     in_flight,
                 });
             }
@@ -796,13 +783,15 @@ impl Core {
 
     fn flush_acks(&mut self) {
         let mut local_settled = false;
-        for ((peer, log), seqs) in std::mem::take(&mut self.pending_acks) {
-            if peer == self.shared.id {
-                let settled = self.outbox.on_ack(peer, &log, &seqs);
-                local_settled |= !settled.is_empty();
-                self.settle(settled);
-            } else if let Some(l) = self.links.get(&peer) {
-                try_out(l, Out::Control(Control::Ack { log, seqs }));
+        for (peer, logs) in std::mem::take(&mut self.pending_acks) {
+            for (log, seqs) in logs {
+                if peer == self.shared.id {
+                    let settled = self.outbox.on_ack(peer, &log, &seqs);
+                    local_settled |= !settled.is_empty();
+                    self.settle(settled);
+                } else if let Some(l) = self.links.get(&peer) {
+                    try_out(l, Out::Control(Control::Ack { log, seqs }));
+                }
             }
         }
         // Local acks freed credit now; do not wait for the next event to use it.
@@ -970,29 +959,67 @@ impl Core {
 
     /// Persist the dedup window that now includes `seq`, then ack (so a crash after the ack
     /// can never make the handler run again for it).
-    fn ack_after_persist(&mut self, origin: NodeId, log: String, seq: u64) {
+    /// A local handler finished an entry: ack or nack it to its origin.
+    fn completed(&mut self, c: Completion) {
+        let Completion { env, result } = c;
+        let (origin, seq) = (env.origin, env.seq);
+        match result {
+            Ok(()) => {
+                if let Some(k) = self.known.get_mut(&origin) {
+                    k.handled_from += 1;
+                }
+                self.ack_after_persist(origin, &env.log, seq);
+            }
+            Err((reason, permanent)) if origin == self.shared.id => {
+                let now = self.now();
+                let settled = self
+                    .outbox
+                    .on_nack(origin, &env.log, seq, &reason, permanent, now);
+                self.settle(settled.into_iter().collect());
+            }
+            Err((reason, permanent)) => {
+                if let Some(l) = self.links.get(&origin) {
+                    try_out(
+                        l,
+                        Out::Control(Control::Nack {
+                            log: env.log.clone(),
+                            seq,
+                            reason,
+                            permanent,
+                        }),
+                    );
+                }
+            }
+        }
+    }
+
+    fn ack_after_persist(&mut self, origin: NodeId, log: &str, seq: u64) {
         if !self.persistent() {
             // Nothing survives a restart of an in-memory node: ack at once.
-            self.pending_acks
-                .entry((origin, log))
-                .or_default()
-                .push(seq);
+            self.queue_ack(origin, log, seq);
             return;
         }
         let store = &self.store;
-        let snap = super::lock(&self.shared.inbox).snapshot(origin, &log);
+        let snap = super::lock(&self.shared.inbox).snapshot(origin, log);
         let Some(snap) = snap else {
-            self.pending_acks
-                .entry((origin, log))
-                .or_default()
-                .push(seq);
+            self.queue_ack(origin, log, seq);
             return;
         };
-        if let Err(e) = store.try_send(StoreOp::Window(snap, (origin, log, seq)))
+        if let Err(e) = store.try_send(StoreOp::Window(snap, (origin, log.to_owned(), seq)))
             && let StoreOp::Window(_, (o, l, s)) = e.into_inner()
         {
             warn!("store queue full: acking without persisting the dedup window first");
-            self.pending_acks.entry((o, l)).or_default().push(s);
+            self.queue_ack(o, &l, s);
+        }
+    }
+
+    /// Queues the ack of `(origin, log, seq)` for the next [`Core::flush_acks`]; the log name
+    /// is copied only for the first ack of its log since the last flush.
+    fn queue_ack(&mut self, origin: NodeId, log: &str, seq: u64) {
+        let logs = self.pending_acks.entry(origin).or_default();
+        match logs.iter_mut().find(|(l, _)| l == log) {
+            Some((_, seqs)) => seqs.push(seq),
+            None => logs.push((log.to_owned(), vec![seq])),
         }
     }
 
@@ -1161,10 +1188,7 @@ impl Core {
             }
         }
         for (origin, log, seq) in d.acks {
-            self.pending_acks
-                .entry((origin, log))
-                .or_default()
-                .push(seq);
+            self.queue_ack(origin, &log, seq);
         }
     }
 
