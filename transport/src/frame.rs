@@ -59,6 +59,12 @@ pub fn encode_frame<T: Serialize>(
         out.truncate(start);
         return Err(FrameError::Malformed(format!("cannot encode: {e}")));
     }
+    finish_frame(out, start, max)
+}
+
+/// Writes the length prefix of the frame that starts at `start` in `out` (4 bytes reserved
+/// there, the body after them), or removes the frame if its body is over `max`.
+fn finish_frame(out: &mut Vec<u8>, start: usize, max: usize) -> Result<(), FrameError> {
     let len = out.len() - start - 4;
     if len > max || len > u32::MAX as usize {
         out.truncate(start);
@@ -161,6 +167,16 @@ impl FrameSender {
     /// refused with [`FrameError::TooLarge`] and leaves the buffer as it was.
     pub fn push<T: Serialize>(&mut self, frame: &T) -> Result<(), FrameError> {
         encode_frame(frame, &mut self.buf, self.max)
+    }
+
+    /// Like [`FrameSender::push`], for a frame whose body `encode` appends to the buffer itself
+    /// (the same bytes bincode would write, produced without serde). A body over the maximum
+    /// frame size is refused with [`FrameError::TooLarge`] and leaves the buffer as it was.
+    pub fn push_encoded(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(), FrameError> {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        encode(&mut self.buf);
+        finish_frame(&mut self.buf, start, self.max)
     }
 
     /// Bytes waiting for [`FrameSender::flush`].
@@ -371,6 +387,28 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde::Deserialize;
+
+    /// A hand-encoded body (as `FrameSender::push_encoded` writes one) gets its length prefix,
+    /// or is taken back out whole when it is over the maximum.
+    #[test]
+    fn a_hand_encoded_frame_is_prefixed_or_removed() {
+        let mut buf = b"earlier".to_vec();
+        let start = buf.len();
+        buf.extend_from_slice(&[0; 4]);
+        buf.extend_from_slice(b"body");
+        finish_frame(&mut buf, start, 4).expect("fits");
+        assert_eq!(&buf[start..], b"\x04\0\0\0body");
+
+        let start = buf.len();
+        buf.extend_from_slice(&[0; 4]);
+        buf.extend_from_slice(b"five!");
+        let err = finish_frame(&mut buf, start, 4).expect_err("over the maximum");
+        assert!(
+            matches!(err, FrameError::TooLarge { len: 5, max: 4 }),
+            "{err}"
+        );
+        assert_eq!(buf, b"earlier\x04\0\0\0body", "the refused frame is gone");
+    }
 
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     struct Inner {

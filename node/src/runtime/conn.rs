@@ -298,7 +298,7 @@ async fn writer(
                             *slot = Some(conn.open_uni().await?);
                         }
                         if let Some(s) = slot.as_mut() {
-                            s.push(&frame)?;
+                            s.push_encoded(|buf| frame.encode_body(buf))?;
                             dirty[lane] = true;
                             if s.buffered_bytes() >= FLUSH_BYTES {
                                 s.flush().await?;

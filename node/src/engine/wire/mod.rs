@@ -14,6 +14,7 @@ use peerbus_transport::{FrameError, NodeId};
 use serde::{Deserialize, Serialize};
 
 mod decode;
+mod encode;
 
 /// What kind of interaction a message belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -251,6 +252,16 @@ mod tests {
         }
     }
 
+    /// [`Data::encode_body`] writes the bytes serde writes.
+    fn encoders_agree(frame: &Data) -> Result<(), TestCaseError> {
+        let mut serde = Vec::new();
+        encode_frame(frame, &mut serde, usize::MAX).expect("encode");
+        let mut hand = Vec::new();
+        frame.encode_body(&mut hand);
+        prop_assert_eq!(&serde[4..], &hand[..]);
+        Ok(())
+    }
+
     /// Decodes `body` with serde and with [`Data::decode_shared`]: both fail, or both give the
     /// same frame.
     fn decoders_agree(body: Vec<u8>) -> Result<(), TestCaseError> {
@@ -311,6 +322,7 @@ mod tests {
             },
         ];
         for frame in frames {
+            encoders_agree(&frame).expect("same bytes");
             let mut out = Vec::new();
             encode_frame(&frame, &mut out, 1 << 20).expect("encode");
             let body = out.split_off(4);
@@ -337,7 +349,11 @@ mod tests {
             roundtrip_shared(Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) });
             roundtrip_shared(Data::Request { budget_ms: budget, env: env.clone() });
             roundtrip_shared(Data::Reply { corr: floor, result: Ok(env.payload.clone()) });
-            roundtrip_shared(Data::Reply { corr: floor, result: Err(env.destination) });
+            roundtrip_shared(Data::Reply { corr: floor, result: Err(env.destination.clone()) });
+            encoders_agree(&Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) })?;
+            encoders_agree(&Data::Request { budget_ms: budget, env: env.clone() })?;
+            encoders_agree(&Data::Reply { corr: budget, result: Ok(env.payload.clone()) })?;
+            encoders_agree(&Data::Reply { corr: budget, result: Err(env.destination) })?;
         }
 
         #[test]

@@ -1,0 +1,107 @@
+//! A writer of [`Data`] frame bodies in bincode 2's standard layout (described in
+//! `decode.rs`), written out by hand for the connection writer: the same bytes serde writes
+//! through bincode, without its generic per-field path. The proptests in `wire` compare the
+//! two byte for byte.
+
+use super::{Data, Envelope, Kind};
+
+impl Data {
+    /// Appends this frame's body (no length prefix) to `out`: exactly the bytes bincode's
+    /// serde encoder writes for it.
+    pub fn encode_body(&self, out: &mut Vec<u8>) {
+        match self {
+            Data::Deliver {
+                floor,
+                key_floor,
+                env,
+            } => {
+                varint(out, 0);
+                varint(out, *floor);
+                match key_floor {
+                    Some(k) => {
+                        out.push(1);
+                        varint(out, *k);
+                    }
+                    None => out.push(0),
+                }
+                envelope(out, env);
+            }
+            Data::Request { budget_ms, env } => {
+                varint(out, 1);
+                varint(out, *budget_ms);
+                envelope(out, env);
+            }
+            Data::Reply { corr, result } => {
+                varint(out, 2);
+                varint(out, *corr);
+                match result {
+                    Ok(payload) => {
+                        varint(out, 0);
+                        bytes(out, payload);
+                    }
+                    Err(e) => {
+                        varint(out, 1);
+                        bytes(out, e.as_bytes());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// bincode's variable-length unsigned integer: one byte below 251, else a tag (251, 252, 253)
+/// and the value as little-endian `u16`, `u32` or `u64`, the smallest that holds it.
+fn varint(out: &mut Vec<u8>, v: u64) {
+    if v < 251 {
+        out.push(v as u8);
+    } else if let Ok(v) = u16::try_from(v) {
+        out.push(251);
+        out.extend_from_slice(&v.to_le_bytes());
+    } else if let Ok(v) = u32::try_from(v) {
+        out.push(252);
+        out.extend_from_slice(&v.to_le_bytes());
+    } else {
+        out.push(253);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// A string or byte string: its length, then its bytes.
+fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+    varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+fn opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => {
+            out.push(1);
+            bytes(out, s.as_bytes());
+        }
+        None => out.push(0),
+    }
+}
+
+fn envelope(out: &mut Vec<u8>, env: &Envelope) {
+    out.extend_from_slice(env.origin.as_bytes());
+    bytes(out, env.log.as_bytes());
+    varint(out, env.seq);
+    let kind = match env.kind {
+        Kind::Send => 0,
+        Kind::Publish => 1,
+        Kind::Request => 2,
+        Kind::Reply => 3,
+    };
+    varint(out, kind);
+    bytes(out, env.destination.as_bytes());
+    opt_str(out, env.key.as_deref());
+    varint(out, env.headers.len() as u64);
+    for (k, v) in &env.headers {
+        bytes(out, k.as_bytes());
+        bytes(out, v.as_bytes());
+    }
+    opt_str(out, env.content_type.as_deref());
+    varint(out, env.created_at_ms);
+    varint(out, u64::from(env.attempt));
+    bytes(out, &env.payload);
+}
