@@ -512,7 +512,9 @@ pub(crate) fn send_reply(
     corr: u64,
     result: Result<Bytes, String>,
 ) {
-    match out.try_send(reply_frame(lanes, corr, result)) {
+    let lane = (corr % lanes.max(1) as u64) as usize;
+    let frame = Data::Reply { corr, result };
+    match out.try_send(Out::Data { lane, frame }) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             warn!(
@@ -527,46 +529,20 @@ pub(crate) fn send_reply(
     }
 }
 
-/// The frame that carries the reply to request `corr`, on the lane core would pick.
-pub(crate) fn reply_frame(lanes: usize, corr: u64, result: Result<Bytes, String>) -> Out {
-    let lane = (corr % lanes.max(1) as u64) as usize;
-    Out::Data {
-        lane,
-        frame: Data::Reply { corr, result },
-    }
-}
-
-/// Queues a serve handler's answer on `out` if it has room now. Returns the frame when the
-/// queue is full, for [`queue_reply`] to wait with; `None` when it is queued, or dropped
-/// because the requester is gone.
-pub(crate) fn try_queue_reply(
+/// Like [`send_reply`], for a serve handler's answer: waits for room in a full queue until
+/// `deadline` (when the requester stops waiting), so a busy connection delays a reply instead
+/// of losing it. Holding the handler's task (and its concurrency permit) meanwhile is the
+/// back-pressure on a requester that does not read its replies.
+pub(crate) async fn queue_reply(
     out: &mpsc::Sender<Out>,
     lanes: usize,
     corr: u64,
     result: Result<Bytes, String>,
-) -> Option<Out> {
-    match out.try_send(reply_frame(lanes, corr, result)) {
-        Ok(()) => None,
-        Err(mpsc::error::TrySendError::Full(frame)) => Some(frame),
-        Err(mpsc::error::TrySendError::Closed(_)) => {
-            debug!(corr, "reply dropped: requester no longer connected");
-            None
-        }
-    }
-}
-
-/// Like [`send_reply`], for a serve handler's answer (`frame`, from [`reply_frame`]): waits
-/// for room in a full queue until `deadline` (when the requester stops waiting), so a busy
-/// connection delays a reply instead of losing it. Holding the handler's task (and its
-/// concurrency permit) meanwhile is the back-pressure on a requester that does not read its
-/// replies.
-pub(crate) async fn queue_reply(
-    out: &mpsc::Sender<Out>,
-    frame: Out,
-    corr: u64,
     deadline: tokio::time::Instant,
 ) {
-    match tokio::time::timeout_at(deadline, out.send(frame)).await {
+    let lane = (corr % lanes.max(1) as u64) as usize;
+    let frame = Data::Reply { corr, result };
+    match tokio::time::timeout_at(deadline, out.send(Out::Data { lane, frame })).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => debug!(corr, "reply dropped: requester no longer connected"),
         Err(_) => warn!(

@@ -17,11 +17,11 @@
 //! - **discovery pump**: forwards discovery events to core.
 //!
 //! Requests take one hop through core, on the way out (choosing the instance, breaker and
-//! bulkhead). The server's lane reader starts the `serve` handler (or queues the request when
-//! `serve_concurrency` is reached) and polls it once: a ready handler's reply is queued on the
-//! connection's writer at once; a pending one goes on in a task of its own, which queues it.
-//! The requester's lane reader answers the caller from [`Shared::replies`] and leaves the
-//! verdict there for core's bookkeeping (see [`ReplyBook`]).
+//! bulkhead). The server's lane reader starts the `serve` handler (a task per request, or the
+//! serve queue when `serve_concurrency` is reached) and the handler queues its reply on the
+//! connection's writer itself. The requester's lane reader answers the caller from
+//! [`Shared::replies`] and leaves the verdict there for core's bookkeeping (see
+//! [`ReplyBook`]).
 //!
 //! Shutdown order (see [`crate::Node::shutdown`]): stop discovery and
 //! accepting, say goodbye to peers, wait (up to the grace period) for local
