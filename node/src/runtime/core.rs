@@ -529,7 +529,6 @@ impl Core {
                 replies,
                 started,
             } => {
-                self.take_answered();
                 let n = self.scatter(target, &env, budget_ms, replies);
                 let _ = started.send(n);
             }
@@ -538,10 +537,7 @@ impl Core {
                 env,
                 budget_ms,
                 reply,
-            } => {
-                self.take_answered();
-                self.request(&service, env, budget_ms, reply);
-            }
+            } => self.request(&service, env, budget_ms, reply),
             CoreMsg::Completed {
                 origin,
                 log,
@@ -588,7 +584,6 @@ impl Core {
                 }
             }
             CoreMsg::Status(reply) => {
-                self.take_answered();
                 let _ = reply.send(self.status());
             }
             CoreMsg::Instances { service, reply } => {
@@ -643,7 +638,6 @@ impl Core {
         self.expire_parked(now);
         let settled = self.outbox.check_timers(now);
         self.settle(settled);
-        self.take_answered();
         // Requests whose deadline passed: a failure for the breaker.
         let expired: Vec<u64> = self
             .requests
@@ -657,15 +651,6 @@ impl Core {
                 after: Duration::from_millis(0),
             };
             self.end_request(corr, timeout, None);
-        }
-    }
-
-    /// The bookkeeping of the requests whose callers lane readers answered since the last
-    /// call (see [`super::ReplyBook::answered`]).
-    fn take_answered(&mut self) {
-        let answered = std::mem::take(&mut super::lock(&self.shared.replies).answered);
-        for a in answered {
-            self.on_reply(a.peer, a.corr, Replied::Answered { ok: a.ok });
         }
     }
 
@@ -1414,7 +1399,7 @@ impl Core {
             tx: reply,
         };
         // In the shared map before the request leaves, so its reply always finds it.
-        super::lock(&self.shared.replies).waiting.insert(corr, slot);
+        super::lock(&self.shared.replies).insert(corr, slot);
         self.send_request(corr, peer, service.to_string(), env, budget_ms, Sink::One);
     }
 
@@ -1856,7 +1841,6 @@ impl Core {
         }
         self.requests.clear();
         let waiting: Vec<super::ReplySlot> = super::lock(&self.shared.replies)
-            .waiting
             .drain()
             .map(|(_, slot)| slot)
             .collect();
@@ -1894,7 +1878,7 @@ fn restore_groups(stored: Vec<(String, Vec<String>)>) -> BTreeMap<String, BTreeS
 /// Takes the caller waiting for the reply to `corr` out of [`Shared::replies`]: whoever takes
 /// it answers it.
 fn take_slot(shared: &Shared, corr: u64) -> Option<super::ReplySlot> {
-    super::lock(&shared.replies).waiting.remove(&corr)
+    super::lock(&shared.replies).remove(&corr)
 }
 
 fn try_out(l: &Link, out: Out) {
