@@ -464,6 +464,87 @@ async fn serve_runs_at_most_its_concurrency_and_queues_the_rest() {
     .await;
 }
 
+/// A reply's bookkeeping reaches core before its caller's next request: back-to-back requests
+/// never find the bulkhead of one taken by the request before, and nothing stays in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_requests_fit_a_bulkhead_of_one() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key).max_requests_in_flight_per_service(1)).await;
+        let server = start(builder(&net, "echo", &key)).await;
+        server
+            .serve(|req| async move {
+                match req.payload_text().as_str() {
+                    "fail" => Err(HandlerError::reject("refused")),
+                    _ => Ok(req.payload().clone()),
+                }
+            })
+            .await
+            .expect("serve");
+        until_served(&client, "echo", "x", Duration::from_secs(1)).await;
+        for i in 0..200 {
+            let payload = if i % 10 == 9 { "fail" } else { "ping" };
+            match client
+                .request("echo", payload, Duration::from_secs(5))
+                .await
+            {
+                Ok(b) => assert_eq!(&b[..], b"ping"),
+                Err(RequestError::Remote { .. }) if payload == "fail" => {}
+                Err(e) => panic!("request {i} ({payload}) ended with {e}"),
+            }
+        }
+        let status = client.status().await.expect("status");
+        assert_eq!(
+            status.requests_in_flight, 0,
+            "in flight right after the last reply"
+        );
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// A handler that panics loses its own request (its caller times out), not the lane it
+/// arrived on: the requests after it, on every lane, are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_loses_its_request_not_its_lane() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let server = start(builder(&net, "echo", &key)).await;
+        server
+            .serve(|req| async move {
+                if req.payload_text() == "boom" {
+                    panic!("the handler fails on purpose");
+                }
+                Ok(req.payload().clone())
+            })
+            .await
+            .expect("serve");
+        until_served(&client, "echo", "x", Duration::from_secs(1)).await;
+        for _ in 0..2 {
+            let err = client
+                .request("echo", "boom", Duration::from_millis(300))
+                .await
+                .expect_err("no reply");
+            assert!(matches!(err, RequestError::Timeout { .. }), "{err}");
+        }
+        // More requests than lanes, one after the other: each lane carries some.
+        for i in 0..16 {
+            let reply = client
+                .request("echo", "ping", Duration::from_secs(2))
+                .await
+                .unwrap_or_else(|e| panic!("request {i} after the panics: {e}"));
+            assert_eq!(&reply[..], b"ping");
+        }
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
 /// Waits until `node` counts no request in flight (each one got its reply or its deadline).
 /// Waits until `client` gets a reply from `service` to `payload` within `timeout`.
 async fn until_served(client: &peerbus::Node, service: &str, payload: &str, timeout: Duration) {
