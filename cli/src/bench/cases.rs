@@ -206,69 +206,85 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
     Ok(rate)
 }
 
-/// Request/reply: `rounds` sequential round trips (latencies), then requests/s with
-/// [`CALLERS`] concurrent callers.
-pub(crate) async fn requests(rounds: usize) -> Result<(Vec<Duration>, f64)> {
-    let mesh = Mesh::new();
-    let server = mesh
-        .node("echo")?
-        .start()
-        .await
-        .context("starting the server")?;
-    server
-        .serve(|r| async move { Ok(r.payload().clone()) })
-        .await
-        .context("serving")?;
-    let client = mesh
-        .node("client")?
-        .start()
-        .await
-        .context("starting the client")?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client
-        .request("echo", "warm", Duration::from_millis(500))
-        .await
-        .is_err()
-    {
-        if Instant::now() > deadline {
-            bail!("the echo service never answered");
-        }
-    }
-    // Warm both paths before measuring.
-    for _ in 0..rounds.min(500) {
-        client
-            .request("echo", "ping", Duration::from_secs(5))
-            .await?;
-    }
-    let mut lat = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        client
-            .request("echo", "ping", Duration::from_secs(5))
-            .await?;
-        lat.push(t.elapsed());
-    }
-    let total = rounds * 4;
-    let t0 = Instant::now();
-    let mut tasks = Vec::with_capacity(CALLERS);
-    for caller in 0..CALLERS {
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            for _ in (caller..total).step_by(CALLERS) {
-                client
-                    .request("echo", "ping", Duration::from_secs(5))
-                    .await?;
+/// Two nodes for the request/reply cases: `client` and an `echo` service that answers every
+/// request with its payload.
+pub(crate) struct Echo {
+    client: Node,
+    server: Node,
+}
+
+impl Echo {
+    /// Starts both nodes and waits until the client's requests are answered, then warms both
+    /// paths with `warm` requests.
+    pub(crate) async fn start(warm: usize) -> Result<Self> {
+        let mesh = Mesh::new();
+        let server = mesh
+            .node("echo")?
+            .start()
+            .await
+            .context("starting the server")?;
+        server
+            .serve(|r| async move { Ok(r.payload().clone()) })
+            .await
+            .context("serving")?;
+        let client = mesh
+            .node("client")?
+            .start()
+            .await
+            .context("starting the client")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client
+            .request("echo", "warm", Duration::from_millis(500))
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("the echo service never answered");
             }
-            anyhow::Ok(())
-        }));
+        }
+        let echo = Self { client, server };
+        echo.rounds(warm).await?;
+        Ok(echo)
     }
-    for t in tasks {
-        t.await.context("caller task")??;
+
+    /// Latencies of `rounds` requests, one after another.
+    pub(crate) async fn rounds(&self, rounds: usize) -> Result<Vec<Duration>> {
+        let mut lat = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            self.client
+                .request("echo", "ping", Duration::from_secs(5))
+                .await?;
+            lat.push(t.elapsed());
+        }
+        Ok(lat)
     }
-    let rps = total as f64 / t0.elapsed().as_secs_f64();
-    client.shutdown().await;
-    server.shutdown().await;
-    Ok((lat, rps))
+
+    /// Requests/s of `total` requests from [`CALLERS`] concurrent callers.
+    pub(crate) async fn throughput(&self, total: usize) -> Result<f64> {
+        let t0 = Instant::now();
+        let mut tasks = Vec::with_capacity(CALLERS);
+        for caller in 0..CALLERS {
+            let client = self.client.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in (caller..total).step_by(CALLERS) {
+                    client
+                        .request("echo", "ping", Duration::from_secs(5))
+                        .await?;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await.context("caller task")??;
+        }
+        Ok(total as f64 / t0.elapsed().as_secs_f64())
+    }
+
+    pub(crate) async fn shutdown(self) {
+        self.client.shutdown().await;
+        self.server.shutdown().await;
+    }
 }
 
 /// The figures of the backlog case.

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use peerbus::{Bytes, MeshKey};
-use peerbus_transport::{Endpoint, EndpointConfig, Identity, Membership};
+use peerbus_transport::{
+    Connection, Endpoint, EndpointConfig, FrameReceiver, FrameSender, Identity, Membership,
+};
 
 /// Writes are coalesced up to this many buffered bytes before a flush, like the node's writer.
 const COALESCE_BYTES: usize = 64 * 1024;
@@ -58,34 +60,57 @@ pub(crate) async fn stream(size: usize, frames: usize) -> Result<f64> {
     Ok(frames as f64 / t0.elapsed().as_secs_f64())
 }
 
-/// Round-trip times of `rounds` small frames echoed on one bidirectional stream.
-pub(crate) async fn pingpong(rounds: usize) -> Result<Vec<Duration>> {
-    let key = MeshKey::generate();
-    let (a, b) = (endpoint(&key)?, endpoint(&key)?);
-    let server_ep = b.clone();
-    tokio::spawn(async move {
-        let incoming = server_ep.accept().await.context("no incoming connection")?;
-        let conn = incoming.complete().await.context("accepting")?;
-        let (mut tx, mut rx) = conn.accept_bi().await.context("accepting a stream")?;
-        while let Some(v) = rx.recv::<u64>().await.context("receiving")? {
-            tx.send(&v).await.context("echoing")?;
-        }
-        anyhow::Ok(())
-    });
-    let conn = a
-        .connect(b.local_addr(), Some(b.node_id()))
-        .await
-        .context("connecting")?;
-    let (mut tx, mut rx) = conn.open_bi().await.context("opening a stream")?;
-    let mut lat = Vec::with_capacity(rounds);
-    for i in 0..rounds as u64 {
-        let t = Instant::now();
-        tx.send(&i).await.context("sending")?;
-        let back: Option<u64> = rx.recv().await.context("receiving")?;
-        if back != Some(i) {
-            bail!("ping-pong echoed {back:?} for {i}");
-        }
-        lat.push(t.elapsed());
+/// Small frames echoed on one bidirectional stream between two endpoints in this process.
+pub(crate) struct PingPong {
+    tx: FrameSender,
+    rx: FrameReceiver,
+    next: u64,
+    /// Keeps the connection and both endpoints open while rounds are run.
+    _link: (Connection, Endpoint, Endpoint),
+}
+
+impl PingPong {
+    /// Connects the two endpoints and starts the echoing side.
+    pub(crate) async fn start() -> Result<Self> {
+        let key = MeshKey::generate();
+        let (a, b) = (endpoint(&key)?, endpoint(&key)?);
+        let server_ep = b.clone();
+        tokio::spawn(async move {
+            let incoming = server_ep.accept().await.context("no incoming connection")?;
+            let conn = incoming.complete().await.context("accepting")?;
+            let (mut tx, mut rx) = conn.accept_bi().await.context("accepting a stream")?;
+            while let Some(v) = rx.recv::<u64>().await.context("receiving")? {
+                tx.send(&v).await.context("echoing")?;
+            }
+            anyhow::Ok(())
+        });
+        let conn = a
+            .connect(b.local_addr(), Some(b.node_id()))
+            .await
+            .context("connecting")?;
+        let (tx, rx) = conn.open_bi().await.context("opening a stream")?;
+        Ok(Self {
+            tx,
+            rx,
+            next: 0,
+            _link: (conn, a, b),
+        })
     }
-    Ok(lat)
+
+    /// Round-trip times of `rounds` frames, one after another.
+    pub(crate) async fn rounds(&mut self, rounds: usize) -> Result<Vec<Duration>> {
+        let mut lat = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let i = self.next;
+            self.next += 1;
+            let t = Instant::now();
+            self.tx.send(&i).await.context("sending")?;
+            let back: Option<u64> = self.rx.recv().await.context("receiving")?;
+            if back != Some(i) {
+                bail!("ping-pong echoed {back:?} for {i}");
+            }
+            lat.push(t.elapsed());
+        }
+        Ok(lat)
+    }
 }
