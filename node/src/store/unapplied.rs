@@ -236,6 +236,42 @@ mod tests {
     }
 
     #[test]
+    fn changes_are_counted_per_entry_across_logs() {
+        let mut u = Unapplied::default();
+        let db_max = HashMap::from([("svc:b".to_string(), 10)]);
+        u.fold(
+            batch(
+                vec![
+                    entry("svc:a", 1, 1),
+                    entry("svc:a", 2, 1),
+                    entry("svc:b", 11, 1),
+                ],
+                vec![("svc:b", 3), ("svc:c", 4)],
+            ),
+            &db_max,
+        );
+        // Three puts and one delete (svc:c has nothing in the database: nothing to delete).
+        assert_eq!(u.len(), 4);
+        // Replacing a put and deleting again change nothing; dropping a fresh put does.
+        u.fold(
+            batch(vec![entry("svc:a", 2, 2)], vec![("svc:b", 3), ("svc:a", 1)]),
+            &db_max,
+        );
+        assert_eq!(u.len(), 3);
+        let b = u.to_batch();
+        let puts: Vec<_> = b
+            .append
+            .iter()
+            .map(|e| (e.env.log.as_str(), e.env.seq, e.env.payload[0]))
+            .collect();
+        assert_eq!(puts, vec![("svc:a", 2, 2), ("svc:b", 11, 1)]);
+        assert_eq!(b.remove, vec![("svc:b".to_string(), 3)]);
+        u.fold(batch(vec![], vec![("svc:a", 2), ("svc:b", 11)]), &db_max);
+        assert_eq!(u.len(), 1, "the delete of svc:b#3 stays");
+        assert_eq!(u.put_bytes(), 0);
+    }
+
+    #[test]
     fn appended_again_after_its_removal_is_put_and_stays_fresh() {
         let mut u = Unapplied::default();
         let db_max = HashMap::new();
