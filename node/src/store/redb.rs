@@ -107,6 +107,10 @@ pub struct RedbStore {
     last_fsync: Instant,
     fsyncs: u64,
     commits: u64,
+    /// Size of the database file as last read for [`Store::stats`]; `None` once a database
+    /// commit, open or compaction may have changed it (a side-log commit does not, so the
+    /// writer's stats after each commit need no `stat`).
+    db_bytes: std::cell::Cell<Option<u64>>,
     _lock: File,
 }
 
@@ -210,6 +214,7 @@ impl RedbStore {
             last_fsync: Instant::now(),
             fsyncs: 0,
             commits: 0,
+            db_bytes: std::cell::Cell::new(None),
             _lock: lock,
         }
     }
@@ -233,6 +238,7 @@ impl RedbStore {
             epoch.and_then(|v| open_sealed::<u64>(v.value()).ok())
         };
         txn.commit().or_store(&path)?;
+        self.db_bytes.set(None);
         self.epoch = epoch.unwrap_or(0);
         self.db = Some(Db::Rw(db));
         self.fsyncs += 1;
@@ -394,7 +400,22 @@ impl RedbStore {
         self.sync()?;
         self.checkpoint()?;
         let path = self.path.clone();
+        self.db_bytes.set(None);
         self.rw()?.compact().or_store(&path)
+    }
+
+    /// Bytes of the database file (read again only after it may have changed).
+    fn db_file_bytes(&self) -> u64 {
+        if let Some(n) = self.db_bytes.get() {
+            return n;
+        }
+        match std::fs::metadata(&self.path) {
+            Ok(m) => {
+                self.db_bytes.set(Some(m.len()));
+                m.len()
+            }
+            Err(_) => 0,
+        }
     }
 
     /// The writable database, reopened after an earlier I/O error.
@@ -462,7 +483,9 @@ impl RedbStore {
             meta.insert(META_WAL_EPOCH, seal(&(self.epoch + 1))?.as_slice())
                 .or_store(&path)?;
         }
-        txn.commit().or_store(&path)?;
+        let committed = txn.commit().or_store(&path);
+        self.db_bytes.set(None);
+        committed?;
         self.commits += 1;
         if new_epoch {
             self.epoch += 1;
@@ -527,7 +550,10 @@ impl RedbStore {
         self.commits += 1;
         if sync {
             self.fsyncs += 1;
-            self.last_fsync = Instant::now();
+            // Only `Interval` reads it (and with `Fsync` every commit syncs): no clock read.
+            if matches!(self.durability, Durability::Interval(_)) {
+                self.last_fsync = Instant::now();
+            }
             self.unsynced = false;
         } else {
             self.unsynced = true;
@@ -945,8 +971,7 @@ impl Store for RedbStore {
         StoreStats {
             fsyncs: self.fsyncs,
             commits: self.commits,
-            file_bytes: std::fs::metadata(&self.path).map_or(0, |m| m.len())
-                + self.wal.as_ref().map_or(0, Wal::len),
+            file_bytes: self.db_file_bytes() + self.wal.as_ref().map_or(0, Wal::len),
         }
     }
 }

@@ -20,6 +20,10 @@ use super::{Batch, DeadLetter, StoredEntry};
 use crate::engine::FastMap;
 use crate::engine::inbox::WindowSnapshot;
 
+/// A map keyed by log name, from hashbrown so a `&str` finds (or adds) a log's slot without
+/// copying the name first.
+type LogMap<V> = hashbrown::HashMap<String, V, foldhash::fast::RandomState>;
+
 /// What a checkpoint does to one entry key.
 #[derive(Debug)]
 enum Change {
@@ -34,7 +38,11 @@ enum Change {
 /// checkpoints once [`Unapplied::len`] reaches its limit.
 #[derive(Debug, Default)]
 pub(super) struct Unapplied {
-    entries: FastMap<(String, u64), Change>,
+    /// Per log, per seq: looked up by the log name as a `&str`, so folding an entry of a log
+    /// already present copies no name.
+    entries: LogMap<FastMap<u64, Change>>,
+    /// Changes in `entries`.
+    entry_changes: usize,
     windows: FastMap<(NodeId, String), WindowSnapshot>,
     next_seqs: FastMap<String, u64>,
     dead: Vec<DeadLetter>,
@@ -52,7 +60,7 @@ impl Unapplied {
     /// Changes a checkpoint would make (entries to put or delete, windows, next seqs, dead
     /// letters and group changes).
     pub(super) fn len(&self) -> usize {
-        self.entries.len()
+        self.entry_changes
             + self.windows.len()
             + self.next_seqs.len()
             + self.dead.len()
@@ -66,7 +74,7 @@ impl Unapplied {
 
     /// Whether a checkpoint would change nothing.
     pub(super) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entry_changes == 0
             && self.windows.is_empty()
             && self.next_seqs.is_empty()
             && self.dead.is_empty()
@@ -86,27 +94,45 @@ impl Unapplied {
         } = batch;
         let in_db = |log: &str, seq: u64| db_max.get(log).is_some_and(|max| seq <= *max);
         for entry in append {
-            let key = (entry.env.log.clone(), entry.env.seq);
-            let fresh = match self.entries.get(&key) {
+            let seq = entry.env.seq;
+            let changes = self.entries.entry_ref(entry.env.log.as_str()).or_default();
+            let fresh = match changes.get(&seq) {
                 Some(Change::Put { fresh, .. }) => *fresh,
                 Some(Change::Delete) => false,
-                None => !in_db(&key.0, key.1),
+                None => !in_db(&entry.env.log, seq),
             };
             self.put_bytes += entry_bytes(&entry);
-            if let Some(Change::Put { entry: old, .. }) =
-                self.entries.insert(key, Change::Put { entry, fresh })
-            {
-                self.put_bytes -= entry_bytes(&old);
+            match changes.insert(seq, Change::Put { entry, fresh }) {
+                Some(Change::Put { entry: old, .. }) => self.put_bytes -= entry_bytes(&old),
+                Some(Change::Delete) => {}
+                None => self.entry_changes += 1,
             }
         }
-        for key in remove {
-            let old = match self.entries.get(&key) {
-                Some(Change::Put { fresh: true, .. }) => self.entries.remove(&key),
-                None if !in_db(&key.0, key.1) => None,
-                _ => self.entries.insert(key, Change::Delete),
+        for (log, seq) in remove {
+            let (old, added) = match self.entries.get_mut(log.as_str()) {
+                Some(changes) => match changes.get(&seq) {
+                    Some(Change::Put { fresh: true, .. }) => (changes.remove(&seq), false),
+                    None if !in_db(&log, seq) => (None, false),
+                    None => (changes.insert(seq, Change::Delete), true),
+                    Some(_) => (changes.insert(seq, Change::Delete), false),
+                },
+                None if !in_db(&log, seq) => (None, false),
+                None => {
+                    self.entries
+                        .entry(log)
+                        .or_default()
+                        .insert(seq, Change::Delete);
+                    (None, true)
+                }
             };
-            if let Some(Change::Put { entry, .. }) = old {
+            if added {
+                self.entry_changes += 1;
+            }
+            if let Some(Change::Put { entry, fresh }) = old {
                 self.put_bytes -= entry_bytes(&entry);
+                if fresh {
+                    self.entry_changes -= 1;
+                }
             }
         }
         for w in windows {
@@ -121,10 +147,12 @@ impl Unapplied {
     /// caller clears it once the checkpoint is committed.
     pub(super) fn to_batch(&self) -> Batch {
         let mut batch = Batch::default();
-        for (key, change) in &self.entries {
-            match change {
-                Change::Put { entry, .. } => batch.append.push(entry.clone()),
-                Change::Delete => batch.remove.push(key.clone()),
+        for (log, changes) in &self.entries {
+            for (seq, change) in changes {
+                match change {
+                    Change::Put { entry, .. } => batch.append.push(entry.clone()),
+                    Change::Delete => batch.remove.push((log.clone(), *seq)),
+                }
             }
         }
         batch
@@ -205,6 +233,42 @@ mod tests {
         let b = u.to_batch();
         assert!(b.append.is_empty());
         assert_eq!(b.remove, vec![("svc:a".to_string(), 3)]);
+    }
+
+    #[test]
+    fn changes_are_counted_per_entry_across_logs() {
+        let mut u = Unapplied::default();
+        let db_max = HashMap::from([("svc:b".to_string(), 10)]);
+        u.fold(
+            batch(
+                vec![
+                    entry("svc:a", 1, 1),
+                    entry("svc:a", 2, 1),
+                    entry("svc:b", 11, 1),
+                ],
+                vec![("svc:b", 3), ("svc:c", 4)],
+            ),
+            &db_max,
+        );
+        // Three puts and one delete (svc:c has nothing in the database: nothing to delete).
+        assert_eq!(u.len(), 4);
+        // Replacing a put and deleting again change nothing; dropping a fresh put does.
+        u.fold(
+            batch(vec![entry("svc:a", 2, 2)], vec![("svc:b", 3), ("svc:a", 1)]),
+            &db_max,
+        );
+        assert_eq!(u.len(), 3);
+        let b = u.to_batch();
+        let puts: Vec<_> = b
+            .append
+            .iter()
+            .map(|e| (e.env.log.as_str(), e.env.seq, e.env.payload[0]))
+            .collect();
+        assert_eq!(puts, vec![("svc:a", 2, 2), ("svc:b", 11, 1)]);
+        assert_eq!(b.remove, vec![("svc:b".to_string(), 3)]);
+        u.fold(batch(vec![], vec![("svc:a", 2), ("svc:b", 11)]), &db_max);
+        assert_eq!(u.len(), 1, "the delete of svc:b#3 stays");
+        assert_eq!(u.put_bytes(), 0);
     }
 
     #[test]
