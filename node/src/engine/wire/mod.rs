@@ -169,7 +169,7 @@ impl Data {
     /// bytes [`Data`]'s `Deserialize` reads, with the same outcome, but payloads stay slices of
     /// `body` instead of copies, and a delivered envelope goes straight into its `Arc`.
     ///
-    /// A hand-written reader of bincode's layout (see [`decode`]): it was a tenth of a send's
+    /// A hand-written reader of bincode's layout (`engine/wire/decode.rs`): it was a tenth of a send's
     /// CPU time through serde's generic path. Proptests hold it to serde's answer on valid,
     /// corrupted and random bodies.
     pub fn decode_shared(body: Bytes) -> Result<Self, FrameError> {
