@@ -132,9 +132,7 @@ pub enum Outcome {
 /// [`Outbox::append_with_receipt`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settled<R = ()> {
-    /// The log it was in.
-    pub log: String,
-    /// Its sequence number.
+    /// Its sequence number (in the log `env.log`).
     pub seq: u64,
     /// The entry itself (for the dead-letter store).
     pub env: Arc<Envelope>,
@@ -613,7 +611,6 @@ impl<R> Outbox<R> {
             }
             forget_key(&mut log.keys, &e.env);
             out.push(Settled {
-                log: log_name.to_string(),
                 seq: *seq,
                 attempts: e.attempts.max(1),
                 env: e.env,
@@ -697,7 +694,6 @@ impl<R> Outbox<R> {
         }
         forget_key(&mut log.keys, &e.env);
         Some(Settled {
-            log: log_name.to_string(),
             seq,
             attempts: e.attempts,
             env: e.env,
@@ -721,7 +717,6 @@ impl<R> Outbox<R> {
             }
             self.total_bytes -= e.env.payload.len();
             out.push(Settled {
-                log: log_name.to_string(),
                 seq,
                 attempts: e.attempts,
                 env: e.env,

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
-use super::storage::{Clock, Durable, StoreOp};
+use super::storage::{Clock, Committed, Durable, StagedCall, StoreOp};
 use super::{Inbound, MAX_KNOWN_PEERS, Shared, conn};
 use crate::admin::EventKind;
 use crate::engine::FastMap;
@@ -72,14 +72,6 @@ pub(crate) struct Append {
     pub(crate) deadline: u64,
     /// Answered with the number of copies stored; each stored copy carries a receipt of it.
     pub(crate) reply: CallReply,
-}
-
-/// A stored-but-not-yet-durable call.
-struct PendingAppend {
-    remaining: usize,
-    copies: usize,
-    reply: CallReply,
-    destination: String,
 }
 
 /// Frames for one connection's writer task.
@@ -308,9 +300,6 @@ struct Core {
     closing: bool,
     store: mpsc::Sender<StoreOp>,
     clock: Clock,
-    next_call: u64,
-    calls: HashMap<u64, PendingAppend>,
-    staged: FastMap<(String, u64), u64>,
     /// `send` calls waiting for room in a full log, oldest first.
     parked: std::collections::VecDeque<Append>,
     limits: Limits,
@@ -397,9 +386,6 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         closing: false,
         store: init.store,
         clock,
-        next_call: 1,
-        calls: HashMap::new(),
-        staged: FastMap::default(),
         parked: std::collections::VecDeque::new(),
         limits: init.limits,
         guards: init.guards,
@@ -887,9 +873,11 @@ impl Core {
     fn settle(&mut self, settled: Vec<Settled<CopyReceipt>>) {
         let any = !settled.is_empty();
         let persistent = self.persistent();
+        // One store op for all of them.
+        let mut removed = Vec::with_capacity(if persistent { settled.len() } else { 0 });
         for s in settled {
             if persistent {
-                self.store_op(StoreOp::Remove(s.log.clone(), s.seq));
+                removed.push((s.env.log.clone(), s.seq));
             }
             if let Outcome::DeadLettered { reason } = &s.outcome {
                 self.store_op(StoreOp::Dead(DeadLetter {
@@ -904,7 +892,7 @@ impl Core {
                 Outcome::Acked { by } => {
                     trace!(
                         peer = %by.short(),
-                        id = %format_args!("{}/{}/{}", s.env.origin, s.log, s.seq),
+                        id = %format_args!("{}/{}/{}", s.env.origin, s.env.log, s.seq),
                         destination = %s.env.destination,
                         "acknowledged"
                     );
@@ -923,14 +911,14 @@ impl Core {
                         .counters
                         .dead_lettered
                         .fetch_add(1, Ordering::Relaxed);
-                    warn!(log = %s.log, seq = s.seq, attempts = s.attempts, %reason, "dead-lettered");
+                    warn!(log = %s.env.log, seq = s.seq, attempts = s.attempts, %reason, "dead-lettered");
                     self.shared.events.emit(
                         EventKind::DeadLetter,
                         None,
                         None,
                         format!(
                             "{}#{} after {} attempts: {reason}",
-                            s.log, s.seq, s.attempts
+                            s.env.log, s.seq, s.attempts
                         ),
                     );
                     Err(DeliveryError::DeadLettered {
@@ -941,6 +929,9 @@ impl Core {
             if let Some(receipt) = s.receipt {
                 receipt.send(result);
             }
+        }
+        if !removed.is_empty() {
+            self.store_op(StoreOp::Remove(removed));
         }
         if any {
             self.unpark();
@@ -1123,69 +1114,51 @@ impl Core {
             a.reply.send(Ok(copies));
             return;
         }
-        let destination = stored
-            .first()
-            .map(|e| e.env.destination.clone())
-            .unwrap_or_default();
-        let store = &self.store;
-        let call = self.next_call;
-        self.next_call += 1;
-        let ids: Vec<(String, u64)> = stored
-            .iter()
-            .map(|e| (e.env.log.clone(), e.env.seq))
-            .collect();
-        let next_seqs: Vec<(String, u64)> = ids.iter().map(|(l, s)| (l.clone(), s + 1)).collect();
-        if store.try_send(StoreOp::Append(stored)).is_err() {
-            for (log, seq) in &ids {
-                self.outbox.discard_staged(log, *seq);
+        let call = StagedCall {
+            entries: stored,
+            reply: a.reply,
+        };
+        if let Err(e) = self.store.try_send(StoreOp::Append(call)) {
+            let StoreOp::Append(call) = e.into_inner() else {
+                return;
+            };
+            for e in &call.entries {
+                self.outbox.discard_staged(&e.env.log, e.env.seq);
             }
-            a.reply.send(Err(SendError::Backpressure {
-                destination: destination.clone(),
+            let destination = call
+                .entries
+                .first()
+                .map(|e| e.env.destination.clone())
+                .unwrap_or_default();
+            call.reply.send(Err(SendError::Backpressure {
+                destination,
                 entries: self.outbox.len(),
                 waited: Duration::ZERO,
             }));
-            return;
         }
-        for (log, next) in next_seqs {
-            self.store_op(StoreOp::NextSeq(log, next));
-        }
-        for id in &ids {
-            self.staged.insert(id.clone(), call);
-        }
-        self.calls.insert(
-            call,
-            PendingAppend {
-                remaining: ids.len(),
-                copies,
-                reply: a.reply,
-                destination,
-            },
-        );
     }
 
+    /// A group commit ended: the calls it covered become sendable and are answered (or, if it
+    /// failed, their copies are dropped and the calls fail).
     fn on_durable(&mut self, d: Durable) {
-        for (log, seq) in d.appended {
-            let call = self.staged.remove(&(log.clone(), seq));
-            if d.error.is_some() {
-                self.outbox.discard_staged(&log, seq);
-                if let Some(p) = call.and_then(|c| self.calls.remove(&c)) {
-                    p.reply.send(Err(SendError::Store {
-                        destination: p.destination,
-                        reason: d.error.clone().unwrap_or_default(),
-                    }));
+        for Committed { entries, reply } in d.appended {
+            if let Some(reason) = &d.error {
+                for env in &entries {
+                    self.outbox.discard_staged(&env.log, env.seq);
                 }
+                reply.send(Err(SendError::Store {
+                    destination: entries
+                        .first()
+                        .map(|e| e.destination.clone())
+                        .unwrap_or_default(),
+                    reason: reason.clone(),
+                }));
                 continue;
             }
-            self.outbox.mark_durable(&log, seq);
-            if let Some(c) = call {
-                let done = self.calls.get_mut(&c).is_some_and(|p| {
-                    p.remaining -= 1;
-                    p.remaining == 0
-                });
-                if done && let Some(p) = self.calls.remove(&c) {
-                    p.reply.send(Ok(p.copies));
-                }
+            for env in &entries {
+                self.outbox.mark_durable(&env.log, env.seq);
             }
+            reply.send(Ok(entries.len()));
         }
         for (origin, log, seq) in d.acks {
             self.queue_ack(origin, &log, seq);
@@ -1859,9 +1832,6 @@ impl Core {
         // goes with core.
         for a in self.parked.drain(..) {
             a.reply.send(Err(SendError::Stopped));
-        }
-        for (_, p) in self.calls.drain() {
-            p.reply.send(Err(SendError::Stopped));
         }
         self.requests.clear();
         let waiting: Vec<super::ReplySlot> = super::lock(&self.shared.replies)

@@ -14,6 +14,8 @@ use tracing::{error, warn};
 
 use super::core::CoreMsg;
 use crate::engine::inbox::WindowSnapshot;
+use crate::engine::wire::Envelope;
+use crate::node::CallReply;
 use crate::store::{Batch, DeadLetter, Store, StoredEntry};
 
 /// Capacity of the store writer's queue. When it is full `send` fails with a
@@ -27,16 +29,15 @@ pub(crate) type AckRef = (NodeId, String, u64);
 
 /// Work for the store writer.
 pub(crate) enum StoreOp {
-    /// New entries (core staged them; they become sendable once durable).
-    Append(Vec<StoredEntry>),
+    /// The copies one `send`/`publish` call stored (core staged them; they become sendable
+    /// once durable). Their logs' next sequence numbers are stored with them.
+    Append(StagedCall),
     /// Settled entries to delete.
-    Remove(String, u64),
+    Remove(Vec<(String, u64)>),
     /// A dedup window changed because a handler finished `ack`: persist it, then send the ack.
     Window(WindowSnapshot, AckRef),
     /// An entry was dead-lettered.
     Dead(DeadLetter),
-    /// Next sequence numbers (so they are never reused after a restart).
-    NextSeq(String, u64),
     /// A known durable group changed: `Some(patterns)` remembers it with exactly these topic
     /// patterns, `None` forgets it (so a restarted publisher keeps copies for every group it
     /// knew, and never for a released one).
@@ -51,11 +52,28 @@ pub(crate) enum StoreOp {
     Stop,
 }
 
+/// One call's staged copies: they go to the store, and come back to core in [`Durable`] with
+/// the call's reply, so core needs no map from entries to calls.
+pub(crate) struct StagedCall {
+    /// The copies, one per target log.
+    pub(crate) entries: Vec<StoredEntry>,
+    /// Answered once the copies are durable (or failed to store).
+    pub(crate) reply: CallReply,
+}
+
+/// A call whose copies the commit stored (or failed to store, see [`Durable::error`]).
+pub(crate) struct Committed {
+    /// The copies (shared with the outbox entries waiting for this commit).
+    pub(crate) entries: Vec<Arc<Envelope>>,
+    /// The call's reply.
+    pub(crate) reply: CallReply,
+}
+
 /// Outcome of one group commit, reported to core.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Durable {
-    /// Appended entries now durable: `(log, seq)`.
-    pub(crate) appended: Vec<(String, u64)>,
+    /// Calls whose copies the commit covered.
+    pub(crate) appended: Vec<Committed>,
     /// Acks that may be sent now.
     pub(crate) acks: Vec<AckRef>,
     /// Set when the commit failed: appended entries were not stored.
@@ -123,23 +141,28 @@ impl Writer<'_> {
         let mut sync = false;
         {
             // Sized once: growing them entry by entry was a visible part of the writer's time.
-            let (appends, removes) = self.ops.iter().fold((0, 0), |(a, r), op| match op {
-                StoreOp::Append(e) => (a + e.len(), r),
-                StoreOp::Remove(..) => (a, r + 1),
-                _ => (a, r),
-            });
+            let (calls, appends, removes) =
+                self.ops.iter().fold((0, 0, 0), |(c, a, r), op| match op {
+                    StoreOp::Append(call) => (c + 1, a + call.entries.len(), r),
+                    StoreOp::Remove(ids) => (c, a, r + ids.len()),
+                    _ => (c, a, r),
+                });
             batch.append.reserve(appends);
             batch.remove.reserve(removes);
-            report.appended.reserve(appends);
+            report.appended.reserve(calls);
             for op in self.ops.drain(..) {
                 match op {
-                    StoreOp::Append(entries) => {
-                        report
-                            .appended
-                            .extend(entries.iter().map(|e| (e.env.log.clone(), e.env.seq)));
+                    StoreOp::Append(StagedCall { entries, reply }) => {
+                        for e in &entries {
+                            raise_next_seq(&mut batch.next_seqs, &e.env.log, e.env.seq + 1);
+                        }
+                        report.appended.push(Committed {
+                            entries: entries.iter().map(|e| e.env.clone()).collect(),
+                            reply,
+                        });
                         batch.append.extend(entries);
                     }
-                    StoreOp::Remove(log, seq) => batch.remove.push((log, seq)),
+                    StoreOp::Remove(ids) => batch.remove.extend(ids),
                     StoreOp::Window(w, ack) => {
                         // Only the newest snapshot of a window matters.
                         batch
@@ -149,10 +172,6 @@ impl Writer<'_> {
                         report.acks.push(ack);
                     }
                     StoreOp::Dead(d) => batch.dead.push(d),
-                    StoreOp::NextSeq(log, seq) => {
-                        batch.next_seqs.retain(|(l, _)| *l != log);
-                        batch.next_seqs.push((log, seq));
-                    }
                     StoreOp::Group(group, patterns) => {
                         // Only the newest state of a group matters.
                         batch.groups.retain(|(g, _)| *g != group);
@@ -205,6 +224,15 @@ impl Writer<'_> {
                 });
         }
         Some(false)
+    }
+}
+
+/// Stores `next` as `log`'s next sequence number unless the batch already raises it as far
+/// (the log name is copied once per log and batch, not once per entry).
+fn raise_next_seq(next_seqs: &mut Vec<(String, u64)>, log: &str, next: u64) {
+    match next_seqs.iter_mut().rev().find(|(l, _)| l == log) {
+        Some((_, n)) => *n = (*n).max(next),
+        None => next_seqs.push((log.to_owned(), next)),
     }
 }
 
