@@ -1,7 +1,8 @@
 //! A writer of [`Data`] frame bodies in bincode 2's standard layout (described in
 //! `decode.rs`), written out by hand for the connection writer: the same bytes serde writes
 //! through bincode, without its generic per-field path. The proptests in `wire` compare the
-//! two byte for byte.
+//! two byte for byte. The store's side log writes its entries with it too (`store/wal.rs`,
+//! whose proptest compares whole records with serde's).
 
 use super::{Data, Envelope, Kind};
 
@@ -49,9 +50,29 @@ impl Data {
     }
 }
 
+impl Envelope {
+    /// Appends this envelope in bincode's standard layout: exactly the bytes bincode's serde
+    /// encoder writes for it (the store's side log writes entries with it too).
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        envelope(out, self);
+    }
+}
+
+/// Appends an `Option<u64>` as bincode's serde encoder writes it: a tag byte (0 or 1), then
+/// the value as a [`varint`].
+pub(crate) fn opt_u64(out: &mut Vec<u8>, v: Option<u64>) {
+    match v {
+        Some(v) => {
+            out.push(1);
+            varint(out, v);
+        }
+        None => out.push(0),
+    }
+}
+
 /// bincode's variable-length unsigned integer: one byte below 251, else a tag (251, 252, 253)
 /// and the value as little-endian `u16`, `u32` or `u64`, the smallest that holds it.
-fn varint(out: &mut Vec<u8>, v: u64) {
+pub(crate) fn varint(out: &mut Vec<u8>, v: u64) {
     if v < 251 {
         out.push(v as u8);
     } else if let Ok(v) = u16::try_from(v) {

@@ -14,7 +14,7 @@ use peerbus_transport::{FrameError, NodeId};
 use serde::{Deserialize, Serialize};
 
 mod decode;
-mod encode;
+pub(crate) mod encode;
 
 /// What kind of interaction a message belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -178,7 +178,7 @@ impl Data {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use peerbus_transport::{decode_frame, encode_frame};
     use proptest::prelude::*;
@@ -187,7 +187,8 @@ mod tests {
         NodeId::from_bytes([b; 32])
     }
 
-    fn env_strategy() -> impl Strategy<Value = Envelope> {
+    /// Any envelope (also used by the store's side-log tests).
+    pub(crate) fn env_strategy() -> impl Strategy<Value = Envelope> {
         (
             any::<u8>(),
             ".{0,12}",
