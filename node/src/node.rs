@@ -288,6 +288,23 @@ impl CallReply {
     }
 }
 
+#[cfg(test)]
+impl CallReply {
+    /// A reply and the ticket that receives its answer, for tests of what answers calls.
+    pub(crate) fn for_test() -> (CallReply, Arc<Ticket>) {
+        let ticket = Arc::new(Ticket::default());
+        (CallReply(Some(ticket.clone())), ticket)
+    }
+}
+
+#[cfg(test)]
+impl Ticket {
+    /// The answer to the call, once there is one (`None` before).
+    pub(crate) fn answer_now(&self) -> Option<Result<usize, SendError>> {
+        runtime::lock(&self.state).answer.take()
+    }
+}
+
 impl Drop for CallReply {
     fn drop(&mut self) {
         if let Some(t) = self.0.take() {

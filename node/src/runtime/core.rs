@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
-use super::storage::{Clock, Committed, Durable, StagedCall, StoreOp};
+use super::storage::{Clock, Durable, StagedCall, StoreOp};
 use super::{Inbound, MAX_KNOWN_PEERS, Shared, conn};
 use crate::admin::EventKind;
 use crate::engine::FastMap;
@@ -1138,27 +1138,15 @@ impl Core {
         }
     }
 
-    /// A group commit ended: the calls it covered become sendable and are answered (or, if it
-    /// failed, their copies are dropped and the calls fail).
+    /// A group commit ended: its copies become sendable (or, if it failed, are dropped; the
+    /// store writer answers the calls).
     fn on_durable(&mut self, d: Durable) {
-        for Committed { entries, reply } in d.appended {
-            if let Some(reason) = &d.error {
-                for env in &entries {
-                    self.outbox.discard_staged(&env.log, env.seq);
-                }
-                reply.send(Err(SendError::Store {
-                    destination: entries
-                        .first()
-                        .map(|e| e.destination.clone())
-                        .unwrap_or_default(),
-                    reason: reason.clone(),
-                }));
-                continue;
-            }
-            for env in &entries {
+        for env in &d.appended {
+            if d.error.is_some() {
+                self.outbox.discard_staged(&env.log, env.seq);
+            } else {
                 self.outbox.mark_durable(&env.log, env.seq);
             }
-            reply.send(Ok(entries.len()));
         }
         for (origin, log, seq) in d.acks {
             self.queue_ack(origin, &log, seq);

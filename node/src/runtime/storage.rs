@@ -52,8 +52,9 @@ pub(crate) enum StoreOp {
     Stop,
 }
 
-/// One call's staged copies: they go to the store, and come back to core in [`Durable`] with
-/// the call's reply, so core needs no map from entries to calls.
+/// One call's staged copies and its reply. The writer answers the call itself once the commit
+/// ends (after it queued the [`Durable`] report that makes the copies sendable), so core keeps
+/// no map from entries to calls and the caller does not wait for core to pass the answer on.
 pub(crate) struct StagedCall {
     /// The copies, one per target log.
     pub(crate) entries: Vec<StoredEntry>,
@@ -61,19 +62,11 @@ pub(crate) struct StagedCall {
     pub(crate) reply: CallReply,
 }
 
-/// A call whose copies the commit stored (or failed to store, see [`Durable::error`]).
-pub(crate) struct Committed {
-    /// The copies (shared with the outbox entries waiting for this commit).
-    pub(crate) entries: Vec<Arc<Envelope>>,
-    /// The call's reply.
-    pub(crate) reply: CallReply,
-}
-
 /// Outcome of one group commit, reported to core.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(crate) struct Durable {
-    /// Calls whose copies the commit covered.
-    pub(crate) appended: Vec<Committed>,
+    /// The copies the commit covered (shared with the outbox entries waiting for it).
+    pub(crate) appended: Vec<Arc<Envelope>>,
     /// Acks that may be sent now.
     pub(crate) acks: Vec<AckRef>,
     /// Set when the commit failed: appended entries were not stored.
@@ -136,6 +129,8 @@ impl Writer<'_> {
         }
         let mut batch = Batch::default();
         let mut report = Durable::default();
+        // Each call's reply, with its first copy (for an error's destination) and its count.
+        let mut answers: Vec<(CallReply, Arc<Envelope>, usize)> = Vec::new();
         let mut queries = Vec::new();
         let mut stop = false;
         let mut sync = false;
@@ -149,17 +144,20 @@ impl Writer<'_> {
                 });
             batch.append.reserve(appends);
             batch.remove.reserve(removes);
-            report.appended.reserve(calls);
+            report.appended.reserve(appends);
+            answers.reserve(calls);
             for op in self.ops.drain(..) {
                 match op {
                     StoreOp::Append(StagedCall { entries, reply }) => {
                         for e in &entries {
                             raise_next_seq(&mut batch.next_seqs, &e.env.log, e.env.seq + 1);
                         }
-                        report.appended.push(Committed {
-                            entries: entries.iter().map(|e| e.env.clone()).collect(),
-                            reply,
-                        });
+                        report
+                            .appended
+                            .extend(entries.iter().map(|e| e.env.clone()));
+                        if let Some(first) = entries.first() {
+                            answers.push((reply, first.env.clone(), entries.len()));
+                        }
                         batch.append.extend(entries);
                     }
                     StoreOp::Remove(ids) => batch.remove.extend(ids),
@@ -211,7 +209,10 @@ impl Writer<'_> {
             }
         }
         *super::lock(stats) = self.store.stats();
+        let error = report.error.clone();
         if stop {
+            // Core is gone: the calls are answered as stored (or not) all the same.
+            answer(answers, error.as_deref());
             return Some(true);
         }
         // Core may already be gone during shutdown: then nobody needs the report.
@@ -223,7 +224,23 @@ impl Writer<'_> {
                     mpsc::error::TrySendError::Closed(_) => Err(()),
                 });
         }
+        // Only now: a caller that sends again at once must reach core after the report, so
+        // its next copy is staged behind the ones this commit made sendable.
+        answer(answers, error.as_deref());
         Some(false)
+    }
+}
+
+/// Answers the calls of a commit: the number of copies stored, or the commit's error.
+fn answer(answers: Vec<(CallReply, Arc<Envelope>, usize)>, error: Option<&str>) {
+    for (reply, first, copies) in answers {
+        reply.send(match error {
+            None => Ok(copies),
+            Some(reason) => Err(crate::error::SendError::Store {
+                destination: first.destination.clone(),
+                reason: reason.to_owned(),
+            }),
+        });
     }
 }
 
@@ -248,5 +265,131 @@ impl Clock {
 
     pub(crate) fn engine_time(&self, unix_ms: u64) -> u64 {
         unix_ms.saturating_sub(self.start_unix_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::SendError;
+    use crate::store::{MemoryStore, Recovered, StoreError, StoreStats};
+
+    /// A store whose commits fail (a full disk, say).
+    struct Failing;
+
+    impl Store for Failing {
+        fn commit(&mut self, _batch: Batch) -> Result<(), StoreError> {
+            Err(StoreError::Db("no space left on device".into()))
+        }
+        fn recover(&mut self) -> Result<Recovered, StoreError> {
+            Ok(Recovered::default())
+        }
+        fn dead_letters(&mut self, _limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn take_dead_letters(&mut self, _ids: &[u64]) -> Result<Vec<DeadLetter>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn sync(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn stats(&self) -> StoreStats {
+            StoreStats::default()
+        }
+    }
+
+    fn entry(log: &str, seq: u64) -> StoredEntry {
+        StoredEntry {
+            env: Arc::new(Envelope {
+                origin: NodeId::from_bytes([7; 32]),
+                log: log.into(),
+                seq,
+                kind: crate::engine::wire::Kind::Send,
+                destination: "orders".into(),
+                key: None,
+                headers: Vec::new(),
+                content_type: None,
+                created_at_ms: 0,
+                attempt: 1,
+                payload: bytes::Bytes::from_static(b"x"),
+            }),
+            expires_at_ms: None,
+            not_before_ms: None,
+        }
+    }
+
+    /// Sends one call of `copies` to a writer over `store`; returns core's report and the
+    /// call's answer. Core's queue is full at first (a placeholder report holds its one slot),
+    /// and the call must not be answered until the writer could queue its report behind it.
+    fn one_call(store: Box<dyn Store>, copies: u64) -> (Durable, Result<usize, SendError>) {
+        let (tx, rx) = mpsc::channel(8);
+        let (core_tx, mut core_rx) = mpsc::channel(1);
+        core_tx
+            .try_send(CoreMsg::Durable(Durable::default()))
+            .expect("fill core's queue");
+        let latency = Arc::new(crate::admin::metrics::Latency::store_commit("test"));
+        let thread = spawn(store, rx, core_tx, Arc::default(), latency).expect("spawn");
+        let (reply, ticket) = CallReply::for_test();
+        let entries = (1..=copies).map(|s| entry("svc:orders", s)).collect();
+        tx.blocking_send(StoreOp::Append(StagedCall { entries, reply }))
+            .expect("queue");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            ticket.answer_now().is_none(),
+            "the call was answered before core could have the report"
+        );
+        assert!(matches!(core_rx.try_recv(), Ok(CoreMsg::Durable(d)) if d.appended.is_empty()));
+        let answer = loop {
+            if let Some(a) = ticket.answer_now() {
+                break a;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        let Ok(CoreMsg::Durable(report)) = core_rx.try_recv() else {
+            panic!("the call was answered before core had the report");
+        };
+        drop(tx);
+        thread.join().expect("writer");
+        (report, answer)
+    }
+
+    #[test]
+    fn a_stored_call_is_answered_with_its_copies_after_core_has_them() {
+        let (report, answer) = one_call(Box::new(MemoryStore::new()), 2);
+        assert_eq!(answer.expect("stored"), 2);
+        assert!(report.error.is_none());
+        let ids: Vec<_> = report
+            .appended
+            .iter()
+            .map(|e| (e.log.as_str(), e.seq))
+            .collect();
+        assert_eq!(ids, [("svc:orders", 1), ("svc:orders", 2)]);
+    }
+
+    #[test]
+    fn a_failed_commit_fails_its_calls_and_tells_core() {
+        let (report, answer) = one_call(Box::new(Failing), 1);
+        match answer {
+            Err(SendError::Store {
+                destination,
+                reason,
+            }) => {
+                assert_eq!(destination, "orders");
+                assert!(reason.contains("no space left"), "{reason}");
+            }
+            other => panic!("expected a store error, got {other:?}"),
+        }
+        assert!(report.error.is_some());
+        assert_eq!(report.appended.len(), 1, "core drops the staged copy");
+    }
+
+    #[test]
+    fn next_sequence_numbers_are_raised_once_per_log() {
+        let mut next = Vec::new();
+        raise_next_seq(&mut next, "svc:a", 5);
+        raise_next_seq(&mut next, "svc:b", 2);
+        raise_next_seq(&mut next, "svc:a", 3);
+        raise_next_seq(&mut next, "svc:a", 9);
+        assert_eq!(next, [("svc:a".to_string(), 9), ("svc:b".to_string(), 2)]);
     }
 }
