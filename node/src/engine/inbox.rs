@@ -117,6 +117,9 @@ pub enum Admit {
 struct Window {
     floor: u64,
     handled: BTreeSet<u64>,
+    /// The entries of this window a handler is running for (kept in the window so admitting an
+    /// entry copies no log name; its capacity is kept, so a busy window allocates nothing).
+    in_progress: Set<u64>,
     stamp: u64,
 }
 
@@ -126,12 +129,14 @@ pub type EntryRef<'a> = (NodeId, &'a str, u64);
 /// Receiver-side dedup and key-block state.
 #[derive(Debug, Default)]
 pub struct Inbox {
-    /// Dedup window per `(origin, log)`.
+    /// Dedup window per `(origin, log)`, with the entries being handled. A window with an
+    /// entry being handled is never evicted, so there are at most [`MAX_WINDOWS`] plus the
+    /// number of entries being handled.
     windows: Map<Owned<()>, Window>,
     /// Per `(origin, log, key)`: the failed seq the key waits for.
     blocked: Map<Owned<String>, u64>,
-    /// `(origin, log, seq)` of the entries a handler is running for.
-    in_progress: Set<Owned<u64>>,
+    /// Entries a handler is running for, over all windows.
+    in_progress: usize,
     clock: u64,
 }
 
@@ -167,7 +172,7 @@ impl Inbox {
                 Window {
                     floor: s.floor,
                     handled: s.handled.into_iter().collect(),
-                    stamp: 0,
+                    ..Window::default()
                 },
             );
         }
@@ -199,20 +204,23 @@ impl Inbox {
         self.clock += 1;
         let stamp = self.clock;
         let wkey = at(origin, log, ());
-        if !self.windows.contains_key(&wkey) && self.windows.len() >= MAX_WINDOWS {
+        if self.windows.len() >= MAX_WINDOWS && !self.windows.contains_key(&wkey) {
             self.evict_window();
         }
+        // One lookup of the window serves the whole decision.
         let w = get_or_insert(&mut self.windows, &wkey, Window::default());
         w.stamp = stamp;
         if floor > w.floor {
             w.floor = floor;
-            w.handled = w.handled.split_off(&floor);
+            // In place: `split_off` built a new tree each time the floor moved (every entry).
+            while w.handled.first().is_some_and(|&s| s < floor) {
+                w.handled.pop_first();
+            }
         }
         if seq < w.floor || w.handled.contains(&seq) {
             return Admit::Duplicate;
         }
-        let ekey = at(origin, log, seq);
-        if self.in_progress.contains(&ekey) {
+        if w.in_progress.contains(&seq) {
             return Admit::InProgress;
         }
         if let Some(k) = key {
@@ -226,22 +234,33 @@ impl Inbox {
                 }
             }
         }
-        self.in_progress.insert((&ekey).into());
+        w.in_progress.insert(seq);
+        self.in_progress += 1;
         Admit::Handle
     }
 
     /// Records the outcome of a handler run started by [`Inbox::admit`].
     pub fn complete(&mut self, (origin, log, seq): EntryRef<'_>, key: Option<&str>, ok: bool) {
-        self.in_progress.remove(&at(origin, log, seq));
+        let wkey = at(origin, log, ());
         if ok {
-            let w = get_or_insert(&mut self.windows, &at(origin, log, ()), Window::default());
+            let w = get_or_insert(&mut self.windows, &wkey, Window::default());
+            if w.in_progress.remove(&seq) {
+                self.in_progress -= 1;
+            }
             if seq >= w.floor {
                 w.handled.insert(seq);
                 if w.handled.len() > MAX_HANDLED_PER_WINDOW {
                     w.handled.pop_first();
                 }
             }
-        } else if let Some(k) = key
+            return;
+        }
+        if let Some(w) = self.windows.get_mut(&wkey)
+            && w.in_progress.remove(&seq)
+        {
+            self.in_progress -= 1;
+        }
+        if let Some(k) = key
             && self.blocked.len() < MAX_BLOCKED_KEYS
         {
             get_or_insert(&mut self.blocked, &at(origin, log, k), seq);
@@ -257,11 +276,10 @@ impl Inbox {
     /// block ends like any other (the entry comes back, or `key_floor` passes it).
     pub fn drop_stale(&mut self, (origin, log, seq): EntryRef<'_>, key: Option<&str>) {
         let Some(k) = key else { return };
-        let known = self
-            .windows
-            .get(&at(origin, log, ()))
-            .is_some_and(|w| seq < w.floor || w.handled.contains(&seq));
-        if known || self.in_progress.contains(&at(origin, log, seq)) {
+        let known = self.windows.get(&at(origin, log, ())).is_some_and(|w| {
+            seq < w.floor || w.handled.contains(&seq) || w.in_progress.contains(&seq)
+        });
+        if known {
             return;
         }
         if self.blocked.len() < MAX_BLOCKED_KEYS {
@@ -272,18 +290,24 @@ impl Inbox {
     /// Forgets entries being handled for a connection that went away, so
     /// their redelivery is handled (the handler's outcome still counts).
     pub fn is_in_progress(&self, (origin, log, seq): EntryRef<'_>) -> bool {
-        self.in_progress.contains(&at(origin, log, seq))
+        self.windows
+            .get(&at(origin, log, ()))
+            .is_some_and(|w| w.in_progress.contains(&seq))
     }
 
     /// Whether no entry is being handled right now.
     pub fn is_idle(&self) -> bool {
-        self.in_progress.is_empty()
+        self.in_progress == 0
     }
 
+    /// Drops the least recently used window with no entry being handled (one whose entries
+    /// are all idle can always be rebuilt from the origin's floor; dropping one with a handler
+    /// running would let a redelivered copy run beside it).
     fn evict_window(&mut self) {
         if let Some(victim) = self
             .windows
             .iter()
+            .filter(|(_, w)| w.in_progress.is_empty())
             .min_by_key(|(_, w)| w.stamp)
             .map(|(k, _)| k.clone())
         {
@@ -374,6 +398,26 @@ mod tests {
         i.complete((a(), "l", 1), Some("k"), true);
         i.drop_stale((a(), "l", 1), Some("k"));
         assert_eq!(i.admit((a(), "l", 2), 0, Some("k"), Some(1)), Admit::Handle);
+    }
+
+    #[test]
+    fn a_window_with_an_entry_being_handled_is_not_evicted() {
+        let mut i = Inbox::new();
+        assert_eq!(i.admit((a(), "busy", 1), 0, None, None), Admit::Handle);
+        // One window more than fit: the least recently used one goes, but not "busy" (the
+        // oldest), whose entry is still being handled.
+        for n in 0..MAX_WINDOWS {
+            let log = format!("l{n}");
+            assert_eq!(i.admit((a(), &log, 1), 0, None, None), Admit::Handle);
+            i.complete((a(), &log, 1), None, true);
+        }
+        assert_eq!(i.windows.len(), MAX_WINDOWS);
+        assert!(i.is_in_progress((a(), "busy", 1)));
+        assert_eq!(i.admit((a(), "busy", 1), 0, None, None), Admit::InProgress);
+        assert!(!i.is_idle());
+        i.complete((a(), "busy", 1), None, true);
+        assert!(i.is_idle());
+        assert_eq!(i.admit((a(), "busy", 1), 0, None, None), Admit::Duplicate);
     }
 
     #[test]
