@@ -65,7 +65,17 @@ pub fn encode_frame<T: Serialize>(
 /// Writes the length prefix of the frame that starts at `start` in `out` (4 bytes reserved
 /// there, the body after them), or removes the frame if its body is over `max`.
 fn finish_frame(out: &mut Vec<u8>, start: usize, max: usize) -> Result<(), FrameError> {
-    let len = out.len() - start - 4;
+    finish_frame_before(out, start, 0, max)
+}
+
+/// Like [`finish_frame`] for a frame whose last `tail` bytes are not in `out` but follow it.
+fn finish_frame_before(
+    out: &mut Vec<u8>,
+    start: usize,
+    tail: usize,
+    max: usize,
+) -> Result<(), FrameError> {
+    let len = out.len() - start - 4 + tail;
     if len > max || len > u32::MAX as usize {
         out.truncate(start);
         return Err(FrameError::TooLarge { len, max });
@@ -132,6 +142,12 @@ pub struct FrameSender {
     buf: Vec<u8>,
     /// Bytes of `buf` already handed to QUIC by an interrupted flush.
     written: usize,
+    /// Frame bytes queued ahead of `buf`, oldest first: for each large payload pushed since
+    /// the last flush, what `buf` held before it (copied out) and the payload itself (shared,
+    /// not copied). Bounded like `buf`: by what the caller pushes between flushes.
+    chunks: Vec<Bytes>,
+    /// Bytes in `chunks` not yet handed to QUIC.
+    chunked: usize,
     max: usize,
     conn: Connection,
 }
@@ -151,6 +167,11 @@ const SEND_BUF: usize = 64 * 1024;
 const SEND_BUF_KEEP: usize = 4 * 1024 * 1024;
 /// Largest chunk a receiver takes from QUIC at once.
 const READ_CHUNK: usize = 256 * 1024;
+/// Payloads at least this large are handed to QUIC as the caller's shared [`Bytes`] by
+/// [`FrameSender::push_encoded_with_payload`] instead of being copied into the buffer (and
+/// then again by QUIC). Smaller ones are copied: below this size a copy costs less than the
+/// extra chunk.
+pub const SHARED_PAYLOAD_MIN: usize = 4 * 1024;
 
 impl FrameSender {
     pub(crate) fn new(stream: quinn::SendStream, max: usize, conn: Connection) -> Self {
@@ -158,6 +179,8 @@ impl FrameSender {
             stream,
             buf: Vec::with_capacity(SEND_BUF),
             written: 0,
+            chunks: Vec::new(),
+            chunked: 0,
             max,
             conn,
         }
@@ -179,9 +202,38 @@ impl FrameSender {
         finish_frame(&mut self.buf, start, self.max)
     }
 
+    /// Like [`FrameSender::push_encoded`], for a frame whose body ends with `payload`:
+    /// `encode_head` appends the body up to the payload's bytes. A payload of at least
+    /// [`SHARED_PAYLOAD_MIN`] bytes is not copied: the frame goes to QUIC as the buffered bytes
+    /// and then `payload` itself (a clone of the `Bytes`, sharing its memory).
+    pub fn push_encoded_with_payload(
+        &mut self,
+        encode_head: impl FnOnce(&mut Vec<u8>),
+        payload: &Bytes,
+    ) -> Result<(), FrameError> {
+        if payload.len() < SHARED_PAYLOAD_MIN {
+            return self.push_encoded(|buf| {
+                encode_head(buf);
+                buf.extend_from_slice(payload);
+            });
+        }
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        encode_head(&mut self.buf);
+        finish_frame_before(&mut self.buf, start, payload.len(), self.max)?;
+        // Everything buffered so far (this frame's head included) goes ahead of the payload.
+        let pending = Bytes::copy_from_slice(&self.buf[self.written..]);
+        self.buf.clear();
+        self.written = 0;
+        self.chunked += pending.len() + payload.len();
+        self.chunks.push(pending);
+        self.chunks.push(payload.clone());
+        Ok(())
+    }
+
     /// Bytes waiting for [`FrameSender::flush`].
     pub fn buffered_bytes(&self) -> usize {
-        self.buf.len() - self.written
+        self.chunked + self.buf.len() - self.written
     }
 
     /// Hands everything buffered to QUIC as one write (one `write` call per congestion or
@@ -190,6 +242,19 @@ impl FrameSender {
     /// Cancel-safe: if the future is dropped, the bytes not yet taken stay buffered and the
     /// next flush continues where this one stopped, so no frame is cut or repeated.
     pub async fn flush(&mut self) -> Result<(), FrameError> {
+        // The chunks are older than `buf`. QUIC advances a chunk it took in part, in place.
+        while !self.chunks.is_empty() {
+            match self.stream.write_chunks(&mut self.chunks).await {
+                Ok(w) => {
+                    self.chunked -= w.bytes;
+                    self.chunks.drain(..w.chunks);
+                }
+                Err(e) => {
+                    self.reset_buffer();
+                    return Err(self.write_error(e));
+                }
+            }
+        }
         while self.written < self.buf.len() {
             match self.stream.write(&self.buf[self.written..]).await {
                 Ok(n) => self.written += n,
@@ -204,6 +269,8 @@ impl FrameSender {
     }
 
     fn reset_buffer(&mut self) {
+        self.chunks.clear();
+        self.chunked = 0;
         self.buf.clear();
         self.written = 0;
         if self.buf.capacity() > SEND_BUF_KEEP {

@@ -77,7 +77,10 @@ pub use error::{
     MeshKeyError,
 };
 pub use fault::{FaultConfig, FaultStats, Faults};
-pub use frame::{FrameError, FrameReceiver, FrameSender, decode_body, decode_frame, encode_frame};
+pub use frame::{
+    FrameError, FrameReceiver, FrameSender, SHARED_PAYLOAD_MIN, decode_body, decode_frame,
+    encode_frame,
+};
 pub use identity::{Identity, NodeId};
 pub use membership::{Membership, MeshKey};
 

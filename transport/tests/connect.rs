@@ -416,3 +416,104 @@ async fn an_interrupted_flush_resumes_without_cutting_frames() {
     })
     .await;
 }
+
+/// Frames pushed with `push_encoded_with_payload`: `(i, payload)` as bincode writes it, the
+/// head encoded here and the payload passed as `Bytes` (shared when large, copied when small).
+fn push_with_payload(tx: &mut peerbus_transport::FrameSender, i: u32, payload: &bytes::Bytes) {
+    let whole = bincode::serde::encode_to_vec((i, payload.to_vec()), bincode::config::standard())
+        .expect("encode");
+    let head = &whole[..whole.len() - payload.len()];
+    tx.push_encoded_with_payload(|buf| buf.extend_from_slice(head), payload)
+        .expect("push");
+}
+
+fn payload_of(i: u32) -> bytes::Bytes {
+    // Small (copied), just under, at and far over the shared-payload threshold.
+    let len = match i % 4 {
+        0 => 10,
+        1 => peerbus_transport::SHARED_PAYLOAD_MIN - 1,
+        2 => peerbus_transport::SHARED_PAYLOAD_MIN,
+        _ => 70_000,
+    };
+    bytes::Bytes::from(vec![i as u8; len])
+}
+
+#[tokio::test]
+async fn shared_payloads_arrive_whole_and_in_order_among_copied_frames() {
+    within(async {
+        let key = MeshKey::generate();
+        let (a, b) = (keyed(&key), keyed(&key));
+        let (ca, cb) = pair(&a, &b).await;
+        let mut tx = ca.open_uni().await.expect("uni");
+        let frames = 400u32;
+        let mut expected = 0;
+        for i in 0..frames {
+            let p = payload_of(i);
+            expected += p.len();
+            push_with_payload(&mut tx, i, &p);
+            tx.push(&(i + frames, Vec::<u8>::new())).expect("push");
+        }
+        assert!(tx.buffered_bytes() > expected);
+        let reader = tokio::spawn(async move {
+            let mut rx = cb.accept_uni().await.expect("accept uni");
+            let mut n = 0u32;
+            while let Some((i, body)) = rx.recv::<(u32, Vec<u8>)>().await.expect("recv") {
+                if n.is_multiple_of(2) {
+                    assert_eq!(i, n / 2);
+                    assert_eq!(body, payload_of(i).to_vec(), "frame {i}");
+                } else {
+                    assert_eq!((i, body.len()), (n / 2 + frames, 0));
+                }
+                n += 1;
+            }
+            n
+        });
+        // Flushed while the reader is still starting: the 14 MiB are more than the stream
+        // window, so the flush waits for flow control part way through the chunks.
+        tx.flush().await.expect("flush");
+        assert_eq!(tx.buffered_bytes(), 0);
+        tx.finish().await.expect("finish");
+        assert_eq!(reader.await.expect("join"), 2 * frames);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_interrupted_flush_of_shared_payloads_resumes_without_cutting_frames() {
+    within(async {
+        let key = MeshKey::generate();
+        let (a, b) = (keyed(&key), keyed(&key));
+        let (ca, cb) = pair(&a, &b).await;
+        let mut tx = ca.open_uni().await.expect("uni");
+        // Copied frames first, so the flush stops part way through the buffer: the frames
+        // pushed after it must go out behind what the buffer still holds, and only that.
+        let frames = 200u32;
+        for i in 0..frames {
+            tx.push(&(i, vec![i as u8; 64 * 1024])).expect("push");
+        }
+        let stalled = tokio::time::timeout(Duration::from_millis(300), tx.flush()).await;
+        assert!(stalled.is_err(), "the flush should wait for flow control");
+        assert!(tx.buffered_bytes() > 0);
+        // More frames after the interruption, both kinds.
+        for i in frames..frames + 8 {
+            push_with_payload(&mut tx, i, &payload_of(i));
+        }
+        let reader = tokio::spawn(async move {
+            let mut rx = cb.accept_uni().await.expect("accept uni");
+            let mut n = 0u32;
+            while let Some((i, body)) = rx.recv::<(u32, Vec<u8>)>().await.expect("recv") {
+                assert_eq!(i, n);
+                if i < frames {
+                    assert!(body.len() == 64 * 1024 && body.iter().all(|b| *b == i as u8));
+                } else {
+                    assert_eq!(body, payload_of(i).to_vec());
+                }
+                n += 1;
+            }
+            n
+        });
+        tx.finish().await.expect("resumed flush and finish");
+        assert_eq!(reader.await.expect("join"), frames + 8);
+    })
+    .await;
+}

@@ -298,7 +298,13 @@ async fn writer(
                             *slot = Some(conn.open_uni().await?);
                         }
                         if let Some(s) = slot.as_mut() {
-                            s.push_encoded(|buf| frame.encode_body(buf))?;
+                            // A large payload goes to QUIC as it is, not copied.
+                            s.push_encoded_with_payload(
+                                |buf| {
+                                    frame.encode_head(buf);
+                                },
+                                frame.payload(),
+                            )?;
                             dirty[lane] = true;
                             if s.buffered_bytes() >= FLUSH_BYTES {
                                 s.flush().await?;

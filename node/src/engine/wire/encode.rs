@@ -4,12 +4,36 @@
 //! two byte for byte. The store's side log writes its entries with it too (`store/wal.rs`,
 //! whose proptest compares whole records with serde's).
 
+use bytes::Bytes;
+
 use super::{Data, Envelope, Kind};
+
+/// The payload of a frame that carries none.
+static NO_PAYLOAD: Bytes = Bytes::new();
 
 impl Data {
     /// Appends this frame's body (no length prefix) to `out`: exactly the bytes bincode's
     /// serde encoder writes for it.
     pub fn encode_body(&self, out: &mut Vec<u8>) {
+        let payload = self.encode_head(out);
+        out.extend_from_slice(payload);
+    }
+
+    /// The payload this frame ends with (empty for a failed reply).
+    pub fn payload(&self) -> &Bytes {
+        match self {
+            Data::Deliver { env, .. } => &env.payload,
+            Data::Request { env, .. } => &env.payload,
+            Data::Reply { result: Ok(p), .. } => p,
+            Data::Reply { result: Err(_), .. } => &NO_PAYLOAD,
+        }
+    }
+
+    /// Appends this frame's body up to its payload's bytes (their length included) and
+    /// returns the payload, which ends the body: the head, then the payload, are exactly
+    /// [`Data::encode_body`]'s bytes. The connection writer hands a large payload to QUIC as
+    /// it is instead of copying it.
+    pub fn encode_head(&self, out: &mut Vec<u8>) -> &Bytes {
         match self {
             Data::Deliver {
                 floor,
@@ -25,12 +49,12 @@ impl Data {
                     }
                     None => out.push(0),
                 }
-                envelope(out, env);
+                envelope_head(out, env)
             }
             Data::Request { budget_ms, env } => {
                 varint(out, 1);
                 varint(out, *budget_ms);
-                envelope(out, env);
+                envelope_head(out, env)
             }
             Data::Reply { corr, result } => {
                 varint(out, 2);
@@ -38,11 +62,13 @@ impl Data {
                 match result {
                     Ok(payload) => {
                         varint(out, 0);
-                        bytes(out, payload);
+                        varint(out, payload.len() as u64);
+                        payload
                     }
                     Err(e) => {
                         varint(out, 1);
                         bytes(out, e.as_bytes());
+                        &NO_PAYLOAD
                     }
                 }
             }
@@ -104,6 +130,13 @@ fn opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 }
 
 fn envelope(out: &mut Vec<u8>, env: &Envelope) {
+    let payload = envelope_head(out, env);
+    out.extend_from_slice(payload);
+}
+
+/// The envelope up to its payload's bytes (the payload is its last field); returns the
+/// payload.
+fn envelope_head<'e>(out: &mut Vec<u8>, env: &'e Envelope) -> &'e Bytes {
     out.extend_from_slice(env.origin.as_bytes());
     bytes(out, env.log.as_bytes());
     varint(out, env.seq);
@@ -124,5 +157,6 @@ fn envelope(out: &mut Vec<u8>, env: &Envelope) {
     opt_str(out, env.content_type.as_deref());
     varint(out, env.created_at_ms);
     varint(out, u64::from(env.attempt));
-    bytes(out, &env.payload);
+    varint(out, env.payload.len() as u64);
+    &env.payload
 }

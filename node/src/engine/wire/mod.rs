@@ -253,13 +253,19 @@ pub(crate) mod tests {
         }
     }
 
-    /// [`Data::encode_body`] writes the bytes serde writes.
+    /// [`Data::encode_body`] writes the bytes serde writes, and so do [`Data::encode_head`]
+    /// followed by [`Data::payload`] (how the connection writer sends a large payload).
     fn encoders_agree(frame: &Data) -> Result<(), TestCaseError> {
         let mut serde = Vec::new();
         encode_frame(frame, &mut serde, usize::MAX).expect("encode");
         let mut hand = Vec::new();
         frame.encode_body(&mut hand);
         prop_assert_eq!(&serde[4..], &hand[..]);
+        let mut head = Vec::new();
+        let payload = frame.encode_head(&mut head);
+        prop_assert_eq!(payload, frame.payload());
+        head.extend_from_slice(payload);
+        prop_assert_eq!(&serde[4..], &head[..]);
         Ok(())
     }
 
