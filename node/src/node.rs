@@ -140,11 +140,6 @@ pub struct Status {
     pub requests_in_flight: usize,
     /// Circuit breaker and bulkhead per requested service.
     pub breakers: BTreeMap<String, BreakerStatus>,
-    /// Connections to a live peer closed since start because a second connection between
-    /// the same two nodes won the tie-break (both dialled at once). Requests in flight on
-    /// the closed one fail; the node that should not dial first waits a moment to keep this
-    /// rare.
-    pub connections_replaced: u64,
 }
 
 /// A requested service's circuit breaker and bulkhead.

@@ -36,8 +36,6 @@ pub const MESSAGES_REDELIVERED: &str = "peerbus_messages_redelivered_total";
 pub const MESSAGES_DEAD_LETTERED: &str = "peerbus_messages_dead_lettered_total";
 /// Retransmissions dropped by the dedup window before reaching a handler.
 pub const DUPLICATES_DROPPED: &str = "peerbus_duplicates_dropped_total";
-/// Connections to a live peer replaced by a second one between the same nodes.
-pub const CONNECTIONS_REPLACED: &str = "peerbus_connections_replaced_total";
 /// Unsettled entries (waiting + in flight) per destination log.
 pub const BACKLOG_ENTRIES: &str = "peerbus_backlog_entries";
 /// Entries sent and not yet acknowledged, per destination log.
@@ -351,18 +349,6 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         head(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name}{{{n}}} {}", c.load(Ordering::Relaxed));
     }
-    head(
-        &mut out,
-        CONNECTIONS_REPLACED,
-        "counter",
-        "Connections to a live peer closed because a second one between the same nodes won \
-         the tie-break (requests in flight on them failed).",
-    );
-    let _ = writeln!(
-        out,
-        "{CONNECTIONS_REPLACED}{{{n}}} {}",
-        s.connections_replaced
-    );
 
     head(
         &mut out,

@@ -138,16 +138,8 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
     }
 }
 
-/// How long a node waits before dialling a peer whose id is lower than its own. Two nodes
-/// that find each other at once both dial; the connection the lower id dialled wins the
-/// tie-break, and a winner that arrives after the other connection carried requests fails
-/// them (`PeerLost`). Waiting lets the lower id's connection arrive first, which cancels this
-/// dial; a peer that never dials us (it did not find us yet) costs this much more to reach.
-pub(crate) const DIAL_DEFER: Duration = Duration::from_millis(200);
-
 /// Dials `addrs` until connected or cancelled, with capped exponential backoff and jitter.
 /// `expected` pins the peer's node id (None for seeds, whose id is learnt from the certificate).
-/// A peer with a lower id is dialled only after [`DIAL_DEFER`].
 pub(crate) async fn dial_loop(
     shared: Arc<Shared>,
     addrs: Vec<SocketAddr>,
@@ -156,12 +148,6 @@ pub(crate) async fn dial_loop(
 ) {
     let span = info_span!("dial", peer = ?expected.map(|p| p.short()), addrs = ?addrs);
     async move {
-        if expected.is_some_and(|peer| peer < shared.id) {
-            tokio::select! {
-                () = tokio::time::sleep(DIAL_DEFER) => {}
-                () = cancel.cancelled() => return,
-            }
-        }
         let mut attempt: u32 = 0;
         let mut last_error = String::new();
         loop {

@@ -309,8 +309,6 @@ struct Core {
     last_sync: u64,
     /// A `send`/`publish` arrived since the last dispatch (see [`SMALL_BATCH`]).
     appended: bool,
-    /// See `Status::connections_replaced`.
-    connections_replaced: u64,
     local: LocalPeer,
 }
 
@@ -395,7 +393,6 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         service_in_flight: HashMap::new(),
         last_sync: 0,
         appended: false,
-        connections_replaced: 0,
         local,
     };
     core.refresh_local(true);
@@ -1609,9 +1606,6 @@ impl Core {
                 return;
             }
             debug!(peer = %peer.short(), "duplicate connection: replacing the existing one");
-            if restarted == Some(false) {
-                self.connections_replaced += 1;
-            }
             if let Some(old) = self.links.remove(&peer) {
                 old.conn
                     .close(CloseCode::DuplicateConnection, "duplicate connection");
@@ -1798,7 +1792,6 @@ impl Core {
             delivered: c.delivered.load(Ordering::Relaxed),
             redelivered: c.redelivered.load(Ordering::Relaxed),
             requests_in_flight: self.requests.len(),
-            connections_replaced: self.connections_replaced,
             breakers: self
                 .breakers
                 .iter()
