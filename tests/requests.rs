@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::{builder, eventually, start, within};
 use peerbus::{
-    BreakerConfig, BreakerState, HandlerError, MemoryNetwork, MeshKey, RequestError, RequestOptions,
+    BreakerConfig, BreakerState, Discovery, DiscoveryError, DiscoveryEvent, HandlerError,
+    MemoryNetwork, MeshKey, Node, PeerRecord, RequestError, RequestOptions,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -545,7 +546,6 @@ async fn a_panicking_handler_loses_its_request_not_its_lane() {
     .await;
 }
 
-/// Waits until `node` counts no request in flight (each one got its reply or its deadline).
 /// Waits until `client` gets a reply from `service` to `payload` within `timeout`.
 async fn until_served(client: &peerbus::Node, service: &str, payload: &str, timeout: Duration) {
     eventually(10, "server reachable", || async {
@@ -554,6 +554,7 @@ async fn until_served(client: &peerbus::Node, service: &str, payload: &str, time
     .await;
 }
 
+/// Waits until `node` counts no request in flight (each one got its reply or its deadline).
 async fn in_flight_drains(node: &peerbus::Node) {
     eventually(10, "nothing left in flight", || async {
         node.status()
@@ -561,4 +562,152 @@ async fn in_flight_drains(node: &peerbus::Node) {
             .is_some_and(|s| s.requests_in_flight == 0)
     })
     .await;
+}
+
+/// A member of a [`Gate`]: its record, and where its node takes discovery events.
+type Member = (PeerRecord, tokio::sync::mpsc::Sender<DiscoveryEvent>);
+
+/// A discovery the test opens: its members learn of each other only in [`Gate::reveal`].
+#[derive(Clone, Default)]
+struct Gate {
+    members: Arc<std::sync::Mutex<Vec<Member>>>,
+}
+
+impl Gate {
+    /// Tells every member of every other one, both of a pair right after each other, so
+    /// both dial at once.
+    async fn reveal(&self) {
+        let members = self.members.lock().expect("gate").clone();
+        for (i, (a, a_events)) in members.iter().enumerate() {
+            for (b, b_events) in &members[i + 1..] {
+                let _ = a_events.send(DiscoveryEvent::Up(b.clone())).await;
+                let _ = b_events.send(DiscoveryEvent::Up(a.clone())).await;
+            }
+        }
+    }
+}
+
+impl Discovery for Gate {
+    fn start(
+        &mut self,
+        local: PeerRecord,
+        events: tokio::sync::mpsc::Sender<DiscoveryEvent>,
+    ) -> Result<(), DiscoveryError> {
+        self.members.lock().expect("gate").push((local, events));
+        Ok(())
+    }
+
+    fn stop(&mut self) {}
+
+    fn name(&self) -> &'static str {
+        "gate"
+    }
+}
+
+/// Nodes that find each other at once both dial, and both keep the connection dialled by the
+/// smaller id. Requests sent on the other one before the winner arrived still get their
+/// replies: the loser is retired, not closed, and closes once both sides have no request
+/// waiting on it (well before `RETIRE_MAX`, 30 s). Closing it at once failed such requests
+/// with `PeerLost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_the_loser_of_a_tie_break_get_their_replies() {
+    within(150, async {
+        let key = MeshKey::generate();
+        let mut retired = 0;
+        let mut answered = 0;
+        // Rounds until some tie-breaks were lost with requests on them (each round of four
+        // nodes has six pairs; most rounds retire several connections).
+        for round in 0..10 {
+            let gate = Gate::default();
+            let mut nodes: Vec<Node> = Vec::new();
+            for i in 0..4 {
+                let b = Node::builder(format!("n{i}"))
+                    .mesh("test")
+                    .mesh_key(key.clone())
+                    .listen("127.0.0.1:0".parse().expect("addr"))
+                    .discovery(gate.clone())
+                    .shutdown_grace(Duration::from_millis(500));
+                nodes.push(start(b).await);
+            }
+            for n in &nodes {
+                n.serve(|req| async move {
+                    // Long enough to be in flight when the winning connection arrives.
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    Ok(req.payload().clone())
+                })
+                .await
+                .expect("serve");
+            }
+            gate.reveal().await;
+            // Every node asks every other service, three at once, as soon as it sees it.
+            let mut asks = tokio::task::JoinSet::new();
+            for (i, n) in nodes.iter().enumerate() {
+                for j in (0..nodes.len()).filter(|j| *j != i) {
+                    let n = n.clone();
+                    asks.spawn(async move {
+                        let service = format!("n{j}");
+                        assert!(
+                            n.wait_for_instances(&service, 1, Duration::from_secs(10))
+                                .await,
+                            "n{i} never saw {service}"
+                        );
+                        let calls = (0..3).map(|k| {
+                            let n = n.clone();
+                            let service = service.clone();
+                            async move {
+                                let payload = format!("n{i}-{k}");
+                                let reply = n
+                                    .request(&service, payload.clone(), Duration::from_secs(5))
+                                    .await
+                                    .unwrap_or_else(|e| {
+                                        panic!("round {round}: n{i} asking {service}: {e}")
+                                    });
+                                assert_eq!(&reply[..], payload.as_bytes());
+                            }
+                        });
+                        futures_join_all(calls).await
+                    });
+                }
+            }
+            while let Some(done) = asks.join_next().await {
+                done.expect("asking task");
+                answered += 3;
+            }
+            for n in &nodes {
+                let s = n.status().await.expect("status");
+                retired += s.connections_retired;
+                // One connection per pair, and each retired one closes once its requests
+                // are answered, long before it would be closed for its age.
+                assert_eq!(s.connections, 3, "round {round}");
+                eventually(10, "retired connections closed", || async {
+                    n.status()
+                        .await
+                        .is_some_and(|s| s.retiring_connections == 0)
+                })
+                .await;
+            }
+            for n in nodes {
+                n.shutdown().await;
+            }
+            if retired >= 16 {
+                break;
+            }
+        }
+        eprintln!("{retired} connections retired, {answered} requests answered");
+        assert!(
+            retired > 0,
+            "no tie-break was lost in 10 rounds: nothing here was tested"
+        );
+    })
+    .await;
+}
+
+/// Awaits every future of `futures`, one after another once all are started.
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) {
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    for h in handles {
+        h.await.expect("request task");
+    }
 }

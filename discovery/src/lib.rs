@@ -83,8 +83,10 @@ pub use memory::{MEMORY_MEMBER_LIMIT, MemoryDiscovery, MemoryNetwork};
 pub use peerbus_transport::NodeId;
 pub use seeds::StaticDiscovery;
 
-/// The peerbus wire protocol version announced in discovery records (TXT `v`).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The peerbus wire protocol version announced in discovery records (TXT `v`) and in the
+/// hello. Nodes of different versions do not connect. Version 2 added the `Retired` control
+/// frame (a connection that lost the tie-break is closed only once its requests are answered).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The DNS-SD service type under which peerbus nodes announce themselves.
 pub const SERVICE_TYPE: &str = "_peerbus._udp.local.";

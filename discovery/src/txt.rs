@@ -147,7 +147,7 @@ mod tests {
                 node_id: id(7),
                 service: "orders".into(),
                 mesh: "prod".into(),
-                protocol_version: 1,
+                protocol_version: PROTOCOL_VERSION,
             })
         );
     }

@@ -119,7 +119,7 @@ pub use subscription::{Delivery, Subscription};
 
 pub use bytes::Bytes;
 pub use peerbus_discovery::{
-    Discovery, DiscoveryEvent, Interfaces, MdnsDiscovery, MemoryDiscovery, MemoryNetwork,
-    PeerRecord, StaticDiscovery,
+    Discovery, DiscoveryError, DiscoveryEvent, Interfaces, MdnsDiscovery, MemoryDiscovery,
+    MemoryNetwork, PeerRecord, StaticDiscovery,
 };
 pub use peerbus_transport::{FaultConfig, FaultStats, Faults, MeshKey, NodeId};

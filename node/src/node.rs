@@ -122,8 +122,14 @@ pub struct Status {
     pub listen: SocketAddr,
     /// Known peers.
     pub peers: Vec<PeerInfo>,
-    /// Open connections (at most one per peer).
+    /// Open connections (at most one per peer), not counting retired ones.
     pub connections: usize,
+    /// Retired connections still open: when two nodes dial each other at once, both keep
+    /// the connection dialled by the smaller id, and the other one stays open (carrying no
+    /// new work) until the requests sent on it are answered.
+    pub retiring_connections: usize,
+    /// Connections retired since start (see `retiring_connections`).
+    pub connections_retired: u64,
     /// Per destination log: waiting, in flight, oldest.
     pub logs: BTreeMap<String, LogStats>,
     /// Entries dead-lettered since start.

@@ -44,6 +44,8 @@ pub const IN_FLIGHT_ENTRIES: &str = "peerbus_in_flight_entries";
 pub const BACKLOG_OLDEST_AGE: &str = "peerbus_backlog_oldest_age_seconds";
 /// Peers with an open connection.
 pub const PEERS_CONNECTED: &str = "peerbus_peers_connected";
+/// Retired connections still open (see `Status::retiring_connections`).
+pub const CONNECTIONS_RETIRING: &str = "peerbus_connections_retiring";
 /// Known peers per state.
 pub const PEERS: &str = "peerbus_peers";
 /// Smoothed round-trip time of the connection to each connected peer.
@@ -244,6 +246,8 @@ pub(crate) async fn facade_sampler(node: Node) {
         }
         last_logs = s.logs.keys().cloned().collect();
         metrics::gauge!(PEERS_CONNECTED, "node" => node_label.clone()).set(s.connections as f64);
+        metrics::gauge!(CONNECTIONS_RETIRING, "node" => node_label.clone())
+            .set(s.retiring_connections as f64);
         for st in ALL_STATES {
             let n = s.peers.iter().filter(|p| p.state == st).count();
             metrics::gauge!(PEERS, "node" => node_label.clone(), "state" => state_name(st))
@@ -400,6 +404,18 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         "Peers with an open connection.",
     );
     let _ = writeln!(out, "{PEERS_CONNECTED}{{{n}}} {}", s.connections);
+    head(
+        &mut out,
+        CONNECTIONS_RETIRING,
+        "gauge",
+        "Connections that lost the tie-break to a second one with the same peer, open until \
+         the requests they carry are answered.",
+    );
+    let _ = writeln!(
+        out,
+        "{CONNECTIONS_RETIRING}{{{n}}} {}",
+        s.retiring_connections
+    );
     head(&mut out, PEERS, "gauge", "Known peers per state.");
     for st in ALL_STATES {
         let count = s.peers.iter().filter(|p| p.state == st).count();

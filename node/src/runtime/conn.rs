@@ -138,16 +138,24 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Dials `addrs` until connected or cancelled, with capped exponential backoff and jitter.
-/// `expected` pins the peer's node id (None for seeds, whose id is learnt from the certificate).
+/// Dials `addrs` until connected or cancelled, with capped exponential backoff and jitter,
+/// starting after `delay`. `expected` pins the peer's node id (None for seeds, whose id is
+/// learnt from the certificate).
 pub(crate) async fn dial_loop(
     shared: Arc<Shared>,
     addrs: Vec<SocketAddr>,
     expected: Option<NodeId>,
+    delay: Duration,
     cancel: CancellationToken,
 ) {
     let span = info_span!("dial", peer = ?expected.map(|p| p.short()), addrs = ?addrs);
     async move {
+        if !delay.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = cancel.cancelled() => return,
+            }
+        }
         let mut attempt: u32 = 0;
         let mut last_error = String::new();
         loop {
@@ -205,13 +213,15 @@ pub(crate) async fn dial_loop(
 
 /// Starts the writer, readers and close watcher of an accepted connection. `out` is the
 /// sending side of the writer's queue `rx` (core keeps another clone): the lane readers and
-/// the serve handlers reply through it.
+/// the serve handlers reply through it. `gone` is the connection's [`ConnState`] flag: the
+/// close watcher sets it, and core sets it when it retires the connection.
 pub(crate) fn spawn_connection(
     shared: Arc<Shared>,
     ready: Ready,
     generation: u64,
     (out, rx): (mpsc::Sender<Out>, mpsc::Receiver<Out>),
     cancel: CancellationToken,
+    gone: Arc<AtomicBool>,
 ) {
     let Ready {
         conn,
@@ -225,7 +235,6 @@ pub(crate) fn spawn_connection(
     t.spawn(
         writer(conn.clone(), ctl_tx, rx, shared.lanes, cancel.clone()).instrument(span.clone()),
     );
-    let gone = Arc::new(AtomicBool::new(false));
     let lanes = LaneContext {
         shared: shared.clone(),
         peer,
@@ -379,7 +388,8 @@ struct LaneContext {
     /// The connection's outgoing queue (see `spawn_connection`).
     out: mpsc::Sender<Out>,
     cancel: CancellationToken,
-    /// Set once `cancel` is cancelled (see [`super::ConnState`]).
+    /// Set once `cancel` is cancelled or core retired the connection (see
+    /// [`super::ConnState`]).
     gone: Arc<AtomicBool>,
 }
 

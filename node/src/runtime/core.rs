@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,6 +25,10 @@ use crate::engine::wire::{Control, Data, Envelope, Hello, Interest};
 use crate::error::{DeliveryError, RequestError, SendError};
 use crate::node::{CallReply, CopyReceipt, PeerInfo, PeerState, Status};
 use crate::store::{DeadLetter, StoredEntry};
+
+mod retire;
+
+use retire::Retiring;
 
 /// Ticks of the timer work (retries, ack timeouts, expiry, request deadlines).
 const TICK: Duration = Duration::from_millis(50);
@@ -200,6 +204,8 @@ struct Link {
     serves: bool,
     outstanding: usize,
     cancel: CancellationToken,
+    /// The connection's [`super::ConnState`] flag: set when it closes or is retired.
+    gone: Arc<AtomicBool>,
 }
 
 struct Known {
@@ -235,6 +241,8 @@ enum Sink {
 
 struct PendingRequest {
     peer: NodeId,
+    /// The generation of the connection it went out on: only that connection's end fails it.
+    generation: u64,
     service: String,
     deadline: u64,
     sink: Sink,
@@ -310,6 +318,11 @@ struct Core {
     /// A `send`/`publish` arrived since the last dispatch (see [`SMALL_BATCH`]).
     appended: bool,
     local: LocalPeer,
+    /// Connections that lost a tie-break and close once their requests are answered, by
+    /// generation (at most [`retire::MAX_RETIRING`]).
+    retiring: FastMap<u64, Retiring>,
+    /// Connections retired since start (see `Status::connections_retired`).
+    connections_retired: u64,
 }
 
 /// Log size limits (see `NodeBuilder::max_log_entries` and friends).
@@ -394,6 +407,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         last_sync: 0,
         appended: false,
         local,
+        retiring: FastMap::default(),
+        connections_retired: 0,
     };
     core.refresh_local(true);
     let mut tick = tokio::time::interval(TICK);
@@ -625,6 +640,7 @@ impl Core {
             };
             self.end_request(corr, timeout, None);
         }
+        self.expire_retired(now);
     }
 
     /// A reply arrived from `peer`: the bookkeeping of its request, and its delivery unless
@@ -694,8 +710,11 @@ impl Core {
     /// Bookkeeping when a request ends: the instance's and the service's in-flight counts,
     /// and the breaker (`Some(ok)`), unless it ended without a verdict (`None`).
     fn finish_request(&mut self, p: &PendingRequest, ok: Option<bool>) {
-        if let Some(l) = self.links.get_mut(&p.peer) {
-            l.outstanding = l.outstanding.saturating_sub(1);
+        match self.links.get_mut(&p.peer) {
+            Some(l) if l.generation == p.generation => {
+                l.outstanding = l.outstanding.saturating_sub(1);
+            }
+            _ => self.retired_request_ended(p.generation),
         }
         if !p.guarded {
             return;
@@ -1154,6 +1173,10 @@ impl Core {
     }
 
     fn on_control(&mut self, peer: NodeId, generation: u64, frame: Control) {
+        if matches!(frame, Control::Retired) {
+            self.on_retired(peer, generation);
+            return;
+        }
         if self
             .links
             .get(&peer)
@@ -1218,6 +1241,7 @@ impl Core {
                     l.conn.close(CloseCode::ProtocolViolation, "second hello");
                 }
             }
+            Control::Retired => {} // handled above, whichever connection it came on
         }
     }
 
@@ -1415,6 +1439,7 @@ impl Core {
             return;
         };
         l.outstanding += 1;
+        let generation = l.generation;
         try_out(
             l,
             Out::Data {
@@ -1427,6 +1452,7 @@ impl Core {
             corr,
             PendingRequest {
                 peer,
+                generation,
                 service,
                 deadline,
                 sink,
@@ -1535,6 +1561,11 @@ impl Core {
     }
 
     fn start_dial(&mut self, peer: NodeId) {
+        self.start_dial_after(peer, Duration::ZERO);
+    }
+
+    /// Dials `peer` (unless a dial is under way) after `delay`.
+    fn start_dial_after(&mut self, peer: NodeId, delay: Duration) {
         let Some(k) = self.known.get_mut(&peer) else {
             return;
         };
@@ -1550,10 +1581,16 @@ impl Core {
         let addrs = k.addrs.clone();
         self.shared
             .tracker
-            .spawn(conn::dial_loop(shared, addrs, Some(peer), token));
+            .spawn(conn::dial_loop(shared, addrs, Some(peer), delay, token));
     }
 
     fn start_seed_dial(&mut self, addr: SocketAddr) {
+        self.start_seed_dial_after(addr, Duration::ZERO);
+    }
+
+    /// Dials the seed `addr` (unless a dial is under way or a peer there is connected) after
+    /// `delay`.
+    fn start_seed_dial_after(&mut self, addr: SocketAddr, delay: Duration) {
         if self
             .seed_dialing
             .get(&addr)
@@ -1569,7 +1606,7 @@ impl Core {
         let shared = self.shared.clone();
         self.shared
             .tracker
-            .spawn(conn::dial_loop(shared, vec![addr], None, token));
+            .spawn(conn::dial_loop(shared, vec![addr], None, delay, token));
     }
 
     fn peer_ready(&mut self, r: conn::Ready) {
@@ -1585,11 +1622,15 @@ impl Core {
                 .close(CloseCode::ProtocolViolation, "connected to itself");
             return;
         }
-        // A tie-break between two connections of a live peer is no news for the event feed.
+        // Retired connections of an earlier run of the peer are dead.
+        self.close_retired_of(peer, r.hello.incarnation);
+        // A tie-break between two connections of a live peer is no news for the event feed
+        // (the connections retired above and here are of this run of the peer).
         let restarted = self
             .links
             .get(&peer)
-            .map(|l| l.incarnation != r.hello.incarnation);
+            .map(|l| l.incarnation != r.hello.incarnation)
+            .or_else(|| self.has_retired(peer).then_some(false));
         if let Some(existing) = self.links.get(&peer) {
             let preferred_dialer = local.min(peer);
             let dialer_of = |c: &Connection| if c.is_dialer() { local } else { peer };
@@ -1600,24 +1641,30 @@ impl Core {
                     && dialer_of(&existing.conn) != preferred_dialer
             };
             if !replace {
-                debug!(peer = %peer.short(), "duplicate connection: keeping the existing one");
-                r.conn
-                    .close(CloseCode::DuplicateConnection, "duplicate connection");
+                // The peer may have taken this one first and sent requests on it.
+                debug!(peer = %peer.short(), "duplicate connection: keeping the existing one, retiring the new one");
+                self.retire_new(r);
                 return;
             }
-            debug!(peer = %peer.short(), "duplicate connection: replacing the existing one");
             if let Some(old) = self.links.remove(&peer) {
-                old.conn
-                    .close(CloseCode::DuplicateConnection, "duplicate connection");
-                old.cancel.cancel();
                 self.outbox.peer_down(peer, old.generation);
-                self.fail_requests_to(peer);
+                if restarted == Some(true) {
+                    debug!(peer = %peer.short(), "the peer restarted: closing its old connection");
+                    old.conn
+                        .close(CloseCode::DuplicateConnection, "duplicate connection");
+                    old.cancel.cancel();
+                    self.fail_requests_on(peer, old.generation);
+                } else {
+                    debug!(peer = %peer.short(), "duplicate connection: retiring the existing one");
+                    self.retire(peer, old, false);
+                }
             }
         }
         let generation = self.next_generation;
         self.next_generation += 1;
         let (tx, rx) = mpsc::channel(super::LINK_QUEUE);
         let cancel = self.shared.cancel.child_token();
+        let gone = Arc::new(AtomicBool::new(false));
         let learnt = self.remember_groups(&r.hello.interests);
         self.outbox.peer_up(
             peer,
@@ -1678,9 +1725,10 @@ impl Core {
             serves: r.hello.serves,
             outstanding: 0,
             cancel: cancel.clone(),
+            gone: gone.clone(),
         };
         self.links.insert(peer, link);
-        conn::spawn_connection(self.shared.clone(), r, generation, (tx, rx), cancel);
+        conn::spawn_connection(self.shared.clone(), r, generation, (tx, rx), cancel, gone);
         if let Some(l) = self.links.get(&peer) {
             // Our hello was built before this connection was registered: an interest or
             // `serve` change in between never reached this peer. Send the current state once.
@@ -1701,6 +1749,15 @@ impl Core {
 
     fn peer_gone(&mut self, peer: NodeId, generation: u64, reason: &str) {
         if self
+            .retiring
+            .get(&generation)
+            .is_some_and(|r| r.peer == peer)
+        {
+            debug!(peer = %peer.short(), %reason, "retired connection closed");
+            self.close_retired(generation);
+            return;
+        }
+        if self
             .links
             .get(&peer)
             .is_none_or(|l| l.generation != generation)
@@ -1719,7 +1776,7 @@ impl Core {
             .events
             .emit(EventKind::PeerDown, Some(peer), service, reason);
         self.outbox.peer_down(peer, generation);
-        self.fail_requests_to(peer);
+        self.fail_requests_on(peer, generation);
         let advertised = self.known.get(&peer).is_some_and(|k| k.advertised);
         if let Some(k) = self.known.get_mut(&peer) {
             k.state = if advertised {
@@ -1734,11 +1791,12 @@ impl Core {
         }
     }
 
-    fn fail_requests_to(&mut self, peer: NodeId) {
+    /// Fails the requests that went to `peer` on the connection of `generation`, which ended.
+    fn fail_requests_on(&mut self, peer: NodeId, generation: u64) {
         let lost: Vec<u64> = self
             .requests
             .iter()
-            .filter(|(_, r)| r.peer == peer)
+            .filter(|(_, r)| r.peer == peer && r.generation == generation)
             .map(|(c, _)| *c)
             .collect();
         for corr in lost {
@@ -1785,6 +1843,8 @@ impl Core {
             listen: self.shared.endpoint.local_addr(),
             peers,
             connections: self.links.len(),
+            retiring_connections: self.retiring.len(),
+            connections_retired: self.connections_retired,
             logs: self.outbox.stats(),
             dead_letters: self.dead_letters,
             sent: c.sent.load(Ordering::Relaxed),
@@ -1815,6 +1875,9 @@ impl Core {
     fn stop(&mut self) {
         for l in self.links.values() {
             l.cancel.cancel();
+        }
+        for r in self.retiring.values() {
+            r.cancel.cancel();
         }
         // The receipts of unsettled copies answer `DeliveryError::Stopped` when the outbox
         // goes with core.

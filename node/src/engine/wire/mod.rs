@@ -111,6 +111,10 @@ pub enum Control {
     Groups(Vec<(String, Vec<String>)>),
     /// A durable group was unsubscribed for good: forget it and release its backlog.
     GroupGone(String),
+    /// Sent on a connection the sender retired (it lost the tie-break to a second connection
+    /// between the same two nodes): the sender no longer uses it and has no request waiting
+    /// for a reply on it. The side that has sent this and received it closes the connection.
+    Retired,
 }
 
 /// The opening frame of a connection, in both directions.
@@ -396,6 +400,7 @@ pub(crate) mod tests {
             roundtrip(Control::Serves(true));
             roundtrip(Control::Groups(vec![("g".into(), vec!["a.>".into()])]));
             roundtrip(Control::GroupGone("g".into()));
+            roundtrip(Control::Retired);
         }
 
         #[test]

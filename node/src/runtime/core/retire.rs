@@ -1,0 +1,251 @@
+//! Retiring the loser of a tie-break between two connections to one live peer.
+//!
+//! Two nodes that find each other at once both dial, and both keep the connection dialled by
+//! the smaller id. Either may have taken the other connection first and sent requests on it,
+//! so the loser is not closed at once: it is *retired*. No new work goes on it and entries
+//! arriving on it are dropped unhandled (their sender redelivers them on the kept connection,
+//! as after a close), but its readers and writer run on: replies to the requests it carries,
+//! in both directions, still travel on it. Once a side has no request of its own waiting on
+//! it, it says so with [`Control::Retired`]; the side that has said it and heard it closes the
+//! connection. A retired connection closes at the latest [`RETIRE_MAX`] after it was retired
+//! (or at its last request's deadline, when later); requests still waiting then fail as on
+//! any lost connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use peerbus_transport::{CloseCode, Connection, NodeId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{Core, Link, Out};
+use crate::engine::wire::Control;
+use crate::node::PeerState;
+use crate::runtime::conn;
+
+/// How long a retired connection stays open at most (engine milliseconds), unless a request
+/// sent on it has a later deadline: long enough for the requests of a tie-break's loser.
+pub(super) const RETIRE_MAX: u64 = 30_000;
+/// Most retired connections open at once; retiring one more closes the oldest. A tie-break
+/// retires at most one connection per pair of nodes, so only peers that dial again and again
+/// come near it.
+pub(super) const MAX_RETIRING: usize = 256;
+/// How long a node whose link the peer retired waits for the peer's kept connection before
+/// it dials the peer itself.
+const REDIAL_AFTER_RETIRED: Duration = Duration::from_millis(200);
+
+/// A retired connection (see the module docs).
+pub(super) struct Retiring {
+    pub(super) peer: NodeId,
+    /// The peer's run the connection belongs to.
+    incarnation: u64,
+    conn: Connection,
+    tx: mpsc::Sender<Out>,
+    pub(super) cancel: CancellationToken,
+    /// Our requests sent on it and still waiting for their replies.
+    requests: usize,
+    /// We sent [`Control::Retired`] on it.
+    said: bool,
+    /// The peer sent [`Control::Retired`] on it.
+    heard: bool,
+    /// When it closes at the latest (engine time, ms).
+    until: u64,
+}
+
+impl Core {
+    /// Retires `old`, the connection to `peer` that lost the tie-break to a newer one (or that
+    /// the peer retired: `heard`). The caller took it out of the links and the outbox.
+    pub(super) fn retire(&mut self, peer: NodeId, old: Link, heard: bool) {
+        old.gone.store(true, Ordering::Release);
+        let now = self.now();
+        let (requests, latest) = self
+            .requests
+            .values()
+            .filter(|r| r.peer == peer && r.generation == old.generation)
+            .fold((0, now), |(n, latest), r| (n + 1, latest.max(r.deadline)));
+        let retiring = Retiring {
+            peer,
+            incarnation: old.incarnation,
+            conn: old.conn,
+            tx: old.tx,
+            cancel: old.cancel,
+            requests,
+            said: false,
+            heard,
+            until: (now + RETIRE_MAX).max(latest),
+        };
+        self.add_retiring(old.generation, retiring);
+    }
+
+    /// Retires a newly arrived connection that lost the tie-break to the one we have: it
+    /// runs like any connection, without being registered as the peer's link.
+    pub(super) fn retire_new(&mut self, r: conn::Ready) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let (tx, rx) = mpsc::channel(crate::runtime::LINK_QUEUE);
+        let cancel = self.shared.cancel.child_token();
+        let retiring = Retiring {
+            peer: r.hello.node_id,
+            incarnation: r.hello.incarnation,
+            conn: r.conn.clone(),
+            tx: tx.clone(),
+            cancel: cancel.clone(),
+            requests: 0,
+            said: false,
+            heard: false,
+            until: self.now() + RETIRE_MAX,
+        };
+        let gone = Arc::new(AtomicBool::new(true));
+        conn::spawn_connection(self.shared.clone(), r, generation, (tx, rx), cancel, gone);
+        self.add_retiring(generation, retiring);
+    }
+
+    fn add_retiring(&mut self, generation: u64, retiring: Retiring) {
+        if self.retiring.len() >= MAX_RETIRING
+            && let Some(oldest) = self.retiring.keys().min().copied()
+        {
+            warn!(
+                limit = MAX_RETIRING,
+                "too many retired connections open; closing the oldest"
+            );
+            self.close_retired(oldest);
+        }
+        self.connections_retired += 1;
+        self.retiring.insert(generation, retiring);
+        self.settle_retired(generation);
+    }
+
+    /// A request that went out on the connection of `generation` ended; if that connection is
+    /// retired, it may now be done.
+    pub(super) fn retired_request_ended(&mut self, generation: u64) {
+        if let Some(r) = self.retiring.get_mut(&generation) {
+            r.requests = r.requests.saturating_sub(1);
+            self.settle_retired(generation);
+        }
+    }
+
+    /// The peer sent [`Control::Retired`] on the connection of `generation`.
+    pub(super) fn on_retired(&mut self, peer: NodeId, generation: u64) {
+        if let Some(r) = self.retiring.get_mut(&generation) {
+            if r.peer == peer {
+                r.heard = true;
+                self.settle_retired(generation);
+            }
+        } else if self
+            .links
+            .get(&peer)
+            .is_some_and(|l| l.generation == generation)
+        {
+            self.retire_link_retired_by_peer(peer);
+        }
+    }
+
+    /// The peer retired the connection we use as our link to it: it keeps another one, which
+    /// is usually on its way to us (its handshake finished on the peer's side first). Work
+    /// sent on this one would be dropped there, so it is retired here too, and the peer is
+    /// dialled after [`REDIAL_AFTER_RETIRED`] in case no other connection comes (the one the
+    /// peer keeps may be dead on our side); the kept one's arrival cancels that dial.
+    fn retire_link_retired_by_peer(&mut self, peer: NodeId) {
+        let Some(link) = self.links.remove(&peer) else {
+            return;
+        };
+        debug!(peer = %peer.short(), "the peer retired the connection we use; retiring it too");
+        self.outbox.peer_down(peer, link.generation);
+        let addr = link.conn.remote_addr();
+        self.retire(peer, link, true);
+        if self.closing {
+            return;
+        }
+        let advertised = self.known.get(&peer).is_some_and(|k| k.advertised);
+        if let Some(k) = self.known.get_mut(&peer) {
+            k.state = if advertised {
+                PeerState::Connecting
+            } else {
+                PeerState::Gone
+            };
+        }
+        if advertised {
+            self.start_dial_after(peer, REDIAL_AFTER_RETIRED);
+        }
+        if self.seeds.contains(&addr) {
+            self.start_seed_dial_after(addr, REDIAL_AFTER_RETIRED);
+        }
+    }
+
+    /// Says [`Control::Retired`] once no request of ours waits on the connection, and closes
+    /// it once the peer said it too.
+    fn settle_retired(&mut self, generation: u64) {
+        let Some(r) = self.retiring.get_mut(&generation) else {
+            return;
+        };
+        if r.requests > 0 {
+            return;
+        }
+        if !r.said {
+            r.said = true;
+            if r.tx.try_send(Out::Control(Control::Retired)).is_err() {
+                // A full queue on a connection that only carries replies: the peer stopped
+                // reading it.
+                self.close_retired(generation);
+                return;
+            }
+        }
+        if r.heard {
+            self.close_retired(generation);
+        }
+    }
+
+    /// Closes the retired connection of `generation`; requests still waiting on it fail.
+    pub(super) fn close_retired(&mut self, generation: u64) {
+        let Some(r) = self.retiring.remove(&generation) else {
+            return;
+        };
+        r.conn
+            .close(CloseCode::DuplicateConnection, "retired connection closed");
+        r.cancel.cancel();
+        if r.requests > 0 {
+            debug!(peer = %r.peer.short(), requests = r.requests, "retired connection closed with requests waiting");
+        }
+        self.fail_requests_on(r.peer, generation);
+    }
+
+    /// Closes the retired connections to `peer` from another run of it than `incarnation`:
+    /// they are dead.
+    pub(super) fn close_retired_of(&mut self, peer: NodeId, incarnation: u64) {
+        let doomed: Vec<u64> = self
+            .retiring
+            .iter()
+            .filter(|(_, r)| r.peer == peer && r.incarnation != incarnation)
+            .map(|(g, _)| *g)
+            .collect();
+        for g in doomed {
+            self.close_retired(g);
+        }
+    }
+
+    /// Whether a retired connection to `peer` is open.
+    pub(super) fn has_retired(&self, peer: NodeId) -> bool {
+        self.retiring.values().any(|r| r.peer == peer)
+    }
+
+    /// Closes retired connections whose time is up.
+    pub(super) fn expire_retired(&mut self, now: u64) {
+        if self.retiring.is_empty() {
+            return;
+        }
+        let due: Vec<u64> = self
+            .retiring
+            .iter()
+            .filter(|(_, r)| r.until <= now)
+            .map(|(g, _)| *g)
+            .collect();
+        for g in due {
+            if let Some(r) = self.retiring.get(&g) {
+                debug!(peer = %r.peer.short(), requests = r.requests, said = r.said, heard = r.heard, "retired connection open too long; closing it");
+            }
+            self.close_retired(g);
+        }
+    }
+}
