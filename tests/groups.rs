@@ -22,11 +22,34 @@ async fn publisher(net: &MemoryNetwork, key: &MeshKey, dir: &Path) -> Node {
 /// Publishes on `orders.created` until the publisher stores one copy (it has learnt the
 /// `billing` group from the subscriber); every such copy is delivered to the subscriber.
 async fn learn_billing(publisher: &Node) {
-    eventually(15, "publisher learns the billing group", || async {
+    until_copies(
+        publisher,
+        1,
+        "warm-up",
+        "publisher learns the billing group",
+    )
+    .await;
+}
+
+/// Publishes on `orders.created` until the publisher stores no copy (it forgot the released
+/// `billing` group).
+async fn forget_billing(publisher: &Node) {
+    until_copies(
+        publisher,
+        0,
+        "probe",
+        "publisher forgets the released group",
+    )
+    .await;
+}
+
+/// Publishes `payload` on `orders.created` until the publisher stores `copies` copies of it.
+async fn until_copies(publisher: &Node, copies: usize, payload: &str, what: &str) {
+    eventually(15, what, || async {
         publisher
-            .publish("orders.created", "warm-up")
+            .publish("orders.created", payload)
             .await
-            .is_ok_and(|r| r.copies() == 1)
+            .is_ok_and(|r| r.copies() == copies)
     })
     .await;
 }
@@ -107,13 +130,7 @@ async fn a_released_group_is_not_restored_after_a_restart() {
                 .unsubscribe_group("billing")
                 .await
                 .expect("unsubscribe");
-            eventually(15, "publisher forgets the released group", || async {
-                publisher
-                    .publish("orders.created", "probe")
-                    .await
-                    .is_ok_and(|r| r.copies() == 0)
-            })
-            .await;
+            forget_billing(&publisher).await;
             subscriber.shutdown().await;
             publisher.shutdown().await;
         }
@@ -128,6 +145,77 @@ async fn a_released_group_is_not_restored_after_a_restart() {
             0,
             "a released group must not come back from the store"
         );
+        publisher.shutdown().await;
+    })
+    .await;
+}
+
+/// A node that learnt a group before it was released, and comes back after the release with
+/// the group in its store, tells its peers of the group again. Nodes that saw the release
+/// ignore that stale gossip, so the released group stays released (it came back, forever,
+/// when a connection was made around the release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_gossip_does_not_bring_a_released_group_back() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let witness_dir = tempfile::tempdir().expect("tempdir");
+        let witness = || {
+            start(
+                builder(&net, "audit", &key)
+                    .data_dir(witness_dir.path())
+                    .durability(Durability::Fsync),
+            )
+        };
+        let subscriber = start(builder(&net, "billing-svc", &key)).await;
+        let _got = drain(
+            subscriber
+                .subscribe_group("orders.*", "billing")
+                .await
+                .expect("subscribe"),
+        );
+        let publisher = start(builder(&net, "shop", &key)).await;
+        learn_billing(&publisher).await;
+        let first = witness().await;
+        learn_billing(&first).await;
+        first.shutdown().await;
+
+        subscriber
+            .unsubscribe_group("billing")
+            .await
+            .expect("unsubscribe");
+        forget_billing(&publisher).await;
+
+        // The witness comes back knowing the group from its store, and tells both of it.
+        let back = witness().await;
+        assert!(
+            back.wait_for_instances("shop", 1, std::time::Duration::from_secs(10))
+                .await
+        );
+        assert!(
+            back.wait_for_instances("billing-svc", 1, std::time::Duration::from_secs(10))
+                .await
+        );
+        let stale = back
+            .publish("orders.created", "stale")
+            .await
+            .expect("publish");
+        assert_eq!(stale.copies(), 1, "the witness still knows the group");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        for node in [&publisher, &subscriber] {
+            let r = node
+                .publish("orders.created", "after")
+                .await
+                .expect("publish");
+            assert_eq!(
+                r.copies(),
+                0,
+                "{} learnt the released group back",
+                node.service()
+            );
+        }
+        back.shutdown().await;
+        subscriber.shutdown().await;
         publisher.shutdown().await;
     })
     .await;

@@ -282,6 +282,8 @@ struct LocalPeer {
 const MAX_KNOWN_GROUPS: usize = 1024;
 /// Most topic patterns remembered per durable group.
 const MAX_PATTERNS_PER_GROUP: usize = 64;
+/// How long gossip about a released group is ignored (engine ms; see `Core::release_group`).
+const RELEASED_GROUP_MEMORY: u64 = 60_000;
 
 struct Core {
     shared: Arc<Shared>,
@@ -302,6 +304,9 @@ struct Core {
     /// Groups seen in any peer's interests (pattern per group), kept after the peer leaves so a
     /// publisher keeps copies for a group whose instances are all down.
     known_groups: BTreeMap<String, BTreeSet<String>>,
+    /// Groups released lately, with when (engine ms): gossip about them is ignored for
+    /// [`RELEASED_GROUP_MEMORY`] (see `release_group`). At most [`MAX_KNOWN_GROUPS`].
+    released_groups: BTreeMap<String, u64>,
     seeds: Vec<SocketAddr>,
     seed_dialing: HashMap<SocketAddr, CancellationToken>,
     dead_letters: usize,
@@ -393,6 +398,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         next_generation: 1,
         pending_acks: BTreeMap::new(),
         known_groups,
+        released_groups: BTreeMap::new(),
         seeds: Vec::new(),
         seed_dialing: HashMap::new(),
         dead_letters,
@@ -1209,7 +1215,16 @@ impl Core {
             }
             Control::Groups(groups) => {
                 let mut changed = false;
+                let now = self.now();
                 for (g, patterns) in groups.into_iter().take(MAX_KNOWN_GROUPS) {
+                    if self
+                        .released_groups
+                        .get(&g)
+                        .is_some_and(|t| now.saturating_sub(*t) < RELEASED_GROUP_MEMORY)
+                    {
+                        // Older news than the release: the peer learnt it before.
+                        continue;
+                    }
                     for p in patterns.into_iter().take(MAX_PATTERNS_PER_GROUP) {
                         changed |= self.remember_group(&g, &p);
                     }
@@ -1245,11 +1260,13 @@ impl Core {
         }
     }
 
-    /// Learns the durable groups in `interests`; true when anything was new.
+    /// Learns the durable groups in a peer's own `interests`; true when anything was new. A
+    /// group subscribed again after its release is news again, from gossip too.
     fn remember_groups(&mut self, interests: &[Interest]) -> bool {
         let mut changed = false;
         for i in interests {
             if let Some(g) = &i.group {
+                self.released_groups.remove(g);
                 changed |= self.remember_group(g, &i.pattern);
             }
         }
@@ -1300,7 +1317,24 @@ impl Core {
 
     /// Forgets a durable group, releases its backlog, and passes the news on (not back to
     /// `from`). Only a group we knew is passed on, so the news stops once everyone knows.
+    /// Gossip about the group (`Control::Groups`) is ignored for [`RELEASED_GROUP_MEMORY`]:
+    /// a peer that has yet to hear of the release (a connection made around it) would
+    /// otherwise teach it back, and the group would never be forgotten. A subscriber's own
+    /// interests still teach it.
     fn release_group(&mut self, group: &str, from: Option<NodeId>) {
+        let now = self.now();
+        self.released_groups
+            .retain(|_, t| now.saturating_sub(*t) < RELEASED_GROUP_MEMORY);
+        if self.released_groups.len() >= MAX_KNOWN_GROUPS
+            && let Some(oldest) = self
+                .released_groups
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(g, _)| g.clone())
+        {
+            self.released_groups.remove(&oldest);
+        }
+        self.released_groups.insert(group.to_string(), now);
         let knew = self.known_groups.remove(group).is_some();
         if knew {
             self.persist_group(group, None);
