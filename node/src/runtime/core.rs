@@ -206,6 +206,9 @@ struct Link {
     cancel: CancellationToken,
     /// The connection's [`super::ConnState`] flag: set when it closes or is retired.
     gone: Arc<AtomicBool>,
+    /// The peer retired this connection (see `Core::link_retired_by_peer`): it carries our
+    /// requests until the connection the peer keeps arrives, and no deliveries.
+    peer_retired: bool,
 }
 
 struct Known {
@@ -1618,21 +1621,21 @@ impl Core {
             .spawn(conn::dial_loop(shared, addrs, Some(peer), delay, token));
     }
 
+    /// Dials the seed `addr` unless a dial is under way or a peer there is connected.
     fn start_seed_dial(&mut self, addr: SocketAddr) {
-        self.start_seed_dial_after(addr, Duration::ZERO);
+        if self.links.values().any(|l| l.conn.remote_addr() == addr) {
+            return;
+        }
+        self.spawn_seed_dial(addr, Duration::ZERO);
     }
 
-    /// Dials the seed `addr` (unless a dial is under way or a peer there is connected) after
-    /// `delay`.
-    fn start_seed_dial_after(&mut self, addr: SocketAddr, delay: Duration) {
+    /// Dials the seed `addr` after `delay`, unless a dial of it is under way.
+    fn spawn_seed_dial(&mut self, addr: SocketAddr, delay: Duration) {
         if self
             .seed_dialing
             .get(&addr)
             .is_some_and(|c| !c.is_cancelled())
         {
-            return;
-        }
-        if self.links.values().any(|l| l.conn.remote_addr() == addr) {
             return;
         }
         let token = self.shared.cancel.child_token();
@@ -1668,12 +1671,12 @@ impl Core {
         if let Some(existing) = self.links.get(&peer) {
             let preferred_dialer = local.min(peer);
             let dialer_of = |c: &Connection| if c.is_dialer() { local } else { peer };
-            let replace = if existing.incarnation != r.hello.incarnation {
-                true // the peer restarted: the old connection is dead
-            } else {
-                dialer_of(&r.conn) == preferred_dialer
-                    && dialer_of(&existing.conn) != preferred_dialer
-            };
+            // Replaced when the peer restarted (the old connection is dead) or retired it
+            // (it keeps another one: this, or one after it), else by the tie-break.
+            let replace = existing.incarnation != r.hello.incarnation
+                || existing.peer_retired
+                || (dialer_of(&r.conn) == preferred_dialer
+                    && dialer_of(&existing.conn) != preferred_dialer);
             if !replace {
                 // The peer may have taken this one first and sent requests on it.
                 debug!(peer = %peer.short(), "duplicate connection: keeping the existing one, retiring the new one");
@@ -1690,7 +1693,8 @@ impl Core {
                     self.fail_requests_on(peer, old.generation);
                 } else {
                     debug!(peer = %peer.short(), "duplicate connection: retiring the existing one");
-                    self.retire(peer, old, false);
+                    let heard = old.peer_retired;
+                    self.retire(peer, old, heard);
                 }
             }
         }
@@ -1760,6 +1764,7 @@ impl Core {
             outstanding: 0,
             cancel: cancel.clone(),
             gone: gone.clone(),
+            peer_retired: false,
         };
         self.links.insert(peer, link);
         conn::spawn_connection(self.shared.clone(), r, generation, (tx, rx), cancel, gone);

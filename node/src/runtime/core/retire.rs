@@ -22,7 +22,6 @@ use tracing::{debug, warn};
 
 use super::{Core, Link, Out};
 use crate::engine::wire::Control;
-use crate::node::PeerState;
 use crate::runtime::conn;
 
 /// How long a retired connection stays open at most (engine milliseconds), unless a request
@@ -138,39 +137,37 @@ impl Core {
             .get(&peer)
             .is_some_and(|l| l.generation == generation)
         {
-            self.retire_link_retired_by_peer(peer);
+            self.link_retired_by_peer(peer);
         }
     }
 
     /// The peer retired the connection we use as our link to it: it keeps another one, which
-    /// is usually on its way to us (its handshake finished on the peer's side first). Work
-    /// sent on this one would be dropped there, so it is retired here too, and the peer is
-    /// dialled after [`REDIAL_AFTER_RETIRED`] in case no other connection comes (the one the
-    /// peer keeps may be dead on our side); the kept one's arrival cancels that dial.
-    fn retire_link_retired_by_peer(&mut self, peer: NodeId) {
-        let Some(link) = self.links.remove(&peer) else {
+    /// is usually on its way to us (its handshake finished on the peer's side first).
+    /// Deliveries sent on this one would be dropped there, so the outbox stops using it; the
+    /// peer still answers requests on it, so it stays our link for them until the kept one
+    /// arrives and replaces it (`Core::peer_ready`). Should none come (the one the peer keeps
+    /// may be dead on our side), we dial the peer after [`REDIAL_AFTER_RETIRED`]; the kept
+    /// one's arrival cancels that dial.
+    fn link_retired_by_peer(&mut self, peer: NodeId) {
+        let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
-        debug!(peer = %peer.short(), "the peer retired the connection we use; retiring it too");
-        self.outbox.peer_down(peer, link.generation);
-        let addr = link.conn.remote_addr();
-        self.retire(peer, link, true);
+        if link.peer_retired {
+            return;
+        }
+        debug!(peer = %peer.short(), "the peer retired the connection we use");
+        link.peer_retired = true;
+        link.gone.store(true, Ordering::Release);
+        let (generation, addr) = (link.generation, link.conn.remote_addr());
+        self.outbox.peer_down(peer, generation);
         if self.closing {
             return;
         }
-        let advertised = self.known.get(&peer).is_some_and(|k| k.advertised);
-        if let Some(k) = self.known.get_mut(&peer) {
-            k.state = if advertised {
-                PeerState::Connecting
-            } else {
-                PeerState::Gone
-            };
-        }
-        if advertised {
+        if self.known.get(&peer).is_some_and(|k| k.advertised) {
             self.start_dial_after(peer, REDIAL_AFTER_RETIRED);
         }
         if self.seeds.contains(&addr) {
-            self.start_seed_dial_after(addr, REDIAL_AFTER_RETIRED);
+            self.spawn_seed_dial(addr, REDIAL_AFTER_RETIRED);
         }
     }
 
