@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{builder, eventually, start, within};
+use common::{Gate, builder, eventually, start, within};
 use peerbus::{
-    BreakerConfig, BreakerState, Discovery, DiscoveryError, DiscoveryEvent, HandlerError,
-    MemoryNetwork, MeshKey, Node, PeerRecord, RequestError, RequestOptions,
+    BreakerConfig, BreakerState, HandlerError, MemoryNetwork, MeshKey, Node, RequestError,
+    RequestOptions,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -562,46 +562,6 @@ async fn in_flight_drains(node: &peerbus::Node) {
             .is_some_and(|s| s.requests_in_flight == 0)
     })
     .await;
-}
-
-/// A member of a [`Gate`]: its record, and where its node takes discovery events.
-type Member = (PeerRecord, tokio::sync::mpsc::Sender<DiscoveryEvent>);
-
-/// A discovery the test opens: its members learn of each other only in [`Gate::reveal`].
-#[derive(Clone, Default)]
-struct Gate {
-    members: Arc<std::sync::Mutex<Vec<Member>>>,
-}
-
-impl Gate {
-    /// Tells every member of every other one, both of a pair right after each other, so
-    /// both dial at once.
-    async fn reveal(&self) {
-        let members = self.members.lock().expect("gate").clone();
-        for (i, (a, a_events)) in members.iter().enumerate() {
-            for (b, b_events) in &members[i + 1..] {
-                let _ = a_events.send(DiscoveryEvent::Up(b.clone())).await;
-                let _ = b_events.send(DiscoveryEvent::Up(a.clone())).await;
-            }
-        }
-    }
-}
-
-impl Discovery for Gate {
-    fn start(
-        &mut self,
-        local: PeerRecord,
-        events: tokio::sync::mpsc::Sender<DiscoveryEvent>,
-    ) -> Result<(), DiscoveryError> {
-        self.members.lock().expect("gate").push((local, events));
-        Ok(())
-    }
-
-    fn stop(&mut self) {}
-
-    fn name(&self) -> &'static str {
-        "gate"
-    }
 }
 
 /// Nodes that find each other at once both dial, and both keep the connection dialled by the

@@ -152,3 +152,46 @@ pub fn peerbus_bin() -> &'static std::path::Path {
         bin
     })
 }
+
+/// A member of a [`Gate`]: its record, and where its node takes discovery events.
+pub type Member = (
+    peerbus::PeerRecord,
+    tokio::sync::mpsc::Sender<peerbus::DiscoveryEvent>,
+);
+
+/// A discovery the test opens: its members learn of each other only in [`Gate::reveal`].
+#[derive(Clone, Default)]
+pub struct Gate {
+    members: std::sync::Arc<std::sync::Mutex<Vec<Member>>>,
+}
+
+impl Gate {
+    /// Tells every member of every other one, both of a pair right after each other, so
+    /// both dial at once.
+    pub async fn reveal(&self) {
+        let members = self.members.lock().expect("gate").clone();
+        for (i, (a, a_events)) in members.iter().enumerate() {
+            for (b, b_events) in &members[i + 1..] {
+                let _ = a_events.send(peerbus::DiscoveryEvent::Up(b.clone())).await;
+                let _ = b_events.send(peerbus::DiscoveryEvent::Up(a.clone())).await;
+            }
+        }
+    }
+}
+
+impl peerbus::Discovery for Gate {
+    fn start(
+        &mut self,
+        local: peerbus::PeerRecord,
+        events: tokio::sync::mpsc::Sender<peerbus::DiscoveryEvent>,
+    ) -> Result<(), peerbus::DiscoveryError> {
+        self.members.lock().expect("gate").push((local, events));
+        Ok(())
+    }
+
+    fn stop(&mut self) {}
+
+    fn name(&self) -> &'static str {
+        "gate"
+    }
+}

@@ -26,8 +26,10 @@ use crate::error::{DeliveryError, RequestError, SendError};
 use crate::node::{CallReply, CopyReceipt, PeerInfo, PeerState, Status};
 use crate::store::{DeadLetter, StoredEntry};
 
+mod released;
 mod retire;
 
+use released::ReleasedGroups;
 use retire::Retiring;
 
 /// Ticks of the timer work (retries, ack timeouts, expiry, request deadlines).
@@ -285,8 +287,6 @@ struct LocalPeer {
 const MAX_KNOWN_GROUPS: usize = 1024;
 /// Most topic patterns remembered per durable group.
 const MAX_PATTERNS_PER_GROUP: usize = 64;
-/// How long gossip about a released group is ignored (engine ms; see `Core::release_group`).
-const RELEASED_GROUP_MEMORY: u64 = 60_000;
 
 struct Core {
     shared: Arc<Shared>,
@@ -307,9 +307,8 @@ struct Core {
     /// Groups seen in any peer's interests (pattern per group), kept after the peer leaves so a
     /// publisher keeps copies for a group whose instances are all down.
     known_groups: BTreeMap<String, BTreeSet<String>>,
-    /// Groups released lately, with when (engine ms): gossip about them is ignored for
-    /// [`RELEASED_GROUP_MEMORY`] (see `release_group`). At most [`MAX_KNOWN_GROUPS`].
-    released_groups: BTreeMap<String, u64>,
+    /// Groups released lately (see [`released`]).
+    released_groups: ReleasedGroups,
     seeds: Vec<SocketAddr>,
     seed_dialing: HashMap<SocketAddr, CancellationToken>,
     dead_letters: usize,
@@ -401,7 +400,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         next_generation: 1,
         pending_acks: BTreeMap::new(),
         known_groups,
-        released_groups: BTreeMap::new(),
+        released_groups: ReleasedGroups::default(),
         seeds: Vec::new(),
         seed_dialing: HashMap::new(),
         dead_letters,
@@ -570,6 +569,9 @@ impl Core {
                     let r = super::read(&self.shared.routes);
                     (r.interests(), r.serve.is_some())
                 };
+                for g in interests.iter().filter_map(|i| i.group.as_deref()) {
+                    self.released_groups.forget(g);
+                }
                 for l in self.links.values() {
                     try_out(l, Out::Control(Control::Interests(interests.clone())));
                     try_out(l, Out::Control(Control::Serves(serves)));
@@ -1220,11 +1222,7 @@ impl Core {
                 let mut changed = false;
                 let now = self.now();
                 for (g, patterns) in groups.into_iter().take(MAX_KNOWN_GROUPS) {
-                    if self
-                        .released_groups
-                        .get(&g)
-                        .is_some_and(|t| now.saturating_sub(*t) < RELEASED_GROUP_MEMORY)
-                    {
+                    if self.released_groups.is_recent(&g, now) {
                         // Older news than the release: the peer learnt it before.
                         continue;
                     }
@@ -1269,7 +1267,7 @@ impl Core {
         let mut changed = false;
         for i in interests {
             if let Some(g) = &i.group {
-                self.released_groups.remove(g);
+                self.released_groups.forget(g);
                 changed |= self.remember_group(g, &i.pattern);
             }
         }
@@ -1320,24 +1318,10 @@ impl Core {
 
     /// Forgets a durable group, releases its backlog, and passes the news on (not back to
     /// `from`). Only a group we knew is passed on, so the news stops once everyone knows.
-    /// Gossip about the group (`Control::Groups`) is ignored for [`RELEASED_GROUP_MEMORY`]:
-    /// a peer that has yet to hear of the release (a connection made around it) would
-    /// otherwise teach it back, and the group would never be forgotten. A subscriber's own
-    /// interests still teach it.
+    /// The release is remembered for a while (see [`released`]).
     fn release_group(&mut self, group: &str, from: Option<NodeId>) {
         let now = self.now();
-        self.released_groups
-            .retain(|_, t| now.saturating_sub(*t) < RELEASED_GROUP_MEMORY);
-        if self.released_groups.len() >= MAX_KNOWN_GROUPS
-            && let Some(oldest) = self
-                .released_groups
-                .iter()
-                .min_by_key(|(_, t)| **t)
-                .map(|(g, _)| g.clone())
-        {
-            self.released_groups.remove(&oldest);
-        }
-        self.released_groups.insert(group.to_string(), now);
+        self.released_groups.release(group, now, from.is_none());
         let knew = self.known_groups.remove(group).is_some();
         if knew {
             self.persist_group(group, None);
@@ -1779,6 +1763,10 @@ impl Core {
             try_out(l, Out::Control(Control::Serves(serves)));
             if !learnt {
                 try_out(l, Out::Control(self.groups_frame()));
+            }
+            // A peer that was away (or not yet registered here) when we released a group.
+            for g in self.released_groups.released_here(self.now()) {
+                try_out(l, Out::Control(Control::GroupGone(g.to_string())));
             }
         }
         if learnt {
