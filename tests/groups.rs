@@ -68,6 +68,14 @@ async fn until_copies(publisher: &Node, copies: usize, payload: &str, what: &str
     .await;
 }
 
+/// Publishes `payload` on `orders.created` once; how many copies were stored.
+async fn copies(node: &Node, payload: &str) -> usize {
+    node.publish("orders.created", payload)
+        .await
+        .expect("publish")
+        .copies()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_publisher_keeps_copies_for_a_group_it_knew() {
     within(60, async {
@@ -132,12 +140,8 @@ async fn a_released_group_is_not_restored_after_a_restart() {
         }
 
         let publisher = publisher(&net, &key, dir.path()).await;
-        let receipt = publisher
-            .publish("orders.created", "after-restart")
-            .await
-            .expect("publish");
         assert_eq!(
-            receipt.copies(),
+            copies(&publisher, "after-restart").await,
             0,
             "a released group must not come back from the store"
         );
@@ -192,18 +196,14 @@ async fn stale_gossip_does_not_bring_a_released_group_back() {
             back.wait_for_instances("shop", 1, Duration::from_secs(10))
                 .await
         );
-        let stale = back
-            .publish("orders.created", "stale")
-            .await
-            .expect("publish");
-        assert_eq!(stale.copies(), 1, "the witness still knows the group");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let r = publisher
-            .publish("orders.created", "after")
-            .await
-            .expect("publish");
         assert_eq!(
-            r.copies(),
+            copies(&back, "stale").await,
+            1,
+            "the witness still knows the group"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            copies(&publisher, "after").await,
             0,
             "the publisher learnt the released group back"
         );
@@ -240,11 +240,11 @@ async fn a_publisher_down_during_the_release_forgets_the_group_when_it_comes_bac
 
         // And its store forgot it too.
         let alone = publisher(&net, &key, dir.path()).await;
-        let r = alone
-            .publish("orders.created", "alone")
-            .await
-            .expect("publish");
-        assert_eq!(r.copies(), 0, "the released group came back from the store");
+        assert_eq!(
+            copies(&alone, "alone").await,
+            0,
+            "the released group came back from the store"
+        );
         alone.shutdown().await;
     })
     .await;

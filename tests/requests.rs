@@ -611,10 +611,11 @@ async fn requests_on_the_loser_of_a_tie_break_get_their_replies() {
                                 .await,
                             "n{i} never saw {service}"
                         );
-                        let calls = (0..3).map(|k| {
+                        let mut calls = tokio::task::JoinSet::new();
+                        for k in 0..3 {
                             let n = n.clone();
                             let service = service.clone();
-                            async move {
+                            calls.spawn(async move {
                                 let payload = format!("n{i}-{k}");
                                 let reply = n
                                     .request(&service, payload.clone(), Duration::from_secs(5))
@@ -623,9 +624,11 @@ async fn requests_on_the_loser_of_a_tie_break_get_their_replies() {
                                         panic!("round {round}: n{i} asking {service}: {e}")
                                     });
                                 assert_eq!(&reply[..], payload.as_bytes());
-                            }
-                        });
-                        futures_join_all(calls).await
+                            });
+                        }
+                        while let Some(call) = calls.join_next().await {
+                            call.expect("request task");
+                        }
                     });
                 }
             }
@@ -660,14 +663,4 @@ async fn requests_on_the_loser_of_a_tie_break_get_their_replies() {
         );
     })
     .await;
-}
-
-/// Awaits every future of `futures`, one after another once all are started.
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
-    futures: impl Iterator<Item = F>,
-) {
-    let handles: Vec<_> = futures.map(tokio::spawn).collect();
-    for h in handles {
-        h.await.expect("request task");
-    }
 }
