@@ -86,6 +86,8 @@ pub(crate) struct SendFigures {
     /// it barely moves when other work shares the machine.
     pub(crate) cpu_us_per_msg: f64,
     pub(crate) fsyncs: u64,
+    /// Messages sent.
+    pub(crate) messages: usize,
 }
 
 /// CPU time this process has used so far (user + system, all threads).
@@ -152,6 +154,7 @@ pub(crate) async fn send(
         msgs_per_s: messages as f64 / secs,
         cpu_us_per_msg: cpu.as_secs_f64() * 1e6 / messages as f64,
         fsyncs: after.fsyncs - before.fsyncs,
+        messages,
     })
 }
 

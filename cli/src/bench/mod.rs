@@ -5,8 +5,11 @@
 //! (`baseline/stream/<size>`: one connection, one stream, length-prefixed frames coalesced into
 //! 64 KiB writes) for `Memory` sends and publishes; the `Memory` send of the same size for
 //! `Fsync` sends; raw quinn ping-pong (`baseline/pingpong`) for request latency. Throughput
-//! cases run `--runs` times and report medians. Figures, not assertions: the ratios are what
-//! to compare across machines. Every case is bounded in count and time.
+//! cases run `--runs` times and report medians. Each run of a send follows a run of its
+//! baseline (raw stream, memory send, fsync send, in turn per size), and its ratio is the
+//! median of the per-run ratios, so that the machine's drift weighs on both sides alike.
+//! Figures, not assertions: the ratios are what to compare across machines. Every case is
+//! bounded in count and time.
 
 mod cases;
 mod raw;
@@ -41,6 +44,11 @@ pub(crate) struct BenchArgs {
     /// Also write the cases as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Measure every raw baseline before the sends instead of pairing each send run with a
+    /// baseline run just before it; ratios are then of the medians. For `scripts/profile`,
+    /// which samples one case's runs only.
+    #[arg(long)]
+    baselines_first: bool,
 }
 
 /// One line of the report.
@@ -54,6 +62,8 @@ struct Case {
     baseline: Option<(String, f64)>,
     /// How the target reads, and whether the figure meets it.
     target: Option<(String, bool)>,
+    /// The median of per-run ratios, when each run was paired with a baseline run.
+    paired_ratio: Option<f64>,
 }
 
 impl Case {
@@ -64,6 +74,7 @@ impl Case {
             primary,
             baseline: None,
             target: None,
+            paired_ratio: None,
         }
     }
 
@@ -81,8 +92,25 @@ impl Case {
         self
     }
 
+    /// The ratio to the baseline: the median of the per-run ratios when the runs were paired
+    /// ([`Case::paired`]), else the ratio of the medians.
     fn ratio(&self) -> Option<f64> {
-        self.baseline.as_ref().map(|(_, b)| self.value() / b)
+        self.paired_ratio
+            .or_else(|| self.baseline.as_ref().map(|(_, b)| self.value() / b))
+    }
+
+    /// Pairs run `i` of this case with run `i` of its baseline, measured just before it: the
+    /// ratio becomes the median of `values[i] / baselines[i]`. A drift of the machine's speed
+    /// between the runs (this VM has slow phases lasting minutes) then weighs on each pair
+    /// alike instead of on whichever side ran in the slow phase. With counts that differ the
+    /// ratio stays that of the medians.
+    fn paired(mut self, values: &[f64], baselines: &[f64]) -> Self {
+        if !values.is_empty() && values.len() == baselines.len() {
+            self.paired_ratio = Some(median(
+                values.iter().zip(baselines).map(|(v, b)| v / b).collect(),
+            ));
+        }
+        self
     }
 
     /// Target on the ratio: at least `min`.
@@ -293,98 +321,53 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
     let scale = if quick { 1 } else { 4 };
     let tmp = tempfile::tempdir().context("creating a scratch directory")?;
 
-    // Raw transport baselines, when a case compares with them.
+    // Per payload size: the raw stream, the in-memory send and the fsync'd send, one run of
+    // each in turn, so that every run of a case is paired with the run of its baseline just
+    // before it (see `Case::paired`); with `--baselines-first`, all baselines first instead.
     let sizes = [64usize, 1024, 16 * 1024];
     let mut stream = BTreeMap::new();
-    let stream_sizes: &[usize] = if wanted("send") || wanted("publish") {
-        &sizes
-    } else {
-        &[]
-    };
-    for &size in stream_sizes {
-        let frames = match size {
-            64 => 400_000,
-            1024 => 100_000,
-            _ => 10_000,
-        } * scale;
-        let mut v = Vec::with_capacity(runs);
-        let mut cpu = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            let cpu0 = cases::cpu_time();
-            v.push(raw::stream(size, frames).await?);
-            cpu.push(cases::cpu_time().saturating_sub(cpu0).as_secs_f64() * 1e6 / frames as f64);
-        }
-        let rate = median(v);
-        let case = Case::new(
-            format!("baseline/stream/{}", size_name(size)),
-            "msgs_per_s",
-            rate,
-        )
-        .with("mb_per_s", rate * size as f64 / 1e6)
-        .with("cpu_us_per_msg", median(cpu));
-        stream.insert(size, report.add(case));
-    }
-
-    // Sends between two nodes.
     let mut memory = BTreeMap::new();
-    let durabilities = if wanted("send") {
-        vec![Durability::Memory, Durability::Fsync]
-    } else {
-        Vec::new()
-    };
-    for durability in durabilities {
-        let dname = if durability == Durability::Memory {
-            "memory"
-        } else {
-            "fsync"
-        };
-        for size in sizes {
-            let name = format!("send/{dname}/{}", size_name(size));
+    let mut plans: Vec<SizePlan> = sizes
+        .iter()
+        .map(|&size| {
+            let fsync = wanted("send") && wanted_case(&send_name("fsync", size));
             // An fsync case compares with the memory send of its size: that one runs too.
-            let fsync_name = format!("send/fsync/{}", size_name(size));
-            let wanted_here = wanted_case(&name)
-                || (durability == Durability::Memory && wanted_case(&fsync_name));
-            if !wanted_here {
-                continue;
+            let memory = wanted("send") && (wanted_case(&send_name("memory", size)) || fsync);
+            SizePlan {
+                size,
+                // The baselines the memory sends and the publishes compare with.
+                raw: memory || (size == 1024 && wanted("publish")),
+                memory,
+                fsync,
+                runs: SizeRuns::default(),
+                paired: !args.baselines_first,
+                reported: [false; 3],
             }
-            let messages = match size {
-                16_384 => 4_000,
-                _ => 20_000,
-            } * scale;
-            let mut rates = Vec::with_capacity(runs);
-            let mut cpu = Vec::with_capacity(runs);
-            let mut fsyncs = 0;
-            for run in 0..runs {
-                let dir = tmp.path().join(format!("send-{dname}-{size}-{run}"));
-                let f = cases::send(durability, size, messages, &dir).await?;
-                rates.push(f.msgs_per_s);
-                cpu.push(f.cpu_us_per_msg);
-                fsyncs += f.fsyncs;
+        })
+        .collect();
+    // Each group of steps runs `runs` times in turn; a case is reported as soon as its runs
+    // are done.
+    let groups: &[&[Step]] = if args.baselines_first {
+        &[&[Step::Memory], &[Step::Fsync]]
+    } else {
+        &[&[Step::Raw, Step::Memory, Step::Fsync]]
+    };
+    if args.baselines_first {
+        for plan in &mut plans {
+            for _ in 0..runs {
+                plan.run(Step::Raw, scale, tmp.path()).await?;
             }
-            let rate = median(rates);
-            let mut case = Case::new(name, "msgs_per_s", rate)
-                .with("mb_per_s", rate * size as f64 / 1e6)
-                .with("cpu_us_per_msg", median(cpu));
-            if durability == Durability::Memory {
-                case = case.against(report.get(stream[&size]));
-                case = match size {
-                    64 => case.ratio_at_least(0.35),
-                    1024 => case.ratio_at_least(0.8),
-                    _ => case,
-                };
-                memory.insert(size, report.add(case));
-            } else {
-                case = case
-                    .with(
-                        "fsyncs_per_message",
-                        fsyncs as f64 / (messages * runs) as f64,
-                    )
-                    .against(report.get(memory[&size]));
-                if size == 1024 {
-                    case = case.ratio_at_least(0.5);
+            plan.report_done(runs, report, &mut stream, &mut memory);
+        }
+    }
+    for plan in &mut plans {
+        for steps in groups {
+            for _ in 0..runs {
+                for &step in *steps {
+                    plan.run(step, scale, tmp.path()).await?;
                 }
-                report.add(case);
             }
+            plan.report_done(runs, report, &mut stream, &mut memory);
         }
     }
 
@@ -436,6 +419,150 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// `send/<durability>/<size>`.
+fn send_name(durability: &str, size: usize) -> String {
+    format!("send/{durability}/{}", size_name(size))
+}
+
+/// One measurement of a [`SizePlan`].
+#[derive(Clone, Copy)]
+enum Step {
+    Raw,
+    Memory,
+    Fsync,
+}
+
+/// What runs for one payload size, and what its runs measured so far.
+struct SizePlan {
+    size: usize,
+    raw: bool,
+    memory: bool,
+    fsync: bool,
+    runs: SizeRuns,
+    /// Whether each run of a case followed a run of its baseline (see [`Case::paired`]).
+    paired: bool,
+    /// Which of raw, memory and fsync were reported.
+    reported: [bool; 3],
+}
+
+/// The figures of each run, in run order.
+#[derive(Default)]
+struct SizeRuns {
+    raw: Vec<f64>,
+    raw_cpu: Vec<f64>,
+    memory: Vec<cases::SendFigures>,
+    fsync: Vec<cases::SendFigures>,
+}
+
+impl SizePlan {
+    /// Runs `step` once when it is planned (else does nothing) and keeps its figures.
+    async fn run(&mut self, step: Step, scale: usize, scratch: &std::path::Path) -> Result<()> {
+        let size = self.size;
+        let messages = match size {
+            16_384 => 4_000,
+            _ => 20_000,
+        } * scale;
+        match step {
+            Step::Raw if self.raw => {
+                let frames = match size {
+                    64 => 400_000,
+                    1024 => 100_000,
+                    _ => 10_000,
+                } * scale;
+                let cpu0 = cases::cpu_time();
+                self.runs.raw.push(raw::stream(size, frames).await?);
+                let cpu = cases::cpu_time().saturating_sub(cpu0);
+                self.runs
+                    .raw_cpu
+                    .push(cpu.as_secs_f64() * 1e6 / frames as f64);
+            }
+            Step::Memory if self.memory => {
+                let f = cases::send(Durability::Memory, size, messages, scratch).await?;
+                self.runs.memory.push(f);
+            }
+            Step::Fsync if self.fsync => {
+                let dir = scratch.join(format!("send-fsync-{size}-{}", self.runs.fsync.len()));
+                let f = cases::send(Durability::Fsync, size, messages, &dir).await?;
+                self.runs.fsync.push(f);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Reports each planned case whose `runs` runs are done and that was not reported yet,
+    /// keeping the report indices of baselines in `stream` and of memory sends in `memory`.
+    fn report_done(
+        &mut self,
+        runs: usize,
+        report: &mut Report,
+        stream: &mut BTreeMap<usize, usize>,
+        memory: &mut BTreeMap<usize, usize>,
+    ) {
+        let (size, r) = (self.size, &self.runs);
+        if self.raw && !self.reported[0] && r.raw.len() == runs {
+            self.reported[0] = true;
+            let rate = median(r.raw.clone());
+            let case = Case::new(
+                format!("baseline/stream/{}", size_name(size)),
+                "msgs_per_s",
+                rate,
+            )
+            .with("mb_per_s", rate * size as f64 / 1e6)
+            .with("cpu_us_per_msg", median(r.raw_cpu.clone()));
+            stream.insert(size, report.add(case));
+        }
+        if self.memory && !self.reported[1] && r.memory.len() == runs {
+            self.reported[1] = true;
+            let rates = r.memory.iter().map(|f| f.msgs_per_s).collect::<Vec<_>>();
+            let rate = median(rates.clone());
+            let mut case = Case::new(send_name("memory", size), "msgs_per_s", rate)
+                .with("mb_per_s", rate * size as f64 / 1e6)
+                .with(
+                    "cpu_us_per_msg",
+                    median(r.memory.iter().map(|f| f.cpu_us_per_msg).collect()),
+                );
+            if let Some(&i) = stream.get(&size) {
+                case = case.against(report.get(i));
+                if self.paired {
+                    case = case.paired(&rates, &r.raw);
+                }
+            }
+            let case = match size {
+                64 => case.ratio_at_least(0.35),
+                1024 => case.ratio_at_least(0.8),
+                _ => case,
+            };
+            memory.insert(size, report.add(case));
+        }
+        if self.fsync && !self.reported[2] && r.fsync.len() == runs {
+            self.reported[2] = true;
+            let rates = r.fsync.iter().map(|f| f.msgs_per_s).collect::<Vec<_>>();
+            let memory_rates = r.memory.iter().map(|f| f.msgs_per_s).collect::<Vec<_>>();
+            let fsyncs: u64 = r.fsync.iter().map(|f| f.fsyncs).sum();
+            let messages: usize = r.fsync.iter().map(|f| f.messages).sum();
+            let rate = median(rates.clone());
+            let mut case = Case::new(send_name("fsync", size), "msgs_per_s", rate)
+                .with("mb_per_s", rate * size as f64 / 1e6)
+                .with(
+                    "cpu_us_per_msg",
+                    median(r.fsync.iter().map(|f| f.cpu_us_per_msg).collect()),
+                )
+                .with("fsyncs_per_message", fsyncs as f64 / messages.max(1) as f64);
+            if let Some(&i) = memory.get(&size) {
+                case = case.against(report.get(i));
+                if self.paired {
+                    case = case.paired(&rates, &memory_rates);
+                }
+            }
+            if size == 1024 {
+                case = case.ratio_at_least(0.5);
+            }
+            report.add(case);
+        }
+    }
+}
+
 /// Round trips per block of [`requests`]' interleaved measurement.
 const LATENCY_BLOCK: usize = 100;
 
@@ -479,4 +606,31 @@ async fn requests(report: &mut Report, scale: usize) -> Result<()> {
     report.add(p999);
     report.add(Case::new("request/throughput", "requests_per_s", rps));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paired_ratio_is_the_median_of_the_per_run_ratios() {
+        let baseline = Case::new("baseline/stream/1KiB", "msgs_per_s", 300.0);
+        // The machine slowed down after the first run and sped up during the last one: the
+        // medians alone (300 / 300) would say 1.0, where two of the three pairs say 0.5.
+        let case = Case::new("send/memory/1KiB", "msgs_per_s", 300.0)
+            .against(&baseline)
+            .paired(&[300.0, 150.0, 300.0], &[600.0, 300.0, 300.0])
+            .ratio_at_least(0.8);
+        assert_eq!(case.ratio(), Some(0.5));
+        assert!(matches!(case.target, Some((_, false))));
+        let rates = [100.0, 600.0];
+        let unpaired = Case::new("send/memory/1KiB", "msgs_per_s", 150.0)
+            .against(&baseline)
+            .paired(&rates, &[400.0]);
+        assert_eq!(unpaired.ratio(), Some(0.5), "counts differ: ratio of the medians");
+        let pairs = Case::new("x", "msgs_per_s", 1.0)
+            .against(&baseline)
+            .paired(&[1.0, 3.0, 2.0], &[4.0, 4.0, 4.0]);
+        assert_eq!(pairs.ratio(), Some(0.5));
+    }
 }
