@@ -159,8 +159,9 @@ pub(crate) async fn send(
 }
 
 /// `messages` publishes of `size` bytes to `groups` subscriber groups on other nodes:
-/// copies/s (messages/s × groups) until every copy was acknowledged.
-pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Result<f64> {
+/// copies/s (messages/s × groups) until every copy was acknowledged, and the CPU time per
+/// copy (every node of the mesh, as for sends).
+pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Result<(f64, f64)> {
     let mesh = Mesh::new();
     let publisher = mesh
         .node("pub")?
@@ -193,6 +194,7 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let cpu0 = cpu_time();
     let t0 = Instant::now();
     let callers = publisher.clone();
     run_callers(messages, move |_| {
@@ -201,12 +203,14 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
         async move { p.publish("bench.tick", payload).await }
     })
     .await?;
-    let rate = (messages * groups) as f64 / t0.elapsed().as_secs_f64();
+    let copies = (messages * groups) as f64;
+    let rate = copies / t0.elapsed().as_secs_f64();
+    let cpu_us = cpu_time().saturating_sub(cpu0).as_secs_f64() * 1e6 / copies;
     publisher.shutdown().await;
     for n in subscribers {
         n.shutdown().await;
     }
-    Ok(rate)
+    Ok((rate, cpu_us))
 }
 
 /// Two nodes for the request/reply cases: `client` and an `echo` service that answers every

@@ -374,9 +374,11 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
     // Publish fan-out.
     let fan_outs: &[usize] = if wanted("publish") { &[1, 3, 10] } else { &[] };
     for &groups in fan_outs {
-        let mut rates = Vec::with_capacity(runs);
+        let (mut rates, mut cpu) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
         for _ in 0..runs {
-            rates.push(cases::publish(groups, 1024, 5_000 * scale).await?);
+            let (rate, cpu_us) = cases::publish(groups, 1024, 5_000 * scale).await?;
+            rates.push(rate);
+            cpu.push(cpu_us);
         }
         let rate = median(rates);
         let case = Case::new(
@@ -385,6 +387,7 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
             rate,
         )
         .with("mb_per_s", rate * 1024.0 / 1e6)
+        .with("cpu_us_per_msg", median(cpu))
         .against(report.get(stream[&1024]));
         report.add(case);
     }
@@ -627,7 +630,11 @@ mod tests {
         let unpaired = Case::new("send/memory/1KiB", "msgs_per_s", 150.0)
             .against(&baseline)
             .paired(&rates, &[400.0]);
-        assert_eq!(unpaired.ratio(), Some(0.5), "counts differ: ratio of the medians");
+        assert_eq!(
+            unpaired.ratio(),
+            Some(0.5),
+            "counts differ: ratio of the medians"
+        );
         let pairs = Case::new("x", "msgs_per_s", 1.0)
             .against(&baseline)
             .paired(&[1.0, 3.0, 2.0], &[4.0, 4.0, 4.0]);
