@@ -285,6 +285,44 @@ async fn a_full_log_makes_send_wait_then_fail_and_loses_nothing_accepted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_nobody_subscribes_to_does_not_wait_behind_a_full_log() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let sender = start(
+            builder(&net, "payments", &key)
+                .durability(Durability::Memory)
+                .max_log_entries(1)
+                .send_timeout(Duration::from_secs(5)),
+        )
+        .await;
+        let _full = sender.send("orders", "fills the log").await.expect("room");
+        let waiting = tokio::spawn({
+            let sender = sender.clone();
+            async move { sender.send("orders", "waits for room").await }
+        });
+        // The send above is parked once core has seen it; publishes queue behind parked calls.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "the second send waits for room");
+        let t0 = std::time::Instant::now();
+        let r = sender
+            .publish("audit.nobody", "no subscriber")
+            .await
+            .expect("publish");
+        assert_eq!(r.copies(), 0);
+        assert!(
+            t0.elapsed() < Duration::from_millis(2500) && !waiting.is_finished(),
+            "the publish had nothing to store, yet waited {:?} behind the parked send",
+            t0.elapsed()
+        );
+        let err = waiting.await.expect("task").expect_err("no room came");
+        assert!(matches!(err, SendError::Backpressure { .. }), "{err}");
+        sender.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_store_or_busy_data_dir_is_a_clear_start_error() {
     within(30, async {
         let net = MemoryNetwork::new();

@@ -452,15 +452,8 @@ impl Node {
         let msg = msg.into();
         let (ttl, after) = (msg.ttl, msg.deliver_after);
         let env = self.envelope(Kind::Publish, topic, msg)?;
-        let (tx, rx) = oneshot::channel();
-        self.core(CoreMsg::GroupsFor {
-            topic: topic.to_string(),
-            reply: tx,
-        })
-        .await
-        .map_err(|()| SendError::Stopped)?;
-        let targets = rx.await.map_err(|_| SendError::Stopped)?;
-        self.append(Targets::Many(targets), env, ttl, after).await
+        let targets = Targets::Topic(topic.to_string());
+        self.append(targets, env, ttl, after).await
     }
 
     async fn append(

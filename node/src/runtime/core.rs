@@ -52,6 +52,10 @@ pub(crate) enum Targets {
     One(Target),
     /// A `publish`: one copy per target.
     Many(Vec<Target>),
+    /// A `publish` whose targets core finds when the call arrives ([`Core::topic_targets`]),
+    /// so that a publish costs one message to core, like a send; core turns it into `Many`
+    /// before anything else looks at it.
+    Topic(String),
 }
 
 impl Targets {
@@ -59,12 +63,13 @@ impl Targets {
         match self {
             Targets::One(t) => std::slice::from_ref(t),
             Targets::Many(v) => v,
+            Targets::Topic(_) => &[],
         }
     }
 
-    /// Whether there is no target (a publish nobody subscribes to).
+    /// Whether there is certainly no target (a topic's targets are not known yet).
     pub(crate) fn is_empty(&self) -> bool {
-        self.as_slice().is_empty()
+        !matches!(self, Targets::Topic(_)) && self.as_slice().is_empty()
     }
 }
 
@@ -112,13 +117,6 @@ pub(crate) enum CoreMsg {
     Append(Append),
     /// The store writer finished a group commit.
     Durable(Durable),
-    /// Who gets a copy of a publish on `topic`: every durable group known to subscribe to it
-    /// (from connected peers, groups seen before, and groups other nodes told us of), and every
-    /// connected node with a matching ephemeral subscription.
-    GroupsFor {
-        topic: String,
-        reply: oneshot::Sender<Vec<Target>>,
-    },
     /// A durable group was unsubscribed for good here: forget it everywhere, release its backlog.
     ReleaseGroup(String),
     /// A handshake finished.
@@ -467,8 +465,16 @@ impl Core {
 
     fn handle(&mut self, msg: CoreMsg) {
         match msg {
-            CoreMsg::Append(a) => {
+            CoreMsg::Append(mut a) => {
                 self.appended = true;
+                if let Targets::Topic(topic) = &a.targets {
+                    a.targets = Targets::Many(self.topic_targets(topic));
+                    if a.targets.is_empty() {
+                        // Nobody subscribes: nothing to store, nothing to wait for.
+                        a.reply.send(Ok(0));
+                        return;
+                    }
+                }
                 if !self.parked.is_empty() {
                     self.park(a);
                 } else {
@@ -476,25 +482,6 @@ impl Core {
                 }
             }
             CoreMsg::Durable(d) => self.on_durable(d),
-            CoreMsg::GroupsFor { topic, reply } => {
-                let mut groups: BTreeSet<String> = self.outbox.groups_for(&topic);
-                for (g, patterns) in &self.known_groups {
-                    if patterns
-                        .iter()
-                        .any(|p| crate::engine::routing::topic_matches(p, &topic))
-                    {
-                        groups.insert(g.clone());
-                    }
-                }
-                let mut targets: Vec<Target> = groups.into_iter().map(Target::Group).collect();
-                targets.extend(
-                    self.outbox
-                        .ephemeral_for(&topic)
-                        .into_iter()
-                        .map(Target::Node),
-                );
-                let _ = reply.send(targets);
-            }
             CoreMsg::ReleaseGroup(group) => self.release_group(&group, None),
             CoreMsg::PeerReady(ready) => self.peer_ready(*ready),
             CoreMsg::PeerGone {
@@ -1046,6 +1033,29 @@ impl Core {
 
     /// Whether a call to `targets` must wait for room: the total of all logs, or one of its
     /// logs, is full.
+    /// Who gets a copy of a publish on `topic`: every durable group known to subscribe to it
+    /// (from connected peers, groups seen before, and groups other nodes told us of), and every
+    /// connected node with a matching ephemeral subscription.
+    fn topic_targets(&self, topic: &str) -> Vec<Target> {
+        let mut groups: BTreeSet<String> = self.outbox.groups_for(topic);
+        for (g, patterns) in &self.known_groups {
+            if patterns
+                .iter()
+                .any(|p| crate::engine::routing::topic_matches(p, topic))
+            {
+                groups.insert(g.clone());
+            }
+        }
+        let mut targets: Vec<Target> = groups.into_iter().map(Target::Group).collect();
+        targets.extend(
+            self.outbox
+                .ephemeral_for(topic)
+                .into_iter()
+                .map(Target::Node),
+        );
+        targets
+    }
+
     fn over_limit(&self, targets: &Targets) -> bool {
         let (total, _) = self.outbox.bytes("");
         if total >= self.limits.total_bytes {
