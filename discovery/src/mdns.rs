@@ -177,7 +177,7 @@ impl Discovery for MdnsDiscovery {
         // ed25519 public key: no other node can hold them, and a second process with the
         // same identity is one node (its store's lock refuses it; the mesh proof and the
         // pinned certificate keep impostors out whatever mDNS says). So the records are
-        // announced at once, and a new node is found in about a tenth of the time.
+        // announced at once, and a new node is found in milliseconds instead of about a second.
         info.set_requires_probe(false);
         let fullname = info.get_fullname().to_owned();
 

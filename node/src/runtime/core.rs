@@ -1031,8 +1031,6 @@ impl Core {
         }
     }
 
-    /// Whether a call to `targets` must wait for room: the total of all logs, or one of its
-    /// logs, is full.
     /// Who gets a copy of a publish on `topic`: every durable group known to subscribe to it
     /// (from connected peers, groups seen before, and groups other nodes told us of), and every
     /// connected node with a matching ephemeral subscription.
@@ -1056,6 +1054,8 @@ impl Core {
         targets
     }
 
+    /// Whether a call to `targets` must wait for room: the total of all logs, or one of its
+    /// logs, is full.
     fn over_limit(&self, targets: &Targets) -> bool {
         let (total, _) = self.outbox.bytes("");
         if total >= self.limits.total_bytes {
