@@ -427,6 +427,20 @@ fn send_name(durability: &str, size: usize) -> String {
     format!("send/{durability}/{}", size_name(size))
 }
 
+/// The case `send/<durability>/<size>` of these runs (median rate, MB/s and CPU time per
+/// message), and the runs' rates in run order.
+fn send_case(durability: &str, size: usize, runs: &[cases::SendFigures]) -> (Case, Vec<f64>) {
+    let rates: Vec<f64> = runs.iter().map(|f| f.msgs_per_s).collect();
+    let rate = median(rates.clone());
+    let case = Case::new(send_name(durability, size), "msgs_per_s", rate)
+        .with("mb_per_s", rate * size as f64 / 1e6)
+        .with(
+            "cpu_us_per_msg",
+            median(runs.iter().map(|f| f.cpu_us_per_msg).collect()),
+        );
+    (case, rates)
+}
+
 /// One measurement of a [`SizePlan`].
 #[derive(Clone, Copy)]
 enum Step {
@@ -517,14 +531,7 @@ impl SizePlan {
         }
         if self.memory && !self.reported[1] && r.memory.len() == runs {
             self.reported[1] = true;
-            let rates = r.memory.iter().map(|f| f.msgs_per_s).collect::<Vec<_>>();
-            let rate = median(rates.clone());
-            let mut case = Case::new(send_name("memory", size), "msgs_per_s", rate)
-                .with("mb_per_s", rate * size as f64 / 1e6)
-                .with(
-                    "cpu_us_per_msg",
-                    median(r.memory.iter().map(|f| f.cpu_us_per_msg).collect()),
-                );
+            let (mut case, rates) = send_case("memory", size, &r.memory);
             if let Some(&i) = stream.get(&size) {
                 case = case.against(report.get(i));
                 if self.paired {
@@ -540,21 +547,14 @@ impl SizePlan {
         }
         if self.fsync && !self.reported[2] && r.fsync.len() == runs {
             self.reported[2] = true;
-            let rates = r.fsync.iter().map(|f| f.msgs_per_s).collect::<Vec<_>>();
-            let memory_rates = r.memory.iter().map(|f| f.msgs_per_s).collect::<Vec<_>>();
             let fsyncs: u64 = r.fsync.iter().map(|f| f.fsyncs).sum();
             let messages: usize = r.fsync.iter().map(|f| f.messages).sum();
-            let rate = median(rates.clone());
-            let mut case = Case::new(send_name("fsync", size), "msgs_per_s", rate)
-                .with("mb_per_s", rate * size as f64 / 1e6)
-                .with(
-                    "cpu_us_per_msg",
-                    median(r.fsync.iter().map(|f| f.cpu_us_per_msg).collect()),
-                )
-                .with("fsyncs_per_message", fsyncs as f64 / messages.max(1) as f64);
+            let (case, rates) = send_case("fsync", size, &r.fsync);
+            let mut case = case.with("fsyncs_per_message", fsyncs as f64 / messages.max(1) as f64);
             if let Some(&i) = memory.get(&size) {
                 case = case.against(report.get(i));
                 if self.paired {
+                    let memory_rates: Vec<f64> = r.memory.iter().map(|f| f.msgs_per_s).collect();
                     case = case.paired(&rates, &memory_rates);
                 }
             }
