@@ -1008,5 +1008,9 @@ fn bench_runs_one_case_by_name_with_what_it_compares_with() {
         let ratio = c["ratio"].as_f64().expect("ratio");
         let expected = value.expect("msgs_per_s") / baseline.expect("baseline_value");
         assert!((ratio - expected).abs() < 0.002, "{c}");
+        // And the run's own figure and ratio are kept.
+        assert_eq!(c["runs"].as_array().map(Vec::len), Some(1), "{c}");
+        assert_eq!(c["runs"][0].as_f64(), value, "{c}");
+        assert_eq!(c["run_ratios"][0].as_f64(), Some(ratio), "{c}");
     }
 }

@@ -37,8 +37,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_name = "N")]
     runs: Option<usize>,
     /// Run only the cases of these kinds (comma-separated: send, publish, request, backlog,
-    /// discovery, memory) or whose names start with these prefixes (`send/memory/1KiB`); the
-    /// raw baselines those cases compare with always run.
+    /// discovery, memory) or with these names or name prefixes up to a `/` (`send/memory/1KiB`,
+    /// `send/fsync`); the raw baselines those cases compare with always run.
     #[arg(long, value_name = "KINDS", value_delimiter = ',')]
     only: Vec<String>,
     /// Also write the cases as JSON to FILE.
@@ -64,6 +64,10 @@ struct Case {
     target: Option<(String, bool)>,
     /// The median of per-run ratios, when each run was paired with a baseline run.
     paired_ratio: Option<f64>,
+    /// The primary figure of each run of a throughput case, in run order.
+    runs: Vec<f64>,
+    /// Each run's ratio to the baseline run just before it, when the runs were paired.
+    run_ratios: Vec<f64>,
 }
 
 impl Case {
@@ -75,7 +79,15 @@ impl Case {
             baseline: None,
             target: None,
             paired_ratio: None,
+            runs: Vec::new(),
+            run_ratios: Vec::new(),
         }
+    }
+
+    /// Keeps the primary figure of each run (the case's value is their median).
+    fn runs(mut self, values: &[f64]) -> Self {
+        self.runs = values.to_vec();
+        self
     }
 
     fn with(mut self, figure: &'static str, value: f64) -> Self {
@@ -106,9 +118,8 @@ impl Case {
     /// ratio stays that of the medians.
     fn paired(mut self, values: &[f64], baselines: &[f64]) -> Self {
         if !values.is_empty() && values.len() == baselines.len() {
-            self.paired_ratio = Some(median(
-                values.iter().zip(baselines).map(|(v, b)| v / b).collect(),
-            ));
+            self.run_ratios = values.iter().zip(baselines).map(|(v, b)| v / b).collect();
+            self.paired_ratio = Some(median(self.run_ratios.clone()));
         }
         self
     }
@@ -144,6 +155,18 @@ impl Case {
         v["ratio"] = json!(self.ratio().map(round));
         v["target"] = json!(self.target.as_ref().map(|(t, _)| t));
         v["met"] = json!(self.target.as_ref().map(|(_, m)| m));
+        if !self.runs.is_empty() {
+            v["runs"] = json!(self.runs.iter().copied().map(round).collect::<Vec<_>>());
+        }
+        if !self.run_ratios.is_empty() {
+            v["run_ratios"] = json!(
+                self.run_ratios
+                    .iter()
+                    .copied()
+                    .map(round)
+                    .collect::<Vec<_>>()
+            );
+        }
         v
     }
 
@@ -179,9 +202,15 @@ fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// The middle value; with an even count, the mean of the two middle ones (NaN when empty).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn percentile_us(sorted: &[Duration], p: f64) -> f64 {
@@ -304,18 +333,11 @@ pub(crate) async fn run(args: &BenchArgs) -> Result<()> {
 }
 
 async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
-    // A kind is wanted when a selector names it or a case of it; a case when a selector is a
-    // prefix of its name (a kind is one: `send` of `send/memory/64B`).
-    let wanted = |kind: &str| {
-        args.only.is_empty()
-            || args.only.iter().any(|k| {
-                k == kind
-                    || k.strip_prefix(kind)
-                        .is_some_and(|rest| rest.starts_with('/'))
-            })
-    };
+    // A kind is wanted when a selector names it or a case of it; a case when a selector is its
+    // name or the start of it up to a `/` (a kind is one: `send` of `send/memory/64B`).
+    let wanted = |kind: &str| args.only.is_empty() || args.only.iter().any(|k| within(k, kind));
     let wanted_case =
-        |name: &str| args.only.is_empty() || args.only.iter().any(|k| name.starts_with(k.as_str()));
+        |name: &str| args.only.is_empty() || args.only.iter().any(|k| within(name, k));
     let quick = args.quick;
     let runs = args.runs.unwrap_or(if quick { 1 } else { 3 }).max(1);
     let scale = if quick { 1 } else { 4 };
@@ -372,23 +394,20 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
     }
 
     // Publish fan-out.
-    let fan_outs: &[usize] = if wanted("publish") { &[1, 3, 10] } else { &[] };
-    for &groups in fan_outs {
+    let fan_outs = [1usize, 3, 10].map(|groups| (groups, publish_name(groups)));
+    for (groups, name) in fan_outs.iter().filter(|(_, name)| wanted_case(name)) {
         let (mut rates, mut cpu) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
         for _ in 0..runs {
-            let (rate, cpu_us) = cases::publish(groups, 1024, 5_000 * scale).await?;
+            let (rate, cpu_us) = cases::publish(*groups, 1024, 5_000 * scale).await?;
             rates.push(rate);
             cpu.push(cpu_us);
         }
-        let rate = median(rates);
-        let case = Case::new(
-            format!("publish/memory/1KiB/groups={groups}"),
-            "msgs_per_s",
-            rate,
-        )
-        .with("mb_per_s", rate * 1024.0 / 1e6)
-        .with("cpu_us_per_msg", median(cpu))
-        .against(report.get(stream[&1024]));
+        let case = Case::new(name.clone(), "msgs_per_s", median(rates.clone())).runs(&rates);
+        let rate = case.value();
+        let case = case
+            .with("mb_per_s", rate * 1024.0 / 1e6)
+            .with("cpu_us_per_msg", median(cpu))
+            .against(report.get(stream[&1024]));
         report.add(case);
     }
 
@@ -422,6 +441,18 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// Whether the case (or kind) `name` is `path` or lies under it: `send/memory/1KiB` lies under
+/// `send` and `send/memory`, but `publish/memory/1KiB/groups=10` not under `…/groups=1`.
+fn within(name: &str, path: &str) -> bool {
+    name.strip_prefix(path)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// `publish/memory/1KiB/groups=<groups>`: 1 KiB publishes to `groups` subscriber groups.
+fn publish_name(groups: usize) -> String {
+    format!("publish/memory/1KiB/groups={groups}")
+}
+
 /// `send/<durability>/<size>`.
 fn send_name(durability: &str, size: usize) -> String {
     format!("send/{durability}/{}", size_name(size))
@@ -433,6 +464,7 @@ fn send_case(durability: &str, size: usize, runs: &[cases::SendFigures]) -> (Cas
     let rates: Vec<f64> = runs.iter().map(|f| f.msgs_per_s).collect();
     let rate = median(rates.clone());
     let case = Case::new(send_name(durability, size), "msgs_per_s", rate)
+        .runs(&rates)
         .with("mb_per_s", rate * size as f64 / 1e6)
         .with(
             "cpu_us_per_msg",
@@ -525,6 +557,7 @@ impl SizePlan {
                 "msgs_per_s",
                 rate,
             )
+            .runs(&r.raw)
             .with("mb_per_s", rate * size as f64 / 1e6)
             .with("cpu_us_per_msg", median(r.raw_cpu.clone()));
             stream.insert(size, report.add(case));
@@ -614,6 +647,46 @@ async fn requests(report: &mut Report, scale: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![4.0, 1.0, 3.0]), 3.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![7.0]), 7.0);
+        assert!(median(Vec::new()).is_nan());
+    }
+
+    #[test]
+    fn selectors_match_whole_name_steps() {
+        assert!(within("send/memory/1KiB", "send"));
+        assert!(within("send/memory/1KiB", "send/memory"));
+        assert!(within("send/memory/1KiB", "send/memory/1KiB"));
+        assert!(!within("send/memory/16KiB", "send/memory/1KiB"));
+        assert!(!within(
+            "publish/memory/1KiB/groups=10",
+            "publish/memory/1KiB/groups=1"
+        ));
+        assert!(within(
+            "publish/memory/1KiB/groups=1",
+            "publish/memory/1KiB/groups=1"
+        ));
+        assert!(!within("sender", "send"));
+    }
+
+    #[test]
+    fn the_json_keeps_each_run_and_each_paired_ratio() {
+        let baseline = Case::new("baseline/stream/1KiB", "msgs_per_s", 400.0);
+        let case = Case::new("send/memory/1KiB", "msgs_per_s", 200.0)
+            .runs(&[100.0, 200.0, 300.0])
+            .against(&baseline)
+            .paired(&[100.0, 200.0, 300.0], &[400.0, 400.0, 500.0]);
+        let v = case.json();
+        assert_eq!(v["runs"], json!([100.0, 200.0, 300.0]));
+        assert_eq!(v["run_ratios"], json!([0.25, 0.5, 0.6]));
+        assert_eq!(v["ratio"], json!(0.5));
+        let single = Case::new("memory/idle-rss", "mib", 14.0).json();
+        assert!(single.get("runs").is_none() && single.get("run_ratios").is_none());
+    }
 
     #[test]
     fn a_paired_ratio_is_the_median_of_the_per_run_ratios() {
