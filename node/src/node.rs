@@ -882,6 +882,14 @@ impl Node {
             //    a durable store core sends no new entries once closing.) Quiet must hold for
             //    QUIET_SETTLE: work sent just before our goodbye reached the peers is still on
             //    its way, and handling it without acking would redeliver it elsewhere.
+            //    A node that consumes nothing (a one-shot `peerbus send`, say) handles nothing
+            //    that arrives meanwhile, so it has no settle to wait for and no acks to flush.
+            let consumes = runtime::read(&self.shared.routes).consumes();
+            let settle = if consumes {
+                QUIET_SETTLE
+            } else {
+                Duration::ZERO
+            };
             let deadline = tokio::time::Instant::now() + self.shared.shutdown_grace;
             let mut quiet_since: Option<tokio::time::Instant> = None;
             loop {
@@ -896,7 +904,7 @@ impl Node {
                 let now = tokio::time::Instant::now();
                 if quiet.acks_pending == 0 && quiet.in_flight == 0 && !handling {
                     let since = *quiet_since.get_or_insert(now);
-                    if now.duration_since(since) >= QUIET_SETTLE {
+                    if now.duration_since(since) >= settle {
                         break;
                     }
                 } else {
@@ -914,8 +922,10 @@ impl Node {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            // Give the writers a moment to flush the last acks.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Give the writers a moment to flush the last acks (if it ever handled any).
+            if consumes || self.delivered_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             // 4. Cancel every task, close the endpoint (connections close with `Shutdown`).
             self.shared.cancel.cancel();
             self.shared.endpoint.close().await;
@@ -1182,6 +1192,40 @@ impl std::ops::Deref for Request {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether the node takes inbound work now (what decides its shutdown settle).
+    fn consumes(node: &Node) -> bool {
+        runtime::read(&node.shared.routes).consumes()
+    }
+
+    #[tokio::test]
+    async fn a_node_consumes_while_a_stream_subscription_or_server_is_alive() {
+        let net = peerbus_discovery::MemoryNetwork::new();
+        let node = Node::builder("orders")
+            .mesh_key(peerbus_transport::MeshKey::generate())
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .discovery(net.discovery())
+            .start()
+            .await
+            .expect("start");
+        assert!(!consumes(&node), "a one-shot sender consumes nothing");
+        let messages = node.messages().expect("messages");
+        assert!(consumes(&node), "its service's stream is taken");
+        drop(messages);
+        assert!(!consumes(&node), "the stream is gone");
+        let sub = node.subscribe("orders.>").await.expect("subscribe");
+        assert!(consumes(&node), "a subscription");
+        drop(sub);
+        assert!(!consumes(&node), "the subscription is gone");
+        let server = node
+            .serve(|_m| async { Ok::<_, HandlerError>(Bytes::new()) })
+            .await
+            .expect("serve");
+        assert!(consumes(&node), "a request handler");
+        server.stop().await;
+        assert!(!consumes(&node), "the handler stopped");
+        node.shutdown().await;
+    }
 
     /// A receipt for `copies` copies of a call core answered, and the call's reply.
     fn answered(copies: usize) -> (Receipt, CallReply) {

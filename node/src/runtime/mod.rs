@@ -182,6 +182,15 @@ pub(crate) struct Routes {
 }
 
 impl Routes {
+    /// Whether anything here takes inbound work now: a live `messages()` stream, a
+    /// subscription or a `serve` handler. A node that takes none nacks every delivery that
+    /// reaches it ("no local consumer"), so it never handles one.
+    pub(crate) fn consumes(&self) -> bool {
+        (self.service_rx.is_none() && !self.service_tx.is_closed())
+            || !self.subs.is_empty()
+            || self.serve.is_some()
+    }
+
     pub(crate) fn interests(&self) -> Vec<Interest> {
         let mut v: Vec<Interest> = self.subs.iter().map(|s| s.interest.clone()).collect();
         v.sort();
