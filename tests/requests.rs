@@ -567,100 +567,125 @@ async fn in_flight_drains(node: &peerbus::Node) {
 /// Nodes that find each other at once both dial, and both keep the connection dialled by the
 /// smaller id. Requests sent on the other one before the winner arrived still get their
 /// replies: the loser is retired, not closed, and closes once both sides have no request
-/// waiting on it (well before `RETIRE_MAX`, 30 s). Closing it at once failed such requests
+/// waiting on it (well before its linger, 30 s). Closing it at once failed such requests
 /// with `PeerLost`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_on_the_loser_of_a_tie_break_get_their_replies() {
-    within(150, async {
-        let key = MeshKey::generate();
-        let mut retired = 0;
-        let mut answered = 0;
-        // Rounds until some tie-breaks were lost with requests on them (each round of four
-        // nodes has six pairs; most rounds retire several connections).
-        for round in 0..10 {
-            let gate = Gate::default();
-            let mut nodes: Vec<Node> = Vec::new();
-            for i in 0..4 {
-                let b = Node::builder(format!("n{i}"))
-                    .mesh("test")
-                    .mesh_key(key.clone())
-                    .listen("127.0.0.1:0".parse().expect("addr"))
-                    .discovery(gate.clone())
-                    .shutdown_grace(Duration::from_millis(500));
-                nodes.push(start(b).await);
+    within(150, tie_break_rounds(Duration::from_millis(150), None, 16)).await;
+}
+
+/// A retired connection lingers for a while at most, but a request on it is answered however
+/// long its handler runs within the request's timeout: the serving side keeps the connection
+/// open until the deadline of the requests the peer sent on it. (Before, the serving side
+/// closed it when its own linger ran out, failing the requester's calls with `PeerLost`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_outlasting_a_retired_connections_linger_is_answered() {
+    within(
+        150,
+        tie_break_rounds(
+            Duration::from_millis(900),
+            Some(Duration::from_millis(100)),
+            40,
+        ),
+    )
+    .await;
+}
+
+/// Rounds of four nodes that learn of each other at once (so tie-breaks are lost with
+/// requests on the losing connections), whose handlers take `handler`, until `enough`
+/// connections were retired (or 20 rounds passed): every request must be answered. `linger`
+/// shortens how long a retired connection stays open at most.
+async fn tie_break_rounds(handler: Duration, linger: Option<Duration>, enough: u64) {
+    let key = MeshKey::generate();
+    let mut retired = 0;
+    let mut answered = 0;
+    // Rounds until some tie-breaks were lost with requests on them (each round of four
+    // nodes has six pairs; most rounds retire several connections).
+    for round in 0..20 {
+        let gate = Gate::default();
+        let mut nodes: Vec<Node> = Vec::new();
+        for i in 0..4 {
+            let mut b = Node::builder(format!("n{i}"))
+                .mesh("test")
+                .mesh_key(key.clone())
+                .listen("127.0.0.1:0".parse().expect("addr"))
+                .discovery(gate.clone())
+                .shutdown_grace(Duration::from_millis(500));
+            if let Some(linger) = linger {
+                b = b.retired_linger(linger);
             }
-            for n in &nodes {
-                n.serve(|req| async move {
-                    // Long enough to be in flight when the winning connection arrives.
-                    tokio::time::sleep(Duration::from_millis(150)).await;
-                    Ok(req.payload().clone())
-                })
-                .await
-                .expect("serve");
-            }
-            gate.reveal().await;
-            // Every node asks every other service, three at once, as soon as it sees it.
-            let mut asks = tokio::task::JoinSet::new();
-            for (i, n) in nodes.iter().enumerate() {
-                for j in (0..nodes.len()).filter(|j| *j != i) {
-                    let n = n.clone();
-                    asks.spawn(async move {
-                        let service = format!("n{j}");
-                        assert!(
-                            n.wait_for_instances(&service, 1, Duration::from_secs(10))
-                                .await,
-                            "n{i} never saw {service}"
-                        );
-                        let mut calls = tokio::task::JoinSet::new();
-                        for k in 0..3 {
-                            let n = n.clone();
-                            let service = service.clone();
-                            calls.spawn(async move {
-                                let payload = format!("n{i}-{k}");
-                                let reply = n
-                                    .request(&service, payload.clone(), Duration::from_secs(5))
-                                    .await
-                                    .unwrap_or_else(|e| {
-                                        panic!("round {round}: n{i} asking {service}: {e}")
-                                    });
-                                assert_eq!(&reply[..], payload.as_bytes());
-                            });
-                        }
-                        while let Some(call) = calls.join_next().await {
-                            call.expect("request task");
-                        }
-                    });
-                }
-            }
-            while let Some(done) = asks.join_next().await {
-                done.expect("asking task");
-                answered += 3;
-            }
-            for n in &nodes {
-                let s = n.status().await.expect("status");
-                retired += s.connections_retired;
-                // One connection per pair, and each retired one closes once its requests
-                // are answered, long before it would be closed for its age.
-                assert_eq!(s.connections, 3, "round {round}");
-                eventually(10, "retired connections closed", || async {
-                    n.status()
-                        .await
-                        .is_some_and(|s| s.retiring_connections == 0)
-                })
-                .await;
-            }
-            for n in nodes {
-                n.shutdown().await;
-            }
-            if retired >= 16 {
-                break;
+            nodes.push(start(b).await);
+        }
+        for n in &nodes {
+            n.serve(move |req| async move {
+                // Long enough to be in flight when the winning connection arrives.
+                tokio::time::sleep(handler).await;
+                Ok(req.payload().clone())
+            })
+            .await
+            .expect("serve");
+        }
+        gate.reveal().await;
+        // Every node asks every other service, three at once, as soon as it sees it.
+        let mut asks = tokio::task::JoinSet::new();
+        for (i, n) in nodes.iter().enumerate() {
+            for j in (0..nodes.len()).filter(|j| *j != i) {
+                let n = n.clone();
+                asks.spawn(async move {
+                    let service = format!("n{j}");
+                    assert!(
+                        n.wait_for_instances(&service, 1, Duration::from_secs(10))
+                            .await,
+                        "n{i} never saw {service}"
+                    );
+                    let mut calls = tokio::task::JoinSet::new();
+                    for k in 0..3 {
+                        let n = n.clone();
+                        let service = service.clone();
+                        calls.spawn(async move {
+                            let payload = format!("n{i}-{k}");
+                            let reply = n
+                                .request(&service, payload.clone(), Duration::from_secs(5))
+                                .await
+                                .unwrap_or_else(|e| {
+                                    panic!("round {round}: n{i} asking {service}: {e}")
+                                });
+                            assert_eq!(&reply[..], payload.as_bytes());
+                        });
+                    }
+                    while let Some(call) = calls.join_next().await {
+                        call.expect("request task");
+                    }
+                });
             }
         }
-        eprintln!("{retired} connections retired, {answered} requests answered");
-        assert!(
-            retired > 0,
-            "no tie-break was lost in 10 rounds: nothing here was tested"
-        );
-    })
-    .await;
+        while let Some(done) = asks.join_next().await {
+            done.expect("asking task");
+            answered += 3;
+        }
+        for n in &nodes {
+            let s = n.status().await.expect("status");
+            retired += s.connections_retired;
+            // One connection per pair, and each retired one closes once its requests
+            // are answered, long before it would be closed for its age.
+            assert_eq!(s.connections, 3, "round {round}");
+            eventually(10, "retired connections closed", || async {
+                n.status()
+                    .await
+                    .is_some_and(|s| s.retiring_connections == 0)
+            })
+            .await;
+        }
+        for n in nodes {
+            n.shutdown().await;
+        }
+        if retired >= enough {
+            break;
+        }
+    }
+    eprintln!("{retired} connections retired, {answered} requests answered");
+    assert!(
+        retired > 0,
+        "no tie-break was lost in 20 rounds: nothing here was tested"
+    );
 }

@@ -53,6 +53,7 @@ pub struct NodeBuilder {
     pub(crate) retry_backoff: (Duration, Duration),
     pub(crate) lanes: usize,
     pub(crate) shutdown_grace: Duration,
+    pub(crate) retired_linger: Duration,
     pub(crate) max_requests_in_flight: usize,
     pub(crate) serve_concurrency: usize,
     pub(crate) durability: Option<Durability>,
@@ -96,6 +97,7 @@ impl NodeBuilder {
             retry_backoff: (Duration::from_millis(200), Duration::from_secs(30)),
             lanes: 4,
             shutdown_grace: Duration::from_secs(5),
+            retired_linger: Duration::from_secs(30),
             max_requests_in_flight: 65_536,
             serve_concurrency: 256,
             durability: None,
@@ -231,6 +233,15 @@ impl NodeBuilder {
     /// How long `shutdown()` waits for in-flight handlers and acks before closing. Default 5 s.
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.shutdown_grace = d;
+        self
+    }
+
+    /// How long a connection that lost the tie-break of a simultaneous dial stays open at most
+    /// for the requests sent on it before the other connection was chosen (it closes sooner
+    /// once neither side waits for a reply on it, and later when a request on it, from either
+    /// side, has a later deadline). Default 30 s.
+    pub fn retired_linger(mut self, d: Duration) -> Self {
+        self.retired_linger = d;
         self
     }
 

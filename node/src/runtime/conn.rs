@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -214,14 +214,16 @@ pub(crate) async fn dial_loop(
 /// Starts the writer, readers and close watcher of an accepted connection. `out` is the
 /// sending side of the writer's queue `rx` (core keeps another clone): the lane readers and
 /// the serve handlers reply through it. `gone` is the connection's [`ConnState`] flag: the
-/// close watcher sets it, and core sets it when it retires the connection.
+/// close watcher sets it, and core sets it when it retires the connection. The lane readers
+/// raise `serving` to the latest deadline (engine ms) of the peer's requests that arrived on
+/// it, so a retired connection stays open while they may still be answered.
 pub(crate) fn spawn_connection(
     shared: Arc<Shared>,
     ready: Ready,
     generation: u64,
     (out, rx): (mpsc::Sender<Out>, mpsc::Receiver<Out>),
     cancel: CancellationToken,
-    gone: Arc<AtomicBool>,
+    (gone, serving): (Arc<AtomicBool>, Arc<AtomicU64>),
 ) {
     let Ready {
         conn,
@@ -241,6 +243,7 @@ pub(crate) fn spawn_connection(
         out: out.clone(),
         cancel: cancel.clone(),
         gone: gone.clone(),
+        serving,
     };
     t.spawn(
         control_reader(shared.clone(), peer, generation, ctl_rx, cancel.clone())
@@ -391,6 +394,8 @@ struct LaneContext {
     /// Set once `cancel` is cancelled or core retired the connection (see
     /// [`super::ConnState`]).
     gone: Arc<AtomicBool>,
+    /// The latest deadline (engine ms) of the peer's requests that arrived on the connection.
+    serving: Arc<AtomicU64>,
 }
 
 async fn lane_acceptor(cx: LaneContext, conn: Connection) {
@@ -423,6 +428,7 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
         out,
         cancel,
         gone,
+        serving,
     } = cx;
     loop {
         let frame = tokio::select! {
@@ -455,6 +461,7 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
                 }
             }
             Data::Request { budget_ms, env } => {
+                serving.fetch_max(shared.now().saturating_add(budget_ms), Ordering::Relaxed);
                 let serve = super::read(&shared.routes).serve.clone();
                 let corr = env.seq;
                 let request = InboundRequest {

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -206,6 +206,9 @@ struct Link {
     cancel: CancellationToken,
     /// The connection's [`super::ConnState`] flag: set when it closes or is retired.
     gone: Arc<AtomicBool>,
+    /// The latest deadline (engine ms) of the peer's requests that arrived on it (set by its
+    /// lane readers): once retired, it stays open until then.
+    serving: Arc<AtomicU64>,
     /// The peer retired this connection (see `Core::link_retired_by_peer`): it carries our
     /// requests until the connection the peer keeps arrives, and no deliveries.
     peer_retired: bool,
@@ -1697,6 +1700,7 @@ impl Core {
         let (tx, rx) = mpsc::channel(super::LINK_QUEUE);
         let cancel = self.shared.cancel.child_token();
         let gone = Arc::new(AtomicBool::new(false));
+        let serving = Arc::new(AtomicU64::new(0));
         let learnt = self.remember_groups(&r.hello.interests);
         self.outbox.peer_up(
             peer,
@@ -1758,10 +1762,18 @@ impl Core {
             outstanding: 0,
             cancel: cancel.clone(),
             gone: gone.clone(),
+            serving: serving.clone(),
             peer_retired: false,
         };
         self.links.insert(peer, link);
-        conn::spawn_connection(self.shared.clone(), r, generation, (tx, rx), cancel, gone);
+        conn::spawn_connection(
+            self.shared.clone(),
+            r,
+            generation,
+            (tx, rx),
+            cancel,
+            (gone, serving),
+        );
         if let Some(l) = self.links.get(&peer) {
             // Our hello was built before this connection was registered: an interest or
             // `serve` change in between never reached this peer. Send the current state once.

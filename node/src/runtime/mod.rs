@@ -216,6 +216,8 @@ pub(crate) struct Shared {
     pub(crate) max_requests_in_flight: usize,
     pub(crate) serve_concurrency: usize,
     pub(crate) shutdown_grace: std::time::Duration,
+    /// How long a retired connection stays open at most (engine ms; see `core/retire.rs`).
+    pub(crate) retired_linger_ms: u64,
     /// This node's ack timeout, taken as its senders' too: an inbound entry that waited
     /// locally this long before its handler would start is dropped as stale.
     pub(crate) ack_timeout: std::time::Duration,
@@ -347,6 +349,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         max_requests_in_flight: b.max_requests_in_flight,
         serve_concurrency: b.serve_concurrency,
         shutdown_grace: b.shutdown_grace,
+        retired_linger_ms: u64::try_from(b.retired_linger.as_millis()).unwrap_or(u64::MAX),
         ack_timeout: b.ack_timeout,
         send_timeout: b.send_timeout,
         store_stats: Arc::new(Mutex::new(crate::store::StoreStats::default())),

@@ -7,12 +7,13 @@
 //! as after a close), but its readers and writer run on: replies to the requests it carries,
 //! in both directions, still travel on it. Once a side has no request of its own waiting on
 //! it, it says so with [`Control::Retired`]; the side that has said it and heard it closes the
-//! connection. A retired connection closes at the latest [`RETIRE_MAX`] after it was retired
-//! (or at its last request's deadline, when later); requests still waiting then fail as on
-//! any lost connection.
+//! connection. A retired connection closes at the latest its linger
+//! (`NodeBuilder::retired_linger`, 30 s by default) after it was retired, or at the deadline of the last request sent on it, ours or the peer's, when that is later
+//! (a handler may run for as long as its request's timeout); requests still waiting then fail
+//! as on any lost connection.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use peerbus_transport::{CloseCode, Connection, NodeId};
@@ -24,9 +25,10 @@ use super::{Core, Link, Out};
 use crate::engine::wire::Control;
 use crate::runtime::conn;
 
-/// How long a retired connection stays open at most (engine milliseconds), unless a request
-/// sent on it has a later deadline: long enough for the requests of a tie-break's loser.
-pub(super) const RETIRE_MAX: u64 = 30_000;
+/// How much longer than its linger (`NodeBuilder::retired_linger`, 30 s by default) the
+/// deadline of a peer's request can keep a retired connection open (engine ms): the peer
+/// chooses the deadline.
+const SERVING_HOLD_MAX: u64 = 60 * 60_000;
 /// Most retired connections open at once; retiring one more closes the oldest. A tie-break
 /// retires at most one connection per pair of nodes, so only peers that dial again and again
 /// come near it.
@@ -49,8 +51,22 @@ pub(super) struct Retiring {
     said: bool,
     /// The peer sent [`Control::Retired`] on it.
     heard: bool,
-    /// When it closes at the latest (engine time, ms).
+    /// When it closes at the latest (engine time, ms), unless `serving` is later.
     until: u64,
+    /// The latest deadline of the peer's requests that arrived on it (its lane readers raise
+    /// it): we may still be answering them, so it stays open until then.
+    serving: Arc<AtomicU64>,
+}
+
+impl Retiring {
+    /// When it closes at the latest: its linger after it was retired, or later at the
+    /// deadline of a request sent on it, ours or the peer's (a peer's by at most
+    /// [`SERVING_HOLD_MAX`] more).
+    fn closes_at(&self) -> u64 {
+        let serving = self.serving.load(Ordering::Relaxed);
+        self.until
+            .max(serving.min(self.until.saturating_add(SERVING_HOLD_MAX)))
+    }
 }
 
 impl Core {
@@ -73,7 +89,10 @@ impl Core {
             requests,
             said: false,
             heard,
-            until: (now + RETIRE_MAX).max(latest),
+            until: now
+                .saturating_add(self.shared.retired_linger_ms)
+                .max(latest),
+            serving: old.serving,
         };
         self.add_retiring(old.generation, retiring);
     }
@@ -85,6 +104,7 @@ impl Core {
         self.next_generation += 1;
         let (tx, rx) = mpsc::channel(crate::runtime::LINK_QUEUE);
         let cancel = self.shared.cancel.child_token();
+        let serving = Arc::new(AtomicU64::new(0));
         let retiring = Retiring {
             peer: r.hello.node_id,
             incarnation: r.hello.incarnation,
@@ -94,10 +114,18 @@ impl Core {
             requests: 0,
             said: false,
             heard: false,
-            until: self.now() + RETIRE_MAX,
+            until: self.now().saturating_add(self.shared.retired_linger_ms),
+            serving: serving.clone(),
         };
         let gone = Arc::new(AtomicBool::new(true));
-        conn::spawn_connection(self.shared.clone(), r, generation, (tx, rx), cancel, gone);
+        conn::spawn_connection(
+            self.shared.clone(),
+            r,
+            generation,
+            (tx, rx),
+            cancel,
+            (gone, serving),
+        );
         self.add_retiring(generation, retiring);
     }
 
@@ -235,7 +263,7 @@ impl Core {
         let due: Vec<u64> = self
             .retiring
             .iter()
-            .filter(|(_, r)| r.until <= now)
+            .filter(|(_, r)| r.closes_at() <= now)
             .map(|(g, _)| *g)
             .collect();
         for g in due {
