@@ -7,10 +7,10 @@
 //! as after a close), but its readers and writer run on: replies to the requests it carries,
 //! in both directions, still travel on it. Once a side has no request of its own waiting on
 //! it, it says so with [`Control::Retired`]; the side that has said it and heard it closes the
-//! connection. A retired connection closes at the latest its linger
-//! (`NodeBuilder::retired_linger`, 30 s by default) after it was retired, or at the deadline of the last request sent on it, ours or the peer's, when that is later
-//! (a handler may run for as long as its request's timeout); requests still waiting then fail
-//! as on any lost connection.
+//! connection. A retired connection closes at the latest its linger after it was retired
+//! (`NodeBuilder::retired_linger`, 30 s by default), or at the deadline of the last request
+//! sent on it, ours or the peer's, when that is later (a handler may run for as long as its
+//! request's timeout); requests still waiting then fail as on any lost connection.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
