@@ -183,8 +183,10 @@ pub(crate) struct Routes {
 
 impl Routes {
     /// Whether anything here takes inbound work now: a live `messages()` stream, a
-    /// subscription or a `serve` handler. A node that takes none nacks every delivery that
-    /// reaches it ("no local consumer"), so it never handles one.
+    /// subscription or a `serve` handler. A node that takes none handles no delivery that
+    /// reaches it: those for its service wait unread in the stream's queue (their sender
+    /// redelivers them once its ack timeout passes or the connection closes), the rest are
+    /// nacked ("no local consumer").
     pub(crate) fn consumes(&self) -> bool {
         (self.service_rx.is_none() && !self.service_tx.is_closed())
             || !self.subs.is_empty()
