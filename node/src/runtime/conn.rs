@@ -211,20 +211,35 @@ pub(crate) async fn dial_loop(
     .await;
 }
 
-/// Starts the writer, readers and close watcher of an accepted connection. `out` is the
-/// sending side of the writer's queue `rx` (core keeps another clone): the lane readers and
-/// the serve handlers reply through it. `gone` is the connection's [`ConnState`] flag: the
-/// close watcher sets it, and core sets it when it retires the connection. The lane readers
-/// raise `serving` to the latest deadline (engine ms) of the peer's requests that arrived on
-/// it, so a retired connection stays open while they may still be answered.
-pub(crate) fn spawn_connection(
-    shared: Arc<Shared>,
-    ready: Ready,
-    generation: u64,
-    (out, rx): (mpsc::Sender<Out>, mpsc::Receiver<Out>),
-    cancel: CancellationToken,
-    (gone, serving): (Arc<AtomicBool>, Arc<AtomicU64>),
-) {
+/// What core and a connection's tasks share, made by `Core::connection_handles`.
+pub(crate) struct ConnHandles {
+    /// Which run of the connection to its peer this is (core's generation counter).
+    pub(crate) generation: u64,
+    /// The sending side of the writer's queue `rx` (core keeps a clone): the lane readers and
+    /// the serve handlers reply through it.
+    pub(crate) out: mpsc::Sender<Out>,
+    /// The writer's queue.
+    pub(crate) rx: mpsc::Receiver<Out>,
+    /// Stops every task of the connection.
+    pub(crate) cancel: CancellationToken,
+    /// The connection's [`ConnState`] flag: the close watcher sets it, and core sets it when
+    /// it retires the connection.
+    pub(crate) gone: Arc<AtomicBool>,
+    /// The latest deadline (engine ms) of the peer's requests that arrived on it, raised by
+    /// the lane readers, so a retired connection stays open while they may still be answered.
+    pub(crate) serving: Arc<AtomicU64>,
+}
+
+/// Starts the writer, readers and close watcher of an accepted connection.
+pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnHandles) {
+    let ConnHandles {
+        generation,
+        out,
+        rx,
+        cancel,
+        gone,
+        serving,
+    } = handles;
     let Ready {
         conn,
         hello,

@@ -860,7 +860,7 @@ impl Core {
     fn refresh_local(&mut self, force: bool) {
         let (service, subs, interests) = {
             let r = super::read(&self.shared.routes);
-            let service = r.service_rx.is_none() && !r.service_tx.is_closed();
+            let service = r.takes_messages();
             if !force
                 && service == self.local.service
                 && r.subs
@@ -1643,6 +1643,22 @@ impl Core {
             .spawn(conn::dial_loop(shared, vec![addr], None, delay, token));
     }
 
+    /// A new generation, writer queue, cancel token and flags for a connection about to
+    /// start (`gone`: whether it starts out retired).
+    fn connection_handles(&mut self, gone: bool) -> conn::ConnHandles {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let (out, rx) = mpsc::channel(super::LINK_QUEUE);
+        conn::ConnHandles {
+            generation,
+            out,
+            rx,
+            cancel: self.shared.cancel.child_token(),
+            gone: Arc::new(AtomicBool::new(gone)),
+            serving: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
     fn peer_ready(&mut self, r: conn::Ready) {
         let peer = r.hello.node_id;
         let local = self.shared.id;
@@ -1695,12 +1711,8 @@ impl Core {
                 }
             }
         }
-        let generation = self.next_generation;
-        self.next_generation += 1;
-        let (tx, rx) = mpsc::channel(super::LINK_QUEUE);
-        let cancel = self.shared.cancel.child_token();
-        let gone = Arc::new(AtomicBool::new(false));
-        let serving = Arc::new(AtomicU64::new(0));
+        let handles = self.connection_handles(false);
+        let generation = handles.generation;
         let learnt = self.remember_groups(&r.hello.interests);
         self.outbox.peer_up(
             peer,
@@ -1754,26 +1766,19 @@ impl Core {
         }
         let link = Link {
             generation,
-            tx: tx.clone(),
+            tx: handles.out.clone(),
             conn: r.conn.clone(),
             incarnation: r.hello.incarnation,
             service: r.hello.service.clone(),
             serves: r.hello.serves,
             outstanding: 0,
-            cancel: cancel.clone(),
-            gone: gone.clone(),
-            serving: serving.clone(),
+            cancel: handles.cancel.clone(),
+            gone: handles.gone.clone(),
+            serving: handles.serving.clone(),
             peer_retired: false,
         };
         self.links.insert(peer, link);
-        conn::spawn_connection(
-            self.shared.clone(),
-            r,
-            generation,
-            (tx, rx),
-            cancel,
-            (gone, serving),
-        );
+        conn::spawn_connection(self.shared.clone(), r, handles);
         if let Some(l) = self.links.get(&peer) {
             // Our hello was built before this connection was registered: an interest or
             // `serve` change in between never reached this peer. Send the current state once.

@@ -188,9 +188,12 @@ impl Routes {
     /// redelivers them once its ack timeout passes or the connection closes), the rest are
     /// nacked ("no local consumer").
     pub(crate) fn consumes(&self) -> bool {
-        (self.service_rx.is_none() && !self.service_tx.is_closed())
-            || !self.subs.is_empty()
-            || self.serve.is_some()
+        self.takes_messages() || !self.subs.is_empty() || self.serve.is_some()
+    }
+
+    /// Whether the `messages()` stream of this node's service is taken and still alive.
+    pub(crate) fn takes_messages(&self) -> bool {
+        self.service_rx.is_none() && !self.service_tx.is_closed()
     }
 
     pub(crate) fn interests(&self) -> Vec<Interest> {

@@ -13,7 +13,7 @@
 //! request's timeout); requests still waiting then fail as on any lost connection.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use peerbus_transport::{CloseCode, Connection, NodeId};
@@ -100,32 +100,21 @@ impl Core {
     /// Retires a newly arrived connection that lost the tie-break to the one we have: it
     /// runs like any connection, without being registered as the peer's link.
     pub(super) fn retire_new(&mut self, r: conn::Ready) {
-        let generation = self.next_generation;
-        self.next_generation += 1;
-        let (tx, rx) = mpsc::channel(crate::runtime::LINK_QUEUE);
-        let cancel = self.shared.cancel.child_token();
-        let serving = Arc::new(AtomicU64::new(0));
+        let handles = self.connection_handles(true);
+        let generation = handles.generation;
         let retiring = Retiring {
             peer: r.hello.node_id,
             incarnation: r.hello.incarnation,
             conn: r.conn.clone(),
-            tx: tx.clone(),
-            cancel: cancel.clone(),
+            tx: handles.out.clone(),
+            cancel: handles.cancel.clone(),
             requests: 0,
             said: false,
             heard: false,
             until: self.now().saturating_add(self.shared.retired_linger_ms),
-            serving: serving.clone(),
+            serving: handles.serving.clone(),
         };
-        let gone = Arc::new(AtomicBool::new(true));
-        conn::spawn_connection(
-            self.shared.clone(),
-            r,
-            generation,
-            (tx, rx),
-            cancel,
-            (gone, serving),
-        );
+        conn::spawn_connection(self.shared.clone(), r, handles);
         self.add_retiring(generation, retiring);
     }
 
