@@ -352,3 +352,117 @@ async fn corrupt_store_or_busy_data_dir_is_a_clear_start_error() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_stored_in_one_commit_and_delivered_in_key_order() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sender = start(builder(&net, "payments", &key).data_dir(dir.path())).await;
+        let before = sender.store_stats();
+        let batch = (0..500u32).map(|i| Outgoing::new(format!("{i}")).key(format!("k{}", i % 5)));
+        let receipt = sender.send_batch("orders", batch).await.expect("stored");
+        assert_eq!(receipt.copies(), 500, "one copy per message");
+        let after = sender.store_stats();
+        assert_eq!(
+            after.commits - before.commits,
+            1,
+            "the whole batch is one group commit: {before:?} → {after:?}"
+        );
+        let st = sender.status().await.expect("status");
+        assert_eq!(st.logs["svc:orders"].waiting, 500, "all wait for orders");
+
+        let receiver = start(builder(&net, "orders", &key)).await;
+        let mut got = handle_with(&receiver, |_| Ok(()));
+        tokio::time::timeout(Duration::from_secs(30), receipt.acked())
+            .await
+            .expect("acked in time")
+            .expect("every message handled");
+        let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
+        for _ in 0..500 {
+            let (k, p, _) = got.recv().await.expect("message");
+            per_key.entry(k).or_default().push(p.parse().expect("n"));
+        }
+        assert_eq!(per_key.len(), 5);
+        for (k, v) in &per_key {
+            assert_eq!(v.len(), 100, "key {k}");
+            assert!(
+                v.windows(2).all(|w| w[0] < w[1]),
+                "key {k} out of order: {v:?}"
+            );
+        }
+        assert!(got.try_recv().is_err(), "no duplicates");
+        sender.shutdown().await;
+        receiver.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_its_limits_or_with_a_bad_message_stores_nothing() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let sender = start(
+            builder(&net, "payments", &key)
+                .durability(Durability::Memory)
+                .max_message_size(1024 * 1024),
+        )
+        .await;
+        let small = |i: usize| Outgoing::new(format!("{i}"));
+
+        let too_many = sender
+            .send_batch("orders", (0..=peerbus::MAX_BATCH).map(small))
+            .await;
+        assert!(
+            matches!(too_many, Err(SendError::BatchTooLarge { messages, max_messages, .. })
+                if messages == peerbus::MAX_BATCH + 1 && max_messages == peerbus::MAX_BATCH),
+            "{too_many:?}"
+        );
+        // 17 messages of 1 MiB: over the 16 MiB a batch may hold, though each one fits.
+        let mib = peerbus::Bytes::from(vec![7u8; 1024 * 1024 - 16]);
+        let too_big = sender
+            .send_batch("orders", (0..17).map(|_| Outgoing::new(mib.clone())))
+            .await;
+        assert!(
+            matches!(too_big, Err(SendError::BatchTooLarge { max_bytes, .. })
+                if max_bytes == peerbus::MAX_BATCH_BYTES),
+            "{too_big:?}"
+        );
+        // One message over `max_message_size` fails the batch it is in.
+        let oversized = vec![
+            small(1),
+            Outgoing::new(vec![0u8; 2 * 1024 * 1024]),
+            small(2),
+        ];
+        let bad = sender.send_batch("orders", oversized).await;
+        assert!(matches!(bad, Err(SendError::TooLarge { .. })), "{bad:?}");
+        let bad_destination = sender.send_batch("orders.*", [small(1)]).await;
+        assert!(
+            matches!(bad_destination, Err(SendError::InvalidDestination { .. })),
+            "{bad_destination:?}"
+        );
+
+        let st = sender.status().await.expect("status");
+        let held = st.logs.get("svc:orders").map_or(0, |l| l.waiting);
+        assert_eq!(held, 0, "no message of a refused batch was stored");
+        let empty = sender
+            .send_batch("orders", Vec::<Outgoing>::new())
+            .await
+            .expect("an empty batch");
+        assert_eq!(empty.copies(), 0);
+        empty.acked().await.expect("nothing to wait for");
+
+        // The limits themselves are fine.
+        let full = sender
+            .send_batch("orders", (0..peerbus::MAX_BATCH).map(small))
+            .await
+            .expect("a full batch");
+        assert_eq!(full.copies(), peerbus::MAX_BATCH);
+        let st = sender.status().await.expect("status");
+        assert_eq!(st.logs["svc:orders"].waiting, peerbus::MAX_BATCH);
+        sender.shutdown().await;
+    })
+    .await;
+}

@@ -296,3 +296,54 @@ async fn three_instances_with_one_lost_and_one_added_keep_every_key_in_order() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_batch_gives_each_group_every_message_in_order() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let publisher = start(builder(&net, "payments", &key)).await;
+        let audit = start(builder(&net, "audit", &key)).await;
+        let ledger = start(builder(&net, "ledger", &key)).await;
+        let mut audit_got = drain(audit.subscribe("payment.>").await.expect("sub"));
+        let mut ledger_got = drain(ledger.subscribe("payment.>").await.expect("sub"));
+        eventually(10, "the publisher learnt both groups", || async {
+            publisher
+                .publish("payment.probe", "p")
+                .await
+                .is_ok_and(|r| r.copies() == 2)
+        })
+        .await;
+        let batch = (0..300u32).map(|i| Outgoing::new(format!("{i}")).key("acct"));
+        let receipt = publisher
+            .publish_batch("payment.succeeded", batch)
+            .await
+            .expect("published");
+        assert_eq!(receipt.copies(), 600, "one copy per message and group");
+        tokio::time::timeout(Duration::from_secs(30), receipt.acked())
+            .await
+            .expect("acked in time")
+            .expect("every copy handled");
+        for (group, got) in [("audit", &mut audit_got), ("ledger", &mut ledger_got)] {
+            let mut seen = Vec::new();
+            while seen.len() < 300 {
+                let (_, text) = tokio::time::timeout(Duration::from_secs(10), got.recv())
+                    .await
+                    .expect("in time")
+                    .expect("msg");
+                if text != "p" {
+                    seen.push(text.parse::<u32>().expect("n"));
+                }
+            }
+            assert_eq!(
+                seen,
+                (0..300).collect::<Vec<_>>(),
+                "{group} in publish order"
+            );
+        }
+        for n in [publisher, audit, ledger] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}

@@ -91,6 +91,24 @@ pub enum SendError {
         /// How long `send` waited.
         waited: Duration,
     },
+    /// A [`Node::send_batch`](crate::Node::send_batch) or
+    /// [`Node::publish_batch`](crate::Node::publish_batch) is over a batch's limits
+    /// ([`MAX_BATCH`](crate::MAX_BATCH) messages, [`MAX_BATCH_BYTES`](crate::MAX_BATCH_BYTES));
+    /// nothing of it was stored.
+    #[error(
+        "batch too large: {messages} messages of {bytes} bytes so far, over the limits of \
+         {max_messages} messages and {max_bytes} bytes; split it into smaller batches"
+    )]
+    BatchTooLarge {
+        /// Messages counted when a limit was passed.
+        messages: usize,
+        /// Bytes (payloads, headers and keys) counted when a limit was passed.
+        bytes: usize,
+        /// The most messages a batch may hold.
+        max_messages: usize,
+        /// The most bytes a batch may hold.
+        max_bytes: usize,
+    },
     /// The local store could not write the message (for example the disk is full); nothing
     /// was stored.
     #[error("could not store the message for `{destination}`: {reason}")]

@@ -163,6 +163,17 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    /// What counts against `max_message_size`: the payload, the headers and the key.
+    pub(crate) fn size(&self) -> usize {
+        self.payload.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + self.key.as_ref().map_or(0, String::len)
+    }
+
     /// A message with raw bytes.
     pub fn new(payload: impl Into<Bytes>) -> Self {
         Self {

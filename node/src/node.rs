@@ -24,7 +24,7 @@ use crate::error::{
     AdminError, DeliveryError, HandlerError, RequestError, SendError, SubscribeError,
 };
 use crate::message::{Message, Outgoing, now_unix_ms};
-use crate::runtime::core::{Append, CoreMsg, ScatterTarget, Targets};
+use crate::runtime::core::{Append, CoreMsg, Item, ScatterTarget, Targets};
 use crate::runtime::storage::StoreOp;
 use crate::runtime::{self, InboundRequest, LocalSub, MAX_SUBSCRIPTIONS, SERVE_QUEUE, Shared};
 use crate::store::DeadLetter;
@@ -424,15 +424,28 @@ impl Node {
         service: &str,
         msg: impl Into<Outgoing>,
     ) -> Result<Receipt, SendError> {
-        validate_subject(service, false).map_err(|reason| SendError::InvalidDestination {
-            destination: service.to_string(),
-            reason,
-        })?;
-        let msg = msg.into();
-        let (ttl, after) = (msg.ttl, msg.deliver_after);
-        let env = self.envelope(Kind::Send, service, msg)?;
-        let target = Targets::One(Target::Service(service.to_string()));
-        self.append(target, env, ttl, after).await
+        self.append(Kind::Send, service, std::iter::once(msg.into()))
+            .await
+    }
+
+    /// Sends every message of `batch` to `service`, in order, as one call: they are accepted
+    /// into the local log together (with [`Durability::Fsync`](crate::Durability::Fsync), in
+    /// one group commit) or not at all, and each is then delivered on its own to one live
+    /// instance, like a [`Node::send`] of it. The receipt covers them all
+    /// ([`Receipt::copies`] is the batch's length).
+    ///
+    /// One call instead of one per message saves the per-call work on this node: use it to
+    /// push many messages at once. A batch holds at most [`MAX_BATCH`] messages and
+    /// [`MAX_BATCH_BYTES`] of payloads, headers and keys (or one message's
+    /// `max_message_size`, when that is larger); a larger one fails with
+    /// [`SendError::BatchTooLarge`] and nothing is stored. An empty batch stores nothing.
+    pub async fn send_batch<M: Into<Outgoing>>(
+        &self,
+        service: &str,
+        batch: impl IntoIterator<Item = M>,
+    ) -> Result<Receipt, SendError> {
+        self.append(Kind::Send, service, batch.into_iter().map(Into::into))
+            .await
     }
 
     /// Publishes to `topic`: each durable subscriber group whose pattern matches gets one copy,
@@ -445,37 +458,92 @@ impl Node {
         topic: &str,
         msg: impl Into<Outgoing>,
     ) -> Result<Receipt, SendError> {
-        validate_subject(topic, false).map_err(|reason| SendError::InvalidDestination {
-            destination: topic.to_string(),
-            reason,
-        })?;
-        let msg = msg.into();
-        let (ttl, after) = (msg.ttl, msg.deliver_after);
-        let env = self.envelope(Kind::Publish, topic, msg)?;
-        let targets = Targets::Topic(topic.to_string());
-        self.append(targets, env, ttl, after).await
+        self.append(Kind::Publish, topic, std::iter::once(msg.into()))
+            .await
     }
 
+    /// Publishes every message of `batch` to `topic`, in order, as one call: each subscriber
+    /// group gets a copy of each message, as with [`Node::publish`], and all copies are
+    /// accepted into the local log together or not at all. The receipt covers every durable
+    /// copy ([`Receipt::copies`] is the batch's length times the number of groups). The
+    /// limits of [`Node::send_batch`] apply.
+    pub async fn publish_batch<M: Into<Outgoing>>(
+        &self,
+        topic: &str,
+        batch: impl IntoIterator<Item = M>,
+    ) -> Result<Receipt, SendError> {
+        self.append(Kind::Publish, topic, batch.into_iter().map(Into::into))
+            .await
+    }
+
+    /// Builds the envelopes of a `send`/`publish` call of one or more messages (checking the
+    /// destination, each message's size and a batch's limits) and submits them.
     async fn append(
         &self,
-        targets: Targets,
-        env: Envelope,
-        ttl: Option<Duration>,
-        deliver_after: Option<Duration>,
+        kind: Kind,
+        destination: &str,
+        msgs: impl Iterator<Item = Outgoing>,
     ) -> Result<Receipt, SendError> {
-        if targets.is_empty() {
+        validate_subject(destination, false).map_err(|reason| SendError::InvalidDestination {
+            destination: destination.to_string(),
+            reason,
+        })?;
+        // A message's envelope, and the size that counts against the batch's bytes.
+        let item = |msg: Outgoing| -> Result<(Item, usize), SendError> {
+            let (ttl, after, size) = (msg.ttl, msg.deliver_after, msg.size());
+            let item = Item {
+                env: self.envelope(kind, destination, msg)?,
+                ttl_ms: ttl.map(|d| d.as_millis() as u64),
+                delay_ms: after.map(|d| d.as_millis() as u64),
+            };
+            Ok((item, size))
+        };
+        let mut msgs = msgs.peekable();
+        let Some(first) = msgs.next() else {
             return Ok(Receipt {
                 ticket: None,
                 copies: 0,
             });
+        };
+        let (first, mut bytes) = item(first)?;
+        let mut rest = Vec::new();
+        if msgs.peek().is_some() {
+            let max_bytes = MAX_BATCH_BYTES.max(self.shared.max_message_size);
+            for msg in msgs {
+                let (it, size) = item(msg)?;
+                bytes += size;
+                let messages = rest.len() + 2;
+                if messages > MAX_BATCH || bytes > max_bytes {
+                    return Err(SendError::BatchTooLarge {
+                        messages,
+                        bytes,
+                        max_messages: MAX_BATCH,
+                        max_bytes,
+                    });
+                }
+                rest.push(it);
+            }
         }
+        let targets = match kind {
+            Kind::Publish => Targets::Topic(destination.to_string()),
+            _ => Targets::One(Target::Service(destination.to_string())),
+        };
+        self.submit(targets, first, rest).await
+    }
+
+    /// Hands a call's messages to core as one [`CoreMsg::Append`] and answers with its receipt.
+    async fn submit(
+        &self,
+        targets: Targets,
+        first: Item,
+        rest: Vec<Item>,
+    ) -> Result<Receipt, SendError> {
         let ticket = Arc::new(Ticket::default());
         let deadline = self.shared.now() + self.shared.send_timeout.as_millis() as u64;
         self.core(CoreMsg::Append(Append {
             targets,
-            env,
-            ttl_ms: ttl.map(|d| d.as_millis() as u64),
-            delay_ms: deliver_after.map(|d| d.as_millis() as u64),
+            first,
+            rest,
             deadline,
             reply: CallReply(Some(ticket.clone())),
         }))
@@ -955,13 +1023,7 @@ impl Node {
         destination: &str,
         msg: Outgoing,
     ) -> Result<Envelope, SendError> {
-        let size = msg.payload.len()
-            + msg
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
-            + msg.key.as_ref().map_or(0, String::len);
+        let size = msg.size();
         if size > self.shared.max_message_size {
             return Err(SendError::TooLarge {
                 size,
@@ -1038,7 +1100,12 @@ impl Node {
             env.origin = self.shared.id;
             env.attempt = 1;
             env.created_at_ms = now_unix_ms();
-            match self.append(Targets::One(target), env, None, None).await {
+            let item = Item {
+                env,
+                ttl_ms: None,
+                delay_ms: None,
+            };
+            match self.submit(Targets::One(target), item, Vec::new()).await {
                 Ok(_receipt) => n += 1,
                 Err(SendError::Stopped) => return Err(AdminError::Stopped),
                 Err(e) => return Err(AdminError::Store(e.to_string())),
@@ -1065,6 +1132,14 @@ impl Node {
 
 /// Most replies one scatter-gather collects (and so instances it asks).
 pub(crate) const MAX_SCATTER: usize = 4096;
+
+/// Most messages in one [`Node::send_batch`] or [`Node::publish_batch`] call. A batch is
+/// stored in one go (one group commit), and its envelopes wait in memory until then.
+pub const MAX_BATCH: usize = 1024;
+
+/// Most bytes of payloads, headers and keys in one batch (or one message's
+/// `max_message_size`, when that is larger): what one group commit may have to write at once.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// Options of [`Node::request_with`].
 #[derive(Clone, Copy, Debug)]

@@ -13,6 +13,8 @@ use peerbus::{
 
 /// Concurrent callers of `send`/`publish`/`request` in the throughput cases.
 const CALLERS: usize = 64;
+/// Concurrent callers of `send_batch` in the batch cases.
+const BATCH_CALLERS: usize = 8;
 /// Handler concurrency of the consumers.
 const HANDLER_CONCURRENCY: usize = 8;
 
@@ -52,19 +54,20 @@ fn count_handled(node: &Node) -> Result<Arc<AtomicU64>> {
     Ok(seen)
 }
 
-/// Makes `messages` calls of `call(i)` (a `send` or `publish`) from [`CALLERS`] concurrent
-/// tasks, each making its calls one after another, then waits until every receipt is acked.
-async fn run_callers<F, Fut>(messages: usize, call: F) -> Result<()>
+/// Makes `messages` calls of `call(i)` (a `send`, `send_batch` or `publish`) from `callers`
+/// concurrent tasks, each making its calls one after another, then waits until every receipt
+/// is acked.
+async fn run_callers<F, Fut>(callers: usize, messages: usize, call: F) -> Result<()>
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<Receipt, SendError>> + Send,
 {
-    let mut tasks = Vec::with_capacity(CALLERS);
-    for caller in 0..CALLERS {
+    let mut tasks = Vec::with_capacity(callers);
+    for caller in 0..callers {
         let call = call.clone();
         tasks.push(tokio::spawn(async move {
             let mut receipts = Vec::new();
-            for i in (caller..messages).step_by(CALLERS) {
+            for i in (caller..messages).step_by(callers) {
                 receipts.push(call(i).await?);
             }
             for r in receipts {
@@ -108,12 +111,15 @@ pub(crate) fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// `messages` sends of `size` bytes from one node to another, [`CALLERS`] callers at a time,
-/// each acknowledged by the receiver's handler: messages/s from the first send to the last ack.
+/// `messages` sends of `size` bytes from one node to another, each acknowledged by the
+/// receiver's handler: messages/s from the first send to the last ack. With `batch` 1, from
+/// [`CALLERS`] callers of `send` at a time; with more, from [`BATCH_CALLERS`] callers of
+/// `send_batch`, `batch` messages per call.
 pub(crate) async fn send(
     durability: Durability,
     size: usize,
     messages: usize,
+    batch: usize,
     dir: &Path,
 ) -> Result<SendFigures> {
     let mesh = Mesh::new();
@@ -135,16 +141,28 @@ pub(crate) async fn send(
         bail!("the receiver was never discovered");
     }
     let payload = Bytes::from(vec![0x42u8; size]);
+    let msg = move |i: usize| Outgoing::new(payload.clone()).key(format!("k{}", i % 256));
     let before = sender.store_stats();
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     let callers = sender.clone();
-    run_callers(messages, move |i| {
-        let sender = callers.clone();
-        let msg = Outgoing::new(payload.clone()).key(format!("k{}", i % 256));
-        async move { sender.send("orders", msg).await }
-    })
-    .await?;
+    if batch <= 1 {
+        run_callers(CALLERS, messages, move |i| {
+            let sender = callers.clone();
+            let msg = msg(i);
+            async move { sender.send("orders", msg).await }
+        })
+        .await?;
+    } else {
+        let calls = messages.div_ceil(batch);
+        run_callers(BATCH_CALLERS, calls, move |call| {
+            let sender = callers.clone();
+            let first = call * batch;
+            let batch: Vec<Outgoing> = (first..(first + batch).min(messages)).map(&msg).collect();
+            async move { sender.send_batch("orders", batch).await }
+        })
+        .await?;
+    }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_time().saturating_sub(cpu0);
     let after = sender.store_stats();
@@ -197,7 +215,7 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     let callers = publisher.clone();
-    run_callers(messages, move |_| {
+    run_callers(CALLERS, messages, move |_| {
         let p = callers.clone();
         let payload = payload.clone();
         async move { p.publish("bench.tick", payload).await }

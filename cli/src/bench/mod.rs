@@ -36,9 +36,9 @@ pub(crate) struct BenchArgs {
     /// Runs of each throughput case; the median is reported (default 3, 1 with --quick).
     #[arg(long, value_name = "N")]
     runs: Option<usize>,
-    /// Run only the cases of these kinds (comma-separated: send, publish, request, backlog,
-    /// discovery, memory) or with these names or name prefixes up to a `/` (`send/memory/1KiB`,
-    /// `send/fsync`); the raw baselines those cases compare with always run.
+    /// Run only the cases of these kinds (comma-separated: send, batch, publish, request,
+    /// backlog, discovery, memory) or with these names or name prefixes up to a `/`
+    /// (`send/memory/1KiB`, `send/fsync`); the raw baselines those cases compare with always run.
     #[arg(long, value_name = "KINDS", value_delimiter = ',')]
     only: Vec<String>,
     /// Also write the cases as JSON to FILE.
@@ -347,39 +347,55 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
     // each in turn, so that every run of a case is paired with the run of its baseline just
     // before it (see `Case::paired`); with `--baselines-first`, all baselines first instead.
     let sizes = [64usize, 1024, 16 * 1024];
-    let mut stream = BTreeMap::new();
-    let mut memory = BTreeMap::new();
+    let mut index = Baselines::default();
     let mut plans: Vec<SizePlan> = sizes
         .iter()
         .map(|&size| {
             let fsync = wanted("send") && wanted_case(&send_name("fsync", size));
             // An fsync case compares with the memory send of its size: that one runs too.
             let memory = wanted("send") && (wanted_case(&send_name("memory", size)) || fsync);
+            // Batches at 64 B and 1 KiB, where the per-call work weighs most.
+            let batched = size <= 1024 && wanted("batch");
+            let batch_fsync = batched && wanted_case(&batch_name("fsync", size));
+            let batch_memory = batched && (wanted_case(&batch_name("memory", size)) || batch_fsync);
             SizePlan {
                 size,
                 // The baselines the memory sends and the publishes compare with.
-                raw: memory || (size == 1024 && wanted("publish")),
+                raw: memory || batch_memory || (size == 1024 && wanted("publish")),
                 memory,
                 fsync,
+                batch_memory,
+                batch_fsync,
                 runs: SizeRuns::default(),
                 paired: !args.baselines_first,
-                reported: [false; 3],
+                reported: [false; 5],
             }
         })
         .collect();
     // Each group of steps runs `runs` times in turn; a case is reported as soon as its runs
     // are done.
     let groups: &[&[Step]] = if args.baselines_first {
-        &[&[Step::Memory], &[Step::Fsync]]
+        &[
+            &[Step::Memory],
+            &[Step::Fsync],
+            &[Step::BatchMemory],
+            &[Step::BatchFsync],
+        ]
     } else {
-        &[&[Step::Raw, Step::Memory, Step::Fsync]]
+        &[&[
+            Step::Raw,
+            Step::Memory,
+            Step::Fsync,
+            Step::BatchMemory,
+            Step::BatchFsync,
+        ]]
     };
     if args.baselines_first {
         for plan in &mut plans {
             for _ in 0..runs {
                 plan.run(Step::Raw, scale, tmp.path()).await?;
             }
-            plan.report_done(runs, report, &mut stream, &mut memory);
+            plan.report_done(runs, report, &mut index);
         }
     }
     for plan in &mut plans {
@@ -389,7 +405,7 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
                     plan.run(step, scale, tmp.path()).await?;
                 }
             }
-            plan.report_done(runs, report, &mut stream, &mut memory);
+            plan.report_done(runs, report, &mut index);
         }
     }
 
@@ -407,7 +423,7 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
         let case = case
             .with("mb_per_s", rate * 1024.0 / 1e6)
             .with("cpu_us_per_msg", median(cpu))
-            .against(report.get(stream[&1024]));
+            .against(report.get(index.stream[&1024]));
         report.add(case);
     }
 
@@ -458,12 +474,20 @@ fn send_name(durability: &str, size: usize) -> String {
     format!("send/{durability}/{}", size_name(size))
 }
 
-/// The case `send/<durability>/<size>` of these runs (median rate, MB/s and CPU time per
-/// message), and the runs' rates in run order.
-fn send_case(durability: &str, size: usize, runs: &[cases::SendFigures]) -> (Case, Vec<f64>) {
+/// `batch/<durability>/<size>`: sends of `size` bytes in `send_batch` calls of [`BATCH`].
+fn batch_name(durability: &str, size: usize) -> String {
+    format!("batch/{durability}/{}", size_name(size))
+}
+
+/// Messages per `send_batch` call in the `batch/…` cases.
+const BATCH: usize = 32;
+
+/// The case `name` (a send or batch case of `size` bytes) of these runs (median rate, MB/s
+/// and CPU time per message), and the runs' rates in run order.
+fn send_case(name: String, size: usize, runs: &[cases::SendFigures]) -> (Case, Vec<f64>) {
     let rates: Vec<f64> = runs.iter().map(|f| f.msgs_per_s).collect();
     let rate = median(rates.clone());
-    let case = Case::new(send_name(durability, size), "msgs_per_s", rate)
+    let case = Case::new(name, "msgs_per_s", rate)
         .runs(&rates)
         .with("mb_per_s", rate * size as f64 / 1e6)
         .with(
@@ -473,12 +497,25 @@ fn send_case(durability: &str, size: usize, runs: &[cases::SendFigures]) -> (Cas
     (case, rates)
 }
 
+/// Where in the report, per payload size, the cases that others compare with are.
+#[derive(Default)]
+struct Baselines {
+    /// `baseline/stream/<size>`.
+    stream: BTreeMap<usize, usize>,
+    /// `send/memory/<size>`.
+    memory: BTreeMap<usize, usize>,
+    /// `batch/memory/<size>`.
+    batch_memory: BTreeMap<usize, usize>,
+}
+
 /// One measurement of a [`SizePlan`].
 #[derive(Clone, Copy)]
 enum Step {
     Raw,
     Memory,
     Fsync,
+    BatchMemory,
+    BatchFsync,
 }
 
 /// What runs for one payload size, and what its runs measured so far.
@@ -487,11 +524,13 @@ struct SizePlan {
     raw: bool,
     memory: bool,
     fsync: bool,
+    batch_memory: bool,
+    batch_fsync: bool,
     runs: SizeRuns,
     /// Whether each run of a case followed a run of its baseline (see [`Case::paired`]).
     paired: bool,
-    /// Which of raw, memory and fsync were reported.
-    reported: [bool; 3],
+    /// Which of raw, memory, fsync, batch memory and batch fsync were reported.
+    reported: [bool; 5],
 }
 
 /// The figures of each run, in run order.
@@ -501,6 +540,8 @@ struct SizeRuns {
     raw_cpu: Vec<f64>,
     memory: Vec<cases::SendFigures>,
     fsync: Vec<cases::SendFigures>,
+    batch_memory: Vec<cases::SendFigures>,
+    batch_fsync: Vec<cases::SendFigures>,
 }
 
 impl SizePlan {
@@ -526,13 +567,23 @@ impl SizePlan {
                     .push(cpu.as_secs_f64() * 1e6 / frames as f64);
             }
             Step::Memory if self.memory => {
-                let f = cases::send(Durability::Memory, size, messages, scratch).await?;
+                let f = cases::send(Durability::Memory, size, messages, 1, scratch).await?;
                 self.runs.memory.push(f);
             }
             Step::Fsync if self.fsync => {
                 let dir = scratch.join(format!("send-fsync-{size}-{}", self.runs.fsync.len()));
-                let f = cases::send(Durability::Fsync, size, messages, &dir).await?;
+                let f = cases::send(Durability::Fsync, size, messages, 1, &dir).await?;
                 self.runs.fsync.push(f);
+            }
+            Step::BatchMemory if self.batch_memory => {
+                let f = cases::send(Durability::Memory, size, messages, BATCH, scratch).await?;
+                self.runs.batch_memory.push(f);
+            }
+            Step::BatchFsync if self.batch_fsync => {
+                let n = self.runs.batch_fsync.len();
+                let dir = scratch.join(format!("batch-fsync-{size}-{n}"));
+                let f = cases::send(Durability::Fsync, size, messages, BATCH, &dir).await?;
+                self.runs.batch_fsync.push(f);
             }
             _ => {}
         }
@@ -540,14 +591,13 @@ impl SizePlan {
     }
 
     /// Reports each planned case whose `runs` runs are done and that was not reported yet,
-    /// keeping the report indices of baselines in `stream` and of memory sends in `memory`.
-    fn report_done(
-        &mut self,
-        runs: usize,
-        report: &mut Report,
-        stream: &mut BTreeMap<usize, usize>,
-        memory: &mut BTreeMap<usize, usize>,
-    ) {
+    /// keeping the report indices of the cases others compare with in `index`.
+    fn report_done(&mut self, runs: usize, report: &mut Report, index: &mut Baselines) {
+        let Baselines {
+            stream,
+            memory,
+            batch_memory,
+        } = index;
         let (size, r) = (self.size, &self.runs);
         if self.raw && !self.reported[0] && r.raw.len() == runs {
             self.reported[0] = true;
@@ -564,7 +614,7 @@ impl SizePlan {
         }
         if self.memory && !self.reported[1] && r.memory.len() == runs {
             self.reported[1] = true;
-            let (mut case, rates) = send_case("memory", size, &r.memory);
+            let (mut case, rates) = send_case(send_name("memory", size), size, &r.memory);
             if let Some(&i) = stream.get(&size) {
                 case = case.against(report.get(i));
                 if self.paired {
@@ -582,7 +632,7 @@ impl SizePlan {
             self.reported[2] = true;
             let fsyncs: u64 = r.fsync.iter().map(|f| f.fsyncs).sum();
             let messages: usize = r.fsync.iter().map(|f| f.messages).sum();
-            let (case, rates) = send_case("fsync", size, &r.fsync);
+            let (case, rates) = send_case(send_name("fsync", size), size, &r.fsync);
             let mut case = case.with("fsyncs_per_message", fsyncs as f64 / messages.max(1) as f64);
             if let Some(&i) = memory.get(&size) {
                 case = case.against(report.get(i));
@@ -593,6 +643,36 @@ impl SizePlan {
             }
             if size == 1024 {
                 case = case.ratio_at_least(0.5);
+            }
+            report.add(case);
+        }
+        // Batches have no target of their own: they show what the per-call work costs.
+        if self.batch_memory && !self.reported[3] && r.batch_memory.len() == runs {
+            self.reported[3] = true;
+            let name = batch_name("memory", size);
+            let (mut case, rates) = send_case(name, size, &r.batch_memory);
+            if let Some(&i) = stream.get(&size) {
+                case = case.against(report.get(i));
+                if self.paired {
+                    case = case.paired(&rates, &r.raw);
+                }
+            }
+            batch_memory.insert(size, report.add(case));
+        }
+        if self.batch_fsync && !self.reported[4] && r.batch_fsync.len() == runs {
+            self.reported[4] = true;
+            let fsyncs: u64 = r.batch_fsync.iter().map(|f| f.fsyncs).sum();
+            let messages: usize = r.batch_fsync.iter().map(|f| f.messages).sum();
+            let name = batch_name("fsync", size);
+            let (case, rates) = send_case(name, size, &r.batch_fsync);
+            let mut case = case.with("fsyncs_per_message", fsyncs as f64 / messages.max(1) as f64);
+            if let Some(&i) = batch_memory.get(&size) {
+                case = case.against(report.get(i));
+                if self.paired {
+                    let memory_rates: Vec<f64> =
+                        r.batch_memory.iter().map(|f| f.msgs_per_s).collect();
+                    case = case.paired(&rates, &memory_rates);
+                }
             }
             report.add(case);
         }

@@ -73,12 +73,21 @@ impl Targets {
     }
 }
 
-/// A `send`/`publish` waiting to be stored.
-pub(crate) struct Append {
-    pub(crate) targets: Targets,
+/// One message of a `send`/`publish` call, before it is stored.
+pub(crate) struct Item {
     pub(crate) env: Envelope,
     pub(crate) ttl_ms: Option<u64>,
     pub(crate) delay_ms: Option<u64>,
+}
+
+/// A `send`/`publish` (or one of their batch forms) waiting to be stored: every message goes
+/// to every target, in order, as one call.
+pub(crate) struct Append {
+    pub(crate) targets: Targets,
+    /// The call's first message (the only one of a `send` or `publish`).
+    pub(crate) first: Item,
+    /// A batch's other messages, in order (empty, and not allocated, for a single message).
+    pub(crate) rest: Vec<Item>,
     /// Engine time after which a full log fails the call with a backpressure error.
     pub(crate) deadline: u64,
     /// Answered with the number of copies stored; each stored copy carries a receipt of it.
@@ -1077,7 +1086,7 @@ impl Core {
     fn park(&mut self, a: Append) {
         if self.parked.len() >= self.limits.max_parked {
             a.reply.send(Err(SendError::Backpressure {
-                destination: a.env.destination.clone(),
+                destination: a.first.env.destination.clone(),
                 entries: self.outbox.len(),
                 waited: Duration::ZERO,
             }));
@@ -1102,7 +1111,7 @@ impl Core {
             if a.deadline <= now {
                 let entries = self.outbox.len();
                 a.reply.send(Err(SendError::Backpressure {
-                    destination: a.env.destination.clone(),
+                    destination: a.first.env.destination.clone(),
                     entries,
                     waited: Duration::from_millis(now.saturating_sub(a.deadline)),
                 }));
@@ -1122,44 +1131,59 @@ impl Core {
         // With a durable store an entry waits (staged) until its commit; in memory there is
         // nothing to wait for, so it is sendable at once and `send` returns at once.
         let staged = self.persistent();
-        let targets = a.targets.as_slice();
+        let Append {
+            targets,
+            first,
+            rest,
+            reply,
+            ..
+        } = a;
+        let targets = targets.as_slice();
         let mut copies = 0;
         let mut stored = Vec::new();
         let last = targets.len().saturating_sub(1);
-        // The envelope is copied for every target but the last, which takes it.
-        let mut env = Some(a.env);
-        for (i, t) in targets.iter().enumerate() {
-            let copy = if i == last { env.take() } else { env.clone() };
-            let Some(copy) = copy else { break };
-            let not_before = a.delay_ms.map(|d| now + d);
-            if t.is_ephemeral() {
-                // Online-only: not stored, no receipt; dropped if its subscriber disconnects.
-                self.outbox
-                    .append(t, copy, now, a.ttl_ms, not_before, false);
+        for item in std::iter::once(first).chain(rest) {
+            // The envelope is copied for every target but the last, which takes it.
+            let mut env = Some(item.env);
+            let not_before = item.delay_ms.map(|d| now + d);
+            for (i, t) in targets.iter().enumerate() {
+                let copy = if i == last { env.take() } else { env.clone() };
+                let Some(copy) = copy else { break };
+                if t.is_ephemeral() {
+                    // Online-only: not stored, no receipt; dropped if its subscriber disconnects.
+                    self.outbox
+                        .append(t, copy, now, item.ttl_ms, not_before, false);
+                    self.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let receipt = Some(reply.copy_receipt());
+                let e = self.outbox.append_with_receipt(
+                    t,
+                    copy,
+                    now,
+                    item.ttl_ms,
+                    not_before,
+                    staged,
+                    receipt,
+                );
+                copies += 1;
                 self.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let receipt = Some(a.reply.copy_receipt());
-            let e = self
-                .outbox
-                .append_with_receipt(t, copy, now, a.ttl_ms, not_before, staged, receipt);
-            copies += 1;
-            self.shared.counters.sent.fetch_add(1, Ordering::Relaxed);
-            if staged {
-                stored.push(StoredEntry {
-                    expires_at_ms: a.ttl_ms.map(|t| self.clock.unix_time(now + t)),
-                    not_before_ms: a.delay_ms.map(|d| self.clock.unix_time(now + d)),
-                    env: e,
-                });
+                if staged {
+                    stored.push(StoredEntry {
+                        expires_at_ms: item.ttl_ms.map(|t| self.clock.unix_time(now + t)),
+                        not_before_ms: item.delay_ms.map(|d| self.clock.unix_time(now + d)),
+                        env: e,
+                    });
+                }
             }
         }
         if stored.is_empty() {
-            a.reply.send(Ok(copies));
+            reply.send(Ok(copies));
             return;
         }
         let call = StagedCall {
             entries: stored,
-            reply: a.reply,
+            reply,
         };
         if let Err(e) = self.store.try_send(StoreOp::Append(call)) {
             let StoreOp::Append(call) = e.into_inner() else {
