@@ -687,41 +687,88 @@ const LATENCY_BLOCK: usize = 100;
 /// The two latencies are taken in alternating blocks of [`LATENCY_BLOCK`] round trips, with
 /// both meshes up the whole time, so a change in the machine's speed during the run (other
 /// work, a VM's drift) weighs on both alike instead of on whichever ran in the slow phase.
+///
+/// Each is measured from two places, in alternating blocks too: from the runtime's
+/// `block_on` (as in a `#[tokio::main]` function; the cases `baseline/pingpong` and
+/// `request/…`) and from a task spawned on the runtime (as in a service's handler;
+/// `…/in-task`). The ratio differs between the two: from `block_on` the raw ping-pong takes
+/// about twice as long as from a task, a request only a fifth longer (probably the wake-ups
+/// of the thread outside the workers, at each end of every round trip, which a request
+/// partly overlaps with its own hops between tasks; not traced).
 async fn requests(report: &mut Report, scale: usize) -> Result<()> {
     let rounds = 2_000 * scale;
     let mut pingpong = raw::PingPong::start().await?;
     pingpong.rounds(rounds.min(500)).await?;
-    let echo = cases::Echo::start(rounds.min(500)).await?;
-    let (mut pp, mut lat) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
-    while lat.len() < rounds {
-        let n = LATENCY_BLOCK.min(rounds - lat.len());
-        pp.extend(pingpong.rounds(n).await?);
-        lat.extend(echo.rounds(n).await?);
+    let mut echo = cases::Echo::start(rounds.min(500)).await?;
+    let (mut main, mut in_task) = (Latencies::default(), Latencies::default());
+    while main.requests.len() < rounds {
+        let n = LATENCY_BLOCK.min(rounds - main.requests.len());
+        main.pingpong.extend(pingpong.rounds(n).await?);
+        main.requests.extend(echo.rounds(n).await?);
+        let (pp, lat);
+        (pingpong, echo, pp, lat) = tokio::spawn(async move {
+            let pp = pingpong.rounds(n).await?;
+            let lat = echo.rounds(n).await?;
+            anyhow::Ok((pingpong, echo, pp, lat))
+        })
+        .await
+        .context("latency task")??;
+        in_task.pingpong.extend(pp);
+        in_task.requests.extend(lat);
     }
     drop(pingpong);
     let rps = echo.throughput(rounds * 4).await?;
     echo.shutdown().await;
-    pp.sort();
-    let pingpong = [0.5, 0.99, 0.999].map(|p| percentile_us(&pp, p));
-    let pp_case = report.add(
-        Case::new("baseline/pingpong", "p50_us", pingpong[0])
-            .with("p99_us", pingpong[1])
-            .with("p999_us", pingpong[2]),
-    );
-    lat.sort();
-    let baseline = report.get(pp_case);
-    let pp99 = Case::new("baseline/pingpong/p99", "p99_us", pingpong[1]);
-    let pp999 = Case::new("baseline/pingpong/p99.9", "p999_us", pingpong[2]);
-    let p50 = Case::new("request/p50", "p50_us", percentile_us(&lat, 0.5))
-        .against(baseline)
-        .ratio_at_most(1.3);
-    let p99 = Case::new("request/p99", "p99_us", percentile_us(&lat, 0.99)).against(&pp99);
-    let p999 = Case::new("request/p99.9", "p999_us", percentile_us(&lat, 0.999)).against(&pp999);
-    report.add(p50);
-    report.add(p99);
-    report.add(p999);
+    main.report(report, "");
+    in_task.report(report, "/in-task");
     report.add(Case::new("request/throughput", "requests_per_s", rps));
     Ok(())
+}
+
+/// Round-trip times of the raw ping-pong and of requests, from one calling context.
+#[derive(Default)]
+struct Latencies {
+    pingpong: Vec<Duration>,
+    requests: Vec<Duration>,
+}
+
+impl Latencies {
+    /// Adds `baseline/pingpong<context>` and `request<context>/p50`, `/p99` and `/p99.9`, each
+    /// against the ping-pong's same percentile; the p50 carries the target.
+    fn report(mut self, report: &mut Report, context: &str) {
+        self.pingpong.sort();
+        self.requests.sort();
+        let [pp50, pp99, pp999] = [0.5, 0.99, 0.999].map(|p| percentile_us(&self.pingpong, p));
+        let base = format!("baseline/pingpong{context}");
+        let pp_case = report.add(
+            Case::new(base.clone(), "p50_us", pp50)
+                .with("p99_us", pp99)
+                .with("p999_us", pp999),
+        );
+        let request = |figure: &str, primary: &'static str, p: f64| {
+            Case::new(
+                format!("request{context}/{figure}"),
+                primary,
+                percentile_us(&self.requests, p),
+            )
+        };
+        let p50 = request("p50", "p50_us", 0.5)
+            .against(report.get(pp_case))
+            .ratio_at_most(1.3);
+        let p99 = request("p99", "p99_us", 0.99).against(&Case::new(
+            format!("{base}/p99"),
+            "p99_us",
+            pp99,
+        ));
+        let p999 = request("p99.9", "p999_us", 0.999).against(&Case::new(
+            format!("{base}/p99.9"),
+            "p999_us",
+            pp999,
+        ));
+        report.add(p50);
+        report.add(p99);
+        report.add(p999);
+    }
 }
 
 #[cfg(test)]
@@ -792,5 +839,39 @@ mod tests {
             .against(&baseline)
             .paired(&[1.0, 3.0, 2.0], &[4.0, 4.0, 4.0]);
         assert_eq!(pairs.ratio(), Some(0.5));
+    }
+
+    #[test]
+    fn each_calling_context_reports_its_latencies_against_its_own_ping_pong() {
+        let us = |v: &[u64]| v.iter().map(|&u| Duration::from_micros(u)).collect();
+        let mut report = Report { cases: Vec::new() };
+        let main = Latencies {
+            pingpong: us(&[60, 70, 80]),
+            requests: us(&[90, 80, 100]),
+        };
+        let in_task = Latencies {
+            pingpong: us(&[30, 20, 40]),
+            requests: us(&[60, 70, 80]),
+        };
+        main.report(&mut report, "");
+        in_task.report(&mut report, "/in-task");
+        let find = |name: &str| {
+            report
+                .cases
+                .iter()
+                .find(|c| c.name == name)
+                .unwrap_or_else(|| panic!("no case {name}"))
+        };
+        let p50 = find("request/p50");
+        assert_eq!(p50.value(), 90.0);
+        assert_eq!(p50.ratio().map(round), Some(round(90.0 / 70.0)));
+        assert!(matches!(p50.target, Some((_, true))), "1.29 is within 1.3");
+        let task = find("request/in-task/p50");
+        assert_eq!(task.value(), 70.0);
+        assert_eq!(task.ratio(), Some(70.0 / 30.0));
+        assert!(matches!(task.target, Some((_, false))), "2.33 is not");
+        assert_eq!(find("baseline/pingpong/in-task").value(), 30.0);
+        let p99 = find("request/in-task/p99").json();
+        assert_eq!(p99["baseline"], json!("baseline/pingpong/in-task/p99"));
     }
 }
