@@ -365,10 +365,12 @@ fn pub_reaches_every_subscriber_group_once() {
             "paid {i}",
             "--count",
             "5",
+            "--batch",
+            "2",
             "--timeout",
             "30s",
         ]),
-        "pub --count 5",
+        "pub --count 5 --batch 2",
         budget.left(),
     );
     assert!(
@@ -571,6 +573,34 @@ fn bad_template_and_bad_options_are_usage_errors() {
         budget.left(),
     );
     assert_eq!(both.status.code(), Some(2), "stderr: {}", both.stderr);
+
+    for batch in ["0", "1025"] {
+        let bad_batch = run(
+            base_command(&[
+                "send",
+                "svc",
+                "x",
+                "--count",
+                "2",
+                "--batch",
+                batch,
+                "--insecure-open-mesh",
+            ]),
+            "send with a batch out of range",
+            budget.left(),
+        );
+        assert_eq!(
+            bad_batch.status.code(),
+            Some(2),
+            "--batch {batch}: {}",
+            bad_batch.stderr
+        );
+        assert!(
+            bad_batch.stderr.contains("--batch"),
+            "stderr: {}",
+            bad_batch.stderr
+        );
+    }
 }
 
 impl Running {
@@ -721,7 +751,8 @@ fn sender_killed_after_send_returned_delivers_everything_after_restart() {
     let send_dir = dirs.path().join("payments");
     let sd = send_dir.to_str().expect("utf8");
     // No receiver yet: `send --no-wait` returns once all 500 are durably stored; kill it the
-    // moment it says so, before any graceful shutdown can help.
+    // moment it says so, before any graceful shutdown can help. `--batch 64` stores them in
+    // batches (the last one of 52), each in one commit.
     let mut sender = spawn(
         mesh.command(&[
             "send",
@@ -731,6 +762,8 @@ fn sender_killed_after_send_returned_delivers_everything_after_restart() {
             "k{i%7}",
             "--count",
             "500",
+            "--batch",
+            "64",
             "--no-wait",
             "--data-dir",
             sd,
@@ -759,8 +792,16 @@ fn sender_killed_after_send_returned_delivers_everything_after_restart() {
         "restarted sender",
     );
     let lines = receiver.take_lines(500, budget.left().min(Duration::from_secs(60)));
-    let got: BTreeSet<u64> = lines.iter().map(|l| index_of(&parse_line(l))).collect();
+    let order: Vec<u64> = lines.iter().map(|l| index_of(&parse_line(l))).collect();
+    let got: BTreeSet<u64> = order.iter().copied().collect();
     assert_eq!(got, (0..500).collect(), "all 500 delivered exactly once");
+    for key in 0..7 {
+        let of_key: Vec<u64> = order.iter().copied().filter(|i| i % 7 == key).collect();
+        assert!(
+            of_key.windows(2).all(|w| w[0] < w[1]),
+            "key k{key} out of order: {of_key:?}"
+        );
+    }
     assert!(restarted.terminate(Duration::from_secs(20)).success());
     assert!(receiver.terminate(Duration::from_secs(20)).success());
 }

@@ -100,6 +100,11 @@ struct BatchArgs {
     /// Send this many messages (pipelined: they do not wait for each other's acknowledgement).
     #[arg(long, value_name = "N", value_parser = value_parser!(u64).range(1..))]
     count: Option<u64>,
+    /// Hand the messages to the node B at a time (`send_batch`/`publish_batch`): each group of
+    /// B is stored in one commit, in order, or not at all. At most 1,024 (and 16 MiB a call).
+    #[arg(long, value_name = "B", default_value_t = 1,
+          value_parser = value_parser!(u64).range(1..=peerbus::MAX_BATCH as u64))]
+    batch: u64,
     /// How long to wait for a consumer, and then for every acknowledgement (e.g. `500ms`, `1m`).
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -290,12 +295,7 @@ pub(crate) async fn send(common: &CommonArgs, args: &SendArgs) -> Result<()> {
 
 /// `send --no-wait`: store durably and return.
 async fn store_batch(node: &Node, service: &str, batch: &Batch) -> Result<String> {
-    for i in 0..batch.count {
-        let _receipt = node
-            .send(service, batch.message(i))
-            .await
-            .with_context(|| format!("could not store message {i} for `{service}`"))?;
-    }
+    batch.submit(node, Dest::Service(service), None).await?;
     let waiting = log_backlog(node, service).await;
     Ok(format!(
         "stored {} messages for {service} ({waiting} waiting in the log); a later run with the \
@@ -323,14 +323,9 @@ async fn send_batch(node: &Node, service: &str, batch: &Batch) -> Result<String>
     }
     let start = Instant::now();
     let deadline = start + timeout;
-    let mut receipts = Vec::new();
-    for i in 0..batch.count {
-        let r = tokio::time::timeout_at(deadline, node.send(service, batch.message(i)))
-            .await
-            .map_err(|_| anyhow!("timed out after {} storing message {i}", fmt_dur(timeout)))?
-            .with_context(|| format!("could not send message {i} to `{service}`"))?;
-        receipts.push(r);
-    }
+    let receipts = batch
+        .submit(node, Dest::Service(service), Some(deadline))
+        .await?;
     let copies = await_receipts(receipts, deadline, &format!("`{service}`"), timeout).await?;
     let elapsed = start.elapsed();
     // Entries an earlier run left in this data directory are delivered too: wait for them.
@@ -379,14 +374,9 @@ async fn publish_batch(node: &Node, topic: &str, batch: &Batch, no_wait: bool) -
     }
     let start = Instant::now();
     let deadline = start + timeout;
-    let mut receipts = Vec::new();
-    for i in 0..batch.count {
-        let r = tokio::time::timeout_at(deadline, node.publish(topic, batch.message(i)))
-            .await
-            .map_err(|_| anyhow!("timed out after {} storing message {i}", fmt_dur(timeout)))?
-            .with_context(|| format!("could not publish message {i} on `{topic}`"))?;
-        receipts.push(r);
-    }
+    let receipts = batch
+        .submit(node, Dest::Topic(topic), Some(deadline))
+        .await?;
     let n = batch.count;
     if no_wait {
         let stored: usize = receipts.iter().map(Receipt::copies).sum();
@@ -680,7 +670,16 @@ struct Batch {
     payload: Template,
     key: Option<Template>,
     count: u64,
+    /// Messages per call (`--batch`).
+    per_call: u64,
     timeout: Duration,
+}
+
+/// Where `send`/`pub` put their messages.
+#[derive(Clone, Copy)]
+enum Dest<'a> {
+    Service(&'a str),
+    Topic(&'a str),
 }
 
 impl Batch {
@@ -693,8 +692,58 @@ impl Batch {
             payload: template(&args.payload)?,
             key: args.key.as_deref().map(template).transpose()?,
             count: args.count.unwrap_or(1),
+            per_call: args.batch,
             timeout: args.timeout,
         })
+    }
+
+    /// Hands every message to `node`, in order, [`Self::per_call`] at a time (a single message
+    /// with `send`/`publish`, more with `send_batch`/`publish_batch`), each call by `deadline`
+    /// if one is given. Returns one receipt per call; stops at the first call that fails,
+    /// naming the messages it held.
+    async fn submit(
+        &self,
+        node: &Node,
+        dest: Dest<'_>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Receipt>> {
+        let mut receipts = Vec::new();
+        let mut first = 0;
+        while first < self.count {
+            let end = (first + self.per_call).min(self.count);
+            let call = async {
+                match (dest, end - first) {
+                    (Dest::Service(s), 1) => node.send(s, self.message(first)).await,
+                    (Dest::Topic(t), 1) => node.publish(t, self.message(first)).await,
+                    (Dest::Service(s), _) => {
+                        node.send_batch(s, (first..end).map(|i| self.message(i)))
+                            .await
+                    }
+                    (Dest::Topic(t), _) => {
+                        node.publish_batch(t, (first..end).map(|i| self.message(i)))
+                            .await
+                    }
+                }
+            };
+            let which = if end - first == 1 {
+                format!("message {first}")
+            } else {
+                format!("messages {first}..{}", end - 1)
+            };
+            let result = match deadline {
+                Some(at) => tokio::time::timeout_at(at, call).await.map_err(|_| {
+                    anyhow!("timed out after {} storing {which}", fmt_dur(self.timeout))
+                })?,
+                None => call.await,
+            };
+            let receipt = result.with_context(|| match dest {
+                Dest::Service(s) => format!("could not send {which} to `{s}`"),
+                Dest::Topic(t) => format!("could not publish {which} on `{t}`"),
+            })?;
+            receipts.push(receipt);
+            first = end;
+        }
+        Ok(receipts)
     }
 
     fn message(&self, i: u64) -> Outgoing {
