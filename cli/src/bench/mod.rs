@@ -485,7 +485,7 @@ const BATCH: usize = 32;
 /// The case `name` (a send or batch case of `size` bytes) of these runs (median rate, MB/s
 /// and CPU time per message), and the runs' rates in run order.
 fn send_case(name: String, size: usize, runs: &[cases::SendFigures]) -> (Case, Vec<f64>) {
-    let rates: Vec<f64> = runs.iter().map(|f| f.msgs_per_s).collect();
+    let rates = rates(runs);
     let rate = median(rates.clone());
     let case = Case::new(name, "msgs_per_s", rate)
         .runs(&rates)
@@ -495,6 +495,20 @@ fn send_case(name: String, size: usize, runs: &[cases::SendFigures]) -> (Case, V
             median(runs.iter().map(|f| f.cpu_us_per_msg).collect()),
         );
     (case, rates)
+}
+
+/// The messages/s of each run.
+fn rates(runs: &[cases::SendFigures]) -> Vec<f64> {
+    runs.iter().map(|f| f.msgs_per_s).collect()
+}
+
+/// [`send_case`] of durable sends, with their fsyncs per message.
+fn fsync_case(name: String, size: usize, runs: &[cases::SendFigures]) -> (Case, Vec<f64>) {
+    let fsyncs: u64 = runs.iter().map(|f| f.fsyncs).sum();
+    let messages: usize = runs.iter().map(|f| f.messages).sum();
+    let (case, rates) = send_case(name, size, runs);
+    let per_message = fsyncs as f64 / messages.max(1) as f64;
+    (case.with("fsyncs_per_message", per_message), rates)
 }
 
 /// Where in the report, per payload size, the cases that others compare with are.
@@ -612,15 +626,21 @@ impl SizePlan {
             .with("cpu_us_per_msg", median(r.raw_cpu.clone()));
             stream.insert(size, report.add(case));
         }
+        let paired = self.paired;
+        // What a send case compares with: the case at `baseline`, run by run with
+        // `baseline_runs` when the runs alternated.
+        let against = |report: &Report,
+                       (case, rates): (Case, Vec<f64>),
+                       baseline: Option<&usize>,
+                       baseline_runs: &[f64]| match baseline {
+            Some(&i) if paired => case.against(report.get(i)).paired(&rates, baseline_runs),
+            Some(&i) => case.against(report.get(i)),
+            None => case,
+        };
         if self.memory && !self.reported[1] && r.memory.len() == runs {
             self.reported[1] = true;
-            let (mut case, rates) = send_case(send_name("memory", size), size, &r.memory);
-            if let Some(&i) = stream.get(&size) {
-                case = case.against(report.get(i));
-                if self.paired {
-                    case = case.paired(&rates, &r.raw);
-                }
-            }
+            let case = send_case(send_name("memory", size), size, &r.memory);
+            let case = against(report, case, stream.get(&size), &r.raw);
             let case = match size {
                 64 => case.ratio_at_least(0.35),
                 1024 => case.ratio_at_least(0.8),
@@ -630,50 +650,30 @@ impl SizePlan {
         }
         if self.fsync && !self.reported[2] && r.fsync.len() == runs {
             self.reported[2] = true;
-            let fsyncs: u64 = r.fsync.iter().map(|f| f.fsyncs).sum();
-            let messages: usize = r.fsync.iter().map(|f| f.messages).sum();
-            let (case, rates) = send_case(send_name("fsync", size), size, &r.fsync);
-            let mut case = case.with("fsyncs_per_message", fsyncs as f64 / messages.max(1) as f64);
-            if let Some(&i) = memory.get(&size) {
-                case = case.against(report.get(i));
-                if self.paired {
-                    let memory_rates: Vec<f64> = r.memory.iter().map(|f| f.msgs_per_s).collect();
-                    case = case.paired(&rates, &memory_rates);
-                }
-            }
-            if size == 1024 {
-                case = case.ratio_at_least(0.5);
-            }
-            report.add(case);
+            let case = fsync_case(send_name("fsync", size), size, &r.fsync);
+            let case = against(report, case, memory.get(&size), &rates(&r.memory));
+            report.add(if size == 1024 {
+                case.ratio_at_least(0.5)
+            } else {
+                case
+            });
         }
         // Batches have no target of their own: they show what the per-call work costs.
         if self.batch_memory && !self.reported[3] && r.batch_memory.len() == runs {
             self.reported[3] = true;
-            let name = batch_name("memory", size);
-            let (mut case, rates) = send_case(name, size, &r.batch_memory);
-            if let Some(&i) = stream.get(&size) {
-                case = case.against(report.get(i));
-                if self.paired {
-                    case = case.paired(&rates, &r.raw);
-                }
-            }
+            let case = send_case(batch_name("memory", size), size, &r.batch_memory);
+            let case = against(report, case, stream.get(&size), &r.raw);
             batch_memory.insert(size, report.add(case));
         }
         if self.batch_fsync && !self.reported[4] && r.batch_fsync.len() == runs {
             self.reported[4] = true;
-            let fsyncs: u64 = r.batch_fsync.iter().map(|f| f.fsyncs).sum();
-            let messages: usize = r.batch_fsync.iter().map(|f| f.messages).sum();
-            let name = batch_name("fsync", size);
-            let (case, rates) = send_case(name, size, &r.batch_fsync);
-            let mut case = case.with("fsyncs_per_message", fsyncs as f64 / messages.max(1) as f64);
-            if let Some(&i) = batch_memory.get(&size) {
-                case = case.against(report.get(i));
-                if self.paired {
-                    let memory_rates: Vec<f64> =
-                        r.batch_memory.iter().map(|f| f.msgs_per_s).collect();
-                    case = case.paired(&rates, &memory_rates);
-                }
-            }
+            let case = fsync_case(batch_name("fsync", size), size, &r.batch_fsync);
+            let case = against(
+                report,
+                case,
+                batch_memory.get(&size),
+                &rates(&r.batch_memory),
+            );
             report.add(case);
         }
     }
