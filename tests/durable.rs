@@ -12,6 +12,27 @@ use peerbus::{
 use tokio::sync::mpsc;
 
 /// Runs a handler on `node`'s service that records (key, payload) and applies `verdict`.
+/// Takes `n` deliveries (numeric payloads) from `got`, grouped by key, and checks that each
+/// key's numbers rise (per-key order) and that nothing more has arrived (no duplicates).
+async fn in_key_order(
+    got: &mut mpsc::Receiver<(String, String, u32)>,
+    n: usize,
+) -> HashMap<String, Vec<u32>> {
+    let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
+    for _ in 0..n {
+        let (k, p, _) = got.recv().await.expect("message");
+        per_key.entry(k).or_default().push(p.parse().expect("n"));
+    }
+    for (k, v) in &per_key {
+        assert!(
+            v.windows(2).all(|w| w[0] < w[1]),
+            "key {k} out of order: {v:?}"
+        );
+    }
+    assert!(got.try_recv().is_err(), "no duplicates");
+    per_key
+}
+
 fn handle_with(
     node: &peerbus::Node,
     verdict: impl Fn(&str) -> Result<(), HandlerError> + Send + Sync + 'static,
@@ -77,16 +98,8 @@ async fn offline_receiver_gets_ten_thousand_in_key_order() {
         for r in receipts {
             r.acked().await.expect("acked");
         }
-        let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
-        for _ in 0..10_000 {
-            let (k, p, _) = got.recv().await.expect("message");
-            per_key.entry(k).or_default().push(p.parse().expect("n"));
-        }
-        for (k, v) in &per_key {
-            assert!(v.windows(2).all(|w| w[0] < w[1]), "key {k} out of order");
-        }
+        let per_key = in_key_order(&mut got, 10_000).await;
         assert_eq!(per_key.values().map(Vec::len).sum::<usize>(), 10_000);
-        assert!(got.try_recv().is_err(), "no duplicates");
         sender.shutdown().await;
         receiver.shutdown().await;
     })
@@ -379,20 +392,11 @@ async fn a_batch_is_stored_in_one_commit_and_delivered_in_key_order() {
             .await
             .expect("acked in time")
             .expect("every message handled");
-        let mut per_key: HashMap<String, Vec<u32>> = HashMap::new();
-        for _ in 0..500 {
-            let (k, p, _) = got.recv().await.expect("message");
-            per_key.entry(k).or_default().push(p.parse().expect("n"));
-        }
+        let per_key = in_key_order(&mut got, 500).await;
         assert_eq!(per_key.len(), 5);
         for (k, v) in &per_key {
             assert_eq!(v.len(), 100, "key {k}");
-            assert!(
-                v.windows(2).all(|w| w[0] < w[1]),
-                "key {k} out of order: {v:?}"
-            );
         }
-        assert!(got.try_recv().is_err(), "no duplicates");
         sender.shutdown().await;
         receiver.shutdown().await;
     })
