@@ -575,3 +575,80 @@ async fn one_trace_follows_a_message_through_services() {
     })
     .await;
 }
+
+/// A node of a service is an instance for `send` only while it takes its messages: sends wait
+/// in the log while the only connected nodes of the service consume nothing, reach a node
+/// once it takes its `messages()`, never go to a node that does not, and stop going to one
+/// whose stream was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_nodes_that_take_their_messages_are_instances() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let sender = start(builder(&net, "payments", &key)).await;
+        let idle = start(builder(&net, "orders", &key)).await;
+        let busy = start(builder(&net, "orders", &key)).await;
+        // (consumes, delivered_to) of `node` as the sender sees it.
+        let seen = |node: &Node| {
+            let (id, sender) = (node.id(), sender.clone());
+            async move {
+                let peers = sender.peers().await;
+                let p = peers
+                    .iter()
+                    .find(|p| p.node_id == id)
+                    .expect("a known peer");
+                (p.consumes, p.delivered_to)
+            }
+        };
+        assert!(
+            sender
+                .wait_for_instances("orders", 2, Duration::from_secs(10))
+                .await
+        );
+        assert_eq!(seen(&idle).await, (false, 0));
+        assert_eq!(seen(&busy).await, (false, 0));
+        let early = sender.send("orders", "early").await.expect("send");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let st = sender.status().await.expect("status");
+        assert_eq!(st.logs["svc:orders"].waiting, 1, "waits for a consumer");
+
+        let mut got = collect(&busy);
+        early
+            .acked()
+            .await
+            .expect("handled once busy takes its messages");
+        assert_eq!(got.recv().await.expect("message").1, "early");
+        assert!(seen(&busy).await.0, "busy consumes");
+        let mut receipts = Vec::new();
+        for i in 0..100 {
+            receipts.push(sender.send("orders", format!("{i}")).await.expect("send"));
+        }
+        for r in receipts {
+            r.acked().await.expect("acked");
+        }
+        for _ in 0..100 {
+            got.recv().await.expect("every message reached busy");
+        }
+        assert_eq!(seen(&idle).await, (false, 0), "nothing went to idle");
+
+        let stream = idle.messages().expect("messages");
+        eventually(10, "idle consumes", || async { seen(&idle).await.0 }).await;
+        drop(stream);
+        eventually(10, "idle with its stream dropped does not", || async {
+            !seen(&idle).await.0
+        })
+        .await;
+        let mut receipts = Vec::new();
+        for i in 100..150 {
+            receipts.push(sender.send("orders", format!("{i}")).await.expect("send"));
+        }
+        for r in receipts {
+            r.acked().await.expect("acked");
+        }
+        assert_eq!(seen(&idle).await, (false, 0), "nothing went to idle");
+        for node in [sender, idle, busy] {
+            node.shutdown().await;
+        }
+    })
+    .await;
+}

@@ -86,7 +86,9 @@ pub use seeds::StaticDiscovery;
 /// The peerbus wire protocol version announced in discovery records (TXT `v`) and in the
 /// hello. Nodes of different versions do not connect. Version 2 added the `Retired` control
 /// frame (a connection that lost the tie-break is closed only once its requests are answered).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3 added `consumes` to the hello and the `Consumes` control frame (a node is an
+/// instance of its service for `send` only while it takes its `messages()`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The DNS-SD service type under which peerbus nodes announce themselves.
 pub const SERVICE_TYPE: &str = "_peerbus._udp.local.";

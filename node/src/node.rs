@@ -106,6 +106,9 @@ pub struct PeerInfo {
     /// Which side dialed the current connection (both ends agree: one connection per pair).
     #[serde(serialize_with = "ser_opt_display")]
     pub dialer: Option<NodeId>,
+    /// Whether the peer is connected and takes its service's messages (its `messages()` stream
+    /// is taken and alive): only then does a `send` to its service go to it.
+    pub consumes: bool,
 }
 
 /// A snapshot of a node's state, for `peerbus status` and the admin endpoint.
@@ -416,7 +419,8 @@ impl Node {
         *runtime::lock(&self.inner.stopped) || self.shared.cancel.is_cancelled()
     }
 
-    /// Sends to one live instance of `service`. Returns once the message is accepted into the
+    /// Sends to one live instance of `service` (a node of that service that takes its
+    /// [`Node::messages`]). Returns once the message is accepted into the
     /// local log; await [`Receipt::acked`] to learn that an instance handled it. While no
     /// instance is reachable the message waits in the log.
     pub async fn send(
@@ -793,6 +797,9 @@ impl Node {
             .service_rx
             .take()
             .ok_or(SubscribeError::AlreadyTaken)?;
+        // Core notices on its next dispatch anyway (within a tick); this tells peers sooner
+        // that we are now an instance of our service.
+        let _ = self.shared.core.try_send(CoreMsg::InterestsChanged);
         Ok(Subscription::new(self.shared.clone(), rx, None))
     }
 
@@ -887,7 +894,8 @@ impl Node {
         rx.await.ok()
     }
 
-    /// Connected instances of `service`.
+    /// Connected nodes of `service` (not saying goodbye). A [`Node::send`] to `service` goes
+    /// only to those of them that take their messages ([`PeerInfo::consumes`]).
     pub async fn instances(&self, service: &str) -> Vec<NodeId> {
         let (tx, rx) = oneshot::channel();
         if self

@@ -211,6 +211,8 @@ struct Link {
     incarnation: u64,
     service: String,
     serves: bool,
+    /// Whether the peer takes its service's messages (an instance for `send`).
+    consumes: bool,
     outstanding: usize,
     cancel: CancellationToken,
     /// The connection's [`super::ConnState`] flag: set when it closes or is retired.
@@ -580,9 +582,13 @@ impl Core {
                 let _ = reply.send(self.status());
             }
             CoreMsg::Instances { service, reply } => {
-                let mut v = self.outbox.instances(&Target::Service(service));
-                // Other instances: the local node is not "connected".
-                v.retain(|id| *id != self.shared.id);
+                let mut v: Vec<NodeId> = self
+                    .links
+                    .iter()
+                    .filter(|(id, l)| l.service == service && !self.outbox.is_draining(**id))
+                    .map(|(id, _)| *id)
+                    .collect();
+                v.sort();
                 let _ = reply.send(v);
             }
             CoreMsg::Goodbye(reply) => {
@@ -883,12 +889,14 @@ impl Core {
             (service, subs, r.interests())
         };
         let id = self.shared.id;
-        let name = if service {
-            self.shared.service.clone()
-        } else {
-            String::new()
-        };
+        let name = instance_of(&self.shared.service, service);
         self.outbox.peer_service(id, name);
+        if service != self.local.service {
+            // Peers send to our service only while we take its messages.
+            for l in self.links.values() {
+                try_out(l, Out::Control(Control::Consumes(service)));
+            }
+        }
         // Our own groups are known groups like any peer's: a publish here keeps their copies
         // after the local subscription goes away.
         if self.remember_groups(&interests) {
@@ -1287,6 +1295,13 @@ impl Core {
             Control::Serves(serves) => {
                 if let Some(l) = self.links.get_mut(&peer) {
                     l.serves = serves;
+                }
+            }
+            Control::Consumes(consumes) => {
+                if let Some(l) = self.links.get_mut(&peer) {
+                    l.consumes = consumes;
+                    let service = instance_of(&l.service, consumes);
+                    self.outbox.peer_service(peer, service);
                 }
             }
             Control::Hello(_) => {
@@ -1741,7 +1756,7 @@ impl Core {
         self.outbox.peer_up(
             peer,
             generation,
-            r.hello.service.clone(),
+            instance_of(&r.hello.service, r.hello.consumes),
             r.hello.interests.clone(),
             r.hello.credits,
         );
@@ -1795,6 +1810,7 @@ impl Core {
             incarnation: r.hello.incarnation,
             service: r.hello.service.clone(),
             serves: r.hello.serves,
+            consumes: r.hello.consumes,
             outstanding: 0,
             cancel: handles.cancel.clone(),
             gone: handles.gone.clone(),
@@ -1806,12 +1822,13 @@ impl Core {
         if let Some(l) = self.links.get(&peer) {
             // Our hello was built before this connection was registered: an interest or
             // `serve` change in between never reached this peer. Send the current state once.
-            let (interests, serves) = {
+            let (interests, serves, consumes) = {
                 let r = super::read(&self.shared.routes);
-                (r.interests(), r.serve.is_some())
+                (r.interests(), r.serve.is_some(), r.takes_messages())
             };
             try_out(l, Out::Control(Control::Interests(interests)));
             try_out(l, Out::Control(Control::Serves(serves)));
+            try_out(l, Out::Control(Control::Consumes(consumes)));
             if !learnt {
                 try_out(l, Out::Control(self.groups_frame()));
             }
@@ -1910,6 +1927,7 @@ impl Core {
                         *id
                     }
                 }),
+                consumes: self.links.get(id).is_some_and(|l| l.consumes),
             })
             .collect();
         peers.sort_by(|a, b| (&a.service, a.node_id).cmp(&(&b.service, b.node_id)));
@@ -2027,6 +2045,16 @@ impl<R> Outbox<R> {
     }
 }
 
+/// The service name a peer is an instance of in the outbox: its own while it takes its
+/// messages, none (an empty name, which matches no service) while it does not.
+fn instance_of(service: &str, consumes: bool) -> String {
+    if consumes {
+        service.to_string()
+    } else {
+        String::new()
+    }
+}
+
 /// Records a hello for a connection: used by `conn` to build ours.
 pub(crate) fn local_hello(shared: &Shared) -> Hello {
     let routes = super::read(&shared.routes);
@@ -2039,5 +2067,6 @@ pub(crate) fn local_hello(shared: &Shared) -> Hello {
         serves: routes.serve.is_some(),
         credits: shared.prefetch,
         incarnation: shared.incarnation,
+        consumes: routes.takes_messages(),
     }
 }

@@ -115,6 +115,8 @@ pub enum Control {
     /// between the same two nodes): the sender no longer uses it and has no request waiting
     /// for a reply on it. The side that has sent this and received it closes the connection.
     Retired,
+    /// Whether the sender now takes its service's messages (see [`Hello::consumes`]).
+    Consumes(bool),
 }
 
 /// The opening frame of a connection, in both directions.
@@ -136,6 +138,9 @@ pub struct Hello {
     pub credits: u32,
     /// Random per process start: a different value means the peer restarted.
     pub incarnation: u64,
+    /// Whether the sender takes its service's messages (`messages()` is taken and alive): only
+    /// then is it an instance that `send`s to its service go to.
+    pub consumes: bool,
 }
 
 /// Frames on data lanes (unidirectional streams).
@@ -392,7 +397,7 @@ pub(crate) mod tests {
         #[test]
         fn control_frames_round_trip(log in ".{0,16}", seqs in proptest::collection::vec(any::<u64>(), 0..50), reason in ".{0,30}", pat in ".{0,10}", group in proptest::option::of(".{0,6}"), credits in any::<u32>()) {
             let interests = vec![Interest { pattern: pat, group }];
-            roundtrip(Control::Hello(Hello { version: 1, node_id: node(3), service: log.clone(), mesh: reason.clone(), interests: interests.clone(), serves: true, credits, incarnation: 7 }));
+            roundtrip(Control::Hello(Hello { version: 1, node_id: node(3), service: log.clone(), mesh: reason.clone(), interests: interests.clone(), serves: true, credits, incarnation: 7, consumes: true }));
             roundtrip(Control::Interests(interests));
             roundtrip(Control::Ack { log: log.clone(), seqs: seqs.clone() });
             roundtrip(Control::Nack { log, seq: seqs.first().copied().unwrap_or(0), reason, permanent: true });
@@ -401,6 +406,7 @@ pub(crate) mod tests {
             roundtrip(Control::Groups(vec![("g".into(), vec!["a.>".into()])]));
             roundtrip(Control::GroupGone("g".into()));
             roundtrip(Control::Retired);
+            roundtrip(Control::Consumes(false));
         }
 
         #[test]
