@@ -318,7 +318,7 @@ async fn log_backlog(node: &Node, service: &str) -> usize {
 
 async fn send_batch(node: &Node, service: &str, batch: &Batch) -> Result<String> {
     let timeout = batch.timeout;
-    if !node.wait_for_instances(service, 1, timeout).await {
+    if !wait_for_consumer(node, service, timeout).await {
         return Err(no_instance_error(node, service, timeout).await);
     }
     let start = Instant::now();
@@ -610,6 +610,22 @@ async fn wait_for_peers(node: &Node, max: Duration) -> bool {
 }
 
 /// Why no instance of `service` was found: a peer refusing our mesh key, or nothing at all.
+/// Waits until a connected instance of `service` takes its messages (a `send` can reach it),
+/// or `timeout` passes.
+async fn wait_for_consumer(node: &Node, service: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let peers = node.peers().await;
+        if peers.iter().any(|p| p.service == service && p.consumes) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn no_instance_error(node: &Node, service: &str, waited: Duration) -> anyhow::Error {
     let peers = node.peers().await;
     let waited = fmt_dur(waited);
@@ -634,6 +650,16 @@ async fn no_instance_error(node: &Node, service: &str, waited: Duration) -> anyh
              \"{service}\" found within {waited}",
             p.node_id.short(),
             p.service,
+        );
+    }
+    let idle = peers
+        .iter()
+        .filter(|p| p.service == service && p.state == PeerState::Connected)
+        .count();
+    if idle > 0 {
+        return anyhow!(
+            "no instance of service \"{service}\" takes messages: {idle} node(s) of it are \
+             connected but none took its messages stream within {waited}"
         );
     }
     let mut msg = format!("no instance of service \"{service}\" found within {waited}");
