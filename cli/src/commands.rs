@@ -609,7 +609,6 @@ async fn wait_for_peers(node: &Node, max: Duration) -> bool {
     }
 }
 
-/// Why no instance of `service` was found: a peer refusing our mesh key, or nothing at all.
 /// Waits until a connected instance of `service` takes its messages (a `send` can reach it),
 /// or `timeout` passes.
 async fn wait_for_consumer(node: &Node, service: &str, timeout: Duration) -> bool {
@@ -626,6 +625,8 @@ async fn wait_for_consumer(node: &Node, service: &str, timeout: Duration) -> boo
     }
 }
 
+/// Why no instance of `service` was found: a peer refusing our mesh key, connected nodes of
+/// the service that take no messages, or nothing at all.
 async fn no_instance_error(node: &Node, service: &str, waited: Duration) -> anyhow::Error {
     let peers = node.peers().await;
     let waited = fmt_dur(waited);
