@@ -752,20 +752,27 @@ impl Batch {
                     }
                 }
             };
-            let which = if end - first == 1 {
-                format!("message {first}")
-            } else {
-                format!("messages {first}..{}", end - 1)
+            // Named only when a call fails.
+            let which = || {
+                if end - first == 1 {
+                    format!("message {first}")
+                } else {
+                    format!("messages {first}..{}", end - 1)
+                }
             };
             let result = match deadline {
                 Some(at) => tokio::time::timeout_at(at, call).await.map_err(|_| {
-                    anyhow!("timed out after {} storing {which}", fmt_dur(self.timeout))
+                    anyhow!(
+                        "timed out after {} storing {}",
+                        fmt_dur(self.timeout),
+                        which()
+                    )
                 })?,
                 None => call.await,
             };
             let receipt = result.with_context(|| match dest {
-                Dest::Service(s) => format!("could not send {which} to `{s}`"),
-                Dest::Topic(t) => format!("could not publish {which} on `{t}`"),
+                Dest::Service(s) => format!("could not send {} to `{s}`", which()),
+                Dest::Topic(t) => format!("could not publish {} on `{t}`", which()),
             })?;
             receipts.push(receipt);
             first = end;
