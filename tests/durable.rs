@@ -11,7 +11,6 @@ use peerbus::{
 };
 use tokio::sync::mpsc;
 
-/// Runs a handler on `node`'s service that records (key, payload) and applies `verdict`.
 /// Takes `n` deliveries (numeric payloads) from `got`, grouped by key, and checks that each
 /// key's numbers rise (per-key order) and that nothing more has arrived (no duplicates).
 async fn in_key_order(
@@ -33,6 +32,7 @@ async fn in_key_order(
     per_key
 }
 
+/// Runs a handler on `node`'s service that records (key, payload) and applies `verdict`.
 fn handle_with(
     node: &peerbus::Node,
     verdict: impl Fn(&str) -> Result<(), HandlerError> + Send + Sync + 'static,
