@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use peerbus::{Message, MessageKind, PeerInfo};
+use peerbus::{Message, MessageKind, PeerInfo, PeerState};
 use serde_json::{Map, Value, json};
 
 /// A received message as one JSON object (`node --print`, `sub`).
@@ -46,13 +46,19 @@ pub(crate) fn state_name(peer: &PeerInfo) -> String {
     }
 }
 
-/// The peers as an aligned table with a header line.
+/// The peers as an aligned table with a header line. `TAKES` says whether a connected peer
+/// takes its service's messages (a `send` to the service only goes to those that do).
 pub(crate) fn peers_table(peers: &[PeerInfo]) -> String {
-    let header = ["NODE", "SERVICE", "STATE", "ADDRS", "RTT"].map(String::from);
-    let rows: Vec<[String; 5]> = peers
+    let header = ["NODE", "SERVICE", "STATE", "TAKES", "ADDRS", "RTT"].map(String::from);
+    let rows: Vec<[String; 6]> = peers
         .iter()
         .map(|p| {
             let addrs: Vec<String> = p.addrs.iter().map(ToString::to_string).collect();
+            let takes = match (p.state, p.consumes) {
+                (PeerState::Connected, true) => "yes",
+                (PeerState::Connected, false) => "no",
+                _ => "-",
+            };
             [
                 p.node_id.short(),
                 if p.service.is_empty() {
@@ -61,6 +67,7 @@ pub(crate) fn peers_table(peers: &[PeerInfo]) -> String {
                     p.service.clone()
                 },
                 state_name(p),
+                takes.into(),
                 if addrs.is_empty() {
                     "-".into()
                 } else {
@@ -110,8 +117,54 @@ pub(crate) fn rate(n: u64, elapsed: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::rate;
+    use super::{peers_table, rate};
+    use peerbus::{NodeId, PeerInfo, PeerState};
     use std::time::Duration;
+
+    fn peer(byte: u8, service: &str, state: PeerState, consumes: bool) -> PeerInfo {
+        PeerInfo {
+            node_id: NodeId::from_bytes([byte; 32]),
+            service: service.into(),
+            addrs: vec!["127.0.0.1:4000".parse().expect("address")],
+            state,
+            rtt_ms: (state == PeerState::Connected).then_some(0.5),
+            last_error: None,
+            delivered_to: 0,
+            acked_by: 0,
+            handled_from: 0,
+            dialer: None,
+            consumes,
+        }
+    }
+
+    #[test]
+    fn the_peers_table_says_which_connected_peers_take_their_messages() {
+        let table = peers_table(&[
+            peer(1, "orders", PeerState::Connected, true),
+            peer(2, "orders", PeerState::Connected, false),
+            peer(3, "", PeerState::Unreachable, false),
+        ]);
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows[0],
+            ["NODE", "SERVICE", "STATE", "TAKES", "ADDRS", "RTT"]
+        );
+        assert_eq!(
+            rows[1][1..],
+            ["orders", "connected", "yes", "127.0.0.1:4000", "0.5ms"]
+        );
+        assert_eq!(
+            rows[2][1..],
+            ["orders", "connected", "no", "127.0.0.1:4000", "0.5ms"]
+        );
+        assert_eq!(
+            rows[3][1..],
+            ["-", "unreachable", "-", "127.0.0.1:4000", "-"]
+        );
+    }
 
     #[test]
     fn rate_formats_ms_and_throughput() {
