@@ -506,10 +506,11 @@ async fn back_to_back_requests_fit_a_bulkhead_of_one() {
     .await;
 }
 
-/// A handler that panics loses its own request (its caller times out), not the lane it
-/// arrived on: the requests after it, on every lane, are answered.
+/// A handler that panics fails its own request with a clear error, whether it panics before
+/// its first wait (it runs on the lane reader then) or after (in a task of its own), and not
+/// the lane it arrived on: the requests after it, on every lane, are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_handler_loses_its_request_not_its_lane() {
+async fn a_panicking_handler_fails_its_request_not_its_lane() {
     within(30, async {
         let net = MemoryNetwork::new();
         let key = MeshKey::generate();
@@ -517,20 +518,27 @@ async fn a_panicking_handler_loses_its_request_not_its_lane() {
         let server = start(builder(&net, "echo", &key)).await;
         server
             .serve(|req| async move {
-                if req.payload_text() == "boom" {
-                    panic!("the handler fails on purpose");
+                match req.payload_text().as_str() {
+                    "boom" => panic!("the handler fails on purpose"),
+                    "boom later" => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        panic!("the handler fails on purpose, after a wait");
+                    }
+                    _ => Ok(req.payload().clone()),
                 }
-                Ok(req.payload().clone())
             })
             .await
             .expect("serve");
         until_served(&client, "echo", "x", Duration::from_secs(1)).await;
-        for _ in 0..2 {
+        for payload in ["boom", "boom later", "boom", "boom later"] {
             let err = client
-                .request("echo", "boom", Duration::from_millis(300))
+                .request("echo", payload, Duration::from_secs(5))
                 .await
                 .expect_err("no reply");
-            assert!(matches!(err, RequestError::Timeout { .. }), "{err}");
+            assert!(
+                matches!(&err, RequestError::Remote { message, .. } if message.contains("panicked")),
+                "{payload}: {err}"
+            );
         }
         // More requests than lanes, one after the other: each lane carries some.
         for i in 0..16 {
@@ -540,6 +548,117 @@ async fn a_panicking_handler_loses_its_request_not_its_lane() {
                 .unwrap_or_else(|e| panic!("request {i} after the panics: {e}"));
             assert_eq!(&reply[..], b"ping");
         }
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// A reply over the maximum message size fails its request with a clear error and harms
+/// nothing else: before, the 9 MiB frame stopped the connection's writer, and every later
+/// reply and delivery to the requester was silently lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_reply_is_an_error_and_the_connection_carries_on() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let server = start(builder(&net, "echo", &key)).await;
+        server
+            .serve(|req| async move {
+                match req.payload_text().as_str() {
+                    "big" => Ok(vec![7u8; 9 << 20].into()),
+                    "big later" => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        Ok(vec![7u8; 5 << 20].into())
+                    }
+                    _ => Ok(req.payload().clone()),
+                }
+            })
+            .await
+            .expect("serve");
+        until_served(&client, "echo", "x", Duration::from_secs(1)).await;
+        for payload in ["big", "big later"] {
+            let err = client
+                .request("echo", payload, Duration::from_secs(5))
+                .await
+                .expect_err("too large");
+            assert!(
+                matches!(&err, RequestError::Remote { message, .. } if message.contains("maximum message size")),
+                "{payload}: {err}"
+            );
+        }
+        for i in 0..16 {
+            let reply = client
+                .request("echo", "ping", Duration::from_secs(2))
+                .await
+                .unwrap_or_else(|e| panic!("request {i} after the oversized replies: {e}"));
+            assert_eq!(&reply[..], b"ping");
+        }
+        // The server's deliveries to the client still flow on that connection.
+        let mut got = client.messages().expect("messages");
+        let receipt = server.send("web", "after").await.expect("send");
+        let delivery = tokio::time::timeout(Duration::from_secs(10), got.next())
+            .await
+            .expect("delivered in time")
+            .expect("a message");
+        assert_eq!(delivery.message().payload_text(), "after");
+        delivery.ack().await;
+        tokio::time::timeout(Duration::from_secs(10), receipt.acked())
+            .await
+            .expect("acked in time")
+            .expect("acked");
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// Replies find their requests whichever way they travel: handlers that answer without
+/// waiting are replied to from the lane reader (on the connection's reply stream, or through
+/// the writer when another reader is writing there), handlers that wait from their own task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_find_their_requests_whether_the_handler_waits_or_not() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let server = start(builder(&net, "echo", &key)).await;
+        server
+            .serve(|req| async move {
+                let n: u64 = req.payload_text().parse().map_err(|_| {
+                    HandlerError::Reject(format!("not a number: {}", req.payload_text()))
+                })?;
+                if n.is_multiple_of(3) {
+                    tokio::time::sleep(Duration::from_millis(n % 7)).await;
+                }
+                Ok(format!("{}", n * 2).into())
+            })
+            .await
+            .expect("serve");
+        until_served(&client, "echo", "1", Duration::from_secs(1)).await;
+        let mut callers = Vec::new();
+        for c in 0..16u64 {
+            let client = client.clone();
+            callers.push(tokio::spawn(async move {
+                for i in 0..40u64 {
+                    let n = c * 1000 + i;
+                    let reply = client
+                        .request("echo", n.to_string(), Duration::from_secs(5))
+                        .await
+                        .unwrap_or_else(|e| panic!("request {n}: {e}"));
+                    assert_eq!(
+                        String::from_utf8_lossy(&reply),
+                        (n * 2).to_string(),
+                        "the reply to {n}"
+                    );
+                }
+            }));
+        }
+        for c in callers {
+            c.await.expect("caller");
+        }
+        in_flight_drains(&client).await;
         client.shutdown().await;
         server.shutdown().await;
     })

@@ -13,7 +13,6 @@ use peerbus_discovery::Discovery;
 use peerbus_transport::NodeId;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info};
 
 use crate::builder::NodeBuilder;
@@ -745,7 +744,14 @@ impl Node {
 
     /// Serves requests addressed to this node's service with `handler`, running up to
     /// `serve_concurrency` at once. The handler's `Ok` bytes are the reply; its `Err` text is
-    /// returned to the requester as [`RequestError::Remote`].
+    /// returned to the requester as [`RequestError::Remote`], and so are a reply over the
+    /// node's maximum message size and a panic in the handler.
+    ///
+    /// The handler's future is first polled on the task that read the request off the
+    /// connection, and a handler that is ready at once is answered from there (the fastest
+    /// reply); one that waits goes on in a task of its own. So a handler should not compute
+    /// for long before its first `.await`: meanwhile that connection's lane reads nothing
+    /// else. Move heavy work to `tokio::task::spawn_blocking` (or yield first).
     pub async fn serve<F, Fut>(&self, handler: F) -> Result<ServeHandle, SubscribeError>
     where
         F: Fn(Request) -> Fut + Send + Sync + 'static,
@@ -753,7 +759,7 @@ impl Node {
     {
         let (tx, mut rx) = mpsc::channel::<InboundRequest>(SERVE_QUEUE);
         let permits = Arc::new(tokio::sync::Semaphore::new(self.shared.serve_concurrency));
-        let run = serve_fn(handler, self.shared.tracker.clone(), self.shared.lanes);
+        let run = serve_fn(handler, self.shared.max_message_size);
         {
             let mut routes = runtime::write(&self.shared.routes);
             if routes.serve.is_some() {
@@ -767,10 +773,12 @@ impl Node {
         }
         let shared = self.shared.clone();
         let cancel = shared.cancel.clone();
+        let task_shared = shared.clone();
         // Starts the requests that found every permit taken, in order. Ends once `serve` is
         // stopped (the queue's sender goes with the route) or the node stops.
         shared.tracker.spawn(
             async move {
+                let shared = task_shared;
                 loop {
                     let req = tokio::select! {
                         r = rx.recv() => r,
@@ -780,7 +788,11 @@ impl Node {
                     let Ok(permit) = permits.clone().acquire_owned().await else {
                         break;
                     };
-                    run(req, permit);
+                    let corr = req.env.seq;
+                    let deadline =
+                        tokio::time::Instant::now() + Duration::from_millis(req.budget_ms);
+                    let reply = run(req.env, req.budget_ms);
+                    runtime::conn::spawn_handler(&shared, reply, permit, req.reply, corr, deadline);
                 }
             }
             .instrument(self.inner.span.clone()),
@@ -1189,45 +1201,44 @@ impl RequestOptions {
     }
 }
 
-/// How a request reaches `handler`: in its own task (tracked by `tracker`), with the time the
-/// requester gave it; the reply goes straight to the connection it came on.
-/// Polling the handler once in the lane reader instead (a task only when it is not ready) was
-/// tried: `peerbus bench --only request` gave 1.5 times the requests/s with 4 callers, but
-/// its sequential p50 rose from 65 to 76 µs (medians of 15 interleaved runs), so a request
-/// keeps its task.
-fn serve_fn<F, Fut>(handler: F, tracker: TaskTracker, lanes: usize) -> runtime::ServeFn
+/// How a request reaches `handler`: each request's run is a future (with the handler's span,
+/// its trace context and the requester's budget as a timeout) that the lane reader the request
+/// arrived on polls once itself, replying at once when the handler is ready without waiting
+/// (`conn::lane_reader`), and otherwise hands to a task of its own (`conn::spawn_handler`).
+/// A reply over `max_reply` bytes (the node's maximum message size) becomes an error for its
+/// requester: its frame could not be sent.
+fn serve_fn<F, Fut>(handler: F, max_reply: usize) -> runtime::ServeFn
 where
     F: Fn(Request) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    Arc::new(move |req: InboundRequest, permit| {
-        let handler = handler.clone();
-        tracker.spawn(async move {
-            let _permit = permit;
-            let corr = req.env.seq;
-            let out = req.reply;
-            let budget = Duration::from_millis(req.budget_ms);
-            let deadline = tokio::time::Instant::now() + budget;
-            let request = Request {
-                msg: Message::new(req.env),
-                budget,
-            };
-            let (span, ctx) = crate::subscription::handler_span(&request.msg);
-            let run = tokio::time::timeout(budget, handler(request));
-            let run = async {
-                match ctx {
+    Arc::new(move |env: Envelope, budget_ms: u64| {
+        let budget = Duration::from_millis(budget_ms);
+        let request = Request {
+            msg: Message::new(env),
+            budget,
+        };
+        let (span, ctx) = crate::subscription::handler_span(&request.msg);
+        let run = tokio::time::timeout(budget, handler(request));
+        Box::pin(
+            async move {
+                let run = match ctx {
                     Some(ctx) => crate::trace::scope(ctx, run).await,
                     None => run.await,
+                };
+                match run {
+                    Ok(Ok(b)) if b.len() > max_reply => Some(Err(format!(
+                        "the reply is {} bytes, over the maximum message size of {max_reply} bytes",
+                        b.len()
+                    ))),
+                    Ok(Ok(b)) => Some(Ok(b)),
+                    Ok(Err(e)) => Some(Err(e.to_string())),
+                    Err(_) => None, // the requester has given up already
                 }
-            };
-            let result = match run.instrument(span).await {
-                Ok(Ok(b)) => Ok(b),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => return, // the requester has given up already
-            };
-            runtime::conn::queue_reply(&out, lanes, corr, result, deadline).await;
-        });
+            }
+            .instrument(span),
+        )
     })
 }
 

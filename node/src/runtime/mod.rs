@@ -39,7 +39,7 @@ use peerbus_discovery::{
     Discovery, DiscoveryEvent, MdnsDiscovery, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
 };
 use peerbus_transport::{Endpoint, EndpointConfig, Identity, Membership, MeshKey, NodeId};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
@@ -75,8 +75,9 @@ pub(crate) const MAX_SUBSCRIPTIONS: usize = 1024;
 pub(crate) const MAX_KNOWN_PEERS: usize = 4096;
 /// Handshakes (TLS + mesh proof + hello) running at once on the accept side.
 pub(crate) const MAX_PENDING_HANDSHAKES: usize = 64;
-/// Data lanes a peer may open towards us per connection.
-pub(crate) const MAX_INBOUND_LANES: usize = 64;
+/// Unidirectional streams a peer may open towards us per connection: its data lanes (at most
+/// 64, the most `NodeBuilder::lanes` allows) and its reply stream (`conn::ReplyStream`).
+pub(crate) const MAX_INBOUND_LANES: usize = 64 + 1;
 
 /// An entry arriving for a local consumer.
 #[derive(Debug)]
@@ -132,8 +133,15 @@ pub(crate) struct InboundRequest {
     pub(crate) reply: mpsc::Sender<core::Out>,
 }
 
-/// Runs one request: spawns the `serve` handler's task, which keeps the permit while it runs.
-pub(crate) type ServeFn = Arc<dyn Fn(InboundRequest, OwnedSemaphorePermit) + Send + Sync>;
+/// One request's handler run: its reply, or `None` when the requester's budget ran out first
+/// (nobody waits for a reply then).
+pub(crate) type ReplyFuture =
+    std::pin::Pin<Box<dyn Future<Output = Option<Result<bytes::Bytes, String>>> + Send>>;
+
+/// Makes the handler run of one request (its envelope and the requester's budget in ms). The
+/// caller polls it: a lane reader polls it once itself and replies at once when it is ready
+/// (`conn::lane_reader`), and otherwise hands it to a task (`conn::spawn_handler`).
+pub(crate) type ServeFn = Arc<dyn Fn(Envelope, u64) -> ReplyFuture + Send + Sync>;
 
 /// The local `serve` handler, as lane readers reach it.
 pub(crate) struct Server {
