@@ -315,3 +315,60 @@ async fn an_ack_does_not_wait_for_the_next_handler_of_its_key() {
     })
     .await;
 }
+
+/// A handler that panics fails its message like a `Retry` (the message comes back), not the
+/// worker it ran on: before, the panic ended the worker, and with it every handling of the
+/// subscription, silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_retried_and_its_worker_goes_on() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let node = start(
+            builder(&net, "svc", &key)
+                .retry_backoff(Duration::from_millis(50), Duration::from_millis(200)),
+        )
+        .await;
+        let (tx, mut rx) = mpsc::channel(100);
+        // One worker, so every key runs on the worker the panics hit.
+        tokio::spawn(node.messages().expect("messages").handle(1, move |m| {
+            let tx = tx.clone();
+            async move {
+                let payload = m.payload_text();
+                match payload.as_str() {
+                    "boom" if m.attempt() == 1 => panic!("the handler fails on purpose"),
+                    "boom later" if m.attempt() == 1 => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        panic!("the handler fails on purpose, after a wait");
+                    }
+                    _ => {}
+                }
+                tx.send((payload, m.attempt())).await.ok();
+                Ok::<(), HandlerError>(())
+            }
+        }));
+        let mut receipts = Vec::new();
+        for (i, payload) in ["boom", "a", "boom later", "b", "c"]
+            .into_iter()
+            .enumerate()
+        {
+            let msg = Outgoing::new(payload).key(format!("k{i}"));
+            receipts.push(node.send("svc", msg).await.expect("stored"));
+        }
+        for r in receipts {
+            acked_within(20, r).await;
+        }
+        let mut seen = BTreeMap::new();
+        while let Ok((payload, attempt)) = rx.try_recv() {
+            seen.insert(payload, attempt);
+        }
+        let expected: BTreeMap<String, u32> =
+            [("boom", 2), ("a", 1), ("boom later", 2), ("b", 1), ("c", 1)]
+                .into_iter()
+                .map(|(p, a)| (p.to_string(), a))
+                .collect();
+        assert_eq!(seen, expected);
+        node.shutdown().await;
+    })
+    .await;
+}

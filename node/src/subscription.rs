@@ -2,13 +2,15 @@
 //! form, [`Subscription::handle`].
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt as _;
 use tokio::sync::mpsc;
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::engine::inbox::Admit;
 use crate::engine::outbox::BLOCKED_PREFIX;
@@ -84,7 +86,8 @@ impl Subscription {
     /// Runs `handler` for every message until the node shuts down. Messages with the same key
     /// run one at a time, in order; up to `concurrency` keys run in parallel. `Ok` acknowledges;
     /// [`HandlerError::Retry`] redelivers later (the key waits); [`HandlerError::Reject`]
-    /// dead-letters at the sender.
+    /// dead-letters at the sender. A handler that panics counts as a `Retry` (logged); the
+    /// other messages go on being handled.
     pub async fn handle<F, Fut>(mut self, concurrency: usize, handler: F)
     where
         F: Fn(Message) -> Fut + Send + Sync + 'static,
@@ -115,22 +118,34 @@ impl Subscription {
                                     .instrument(span);
                                 let mut run = std::pin::pin!(run);
                                 // A handler that finishes without waiting leaves the earlier
-                                // outcomes queued; one that waits sends them first.
+                                // outcomes queued; one that waits sends them first. A panic is
+                                // caught: it must not end this worker (and with it the
+                                // subscription's handling).
                                 let result = match std::future::poll_fn(|cx| {
-                                    Poll::Ready(run.as_mut().poll(cx))
+                                    Poll::Ready(std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                        run.as_mut().poll(cx)
+                                    })))
                                 })
                                 .await
                                 {
-                                    Poll::Ready(r) => r,
-                                    Poll::Pending => {
+                                    Ok(Poll::Ready(r)) => Ok(r),
+                                    Ok(Poll::Pending) => {
                                         done.flush(&shared).await;
-                                        run.await
+                                        AssertUnwindSafe(run).catch_unwind().await
                                     }
+                                    Err(panic) => Err(panic),
                                 };
                                 let result = match result {
-                                    Ok(()) => Ok(()),
-                                    Err(HandlerError::Retry(r)) => Err((r, false)),
-                                    Err(HandlerError::Reject(r)) => Err((r, true)),
+                                    Ok(Ok(())) => Ok(()),
+                                    Ok(Err(HandlerError::Retry(r))) => Err((r, false)),
+                                    Ok(Err(HandlerError::Reject(r))) => Err((r, true)),
+                                    Err(_) => {
+                                        warn!(
+                                            id = %d.message().id(),
+                                            "a message handler panicked; the message is retried"
+                                        );
+                                        Err((HANDLER_PANICKED.to_string(), false))
+                                    }
                                 };
                                 done.push(&shared, d.complete(result)).await;
                             }
@@ -171,6 +186,9 @@ impl Subscription {
         }
     }
 }
+
+/// The reason a message whose handler panicked is retried with.
+const HANDLER_PANICKED: &str = "the message's handler panicked";
 
 /// How long a handled entry's outcome may wait in a worker's [`Completions`] for the rest of
 /// its batch: once the oldest waited this long, the next outcome sends them all.
