@@ -947,6 +947,13 @@ fn consumes(id: &NodeId, p: &Peer, target: &Target, topic: Option<&str>) -> bool
     }
 }
 
+/// Whether every one of `candidates` (a log's instances) has used up its credit.
+fn all_out_of_credit(peers: &FastMap<NodeId, Peer>, candidates: &[NodeId]) -> bool {
+    candidates
+        .iter()
+        .all(|c| peers.get(c).is_none_or(|p| p.in_flight >= p.credits))
+}
+
 /// One dispatch's view of the outbox beside the log it walks.
 struct Dispatch<'a> {
     peers: &'a mut FastMap<NodeId, Peer>,
@@ -1029,6 +1036,13 @@ impl Dispatch<'_> {
             };
             let Some(peer_id) = chosen else {
                 first_left = first_left.or(Some(seq));
+                // Stop when no instance of this log has credit left: a keyless entry found no
+                // instance for want of credit, and nothing after it can move either. Walking
+                // on made every ack's dispatch scan the whole backlog (a publish with no key
+                // spent 54% of its dispatch time in the walk).
+                if all_out_of_credit(self.peers, candidates) {
+                    break;
+                }
                 continue;
             };
             let Some(peer) = self.peers.get_mut(&peer_id) else {
@@ -1041,10 +1055,7 @@ impl Dispatch<'_> {
                 first_left = first_left.or(Some(seq));
                 // Stop when no instance of this log has credit left (not every peer: others,
                 // the local node among them, may consume other logs only).
-                if candidates
-                    .iter()
-                    .all(|c| self.peers.get(c).is_none_or(|p| p.in_flight >= p.credits))
-                {
+                if all_out_of_credit(self.peers, candidates) {
                     break;
                 }
                 continue;
