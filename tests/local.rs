@@ -36,6 +36,15 @@ fn handle(
     }));
 }
 
+/// A lone `svc` node that redelivers a failed handling after 50–200 ms.
+async fn quick_retry_node(net: &MemoryNetwork, key: &MeshKey) -> Node {
+    start(
+        builder(net, "svc", key)
+            .retry_backoff(Duration::from_millis(50), Duration::from_millis(200)),
+    )
+    .await
+}
+
 async fn acked_within(secs: u64, r: peerbus::Receipt) {
     tokio::time::timeout(Duration::from_secs(secs), r.acked())
         .await
@@ -231,11 +240,7 @@ async fn a_local_handler_failure_is_retried_like_a_remote_one() {
     within(60, async {
         let net = MemoryNetwork::new();
         let key = MeshKey::generate();
-        let node = start(
-            builder(&net, "svc", &key)
-                .retry_backoff(Duration::from_millis(50), Duration::from_millis(200)),
-        )
-        .await;
+        let node = quick_retry_node(&net, &key).await;
         let (tx, mut rx) = mpsc::channel(100);
         handle(&node, "self", &["m0"], tx);
         // Same key: m1 must wait until m0 succeeded on its retry.
@@ -324,11 +329,7 @@ async fn a_panicking_handler_is_retried_and_its_worker_goes_on() {
     within(60, async {
         let net = MemoryNetwork::new();
         let key = MeshKey::generate();
-        let node = start(
-            builder(&net, "svc", &key)
-                .retry_backoff(Duration::from_millis(50), Duration::from_millis(200)),
-        )
-        .await;
+        let node = quick_retry_node(&net, &key).await;
         let (tx, mut rx) = mpsc::channel(100);
         // One worker, so every key runs on the worker the panics hit.
         tokio::spawn(node.messages().expect("messages").handle(1, move |m| {

@@ -530,24 +530,13 @@ async fn a_panicking_handler_fails_its_request_not_its_lane() {
             .await
             .expect("serve");
         until_served(&client, "echo", "x", Duration::from_secs(1)).await;
-        for payload in ["boom", "boom later", "boom", "boom later"] {
-            let err = client
-                .request("echo", payload, Duration::from_secs(5))
-                .await
-                .expect_err("no reply");
-            assert!(
-                matches!(&err, RequestError::Remote { message, .. } if message.contains("panicked")),
-                "{payload}: {err}"
-            );
-        }
-        // More requests than lanes, one after the other: each lane carries some.
-        for i in 0..16 {
-            let reply = client
-                .request("echo", "ping", Duration::from_secs(2))
-                .await
-                .unwrap_or_else(|e| panic!("request {i} after the panics: {e}"));
-            assert_eq!(&reply[..], b"ping");
-        }
+        fail_remotely(
+            &client,
+            &["boom", "boom later", "boom", "boom later"],
+            "panicked",
+        )
+        .await;
+        every_lane_answers(&client, "the panics").await;
         client.shutdown().await;
         server.shutdown().await;
     })
@@ -578,23 +567,8 @@ async fn an_oversized_reply_is_an_error_and_the_connection_carries_on() {
             .await
             .expect("serve");
         until_served(&client, "echo", "x", Duration::from_secs(1)).await;
-        for payload in ["big", "big later"] {
-            let err = client
-                .request("echo", payload, Duration::from_secs(5))
-                .await
-                .expect_err("too large");
-            assert!(
-                matches!(&err, RequestError::Remote { message, .. } if message.contains("maximum message size")),
-                "{payload}: {err}"
-            );
-        }
-        for i in 0..16 {
-            let reply = client
-                .request("echo", "ping", Duration::from_secs(2))
-                .await
-                .unwrap_or_else(|e| panic!("request {i} after the oversized replies: {e}"));
-            assert_eq!(&reply[..], b"ping");
-        }
+        fail_remotely(&client, &["big", "big later"], "maximum message size").await;
+        every_lane_answers(&client, "the oversized replies").await;
         // The server's deliveries to the client still flow on that connection.
         let mut got = client.messages().expect("messages");
         let receipt = server.send("web", "after").await.expect("send");
@@ -663,6 +637,33 @@ async fn replies_find_their_requests_whether_the_handler_waits_or_not() {
         server.shutdown().await;
     })
     .await;
+}
+
+/// Each request of `payloads` to `echo` fails with the handler's side's error, which names
+/// `reason`.
+async fn fail_remotely(client: &Node, payloads: &[&str], reason: &str) {
+    for payload in payloads {
+        let err = client
+            .request("echo", *payload, Duration::from_secs(5))
+            .await
+            .expect_err("an error reply");
+        assert!(
+            matches!(&err, RequestError::Remote { message, .. } if message.contains(reason)),
+            "{payload}: {err}"
+        );
+    }
+}
+
+/// Requests to `echo` after `what` are answered: more of them than lanes, one after the
+/// other, so each lane carries some.
+async fn every_lane_answers(client: &Node, what: &str) {
+    for i in 0..16 {
+        let reply = client
+            .request("echo", "ping", Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|e| panic!("request {i} after {what}: {e}"));
+        assert_eq!(&reply[..], b"ping");
+    }
 }
 
 /// Waits until `client` gets a reply from `service` to `payload` within `timeout`.
