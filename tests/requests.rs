@@ -512,10 +512,7 @@ async fn back_to_back_requests_fit_a_bulkhead_of_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_fails_its_request_not_its_lane() {
     within(30, async {
-        let net = MemoryNetwork::new();
-        let key = MeshKey::generate();
-        let client = start(builder(&net, "web", &key)).await;
-        let server = start(builder(&net, "echo", &key)).await;
+        let (client, server) = web_and_echo().await;
         server
             .serve(|req| async move {
                 match req.payload_text().as_str() {
@@ -549,10 +546,7 @@ async fn a_panicking_handler_fails_its_request_not_its_lane() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_reply_is_an_error_and_the_connection_carries_on() {
     within(30, async {
-        let net = MemoryNetwork::new();
-        let key = MeshKey::generate();
-        let client = start(builder(&net, "web", &key)).await;
-        let server = start(builder(&net, "echo", &key)).await;
+        let (client, server) = web_and_echo().await;
         server
             .serve(|req| async move {
                 match req.payload_text().as_str() {
@@ -594,10 +588,7 @@ async fn an_oversized_reply_is_an_error_and_the_connection_carries_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_find_their_requests_whether_the_handler_waits_or_not() {
     within(30, async {
-        let net = MemoryNetwork::new();
-        let key = MeshKey::generate();
-        let client = start(builder(&net, "web", &key)).await;
-        let server = start(builder(&net, "echo", &key)).await;
+        let (client, server) = web_and_echo().await;
         server
             .serve(|req| async move {
                 let n: u64 = req.payload_text().parse().map_err(|_| {
@@ -637,6 +628,15 @@ async fn replies_find_their_requests_whether_the_handler_waits_or_not() {
         server.shutdown().await;
     })
     .await;
+}
+
+/// Two nodes of one mesh: a `web` client and an `echo` server (which serves nothing yet).
+async fn web_and_echo() -> (Node, Node) {
+    let net = MemoryNetwork::new();
+    let key = MeshKey::generate();
+    let client = start(builder(&net, "web", &key)).await;
+    let server = start(builder(&net, "echo", &key)).await;
+    (client, server)
 }
 
 /// Each request of `payloads` to `echo` fails with the handler's side's error, which names
