@@ -607,12 +607,30 @@ async fn only_nodes_that_take_their_messages_are_instances() {
         );
         assert_eq!(seen(&idle).await, (false, 0));
         assert_eq!(seen(&busy).await, (false, 0));
+        assert!(sender.consumers("orders").await.is_empty());
+        assert!(
+            !sender
+                .wait_for_consumers("orders", 1, Duration::from_millis(200))
+                .await,
+            "connected nodes that take no messages are not consumers"
+        );
+        // Woken by busy taking its messages (the change, not a poll, ends the wait).
+        let waiter = {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                sender
+                    .wait_for_consumers("orders", 1, Duration::from_secs(10))
+                    .await
+            })
+        };
         let early = sender.send("orders", "early").await.expect("send");
         tokio::time::sleep(Duration::from_millis(200)).await;
         let st = sender.status().await.expect("status");
         assert_eq!(st.logs["svc:orders"].waiting, 1, "waits for a consumer");
 
         let mut got = collect(&busy);
+        assert!(waiter.await.expect("waiter"), "busy became a consumer");
+        assert_eq!(sender.consumers("orders").await, vec![busy.id()]);
         early
             .acked()
             .await
@@ -632,12 +650,20 @@ async fn only_nodes_that_take_their_messages_are_instances() {
         assert_eq!(seen(&idle).await, (false, 0), "nothing went to idle");
 
         let stream = idle.messages().expect("messages");
-        eventually(10, "idle consumes", || async { seen(&idle).await.0 }).await;
+        assert!(
+            sender
+                .wait_for_consumers("orders", 2, Duration::from_secs(10))
+                .await,
+            "idle consumes"
+        );
+        assert!(seen(&idle).await.0);
         drop(stream);
         eventually(10, "idle with its stream dropped does not", || async {
             !seen(&idle).await.0
         })
         .await;
+        assert_eq!(sender.consumers("orders").await, vec![busy.id()]);
+        assert_eq!(sender.instances("orders").await.len(), 2);
         let mut receipts = Vec::new();
         for i in 100..150 {
             receipts.push(sender.send("orders", format!("{i}")).await.expect("send"));

@@ -907,12 +907,25 @@ impl Node {
     }
 
     /// Connected nodes of `service` (not saying goodbye). A [`Node::send`] to `service` goes
-    /// only to those of them that take their messages ([`PeerInfo::consumes`]).
+    /// only to those of them that take their messages ([`PeerInfo::consumes`]): see
+    /// [`Node::consumers`].
     pub async fn instances(&self, service: &str) -> Vec<NodeId> {
+        self.connected(service, false).await
+    }
+
+    /// Connected nodes of `service` (not saying goodbye) that take their service's messages
+    /// ([`Node::messages`] is taken and alive there): the instances a [`Node::send`] to
+    /// `service` is delivered to now.
+    pub async fn consumers(&self, service: &str) -> Vec<NodeId> {
+        self.connected(service, true).await
+    }
+
+    async fn connected(&self, service: &str, consumers: bool) -> Vec<NodeId> {
         let (tx, rx) = oneshot::channel();
         if self
             .core(CoreMsg::Instances {
                 service: service.to_string(),
+                consumers,
                 reply: tx,
             })
             .await
@@ -923,18 +936,43 @@ impl Node {
         rx.await.unwrap_or_default()
     }
 
-    /// Waits until at least `count` instances of `service` are connected, or `timeout` passes.
-    /// Returns whether they were found.
+    /// Waits until at least `count` [instances](Node::instances) of `service` are connected,
+    /// or `timeout` passes. Returns whether they were found. Wakes on each change of the
+    /// connected peers, not on a timer.
     pub async fn wait_for_instances(&self, service: &str, count: usize, timeout: Duration) -> bool {
+        self.wait_for_connected(service, false, count, timeout)
+            .await
+    }
+
+    /// Waits until at least `count` [consumers](Node::consumers) of `service` (instances that
+    /// take its messages) are connected, or `timeout` passes. Returns whether they were found.
+    pub async fn wait_for_consumers(&self, service: &str, count: usize, timeout: Duration) -> bool {
+        self.wait_for_connected(service, true, count, timeout).await
+    }
+
+    async fn wait_for_connected(
+        &self,
+        service: &str,
+        consumers: bool,
+        count: usize,
+        timeout: Duration,
+    ) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut changed = self.shared.peers_changed.subscribe();
         loop {
-            if self.instances(service).await.len() >= count {
+            // Marked seen before looking: a change after the look wakes the wait below.
+            changed.borrow_and_update();
+            if self.connected(service, consumers).await.len() >= count {
                 return true;
             }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
+            tokio::select! {
+                r = changed.changed() => {
+                    if r.is_err() {
+                        return false;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return false,
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -184,6 +184,8 @@ pub(crate) enum CoreMsg {
     /// Instances currently connected for a service.
     Instances {
         service: String,
+        /// Only those that take the service's messages (the instances a `send` goes to).
+        consumers: bool,
         reply: oneshot::Sender<Vec<NodeId>>,
     },
     /// Begin shutdown: say goodbye to every peer, report the unsettled count.
@@ -581,11 +583,19 @@ impl Core {
             CoreMsg::Status(reply) => {
                 let _ = reply.send(self.status());
             }
-            CoreMsg::Instances { service, reply } => {
+            CoreMsg::Instances {
+                service,
+                consumers,
+                reply,
+            } => {
                 let mut v: Vec<NodeId> = self
                     .links
                     .iter()
-                    .filter(|(id, l)| l.service == service && !self.outbox.is_draining(**id))
+                    .filter(|(id, l)| {
+                        l.service == service
+                            && (l.consumes || !consumers)
+                            && !self.outbox.is_draining(**id)
+                    })
                     .map(|(id, _)| *id)
                     .collect();
                 v.sort();
@@ -1283,6 +1293,7 @@ impl Core {
             Control::Goodbye => {
                 info!(peer = %peer.short(), "peer is shutting down");
                 self.outbox.peer_draining(peer);
+                self.shared.peers_changed();
                 // Do not redial it when the connection closes; discovery announces it again
                 // when it comes back.
                 if let Some(k) = self.known.get_mut(&peer) {
@@ -1302,6 +1313,7 @@ impl Core {
                     l.consumes = consumes;
                     let service = instance_of(&l.service, consumes);
                     self.outbox.peer_service(peer, service);
+                    self.shared.peers_changed();
                 }
             }
             Control::Hello(_) => {
@@ -1818,6 +1830,7 @@ impl Core {
             peer_retired: false,
         };
         self.links.insert(peer, link);
+        self.shared.peers_changed();
         conn::spawn_connection(self.shared.clone(), r, handles);
         if let Some(l) = self.links.get(&peer) {
             // Our hello was built before this connection was registered: an interest or
@@ -1864,6 +1877,7 @@ impl Core {
             if self.seeds.contains(&l.conn.remote_addr()) && !self.closing {
                 self.start_seed_dial(l.conn.remote_addr());
             }
+            self.shared.peers_changed();
         }
         info!(peer = %peer.short(), %reason, "peer disconnected");
         let service = self.known.get(&peer).and_then(|k| k.service.as_deref());
