@@ -318,7 +318,7 @@ async fn log_backlog(node: &Node, service: &str) -> usize {
 
 async fn send_batch(node: &Node, service: &str, batch: &Batch) -> Result<String> {
     let timeout = batch.timeout;
-    if !wait_for_consumer(node, service, timeout).await {
+    if !node.wait_for_consumers(service, 1, timeout).await {
         return Err(no_instance_error(node, service, timeout).await);
     }
     let start = Instant::now();
@@ -606,22 +606,6 @@ async fn wait_for_peers(node: &Node, max: Duration) -> bool {
             return connected > 0;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// Waits until a connected instance of `service` takes its messages (a `send` can reach it),
-/// or `timeout` passes.
-async fn wait_for_consumer(node: &Node, service: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let peers = node.peers().await;
-        if peers.iter().any(|p| p.service == service && p.consumes) {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -135,7 +135,7 @@ pub(crate) async fn send(
         .context("starting the receiver")?;
     count_handled(&receiver)?;
     if !sender
-        .wait_for_instances("orders", 1, Duration::from_secs(10))
+        .wait_for_consumers("orders", 1, Duration::from_secs(10))
         .await
     {
         bail!("the receiver was never discovered");
