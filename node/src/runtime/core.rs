@@ -1293,7 +1293,7 @@ impl Core {
             Control::Goodbye => {
                 info!(peer = %peer.short(), "peer is shutting down");
                 self.outbox.peer_draining(peer);
-                self.shared.peers_changed();
+                self.shared.notify_peers_changed();
                 // Do not redial it when the connection closes; discovery announces it again
                 // when it comes back.
                 if let Some(k) = self.known.get_mut(&peer) {
@@ -1313,7 +1313,7 @@ impl Core {
                     l.consumes = consumes;
                     let service = instance_of(&l.service, consumes);
                     self.outbox.peer_service(peer, service);
-                    self.shared.peers_changed();
+                    self.shared.notify_peers_changed();
                 }
             }
             Control::Hello(_) => {
@@ -1830,7 +1830,7 @@ impl Core {
             peer_retired: false,
         };
         self.links.insert(peer, link);
-        self.shared.peers_changed();
+        self.shared.notify_peers_changed();
         conn::spawn_connection(self.shared.clone(), r, handles);
         if let Some(l) = self.links.get(&peer) {
             // Our hello was built before this connection was registered: an interest or
@@ -1877,7 +1877,7 @@ impl Core {
             if self.seeds.contains(&l.conn.remote_addr()) && !self.closing {
                 self.start_seed_dial(l.conn.remote_addr());
             }
-            self.shared.peers_changed();
+            self.shared.notify_peers_changed();
         }
         info!(peer = %peer.short(), %reason, "peer disconnected");
         let service = self.known.get(&peer).and_then(|k| k.service.as_deref());

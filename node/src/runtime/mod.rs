@@ -260,7 +260,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Tells [`Shared::peers_changed`]'s waiters that the connected peers changed.
-    pub(crate) fn peers_changed(&self) {
+    pub(crate) fn notify_peers_changed(&self) {
         self.peers_changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
