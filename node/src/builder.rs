@@ -12,6 +12,13 @@ use crate::error::StartError;
 use crate::node::Node;
 use crate::store::Durability;
 
+/// The most data lanes [`NodeBuilder::lanes`] allows. With its reply stream, a connection then
+/// opens at most 64 unidirectional streams towards a peer: the limit of nodes built before the
+/// reply stream existed, so they accept it too.
+pub const MAX_LANES: usize = 63;
+// Lanes plus the reply stream fit in the 64 streams an older node accepts.
+const _: () = assert!(MAX_LANES < 64);
+
 /// How a node proves it belongs to its mesh.
 #[derive(Clone, Debug)]
 pub(crate) enum MembershipChoice {
@@ -224,9 +231,9 @@ impl NodeBuilder {
     }
 
     /// Data lanes (unidirectional streams) per connection and direction. Keys hash onto lanes,
-    /// so one slow key only delays keys on its lane. Default 4.
+    /// so one slow key only delays keys on its lane. Default 4, at most [`MAX_LANES`] (63).
     pub fn lanes(mut self, n: usize) -> Self {
-        self.lanes = n.clamp(1, 64);
+        self.lanes = n.clamp(1, MAX_LANES);
         self
     }
 
@@ -335,5 +342,19 @@ impl NodeBuilder {
             (None, None, _) if !self.discoveries.is_empty() => (Ipv4Addr::LOCALHOST, 0).into(),
             _ => (Ipv4Addr::UNSPECIFIED, 0).into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node's lanes stay between 1 and `MAX_LANES`, so that with its reply stream it never
+    /// opens more streams towards a peer than a node of an older build accepts (64).
+    #[test]
+    fn lanes_are_kept_between_one_and_the_most_an_older_peer_accepts() {
+        assert_eq!(Node::builder("svc").lanes(0).lanes, 1);
+        assert_eq!(Node::builder("svc").lanes(8).lanes, 8);
+        assert_eq!(Node::builder("svc").lanes(64).lanes, MAX_LANES);
     }
 }

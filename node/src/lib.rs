@@ -103,7 +103,7 @@ mod node;
 mod runtime;
 mod subscription;
 
-pub use builder::NodeBuilder;
+pub use builder::{MAX_LANES, NodeBuilder};
 pub use engine::breaker::{BreakerConfig, BreakerState};
 pub use error::{
     AdminError, CodecError, DeliveryError, HandlerError, RequestError, SendError, StartError,

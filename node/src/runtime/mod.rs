@@ -76,7 +76,8 @@ pub(crate) const MAX_KNOWN_PEERS: usize = 4096;
 /// Handshakes (TLS + mesh proof + hello) running at once on the accept side.
 pub(crate) const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Unidirectional streams a peer may open towards us per connection: its data lanes (at most
-/// 64, the most `NodeBuilder::lanes` allows) and its reply stream (`conn::ReplyStream`).
+/// [`MAX_LANES`](crate::MAX_LANES)) and its reply stream (`conn::ReplyStream`), plus one for
+/// builds that allowed 64 lanes.
 pub(crate) const MAX_INBOUND_LANES: usize = 64 + 1;
 
 /// An entry arriving for a local consumer.
