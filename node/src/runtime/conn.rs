@@ -332,19 +332,12 @@ async fn writer(
                         if slot.is_none() {
                             *slot = Some(conn.open_uni().await?);
                         }
-                        if let Some(s) = slot.as_mut() {
-                            // A large payload goes to QUIC as it is, not copied.
-                            let pushed = s.push_encoded_with_payload(
-                                |buf| {
-                                    frame.encode_head(buf);
-                                },
-                                frame.payload(),
-                            );
-                            if !refused(pushed)? {
-                                dirty[lane] = true;
-                                if s.buffered_bytes() >= FLUSH_BYTES {
-                                    s.flush().await?;
-                                }
+                        if let Some(s) = slot.as_mut()
+                            && !refused(push_data(s, &frame))?
+                        {
+                            dirty[lane] = true;
+                            if s.buffered_bytes() >= FLUSH_BYTES {
+                                s.flush().await?;
                             }
                         }
                     }
@@ -370,6 +363,16 @@ async fn writer(
     if let Err(e) = result {
         debug!(error = %e, "writer stopped");
     }
+}
+
+/// Buffers a data frame on `s`; a large payload goes to QUIC as it is, not copied.
+fn push_data(s: &mut FrameSender, frame: &Data) -> Result<(), FrameError> {
+    s.push_encoded_with_payload(
+        |buf| {
+            frame.encode_head(buf);
+        },
+        frame.payload(),
+    )
 }
 
 /// Whether the writer must skip a frame it could not buffer because it is over the maximum
@@ -477,12 +480,7 @@ impl ReplyStream {
         }
         let Some(s) = stream.as_mut() else { return };
         let frame = Data::Reply { corr, result };
-        if let Err(e) = s.push_encoded_with_payload(
-            |buf| {
-                frame.encode_head(buf);
-            },
-            frame.payload(),
-        ) {
+        if let Err(e) = push_data(s, &frame) {
             // Nothing was buffered (replies over the maximum message size never get here).
             warn!(corr, error = %e, "reply dropped: it cannot be sent as a frame");
             return;

@@ -253,16 +253,16 @@ pub(crate) struct Shared {
     /// Mesh events for the admin page (peer up/down, refusals, dead letters).
     pub(crate) events: crate::admin::events::Events,
     pub(crate) endpoint: Endpoint,
-    /// Bumped by core whenever a connected peer comes, goes, says goodbye or starts or stops
+    /// Signalled by core whenever a connected peer comes, goes, says goodbye or starts or stops
     /// taking its service's messages: [`Node::wait_for_instances`](crate::Node) waits on it
-    /// instead of polling. A watch channel holds one value, however many changes it missed.
-    pub(crate) peers_changed: tokio::sync::watch::Sender<u64>,
+    /// instead of polling. A watch channel keeps one pending notice, however many it missed.
+    pub(crate) peers_changed: tokio::sync::watch::Sender<()>,
 }
 
 impl Shared {
     /// Tells [`Shared::peers_changed`]'s waiters that the connected peers changed.
     pub(crate) fn notify_peers_changed(&self) {
-        self.peers_changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.peers_changed.send_replace(());
     }
 
     /// Milliseconds since the node started: the engine's clock.
@@ -394,7 +394,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         events: crate::admin::events::Events::new(),
         endpoint: endpoint.clone(),
         faults: b.faults.clone(),
-        peers_changed: tokio::sync::watch::Sender::new(0),
+        peers_changed: tokio::sync::watch::Sender::new(()),
     });
     let span = info_span!("node", node = %id.short(), service = %b.service);
     info!(parent: &span, %local_addr, mesh = %b.mesh, "node started");
