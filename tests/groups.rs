@@ -33,6 +33,22 @@ async fn publisher(net: &MemoryNetwork, key: &MeshKey, dir: &Path) -> Node {
     .await
 }
 
+/// A node of `audit` on `dir` that only meets the members of `gate` (a node that learns of
+/// groups from others and gossips them, the witness of the release tests).
+async fn witness(key: &MeshKey, gate: &Gate, dir: &Path) -> Node {
+    start(
+        Node::builder("audit")
+            .mesh("test")
+            .mesh_key(key.clone())
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .discovery(gate.clone())
+            .data_dir(dir)
+            .durability(Durability::Fsync)
+            .shutdown_grace(Duration::from_millis(500)),
+    )
+    .await
+}
+
 /// Publishes on `orders.created` until the publisher stores one copy (it has learnt the
 /// `billing` group from the subscriber); every such copy is delivered to the subscriber.
 async fn learn_billing(publisher: &Node) {
@@ -68,6 +84,29 @@ async fn until_copies(publisher: &Node, copies: usize, payload: &str, what: &str
     .await;
 }
 
+/// Publishes `payload` on `orders.created` once, which must keep one copy (for `billing`, while
+/// none of its instances runs: `why` says what it means if not).
+async fn keeps_a_copy(publisher: &Node, payload: &str, why: &str) -> peerbus::Receipt {
+    let receipt = publisher
+        .publish("orders.created", payload)
+        .await
+        .expect("publish");
+    assert_eq!(receipt.copies(), 1, "{why}");
+    receipt
+}
+
+/// Waits until `payload` is delivered; only warm-ups (redelivered when their ack was lost) may
+/// come before it.
+async fn delivered(got: &mut tokio::sync::mpsc::Receiver<(Option<String>, String)>, payload: &str) {
+    loop {
+        let (_, p) = got.recv().await.expect("delivered");
+        if p == payload {
+            return;
+        }
+        assert_eq!(p, "warm-up", "unexpected message");
+    }
+}
+
 /// Publishes `payload` on `orders.created` once; how many copies were stored.
 async fn copies(node: &Node, payload: &str) -> usize {
     node.publish("orders.created", payload)
@@ -93,26 +132,16 @@ async fn a_restarted_publisher_keeps_copies_for_a_group_it_knew() {
 
         // No subscriber runs: only the store can tell the publisher about `billing`.
         let publisher = publisher(&net, &key, dir.path()).await;
-        let receipt = publisher
-            .publish("orders.created", "after-restart")
-            .await
-            .expect("publish");
-        assert_eq!(
-            receipt.copies(),
-            1,
-            "a restarted publisher must keep a copy for the durable group it knew"
-        );
+        let receipt = keeps_a_copy(
+            &publisher,
+            "after-restart",
+            "a restarted publisher must keep a copy for the durable group it knew",
+        )
+        .await;
 
+        // The message published while the group had no instance must arrive.
         let (subscriber, mut got) = billing_subscriber(&net, &key).await;
-        // Warm-ups published before the restart may arrive again only if they were not acked;
-        // the message published while the group had no instance must arrive.
-        loop {
-            let (_, payload) = got.recv().await.expect("delivered");
-            if payload == "after-restart" {
-                break;
-            }
-            assert_eq!(payload, "warm-up", "unexpected message");
-        }
+        delivered(&mut got, "after-restart").await;
         receipt.acked().await.expect("receipt settles once handled");
         subscriber.shutdown().await;
         publisher.shutdown().await;
@@ -150,12 +179,12 @@ async fn a_released_group_is_not_restored_after_a_restart() {
     .await;
 }
 
-/// A node that heard of a release ignores gossip about the group from a node that has not:
+/// A node that heard of a release ignores older news of the group from a node that has not:
 /// a witness that learnt the group before the release and comes back after it, knowing the
 /// group from its store, does not teach it back to the publisher (the group came back,
-/// forever, when a connection was made around the release). The witness only ever meets the
-/// publisher (a [`Gate`] discovery), which passes a release on only when it hears of it, so
-/// nothing tells the witness of the release.
+/// forever, when a connection was made around the release), and forgets it itself. The
+/// witness only ever meets the publisher (a [`Gate`] discovery), so only the publisher can
+/// tell it of the release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_gossip_does_not_bring_a_released_group_back() {
     within(60, async {
@@ -163,18 +192,7 @@ async fn stale_gossip_does_not_bring_a_released_group_back() {
         let key = MeshKey::generate();
         let gate = Gate::default();
         let witness_dir = tempfile::tempdir().expect("tempdir");
-        let witness = || {
-            start(
-                Node::builder("audit")
-                    .mesh("test")
-                    .mesh_key(key.clone())
-                    .listen("127.0.0.1:0".parse().expect("addr"))
-                    .discovery(gate.clone())
-                    .data_dir(witness_dir.path())
-                    .durability(Durability::Fsync)
-                    .shutdown_grace(Duration::from_millis(500)),
-            )
-        };
+        let witness = || witness(&key, &gate, witness_dir.path());
         let (subscriber, _got) = billing_subscriber(&net, &key).await;
         let publisher = start(builder(&net, "shop", &key).discovery(gate.clone())).await;
         learn_billing(&publisher).await;
@@ -196,11 +214,7 @@ async fn stale_gossip_does_not_bring_a_released_group_back() {
             back.wait_for_instances("shop", 1, Duration::from_secs(10))
                 .await
         );
-        assert_eq!(
-            copies(&back, "stale").await,
-            1,
-            "the witness still knows the group"
-        );
+        forget_billing(&back).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
             copies(&publisher, "after").await,
@@ -246,6 +260,124 @@ async fn a_publisher_down_during_the_release_forgets_the_group_when_it_comes_bac
             "the released group came back from the store"
         );
         alone.shutdown().await;
+    })
+    .await;
+}
+
+/// The gap the 60-second memory of a release left: a node that comes back after the node that
+/// released the group is gone, and after every other node restarted, meets only nodes that
+/// know of the release from their store. The release is stored as a tombstone with a newer
+/// version than the group the witness knows, so the witness's news loses and it forgets the
+/// group too. Before group versions, the restarted publisher had forgotten the release and
+/// learnt the group back from the witness, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_everyone_restarted_does_not_bring_a_released_group_back() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let publisher_dir = tempfile::tempdir().expect("tempdir");
+        let witness_dir = tempfile::tempdir().expect("tempdir");
+        // The publisher meets the subscriber through the network and the witness through a
+        // gate. Each phase has a gate of its own: a gate tells its members of every member it
+        // ever had, and the restarted publisher's old address would be among them.
+        let shop = |gate: &Gate| {
+            start(
+                builder(&net, "shop", &key)
+                    .data_dir(publisher_dir.path())
+                    .durability(Durability::Fsync)
+                    .discovery(gate.clone()),
+            )
+        };
+        let (subscriber, _got) = billing_subscriber(&net, &key).await;
+        let gate = Gate::default();
+        let first = shop(&gate).await;
+        learn_billing(&first).await;
+        let witness_first = witness(&key, &gate, witness_dir.path()).await;
+        gate.reveal().await;
+        learn_billing(&witness_first).await;
+        witness_first.shutdown().await;
+
+        subscriber
+            .unsubscribe_group("billing")
+            .await
+            .expect("unsubscribe");
+        forget_billing(&first).await;
+        // Everyone who heard of the release directly is gone; the publisher restarts.
+        subscriber.shutdown().await;
+        first.shutdown().await;
+        let gate = Gate::default();
+        let back = shop(&gate).await;
+        assert_eq!(
+            copies(&back, "restarted").await,
+            0,
+            "the release was not kept"
+        );
+
+        // The witness comes back knowing the group from its store, and meets the publisher.
+        let witness = witness(&key, &gate, witness_dir.path()).await;
+        gate.reveal().await;
+        assert!(
+            witness
+                .wait_for_instances("shop", 1, Duration::from_secs(10))
+                .await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            copies(&back, "after").await,
+            0,
+            "the publisher learnt the released group back from the witness"
+        );
+        forget_billing(&witness).await;
+        witness.shutdown().await;
+        back.shutdown().await;
+    })
+    .await;
+}
+
+/// A release never takes a group away from a node still subscribed to it: when the release
+/// reaches that node (or a node connected to it), the subscription is newer news and the group
+/// comes back with a newer version. So a publisher keeps the group's copies once that
+/// subscriber is down too, and the subscriber gets them when it is back. Before group
+/// versions every node forgot the group, and the copies published while the remaining
+/// subscriber was down were never kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_does_not_take_a_group_from_a_node_still_subscribed() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let (leaving, _left) = billing_subscriber(&net, &key).await;
+        let (staying, _got) = billing_subscriber(&net, &key).await;
+        let publisher = start(builder(&net, "shop", &key)).await;
+        learn_billing(&publisher).await;
+        assert!(
+            publisher
+                .wait_for_instances("billing-svc", 2, Duration::from_secs(10))
+                .await
+        );
+
+        leaving
+            .unsubscribe_group("billing")
+            .await
+            .expect("unsubscribe");
+        // Let the release and the answer to it travel (a few control frames on loopback).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        staying.shutdown().await;
+        leaving.shutdown().await;
+        eventually(10, "both subscribers are gone", || async {
+            publisher.instances("billing-svc").await.is_empty()
+        })
+        .await;
+        let receipt = keeps_a_copy(
+            &publisher,
+            "while-away",
+            "the publisher forgot a group that was still subscribed",
+        )
+        .await;
+
+        let (_back, mut got) = billing_subscriber(&net, &key).await;
+        delivered(&mut got, "while-away").await;
+        receipt.acked().await.expect("receipt settles once handled");
+        publisher.shutdown().await;
     })
     .await;
 }

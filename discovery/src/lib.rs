@@ -87,8 +87,11 @@ pub use seeds::StaticDiscovery;
 /// hello. Nodes of different versions do not connect. Version 2 added the `Retired` control
 /// frame (a connection that lost the tie-break is closed only once its requests are answered).
 /// Version 3 added `consumes` to the hello and the `Consumes` control frame (a node is an
-/// instance of its service for `send` only while it takes its `messages()`).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// instance of its service for `send` only while it takes its `messages()`). Version 4 gives
+/// every durable group a version and gossips released groups as tombstones (`Groups` carries
+/// a `GroupState` per group; `GroupGone` is gone), so a node that comes back with a group that
+/// was released while it was away no longer teaches it back.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The DNS-SD service type under which peerbus nodes announce themselves.
 pub const SERVICE_TYPE: &str = "_peerbus._udp.local.";

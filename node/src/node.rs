@@ -882,6 +882,12 @@ impl Node {
     /// node forgets the group, and publishers release the copies they kept for it (their
     /// receipts fail with [`DeliveryError::Released`]). Dropping a [`Subscription`] does not do
     /// this: a group outlives its instances until it is released.
+    ///
+    /// The release is a newer version of the group that every node keeps (a tombstone, stored
+    /// by nodes with a data directory), so a node that was away and still knows the group
+    /// forgets it when it comes back. A node still subscribed to the group when the release
+    /// reaches it subscribes it again, with a newer version still: a release never takes a
+    /// group away from a live subscriber. Subscribing to the group later also brings it back.
     pub async fn unsubscribe_group(&self, group: &str) -> Result<(), SubscribeError> {
         runtime::write(&self.shared.routes)
             .subs

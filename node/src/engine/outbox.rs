@@ -592,6 +592,19 @@ impl<R> Outbox<R> {
             .collect()
     }
 
+    /// The topic patterns connected peers (this node included) subscribe to `group` with,
+    /// sorted, without duplicates: empty when no current interest names the group.
+    pub fn group_patterns(&self, group: &str) -> Vec<String> {
+        let patterns: BTreeSet<String> = self
+            .peers
+            .values()
+            .flat_map(|p| p.interests.iter())
+            .filter(|i| i.group.as_deref() == Some(group))
+            .map(|i| i.pattern.clone())
+            .collect();
+        patterns.into_iter().collect()
+    }
+
     /// The peer acknowledged `seqs` of `log`.
     pub fn on_ack(&mut self, peer: NodeId, log_name: &str, seqs: &[u64]) -> Vec<Settled<R>> {
         let mut out = Vec::with_capacity(seqs.len());

@@ -21,15 +21,15 @@ use crate::engine::FastMap;
 use crate::engine::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target, Transmit};
 use crate::engine::routing::stable_hash;
-use crate::engine::wire::{Control, Data, Envelope, Hello, Interest};
+use crate::engine::wire::{Control, Data, Envelope, GroupState, Hello, Interest};
 use crate::error::{DeliveryError, RequestError, SendError};
 use crate::node::{CallReply, CopyReceipt, PeerInfo, PeerState, Status};
 use crate::store::{DeadLetter, StoredEntry};
 
-mod released;
+mod groups;
 mod retire;
 
-use released::ReleasedGroups;
+use groups::{Changes, KnownGroups, MAX_KNOWN_GROUPS, MAX_RELEASED_GROUPS};
 use retire::Retiring;
 
 /// Ticks of the timer work (retries, ack timeouts, expiry, request deadlines).
@@ -295,13 +295,6 @@ struct LocalPeer {
     subs: Vec<u64>,
 }
 
-/// Most durable subscriber groups a node remembers (learnt from peers and gossip, and persisted
-/// in the store so a restarted publisher still keeps their copies; groups beyond it are ignored
-/// with a warning, also when restoring).
-const MAX_KNOWN_GROUPS: usize = 1024;
-/// Most topic patterns remembered per durable group.
-const MAX_PATTERNS_PER_GROUP: usize = 64;
-
 struct Core {
     shared: Arc<Shared>,
     /// Every stored copy carries its call's receipt, handed back when it settles (and answered
@@ -318,11 +311,10 @@ struct Core {
     /// Acks to send on the next flush, per origin and log (as many origins as send to this
     /// node between two flushes, each with its few logs; emptied by every flush).
     pending_acks: BTreeMap<NodeId, Vec<(String, Vec<u64>)>>,
-    /// Groups seen in any peer's interests (pattern per group), kept after the peer leaves so a
-    /// publisher keeps copies for a group whose instances are all down.
-    known_groups: BTreeMap<String, BTreeSet<String>>,
-    /// Groups released lately (see [`released`]).
-    released_groups: ReleasedGroups,
+    /// Durable groups seen in any node's interests or heard of, kept after their instances
+    /// leave so a publisher keeps copies for a group whose instances are all down, and released
+    /// ones, so older news cannot bring them back (see [`groups`]).
+    known_groups: KnownGroups,
     seeds: Vec<SocketAddr>,
     seed_dialing: HashMap<SocketAddr, CancellationToken>,
     dead_letters: usize,
@@ -370,7 +362,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
     };
     let mut outbox = Outbox::with_receipts(init.cfg);
     let mut dead_letters = 0;
-    let mut known_groups = BTreeMap::new();
+    let mut known_groups = KnownGroups::default();
     if let Some(rec) = init.recovered {
         for (log, next) in &rec.next_seqs {
             outbox.bump_seq(log, *next);
@@ -381,7 +373,14 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
             outbox.restore(e.env, expires, not_before);
         }
         dead_letters = rec.dead_letters;
-        known_groups = restore_groups(rec.groups);
+        known_groups = KnownGroups::restore(rec.groups);
+        let (live, released) = known_groups.counts();
+        if live + released > 0 {
+            info!(
+                live,
+                released, "restored known durable groups from the store"
+            );
+        }
         if !outbox.is_empty() {
             info!(
                 entries = outbox.len(),
@@ -414,7 +413,6 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         next_generation: 1,
         pending_acks: BTreeMap::new(),
         known_groups,
-        released_groups: ReleasedGroups::default(),
         seeds: Vec::new(),
         seed_dialing: HashMap::new(),
         dead_letters,
@@ -498,7 +496,7 @@ impl Core {
                 }
             }
             CoreMsg::Durable(d) => self.on_durable(d),
-            CoreMsg::ReleaseGroup(group) => self.release_group(&group, None),
+            CoreMsg::ReleaseGroup(group) => self.release_group(&group),
             CoreMsg::PeerReady(ready) => self.peer_ready(*ready),
             CoreMsg::PeerGone {
                 peer,
@@ -572,9 +570,6 @@ impl Core {
                     let r = super::read(&self.shared.routes);
                     (r.interests(), r.serve.is_some())
                 };
-                for g in interests.iter().filter_map(|i| i.group.as_deref()) {
-                    self.released_groups.forget(g);
-                }
                 for l in self.links.values() {
                     try_out(l, Out::Control(Control::Interests(interests.clone())));
                     try_out(l, Out::Control(Control::Serves(serves)));
@@ -909,9 +904,7 @@ impl Core {
         }
         // Our own groups are known groups like any peer's: a publish here keeps their copies
         // after the local subscription goes away.
-        if self.remember_groups(&interests) {
-            self.broadcast_groups();
-        }
+        self.remember_groups(&interests);
         self.outbox.peer_interests(id, interests);
         self.local.service = service;
         self.local.subs = subs;
@@ -1066,14 +1059,7 @@ impl Core {
     /// connected node with a matching ephemeral subscription.
     fn topic_targets(&self, topic: &str) -> Vec<Target> {
         let mut groups: BTreeSet<String> = self.outbox.groups_for(topic);
-        for (g, patterns) in &self.known_groups {
-            if patterns
-                .iter()
-                .any(|p| crate::engine::routing::topic_matches(p, topic))
-            {
-                groups.insert(g.clone());
-            }
-        }
+        groups.extend(self.known_groups.matching(topic).cloned());
         let mut targets: Vec<Target> = groups.into_iter().map(Target::Group).collect();
         targets.extend(
             self.outbox
@@ -1268,28 +1254,24 @@ impl Core {
                 self.settle(settled.into_iter().collect());
             }
             Control::Interests(interests) => {
-                if self.remember_groups(&interests) {
-                    self.broadcast_groups();
-                }
+                self.remember_groups(&interests);
                 self.outbox.peer_interests(peer, interests);
             }
             Control::Groups(groups) => {
-                let mut changed = false;
-                let now = self.now();
-                for (g, patterns) in groups.into_iter().take(MAX_KNOWN_GROUPS) {
-                    if self.released_groups.is_recent(&g, now) {
-                        // Older news than the release: the peer learnt it before.
-                        continue;
-                    }
-                    for p in patterns.into_iter().take(MAX_PATTERNS_PER_GROUP) {
-                        changed |= self.remember_group(&g, &p);
-                    }
+                let mut changes = Changes::default();
+                for (g, state) in groups
+                    .into_iter()
+                    .take(MAX_KNOWN_GROUPS + MAX_RELEASED_GROUPS)
+                {
+                    let live = if state.is_released() {
+                        self.outbox.group_patterns(&g)
+                    } else {
+                        Vec::new()
+                    };
+                    self.known_groups.merge(&g, state, &live, &mut changes);
                 }
-                if changed {
-                    self.broadcast_groups();
-                }
+                self.groups_changed(changes);
             }
-            Control::GroupGone(group) => self.release_group(&group, Some(peer)),
             Control::Goodbye => {
                 info!(peer = %peer.short(), "peer is shutting down");
                 self.outbox.peer_draining(peer);
@@ -1325,90 +1307,68 @@ impl Core {
         }
     }
 
-    /// Learns the durable groups in a peer's own `interests`; true when anything was new. A
-    /// group subscribed again after its release is news again, from gossip too.
+    /// Learns the durable groups in a node's own `interests` (this node's or a peer's): a
+    /// group held as released is subscribed again, with a newer version. True when anything
+    /// changed (then it is stored and passed on).
     fn remember_groups(&mut self, interests: &[Interest]) -> bool {
-        let mut changed = false;
+        let mut changes = Changes::default();
         for i in interests {
             if let Some(g) = &i.group {
-                self.released_groups.forget(g);
-                changed |= self.remember_group(g, &i.pattern);
+                self.known_groups.subscribed(g, &i.pattern, &mut changes);
             }
         }
-        changed
+        self.groups_changed(changes)
     }
 
-    /// Learns one pattern of a durable group; true when it was new (then it is also persisted).
-    fn remember_group(&mut self, group: &str, pattern: &str) -> bool {
-        if !self.known_groups.contains_key(group) && self.known_groups.len() >= MAX_KNOWN_GROUPS {
-            warn!(
-                limit = MAX_KNOWN_GROUPS,
-                group, "too many durable groups known; ignoring one"
-            );
+    /// Acts on changes of the known groups: stores them, releases the backlog of groups
+    /// released now, and tells every peer the new states (a peer that had them changes
+    /// nothing, so the news stops once everyone has it). True when anything changed.
+    fn groups_changed(&mut self, mut changes: Changes) -> bool {
+        if changes.is_empty() {
             return false;
         }
-        let set = self.known_groups.entry(group.to_string()).or_default();
-        let added = set.len() < MAX_PATTERNS_PER_GROUP && set.insert(pattern.to_string());
-        if added {
-            let patterns = set.iter().cloned().collect();
-            self.persist_group(group, Some(patterns));
+        // Only the newest state of a group matters (a union adds its patterns one by one).
+        let mut newest: BTreeMap<String, GroupState> = BTreeMap::new();
+        for (g, state) in changes.changed.drain(..) {
+            newest.insert(g, state);
         }
-        added
-    }
-
-    /// Stores a change of the known groups (nothing to do without a durable store).
-    fn persist_group(&self, group: &str, patterns: Option<Vec<String>>) {
         if self.persistent() {
-            self.store_op(StoreOp::Group(group.to_string(), patterns));
-        }
-    }
-
-    fn groups_frame(&self) -> Control {
-        Control::Groups(
-            self.known_groups
-                .iter()
-                .map(|(g, p)| (g.clone(), p.iter().cloned().collect()))
-                .collect(),
-        )
-    }
-
-    /// Tells every peer what durable groups we know (sets only grow, so this converges).
-    fn broadcast_groups(&self) {
-        let frame = self.groups_frame();
-        for l in self.links.values() {
-            try_out(l, Out::Control(frame.clone()));
-        }
-    }
-
-    /// Forgets a durable group, releases its backlog, and passes the news on (not back to
-    /// `from`). Only a group we knew is passed on, so the news stops once everyone knows.
-    /// The release is remembered for a while (see [`released`]).
-    fn release_group(&mut self, group: &str, from: Option<NodeId>) {
-        let now = self.now();
-        self.released_groups.release(group, now, from.is_none());
-        let knew = self.known_groups.remove(group).is_some();
-        if knew {
-            self.persist_group(group, None);
-        }
-        let released = self.outbox.release_log(
-            &Target::Group(group.to_string()).log_name(),
-            &format!("subscriber group `{group}` was unsubscribed"),
-        );
-        if !released.is_empty() {
-            info!(
-                group,
-                entries = released.len(),
-                "released the backlog of an unsubscribed group"
-            );
-        }
-        self.settle(released);
-        if knew || from.is_none() {
-            for (id, l) in &self.links {
-                if Some(*id) != from {
-                    try_out(l, Out::Control(Control::GroupGone(group.to_string())));
-                }
+            for (g, state) in &newest {
+                self.store_op(StoreOp::Group(g.clone(), Some(state.clone())));
+            }
+            for g in &changes.forgotten {
+                self.store_op(StoreOp::Group(g.clone(), None));
             }
         }
+        for group in &changes.released {
+            let released = self.outbox.release_log(
+                &Target::Group(group.clone()).log_name(),
+                &format!("subscriber group `{group}` was unsubscribed"),
+            );
+            if !released.is_empty() {
+                info!(
+                    group,
+                    entries = released.len(),
+                    "released the backlog of an unsubscribed group"
+                );
+            }
+            self.settle(released);
+        }
+        if !newest.is_empty() {
+            let frame = Control::Groups(newest.into_iter().collect());
+            for l in self.links.values() {
+                try_out(l, Out::Control(frame.clone()));
+            }
+        }
+        true
+    }
+
+    /// Releases a durable group for good (`Node::unsubscribe_group`): a newer version, released,
+    /// which every node adopts, forgetting the group and releasing its backlog.
+    fn release_group(&mut self, group: &str) {
+        let mut changes = Changes::default();
+        self.known_groups.release(group, &mut changes);
+        self.groups_changed(changes);
     }
 
     fn request(
@@ -1764,7 +1724,7 @@ impl Core {
         }
         let handles = self.connection_handles(false);
         let generation = handles.generation;
-        let learnt = self.remember_groups(&r.hello.interests);
+        self.remember_groups(&r.hello.interests);
         self.outbox.peer_up(
             peer,
             generation,
@@ -1842,16 +1802,9 @@ impl Core {
             try_out(l, Out::Control(Control::Interests(interests)));
             try_out(l, Out::Control(Control::Serves(serves)));
             try_out(l, Out::Control(Control::Consumes(consumes)));
-            if !learnt {
-                try_out(l, Out::Control(self.groups_frame()));
-            }
-            // A peer that was away (or not yet registered here) when we released a group.
-            for g in self.released_groups.released_here(self.now()) {
-                try_out(l, Out::Control(Control::GroupGone(g.to_string())));
-            }
-        }
-        if learnt {
-            self.broadcast_groups();
+            // Every group we know, released ones included: a peer that was away learns of
+            // releases, and its older news of them loses.
+            try_out(l, Out::Control(Control::Groups(self.known_groups.states())));
         }
     }
 
@@ -2003,31 +1956,6 @@ impl Core {
             let _ = slot.tx.send(Err(RequestError::Stopped));
         }
     }
-}
-
-/// The known groups recovered from the store, within [`MAX_KNOWN_GROUPS`] and
-/// [`MAX_PATTERNS_PER_GROUP`] (a store written with larger limits is cut, with a warning).
-fn restore_groups(stored: Vec<(String, Vec<String>)>) -> BTreeMap<String, BTreeSet<String>> {
-    let total = stored.len();
-    let groups: BTreeMap<String, BTreeSet<String>> = stored
-        .into_iter()
-        .take(MAX_KNOWN_GROUPS)
-        .map(|(g, p)| (g, p.into_iter().take(MAX_PATTERNS_PER_GROUP).collect()))
-        .collect();
-    if total > groups.len() {
-        warn!(
-            stored = total,
-            limit = MAX_KNOWN_GROUPS,
-            "more durable groups stored than a node remembers; ignoring the rest"
-        );
-    }
-    if !groups.is_empty() {
-        info!(
-            groups = groups.len(),
-            "restored known durable groups from the store"
-        );
-    }
-    groups
 }
 
 /// Takes the caller waiting for the reply to `corr` out of [`Shared::replies`]: whoever takes

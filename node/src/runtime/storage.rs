@@ -38,10 +38,10 @@ pub(crate) enum StoreOp {
     Window(WindowSnapshot, AckRef),
     /// An entry was dead-lettered.
     Dead(DeadLetter),
-    /// A known durable group changed: `Some(patterns)` remembers it with exactly these topic
-    /// patterns, `None` forgets it (so a restarted publisher keeps copies for every group it
-    /// knew, and never for a released one).
-    Group(String, Option<Vec<String>>),
+    /// A known durable group changed: `Some(state)` stores its state (a released one is kept
+    /// as a tombstone), `None` forgets it (so a restarted publisher keeps copies for every
+    /// group it knew, and still knows which ones were released).
+    Group(String, Option<crate::engine::wire::GroupState>),
     /// List dead letters (oldest first).
     ListDead(usize, oneshot::Sender<Result<Vec<DeadLetter>, String>>),
     /// Remove dead letters by id and return them (for replay).

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use super::{Batch, DeadLetter, Recovered, Store, StoreError, StoreStats, StoredEntry};
 use crate::engine::inbox::WindowSnapshot;
+use crate::engine::wire::GroupState;
 
 /// A store that keeps everything in memory: all of it is lost when the process ends.
 #[derive(Default, Debug, Clone)]
@@ -12,7 +13,7 @@ pub struct MemoryStore {
     seqs: BTreeMap<String, u64>,
     windows: BTreeMap<(Vec<u8>, String), WindowSnapshot>,
     dead: BTreeMap<u64, DeadLetter>,
-    groups: BTreeMap<String, Vec<String>>,
+    groups: BTreeMap<String, GroupState>,
     next_dead: u64,
     commits: u64,
 }
@@ -52,9 +53,9 @@ impl Store for MemoryStore {
             self.dead.insert(d.id, d);
         }
         self.next_dead = next;
-        for (g, patterns) in batch.groups {
-            match patterns {
-                Some(p) => self.groups.insert(g, p),
+        for (g, state) in batch.groups {
+            match state {
+                Some(s) => self.groups.insert(g, s),
                 None => self.groups.remove(&g),
             };
         }
@@ -71,7 +72,7 @@ impl Store for MemoryStore {
             groups: self
                 .groups
                 .iter()
-                .map(|(g, p)| (g.clone(), p.clone()))
+                .map(|(g, s)| (g.clone(), s.clone()))
                 .collect(),
             corrupt: vec![],
         })

@@ -19,10 +19,14 @@
 //! up: redb reuses the freed pages, and [`RedbStore::compact`] gives them back
 //! to the file system.
 //!
-//! Known durable subscriber groups (group name -> topic patterns, learnt from peers) are stored
-//! too, in a `groups` table, so a restarted publisher keeps copies for every group it knew
-//! before any peer announces them again. The runtime remembers at most 1024 groups with at most
-//! 64 patterns each, so the table stays small.
+//! Known durable subscriber groups (group name -> [`GroupState`]: version and topic patterns,
+//! learnt from peers) are stored too, in a `group_states` table, so a restarted publisher keeps
+//! copies for every group it knew before any peer announces them again, and keeps the groups
+//! it knows were released (tombstones), so older news of them cannot bring them back. Stores
+//! written before versions existed hold a `groups` table of patterns alone: its rows read as
+//! version 1 and move to `group_states` when the group next changes. The runtime remembers at
+//! most 1024 live groups with at most 64 patterns each and 1024 released ones, so the tables
+//! stay small.
 //!
 //! Memory: the node keeps the index of its whole log in memory (the outbox),
 //! so [`Store::recover`] reads every stored entry, window and next-seq at once
@@ -36,7 +40,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::inbox::WindowSnapshot;
-use crate::engine::wire::Envelope;
+use crate::engine::wire::{Envelope, GroupState};
 
 mod memory;
 mod record;
@@ -92,9 +96,9 @@ pub struct Batch {
     pub next_seqs: Vec<(String, u64)>,
     /// Dead letters.
     pub dead: Vec<DeadLetter>,
-    /// Known durable subscriber groups: `Some(patterns)` remembers the group with exactly these
-    /// topic patterns (replacing what was stored), `None` forgets it (unknown: no-op).
-    pub groups: Vec<(String, Option<Vec<String>>)>,
+    /// Known durable subscriber groups: `Some(state)` stores the group's state (replacing
+    /// what was stored; a released state is a tombstone), `None` forgets it (unknown: no-op).
+    pub groups: Vec<(String, Option<GroupState>)>,
 }
 
 impl Batch {
@@ -113,7 +117,8 @@ impl Batch {
 /// `quarantine` table (under `"<table>/<key>"`) and is not part of the recovered data.
 #[derive(Clone, Debug)]
 pub struct CorruptRecord {
-    /// The table it was in: `entries`, `seqs`, `windows`, `dead`, `meta` or `groups`.
+    /// The table it was in: `entries`, `seqs`, `windows`, `dead`, `meta`, `groups` or
+    /// `group_states`.
     pub table: &'static str,
     /// Its key, readable: `log#seq` for entries, `origin/log` for windows, the log name for
     /// seqs and the group name for groups, the id for dead letters (hex when the key itself is
@@ -134,8 +139,9 @@ pub struct Recovered {
     pub windows: Vec<WindowSnapshot>,
     /// Number of dead letters stored (list them with [`Store::dead_letters`]).
     pub dead_letters: usize,
-    /// Known durable subscriber groups with their topic patterns, sorted by group name.
-    pub groups: Vec<(String, Vec<String>)>,
+    /// Known durable subscriber groups with their states (released ones included), sorted by
+    /// group name.
+    pub groups: Vec<(String, GroupState)>,
     /// Records found corrupt and quarantined (empty when all is well).
     pub corrupt: Vec<CorruptRecord>,
 }

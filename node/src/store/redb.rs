@@ -39,6 +39,7 @@ use super::{
     StoredEntry,
 };
 use crate::engine::inbox::WindowSnapshot;
+use crate::engine::wire::GroupState;
 
 /// Database file name inside the data directory.
 pub const STORE_FILE: &str = "peerbus.redb";
@@ -62,8 +63,12 @@ const SEQS: TableDefinition<&str, &[u8]> = TableDefinition::new("seqs");
 const WINDOWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("windows");
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-/// Known durable groups: group name -> sealed `(group, patterns)`.
+/// Known durable groups as stores written before group versions hold them: group name ->
+/// sealed `(group, patterns)`, read as version 1. A group's row moves to [`GROUP_STATES`] when
+/// the group next changes.
 const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("groups");
+/// Known durable groups, released ones included: group name -> sealed `(group, GroupState)`.
+const GROUP_STATES: TableDefinition<&str, &[u8]> = TableDefinition::new("group_states");
 const QUARANTINE: TableDefinition<&str, &[u8]> = TableDefinition::new("quarantine");
 
 const META_NEXT_DEAD: &str = "next_dead_id";
@@ -232,6 +237,7 @@ impl RedbStore {
             txn.open_table(WINDOWS).or_store(&path)?;
             txn.open_table(DEAD).or_store(&path)?;
             txn.open_table(GROUPS).or_store(&path)?;
+            txn.open_table(GROUP_STATES).or_store(&path)?;
             txn.open_table(QUARANTINE).or_store(&path)?;
             let meta = txn.open_table(META).or_store(&path)?;
             let epoch = meta.get(META_WAL_EPOCH).or_store(&path)?;
@@ -655,7 +661,13 @@ impl RedbStore {
                         let (k, v) = item.or_store(&path)?;
                         let (k, v) = (k.value(), v.value());
                         match open_sealed::<(String, Vec<String>)>(v) {
-                            Ok((g, p)) if g == k => rec.groups.push((g, p)),
+                            Ok((g, patterns)) if g == k => {
+                                let state = GroupState {
+                                    version: 1,
+                                    patterns,
+                                };
+                                rec.groups.push((g, state));
+                            }
                             Ok(_) => flag(
                                 "groups",
                                 BadKey::Str(k.to_string()),
@@ -676,6 +688,39 @@ impl RedbStore {
                 Err(redb::TableError::TableDoesNotExist(_)) => {}
                 Err(e) => return Err(db_error(&path, e.into())),
             }
+            // A state replaces the legacy row of its group (a legacy row is removed when its
+            // group's state is written, so both only meet after a crash in between: never).
+            match read.open_table(GROUP_STATES) {
+                Ok(states) => {
+                    for item in states.iter().or_store(&path)? {
+                        let (k, v) = item.or_store(&path)?;
+                        let (k, v) = (k.value(), v.value());
+                        match open_sealed::<(String, GroupState)>(v) {
+                            Ok((g, state)) if g == k => {
+                                rec.groups.retain(|(known, _)| *known != g);
+                                rec.groups.push((g, state));
+                            }
+                            Ok(_) => flag(
+                                "group_states",
+                                BadKey::Str(k.to_string()),
+                                k.as_bytes(),
+                                v,
+                                "key does not match the record".into(),
+                            ),
+                            Err(reason) => flag(
+                                "group_states",
+                                BadKey::Str(k.to_string()),
+                                k.as_bytes(),
+                                v,
+                                reason,
+                            ),
+                        }
+                    }
+                }
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(db_error(&path, e.into())),
+            }
+            rec.groups.sort_by(|a, b| a.0.cmp(&b.0));
             let meta = read.open_table(META).or_store(&path)?;
             for item in meta.iter().or_store(&path)? {
                 let (k, v) = item.or_store(&path)?;
@@ -733,6 +778,12 @@ impl RedbStore {
                     }
                     (BadKey::Str(k), "groups") => {
                         txn.open_table(GROUPS)
+                            .or_store(&path)?
+                            .remove(k.as_str())
+                            .or_store(&path)?;
+                    }
+                    (BadKey::Str(k), "group_states") => {
+                        txn.open_table(GROUP_STATES)
                             .or_store(&path)?
                             .remove(k.as_str())
                             .or_store(&path)?;
@@ -836,7 +887,20 @@ impl RedbStore {
     /// Flips a byte of one stored group record (tests of corruption handling).
     #[cfg(test)]
     pub(super) fn damage_group(&mut self, group: &str) {
-        self.damage(GROUPS, group);
+        self.damage(GROUP_STATES, group);
+    }
+
+    /// Stores a group row as stores written before group versions did (tests of reading them).
+    #[cfg(test)]
+    pub(super) fn put_legacy_group(&mut self, group: &str, patterns: &[&str]) {
+        let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+        let txn = self.begin(true).expect("begin");
+        {
+            let mut t = txn.open_table(GROUPS).expect("table");
+            let value = seal(&(group, patterns)).expect("seal");
+            t.insert(group, value.as_slice()).expect("insert");
+        }
+        self.finish(txn, true).expect("commit");
     }
 
     /// Flips the last byte of the value under `key` in `table`.
@@ -919,16 +983,18 @@ fn apply(txn: &WriteTransaction, batch: &mut Batch, path: &Path) -> Result<(), S
             .or_store(path)?;
     }
     if !batch.groups.is_empty() {
-        let mut groups = txn.open_table(GROUPS).or_store(path)?;
-        for (g, patterns) in &batch.groups {
-            match patterns {
-                Some(p) => {
-                    groups
-                        .insert(g.as_str(), seal(&(g, p))?.as_slice())
+        let mut legacy = txn.open_table(GROUPS).or_store(path)?;
+        let mut states = txn.open_table(GROUP_STATES).or_store(path)?;
+        for (g, state) in &batch.groups {
+            legacy.remove(g.as_str()).or_store(path)?;
+            match state {
+                Some(s) => {
+                    states
+                        .insert(g.as_str(), seal(&(g, s))?.as_slice())
                         .or_store(path)?;
                 }
                 None => {
-                    groups.remove(g.as_str()).or_store(path)?;
+                    states.remove(g.as_str()).or_store(path)?;
                 }
             }
         }

@@ -650,9 +650,12 @@ fn batch_strategy() -> impl Strategy<Value = Batch> {
     let d = (0u64..5, 0u64..30).prop_map(|(id, s)| DeadLetter { id, ..dead(s) });
     let g = (
         prop_oneof![Just("g1"), Just("g2"), Just("g3")],
-        proptest::option::of(proptest::collection::vec("[a-z.*>]{1,6}", 0..3)),
+        proptest::option::of((0u64..4, proptest::collection::vec("[a-z.*>]{1,6}", 0..3))),
     )
-        .prop_map(|(g, p)| (g.to_string(), p));
+        .prop_map(|(g, s)| {
+            let state = s.map(|(version, patterns)| GroupState { version, patterns });
+            (g.to_string(), state)
+        });
     (
         proptest::collection::vec(e, 0..6),
         proptest::collection::vec(r, 0..6),
@@ -687,7 +690,7 @@ struct Model {
     windows: BTreeMap<([u8; 32], String), WindowSnapshot>,
     dead: BTreeMap<u64, DeadLetter>,
     next_dead: u64,
-    groups: BTreeMap<String, Vec<String>>,
+    groups: BTreeMap<String, GroupState>,
 }
 
 impl Model {
@@ -715,9 +718,9 @@ impl Model {
             self.next_dead = self.next_dead.max(d.id + 1);
             self.dead.insert(d.id, d);
         }
-        for (g, p) in &b.groups {
-            match p {
-                Some(p) => self.groups.insert(g.clone(), p.clone()),
+        for (g, s) in &b.groups {
+            match s {
+                Some(s) => self.groups.insert(g.clone(), s.clone()),
                 None => self.groups.remove(g),
             };
         }
@@ -801,18 +804,23 @@ proptest! {
     }
 }
 
-fn group(name: &str, patterns: &[&str]) -> (String, Option<Vec<String>>) {
-    (
-        name.to_string(),
-        Some(patterns.iter().map(|p| p.to_string()).collect()),
-    )
+/// A stored state of `name`: `version` with `patterns` (none: released).
+fn state(version: u64, patterns: &[&str]) -> GroupState {
+    GroupState {
+        version,
+        patterns: patterns.iter().map(|p| p.to_string()).collect(),
+    }
 }
 
-fn check_groups(store: &mut dyn Store, want: &[(&str, &[&str])]) {
+fn group(name: &str, version: u64, patterns: &[&str]) -> (String, Option<GroupState>) {
+    (name.to_string(), Some(state(version, patterns)))
+}
+
+fn check_groups(store: &mut dyn Store, want: &[(&str, u64, &[&str])]) {
     let rec = store.recover().expect("recover");
-    let want: Vec<(String, Vec<String>)> = want
+    let want: Vec<(String, GroupState)> = want
         .iter()
-        .map(|(g, p)| (g.to_string(), p.iter().map(|p| p.to_string()).collect()))
+        .map(|(g, v, p)| (g.to_string(), state(*v, p)))
         .collect();
     assert_eq!(rec.groups, want);
     assert!(rec.corrupt.is_empty(), "{:?}", rec.corrupt);
@@ -826,16 +834,17 @@ fn known_groups_round_trip_are_removed_and_survive_reopen() {
     let batches = [
         Batch {
             groups: vec![
-                group("billing", &["orders.*"]),
-                group("audit", &["orders.>", "payments.>"]),
+                group("billing", 1, &["orders.*"]),
+                group("audit", 1, &["orders.>", "payments.>"]),
+                group("legacy", 3, &[]),
             ],
             ..Batch::default()
         },
         // Replaced by the later item for the same group; an unknown removal is a no-op.
         Batch {
             groups: vec![
-                group("billing", &["orders.created"]),
-                group("billing", &["orders.*", "refunds.*"]),
+                group("billing", 1, &["orders.created"]),
+                group("billing", 2, &["orders.*", "refunds.*"]),
                 ("nobody".to_string(), None),
             ],
             ..Batch::default()
@@ -845,30 +854,60 @@ fn known_groups_round_trip_are_removed_and_survive_reopen() {
         redb.commit(b.clone()).expect("commit");
         mem.commit(b.clone()).expect("commit");
     }
-    let both: &[(&str, &[&str])] = &[
-        ("audit", &["orders.>", "payments.>"]),
-        ("billing", &["orders.*", "refunds.*"]),
+    let all: &[(&str, u64, &[&str])] = &[
+        ("audit", 1, &["orders.>", "payments.>"]),
+        ("billing", 2, &["orders.*", "refunds.*"]),
+        ("legacy", 3, &[]),
     ];
-    check_groups(&mut redb, both);
-    check_groups(&mut mem, both);
+    check_groups(&mut redb, all);
+    check_groups(&mut mem, all);
     drop(redb);
     let mut redb = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen");
-    check_groups(&mut redb, both);
+    check_groups(&mut redb, all);
 
     let forget = Batch {
-        groups: vec![("audit".to_string(), None)],
+        groups: vec![("audit".to_string(), None), group("legacy", 4, &["l.*"])],
         ..Batch::default()
     };
     redb.commit(forget.clone()).expect("commit");
     mem.commit(forget).expect("commit");
-    let billing: &[(&str, &[&str])] = &[("billing", &["orders.*", "refunds.*"])];
-    check_groups(&mut mem, billing);
+    let left: &[(&str, u64, &[&str])] = &[
+        ("billing", 2, &["orders.*", "refunds.*"]),
+        ("legacy", 4, &["l.*"]),
+    ];
+    check_groups(&mut mem, left);
     drop(redb);
     let mut redb = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen");
-    check_groups(&mut redb, billing);
+    check_groups(&mut redb, left);
     drop(redb);
     let mut ro = RedbStore::open_read_only(dir.path()).expect("read-only");
-    check_groups(&mut ro, billing);
+    check_groups(&mut ro, left);
+}
+
+/// Stores written before group versions kept a group's patterns alone: they read as version
+/// 1, and the group's first new state replaces them for good.
+#[test]
+fn unversioned_group_rows_read_as_version_one_until_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
+        s.put_legacy_group("billing", &["orders.*"]);
+        s.put_legacy_group("audit", &["orders.>"]);
+    }
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen");
+    check_groups(
+        &mut s,
+        &[("audit", 1, &["orders.>"]), ("billing", 1, &["orders.*"])],
+    );
+    s.commit(Batch {
+        groups: vec![group("billing", 2, &[]), ("audit".to_string(), None)],
+        ..Batch::default()
+    })
+    .expect("commit");
+    s.checkpoint().expect("checkpoint");
+    drop(s);
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen");
+    check_groups(&mut s, &[("billing", 2, &[])]);
 }
 
 #[test]
@@ -877,7 +916,7 @@ fn a_corrupt_group_record_is_quarantined() {
     {
         let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
         s.commit(Batch {
-            groups: vec![group("ok", &["a.*"]), group("bad", &["b.*"])],
+            groups: vec![group("ok", 1, &["a.*"]), group("bad", 2, &["b.*"])],
             ..Batch::default()
         })
         .expect("commit");
@@ -885,12 +924,9 @@ fn a_corrupt_group_record_is_quarantined() {
     }
     let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen");
     let rec = s.recover().expect("recover");
-    assert_eq!(
-        rec.groups,
-        vec![("ok".to_string(), vec!["a.*".to_string()])]
-    );
+    assert_eq!(rec.groups, vec![("ok".to_string(), state(1, &["a.*"]))]);
     assert_eq!(rec.corrupt.len(), 1, "{:?}", rec.corrupt);
-    assert_eq!(rec.corrupt[0].table, "groups");
+    assert_eq!(rec.corrupt[0].table, "group_states");
     assert_eq!(rec.corrupt[0].key, "bad");
     // Moved out: the next recovery finds it no more.
     let again = s.recover().expect("recover");

@@ -46,7 +46,7 @@ pub(super) struct Unapplied {
     windows: FastMap<(NodeId, String), WindowSnapshot>,
     next_seqs: FastMap<String, u64>,
     dead: Vec<DeadLetter>,
-    groups: Vec<(String, Option<Vec<String>>)>,
+    groups: Vec<(String, Option<crate::engine::wire::GroupState>)>,
     /// Approximate bytes of the entries to put (see [`Unapplied::put_bytes`]).
     put_bytes: usize,
 }

@@ -35,8 +35,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::Batch;
-use super::StoreError;
+use super::{Batch, GroupState, StoreError};
 
 /// Past this many bytes in the side log the store checkpoints (which empties it): the file,
 /// the replay after a crash and the free space a checkpoint needs stay bounded, and after the
@@ -49,18 +48,40 @@ pub(super) const WAL_MAX_BYTES: u64 = 4 << 20;
 #[derive(Serialize)]
 struct RecordRef<'a> {
     epoch: u64,
-    batch: &'a Batch,
+    append: &'a [super::StoredEntry],
+    rest: BatchRest<'a>,
 }
 
-/// The fields of [`Batch`] after `append`, in its order: bincode writes a struct as its fields
-/// one after another, so [`encode_record`] writes these through serde after the entries.
+/// A group change as side logs written before group versions hold it: `Some(patterns)`
+/// remembers the group, `None` forgets it (it was released).
+type LegacyGroup = (String, Option<Vec<String>>);
+
+/// The fields of a record's batch after `append`, in their order: bincode writes a struct as
+/// its fields one after another, so [`encode_record`] writes these through serde after the
+/// entries. `legacy_groups` is always written empty: group changes go in `groups`, after it,
+/// so a record of an older version (which ends before `groups`) can never be read as one of
+/// this version, nor the other way round.
 #[derive(Serialize)]
 struct BatchRest<'a> {
     remove: &'a [(String, u64)],
     windows: &'a [crate::engine::inbox::WindowSnapshot],
     next_seqs: &'a [(String, u64)],
     dead: &'a [super::DeadLetter],
-    groups: &'a [(String, Option<Vec<String>>)],
+    legacy_groups: &'a [LegacyGroup],
+    groups: &'a [(String, Option<GroupState>)],
+}
+
+impl<'a> BatchRest<'a> {
+    fn of(batch: &'a Batch) -> Self {
+        BatchRest {
+            remove: &batch.remove,
+            windows: &batch.windows,
+            next_seqs: &batch.next_seqs,
+            dead: &batch.dead,
+            legacy_groups: &[],
+            groups: &batch.groups,
+        }
+    }
 }
 
 /// Appends the body of a record, `(epoch, batch)` in bincode's standard layout. The entries,
@@ -76,27 +97,82 @@ fn encode_record(epoch: u64, batch: &Batch, out: &mut Vec<u8>) -> Result<(), Sto
         opt_u64(out, e.expires_at_ms);
         opt_u64(out, e.not_before_ms);
     }
-    let rest = BatchRest {
-        remove: &batch.remove,
-        windows: &batch.windows,
-        next_seqs: &batch.next_seqs,
-        dead: &batch.dead,
-        groups: &batch.groups,
-    };
-    bincode::serde::encode_into_std_write(rest, out, bincode::config::standard())
+    bincode::serde::encode_into_std_write(BatchRest::of(batch), out, bincode::config::standard())
         .map_err(|e| StoreError::Db(format!("cannot encode a side-log record: {e}")))?;
     Ok(())
 }
 
+/// A record of this version, as read.
 #[derive(serde::Deserialize)]
 struct Record {
     epoch: u64,
-    batch: Batch,
+    batch: DiskBatch,
+}
+
+/// [`Batch`] as a record of this version holds it (see [`BatchRest`]): the fields of an
+/// older record's batch, then the versioned group changes.
+#[derive(serde::Deserialize)]
+struct DiskBatch {
+    older: BatchV2,
+    groups: Vec<(String, Option<GroupState>)>,
+}
+
+impl Record {
+    fn into_parts(self) -> (u64, Batch) {
+        let DiskBatch { older, groups } = self.batch;
+        let BatchV2 {
+            older,
+            groups: legacy,
+        } = older;
+        let mut all: Vec<_> = legacy.into_iter().map(legacy_group).collect();
+        all.extend(groups);
+        let batch = Batch {
+            append: older.append,
+            remove: older.remove,
+            windows: older.windows,
+            next_seqs: older.next_seqs,
+            dead: older.dead,
+            groups: all,
+        };
+        (self.epoch, batch)
+    }
+}
+
+/// A group change of a side log written before group versions, as a state: a remembered
+/// group is version 1 (what stores of that version read as too), a forgotten one a tombstone
+/// of version 2, which wins over the version 1 that other nodes' old stores still give it.
+fn legacy_group((group, patterns): LegacyGroup) -> (String, Option<GroupState>) {
+    let state = match patterns {
+        Some(patterns) => GroupState {
+            version: 1,
+            patterns,
+        },
+        None => GroupState {
+            version: 2,
+            patterns: Vec::new(),
+        },
+    };
+    (group, Some(state))
+}
+
+/// A record written before group versions (bincode is not self-describing, so its shorter
+/// body fails to decode as [`Record`]); its group changes are read with [`legacy_group`].
+#[derive(Serialize, serde::Deserialize)]
+struct RecordV2 {
+    epoch: u64,
+    batch: BatchV2,
+}
+
+/// [`Batch`] with groups as they were before versions.
+#[derive(Serialize, serde::Deserialize)]
+struct BatchV2 {
+    older: BatchV1,
+    groups: Vec<LegacyGroup>,
 }
 
 /// A record written before [`Batch`] had `groups` (bincode is not self-describing, so the
-/// shorter body fails to decode as [`Record`]); replayed with no group changes, so a side log
-/// left by an older version after a crash is not dropped.
+/// shorter body fails to decode as [`Record`] or [`RecordV2`]); replayed with no group
+/// changes, so a side log left by an older version after a crash is not dropped.
 #[derive(Serialize, serde::Deserialize)]
 struct RecordV1 {
     epoch: u64,
@@ -113,20 +189,27 @@ struct BatchV1 {
     dead: Vec<super::DeadLetter>,
 }
 
-impl From<RecordV1> for Record {
-    fn from(r: RecordV1) -> Record {
-        let b = r.batch;
+impl From<RecordV2> for Record {
+    fn from(r: RecordV2) -> Record {
         Record {
             epoch: r.epoch,
-            batch: Batch {
-                append: b.append,
-                remove: b.remove,
-                windows: b.windows,
-                next_seqs: b.next_seqs,
-                dead: b.dead,
+            batch: DiskBatch {
+                older: r.batch,
                 groups: Vec::new(),
             },
         }
+    }
+}
+
+impl From<RecordV1> for Record {
+    fn from(r: RecordV1) -> Record {
+        Record::from(RecordV2 {
+            epoch: r.epoch,
+            batch: BatchV2 {
+                older: r.batch,
+                groups: Vec::new(),
+            },
+        })
     }
 }
 
@@ -182,7 +265,7 @@ impl Wal {
         let mut out = Vec::new();
         let mut rest = bytes.as_slice();
         while !rest.is_empty() {
-            let Some(batch) = next_record(&mut rest) else {
+            let Some(record) = next_record(&mut rest) else {
                 tracing::info!(
                     path = %self.path.display(),
                     bytes = rest.len(),
@@ -191,10 +274,11 @@ impl Wal {
                 );
                 break;
             };
-            if batch.epoch != epoch {
+            let (record_epoch, batch) = record.into_parts();
+            if record_epoch != epoch {
                 break;
             }
-            out.push(batch.batch);
+            out.push(batch);
         }
         Ok(out)
     }
@@ -308,9 +392,12 @@ fn next_record(rest: &mut &[u8]) -> Option<Record> {
     let config = bincode::config::standard();
     let rec = match bincode::serde::decode_from_slice::<Record, _>(body, config) {
         Ok((rec, used)) if used == len => rec,
-        _ => match bincode::serde::decode_from_slice::<RecordV1, _>(body, config) {
+        _ => match bincode::serde::decode_from_slice::<RecordV2, _>(body, config) {
             Ok((rec, used)) if used == len => rec.into(),
-            _ => return None,
+            _ => match bincode::serde::decode_from_slice::<RecordV1, _>(body, config) {
+                Ok((rec, used)) if used == len => rec.into(),
+                _ => return None,
+            },
         },
     };
     *rest = &tail[len..];
@@ -370,10 +457,21 @@ mod tests {
         let groups = proptest::collection::vec(
             (
                 ".{0,6}",
-                proptest::option::of(proptest::collection::vec(".{0,6}", 0..3)),
+                proptest::option::of((any::<u64>(), proptest::collection::vec(".{0,6}", 0..3))),
             ),
             0..3,
-        );
+        )
+        .prop_map(|groups| {
+            groups
+                .into_iter()
+                .map(|(g, s)| {
+                    (
+                        g,
+                        s.map(|(version, patterns)| GroupState { version, patterns }),
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
         (
             proptest::collection::vec(entry, 0..4),
             ids(),
@@ -399,13 +497,15 @@ mod tests {
         fn records_are_written_as_serde_writes_them(epoch in any::<u64>(), batch in batch_strategy()) {
             let mut ours = Vec::new();
             encode_record(epoch, &batch, &mut ours).expect("encode");
-            let serde = bincode::serde::encode_to_vec(RecordRef { epoch, batch: &batch }, bincode::config::standard())
+            let serde = bincode::serde::encode_to_vec(RecordRef { epoch, append: &batch.append, rest: BatchRest::of(&batch) }, bincode::config::standard())
                 .expect("serde");
             prop_assert_eq!(&ours, &serde);
             let back: (Record, usize) = bincode::serde::decode_from_slice(&ours, bincode::config::standard())
                 .expect("decode");
-            prop_assert_eq!(back.0.epoch, epoch);
-            prop_assert_eq!(back.0.batch, batch);
+            prop_assert_eq!(back.1, ours.len());
+            let (back_epoch, back_batch) = back.0.into_parts();
+            prop_assert_eq!(back_epoch, epoch);
+            prop_assert_eq!(back_batch, batch);
         }
 
         #[test]
@@ -415,11 +515,21 @@ mod tests {
         }
     }
 
+    /// A record as the side log frames it: length, checksum, body.
+    fn framed<T: Serialize>(body: &T) -> Vec<u8> {
+        let body = bincode::serde::encode_to_vec(body, bincode::config::standard()).expect("enc");
+        let mut rec = Vec::new();
+        rec.extend_from_slice(&u32::try_from(body.len()).expect("len").to_le_bytes());
+        rec.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        rec.extend_from_slice(&body);
+        rec
+    }
+
     #[test]
-    fn records_without_groups_from_an_older_version_are_replayed() {
+    fn records_of_older_versions_are_replayed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("w");
-        let old = RecordV1 {
+        let no_groups = RecordV1 {
             epoch: 3,
             batch: BatchV1 {
                 append: vec![],
@@ -429,24 +539,65 @@ mod tests {
                 dead: vec![],
             },
         };
-        let body = bincode::serde::encode_to_vec(&old, bincode::config::standard()).expect("enc");
-        let mut rec = Vec::new();
-        rec.extend_from_slice(&u32::try_from(body.len()).expect("len").to_le_bytes());
-        rec.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        rec.extend_from_slice(&body);
-        std::fs::write(&path, &rec).expect("write");
+        let unversioned = RecordV2 {
+            epoch: 3,
+            batch: BatchV2 {
+                older: BatchV1 {
+                    append: vec![],
+                    remove: vec![],
+                    windows: vec![],
+                    next_seqs: vec![],
+                    dead: vec![],
+                },
+                groups: vec![
+                    ("billing".into(), Some(vec!["orders.*".into()])),
+                    ("audit".into(), None),
+                ],
+            },
+        };
+        let mut bytes = framed(&no_groups);
+        bytes.extend(framed(&unversioned));
+        std::fs::write(&path, &bytes).expect("write");
         let mut wal = Wal::open(&path).expect("open");
         let new = Batch {
-            groups: vec![("billing".into(), Some(vec!["orders.*".into()]))],
+            groups: vec![(
+                "billing".into(),
+                Some(GroupState {
+                    version: 5,
+                    patterns: vec!["orders.*".into()],
+                }),
+            )],
             ..Batch::default()
         };
         wal.append(3, &new).expect("append");
-        let want_old = Batch {
+        let want_no_groups = Batch {
             remove: vec![("svc:a".into(), 7)],
             next_seqs: vec![("svc:a".into(), 9)],
             ..Batch::default()
         };
-        assert_eq!(wal.read(3).expect("read"), vec![want_old, new]);
+        let want_unversioned = Batch {
+            groups: vec![
+                (
+                    "billing".into(),
+                    Some(GroupState {
+                        version: 1,
+                        patterns: vec!["orders.*".into()],
+                    }),
+                ),
+                (
+                    "audit".into(),
+                    Some(GroupState {
+                        version: 2,
+                        patterns: vec![],
+                    }),
+                ),
+            ],
+            ..Batch::default()
+        };
+        assert_eq!(
+            wal.read(3).expect("read"),
+            vec![want_no_groups, want_unversioned, new]
+        );
     }
 
     #[test]

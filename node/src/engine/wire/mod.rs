@@ -77,6 +77,31 @@ pub struct Interest {
     pub group: Option<String>,
 }
 
+/// What a node knows of one durable subscriber group: gossiped in [`Control::Groups`] and
+/// stored, so every node converges on the newest state whatever order the news arrives in.
+///
+/// Of two states of a group the one with the higher `version` wins; on a tie a live state wins
+/// over a released one, and two live states take the union of their patterns. A race can
+/// therefore leave a group that nobody reads (until it is released again), but never releases
+/// one that is subscribed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupState {
+    /// A Lamport counter: raised by every release (`Node::unsubscribe_group`) and by every
+    /// subscription to a group held as released. No clocks, so no skew.
+    pub version: u64,
+    /// The topic patterns the group's members subscribe with (sorted, no duplicates); empty
+    /// once the group is released. A released state is kept (a tombstone) so that older news
+    /// of the group, from a node that was away, loses to it.
+    pub patterns: Vec<String>,
+}
+
+impl GroupState {
+    /// Whether the group is released (a tombstone).
+    pub fn is_released(&self) -> bool {
+        self.patterns.is_empty()
+    }
+}
+
 /// Frames on the control stream (one bidirectional stream per connection).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Control {
@@ -106,11 +131,11 @@ pub enum Control {
     Goodbye,
     /// Whether the sender now serves requests.
     Serves(bool),
-    /// Durable subscriber groups the sender knows of (group, topic patterns), so a publisher
-    /// keeps copies for a group even when it never met one of its instances.
-    Groups(Vec<(String, Vec<String>)>),
-    /// A durable group was unsubscribed for good: forget it and release its backlog.
-    GroupGone(String),
+    /// What the sender knows of these durable subscriber groups, released ones included: a
+    /// publisher keeps copies for a group even when it never met one of its instances, and
+    /// forgets a group (releasing its backlog) when a newer state says it was released. The
+    /// full set on a new connection, then each change.
+    Groups(Vec<(String, GroupState)>),
     /// Sent on a connection the sender retired (it lost the tie-break to a second connection
     /// between the same two nodes): the sender no longer uses it and has no request waiting
     /// for a reply on it. The side that has sent this and received it closes the connection.
@@ -403,8 +428,10 @@ pub(crate) mod tests {
             roundtrip(Control::Nack { log, seq: seqs.first().copied().unwrap_or(0), reason, permanent: true });
             roundtrip(Control::Goodbye);
             roundtrip(Control::Serves(true));
-            roundtrip(Control::Groups(vec![("g".into(), vec!["a.>".into()])]));
-            roundtrip(Control::GroupGone("g".into()));
+            roundtrip(Control::Groups(vec![
+                ("g".into(), GroupState { version: 3, patterns: vec!["a.>".into()] }),
+                ("h".into(), GroupState { version: 7, patterns: vec![] }),
+            ]));
             roundtrip(Control::Retired);
             roundtrip(Control::Consumes(false));
         }

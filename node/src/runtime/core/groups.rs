@@ -1,0 +1,454 @@
+//! The durable subscriber groups a node knows of, released ones included, and how news of
+//! them merges.
+//!
+//! Every group has a [`GroupState`]: a version (a Lamport counter) and its topic patterns,
+//! none once released. Nodes gossip states (`Control::Groups`: the full set on a new
+//! connection, then each change) and keep, for each group, the newest one: the higher version
+//! wins; on a tie a live state wins over a released one and two live states take the union of
+//! their patterns. The merge is commutative, associative and idempotent, so every node ends
+//! with the same states whatever order the news arrives in, and gossip stops once nothing
+//! changes.
+//!
+//! A release (`Node::unsubscribe_group`) makes the next version, released; a subscription to
+//! a group held as released (a node's own interests, or a connected peer's) makes the next
+//! version, live. Released states are kept (tombstones, persisted like live ones), so a node
+//! that comes back with a group that was released while it was away loses to the tombstone
+//! and forgets the group, instead of teaching it back to everyone.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tracing::warn;
+
+use crate::engine::routing::topic_matches;
+use crate::engine::wire::GroupState;
+
+/// Most live durable subscriber groups a node remembers (learnt from peers and gossip, and
+/// persisted in the store so a restarted publisher still keeps their copies; groups beyond it
+/// are ignored with a warning, also when restoring).
+pub(super) const MAX_KNOWN_GROUPS: usize = 1024;
+/// Most released groups (tombstones) a node remembers; one more forgets the one with the
+/// lowest version, which older news could then bring back.
+pub(super) const MAX_RELEASED_GROUPS: usize = 1024;
+/// Most topic patterns remembered per durable group.
+pub(super) const MAX_PATTERNS_PER_GROUP: usize = 64;
+
+/// A group as held: `patterns` empty means released.
+#[derive(Clone, Debug, Default)]
+struct Held {
+    version: u64,
+    patterns: BTreeSet<String>,
+}
+
+impl Held {
+    fn is_released(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    fn state(&self) -> GroupState {
+        GroupState {
+            version: self.version,
+            patterns: self.patterns.iter().cloned().collect(),
+        }
+    }
+}
+
+/// What a change did, for core to act on.
+#[derive(Debug, Default)]
+pub(super) struct Changes {
+    /// Groups whose state changed, with the new state: to store and pass on.
+    pub(super) changed: Vec<(String, GroupState)>,
+    /// Groups released now that were not released here before (live or unknown): their
+    /// backlog, if any, is to be released.
+    pub(super) released: Vec<String>,
+    /// Tombstones dropped to stay within [`MAX_RELEASED_GROUPS`]: to delete from the store.
+    pub(super) forgotten: Vec<String>,
+}
+
+impl Changes {
+    /// Whether nothing changed.
+    pub(super) fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.forgotten.is_empty()
+    }
+}
+
+/// The groups a node knows of (see the module docs), within [`MAX_KNOWN_GROUPS`] live ones
+/// with [`MAX_PATTERNS_PER_GROUP`] patterns each and [`MAX_RELEASED_GROUPS`] released ones.
+#[derive(Debug, Default)]
+pub(super) struct KnownGroups {
+    groups: BTreeMap<String, Held>,
+    /// How many of `groups` are live.
+    live: usize,
+}
+
+impl KnownGroups {
+    /// The groups recovered from the store, within the limits (a store written with larger
+    /// limits is cut, with a warning).
+    pub(super) fn restore(stored: Vec<(String, GroupState)>) -> KnownGroups {
+        let mut known = KnownGroups::default();
+        let total = stored.len();
+        let mut changes = Changes::default();
+        for (group, state) in stored {
+            known.merge(&group, state, &[], &mut changes);
+        }
+        let kept = known.groups.len();
+        if kept < total {
+            warn!(
+                stored = total,
+                kept, "more durable groups stored than a node remembers; ignoring the rest"
+            );
+        }
+        known
+    }
+
+    /// The live groups with a pattern matching `topic`.
+    pub(super) fn matching<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a String> {
+        self.groups
+            .iter()
+            .filter(move |(_, h)| h.patterns.iter().any(|p| topic_matches(p, topic)))
+            .map(|(g, _)| g)
+    }
+
+    /// Every group's state, released ones included (a new connection's `Groups` frame).
+    pub(super) fn states(&self) -> Vec<(String, GroupState)> {
+        self.groups
+            .iter()
+            .map(|(g, h)| (g.clone(), h.state()))
+            .collect()
+    }
+
+    /// How many live groups and how many released ones are known.
+    pub(super) fn counts(&self) -> (usize, usize) {
+        (self.live, self.groups.len() - self.live)
+    }
+
+    /// `group` is subscribed with `pattern` (by this node or a connected peer): a group held
+    /// as released becomes live again, with the next version.
+    pub(super) fn subscribed(&mut self, group: &str, pattern: &str, out: &mut Changes) {
+        let released = self.groups.get(group).is_none_or(Held::is_released);
+        if released && !self.room_for_live(group) {
+            return;
+        }
+        let held = self.groups.entry(group.to_string()).or_default();
+        if held.is_released() {
+            held.version += 1;
+            self.live += 1;
+        } else if held.patterns.len() >= MAX_PATTERNS_PER_GROUP || held.patterns.contains(pattern) {
+            return;
+        }
+        held.patterns.insert(pattern.to_string());
+        out.changed.push((group.to_string(), held.state()));
+    }
+
+    /// This node releases `group` (`Node::unsubscribe_group`): the next version, released,
+    /// known or not.
+    pub(super) fn release(&mut self, group: &str, out: &mut Changes) {
+        let version = self.groups.get(group).map_or(0, |h| h.version) + 1;
+        let state = GroupState {
+            version,
+            patterns: Vec::new(),
+        };
+        self.adopt(group, state, out);
+    }
+
+    /// Merges `theirs`, a peer's news of `group`. `live` holds the patterns of the current
+    /// interests in the group (this node's and its connected peers'): a release that would
+    /// win while the group is subscribed makes it live again instead, with the next version.
+    pub(super) fn merge(
+        &mut self,
+        group: &str,
+        mut theirs: GroupState,
+        live: &[String],
+        out: &mut Changes,
+    ) {
+        theirs.patterns.sort_unstable();
+        theirs.patterns.dedup();
+        theirs.patterns.truncate(MAX_PATTERNS_PER_GROUP);
+        let ours = self.groups.get(group);
+        let wins = match ours {
+            None => true,
+            Some(h) if theirs.version != h.version => theirs.version > h.version,
+            // A tie: live beats released, and two live states take the union (below).
+            Some(_) => !theirs.is_released(),
+        };
+        if !wins {
+            return;
+        }
+        if theirs.is_released() && !live.is_empty() {
+            // Still read here: the subscription is newer news than the release.
+            theirs = GroupState {
+                version: theirs.version + 1,
+                patterns: live.iter().take(MAX_PATTERNS_PER_GROUP).cloned().collect(),
+            };
+        }
+        let union = ours.is_some_and(|h| {
+            h.version == theirs.version && !h.is_released() && !theirs.is_released()
+        });
+        if union {
+            for p in &theirs.patterns {
+                self.subscribed(group, p, out);
+            }
+        } else {
+            self.adopt(group, theirs, out);
+        }
+    }
+
+    /// Replaces what is held of `group` with `state`, within the limits.
+    fn adopt(&mut self, group: &str, state: GroupState, out: &mut Changes) {
+        let before = self.groups.get(group).map(Held::is_released);
+        let was_live = before == Some(false);
+        if state.is_released() {
+            if !was_live && !self.room_for_released(group, state.version, out) {
+                return;
+            }
+        } else if !was_live && !self.room_for_live(group) {
+            return;
+        }
+        let held = Held {
+            version: state.version,
+            patterns: state.patterns.iter().cloned().collect(),
+        };
+        match (was_live, held.is_released()) {
+            (true, true) => self.live -= 1,
+            (false, false) => self.live += 1,
+            _ => {}
+        }
+        if held.is_released() && before != Some(true) {
+            out.released.push(group.to_string());
+        }
+        self.groups.insert(group.to_string(), held);
+        out.changed.push((group.to_string(), state));
+    }
+
+    /// Whether `group` (not live here) may become live: false, with a warning, at the limit.
+    fn room_for_live(&self, group: &str) -> bool {
+        if self.live < MAX_KNOWN_GROUPS {
+            return true;
+        }
+        warn!(
+            limit = MAX_KNOWN_GROUPS,
+            group, "too many durable groups known; ignoring one"
+        );
+        false
+    }
+
+    /// Whether a tombstone of `group` (not live here) at `version` may be kept: at the limit
+    /// the tombstone with the lowest version goes (reported in `out.forgotten`), unless that
+    /// would be this one.
+    fn room_for_released(&mut self, group: &str, version: u64, out: &mut Changes) -> bool {
+        let released = self.groups.len() - self.live;
+        if self.groups.contains_key(group) || released < MAX_RELEASED_GROUPS {
+            return true;
+        }
+        let Some((oldest, oldest_version)) = self
+            .groups
+            .iter()
+            .filter(|(_, h)| h.is_released())
+            .min_by_key(|(_, h)| h.version)
+            .map(|(g, h)| (g.clone(), h.version))
+        else {
+            return false;
+        };
+        if oldest_version >= version {
+            return false;
+        }
+        self.groups.remove(&oldest);
+        out.forgotten.push(oldest);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(version: u64, patterns: &[&str]) -> GroupState {
+        GroupState {
+            version,
+            patterns: patterns.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    fn released(version: u64) -> GroupState {
+        live(version, &[])
+    }
+
+    fn state_of(k: &KnownGroups, group: &str) -> Option<GroupState> {
+        k.groups.get(group).map(Held::state)
+    }
+
+    /// Merges `news` in order into an empty set of groups; the states it ends with.
+    fn merged(news: &[(&str, GroupState)]) -> Vec<(String, GroupState)> {
+        let mut k = KnownGroups::default();
+        for (g, s) in news {
+            k.merge(g, s.clone(), &[], &mut Changes::default());
+        }
+        k.states()
+    }
+
+    #[test]
+    fn the_newer_version_wins_and_a_tie_goes_to_the_live_state() {
+        let mut k = KnownGroups::default();
+        let mut out = Changes::default();
+        k.merge("billing", live(1, &["orders.*"]), &[], &mut out);
+        k.merge("billing", released(2), &[], &mut out);
+        assert_eq!(out.released, ["billing"], "a newer release wins");
+        assert_eq!(k.counts(), (0, 1));
+
+        let mut out = Changes::default();
+        k.merge("billing", live(1, &["orders.*"]), &[], &mut out);
+        assert!(out.is_empty(), "older news loses: {out:?}");
+        assert_eq!(state_of(&k, "billing"), Some(released(2)));
+
+        k.merge("billing", live(2, &["orders.*"]), &[], &mut out);
+        assert_eq!(state_of(&k, "billing"), Some(live(2, &["orders.*"])));
+        let mut out = Changes::default();
+        k.merge("billing", released(2), &[], &mut out);
+        assert!(out.is_empty(), "a tie does not release a live group");
+        k.merge("billing", live(2, &["refunds.*"]), &[], &mut out);
+        assert_eq!(
+            state_of(&k, "billing"),
+            Some(live(2, &["orders.*", "refunds.*"])),
+            "a tie of live states takes the union"
+        );
+        assert_eq!(k.counts(), (1, 0));
+    }
+
+    #[test]
+    fn any_order_of_the_same_news_ends_in_the_same_states() {
+        let news = [
+            ("billing", live(1, &["orders.*"])),
+            ("billing", released(2)),
+            ("billing", live(2, &["refunds.*"])),
+            ("audit", live(3, &["a.>"])),
+            ("audit", live(3, &["b.>"])),
+            ("audit", released(3)),
+            ("gone", released(4)),
+            ("gone", live(1, &["x"])),
+        ];
+        let want = merged(&news);
+        assert_eq!(
+            want,
+            [
+                ("audit".to_string(), live(3, &["a.>", "b.>"])),
+                ("billing".to_string(), live(2, &["refunds.*"])),
+                ("gone".to_string(), released(4)),
+            ]
+        );
+        // Every rotation and the reverse.
+        for shift in 0..news.len() {
+            let mut order = news.to_vec();
+            order.rotate_left(shift);
+            assert_eq!(merged(&order), want, "rotated by {shift}");
+            order.reverse();
+            assert_eq!(merged(&order), want, "reversed, rotated by {shift}");
+        }
+    }
+
+    #[test]
+    fn a_subscription_revives_a_released_group_with_the_next_version() {
+        let mut k = KnownGroups::default();
+        let mut out = Changes::default();
+        k.subscribed("billing", "orders.*", &mut out);
+        assert_eq!(
+            out.changed,
+            [("billing".to_string(), live(1, &["orders.*"]))]
+        );
+        let mut out = Changes::default();
+        k.subscribed("billing", "orders.*", &mut out);
+        assert!(out.is_empty(), "nothing new");
+
+        let mut out = Changes::default();
+        k.release("billing", &mut out);
+        assert_eq!(out.changed, [("billing".to_string(), released(2))]);
+        assert_eq!(out.released, ["billing"]);
+        assert_eq!(k.matching("orders.created").count(), 0);
+
+        let mut out = Changes::default();
+        k.subscribed("billing", "orders.*", &mut out);
+        assert_eq!(
+            out.changed,
+            [("billing".to_string(), live(3, &["orders.*"]))]
+        );
+        assert_eq!(
+            k.matching("orders.created").collect::<Vec<_>>(),
+            ["billing"]
+        );
+    }
+
+    #[test]
+    fn a_release_of_a_group_still_subscribed_here_revives_it() {
+        let mut k = KnownGroups::default();
+        k.merge(
+            "billing",
+            live(4, &["orders.*"]),
+            &[],
+            &mut Changes::default(),
+        );
+        let mut out = Changes::default();
+        k.merge("billing", released(5), &["orders.*".to_string()], &mut out);
+        assert!(out.released.is_empty(), "the backlog is kept");
+        assert_eq!(
+            out.changed,
+            [("billing".to_string(), live(6, &["orders.*"]))]
+        );
+    }
+
+    #[test]
+    fn unknown_releases_are_kept_so_older_news_loses() {
+        let mut k = KnownGroups::default();
+        let mut out = Changes::default();
+        k.release("billing", &mut out);
+        assert_eq!(out.released, ["billing"], "any backlog kept for it goes");
+        assert_eq!(state_of(&k, "billing"), Some(released(1)));
+        let mut out = Changes::default();
+        k.merge("billing", released(1), &[], &mut out);
+        assert!(out.is_empty(), "the same news again changes nothing");
+        let mut out = Changes::default();
+        k.merge("billing", live(1, &["orders.*"]), &[], &mut out);
+        assert_eq!(
+            state_of(&k, "billing"),
+            Some(live(1, &["orders.*"])),
+            "a tie goes to the live state"
+        );
+    }
+
+    #[test]
+    fn limits_hold_and_the_oldest_tombstone_goes_first() {
+        let mut k = KnownGroups::default();
+        let mut out = Changes::default();
+        for i in 0..MAX_KNOWN_GROUPS + 5 {
+            k.subscribed(&format!("g{i}"), "t", &mut out);
+        }
+        assert_eq!(k.counts(), (MAX_KNOWN_GROUPS, 0));
+        for i in 0..MAX_PATTERNS_PER_GROUP + 5 {
+            k.subscribed("g0", &format!("p{i}"), &mut out);
+        }
+        assert_eq!(
+            state_of(&k, "g0").map(|s| s.patterns.len()),
+            Some(MAX_PATTERNS_PER_GROUP)
+        );
+
+        let mut k = KnownGroups::default();
+        for i in 0..MAX_RELEASED_GROUPS {
+            k.merge(&format!("r{i}"), released(10 + i as u64), &[], &mut out);
+        }
+        let mut out = Changes::default();
+        k.merge("older", released(5), &[], &mut out);
+        assert!(out.is_empty(), "older than every tombstone kept: {out:?}");
+        k.merge("newer", released(5_000), &[], &mut out);
+        assert_eq!(out.forgotten, ["r0"]);
+        assert_eq!(k.counts(), (0, MAX_RELEASED_GROUPS));
+        assert_eq!(state_of(&k, "newer"), Some(released(5_000)));
+    }
+
+    #[test]
+    fn restoring_keeps_what_was_stored() {
+        let stored = vec![
+            ("audit".to_string(), released(3)),
+            ("billing".to_string(), live(2, &["orders.*"])),
+        ];
+        let k = KnownGroups::restore(stored.clone());
+        assert_eq!(k.states(), stored);
+        assert_eq!(k.counts(), (1, 1));
+    }
+}
