@@ -381,3 +381,25 @@ async fn a_release_does_not_take_a_group_from_a_node_still_subscribed() {
     })
     .await;
 }
+
+/// Decommissioning a group's last subscriber: it releases the group and stops at once. The
+/// release must reach the publisher before the subscriber's connections close, or the
+/// publisher keeps copies for the group for good (nobody is left to tell it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_right_before_shutdown_reaches_the_publisher() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let (subscriber, _got) = billing_subscriber(&net, &key).await;
+        let publisher = start(builder(&net, "shop", &key)).await;
+        learn_billing(&publisher).await;
+        subscriber
+            .unsubscribe_group("billing")
+            .await
+            .expect("unsubscribe");
+        subscriber.shutdown().await;
+        forget_billing(&publisher).await;
+        publisher.shutdown().await;
+    })
+    .await;
+}

@@ -287,11 +287,35 @@ impl FrameSender {
     /// Flushes and finishes the stream (the reader sees a clean end).
     pub async fn finish(mut self) -> Result<(), FrameError> {
         self.flush().await?;
+        self.finish_stream()
+    }
+
+    /// Finishes the QUIC stream (after everything was flushed).
+    fn finish_stream(&mut self) -> Result<(), FrameError> {
         self.stream.finish().map_err(|e| {
             FrameError::Connection(ConnectionError::Transport(format!(
                 "cannot finish the stream: {e}"
             )))
         })
+    }
+
+    /// Flushes and finishes the stream, then waits until the peer has acknowledged every byte
+    /// of it (not necessarily read them): what was sent survives closing the connection next,
+    /// which discards stream data not yet delivered. An error if the peer stopped the stream
+    /// or the connection was lost first. Bound the wait with a timeout: a peer that stopped
+    /// answering never acknowledges.
+    pub async fn finish_delivered(mut self) -> Result<(), FrameError> {
+        self.flush().await?;
+        self.finish_stream()?;
+        match self.stream.stopped().await {
+            Ok(None) => Ok(()),
+            Ok(Some(code)) => Err(FrameError::Connection(ConnectionError::Transport(format!(
+                "the peer stopped the stream (code {code})"
+            )))),
+            Err(e) => Err(FrameError::Connection(ConnectionError::Transport(format!(
+                "the stream was not delivered: {e}"
+            )))),
+        }
     }
 
     /// Writes raw bytes, bypassing the codec (after flushing what is buffered). Only for

@@ -306,8 +306,9 @@ async fn writer(
 ) {
     let mut lane_tx: Vec<Option<FrameSender>> = (0..lanes).map(|_| None).collect();
     let mut dirty = vec![false; lanes];
+    let mut closing = None;
     let result: Result<(), FrameError> = async {
-        loop {
+        while closing.is_none() {
             let first = tokio::select! {
                 m = rx.recv() => m,
                 () = cancel.cancelled() => None,
@@ -318,6 +319,11 @@ async fn writer(
             let mut taken = 0;
             while let Some(out) = next.take() {
                 match out {
+                    Out::Close(done) => {
+                        // Nothing after it is written: the frames before it are flushed below.
+                        closing = Some(done);
+                        break;
+                    }
                     Out::Control(c) => {
                         if !refused(ctl.push(&c))? {
                             dirty_ctl = true;
@@ -358,10 +364,25 @@ async fn writer(
                 ctl.flush().await?;
             }
         }
+        Ok(())
     }
     .await;
     if let Err(e) = result {
         debug!(error = %e, "writer stopped");
+        return;
+    }
+    if let Some(done) = closing {
+        // Acks, goodbye and group news sent last must reach the peer before the connection
+        // closes, which would discard them: finish the control stream and wait until the peer
+        // acknowledged all of it (the node bounds the wait).
+        let delivered = tokio::select! {
+            r = ctl.finish_delivered() => r,
+            () = cancel.cancelled() => Ok(()),
+        };
+        if let Err(e) = delivered {
+            debug!(error = %e, "control stream not delivered before closing");
+        }
+        let _ = done.send(());
     }
 }
 

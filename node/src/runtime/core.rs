@@ -98,7 +98,13 @@ pub(crate) struct Append {
 #[derive(Debug)]
 pub(crate) enum Out {
     Control(Control),
-    Data { lane: usize, frame: Data },
+    Data {
+        lane: usize,
+        frame: Data,
+    },
+    /// The node is stopping: write what was queued before this, finish the control stream,
+    /// answer once the peer acknowledged all of it, and write nothing more.
+    Close(oneshot::Sender<()>),
 }
 
 /// What a lane reader tells core about a reply that arrived.
@@ -192,6 +198,9 @@ pub(crate) enum CoreMsg {
     Goodbye(oneshot::Sender<()>),
     /// How far a shutdown has settled: see [`Quiet`].
     Quiet(oneshot::Sender<Quiet>),
+    /// End of a shutdown: every connection's writer writes what is queued, finishes its
+    /// control stream and answers on its receiver once the peer acknowledged it.
+    Close(oneshot::Sender<Vec<oneshot::Receiver<()>>>),
 }
 
 /// What a shutting-down node still waits for (answer to [`CoreMsg::Quiet`]).
@@ -613,6 +622,15 @@ impl Core {
                     try_out(l, Out::Control(Control::Goodbye));
                 }
                 let _ = reply.send(());
+            }
+            CoreMsg::Close(reply) => {
+                let mut closed = Vec::with_capacity(self.links.len());
+                for l in self.links.values() {
+                    let (tx, rx) = oneshot::channel();
+                    try_out(l, Out::Close(tx));
+                    closed.push(rx);
+                }
+                let _ = reply.send(closed);
             }
             CoreMsg::Quiet(reply) => {
                 let in_flight = if self.outbox.is_empty() {
