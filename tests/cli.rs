@@ -1055,3 +1055,136 @@ fn bench_runs_one_case_by_name_with_what_it_compares_with() {
         assert_eq!(c["run_ratios"][0].as_f64(), Some(ratio), "{c}");
     }
 }
+
+/// `status --json` of the node in `dir` (running or stopped): its known durable groups, or
+/// the error `status` printed.
+fn groups_of(mesh: &Mesh, dir: &str, budget: &Budget) -> Result<Value, String> {
+    let status = run(
+        mesh.command(&["status", "--json", "--data-dir", dir]),
+        "peerbus status",
+        budget.left(),
+    );
+    if !status.status.success() {
+        return Err(status.stderr);
+    }
+    let v: Value = serde_json::from_str(&status.stdout).expect("status json");
+    Ok(v["groups"].clone())
+}
+
+/// Polls `status` of the node in `dir` (which may not have opened its store yet) until
+/// `want(groups)` holds, within 20 s.
+fn until_groups(
+    mesh: &Mesh,
+    dir: &str,
+    budget: &Budget,
+    what: &str,
+    want: impl Fn(&Value) -> bool,
+) {
+    let deadline = Instant::now() + budget.left().min(Duration::from_secs(20));
+    loop {
+        let groups = groups_of(mesh, dir, budget);
+        if groups.as_ref().is_ok_and(&want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: groups are {groups:?}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn release_group_makes_every_node_forget_a_group_whose_services_are_gone() {
+    let budget = Budget::new(120);
+    let mesh = Mesh::open("release-group");
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let shop_dir = dirs.path().join("shop");
+    let sd = shop_dir.to_str().expect("utf8");
+    let shop = spawn(
+        mesh.command(&["node", "--service", "shop", "--data-dir", sd]),
+        "peerbus node shop",
+    );
+    let billing = spawn(
+        mesh.command(&["sub", "orders.*", "--group", "billing"]),
+        "peerbus sub --group billing",
+    );
+    until_groups(&mesh, sd, &budget, "shop learns billing", |g| {
+        g["billing"]["patterns"] == serde_json::json!(["orders.*"])
+    });
+
+    // A group still subscribed is not taken away.
+    let refused = run(
+        mesh.command(&["release-group", "billing"]),
+        "release-group while subscribed",
+        budget.left(),
+    );
+    assert!(!refused.status.success(), "{}", refused.stdout);
+    assert!(
+        refused
+            .stderr
+            .contains("still subscribed by a running node"),
+        "{}",
+        refused.stderr
+    );
+    until_groups(&mesh, sd, &budget, "billing stays live", |g| {
+        g["billing"]["patterns"] == serde_json::json!(["orders.*"])
+    });
+
+    let status = billing.terminate(budget.left().min(Duration::from_secs(20)));
+    assert!(status.success(), "sub did not exit cleanly: {status}");
+    let released = run(
+        mesh.command(&["release-group", "billing"]),
+        "release-group",
+        budget.left(),
+    );
+    assert!(
+        released.status.success(),
+        "release-group failed: {}\n{}",
+        released.stdout,
+        released.stderr
+    );
+    assert!(
+        released
+            .stdout
+            .starts_with("released durable group billing (version "),
+        "{}",
+        released.stdout
+    );
+    until_groups(&mesh, sd, &budget, "shop forgets billing", |g| {
+        g["billing"]["patterns"] == serde_json::json!([])
+    });
+
+    let again = run(
+        mesh.command(&["release-group", "billing"]),
+        "release-group again",
+        budget.left(),
+    );
+    assert!(again.status.success(), "{}", again.stderr);
+    assert!(
+        again
+            .stdout
+            .starts_with("durable group billing is already released"),
+        "{}",
+        again.stdout
+    );
+    let unknown = run(
+        mesh.command(&["release-group", "nobody", "--timeout", "1s"]),
+        "release-group of an unknown group",
+        budget.left(),
+    );
+    assert!(!unknown.status.success());
+    assert!(
+        unknown.stderr.contains("knows durable group `nobody`"),
+        "{}",
+        unknown.stderr
+    );
+
+    // The stopped node still knows the group was released.
+    let status = shop.terminate(budget.left().min(Duration::from_secs(20)));
+    assert!(status.success(), "node did not exit cleanly: {status}");
+    let groups = groups_of(&mesh, sd, &budget).expect("status of the stopped node");
+    assert_eq!(
+        groups["billing"]["patterns"],
+        serde_json::json!([]),
+        "{groups}"
+    );
+    assert!(groups["billing"]["version"].as_u64() >= Some(2), "{groups}");
+}

@@ -152,6 +152,28 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
             ))?;
         }
     }
+    if let Some(groups) = status.get("groups").and_then(Value::as_object)
+        && !groups.is_empty()
+    {
+        print_line(&format!(
+            "{:<32} {:>9} {:<9}  PATTERNS",
+            "DURABLE GROUP", "VERSION", "STATE"
+        ))?;
+        for (name, g) in groups {
+            let version = g.get("version").and_then(Value::as_u64).unwrap_or(0);
+            let patterns: Vec<&str> = g
+                .get("patterns")
+                .and_then(Value::as_array)
+                .map(|p| p.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let (state, patterns) = if patterns.is_empty() {
+                ("released", "-".to_string())
+            } else {
+                ("live", patterns.join(", "))
+            };
+            print_line(&format!("{name:<32} {version:>9} {state:<9}  {patterns}"))?;
+        }
+    }
     Ok(())
 }
 

@@ -178,6 +178,16 @@ pub(crate) struct PeersArgs {
     wait: Duration,
 }
 
+/// `peerbus release-group`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReleaseGroupArgs {
+    /// The durable subscriber group to release.
+    group: String,
+    /// How long to look for a node that knows the group.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
 /// Writes a new mesh key.
 pub(crate) fn keygen(args: &KeygenArgs) -> Result<()> {
     MeshKey::write_new(&args.out)
@@ -564,6 +574,79 @@ pub(crate) async fn peers(common: &CommonArgs, args: &PeersArgs) -> Result<()> {
     .await;
     node.shutdown().await;
     result
+}
+
+/// Releases a durable group (see [`ReleaseGroupArgs`]) and says what happened.
+pub(crate) async fn release_group(common: &CommonArgs, args: &ReleaseGroupArgs) -> Result<()> {
+    let node = common.start(CLI_SERVICE).await?;
+    let result = release(&node, &args.group, args.timeout).await;
+    if let Ok(summary) = &result {
+        print_line(summary)?;
+    }
+    // Shutdown waits until the peers acknowledged the release.
+    node.shutdown().await;
+    result.map(drop)
+}
+
+/// How often `release-group` looks whether a peer told it of the group.
+const GROUP_POLL: Duration = Duration::from_millis(50);
+/// How long `release-group` waits, after releasing, for a node still subscribed to the group
+/// to bring it back (its answer takes a round trip).
+const GROUP_COMEBACK: Duration = Duration::from_millis(300);
+
+async fn release(node: &Node, group: &str, timeout: Duration) -> Result<String> {
+    // A node learns every group's state from each peer it connects to. Releasing a group
+    // before that would make a release older than the state the mesh holds, which loses.
+    let deadline = Instant::now() + timeout;
+    let known = loop {
+        if let Some(state) = node.groups().await.remove(group) {
+            break state;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "no node this one reached knows durable group `{group}` ({} connected within \
+                 {}): nothing to release",
+                connected(node).await,
+                fmt_dur(timeout)
+            );
+        }
+        tokio::time::sleep(GROUP_POLL).await;
+    };
+    if known.is_released() {
+        return Ok(format!(
+            "durable group {group} is already released (version {})",
+            known.version
+        ));
+    }
+    node.unsubscribe_group(group)
+        .await
+        .with_context(|| format!("could not release durable group `{group}`"))?;
+    tokio::time::sleep(GROUP_COMEBACK).await;
+    let now = node.groups().await.remove(group).unwrap_or_default();
+    if !now.is_released() {
+        bail!(
+            "durable group `{group}` is still subscribed by a running node (it came back as \
+             version {} on {}): stop its subscribers, then release it",
+            now.version,
+            now.patterns.join(", ")
+        );
+    }
+    let told = connected(node).await;
+    Ok(format!(
+        "released durable group {group} (version {}): told {told} connected node{}; publishers \
+         drop the copies they kept for it",
+        now.version,
+        if told == 1 { "" } else { "s" }
+    ))
+}
+
+/// How many peers are connected.
+async fn connected(node: &Node) -> usize {
+    node.peers()
+        .await
+        .iter()
+        .filter(|p| p.state == PeerState::Connected)
+        .count()
 }
 
 fn print_peers(peers: &[PeerInfo], json: bool) -> Result<()> {

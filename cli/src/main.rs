@@ -59,6 +59,10 @@ enum Command {
     Scatter(commands::ScatterArgs),
     /// List the peers this machine can see.
     Peers(commands::PeersArgs),
+    /// Release a durable subscriber group for good: every node forgets it and publishers drop
+    /// the copies they kept for it. For a group whose services are gone; stop its
+    /// subscribers first (a node still subscribed to it keeps it).
+    ReleaseGroup(commands::ReleaseGroupArgs),
     /// Tell the payment story on loopback: real services, one killed and restarted, every
     /// message accounted for.
     Demo(demo::DemoArgs),
@@ -104,6 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Req(args) => commands::req(common, args).await,
         Command::Scatter(args) => commands::scatter(common, args).await,
         Command::Peers(args) => commands::peers(common, args).await,
+        Command::ReleaseGroup(args) => commands::release_group(common, args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::DemoService(args) => demo::run_service(args).await,
         Command::Status(args) => admin::status(common, args).await,

@@ -100,6 +100,9 @@ pub struct OfflineStatus {
     pub dead_letters: usize,
     /// Corrupt records found (and quarantined) while reading.
     pub corrupt_records: usize,
+    /// Durable subscriber groups the node knew of, released ones included (see
+    /// [`Status::groups`](crate::Status::groups)).
+    pub groups: BTreeMap<String, crate::engine::wire::GroupState>,
 }
 
 /// Reads a stopped node's data directory. Fails with [`StoreError::InUse`] when a node runs
@@ -119,6 +122,7 @@ pub fn offline_status(data_dir: &Path) -> Result<OfflineStatus, StoreError> {
         logs,
         dead_letters: rec.dead_letters,
         corrupt_records: rec.corrupt.len(),
+        groups: rec.groups.into_iter().collect(),
     })
 }
 

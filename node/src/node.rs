@@ -154,6 +154,10 @@ pub struct Status {
     pub requests_in_flight: usize,
     /// Circuit breaker and bulkhead per requested service.
     pub breakers: BTreeMap<String, BreakerStatus>,
+    /// Durable subscriber groups this node knows of (a `publish` keeps copies for the live
+    /// ones whose patterns match), with their versions; a released group has no patterns and
+    /// is kept as a tombstone (see [`Node::unsubscribe_group`]).
+    pub groups: BTreeMap<String, crate::engine::wire::GroupState>,
 }
 
 /// A requested service's circuit breaker and bulkhead.
@@ -916,6 +920,12 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         self.core(CoreMsg::Status(tx)).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Durable subscriber groups this node knows of, released ones included (see
+    /// [`Status::groups`]); empty once the node stopped.
+    pub async fn groups(&self) -> BTreeMap<String, crate::engine::wire::GroupState> {
+        self.status().await.map(|s| s.groups).unwrap_or_default()
     }
 
     /// Connected nodes of `service` (not saying goodbye). A [`Node::send`] to `service` goes

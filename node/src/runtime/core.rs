@@ -1950,6 +1950,7 @@ impl Core {
                     (svc.clone(), status)
                 })
                 .collect(),
+            groups: self.known_groups.states().into_iter().collect(),
         }
     }
 
