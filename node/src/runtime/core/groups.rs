@@ -32,26 +32,6 @@ pub(super) const MAX_RELEASED_GROUPS: usize = 1024;
 /// Most topic patterns remembered per durable group.
 pub(super) const MAX_PATTERNS_PER_GROUP: usize = 64;
 
-/// A group as held: `patterns` empty means released.
-#[derive(Clone, Debug, Default)]
-struct Held {
-    version: u64,
-    patterns: BTreeSet<String>,
-}
-
-impl Held {
-    fn is_released(&self) -> bool {
-        self.patterns.is_empty()
-    }
-
-    fn state(&self) -> GroupState {
-        GroupState {
-            version: self.version,
-            patterns: self.patterns.iter().cloned().collect(),
-        }
-    }
-}
-
 /// What a change did, for core to act on.
 #[derive(Debug, Default)]
 pub(super) struct Changes {
@@ -71,13 +51,22 @@ impl Changes {
     }
 }
 
+/// A live group: its version and topic patterns (never empty).
+#[derive(Clone, Debug, Default)]
+struct Live {
+    version: u64,
+    patterns: BTreeSet<String>,
+}
+
 /// The groups a node knows of (see the module docs), within [`MAX_KNOWN_GROUPS`] live ones
 /// with [`MAX_PATTERNS_PER_GROUP`] patterns each and [`MAX_RELEASED_GROUPS`] released ones.
+/// Live and released groups are kept apart, so finding a publish's groups never walks the
+/// tombstones.
 #[derive(Debug, Default)]
 pub(super) struct KnownGroups {
-    groups: BTreeMap<String, Held>,
-    /// How many of `groups` are live.
-    live: usize,
+    live: BTreeMap<String, Live>,
+    /// Released groups (tombstones): their versions.
+    released: BTreeMap<String, u64>,
 }
 
 impl KnownGroups {
@@ -90,7 +79,7 @@ impl KnownGroups {
         for (group, state) in stored {
             known.merge(&group, state, &[], &mut changes);
         }
-        let kept = known.groups.len();
+        let kept = known.live.len() + known.released.len();
         if kept < total {
             warn!(
                 stored = total,
@@ -102,47 +91,67 @@ impl KnownGroups {
 
     /// The live groups with a pattern matching `topic`.
     pub(super) fn matching<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a String> {
-        self.groups
+        self.live
             .iter()
-            .filter(move |(_, h)| h.patterns.iter().any(|p| topic_matches(p, topic)))
+            .filter(move |(_, l)| l.patterns.iter().any(|p| topic_matches(p, topic)))
             .map(|(g, _)| g)
     }
 
-    /// Every group's state, released ones included (a new connection's `Groups` frame).
+    /// What is known of `group`.
+    fn state(&self, group: &str) -> Option<GroupState> {
+        if let Some(l) = self.live.get(group) {
+            return Some(GroupState {
+                version: l.version,
+                patterns: l.patterns.iter().cloned().collect(),
+            });
+        }
+        self.released.get(group).map(|&version| GroupState {
+            version,
+            patterns: Vec::new(),
+        })
+    }
+
+    /// Every group's state, released ones included, by name (a new connection's `Groups`
+    /// frame).
     pub(super) fn states(&self) -> Vec<(String, GroupState)> {
-        self.groups
-            .iter()
-            .map(|(g, h)| (g.clone(), h.state()))
+        let names: BTreeSet<&String> = self.live.keys().chain(self.released.keys()).collect();
+        names
+            .into_iter()
+            .filter_map(|g| Some((g.clone(), self.state(g)?)))
             .collect()
     }
 
     /// How many live groups and how many released ones are known.
     pub(super) fn counts(&self) -> (usize, usize) {
-        (self.live, self.groups.len() - self.live)
+        (self.live.len(), self.released.len())
     }
 
     /// `group` is subscribed with `pattern` (by this node or a connected peer): a group held
     /// as released becomes live again, with the next version.
     pub(super) fn subscribed(&mut self, group: &str, pattern: &str, out: &mut Changes) {
-        let released = self.groups.get(group).is_none_or(Held::is_released);
-        if released && !self.room_for_live(group) {
-            return;
+        if let Some(l) = self.live.get_mut(group) {
+            if l.patterns.len() >= MAX_PATTERNS_PER_GROUP || l.patterns.contains(pattern) {
+                return;
+            }
+            l.patterns.insert(pattern.to_string());
+        } else {
+            if !self.room_for_live(group) {
+                return;
+            }
+            let version = self.released.remove(group).unwrap_or(0) + 1;
+            let patterns = BTreeSet::from([pattern.to_string()]);
+            self.live
+                .insert(group.to_string(), Live { version, patterns });
         }
-        let held = self.groups.entry(group.to_string()).or_default();
-        if held.is_released() {
-            held.version += 1;
-            self.live += 1;
-        } else if held.patterns.len() >= MAX_PATTERNS_PER_GROUP || held.patterns.contains(pattern) {
-            return;
+        if let Some(state) = self.state(group) {
+            out.changed.push((group.to_string(), state));
         }
-        held.patterns.insert(pattern.to_string());
-        out.changed.push((group.to_string(), held.state()));
     }
 
     /// This node releases `group` (`Node::unsubscribe_group`): the next version, released,
     /// known or not.
     pub(super) fn release(&mut self, group: &str, out: &mut Changes) {
-        let version = self.groups.get(group).map_or(0, |h| h.version) + 1;
+        let version = self.state(group).map_or(0, |s| s.version) + 1;
         let state = GroupState {
             version,
             patterns: Vec::new(),
@@ -163,10 +172,10 @@ impl KnownGroups {
         theirs.patterns.sort_unstable();
         theirs.patterns.dedup();
         theirs.patterns.truncate(MAX_PATTERNS_PER_GROUP);
-        let ours = self.groups.get(group);
-        let wins = match ours {
+        let ours = self.state(group);
+        let wins = match &ours {
             None => true,
-            Some(h) if theirs.version != h.version => theirs.version > h.version,
+            Some(o) if theirs.version != o.version => theirs.version > o.version,
             // A tie: live beats released, and two live states take the union (below).
             Some(_) => !theirs.is_released(),
         };
@@ -180,8 +189,8 @@ impl KnownGroups {
                 patterns: live.iter().take(MAX_PATTERNS_PER_GROUP).cloned().collect(),
             };
         }
-        let union = ours.is_some_and(|h| {
-            h.version == theirs.version && !h.is_released() && !theirs.is_released()
+        let union = ours.is_some_and(|o| {
+            o.version == theirs.version && !o.is_released() && !theirs.is_released()
         });
         if union {
             for p in &theirs.patterns {
@@ -194,34 +203,34 @@ impl KnownGroups {
 
     /// Replaces what is held of `group` with `state`, within the limits.
     fn adopt(&mut self, group: &str, state: GroupState, out: &mut Changes) {
-        let before = self.groups.get(group).map(Held::is_released);
-        let was_live = before == Some(false);
+        let was_live = self.live.contains_key(group);
+        let was_released = self.released.contains_key(group);
         if state.is_released() {
-            if !was_live && !self.room_for_released(group, state.version, out) {
+            if !was_released && !self.room_for_released(group, state.version, was_live, out) {
                 return;
             }
-        } else if !was_live && !self.room_for_live(group) {
-            return;
+            self.live.remove(group);
+            self.released.insert(group.to_string(), state.version);
+            if !was_released {
+                out.released.push(group.to_string());
+            }
+        } else {
+            if !was_live && !self.room_for_live(group) {
+                return;
+            }
+            self.released.remove(group);
+            let live = Live {
+                version: state.version,
+                patterns: state.patterns.iter().cloned().collect(),
+            };
+            self.live.insert(group.to_string(), live);
         }
-        let held = Held {
-            version: state.version,
-            patterns: state.patterns.iter().cloned().collect(),
-        };
-        match (was_live, held.is_released()) {
-            (true, true) => self.live -= 1,
-            (false, false) => self.live += 1,
-            _ => {}
-        }
-        if held.is_released() && before != Some(true) {
-            out.released.push(group.to_string());
-        }
-        self.groups.insert(group.to_string(), held);
         out.changed.push((group.to_string(), state));
     }
 
     /// Whether `group` (not live here) may become live: false, with a warning, at the limit.
     fn room_for_live(&self, group: &str) -> bool {
-        if self.live < MAX_KNOWN_GROUPS {
+        if self.live.len() < MAX_KNOWN_GROUPS {
             return true;
         }
         warn!(
@@ -231,27 +240,36 @@ impl KnownGroups {
         false
     }
 
-    /// Whether a tombstone of `group` (not live here) at `version` may be kept: at the limit
-    /// the tombstone with the lowest version goes (reported in `out.forgotten`), unless that
-    /// would be this one.
-    fn room_for_released(&mut self, group: &str, version: u64, out: &mut Changes) -> bool {
-        let released = self.groups.len() - self.live;
-        if self.groups.contains_key(group) || released < MAX_RELEASED_GROUPS {
+    /// Whether a tombstone of `group` (not released here) at `version` may be kept: at the
+    /// limit the tombstone with the lowest version goes (reported in `out.forgotten`), unless
+    /// that would be this one. A live group's release always gets its room (`live`): the
+    /// release must take effect here.
+    fn room_for_released(
+        &mut self,
+        group: &str,
+        version: u64,
+        live: bool,
+        out: &mut Changes,
+    ) -> bool {
+        if self.released.len() < MAX_RELEASED_GROUPS {
             return true;
         }
         let Some((oldest, oldest_version)) = self
-            .groups
+            .released
             .iter()
-            .filter(|(_, h)| h.is_released())
-            .min_by_key(|(_, h)| h.version)
-            .map(|(g, h)| (g.clone(), h.version))
+            .min_by_key(|(_, v)| **v)
+            .map(|(g, v)| (g.clone(), *v))
         else {
             return false;
         };
-        if oldest_version >= version {
+        if oldest_version >= version && !live {
+            warn!(
+                limit = MAX_RELEASED_GROUPS,
+                group, "too many released durable groups known; ignoring an old release"
+            );
             return false;
         }
-        self.groups.remove(&oldest);
+        self.released.remove(&oldest);
         out.forgotten.push(oldest);
         true
     }
@@ -273,7 +291,7 @@ mod tests {
     }
 
     fn state_of(k: &KnownGroups, group: &str) -> Option<GroupState> {
-        k.groups.get(group).map(Held::state)
+        k.state(group)
     }
 
     /// Merges `news` in order into an empty set of groups; the states it ends with.
@@ -439,6 +457,22 @@ mod tests {
         assert_eq!(out.forgotten, ["r0"]);
         assert_eq!(k.counts(), (0, MAX_RELEASED_GROUPS));
         assert_eq!(state_of(&k, "newer"), Some(released(5_000)));
+    }
+
+    #[test]
+    fn a_live_group_is_released_even_with_every_tombstone_newer() {
+        let mut k = KnownGroups::default();
+        let mut out = Changes::default();
+        for i in 0..MAX_RELEASED_GROUPS {
+            k.merge(&format!("r{i}"), released(100 + i as u64), &[], &mut out);
+        }
+        k.subscribed("billing", "orders.*", &mut out);
+        let mut out = Changes::default();
+        k.release("billing", &mut out);
+        assert_eq!(out.released, ["billing"]);
+        assert_eq!(out.forgotten, ["r0"]);
+        assert_eq!(k.counts(), (0, MAX_RELEASED_GROUPS));
+        assert_eq!(k.matching("orders.created").count(), 0);
     }
 
     #[test]
