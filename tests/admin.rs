@@ -200,6 +200,41 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
         let me = [("node", pid.as_str())];
         assert_eq!(sample(&m, "peerbus_messages_sent_total", &me), Some(0.0));
         assert_eq!(sample(&m, "peerbus_peers_connected", &me), Some(1.0));
+
+        // Durable groups orders subscribes to and releases, as payments knows them.
+        let _audit = orders
+            .subscribe_group("orders.>", "audit")
+            .await
+            .expect("subscribe");
+        let _ledger = orders
+            .subscribe_group("refunds.*", "ledger")
+            .await
+            .expect("subscribe");
+        let groups = |state: &'static str| [("node", pid.as_str()), ("state", state)];
+        eventually(10, "payments learns both groups", || async {
+            let m = metrics(&payments).await;
+            sample(&m, "peerbus_durable_groups", &groups("live")) == Some(2.0)
+        })
+        .await;
+        orders.unsubscribe_group("ledger").await.expect("release");
+        eventually(10, "payments learns of the release", || async {
+            let m = metrics(&payments).await;
+            sample(&m, "peerbus_durable_groups", &groups("live")) == Some(1.0)
+                && sample(&m, "peerbus_durable_groups", &groups("released")) == Some(1.0)
+        })
+        .await;
+        let s = status(&payments).await;
+        assert_eq!(
+            s["groups"]["audit"]["patterns"],
+            serde_json::json!(["orders.>"]),
+            "{s}"
+        );
+        assert_eq!(
+            s["groups"]["ledger"]["patterns"],
+            serde_json::json!([]),
+            "{s}"
+        );
+        assert!(s["groups"]["ledger"]["version"].as_u64() >= Some(2), "{s}");
         let rtt = sample(
             &m,
             "peerbus_connection_rtt_seconds",

@@ -48,6 +48,8 @@ pub const PEERS_CONNECTED: &str = "peerbus_peers_connected";
 pub const CONNECTIONS_RETIRING: &str = "peerbus_connections_retiring";
 /// Known peers per state.
 pub const PEERS: &str = "peerbus_peers";
+/// Known durable subscriber groups, live and released (tombstones).
+pub const DURABLE_GROUPS: &str = "peerbus_durable_groups";
 /// Smoothed round-trip time of the connection to each connected peer.
 pub const CONNECTION_RTT: &str = "peerbus_connection_rtt_seconds";
 /// Requests waiting for a reply.
@@ -248,6 +250,11 @@ pub(crate) async fn facade_sampler(node: Node) {
         metrics::gauge!(PEERS_CONNECTED, "node" => node_label.clone()).set(s.connections as f64);
         metrics::gauge!(CONNECTIONS_RETIRING, "node" => node_label.clone())
             .set(s.retiring_connections as f64);
+        let (live, released) = group_counts(&s);
+        metrics::gauge!(DURABLE_GROUPS, "node" => node_label.clone(), "state" => "live")
+            .set(live as f64);
+        metrics::gauge!(DURABLE_GROUPS, "node" => node_label.clone(), "state" => "released")
+            .set(released as f64);
         for st in ALL_STATES {
             let n = s.peers.iter().filter(|p| p.state == st).count();
             metrics::gauge!(PEERS, "node" => node_label.clone(), "state" => state_name(st))
@@ -299,6 +306,12 @@ fn head(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// Renders a node's metrics in the Prometheus text exposition format (0.0.4).
+/// How many known durable groups are live and how many released.
+fn group_counts(s: &Status) -> (usize, usize) {
+    let released = s.groups.values().filter(|g| g.is_released()).count();
+    (s.groups.len() - released, released)
+}
+
 pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms: u64) -> String {
     let mut out = String::with_capacity(4096);
     let node = esc(&s.node_id.to_string());
@@ -416,6 +429,15 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         "{CONNECTIONS_RETIRING}{{{n}}} {}",
         s.retiring_connections
     );
+    head(
+        &mut out,
+        DURABLE_GROUPS,
+        "gauge",
+        "Known durable subscriber groups: live (publishers keep their copies) and released.",
+    );
+    let (live, released) = group_counts(s);
+    let _ = writeln!(out, "{DURABLE_GROUPS}{{{n},state=\"live\"}} {live}");
+    let _ = writeln!(out, "{DURABLE_GROUPS}{{{n},state=\"released\"}} {released}");
     head(&mut out, PEERS, "gauge", "Known peers per state.");
     for st in ALL_STATES {
         let count = s.peers.iter().filter(|p| p.state == st).count();
