@@ -138,7 +138,7 @@ impl KnownGroups {
             if !self.room_for_live(group) {
                 return;
             }
-            let version = self.released.remove(group).unwrap_or(0) + 1;
+            let version = self.released.remove(group).unwrap_or(0).saturating_add(1);
             let patterns = BTreeSet::from([pattern.to_string()]);
             self.live
                 .insert(group.to_string(), Live { version, patterns });
@@ -151,7 +151,7 @@ impl KnownGroups {
     /// This node releases `group` (`Node::unsubscribe_group`): the next version, released,
     /// known or not.
     pub(super) fn release(&mut self, group: &str, out: &mut Changes) {
-        let version = self.state(group).map_or(0, |s| s.version) + 1;
+        let version = self.state(group).map_or(0, |s| s.version).saturating_add(1);
         let state = GroupState {
             version,
             patterns: Vec::new(),
@@ -185,7 +185,7 @@ impl KnownGroups {
         if theirs.is_released() && !live.is_empty() {
             // Still read here: the subscription is newer news than the release.
             theirs = GroupState {
-                version: theirs.version + 1,
+                version: theirs.version.saturating_add(1),
                 patterns: live.iter().take(MAX_PATTERNS_PER_GROUP).cloned().collect(),
             };
         }
@@ -473,6 +473,32 @@ mod tests {
         assert_eq!(out.forgotten, ["r0"]);
         assert_eq!(k.counts(), (0, MAX_RELEASED_GROUPS));
         assert_eq!(k.matching("orders.created").count(), 0);
+    }
+
+    /// A version is a peer's word: the highest one cannot overflow (it saturates, so a
+    /// subscription still wins the tie over a release at that version).
+    #[test]
+    fn the_highest_version_saturates() {
+        let mut k = KnownGroups::default();
+        let mut out = Changes::default();
+        k.merge("billing", released(u64::MAX), &[], &mut out);
+        k.subscribed("billing", "orders.*", &mut out);
+        assert_eq!(state_of(&k, "billing"), Some(live(u64::MAX, &["orders.*"])));
+        k.release("billing", &mut out);
+        assert_eq!(state_of(&k, "billing"), Some(released(u64::MAX)));
+        k.merge(
+            "billing",
+            released(u64::MAX),
+            &["orders.*".to_string()],
+            &mut out,
+        );
+        assert_eq!(
+            state_of(&k, "billing"),
+            Some(released(u64::MAX)),
+            "not newer news"
+        );
+        k.merge("billing", live(u64::MAX, &["a.*"]), &[], &mut out);
+        assert_eq!(state_of(&k, "billing"), Some(live(u64::MAX, &["a.*"])));
     }
 
     #[test]
