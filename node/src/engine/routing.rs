@@ -21,11 +21,21 @@ pub fn topic_matches(pattern: &str, topic: &str) -> bool {
     }
 }
 
+/// Longest topic, pattern, service or group name, in bytes: names travel in frames and are
+/// kept per known group, so names a node learns from its peers are held to it too.
+pub const MAX_SUBJECT_LEN: usize = 256;
+
 /// Checks a topic or pattern for publishing/subscribing: non-empty tokens,
-/// wildcards only in patterns and `>` only last.
+/// wildcards only in patterns and `>` only last, at most [`MAX_SUBJECT_LEN`] bytes.
 pub fn validate_subject(subject: &str, allow_wildcards: bool) -> Result<(), String> {
     if subject.is_empty() {
         return Err("must not be empty".into());
+    }
+    if subject.len() > MAX_SUBJECT_LEN {
+        return Err(format!(
+            "is {} bytes long; at most {MAX_SUBJECT_LEN} are allowed",
+            subject.len()
+        ));
     }
     let mut tokens = subject.split('.').peekable();
     while let Some(t) = tokens.next() {
@@ -137,6 +147,8 @@ mod tests {
         assert!(validate_subject("a.>.b", true).is_err());
         assert!(validate_subject("a.b*", true).is_err());
         assert!(validate_subject("", true).is_err());
+        assert!(validate_subject(&"a".repeat(MAX_SUBJECT_LEN), false).is_ok());
+        assert!(validate_subject(&"a".repeat(MAX_SUBJECT_LEN + 1), true).is_err());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tracing::warn;
 
-use crate::engine::routing::topic_matches;
+use crate::engine::routing::{MAX_SUBJECT_LEN, topic_matches};
 use crate::engine::wire::GroupState;
 
 /// Most live durable subscriber groups a node remembers (learnt from peers and gossip, and
@@ -31,6 +31,20 @@ pub(super) const MAX_KNOWN_GROUPS: usize = 1024;
 pub(super) const MAX_RELEASED_GROUPS: usize = 1024;
 /// Most topic patterns remembered per durable group.
 pub(super) const MAX_PATTERNS_PER_GROUP: usize = 64;
+
+/// Whether a group name or pattern a peer told of is short enough to keep
+/// ([`MAX_SUBJECT_LEN`]); a longer one is ignored, with a warning.
+fn fits(name: &str) -> bool {
+    if name.len() <= MAX_SUBJECT_LEN {
+        return true;
+    }
+    warn!(
+        bytes = name.len(),
+        limit = MAX_SUBJECT_LEN,
+        "durable group name or pattern too long; ignoring it"
+    );
+    false
+}
 
 /// What a change did, for core to act on.
 #[derive(Debug, Default)]
@@ -129,6 +143,9 @@ impl KnownGroups {
     /// `group` is subscribed with `pattern` (by this node or a connected peer): a group held
     /// as released becomes live again, with the next version.
     pub(super) fn subscribed(&mut self, group: &str, pattern: &str, out: &mut Changes) {
+        if !fits(group) || !fits(pattern) {
+            return;
+        }
         if let Some(l) = self.live.get_mut(group) {
             if l.patterns.len() >= MAX_PATTERNS_PER_GROUP || l.patterns.contains(pattern) {
                 return;
@@ -169,6 +186,12 @@ impl KnownGroups {
         live: &[String],
         out: &mut Changes,
     ) {
+        let had_patterns = !theirs.patterns.is_empty();
+        theirs.patterns.retain(|p| fits(p));
+        if !fits(group) || (had_patterns && theirs.patterns.is_empty()) {
+            // Nothing of it can be kept (and a live state must not read as a release).
+            return;
+        }
         theirs.patterns.sort_unstable();
         theirs.patterns.dedup();
         theirs.patterns.truncate(MAX_PATTERNS_PER_GROUP);
@@ -499,6 +522,41 @@ mod tests {
         );
         k.merge("billing", live(u64::MAX, &["a.*"]), &[], &mut out);
         assert_eq!(state_of(&k, "billing"), Some(live(u64::MAX, &["a.*"])));
+    }
+
+    #[test]
+    fn names_and_patterns_over_the_limit_are_ignored() {
+        let long = "x".repeat(MAX_SUBJECT_LEN + 1);
+        let mut k = KnownGroups::default();
+        let mut out = Changes::default();
+        k.subscribed(&long, "orders.*", &mut out);
+        k.subscribed("billing", &long, &mut out);
+        k.merge(&long, live(1, &["a"]), &[], &mut out);
+        k.merge(
+            "audit",
+            GroupState {
+                version: 1,
+                patterns: vec![long.clone()],
+            },
+            &[],
+            &mut out,
+        );
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(
+            k.counts(),
+            (0, 0),
+            "a live state whose patterns all go is not a release"
+        );
+        k.merge(
+            "audit",
+            GroupState {
+                version: 2,
+                patterns: vec![long, "a.*".into()],
+            },
+            &[],
+            &mut out,
+        );
+        assert_eq!(state_of(&k, "audit"), Some(live(2, &["a.*"])));
     }
 
     #[test]
