@@ -18,7 +18,7 @@
 //! checkpoint leaves both as they were; the database is reopened (without a
 //! replay) before the next operation, as redb asks after an I/O error.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::panic::AssertUnwindSafe;
@@ -654,73 +654,32 @@ impl RedbStore {
                     }
                 }
             }
-            // Stores written before the table existed (read-only opens do not create it).
-            match read.open_table(GROUPS) {
-                Ok(groups) => {
-                    for item in groups.iter().or_store(&path)? {
-                        let (k, v) = item.or_store(&path)?;
-                        let (k, v) = (k.value(), v.value());
-                        match open_sealed::<(String, Vec<String>)>(v) {
-                            Ok((g, patterns)) if g == k => {
-                                let state = GroupState {
-                                    version: 1,
-                                    patterns,
-                                };
-                                rec.groups.push((g, state));
-                            }
-                            Ok(_) => flag(
-                                "groups",
-                                BadKey::Str(k.to_string()),
-                                k.as_bytes(),
-                                v,
-                                "key does not match the record".into(),
-                            ),
-                            Err(reason) => flag(
-                                "groups",
-                                BadKey::Str(k.to_string()),
-                                k.as_bytes(),
-                                v,
-                                reason,
-                            ),
-                        }
-                    }
-                }
-                Err(redb::TableError::TableDoesNotExist(_)) => {}
-                Err(e) => return Err(db_error(&path, e.into())),
-            }
-            // A state replaces the legacy row of its group (a legacy row is removed when its
-            // group's state is written, so both only meet after a crash in between: never).
-            match read.open_table(GROUP_STATES) {
-                Ok(states) => {
-                    for item in states.iter().or_store(&path)? {
-                        let (k, v) = item.or_store(&path)?;
-                        let (k, v) = (k.value(), v.value());
-                        match open_sealed::<(String, GroupState)>(v) {
-                            Ok((g, state)) if g == k => {
-                                rec.groups.retain(|(known, _)| *known != g);
-                                rec.groups.push((g, state));
-                            }
-                            Ok(_) => flag(
-                                "group_states",
-                                BadKey::Str(k.to_string()),
-                                k.as_bytes(),
-                                v,
-                                "key does not match the record".into(),
-                            ),
-                            Err(reason) => flag(
-                                "group_states",
-                                BadKey::Str(k.to_string()),
-                                k.as_bytes(),
-                                v,
-                                reason,
-                            ),
-                        }
-                    }
-                }
-                Err(redb::TableError::TableDoesNotExist(_)) => {}
-                Err(e) => return Err(db_error(&path, e.into())),
-            }
-            rec.groups.sort_by(|a, b| a.0.cmp(&b.0));
+            // Legacy rows first: a group's state replaces its legacy row (which is removed when
+            // the state is written, so both only meet after a crash in between: never).
+            let mut groups = BTreeMap::new();
+            read_groups(
+                &read,
+                (GROUPS, "groups"),
+                &path,
+                |(g, patterns): (String, Vec<String>)| {
+                    let state = GroupState {
+                        version: 1,
+                        patterns,
+                    };
+                    (g, state)
+                },
+                &mut groups,
+                &mut flag,
+            )?;
+            read_groups(
+                &read,
+                (GROUP_STATES, "group_states"),
+                &path,
+                |(g, state): (String, GroupState)| (g, state),
+                &mut groups,
+                &mut flag,
+            )?;
+            rec.groups = groups.into_iter().collect();
             let meta = read.open_table(META).or_store(&path)?;
             for item in meta.iter().or_store(&path)? {
                 let (k, v) = item.or_store(&path)?;
@@ -921,6 +880,44 @@ impl RedbStore {
         }
         self.finish(txn, true).expect("commit");
     }
+}
+
+/// Reads a table of group records (`name` in reports) keyed by group name into `into` (later tables replace
+/// earlier ones' groups); `decode` gives a record's group name and state. A record that does
+/// not decode or whose name is not its key is flagged (see `recover_inner`). A table that a
+/// store of an older version never created reads as empty (read-only opens do not create it).
+fn read_groups<T: serde::de::DeserializeOwned>(
+    read: &ReadTransaction,
+    (table, name): (TableDefinition<&str, &[u8]>, &'static str),
+    path: &Path,
+    decode: impl Fn(T) -> (String, GroupState),
+    into: &mut BTreeMap<String, GroupState>,
+    flag: &mut impl FnMut(&'static str, BadKey, &[u8], &[u8], String),
+) -> Result<(), StoreError> {
+    let rows = match read.open_table(table) {
+        Ok(rows) => rows,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(db_error(path, e.into())),
+    };
+    for item in rows.iter().or_store(path)? {
+        let (k, v) = item.or_store(path)?;
+        let (k, v) = (k.value(), v.value());
+        let key = || BadKey::Str(k.to_string());
+        match open_sealed::<T>(v).map(&decode) {
+            Ok((g, state)) if g == k => {
+                into.insert(g, state);
+            }
+            Ok(_) => flag(
+                name,
+                key(),
+                k.as_bytes(),
+                v,
+                "key does not match the record".into(),
+            ),
+            Err(reason) => flag(name, key(), k.as_bytes(), v, reason),
+        }
+    }
+    Ok(())
 }
 
 /// Writes a batch into a transaction, assigning ids to new dead letters (in place, so the side
