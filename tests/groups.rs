@@ -393,6 +393,14 @@ async fn a_release_right_before_shutdown_reaches_the_publisher() {
         let (subscriber, _got) = billing_subscriber(&net, &key).await;
         let publisher = start(builder(&net, "shop", &key)).await;
         learn_billing(&publisher).await;
+        // The subscriber has registered its connection to the publisher too (a release made
+        // while the connection is still being set up on its side reaches the publisher only
+        // from a later run of the subscriber).
+        assert!(
+            subscriber
+                .wait_for_instances("shop", 1, Duration::from_secs(10))
+                .await
+        );
         subscriber
             .unsubscribe_group("billing")
             .await

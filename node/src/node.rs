@@ -34,10 +34,11 @@ use crate::subscription::Subscription;
 /// closes its connections: frames its peers sent before they saw its goodbye arrive meanwhile.
 const QUIET_SETTLE: Duration = Duration::from_millis(150);
 
-/// Longest a stopping node waits for its peers to acknowledge the last frames it sent them
+/// Least time a stopping node gives its peers to acknowledge the last frames it sent them
 /// (acks, its goodbye, group news) before it closes the connections, which would discard
-/// frames not yet delivered. A few round trips on any network that works; a frozen or
-/// partitioned peer holds a shutdown up this long.
+/// frames not yet delivered: it waits until the shutdown grace ends, or this long after the
+/// quiet wait if that is later. A few round trips on any network that works, longer on an
+/// overloaded machine; a frozen or partitioned peer holds a shutdown up to then.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 /// A running peerbus node, embedded in a service. Cheap to clone; every clone
@@ -1000,9 +1001,9 @@ impl Node {
 
     /// Shuts down in order: stop discovery and accepting, tell peers goodbye, wait up to the
     /// shutdown grace for in-flight handlers and acks (local handlers' acks to their senders,
-    /// and peers' acks for this node's own deliveries), wait (at most 1 s) until every peer
-    /// acknowledged the last frames sent to it (acks, the goodbye, a group released just
-    /// before), close connections, join every task.
+    /// and peers' acks for this node's own deliveries), wait (within the grace, or at least
+    /// 1 s) until every peer acknowledged the last frames sent to it (acks, the goodbye, a
+    /// group released just before), close connections, join every task.
     /// With a durable store no new deliveries go out once shutdown begins (they wait in the
     /// store for the restart); with [`Durability::Memory`] delivering goes on during the grace,
     /// so a node with a backlog may use all of it.
@@ -1075,13 +1076,15 @@ impl Node {
             // Deliver what is queued for the peers (the last acks, the goodbye, news of a
             // group released just before): closing the connections would discard it. Each
             // writer finishes its control stream and answers once the peer acknowledged it,
-            // at most CLOSE_FLUSH after this (a peer that stopped answering never does).
+            // within what is left of the grace but at least CLOSE_FLUSH (a peer that stopped
+            // answering never does).
+            let flush_until = deadline.max(tokio::time::Instant::now() + CLOSE_FLUSH);
             let (tx, rx) = oneshot::channel();
             if self.core(CoreMsg::Close(tx)).await.is_ok()
                 && let Ok(closed) = rx.await
             {
                 let all = futures_util::future::join_all(closed);
-                if tokio::time::timeout(CLOSE_FLUSH, all).await.is_err() {
+                if tokio::time::timeout_at(flush_until, all).await.is_err() {
                     debug!("a peer did not acknowledge our last frames; closing anyway");
                 }
             }

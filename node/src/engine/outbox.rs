@@ -592,13 +592,15 @@ impl<R> Outbox<R> {
             .collect()
     }
 
-    /// The topic patterns connected peers (this node included) subscribe to `group` with,
-    /// sorted, without duplicates: empty when no current interest names the group.
-    pub fn group_patterns(&self, group: &str) -> Vec<String> {
+    /// The topic patterns connected peers (this node included; only `peer` when given)
+    /// subscribe to `group` with, sorted, without duplicates: empty when no current interest
+    /// names the group.
+    pub fn group_patterns(&self, group: &str, peer: Option<NodeId>) -> Vec<String> {
         let patterns: BTreeSet<String> = self
             .peers
-            .values()
-            .flat_map(|p| p.interests.iter())
+            .iter()
+            .filter(|(id, _)| peer.is_none_or(|p| p == **id))
+            .flat_map(|(_, p)| p.interests.iter())
             .filter(|i| i.group.as_deref() == Some(group))
             .map(|i| i.pattern.clone())
             .collect();

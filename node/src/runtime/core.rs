@@ -324,6 +324,10 @@ struct Core {
     /// leave so a publisher keeps copies for a group whose instances are all down, and released
     /// ones, so older news cannot bring them back (see [`groups`]).
     known_groups: KnownGroups,
+    /// Released groups whose backlog waits for no connected node's interests to name them
+    /// (see [`Core::release_backlogs`]); a subset of the released groups, so at most
+    /// [`groups::MAX_RELEASED_GROUPS`].
+    deferred_releases: BTreeSet<String>,
     seeds: Vec<SocketAddr>,
     seed_dialing: HashMap<SocketAddr, CancellationToken>,
     dead_letters: usize,
@@ -411,6 +415,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         service: false,
         subs: Vec::new(),
     };
+    let known_groups_released = known_groups.released_names().cloned().collect();
     let mut core = Core {
         shared: shared.clone(),
         outbox,
@@ -422,6 +427,9 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         next_generation: 1,
         pending_acks: BTreeMap::new(),
         known_groups,
+        // A group released before the restart whose backlog was still kept (a peer's interests
+        // named it when the node stopped): released at the first look, below.
+        deferred_releases: known_groups_released,
         seeds: Vec::new(),
         seed_dialing: HashMap::new(),
         dead_letters,
@@ -624,12 +632,13 @@ impl Core {
                 let _ = reply.send(());
             }
             CoreMsg::Close(reply) => {
-                let mut closed = Vec::with_capacity(self.links.len());
+                let mut closed = Vec::with_capacity(self.links.len() + self.retiring.len());
                 for l in self.links.values() {
                     let (tx, rx) = oneshot::channel();
                     try_out(l, Out::Close(tx));
                     closed.push(rx);
                 }
+                closed.extend(self.retiring.values().map(|r| r.close_writer()));
                 let _ = reply.send(closed);
             }
             CoreMsg::Quiet(reply) => {
@@ -922,8 +931,9 @@ impl Core {
         }
         // Our own groups are known groups like any peer's: a publish here keeps their copies
         // after the local subscription goes away.
-        self.remember_groups(&interests);
+        self.remember_groups(&interests, true);
         self.outbox.peer_interests(id, interests);
+        self.release_backlogs();
         self.local.service = service;
         self.local.subs = subs;
     }
@@ -1247,6 +1257,13 @@ impl Core {
             self.on_retired(peer, generation);
             return;
         }
+        // Group states are versioned, so news of them is good from any of the peer's
+        // connections, a retired one too: a release sent on a connection the other side
+        // retired meanwhile (two nodes that dialed each other at once) would be lost.
+        if let Control::Groups(groups) = frame {
+            self.merge_groups(groups);
+            return;
+        }
         if self
             .links
             .get(&peer)
@@ -1272,23 +1289,9 @@ impl Core {
                 self.settle(settled.into_iter().collect());
             }
             Control::Interests(interests) => {
-                self.remember_groups(&interests);
+                self.remember_groups(&interests, false);
                 self.outbox.peer_interests(peer, interests);
-            }
-            Control::Groups(groups) => {
-                let mut changes = Changes::default();
-                for (g, state) in groups
-                    .into_iter()
-                    .take(MAX_KNOWN_GROUPS + MAX_RELEASED_GROUPS)
-                {
-                    let live = if state.is_released() {
-                        self.outbox.group_patterns(&g)
-                    } else {
-                        Vec::new()
-                    };
-                    self.known_groups.merge(&g, state, &live, &mut changes);
-                }
-                self.groups_changed(changes);
+                self.release_backlogs();
             }
             Control::Goodbye => {
                 info!(peer = %peer.short(), "peer is shutting down");
@@ -1321,21 +1324,73 @@ impl Core {
                     l.conn.close(CloseCode::ProtocolViolation, "second hello");
                 }
             }
-            Control::Retired => {} // handled above, whichever connection it came on
+            // Handled above, whichever connection they came on.
+            Control::Retired | Control::Groups(_) => {}
         }
     }
 
-    /// Learns the durable groups in a node's own `interests` (this node's or a peer's): a
-    /// group held as released is subscribed again, with a newer version. True when anything
-    /// changed (then it is stored and passed on).
-    fn remember_groups(&mut self, interests: &[Interest]) -> bool {
+    /// Merges a peer's news of durable groups (see [`KnownGroups::merge`]).
+    fn merge_groups(&mut self, groups: Vec<(String, GroupState)>) {
+        let mut changes = Changes::default();
+        for (g, state) in groups
+            .into_iter()
+            .take(MAX_KNOWN_GROUPS + MAX_RELEASED_GROUPS)
+        {
+            let live = if state.is_released() {
+                self.outbox.group_patterns(&g, Some(self.shared.id))
+            } else {
+                Vec::new()
+            };
+            self.known_groups.merge(&g, state, &live, &mut changes);
+        }
+        self.groups_changed(changes);
+    }
+
+    /// Learns the durable groups in a node's own `interests`: this node's (`local`, which
+    /// subscribes a group held as released again, with a newer version) or a peer's (see
+    /// [`KnownGroups::subscribed`]). True when anything changed (then it is stored and passed
+    /// on).
+    fn remember_groups(&mut self, interests: &[Interest], local: bool) -> bool {
         let mut changes = Changes::default();
         for i in interests {
             if let Some(g) = &i.group {
-                self.known_groups.subscribed(g, &i.pattern, &mut changes);
+                self.known_groups
+                    .subscribed(g, &i.pattern, local, &mut changes);
             }
         }
         self.groups_changed(changes)
+    }
+
+    /// Releases the backlog of the released groups that no connected node's interests name
+    /// any more. A group released while a connected peer's interests still named it keeps its
+    /// backlog until they do not (an update or the peer's disconnection): those interests may
+    /// be older than the release, or the peer still subscribes and answers the release with a
+    /// newer live version, which must find the group's copies kept.
+    fn release_backlogs(&mut self) {
+        if self.deferred_releases.is_empty() {
+            return;
+        }
+        for group in std::mem::take(&mut self.deferred_releases) {
+            if !self.known_groups.is_released(&group) {
+                continue; // live again: its backlog stays
+            }
+            if !self.outbox.group_patterns(&group, None).is_empty() {
+                self.deferred_releases.insert(group);
+                continue;
+            }
+            let released = self.outbox.release_log(
+                &Target::Group(group.clone()).log_name(),
+                &format!("subscriber group `{group}` was unsubscribed"),
+            );
+            if !released.is_empty() {
+                info!(
+                    group,
+                    entries = released.len(),
+                    "released the backlog of an unsubscribed group"
+                );
+            }
+            self.settle(released);
+        }
     }
 
     /// Acts on changes of the known groups: stores them, releases the backlog of groups
@@ -1350,6 +1405,14 @@ impl Core {
         for (g, state) in changes.changed.drain(..) {
             newest.insert(g, state);
         }
+        for (group, state) in &newest {
+            debug!(
+                group,
+                version = state.version,
+                released = state.is_released(),
+                "durable group changed"
+            );
+        }
         if self.persistent() {
             for (g, state) in &newest {
                 self.store_op(StoreOp::Group(g.clone(), Some(state.clone())));
@@ -1358,20 +1421,8 @@ impl Core {
                 self.store_op(StoreOp::Group(g.clone(), None));
             }
         }
-        for group in &changes.released {
-            let released = self.outbox.release_log(
-                &Target::Group(group.clone()).log_name(),
-                &format!("subscriber group `{group}` was unsubscribed"),
-            );
-            if !released.is_empty() {
-                info!(
-                    group,
-                    entries = released.len(),
-                    "released the backlog of an unsubscribed group"
-                );
-            }
-            self.settle(released);
-        }
+        self.deferred_releases.extend(changes.released);
+        self.release_backlogs();
         if !newest.is_empty() {
             let frame = Control::Groups(newest.into_iter().collect());
             for l in self.links.values() {
@@ -1742,7 +1793,7 @@ impl Core {
         }
         let handles = self.connection_handles(false);
         let generation = handles.generation;
-        self.remember_groups(&r.hello.interests);
+        self.remember_groups(&r.hello.interests, false);
         self.outbox.peer_up(
             peer,
             generation,
@@ -1856,6 +1907,7 @@ impl Core {
             .events
             .emit(EventKind::PeerDown, Some(peer), service, reason);
         self.outbox.peer_down(peer, generation);
+        self.release_backlogs();
         self.fail_requests_on(peer, generation);
         let advertised = self.known.get(&peer).is_some_and(|k| k.advertised);
         if let Some(k) = self.known.get_mut(&peer) {

@@ -135,15 +135,34 @@ impl KnownGroups {
             .collect()
     }
 
+    /// The groups held as released.
+    pub(super) fn released_names(&self) -> impl Iterator<Item = &String> {
+        self.released.keys()
+    }
+
+    /// Whether `group` is held as released.
+    pub(super) fn is_released(&self, group: &str) -> bool {
+        self.released.contains_key(group)
+    }
+
     /// How many live groups and how many released ones are known.
     pub(super) fn counts(&self) -> (usize, usize) {
         (self.live.len(), self.released.len())
     }
 
-    /// `group` is subscribed with `pattern` (by this node or a connected peer): a group held
-    /// as released becomes live again, with the next version.
-    pub(super) fn subscribed(&mut self, group: &str, pattern: &str, out: &mut Changes) {
-        if !fits(group) || !fits(pattern) {
+    /// `group` is subscribed with `pattern`: by this node (`local`), or by a connected peer as
+    /// its hello or `Interests` frame says. A local subscription to a group held as released
+    /// makes it live again, with the next version. A peer's does not: its interests may be
+    /// older than the release (a hello built before it, on a second connection), so only the
+    /// subscriber's own node revives a group, when the release reaches it.
+    pub(super) fn subscribed(
+        &mut self,
+        group: &str,
+        pattern: &str,
+        local: bool,
+        out: &mut Changes,
+    ) {
+        if !fits(group) || !fits(pattern) || (!local && self.is_released(group)) {
             return;
         }
         if let Some(l) = self.live.get_mut(group) {
@@ -176,9 +195,9 @@ impl KnownGroups {
         self.adopt(group, state, out);
     }
 
-    /// Merges `theirs`, a peer's news of `group`. `live` holds the patterns of the current
-    /// interests in the group (this node's and its connected peers'): a release that would
-    /// win while the group is subscribed makes it live again instead, with the next version.
+    /// Merges `theirs`, a peer's news of `group`. `live` holds the patterns this node itself
+    /// subscribes to the group with: a release that would win while the group is subscribed
+    /// here makes it live again instead, with the next version.
     pub(super) fn merge(
         &mut self,
         group: &str,
@@ -217,7 +236,7 @@ impl KnownGroups {
         });
         if union {
             for p in &theirs.patterns {
-                self.subscribed(group, p, out);
+                self.subscribed(group, p, false, out);
             }
         } else {
             self.adopt(group, theirs, out);
@@ -389,13 +408,13 @@ mod tests {
     fn a_subscription_revives_a_released_group_with_the_next_version() {
         let mut k = KnownGroups::default();
         let mut out = Changes::default();
-        k.subscribed("billing", "orders.*", &mut out);
+        k.subscribed("billing", "orders.*", true, &mut out);
         assert_eq!(
             out.changed,
             [("billing".to_string(), live(1, &["orders.*"]))]
         );
         let mut out = Changes::default();
-        k.subscribed("billing", "orders.*", &mut out);
+        k.subscribed("billing", "orders.*", true, &mut out);
         assert!(out.is_empty(), "nothing new");
 
         let mut out = Changes::default();
@@ -405,7 +424,12 @@ mod tests {
         assert_eq!(k.matching("orders.created").count(), 0);
 
         let mut out = Changes::default();
-        k.subscribed("billing", "orders.*", &mut out);
+        k.subscribed("billing", "orders.*", false, &mut out);
+        assert!(
+            out.is_empty(),
+            "a peer's interests do not revive a released group"
+        );
+        k.subscribed("billing", "orders.*", true, &mut out);
         assert_eq!(
             out.changed,
             [("billing".to_string(), live(3, &["orders.*"]))]
@@ -458,11 +482,11 @@ mod tests {
         let mut k = KnownGroups::default();
         let mut out = Changes::default();
         for i in 0..MAX_KNOWN_GROUPS + 5 {
-            k.subscribed(&format!("g{i}"), "t", &mut out);
+            k.subscribed(&format!("g{i}"), "t", true, &mut out);
         }
         assert_eq!(k.counts(), (MAX_KNOWN_GROUPS, 0));
         for i in 0..MAX_PATTERNS_PER_GROUP + 5 {
-            k.subscribed("g0", &format!("p{i}"), &mut out);
+            k.subscribed("g0", &format!("p{i}"), true, &mut out);
         }
         assert_eq!(
             state_of(&k, "g0").map(|s| s.patterns.len()),
@@ -489,7 +513,7 @@ mod tests {
         for i in 0..MAX_RELEASED_GROUPS {
             k.merge(&format!("r{i}"), released(100 + i as u64), &[], &mut out);
         }
-        k.subscribed("billing", "orders.*", &mut out);
+        k.subscribed("billing", "orders.*", true, &mut out);
         let mut out = Changes::default();
         k.release("billing", &mut out);
         assert_eq!(out.released, ["billing"]);
@@ -505,7 +529,7 @@ mod tests {
         let mut k = KnownGroups::default();
         let mut out = Changes::default();
         k.merge("billing", released(u64::MAX), &[], &mut out);
-        k.subscribed("billing", "orders.*", &mut out);
+        k.subscribed("billing", "orders.*", true, &mut out);
         assert_eq!(state_of(&k, "billing"), Some(live(u64::MAX, &["orders.*"])));
         k.release("billing", &mut out);
         assert_eq!(state_of(&k, "billing"), Some(released(u64::MAX)));
@@ -529,8 +553,8 @@ mod tests {
         let long = "x".repeat(MAX_SUBJECT_LEN + 1);
         let mut k = KnownGroups::default();
         let mut out = Changes::default();
-        k.subscribed(&long, "orders.*", &mut out);
-        k.subscribed("billing", &long, &mut out);
+        k.subscribed(&long, "orders.*", true, &mut out);
+        k.subscribed("billing", &long, true, &mut out);
         k.merge(&long, live(1, &["a"]), &[], &mut out);
         k.merge(
             "audit",

@@ -59,6 +59,16 @@ pub(super) struct Retiring {
 }
 
 impl Retiring {
+    /// Asks the connection's writer to deliver what it has queued and finish (`Out::Close`):
+    /// frames sent just before a link moved to another connection are on this one. The
+    /// receiver resolves once the peer acknowledged them, or at once when the writer is gone
+    /// or its queue is full.
+    pub(super) fn close_writer(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.tx.try_send(Out::Close(tx));
+        rx
+    }
+
     /// When it closes at the latest: its linger after it was retired, or later at the
     /// deadline of a request sent on it, ours or the peer's (a peer's by at most
     /// [`SERVING_HOLD_MAX`] more).
