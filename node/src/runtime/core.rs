@@ -1348,9 +1348,8 @@ impl Core {
 
     /// Learns the durable groups in a node's own `interests`: this node's (`local`, which
     /// subscribes a group held as released again, with a newer version) or a peer's (see
-    /// [`KnownGroups::subscribed`]). True when anything changed (then it is stored and passed
-    /// on).
-    fn remember_groups(&mut self, interests: &[Interest], local: bool) -> bool {
+    /// [`KnownGroups::subscribed`]). What changed is stored and passed on.
+    fn remember_groups(&mut self, interests: &[Interest], local: bool) {
         let mut changes = Changes::default();
         for i in interests {
             if let Some(g) = &i.group {
@@ -1395,10 +1394,10 @@ impl Core {
 
     /// Acts on changes of the known groups: stores them, releases the backlog of groups
     /// released now, and tells every peer the new states (a peer that had them changes
-    /// nothing, so the news stops once everyone has it). True when anything changed.
-    fn groups_changed(&mut self, mut changes: Changes) -> bool {
+    /// nothing, so the news stops once everyone has it).
+    fn groups_changed(&mut self, mut changes: Changes) {
         if changes.is_empty() {
-            return false;
+            return;
         }
         // Only the newest state of a group matters (a union adds its patterns one by one).
         let mut newest: BTreeMap<String, GroupState> = BTreeMap::new();
@@ -1429,7 +1428,6 @@ impl Core {
                 try_out(l, Out::Control(frame.clone()));
             }
         }
-        true
     }
 
     /// Releases a durable group for good (`Node::unsubscribe_group`): a newer version, released,
