@@ -882,8 +882,8 @@ impl RedbStore {
     }
 }
 
-/// Reads a table of group records (`name` in reports) keyed by group name into `into` (later tables replace
-/// earlier ones' groups); `decode` gives a record's group name and state. A record that does
+/// Reads a table of group records (`name` in reports) keyed by group name into `into` (later
+/// tables replace earlier ones' groups); `decode` gives a record's group name and state. A record that does
 /// not decode or whose name is not its key is flagged (see `recover_inner`). A table that a
 /// store of an older version never created reads as empty (read-only opens do not create it).
 fn read_groups<T: serde::de::DeserializeOwned>(
