@@ -5,10 +5,12 @@
 mod common;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Gate, builder, drain, eventually, start, within};
-use peerbus::{Durability, MemoryNetwork, MeshKey, Node};
+use peerbus::{Durability, HandlerError, MemoryNetwork, MeshKey, Node};
+use tokio::sync::{Semaphore, mpsc};
 
 /// A node of `billing-svc` in group `billing` on `orders.*`, and what it handles.
 async fn billing_subscriber(
@@ -407,6 +409,86 @@ async fn a_release_right_before_shutdown_reaches_the_publisher() {
             .expect("unsubscribe");
         subscriber.shutdown().await;
         forget_billing(&publisher).await;
+        publisher.shutdown().await;
+    })
+    .await;
+}
+
+/// A release that reaches a publisher while a connected subscriber still subscribes to the
+/// group does not drop the copies waiting for that subscriber: the publisher keeps a released
+/// group's backlog while a connected peer's interests still name it, and the subscriber answers
+/// the release with a newer live version. Without the wait the publisher released every copy
+/// it had not sent yet (their receipts failed as released) before that answer came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_keeps_the_backlog_of_a_subscriber_still_there() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        // The subscriber takes two deliveries at a time and handles none until the gate opens,
+        // so the publisher keeps most copies waiting.
+        let subscriber = start(builder(&net, "billing-svc", &key).prefetch(2)).await;
+        let gate = Arc::new(Semaphore::new(0));
+        let (tx, mut got) = mpsc::channel(1_000);
+        let sub = subscriber
+            .subscribe_group("orders.*", "billing")
+            .await
+            .expect("subscribe");
+        tokio::spawn(sub.handle(1, {
+            let gate = gate.clone();
+            move |m| {
+                let (gate, tx) = (gate.clone(), tx.clone());
+                async move {
+                    gate.acquire().await.expect("gate open").forget();
+                    tx.send(m.payload_text()).await.ok();
+                    Ok::<(), HandlerError>(())
+                }
+            }
+        }));
+        let publisher = start(builder(&net, "shop", &key)).await;
+        learn_billing(&publisher).await;
+        // A node that only knows the group from gossip releases it.
+        let releaser = start(builder(&net, "ops", &key)).await;
+        eventually(10, "the releaser learns the group", || async {
+            releaser.groups().await.contains_key("billing")
+        })
+        .await;
+
+        let mut receipts = Vec::new();
+        for i in 0..20 {
+            let receipt = keeps_a_copy(&publisher, &format!("m{i}"), "billing is subscribed").await;
+            receipts.push(receipt);
+        }
+        releaser
+            .unsubscribe_group("billing")
+            .await
+            .expect("release");
+        eventually(10, "the subscriber answers the release", || async {
+            publisher
+                .groups()
+                .await
+                .get("billing")
+                .is_some_and(|g| !g.is_released() && g.version >= 3)
+        })
+        .await;
+
+        gate.add_permits(1_000);
+        for receipt in receipts {
+            receipt
+                .acked()
+                .await
+                .expect("a copy for a subscriber still there is delivered, not released");
+        }
+        let mut handled = Vec::new();
+        while handled.len() < 21 {
+            handled.push(got.recv().await.expect("handled"));
+        }
+        // Unkeyed messages: in any order.
+        handled.retain(|p| p != "warm-up");
+        handled.sort_by_key(|p| p[1..].parse::<u32>().ok());
+        let expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+        assert_eq!(handled, expected);
+        releaser.shutdown().await;
+        subscriber.shutdown().await;
         publisher.shutdown().await;
     })
     .await;
