@@ -561,6 +561,28 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
                 return;
             }
         };
+        let env = match &frame {
+            Data::Deliver { env, .. } => Some(&**env),
+            Data::Request { env, .. } => Some(env),
+            Data::Reply { .. } => None,
+        };
+        if let Some(env) = env
+            && env.origin != peer
+        {
+            // A peer speaks only for itself: the ack of a message that claims another origin
+            // would go to that node and settle its entry of that seq, and the dedup window
+            // would drop that node's real message of that seq as a duplicate.
+            warn!(
+                claimed = %env.origin.short(),
+                log = %env.log,
+                seq = env.seq,
+                "peer sent a message under another node's id; closing the connection"
+            );
+            replies
+                .conn
+                .close(CloseCode::ProtocolViolation, "message from another origin");
+            return;
+        }
         match frame {
             Data::Deliver {
                 floor,
