@@ -251,10 +251,14 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
             Some(1.0)
         );
 
-        // Counters rise with traffic, on both sides.
+        // Counters rise with traffic, on both sides. Each order carries 10 kB, which the
+        // connection's byte counters must show.
+        let link = [("node", pid.as_str()), ("peer", oid.as_str())];
+        let sent_bytes = |m: &str| sample(m, "peerbus_peer_sent_bytes_total", &link);
+        let bytes_before = sent_bytes(&m).expect("bytes sent to orders");
         for i in 0..5 {
             payments
-                .send("orders", format!("order-{i}"))
+                .send("orders", format!("order-{i}-{}", "x".repeat(10_000)))
                 .await
                 .expect("send")
                 .acked()
@@ -264,6 +268,16 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
         }
         let m = metrics(&payments).await;
         assert_eq!(sample(&m, "peerbus_messages_sent_total", &me), Some(5.0));
+        let bytes = sent_bytes(&m).expect("bytes sent to orders") - bytes_before;
+        assert!(
+            (50_000.0..200_000.0).contains(&bytes),
+            "five 10 kB orders took {bytes} bytes"
+        );
+        assert!(
+            sample(&m, "peerbus_peer_received_bytes_total", &link).is_some_and(|b| b > 0.0),
+            "acks came back"
+        );
+        assert!(sample(&m, "peerbus_peer_lost_packets_total", &link).is_some());
         assert_eq!(
             sample(&m, "peerbus_messages_acknowledged_total", &me),
             Some(5.0)
@@ -286,6 +300,17 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
         let s = status(&payments).await;
         let peer = &s["peers"][0];
         assert_eq!(peer["delivered_to"], 5, "{peer}");
+        let traffic = &peer["traffic"];
+        assert!(
+            traffic["bytes_sent"].as_u64().is_some_and(|b| b > 50_000),
+            "{peer}"
+        );
+        assert!(
+            traffic["datagrams_received"]
+                .as_u64()
+                .is_some_and(|d| d > 0),
+            "{peer}"
+        );
         assert_eq!(peer["acked_by"], 5, "{peer}");
         assert_eq!(s["sent"], 5);
         assert_eq!(s["acked"], 5);
@@ -318,6 +343,12 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
             "{log}"
         );
         assert_ne!(s["peers"][0]["state"], "connected");
+        // What the closed connection carried still counts.
+        let traffic = &s["peers"][0]["traffic"];
+        assert!(
+            traffic["bytes_sent"].as_u64().is_some_and(|b| b > 50_000),
+            "{traffic}"
+        );
         let kinds: Vec<(String, String)> = s["events"]
             .as_array()
             .expect("events")

@@ -1036,6 +1036,23 @@ fn bench_runs_one_case_by_name_with_what_it_compares_with() {
         let cpu = c["cpu_us_per_msg"].as_f64().expect("cpu_us_per_msg");
         assert!(cpu > 0.0 && cpu < 100_000.0, "{c}");
     }
+    // Wire bytes per 64 B message: the raw stream adds its 4-byte length prefix and QUIC's
+    // packet overhead; a send adds its envelope and its ack on top of that.
+    let wire: Vec<f64> = cases
+        .iter()
+        .map(|c| {
+            c["wire_bytes_per_msg"]
+                .as_f64()
+                .expect("wire_bytes_per_msg")
+        })
+        .collect();
+    assert!((68.0..100.0).contains(&wire[0]), "raw: {wire:?}");
+    assert!(
+        wire[1..]
+            .iter()
+            .all(|w| (wire[0] + 50.0..1_000.0).contains(w)),
+        "sends: {wire:?}"
+    );
     assert_eq!(cases[1]["baseline"].as_str(), Some("baseline/stream/64B"));
     assert_eq!(cases[2]["baseline"].as_str(), Some("send/memory/64B"));
     assert!(

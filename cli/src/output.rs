@@ -46,11 +46,27 @@ pub(crate) fn state_name(peer: &PeerInfo) -> String {
     }
 }
 
+/// A byte count for people: `-` for none, else B, kB, MB or GB (powers of 1000).
+fn bytes(n: u64) -> String {
+    match n {
+        0 => "-".into(),
+        1..1_000 => format!("{n}B"),
+        1_000..1_000_000 => format!("{:.1}kB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1}MB", n as f64 / 1e6),
+        _ => format!("{:.1}GB", n as f64 / 1e9),
+    }
+}
+
 /// The peers as an aligned table with a header line. `TAKES` says whether a connected peer
-/// takes its service's messages (a `send` to the service only goes to those that do).
+/// takes its service's messages (a `send` to the service only goes to those that do); `SENT`
+/// and `RECEIVED` are what the connections to it carried since this node started (QUIC's
+/// count).
 pub(crate) fn peers_table(peers: &[PeerInfo]) -> String {
-    let header = ["NODE", "SERVICE", "STATE", "TAKES", "ADDRS", "RTT"].map(String::from);
-    let rows: Vec<[String; 6]> = peers
+    let header = [
+        "NODE", "SERVICE", "STATE", "TAKES", "ADDRS", "RTT", "SENT", "RECEIVED",
+    ]
+    .map(String::from);
+    let rows: Vec<[String; 8]> = peers
         .iter()
         .map(|p| {
             let addrs: Vec<String> = p.addrs.iter().map(ToString::to_string).collect();
@@ -75,6 +91,8 @@ pub(crate) fn peers_table(peers: &[PeerInfo]) -> String {
                 },
                 p.rtt_ms
                     .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
+                bytes(p.traffic.bytes_sent),
+                bytes(p.traffic.bytes_received),
             ]
         })
         .collect();
@@ -117,8 +135,8 @@ pub(crate) fn rate(n: u64, elapsed: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{peers_table, rate};
-    use peerbus::{NodeId, PeerInfo, PeerState};
+    use super::{bytes, peers_table, rate};
+    use peerbus::{NodeId, PeerInfo, PeerState, Traffic};
     use std::time::Duration;
 
     fn peer(byte: u8, service: &str, state: PeerState, consumes: bool) -> PeerInfo {
@@ -134,6 +152,11 @@ mod tests {
             handled_from: 0,
             dialer: None,
             consumes,
+            traffic: Traffic {
+                bytes_sent: u64::from(byte) * 1_500,
+                bytes_received: if consumes { 999 } else { 0 },
+                ..Traffic::default()
+            },
         }
     }
 
@@ -150,20 +173,47 @@ mod tests {
             .collect();
         assert_eq!(
             rows[0],
-            ["NODE", "SERVICE", "STATE", "TAKES", "ADDRS", "RTT"]
+            [
+                "NODE", "SERVICE", "STATE", "TAKES", "ADDRS", "RTT", "SENT", "RECEIVED"
+            ]
         );
         assert_eq!(
             rows[1][1..],
-            ["orders", "connected", "yes", "127.0.0.1:4000", "0.5ms"]
+            [
+                "orders",
+                "connected",
+                "yes",
+                "127.0.0.1:4000",
+                "0.5ms",
+                "1.5kB",
+                "999B"
+            ]
         );
         assert_eq!(
             rows[2][1..],
-            ["orders", "connected", "no", "127.0.0.1:4000", "0.5ms"]
+            [
+                "orders",
+                "connected",
+                "no",
+                "127.0.0.1:4000",
+                "0.5ms",
+                "3.0kB",
+                "-"
+            ]
         );
         assert_eq!(
             rows[3][1..],
-            ["-", "unreachable", "-", "127.0.0.1:4000", "-"]
+            ["-", "unreachable", "-", "127.0.0.1:4000", "-", "4.5kB", "-"]
         );
+    }
+
+    #[test]
+    fn byte_counts_read_in_powers_of_a_thousand() {
+        assert_eq!(bytes(0), "-");
+        assert_eq!(bytes(999), "999B");
+        assert_eq!(bytes(1_000), "1.0kB");
+        assert_eq!(bytes(2_500_000), "2.5MB");
+        assert_eq!(bytes(7_100_000_000), "7.1GB");
     }
 
     #[test]

@@ -122,4 +122,4 @@ pub use peerbus_discovery::{
     Discovery, DiscoveryError, DiscoveryEvent, Interfaces, MdnsDiscovery, MemoryDiscovery,
     MemoryNetwork, PeerRecord, StaticDiscovery,
 };
-pub use peerbus_transport::{FaultConfig, FaultStats, Faults, MeshKey, NodeId};
+pub use peerbus_transport::{FaultConfig, FaultStats, Faults, MeshKey, NodeId, Traffic};

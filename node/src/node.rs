@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use peerbus_discovery::Discovery;
-use peerbus_transport::NodeId;
+use peerbus_transport::{NodeId, Traffic};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info};
@@ -115,6 +115,10 @@ pub struct PeerInfo {
     /// Whether the peer is connected and takes its service's messages (its `messages()` stream
     /// is taken and alive): only then does a `send` to its service go to it.
     pub consumes: bool,
+    /// What the connections to the peer carried since this node started, as QUIC counts it
+    /// (UDP payload bytes with headers, encryption, acknowledgements and retransmissions; see
+    /// [`Traffic`]).
+    pub traffic: Traffic,
 }
 
 /// A snapshot of a node's state, for `peerbus status` and the admin endpoint.

@@ -501,6 +501,41 @@ struct Shared {
     endpoint_closing: Arc<AtomicBool>,
 }
 
+/// What one connection (or several, added up) carried: QUIC's own counters, so bytes are UDP
+/// payload bytes with QUIC headers, encryption, acknowledgements and retransmissions included,
+/// and a datagram sent with segmentation offload counts once per segment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Traffic {
+    /// UDP payload bytes sent.
+    pub bytes_sent: u64,
+    /// UDP payload bytes received.
+    pub bytes_received: u64,
+    /// UDP datagrams sent.
+    pub datagrams_sent: u64,
+    /// UDP datagrams received.
+    pub datagrams_received: u64,
+    /// Packets QUIC declared lost (and retransmitted what they carried).
+    pub packets_lost: u64,
+}
+
+impl std::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, o: Traffic) {
+        self.bytes_sent += o.bytes_sent;
+        self.bytes_received += o.bytes_received;
+        self.datagrams_sent += o.datagrams_sent;
+        self.datagrams_received += o.datagrams_received;
+        self.packets_lost += o.packets_lost;
+    }
+}
+
+impl std::ops::Add for Traffic {
+    type Output = Traffic;
+    fn add(mut self, o: Traffic) -> Traffic {
+        self += o;
+        self
+    }
+}
+
 /// An established, mesh-proven connection to a peer. Cheap to clone; clones share the same
 /// QUIC connection.
 #[derive(Clone)]
@@ -576,6 +611,19 @@ impl Connection {
     /// Current round-trip time estimate.
     pub fn rtt(&self) -> Duration {
         self.inner.rtt()
+    }
+
+    /// What the connection carried so far, as QUIC counts it (see [`Traffic`]). Still
+    /// readable after the connection closed.
+    pub fn traffic(&self) -> Traffic {
+        let s = self.inner.stats();
+        Traffic {
+            bytes_sent: s.udp_tx.bytes,
+            bytes_received: s.udp_rx.bytes,
+            datagrams_sent: s.udp_tx.datagrams,
+            datagrams_received: s.udp_rx.datagrams,
+            packets_lost: s.path.lost_packets,
+        }
     }
 
     /// Opens a bidirectional stream. Waits while the peer's stream limit (256) is reached.

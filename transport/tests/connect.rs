@@ -98,11 +98,13 @@ async fn coalesced_frames_arrive_all_and_in_order() {
         let key = MeshKey::generate();
         let (a, b) = (keyed(&key), keyed(&key));
         let (ca, cb) = pair(&a, &b).await;
+        let before = (ca.traffic(), cb.traffic());
         let mut tx = ca.open_uni().await.expect("uni");
         for i in 0..10_000u32 {
             tx.push(&(i, format!("frame {i}"))).expect("push");
         }
-        assert!(tx.buffered_bytes() > 10_000 * 5);
+        let framed = tx.buffered_bytes() as u64;
+        assert!(framed > 10_000 * 5);
         tx.flush().await.expect("one flush");
         assert_eq!(tx.buffered_bytes(), 0);
         tx.finish().await.expect("finish");
@@ -112,6 +114,23 @@ async fn coalesced_frames_arrive_all_and_in_order() {
             assert_eq!(got, Some((i, format!("frame {i}"))));
         }
         assert_eq!(rx.recv::<(u32, String)>().await.expect("eof"), None);
+
+        // Both ends count the frames' bytes, with QUIC's headers and tags on top (a few
+        // percent at full packets), and the receiver's acknowledgements going back.
+        let (sent, received) = (ca.traffic(), cb.traffic());
+        let out = sent.bytes_sent - before.0.bytes_sent;
+        let got = received.bytes_received - before.1.bytes_received;
+        assert!(
+            out >= framed && out < framed + framed / 4,
+            "sent {out} for {framed}"
+        );
+        // (Packets ca sent before its snapshot may arrive after cb's.)
+        assert!(
+            got >= framed && got <= out + 4_096,
+            "received {got} of {out}"
+        );
+        assert!(sent.datagrams_sent > before.0.datagrams_sent + framed / 1_500);
+        assert!(received.bytes_sent > before.1.bytes_sent, "acks go back");
     })
     .await;
 }

@@ -88,9 +88,23 @@ pub(crate) struct SendFigures {
     /// CPU time (user + system, every thread of this process) per message: unlike the rate,
     /// it barely moves when other work shares the machine.
     pub(crate) cpu_us_per_msg: f64,
+    /// UDP payload bytes both ways between the two nodes (QUIC's count) per message: the
+    /// envelope, acks and QUIC's own overhead on top of the payload. Unlike the rate, it does
+    /// not move with the machine's speed.
+    pub(crate) wire_bytes_per_msg: f64,
     pub(crate) fsyncs: u64,
     /// Messages sent.
     pub(crate) messages: usize,
+}
+
+/// UDP payload bytes `node` exchanged with all its peers so far, both ways.
+async fn wire_bytes(node: &Node) -> u64 {
+    node.status().await.map_or(0, |s| {
+        s.peers
+            .iter()
+            .map(|p| p.traffic.bytes_sent + p.traffic.bytes_received)
+            .sum()
+    })
 }
 
 /// CPU time this process has used so far (user + system, all threads).
@@ -143,6 +157,7 @@ pub(crate) async fn send(
     let payload = Bytes::from(vec![0x42u8; size]);
     let msg = move |i: usize| Outgoing::new(payload.clone()).key(format!("k{}", i % 256));
     let before = sender.store_stats();
+    let wire0 = wire_bytes(&sender).await;
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     let callers = sender.clone();
@@ -166,11 +181,13 @@ pub(crate) async fn send(
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_time().saturating_sub(cpu0);
     let after = sender.store_stats();
+    let wire = wire_bytes(&sender).await.saturating_sub(wire0);
     sender.shutdown().await;
     receiver.shutdown().await;
     Ok(SendFigures {
         msgs_per_s: messages as f64 / secs,
         cpu_us_per_msg: cpu.as_secs_f64() * 1e6 / messages as f64,
+        wire_bytes_per_msg: wire as f64 / messages as f64,
         fsyncs: after.fsyncs - before.fsyncs,
         messages,
     })

@@ -173,12 +173,15 @@ impl Case {
     fn row(&self) -> String {
         let figure = match self.primary {
             "msgs_per_s" => format!(
-                "{:>10.0} msg/s {:>7.1} MB/s{}",
+                "{:>10.0} msg/s {:>7.1} MB/s{}{}",
                 self.value(),
                 self.figures.get("mb_per_s").copied().unwrap_or(0.0),
                 self.figures
                     .get("cpu_us_per_msg")
-                    .map_or(String::new(), |c| format!(" {c:>5.1} µs cpu"))
+                    .map_or(String::new(), |c| format!(" {c:>5.1} µs cpu")),
+                self.figures
+                    .get("wire_bytes_per_msg")
+                    .map_or(String::new(), |w| format!(" {w:>6.0} B/msg"))
             ),
             "requests_per_s" => format!("{:>10.0} req/s", self.value()),
             "seconds" => format!("{:>10.3} s", self.value()),
@@ -192,7 +195,7 @@ impl Case {
         });
         let baseline = self.baseline.as_ref().map_or("", |(n, _)| n.as_str());
         format!(
-            "{:<32} {:<42} {:<22} {:>6}  {}",
+            "{:<32} {:<54} {:<22} {:>6}  {}",
             self.name, figure, baseline, ratio, target
         )
     }
@@ -295,7 +298,7 @@ pub(crate) async fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     println!(
-        "{:<32} {:<42} {:<22} {:>6}  target",
+        "{:<32} {:<54} {:<22} {:>6}  target",
         "case", "figure", "baseline", "ratio"
     );
     let mut report = Report { cases: Vec::new() };
@@ -493,6 +496,10 @@ fn send_case(name: String, size: usize, runs: &[cases::SendFigures]) -> (Case, V
         .with(
             "cpu_us_per_msg",
             median(runs.iter().map(|f| f.cpu_us_per_msg).collect()),
+        )
+        .with(
+            "wire_bytes_per_msg",
+            median(runs.iter().map(|f| f.wire_bytes_per_msg).collect()),
         );
     (case, rates)
 }
@@ -552,6 +559,7 @@ struct SizePlan {
 struct SizeRuns {
     raw: Vec<f64>,
     raw_cpu: Vec<f64>,
+    raw_wire: Vec<f64>,
     memory: Vec<cases::SendFigures>,
     fsync: Vec<cases::SendFigures>,
     batch_memory: Vec<cases::SendFigures>,
@@ -574,8 +582,10 @@ impl SizePlan {
                     _ => 10_000,
                 } * scale;
                 let cpu0 = cases::cpu_time();
-                self.runs.raw.push(raw::stream(size, frames).await?);
+                let figures = raw::stream(size, frames).await?;
                 let cpu = cases::cpu_time().saturating_sub(cpu0);
+                self.runs.raw.push(figures.msgs_per_s);
+                self.runs.raw_wire.push(figures.wire_bytes_per_msg);
                 self.runs
                     .raw_cpu
                     .push(cpu.as_secs_f64() * 1e6 / frames as f64);
@@ -623,7 +633,8 @@ impl SizePlan {
             )
             .runs(&r.raw)
             .with("mb_per_s", rate * size as f64 / 1e6)
-            .with("cpu_us_per_msg", median(r.raw_cpu.clone()));
+            .with("cpu_us_per_msg", median(r.raw_cpu.clone()))
+            .with("wire_bytes_per_msg", median(r.raw_wire.clone()));
             stream.insert(size, report.add(case));
         }
         let paired = self.paired;

@@ -23,9 +23,17 @@ fn endpoint(key: &MeshKey) -> Result<Endpoint> {
     .context("binding a loopback endpoint")
 }
 
+/// What one run of [`stream`] measured.
+pub(crate) struct StreamFigures {
+    /// Frames per second.
+    pub(crate) msgs_per_s: f64,
+    /// UDP payload bytes both ways (QUIC's count) per frame.
+    pub(crate) wire_bytes_per_msg: f64,
+}
+
 /// Frames per second of `frames` frames of `size` bytes on one unidirectional stream of one
 /// connection, coalesced into writes of [`COALESCE_BYTES`].
-pub(crate) async fn stream(size: usize, frames: usize) -> Result<f64> {
+pub(crate) async fn stream(size: usize, frames: usize) -> Result<StreamFigures> {
     let key = MeshKey::generate();
     let (a, b) = (endpoint(&key)?, endpoint(&key)?);
     let server_ep = b.clone();
@@ -45,6 +53,7 @@ pub(crate) async fn stream(size: usize, frames: usize) -> Result<f64> {
         .context("connecting")?;
     let mut tx = conn.open_uni().await.context("opening a stream")?;
     let payload = Bytes::from(vec![0x42u8; size]);
+    let before = conn.traffic();
     let t0 = Instant::now();
     for _ in 0..frames {
         tx.push(&payload).context("encoding")?;
@@ -57,7 +66,14 @@ pub(crate) async fn stream(size: usize, frames: usize) -> Result<f64> {
     if got != frames {
         bail!("raw stream delivered {got} of {frames} frames");
     }
-    Ok(frames as f64 / t0.elapsed().as_secs_f64())
+    let msgs_per_s = frames as f64 / t0.elapsed().as_secs_f64();
+    let after = conn.traffic();
+    let wire = (after.bytes_sent + after.bytes_received)
+        .saturating_sub(before.bytes_sent + before.bytes_received);
+    Ok(StreamFigures {
+        msgs_per_s,
+        wire_bytes_per_msg: wire as f64 / frames as f64,
+    })
 }
 
 /// Small frames echoed on one bidirectional stream between two endpoints in this process.

@@ -52,6 +52,13 @@ pub const PEERS: &str = "peerbus_peers";
 pub const DURABLE_GROUPS: &str = "peerbus_durable_groups";
 /// Smoothed round-trip time of the connection to each connected peer.
 pub const CONNECTION_RTT: &str = "peerbus_connection_rtt_seconds";
+/// UDP payload bytes sent to each known peer since the node started (QUIC's count: headers,
+/// encryption, acknowledgements and retransmissions included).
+pub const PEER_SENT_BYTES: &str = "peerbus_peer_sent_bytes_total";
+/// UDP payload bytes received from each known peer since the node started.
+pub const PEER_RECEIVED_BYTES: &str = "peerbus_peer_received_bytes_total";
+/// Packets to each known peer that QUIC declared lost (and resent what they carried).
+pub const PEER_LOST_PACKETS: &str = "peerbus_peer_lost_packets_total";
 /// Requests waiting for a reply.
 pub const REQUESTS_IN_FLIGHT: &str = "peerbus_requests_in_flight";
 /// Circuit breaker state per requested service (0 closed, 1 half-open, 2 open).
@@ -266,6 +273,13 @@ pub(crate) async fn facade_sampler(node: Node) {
             let rtt = p.rtt_ms.map_or(0.0, |ms| ms / 1000.0);
             metrics::gauge!(CONNECTION_RTT, "node" => node_label.clone(), "peer" => peer.clone())
                 .set(rtt);
+            let t = p.traffic;
+            metrics::counter!(PEER_SENT_BYTES, "node" => node_label.clone(), "peer" => peer.clone())
+                .absolute(t.bytes_sent);
+            metrics::counter!(PEER_RECEIVED_BYTES, "node" => node_label.clone(), "peer" => peer.clone())
+                .absolute(t.bytes_received);
+            metrics::counter!(PEER_LOST_PACKETS, "node" => node_label.clone(), "peer" => peer.clone())
+                .absolute(t.packets_lost);
             peers_now.push(peer);
         }
         for gone in last_peers.iter().filter(|p| !peers_now.contains(*p)) {
@@ -305,13 +319,13 @@ fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// Renders a node's metrics in the Prometheus text exposition format (0.0.4).
 /// How many known durable groups are live and how many released.
 fn group_counts(s: &Status) -> (usize, usize) {
     let released = s.groups.values().filter(|g| g.is_released()).count();
     (s.groups.len() - released, released)
 }
 
+/// Renders a node's metrics in the Prometheus text exposition format (0.0.4).
 pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms: u64) -> String {
     let mut out = String::with_capacity(4096);
     let node = esc(&s.node_id.to_string());
@@ -457,6 +471,41 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
                 esc(&p.node_id.to_string()),
                 esc(&p.service),
                 ms / 1000.0
+            );
+        }
+    }
+    /// A per-peer counter: its name, help and figure.
+    type PeerCounter = (
+        &'static str,
+        &'static str,
+        fn(&peerbus_transport::Traffic) -> u64,
+    );
+    let peer_counters: [PeerCounter; 3] = [
+        (
+            PEER_SENT_BYTES,
+            "UDP payload bytes sent to each known peer (QUIC's count).",
+            |t| t.bytes_sent,
+        ),
+        (
+            PEER_RECEIVED_BYTES,
+            "UDP payload bytes received from each known peer (QUIC's count).",
+            |t| t.bytes_received,
+        ),
+        (
+            PEER_LOST_PACKETS,
+            "Packets to each known peer that QUIC declared lost.",
+            |t| t.packets_lost,
+        ),
+    ];
+    for (name, help, figure) in peer_counters {
+        head(&mut out, name, "counter", help);
+        for p in &s.peers {
+            let _ = writeln!(
+                out,
+                "{name}{{{n},peer=\"{}\",service=\"{}\"}} {}",
+                esc(&p.node_id.to_string()),
+                esc(&p.service),
+                figure(&p.traffic)
             );
         }
     }

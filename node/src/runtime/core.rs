@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use peerbus_discovery::DiscoveryEvent;
-use peerbus_transport::{CloseCode, Connection, NodeId};
+use peerbus_transport::{CloseCode, Connection, NodeId, Traffic};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
@@ -248,6 +248,9 @@ struct Known {
     delivered_to: u64,
     acked_by: u64,
     handled_from: u64,
+    /// What this peer's closed connections carried ([`Core::bank_traffic`]); the open ones'
+    /// figures are added when asked.
+    traffic: Traffic,
 }
 
 /// Who a scatter request goes to.
@@ -1641,6 +1644,7 @@ impl Core {
                     state: PeerState::Discovered,
                     last_error: None,
                     delivered_to: 0,
+                    traffic: Traffic::default(),
                     acked_by: 0,
                     handled_from: 0,
                 });
@@ -1780,6 +1784,7 @@ impl Core {
                     debug!(peer = %peer.short(), "the peer restarted: closing its old connection");
                     old.conn
                         .close(CloseCode::DuplicateConnection, "duplicate connection");
+                    self.bank_traffic(peer, &old.conn);
                     old.cancel.cancel();
                     self.fail_requests_on(peer, old.generation);
                 } else {
@@ -1824,6 +1829,7 @@ impl Core {
             state: PeerState::Connected,
             last_error: None,
             delivered_to: 0,
+            traffic: Traffic::default(),
             acked_by: 0,
             handled_from: 0,
         });
@@ -1894,6 +1900,7 @@ impl Core {
         }
         if let Some(l) = self.links.remove(&peer) {
             l.cancel.cancel();
+            self.bank_traffic(peer, &l.conn);
             if self.seeds.contains(&l.conn.remote_addr()) && !self.closing {
                 self.start_seed_dial(l.conn.remote_addr());
             }
@@ -1938,6 +1945,28 @@ impl Core {
         }
     }
 
+    /// Adds what a connection to `peer` that ends now carried to the peer's figures.
+    fn bank_traffic(&mut self, peer: NodeId, conn: &Connection) {
+        let t = conn.traffic();
+        if let Some(k) = self.known.get_mut(&peer) {
+            k.traffic += t;
+        }
+    }
+
+    /// `banked` (a peer's closed connections) plus what its open connections carried so far,
+    /// the retired ones still open included.
+    fn traffic_with(&self, peer: NodeId, banked: Traffic) -> Traffic {
+        let open = self.links.get(&peer).map(|l| l.conn.traffic());
+        let retiring = self
+            .retiring
+            .values()
+            .filter(|r| r.peer == peer)
+            .map(Retiring::traffic);
+        open.into_iter()
+            .chain(retiring)
+            .fold(banked, |sum, t| sum + t)
+    }
+
     fn status(&self) -> Status {
         let mut peers: Vec<PeerInfo> = self
             .known
@@ -1963,6 +1992,7 @@ impl Core {
                     }
                 }),
                 consumes: self.links.get(id).is_some_and(|l| l.consumes),
+                traffic: self.traffic_with(*id, k.traffic),
             })
             .collect();
         peers.sort_by(|a, b| (&a.service, a.node_id).cmp(&(&b.service, b.node_id)));

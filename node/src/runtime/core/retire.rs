@@ -69,6 +69,11 @@ impl Retiring {
         rx
     }
 
+    /// What the connection carried so far.
+    pub(super) fn traffic(&self) -> peerbus_transport::Traffic {
+        self.conn.traffic()
+    }
+
     /// When it closes at the latest: its linger after it was retired, or later at the
     /// deadline of a request sent on it, ours or the peer's (a peer's by at most
     /// [`SERVING_HOLD_MAX`] more).
@@ -229,6 +234,7 @@ impl Core {
         r.conn
             .close(CloseCode::DuplicateConnection, "retired connection closed");
         r.cancel.cancel();
+        self.bank_traffic(r.peer, &r.conn);
         if r.requests > 0 {
             debug!(peer = %r.peer.short(), requests = r.requests, "retired connection closed with requests waiting");
         }
