@@ -33,6 +33,8 @@ pub(crate) struct CommonArgs {
     pub(crate) mesh: String,
 
     /// File holding the mesh key every member proves it has (create it with `peerbus keygen`).
+    /// While the key is rotated it holds more keys, one per line: the node proves the first
+    /// and accepts any of them.
     #[arg(
         long,
         global = true,

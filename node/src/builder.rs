@@ -47,6 +47,8 @@ pub struct NodeBuilder {
     pub(crate) service: String,
     pub(crate) mesh: String,
     pub(crate) membership: MembershipChoice,
+    /// Keys accepted from peers besides the node's own ([`NodeBuilder::also_accept_mesh_keys`]).
+    pub(crate) also_accept: Vec<MeshKey>,
     pub(crate) data_dir: Option<PathBuf>,
     pub(crate) listen: Option<SocketAddr>,
     pub(crate) interfaces: Option<Interfaces>,
@@ -91,6 +93,7 @@ impl NodeBuilder {
             service: service.into(),
             mesh: "default".into(),
             membership: MembershipChoice::Unset,
+            also_accept: Vec::new(),
             data_dir: None,
             listen: None,
             interfaces: None,
@@ -132,8 +135,20 @@ impl NodeBuilder {
         self
     }
 
+    /// Also accepts peers that prove one of `keys` instead of this node's own mesh key, while
+    /// the mesh key is rotated (see [`Membership::Rotating`](peerbus_transport::Membership)).
+    /// Added to the keys of [`NodeBuilder::mesh_key`] or [`NodeBuilder::mesh_key_file`]; at
+    /// most [`MAX_MESH_KEYS`](peerbus_transport::MAX_MESH_KEYS) keys in all, or `start()`
+    /// fails.
+    pub fn also_accept_mesh_keys(mut self, keys: impl IntoIterator<Item = MeshKey>) -> Self {
+        self.also_accept.extend(keys);
+        self
+    }
+
     /// Reads the mesh key from a file written by `peerbus keygen` (64 hex characters).
-    /// A missing or malformed file fails `start()`.
+    /// During a key rotation the file holds more keys, one per line: the node proves the
+    /// first and accepts peers that prove any of them (see `peerbus keygen` and the README's
+    /// "Rotating the mesh key"). A missing or malformed file fails `start()`.
     pub fn mesh_key_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.membership = MembershipChoice::KeyFile(path.into());
         self

@@ -122,4 +122,6 @@ pub use peerbus_discovery::{
     Discovery, DiscoveryError, DiscoveryEvent, Interfaces, MdnsDiscovery, MemoryDiscovery,
     MemoryNetwork, PeerRecord, StaticDiscovery,
 };
-pub use peerbus_transport::{FaultConfig, FaultStats, Faults, MeshKey, NodeId, Traffic};
+pub use peerbus_transport::{
+    FaultConfig, FaultStats, Faults, MAX_MESH_KEYS, MeshKey, NodeId, Traffic,
+};

@@ -273,7 +273,7 @@ impl Endpoint {
         ekm: &[u8],
     ) -> [u8; PROOF_LEN] {
         let mut out = [0u8; PROOF_LEN];
-        if let Membership::Key(k) = &self.inner.config.membership {
+        if let Some(k) = self.inner.config.membership.own_key() {
             out[0] = 1;
             out[1..].copy_from_slice(k.proof(role, dialer, listener, ekm).as_ref());
         }
@@ -292,19 +292,20 @@ impl Endpoint {
     ) -> Result<(), String> {
         let who = if role == 0 { "dialer" } else { "listener" };
         let other = if role == 0 { "listener" } else { "dialer" };
-        match &self.inner.config.membership {
-            Membership::InsecureOpen => Ok(()),
-            Membership::Key(k) => {
-                if got[0] != 1 {
-                    Err(format!(
-                        "the {who} has no mesh key but the {other} requires one"
-                    ))
-                } else if k.verify(role, dialer, listener, ekm, &got[1..]) {
-                    Ok(())
-                } else {
-                    Err(format!("the {who}'s mesh key differs from the {other}'s"))
-                }
-            }
+        let membership = &self.inner.config.membership;
+        if matches!(membership, Membership::InsecureOpen) {
+            Ok(())
+        } else if got[0] != 1 {
+            Err(format!(
+                "the {who} has no mesh key but the {other} requires one"
+            ))
+        } else if membership
+            .accepted()
+            .any(|k| k.verify(role, dialer, listener, ekm, &got[1..]))
+        {
+            Ok(())
+        } else {
+            Err(format!("the {who}'s mesh key differs from the {other}'s"))
         }
     }
 

@@ -82,7 +82,7 @@ pub use frame::{
     encode_frame,
 };
 pub use identity::{Identity, NodeId};
-pub use membership::{Membership, MeshKey};
+pub use membership::{MAX_MESH_KEYS, Membership, MeshKey};
 
 /// ALPN protocol id of peerbus connections.
 pub const ALPN: &[u8] = b"peerbus/1";

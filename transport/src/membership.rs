@@ -30,8 +30,17 @@ impl MeshKey {
         MeshKey(b)
     }
 
-    /// Reads a key file: 64 hexadecimal characters, optionally followed by a newline.
+    /// Reads a key file's first key (see [`MeshKey::load_all`]).
     pub fn load(path: &Path) -> Result<MeshKey, MeshKeyError> {
+        let mut keys = MeshKey::load_all(path)?;
+        Ok(keys.swap_remove(0))
+    }
+
+    /// Reads a key file: one key, or up to [`MAX_MESH_KEYS`] while a key is being rotated, each
+    /// as 64 hexadecimal characters on a line of its own (blank lines and lines starting with
+    /// `#` are skipped). The first is the key this node proves membership with; a peer may
+    /// prove it with any of them (see [`Membership::Rotating`]).
+    pub fn load_all(path: &Path) -> Result<Vec<MeshKey>, MeshKeyError> {
         use std::io::Read;
         let io = |e| MeshKeyError::Io {
             path: path.into(),
@@ -49,19 +58,25 @@ impl MeshKey {
             .read_to_end(&mut raw)
             .map_err(io)?;
         let text = String::from_utf8(raw).map_err(|_| bad("not text".into()))?;
-        let hex = text.trim();
-        if hex.len() != 64 {
-            return Err(bad(format!(
-                "expected 64 hex characters, found {}",
-                hex.len()
-            )));
+        let mut keys = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let hex = line.trim();
+            if hex.is_empty() || hex.starts_with('#') {
+                continue;
+            }
+            let key = parse_hex(hex).map_err(|why| bad(format!("line {}: {why}", n + 1)))?;
+            if keys.len() == MAX_MESH_KEYS {
+                return Err(bad(format!("more than {MAX_MESH_KEYS} keys")));
+            }
+            if keys.contains(&key) {
+                return Err(bad(format!("line {}: the same key twice", n + 1)));
+            }
+            keys.push(key);
         }
-        let mut out = [0u8; 32];
-        for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
-            let s = std::str::from_utf8(chunk).map_err(|_| bad("not text".into()))?;
-            out[i] = u8::from_str_radix(s, 16).map_err(|_| bad(format!("`{s}` is not hex")))?;
+        if keys.is_empty() {
+            return Err(bad("expected 64 hex characters, found no key".into()));
         }
-        Ok(MeshKey(out))
+        Ok(keys)
     }
 
     /// Writes a new random key as hex with mode 0600. Refuses to overwrite an existing file.
@@ -121,8 +136,26 @@ impl MeshKey {
     }
 }
 
-/// Bytes of a mesh key file read at most (64 hex characters plus whitespace fit easily).
-const MAX_KEY_FILE: u64 = 1024;
+/// One key as 64 hex characters.
+fn parse_hex(hex: &str) -> Result<MeshKey, String> {
+    if hex.len() != 64 {
+        return Err(format!("expected 64 hex characters, found {}", hex.len()));
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).map_err(|_| "not text".to_string())?;
+        out[i] = u8::from_str_radix(s, 16).map_err(|_| format!("`{s}` is not hex"))?;
+    }
+    Ok(MeshKey(out))
+}
+
+/// Keys a mesh key file may hold: the node's own and the others it accepts while a key is
+/// rotated (two are enough for a rotation; a few more leave room for a slow one).
+pub const MAX_MESH_KEYS: usize = 8;
+
+/// Bytes of a mesh key file read at most: [`MAX_MESH_KEYS`] lines of 64 hex characters with
+/// room for comments; a longer file is cut here (and its keys past the cut are not read).
+const MAX_KEY_FILE: u64 = 4096;
 
 const PROOF_LABEL: &[u8] = b"peerbus/1 mesh-proof";
 /// TLS exporter label of the mesh proof.
@@ -133,8 +166,54 @@ pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-peerbus-mesh-proof";
 pub enum Membership {
     /// Peers must prove they hold this key; we prove it too.
     Key(MeshKey),
+    /// While the mesh key is rotated: we prove `key`, and a peer may prove `key` or any of
+    /// `also_accept`. A rotation from key A to key B is three rolling restarts: every node on
+    /// A accepting B, then every node on B accepting A, then every node on B alone; nodes of
+    /// two neighbouring steps always accept each other.
+    Rotating {
+        /// The key this node proves membership with.
+        key: MeshKey,
+        /// Keys a peer may prove membership with besides `key`.
+        also_accept: Vec<MeshKey>,
+    },
     /// No key: any peer is accepted (and keyed peers refuse us). For demos only.
     InsecureOpen,
+}
+
+impl Membership {
+    /// Membership by `keys`, the first one proven (as read by [`MeshKey::load_all`]): a single
+    /// key is [`Membership::Key`], more are [`Membership::Rotating`]. `None` when empty.
+    pub fn from_keys(mut keys: Vec<MeshKey>) -> Option<Membership> {
+        if keys.is_empty() {
+            return None;
+        }
+        let key = keys.remove(0);
+        Some(if keys.is_empty() {
+            Membership::Key(key)
+        } else {
+            Membership::Rotating {
+                key,
+                also_accept: keys,
+            }
+        })
+    }
+
+    /// The key this node proves membership with, if any.
+    pub(crate) fn own_key(&self) -> Option<&MeshKey> {
+        match self {
+            Membership::Key(key) | Membership::Rotating { key, .. } => Some(key),
+            Membership::InsecureOpen => None,
+        }
+    }
+
+    /// Every key a peer may prove membership with (none for an open mesh).
+    pub(crate) fn accepted(&self) -> impl Iterator<Item = &MeshKey> {
+        let others = match self {
+            Membership::Rotating { also_accept, .. } => also_accept.as_slice(),
+            _ => &[],
+        };
+        self.own_key().into_iter().chain(others)
+    }
 }
 
 #[cfg(test)]
@@ -158,6 +237,51 @@ mod tests {
         assert!(MeshKey::load(&dir.path().join("nothex")).is_err());
         assert!(MeshKey::load(&dir.path().join("missing")).is_err());
         assert_eq!(format!("{k:?}"), "MeshKey(..)");
+    }
+
+    #[test]
+    fn a_key_file_may_hold_the_keys_of_a_rotation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hex = |k: &MeshKey| k.0.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let (a, b) = (MeshKey::generate(), MeshKey::generate());
+        let p = dir.path().join("rotating.key");
+        let text = format!("# rotating to b\n{}\n\n  {}  \n", hex(&a), hex(&b));
+        std::fs::write(&p, text).expect("write");
+        assert_eq!(MeshKey::load_all(&p).expect("load"), [a.clone(), b.clone()]);
+        assert_eq!(MeshKey::load(&p).expect("first"), a);
+        let m = Membership::from_keys(vec![a.clone(), b.clone()]).expect("membership");
+        assert_eq!(m.own_key(), Some(&a));
+        assert_eq!(
+            m.accepted().cloned().collect::<Vec<_>>(),
+            [a.clone(), b.clone()]
+        );
+        assert!(matches!(
+            Membership::from_keys(vec![b.clone()]),
+            Some(Membership::Key(k)) if k == b
+        ));
+        assert!(Membership::from_keys(Vec::new()).is_none());
+
+        let bad = |name: &str, text: String, why: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            let e = MeshKey::load_all(&p).expect_err(name).to_string();
+            assert!(e.contains(why), "{name}: {e}");
+        };
+        bad("empty", "# nothing\n\n".into(), "found no key");
+        bad(
+            "twice",
+            format!("{}\n{}\n", hex(&a), hex(&a)),
+            "line 2: the same key twice",
+        );
+        bad(
+            "short",
+            format!("{}\nabcd\n", hex(&a)),
+            "line 2: expected 64 hex",
+        );
+        let many: String = (0..=MAX_MESH_KEYS)
+            .map(|_| hex(&MeshKey::generate()) + "\n")
+            .collect();
+        bad("many", many, "more than 8 keys");
     }
 
     #[test]

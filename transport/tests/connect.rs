@@ -135,6 +135,57 @@ async fn coalesced_frames_arrive_all_and_in_order() {
     .await;
 }
 
+/// Whether `a` and `b` connect, dialed from `a` (the accept side's outcome must agree).
+async fn connects(a: &Endpoint, b: &Endpoint) -> bool {
+    let acc = accept_one(b);
+    let dialed = a.connect(b.local_addr(), Some(b.node_id())).await;
+    let accepted = acc.await.expect("join");
+    assert_eq!(
+        dialed.is_ok(),
+        accepted.is_ok(),
+        "{dialed:?} / {accepted:?}"
+    );
+    if let Err(e) = &dialed {
+        assert!(
+            matches!(
+                e,
+                ConnectError::Refused {
+                    code: CloseCode::MeshProofFailed,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+    dialed.is_ok()
+}
+
+/// A rotation from key A to key B, three rolling restarts: every node of a step connects
+/// with every node of the step before it (so a mesh in the middle of a rolling restart stays
+/// whole), and a node two steps apart is refused.
+#[tokio::test]
+async fn a_mesh_key_rotation_keeps_neighbouring_steps_connected() {
+    within(async {
+        let (a, b) = (MeshKey::generate(), MeshKey::generate());
+        let steps = [
+            Membership::Key(a.clone()),
+            Membership::from_keys(vec![a.clone(), b.clone()]).expect("a, accepting b"),
+            Membership::from_keys(vec![b.clone(), a.clone()]).expect("b, accepting a"),
+            Membership::Key(b.clone()),
+        ]
+        .map(endpoint);
+        for (i, x) in steps.iter().enumerate() {
+            for (j, y) in steps.iter().enumerate() {
+                if i != j {
+                    let expected = i.abs_diff(j) == 1;
+                    assert_eq!(connects(x, y).await, expected, "step {i} dialing step {j}");
+                }
+            }
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn wrong_key_and_no_key_are_refused() {
     within(async {

@@ -38,7 +38,9 @@ use std::time::Instant;
 use peerbus_discovery::{
     Discovery, DiscoveryEvent, MdnsDiscovery, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
 };
-use peerbus_transport::{Endpoint, EndpointConfig, Identity, Membership, MeshKey, NodeId};
+use peerbus_transport::{
+    Endpoint, EndpointConfig, Identity, MAX_MESH_KEYS, Membership, MeshKey, NodeId,
+};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -298,10 +300,29 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
             b.max_message_size, b.max_frame_size
         )));
     }
+    let keyed = |mut keys: Vec<MeshKey>| {
+        for k in &b.also_accept {
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+        if keys.len() > MAX_MESH_KEYS {
+            return Err(StartError::Config(format!(
+                "{} mesh keys: a node takes at most {MAX_MESH_KEYS}",
+                keys.len()
+            )));
+        }
+        Membership::from_keys(keys).ok_or(StartError::NoMembership)
+    };
     let membership = match &b.membership {
         MembershipChoice::Unset => return Err(StartError::NoMembership),
-        MembershipChoice::Key(k) => Membership::Key(k.clone()),
-        MembershipChoice::KeyFile(p) => Membership::Key(MeshKey::load(p)?),
+        MembershipChoice::Key(k) => keyed(vec![k.clone()])?,
+        MembershipChoice::KeyFile(p) => keyed(MeshKey::load_all(p)?)?,
+        MembershipChoice::Insecure if !b.also_accept.is_empty() => {
+            return Err(StartError::Config(
+                "an open mesh accepts every peer: it takes no mesh keys to accept".into(),
+            ));
+        }
         MembershipChoice::Insecure => {
             warn!(
                 mesh = %b.mesh,

@@ -1,0 +1,149 @@
+//! Rotating the mesh key with rolling restarts: a key file holds the node's key and, during
+//! the rotation, the other key it accepts. Nodes of neighbouring steps connect; nodes two
+//! steps apart refuse each other. Everything binds 127.0.0.1 with in-memory discovery.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{eventually, within};
+use peerbus::{MemoryNetwork, MeshKey, Node, PeerState};
+
+/// A key file holding the keys of `files` in order (each written by `MeshKey::write_new`, as
+/// `peerbus keygen --out` does), as an operator would join them with `cat`.
+fn joined(dir: &Path, name: &str, files: &[&Path]) -> PathBuf {
+    let text: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).expect("key file"))
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write key file");
+    path
+}
+
+async fn node(net: &MemoryNetwork, service: &str, key_file: &Path) -> Node {
+    Node::builder(service)
+        .mesh("test")
+        .mesh_key_file(key_file)
+        .listen("127.0.0.1:0".parse().expect("addr"))
+        .discovery(net.discovery())
+        .shutdown_grace(Duration::from_millis(500))
+        .start()
+        .await
+        .expect("start")
+}
+
+/// The state `node` holds of `peer`.
+async fn state_of(node: &Node, peer: &Node) -> Option<PeerState> {
+    let status = node.status().await?;
+    status
+        .peers
+        .iter()
+        .find(|p| p.node_id == peer.id())
+        .map(|p| p.state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_of_neighbouring_rotation_steps_connect() {
+    within(60, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (old, new) = (dir.path().join("old.key"), dir.path().join("new.key"));
+        MeshKey::write_new(&old).expect("old key");
+        MeshKey::write_new(&new).expect("new key");
+        let old_accepting_new = joined(dir.path(), "step1.key", &[&old, &new]);
+        let new_accepting_old = joined(dir.path(), "step2.key", &[&new, &old]);
+
+        let net = MemoryNetwork::new();
+        let before = node(&net, "before", &old).await;
+        let step1 = node(&net, "step1", &old_accepting_new).await;
+        let step2 = node(&net, "step2", &new_accepting_old).await;
+        let after = node(&net, "after", &new).await;
+
+        let steps = [
+            (&before, "before"),
+            (&step1, "step1"),
+            (&step2, "step2"),
+            (&after, "after"),
+        ];
+        for (i, (a, _)) in steps.iter().enumerate() {
+            for (j, (b, service)) in steps.iter().enumerate() {
+                if i.abs_diff(j) == 1 {
+                    assert!(
+                        a.wait_for_instances(service, 1, Duration::from_secs(10))
+                            .await,
+                        "step {i} connects to step {j}"
+                    );
+                } else if i != j {
+                    eventually(10, "steps two apart refuse each other", || async {
+                        state_of(a, b).await == Some(PeerState::Refused)
+                    })
+                    .await;
+                    assert!(a.instances(service).await.is_empty());
+                }
+            }
+        }
+        for n in [before, step1, step2, after] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_with_a_malformed_line_fails_start() {
+    within(30, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("mesh.key");
+        MeshKey::write_new(&key).expect("key");
+        let bad = dir.path().join("bad.key");
+        let text = std::fs::read_to_string(&key).expect("read") + "not a key\n";
+        std::fs::write(&bad, text).expect("write");
+        let err = Node::builder("x")
+            .mesh_key_file(&bad)
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .discovery(MemoryNetwork::new().discovery())
+            .start()
+            .await
+            .expect_err("a malformed key file");
+        assert!(err.to_string().contains("line 2"), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_given_in_code_rotate_too_and_are_bounded() {
+    within(30, async {
+        let (old, new) = (MeshKey::generate(), MeshKey::generate());
+        let net = MemoryNetwork::new();
+        let builder = |service: &str, key: &MeshKey, other: &MeshKey| {
+            Node::builder(service)
+                .mesh("test")
+                .mesh_key(key.clone())
+                .also_accept_mesh_keys([other.clone()])
+                .listen("127.0.0.1:0".parse().expect("addr"))
+                .discovery(net.discovery())
+                .shutdown_grace(Duration::from_millis(500))
+        };
+        let step1 = builder("step1", &old, &new).start().await.expect("start");
+        let step2 = builder("step2", &new, &old).start().await.expect("start");
+        assert!(
+            step1
+                .wait_for_instances("step2", 1, Duration::from_secs(10))
+                .await
+        );
+
+        let too_many = Node::builder("x")
+            .mesh_key(MeshKey::generate())
+            .also_accept_mesh_keys((0..peerbus::MAX_MESH_KEYS).map(|_| MeshKey::generate()))
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .discovery(net.discovery())
+            .start()
+            .await
+            .expect_err("more keys than a node takes");
+        assert!(too_many.to_string().contains("at most 8"), "{too_many}");
+        step1.shutdown().await;
+        step2.shutdown().await;
+    })
+    .await;
+}
