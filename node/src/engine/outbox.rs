@@ -86,12 +86,13 @@ pub struct OutboxConfig {
     pub backoff_max_ms: u64,
     /// Seed of the jitter generator (tests pass a fixed one).
     pub seed: u64,
-    /// First sequence number of a log that has none stored. The runtime passes the Unix time
-    /// in ms × 1,000,000, so a log whose stored counter was lost (a quarantined record, a
-    /// deleted store file next to a kept identity) never reuses numbers that receivers'
-    /// dedup windows have seen — which would drop new messages as duplicates. Room: a log can
-    /// take a million entries per millisecond of downtime before it catches up with the base of
-    /// a later start.
+    /// First sequence number of a log that has none stored. For a node with a data directory
+    /// the runtime passes the Unix time in ms × 1,000,000, so a log whose stored counter was
+    /// lost (a quarantined record, a deleted store file next to a kept identity) never reuses
+    /// numbers that receivers' dedup windows have seen — which would drop new messages as
+    /// duplicates. Room: a log can take a million entries per millisecond of downtime before it
+    /// catches up with the base of a later start. A node without one has a new identity each
+    /// run and passes 1.
     pub seq_base: u64,
 }
 
