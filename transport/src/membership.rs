@@ -32,8 +32,11 @@ impl MeshKey {
 
     /// Reads a key file's first key (see [`MeshKey::load_all`]).
     pub fn load(path: &Path) -> Result<MeshKey, MeshKeyError> {
-        let mut keys = MeshKey::load_all(path)?;
-        Ok(keys.swap_remove(0))
+        let first = MeshKey::load_all(path)?.into_iter().next();
+        first.ok_or_else(|| MeshKeyError::Malformed {
+            path: path.into(),
+            reason: "no key".into(),
+        })
     }
 
     /// Reads a key file: one key, or up to [`MAX_MESH_KEYS`] while a key is being rotated, each
@@ -50,13 +53,17 @@ impl MeshKey {
             path: path.into(),
             reason,
         };
-        // A key file is 64 characters; read a little more than that, never a whole huge file.
+        // A key file holds a few lines of 64 characters: read one byte past the limit to tell
+        // a longer file, never a whole huge one.
         let mut raw = Vec::with_capacity(128);
         std::fs::File::open(path)
             .map_err(io)?
-            .take(MAX_KEY_FILE)
+            .take(MAX_KEY_FILE + 1)
             .read_to_end(&mut raw)
             .map_err(io)?;
+        if raw.len() as u64 > MAX_KEY_FILE {
+            return Err(bad(format!("larger than {MAX_KEY_FILE} bytes")));
+        }
         let text = String::from_utf8(raw).map_err(|_| bad("not text".into()))?;
         let mut keys = Vec::new();
         for (n, line) in text.lines().enumerate() {
@@ -153,8 +160,8 @@ fn parse_hex(hex: &str) -> Result<MeshKey, String> {
 /// rotated (two are enough for a rotation; a few more leave room for a slow one).
 pub const MAX_MESH_KEYS: usize = 8;
 
-/// Bytes of a mesh key file read at most: [`MAX_MESH_KEYS`] lines of 64 hex characters with
-/// room for comments; a longer file is cut here (and its keys past the cut are not read).
+/// Largest mesh key file: [`MAX_MESH_KEYS`] lines of 64 hex characters with room for comments.
+/// A larger file is refused, not cut.
 const MAX_KEY_FILE: u64 = 4096;
 
 const PROOF_LABEL: &[u8] = b"peerbus/1 mesh-proof";
@@ -282,6 +289,8 @@ mod tests {
             .map(|_| hex(&MeshKey::generate()) + "\n")
             .collect();
         bad("many", many, "more than 8 keys");
+        let long = format!("{}\n{}", hex(&a), "#".repeat(4096));
+        bad("long", long, "larger than 4096 bytes");
     }
 
     #[test]
