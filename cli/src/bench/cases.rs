@@ -194,9 +194,9 @@ pub(crate) async fn send(
 }
 
 /// `messages` publishes of `size` bytes to `groups` subscriber groups on other nodes:
-/// copies/s (messages/s × groups) until every copy was acknowledged, and the CPU time per
-/// copy (every node of the mesh, as for sends).
-pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Result<(f64, f64)> {
+/// copies/s (messages/s × groups) until every copy was acknowledged, and the CPU time (every
+/// node of the mesh, as for sends) and the publisher's wire bytes both ways per copy.
+pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Result<SendFigures> {
     let mesh = Mesh::new();
     let publisher = mesh
         .node("pub")?
@@ -229,6 +229,7 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let wire0 = wire_bytes(&publisher).await;
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     let callers = publisher.clone();
@@ -241,11 +242,18 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
     let copies = (messages * groups) as f64;
     let rate = copies / t0.elapsed().as_secs_f64();
     let cpu_us = cpu_time().saturating_sub(cpu0).as_secs_f64() * 1e6 / copies;
+    let wire = wire_bytes(&publisher).await.saturating_sub(wire0);
     publisher.shutdown().await;
     for n in subscribers {
         n.shutdown().await;
     }
-    Ok((rate, cpu_us))
+    Ok(SendFigures {
+        msgs_per_s: rate,
+        cpu_us_per_msg: cpu_us,
+        wire_bytes_per_msg: wire as f64 / copies,
+        fsyncs: 0,
+        messages: messages * groups,
+    })
 }
 
 /// Two nodes for the request/reply cases: `client` and an `echo` service that answers every

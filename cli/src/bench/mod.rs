@@ -415,19 +415,12 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
     // Publish fan-out.
     let fan_outs = [1usize, 3, 10].map(|groups| (groups, publish_name(groups)));
     for (groups, name) in fan_outs.iter().filter(|(_, name)| wanted_case(name)) {
-        let (mut rates, mut cpu) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+        let mut figures = Vec::with_capacity(runs);
         for _ in 0..runs {
-            let (rate, cpu_us) = cases::publish(*groups, 1024, 5_000 * scale).await?;
-            rates.push(rate);
-            cpu.push(cpu_us);
+            figures.push(cases::publish(*groups, 1024, 5_000 * scale).await?);
         }
-        let case = Case::new(name.clone(), "msgs_per_s", median(rates.clone())).runs(&rates);
-        let rate = case.value();
-        let case = case
-            .with("mb_per_s", rate * 1024.0 / 1e6)
-            .with("cpu_us_per_msg", median(cpu))
-            .against(report.get(index.stream[&1024]));
-        report.add(case);
+        let (case, _) = send_case(name.clone(), 1024, &figures);
+        report.add(case.against(report.get(index.stream[&1024])));
     }
 
     if wanted("request") {
