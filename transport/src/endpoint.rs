@@ -20,7 +20,9 @@ use crate::frame::{FrameReceiver, FrameSender};
 use crate::identity::{Identity, NodeId};
 use crate::membership::{EXPORTER_LABEL, Membership};
 use crate::tls;
-use crate::{DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_FRAME_SIZE};
+use crate::{
+    ALPN, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_FRAME_SIZE, MAX_ALPN_PROTOCOLS,
+};
 
 /// How long the mesh proof exchange may take after the TLS handshake.
 const PROOF_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,6 +68,12 @@ pub struct EndpointConfig {
     /// delays, duplicates and reorders datagrams and honours partitions as the handle says,
     /// changeable at run time. Default `None`: the plain socket, no cost.
     pub faults: Option<Faults>,
+    /// ALPN protocol ids this endpoint offers when it dials and accepts when it listens, most
+    /// preferred first (at most [`MAX_ALPN_PROTOCOLS`], none empty). Default `[ALPN]`. A
+    /// connection uses the first of the listener's ids that the dialer offers
+    /// ([`Connection::alpn`]); with none in common the TLS handshake fails. The node offers
+    /// one id per wire generation, so a new build still speaks to an old one.
+    pub alpn: Vec<Vec<u8>>,
 }
 
 impl EndpointConfig {
@@ -79,6 +87,7 @@ impl EndpointConfig {
             keep_alive: DEFAULT_KEEP_ALIVE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             faults: None,
+            alpn: vec![ALPN.to_vec()],
         }
     }
 }
@@ -133,12 +142,31 @@ fn transport_config(cfg: &EndpointConfig) -> Result<TransportConfig, BindError> 
     Ok(t)
 }
 
+/// Refuses an ALPN list TLS could not offer: none, too many, or an empty or over-long id.
+fn check_alpn(alpn: &[Vec<u8>]) -> Result<(), String> {
+    if alpn.is_empty() || alpn.len() > MAX_ALPN_PROTOCOLS {
+        return Err(format!(
+            "alpn must list 1 to {MAX_ALPN_PROTOCOLS} protocol ids, not {}",
+            alpn.len()
+        ));
+    }
+    // TLS carries each id with a one-byte length.
+    if let Some(bad) = alpn.iter().find(|id| id.is_empty() || id.len() > 255) {
+        return Err(format!(
+            "an alpn protocol id must be 1 to 255 bytes, not {}",
+            bad.len()
+        ));
+    }
+    Ok(())
+}
+
 impl Endpoint {
     /// Binds the UDP socket and prepares TLS. Needs a tokio runtime.
     pub fn bind(config: EndpointConfig) -> Result<Endpoint, BindError> {
         let transport = Arc::new(transport_config(&config)?);
         let certified = tls::certificate(&config.identity).map_err(BindError::Tls)?;
-        let tls = tls::server_config(&certified).map_err(BindError::Tls)?;
+        check_alpn(&config.alpn).map_err(BindError::Config)?;
+        let tls = tls::server_config(&certified, &config.alpn).map_err(BindError::Tls)?;
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| BindError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport.clone());
@@ -193,7 +221,8 @@ impl Endpoint {
         expected: Option<NodeId>,
     ) -> Result<Connection, ConnectError> {
         let (tls, seen) =
-            tls::client_config(&self.inner.certified, expected).map_err(ConnectError::Tls)?;
+            tls::client_config(&self.inner.certified, expected, &self.inner.config.alpn)
+                .map_err(ConnectError::Tls)?;
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Tls(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
@@ -544,6 +573,8 @@ pub struct Connection {
     inner: quinn::Connection,
     peer: NodeId,
     dialer: bool,
+    /// The ALPN protocol id the TLS handshake chose.
+    alpn: Arc<[u8]>,
     max_frame: usize,
     shared: Arc<Shared>,
 }
@@ -560,10 +591,17 @@ impl std::fmt::Debug for Connection {
 
 impl Connection {
     fn new(inner: quinn::Connection, peer: NodeId, dialer: bool, ep: &Endpoint) -> Self {
+        // Both configs set ALPN ids, so a finished handshake always chose one.
+        let alpn = inner
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol)
+            .unwrap_or_default();
         Self {
             inner,
             peer,
             dialer,
+            alpn: alpn.into(),
             max_frame: ep.inner.config.max_frame_size,
             shared: Arc::new(Shared {
                 local_close: OnceLock::new(),
@@ -602,6 +640,12 @@ impl Connection {
     /// Whether this side dialed.
     pub fn is_dialer(&self) -> bool {
         self.dialer
+    }
+
+    /// The ALPN protocol id this connection speaks: the first of the listener's
+    /// [`EndpointConfig::alpn`] ids that the dialer offered.
+    pub fn alpn(&self) -> &[u8] {
+        &self.alpn
     }
 
     /// An id unique among this endpoint's live connections.

@@ -84,8 +84,10 @@ pub use frame::{
 pub use identity::{Identity, NodeId};
 pub use membership::{MAX_MESH_KEYS, Membership, MeshKey};
 
-/// ALPN protocol id of peerbus connections.
+/// The default ALPN protocol id of peerbus connections ([`EndpointConfig::alpn`]).
 pub const ALPN: &[u8] = b"peerbus/1";
+/// Most ALPN ids one endpoint offers ([`EndpointConfig::alpn`]).
+pub const MAX_ALPN_PROTOCOLS: usize = 8;
 /// Default largest frame accepted (8 MiB). Larger frames close the connection with
 /// [`CloseCode::FrameTooLarge`].
 pub const DEFAULT_MAX_FRAME_SIZE: usize = 8 * 1024 * 1024;

@@ -9,7 +9,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, Error as TlsError, SignatureScheme};
 
-use crate::ALPN;
 use crate::identity::{Identity, NodeId};
 
 /// The server name every dialer asks for; ignored by the verifiers (ids are pinned instead).
@@ -186,8 +185,12 @@ impl ClientCertVerifier for PeerVerifier {
     }
 }
 
-/// The listener's TLS config: TLS 1.3 only, ALPN [`ALPN`], client certificates mandatory.
-pub(crate) fn server_config(certified: &Certified) -> Result<rustls::ServerConfig, String> {
+/// The listener's TLS config: TLS 1.3 only, the given ALPN ids (most preferred first), client
+/// certificates mandatory.
+pub(crate) fn server_config(
+    certified: &Certified,
+    alpn: &[Vec<u8>],
+) -> Result<rustls::ServerConfig, String> {
     let provider = provider();
     let verifier = Arc::new(PeerVerifier {
         algs: provider.signature_verification_algorithms,
@@ -201,7 +204,7 @@ pub(crate) fn server_config(certified: &Certified) -> Result<rustls::ServerConfi
         .with_client_cert_verifier(verifier)
         .with_single_cert(cert, key)
         .map_err(|e| e.to_string())?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = alpn.to_vec();
     Ok(cfg)
 }
 
@@ -210,6 +213,7 @@ pub(crate) fn server_config(certified: &Certified) -> Result<rustls::ServerConfi
 pub(crate) fn client_config(
     certified: &Certified,
     expected: Option<NodeId>,
+    alpn: &[Vec<u8>],
 ) -> Result<(rustls::ClientConfig, Arc<OnceLock<NodeId>>), String> {
     let provider = provider();
     let seen = Arc::<OnceLock<NodeId>>::default();
@@ -226,7 +230,7 @@ pub(crate) fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(cert, key)
         .map_err(|e| e.to_string())?;
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.alpn_protocols = alpn.to_vec();
     Ok((cfg, seen))
 }
 

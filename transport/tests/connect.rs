@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use peerbus_transport::{
-    AcceptError, BindError, CloseCode, ConnectError, Connection, ConnectionError, Endpoint,
-    EndpointConfig, FrameError, Identity, Membership, MeshKey, NodeId,
+    ALPN, AcceptError, BindError, CloseCode, ConnectError, Connection, ConnectionError, Endpoint,
+    EndpointConfig, FrameError, Identity, MAX_ALPN_PROTOCOLS, Membership, MeshKey, NodeId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -436,6 +436,68 @@ async fn inconsistent_timeouts_are_refused_at_bind() {
     );
     cfg.keep_alive = Duration::from_secs(5);
     assert!(matches!(Endpoint::bind(cfg), Err(BindError::Config(_))));
+}
+
+/// An endpoint of `key`'s mesh offering these ALPN ids.
+fn offering(key: &MeshKey, alpn: &[&[u8]]) -> Endpoint {
+    let mut cfg = EndpointConfig::new(
+        Identity::generate().expect("identity"),
+        Membership::Key(key.clone()),
+        loopback(),
+    );
+    cfg.alpn = alpn.iter().map(|id| id.to_vec()).collect();
+    Endpoint::bind(cfg).expect("bind")
+}
+
+#[tokio::test]
+async fn alpn_picks_the_listeners_first_id_the_dialer_offers() {
+    within(async {
+        let key = MeshKey::generate();
+        let new = || offering(&key, &[b"x/2", b"x/1"]);
+        let old = || offering(&key, &[b"x/1"]);
+        for (dialer, listener, expected) in [
+            (new(), new(), b"x/2"),
+            (new(), old(), b"x/1"),
+            (old(), new(), b"x/1"),
+            (old(), old(), b"x/1"),
+        ] {
+            let (d, l) = pair(&dialer, &listener).await;
+            assert_eq!(d.alpn(), expected, "dialer's side");
+            assert_eq!(l.alpn(), expected, "listener's side");
+        }
+        // The default is peerbus's first id.
+        let (d, l) = pair(&keyed(&key), &keyed(&key)).await;
+        assert_eq!((d.alpn(), l.alpn()), (ALPN, ALPN));
+        // Nothing in common: no connection.
+        let other = offering(&key, &[b"y/1"]);
+        let listener = old();
+        let acc = accept_one(&listener);
+        let err = other
+            .connect(listener.local_addr(), Some(listener.node_id()))
+            .await
+            .expect_err("no common ALPN id");
+        assert!(err.to_string().contains("protocol"), "{err}");
+        assert!(acc.await.expect("join").is_err());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_alpn_list_tls_cannot_carry_is_refused_at_bind() {
+    for alpn in [
+        Vec::new(),
+        vec![Vec::new()],
+        vec![vec![b'x'; 256]],
+        vec![b"x".to_vec(); MAX_ALPN_PROTOCOLS + 1],
+    ] {
+        let mut cfg = EndpointConfig::new(
+            Identity::generate().expect("identity"),
+            Membership::InsecureOpen,
+            loopback(),
+        );
+        cfg.alpn = alpn;
+        assert!(matches!(Endpoint::bind(cfg), Err(BindError::Config(_))));
+    }
 }
 
 #[tokio::test]
