@@ -60,13 +60,13 @@ fn bytes(n: u64) -> String {
 /// The peers as an aligned table with a header line. `TAKES` says whether a connected peer
 /// takes its service's messages (a `send` to the service only goes to those that do); `SENT`
 /// and `RECEIVED` are what the connections to it carried since this node started (QUIC's
-/// count).
+/// count); `PROTO` is the wire protocol version the connection speaks.
 pub(crate) fn peers_table(peers: &[PeerInfo]) -> String {
     let header = [
-        "NODE", "SERVICE", "STATE", "TAKES", "ADDRS", "RTT", "SENT", "RECEIVED",
+        "NODE", "SERVICE", "STATE", "TAKES", "ADDRS", "RTT", "PROTO", "SENT", "RECEIVED",
     ]
     .map(String::from);
-    let rows: Vec<[String; 8]> = peers
+    let rows: Vec<[String; 9]> = peers
         .iter()
         .map(|p| {
             let addrs: Vec<String> = p.addrs.iter().map(ToString::to_string).collect();
@@ -91,6 +91,7 @@ pub(crate) fn peers_table(peers: &[PeerInfo]) -> String {
                 },
                 p.rtt_ms
                     .map_or_else(|| "-".into(), |ms| format!("{ms:.1}ms")),
+                p.protocol.map_or_else(|| "-".into(), |v| v.to_string()),
                 bytes(p.traffic.bytes_sent),
                 bytes(p.traffic.bytes_received),
             ]
@@ -157,6 +158,7 @@ mod tests {
                 bytes_received: if consumes { 999 } else { 0 },
                 ..Traffic::default()
             },
+            protocol: (state == PeerState::Connected).then_some(u32::from(byte) + 3),
         }
     }
 
@@ -174,7 +176,7 @@ mod tests {
         assert_eq!(
             rows[0],
             [
-                "NODE", "SERVICE", "STATE", "TAKES", "ADDRS", "RTT", "SENT", "RECEIVED"
+                "NODE", "SERVICE", "STATE", "TAKES", "ADDRS", "RTT", "PROTO", "SENT", "RECEIVED"
             ]
         );
         assert_eq!(
@@ -185,6 +187,7 @@ mod tests {
                 "yes",
                 "127.0.0.1:4000",
                 "0.5ms",
+                "4",
                 "1.5kB",
                 "999B"
             ]
@@ -197,13 +200,23 @@ mod tests {
                 "no",
                 "127.0.0.1:4000",
                 "0.5ms",
+                "5",
                 "3.0kB",
                 "-"
             ]
         );
         assert_eq!(
             rows[3][1..],
-            ["-", "unreachable", "-", "127.0.0.1:4000", "-", "4.5kB", "-"]
+            [
+                "-",
+                "unreachable",
+                "-",
+                "127.0.0.1:4000",
+                "-",
+                "-",
+                "4.5kB",
+                "-"
+            ]
         );
     }
 

@@ -90,8 +90,11 @@ pub use seeds::StaticDiscovery;
 /// instance of its service for `send` only while it takes its `messages()`). Version 4 gives
 /// every durable group a version and gossips released groups as tombstones (`Groups` carries
 /// a `GroupState` per group; `GroupGone` is gone), so a node that comes back with a group that
-/// was released while it was away no longer teaches it back.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// was released while it was away no longer teaches it back. Version 5 negotiates versions
+/// (a node of this build speaks 5 with a peer that does and 4 with one that speaks only 4, so
+/// a mesh upgrades one node at a time) and leaves the origin out of envelopes on the wire (it
+/// is the connection's peer).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The DNS-SD service type under which peerbus nodes announce themselves.
 pub const SERVICE_TYPE: &str = "_peerbus._udp.local.";
@@ -110,8 +113,8 @@ pub struct PeerRecord {
     pub service: String,
     /// The mesh name; only peers of the same mesh are reported. At most 200 bytes.
     pub mesh: String,
-    /// The peer's protocol version ([`PROTOCOL_VERSION`] for this build). Reported
-    /// as announced; deciding what to do with another version is the caller's job.
+    /// The highest protocol version the peer speaks ([`PROTOCOL_VERSION`] for this build).
+    /// Reported as announced; deciding what to do with another version is the caller's job.
     pub protocol_version: u32,
     /// Where the node's QUIC endpoint listens. mDNS announces one port, that of
     /// the first address, with the IPs of all of them.

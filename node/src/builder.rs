@@ -61,6 +61,7 @@ pub struct NodeBuilder {
     pub(crate) max_attempts: u32,
     pub(crate) retry_backoff: (Duration, Duration),
     pub(crate) lanes: usize,
+    pub(crate) max_protocol_version: u32,
     pub(crate) shutdown_grace: Duration,
     pub(crate) retired_linger: Duration,
     pub(crate) max_requests_in_flight: usize,
@@ -106,6 +107,7 @@ impl NodeBuilder {
             max_attempts: 10,
             retry_backoff: (Duration::from_millis(200), Duration::from_secs(30)),
             lanes: 4,
+            max_protocol_version: peerbus_discovery::PROTOCOL_VERSION,
             shutdown_grace: Duration::from_secs(5),
             retired_linger: Duration::from_secs(30),
             max_requests_in_flight: 65_536,
@@ -249,6 +251,19 @@ impl NodeBuilder {
     /// so one slow key only delays keys on its lane. Default 4, at most [`MAX_LANES`] (63).
     pub fn lanes(mut self, n: usize) -> Self {
         self.lanes = n.clamp(1, MAX_LANES);
+        self
+    }
+
+    /// The highest wire protocol version this node speaks. Default (and at most)
+    /// [`PROTOCOL_VERSION`](peerbus_discovery::PROTOCOL_VERSION); at least
+    /// [`MIN_PROTOCOL_VERSION`](crate::engine::wire::MIN_PROTOCOL_VERSION) (4), checked by
+    /// `start()`.
+    ///
+    /// Nodes negotiate: each pair speaks the highest version both know, so a mesh upgrades one
+    /// node at a time and needs no setting. Lower it to hold a node at what an older build
+    /// speaks, for example to compare, or to test a mixed mesh before an upgrade.
+    pub fn max_protocol_version(mut self, version: u32) -> Self {
+        self.max_protocol_version = version;
         self
     }
 

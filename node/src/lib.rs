@@ -120,7 +120,7 @@ pub use subscription::{Delivery, Subscription};
 pub use bytes::Bytes;
 pub use peerbus_discovery::{
     Discovery, DiscoveryError, DiscoveryEvent, Interfaces, MdnsDiscovery, MemoryDiscovery,
-    MemoryNetwork, PeerRecord, StaticDiscovery,
+    MemoryNetwork, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
 };
 pub use peerbus_transport::{
     FaultConfig, FaultStats, Faults, MAX_MESH_KEYS, MeshKey, NodeId, Traffic,

@@ -119,6 +119,10 @@ pub struct PeerInfo {
     /// (UDP payload bytes with headers, encryption, acknowledgements and retransmissions; see
     /// [`Traffic`]).
     pub traffic: Traffic,
+    /// The wire protocol version the current connection speaks (the highest both nodes know);
+    /// `None` when not connected. A mesh in the middle of an upgrade shows some peers on an
+    /// older version.
+    pub protocol: Option<u32>,
 }
 
 /// A snapshot of a node's state, for `peerbus status` and the admin endpoint.

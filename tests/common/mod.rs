@@ -2,6 +2,8 @@
 //! uses in-memory discovery or mDNS on the loopback interface only.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod handmade;
+
 use std::future::Future;
 use std::time::Duration;
 

@@ -23,7 +23,10 @@ use super::{
 };
 use crate::engine::outbox::NOT_HERE_PREFIX;
 use crate::engine::routing::topic_matches;
-use crate::engine::wire::{Control, Data, Hello};
+use crate::engine::wire::{
+    ALPN_V4, Control, ControlV4, Data, Dialect, FIRST_NEGOTIATED_VERSION, Hello,
+    MIN_PROTOCOL_VERSION, negotiate,
+};
 use crate::error::RequestError;
 
 /// How long the hello exchange may take after the transport handshake.
@@ -43,32 +46,54 @@ const FLUSH_BYTES: usize = 1 << 20;
 pub(crate) struct Ready {
     pub(crate) conn: Connection,
     pub(crate) hello: Hello,
+    /// The protocol version both sides speak on it.
+    pub(crate) version: u32,
     pub(crate) ctl_tx: FrameSender,
     pub(crate) ctl_rx: FrameReceiver,
 }
 
-async fn handshake(shared: &Shared, conn: Connection) -> Result<Ready, String> {
-    let ours = Control::Hello(local_hello(shared));
-    let exchange = async {
-        let (mut tx, mut rx) = if conn.is_dialer() {
-            let (mut tx, rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            tx.send(&ours).await.map_err(|e| e.to_string())?;
-            (tx, rx)
-        } else {
-            conn.accept_bi().await.map_err(|e| e.to_string())?
-        };
-        let theirs = match rx.recv::<Control>().await {
-            Ok(Some(Control::Hello(h))) => h,
-            Ok(Some(other)) => return Err(format!("expected hello, got {other:?}")),
-            Ok(None) => return Err("peer closed the control stream before hello".to_string()),
-            Err(e) => return Err(e.to_string()),
-        };
-        if !conn.is_dialer() {
-            tx.send(&ours).await.map_err(|e| e.to_string())?;
-        }
-        Ok::<_, String>((tx, rx, theirs))
+/// Sends `ours` and receives the peer's hello on a new control stream: the dialer opens the
+/// stream and speaks first.
+async fn exchange<H: serde::Serialize + serde::de::DeserializeOwned>(
+    conn: &Connection,
+    ours: &H,
+) -> Result<(FrameSender, FrameReceiver, H), String> {
+    let (mut tx, mut rx) = if conn.is_dialer() {
+        let (mut tx, rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        tx.send(ours).await.map_err(|e| e.to_string())?;
+        (tx, rx)
+    } else {
+        conn.accept_bi().await.map_err(|e| e.to_string())?
     };
-    let (tx, rx, hello) = tokio::time::timeout(HELLO_TIMEOUT, exchange)
+    let theirs = match rx.recv::<H>().await {
+        Ok(Some(h)) => h,
+        Ok(None) => return Err("peer closed the control stream before hello".to_string()),
+        Err(e) => return Err(e.to_string()),
+    };
+    if !conn.is_dialer() {
+        tx.send(ours).await.map_err(|e| e.to_string())?;
+    }
+    Ok((tx, rx, theirs))
+}
+
+async fn handshake(shared: &Shared, conn: Connection) -> Result<Ready, String> {
+    let ours = local_hello(shared);
+    // The ALPN id says which hello the peer sends: a build of protocol 4 offers only
+    // `ALPN_V4` and speaks 4; the negotiated hello names a range of versions.
+    let v4 = conn.alpn() == ALPN_V4;
+    let exchanged = async {
+        if v4 {
+            let (tx, rx, ControlV4::Hello(h)) =
+                exchange(&conn, &ControlV4::Hello(ours.to_v4())).await?;
+            Ok::<_, String>((tx, rx, Hello::from(h)))
+        } else {
+            match exchange(&conn, &Control::Hello(ours)).await? {
+                (tx, rx, Control::Hello(h)) => Ok((tx, rx, h)),
+                (_, _, other) => Err(format!("expected hello, got {other:?}")),
+            }
+        }
+    };
+    let (tx, rx, hello) = tokio::time::timeout(HELLO_TIMEOUT, exchanged)
         .await
         .map_err(|_| "hello not received within 5s".to_string())??;
     if hello.node_id != conn.peer_id() {
@@ -89,13 +114,28 @@ async fn handshake(shared: &Shared, conn: Connection) -> Result<Ready, String> {
             hello.mesh, shared.mesh
         ));
     }
-    if hello.version != peerbus_discovery::PROTOCOL_VERSION {
+    let version = if v4 {
+        (hello.version == MIN_PROTOCOL_VERSION)
+            .then_some(MIN_PROTOCOL_VERSION)
+            .ok_or_else(|| {
+                format!(
+                    "peer speaks protocol version {} on a protocol {MIN_PROTOCOL_VERSION} connection",
+                    hello.version
+                )
+            })
+    } else {
+        negotiate(
+            FIRST_NEGOTIATED_VERSION..=shared.protocol,
+            hello.min_version..=hello.version,
+        )
+    };
+    let version = version.inspect_err(|_| {
         conn.close(CloseCode::ProtocolViolation, "unsupported protocol version");
-        return Err(format!("peer speaks protocol version {}", hello.version));
-    }
+    })?;
     Ok(Ready {
         conn,
         hello,
+        version,
         ctl_tx: tx,
         ctl_rx: rx,
     })
@@ -246,18 +286,29 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
     let Ready {
         conn,
         hello,
+        version,
         ctl_tx,
         ctl_rx,
     } = ready;
     let peer = hello.node_id;
+    let dialect = Dialect::of(version);
     let span = info_span!("peer", peer = %peer.short(), service = %hello.service, generation);
     let t = &shared.tracker;
     t.spawn(
-        writer(conn.clone(), ctl_tx, rx, shared.lanes, cancel.clone()).instrument(span.clone()),
+        writer(
+            conn.clone(),
+            ctl_tx,
+            rx,
+            shared.lanes,
+            dialect,
+            cancel.clone(),
+        )
+        .instrument(span.clone()),
     );
     let lanes = LaneContext {
         shared: shared.clone(),
         peer,
+        dialect,
         out: out.clone(),
         cancel: cancel.clone(),
         gone: gone.clone(),
@@ -302,6 +353,7 @@ async fn writer(
     mut ctl: FrameSender,
     mut rx: mpsc::Receiver<Out>,
     lanes: usize,
+    dialect: Dialect,
     cancel: CancellationToken,
 ) {
     let mut lane_tx: Vec<Option<FrameSender>> = (0..lanes).map(|_| None).collect();
@@ -339,7 +391,7 @@ async fn writer(
                             *slot = Some(conn.open_uni().await?);
                         }
                         if let Some(s) = slot.as_mut()
-                            && !refused(push_data(s, &frame))?
+                            && !refused(push_data(s, &frame, dialect))?
                         {
                             dirty[lane] = true;
                             if s.buffered_bytes() >= FLUSH_BYTES {
@@ -386,11 +438,12 @@ async fn writer(
     }
 }
 
-/// Buffers a data frame on `s`; a large payload goes to QUIC as it is, not copied.
-fn push_data(s: &mut FrameSender, frame: &Data) -> Result<(), FrameError> {
+/// Buffers a data frame on `s` in the connection's `dialect`; a large payload goes to QUIC as
+/// it is, not copied.
+fn push_data(s: &mut FrameSender, frame: &Data, dialect: Dialect) -> Result<(), FrameError> {
     s.push_encoded_with_payload(
         |buf| {
-            frame.encode_head(buf);
+            frame.encode_head_in(buf, dialect);
         },
         frame.payload(),
     )
@@ -452,6 +505,8 @@ async fn control_reader(
 struct LaneContext {
     shared: Arc<Shared>,
     peer: NodeId,
+    /// How the peer writes envelopes (see `Dialect`).
+    dialect: Dialect,
     /// The connection's outgoing queue (see `spawn_connection`).
     out: mpsc::Sender<Out>,
     cancel: CancellationToken,
@@ -501,7 +556,8 @@ impl ReplyStream {
         }
         let Some(s) = stream.as_mut() else { return };
         let frame = Data::Reply { corr, result };
-        if let Err(e) = push_data(s, &frame) {
+        // A reply carries no envelope: it reads the same in every dialect.
+        if let Err(e) = push_data(s, &frame, Dialect::PeerOrigin) {
             // Nothing was buffered (replies over the maximum message size never get here).
             warn!(corr, error = %e, "reply dropped: it cannot be sent as a frame");
             return;
@@ -542,6 +598,7 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
     let LaneContext {
         shared,
         peer,
+        dialect,
         out,
         cancel,
         gone,
@@ -550,7 +607,7 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
     } = cx;
     loop {
         let frame = tokio::select! {
-            f = rx.recv_shared(Data::decode_shared) => f,
+            f = rx.recv_shared(|body| Data::decode_from(body, dialect, peer)) => f,
             () = cancel.cancelled() => return,
         };
         let frame = match frame {
@@ -571,7 +628,8 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
         {
             // A peer speaks only for itself: the ack of a message that claims another origin
             // would go to that node and settle its entry of that seq, and the dedup window
-            // would drop that node's real message of that seq as a duplicate.
+            // would drop that node's real message of that seq as a duplicate. (Only protocol
+            // 4 puts origins on the wire; from 5 on the origin is the peer.)
             warn!(
                 claimed = %env.origin.short(),
                 log = %env.log,

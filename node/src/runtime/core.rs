@@ -234,6 +234,8 @@ struct Link {
     /// The peer retired this connection (see `Core::link_retired_by_peer`): it carries our
     /// requests until the connection the peer keeps arrives, and no deliveries.
     peer_retired: bool,
+    /// The protocol version the connection speaks.
+    protocol: u32,
 }
 
 struct Known {
@@ -1805,7 +1807,7 @@ impl Core {
             r.hello.credits,
         );
         let addr = r.conn.remote_addr();
-        info!(peer = %peer.short(), service = %r.hello.service, %addr, dialer = r.conn.is_dialer(), "peer connected");
+        info!(peer = %peer.short(), service = %r.hello.service, %addr, dialer = r.conn.is_dialer(), protocol = r.version, "peer connected");
         match restarted {
             None => self.shared.events.emit(
                 EventKind::PeerUp,
@@ -1861,6 +1863,7 @@ impl Core {
             gone: handles.gone.clone(),
             serving: handles.serving.clone(),
             peer_retired: false,
+            protocol: r.version,
         };
         self.links.insert(peer, link);
         self.shared.notify_peers_changed();
@@ -1993,6 +1996,7 @@ impl Core {
                 }),
                 consumes: self.links.get(id).is_some_and(|l| l.consumes),
                 traffic: self.traffic_with(*id, k.traffic),
+                protocol: self.links.get(id).map(|l| l.protocol),
             })
             .collect();
         peers.sort_by(|a, b| (&a.service, a.node_id).cmp(&(&b.service, b.node_id)));
@@ -2100,7 +2104,7 @@ fn instance_of(service: &str, consumes: bool) -> String {
 pub(crate) fn local_hello(shared: &Shared) -> Hello {
     let routes = super::read(&shared.routes);
     Hello {
-        version: peerbus_discovery::PROTOCOL_VERSION,
+        version: shared.protocol,
         node_id: shared.id,
         service: shared.service.clone(),
         mesh: shared.mesh.clone(),
@@ -2109,5 +2113,6 @@ pub(crate) fn local_hello(shared: &Shared) -> Hello {
         credits: shared.prefetch,
         incarnation: shared.incarnation,
         consumes: routes.takes_messages(),
+        min_version: crate::engine::wire::FIRST_NEGOTIATED_VERSION,
     }
 }

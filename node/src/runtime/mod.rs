@@ -49,7 +49,9 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::builder::{MembershipChoice, NodeBuilder};
 use crate::engine::inbox::Inbox;
 use crate::engine::outbox::OutboxConfig;
-use crate::engine::wire::{Envelope, Interest};
+use crate::engine::wire::{
+    ALPN_NEGOTIATED, ALPN_V4, Envelope, FIRST_NEGOTIATED_VERSION, Interest, MIN_PROTOCOL_VERSION,
+};
 use crate::error::{RequestError, StartError};
 use crate::node::{Node, NodeInner};
 use crate::store::{Durability, MemoryStore, RedbStore, Store};
@@ -228,6 +230,8 @@ pub(crate) struct Shared {
     pub(crate) incarnation: u64,
     pub(crate) prefetch: u32,
     pub(crate) lanes: usize,
+    /// The highest protocol version this node speaks (`NodeBuilder::max_protocol_version`).
+    pub(crate) protocol: u32,
     pub(crate) max_message_size: usize,
     pub(crate) max_requests_in_flight: usize,
     pub(crate) serve_concurrency: usize,
@@ -298,6 +302,15 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         return Err(StartError::Config(format!(
             "max_message_size {} must stay at least 64 KiB below max_frame_size {}",
             b.max_message_size, b.max_frame_size
+        )));
+    }
+    let protocols = MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION;
+    if !protocols.contains(&b.max_protocol_version) {
+        return Err(StartError::Config(format!(
+            "max_protocol_version {} is not one this build speaks ({}..={})",
+            b.max_protocol_version,
+            protocols.start(),
+            protocols.end()
         )));
     }
     let keyed = |mut keys: Vec<MeshKey>| {
@@ -374,6 +387,13 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     let mut endpoint_config = EndpointConfig::new(identity, membership, listen);
     endpoint_config.max_frame_size = b.max_frame_size;
     endpoint_config.faults = b.faults.clone();
+    // One ALPN id per hello layout, newest first: a node that negotiates versions still
+    // speaks protocol 4 to a build that offers only its id.
+    endpoint_config.alpn = if b.max_protocol_version >= FIRST_NEGOTIATED_VERSION {
+        vec![ALPN_NEGOTIATED.to_vec(), ALPN_V4.to_vec()]
+    } else {
+        vec![ALPN_V4.to_vec()]
+    };
     let endpoint = Endpoint::bind(endpoint_config)?;
     let local_addr = endpoint.local_addr();
 
@@ -389,6 +409,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         incarnation: rand::random(),
         prefetch: b.prefetch,
         lanes: b.lanes,
+        protocol: b.max_protocol_version,
         max_message_size: b.max_message_size,
         max_requests_in_flight: b.max_requests_in_flight,
         serve_concurrency: b.serve_concurrency,
@@ -490,7 +511,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         node_id: id,
         service: b.service.clone(),
         mesh: b.mesh.clone(),
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: b.max_protocol_version,
         addrs: vec![local_addr],
     };
     let (disc_tx, mut disc_rx) =

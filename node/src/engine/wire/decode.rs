@@ -21,14 +21,15 @@ use peerbus_transport::{FrameError, NodeId};
 
 use super::{Data, Envelope, Kind};
 
-/// Decodes a whole body: one [`Data`] frame and nothing after it.
-pub(super) fn data(body: Bytes) -> Result<Data, FrameError> {
+/// Decodes a whole body: one [`Data`] frame and nothing after it. With `peer`, envelopes on the
+/// wire leave their origin out and it is `peer` ([`super::Dialect::PeerOrigin`]).
+pub(super) fn data(body: Bytes, peer: Option<NodeId>) -> Result<Data, FrameError> {
     let mut r = Reader { buf: &body, pos: 0 };
     let frame = match r.u32()? {
         0 => {
             let floor = r.u64()?;
             let key_floor = if r.option()? { Some(r.u64()?) } else { None };
-            let env = r.envelope(&body)?;
+            let env = r.envelope(&body, peer)?;
             Data::Deliver {
                 floor,
                 key_floor,
@@ -37,7 +38,7 @@ pub(super) fn data(body: Bytes) -> Result<Data, FrameError> {
         }
         1 => {
             let budget_ms = r.u64()?;
-            let env = r.envelope(&body)?;
+            let env = r.envelope(&body, peer)?;
             Data::Request { budget_ms, env }
         }
         2 => {
@@ -170,10 +171,15 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    /// An [`Envelope`] whose payload is a slice of `body` (the buffer this reader reads).
-    fn envelope(&mut self, body: &Bytes) -> Result<Envelope, FrameError> {
+    /// An [`Envelope`] whose payload is a slice of `body` (the buffer this reader reads), from
+    /// `peer` when the wire leaves the origin out.
+    fn envelope(&mut self, body: &Bytes, peer: Option<NodeId>) -> Result<Envelope, FrameError> {
+        let origin = match peer {
+            Some(peer) => peer,
+            None => NodeId::from_bytes(self.array()?),
+        };
         Ok(Envelope {
-            origin: NodeId::from_bytes(self.array()?),
+            origin,
             log: self.string()?,
             seq: self.u64()?,
             kind: self.kind()?,

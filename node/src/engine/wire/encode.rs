@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 
-use super::{Data, Envelope, Kind};
+use super::{Data, Dialect, Envelope, Kind};
 
 /// The payload of a frame that carries none.
 static NO_PAYLOAD: Bytes = Bytes::new();
@@ -34,6 +34,12 @@ impl Data {
     /// [`Data::encode_body`]'s bytes. The connection writer hands a large payload to QUIC as
     /// it is instead of copying it.
     pub fn encode_head(&self, out: &mut Vec<u8>) -> &Bytes {
+        self.encode_head_in(out, Dialect::WithOrigin)
+    }
+
+    /// [`Data::encode_head`] for a connection of `dialect`: with [`Dialect::PeerOrigin`] the
+    /// envelope's origin is left out (the same bytes without those 32).
+    pub fn encode_head_in(&self, out: &mut Vec<u8>, dialect: Dialect) -> &Bytes {
         match self {
             Data::Deliver {
                 floor,
@@ -49,12 +55,12 @@ impl Data {
                     }
                     None => out.push(0),
                 }
-                envelope_head(out, env)
+                envelope_head(out, env, dialect)
             }
             Data::Request { budget_ms, env } => {
                 varint(out, 1);
                 varint(out, *budget_ms);
-                envelope_head(out, env)
+                envelope_head(out, env, dialect)
             }
             Data::Reply { corr, result } => {
                 varint(out, 2);
@@ -130,14 +136,16 @@ fn opt_str(out: &mut Vec<u8>, s: Option<&str>) {
 }
 
 fn envelope(out: &mut Vec<u8>, env: &Envelope) {
-    let payload = envelope_head(out, env);
+    let payload = envelope_head(out, env, Dialect::WithOrigin);
     out.extend_from_slice(payload);
 }
 
 /// The envelope up to its payload's bytes (the payload is its last field); returns the
-/// payload.
-fn envelope_head<'e>(out: &mut Vec<u8>, env: &'e Envelope) -> &'e Bytes {
-    out.extend_from_slice(env.origin.as_bytes());
+/// payload. [`Dialect::PeerOrigin`] leaves the origin out.
+fn envelope_head<'e>(out: &mut Vec<u8>, env: &'e Envelope, dialect: Dialect) -> &'e Bytes {
+    if dialect == Dialect::WithOrigin {
+        out.extend_from_slice(env.origin.as_bytes());
+    }
     bytes(out, env.log.as_bytes());
     varint(out, env.seq);
     let kind = match env.kind {

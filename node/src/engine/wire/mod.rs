@@ -6,6 +6,13 @@
 //! append new fields at the end of a variant and bump
 //! [`PROTOCOL_VERSION`](peerbus_discovery::PROTOCOL_VERSION) when an old peer
 //! could not read them.
+//!
+//! Versions are negotiated, so a mesh upgrades one node at a time. The TLS
+//! handshake's ALPN picks the hello: [`ALPN_V4`] connections exchange a
+//! [`HelloV4`] and speak protocol 4; [`ALPN_NEGOTIATED`] connections exchange a
+//! [`Hello`] naming the range of versions each side speaks and speak the
+//! highest both do ([`negotiate`]). A frame whose layout depends on the version
+//! is written and read for the connection's [`Dialect`].
 
 use std::sync::Arc;
 
@@ -144,10 +151,132 @@ pub enum Control {
     Consumes(bool),
 }
 
+/// ALPN id of protocol 4 connections: they open with [`ControlV4::Hello`] and their envelopes
+/// name their origin. Every build so far offers it, so a node of this build and one of an
+/// older build still connect.
+pub const ALPN_V4: &[u8] = b"peerbus/1";
+/// ALPN id of connections that negotiate their protocol version in the [`Hello`] (protocol 5
+/// and later). Preferred over [`ALPN_V4`] when both sides offer it.
+pub const ALPN_NEGOTIATED: &[u8] = b"peerbus/2";
+/// The lowest protocol version this build speaks: 4, with a peer that offers only [`ALPN_V4`].
+pub const MIN_PROTOCOL_VERSION: u32 = 4;
+/// The first version spoken on [`ALPN_NEGOTIATED`] connections.
+pub const FIRST_NEGOTIATED_VERSION: u32 = 5;
+
+/// The version two nodes speak on an [`ALPN_NEGOTIATED`] connection: the highest in both
+/// ranges (each is `min_version..=version` of a [`Hello`]), or an error naming both ranges
+/// when they do not meet.
+pub fn negotiate(
+    ours: std::ops::RangeInclusive<u32>,
+    theirs: std::ops::RangeInclusive<u32>,
+) -> Result<u32, String> {
+    let version = (*ours.end()).min(*theirs.end());
+    if version < *ours.start() || version < *theirs.start() || version < FIRST_NEGOTIATED_VERSION {
+        return Err(format!(
+            "no protocol version in common: this node speaks {}..={}, the peer {}..={}",
+            ours.start(),
+            ours.end(),
+            theirs.start(),
+            theirs.end()
+        ));
+    }
+    Ok(version)
+}
+
+/// How the envelopes of [`Data`] frames travel on one connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// Protocol 4: each envelope names its origin. The receiver checks it is the peer.
+    WithOrigin,
+    /// Protocol 5 and later: envelopes leave their origin out. It is the peer the connection
+    /// proved, so it costs no bytes (32 a message before) and cannot be forged.
+    PeerOrigin,
+}
+
+impl Dialect {
+    /// The dialect of a protocol version.
+    pub fn of(version: u32) -> Dialect {
+        if version >= FIRST_NEGOTIATED_VERSION {
+            Dialect::PeerOrigin
+        } else {
+            Dialect::WithOrigin
+        }
+    }
+}
+
+/// The first frame of a protocol 4 control stream ([`ALPN_V4`]): the same bytes as
+/// [`Control::Hello`] of a protocol 4 build. Every later frame is a [`Control`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlV4 {
+    /// The hello.
+    Hello(HelloV4),
+}
+
+/// The hello of protocol 4: [`Hello`] without `min_version`, with `version` 4.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloV4 {
+    /// Always 4.
+    pub version: u32,
+    /// See [`Hello::node_id`].
+    pub node_id: NodeId,
+    /// See [`Hello::service`].
+    pub service: String,
+    /// See [`Hello::mesh`].
+    pub mesh: String,
+    /// See [`Hello::interests`].
+    pub interests: Vec<Interest>,
+    /// See [`Hello::serves`].
+    pub serves: bool,
+    /// See [`Hello::credits`].
+    pub credits: u32,
+    /// See [`Hello::incarnation`].
+    pub incarnation: u64,
+    /// See [`Hello::consumes`].
+    pub consumes: bool,
+}
+
+impl From<HelloV4> for Hello {
+    fn from(h: HelloV4) -> Hello {
+        Hello {
+            version: h.version,
+            node_id: h.node_id,
+            service: h.service,
+            mesh: h.mesh,
+            interests: h.interests,
+            serves: h.serves,
+            credits: h.credits,
+            incarnation: h.incarnation,
+            consumes: h.consumes,
+            min_version: h.version,
+        }
+    }
+}
+
+impl Hello {
+    /// This hello as a protocol 4 peer reads it (version 4).
+    pub fn to_v4(&self) -> HelloV4 {
+        HelloV4 {
+            version: MIN_PROTOCOL_VERSION,
+            node_id: self.node_id,
+            service: self.service.clone(),
+            mesh: self.mesh.clone(),
+            interests: self.interests.clone(),
+            serves: self.serves,
+            credits: self.credits,
+            incarnation: self.incarnation,
+            consumes: self.consumes,
+        }
+    }
+}
+
 /// The opening frame of a connection, in both directions.
+///
+/// On [`ALPN_NEGOTIATED`] connections its layout never changes (a later version that needs
+/// more from the hello sends it in a frame of its own), so every build of protocol 5 or later
+/// reads every later build's hello and can tell which versions they share.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
-    /// Protocol version spoken by the sender.
+    /// The highest protocol version the sender speaks.
     pub version: u32,
     /// Sender's node id (must equal the id proven by TLS).
     pub node_id: NodeId,
@@ -166,6 +295,8 @@ pub struct Hello {
     /// Whether the sender takes its service's messages (`messages()` is taken and alive): only
     /// then is it an instance that `send`s to its service go to.
     pub consumes: bool,
+    /// The lowest protocol version the sender speaks.
+    pub min_version: u32,
 }
 
 /// Frames on data lanes (unidirectional streams).
@@ -207,7 +338,17 @@ impl Data {
     /// CPU time through serde's generic path. Proptests hold it to serde's answer on valid,
     /// corrupted and random bodies.
     pub fn decode_shared(body: Bytes) -> Result<Self, FrameError> {
-        decode::data(body)
+        decode::data(body, None)
+    }
+
+    /// [`Data::decode_shared`] for a connection of `dialect` to `peer`: with
+    /// [`Dialect::PeerOrigin`] the envelopes on the wire leave their origin out, and it is
+    /// `peer`.
+    pub fn decode_from(body: Bytes, dialect: Dialect, peer: NodeId) -> Result<Self, FrameError> {
+        match dialect {
+            Dialect::WithOrigin => decode::data(body, None),
+            Dialect::PeerOrigin => decode::data(body, Some(peer)),
+        }
     }
 }
 
@@ -303,6 +444,60 @@ pub(crate) mod tests {
         Ok(())
     }
 
+    /// [`Dialect::PeerOrigin`] writes serde's bytes without the envelope's origin (the 32 bytes
+    /// after the variant and its integers), and reads them back with the peer as the origin.
+    fn dialects_agree(frame: &Data) -> Result<(), TestCaseError> {
+        let mut full = Vec::new();
+        frame.encode_body(&mut full);
+        let mut compact = Vec::new();
+        let payload = frame.encode_head_in(&mut compact, Dialect::PeerOrigin);
+        compact.extend_from_slice(payload);
+        let peer = node(200);
+        let back = Data::decode_from(Bytes::from(compact.clone()), Dialect::PeerOrigin, peer)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut expected = frame.clone();
+        let origin = match &mut expected {
+            Data::Deliver { env, .. } => {
+                Some(std::mem::replace(&mut Arc::make_mut(env).origin, peer))
+            }
+            Data::Request { env, .. } => Some(std::mem::replace(&mut env.origin, peer)),
+            Data::Reply { .. } => None,
+        };
+        if let Some(origin) = origin {
+            // The first run of the origin's bytes (the bytes before it are the variant and a
+            // few integers; should one of them equal the origin's, cutting 32 of the run
+            // leaves the same bytes).
+            let at = full
+                .windows(32)
+                .position(|w| w == origin.as_bytes())
+                .ok_or_else(|| TestCaseError::fail("origin not in the full frame"))?;
+            full.drain(at..at + 32);
+        }
+        prop_assert_eq!(&full, &compact);
+        prop_assert_eq!(back, expected);
+        // The full dialect is serde's: decode_from reads it like decode_shared.
+        let mut body = Vec::new();
+        frame.encode_body(&mut body);
+        let full = Data::decode_from(Bytes::from(body), Dialect::WithOrigin, peer)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(&full, frame);
+        Ok(())
+    }
+
+    #[test]
+    fn versions_negotiate_to_the_highest_both_speak() {
+        assert_eq!(negotiate(5..=5, 5..=5), Ok(5));
+        assert_eq!(negotiate(5..=7, 5..=6), Ok(6));
+        assert_eq!(negotiate(5..=6, 6..=9), Ok(6));
+        let err = negotiate(5..=5, 6..=7).expect_err("no overlap");
+        assert!(err.contains("5..=5") && err.contains("6..=7"), "{err}");
+        assert!(negotiate(7..=8, 5..=6).is_err());
+        // Protocol 4 is never negotiated: it has its own ALPN id and hello.
+        assert!(negotiate(4..=4, 4..=4).is_err());
+        assert_eq!(Dialect::of(4), Dialect::WithOrigin);
+        assert_eq!(Dialect::of(5), Dialect::PeerOrigin);
+    }
+
     /// Decodes `body` with serde and with [`Data::decode_shared`]: both fail, or both give the
     /// same frame.
     fn decoders_agree(body: Vec<u8>) -> Result<(), TestCaseError> {
@@ -394,7 +589,11 @@ pub(crate) mod tests {
             encoders_agree(&Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) })?;
             encoders_agree(&Data::Request { budget_ms: budget, env: env.clone() })?;
             encoders_agree(&Data::Reply { corr: budget, result: Ok(env.payload.clone()) })?;
-            encoders_agree(&Data::Reply { corr: budget, result: Err(env.destination) })?;
+            encoders_agree(&Data::Reply { corr: budget, result: Err(env.destination.clone()) })?;
+            dialects_agree(&Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) })?;
+            dialects_agree(&Data::Request { budget_ms: budget, env: env.clone() })?;
+            dialects_agree(&Data::Reply { corr: budget, result: Ok(env.payload.clone()) })?;
+            dialects_agree(&Data::Reply { corr: budget, result: Err(env.destination) })?;
         }
 
         #[test]
@@ -422,7 +621,17 @@ pub(crate) mod tests {
         #[test]
         fn control_frames_round_trip(log in ".{0,16}", seqs in proptest::collection::vec(any::<u64>(), 0..50), reason in ".{0,30}", pat in ".{0,10}", group in proptest::option::of(".{0,6}"), credits in any::<u32>()) {
             let interests = vec![Interest { pattern: pat, group }];
-            roundtrip(Control::Hello(Hello { version: 1, node_id: node(3), service: log.clone(), mesh: reason.clone(), interests: interests.clone(), serves: true, credits, incarnation: 7, consumes: true }));
+            let hello = Hello { version: 4, node_id: node(3), service: log.clone(), mesh: reason.clone(), interests: interests.clone(), serves: true, credits, incarnation: 7, consumes: true, min_version: 4 };
+            roundtrip(Control::Hello(hello.clone()));
+            roundtrip(ControlV4::Hello(hello.to_v4()));
+            // Protocol 4's hello is today's without its last field: the bytes a protocol 4
+            // build writes and reads.
+            let (mut new, mut old) = (Vec::new(), Vec::new());
+            encode_frame(&Control::Hello(hello.clone()), &mut new, 1 << 20).expect("encode");
+            encode_frame(&ControlV4::Hello(hello.to_v4()), &mut old, 1 << 20).expect("encode");
+            prop_assert_eq!(&new[4..new.len() - 1], &old[4..]);
+            prop_assert_eq!(new.last(), Some(&4));
+            prop_assert_eq!(Hello::from(hello.to_v4()), hello);
             roundtrip(Control::Interests(interests));
             roundtrip(Control::Ack { log: log.clone(), seqs: seqs.clone() });
             roundtrip(Control::Nack { log, seq: seqs.first().copied().unwrap_or(0), reason, permanent: true });

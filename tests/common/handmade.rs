@@ -1,0 +1,124 @@
+//! A mesh member made by hand from the transport and the wire types, as another build (an
+//! older one, a newer one, a buggy or hostile one) would be. It binds 127.0.0.1.
+
+use std::sync::Arc;
+
+use peerbus::engine::wire::{Control, ControlV4, Data, Dialect, Envelope, Hello, Kind};
+use peerbus::{Bytes, MeshKey, Node, NodeId};
+use peerbus_transport::{
+    Connection, Endpoint, EndpointConfig, FrameReceiver, FrameSender, Identity, Membership,
+};
+
+/// A hand-made peer connected to a node, its control stream open.
+pub struct HandMade {
+    /// Kept open while the peer is used.
+    pub endpoint: Endpoint,
+    /// The connection to the node.
+    pub conn: Connection,
+    /// The control stream: kept open (closing it ends the connection).
+    pub ctl_tx: FrameSender,
+    /// The control stream, read for the node's hello and acks.
+    pub ctl_rx: FrameReceiver,
+}
+
+impl HandMade {
+    /// Dials `node` offering only the ALPN id `alpn` and opens the control stream.
+    pub async fn dial(key: &MeshKey, node: &Node, alpn: &[u8]) -> HandMade {
+        let identity = Identity::generate().expect("identity");
+        let mut config = EndpointConfig::new(
+            identity,
+            Membership::Key(key.clone()),
+            "127.0.0.1:0".parse().expect("addr"),
+        );
+        config.alpn = vec![alpn.to_vec()];
+        let endpoint = Endpoint::bind(config).expect("bind");
+        let conn = endpoint
+            .connect(node.local_addr(), Some(node.id()))
+            .await
+            .expect("connect");
+        let (ctl_tx, ctl_rx) = conn.open_bi().await.expect("control stream");
+        HandMade {
+            endpoint,
+            conn,
+            ctl_tx,
+            ctl_rx,
+        }
+    }
+
+    /// This peer's hello (service `hand-made`, mesh `test`) naming versions `min..=max`.
+    pub fn hello(&self, min: u32, max: u32) -> Hello {
+        Hello {
+            version: max,
+            node_id: self.endpoint.node_id(),
+            service: "hand-made".into(),
+            mesh: "test".into(),
+            interests: Vec::new(),
+            serves: false,
+            credits: 16,
+            incarnation: 1,
+            consumes: false,
+            min_version: min,
+        }
+    }
+
+    /// Sends a protocol 4 hello, as a build of protocol 4 does, and reads the node's.
+    pub async fn hello_v4(&mut self) -> Option<ControlV4> {
+        let ours = ControlV4::Hello(self.hello(4, 4).to_v4());
+        self.ctl_tx.send(&ours).await.expect("hello");
+        self.ctl_rx.recv::<ControlV4>().await.ok().flatten()
+    }
+
+    /// Sends a negotiated hello naming `min..=max` and reads the node's; `None` when the node
+    /// answered none (it closed the connection).
+    pub async fn hello_negotiated(&mut self, min: u32, max: u32) -> Option<Hello> {
+        let ours = Control::Hello(self.hello(min, max));
+        self.ctl_tx.send(&ours).await.expect("hello");
+        match self.ctl_rx.recv::<Control>().await {
+            Ok(Some(Control::Hello(h))) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// Delivers one `orders` message with `origin` in its envelope on a new lane, written in
+    /// `dialect` (with [`Dialect::PeerOrigin`] the origin stays off the wire).
+    pub async fn deliver(&self, dialect: Dialect, origin: NodeId, seq: u64, text: &str) {
+        let env = Envelope {
+            origin,
+            log: "svc:orders".into(),
+            seq,
+            kind: Kind::Send,
+            destination: "orders".into(),
+            key: None,
+            headers: Vec::new(),
+            content_type: None,
+            created_at_ms: 0,
+            attempt: 1,
+            payload: Bytes::from(text.to_string()),
+        };
+        let frame = Data::Deliver {
+            floor: seq,
+            key_floor: None,
+            env: Arc::new(env),
+        };
+        let mut lane = self.conn.open_uni().await.expect("lane");
+        lane.push_encoded_with_payload(
+            |buf| {
+                frame.encode_head_in(buf, dialect);
+            },
+            frame.payload(),
+        )
+        .expect("frame");
+        lane.flush().await.expect("deliver");
+    }
+
+    /// Reads control frames until an `Ack`; returns its log and seqs.
+    pub async fn next_ack(&mut self) -> (String, Vec<u64>) {
+        loop {
+            match self.ctl_rx.recv::<Control>().await.expect("control frame") {
+                Some(Control::Ack { log, seqs }) => return (log, seqs),
+                Some(_) => {}
+                None => panic!("control stream ended before the ack"),
+            }
+        }
+    }
+}

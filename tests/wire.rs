@@ -1,0 +1,169 @@
+//! What a node accepts from peers made by hand from the transport and the wire types, as
+//! another build (older, newer, buggy or hostile) would be: everything binds 127.0.0.1 and
+//! discovery is in memory.
+//!
+//! - A peer delivers messages only as itself: a message whose envelope names another node as
+//!   its origin would have its ack sent to that node (settling that node's entry of the same
+//!   seq) and would make the receiver drop that node's real message of that seq as a
+//!   duplicate. The receiver closes such a connection and handles nothing of it.
+//! - Versions: a build of protocol 4 (its own ALPN id and hello) and a later build that still
+//!   speaks this one's version are served; a peer with no version in common is refused.
+
+mod common;
+
+use std::time::Duration;
+
+use common::handmade::HandMade;
+use common::{builder, start, within};
+use peerbus::engine::wire::{ALPN_NEGOTIATED, ALPN_V4, ControlV4, Dialect};
+use peerbus::{HandlerError, MemoryNetwork, MeshKey, Node, NodeId, PROTOCOL_VERSION};
+use tokio::sync::mpsc;
+
+/// Handles `orders`'s messages, reporting each one's origin, seq and text.
+fn report_handled(orders: &Node) -> mpsc::Receiver<(NodeId, u64, String)> {
+    let (tx, handled) = mpsc::channel(16);
+    let messages = orders.messages().expect("messages");
+    tokio::spawn(messages.handle(1, move |m| {
+        let tx = tx.clone();
+        async move {
+            tx.send((m.from(), m.id().seq, m.payload_text())).await.ok();
+            Ok::<(), HandlerError>(())
+        }
+    }));
+    handled
+}
+
+/// A hand-made peer of protocol 4: the ALPN id and hello of a protocol 4 build.
+async fn v4_peer(key: &MeshKey, node: &Node) -> HandMade {
+    let mut peer = HandMade::dial(key, node, ALPN_V4).await;
+    match peer.hello_v4().await {
+        Some(ControlV4::Hello(h)) => assert_eq!((h.node_id, h.version), (node.id(), 4)),
+        None => panic!("the node sent no protocol 4 hello"),
+    }
+    peer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_under_another_nodes_id_closes_the_connection_unhandled() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let orders = start(builder(&net, "orders", &key)).await;
+        let other = start(builder(&net, "payments", &key)).await;
+        let mut handled = report_handled(&orders);
+
+        // The seq `payments` gives its next message to `orders`.
+        assert!(
+            other
+                .wait_for_consumers("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        let first = other.send("orders", "first").await.expect("send");
+        let (_, first_seq, _) = handled.recv().await.expect("first handled");
+        first.acked().await.expect("first acked");
+
+        // A message under `payments`'s id with that seq: refused, the connection closed,
+        // nothing handled. (Only protocol 4 puts the origin on the wire.)
+        let forger = v4_peer(&key, &orders).await;
+        forger
+            .deliver(Dialect::WithOrigin, other.id(), first_seq + 1, "forged")
+            .await;
+        let closed = tokio::time::timeout(Duration::from_secs(10), forger.conn.closed())
+            .await
+            .expect("the node closes a connection that delivers under another id");
+        assert!(
+            closed.to_string().contains("another origin"),
+            "unexpected close: {closed}"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), handled.recv())
+                .await
+                .is_err(),
+            "a message under another node's id was handled"
+        );
+        // So `payments`'s real message of that seq is not taken for a duplicate of it.
+        let receipt = other.send("orders", "real").await.expect("send");
+        let (from, seq, text) = handled.recv().await.expect("real handled");
+        assert_eq!(
+            (from, seq, text.as_str()),
+            (other.id(), first_seq + 1, "real")
+        );
+        receipt.acked().await.expect("acked");
+
+        // As itself: handled and acknowledged (the hand-made peer speaks the protocol right).
+        let mut honest = v4_peer(&key, &orders).await;
+        let own_id = honest.endpoint.node_id();
+        honest
+            .deliver(Dialect::WithOrigin, own_id, 7, "honest")
+            .await;
+        let (from, seq, text) = handled.recv().await.expect("handled");
+        assert_eq!((from, seq, text.as_str()), (own_id, 7, "honest"));
+        let (log, seqs) = honest.next_ack().await;
+        assert_eq!((log.as_str(), seqs), ("svc:orders", vec![7]));
+        other.shutdown().await;
+        orders.shutdown().await;
+    })
+    .await;
+}
+
+/// A later build that still speaks this one's version: it names a range reaching past it, the
+/// node answers with its own range, and both speak the highest they share. Its envelopes leave
+/// their origin out: the node takes the connection's peer as the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_build_speaks_the_highest_version_both_know() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let orders = start(builder(&net, "orders", &key)).await;
+        let mut handled = report_handled(&orders);
+
+        let mut newer = HandMade::dial(&key, &orders, ALPN_NEGOTIATED).await;
+        let hello = newer
+            .hello_negotiated(5, PROTOCOL_VERSION + 3)
+            .await
+            .expect("the node's hello");
+        assert_eq!((hello.min_version, hello.version), (5, PROTOCOL_VERSION));
+        assert_eq!(newer.conn.alpn(), ALPN_NEGOTIATED);
+        let own_id = newer.endpoint.node_id();
+        // The envelope's origin field is not sent: whatever it says, the origin is the peer.
+        newer
+            .deliver(Dialect::PeerOrigin, orders.id(), 3, "compact")
+            .await;
+        let (from, seq, text) = handled.recv().await.expect("handled");
+        assert_eq!((from, seq, text.as_str()), (own_id, 3, "compact"));
+        let (log, seqs) = newer.next_ack().await;
+        assert_eq!((log.as_str(), seqs), ("svc:orders", vec![3]));
+        let peers = orders.peers().await;
+        let info = peers
+            .iter()
+            .find(|p| p.node_id == own_id)
+            .expect("the hand-made peer is listed");
+        assert_eq!(info.protocol, Some(PROTOCOL_VERSION));
+        orders.shutdown().await;
+    })
+    .await;
+}
+
+/// A build whose versions all lie past this one's is refused with a reason, at the hello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_no_version_in_common_is_refused() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let orders = start(builder(&net, "orders", &key)).await;
+        let mut future = HandMade::dial(&key, &orders, ALPN_NEGOTIATED).await;
+        let (min, max) = (PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2);
+        // The node answers the hello (the dialer speaks first), then closes.
+        let _ = future.hello_negotiated(min, max).await;
+        let closed = tokio::time::timeout(Duration::from_secs(10), future.conn.closed())
+            .await
+            .expect("the node closes a connection with no version in common");
+        assert!(
+            closed.to_string().contains("unsupported protocol version"),
+            "unexpected close: {closed}"
+        );
+        assert!(orders.peers().await.iter().all(|p| p.protocol.is_none()));
+        orders.shutdown().await;
+    })
+    .await;
+}
