@@ -171,6 +171,32 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
+    /// The headers as [`Dialect::PeerOrigin`](super::Dialect::PeerOrigin) writes them (see
+    /// `encode.rs`, `compact_headers`): a binary `traceparent` goes back where it was.
+    fn compact_headers(&mut self) -> Result<Vec<(String, String)>, FrameError> {
+        let at = self.len()?;
+        let traceparent = if at > 0 {
+            Some(self.array::<25>()?)
+        } else {
+            None
+        };
+        let mut headers = self.headers()?;
+        if let Some(b) = traceparent {
+            if at - 1 > headers.len() {
+                return Err(malformed(format!(
+                    "traceparent at header {} of {}",
+                    at - 1,
+                    headers.len() + 1
+                )));
+            }
+            headers.insert(
+                at - 1,
+                (super::TRACEPARENT.to_string(), super::traceparent_text(&b)),
+            );
+        }
+        Ok(headers)
+    }
+
     /// An [`Envelope`] whose payload is a slice of `body` (the buffer this reader reads), from
     /// `peer` when the wire leaves the origin out.
     fn envelope(&mut self, body: &Bytes, peer: Option<NodeId>) -> Result<Envelope, FrameError> {
@@ -185,7 +211,11 @@ impl<'a> Reader<'a> {
             kind: self.kind()?,
             destination: self.string()?,
             key: self.opt_string()?,
-            headers: self.headers()?,
+            headers: if peer.is_some() {
+                self.compact_headers()?
+            } else {
+                self.headers()?
+            },
             content_type: self.opt_string()?,
             created_at_ms: self.u64()?,
             attempt: self.u32()?,

@@ -183,13 +183,35 @@ pub fn negotiate(
     Ok(version)
 }
 
+/// The header name of a W3C trace parent (see `crate::trace`).
+const TRACEPARENT: &str = "traceparent";
+
+/// The text of a `traceparent` from its 25 bytes (trace id, span id, flags):
+/// `00-<32 hex>-<16 hex>-<2 hex>`, lower-case.
+fn traceparent_text(b: &[u8; 25]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(55);
+    out.extend_from_slice(b"00");
+    for (i, x) in b.iter().enumerate() {
+        if i == 0 || i == 16 || i == 24 {
+            out.push(b'-');
+        }
+        out.push(DIGITS[usize::from(x >> 4)]);
+        out.push(DIGITS[usize::from(x & 0xf)]);
+    }
+    // Only ASCII digits and dashes were written.
+    String::from_utf8(out).unwrap_or_default()
+}
+
 /// How the envelopes of [`Data`] frames travel on one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
     /// Protocol 4: each envelope names its origin. The receiver checks it is the peer.
     WithOrigin,
     /// Protocol 5 and later: envelopes leave their origin out. It is the peer the connection
-    /// proved, so it costs no bytes (32 a message before) and cannot be forged.
+    /// proved, so it costs no bytes (32 a message before) and cannot be forged. A
+    /// `traceparent` header in its usual form travels as 25 bytes instead of 55 characters
+    /// (68 bytes with its name), and reads back as the same text.
     PeerOrigin,
 }
 
@@ -444,8 +466,9 @@ pub(crate) mod tests {
         Ok(())
     }
 
-    /// [`Dialect::PeerOrigin`] writes serde's bytes without the envelope's origin (the 32 bytes
-    /// after the variant and its integers), and reads them back with the peer as the origin.
+    /// [`Dialect::PeerOrigin`] writes serde's bytes without the envelope's origin and with a
+    /// `traceparent` of the usual form as 25 bytes (plus one byte saying where it was), and
+    /// reads them back exactly, with the peer as the origin.
     fn dialects_agree(frame: &Data) -> Result<(), TestCaseError> {
         let mut full = Vec::new();
         frame.encode_body(&mut full);
@@ -456,32 +479,137 @@ pub(crate) mod tests {
         let back = Data::decode_from(Bytes::from(compact.clone()), Dialect::PeerOrigin, peer)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let mut expected = frame.clone();
-        let origin = match &mut expected {
-            Data::Deliver { env, .. } => {
-                Some(std::mem::replace(&mut Arc::make_mut(env).origin, peer))
-            }
-            Data::Request { env, .. } => Some(std::mem::replace(&mut env.origin, peer)),
+        let env = match &mut expected {
+            Data::Deliver { env, .. } => Some(Arc::make_mut(env)),
+            Data::Request { env, .. } => Some(env),
             Data::Reply { .. } => None,
         };
-        if let Some(origin) = origin {
-            // The first run of the origin's bytes (the bytes before it are the variant and a
-            // few integers; should one of them equal the origin's, cutting 32 of the run
-            // leaves the same bytes).
-            let at = full
-                .windows(32)
-                .position(|w| w == origin.as_bytes())
-                .ok_or_else(|| TestCaseError::fail("origin not in the full frame"))?;
-            full.drain(at..at + 32);
-        }
-        prop_assert_eq!(&full, &compact);
+        let saved = match env {
+            None => 0,
+            Some(env) => {
+                env.origin = peer;
+                let binary = env
+                    .headers
+                    .iter()
+                    .any(|(k, v)| k == TRACEPARENT && encode::binary_traceparent(v).is_some());
+                // The origin; one byte for where the traceparent was; and, when it goes as
+                // binary, its name and text (1 + 11 + 1 + 55) for its 25 bytes.
+                32 - 1 + if binary { 68 - 25 } else { 0 }
+            }
+        };
+        prop_assert_eq!(compact.len() + saved, full.len());
         prop_assert_eq!(back, expected);
         // The full dialect is serde's: decode_from reads it like decode_shared.
-        let mut body = Vec::new();
-        frame.encode_body(&mut body);
-        let full = Data::decode_from(Bytes::from(body), Dialect::WithOrigin, peer)
+        let full = Data::decode_from(Bytes::from(full), Dialect::WithOrigin, peer)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(&full, frame);
         Ok(())
+    }
+
+    /// `traceparent` values: the usual form (sent as binary) and near misses (sent as text).
+    fn traceparent_strategy() -> impl Strategy<Value = String> {
+        let usual = any::<[u8; 25]>().prop_map(|b| traceparent_text(&b));
+        prop_oneof![
+            usual.clone(),
+            usual.clone().prop_map(|t| t.to_uppercase()),
+            usual.clone().prop_map(|t| format!("{t} ")),
+            usual.prop_map(|t| t.replacen("00-", "01-", 1)),
+            "[0-9a-f-]{0,60}",
+        ]
+    }
+
+    #[test]
+    fn a_usual_traceparent_goes_as_binary_and_reads_back_as_text() {
+        let text = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let b = encode::binary_traceparent(text).expect("the usual form");
+        assert_eq!(traceparent_text(&b), text);
+        for other in [
+            "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c_b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319g-b7ad6b7169203331-01",
+            "",
+        ] {
+            assert_eq!(encode::binary_traceparent(other), None, "{other}");
+        }
+        // A binary traceparent placed past the end of the headers is refused.
+        let env = Envelope {
+            origin: node(1),
+            log: "l".into(),
+            seq: 1,
+            kind: Kind::Send,
+            destination: "d".into(),
+            key: None,
+            headers: vec![(TRACEPARENT.into(), text.into())],
+            content_type: None,
+            created_at_ms: 0,
+            attempt: 1,
+            payload: Bytes::new(),
+        };
+        let frame = Data::Request { budget_ms: 1, env };
+        let mut body = Vec::new();
+        frame.encode_head_in(&mut body, Dialect::PeerOrigin);
+        // variant, budget, log, seq, kind, destination, key: then the position byte.
+        let at = 1 + 1 + 2 + 1 + 1 + 2 + 1;
+        assert_eq!(body[at], 1);
+        assert!(Data::decode_from(Bytes::from(body.clone()), Dialect::PeerOrigin, node(2)).is_ok());
+        body[at] = 2;
+        let err = Data::decode_from(Bytes::from(body), Dialect::PeerOrigin, node(2))
+            .expect_err("past the end");
+        assert!(
+            err.to_string().contains("traceparent at header 1 of 1"),
+            "{err}"
+        );
+    }
+
+    /// Every single-byte change and every cut of a compact delivery with a binary
+    /// `traceparent`: reading fails with an error or gives a frame, and never panics.
+    #[test]
+    fn changed_compact_bodies_never_panic() {
+        let env = Envelope {
+            origin: node(1),
+            log: "svc:orders".into(),
+            seq: 70_000,
+            kind: Kind::Send,
+            destination: "orders".into(),
+            key: Some("k".into()),
+            headers: vec![
+                ("a".into(), "b".into()),
+                (
+                    TRACEPARENT.into(),
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+                ),
+            ],
+            content_type: Some("text/plain".into()),
+            created_at_ms: 1_700_000_000_000,
+            attempt: 2,
+            payload: Bytes::from_static(b"payload"),
+        };
+        let frame = Data::Deliver {
+            floor: 9,
+            key_floor: Some(3),
+            env: Arc::new(env),
+        };
+        let mut body = Vec::new();
+        let payload = frame.encode_head_in(&mut body, Dialect::PeerOrigin);
+        body.extend_from_slice(payload);
+        let read =
+            |b: &[u8]| Data::decode_from(Bytes::copy_from_slice(b), Dialect::PeerOrigin, node(1));
+        assert_eq!(read(&body).expect("whole"), frame);
+        for cut in 0..body.len() {
+            assert!(
+                read(&body[..cut]).is_err(),
+                "a cut at {cut} read as a frame"
+            );
+        }
+        for i in 0..body.len() {
+            for b in 0..=u8::MAX {
+                let mut changed = body.clone();
+                changed[i] = b;
+                let _ = read(&changed);
+            }
+        }
     }
 
     #[test]
@@ -576,6 +704,17 @@ pub(crate) mod tests {
     }
 
     proptest! {
+        #[test]
+        fn compact_envelopes_read_back_exactly(env in env_strategy(), tp in traceparent_strategy(), at in any::<prop::sample::Index>(), floor in any::<u64>(), body in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut env = env;
+            let i = at.index(env.headers.len() + 1);
+            env.headers.insert(i, (TRACEPARENT.into(), tp));
+            dialects_agree(&Data::Deliver { floor, key_floor: None, env: Arc::new(env.clone()) })?;
+            dialects_agree(&Data::Request { budget_ms: floor, env })?;
+            // Whatever a compact body holds, reading it fails or gives a frame; never a panic.
+            let _ = Data::decode_from(Bytes::from(body), Dialect::PeerOrigin, node(9));
+        }
+
         #[test]
         fn data_frames_round_trip(env in env_strategy(), floor in any::<u64>(), kf in proptest::option::of(any::<u64>()), budget in any::<u64>()) {
             roundtrip(Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) });
