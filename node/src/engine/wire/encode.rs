@@ -161,21 +161,35 @@ pub(super) fn binary_traceparent(v: &str) -> Option<[u8; 25]> {
     if v.len() != 55 || !v.starts_with(b"00-") || v[35] != b'-' || v[52] != b'-' {
         return None;
     }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
     let mut out = [0; 25];
-    let hex = v[3..35]
-        .chunks(2)
-        .chain(v[36..52].chunks(2))
-        .chain(v[53..].chunks(2));
-    for (o, pair) in out.iter_mut().zip(hex) {
-        *o = digit(pair[0])? << 4 | digit(pair[1])?;
+    let mut bad = 0;
+    for (i, o) in out.iter_mut().enumerate() {
+        let at = super::traceparent_digit(i);
+        let (hi, lo) = (
+            HEX_VALUE[usize::from(v[at])],
+            HEX_VALUE[usize::from(v[at + 1])],
+        );
+        bad |= hi | lo;
+        *o = hi << 4 | lo;
     }
-    Some(out)
+    (bad <= 15).then_some(out)
 }
+
+/// The value of each lower-case hex digit; 255 for every other byte.
+static HEX_VALUE: [u8; 256] = {
+    let mut t = [255; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 /// A string or byte string: its length, then its bytes.
 fn bytes(out: &mut Vec<u8>, b: &[u8]) {
