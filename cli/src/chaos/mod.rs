@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use peerbus::MeshKey;
 use peerbus::control;
+use peerbus::engine::wire::MIN_PROTOCOL_VERSION;
+use peerbus::{MeshKey, PROTOCOL_VERSION};
 use serde_json::json;
 
 use crate::common::UsageError;
@@ -147,6 +148,11 @@ pub(crate) struct ChaosArgs {
     /// (printed at start; each page shows that node and its peers, faults included).
     #[arg(long)]
     admin: bool,
+    /// A mesh halfway through a rolling upgrade: every node of odd index speaks at most
+    /// protocol 4, as the previous build does (`NodeBuilder::max_protocol_version`), so
+    /// connections of both versions carry the load through the faults.
+    #[arg(long)]
+    mixed_protocols: bool,
 }
 
 /// Seconds without any handling, after the workload stopped, before the drain wait gives up.
@@ -436,6 +442,9 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         if let Some(admin) = admins.get(i) {
             v.push(format!("--admin={admin}"));
         }
+        if a.mixed_protocols && i % 2 == 1 {
+            v.push(format!("--max-protocol-version={MIN_PROTOCOL_VERSION}"));
+        }
         args.push(v);
         procs.push(Proc {
             data_dir,
@@ -464,6 +473,11 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     );
     for (i, admin) in admins.iter().enumerate() {
         println!("chaos: node-{i} live mesh page: http://{admin}/");
+    }
+    if a.mixed_protocols {
+        println!(
+            "chaos: mixed protocols: odd nodes speak at most {MIN_PROTOCOL_VERSION}, even ones {PROTOCOL_VERSION}"
+        );
     }
     for i in 0..a.nodes {
         mesh.spawn(i)?;
@@ -637,6 +651,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             "fault_interval_s": a.fault_interval.as_secs_f64(),
             "publish_percent": a.publish_percent, "misbehave": a.misbehave,
             "no_ready_wait": a.no_ready_wait,
+            "mixed_protocols": a.mixed_protocols,
         }),
         findings,
         faults,

@@ -79,6 +79,9 @@ pub(crate) struct WorkerArgs {
     /// Serve the admin endpoint and live mesh page here (loopback).
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// The highest protocol version this node speaks (default: this build's).
+    #[arg(long)]
+    max_protocol_version: Option<u32>,
 }
 
 /// The service of node `index` in a run with `services` services.
@@ -114,6 +117,9 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
     }
     if let Some(admin) = a.admin {
         builder = builder.admin(admin);
+    }
+    if let Some(v) = a.max_protocol_version {
+        builder = builder.max_protocol_version(v);
     }
     let node = builder.start().await.context("starting the node")?;
     journal.write(&Event::Start {
