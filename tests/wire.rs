@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::handmade::HandMade;
 use common::{builder, start, within};
-use peerbus::engine::wire::{ALPN_NEGOTIATED, ALPN_V4, ControlV4, Dialect};
+use peerbus::engine::wire::{ALPN_NEGOTIATED, ALPN_V4, Control, ControlV4, Dialect};
 use peerbus::{HandlerError, MemoryNetwork, MeshKey, Node, NodeId, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
 
@@ -164,6 +164,73 @@ async fn a_peer_with_no_version_in_common_is_refused() {
         );
         assert!(orders.peers().await.iter().all(|p| p.protocol.is_none()));
         orders.shutdown().await;
+    })
+    .await;
+}
+
+/// A peer acknowledges only what it can have been sent: an ack of a service's entries from a
+/// node of another service closes its connection and settles nothing, so the real consumer's
+/// handler still runs and its ack settles the receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_of_another_services_entries_closes_the_connection_and_settles_nothing() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let payments = start(builder(&net, "payments", &key)).await;
+        let orders = start(builder(&net, "orders", &key)).await;
+        // The consumer reports each message's seq, then waits for the test to let it finish.
+        let (seen_tx, mut seen) = mpsc::channel(4);
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let g = gate.clone();
+        tokio::spawn(orders.messages().expect("messages").handle(1, move |m| {
+            let (seen_tx, gate) = (seen_tx.clone(), g.clone());
+            async move {
+                seen_tx.send(m.id().seq).await.ok();
+                gate.acquire().await.map(|p| p.forget()).ok();
+                Ok::<(), HandlerError>(())
+            }
+        }));
+        assert!(
+            payments
+                .wait_for_consumers("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        let receipt = payments.send("orders", "order-1").await.expect("send");
+        let seq = seen.recv().await.expect("the consumer got it");
+
+        // A member of another service acks it.
+        let mut other = HandMade::dial(&key, &payments, ALPN_NEGOTIATED).await;
+        other
+            .hello_negotiated(5, PROTOCOL_VERSION)
+            .await
+            .expect("the node's hello");
+        other
+            .ctl_tx
+            .send(&Control::Ack {
+                log: "svc:orders".into(),
+                seqs: vec![seq],
+            })
+            .await
+            .expect("ack");
+        let closed = tokio::time::timeout(Duration::from_secs(10), other.conn.closed())
+            .await
+            .expect("the node closes a connection that acks what it was never sent");
+        assert!(
+            closed.to_string().contains("never sent"),
+            "unexpected close: {closed}"
+        );
+        // Not settled by it: the receipt waits for the real consumer.
+        let mut receipt = Box::pin(receipt.acked());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), &mut receipt)
+                .await
+                .is_err(),
+            "the receipt settled on another service's ack"
+        );
+        gate.add_permits(1);
+        receipt.await.expect("acked by the consumer");
+        orders.shutdown().await;
+        payments.shutdown().await;
     })
     .await;
 }

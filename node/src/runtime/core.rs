@@ -1257,6 +1257,18 @@ impl Core {
         }
     }
 
+    /// Whether `peer` can have been sent entries of `log`: a service's log goes only to
+    /// instances of that service (whether or not they take its messages now), a node's
+    /// ephemeral log only to that node. A group's log goes to any node that subscribed to the
+    /// group at some point, which is not checked.
+    fn may_ack(&self, peer: NodeId, log: &str) -> bool {
+        match log.split_once(':') {
+            Some(("svc", service)) => self.links.get(&peer).is_some_and(|l| l.service == service),
+            Some(("eph", _)) => log == Target::Node(peer).log_name(),
+            _ => true,
+        }
+    }
+
     fn on_control(&mut self, peer: NodeId, generation: u64, frame: Control) {
         if matches!(frame, Control::Retired) {
             self.on_retired(peer, generation);
@@ -1278,6 +1290,18 @@ impl Core {
         }
         match frame {
             Control::Ack { log, seqs } => {
+                if !self.may_ack(peer, &log) {
+                    // A buggy or hostile member would settle entries it was never sent: their
+                    // receipts would say acknowledged and their handlers would never run.
+                    warn!(peer = %peer.short(), %log, "peer acknowledged entries it cannot have been sent; closing the connection");
+                    if let Some(l) = self.links.get(&peer) {
+                        l.conn.close(
+                            CloseCode::ProtocolViolation,
+                            "ack of entries never sent to this node",
+                        );
+                    }
+                    return;
+                }
                 let settled = self.outbox.on_ack(peer, &log, &seqs);
                 self.settle(settled);
             }
