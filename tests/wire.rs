@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use common::handmade::HandMade;
 use common::{builder, start, within};
-use peerbus::engine::wire::{ALPN_NEGOTIATED, ALPN_V4, Control, ControlV4, Dialect};
+use peerbus::engine::wire::{
+    ALPN_NEGOTIATED, ALPN_V4, Control, ControlV4, Dialect, MAX_ACK_RUN_SEQS,
+};
 use peerbus::{HandlerError, MemoryNetwork, MeshKey, Node, NodeId, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
 
@@ -139,6 +141,22 @@ async fn a_newer_build_speaks_the_highest_version_both_know() {
             .find(|p| p.node_id == own_id)
             .expect("the hand-made peer is listed");
         assert_eq!(info.protocol, Some(PROTOCOL_VERSION));
+        // Acks as runs: a frame naming more seqs than a node expands closes the connection.
+        newer
+            .ctl_tx
+            .send(&Control::AckRuns {
+                log: "svc:hand-made".into(),
+                runs: vec![(1, MAX_ACK_RUN_SEQS + 1)],
+            })
+            .await
+            .expect("ack runs");
+        let closed = tokio::time::timeout(Duration::from_secs(10), newer.conn.closed())
+            .await
+            .expect("the node closes a connection that acks too much at once");
+        assert!(
+            closed.to_string().contains("too many acks"),
+            "unexpected close: {closed}"
+        );
         orders.shutdown().await;
     })
     .await;

@@ -111,11 +111,15 @@ impl HandMade {
         lane.flush().await.expect("deliver");
     }
 
-    /// Reads control frames until an `Ack`; returns its log and seqs.
+    /// Reads control frames until an `Ack` (protocol 4) or `AckRuns` (5); returns its log and
+    /// seqs.
     pub async fn next_ack(&mut self) -> (String, Vec<u64>) {
         loop {
             match self.ctl_rx.recv::<Control>().await.expect("control frame") {
                 Some(Control::Ack { log, seqs }) => return (log, seqs),
+                Some(Control::AckRuns { log, runs }) => {
+                    return (log, Control::expand_runs(&runs).expect("a few runs"));
+                }
                 Some(_) => {}
                 None => panic!("control stream ended before the ack"),
             }

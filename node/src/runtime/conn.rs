@@ -377,6 +377,12 @@ async fn writer(
                         break;
                     }
                     Out::Control(c) => {
+                        let c = match (c, dialect) {
+                            (Control::Ack { log, seqs }, Dialect::PeerOrigin) => {
+                                Control::ack_runs(log, seqs)
+                            }
+                            (c, _) => c,
+                        };
                         if !refused(ctl.push(&c))? {
                             dirty_ctl = true;
                             if ctl.buffered_bytes() >= FLUSH_BYTES {

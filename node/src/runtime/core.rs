@@ -21,7 +21,7 @@ use crate::engine::FastMap;
 use crate::engine::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target, Transmit};
 use crate::engine::routing::stable_hash;
-use crate::engine::wire::{Control, Data, Envelope, GroupState, Hello, Interest};
+use crate::engine::wire::{Control, Data, Envelope, GroupState, Hello, Interest, MAX_ACK_RUN_SEQS};
 use crate::error::{DeliveryError, RequestError, SendError};
 use crate::node::{CallReply, CopyReceipt, PeerInfo, PeerState, Status};
 use crate::store::{DeadLetter, StoredEntry};
@@ -1269,6 +1269,24 @@ impl Core {
         }
     }
 
+    /// `peer` acknowledged `seqs` of our log `log`.
+    fn peer_acked(&mut self, peer: NodeId, log: &str, seqs: &[u64]) {
+        if !self.may_ack(peer, log) {
+            // A buggy or hostile member would settle entries it was never sent: their
+            // receipts would say acknowledged and their handlers would never run.
+            warn!(peer = %peer.short(), %log, "peer acknowledged entries it cannot have been sent; closing the connection");
+            if let Some(l) = self.links.get(&peer) {
+                l.conn.close(
+                    CloseCode::ProtocolViolation,
+                    "ack of entries never sent to this node",
+                );
+            }
+            return;
+        }
+        let settled = self.outbox.on_ack(peer, log, seqs);
+        self.settle(settled);
+    }
+
     fn on_control(&mut self, peer: NodeId, generation: u64, frame: Control) {
         if matches!(frame, Control::Retired) {
             self.on_retired(peer, generation);
@@ -1289,22 +1307,17 @@ impl Core {
             return;
         }
         match frame {
-            Control::Ack { log, seqs } => {
-                if !self.may_ack(peer, &log) {
-                    // A buggy or hostile member would settle entries it was never sent: their
-                    // receipts would say acknowledged and their handlers would never run.
-                    warn!(peer = %peer.short(), %log, "peer acknowledged entries it cannot have been sent; closing the connection");
+            Control::Ack { log, seqs } => self.peer_acked(peer, &log, &seqs),
+            Control::AckRuns { log, runs } => match Control::expand_runs(&runs) {
+                Some(seqs) => self.peer_acked(peer, &log, &seqs),
+                None => {
+                    warn!(peer = %peer.short(), %log, "peer acknowledged more than {MAX_ACK_RUN_SEQS} entries in one frame; closing the connection");
                     if let Some(l) = self.links.get(&peer) {
-                        l.conn.close(
-                            CloseCode::ProtocolViolation,
-                            "ack of entries never sent to this node",
-                        );
+                        l.conn
+                            .close(CloseCode::ProtocolViolation, "too many acks in one frame");
                     }
-                    return;
                 }
-                let settled = self.outbox.on_ack(peer, &log, &seqs);
-                self.settle(settled);
-            }
+            },
             Control::Nack {
                 log,
                 seq,

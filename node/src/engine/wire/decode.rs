@@ -30,9 +30,14 @@ pub(super) fn data(body: Bytes, peer: Option<NodeId>) -> Result<Data, FrameError
             let floor = r.u64()?;
             let key_floor = if r.option()? { Some(r.u64()?) } else { None };
             let env = r.envelope(&body, peer)?;
+            // From protocol 5 the floors are distances below the entry's seq.
+            let at = |v: u64| match peer {
+                Some(_) => env.seq.wrapping_sub(v),
+                None => v,
+            };
             Data::Deliver {
-                floor,
-                key_floor,
+                floor: at(floor),
+                key_floor: key_floor.map(at),
                 env: Arc::new(env),
             }
         }

@@ -37,8 +37,8 @@ impl Data {
         self.encode_head_in(out, Dialect::WithOrigin)
     }
 
-    /// [`Data::encode_head`] for a connection of `dialect`: with [`Dialect::PeerOrigin`] the
-    /// envelope's origin is left out (the same bytes without those 32).
+    /// [`Data::encode_head`] for a connection of `dialect` (see [`Dialect::PeerOrigin`] for
+    /// what differs).
     pub fn encode_head_in(&self, out: &mut Vec<u8>, dialect: Dialect) -> &Bytes {
         match self {
             Data::Deliver {
@@ -46,15 +46,15 @@ impl Data {
                 key_floor,
                 env,
             } => {
+                // Both floors are at most the entry's seq: as distances below it they take a
+                // byte or two instead of up to nine (wrapping, so any value reads back).
+                let below = |v: u64| match dialect {
+                    Dialect::WithOrigin => v,
+                    Dialect::PeerOrigin => env.seq.wrapping_sub(v),
+                };
                 varint(out, 0);
-                varint(out, *floor);
-                match key_floor {
-                    Some(k) => {
-                        out.push(1);
-                        varint(out, *k);
-                    }
-                    None => out.push(0),
-                }
+                varint(out, below(*floor));
+                opt_u64(out, key_floor.map(below));
                 envelope_head(out, env, dialect)
             }
             Data::Request { budget_ms, env } => {

@@ -149,6 +149,62 @@ pub enum Control {
     Retired,
     /// Whether the sender now takes its service's messages (see [`Hello::consumes`]).
     Consumes(bool),
+    /// [`Control::Ack`] as protocol 5 sends it ([`Control::ack_runs`]): the handled seqs,
+    /// sorted, as runs of consecutive numbers. A flush of acks is mostly one run, so it takes
+    /// a few bytes instead of one to nine per seq.
+    AckRuns {
+        /// Log name at the origin.
+        log: String,
+        /// Each run as `(gap, len)`: it starts `gap` after the end of the run before (the
+        /// first, after 0) and holds `len` seqs. At most [`MAX_ACK_RUN_SEQS`] in all.
+        runs: Vec<(u64, u64)>,
+    },
+}
+
+/// Most seqs one [`Control::AckRuns`] may stand for: a frame naming more closes the
+/// connection. A plain [`Control::Ack`] is bounded by the frame size; runs are not, so this
+/// bounds what reading one allocates. Far above the acks of one flush (at most a peer's
+/// credits' worth per log).
+pub const MAX_ACK_RUN_SEQS: u64 = 1 << 20;
+
+impl Control {
+    /// The [`Control::AckRuns`] of these seqs (sorted and deduplicated first: the order of
+    /// acks carries no meaning).
+    pub fn ack_runs(log: String, mut seqs: Vec<u64>) -> Control {
+        seqs.sort_unstable();
+        seqs.dedup();
+        let mut runs = Vec::new();
+        let mut end = 0u64;
+        let mut seqs = seqs.into_iter().peekable();
+        while let Some(start) = seqs.next() {
+            let mut len = 1u64;
+            while seqs.next_if_eq(&start.wrapping_add(len)).is_some() {
+                len += 1;
+            }
+            runs.push((start.wrapping_sub(end), len));
+            end = start.wrapping_add(len);
+        }
+        Control::AckRuns { log, runs }
+    }
+
+    /// The seqs of [`Control::AckRuns`]' `runs`, ascending; `None` when they are more than
+    /// [`MAX_ACK_RUN_SEQS`] (checked before anything is allocated).
+    pub fn expand_runs(runs: &[(u64, u64)]) -> Option<Vec<u64>> {
+        let total = runs
+            .iter()
+            .try_fold(0u64, |sum, (_, len)| sum.checked_add(*len))?;
+        if total > MAX_ACK_RUN_SEQS {
+            return None;
+        }
+        let mut seqs = Vec::with_capacity(usize::try_from(total).ok()?);
+        let mut end = 0u64;
+        for (gap, len) in runs {
+            let start = end.wrapping_add(*gap);
+            seqs.extend((0..*len).map(|i| start.wrapping_add(i)));
+            end = start.wrapping_add(*len);
+        }
+        Some(seqs)
+    }
 }
 
 /// ALPN id of protocol 4 connections: they open with [`ControlV4::Hello`] and their envelopes
@@ -214,7 +270,9 @@ pub enum Dialect {
     /// Protocol 5 and later: envelopes leave their origin out. It is the peer the connection
     /// proved, so it costs no bytes (32 a message before) and cannot be forged. A
     /// `traceparent` header in its usual form travels as 25 bytes instead of 55 characters
-    /// (68 bytes with its name), and reads back as the same text.
+    /// (68 bytes with its name), and reads back as the same text. A delivery's `floor` and
+    /// `key_floor` travel as their distance below the entry's seq (wrapping), which takes a
+    /// byte or two where the seqs themselves take up to nine.
     PeerOrigin,
 }
 
@@ -487,20 +545,39 @@ pub(crate) mod tests {
             Data::Request { env, .. } => Some(env),
             Data::Reply { .. } => None,
         };
-        let saved = match env {
-            None => 0,
-            Some(env) => {
-                env.origin = peer;
-                let binary = env
-                    .headers
-                    .iter()
-                    .any(|(k, v)| k == TRACEPARENT && encode::binary_traceparent(v).is_some());
-                // The origin; one byte for where the traceparent was; and, when it goes as
-                // binary, its name and text (1 + 11 + 1 + 55) for its 25 bytes.
-                32 - 1 + if binary { 68 - 25 } else { 0 }
-            }
+        // A delivery's floors as distances below its seq.
+        let varint_len = |v: u64| {
+            let mut b = Vec::new();
+            encode::varint(&mut b, v);
+            b.len()
         };
-        prop_assert_eq!(compact.len() + saved, full.len());
+        let floors = match frame {
+            Data::Deliver {
+                floor,
+                key_floor,
+                env,
+            } => {
+                let len =
+                    |v: u64| varint_len(v) as i64 - varint_len(env.seq.wrapping_sub(v)) as i64;
+                len(*floor) + key_floor.map_or(0, len)
+            }
+            _ => 0,
+        };
+        let saved = floors
+            + match env {
+                None => 0,
+                Some(env) => {
+                    env.origin = peer;
+                    let binary = env
+                        .headers
+                        .iter()
+                        .any(|(k, v)| k == TRACEPARENT && encode::binary_traceparent(v).is_some());
+                    // The origin; one byte for where the traceparent was; and, when it goes as
+                    // binary, its name and text (1 + 11 + 1 + 55) for its 25 bytes.
+                    32 - 1 + if binary { 68 - 25 } else { 0 }
+                }
+            };
+        prop_assert_eq!(compact.len() as i64 + saved, full.len() as i64);
         prop_assert_eq!(back, expected);
         // The full dialect is serde's: decode_from reads it like decode_shared.
         let full = Data::decode_from(Bytes::from(full), Dialect::WithOrigin, peer)
@@ -613,6 +690,44 @@ pub(crate) mod tests {
                 let _ = read(&changed);
             }
         }
+    }
+
+    #[test]
+    fn consecutive_acks_are_one_run_and_too_many_are_refused() {
+        let seqs: Vec<u64> = (1_000_000_000_000_000..1_000_000_000_000_300)
+            .rev()
+            .collect();
+        let runs = Control::ack_runs("svc:a".into(), seqs.clone());
+        assert_eq!(
+            runs,
+            Control::AckRuns {
+                log: "svc:a".into(),
+                runs: vec![(1_000_000_000_000_000, 300)]
+            }
+        );
+        let (mut plain, mut compact) = (Vec::new(), Vec::new());
+        encode_frame(
+            &Control::Ack {
+                log: "svc:a".into(),
+                seqs,
+            },
+            &mut plain,
+            1 << 20,
+        )
+        .expect("encode");
+        encode_frame(&runs, &mut compact, 1 << 20).expect("encode");
+        assert!(
+            compact.len() < 30 && plain.len() > 2_000,
+            "{} and {} bytes",
+            compact.len(),
+            plain.len()
+        );
+        assert_eq!(
+            Control::expand_runs(&[(5, MAX_ACK_RUN_SEQS)]).map(|s| s.len()),
+            Some(1 << 20)
+        );
+        assert_eq!(Control::expand_runs(&[(5, MAX_ACK_RUN_SEQS), (1, 1)]), None);
+        assert_eq!(Control::expand_runs(&[(0, u64::MAX), (0, 2)]), None);
     }
 
     #[test]
@@ -785,6 +900,18 @@ pub(crate) mod tests {
             ]));
             roundtrip(Control::Retired);
             roundtrip(Control::Consumes(false));
+            roundtrip(Control::ack_runs("svc:x".into(), seqs.clone()));
+        }
+
+        #[test]
+        fn ack_runs_hold_the_same_seqs(seqs in proptest::collection::vec(prop_oneof![0..40u64, any::<u64>(), (u64::MAX - 5)..=u64::MAX], 0..60)) {
+            let Control::AckRuns { runs, .. } = Control::ack_runs("l".into(), seqs.clone()) else {
+                panic!("not runs");
+            };
+            let mut want = seqs;
+            want.sort_unstable();
+            want.dedup();
+            prop_assert_eq!(Control::expand_runs(&runs), Some(want));
         }
 
         #[test]
