@@ -111,6 +111,18 @@ impl HandMade {
         lane.flush().await.expect("deliver");
     }
 
+    /// Waits (up to 10 s) until the node closes the connection, with a reason that contains
+    /// `reason`.
+    pub async fn closed_with(&self, reason: &str) {
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(10), self.conn.closed())
+            .await
+            .unwrap_or_else(|_| panic!("the node did not close the connection ({reason})"));
+        assert!(
+            closed.to_string().contains(reason),
+            "closed for another reason than `{reason}`: {closed}"
+        );
+    }
+
     /// Reads control frames until an `Ack` (protocol 4) or `AckRuns` (5); returns its log and
     /// seqs.
     pub async fn next_ack(&mut self) -> (String, Vec<u64>) {
