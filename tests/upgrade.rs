@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::{builder, drain, eventually, start, within};
 use peerbus::{
-    HandlerError, MemoryNetwork, MeshKey, Node, NodeId, Outgoing, PROTOCOL_VERSION, StartError,
+    HandlerError, MemoryNetwork, MeshKey, Node, NodeId, Outgoing, PROTOCOL_VERSION, PeerState,
+    StartError,
 };
 
 /// The protocol version `node`'s connection to `peer` speaks, once connected.
@@ -118,19 +119,65 @@ async fn old_and_new_nodes_exchange_every_kind_of_message() {
     .await;
 }
 
+/// Once a mesh is upgraded, `min_protocol_version(5)` keeps builds of protocol 4 out: both
+/// ends see the other as refused, with "no protocol in common", while nodes of this build
+/// still connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_past_the_upgrade_refuses_protocol_4() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let upgraded = start(builder(&net, "orders", &key).min_protocol_version(5)).await;
+        let old = start(builder(&net, "payments", &key).max_protocol_version(4)).await;
+        let new = start(builder(&net, "accounts", &key)).await;
+        let refused = |node: &Node, peer: NodeId| {
+            let node = node.clone();
+            async move {
+                node.peers().await.into_iter().any(|p| {
+                    p.node_id == peer
+                        && p.state == PeerState::Refused
+                        && p.last_error
+                            .as_deref()
+                            .is_some_and(|e| e.contains("no protocol in common"))
+                })
+            }
+        };
+        eventually(20, "each side refuses the other", || async {
+            refused(&upgraded, old.id()).await && refused(&old, upgraded.id()).await
+        })
+        .await;
+        eventually(10, "the new node connected at 5", || async {
+            protocol(&upgraded, new.id()).await == Some(PROTOCOL_VERSION)
+        })
+        .await;
+        assert_eq!(protocol(&new, old.id()).await, Some(4));
+        for n in [upgraded, old, new] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_version_this_build_does_not_speak_fails_start() {
     let net = MemoryNetwork::new();
     let key = MeshKey::generate();
-    for v in [3, PROTOCOL_VERSION + 1] {
-        match builder(&net, "orders", &key)
-            .max_protocol_version(v)
+    let start_with = |min: u32, max: u32| {
+        builder(&net, "orders", &key)
+            .min_protocol_version(min)
+            .max_protocol_version(max)
             .start()
-            .await
-        {
-            Err(StartError::Config(e)) => assert!(e.contains("max_protocol_version"), "{e}"),
-            Err(e) => panic!("unexpected error for {v}: {e}"),
-            Ok(_) => panic!("protocol version {v} accepted"),
+    };
+    for (min, max, field) in [
+        (4, 3, "max_protocol_version"),
+        (4, PROTOCOL_VERSION + 1, "max_protocol_version"),
+        (3, PROTOCOL_VERSION, "min_protocol_version"),
+        (PROTOCOL_VERSION, 4, "min_protocol_version"),
+    ] {
+        match start_with(min, max).await {
+            Err(StartError::Config(e)) => assert!(e.contains(field), "{e}"),
+            Err(e) => panic!("unexpected error for {min}..={max}: {e}"),
+            Ok(_) => panic!("protocol versions {min}..={max} accepted"),
         }
     }
 }

@@ -62,6 +62,7 @@ pub struct NodeBuilder {
     pub(crate) retry_backoff: (Duration, Duration),
     pub(crate) lanes: usize,
     pub(crate) max_protocol_version: u32,
+    pub(crate) min_protocol_version: u32,
     pub(crate) shutdown_grace: Duration,
     pub(crate) retired_linger: Duration,
     pub(crate) max_requests_in_flight: usize,
@@ -108,6 +109,7 @@ impl NodeBuilder {
             retry_backoff: (Duration::from_millis(200), Duration::from_secs(30)),
             lanes: 4,
             max_protocol_version: peerbus_discovery::PROTOCOL_VERSION,
+            min_protocol_version: crate::engine::wire::MIN_PROTOCOL_VERSION,
             shutdown_grace: Duration::from_secs(5),
             retired_linger: Duration::from_secs(30),
             max_requests_in_flight: 65_536,
@@ -264,6 +266,17 @@ impl NodeBuilder {
     /// speaks, for example to compare, or to test a mixed mesh before an upgrade.
     pub fn max_protocol_version(mut self, version: u32) -> Self {
         self.max_protocol_version = version;
+        self
+    }
+
+    /// The lowest wire protocol version this node speaks. Default (and at least)
+    /// [`MIN_PROTOCOL_VERSION`](crate::engine::wire::MIN_PROTOCOL_VERSION) (4), at most
+    /// `max_protocol_version`, checked by `start()`.
+    ///
+    /// Raise it to 5 once every node of a mesh runs a build that speaks 5, so that no build of
+    /// protocol 4 joins again: such a node is refused with "no protocol in common".
+    pub fn min_protocol_version(mut self, version: u32) -> Self {
+        self.min_protocol_version = version;
         self
     }
 

@@ -518,6 +518,12 @@ fn connect_error(e: quinn::ConnectionError, addr: SocketAddr) -> ConnectError {
         quinn::ConnectionError::LocallyClosed => {
             ConnectError::Other("the endpoint is closing".into())
         }
+        // TLS alert 120, no_application_protocol: the listener accepts none of our ALPN ids.
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::crypto(120) =>
+        {
+            ConnectError::NoCommonProtocol
+        }
         other => ConnectError::Tls(other.to_string()),
     }
 }

@@ -236,6 +236,13 @@ pub enum ConnectError {
     /// TLS failed.
     #[error("TLS handshake failed: {0}")]
     Tls(String),
+    /// The peer offers none of this endpoint's ALPN ids (`EndpointConfig::alpn`): it runs a
+    /// build too old or too new to speak with this one.
+    #[error(
+        "no protocol in common with the peer: it offers none of this node's protocol ids \
+         (its build is too old or too new for this one; upgrade one of them)"
+    )]
+    NoCommonProtocol,
     /// Anything else.
     #[error("{0}")]
     Other(String),

@@ -24,8 +24,7 @@ use super::{
 use crate::engine::outbox::NOT_HERE_PREFIX;
 use crate::engine::routing::topic_matches;
 use crate::engine::wire::{
-    ALPN_V4, Control, ControlV4, Data, Dialect, FIRST_NEGOTIATED_VERSION, Hello,
-    MIN_PROTOCOL_VERSION, negotiate,
+    ALPN_V4, Control, ControlV4, Data, Dialect, Hello, MIN_PROTOCOL_VERSION, negotiate,
 };
 use crate::error::RequestError;
 
@@ -125,7 +124,7 @@ async fn handshake(shared: &Shared, conn: Connection) -> Result<Ready, String> {
             })
     } else {
         negotiate(
-            FIRST_NEGOTIATED_VERSION..=shared.protocol,
+            shared.min_protocol..=shared.protocol,
             hello.min_version..=hello.version,
         )
     };
@@ -218,7 +217,13 @@ pub(crate) async fn dial_loop(
                         }
                         Err(e) => (false, e),
                     },
-                    Err(e) => (matches!(e, ConnectError::Refused { .. }), e.to_string()),
+                    Err(e) => (
+                        matches!(
+                            e,
+                            ConnectError::Refused { .. } | ConnectError::NoCommonProtocol
+                        ),
+                        e.to_string(),
+                    ),
                 };
                 // Warn once per distinct failure; repeats of the same one are debug. Losing
                 // the tie-break of two nodes dialling each other at once is routine.

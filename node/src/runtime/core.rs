@@ -2150,6 +2150,6 @@ pub(crate) fn local_hello(shared: &Shared) -> Hello {
         credits: shared.prefetch,
         incarnation: shared.incarnation,
         consumes: routes.takes_messages(),
-        min_version: crate::engine::wire::FIRST_NEGOTIATED_VERSION,
+        min_version: shared.min_protocol,
     }
 }

@@ -232,6 +232,9 @@ pub(crate) struct Shared {
     pub(crate) lanes: usize,
     /// The highest protocol version this node speaks (`NodeBuilder::max_protocol_version`).
     pub(crate) protocol: u32,
+    /// The lowest it negotiates on `ALPN_NEGOTIATED` connections (at least 5;
+    /// `NodeBuilder::min_protocol_version`).
+    pub(crate) min_protocol: u32,
     pub(crate) max_message_size: usize,
     pub(crate) max_requests_in_flight: usize,
     pub(crate) serve_concurrency: usize,
@@ -305,12 +308,22 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         )));
     }
     let protocols = MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION;
-    if !protocols.contains(&b.max_protocol_version) {
+    for (name, v) in [
+        ("max_protocol_version", b.max_protocol_version),
+        ("min_protocol_version", b.min_protocol_version),
+    ] {
+        if !protocols.contains(&v) {
+            return Err(StartError::Config(format!(
+                "{name} {v} is not one this build speaks ({}..={})",
+                protocols.start(),
+                protocols.end()
+            )));
+        }
+    }
+    if b.min_protocol_version > b.max_protocol_version {
         return Err(StartError::Config(format!(
-            "max_protocol_version {} is not one this build speaks ({}..={})",
-            b.max_protocol_version,
-            protocols.start(),
-            protocols.end()
+            "min_protocol_version {} is above max_protocol_version {}",
+            b.min_protocol_version, b.max_protocol_version
         )));
     }
     let keyed = |mut keys: Vec<MeshKey>| {
@@ -389,11 +402,13 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     endpoint_config.faults = b.faults.clone();
     // One ALPN id per hello layout, newest first: a node that negotiates versions still
     // speaks protocol 4 to a build that offers only its id.
-    endpoint_config.alpn = if b.max_protocol_version >= FIRST_NEGOTIATED_VERSION {
-        vec![ALPN_NEGOTIATED.to_vec(), ALPN_V4.to_vec()]
-    } else {
-        vec![ALPN_V4.to_vec()]
-    };
+    endpoint_config.alpn = Vec::new();
+    if b.max_protocol_version >= FIRST_NEGOTIATED_VERSION {
+        endpoint_config.alpn.push(ALPN_NEGOTIATED.to_vec());
+    }
+    if b.min_protocol_version <= MIN_PROTOCOL_VERSION {
+        endpoint_config.alpn.push(ALPN_V4.to_vec());
+    }
     let endpoint = Endpoint::bind(endpoint_config)?;
     let local_addr = endpoint.local_addr();
 
@@ -410,6 +425,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         prefetch: b.prefetch,
         lanes: b.lanes,
         protocol: b.max_protocol_version,
+        min_protocol: b.min_protocol_version.max(FIRST_NEGOTIATED_VERSION),
         max_message_size: b.max_message_size,
         max_requests_in_flight: b.max_requests_in_flight,
         serve_concurrency: b.serve_concurrency,
