@@ -1269,18 +1269,21 @@ impl Core {
         }
     }
 
+    /// Closes the current connection to `peer`, which broke the protocol (its closing path
+    /// then hands what was in flight to it to other instances).
+    fn close_for_violation(&self, peer: NodeId, reason: &str) {
+        if let Some(l) = self.links.get(&peer) {
+            l.conn.close(CloseCode::ProtocolViolation, reason);
+        }
+    }
+
     /// `peer` acknowledged `seqs` of our log `log`.
     fn peer_acked(&mut self, peer: NodeId, log: &str, seqs: &[u64]) {
         if !self.may_ack(peer, log) {
             // A buggy or hostile member would settle entries it was never sent: their
             // receipts would say acknowledged and their handlers would never run.
             warn!(peer = %peer.short(), %log, "peer acknowledged entries it cannot have been sent; closing the connection");
-            if let Some(l) = self.links.get(&peer) {
-                l.conn.close(
-                    CloseCode::ProtocolViolation,
-                    "ack of entries never sent to this node",
-                );
-            }
+            self.close_for_violation(peer, "ack of entries never sent to this node");
             return;
         }
         let settled = self.outbox.on_ack(peer, log, seqs);
@@ -1312,10 +1315,7 @@ impl Core {
                 Some(seqs) => self.peer_acked(peer, &log, &seqs),
                 None => {
                     warn!(peer = %peer.short(), %log, "peer acknowledged more than {MAX_ACK_RUN_SEQS} entries in one frame; closing the connection");
-                    if let Some(l) = self.links.get(&peer) {
-                        l.conn
-                            .close(CloseCode::ProtocolViolation, "too many acks in one frame");
-                    }
+                    self.close_for_violation(peer, "too many acks in one frame");
                 }
             },
             Control::Nack {
