@@ -183,7 +183,7 @@ async fn competing_instances_share_work_and_take_over_a_lost_instance() {
         }
         assert!(
             sender
-                .wait_for_instances("orders", 2, Duration::from_secs(10))
+                .wait_for_consumers("orders", 2, Duration::from_secs(10))
                 .await
         );
         let mut receipts = Vec::new();
