@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::handmade::HandMade;
 use common::{builder, start, within};
 use peerbus::engine::wire::{
-    ALPN_NEGOTIATED, ALPN_V4, Control, ControlV4, Dialect, MAX_ACK_RUN_SEQS,
+    ALPN_NEGOTIATED, ALPN_V4, Control, ControlV4, Dialect, Interest, MAX_ACK_RUN_SEQS,
 };
 use peerbus::{HandlerError, MemoryNetwork, MeshKey, Node, NodeId, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
@@ -169,6 +169,83 @@ async fn a_peer_with_no_version_in_common_is_refused() {
         orders.shutdown().await;
     })
     .await;
+}
+
+/// A group's entries may be acked only by the nodes they were sent to: a node that joined the
+/// group too, but was never sent the entry, has its connection closed and settles nothing,
+/// so the receipt waits for the member whose handler has the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_of_a_group_entry_sent_to_another_member_closes_the_connection() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let shop = start(builder(&net, "shop", &key)).await;
+        let billing = start(builder(&net, "billing-svc", &key)).await;
+        let (seen_tx, mut seen) = mpsc::channel(4);
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let g = gate.clone();
+        let sub = billing
+            .subscribe_group("invoices.*", "billing")
+            .await
+            .expect("subscribe");
+        tokio::spawn(sub.handle(1, move |m| {
+            let (seen_tx, gate) = (seen_tx.clone(), g.clone());
+            async move {
+                seen_tx.send(m.id().seq).await.ok();
+                gate.acquire().await.map(|p| p.forget()).ok();
+                Ok::<(), HandlerError>(())
+            }
+        }));
+        assert!(
+            shop.wait_for_instances("billing-svc", 1, Duration::from_secs(10))
+                .await
+        );
+        let receipt = eventually_published(&shop, "invoices.created").await;
+        let seq = seen.recv().await.expect("the member got it");
+
+        // Another member of the group, which was never sent this entry, acks it.
+        let mut other = HandMade::dial(&key, &shop, ALPN_NEGOTIATED).await;
+        let mut hello = other.hello(5, PROTOCOL_VERSION);
+        hello.interests = vec![Interest {
+            pattern: "invoices.*".into(),
+            group: Some("billing".into()),
+        }];
+        other.send_hello(hello).await.expect("the node's hello");
+        other
+            .ctl_tx
+            .send(&Control::Ack {
+                log: "grp:billing".into(),
+                seqs: vec![seq],
+            })
+            .await
+            .expect("ack");
+        other.closed_with("never sent").await;
+        let mut receipt = Box::pin(receipt.acked());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), &mut receipt)
+                .await
+                .is_err(),
+            "the receipt settled on the ack of a member that was never sent the entry"
+        );
+        gate.add_permits(1);
+        receipt.await.expect("acked by the member that handled it");
+        billing.shutdown().await;
+        shop.shutdown().await;
+    })
+    .await;
+}
+
+/// Publishes to `topic` until the receipt covers a group (the publisher learns of the
+/// subscriber's group a moment after it connects).
+async fn eventually_published(node: &peerbus::Node, topic: &str) -> peerbus::Receipt {
+    for _ in 0..100 {
+        let r = node.publish(topic, "invoice-1").await.expect("publish");
+        if r.copies() > 0 {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the publisher never learned of the group");
 }
 
 /// A peer acknowledges only what it can have been sent: an ack of a service's entries from a

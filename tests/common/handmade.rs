@@ -71,7 +71,13 @@ impl HandMade {
     /// Sends a negotiated hello naming `min..=max` and reads the node's; `None` when the node
     /// answered none (it closed the connection).
     pub async fn hello_negotiated(&mut self, min: u32, max: u32) -> Option<Hello> {
-        let ours = Control::Hello(self.hello(min, max));
+        let ours = self.hello(min, max);
+        self.send_hello(ours).await
+    }
+
+    /// Sends `ours` as a negotiated hello and reads the node's, as [`HandMade::hello_negotiated`].
+    pub async fn send_hello(&mut self, ours: Hello) -> Option<Hello> {
+        let ours = Control::Hello(ours);
         self.ctl_tx.send(&ours).await.expect("hello");
         match self.ctl_rx.recv::<Control>().await {
             Ok(Some(Control::Hello(h))) => Some(h),

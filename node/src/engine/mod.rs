@@ -17,6 +17,7 @@ pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::
 pub mod breaker;
 pub mod inbox;
 pub mod outbox;
+pub mod recipients;
 pub mod routing;
 pub mod wire;
 

@@ -12,12 +12,13 @@
 //! - an instance never holds more unacknowledged entries than it granted
 //!   credits for.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, btree_map};
 use std::sync::Arc;
 
 use peerbus_transport::NodeId;
 
 use super::FastMap;
+use super::recipients::{self, Recipients};
 use super::routing::{rendezvous, topic_matches};
 use super::wire::{Data, Envelope, Interest};
 
@@ -178,6 +179,8 @@ struct Entry<R> {
     not_before: u64,
     expires_at: Option<u64>,
     attempts: u32,
+    /// The nodes it was sent to: only they may ack it.
+    sent_to: recipients::Mask,
 }
 
 #[derive(Debug)]
@@ -260,6 +263,16 @@ struct Peer {
     draining: bool,
 }
 
+/// What an ack did: see [`Outbox::on_ack`].
+#[derive(Debug)]
+pub struct Acked<R> {
+    /// The entries it settled.
+    pub settled: Vec<Settled<R>>,
+    /// Seqs of entries the acking node was never sent: left unsettled. A correct node never
+    /// sends one.
+    pub refused: usize,
+}
+
 /// Per-log figures for `status`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LogStats {
@@ -278,6 +291,8 @@ pub struct Outbox<R = ()> {
     config: OutboxConfig,
     logs: BTreeMap<String, Log<R>>,
     peers: FastMap<NodeId, Peer>,
+    /// Which nodes each entry went to (its `sent_to` bits).
+    recipients: Recipients,
     /// Scratch of [`Outbox::dispatch_into`]: the candidates of one log (empty between calls).
     candidates: Vec<NodeId>,
     rng: u64,
@@ -314,6 +329,7 @@ impl<R> Outbox<R> {
             config,
             logs: BTreeMap::new(),
             peers: FastMap::default(),
+            recipients: Recipients::default(),
             candidates: Vec::new(),
             rng,
             round_robin: 0,
@@ -381,6 +397,7 @@ impl<R> Outbox<R> {
             ttl_ms.map(|t| now + t),
             not_before_ms.unwrap_or(0),
             state,
+            0,
         );
         env
     }
@@ -408,6 +425,9 @@ impl<R> Outbox<R> {
             l.bytes -= e.env.payload.len();
             self.total_bytes -= e.env.payload.len();
             forget_key(&mut l.keys, &e.env);
+            let peers = &self.peers;
+            self.recipients
+                .settled(e.sent_to, |n| peers.contains_key(n));
         }
     }
 
@@ -418,12 +438,14 @@ impl<R> Outbox<R> {
     }
 
     /// Puts back an entry recovered from the store after a restart.
-    /// `expires_at`/`not_before` are absolute (same clock as `now`).
+    /// `expires_at`/`not_before` are absolute (same clock as `now`). Any node may ack it: the
+    /// nodes an earlier run sent it to are not known.
     pub fn restore(&mut self, env: Arc<Envelope>, expires_at: Option<u64>, not_before: u64) {
         if let Some(log) = log_mut(&mut self.logs, &env.log) {
             log.next_seq = log.next_seq.max(env.seq + 1);
         }
-        self.insert(env, None, expires_at, not_before, State::Pending);
+        let untracked = recipients::UNTRACKED;
+        self.insert(env, None, expires_at, not_before, State::Pending, untracked);
     }
 
     /// Makes sure the next seq of `log` is above `seq` (sequence numbers are
@@ -446,6 +468,7 @@ impl<R> Outbox<R> {
         expires_at: Option<u64>,
         not_before: u64,
         state: State,
+        sent_to: recipients::Mask,
     ) {
         let Some(log) = log_mut(&mut self.logs, &env.log) else {
             return;
@@ -480,6 +503,7 @@ impl<R> Outbox<R> {
                     not_before,
                     expires_at,
                     attempts,
+                    sent_to,
                 },
             )
             .is_none()
@@ -542,6 +566,7 @@ impl<R> Outbox<R> {
     pub fn peer_down(&mut self, peer: NodeId, conn: u64) {
         if self.peers.get(&peer).is_some_and(|p| p.conn == conn) {
             self.peers.remove(&peer);
+            self.recipients.gone(peer);
             self.requeue_peer(peer);
             // Online-only copies for its ephemeral subscriptions go with it.
             self.release_log(
@@ -608,15 +633,26 @@ impl<R> Outbox<R> {
         patterns.into_iter().collect()
     }
 
-    /// The peer acknowledged `seqs` of `log`.
-    pub fn on_ack(&mut self, peer: NodeId, log_name: &str, seqs: &[u64]) -> Vec<Settled<R>> {
-        let mut out = Vec::with_capacity(seqs.len());
+    /// The peer acknowledged `seqs` of `log`. Entries it was never sent stay unsettled and are
+    /// counted in [`Acked::refused`]; seqs of no unsettled entry (settled already) are skipped.
+    pub fn on_ack(&mut self, peer: NodeId, log_name: &str, seqs: &[u64]) -> Acked<R> {
+        let mut out = Acked {
+            settled: Vec::with_capacity(seqs.len()),
+            refused: 0,
+        };
         let Some(log) = self.logs.get_mut(log_name) else {
             return out;
         };
         for seq in seqs {
-            let Some(e) = log.entries.remove(seq) else {
-                continue;
+            let e = match log.entries.entry(*seq) {
+                btree_map::Entry::Occupied(o) if self.recipients.may_ack(peer, o.get().sent_to) => {
+                    o.remove()
+                }
+                btree_map::Entry::Occupied(_) => {
+                    out.refused += 1;
+                    continue;
+                }
+                btree_map::Entry::Vacant(_) => continue,
             };
             log.bytes -= e.env.payload.len();
             self.total_bytes -= e.env.payload.len();
@@ -626,7 +662,10 @@ impl<R> Outbox<R> {
                 pp.in_flight = pp.in_flight.saturating_sub(1);
             }
             forget_key(&mut log.keys, &e.env);
-            out.push(Settled {
+            let peers = &self.peers;
+            self.recipients
+                .settled(e.sent_to, |n| peers.contains_key(n));
+            out.settled.push(Settled {
                 seq: *seq,
                 attempts: e.attempts.max(1),
                 env: e.env,
@@ -709,6 +748,9 @@ impl<R> Outbox<R> {
             pp.in_flight = pp.in_flight.saturating_sub(1);
         }
         forget_key(&mut log.keys, &e.env);
+        let peers = &self.peers;
+        self.recipients
+            .settled(e.sent_to, |n| peers.contains_key(n));
         Some(Settled {
             seq,
             attempts: e.attempts,
@@ -732,6 +774,9 @@ impl<R> Outbox<R> {
                 pp.in_flight = pp.in_flight.saturating_sub(1);
             }
             self.total_bytes -= e.env.payload.len();
+            let peers = &self.peers;
+            self.recipients
+                .settled(e.sent_to, |n| peers.contains_key(n));
             out.push(Settled {
                 seq,
                 attempts: e.attempts,
@@ -797,6 +842,7 @@ impl<R> Outbox<R> {
         let mut candidates = std::mem::take(&mut self.candidates);
         let mut cx = Dispatch {
             peers: &mut self.peers,
+            recipients: &mut self.recipients,
             round_robin: &mut self.round_robin,
             timer_due: &mut self.timer_due,
             ack_timeout_ms: self.config.ack_timeout_ms,
@@ -973,6 +1019,7 @@ fn all_out_of_credit(peers: &FastMap<NodeId, Peer>, candidates: &[NodeId]) -> bo
 /// One dispatch's view of the outbox beside the log it walks.
 struct Dispatch<'a> {
     peers: &'a mut FastMap<NodeId, Peer>,
+    recipients: &'a mut Recipients,
     round_robin: &'a mut u64,
     timer_due: &'a mut u64,
     ack_timeout_ms: u64,
@@ -1091,6 +1138,7 @@ impl Dispatch<'_> {
                     conn,
                     sent_at: now,
                 };
+                self.recipients.sent(peer_id, &mut e.sent_to);
             }
             *self.timer_due = (*self.timer_due).min(now + self.ack_timeout_ms);
             tx.push(Transmit {
@@ -1192,7 +1240,7 @@ mod tests {
         ob.append(&target(), env(Some("k2")), 0, None, None, false);
         assert!(ob.dispatch(2).is_empty());
         let settled = ob.on_ack(id(1), &target().log_name(), &[1]);
-        assert_eq!(settled.len(), 1);
+        assert_eq!(settled.settled.len(), 1);
         assert_eq!(ob.len(), 1);
     }
 
@@ -1205,7 +1253,7 @@ mod tests {
         ob.peer_up(id(1), 1, "svc".into(), vec![], 4);
         assert_eq!(ob.dispatch(0).len(), 4);
         assert!(ob.dispatch(0).is_empty());
-        assert_eq!(ob.on_ack(id(1), "svc:svc", &[1, 2]).len(), 2);
+        assert_eq!(ob.on_ack(id(1), "svc:svc", &[1, 2]).settled.len(), 2);
         assert_eq!(ob.dispatch(0).len(), 2);
     }
 
@@ -1281,7 +1329,7 @@ mod tests {
                 .is_none()
         );
         assert_eq!(
-            ob.on_ack(id(1), "svc:svc", &[3]).len(),
+            ob.on_ack(id(1), "svc:svc", &[3]).settled.len(),
             1,
             "the good key flowed"
         );

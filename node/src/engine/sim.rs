@@ -194,7 +194,11 @@ fn run(seed: u64, receivers: usize, messages: u64, keys: u64, faults: Faults) {
             for _ in 0..(rng.next() % 8) {
                 match r.outbound.pop_front() {
                     Some(Reply::Ack(log, seq)) => {
-                        for s in ob.on_ack(r.id, &log, &[seq]) {
+                        let acked = ob.on_ack(r.id, &log, &[seq]);
+                        // A receiver acks only what it was sent, on this connection or an
+                        // earlier one: never refused.
+                        assert_eq!(acked.refused, 0, "{log}@{seq} acked by {:?}", r.id);
+                        for s in acked.settled {
                             assert!(matches!(s.outcome, Outcome::Acked { .. }));
                             settled += 1;
                         }

@@ -844,9 +844,9 @@ impl Core {
         for (peer, logs) in std::mem::take(&mut self.pending_acks) {
             for (log, seqs) in logs {
                 if peer == self.shared.id {
-                    let settled = self.outbox.on_ack(peer, &log, &seqs);
-                    local_settled |= !settled.is_empty();
-                    self.settle(settled);
+                    let acked = self.outbox.on_ack(peer, &log, &seqs);
+                    local_settled |= !acked.settled.is_empty();
+                    self.settle(acked.settled);
                 } else if let Some(l) = self.links.get(&peer) {
                     try_out(l, Out::Control(Control::Ack { log, seqs }));
                 }
@@ -1260,7 +1260,8 @@ impl Core {
     /// Whether `peer` can have been sent entries of `log`: a service's log goes only to
     /// instances of that service (whether or not they take its messages now), a node's
     /// ephemeral log only to that node. A group's log goes to any node that subscribed to the
-    /// group at some point, which is not checked.
+    /// group at some point; for it, and for every entry, the outbox checks that the entry
+    /// itself was sent to `peer` (`Outbox::on_ack`).
     fn may_ack(&self, peer: NodeId, log: &str) -> bool {
         match log.split_once(':') {
             Some(("svc", service)) => self.links.get(&peer).is_some_and(|l| l.service == service),
@@ -1286,8 +1287,12 @@ impl Core {
             self.close_for_violation(peer, "ack of entries never sent to this node");
             return;
         }
-        let settled = self.outbox.on_ack(peer, log, seqs);
-        self.settle(settled);
+        let acked = self.outbox.on_ack(peer, log, seqs);
+        if acked.refused > 0 {
+            warn!(peer = %peer.short(), %log, refused = acked.refused, "peer acknowledged entries that were never sent to it; closing the connection");
+            self.close_for_violation(peer, "ack of entries never sent to this node");
+        }
+        self.settle(acked.settled);
     }
 
     fn on_control(&mut self, peer: NodeId, generation: u64, frame: Control) {
