@@ -293,8 +293,20 @@ async fn simultaneous_dial_leaves_one_connection() {
             );
             assert!(a.wait_for_instances("b", 1, Duration::from_secs(10)).await);
             assert!(b.wait_for_instances("a", 1, Duration::from_secs(10)).await);
-            // Let any duplicate settle, then both must agree on the one connection they kept.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Any duplicate settles (within 300 ms on an idle machine; a busy one may take
+            // longer), then both must agree on the one connection they kept.
+            eventually(10, "one connection, the same, on each side", || async {
+                let dialer = |s: &peerbus::Status, of: peerbus::NodeId| {
+                    s.peers.iter().find(|p| p.node_id == of).map(|p| p.dialer)
+                };
+                let (sa, sb) = (a.status().await, b.status().await);
+                sa.zip(sb).is_some_and(|(sa, sb)| {
+                    sa.connections == 1
+                        && sb.connections == 1
+                        && dialer(&sa, b.id()) == dialer(&sb, a.id())
+                })
+            })
+            .await;
             let sa = a.status().await.expect("status");
             let sb = b.status().await.expect("status");
             assert_eq!(sa.connections, 1);
