@@ -11,15 +11,18 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::handmade::HandMade;
 use common::{builder, start, within};
 use peerbus::engine::wire::{
-    ALPN_NEGOTIATED, ALPN_V4, Control, ControlV4, Dialect, Interest, MAX_ACK_RUN_SEQS,
+    ALPN_NEGOTIATED, ALPN_V4, Control, ControlV4, Dialect, Hello, Interest, MAX_ACK_RUN_SEQS,
 };
-use peerbus::{HandlerError, MemoryNetwork, MeshKey, Node, NodeId, PROTOCOL_VERSION};
-use tokio::sync::mpsc;
+use peerbus::{
+    HandlerError, MemoryNetwork, MeshKey, Node, NodeId, PROTOCOL_VERSION, Receipt, Subscription,
+};
+use tokio::sync::{Semaphore, mpsc};
 
 /// Handles `orders`'s messages, reporting each one's origin, seq and text.
 fn report_handled(orders: &Node) -> mpsc::Receiver<(NodeId, u64, String)> {
@@ -171,81 +174,59 @@ async fn a_peer_with_no_version_in_common_is_refused() {
     .await;
 }
 
-/// A group's entries may be acked only by the nodes they were sent to: a node that joined the
-/// group too, but was never sent the entry, has its connection closed and settles nothing,
-/// so the receipt waits for the member whose handler has the message.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ack_of_a_group_entry_sent_to_another_member_closes_the_connection() {
-    within(60, async {
-        let net = MemoryNetwork::new();
-        let key = MeshKey::generate();
-        let shop = start(builder(&net, "shop", &key)).await;
-        let billing = start(builder(&net, "billing-svc", &key)).await;
-        let (seen_tx, mut seen) = mpsc::channel(4);
-        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-        let g = gate.clone();
-        let sub = billing
-            .subscribe_group("invoices.*", "billing")
-            .await
-            .expect("subscribe");
-        tokio::spawn(sub.handle(1, move |m| {
-            let (seen_tx, gate) = (seen_tx.clone(), g.clone());
-            async move {
-                seen_tx.send(m.id().seq).await.ok();
-                gate.acquire().await.map(|p| p.forget()).ok();
-                Ok::<(), HandlerError>(())
-            }
-        }));
-        assert!(
-            shop.wait_for_instances("billing-svc", 1, Duration::from_secs(10))
-                .await
-        );
-        let receipt = eventually_published(&shop, "invoices.created").await;
-        let seq = seen.recv().await.expect("the member got it");
-
-        // Another member of the group, which was never sent this entry, acks it.
-        let mut other = HandMade::dial(&key, &shop, ALPN_NEGOTIATED).await;
-        let mut hello = other.hello(5, PROTOCOL_VERSION);
-        hello.interests = vec![Interest {
-            pattern: "invoices.*".into(),
-            group: Some("billing".into()),
-        }];
-        other.send_hello(hello).await.expect("the node's hello");
-        other
-            .ctl_tx
-            .send(&Control::Ack {
-                log: "grp:billing".into(),
-                seqs: vec![seq],
-            })
-            .await
-            .expect("ack");
-        other.closed_with("never sent").await;
-        let mut receipt = Box::pin(receipt.acked());
-        assert!(
-            tokio::time::timeout(Duration::from_millis(500), &mut receipt)
-                .await
-                .is_err(),
-            "the receipt settled on the ack of a member that was never sent the entry"
-        );
-        gate.add_permits(1);
-        receipt.await.expect("acked by the member that handled it");
-        billing.shutdown().await;
-        shop.shutdown().await;
-    })
-    .await;
+/// A consumer whose handler reports each message's seq, then waits for a permit of the gate
+/// before it finishes.
+fn gated(sub: Subscription) -> (mpsc::Receiver<u64>, Arc<Semaphore>) {
+    let (seen_tx, seen) = mpsc::channel(4);
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    tokio::spawn(sub.handle(1, move |m| {
+        let (seen_tx, gate) = (seen_tx.clone(), g.clone());
+        async move {
+            seen_tx.send(m.id().seq).await.ok();
+            gate.acquire().await.map(|p| p.forget()).ok();
+            Ok::<(), HandlerError>(())
+        }
+    }));
+    (seen, gate)
 }
 
-/// Publishes to `topic` until the receipt covers a group (the publisher learns of the
-/// subscriber's group a moment after it connects).
-async fn eventually_published(node: &peerbus::Node, topic: &str) -> peerbus::Receipt {
-    for _ in 0..100 {
-        let r = node.publish(topic, "invoice-1").await.expect("publish");
-        if r.copies() > 0 {
-            return r;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the publisher never learned of the group");
+/// Connects a hand-made peer to `node` with `hello` and acks `seq` of `log`, an entry the
+/// gated handler holds: the node must close the connection, the receipt must not settle, and
+/// it settles once the handler finishes.
+async fn an_ack_is_refused(
+    key: &MeshKey,
+    node: &Node,
+    hello: impl FnOnce(&HandMade) -> Hello,
+    (log, seq): (&str, u64),
+    receipt: Receipt,
+    gate: &Semaphore,
+) {
+    let mut other = HandMade::dial(key, node, ALPN_NEGOTIATED).await;
+    let hello = hello(&other);
+    other.send_hello(hello).await.expect("the node's hello");
+    other
+        .ctl_tx
+        .send(&Control::Ack {
+            log: log.into(),
+            seqs: vec![seq],
+        })
+        .await
+        .expect("ack");
+    // The node closes a connection that acks what it was never sent.
+    other.closed_with("never sent").await;
+    // Not settled by it: the receipt waits for the real consumer.
+    let mut receipt = Box::pin(receipt.acked());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut receipt)
+            .await
+            .is_err(),
+        "the receipt settled on the ack of a node that was never sent the entry"
+    );
+    gate.add_permits(1);
+    receipt
+        .await
+        .expect("acked by the consumer that handled it");
 }
 
 /// A peer acknowledges only what it can have been sent: an ack of a service's entries from a
@@ -258,18 +239,7 @@ async fn an_ack_of_another_services_entries_closes_the_connection_and_settles_no
         let key = MeshKey::generate();
         let payments = start(builder(&net, "payments", &key)).await;
         let orders = start(builder(&net, "orders", &key)).await;
-        // The consumer reports each message's seq, then waits for the test to let it finish.
-        let (seen_tx, mut seen) = mpsc::channel(4);
-        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
-        let g = gate.clone();
-        tokio::spawn(orders.messages().expect("messages").handle(1, move |m| {
-            let (seen_tx, gate) = (seen_tx.clone(), g.clone());
-            async move {
-                seen_tx.send(m.id().seq).await.ok();
-                gate.acquire().await.map(|p| p.forget()).ok();
-                Ok::<(), HandlerError>(())
-            }
-        }));
+        let (mut seen, gate) = gated(orders.messages().expect("messages"));
         assert!(
             payments
                 .wait_for_consumers("orders", 1, Duration::from_secs(10))
@@ -277,35 +247,83 @@ async fn an_ack_of_another_services_entries_closes_the_connection_and_settles_no
         );
         let receipt = payments.send("orders", "order-1").await.expect("send");
         let seq = seen.recv().await.expect("the consumer got it");
-
         // A member of another service acks it.
-        let mut other = HandMade::dial(&key, &payments, ALPN_NEGOTIATED).await;
-        other
-            .hello_negotiated(5, PROTOCOL_VERSION)
-            .await
-            .expect("the node's hello");
-        other
-            .ctl_tx
-            .send(&Control::Ack {
-                log: "svc:orders".into(),
-                seqs: vec![seq],
-            })
-            .await
-            .expect("ack");
-        // The node closes a connection that acks what it was never sent.
-        other.closed_with("never sent").await;
-        // Not settled by it: the receipt waits for the real consumer.
-        let mut receipt = Box::pin(receipt.acked());
-        assert!(
-            tokio::time::timeout(Duration::from_millis(500), &mut receipt)
-                .await
-                .is_err(),
-            "the receipt settled on another service's ack"
-        );
-        gate.add_permits(1);
-        receipt.await.expect("acked by the consumer");
+        let hello = |h: &HandMade| h.hello(5, PROTOCOL_VERSION);
+        an_ack_is_refused(&key, &payments, hello, ("svc:orders", seq), receipt, &gate).await;
         orders.shutdown().await;
         payments.shutdown().await;
     })
     .await;
+}
+
+/// The same for an instance of the right service that was never sent the entry (another
+/// instance holds it): an entry may be acked only by the nodes it was sent to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_of_an_entry_another_instance_holds_closes_the_connection() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let payments = start(builder(&net, "payments", &key)).await;
+        let orders = start(builder(&net, "orders", &key)).await;
+        let (mut seen, gate) = gated(orders.messages().expect("messages"));
+        assert!(
+            payments
+                .wait_for_consumers("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        let receipt = payments.send("orders", "order-1").await.expect("send");
+        let seq = seen.recv().await.expect("the consumer got it");
+        // A second `orders` instance, which was never sent it, acks it.
+        let hello = |h: &HandMade| Hello {
+            service: "orders".into(),
+            ..h.hello(5, PROTOCOL_VERSION)
+        };
+        an_ack_is_refused(&key, &payments, hello, ("svc:orders", seq), receipt, &gate).await;
+        orders.shutdown().await;
+        payments.shutdown().await;
+    })
+    .await;
+}
+
+/// The same for a group, whose log goes to any node that subscribed to it: another member of
+/// the group, which was never sent the entry, cannot settle it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_of_a_group_entry_sent_to_another_member_closes_the_connection() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let shop = start(builder(&net, "shop", &key)).await;
+        let billing = start(builder(&net, "billing-svc", &key)).await;
+        let sub = billing
+            .subscribe_group("invoices.*", "billing")
+            .await
+            .expect("subscribe");
+        let (mut seen, gate) = gated(sub);
+        let receipt = published_to_a_group(&shop, "invoices.created").await;
+        let seq = seen.recv().await.expect("the member got it");
+        let hello = |h: &HandMade| Hello {
+            interests: vec![Interest {
+                pattern: "invoices.*".into(),
+                group: Some("billing".into()),
+            }],
+            ..h.hello(5, PROTOCOL_VERSION)
+        };
+        an_ack_is_refused(&key, &shop, hello, ("grp:billing", seq), receipt, &gate).await;
+        billing.shutdown().await;
+        shop.shutdown().await;
+    })
+    .await;
+}
+
+/// Publishes to `topic` until the receipt covers a group (the publisher learns of the
+/// subscriber's group a moment after it connects).
+async fn published_to_a_group(node: &Node, topic: &str) -> Receipt {
+    for _ in 0..200 {
+        let r = node.publish(topic, "invoice-1").await.expect("publish");
+        if r.copies() > 0 {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the publisher never learned of the group");
 }
