@@ -229,6 +229,25 @@ async fn an_ack_is_refused(
         .expect("acked by the consumer that handled it");
 }
 
+/// `payments` sends one message to `orders`, whose gated handler holds it: the two nodes, the
+/// gate, the receipt and the entry's seq.
+async fn held_by_orders(
+    net: &MemoryNetwork,
+    key: &MeshKey,
+) -> (Node, Node, Arc<Semaphore>, Receipt, u64) {
+    let payments = start(builder(net, "payments", key)).await;
+    let orders = start(builder(net, "orders", key)).await;
+    let (mut seen, gate) = gated(orders.messages().expect("messages"));
+    assert!(
+        payments
+            .wait_for_consumers("orders", 1, Duration::from_secs(10))
+            .await
+    );
+    let receipt = payments.send("orders", "order-1").await.expect("send");
+    let seq = seen.recv().await.expect("the consumer got it");
+    (payments, orders, gate, receipt, seq)
+}
+
 /// A peer acknowledges only what it can have been sent: an ack of a service's entries from a
 /// node of another service closes its connection and settles nothing, so the real consumer's
 /// handler still runs and its ack settles the receipt.
@@ -237,16 +256,7 @@ async fn an_ack_of_another_services_entries_closes_the_connection_and_settles_no
     within(60, async {
         let net = MemoryNetwork::new();
         let key = MeshKey::generate();
-        let payments = start(builder(&net, "payments", &key)).await;
-        let orders = start(builder(&net, "orders", &key)).await;
-        let (mut seen, gate) = gated(orders.messages().expect("messages"));
-        assert!(
-            payments
-                .wait_for_consumers("orders", 1, Duration::from_secs(10))
-                .await
-        );
-        let receipt = payments.send("orders", "order-1").await.expect("send");
-        let seq = seen.recv().await.expect("the consumer got it");
+        let (payments, orders, gate, receipt, seq) = held_by_orders(&net, &key).await;
         // A member of another service acks it.
         let hello = |h: &HandMade| h.hello(5, PROTOCOL_VERSION);
         an_ack_is_refused(&key, &payments, hello, ("svc:orders", seq), receipt, &gate).await;
@@ -263,16 +273,7 @@ async fn an_ack_of_an_entry_another_instance_holds_closes_the_connection() {
     within(60, async {
         let net = MemoryNetwork::new();
         let key = MeshKey::generate();
-        let payments = start(builder(&net, "payments", &key)).await;
-        let orders = start(builder(&net, "orders", &key)).await;
-        let (mut seen, gate) = gated(orders.messages().expect("messages"));
-        assert!(
-            payments
-                .wait_for_consumers("orders", 1, Duration::from_secs(10))
-                .await
-        );
-        let receipt = payments.send("orders", "order-1").await.expect("send");
-        let seq = seen.recv().await.expect("the consumer got it");
+        let (payments, orders, gate, receipt, seq) = held_by_orders(&net, &key).await;
         // A second `orders` instance, which was never sent it, acks it.
         let hello = |h: &HandMade| Hello {
             service: "orders".into(),
