@@ -425,9 +425,7 @@ impl<R> Outbox<R> {
             l.bytes -= e.env.payload.len();
             self.total_bytes -= e.env.payload.len();
             forget_key(&mut l.keys, &e.env);
-            let peers = &self.peers;
-            self.recipients
-                .settled(e.sent_to, |n| peers.contains_key(n));
+            self.recipients.settled(e.sent_to, &self.peers);
         }
     }
 
@@ -662,9 +660,7 @@ impl<R> Outbox<R> {
                 pp.in_flight = pp.in_flight.saturating_sub(1);
             }
             forget_key(&mut log.keys, &e.env);
-            let peers = &self.peers;
-            self.recipients
-                .settled(e.sent_to, |n| peers.contains_key(n));
+            self.recipients.settled(e.sent_to, &self.peers);
             out.settled.push(Settled {
                 seq: *seq,
                 attempts: e.attempts.max(1),
@@ -748,9 +744,7 @@ impl<R> Outbox<R> {
             pp.in_flight = pp.in_flight.saturating_sub(1);
         }
         forget_key(&mut log.keys, &e.env);
-        let peers = &self.peers;
-        self.recipients
-            .settled(e.sent_to, |n| peers.contains_key(n));
+        self.recipients.settled(e.sent_to, &self.peers);
         Some(Settled {
             seq,
             attempts: e.attempts,
@@ -774,9 +768,7 @@ impl<R> Outbox<R> {
                 pp.in_flight = pp.in_flight.saturating_sub(1);
             }
             self.total_bytes -= e.env.payload.len();
-            let peers = &self.peers;
-            self.recipients
-                .settled(e.sent_to, |n| peers.contains_key(n));
+            self.recipients.settled(e.sent_to, &self.peers);
             out.push(Settled {
                 seq,
                 attempts: e.attempts,

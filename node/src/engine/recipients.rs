@@ -78,9 +78,9 @@ impl Recipients {
         mask & UNTRACKED != 0 || self.bits.get(&node).is_some_and(|b| mask & (1 << b) != 0)
     }
 
-    /// An entry with `mask` left its log. `connected` says whether a node is still connected:
-    /// a bit no unsettled entry carries is freed once its node is gone.
-    pub fn settled(&mut self, mask: Mask, connected: impl Fn(&NodeId) -> bool) {
+    /// An entry with `mask` left its log. `connected` holds the nodes still connected: a bit
+    /// no unsettled entry carries is freed once its node is gone.
+    pub fn settled<V>(&mut self, mask: Mask, connected: &FastMap<NodeId, V>) {
         let mut rest = mask & !UNTRACKED;
         while rest != 0 {
             let b = rest.trailing_zeros() as usize;
@@ -93,7 +93,7 @@ impl Recipients {
                         .get(b)
                         .copied()
                         .flatten()
-                        .is_some_and(|n| !connected(&n))
+                        .is_some_and(|n| !connected.contains_key(&n))
                 {
                     self.free(b);
                 }
@@ -140,6 +140,11 @@ mod tests {
         NodeId::from_bytes([n; 32])
     }
 
+    /// The connected nodes, as the outbox's peer map.
+    fn connected(nodes: &[NodeId]) -> FastMap<NodeId, ()> {
+        nodes.iter().map(|n| (*n, ())).collect()
+    }
+
     #[test]
     fn only_the_nodes_an_entry_was_sent_to_may_ack_it() {
         let mut r = Recipients::default();
@@ -161,7 +166,7 @@ mod tests {
         r.sent(id(1), &mut b);
         r.gone(id(1));
         // Node 2 must not get node 1's bit while `b` still carries it.
-        r.settled(a, |_| false);
+        r.settled(a, &connected(&[]));
         let mut c = 0;
         r.sent(id(2), &mut c);
         assert!(!r.may_ack(id(2), b), "node 2 was never sent b");
@@ -169,10 +174,10 @@ mod tests {
             r.may_ack(id(1), b),
             "node 1 can still ack b after a reconnect"
         );
-        r.settled(b, |_| false);
+        r.settled(b, &connected(&[]));
         assert_eq!(r.tracked(), 1, "node 1's bit is free once b settled");
         // A connected node keeps its bit with no entry in flight.
-        r.settled(c, |n| *n == id(2));
+        r.settled(c, &connected(&[id(2)]));
         assert_eq!(r.tracked(), 1);
         let mut d = 0;
         r.sent(id(2), &mut d);
@@ -195,7 +200,7 @@ mod tests {
         assert!(r.may_ack(id(201), full));
         // Node 0 leaves and its only entry settles: its bit goes to the next new node.
         r.gone(id(0));
-        r.settled(masks[0], |n| *n != id(0));
+        r.settled(masks[0], &connected(&[]));
         let mut m = 0;
         r.sent(id(200), &mut m);
         assert_eq!(m, masks[0]);

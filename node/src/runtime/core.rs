@@ -845,6 +845,7 @@ impl Core {
             for (log, seqs) in logs {
                 if peer == self.shared.id {
                     let acked = self.outbox.on_ack(peer, &log, &seqs);
+                    debug_assert_eq!(acked.refused, 0, "this node acked what it was never sent");
                     local_settled |= !acked.settled.is_empty();
                     self.settle(acked.settled);
                 } else if let Some(l) = self.links.get(&peer) {
