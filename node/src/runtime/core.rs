@@ -1281,19 +1281,19 @@ impl Core {
 
     /// `peer` acknowledged `seqs` of our log `log`.
     fn peer_acked(&mut self, peer: NodeId, log: &str, seqs: &[u64]) {
-        if !self.may_ack(peer, log) {
-            // A buggy or hostile member would settle entries it was never sent: their
-            // receipts would say acknowledged and their handlers would never run.
-            warn!(peer = %peer.short(), %log, "peer acknowledged entries it cannot have been sent; closing the connection");
+        // A buggy or hostile member would settle entries it was never sent: their receipts
+        // would say acknowledged and their handlers would never run.
+        let refused = if self.may_ack(peer, log) {
+            let acked = self.outbox.on_ack(peer, log, seqs);
+            self.settle(acked.settled);
+            acked.refused
+        } else {
+            seqs.len()
+        };
+        if refused > 0 {
+            warn!(peer = %peer.short(), %log, refused, "peer acknowledged entries that were never sent to it; closing the connection");
             self.close_for_violation(peer, "ack of entries never sent to this node");
-            return;
         }
-        let acked = self.outbox.on_ack(peer, log, seqs);
-        if acked.refused > 0 {
-            warn!(peer = %peer.short(), %log, refused = acked.refused, "peer acknowledged entries that were never sent to it; closing the connection");
-            self.close_for_violation(peer, "ack of entries never sent to this node");
-        }
-        self.settle(acked.settled);
     }
 
     fn on_control(&mut self, peer: NodeId, generation: u64, frame: Control) {
