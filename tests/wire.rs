@@ -38,6 +38,12 @@ fn report_handled(orders: &Node) -> mpsc::Receiver<(NodeId, u64, String)> {
     handled
 }
 
+/// Connections `node` closed for a protocol violation so far (its status).
+async fn violations(node: &Node) -> u64 {
+    let status = node.status().await.expect("status");
+    status.connections_closed["protocol_violation"]
+}
+
 /// A hand-made peer of protocol 4: the ALPN id and hello of a protocol 4 build.
 async fn v4_peer(key: &MeshKey, node: &Node) -> HandMade {
     let mut peer = HandMade::dial(key, node, ALPN_V4).await;
@@ -70,11 +76,13 @@ async fn a_message_under_another_nodes_id_closes_the_connection_unhandled() {
         // A message under `payments`'s id with that seq: refused, the connection closed,
         // nothing handled. (Only protocol 4 puts the origin on the wire.)
         let forger = v4_peer(&key, &orders).await;
+        assert_eq!(violations(&orders).await, 0);
         forger
             .deliver(Dialect::WithOrigin, other.id(), first_seq + 1, "forged")
             .await;
-        // The node closes a connection that delivers under another id.
+        // The node closes a connection that delivers under another id, and counts it.
         forger.closed_with("another origin").await;
+        assert_eq!(violations(&orders).await, 1);
         assert!(
             tokio::time::timeout(Duration::from_millis(500), handled.recv())
                 .await
@@ -205,6 +213,7 @@ async fn an_ack_is_refused(
     let mut other = HandMade::dial(key, node, ALPN_NEGOTIATED).await;
     let hello = hello(&other);
     other.send_hello(hello).await.expect("the node's hello");
+    let before = violations(node).await;
     other
         .ctl_tx
         .send(&Control::Ack {
@@ -213,8 +222,9 @@ async fn an_ack_is_refused(
         })
         .await
         .expect("ack");
-    // The node closes a connection that acks what it was never sent.
+    // The node closes a connection that acks what it was never sent, and counts it.
     other.closed_with("never sent").await;
+    assert_eq!(violations(node).await, before + 1);
     // Not settled by it: the receipt waits for the real consumer.
     let mut receipt = Box::pin(receipt.acked());
     assert!(

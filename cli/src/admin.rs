@@ -118,6 +118,26 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
             s("dead_letters"),
             s("connections")
         ))?;
+        // Closes that point at a misbehaving or mismatched peer (its log has the details).
+        let faults: Vec<String> = status
+            .get("connections_closed")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter(|(code, n)| {
+                !matches!(
+                    code.as_str(),
+                    "normal" | "shutdown" | "duplicate_connection"
+                ) && n.as_u64() > Some(0)
+            })
+            .map(|(code, n)| format!("{code} {n}"))
+            .collect();
+        if !faults.is_empty() {
+            print_line(&format!(
+                "connections closed for peer faults: {}",
+                faults.join("  ")
+            ))?;
+        }
     } else {
         print_line(&format!(
             "node in {} is not running (read from its data directory)",

@@ -147,6 +147,12 @@ pub struct Status {
     pub retiring_connections: usize,
     /// Connections retired since start (see `retiring_connections`).
     pub connections_retired: u64,
+    /// Connections this node closed since start, by close code
+    /// ([`CloseCode::name`](peerbus_transport::CloseCode::name): `protocol_violation`,
+    /// `malformed_frame`, `mesh_proof_failed`, …; every code, zeros included). A growing
+    /// count of the protocol codes means a peer that misbehaves or runs an incompatible
+    /// build; each close is also logged (warn) with the peer and the reason.
+    pub connections_closed: BTreeMap<String, u64>,
     /// Per destination log: waiting, in flight, oldest.
     pub logs: BTreeMap<String, LogStats>,
     /// Entries dead-lettered since start.

@@ -6,7 +6,7 @@
 //! The proof stream is the first bidirectional stream the dialer opens.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -99,6 +99,41 @@ struct Inner {
     certified: tls::Certified,
     /// Set by [`Endpoint::close`], so that connections report why they closed.
     closing: Arc<AtomicBool>,
+    /// Connections this endpoint closed, by code ([`Endpoint::local_closes`]).
+    closes: Arc<CloseTally>,
+}
+
+/// How many connections an endpoint closed itself, by close code: a malformed frame, a
+/// protocol violation or a failed mesh proof from a peer each count once here, so an
+/// operator can see a misbehaving (or mismatched) peer without reading logs. Closes the
+/// endpoint's own shutdown makes without a code are not counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloseCounts([u64; CloseCode::ALL.len()]);
+
+impl CloseCounts {
+    /// Connections closed with `code`.
+    pub fn get(&self, code: CloseCode) -> u64 {
+        self.0[code.index()]
+    }
+
+    /// Every code with its count, zeros included, in [`CloseCode::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (CloseCode, u64)> + '_ {
+        CloseCode::ALL.iter().map(|c| (*c, self.get(*c)))
+    }
+}
+
+/// The running tally behind [`CloseCounts`], shared by an endpoint and its connections.
+#[derive(Debug, Default)]
+struct CloseTally([AtomicU64; CloseCode::ALL.len()]);
+
+impl CloseTally {
+    fn count(&self, code: CloseCode) {
+        self.0[code.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> CloseCounts {
+        CloseCounts(std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed)))
+    }
 }
 
 /// A bound QUIC endpoint: dials and accepts peer connections. Cheap to clone.
@@ -192,6 +227,7 @@ impl Endpoint {
                 transport,
                 certified,
                 closing: Arc::default(),
+                closes: Arc::default(),
             }),
         })
     }
@@ -202,6 +238,11 @@ impl Endpoint {
             .quinn
             .local_addr()
             .unwrap_or(self.inner.config.listen)
+    }
+
+    /// How many connections this endpoint closed since it was bound, by close code.
+    pub fn local_closes(&self) -> CloseCounts {
+        self.inner.closes.snapshot()
     }
 
     /// This node's id.
@@ -535,6 +576,8 @@ struct Shared {
     local_close: OnceLock<(CloseCode, String)>,
     /// The endpoint's shutdown flag.
     endpoint_closing: Arc<AtomicBool>,
+    /// The endpoint's tally of the connections it closed.
+    closes: Arc<CloseTally>,
 }
 
 /// What one connection (or several, added up) carried: QUIC's own counters, so bytes are UDP
@@ -612,6 +655,7 @@ impl Connection {
             shared: Arc::new(Shared {
                 local_close: OnceLock::new(),
                 endpoint_closing: ep.inner.closing.clone(),
+                closes: ep.inner.closes.clone(),
             }),
         }
     }
@@ -710,8 +754,15 @@ impl Connection {
     /// Closes the connection at once with a code and reason the peer will see. Unsent
     /// stream data is dropped. Only the first close counts.
     pub fn close(&self, code: CloseCode, reason: &str) {
-        if self.inner.close_reason().is_none() {
-            let _ = self.shared.local_close.set((code, reason.to_string()));
+        // Only the first close of an open connection counts (and names the reason).
+        if self.inner.close_reason().is_none()
+            && self
+                .shared
+                .local_close
+                .set((code, reason.to_string()))
+                .is_ok()
+        {
+            self.shared.closes.count(code);
         }
         self.inner
             .close(VarInt::from_u32(code as u32), reason.as_bytes());

@@ -44,6 +44,40 @@ impl CloseCode {
         }
     }
 
+    /// Every code, in the order of [`CloseCode::index`].
+    pub const ALL: [CloseCode; 8] = [
+        CloseCode::Normal,
+        CloseCode::Shutdown,
+        CloseCode::MeshProofFailed,
+        CloseCode::MalformedFrame,
+        CloseCode::FrameTooLarge,
+        CloseCode::DuplicateConnection,
+        CloseCode::ProtocolViolation,
+        CloseCode::Unknown,
+    ];
+
+    /// This code's position in [`CloseCode::ALL`].
+    pub fn index(self) -> usize {
+        match self {
+            CloseCode::Unknown => 7,
+            known => known as usize,
+        }
+    }
+
+    /// A stable snake-case name, for metric labels and JSON (`protocol_violation`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            CloseCode::Normal => "normal",
+            CloseCode::Shutdown => "shutdown",
+            CloseCode::MeshProofFailed => "mesh_proof_failed",
+            CloseCode::MalformedFrame => "malformed_frame",
+            CloseCode::FrameTooLarge => "frame_too_large",
+            CloseCode::DuplicateConnection => "duplicate_connection",
+            CloseCode::ProtocolViolation => "protocol_violation",
+            CloseCode::Unknown => "unknown",
+        }
+    }
+
     /// A short human description.
     pub fn describe(&self) -> &'static str {
         match self {

@@ -71,7 +71,7 @@ mod tls;
 
 use std::time::Duration;
 
-pub use endpoint::{Connection, Endpoint, EndpointConfig, Incoming, Traffic};
+pub use endpoint::{CloseCounts, Connection, Endpoint, EndpointConfig, Incoming, Traffic};
 pub use error::{
     AcceptError, BindError, CloseCode, ConnectError, ConnectionError, IdParseError, IdentityError,
     MeshKeyError,

@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use peerbus_transport::{
-    ALPN, AcceptError, BindError, CloseCode, ConnectError, Connection, ConnectionError, Endpoint,
-    EndpointConfig, FrameError, Identity, MAX_ALPN_PROTOCOLS, Membership, MeshKey, NodeId,
+    ALPN, AcceptError, BindError, CloseCode, CloseCounts, ConnectError, Connection,
+    ConnectionError, Endpoint, EndpointConfig, FrameError, Identity, MAX_ALPN_PROTOCOLS,
+    Membership, MeshKey, NodeId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -218,6 +219,8 @@ async fn wrong_key_and_no_key_are_refused() {
             );
             assert!(acc_err.to_string().contains("mesh key mismatch"), "{acc_err}");
         }
+        // The listener counted both refusals.
+        assert_eq!(b.local_closes().get(CloseCode::MeshProofFailed), 2);
         // A keyed dialer refuses an open listener, and the listener learns it.
         let open = endpoint(Membership::InsecureOpen);
         let acc = accept_one(&open);
@@ -306,6 +309,13 @@ async fn bad_bytes_close_the_connection(bytes: Vec<u8>, expected: CloseCode) {
         "{:?}",
         cb.close_reason()
     );
+    // `b` counts the close once, under its code, and `a` (closed by its peer) counts nothing.
+    // A second close of the same connection is not counted again.
+    cb.close(CloseCode::Normal, "again");
+    let counts = b.local_closes();
+    assert_eq!(counts.get(expected), 1, "{counts:?}");
+    assert_eq!(counts.iter().map(|(_, n)| n).sum::<u64>(), 1, "{counts:?}");
+    assert_eq!(a.local_closes(), CloseCounts::default());
     // The listener still accepts and serves another connection.
     let c = keyed(&key);
     let (cc, cbc) = pair(&c, &b).await;
@@ -410,19 +420,14 @@ async fn close_codes_reach_the_peer() {
 
 #[tokio::test]
 async fn close_code_numbers_round_trip() {
-    for code in [
-        CloseCode::Normal,
-        CloseCode::Shutdown,
-        CloseCode::MeshProofFailed,
-        CloseCode::MalformedFrame,
-        CloseCode::FrameTooLarge,
-        CloseCode::DuplicateConnection,
-        CloseCode::ProtocolViolation,
-        CloseCode::Unknown,
-    ] {
+    for code in CloseCode::ALL {
         assert_eq!(CloseCode::from_u32(code as u32), code);
         assert!(!code.describe().is_empty());
+        assert_eq!(CloseCode::ALL[code.index()], code);
     }
+    let names: std::collections::BTreeSet<_> = CloseCode::ALL.iter().map(|c| c.name()).collect();
+    assert_eq!(names.len(), CloseCode::ALL.len(), "names are distinct");
+    assert_eq!(CloseCode::ProtocolViolation.name(), "protocol_violation");
     assert_eq!(CloseCode::from_u32(77), CloseCode::Unknown);
     assert_eq!(CloseCode::MeshProofFailed.describe(), "mesh key mismatch");
 }

@@ -46,6 +46,8 @@ pub const BACKLOG_OLDEST_AGE: &str = "peerbus_backlog_oldest_age_seconds";
 pub const PEERS_CONNECTED: &str = "peerbus_peers_connected";
 /// Retired connections still open (see `Status::retiring_connections`).
 pub const CONNECTIONS_RETIRING: &str = "peerbus_connections_retiring";
+/// Connections this node closed, per close code (`code="protocol_violation"`, …).
+pub const CONNECTIONS_CLOSED: &str = "peerbus_connections_closed_total";
 /// Known peers per state.
 pub const PEERS: &str = "peerbus_peers";
 /// Known durable subscriber groups, live and released (tombstones).
@@ -257,6 +259,10 @@ pub(crate) async fn facade_sampler(node: Node) {
         metrics::gauge!(PEERS_CONNECTED, "node" => node_label.clone()).set(s.connections as f64);
         metrics::gauge!(CONNECTIONS_RETIRING, "node" => node_label.clone())
             .set(s.retiring_connections as f64);
+        for (code, n) in &s.connections_closed {
+            metrics::counter!(CONNECTIONS_CLOSED, "node" => node_label.clone(), "code" => code.clone())
+                .absolute(*n);
+        }
         let (live, released) = group_counts(&s);
         metrics::gauge!(DURABLE_GROUPS, "node" => node_label.clone(), "state" => "live")
             .set(live as f64);
@@ -443,6 +449,20 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         "{CONNECTIONS_RETIRING}{{{n}}} {}",
         s.retiring_connections
     );
+    head(
+        &mut out,
+        CONNECTIONS_CLOSED,
+        "counter",
+        "Connections this node closed, per close code: protocol_violation, malformed_frame, \
+         frame_too_large and mesh_proof_failed name a misbehaving or mismatched peer.",
+    );
+    for (code, count) in &s.connections_closed {
+        let _ = writeln!(
+            out,
+            "{CONNECTIONS_CLOSED}{{{n},code=\"{}\"}} {count}",
+            esc(code)
+        );
+    }
     head(
         &mut out,
         DURABLE_GROUPS,

@@ -2053,6 +2053,13 @@ impl Core {
             connections: self.links.len(),
             retiring_connections: self.retiring.len(),
             connections_retired: self.connections_retired,
+            connections_closed: self
+                .shared
+                .endpoint
+                .local_closes()
+                .iter()
+                .map(|(code, n)| (code.name().to_string(), n))
+                .collect(),
             logs: self.outbox.stats(),
             dead_letters: self.dead_letters,
             sent: c.sent.load(Ordering::Relaxed),
