@@ -357,12 +357,34 @@ async fn a_release_does_not_take_a_group_from_a_node_still_subscribed() {
                 .await
         );
 
+        let billing = |node: &Node| {
+            let node = node.clone();
+            async move {
+                let status = node.status().await.expect("status");
+                status
+                    .groups
+                    .get("billing")
+                    .cloned()
+                    .expect("billing is known")
+            }
+        };
+        let before = billing(&publisher).await;
+        assert!(!before.is_released());
         leaving
             .unsubscribe_group("billing")
             .await
             .expect("unsubscribe");
-        // Let the release and the answer to it travel (a few control frames on loopback).
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The release (one version on) reached `staying`, and its answer, the group live again
+        // a version later, reached the publisher.
+        eventually(
+            10,
+            "the publisher learns the staying subscriber's answer",
+            || async {
+                let now = billing(&publisher).await;
+                now.version >= before.version + 2 && !now.is_released()
+            },
+        )
+        .await;
         staying.shutdown().await;
         leaving.shutdown().await;
         eventually(10, "both subscribers are gone", || async {
