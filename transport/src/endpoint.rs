@@ -292,7 +292,7 @@ impl Endpoint {
             Ok(Ok(())) => Ok(conn),
             Ok(Err(e)) => Err(e),
             Err(_) => {
-                conn.close(CloseCode::ProtocolViolation, "mesh proof timed out");
+                conn.close(CloseCode::Unresponsive, "mesh proof timed out");
                 Err(ConnectError::TimedOut)
             }
         }
@@ -472,7 +472,7 @@ impl Incoming {
                 Err(failed(format!("mesh proof exchange failed: {e}")))
             }
             Err(_) => {
-                conn.close(CloseCode::ProtocolViolation, "mesh proof timed out");
+                conn.close(CloseCode::Unresponsive, "mesh proof timed out");
                 Err(failed("mesh proof timed out".into()))
             }
         }

@@ -25,6 +25,10 @@ pub enum CloseCode {
     DuplicateConnection = 5,
     /// The peer broke the protocol (unexpected frame, wrong mesh, …).
     ProtocolViolation = 6,
+    /// The peer stopped keeping up: it did not read what it was sent (a full outgoing queue)
+    /// or did not answer the mesh proof in time. Not a fault of its build: a frozen or
+    /// overloaded process. (Builds before this code was added see it as `Unknown`.)
+    Unresponsive = 7,
     /// A code this version does not know.
     Unknown = 0xffff,
 }
@@ -40,12 +44,13 @@ impl CloseCode {
             4 => CloseCode::FrameTooLarge,
             5 => CloseCode::DuplicateConnection,
             6 => CloseCode::ProtocolViolation,
+            7 => CloseCode::Unresponsive,
             _ => CloseCode::Unknown,
         }
     }
 
     /// Every code, in the order of [`CloseCode::index`].
-    pub const ALL: [CloseCode; 8] = [
+    pub const ALL: [CloseCode; 9] = [
         CloseCode::Normal,
         CloseCode::Shutdown,
         CloseCode::MeshProofFailed,
@@ -53,13 +58,14 @@ impl CloseCode {
         CloseCode::FrameTooLarge,
         CloseCode::DuplicateConnection,
         CloseCode::ProtocolViolation,
+        CloseCode::Unresponsive,
         CloseCode::Unknown,
     ];
 
     /// This code's position in [`CloseCode::ALL`].
     pub fn index(self) -> usize {
         match self {
-            CloseCode::Unknown => 7,
+            CloseCode::Unknown => 8,
             known => known as usize,
         }
     }
@@ -74,6 +80,7 @@ impl CloseCode {
             CloseCode::FrameTooLarge => "frame_too_large",
             CloseCode::DuplicateConnection => "duplicate_connection",
             CloseCode::ProtocolViolation => "protocol_violation",
+            CloseCode::Unresponsive => "unresponsive",
             CloseCode::Unknown => "unknown",
         }
     }
@@ -88,6 +95,7 @@ impl CloseCode {
             CloseCode::FrameTooLarge => "frame too large",
             CloseCode::DuplicateConnection => "duplicate connection",
             CloseCode::ProtocolViolation => "protocol violation",
+            CloseCode::Unresponsive => "peer unresponsive",
             CloseCode::Unknown => "unknown reason",
         }
     }

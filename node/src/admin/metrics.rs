@@ -454,7 +454,8 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         CONNECTIONS_CLOSED,
         "counter",
         "Connections this node closed, per close code: protocol_violation, malformed_frame, \
-         frame_too_large and mesh_proof_failed name a misbehaving or mismatched peer.",
+         frame_too_large and mesh_proof_failed name a misbehaving or mismatched peer, unresponsive a \
+         frozen or overloaded one.",
     );
     for (code, count) in &s.connections_closed {
         let _ = writeln!(

@@ -2127,7 +2127,7 @@ fn try_out(l: &Link, out: Out) {
                 "outgoing queue full: the peer stopped reading; closing the connection"
             );
             l.conn
-                .close(CloseCode::ProtocolViolation, "peer stopped reading");
+                .close(CloseCode::Unresponsive, "peer stopped reading");
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {}
     }
