@@ -94,6 +94,7 @@ fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
         "lost",
         "duplicates",
         "order_violations",
+        "protocol_faults",
         "faults",
         "drain_seconds",
     ] {
@@ -103,6 +104,10 @@ fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
     assert!(accepted > 300, "only {accepted} messages accepted\n{why}");
     assert_eq!(r["lost"], 0, "{why}");
     assert_eq!(r["order_violations"], 0, "{why}");
+    // No node closed a connection for a protocol fault (an ack of something never sent to
+    // that peer, a frame that did not decode), across both protocol versions.
+    assert_eq!(r["protocol_faults"], 0, "{}\n{why}", r["closes"]);
+    assert!(r["closes"].is_object(), "{r}");
     assert_eq!(r["delivered"].as_u64(), Some(accepted), "{why}");
     let faults = r["faults"].as_array().expect("faults list");
     let kinds: Vec<&str> = faults.iter().filter_map(|f| f["kind"].as_str()).collect();

@@ -16,6 +16,11 @@
 //! - **order violations**: a consumer handles (origin, destination, key) sequence `n` for the
 //!   first time after it already handled a higher sequence of the same stream. Handlings on
 //!   different nodes are ordered by their journal clock (microseconds, one machine).
+//! - **protocol faults**: connections a node closed because its peer broke the protocol
+//!   (`protocol_violation`, `malformed_frame`, `frame_too_large`, `mesh_proof_failed`; the
+//!   `closes` journal lines). Every node runs this build with one mesh key, so each one is a
+//!   bug (an ack the sender refused, a frame that did not decode) and must be 0. Closes of an
+//!   `unresponsive` peer (a frozen one stops reading) are expected and only counted.
 //! - **drain seconds** of a fault: from the fault's end until every message accepted before
 //!   that end was handled by all its required consumers (none when one of them was lost).
 
@@ -120,6 +125,10 @@ pub(crate) struct Findings {
     /// node that handled it again, overlapping the time between the two handlings; else
     /// `no fault of the handler or sender`.
     pub(crate) duplicate_causes: BTreeMap<String, u64>,
+    /// Connections closed for a broken protocol (must be 0; see [`PROTOCOL_FAULTS`]).
+    pub(crate) protocol_faults: u64,
+    /// Every connection close the nodes journaled, by close code name.
+    pub(crate) closes: BTreeMap<String, u64>,
     /// Order violations (must be 0).
     pub(crate) order_violations: u64,
     /// The first violations (at most 50).
@@ -142,9 +151,21 @@ pub(crate) struct Findings {
 impl Findings {
     /// Whether every invariant holds.
     pub(crate) fn ok(&self) -> bool {
-        self.lost == 0 && self.order_violations == 0 && self.phantoms == 0
+        self.lost == 0
+            && self.order_violations == 0
+            && self.phantoms == 0
+            && self.protocol_faults == 0
     }
 }
+
+/// Close codes that mean the peer broke the protocol, never right between nodes of one build
+/// and one mesh key.
+pub(crate) const PROTOCOL_FAULTS: [&str; 4] = [
+    "protocol_violation",
+    "malformed_frame",
+    "frame_too_large",
+    "mesh_proof_failed",
+];
 
 struct Sent {
     destination: String,
@@ -243,6 +264,14 @@ pub(crate) fn check(
                     );
                 }
                 Event::Handled { t, p, by, c } => handlings.push((*t, *by, line, p, c)),
+                Event::Closes { codes, .. } => {
+                    for (code, n) in codes {
+                        *f.closes.entry(code.clone()).or_default() += n;
+                        if PROTOCOL_FAULTS.contains(&code.as_str()) {
+                            f.protocol_faults += n;
+                        }
+                    }
+                }
                 Event::Start { .. } | Event::Accepted { .. } | Event::Failed { .. } => {}
             }
         }
@@ -476,6 +505,40 @@ mod tests {
         assert_eq!(f.duplicate_causes["kill of the handler"], 1);
         assert_eq!(f.duplicate_causes["no fault of the handler or sender"], 1);
         assert_eq!(f.drain_seconds, vec![None]);
+    }
+
+    fn closes(node: usize, codes: &[(&str, u64)]) -> Event {
+        Event::Closes {
+            t: 1,
+            node,
+            codes: codes.iter().map(|(c, n)| (c.to_string(), *n)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_close_for_a_protocol_fault_fails_the_run_and_an_unresponsive_peer_does_not() {
+        let delivered = |extra: Vec<Event>| {
+            let mut j0 = vec![intent(1, p(0, 0, "svc-1", "a", 0), false), acc(2, 0, 0, 1)];
+            j0.extend(extra);
+            let j1 = vec![h(3, p(0, 0, "svc-1", "a", 0), 1, "svc:svc-1")];
+            check(&[(0, j0), (1, j1)], 0, 2, &[])
+        };
+        // A frozen peer stopped reading twice; a node shut down: expected.
+        let f = delivered(vec![
+            closes(0, &[("unresponsive", 1)]),
+            closes(0, &[("shutdown", 3), ("unresponsive", 1)]),
+        ]);
+        assert!(f.ok(), "{f:?}");
+        assert_eq!(f.protocol_faults, 0);
+        assert_eq!(f.closes["unresponsive"], 2);
+        assert_eq!(f.closes["shutdown"], 3);
+        // An ack the sender refused (or a frame that did not decode) is a bug.
+        let f = delivered(vec![
+            closes(0, &[("unresponsive", 1)]),
+            closes(0, &[("protocol_violation", 1), ("malformed_frame", 2)]),
+        ]);
+        assert!(!f.ok());
+        assert_eq!((f.lost, f.protocol_faults), (0, 3));
     }
 
     #[test]

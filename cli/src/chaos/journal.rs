@@ -6,7 +6,7 @@
 //! page cache survives the process; no fsync is needed for that). A torn last line is
 //! counted and skipped by the reader.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::Path;
@@ -74,6 +74,14 @@ pub(crate) enum Event {
         p: Payload,
         by: usize,
         c: String,
+    },
+    /// The worker's node closed connections since its last `closes` line (of this process),
+    /// by close code name: only the codes whose count grew, with the growth. Written at most
+    /// once a second, so a SIGKILL loses at most the last second's closes.
+    Closes {
+        t: u64,
+        node: usize,
+        codes: BTreeMap<String, u64>,
     },
 }
 

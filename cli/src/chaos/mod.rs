@@ -674,10 +674,12 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     let f = &report.findings;
     if !f.ok() {
         bail!(
-            "chaos: invariants broken: {} lost, {} out of key order, {} phantom; journals kept in {}",
+            "chaos: invariants broken: {} lost, {} out of key order, {} phantom, {} connections \
+             closed for a protocol fault (the nodes' logs say why); journals kept in {}",
             f.lost,
             f.order_violations,
             f.phantoms,
+            f.protocol_faults,
             dir.display()
         );
     }

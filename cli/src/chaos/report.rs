@@ -61,6 +61,20 @@ pub(crate) struct RunReport {
     pub(crate) dir: String,
 }
 
+/// `unresponsive 3, shutdown 12` (codes whose count is not zero), or `none`.
+fn closes_text(closes: &std::collections::BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = closes
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(code, n)| format!("{code} {n}"))
+        .collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 fn secs(v: Option<f64>) -> String {
     v.map_or_else(|| "never".to_string(), |s| format!("{s:.2}"))
 }
@@ -80,6 +94,8 @@ impl RunReport {
             "duplicates_after_sender_kill": f.duplicates_after_sender_kill,
             "duplicate_causes": f.duplicate_causes,
             "order_violations": f.order_violations,
+            "protocol_faults": f.protocol_faults,
+            "closes": f.closes,
             "faults": self.faults,
             "drain_seconds": self.faults.iter().map(|x| x.drain_seconds).collect::<Vec<_>>(),
             "peak_log_depth": self.peak_backlog,
@@ -146,6 +162,15 @@ impl RunReport {
                 verdict(f.phantoms == 0),
             ),
             (
+                "protocol faults",
+                format!(
+                    "{} (connections closed: {})",
+                    f.protocol_faults,
+                    closes_text(&f.closes)
+                ),
+                verdict(f.protocol_faults == 0),
+            ),
+            (
                 "short publishes",
                 format!(
                     "{} (receipt covered fewer groups than exist)",
@@ -201,7 +226,7 @@ impl RunReport {
             s,
             "\n{}",
             if f.ok() {
-                "PASS: no acknowledged message lost, none out of key order"
+                "PASS: no acknowledged message lost, none out of key order, no protocol fault"
             } else {
                 "FAIL: invariants broken (see above)"
             }
@@ -328,7 +353,7 @@ impl RunReport {
             r#"<!doctype html><html><head><meta charset="utf-8"><title>peerbus chaos report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 10px;text-align:left}}.ok{{color:#1b5e20}}.fail{{color:#b71c1c}}</style></head><body>
 <h1>peerbus chaos: <span class="{cls}">{verdict}</span></h1>
-<p>accepted {acc} · delivered {del} · lost {lost} · order violations {ord} · duplicates {dup} ({dupx} after a kill of the handler, {dups} of the sender) · peak log depth {peak}</p>
+<p>accepted {acc} · delivered {del} · lost {lost} · order violations {ord} · protocol faults {pf} · duplicates {dup} ({dupx} after a kill of the handler, {dups} of the sender) · peak log depth {peak}</p>
 {svg}
 <h2>Faults</h2><table><tr><th>#</th><th>kind</th><th>target</th><th>start s</th><th>end s</th><th>drain s</th></tr>{rows}</table>
 <h2>Settings</h2><pre>{settings}</pre></body></html>
@@ -339,6 +364,7 @@ impl RunReport {
             del = f.delivered,
             lost = f.lost,
             ord = f.order_violations,
+            pf = f.protocol_faults,
             dup = f.duplicates,
             dupx = f.duplicates_explained,
             dups = f.duplicates_after_sender_kill,

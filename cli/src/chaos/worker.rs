@@ -5,6 +5,7 @@
 //! orchestrator's `go` file exists, drives keyed sends and publishes until the `stop` file
 //! appears. Everything it sends and handles goes to its journal first.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -151,7 +152,7 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
         node.clone(),
         a.clone_load(),
         resume,
-        journal,
+        journal.clone(),
         stop.clone(),
     ));
 
@@ -159,7 +160,8 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let parent = std::os::unix::process::parent_id();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    loop {
+    let mut closes = CloseJournal::default();
+    for ticks in 1u64.. {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -171,13 +173,55 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
                 if a.run_dir.join(STOP_FILE).exists() && !stop.swap(true, Ordering::Relaxed) {
                     tracing::info!("workload stopping");
                 }
+                if ticks.is_multiple_of(10) {
+                    closes.sample(&node, &journal, a.index).await?;
+                }
             }
         }
     }
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(10), load).await;
+    closes.sample(&node, &journal, a.index).await?;
     node.shutdown().await;
     Ok(())
+}
+
+/// What the node's [`Status::connections_closed`](peerbus::Status) showed at the last sample,
+/// so that each `closes` journal line carries only the growth since.
+#[derive(Default)]
+struct CloseJournal {
+    last: BTreeMap<String, u64>,
+}
+
+impl CloseJournal {
+    /// Journals the close codes whose count grew since the last sample, if any did.
+    async fn sample(
+        &mut self,
+        node: &Node,
+        journal: &Journal,
+        index: usize,
+    ) -> std::io::Result<()> {
+        let Some(status) = node.status().await else {
+            return Ok(());
+        };
+        let codes: BTreeMap<String, u64> = status
+            .connections_closed
+            .iter()
+            .filter_map(|(code, n)| {
+                let grew = n.saturating_sub(self.last.get(code).copied().unwrap_or(0));
+                (grew > 0).then(|| (code.clone(), grew))
+            })
+            .collect();
+        self.last = status.connections_closed;
+        if codes.is_empty() {
+            return Ok(());
+        }
+        journal.write(&Event::Closes {
+            t: journal::now_us(),
+            node: index,
+            codes,
+        })
+    }
 }
 
 /// The part of the arguments the workload needs.
