@@ -520,6 +520,16 @@ async fn a_node_of_another_mesh_key_shows_as_refused() {
             sample(&m, "peerbus_peers_connected", &[("node", &pid)]),
             Some(0.0)
         );
+        // Each side refuses the other's proof when it listens: `payments` counts the
+        // intruder's dials it closed, by code.
+        let refusals = [("node", pid.as_str()), ("code", "mesh_proof_failed")];
+        eventually(10, "payments counts the proofs it refused", || async {
+            let m = metrics(&payments).await;
+            sample(&m, "peerbus_connections_closed_total", &refusals) >= Some(1.0)
+        })
+        .await;
+        let s = status(&payments).await;
+        assert_eq!(s["connections_closed"]["protocol_violation"], 0, "{s}");
         intruder.shutdown().await;
         payments.shutdown().await;
     })
