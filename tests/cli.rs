@@ -501,8 +501,10 @@ fn send_with_another_mesh_key_is_refused() {
 
     let with_a = Mesh::keyed("key", &key_a);
     let with_b = Mesh::keyed("key", &key_b);
+    let vault_dir = dir.path().join("vault");
+    let vault_dir = vault_dir.to_str().expect("utf-8 path");
     let _vault = spawn(
-        with_a.command(&["node", "--service", "vault"]),
+        with_a.command(&["node", "--service", "vault", "--data-dir", vault_dir]),
         "node with key a",
     );
 
@@ -520,6 +522,23 @@ fn send_with_another_mesh_key_is_refused() {
         "stderr does not explain the refusal:\n{}",
         refused.stderr
     );
+    // The vault's operator sees the refusals in `peerbus status` (it refused the proof of the
+    // sender's dial).
+    let mut shown = String::new();
+    while !shown.contains("connections closed for peer faults: mesh_proof_failed") {
+        assert!(
+            budget.left() > Duration::from_secs(30),
+            "`peerbus status` of the vault never named the refused proofs:\n{shown}"
+        );
+        thread::sleep(Duration::from_millis(200));
+        let status = run(
+            with_a.command(&["status", "--data-dir", vault_dir]),
+            "peerbus status of the vault",
+            budget.left(),
+        );
+        assert!(status.status.success(), "status failed: {}", status.stderr);
+        shown = status.stdout;
+    }
 
     let accepted = run(
         with_a.command(&["send", "vault", "hello", "--timeout", "30s"]),
