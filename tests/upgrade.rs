@@ -150,7 +150,11 @@ async fn a_node_past_the_upgrade_refuses_protocol_4() {
             protocol(&upgraded, new.id()).await == Some(PROTOCOL_VERSION)
         })
         .await;
-        assert_eq!(protocol(&new, old.id()).await, Some(4));
+        // `new` meets `old` on its own schedule: waiting for `upgraded` says nothing of it.
+        eventually(10, "the new node connected to the old one at 4", || async {
+            protocol(&new, old.id()).await == Some(4)
+        })
+        .await;
         for n in [upgraded, old, new] {
             n.shutdown().await;
         }
