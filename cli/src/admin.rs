@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use peerbus::control;
+use peerbus::{CloseCode, control};
 use serde_json::{Value, json};
 
 use crate::common::{CommonArgs, UsageError};
@@ -125,10 +125,9 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
             .into_iter()
             .flatten()
             .filter(|(code, n)| {
-                !matches!(
-                    code.as_str(),
-                    "normal" | "shutdown" | "duplicate_connection"
-                ) && n.as_u64() > Some(0)
+                CloseCode::from_name(code)
+                    .is_some_and(|c| c.is_protocol_fault() || c == CloseCode::Unresponsive)
+                    && n.as_u64() > Some(0)
             })
             .map(|(code, n)| format!("{code} {n}"))
             .collect();

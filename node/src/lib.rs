@@ -123,5 +123,5 @@ pub use peerbus_discovery::{
     MemoryNetwork, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
 };
 pub use peerbus_transport::{
-    FaultConfig, FaultStats, Faults, MAX_MESH_KEYS, MeshKey, NodeId, Traffic,
+    CloseCode, FaultConfig, FaultStats, Faults, MAX_MESH_KEYS, MeshKey, NodeId, Traffic,
 };

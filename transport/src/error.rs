@@ -65,7 +65,7 @@ impl CloseCode {
     /// This code's position in [`CloseCode::ALL`].
     pub fn index(self) -> usize {
         match self {
-            CloseCode::Unknown => 8,
+            CloseCode::Unknown => Self::ALL.len() - 1,
             known => known as usize,
         }
     }
@@ -83,6 +83,25 @@ impl CloseCode {
             CloseCode::Unresponsive => "unresponsive",
             CloseCode::Unknown => "unknown",
         }
+    }
+
+    /// The code named `name` ([`CloseCode::name`]), as `Status` and metric labels spell it.
+    pub fn from_name(name: &str) -> Option<CloseCode> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// Whether a close with this code means the peer broke the protocol or the mesh's rules
+    /// (a frame that did not decode or was too large, a violation, a wrong mesh key): never
+    /// right between nodes of one build and one mesh key. [`CloseCode::Unresponsive`] is not
+    /// one: a frozen or overloaded peer is still a correct one.
+    pub fn is_protocol_fault(&self) -> bool {
+        matches!(
+            self,
+            CloseCode::MeshProofFailed
+                | CloseCode::MalformedFrame
+                | CloseCode::FrameTooLarge
+                | CloseCode::ProtocolViolation
+        )
     }
 
     /// A short human description.

@@ -424,10 +424,14 @@ async fn close_code_numbers_round_trip() {
         assert_eq!(CloseCode::from_u32(code as u32), code);
         assert!(!code.describe().is_empty());
         assert_eq!(CloseCode::ALL[code.index()], code);
+        assert_eq!(CloseCode::from_name(code.name()), Some(code));
     }
     let names: std::collections::BTreeSet<_> = CloseCode::ALL.iter().map(|c| c.name()).collect();
     assert_eq!(names.len(), CloseCode::ALL.len(), "names are distinct");
     assert_eq!(CloseCode::ProtocolViolation.name(), "protocol_violation");
+    assert_eq!(CloseCode::from_name("no_such_code"), None);
+    assert!(CloseCode::MalformedFrame.is_protocol_fault());
+    assert!(!CloseCode::Unresponsive.is_protocol_fault());
     assert_eq!(CloseCode::from_u32(77), CloseCode::Unknown);
     assert_eq!(CloseCode::MeshProofFailed.describe(), "mesh key mismatch");
 }

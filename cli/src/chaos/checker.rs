@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use peerbus::CloseCode;
 use serde::Serialize;
 
 use super::journal::Event;
@@ -125,7 +126,8 @@ pub(crate) struct Findings {
     /// node that handled it again, overlapping the time between the two handlings; else
     /// `no fault of the handler or sender`.
     pub(crate) duplicate_causes: BTreeMap<String, u64>,
-    /// Connections closed for a broken protocol (must be 0; see [`PROTOCOL_FAULTS`]).
+    /// Connections closed for a broken protocol (must be 0; see
+    /// [`CloseCode::is_protocol_fault`]).
     pub(crate) protocol_faults: u64,
     /// Every connection close the nodes journaled, by close code name.
     pub(crate) closes: BTreeMap<String, u64>,
@@ -157,15 +159,6 @@ impl Findings {
             && self.protocol_faults == 0
     }
 }
-
-/// Close codes that mean the peer broke the protocol, never right between nodes of one build
-/// and one mesh key.
-pub(crate) const PROTOCOL_FAULTS: [&str; 4] = [
-    "protocol_violation",
-    "malformed_frame",
-    "frame_too_large",
-    "mesh_proof_failed",
-];
 
 struct Sent {
     destination: String,
@@ -267,7 +260,7 @@ pub(crate) fn check(
                 Event::Closes { codes, .. } => {
                     for (code, n) in codes {
                         *f.closes.entry(code.clone()).or_default() += n;
-                        if PROTOCOL_FAULTS.contains(&code.as_str()) {
+                        if CloseCode::from_name(code).is_some_and(|c| c.is_protocol_fault()) {
                             f.protocol_faults += n;
                         }
                     }

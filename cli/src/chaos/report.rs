@@ -61,11 +61,10 @@ pub(crate) struct RunReport {
     pub(crate) dir: String,
 }
 
-/// `unresponsive 3, shutdown 12` (codes whose count is not zero), or `none`.
+/// `shutdown 12, unresponsive 3` (the journals hold only codes that grew), or `none`.
 fn closes_text(closes: &std::collections::BTreeMap<String, u64>) -> String {
     let parts: Vec<String> = closes
         .iter()
-        .filter(|(_, n)| **n > 0)
         .map(|(code, n)| format!("{code} {n}"))
         .collect();
     if parts.is_empty() {
