@@ -779,3 +779,125 @@ impl Connection {
         self.inner.close_reason().map(|e| self.convert(e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::membership::MeshKey;
+
+    /// A raw quinn endpoint on 127.0.0.1 with a node identity and peerbus's ALPN, which
+    /// completes TLS handshakes but never runs the mesh proof: a peer that stopped (frozen,
+    /// or a scanner that speaks TLS and nothing more). It sends keep-alives so that its
+    /// connections stay open past the proof timeout.
+    fn silent_peer() -> (quinn::Endpoint, quinn::ClientConfig) {
+        let certified = tls::certificate(&Identity::generate().expect("identity")).expect("cert");
+        let alpn = vec![crate::ALPN.to_vec()];
+        let mut transport = TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_millis(200)));
+        let transport = Arc::new(transport);
+        let server_tls = tls::server_config(&certified, &alpn).expect("server tls");
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+            QuicServerConfig::try_from(server_tls).expect("quic server"),
+        ));
+        server.transport_config(transport.clone());
+        let ep = quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("addr"))
+            .expect("bind the silent peer");
+        let (client_tls, _) = tls::client_config(&certified, None, &alpn).expect("client tls");
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            QuicClientConfig::try_from(client_tls).expect("quic client"),
+        ));
+        client.transport_config(transport);
+        (ep, client)
+    }
+
+    fn keyed_endpoint(key: &MeshKey) -> Endpoint {
+        let id = Identity::generate().expect("identity");
+        let cfg = EndpointConfig::new(
+            id,
+            Membership::Key(key.clone()),
+            "127.0.0.1:0".parse().expect("addr"),
+        );
+        Endpoint::bind(cfg).expect("bind")
+    }
+
+    /// The application close code `conn` ended with, waiting at most `limit`.
+    async fn closed_with(conn: &quinn::Connection, limit: Duration) -> Option<u64> {
+        match tokio::time::timeout(limit, conn.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code.into_inner()),
+            _ => None,
+        }
+    }
+
+    /// A peer that completes TLS and then says nothing is closed with
+    /// [`CloseCode::Unresponsive`] once the proof timeout passes, whichever side dialed, and
+    /// counted under that code (not as a protocol fault).
+    #[tokio::test]
+    async fn a_peer_silent_after_the_handshake_is_closed_as_unresponsive() {
+        let key = MeshKey::generate();
+        let listener = keyed_endpoint(&key);
+        let dialer = keyed_endpoint(&key);
+        let (silent, client) = silent_peer();
+        let limit = PROOF_TIMEOUT + Duration::from_secs(10);
+
+        // The listener's side: the silent peer dials it and never sends its proof.
+        let accepted = {
+            let listener = listener.clone();
+            tokio::spawn(async move {
+                let incoming = listener.accept().await.expect("endpoint open");
+                tokio::time::timeout(limit, incoming.complete()).await
+            })
+        };
+        let to_listener = silent
+            .connect_with(client, listener.local_addr(), tls::SERVER_NAME)
+            .expect("dial")
+            .await
+            .expect("TLS handshake with the listener");
+
+        // The dialer's side: it dials the silent peer, which never answers its proof.
+        let dialed = {
+            let dialer = dialer.clone();
+            let addr = silent.local_addr().expect("silent peer address");
+            tokio::spawn(
+                async move { tokio::time::timeout(limit, dialer.connect(addr, None)).await },
+            )
+        };
+        let from_dialer = tokio::time::timeout(limit, silent.accept())
+            .await
+            .expect("the dialer dials")
+            .expect("silent peer open")
+            .await
+            .expect("TLS handshake with the dialer");
+
+        match accepted
+            .await
+            .expect("join")
+            .expect("the proof timeout ends the accept")
+        {
+            Err(AcceptError::Failed { reason, .. }) => {
+                assert!(reason.contains("mesh proof timed out"), "{reason}")
+            }
+            other => panic!("expected a proof timeout, got {other:?}"),
+        }
+        match dialed
+            .await
+            .expect("join")
+            .expect("the proof timeout ends the dial")
+        {
+            Err(ConnectError::TimedOut) => {}
+            other => panic!(
+                "expected a proof timeout, got {:?}",
+                other.map(|c| c.peer_id())
+            ),
+        }
+        let code = Some(CloseCode::Unresponsive as u64);
+        assert_eq!(closed_with(&to_listener, limit).await, code);
+        assert_eq!(closed_with(&from_dialer, limit).await, code);
+        for ep in [&listener, &dialer] {
+            let closes = ep.local_closes();
+            assert_eq!(closes.get(CloseCode::Unresponsive), 1);
+            assert_eq!(closes.iter().map(|(_, n)| n).sum::<u64>(), 1, "{closes:?}");
+            assert!(!CloseCode::Unresponsive.is_protocol_fault());
+        }
+    }
+}
