@@ -20,7 +20,8 @@ use peerbus::engine::wire::{
     ALPN_NEGOTIATED, ALPN_V4, Control, ControlV4, Dialect, Hello, Interest, MAX_ACK_RUN_SEQS,
 };
 use peerbus::{
-    HandlerError, MemoryNetwork, MeshKey, Node, NodeId, PROTOCOL_VERSION, Receipt, Subscription,
+    CloseCode, HandlerError, MemoryNetwork, MeshKey, Node, NodeId, PROTOCOL_VERSION, Receipt,
+    Subscription,
 };
 use tokio::sync::{Semaphore, mpsc};
 
@@ -39,9 +40,16 @@ fn report_handled(orders: &Node) -> mpsc::Receiver<(NodeId, u64, String)> {
 }
 
 /// Connections `node` closed for a protocol violation so far (its status).
+/// Connections `node` closed for a protocol violation, as its status shows them, checked
+/// against the direct reading [`Node::connections_closed`].
 async fn violations(node: &Node) -> u64 {
     let status = node.status().await.expect("status");
-    status.connections_closed["protocol_violation"]
+    let shown = status.connections_closed["protocol_violation"];
+    assert_eq!(
+        node.connections_closed().get(CloseCode::ProtocolViolation),
+        shown
+    );
+    shown
 }
 
 /// A hand-made peer of protocol 4: the ALPN id and hello of a protocol 4 build.

@@ -123,5 +123,6 @@ pub use peerbus_discovery::{
     MemoryNetwork, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
 };
 pub use peerbus_transport::{
-    CloseCode, FaultConfig, FaultStats, Faults, MAX_MESH_KEYS, MeshKey, NodeId, Traffic,
+    CloseCode, CloseCounts, FaultConfig, FaultStats, Faults, MAX_MESH_KEYS, MeshKey, NodeId,
+    Traffic,
 };

@@ -1232,6 +1232,13 @@ impl Node {
         runtime::lock(&self.shared.store_stats).clone()
     }
 
+    /// Connections this node closed since start, counted by [`CloseCode`](crate::CloseCode)
+    /// (what [`Status::connections_closed`] shows by name). Read without asking the node's
+    /// actor, so it is cheap to poll and answers even while the node is busy.
+    pub fn connections_closed(&self) -> crate::CloseCounts {
+        self.shared.endpoint.local_closes()
+    }
+
     /// Counter of messages handed to local handlers (for tests and status).
     pub fn delivered_count(&self) -> u64 {
         self.shared.counters.delivered.load(Ordering::Relaxed)

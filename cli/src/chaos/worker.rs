@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use peerbus::{Faults, HandlerError, Message, Node, Outgoing};
+use peerbus::{CloseCounts, Faults, HandlerError, Message, Node, Outgoing};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::journal::{self, Event, Journal, Payload};
@@ -174,45 +174,37 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
                     tracing::info!("workload stopping");
                 }
                 if ticks.is_multiple_of(10) {
-                    closes.sample(&node, &journal, a.index).await?;
+                    closes.sample(&node, &journal, a.index)?;
                 }
             }
         }
     }
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(10), load).await;
-    closes.sample(&node, &journal, a.index).await?;
+    closes.sample(&node, &journal, a.index)?;
     node.shutdown().await;
     Ok(())
 }
 
-/// What the node's [`Status::connections_closed`](peerbus::Status) showed at the last sample,
-/// so that each `closes` journal line carries only the growth since.
+/// What the node's [`Node::connections_closed`] showed at the last sample, so that each
+/// `closes` journal line carries only the growth since.
 #[derive(Default)]
 struct CloseJournal {
-    last: BTreeMap<String, u64>,
+    last: CloseCounts,
 }
 
 impl CloseJournal {
     /// Journals the close codes whose count grew since the last sample, if any did.
-    async fn sample(
-        &mut self,
-        node: &Node,
-        journal: &Journal,
-        index: usize,
-    ) -> std::io::Result<()> {
-        let Some(status) = node.status().await else {
-            return Ok(());
-        };
-        let codes: BTreeMap<String, u64> = status
-            .connections_closed
+    fn sample(&mut self, node: &Node, journal: &Journal, index: usize) -> std::io::Result<()> {
+        let now = node.connections_closed();
+        let codes: BTreeMap<String, u64> = now
             .iter()
             .filter_map(|(code, n)| {
-                let grew = n.saturating_sub(self.last.get(code).copied().unwrap_or(0));
-                (grew > 0).then(|| (code.clone(), grew))
+                let grew = n.saturating_sub(self.last.get(code));
+                (grew > 0).then(|| (code.name().to_string(), grew))
             })
             .collect();
-        self.last = status.connections_closed;
+        self.last = now;
         if codes.is_empty() {
             return Ok(());
         }
