@@ -256,6 +256,34 @@ fn parse_line(line: &str) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"))
 }
 
+/// Runs `peerbus peers --json` until a node of the mesh sees `n` connected peers of each
+/// service in `services` (the processes are up and announced), or panics when the budget runs
+/// out. A precondition for commands that act on the peers their discovery window finds.
+fn wait_for_services(mesh: &Mesh, services: &[(&str, usize)], budget: &Budget) {
+    let mut last = String::new();
+    while budget.left() > Duration::from_secs(5) {
+        let peers = run(
+            mesh.command(&["peers", "--wait", "1s", "--json"]),
+            "peers",
+            budget.left(),
+        );
+        assert!(peers.status.success(), "peers failed: {}", peers.stderr);
+        let list = parse_line(peers.stdout.trim());
+        let connected = |service: &str| {
+            list.as_array().map_or(0, |a| {
+                a.iter()
+                    .filter(|p| p["service"] == service && p["state"] == "connected")
+                    .count()
+            })
+        };
+        if services.iter().all(|(svc, n)| connected(svc) >= *n) {
+            return;
+        }
+        last = peers.stdout;
+    }
+    panic!("the peers {services:?} never all showed up; last `peers`: {last}");
+}
+
 #[test]
 fn node_prints_every_message_a_pipelined_send_delivers() {
     let budget = Budget::new(90);
@@ -349,14 +377,9 @@ fn pub_reaches_every_subscriber_group_once() {
         mesh.command(&["sub", "payment.*", "--group", "tap"]),
         "sub --group tap",
     );
-    // Both subscribers must be connected to each other before `pub` starts, so that its
-    // discovery window sees them together (not a claim about `pub`, a precondition).
-    let peers = run(
-        mesh.command(&["peers", "--wait", "3s", "--json"]),
-        "peers",
-        budget.left(),
-    );
-    assert!(peers.status.success(), "peers failed: {}", peers.stderr);
+    // Both subscribers must be up and announced before `pub` starts, so that its discovery
+    // window sees them together (not a claim about `pub`, a precondition).
+    wait_for_services(&mesh, &[("ledger", 1), ("peerbus-cli", 1)], &budget);
 
     let publish = run(
         mesh.command(&[
@@ -929,6 +952,9 @@ fn scatter_asks_every_instance_and_idempotent_req_and_topic_at_group_work() {
         mesh.command(&["node", "--service", "inventory", "--echo"]),
         "node b",
     );
+    // Both instances up and announced before `scatter` starts: its discovery window then
+    // finds them together (a precondition, not a claim about `scatter`).
+    wait_for_services(&mesh, &[("inventory", 2)], &budget);
     let scatter = run(
         mesh.command(&[
             "scatter",

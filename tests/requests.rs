@@ -169,7 +169,13 @@ async fn bulkhead_refuses_past_its_limit() {
             tokio::spawn(async move { c1.request("reports", "a", Duration::from_secs(3)).await });
         let b =
             tokio::spawn(async move { c2.request("reports", "b", Duration::from_secs(3)).await });
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        eventually(10, "requests a and b in flight", || async {
+            client
+                .status()
+                .await
+                .is_some_and(|s| s.breakers.get("reports").is_some_and(|b| b.in_flight == 2))
+        })
+        .await;
         let err = client
             .request("reports", "c", Duration::from_secs(3))
             .await
@@ -389,12 +395,18 @@ async fn a_request_whose_instance_goes_away_fails_as_peer_lost() {
         let client = start(builder(&net, "web", &key)).await;
         let server =
             start(builder(&net, "slow", &key).shutdown_grace(Duration::from_millis(300))).await;
+        let hanging = Arc::new(tokio::sync::Notify::new());
+        let started = hanging.clone();
         server
-            .serve(|req| async move {
-                if req.payload_text() == "hang" {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+            .serve(move |req| {
+                let started = started.clone();
+                async move {
+                    if req.payload_text() == "hang" {
+                        started.notify_one();
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                    Ok("done".into())
                 }
-                Ok("done".into())
             })
             .await
             .expect("serve");
@@ -402,7 +414,8 @@ async fn a_request_whose_instance_goes_away_fails_as_peer_lost() {
         let c = client.clone();
         let call =
             tokio::spawn(async move { c.request("slow", "hang", Duration::from_secs(20)).await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The instance leaves while its handler runs the request.
+        hanging.notified().await;
         let t0 = std::time::Instant::now();
         let stopping = tokio::spawn(async move { server.shutdown().await });
         let err = call

@@ -236,7 +236,7 @@ async fn three_instances_with_one_lost_and_one_added_keep_every_key_in_order() {
         let i3 = spawn_instance(3).await;
         assert!(
             sender
-                .wait_for_instances("orders", 3, Duration::from_secs(10))
+                .wait_for_consumers("orders", 3, Duration::from_secs(10))
                 .await
         );
         let mut receipts = Vec::with_capacity(N);
@@ -248,12 +248,15 @@ async fn three_instances_with_one_lost_and_one_added_keep_every_key_in_order() {
                 i2.shutdown().await; // one instance leaves mid-run
             }
             if i == 2 * N / 3 {
-                i4 = Some(spawn_instance(4).await); // one joins
+                let joined = spawn_instance(4).await; // one joins
+                // The new instance takes work before the rest of the run is sent.
+                let id = joined.id();
                 let s = &sender;
-                assert!(
-                    s.wait_for_instances("orders", 3, Duration::from_secs(10))
-                        .await
-                );
+                eventually(10, "the new instance is a consumer", || async move {
+                    s.consumers("orders").await.contains(&id)
+                })
+                .await;
+                i4 = Some(joined);
             }
         }
         for r in receipts {
