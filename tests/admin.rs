@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::{builder, eventually, start, within};
-use peerbus::{HandlerError, MemoryNetwork, MeshKey, Node, NodeBuilder, StartError};
+use peerbus::{CloseCode, HandlerError, MemoryNetwork, MeshKey, Node, NodeBuilder, StartError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A response: status code, headers (lowercase names), body.
@@ -207,6 +207,19 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
             Some(0.0)
         );
         assert_eq!(s["connections_closed"]["malformed_frame"], 0, "{s}");
+        // Its help names every code that blames the peer, and only those.
+        let help = m
+            .lines()
+            .find(|l| l.starts_with("# HELP peerbus_connections_closed_total "))
+            .expect("help of peerbus_connections_closed_total");
+        for code in CloseCode::ALL {
+            assert_eq!(
+                help.contains(&format!("{} ", code.name()))
+                    || help.contains(&format!("{},", code.name())),
+                code.is_protocol_fault() || code == CloseCode::Unresponsive,
+                "{code:?} in {help}"
+            );
+        }
 
         // Durable groups orders subscribes to and releases, as payments knows them.
         let _audit = orders

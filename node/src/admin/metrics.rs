@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use peerbus_transport::NodeId;
+use peerbus_transport::{CloseCode, NodeId};
 
 use crate::node::{Node, PeerState, Status};
 use crate::store::StoreStats;
@@ -449,13 +449,22 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         "{CONNECTIONS_RETIRING}{{{n}}} {}",
         s.retiring_connections
     );
+    // The codes that blame the peer come from the one list of them.
+    let faults: Vec<&str> = CloseCode::ALL
+        .iter()
+        .filter(|c| c.is_protocol_fault())
+        .map(|c| c.name())
+        .collect();
     head(
         &mut out,
         CONNECTIONS_CLOSED,
         "counter",
-        "Connections this node closed, per close code: protocol_violation, malformed_frame, \
-         frame_too_large and mesh_proof_failed name a misbehaving or mismatched peer, unresponsive a \
-         frozen or overloaded one.",
+        &format!(
+            "Connections this node closed, per close code: {} name a misbehaving or mismatched \
+             peer, {} a frozen or overloaded one.",
+            faults.join(", "),
+            CloseCode::Unresponsive.name()
+        ),
     );
     for (code, count) in &s.connections_closed {
         let _ = writeln!(
