@@ -76,8 +76,8 @@ pub(crate) enum Event {
         c: String,
     },
     /// The worker's node closed connections since its last `closes` line (of this process),
-    /// by close code name: only the codes whose count grew, with the growth. Written at most
-    /// once a second, so a SIGKILL loses at most the last second's closes.
+    /// by close code name: only the codes whose count grew, with the growth. Sampled every
+    /// 100 ms tick of the worker, so a SIGKILL loses at most the last tick's closes.
     Closes {
         t: u64,
         node: usize,
