@@ -575,6 +575,45 @@ fn send_with_another_mesh_key_is_refused() {
     );
 }
 
+/// A node that cannot start says why, and says each cause once: the library's errors carry
+/// their causes in their messages, not also as `source`s that the CLI would print again.
+#[test]
+fn a_failed_start_names_each_cause_once() {
+    let budget = Budget::new(30);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.key");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    std::fs::write(data.join("node.key"), "not a key").expect("corrupt node key");
+    let cases = [
+        (
+            vec!["--mesh-key-file".to_string(), missing.display().to_string()],
+            "No such file or directory",
+        ),
+        (
+            vec![
+                "--insecure-open-mesh".to_string(),
+                "--data-dir".to_string(),
+                data.display().to_string(),
+            ],
+            "is not a peerbus node key",
+        ),
+    ];
+    for (args, cause) in cases {
+        let mut all = vec!["send", "svc", "x", "--interface", "loopback"];
+        all.extend(["--listen", "127.0.0.1:0", "--timeout", "1s"]);
+        all.extend(args.iter().map(String::as_str));
+        let out = run(base_command(&all), "send that cannot start", budget.left());
+        assert_eq!(out.status.code(), Some(1), "stderr: {}", out.stderr);
+        let line = out
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("no error line: {}", out.stderr));
+        assert_eq!(line.matches(cause).count(), 1, "{line}");
+    }
+}
+
 #[test]
 fn bad_template_and_bad_options_are_usage_errors() {
     let budget = Budget::new(30);

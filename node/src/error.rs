@@ -18,16 +18,16 @@ pub enum StartError {
     NoMembership,
     /// The mesh key file could not be read.
     #[error("mesh key: {0}")]
-    MeshKey(#[from] peerbus_transport::MeshKeyError),
+    MeshKey(peerbus_transport::MeshKeyError),
     /// The node identity could not be loaded or created.
     #[error("node identity: {0}")]
-    Identity(#[from] peerbus_transport::IdentityError),
+    Identity(peerbus_transport::IdentityError),
     /// The QUIC endpoint could not bind.
     #[error("could not listen: {0}")]
-    Bind(#[from] peerbus_transport::BindError),
+    Bind(peerbus_transport::BindError),
     /// Discovery could not start.
     #[error("discovery: {0}")]
-    Discovery(#[from] peerbus_discovery::DiscoveryError),
+    Discovery(peerbus_discovery::DiscoveryError),
     /// The data directory is unusable.
     #[error("data directory {path}: {reason}")]
     DataDir {
@@ -54,6 +54,24 @@ pub enum StartError {
         reason: String,
     },
 }
+
+// Each wrapped error is in the message and not also a `source`: a chain printer (anyhow's
+// `{:#}`) would otherwise print it twice (Rust API guidelines, C-GOOD-ERR).
+macro_rules! start_error_from {
+    ($($variant:ident($inner:ty)),* $(,)?) => {$(
+        impl From<$inner> for StartError {
+            fn from(e: $inner) -> Self {
+                StartError::$variant(e)
+            }
+        }
+    )*};
+}
+start_error_from!(
+    MeshKey(peerbus_transport::MeshKeyError),
+    Identity(peerbus_transport::IdentityError),
+    Bind(peerbus_transport::BindError),
+    Discovery(peerbus_discovery::DiscoveryError),
+);
 
 /// `send` or `publish` failed; nothing was stored.
 #[derive(Debug, Error)]

@@ -218,7 +218,7 @@ impl Endpoint {
         }
         .map_err(|e| BindError::Io {
             addr: config.listen,
-            source: e,
+            error: e,
         })?;
         Ok(Endpoint {
             inner: Arc::new(Inner {

@@ -197,12 +197,12 @@ pub struct IdParseError(pub String);
 #[non_exhaustive]
 pub enum IdentityError {
     /// Reading or writing the key file failed.
-    #[error("cannot read or create the node key {}: {source} (check the data directory and its permissions)", path.display())]
+    #[error("cannot read or create the node key {}: {error} (check the data directory and its permissions)", path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not a [`source`](std::error::Error::source)).
+        error: std::io::Error,
     },
     /// The key file exists but does not hold an ed25519 PKCS#8 key.
     #[error("{} is not a peerbus node key ({reason}); move it aside to create a new identity", path.display())]
@@ -222,12 +222,12 @@ pub enum IdentityError {
 #[non_exhaustive]
 pub enum MeshKeyError {
     /// The file could not be read or written.
-    #[error("mesh key file {}: {source}", path.display())]
+    #[error("mesh key file {}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not a [`source`](std::error::Error::source)).
+        error: std::io::Error,
     },
     /// The file does not hold 64 hex characters.
     #[error("mesh key file {} is malformed: {reason} (create one with `peerbus keygen --out FILE`)", path.display())]
@@ -250,12 +250,12 @@ pub enum MeshKeyError {
 #[non_exhaustive]
 pub enum BindError {
     /// The UDP socket could not bind.
-    #[error("cannot bind UDP {addr}: {source} (is the port in use, or the address not local?)")]
+    #[error("cannot bind UDP {addr}: {error} (is the port in use, or the address not local?)")]
     Io {
         /// The address.
         addr: SocketAddr,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not a [`source`](std::error::Error::source)).
+        error: std::io::Error,
     },
     /// TLS setup failed (the identity's key could not make a certificate).
     #[error("TLS setup failed: {0}")]

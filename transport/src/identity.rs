@@ -112,7 +112,7 @@ impl Identity {
         let path = dir.join(KEY_FILE);
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| IdentityError::Io { path, source }
+            move |error| IdentityError::Io { path, error }
         };
         match read_key_file(&path) {
             Ok(bytes) => Self::load(&path, bytes),
@@ -127,7 +127,7 @@ impl Identity {
                     Self::load(&path, bytes)
                 }
             }
-            Err(e) => Err(IdentityError::Io { path, source: e }),
+            Err(e) => Err(IdentityError::Io { path, error: e }),
         }
     }
 

@@ -47,7 +47,7 @@ impl MeshKey {
         use std::io::Read;
         let io = |e| MeshKeyError::Io {
             path: path.into(),
-            source: e,
+            error: e,
         };
         let bad = |reason: String| MeshKeyError::Malformed {
             path: path.into(),
@@ -97,7 +97,7 @@ impl MeshKey {
             } else {
                 MeshKeyError::Io {
                     path: path.into(),
-                    source: e,
+                    error: e,
                 }
             }
         })?;

@@ -219,12 +219,12 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// Any other I/O error on the data directory, its lock file or the database file.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file or directory.
         path: PathBuf,
-        /// The error.
-        source: std::io::Error,
+        /// The error (in the message, not a [`source`](std::error::Error::source)).
+        error: std::io::Error,
     },
     /// Any other database error (including use of a read-only store for writing).
     #[error("store: {0}")]

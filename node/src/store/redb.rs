@@ -1092,7 +1092,7 @@ pub(super) fn io_error(path: &Path, e: std::io::Error) -> StoreError {
     } else {
         StoreError::Io {
             path: path.to_path_buf(),
-            source: e,
+            error: e,
         }
     }
 }
