@@ -309,14 +309,18 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
         let commits = sample(&m, "peerbus_store_commit_seconds_count", &me).expect("commits");
         assert!(commits >= 1.0, "store commits timed: {commits}");
         let m = metrics(&orders).await;
-        assert_eq!(
-            sample(
-                &m,
-                "peerbus_messages_delivered_total",
-                &[("node", oid.as_str())]
-            ),
-            Some(5.0)
-        );
+        // Each of the 5 arrived once and was handed to the handler: nothing queued, no repeat.
+        for counter in [
+            "peerbus_messages_received_total",
+            "peerbus_messages_delivered_total",
+        ] {
+            assert_eq!(
+                sample(&m, counter, &[("node", oid.as_str())]),
+                Some(5.0),
+                "{counter}"
+            );
+        }
+        assert_eq!(status(&orders).await["received"], 5);
         let s = status(&payments).await;
         let peer = &s["peers"][0];
         assert_eq!(peer["delivered_to"], 5, "{peer}");

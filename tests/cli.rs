@@ -573,6 +573,19 @@ fn send_with_another_mesh_key_is_refused() {
         "send with the right key failed: {}",
         accepted.stderr
     );
+    // The one accepted message arrived at the vault and was handled there.
+    let status = run(
+        with_a.command(&["status", "--data-dir", vault_dir]),
+        "peerbus status of the vault",
+        budget.left(),
+    );
+    assert!(
+        status
+            .stdout
+            .contains("received here 1  delivered here 1  "),
+        "{}",
+        status.stdout
+    );
 }
 
 /// A node that cannot start says why, and says each cause once: the library's errors carry

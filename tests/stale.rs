@@ -103,8 +103,11 @@ async fn queued_deliveries_of_a_cut_connection_are_not_run_once_the_handler_free
             !calls.lock().expect("calls").is_empty()
         })
         .await;
-        // Loopback: the frames sent with the in-flight entries arrive well within this.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Every in-flight entry reached `first` and is queued behind message 0 before the cut.
+        eventually(10, "all N queued at `first`", || async {
+            first.status().await.is_some_and(|s| s.received == N as u64)
+        })
+        .await;
 
         // Cut the connection; a second instance comes up and gets everything redelivered.
         faults.partition(first.local_addr());

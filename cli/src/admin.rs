@@ -110,9 +110,11 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
             s("listen")
         ))?;
         print_line(&format!(
-            "sent {}  acked {}  delivered here {}  redelivered {}  dead letters {}  connections {}",
+            "sent {}  acked {}  received here {}  delivered here {}  redelivered {}  dead letters {}  \
+             connections {}",
             s("sent"),
             s("acked"),
+            s("received"),
             s("delivered"),
             s("redelivered"),
             s("dead_letters"),

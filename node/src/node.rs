@@ -161,6 +161,10 @@ pub struct Status {
     pub sent: u64,
     /// Entries acknowledged by receivers since start.
     pub acked: u64,
+    /// Entries that arrived for local handlers since start and were queued for them,
+    /// duplicates and stale copies included (`received - delivered` counts those and the
+    /// entries still queued).
+    pub received: u64,
     /// Entries handed to local handlers since start.
     pub delivered: u64,
     /// Entries sent again (retries, reconnects) since start.

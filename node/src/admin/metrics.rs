@@ -26,6 +26,10 @@ pub(crate) const FACADE_SAMPLE: Duration = Duration::from_secs(1);
 
 /// Entries stored by `send`/`publish` (one per group copy).
 pub const MESSAGES_SENT: &str = "peerbus_messages_sent_total";
+/// Entries that arrived for local handlers (queued for them), before the dedup window and
+/// the stale checks: `received - delivered` counts duplicates, stale copies and the entries
+/// still queued.
+pub const MESSAGES_RECEIVED: &str = "peerbus_messages_received_total";
 /// Entries handed to local handlers.
 pub const MESSAGES_DELIVERED: &str = "peerbus_messages_delivered_total";
 /// Entries of this node acknowledged by a consumer.
@@ -166,6 +170,7 @@ impl Latency {
 #[derive(Debug)]
 pub(crate) struct Counters {
     pub(crate) sent: Count,
+    pub(crate) received: Count,
     pub(crate) delivered: Count,
     pub(crate) acked: Count,
     pub(crate) redelivered: Count,
@@ -181,6 +186,7 @@ impl Counters {
         let node = id.to_string();
         Self {
             sent: Count::new(MESSAGES_SENT, &node),
+            received: Count::new(MESSAGES_RECEIVED, &node),
             delivered: Count::new(MESSAGES_DELIVERED, &node),
             acked: Count::new(MESSAGES_ACKNOWLEDGED, &node),
             redelivered: Count::new(MESSAGES_REDELIVERED, &node),
@@ -350,11 +356,17 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         esc(&s.mesh),
         s.listen
     );
-    let counter_rows: [(&str, &str, &Count); 6] = [
+    let counter_rows: [(&str, &str, &Count); 7] = [
         (
             MESSAGES_SENT,
             "Entries stored by send/publish (one per subscriber group copy).",
             &counters.sent,
+        ),
+        (
+            MESSAGES_RECEIVED,
+            "Entries that arrived for this node's handlers and were queued for them, \
+             duplicates and stale copies included.",
+            &counters.received,
         ),
         (
             MESSAGES_DELIVERED,

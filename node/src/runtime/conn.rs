@@ -875,6 +875,9 @@ async fn hand_over(shared: &Shared, inbound: Inbound, cancel: &CancellationToken
         },
         None => Some(inbound),
     };
+    if unsent.is_none() {
+        shared.counters.received.fetch_add(1, Ordering::Relaxed);
+    }
     if let Some(Inbound { env, .. }) = unsent {
         let reason = format!("{NOT_HERE_PREFIX}: no local consumer for `{}`", env.log);
         let msg = CoreMsg::Completed(Completion {

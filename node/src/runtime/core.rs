@@ -2064,6 +2064,7 @@ impl Core {
             dead_letters: self.dead_letters,
             sent: c.sent.load(Ordering::Relaxed),
             acked: c.acked.load(Ordering::Relaxed),
+            received: c.received.load(Ordering::Relaxed),
             delivered: c.delivered.load(Ordering::Relaxed),
             redelivered: c.redelivered.load(Ordering::Relaxed),
             requests_in_flight: self.requests.len(),
