@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{builder, drain, start, within};
+use common::{builder, drain, eventually, start, within};
 use peerbus::{HandlerError, MemoryNetwork, MeshKey, Node, Outgoing};
 use tokio::sync::mpsc;
 
@@ -308,7 +308,10 @@ async fn an_ack_does_not_wait_for_the_next_handler_of_its_key() {
         // `quick` and `hold` queue up behind `gate`, so the worker takes them as one batch.
         let quick = send("quick").await;
         let held = send("hold").await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        eventually(10, "quick and hold queued behind gate", || async {
+            node.status().await.is_some_and(|s| s.received == 3)
+        })
+        .await;
         gate.add_permits(1);
         acked_within(10, gated).await;
         acked_within(3, quick).await;
