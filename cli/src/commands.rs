@@ -590,9 +590,15 @@ pub(crate) async fn release_group(common: &CommonArgs, args: &ReleaseGroupArgs) 
 
 /// How often `release-group` looks whether a peer told it of the group.
 const GROUP_POLL: Duration = Duration::from_millis(50);
-/// How long `release-group` waits, after releasing, for a node still subscribed to the group
-/// to bring it back (its answer takes a round trip).
+/// Least time `release-group` waits, after releasing, for a node still subscribed to the
+/// group to bring it back (its answer takes a round trip). It waits [`GROUP_COMEBACK_RTTS`]
+/// round trips of the slowest connected peer when that is longer, at most
+/// [`GROUP_COMEBACK_MAX`], so a slow link or a busy machine does not miss the answer.
 const GROUP_COMEBACK: Duration = Duration::from_millis(300);
+/// Round trips of the slowest connected peer `release-group` waits for a comeback.
+const GROUP_COMEBACK_RTTS: f64 = 10.0;
+/// Most time `release-group` waits for a comeback.
+const GROUP_COMEBACK_MAX: Duration = Duration::from_secs(5);
 
 async fn release(node: &Node, group: &str, timeout: Duration) -> Result<String> {
     // A node learns every group's state from each peer it connects to. Releasing a group
@@ -621,8 +627,23 @@ async fn release(node: &Node, group: &str, timeout: Duration) -> Result<String> 
     node.unsubscribe_group(group)
         .await
         .with_context(|| format!("could not release durable group `{group}`"))?;
-    tokio::time::sleep(GROUP_COMEBACK).await;
-    let now = node.groups().await.remove(group).unwrap_or_default();
+    let slowest_ms = node
+        .peers()
+        .await
+        .iter()
+        .filter_map(|p| p.rtt_ms)
+        .fold(0.0, f64::max);
+    let wait = Duration::try_from_secs_f64(slowest_ms * GROUP_COMEBACK_RTTS / 1000.0)
+        .unwrap_or(GROUP_COMEBACK_MAX)
+        .clamp(GROUP_COMEBACK, GROUP_COMEBACK_MAX);
+    let until = Instant::now() + wait;
+    let now = loop {
+        let now = node.groups().await.remove(group).unwrap_or_default();
+        if !now.is_released() || Instant::now() >= until {
+            break now;
+        }
+        tokio::time::sleep(GROUP_POLL).await;
+    };
     if !now.is_released() {
         bail!(
             "durable group `{group}` is still subscribed by a running node (it came back as \
