@@ -252,12 +252,14 @@ async fn mesh_page_shows_every_node_then_one_down() {
                     .await
             );
         }
-        // Some traffic, so links carry rates and a backlog builds up for the lost node.
+        // Some traffic, so links carry rates and a backlog builds up for the lost node. It
+        // runs until the page checks are done (bounded: 4,800 rounds, at least 2 minutes), so
+        // a slow Chromium start does not leave the cut-off node without a backlog.
         let running = Arc::new(AtomicBool::new(true));
         let traffic = {
             let (payments, running) = (payments.clone(), running.clone());
             tokio::spawn(async move {
-                for i in 0..1200 {
+                for i in 0..4800 {
                     if !running.load(Ordering::Relaxed) {
                         break;
                     }
