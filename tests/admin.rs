@@ -200,6 +200,7 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
         let me = [("node", pid.as_str())];
         assert_eq!(sample(&m, "peerbus_messages_sent_total", &me), Some(0.0));
         assert_eq!(sample(&m, "peerbus_peers_connected", &me), Some(1.0));
+        assert_eq!(sample(&m, "peerbus_sends_waiting", &me), Some(0.0));
         // Closes by code: every code has its series, and a healthy mesh has no violations.
         let violations = [("node", pid.as_str()), ("code", "protocol_violation")];
         assert_eq!(

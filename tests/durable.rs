@@ -315,7 +315,10 @@ async fn a_publish_nobody_subscribes_to_does_not_wait_behind_a_full_log() {
             async move { sender.send("orders", "waits for room").await }
         });
         // The send above is parked once core has seen it; publishes queue behind parked calls.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        eventually(10, "the second send waits for room", || async {
+            sender.status().await.is_some_and(|s| s.sends_waiting == 1)
+        })
+        .await;
         assert!(!waiting.is_finished(), "the second send waits for room");
         let t0 = std::time::Instant::now();
         let r = sender

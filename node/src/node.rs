@@ -171,6 +171,10 @@ pub struct Status {
     pub redelivered: u64,
     /// Requests waiting for a reply.
     pub requests_in_flight: usize,
+    /// `send`/`publish` calls waiting for room in a full log (backpressure; at most
+    /// `max_log_entries` of them, and 65,536); each fails with [`SendError::Backpressure`]
+    /// once its `send_timeout` passes.
+    pub sends_waiting: usize,
     /// Circuit breaker and bulkhead per requested service.
     pub breakers: BTreeMap<String, BreakerStatus>,
     /// Durable subscriber groups this node knows of (a `publish` keeps copies for the live

@@ -67,6 +67,8 @@ pub const PEER_RECEIVED_BYTES: &str = "peerbus_peer_received_bytes_total";
 pub const PEER_LOST_PACKETS: &str = "peerbus_peer_lost_packets_total";
 /// Requests waiting for a reply.
 pub const REQUESTS_IN_FLIGHT: &str = "peerbus_requests_in_flight";
+/// `send`/`publish` calls waiting for room in a full log (backpressure).
+pub const SENDS_WAITING: &str = "peerbus_sends_waiting";
 /// Circuit breaker state per requested service (0 closed, 1 half-open, 2 open).
 pub const BREAKER_STATE: &str = "peerbus_breaker_state";
 /// Durable (fsync'd) store commits.
@@ -301,6 +303,7 @@ pub(crate) async fn facade_sampler(node: Node) {
         last_peers = peers_now;
         metrics::gauge!(REQUESTS_IN_FLIGHT, "node" => node_label.clone())
             .set(s.requests_in_flight as f64);
+        metrics::gauge!(SENDS_WAITING, "node" => node_label.clone()).set(s.sends_waiting as f64);
         for (svc, b) in &s.breakers {
             metrics::gauge!(BREAKER_STATE, "node" => node_label.clone(), "service" => svc.clone())
                 .set(breaker_value(b.state));
@@ -558,6 +561,14 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         "Requests waiting for a reply.",
     );
     let _ = writeln!(out, "{REQUESTS_IN_FLIGHT}{{{n}}} {}", s.requests_in_flight);
+    head(
+        &mut out,
+        SENDS_WAITING,
+        "gauge",
+        "send/publish calls waiting for room in a full log (backpressure); each fails with \
+         Backpressure once its send_timeout passes.",
+    );
+    let _ = writeln!(out, "{SENDS_WAITING}{{{n}}} {}", s.sends_waiting);
     head(
         &mut out,
         BREAKER_STATE,

@@ -2068,6 +2068,7 @@ impl Core {
             delivered: c.delivered.load(Ordering::Relaxed),
             redelivered: c.redelivered.load(Ordering::Relaxed),
             requests_in_flight: self.requests.len(),
+            sends_waiting: self.parked.len(),
             breakers: self
                 .breakers
                 .iter()
