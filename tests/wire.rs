@@ -6,6 +6,8 @@
 //!   its origin would have its ack sent to that node (settling that node's entry of the same
 //!   seq) and would make the receiver drop that node's real message of that seq as a
 //!   duplicate. The receiver closes such a connection and handles nothing of it.
+//! - A consumer that stops reading is closed as unresponsive once the node's outgoing queue
+//!   to it is full, and what it held goes to another instance.
 //! - Versions: a build of protocol 4 (its own ALPN id and hello) and a later build that still
 //!   speaks this one's version are served; a peer with no version in common is refused.
 
@@ -20,8 +22,8 @@ use peerbus::engine::wire::{
     ALPN_NEGOTIATED, ALPN_V4, Control, ControlV4, Dialect, Hello, Interest, MAX_ACK_RUN_SEQS,
 };
 use peerbus::{
-    CloseCode, HandlerError, MemoryNetwork, MeshKey, Node, NodeId, PROTOCOL_VERSION, Receipt,
-    Subscription,
+    Bytes, CloseCode, HandlerError, MemoryNetwork, MeshKey, Node, NodeId, Outgoing,
+    PROTOCOL_VERSION, Receipt, Subscription,
 };
 use tokio::sync::{Semaphore, mpsc};
 
@@ -345,4 +347,72 @@ async fn published_to_a_group(node: &Node, topic: &str) -> Receipt {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the publisher never learned of the group");
+}
+
+/// A consumer that stops reading: an `orders` instance made by hand that takes every
+/// delivery its hello's credits allow (far more than a node would ask for) and never reads
+/// one. Once QUIC's windows are full the node's writer to it waits, its outgoing queue
+/// (`LINK_QUEUE`, 16,384 frames) fills, and the node closes the connection as unresponsive
+/// (not a protocol fault) instead of queueing more. Nothing is lost: what was in flight to it
+/// goes to the next instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_reading_is_closed_and_its_messages_go_to_another_instance() {
+    // 16 KiB messages past the 32 MiB the peer's flow control lets in (42.6 MB), then more
+    // small ones than the outgoing queue holds.
+    const BIG: usize = 2_600;
+    const SMALL: usize = 17_000;
+    within(120, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let payments = start(builder(&net, "payments", &key)).await;
+        let mut stalled = HandMade::dial(&key, &payments, ALPN_NEGOTIATED).await;
+        let hello = Hello {
+            service: "orders".into(),
+            consumes: true,
+            credits: u32::MAX,
+            ..stalled.hello(5, PROTOCOL_VERSION)
+        };
+        stalled.send_hello(hello).await.expect("the node's hello");
+        assert!(
+            payments
+                .wait_for_consumers("orders", 1, Duration::from_secs(10))
+                .await
+        );
+
+        let big = Bytes::from(vec![0x42u8; 16 * 1024]);
+        let mut receipts = Vec::with_capacity(BIG + SMALL);
+        for i in 0..BIG + SMALL {
+            let msg = if i < BIG {
+                Outgoing::new(big.clone())
+            } else {
+                Outgoing::new(format!("small {i}"))
+            };
+            receipts.push(payments.send("orders", msg).await.expect("send"));
+        }
+        // The node closes the connection (the reason is the close's), and counts it as
+        // unresponsive, not as a protocol fault.
+        stalled.closed_with("peer stopped reading").await;
+        let closes = payments.connections_closed();
+        assert_eq!(closes.get(CloseCode::Unresponsive), 1);
+        assert_eq!(violations(&payments).await, 0);
+
+        // A healthy instance gets every message: none was lost with the stalled one.
+        let orders = start(builder(&net, "orders", &key)).await;
+        let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = handled.clone();
+        let messages = orders.messages().expect("messages");
+        tokio::spawn(messages.handle(8, move |_| {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            async { Ok::<(), HandlerError>(()) }
+        }));
+        for r in receipts {
+            r.acked()
+                .await
+                .expect("acknowledged by the healthy instance");
+        }
+        assert!(handled.load(std::sync::atomic::Ordering::Relaxed) >= BIG + SMALL);
+        orders.shutdown().await;
+        payments.shutdown().await;
+    })
+    .await;
 }
