@@ -61,7 +61,9 @@ pub(crate) struct LostMessage {
     pub(crate) key: String,
     /// Per-key sequence.
     pub(crate) key_seq: u64,
-    /// When it was accepted (µs since epoch).
+    /// When it was accepted: on the journals' monotonic clock in the checker's findings, in
+    /// µs since the Unix epoch in the report (the run's start on the wall clock plus the
+    /// monotonic time since).
     pub(crate) accepted_us: u64,
     /// Consumers that never handled it.
     pub(crate) missing: Vec<String>,
@@ -86,7 +88,7 @@ pub(crate) struct OrderViolation {
     pub(crate) after: u64,
     /// The node that handled it late.
     pub(crate) by: usize,
-    /// When (µs since epoch).
+    /// When, on the same clocks as [`LostMessage::accepted_us`].
     pub(crate) at_us: u64,
 }
 

@@ -18,8 +18,32 @@ use serde::{Deserialize, Serialize};
 /// File name of a worker's journal inside its data directory.
 pub(crate) const JOURNAL: &str = "journal.jsonl";
 
-/// Microseconds since the Unix epoch (every process of a run shares the clock).
+/// Microseconds on the system's monotonic clock (`CLOCK_MONOTONIC`), the time line of a run:
+/// journal lines, fault windows and the sampler's seconds are all on it.
+///
+/// Every process of a run reads the same clock (on Linux it is system-wide), and unlike the
+/// wall clock it never steps: a step of the wall clock during a run (NTP, a virtual machine
+/// resumed after a pause, which steps it by the length of the pause) would shift the
+/// journal lines written after it against those written before. Handlings on different
+/// nodes are ordered by these stamps when the checker looks for order violations, and fault
+/// windows are matched against them.
 pub(crate) fn now_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock_gettime` writes a `timespec` into the pointer it is given, which points
+    // to a live one; CLOCK_MONOTONIC is always a valid clock on Linux.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec.max(0) as u64 * 1_000_000 + ts.tv_nsec.max(0) as u64 / 1_000
+}
+
+/// Microseconds since the Unix epoch now (the wall clock).
+pub(crate) fn unix_now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
@@ -200,5 +224,27 @@ impl Tail {
         }
         self.offsets
             .insert(path.to_path_buf(), off + last_nl as u64 + 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The run's clock counts microseconds at the pace of `Instant` (the monotonic clock), and
+    /// is no Unix time (which a node's logs and the report's Unix stamps use).
+    #[test]
+    fn the_run_clock_is_the_monotonic_clock_in_microseconds() {
+        let (t0, i0) = (now_us(), std::time::Instant::now());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (t1, elapsed) = (now_us(), i0.elapsed());
+        let diff = t1.checked_sub(t0).expect("the run's clock went back");
+        let elapsed = elapsed.as_micros() as u64;
+        assert!(
+            diff.abs_diff(elapsed) < 5_000,
+            "{diff} µs on the run's clock, {elapsed} µs by Instant"
+        );
+        // Time since boot, not since 1970: far below the Unix time in µs.
+        assert!(now_us() < unix_now_us() / 2);
     }
 }

@@ -394,7 +394,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         None => std::env::temp_dir().join(format!(
             "peerbus-chaos-{}-{}",
             std::process::id(),
-            journal::now_us() / 1_000_000
+            journal::unix_now_us() / 1_000_000
         )),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -520,6 +520,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     std::fs::write(dir.join(worker::GO_FILE), b"")?;
     let t0 = Instant::now();
     let t0_us = journal::now_us();
+    let t0_unix_us = journal::unix_now_us();
     let progress = Arc::new(Mutex::new(Progress {
         samples: Vec::new(),
         peak: 0,
@@ -622,7 +623,16 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     }
 
     let (journals, torn) = read_journals(&dirs)?;
-    let findings = checker::check(&journals, torn, a.services, &records);
+    let mut findings = checker::check(&journals, torn, a.services, &records);
+    // The report names when a lost or late message was seen in Unix time, to find it in the
+    // nodes' logs: the run's start on the wall clock plus the monotonic time since.
+    let unix_of = |us: u64| t0_unix_us.saturating_add(us).saturating_sub(t0_us);
+    for l in &mut findings.lost_messages {
+        l.accepted_us = unix_of(l.accepted_us);
+    }
+    for v in &mut findings.order_examples {
+        v.at_us = unix_of(v.at_us);
+    }
     let secs_of = |us: u64| us.saturating_sub(t0_us) as f64 / 1e6;
     let faults: Vec<FaultView> = records
         .iter()
