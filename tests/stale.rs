@@ -104,8 +104,12 @@ async fn queued_deliveries_of_a_cut_connection_are_not_run_once_the_handler_free
         })
         .await;
         // Every in-flight entry reached `first` and is queued behind message 0 before the cut.
+        // At least N: when both nodes dialed each other at start, the tie-break can retire the
+        // connection the first sends went out on, and they are sent again on the other one, so
+        // `first` may have some twice. (Waiting for exactly N timed out once in a clean-clone
+        // CI run; this is the likeliest way for `first` to receive more than N.)
         eventually(10, "all N queued at `first`", || async {
-            first.status().await.is_some_and(|s| s.received == N as u64)
+            first.status().await.is_some_and(|s| s.received >= N as u64)
         })
         .await;
 
