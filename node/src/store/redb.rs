@@ -116,6 +116,10 @@ pub struct RedbStore {
     /// commit, open or compaction may have changed it (a side-log commit does not, so the
     /// writer's stats after each commit need no `stat`).
     db_bytes: std::cell::Cell<Option<u64>>,
+    /// The database was open at least once. Until it has been, there is nothing to make
+    /// durable, so dropping the store only releases the lock (a store whose open failed, a
+    /// corrupt file say, otherwise tried the open again and logged its error a second time).
+    opened: bool,
     _lock: File,
 }
 
@@ -188,6 +192,7 @@ impl RedbStore {
         match opened {
             Ok(db) if wal_empty => {
                 store.db = Some(Db::Ro(db));
+                store.opened = true;
                 return Ok(store);
             }
             // Closed first: redb refuses a writable open while a reader holds the file.
@@ -220,6 +225,7 @@ impl RedbStore {
             fsyncs: 0,
             commits: 0,
             db_bytes: std::cell::Cell::new(None),
+            opened: false,
             _lock: lock,
         }
     }
@@ -247,6 +253,7 @@ impl RedbStore {
         self.db_bytes.set(None);
         self.epoch = epoch.unwrap_or(0);
         self.db = Some(Db::Rw(db));
+        self.opened = true;
         self.fsyncs += 1;
         if !self.needs_replay {
             // `db_max` is still an upper bound: checkpoints raise it before they commit.
@@ -1041,6 +1048,9 @@ impl Store for RedbStore {
 
 impl Drop for RedbStore {
     fn drop(&mut self) {
+        if !self.opened {
+            return;
+        }
         let r = if self.logged() {
             // A clean stop leaves an empty side log: `open_read_only` relies on it.
             self.checkpoint().and_then(|()| match &mut self.wal {

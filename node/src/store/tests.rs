@@ -244,6 +244,49 @@ fn corrupt_record_is_quarantined_not_returned() {
     assert!(q.get("entries/svc:a#2").expect("get").is_some());
 }
 
+/// What a store logs while `f` runs (on this thread).
+fn logs_of(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log buffer").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = capture.0.lock().expect("log buffer").clone();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[test]
+fn a_store_that_could_not_open_says_so_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let garbage = vec![0x5a; 64 * 1024];
+    std::fs::write(dir.path().join(STORE_FILE), &garbage).expect("write");
+    let logs = logs_of(|| {
+        let err = RedbStore::open(dir.path(), Durability::Fsync).expect_err("garbage");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    });
+    // The error is the whole story: dropping the half-made store tried to open the file
+    // again for a final sync and logged the same corruption as a warning.
+    assert!(!logs.contains("final store sync failed"), "{logs}");
+    // The lock is released and the file left as it was, for the user to move aside.
+    let again = RedbStore::open(dir.path(), Durability::Fsync).expect_err("garbage again");
+    assert!(matches!(again, StoreError::Corrupt { .. }), "{again}");
+    let kept = std::fs::read(dir.path().join(STORE_FILE)).expect("read");
+    assert!(kept == garbage, "the corrupt file was changed");
+}
+
 #[test]
 fn garbage_or_truncated_file_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
