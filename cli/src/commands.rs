@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::common::{CLI_SERVICE, CommonArgs, UsageError, shutdown_signal};
-use crate::output::{message_json, peers_table, print_line, rate, state_name};
+use crate::output::{counted, message_json, peers_table, print_line, rate, state_name};
 use crate::template::Template;
 
 /// How long `pub` waits for peers before publishing.
@@ -354,7 +354,8 @@ async fn send_batch(node: &Node, service: &str, batch: &Batch) -> Result<String>
         String::new()
     };
     Ok(format!(
-        "sent {copies} messages to {service}{also}, all acknowledged in {}",
+        "sent {} to {service}{also}, all acknowledged in {}",
+        counted(copies, "message", "messages"),
         rate(copies, elapsed)
     ))
 }
@@ -391,18 +392,23 @@ async fn publish_batch(node: &Node, topic: &str, batch: &Batch, no_wait: bool) -
     if no_wait {
         let stored: usize = receipts.iter().map(Receipt::copies).sum();
         return Ok(format!(
-            "published {n} messages to {topic}: {stored} group copies stored"
+            "published {} to {topic}: {} stored",
+            counted(n, "message", "messages"),
+            counted(stored as u64, "group copy", "group copies")
         ));
     }
     let copies = await_receipts(receipts, deadline, "subscriber groups", timeout).await?;
     if copies == 0 {
         warn!(topic, "no subscriber group is known for this topic");
         return Ok(format!(
-            "published {n} messages to {topic}: no subscriber group is known, nothing was stored"
+            "published {} to {topic}: no subscriber group is known, nothing was stored",
+            counted(n, "message", "messages")
         ));
     }
     Ok(format!(
-        "published {n} messages to {topic} as {copies} group copies, all acknowledged in {}",
+        "published {} to {topic} as {}, all acknowledged in {}",
+        counted(n, "message", "messages"),
+        counted(copies, "group copy", "group copies"),
         rate(copies, start.elapsed())
     ))
 }
@@ -654,10 +660,10 @@ async fn release(node: &Node, group: &str, timeout: Duration) -> Result<String> 
     }
     let told = connected(node).await;
     Ok(format!(
-        "released durable group {group} (version {}): told {told} connected node{}; publishers \
-         drop the copies they kept for it",
+        "released durable group {group} (version {}): told {}; publishers drop the copies they \
+         kept for it",
         now.version,
-        if told == 1 { "" } else { "s" }
+        counted(told as u64, "connected node", "connected nodes")
     ))
 }
 

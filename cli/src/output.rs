@@ -119,6 +119,11 @@ pub(crate) fn peers_table(peers: &[PeerInfo]) -> String {
     out
 }
 
+/// `n` with the noun that fits it: `counted(1, "message", "messages")` is "1 message".
+pub(crate) fn counted(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// `X ms (Y msg/s)` for `n` messages in `elapsed`.
 pub(crate) fn rate(n: u64, elapsed: Duration) -> String {
     let ms = elapsed.as_secs_f64() * 1000.0;
@@ -136,7 +141,7 @@ pub(crate) fn rate(n: u64, elapsed: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{bytes, peers_table, rate};
+    use super::{bytes, counted, peers_table, rate};
     use peerbus::{NodeId, PeerInfo, PeerState, Traffic};
     use std::time::Duration;
 
@@ -227,6 +232,13 @@ mod tests {
         assert_eq!(bytes(1_000), "1.0kB");
         assert_eq!(bytes(2_500_000), "2.5MB");
         assert_eq!(bytes(7_100_000_000), "7.1GB");
+    }
+
+    #[test]
+    fn counted_picks_the_noun_for_the_number() {
+        assert_eq!(counted(1, "message", "messages"), "1 message");
+        assert_eq!(counted(0, "message", "messages"), "0 messages");
+        assert_eq!(counted(10, "group copy", "group copies"), "10 group copies");
     }
 
     #[test]
