@@ -590,6 +590,91 @@ async fn one_trace_follows_a_message_through_services() {
     .await;
 }
 
+/// A payload and the trace context it was handled with.
+type Seen = (String, Option<peerbus::trace::TraceContext>);
+
+/// The trace contexts `what` was handled with at orders and then at billing.
+async fn hop(
+    at_orders: &mut mpsc::Receiver<Seen>,
+    at_billing: &mut mpsc::Receiver<Seen>,
+    what: &str,
+) -> (
+    Option<peerbus::trace::TraceContext>,
+    Option<peerbus::trace::TraceContext>,
+) {
+    let (p, at_o) = at_orders.recv().await.expect("handled by orders");
+    assert_eq!(p, what);
+    let (p, at_b) = at_billing.recv().await.expect("forwarded to billing");
+    assert_eq!(p, what);
+    (at_o, at_b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_starts_no_traces_still_continues_one() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let quiet = start(builder(&net, "web", &key).start_traces(false)).await;
+        let tracing = start(builder(&net, "api", &key)).await;
+        let orders = start(builder(&net, "orders", &key).start_traces(false)).await;
+        let billing = start(builder(&net, "billing", &key)).await;
+        // orders records the trace of what it handles and forwards it to billing.
+        let record = |node: &Node, tx: mpsc::Sender<Seen>, forward: Option<Node>| {
+            node.messages().expect("messages").handle(1, move |m| {
+                let (tx, forward) = (tx.clone(), forward.clone());
+                async move {
+                    if let Some(f) = forward {
+                        drop(
+                            f.send("billing", m.payload().clone())
+                                .await
+                                .map_err(HandlerError::retry)?,
+                        );
+                    }
+                    tx.send((m.payload_text(), m.trace_context())).await.ok();
+                    Ok::<(), HandlerError>(())
+                }
+            })
+        };
+        let (otx, mut at_orders) = mpsc::channel(8);
+        let (btx, mut at_billing) = mpsc::channel(8);
+        tokio::spawn(record(&orders, otx, Some(orders.clone())));
+        tokio::spawn(record(&billing, btx, None));
+        for n in [&quiet, &tracing] {
+            assert!(
+                n.wait_for_instances("orders", 1, Duration::from_secs(10))
+                    .await
+            );
+        }
+        assert!(
+            orders
+                .wait_for_instances("billing", 1, Duration::from_secs(10))
+                .await
+        );
+        // Sent outside any trace by a node that starts none: no trace, and none downstream.
+        drop(quiet.send("orders", "plain").await.expect("send"));
+        assert_eq!(
+            hop(&mut at_orders, &mut at_billing, "plain").await,
+            (None, None)
+        );
+        // With a traceparent of its own: carried, and continued by orders.
+        let root = peerbus::trace::TraceContext::new_root();
+        let msg = Outgoing::new("traced").header("traceparent", root.traceparent());
+        drop(quiet.send("orders", msg).await.expect("send"));
+        let (at_o, at_b) = hop(&mut at_orders, &mut at_billing, "traced").await;
+        assert_eq!(at_o.expect("carried").trace_id, root.trace_id);
+        assert_eq!(at_b.expect("continued").trace_id, root.trace_id);
+        // A node with the default starts a trace, which orders continues too.
+        drop(tracing.send("orders", "default").await.expect("send"));
+        let (at_o, at_b) = hop(&mut at_orders, &mut at_billing, "default").await;
+        let started = at_o.expect("a new trace");
+        assert_eq!(at_b.expect("continued").trace_id, started.trace_id);
+        for n in [quiet, tracing, orders, billing] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
 /// A node of a service is an instance for `send` only while it takes its messages: sends wait
 /// in the log while the only connected nodes of the service consume nothing, reach a node
 /// once it takes its `messages()`, never go to a node that does not, and stop going to one

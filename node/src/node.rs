@@ -1155,7 +1155,7 @@ impl Node {
             key: msg.key,
             headers: {
                 let mut h = msg.headers;
-                crate::trace::stamp(&mut h);
+                crate::trace::stamp(&mut h, self.shared.start_traces);
                 h
             },
             content_type: msg.content_type,

@@ -7,7 +7,8 @@
 //!   handler that sends onwards continues the trace of the message it handles;
 //!   code outside handlers can set it with [`scope`] (for example from an
 //!   OpenTelemetry span context);
-//! - otherwise a new trace.
+//! - otherwise a new trace, unless the node was built with
+//!   [`NodeBuilder::start_traces(false)`](crate::NodeBuilder::start_traces): then none.
 //!
 //! Handlers run inside a `tracing` span named `message` with `trace_id`,
 //! `span_id`, the message id and its destination as fields, so logs of one
@@ -157,12 +158,17 @@ pub(crate) async fn scope_message<F: Future>(env: Arc<Envelope>, fut: F) -> F::O
     CURRENT.scope(Current::Message(env), fut).await
 }
 
-/// Adds `traceparent` (and `tracestate`) to outgoing headers unless the caller set one.
-pub(crate) fn stamp(headers: &mut Vec<(String, String)>) {
+/// Adds `traceparent` (and `tracestate`) to outgoing headers unless the caller set one: a
+/// child of the current trace context, or else (when `new_roots`) a new trace.
+pub(crate) fn stamp(headers: &mut Vec<(String, String)>, new_roots: bool) {
     if headers.iter().any(|(k, _)| k == TRACEPARENT) {
         return;
     }
-    let ctx = current().map_or_else(TraceContext::new_root, |c| c.child());
+    let ctx = match current() {
+        Some(c) => c.child(),
+        None if new_roots => TraceContext::new_root(),
+        None => return,
+    };
     headers.push((TRACEPARENT.to_string(), ctx.traceparent()));
     if let Some(state) = &ctx.state
         && !headers.iter().any(|(k, _)| k == TRACESTATE)
@@ -276,10 +282,10 @@ mod tests {
     #[tokio::test]
     async fn stamping_continues_the_current_trace() {
         let mut h = vec![];
-        stamp(&mut h);
+        stamp(&mut h, true);
         let root = of_headers(&h).expect("root stamped");
         let mut inner = vec![];
-        scope(root.clone(), async { stamp(&mut inner) }).await;
+        scope(root.clone(), async { stamp(&mut inner, true) }).await;
         let child = of_headers(&inner).expect("child stamped");
         assert_eq!(child.trace_id, root.trace_id);
         assert_ne!(child.span_id, root.span_id);
@@ -299,16 +305,29 @@ mod tests {
             })
         };
         let mut from_message = vec![];
-        scope_message(env(h.clone()), async { stamp(&mut from_message) }).await;
+        scope_message(env(h.clone()), async { stamp(&mut from_message, true) }).await;
         let child = of_headers(&from_message).expect("child of the message stamped");
         assert_eq!(child.trace_id, root.trace_id);
         assert_ne!(child.span_id, root.span_id);
         let mut untraced = vec![];
-        scope_message(env(vec![]), async { stamp(&mut untraced) }).await;
+        scope_message(env(vec![]), async { stamp(&mut untraced, true) }).await;
         let new = of_headers(&untraced).expect("new root stamped");
         assert_ne!(new.trace_id, root.trace_id);
         let mut explicit = vec![(TRACEPARENT.to_string(), "x".to_string())];
-        stamp(&mut explicit);
+        stamp(&mut explicit, true);
         assert_eq!(explicit.len(), 1, "an explicit header is kept");
+    }
+
+    #[tokio::test]
+    async fn without_new_roots_only_a_current_trace_is_continued() {
+        let mut outside = vec![];
+        stamp(&mut outside, false);
+        assert!(outside.is_empty(), "no trace started: {outside:?}");
+        let root = TraceContext::new_root();
+        let mut inner = vec![];
+        scope(root.clone(), async { stamp(&mut inner, false) }).await;
+        let child = of_headers(&inner).expect("the current trace continued");
+        assert_eq!(child.trace_id, root.trace_id);
+        assert_ne!(child.span_id, root.span_id);
     }
 }

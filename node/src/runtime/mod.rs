@@ -238,6 +238,8 @@ pub(crate) struct Shared {
     pub(crate) max_message_size: usize,
     pub(crate) max_requests_in_flight: usize,
     pub(crate) serve_concurrency: usize,
+    /// Messages sent outside any trace start one (`NodeBuilder::start_traces`).
+    pub(crate) start_traces: bool,
     pub(crate) shutdown_grace: std::time::Duration,
     /// How long a retired connection stays open at most (engine ms; see `core/retire.rs`).
     pub(crate) retired_linger_ms: u64,
@@ -429,6 +431,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         max_message_size: b.max_message_size,
         max_requests_in_flight: b.max_requests_in_flight,
         serve_concurrency: b.serve_concurrency,
+        start_traces: b.start_traces,
         shutdown_grace: b.shutdown_grace,
         retired_linger_ms: u64::try_from(b.retired_linger.as_millis()).unwrap_or(u64::MAX),
         ack_timeout: b.ack_timeout,
