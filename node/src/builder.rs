@@ -314,8 +314,8 @@ impl NodeBuilder {
     /// when it is sent inside a trace (from the handler of a message that carries one, or
     /// inside [`trace::scope`](crate::trace::scope)) or its caller set the header; the others
     /// carry none, and their handlers run in a span without trace ids. A node that does no
-    /// tracing saves the header's making and reading: about 6% of the CPU time of a small send
-    /// in `peerbus bench`, and 25 of the 149 bytes a 64-byte message takes on the wire.
+    /// tracing saves the header's making and reading: a few percent of the CPU time of a small
+    /// send in `peerbus bench`, and 25 of the 149 bytes a 64-byte message takes on the wire.
     pub fn start_traces(mut self, on: bool) -> Self {
         self.start_traces = on;
         self
