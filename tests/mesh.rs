@@ -294,17 +294,23 @@ async fn simultaneous_dial_leaves_one_connection() {
             assert!(a.wait_for_instances("b", 1, Duration::from_secs(10)).await);
             assert!(b.wait_for_instances("a", 1, Duration::from_secs(10)).await);
             // Any duplicate settles (within 300 ms on an idle machine; a busy one may take
-            // longer), then both must agree on the one connection they kept.
-            eventually(10, "one connection, the same, on each side", || async {
+            // longer), then both must agree on the one connection they kept. Both may agree
+            // for a moment before the tie-break too (on the first connection, while the
+            // second's handshake is still running), so the agreement must hold for longer
+            // than a handshake and the redial after a retire (200 ms) take.
+            let agreed = || async {
                 let dialer = |s: &peerbus::Status, of: peerbus::NodeId| {
                     s.peers.iter().find(|p| p.node_id == of).map(|p| p.dialer)
                 };
-                let (sa, sb) = (a.status().await, b.status().await);
-                sa.zip(sb).is_some_and(|(sa, sb)| {
-                    sa.connections == 1
-                        && sb.connections == 1
-                        && dialer(&sa, b.id()) == dialer(&sb, a.id())
-                })
+                let (sa, sb) = (a.status().await?, b.status().await?);
+                let kept = dialer(&sa, b.id())?;
+                (sa.connections == 1 && sb.connections == 1 && dialer(&sb, a.id()) == Some(kept))
+                    .then_some((kept, sa.connections_retired, sb.connections_retired))
+            };
+            eventually(20, "one connection, the same, on each side", || async {
+                let first = agreed().await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                first.is_some() && agreed().await == first
             })
             .await;
             let sa = a.status().await.expect("status");
