@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{builder, eventually, mdns_builder, start, within};
+use peerbus::trace::TraceContext;
 use peerbus::{HandlerError, MemoryNetwork, MeshKey, Node, Outgoing, PeerState, RequestError};
 use tokio::sync::mpsc;
 
@@ -597,17 +598,14 @@ async fn one_trace_follows_a_message_through_services() {
 }
 
 /// A payload and the trace context it was handled with.
-type Seen = (String, Option<peerbus::trace::TraceContext>);
+type Seen = (String, Option<TraceContext>);
 
 /// The trace contexts `what` was handled with at orders and then at billing.
 async fn hop(
     at_orders: &mut mpsc::Receiver<Seen>,
     at_billing: &mut mpsc::Receiver<Seen>,
     what: &str,
-) -> (
-    Option<peerbus::trace::TraceContext>,
-    Option<peerbus::trace::TraceContext>,
-) {
+) -> (Option<TraceContext>, Option<TraceContext>) {
     let (p, at_o) = at_orders.recv().await.expect("handled by orders");
     assert_eq!(p, what);
     let (p, at_b) = at_billing.recv().await.expect("forwarded to billing");
@@ -645,17 +643,16 @@ async fn a_node_that_starts_no_traces_still_continues_one() {
         let (btx, mut at_billing) = mpsc::channel(8);
         tokio::spawn(record(&orders, otx, Some(orders.clone())));
         tokio::spawn(record(&billing, btx, None));
-        for n in [&quiet, &tracing] {
+        for (n, service) in [
+            (&quiet, "orders"),
+            (&tracing, "orders"),
+            (&orders, "billing"),
+        ] {
             assert!(
-                n.wait_for_instances("orders", 1, Duration::from_secs(10))
+                n.wait_for_instances(service, 1, Duration::from_secs(10))
                     .await
             );
         }
-        assert!(
-            orders
-                .wait_for_instances("billing", 1, Duration::from_secs(10))
-                .await
-        );
         // Sent outside any trace by a node that starts none: no trace, and none downstream.
         drop(quiet.send("orders", "plain").await.expect("send"));
         assert_eq!(
@@ -663,7 +660,7 @@ async fn a_node_that_starts_no_traces_still_continues_one() {
             (None, None)
         );
         // With a traceparent of its own: carried, and continued by orders.
-        let root = peerbus::trace::TraceContext::new_root();
+        let root = TraceContext::new_root();
         let msg = Outgoing::new("traced").header("traceparent", root.traceparent());
         drop(quiet.send("orders", msg).await.expect("send"));
         let (at_o, at_b) = hop(&mut at_orders, &mut at_billing, "traced").await;
