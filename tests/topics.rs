@@ -350,3 +350,87 @@ async fn a_published_batch_gives_each_group_every_message_in_order() {
     })
     .await;
 }
+
+/// Publishes on `topic` until a publish stores `copies` copies (news of interests and groups
+/// travels asynchronously).
+async fn until_copies(publisher: &Node, topic: &str, copies: usize, what: &str) {
+    eventually(10, what, || async {
+        publisher
+            .publish(topic, "probe")
+            .await
+            .is_ok_and(|r| r.copies() == copies)
+    })
+    .await;
+}
+
+/// A publisher keeps the targets of each topic it published to until an interest or a group
+/// changes (`runtime/core/topics.rs`): every kind of change must reach the next publish to a
+/// topic already published to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_reaches_what_changed_since_the_last_one_to_its_topic() {
+    within(90, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let publisher = start(builder(&net, "orders", &key)).await;
+        let audit = start(builder(&net, "audit", &key)).await;
+        let _audit = drain(audit.subscribe("order.*").await.expect("sub"));
+        until_copies(&publisher, "order.placed", 1, "the publisher learnt audit").await;
+
+        // A new node with a group.
+        let billing = start(builder(&net, "billing", &key)).await;
+        let _billing = drain(billing.subscribe("order.placed").await.expect("sub"));
+        until_copies(
+            &publisher,
+            "order.placed",
+            2,
+            "the publisher learnt billing",
+        )
+        .await;
+
+        // A connected node's interests change: a second group.
+        let _archive = drain(
+            audit
+                .subscribe_group("order.>", "archive")
+                .await
+                .expect("sub"),
+        );
+        until_copies(
+            &publisher,
+            "order.placed",
+            3,
+            "the publisher learnt archive",
+        )
+        .await;
+
+        // A group is released.
+        audit.unsubscribe_group("archive").await.expect("release");
+        until_copies(
+            &publisher,
+            "order.placed",
+            2,
+            "the publisher forgot archive",
+        )
+        .await;
+
+        // Ephemeral subscribers (no receipt, but their copies): one on a connected node,
+        // whose interests change, and a new node that brings no group.
+        let mut tap = drain(audit.subscribe_ephemeral("order.*").await.expect("sub"));
+        wait_for_copy(&publisher, &mut tap, "order.placed").await;
+        let dash = start(builder(&net, "dashboard", &key)).await;
+        let mut tap = drain(dash.subscribe_ephemeral("order.*").await.expect("sub"));
+        wait_for_copy(&publisher, &mut tap, "order.placed").await;
+
+        // A group whose only node goes stays known: its copies are kept.
+        billing.shutdown().await;
+        eventually(10, "billing gone", || async {
+            publisher.status().await.is_some_and(|s| s.connections == 2)
+        })
+        .await;
+        until_copies(&publisher, "order.placed", 2, "billing's copies still kept").await;
+
+        for n in [publisher, audit, dash] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}

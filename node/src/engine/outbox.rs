@@ -302,6 +302,9 @@ pub struct Outbox<R = ()> {
     /// over every entry until then. Lowered when an entry with a TTL is inserted and when
     /// an entry goes in flight; recomputed by each walk.
     timer_due: u64,
+    /// Counts changes to the peers' interests (a peer up or down, new interests, a goodbye):
+    /// see [`Outbox::interest_changes`].
+    interest_changes: u64,
 }
 
 impl Outbox {
@@ -335,7 +338,15 @@ impl<R> Outbox<R> {
             round_robin: 0,
             total_bytes: 0,
             timer_due: 0,
+            interest_changes: 0,
         }
+    }
+
+    /// A number that changes whenever the answers of [`Outbox::groups_for`] and
+    /// [`Outbox::ephemeral_for`] may change: a peer came or went, announced new interests or
+    /// said goodbye. A cache of those answers is valid while it stays the same.
+    pub fn interest_changes(&self) -> u64 {
+        self.interest_changes
     }
 
     /// Assigns the next sequence number of `target`'s log and appends `env`
@@ -523,6 +534,7 @@ impl<R> Outbox<R> {
         // A new connection replaces an old one: what was in flight on the old
         // one is sent again (the receiver's dedup window drops what it had).
         self.requeue_peer(peer);
+        self.interest_changes += 1;
         self.peers.insert(
             peer,
             Peer {
@@ -540,6 +552,7 @@ impl<R> Outbox<R> {
     pub fn peer_interests(&mut self, peer: NodeId, interests: Vec<Interest>) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.interests = interests;
+            self.interest_changes += 1;
         }
     }
 
@@ -556,6 +569,7 @@ impl<R> Outbox<R> {
     pub fn peer_draining(&mut self, peer: NodeId) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.draining = true;
+            self.interest_changes += 1;
         }
     }
 
@@ -564,6 +578,7 @@ impl<R> Outbox<R> {
     pub fn peer_down(&mut self, peer: NodeId, conn: u64) {
         if self.peers.get(&peer).is_some_and(|p| p.conn == conn) {
             self.peers.remove(&peer);
+            self.interest_changes += 1;
             self.recipients.gone(peer);
             self.requeue_peer(peer);
             // Online-only copies for its ephemeral subscriptions go with it.

@@ -28,9 +28,11 @@ use crate::store::{DeadLetter, StoredEntry};
 
 mod groups;
 mod retire;
+mod topics;
 
 use groups::{Changes, KnownGroups, MAX_KNOWN_GROUPS, MAX_RELEASED_GROUPS};
 use retire::Retiring;
+use topics::TopicCache;
 
 /// Ticks of the timer work (retries, ack timeouts, expiry, request deadlines).
 const TICK: Duration = Duration::from_millis(50);
@@ -50,8 +52,8 @@ const SMALL_BATCH: usize = 8;
 pub(crate) enum Targets {
     /// A `send`, or a replayed dead letter.
     One(Target),
-    /// A `publish`: one copy per target.
-    Many(Vec<Target>),
+    /// A `publish`: one copy per target (shared with [`TopicCache`]).
+    Many(Arc<[Target]>),
     /// A `publish` whose targets core finds when the call arrives ([`Core::topic_targets`]),
     /// so that a publish costs one message to core, like a send; core turns it into `Many`
     /// before anything else looks at it.
@@ -329,6 +331,8 @@ struct Core {
     /// leave so a publisher keeps copies for a group whose instances are all down, and released
     /// ones, so older news cannot bring them back (see [`groups`]).
     known_groups: KnownGroups,
+    /// The targets of recent publishes, by topic (see [`topics`]).
+    topic_cache: TopicCache,
     /// Released groups whose backlog waits for no connected node's interests to name them
     /// (see [`Core::release_backlogs`]); a subset of the released groups, so at most
     /// [`groups::MAX_RELEASED_GROUPS`].
@@ -432,6 +436,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         next_generation: 1,
         pending_acks: BTreeMap::new(),
         known_groups,
+        topic_cache: TopicCache::default(),
         // A group released before the restart whose backlog was still kept (a peer's interests
         // named it when the node stopped): released at the first look, below.
         deferred_releases: known_groups_released,
@@ -1088,18 +1093,19 @@ impl Core {
         }
     }
 
-    /// Who gets a copy of a publish on `topic`: every durable group known to subscribe to it
-    /// (from connected peers, groups seen before, and groups other nodes told us of), and every
-    /// connected node with a matching ephemeral subscription.
-    fn topic_targets(&self, topic: &str) -> Vec<Target> {
-        let mut groups: BTreeSet<String> = self.outbox.groups_for(topic);
-        groups.extend(self.known_groups.matching(topic).cloned());
-        let mut targets: Vec<Target> = groups.into_iter().map(Target::Group).collect();
-        targets.extend(
-            self.outbox
-                .ephemeral_for(topic)
-                .into_iter()
-                .map(Target::Node),
+    /// Who gets a copy of a publish on `topic` ([`find_topic_targets`]), from the
+    /// answers kept since the interests and groups last changed.
+    fn topic_targets(&mut self, topic: &str) -> Arc<[Target]> {
+        let now = (self.outbox.interest_changes(), self.known_groups.changes());
+        let (outbox, known_groups) = (&self.outbox, &self.known_groups);
+        let targets = self.topic_cache.get_or_compute(topic, now, || {
+            find_topic_targets(outbox, known_groups, topic)
+        });
+        // Tests run debug builds: every publish in them checks the kept answer.
+        debug_assert_eq!(
+            &*targets,
+            &find_topic_targets(outbox, known_groups, topic)[..],
+            "a kept answer for topic {topic} is out of date"
         );
         targets
     }
@@ -2117,6 +2123,21 @@ impl Core {
 /// it answers it.
 fn take_slot(shared: &Shared, corr: u64) -> Option<super::ReplySlot> {
     super::lock(&shared.replies).remove(&corr)
+}
+
+/// Who gets a copy of a publish on `topic`: every durable group known to subscribe to it
+/// (from connected peers, groups seen before, and groups other nodes told us of), and every
+/// connected node with a matching ephemeral subscription.
+fn find_topic_targets(
+    outbox: &Outbox<CopyReceipt>,
+    known_groups: &KnownGroups,
+    topic: &str,
+) -> Vec<Target> {
+    let mut groups: BTreeSet<String> = outbox.groups_for(topic);
+    groups.extend(known_groups.matching(topic).cloned());
+    let mut targets: Vec<Target> = groups.into_iter().map(Target::Group).collect();
+    targets.extend(outbox.ephemeral_for(topic).into_iter().map(Target::Node));
+    targets
 }
 
 fn try_out(l: &Link, out: Out) {

@@ -81,6 +81,9 @@ pub(super) struct KnownGroups {
     live: BTreeMap<String, Live>,
     /// Released groups (tombstones): their versions.
     released: BTreeMap<String, u64>,
+    /// Counts changes to the live groups and their patterns (what [`KnownGroups::matching`]
+    /// reads), so a cache of its answers knows when they may be out of date.
+    changes: u64,
 }
 
 impl KnownGroups {
@@ -101,6 +104,11 @@ impl KnownGroups {
             );
         }
         known
+    }
+
+    /// A number that changes whenever the answer of [`KnownGroups::matching`] may change.
+    pub(super) fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// The live groups with a pattern matching `topic`.
@@ -170,6 +178,7 @@ impl KnownGroups {
                 return;
             }
             l.patterns.insert(pattern.to_string());
+            self.changes += 1;
         } else {
             if !self.room_for_live(group) {
                 return;
@@ -178,6 +187,7 @@ impl KnownGroups {
             let patterns = BTreeSet::from([pattern.to_string()]);
             self.live
                 .insert(group.to_string(), Live { version, patterns });
+            self.changes += 1;
         }
         if let Some(state) = self.state(group) {
             out.changed.push((group.to_string(), state));
@@ -267,6 +277,7 @@ impl KnownGroups {
             };
             self.live.insert(group.to_string(), live);
         }
+        self.changes += 1;
         out.changed.push((group.to_string(), state));
     }
 
