@@ -465,7 +465,7 @@ impl Node {
     }
 
     /// Sends every message of `batch` to `service`, in order, as one call: they are accepted
-    /// into the local log together (with [`Durability::Fsync`](crate::Durability::Fsync), in
+    /// into the local log together (with [`Durability::Fsync`], in
     /// one group commit) or not at all, and each is then delivered on its own to one live
     /// instance, like a [`Node::send`] of it. The receipt covers them all
     /// ([`Receipt::copies`] is the batch's length).

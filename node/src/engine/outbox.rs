@@ -198,6 +198,10 @@ struct Log<R> {
     /// here instead of walking the in-flight window at the head of the log each time. Every
     /// transition to `Pending` lowers it ([`Log::pending_at`]); dispatch raises it.
     pending_from: u64,
+    /// Dispatch found no instance of this log (no connected peer consumes it: a group or
+    /// service whose nodes are all away) when [`Outbox::peer_changes`] was this; until it
+    /// changes, dispatch skips the log instead of asking every peer again.
+    no_instance_at: Option<u64>,
 }
 
 /// What the earlier unsettled entries of a key allow for the next one.
@@ -220,6 +224,7 @@ impl<R> Log<R> {
             keys: FastMap::default(),
             next_seq: 0,
             pending_from: 0,
+            no_instance_at: None,
         }
     }
 
@@ -302,9 +307,9 @@ pub struct Outbox<R = ()> {
     /// over every entry until then. Lowered when an entry with a TTL is inserted and when
     /// an entry goes in flight; recomputed by each walk.
     timer_due: u64,
-    /// Counts changes to the peers' interests (a peer up or down, new interests, a goodbye):
-    /// see [`Outbox::interest_changes`].
-    interest_changes: u64,
+    /// Counts changes to what the peers consume (a peer up or down, a new service or new
+    /// interests, a goodbye): see [`Outbox::peer_changes`].
+    peer_changes: u64,
 }
 
 impl Outbox {
@@ -338,15 +343,16 @@ impl<R> Outbox<R> {
             round_robin: 0,
             total_bytes: 0,
             timer_due: 0,
-            interest_changes: 0,
+            peer_changes: 0,
         }
     }
 
-    /// A number that changes whenever the answers of [`Outbox::groups_for`] and
-    /// [`Outbox::ephemeral_for`] may change: a peer came or went, announced new interests or
-    /// said goodbye. A cache of those answers is valid while it stays the same.
-    pub fn interest_changes(&self) -> u64 {
-        self.interest_changes
+    /// A number that changes whenever what the peers consume may change: a peer came or
+    /// went, changed its service, announced new interests or said goodbye. An answer that
+    /// depends only on that (the logs with no instance, [`Outbox::groups_for`],
+    /// [`Outbox::ephemeral_for`]) stays true while the number stays the same.
+    pub fn peer_changes(&self) -> u64 {
+        self.peer_changes
     }
 
     /// Assigns the next sequence number of `target`'s log and appends `env`
@@ -534,7 +540,7 @@ impl<R> Outbox<R> {
         // A new connection replaces an old one: what was in flight on the old
         // one is sent again (the receiver's dedup window drops what it had).
         self.requeue_peer(peer);
-        self.interest_changes += 1;
+        self.peer_changes += 1;
         self.peers.insert(
             peer,
             Peer {
@@ -552,7 +558,7 @@ impl<R> Outbox<R> {
     pub fn peer_interests(&mut self, peer: NodeId, interests: Vec<Interest>) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.interests = interests;
-            self.interest_changes += 1;
+            self.peer_changes += 1;
         }
     }
 
@@ -562,6 +568,7 @@ impl<R> Outbox<R> {
     pub fn peer_service(&mut self, peer: NodeId, service: String) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.service = service;
+            self.peer_changes += 1;
         }
     }
 
@@ -569,7 +576,7 @@ impl<R> Outbox<R> {
     pub fn peer_draining(&mut self, peer: NodeId) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.draining = true;
-            self.interest_changes += 1;
+            self.peer_changes += 1;
         }
     }
 
@@ -578,7 +585,7 @@ impl<R> Outbox<R> {
     pub fn peer_down(&mut self, peer: NodeId, conn: u64) {
         if self.peers.get(&peer).is_some_and(|p| p.conn == conn) {
             self.peers.remove(&peer);
-            self.interest_changes += 1;
+            self.peer_changes += 1;
             self.recipients.gone(peer);
             self.requeue_peer(peer);
             // Online-only copies for its ephemeral subscriptions go with it.
@@ -854,6 +861,7 @@ impl<R> Outbox<R> {
             timer_due: &mut self.timer_due,
             ack_timeout_ms: self.config.ack_timeout_ms,
             now,
+            peer_changes: self.peer_changes,
         };
         for log in self.logs.values_mut() {
             cx.log(log, &mut candidates, tx);
@@ -1031,6 +1039,8 @@ struct Dispatch<'a> {
     timer_due: &'a mut u64,
     ack_timeout_ms: u64,
     now: u64,
+    /// [`Outbox::peer_changes`] now.
+    peer_changes: u64,
 }
 
 impl Dispatch<'_> {
@@ -1048,12 +1058,30 @@ impl Dispatch<'_> {
         if log.entries.range(cursor..).next().is_none() {
             return;
         }
+        // No instance the last time, and none came since: the log waits for one (the backlog
+        // of a group or service whose nodes are all away).
+        if log.no_instance_at == Some(self.peer_changes) {
+            // Tests run debug builds: every skip in them checks that no peer consumes the log.
+            debug_assert!(
+                !self
+                    .peers
+                    .iter()
+                    .any(|(id, p)| !p.draining && consumes(id, p, target, None)),
+                "a log skipped for want of an instance has one"
+            );
+            return;
+        }
         candidates.extend(
             self.peers
                 .iter()
                 .filter(|(id, p)| !p.draining && consumes(id, p, target, None))
                 .map(|(id, _)| *id),
         );
+        if candidates.is_empty() {
+            log.no_instance_at = Some(self.peer_changes);
+            return;
+        }
+        log.no_instance_at = None;
         candidates.sort();
         // Nothing can move while every candidate is out of credit: skip the scan (the
         // common case under load, where the log head is a full window in flight).
@@ -1249,6 +1277,35 @@ mod tests {
         let settled = ob.on_ack(id(1), &target().log_name(), &[1]);
         assert_eq!(settled.settled.len(), 1);
         assert_eq!(ob.len(), 1);
+    }
+
+    #[test]
+    fn a_group_backlog_goes_out_once_a_connected_peer_joins_the_group() {
+        let mut ob = outbox();
+        let group = Target::Group("audit".into());
+        ob.peer_up(id(1), 1, "billing".into(), vec![], 100);
+        let placed = Envelope {
+            kind: Kind::Publish,
+            destination: "order.placed".into(),
+            ..env(None)
+        };
+        ob.append(&group, placed, 0, None, None, false);
+        // Twice: the second dispatch skips the log (no peer changed since the first).
+        assert!(ob.dispatch(0).is_empty(), "no instance of the group");
+        assert!(ob.dispatch(1).is_empty(), "still none");
+        let interest = |group: Option<&str>| Interest {
+            pattern: "order.>".into(),
+            group: group.map(str::to_string),
+        };
+        ob.peer_interests(id(1), vec![interest(None)]);
+        assert!(
+            ob.dispatch(2).is_empty(),
+            "an ephemeral interest is no group"
+        );
+        ob.peer_interests(id(1), vec![interest(None), interest(Some("audit"))]);
+        let tx = ob.dispatch(3);
+        assert_eq!(tx.len(), 1, "the connected peer joined the group");
+        assert_eq!(tx[0].peer, id(1));
     }
 
     #[test]

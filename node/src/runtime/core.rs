@@ -499,7 +499,8 @@ impl Core {
         self.shared.now()
     }
 
-    /// Whether entries and dedup windows go to a durable store (not [`Durability::Memory`]).
+    /// Whether entries and dedup windows go to a durable store (not
+    /// [`Durability::Memory`](crate::store::Durability::Memory)).
     fn persistent(&self) -> bool {
         self.shared.durability != crate::store::Durability::Memory
     }
@@ -1096,7 +1097,7 @@ impl Core {
     /// Who gets a copy of a publish on `topic` ([`find_topic_targets`]), from the
     /// answers kept since the interests and groups last changed.
     fn topic_targets(&mut self, topic: &str) -> Arc<[Target]> {
-        let now = (self.outbox.interest_changes(), self.known_groups.changes());
+        let now = (self.outbox.peer_changes(), self.known_groups.changes());
         let (outbox, known_groups) = (&self.outbox, &self.known_groups);
         let targets = self.topic_cache.get_or_compute(topic, now, || {
             find_topic_targets(outbox, known_groups, topic)

@@ -10,6 +10,8 @@
 use std::sync::Arc;
 
 use crate::engine::FastMap;
+#[cfg(doc)]
+use crate::engine::outbox::Outbox;
 use crate::engine::outbox::Target;
 
 /// Most topics whose targets are kept. One more empties the cache: a node that publishes to
@@ -19,14 +21,14 @@ pub(super) const TOPIC_CACHE_ENTRIES: usize = 1024;
 /// The targets of the topics published to since the interests and groups last changed.
 #[derive(Debug, Default)]
 pub(super) struct TopicCache {
-    /// What the answers were computed from: the outbox's interest changes and the known
-    /// groups' changes at the time.
+    /// What the answers were computed from: [`Outbox::peer_changes`] and
+    /// [`KnownGroups::changes`](super::groups::KnownGroups::changes) at the time.
     computed_at: (u64, u64),
     targets: FastMap<String, Arc<[Target]>>,
 }
 
 impl TopicCache {
-    /// The targets of `topic` as of `now` (the interest and group change counts): the kept
+    /// The targets of `topic` as of `now` (the peer and group change counts): the kept
     /// answer when nothing changed since it was computed, else `compute`'s, which is kept.
     pub(super) fn get_or_compute(
         &mut self,
