@@ -303,6 +303,8 @@ pub struct Outbox<R = ()> {
     rng: u64,
     round_robin: u64,
     total_bytes: usize,
+    /// Entries in all logs (so [`Outbox::len`], asked before every append, walks no logs).
+    total_entries: usize,
     /// No TTL expiry or ack timeout falls before this time: `check_timers` skips its walk
     /// over every entry until then. Lowered when an entry with a TTL is inserted and when
     /// an entry goes in flight; recomputed by each walk.
@@ -342,6 +344,7 @@ impl<R> Outbox<R> {
             rng,
             round_robin: 0,
             total_bytes: 0,
+            total_entries: 0,
             timer_due: 0,
             peer_changes: 0,
         }
@@ -441,6 +444,7 @@ impl<R> Outbox<R> {
         {
             l.bytes -= e.env.payload.len();
             self.total_bytes -= e.env.payload.len();
+            self.total_entries -= 1;
             forget_key(&mut l.keys, &e.env);
             self.recipients.settled(e.sent_to, &self.peers);
         }
@@ -525,6 +529,7 @@ impl<R> Outbox<R> {
         {
             log.bytes += size;
             self.total_bytes += size;
+            self.total_entries += 1;
         }
     }
 
@@ -676,6 +681,7 @@ impl<R> Outbox<R> {
             };
             log.bytes -= e.env.payload.len();
             self.total_bytes -= e.env.payload.len();
+            self.total_entries -= 1;
             if let State::InFlight { peer: p, .. } = e.state
                 && let Some(pp) = self.peers.get_mut(&p)
             {
@@ -760,6 +766,7 @@ impl<R> Outbox<R> {
         let e = log.entries.remove(&seq)?;
         log.bytes -= e.env.payload.len();
         self.total_bytes -= e.env.payload.len();
+        self.total_entries -= 1;
         if let State::InFlight { peer, .. } = e.state
             && let Some(pp) = self.peers.get_mut(&peer)
         {
@@ -790,6 +797,7 @@ impl<R> Outbox<R> {
                 pp.in_flight = pp.in_flight.saturating_sub(1);
             }
             self.total_bytes -= e.env.payload.len();
+            self.total_entries -= 1;
             self.recipients.settled(e.sent_to, &self.peers);
             out.push(Settled {
                 seq,
@@ -956,7 +964,12 @@ impl<R> Outbox<R> {
 
     /// Total unsettled entries.
     pub fn len(&self) -> usize {
-        self.logs.values().map(|l| l.entries.len()).sum()
+        debug_assert_eq!(
+            self.total_entries,
+            self.logs.values().map(|l| l.entries.len()).sum::<usize>(),
+            "the entry count drifted"
+        );
+        self.total_entries
     }
 
     /// Whether no entry is unsettled.
