@@ -202,6 +202,9 @@ struct Log<R> {
     /// service whose nodes are all away) when [`Outbox::peer_changes`] was this; until it
     /// changes, dispatch skips the log instead of asking every peer again.
     no_instance_at: Option<u64>,
+    /// `(expires_at, seq)` of the entries with a TTL, soonest first: the expiry pass reads
+    /// the ones due instead of walking every entry.
+    expiring: BTreeSet<(u64, u64)>,
 }
 
 /// What the earlier unsettled entries of a key allow for the next one.
@@ -225,6 +228,15 @@ impl<R> Log<R> {
             next_seq: 0,
             pending_from: 0,
             no_instance_at: None,
+            expiring: BTreeSet::new(),
+        }
+    }
+
+    /// `e` left the log: its key's chain and its expiry forget it.
+    fn forget(&mut self, e: &Entry<R>) {
+        forget_key(&mut self.keys, &e.env);
+        if let Some(t) = e.expires_at {
+            self.expiring.remove(&(t, e.env.seq));
         }
     }
 
@@ -305,10 +317,14 @@ pub struct Outbox<R = ()> {
     total_bytes: usize,
     /// Entries in all logs (so [`Outbox::len`], asked before every append, walks no logs).
     total_entries: usize,
-    /// No TTL expiry or ack timeout falls before this time: `check_timers` skips its walk
-    /// over every entry until then. Lowered when an entry with a TTL is inserted and when
-    /// an entry goes in flight; recomputed by each walk.
+    /// No TTL expiry falls before this time: `check_timers` skips its expiry pass until
+    /// then. Lowered when an entry with a TTL is inserted; recomputed by each pass.
     timer_due: u64,
+    /// No ack timeout falls before this time: `check_timers` skips its walk over the entries
+    /// until then. Lowered when an entry goes in flight; recomputed by each walk. (Apart from
+    /// `timer_due` because entries with TTLs sent one after another make an expiry due on
+    /// every tick, while an ack timeout is due only when an ack is late.)
+    ack_due: u64,
     /// Counts changes to what the peers consume (a peer up or down, a new service or new
     /// interests, a goodbye): see [`Outbox::peer_changes`].
     peer_changes: u64,
@@ -346,6 +362,7 @@ impl<R> Outbox<R> {
             total_bytes: 0,
             total_entries: 0,
             timer_due: 0,
+            ack_due: 0,
             peer_changes: 0,
         }
     }
@@ -428,6 +445,9 @@ impl<R> Outbox<R> {
             && e.state == State::Staged
         {
             e.state = State::Pending;
+            if let Some(t) = e.expires_at {
+                self.timer_due = self.timer_due.min(t);
+            }
             if let Some(l) = self.logs.get_mut(log) {
                 l.pending_at(seq);
             }
@@ -445,7 +465,7 @@ impl<R> Outbox<R> {
             l.bytes -= e.env.payload.len();
             self.total_bytes -= e.env.payload.len();
             self.total_entries -= 1;
-            forget_key(&mut l.keys, &e.env);
+            l.forget(&e);
             self.recipients.settled(e.sent_to, &self.peers);
         }
     }
@@ -511,25 +531,30 @@ impl<R> Outbox<R> {
         }
         let attempts = env.attempt.saturating_sub(1);
         let size = env.payload.len();
-        if log
-            .entries
-            .insert(
-                env.seq,
-                Entry {
-                    env,
-                    receipt,
-                    state,
-                    not_before,
-                    expires_at,
-                    attempts,
-                    sent_to,
-                },
-            )
-            .is_none()
-        {
-            log.bytes += size;
-            self.total_bytes += size;
-            self.total_entries += 1;
+        let seq = env.seq;
+        let entry = Entry {
+            env,
+            receipt,
+            state,
+            not_before,
+            expires_at,
+            attempts,
+            sent_to,
+        };
+        match log.entries.insert(seq, entry) {
+            None => {
+                log.bytes += size;
+                self.total_bytes += size;
+                self.total_entries += 1;
+            }
+            Some(old) => {
+                if let Some(t) = old.expires_at {
+                    log.expiring.remove(&(t, seq));
+                }
+            }
+        }
+        if let Some(t) = expires_at {
+            log.expiring.insert((t, seq));
         }
     }
 
@@ -608,6 +633,9 @@ impl<R> Outbox<R> {
                 if matches!(e.state, State::InFlight { peer: p, .. } if p == peer) {
                     e.state = State::Pending;
                     lowest = lowest.or(Some(*seq));
+                    if let Some(t) = e.expires_at {
+                        self.timer_due = self.timer_due.min(t);
+                    }
                 }
             }
             if let Some(seq) = lowest {
@@ -687,7 +715,7 @@ impl<R> Outbox<R> {
             {
                 pp.in_flight = pp.in_flight.saturating_sub(1);
             }
-            forget_key(&mut log.keys, &e.env);
+            log.forget(&e);
             self.recipients.settled(e.sent_to, &self.peers);
             out.settled.push(Settled {
                 seq: *seq,
@@ -723,6 +751,10 @@ impl<R> Outbox<R> {
         }
         e.state = State::Pending;
         log.pending_from = log.pending_from.min(seq);
+        if let Some(t) = e.expires_at {
+            // Waiting again: the next expiry pass takes it if its TTL has passed.
+            self.timer_due = self.timer_due.min(t);
+        }
         // A nack caused by an earlier failure of the same key is not this entry's failure.
         if reason.starts_with(BLOCKED_PREFIX) || reason.starts_with(NOT_HERE_PREFIX) {
             return None;
@@ -772,7 +804,7 @@ impl<R> Outbox<R> {
         {
             pp.in_flight = pp.in_flight.saturating_sub(1);
         }
-        forget_key(&mut log.keys, &e.env);
+        log.forget(&e);
         self.recipients.settled(e.sent_to, &self.peers);
         Some(Settled {
             seq,
@@ -866,7 +898,7 @@ impl<R> Outbox<R> {
             peers: &mut self.peers,
             recipients: &mut self.recipients,
             round_robin: &mut self.round_robin,
-            timer_due: &mut self.timer_due,
+            ack_due: &mut self.ack_due,
             ack_timeout_ms: self.config.ack_timeout_ms,
             now,
             peer_changes: self.peer_changes,
@@ -879,32 +911,44 @@ impl<R> Outbox<R> {
     }
 
     fn expire_and_time_out(&mut self, now: u64, settled: &mut Vec<Settled<R>>) {
-        if now < self.timer_due {
-            return;
+        let ack_due = now >= self.ack_due;
+        // Also with an ack timeout due, as when both were one walk: an entry that went back
+        // to waiting past its TTL (a handler's nack, a lost peer) expires then at the latest.
+        if now >= self.timer_due || ack_due {
+            self.expire(now, settled);
         }
-        let ack_timeout = self.config.ack_timeout_ms;
+        if ack_due {
+            self.time_out(now, settled);
+        }
+    }
+
+    /// Dead-letters the waiting entries whose TTL has passed, from each log's `expiring`
+    /// (due ones first), and sets `timer_due` to the next expiry. An entry in flight (or
+    /// staged) past its TTL stays until it waits again (a nack, a lost peer): that lowers
+    /// `timer_due`, so the next pass takes it, and dispatch does not send it meanwhile.
+    fn expire(&mut self, now: u64, settled: &mut Vec<Settled<R>>) {
         let mut expired = Vec::new();
-        let mut timed_out = Vec::new();
         let mut due = u64::MAX;
         for (name, log) in &self.logs {
-            for (seq, e) in &log.entries {
-                // The next walk is due at the earliest deadline still ahead.
-                if let Some(t) = e.expires_at.filter(|t| *t > now) {
+            debug_assert_eq!(
+                log.expiring.len(),
+                log.entries
+                    .values()
+                    .filter(|e| e.expires_at.is_some())
+                    .count(),
+                "the expiry index of {name} drifted"
+            );
+            for &(t, seq) in &log.expiring {
+                if t > now {
                     due = due.min(t);
+                    break;
                 }
-                if let State::InFlight { sent_at, .. } = e.state
-                    && sent_at + ack_timeout > now
+                if log
+                    .entries
+                    .get(&seq)
+                    .is_some_and(|e| e.state == State::Pending)
                 {
-                    due = due.min(sent_at + ack_timeout);
-                }
-                match e.state {
-                    State::Pending if e.expires_at.is_some_and(|t| t <= now) => {
-                        expired.push((name.clone(), *seq));
-                    }
-                    State::InFlight { peer, sent_at, .. } if sent_at + ack_timeout <= now => {
-                        timed_out.push((name.clone(), *seq, peer));
-                    }
-                    _ => {}
+                    expired.push((name.clone(), seq));
                 }
             }
         }
@@ -912,6 +956,34 @@ impl<R> Outbox<R> {
         for (name, seq) in expired {
             settled.extend(self.dead_letter(&name, seq, "ttl expired".into()));
         }
+        debug_assert!(
+            self.logs.values().all(|l| l
+                .entries
+                .values()
+                .all(|e| e.state != State::Pending || e.expires_at.is_none_or(|t| t > now))),
+            "a waiting entry past its TTL was left"
+        );
+    }
+
+    /// Sends again (after a backoff) the entries in flight whose ack is overdue, and sets
+    /// `ack_due` to the next ack timeout.
+    fn time_out(&mut self, now: u64, settled: &mut Vec<Settled<R>>) {
+        let ack_timeout = self.config.ack_timeout_ms;
+        let mut timed_out = Vec::new();
+        let mut due = u64::MAX;
+        for (name, log) in &self.logs {
+            for (seq, e) in &log.entries {
+                if let State::InFlight { peer, sent_at, .. } = e.state {
+                    if sent_at + ack_timeout > now {
+                        // The next walk is due at the earliest ack timeout still ahead.
+                        due = due.min(sent_at + ack_timeout);
+                    } else {
+                        timed_out.push((name.clone(), *seq, peer));
+                    }
+                }
+            }
+        }
+        self.ack_due = due;
         for (name, seq, peer) in timed_out {
             let reason = format!("no ack within {ack_timeout} ms");
             settled.extend(self.on_nack(peer, &name, seq, &reason, false, now));
@@ -1049,7 +1121,7 @@ struct Dispatch<'a> {
     peers: &'a mut FastMap<NodeId, Peer>,
     recipients: &'a mut Recipients,
     round_robin: &'a mut u64,
-    timer_due: &'a mut u64,
+    ack_due: &'a mut u64,
     ack_timeout_ms: u64,
     now: u64,
     /// [`Outbox::peer_changes`] now.
@@ -1121,7 +1193,9 @@ impl Dispatch<'_> {
                 continue;
             }
             let key = e.env.key.as_deref();
-            let blocked_by_time = e.not_before > now;
+            // One past its TTL is not sent again: it waits for the expiry pass, due by then
+            // (every return to waiting lowers `timer_due` to the entry's expiry).
+            let blocked_by_time = e.not_before > now || e.expires_at.is_some_and(|t| t <= now);
             let chosen: Option<NodeId> = match key {
                 _ if blocked_by_time => None,
                 Some(k) => match log.key_chain(k, seq) {
@@ -1188,7 +1262,7 @@ impl Dispatch<'_> {
                 };
                 self.recipients.sent(peer_id, &mut e.sent_to);
             }
-            *self.timer_due = (*self.timer_due).min(now + self.ack_timeout_ms);
+            *self.ack_due = (*self.ack_due).min(now + self.ack_timeout_ms);
             tx.push(Transmit {
                 peer: peer_id,
                 conn,
@@ -1361,6 +1435,65 @@ mod tests {
                 reason: "ttl expired".into()
             }
         );
+        assert!(ob.is_empty());
+    }
+
+    fn seqs<R>(settled: &[Settled<R>]) -> Vec<u64> {
+        settled.iter().map(|s| s.seq).collect()
+    }
+
+    #[test]
+    fn waiting_entries_expire_in_ttl_order_and_in_flight_ones_once_back() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 1);
+        for ttl in [300, 100, 200] {
+            ob.append(&target(), env(None), 0, Some(ttl), None, false);
+        }
+        // Seq 1 (TTL 300) goes in flight; 2 (TTL 100) and 3 (TTL 200) wait for credit.
+        assert_eq!(ob.dispatch(0).len(), 1);
+        assert!(ob.check_timers(99).is_empty());
+        assert_eq!(seqs(&ob.check_timers(100)), vec![2]);
+        assert!(ob.check_timers(150).is_empty());
+        assert_eq!(seqs(&ob.check_timers(250)), vec![3]);
+        assert!(
+            ob.check_timers(400).is_empty(),
+            "in flight past its TTL: it stays"
+        );
+        assert_eq!(ob.len(), 1);
+        // Its handler fails: waiting again past its TTL, it is not sent again but expires.
+        assert!(
+            ob.on_nack(id(1), "svc:svc", 1, "boom", false, 500)
+                .is_none()
+        );
+        assert!(
+            ob.dispatch(900).is_empty(),
+            "an expired entry is not sent again"
+        );
+        let dead = ob.check_timers(900);
+        assert_eq!(seqs(&dead), vec![1]);
+        assert_eq!(
+            dead[0].outcome,
+            Outcome::DeadLettered {
+                reason: "ttl expired".into()
+            }
+        );
+        assert!(ob.is_empty());
+    }
+
+    #[test]
+    fn an_entry_in_flight_to_a_lost_peer_past_its_ttl_expires() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        ob.append(&target(), env(None), 0, Some(100), None, false);
+        assert_eq!(ob.dispatch(0).len(), 1);
+        assert!(ob.check_timers(200).is_empty(), "in flight: it stays");
+        ob.peer_down(id(1), 1);
+        ob.peer_up(id(2), 1, "svc".into(), vec![], 100);
+        assert!(
+            ob.dispatch(300).is_empty(),
+            "not sent to the other instance"
+        );
+        assert_eq!(seqs(&ob.check_timers(300)), vec![1]);
         assert!(ob.is_empty());
     }
 
