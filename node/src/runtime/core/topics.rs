@@ -17,6 +17,9 @@ use crate::engine::outbox::Target;
 /// Most topics whose targets are kept. One more empties the cache: a node that publishes to
 /// more topics than this pays the full walk again, not unbounded memory.
 pub(super) const TOPIC_CACHE_ENTRIES: usize = 1024;
+/// Most targets kept over all topics (a topic can match every one of the 1,024 groups a node
+/// knows): an answer that would pass it empties the cache first.
+pub(super) const TOPIC_CACHE_TARGETS: usize = 65_536;
 
 /// The targets of the topics published to since the interests and groups last changed.
 #[derive(Debug, Default)]
@@ -25,6 +28,8 @@ pub(super) struct TopicCache {
     /// [`KnownGroups::changes`](super::groups::KnownGroups::changes) at the time.
     computed_at: (u64, u64),
     targets: FastMap<String, Arc<[Target]>>,
+    /// The targets in `targets`, over all topics.
+    kept: usize,
 }
 
 impl TopicCache {
@@ -37,18 +42,26 @@ impl TopicCache {
         compute: impl FnOnce() -> Vec<Target>,
     ) -> Arc<[Target]> {
         if self.computed_at != now {
-            self.targets.clear();
+            self.clear();
             self.computed_at = now;
         }
         if let Some(t) = self.targets.get(topic) {
             return t.clone();
         }
-        if self.targets.len() >= TOPIC_CACHE_ENTRIES {
-            self.targets.clear();
-        }
         let targets: Arc<[Target]> = compute().into();
+        if self.targets.len() >= TOPIC_CACHE_ENTRIES
+            || self.kept + targets.len() > TOPIC_CACHE_TARGETS
+        {
+            self.clear();
+        }
+        self.kept += targets.len();
         self.targets.insert(topic.to_string(), targets.clone());
         targets
+    }
+
+    fn clear(&mut self) {
+        self.targets.clear();
+        self.kept = 0;
     }
 }
 
@@ -82,13 +95,28 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_stays_within_its_bound() {
+    fn the_cache_stays_within_its_bounds() {
         let mut cache = TopicCache::default();
         for i in 0..TOPIC_CACHE_ENTRIES * 3 + 7 {
             let topic = format!("t.{i}");
             let t = cache.get_or_compute(&topic, (0, 0), || vec![group(&topic)]);
             assert_eq!(&*t, &[group(&topic)]);
             assert!(cache.targets.len() <= TOPIC_CACHE_ENTRIES);
+        }
+        // Topics that each match a thousand groups: bounded by the targets kept.
+        let many: Vec<Target> = (0..1000).map(|g| group(&format!("g{g}"))).collect();
+        for i in 0..200 {
+            let t = cache.get_or_compute(&format!("all.{i}"), (0, 0), || many.clone());
+            assert_eq!(t.len(), 1000);
+            assert!(
+                cache.kept <= TOPIC_CACHE_TARGETS,
+                "{} targets kept",
+                cache.kept
+            );
+            assert_eq!(
+                cache.kept,
+                cache.targets.values().map(|t| t.len()).sum::<usize>()
+            );
         }
     }
 }
