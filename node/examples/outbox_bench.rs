@@ -10,6 +10,9 @@
 //!   so the dispatch sends nothing. The baseline is a dispatch that sends 20 new entries of a
 //!   service to one of those peers, with no backlog: about what core dispatches per iteration
 //!   under load. The ratio is what the idle backlog costs next to that work.
+//! - *group dispatch*: the same 20 entries published to a durable group of 1, 3 or 10
+//!   instances, each subscribed with 1, 3 or 5 patterns (one matching), keyed (256 keys) or
+//!   not, against the baseline above: choosing among a group's instances by topic.
 //! - *timer pass*: entries with a 10-minute TTL wait for a service with no instance, created
 //!   evenly over 100 s, and the pass runs every 50 ms for 10 s from the first expiry on, as
 //!   core's tick does: each pass dead-letters the entries that expired since the last one.
@@ -19,7 +22,7 @@
 use std::time::Instant;
 
 use peerbus_node::engine::outbox::{Outbox, OutboxConfig, Target};
-use peerbus_node::engine::wire::{Envelope, Interest, Kind};
+use peerbus_node::engine::wire::{Data, Envelope, Interest, Kind};
 use peerbus_node::{Bytes, NodeId};
 
 fn envelope(kind: Kind, destination: &str) -> Envelope {
@@ -133,8 +136,70 @@ fn dispatch_twenty() -> f64 {
     timed.as_secs_f64() * 1e6 / f64::from(rounds)
 }
 
+/// Microseconds per `dispatch_into` that sends 20 new entries of a topic to a durable group
+/// of `instances` instances subscribed with `patterns` patterns each (one of them matching),
+/// with 256 keys or none.
+fn dispatch_group(instances: u8, patterns: usize, keyed: bool) -> f64 {
+    let mut outbox: Outbox = Outbox::new(OutboxConfig::default());
+    for p in 0..instances {
+        let interests = (0..patterns)
+            .map(|i| Interest {
+                pattern: if i == 0 {
+                    "order.>".into()
+                } else {
+                    format!("other{i}.*.x")
+                },
+                group: Some("billing".into()),
+            })
+            .collect();
+        outbox.peer_up(
+            NodeId::from_bytes([p + 1; 32]),
+            1,
+            "billing".into(),
+            interests,
+            1_000_000,
+        );
+    }
+    let target = Target::Group("billing".into());
+    let mut tx = Vec::new();
+    let rounds = 20_000;
+    let mut timed = std::time::Duration::ZERO;
+    let mut sent = 0u64;
+    for _ in 0..rounds {
+        for _ in 0..20 {
+            let mut env = envelope(Kind::Publish, "order.placed.eu");
+            if keyed {
+                env.key = Some(format!("k{}", sent % 256));
+            }
+            sent += 1;
+            outbox.append(&target, env, 1, None, None, false);
+        }
+        let start = Instant::now();
+        outbox.dispatch_into(1, &mut tx);
+        timed += start.elapsed();
+        assert_eq!(tx.len(), 20, "every entry sent");
+        for t in tx.drain(..) {
+            if let Data::Deliver { env, .. } = t.frame {
+                outbox.on_ack(t.peer, &target.log_name(), &[env.seq]);
+            }
+        }
+    }
+    timed.as_secs_f64() * 1e6 / f64::from(rounds)
+}
+
 fn main() {
     let busy = dispatch_twenty();
+    for (instances, patterns) in [(1, 1), (3, 3), (10, 5)] {
+        for keyed in [false, true] {
+            let us = dispatch_group(instances, patterns, keyed);
+            println!(
+                "dispatch   20 to a group of {instances:>2} x {patterns} patterns{}: {us:>8.2} µs  \
+                 (to a service: {busy:.2} µs, ratio {:.2})",
+                if keyed { ", keyed" } else { "       " },
+                us / busy
+            );
+        }
+    }
     for offline in [10, 100, 1000] {
         let us = dispatch(offline);
         println!(
