@@ -3,6 +3,8 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{builder, eventually, start, within};
@@ -470,6 +472,53 @@ async fn a_batch_over_its_limits_or_with_a_bad_message_stores_nothing() {
         let st = sender.status().await.expect("status");
         assert_eq!(st.logs["svc:orders"].waiting, peerbus::MAX_BATCH);
         sender.shutdown().await;
+    })
+    .await;
+}
+
+/// A message whose TTL passes while its handler runs, and whose handler then fails, is
+/// dead-lettered as expired when it comes back, not delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_expired_while_its_handler_failed_is_not_delivered_again() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let sender = start(
+            builder(&net, "payments", &key)
+                .retry_backoff(Duration::from_millis(20), Duration::from_millis(100)),
+        )
+        .await;
+        let receiver = start(builder(&net, "orders", &key)).await;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let msgs = receiver.messages().expect("messages");
+        tokio::spawn(msgs.handle(1, move |_m| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async {
+                // Longer than the TTL: it passes while the message is in flight.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                Err::<(), _>(HandlerError::retry("failed after the deadline"))
+            }
+        }));
+        assert!(
+            sender
+                .wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        let r = sender
+            .send("orders", Outgoing::new("x").ttl(Duration::from_secs(1)))
+            .await
+            .expect("stored");
+        let err = r.acked().await.expect_err("expired");
+        assert!(
+            matches!(err, DeliveryError::DeadLettered { ref reason } if reason == "ttl expired"),
+            "{err}"
+        );
+        // A redelivery would have come 20 ms after the failure.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "handled once, not again");
+        sender.shutdown().await;
+        receiver.shutdown().await;
     })
     .await;
 }
