@@ -198,10 +198,6 @@ struct Log<R> {
     /// here instead of walking the in-flight window at the head of the log each time. Every
     /// transition to `Pending` lowers it ([`Log::pending_at`]); dispatch raises it.
     pending_from: u64,
-    /// Dispatch found no instance of this log (no connected peer consumes it: a group or
-    /// service whose nodes are all away) when [`Outbox::peer_changes`] was this; until it
-    /// changes, dispatch skips the log instead of asking every peer again.
-    no_instance_at: Option<u64>,
     /// `(expires_at, seq)` of the entries with a TTL, soonest first: the expiry pass reads
     /// the ones due instead of walking every entry.
     expiring: BTreeSet<(u64, u64)>,
@@ -227,7 +223,6 @@ impl<R> Log<R> {
             keys: FastMap::default(),
             next_seq: 0,
             pending_from: 0,
-            no_instance_at: None,
             expiring: BTreeSet::new(),
         }
     }
@@ -314,6 +309,14 @@ pub struct Outbox<R = ()> {
     candidates: Vec<NodeId>,
     /// Scratch of [`Outbox::dispatch_into`]: the candidates that consume one topic.
     consumers: Vec<NodeId>,
+    /// The logs dispatch visits: each log that got a waiting entry since dispatch last found
+    /// nothing waiting in it (at most one name per log).
+    ready: BTreeSet<String>,
+    /// Logs with entries waiting and no instance (no connected peer consumes them: a group
+    /// or service whose nodes are all away), as of [`Outbox::peer_changes`] `parked_at`:
+    /// dispatch skips them until that changes, then visits them again.
+    parked: BTreeSet<String>,
+    parked_at: u64,
     rng: u64,
     round_robin: u64,
     total_bytes: usize,
@@ -349,6 +352,13 @@ fn log_mut<'a, R>(logs: &'a mut BTreeMap<String, Log<R>>, name: &str) -> Option<
     logs.get_mut(name)
 }
 
+/// `log` may have an entry to send: dispatch visits it next time.
+fn mark_ready(ready: &mut BTreeSet<String>, log: &str) {
+    if !ready.contains(log) {
+        ready.insert(log.to_string());
+    }
+}
+
 impl<R> Outbox<R> {
     /// An empty outbox whose entries may carry a receipt of type `R`.
     pub fn with_receipts(config: OutboxConfig) -> Self {
@@ -360,6 +370,9 @@ impl<R> Outbox<R> {
             recipients: Recipients::default(),
             candidates: Vec::new(),
             consumers: Vec::new(),
+            ready: BTreeSet::new(),
+            parked: BTreeSet::new(),
+            parked_at: 0,
             rng,
             round_robin: 0,
             total_bytes: 0,
@@ -454,6 +467,7 @@ impl<R> Outbox<R> {
             if let Some(l) = self.logs.get_mut(log) {
                 l.pending_at(seq);
             }
+            mark_ready(&mut self.ready, log);
         }
     }
 
@@ -528,6 +542,7 @@ impl<R> Outbox<R> {
         }
         if state == State::Pending {
             log.pending_at(env.seq);
+            mark_ready(&mut self.ready, &env.log);
         }
         if let Some(t) = expires_at {
             self.timer_due = self.timer_due.min(t);
@@ -630,7 +645,7 @@ impl<R> Outbox<R> {
     }
 
     fn requeue_peer(&mut self, peer: NodeId) {
-        for log in self.logs.values_mut() {
+        for (name, log) in &mut self.logs {
             let mut lowest = None;
             for (seq, e) in log.entries.iter_mut() {
                 if matches!(e.state, State::InFlight { peer: p, .. } if p == peer) {
@@ -643,6 +658,7 @@ impl<R> Outbox<R> {
             }
             if let Some(seq) = lowest {
                 log.pending_at(seq);
+                mark_ready(&mut self.ready, name);
             }
         }
     }
@@ -754,6 +770,7 @@ impl<R> Outbox<R> {
         }
         e.state = State::Pending;
         log.pending_from = log.pending_from.min(seq);
+        mark_ready(&mut self.ready, log_name);
         if let Some(t) = e.expires_at {
             // Waiting again: the next expiry pass takes it if its TTL has passed.
             self.timer_due = self.timer_due.min(t);
@@ -905,11 +922,50 @@ impl<R> Outbox<R> {
             ack_due: &mut self.ack_due,
             ack_timeout_ms: self.config.ack_timeout_ms,
             now,
-            peer_changes: self.peer_changes,
         };
-        for log in self.logs.values_mut() {
-            cx.log(log, &mut candidates, &mut consumers, tx);
+        if self.parked_at != self.peer_changes {
+            // A peer came, went or changed what it consumes: the parked logs may have one.
+            self.ready.append(&mut self.parked);
+            self.parked_at = self.peer_changes;
+        }
+        // Visited in name order, as the logs are kept.
+        for name in std::mem::take(&mut self.ready) {
+            let Some(log) = self.logs.get_mut(&name) else {
+                continue;
+            };
+            match cx.log(log, &mut candidates, &mut consumers, tx) {
+                Visit::Done => {}
+                Visit::Waiting => {
+                    self.ready.insert(name);
+                }
+                Visit::NoInstance => {
+                    self.parked.insert(name);
+                }
+            }
             candidates.clear();
+        }
+        // Tests run debug builds: every dispatch in them checks that each log it did not
+        // visit has no entry waiting, or is parked and still has no instance; and that
+        // dispatching it again on the spot sends nothing.
+        #[cfg(debug_assertions)]
+        for (name, log) in &mut self.logs {
+            if self.ready.contains(name) {
+                continue;
+            }
+            let waiting = log
+                .entries
+                .range(log.pending_from..)
+                .any(|(_, e)| e.state == State::Pending);
+            let mut sent = Vec::new();
+            let visit = cx.log(log, &mut candidates, &mut consumers, &mut sent);
+            candidates.clear();
+            let parked = self.parked.contains(name) && visit == Visit::NoInstance;
+            assert!(
+                sent.is_empty() && (!waiting || parked),
+                "dispatch did not visit log {name}, which had something to send ({} sent, \
+                 {visit:?})",
+                sent.len()
+            );
         }
         self.candidates = candidates;
         self.consumers = consumers;
@@ -1129,8 +1185,6 @@ struct Dispatch<'a> {
     ack_due: &'a mut u64,
     ack_timeout_ms: u64,
     now: u64,
-    /// [`Outbox::peer_changes`] now.
-    peer_changes: u64,
 }
 
 impl Dispatch<'_> {
@@ -1142,30 +1196,17 @@ impl Dispatch<'_> {
         candidates: &mut Vec<NodeId>,
         consumers: &mut Vec<NodeId>,
         tx: &mut Vec<Transmit>,
-    ) {
+    ) -> Visit {
         let now = self.now;
         let Some(target) = log.target.as_ref() else {
-            return;
+            return Visit::Done;
         };
         let floor = log.floor();
         let mut cursor = log.pending_from.max(floor);
         // Nothing at or after `pending_from`: nothing is waiting (the common case for a log
         // whose entries are all in flight).
         if log.entries.range(cursor..).next().is_none() {
-            return;
-        }
-        // No instance the last time, and none came since: the log waits for one (the backlog
-        // of a group or service whose nodes are all away).
-        if log.no_instance_at == Some(self.peer_changes) {
-            // Tests run debug builds: every skip in them checks that no peer consumes the log.
-            debug_assert!(
-                !self
-                    .peers
-                    .iter()
-                    .any(|(id, p)| !p.draining && consumes(id, p, target, None)),
-                "a log skipped for want of an instance has one"
-            );
-            return;
+            return Visit::Done;
         }
         candidates.extend(
             self.peers
@@ -1174,10 +1215,8 @@ impl Dispatch<'_> {
                 .map(|(id, _)| *id),
         );
         if candidates.is_empty() {
-            log.no_instance_at = Some(self.peer_changes);
-            return;
+            return Visit::NoInstance;
         }
-        log.no_instance_at = None;
         candidates.sort();
         // Nothing can move while every candidate is out of credit: skip the scan (the
         // common case under load, where the log head is a full window in flight).
@@ -1185,7 +1224,7 @@ impl Dispatch<'_> {
             .iter()
             .any(|c| self.peers.get(c).is_some_and(|p| p.in_flight < p.credits));
         if !any_credit {
-            return;
+            return Visit::Waiting;
         }
         // Walk the pending entries from `pending_from`; the in-flight window before it is
         // skipped. An entry becomes in flight in place, so a later entry of the same key
@@ -1292,7 +1331,24 @@ impl Dispatch<'_> {
         // Everything before the first entry left pending (or before the cursor when the
         // scan reached the end) is now in flight or staged.
         log.pending_from = first_left.unwrap_or(cursor);
+        if first_left.is_some() {
+            Visit::Waiting
+        } else {
+            Visit::Done
+        }
     }
+}
+
+/// What dispatch found in a log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Visit {
+    /// Nothing waiting: visit it again once an entry waits.
+    Done,
+    /// Entries wait (for credit, their key, their time): visit it again next dispatch.
+    Waiting,
+    /// Entries wait and no connected peer consumes the log: visit it again once a peer
+    /// changes.
+    NoInstance,
 }
 
 #[cfg(test)]
@@ -1452,6 +1508,16 @@ mod tests {
             }
         );
         assert!(ob.is_empty());
+    }
+
+    #[test]
+    fn a_staged_entry_goes_out_once_durable() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        let a = ob.append(&target(), env(None), 0, None, None, true);
+        assert!(ob.dispatch(0).is_empty(), "staged: not sent yet");
+        ob.mark_durable(&a.log, a.seq);
+        assert_eq!(ob.dispatch(1).len(), 1, "durable: sent");
     }
 
     fn seqs<R>(settled: &[Settled<R>]) -> Vec<u64> {
