@@ -1501,13 +1501,17 @@ mod tests {
         assert!(ob.check_timers(499).is_empty());
         let dead = ob.check_timers(500);
         assert_eq!(dead.len(), 1);
+        assert_ttl_expired(&dead[0]);
+        assert!(ob.is_empty());
+    }
+
+    fn assert_ttl_expired<R>(settled: &Settled<R>) {
         assert_eq!(
-            dead[0].outcome,
+            settled.outcome,
             Outcome::DeadLettered {
                 reason: "ttl expired".into()
             }
         );
-        assert!(ob.is_empty());
     }
 
     #[test]
@@ -1553,12 +1557,7 @@ mod tests {
         );
         let dead = ob.check_timers(900);
         assert_eq!(seqs(&dead), vec![1]);
-        assert_eq!(
-            dead[0].outcome,
-            Outcome::DeadLettered {
-                reason: "ttl expired".into()
-            }
-        );
+        assert_ttl_expired(&dead[0]);
         assert!(ob.is_empty());
     }
 
