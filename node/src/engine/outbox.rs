@@ -196,7 +196,7 @@ struct Log<R> {
     next_seq: u64,
     /// No entry below this seq is `Pending` (they are in flight or staged): dispatch starts
     /// here instead of walking the in-flight window at the head of the log each time. Every
-    /// transition to `Pending` lowers it ([`Log::pending_at`]); dispatch raises it.
+    /// transition to `Pending` lowers it ([`now_waiting`]); dispatch raises it.
     pending_from: u64,
     /// `(expires_at, seq)` of the entries with a TTL, soonest first: the expiry pass reads
     /// the ones due instead of walking every entry.
@@ -233,11 +233,6 @@ impl<R> Log<R> {
         if let Some(t) = e.expires_at {
             self.expiring.remove(&(t, e.env.seq));
         }
-    }
-
-    /// Entry `seq` became (or was inserted) `Pending`.
-    fn pending_at(&mut self, seq: u64) {
-        self.pending_from = self.pending_from.min(seq);
     }
 
     /// How the unsettled entries of `key` before `seq` constrain entry `seq`.
@@ -352,10 +347,24 @@ fn log_mut<'a, R>(logs: &'a mut BTreeMap<String, Log<R>>, name: &str) -> Option<
     logs.get_mut(name)
 }
 
-/// `log` may have an entry to send: dispatch visits it next time.
-fn mark_ready(ready: &mut BTreeSet<String>, log: &str) {
-    if !ready.contains(log) {
-        ready.insert(log.to_string());
+/// Entry `seq` of log `name` started or went back to waiting (`Pending`): the log's scan
+/// starts no later than it (`pending_from`), dispatch visits the log again (`ready`), and the
+/// expiry pass comes by the entry's TTL (`timer_due`). Every transition to `Pending` goes
+/// through here: one that missed a part would leave its entry unsent or unexpired.
+fn now_waiting(
+    pending_from: &mut u64,
+    ready: &mut BTreeSet<String>,
+    timer_due: &mut u64,
+    name: &str,
+    seq: u64,
+    expires_at: Option<u64>,
+) {
+    *pending_from = (*pending_from).min(seq);
+    if !ready.contains(name) {
+        ready.insert(name.to_string());
+    }
+    if let Some(t) = expires_at {
+        *timer_due = (*timer_due).min(t);
     }
 }
 
@@ -457,17 +466,20 @@ impl<R> Outbox<R> {
 
     /// The store has made `seq` of `log` durable: it may be sent now.
     pub fn mark_durable(&mut self, log: &str, seq: u64) {
-        if let Some(e) = self.logs.get_mut(log).and_then(|l| l.entries.get_mut(&seq))
+        if let Some(l) = self.logs.get_mut(log)
+            && let Some(e) = l.entries.get_mut(&seq)
             && e.state == State::Staged
         {
             e.state = State::Pending;
-            if let Some(t) = e.expires_at {
-                self.timer_due = self.timer_due.min(t);
-            }
-            if let Some(l) = self.logs.get_mut(log) {
-                l.pending_at(seq);
-            }
-            mark_ready(&mut self.ready, log);
+            let expires_at = e.expires_at;
+            now_waiting(
+                &mut l.pending_from,
+                &mut self.ready,
+                &mut self.timer_due,
+                log,
+                seq,
+                expires_at,
+            );
         }
     }
 
@@ -541,9 +553,16 @@ impl<R> Outbox<R> {
             }
         }
         if state == State::Pending {
-            log.pending_at(env.seq);
-            mark_ready(&mut self.ready, &env.log);
+            now_waiting(
+                &mut log.pending_from,
+                &mut self.ready,
+                &mut self.timer_due,
+                &env.log,
+                env.seq,
+                expires_at,
+            );
         }
+        // Staged ones too.
         if let Some(t) = expires_at {
             self.timer_due = self.timer_due.min(t);
         }
@@ -646,19 +665,23 @@ impl<R> Outbox<R> {
 
     fn requeue_peer(&mut self, peer: NodeId) {
         for (name, log) in &mut self.logs {
-            let mut lowest = None;
+            let (mut lowest, mut earliest) = (None, None::<u64>);
             for (seq, e) in log.entries.iter_mut() {
                 if matches!(e.state, State::InFlight { peer: p, .. } if p == peer) {
                     e.state = State::Pending;
                     lowest = lowest.or(Some(*seq));
-                    if let Some(t) = e.expires_at {
-                        self.timer_due = self.timer_due.min(t);
-                    }
+                    earliest = earliest.into_iter().chain(e.expires_at).min();
                 }
             }
             if let Some(seq) = lowest {
-                log.pending_at(seq);
-                mark_ready(&mut self.ready, name);
+                now_waiting(
+                    &mut log.pending_from,
+                    &mut self.ready,
+                    &mut self.timer_due,
+                    name,
+                    seq,
+                    earliest,
+                );
             }
         }
     }
@@ -769,12 +792,14 @@ impl<R> Outbox<R> {
             pp.in_flight = pp.in_flight.saturating_sub(1);
         }
         e.state = State::Pending;
-        log.pending_from = log.pending_from.min(seq);
-        mark_ready(&mut self.ready, log_name);
-        if let Some(t) = e.expires_at {
-            // Waiting again: the next expiry pass takes it if its TTL has passed.
-            self.timer_due = self.timer_due.min(t);
-        }
+        now_waiting(
+            &mut log.pending_from,
+            &mut self.ready,
+            &mut self.timer_due,
+            log_name,
+            seq,
+            e.expires_at,
+        );
         // A nack caused by an earlier failure of the same key is not this entry's failure.
         if reason.starts_with(BLOCKED_PREFIX) || reason.starts_with(NOT_HERE_PREFIX) {
             return None;
