@@ -1157,6 +1157,16 @@ fn bench_runs_one_case_by_name_with_what_it_compares_with() {
             .as_f64()
             .is_some_and(|f| f > 0.0)
     );
+    // A quick run may end before its side log is due a checkpoint: the figures are there and
+    // in range.
+    let share = cases[2]["checkpoint_share"].as_f64();
+    assert!(
+        share.is_some_and(|s| (0.0..1.0).contains(&s)),
+        "{}",
+        cases[2]
+    );
+    let written = cases[2]["checkpointed_entries_per_message"].as_f64();
+    assert!(written.is_some_and(|w| w >= 0.0), "{}", cases[2]);
     // One run each (`--quick`): the paired ratio is the ratio of the two figures.
     for c in &cases[1..] {
         let (value, baseline) = (c["msgs_per_s"].as_f64(), c["baseline_value"].as_f64());

@@ -93,6 +93,10 @@ pub(crate) struct SendFigures {
     /// not move with the machine's speed.
     pub(crate) wire_bytes_per_msg: f64,
     pub(crate) fsyncs: u64,
+    /// The sender's store checkpoints during the run: entries they wrote to the database and
+    /// their time.
+    pub(crate) checkpointed_entries: u64,
+    pub(crate) checkpoint_time: Duration,
     /// Messages sent.
     pub(crate) messages: usize,
 }
@@ -189,6 +193,8 @@ pub(crate) async fn send(
         cpu_us_per_msg: cpu.as_secs_f64() * 1e6 / messages as f64,
         wire_bytes_per_msg: wire as f64 / messages as f64,
         fsyncs: after.fsyncs - before.fsyncs,
+        checkpointed_entries: after.checkpointed_entries - before.checkpointed_entries,
+        checkpoint_time: Duration::from_micros(after.checkpoint_micros - before.checkpoint_micros),
         messages,
     })
 }
@@ -252,6 +258,8 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
         cpu_us_per_msg: cpu_us,
         wire_bytes_per_msg: wire as f64 / copies,
         fsyncs: 0,
+        checkpointed_entries: 0,
+        checkpoint_time: Duration::ZERO,
         messages: messages * groups,
     })
 }

@@ -502,13 +502,30 @@ fn rates(runs: &[cases::SendFigures]) -> Vec<f64> {
     runs.iter().map(|f| f.msgs_per_s).collect()
 }
 
-/// [`send_case`] of durable sends, with their fsyncs per message.
+/// [`send_case`] of durable sends, with their fsyncs per message, the entries the sender's
+/// checkpoints wrote to the database per message and the share of the runs' time those
+/// checkpoints took (commits wait meanwhile).
 fn fsync_case(name: String, size: usize, runs: &[cases::SendFigures]) -> (Case, Vec<f64>) {
     let fsyncs: u64 = runs.iter().map(|f| f.fsyncs).sum();
-    let messages: usize = runs.iter().map(|f| f.messages).sum();
+    let checkpointed: u64 = runs.iter().map(|f| f.checkpointed_entries).sum();
+    let checkpoint_secs: f64 = runs.iter().map(|f| f.checkpoint_time.as_secs_f64()).sum();
+    let run_secs: f64 = runs
+        .iter()
+        .map(|f| f.messages as f64 / f.msgs_per_s.max(f64::MIN_POSITIVE))
+        .sum();
+    let messages = runs.iter().map(|f| f.messages).sum::<usize>().max(1) as f64;
     let (case, rates) = send_case(name, size, runs);
-    let per_message = fsyncs as f64 / messages.max(1) as f64;
-    (case.with("fsyncs_per_message", per_message), rates)
+    let case = case
+        .with("fsyncs_per_message", fsyncs as f64 / messages)
+        .with(
+            "checkpointed_entries_per_message",
+            checkpointed as f64 / messages,
+        )
+        .with(
+            "checkpoint_share",
+            checkpoint_secs / run_secs.max(f64::MIN_POSITIVE),
+        );
+    (case, rates)
 }
 
 /// Where in the report, per payload size, the cases that others compare with are.

@@ -77,6 +77,13 @@ pub const STORE_FSYNCS: &str = "peerbus_store_fsyncs_total";
 pub const STORE_COMMITS: &str = "peerbus_store_commits_total";
 /// Time one group commit took (a histogram).
 pub const STORE_COMMIT_SECONDS: &str = "peerbus_store_commit_seconds";
+/// Store checkpoints (what the side log held moved to the database).
+pub const STORE_CHECKPOINTS: &str = "peerbus_store_checkpoints_total";
+/// Entries checkpoints wrote to the database (those not yet settled when each ran).
+pub const STORE_CHECKPOINTED_ENTRIES: &str = "peerbus_store_checkpointed_entries_total";
+/// Time spent in checkpoints, in microseconds (a counter: the `metrics` facade counts in
+/// integers); commits wait meanwhile.
+pub const STORE_CHECKPOINT_MICROS: &str = "peerbus_store_checkpoint_micros_total";
 /// Size of the store file.
 pub const STORE_FILE_BYTES: &str = "peerbus_store_file_bytes";
 /// Constant 1 with the node's identity as labels.
@@ -310,6 +317,12 @@ pub(crate) async fn facade_sampler(node: Node) {
         }
         metrics::counter!(STORE_FSYNCS, "node" => node_label.clone()).absolute(store.fsyncs);
         metrics::counter!(STORE_COMMITS, "node" => node_label.clone()).absolute(store.commits);
+        metrics::counter!(STORE_CHECKPOINTS, "node" => node_label.clone())
+            .absolute(store.checkpoints);
+        metrics::counter!(STORE_CHECKPOINTED_ENTRIES, "node" => node_label.clone())
+            .absolute(store.checkpointed_entries);
+        metrics::counter!(STORE_CHECKPOINT_MICROS, "node" => node_label.clone())
+            .absolute(store.checkpoint_micros);
         metrics::gauge!(STORE_FILE_BYTES, "node" => node_label).set(store.file_bytes as f64);
     }
 }
@@ -600,6 +613,35 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         "Size of the store file in bytes.",
     );
     let _ = writeln!(out, "{STORE_FILE_BYTES}{{{n}}} {}", store.file_bytes);
+    head(
+        &mut out,
+        STORE_CHECKPOINTS,
+        "counter",
+        "Store checkpoints (the side log moved to the database).",
+    );
+    let _ = writeln!(out, "{STORE_CHECKPOINTS}{{{n}}} {}", store.checkpoints);
+    head(
+        &mut out,
+        STORE_CHECKPOINTED_ENTRIES,
+        "counter",
+        "Entries checkpoints wrote to the database (not yet settled when each ran).",
+    );
+    let _ = writeln!(
+        out,
+        "{STORE_CHECKPOINTED_ENTRIES}{{{n}}} {}",
+        store.checkpointed_entries
+    );
+    head(
+        &mut out,
+        STORE_CHECKPOINT_MICROS,
+        "counter",
+        "Microseconds spent in store checkpoints; commits wait meanwhile.",
+    );
+    let _ = writeln!(
+        out,
+        "{STORE_CHECKPOINT_MICROS}{{{n}}} {}",
+        store.checkpoint_micros
+    );
 
     let lat = &counters.commit_latency;
     head(

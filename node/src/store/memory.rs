@@ -93,9 +93,8 @@ impl Store for MemoryStore {
 
     fn stats(&self) -> StoreStats {
         StoreStats {
-            fsyncs: 0,
             commits: self.commits,
-            file_bytes: 0,
+            ..StoreStats::default()
         }
     }
 }

@@ -181,6 +181,16 @@ pub struct StoreStats {
     pub commits: u64,
     /// Bytes of the database file plus the side log (0 in memory).
     pub file_bytes: u64,
+    /// Checkpoints: database transactions that moved what the side log held (see
+    /// [`RedbStore::checkpoint`]). 0 without a side log.
+    pub checkpoints: u64,
+    /// Entries those checkpoints wrote to the database: the ones not yet settled when each
+    /// ran. While consumers keep up these are the entries in flight, written to the database
+    /// and soon deleted again, so many of them per message sent is a cost of load, not of
+    /// backlog.
+    pub checkpointed_entries: u64,
+    /// Time spent in checkpoints, in microseconds; commits wait meanwhile.
+    pub checkpoint_micros: u64,
 }
 
 /// The store failed.

@@ -112,6 +112,10 @@ pub struct RedbStore {
     last_fsync: Instant,
     fsyncs: u64,
     commits: u64,
+    /// Checkpoints made, the entries they wrote and their time (for [`StoreStats`]).
+    checkpoints: u64,
+    checkpointed_entries: u64,
+    checkpoint_micros: u64,
     /// Size of the database file as last read for [`Store::stats`]; `None` once a database
     /// commit, open or compaction may have changed it (a side-log commit does not, so the
     /// writer's stats after each commit need no `stat`).
@@ -224,6 +228,9 @@ impl RedbStore {
             last_fsync: Instant::now(),
             fsyncs: 0,
             commits: 0,
+            checkpoints: 0,
+            checkpointed_entries: 0,
+            checkpoint_micros: 0,
             db_bytes: std::cell::Cell::new(None),
             opened: false,
             _lock: lock,
@@ -345,8 +352,10 @@ impl RedbStore {
             self.last_checkpoint = Instant::now();
             return Ok(());
         }
+        let started = Instant::now();
         let path = self.path.clone();
         let mut batch = self.unapplied.to_batch();
+        let entries = batch.append.len() as u64;
         // Raised before the commit: an upper bound stays right whether or not the commit lands,
         // so a reopen after a failure need not read the entries again.
         for e in &batch.append {
@@ -359,6 +368,9 @@ impl RedbStore {
         self.unapplied.clear();
         self.unsynced = false;
         self.last_checkpoint = Instant::now();
+        self.checkpoints += 1;
+        self.checkpointed_entries += entries;
+        self.checkpoint_micros += started.elapsed().as_micros() as u64;
         Ok(())
     }
 
@@ -1042,6 +1054,9 @@ impl Store for RedbStore {
             fsyncs: self.fsyncs,
             commits: self.commits,
             file_bytes: self.db_file_bytes() + self.wal.as_ref().map_or(0, Wal::len),
+            checkpoints: self.checkpoints,
+            checkpointed_entries: self.checkpointed_entries,
+            checkpoint_micros: self.checkpoint_micros,
         }
     }
 }

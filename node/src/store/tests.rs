@@ -425,6 +425,34 @@ fn removed_entries_do_not_grow_the_file_and_compact_shrinks_it() {
 }
 
 #[test]
+fn checkpoints_count_the_unsettled_entries_they_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
+    let base = s.stats();
+    s.commit(Batch {
+        append: (1..=5).map(|q| entry("svc:a", q, 64)).collect(),
+        ..Batch::default()
+    })
+    .expect("commit");
+    s.commit(Batch {
+        remove: vec![("svc:a".into(), 1), ("svc:a".into(), 2)],
+        ..Batch::default()
+    })
+    .expect("commit");
+    assert_eq!(s.stats().checkpoints, base.checkpoints, "none due yet");
+    s.checkpoint().expect("checkpoint");
+    let after = s.stats();
+    assert_eq!(after.checkpoints - base.checkpoints, 1);
+    assert_eq!(
+        after.checkpointed_entries - base.checkpointed_entries,
+        3,
+        "the two settled entries never reach the database"
+    );
+    s.checkpoint().expect("an empty checkpoint");
+    assert_eq!(s.stats().checkpoints, after.checkpoints, "nothing to move");
+}
+
+#[test]
 fn fsync_counts_follow_the_durability() {
     let dir = tempfile::tempdir().expect("tempdir");
     let one = || Batch {
