@@ -155,7 +155,7 @@ pub enum Durability {
     /// share one fsync. The default with a data directory.
     Fsync,
     /// Commits are not fsync'd; the next commit after the interval has elapsed is (and so is
-    /// [`Store::sync`], a stop, and every checkpoint, at the latest once 4 MiB are logged).
+    /// [`Store::sync`], a stop, and every checkpoint, at the latest once 16 MiB are logged).
     /// Every commit is written with one `write` to the side log (`peerbus.wal`) before it
     /// returns, so it **survives a process crash** (kill -9, panic, abort): the next open
     /// replays it. An **OS crash or power loss loses the commits since the last fsync**: at

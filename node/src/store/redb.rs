@@ -324,7 +324,7 @@ impl RedbStore {
 
     /// Applies everything committed to the side log but not yet to the database in one durable
     /// transaction that starts a new side-log epoch, then empties the side log. The store does
-    /// this on its own (at 65,536 unapplied changes, 4 MiB of unapplied entries, 4 MiB of side
+    /// this on its own (at 65,536 unapplied changes, 4 MiB of unapplied entries, 16 MiB of side
     /// log, or 5 s while commits come), before reading, and when it is dropped; call it to do it
     /// now.
     ///
@@ -403,7 +403,7 @@ impl RedbStore {
     }
 
     /// Grows the side log with zeros to what one round of records between checkpoints takes
-    /// (5 MiB), so commits overwrite blocks the file already has and each fsync flushes the
+    /// (17 MiB), so commits overwrite blocks the file already has and each fsync flushes the
     /// records alone, not the file's size and block map (on this project's ext4 test machine,
     /// `dd oflag=dsync` of 32 KiB blocks took 0.17 ms each overwriting and 0.29 ms appending).
     /// A node calls it once after opening; a clean
