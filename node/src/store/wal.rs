@@ -46,7 +46,8 @@ use super::{Batch, GroupState, StoreError};
 /// `send/fsync/1KiB` in checkpoints, and 36–41% with 256 callers instead of 64 (its rate then
 /// 81–84k msg/s against 108–112k with 16 MiB, where checkpoints took 1.5–1.7% and 17–19%).
 /// The cost is a preallocated file of 17 MiB per node and up to 16 MiB to replay after a
-/// crash.
+/// crash (about 120 ms for a full one of 1 KiB entries; ARCHITECTURE, "What holds the fsync
+/// send").
 pub(super) const WAL_MAX_BYTES: u64 = 16 << 20;
 
 /// A record as serde writes it: [`encode_record`] writes the same bytes, and the tests hold
