@@ -1171,8 +1171,8 @@ pub const NOT_HERE_PREFIX: &str = "not consumed here";
 
 /// The tie-break of a keyless entry among instances with the same load: an order that
 /// changes with each entry sent (`rr` counts them), so ties spread evenly. Node ids are
-/// hashes of public keys, so their first 8 bytes are spread already; MurmurHash3's 64-bit
-/// finalizer mixes `rr` in. *Why not `stable_hash`:* it is FNV-1a over the 32-byte id and
+/// ed25519 public keys, whose first 8 bytes (the low bits of a point's coordinate) are
+/// spread already; MurmurHash3's 64-bit finalizer mixes `rr` in. *Why not `stable_hash`:* it is FNV-1a over the 32-byte id and
 /// `rr`, 40 multiplies one after another, for every candidate of every entry (a dispatch of
 /// 20 entries to a group of 10 instances took 4.4 times one to a single service in
 /// `--example outbox_bench`, now 2.7), and `rr`, its last bytes, barely moved the high bits
