@@ -561,9 +561,8 @@ impl<R> Outbox<R> {
                 env.seq,
                 expires_at,
             );
-        }
-        // Staged ones too.
-        if let Some(t) = expires_at {
+        } else if let Some(t) = expires_at {
+            // A staged entry expires by its TTL too.
             self.timer_due = self.timer_due.min(t);
         }
         let attempts = env.attempt.saturating_sub(1);
@@ -1172,11 +1171,13 @@ pub const NOT_HERE_PREFIX: &str = "not consumed here";
 /// The tie-break of a keyless entry among instances with the same load: an order that
 /// changes with each entry sent (`rr` counts them), so ties spread evenly. Node ids are
 /// ed25519 public keys, whose first 8 bytes (the low bits of a point's coordinate) are
-/// spread already; MurmurHash3's 64-bit finalizer mixes `rr` in. *Why not `stable_hash`:* it is FNV-1a over the 32-byte id and
-/// `rr`, 40 multiplies one after another, for every candidate of every entry (a dispatch of
-/// 20 entries to a group of 10 instances took 4.4 times one to a single service in
-/// `--example outbox_bench`, now 2.7), and `rr`, its last bytes, barely moved the high bits
-/// that decide the order: three idle instances got 127, 6 and 167 of 300 entries in
+/// spread already; MurmurHash3's 64-bit finalizer mixes `rr` in.
+///
+/// *Why not `stable_hash`:* it is FNV-1a over the 32-byte id and `rr`, 40 multiplies one
+/// after another, for every candidate of every entry (a dispatch of 20 entries to a group
+/// of 10 instances took 4.4 times one to a single service in `--example outbox_bench`, now
+/// 2.7), and `rr`, its last bytes, barely moved the high bits that decide the order: three
+/// idle instances got 127, 6 and 167 of 300 entries in
 /// `keyless_entries_spread_over_instances_with_the_same_load`, and up to 157 apart over 200
 /// sets of random ids in a simulation (47 with this mix).
 fn stable_rr(id: &NodeId, rr: u64) -> u64 {
