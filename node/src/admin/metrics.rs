@@ -84,6 +84,8 @@ pub const STORE_CHECKPOINTED_ENTRIES: &str = "peerbus_store_checkpointed_entries
 /// Time spent in checkpoints, in microseconds (a counter: the `metrics` facade counts in
 /// integers); commits wait meanwhile.
 pub const STORE_CHECKPOINT_MICROS: &str = "peerbus_store_checkpoint_micros_total";
+/// Entries checkpoints carried over to the next side-log file instead of the database.
+pub const STORE_CARRIED_ENTRIES: &str = "peerbus_store_carried_entries_total";
 /// Size of the store file.
 pub const STORE_FILE_BYTES: &str = "peerbus_store_file_bytes";
 /// Constant 1 with the node's identity as labels.
@@ -323,6 +325,8 @@ pub(crate) async fn facade_sampler(node: Node) {
             .absolute(store.checkpointed_entries);
         metrics::counter!(STORE_CHECKPOINT_MICROS, "node" => node_label.clone())
             .absolute(store.checkpoint_micros);
+        metrics::counter!(STORE_CARRIED_ENTRIES, "node" => node_label.clone())
+            .absolute(store.carried_entries);
         metrics::gauge!(STORE_FILE_BYTES, "node" => node_label).set(store.file_bytes as f64);
     }
 }
@@ -641,6 +645,17 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         out,
         "{STORE_CHECKPOINT_MICROS}{{{n}}} {}",
         store.checkpoint_micros
+    );
+    head(
+        &mut out,
+        STORE_CARRIED_ENTRIES,
+        "counter",
+        "Entries checkpoints carried over to the next side-log file instead of the database.",
+    );
+    let _ = writeln!(
+        out,
+        "{STORE_CARRIED_ENTRIES}{{{n}}} {}",
+        store.carried_entries
     );
 
     let lat = &counters.commit_latency;

@@ -51,7 +51,7 @@ mod unapplied;
 mod wal;
 
 pub use self::memory::MemoryStore;
-pub use self::redb::{LOCK_FILE, RedbStore, STORE_FILE, WAL_FILE};
+pub use self::redb::{LOCK_FILE, RedbStore, STORE_FILE, WAL_FILE, WAL_FILE_ODD};
 
 /// A log entry as stored, keyed by `(env.log, env.seq)`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -185,12 +185,17 @@ pub struct StoreStats {
     /// [`RedbStore::checkpoint`]). 0 without a side log.
     pub checkpoints: u64,
     /// Entries those checkpoints wrote to the database: the ones not yet settled when each
-    /// ran. While consumers keep up these are the entries in flight, written to the database
-    /// and soon deleted again, so many of them per message sent is a cost of load, not of
-    /// backlog.
+    /// ran, except those carried over ([`StoreStats::carried_entries`]). While consumers keep
+    /// up these are the entries in flight, written to the database and soon deleted again, so
+    /// many of them per message sent is a cost of load, not of backlog.
     pub checkpointed_entries: u64,
     /// Time spent in checkpoints, in microseconds; commits wait meanwhile.
     pub checkpoint_micros: u64,
+    /// Entries checkpoints carried over into the next side-log file instead of writing them
+    /// to the database: young entries not yet settled, each carried at most once (a
+    /// checkpoint carries at most 2 MiB of them; the next one writes those still unsettled to
+    /// the database).
+    pub carried_entries: u64,
 }
 
 /// The store failed.

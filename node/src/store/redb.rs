@@ -11,8 +11,10 @@
 //! With `Memory` durability a commit is one non-durable redb transaction.
 //!
 //! Invariant: a durable database commit of a logged store stores a new
-//! side-log epoch and then empties the side log (see `wal.rs`); it happens only
-//! when nothing is unapplied (a checkpoint, or after one).
+//! side-log epoch, whose file starts with a record written and fsync'd before
+//! that commit: the entries a checkpoint carried over, or none (see `wal.rs`).
+//! It happens only when nothing but those entries is unapplied (a checkpoint,
+//! or after one).
 //! Invariant: every record in the side log of the current epoch has been
 //! folded into `unapplied`, and `unapplied` holds nothing else. A failed
 //! checkpoint leaves both as they were; the database is reopened (without a
@@ -46,8 +48,12 @@ pub const STORE_FILE: &str = "peerbus.redb";
 /// Lock file name inside the data directory (holds the owner's pid).
 pub const LOCK_FILE: &str = "peerbus.lock";
 /// Side log of [`Durability::Fsync`] and [`Durability::Interval`] stores inside the data
-/// directory (empty after a clean stop).
+/// directory, for even epochs (empty after a clean stop).
 pub const WAL_FILE: &str = "peerbus.wal";
+/// The side log's file for odd epochs, beside [`WAL_FILE`] (empty after a clean stop). A
+/// checkpoint writes the entries it carries over at the start of the file of the next epoch
+/// (ARCHITECTURE, "Durability").
+pub const WAL_FILE_ODD: &str = "peerbus.wal.1";
 
 /// Most changes held unapplied (entries to put or delete, windows, …) before a checkpoint
 /// writes them to the database: bounds the memory they take and the replay after a crash.
@@ -55,6 +61,15 @@ const MAX_UNAPPLIED: usize = 65_536;
 /// Most bytes of entries held unapplied: bounds the free space a checkpoint needs (a backlog
 /// moves into the database in steps of this size; entries acknowledged quickly never count).
 const MAX_UNAPPLIED_BYTES: usize = 4 << 20;
+/// Most bytes of entries a checkpoint carries over to the next side-log file instead of
+/// writing them to the database: a quarter of the side log's bound. Young entries a
+/// checkpoint could carry do not count towards [`MAX_UNAPPLIED_BYTES`] up to this much
+/// ([`Unapplied::database_bytes`]), so that bound stays the free space a checkpoint needs;
+/// unsettled entries take up to both in memory (most of them shared with the outbox).
+const CARRY_MAX_BYTES: usize = (WAL_MAX_BYTES / 4) as usize;
+/// Most entries a checkpoint carries over: a quarter of [`MAX_UNAPPLIED`], which they still
+/// count towards (the next checkpoint writes those still unsettled to the database).
+const CARRY_MAX_ENTRIES: usize = MAX_UNAPPLIED / 4;
 /// Longest time between checkpoints while commits come.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
@@ -116,6 +131,7 @@ pub struct RedbStore {
     checkpoints: u64,
     checkpointed_entries: u64,
     checkpoint_micros: u64,
+    carried_entries: u64,
     /// Size of the database file as last read for [`Store::stats`]; `None` once a database
     /// commit, open or compaction may have changed it (a side-log commit does not, so the
     /// writer's stats after each commit need no `stat`).
@@ -188,8 +204,7 @@ impl RedbStore {
         }
         let lock = lock_dir(dir)?;
         let mut store = RedbStore::new(dir, Durability::Fsync, lock);
-        let wal_path = dir.join(WAL_FILE);
-        let wal_empty = std::fs::metadata(&wal_path).map_or(true, |m| m.len() == 0);
+        let wal_empty = Wal::is_empty_in(dir);
         let opened = guard(&path, || {
             ReadOnlyDatabase::open(&path).map_err(|e| open_error(&path, e.into()))
         });
@@ -231,6 +246,7 @@ impl RedbStore {
             checkpoints: 0,
             checkpointed_entries: 0,
             checkpoint_micros: 0,
+            carried_entries: 0,
             db_bytes: std::cell::Cell::new(None),
             opened: false,
             _lock: lock,
@@ -266,11 +282,10 @@ impl RedbStore {
             // `db_max` is still an upper bound: checkpoints raise it before they commit.
             return Ok(());
         }
-        let wal_path = self.dir.join(WAL_FILE);
         let logged = self.logged();
         let mut wal = self.wal.take();
-        if wal.is_none() && (logged || wal_path.exists()) {
-            wal = Some(Wal::open(&wal_path)?);
+        if wal.is_none() && (logged || Wal::exists_in(&self.dir)) {
+            wal = Some(Wal::open(&self.dir, self.epoch)?);
         }
         // Replaying applies every record of the current epoch, so nothing is unapplied after.
         self.unapplied.clear();
@@ -281,7 +296,7 @@ impl RedbStore {
         if logged {
             self.wal = wal;
         } else if wal.take().is_some() && replayed.is_ok() {
-            std::fs::remove_file(&wal_path).map_err(|e| io_error(&wal_path, e))?;
+            Wal::remove_in(&self.dir)?;
         }
         if let Err(e) = replayed {
             // Retried by the next operation: nothing may be committed past an unreplayed log.
@@ -323,16 +338,27 @@ impl RedbStore {
     }
 
     /// Applies everything committed to the side log but not yet to the database in one durable
-    /// transaction that starts a new side-log epoch, then empties the side log. The store does
-    /// this on its own (at 65,536 unapplied changes, 4 MiB of unapplied entries, 16 MiB of side
-    /// log, or 5 s while commits come), before reading, and when it is dropped; call it to do it
-    /// now.
+    /// transaction that starts a new side-log epoch, whose file starts empty. The store
+    /// checkpoints on its own after commits (at 65,536 unapplied changes, 4 MiB of unapplied
+    /// entries, 16 MiB of side log, or 5 s while commits come; those checkpoints carry young
+    /// unsettled entries over to the next epoch's file instead), before reading, and when it
+    /// is dropped; call it to do it now.
     ///
     /// If it fails, nothing is lost: the side log still holds every commit, and the database is
     /// reopened (replaying the side log) before the next operation.
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.checkpoint_carrying(false)
+    }
+
+    /// A checkpoint; with `carry`, the young entries not yet settled (within
+    /// [`CARRY_MAX_BYTES`] and [`CARRY_MAX_ENTRIES`], each at most once) are written to the
+    /// start of the next epoch's side-log file instead of the database, where most would be
+    /// deleted again soon after (ARCHITECTURE, "Durability"). Only the checkpoints that
+    /// commits bring on carry: the others come before a read of the database or a clean stop,
+    /// which need everything there.
+    fn checkpoint_carrying(&mut self, carry: bool) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let r = guard(&path, || self.checkpoint_inner());
+        let r = guard(&path, || self.checkpoint_inner(carry));
         if r.is_err() && matches!(self.db, Some(Db::Rw(_))) {
             warn!(path = %self.path.display(), "store checkpoint failed; reopening the database (replaying its side log) before the next operation");
             self.db = None;
@@ -340,22 +366,31 @@ impl RedbStore {
         r
     }
 
-    fn checkpoint_inner(&mut self) -> Result<(), StoreError> {
+    fn checkpoint_inner(&mut self, carry: bool) -> Result<(), StoreError> {
         if self.db.is_none() {
             self.open_rw()?;
         }
         if !matches!(self.db, Some(Db::Rw(_))) || self.wal.is_none() {
             return Ok(());
         }
-        let wal_empty = self.wal.as_ref().is_none_or(|w| w.len() == 0);
+        let wal_empty = self.wal.as_ref().is_none_or(|w| !w.has_commits());
         if self.unapplied.is_empty() && wal_empty && !self.force_durable {
             self.last_checkpoint = Instant::now();
             return Ok(());
         }
         let started = Instant::now();
         let path = self.path.clone();
-        let mut batch = self.unapplied.to_batch();
+        let (max_bytes, max_entries) = if carry {
+            (CARRY_MAX_BYTES, CARRY_MAX_ENTRIES)
+        } else {
+            (0, 0)
+        };
+        let (mut batch, carried) = self.unapplied.split(max_bytes, max_entries);
         let entries = batch.append.len() as u64;
+        let carried = Batch {
+            append: carried,
+            ..Batch::default()
+        };
         // Raised before the commit: an upper bound stays right whether or not the commit lands,
         // so a reopen after a failure need not read the entries again.
         for e in &batch.append {
@@ -364,8 +399,9 @@ impl RedbStore {
         }
         let txn = self.begin(true)?;
         apply(&txn, &mut batch, &path)?;
-        self.finish(txn, true)?;
-        self.unapplied.clear();
+        self.finish_carrying(txn, true, &carried)?;
+        self.carried_entries += carried.append.len() as u64;
+        self.unapplied.keep_carried(carried.append);
         self.unsynced = false;
         self.last_checkpoint = Instant::now();
         self.checkpoints += 1;
@@ -375,30 +411,34 @@ impl RedbStore {
     }
 
     /// Applies the side log's records of the stored epoch in one durable commit that starts a
-    /// new epoch, then empties it. `self.wal` is `None` meanwhile.
+    /// new epoch (whose file starts with an empty record, see [`Wal`]). `self.wal` is `None`
+    /// meanwhile.
     fn replay(&mut self, wal: &mut Wal) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let batches = wal.read(self.epoch)?;
-        if !batches.is_empty() {
-            let n = batches.len();
-            let txn = self.begin(true)?;
-            for mut b in batches {
-                apply(&txn, &mut b, &path)?;
-            }
-            {
-                // A new epoch: these records are never applied again.
-                let mut meta = txn.open_table(META).or_store(&path)?;
-                meta.insert(META_WAL_EPOCH, seal(&(self.epoch + 1))?.as_slice())
-                    .or_store(&path)?;
-            }
-            self.finish(txn, true)?;
-            self.epoch += 1;
-            info!(
-                batches = n,
-                "replayed the store's side log (commits not yet fsync'd when the node stopped)"
-            );
+        let (batches, next) = wal.read(self.epoch)?;
+        if batches.is_empty() {
+            wal.switch(self.epoch, 0);
+            return Ok(());
         }
-        wal.clear();
+        let n = batches.len();
+        let txn = self.begin(true)?;
+        for mut b in batches {
+            apply(&txn, &mut b, &path)?;
+        }
+        let first = wal.prepare(next, &Batch::default())?;
+        {
+            // A new epoch: these records are never applied again.
+            let mut meta = txn.open_table(META).or_store(&path)?;
+            meta.insert(META_WAL_EPOCH, seal(&next)?.as_slice())
+                .or_store(&path)?;
+        }
+        self.finish(txn, true)?;
+        self.epoch = next;
+        wal.switch(self.epoch, first);
+        info!(
+            batches = n,
+            "replayed the store's side log (commits not yet fsync'd when the node stopped)"
+        );
         Ok(())
     }
 
@@ -481,7 +521,7 @@ impl RedbStore {
     /// Whether a commit should be followed by a checkpoint.
     fn checkpoint_due(&self) -> bool {
         self.unapplied.len() >= MAX_UNAPPLIED
-            || self.unapplied.put_bytes() >= MAX_UNAPPLIED_BYTES
+            || self.unapplied.database_bytes(CARRY_MAX_BYTES) >= MAX_UNAPPLIED_BYTES
             || self.wal.as_ref().is_some_and(|w| w.len() >= WAL_MAX_BYTES)
             || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
     }
@@ -499,11 +539,28 @@ impl RedbStore {
         Ok(txn)
     }
 
-    /// Commits; a durable commit also starts a new side-log epoch and empties the side log.
+    /// Commits; a durable commit also starts a new side-log epoch, in the other file (which
+    /// starts with an empty record, see [`Wal`]).
     fn finish(&mut self, txn: WriteTransaction, durable: bool) -> Result<(), StoreError> {
+        self.finish_carrying(txn, durable, &Batch::default())
+    }
+
+    /// [`RedbStore::finish`], whose new epoch's file starts with the entries of `carried`
+    /// (the young entries a checkpoint leaves in the side log).
+    fn finish_carrying(
+        &mut self,
+        txn: WriteTransaction,
+        durable: bool,
+        carried: &Batch,
+    ) -> Result<(), StoreError> {
         let path = self.path.clone();
         let new_epoch = durable && self.wal.is_some();
+        let mut first = 0;
         if new_epoch {
+            if let Some(wal) = &mut self.wal {
+                first = wal.prepare(self.epoch + 1, carried)?;
+                self.fsyncs += 1;
+            }
             let mut meta = txn.open_table(META).or_store(&path)?;
             meta.insert(META_WAL_EPOCH, seal(&(self.epoch + 1))?.as_slice())
                 .or_store(&path)?;
@@ -521,10 +578,7 @@ impl RedbStore {
             self.pending = false;
             self.force_durable = false;
             if let Some(wal) = &mut self.wal {
-                wal.clear();
-                if wal.len() != 0 {
-                    self.force_durable = true;
-                }
+                wal.switch(self.epoch, first);
             }
         } else {
             self.pending = true;
@@ -552,7 +606,7 @@ impl RedbStore {
         }
         self.rw()?;
         if self.force_durable {
-            self.checkpoint()?;
+            self.checkpoint_carrying(true)?;
         }
         let sync = self.sync_due();
         let Some(wal) = &mut self.wal else {
@@ -585,7 +639,7 @@ impl RedbStore {
         }
         self.unapplied.fold(batch, &self.db_max);
         if self.checkpoint_due()
-            && let Err(e) = self.checkpoint()
+            && let Err(e) = self.checkpoint_carrying(true)
         {
             // The commit itself is safe in the side log; the next one retries.
             warn!(error = %e, path = %self.path.display(), "store checkpoint failed");
@@ -856,6 +910,32 @@ impl RedbStore {
         self.finish(txn, true)
     }
 
+    /// A checkpoint as commits bring on, carrying young entries over (tests).
+    #[cfg(test)]
+    pub(super) fn checkpoint_as_commits_do(&mut self) -> Result<(), StoreError> {
+        self.checkpoint_carrying(true)
+    }
+
+    /// Writes the next epoch's first record, with the entries a checkpoint would carry, and
+    /// stops there, as a checkpoint whose database commit failed or never happened (tests).
+    #[cfg(test)]
+    pub(super) fn prepare_and_abandon_a_checkpoint(&mut self) {
+        let (_, carried) = self.unapplied.split(CARRY_MAX_BYTES, CARRY_MAX_ENTRIES);
+        let first = Batch {
+            append: carried,
+            ..Batch::default()
+        };
+        let wal = self.wal.as_mut().expect("a logged store");
+        wal.prepare(self.epoch + 1, &first).expect("prepare");
+    }
+
+    /// Ends this value as a crash of the process would: no checkpoint, nothing emptied (what
+    /// was written is in the files), the lock released (tests).
+    #[cfg(test)]
+    pub(super) fn crash(mut self) {
+        self.opened = false;
+    }
+
     /// Flips a byte of one stored entry's value (tests of corruption handling).
     #[cfg(test)]
     pub(super) fn damage_entry(&mut self, log: &str, seq: u64) {
@@ -1057,6 +1137,7 @@ impl Store for RedbStore {
             checkpoints: self.checkpoints,
             checkpointed_entries: self.checkpointed_entries,
             checkpoint_micros: self.checkpoint_micros,
+            carried_entries: self.carried_entries,
         }
     }
 }

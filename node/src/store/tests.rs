@@ -452,6 +452,118 @@ fn checkpoints_count_the_unsettled_entries_they_write() {
     assert_eq!(s.stats().checkpoints, after.checkpoints, "nothing to move");
 }
 
+fn appended(log: &str, seqs: std::ops::RangeInclusive<u64>) -> Batch {
+    Batch {
+        append: seqs.map(|q| entry(log, q, 64)).collect(),
+        ..Batch::default()
+    }
+}
+
+fn removed(log: &str, seqs: &[u64]) -> Batch {
+    Batch {
+        remove: seqs.iter().map(|q| (log.to_string(), *q)).collect(),
+        ..Batch::default()
+    }
+}
+
+/// The checkpoints that commits bring on carry the young unsettled entries over to the next
+/// side-log file instead of the database, once each: the next checkpoint writes those still
+/// there to the database. A crash in between loses none of them.
+#[test]
+fn checkpoints_carry_young_entries_over_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
+    let base = s.stats();
+    s.commit(appended("svc:a", 1..=3)).expect("commit");
+    s.commit(removed("svc:a", &[1])).expect("commit");
+    s.checkpoint_as_commits_do().expect("checkpoint");
+    let first = s.stats();
+    assert_eq!(first.carried_entries - base.carried_entries, 2);
+    assert_eq!(first.checkpointed_entries, base.checkpointed_entries);
+    s.commit(appended("svc:a", 4..=4)).expect("commit");
+    s.commit(removed("svc:a", &[2])).expect("commit");
+    s.checkpoint_as_commits_do().expect("checkpoint");
+    let second = s.stats();
+    assert_eq!(
+        second.checkpointed_entries - first.checkpointed_entries,
+        1,
+        "#3 was carried once already: now it goes to the database"
+    );
+    assert_eq!(second.carried_entries - first.carried_entries, 1, "#4");
+    s.crash();
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen after a crash");
+    let rec = s.recover().expect("recover");
+    assert_eq!(ids(&rec), vec![("svc:a".into(), 3), ("svc:a".into(), 4)]);
+    drop(s);
+    for name in [WAL_FILE, WAL_FILE_ODD] {
+        let len = std::fs::metadata(dir.path().join(name))
+            .expect("side log")
+            .len();
+        assert_eq!(len, 0, "a clean stop empties {name}");
+    }
+}
+
+/// A checkpoint that wrote the next epoch's first record (with the entries it carries) and
+/// went no further leaves that record in the other file. Whatever later moves to that epoch
+/// writes its own first record over it, so entries removed meanwhile never come back, even
+/// when the process dies right after the move.
+#[test]
+fn an_abandoned_checkpoint_never_brings_entries_back() {
+    for durability in [
+        Durability::Fsync,
+        Durability::Interval(Duration::from_secs(3600)),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = RedbStore::open(dir.path(), durability).expect("open");
+        s.commit(appended("svc:a", 1..=2)).expect("commit");
+        s.prepare_and_abandon_a_checkpoint();
+        s.commit(removed("svc:a", &[1])).expect("commit");
+        s.crash();
+        // The replay moves to the epoch the abandoned checkpoint had prepared.
+        let s = RedbStore::open(dir.path(), durability).expect("reopen after a crash");
+        s.crash();
+        let mut s = RedbStore::open(dir.path(), durability).expect("reopen after a crash");
+        let rec = s.recover().expect("recover");
+        assert_eq!(ids(&rec), vec![("svc:a".into(), 2)], "{durability:?}");
+    }
+}
+
+/// Side logs written before there were two files kept every epoch in `peerbus.wal`; a store
+/// left so at an odd epoch after a crash is replayed from there, and the replay does not
+/// touch that file before the database holds what it read.
+#[test]
+fn a_side_log_of_one_file_at_an_odd_epoch_is_replayed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
+    s.commit(appended("svc:a", 1..=1)).expect("commit");
+    s.checkpoint().expect("checkpoint: epoch 1, an odd one");
+    s.commit(appended("svc:a", 2..=3)).expect("commit");
+    s.commit(removed("svc:a", &[1])).expect("commit");
+    s.crash();
+    // What an older version leaves: the odd epoch's records in `peerbus.wal`.
+    let odd = dir.path().join(WAL_FILE_ODD);
+    let even = dir.path().join(WAL_FILE);
+    std::fs::rename(&odd, &even).expect("move the records");
+    let legacy = std::fs::read(&even).expect("read");
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen");
+    assert_eq!(
+        std::fs::read(&even).expect("read"),
+        legacy,
+        "the replay moved on to an odd epoch, whose file is the other one"
+    );
+    assert_eq!(
+        ids(&s.recover().expect("recover")),
+        vec![("svc:a".into(), 2), ("svc:a".into(), 3)]
+    );
+    s.commit(removed("svc:a", &[2])).expect("commit");
+    s.crash();
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen after a crash");
+    assert_eq!(
+        ids(&s.recover().expect("recover")),
+        vec![("svc:a".into(), 3)]
+    );
+}
+
 #[test]
 fn fsync_counts_follow_the_durability() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -625,7 +737,8 @@ fn fsync_commits_survive_a_process_crash() {
 fn interval_commits_survive_a_process_crash() {
     let dir = crash("interval");
     assert!(
-        std::fs::metadata(dir.path().join(WAL_FILE))
+        // The child's checkpoint moved to epoch 1, whose file is the odd one.
+        std::fs::metadata(dir.path().join(WAL_FILE_ODD))
             .expect("side log")
             .len()
             > 0,
@@ -710,6 +823,13 @@ enum Op {
     Commit(Batch),
     Take(Vec<u64>),
     Reopen,
+    /// A checkpoint as commits bring on: young entries are carried over, not written.
+    Checkpoint,
+    /// The next epoch's first record is written and the checkpoint goes no further (its
+    /// database commit failed, or the process died there).
+    AbandonedCheckpoint,
+    /// The process dies: no checkpoint, no emptied side log.
+    Crash,
 }
 
 fn batch_strategy() -> impl Strategy<Value = Batch> {
@@ -750,6 +870,9 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         6 => batch_strategy().prop_map(Op::Commit),
         1 => proptest::collection::vec(0u64..12, 0..4).prop_map(Op::Take),
         1 => Just(Op::Reopen),
+        2 => Just(Op::Checkpoint),
+        1 => Just(Op::AbandonedCheckpoint),
+        2 => Just(Op::Crash),
     ]
 }
 
@@ -818,6 +941,12 @@ fn run_model(ops: &[Op], durability: Durability) {
             Op::Reopen => {
                 drop(redb);
                 redb = RedbStore::open(dir.path(), durability).expect("reopen");
+            }
+            Op::Checkpoint => redb.checkpoint_as_commits_do().expect("checkpoint"),
+            Op::AbandonedCheckpoint => redb.prepare_and_abandon_a_checkpoint(),
+            Op::Crash => {
+                redb.crash();
+                redb = RedbStore::open(dir.path(), durability).expect("reopen after a crash");
             }
         }
     }

@@ -2,9 +2,12 @@
 //!
 //! A `Fsync` or `Interval` store writes each commit to the side log (`wal.rs`) and folds it in
 //! here; a *checkpoint* (`RedbStore::checkpoint`) later applies everything folded in one durable
-//! database transaction and empties the side log. An entry appended and removed between two
-//! checkpoints (the normal life of a message its consumer acknowledges quickly) never reaches
-//! the database: folding its removal drops its append.
+//! database transaction and moves the side log to a new epoch. An entry appended and removed
+//! between two checkpoints (the normal life of a message its consumer acknowledges quickly)
+//! never reaches the database: folding its removal drops its append. A checkpoint that
+//! commits bring on carries the youngest unsettled entries over to the new epoch's side-log
+//! file instead ([`Unapplied::split`]): they stay here, and the next checkpoint writes those
+//! still unsettled to the database.
 //!
 //! Folding keeps the meaning of applying the batches one after another (`Batch`: append, then
 //! remove, then the rest; later items for the same key win). To drop an append and its removal
@@ -28,8 +31,14 @@ type LogMap<V> = hashbrown::HashMap<String, V, foldhash::fast::RandomState>;
 #[derive(Debug)]
 enum Change {
     /// Insert (or replace) it. `fresh`: the database holds no version of it, so a later
-    /// removal can simply forget the change.
-    Put { entry: StoredEntry, fresh: bool },
+    /// removal can simply forget the change. `carried`: a checkpoint already carried it over
+    /// to the next side-log file once (see [`Unapplied::split`]); the next one writes it to
+    /// the database.
+    Put {
+        entry: StoredEntry,
+        fresh: bool,
+        carried: bool,
+    },
     /// Delete it from the database.
     Delete,
 }
@@ -47,8 +56,11 @@ pub(super) struct Unapplied {
     next_seqs: FastMap<String, u64>,
     dead: Vec<DeadLetter>,
     groups: Vec<(String, Option<crate::engine::wire::GroupState>)>,
-    /// Approximate bytes of the entries to put (see [`Unapplied::put_bytes`]).
+    /// Approximate bytes of the entries to put ([`entry_bytes`] each).
     put_bytes: usize,
+    /// Of those, the bytes of fresh entries not carried before: what a checkpoint may carry
+    /// (see [`Unapplied::database_bytes`]).
+    young_bytes: usize,
 }
 
 /// Roughly what an entry takes in the database: its payload and names plus fixed fields.
@@ -67,9 +79,16 @@ impl Unapplied {
             + self.groups.len()
     }
 
-    /// Approximate bytes a checkpoint would write for entries: what it needs in free space.
+    /// Approximate bytes a checkpoint would write for entries if it carried none over.
+    #[cfg(test)]
     pub(super) fn put_bytes(&self) -> usize {
         self.put_bytes
+    }
+
+    /// Approximate bytes a checkpoint that carries up to `max_carry` bytes of young entries
+    /// over would write to the database for entries: what it needs in free space.
+    pub(super) fn database_bytes(&self, max_carry: usize) -> usize {
+        self.put_bytes - self.young_bytes.min(max_carry)
     }
 
     /// Whether a checkpoint would change nothing.
@@ -96,14 +115,27 @@ impl Unapplied {
         for entry in append {
             let seq = entry.env.seq;
             let changes = self.entries.entry_ref(entry.env.log.as_str()).or_default();
-            let fresh = match changes.get(&seq) {
-                Some(Change::Put { fresh, .. }) => *fresh,
-                Some(Change::Delete) => false,
-                None => !in_db(&entry.env.log, seq),
+            let (fresh, carried) = match changes.get(&seq) {
+                Some(Change::Put { fresh, carried, .. }) => (*fresh, *carried),
+                Some(Change::Delete) => (false, false),
+                None => (!in_db(&entry.env.log, seq), false),
             };
-            self.put_bytes += entry_bytes(&entry);
-            match changes.insert(seq, Change::Put { entry, fresh }) {
-                Some(Change::Put { entry: old, .. }) => self.put_bytes -= entry_bytes(&old),
+            // A replacement keeps the flags of the put it replaces, so it is young as that was.
+            let young = fresh && !carried;
+            let size = entry_bytes(&entry);
+            self.put_bytes += size;
+            self.young_bytes += if young { size } else { 0 };
+            let put = Change::Put {
+                entry,
+                fresh,
+                carried,
+            };
+            match changes.insert(seq, put) {
+                Some(Change::Put { entry: old, .. }) => {
+                    let size = entry_bytes(&old);
+                    self.put_bytes -= size;
+                    self.young_bytes -= if young { size } else { 0 };
+                }
                 Some(Change::Delete) => {}
                 None => self.entry_changes += 1,
             }
@@ -128,8 +160,15 @@ impl Unapplied {
             if added {
                 self.entry_changes += 1;
             }
-            if let Some(Change::Put { entry, fresh }) = old {
-                self.put_bytes -= entry_bytes(&entry);
+            if let Some(Change::Put {
+                entry,
+                fresh,
+                carried,
+            }) = old
+            {
+                let size = entry_bytes(&entry);
+                self.put_bytes -= size;
+                self.young_bytes -= if fresh && !carried { size } else { 0 };
                 if fresh {
                     self.entry_changes -= 1;
                 }
@@ -143,16 +182,44 @@ impl Unapplied {
         self.groups.extend(groups);
     }
 
-    /// The folded change as one batch (entries in key order), leaving `self` as it is: the
-    /// caller clears it once the checkpoint is committed.
+    /// The folded change as one batch (entries in key order), as a checkpoint that carries
+    /// nothing over writes it.
+    #[cfg(test)]
     pub(super) fn to_batch(&self) -> Batch {
+        self.split(0, 0).0
+    }
+
+    /// The folded change split for a checkpoint that carries young entries over: the batch
+    /// for the database (entries in key order), and the entries to carry to the next
+    /// side-log file. Those are the youngest (latest `created_at_ms`, then highest seq) of
+    /// the fresh entries not carried before, up to `max_bytes` (as [`entry_bytes`] counts
+    /// them) and `max_entries`. Leaves `self` as it is: once the checkpoint is committed the
+    /// caller hands the carried entries to [`Unapplied::keep_carried`].
+    pub(super) fn split(&self, max_bytes: usize, max_entries: usize) -> (Batch, Vec<StoredEntry>) {
         let mut batch = Batch::default();
+        let mut young = Vec::new();
         for (log, changes) in &self.entries {
             for (seq, change) in changes {
                 match change {
+                    Change::Put {
+                        entry,
+                        fresh: true,
+                        carried: false,
+                    } if max_entries > 0 => young.push(entry),
                     Change::Put { entry, .. } => batch.append.push(entry.clone()),
                     Change::Delete => batch.remove.push((log.clone(), *seq)),
                 }
+            }
+        }
+        young.sort_unstable_by_key(|e| std::cmp::Reverse((e.env.created_at_ms, e.env.seq)));
+        let (mut bytes, mut carried) = (0, Vec::new());
+        for entry in young {
+            let size = entry_bytes(entry);
+            if carried.len() < max_entries && bytes + size <= max_bytes {
+                bytes += size;
+                carried.push(entry.clone());
+            } else {
+                batch.append.push(entry.clone());
             }
         }
         batch
@@ -167,12 +234,31 @@ impl Unapplied {
             .collect();
         batch.dead = self.dead.clone();
         batch.groups = self.groups.clone();
-        batch
+        (batch, carried)
     }
 
-    /// Forgets everything (after a checkpoint, or after a reopen replayed the side log).
+    /// Forgets everything (after a reopen replayed the side log).
     pub(super) fn clear(&mut self) {
         *self = Unapplied::default();
+    }
+
+    /// After a checkpoint: forgets everything but the entries it carried over, which stay
+    /// unapplied (fresh, and marked so that the next checkpoint writes them to the database).
+    pub(super) fn keep_carried(&mut self, carried: Vec<StoredEntry>) {
+        self.clear();
+        for entry in carried {
+            self.put_bytes += entry_bytes(&entry);
+            let seq = entry.env.seq;
+            let changes = self.entries.entry_ref(entry.env.log.as_str()).or_default();
+            let put = Change::Put {
+                entry,
+                fresh: true,
+                carried: true,
+            };
+            if changes.insert(seq, put).is_none() {
+                self.entry_changes += 1;
+            }
+        }
     }
 }
 
@@ -269,6 +355,53 @@ mod tests {
         u.fold(batch(vec![], vec![("svc:a", 2), ("svc:b", 11)]), &db_max);
         assert_eq!(u.len(), 1, "the delete of svc:b#3 stays");
         assert_eq!(u.put_bytes(), 0);
+    }
+
+    #[test]
+    fn a_split_carries_the_youngest_fresh_entries_within_its_bounds_once() {
+        let mut u = Unapplied::default();
+        let db_max = HashMap::from([("svc:a".to_string(), 2)]);
+        // #2 is in the database (a replacement, not fresh); #3..=#6 are fresh.
+        u.fold(
+            batch((2..=6).map(|q| entry("svc:a", q, 1)).collect(), vec![]),
+            &db_max,
+        );
+        let one = entry_bytes(&entry("svc:a", 3, 1));
+        let seqs = |es: &[StoredEntry]| es.iter().map(|e| e.env.seq).collect::<Vec<_>>();
+        // What a checkpoint would write to the database, by how much it may carry.
+        assert_eq!(u.database_bytes(0), 5 * one);
+        assert_eq!(u.database_bytes(2 * one), 3 * one);
+        assert_eq!(
+            u.database_bytes(usize::MAX),
+            one,
+            "only #2 cannot be carried"
+        );
+        // Room for two by bytes: the two youngest fresh ones.
+        let (b, carried) = u.split(2 * one + 1, 10);
+        assert_eq!(seqs(&carried), vec![6, 5]);
+        assert_eq!(seqs(&b.append), vec![2, 3, 4]);
+        // By count.
+        assert_eq!(seqs(&u.split(usize::MAX, 3).1), vec![6, 5, 4]);
+        assert!(
+            u.split(0, 0).1.is_empty(),
+            "a full checkpoint carries nothing"
+        );
+        // Once carried, they stay unapplied and the next split writes them.
+        u.keep_carried(carried);
+        assert_eq!((u.len(), u.put_bytes()), (2, 2 * one));
+        assert_eq!(u.database_bytes(usize::MAX), 2 * one, "not carried twice");
+        u.fold(batch(vec![entry("svc:a", 7, 1)], vec![]), &db_max);
+        assert_eq!(u.database_bytes(usize::MAX), 2 * one);
+        let (b, carried) = u.split(usize::MAX, usize::MAX);
+        assert_eq!(seqs(&carried), vec![7]);
+        assert_eq!(seqs(&b.append), vec![5, 6]);
+        // A carried entry settled before the next checkpoint is simply dropped.
+        u.fold(
+            batch(vec![], vec![("svc:a", 5), ("svc:a", 6), ("svc:a", 7)]),
+            &db_max,
+        );
+        assert!(u.is_empty());
+        assert_eq!((u.database_bytes(0), u.young_bytes), (0, 0));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The side log, `peerbus.wal`: where `Fsync` and `Interval` commits land.
+//! The side log, `peerbus.wal` and `peerbus.wal.1`: where `Fsync` and `Interval` commits
+//! land.
 //!
 //! Every commit appends its batch here with one `write`. With
 //! [`Durability::Fsync`](super::Durability::Fsync) the file is then
@@ -8,20 +9,26 @@
 //! survive a crash of the process. A sequential append and one fsync of one
 //! file is the cheapest durable write there is: the database (redb) is only
 //! written by checkpoints (`redb.rs`), which apply everything logged since the
-//! last one, store a new *epoch* number in the database, then empty the file.
-//! Opening the store replays the records of the stored epoch, so records that
-//! are already in the database (a crash between the checkpoint and emptying
-//! the file) are never applied twice.
+//! last one and store a new *epoch* number in the database; commits then go to
+//! the other file. Opening the store replays the records of the stored epoch, so
+//! records that are already in the database are never applied twice.
 //!
-//! The file is reused in place: emptying it only moves the write position back
-//! to 0, and each epoch's records overwrite the previous epoch's from the
-//! start. Overwriting blocks the file already has lets `fdatasync` flush the
-//! data alone, without the file size (`dd oflag=dsync` of 32 KiB blocks on this
-//! project's ext4 test machine: 0.17 ms each overwriting, 0.29 ms appending);
-//! a node also grows the file with zeros when it opens the store
-//! (`RedbStore::preallocate_side_log`), so even the first round overwrites.
-//! Reading stops at the first record of another epoch (the remains of an
-//! earlier one) or the first damaged one. A clean stop truncates the file.
+//! There are two files, one for even epochs and one for odd ones ([`Wal`]), so a
+//! checkpoint can *carry* young entries over instead of writing them to the
+//! database: it writes them as the first record of the next epoch, at the start
+//! of the other file, and fsyncs that before the database commit. While
+//! consumers keep up, most entries a checkpoint finds unsettled are the ones in
+//! flight, acknowledged soon after; written to the database, each cost an insert
+//! and a delete there.
+//!
+//! Each file is reused in place: a new epoch's records overwrite an older
+//! epoch's from the start. Overwriting blocks the file already has lets
+//! `fdatasync` flush the data alone, without the file size (`dd oflag=dsync` of
+//! 32 KiB blocks on this project's ext4 test machine: 0.17 ms each overwriting,
+//! 0.29 ms appending); a node also grows both files with zeros when it opens the
+//! store (`RedbStore::preallocate_side_log`), so even the first round
+//! overwrites. Reading stops at the first record of another epoch (the remains
+//! of an earlier one) or the first damaged one. A clean stop truncates both.
 //!
 //! Record: `u32` body length (LE), `u32` CRC-32 of the body (LE), body =
 //! bincode of `(epoch, Batch)`. Reading stops at the first record that is
@@ -37,7 +44,8 @@ use serde::Serialize;
 
 use super::{Batch, GroupState, StoreError};
 
-/// Past this many bytes in the side log the store checkpoints (which empties it): the file,
+/// Past this many bytes in the side log's current file the store checkpoints (which moves to
+/// the other file): the file,
 /// the replay after a crash and the free space a checkpoint needs stay bounded, and after the
 /// first round the records overwrite blocks the file already has (see the module docs).
 ///
@@ -45,7 +53,7 @@ use super::{Batch, GroupState, StoreError};
 /// in flight, which are deleted again soon after: with 4 MiB, `peerbus bench` spent 6–7% of
 /// `send/fsync/1KiB` in checkpoints, and 36–41% with 256 callers instead of 64 (its rate then
 /// 81–84k msg/s against 108–112k with 16 MiB, where checkpoints took 1.5–1.7% and 17–19%).
-/// The cost is a preallocated file of 17 MiB per node and up to 16 MiB to replay after a
+/// The cost is two preallocated files of 17 MiB per node and up to 16 MiB to replay after a
 /// crash (about 120 ms for a full one of 1 KiB entries; ARCHITECTURE, "What holds the fsync
 /// send").
 pub(super) const WAL_MAX_BYTES: u64 = 16 << 20;
@@ -221,9 +229,9 @@ impl From<RecordV1> for Record {
     }
 }
 
-/// The open side log.
+/// One side-log file, open.
 #[derive(Debug)]
-pub(super) struct Wal {
+pub(super) struct WalFile {
     file: File,
     path: PathBuf,
     len: u64,
@@ -235,9 +243,9 @@ pub(super) struct Wal {
 /// Largest record buffer kept between appends; a larger batch's buffer is released after it.
 const KEEP_BUFFER_BYTES: usize = 1 << 20;
 
-impl Wal {
-    /// Opens (creating) the side log.
-    pub(super) fn open(path: &Path) -> Result<Wal, StoreError> {
+impl WalFile {
+    /// Opens (creating) a side-log file.
+    pub(super) fn open(path: &Path) -> Result<WalFile, StoreError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -249,7 +257,7 @@ impl Wal {
             .metadata()
             .map_err(|e| super::redb::io_error(path, e))?
             .len();
-        Ok(Wal {
+        Ok(WalFile {
             file,
             path: path.to_path_buf(),
             len,
@@ -387,6 +395,178 @@ impl Wal {
         self.len = 0;
         Ok(())
     }
+}
+
+/// The side log's two files, `peerbus.wal` for even epochs and `peerbus.wal.1` for odd ones:
+/// the records of an epoch are in the file of its parity, and the file of the other parity
+/// holds only records of older epochs, or the first record of the next epoch while a
+/// checkpoint is being made.
+///
+/// Moving to a new epoch writes that epoch's first record at the start of its file and
+/// fsyncs it *before* the database stores the new epoch ([`Wal::prepare`]), and makes it the
+/// file commits go to after ([`Wal::switch`]). That record holds the young entries a
+/// checkpoint carries over instead of writing them to the database (none, for every other
+/// move). So the file of the stored epoch always starts with a record that its own move
+/// wrote: a record left in the other file by a checkpoint that failed or crashed before its
+/// database commit (of an epoch never stored) is overwritten by the next move's before that
+/// epoch can be stored, and what follows it there ends the log as before (a damaged record
+/// or one of another epoch).
+#[derive(Debug)]
+pub(super) struct Wal {
+    files: [WalFile; 2],
+    /// The file of the current epoch (its parity), where commits go.
+    active: usize,
+    /// Bytes of the current epoch's first record, written by the move to it (see
+    /// [`Wal::has_commits`]).
+    first: u64,
+}
+
+/// The side-log files inside a data directory: index `epoch % 2`.
+pub(super) const WAL_FILES: [&str; 2] = [super::redb::WAL_FILE, super::redb::WAL_FILE_ODD];
+
+impl Wal {
+    /// Opens (creating) both files of the side log in `dir`; commits go to the file of
+    /// `epoch`, from its end.
+    pub(super) fn open(dir: &Path, epoch: u64) -> Result<Wal, StoreError> {
+        Ok(Wal {
+            files: [
+                WalFile::open(&dir.join(WAL_FILES[0]))?,
+                WalFile::open(&dir.join(WAL_FILES[1]))?,
+            ],
+            active: parity(epoch),
+            first: 0,
+        })
+    }
+
+    /// Whether `dir` has no side-log record at all (no file, or only empty ones): a stopped
+    /// node's directory can then be read without a replay.
+    pub(super) fn is_empty_in(dir: &Path) -> bool {
+        WAL_FILES
+            .iter()
+            .all(|f| std::fs::metadata(dir.join(f)).map_or(true, |m| m.len() == 0))
+    }
+
+    /// Whether `dir` has a side-log file.
+    pub(super) fn exists_in(dir: &Path) -> bool {
+        WAL_FILES.iter().any(|f| dir.join(f).exists())
+    }
+
+    /// Deletes both files of the side log in `dir` (after a replay into a store that no longer
+    /// logs).
+    pub(super) fn remove_in(dir: &Path) -> Result<(), StoreError> {
+        for f in WAL_FILES {
+            let path = dir.join(f);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(super::redb::io_error(&path, e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn current(&mut self) -> &mut WalFile {
+        &mut self.files[self.active]
+    }
+
+    /// Bytes of records written in the current epoch's file (the write position; at open,
+    /// the file's size).
+    pub(super) fn len(&self) -> u64 {
+        self.files[self.active].len()
+    }
+
+    /// Whether the current epoch's file holds records of commits, not just the first record
+    /// its move wrote (whose entries, if any, are still unapplied).
+    pub(super) fn has_commits(&self) -> bool {
+        self.len() > self.first
+    }
+
+    /// The batches of the stored epoch `epoch`, oldest first, from the file of its parity,
+    /// and the epoch a replay of them moves to: the next one whose file is not the one they
+    /// were read from, which must stay as it is until the database has them.
+    ///
+    /// Side logs written before there were two files kept every epoch in `peerbus.wal`: an
+    /// odd epoch with no record in its own file is looked for there too (that file holds no
+    /// odd epoch's records otherwise), and its replay then moves two epochs on.
+    pub(super) fn read(&mut self, epoch: u64) -> Result<(Vec<Batch>, u64), StoreError> {
+        self.active = parity(epoch);
+        let mut batches = self.files[self.active].read(epoch)?;
+        if batches.is_empty() && self.active == 1 {
+            batches = self.files[0].read(epoch)?;
+            if !batches.is_empty() {
+                self.active = 0;
+            }
+        }
+        let next = if parity(epoch + 1) == self.active {
+            epoch + 2
+        } else {
+            epoch + 1
+        };
+        Ok((batches, next))
+    }
+
+    /// Appends one batch of the current epoch to its file with a single `write`; on failure
+    /// the file is cut back to where it was.
+    pub(super) fn append(&mut self, epoch: u64, batch: &Batch) -> Result<(), StoreError> {
+        debug_assert_eq!(parity(epoch), self.active, "a record of another epoch");
+        self.current().append(epoch, batch)
+    }
+
+    /// Makes everything appended to the current epoch's file durable (`fdatasync`).
+    pub(super) fn sync(&mut self) -> Result<(), StoreError> {
+        self.current().sync()
+    }
+
+    /// Cuts the current epoch's file back to `len` (see [`WalFile::cut`]).
+    pub(super) fn cut(&mut self, len: u64) {
+        self.current().cut(len);
+    }
+
+    /// Writes `first`, the first record of the next epoch `epoch`, at the start of that
+    /// epoch's file and makes it durable; returns its length for [`Wal::switch`]. Called
+    /// before the database stores `epoch`: until then the record is never read (see the type's
+    /// docs), and if that commit fails the next move writes its own over it.
+    pub(super) fn prepare(&mut self, epoch: u64, first: &Batch) -> Result<u64, StoreError> {
+        let next = parity(epoch);
+        debug_assert_ne!(next, self.active, "the next epoch's file is the other one");
+        let file = &mut self.files[next];
+        file.clear();
+        let written = file.append(epoch, first).and_then(|()| file.sync());
+        let len = file.len();
+        // Whatever happens, this file is not written again before the next `prepare`.
+        file.clear();
+        written.map(|()| len)
+    }
+
+    /// Makes `epoch` (now stored in the database) the current epoch: commits go to its file,
+    /// after the `len` bytes [`Wal::prepare`] wrote.
+    pub(super) fn switch(&mut self, epoch: u64, len: u64) {
+        self.active = parity(epoch);
+        self.current().len = len;
+        self.first = len;
+    }
+
+    /// Grows both files with zeros to `bytes` each (see [`WalFile::preallocate`]).
+    pub(super) fn preallocate(&mut self, bytes: u64) -> Result<(), StoreError> {
+        for file in &mut self.files {
+            file.preallocate(bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Empties both files for good (a clean stop, after a checkpoint that carried nothing).
+    pub(super) fn truncate(&mut self) -> Result<(), StoreError> {
+        for file in &mut self.files {
+            file.truncate()?;
+        }
+        self.first = 0;
+        Ok(())
+    }
+}
+
+/// The index of `epoch`'s file in [`WAL_FILES`].
+fn parity(epoch: u64) -> usize {
+    (epoch % 2) as usize
 }
 
 fn next_record(rest: &mut &[u8]) -> Option<Record> {
@@ -566,7 +746,7 @@ mod tests {
         let mut bytes = framed(&no_groups);
         bytes.extend(framed(&unversioned));
         std::fs::write(&path, &bytes).expect("write");
-        let mut wal = Wal::open(&path).expect("open");
+        let mut wal = WalFile::open(&path).expect("open");
         let new = Batch {
             groups: vec![(
                 "billing".into(),
@@ -612,7 +792,7 @@ mod tests {
     fn preallocated_zeros_read_as_the_end_of_the_log() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("w");
-        let mut wal = Wal::open(&path).expect("open");
+        let mut wal = WalFile::open(&path).expect("open");
         wal.preallocate(3 << 20).expect("preallocate");
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), 3 << 20);
         assert!(wal.read(1).expect("read").is_empty());
@@ -633,7 +813,7 @@ mod tests {
     fn a_torn_tail_or_an_older_epoch_ends_the_log() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("w");
-        let mut wal = Wal::open(&path).expect("open");
+        let mut wal = WalFile::open(&path).expect("open");
         let b = |log: &str| Batch {
             next_seqs: vec![(log.to_string(), 1)],
             ..Batch::default()
