@@ -1165,8 +1165,17 @@ fn bench_runs_one_case_by_name_with_what_it_compares_with() {
         "{}",
         cases[2]
     );
-    let written = cases[2]["checkpointed_entries_per_message"].as_f64();
-    assert!(written.is_some_and(|w| w >= 0.0), "{}", cases[2]);
+    for figure in [
+        "checkpointed_entries_per_message",
+        "carried_entries_per_message",
+    ] {
+        let per_message = cases[2][figure].as_f64();
+        assert!(
+            per_message.is_some_and(|w| w >= 0.0),
+            "{figure}: {}",
+            cases[2]
+        );
+    }
     // One run each (`--quick`): the paired ratio is the ratio of the two figures.
     for c in &cases[1..] {
         let (value, baseline) = (c["msgs_per_s"].as_f64(), c["baseline_value"].as_f64());

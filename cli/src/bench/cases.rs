@@ -93,10 +93,11 @@ pub(crate) struct SendFigures {
     /// not move with the machine's speed.
     pub(crate) wire_bytes_per_msg: f64,
     pub(crate) fsyncs: u64,
-    /// The sender's store checkpoints during the run: entries they wrote to the database and
-    /// their time.
+    /// The sender's store checkpoints during the run: entries they wrote to the database,
+    /// their time, and the entries they carried over to the next side-log file instead.
     pub(crate) checkpointed_entries: u64,
     pub(crate) checkpoint_time: Duration,
+    pub(crate) carried_entries: u64,
     /// Messages sent.
     pub(crate) messages: usize,
 }
@@ -195,6 +196,7 @@ pub(crate) async fn send(
         fsyncs: after.fsyncs - before.fsyncs,
         checkpointed_entries: after.checkpointed_entries - before.checkpointed_entries,
         checkpoint_time: Duration::from_micros(after.checkpoint_micros - before.checkpoint_micros),
+        carried_entries: after.carried_entries - before.carried_entries,
         messages,
     })
 }
@@ -260,6 +262,7 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
         fsyncs: 0,
         checkpointed_entries: 0,
         checkpoint_time: Duration::ZERO,
+        carried_entries: 0,
         messages: messages * groups,
     })
 }

@@ -503,11 +503,12 @@ fn rates(runs: &[cases::SendFigures]) -> Vec<f64> {
 }
 
 /// [`send_case`] of durable sends, with their fsyncs per message, the entries the sender's
-/// checkpoints wrote to the database per message and the share of the runs' time those
-/// checkpoints took (commits wait meanwhile).
+/// checkpoints wrote to the database and carried over to the next side-log file per message,
+/// and the share of the runs' time those checkpoints took (commits wait meanwhile).
 fn fsync_case(name: String, size: usize, runs: &[cases::SendFigures]) -> (Case, Vec<f64>) {
     let fsyncs: u64 = runs.iter().map(|f| f.fsyncs).sum();
     let checkpointed: u64 = runs.iter().map(|f| f.checkpointed_entries).sum();
+    let carried: u64 = runs.iter().map(|f| f.carried_entries).sum();
     let checkpoint_secs: f64 = runs.iter().map(|f| f.checkpoint_time.as_secs_f64()).sum();
     let run_secs: f64 = runs
         .iter()
@@ -521,6 +522,7 @@ fn fsync_case(name: String, size: usize, runs: &[cases::SendFigures]) -> (Case, 
             "checkpointed_entries_per_message",
             checkpointed as f64 / messages,
         )
+        .with("carried_entries_per_message", carried as f64 / messages)
         .with(
             "checkpoint_share",
             checkpoint_secs / run_secs.max(f64::MIN_POSITIVE),
