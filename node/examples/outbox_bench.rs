@@ -18,6 +18,10 @@
 //!   core's tick does: each pass dead-letters the entries that expired since the last one.
 //!   The baseline holds only the entries created in the first 10 s (a tenth): the same
 //!   expiries, none of the rest waiting.
+//! - *ack-timeout pass*: 10,000 entries were sent to a live instance over 5 s, 20 every 10 ms,
+//!   and no ack comes; the pass runs every 50 ms from the first ack timeout on, each sending
+//!   back to waiting the entries that timed out since the last one, beside a backlog of
+//!   waiting entries for a service with no instance. The baseline has no backlog.
 
 use std::time::Instant;
 
@@ -99,6 +103,45 @@ fn timer_pass(entries: u64, span_ms: u64) -> (f64, usize) {
         expired += outbox.check_timers(600_000 + k * 50).len();
     }
     (start.elapsed().as_secs_f64() * 1e6 / passes as f64, expired)
+}
+
+/// Microseconds per timer pass (`check_timers`) while entries in flight time out without
+/// acks, beside `backlog` entries waiting for an absent service, and how many timed out.
+fn ack_timeout_pass(backlog: u64) -> (f64, usize) {
+    let config = OutboxConfig::default();
+    let ack_timeout = config.ack_timeout_ms;
+    let mut outbox: Outbox = Outbox::new(config);
+    let absent = Target::Service("absent".into());
+    for _ in 0..backlog {
+        outbox.append(
+            &absent,
+            envelope(Kind::Send, "absent"),
+            0,
+            None,
+            None,
+            false,
+        );
+    }
+    let peer = NodeId::from_bytes([1; 32]);
+    outbox.peer_up(peer, 1, "orders".into(), Vec::new(), 100_000);
+    let orders = Target::Service("orders".into());
+    let mut tx = Vec::new();
+    for round in 0..500u64 {
+        for _ in 0..20 {
+            let env = envelope(Kind::Send, "orders");
+            outbox.append(&orders, env, round * 10, None, None, false);
+        }
+        outbox.dispatch_into(round * 10, &mut tx);
+    }
+    assert_eq!(tx.len(), 10_000, "every entry in flight");
+    let passes = 100;
+    let start = Instant::now();
+    for k in 0..passes {
+        outbox.check_timers(ack_timeout + k * 50);
+    }
+    let us = start.elapsed().as_secs_f64() * 1e6 / passes as f64;
+    let in_flight = outbox.stats().get("svc:orders").map_or(0, |s| s.in_flight);
+    (us, 10_000 - in_flight)
 }
 
 /// Microseconds per `dispatch_into` that sends 20 new entries to a live instance (appended
@@ -214,6 +257,15 @@ fn main() {
         println!(
             "timer pass {entries:>7} TTL'd entries: {us:>8.2} µs  (a tenth: {base:.2} µs, ratio \
              {:.1}; {expired} and {base_expired} expired)",
+            us / base
+        );
+    }
+    let (base, base_timed_out) = ack_timeout_pass(0);
+    for backlog in [10_000, 100_000, 1_000_000] {
+        let (us, timed_out) = ack_timeout_pass(backlog);
+        println!(
+            "ack-timeout pass, {backlog:>7} waiting: {us:>8.2} µs  (none waiting: {base:.2} µs, \
+             ratio {:.1}; {timed_out} and {base_timed_out} timed out)",
             us / base
         );
     }

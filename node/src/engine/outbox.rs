@@ -201,6 +201,10 @@ struct Log<R> {
     /// `(expires_at, seq)` of the entries with a TTL, soonest first: the expiry pass reads
     /// the ones due instead of walking every entry.
     expiring: BTreeSet<(u64, u64)>,
+    /// `(sent_at, seq)` of the entries in flight, oldest first: the ack-timeout pass reads
+    /// the ones overdue, and a lost peer's entries are found, without walking the entries
+    /// that wait (an offline consumer's backlog).
+    in_flight: BTreeSet<(u64, u64)>,
 }
 
 /// What the earlier unsettled entries of a key allow for the next one.
@@ -224,14 +228,18 @@ impl<R> Log<R> {
             next_seq: 0,
             pending_from: 0,
             expiring: BTreeSet::new(),
+            in_flight: BTreeSet::new(),
         }
     }
 
-    /// `e` left the log: its key's chain and its expiry forget it.
+    /// `e` left the log: its key's chain, its expiry and its place in flight forget it.
     fn forget(&mut self, e: &Entry<R>) {
         forget_key(&mut self.keys, &e.env);
         if let Some(t) = e.expires_at {
             self.expiring.remove(&(t, e.env.seq));
+        }
+        if let State::InFlight { sent_at, .. } = e.state {
+            self.in_flight.remove(&(sent_at, e.env.seq));
         }
     }
 
@@ -587,6 +595,9 @@ impl<R> Outbox<R> {
                 if let Some(t) = old.expires_at {
                     log.expiring.remove(&(t, seq));
                 }
+                if let State::InFlight { sent_at, .. } = old.state {
+                    log.in_flight.remove(&(sent_at, seq));
+                }
             }
         }
         if let Some(t) = expires_at {
@@ -664,14 +675,20 @@ impl<R> Outbox<R> {
 
     fn requeue_peer(&mut self, peer: NodeId) {
         for (name, log) in &mut self.logs {
-            let (mut lowest, mut earliest) = (None, None::<u64>);
-            for (seq, e) in log.entries.iter_mut() {
-                if matches!(e.state, State::InFlight { peer: p, .. } if p == peer) {
-                    e.state = State::Pending;
-                    lowest = lowest.or(Some(*seq));
-                    earliest = earliest.into_iter().chain(e.expires_at).min();
+            let (mut lowest, mut earliest) = (None::<u64>, None::<u64>);
+            let entries = &mut log.entries;
+            log.in_flight.retain(|&(_, seq)| {
+                let Some(e) = entries.get_mut(&seq) else {
+                    return true;
+                };
+                if !matches!(e.state, State::InFlight { peer: p, .. } if p == peer) {
+                    return true;
                 }
-            }
+                e.state = State::Pending;
+                lowest = Some(lowest.map_or(seq, |l| l.min(seq)));
+                earliest = earliest.into_iter().chain(e.expires_at).min();
+                false
+            });
             if let Some(seq) = lowest {
                 now_waiting(
                     &mut log.pending_from,
@@ -789,6 +806,9 @@ impl<R> Outbox<R> {
         }
         if let Some(pp) = self.peers.get_mut(&peer) {
             pp.in_flight = pp.in_flight.saturating_sub(1);
+        }
+        if let State::InFlight { sent_at, .. } = e.state {
+            log.in_flight.remove(&(sent_at, seq));
         }
         e.state = State::Pending;
         now_waiting(
@@ -1050,21 +1070,33 @@ impl<R> Outbox<R> {
         );
     }
 
-    /// Sends again (after a backoff) the entries in flight whose ack is overdue, and sets
-    /// `ack_due` to the next ack timeout.
+    /// Sends again (after a backoff) the entries in flight whose ack is overdue, from each
+    /// log's `in_flight` (oldest first), and sets `ack_due` to the next ack timeout.
     fn time_out(&mut self, now: u64, settled: &mut Vec<Settled<R>>) {
         let ack_timeout = self.config.ack_timeout_ms;
         let mut timed_out = Vec::new();
         let mut due = u64::MAX;
         for (name, log) in &self.logs {
-            for (seq, e) in &log.entries {
-                if let State::InFlight { peer, sent_at, .. } = e.state {
-                    if sent_at + ack_timeout > now {
-                        // The next walk is due at the earliest ack timeout still ahead.
-                        due = due.min(sent_at + ack_timeout);
-                    } else {
-                        timed_out.push((name.clone(), *seq, peer));
-                    }
+            debug_assert!(
+                log.in_flight.iter().copied().eq(log
+                    .entries
+                    .iter()
+                    .filter_map(|(seq, e)| match e.state {
+                        State::InFlight { sent_at, .. } => Some((sent_at, *seq)),
+                        _ => None,
+                    })
+                    .collect::<BTreeSet<_>>()),
+                "the in-flight index of {name} drifted"
+            );
+            for &(sent_at, seq) in &log.in_flight {
+                if sent_at + ack_timeout > now {
+                    // The next pass is due at the earliest ack timeout still ahead.
+                    due = due.min(sent_at + ack_timeout);
+                    break;
+                }
+                if let Some(State::InFlight { peer, .. }) = log.entries.get(&seq).map(|e| &e.state)
+                {
+                    timed_out.push((name.clone(), seq, *peer));
                 }
             }
         }
@@ -1356,11 +1388,15 @@ impl Dispatch<'_> {
             let conn = peer.conn;
             *self.round_robin = self.round_robin.wrapping_add(1);
             if let Some(e) = log.entries.get_mut(&seq) {
+                if let State::InFlight { sent_at, .. } = e.state {
+                    log.in_flight.remove(&(sent_at, seq));
+                }
                 e.state = State::InFlight {
                     peer: peer_id,
                     conn,
                     sent_at: now,
                 };
+                log.in_flight.insert((now, seq));
                 self.recipients.sent(peer_id, &mut e.sent_to);
             }
             *self.ack_due = (*self.ack_due).min(now + self.ack_timeout_ms);
@@ -1723,6 +1759,53 @@ mod tests {
         assert!(ob.check_timers(1_000).is_empty());
         let due = ob.next_deadline().expect("retry");
         assert_eq!(ob.dispatch(due).len(), 1, "resent after the ack timeout");
+    }
+
+    /// The ack-timeout pass reads the in-flight index: entries sent at different times time
+    /// out each at its own deadline, an ack, a nack and a lost peer each take theirs out, and
+    /// entries waiting elsewhere are untouched. (Debug builds check the index against the
+    /// entries on every pass.)
+    #[test]
+    fn entries_in_flight_time_out_each_at_its_deadline() {
+        let mut ob = outbox();
+        let absent = Target::Service("absent".into());
+        for _ in 0..50 {
+            ob.append(&absent, env(None), 0, None, None, false);
+        }
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        let mut sent = Vec::new();
+        for t in [0, 100, 200, 300, 400] {
+            ob.append(&target(), env(None), t, None, None, false);
+            let tx = ob.dispatch(t);
+            assert_eq!(tx.len(), 1);
+            sent.push(match &tx[0].frame {
+                Data::Deliver { env, .. } => env.seq,
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        let log = target().log_name();
+        let in_flight = |ob: &Outbox| ob.stats()[&log].in_flight;
+        // #2 is acked, #3 nacked (back to waiting, in its backoff): three remain in flight.
+        ob.on_ack(id(1), &log, &sent[1..2]);
+        assert!(
+            ob.on_nack(id(1), &log, sent[2], "boom", false, 250)
+                .is_none()
+        );
+        assert_eq!(in_flight(&ob), 3);
+        // The ack timeout is 1 s: #1 (sent at 0) is overdue at 1,000, #4 (300) at 1,300.
+        ob.check_timers(999);
+        assert_eq!(in_flight(&ob), 3);
+        ob.check_timers(1_000);
+        assert_eq!(in_flight(&ob), 2, "#1 timed out");
+        ob.check_timers(1_299);
+        assert_eq!(in_flight(&ob), 2);
+        ob.check_timers(1_300);
+        assert_eq!(in_flight(&ob), 1, "#4 timed out");
+        ob.peer_down(id(1), 1);
+        assert_eq!(in_flight(&ob), 0, "#5 went back to waiting with its peer");
+        ob.check_timers(5_000);
+        assert_eq!(ob.stats()["svc:absent"].waiting, 50);
+        assert_eq!(ob.len(), 54);
     }
 
     #[test]
