@@ -678,7 +678,9 @@ fn stale_side_log_records_are_not_replayed() {
 
 /// The child: `node/examples/store_crash_child.rs`, which `cargo test` builds next to the
 /// test binaries (`<target>/<profile>/examples/`). It commits and exits without closing the
-/// store. Its batches match `assert_all_commits_survived`.
+/// store. Its batches match `assert_all_commits_survived`. A child older than the store's
+/// source predates the code under test (a filtered `cargo test --lib` rebuilds the tests,
+/// not the examples), so it is built again through cargo, as a missing one is.
 fn crash(mode: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = std::env::current_exe().expect("exe");
@@ -689,14 +691,23 @@ fn crash(mode: &str) -> tempfile::TempDir {
     let child = profile
         .join("examples")
         .join(format!("store_crash_child{}", std::env::consts::EXE_SUFFIX));
-    let status = if child.exists() {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let newest_source = std::fs::read_dir(source.join("src/store"))
+        .into_iter()
+        .flatten()
+        .filter_map(|f| modified(&f.ok()?.path()))
+        .chain(modified(&source.join("examples/store_crash_child.rs")))
+        .max();
+    let fresh = matches!((modified(&child), newest_source), (Some(c), Some(s)) if c >= s);
+    let status = if fresh {
         std::process::Command::new(&child)
             .arg(dir.path())
             .arg(mode)
             .status()
             .expect("run child")
     } else {
-        // Not built yet (a filtered `cargo test --lib` does not build examples): build it.
+        // Not built yet, or maybe stale (see above): build it.
         std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args([
                 "run",
