@@ -48,9 +48,10 @@ pub const STORE_FILE: &str = "peerbus.redb";
 /// Lock file name inside the data directory (holds the owner's pid).
 pub const LOCK_FILE: &str = "peerbus.lock";
 /// Side log of [`Durability::Fsync`] and [`Durability::Interval`] stores inside the data
-/// directory, for even epochs (empty after a clean stop).
+/// directory, for even epochs (holding no record after a clean stop).
 pub const WAL_FILE: &str = "peerbus.wal";
-/// The side log's file for odd epochs, beside [`WAL_FILE`] (empty after a clean stop). A
+/// The side log's file for odd epochs, beside [`WAL_FILE`] (holding no record after a clean
+/// stop). A
 /// checkpoint writes the entries it carries over at the start of the file of the next epoch
 /// (ARCHITECTURE, "Durability").
 pub const WAL_FILE_ODD: &str = "peerbus.wal.1";
@@ -1148,9 +1149,9 @@ impl Drop for RedbStore {
             return;
         }
         let r = if self.logged() {
-            // A clean stop leaves an empty side log: `open_read_only` relies on it.
+            // A clean stop leaves a side log with no record: `open_read_only` relies on it.
             self.checkpoint().and_then(|()| match &mut self.wal {
-                Some(wal) if matches!(self.db, Some(Db::Rw(_))) => wal.truncate(),
+                Some(wal) if matches!(self.db, Some(Db::Rw(_))) => wal.empty(),
                 _ => Ok(()),
             })
         } else {

@@ -466,6 +466,14 @@ fn removed(log: &str, seqs: &[u64]) -> Batch {
     }
 }
 
+/// Ends `s` as a crash would, opens its directory again (an `Fsync` store) and returns the
+/// entries it recovers; the reopened store is then stopped cleanly.
+fn crash_and_recover(s: RedbStore, dir: &Path) -> Vec<(String, u64)> {
+    s.crash();
+    let mut s = RedbStore::open(dir, Durability::Fsync).expect("reopen after a crash");
+    ids(&s.recover().expect("recover"))
+}
+
 /// The checkpoints that commits bring on carry the young unsettled entries over to the next
 /// side-log file instead of the database, once each: the next checkpoint writes those still
 /// there to the database. A crash in between loses none of them.
@@ -490,17 +498,50 @@ fn checkpoints_carry_young_entries_over_once() {
         "#3 was carried once already: now it goes to the database"
     );
     assert_eq!(second.carried_entries - first.carried_entries, 1, "#4");
-    s.crash();
-    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen after a crash");
-    let rec = s.recover().expect("recover");
-    assert_eq!(ids(&rec), vec![("svc:a".into(), 3), ("svc:a".into(), 4)]);
+    assert_eq!(
+        crash_and_recover(s, dir.path()),
+        vec![("svc:a".into(), 3), ("svc:a".into(), 4)]
+    );
+    assert!(
+        wal::Wal::is_empty_in(dir.path()),
+        "a clean stop leaves no record"
+    );
+}
+
+/// A clean stop leaves both side-log files with no record but keeps their preallocated
+/// blocks, so the next start writes nothing to them, and a stopped node's directory is read
+/// without a repair.
+#[test]
+fn a_clean_stop_keeps_the_preallocated_side_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
+    s.preallocate_side_log().expect("preallocate");
+    s.commit(appended("svc:a", 1..=3)).expect("commit");
+    s.checkpoint_as_commits_do().expect("checkpoint");
+    s.commit(removed("svc:a", &[1])).expect("commit");
     drop(s);
-    for name in [WAL_FILE, WAL_FILE_ODD] {
-        let len = std::fs::metadata(dir.path().join(name))
-            .expect("side log")
-            .len();
-        assert_eq!(len, 0, "a clean stop empties {name}");
-    }
+    let sizes = || {
+        [WAL_FILE, WAL_FILE_ODD].map(|f| {
+            std::fs::metadata(dir.path().join(f))
+                .expect("side log")
+                .len()
+        })
+    };
+    let kept = sizes();
+    assert!(kept.iter().all(|&n| n > 16 << 20), "{kept:?}");
+    assert!(wal::Wal::is_empty_in(dir.path()));
+    let mut ro = RedbStore::open_read_only(dir.path()).expect("inspect");
+    assert!(format!("{ro:?}").contains("read_only: true"), "no repair");
+    assert_eq!(
+        ids(&ro.recover().expect("recover")),
+        vec![("svc:a".into(), 2), ("svc:a".into(), 3)]
+    );
+    drop(ro);
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen");
+    s.preallocate_side_log().expect("preallocate");
+    assert_eq!(sizes(), kept);
+    s.commit(removed("svc:a", &[2])).expect("commit");
+    assert_eq!(crash_and_recover(s, dir.path()), vec![("svc:a".into(), 3)]);
 }
 
 /// A checkpoint that wrote the next epoch's first record (with the entries it carries) and
@@ -556,12 +597,7 @@ fn a_side_log_of_one_file_at_an_odd_epoch_is_replayed() {
         vec![("svc:a".into(), 2), ("svc:a".into(), 3)]
     );
     s.commit(removed("svc:a", &[2])).expect("commit");
-    s.crash();
-    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen after a crash");
-    assert_eq!(
-        ids(&s.recover().expect("recover")),
-        vec![("svc:a".into(), 3)]
-    );
+    assert_eq!(crash_and_recover(s, dir.path()), vec![("svc:a".into(), 3)]);
 }
 
 #[test]
@@ -667,10 +703,9 @@ fn stale_side_log_records_are_not_replayed() {
     let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("reopen");
     assert!(s.recover().expect("recover").entries.is_empty());
     drop(s);
-    assert_eq!(
-        std::fs::metadata(&wal).expect("side log").len(),
-        0,
-        "a clean stop empties the side log"
+    assert!(
+        wal::Wal::is_empty_in(dir.path()),
+        "a clean stop leaves no record"
     );
 }
 

@@ -28,7 +28,10 @@
 //! 0.29 ms appending); a node also grows both files with zeros when it opens the
 //! store (`RedbStore::preallocate_side_log`), so even the first round
 //! overwrites. Reading stops at the first record of another epoch (the remains
-//! of an earlier one) or the first damaged one. A clean stop truncates both.
+//! of an earlier one) or the first damaged one. A clean stop zeroes the header
+//! of the first record of both files, so they hold no record and keep their
+//! blocks: the next start need not write them again (two files of 17 MiB of zeros
+//! and their fsyncs took 81 ms on this project's test machine).
 //!
 //! Record: `u32` body length (LE), `u32` CRC-32 of the body (LE), body =
 //! bincode of `(epoch, Batch)`. Reading stops at the first record that is
@@ -387,13 +390,27 @@ impl WalFile {
         self.file.sync_all().map_err(io)
     }
 
-    /// Empties the file for good (a clean stop).
-    pub(super) fn truncate(&mut self) -> Result<(), StoreError> {
-        self.file
-            .set_len(0)
-            .map_err(|e| super::redb::io_error(&self.path, e))?;
+    /// Leaves the file with no record (a clean stop): zeroes the header of its first record
+    /// and makes that durable, keeping the file's blocks for the next start.
+    pub(super) fn empty(&mut self) -> Result<(), StoreError> {
+        let io = |e| super::redb::io_error(&self.path, e);
+        self.file.write_all_at(&[0; 8], 0).map_err(io)?;
+        self.file.sync_data().map_err(io)?;
         self.len = 0;
         Ok(())
+    }
+
+    /// Whether the file at `path` holds no record: missing, shorter than a record header, or
+    /// starting with a zeroed one (what [`WalFile::empty`] and preallocation leave).
+    fn holds_no_record(path: &Path) -> bool {
+        let mut header = [0u8; 8];
+        match File::open(path) {
+            Ok(f) => match f.read_exact_at(&mut header, 0) {
+                Ok(()) => header == [0; 8],
+                Err(e) => e.kind() == std::io::ErrorKind::UnexpectedEof,
+            },
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        }
     }
 }
 
@@ -438,12 +455,12 @@ impl Wal {
         })
     }
 
-    /// Whether `dir` has no side-log record at all (no file, or only empty ones): a stopped
-    /// node's directory can then be read without a replay.
+    /// Whether `dir` has no side-log record at all (no file, or files that hold none, as a
+    /// clean stop leaves them): a stopped node's directory can then be read without a replay.
     pub(super) fn is_empty_in(dir: &Path) -> bool {
         WAL_FILES
             .iter()
-            .all(|f| std::fs::metadata(dir.join(f)).map_or(true, |m| m.len() == 0))
+            .all(|f| WalFile::holds_no_record(&dir.join(f)))
     }
 
     /// Whether `dir` has a side-log file.
@@ -554,10 +571,11 @@ impl Wal {
         Ok(())
     }
 
-    /// Empties both files for good (a clean stop, after a checkpoint that carried nothing).
-    pub(super) fn truncate(&mut self) -> Result<(), StoreError> {
+    /// Leaves both files with no record (a clean stop, after a checkpoint that carried
+    /// nothing), keeping their blocks (see [`WalFile::empty`]).
+    pub(super) fn empty(&mut self) -> Result<(), StoreError> {
         for file in &mut self.files {
-            file.truncate()?;
+            file.empty()?;
         }
         self.first = 0;
         Ok(())
@@ -843,7 +861,14 @@ mod tests {
             .set_len(full + 5)
             .expect("tear");
         assert_eq!(wal.read(2).expect("read"), vec![b("a"), b("b"), b("c")]);
-        wal.truncate().expect("truncate");
-        assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
+        let size = std::fs::metadata(&path).expect("meta").len();
+        wal.empty().expect("empty");
+        assert!(wal.read(2).expect("read").is_empty(), "no record left");
+        assert!(WalFile::holds_no_record(&path));
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").len(),
+            size,
+            "blocks kept"
+        );
     }
 }
