@@ -617,46 +617,32 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         "Size of the store file in bytes.",
     );
     let _ = writeln!(out, "{STORE_FILE_BYTES}{{{n}}} {}", store.file_bytes);
-    head(
-        &mut out,
-        STORE_CHECKPOINTS,
-        "counter",
-        "Store checkpoints (the side log moved to the database).",
-    );
-    let _ = writeln!(out, "{STORE_CHECKPOINTS}{{{n}}} {}", store.checkpoints);
-    head(
-        &mut out,
-        STORE_CHECKPOINTED_ENTRIES,
-        "counter",
-        "Entries checkpoints wrote to the database (not yet settled when each ran).",
-    );
-    let _ = writeln!(
-        out,
-        "{STORE_CHECKPOINTED_ENTRIES}{{{n}}} {}",
-        store.checkpointed_entries
-    );
-    head(
-        &mut out,
-        STORE_CHECKPOINT_MICROS,
-        "counter",
-        "Microseconds spent in store checkpoints; commits wait meanwhile.",
-    );
-    let _ = writeln!(
-        out,
-        "{STORE_CHECKPOINT_MICROS}{{{n}}} {}",
-        store.checkpoint_micros
-    );
-    head(
-        &mut out,
-        STORE_CARRIED_ENTRIES,
-        "counter",
-        "Entries checkpoints carried over to the next side-log file instead of the database.",
-    );
-    let _ = writeln!(
-        out,
-        "{STORE_CARRIED_ENTRIES}{{{n}}} {}",
-        store.carried_entries
-    );
+    let checkpoint_rows = [
+        (
+            STORE_CHECKPOINTS,
+            "Store checkpoints (the side log moved to the database).",
+            store.checkpoints,
+        ),
+        (
+            STORE_CHECKPOINTED_ENTRIES,
+            "Entries checkpoints wrote to the database (not yet settled when each ran).",
+            store.checkpointed_entries,
+        ),
+        (
+            STORE_CHECKPOINT_MICROS,
+            "Microseconds spent in store checkpoints; commits wait meanwhile.",
+            store.checkpoint_micros,
+        ),
+        (
+            STORE_CARRIED_ENTRIES,
+            "Entries checkpoints carried over to the next side-log file instead of the database.",
+            store.carried_entries,
+        ),
+    ];
+    for (name, help, value) in checkpoint_rows {
+        head(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name}{{{n}}} {value}");
+    }
 
     let lat = &counters.commit_latency;
     head(

@@ -207,6 +207,14 @@ struct Log<R> {
     in_flight: BTreeSet<(u64, u64)>,
 }
 
+/// Takes entry `seq` out of its log's `in_flight` index if `state` is in flight: it is
+/// leaving that state (settled, replaced, or back to waiting).
+fn left_flight(in_flight: &mut BTreeSet<(u64, u64)>, seq: u64, state: &State) {
+    if let State::InFlight { sent_at, .. } = *state {
+        in_flight.remove(&(sent_at, seq));
+    }
+}
+
 /// What the earlier unsettled entries of a key allow for the next one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Chain {
@@ -238,9 +246,7 @@ impl<R> Log<R> {
         if let Some(t) = e.expires_at {
             self.expiring.remove(&(t, e.env.seq));
         }
-        if let State::InFlight { sent_at, .. } = e.state {
-            self.in_flight.remove(&(sent_at, e.env.seq));
-        }
+        left_flight(&mut self.in_flight, e.env.seq, &e.state);
     }
 
     /// How the unsettled entries of `key` before `seq` constrain entry `seq`.
@@ -595,9 +601,7 @@ impl<R> Outbox<R> {
                 if let Some(t) = old.expires_at {
                     log.expiring.remove(&(t, seq));
                 }
-                if let State::InFlight { sent_at, .. } = old.state {
-                    log.in_flight.remove(&(sent_at, seq));
-                }
+                left_flight(&mut log.in_flight, seq, &old.state);
             }
         }
         if let Some(t) = expires_at {
@@ -807,9 +811,7 @@ impl<R> Outbox<R> {
         if let Some(pp) = self.peers.get_mut(&peer) {
             pp.in_flight = pp.in_flight.saturating_sub(1);
         }
-        if let State::InFlight { sent_at, .. } = e.state {
-            log.in_flight.remove(&(sent_at, seq));
-        }
+        left_flight(&mut log.in_flight, seq, &e.state);
         e.state = State::Pending;
         now_waiting(
             &mut log.pending_from,
@@ -1388,9 +1390,7 @@ impl Dispatch<'_> {
             let conn = peer.conn;
             *self.round_robin = self.round_robin.wrapping_add(1);
             if let Some(e) = log.entries.get_mut(&seq) {
-                if let State::InFlight { sent_at, .. } = e.state {
-                    log.in_flight.remove(&(sent_at, seq));
-                }
+                // It was pending (the scan skips every other entry): not in the index yet.
                 e.state = State::InFlight {
                     peer: peer_id,
                     conn,

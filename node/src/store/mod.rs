@@ -193,7 +193,7 @@ pub struct StoreStats {
     pub checkpoint_micros: u64,
     /// Entries checkpoints carried over into the next side-log file instead of writing them
     /// to the database: young entries not yet settled, each carried at most once (a
-    /// checkpoint carries at most 2 MiB of them; the next one writes those still unsettled to
+    /// checkpoint carries at most 4 MiB of them; the next one writes those still unsettled to
     /// the database).
     pub carried_entries: u64,
 }
