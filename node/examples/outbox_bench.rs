@@ -22,6 +22,9 @@
 //!   and no ack comes; the pass runs every 50 ms from the first ack timeout on, each sending
 //!   back to waiting the entries that timed out since the last one, beside a backlog of
 //!   waiting entries for a service with no instance. The baseline has no backlog.
+//! - *status*: the per-log figures `status` asks for (`Outbox::stats`), 10 logs of 10
+//!   entries each beside a backlog of waiting entries for a service with no instance. The
+//!   baseline has no backlog.
 
 use std::time::Instant;
 
@@ -144,6 +147,31 @@ fn ack_timeout_pass(backlog: u64) -> (f64, usize) {
     (us, 10_000 - in_flight)
 }
 
+/// Microseconds per `stats` call (what `status` asks of the outbox) with 10 logs of 10
+/// entries each beside `backlog` entries waiting for an absent service.
+fn stats_call(backlog: u64) -> f64 {
+    let mut outbox: Outbox = Outbox::new(OutboxConfig::default());
+    for i in 0..backlog {
+        let env = envelope(Kind::Send, "absent");
+        outbox.append(&Target::Service("absent".into()), env, i, None, None, false);
+    }
+    for s in 0..10 {
+        for _ in 0..10 {
+            let target = Target::Service(format!("svc{s}"));
+            outbox.append(&target, envelope(Kind::Send, "x"), 0, None, None, false);
+        }
+    }
+    let calls: u32 = 200;
+    let mut waiting = 0;
+    let start = Instant::now();
+    for _ in 0..calls {
+        waiting += outbox.stats().values().map(|s| s.waiting).sum::<usize>();
+    }
+    let us = start.elapsed().as_secs_f64() * 1e6 / f64::from(calls);
+    assert_eq!(waiting as u64, (backlog + 100) * u64::from(calls));
+    us
+}
+
 /// Microseconds per `dispatch_into` that sends 20 new entries to a live instance (appended
 /// and acked outside the timing).
 fn dispatch_twenty() -> f64 {
@@ -257,6 +285,15 @@ fn main() {
         println!(
             "timer pass {entries:>7} TTL'd entries: {us:>8.2} µs  (a tenth: {base:.2} µs, ratio \
              {:.1}; {expired} and {base_expired} expired)",
+            us / base
+        );
+    }
+    let base = stats_call(0);
+    for backlog in [10_000, 100_000, 1_000_000] {
+        let us = stats_call(backlog);
+        println!(
+            "status,           {backlog:>7} waiting: {us:>8.2} µs  (none waiting: {base:.2} µs, \
+             ratio {:.1})",
             us / base
         );
     }

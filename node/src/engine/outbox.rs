@@ -249,6 +249,25 @@ impl<R> Log<R> {
         left_flight(&mut self.in_flight, e.env.seq, &e.state);
     }
 
+    /// The log's figures for `status`, from its indexes: no walk of its entries, which
+    /// `status` (every 500 ms for each viewer of the mesh page) would make in core for the
+    /// whole backlog kept for absent consumers.
+    fn stats(&self) -> LogStats {
+        debug_assert_eq!(
+            self.in_flight.len(),
+            self.entries
+                .values()
+                .filter(|e| matches!(e.state, State::InFlight { .. }))
+                .count(),
+            "the in-flight index drifted"
+        );
+        LogStats {
+            waiting: self.entries.len() - self.in_flight.len(),
+            in_flight: self.in_flight.len(),
+            oldest_created_ms: self.entries.values().next().map(|e| e.env.created_at_ms),
+        }
+    }
+
     /// How the unsettled entries of `key` before `seq` constrain entry `seq`.
     fn key_chain(&self, key: &str, seq: u64) -> Chain {
         let Some(seqs) = self.keys.get(key) else {
@@ -301,7 +320,9 @@ pub struct LogStats {
     pub waiting: usize,
     /// Entries sent and not yet acknowledged.
     pub in_flight: usize,
-    /// Creation time (ms since epoch) of the oldest entry.
+    /// Creation time (ms since epoch) of the log's head, its unsettled entry with the lowest
+    /// seq: the oldest one, as this node stamps its entries in seq order (only a wall clock
+    /// set back makes a later entry look older).
     pub oldest_created_ms: Option<u64>,
 }
 
@@ -941,8 +962,8 @@ impl<R> Outbox<R> {
         (self.dispatch(now), settled)
     }
 
-    /// Timer work only: expiry and ack timeouts (a scan of every entry; call it on a tick,
-    /// not per event).
+    /// Timer work only: expiry and ack timeouts (reads the due part of each log's expiry and
+    /// in-flight indexes; call it on a tick, not per event).
     pub fn check_timers(&mut self, now: u64) -> Vec<Settled<R>> {
         let mut settled = Vec::new();
         self.expire_and_time_out(now, &mut settled);
@@ -1110,7 +1131,8 @@ impl<R> Outbox<R> {
     }
 
     /// The earliest time (same clock as `now`) at which [`Outbox::poll`] has
-    /// timer work: a retry becoming due, an ack timeout, or an expiry.
+    /// timer work: a retry becoming due, an ack timeout, or an expiry. Walks every entry
+    /// (retries have no index): for tests and tools, not a node's loop, which ticks.
     pub fn next_deadline(&self) -> Option<u64> {
         let ack_timeout = self.config.ack_timeout_ms;
         let mut best: Option<u64> = None;
@@ -1138,18 +1160,7 @@ impl<R> Outbox<R> {
     pub fn stats(&self) -> BTreeMap<String, LogStats> {
         self.logs
             .iter()
-            .map(|(n, l)| {
-                let mut s = LogStats::default();
-                for e in l.entries.values() {
-                    match e.state {
-                        State::Pending | State::Staged => s.waiting += 1,
-                        State::InFlight { .. } => s.in_flight += 1,
-                    }
-                    let c = e.env.created_at_ms;
-                    s.oldest_created_ms = Some(s.oldest_created_ms.map_or(c, |o| o.min(c)));
-                }
-                (n.clone(), s)
-            })
+            .map(|(n, l)| (n.clone(), l.stats()))
             .collect()
     }
 
@@ -1444,6 +1455,14 @@ mod tests {
         NodeId::from_bytes([b; 32])
     }
 
+    /// The seq a transmit delivers.
+    fn seq_of(t: &Transmit) -> u64 {
+        match &t.frame {
+            Data::Deliver { env, .. } => env.seq,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
     fn env(key: Option<&str>) -> Envelope {
         Envelope {
             origin: id(9),
@@ -1487,14 +1506,7 @@ mod tests {
         );
         assert_eq!(ob.len(), 5);
         ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
-        let seqs: Vec<u64> = ob
-            .dispatch(1)
-            .into_iter()
-            .map(|t| match t.frame {
-                Data::Deliver { env, .. } => env.seq,
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
+        let seqs: Vec<u64> = ob.dispatch(1).iter().map(seq_of).collect();
         assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
     }
 
@@ -1806,6 +1818,44 @@ mod tests {
         ob.check_timers(5_000);
         assert_eq!(ob.stats()["svc:absent"].waiting, 50);
         assert_eq!(ob.len(), 54);
+    }
+
+    /// `stats` reads the indexes: waiting and in-flight counts follow sends, acks, nacks and
+    /// a lost peer, and the oldest creation time is the head's, moving on when it settles.
+    #[test]
+    fn status_figures_follow_the_log() {
+        let mut ob = outbox();
+        let log = target().log_name();
+        for t in [10, 20, 30, 40] {
+            let mut e = env(None);
+            e.created_at_ms = t;
+            ob.append(&target(), e, t, None, None, false);
+        }
+        let figures = |ob: &Outbox| {
+            let s = &ob.stats()[&log];
+            (s.waiting, s.in_flight, s.oldest_created_ms)
+        };
+        assert_eq!(figures(&ob), (4, 0, Some(10)));
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 2);
+        let seqs: Vec<u64> = ob.dispatch(50).iter().map(seq_of).collect();
+        assert_eq!(figures(&ob), (2, 2, Some(10)), "two credits: two in flight");
+        ob.on_ack(id(1), &log, &seqs[..1]);
+        assert_eq!(figures(&ob), (2, 1, Some(20)), "the head settled");
+        assert!(
+            ob.on_nack(id(1), &log, seqs[1], "boom", false, 60)
+                .is_none()
+        );
+        assert_eq!(figures(&ob), (3, 0, Some(20)));
+        let sent = ob.dispatch(10_000);
+        assert_eq!(figures(&ob), (1, 2, Some(20)));
+        ob.peer_down(id(1), 1);
+        assert_eq!(
+            figures(&ob),
+            (3, 0, Some(20)),
+            "back to waiting with their peer"
+        );
+        assert_eq!(sent.len(), 2);
+        assert!(!ob.stats().contains_key("svc:absent"));
     }
 
     #[test]
