@@ -10,6 +10,9 @@
 //!   so the dispatch sends nothing. The baseline is a dispatch that sends 20 new entries of a
 //!   service to one of those peers, with no backlog: about what core dispatches per iteration
 //!   under load. The ratio is what the idle backlog costs next to that work.
+//! - *starved dispatch*: as *dispatch*, but the backlog is logs of durable groups whose one
+//!   instance (a 51st peer, subscribed to all of them) has used up its credit (50 entries in
+//!   flight) and acks nothing, 10 entries each.
 //! - *group dispatch*: the same 20 entries published to a durable group of 1, 3 or 10
 //!   instances, each subscribed with 1, 3 or 5 patterns (one matching), keyed (256 keys) or
 //!   not, against the baseline above: choosing among a group's instances by topic.
@@ -81,6 +84,52 @@ fn dispatch(offline: usize) -> f64 {
     }
     let mut tx = Vec::new();
     let rounds = 20_000;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        outbox.dispatch_into(1, &mut tx);
+        assert!(tx.is_empty(), "nothing can be sent");
+    }
+    start.elapsed().as_secs_f64() * 1e6 / f64::from(rounds)
+}
+
+/// Microseconds per `dispatch_into` with `groups` logs of durable groups whose one instance
+/// (among 50 other peers) has used up its credit (50) and acks nothing: the entries wait for
+/// credit, so the dispatch sends nothing.
+fn dispatch_starved(groups: usize) -> f64 {
+    let mut outbox: Outbox = Outbox::new(OutboxConfig::default());
+    for p in 0..50u8 {
+        let interests = vec![Interest {
+            pattern: format!("t{p}.>"),
+            group: Some(format!("live{p}")),
+        }];
+        outbox.peer_up(
+            NodeId::from_bytes([p + 1; 32]),
+            1,
+            format!("svc{p}"),
+            interests,
+            100,
+        );
+    }
+    let interests = (0..groups)
+        .map(|g| Interest {
+            pattern: "audit.>".into(),
+            group: Some(format!("audit{g}")),
+        })
+        .collect();
+    let stalled = NodeId::from_bytes([200; 32]);
+    outbox.peer_up(stalled, 1, "audit".into(), interests, 50);
+    let mut tx = Vec::new();
+    for g in 0..groups {
+        for _ in 0..10 {
+            let env = envelope(Kind::Publish, "audit.event");
+            let target = Target::Group(format!("audit{g}"));
+            outbox.append(&target, env, 0, None, None, false);
+        }
+        outbox.dispatch_into(0, &mut tx);
+    }
+    assert_eq!(tx.len(), 50, "the instance's credit is used up");
+    tx.clear();
+    let rounds = 2_000;
     let start = Instant::now();
     for _ in 0..rounds {
         outbox.dispatch_into(1, &mut tx);
@@ -276,6 +325,14 @@ fn main() {
         println!(
             "dispatch   {offline:>7} offline groups: {us:>8.2} µs  (sending 20 entries: {busy:.2} µs, \
              ratio {:.2})",
+            us / busy
+        );
+    }
+    for groups in [10, 100, 1000] {
+        let us = dispatch_starved(groups);
+        println!(
+            "dispatch   {groups:>7} groups out of credit: {us:>8.2} µs  (sending 20 entries: \
+             {busy:.2} µs, ratio {:.2})",
             us / busy
         );
     }

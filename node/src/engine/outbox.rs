@@ -347,6 +347,12 @@ pub struct Outbox<R = ()> {
     /// dispatch skips them until that changes, then visits them again.
     parked: BTreeSet<String>,
     parked_at: u64,
+    /// Logs with entries waiting whose every instance has used up its credit, by the
+    /// instances they wait on (each such log under each of its instances): dispatch skips
+    /// them until one of those instances gets credit back ([`credit_back`]) or the peers
+    /// change, then visits them again. At most one name per connected peer and log; all go
+    /// back to `ready` when the peers change.
+    starved: FastMap<NodeId, BTreeSet<String>>,
     rng: u64,
     round_robin: u64,
     total_bytes: usize,
@@ -380,6 +386,26 @@ fn log_mut<'a, R>(logs: &'a mut BTreeMap<String, Log<R>>, name: &str) -> Option<
         logs.insert(name.to_string(), Log::new(name));
     }
     logs.get_mut(name)
+}
+
+/// An entry in flight to `peer` settled or went back to waiting: one credit of `peer` is free
+/// again, so the logs that stopped for want of its credit are visited again. Every drop of a
+/// peer's `in_flight` goes through here: one that missed it would leave those logs unsent
+/// until the peers change.
+fn credit_back(
+    peers: &mut FastMap<NodeId, Peer>,
+    starved: &mut FastMap<NodeId, BTreeSet<String>>,
+    ready: &mut BTreeSet<String>,
+    peer: NodeId,
+) {
+    if let Some(p) = peers.get_mut(&peer) {
+        p.in_flight = p.in_flight.saturating_sub(1);
+    }
+    if !starved.is_empty()
+        && let Some(mut logs) = starved.remove(&peer)
+    {
+        ready.append(&mut logs);
+    }
 }
 
 /// Entry `seq` of log `name` started or went back to waiting (`Pending`): the log's scan
@@ -417,6 +443,7 @@ impl<R> Outbox<R> {
             ready: BTreeSet::new(),
             parked: BTreeSet::new(),
             parked_at: 0,
+            starved: FastMap::default(),
             rng,
             round_robin: 0,
             total_bytes: 0,
@@ -793,10 +820,8 @@ impl<R> Outbox<R> {
             log.bytes -= e.env.payload.len();
             self.total_bytes -= e.env.payload.len();
             self.total_entries -= 1;
-            if let State::InFlight { peer: p, .. } = e.state
-                && let Some(pp) = self.peers.get_mut(&p)
-            {
-                pp.in_flight = pp.in_flight.saturating_sub(1);
+            if let State::InFlight { peer: p, .. } = e.state {
+                credit_back(&mut self.peers, &mut self.starved, &mut self.ready, p);
             }
             log.forget(&e);
             self.recipients.settled(e.sent_to, &self.peers);
@@ -829,9 +854,7 @@ impl<R> Outbox<R> {
         if !matches!(e.state, State::InFlight { peer: p, .. } if p == peer) {
             return None;
         }
-        if let Some(pp) = self.peers.get_mut(&peer) {
-            pp.in_flight = pp.in_flight.saturating_sub(1);
-        }
+        credit_back(&mut self.peers, &mut self.starved, &mut self.ready, peer);
         left_flight(&mut log.in_flight, seq, &e.state);
         e.state = State::Pending;
         now_waiting(
@@ -886,10 +909,8 @@ impl<R> Outbox<R> {
         log.bytes -= e.env.payload.len();
         self.total_bytes -= e.env.payload.len();
         self.total_entries -= 1;
-        if let State::InFlight { peer, .. } = e.state
-            && let Some(pp) = self.peers.get_mut(&peer)
-        {
-            pp.in_flight = pp.in_flight.saturating_sub(1);
+        if let State::InFlight { peer, .. } = e.state {
+            credit_back(&mut self.peers, &mut self.starved, &mut self.ready, peer);
         }
         log.forget(&e);
         self.recipients.settled(e.sent_to, &self.peers);
@@ -910,10 +931,8 @@ impl<R> Outbox<R> {
         };
         let mut out = Vec::with_capacity(log.entries.len());
         for (seq, e) in log.entries {
-            if let State::InFlight { peer, .. } = e.state
-                && let Some(pp) = self.peers.get_mut(&peer)
-            {
-                pp.in_flight = pp.in_flight.saturating_sub(1);
+            if let State::InFlight { peer, .. } = e.state {
+                credit_back(&mut self.peers, &mut self.starved, &mut self.ready, peer);
             }
             self.total_bytes -= e.env.payload.len();
             self.total_entries -= 1;
@@ -991,8 +1010,12 @@ impl<R> Outbox<R> {
             now,
         };
         if self.parked_at != self.peer_changes {
-            // A peer came, went or changed what it consumes: the parked logs may have one.
+            // A peer came, went or changed what it consumes: the parked logs may have one,
+            // and the starved ones new instances with credit.
             self.ready.append(&mut self.parked);
+            for (_, mut logs) in self.starved.drain() {
+                self.ready.append(&mut logs);
+            }
             self.parked_at = self.peer_changes;
         }
         // Visited in name order, as the logs are kept.
@@ -1008,12 +1031,21 @@ impl<R> Outbox<R> {
                 Visit::NoInstance => {
                     self.parked.insert(name);
                 }
+                Visit::Starved => {
+                    for c in &candidates {
+                        let logs = self.starved.entry(*c).or_default();
+                        if !logs.contains(&name) {
+                            logs.insert(name.clone());
+                        }
+                    }
+                }
             }
             candidates.clear();
         }
         // Tests run debug builds: every dispatch in them checks that each log it did not
-        // visit has no entry waiting, or is parked and still has no instance; and that
-        // dispatching it again on the spot sends nothing.
+        // visit has no entry waiting, or is parked and still has no instance, or is starved
+        // under each of its instances and they still have no credit; and that dispatching it
+        // again on the spot sends nothing.
         #[cfg(debug_assertions)]
         for (name, log) in &mut self.logs {
             if self.ready.contains(name) {
@@ -1025,10 +1057,14 @@ impl<R> Outbox<R> {
                 .any(|(_, e)| e.state == State::Pending);
             let mut sent = Vec::new();
             let visit = cx.log(log, &mut candidates, &mut consumers, &mut sent);
+            let starved = visit == Visit::Starved
+                && candidates
+                    .iter()
+                    .all(|c| self.starved.get(c).is_some_and(|l| l.contains(name)));
             candidates.clear();
             let parked = self.parked.contains(name) && visit == Visit::NoInstance;
             assert!(
-                sent.is_empty() && (!waiting || parked),
+                sent.is_empty() && (!waiting || parked || starved),
                 "dispatch did not visit log {name}, which had something to send ({} sent, \
                  {visit:?})",
                 sent.len()
@@ -1315,13 +1351,15 @@ impl Dispatch<'_> {
             .iter()
             .any(|c| self.peers.get(c).is_some_and(|p| p.in_flight < p.credits));
         if !any_credit {
-            return Visit::Waiting;
+            return Visit::Starved;
         }
         // Walk the pending entries from `pending_from`; the in-flight window before it is
         // skipped. An entry becomes in flight in place, so a later entry of the same key
         // sees it through `key_chain`.
         // `pending_from` may rise to the first entry still pending after this scan.
         let mut first_left: Option<u64> = None;
+        // Set when the scan stopped because no instance has credit left.
+        let mut starved = false;
         let mut scanned = 0usize;
         // The candidates that consume the topic of `consumers_of` (its destination), found
         // once for a run of entries with the same topic instead of for each (ARCHITECTURE,
@@ -1372,6 +1410,7 @@ impl Dispatch<'_> {
                 // on made every ack's dispatch scan the whole backlog (a publish with no key
                 // spent 54% of its dispatch time in the walk).
                 if all_out_of_credit(self.peers, candidates) {
+                    starved = true;
                     break;
                 }
                 continue;
@@ -1387,6 +1426,7 @@ impl Dispatch<'_> {
                 // Stop when no instance of this log has credit left (not every peer: others,
                 // the local node among them, may consume other logs only).
                 if all_out_of_credit(self.peers, candidates) {
+                    starved = true;
                     break;
                 }
                 continue;
@@ -1424,10 +1464,10 @@ impl Dispatch<'_> {
         // Everything before the first entry left pending (or before the cursor when the
         // scan reached the end) is now in flight or staged.
         log.pending_from = first_left.unwrap_or(cursor);
-        if first_left.is_some() {
-            Visit::Waiting
-        } else {
-            Visit::Done
+        match first_left {
+            None => Visit::Done,
+            Some(_) if starved => Visit::Starved,
+            Some(_) => Visit::Waiting,
         }
     }
 }
@@ -1437,8 +1477,12 @@ impl Dispatch<'_> {
 enum Visit {
     /// Nothing waiting: visit it again once an entry waits.
     Done,
-    /// Entries wait (for credit, their key, their time): visit it again next dispatch.
+    /// Entries wait (for their key, their time, or the scan's budget): visit it again next
+    /// dispatch.
     Waiting,
+    /// Entries wait and every instance of the log has used up its credit: visit it again
+    /// once one of them gets credit back or a peer changes.
+    Starved,
     /// Entries wait and no connected peer consumes the log: visit it again once a peer
     /// changes.
     NoInstance,
@@ -1856,6 +1900,52 @@ mod tests {
         );
         assert_eq!(sent.len(), 2);
         assert!(!ob.stats().contains_key("svc:absent"));
+    }
+
+    /// Logs whose one instance has used up its credit are not visited until it gets credit
+    /// back: an ack, a nack, a dead letter and a released log each let exactly one more entry
+    /// go, and nothing goes without one. (Debug builds check on every dispatch that no log
+    /// left unvisited could send.)
+    #[test]
+    fn logs_out_of_credit_move_when_credit_comes_back() {
+        let mut ob = outbox();
+        let interests = (0..4)
+            .map(|g| Interest {
+                pattern: "t.>".into(),
+                group: Some(format!("g{g}")),
+            })
+            .collect();
+        ob.peer_up(id(1), 1, "audit".into(), interests, 1);
+        for g in 0..4 {
+            for _ in 0..2 {
+                let mut e = env(None);
+                e.kind = Kind::Publish;
+                e.destination = "t.x".into();
+                ob.append(&Target::Group(format!("g{g}")), e, 0, None, None, false);
+            }
+        }
+        let mut sent = ob.dispatch(0);
+        assert_eq!(sent.len(), 1, "one credit");
+        let log_of = |t: &Transmit| match &t.frame {
+            Data::Deliver { env, .. } => env.log.clone(),
+            other => panic!("unexpected {other:?}"),
+        };
+        let mut released = 0;
+        for step in ["ack", "nack", "dead letter", "release"] {
+            assert!(ob.dispatch(1).is_empty(), "no credit before the {step}");
+            let t = sent.pop().expect("one in flight");
+            let (log, seq) = (log_of(&t), seq_of(&t));
+            match step {
+                "ack" => assert_eq!(ob.on_ack(id(1), &log, &[seq]).settled.len(), 1),
+                "nack" => assert!(ob.on_nack(id(1), &log, seq, "boom", false, 1).is_none()),
+                "dead letter" => assert!(ob.on_nack(id(1), &log, seq, "bad", true, 1).is_some()),
+                _ => released = ob.release_log(&log, "unsubscribed").len(),
+            }
+            sent = ob.dispatch(1);
+            assert_eq!(sent.len(), 1, "one entry goes after the {step}");
+        }
+        assert!(released > 0);
+        assert_eq!(ob.len(), 8 - 2 - released, "one acked, one dead-lettered");
     }
 
     #[test]
