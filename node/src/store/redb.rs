@@ -426,16 +426,8 @@ impl RedbStore {
         for mut b in batches {
             apply(&txn, &mut b, &path)?;
         }
-        let first = wal.prepare(next, &Batch::default())?;
-        {
-            // A new epoch: these records are never applied again.
-            let mut meta = txn.open_table(META).or_store(&path)?;
-            meta.insert(META_WAL_EPOCH, seal(&next)?.as_slice())
-                .or_store(&path)?;
-        }
-        self.finish(txn, true)?;
-        self.epoch = next;
-        wal.switch(self.epoch, first);
+        // A new epoch: these records are never applied again.
+        self.commit_epoch(wal, txn, next, &Batch::default())?;
         info!(
             batches = n,
             "replayed the store's side log (commits not yet fsync'd when the node stopped)"
@@ -554,33 +546,52 @@ impl RedbStore {
         durable: bool,
         carried: &Batch,
     ) -> Result<(), StoreError> {
+        if durable && let Some(mut wal) = self.wal.take() {
+            let r = self.commit_epoch(&mut wal, txn, self.epoch + 1, carried);
+            self.wal = Some(wal);
+            return r;
+        }
+        self.commit_txn(txn, durable)
+    }
+
+    /// Commits `txn` durably as the move to side-log epoch `next` (`wal` is the store's side
+    /// log, out of `self` meanwhile, as during a replay): `next`'s first record (`carried`, or
+    /// nothing) is written at the start of its file and fsync'd before the database stores
+    /// the epoch, then the side log goes on in that file. Every move to an epoch goes through
+    /// here, so a record an abandoned move left in that file is never read (ARCHITECTURE,
+    /// "Durability").
+    fn commit_epoch(
+        &mut self,
+        wal: &mut Wal,
+        txn: WriteTransaction,
+        next: u64,
+        carried: &Batch,
+    ) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let new_epoch = durable && self.wal.is_some();
-        let mut first = 0;
-        if new_epoch {
-            if let Some(wal) = &mut self.wal {
-                first = wal.prepare(self.epoch + 1, carried)?;
-                self.fsyncs += 1;
-            }
+        let first = wal.prepare(next, carried)?;
+        self.fsyncs += 1;
+        {
             let mut meta = txn.open_table(META).or_store(&path)?;
-            meta.insert(META_WAL_EPOCH, seal(&(self.epoch + 1))?.as_slice())
+            meta.insert(META_WAL_EPOCH, seal(&next)?.as_slice())
                 .or_store(&path)?;
         }
-        let committed = txn.commit().or_store(&path);
+        self.commit_txn(txn, true)?;
+        self.epoch = next;
+        wal.switch(next, first);
+        Ok(())
+    }
+
+    /// Commits `txn` (durably or not) and counts it.
+    fn commit_txn(&mut self, txn: WriteTransaction, durable: bool) -> Result<(), StoreError> {
+        let committed = txn.commit().or_store(&self.path);
         self.db_bytes.set(None);
         committed?;
         self.commits += 1;
-        if new_epoch {
-            self.epoch += 1;
-        }
         if durable {
             self.fsyncs += 1;
             self.last_fsync = Instant::now();
             self.pending = false;
             self.force_durable = false;
-            if let Some(wal) = &mut self.wal {
-                wal.switch(self.epoch, first);
-            }
         } else {
             self.pending = true;
         }
