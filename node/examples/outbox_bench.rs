@@ -51,9 +51,8 @@ fn envelope(kind: Kind, destination: &str) -> Envelope {
     }
 }
 
-/// Microseconds per `dispatch_into` with `offline` backlogged group logs.
-fn dispatch(offline: usize) -> f64 {
-    let mut outbox: Outbox = Outbox::new(OutboxConfig::default());
+/// Connects 50 peers with 5 group interests each.
+fn fifty_peers(outbox: &mut Outbox) {
     for p in 0..50u8 {
         let interests = (0..5)
             .map(|i| Interest {
@@ -69,6 +68,23 @@ fn dispatch(offline: usize) -> f64 {
             100,
         );
     }
+}
+
+/// Microseconds per `dispatch_into` that has nothing to send, over `rounds` calls.
+fn idle_dispatch(outbox: &mut Outbox, rounds: u32) -> f64 {
+    let mut tx = Vec::new();
+    let start = Instant::now();
+    for _ in 0..rounds {
+        outbox.dispatch_into(1, &mut tx);
+        assert!(tx.is_empty(), "nothing can be sent");
+    }
+    start.elapsed().as_secs_f64() * 1e6 / f64::from(rounds)
+}
+
+/// Microseconds per `dispatch_into` with `offline` backlogged group logs.
+fn dispatch(offline: usize) -> f64 {
+    let mut outbox: Outbox = Outbox::new(OutboxConfig::default());
+    fifty_peers(&mut outbox);
     for g in 0..offline {
         for _ in 0..10 {
             let env = envelope(Kind::Publish, "audit.event");
@@ -82,14 +98,7 @@ fn dispatch(offline: usize) -> f64 {
             );
         }
     }
-    let mut tx = Vec::new();
-    let rounds = 20_000;
-    let start = Instant::now();
-    for _ in 0..rounds {
-        outbox.dispatch_into(1, &mut tx);
-        assert!(tx.is_empty(), "nothing can be sent");
-    }
-    start.elapsed().as_secs_f64() * 1e6 / f64::from(rounds)
+    idle_dispatch(&mut outbox, 20_000)
 }
 
 /// Microseconds per `dispatch_into` with `groups` logs of durable groups whose one instance
@@ -97,19 +106,7 @@ fn dispatch(offline: usize) -> f64 {
 /// credit, so the dispatch sends nothing.
 fn dispatch_starved(groups: usize) -> f64 {
     let mut outbox: Outbox = Outbox::new(OutboxConfig::default());
-    for p in 0..50u8 {
-        let interests = vec![Interest {
-            pattern: format!("t{p}.>"),
-            group: Some(format!("live{p}")),
-        }];
-        outbox.peer_up(
-            NodeId::from_bytes([p + 1; 32]),
-            1,
-            format!("svc{p}"),
-            interests,
-            100,
-        );
-    }
+    fifty_peers(&mut outbox);
     let interests = (0..groups)
         .map(|g| Interest {
             pattern: "audit.>".into(),
@@ -128,14 +125,7 @@ fn dispatch_starved(groups: usize) -> f64 {
         outbox.dispatch_into(0, &mut tx);
     }
     assert_eq!(tx.len(), 50, "the instance's credit is used up");
-    tx.clear();
-    let rounds = 2_000;
-    let start = Instant::now();
-    for _ in 0..rounds {
-        outbox.dispatch_into(1, &mut tx);
-        assert!(tx.is_empty(), "nothing can be sent");
-    }
-    start.elapsed().as_secs_f64() * 1e6 / f64::from(rounds)
+    idle_dispatch(&mut outbox, 2_000)
 }
 
 /// Microseconds per timer pass (`check_timers`) with `entries` TTL'd entries created evenly
