@@ -13,6 +13,10 @@
 //! - *starved dispatch*: as *dispatch*, but the backlog is logs of durable groups whose one
 //!   instance (a 51st peer, subscribed to all of them) has used up its credit (50 entries in
 //!   flight) and acks nothing, 10 entries each.
+//! - *dispatch and ack out of credit*: 3 or 10 durable group logs share one instance with
+//!   credit for 20; each round appends 10 entries to every log, then dispatches and acks what
+//!   went until all went (what a busy consumer's credit does to the logs it serves). Per
+//!   entry, against the per-entry cost of the 20-entry dispatch.
 //! - *group dispatch*: the same 20 entries published to a durable group of 1, 3 or 10
 //!   instances, each subscribed with 1, 3 or 5 patterns (one matching), keyed (256 keys) or
 //!   not, against the baseline above: choosing among a group's instances by topic.
@@ -126,6 +130,47 @@ fn dispatch_starved(groups: usize) -> f64 {
     }
     assert_eq!(tx.len(), 50, "the instance's credit is used up");
     idle_dispatch(&mut outbox, 2_000)
+}
+
+/// Microseconds per entry to dispatch and ack entries of `logs` durable groups whose one
+/// instance has credit for 20: each round appends 10 entries to every log, then dispatches and
+/// acks what went until all went, so most dispatches end with every log out of credit.
+fn dispatch_out_of_credit(logs: usize) -> f64 {
+    let mut outbox: Outbox = Outbox::new(OutboxConfig::default());
+    let peer = NodeId::from_bytes([1; 32]);
+    let interests = (0..logs)
+        .map(|g| Interest {
+            pattern: "audit.>".into(),
+            group: Some(format!("audit{g}")),
+        })
+        .collect();
+    outbox.peer_up(peer, 1, "audit".into(), interests, 20);
+    let targets: Vec<Target> = (0..logs)
+        .map(|g| Target::Group(format!("audit{g}")))
+        .collect();
+    let mut tx = Vec::new();
+    let rounds = 2_000;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for target in &targets {
+            for _ in 0..10 {
+                let env = envelope(Kind::Publish, "audit.event");
+                outbox.append(target, env, 1, None, None, false);
+            }
+        }
+        let mut sent = 0;
+        while sent < logs * 10 {
+            outbox.dispatch_into(1, &mut tx);
+            assert!(!tx.is_empty() && tx.len() <= 20, "up to the credit");
+            sent += tx.len();
+            for t in tx.drain(..) {
+                if let Data::Deliver { env, .. } = t.frame {
+                    outbox.on_ack(peer, &env.log, &[env.seq]);
+                }
+            }
+        }
+    }
+    start.elapsed().as_secs_f64() * 1e6 / (rounds as f64 * logs as f64 * 10.0)
 }
 
 /// Microseconds per timer pass (`check_timers`) with `entries` TTL'd entries created evenly
@@ -324,6 +369,15 @@ fn main() {
             "dispatch   {groups:>7} groups out of credit: {us:>8.2} µs  (sending 20 entries: \
              {busy:.2} µs, ratio {:.2})",
             us / busy
+        );
+    }
+    for logs in [3, 10] {
+        let us = dispatch_out_of_credit(logs);
+        println!(
+            "dispatch and ack, {logs:>2} logs sharing 20 credits: {us:>6.3} µs per entry  \
+             (sending 20 entries: {:.3} µs per entry, ratio {:.2})",
+            busy / 20.0,
+            us / (busy / 20.0)
         );
     }
     for entries in [10_000, 100_000, 1_000_000] {
