@@ -117,6 +117,10 @@ pub struct RedbStore {
     /// hold its records yet. Once it has, a reopen after an error keeps `unapplied` and the side
     /// log as they are (a failed checkpoint changed neither), so it needs no free space.
     needs_replay: bool,
+    /// The next move to a new epoch panics after writing the epoch's first record, as redb
+    /// might (tests).
+    #[cfg(test)]
+    panic_in_epoch_move: bool,
     last_checkpoint: Instant,
     /// Side-log epoch stored in the database.
     epoch: u64,
@@ -237,6 +241,8 @@ impl RedbStore {
             db_max: HashMap::new(),
             unsynced: false,
             needs_replay: true,
+            #[cfg(test)]
+            panic_in_epoch_move: false,
             last_checkpoint: Instant::now(),
             epoch: 0,
             pending: false,
@@ -547,9 +553,13 @@ impl RedbStore {
         carried: &Batch,
     ) -> Result<(), StoreError> {
         if durable && let Some(mut wal) = self.wal.take() {
-            let r = self.commit_epoch(&mut wal, txn, self.epoch + 1, carried);
+            // The side log goes back into `self` even if redb panics (the caller's `guard`
+            // turns that into an error): a store left without it could not commit again.
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                self.commit_epoch(&mut wal, txn, self.epoch + 1, carried)
+            }));
             self.wal = Some(wal);
-            return r;
+            return r.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         }
         self.commit_txn(txn, durable)
     }
@@ -570,6 +580,10 @@ impl RedbStore {
         let path = self.path.clone();
         let first = wal.prepare(next, carried)?;
         self.fsyncs += 1;
+        #[cfg(test)]
+        if std::mem::take(&mut self.panic_in_epoch_move) {
+            panic!("injected: the database library failed moving to epoch {next}");
+        }
         {
             let mut meta = txn.open_table(META).or_store(&path)?;
             meta.insert(META_WAL_EPOCH, seal(&next)?.as_slice())
@@ -939,6 +953,13 @@ impl RedbStore {
         };
         let wal = self.wal.as_mut().expect("a logged store");
         wal.prepare(self.epoch + 1, &first).expect("prepare");
+    }
+
+    /// Makes the next move to a new epoch panic after it wrote the epoch's first record, as a
+    /// failure inside redb would (tests).
+    #[cfg(test)]
+    pub(super) fn panic_in_next_epoch_move(&mut self) {
+        self.panic_in_epoch_move = true;
     }
 
     /// Ends this value as a crash of the process would: no checkpoint, nothing emptied (what

@@ -569,6 +569,25 @@ fn an_abandoned_checkpoint_never_brings_entries_back() {
     }
 }
 
+/// A panic inside the move to a new epoch (redb's, say) fails that checkpoint, but the store
+/// keeps its side log: later commits go on, and a crash after them loses nothing.
+#[test]
+fn a_panic_while_moving_to_a_new_epoch_keeps_the_side_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
+    s.commit(appended("svc:a", 1..=2)).expect("commit");
+    s.panic_in_next_epoch_move();
+    let err = s.checkpoint().expect_err("the checkpoint fails");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    s.commit(appended("svc:a", 3..=3))
+        .expect("a commit after the failure");
+    s.commit(removed("svc:a", &[1])).expect("commit");
+    assert_eq!(
+        crash_and_recover(s, dir.path()),
+        vec![("svc:a".into(), 2), ("svc:a".into(), 3)]
+    );
+}
+
 /// Side logs written before there were two files kept every epoch in `peerbus.wal`; a store
 /// left so at an odd epoch after a crash is replayed from there, and the replay does not
 /// touch that file before the database holds what it read.
