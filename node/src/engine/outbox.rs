@@ -253,19 +253,29 @@ impl<R> Log<R> {
     /// `status` (every 500 ms for each viewer of the mesh page) would make in core for the
     /// whole backlog kept for absent consumers.
     fn stats(&self) -> LogStats {
-        debug_assert_eq!(
-            self.in_flight.len(),
-            self.entries
-                .values()
-                .filter(|e| matches!(e.state, State::InFlight { .. }))
-                .count(),
-            "the in-flight index drifted"
-        );
+        self.debug_check_in_flight();
         LogStats {
             waiting: self.entries.len() - self.in_flight.len(),
             in_flight: self.in_flight.len(),
             oldest_created_ms: self.entries.values().next().map(|e| e.env.created_at_ms),
         }
+    }
+
+    /// Debug builds check the in-flight index against the entries in flight (tests run every
+    /// pass and `status` through it).
+    fn debug_check_in_flight(&self) {
+        debug_assert!(
+            self.in_flight.iter().copied().eq(self
+                .entries
+                .iter()
+                .filter_map(|(seq, e)| match e.state {
+                    State::InFlight { sent_at, .. } => Some((sent_at, *seq)),
+                    _ => None,
+                })
+                .collect::<BTreeSet<_>>()),
+            "the in-flight index of {:?} drifted",
+            self.target
+        );
     }
 
     /// How the unsettled entries of `key` before `seq` constrain entry `seq`.
@@ -1136,17 +1146,7 @@ impl<R> Outbox<R> {
         let mut timed_out = Vec::new();
         let mut due = u64::MAX;
         for (name, log) in &self.logs {
-            debug_assert!(
-                log.in_flight.iter().copied().eq(log
-                    .entries
-                    .iter()
-                    .filter_map(|(seq, e)| match e.state {
-                        State::InFlight { sent_at, .. } => Some((sent_at, *seq)),
-                        _ => None,
-                    })
-                    .collect::<BTreeSet<_>>()),
-                "the in-flight index of {name} drifted"
-            );
+            log.debug_check_in_flight();
             for &(sent_at, seq) in &log.in_flight {
                 if sent_at + ack_timeout > now {
                     // The next pass is due at the earliest ack timeout still ahead.
@@ -1834,10 +1834,7 @@ mod tests {
             ob.append(&target(), env(None), t, None, None, false);
             let tx = ob.dispatch(t);
             assert_eq!(tx.len(), 1);
-            sent.push(match &tx[0].frame {
-                Data::Deliver { env, .. } => env.seq,
-                other => panic!("unexpected {other:?}"),
-            });
+            sent.push(seq_of(&tx[0]));
         }
         let log = target().log_name();
         let in_flight = |ob: &Outbox| ob.stats()[&log].in_flight;

@@ -290,19 +290,14 @@ impl RedbStore {
             return Ok(());
         }
         let logged = self.logged();
-        let mut wal = self.wal.take();
-        if wal.is_none() && (logged || Wal::exists_in(&self.dir)) {
-            wal = Some(Wal::open(&self.dir, self.epoch)?);
+        if self.wal.is_none() && (logged || Wal::exists_in(&self.dir)) {
+            self.wal = Some(Wal::open(&self.dir, self.epoch)?);
         }
         // Replaying applies every record of the current epoch, so nothing is unapplied after.
         self.unapplied.clear();
-        let replayed = match &mut wal {
-            Some(w) => self.replay(w),
-            None => Ok(()),
-        };
-        if logged {
-            self.wal = wal;
-        } else if wal.take().is_some() && replayed.is_ok() {
+        let replayed = self.replay();
+        // A store that no longer logs keeps no side log once its records are in the database.
+        if !logged && self.wal.take().is_some() && replayed.is_ok() {
             Wal::remove_in(&self.dir)?;
         }
         if let Err(e) = replayed {
@@ -380,24 +375,15 @@ impl RedbStore {
         if !matches!(self.db, Some(Db::Rw(_))) || self.wal.is_none() {
             return Ok(());
         }
-        let wal_empty = self.wal.as_ref().is_none_or(|w| !w.has_commits());
-        if self.unapplied.is_empty() && wal_empty && !self.force_durable {
+        let has_commits = self.wal.as_ref().is_some_and(Wal::has_commits);
+        if self.unapplied.is_empty() && !has_commits && !self.force_durable {
             self.last_checkpoint = Instant::now();
             return Ok(());
         }
         let started = Instant::now();
         let path = self.path.clone();
-        let (max_bytes, max_entries) = if carry {
-            (CARRY_MAX_BYTES, CARRY_MAX_ENTRIES)
-        } else {
-            (0, 0)
-        };
-        let (mut batch, carried) = self.unapplied.split(max_bytes, max_entries);
+        let (mut batch, carried) = self.split_for_checkpoint(carry);
         let entries = batch.append.len() as u64;
-        let carried = Batch {
-            append: carried,
-            ..Batch::default()
-        };
         // Raised before the commit: an upper bound stays right whether or not the commit lands,
         // so a reopen after a failure need not read the entries again.
         for e in &batch.append {
@@ -417,14 +403,34 @@ impl RedbStore {
         Ok(())
     }
 
-    /// Applies the side log's records of the stored epoch in one durable commit that starts a
-    /// new epoch (whose file starts with an empty record, see [`Wal`]). `self.wal` is `None`
-    /// meanwhile.
-    fn replay(&mut self, wal: &mut Wal) -> Result<(), StoreError> {
+    /// What a checkpoint writes: the batch for the database, and the first record of the next
+    /// epoch's side-log file (the young entries it carries over when `carry`, else nothing).
+    fn split_for_checkpoint(&self, carry: bool) -> (Batch, Batch) {
+        let (max_bytes, max_entries) = if carry {
+            (CARRY_MAX_BYTES, CARRY_MAX_ENTRIES)
+        } else {
+            (0, 0)
+        };
+        let (batch, carried) = self.unapplied.split(max_bytes, max_entries);
+        let first = Batch {
+            append: carried,
+            ..Batch::default()
+        };
+        (batch, first)
+    }
+
+    /// Applies the side log's records of the stored epoch (if there is a side log) in one
+    /// durable commit that starts a new epoch (whose file starts with an empty record, see
+    /// [`Wal`]).
+    fn replay(&mut self) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let (batches, next) = wal.read(self.epoch)?;
+        let epoch = self.epoch;
+        let Some(wal) = &mut self.wal else {
+            return Ok(());
+        };
+        let (batches, next) = wal.read(epoch)?;
         if batches.is_empty() {
-            wal.switch(self.epoch, 0);
+            wal.switch(epoch, 0);
             return Ok(());
         }
         let n = batches.len();
@@ -433,7 +439,7 @@ impl RedbStore {
             apply(&txn, &mut b, &path)?;
         }
         // A new epoch: these records are never applied again.
-        self.commit_epoch(wal, txn, next, &Batch::default())?;
+        self.commit_epoch(txn, next, &Batch::default())?;
         info!(
             batches = n,
             "replayed the store's side log (commits not yet fsync'd when the node stopped)"
@@ -552,32 +558,29 @@ impl RedbStore {
         durable: bool,
         carried: &Batch,
     ) -> Result<(), StoreError> {
-        if durable && let Some(mut wal) = self.wal.take() {
-            // The side log goes back into `self` even if redb panics (the caller's `guard`
-            // turns that into an error): a store left without it could not commit again.
-            let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                self.commit_epoch(&mut wal, txn, self.epoch + 1, carried)
-            }));
-            self.wal = Some(wal);
-            return r.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        if durable && self.wal.is_some() {
+            return self.commit_epoch(txn, self.epoch + 1, carried);
         }
         self.commit_txn(txn, durable)
     }
 
-    /// Commits `txn` durably as the move to side-log epoch `next` (`wal` is the store's side
-    /// log, out of `self` meanwhile, as during a replay): `next`'s first record (`carried`, or
-    /// nothing) is written at the start of its file and fsync'd before the database stores
-    /// the epoch, then the side log goes on in that file. Every move to an epoch goes through
-    /// here, so a record an abandoned move left in that file is never read (ARCHITECTURE,
-    /// "Durability").
+    /// Commits `txn` durably as the move to side-log epoch `next`: `next`'s first record
+    /// (`carried`, or nothing) is written at the start of its file and fsync'd before the
+    /// database stores the epoch, then the side log goes on in that file. Every move to an
+    /// epoch goes through here, checkpoints and replays alike, so a record an abandoned move
+    /// left in that file is never read (ARCHITECTURE, "Durability"). The side log stays in
+    /// `self` throughout, so a failure anywhere (a panic inside redb included, which the
+    /// caller's `guard` turns into an error) leaves the store able to commit again.
     fn commit_epoch(
         &mut self,
-        wal: &mut Wal,
         txn: WriteTransaction,
         next: u64,
         carried: &Batch,
     ) -> Result<(), StoreError> {
         let path = self.path.clone();
+        let Some(wal) = &mut self.wal else {
+            return Err(StoreError::Db("the store's side log is not open".into()));
+        };
         let first = wal.prepare(next, carried)?;
         self.fsyncs += 1;
         #[cfg(test)]
@@ -591,7 +594,9 @@ impl RedbStore {
         }
         self.commit_txn(txn, true)?;
         self.epoch = next;
-        wal.switch(next, first);
+        if let Some(wal) = &mut self.wal {
+            wal.switch(next, first);
+        }
         Ok(())
     }
 
@@ -946,11 +951,7 @@ impl RedbStore {
     /// stops there, as a checkpoint whose database commit failed or never happened (tests).
     #[cfg(test)]
     pub(super) fn prepare_and_abandon_a_checkpoint(&mut self) {
-        let (_, carried) = self.unapplied.split(CARRY_MAX_BYTES, CARRY_MAX_ENTRIES);
-        let first = Batch {
-            append: carried,
-            ..Batch::default()
-        };
+        let (_, first) = self.split_for_checkpoint(true);
         let wal = self.wal.as_mut().expect("a logged store");
         wal.prepare(self.epoch + 1, &first).expect("prepare");
     }
