@@ -303,6 +303,8 @@ fn node_prints_every_message_a_pipelined_send_delivers() {
             "50",
             "--timeout",
             "30s",
+            "-H",
+            "tenant=acme",
         ]),
         "peerbus send --count 50",
         budget.left(),
@@ -334,6 +336,24 @@ fn node_prints_every_message_a_pipelined_send_delivers() {
         assert!(v["from"].as_str().is_some_and(|s| !s.is_empty()), "{line}");
         assert!(v["attempt"].as_u64().is_some_and(|a| a >= 1), "{line}");
         assert!(v["redelivered"].is_boolean(), "{line}");
+        // The header given, and the trace every message starts by default (a child span of
+        // none: `00-<32 hex>-<16 hex>-01`).
+        let headers = v["headers"].as_object().expect("headers");
+        assert_eq!(headers.len(), 2, "{line}");
+        assert_eq!(headers["tenant"], "acme", "{line}");
+        let traceparent = headers["traceparent"].as_str().expect("traceparent");
+        let parts: Vec<&str> = traceparent.split('-').collect();
+        assert!(
+            parts.len() == 4
+                && parts[0] == "00"
+                && parts[1].len() == 32
+                && parts[2].len() == 16
+                && parts[3] == "01"
+                && parts[1..3]
+                    .iter()
+                    .all(|p| p.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{line}"
+        );
         let payload = v["payload"].as_str().expect("payload");
         let i: u64 = payload
             .strip_prefix("reserve ")
@@ -392,6 +412,11 @@ fn pub_reaches_every_subscriber_group_once() {
             "2",
             "--timeout",
             "30s",
+            "--header",
+            "via=a",
+            "-H",
+            "via=b",
+            "--no-new-traces",
         ]),
         "pub --count 5 --batch 2",
         budget.left(),
@@ -426,6 +451,8 @@ fn pub_reaches_every_subscriber_group_once() {
                     .is_some_and(|id| id.contains(&format!("grp:{group}/"))),
                 "{line}"
             );
+            // Repeated names joined; no `traceparent` with --no-new-traces.
+            assert_eq!(v["headers"], serde_json::json!({"via": "a, b"}), "{line}");
             payloads.insert(v["payload"].as_str().expect("payload").to_string());
         }
         let expected: BTreeSet<String> = (0..5).map(|i| format!("paid {i}")).collect();
@@ -695,6 +722,23 @@ fn bad_template_and_bad_options_are_usage_errors() {
             bad_batch.stderr
         );
     }
+
+    let bad_header = run(
+        base_command(&["req", "svc", "x", "-H", "tenant", "--insecure-open-mesh"]),
+        "req with a header that is not NAME=VALUE",
+        budget.left(),
+    );
+    assert_eq!(
+        bad_header.status.code(),
+        Some(2),
+        "stderr: {}",
+        bad_header.stderr
+    );
+    assert!(
+        bad_header.stderr.contains("`tenant` is not NAME=VALUE"),
+        "stderr: {}",
+        bad_header.stderr
+    );
 }
 
 impl Running {

@@ -108,6 +108,45 @@ struct BatchArgs {
     /// How long to wait for a consumer, and then for every acknowledgement (e.g. `500ms`, `1m`).
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    #[command(flatten)]
+    headers: HeaderArgs,
+}
+
+/// Headers every message of a `send`, `pub`, `req` or `scatter` carries.
+#[derive(Clone, Debug, clap::Args)]
+struct HeaderArgs {
+    /// Add a header (repeatable), for example `-H tenant=acme`: the name is everything before
+    /// the first `=`. A `traceparent` given here continues that trace instead of starting one.
+    #[arg(short = 'H', long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+}
+
+impl HeaderArgs {
+    /// `msg` with these headers added, in the order given.
+    fn apply(&self, msg: Outgoing) -> Outgoing {
+        self.headers
+            .iter()
+            .fold(msg, |msg, (name, value)| msg.header(name, value))
+    }
+}
+
+/// A `NAME=VALUE` header: a name that is not empty and has no whitespace or control
+/// characters; the value is the rest (it may be empty, or hold more `=`).
+fn parse_header(arg: &str) -> Result<(String, String), String> {
+    let (name, value) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("`{arg}` is not NAME=VALUE"))?;
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "`{name}` is not a header name (one or more characters, no spaces)"
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "the value of header `{name}` holds a control character"
+        ));
+    }
+    Ok((name.to_string(), value.to_string()))
 }
 
 /// `peerbus sub`.
@@ -141,6 +180,8 @@ pub(crate) struct ReqArgs {
     /// Attempts for an --idempotent request, including the first.
     #[arg(long, value_name = "N", default_value_t = 3, requires = "idempotent")]
     attempts: u32,
+    #[command(flatten)]
+    headers: HeaderArgs,
 }
 
 /// `peerbus scatter`.
@@ -162,6 +203,8 @@ pub(crate) struct ScatterArgs {
     /// How long to wait for discovery before asking.
     #[arg(long, value_name = "DUR", default_value = "2s", value_parser = humantime::parse_duration)]
     wait: Duration,
+    #[command(flatten)]
+    headers: HeaderArgs,
 }
 
 /// `peerbus peers`.
@@ -494,9 +537,8 @@ pub(crate) async fn req(common: &CommonArgs, args: &ReqArgs) -> Result<()> {
         if args.idempotent {
             opts = opts.idempotent().max_attempts(args.attempts);
         }
-        let reply = node
-            .request_with(&args.service, args.payload.as_str(), opts)
-            .await?;
+        let msg = args.headers.apply(Outgoing::new(args.payload.clone()));
+        let reply = node.request_with(&args.service, msg, opts).await?;
         Ok(String::from_utf8_lossy(&reply).into_owned())
     }
     .await;
@@ -514,11 +556,12 @@ pub(crate) async fn scatter(common: &CommonArgs, args: &ScatterArgs) -> Result<(
         // Every instance should be asked: let discovery settle first.
         wait_for_peers(&node, args.wait).await;
         let t0 = Instant::now();
+        let msg = args.headers.apply(Outgoing::new(args.payload.clone()));
         let replies = if args.topic {
-            node.scatter_topic(&args.target, args.payload.as_str(), args.within, args.count)
+            node.scatter_topic(&args.target, msg, args.within, args.count)
                 .await
         } else {
-            node.scatter(&args.target, args.payload.as_str(), args.within, args.count)
+            node.scatter(&args.target, msg, args.within, args.count)
                 .await
         }?;
         for r in &replies {
@@ -794,6 +837,8 @@ struct Batch {
     /// Messages per call (`--batch`).
     per_call: u64,
     timeout: Duration,
+    /// `--header`s, on every message.
+    headers: HeaderArgs,
 }
 
 /// Where `send`/`pub` put their messages.
@@ -815,6 +860,7 @@ impl Batch {
             count: args.count.unwrap_or(1),
             per_call: args.batch,
             timeout: args.timeout,
+            headers: args.headers.clone(),
         })
     }
 
@@ -875,10 +921,33 @@ impl Batch {
     }
 
     fn message(&self, i: u64) -> Outgoing {
-        let msg = Outgoing::new(self.payload.render(i));
+        let msg = self.headers.apply(Outgoing::new(self.payload.render(i)));
         match &self.key {
             Some(k) => msg.key(k.render(i)),
             None => msg,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_header;
+
+    #[test]
+    fn a_header_is_split_at_its_first_equals_sign() {
+        let ok = |n: &str, v: &str| Ok((n.to_string(), v.to_string()));
+        assert_eq!(parse_header("tenant=acme"), ok("tenant", "acme"));
+        assert_eq!(parse_header("q=a=b"), ok("q", "a=b"));
+        assert_eq!(parse_header("flag="), ok("flag", ""));
+        for bad in [
+            "tenant",
+            "=acme",
+            "two words=x",
+            "tab\there=x",
+            "x=line\nbreak",
+        ] {
+            let err = parse_header(bad).expect_err(bad);
+            assert!(!err.is_empty(), "{bad}");
         }
     }
 }

@@ -85,6 +85,18 @@ pub(crate) struct CommonArgs {
         value_name = "ADDR"
     )]
     pub(crate) seeds: Vec<SocketAddr>,
+
+    /// Send messages that are not part of a trace without a `traceparent` header, instead of
+    /// starting a new trace for each. Messages sent inside a trace (a handler's onward sends)
+    /// still carry one.
+    #[arg(
+        long,
+        global = true,
+        env = "PEERBUS_NO_NEW_TRACES",
+        action = ArgAction::SetTrue,
+        value_parser = BoolishValueParser::new()
+    )]
+    pub(crate) no_new_traces: bool,
 }
 
 impl CommonArgs {
@@ -112,6 +124,9 @@ impl CommonArgs {
         }
         for seed in &self.seeds {
             b = b.seed(*seed);
+        }
+        if self.no_new_traces {
+            b = b.start_traces(false);
         }
         Ok(b)
     }

@@ -29,7 +29,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// Every option of the mesh can also be set in the environment (PEERBUS_MESH,
 /// PEERBUS_MESH_KEY_FILE, PEERBUS_INSECURE_OPEN_MESH, PEERBUS_INTERFACE, PEERBUS_LISTEN,
-/// PEERBUS_DATA_DIR, PEERBUS_SEEDS).
+/// PEERBUS_DATA_DIR, PEERBUS_SEEDS, PEERBUS_NO_NEW_TRACES).
 #[derive(Debug, Parser)]
 #[command(name = "peerbus", version, propagate_version = true)]
 struct Cli {

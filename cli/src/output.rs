@@ -10,7 +10,9 @@ use serde_json::{Map, Value, json};
 /// A received message as one JSON object (`node --print`, `sub`).
 ///
 /// Fields: `id`, `kind`, `from`, `service` (sends, requests) or `topic` (publishes), `key`
-/// (or null), `payload` (UTF-8, invalid sequences replaced), `attempt`, `redelivered`.
+/// (or null), `headers` (an object; the values of a name given more than once are joined
+/// with `", "`, as HTTP combines repeated fields), `payload` (UTF-8, invalid sequences
+/// replaced), `attempt`, `redelivered`.
 pub(crate) fn message_json(msg: &Message) -> Value {
     let mut obj = Map::new();
     obj.insert("id".into(), json!(msg.id().to_string()));
@@ -23,10 +25,28 @@ pub(crate) fn message_json(msg: &Message) -> Value {
     };
     obj.insert(dest_field.into(), json!(msg.destination()));
     obj.insert("key".into(), json!(msg.key()));
+    obj.insert("headers".into(), Value::Object(headers_json(msg.headers())));
     obj.insert("payload".into(), json!(msg.payload_text()));
     obj.insert("attempt".into(), json!(msg.attempt()));
     obj.insert("redelivered".into(), json!(msg.redelivered()));
     Value::Object(obj)
+}
+
+/// `headers` as one JSON object, repeated names joined with `", "` in the order received.
+fn headers_json(headers: &[(String, String)]) -> Map<String, Value> {
+    let mut obj = Map::new();
+    for (name, value) in headers {
+        match obj.get_mut(name) {
+            Some(Value::String(joined)) => {
+                joined.push_str(", ");
+                joined.push_str(value);
+            }
+            _ => {
+                obj.insert(name.clone(), json!(value));
+            }
+        }
+    }
+    obj
 }
 
 /// Writes `line` and a newline to stdout and flushes, so readers of a pipe see each line at
@@ -141,7 +161,7 @@ pub(crate) fn rate(n: u64, elapsed: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{bytes, counted, peers_table, rate};
+    use super::{bytes, counted, headers_json, peers_table, rate};
     use peerbus::{NodeId, PeerInfo, PeerState, Traffic};
     use std::time::Duration;
 
@@ -223,6 +243,22 @@ mod tests {
                 "-"
             ]
         );
+    }
+
+    #[test]
+    fn headers_become_one_object_with_repeated_names_joined() {
+        let pair = |n: &str, v: &str| (n.to_string(), v.to_string());
+        let obj = headers_json(&[
+            pair("tenant", "acme"),
+            pair("via", "a"),
+            pair("empty", ""),
+            pair("via", "b"),
+        ]);
+        assert_eq!(
+            serde_json::Value::Object(obj),
+            serde_json::json!({"tenant": "acme", "via": "a, b", "empty": ""})
+        );
+        assert!(headers_json(&[]).is_empty());
     }
 
     #[test]
