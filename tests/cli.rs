@@ -1126,10 +1126,16 @@ fn bench_writes_json_cases() {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("bench.json");
     let mut cmd = Command::new(peerbus_bin());
-    cmd.args(["bench", "--quick", "--only", "memory,discovery", "--json"])
-        .arg(&json)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "bench",
+        "--quick",
+        "--only",
+        "memory,discovery,idle",
+        "--json",
+    ])
+    .arg(&json)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let done = run(cmd, "bench", Duration::from_secs(120));
     assert!(done.status.success(), "{}", done.stderr);
     assert!(
@@ -1142,14 +1148,41 @@ fn bench_writes_json_cases() {
     assert!(doc["machine"]["cores"].as_u64().is_some_and(|n| n >= 1));
     let cases = doc["cases"].as_array().expect("cases");
     let names: Vec<&str> = cases.iter().filter_map(|c| c["name"].as_str()).collect();
-    assert_eq!(names, ["discovery/first-message", "memory/idle-rss"]);
-    for c in cases {
+    assert_eq!(
+        names,
+        [
+            "discovery/first-message",
+            "idle/cpu",
+            "idle/cpu/requests-in-flight",
+            "memory/idle-rss"
+        ]
+    );
+    for c in [&cases[0], &cases[3]] {
         assert!(c["target"].is_string() && c["met"].is_boolean(), "{c}");
     }
-    let rss = cases[1]["mib"].as_f64().expect("mib");
+    let rss = cases[3]["mib"].as_f64().expect("mib");
     assert!(rss > 1.0 && rss < 1024.0, "idle RSS {rss} MiB");
     let secs = cases[0]["seconds"].as_f64().expect("seconds");
     assert!(secs > 0.0 && secs < 30.0, "discovery {secs} s");
+    // Idle CPU: a figure, and with requests held in flight a ratio to the figure without.
+    let idle = cases[1]["ms_cpu_per_s"].as_f64().expect("idle cpu");
+    let held = &cases[2];
+    let with = held["ms_cpu_per_s"].as_f64().expect("cpu with requests");
+    assert!((0.0..2000.0).contains(&idle), "idle cpu {idle} ms/s");
+    assert!(
+        (0.0..2000.0).contains(&with),
+        "cpu with requests {with} ms/s"
+    );
+    assert_eq!(held["requests"].as_f64(), Some(10_000.0), "{held}");
+    assert_eq!(held["baseline"], "idle/cpu", "{held}");
+    // A machine that accounts CPU time by the tick may see none in an idle second.
+    if idle > 0.0 {
+        let ratio = held["ratio"].as_f64().expect("ratio");
+        assert!(
+            (ratio - with / idle).abs() < 0.01 * ratio.max(1.0),
+            "ratio {ratio} of {with} to {idle}"
+        );
+    }
 }
 
 #[test]

@@ -644,6 +644,72 @@ async fn replies_find_their_requests_whether_the_handler_waits_or_not() {
 }
 
 /// Two nodes of one mesh: a `web` client and an `echo` server (which serves nothing yet).
+/// A request with a short deadline ends at that deadline (its in-flight count and slot
+/// freed, a failure for the breaker) even behind one with a long deadline: core's sweep
+/// looks again at the soonest deadline any request has, not only at the first one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_deadline_ends_on_time_behind_a_long_one() {
+    within(60, async {
+        let (client, server) = web_and_echo().await;
+        let release = Arc::new(tokio::sync::Notify::new());
+        let hold = release.clone();
+        server
+            .serve(move |req| {
+                let hold = hold.clone();
+                async move {
+                    if req.payload_text() == "hold" {
+                        hold.notified().await;
+                    }
+                    Ok(req.payload().clone())
+                }
+            })
+            .await
+            .expect("serve");
+        until_served(&client, "echo", "x", Duration::from_secs(1)).await;
+        in_flight_drains(&client).await;
+        let in_flight =
+            |client: Node| async move { client.status().await.expect("status").requests_in_flight };
+        let long = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .request("echo", "hold", Duration::from_secs(40))
+                    .await
+            }
+        });
+        eventually(10, "the long request in flight", || {
+            let client = client.clone();
+            async move { in_flight(client).await == 1 }
+        })
+        .await;
+        // A tick (50 ms) walks nothing until the long request's deadline: only its own.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let err = client
+            .request("echo", "hold", Duration::from_millis(200))
+            .await
+            .expect_err("the handler holds it past its deadline");
+        assert!(matches!(err, RequestError::Timeout { .. }), "{err}");
+        // Core forgets it at the first tick after its deadline: well before the long one's.
+        eventually(5, "the short request forgotten", || {
+            let client = client.clone();
+            async move { in_flight(client).await == 1 }
+        })
+        .await;
+        release.notify_waiters();
+        assert_eq!(
+            &long
+                .await
+                .expect("join")
+                .expect("the long request answered")[..],
+            b"hold"
+        );
+        in_flight_drains(&client).await;
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
 async fn web_and_echo() -> (Node, Node) {
     let net = MemoryNetwork::new();
     let key = MeshKey::generate();

@@ -448,6 +448,79 @@ pub(crate) async fn discovery() -> Result<f64> {
     Ok(secs)
 }
 
+/// CPU this process uses while two connected nodes in it do nothing, in milliseconds per
+/// second over `window`: first with no request in flight, then with `requests` of the
+/// client's requests waiting (deadlines of a minute) for a server whose handler holds them.
+/// What it shows is the cost of work on core's timer that grows with the requests in flight
+/// (ARCHITECTURE, "Requests").
+pub(crate) async fn idle_cpu(requests: usize, window: Duration) -> Result<(f64, f64)> {
+    let mesh = Mesh::new();
+    let client = mesh
+        .node("web")?
+        .max_requests_in_flight(requests + 1)
+        .max_requests_in_flight_per_service(requests + 1)
+        .start()
+        .await
+        .context("starting the client")?;
+    let server = mesh
+        .node("hold")?
+        .serve_concurrency(requests + 1)
+        .start()
+        .await
+        .context("starting the server")?;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let hold = release.clone();
+    server
+        .serve(move |_req| {
+            let hold = hold.clone();
+            async move {
+                hold.notified().await;
+                Ok(Bytes::from_static(b"done"))
+            }
+        })
+        .await
+        .context("serving")?;
+    if !client
+        .wait_for_instances("hold", 1, Duration::from_secs(10))
+        .await
+    {
+        bail!("the server was never discovered");
+    }
+    let idle = |window: Duration| async move {
+        let (cpu0, t0) = (cpu_time(), Instant::now());
+        tokio::time::sleep(window).await;
+        cpu_time().saturating_sub(cpu0).as_secs_f64() * 1e3 / t0.elapsed().as_secs_f64()
+    };
+    let none = idle(window).await;
+    let calls: Vec<_> = (0..requests)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.request("hold", "x", Duration::from_secs(60)).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = client.status().await.map_or(0, |s| s.requests_in_flight);
+        if n >= requests {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{n} of {requests} requests in flight after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The requests' own sends and first polls settle before the window.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let with = idle(window).await;
+    release.notify_waiters();
+    for call in calls {
+        let _ = call.await;
+    }
+    client.shutdown().await;
+    server.shutdown().await;
+    Ok((none, with))
+}
+
 /// Resident memory of an idle `peerbus node` process (this binary), in bytes, after it has
 /// run for a moment on loopback with no peers.
 pub(crate) async fn idle_rss(dir: &Path) -> Result<u64> {

@@ -26,6 +26,8 @@ use serde_json::{Value, json};
 const SUITE_CAP: Duration = Duration::from_secs(30 * 60);
 /// Buffered entries in the backlog case (the figure).
 const BACKLOG_ENTRIES: usize = 100_000;
+/// Requests held in flight for `idle/cpu/requests-in-flight` (10,000 with `--quick`).
+const IDLE_REQUESTS: usize = 60_000;
 
 /// `peerbus bench`.
 #[derive(Debug, clap::Args)]
@@ -187,6 +189,13 @@ impl Case {
             "seconds" => format!("{:>10.3} s", self.value()),
             "mib" => format!("{:>10.1} MiB", self.value()),
             "bytes" => format!("{:>10.0} B", self.value()),
+            "ms_cpu_per_s" => format!(
+                "{:>10.2} ms cpu/s{}",
+                self.value(),
+                self.figures
+                    .get("requests")
+                    .map_or(String::new(), |n| format!(", {n:.0} requests in flight"))
+            ),
             unit => format!("{:>10.0} µs ({unit})", self.value()),
         };
         let ratio = self.ratio().map_or(String::new(), |r| format!("{r:.3}"));
@@ -443,6 +452,20 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
         // Over mDNS on the loopback interface.
         let secs = cases::discovery().await?;
         report.add(Case::new("discovery/first-message", "seconds", secs).below(1.0, "s"));
+    }
+    if wanted("idle") {
+        let (requests, window) = if quick {
+            (10_000, Duration::from_secs(1))
+        } else {
+            (IDLE_REQUESTS, Duration::from_secs(3))
+        };
+        let (none, with) = cases::idle_cpu(requests, window).await?;
+        let base = report.add(Case::new("idle/cpu", "ms_cpu_per_s", none));
+        report.add(
+            Case::new("idle/cpu/requests-in-flight", "ms_cpu_per_s", with)
+                .with("requests", requests as f64)
+                .against(report.get(base)),
+        );
     }
     if wanted("memory") {
         let rss = cases::idle_rss(&tmp.path().join("idle")).await?;

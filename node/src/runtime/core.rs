@@ -322,6 +322,12 @@ struct Core {
     /// at most one dispatch's deliveries, bounded by the peers' credits).
     transmits: Vec<Transmit>,
     requests: HashMap<u64, PendingRequest>,
+    /// No request in `requests` has a deadline before this (`u64::MAX`: none may): the tick
+    /// walks `requests` only once this has passed, then sets it to the earliest deadline left.
+    /// Lowered by every new request; an ended request leaves it as it is (still a bound).
+    /// *Why:* with requests of a few seconds, the walk of up to `max_requests_in_flight`
+    /// requests ran on every tick (every 50 ms) and found nothing due.
+    requests_due: u64,
     next_corr: u64,
     next_generation: u64,
     /// Acks to send on the next flush, per origin and log (as many origins as send to this
@@ -432,6 +438,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         known: FastMap::default(),
         transmits: Vec::new(),
         requests: HashMap::new(),
+        requests_due: u64::MAX,
         next_corr: 1,
         next_generation: 1,
         pending_acks: BTreeMap::new(),
@@ -686,12 +693,7 @@ impl Core {
         let settled = self.outbox.check_timers(now);
         self.settle(settled);
         // Requests whose deadline passed: a failure for the breaker.
-        let expired: Vec<u64> = self
-            .requests
-            .iter()
-            .filter(|(_, r)| r.deadline < now)
-            .map(|(c, _)| *c)
-            .collect();
+        let expired = self.requests_past(now);
         for corr in expired {
             let timeout = |service| RequestError::Timeout {
                 service,
@@ -700,6 +702,25 @@ impl Core {
             self.end_request(corr, timeout, None);
         }
         self.expire_retired(now);
+    }
+
+    /// The requests whose deadline is before `now` (none, without a walk, before
+    /// [`Core::requests_due`]), and the next bound for the rest.
+    fn requests_past(&mut self, now: u64) -> Vec<u64> {
+        if now <= self.requests_due {
+            return Vec::new();
+        }
+        let mut due = u64::MAX;
+        let mut past = Vec::new();
+        for (corr, r) in &self.requests {
+            if r.deadline < now {
+                past.push(*corr);
+            } else {
+                due = due.min(r.deadline);
+            }
+        }
+        self.requests_due = due;
+        past
     }
 
     /// A reply arrived from `peer`: the bookkeeping of its request, and its delivery unless
@@ -1615,6 +1636,7 @@ impl Core {
             },
         );
         let deadline = self.shared.now() + budget_ms;
+        self.requests_due = self.requests_due.min(deadline);
         self.requests.insert(
             corr,
             PendingRequest {
