@@ -651,14 +651,14 @@ async fn replies_find_their_requests_whether_the_handler_waits_or_not() {
 async fn a_short_deadline_ends_on_time_behind_a_long_one() {
     within(60, async {
         let (client, server) = web_and_echo().await;
-        let release = Arc::new(tokio::sync::Notify::new());
-        let hold = release.clone();
+        // A "hold" request's handler waits until this turns true, however late it starts.
+        let (release, held) = tokio::sync::watch::channel(false);
         server
             .serve(move |req| {
-                let hold = hold.clone();
+                let mut held = held.clone();
                 async move {
                     if req.payload_text() == "hold" {
-                        hold.notified().await;
+                        let _ = held.wait_for(|go| *go).await;
                     }
                     Ok(req.payload().clone())
                 }
@@ -695,7 +695,9 @@ async fn a_short_deadline_ends_on_time_behind_a_long_one() {
             async move { in_flight(client).await == 1 }
         })
         .await;
-        release.notify_waiters();
+        release
+            .send(true)
+            .expect("the server's handler holds a receiver");
         assert_eq!(
             &long
                 .await

@@ -468,13 +468,13 @@ pub(crate) async fn idle_cpu(requests: usize, window: Duration) -> Result<(f64, 
         .start()
         .await
         .context("starting the server")?;
-    let release = Arc::new(tokio::sync::Notify::new());
-    let hold = release.clone();
+    // Every handler waits until this turns true, however late it starts.
+    let (release, held) = tokio::sync::watch::channel(false);
     server
         .serve(move |_req| {
-            let hold = hold.clone();
+            let mut held = held.clone();
             async move {
-                hold.notified().await;
+                let _ = held.wait_for(|go| *go).await;
                 Ok(Bytes::from_static(b"done"))
             }
         })
@@ -512,7 +512,7 @@ pub(crate) async fn idle_cpu(requests: usize, window: Duration) -> Result<(f64, 
     // The requests' own sends and first polls settle before the window.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let with = idle(window).await;
-    release.notify_waiters();
+    let _ = release.send(true);
     for call in calls {
         let _ = call.await;
     }
