@@ -394,8 +394,8 @@ fn pub_reaches_every_subscriber_group_once() {
         "node --subscribe payment.>",
     );
     let tap = spawn(
-        mesh.command(&["sub", "payment.*", "--group", "tap"]),
-        "sub --group tap",
+        mesh.command(&["sub", "payment.*", "--group", "tap", "--count", "5"]),
+        "sub --group tap --count 5",
     );
     // Both subscribers must be up and announced before `pub` starts, so that its discovery
     // window sees them together (not a claim about `pub`, a precondition).
@@ -458,10 +458,18 @@ fn pub_reaches_every_subscriber_group_once() {
         let expected: BTreeSet<String> = (0..5).map(|i| format!("paid {i}")).collect();
         assert_eq!(payloads, expected, "group {group}");
     }
-    let status = tap.terminate(budget.left().min(Duration::from_secs(20)));
+    // `--count 5`: done once it printed and acknowledged five.
+    let mut tap = tap;
+    let status = tap.guard.wait(budget.left().min(Duration::from_secs(20)));
     assert!(
         status.success(),
-        "sub did not exit cleanly on SIGTERM: {status}"
+        "sub --count 5 did not exit cleanly: {status}\n{}",
+        tap.guard.stderr()
+    );
+    let status = ledger.terminate(budget.left().min(Duration::from_secs(20)));
+    assert!(
+        status.success(),
+        "node did not exit cleanly on SIGTERM: {status}"
     );
 }
 

@@ -162,6 +162,10 @@ pub(crate) struct SubArgs {
     /// Insist on a durable subscription (needs --group).
     #[arg(long, requires = "group")]
     durable: bool,
+    /// Exit once N messages were printed and acknowledged (the rest stay with the group or,
+    /// for an ephemeral subscription, are not received).
+    #[arg(long, value_name = "N", value_parser = value_parser!(u64).range(1..))]
+    count: Option<u64>,
 }
 
 /// `peerbus req`.
@@ -263,14 +267,14 @@ async fn run_node(node: &Node, args: &NodeArgs) -> Result<()> {
     let inbox = node
         .messages()
         .context("could not take the service inbox")?;
-    receivers.spawn(receive(inbox, args.print, handled.clone()));
+    receivers.spawn(receive(inbox, args.print, handled.clone(), None));
     for spec in &args.subscribe {
         let sub = match spec.split_once('@') {
             Some((topic, group)) => node.subscribe_group(topic, group).await,
             None => node.subscribe(spec).await,
         }
         .with_context(|| format!("could not subscribe to `{spec}`"))?;
-        receivers.spawn(receive(sub, args.print, handled.clone()));
+        receivers.spawn(receive(sub, args.print, handled.clone(), None));
     }
     let _serving = if args.echo {
         Some(
@@ -286,9 +290,12 @@ async fn run_node(node: &Node, args: &NodeArgs) -> Result<()> {
     result
 }
 
-/// Waits for Ctrl-C or SIGTERM, logging progress; fails early if a receiver fails (for
-/// example because stdout was closed).
-async fn until_signal(receivers: &mut JoinSet<Result<()>>, handled: &AtomicU64) -> Result<()> {
+/// Waits for Ctrl-C or SIGTERM, or for a receiver that took all it was asked to, logging
+/// progress; fails early if a receiver fails (for example because stdout was closed).
+async fn until_signal(
+    receivers: &mut JoinSet<Result<Received>>,
+    handled: &AtomicU64,
+) -> Result<()> {
     let signal = shutdown_signal();
     tokio::pin!(signal);
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -297,8 +304,10 @@ async fn until_signal(receivers: &mut JoinSet<Result<()>>, handled: &AtomicU64) 
         tokio::select! {
             r = &mut signal => return r,
             Some(r) = receivers.join_next() => {
-                r.context("a receiver task panicked")??;
-                bail!("the node stopped receiving");
+                match r.context("a receiver task panicked")?? {
+                    Received::Enough => return Ok(()),
+                    Received::Stopped => bail!("the node stopped receiving"),
+                }
             }
             _ = tick.tick() => {
                 let n = handled.load(Ordering::Relaxed);
@@ -311,8 +320,24 @@ async fn until_signal(receivers: &mut JoinSet<Result<()>>, handled: &AtomicU64) 
     }
 }
 
-/// Takes messages until the node stops: prints each one (with `print`), then acknowledges it.
-async fn receive(mut sub: Subscription, print: bool, handled: Arc<AtomicU64>) -> Result<()> {
+/// Why a receiver ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+enum Received {
+    /// It took as many messages as it was asked to.
+    Enough,
+    /// The node stopped delivering.
+    Stopped,
+}
+
+/// Takes messages until the node stops, or until `limit` of them were taken: prints each one
+/// (with `print`), then acknowledges it.
+async fn receive(
+    mut sub: Subscription,
+    print: bool,
+    handled: Arc<AtomicU64>,
+    limit: Option<u64>,
+) -> Result<Received> {
+    let mut taken = 0;
     while let Some(delivery) = sub.next().await {
         if print {
             // On error the delivery is dropped unacknowledged, so it will be redelivered.
@@ -320,8 +345,12 @@ async fn receive(mut sub: Subscription, print: bool, handled: Arc<AtomicU64>) ->
         }
         delivery.ack().await;
         handled.fetch_add(1, Ordering::Relaxed);
+        taken += 1;
+        if limit.is_some_and(|n| taken >= n) {
+            return Ok(Received::Enough);
+        }
     }
-    Ok(())
+    Ok(Received::Stopped)
 }
 
 /// Sends to a service and waits for every acknowledgement.
@@ -511,7 +540,7 @@ pub(crate) async fn sub(common: &CommonArgs, args: &SubArgs) -> Result<()> {
         .with_context(|| format!("could not subscribe to `{}`", args.topic))?;
         let handled = Arc::new(AtomicU64::new(0));
         let mut receivers = JoinSet::new();
-        receivers.spawn(receive(sub, true, handled.clone()));
+        receivers.spawn(receive(sub, true, handled.clone(), args.count));
         until_signal(&mut receivers, &handled).await
     }
     .await;
