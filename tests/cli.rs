@@ -139,6 +139,7 @@ fn base_command(args: &[&str]) -> Command {
         "PEERBUS_LISTEN",
         "PEERBUS_DATA_DIR",
         "PEERBUS_SEEDS",
+        "PEERBUS_NO_NEW_TRACES",
     ] {
         cmd.env_remove(var);
     }
@@ -370,6 +371,42 @@ fn node_prints_every_message_a_pipelined_send_delivers() {
             "key {key} out of order: {order:?}"
         );
     }
+
+    // PAYLOAD `-`: each line of stdin is one message (here all of one key, so in order).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("lines.txt");
+    std::fs::write(&input, "first line\r\n\nthird {i}\n").expect("write stdin");
+    let mut from_stdin = mesh.command(&[
+        "send",
+        "inventory",
+        "-",
+        "--key",
+        "lines",
+        "--batch",
+        "2",
+        "--timeout",
+        "30s",
+    ]);
+    from_stdin.stdin(std::fs::File::open(&input).expect("open stdin"));
+    let sent = run(from_stdin, "peerbus send -", budget.left());
+    assert!(
+        sent.status.success() && sent.stdout.starts_with("sent 3 messages to inventory"),
+        "send - ({}): {}\n{}",
+        sent.status,
+        sent.stdout,
+        sent.stderr
+    );
+    let printed: Vec<String> = node
+        .take_lines(3, budget.left().min(Duration::from_secs(20)))
+        .iter()
+        .map(|line| {
+            parse_line(line)["payload"]
+                .as_str()
+                .expect("payload")
+                .into()
+        })
+        .collect();
+    assert_eq!(printed, ["first line", "", "third {i}"], "lines as sent");
 
     let status = node.terminate(budget.left().min(Duration::from_secs(20)));
     assert!(
@@ -729,6 +766,21 @@ fn bad_template_and_bad_options_are_usage_errors() {
             "stderr: {}",
             bad_batch.stderr
         );
+    }
+
+    // PAYLOAD `-` reads stdin (here empty), and does not take --count.
+    for (args, says) in [
+        (
+            &["send", "svc", "-", "--count", "2"][..],
+            "--count does not go with",
+        ),
+        (&["pub", "t", "-"][..], "stdin held no line to send"),
+    ] {
+        let mut cmd = base_command(args);
+        cmd.arg("--insecure-open-mesh");
+        let done = run(cmd, "PAYLOAD -", budget.left());
+        assert_eq!(done.status.code(), Some(2), "{args:?}: {}", done.stderr);
+        assert!(done.stderr.contains(says), "{args:?}: {}", done.stderr);
     }
 
     let bad_header = run(

@@ -91,7 +91,8 @@ pub(crate) struct PubArgs {
 #[derive(Debug, clap::Args)]
 struct BatchArgs {
     /// The payload (text). With --count, `{i}` becomes the message index (from 0) and `{i%M}`
-    /// the index modulo M.
+    /// the index modulo M. `-` sends each line of stdin as one message instead (at most
+    /// 100,000 lines and 64 MiB; `{i}` in --key is then the line's index).
     payload: String,
     /// Partition key: messages with one key are handled in order. With --count, `{i}` and
     /// `{i%M}` work as in the payload.
@@ -858,9 +859,58 @@ fn fmt_dur(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
+/// Most lines `send -`/`pub -` read from stdin.
+const STDIN_MAX_LINES: usize = 100_000;
+/// Most bytes `send -`/`pub -` read from stdin.
+const STDIN_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// What the messages of `send`/`pub` carry.
+enum Payloads {
+    /// The PAYLOAD argument, rendered for each index.
+    Template(Template),
+    /// The lines of stdin (PAYLOAD `-`), one message each.
+    Lines(Vec<String>),
+}
+
+/// Reads the lines of `input`, without their line ends (`\n` or `\r\n`), failing once they
+/// are more than `max_lines` or `max_bytes` (never reading more than one byte past that).
+fn read_lines(
+    input: impl std::io::BufRead,
+    max_lines: usize,
+    max_bytes: usize,
+) -> Result<Vec<String>, String> {
+    use std::io::BufRead as _;
+    let too_much = || {
+        format!(
+            "stdin holds more than {max_lines} lines or {} MiB: send it in parts",
+            max_bytes / (1024 * 1024)
+        )
+    };
+    let mut input = input.take(max_bytes as u64 + 1);
+    let (mut lines, mut bytes, mut buf) = (Vec::new(), 0, Vec::new());
+    loop {
+        buf.clear();
+        let n = input
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| format!("could not read stdin: {e}"))?;
+        if n == 0 {
+            return Ok(lines);
+        }
+        bytes += n;
+        if lines.len() == max_lines || bytes > max_bytes {
+            return Err(too_much());
+        }
+        let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let line = std::str::from_utf8(line)
+            .map_err(|_| format!("line {} of stdin is not UTF-8 text", lines.len() + 1))?;
+        lines.push(line.to_string());
+    }
+}
+
 /// The messages `send`/`pub` produce.
 struct Batch {
-    payload: Template,
+    payload: Payloads,
     key: Option<Template>,
     count: u64,
     /// Messages per call (`--batch`).
@@ -879,14 +929,35 @@ enum Dest<'a> {
 
 impl Batch {
     fn new(args: &BatchArgs) -> Result<Self> {
+        let stdin = args.payload == "-";
+        if stdin && args.count.is_some() {
+            bail!(UsageError(
+                "--count does not go with PAYLOAD `-`: each line of stdin is one message".into()
+            ));
+        }
         let template = |text: &str| match args.count {
             Some(_) => Template::parse(text).map_err(|e| anyhow!(UsageError(e))),
+            None if stdin => Template::parse(text).map_err(|e| anyhow!(UsageError(e))),
             None => Ok(Template::verbatim(text)),
         };
+        let payload = if stdin {
+            let lines = read_lines(std::io::stdin().lock(), STDIN_MAX_LINES, STDIN_MAX_BYTES)
+                .map_err(|e| anyhow!(UsageError(e)))?;
+            if lines.is_empty() {
+                bail!(UsageError("stdin held no line to send".into()));
+            }
+            Payloads::Lines(lines)
+        } else {
+            Payloads::Template(template(&args.payload)?)
+        };
+        let count = match &payload {
+            Payloads::Lines(lines) => lines.len() as u64,
+            Payloads::Template(_) => args.count.unwrap_or(1),
+        };
         Ok(Self {
-            payload: template(&args.payload)?,
+            payload,
             key: args.key.as_deref().map(template).transpose()?,
-            count: args.count.unwrap_or(1),
+            count,
             per_call: args.batch,
             timeout: args.timeout,
             headers: args.headers.clone(),
@@ -950,7 +1021,11 @@ impl Batch {
     }
 
     fn message(&self, i: u64) -> Outgoing {
-        let msg = self.headers.apply(Outgoing::new(self.payload.render(i)));
+        let payload = match &self.payload {
+            Payloads::Template(t) => t.render(i),
+            Payloads::Lines(lines) => lines.get(i as usize).cloned().unwrap_or_default(),
+        };
+        let msg = self.headers.apply(Outgoing::new(payload));
         match &self.key {
             Some(k) => msg.key(k.render(i)),
             None => msg,
@@ -960,7 +1035,25 @@ impl Batch {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_header;
+    use super::{parse_header, read_lines};
+
+    #[test]
+    fn stdin_lines_lose_their_line_ends_and_are_bounded() {
+        let read = |text: &str, lines, bytes| read_lines(text.as_bytes(), lines, bytes);
+        assert_eq!(
+            read("a\r\n\nb c\nlast", 10, 100),
+            Ok(vec!["a".into(), String::new(), "b c".into(), "last".into()])
+        );
+        assert_eq!(read("", 10, 100), Ok(Vec::<String>::new()));
+        assert_eq!(read("1\n2\n", 2, 100).map(|l| l.len()), Ok(2));
+        assert!(read("1\n2\n3\n", 2, 100).is_err(), "a line too many");
+        assert!(read("12345\n", 10, 5).is_err(), "a byte too many");
+        assert_eq!(read("1234\n", 10, 5).map(|l| l.len()), Ok(1));
+        assert!(
+            read_lines(&b"ok\n\xff\n"[..], 10, 100).is_err(),
+            "not UTF-8"
+        );
+    }
 
     #[test]
     fn a_header_is_split_at_its_first_equals_sign() {
