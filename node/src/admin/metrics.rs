@@ -319,16 +319,38 @@ pub(crate) async fn facade_sampler(node: Node) {
         }
         metrics::counter!(STORE_FSYNCS, "node" => node_label.clone()).absolute(store.fsyncs);
         metrics::counter!(STORE_COMMITS, "node" => node_label.clone()).absolute(store.commits);
-        metrics::counter!(STORE_CHECKPOINTS, "node" => node_label.clone())
-            .absolute(store.checkpoints);
-        metrics::counter!(STORE_CHECKPOINTED_ENTRIES, "node" => node_label.clone())
-            .absolute(store.checkpointed_entries);
-        metrics::counter!(STORE_CHECKPOINT_MICROS, "node" => node_label.clone())
-            .absolute(store.checkpoint_micros);
-        metrics::counter!(STORE_CARRIED_ENTRIES, "node" => node_label.clone())
-            .absolute(store.carried_entries);
+        for (name, _, value) in checkpoint_counters(&store) {
+            metrics::counter!(name, "node" => node_label.clone()).absolute(value);
+        }
         metrics::gauge!(STORE_FILE_BYTES, "node" => node_label).set(store.file_bytes as f64);
     }
+}
+
+/// The store's checkpoint counters, as `(name, help, value)`: one list for `/metrics` and
+/// the facade.
+fn checkpoint_counters(store: &StoreStats) -> [(&'static str, &'static str, u64); 4] {
+    [
+        (
+            STORE_CHECKPOINTS,
+            "Store checkpoints (the side log moved to the database).",
+            store.checkpoints,
+        ),
+        (
+            STORE_CHECKPOINTED_ENTRIES,
+            "Entries checkpoints wrote to the database (not yet settled when each ran).",
+            store.checkpointed_entries,
+        ),
+        (
+            STORE_CHECKPOINT_MICROS,
+            "Microseconds spent in store checkpoints; commits wait meanwhile.",
+            store.checkpoint_micros,
+        ),
+        (
+            STORE_CARRIED_ENTRIES,
+            "Entries checkpoints carried over to the next side-log file instead of the database.",
+            store.carried_entries,
+        ),
+    ]
 }
 
 /// Escapes a Prometheus label value.
@@ -617,29 +639,7 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         "Size of the store file in bytes.",
     );
     let _ = writeln!(out, "{STORE_FILE_BYTES}{{{n}}} {}", store.file_bytes);
-    let checkpoint_rows = [
-        (
-            STORE_CHECKPOINTS,
-            "Store checkpoints (the side log moved to the database).",
-            store.checkpoints,
-        ),
-        (
-            STORE_CHECKPOINTED_ENTRIES,
-            "Entries checkpoints wrote to the database (not yet settled when each ran).",
-            store.checkpointed_entries,
-        ),
-        (
-            STORE_CHECKPOINT_MICROS,
-            "Microseconds spent in store checkpoints; commits wait meanwhile.",
-            store.checkpoint_micros,
-        ),
-        (
-            STORE_CARRIED_ENTRIES,
-            "Entries checkpoints carried over to the next side-log file instead of the database.",
-            store.carried_entries,
-        ),
-    ];
-    for (name, help, value) in checkpoint_rows {
+    for (name, help, value) in checkpoint_counters(store) {
         head(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name}{{{n}}} {value}");
     }

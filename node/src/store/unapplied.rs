@@ -113,32 +113,7 @@ impl Unapplied {
         } = batch;
         let in_db = |log: &str, seq: u64| db_max.get(log).is_some_and(|max| seq <= *max);
         for entry in append {
-            let seq = entry.env.seq;
-            let changes = self.entries.entry_ref(entry.env.log.as_str()).or_default();
-            let (fresh, carried) = match changes.get(&seq) {
-                Some(Change::Put { fresh, carried, .. }) => (*fresh, *carried),
-                Some(Change::Delete) => (false, false),
-                None => (!in_db(&entry.env.log, seq), false),
-            };
-            // A replacement keeps the flags of the put it replaces, so it is young as that was.
-            let young = fresh && !carried;
-            let size = entry_bytes(&entry);
-            self.put_bytes += size;
-            self.young_bytes += if young { size } else { 0 };
-            let put = Change::Put {
-                entry,
-                fresh,
-                carried,
-            };
-            match changes.insert(seq, put) {
-                Some(Change::Put { entry: old, .. }) => {
-                    let size = entry_bytes(&old);
-                    self.put_bytes -= size;
-                    self.young_bytes -= if young { size } else { 0 };
-                }
-                Some(Change::Delete) => {}
-                None => self.entry_changes += 1,
-            }
+            self.put(entry, |e| (!in_db(&e.env.log, e.env.seq), false));
         }
         for (log, seq) in remove {
             let (old, added) = match self.entries.get_mut(log.as_str()) {
@@ -180,6 +155,37 @@ impl Unapplied {
         self.next_seqs.extend(next_seqs);
         self.dead.extend(dead);
         self.groups.extend(groups);
+    }
+
+    /// Folds in the put of `entry`. A put that replaces one keeps that one's flags (so it is
+    /// young as that was); one that replaces a delete is neither fresh nor carried; a new one
+    /// takes `new_flags(&entry)`, as `(fresh, carried)`.
+    fn put(&mut self, entry: StoredEntry, new_flags: impl FnOnce(&StoredEntry) -> (bool, bool)) {
+        let seq = entry.env.seq;
+        let changes = self.entries.entry_ref(entry.env.log.as_str()).or_default();
+        let (fresh, carried) = match changes.get(&seq) {
+            Some(Change::Put { fresh, carried, .. }) => (*fresh, *carried),
+            Some(Change::Delete) => (false, false),
+            None => new_flags(&entry),
+        };
+        let young = fresh && !carried;
+        let size = entry_bytes(&entry);
+        self.put_bytes += size;
+        self.young_bytes += if young { size } else { 0 };
+        let put = Change::Put {
+            entry,
+            fresh,
+            carried,
+        };
+        match changes.insert(seq, put) {
+            Some(Change::Put { entry: old, .. }) => {
+                let size = entry_bytes(&old);
+                self.put_bytes -= size;
+                self.young_bytes -= if young { size } else { 0 };
+            }
+            Some(Change::Delete) => {}
+            None => self.entry_changes += 1,
+        }
     }
 
     /// The folded change as one batch (entries in key order), as a checkpoint that carries
@@ -247,17 +253,7 @@ impl Unapplied {
     pub(super) fn keep_carried(&mut self, carried: Vec<StoredEntry>) {
         self.clear();
         for entry in carried {
-            self.put_bytes += entry_bytes(&entry);
-            let seq = entry.env.seq;
-            let changes = self.entries.entry_ref(entry.env.log.as_str()).or_default();
-            let put = Change::Put {
-                entry,
-                fresh: true,
-                carried: true,
-            };
-            if changes.insert(seq, put).is_none() {
-                self.entry_changes += 1;
-            }
+            self.put(entry, |_| (true, true));
         }
     }
 }
