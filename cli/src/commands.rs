@@ -935,10 +935,13 @@ impl Batch {
                 "--count does not go with PAYLOAD `-`: each line of stdin is one message".into()
             ));
         }
-        let template = |text: &str| match args.count {
-            Some(_) => Template::parse(text).map_err(|e| anyhow!(UsageError(e))),
-            None if stdin => Template::parse(text).map_err(|e| anyhow!(UsageError(e))),
-            None => Ok(Template::verbatim(text)),
+        // Placeholders mean something only when there are many messages.
+        let template = |text: &str| {
+            if args.count.is_some() || stdin {
+                Template::parse(text).map_err(|e| anyhow!(UsageError(e)))
+            } else {
+                Ok(Template::verbatim(text))
+            }
         };
         let payload = if stdin {
             let lines = read_lines(std::io::stdin().lock(), STDIN_MAX_LINES, STDIN_MAX_BYTES)
