@@ -12,7 +12,7 @@
 //! overall budget, and every child process is killed when its guard drops (also on panic).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -216,12 +216,7 @@ impl Running {
 
     /// Asks the process to stop with SIGTERM and waits for its exit.
     fn terminate(mut self, limit: Duration) -> ExitStatus {
-        let pid = self.guard.child.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM {pid} failed");
+        signal(&self.guard.child, "-TERM");
         self.guard.wait(limit)
     }
 }
@@ -372,10 +367,9 @@ fn node_prints_every_message_a_pipelined_send_delivers() {
         );
     }
 
-    // PAYLOAD `-`: each line of stdin is one message (here all of one key, so in order).
-    let dir = tempfile::tempdir().expect("tempdir");
-    let input = dir.path().join("lines.txt");
-    std::fs::write(&input, "first line\r\n\nthird {i}\n").expect("write stdin");
+    // PAYLOAD `-`: each line of stdin is one message (here all of one key, so in order),
+    // sent as it arrives: the first two lines reach the node while stdin is still open,
+    // though a call could take three.
     let mut from_stdin = mesh.command(&[
         "send",
         "inventory",
@@ -383,36 +377,98 @@ fn node_prints_every_message_a_pipelined_send_delivers() {
         "--key",
         "lines",
         "--batch",
-        "2",
+        "3",
         "--timeout",
         "30s",
     ]);
-    from_stdin.stdin(std::fs::File::open(&input).expect("open stdin"));
-    let sent = run(from_stdin, "peerbus send -", budget.left());
+    from_stdin.stdin(Stdio::piped());
+    let mut sending = spawn(from_stdin, "peerbus send -");
+    let mut stdin = sending.guard.child.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"first line\r\n\n")
+        .and_then(|()| stdin.flush())
+        .expect("write stdin");
+    let payloads = |lines: Vec<String>| -> Vec<String> {
+        lines
+            .iter()
+            .map(|line| {
+                parse_line(line)["payload"]
+                    .as_str()
+                    .expect("payload")
+                    .into()
+            })
+            .collect()
+    };
+    let before_end = node.take_lines(2, budget.left().min(Duration::from_secs(30)));
+    assert_eq!(payloads(before_end), ["first line", ""], "lines as sent");
+    stdin.write_all(b"third {i}\n").expect("write stdin");
+    drop(stdin);
+    let status = sending.guard.wait(budget.left());
+    let summary = sending
+        .lines
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_default();
     assert!(
-        sent.status.success() && sent.stdout.starts_with("sent 3 messages to inventory"),
-        "send - ({}): {}\n{}",
-        sent.status,
-        sent.stdout,
-        sent.stderr
+        status.success() && summary.starts_with("sent 3 messages to inventory"),
+        "send - ({status}): {summary}\n{}",
+        sending.guard.stderr()
     );
-    let printed: Vec<String> = node
-        .take_lines(3, budget.left().min(Duration::from_secs(20)))
-        .iter()
-        .map(|line| {
-            parse_line(line)["payload"]
-                .as_str()
-                .expect("payload")
-                .into()
-        })
-        .collect();
-    assert_eq!(printed, ["first line", "", "third {i}"], "lines as sent");
+    let last = node.take_lines(1, budget.left().min(Duration::from_secs(20)));
+    assert_eq!(payloads(last), ["third {i}"], "lines as sent");
 
     let status = node.terminate(budget.left().min(Duration::from_secs(20)));
     assert!(
         status.success(),
         "node did not exit cleanly on SIGTERM: {status}"
     );
+}
+
+/// Sends `signal` (`-TERM`, `-STOP`, `-CONT`) to `child`.
+fn signal(child: &Child, signal: &str) {
+    let pid = child.id().to_string();
+    let sent = Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {signal} {pid} failed");
+}
+
+#[test]
+fn send_from_stdin_stops_at_the_first_message_a_frozen_consumer_leaves_unacknowledged() {
+    let budget = Budget::new(60);
+    let mesh = Mesh::open("frozen");
+    let node = spawn(
+        mesh.command(&["node", "--service", "inventory", "--print"]),
+        "peerbus node --print",
+    );
+    let mut send = mesh.command(&["send", "inventory", "-", "--timeout", "2s"]);
+    send.stdin(Stdio::piped());
+    let mut sending = spawn(send, "peerbus send -");
+    let mut stdin = sending.guard.child.stdin.take().expect("stdin");
+    stdin.write_all(b"one\n").expect("write stdin");
+    let printed = node.take_lines(1, budget.left().min(Duration::from_secs(30)));
+    assert!(printed[0].contains(r#""payload":"one""#), "{printed:?}");
+
+    // Frozen, the consumer acknowledges nothing: the next line is 2 s late, and `send`
+    // fails then, with stdin still open.
+    signal(&node.guard.child, "-STOP");
+    stdin.write_all(b"two\n").expect("write stdin");
+    let status = sending
+        .guard
+        .wait(budget.left().min(Duration::from_secs(20)));
+    signal(&node.guard.child, "-CONT");
+    let stderr = sending.guard.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "1 of 2 messages to `inventory` acknowledged within 2s each; 1 still \
+             unacknowledged; stopped there: the rest of stdin was not read"
+        ),
+        "{stderr}"
+    );
+    drop(stdin);
+    let status = node.terminate(budget.left().min(Duration::from_secs(20)));
+    assert!(status.success(), "node did not exit cleanly: {status}");
 }
 
 #[test]

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::value_parser;
-use peerbus::{MeshKey, Node, Outgoing, PeerInfo, PeerState, Receipt, Subscription};
+use peerbus::{MeshKey, Node, Outgoing, PeerInfo, PeerState, Subscription};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::common::{CLI_SERVICE, CommonArgs, UsageError, shutdown_signal};
 use crate::output::{counted, message_json, peers_table, print_line, rate, state_name};
-use crate::template::Template;
+use crate::produce::{Batch, Dest};
 
 /// How long `pub` waits for peers before publishing.
 const PEERS_WAIT: Duration = Duration::from_secs(2);
@@ -89,33 +89,36 @@ pub(crate) struct PubArgs {
 
 /// What `send` and `pub` send.
 #[derive(Debug, clap::Args)]
-struct BatchArgs {
+pub(crate) struct BatchArgs {
     /// The payload (text). With --count, `{i}` becomes the message index (from 0) and `{i%M}`
-    /// the index modulo M. `-` sends each line of stdin as one message instead (at most
-    /// 100,000 lines and 64 MiB; `{i}` in --key is then the line's index).
-    payload: String,
+    /// the index modulo M. `-` sends each line of stdin as one message instead, as the lines
+    /// arrive (`tail -f app.log | peerbus pub logs -` works), until stdin ends; `{i}` in --key
+    /// is then the line's index. A line may hold up to 16 MiB.
+    pub(crate) payload: String,
     /// Partition key: messages with one key are handled in order. With --count, `{i}` and
     /// `{i%M}` work as in the payload.
     #[arg(long)]
-    key: Option<String>,
+    pub(crate) key: Option<String>,
     /// Send this many messages (pipelined: they do not wait for each other's acknowledgement).
     #[arg(long, value_name = "N", value_parser = value_parser!(u64).range(1..))]
-    count: Option<u64>,
-    /// Hand the messages to the node B at a time (`send_batch`/`publish_batch`): each group of
-    /// B is stored in one commit, in order, or not at all. At most 1,024 (and 16 MiB a call).
+    pub(crate) count: Option<u64>,
+    /// Hand the messages to the node up to B at a time (`send_batch`/`publish_batch`): each
+    /// call is stored in one commit, in order, or not at all. At most 1,024 (a call also ends
+    /// before it would pass 16 MiB). From stdin, a call takes the lines that have arrived.
     #[arg(long, value_name = "B", default_value_t = 1,
           value_parser = value_parser!(u64).range(1..=peerbus::MAX_BATCH as u64))]
-    batch: u64,
-    /// How long to wait for a consumer, and then for every acknowledgement (e.g. `500ms`, `1m`).
+    pub(crate) batch: u64,
+    /// How long to wait for a consumer; then how long each message may take to be stored, and
+    /// to be acknowledged once stored (e.g. `500ms`, `1m`).
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
+    pub(crate) timeout: Duration,
     #[command(flatten)]
-    headers: HeaderArgs,
+    pub(crate) headers: HeaderArgs,
 }
 
 /// Headers every message of a `send`, `pub`, `req` or `scatter` carries.
 #[derive(Clone, Debug, clap::Args)]
-struct HeaderArgs {
+pub(crate) struct HeaderArgs {
     /// Add a header (repeatable), for example `-H tenant=acme`: the name is everything before
     /// the first `=`. A `traceparent` given here continues that trace instead of starting one.
     #[arg(short = 'H', long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
@@ -124,7 +127,7 @@ struct HeaderArgs {
 
 impl HeaderArgs {
     /// `msg` with these headers added, in the order given.
-    fn apply(&self, msg: Outgoing) -> Outgoing {
+    pub(crate) fn apply(&self, msg: Outgoing) -> Outgoing {
         self.headers
             .iter()
             .fold(msg, |msg, (name, value)| msg.header(name, value))
@@ -356,18 +359,18 @@ async fn receive(
 
 /// Sends to a service and waits for every acknowledgement.
 pub(crate) async fn send(common: &CommonArgs, args: &SendArgs) -> Result<()> {
-    let batch = Batch::new(&args.batch)?;
     if args.no_wait && common.data_dir.is_none() {
         return Err(UsageError(
             "--no-wait needs --data-dir: without one, stored messages die with this process".into(),
         )
         .into());
     }
+    let batch = Batch::new(&args.batch)?;
     let node = common.start(CLI_SERVICE).await?;
     let result = if args.no_wait {
-        store_batch(&node, &args.service, &batch).await
+        store_batch(&node, &args.service, batch).await
     } else {
-        send_batch(&node, &args.service, &batch).await
+        send_batch(&node, &args.service, batch).await
     };
     if let Ok(summary) = &result {
         print_line(summary)?;
@@ -377,13 +380,15 @@ pub(crate) async fn send(common: &CommonArgs, args: &SendArgs) -> Result<()> {
 }
 
 /// `send --no-wait`: store durably and return.
-async fn store_batch(node: &Node, service: &str, batch: &Batch) -> Result<String> {
-    batch.submit(node, Dest::Service(service), None).await?;
+async fn store_batch(node: &Node, service: &str, batch: Batch) -> Result<String> {
+    let sent = batch
+        .run(node, Dest::Service(service), false, &format!("`{service}`"))
+        .await?;
     let waiting = log_backlog(node, service).await;
     Ok(format!(
-        "stored {} messages for {service} ({waiting} waiting in the log); a later run with the \
+        "stored {} for {service} ({waiting} waiting in the log); a later run with the \
          same --data-dir delivers them",
-        batch.count
+        counted(sent.messages, "message", "messages"),
     ))
 }
 
@@ -399,19 +404,16 @@ async fn log_backlog(node: &Node, service: &str) -> usize {
         .unwrap_or(0)
 }
 
-async fn send_batch(node: &Node, service: &str, batch: &Batch) -> Result<String> {
+async fn send_batch(node: &Node, service: &str, batch: Batch) -> Result<String> {
     let timeout = batch.timeout;
     if !node.wait_for_consumers(service, 1, timeout).await {
         return Err(no_instance_error(node, service, timeout).await);
     }
-    let start = Instant::now();
-    let deadline = start + timeout;
-    let receipts = batch
-        .submit(node, Dest::Service(service), Some(deadline))
+    let sent = batch
+        .run(node, Dest::Service(service), true, &format!("`{service}`"))
         .await?;
-    let copies = await_receipts(receipts, deadline, &format!("`{service}`"), timeout).await?;
-    let elapsed = start.elapsed();
     // Entries an earlier run left in this data directory are delivered too: wait for them.
+    let deadline = Instant::now() + timeout;
     let mut leftover = log_backlog(node, service).await;
     let earlier = leftover;
     while leftover > 0 {
@@ -428,8 +430,8 @@ async fn send_batch(node: &Node, service: &str, batch: &Batch) -> Result<String>
     };
     Ok(format!(
         "sent {} to {service}{also}, all acknowledged in {}",
-        counted(copies, "message", "messages"),
-        rate(copies, elapsed)
+        counted(sent.copies, "message", "messages"),
+        rate(sent.copies, sent.elapsed)
     ))
 }
 
@@ -437,7 +439,7 @@ async fn send_batch(node: &Node, service: &str, batch: &Batch) -> Result<String>
 pub(crate) async fn publish(common: &CommonArgs, args: &PubArgs) -> Result<()> {
     let batch = Batch::new(&args.batch)?;
     let node = common.start(CLI_SERVICE).await?;
-    let result = publish_batch(&node, &args.topic, &batch, args.no_wait).await;
+    let result = publish_batch(&node, &args.topic, batch, args.no_wait).await;
     if let Ok(summary) = &result {
         print_line(summary)?;
     }
@@ -445,33 +447,28 @@ pub(crate) async fn publish(common: &CommonArgs, args: &PubArgs) -> Result<()> {
     result.map(drop)
 }
 
-async fn publish_batch(node: &Node, topic: &str, batch: &Batch, no_wait: bool) -> Result<String> {
-    let timeout = batch.timeout;
+async fn publish_batch(node: &Node, topic: &str, batch: Batch, no_wait: bool) -> Result<String> {
     // Subscriber groups are learnt from connected peers (their hello carries their
     // interests), so give discovery a moment.
-    let wait = timeout.min(PEERS_WAIT);
+    let wait = batch.timeout.min(PEERS_WAIT);
     if !wait_for_peers(node, wait).await {
         warn!(
             "no peer connected within {}; publishing anyway",
             fmt_dur(wait)
         );
     }
-    let start = Instant::now();
-    let deadline = start + timeout;
-    let receipts = batch
-        .submit(node, Dest::Topic(topic), Some(deadline))
+    let sent = batch
+        .run(node, Dest::Topic(topic), !no_wait, "subscriber groups")
         .await?;
-    let n = batch.count;
+    let n = sent.messages;
     if no_wait {
-        let stored: usize = receipts.iter().map(Receipt::copies).sum();
         return Ok(format!(
             "published {} to {topic}: {} stored",
             counted(n, "message", "messages"),
-            counted(stored as u64, "group copy", "group copies")
+            counted(sent.copies, "group copy", "group copies")
         ));
     }
-    let copies = await_receipts(receipts, deadline, "subscriber groups", timeout).await?;
-    if copies == 0 {
+    if sent.copies == 0 {
         warn!(topic, "no subscriber group is known for this topic");
         return Ok(format!(
             "published {} to {topic}: no subscriber group is known, nothing was stored",
@@ -481,53 +478,9 @@ async fn publish_batch(node: &Node, topic: &str, batch: &Batch, no_wait: bool) -
     Ok(format!(
         "published {} to {topic} as {}, all acknowledged in {}",
         counted(n, "message", "messages"),
-        counted(copies, "group copy", "group copies"),
-        rate(copies, start.elapsed())
+        counted(sent.copies, "group copy", "group copies"),
+        rate(sent.copies, sent.elapsed)
     ))
-}
-
-/// Awaits every receipt until `deadline`; returns the number of copies acknowledged, or an
-/// error saying how many were not.
-async fn await_receipts(
-    receipts: Vec<Receipt>,
-    deadline: Instant,
-    to: &str,
-    timeout: Duration,
-) -> Result<u64> {
-    let total: usize = receipts.iter().map(Receipt::copies).sum();
-    let mut acked = 0u64;
-    let mut failed = 0u64;
-    let mut first_error = None;
-    let mut timed_out = false;
-    for r in receipts {
-        let copies = r.copies() as u64;
-        if timed_out {
-            continue;
-        }
-        match tokio::time::timeout_at(deadline, r.acked()).await {
-            Ok(Ok(())) => acked += copies,
-            Ok(Err(e)) => {
-                failed += copies;
-                first_error.get_or_insert(e);
-            }
-            Err(_) => timed_out = true,
-        }
-    }
-    if acked == total as u64 {
-        return Ok(acked);
-    }
-    let mut msg = format!(
-        "{acked} of {total} messages to {to} acknowledged within {}",
-        fmt_dur(timeout)
-    );
-    if let Some(e) = first_error {
-        msg.push_str(&format!("; {failed} not delivered (first: {e})"));
-    }
-    let pending = total as u64 - acked - failed;
-    if pending > 0 {
-        msg.push_str(&format!("; {pending} still unacknowledged"));
-    }
-    Err(anyhow!(msg))
 }
 
 /// Subscribes and prints every message as a JSON line until Ctrl-C or SIGTERM.
@@ -859,204 +812,9 @@ fn fmt_dur(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
-/// Most lines `send -`/`pub -` read from stdin.
-const STDIN_MAX_LINES: usize = 100_000;
-/// Most bytes `send -`/`pub -` read from stdin.
-const STDIN_MAX_BYTES: usize = 64 * 1024 * 1024;
-
-/// What the messages of `send`/`pub` carry.
-enum Payloads {
-    /// The PAYLOAD argument, rendered for each index.
-    Template(Template),
-    /// The lines of stdin (PAYLOAD `-`), one message each.
-    Lines(Vec<String>),
-}
-
-/// Reads the lines of `input`, without their line ends (`\n` or `\r\n`), failing once they
-/// are more than `max_lines` or `max_bytes` (never reading more than one byte past that).
-fn read_lines(
-    input: impl std::io::BufRead,
-    max_lines: usize,
-    max_bytes: usize,
-) -> Result<Vec<String>, String> {
-    use std::io::BufRead as _;
-    let too_much = || {
-        format!(
-            "stdin holds more than {max_lines} lines or {} MiB: send it in parts",
-            max_bytes / (1024 * 1024)
-        )
-    };
-    let mut input = input.take(max_bytes as u64 + 1);
-    let (mut lines, mut bytes, mut buf) = (Vec::new(), 0, Vec::new());
-    loop {
-        buf.clear();
-        let n = input
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| format!("could not read stdin: {e}"))?;
-        if n == 0 {
-            return Ok(lines);
-        }
-        bytes += n;
-        if lines.len() == max_lines || bytes > max_bytes {
-            return Err(too_much());
-        }
-        let line = buf.strip_suffix(b"\n").unwrap_or(&buf);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let line = std::str::from_utf8(line)
-            .map_err(|_| format!("line {} of stdin is not UTF-8 text", lines.len() + 1))?;
-        lines.push(line.to_string());
-    }
-}
-
-/// The messages `send`/`pub` produce.
-struct Batch {
-    payload: Payloads,
-    key: Option<Template>,
-    count: u64,
-    /// Messages per call (`--batch`).
-    per_call: u64,
-    timeout: Duration,
-    /// `--header`s, on every message.
-    headers: HeaderArgs,
-}
-
-/// Where `send`/`pub` put their messages.
-#[derive(Clone, Copy)]
-enum Dest<'a> {
-    Service(&'a str),
-    Topic(&'a str),
-}
-
-impl Batch {
-    fn new(args: &BatchArgs) -> Result<Self> {
-        let stdin = args.payload == "-";
-        if stdin && args.count.is_some() {
-            bail!(UsageError(
-                "--count does not go with PAYLOAD `-`: each line of stdin is one message".into()
-            ));
-        }
-        // Placeholders mean something only when there are many messages.
-        let template = |text: &str| {
-            if args.count.is_some() || stdin {
-                Template::parse(text).map_err(|e| anyhow!(UsageError(e)))
-            } else {
-                Ok(Template::verbatim(text))
-            }
-        };
-        let payload = if stdin {
-            let lines = read_lines(std::io::stdin().lock(), STDIN_MAX_LINES, STDIN_MAX_BYTES)
-                .map_err(|e| anyhow!(UsageError(e)))?;
-            if lines.is_empty() {
-                bail!(UsageError("stdin held no line to send".into()));
-            }
-            Payloads::Lines(lines)
-        } else {
-            Payloads::Template(template(&args.payload)?)
-        };
-        let count = match &payload {
-            Payloads::Lines(lines) => lines.len() as u64,
-            Payloads::Template(_) => args.count.unwrap_or(1),
-        };
-        Ok(Self {
-            payload,
-            key: args.key.as_deref().map(template).transpose()?,
-            count,
-            per_call: args.batch,
-            timeout: args.timeout,
-            headers: args.headers.clone(),
-        })
-    }
-
-    /// Hands every message to `node`, in order, [`Self::per_call`] at a time (a single message
-    /// with `send`/`publish`, more with `send_batch`/`publish_batch`), each call by `deadline`
-    /// if one is given. Returns one receipt per call; stops at the first call that fails,
-    /// naming the messages it held.
-    async fn submit(
-        &self,
-        node: &Node,
-        dest: Dest<'_>,
-        deadline: Option<Instant>,
-    ) -> Result<Vec<Receipt>> {
-        let mut receipts = Vec::new();
-        let mut first = 0;
-        while first < self.count {
-            let end = (first + self.per_call).min(self.count);
-            let call = async {
-                match (dest, end - first) {
-                    (Dest::Service(s), 1) => node.send(s, self.message(first)).await,
-                    (Dest::Topic(t), 1) => node.publish(t, self.message(first)).await,
-                    (Dest::Service(s), _) => {
-                        node.send_batch(s, (first..end).map(|i| self.message(i)))
-                            .await
-                    }
-                    (Dest::Topic(t), _) => {
-                        node.publish_batch(t, (first..end).map(|i| self.message(i)))
-                            .await
-                    }
-                }
-            };
-            // Named only when a call fails.
-            let which = || {
-                if end - first == 1 {
-                    format!("message {first}")
-                } else {
-                    format!("messages {first}..{}", end - 1)
-                }
-            };
-            let result = match deadline {
-                Some(at) => tokio::time::timeout_at(at, call).await.map_err(|_| {
-                    anyhow!(
-                        "timed out after {} storing {}",
-                        fmt_dur(self.timeout),
-                        which()
-                    )
-                })?,
-                None => call.await,
-            };
-            let receipt = result.with_context(|| match dest {
-                Dest::Service(s) => format!("could not send {} to `{s}`", which()),
-                Dest::Topic(t) => format!("could not publish {} on `{t}`", which()),
-            })?;
-            receipts.push(receipt);
-            first = end;
-        }
-        Ok(receipts)
-    }
-
-    fn message(&self, i: u64) -> Outgoing {
-        let payload = match &self.payload {
-            Payloads::Template(t) => t.render(i),
-            Payloads::Lines(lines) => lines.get(i as usize).cloned().unwrap_or_default(),
-        };
-        let msg = self.headers.apply(Outgoing::new(payload));
-        match &self.key {
-            Some(k) => msg.key(k.render(i)),
-            None => msg,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{parse_header, read_lines};
-
-    #[test]
-    fn stdin_lines_lose_their_line_ends_and_are_bounded() {
-        let read = |text: &str, lines, bytes| read_lines(text.as_bytes(), lines, bytes);
-        assert_eq!(
-            read("a\r\n\nb c\nlast", 10, 100),
-            Ok(vec!["a".into(), String::new(), "b c".into(), "last".into()])
-        );
-        assert_eq!(read("", 10, 100), Ok(Vec::<String>::new()));
-        assert_eq!(read("1\n2\n", 2, 100).map(|l| l.len()), Ok(2));
-        assert!(read("1\n2\n3\n", 2, 100).is_err(), "a line too many");
-        assert!(read("12345\n", 10, 5).is_err(), "a byte too many");
-        assert_eq!(read("1234\n", 10, 5).map(|l| l.len()), Ok(1));
-        assert!(
-            read_lines(&b"ok\n\xff\n"[..], 10, 100).is_err(),
-            "not UTF-8"
-        );
-    }
+    use super::parse_header;
 
     #[test]
     fn a_header_is_split_at_its_first_equals_sign() {

@@ -11,6 +11,7 @@ mod commands;
 mod common;
 mod demo;
 mod output;
+mod produce;
 mod template;
 
 use std::process::ExitCode;

@@ -163,8 +163,10 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// What counts against `max_message_size`: the payload, the headers and the key.
-    pub(crate) fn size(&self) -> usize {
+    /// What counts against the node's maximum message size and against a batch's
+    /// [`MAX_BATCH_BYTES`](crate::MAX_BATCH_BYTES): the bytes of the payload, of the headers'
+    /// names and values, and of the key.
+    pub fn size(&self) -> usize {
         self.payload.len()
             + self
                 .headers
