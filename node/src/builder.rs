@@ -12,11 +12,12 @@ use crate::error::StartError;
 use crate::node::Node;
 use crate::store::Durability;
 
-/// The most data lanes [`NodeBuilder::lanes`] allows. With its reply stream, a connection then
-/// opens at most 64 unidirectional streams towards a peer: the limit of nodes built before the
-/// reply stream existed, so they accept it too.
+/// The most data lanes [`NodeBuilder::lanes`] allows. With its direct stream (requests and
+/// replies written without the writer task), a connection then opens at most 64
+/// unidirectional streams towards a peer: the limit of nodes built before that stream
+/// existed, so they accept it too.
 pub const MAX_LANES: usize = 63;
-// Lanes plus the reply stream fit in the 64 streams an older node accepts.
+// Lanes plus the direct stream fit in the 64 streams an older node accepts.
 const _: () = assert!(MAX_LANES < 64);
 
 /// How a node proves it belongs to its mesh.
@@ -406,7 +407,7 @@ impl NodeBuilder {
 mod tests {
     use super::*;
 
-    /// A node's lanes stay between 1 and `MAX_LANES`, so that with its reply stream it never
+    /// A node's lanes stay between 1 and `MAX_LANES`, so that with its direct stream it never
     /// opens more streams towards a peer than a node of an older build accepts (64).
     #[test]
     fn lanes_are_kept_between_one_and_the_most_an_older_peer_accepts() {

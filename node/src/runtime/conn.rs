@@ -276,6 +276,8 @@ pub(crate) struct ConnHandles {
     /// The latest deadline (engine ms) of the peer's requests that arrived on it, raised by
     /// the lane readers, so a retired connection stays open while they may still be answered.
     pub(crate) serving: Arc<AtomicU64>,
+    /// The connection's [`DirectStream`]: core writes requests there, the lane readers replies.
+    pub(crate) direct: Arc<DirectStream>,
 }
 
 /// Starts the writer, readers and close watcher of an accepted connection.
@@ -287,6 +289,7 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
         cancel,
         gone,
         serving,
+        direct,
     } = handles;
     let Ready {
         conn,
@@ -318,10 +321,7 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
         cancel: cancel.clone(),
         gone: gone.clone(),
         serving,
-        replies: Arc::new(ReplyStream {
-            conn: conn.clone(),
-            stream: tokio::sync::Mutex::new(None),
-        }),
+        replies: direct,
     };
     t.spawn(
         control_reader(shared.clone(), peer, generation, ctl_rx, cancel.clone())
@@ -527,25 +527,41 @@ struct LaneContext {
     /// The latest deadline (engine ms) of the peer's requests that arrived on the connection.
     serving: Arc<AtomicU64>,
     /// Where the lane readers write the replies of handlers that answered without waiting.
-    replies: Arc<ReplyStream>,
+    replies: Arc<DirectStream>,
 }
 
-/// The connection's reply stream: one more unidirectional stream, opened by the first reply a
-/// lane reader writes itself. Writing a reply here, from the task that read the request, saves
-/// the hop through the writer task: a task hop on the way back cost a request about 8 µs of its
-/// 54 µs in a raw quinn model of these tasks (two cores). A lane reader that finds the stream
-/// busy (another reader writing) queues its reply to the writer instead. The requester reads
-/// it like any lane (replies need no order).
-struct ReplyStream {
+/// The connection's direct stream: one more unidirectional stream, opened by the first frame
+/// written on it, for frames written without the hop through the writer task: the replies of
+/// handlers that answered at once, written by the lane reader that read the request, and the
+/// requests core sends. A task hop cost a request about 8 µs of its 54 µs in a raw quinn
+/// model of these tasks (two cores). Whoever finds the stream busy (another task writing)
+/// queues its frame to the writer instead. The peer reads it like any lane (neither requests
+/// nor replies need an order).
+pub(crate) struct DirectStream {
     conn: Connection,
+    /// How envelopes travel on the connection (requests carry one).
+    dialect: Dialect,
     stream: tokio::sync::Mutex<Option<FrameSender>>,
+    /// A task flushes what core left buffered when QUIC could not take it at once: until it is
+    /// done, core queues its requests to the writer. So at most one such task runs per
+    /// connection, and the buffer holds at most what one write could not hand over.
+    flushing: AtomicBool,
 }
 
-impl ReplyStream {
-    /// Writes the reply to request `corr` on the reply stream, or, when another lane reader is
+impl DirectStream {
+    pub(crate) fn new(conn: Connection, dialect: Dialect) -> Self {
+        Self {
+            conn,
+            dialect,
+            stream: tokio::sync::Mutex::new(None),
+            flushing: AtomicBool::new(false),
+        }
+    }
+
+    /// Writes the reply to request `corr` on the direct stream, or, when another task is
     /// writing there, queues it to the writer (`out`). Waits while QUIC flow control holds the
     /// stream back: a requester that does not read its replies stops its own requests there.
-    async fn send(
+    async fn reply(
         &self,
         out: &mpsc::Sender<Out>,
         lanes: usize,
@@ -560,7 +576,7 @@ impl ReplyStream {
             match self.conn.open_uni().await {
                 Ok(s) => *stream = Some(s),
                 Err(e) => {
-                    debug!(corr, error = %e, "reply dropped: cannot open the reply stream");
+                    debug!(corr, error = %e, "reply dropped: cannot open the direct stream");
                     return;
                 }
             }
@@ -574,11 +590,65 @@ impl ReplyStream {
             return;
         }
         if let Err(e) = s.flush().await {
-            // The connection is gone (the requester learns that); a later reply opens a new
+            // The connection is gone (the requester learns that); a later frame opens a new
             // stream if it is not.
-            debug!(corr, error = %e, "reply dropped: the reply stream failed");
+            debug!(corr, error = %e, "reply dropped: the direct stream failed");
             *stream = None;
         }
+    }
+
+    /// Core's request `frame`, written on the direct stream without waiting: `false` when the
+    /// caller must queue it to the writer instead (another task is writing, the stream cannot
+    /// be opened at once, or the frame cannot be encoded). What QUIC does not take at once
+    /// stays buffered in order, and one task is started to flush it.
+    pub(crate) fn try_request(self: &Arc<Self>, frame: &Data) -> bool {
+        let Ok(mut stream) = self.stream.try_lock() else {
+            return false;
+        };
+        // While a flush waits for QUIC, nothing more is buffered here: what the stream holds
+        // stays at what one write could not hand over.
+        if self.flushing.load(Ordering::Acquire) {
+            return false;
+        }
+        if stream.is_none() {
+            match self.conn.open_uni().now_or_never() {
+                Some(Ok(s)) => *stream = Some(s),
+                _ => return false,
+            }
+        }
+        let Some(s) = stream.as_mut() else {
+            return false;
+        };
+        if push_data(s, frame, self.dialect).is_err() {
+            // Nothing was buffered; the writer says why it drops it.
+            return false;
+        }
+        match s.flush().now_or_never() {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                // The connection is failing: the request ends with it (or at its deadline),
+                // as one the writer could not send.
+                debug!(error = %e, "request dropped: the direct stream failed");
+                *stream = None;
+            }
+            // Flow control holds the stream back: the flush goes on in a task of its own, and
+            // later requests go to the writer until it is done.
+            None => {
+                self.flushing.store(true, Ordering::Release);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let mut stream = this.stream.lock().await;
+                    if let Some(s) = stream.as_mut()
+                        && let Err(e) = s.flush().await
+                    {
+                        debug!(error = %e, "requests dropped: the direct stream failed");
+                        *stream = None;
+                    }
+                    this.flushing.store(false, Ordering::Release);
+                });
+            }
+        }
+        true
     }
 }
 
@@ -695,7 +765,7 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
                     continue;
                 };
                 // The handler's first poll runs here: one that answers without waiting is
-                // replied to from this task (see `ReplyStream`); one that waits goes on in a
+                // replied to from this task (see `DirectStream`); one that waits goes on in a
                 // task of its own.
                 let deadline = tokio::time::Instant::now() + Duration::from_millis(budget_ms);
                 let mut reply = (server.run)(env, budget_ms);
@@ -704,7 +774,7 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
                         drop(permit);
                         if let Some(result) = result {
                             tokio::select! {
-                                () = replies.send(&out, shared.lanes, corr, result) => {}
+                                () = replies.reply(&out, shared.lanes, corr, result) => {}
                                 () = cancel.cancelled() => return,
                             }
                         }

@@ -21,7 +21,9 @@ use crate::engine::FastMap;
 use crate::engine::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target, Transmit};
 use crate::engine::routing::stable_hash;
-use crate::engine::wire::{Control, Data, Envelope, GroupState, Hello, Interest, MAX_ACK_RUN_SEQS};
+use crate::engine::wire::{
+    Control, Data, Dialect, Envelope, GroupState, Hello, Interest, MAX_ACK_RUN_SEQS,
+};
 use crate::error::{DeliveryError, RequestError, SendError};
 use crate::node::{CallReply, CopyReceipt, PeerInfo, PeerState, Status};
 use crate::store::{DeadLetter, StoredEntry};
@@ -238,6 +240,8 @@ struct Link {
     peer_retired: bool,
     /// The protocol version the connection speaks.
     protocol: u32,
+    /// Where requests go without the writer's hop, when it is free.
+    direct: Arc<conn::DirectStream>,
 }
 
 struct Known {
@@ -1628,13 +1632,16 @@ impl Core {
         };
         l.outstanding += 1;
         let generation = l.generation;
-        try_out(
-            l,
-            Out::Data {
-                lane: (corr % lanes) as usize,
-                frame: Data::Request { budget_ms, env },
-            },
-        );
+        let frame = Data::Request { budget_ms, env };
+        if !l.direct.try_request(&frame) {
+            try_out(
+                l,
+                Out::Data {
+                    lane: (corr % lanes) as usize,
+                    frame,
+                },
+            );
+        }
         let deadline = self.shared.now() + budget_ms;
         self.requests_due = self.requests_due.min(deadline);
         self.requests.insert(
@@ -1801,7 +1808,7 @@ impl Core {
 
     /// A new generation, writer queue, cancel token and flags for a connection about to
     /// start (`gone`: whether it starts out retired).
-    fn connection_handles(&mut self, gone: bool) -> conn::ConnHandles {
+    fn connection_handles(&mut self, r: &conn::Ready, gone: bool) -> conn::ConnHandles {
         let generation = self.next_generation;
         self.next_generation += 1;
         let (out, rx) = mpsc::channel(super::LINK_QUEUE);
@@ -1812,6 +1819,10 @@ impl Core {
             cancel: self.shared.cancel.child_token(),
             gone: Arc::new(AtomicBool::new(gone)),
             serving: Arc::new(AtomicU64::new(0)),
+            direct: Arc::new(conn::DirectStream::new(
+                r.conn.clone(),
+                Dialect::of(r.version),
+            )),
         }
     }
 
@@ -1868,7 +1879,7 @@ impl Core {
                 }
             }
         }
-        let handles = self.connection_handles(false);
+        let handles = self.connection_handles(&r, false);
         let generation = handles.generation;
         self.remember_groups(&r.hello.interests, false);
         self.outbox.peer_up(
@@ -1934,6 +1945,7 @@ impl Core {
             cancel: handles.cancel.clone(),
             gone: handles.gone.clone(),
             serving: handles.serving.clone(),
+            direct: handles.direct.clone(),
             peer_retired: false,
             protocol: r.version,
         };

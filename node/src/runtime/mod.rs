@@ -80,7 +80,7 @@ pub(crate) const MAX_KNOWN_PEERS: usize = 4096;
 /// Handshakes (TLS + mesh proof + hello) running at once on the accept side.
 pub(crate) const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Unidirectional streams a peer may open towards us per connection: its data lanes (at most
-/// [`MAX_LANES`](crate::MAX_LANES)) and its reply stream (`conn::ReplyStream`), plus one for
+/// [`MAX_LANES`](crate::MAX_LANES)) and its direct stream (`conn::DirectStream`), plus one for
 /// builds that allowed 64 lanes.
 pub(crate) const MAX_INBOUND_LANES: usize = 64 + 1;
 

@@ -115,7 +115,7 @@ impl Core {
     /// Retires a newly arrived connection that lost the tie-break to the one we have: it
     /// runs like any connection, without being registered as the peer's link.
     pub(super) fn retire_new(&mut self, r: conn::Ready) {
-        let handles = self.connection_handles(true);
+        let handles = self.connection_handles(&r, true);
         let generation = handles.generation;
         let retiring = Retiring {
             peer: r.hello.node_id,
