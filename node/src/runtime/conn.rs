@@ -15,6 +15,7 @@ use peerbus_transport::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::core::{Completion, CoreMsg, Out, Replied, local_hello};
@@ -541,11 +542,17 @@ pub(crate) struct DirectStream {
     conn: Connection,
     /// How envelopes travel on the connection (requests carry one).
     dialect: Dialect,
-    stream: tokio::sync::Mutex<Option<FrameSender>>,
+    state: tokio::sync::Mutex<Direct>,
+}
+
+/// The direct stream once opened, and whether a task flushes it.
+#[derive(Default)]
+struct Direct {
+    stream: Option<FrameSender>,
     /// A task flushes what core left buffered when QUIC could not take it at once: until it is
     /// done, core queues its requests to the writer. So at most one such task runs per
     /// connection, and the buffer holds at most what one write could not hand over.
-    flushing: AtomicBool,
+    flushing: bool,
 }
 
 impl DirectStream {
@@ -553,8 +560,7 @@ impl DirectStream {
         Self {
             conn,
             dialect,
-            stream: tokio::sync::Mutex::new(None),
-            flushing: AtomicBool::new(false),
+            state: tokio::sync::Mutex::new(Direct::default()),
         }
     }
 
@@ -568,10 +574,11 @@ impl DirectStream {
         corr: u64,
         result: Result<Bytes, String>,
     ) {
-        let Ok(mut stream) = self.stream.try_lock() else {
+        let Ok(mut state) = self.state.try_lock() else {
             send_reply(out, lanes, corr, result);
             return;
         };
+        let stream = &mut state.stream;
         if stream.is_none() {
             match self.conn.open_uni().await {
                 Ok(s) => *stream = Some(s),
@@ -601,15 +608,16 @@ impl DirectStream {
     /// caller must queue it to the writer instead (another task is writing, the stream cannot
     /// be opened at once, or the frame cannot be encoded). What QUIC does not take at once
     /// stays buffered in order, and one task is started to flush it.
-    pub(crate) fn try_request(self: &Arc<Self>, frame: &Data) -> bool {
-        let Ok(mut stream) = self.stream.try_lock() else {
+    pub(crate) fn try_request(self: &Arc<Self>, frame: &Data, tracker: &TaskTracker) -> bool {
+        let Ok(mut state) = self.state.try_lock() else {
             return false;
         };
         // While a flush waits for QUIC, nothing more is buffered here: what the stream holds
         // stays at what one write could not hand over.
-        if self.flushing.load(Ordering::Acquire) {
+        if state.flushing {
             return false;
         }
+        let stream = &mut state.stream;
         if stream.is_none() {
             match self.conn.open_uni().now_or_never() {
                 Some(Ok(s)) => *stream = Some(s),
@@ -634,17 +642,17 @@ impl DirectStream {
             // Flow control holds the stream back: the flush goes on in a task of its own, and
             // later requests go to the writer until it is done.
             None => {
-                self.flushing.store(true, Ordering::Release);
+                state.flushing = true;
                 let this = self.clone();
-                tokio::spawn(async move {
-                    let mut stream = this.stream.lock().await;
-                    if let Some(s) = stream.as_mut()
+                tracker.spawn(async move {
+                    let mut state = this.state.lock().await;
+                    if let Some(s) = state.stream.as_mut()
                         && let Err(e) = s.flush().await
                     {
                         debug!(error = %e, "requests dropped: the direct stream failed");
-                        *stream = None;
+                        state.stream = None;
                     }
-                    this.flushing.store(false, Ordering::Release);
+                    state.flushing = false;
                 });
             }
         }

@@ -1633,7 +1633,7 @@ impl Core {
         l.outstanding += 1;
         let generation = l.generation;
         let frame = Data::Request { budget_ms, env };
-        if !l.direct.try_request(&frame) {
+        if !l.direct.try_request(&frame, &self.shared.tracker) {
             try_out(
                 l,
                 Out::Data {
