@@ -128,7 +128,7 @@ impl Batch {
     /// Hands every message to `node` in order, [`Self::per_call`] at a time (a single message
     /// with `send`/`publish`, more with `send_batch`/`publish_batch`, never more than
     /// [`MAX_BATCH_BYTES`] a call), each call stored within the timeout. With `wait`, each
-    /// copy must also be acknowledged within the timeout from its call; the first that is not
+    /// copy must also be acknowledged within the timeout once stored; the first that is not
     /// stops the run (no later message is handed over), and the error counts what became of
     /// the rest. `to` names the destination in that error.
     pub(crate) async fn run(
@@ -186,7 +186,7 @@ impl Batch {
             messages += n;
             copies += receipt.copies() as u64;
             if wait {
-                acks.push(receipt, deadline);
+                acks.push(receipt, Instant::now() + self.timeout);
                 while acks.waiting > MAX_UNACKED || acks.pending.len() > MAX_UNACKED {
                     acks.settle_one().await;
                 }
