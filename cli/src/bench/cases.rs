@@ -12,7 +12,7 @@ use peerbus::{
 };
 
 /// Concurrent callers of `send`/`publish`/`request` in the throughput cases.
-const CALLERS: usize = 64;
+pub(crate) const CALLERS: usize = 64;
 /// Concurrent callers of `send_batch` in the batch cases.
 const BATCH_CALLERS: usize = 8;
 /// Handler concurrency of the consumers.

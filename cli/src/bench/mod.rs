@@ -762,12 +762,22 @@ async fn requests(report: &mut Report, scale: usize) -> Result<()> {
         in_task.pingpong.extend(pp);
         in_task.requests.extend(lat);
     }
+    let raw_rps = pingpong.throughput(cases::CALLERS, rounds * 4).await?;
     drop(pingpong);
     let rps = echo.throughput(rounds * 4).await?;
     echo.shutdown().await;
     main.report(report, "");
     in_task.report(report, "/in-task");
-    report.add(Case::new("request/throughput", "requests_per_s", rps));
+    let base = report.add(Case::new(
+        "baseline/pingpong/throughput",
+        "requests_per_s",
+        raw_rps,
+    ));
+    report.add(
+        Case::new("request/throughput", "requests_per_s", rps)
+            .with("callers", cases::CALLERS as f64)
+            .against(report.get(base)),
+    );
     Ok(())
 }
 

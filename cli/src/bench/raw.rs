@@ -82,7 +82,7 @@ pub(crate) struct PingPong {
     rx: FrameReceiver,
     next: u64,
     /// Keeps the connection and both endpoints open while rounds are run.
-    _link: (Connection, Endpoint, Endpoint),
+    link: (Connection, Endpoint, Endpoint),
 }
 
 impl PingPong {
@@ -94,9 +94,15 @@ impl PingPong {
         tokio::spawn(async move {
             let incoming = server_ep.accept().await.context("no incoming connection")?;
             let conn = incoming.complete().await.context("accepting")?;
-            let (mut tx, mut rx) = conn.accept_bi().await.context("accepting a stream")?;
-            while let Some(v) = rx.recv::<u64>().await.context("receiving")? {
-                tx.send(&v).await.context("echoing")?;
+            // Each stream echoes in a task of its own (one for the latency rounds, one per
+            // caller of `throughput`), as a server task per connection would.
+            while let Ok((mut tx, mut rx)) = conn.accept_bi().await {
+                tokio::spawn(async move {
+                    while let Some(v) = rx.recv::<u64>().await.context("receiving")? {
+                        tx.send(&v).await.context("echoing")?;
+                    }
+                    anyhow::Ok(())
+                });
             }
             anyhow::Ok(())
         });
@@ -109,8 +115,38 @@ impl PingPong {
             tx,
             rx,
             next: 0,
-            _link: (conn, a, b),
+            link: (conn, a, b),
         })
+    }
+
+    /// Round trips per second of `callers` tasks at once, each on a stream of its own doing
+    /// its share of `total` round trips one after another: the raw counterpart of as many
+    /// callers of `request`.
+    pub(crate) async fn throughput(&self, callers: usize, total: usize) -> Result<f64> {
+        let conn = &self.link.0;
+        let mut streams = Vec::with_capacity(callers);
+        for _ in 0..callers {
+            streams.push(conn.open_bi().await.context("opening a stream")?);
+        }
+        let t0 = Instant::now();
+        let mut tasks = Vec::with_capacity(callers);
+        for (caller, (mut tx, mut rx)) in streams.into_iter().enumerate() {
+            tasks.push(tokio::spawn(async move {
+                for i in (caller..total).step_by(callers) {
+                    let i = i as u64;
+                    tx.send(&i).await.context("sending")?;
+                    let back: Option<u64> = rx.recv().await.context("receiving")?;
+                    if back != Some(i) {
+                        bail!("ping-pong echoed {back:?} for {i}");
+                    }
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await.context("ping-pong caller")??;
+        }
+        Ok(total as f64 / t0.elapsed().as_secs_f64())
     }
 
     /// Round-trip times of `rounds` frames, one after another.
