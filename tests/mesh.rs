@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use common::{builder, eventually, mdns_builder, start, within};
 use peerbus::trace::TraceContext;
-use peerbus::{HandlerError, MemoryNetwork, MeshKey, Node, Outgoing, PeerState, RequestError};
+use peerbus::{
+    Faults, HandlerError, MemoryNetwork, MeshKey, Node, NodeBuilder, Outgoing, PeerState,
+    RequestError,
+};
 use tokio::sync::mpsc;
 
 /// Collects (key, payload) of every message a node's service handles.
@@ -399,6 +402,28 @@ async fn mdns_on_loopback_finds_peers_and_a_restarted_node() {
     .await;
 }
 
+/// An `orders` node without discovery and a `payments` node (its builder passed through
+/// `client` first) that knows only the other's address, as a seed; returned once connected.
+async fn seeded_pair(mesh: &str, client: impl FnOnce(NodeBuilder) -> NodeBuilder) -> (Node, Node) {
+    let key = MeshKey::generate();
+    let node = |service: &str| {
+        Node::builder(service)
+            .mesh(mesh)
+            .mesh_key(key.clone())
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .no_mdns()
+    };
+    let server = start(node("orders")).await;
+    let client = start(client(node("payments")).seed(server.local_addr())).await;
+    assert!(
+        client
+            .wait_for_instances("orders", 1, Duration::from_secs(10))
+            .await,
+        "seed dialed"
+    );
+    (server, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_seeds_typed_payloads_headers_and_scheduled_delivery() {
     within(60, async {
@@ -407,31 +432,8 @@ async fn static_seeds_typed_payloads_headers_and_scheduled_delivery() {
             id: u64,
             items: Vec<String>,
         }
-        let key = MeshKey::generate();
         // No discovery at all on the server; the client knows only its address.
-        let server = start(
-            peerbus::Node::builder("orders")
-                .mesh("seeds")
-                .mesh_key(key.clone())
-                .listen("127.0.0.1:0".parse().expect("addr"))
-                .no_mdns(),
-        )
-        .await;
-        let client = start(
-            peerbus::Node::builder("payments")
-                .mesh("seeds")
-                .mesh_key(key.clone())
-                .listen("127.0.0.1:0".parse().expect("addr"))
-                .no_mdns()
-                .seed(server.local_addr()),
-        )
-        .await;
-        assert!(
-            client
-                .wait_for_instances("orders", 1, Duration::from_secs(10))
-                .await,
-            "seed dialed"
-        );
+        let (server, client) = seeded_pair("seeds", |b| b).await;
         let (tx, mut rx) = mpsc::channel(16);
         tokio::spawn(server.messages().expect("messages").handle(2, move |m| {
             let tx = tx.clone();
@@ -777,6 +779,40 @@ async fn only_nodes_that_take_their_messages_are_instances() {
         for node in [sender, idle, busy] {
             node.shutdown().await;
         }
+    })
+    .await;
+}
+
+/// A seed peer lost without a goodbye (here a partition that outlasts the idle timeout) is
+/// redialed by one loop: the seed's. The per-peer redial of an advertised peer used to run
+/// beside it, and the two connections they made once the partition healed met in a
+/// tie-break that retired one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_lost_to_a_partition_is_redialed_once() {
+    within(60, async {
+        let faults = Faults::new(11);
+        let (server, client) = seeded_pair("seed-redial", |b| b.faults(faults.clone())).await;
+        for round in 0..2 {
+            faults.partition(server.local_addr());
+            // The idle timeout (3 s) ends the connection; the partition lasts until it has.
+            eventually(15, "the partition cut the connection", || async {
+                client.instances("orders").await.is_empty()
+            })
+            .await;
+            faults.heal_all();
+            assert!(
+                client
+                    .wait_for_instances("orders", 1, Duration::from_secs(15))
+                    .await,
+                "seed redialed in round {round}"
+            );
+            // Long enough for a second dial loop's backoff to come round.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let retired = client.status().await.expect("status").connections_retired;
+            assert_eq!(retired, 0, "connections retired by round {round}");
+        }
+        client.shutdown().await;
+        server.shutdown().await;
     })
     .await;
 }

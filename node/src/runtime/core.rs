@@ -2010,9 +2010,19 @@ impl Core {
             };
             k.last_error = Some(reason.to_string());
         }
-        if advertised && !self.closing {
+        // A seed is redialed by its own loop (started above): a second, per-peer loop to the
+        // same address made a second connection, and a tie-break retired one of them.
+        if advertised && !self.closing && !self.seed_loops_reach(peer) {
             self.start_dial(peer);
         }
+    }
+
+    /// Whether a seed's dial loop is under way for every address `peer` is known at.
+    fn seed_loops_reach(&self, peer: NodeId) -> bool {
+        let dialing = |a: &SocketAddr| self.seed_dialing.get(a).is_some_and(|c| !c.is_cancelled());
+        self.known
+            .get(&peer)
+            .is_some_and(|k| !k.addrs.is_empty() && k.addrs.iter().all(dialing))
     }
 
     /// Fails the requests that went to `peer` on the connection of `generation`, which ended.
