@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -191,6 +191,18 @@ fn spawn(mut cmd: Command, what: &str) -> Running {
         },
         lines,
     }
+}
+
+/// Spawns `cmd` with its stdin a pipe, writes `first` to it, and returns the pipe too.
+fn spawn_piped(mut cmd: Command, what: &str, first: &[u8]) -> (Running, ChildStdin) {
+    cmd.stdin(Stdio::piped());
+    let mut running = spawn(cmd, what);
+    let mut stdin = running.guard.child.stdin.take().expect("stdin");
+    stdin
+        .write_all(first)
+        .and_then(|()| stdin.flush())
+        .expect("write stdin");
+    (running, stdin)
 }
 
 impl Running {
@@ -370,7 +382,7 @@ fn node_prints_every_message_a_pipelined_send_delivers() {
     // PAYLOAD `-`: each line of stdin is one message (here all of one key, so in order),
     // sent as it arrives: the first two lines reach the node while stdin is still open,
     // though a call could take three.
-    let mut from_stdin = mesh.command(&[
+    let from_stdin = mesh.command(&[
         "send",
         "inventory",
         "-",
@@ -381,13 +393,7 @@ fn node_prints_every_message_a_pipelined_send_delivers() {
         "--timeout",
         "30s",
     ]);
-    from_stdin.stdin(Stdio::piped());
-    let mut sending = spawn(from_stdin, "peerbus send -");
-    let mut stdin = sending.guard.child.stdin.take().expect("stdin");
-    stdin
-        .write_all(b"first line\r\n\n")
-        .and_then(|()| stdin.flush())
-        .expect("write stdin");
+    let (mut sending, mut stdin) = spawn_piped(from_stdin, "peerbus send -", b"first line\r\n\n");
     let payloads = |lines: Vec<String>| -> Vec<String> {
         lines
             .iter()
@@ -416,6 +422,29 @@ fn node_prints_every_message_a_pipelined_send_delivers() {
     let last = node.take_lines(1, budget.left().min(Duration::from_secs(20)));
     assert_eq!(payloads(last), ["third {i}"], "lines as sent");
 
+    // Ctrl-C stops the reading of stdin (still open here); what was sent is acknowledged
+    // before `send` exits, with its summary.
+    let cut = mesh.command(&["send", "inventory", "-", "--timeout", "30s"]);
+    let (mut cutting, stdin) = spawn_piped(cut, "peerbus send - (Ctrl-C)", b"fourth\n");
+    let fourth = node.take_lines(1, budget.left().min(Duration::from_secs(30)));
+    assert_eq!(payloads(fourth), ["fourth"], "lines as sent");
+    signal(&cutting.guard.child, "-INT");
+    let status = cutting
+        .guard
+        .wait(budget.left().min(Duration::from_secs(20)));
+    let summary = cutting
+        .lines
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_default();
+    assert!(
+        status.success()
+            && summary.starts_with("sent 1 message to inventory, all acknowledged in ")
+            && summary.ends_with("(stopped by a signal before stdin ended)"),
+        "send - after Ctrl-C ({status}): {summary}\n{}",
+        cutting.guard.stderr()
+    );
+    drop(stdin);
+
     let status = node.terminate(budget.left().min(Duration::from_secs(20)));
     assert!(
         status.success(),
@@ -441,11 +470,8 @@ fn send_from_stdin_stops_at_the_first_message_a_frozen_consumer_leaves_unacknowl
         mesh.command(&["node", "--service", "inventory", "--print"]),
         "peerbus node --print",
     );
-    let mut send = mesh.command(&["send", "inventory", "-", "--timeout", "2s"]);
-    send.stdin(Stdio::piped());
-    let mut sending = spawn(send, "peerbus send -");
-    let mut stdin = sending.guard.child.stdin.take().expect("stdin");
-    stdin.write_all(b"one\n").expect("write stdin");
+    let send = mesh.command(&["send", "inventory", "-", "--timeout", "2s"]);
+    let (mut sending, mut stdin) = spawn_piped(send, "peerbus send -", b"one\n");
     let printed = node.take_lines(1, budget.left().min(Duration::from_secs(30)));
     assert!(printed[0].contains(r#""payload":"one""#), "{printed:?}");
 

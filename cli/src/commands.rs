@@ -387,8 +387,9 @@ async fn store_batch(node: &Node, service: &str, batch: Batch) -> Result<String>
     let waiting = log_backlog(node, service).await;
     Ok(format!(
         "stored {} for {service} ({waiting} waiting in the log); a later run with the \
-         same --data-dir delivers them",
+         same --data-dir delivers them{}",
         counted(sent.messages, "message", "messages"),
+        sent.cut_short()
     ))
 }
 
@@ -429,9 +430,10 @@ async fn send_batch(node: &Node, service: &str, batch: Batch) -> Result<String> 
         String::new()
     };
     Ok(format!(
-        "sent {} to {service}{also}, all acknowledged in {}",
+        "sent {} to {service}{also}, all acknowledged in {}{}",
         counted(sent.copies, "message", "messages"),
-        rate(sent.copies, sent.elapsed)
+        rate(sent.copies, sent.elapsed),
+        sent.cut_short()
     ))
 }
 
@@ -463,23 +465,26 @@ async fn publish_batch(node: &Node, topic: &str, batch: Batch, no_wait: bool) ->
     let n = sent.messages;
     if no_wait {
         return Ok(format!(
-            "published {} to {topic}: {} stored",
+            "published {} to {topic}: {} stored{}",
             counted(n, "message", "messages"),
-            counted(sent.copies, "group copy", "group copies")
+            counted(sent.copies, "group copy", "group copies"),
+            sent.cut_short()
         ));
     }
     if sent.copies == 0 {
         warn!(topic, "no subscriber group is known for this topic");
         return Ok(format!(
-            "published {} to {topic}: no subscriber group is known, nothing was stored",
-            counted(n, "message", "messages")
+            "published {} to {topic}: no subscriber group is known, nothing was stored{}",
+            counted(n, "message", "messages"),
+            sent.cut_short()
         ));
     }
     Ok(format!(
-        "published {} to {topic} as {}, all acknowledged in {}",
+        "published {} to {topic} as {}, all acknowledged in {}{}",
         counted(n, "message", "messages"),
         counted(sent.copies, "group copy", "group copies"),
-        rate(sent.copies, sent.elapsed)
+        rate(sent.copies, sent.elapsed),
+        sent.cut_short()
     ))
 }
 

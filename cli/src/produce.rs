@@ -16,11 +16,11 @@ use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use peerbus::{DeliveryError, MAX_BATCH_BYTES, Node, Outgoing, Receipt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::commands::{BatchArgs, HeaderArgs};
-use crate::common::UsageError;
+use crate::common::{UsageError, shutdown_signal};
 use crate::template::Template;
 
 /// The longest line of stdin `send -`/`pub -` take: the bytes one `send_batch` call may hold.
@@ -54,6 +54,8 @@ enum Source {
         lines: VecDeque<String>,
         /// Whether stdin ended and every line of it was taken.
         ended: bool,
+        /// Set by the first Ctrl-C or SIGTERM ([`watch_signals`]): no more lines are taken.
+        interrupted: watch::Receiver<bool>,
     },
 }
 
@@ -71,12 +73,25 @@ pub(crate) struct Batch {
 
 /// What a run handed over and what came of it.
 pub(crate) struct Outcome {
+    /// A signal stopped the reading of stdin before it ended.
+    pub(crate) interrupted: bool,
     /// Messages handed to the node.
     pub(crate) messages: u64,
     /// Copies stored: one per message for `send`, one per subscriber group for `pub`.
     pub(crate) copies: u64,
     /// From the first call to the last acknowledgement (or the last call, without waiting).
     pub(crate) elapsed: Duration,
+}
+
+impl Outcome {
+    /// What the summary adds when a signal cut stdin short.
+    pub(crate) fn cut_short(&self) -> &'static str {
+        if self.interrupted {
+            " (stopped by a signal before stdin ended)"
+        } else {
+            ""
+        }
+    }
 }
 
 impl Batch {
@@ -109,6 +124,7 @@ impl Batch {
                 chunks,
                 lines: VecDeque::new(),
                 ended: false,
+                interrupted: watch_signals(),
             }
         } else {
             Source::Template {
@@ -211,7 +227,14 @@ impl Batch {
             };
             return Err(acks.error(copies, to, self.timeout, &unsent));
         }
+        let interrupted = match &self.source {
+            Source::Stdin {
+                interrupted, ended, ..
+            } => *interrupted.borrow() && !ended,
+            Source::Template { .. } => false,
+        };
         Ok(Outcome {
+            interrupted,
             messages,
             copies,
             elapsed,
@@ -233,7 +256,11 @@ impl Batch {
                     chunks,
                     lines,
                     ended,
+                    interrupted,
                 } => {
+                    if *interrupted.borrow() {
+                        return Ok(None);
+                    }
                     if let Some(line) = lines.pop_front() {
                         line
                     } else {
@@ -256,6 +283,8 @@ impl Batch {
                                 }
                                 continue;
                             }
+                            // So does a signal: what was handed over is still acknowledged.
+                            _ = interrupted.wait_for(|stop| *stop) => return Ok(None),
                         }
                     }
                 }
@@ -406,6 +435,28 @@ impl Acks {
         msg.push_str(unsent);
         anyhow!(msg)
     }
+}
+
+/// Watches for Ctrl-C and SIGTERM while `send -`/`pub -` read stdin: the first stops the
+/// reading (what was handed over is still acknowledged, and the summary printed), a second
+/// ends the process at once (exit code 130).
+fn watch_signals() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if shutdown_signal().await.is_err() {
+            return;
+        }
+        let _ = tx.send(true);
+        eprintln!(
+            "stopping: no more of stdin is read; waiting for what was sent to be acknowledged \
+             (again to exit at once)"
+        );
+        if shutdown_signal().await.is_ok() {
+            eprintln!("interrupted again: exiting without waiting for acknowledgements");
+            std::process::exit(130);
+        }
+    });
+    rx
 }
 
 /// Reads the lines of `input` (without their `\n` or `\r\n`) into `chunks`: at most
