@@ -5,7 +5,8 @@
 //! Every buffer here is bounded: stdin is read ahead by at most [`STDIN_CHUNKS_AHEAD`] chunks
 //! (each at most `--batch` lines and [`STDIN_CHUNK_BYTES`], plus one line), a line is at most
 //! [`STDIN_MAX_LINE`] bytes, and at most [`MAX_UNACKED`] copies wait for their
-//! acknowledgement before the next call waits for the oldest.
+//! acknowledgement before the next call waits for one of them. Reading stdin ends at its end,
+//! at the first message not delivered in time, or at Ctrl-C / SIGTERM ([`watch_signals`]).
 
 use std::collections::VecDeque;
 use std::io::{BufRead as _, BufReader, Read};
@@ -25,7 +26,7 @@ use crate::template::Template;
 
 /// The longest line of stdin `send -`/`pub -` take: the bytes one `send_batch` call may hold.
 /// A longer line ends the run with an error naming it (the lines before it were sent).
-pub(crate) const STDIN_MAX_LINE: usize = MAX_BATCH_BYTES;
+const STDIN_MAX_LINE: usize = MAX_BATCH_BYTES;
 /// The reader hands stdin over in chunks of at most `--batch` lines and this many bytes (or
 /// one longer line); it hands a chunk over at once when stdin has nothing more ready, so a
 /// slow producer's lines go out as they come.

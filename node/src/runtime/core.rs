@@ -1806,8 +1806,8 @@ impl Core {
             .spawn(conn::dial_loop(shared, vec![addr], None, delay, token));
     }
 
-    /// A new generation, writer queue, cancel token and flags for a connection about to
-    /// start (`gone`: whether it starts out retired).
+    /// A new generation, writer queue, cancel token, flags and direct stream for the
+    /// connection `r`, about to start (`gone`: whether it starts out retired).
     fn connection_handles(&mut self, r: &conn::Ready, gone: bool) -> conn::ConnHandles {
         let generation = self.next_generation;
         self.next_generation += 1;
