@@ -4,8 +4,8 @@
 //!
 //! Every buffer here is bounded: stdin is read ahead by at most [`STDIN_CHUNKS_AHEAD`] chunks
 //! (each at most `--batch` lines and [`STDIN_CHUNK_BYTES`], plus one line), a line is at most
-//! [`STDIN_MAX_LINE`] bytes, and at most [`MAX_UNACKED`] copies wait for their
-//! acknowledgement before the next call waits for one of them. Reading stdin ends at its end,
+//! [`STDIN_MAX_LINE`] bytes, and at most [`MAX_UNACKED`] copies ([`MAX_UNACKED_BYTES`]) wait for
+//! their acknowledgement before the next call waits for one of them. Reading stdin ends at its end,
 //! at the first message not delivered in time, or at Ctrl-C / SIGTERM ([`watch_signals`]).
 
 use std::collections::VecDeque;
@@ -36,6 +36,10 @@ const STDIN_CHUNKS_AHEAD: usize = 4;
 /// Copies (and calls) handed to the node whose acknowledgement is awaited at once: past it,
 /// the next call first waits for one of them.
 const MAX_UNACKED: usize = 65_536;
+/// Bytes (as [`Outgoing::size`] counts them) of the calls whose acknowledgement is awaited at
+/// once: past it, too, the next call first waits. The node keeps what it has not delivered in
+/// memory (or its data directory), so this bounds that as well.
+const MAX_UNACKED_BYTES: usize = 64 * 1024 * 1024;
 
 /// Where `send`/`pub` put their messages.
 #[derive(Clone, Copy)]
@@ -203,8 +207,11 @@ impl Batch {
             messages += n;
             copies += receipt.copies() as u64;
             if wait {
-                acks.push(receipt, Instant::now() + self.timeout);
-                while acks.waiting > MAX_UNACKED || acks.pending.len() > MAX_UNACKED {
+                acks.push(receipt, bytes, Instant::now() + self.timeout);
+                while acks.waiting > MAX_UNACKED
+                    || acks.pending.len() > MAX_UNACKED
+                    || acks.waiting_bytes > MAX_UNACKED_BYTES
+                {
                     acks.settle_one().await;
                 }
             }
@@ -365,8 +372,9 @@ fn counted_messages(n: u64) -> String {
     crate::output::counted(n, "message", "messages")
 }
 
-/// A receipt's copies and what became of them by its deadline (`None`: not acknowledged).
-type Settled = BoxFuture<'static, (u64, Option<Result<(), DeliveryError>>)>;
+/// A receipt's copies, its call's bytes, and what became of the copies by its deadline
+/// (`None`: not acknowledged).
+type Settled = BoxFuture<'static, (u64, usize, Option<Result<(), DeliveryError>>)>;
 
 /// The acknowledgements awaited: each receipt with its deadline, and what came of those
 /// already taken.
@@ -375,6 +383,8 @@ struct Acks {
     pending: FuturesUnordered<Settled>,
     /// Copies in `pending`.
     waiting: usize,
+    /// Bytes of the calls in `pending`.
+    waiting_bytes: usize,
     acked: u64,
     /// Copies that could not be delivered, and the first reason.
     failed: u64,
@@ -384,22 +394,25 @@ struct Acks {
 }
 
 impl Acks {
-    fn push(&mut self, receipt: Receipt, deadline: Instant) {
+    /// Awaits the acknowledgement of a call of `bytes` by `deadline`.
+    fn push(&mut self, receipt: Receipt, bytes: usize, deadline: Instant) {
         let copies = receipt.copies();
         self.waiting += copies;
+        self.waiting_bytes += bytes;
         self.pending.push(Box::pin(async move {
             let outcome = tokio::time::timeout_at(deadline, receipt.acked()).await;
-            (copies as u64, outcome.ok())
+            (copies as u64, bytes, outcome.ok())
         }));
     }
 
     /// Waits for one receipt's outcome (none if nothing is awaited). Cancel-safe: a receipt
     /// stays in `pending` until its outcome is taken.
     async fn settle_one(&mut self) {
-        let Some((copies, outcome)) = self.pending.next().await else {
+        let Some((copies, bytes, outcome)) = self.pending.next().await else {
             return;
         };
         self.waiting -= copies as usize;
+        self.waiting_bytes -= bytes;
         match outcome {
             Some(Ok(())) => self.acked += copies,
             Some(Err(e)) => {
