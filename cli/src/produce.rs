@@ -57,11 +57,22 @@ enum Source {
     Stdin {
         chunks: mpsc::Receiver<Result<Vec<String>, String>>,
         lines: VecDeque<String>,
-        /// Whether stdin ended and every line of it was taken.
-        ended: bool,
         /// Set by the first Ctrl-C or SIGTERM ([`watch_signals`]): no more lines are taken.
         interrupted: watch::Receiver<bool>,
     },
+}
+
+impl Source {
+    /// Whether stdin ended and every line of it was taken (the reader thread is done and
+    /// nothing it sent is left).
+    fn stdin_ended(&self) -> bool {
+        match self {
+            Source::Stdin { chunks, lines, .. } => {
+                chunks.is_closed() && chunks.is_empty() && lines.is_empty()
+            }
+            Source::Template { .. } => false,
+        }
+    }
 }
 
 /// The messages `send`/`pub` produce, and how.
@@ -128,7 +139,6 @@ impl Batch {
             Source::Stdin {
                 chunks,
                 lines: VecDeque::new(),
-                ended: false,
                 interrupted: watch_signals(),
             }
         } else {
@@ -228,7 +238,7 @@ impl Batch {
                     "; stopped there: {} more not sent",
                     counted_messages(count - messages)
                 ),
-                Source::Stdin { ended: false, .. } => {
+                Source::Stdin { .. } if !self.source.stdin_ended() => {
                     "; stopped there: the rest of stdin was not read".to_string()
                 }
                 Source::Template { .. } | Source::Stdin { .. } => String::new(),
@@ -236,9 +246,9 @@ impl Batch {
             return Err(acks.error(copies, to, self.timeout, &unsent));
         }
         let interrupted = match &self.source {
-            Source::Stdin {
-                interrupted, ended, ..
-            } => *interrupted.borrow() && !ended,
+            Source::Stdin { interrupted, .. } => {
+                *interrupted.borrow() && !self.source.stdin_ended()
+            }
             Source::Template { .. } => false,
         };
         Ok(Outcome {
@@ -263,7 +273,6 @@ impl Batch {
                 Source::Stdin {
                     chunks,
                     lines,
-                    ended,
                     interrupted,
                 } => {
                     if *interrupted.borrow() {
@@ -279,10 +288,7 @@ impl Batch {
                                     continue;
                                 }
                                 Some(Err(e)) => bail!(e),
-                                None => {
-                                    *ended = true;
-                                    return Ok(None);
-                                }
+                                None => return Ok(None),
                             },
                             // The first failure ends the run, however much stdin is to come.
                             () = acks.settle_one(), if !acks.pending.is_empty() => {

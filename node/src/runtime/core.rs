@@ -1791,11 +1791,7 @@ impl Core {
 
     /// Dials the seed `addr` after `delay`, unless a dial of it is under way.
     fn spawn_seed_dial(&mut self, addr: SocketAddr, delay: Duration) {
-        if self
-            .seed_dialing
-            .get(&addr)
-            .is_some_and(|c| !c.is_cancelled())
-        {
+        if self.seed_dial_under_way(&addr) {
             return;
         }
         let token = self.shared.cancel.child_token();
@@ -2019,10 +2015,16 @@ impl Core {
 
     /// Whether a seed's dial loop is under way for every address `peer` is known at.
     fn seed_loops_reach(&self, peer: NodeId) -> bool {
-        let dialing = |a: &SocketAddr| self.seed_dialing.get(a).is_some_and(|c| !c.is_cancelled());
-        self.known
-            .get(&peer)
-            .is_some_and(|k| !k.addrs.is_empty() && k.addrs.iter().all(dialing))
+        self.known.get(&peer).is_some_and(|k| {
+            !k.addrs.is_empty() && k.addrs.iter().all(|a| self.seed_dial_under_way(a))
+        })
+    }
+
+    /// Whether the dial loop of the seed `addr` runs.
+    fn seed_dial_under_way(&self, addr: &SocketAddr) -> bool {
+        self.seed_dialing
+            .get(addr)
+            .is_some_and(|c| !c.is_cancelled())
     }
 
     /// Fails the requests that went to `peer` on the connection of `generation`, which ended.
