@@ -507,6 +507,13 @@ pub(crate) async fn sub(common: &CommonArgs, args: &SubArgs) -> Result<()> {
     result
 }
 
+/// How long `req` keeps asking connected instances of a service that none of them serves
+/// (each tells its peers that it serves just after it connects), before it takes that for
+/// the answer.
+const SERVE_WORD: Duration = Duration::from_secs(1);
+/// How often `req` asks again meanwhile.
+const SERVE_POLL: Duration = Duration::from_millis(50);
+
 /// Sends one request and prints the reply.
 pub(crate) async fn req(common: &CommonArgs, args: &ReqArgs) -> Result<()> {
     let node = common.start(CLI_SERVICE).await?;
@@ -518,16 +525,27 @@ pub(crate) async fn req(common: &CommonArgs, args: &ReqArgs) -> Result<()> {
         {
             return Err(no_instance_error(&node, &args.service, args.timeout).await);
         }
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(100));
-        let mut opts = peerbus::RequestOptions::new(left);
-        if args.idempotent {
-            opts = opts.idempotent().max_attempts(args.attempts);
+        // An instance that serves says so right after it connects: give that word a moment
+        // to arrive before taking "no responders" for an answer.
+        let found = Instant::now();
+        loop {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(100));
+            let mut opts = peerbus::RequestOptions::new(left);
+            if args.idempotent {
+                opts = opts.idempotent().max_attempts(args.attempts);
+            }
+            let msg = args.headers.apply(Outgoing::new(args.payload.clone()));
+            match node.request_with(&args.service, msg, opts).await {
+                Err(peerbus::RequestError::NoResponders { .. })
+                    if found.elapsed() < SERVE_WORD && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(SERVE_POLL).await;
+                }
+                reply => return Ok(String::from_utf8_lossy(&reply?).into_owned()),
+            }
         }
-        let msg = args.headers.apply(Outgoing::new(args.payload.clone()));
-        let reply = node.request_with(&args.service, msg, opts).await?;
-        Ok(String::from_utf8_lossy(&reply).into_owned())
     }
     .await;
     if let Ok(reply) = &result {
@@ -631,7 +649,7 @@ const GROUP_POLL: Duration = Duration::from_millis(50);
 /// group to bring it back (its answer takes a round trip). It waits [`GROUP_COMEBACK_RTTS`]
 /// round trips of the slowest connected peer when that is longer, at most
 /// [`GROUP_COMEBACK_MAX`], so a slow link or a busy machine does not miss the answer.
-const GROUP_COMEBACK: Duration = Duration::from_millis(300);
+const GROUP_COMEBACK: Duration = Duration::from_secs(1);
 /// Round trips of the slowest connected peer `release-group` waits for a comeback.
 const GROUP_COMEBACK_RTTS: f64 = 10.0;
 /// Most time `release-group` waits for a comeback.
