@@ -191,7 +191,13 @@ async fn a_delivery_that_waited_past_the_ack_timeout_is_skipped_for_its_redelive
             .expect("in time")
             .expect("a delivery");
         assert_eq!(held.attempt(), 1);
-        // Hold it past the ack timeout: the sender times out all N and sends them again.
+        // Once all N first copies are here, hold them past the ack timeout: the sender times
+        // them all out and sends them again.
+        let mut arrived = 0;
+        while arrived < N as u64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            arrived = consumer.status().await.expect("status").received;
+        }
         tokio::time::sleep(ack_timeout + Duration::from_millis(500)).await;
         let first = held.payload_text();
         held.ack().await;
