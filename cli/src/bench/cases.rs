@@ -268,7 +268,8 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
 }
 
 /// Two nodes for the request/reply cases: `client` and an `echo` service that answers every
-/// request with its payload.
+/// request with its payload, after `work` of CPU time spent in the handler (none for the
+/// latency cases).
 pub(crate) struct Echo {
     client: Node,
     server: Node,
@@ -277,7 +278,7 @@ pub(crate) struct Echo {
 impl Echo {
     /// Starts both nodes and waits until the client's requests are answered, then warms both
     /// paths with `warm` requests.
-    pub(crate) async fn start(warm: usize) -> Result<Self> {
+    pub(crate) async fn start(warm: usize, work: Duration) -> Result<Self> {
         let mesh = Mesh::new();
         let server = mesh
             .node("echo")?
@@ -285,7 +286,14 @@ impl Echo {
             .await
             .context("starting the server")?;
         server
-            .serve(|r| async move { Ok(r.payload().clone()) })
+            .serve(move |r| async move {
+                // Busy, not asleep: a handler that computes its answer before it returns.
+                let t = Instant::now();
+                while t.elapsed() < work {
+                    std::hint::spin_loop();
+                }
+                Ok(r.payload().clone())
+            })
             .await
             .context("serving")?;
         let client = mesh

@@ -725,6 +725,9 @@ impl SizePlan {
     }
 }
 
+/// CPU time the handler of `request/throughput/busy-handler` spends on each request.
+const HANDLER_WORK: Duration = Duration::from_micros(20);
+
 /// Round trips per block of [`requests`]' interleaved measurement.
 const LATENCY_BLOCK: usize = 100;
 
@@ -745,7 +748,7 @@ async fn requests(report: &mut Report, scale: usize) -> Result<()> {
     let rounds = 2_000 * scale;
     let mut pingpong = raw::PingPong::start().await?;
     pingpong.rounds(rounds.min(500)).await?;
-    let mut echo = cases::Echo::start(rounds.min(500)).await?;
+    let mut echo = cases::Echo::start(rounds.min(500), Duration::ZERO).await?;
     let (mut main, mut in_task) = (Latencies::default(), Latencies::default());
     while main.requests.len() < rounds {
         let n = LATENCY_BLOCK.min(rounds - main.requests.len());
@@ -777,6 +780,20 @@ async fn requests(report: &mut Report, scale: usize) -> Result<()> {
         Case::new("request/throughput", "requests_per_s", rps)
             .with("callers", cases::CALLERS as f64)
             .against(report.get(base)),
+    );
+    // A handler that computes for HANDLER_WORK before it answers: its requests can use every
+    // core only if the server runs several handlers at once.
+    let busy = cases::Echo::start(100, HANDLER_WORK).await?;
+    let busy_rps = busy.throughput(rounds * 2).await?;
+    busy.shutdown().await;
+    report.add(
+        Case::new(
+            "request/throughput/busy-handler",
+            "requests_per_s",
+            busy_rps,
+        )
+        .with("callers", cases::CALLERS as f64)
+        .with("handler_us", HANDLER_WORK.as_micros() as f64),
     );
     Ok(())
 }
