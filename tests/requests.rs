@@ -564,22 +564,30 @@ async fn back_to_back_requests_fit_a_bulkhead_of_one() {
     .await;
 }
 
-/// A handler that panics fails its own request with a clear error, whether it panics before
-/// its first wait (it runs on the lane reader then) or after (in a task of its own), and not
-/// the lane it arrived on: the requests after it, on every lane, are answered.
+/// A handler that panics fails its own request with a clear error, whether it panics in its
+/// own call (before its future exists) or before its first wait (on the lane reader, both)
+/// or after (in a task of its own), and not the lane it arrived on: the requests after it,
+/// on every lane, are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_fails_its_request_not_its_lane() {
     within(30, async {
         let (client, server) = web_and_echo().await;
         server
-            .serve(|req| async move {
-                match req.payload_text().as_str() {
-                    "boom" => panic!("the handler fails on purpose"),
-                    "boom later" => {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        panic!("the handler fails on purpose, after a wait");
+            .serve(|req| {
+                assert_ne!(
+                    req.payload_text(),
+                    "boom at once",
+                    "the handler fails on purpose"
+                );
+                async move {
+                    match req.payload_text().as_str() {
+                        "boom" => panic!("the handler fails on purpose"),
+                        "boom later" => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            panic!("the handler fails on purpose, after a wait");
+                        }
+                        _ => Ok(req.payload().clone()),
                     }
-                    _ => Ok(req.payload().clone()),
                 }
             })
             .await
@@ -587,7 +595,10 @@ async fn a_panicking_handler_fails_its_request_not_its_lane() {
         until_served(&client, "echo", "x", Duration::from_secs(1)).await;
         fail_remotely(
             &client,
-            &["boom", "boom later", "boom", "boom later"],
+            // First while the handler's first polls are quick (so on the lane reader), then
+            // again after the other panics (whose unwinding is slow enough that the handler
+            // runs in tasks of its own from then on).
+            &["boom at once", "boom", "boom later", "boom at once", "boom"],
             "panicked",
         )
         .await;
@@ -793,6 +804,56 @@ async fn every_lane_answers(client: &Node, what: &str) {
 }
 
 /// Waits until `client` gets a reply from `service` to `payload` within `timeout`.
+/// One peer's requests reach the server on one stream, read by one task. A handler that
+/// computes before it answers must not run there one request after another: its requests run
+/// at once, on both cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_handlers_of_one_peers_requests_run_at_once() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let server = start(builder(&net, "crunch", &key)).await;
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (r, m) = (running.clone(), most.clone());
+        server
+            .serve(move |_req| {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                // Busy for 20 ms before the handler's future even exists: all of it is the
+                // first poll's work as a lane reader sees it.
+                let t = std::time::Instant::now();
+                while t.elapsed() < Duration::from_millis(20) {
+                    std::hint::spin_loop();
+                }
+                r.fetch_sub(1, Ordering::SeqCst);
+                async { Ok("done".into()) }
+            })
+            .await
+            .expect("serve");
+        until_served(&client, "crunch", "warm", Duration::from_secs(1)).await;
+        for _round in 0..4 {
+            let calls: Vec<_> = (0..16)
+                .map(|_| {
+                    let c = client.clone();
+                    tokio::spawn(
+                        async move { c.request("crunch", "x", Duration::from_secs(20)).await },
+                    )
+                })
+                .collect();
+            for call in calls {
+                let reply = call.await.expect("join").expect("reply");
+                assert_eq!(&reply[..], b"done");
+            }
+        }
+        let most = most.load(Ordering::SeqCst);
+        assert!(most >= 2, "at most {most} handler ran at a time");
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
 async fn until_served(client: &peerbus::Node, service: &str, payload: &str, timeout: Duration) {
     eventually(10, "server reachable", || async {
         client.request(service, payload, timeout).await.is_ok()

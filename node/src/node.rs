@@ -802,6 +802,7 @@ impl Node {
                 permits: permits.clone(),
                 run: run.clone(),
                 queue: tx,
+                first_poll: runtime::FirstPollCost::default(),
             }));
         }
         let shared = self.shared.clone();

@@ -25,7 +25,7 @@ use super::{
 use crate::engine::outbox::NOT_HERE_PREFIX;
 use crate::engine::routing::topic_matches;
 use crate::engine::wire::{
-    ALPN_V4, Control, ControlV4, Data, Dialect, Hello, MIN_PROTOCOL_VERSION, negotiate,
+    ALPN_V4, Control, ControlV4, Data, Dialect, Envelope, Hello, MIN_PROTOCOL_VERSION, negotiate,
 };
 use crate::error::RequestError;
 
@@ -774,10 +774,30 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
                 };
                 // The handler's first poll runs here: one that answers without waiting is
                 // replied to from this task (see `DirectStream`); one that waits goes on in a
-                // task of its own.
+                // task of its own. A handler whose first polls are slow (it computes before
+                // it answers) starts in a task of its own: the requests behind it on this
+                // stream need not wait for it, and such handlers run on several cores at once.
                 let deadline = tokio::time::Instant::now() + Duration::from_millis(budget_ms);
-                let mut reply = (server.run)(env, budget_ms);
-                match poll_handler_once(&mut reply, corr).await {
+                if server.first_poll.slow() {
+                    let server = server.clone();
+                    let timed: super::ReplyFuture = Box::pin(async move {
+                        let started = Instant::now();
+                        let mut reply = start_handler(&server.run, env, budget_ms, corr);
+                        let first = poll_handler_once(&mut reply, corr).await;
+                        server.first_poll.record(started.elapsed());
+                        match first {
+                            Poll::Ready(result) => result,
+                            Poll::Pending => reply.await,
+                        }
+                    });
+                    spawn_handler(&shared, timed, permit, out.clone(), corr, deadline);
+                    continue;
+                }
+                let started = Instant::now();
+                let mut reply = start_handler(&server.run, env, budget_ms, corr);
+                let first = poll_handler_once(&mut reply, corr).await;
+                server.first_poll.record(started.elapsed());
+                match first {
                     Poll::Ready(result) => {
                         drop(permit);
                         if let Some(result) = result {
@@ -838,6 +858,18 @@ fn claim(shared: &Shared, peer: NodeId, corr: u64) -> Option<super::ReplySlot> {
 
 /// The reply to a request whose handler panicked.
 const HANDLER_PANICKED: &str = "the request's handler panicked";
+
+/// Calls the handler (`run`) for a request: its run, which a panic in the handler's own call
+/// (before any future exists) makes an error reply, as a panic in a poll does.
+fn start_handler(
+    run: &super::ServeFn,
+    env: Envelope,
+    budget_ms: u64,
+    corr: u64,
+) -> super::ReplyFuture {
+    std::panic::catch_unwind(AssertUnwindSafe(|| run(env, budget_ms)))
+        .unwrap_or_else(|_| Box::pin(std::future::ready(Some(handler_panicked(corr)))))
+}
 
 /// Polls a handler's run once from the calling task (a lane reader). A panic in the handler is
 /// caught there and becomes its reply, as in a handler's own task ([`spawn_handler`]): it

@@ -31,7 +31,7 @@ pub(crate) mod core;
 pub(crate) mod storage;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -145,7 +145,8 @@ pub(crate) type ReplyFuture =
 
 /// Makes the handler run of one request (its envelope and the requester's budget in ms). The
 /// caller polls it: a lane reader polls it once itself and replies at once when it is ready
-/// (`conn::lane_reader`), and otherwise hands it to a task (`conn::spawn_handler`).
+/// (`conn::lane_reader`), and otherwise hands it to a task (`conn::spawn_handler`); a handler
+/// whose first polls are slow ([`FirstPollCost`]) is called and polled in a task from the start.
 pub(crate) type ServeFn = Arc<dyn Fn(Envelope, u64) -> ReplyFuture + Send + Sync>;
 
 /// The local `serve` handler, as lane readers reach it.
@@ -159,6 +160,37 @@ pub(crate) struct Server {
     /// for room, which pushes back on the requester): the serve task starts them in order as
     /// permits come free.
     pub(crate) queue: mpsc::Sender<InboundRequest>,
+    /// How long the handler's first polls take: whether a lane reader may run it itself.
+    pub(crate) first_poll: FirstPollCost,
+}
+
+/// A moving average of how long a `serve` handler's first poll takes (each new poll weighs
+/// 1/8), in nanoseconds. A lane reader polls the handler itself only while that stays under
+/// [`SLOW_FIRST_POLL`] (`conn::lane_reader`); the tasks it starts otherwise keep recording, so
+/// a handler that gets cheap is polled inline again.
+#[derive(Debug, Default)]
+pub(crate) struct FirstPollCost(AtomicU64);
+
+/// A handler whose first poll takes longer than this on average runs in a task of its own, so
+/// that the requests behind it on the stream need not wait for it and several such handlers
+/// run on several cores at once. A task costs a few microseconds (its spawn, and the reply's
+/// hop through the connection's writer), small beside such a handler.
+pub(crate) const SLOW_FIRST_POLL: std::time::Duration = std::time::Duration::from_micros(10);
+
+impl FirstPollCost {
+    /// Adds one first poll that took `took`. Lane readers record concurrently; a lost
+    /// update only drops one sample.
+    pub(crate) fn record(&self, took: std::time::Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX) / 8;
+        let old = self.0.load(Ordering::Relaxed);
+        self.0
+            .store((old - old / 8).saturating_add(ns), Ordering::Relaxed);
+    }
+
+    /// Whether the first polls are slow on average.
+    pub(crate) fn slow(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > SLOW_FIRST_POLL.as_nanos() as u64
+    }
 }
 
 /// A caller of `Node::request` waiting for its reply (see [`Shared::replies`]).
