@@ -609,6 +609,59 @@ async fn a_panicking_handler_fails_its_request_not_its_lane() {
     .await;
 }
 
+/// Requests that find every `serve_concurrency` slot taken wait in the serve task's queue. A
+/// handler that panics in its own call there fails its request, not that task: before, the
+/// task ended and every later request that had to wait for a slot failed with "stopped
+/// serving requests".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_panicking_in_its_call_after_waiting_for_a_slot_fails_only_its_request() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let server = start(builder(&net, "echo", &key).serve_concurrency(1)).await;
+        server
+            .serve(|req| {
+                assert_ne!(
+                    req.payload_text(),
+                    "boom at once",
+                    "the handler fails on purpose"
+                );
+                async move {
+                    if req.payload_text() == "hold" {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    Ok(req.payload().clone())
+                }
+            })
+            .await
+            .expect("serve");
+        until_served(&client, "echo", "x", Duration::from_secs(1)).await;
+        for (payload, want) in [("boom at once", Err("panicked")), ("after", Ok("after"))] {
+            // "hold" takes the only slot, so `payload` waits for it in the serve task's queue.
+            let c = client.clone();
+            let hold =
+                tokio::spawn(
+                    async move { c.request("echo", "hold", Duration::from_secs(5)).await },
+                );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let got = client
+                .request("echo", payload, Duration::from_secs(5))
+                .await;
+            match (want, &got) {
+                (Ok(text), Ok(reply)) => assert_eq!(&reply[..], text.as_bytes()),
+                (Err(reason), Err(RequestError::Remote { message, .. }))
+                    if message.contains(reason) => {}
+                _ => panic!("{payload}: {got:?}, wanted {want:?}"),
+            }
+            assert_eq!(&hold.await.expect("join").expect("hold")[..], b"hold");
+        }
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
 /// A reply over the maximum message size fails its request with a clear error and harms
 /// nothing else: before, the 9 MiB frame stopped the connection's writer, and every later
 /// reply and delivery to the requester was silently lost.

@@ -825,7 +825,7 @@ impl Node {
                     let corr = req.env.seq;
                     let deadline =
                         tokio::time::Instant::now() + Duration::from_millis(req.budget_ms);
-                    let reply = run(req.env, req.budget_ms);
+                    let reply = runtime::conn::start_handler(&run, req.env, req.budget_ms, corr);
                     runtime::conn::spawn_handler(&shared, reply, permit, req.reply, corr, deadline);
                 }
             }

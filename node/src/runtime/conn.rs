@@ -861,7 +861,7 @@ const HANDLER_PANICKED: &str = "the request's handler panicked";
 
 /// Calls the handler (`run`) for a request: its run, which a panic in the handler's own call
 /// (before any future exists) makes an error reply, as a panic in a poll does.
-fn start_handler(
+pub(crate) fn start_handler(
     run: &super::ServeFn,
     env: Envelope,
     budget_ms: u64,
