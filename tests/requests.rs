@@ -574,11 +574,7 @@ async fn a_panicking_handler_fails_its_request_not_its_lane() {
         let (client, server) = web_and_echo().await;
         server
             .serve(|req| {
-                assert_ne!(
-                    req.payload_text(),
-                    "boom at once",
-                    "the handler fails on purpose"
-                );
+                panic_on_boom_at_once(&req);
                 async move {
                     match req.payload_text().as_str() {
                         "boom" => panic!("the handler fails on purpose"),
@@ -622,11 +618,7 @@ async fn a_handler_panicking_in_its_call_after_waiting_for_a_slot_fails_only_its
         let server = start(builder(&net, "echo", &key).serve_concurrency(1)).await;
         server
             .serve(|req| {
-                assert_ne!(
-                    req.payload_text(),
-                    "boom at once",
-                    "the handler fails on purpose"
-                );
+                panic_on_boom_at_once(&req);
                 async move {
                     if req.payload_text() == "hold" {
                         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -905,6 +897,16 @@ async fn busy_handlers_of_one_peers_requests_run_at_once() {
         server.shutdown().await;
     })
     .await;
+}
+
+/// Panics on the payload `boom at once`: a handler that calls this fails in its own call,
+/// before its future exists.
+fn panic_on_boom_at_once(req: &peerbus::Request) {
+    assert_ne!(
+        req.payload_text(),
+        "boom at once",
+        "the handler fails on purpose"
+    );
 }
 
 async fn until_served(client: &peerbus::Node, service: &str, payload: &str, timeout: Duration) {
