@@ -780,11 +780,14 @@ impl Node {
     /// returned to the requester as [`RequestError::Remote`], and so are a reply over the
     /// node's maximum message size and a panic in the handler.
     ///
-    /// The handler's future is first polled on the task that read the request off the
-    /// connection, and a handler that is ready at once is answered from there (the fastest
-    /// reply); one that waits goes on in a task of its own. So a handler should not compute
-    /// for long before its first `.await`: meanwhile that connection's lane reads nothing
-    /// else. Move heavy work to `tokio::task::spawn_blocking` (or yield first).
+    /// The handler is called and its future first polled on the task that read the request
+    /// off the connection, and a handler that is ready at once is answered from there (the
+    /// fastest reply); one that waits goes on in a task of its own. Meanwhile that task reads
+    /// nothing else, so a handler whose first polls take more than about 10 µs on average
+    /// (it computes before it answers) is called in a task of its own from then on: the
+    /// requests behind it are not held up, and several run at once on a multi-threaded
+    /// runtime. Work that blocks for long still holds a runtime worker: move it to
+    /// `tokio::task::spawn_blocking`.
     pub async fn serve<F, Fut>(&self, handler: F) -> Result<ServeHandle, SubscribeError>
     where
         F: Fn(Request) -> Fut + Send + Sync + 'static,
