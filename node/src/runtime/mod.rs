@@ -634,3 +634,43 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     }
     Ok(node)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{FirstPollCost, SLOW_FIRST_POLL};
+
+    /// A handler turns slow after a few slow first polls and cheap again after a few more
+    /// quick ones: a single stall (a preempted thread) does not move it for long.
+    #[test]
+    fn first_polls_turn_slow_and_back_with_the_handler() {
+        let cost = FirstPollCost::default();
+        assert!(!cost.slow(), "a new handler is polled inline");
+        cost.record(Duration::from_micros(1));
+        assert!(!cost.slow());
+        for _ in 0..3 {
+            cost.record(SLOW_FIRST_POLL * 4);
+        }
+        assert!(cost.slow(), "three polls of 40 µs");
+        let mut quick = 0;
+        while cost.slow() {
+            cost.record(Duration::from_micros(1));
+            quick += 1;
+            assert!(quick < 20, "still slow after {quick} quick polls");
+        }
+        assert!(quick >= 2, "one quick poll undid three slow ones");
+        // One stall of 1 ms makes it slow until some 20 quick polls have passed.
+        cost.record(Duration::from_millis(1));
+        assert!(cost.slow());
+        let mut quick = 0;
+        while cost.slow() {
+            cost.record(Duration::from_micros(1));
+            quick += 1;
+        }
+        assert!(
+            (15..=30).contains(&quick),
+            "{quick} quick polls after a stall"
+        );
+    }
+}
