@@ -899,6 +899,61 @@ async fn busy_handlers_of_one_peers_requests_run_at_once() {
     .await;
 }
 
+/// A node says it serves just after it connects. `wait_for_servers` waits for that word, and
+/// wakes on it: a request sent then is served, where one sent as soon as the instance was
+/// connected could find no responder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_servers_wakes_when_a_connected_instance_starts_serving() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let server = start(builder(&net, "clock", &key)).await;
+        assert!(
+            client
+                .wait_for_instances("clock", 1, Duration::from_secs(10))
+                .await
+        );
+        // Connected, not serving.
+        assert!(client.servers("clock").await.is_empty());
+        assert!(
+            !client
+                .wait_for_servers("clock", 1, Duration::from_millis(200))
+                .await
+        );
+        let err = client
+            .request("clock", "t", Duration::from_secs(1))
+            .await
+            .expect_err("nobody serves yet");
+        assert!(matches!(err, RequestError::NoResponders { .. }), "{err}");
+        let c = client.clone();
+        let waiting = tokio::spawn(async move {
+            c.wait_for_servers("clock", 1, Duration::from_secs(10))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let serving = server
+            .serve(|_req| async { Ok("tick".into()) })
+            .await
+            .expect("serve");
+        assert!(waiting.await.expect("join"), "not woken by the word");
+        assert_eq!(client.servers("clock").await, vec![server.id()]);
+        let reply = client
+            .request("clock", "t", Duration::from_secs(5))
+            .await
+            .expect("served");
+        assert_eq!(&reply[..], b"tick");
+        serving.stop().await;
+        eventually(10, "no server once it stopped serving", || async {
+            client.servers("clock").await.is_empty()
+        })
+        .await;
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
 /// Panics on the payload `boom at once`: a handler that calls this fails in its own call,
 /// before its future exists.
 fn panic_on_boom_at_once(req: &peerbus::Request) {

@@ -23,7 +23,7 @@ use crate::error::{
     AdminError, DeliveryError, HandlerError, RequestError, SendError, SubscribeError,
 };
 use crate::message::{Message, Outgoing, now_unix_ms};
-use crate::runtime::core::{Append, CoreMsg, Item, ScatterTarget, Targets};
+use crate::runtime::core::{Append, CoreMsg, Item, Role, ScatterTarget, Targets};
 use crate::runtime::storage::StoreOp;
 use crate::runtime::{self, InboundRequest, LocalSub, MAX_SUBSCRIPTIONS, SERVE_QUEUE, Shared};
 use crate::store::DeadLetter;
@@ -959,22 +959,28 @@ impl Node {
     /// only to those of them that take their messages ([`PeerInfo::consumes`]): see
     /// [`Node::consumers`].
     pub async fn instances(&self, service: &str) -> Vec<NodeId> {
-        self.connected(service, false).await
+        self.connected(service, Role::Any).await
     }
 
     /// Connected nodes of `service` (not saying goodbye) that take their service's messages
     /// ([`Node::messages`] is taken and alive there): the instances a [`Node::send`] to
     /// `service` is delivered to now.
     pub async fn consumers(&self, service: &str) -> Vec<NodeId> {
-        self.connected(service, true).await
+        self.connected(service, Role::Consumer).await
     }
 
-    async fn connected(&self, service: &str, consumers: bool) -> Vec<NodeId> {
+    /// Connected nodes of `service` (not saying goodbye) that serve requests
+    /// ([`Node::serve`] runs there): the instances a [`Node::request`] to `service` may go to.
+    pub async fn servers(&self, service: &str) -> Vec<NodeId> {
+        self.connected(service, Role::Server).await
+    }
+
+    async fn connected(&self, service: &str, role: Role) -> Vec<NodeId> {
         let (tx, rx) = oneshot::channel();
         if self
             .core(CoreMsg::Instances {
                 service: service.to_string(),
-                consumers,
+                role,
                 reply: tx,
             })
             .await
@@ -989,20 +995,30 @@ impl Node {
     /// or `timeout` passes. Returns whether they were found. Wakes on each change of the
     /// connected peers, not on a timer.
     pub async fn wait_for_instances(&self, service: &str, count: usize, timeout: Duration) -> bool {
-        self.wait_for_connected(service, false, count, timeout)
+        self.wait_for_connected(service, Role::Any, count, timeout)
             .await
     }
 
     /// Waits until at least `count` [consumers](Node::consumers) of `service` (instances that
     /// take its messages) are connected, or `timeout` passes. Returns whether they were found.
     pub async fn wait_for_consumers(&self, service: &str, count: usize, timeout: Duration) -> bool {
-        self.wait_for_connected(service, true, count, timeout).await
+        self.wait_for_connected(service, Role::Consumer, count, timeout)
+            .await
+    }
+
+    /// Waits until at least `count` [servers](Node::servers) of `service` are connected, or
+    /// `timeout` passes. Returns whether they were found. A node says it serves just after it
+    /// connects, so a [`Node::request`] sent as soon as an instance is connected can still fail
+    /// with [`RequestError::NoResponders`]; this waits for that word.
+    pub async fn wait_for_servers(&self, service: &str, count: usize, timeout: Duration) -> bool {
+        self.wait_for_connected(service, Role::Server, count, timeout)
+            .await
     }
 
     async fn wait_for_connected(
         &self,
         service: &str,
-        consumers: bool,
+        role: Role,
         count: usize,
         timeout: Duration,
     ) -> bool {
@@ -1011,7 +1027,7 @@ impl Node {
         loop {
             // Marked seen before looking: a change after the look wakes the wait below.
             changed.borrow_and_update();
-            if self.connected(service, consumers).await.len() >= count {
+            if self.connected(service, role).await.len() >= count {
                 return true;
             }
             tokio::select! {

@@ -130,6 +130,17 @@ pub(crate) struct Completion {
     pub(crate) result: Result<(), (String, bool)>,
 }
 
+/// Which connected instances of a service [`CoreMsg::Instances`] asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Every one.
+    Any,
+    /// Those that take the service's messages (the instances a `send` goes to).
+    Consumer,
+    /// Those that serve requests (the instances a `request` goes to).
+    Server,
+}
+
 /// Messages to the core actor.
 pub(crate) enum CoreMsg {
     /// Store and deliver one entry per target; answer with the number of copies stored.
@@ -194,8 +205,8 @@ pub(crate) enum CoreMsg {
     /// Instances currently connected for a service.
     Instances {
         service: String,
-        /// Only those that take the service's messages (the instances a `send` goes to).
-        consumers: bool,
+        /// Which of them.
+        role: Role,
         reply: oneshot::Sender<Vec<NodeId>>,
     },
     /// Begin shutdown: say goodbye to every peer, report the unsettled count.
@@ -619,7 +630,7 @@ impl Core {
             }
             CoreMsg::Instances {
                 service,
-                consumers,
+                role,
                 reply,
             } => {
                 let mut v: Vec<NodeId> = self
@@ -627,7 +638,11 @@ impl Core {
                     .iter()
                     .filter(|(id, l)| {
                         l.service == service
-                            && (l.consumes || !consumers)
+                            && match role {
+                                Role::Any => true,
+                                Role::Consumer => l.consumes,
+                                Role::Server => l.serves,
+                            }
                             && !self.outbox.is_draining(**id)
                     })
                     .map(|(id, _)| *id)
@@ -1387,8 +1402,11 @@ impl Core {
                 }
             }
             Control::Serves(serves) => {
-                if let Some(l) = self.links.get_mut(&peer) {
+                if let Some(l) = self.links.get_mut(&peer)
+                    && l.serves != serves
+                {
                     l.serves = serves;
+                    self.shared.notify_peers_changed();
                 }
             }
             Control::Consumes(consumes) => {
