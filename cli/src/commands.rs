@@ -507,12 +507,9 @@ pub(crate) async fn sub(common: &CommonArgs, args: &SubArgs) -> Result<()> {
     result
 }
 
-/// How long `req` keeps asking connected instances of a service that none of them serves
-/// (each tells its peers that it serves just after it connects), before it takes that for
-/// the answer.
+/// How long `req`, once it found instances of a service, waits for one of them to say that
+/// it serves (each says so just after it connects) before it sends the request anyway.
 const SERVE_WORD: Duration = Duration::from_secs(1);
-/// How often `req` asks again meanwhile.
-const SERVE_POLL: Duration = Duration::from_millis(50);
 
 /// Sends one request and prints the reply.
 pub(crate) async fn req(common: &CommonArgs, args: &ReqArgs) -> Result<()> {
@@ -526,26 +523,20 @@ pub(crate) async fn req(common: &CommonArgs, args: &ReqArgs) -> Result<()> {
             return Err(no_instance_error(&node, &args.service, args.timeout).await);
         }
         // An instance that serves says so right after it connects: give that word a moment
-        // to arrive before taking "no responders" for an answer.
-        let found = Instant::now();
-        loop {
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(100));
-            let mut opts = peerbus::RequestOptions::new(left);
-            if args.idempotent {
-                opts = opts.idempotent().max_attempts(args.attempts);
-            }
-            let msg = args.headers.apply(Outgoing::new(args.payload.clone()));
-            match node.request_with(&args.service, msg, opts).await {
-                Err(peerbus::RequestError::NoResponders { .. })
-                    if found.elapsed() < SERVE_WORD && Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(SERVE_POLL).await;
-                }
-                reply => return Ok(String::from_utf8_lossy(&reply?).into_owned()),
-            }
+        // to arrive before a request could take "no responders" for an answer.
+        let left = deadline.saturating_duration_since(Instant::now());
+        node.wait_for_servers(&args.service, 1, SERVE_WORD.min(left))
+            .await;
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        let mut opts = peerbus::RequestOptions::new(left);
+        if args.idempotent {
+            opts = opts.idempotent().max_attempts(args.attempts);
         }
+        let msg = args.headers.apply(Outgoing::new(args.payload.clone()));
+        let reply = node.request_with(&args.service, msg, opts).await?;
+        Ok(String::from_utf8_lossy(&reply).into_owned())
     }
     .await;
     if let Ok(reply) = &result {
