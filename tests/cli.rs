@@ -863,12 +863,7 @@ impl Running {
     /// Kills the process with SIGKILL (no shutdown of any kind) and reaps it. What it wrote
     /// before dying can still be read from [`Running::lines`].
     fn kill9(&mut self) {
-        let pid = self.guard.child.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-KILL", &pid])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -KILL {pid} failed");
+        signal(&self.guard.child, "-KILL");
         let _ = self.guard.wait(Duration::from_secs(10));
     }
 

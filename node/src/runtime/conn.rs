@@ -781,22 +781,15 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
                 if server.first_poll.slow() {
                     let server = server.clone();
                     let timed: super::ReplyFuture = Box::pin(async move {
-                        let started = Instant::now();
-                        let mut reply = start_handler(&server.run, env, budget_ms, corr);
-                        let first = poll_handler_once(&mut reply, corr).await;
-                        server.first_poll.record(started.elapsed());
-                        match first {
-                            Poll::Ready(result) => result,
-                            Poll::Pending => reply.await,
+                        match start_and_poll(&server, env, budget_ms, corr).await {
+                            (_, Poll::Ready(result)) => result,
+                            (reply, Poll::Pending) => reply.await,
                         }
                     });
                     spawn_handler(&shared, timed, permit, out.clone(), corr, deadline);
                     continue;
                 }
-                let started = Instant::now();
-                let mut reply = start_handler(&server.run, env, budget_ms, corr);
-                let first = poll_handler_once(&mut reply, corr).await;
-                server.first_poll.record(started.elapsed());
+                let (reply, first) = start_and_poll(&server, env, budget_ms, corr).await;
                 match first {
                     Poll::Ready(result) => {
                         drop(permit);
@@ -869,6 +862,22 @@ pub(crate) fn start_handler(
 ) -> super::ReplyFuture {
     std::panic::catch_unwind(AssertUnwindSafe(|| run(env, budget_ms)))
         .unwrap_or_else(|_| Box::pin(std::future::ready(Some(handler_panicked(corr)))))
+}
+
+/// Calls `server`'s handler for a request and polls its run once, recording how long both
+/// took in the handler's [`FirstPollCost`](super::FirstPollCost): the run, and that poll's
+/// outcome.
+async fn start_and_poll(
+    server: &super::Server,
+    env: Envelope,
+    budget_ms: u64,
+    corr: u64,
+) -> (super::ReplyFuture, Poll<Option<Result<Bytes, String>>>) {
+    let started = Instant::now();
+    let mut reply = start_handler(&server.run, env, budget_ms, corr);
+    let first = poll_handler_once(&mut reply, corr).await;
+    server.first_poll.record(started.elapsed());
+    (reply, first)
 }
 
 /// Polls a handler's run once from the calling task (a lane reader). A panic in the handler is
