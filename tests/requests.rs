@@ -51,7 +51,7 @@ async fn deadline_travels_and_timeout_and_no_responders_are_clear() {
         .await;
         let budget: u64 = String::from_utf8(
             client
-                .request("accounts", "hi", Duration::from_millis(1500))
+                .request("accounts", "hi", Duration::from_millis(5000))
                 .await
                 .expect("reply")
                 .to_vec(),
@@ -59,8 +59,10 @@ async fn deadline_travels_and_timeout_and_no_responders_are_clear() {
         .expect("utf8")
         .parse()
         .expect("ms");
+        // Wide enough that a busy machine's delay in delivering the request
+        // cannot take the budget under its lower bound.
         assert!(
-            (1000..=1500).contains(&budget),
+            (3000..=5000).contains(&budget),
             "server saw a budget of {budget} ms"
         );
         let t1 = std::time::Instant::now();

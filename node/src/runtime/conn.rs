@@ -806,32 +806,21 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
                 }
             }
             Data::Reply { corr, result } => {
-                let (replied, waiting) = match claim(&shared, peer, corr) {
-                    Some(slot) => (
-                        Replied::Answered { ok: result.is_ok() },
-                        Some((slot, result)),
-                    ),
-                    None => (Replied::Payload(result), None),
-                };
-                let msg = CoreMsg::Reply {
-                    peer,
-                    corr,
-                    replied,
-                };
-                // Core's bookkeeping is queued before the caller wakes: its next request
-                // queues behind it, so it finds this one's bulkhead count released and its
-                // verdict in the breaker.
-                // Leaving the verdict in `Shared::replies` for core to take when it next
-                // needs it (no wake of core per reply) was tried: request p50 in `peerbus
-                // bench` did not change measurably (32 interleaved runs each).
-                let core_alive = shared.core.send(msg).await.is_ok();
-                if let Some((slot, result)) = waiting {
+                // A caller waiting for it is answered here; core takes the verdict from
+                // `Shared::replies` when it next needs it (see `ReplyBook::answered`).
+                if let Some(slot) = claim(&shared, peer, corr, result.is_ok()) {
                     let _ = slot.tx.send(result.map_err(|message| RequestError::Remote {
                         service: slot.service,
                         message,
                     }));
+                    continue;
                 }
-                if !core_alive {
+                let msg = CoreMsg::Reply {
+                    peer,
+                    corr,
+                    replied: Replied::Payload(result),
+                };
+                if shared.core.send(msg).await.is_err() {
                     return;
                 }
             }
@@ -840,13 +829,18 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
 }
 
 /// Takes the caller waiting for the reply to `corr` out of [`Shared::replies`], if it waits
-/// for one from `peer`: whoever takes it answers it.
-fn claim(shared: &Shared, peer: NodeId, corr: u64) -> Option<super::ReplySlot> {
+/// for one from `peer`: whoever takes it answers it. Leaves the verdict (`ok`) for core in the
+/// same lock.
+fn claim(shared: &Shared, peer: NodeId, corr: u64, ok: bool) -> Option<super::ReplySlot> {
     let mut replies = super::lock(&shared.replies);
-    match replies.get(&corr) {
-        Some(slot) if slot.peer == peer => replies.remove(&corr),
+    let slot = match replies.waiting.get(&corr) {
+        Some(slot) if slot.peer == peer => replies.waiting.remove(&corr),
         _ => None,
+    };
+    if slot.is_some() {
+        replies.answered.push(super::Answered { peer, corr, ok });
     }
+    slot
 }
 
 /// The reply to a request whose handler panicked.

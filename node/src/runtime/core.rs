@@ -598,6 +598,7 @@ impl Core {
                 replies,
                 started,
             } => {
+                self.take_answered();
                 let n = self.scatter(target, &env, budget_ms, replies);
                 let _ = started.send(n);
             }
@@ -606,7 +607,10 @@ impl Core {
                 env,
                 budget_ms,
                 reply,
-            } => self.request(&service, env, budget_ms, reply),
+            } => {
+                self.take_answered();
+                self.request(&service, env, budget_ms, reply);
+            }
             CoreMsg::Completed(c) => self.completed(c),
             CoreMsg::CompletedBatch(cs) => {
                 for c in cs {
@@ -626,6 +630,7 @@ impl Core {
                 }
             }
             CoreMsg::Status(reply) => {
+                self.take_answered();
                 let _ = reply.send(self.status());
             }
             CoreMsg::Instances {
@@ -711,6 +716,7 @@ impl Core {
         self.expire_parked(now);
         let settled = self.outbox.check_timers(now);
         self.settle(settled);
+        self.take_answered();
         // Requests whose deadline passed: a failure for the breaker.
         let expired = self.requests_past(now);
         for corr in expired {
@@ -740,6 +746,21 @@ impl Core {
         }
         self.requests_due = due;
         past
+    }
+
+    /// The bookkeeping of the requests whose callers lane readers answered since the last
+    /// call (see [`super::ReplyBook::answered`]).
+    fn take_answered(&mut self) {
+        let answered = {
+            let mut book = super::lock(&self.shared.replies);
+            if book.answered.is_empty() {
+                return;
+            }
+            std::mem::take(&mut book.answered)
+        };
+        for a in answered {
+            self.on_reply(a.peer, a.corr, Replied::Answered { ok: a.ok });
+        }
     }
 
     /// A reply arrived from `peer`: the bookkeeping of its request, and its delivery unless
@@ -777,8 +798,9 @@ impl Core {
     /// breaker, and `error` for its caller, or `scatter_error` (if any) for a scatter's
     /// collector.
     /// A single request whose caller the lane reader answered meanwhile is left alone: that
-    /// reader's [`CoreMsg::Reply`] is on its way and ends it with the right verdict, so the
-    /// caller gets exactly one answer and the breaker the true one.
+    /// reader left its verdict in the reply book ([`super::ReplyBook::answered`]), and core
+    /// ends it with that verdict when it next takes them, so the caller gets exactly one
+    /// answer and the breaker the true one.
     fn end_request(
         &mut self,
         corr: u64,
@@ -1618,7 +1640,7 @@ impl Core {
             tx: reply,
         };
         // In the shared map before the request leaves, so its reply always finds it.
-        super::lock(&self.shared.replies).insert(corr, slot);
+        super::lock(&self.shared.replies).waiting.insert(corr, slot);
         self.send_request(corr, peer, service.to_string(), env, budget_ms, Sink::One);
     }
 
@@ -2047,6 +2069,8 @@ impl Core {
 
     /// Fails the requests that went to `peer` on the connection of `generation`, which ended.
     fn fail_requests_on(&mut self, peer: NodeId, generation: u64) {
+        // Those answered already end with their verdict, not as lost.
+        self.take_answered();
         let lost: Vec<u64> = self
             .requests
             .iter()
@@ -2175,6 +2199,7 @@ impl Core {
         }
         self.requests.clear();
         let waiting: Vec<super::ReplySlot> = super::lock(&self.shared.replies)
+            .waiting
             .drain()
             .map(|(_, slot)| slot)
             .collect();
@@ -2187,7 +2212,7 @@ impl Core {
 /// Takes the caller waiting for the reply to `corr` out of [`Shared::replies`]: whoever takes
 /// it answers it.
 fn take_slot(shared: &Shared, corr: u64) -> Option<super::ReplySlot> {
-    super::lock(&shared.replies).remove(&corr)
+    super::lock(&shared.replies).waiting.remove(&corr)
 }
 
 /// Who gets a copy of a publish on `topic`: every durable group known to subscribe to it

@@ -20,7 +20,8 @@
 //! bulkhead). The server's lane reader starts the `serve` handler (a task per request, or the
 //! serve queue when `serve_concurrency` is reached) and the handler queues its reply on the
 //! connection's writer itself. The requester's lane reader answers the caller from
-//! [`Shared::replies`] and tells core afterwards, for its bookkeeping.
+//! [`Shared::replies`] and leaves the verdict there for core's bookkeeping (see
+//! [`ReplyBook`]).
 //!
 //! Shutdown order (see [`crate::Node::shutdown`]): stop discovery and
 //! accepting, say goodbye to peers, wait (up to the grace period) for local
@@ -203,13 +204,39 @@ pub(crate) struct ReplySlot {
     pub(crate) tx: oneshot::Sender<Result<bytes::Bytes, RequestError>>,
 }
 
+/// Callers waiting for the reply of a single request, and the verdicts of those a lane reader
+/// answered (see [`ReplyBook`]).
+pub(crate) type Replies = Mutex<ReplyBook>;
+
 /// Callers waiting for the reply of a single request, by correlation id. Core inserts a slot
 /// when it sends the request; whoever removes it first answers the caller, exactly once: the
-/// lane reader the reply arrives on (it then tells core, which does the bookkeeping), or core
-/// when the request times out, loses its instance or the node stops. Bounded by
-/// `max_requests_in_flight`: every slot belongs to a request core still counts, and core
-/// refuses requests beyond that limit.
-pub(crate) type Replies = Mutex<HashMap<u64, ReplySlot>>;
+/// lane reader the reply arrives on, or core when the request times out, loses its instance or
+/// the node stops. Bounded by `max_requests_in_flight`: every slot belongs to a request core
+/// still counts, and core refuses requests beyond that limit.
+#[derive(Debug, Default)]
+pub(crate) struct ReplyBook {
+    /// Callers waiting, by correlation id.
+    pub(crate) waiting: HashMap<u64, ReplySlot>,
+    /// Requests whose caller a lane reader answered, for core's bookkeeping (in-flight counts
+    /// and breaker). The reader adds the verdict in the same lock that takes the slot, before
+    /// it answers the caller, and does not wake core: core takes the verdicts before it
+    /// handles a request, a scatter or a status query, when an instance is lost, and on its
+    /// tick. So a caller's next request finds its last one accounted for, and the reply wakes
+    /// only the caller: a second task woken by the same poll makes tokio wake the other
+    /// worker thread, which cost most of the in-task round trip (see ARCHITECTURE,
+    /// "Requests"). At most one per request core still counts (`max_requests_in_flight`).
+    pub(crate) answered: Vec<Answered>,
+}
+
+/// A request whose caller a lane reader answered (see [`ReplyBook::answered`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Answered {
+    /// The instance that replied.
+    pub(crate) peer: NodeId,
+    pub(crate) corr: u64,
+    /// The handler succeeded.
+    pub(crate) ok: bool,
+}
 
 pub(crate) struct LocalSub {
     pub(crate) id: u64,
@@ -472,7 +499,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         durability,
         started: Instant::now(),
         core: core_tx.clone(),
-        replies: Mutex::new(HashMap::new()),
+        replies: Mutex::new(ReplyBook::default()),
         inbox: Mutex::new(inbox),
         routes: RwLock::new(Routes {
             service_tx,
