@@ -276,8 +276,9 @@ pub(crate) struct Echo {
 }
 
 impl Echo {
-    /// Starts both nodes and waits until the client's requests are answered, then warms both
-    /// paths with `warm` requests.
+    /// Starts both nodes and waits until the client's requests are answered and its sends
+    /// have a consumer (the server also takes the `echo` service's messages, acknowledging
+    /// each at once), then warms both paths with `warm` requests and `warm` sends.
     pub(crate) async fn start(warm: usize, work: Duration) -> Result<Self> {
         let mesh = Mesh::new();
         let server = mesh
@@ -296,6 +297,8 @@ impl Echo {
             })
             .await
             .context("serving")?;
+        let messages = server.messages().context("subscribing to messages")?;
+        tokio::spawn(messages.handle(1, |_m| async { Ok::<(), HandlerError>(()) }));
         let client = mesh
             .node("client")?
             .start()
@@ -311,9 +314,29 @@ impl Echo {
                 bail!("the echo service never answered");
             }
         }
+        if !client
+            .wait_for_consumers("echo", 1, Duration::from_secs(20))
+            .await
+        {
+            bail!("the echo service never took its messages");
+        }
         let echo = Self { client, server };
         echo.rounds(warm).await?;
+        echo.acks(warm).await?;
         Ok(echo)
+    }
+
+    /// Latencies of `rounds` sends (`Durability::Memory`, 4 bytes), one after another, each
+    /// from the call until its receipt says the handler acknowledged it: the round trip of the
+    /// delivery path, as [`Echo::rounds`] is of the request path.
+    pub(crate) async fn acks(&self, rounds: usize) -> Result<Vec<Duration>> {
+        let mut lat = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            self.client.send("echo", "ping").await?.acked().await?;
+            lat.push(t.elapsed());
+        }
+        Ok(lat)
     }
 
     /// Latencies of `rounds` requests, one after another.

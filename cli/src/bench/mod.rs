@@ -432,7 +432,7 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
         report.add(case.against(report.get(index.stream[&1024])));
     }
 
-    if wanted("request") {
+    if wanted("request") || wanted("ack") {
         requests(report, scale).await?;
     }
     if wanted("backlog") {
@@ -754,16 +754,19 @@ async fn requests(report: &mut Report, scale: usize) -> Result<()> {
         let n = LATENCY_BLOCK.min(rounds - main.requests.len());
         main.pingpong.extend(pingpong.rounds(n).await?);
         main.requests.extend(echo.rounds(n).await?);
-        let (pp, lat);
-        (pingpong, echo, pp, lat) = tokio::spawn(async move {
+        main.acks.extend(echo.acks(n).await?);
+        let (pp, lat, acks);
+        (pingpong, echo, pp, lat, acks) = tokio::spawn(async move {
             let pp = pingpong.rounds(n).await?;
             let lat = echo.rounds(n).await?;
-            anyhow::Ok((pingpong, echo, pp, lat))
+            let acks = echo.acks(n).await?;
+            anyhow::Ok((pingpong, echo, pp, lat, acks))
         })
         .await
         .context("latency task")??;
         in_task.pingpong.extend(pp);
         in_task.requests.extend(lat);
+        in_task.acks.extend(acks);
     }
     let raw_rps = pingpong.throughput(cases::CALLERS, rounds * 4).await?;
     drop(pingpong);
@@ -803,14 +806,18 @@ async fn requests(report: &mut Report, scale: usize) -> Result<()> {
 struct Latencies {
     pingpong: Vec<Duration>,
     requests: Vec<Duration>,
+    /// Sends, each until its receipt says it was acknowledged (`Echo::acks`).
+    acks: Vec<Duration>,
 }
 
 impl Latencies {
-    /// Adds `baseline/pingpong<context>` and `request<context>/p50`, `/p99` and `/p99.9`, each
-    /// against the ping-pong's same percentile; the p50 carries the target.
+    /// Adds `baseline/pingpong<context>`, `request<context>/p50`, `/p99` and `/p99.9`, each
+    /// against the ping-pong's same percentile (the p50 carries the target), and the same
+    /// percentiles of a send until its acknowledgement, `ack<context>/…` (no target).
     fn report(mut self, report: &mut Report, context: &str) {
         self.pingpong.sort();
         self.requests.sort();
+        self.acks.sort();
         let [pp50, pp99, pp999] = [0.5, 0.99, 0.999].map(|p| percentile_us(&self.pingpong, p));
         let base = format!("baseline/pingpong{context}");
         let pp_case = report.add(
@@ -841,6 +848,21 @@ impl Latencies {
         report.add(p50);
         report.add(p99);
         report.add(p999);
+        for (figure, primary, p, base) in [
+            ("p50", "p50_us", 0.5, base.clone()),
+            ("p99", "p99_us", 0.99, format!("{base}/p99")),
+            ("p99.9", "p999_us", 0.999, format!("{base}/p99.9")),
+        ] {
+            let baseline = percentile_us(&self.pingpong, p);
+            report.add(
+                Case::new(
+                    format!("ack{context}/{figure}"),
+                    primary,
+                    percentile_us(&self.acks, p),
+                )
+                .against(&Case::new(base, primary, baseline)),
+            );
+        }
     }
 }
 
@@ -921,10 +943,12 @@ mod tests {
         let main = Latencies {
             pingpong: us(&[60, 70, 80]),
             requests: us(&[90, 80, 100]),
+            acks: us(&[140, 120, 130]),
         };
         let in_task = Latencies {
             pingpong: us(&[30, 20, 40]),
             requests: us(&[60, 70, 80]),
+            acks: us(&[100, 90, 110]),
         };
         main.report(&mut report, "");
         in_task.report(&mut report, "/in-task");
@@ -946,5 +970,14 @@ mod tests {
         assert_eq!(find("baseline/pingpong/in-task").value(), 30.0);
         let p99 = find("request/in-task/p99").json();
         assert_eq!(p99["baseline"], json!("baseline/pingpong/in-task/p99"));
+        let ack = find("ack/p50");
+        assert_eq!(ack.value(), 130.0);
+        assert_eq!(ack.ratio(), Some(130.0 / 70.0));
+        assert!(ack.target.is_none(), "acks have no target");
+        let ack = find("ack/in-task/p50");
+        assert_eq!(ack.value(), 100.0);
+        assert_eq!(ack.ratio(), Some(100.0 / 30.0));
+        let ack99 = find("ack/in-task/p99").json();
+        assert_eq!(ack99["baseline"], json!("baseline/pingpong/in-task/p99"));
     }
 }
