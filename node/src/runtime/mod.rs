@@ -222,9 +222,10 @@ pub(crate) struct ReplyBook {
     /// it answers the caller, and does not wake core: core takes the verdicts before it
     /// handles a request, a scatter or a status query, when an instance is lost, and on its
     /// tick. So a caller's next request finds its last one accounted for, and the reply wakes
-    /// only the caller: a second task woken by the same poll makes tokio wake the other
-    /// worker thread, which cost most of the in-task round trip (see ARCHITECTURE,
-    /// "Requests"). At most one per request core still counts (`max_requests_in_flight`).
+    /// only the caller: a second task woken by the same poll makes tokio wake its other
+    /// worker thread, which lengthened the round trip of a request made from a task (see
+    /// ARCHITECTURE, "Requests"). At most one per request core still counts
+    /// (`max_requests_in_flight`).
     pub(crate) answered: Vec<Answered>,
 }
 
