@@ -39,7 +39,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_name = "N")]
     runs: Option<usize>,
     /// Run only the cases of these kinds (comma-separated: send, batch, publish, request,
-    /// backlog, discovery, memory) or with these names or name prefixes up to a `/`
+    /// ack, backlog, discovery, idle, memory; `request` and `ack` run together) or with these
+    /// names or name prefixes up to a `/`
     /// (`send/memory/1KiB`, `send/fsync`); the raw baselines those cases compare with always run.
     #[arg(long, value_name = "KINDS", value_delimiter = ',')]
     only: Vec<String>,
