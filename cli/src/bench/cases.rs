@@ -330,26 +330,22 @@ impl Echo {
     /// from the call until its receipt says the handler acknowledged it: the round trip of the
     /// delivery path, as [`Echo::rounds`] is of the request path.
     pub(crate) async fn acks(&self, rounds: usize) -> Result<Vec<Duration>> {
-        let mut lat = Vec::with_capacity(rounds);
-        for _ in 0..rounds {
-            let t = Instant::now();
+        time_each(rounds, || async {
             self.client.send("echo", "ping").await?.acked().await?;
-            lat.push(t.elapsed());
-        }
-        Ok(lat)
+            anyhow::Ok(())
+        })
+        .await
     }
 
     /// Latencies of `rounds` requests, one after another.
     pub(crate) async fn rounds(&self, rounds: usize) -> Result<Vec<Duration>> {
-        let mut lat = Vec::with_capacity(rounds);
-        for _ in 0..rounds {
-            let t = Instant::now();
+        time_each(rounds, || async {
             self.client
                 .request("echo", "ping", Duration::from_secs(5))
                 .await?;
-            lat.push(t.elapsed());
-        }
-        Ok(lat)
+            anyhow::Ok(())
+        })
+        .await
     }
 
     /// Requests/s of `total` requests from [`CALLERS`] concurrent callers.
@@ -377,6 +373,21 @@ impl Echo {
         self.client.shutdown().await;
         self.server.shutdown().await;
     }
+}
+
+/// How long each of `rounds` calls of `call` took, one after another.
+async fn time_each<F, Fut>(rounds: usize, mut call: F) -> Result<Vec<Duration>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let mut lat = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        call().await?;
+        lat.push(t.elapsed());
+    }
+    Ok(lat)
 }
 
 /// The figures of the backlog case.
