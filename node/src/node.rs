@@ -677,15 +677,34 @@ impl Node {
         env: Envelope,
         timeout: Duration,
     ) -> Result<Bytes, RequestError> {
+        if self.shared.cancel.is_cancelled() {
+            return Err(RequestError::Stopped);
+        }
         let (tx, rx) = oneshot::channel();
-        self.core(CoreMsg::Request {
-            service: service.to_string(),
-            env,
-            budget_ms: timeout.as_millis() as u64,
-            reply: tx,
-        })
-        .await
-        .map_err(|()| RequestError::Stopped)?;
+        let budget_ms = timeout.as_millis() as u64;
+        // With few requests in flight the caller routes and writes its request itself, else
+        // core does (see `Requests::quiet`).
+        let now = self.shared.now();
+        let started = {
+            let mut requests = runtime::lock(&self.shared.requests);
+            if requests.quiet() {
+                Ok(requests.start(service, env, budget_ms, tx, now))
+            } else {
+                Err((env, tx))
+            }
+        };
+        match started {
+            Ok(started) => started.map_err(|(e, _)| e)?.send(&self.shared),
+            Err((env, tx)) => self
+                .core(CoreMsg::Request {
+                    service: service.to_string(),
+                    env,
+                    budget_ms,
+                    reply: tx,
+                })
+                .await
+                .map_err(|()| RequestError::Stopped)?,
+        }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(RequestError::Stopped),

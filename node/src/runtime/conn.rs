@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::core::{Completion, CoreMsg, Out, Replied, local_hello};
+use super::core::{Completion, CoreMsg, Out, local_hello};
 use super::{
     ConnState, Inbound, InboundRequest, MAX_INBOUND_LANES, MAX_PENDING_HANDSHAKES, Shared,
 };
@@ -27,7 +27,6 @@ use crate::engine::routing::topic_matches;
 use crate::engine::wire::{
     ALPN_V4, Control, ControlV4, Data, Dialect, Envelope, Hello, MIN_PROTOCOL_VERSION, negotiate,
 };
-use crate::error::RequestError;
 
 /// How long the hello exchange may take after the transport handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -533,8 +532,8 @@ struct LaneContext {
 
 /// The connection's direct stream: one more unidirectional stream, opened by the first frame
 /// written on it, for frames written without the hop through the writer task: the replies of
-/// handlers that answered at once, written by the lane reader that read the request, and the
-/// requests core sends. A task hop cost a request about 8 µs of its 54 µs in a raw quinn
+/// handlers that answered at once, written by the lane reader that read the request, and
+/// requests, written by their callers or by core (see `runtime::requests`). A task hop cost a request about 8 µs of its 54 µs in a raw quinn
 /// model of these tasks (two cores). Whoever finds the stream busy (another task writing)
 /// queues its frame to the writer instead. The peer reads it like any lane (neither requests
 /// nor replies need an order).
@@ -549,8 +548,8 @@ pub(crate) struct DirectStream {
 #[derive(Default)]
 struct Direct {
     stream: Option<FrameSender>,
-    /// A task flushes what core left buffered when QUIC could not take it at once: until it is
-    /// done, core queues its requests to the writer. So at most one such task runs per
+    /// A task flushes what a request left buffered when QUIC could not take it at once: until
+    /// it is done, requests are queued to the writer. So at most one such task runs per
     /// connection, and the buffer holds at most what one write could not hand over.
     flushing: bool,
 }
@@ -604,7 +603,7 @@ impl DirectStream {
         }
     }
 
-    /// Core's request `frame`, written on the direct stream without waiting: `false` when the
+    /// A request `frame`, written on the direct stream without waiting: `false` when the
     /// caller must queue it to the writer instead (another task is writing, the stream cannot
     /// be opened at once, or the frame cannot be encoded). What QUIC does not take at once
     /// stays buffered in order, and one task is started to flush it.
@@ -806,41 +805,16 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
                 }
             }
             Data::Reply { corr, result } => {
-                // A caller waiting for it is answered here; core takes the verdict from
-                // `Shared::replies` when it next needs it (see `ReplyBook::answered`).
-                if let Some(slot) = claim(&shared, peer, corr, result.is_ok()) {
-                    let _ = slot.tx.send(result.map_err(|message| RequestError::Remote {
-                        service: slot.service,
-                        message,
-                    }));
-                    continue;
-                }
-                let msg = CoreMsg::Reply {
-                    peer,
-                    corr,
-                    replied: Replied::Payload(result),
-                };
-                if shared.core.send(msg).await.is_err() {
-                    return;
+                // The caller (or a scatter's collector) is answered from here, and the
+                // request's bookkeeping done, under the requests' lock: core is not woken.
+                let now = shared.now();
+                let answer = super::lock(&shared.requests).reply(peer, corr, result, now);
+                if let Some(answer) = answer {
+                    answer.give();
                 }
             }
         }
     }
-}
-
-/// Takes the caller waiting for the reply to `corr` out of [`Shared::replies`], if it waits
-/// for one from `peer`: whoever takes it answers it. Leaves the verdict (`ok`) for core in the
-/// same lock.
-fn claim(shared: &Shared, peer: NodeId, corr: u64, ok: bool) -> Option<super::ReplySlot> {
-    let mut replies = super::lock(&shared.replies);
-    let slot = match replies.waiting.get(&corr) {
-        Some(slot) if slot.peer == peer => replies.waiting.remove(&corr),
-        _ => None,
-    };
-    if slot.is_some() {
-        replies.answered.push(super::Answered { peer, corr, ok });
-    }
-    slot
 }
 
 /// The reply to a request whose handler panicked.

@@ -15,12 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
 use super::storage::{Clock, Durable, StagedCall, StoreOp};
-use super::{Inbound, MAX_KNOWN_PEERS, Shared, conn};
+use super::{Inbound, MAX_KNOWN_PEERS, Shared, conn, requests};
 use crate::admin::EventKind;
 use crate::engine::FastMap;
-use crate::engine::breaker::{Breaker, BreakerConfig, BreakerState};
 use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target, Transmit};
-use crate::engine::routing::stable_hash;
 use crate::engine::wire::{
     Control, Data, Dialect, Envelope, GroupState, Hello, Interest, MAX_ACK_RUN_SEQS,
 };
@@ -111,16 +109,6 @@ pub(crate) enum Out {
     Close(oneshot::Sender<()>),
 }
 
-/// What a lane reader tells core about a reply that arrived.
-#[derive(Debug)]
-pub(crate) enum Replied {
-    /// The reader took the caller's slot from [`Shared::replies`] and answered it: core only
-    /// does the bookkeeping (`ok`: the handler succeeded, for the breaker).
-    Answered { ok: bool },
-    /// No slot to answer (a scatter reply, or a late one): core delivers or drops it.
-    Payload(Result<Bytes, String>),
-}
-
 /// A local handler finished an entry: `Ok` acks it to its origin, `Err((reason, permanent))`
 /// nacks it (`permanent`: dead-letter at once).
 pub(crate) struct Completion {
@@ -169,13 +157,8 @@ pub(crate) enum CoreMsg {
         generation: u64,
         frame: Control,
     },
-    /// A reply arrived from `peer` (see [`Replied`]).
-    Reply {
-        peer: NodeId,
-        corr: u64,
-        replied: Replied,
-    },
-    /// Send a request; the reply (or error) comes back on `reply`.
+    /// Start and write a request (when its caller did not: see [`requests::Requests::quiet`]);
+    /// the reply (or error) comes back on `reply`.
     Request {
         service: String,
         env: Envelope,
@@ -239,7 +222,6 @@ struct Link {
     serves: bool,
     /// Whether the peer takes its service's messages (an instance for `send`).
     consumes: bool,
-    outstanding: usize,
     cancel: CancellationToken,
     /// The connection's [`super::ConnState`] flag: set when it closes or is retired.
     gone: Arc<AtomicBool>,
@@ -251,8 +233,6 @@ struct Link {
     peer_retired: bool,
     /// The protocol version the connection speaks.
     protocol: u32,
-    /// Where requests go without the writer's hop, when it is free.
-    direct: Arc<conn::DirectStream>,
 }
 
 struct Known {
@@ -281,34 +261,6 @@ pub(crate) enum ScatterTarget {
     Topic(String),
 }
 
-/// Where a request's answer goes.
-enum Sink {
-    /// One caller, waiting in [`Shared::replies`] under the request's correlation id.
-    One,
-    /// A scatter: every reply goes to its collector.
-    Many(mpsc::Sender<(NodeId, Result<Bytes, String>)>),
-}
-
-struct PendingRequest {
-    peer: NodeId,
-    /// The generation of the connection it went out on: only that connection's end fails it.
-    generation: u64,
-    service: String,
-    deadline: u64,
-    sink: Sink,
-    /// Counted by the service's breaker and bulkhead.
-    guarded: bool,
-}
-
-/// Request guards per destination service.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Guards {
-    pub(crate) breaker: BreakerConfig,
-    pub(crate) max_in_flight_per_service: usize,
-}
-
-/// Most services with a breaker (one per destination a node requests).
-const MAX_BREAKERS: usize = 4096;
 /// The connection generation of the local node in the outbox (real connections count from 1).
 const LOCAL_CONN: u64 = 0;
 
@@ -336,14 +288,6 @@ struct Core {
     /// The buffer each dispatch fills and drains (empty between dispatches; its capacity is
     /// at most one dispatch's deliveries, bounded by the peers' credits).
     transmits: Vec<Transmit>,
-    requests: HashMap<u64, PendingRequest>,
-    /// No request in `requests` has a deadline before this (`u64::MAX`: none may): the tick
-    /// walks `requests` only once this has passed, then sets it to the earliest deadline left.
-    /// Lowered by every new request; an ended request leaves it as it is (still a bound).
-    /// *Why:* with requests of a few seconds, the walk of up to `max_requests_in_flight`
-    /// requests ran on every tick (every 50 ms) and found nothing due.
-    requests_due: u64,
-    next_corr: u64,
     next_generation: u64,
     /// Acks to send on the next flush, per origin and log (as many origins as send to this
     /// node between two flushes, each with its few logs; emptied by every flush).
@@ -367,9 +311,6 @@ struct Core {
     /// `send` calls waiting for room in a full log, oldest first.
     parked: std::collections::VecDeque<Append>,
     limits: Limits,
-    guards: Guards,
-    breakers: HashMap<String, Breaker>,
-    service_in_flight: HashMap<String, usize>,
     last_sync: u64,
     /// A `send`/`publish` arrived since the last dispatch (see [`SMALL_BATCH`]).
     appended: bool,
@@ -396,7 +337,6 @@ pub(crate) struct CoreInit {
     pub(crate) recovered: Option<crate::store::Recovered>,
     pub(crate) start_unix_ms: u64,
     pub(crate) limits: Limits,
-    pub(crate) guards: Guards,
 }
 
 pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, init: CoreInit) {
@@ -452,9 +392,6 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         links: FastMap::default(),
         known: FastMap::default(),
         transmits: Vec::new(),
-        requests: HashMap::new(),
-        requests_due: u64::MAX,
-        next_corr: 1,
         next_generation: 1,
         pending_acks: BTreeMap::new(),
         known_groups,
@@ -470,9 +407,6 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         clock,
         parked: std::collections::VecDeque::new(),
         limits: init.limits,
-        guards: init.guards,
-        breakers: HashMap::new(),
-        service_in_flight: HashMap::new(),
         last_sync: 0,
         appended: false,
         local,
@@ -586,11 +520,22 @@ impl Core {
                 generation,
                 frame,
             } => self.on_control(peer, generation, frame),
-            CoreMsg::Reply {
-                peer,
-                corr,
-                replied,
-            } => self.on_reply(peer, corr, replied),
+            CoreMsg::Request {
+                service,
+                env,
+                budget_ms,
+                reply,
+            } => {
+                let now = self.shared.now();
+                let started =
+                    super::lock(&self.shared.requests).start(&service, env, budget_ms, reply, now);
+                match started {
+                    Ok(request) => request.send(&self.shared),
+                    Err((error, reply)) => {
+                        let _ = reply.send(Err(error));
+                    }
+                }
+            }
             CoreMsg::Scatter {
                 target,
                 env,
@@ -598,18 +543,8 @@ impl Core {
                 replies,
                 started,
             } => {
-                self.take_answered();
                 let n = self.scatter(target, &env, budget_ms, replies);
                 let _ = started.send(n);
-            }
-            CoreMsg::Request {
-                service,
-                env,
-                budget_ms,
-                reply,
-            } => {
-                self.take_answered();
-                self.request(&service, env, budget_ms, reply);
             }
             CoreMsg::Completed(c) => self.completed(c),
             CoreMsg::CompletedBatch(cs) => {
@@ -630,7 +565,6 @@ impl Core {
                 }
             }
             CoreMsg::Status(reply) => {
-                self.take_answered();
                 let _ = reply.send(self.status());
             }
             CoreMsg::Instances {
@@ -716,136 +650,11 @@ impl Core {
         self.expire_parked(now);
         let settled = self.outbox.check_timers(now);
         self.settle(settled);
-        self.take_answered();
         // Requests whose deadline passed: a failure for the breaker.
-        let expired = self.requests_past(now);
-        for corr in expired {
-            let timeout = |service| RequestError::Timeout {
-                service,
-                after: Duration::from_millis(0),
-            };
-            self.end_request(corr, timeout, None);
-        }
+        let expired = super::lock(&self.shared.requests).expire(now);
+        requests::give_all(expired);
+        self.settle_all_retired();
         self.expire_retired(now);
-    }
-
-    /// The requests whose deadline is before `now` (none, without a walk, before
-    /// [`Core::requests_due`]), and the next bound for the rest.
-    fn requests_past(&mut self, now: u64) -> Vec<u64> {
-        if now <= self.requests_due {
-            return Vec::new();
-        }
-        let mut due = u64::MAX;
-        let mut past = Vec::new();
-        for (corr, r) in &self.requests {
-            if r.deadline < now {
-                past.push(*corr);
-            } else {
-                due = due.min(r.deadline);
-            }
-        }
-        self.requests_due = due;
-        past
-    }
-
-    /// The bookkeeping of the requests whose callers lane readers answered since the last
-    /// call (see [`super::ReplyBook::answered`]).
-    fn take_answered(&mut self) {
-        let answered = {
-            let mut book = super::lock(&self.shared.replies);
-            if book.answered.is_empty() {
-                return;
-            }
-            std::mem::take(&mut book.answered)
-        };
-        for a in answered {
-            self.on_reply(a.peer, a.corr, Replied::Answered { ok: a.ok });
-        }
-    }
-
-    /// A reply arrived from `peer`: the bookkeeping of its request, and its delivery unless
-    /// the lane reader answered the caller already.
-    fn on_reply(&mut self, peer: NodeId, corr: u64, replied: Replied) {
-        // Only the instance the request went to may answer it.
-        if self.requests.get(&corr).is_none_or(|p| p.peer != peer) {
-            return;
-        }
-        let Some(p) = self.requests.remove(&corr) else {
-            return;
-        };
-        let ok = match &replied {
-            Replied::Answered { ok } => *ok,
-            Replied::Payload(r) => r.is_ok(),
-        };
-        self.finish_request(&p, Some(ok));
-        match (p.sink, replied) {
-            (Sink::Many(tx), Replied::Payload(result)) => {
-                let _ = tx.try_send((p.peer, result));
-            }
-            (Sink::One, Replied::Payload(result)) => {
-                if let Some(slot) = take_slot(&self.shared, corr) {
-                    let _ = slot.tx.send(result.map_err(|message| RequestError::Remote {
-                        service: slot.service,
-                        message,
-                    }));
-                }
-            }
-            (_, Replied::Answered { .. }) => {}
-        }
-    }
-
-    /// Ends a request that got no reply (deadline passed, instance gone): a failure for the
-    /// breaker, and `error` for its caller, or `scatter_error` (if any) for a scatter's
-    /// collector.
-    /// A single request whose caller the lane reader answered meanwhile is left alone: that
-    /// reader left its verdict in the reply book ([`super::ReplyBook::answered`]), and core
-    /// ends it with that verdict when it next takes them, so the caller gets exactly one
-    /// answer and the breaker the true one.
-    fn end_request(
-        &mut self,
-        corr: u64,
-        error: impl FnOnce(String) -> RequestError,
-        scatter_error: Option<&str>,
-    ) {
-        let Some(p) = self.requests.get(&corr) else {
-            return;
-        };
-        let slot = match p.sink {
-            Sink::One => match take_slot(&self.shared, corr) {
-                Some(slot) => Some(slot),
-                None => return,
-            },
-            Sink::Many(_) => None,
-        };
-        let Some(p) = self.requests.remove(&corr) else {
-            return;
-        };
-        self.finish_request(&p, Some(false));
-        if let Some(slot) = slot {
-            let _ = slot.tx.send(Err(error(slot.service)));
-        } else if let (Sink::Many(tx), Some(e)) = (&p.sink, scatter_error) {
-            let _ = tx.try_send((p.peer, Err(e.to_string())));
-        }
-    }
-
-    /// Bookkeeping when a request ends: the instance's and the service's in-flight counts,
-    /// and the breaker (`Some(ok)`), unless it ended without a verdict (`None`).
-    fn finish_request(&mut self, p: &PendingRequest, ok: Option<bool>) {
-        match self.links.get_mut(&p.peer) {
-            Some(l) if l.generation == p.generation => {
-                l.outstanding = l.outstanding.saturating_sub(1);
-            }
-            _ => self.retired_request_ended(p.generation),
-        }
-        if !p.guarded {
-            return;
-        }
-        if let Some(n) = self.service_in_flight.get_mut(&p.service) {
-            *n = n.saturating_sub(1);
-        }
-        if let (Some(ok), Some(b)) = (ok, self.breakers.get_mut(&p.service)) {
-            b.record(self.shared.now(), ok);
-        }
     }
 
     fn dispatch(&mut self) {
@@ -1413,6 +1222,7 @@ impl Core {
             Control::Goodbye => {
                 info!(peer = %peer.short(), "peer is shutting down");
                 self.outbox.peer_draining(peer);
+                super::lock(&self.shared.requests).set_draining(peer);
                 self.shared.notify_peers_changed();
                 // Do not redial it when the connection closes; discovery announces it again
                 // when it comes back.
@@ -1428,6 +1238,7 @@ impl Core {
                     && l.serves != serves
                 {
                     l.serves = serves;
+                    super::lock(&self.shared.requests).set_serves(peer, serves);
                     self.shared.notify_peers_changed();
                 }
             }
@@ -1558,145 +1369,6 @@ impl Core {
         self.groups_changed(changes);
     }
 
-    fn request(
-        &mut self,
-        service: &str,
-        env: Envelope,
-        budget_ms: u64,
-        reply: oneshot::Sender<Result<Bytes, RequestError>>,
-    ) {
-        if self.requests.len() >= self.shared.max_requests_in_flight {
-            let _ = reply.send(Err(RequestError::TooManyInFlight {
-                limit: self.shared.max_requests_in_flight,
-            }));
-            return;
-        }
-        let chosen = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.service == service && l.serves)
-            .filter(|(id, _)| !self.outbox.is_draining(**id))
-            .min_by_key(|(id, l)| {
-                (
-                    l.outstanding,
-                    stable_hash(&[id.as_bytes(), &self.next_corr.to_le_bytes()]),
-                )
-            })
-            .map(|(id, _)| *id);
-        let Some(peer) = chosen else {
-            let _ = reply.send(Err(RequestError::NoResponders {
-                service: service.to_string(),
-            }));
-            return;
-        };
-        // Bulkhead, then breaker: both fail fast, before anything is sent.
-        let in_flight = self.service_in_flight.get(service).copied().unwrap_or(0);
-        let limit = self.guards.max_in_flight_per_service;
-        if in_flight >= limit {
-            let _ = reply.send(Err(RequestError::Bulkhead {
-                service: service.to_string(),
-                limit,
-            }));
-            return;
-        }
-        let now = self.shared.now();
-        if !self.breakers.contains_key(service) && self.breakers.len() >= MAX_BREAKERS {
-            // Forget a closed breaker to make room; open ones are kept.
-            let victim = self
-                .breakers
-                .iter()
-                .find(|(_, b)| b.state(now) == BreakerState::Closed)
-                .map(|(k, _)| k.clone());
-            if let Some(v) = victim {
-                self.breakers.remove(&v);
-            }
-        }
-        if !self.breakers.contains_key(service) {
-            self.breakers
-                .insert(service.to_string(), Breaker::new(self.guards.breaker));
-        }
-        let allowed = match self.breakers.get_mut(service) {
-            Some(b) => b.allow(now),
-            None => Ok(()),
-        };
-        if let Err(r) = allowed {
-            let _ = reply.send(Err(RequestError::BreakerOpen {
-                service: service.to_string(),
-                retry_after: Duration::from_millis(r.retry_after_ms),
-            }));
-            return;
-        }
-        match self.service_in_flight.get_mut(service) {
-            Some(n) => *n += 1,
-            None => {
-                self.service_in_flight.insert(service.to_string(), 1);
-            }
-        }
-        let corr = self.next_corr;
-        self.next_corr += 1;
-        let slot = super::ReplySlot {
-            peer,
-            service: service.to_string(),
-            tx: reply,
-        };
-        // In the shared map before the request leaves, so its reply always finds it.
-        super::lock(&self.shared.replies).waiting.insert(corr, slot);
-        self.send_request(corr, peer, service.to_string(), env, budget_ms, Sink::One);
-    }
-
-    /// Sends a request to `peer` (which must be connected) and remembers it until its reply,
-    /// deadline or the end of its connection.
-    fn send_request(
-        &mut self,
-        corr: u64,
-        peer: NodeId,
-        service: String,
-        mut env: Envelope,
-        budget_ms: u64,
-        sink: Sink,
-    ) {
-        // Single requests count for the service's breaker and bulkhead; scatters do not.
-        let guarded = matches!(sink, Sink::One);
-        env.seq = corr;
-        let lanes = self.shared.lanes as u64;
-        let Some(l) = self.links.get_mut(&peer) else {
-            // Callers pick `peer` among the links; should it be gone all the same, the
-            // request ends here and leaves no count or waiting caller behind.
-            if guarded && let Some(n) = self.service_in_flight.get_mut(&service) {
-                *n = n.saturating_sub(1);
-            }
-            if let Some(slot) = take_slot(&self.shared, corr) {
-                let _ = slot.tx.send(Err(RequestError::PeerLost { service }));
-            }
-            return;
-        };
-        l.outstanding += 1;
-        let generation = l.generation;
-        let frame = Data::Request { budget_ms, env };
-        if !l.direct.try_request(&frame, &self.shared.tracker) {
-            try_out(
-                l,
-                Out::Data {
-                    lane: (corr % lanes) as usize,
-                    frame,
-                },
-            );
-        }
-        let deadline = self.shared.now() + budget_ms;
-        self.requests_due = self.requests_due.min(deadline);
-        self.requests.insert(
-            corr,
-            PendingRequest {
-                peer,
-                generation,
-                service,
-                deadline,
-                sink,
-                guarded,
-            },
-        );
-    }
-
     fn scatter(
         &mut self,
         target: ScatterTarget,
@@ -1717,26 +1389,15 @@ impl Core {
             })
             .map(|(id, _)| *id)
             .collect();
-        let room = self
-            .shared
-            .max_requests_in_flight
-            .saturating_sub(self.requests.len());
         let name = match &target {
-            ScatterTarget::Service(s) | ScatterTarget::Topic(s) => s.clone(),
+            ScatterTarget::Service(s) | ScatterTarget::Topic(s) => s,
         };
-        let mut n = 0;
-        for peer in peers.into_iter().take(room) {
-            let corr = self.next_corr;
-            self.next_corr += 1;
-            self.send_request(
-                corr,
-                peer,
-                name.clone(),
-                env.clone(),
-                budget_ms,
-                Sink::Many(replies.clone()),
-            );
-            n += 1;
+        let now = self.shared.now();
+        let started =
+            super::lock(&self.shared.requests).scatter(peers, name, env, budget_ms, &replies, now);
+        let n = started.len();
+        for request in started {
+            request.send(&self.shared);
         }
         n
     }
@@ -1977,14 +1638,19 @@ impl Core {
             service: r.hello.service.clone(),
             serves: r.hello.serves,
             consumes: r.hello.consumes,
-            outstanding: 0,
             cancel: handles.cancel.clone(),
             gone: handles.gone.clone(),
             serving: handles.serving.clone(),
-            direct: handles.direct.clone(),
             peer_retired: false,
             protocol: r.version,
         };
+        let way = requests::Way {
+            direct: handles.direct.clone(),
+            tx: handles.out.clone(),
+            conn: r.conn.clone(),
+        };
+        let route = requests::Route::new(generation, r.hello.service.clone(), r.hello.serves, way);
+        super::lock(&self.shared.requests).link_up(peer, route);
         self.links.insert(peer, link);
         self.shared.notify_peers_changed();
         conn::spawn_connection(self.shared.clone(), r, handles);
@@ -2069,21 +1735,9 @@ impl Core {
 
     /// Fails the requests that went to `peer` on the connection of `generation`, which ended.
     fn fail_requests_on(&mut self, peer: NodeId, generation: u64) {
-        // Those answered already end with their verdict, not as lost.
-        self.take_answered();
-        let lost: Vec<u64> = self
-            .requests
-            .iter()
-            .filter(|(_, r)| r.peer == peer && r.generation == generation)
-            .map(|(c, _)| *c)
-            .collect();
-        for corr in lost {
-            self.end_request(
-                corr,
-                |service| RequestError::PeerLost { service },
-                Some("instance went away"),
-            );
-        }
+        let now = self.shared.now();
+        let lost = super::lock(&self.shared.requests).fail_on(peer, generation, now);
+        requests::give_all(lost);
     }
 
     /// Adds what a connection to `peer` that ends now carried to the peer's figures.
@@ -2109,6 +1763,11 @@ impl Core {
     }
 
     fn status(&self) -> Status {
+        let (requests_in_flight, breakers) = {
+            let requests = super::lock(&self.shared.requests);
+            let breakers = requests.breakers(self.shared.now()).collect();
+            (requests.len(), breakers)
+        };
         let mut peers: Vec<PeerInfo> = self
             .known
             .iter()
@@ -2162,25 +1821,9 @@ impl Core {
             received: c.received.load(Ordering::Relaxed),
             delivered: c.delivered.load(Ordering::Relaxed),
             redelivered: c.redelivered.load(Ordering::Relaxed),
-            requests_in_flight: self.requests.len(),
+            requests_in_flight,
             sends_waiting: self.parked.len(),
-            breakers: self
-                .breakers
-                .iter()
-                .map(|(svc, b)| {
-                    let mut b = b.clone();
-                    let now = self.shared.now();
-                    let (requests, failures) = b.window(now);
-                    let status = crate::node::BreakerStatus {
-                        state: b.state(now),
-                        requests_in_window: requests,
-                        failures_in_window: failures,
-                        in_flight: self.service_in_flight.get(svc).copied().unwrap_or(0),
-                        max_in_flight: self.guards.max_in_flight_per_service,
-                    };
-                    (svc.clone(), status)
-                })
-                .collect(),
+            breakers,
             groups: self.known_groups.states().into_iter().collect(),
         }
     }
@@ -2197,22 +1840,9 @@ impl Core {
         for a in self.parked.drain(..) {
             a.reply.send(Err(SendError::Stopped));
         }
-        self.requests.clear();
-        let waiting: Vec<super::ReplySlot> = super::lock(&self.shared.replies)
-            .waiting
-            .drain()
-            .map(|(_, slot)| slot)
-            .collect();
-        for slot in waiting {
-            let _ = slot.tx.send(Err(RequestError::Stopped));
-        }
+        let stopped = super::lock(&self.shared.requests).stop();
+        requests::give_all(stopped);
     }
-}
-
-/// Takes the caller waiting for the reply to `corr` out of [`Shared::replies`]: whoever takes
-/// it answers it.
-fn take_slot(shared: &Shared, corr: u64) -> Option<super::ReplySlot> {
-    super::lock(&shared.replies).waiting.remove(&corr)
 }
 
 /// Who gets a copy of a publish on `topic`: every durable group known to subscribe to it

@@ -3,7 +3,8 @@
 //! Tasks (all tracked by one `TaskTracker`, all cancelled through child
 //! tokens of the node's root `CancellationToken`):
 //! - **core** (`core.rs`): owns the [`Outbox`](crate::engine::outbox::Outbox),
-//!   the connection table, pending receipts and requests. Fed by one bounded
+//!   the connection table and pending receipts; keeps the routes of the shared
+//!   request table ([`requests`]) in step with its connections. Fed by one bounded
 //!   channel ([`CORE_QUEUE`]); never awaits anything but that channel and its
 //!   tick, so it cannot deadlock with connection tasks (it only `try_send`s to
 //!   them).
@@ -16,12 +17,12 @@
 //!   pushes back on the sender.
 //! - **discovery pump**: forwards discovery events to core.
 //!
-//! Requests take one hop through core, on the way out (choosing the instance, breaker and
-//! bulkhead). The server's lane reader starts the `serve` handler (a task per request, or the
-//! serve queue when `serve_concurrency` is reached) and the handler queues its reply on the
-//! connection's writer itself. The requester's lane reader answers the caller from
-//! [`Shared::replies`] and leaves the verdict there for core's bookkeeping (see
-//! [`ReplyBook`]).
+//! Requests do not go through core: a caller routes its request (instance, breaker,
+//! bulkhead) in [`Shared::requests`] and writes it to the connection itself, and the
+//! requester's lane reader answers the caller from there (see [`requests`]). The server's
+//! lane reader starts the `serve` handler (polled in place, in a task of its own, or through
+//! the serve queue when `serve_concurrency` is reached) and the reply goes out on the
+//! connection's direct stream or its writer.
 //!
 //! Shutdown order (see [`crate::Node::shutdown`]): stop discovery and
 //! accepting, say goodbye to peers, wait (up to the grace period) for local
@@ -29,9 +30,9 @@
 
 pub(crate) mod conn;
 pub(crate) mod core;
+pub(crate) mod requests;
 pub(crate) mod storage;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -42,7 +43,7 @@ use peerbus_discovery::{
 use peerbus_transport::{
     Endpoint, EndpointConfig, Identity, MAX_MESH_KEYS, Membership, MeshKey, NodeId,
 };
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
@@ -53,7 +54,7 @@ use crate::engine::outbox::OutboxConfig;
 use crate::engine::wire::{
     ALPN_NEGOTIATED, ALPN_V4, Envelope, FIRST_NEGOTIATED_VERSION, Interest, MIN_PROTOCOL_VERSION,
 };
-use crate::error::{RequestError, StartError};
+use crate::error::StartError;
 use crate::node::{Node, NodeInner};
 use crate::store::{Durability, MemoryStore, RedbStore, Store};
 
@@ -194,51 +195,6 @@ impl FirstPollCost {
     }
 }
 
-/// A caller of `Node::request` waiting for its reply (see [`Shared::replies`]).
-#[derive(Debug)]
-pub(crate) struct ReplySlot {
-    /// The instance the request went to: only a reply from it completes the slot.
-    pub(crate) peer: NodeId,
-    /// The service asked, for the error of a failed request.
-    pub(crate) service: String,
-    pub(crate) tx: oneshot::Sender<Result<bytes::Bytes, RequestError>>,
-}
-
-/// Callers waiting for the reply of a single request, and the verdicts of those a lane reader
-/// answered (see [`ReplyBook`]).
-pub(crate) type Replies = Mutex<ReplyBook>;
-
-/// Callers waiting for the reply of a single request, by correlation id. Core inserts a slot
-/// when it sends the request; whoever removes it first answers the caller, exactly once: the
-/// lane reader the reply arrives on, or core when the request times out, loses its instance or
-/// the node stops. Bounded by `max_requests_in_flight`: every slot belongs to a request core
-/// still counts, and core refuses requests beyond that limit.
-#[derive(Debug, Default)]
-pub(crate) struct ReplyBook {
-    /// Callers waiting, by correlation id.
-    pub(crate) waiting: HashMap<u64, ReplySlot>,
-    /// Requests whose caller a lane reader answered, for core's bookkeeping (in-flight counts
-    /// and breaker). The reader adds the verdict in the same lock that takes the slot, before
-    /// it answers the caller, and does not wake core: core takes the verdicts before it
-    /// handles a request, a scatter or a status query, when an instance is lost, and on its
-    /// tick. So a caller's next request finds its last one accounted for, and the reply wakes
-    /// only the caller: a second task woken by the same poll makes tokio wake its other
-    /// worker thread, which lengthened the round trip of a request made from a task (see
-    /// ARCHITECTURE, "Requests"). At most one per request core still counts
-    /// (`max_requests_in_flight`).
-    pub(crate) answered: Vec<Answered>,
-}
-
-/// A request whose caller a lane reader answered (see [`ReplyBook::answered`]).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Answered {
-    /// The instance that replied.
-    pub(crate) peer: NodeId,
-    pub(crate) corr: u64,
-    /// The handler succeeded.
-    pub(crate) ok: bool,
-}
-
 pub(crate) struct LocalSub {
     pub(crate) id: u64,
     pub(crate) interest: Interest,
@@ -296,7 +252,6 @@ pub(crate) struct Shared {
     /// `NodeBuilder::min_protocol_version`).
     pub(crate) min_protocol: u32,
     pub(crate) max_message_size: usize,
-    pub(crate) max_requests_in_flight: usize,
     pub(crate) serve_concurrency: usize,
     /// Messages sent outside any trace start one (`NodeBuilder::start_traces`).
     pub(crate) start_traces: bool,
@@ -311,8 +266,8 @@ pub(crate) struct Shared {
     pub(crate) durability: Durability,
     pub(crate) started: Instant,
     pub(crate) core: mpsc::Sender<core::CoreMsg>,
-    /// Callers waiting for a reply: see [`Replies`].
-    pub(crate) replies: Replies,
+    /// The requests in flight and the routes for new ones (see [`requests`]).
+    pub(crate) requests: Mutex<requests::Requests>,
     pub(crate) inbox: Mutex<Inbox>,
     pub(crate) routes: RwLock<Routes>,
     pub(crate) cancel: CancellationToken,
@@ -489,7 +444,6 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         protocol: b.max_protocol_version,
         min_protocol: b.min_protocol_version.max(FIRST_NEGOTIATED_VERSION),
         max_message_size: b.max_message_size,
-        max_requests_in_flight: b.max_requests_in_flight,
         serve_concurrency: b.serve_concurrency,
         start_traces: b.start_traces,
         shutdown_grace: b.shutdown_grace,
@@ -500,7 +454,13 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         durability,
         started: Instant::now(),
         core: core_tx.clone(),
-        replies: Mutex::new(ReplyBook::default()),
+        requests: Mutex::new(requests::Requests::new(
+            requests::Guards {
+                breaker: b.breaker,
+                max_in_flight_per_service: b.max_in_flight_per_service,
+            },
+            b.max_requests_in_flight,
+        )),
         inbox: Mutex::new(inbox),
         routes: RwLock::new(Routes {
             service_tx,
@@ -563,10 +523,6 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
             log_entries: b.max_log_entries,
             total_bytes: b.max_log_bytes,
             max_parked: b.max_log_entries.min(65_536),
-        },
-        guards: core::Guards {
-            breaker: b.breaker,
-            max_in_flight_per_service: b.max_in_flight_per_service,
         },
     };
     tracker.spawn(core::run(shared.clone(), core_rx, init).instrument(span.clone()));

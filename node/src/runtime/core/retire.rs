@@ -45,8 +45,6 @@ pub(super) struct Retiring {
     conn: Connection,
     tx: mpsc::Sender<Out>,
     pub(super) cancel: CancellationToken,
-    /// Our requests sent on it and still waiting for their replies.
-    requests: usize,
     /// We sent [`Control::Retired`] on it.
     said: bool,
     /// The peer sent [`Control::Retired`] on it.
@@ -90,18 +88,13 @@ impl Core {
     pub(super) fn retire(&mut self, peer: NodeId, old: Link, heard: bool) {
         old.gone.store(true, Ordering::Release);
         let now = self.now();
-        let (requests, latest) = self
-            .requests
-            .values()
-            .filter(|r| r.peer == peer && r.generation == old.generation)
-            .fold((0, now), |(n, latest), r| (n + 1, latest.max(r.deadline)));
+        let latest = crate::runtime::lock(&self.shared.requests).retire(peer, old.generation, now);
         let retiring = Retiring {
             peer,
             incarnation: old.incarnation,
             conn: old.conn,
             tx: old.tx,
             cancel: old.cancel,
-            requests,
             said: false,
             heard,
             until: now
@@ -123,7 +116,6 @@ impl Core {
             conn: r.conn.clone(),
             tx: handles.out.clone(),
             cancel: handles.cancel.clone(),
-            requests: 0,
             said: false,
             heard: false,
             until: self.now().saturating_add(self.shared.retired_linger_ms),
@@ -148,13 +140,23 @@ impl Core {
         self.settle_retired(generation);
     }
 
-    /// A request that went out on the connection of `generation` ended; if that connection is
-    /// retired, it may now be done.
-    pub(super) fn retired_request_ended(&mut self, generation: u64) {
-        if let Some(r) = self.retiring.get_mut(&generation) {
-            r.requests = r.requests.saturating_sub(1);
-            self.settle_retired(generation);
+    /// Settles every retired connection (on core's tick): the requests that waited on one
+    /// may have ended since (their replies are taken by lane readers, which do not tell
+    /// core), so it may now be done.
+    pub(super) fn settle_all_retired(&mut self) {
+        if self.retiring.is_empty() {
+            return;
         }
+        let generations: Vec<u64> = self.retiring.keys().copied().collect();
+        for g in generations {
+            self.settle_retired(g);
+        }
+    }
+
+    /// Our requests sent on the retired connection of `generation` and still waiting for
+    /// their replies.
+    fn retired_requests(&self, generation: u64) -> usize {
+        crate::runtime::lock(&self.shared.requests).retired_in_flight(generation)
     }
 
     /// The peer sent [`Control::Retired`] on the connection of `generation`.
@@ -206,12 +208,12 @@ impl Core {
     /// Says [`Control::Retired`] once no request of ours waits on the connection, and closes
     /// it once the peer said it too.
     fn settle_retired(&mut self, generation: u64) {
+        if self.retired_requests(generation) > 0 {
+            return;
+        }
         let Some(r) = self.retiring.get_mut(&generation) else {
             return;
         };
-        if r.requests > 0 {
-            return;
-        }
         if !r.said {
             r.said = true;
             if r.tx.try_send(Out::Control(Control::Retired)).is_err() {
@@ -235,8 +237,9 @@ impl Core {
             .close(CloseCode::DuplicateConnection, "retired connection closed");
         r.cancel.cancel();
         self.bank_traffic(r.peer, &r.conn);
-        if r.requests > 0 {
-            debug!(peer = %r.peer.short(), requests = r.requests, "retired connection closed with requests waiting");
+        let requests = self.retired_requests(generation);
+        if requests > 0 {
+            debug!(peer = %r.peer.short(), requests, "retired connection closed with requests waiting");
         }
         self.fail_requests_on(r.peer, generation);
     }
@@ -273,7 +276,8 @@ impl Core {
             .collect();
         for g in due {
             if let Some(r) = self.retiring.get(&g) {
-                debug!(peer = %r.peer.short(), requests = r.requests, said = r.said, heard = r.heard, "retired connection open too long; closing it");
+                let requests = self.retired_requests(g);
+                debug!(peer = %r.peer.short(), requests, said = r.said, heard = r.heard, "retired connection open too long; closing it");
             }
             self.close_retired(g);
         }

@@ -1,0 +1,633 @@
+//! The requests in flight: one table that callers, lane readers and core share.
+//!
+//! While few requests are in flight ([`Requests::quiet`]), a caller routes its own request
+//! under the table's lock (the instance, the service's bulkhead and breaker, a correlation
+//! id) and writes it to that instance's connection itself ([`Started::send`]); otherwise core
+//! does both. The lane reader a reply arrives on takes its request out under the same lock,
+//! does its bookkeeping (in-flight counts, breaker) and answers the caller. Core keeps the
+//! table's routes in step with its links, ends the requests whose deadline passed on its
+//! tick, fails those of a connection that ended, and sends scatters.
+//!
+//! *Why:* core owned this state, so every request took a hop through core on its way out,
+//! and every reply's bookkeeping waited for core. A lone request made from a task paid for
+//! the hop with a wake of tokio's other worker thread (ARCHITECTURE, "Requests").
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use peerbus_transport::{CloseCode, Connection, NodeId};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use super::Shared;
+use super::conn::DirectStream;
+use super::core::Out;
+use crate::engine::FastMap;
+use crate::engine::breaker::{Breaker, BreakerConfig, BreakerState};
+use crate::engine::wire::{Data, Envelope};
+use crate::error::RequestError;
+use crate::node::BreakerStatus;
+
+/// Request guards per destination service.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Guards {
+    pub(crate) breaker: BreakerConfig,
+    pub(crate) max_in_flight_per_service: usize,
+}
+
+/// Most services with a breaker (one per destination a node requests).
+const MAX_BREAKERS: usize = 4096;
+
+/// Where a scatter's replies go: the instance and its reply (or error text).
+pub(crate) type Collector = mpsc::Sender<(NodeId, Result<Bytes, String>)>;
+
+/// Who waits for a request's reply.
+enum Sink {
+    /// One caller of `Node::request`. Its request counts for the service's breaker and
+    /// bulkhead.
+    One(oneshot::Sender<Result<Bytes, RequestError>>),
+    /// A scatter: every reply goes to its collector.
+    Many(Collector),
+}
+
+struct Pending {
+    peer: NodeId,
+    /// The generation of the connection it went out on: only that connection's end fails it.
+    generation: u64,
+    service: String,
+    /// Engine ms.
+    deadline: u64,
+    sink: Sink,
+}
+
+/// A connected peer as requests see it: core adds it with its link
+/// ([`Requests::link_up`]) and takes it out when the link ends or is retired.
+pub(crate) struct Route {
+    /// The link's connection generation.
+    generation: u64,
+    /// The peer's service.
+    service: String,
+    /// It serves requests.
+    serves: bool,
+    /// It said goodbye: no new requests.
+    draining: bool,
+    /// Where its requests are written.
+    way: Arc<Way>,
+    /// Requests in flight to it on this connection.
+    outstanding: usize,
+}
+
+impl Route {
+    /// A route to a new link (not draining, nothing in flight).
+    pub(crate) fn new(generation: u64, service: String, serves: bool, way: Way) -> Self {
+        Self {
+            generation,
+            service,
+            serves,
+            draining: false,
+            way: Arc::new(way),
+            outstanding: 0,
+        }
+    }
+}
+
+/// How a request reaches its instance: the connection's direct stream when it is free,
+/// else the connection's writer.
+pub(crate) struct Way {
+    pub(crate) direct: Arc<DirectStream>,
+    pub(crate) tx: mpsc::Sender<Out>,
+    pub(crate) conn: Connection,
+}
+
+/// A caller starts and writes its request itself while fewer requests than this are in
+/// flight on the node ([`Requests::quiet`]); otherwise core does, for all the requests that
+/// reached it meanwhile (ARCHITECTURE, "Requests").
+pub(crate) const QUIET_BELOW: usize = 2;
+
+/// A request [`Requests::start`] refused: why, and the caller's reply channel, unused.
+pub(crate) type Refused = (RequestError, oneshot::Sender<Result<Bytes, RequestError>>);
+
+/// A request the table counts, to be written by whoever started it ([`Started::send`]).
+pub(crate) struct Started {
+    corr: u64,
+    frame: Data,
+    way: Arc<Way>,
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Started")
+            .field("corr", &self.corr)
+            .field("peer", &self.way.conn.peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Started {
+    /// Writes the request on its connection's direct stream, or queues it to the writer when
+    /// the stream is busy. A writer whose queue is full has a peer that stopped reading: the
+    /// connection is closed, and core fails its requests.
+    pub(crate) fn send(self, shared: &Shared) {
+        if self.way.direct.try_request(&self.frame, &shared.tracker) {
+            return;
+        }
+        let lane = (self.corr % shared.lanes as u64) as usize;
+        match self.way.tx.try_send(Out::Data {
+            lane,
+            frame: self.frame,
+        }) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(
+                    peer = %self.way.conn.peer_id().short(),
+                    limit = super::LINK_QUEUE,
+                    "outgoing queue full: the peer stopped reading; closing the connection"
+                );
+                self.way
+                    .conn
+                    .close(CloseCode::Unresponsive, "peer stopped reading");
+            }
+        }
+    }
+}
+
+/// An answer owed to a caller or a scatter's collector, given once the table's lock is
+/// released ([`Answer::give`]).
+#[must_use]
+pub(crate) enum Answer {
+    One(
+        oneshot::Sender<Result<Bytes, RequestError>>,
+        Result<Bytes, RequestError>,
+    ),
+    Many(Collector, NodeId, Result<Bytes, String>),
+}
+
+impl Answer {
+    /// Answers. A caller that stopped waiting, or a collector that is full or done, misses
+    /// it.
+    pub(crate) fn give(self) {
+        match self {
+            Answer::One(tx, result) => {
+                let _ = tx.send(result);
+            }
+            Answer::Many(tx, peer, result) => {
+                let _ = tx.try_send((peer, result));
+            }
+        }
+    }
+}
+
+/// Gives every answer (after the table's lock is released).
+pub(crate) fn give_all(answers: Vec<Answer>) {
+    for a in answers {
+        a.give();
+    }
+}
+
+/// The requests in flight, the routes to the peers that may take new ones, and the
+/// services' breakers and bulkheads. Bounded: at most `max_in_flight` requests
+/// (`NodeBuilder::max_requests_in_flight`), [`MAX_BREAKERS`] breakers, one route per link,
+/// and one retired entry per retired connection with requests (core keeps at most
+/// `retire::MAX_RETIRING` of them).
+pub(crate) struct Requests {
+    routes: FastMap<NodeId, Route>,
+    pending: HashMap<u64, Pending>,
+    /// Requests still waiting on each retired connection, by generation.
+    retired: FastMap<u64, usize>,
+    service_in_flight: HashMap<String, usize>,
+    breakers: HashMap<String, Breaker>,
+    next_corr: u64,
+    /// No request in `pending` has a deadline before this (`u64::MAX`: none may): the tick
+    /// walks `pending` only once this has passed, then sets it to the earliest deadline left.
+    /// Lowered by every new request; an ended request leaves it as it is (still a bound).
+    /// *Why:* with requests of a few seconds, the walk of up to `max_in_flight` requests ran
+    /// on every tick (every 50 ms) and found nothing due.
+    due: u64,
+    guards: Guards,
+    max_in_flight: usize,
+    /// The node stopped: new requests fail with [`RequestError::Stopped`].
+    stopped: bool,
+}
+
+impl Requests {
+    pub(crate) fn new(guards: Guards, max_in_flight: usize) -> Self {
+        Self {
+            routes: FastMap::default(),
+            pending: HashMap::new(),
+            retired: FastMap::default(),
+            service_in_flight: HashMap::new(),
+            breakers: HashMap::new(),
+            next_corr: 1,
+            due: u64::MAX,
+            guards,
+            max_in_flight,
+            stopped: false,
+        }
+    }
+
+    /// Whether few requests are in flight on the node (fewer than [`QUIET_BELOW`]): then a
+    /// caller starts and writes its request itself, else it hands it to core.
+    ///
+    /// *Why:* under load, core starts and writes all the requests that reached it meanwhile
+    /// before the connection's driver runs, so they leave in a few packets and the table
+    /// stays on core's thread. With every caller writing its own request, each woke the
+    /// driver, which tokio ran next on the same thread (its LIFO slot): with 64 callers
+    /// `request/throughput` fell by a quarter, and by 5–12% with callers starting
+    /// their requests and core writing them. A lone caller is spared the hop through core.
+    pub(crate) fn quiet(&self) -> bool {
+        self.pending.len() < QUIET_BELOW
+    }
+
+    /// A new link to `peer` (replacing any route to it).
+    pub(crate) fn link_up(&mut self, peer: NodeId, route: Route) {
+        self.routes.insert(peer, route);
+    }
+
+    /// The peer says whether it serves requests.
+    pub(crate) fn set_serves(&mut self, peer: NodeId, serves: bool) {
+        if let Some(r) = self.routes.get_mut(&peer) {
+            r.serves = serves;
+        }
+    }
+
+    /// The peer said goodbye: it takes no new requests.
+    pub(crate) fn set_draining(&mut self, peer: NodeId) {
+        if let Some(r) = self.routes.get_mut(&peer) {
+            r.draining = true;
+        }
+    }
+
+    /// Whether `peer` may take a new request for `service`.
+    fn takes(&self, peer: &NodeId, service: &str) -> bool {
+        self.routes
+            .get(peer)
+            .is_some_and(|r| r.serves && !r.draining && r.service == service)
+    }
+
+    /// Starts a request to one instance of `service`: the least busy one that serves, if the
+    /// bulkhead and breaker allow. Fails at once, leaving nothing behind, otherwise.
+    pub(crate) fn start(
+        &mut self,
+        service: &str,
+        mut env: Envelope,
+        budget_ms: u64,
+        reply: oneshot::Sender<Result<Bytes, RequestError>>,
+        now: u64,
+    ) -> Result<Started, Refused> {
+        match self.admit(service, now) {
+            Ok(peer) => {
+                // `admit` found the peer among the routes, under the same lock.
+                let Some(way) = self.take_route(peer) else {
+                    let service = service.to_string();
+                    return Err((RequestError::NoResponders { service }, reply));
+                };
+                match self.service_in_flight.get_mut(service) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.service_in_flight.insert(service.to_string(), 1);
+                    }
+                }
+                let corr = self.next_corr;
+                env.seq = corr;
+                let sink = Sink::One(reply);
+                Ok(self.begin(
+                    corr,
+                    peer,
+                    way,
+                    service.to_string(),
+                    env,
+                    budget_ms,
+                    sink,
+                    now,
+                ))
+            }
+            Err(e) => Err((e, reply)),
+        }
+    }
+
+    /// Whether a new request to `service` may go out now, and to which instance: the least
+    /// busy one that serves, if the bulkhead and breaker allow.
+    fn admit(&mut self, service: &str, now: u64) -> Result<NodeId, RequestError> {
+        if self.stopped {
+            return Err(RequestError::Stopped);
+        }
+        if self.pending.len() >= self.max_in_flight {
+            return Err(RequestError::TooManyInFlight {
+                limit: self.max_in_flight,
+            });
+        }
+        let corr = self.next_corr;
+        let Some(peer) = self
+            .routes
+            .iter()
+            .filter(|(id, _)| self.takes(id, service))
+            .min_by_key(|(id, r)| {
+                (
+                    r.outstanding,
+                    crate::engine::routing::stable_hash(&[id.as_bytes(), &corr.to_le_bytes()]),
+                )
+            })
+            .map(|(id, _)| *id)
+        else {
+            return Err(RequestError::NoResponders {
+                service: service.to_string(),
+            });
+        };
+        // Bulkhead, then breaker: both fail fast, before anything is sent.
+        let in_flight = self.service_in_flight.get(service).copied().unwrap_or(0);
+        let limit = self.guards.max_in_flight_per_service;
+        if in_flight >= limit {
+            return Err(RequestError::Bulkhead {
+                service: service.to_string(),
+                limit,
+            });
+        }
+        if !self.breakers.contains_key(service) && self.breakers.len() >= MAX_BREAKERS {
+            // Forget a closed breaker to make room; open ones are kept.
+            let victim = self
+                .breakers
+                .iter()
+                .find(|(_, b)| b.state(now) == BreakerState::Closed)
+                .map(|(k, _)| k.clone());
+            if let Some(v) = victim {
+                self.breakers.remove(&v);
+            }
+        }
+        // Looked up before inserting: this runs for every request, under the table's lock, and
+        // `entry` would allocate the key each time.
+        if !self.breakers.contains_key(service) {
+            self.breakers
+                .insert(service.to_string(), Breaker::new(self.guards.breaker));
+        }
+        let allowed = match self.breakers.get_mut(service) {
+            Some(b) => b.allow(now),
+            None => Ok(()),
+        };
+        if let Err(r) = allowed {
+            return Err(RequestError::BreakerOpen {
+                service: service.to_string(),
+                retry_after: std::time::Duration::from_millis(r.retry_after_ms),
+            });
+        }
+        Ok(peer)
+    }
+
+    /// Starts one request of a scatter to each of `peers` (as many as the limit on requests
+    /// in flight leaves room for; none that has no route); their replies go to `replies`.
+    pub(crate) fn scatter(
+        &mut self,
+        peers: Vec<NodeId>,
+        name: &str,
+        env: &Envelope,
+        budget_ms: u64,
+        replies: &Collector,
+        now: u64,
+    ) -> Vec<Started> {
+        if self.stopped {
+            return Vec::new();
+        }
+        let room = self.max_in_flight.saturating_sub(self.pending.len());
+        let peers: Vec<NodeId> = peers
+            .into_iter()
+            .filter(|p| self.routes.contains_key(p))
+            .take(room)
+            .collect();
+        let mut started = Vec::with_capacity(peers.len());
+        for peer in peers {
+            let Some(way) = self.take_route(peer) else {
+                continue;
+            };
+            let corr = self.next_corr;
+            let mut env = env.clone();
+            env.seq = corr;
+            let sink = Sink::Many(replies.clone());
+            started.push(self.begin(corr, peer, way, name.to_string(), env, budget_ms, sink, now));
+        }
+        started
+    }
+
+    /// Counts one more request in flight on the route to `peer`: its connection's generation
+    /// and way (`None`, counting nothing, without a route).
+    fn take_route(&mut self, peer: NodeId) -> Option<(u64, Arc<Way>)> {
+        let r = self.routes.get_mut(&peer)?;
+        r.outstanding += 1;
+        Some((r.generation, r.way.clone()))
+    }
+
+    /// Records request `corr` to `peer` on the route [`Requests::take_route`] counted it on,
+    /// and hands back what to write.
+    #[allow(clippy::too_many_arguments)]
+    fn begin(
+        &mut self,
+        corr: u64,
+        peer: NodeId,
+        (generation, way): (u64, Arc<Way>),
+        service: String,
+        env: Envelope,
+        budget_ms: u64,
+        sink: Sink,
+        now: u64,
+    ) -> Started {
+        self.next_corr += 1;
+        let deadline = now.saturating_add(budget_ms);
+        self.due = self.due.min(deadline);
+        self.pending.insert(
+            corr,
+            Pending {
+                peer,
+                generation,
+                service,
+                deadline,
+                sink,
+            },
+        );
+        Started {
+            corr,
+            frame: Data::Request { budget_ms, env },
+            way,
+        }
+    }
+
+    /// A reply to `corr` arrived from `peer`: the request's bookkeeping, and its answer. Only
+    /// the instance the request went to may answer it; a late reply (the request ended) or
+    /// one from another peer is dropped.
+    pub(crate) fn reply(
+        &mut self,
+        peer: NodeId,
+        corr: u64,
+        result: Result<Bytes, String>,
+        now: u64,
+    ) -> Option<Answer> {
+        if self.pending.get(&corr).is_none_or(|p| p.peer != peer) {
+            return None;
+        }
+        let p = self.pending.remove(&corr)?;
+        self.finish(&p, result.is_ok(), now);
+        Some(match p.sink {
+            Sink::One(tx) => Answer::One(
+                tx,
+                result.map_err(|message| RequestError::Remote {
+                    service: p.service,
+                    message,
+                }),
+            ),
+            Sink::Many(tx) => Answer::Many(tx, peer, result),
+        })
+    }
+
+    /// Ends the requests whose deadline passed before `now` (none, without a walk, before
+    /// [`Requests::due`]): a failure for the breaker, [`RequestError::Timeout`] for a caller
+    /// still waiting. A scatter's collector has its own deadline and gets nothing.
+    pub(crate) fn expire(&mut self, now: u64) -> Vec<Answer> {
+        if now <= self.due {
+            return Vec::new();
+        }
+        let mut due = u64::MAX;
+        let mut past = Vec::new();
+        for (corr, r) in &self.pending {
+            if r.deadline < now {
+                past.push(*corr);
+            } else {
+                due = due.min(r.deadline);
+            }
+        }
+        self.due = due;
+        let mut answers = Vec::new();
+        for corr in past {
+            if let Some(p) = self.pending.remove(&corr) {
+                self.finish(&p, false, now);
+                if let Sink::One(tx) = p.sink {
+                    let error = RequestError::Timeout {
+                        service: p.service,
+                        after: std::time::Duration::from_millis(0),
+                    };
+                    answers.push(Answer::One(tx, Err(error)));
+                }
+            }
+        }
+        answers
+    }
+
+    /// The connection of `generation` to `peer` ended: its route goes, and its requests fail
+    /// ([`RequestError::PeerLost`], or an error reply for a scatter).
+    pub(crate) fn fail_on(&mut self, peer: NodeId, generation: u64, now: u64) -> Vec<Answer> {
+        if self
+            .routes
+            .get(&peer)
+            .is_some_and(|r| r.generation == generation)
+        {
+            self.routes.remove(&peer);
+        }
+        let lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, r)| r.peer == peer && r.generation == generation)
+            .map(|(c, _)| *c)
+            .collect();
+        let mut answers = Vec::with_capacity(lost.len());
+        for corr in lost {
+            if let Some(p) = self.pending.remove(&corr) {
+                self.finish(&p, false, now);
+                answers.push(match p.sink {
+                    Sink::One(tx) => {
+                        Answer::One(tx, Err(RequestError::PeerLost { service: p.service }))
+                    }
+                    Sink::Many(tx) => Answer::Many(tx, peer, Err("instance went away".into())),
+                });
+            }
+        }
+        self.retired.remove(&generation);
+        answers
+    }
+
+    /// The connection of `generation` to `peer` is retired: its route goes, and its requests
+    /// stay in flight on it (it stays open for their replies). Returns the latest of their
+    /// deadlines (`now` if none).
+    pub(crate) fn retire(&mut self, peer: NodeId, generation: u64, now: u64) -> u64 {
+        if self
+            .routes
+            .get(&peer)
+            .is_some_and(|r| r.generation == generation)
+        {
+            self.routes.remove(&peer);
+        }
+        let (n, latest) = self
+            .pending
+            .values()
+            .filter(|r| r.peer == peer && r.generation == generation)
+            .fold((0, now), |(n, latest), r| (n + 1, latest.max(r.deadline)));
+        if n > 0 {
+            self.retired.insert(generation, n);
+        }
+        latest
+    }
+
+    /// Requests still waiting on the retired connection of `generation`.
+    pub(crate) fn retired_in_flight(&self, generation: u64) -> usize {
+        self.retired.get(&generation).copied().unwrap_or(0)
+    }
+
+    /// Bookkeeping when a request ends: its connection's and its service's in-flight counts,
+    /// and (for a single request) the breaker.
+    fn finish(&mut self, p: &Pending, ok: bool, now: u64) {
+        match self.routes.get_mut(&p.peer) {
+            Some(r) if r.generation == p.generation => {
+                r.outstanding = r.outstanding.saturating_sub(1);
+            }
+            _ => {
+                if let Some(n) = self.retired.get_mut(&p.generation) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.retired.remove(&p.generation);
+                    }
+                }
+            }
+        }
+        if !matches!(p.sink, Sink::One(_)) {
+            return;
+        }
+        if let Some(n) = self.service_in_flight.get_mut(&p.service) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(b) = self.breakers.get_mut(&p.service) {
+            b.record(now, ok);
+        }
+    }
+
+    /// Requests in flight.
+    pub(crate) fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Each requested service's breaker and bulkhead, for `status`.
+    pub(crate) fn breakers(&self, now: u64) -> impl Iterator<Item = (String, BreakerStatus)> {
+        self.breakers.iter().map(move |(svc, b)| {
+            let mut b = b.clone();
+            let (requests, failures) = b.window(now);
+            let status = BreakerStatus {
+                state: b.state(now),
+                requests_in_window: requests,
+                failures_in_window: failures,
+                in_flight: self.service_in_flight.get(svc).copied().unwrap_or(0),
+                max_in_flight: self.guards.max_in_flight_per_service,
+            };
+            (svc.clone(), status)
+        })
+    }
+
+    /// The node stops: every request ends with [`RequestError::Stopped`] (a scatter's
+    /// collector just ends), and new ones fail with it.
+    pub(crate) fn stop(&mut self) -> Vec<Answer> {
+        self.stopped = true;
+        self.routes.clear();
+        self.retired.clear();
+        self.pending
+            .drain()
+            .filter_map(|(_, p)| match p.sink {
+                Sink::One(tx) => Some(Answer::One(tx, Err(RequestError::Stopped))),
+                Sink::Many(_) => None,
+            })
+            .collect()
+    }
+}
