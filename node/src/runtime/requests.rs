@@ -39,6 +39,13 @@ pub(crate) struct Guards {
 /// Most services with a breaker (one per destination a node requests).
 const MAX_BREAKERS: usize = 4096;
 
+/// A requested service's breaker, and its bulkhead's count.
+struct ServiceGuard {
+    breaker: Breaker,
+    /// Its single requests in flight (scatters do not count).
+    in_flight: usize,
+}
+
 /// Where a scatter's replies go: the instance and its reply (or error text).
 pub(crate) type Collector = mpsc::Sender<(NodeId, Result<Bytes, String>)>;
 
@@ -187,7 +194,8 @@ pub(crate) fn give_all(answers: Vec<Answer>) {
 
 /// The requests in flight, the routes to the peers that may take new ones, and the
 /// services' breakers and bulkheads. Bounded: at most `max_in_flight` requests
-/// (`NodeBuilder::max_requests_in_flight`), [`MAX_BREAKERS`] breakers, one route per link,
+/// (`NodeBuilder::max_requests_in_flight`), [`MAX_BREAKERS`] services' guards (more only
+/// while none can be forgotten: each is open or has requests in flight), one route per link,
 /// and one retired entry per retired connection with requests (core keeps at most
 /// `retire::MAX_RETIRING` of them).
 pub(crate) struct Requests {
@@ -195,8 +203,7 @@ pub(crate) struct Requests {
     pending: HashMap<u64, Pending>,
     /// Requests still waiting on each retired connection, by generation.
     retired: FastMap<u64, usize>,
-    service_in_flight: HashMap<String, usize>,
-    breakers: HashMap<String, Breaker>,
+    services: HashMap<String, ServiceGuard>,
     next_corr: u64,
     /// No request in `pending` has a deadline before this (`u64::MAX`: none may): the tick
     /// walks `pending` only once this has passed, then sets it to the earliest deadline left.
@@ -216,8 +223,7 @@ impl Requests {
             routes: FastMap::default(),
             pending: HashMap::new(),
             retired: FastMap::default(),
-            service_in_flight: HashMap::new(),
-            breakers: HashMap::new(),
+            services: HashMap::new(),
             next_corr: 1,
             due: u64::MAX,
             guards,
@@ -282,11 +288,8 @@ impl Requests {
                     let service = service.to_string();
                     return Err((RequestError::NoResponders { service }, reply));
                 };
-                match self.service_in_flight.get_mut(service) {
-                    Some(n) => *n += 1,
-                    None => {
-                        self.service_in_flight.insert(service.to_string(), 1);
-                    }
+                if let Some(g) = self.services.get_mut(service) {
+                    g.in_flight += 1;
                 }
                 let corr = self.next_corr;
                 env.seq = corr;
@@ -335,36 +338,38 @@ impl Requests {
             });
         };
         // Bulkhead, then breaker: both fail fast, before anything is sent.
-        let in_flight = self.service_in_flight.get(service).copied().unwrap_or(0);
+        if !self.services.contains_key(service) {
+            if self.services.len() >= MAX_BREAKERS {
+                // Forget a closed breaker with nothing in flight to make room; open ones are
+                // kept, and so are counts still in use.
+                let victim = self
+                    .services
+                    .iter()
+                    .find(|(_, g)| g.in_flight == 0 && g.breaker.state(now) == BreakerState::Closed)
+                    .map(|(k, _)| k.clone());
+                if let Some(v) = victim {
+                    self.services.remove(&v);
+                }
+            }
+            let guard = ServiceGuard {
+                breaker: Breaker::new(self.guards.breaker),
+                in_flight: 0,
+            };
+            self.services.insert(service.to_string(), guard);
+        }
+        let Some(guard) = self.services.get_mut(service) else {
+            return Err(RequestError::NoResponders {
+                service: service.to_string(),
+            });
+        };
         let limit = self.guards.max_in_flight_per_service;
-        if in_flight >= limit {
+        if guard.in_flight >= limit {
             return Err(RequestError::Bulkhead {
                 service: service.to_string(),
                 limit,
             });
         }
-        if !self.breakers.contains_key(service) && self.breakers.len() >= MAX_BREAKERS {
-            // Forget a closed breaker to make room; open ones are kept.
-            let victim = self
-                .breakers
-                .iter()
-                .find(|(_, b)| b.state(now) == BreakerState::Closed)
-                .map(|(k, _)| k.clone());
-            if let Some(v) = victim {
-                self.breakers.remove(&v);
-            }
-        }
-        // Looked up before inserting: this runs for every request, under the table's lock, and
-        // `entry` would allocate the key each time.
-        if !self.breakers.contains_key(service) {
-            self.breakers
-                .insert(service.to_string(), Breaker::new(self.guards.breaker));
-        }
-        let allowed = match self.breakers.get_mut(service) {
-            Some(b) => b.allow(now),
-            None => Ok(()),
-        };
-        if let Err(r) = allowed {
+        if let Err(r) = guard.breaker.allow(now) {
             return Err(RequestError::BreakerOpen {
                 service: service.to_string(),
                 retry_after: std::time::Duration::from_millis(r.retry_after_ms),
@@ -587,11 +592,9 @@ impl Requests {
         if !matches!(p.sink, Sink::One(_)) {
             return;
         }
-        if let Some(n) = self.service_in_flight.get_mut(&p.service) {
-            *n = n.saturating_sub(1);
-        }
-        if let Some(b) = self.breakers.get_mut(&p.service) {
-            b.record(now, ok);
+        if let Some(g) = self.services.get_mut(&p.service) {
+            g.in_flight = g.in_flight.saturating_sub(1);
+            g.breaker.record(now, ok);
         }
     }
 
@@ -602,14 +605,14 @@ impl Requests {
 
     /// Each requested service's breaker and bulkhead, for `status`.
     pub(crate) fn breakers(&self, now: u64) -> impl Iterator<Item = (String, BreakerStatus)> {
-        self.breakers.iter().map(move |(svc, b)| {
-            let mut b = b.clone();
+        self.services.iter().map(move |(svc, g)| {
+            let mut b = g.breaker.clone();
             let (requests, failures) = b.window(now);
             let status = BreakerStatus {
                 state: b.state(now),
                 requests_in_window: requests,
                 failures_in_window: failures,
-                in_flight: self.service_in_flight.get(svc).copied().unwrap_or(0),
+                in_flight: g.in_flight,
                 max_in_flight: self.guards.max_in_flight_per_service,
             };
             (svc.clone(), status)
