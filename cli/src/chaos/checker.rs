@@ -146,6 +146,18 @@ pub(crate) struct Findings {
     /// Per fault, in order: seconds from its end until everything accepted before then was
     /// handled (`None` when a message accepted before then was lost).
     pub(crate) drain_seconds: Vec<Option<f64>>,
+    /// Requests made (journal `request`: each ended, with a reply or an error).
+    pub(crate) requests: u64,
+    /// Of those, answered by their service's handler.
+    pub(crate) requests_answered: u64,
+    /// Answered with a reply that was not their own request's echo: a reply delivered to the
+    /// wrong caller (must be 0).
+    pub(crate) requests_wrong: u64,
+    /// The others, by how they failed (timeouts, lost instances, no instance, …: requests
+    /// are not logged, so faults may fail them).
+    pub(crate) request_errors: BTreeMap<String, u64>,
+    /// Slowest request, in milliseconds (a frozen requester's clock runs on).
+    pub(crate) request_max_ms: u64,
     /// Median and worst seconds from acceptance to the last required handling.
     pub(crate) latency_p50_s: f64,
     /// Worst seconds from acceptance to the last required handling.
@@ -159,6 +171,7 @@ impl Findings {
             && self.order_violations == 0
             && self.phantoms == 0
             && self.protocol_faults == 0
+            && self.requests_wrong == 0
     }
 }
 
@@ -265,6 +278,18 @@ pub(crate) fn check(
                         if CloseCode::from_name(code).is_some_and(|c| c.is_protocol_fault()) {
                             f.protocol_faults += n;
                         }
+                    }
+                }
+                Event::Request {
+                    outcome, ms, wrong, ..
+                } => {
+                    f.requests += 1;
+                    f.request_max_ms = f.request_max_ms.max(*ms);
+                    if outcome == "ok" {
+                        f.requests_answered += 1;
+                        f.requests_wrong += u64::from(*wrong);
+                    } else {
+                        *f.request_errors.entry(outcome.clone()).or_default() += 1;
                     }
                 }
                 Event::Start { .. } | Event::Accepted { .. } | Event::Failed { .. } => {}
@@ -510,14 +535,16 @@ mod tests {
         }
     }
 
+    /// Checks a run of one delivered send whose sender's journal has `extra` lines too.
+    fn delivered(extra: Vec<Event>) -> Findings {
+        let mut j0 = vec![intent(1, p(0, 0, "svc-1", "a", 0), false), acc(2, 0, 0, 1)];
+        j0.extend(extra);
+        let j1 = vec![h(3, p(0, 0, "svc-1", "a", 0), 1, "svc:svc-1")];
+        check(&[(0, j0), (1, j1)], 0, 2, &[])
+    }
+
     #[test]
     fn a_close_for_a_protocol_fault_fails_the_run_and_an_unresponsive_peer_does_not() {
-        let delivered = |extra: Vec<Event>| {
-            let mut j0 = vec![intent(1, p(0, 0, "svc-1", "a", 0), false), acc(2, 0, 0, 1)];
-            j0.extend(extra);
-            let j1 = vec![h(3, p(0, 0, "svc-1", "a", 0), 1, "svc:svc-1")];
-            check(&[(0, j0), (1, j1)], 0, 2, &[])
-        };
         // A frozen peer stopped reading twice; a node shut down: expected.
         let f = delivered(vec![
             closes(0, &[("unresponsive", 1)]),
@@ -534,6 +561,41 @@ mod tests {
         ]);
         assert!(!f.ok());
         assert_eq!((f.lost, f.protocol_faults), (0, 3));
+    }
+
+    fn request(r: u64, outcome: &str, wrong: bool) -> Event {
+        Event::Request {
+            t: 1,
+            o: 0,
+            r,
+            svc: "svc-1".into(),
+            outcome: outcome.into(),
+            ms: 10 * r,
+            wrong,
+        }
+    }
+
+    #[test]
+    fn a_reply_to_the_wrong_request_fails_the_run_and_failed_requests_do_not() {
+        // Requests are not logged: a fault may fail them, and that is no loss.
+        let f = delivered(vec![
+            request(1, "ok", false),
+            request(2, "timeout", false),
+            request(3, "peer_lost", false),
+            request(4, "timeout", false),
+        ]);
+        assert!(f.ok(), "{f:?}");
+        assert_eq!(
+            (f.requests, f.requests_answered, f.requests_wrong),
+            (4, 1, 0)
+        );
+        assert_eq!(f.request_errors["timeout"], 2);
+        assert_eq!(f.request_errors["peer_lost"], 1);
+        assert_eq!(f.request_max_ms, 40);
+        // A reply that is not the echo of its own request reached the wrong caller.
+        let f = delivered(vec![request(1, "ok", false), request(2, "ok", true)]);
+        assert!(!f.ok());
+        assert_eq!((f.requests_answered, f.requests_wrong), (2, 1));
     }
 
     #[test]

@@ -99,6 +99,18 @@ pub(crate) enum Event {
         by: usize,
         c: String,
     },
+    /// A `request` to service `svc` ended after `ms` milliseconds: `outcome` is `ok` or the
+    /// error's kind (`timeout`, `peer_lost`, …); `wrong` says an `ok` reply was not the echo
+    /// of request `r` of worker `o` (a reply delivered to the wrong caller).
+    Request {
+        t: u64,
+        o: usize,
+        r: u64,
+        svc: String,
+        outcome: String,
+        ms: u64,
+        wrong: bool,
+    },
     /// The worker's node closed connections since its last `closes` line (of this process),
     /// by close code name: only the codes whose count grew, with the growth. Sampled every
     /// 100 ms tick of the worker, so a SIGKILL loses at most the last tick's closes.

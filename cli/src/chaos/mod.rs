@@ -127,6 +127,10 @@ pub(crate) struct ChaosArgs {
     /// rather than sent to one service.
     #[arg(long, default_value_t = 30)]
     publish_percent: u32,
+    /// Requests per second across all nodes (each to an instance of a random service, which
+    /// echoes it): every reply must be the echo of its own request.
+    #[arg(long, default_value_t = 40.0)]
+    request_rate: f64,
     /// Longest wait, after the workload stops, for every accepted message to be handled.
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -365,6 +369,12 @@ fn validate(a: &ChaosArgs) -> anyhow::Result<Vec<FaultKind>> {
             a.rate
         ));
     }
+    if !(a.request_rate >= 0.0 && a.request_rate <= 10_000.0) {
+        return usage(format!(
+            "--request-rate must be between 0 and 10000, got {}",
+            a.request_rate
+        ));
+    }
     if !(1..=10_000).contains(&a.keys) {
         return usage(format!(
             "--keys must be between 1 and 10000, got {}",
@@ -426,6 +436,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             format!("--rate={}", a.rate / a.nodes as f64),
             format!("--keys={}", a.keys),
             format!("--publish-percent={}", a.publish_percent),
+            format!("--request-rate={}", a.request_rate / a.nodes as f64),
             format!("--seed={}", a.seed),
         ];
         for (j, other) in addrs.iter().enumerate() {
@@ -657,6 +668,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         settings: json!({
             "nodes": a.nodes, "services": a.services,
             "duration_s": a.duration.as_secs_f64(), "rate": a.rate, "keys": a.keys,
+            "request_rate": a.request_rate,
             "seed": a.seed, "faults": kinds.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "fault_interval_s": a.fault_interval.as_secs_f64(),
             "publish_percent": a.publish_percent, "misbehave": a.misbehave,

@@ -61,9 +61,9 @@ pub(crate) struct RunReport {
     pub(crate) dir: String,
 }
 
-/// `shutdown 12, unresponsive 3` (the journals hold only codes that grew), or `none`.
-fn closes_text(closes: &std::collections::BTreeMap<String, u64>) -> String {
-    let parts: Vec<String> = closes
+/// Counts by name as `shutdown 12, unresponsive 3` (close codes, request errors), or `none`.
+fn counts_text(counts: &std::collections::BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = counts
         .iter()
         .map(|(code, n)| format!("{code} {n}"))
         .collect();
@@ -165,7 +165,7 @@ impl RunReport {
                 format!(
                     "{} (connections closed: {})",
                     f.protocol_faults,
-                    closes_text(&f.closes)
+                    counts_text(&f.closes)
                 ),
                 verdict(f.protocol_faults == 0),
             ),
@@ -178,6 +178,22 @@ impl RunReport {
                 "",
             ),
             ("send errors", f.failed.to_string(), ""),
+            (
+                "requests answered",
+                format!(
+                    "{} of {} (failed: {}; slowest {} ms)",
+                    f.requests_answered,
+                    f.requests,
+                    counts_text(&f.request_errors),
+                    f.request_max_ms
+                ),
+                "",
+            ),
+            (
+                "replies to the wrong request",
+                f.requests_wrong.to_string(),
+                verdict(f.requests_wrong == 0),
+            ),
             (
                 "handled, send unacknowledged",
                 f.handled_unacknowledged.to_string(),
@@ -225,7 +241,8 @@ impl RunReport {
             s,
             "\n{}",
             if f.ok() {
-                "PASS: no acknowledged message lost, none out of key order, no protocol fault"
+                "PASS: no acknowledged message lost, none out of key order, no protocol fault, \
+                 no reply to the wrong request"
             } else {
                 "FAIL: invariants broken (see above)"
             }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use peerbus::{CloseCounts, Faults, HandlerError, Message, Node, Outgoing};
+use peerbus::{CloseCounts, Faults, HandlerError, Message, Node, Outgoing, RequestError};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::journal::{self, Event, Journal, Payload};
@@ -66,6 +66,9 @@ pub(crate) struct WorkerArgs {
     /// Share of messages published on the topic instead of sent to a service, in percent.
     #[arg(long)]
     publish_percent: u32,
+    /// Requests per second this worker makes (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    request_rate: f64,
     /// Seed of the workload's choices.
     #[arg(long)]
     seed: u64,
@@ -145,6 +148,10 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
             async move { r }
         }));
     }
+
+    // Requests to our service: echoed.
+    node.serve(|req| async move { Ok(req.payload().clone()) })
+        .await?;
 
     // The workload.
     let stop = Arc::new(AtomicBool::new(false));
@@ -226,6 +233,7 @@ struct Load {
     rate: f64,
     keys: usize,
     publish_percent: u32,
+    request_rate: f64,
     seed: u64,
     ready_wait: bool,
 }
@@ -240,6 +248,7 @@ impl WorkerArgs {
             rate: self.rate,
             keys: self.keys,
             publish_percent: self.publish_percent,
+            request_rate: self.request_rate,
             seed: self.seed,
             ready_wait: !self.no_ready_wait,
         }
@@ -347,8 +356,83 @@ async fn workload(
             }
         });
     }
+    if l.request_rate > 0.0 {
+        tasks.spawn(requests(
+            node.clone(),
+            l.clone(),
+            journal.clone(),
+            stop.clone(),
+        ));
+    }
     while tasks.join_next().await.is_some() {}
     let _ = std::fs::write(l.data_dir.join(STOPPED_FILE), b"");
+}
+
+/// How long a chaos request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most requests of one worker in flight at once: a request that would start beyond it is
+/// skipped (requests are not logged; only their replies are checked).
+const MAX_REQUESTS_IN_FLIGHT: usize = 64;
+
+/// Makes `request_rate` requests per second, each to a random service, each in a task of its
+/// own (at most [`MAX_REQUESTS_IN_FLIGHT`] at once), and journals how each ended: a reply
+/// must be the echo of its own request.
+async fn requests(node: Node, l: Load, journal: Arc<Journal>, stop: Arc<AtomicBool>) {
+    let started_us = journal::now_us();
+    let mut rng = SplitMix64::new(l.seed ^ ((l.index as u64) << 40) ^ started_us);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / l.request_rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut calls = tokio::task::JoinSet::new();
+    let mut r = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        while calls.try_join_next().is_some() {}
+        if stop.load(Ordering::Relaxed) || calls.len() >= MAX_REQUESTS_IN_FLIGHT {
+            continue;
+        }
+        r += 1;
+        let svc = service_of(rng.below(l.services as u64) as usize, l.services);
+        // Unique per worker run, so a reply that reached the wrong caller cannot match.
+        let body = format!("{}:{started_us}:{r}", l.index);
+        let (node, journal, o) = (node.clone(), journal.clone(), l.index);
+        calls.spawn(async move {
+            let begun = std::time::Instant::now();
+            let result = node.request(&svc, body.clone(), REQUEST_TIMEOUT).await;
+            let ms = begun.elapsed().as_millis() as u64;
+            let (outcome, wrong) = match &result {
+                Ok(reply) => ("ok", reply[..] != *body.as_bytes()),
+                Err(e) => (request_error_kind(e), false),
+            };
+            let ev = Event::Request {
+                t: journal::now_us(),
+                o,
+                r,
+                svc,
+                outcome: outcome.to_string(),
+                ms,
+                wrong,
+            };
+            if let Err(e) = journal.write(&ev) {
+                tracing::error!(error = %e, "journal write failed");
+            }
+        });
+    }
+    while calls.join_next().await.is_some() {}
+}
+
+/// A short name for how a request failed, for the journal.
+fn request_error_kind(e: &RequestError) -> &'static str {
+    match e {
+        RequestError::NoResponders { .. } => "no_responders",
+        RequestError::Timeout { .. } => "timeout",
+        RequestError::Remote { .. } => "remote",
+        RequestError::PeerLost { .. } => "peer_lost",
+        RequestError::BreakerOpen { .. } => "breaker_open",
+        RequestError::Bulkhead { .. } => "bulkhead",
+        RequestError::TooManyInFlight { .. } => "too_many_in_flight",
+        RequestError::Stopped => "stopped",
+        _ => "other",
+    }
 }
 
 async fn send_one(
