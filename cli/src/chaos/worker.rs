@@ -1,9 +1,10 @@
 //! `peerbus chaos-worker` (hidden): one node of a chaos run, as its own OS process.
 //!
 //! It builds a node with mDNS off, static seeds and a fault injector, subscribes its service
-//! to the chaos topic as a durable group, handles sends to its service, and, once the
-//! orchestrator's `go` file exists, drives keyed sends and publishes until the `stop` file
-//! appears. Everything it sends and handles goes to its journal first.
+//! to the chaos topic as a durable group, handles sends to its service, echoes requests to
+//! it, and, once the orchestrator's `go` file exists, drives keyed sends and publishes (and
+//! requests, when `--request-rate` is above 0) until the `stop` file appears. Everything it
+//! sends and handles goes to its journal first; a request's outcome, once it ended.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -533,10 +533,10 @@ struct LaneContext {
 /// The connection's direct stream: one more unidirectional stream, opened by the first frame
 /// written on it, for frames written without the hop through the writer task: the replies of
 /// handlers that answered at once, written by the lane reader that read the request, and
-/// requests, written by their callers or by core (see `runtime::requests`). A task hop cost a request about 8 µs of its 54 µs in a raw quinn
-/// model of these tasks (two cores). Whoever finds the stream busy (another task writing)
-/// queues its frame to the writer instead. The peer reads it like any lane (neither requests
-/// nor replies need an order).
+/// requests, written by their callers or by core (see `runtime::requests`). A task hop cost a
+/// request about 8 µs of its 54 µs in a raw quinn model of these tasks (two cores). Whoever
+/// finds the stream busy (another task writing) queues its frame to the writer instead. The
+/// peer reads it like any lane (neither requests nor replies need an order).
 pub(crate) struct DirectStream {
     conn: Connection,
     /// How envelopes travel on the connection (requests carry one).
