@@ -1861,16 +1861,22 @@ fn find_topic_targets(
 }
 
 fn try_out(l: &Link, out: Out) {
-    match l.tx.try_send(out) {
+    try_queue(&l.tx, &l.conn, out);
+}
+
+/// Queues `out` to the writer of `conn` (its queue `tx`) without waiting. A full queue means
+/// the peer stopped reading: the connection is closed, and what was sent on it is failed or
+/// sent again when core learns it ended.
+pub(crate) fn try_queue(tx: &mpsc::Sender<Out>, conn: &Connection, out: Out) {
+    match tx.try_send(out) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
             warn!(
-                peer = %l.conn.peer_id().short(),
+                peer = %conn.peer_id().short(),
                 limit = super::LINK_QUEUE,
                 "outgoing queue full: the peer stopped reading; closing the connection"
             );
-            l.conn
-                .close(CloseCode::Unresponsive, "peer stopped reading");
+            conn.close(CloseCode::Unresponsive, "peer stopped reading");
         }
         Err(mpsc::error::TrySendError::Closed(_)) => {}
     }

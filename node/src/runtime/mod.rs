@@ -17,9 +17,10 @@
 //!   pushes back on the sender.
 //! - **discovery pump**: forwards discovery events to core.
 //!
-//! Requests do not go through core: a caller routes its request (instance, breaker,
-//! bulkhead) in [`Shared::requests`] and writes it to the connection itself, and the
-//! requester's lane reader answers the caller from there (see [`requests`]). The server's
+//! Requests live in [`Shared::requests`], not in core: while few are in flight a caller
+//! routes its request there (instance, breaker, bulkhead) and writes it to the connection
+//! itself, else core does; the requester's lane reader answers the caller from there (see
+//! [`requests`]). The server's
 //! lane reader starts the `serve` handler (polled in place, in a task of its own, or through
 //! the serve queue when `serve_concurrency` is reached) and the reply goes out on the
 //! connection's direct stream or its writer.

@@ -16,9 +16,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use peerbus_transport::{CloseCode, Connection, NodeId};
+use peerbus_transport::{Connection, NodeId};
 use tokio::sync::{mpsc, oneshot};
-use tracing::warn;
 
 use super::Shared;
 use super::conn::DirectStream;
@@ -112,6 +111,14 @@ pub(crate) struct Way {
 /// reached it meanwhile (ARCHITECTURE, "Requests").
 pub(crate) const QUIET_BELOW: usize = 2;
 
+/// A route [`Requests::take_route`] counted a request on.
+struct Taken {
+    peer: NodeId,
+    /// The route's connection generation.
+    generation: u64,
+    way: Arc<Way>,
+}
+
 /// A request [`Requests::start`] refused: why, and the caller's reply channel, unused.
 pub(crate) type Refused = (RequestError, oneshot::Sender<Result<Bytes, RequestError>>);
 
@@ -120,15 +127,6 @@ pub(crate) struct Started {
     corr: u64,
     frame: Data,
     way: Arc<Way>,
-}
-
-impl std::fmt::Debug for Started {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Started")
-            .field("corr", &self.corr)
-            .field("peer", &self.way.conn.peer_id())
-            .finish_non_exhaustive()
-    }
 }
 
 impl Started {
@@ -140,22 +138,11 @@ impl Started {
             return;
         }
         let lane = (self.corr % shared.lanes as u64) as usize;
-        match self.way.tx.try_send(Out::Data {
+        let out = Out::Data {
             lane,
             frame: self.frame,
-        }) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                warn!(
-                    peer = %self.way.conn.peer_id().short(),
-                    limit = super::LINK_QUEUE,
-                    "outgoing queue full: the peer stopped reading; closing the connection"
-                );
-                self.way
-                    .conn
-                    .close(CloseCode::Unresponsive, "peer stopped reading");
-            }
-        }
+        };
+        super::core::try_queue(&self.way.tx, &self.way.conn, out);
     }
 }
 
@@ -265,19 +252,12 @@ impl Requests {
         }
     }
 
-    /// Whether `peer` may take a new request for `service`.
-    fn takes(&self, peer: &NodeId, service: &str) -> bool {
-        self.routes
-            .get(peer)
-            .is_some_and(|r| r.serves && !r.draining && r.service == service)
-    }
-
     /// Starts a request to one instance of `service`: the least busy one that serves, if the
     /// bulkhead and breaker allow. Fails at once, leaving nothing behind, otherwise.
     pub(crate) fn start(
         &mut self,
         service: &str,
-        mut env: Envelope,
+        env: Envelope,
         budget_ms: u64,
         reply: oneshot::Sender<Result<Bytes, RequestError>>,
         now: u64,
@@ -285,26 +265,15 @@ impl Requests {
         match self.admit(service, now) {
             Ok(peer) => {
                 // `admit` found the peer among the routes, under the same lock.
-                let Some(way) = self.take_route(peer) else {
+                let Some(taken) = self.take_route(peer) else {
                     let service = service.to_string();
                     return Err((RequestError::NoResponders { service }, reply));
                 };
                 if let Some(g) = self.services.get_mut(service) {
                     g.in_flight += 1;
                 }
-                let corr = self.next_corr;
-                env.seq = corr;
                 let sink = Sink::One(reply);
-                Ok(self.begin(
-                    corr,
-                    peer,
-                    way,
-                    service.to_string(),
-                    env,
-                    budget_ms,
-                    sink,
-                    now,
-                ))
+                Ok(self.begin(taken, service.to_string(), env, budget_ms, sink, now))
             }
             Err(e) => Err((e, reply)),
         }
@@ -325,7 +294,7 @@ impl Requests {
         let Some(peer) = self
             .routes
             .iter()
-            .filter(|(id, _)| self.takes(id, service))
+            .filter(|(_, r)| r.serves && !r.draining && r.service == service)
             .min_by_key(|(id, r)| {
                 (
                     r.outstanding,
@@ -401,41 +370,46 @@ impl Requests {
             .collect();
         let mut started = Vec::with_capacity(peers.len());
         for peer in peers {
-            let Some(way) = self.take_route(peer) else {
+            let Some(taken) = self.take_route(peer) else {
                 continue;
             };
-            let corr = self.next_corr;
-            let mut env = env.clone();
-            env.seq = corr;
             let sink = Sink::Many(replies.clone());
-            started.push(self.begin(corr, peer, way, name.to_string(), env, budget_ms, sink, now));
+            let env = env.clone();
+            started.push(self.begin(taken, name.to_string(), env, budget_ms, sink, now));
         }
         started
     }
 
-    /// Counts one more request in flight on the route to `peer`: its connection's generation
-    /// and way (`None`, counting nothing, without a route).
-    fn take_route(&mut self, peer: NodeId) -> Option<(u64, Arc<Way>)> {
+    /// Counts one more request in flight on the route to `peer` (`None`, counting nothing,
+    /// without a route).
+    fn take_route(&mut self, peer: NodeId) -> Option<Taken> {
         let r = self.routes.get_mut(&peer)?;
         r.outstanding += 1;
-        Some((r.generation, r.way.clone()))
+        Some(Taken {
+            peer,
+            generation: r.generation,
+            way: r.way.clone(),
+        })
     }
 
-    /// Records request `corr` to `peer` on the route [`Requests::take_route`] counted it on,
-    /// and hands back what to write.
-    #[allow(clippy::too_many_arguments)]
+    /// Records a request under the next correlation id, on the route
+    /// [`Requests::take_route`] counted it on, and hands back what to write.
     fn begin(
         &mut self,
-        corr: u64,
-        peer: NodeId,
-        (generation, way): (u64, Arc<Way>),
+        Taken {
+            peer,
+            generation,
+            way,
+        }: Taken,
         service: String,
-        env: Envelope,
+        mut env: Envelope,
         budget_ms: u64,
         sink: Sink,
         now: u64,
     ) -> Started {
+        let corr = self.next_corr;
         self.next_corr += 1;
+        env.seq = corr;
         let deadline = now.saturating_add(budget_ms);
         self.due = self.due.min(deadline);
         self.pending.insert(
