@@ -680,6 +680,13 @@ impl Node {
         if self.shared.cancel.is_cancelled() {
             return Err(RequestError::Stopped);
         }
+        // The deadline also bounds the wait for room in core's queue: a congested node must
+        // not hold a caller past its timeout.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || RequestError::Timeout {
+            service: service.to_string(),
+            after: timeout,
+        };
         let (tx, rx) = oneshot::channel();
         let budget_ms = timeout.as_millis() as u64;
         // With few requests in flight the caller routes and writes its request itself, else
@@ -695,24 +702,24 @@ impl Node {
         };
         match started {
             Ok(started) => started.map_err(|(e, _)| e)?.send(&self.shared),
-            Err((env, tx)) => self
-                .core(CoreMsg::Request {
+            Err((env, tx)) => {
+                let queued = self.core(CoreMsg::Request {
                     service: service.to_string(),
                     env,
                     budget_ms,
                     reply: tx,
-                })
-                .await
-                .map_err(|()| RequestError::Stopped)?,
+                });
+                tokio::time::timeout_at(deadline, queued)
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|()| RequestError::Stopped)?;
+            }
         }
-        match tokio::time::timeout(timeout, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(RequestError::Stopped),
             // Core forgets the request when its deadline passes (it sweeps on every tick).
-            Err(_) => Err(RequestError::Timeout {
-                service: service.to_string(),
-                after: timeout,
-            }),
+            Err(_) => Err(timed_out()),
         }
     }
 
