@@ -21,6 +21,11 @@
 //!   `closes` journal lines). Every node runs this build with one mesh key, so each one is a
 //!   bug (an ack the sender refused, a frame that did not decode) and must be 0. Closes of an
 //!   `unresponsive` peer (a frozen one stops reading) are expected and only counted.
+//! - **requests**: an answered request must carry its own request's echo (else the reply
+//!   reached the wrong caller), and every request must end by its deadline, give or take
+//!   [`LATE_SLACK_MS`]: one that never ended is excused only by a SIGKILL of its node after
+//!   it began, one that ended late only by a freeze of its node meanwhile. Failed requests
+//!   are no loss (requests are not logged).
 //! - **drain seconds** of a fault: from the fault's end until every message accepted before
 //!   that end was handled by all its required consumers (none when one of them was lost).
 
@@ -92,6 +97,26 @@ pub(crate) struct OrderViolation {
     pub(crate) at_us: u64,
 }
 
+/// How long past its timeout a request may end before it counts as late: the node's timer
+/// sweeps every 50 ms, and a loaded machine (every node of a run shares its cores) may not
+/// run the caller at once. A request that ignored its deadline ends much later, or never.
+pub(crate) const LATE_SLACK_MS: u64 = 1_000;
+
+/// A request that never ended, or ended late.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct RequestProblem {
+    /// The requesting node.
+    pub(crate) origin: usize,
+    /// The request's number in its worker process.
+    pub(crate) request: u64,
+    /// The service asked.
+    pub(crate) service: String,
+    /// Its timeout.
+    pub(crate) timeout_ms: u64,
+    /// How long it took; `None` when it never ended.
+    pub(crate) ms: Option<u64>,
+}
+
 /// What the checker found.
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct Findings {
@@ -158,6 +183,21 @@ pub(crate) struct Findings {
     pub(crate) request_errors: BTreeMap<String, u64>,
     /// Slowest request, in milliseconds (a frozen requester's clock runs on).
     pub(crate) request_max_ms: u64,
+    /// Requests begun (journal `request_begun`).
+    pub(crate) requests_begun: u64,
+    /// Begun requests that never ended because a SIGKILL of their node came first.
+    pub(crate) requests_cut_by_kill: u64,
+    /// Begun requests that never ended although their node was not killed since: a caller
+    /// left waiting past its deadline (must be 0).
+    pub(crate) requests_unended: u64,
+    /// Requests that ended more than [`LATE_SLACK_MS`] after their timeout, their node not
+    /// frozen meanwhile (must be 0).
+    pub(crate) requests_late: u64,
+    /// Requests that ended that late while their node was frozen for part of the time (its
+    /// clock runs on while it is stopped): expected.
+    pub(crate) requests_late_frozen: u64,
+    /// The first unended and late requests (at most 50).
+    pub(crate) request_problems: Vec<RequestProblem>,
     /// Median and worst seconds from acceptance to the last required handling.
     pub(crate) latency_p50_s: f64,
     /// Worst seconds from acceptance to the last required handling.
@@ -172,6 +212,8 @@ impl Findings {
             && self.phantoms == 0
             && self.protocol_faults == 0
             && self.requests_wrong == 0
+            && self.requests_unended == 0
+            && self.requests_late == 0
     }
 }
 
@@ -240,6 +282,56 @@ fn duplicate_cause(
         .map_or("no fault of the handler or sender", |c| c.2)
 }
 
+/// Whether every begun request ended by its deadline (give or take [`LATE_SLACK_MS`]),
+/// from the requests' `begun` (time, service, timeout) and `ended` (time, milliseconds) by
+/// (node, worker process, number). A request its node's SIGKILL cut short journals no end;
+/// one whose node was frozen meanwhile ends late, its timer stopped with it.
+fn check_deadlines(
+    f: &mut Findings,
+    begun: &HashMap<(usize, u64, u64), (u64, &str, u64)>,
+    ended: &HashMap<(usize, u64, u64), (u64, u64)>,
+    faults: &[FaultRecord],
+) {
+    let hit = |kind: FaultKind, node: usize, from: u64, to: u64| {
+        faults.iter().any(|fr| {
+            fr.kind == kind && fr.targets.contains(&node) && fr.start_us <= to && fr.end_us >= from
+        })
+    };
+    let mut ids: Vec<_> = begun.keys().collect();
+    ids.sort();
+    for id in ids {
+        let (t, service, timeout_ms) = begun[id];
+        let problem = match ended.get(id) {
+            None if hit(FaultKind::Kill, id.0, t, u64::MAX) => {
+                f.requests_cut_by_kill += 1;
+                continue;
+            }
+            None => {
+                f.requests_unended += 1;
+                None
+            }
+            Some(&(_, ms)) if ms <= timeout_ms.saturating_add(LATE_SLACK_MS) => continue,
+            Some(&(end, _)) if hit(FaultKind::Freeze, id.0, t, end) => {
+                f.requests_late_frozen += 1;
+                continue;
+            }
+            Some(&(_, ms)) => {
+                f.requests_late += 1;
+                Some(ms)
+            }
+        };
+        if f.request_problems.len() < 50 {
+            f.request_problems.push(RequestProblem {
+                origin: id.0,
+                request: id.2,
+                service: service.to_string(),
+                timeout_ms,
+                ms: problem,
+            });
+        }
+    }
+}
+
 /// Checks the journals (`(node index, events)`) of a run with `services` services.
 pub(crate) fn check(
     journals: &[(usize, Vec<Event>)],
@@ -254,6 +346,9 @@ pub(crate) fn check(
     let mut sent: HashMap<(usize, u64), Sent> = HashMap::new();
     // (time, node, line) orders handlings; one node's lines are already in order.
     let mut handlings: Vec<(u64, usize, usize, &super::journal::Payload, &str)> = Vec::new();
+    // Requests by (node, worker process, number): when each began, and how long it took.
+    let mut begun: HashMap<(usize, u64, u64), (u64, &str, u64)> = HashMap::new();
+    let mut ended: HashMap<(usize, u64, u64), (u64, u64)> = HashMap::new();
     for (_, events) in journals {
         for (line, e) in events.iter().enumerate() {
             match e {
@@ -280,9 +375,28 @@ pub(crate) fn check(
                         }
                     }
                 }
-                Event::Request {
-                    outcome, ms, wrong, ..
+                Event::RequestBegun {
+                    t,
+                    o,
+                    run,
+                    r,
+                    svc,
+                    timeout_ms,
                 } => {
+                    f.requests_begun += 1;
+                    begun.insert((*o, *run, *r), (*t, svc.as_str(), *timeout_ms));
+                }
+                Event::Request {
+                    t,
+                    o,
+                    run,
+                    r,
+                    outcome,
+                    ms,
+                    wrong,
+                    ..
+                } => {
+                    ended.insert((*o, *run, *r), (*t, *ms));
                     f.requests += 1;
                     f.request_max_ms = f.request_max_ms.max(*ms);
                     if outcome == "ok" {
@@ -310,6 +424,7 @@ pub(crate) fn check(
             }
         }
     }
+    check_deadlines(&mut f, &begun, &ended, faults);
     handlings.sort_by_key(|h| (h.0, h.1, h.2));
     f.handled_events = handlings.len() as u64;
 
@@ -567,6 +682,7 @@ mod tests {
         Event::Request {
             t: 1,
             o: 0,
+            run: 0,
             r,
             svc: "svc-1".into(),
             outcome: outcome.into(),
@@ -596,6 +712,89 @@ mod tests {
         let f = delivered(vec![request(1, "ok", false), request(2, "ok", true)]);
         assert!(!f.ok());
         assert_eq!((f.requests_answered, f.requests_wrong), (2, 1));
+    }
+
+    fn begun(t: u64, o: usize, r: u64) -> Event {
+        Event::RequestBegun {
+            t,
+            o,
+            run: 7,
+            r,
+            svc: "svc-1".into(),
+            timeout_ms: 2_000,
+        }
+    }
+
+    fn ended(t: u64, o: usize, r: u64, ms: u64) -> Event {
+        Event::Request {
+            t,
+            o,
+            run: 7,
+            r,
+            svc: "svc-1".into(),
+            outcome: if ms >= 2_000 { "timeout" } else { "ok" }.into(),
+            ms,
+            wrong: false,
+        }
+    }
+
+    fn fault(kind: FaultKind, node: usize, start_us: u64, end_us: u64) -> FaultRecord {
+        FaultRecord {
+            kind,
+            targets: vec![node],
+            start_us,
+            down_us: start_us,
+            end_us,
+        }
+    }
+
+    #[test]
+    fn a_request_that_never_ends_or_ends_late_fails_the_run_unless_its_node_was_killed_or_frozen() {
+        // One answered at once, one timed out on time, one 900 ms past its timeout (within
+        // the slack), one cut short by a kill of its node.
+        let on_time = vec![
+            begun(1_000, 0, 1),
+            ended(2_000, 0, 1, 1),
+            begun(3_000, 0, 2),
+            ended(2_003_000, 0, 2, 2_000),
+            begun(4_000, 0, 3),
+            ended(2_904_000, 0, 3, 2_900),
+            begun(5_000, 0, 4),
+        ];
+        let kill = fault(FaultKind::Kill, 0, 6_000, 9_000);
+        let f = check(&[(0, on_time.clone())], 0, 2, std::slice::from_ref(&kill));
+        assert!(f.ok(), "{f:?}");
+        assert_eq!(f.requests_begun, 4);
+        assert_eq!(
+            (f.requests_cut_by_kill, f.requests_unended, f.requests_late),
+            (1, 0, 0)
+        );
+        // Without the kill, the fourth caller was left waiting.
+        let f = check(&[(0, on_time.clone())], 0, 2, &[]);
+        assert!(!f.ok());
+        assert_eq!(f.requests_unended, 1);
+        assert_eq!(f.request_problems[0].request, 4);
+        assert_eq!(f.request_problems[0].ms, None);
+        // A kill of another node, or one before the request began, explains nothing.
+        let other = fault(FaultKind::Kill, 1, 6_000, 9_000);
+        let before = fault(FaultKind::Kill, 0, 100, 900);
+        let f = check(&[(0, on_time)], 0, 2, &[other, before]);
+        assert_eq!(f.requests_unended, 1);
+
+        // Ended 1.1 s past its timeout: late, unless its node was frozen meanwhile.
+        let late = vec![begun(1_000, 0, 1), ended(3_101_000, 0, 1, 3_100)];
+        let f = check(&[(0, late.clone())], 0, 2, &[]);
+        assert!(!f.ok());
+        assert_eq!((f.requests_late, f.requests_late_frozen), (1, 0));
+        assert_eq!(f.request_problems[0].ms, Some(3_100));
+        let frozen = fault(FaultKind::Freeze, 0, 500_000, 2_500_000);
+        let f = check(&[(0, late.clone())], 0, 2, &[frozen]);
+        assert!(f.ok(), "{f:?}");
+        assert_eq!((f.requests_late, f.requests_late_frozen), (0, 1));
+        // A freeze of the server does not stop the caller's timer.
+        let server = fault(FaultKind::Freeze, 1, 500_000, 2_500_000);
+        let f = check(&[(0, late)], 0, 2, &[server]);
+        assert_eq!(f.requests_late, 1);
     }
 
     #[test]

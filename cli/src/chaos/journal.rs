@@ -99,12 +99,25 @@ pub(crate) enum Event {
         by: usize,
         c: String,
     },
+    /// About to call `request`: request `r` of the worker process of node `o` that started
+    /// at `run` (µs, the journals' clock), to service `svc`, with a timeout of `timeout_ms`.
+    RequestBegun {
+        t: u64,
+        o: usize,
+        run: u64,
+        r: u64,
+        svc: String,
+        timeout_ms: u64,
+    },
     /// A `request` to service `svc` ended after `ms` milliseconds: `outcome` is `ok` or the
     /// error's kind (`timeout`, `peer_lost`, …); `wrong` says an `ok` reply was not the echo
-    /// of request `r` of worker `o` (a reply delivered to the wrong caller).
+    /// of request `r` of worker `o` (a reply delivered to the wrong caller). `run` names the
+    /// worker process, as in [`Event::RequestBegun`].
     Request {
         t: u64,
         o: usize,
+        #[serde(default)]
+        run: u64,
         r: u64,
         svc: String,
         outcome: String,

@@ -195,6 +195,24 @@ impl RunReport {
                 verdict(f.requests_wrong == 0),
             ),
             (
+                "requests never ended",
+                format!(
+                    "{} of {} begun ({} cut short by a kill of their node)",
+                    f.requests_unended, f.requests_begun, f.requests_cut_by_kill
+                ),
+                verdict(f.requests_unended == 0),
+            ),
+            (
+                "requests past their deadline",
+                format!(
+                    "{} (over {} ms late; {} more while their node was frozen)",
+                    f.requests_late,
+                    super::checker::LATE_SLACK_MS,
+                    f.requests_late_frozen
+                ),
+                verdict(f.requests_late == 0),
+            ),
+            (
                 "handled, send unacknowledged",
                 f.handled_unacknowledged.to_string(),
                 "",
@@ -230,6 +248,20 @@ impl RunReport {
                 m.copies
             );
         }
+        for q in f.request_problems.iter().take(10) {
+            let _ = writeln!(
+                s,
+                "  request: node-{}'s request {} to {} (timeout {} ms) {}",
+                q.origin,
+                q.request,
+                q.service,
+                q.timeout_ms,
+                q.ms.map_or_else(
+                    || "never ended".to_string(),
+                    |ms| format!("ended after {ms} ms")
+                )
+            );
+        }
         for v in f.order_examples.iter().take(10) {
             let _ = writeln!(
                 s,
@@ -242,7 +274,7 @@ impl RunReport {
             "\n{}",
             if f.ok() {
                 "PASS: no acknowledged message lost, none out of key order, no protocol fault, \
-                 no reply to the wrong request"
+                 no reply to the wrong request, every request ended by its deadline"
             } else {
                 "FAIL: invariants broken (see above)"
             }

@@ -376,8 +376,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_REQUESTS_IN_FLIGHT: usize = 64;
 
 /// Makes `request_rate` requests per second, each to a random service, each in a task of its
-/// own (at most [`MAX_REQUESTS_IN_FLIGHT`] at once), and journals how each ended: a reply
-/// must be the echo of its own request.
+/// own (at most [`MAX_REQUESTS_IN_FLIGHT`] at once), and journals each before it starts and
+/// how it ended: a reply must be the echo of its own request, and every request must end by
+/// its deadline.
 async fn requests(node: Node, l: Load, journal: Arc<Journal>, stop: Arc<AtomicBool>) {
     let started_us = journal::now_us();
     let mut rng = SplitMix64::new(l.seed ^ ((l.index as u64) << 40) ^ started_us);
@@ -397,6 +398,17 @@ async fn requests(node: Node, l: Load, journal: Arc<Journal>, stop: Arc<AtomicBo
         let body = format!("{}:{started_us}:{r}", l.index);
         let (node, journal, o) = (node.clone(), journal.clone(), l.index);
         calls.spawn(async move {
+            let ev = Event::RequestBegun {
+                t: journal::now_us(),
+                o,
+                run: started_us,
+                r,
+                svc: svc.clone(),
+                timeout_ms: REQUEST_TIMEOUT.as_millis() as u64,
+            };
+            if let Err(e) = journal.write(&ev) {
+                tracing::error!(error = %e, "journal write failed");
+            }
             let begun = std::time::Instant::now();
             let result = node.request(&svc, body.clone(), REQUEST_TIMEOUT).await;
             let ms = begun.elapsed().as_millis() as u64;
@@ -407,6 +419,7 @@ async fn requests(node: Node, l: Load, journal: Arc<Journal>, stop: Arc<AtomicBo
             let ev = Event::Request {
                 t: journal::now_us(),
                 o,
+                run: started_us,
                 r,
                 svc,
                 outcome: outcome.to_string(),
