@@ -1108,3 +1108,120 @@ async fn tie_break_rounds(handler: Duration, linger: Option<Duration>, enough: u
         "no tie-break was lost in 20 rounds: nothing here was tested"
     );
 }
+
+/// A request made from a task, to an instance that speaks protocol 6 or later, travels on a
+/// stream of its own and its caller reads the reply there (`Status::requests_own_stream`),
+/// whatever the reply: a value, an error or a panic. A handler that waits replies through its
+/// writer, a request that times out ends at its deadline, and each caller still gets its own
+/// answer. A request made outside any task (here, the test's `block_on`), or to an instance
+/// held at protocol 5, goes the shared way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let server = start(builder(&net, "echo", &key)).await;
+        let older = start(builder(&net, "older", &key).max_protocol_version(5)).await;
+        for node in [&server, &older] {
+            node.serve(|req| async move {
+                match req.payload_text().as_str() {
+                    "wait" => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok("waited".into())
+                    }
+                    "fail" => Err(HandlerError::Reject("refused on purpose".into())),
+                    "boom" => panic!("the handler fails on purpose"),
+                    "slow" => {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        Ok("late".into())
+                    }
+                    other => Ok(other.to_string().into()),
+                }
+            })
+            .await
+            .expect("serve");
+        }
+        until_served(&client, "echo", "x", Duration::from_secs(1)).await;
+        until_served(&client, "older", "x", Duration::from_secs(1)).await;
+        let own = |node: Node| async move {
+            node.status()
+                .await
+                .expect("status")
+                .requests_own_stream
+        };
+        // From the test's `block_on`: the shared way.
+        let before = own(client.clone()).await;
+        let reply = client
+            .request("echo", "from block_on", Duration::from_secs(5))
+            .await
+            .expect("reply");
+        assert_eq!(&reply[..], b"from block_on");
+        assert_eq!(own(client.clone()).await, before, "not from a task");
+
+        let c = client.clone();
+        tokio::spawn(async move {
+            for i in 0..50 {
+                let text = format!("n{i}");
+                let reply = c
+                    .request("echo", text.clone(), Duration::from_secs(5))
+                    .await
+                    .unwrap_or_else(|e| panic!("request {i}: {e}"));
+                assert_eq!(String::from_utf8_lossy(&reply), text);
+            }
+            // Handlers that answer at once go on their requests' streams (unless their first
+            // polls were slow on average, as they may be on a loaded machine).
+            assert!(own(c.clone()).await > before, "no request read its own reply");
+            let reply = c
+                .request("echo", "wait", Duration::from_secs(5))
+                .await
+                .expect("a handler that waits");
+            assert_eq!(&reply[..], b"waited");
+            let err = c
+                .request("echo", "fail", Duration::from_secs(5))
+                .await
+                .expect_err("an error reply");
+            assert!(
+                matches!(&err, RequestError::Remote { message, .. } if message.contains("refused on purpose")),
+                "{err}"
+            );
+            let err = c
+                .request("echo", "boom", Duration::from_secs(5))
+                .await
+                .expect_err("a panic");
+            assert!(
+                matches!(&err, RequestError::Remote { message, .. } if message.contains("panicked")),
+                "{err}"
+            );
+            let t0 = std::time::Instant::now();
+            let err = c
+                .request("echo", "slow", Duration::from_millis(300))
+                .await
+                .expect_err("a timeout");
+            assert!(matches!(err, RequestError::Timeout { .. }), "{err}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "ended at its deadline: {:?}",
+                t0.elapsed()
+            );
+            // To an instance of protocol 5: the shared way.
+            let mid = own(c.clone()).await;
+            for i in 0..5 {
+                let text = format!("old{i}");
+                let reply = c
+                    .request("older", text.clone(), Duration::from_secs(5))
+                    .await
+                    .unwrap_or_else(|e| panic!("request {i} to protocol 5: {e}"));
+                assert_eq!(String::from_utf8_lossy(&reply), text);
+            }
+            assert_eq!(own(c.clone()).await, mid, "protocol 5 takes no request streams");
+        })
+        .await
+        .expect("caller");
+        in_flight_drains(&client).await;
+        for node in [client, server, older] {
+            node.shutdown().await;
+        }
+    })
+    .await;
+}

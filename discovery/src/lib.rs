@@ -93,8 +93,10 @@ pub use seeds::StaticDiscovery;
 /// was released while it was away no longer teaches it back. Version 5 negotiates versions
 /// (a node of this build speaks 5 with a peer that does and 4 with one that speaks only 4, so
 /// a mesh upgrades one node at a time) and leaves the origin out of envelopes on the wire (it
-/// is the connection's peer).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// is the connection's peer). Version 6 lets a requester send a request on a bidirectional
+/// stream of its own and read the reply there itself (see `peerbus`'s ARCHITECTURE,
+/// "Requests"); the frames are those of version 5.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The DNS-SD service type under which peerbus nodes announce themselves.
 pub const SERVICE_TYPE: &str = "_peerbus._udp.local.";

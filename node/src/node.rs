@@ -171,6 +171,11 @@ pub struct Status {
     pub redelivered: u64,
     /// Requests waiting for a reply.
     pub requests_in_flight: usize,
+    /// Requests since start whose caller read the reply on the request's own stream: made
+    /// from a task, to an instance of protocol 6 or later, while the node had few requests in
+    /// flight (see ARCHITECTURE, "Requests"). The others are answered through the node's
+    /// lane readers.
+    pub requests_own_stream: u64,
     /// `send`/`publish` calls waiting for room in a full log (backpressure; at most
     /// `max_log_entries` of them, and 65,536); each fails with [`SendError::Backpressure`]
     /// once its `send_timeout` passes.
@@ -700,8 +705,9 @@ impl Node {
                 Err((env, tx))
             }
         };
+        let mut own = None;
         match started {
-            Ok(started) => started.map_err(|(e, _)| e)?.send(&self.shared),
+            Ok(started) => own = started.map_err(|(e, _)| e)?.send_own(&self.shared),
             Err((env, tx)) => {
                 let queued = self.core(CoreMsg::Request {
                     service: service.to_string(),
@@ -715,7 +721,17 @@ impl Node {
                     .map_err(|()| RequestError::Stopped)?;
             }
         }
-        match tokio::time::timeout_at(deadline, rx).await {
+        // A request on a stream of its own: its caller reads the reply there (or the lane
+        // readers or core answer it, whichever comes first).
+        let answered = async {
+            if let Some(stream) = own
+                && let Some(result) = stream.read(&self.shared).await
+            {
+                return Ok(result);
+            }
+            rx.await
+        };
+        match tokio::time::timeout_at(deadline, answered).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(RequestError::Stopped),
             // Core forgets the request when its deadline passes (it sweeps on every tick).

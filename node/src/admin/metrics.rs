@@ -26,6 +26,9 @@ pub(crate) const FACADE_SAMPLE: Duration = Duration::from_secs(1);
 
 /// Entries stored by `send`/`publish` (one per group copy).
 pub const MESSAGES_SENT: &str = "peerbus_messages_sent_total";
+/// Requests whose reply their caller read on the request's own stream (made from a task, to
+/// an instance of protocol 6 or later, while the node had few requests in flight).
+pub const REQUESTS_OWN_STREAM: &str = "peerbus_requests_own_stream_total";
 /// Entries that arrived for local handlers (queued for them), before the dedup window and
 /// the stale checks: `received - delivered` counts duplicates, stale copies and the entries
 /// still queued.
@@ -187,6 +190,7 @@ pub(crate) struct Counters {
     pub(crate) redelivered: Count,
     pub(crate) dead_lettered: Count,
     pub(crate) duplicates_dropped: Count,
+    pub(crate) requests_own_stream: Count,
     /// Store commit time, recorded by the store writer thread.
     pub(crate) commit_latency: Arc<Latency>,
 }
@@ -203,6 +207,7 @@ impl Counters {
             redelivered: Count::new(MESSAGES_REDELIVERED, &node),
             dead_lettered: Count::new(MESSAGES_DEAD_LETTERED, &node),
             duplicates_dropped: Count::new(DUPLICATES_DROPPED, &node),
+            requests_own_stream: Count::new(REQUESTS_OWN_STREAM, &node),
             commit_latency: Arc::new(Latency::store_commit(&node)),
         }
     }
@@ -398,7 +403,7 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         esc(&s.mesh),
         s.listen
     );
-    let counter_rows: [(&str, &str, &Count); 7] = [
+    let counter_rows: [(&str, &str, &Count); 8] = [
         (
             MESSAGES_SENT,
             "Entries stored by send/publish (one per subscriber group copy).",
@@ -434,6 +439,11 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
             DUPLICATES_DROPPED,
             "Retransmissions dropped by the dedup window.",
             &counters.duplicates_dropped,
+        ),
+        (
+            REQUESTS_OWN_STREAM,
+            "Requests whose caller read the reply on the request's own stream.",
+            &counters.requests_own_stream,
         ),
     ];
     for (name, help, c) in counter_rows {

@@ -19,9 +19,7 @@ use super::{Inbound, MAX_KNOWN_PEERS, Shared, conn, requests};
 use crate::admin::EventKind;
 use crate::engine::FastMap;
 use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target, Transmit};
-use crate::engine::wire::{
-    Control, Data, Dialect, Envelope, GroupState, Hello, Interest, MAX_ACK_RUN_SEQS,
-};
+use crate::engine::wire::{Control, Data, Envelope, GroupState, Hello, Interest, MAX_ACK_RUN_SEQS};
 use crate::error::{DeliveryError, RequestError, SendError};
 use crate::node::{CallReply, CopyReceipt, PeerInfo, PeerState, Status};
 use crate::store::{DeadLetter, StoredEntry};
@@ -1516,10 +1514,7 @@ impl Core {
             cancel: self.shared.cancel.child_token(),
             gone: Arc::new(AtomicBool::new(gone)),
             serving: Arc::new(AtomicU64::new(0)),
-            direct: Arc::new(conn::DirectStream::new(
-                r.conn.clone(),
-                Dialect::of(r.version),
-            )),
+            direct: Arc::new(conn::DirectStream::new(r.conn.clone(), r.version)),
         }
     }
 
@@ -1822,6 +1817,7 @@ impl Core {
             delivered: c.delivered.load(Ordering::Relaxed),
             redelivered: c.redelivered.load(Ordering::Relaxed),
             requests_in_flight,
+            requests_own_stream: c.requests_own_stream.load(Ordering::Relaxed),
             sends_waiting: self.parked.len(),
             breakers,
             groups: self.known_groups.states().into_iter().collect(),

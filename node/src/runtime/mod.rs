@@ -20,10 +20,11 @@
 //! Requests live in [`Shared::requests`], not in core: while few are in flight a caller
 //! routes its request there (instance, breaker, bulkhead) and writes it to the connection
 //! itself, else core does; the requester's lane reader answers the caller from there (see
-//! [`requests`]). The server's
-//! lane reader starts the `serve` handler (polled in place, in a task of its own, or through
-//! the serve queue when `serve_concurrency` is reached) and the reply goes out on the
-//! connection's direct stream or its writer.
+//! [`requests`]). A caller in a task, to a peer of protocol 6 or later, writes its request on
+//! a stream of its own and reads the reply there itself. The server's lane reader (or, for
+//! such a stream, its request-stream acceptor) starts the `serve` handler (polled in place,
+//! in a task of its own, or through the serve queue when `serve_concurrency` is reached) and
+//! the reply goes out on the request's stream, the connection's direct stream or its writer.
 //!
 //! Shutdown order (see [`crate::Node::shutdown`]): stop discovery and
 //! accepting, say goodbye to peers, wait (up to the grace period) for local

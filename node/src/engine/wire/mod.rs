@@ -218,6 +218,12 @@ pub const ALPN_NEGOTIATED: &[u8] = b"peerbus/2";
 pub const MIN_PROTOCOL_VERSION: u32 = 4;
 /// The first version spoken on [`ALPN_NEGOTIATED`] connections.
 pub const FIRST_NEGOTIATED_VERSION: u32 = 5;
+/// The first version whose nodes accept request streams: a bidirectional stream a requester
+/// opens for one request (a [`Data::Request`] frame, then the end of its side), on which the
+/// server may write the [`Data::Reply`] (then the end of its side). A server that answers
+/// later, or through its writer, replies on its direct stream or a lane as before, and just
+/// ends its side of the request stream.
+pub const REQUEST_STREAMS_VERSION: u32 = 6;
 
 /// The version two nodes speak on an [`ALPN_NEGOTIATED`] connection: the highest in both
 /// ranges (each is `min_version..=version` of a [`Hello`]), or an error naming both ranges
