@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use peerbus::control;
-use peerbus::engine::wire::MIN_PROTOCOL_VERSION;
+use peerbus::engine::wire::{FIRST_NEGOTIATED_VERSION, MIN_PROTOCOL_VERSION};
 use peerbus::{MeshKey, PROTOCOL_VERSION};
 use serde_json::json;
 
@@ -152,11 +152,21 @@ pub(crate) struct ChaosArgs {
     /// (printed at start; each page shows that node and its peers, faults included).
     #[arg(long)]
     admin: bool,
-    /// A mesh halfway through a rolling upgrade: every node of odd index speaks at most
-    /// protocol 4, as the previous build does (`NodeBuilder::max_protocol_version`), so
-    /// connections of both versions carry the load through the faults.
+    /// A mesh in the middle of rolling upgrades: node i speaks at most protocol 4 when
+    /// i % 3 is 1, at most 5 when it is 2 (as builds before protocol 5 and 6 do,
+    /// `NodeBuilder::max_protocol_version`), and this build's own when it is 0, so
+    /// connections of three versions carry the load through the faults.
     #[arg(long)]
     mixed_protocols: bool,
+}
+
+/// The highest protocol node `i` speaks in a `--mixed-protocols` run: 4, 5 or this build's.
+fn mixed_protocol(i: usize) -> u32 {
+    match i % 3 {
+        1 => MIN_PROTOCOL_VERSION,
+        2 => FIRST_NEGOTIATED_VERSION,
+        _ => PROTOCOL_VERSION,
+    }
 }
 
 /// Seconds without any handling, after the workload stopped, before the drain wait gives up.
@@ -453,8 +463,8 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         if let Some(admin) = admins.get(i) {
             v.push(format!("--admin={admin}"));
         }
-        if a.mixed_protocols && i % 2 == 1 {
-            v.push(format!("--max-protocol-version={MIN_PROTOCOL_VERSION}"));
+        if a.mixed_protocols && i % 3 != 0 {
+            v.push(format!("--max-protocol-version={}", mixed_protocol(i)));
         }
         args.push(v);
         procs.push(Proc {
@@ -486,9 +496,10 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         println!("chaos: node-{i} live mesh page: http://{admin}/");
     }
     if a.mixed_protocols {
-        println!(
-            "chaos: mixed protocols: odd nodes speak at most {MIN_PROTOCOL_VERSION}, even ones {PROTOCOL_VERSION}"
-        );
+        let versions: Vec<String> = (0..a.nodes)
+            .map(|i| format!("node-{i} {}", mixed_protocol(i)))
+            .collect();
+        println!("chaos: mixed protocols: {} (at most)", versions.join(", "));
     }
     for i in 0..a.nodes {
         mesh.spawn(i)?;
