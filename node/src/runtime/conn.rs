@@ -928,7 +928,9 @@ async fn reply_on_stream(mut stream: FrameSender, corr: u64, result: Result<Byte
 /// Accepts the request streams the peer opens (`REQUEST_STREAMS_VERSION`): one request
 /// each. A request whose frame is all there is served from this task, as a lane reader
 /// serves one; one still arriving is read and served in a task of its own (QUIC bounds the
-/// streams open at once per connection, `MAX_STREAMS` in the transport).
+/// streams open at once per connection, `MAX_STREAMS` in the transport). Unlike a lane
+/// reader it need not check the envelope's origin: these connections speak protocol 5 or
+/// later, whose envelopes leave it out and read back as the peer's.
 async fn request_stream_acceptor(cx: LaneContext, conn: Connection) {
     loop {
         let accepted = tokio::select! {
