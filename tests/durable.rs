@@ -484,39 +484,32 @@ async fn a_batch_over_its_limits_or_with_a_bad_message_stores_nothing() {
 /// A message whose TTL passes while its handler runs, and whose handler then fails, is
 /// dead-lettered as expired when it comes back, not delivered again.
 ///
-/// A round is disturbed when the two nodes dialled each other at once and the send went out
-/// on the connection that lost the tie-break: the sender then sends it again on the kept one,
-/// before the TTL, and that copy waits at the receiver behind the running one and is handled
-/// once it failed (at-least-once, as after any lost connection). So a round counts only when
-/// no connection was retired; a disturbed one may see that one extra call and no more.
+/// Only the sender dials (the receiver is its seed, and the receiver discovers nobody): when
+/// both dialled at once and the send went out on the connection that lost the tie-break,
+/// the sender sent it again on the kept one before the TTL, and that copy was handled once
+/// the first failed (at-least-once, as after any lost connection). Rounds disturbed that way
+/// were skipped before, but they came in 60–70% of rounds, and eight in a row failed a CI run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_expired_while_its_handler_failed_is_not_delivered_again() {
     within(60, async {
-        // About one round in four is disturbed here: eight in a row almost never are.
-        for _ in 0..8 {
-            let (calls, retired) = expire_while_failing().await;
-            if retired == 0 {
-                assert_eq!(calls, 1, "handled once, not again");
-                return;
-            }
-            assert!(calls <= 2, "{calls} calls in a round with a tie-break");
-        }
-        panic!("a connection was retired in every round: nothing was tested");
+        let (calls, retired) = expire_while_failing().await;
+        assert_eq!(retired, 0, "no tie-break when only one side dials");
+        assert_eq!(calls, 1, "handled once, not again");
     })
     .await;
 }
 
-/// One round of the test above: the handler's calls, and the connections the two nodes
-/// retired.
+/// The test above: how many times the handler ran, and how many connections
+/// the two nodes retired.
 async fn expire_while_failing() -> (usize, u64) {
-    let net = MemoryNetwork::new();
     let key = MeshKey::generate();
+    let receiver = start(builder(&MemoryNetwork::new(), "orders", &key)).await;
     let sender = start(
-        builder(&net, "payments", &key)
+        builder(&MemoryNetwork::new(), "payments", &key)
+            .seed(receiver.local_addr())
             .retry_backoff(Duration::from_millis(20), Duration::from_millis(100)),
     )
     .await;
-    let receiver = start(builder(&net, "orders", &key)).await;
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
     let msgs = receiver.messages().expect("messages");
