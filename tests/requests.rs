@@ -1111,10 +1111,11 @@ async fn tie_break_rounds(handler: Duration, linger: Option<Duration>, enough: u
 
 /// A request made from a task, to an instance that speaks protocol 6 or later, travels on a
 /// stream of its own and its caller reads the reply there (`Status::requests_own_stream`),
-/// whatever the reply: a value, an error or a panic. A handler that waits replies through its
-/// writer, a request that times out ends at its deadline, and each caller still gets its own
-/// answer. A request made outside any task (here, the test's `block_on`), or to an instance
-/// held at protocol 5, goes the shared way.
+/// whatever the reply: a value, an error or a panic, from a handler polled in the task that
+/// read the request or in a task of its own (one that waits, or whose first polls are slow,
+/// as they may be on a loaded machine). A request that times out ends at its deadline. A
+/// request made outside any task (here, the test's `block_on`), or to an instance held at
+/// protocol 5, goes the shared way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
     within(60, async {
@@ -1169,9 +1170,11 @@ async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
                     .unwrap_or_else(|e| panic!("request {i}: {e}"));
                 assert_eq!(String::from_utf8_lossy(&reply), text);
             }
-            // Handlers that answer at once go on their requests' streams (unless their first
-            // polls were slow on average, as they may be on a loaded machine).
-            assert!(own(c.clone()).await > before, "no request read its own reply");
+            assert_eq!(
+                own(c.clone()).await,
+                before + 50,
+                "each request read its own reply"
+            );
             let reply = c
                 .request("echo", "wait", Duration::from_secs(5))
                 .await
@@ -1193,6 +1196,7 @@ async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
                 matches!(&err, RequestError::Remote { message, .. } if message.contains("panicked")),
                 "{err}"
             );
+            assert_eq!(own(c.clone()).await, before + 53, "a wait, an error, a panic");
             let t0 = std::time::Instant::now();
             let err = c
                 .request("echo", "slow", Duration::from_millis(300))

@@ -825,10 +825,30 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
 
 /// Where the reply to a request goes when its handler answers at its first poll: the
 /// connection's direct stream, or the request's own stream (`REQUEST_STREAMS_VERSION`).
-/// Every other reply (no `serve`, a full `serve_concurrency`, a handler that waits) is queued
-/// to the connection's writer, and a request stream just ends.
+/// A handler that waits, or waits for a `serve_concurrency` slot, replies through the
+/// writer, or on the request's own stream ([`ReplyOn::later`]). An error reply for a node
+/// that serves nothing goes through the writer, and a request stream then just ends.
 enum ReplyOn {
     Direct,
+    Stream(FrameSender),
+}
+
+impl ReplyOn {
+    /// Where the reply goes when the handler runs in a task of its own (or waits for a
+    /// `serve_concurrency` slot): the connection's writer (`out`) instead of the direct
+    /// stream; the request's own stream stays its own.
+    fn later(self, out: &mpsc::Sender<Out>) -> ReplyTo {
+        match self {
+            ReplyOn::Direct => ReplyTo::Writer(out.clone()),
+            ReplyOn::Stream(stream) => ReplyTo::Stream(stream),
+        }
+    }
+}
+
+/// Where a handler that runs in a task of its own sends its reply: the connection's writer,
+/// or the request's own stream (its caller reads it there).
+pub(crate) enum ReplyTo {
+    Writer(mpsc::Sender<Out>),
     Stream(FrameSender),
 }
 
@@ -856,7 +876,7 @@ async fn serve_request(cx: &LaneContext, env: Envelope, budget_ms: u64, on: Repl
         let request = InboundRequest {
             env,
             budget_ms,
-            reply: out.clone(),
+            reply: on.later(out),
         };
         let queued = tokio::select! {
             r = server.queue.send(request) => r.is_ok(),
@@ -882,7 +902,7 @@ async fn serve_request(cx: &LaneContext, env: Envelope, budget_ms: u64, on: Repl
                 (reply, Poll::Pending) => reply.await,
             }
         });
-        spawn_handler(shared, timed, permit, out.clone(), corr, deadline);
+        spawn_handler(shared, timed, permit, on.later(out), corr, deadline);
         return true;
     }
     let (reply, first) = start_and_poll(&server, env, budget_ms, corr).await;
@@ -903,7 +923,7 @@ async fn serve_request(cx: &LaneContext, env: Envelope, budget_ms: u64, on: Repl
             }
         }
         Poll::Pending => {
-            spawn_handler(shared, reply, permit, out.clone(), corr, deadline);
+            spawn_handler(shared, reply, permit, on.later(out), corr, deadline);
         }
     }
     true
@@ -1051,13 +1071,13 @@ fn handler_panicked(corr: u64) -> Result<Bytes, String> {
 }
 
 /// Runs a request's handler in a task of its own, which keeps `permit` (a `serve_concurrency`
-/// slot) while it runs and queues the reply to the connection's writer (`out`), waiting for
-/// room until `deadline`.
+/// slot) while it runs and sends the reply where `to` says: queued to the connection's
+/// writer, or written on the request's own stream, waiting for room until `deadline`.
 pub(crate) fn spawn_handler(
     shared: &Shared,
     reply: super::ReplyFuture,
     permit: OwnedSemaphorePermit,
-    out: mpsc::Sender<Out>,
+    to: ReplyTo,
     corr: u64,
     deadline: tokio::time::Instant,
 ) {
@@ -1068,8 +1088,18 @@ pub(crate) fn spawn_handler(
             .catch_unwind()
             .await
             .unwrap_or_else(|_| Some(handler_panicked(corr)));
-        if let Some(result) = reply {
-            queue_reply(&out, lanes, corr, result, deadline).await;
+        let Some(result) = reply else { return };
+        match to {
+            ReplyTo::Writer(out) => queue_reply(&out, lanes, corr, result, deadline).await,
+            ReplyTo::Stream(stream) => {
+                let written = reply_on_stream(stream, corr, result);
+                if tokio::time::timeout_at(deadline, written).await.is_err() {
+                    debug!(
+                        corr,
+                        "reply dropped: the request's stream stayed blocked until its deadline"
+                    );
+                }
+            }
         }
     });
 }

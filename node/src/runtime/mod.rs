@@ -132,14 +132,14 @@ impl From<CancellationToken> for ConnState {
 }
 
 /// A request arriving for the local `serve` handler.
-#[derive(Debug)]
 pub(crate) struct InboundRequest {
     pub(crate) env: Envelope,
     pub(crate) budget_ms: u64,
-    /// The outgoing queue of the connection the request came on: the serve task writes the
-    /// reply there itself (`try_send`, like core), without a hop through core. Closed once
-    /// that connection is gone, which means the requester is gone too.
-    pub(crate) reply: mpsc::Sender<core::Out>,
+    /// Where the serve task's handler run sends the reply itself, without a hop through
+    /// core: the outgoing queue of the connection the request came on (closed once that
+    /// connection is gone, which means the requester is gone too), or the request's own
+    /// stream.
+    pub(crate) reply: conn::ReplyTo,
 }
 
 /// One request's handler run: its reply, or `None` when the requester's budget ran out first
