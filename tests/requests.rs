@@ -1162,14 +1162,7 @@ async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
 
         let c = client.clone();
         tokio::spawn(async move {
-            for i in 0..50 {
-                let text = format!("n{i}");
-                let reply = c
-                    .request("echo", text.clone(), Duration::from_secs(5))
-                    .await
-                    .unwrap_or_else(|e| panic!("request {i}: {e}"));
-                assert_eq!(String::from_utf8_lossy(&reply), text);
-            }
+            echoes(&c, "echo", 50).await;
             assert_eq!(
                 own(c.clone()).await,
                 before + 50,
@@ -1210,14 +1203,7 @@ async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
             );
             // To an instance of protocol 5: the shared way.
             let mid = own(c.clone()).await;
-            for i in 0..5 {
-                let text = format!("old{i}");
-                let reply = c
-                    .request("older", text.clone(), Duration::from_secs(5))
-                    .await
-                    .unwrap_or_else(|e| panic!("request {i} to protocol 5: {e}"));
-                assert_eq!(String::from_utf8_lossy(&reply), text);
-            }
+            echoes(&c, "older", 5).await;
             assert_eq!(own(c.clone()).await, mid, "protocol 5 takes no request streams");
         })
         .await
@@ -1228,4 +1214,16 @@ async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
         }
     })
     .await;
+}
+
+/// `n` requests to `service`, one after another, each answered with its own payload.
+async fn echoes(client: &Node, service: &str, n: usize) {
+    for i in 0..n {
+        let text = format!("{service} {i}");
+        let reply = client
+            .request(service, text.clone(), Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("request {i} to {service}: {e}"));
+        assert_eq!(String::from_utf8_lossy(&reply), text);
+    }
 }

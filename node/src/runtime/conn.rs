@@ -578,6 +578,11 @@ impl DirectStream {
         self.dialect
     }
 
+    /// The connection.
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
     /// The direct stream of `conn`, which speaks protocol `version`.
     pub(crate) fn new(conn: Connection, version: u32) -> Self {
         Self {

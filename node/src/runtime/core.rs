@@ -1642,7 +1642,6 @@ impl Core {
         let way = requests::Way {
             direct: handles.direct.clone(),
             tx: handles.out.clone(),
-            conn: r.conn.clone(),
         };
         let route = requests::Route::new(generation, r.hello.service.clone(), r.hello.serves, way);
         super::lock(&self.shared.requests).link_up(peer, route);

@@ -2,8 +2,9 @@
 //!
 //! While few requests are in flight ([`Requests::quiet`]), a caller routes its own request
 //! under the table's lock (the instance, the service's bulkhead and breaker, a correlation
-//! id) and writes it to that instance's connection itself ([`Started::send`]); otherwise core
-//! does both. The lane reader a reply arrives on takes its request out under the same lock,
+//! id) and writes it to that instance's connection itself ([`Started::send_own`]: from a
+//! task, on a stream of its own whose reply it reads itself); otherwise core does both
+//! ([`Started::send`]). The lane reader a reply arrives on takes its request out under the same lock,
 //! does its bookkeeping (in-flight counts, breaker) and answers the caller. Core keeps the
 //! table's routes in step with its links, ends the requests whose deadline passed on its
 //! tick, fails those of a connection that ended, and sends scatters.
@@ -13,11 +14,12 @@
 //! the hop with a wake of tokio's other worker thread (ARCHITECTURE, "Requests").
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
-use peerbus_transport::{Connection, FrameReceiver, NodeId};
+use peerbus_transport::{FrameReceiver, NodeId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Shared;
@@ -104,7 +106,6 @@ impl Route {
 pub(crate) struct Way {
     pub(crate) direct: Arc<DirectStream>,
     pub(crate) tx: mpsc::Sender<Out>,
-    pub(crate) conn: Connection,
 }
 
 /// A caller starts and writes its request itself while fewer requests than this are in
@@ -245,7 +246,7 @@ impl Started {
             lane,
             frame: self.frame,
         };
-        super::core::try_queue(&self.way.tx, &self.way.conn, out);
+        super::core::try_queue(&self.way.tx, self.way.direct.conn(), out);
     }
 }
 
@@ -543,10 +544,13 @@ impl Requests {
         result: Result<Bytes, String>,
         now: u64,
     ) -> Option<Answer> {
-        if self.pending.get(&corr).is_none_or(|p| p.peer != peer) {
+        let Entry::Occupied(entry) = self.pending.entry(corr) else {
+            return None;
+        };
+        if entry.get().peer != peer {
             return None;
         }
-        let p = self.pending.remove(&corr)?;
+        let p = entry.remove();
         self.finish(&p, result.is_ok(), now);
         Some(match p.sink {
             Sink::One(tx) => Answer::One(
@@ -596,13 +600,7 @@ impl Requests {
     /// The connection of `generation` to `peer` ended: its route goes, and its requests fail
     /// ([`RequestError::PeerLost`], or an error reply for a scatter).
     pub(crate) fn fail_on(&mut self, peer: NodeId, generation: u64, now: u64) -> Vec<Answer> {
-        if self
-            .routes
-            .get(&peer)
-            .is_some_and(|r| r.generation == generation)
-        {
-            self.routes.remove(&peer);
-        }
+        self.drop_route(peer, generation);
         let lost: Vec<u64> = self
             .pending
             .iter()
@@ -629,13 +627,7 @@ impl Requests {
     /// stay in flight on it (it stays open for their replies). Returns the latest of their
     /// deadlines (`now` if none).
     pub(crate) fn retire(&mut self, peer: NodeId, generation: u64, now: u64) -> u64 {
-        if self
-            .routes
-            .get(&peer)
-            .is_some_and(|r| r.generation == generation)
-        {
-            self.routes.remove(&peer);
-        }
+        self.drop_route(peer, generation);
         let (n, latest) = self
             .pending
             .values()
@@ -645,6 +637,18 @@ impl Requests {
             self.retired.insert(generation, n);
         }
         latest
+    }
+
+    /// Takes out the route to `peer` if it is the one of connection `generation` (a newer
+    /// connection's route stays).
+    fn drop_route(&mut self, peer: NodeId, generation: u64) {
+        if self
+            .routes
+            .get(&peer)
+            .is_some_and(|r| r.generation == generation)
+        {
+            self.routes.remove(&peer);
+        }
     }
 
     /// Requests still waiting on the retired connection of `generation`.
