@@ -8,6 +8,8 @@
 //!   duplicate. The receiver closes such a connection and handles nothing of it.
 //! - A consumer that stops reading is closed as unresponsive once the node's outgoing queue
 //!   to it is full, and what it held goes to another instance.
+//! - A request stream (protocol 6) carries one request and its reply: anything else on it,
+//!   either way, closes the connection.
 //! - Versions: a build of protocol 4 (its own ALPN id and hello) and a later build that still
 //!   speaks this one's version are served; a peer with no version in common is refused.
 
@@ -16,14 +18,14 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::handmade::HandMade;
+use common::handmade::{HandMade, push_delivery};
 use common::{builder, start, within};
 use peerbus::engine::wire::{
     ALPN_NEGOTIATED, ALPN_V4, Control, ControlV4, Dialect, Hello, Interest, MAX_ACK_RUN_SEQS,
 };
 use peerbus::{
     Bytes, CloseCode, HandlerError, MemoryNetwork, MeshKey, Node, NodeId, Outgoing,
-    PROTOCOL_VERSION, Receipt, Subscription,
+    PROTOCOL_VERSION, Receipt, RequestError, Subscription,
 };
 use tokio::sync::{Semaphore, mpsc};
 
@@ -168,6 +170,73 @@ async fn a_newer_build_speaks_the_highest_version_both_know() {
             .expect("ack runs");
         // The node closes a connection that acks too much at once.
         newer.closed_with("too many acks").await;
+        orders.shutdown().await;
+    })
+    .await;
+}
+
+/// A request stream (protocol 6) carries one request and its reply, nothing else. A node
+/// closes the connection of a peer that writes anything but a request on a stream it opened,
+/// or answers the node's own request with anything but a reply; that request then fails at
+/// once as `PeerLost` instead of waiting for its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stream_carries_a_request_and_its_reply_and_nothing_else() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let orders = start(builder(&net, "orders", &key)).await;
+        orders
+            .serve(|r| async move { Ok(r.payload().clone()) })
+            .await
+            .expect("serve");
+
+        // A delivery where the node serving requests reads a request.
+        let mut client = HandMade::dial(&key, &orders, ALPN_NEGOTIATED).await;
+        let hello = client.hello_negotiated(5, PROTOCOL_VERSION).await;
+        assert_eq!(hello.expect("the node's hello").version, PROTOCOL_VERSION);
+        assert_eq!(violations(&orders).await, 0);
+        let own_id = client.endpoint.node_id();
+        let (mut stream, _replies) = client.conn.open_bi().await.expect("request stream");
+        push_delivery(&mut stream, Dialect::PeerOrigin, own_id, 1, "no request");
+        stream.finish().await.expect("written");
+        client
+            .closed_with("not a request on a request stream")
+            .await;
+        assert_eq!(violations(&orders).await, 1);
+
+        // A delivery where the node reads the reply to its own request.
+        let mut server = HandMade::dial(&key, &orders, ALPN_NEGOTIATED).await;
+        let hello = Hello {
+            serves: true,
+            ..server.hello(5, PROTOCOL_VERSION)
+        };
+        assert!(server.send_hello(hello).await.is_some(), "the node's hello");
+        assert!(
+            orders
+                .wait_for_servers("hand-made", 1, Duration::from_secs(10))
+                .await
+        );
+        // From a task: only a request made in one goes on a stream of its own.
+        let requester = orders.clone();
+        let request = tokio::spawn(async move {
+            let t0 = tokio::time::Instant::now();
+            let result = requester
+                .request("hand-made", "ping", Duration::from_secs(30))
+                .await;
+            (result, t0.elapsed())
+        });
+        let (mut stream, _request) = server.conn.accept_bi().await.expect("the request");
+        let own_id = server.endpoint.node_id();
+        push_delivery(&mut stream, Dialect::PeerOrigin, own_id, 1, "no reply");
+        stream.finish().await.expect("written");
+        server.closed_with("not a reply on a request stream").await;
+        let (result, took) = request.await.expect("request task");
+        assert!(
+            matches!(result, Err(RequestError::PeerLost { .. })),
+            "{result:?}"
+        );
+        assert!(took < Duration::from_secs(10), "failed only after {took:?}");
+        assert_eq!(violations(&orders).await, 2);
         orders.shutdown().await;
     })
     .await;

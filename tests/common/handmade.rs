@@ -88,32 +88,8 @@ impl HandMade {
     /// Delivers one `orders` message with `origin` in its envelope on a new lane, written in
     /// `dialect` (with [`Dialect::PeerOrigin`] the origin stays off the wire).
     pub async fn deliver(&self, dialect: Dialect, origin: NodeId, seq: u64, text: &str) {
-        let env = Envelope {
-            origin,
-            log: "svc:orders".into(),
-            seq,
-            kind: Kind::Send,
-            destination: "orders".into(),
-            key: None,
-            headers: Vec::new(),
-            content_type: None,
-            created_at_ms: 0,
-            attempt: 1,
-            payload: Bytes::from(text.to_string()),
-        };
-        let frame = Data::Deliver {
-            floor: seq,
-            key_floor: None,
-            env: Arc::new(env),
-        };
         let mut lane = self.conn.open_uni().await.expect("lane");
-        lane.push_encoded_with_payload(
-            |buf| {
-                frame.encode_head_in(buf, dialect);
-            },
-            frame.payload(),
-        )
-        .expect("frame");
+        push_delivery(&mut lane, dialect, origin, seq, text);
         lane.flush().await.expect("deliver");
     }
 
@@ -143,4 +119,34 @@ impl HandMade {
             }
         }
     }
+}
+
+/// Buffers on `s` one `orders` message with `origin` in its envelope, written in `dialect`
+/// (with [`Dialect::PeerOrigin`] the origin stays off the wire).
+pub fn push_delivery(s: &mut FrameSender, dialect: Dialect, origin: NodeId, seq: u64, text: &str) {
+    let env = Envelope {
+        origin,
+        log: "svc:orders".into(),
+        seq,
+        kind: Kind::Send,
+        destination: "orders".into(),
+        key: None,
+        headers: Vec::new(),
+        content_type: None,
+        created_at_ms: 0,
+        attempt: 1,
+        payload: Bytes::from(text.to_string()),
+    };
+    let frame = Data::Deliver {
+        floor: seq,
+        key_floor: None,
+        env: Arc::new(env),
+    };
+    s.push_encoded_with_payload(
+        |buf| {
+            frame.encode_head_in(buf, dialect);
+        },
+        frame.payload(),
+    )
+    .expect("frame");
 }

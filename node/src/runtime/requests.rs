@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
-use peerbus_transport::{FrameReceiver, NodeId};
+use peerbus_transport::{CloseCode, FrameReceiver, NodeId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Shared;
@@ -27,7 +27,7 @@ use super::conn::{DirectStream, StreamRequest};
 use super::core::Out;
 use crate::engine::FastMap;
 use crate::engine::breaker::{Breaker, BreakerConfig, BreakerState};
-use crate::engine::wire::{Data, Dialect, Envelope};
+use crate::engine::wire::{Data, Envelope};
 use crate::error::RequestError;
 use crate::node::BreakerStatus;
 
@@ -140,23 +140,24 @@ pub(crate) struct ReplyStream {
     corr: u64,
     /// The instance asked.
     peer: NodeId,
-    /// How the connection's frames are read.
-    dialect: Dialect,
+    /// The connection it went out on (its dialect, and its closing on a violation).
+    way: Arc<Way>,
 }
 
 impl ReplyStream {
     /// Reads the reply from the stream and does its bookkeeping in the table, as for a reply
     /// a lane reader reads: the answer, unless the table had answered the request already (at
     /// its deadline, say). `None` when the stream ends without the reply (the server replied
-    /// through its writer, or the connection failed): the lane readers or core answer it
-    /// through the caller's reply channel then.
+    /// through its writer, or the connection failed) or carries something else (the
+    /// connection is then closed): the lane readers or core answer it through the caller's
+    /// reply channel then.
     ///
     /// The caller waits here without also polling its reply channel: an answer given
     /// through the channel would wake it once more after it has read the reply itself, and
     /// that wake-up, in the run queue of a busy worker, can hand the task to the other
     /// worker (measured: `request/in-task/p50` rose from 50 to 55–59 µs).
     pub(crate) async fn read(mut self, shared: &Shared) -> Option<Result<Bytes, RequestError>> {
-        let (peer, dialect) = (self.peer, self.dialect);
+        let (peer, dialect) = (self.peer, self.way.direct.dialect());
         let frame = self
             .rx
             .recv_shared(|body| Data::decode_from(body, dialect, peer))
@@ -164,7 +165,17 @@ impl ReplyStream {
         let (corr, result) = match frame {
             Ok(Some(Data::Reply { corr, result })) => (corr, result),
             Ok(Some(_)) => {
-                tracing::warn!("peer sent a delivery or a request on a request stream; ignored");
+                // As the server does with anything but a request: a peer that answers a
+                // request with something else is broken or hostile. Closing the connection
+                // fails its requests at once (`PeerLost`), where ignoring the frame left
+                // this one waiting until its deadline.
+                tracing::warn!(
+                    "peer sent a delivery or a request on a request stream; closing the connection"
+                );
+                self.way.direct.conn().close(
+                    CloseCode::ProtocolViolation,
+                    "not a reply on a request stream",
+                );
                 return None;
             }
             Ok(None) => return None,
@@ -224,7 +235,7 @@ impl Started {
                 rx,
                 corr: self.corr,
                 peer: self.peer,
-                dialect: self.way.direct.dialect(),
+                way: self.way,
             }),
             StreamRequest::Failed => None,
             StreamRequest::NotSent => {
