@@ -728,3 +728,389 @@ impl Requests {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use peerbus_transport::{Connection, Endpoint, EndpointConfig, Identity, Membership, MeshKey};
+
+    use super::*;
+    use crate::engine::wire::Kind;
+
+    /// Two endpoints on 127.0.0.1 and a connection between them: the routes' way. The table
+    /// never writes on it; every route of these tests shares it.
+    struct Net {
+        conn: Connection,
+        _ends: (Endpoint, Endpoint, Connection),
+    }
+
+    async fn net() -> Net {
+        let key = MeshKey::generate();
+        let endpoint = || {
+            let id = Identity::generate().expect("identity");
+            let listen = "127.0.0.1:0".parse().expect("addr");
+            Endpoint::bind(EndpointConfig::new(
+                id,
+                Membership::Key(key.clone()),
+                listen,
+            ))
+            .expect("bind")
+        };
+        let (a, b) = (endpoint(), endpoint());
+        let accepting = b.clone();
+        let accepted = tokio::spawn(async move {
+            let incoming = accepting.accept().await.expect("endpoint open");
+            incoming.complete().await.expect("accept")
+        });
+        let conn = a
+            .connect(b.local_addr(), Some(b.node_id()))
+            .await
+            .expect("connect");
+        let other = accepted.await.expect("join");
+        Net {
+            conn,
+            _ends: (a, b, other),
+        }
+    }
+
+    impl Net {
+        fn route(&self, generation: u64, service: &str) -> Route {
+            let way = Way {
+                direct: Arc::new(DirectStream::new(self.conn.clone(), 6)),
+                tx: mpsc::channel(1).0,
+            };
+            Route::new(generation, service.to_string(), true, way)
+        }
+    }
+
+    fn peer(n: u8) -> NodeId {
+        NodeId::from_bytes([n; 32])
+    }
+
+    fn request_env() -> Envelope {
+        Envelope {
+            origin: peer(0),
+            log: String::new(),
+            seq: 0,
+            kind: Kind::Request,
+            destination: "echo".into(),
+            key: None,
+            headers: Vec::new(),
+            content_type: None,
+            created_at_ms: 0,
+            attempt: 1,
+            payload: Bytes::from_static(b"ping"),
+        }
+    }
+
+    type Waiting = oneshot::Receiver<Result<Bytes, RequestError>>;
+
+    /// Starts a request to `service` with `budget_ms` at `now`: its correlation id, the
+    /// instance it went to, and where its answer arrives.
+    fn start(
+        t: &mut Requests,
+        service: &str,
+        budget_ms: u64,
+        now: u64,
+    ) -> Result<(u64, NodeId, Waiting), RequestError> {
+        let (tx, rx) = oneshot::channel();
+        match t.start(service, request_env(), budget_ms, tx, now) {
+            Ok(s) => Ok((s.corr, s.peer, rx)),
+            Err((e, _)) => Err(e),
+        }
+    }
+
+    fn table(max_per_service: usize, max_in_flight: usize) -> Requests {
+        let guards = Guards {
+            breaker: BreakerConfig::default(),
+            max_in_flight_per_service: max_per_service,
+        };
+        Requests::new(guards, max_in_flight)
+    }
+
+    /// A table (generous limits) with one route: `peer(1)`, instance of `echo`, on connection
+    /// generation 1.
+    async fn one_echo() -> (Net, Requests) {
+        let net = net().await;
+        let mut t = table(100, 100);
+        t.link_up(peer(1), net.route(1, "echo"));
+        (net, t)
+    }
+
+    fn in_flight(t: &Requests, service: &str) -> usize {
+        t.breakers(0)
+            .find(|(s, _)| s == service)
+            .map_or(0, |(_, b)| b.in_flight)
+    }
+
+    /// Gives `answer` and returns what its caller got.
+    fn answered(answer: Option<Answer>, mut rx: Waiting) -> Result<Bytes, RequestError> {
+        answer.expect("an answer").give();
+        rx.try_recv().expect("answered")
+    }
+
+    #[tokio::test]
+    async fn only_the_instance_asked_answers_and_only_once() {
+        let net = net().await;
+        let mut t = table(8, 100);
+        t.link_up(peer(1), net.route(1, "echo"));
+        t.link_up(peer(2), net.route(2, "other"));
+        let (corr, to, rx) = start(&mut t, "echo", 1_000, 0).expect("started");
+        assert_eq!(to, peer(1), "the only instance of `echo`");
+        assert_eq!((t.len(), in_flight(&t, "echo")), (1, 1));
+
+        // A reply from another peer, or to a request never made, answers nothing.
+        assert!(t.reply(peer(2), corr, Ok(Bytes::new()), 1).is_none());
+        assert!(t.reply(peer(1), corr + 100, Ok(Bytes::new()), 1).is_none());
+        assert_eq!(t.len(), 1);
+
+        let got = answered(
+            t.reply(peer(1), corr, Ok(Bytes::from_static(b"pong")), 2),
+            rx,
+        );
+        assert_eq!(got.expect("the reply"), Bytes::from_static(b"pong"));
+        assert_eq!((t.len(), in_flight(&t, "echo")), (0, 0));
+        // A second reply (a duplicate, or one that lost a race with the deadline) is dropped.
+        assert!(t.reply(peer(1), corr, Ok(Bytes::new()), 3).is_none());
+
+        // An error reply reaches the caller as the service's error.
+        let (corr, _, rx) = start(&mut t, "echo", 1_000, 4).expect("started");
+        match answered(t.reply(peer(1), corr, Err("no".into()), 5), rx) {
+            Err(RequestError::Remote { service, message }) => {
+                assert_eq!((service.as_str(), message.as_str()), ("echo", "no"));
+            }
+            other => panic!("expected a remote error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_go_to_the_least_busy_instance_that_serves_and_takes_new_work() {
+        let net = net().await;
+        let mut t = table(100, 100);
+        for n in 1..=3 {
+            t.link_up(peer(n), net.route(u64::from(n), "echo"));
+        }
+        t.set_serves(peer(3), false);
+        let mut count = HashMap::new();
+        let mut to_first = Vec::new();
+        for i in 0..10 {
+            let (corr, to, _rx) = start(&mut t, "echo", 1_000, i).expect("started");
+            *count.entry(to).or_insert(0) += 1;
+            if to == peer(1) {
+                to_first.push(corr);
+            }
+        }
+        assert_eq!(count.get(&peer(1)), Some(&5));
+        assert_eq!(count.get(&peer(2)), Some(&5));
+        assert_eq!(count.get(&peer(3)), None, "it does not serve");
+        // Once the first has answered its five, it is the less busy one.
+        for corr in to_first {
+            t.reply(peer(1), corr, Ok(Bytes::new()), 10)
+                .expect("answered")
+                .give();
+        }
+        for i in 0..5 {
+            let (_, to, _rx) = start(&mut t, "echo", 1_000, 10 + i).expect("started");
+            assert_eq!(to, peer(1), "request {i} after the replies");
+        }
+        // One that said goodbye takes no new requests.
+        t.set_draining(peer(1));
+        for i in 0..4 {
+            let (_, to, _rx) = start(&mut t, "echo", 1_000, 10 + i).expect("started");
+            assert_eq!(to, peer(2));
+        }
+        t.set_draining(peer(2));
+        assert!(matches!(
+            start(&mut t, "echo", 1_000, 20),
+            Err(RequestError::NoResponders { .. })
+        ));
+        assert!(matches!(
+            start(&mut t, "nobody", 1_000, 20),
+            Err(RequestError::NoResponders { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_bulkhead_and_the_node_limit_refuse_at_once_and_free_up_as_requests_end() {
+        let net = net().await;
+        let mut t = table(2, 3);
+        t.link_up(peer(1), net.route(1, "echo"));
+        t.link_up(peer(2), net.route(2, "web"));
+        let (a, _, _ra) = start(&mut t, "echo", 1_000, 0).expect("first");
+        let (_b, _, _rb) = start(&mut t, "echo", 1_000, 0).expect("second");
+        assert!(matches!(
+            start(&mut t, "echo", 1_000, 0),
+            Err(RequestError::Bulkhead { limit: 2, .. })
+        ));
+        let (_c, _, _rc) = start(&mut t, "web", 1_000, 0).expect("another service");
+        assert!(matches!(
+            start(&mut t, "web", 1_000, 0),
+            Err(RequestError::TooManyInFlight { limit: 3 })
+        ));
+        // A refused request leaves nothing behind.
+        assert_eq!(
+            (t.len(), in_flight(&t, "echo"), in_flight(&t, "web")),
+            (3, 2, 1)
+        );
+        t.reply(peer(1), a, Ok(Bytes::new()), 1)
+            .expect("answered")
+            .give();
+        assert_eq!(in_flight(&t, "echo"), 1);
+        let (_d, _, _rd) = start(&mut t, "echo", 1_000, 2).expect("room again");
+    }
+
+    #[tokio::test]
+    async fn deadlines_end_requests_on_the_tick_and_the_walk_waits_for_the_earliest() {
+        let (_net, mut t) = one_echo().await;
+        let (_, _, short) = start(&mut t, "echo", 100, 0).expect("started");
+        let (_, _, middle) = start(&mut t, "echo", 150, 0).expect("started");
+        let (long, _, long_rx) = start(&mut t, "echo", 1_000, 0).expect("started");
+        assert_eq!(t.due, 100);
+        assert!(t.expire(100).is_empty(), "due at 100, not past it");
+        // At 150 the first is past its deadline, the second only at it.
+        let answers = t.expire(150);
+        assert_eq!(answers.len(), 1);
+        give_all(answers);
+        assert!(matches!(
+            short.await.expect("answered"),
+            Err(RequestError::Timeout { .. })
+        ));
+        assert_eq!(t.due, 150);
+        give_all(t.expire(151));
+        assert!(matches!(
+            middle.await.expect("answered"),
+            Err(RequestError::Timeout { .. })
+        ));
+        assert_eq!(t.due, 1_000, "the next walk waits for the long one");
+        assert!(t.expire(500).is_empty());
+        assert_eq!((t.len(), in_flight(&t, "echo")), (1, 1));
+        // Its reply, just in time.
+        let got = answered(t.reply(peer(1), long, Ok(Bytes::new()), 999), long_rx);
+        assert!(got.is_ok());
+        assert!(t.expire(2_000).is_empty());
+        assert_eq!(t.due, u64::MAX, "nothing left that may come due");
+        let failures = t.breakers(2_000).next().expect("echo's breaker").1;
+        assert_eq!(
+            (failures.requests_in_window, failures.failures_in_window),
+            (3, 2)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_ends_fails_its_own_requests_only() {
+        let (net, mut t) = one_echo().await;
+        let (_, _, old) = start(&mut t, "echo", 1_000, 0).expect("started");
+        // The peer reconnects: its new connection replaces the route; the request in flight
+        // on the old one stays its own.
+        t.link_up(peer(1), net.route(2, "echo"));
+        let (new_corr, _, new_rx) = start(&mut t, "echo", 1_000, 0).expect("started");
+        let answers = t.fail_on(peer(1), 1, 1);
+        assert_eq!(answers.len(), 1);
+        give_all(answers);
+        assert!(matches!(
+            old.await.expect("answered"),
+            Err(RequestError::PeerLost { .. })
+        ));
+        // The new connection's route and request are untouched.
+        let (_, to, _r) = start(&mut t, "echo", 1_000, 2).expect("the route is there");
+        assert_eq!(to, peer(1));
+        assert!(answered(t.reply(peer(1), new_corr, Ok(Bytes::new()), 3), new_rx).is_ok());
+        // Its end fails the rest.
+        let answers = t.fail_on(peer(1), 2, 4);
+        assert_eq!(answers.len(), 1);
+        give_all(answers);
+        assert_eq!((t.len(), in_flight(&t, "echo")), (0, 0));
+        assert!(matches!(
+            start(&mut t, "echo", 1_000, 5),
+            Err(RequestError::NoResponders { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_retired_connection_keeps_its_requests_until_they_end() {
+        let (net, mut t) = one_echo().await;
+        let (a, _, ra) = start(&mut t, "echo", 1_000, 0).expect("started");
+        let (b, _, _rb) = start(&mut t, "echo", 5_000, 0).expect("started");
+        assert_eq!(t.retire(peer(1), 1, 10), 5_000, "the latest deadline on it");
+        assert_eq!(t.retired_in_flight(1), 2);
+        // No new request goes to it, but its replies still count.
+        assert!(matches!(
+            start(&mut t, "echo", 1_000, 11),
+            Err(RequestError::NoResponders { .. })
+        ));
+        assert!(answered(t.reply(peer(1), a, Ok(Bytes::new()), 12), ra).is_ok());
+        assert_eq!(t.retired_in_flight(1), 1);
+        t.reply(peer(1), b, Ok(Bytes::new()), 13)
+            .expect("answered")
+            .give();
+        assert_eq!(t.retired_in_flight(1), 0);
+        assert!(
+            t.retired.is_empty(),
+            "an emptied retired connection is forgotten"
+        );
+        // A retired connection with nothing in flight is not remembered at all.
+        t.link_up(peer(1), net.route(2, "echo"));
+        assert_eq!(t.retire(peer(1), 2, 20), 20);
+        assert!(t.retired.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_guards_kept_are_bounded_and_an_open_breaker_is_never_the_one_forgotten() {
+        let net = net().await;
+        let mut t = table(100, 2 * MAX_BREAKERS);
+        t.link_up(peer(1), net.route(1, "flaky"));
+        let min = BreakerConfig::default().min_requests;
+        for i in 0..min as u64 {
+            start(&mut t, "flaky", 10, i).expect("started");
+        }
+        give_all(t.expire(100));
+        assert!(matches!(
+            start(&mut t, "flaky", 10, 101),
+            Err(RequestError::BreakerOpen { .. })
+        ));
+        // As many other services as guards are kept, each with a request in flight: none
+        // can be forgotten (the open breaker has nothing in flight, but it is open), so the
+        // table holds one guard more than its bound.
+        let mut asked = Vec::new();
+        for n in 0..=MAX_BREAKERS as u32 {
+            let mut id = [7; 32];
+            id[..4].copy_from_slice(&n.to_le_bytes());
+            let (peer_n, service) = (NodeId::from_bytes(id), format!("s{n}"));
+            t.link_up(peer_n, net.route(2 + u64::from(n), &service));
+            if n < MAX_BREAKERS as u32 {
+                let (corr, _, _rx) = start(&mut t, &service, 60_000, 200).expect("started");
+                asked.push((peer_n, corr));
+            }
+        }
+        assert_eq!(t.services.len(), MAX_BREAKERS + 1);
+        // One answered: its closed breaker, with nothing in flight, makes room for the next
+        // service; the open one stays.
+        let (first, corr) = asked[0];
+        t.reply(first, corr, Ok(Bytes::new()), 201)
+            .expect("answered")
+            .give();
+        let last = format!("s{MAX_BREAKERS}");
+        start(&mut t, &last, 60_000, 202).expect("started");
+        assert_eq!(t.services.len(), MAX_BREAKERS + 1);
+        assert!(!t.services.contains_key("s0"), "the one that could go went");
+        assert!(matches!(
+            start(&mut t, "flaky", 10, 203),
+            Err(RequestError::BreakerOpen { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_stopped_table_fails_every_caller_and_takes_no_more() {
+        let (_net, mut t) = one_echo().await;
+        let (_, _, waiting) = start(&mut t, "echo", 1_000, 0).expect("started");
+        give_all(t.stop());
+        assert!(matches!(
+            waiting.await.expect("answered"),
+            Err(RequestError::Stopped)
+        ));
+        assert_eq!(t.len(), 0);
+        assert!(matches!(
+            start(&mut t, "echo", 1_000, 1),
+            Err(RequestError::Stopped)
+        ));
+    }
+}
