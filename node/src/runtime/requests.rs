@@ -775,7 +775,10 @@ mod tests {
     impl Net {
         fn route(&self, generation: u64, service: &str) -> Route {
             let way = Way {
-                direct: Arc::new(DirectStream::new(self.conn.clone(), 6)),
+                direct: Arc::new(DirectStream::new(
+                    self.conn.clone(),
+                    crate::engine::wire::REQUEST_STREAMS_VERSION,
+                )),
                 tx: mpsc::channel(1).0,
             };
             Route::new(generation, service.to_string(), true, way)
