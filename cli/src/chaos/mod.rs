@@ -463,7 +463,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         if let Some(admin) = admins.get(i) {
             v.push(format!("--admin={admin}"));
         }
-        if a.mixed_protocols && i % 3 != 0 {
+        if a.mixed_protocols && mixed_protocol(i) != PROTOCOL_VERSION {
             v.push(format!("--max-protocol-version={}", mixed_protocol(i)));
         }
         args.push(v);

@@ -406,9 +406,7 @@ async fn requests(node: Node, l: Load, journal: Arc<Journal>, stop: Arc<AtomicBo
                 svc: svc.clone(),
                 timeout_ms: REQUEST_TIMEOUT.as_millis() as u64,
             };
-            if let Err(e) = journal.write(&ev) {
-                tracing::error!(error = %e, "journal write failed");
-            }
+            write_or_log(&journal, &ev);
             let begun = std::time::Instant::now();
             let result = node.request(&svc, body.clone(), REQUEST_TIMEOUT).await;
             let ms = begun.elapsed().as_millis() as u64;
@@ -426,12 +424,18 @@ async fn requests(node: Node, l: Load, journal: Arc<Journal>, stop: Arc<AtomicBo
                 ms,
                 wrong,
             };
-            if let Err(e) = journal.write(&ev) {
-                tracing::error!(error = %e, "journal write failed");
-            }
+            write_or_log(&journal, &ev);
         });
     }
     while calls.join_next().await.is_some() {}
+}
+
+/// Journals a request's event; a failed write is logged (the checker then misses that request
+/// and reports what it cannot match).
+fn write_or_log(journal: &Journal, ev: &Event) {
+    if let Err(e) = journal.write(ev) {
+        tracing::error!(error = %e, "journal write failed");
+    }
 }
 
 /// A short name for how a request failed, for the journal.

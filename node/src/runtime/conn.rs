@@ -915,15 +915,15 @@ async fn serve_request(cx: &LaneContext, env: Envelope, budget_ms: u64, on: Repl
         Poll::Ready(result) => {
             drop(permit);
             if let Some(result) = result {
-                match on {
-                    ReplyOn::Direct => tokio::select! {
-                        () = replies.reply(out, shared.lanes, corr, result) => {}
-                        () = cancel.cancelled() => return false,
-                    },
-                    ReplyOn::Stream(stream) => tokio::select! {
-                        () = reply_on_stream(stream, corr, result) => {}
-                        () = cancel.cancelled() => return false,
-                    },
+                let written = async {
+                    match on {
+                        ReplyOn::Direct => replies.reply(out, shared.lanes, corr, result).await,
+                        ReplyOn::Stream(stream) => reply_on_stream(stream, corr, result).await,
+                    }
+                };
+                tokio::select! {
+                    () = written => {}
+                    () = cancel.cancelled() => return false,
                 }
             }
         }
@@ -964,9 +964,8 @@ async fn request_stream_acceptor(cx: LaneContext, conn: Connection) {
         };
         let Ok((tx, mut rx)) = accepted else { return };
         let (peer, dialect) = (cx.peer, cx.dialect);
-        let read = rx
-            .recv_shared(|body| Data::decode_from(body, dialect, peer))
-            .now_or_never();
+        let decode = move |body| Data::decode_from(body, dialect, peer);
+        let read = rx.recv_shared(decode).now_or_never();
         match read {
             Some(frame) => {
                 super::requests::read_end(&mut rx);
@@ -978,7 +977,7 @@ async fn request_stream_acceptor(cx: LaneContext, conn: Connection) {
                 let cx = cx.clone();
                 cx.shared.tracker.clone().spawn(async move {
                     let frame = tokio::select! {
-                        f = rx.recv_shared(|body| Data::decode_from(body, dialect, peer)) => f,
+                        f = rx.recv_shared(decode) => f,
                         () = cx.cancel.cancelled() => return,
                     };
                     super::requests::read_end(&mut rx);
