@@ -816,3 +816,131 @@ async fn a_seed_lost_to_a_partition_is_redialed_once() {
     })
     .await;
 }
+
+/// Core's timer ticks a node made over `window`.
+async fn ticks_over(node: &Node, window: Duration) -> u64 {
+    let before = node.status().await.expect("status").core_ticks;
+    tokio::time::sleep(window).await;
+    node.status().await.expect("status").core_ticks - before
+}
+
+/// An idle node's core ticks once a second instead of every 50 ms, and whatever needs the
+/// ticks brings the fast pace back at once: a request in flight (which its caller puts in the
+/// request table without core), an entry waiting for a consumer, and with
+/// `Durability::Interval` a write not yet synced. Over a window of 1.2 s the slow pace makes
+/// at most 2 ticks and the fast one about 24; the bounds (at most 4, at least 8) leave room
+/// for a busy machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_node_ticks_slowly_and_timed_work_brings_the_fast_ticks_back() {
+    within(90, async {
+        const WINDOW: Duration = Duration::from_millis(1200);
+        let (slow, fast) = (4, 8);
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let server = start(builder(&net, "hold", &key)).await;
+        let (release, held) = tokio::sync::watch::channel(false);
+        let (arrived_tx, mut arrived) = mpsc::channel::<()>(1);
+        server
+            .serve(move |_req| {
+                let mut held = held.clone();
+                let arrived = arrived_tx.clone();
+                async move {
+                    let _ = arrived.try_send(());
+                    let _ = held.wait_for(|go| *go).await;
+                    Ok("done".into())
+                }
+            })
+            .await
+            .expect("serve");
+        assert!(
+            client
+                .wait_for_instances("hold", 1, Duration::from_secs(10))
+                .await
+        );
+
+        eventually(20, "the client ticks slowly once idle", || async {
+            ticks_over(&client, WINDOW).await <= slow
+        })
+        .await;
+
+        // A request in flight: its caller started it; core learns of it from the table only.
+        let call = {
+            let client = client.clone();
+            tokio::spawn(async move { client.request("hold", "x", Duration::from_secs(30)).await })
+        };
+        arrived
+            .recv()
+            .await
+            .expect("the request reached its handler");
+        let with_request = ticks_over(&client, WINDOW).await;
+        assert!(
+            with_request >= fast,
+            "{with_request} ticks in {WINDOW:?} with a request in flight"
+        );
+        let _ = release.send(true);
+        let reply = call.await.expect("join").expect("the reply");
+        assert_eq!(&reply[..], b"done");
+        let _ = release.send(false);
+        eventually(20, "the client ticks slowly again", || async {
+            ticks_over(&client, WINDOW).await <= slow
+        })
+        .await;
+        // The first request while the client ticks slowly wakes its core: the request's
+        // deadline is swept on the fast tick, so soon after its caller's timeout it is gone
+        // from the table. (Reading `status` wakes core too, so this looks only after the
+        // deadline.) Each round starts 200 ms after the last sweep, when core has gone back to
+        // its slow tick; had that tick stayed, the next one would come about 800 ms into the
+        // round, after the look at 500 ms.
+        for round in 0..4 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let err = client
+                .request("hold", "x", Duration::from_millis(300))
+                .await
+                .expect_err("the handler holds it");
+            assert!(matches!(err, RequestError::Timeout { .. }), "{err}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let left = client.status().await.expect("status").requests_in_flight;
+            assert_eq!(
+                left, 0,
+                "round {round}: the timed-out request is still in the table"
+            );
+        }
+        let _ = release.send(true);
+
+        // An entry waiting for a consumer that is not there.
+        let _waiting = client.send("absent", "x").await.expect("send");
+        let with_entry = ticks_over(&client, WINDOW).await;
+        assert!(
+            with_entry >= fast,
+            "{with_entry} ticks in {WINDOW:?} with an entry waiting"
+        );
+
+        // With `Durability::Interval`, a write waits for the tick's sync (at most every 5 s
+        // here): until then the node ticks fast, though its one entry is settled.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let solo = start(
+            builder(&net, "solo", &key)
+                .data_dir(dir.path())
+                .durability(peerbus::Durability::Interval(Duration::from_secs(5))),
+        )
+        .await;
+        let mut handled = common::drain(solo.messages().expect("messages"));
+        let receipt = solo.send("solo", "x").await.expect("send");
+        handled.recv().await.expect("handled");
+        receipt.acked().await.expect("acked");
+        let unsynced = ticks_over(&solo, WINDOW).await;
+        assert!(
+            unsynced >= fast,
+            "{unsynced} ticks in {WINDOW:?} with a write not yet synced"
+        );
+        eventually(20, "the durable node ticks slowly once synced", || async {
+            ticks_over(&solo, WINDOW).await <= slow
+        })
+        .await;
+        solo.shutdown().await;
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}

@@ -176,6 +176,11 @@ pub struct Status {
     /// flight (see ARCHITECTURE, "Requests"). The others are answered through the node's
     /// lane readers.
     pub requests_own_stream: u64,
+    /// Timer ticks of the node's core since start. Core ticks every 50 ms while it has timed
+    /// work (unsettled entries, requests in flight, calls waiting for room, retired
+    /// connections, writes not yet synced with `Durability::Interval`) and once a second
+    /// otherwise, so an idle node seldom wakes.
+    pub core_ticks: u64,
     /// `send`/`publish` calls waiting for room in a full log (backpressure; at most
     /// `max_log_entries` of them, and 65,536); each fails with [`SendError::Backpressure`]
     /// once its `send_timeout` passes.
@@ -705,6 +710,10 @@ impl Node {
                 Err((env, tx))
             }
         };
+        if started.is_ok() {
+            // Core sweeps the request's deadline on its ticks; an idle core ticks slowly.
+            self.shared.ticks.request_started();
+        }
         let mut own = None;
         match started {
             Ok(started) => own = started.map_err(|(e, _)| e)?.send_own(&self.shared),

@@ -74,6 +74,9 @@ pub const REQUESTS_IN_FLIGHT: &str = "peerbus_requests_in_flight";
 pub const SENDS_WAITING: &str = "peerbus_sends_waiting";
 /// Circuit breaker state per requested service (0 closed, 1 half-open, 2 open).
 pub const BREAKER_STATE: &str = "peerbus_breaker_state";
+/// Timer ticks of the node's core: 20 a second while it has timed work, one a second when
+/// idle (see `Status::core_ticks`).
+pub const CORE_TICKS: &str = "peerbus_core_ticks_total";
 /// Durable (fsync'd) store commits.
 pub const STORE_FSYNCS: &str = "peerbus_store_fsyncs_total";
 /// Store commits.
@@ -191,6 +194,8 @@ pub(crate) struct Counters {
     pub(crate) dead_lettered: Count,
     pub(crate) duplicates_dropped: Count,
     pub(crate) requests_own_stream: Count,
+    /// Core's timer ticks.
+    pub(crate) core_ticks: Count,
     /// Store commit time, recorded by the store writer thread.
     pub(crate) commit_latency: Arc<Latency>,
 }
@@ -208,6 +213,7 @@ impl Counters {
             dead_lettered: Count::new(MESSAGES_DEAD_LETTERED, &node),
             duplicates_dropped: Count::new(DUPLICATES_DROPPED, &node),
             requests_own_stream: Count::new(REQUESTS_OWN_STREAM, &node),
+            core_ticks: Count::new(CORE_TICKS, &node),
             commit_latency: Arc::new(Latency::store_commit(&node)),
         }
     }
@@ -403,7 +409,7 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         esc(&s.mesh),
         s.listen
     );
-    let counter_rows: [(&str, &str, &Count); 8] = [
+    let counter_rows: [(&str, &str, &Count); 9] = [
         (
             MESSAGES_SENT,
             "Entries stored by send/publish (one per subscriber group copy).",
@@ -444,6 +450,12 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
             REQUESTS_OWN_STREAM,
             "Requests whose caller read the reply on the request's own stream.",
             &counters.requests_own_stream,
+        ),
+        (
+            CORE_TICKS,
+            "Timer ticks of the node's core: 20 a second while it has timed work, one a \
+             second when idle.",
+            &counters.core_ticks,
         ),
     ];
     for (name, help, c) in counter_rows {

@@ -285,6 +285,9 @@ pub(crate) struct Shared {
     /// taking its service's messages: [`Node::wait_for_instances`](crate::Node) waits on it
     /// instead of polling. A watch channel keeps one pending notice, however many it missed.
     pub(crate) peers_changed: tokio::sync::watch::Sender<()>,
+    /// Core's timer ticks: fast (every 50 ms) while it has timed work, slow (every second)
+    /// when idle. See [`core::Ticks`].
+    pub(crate) ticks: core::Ticks,
 }
 
 impl Shared {
@@ -478,6 +481,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         endpoint: endpoint.clone(),
         faults: b.faults.clone(),
         peers_changed: tokio::sync::watch::Sender::new(()),
+        ticks: core::Ticks::default(),
     });
     let span = info_span!("node", node = %id.short(), service = %b.service);
     info!(parent: &span, %local_addr, mesh = %b.mesh, "node started");
