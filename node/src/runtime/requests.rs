@@ -305,7 +305,9 @@ pub(crate) struct Requests {
     pending: HashMap<u64, Pending>,
     /// Requests still waiting on each retired connection, by generation.
     retired: FastMap<u64, usize>,
-    services: HashMap<String, ServiceGuard>,
+    /// From hashbrown so that a request finds (or adds) its service's guard by `&str`, with
+    /// one hash and no copy of the name unless it is new.
+    services: hashbrown::HashMap<String, ServiceGuard, foldhash::fast::RandomState>,
     next_corr: u64,
     /// No request in `pending` has a deadline before this (`u64::MAX`: none may): the tick
     /// walks `pending` only once this has passed, then sets it to the earliest deadline left.
@@ -325,7 +327,7 @@ impl Requests {
             routes: FastMap::default(),
             pending: HashMap::new(),
             retired: FastMap::default(),
-            services: HashMap::new(),
+            services: hashbrown::HashMap::default(),
             next_corr: 1,
             due: u64::MAX,
             guards,
@@ -423,30 +425,26 @@ impl Requests {
             });
         };
         // Bulkhead, then breaker: both fail fast, before anything is sent.
-        if !self.services.contains_key(service) {
-            if self.services.len() >= MAX_BREAKERS {
-                // Forget a closed breaker with nothing in flight to make room; open ones are
-                // kept, and so are counts still in use.
-                let victim = self
-                    .services
-                    .iter()
-                    .find(|(_, g)| g.in_flight == 0 && g.breaker.state(now) == BreakerState::Closed)
-                    .map(|(k, _)| k.clone());
-                if let Some(v) = victim {
-                    self.services.remove(&v);
-                }
+        if self.services.len() >= MAX_BREAKERS && !self.services.contains_key(service) {
+            // Forget a closed breaker with nothing in flight to make room; open ones are
+            // kept, and so are counts still in use.
+            let victim = self
+                .services
+                .iter()
+                .find(|(_, g)| g.in_flight == 0 && g.breaker.state(now) == BreakerState::Closed)
+                .map(|(k, _)| k.clone());
+            if let Some(v) = victim {
+                self.services.remove(&v);
             }
-            let guard = ServiceGuard {
-                breaker: Breaker::new(self.guards.breaker),
-                in_flight: 0,
-            };
-            self.services.insert(service.to_string(), guard);
         }
-        let Some(guard) = self.services.get_mut(service) else {
-            return Err(RequestError::NoResponders {
-                service: service.to_string(),
+        let breaker = self.guards.breaker;
+        let guard = self
+            .services
+            .entry_ref(service)
+            .or_insert_with(|| ServiceGuard {
+                breaker: Breaker::new(breaker),
+                in_flight: 0,
             });
-        };
         let limit = self.guards.max_in_flight_per_service;
         if guard.in_flight >= limit {
             return Err(RequestError::Bulkhead {
