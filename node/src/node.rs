@@ -710,8 +710,9 @@ impl Node {
                 Err((env, tx))
             }
         };
-        if started.is_ok() {
-            // Core sweeps the request's deadline on its ticks; an idle core ticks slowly.
+        if matches!(started, Ok(Ok(_))) {
+            // The request is in the table: core sweeps its deadline on its ticks, and an idle
+            // core ticks slowly.
             self.shared.ticks.request_started();
         }
         let mut own = None;
