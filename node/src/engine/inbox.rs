@@ -103,6 +103,12 @@ pub const EVICTED_WINDOWS: usize = MAX_WINDOWS / 16;
 /// on the origin's own gating.
 pub const MAX_BLOCKED_KEYS: usize = 100_000;
 
+/// Most refused entries the blocked keys wait for, over all keys (see [`Inbox`]'s `blocked`).
+/// Under load a blocked key waits for about as many as the origin had in flight to this node
+/// when the key failed. Past it a refused entry is still nacked but not waited for; order for
+/// its key then relies on the origin's own gating, as past [`MAX_BLOCKED_KEYS`].
+pub const MAX_HOLES: usize = 1_000_000;
+
 /// What to do with an arriving entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admit {
@@ -112,9 +118,10 @@ pub enum Admit {
     Duplicate,
     /// A copy is being handled right now: ignore this one (its ack will follow).
     InProgress,
-    /// An earlier entry of the same key failed and has not come back yet: nack.
+    /// An earlier entry of the same key failed, or was refused because of such a failure, and
+    /// has not come back yet: nack.
     Blocked {
-        /// The failed seq this key waits for.
+        /// The first refused seq this key waits for.
         behind: u64,
     },
 }
@@ -139,8 +146,18 @@ pub struct Inbox {
     /// entry being handled is never evicted, so there are at most [`MAX_WINDOWS`] plus the
     /// number of entries being handled.
     windows: Map<Owned<()>, Window>,
-    /// Per `(origin, log, key)`: the failed seq the key waits for.
-    blocked: Map<Owned<String>, u64>,
+    /// Per `(origin, log, key)`: the refused seqs the key waits for (its *holes*): one that
+    /// failed or was dropped stale, and every later one of the key refused while it waited.
+    /// The key's entries below the first hole are handled; the first hole is handled when it
+    /// comes back; any other entry is refused (nacked) and becomes a hole itself. The origin
+    /// sends a key's refused entries again in order, so they come back in order; a hole the
+    /// origin settled meanwhile (below its key floor) is forgotten. *Why every refused one:*
+    /// waiting only for the failed seq let entries the origin had sent before it heard of the
+    /// refusals overtake the refused ones once the failed one came back (the engine
+    /// simulation, `handler_failures_are_retried_in_key_order`, seed 38).
+    blocked: Map<Owned<String>, BTreeSet<u64>>,
+    /// Holes over all blocked keys (at most [`MAX_HOLES`]).
+    holes: usize,
     /// Entries a handler is running for, over all windows.
     in_progress: usize,
     clock: u64,
@@ -234,12 +251,31 @@ impl Inbox {
         }
         if let Some(k) = key {
             let bkey = at(origin, log, k);
-            if let Some(&behind) = self.blocked.get(&bkey) {
-                let failed_settled = key_floor.is_some_and(|kf| kf > behind);
-                if seq == behind || failed_settled || seq < behind {
+            if let Some(holes) = self.blocked.get_mut(&bkey) {
+                // What the origin settled (below its key floor) does not come back.
+                while holes
+                    .first()
+                    .is_some_and(|&h| key_floor.is_some_and(|kf| h < kf))
+                {
+                    holes.pop_first();
+                    self.holes -= 1;
+                }
+                match holes.first().copied() {
+                    Some(first) if seq > first => {
+                        if self.holes < MAX_HOLES && holes.insert(seq) {
+                            self.holes += 1;
+                        }
+                        return Admit::Blocked { behind: first };
+                    }
+                    Some(first) if seq == first => {
+                        holes.pop_first();
+                        self.holes -= 1;
+                    }
+                    // Earlier than every hole (or none left): handled, in order.
+                    _ => {}
+                }
+                if holes.is_empty() {
                     self.blocked.remove(&bkey);
-                } else {
-                    return Admit::Blocked { behind };
                 }
             }
         }
@@ -269,10 +305,21 @@ impl Inbox {
         {
             self.in_progress -= 1;
         }
-        if let Some(k) = key
-            && self.blocked.len() < MAX_BLOCKED_KEYS
+        if let Some(k) = key {
+            self.hold(origin, log, k, seq);
+        }
+    }
+
+    /// Makes `seq` a hole of its key: the key's later entries are refused until it is back.
+    fn hold(&mut self, origin: NodeId, log: &str, key: &str, seq: u64) {
+        let bkey = at(origin, log, key);
+        if self.holes >= MAX_HOLES
+            || (self.blocked.len() >= MAX_BLOCKED_KEYS && !self.blocked.contains_key(&bkey))
         {
-            get_or_insert(&mut self.blocked, &at(origin, log, k), seq);
+            return;
+        }
+        if get_or_insert(&mut self.blocked, &bkey, BTreeSet::new()).insert(seq) {
+            self.holes += 1;
         }
     }
 
@@ -291,9 +338,7 @@ impl Inbox {
         if known {
             return;
         }
-        if self.blocked.len() < MAX_BLOCKED_KEYS {
-            get_or_insert(&mut self.blocked, &at(origin, log, k), seq);
-        }
+        self.hold(origin, log, k, seq);
     }
 
     /// Forgets entries being handled for a connection that went away, so
@@ -351,7 +396,7 @@ mod tests {
     }
 
     #[test]
-    fn failed_key_blocks_later_entries_until_it_returns() {
+    fn a_failed_key_waits_for_every_entry_it_refused_not_only_the_failed_one() {
         let mut i = Inbox::new();
         assert_eq!(i.admit((a(), "l", 1), 0, Some("k"), Some(1)), Admit::Handle);
         i.complete((a(), "l", 1), Some("k"), false);
@@ -365,10 +410,38 @@ mod tests {
             i.admit((a(), "l", 3), 0, Some("other"), Some(3)),
             Admit::Handle
         );
-        // The redelivery of 1 unblocks.
+        // 1 comes back and is handled; 2 has not come back yet.
         assert_eq!(i.admit((a(), "l", 1), 0, Some("k"), Some(1)), Admit::Handle);
         i.complete((a(), "l", 1), Some("k"), true);
+        // 4, which the origin sent before it heard that 2 was refused, must not overtake 2.
+        assert_eq!(
+            i.admit((a(), "l", 4), 0, Some("k"), Some(2)),
+            Admit::Blocked { behind: 2 }
+        );
+        // They come back in order.
         assert_eq!(i.admit((a(), "l", 2), 0, Some("k"), Some(2)), Admit::Handle);
+        i.complete((a(), "l", 2), Some("k"), true);
+        assert_eq!(i.admit((a(), "l", 4), 0, Some("k"), Some(4)), Admit::Handle);
+        i.complete((a(), "l", 4), Some("k"), true);
+        assert_eq!(i.admit((a(), "l", 5), 0, Some("k"), Some(5)), Admit::Handle);
+        assert_eq!(i.holes, 0);
+        assert!(i.blocked.is_empty());
+    }
+
+    #[test]
+    fn an_entry_before_every_hole_is_handled_and_the_holes_stay() {
+        let mut i = Inbox::new();
+        i.drop_stale((a(), "l", 5), Some("k"));
+        // 3 is earlier than the hole: handling it keeps the key in order.
+        assert_eq!(i.admit((a(), "l", 3), 0, Some("k"), Some(3)), Admit::Handle);
+        i.complete((a(), "l", 3), Some("k"), true);
+        assert_eq!(
+            i.admit((a(), "l", 7), 0, Some("k"), Some(5)),
+            Admit::Blocked { behind: 5 }
+        );
+        // The origin settled 5 and 7 elsewhere: its key floor passes both holes.
+        assert_eq!(i.admit((a(), "l", 9), 0, Some("k"), Some(9)), Admit::Handle);
+        assert_eq!(i.holes, 0);
     }
 
     #[test]
