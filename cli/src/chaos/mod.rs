@@ -131,6 +131,11 @@ pub(crate) struct ChaosArgs {
     /// echoes it): every reply must be the echo of its own request.
     #[arg(long, default_value_t = 40.0)]
     request_rate: f64,
+    /// Handler failures on purpose, per thousand handled messages (0–500): a failing handler
+    /// asks for a retry, so its key is blocked at the receiver until the message comes back.
+    /// Only a message's first three attempts may fail.
+    #[arg(long, value_name = "PER_MILLE", default_value_t = 0)]
+    handler_failures: u32,
     /// Longest wait, after the workload stops, for every accepted message to be handled.
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -397,6 +402,12 @@ fn validate(a: &ChaosArgs) -> anyhow::Result<Vec<FaultKind>> {
             a.publish_percent
         ));
     }
+    if a.handler_failures > 500 {
+        return usage(format!(
+            "--handler-failures must be at most 500 (per mille), got {}",
+            a.handler_failures
+        ));
+    }
     if a.duration < Duration::from_secs(1) {
         return usage("--duration must be at least 1s".into());
     }
@@ -448,6 +459,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             format!("--publish-percent={}", a.publish_percent),
             format!("--request-rate={}", a.request_rate / a.nodes as f64),
             format!("--seed={}", a.seed),
+            format!("--handler-failures={}", a.handler_failures),
         ];
         for (j, other) in addrs.iter().enumerate() {
             if j != i {
@@ -477,7 +489,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     let mut mesh = Mesh { procs, args, exe };
     let dirs: Vec<PathBuf> = mesh.procs.iter().map(|p| p.data_dir.clone()).collect();
     println!(
-        "chaos: {} nodes, {} services, {:.0} msg/s, {} keys/node, seed {}, faults [{}] every {}, for {}; dir {}",
+        "chaos: {} nodes, {} services, {:.0} msg/s, {} keys/node, seed {}, faults [{}] every {}{}, for {}; dir {}",
         a.nodes,
         a.services,
         a.rate,
@@ -489,6 +501,11 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(","),
         humantime::format_duration(a.fault_interval),
+        if a.handler_failures > 0 {
+            format!(", handler failures {}/1000", a.handler_failures)
+        } else {
+            String::new()
+        },
         humantime::format_duration(a.duration),
         dir.display()
     );
@@ -683,6 +700,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             "seed": a.seed, "faults": kinds.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "fault_interval_s": a.fault_interval.as_secs_f64(),
             "publish_percent": a.publish_percent, "misbehave": a.misbehave,
+            "handler_failures": a.handler_failures,
             "no_ready_wait": a.no_ready_wait,
             "mixed_protocols": a.mixed_protocols,
         }),

@@ -73,6 +73,10 @@ pub(crate) struct WorkerArgs {
     /// Seed of the workload's choices.
     #[arg(long)]
     seed: u64,
+    /// Handler failures on purpose, per thousand handled messages (see `peerbus chaos
+    /// --handler-failures`).
+    #[arg(long, default_value_t = 0)]
+    handler_failures: u32,
     /// Test-only misbehaviour, to prove the checker fails: `drop-every=N` acknowledges every
     /// Nth handled message without journaling it (a loss).
     #[arg(long)]
@@ -144,8 +148,14 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
         let journal = journal.clone();
         let handled = handled.clone();
         let by = a.index;
+        let failures = Failures {
+            per_mille: a.handler_failures,
+            seed: a.seed ^ (a.index as u64).rotate_left(32),
+        };
         tokio::spawn(sub.handle(HANDLER_CONCURRENCY, move |msg: Message| {
-            let r = handle(&journal, &msg, by, &consumer, &handled, drop_every);
+            let r = handle(
+                &journal, &msg, by, &consumer, &handled, drop_every, failures,
+            );
             async move { r }
         }));
     }
@@ -256,6 +266,34 @@ impl WorkerArgs {
     }
 }
 
+/// The attempts of a message that may fail on purpose (`--handler-failures`): later ones are
+/// handled, so every message is handled in the end, well before the sender's attempts run out.
+const MAX_FAILED_ATTEMPTS: u32 = 3;
+
+/// Handler failures on purpose: `per_mille` of the handler runs, chosen by a hash of `seed` and
+/// the run's number.
+#[derive(Clone, Copy)]
+struct Failures {
+    per_mille: u32,
+    seed: u64,
+}
+
+impl Failures {
+    fn fail(self, run: u64, attempt: u32) -> bool {
+        if self.per_mille == 0 || attempt > MAX_FAILED_ATTEMPTS {
+            return false;
+        }
+        // splitmix64
+        let mut z = self
+            .seed
+            .wrapping_add(run.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        z % 1000 < u64::from(self.per_mille)
+    }
+}
+
 fn handle(
     journal: &Journal,
     msg: &Message,
@@ -263,11 +301,18 @@ fn handle(
     consumer: &str,
     handled: &AtomicU64,
     drop_every: Option<u64>,
+    failures: Failures,
 ) -> Result<(), HandlerError> {
     let p: Payload = msg
         .json()
         .map_err(|e| HandlerError::Reject(format!("not a chaos payload: {e}")))?;
     let count = handled.fetch_add(1, Ordering::Relaxed) + 1;
+    if failures.fail(count, msg.attempt()) {
+        // Nothing journaled: the sender redelivers it, and its key waits for it.
+        return Err(HandlerError::Retry(
+            "failing on purpose (--handler-failures)".into(),
+        ));
+    }
     if drop_every.is_some_and(|n| count.is_multiple_of(n)) {
         return Ok(()); // misbehaving on purpose: acknowledged, never handled
     }
@@ -492,4 +537,25 @@ async fn send_one(
 /// The journal path of a data directory.
 pub(crate) fn journal_path(data_dir: &Path) -> PathBuf {
     data_dir.join(journal::JOURNAL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handler_failures_hit_about_their_share_and_spare_later_attempts() {
+        let f = Failures {
+            per_mille: 30,
+            seed: 7,
+        };
+        let failed = (0..100_000).filter(|&run| f.fail(run, 1)).count();
+        assert!((2_500..3_500).contains(&failed), "{failed} of 100,000");
+        assert!(!(0..10_000).any(|run| f.fail(run, MAX_FAILED_ATTEMPTS + 1)));
+        let none = Failures {
+            per_mille: 0,
+            seed: 7,
+        };
+        assert!(!(0..10_000).any(|run| none.fail(run, 1)));
+    }
 }
