@@ -944,3 +944,78 @@ async fn an_idle_node_ticks_slowly_and_timed_work_brings_the_fast_ticks_back() {
     })
     .await;
 }
+
+/// A failed entry's key stays in order when the consumer's queue is deep: the entries of the
+/// key it refused while it waited for the failed one are refused only when its worker reaches
+/// them, after the sender has already sent the failed entry again and, thinking the refused
+/// ones still in flight, newer entries of the key behind it. Those newer entries must wait for
+/// the refused ones' return. (A block that ended with the failed entry's return let them
+/// overtake; the engine simulation found it first.) One worker handles two keys: `slow`
+/// (20 ms each) keeps the queue deep while `k` flows, and `k`'s third message fails once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_key_keeps_its_order_behind_a_deep_queue() {
+    within(60, async {
+        const MESSAGES: usize = 60;
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let sender = start(
+            builder(&net, "web", &key)
+                .retry_backoff(Duration::from_millis(5), Duration::from_millis(20)),
+        )
+        .await;
+        let receiver = start(builder(&net, "orders", &key)).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let seen = order.clone();
+        tokio::spawn(receiver.messages().expect("messages").handle(1, move |m| {
+            let seen = seen.clone();
+            async move {
+                if m.key() == Some("slow") {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    return Ok(());
+                }
+                let n: usize = m.payload_text().parse().expect("a number");
+                if n == 2 && m.attempt() == 1 {
+                    return Err(HandlerError::Retry("failing once on purpose".into()));
+                }
+                seen.lock().expect("lock").push(n);
+                Ok(())
+            }
+        }));
+        assert!(
+            sender
+                .wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        for n in 0..MESSAGES {
+            // The receipts are dropped: the entries stay in the log until handled.
+            let _k = sender
+                .send("orders", Outgoing::new(n.to_string()).key("k"))
+                .await
+                .expect("send k");
+            let _slow = sender
+                .send("orders", Outgoing::new("x").key("slow"))
+                .await
+                .expect("send slow");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        eventually(40, "every message of k handled", || async {
+            let seen = order.lock().expect("lock");
+            (0..MESSAGES).all(|n| seen.contains(&n))
+        })
+        .await;
+        let seen = order.lock().expect("lock").clone();
+        let mut firsts = Vec::new();
+        for n in seen {
+            if !firsts.contains(&n) {
+                firsts.push(n);
+            }
+        }
+        assert!(
+            firsts.windows(2).all(|w| w[0] < w[1]),
+            "key k handled out of order: {firsts:?}"
+        );
+        sender.shutdown().await;
+        receiver.shutdown().await;
+    })
+    .await;
+}
