@@ -270,8 +270,8 @@ impl WorkerArgs {
 /// handled, so every message is handled in the end, well before the sender's attempts run out.
 const MAX_FAILED_ATTEMPTS: u32 = 3;
 
-/// Handler failures on purpose: `per_mille` of the handler runs, chosen by a hash of `seed` and
-/// the run's number.
+/// Handler failures on purpose: `per_mille` of the handler runs, chosen by splitmix64 (the
+/// schedule's generator) seeded with `seed` and the run's number.
 #[derive(Clone, Copy)]
 struct Failures {
     per_mille: u32,
@@ -283,14 +283,7 @@ impl Failures {
         if self.per_mille == 0 || attempt > MAX_FAILED_ATTEMPTS {
             return false;
         }
-        // splitmix64
-        let mut z = self
-            .seed
-            .wrapping_add(run.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        z % 1000 < u64::from(self.per_mille)
+        SplitMix64::new(self.seed ^ run).below(1000) < u64::from(self.per_mille)
     }
 }
 

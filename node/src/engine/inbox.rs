@@ -253,12 +253,11 @@ impl Inbox {
             let bkey = at(origin, log, k);
             if let Some(holes) = self.blocked.get_mut(&bkey) {
                 // What the origin settled (below its key floor) does not come back.
-                while holes
-                    .first()
-                    .is_some_and(|&h| key_floor.is_some_and(|kf| h < kf))
-                {
-                    holes.pop_first();
-                    self.holes -= 1;
+                if let Some(kf) = key_floor {
+                    while holes.first().is_some_and(|&h| h < kf) {
+                        holes.pop_first();
+                        self.holes -= 1;
+                    }
                 }
                 match holes.first().copied() {
                     Some(first) if seq > first => {
