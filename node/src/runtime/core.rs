@@ -65,10 +65,15 @@ pub(crate) struct Ticks {
 }
 
 impl Ticks {
+    /// Whether core ticks slowly (every [`IDLE_TICK`]); set by `Core::timed_work`.
+    fn is_slow(&self) -> bool {
+        self.slow.load(Ordering::Relaxed)
+    }
+
     /// A caller put a request in the table: wakes core if it ticks slowly. Cheap otherwise
     /// (one relaxed load).
     pub(crate) fn request_started(&self) {
-        if self.slow.load(Ordering::Relaxed) {
+        if self.is_slow() {
             self.hurry.notify_one();
         }
     }
@@ -448,7 +453,6 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
     // from the end of the last, so a late one does not bring a burst.
     let tick = tokio::time::sleep(TICK);
     tokio::pin!(tick);
-    let mut slow = false;
     loop {
         let mut ticked = false;
         tokio::select! {
@@ -473,13 +477,12 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         core.appended = false;
         // Fast ticks look again at each tick; slow ones at every wake, so the first work
         // brings the fast tick back at once.
-        if ticked || slow {
+        if ticked || shared.ticks.is_slow() {
             let busy = core.timed_work();
             if ticked || busy {
                 let next = if busy { TICK } else { IDLE_TICK };
                 tick.as_mut().reset(tokio::time::Instant::now() + next);
             }
-            slow = !busy;
         }
     }
     core.stop();
@@ -522,15 +525,20 @@ impl Core {
         busy
     }
 
-    /// A write was queued to the store: with `Durability::Interval`, it waits for the
-    /// tick's sync, so core keeps ticking fast until then.
-    fn wrote(&self) {
+    /// Queues `op` to the store writer without waiting; every store operation core makes
+    /// goes through here. With `Durability::Interval` a write waits for the tick's sync, so
+    /// core keeps ticking fast until then.
+    // `try_send`'s own result: a full queue hands the operation back, so the caller can
+    // answer for it (a cold path; boxing it would allocate on every write).
+    #[allow(clippy::result_large_err)]
+    fn to_store(&self, op: StoreOp) -> Result<(), mpsc::error::TrySendError<StoreOp>> {
         if matches!(
             self.shared.durability,
             crate::store::Durability::Interval(_)
         ) {
             self.unsynced.set(true);
         }
+        self.store.try_send(op)
     }
 
     /// Whether entries and dedup windows go to a durable store (not
@@ -973,8 +981,7 @@ impl Core {
     }
 
     fn store_op(&self, op: StoreOp) {
-        self.wrote();
-        if self.store.try_send(op).is_err() {
+        if self.to_store(op).is_err() {
             warn!(
                 limit = super::storage::STORE_QUEUE,
                 "store queue full: a removal or dead letter is not persisted yet (it is \
@@ -1025,14 +1032,12 @@ impl Core {
             self.queue_ack(origin, log, seq);
             return;
         }
-        self.wrote();
-        let store = &self.store;
         let snap = super::lock(&self.shared.inbox).snapshot(origin, log);
         let Some(snap) = snap else {
             self.queue_ack(origin, log, seq);
             return;
         };
-        if let Err(e) = store.try_send(StoreOp::Window(snap, (origin, log.to_owned(), seq)))
+        if let Err(e) = self.to_store(StoreOp::Window(snap, (origin, log.to_owned(), seq)))
             && let StoreOp::Window(_, (o, l, s)) = e.into_inner()
         {
             warn!("store queue full: acking without persisting the dedup window first");
@@ -1186,8 +1191,7 @@ impl Core {
             entries: stored,
             reply,
         };
-        self.wrote();
-        if let Err(e) = self.store.try_send(StoreOp::Append(call)) {
+        if let Err(e) = self.to_store(StoreOp::Append(call)) {
             let StoreOp::Append(call) = e.into_inner() else {
                 return;
             };

@@ -4,10 +4,10 @@
 //! under the table's lock (the instance, the service's bulkhead and breaker, a correlation
 //! id) and writes it to that instance's connection itself ([`Started::send_own`]: from a
 //! task, on a stream of its own whose reply it reads itself); otherwise core does both
-//! ([`Started::send`]). The lane reader a reply arrives on takes its request out under the same lock,
-//! does its bookkeeping (in-flight counts, breaker) and answers the caller. Core keeps the
-//! table's routes in step with its links, ends the requests whose deadline passed on its
-//! tick, fails those of a connection that ended, and sends scatters.
+//! ([`Started::send`]). The lane reader a reply arrives on takes its request out under the
+//! same lock, does its bookkeeping (in-flight counts, breaker) and answers the caller. Core
+//! keeps the table's routes in step with its links, ends the requests whose deadline passed
+//! on its tick, fails those of a connection that ended, and sends scatters.
 //!
 //! *Why:* core owned this state, so every request took a hop through core on its way out,
 //! and every reply's bookkeeping waited for core. A lone request made from a task paid for
