@@ -186,6 +186,9 @@ fn bad_chaos_options_are_usage_errors() {
         (&["--nodes=1"][..], "--nodes"),
         (&["--faults=kill,explode"][..], "explode"),
         (&["--services=4", "--nodes=3"][..], "--services"),
+        (&["--handler-failures=501"][..], "--handler-failures"),
+        (&["--slow-handlers=1001"][..], "--slow-handlers"),
+        (&["--slow-handler-time=2s"][..], "--slow-handler-time"),
     ] {
         let out = Command::new(peerbus_bin())
             .arg("chaos")

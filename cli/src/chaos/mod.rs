@@ -136,6 +136,14 @@ pub(crate) struct ChaosArgs {
     /// Only a message's first three attempts may fail.
     #[arg(long, value_name = "PER_MILLE", default_value_t = 0)]
     handler_failures: u32,
+    /// Slow handler runs on purpose, per thousand handled messages (0–1000): a slow run
+    /// takes `--slow-handler-time` before it finishes, and holds its handler worker and every
+    /// key queued behind it, so consumer queues run deep while retries are in flight.
+    #[arg(long, value_name = "PER_MILLE", default_value_t = 0)]
+    slow_handlers: u32,
+    /// How long a slow handler run takes (1ms–1s).
+    #[arg(long, value_name = "DUR", default_value = "20ms", value_parser = humantime::parse_duration)]
+    slow_handler_time: Duration,
     /// Longest wait, after the workload stops, for every accepted message to be handled.
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -408,6 +416,18 @@ fn validate(a: &ChaosArgs) -> anyhow::Result<Vec<FaultKind>> {
             a.handler_failures
         ));
     }
+    if a.slow_handlers > 1000 {
+        return usage(format!(
+            "--slow-handlers must be at most 1000 (per mille), got {}",
+            a.slow_handlers
+        ));
+    }
+    if !(Duration::from_millis(1)..=Duration::from_secs(1)).contains(&a.slow_handler_time) {
+        return usage(format!(
+            "--slow-handler-time must be between 1ms and 1s, got {}",
+            humantime::format_duration(a.slow_handler_time)
+        ));
+    }
     if a.duration < Duration::from_secs(1) {
         return usage("--duration must be at least 1s".into());
     }
@@ -460,6 +480,11 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             format!("--request-rate={}", a.request_rate / a.nodes as f64),
             format!("--seed={}", a.seed),
             format!("--handler-failures={}", a.handler_failures),
+            format!("--slow-handlers={}", a.slow_handlers),
+            format!(
+                "--slow-handler-time={}",
+                humantime::format_duration(a.slow_handler_time)
+            ),
         ];
         for (j, other) in addrs.iter().enumerate() {
             if j != i {
@@ -489,7 +514,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     let mut mesh = Mesh { procs, args, exe };
     let dirs: Vec<PathBuf> = mesh.procs.iter().map(|p| p.data_dir.clone()).collect();
     println!(
-        "chaos: {} nodes, {} services, {:.0} msg/s, {} keys/node, seed {}, faults [{}] every {}{}, for {}; dir {}",
+        "chaos: {} nodes, {} services, {:.0} msg/s, {} keys/node, seed {}, faults [{}] every {}{}{}, for {}; dir {}",
         a.nodes,
         a.services,
         a.rate,
@@ -503,6 +528,15 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         humantime::format_duration(a.fault_interval),
         if a.handler_failures > 0 {
             format!(", handler failures {}/1000", a.handler_failures)
+        } else {
+            String::new()
+        },
+        if a.slow_handlers > 0 {
+            format!(
+                ", slow handlers {}/1000 of {}",
+                a.slow_handlers,
+                humantime::format_duration(a.slow_handler_time)
+            )
         } else {
             String::new()
         },
@@ -701,6 +735,8 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             "fault_interval_s": a.fault_interval.as_secs_f64(),
             "publish_percent": a.publish_percent, "misbehave": a.misbehave,
             "handler_failures": a.handler_failures,
+            "slow_handlers": a.slow_handlers,
+            "slow_handler_time_s": a.slow_handler_time.as_secs_f64(),
             "no_ready_wait": a.no_ready_wait,
             "mixed_protocols": a.mixed_protocols,
         }),

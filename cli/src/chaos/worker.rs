@@ -77,6 +77,13 @@ pub(crate) struct WorkerArgs {
     /// --handler-failures`).
     #[arg(long, default_value_t = 0)]
     handler_failures: u32,
+    /// Slow handler runs on purpose, per thousand handled messages (see `peerbus chaos
+    /// --slow-handlers`).
+    #[arg(long, default_value_t = 0)]
+    slow_handlers: u32,
+    /// How long a slow handler run takes.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20ms")]
+    slow_handler_time: Duration,
     /// Test-only misbehaviour, to prove the checker fails: `drop-every=N` acknowledges every
     /// Nth handled message without journaling it (a loss).
     #[arg(long)]
@@ -148,15 +155,31 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
         let journal = journal.clone();
         let handled = handled.clone();
         let by = a.index;
-        let failures = Failures {
-            per_mille: a.handler_failures,
-            seed: a.seed ^ (a.index as u64).rotate_left(32),
+        let seed = a.seed ^ (a.index as u64).rotate_left(32);
+        let faults = HandlerFaults {
+            drop_every,
+            failures: Drawn {
+                per_mille: a.handler_failures,
+                seed,
+            },
+            slow: Drawn {
+                per_mille: a.slow_handlers,
+                seed: seed ^ SLOW_SALT,
+            },
+            slow_time: a.slow_handler_time,
         };
         tokio::spawn(sub.handle(HANDLER_CONCURRENCY, move |msg: Message| {
-            let r = handle(
-                &journal, &msg, by, &consumer, &handled, drop_every, failures,
-            );
-            async move { r }
+            let run = handled.fetch_add(1, Ordering::Relaxed) + 1;
+            let journal = journal.clone();
+            let consumer = consumer.clone();
+            async move {
+                if faults.slow.hit(run) {
+                    // Holds this worker, and so every key queued behind it: the deep
+                    // consumer queues a slow service has, with its retries in flight.
+                    tokio::time::sleep(faults.slow_time).await;
+                }
+                handle(&journal, &msg, by, &consumer, run, faults)
+            }
         }));
     }
 
@@ -270,20 +293,42 @@ impl WorkerArgs {
 /// handled, so every message is handled in the end, well before the sender's attempts run out.
 const MAX_FAILED_ATTEMPTS: u32 = 3;
 
-/// Handler failures on purpose: `per_mille` of the handler runs, chosen by splitmix64 (the
-/// schedule's generator) seeded with `seed` and the run's number.
+/// Mixed into the seed of the slow runs' draw, so that slow runs and failures are not the
+/// same runs.
+const SLOW_SALT: u64 = 0x5105_4a9d_1e37_c0de;
+
+/// What a worker's handlers do wrong on purpose.
 #[derive(Clone, Copy)]
-struct Failures {
+struct HandlerFaults {
+    /// `--misbehave drop-every=N`: every Nth run acknowledges without journaling (a loss).
+    drop_every: Option<u64>,
+    /// `--handler-failures`: runs that ask for a retry.
+    failures: Drawn,
+    /// `--slow-handlers`: runs that take `slow_time` before they journal.
+    slow: Drawn,
+    /// How long a slow run takes.
+    slow_time: Duration,
+}
+
+/// `per_mille` of the handler runs, chosen by splitmix64 (the schedule's generator) seeded
+/// with `seed` and the run's number.
+#[derive(Clone, Copy)]
+struct Drawn {
     per_mille: u32,
     seed: u64,
 }
 
-impl Failures {
+impl Drawn {
+    /// Whether run number `run` is one of the drawn runs.
+    fn hit(self, run: u64) -> bool {
+        self.per_mille > 0
+            && SplitMix64::new(self.seed ^ run).below(1000) < u64::from(self.per_mille)
+    }
+
+    /// Whether run number `run`, attempt `attempt` of its message, fails: a drawn run among
+    /// the message's first [`MAX_FAILED_ATTEMPTS`].
     fn fail(self, run: u64, attempt: u32) -> bool {
-        if self.per_mille == 0 || attempt > MAX_FAILED_ATTEMPTS {
-            return false;
-        }
-        SplitMix64::new(self.seed ^ run).below(1000) < u64::from(self.per_mille)
+        attempt <= MAX_FAILED_ATTEMPTS && self.hit(run)
     }
 }
 
@@ -292,14 +337,17 @@ fn handle(
     msg: &Message,
     by: usize,
     consumer: &str,
-    handled: &AtomicU64,
-    drop_every: Option<u64>,
-    failures: Failures,
+    count: u64,
+    faults: HandlerFaults,
 ) -> Result<(), HandlerError> {
+    let HandlerFaults {
+        drop_every,
+        failures,
+        ..
+    } = faults;
     let p: Payload = msg
         .json()
         .map_err(|e| HandlerError::Reject(format!("not a chaos payload: {e}")))?;
-    let count = handled.fetch_add(1, Ordering::Relaxed) + 1;
     if failures.fail(count, msg.attempt()) {
         // Nothing journaled: the sender redelivers it, and its key waits for it.
         return Err(HandlerError::Retry(
@@ -538,17 +586,41 @@ mod tests {
 
     #[test]
     fn handler_failures_hit_about_their_share_and_spare_later_attempts() {
-        let f = Failures {
+        let f = Drawn {
             per_mille: 30,
             seed: 7,
         };
         let failed = (0..100_000).filter(|&run| f.fail(run, 1)).count();
         assert!((2_500..3_500).contains(&failed), "{failed} of 100,000");
         assert!(!(0..10_000).any(|run| f.fail(run, MAX_FAILED_ATTEMPTS + 1)));
-        let none = Failures {
+        let none = Drawn {
             per_mille: 0,
             seed: 7,
         };
         assert!(!(0..10_000).any(|run| none.fail(run, 1)));
+    }
+
+    #[test]
+    fn slow_runs_hit_about_their_share_and_are_drawn_apart_from_failures() {
+        let failures = Drawn {
+            per_mille: 100,
+            seed: 7,
+        };
+        let slow = Drawn {
+            per_mille: 100,
+            seed: 7 ^ SLOW_SALT,
+        };
+        let hits = (0..100_000).filter(|&run| slow.hit(run)).count();
+        assert!((9_000..11_000).contains(&hits), "{hits} of 100,000");
+        // Independent draws: about 1% of runs are both, not 10%.
+        let both = (0..100_000)
+            .filter(|&run| slow.hit(run) && failures.hit(run))
+            .count();
+        assert!((500..1_500).contains(&both), "{both} of 100,000");
+        let all = Drawn {
+            per_mille: 1000,
+            seed: 7,
+        };
+        assert!((0..10_000).all(|run| all.hit(run)));
     }
 }
