@@ -189,6 +189,7 @@ fn bad_chaos_options_are_usage_errors() {
         (&["--handler-failures=501"][..], "--handler-failures"),
         (&["--slow-handlers=1001"][..], "--slow-handlers"),
         (&["--slow-handler-time=2s"][..], "--slow-handler-time"),
+        (&["--ack-timeout=50ms"][..], "--ack-timeout"),
     ] {
         let out = Command::new(peerbus_bin())
             .arg("chaos")

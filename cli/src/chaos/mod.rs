@@ -144,6 +144,13 @@ pub(crate) struct ChaosArgs {
     /// How long a slow handler run takes (1ms–1s).
     #[arg(long, value_name = "DUR", default_value = "20ms", value_parser = humantime::parse_duration)]
     slow_handler_time: Duration,
+    /// The nodes' ack timeout (100ms–5m; a node's default is 30s). Shorter than a consumer's
+    /// queue takes to drain, it makes senders resend what is still queued and receivers drop
+    /// first attempts that waited past it: more duplicates, no loss. The nodes' attempts are
+    /// not capped in a chaos run (handlers fail only a message's first three), so a message
+    /// timed out many times is resent, never dead-lettered.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = humantime::parse_duration)]
+    ack_timeout: Duration,
     /// Longest wait, after the workload stops, for every accepted message to be handled.
     #[arg(long, value_name = "DUR", default_value = "60s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -184,6 +191,8 @@ fn mixed_protocol(i: usize) -> u32 {
 
 /// Seconds without any handling, after the workload stopped, before the drain wait gives up.
 const IDLE_GIVE_UP: u32 = 15;
+/// `--ack-timeout`'s default, a node's own (not printed in the run's banner).
+const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a node process is doing now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -428,6 +437,12 @@ fn validate(a: &ChaosArgs) -> anyhow::Result<Vec<FaultKind>> {
             humantime::format_duration(a.slow_handler_time)
         ));
     }
+    if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&a.ack_timeout) {
+        return usage(format!(
+            "--ack-timeout must be between 100ms and 5m, got {}",
+            humantime::format_duration(a.ack_timeout)
+        ));
+    }
     if a.duration < Duration::from_secs(1) {
         return usage("--duration must be at least 1s".into());
     }
@@ -482,6 +497,10 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             format!("--handler-failures={}", a.handler_failures),
             format!("--slow-handlers={}", a.slow_handlers),
             format!(
+                "--ack-timeout={}",
+                humantime::format_duration(a.ack_timeout)
+            ),
+            format!(
                 "--slow-handler-time={}",
                 humantime::format_duration(a.slow_handler_time)
             ),
@@ -514,7 +533,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     let mut mesh = Mesh { procs, args, exe };
     let dirs: Vec<PathBuf> = mesh.procs.iter().map(|p| p.data_dir.clone()).collect();
     println!(
-        "chaos: {} nodes, {} services, {:.0} msg/s, {} keys/node, seed {}, faults [{}] every {}{}{}, for {}; dir {}",
+        "chaos: {} nodes, {} services, {:.0} msg/s, {} keys/node, seed {}, faults [{}] every {}{}{}{}, for {}; dir {}",
         a.nodes,
         a.services,
         a.rate,
@@ -539,6 +558,14 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             )
         } else {
             String::new()
+        },
+        if a.ack_timeout == DEFAULT_ACK_TIMEOUT {
+            String::new()
+        } else {
+            format!(
+                ", ack timeout {}",
+                humantime::format_duration(a.ack_timeout)
+            )
         },
         humantime::format_duration(a.duration),
         dir.display()
@@ -737,6 +764,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             "handler_failures": a.handler_failures,
             "slow_handlers": a.slow_handlers,
             "slow_handler_time_s": a.slow_handler_time.as_secs_f64(),
+            "ack_timeout_s": a.ack_timeout.as_secs_f64(),
             "no_ready_wait": a.no_ready_wait,
             "mixed_protocols": a.mixed_protocols,
         }),

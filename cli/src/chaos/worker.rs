@@ -84,6 +84,9 @@ pub(crate) struct WorkerArgs {
     /// How long a slow handler run takes.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20ms")]
     slow_handler_time: Duration,
+    /// The node's ack timeout (see `peerbus chaos --ack-timeout`).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    ack_timeout: Duration,
     /// Test-only misbehaviour, to prove the checker fails: `drop-every=N` acknowledges every
     /// Nth handled message without journaling it (a loss).
     #[arg(long)]
@@ -127,6 +130,11 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
         .data_dir(&a.data_dir)
         .listen(a.listen)
         .no_mdns()
+        .ack_timeout(a.ack_timeout)
+        // Never dead-letter for the count of attempts: with a short `--ack-timeout` a message
+        // queued behind slow handlers times out again and again, and a dead letter would be
+        // reported lost. (Handlers fail only a message's first attempts.)
+        .max_attempts(u32::MAX)
         .faults(Faults::new(a.seed ^ a.index as u64));
     for s in &a.seed_peers {
         builder = builder.seed(*s);
