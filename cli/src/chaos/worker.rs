@@ -157,8 +157,8 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
     let sends = node.messages()?;
     let group = node.subscribe(TOPIC).await?;
     for (sub, consumer) in [
-        (sends, format!("svc:{service}")),
-        (group, format!("grp:{service}")),
+        (sends, Arc::<str>::from(format!("svc:{service}"))),
+        (group, Arc::<str>::from(format!("grp:{service}"))),
     ] {
         let journal = journal.clone();
         let handled = handled.clone();
