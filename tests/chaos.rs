@@ -70,7 +70,8 @@ fn describe(out: &Output) -> String {
 fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
     // Seed 2 schedules (4 s apart): partition, kill, kill, freeze. Nodes 1 and 3 speak protocol
     // 4 (a mesh halfway through an upgrade), so both versions carry messages through the
-    // faults; `scripts/chaos` runs the mesh of one version.
+    // faults; `scripts/chaos` runs the mesh of one version. Handlers fail and run slow on
+    // purpose, and a 400 ms ack timeout makes each freeze time out what is in flight.
     let (out, report, tmp) = chaos(
         &[
             "--mixed-protocols",
@@ -82,6 +83,10 @@ fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
             "--seed=2",
             "--faults=kill,freeze,partition",
             "--fault-interval=4s",
+            "--handler-failures=20",
+            "--slow-handlers=100",
+            "--slow-handler-time=30ms",
+            "--ack-timeout=400ms",
         ],
         Duration::from_secs(240),
     );
@@ -140,6 +145,11 @@ fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
     assert!(stdout.contains("backlog"), "no progress lines\n{why}");
     assert!(stdout.contains("mixed protocols"), "{why}");
     assert_eq!(r["settings"]["mixed_protocols"], true, "{r}");
+    // The handler faults and the ack timeout reached the run (and its report).
+    assert_eq!(r["settings"]["handler_failures"], 20, "{r}");
+    assert_eq!(r["settings"]["slow_handlers"], 100, "{r}");
+    assert_eq!(r["settings"]["ack_timeout_s"], 0.4, "{r}");
+    assert!(stdout.contains("ack timeout 400ms"), "{why}");
 }
 
 #[test]
