@@ -150,6 +150,11 @@ fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
     assert_eq!(r["settings"]["slow_handlers"], 100, "{r}");
     assert_eq!(r["settings"]["ack_timeout_s"], 0.4, "{r}");
     assert!(stdout.contains("ack timeout 400ms"), "{why}");
+    // Failed handlers and timed-out freezes made the senders send again: the recovery paths
+    // ran, as the nodes' own counters say.
+    let redelivered = r["redelivered"].as_u64().expect("redelivered");
+    assert!(redelivered > 0, "nothing was redelivered\n{why}");
+    assert!(r["duplicates_dropped"].is_u64(), "{r}");
 }
 
 #[test]

@@ -111,8 +111,8 @@ pub use error::{
 };
 pub use message::{Message, MessageId, MessageKind, Outgoing};
 pub use node::{
-    BreakerStatus, MAX_BATCH, MAX_BATCH_BYTES, Node, PeerInfo, PeerState, Receipt, Request,
-    RequestOptions, ScatterReply, ServeHandle, Status,
+    BreakerStatus, DeliveryCounts, MAX_BATCH, MAX_BATCH_BYTES, Node, PeerInfo, PeerState, Receipt,
+    Request, RequestOptions, ScatterReply, ServeHandle, Status,
 };
 pub use store::{DeadLetter, Durability, StoreError, StoreStats};
 pub use subscription::{Delivery, Subscription};

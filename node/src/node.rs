@@ -87,6 +87,25 @@ pub enum PeerState {
     Gone,
 }
 
+/// What a node's delivery counters show since it started ([`Node::delivery_counts`]): the
+/// same counts as its `peerbus_messages_*_total` and `peerbus_duplicates_dropped_total`
+/// metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DeliveryCounts {
+    /// Entries stored by `send`/`publish` (one per group copy).
+    pub sent: u64,
+    /// Entries of this node acknowledged by a consumer.
+    pub acked: u64,
+    /// Entries sent again: after a nack, an ack timeout, a lost peer or to another instance.
+    pub redelivered: u64,
+    /// Entries that arrived for local handlers, duplicates and stale copies included.
+    pub received: u64,
+    /// Entries handed to local handlers.
+    pub delivered: u64,
+    /// Retransmissions the dedup window dropped before they reached a handler.
+    pub duplicates_dropped: u64,
+}
+
 /// A peer as this node sees it.
 #[derive(Clone, Debug, Serialize)]
 pub struct PeerInfo {
@@ -1322,6 +1341,20 @@ impl Node {
     /// Counter of messages handed to local handlers (for tests and status).
     pub fn delivered_count(&self) -> u64 {
         self.shared.counters.delivered.load(Ordering::Relaxed)
+    }
+
+    /// This node's delivery counters since start. Read without asking the node's actor, so it
+    /// is cheap to poll and answers even while the node is busy.
+    pub fn delivery_counts(&self) -> DeliveryCounts {
+        let c = &self.shared.counters;
+        DeliveryCounts {
+            sent: c.sent.load(Ordering::Relaxed),
+            acked: c.acked.load(Ordering::Relaxed),
+            redelivered: c.redelivered.load(Ordering::Relaxed),
+            received: c.received.load(Ordering::Relaxed),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            duplicates_dropped: c.duplicates_dropped.load(Ordering::Relaxed),
+        }
     }
 }
 

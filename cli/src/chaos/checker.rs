@@ -158,6 +158,11 @@ pub(crate) struct Findings {
     pub(crate) protocol_faults: u64,
     /// Every connection close the nodes journaled, by close code name.
     pub(crate) closes: BTreeMap<String, u64>,
+    /// Entries the nodes sent again (after a nack, an ack timeout, a lost peer), as their
+    /// `counts` lines say: at least this many (a kill loses its node's last sample).
+    pub(crate) redelivered: u64,
+    /// Copies the nodes' dedup windows dropped before a handler, counted the same way.
+    pub(crate) duplicates_dropped: u64,
     /// Order violations (must be 0).
     pub(crate) order_violations: u64,
     /// The first violations (at most 50).
@@ -374,6 +379,14 @@ pub(crate) fn check(
                             f.protocol_faults += n;
                         }
                     }
+                }
+                Event::Counts {
+                    redelivered,
+                    duplicates_dropped,
+                    ..
+                } => {
+                    f.redelivered += redelivered;
+                    f.duplicates_dropped += duplicates_dropped;
                 }
                 Event::RequestBegun {
                     t,
@@ -676,6 +689,19 @@ mod tests {
         ]);
         assert!(!f.ok());
         assert_eq!((f.lost, f.protocol_faults), (0, 3));
+    }
+
+    #[test]
+    fn recovery_counts_add_up_over_lines_and_nodes_and_pass_the_run() {
+        let counts = |node, redelivered, duplicates_dropped| Event::Counts {
+            t: 1,
+            node,
+            redelivered,
+            duplicates_dropped,
+        };
+        let f = delivered(vec![counts(0, 3, 0), counts(0, 4, 1), counts(1, 0, 2)]);
+        assert!(f.ok(), "{f:?}");
+        assert_eq!((f.redelivered, f.duplicates_dropped), (7, 3));
     }
 
     fn request(r: u64, outcome: &str, wrong: bool) -> Event {

@@ -132,6 +132,17 @@ pub(crate) enum Event {
         node: usize,
         codes: BTreeMap<String, u64>,
     },
+    /// The worker's node's recovery counters grew since its last `counts` line (of this
+    /// process): entries it sent again (after a nack, an ack timeout, a lost peer) and copies
+    /// its dedup window dropped. Sampled like `closes`.
+    Counts {
+        t: u64,
+        node: usize,
+        /// Growth of [`peerbus::DeliveryCounts::redelivered`].
+        redelivered: u64,
+        /// Growth of [`peerbus::DeliveryCounts::duplicates_dropped`].
+        duplicates_dropped: u64,
+    },
 }
 
 /// An append-only journal shared by a worker's tasks.

@@ -95,6 +95,8 @@ impl RunReport {
             "order_violations": f.order_violations,
             "protocol_faults": f.protocol_faults,
             "closes": f.closes,
+            "redelivered": f.redelivered,
+            "duplicates_dropped": f.duplicates_dropped,
             "faults": self.faults,
             "drain_seconds": self.faults.iter().map(|x| x.drain_seconds).collect::<Vec<_>>(),
             "peak_log_depth": self.peak_backlog,
@@ -152,6 +154,14 @@ impl RunReport {
                 format!(
                     "{} ({} after a kill of the handler, {} of the sender)",
                     f.duplicates, f.duplicates_explained, f.duplicates_after_sender_kill
+                ),
+                "",
+            ),
+            (
+                "redelivered",
+                format!(
+                    "{} (sent again by their senders; {} copies dropped by dedup)",
+                    f.redelivered, f.duplicates_dropped
                 ),
                 "",
             ),

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use peerbus::{CloseCounts, Faults, HandlerError, Message, Node, Outgoing, RequestError};
+use peerbus::{
+    CloseCounts, DeliveryCounts, Faults, HandlerError, Message, Node, Outgoing, RequestError,
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::journal::{self, Event, Journal, Payload};
@@ -209,7 +211,7 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let parent = std::os::unix::process::parent_id();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut closes = CloseJournal::default();
+    let mut counts = CountJournal::default();
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -223,28 +225,48 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
                     tracing::info!("workload stopping");
                 }
                 // Cheap (a few atomic reads) and journalled only when a count grew, so
-                // every tick: a SIGKILL loses at most the last tick's closes.
-                closes.sample(&node, &journal, a.index)?;
+                // every tick: a SIGKILL loses at most the last tick's closes and counts.
+                counts.sample(&node, &journal, a.index)?;
             }
         }
     }
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(10), load).await;
-    closes.sample(&node, &journal, a.index)?;
+    counts.sample(&node, &journal, a.index)?;
     node.shutdown().await;
     Ok(())
 }
 
-/// What the node's [`Node::connections_closed`] showed at the last sample, so that each
-/// `closes` journal line carries only the growth since.
+/// What the node's [`Node::connections_closed`] and [`Node::delivery_counts`] showed at the
+/// last sample, so that each `closes` and `counts` journal line carries only the growth since.
 #[derive(Default)]
-struct CloseJournal {
+struct CountJournal {
     last: CloseCounts,
+    last_counts: DeliveryCounts,
 }
 
-impl CloseJournal {
-    /// Journals the close codes whose count grew since the last sample, if any did.
+impl CountJournal {
+    /// Journals the close codes and the recovery counters that grew since the last sample, if
+    /// any did.
     fn sample(&mut self, node: &Node, journal: &Journal, index: usize) -> std::io::Result<()> {
+        let counts = node.delivery_counts();
+        let (redelivered, duplicates_dropped) = (
+            counts
+                .redelivered
+                .saturating_sub(self.last_counts.redelivered),
+            counts
+                .duplicates_dropped
+                .saturating_sub(self.last_counts.duplicates_dropped),
+        );
+        self.last_counts = counts;
+        if redelivered > 0 || duplicates_dropped > 0 {
+            journal.write(&Event::Counts {
+                t: journal::now_us(),
+                node: index,
+                redelivered,
+                duplicates_dropped,
+            })?;
+        }
         let now = node.connections_closed();
         let codes: BTreeMap<String, u64> = now
             .iter()
