@@ -322,6 +322,18 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
             );
         }
         assert_eq!(status(&orders).await["received"], 5);
+        // The same counters, read straight from the nodes.
+        let sender = payments.delivery_counts();
+        assert_eq!((sender.sent, sender.acked, sender.redelivered), (5, 5, 0));
+        let receiver = orders.delivery_counts();
+        assert_eq!(
+            (
+                receiver.received,
+                receiver.delivered,
+                receiver.duplicates_dropped
+            ),
+            (5, 5, 0)
+        );
         let s = status(&payments).await;
         let peer = &s["peers"][0];
         assert_eq!(peer["delivered_to"], 5, "{peer}");

@@ -88,8 +88,8 @@ pub enum PeerState {
 }
 
 /// What a node's delivery counters show since it started ([`Node::delivery_counts`]): the
-/// same counts as its `peerbus_messages_*_total` and `peerbus_duplicates_dropped_total`
-/// metrics.
+/// counts its `peerbus_messages_{sent,acknowledged,redelivered,received,delivered}_total`
+/// and `peerbus_duplicates_dropped_total` metrics show.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DeliveryCounts {
     /// Entries stored by `send`/`publish` (one per group copy).

@@ -497,12 +497,12 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             format!("--handler-failures={}", a.handler_failures),
             format!("--slow-handlers={}", a.slow_handlers),
             format!(
-                "--ack-timeout={}",
-                humantime::format_duration(a.ack_timeout)
-            ),
-            format!(
                 "--slow-handler-time={}",
                 humantime::format_duration(a.slow_handler_time)
+            ),
+            format!(
+                "--ack-timeout={}",
+                humantime::format_duration(a.ack_timeout)
             ),
         ];
         for (j, other) in addrs.iter().enumerate() {
