@@ -1362,6 +1362,19 @@ fn bench_runs_one_case_by_name_with_what_it_compares_with() {
             .all(|w| (wire[0] + 50.0..1_000.0).contains(w)),
         "sends: {wire:?}"
     );
+    // Datagrams per 64 B message: the raw stream packs some twenty frames into a packet; a
+    // send's envelope and ack fill its packets faster, but many still share one.
+    let datagrams: Vec<f64> = cases
+        .iter()
+        .map(|c| c["datagrams_per_msg"].as_f64().expect("datagrams_per_msg"))
+        .collect();
+    assert!((0.0..0.2).contains(&datagrams[0]), "raw: {datagrams:?}");
+    assert!(
+        datagrams[1..]
+            .iter()
+            .all(|d| (datagrams[0]..1.0).contains(d)),
+        "sends: {datagrams:?}"
+    );
     assert_eq!(cases[1]["baseline"].as_str(), Some("baseline/stream/64B"));
     assert_eq!(cases[2]["baseline"].as_str(), Some("send/memory/64B"));
     assert!(

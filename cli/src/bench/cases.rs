@@ -92,6 +92,9 @@ pub(crate) struct SendFigures {
     /// envelope, acks and QUIC's own overhead on top of the payload. Unlike the rate, it does
     /// not move with the machine's speed.
     pub(crate) wire_bytes_per_msg: f64,
+    /// UDP datagrams both ways per message: how many messages (and acks) QUIC packs into a
+    /// packet. Like the bytes, it does not move with the machine's speed.
+    pub(crate) datagrams_per_msg: f64,
     pub(crate) fsyncs: u64,
     /// The sender's store checkpoints during the run: entries they wrote to the database,
     /// their time, and the entries they carried over to the next side-log file instead.
@@ -102,14 +105,33 @@ pub(crate) struct SendFigures {
     pub(crate) messages: usize,
 }
 
-/// UDP payload bytes `node` exchanged with all its peers so far, both ways.
-async fn wire_bytes(node: &Node) -> u64 {
-    node.status().await.map_or(0, |s| {
-        s.peers
-            .iter()
-            .map(|p| p.traffic.bytes_sent + p.traffic.bytes_received)
-            .sum()
+/// UDP payload bytes and datagrams `node` exchanged with all its peers so far, both ways.
+async fn wire(node: &Node) -> Wire {
+    node.status().await.map_or(Wire::default(), |s| {
+        s.peers.iter().fold(Wire::default(), |w, p| Wire {
+            bytes: w.bytes + p.traffic.bytes_sent + p.traffic.bytes_received,
+            datagrams: w.datagrams + p.traffic.datagrams_sent + p.traffic.datagrams_received,
+        })
     })
+}
+
+/// What [`wire`] counts.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Wire {
+    /// UDP payload bytes, both ways.
+    pub(crate) bytes: u64,
+    /// UDP datagrams, both ways.
+    pub(crate) datagrams: u64,
+}
+
+impl Wire {
+    /// What was exchanged since `before`, per message of `messages`: (bytes, datagrams).
+    pub(crate) fn per_message(self, before: Wire, messages: f64) -> (f64, f64) {
+        (
+            self.bytes.saturating_sub(before.bytes) as f64 / messages,
+            self.datagrams.saturating_sub(before.datagrams) as f64 / messages,
+        )
+    }
 }
 
 /// CPU time this process has used so far (user + system, all threads).
@@ -162,7 +184,7 @@ pub(crate) async fn send(
     let payload = Bytes::from(vec![0x42u8; size]);
     let msg = move |i: usize| Outgoing::new(payload.clone()).key(format!("k{}", i % 256));
     let before = sender.store_stats();
-    let wire0 = wire_bytes(&sender).await;
+    let wire0 = wire(&sender).await;
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     let callers = sender.clone();
@@ -186,13 +208,15 @@ pub(crate) async fn send(
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_time().saturating_sub(cpu0);
     let after = sender.store_stats();
-    let wire = wire_bytes(&sender).await.saturating_sub(wire0);
+    let (wire_bytes_per_msg, datagrams_per_msg) =
+        wire(&sender).await.per_message(wire0, messages as f64);
     sender.shutdown().await;
     receiver.shutdown().await;
     Ok(SendFigures {
         msgs_per_s: messages as f64 / secs,
         cpu_us_per_msg: cpu.as_secs_f64() * 1e6 / messages as f64,
-        wire_bytes_per_msg: wire as f64 / messages as f64,
+        wire_bytes_per_msg,
+        datagrams_per_msg,
         fsyncs: after.fsyncs - before.fsyncs,
         checkpointed_entries: after.checkpointed_entries - before.checkpointed_entries,
         checkpoint_time: Duration::from_micros(after.checkpoint_micros - before.checkpoint_micros),
@@ -237,7 +261,7 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let wire0 = wire_bytes(&publisher).await;
+    let wire0 = wire(&publisher).await;
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     let callers = publisher.clone();
@@ -250,7 +274,7 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
     let copies = (messages * groups) as f64;
     let rate = copies / t0.elapsed().as_secs_f64();
     let cpu_us = cpu_time().saturating_sub(cpu0).as_secs_f64() * 1e6 / copies;
-    let wire = wire_bytes(&publisher).await.saturating_sub(wire0);
+    let (wire_bytes_per_msg, datagrams_per_msg) = wire(&publisher).await.per_message(wire0, copies);
     publisher.shutdown().await;
     for n in subscribers {
         n.shutdown().await;
@@ -258,7 +282,8 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
     Ok(SendFigures {
         msgs_per_s: rate,
         cpu_us_per_msg: cpu_us,
-        wire_bytes_per_msg: wire as f64 / copies,
+        wire_bytes_per_msg,
+        datagrams_per_msg,
         fsyncs: 0,
         checkpointed_entries: 0,
         checkpoint_time: Duration::ZERO,

@@ -517,6 +517,10 @@ fn send_case(name: String, size: usize, runs: &[cases::SendFigures]) -> (Case, V
         .with(
             "wire_bytes_per_msg",
             median(runs.iter().map(|f| f.wire_bytes_per_msg).collect()),
+        )
+        .with(
+            "datagrams_per_msg",
+            median(runs.iter().map(|f| f.datagrams_per_msg).collect()),
         );
     (case, rates)
 }
@@ -596,6 +600,7 @@ struct SizeRuns {
     raw: Vec<f64>,
     raw_cpu: Vec<f64>,
     raw_wire: Vec<f64>,
+    raw_datagrams: Vec<f64>,
     memory: Vec<cases::SendFigures>,
     fsync: Vec<cases::SendFigures>,
     batch_memory: Vec<cases::SendFigures>,
@@ -622,6 +627,7 @@ impl SizePlan {
                 let cpu = cases::cpu_time().saturating_sub(cpu0);
                 self.runs.raw.push(figures.msgs_per_s);
                 self.runs.raw_wire.push(figures.wire_bytes_per_msg);
+                self.runs.raw_datagrams.push(figures.datagrams_per_msg);
                 self.runs
                     .raw_cpu
                     .push(cpu.as_secs_f64() * 1e6 / frames as f64);
@@ -670,7 +676,8 @@ impl SizePlan {
             .runs(&r.raw)
             .with("mb_per_s", rate * size as f64 / 1e6)
             .with("cpu_us_per_msg", median(r.raw_cpu.clone()))
-            .with("wire_bytes_per_msg", median(r.raw_wire.clone()));
+            .with("wire_bytes_per_msg", median(r.raw_wire.clone()))
+            .with("datagrams_per_msg", median(r.raw_datagrams.clone()));
             stream.insert(size, report.add(case));
         }
         let paired = self.paired;

@@ -29,6 +29,8 @@ pub(crate) struct StreamFigures {
     pub(crate) msgs_per_s: f64,
     /// UDP payload bytes both ways (QUIC's count) per frame.
     pub(crate) wire_bytes_per_msg: f64,
+    /// UDP datagrams both ways per frame.
+    pub(crate) datagrams_per_msg: f64,
 }
 
 /// Frames per second of `frames` frames of `size` bytes on one unidirectional stream of one
@@ -70,9 +72,12 @@ pub(crate) async fn stream(size: usize, frames: usize) -> Result<StreamFigures> 
     let after = conn.traffic();
     let wire = (after.bytes_sent + after.bytes_received)
         .saturating_sub(before.bytes_sent + before.bytes_received);
+    let datagrams = (after.datagrams_sent + after.datagrams_received)
+        .saturating_sub(before.datagrams_sent + before.datagrams_received);
     Ok(StreamFigures {
         msgs_per_s,
         wire_bytes_per_msg: wire as f64 / frames as f64,
+        datagrams_per_msg: datagrams as f64 / frames as f64,
     })
 }
 
