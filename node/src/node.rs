@@ -1346,15 +1346,7 @@ impl Node {
     /// This node's delivery counters since start. Read without asking the node's actor, so it
     /// is cheap to poll and answers even while the node is busy.
     pub fn delivery_counts(&self) -> DeliveryCounts {
-        let c = &self.shared.counters;
-        DeliveryCounts {
-            sent: c.sent.load(Ordering::Relaxed),
-            acked: c.acked.load(Ordering::Relaxed),
-            redelivered: c.redelivered.load(Ordering::Relaxed),
-            received: c.received.load(Ordering::Relaxed),
-            delivered: c.delivered.load(Ordering::Relaxed),
-            duplicates_dropped: c.duplicates_dropped.load(Ordering::Relaxed),
-        }
+        self.shared.counters.delivery_counts()
     }
 }
 

@@ -201,6 +201,18 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
+    /// The delivery counters now: what [`Node::delivery_counts`] and [`Status`] show.
+    pub(crate) fn delivery_counts(&self) -> crate::node::DeliveryCounts {
+        crate::node::DeliveryCounts {
+            sent: self.sent.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+            redelivered: self.redelivered.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            duplicates_dropped: self.duplicates_dropped.load(Ordering::Relaxed),
+        }
+    }
+
     /// Counters of node `id`, registered with the facade under `node="<id>"`.
     pub(crate) fn new(id: &NodeId) -> Self {
         let node = id.to_string();

@@ -281,11 +281,7 @@ async fn status_json(state: &AdminState) -> Option<String> {
         durability: format!("{:?}", node.durability()),
         store: node.store_stats(),
         store_commits_timed: node.shared.counters.commit_latency.count(),
-        duplicates_dropped: node
-            .shared
-            .counters
-            .duplicates_dropped
-            .load(std::sync::atomic::Ordering::Relaxed),
+        duplicates_dropped: node.delivery_counts().duplicates_dropped,
         events: node.shared.events.recent(),
     };
     match serde_json::to_string(&view) {

@@ -1884,6 +1884,7 @@ impl Core {
             .collect();
         peers.sort_by(|a, b| (&a.service, a.node_id).cmp(&(&b.service, b.node_id)));
         let c = &self.shared.counters;
+        let d = c.delivery_counts();
         Status {
             node_id: self.shared.id,
             service: self.shared.service.clone(),
@@ -1902,11 +1903,11 @@ impl Core {
                 .collect(),
             logs: self.outbox.stats(),
             dead_letters: self.dead_letters,
-            sent: c.sent.load(Ordering::Relaxed),
-            acked: c.acked.load(Ordering::Relaxed),
-            received: c.received.load(Ordering::Relaxed),
-            delivered: c.delivered.load(Ordering::Relaxed),
-            redelivered: c.redelivered.load(Ordering::Relaxed),
+            sent: d.sent,
+            acked: d.acked,
+            received: d.received,
+            delivered: d.delivered,
+            redelivered: d.redelivered,
             requests_in_flight,
             requests_own_stream: c.requests_own_stream.load(Ordering::Relaxed),
             core_ticks: c.core_ticks.load(Ordering::Relaxed),
