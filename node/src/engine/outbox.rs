@@ -181,6 +181,10 @@ struct Entry<R> {
     attempts: u32,
     /// The nodes it was sent to: only they may ack it.
     sent_to: recipients::Mask,
+    /// The connection generation its last failed attempt timed out on (no ack in time); 0
+    /// when its handler failed it, or it never failed. When that connection is gone, the
+    /// attempt's backoff ends ([`Outbox::requeue_peer`]).
+    timed_out_on: u64,
 }
 
 #[derive(Debug)]
@@ -648,6 +652,7 @@ impl<R> Outbox<R> {
             expires_at,
             attempts,
             sent_to,
+            timed_out_on: 0,
         };
         match log.entries.insert(seq, entry) {
             None => {
@@ -677,8 +682,10 @@ impl<R> Outbox<R> {
         credits: u32,
     ) {
         // A new connection replaces an old one: what was in flight on the old
-        // one is sent again (the receiver's dedup window drops what it had).
-        self.requeue_peer(peer);
+        // one is sent again (the receiver's dedup window drops what it had), and what timed
+        // out on it waits no longer.
+        let old = self.peers.get(&peer).map(|p| p.conn);
+        self.requeue_peer(peer, old);
         self.peer_changes += 1;
         self.peers.insert(
             peer,
@@ -726,7 +733,7 @@ impl<R> Outbox<R> {
             self.peers.remove(&peer);
             self.peer_changes += 1;
             self.recipients.gone(peer);
-            self.requeue_peer(peer);
+            self.requeue_peer(peer, Some(conn));
             // Online-only copies for its ephemeral subscriptions go with it.
             self.release_log(
                 &Target::Node(peer).log_name(),
@@ -735,7 +742,16 @@ impl<R> Outbox<R> {
         }
     }
 
-    fn requeue_peer(&mut self, peer: NodeId) {
+    /// Sends again what was in flight to `peer`, and ends the backoff of the entries whose
+    /// last attempt timed out on its connection `gone` when that connection is gone.
+    ///
+    /// *Why the backoff ends:* the backoff after an ack timeout is there for an instance
+    /// that is alive but slow (more attempts would only queue behind the first). One whose
+    /// connection closed is not working through them, and holding them back only delays
+    /// them, and every later entry of their keys, when it or another instance is there.
+    /// Those entries are found by walking every entry: connections close far less often
+    /// than entries move.
+    fn requeue_peer(&mut self, peer: NodeId, gone: Option<u64>) {
         for (name, log) in &mut self.logs {
             let (mut lowest, mut earliest) = (None::<u64>, None::<u64>);
             let entries = &mut log.entries;
@@ -751,6 +767,15 @@ impl<R> Outbox<R> {
                 earliest = earliest.into_iter().chain(e.expires_at).min();
                 false
             });
+            for (&seq, e) in entries.iter_mut() {
+                if gone.is_none_or(|c| e.timed_out_on != c) || e.state != State::Pending {
+                    continue;
+                }
+                e.timed_out_on = 0;
+                e.not_before = 0;
+                lowest = Some(lowest.map_or(seq, |l| l.min(seq)));
+                earliest = earliest.into_iter().chain(e.expires_at).min();
+            }
             if let Some(seq) = lowest {
                 now_waiting(
                     &mut log.pending_from,
@@ -893,6 +918,9 @@ impl<R> Outbox<R> {
         }
         let delay = delay(e.attempts);
         e.not_before = now + delay;
+        // The handler failed: this backoff sheds load, whatever becomes of the connection.
+        // (`time_out` marks the entries whose ack timed out, after this.)
+        e.timed_out_on = 0;
         None
     }
 
@@ -1153,16 +1181,28 @@ impl<R> Outbox<R> {
                     due = due.min(sent_at + ack_timeout);
                     break;
                 }
-                if let Some(State::InFlight { peer, .. }) = log.entries.get(&seq).map(|e| &e.state)
+                if let Some(State::InFlight { peer, conn, .. }) =
+                    log.entries.get(&seq).map(|e| &e.state)
                 {
-                    timed_out.push((name.clone(), seq, *peer));
+                    timed_out.push((name.clone(), seq, *peer, *conn));
                 }
             }
         }
         self.ack_due = due;
-        for (name, seq, peer) in timed_out {
+        for (name, seq, peer, conn) in timed_out {
             let reason = format!("no ack within {ack_timeout} ms");
-            settled.extend(self.on_nack(peer, &name, seq, &reason, false, now));
+            match self.on_nack(peer, &name, seq, &reason, false, now) {
+                Some(dead) => settled.push(dead),
+                None => {
+                    if let Some(e) = self
+                        .logs
+                        .get_mut(&name)
+                        .and_then(|l| l.entries.get_mut(&seq))
+                    {
+                        e.timed_out_on = conn;
+                    }
+                }
+            }
         }
     }
 
@@ -1815,6 +1855,70 @@ mod tests {
         assert!(ob.check_timers(1_000).is_empty());
         let due = ob.next_deadline().expect("retry");
         assert_eq!(ob.dispatch(due).len(), 1, "resent after the ack timeout");
+    }
+
+    /// A backoff after an ack timeout ends when the connection the ack timed out on closes
+    /// (here: replaced by a new one, and gone): the entry goes out again at once, and the
+    /// later entries of its key after it. A backoff after a handler failure does not end.
+    #[test]
+    fn a_timeout_backoff_ends_when_its_connection_is_gone() {
+        for replaced in [true, false] {
+            let mut ob = outbox();
+            ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+            ob.append(&target(), env(Some("k")), 0, None, None, false);
+            ob.append(&target(), env(Some("f")), 0, None, None, false);
+            let tx = ob.dispatch(0);
+            assert_eq!(tx.iter().map(seq_of).collect::<Vec<_>>(), vec![1, 2]);
+            let log = target().log_name();
+            // #2's handler fails; #1 times out; both wait out a backoff (100–200 ms).
+            assert!(ob.on_nack(id(1), &log, 2, "boom", false, 950).is_none());
+            assert!(ob.check_timers(1_000).is_empty());
+            ob.append(&target(), env(Some("k")), 1_000, None, None, false);
+            assert!(
+                ob.dispatch(1_001).is_empty(),
+                "the backoffs hold #1, #2 and #3 (behind #1, its key)"
+            );
+            if replaced {
+                ob.peer_up(id(1), 2, "svc".into(), vec![], 100);
+            } else {
+                ob.peer_down(id(1), 1);
+                ob.peer_up(id(1), 2, "svc".into(), vec![], 100);
+            }
+            let tx = ob.dispatch(1_002);
+            assert_eq!(
+                tx.iter().map(|t| (seq_of(t), t.conn)).collect::<Vec<_>>(),
+                vec![(1, 2), (3, 2)],
+                "replaced: {replaced}"
+            );
+            let retry = ob.next_deadline().expect("#2's backoff");
+            assert!(retry > 1_002, "#2 still waits ({retry})");
+            assert_eq!(
+                ob.dispatch(retry).iter().map(seq_of).collect::<Vec<_>>(),
+                vec![2]
+            );
+        }
+    }
+
+    /// An entry whose ack timed out and whose handler then failed it waits out the
+    /// handler's backoff, whatever becomes of the connection.
+    #[test]
+    fn a_handler_backoff_after_a_timeout_outlasts_the_connection() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        ob.append(&target(), env(Some("k")), 0, None, None, false);
+        assert_eq!(ob.dispatch(0).len(), 1);
+        let log = target().log_name();
+        assert!(ob.check_timers(1_000).is_empty());
+        let due = ob.next_deadline().expect("the retry");
+        assert_eq!(ob.dispatch(due).len(), 1, "sent again after the timeout");
+        assert!(ob.on_nack(id(1), &log, 1, "boom", false, due + 1).is_none());
+        ob.peer_up(id(1), 2, "svc".into(), vec![], 100);
+        assert!(
+            ob.dispatch(due + 2).is_empty(),
+            "the handler's backoff holds"
+        );
+        let retry = ob.next_deadline().expect("the handler's retry");
+        assert_eq!(ob.dispatch(retry).len(), 1);
     }
 
     /// The ack-timeout pass reads the in-flight index: entries sent at different times time
