@@ -234,6 +234,11 @@ impl NodeBuilder {
 
     /// How long a delivered message may stay unacknowledged before it is sent again.
     /// Default 30 s. Set it above your slowest handler, or messages are handled twice.
+    ///
+    /// A timeout counts as a failed attempt: the message is sent again after the retry
+    /// backoff ([`NodeBuilder::retry_backoff`]), so an instance that is alive but
+    /// slow is not flooded with copies. When the connection it timed out on closes (the
+    /// peer died, or reconnected), that backoff ends and the message goes out at once.
     pub fn ack_timeout(mut self, d: Duration) -> Self {
         self.ack_timeout = d;
         self
