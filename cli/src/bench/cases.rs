@@ -298,13 +298,22 @@ pub(crate) async fn publish(groups: usize, size: usize, messages: usize) -> Resu
 pub(crate) struct Echo {
     client: Node,
     server: Node,
+    /// A second client whose sends are `Durability::Fsync`, in its own data directory: for
+    /// [`Echo::durable_acks`]. Started when [`Echo::start`] is given a directory.
+    durable: Option<Node>,
 }
 
 impl Echo {
     /// Starts both nodes and waits until the client's requests are answered and its sends
     /// have a consumer (the server also takes the `echo` service's messages, acknowledging
     /// each at once), then warms both paths with `warm` requests and `warm` sends.
-    pub(crate) async fn start(warm: usize, work: Duration) -> Result<Self> {
+    /// With `durable_dir`, also starts [`Echo::durable`] there and warms it with `warm`
+    /// sends.
+    pub(crate) async fn start(
+        warm: usize,
+        work: Duration,
+        durable_dir: Option<&Path>,
+    ) -> Result<Self> {
         let mesh = Mesh::new();
         let server = mesh
             .node("echo")?
@@ -345,10 +354,49 @@ impl Echo {
         {
             bail!("the echo service never took its messages");
         }
-        let echo = Self { client, server };
+        let durable = match durable_dir {
+            Some(dir) => {
+                let node = mesh
+                    .node("durable-client")?
+                    .durability(Durability::Fsync)
+                    .data_dir(dir)
+                    .start()
+                    .await
+                    .context("starting the durable client")?;
+                if !node
+                    .wait_for_consumers("echo", 1, Duration::from_secs(20))
+                    .await
+                {
+                    bail!("the echo service never took the durable client's messages");
+                }
+                Some(node)
+            }
+            None => None,
+        };
+        let echo = Self {
+            client,
+            server,
+            durable,
+        };
         echo.rounds(warm).await?;
         echo.acks(warm).await?;
+        echo.durable_acks(warm).await?;
         Ok(echo)
+    }
+
+    /// Latencies of `rounds` sends (`Durability::Fsync`, 4 bytes) from the durable client,
+    /// one after another, each from the call until its receipt says the handler acknowledged
+    /// it: what [`Echo::acks`] measures, plus the fsync of the entry (and whatever else the
+    /// sender's store writer does meanwhile). Empty without a durable client.
+    pub(crate) async fn durable_acks(&self, rounds: usize) -> Result<Vec<Duration>> {
+        let Some(node) = &self.durable else {
+            return Ok(Vec::new());
+        };
+        time_each(rounds, || async {
+            node.send("echo", "ping").await?.acked().await?;
+            anyhow::Ok(())
+        })
+        .await
     }
 
     /// Latencies of `rounds` sends (`Durability::Memory`, 4 bytes), one after another, each
@@ -360,6 +408,11 @@ impl Echo {
             anyhow::Ok(())
         })
         .await
+    }
+
+    /// The fsyncs the durable client's store has made so far (0 without one).
+    pub(crate) fn durable_fsyncs(&self) -> u64 {
+        self.durable.as_ref().map_or(0, |n| n.store_stats().fsyncs)
     }
 
     /// Latencies of `rounds` requests, one after another.
@@ -396,6 +449,9 @@ impl Echo {
 
     pub(crate) async fn shutdown(self) {
         self.client.shutdown().await;
+        if let Some(node) = self.durable {
+            node.shutdown().await;
+        }
         self.server.shutdown().await;
     }
 }

@@ -434,7 +434,7 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
     }
 
     if wanted("request") || wanted("ack") {
-        requests(report, scale).await?;
+        requests(report, scale, &tmp.path().join("acks")).await?;
     }
     if wanted("backlog") {
         let backlog = cases::backlog(BACKLOG_ENTRIES, 1024, &tmp.path().join("backlog")).await?;
@@ -752,17 +752,20 @@ const LATENCY_BLOCK: usize = 100;
 /// about twice as long as from a task, a request only a fifth longer (probably the wake-ups
 /// of the thread outside the workers, at each end of every round trip, which a request
 /// partly overlaps with its own hops between tasks; not traced).
-async fn requests(report: &mut Report, scale: usize) -> Result<()> {
+async fn requests(report: &mut Report, scale: usize, dir: &std::path::Path) -> Result<()> {
     let rounds = 2_000 * scale;
     let mut pingpong = raw::PingPong::start().await?;
     pingpong.rounds(rounds.min(500)).await?;
-    let mut echo = cases::Echo::start(rounds.min(500), Duration::ZERO).await?;
+    let mut echo = cases::Echo::start(rounds.min(500), Duration::ZERO, Some(dir)).await?;
     let (mut main, mut in_task) = (Latencies::default(), Latencies::default());
+    let mut durable_acks = Vec::with_capacity(rounds);
+    let fsyncs0 = echo.durable_fsyncs();
     while main.requests.len() < rounds {
         let n = LATENCY_BLOCK.min(rounds - main.requests.len());
         main.pingpong.extend(pingpong.rounds(n).await?);
         main.requests.extend(echo.rounds(n).await?);
         main.acks.extend(echo.acks(n).await?);
+        durable_acks.extend(echo.durable_acks(n).await?);
         let (pp, lat, acks);
         (pingpong, echo, pp, lat, acks) = tokio::spawn(async move {
             let pp = pingpong.rounds(n).await?;
@@ -776,12 +779,30 @@ async fn requests(report: &mut Report, scale: usize) -> Result<()> {
         in_task.requests.extend(lat);
         in_task.acks.extend(acks);
     }
+    let fsyncs = echo.durable_fsyncs().saturating_sub(fsyncs0);
     let raw_rps = pingpong.throughput(cases::CALLERS, rounds * 4).await?;
     drop(pingpong);
     let rps = echo.throughput(rounds * 4).await?;
     echo.shutdown().await;
-    main.report(report, "");
+    let ack_case = main.report(report, "");
     in_task.report(report, "/in-task");
+    // A durable send until its ack, against the in-memory one: what the fsync adds. Its
+    // sender's fsyncs per message show what its store writer synced besides the entry.
+    durable_acks.sort();
+    let fsyncs_per_message = fsyncs as f64 / durable_acks.len().max(1) as f64;
+    for (figure, primary, p) in PERCENTILES {
+        let case = Case::new(
+            format!("ack/fsync/{figure}"),
+            primary,
+            percentile_us(&durable_acks, p),
+        );
+        report.add(match figure {
+            "p50" => case
+                .against(report.get(ack_case))
+                .with("fsyncs_per_message", fsyncs_per_message),
+            _ => case,
+        });
+    }
     let base = report.add(Case::new(
         "baseline/pingpong/throughput",
         "requests_per_s",
@@ -794,7 +815,7 @@ async fn requests(report: &mut Report, scale: usize) -> Result<()> {
     );
     // A handler that computes for HANDLER_WORK before it answers: its requests can use every
     // core only if the server runs several handlers at once.
-    let busy = cases::Echo::start(100, HANDLER_WORK).await?;
+    let busy = cases::Echo::start(100, HANDLER_WORK, None).await?;
     let busy_rps = busy.throughput(rounds * 2).await?;
     busy.shutdown().await;
     report.add(
@@ -822,7 +843,8 @@ impl Latencies {
     /// Adds `baseline/pingpong<context>`, `request<context>/p50`, `/p99` and `/p99.9`, each
     /// against the ping-pong's same percentile (the p50 carries the target), and the same
     /// percentiles of a send until its acknowledgement, `ack<context>/…` (no target).
-    fn report(mut self, report: &mut Report, context: &str) {
+    /// Returns the index of `ack<context>/p50`.
+    fn report(mut self, report: &mut Report, context: &str) -> usize {
         self.pingpong.sort();
         self.requests.sort();
         self.acks.sort();
@@ -834,15 +856,12 @@ impl Latencies {
                 .with("p999_us", pp999),
         );
         // Requests carry the target (at their p50); acks are shown beside them, without one.
+        let mut ack_p50 = 0;
         for (kind, samples, target) in [
             ("request", &self.requests, Some(1.3)),
             ("ack", &self.acks, None),
         ] {
-            for (figure, primary, p) in [
-                ("p50", "p50_us", 0.5),
-                ("p99", "p99_us", 0.99),
-                ("p99.9", "p999_us", 0.999),
-            ] {
+            for (figure, primary, p) in PERCENTILES {
                 let case = Case::new(
                     format!("{kind}{context}/{figure}"),
                     primary,
@@ -857,11 +876,22 @@ impl Latencies {
                         percentile_us(&self.pingpong, p),
                     )),
                 };
-                report.add(case);
+                let i = report.add(case);
+                if kind == "ack" && figure == "p50" {
+                    ack_p50 = i;
+                }
             }
         }
+        ack_p50
     }
 }
+
+/// The latency percentiles reported: name, JSON figure and quantile.
+const PERCENTILES: [(&str, &str, f64); 3] = [
+    ("p50", "p50_us", 0.5),
+    ("p99", "p99_us", 0.99),
+    ("p99.9", "p999_us", 0.999),
+];
 
 #[cfg(test)]
 mod tests {
