@@ -1320,6 +1320,53 @@ fn bench_writes_json_cases() {
     }
 }
 
+/// `peerbus bench --only ack` times lone sends until their ack, in memory and fsync'd; the
+/// fsync'd sender syncs once per send (its removals ride along with the next send's sync).
+#[test]
+fn bench_times_lone_sends_until_acked_with_their_fsyncs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("bench.json");
+    let mut cmd = Command::new(peerbus_bin());
+    cmd.args(["bench", "--quick", "--only", "ack", "--json"])
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let done = run(cmd, "bench", Duration::from_secs(120));
+    assert!(done.status.success(), "{}", done.stderr);
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json file")).expect("json");
+    let cases = doc["cases"].as_array().expect("cases");
+    let case = |name: &str| {
+        cases
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no case {name}: {doc}"))
+    };
+    let memory = case("ack/p50")["p50_us"].as_f64().expect("ack p50");
+    let fsync = case("ack/fsync/p50");
+    assert_eq!(fsync["baseline"], "ack/p50", "{fsync}");
+    let p50 = fsync["p50_us"].as_f64().expect("p50");
+    assert!(p50 > 0.0 && memory > 0.0, "{p50} {memory}");
+    let ratio = fsync["ratio"].as_f64().expect("ratio");
+    assert!((ratio - p50 / memory).abs() < 0.01 * ratio, "{fsync}");
+    // One sync per send; a checkpoint during the run may add one or two.
+    let per_send = fsync["fsyncs_per_message"].as_f64().expect("fsyncs");
+    assert!(
+        (0.99..1.1).contains(&per_send),
+        "fsyncs per send {per_send}"
+    );
+    for figure in ["p99", "p99.9"] {
+        let c = case(&format!("ack/fsync/{figure}"));
+        assert!(
+            c["p99_us"]
+                .as_f64()
+                .or(c["p999_us"].as_f64())
+                .is_some_and(|v| v >= p50),
+            "{c}"
+        );
+    }
+}
+
 #[test]
 fn bench_runs_one_case_by_name_with_what_it_compares_with() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -111,6 +111,17 @@ impl Batch {
             && self.dead.is_empty()
             && self.groups.is_empty()
     }
+
+    /// Whether the batch does nothing but remove entries (settled ones): nothing in it
+    /// needs to be durable before anybody is answered.
+    pub fn only_removes(&self) -> bool {
+        !self.remove.is_empty()
+            && self.append.is_empty()
+            && self.windows.is_empty()
+            && self.next_seqs.is_empty()
+            && self.dead.is_empty()
+            && self.groups.is_empty()
+    }
 }
 
 /// A stored record that failed its checksum or did not decode; it was moved to the

@@ -639,7 +639,11 @@ impl RedbStore {
         if self.force_durable {
             self.checkpoint_carrying(true)?;
         }
-        let sync = self.sync_due();
+        // A batch that only removes entries is not synced on its own: losing it in a crash
+        // sends those entries again (the at-least-once promise allows a duplicate), and the
+        // next synced commit, a sync or a checkpoint makes it durable with everything
+        // before it. So `Fsync`'s callers never wait behind an fsync that holds no send.
+        let sync = self.sync_due() && !batch.only_removes();
         let Some(wal) = &mut self.wal else {
             return Err(StoreError::Db("the store's side log is not open".into()));
         };

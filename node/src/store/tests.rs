@@ -657,6 +657,32 @@ fn fsync_counts_follow_the_durability() {
     assert_eq!(s.stats().fsyncs, base.fsyncs + 1, "zero interval is Fsync");
 }
 
+/// With `Fsync`, a batch that only removes (settled) entries is written but not synced on
+/// its own: the next sync, or the next commit that syncs, covers it. A process crash before
+/// either keeps it (the page cache has it); an OS crash could bring the entries back, to be
+/// sent again.
+#[test]
+fn removals_alone_are_synced_with_the_next_sync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = RedbStore::open(dir.path(), Durability::Fsync).expect("open");
+    s.commit(appended("svc:a", 1..=3)).expect("commit");
+    let base = s.stats();
+    s.commit(removed("svc:a", &[1])).expect("commit");
+    assert_eq!(s.stats().fsyncs, base.fsyncs, "removals alone: no fsync");
+    s.sync().expect("sync");
+    assert_eq!(s.stats().fsyncs, base.fsyncs + 1, "a sync covers them");
+    s.commit(removed("svc:a", &[2])).expect("commit");
+    s.commit(appended("svc:a", 4..=4)).expect("commit");
+    assert_eq!(s.stats().fsyncs, base.fsyncs + 2, "an append syncs");
+    s.commit(removed("svc:a", &[3])).expect("commit");
+    assert_eq!(s.stats().commits, base.commits + 4);
+    assert_eq!(
+        crash_and_recover(s, dir.path()),
+        vec![("svc:a".into(), 4)],
+        "every removal was written before the crash"
+    );
+}
+
 #[test]
 fn read_only_open_reads_a_stopped_node_and_refuses_writes() {
     let dir = tempfile::tempdir().expect("tempdir");
