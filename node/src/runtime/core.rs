@@ -526,8 +526,8 @@ impl Core {
     }
 
     /// Queues `op` to the store writer without waiting; every store operation core makes
-    /// goes through here. With `Durability::Interval` a write waits for the tick's sync, so
-    /// core keeps ticking fast until then.
+    /// goes through here. With `Durability::Interval` a write (anything but the sync itself)
+    /// waits for the tick's sync, so core keeps ticking fast until then.
     // `try_send`'s own result: a full queue hands the operation back, so the caller can
     // answer for it (a cold path; boxing it would allocate on every write).
     #[allow(clippy::result_large_err)]
@@ -535,7 +535,8 @@ impl Core {
         if matches!(
             self.shared.durability,
             crate::store::Durability::Interval(_)
-        ) {
+        ) && !matches!(op, StoreOp::Sync)
+        {
             self.unsynced.set(true);
         }
         self.store.try_send(op)
@@ -734,8 +735,8 @@ impl Core {
             let every = (every.as_millis() as u64).max(1);
             if now.saturating_sub(self.last_sync) >= every {
                 self.last_sync = now;
-                self.store_op(StoreOp::Sync);
                 self.unsynced.set(false);
+                self.store_op(StoreOp::Sync);
             }
         }
         self.expire_parked(now);
@@ -990,9 +991,9 @@ impl Core {
         }
     }
 
-    /// Persist the dedup window that now includes `seq`, then ack (so a crash after the ack
-    /// can never make the handler run again for it).
-    /// A local handler finished an entry: ack or nack it to its origin.
+    /// A local handler finished an entry: ack or nack it to its origin. With a durable store
+    /// the ack waits until the dedup window that now includes `seq` is persisted (so a crash
+    /// after the ack can never make the handler run again for it).
     fn completed(&mut self, c: Completion) {
         let Completion { env, result } = c;
         let (origin, seq) = (env.origin, env.seq);
