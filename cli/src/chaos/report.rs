@@ -91,6 +91,7 @@ impl RunReport {
             "duplicates": f.duplicates,
             "duplicates_explained_by_crash": f.duplicates_explained,
             "duplicates_after_sender_kill": f.duplicates_after_sender_kill,
+            "duplicates_behind_their_key": f.duplicates_behind_their_key,
             "duplicate_causes": f.duplicate_causes,
             "order_violations": f.order_violations,
             "protocol_faults": f.protocol_faults,
@@ -152,8 +153,11 @@ impl RunReport {
             (
                 "duplicates",
                 format!(
-                    "{} ({} after a kill of the handler, {} of the sender)",
-                    f.duplicates, f.duplicates_explained, f.duplicates_after_sender_kill
+                    "{} ({} after a kill of the handler, {} of the sender; {} behind a later message of their key)",
+                    f.duplicates,
+                    f.duplicates_explained,
+                    f.duplicates_after_sender_kill,
+                    f.duplicates_behind_their_key
                 ),
                 "",
             ),
