@@ -383,6 +383,10 @@ pub struct Outbox<R = ()> {
     /// Counts changes to what the peers consume (a peer up or down, a new service or new
     /// interests, a goodbye): see [`Outbox::peer_changes`].
     peer_changes: u64,
+    /// The connections on which an ack timed out since they came up: only their close walks
+    /// the entries to end those timeouts' backoffs ([`Outbox::requeue_peer`]), not every
+    /// close. At most one per connection, taken out when it closes.
+    timed_out_conns: BTreeSet<u64>,
 }
 
 impl Outbox {
@@ -465,6 +469,7 @@ impl<R> Outbox<R> {
             timer_due: 0,
             ack_due: 0,
             peer_changes: 0,
+            timed_out_conns: BTreeSet::new(),
         }
     }
 
@@ -749,9 +754,11 @@ impl<R> Outbox<R> {
     /// that is alive but slow (more attempts would only queue behind the first). One whose
     /// connection closed is not working through them, and holding them back only delays
     /// them, and every later entry of their keys, when it or another instance is there.
-    /// Those entries are found by walking every entry: connections close far less often
-    /// than entries move.
+    /// Those entries are found by walking every entry, and only when an ack timed out on
+    /// that connection (`timed_out_conns`): connections close far less often than entries
+    /// move, and a close with no timeout walks nothing.
     fn requeue_peer(&mut self, peer: NodeId, gone: Option<u64>) {
+        let gone = gone.filter(|c| self.timed_out_conns.remove(c));
         for (name, log) in &mut self.logs {
             let (mut lowest, mut earliest) = (None::<u64>, None::<u64>);
             let entries = &mut log.entries;
@@ -767,14 +774,16 @@ impl<R> Outbox<R> {
                 earliest = earliest.into_iter().chain(e.expires_at).min();
                 false
             });
-            for (&seq, e) in entries.iter_mut() {
-                if gone.is_none_or(|c| e.timed_out_on != c) || e.state != State::Pending {
-                    continue;
+            if let Some(conn) = gone {
+                for (&seq, e) in entries.iter_mut() {
+                    if e.timed_out_on != conn || e.state != State::Pending {
+                        continue;
+                    }
+                    e.timed_out_on = 0;
+                    e.not_before = 0;
+                    lowest = Some(lowest.map_or(seq, |l| l.min(seq)));
+                    earliest = earliest.into_iter().chain(e.expires_at).min();
                 }
-                e.timed_out_on = 0;
-                e.not_before = 0;
-                lowest = Some(lowest.map_or(seq, |l| l.min(seq)));
-                earliest = earliest.into_iter().chain(e.expires_at).min();
             }
             if let Some(seq) = lowest {
                 now_waiting(
@@ -1200,6 +1209,7 @@ impl<R> Outbox<R> {
                         .and_then(|l| l.entries.get_mut(&seq))
                     {
                         e.timed_out_on = conn;
+                        self.timed_out_conns.insert(conn);
                     }
                 }
             }
