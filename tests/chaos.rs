@@ -136,6 +136,19 @@ fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
         drains.iter().all(Value::is_f64),
         "every fault drained: {drains:?}"
     );
+    // The same, summed up by kind: each fault counted once, under its kind.
+    let by_kind = r["drain_by_kind"].as_object().expect("drain_by_kind");
+    let counted: u64 = by_kind.values().filter_map(|d| d["faults"].as_u64()).sum();
+    assert_eq!(counted, faults.len() as u64, "{by_kind:?}");
+    for (kind, d) in by_kind {
+        assert!(kinds.contains(&kind.as_str()), "{kind} {kinds:?}");
+        assert_eq!(d["drained"], d["faults"], "{kind}: {d}");
+        let (mean, max) = (d["mean_seconds"].as_f64(), d["max_seconds"].as_f64());
+        assert!(
+            mean.zip(max).is_some_and(|(m, x)| 0.0 <= m && m <= x),
+            "{kind}: {d}"
+        );
+    }
     let html = std::fs::read_to_string(tmp.path().join("report.html")).expect("HTML report");
     assert!(
         html.contains("<svg") && html.contains("PASS"),

@@ -39,6 +39,48 @@ pub(crate) struct FaultView {
     pub(crate) drain_seconds: Option<f64>,
 }
 
+/// How the faults of one kind drained (see [`FaultView::drain_seconds`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct DrainSummary {
+    /// Faults of the kind.
+    pub(crate) faults: usize,
+    /// Of those, the ones after which everything accepted before their end was handled.
+    pub(crate) drained: usize,
+    /// Mean and longest drain of those, in seconds (0 when none drained).
+    pub(crate) mean_seconds: f64,
+    pub(crate) max_seconds: f64,
+}
+
+/// The drains of `faults` by kind, kinds in name order.
+pub(crate) fn drain_by_kind(
+    faults: &[FaultView],
+) -> std::collections::BTreeMap<String, DrainSummary> {
+    let mut by_kind: std::collections::BTreeMap<String, Vec<Option<f64>>> = Default::default();
+    for f in faults {
+        by_kind
+            .entry(f.kind.clone())
+            .or_default()
+            .push(f.drain_seconds);
+    }
+    by_kind
+        .into_iter()
+        .map(|(kind, drains)| {
+            let done: Vec<f64> = drains.iter().flatten().copied().collect();
+            let summary = DrainSummary {
+                faults: drains.len(),
+                drained: done.len(),
+                mean_seconds: if done.is_empty() {
+                    0.0
+                } else {
+                    done.iter().sum::<f64>() / done.len() as f64
+                },
+                max_seconds: done.iter().copied().fold(0.0, f64::max),
+            };
+            (kind, summary)
+        })
+        .collect()
+}
+
 /// Everything a run produced.
 #[derive(Debug)]
 pub(crate) struct RunReport {
@@ -100,6 +142,7 @@ impl RunReport {
             "duplicates_dropped": f.duplicates_dropped,
             "faults": self.faults,
             "drain_seconds": self.faults.iter().map(|x| x.drain_seconds).collect::<Vec<_>>(),
+            "drain_by_kind": drain_by_kind(&self.faults),
             "peak_log_depth": self.peak_backlog,
             "peak_log_depth_per_node": self.peak_backlog_per_node,
             "final_drain_seconds": self.final_drain_seconds,
@@ -131,6 +174,22 @@ impl RunReport {
                 x.start,
                 x.end,
                 secs(x.drain_seconds)
+            );
+        }
+        for (kind, d) in drain_by_kind(&self.faults) {
+            let never = d.faults - d.drained;
+            let _ = writeln!(
+                s,
+                "       {kind:<10} {:>3} fault{}, drained in {:.2} s on average, {:.2} s at most{}",
+                d.faults,
+                if d.faults == 1 { "" } else { "s" },
+                d.mean_seconds,
+                d.max_seconds,
+                if never > 0 {
+                    format!(", {never} never")
+                } else {
+                    String::new()
+                }
             );
         }
         let _ = writeln!(s, "\nresult");
@@ -433,5 +492,52 @@ impl RunReport {
             peak = self.peak_backlog,
             settings = serde_json::to_string_pretty(&self.settings).unwrap_or_default(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fault(kind: &str, drain: Option<f64>) -> FaultView {
+        FaultView {
+            kind: kind.to_string(),
+            target: "node-1".to_string(),
+            start: 1.0,
+            end: 2.0,
+            drain_seconds: drain,
+        }
+    }
+
+    /// Drains are summed up by kind: how many faults, how many drained, their mean and
+    /// longest drain; a fault after which the run never drained counts only as a fault.
+    #[test]
+    fn drains_are_summed_up_by_kind() {
+        let by_kind = drain_by_kind(&[
+            fault("kill", Some(0.5)),
+            fault("freeze", Some(0.25)),
+            fault("kill", Some(1.5)),
+            fault("kill", None),
+        ]);
+        assert_eq!(by_kind.keys().collect::<Vec<_>>(), ["freeze", "kill"]);
+        assert_eq!(
+            by_kind["kill"],
+            DrainSummary {
+                faults: 3,
+                drained: 2,
+                mean_seconds: 1.0,
+                max_seconds: 1.5,
+            }
+        );
+        assert_eq!(by_kind["freeze"].mean_seconds, 0.25);
+        assert_eq!(
+            drain_by_kind(&[fault("partition", None)])["partition"],
+            DrainSummary {
+                faults: 1,
+                drained: 0,
+                mean_seconds: 0.0,
+                max_seconds: 0.0,
+            }
+        );
     }
 }
