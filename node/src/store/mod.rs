@@ -163,7 +163,9 @@ pub enum Durability {
     /// Each group commit is appended to the side log (`peerbus.wal`) and fsync'd before
     /// [`Store::commit`] returns, so before any of its `send` calls return. Survives process
     /// crashes, OS crashes and power loss (as far as the disk honours fsync). Concurrent sends
-    /// share one fsync. The default with a data directory.
+    /// share one fsync. The default with a data directory. A commit that only removes settled
+    /// entries is written but not fsync'd on its own: the next fsync covers it, and an OS crash
+    /// before then can bring those entries back to be sent again (a duplicate, never a loss).
     Fsync,
     /// Commits are not fsync'd; the next commit after the interval has elapsed is (and so is
     /// [`Store::sync`], a stop, and every checkpoint, at the latest once 16 MiB are logged).

@@ -664,7 +664,8 @@ impl RedbStore {
         self.commits += 1;
         if sync {
             self.fsyncs += 1;
-            // Only `Interval` reads it (and with `Fsync` every commit syncs): no clock read.
+            // Only `Interval` reads it (with `Fsync` every commit but a removal syncs): no
+            // clock read.
             if matches!(self.durability, Durability::Interval(_)) {
                 self.last_fsync = Instant::now();
             }

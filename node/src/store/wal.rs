@@ -3,7 +3,8 @@
 //!
 //! Every commit appends its batch here with one `write`. With
 //! [`Durability::Fsync`](super::Durability::Fsync) the file is then
-//! `fdatasync`'d before the commit returns; with
+//! `fdatasync`'d before the commit returns (unless the commit only removes
+//! settled entries: the next fsync covers those); with
 //! [`Durability::Interval`](super::Durability::Interval) it is fsync'd once
 //! per interval, and once `write` returns the kernel has the bytes, so they
 //! survive a crash of the process. A sequential append and one fsync of one
