@@ -53,6 +53,10 @@ struct Faults {
     /// receiver's queue), on a connection that lives on: the receiver blocks its key, and the
     /// sender's ack timeout sends it again.
     stale: u64,
+    /// The sender's ack timeout (ms of simulated time; a step is 1–5 ms). Short, it times out
+    /// entries still queued at a live receiver, which then come back after a backoff, or at
+    /// once when their connection drops.
+    ack_timeout_ms: u64,
 }
 
 fn env(origin: NodeId, key: &str, i: u64) -> Envelope {
@@ -75,7 +79,7 @@ fn run(seed: u64, receivers: usize, messages: u64, keys: u64, faults: Faults) {
     let origin = NodeId::from_bytes([9; 32]);
     let mut rng = Rng(seed | 1);
     let mut ob = Outbox::new(OutboxConfig {
-        ack_timeout_ms: 2_000,
+        ack_timeout_ms: faults.ack_timeout_ms,
         max_attempts: 1_000,
         backoff_base_ms: 10,
         backoff_max_ms: 200,
@@ -298,6 +302,7 @@ fn clean_network_delivers_everything_in_order() {
             crash: 0,
             fail_handler: 0,
             stale: 0,
+            ack_timeout_ms: 2_000,
         },
     );
 }
@@ -315,6 +320,7 @@ fn dropped_connections_lose_nothing_and_keep_key_order() {
                 crash: 0,
                 fail_handler: 0,
                 stale: 0,
+                ack_timeout_ms: 2_000,
             },
         );
     }
@@ -333,6 +339,7 @@ fn handler_failures_are_retried_in_key_order() {
                 crash: 0,
                 fail_handler: 30,
                 stale: 0,
+                ack_timeout_ms: 2_000,
             },
         );
     }
@@ -351,6 +358,7 @@ fn receiver_crashes_with_persisted_windows_cause_no_duplicates() {
                 crash: 3,
                 fail_handler: 10,
                 stale: 0,
+                ack_timeout_ms: 2_000,
             },
         );
     }
@@ -370,6 +378,29 @@ fn stale_drops_keep_key_order_and_lose_nothing() {
                 crash: 2,
                 fail_handler: 20,
                 stale: 20,
+                ack_timeout_ms: 2_000,
+            },
+        );
+    }
+}
+
+/// Ack timeouts shorter than a receiver's queue, with connections that drop: entries time out
+/// while still queued, come back after a backoff, and the backoff ends when the connection
+/// they timed out on drops (the outbox's `requeue_peer`). Nothing is lost and key order holds.
+#[test]
+fn short_ack_timeouts_with_dropped_connections_keep_key_order() {
+    for seed in 1..=SEEDS {
+        run(
+            seed,
+            3,
+            600,
+            7,
+            Faults {
+                drop_conn: 10,
+                crash: 2,
+                fail_handler: 10,
+                stale: 0,
+                ack_timeout_ms: 4,
             },
         );
     }
