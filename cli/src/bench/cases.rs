@@ -108,9 +108,12 @@ pub(crate) struct SendFigures {
 /// UDP payload bytes and datagrams `node` exchanged with all its peers so far, both ways.
 async fn wire(node: &Node) -> Wire {
     node.status().await.map_or(Wire::default(), |s| {
-        s.peers.iter().fold(Wire::default(), |w, p| Wire {
-            bytes: w.bytes + p.traffic.bytes_sent + p.traffic.bytes_received,
-            datagrams: w.datagrams + p.traffic.datagrams_sent + p.traffic.datagrams_received,
+        s.peers.iter().fold(Wire::default(), |w, p| {
+            let t = Wire::of(&p.traffic);
+            Wire {
+                bytes: w.bytes + t.bytes,
+                datagrams: w.datagrams + t.datagrams,
+            }
         })
     })
 }
@@ -125,6 +128,14 @@ pub(crate) struct Wire {
 }
 
 impl Wire {
+    /// What one connection's QUIC counters say, both ways.
+    pub(crate) fn of(t: &peerbus::Traffic) -> Self {
+        Self {
+            bytes: t.bytes_sent + t.bytes_received,
+            datagrams: t.datagrams_sent + t.datagrams_received,
+        }
+    }
+
     /// What was exchanged since `before`, per message of `messages`: (bytes, datagrams).
     pub(crate) fn per_message(self, before: Wire, messages: f64) -> (f64, f64) {
         (
@@ -392,22 +403,14 @@ impl Echo {
         let Some(node) = &self.durable else {
             return Ok(Vec::new());
         };
-        time_each(rounds, || async {
-            node.send("echo", "ping").await?.acked().await?;
-            anyhow::Ok(())
-        })
-        .await
+        acks_from(node, rounds).await
     }
 
     /// Latencies of `rounds` sends (`Durability::Memory`, 4 bytes), one after another, each
     /// from the call until its receipt says the handler acknowledged it: the round trip of the
     /// delivery path, as [`Echo::rounds`] is of the request path.
     pub(crate) async fn acks(&self, rounds: usize) -> Result<Vec<Duration>> {
-        time_each(rounds, || async {
-            self.client.send("echo", "ping").await?.acked().await?;
-            anyhow::Ok(())
-        })
-        .await
+        acks_from(&self.client, rounds).await
     }
 
     /// The fsyncs the durable client's store has made so far (0 without one).
@@ -454,6 +457,16 @@ impl Echo {
         }
         self.server.shutdown().await;
     }
+}
+
+/// Latencies of `rounds` 4-byte sends from `node` to the `echo` service, one after another,
+/// each from the call until its receipt says the handler acknowledged it.
+async fn acks_from(node: &Node, rounds: usize) -> Result<Vec<Duration>> {
+    time_each(rounds, || async {
+        node.send("echo", "ping").await?.acked().await?;
+        anyhow::Ok(())
+    })
+    .await
 }
 
 /// How long each of `rounds` calls of `call` took, one after another.

@@ -3,8 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use super::cases::Wire;
 use anyhow::{Context, Result, bail};
 use peerbus::{Bytes, MeshKey};
+
 use peerbus_transport::{
     Connection, Endpoint, EndpointConfig, FrameReceiver, FrameSender, Identity, Membership,
 };
@@ -69,15 +71,12 @@ pub(crate) async fn stream(size: usize, frames: usize) -> Result<StreamFigures> 
         bail!("raw stream delivered {got} of {frames} frames");
     }
     let msgs_per_s = frames as f64 / t0.elapsed().as_secs_f64();
-    let after = conn.traffic();
-    let wire = (after.bytes_sent + after.bytes_received)
-        .saturating_sub(before.bytes_sent + before.bytes_received);
-    let datagrams = (after.datagrams_sent + after.datagrams_received)
-        .saturating_sub(before.datagrams_sent + before.datagrams_received);
+    let (wire_bytes_per_msg, datagrams_per_msg) =
+        Wire::of(&conn.traffic()).per_message(Wire::of(&before), frames as f64);
     Ok(StreamFigures {
         msgs_per_s,
-        wire_bytes_per_msg: wire as f64 / frames as f64,
-        datagrams_per_msg: datagrams as f64 / frames as f64,
+        wire_bytes_per_msg,
+        datagrams_per_msg,
     })
 }
 

@@ -104,23 +104,31 @@ pub struct Batch {
 impl Batch {
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.append.is_empty()
-            && self.remove.is_empty()
-            && self.windows.is_empty()
-            && self.next_seqs.is_empty()
-            && self.dead.is_empty()
-            && self.groups.is_empty()
+        self.remove.is_empty() && self.nothing_but_removes()
     }
 
     /// Whether the batch does nothing but remove entries (settled ones): nothing in it
     /// needs to be durable before anybody is answered.
     pub fn only_removes(&self) -> bool {
-        !self.remove.is_empty()
-            && self.append.is_empty()
-            && self.windows.is_empty()
-            && self.next_seqs.is_empty()
-            && self.dead.is_empty()
-            && self.groups.is_empty()
+        !self.remove.is_empty() && self.nothing_but_removes()
+    }
+
+    /// Whether every part but `remove` is empty. Names every field, so a new one must be
+    /// placed here (a part that must be durable would otherwise ride along unsynced).
+    fn nothing_but_removes(&self) -> bool {
+        let Batch {
+            append,
+            remove: _,
+            windows,
+            next_seqs,
+            dead,
+            groups,
+        } = self;
+        append.is_empty()
+            && windows.is_empty()
+            && next_seqs.is_empty()
+            && dead.is_empty()
+            && groups.is_empty()
     }
 }
 
