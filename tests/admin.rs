@@ -217,7 +217,9 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
             assert_eq!(
                 help.contains(&format!("{} ", code.name()))
                     || help.contains(&format!("{},", code.name())),
-                code.is_protocol_fault() || code == CloseCode::Unresponsive,
+                code.is_protocol_fault()
+                    || code == CloseCode::Unresponsive
+                    || code == CloseCode::Stalled,
                 "{code:?} in {help}"
             );
         }

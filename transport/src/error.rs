@@ -29,6 +29,11 @@ pub enum CloseCode {
     /// or did not answer the mesh proof in time. Not a fault of its build: a frozen or
     /// overloaded process. (Builds before this code was added see it as `Unknown`.)
     Unresponsive = 7,
+    /// The connection stopped carrying packets while the peer answered a new one: a network
+    /// path that went dark and came back, with QUIC still backing off its retransmissions.
+    /// The node closes it and connects again at once. Not a fault of either build. (Builds
+    /// before this code was added see it as `Unknown`.)
+    Stalled = 8,
     /// A code this version does not know.
     Unknown = 0xffff,
 }
@@ -45,12 +50,13 @@ impl CloseCode {
             5 => CloseCode::DuplicateConnection,
             6 => CloseCode::ProtocolViolation,
             7 => CloseCode::Unresponsive,
+            8 => CloseCode::Stalled,
             _ => CloseCode::Unknown,
         }
     }
 
     /// Every code, in the order of [`CloseCode::index`].
-    pub const ALL: [CloseCode; 9] = [
+    pub const ALL: [CloseCode; 10] = [
         CloseCode::Normal,
         CloseCode::Shutdown,
         CloseCode::MeshProofFailed,
@@ -59,6 +65,7 @@ impl CloseCode {
         CloseCode::DuplicateConnection,
         CloseCode::ProtocolViolation,
         CloseCode::Unresponsive,
+        CloseCode::Stalled,
         CloseCode::Unknown,
     ];
 
@@ -81,6 +88,7 @@ impl CloseCode {
             CloseCode::DuplicateConnection => "duplicate_connection",
             CloseCode::ProtocolViolation => "protocol_violation",
             CloseCode::Unresponsive => "unresponsive",
+            CloseCode::Stalled => "stalled",
             CloseCode::Unknown => "unknown",
         }
     }
@@ -92,8 +100,9 @@ impl CloseCode {
 
     /// Whether a close with this code means the peer broke the protocol or the mesh's rules
     /// (a frame that did not decode or was too large, a violation, a wrong mesh key): never
-    /// right between nodes of one build and one mesh key. [`CloseCode::Unresponsive`] is not
-    /// one: a frozen or overloaded peer is still a correct one.
+    /// right between nodes of one build and one mesh key. [`CloseCode::Unresponsive`] and
+    /// [`CloseCode::Stalled`] are not: a frozen or overloaded peer, or a network that dropped
+    /// packets for a while, is still a correct one.
     pub fn is_protocol_fault(&self) -> bool {
         matches!(
             self,
@@ -115,6 +124,7 @@ impl CloseCode {
             CloseCode::DuplicateConnection => "duplicate connection",
             CloseCode::ProtocolViolation => "protocol violation",
             CloseCode::Unresponsive => "peer unresponsive",
+            CloseCode::Stalled => "connection stalled; reconnecting",
             CloseCode::Unknown => "unknown reason",
         }
     }

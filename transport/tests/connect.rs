@@ -432,6 +432,8 @@ async fn close_code_numbers_round_trip() {
     assert_eq!(CloseCode::from_name("no_such_code"), None);
     assert!(CloseCode::MalformedFrame.is_protocol_fault());
     assert!(!CloseCode::Unresponsive.is_protocol_fault());
+    assert!(!CloseCode::Stalled.is_protocol_fault());
+    assert_eq!(CloseCode::from_u32(8), CloseCode::Stalled);
     assert_eq!(CloseCode::from_u32(77), CloseCode::Unknown);
     assert_eq!(CloseCode::MeshProofFailed.describe(), "mesh key mismatch");
 }

@@ -549,9 +549,11 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         "counter",
         &format!(
             "Connections this node closed, per close code: {} name a misbehaving or mismatched \
-             peer, {} a frozen or overloaded one.",
+             peer, {} a frozen or overloaded one, {} a network path that went dark and came \
+             back (reconnected at once).",
             faults.join(", "),
-            CloseCode::Unresponsive.name()
+            CloseCode::Unresponsive.name(),
+            CloseCode::Stalled.name()
         ),
     );
     for (code, count) in &s.connections_closed {

@@ -26,6 +26,7 @@ use crate::store::{DeadLetter, StoredEntry};
 
 mod groups;
 mod retire;
+mod stall;
 mod topics;
 
 use groups::{Changes, KnownGroups, MAX_KNOWN_GROUPS, MAX_RELEASED_GROUPS};
@@ -176,6 +177,8 @@ pub(crate) enum CoreMsg {
         generation: u64,
         reason: String,
     },
+    /// A stalled connection's probe completed a handshake with its peer (`core/stall.rs`).
+    Reachable { peer: NodeId, generation: u64 },
     /// A dial attempt failed.
     DialFailed {
         peer: Option<NodeId>,
@@ -264,6 +267,8 @@ struct Link {
     peer_retired: bool,
     /// The protocol version the connection speaks.
     protocol: u32,
+    /// What the connection received lately, and its probe while it is stalled (`stall.rs`).
+    rx: stall::RxWatch,
 }
 
 struct Known {
@@ -574,6 +579,7 @@ impl Core {
                 generation,
                 reason,
             } => self.peer_gone(peer, generation, &reason),
+            CoreMsg::Reachable { peer, generation } => self.peer_reachable(peer, generation),
             CoreMsg::DialFailed {
                 peer,
                 refused,
@@ -747,6 +753,9 @@ impl Core {
         requests::give_all(expired);
         self.settle_all_retired();
         self.expire_retired(now);
+        if !self.closing {
+            self.watch_stalls(now);
+        }
     }
 
     fn dispatch(&mut self) {
@@ -1731,6 +1740,7 @@ impl Core {
             serving: handles.serving.clone(),
             peer_retired: false,
             protocol: r.version,
+            rx: stall::RxWatch::new(self.now()),
         };
         let way = requests::Way {
             direct: handles.direct.clone(),

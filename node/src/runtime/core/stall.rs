@@ -1,0 +1,174 @@
+//! Noticing a connection that a healed network left stalled, and replacing it.
+//!
+//! While a network path is dark, QUIC resends nothing until its probe timeout fires, and that
+//! timeout doubles with every probe that goes unanswered (about 26 ms × 2^k on loopback; quinn
+//! has no setting that caps it). After a partition shorter than the idle timeout (3 s), the
+//! connection survives, but its next probe can be a second or more after the path came back:
+//! until then the entries in flight on it, and every later entry of their keys, wait.
+//!
+//! So core watches what each connection receives. One that received no datagram for
+//! [`STALL_AFTER`] (a healthy one gets the peer's keep-alives, every 500 ms, and the acks of
+//! its own) is *stalled*, and a probe task dials the peer again, a fresh QUIC handshake every
+//! [`PROBE_INTERVAL`] (or four round trips, when that is longer): a new connection does not
+//! wait for the old one's backoff. A handshake
+//! that completes (the mesh proof included) shows that the path is back and the peer answers;
+//! if the old connection still received nothing, core closes it with [`CloseCode::Stalled`]
+//! and handles the close as any lost connection (its entries in flight go out again, and both
+//! sides dial at once). A connection that receives again before that is left alone, and its
+//! probe stops. The probe connection itself is closed as soon as it is up; the peer sees a
+//! handshake that ended before its hello.
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::{Core, CoreMsg};
+use crate::runtime::Shared;
+use peerbus_transport::{CloseCode, NodeId};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a connection may receive no datagram before it counts as stalled (engine ms):
+/// twice the keep-alive interval (`DEFAULT_KEEP_ALIVE`, 500 ms), at which a healthy peer
+/// sends at least a ping, and a third of the idle timeout (3 s), which closes it for good.
+const STALL_AFTER: u64 = 1_000;
+/// How often a stalled connection's probe starts a new handshake with the peer, and how long
+/// each one may take; four round trips of the connection (as it measured them before the
+/// stall) when that is longer, up to [`PROBE_MAX`]. A handshake whose first packet was lost
+/// would wait for QUIC's initial probe timeout (about a second); a new one is quicker. At most
+/// one probe runs per connection, and it ends with its connection (the idle timeout, 3 s, at
+/// the latest), so a stall makes at most 20 handshakes, about 1.2 KB each.
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest a probe's handshake may take (a path whose round trip is 250 ms or more).
+const PROBE_MAX: Duration = Duration::from_secs(1);
+
+/// What core knows about a connection's received datagrams (a field of its link).
+#[derive(Debug, Default)]
+pub(super) struct RxWatch {
+    /// Datagrams the connection had received when core last looked.
+    datagrams: u64,
+    /// When that count last moved (engine ms).
+    moved_at: u64,
+    /// The probe task of a stalled connection (see the module docs), while it runs.
+    probe: Option<CancellationToken>,
+}
+
+impl RxWatch {
+    /// Starts watching at `now`.
+    pub(super) fn new(now: u64) -> Self {
+        RxWatch {
+            datagrams: 0,
+            moved_at: now,
+            probe: None,
+        }
+    }
+}
+
+impl Core {
+    /// Looks at what each connection received since the last tick: starts a probe for one
+    /// that received nothing for [`STALL_AFTER`], stops the probe of one that receives again.
+    pub(super) fn watch_stalls(&mut self, now: u64) {
+        let mut stalled = Vec::new();
+        for (peer, l) in &mut self.links {
+            let datagrams = l.conn.traffic().datagrams_received;
+            let rx = &mut l.rx;
+            if datagrams != rx.datagrams {
+                rx.datagrams = datagrams;
+                rx.moved_at = now;
+                if let Some(probe) = rx.probe.take() {
+                    debug!(peer = %peer.short(), "connection receives again; probe stopped");
+                    probe.cancel();
+                }
+            } else if now.saturating_sub(rx.moved_at) >= STALL_AFTER && rx.probe.is_none() {
+                let token = l.cancel.child_token();
+                rx.probe = Some(token.clone());
+                let wait = (l.conn.rtt() * 4).clamp(PROBE_INTERVAL, PROBE_MAX);
+                stalled.push((*peer, l.generation, l.conn.remote_addr(), wait, token));
+            }
+        }
+        for (peer, generation, addr, wait, token) in stalled {
+            debug!(peer = %peer.short(), %addr, "connection stalled; probing the peer");
+            let target = Target {
+                peer,
+                generation,
+                addr,
+            };
+            self.shared
+                .tracker
+                .spawn(probe(self.shared.clone(), target, wait, token));
+        }
+    }
+
+    /// A probe of the connection `generation` to `peer` reached the peer: closes that
+    /// connection if it is still the peer's and still receives nothing.
+    pub(super) fn peer_reachable(&mut self, peer: NodeId, generation: u64) {
+        let now = self.now();
+        let Some(l) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if l.generation != generation {
+            return;
+        }
+        l.rx.probe = None;
+        if l.conn.traffic().datagrams_received != l.rx.datagrams {
+            // It came back on its own while the probe ran.
+            return;
+        }
+        let dark = now.saturating_sub(l.rx.moved_at);
+        info!(peer = %peer.short(), dark_ms = dark, "connection stalled while the peer answers a new one; reconnecting");
+        l.conn.close(
+            CloseCode::Stalled,
+            "no packets on this connection; the peer answered a new one",
+        );
+        self.peer_gone(
+            peer,
+            generation,
+            &format!("connection stalled for {dark} ms after the network came back; reconnecting"),
+        );
+    }
+}
+
+/// The stalled connection a probe is for.
+struct Target {
+    peer: NodeId,
+    generation: u64,
+    addr: SocketAddr,
+}
+
+/// Dials the peer of a stalled connection, a new handshake every `wait`, until one completes
+/// (then tells core, [`CoreMsg::Reachable`]) or `cancel` fires (the connection received again
+/// or closed).
+async fn probe(shared: Arc<Shared>, target: Target, wait: Duration, cancel: CancellationToken) {
+    let Target {
+        peer,
+        generation,
+        addr,
+    } = target;
+    loop {
+        let attempt = tokio::time::timeout(wait, shared.endpoint.connect(addr, Some(peer)));
+        let res = tokio::select! {
+            r = attempt => r,
+            () = cancel.cancelled() => return,
+        };
+        match res {
+            Ok(Ok(conn)) => {
+                conn.close(CloseCode::Normal, "reachability probe");
+                let _ = shared
+                    .core
+                    .send(CoreMsg::Reachable { peer, generation })
+                    .await;
+                return;
+            }
+            // Refused or unreachable at once (a port nobody listens on): wait before the next.
+            Ok(Err(e)) => {
+                debug!(peer = %peer.short(), error = %e, "probe failed");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = cancel.cancelled() => return,
+                }
+            }
+            // The handshake did not complete in time: start a new one at once.
+            Err(_) => {}
+        }
+    }
+}
