@@ -17,6 +17,9 @@
 //!   credit for 20; each round appends 10 entries to every log, then dispatches and acks what
 //!   went until all went (what a busy consumer's credit does to the logs it serves). Per
 //!   entry, against the per-entry cost of the 20-entry dispatch.
+//! - *keys in flight*: 16 entries of 64, 16, 4 or 1 keys dispatched per round to one instance
+//!   that has 256 in flight (the round's acks free the credit), against 256 keys: what a key's
+//!   earlier entries in flight cost the chain check of its next one.
 //! - *group dispatch*: the same 20 entries published to a durable group of 1, 3 or 10
 //!   instances, each subscribed with 1, 3 or 5 patterns (one matching), keyed (256 keys) or
 //!   not, against the baseline above: choosing among a group's instances by topic.
@@ -291,6 +294,48 @@ fn dispatch_twenty() -> f64 {
     timed.as_secs_f64() * 1e6 / f64::from(rounds)
 }
 
+/// Microseconds per entry for a `dispatch_into` that sends 16 new entries with `keys` keys
+/// (round robin) to one instance that has 256 in flight, as under steady load: each round
+/// appends 16 entries, dispatches them and acks the 16 oldest in flight (outside the timing),
+/// so a key has about 256 / `keys` earlier entries in flight when one of its entries goes.
+fn dispatch_in_flight_keys(keys: usize) -> f64 {
+    let mut outbox: Outbox = Outbox::new(OutboxConfig::default());
+    let peer = NodeId::from_bytes([1; 32]);
+    outbox.peer_up(peer, 1, "orders".into(), Vec::new(), 256 + 16);
+    let target = Target::Service("orders".into());
+    let log = target.log_name();
+    let mut tx = Vec::new();
+    let mut next = 0usize;
+    let mut append = |outbox: &mut Outbox| {
+        let mut env = envelope(Kind::Send, "orders");
+        env.key = Some(format!("k{}", next % keys));
+        next += 1;
+        outbox.append(&target, env, 1, None, None, false).seq
+    };
+    let mut in_flight = std::collections::VecDeque::new();
+    for _ in 0..256 {
+        in_flight.push_back(append(&mut outbox));
+    }
+    outbox.dispatch_into(1, &mut tx);
+    assert_eq!(tx.len(), 256, "the window goes out");
+    tx.clear();
+    let rounds = 20_000;
+    let mut timed = std::time::Duration::ZERO;
+    for _ in 0..rounds {
+        for _ in 0..16 {
+            in_flight.push_back(append(&mut outbox));
+        }
+        let start = Instant::now();
+        outbox.dispatch_into(1, &mut tx);
+        timed += start.elapsed();
+        assert_eq!(tx.len(), 16, "every new entry sent");
+        tx.clear();
+        let acked: Vec<u64> = in_flight.drain(..16).collect();
+        outbox.on_ack(peer, &log, &acked);
+    }
+    timed.as_secs_f64() * 1e6 / (f64::from(rounds) * 16.0)
+}
+
 /// Microseconds per `dispatch_into` that sends 20 new entries of a topic to a durable group
 /// of `instances` instances subscribed with `patterns` patterns each (one of them matching),
 /// with 256 keys or none.
@@ -354,6 +399,15 @@ fn main() {
                 us / busy
             );
         }
+    }
+    let spread = dispatch_in_flight_keys(256);
+    for keys in [64, 16, 4, 1] {
+        let us = dispatch_in_flight_keys(keys);
+        println!(
+            "dispatch   16 of {keys:>3} keys, 256 in flight: {us:>6.3} µs per entry  (256 keys: \
+             {spread:.3} µs, ratio {:.2})",
+            us / spread
+        );
     }
     for offline in [10, 100, 1000] {
         let us = dispatch(offline);
