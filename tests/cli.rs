@@ -1255,31 +1255,32 @@ fn scatter_asks_every_instance_and_idempotent_req_and_topic_at_group_work() {
     assert!(!none.status.success());
 }
 
-/// `peerbus bench` writes its cases as JSON: names, figures, baselines, targets.
-#[test]
-fn bench_writes_json_cases() {
+/// Runs `peerbus bench --quick --only <only> --json FILE` (within `limit`), checks that it
+/// succeeded, and returns it with the JSON document it wrote.
+fn bench_json(only: &str, limit: Duration) -> (Finished, Value) {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("bench.json");
     let mut cmd = Command::new(peerbus_bin());
-    cmd.args([
-        "bench",
-        "--quick",
-        "--only",
-        "memory,discovery,idle",
-        "--json",
-    ])
-    .arg(&json)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let done = run(cmd, "bench", Duration::from_secs(120));
+    cmd.args(["bench", "--quick", "--only", only, "--json"])
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let done = run(cmd, "bench", limit);
     assert!(done.status.success(), "{}", done.stderr);
+    let doc =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json file")).expect("json");
+    (done, doc)
+}
+
+/// `peerbus bench` writes its cases as JSON: names, figures, baselines, targets.
+#[test]
+fn bench_writes_json_cases() {
+    let (done, doc) = bench_json("memory,discovery,idle", Duration::from_secs(120));
     assert!(
         done.stdout.contains("memory/idle-rss"),
         "table: {}",
         done.stdout
     );
-    let doc: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("json file")).expect("json");
     assert!(doc["machine"]["cores"].as_u64().is_some_and(|n| n >= 1));
     let cases = doc["cases"].as_array().expect("cases");
     let names: Vec<&str> = cases.iter().filter_map(|c| c["name"].as_str()).collect();
@@ -1324,17 +1325,7 @@ fn bench_writes_json_cases() {
 /// fsync'd sender syncs once per send (its removals ride along with the next send's sync).
 #[test]
 fn bench_times_lone_sends_until_acked_with_their_fsyncs() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let json = dir.path().join("bench.json");
-    let mut cmd = Command::new(peerbus_bin());
-    cmd.args(["bench", "--quick", "--only", "ack", "--json"])
-        .arg(&json)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let done = run(cmd, "bench", Duration::from_secs(120));
-    assert!(done.status.success(), "{}", done.stderr);
-    let doc: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("json file")).expect("json");
+    let (_, doc) = bench_json("ack", Duration::from_secs(120));
     let cases = doc["cases"].as_array().expect("cases");
     let case = |name: &str| {
         cases
@@ -1367,19 +1358,37 @@ fn bench_times_lone_sends_until_acked_with_their_fsyncs() {
     }
 }
 
+/// `send/memory/1KiB/keys=1`: 1 KiB sends that all share one key, against the sends of many
+/// keys that run with it.
+#[test]
+fn bench_times_sends_of_one_key_against_many() {
+    let (_, doc) = bench_json("send/memory/1KiB/keys=1", Duration::from_secs(300));
+    let cases = doc["cases"].as_array().expect("cases");
+    let names: Vec<&str> = cases.iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "baseline/stream/1KiB",
+            "send/memory/1KiB",
+            "send/memory/1KiB/keys=1"
+        ]
+    );
+    let one = &cases[2];
+    assert_eq!(one["baseline"], "send/memory/1KiB", "{one}");
+    let (rate, many) = (
+        one["msgs_per_s"].as_f64().expect("msgs_per_s"),
+        cases[1]["msgs_per_s"].as_f64().expect("msgs_per_s"),
+    );
+    let ratio = one["ratio"].as_f64().expect("ratio");
+    assert!(
+        rate > 0.0 && (ratio - rate / many).abs() < 0.01 * ratio,
+        "{one}"
+    );
+}
+
 #[test]
 fn bench_runs_one_case_by_name_with_what_it_compares_with() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let json = dir.path().join("bench.json");
-    let mut cmd = Command::new(peerbus_bin());
-    cmd.args(["bench", "--quick", "--only", "send/fsync/64B", "--json"])
-        .arg(&json)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let done = run(cmd, "bench", Duration::from_secs(300));
-    assert!(done.status.success(), "{}", done.stderr);
-    let doc: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("json file")).expect("json");
+    let (_, doc) = bench_json("send/fsync/64B", Duration::from_secs(300));
     let cases = doc["cases"].as_array().expect("cases");
     let names: Vec<&str> = cases.iter().filter_map(|c| c["name"].as_str()).collect();
     // The fsync case, the memory send it is a ratio of, and that one's raw baseline; nothing

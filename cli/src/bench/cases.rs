@@ -166,12 +166,12 @@ pub(crate) fn cpu_time() -> Duration {
 /// `messages` sends of `size` bytes from one node to another, each acknowledged by the
 /// receiver's handler: messages/s from the first send to the last ack. With `batch` 1, from
 /// [`CALLERS`] callers of `send` at a time; with more, from [`BATCH_CALLERS`] callers of
-/// `send_batch`, `batch` messages per call.
+/// `send_batch`, `batch` messages per call. Message `i` has key `k{i % keys}`.
 pub(crate) async fn send(
     durability: Durability,
     size: usize,
     messages: usize,
-    batch: usize,
+    (batch, keys): (usize, usize),
     dir: &Path,
 ) -> Result<SendFigures> {
     let mesh = Mesh::new();
@@ -193,7 +193,8 @@ pub(crate) async fn send(
         bail!("the receiver was never discovered");
     }
     let payload = Bytes::from(vec![0x42u8; size]);
-    let msg = move |i: usize| Outgoing::new(payload.clone()).key(format!("k{}", i % 256));
+    let keys = keys.max(1);
+    let msg = move |i: usize| Outgoing::new(payload.clone()).key(format!("k{}", i % keys));
     let before = sender.store_stats();
     let wire0 = wire(&sender).await;
     let cpu0 = cpu_time();

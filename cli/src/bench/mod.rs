@@ -366,7 +366,10 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
         .map(|&size| {
             let fsync = wanted("send") && wanted_case(&send_name("fsync", size));
             // An fsync case compares with the memory send of its size: that one runs too.
-            let memory = wanted("send") && (wanted_case(&send_name("memory", size)) || fsync);
+            // So does the one-key send, at 1 KiB.
+            let one_key = size == 1024 && wanted("send") && wanted_case(ONE_KEY_CASE);
+            let memory =
+                wanted("send") && (wanted_case(&send_name("memory", size)) || fsync || one_key);
             // Batches at 64 B and 1 KiB, where the per-call work weighs most.
             let batched = size <= 1024 && wanted("batch");
             let batch_fsync = batched && wanted_case(&batch_name("fsync", size));
@@ -420,6 +423,20 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
             }
             plan.report_done(runs, report, &mut index);
         }
+    }
+
+    // One key: every message in flight waits behind the earlier ones of its key.
+    if wanted("send") && wanted_case(ONE_KEY_CASE) {
+        let mut figures = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let f = cases::send(Durability::Memory, 1024, 20_000 * scale, (1, 1), tmp.path());
+            figures.push(f.await?);
+        }
+        let (case, _) = send_case(ONE_KEY_CASE.to_string(), 1024, &figures);
+        report.add(match index.memory.get(&1024) {
+            Some(&i) => case.against(report.get(i)),
+            None => case,
+        });
     }
 
     // Publish fan-out.
@@ -484,6 +501,10 @@ fn within(name: &str, path: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
+/// 1 KiB sends that all have one key, against the sends of [`KEYS`] keys: the cost of a key
+/// with many messages in flight.
+const ONE_KEY_CASE: &str = "send/memory/1KiB/keys=1";
+
 /// `publish/memory/1KiB/groups=<groups>`: 1 KiB publishes to `groups` subscriber groups.
 fn publish_name(groups: usize) -> String {
     format!("publish/memory/1KiB/groups={groups}")
@@ -501,6 +522,9 @@ fn batch_name(durability: &str, size: usize) -> String {
 
 /// Messages per `send_batch` call in the `batch/…` cases.
 const BATCH: usize = 32;
+/// Keys of the send and batch cases (message `i` has key `k{i % KEYS}`): 256, so that a key
+/// rarely has more than one message in flight among the 64 callers' sends.
+const KEYS: usize = 256;
 
 /// The case `name` (a send or batch case of `size` bytes) of these runs (median rate, MB/s
 /// and CPU time per message), and the runs' rates in run order.
@@ -633,22 +657,23 @@ impl SizePlan {
                     .push(cpu.as_secs_f64() * 1e6 / frames as f64);
             }
             Step::Memory if self.memory => {
-                let f = cases::send(Durability::Memory, size, messages, 1, scratch).await?;
+                let f = cases::send(Durability::Memory, size, messages, (1, KEYS), scratch).await?;
                 self.runs.memory.push(f);
             }
             Step::Fsync if self.fsync => {
                 let dir = scratch.join(format!("send-fsync-{size}-{}", self.runs.fsync.len()));
-                let f = cases::send(Durability::Fsync, size, messages, 1, &dir).await?;
+                let f = cases::send(Durability::Fsync, size, messages, (1, KEYS), &dir).await?;
                 self.runs.fsync.push(f);
             }
             Step::BatchMemory if self.batch_memory => {
-                let f = cases::send(Durability::Memory, size, messages, BATCH, scratch).await?;
+                let f =
+                    cases::send(Durability::Memory, size, messages, (BATCH, KEYS), scratch).await?;
                 self.runs.batch_memory.push(f);
             }
             Step::BatchFsync if self.batch_fsync => {
                 let n = self.runs.batch_fsync.len();
                 let dir = scratch.join(format!("batch-fsync-{size}-{n}"));
-                let f = cases::send(Durability::Fsync, size, messages, BATCH, &dir).await?;
+                let f = cases::send(Durability::Fsync, size, messages, (BATCH, KEYS), &dir).await?;
                 self.runs.batch_fsync.push(f);
             }
             _ => {}
