@@ -18,15 +18,16 @@
 //! probe stops. The probe connection itself is closed as soon as it is up; the peer sees a
 //! handshake that ended before its hello.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use peerbus_transport::{CloseCode, NodeId};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::{Core, CoreMsg};
 use crate::runtime::Shared;
-use peerbus_transport::{CloseCode, NodeId};
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
 /// How long a connection may receive no datagram before it counts as stalled (engine ms):
 /// twice the keep-alive interval (`DEFAULT_KEEP_ALIVE`, 500 ms), at which a healthy peer
@@ -43,7 +44,7 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 const PROBE_MAX: Duration = Duration::from_secs(1);
 
 /// What core knows about a connection's received datagrams (a field of its link).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct RxWatch {
     /// Datagrams the connection had received when core last looked.
     datagrams: u64,
