@@ -160,7 +160,7 @@ async fn a_partition_that_heals_and_a_frozen_peer_lose_nothing() {
 /// handshake once the path is back, and replace the stalled connection (`CloseCode::Stalled`).
 /// QUIC sometimes recovers by itself first (a keep-alive that goes out just after the heal),
 /// and then nothing is replaced; so the test partitions up to four times, until a
-/// replacement happened (one in eight rounds recovered by itself in trial runs).
+/// replacement happened (5 of 24 rounds recovered by themselves in trial runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_stalled_by_a_short_partition_is_replaced_when_it_heals() {
     within(120, async {

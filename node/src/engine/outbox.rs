@@ -223,7 +223,7 @@ fn left_flight(in_flight: &mut BTreeSet<(u64, u64)>, seq: u64, state: &State) {
 }
 
 /// The unsettled entries of one key of a log.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct KeySeqs {
     seqs: BTreeSet<u64>,
     /// Set by dispatch when it sends one of them: the chain up to it, so the next entry of the
