@@ -359,6 +359,8 @@ struct Core {
     retiring: FastMap<u64, Retiring>,
     /// Connections retired since start (see `Status::connections_retired`).
     connections_retired: u64,
+    /// The probes of stalled connections that may run at once (`core/stall.rs`).
+    probes: Arc<tokio::sync::Semaphore>,
 }
 
 /// Log size limits (see `NodeBuilder::max_log_entries` and friends).
@@ -452,6 +454,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         local,
         retiring: FastMap::default(),
         connections_retired: 0,
+        probes: Arc::new(tokio::sync::Semaphore::new(stall::MAX_PROBES)),
     };
     core.refresh_local(true);
     // The next tick: after TICK, or IDLE_TICK while core has no timed work. Each tick is set

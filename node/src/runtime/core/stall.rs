@@ -16,7 +16,7 @@
 //! and handles the close as any lost connection (its entries in flight go out again, and both
 //! sides dial at once). A connection that receives again before that is left alone, and its
 //! probe stops. The probe connection itself is closed as soon as it is up; the peer sees a
-//! handshake that ended before its hello.
+//! handshake that ended before its hello. At most [`MAX_PROBES`] probes run at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +42,10 @@ const STALL_AFTER: u64 = 1_000;
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest a probe's handshake may take (a path whose round trip is 250 ms or more).
 const PROBE_MAX: Duration = Duration::from_secs(1);
+/// Most probes that run at once on a node: a node whose own network went dark stalls every
+/// connection at once, and probing them all would start a handshake per peer every
+/// [`PROBE_INTERVAL`]. The others wait for a free slot at a later tick.
+pub(super) const MAX_PROBES: usize = 16;
 
 /// What core knows about a connection's received datagrams (a field of its link).
 #[derive(Debug)]
@@ -81,22 +85,27 @@ impl Core {
                     probe.cancel();
                 }
             } else if now.saturating_sub(rx.moved_at) >= STALL_AFTER && rx.probe.is_none() {
+                let Ok(slot) = self.probes.clone().try_acquire_owned() else {
+                    continue;
+                };
                 let token = l.cancel.child_token();
                 rx.probe = Some(token.clone());
                 let wait = (l.conn.rtt() * 4).clamp(PROBE_INTERVAL, PROBE_MAX);
-                stalled.push((*peer, l.generation, l.conn.remote_addr(), wait, token));
+                stalled.push((*peer, l.generation, l.conn.remote_addr(), wait, token, slot));
             }
         }
-        for (peer, generation, addr, wait, token) in stalled {
+        for (peer, generation, addr, wait, token, slot) in stalled {
             debug!(peer = %peer.short(), %addr, "connection stalled; probing the peer");
             let target = Target {
                 peer,
                 generation,
                 addr,
             };
-            self.shared
-                .tracker
-                .spawn(probe(self.shared.clone(), target, wait, token));
+            let probe = probe(self.shared.clone(), target, wait, token);
+            self.shared.tracker.spawn(async move {
+                probe.await;
+                drop(slot);
+            });
         }
     }
 
