@@ -429,7 +429,8 @@ async fn suite(args: &BenchArgs, report: &mut Report) -> Result<()> {
     if wanted("send") && wanted_case(ONE_KEY_CASE) {
         let mut figures = Vec::with_capacity(runs);
         for _ in 0..runs {
-            let f = cases::send(Durability::Memory, 1024, 20_000 * scale, (1, 1), tmp.path());
+            let messages = send_messages(1024, scale);
+            let f = cases::send(Durability::Memory, 1024, messages, (1, 1), tmp.path());
             figures.push(f.await?);
         }
         let (case, _) = send_case(ONE_KEY_CASE.to_string(), 1024, &figures);
@@ -518,6 +519,15 @@ fn send_name(durability: &str, size: usize) -> String {
 /// `batch/<durability>/<size>`: sends of `size` bytes in `send_batch` calls of [`BATCH`].
 fn batch_name(durability: &str, size: usize) -> String {
     format!("batch/{durability}/{}", size_name(size))
+}
+
+/// Messages of one run of a send or batch case of `size` bytes.
+fn send_messages(size: usize, scale: usize) -> usize {
+    let per_scale = match size {
+        16_384 => 4_000,
+        _ => 20_000,
+    };
+    per_scale * scale
 }
 
 /// Messages per `send_batch` call in the `batch/…` cases.
@@ -635,10 +645,7 @@ impl SizePlan {
     /// Runs `step` once when it is planned (else does nothing) and keeps its figures.
     async fn run(&mut self, step: Step, scale: usize, scratch: &std::path::Path) -> Result<()> {
         let size = self.size;
-        let messages = match size {
-            16_384 => 4_000,
-            _ => 20_000,
-        } * scale;
+        let messages = send_messages(size, scale);
         match step {
             Step::Raw if self.raw => {
                 let frames = match size {

@@ -3,13 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use super::cases::Wire;
 use anyhow::{Context, Result, bail};
 use peerbus::{Bytes, MeshKey};
-
 use peerbus_transport::{
     Connection, Endpoint, EndpointConfig, FrameReceiver, FrameSender, Identity, Membership,
 };
+
+use super::cases::Wire;
 
 /// Writes are coalesced up to this many buffered bytes before a flush, like the node's writer.
 const COALESCE_BYTES: usize = 64 * 1024;

@@ -597,6 +597,11 @@ mod tests {
     fn acc(t: u64, o: usize, g: u64, copies: usize) -> Event {
         Event::Accepted { t, o, g, copies }
     }
+    /// A send of `p` (one copy) at `t`, accepted at `t + 1`.
+    fn sent(t: u64, p: Payload) -> [Event; 2] {
+        let (o, g) = (p.o, p.g);
+        [intent(t, p, false), acc(t + 1, o, g, 1)]
+    }
     fn h(t: u64, p: Payload, by: usize, c: &str) -> Event {
         Event::Handled {
             t,
@@ -636,17 +641,17 @@ mod tests {
             down_us: 26,
             end_us: 30,
         };
-        let j0 = vec![
-            intent(1, p(0, 0, "svc-1", "a", 0), false),
-            acc(2, 0, 0, 1),
-            intent(3, p(0, 1, "svc-1", "a", 1), false),
-            acc(4, 0, 1, 1),
-            intent(5, p(0, 2, "svc-1", "a", 2), false),
-            acc(6, 0, 2, 1),
+        let j0 = [
+            sent(1, p(0, 0, "svc-1", "a", 0)),
+            sent(3, p(0, 1, "svc-1", "a", 1)),
+            sent(5, p(0, 2, "svc-1", "a", 2)),
             // A publish to two groups that only one group handled: lost.
-            intent(7, p(0, 3, "chaos.events", "b", 0), true),
-            acc(8, 0, 3, 2),
-        ];
+            [
+                intent(7, p(0, 3, "chaos.events", "b", 0), true),
+                acc(8, 0, 3, 2),
+            ],
+        ]
+        .concat();
         let j1 = vec![
             h(20, p(0, 1, "svc-1", "a", 1), 1, "svc:svc-1"),
             h(21, p(0, 0, "svc-1", "a", 0), 1, "svc:svc-1"), // out of order
@@ -673,14 +678,12 @@ mod tests {
     /// does a repeat on another key or at another consumer.
     #[test]
     fn counts_duplicates_behind_a_later_message_of_their_key() {
-        let j0 = vec![
-            intent(1, p(0, 0, "svc-1", "a", 0), false),
-            acc(2, 0, 0, 1),
-            intent(3, p(0, 1, "svc-1", "a", 1), false),
-            acc(4, 0, 1, 1),
-            intent(5, p(0, 2, "svc-1", "b", 0), false),
-            acc(6, 0, 2, 1),
-        ];
+        let j0 = [
+            sent(1, p(0, 0, "svc-1", "a", 0)),
+            sent(3, p(0, 1, "svc-1", "a", 1)),
+            sent(5, p(0, 2, "svc-1", "b", 0)),
+        ]
+        .concat();
         let j1 = vec![
             h(10, p(0, 0, "svc-1", "a", 0), 1, "svc:svc-1"),
             h(11, p(0, 2, "svc-1", "b", 0), 1, "svc:svc-1"),
@@ -706,7 +709,7 @@ mod tests {
 
     /// Checks a run of one delivered send whose sender's journal has `extra` lines too.
     fn delivered(extra: Vec<Event>) -> Findings {
-        let mut j0 = vec![intent(1, p(0, 0, "svc-1", "a", 0), false), acc(2, 0, 0, 1)];
+        let mut j0 = sent(1, p(0, 0, "svc-1", "a", 0)).to_vec();
         j0.extend(extra);
         let j1 = vec![h(3, p(0, 0, "svc-1", "a", 0), 1, "svc:svc-1")];
         check(&[(0, j0), (1, j1)], 0, 2, &[])

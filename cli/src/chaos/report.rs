@@ -1,5 +1,6 @@
 //! The end of a chaos run: the table on stdout, the JSON report and its HTML page.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -52,10 +53,8 @@ pub(crate) struct DrainSummary {
 }
 
 /// The drains of `faults` by kind, kinds in name order.
-pub(crate) fn drain_by_kind(
-    faults: &[FaultView],
-) -> std::collections::BTreeMap<String, DrainSummary> {
-    let mut by_kind: std::collections::BTreeMap<String, Vec<Option<f64>>> = Default::default();
+pub(crate) fn drain_by_kind(faults: &[FaultView]) -> BTreeMap<String, DrainSummary> {
+    let mut by_kind: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
     for f in faults {
         by_kind
             .entry(f.kind.clone())
@@ -104,7 +103,7 @@ pub(crate) struct RunReport {
 }
 
 /// Counts by name as `shutdown 12, unresponsive 3` (close codes, request errors), or `none`.
-fn counts_text(counts: &std::collections::BTreeMap<String, u64>) -> String {
+fn counts_text(counts: &BTreeMap<String, u64>) -> String {
     let parts: Vec<String> = counts
         .iter()
         .map(|(code, n)| format!("{code} {n}"))
