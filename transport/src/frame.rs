@@ -96,13 +96,9 @@ impl bincode::enc::write::Writer for VecWriter<'_> {
     }
 }
 
-/// Decodes the first frame of `buf`: `Ok(None)` when `buf` does not hold a whole frame yet,
-/// otherwise the frame and the bytes it used. The length is checked against `max` before
-/// anything is allocated.
-pub fn decode_frame<T: DeserializeOwned>(
-    buf: &[u8],
-    max: usize,
-) -> Result<Option<(T, usize)>, FrameError> {
+/// The body length a frame's prefix at the start of `buf` gives: `Ok(None)` while `buf` is
+/// shorter than the prefix, an error when the length is over `max`.
+fn body_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
     let Some(prefix) = buf.get(..4) else {
         return Ok(None);
     };
@@ -110,6 +106,19 @@ pub fn decode_frame<T: DeserializeOwned>(
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
+    Ok(Some(len))
+}
+
+/// Decodes the first frame of `buf`: `Ok(None)` when `buf` does not hold a whole frame yet,
+/// otherwise the frame and the bytes it used. The length is checked against `max` before
+/// anything is allocated.
+pub fn decode_frame<T: DeserializeOwned>(
+    buf: &[u8],
+    max: usize,
+) -> Result<Option<(T, usize)>, FrameError> {
+    let Some(len) = body_len(buf, max)? else {
+        return Ok(None);
+    };
     let Some(body) = buf.get(4..4 + len) else {
         return Ok(None);
     };
@@ -139,12 +148,11 @@ pub fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameErr
 /// not bounded by itself.
 pub struct FrameSender {
     stream: quinn::SendStream,
+    /// Frames pushed since `chunks` last took the buffered bytes.
     buf: Vec<u8>,
-    /// Bytes of `buf` already handed to QUIC by an interrupted flush.
-    written: usize,
-    /// Frame bytes queued ahead of `buf`, oldest first: for each large payload pushed since
-    /// the last flush, what `buf` held before it (copied out) and the payload itself (shared,
-    /// not copied). Bounded like `buf`: by what the caller pushes between flushes.
+    /// Frame bytes queued ahead of `buf`, oldest first, as QUIC takes them: what `buf` held
+    /// (see [`FrameSender::queue_buffered`]) and each large payload (shared, not copied).
+    /// Bounded like `buf`: by what the caller pushes between flushes.
     chunks: Vec<Bytes>,
     /// Bytes in `chunks` not yet handed to QUIC.
     chunked: usize,
@@ -178,7 +186,6 @@ impl FrameSender {
         Self {
             stream,
             buf: Vec::with_capacity(SEND_BUF),
-            written: 0,
             chunks: Vec::new(),
             chunked: 0,
             max,
@@ -222,42 +229,54 @@ impl FrameSender {
         encode_head(&mut self.buf);
         finish_frame_before(&mut self.buf, start, payload.len(), self.max)?;
         // Everything buffered so far (this frame's head included) goes ahead of the payload.
-        let pending = Bytes::copy_from_slice(&self.buf[self.written..]);
-        self.buf.clear();
-        self.written = 0;
-        self.chunked += pending.len() + payload.len();
-        self.chunks.push(pending);
+        self.queue_buffered();
+        self.chunked += payload.len();
         self.chunks.push(payload.clone());
         Ok(())
     }
 
-    /// Bytes waiting for [`FrameSender::flush`].
-    pub fn buffered_bytes(&self) -> usize {
-        self.chunked + self.buf.len() - self.written
+    /// Moves the frames in `buf` to the end of `chunks`. When they fill at least half of its
+    /// capacity the buffer itself goes (QUIC keeps it without copying, and holds at most twice
+    /// the bytes it counts against the send window) and a new one takes its place; fewer are
+    /// copied out, so the buffer's memory is not pinned for a few bytes.
+    fn queue_buffered(&mut self) {
+        let len = self.buf.len();
+        if len == 0 {
+            return;
+        }
+        let bytes = if len * 2 >= self.buf.capacity() {
+            Bytes::from(std::mem::replace(
+                &mut self.buf,
+                Vec::with_capacity(SEND_BUF),
+            ))
+        } else {
+            let copied = Bytes::copy_from_slice(&self.buf);
+            self.buf.clear();
+            copied
+        };
+        self.chunked += len;
+        self.chunks.push(bytes);
     }
 
-    /// Hands everything buffered to QUIC as one write (one `write` call per congestion or
-    /// flow-control wait, as `write_all` does), returning once QUIC has taken it all.
+    /// Bytes waiting for [`FrameSender::flush`].
+    pub fn buffered_bytes(&self) -> usize {
+        self.chunked + self.buf.len()
+    }
+
+    /// Hands everything buffered to QUIC as one write (one `write_chunks` call per congestion
+    /// or flow-control wait, as `write_all` does), returning once QUIC has taken it all.
     ///
     /// Cancel-safe: if the future is dropped, the bytes not yet taken stay buffered and the
     /// next flush continues where this one stopped, so no frame is cut or repeated.
     pub async fn flush(&mut self) -> Result<(), FrameError> {
         // The chunks are older than `buf`. QUIC advances a chunk it took in part, in place.
+        self.queue_buffered();
         while !self.chunks.is_empty() {
             match self.stream.write_chunks(&mut self.chunks).await {
                 Ok(w) => {
                     self.chunked -= w.bytes;
                     self.chunks.drain(..w.chunks);
                 }
-                Err(e) => {
-                    self.reset_buffer();
-                    return Err(self.write_error(e));
-                }
-            }
-        }
-        while self.written < self.buf.len() {
-            match self.stream.write(&self.buf[self.written..]).await {
-                Ok(n) => self.written += n,
                 Err(e) => {
                     self.reset_buffer();
                     return Err(self.write_error(e));
@@ -272,7 +291,6 @@ impl FrameSender {
         self.chunks.clear();
         self.chunked = 0;
         self.buf.clear();
-        self.written = 0;
         if self.buf.capacity() > SEND_BUF_KEEP {
             self.buf.shrink_to(SEND_BUF);
         }
@@ -343,16 +361,93 @@ impl FrameSender {
 /// one chunk.
 pub struct FrameReceiver {
     stream: quinn::RecvStream,
-    buf: BytesMut,
+    read: Reassembly,
     max: usize,
     conn: Connection,
+}
+
+/// Frames cut out of the chunks a stream gives, in order. A frame wholly inside a chunk is a
+/// slice of it, not a copy; only a frame that a chunk's end cuts is copied, into `partial`,
+/// and completed from the next chunks. Holds at most one partial frame (its length checked
+/// against the maximum before anything is copied) and one chunk.
+#[derive(Debug)]
+struct Reassembly {
+    /// The start of a frame the end of a chunk cut, copied out of it. Cut frames are split off
+    /// the front of one buffer of [`SEND_BUF`] bytes or more, so they share its allocations
+    /// instead of taking one each.
+    partial: BytesMut,
+    /// What is left of the last chunk; parsed after `partial`.
+    chunk: Bytes,
+}
+
+impl Reassembly {
+    fn new() -> Self {
+        Self {
+            partial: BytesMut::with_capacity(SEND_BUF),
+            chunk: Bytes::new(),
+        }
+    }
+
+    /// Takes the next chunk; call it only once [`Reassembly::next_body`] returned `None`.
+    fn push(&mut self, chunk: Bytes) {
+        debug_assert!(self.chunk.is_empty(), "a chunk came over an unparsed one");
+        self.chunk = chunk;
+    }
+
+    /// Bytes held that are not yet part of a returned frame.
+    fn len(&self) -> usize {
+        self.partial.len() + self.chunk.len()
+    }
+
+    /// Drops everything held.
+    fn clear(&mut self) {
+        self.partial.clear();
+        self.chunk.clear();
+    }
+
+    /// The body of the next frame (without its length prefix), if all of it has come;
+    /// an error when its length is over `max`.
+    fn next_body(&mut self, max: usize) -> Result<Option<Bytes>, FrameError> {
+        loop {
+            if self.partial.is_empty() {
+                let whole = body_len(&self.chunk, max)?.map(|len| 4 + len);
+                if let Some(whole) = whole
+                    && whole <= self.chunk.len()
+                {
+                    let mut frame = self.chunk.split_to(whole);
+                    frame.advance(4);
+                    return Ok(Some(frame));
+                }
+                // Room for the whole frame at once (its length is at most `max`), or for the
+                // length prefix when a cut fell inside it.
+                self.partial.reserve(whole.unwrap_or(4));
+                self.partial.extend_from_slice(&self.chunk);
+                self.chunk.clear();
+                return Ok(None);
+            }
+            // A cut length prefix is completed first, then the frame it gives.
+            let whole = body_len(&self.partial, max)?.map_or(4, |len| 4 + len);
+            let missing = whole.saturating_sub(self.partial.len());
+            if missing == 0 {
+                let mut frame = self.partial.split_to(whole);
+                frame.advance(4);
+                return Ok(Some(frame.freeze()));
+            }
+            if self.chunk.is_empty() {
+                return Ok(None);
+            }
+            self.partial.reserve(missing);
+            let take = missing.min(self.chunk.len());
+            self.partial.extend_from_slice(&self.chunk.split_to(take));
+        }
+    }
 }
 
 impl std::fmt::Debug for FrameReceiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrameReceiver")
             .field("peer", &self.conn.peer_id())
-            .field("buffered", &self.buf.len())
+            .field("buffered", &self.read.len())
             .finish_non_exhaustive()
     }
 }
@@ -361,7 +456,7 @@ impl FrameReceiver {
     pub(crate) fn new(stream: quinn::RecvStream, max: usize, conn: Connection) -> Self {
         Self {
             stream,
-            buf: BytesMut::with_capacity(SEND_BUF),
+            read: Reassembly::new(),
             max,
             conn,
         }
@@ -406,14 +501,15 @@ impl FrameReceiver {
         }
     }
 
-    /// Reads one chunk into the buffer: false at a clean end of the stream.
+    /// Reads the next chunk (called once the last one is parsed): false at a clean end of the
+    /// stream.
     async fn fill(&mut self) -> Result<bool, FrameError> {
         match self.stream.read_chunk(READ_CHUNK, true).await {
             Ok(Some(chunk)) => {
-                self.buf.extend_from_slice(&chunk.bytes);
+                self.read.push(chunk.bytes);
                 Ok(true)
             }
-            Ok(None) if self.buf.is_empty() => Ok(false),
+            Ok(None) if self.read.len() == 0 => Ok(false),
             Ok(None) => Err(FrameError::Truncated),
             Err(quinn::ReadError::ConnectionLost(e)) => {
                 Err(FrameError::Connection(self.conn.convert(e)))
@@ -424,32 +520,19 @@ impl FrameReceiver {
         }
     }
 
-    /// Takes the body of the first buffered frame out of the buffer, if it is complete.
+    /// Takes the body of the next frame out of what was read, if all of it has come.
     fn next_body(&mut self) -> Result<Option<Bytes>, FrameError> {
-        let Some(prefix) = self.buf.get(..4) else {
-            return Ok(None);
-        };
-        let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
-        if len > self.max {
-            return Err(self.fail(FrameError::TooLarge { len, max: self.max }));
-        }
-        if self.buf.len() < 4 + len {
-            return Ok(None);
-        }
-        let mut frame = self.buf.split_to(4 + len);
-        frame.advance(4);
-        Ok(Some(frame.freeze()))
+        self.read.next_body(self.max).map_err(|e| self.fail(e))
     }
 
-    /// The next frame already buffered, without I/O: `Ok(None)` when no complete frame is
-    /// buffered. Bad frames are handled as in [`recv`](Self::recv).
+    /// The next frame already read, without I/O: `Ok(None)` when no complete frame was read.
+    /// Bad frames are handled as in [`recv`](Self::recv).
     pub fn try_recv_buffered<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
-        match decode_frame::<T>(&self.buf, self.max) {
-            Ok(Some((v, used))) => {
-                self.buf.advance(used);
-                Ok(Some(v))
-            }
-            Ok(None) => Ok(None),
+        let Some(body) = self.next_body()? else {
+            return Ok(None);
+        };
+        match decode_body(&body) {
+            Ok(v) => Ok(Some(v)),
             Err(e) => Err(self.fail(e)),
         }
     }
@@ -468,7 +551,7 @@ impl FrameReceiver {
             code.describe()
         );
         self.conn.close(code, &e.to_string());
-        self.buf.clear();
+        self.read.clear();
         e
     }
 }
@@ -539,7 +622,76 @@ mod tests {
         })
     }
 
+    /// Feeds `stream` to a [`Reassembly`] cut at `cuts` (sorted offsets) and returns the
+    /// bodies it gave, each with whether it is a slice of its chunk (not a copy).
+    fn reassemble(stream: &Bytes, cuts: &[usize], max: usize) -> Vec<(Bytes, bool)> {
+        let mut read = Reassembly::new();
+        let mut bodies = Vec::new();
+        let mut from = 0;
+        for &to in cuts.iter().chain([&stream.len()]) {
+            let chunk = stream.slice(from..to);
+            let range = chunk.as_ptr_range();
+            read.push(chunk);
+            while let Some(body) = read.next_body(max).expect("under the maximum") {
+                let p = body.as_ptr_range();
+                let shared = range.start <= p.start && p.end <= range.end;
+                bodies.push((body, shared));
+            }
+            from = to;
+        }
+        assert_eq!(read.len(), 0, "bytes left over");
+        bodies
+    }
+
+    /// A frame whose prefix says more than the maximum is refused as soon as the prefix is
+    /// whole, even when a chunk cut the prefix itself.
+    #[test]
+    fn reassembly_refuses_an_oversized_frame_from_its_prefix() {
+        let stream = [&100u32.to_le_bytes()[..], &[7; 10]].concat();
+        for cut in 1..4 {
+            let mut read = Reassembly::new();
+            read.push(Bytes::copy_from_slice(&stream[..cut]));
+            assert!(read.next_body(64).expect("prefix not whole yet").is_none());
+            read.push(Bytes::copy_from_slice(&stream[cut..]));
+            let err = read.next_body(64).expect_err("over the maximum");
+            assert!(
+                matches!(err, FrameError::TooLarge { len: 100, max: 64 }),
+                "{err}"
+            );
+        }
+    }
+
     proptest! {
+        /// Frames come out whole and in order wherever the chunks are cut (inside a prefix,
+        /// inside a body, between frames), and a frame inside one chunk is not copied.
+        #[test]
+        fn reassembly_gives_every_frame_wherever_chunks_are_cut(
+            bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..600), 1..12),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
+        ) {
+            let mut out = Vec::new();
+            let mut starts = Vec::new();
+            for b in &bodies {
+                starts.push(out.len());
+                let start = out.len();
+                out.extend_from_slice(&[0; 4]);
+                out.extend_from_slice(b);
+                finish_frame(&mut out, start, 1 << 20).expect("fits");
+            }
+            let stream = Bytes::from(out);
+            let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len())).collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let got = reassemble(&stream, &cuts, 1 << 20);
+            prop_assert_eq!(got.len(), bodies.len());
+            for (i, ((body, shared), want)) in got.iter().zip(&bodies).enumerate() {
+                prop_assert_eq!(&body[..], &want[..]);
+                let (start, end) = (starts[i], starts[i] + 4 + want.len());
+                let cut_inside = cuts.iter().any(|&c| start < c && c < end);
+                prop_assert_eq!(*shared, !cut_inside, "frame {} copied: {}", i, !shared);
+            }
+        }
+
         #[test]
         fn frames_round_trip(frames in proptest::collection::vec(sample(), 1..8)) {
             let mut out = Vec::new();
