@@ -45,7 +45,7 @@ use peerbus_node::{Bytes, NodeId};
 fn envelope(kind: Kind, destination: &str) -> Envelope {
     Envelope {
         origin: NodeId::from_bytes([0; 32]),
-        log: String::new(),
+        log: Default::default(),
         seq: 0,
         kind,
         destination: destination.into(),
@@ -96,7 +96,7 @@ fn dispatch(offline: usize) -> f64 {
         for _ in 0..10 {
             let env = envelope(Kind::Publish, "audit.event");
             outbox.append(
-                &Target::Group(format!("offline{g}")),
+                &Target::Group(format!("offline{g}").into()),
                 env,
                 0,
                 None,
@@ -126,7 +126,7 @@ fn dispatch_starved(groups: usize) -> f64 {
     for g in 0..groups {
         for _ in 0..10 {
             let env = envelope(Kind::Publish, "audit.event");
-            let target = Target::Group(format!("audit{g}"));
+            let target = Target::Group(format!("audit{g}").into());
             outbox.append(&target, env, 0, None, None, false);
         }
         outbox.dispatch_into(0, &mut tx);
@@ -149,7 +149,7 @@ fn dispatch_out_of_credit(logs: usize) -> f64 {
         .collect();
     outbox.peer_up(peer, 1, "audit".into(), interests, 20);
     let targets: Vec<Target> = (0..logs)
-        .map(|g| Target::Group(format!("audit{g}")))
+        .map(|g| Target::Group(format!("audit{g}").into()))
         .collect();
     let mut tx = Vec::new();
     let rounds = 2_000;
@@ -244,7 +244,7 @@ fn stats_call(backlog: u64) -> f64 {
     }
     for s in 0..10 {
         for _ in 0..10 {
-            let target = Target::Service(format!("svc{s}"));
+            let target = Target::Service(format!("svc{s}").into());
             outbox.append(&target, envelope(Kind::Send, "x"), 0, None, None, false);
         }
     }
@@ -308,7 +308,7 @@ fn dispatch_in_flight_keys(keys: usize) -> f64 {
     let mut next = 0usize;
     let mut append = |outbox: &mut Outbox| {
         let mut env = envelope(Kind::Send, "orders");
-        env.key = Some(format!("k{}", next % keys));
+        env.key = Some(format!("k{}", next % keys).into());
         next += 1;
         outbox.append(&target, env, 1, None, None, false).seq
     };
@@ -369,7 +369,7 @@ fn dispatch_group(instances: u8, patterns: usize, keyed: bool) -> f64 {
         for _ in 0..20 {
             let mut env = envelope(Kind::Publish, "order.placed.eu");
             if keyed {
-                env.key = Some(format!("k{}", sent % 256));
+                env.key = Some(format!("k{}", sent % 256).into());
             }
             sent += 1;
             outbox.append(&target, env, 1, None, None, false);

@@ -46,7 +46,7 @@ fn run(name: &str, store: &mut dyn Store, batch: u64) -> Result<(), Box<dyn std:
     while start.elapsed() < RUN {
         // Remove what the previous commit appended: the log stays short, as with live delivery.
         let remove = (seq.saturating_sub(batch)..seq)
-            .map(|s| ("svc:bench".to_string(), s))
+            .map(|s| ("svc:bench".into(), s))
             .collect();
         let append = (seq..seq + batch).map(|s| entry(s, &payload)).collect();
         store.commit(Batch {

@@ -21,7 +21,7 @@ fn entry(seq: u64) -> StoredEntry {
             seq,
             kind: Kind::Send,
             destination: "orders".into(),
-            key: Some(format!("k{}", seq % 3)),
+            key: Some(format!("k{}", seq % 3).into()),
             headers: vec![("traceparent".into(), "00-ab-cd-01".into())],
             content_type: None,
             created_at_ms: seq,
@@ -56,7 +56,7 @@ fn main() {
             append: vec![entry(i)],
             remove: i
                 .checked_sub(10)
-                .map(|r| ("svc:a".to_string(), r))
+                .map(|r| ("svc:a".into(), r))
                 .into_iter()
                 .collect(),
             next_seqs: vec![("svc:a".into(), i + 1)],

@@ -76,10 +76,10 @@ impl From<&DeadLetter> for DeadLetterView {
     fn from(d: &DeadLetter) -> Self {
         Self {
             id: d.id,
-            log: d.env.log.clone(),
+            log: d.env.log.to_string(),
             seq: d.env.seq,
-            destination: d.env.destination.clone(),
-            key: d.env.key.clone(),
+            destination: d.env.destination.to_string(),
+            key: d.env.key.as_ref().map(|k| k.to_string()),
             reason: d.reason.clone(),
             attempts: d.attempts,
             created_at_ms: d.env.created_at_ms,
@@ -112,7 +112,7 @@ pub fn offline_status(data_dir: &Path) -> Result<OfflineStatus, StoreError> {
     let rec = store.recover()?;
     let mut logs: BTreeMap<String, LogStats> = BTreeMap::new();
     for e in &rec.entries {
-        let s = logs.entry(e.env.log.clone()).or_default();
+        let s = logs.entry(e.env.log.to_string()).or_default();
         s.waiting += 1;
         let c = e.env.created_at_ms;
         s.oldest_created_ms = Some(s.oldest_created_ms.map_or(c, |o| o.min(c)));

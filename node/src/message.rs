@@ -54,7 +54,7 @@ impl Message {
     pub fn id(&self) -> MessageId {
         MessageId {
             origin: self.env.origin,
-            log: self.env.log.clone(),
+            log: self.env.log.to_string(),
             seq: self.env.seq,
         }
     }

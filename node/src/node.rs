@@ -12,6 +12,7 @@ use bytes::Bytes;
 use peerbus_discovery::Discovery;
 use peerbus_transport::{NodeId, Traffic};
 use serde::Serialize;
+use smol_str::SmolStr;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info};
 
@@ -591,7 +592,7 @@ impl Node {
         }
         let targets = match kind {
             Kind::Publish => Targets::Topic(destination.to_string()),
-            _ => Targets::One(Target::Service(destination.to_string())),
+            _ => Targets::One(Target::Service(destination.into())),
         };
         self.submit(targets, first, rest).await
     }
@@ -1239,11 +1240,11 @@ impl Node {
         }
         Ok(Envelope {
             origin: self.shared.id,
-            log: String::new(),
+            log: SmolStr::default(),
             seq: 0,
             kind,
-            destination: destination.to_string(),
-            key: msg.key,
+            destination: destination.into(),
+            key: msg.key.map(SmolStr::from),
             headers: {
                 let mut h = msg.headers;
                 crate::trace::stamp(&mut h, self.shared.start_traces);

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, btree_map};
 use std::sync::Arc;
 
 use peerbus_transport::NodeId;
+use smol_str::{SmolStr, SmolStrBuilder, format_smolstr};
 
 use super::FastMap;
 use super::recipients::{self, Recipients};
@@ -30,26 +31,27 @@ pub const SCAN_BUDGET_PER_POLL: usize = 65_536;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Target {
     /// Every instance of a service competes for `send`s to it.
-    Service(String),
+    Service(SmolStr),
     /// A subscriber group: instances with an interest in this group.
-    Group(String),
+    Group(SmolStr),
     /// One node's ephemeral subscriptions: online-only copies, dropped when it disconnects.
     Node(NodeId),
 }
 
 impl Target {
-    /// The log's name: `svc:<service>`, `grp:<group>` or `eph:<node id>`.
-    pub fn log_name(&self) -> String {
+    /// The log's name: `svc:<service>`, `grp:<group>` or `eph:<node id>` (kept inline, not
+    /// allocated, up to 23 bytes).
+    pub fn log_name(&self) -> SmolStr {
         let prefixed = |prefix: &str, name: &str| {
-            let mut s = String::with_capacity(prefix.len() + name.len());
+            let mut s = SmolStrBuilder::new();
             s.push_str(prefix);
             s.push_str(name);
-            s
+            s.finish()
         };
         match self {
             Target::Service(s) => prefixed("svc:", s),
             Target::Group(g) => prefixed("grp:", g),
-            Target::Node(n) => format!("eph:{n}"),
+            Target::Node(n) => format_smolstr!("eph:{n}"),
         }
     }
 
@@ -61,10 +63,10 @@ impl Target {
     /// Parses a log name back into its target.
     pub fn from_log_name(name: &str) -> Option<Target> {
         if let Some(s) = name.strip_prefix("svc:") {
-            Some(Target::Service(s.to_string()))
+            Some(Target::Service(s.into()))
         } else {
             if let Some(g) = name.strip_prefix("grp:") {
-                Some(Target::Group(g.to_string()))
+                Some(Target::Group(g.into()))
             } else {
                 name.strip_prefix("eph:")
                     .and_then(|n| n.parse().ok())
@@ -196,7 +198,7 @@ struct Log<R> {
     /// Payload bytes of the entries.
     bytes: usize,
     /// Unsettled seqs per key, and what dispatch last learnt of their chain.
-    keys: FastMap<String, KeySeqs>,
+    keys: FastMap<SmolStr, KeySeqs>,
     /// Counts the entries that went from in flight back to waiting (a nack, a timeout, a lost
     /// peer): a [`KeyRun`] made before the last one may be out of date.
     returns: u64,
@@ -1381,7 +1383,7 @@ fn stable_rr(id: &NodeId, rr: u64) -> u64 {
     h ^ (h >> 33)
 }
 
-fn forget_key(keys: &mut FastMap<String, KeySeqs>, env: &Envelope) {
+fn forget_key(keys: &mut FastMap<SmolStr, KeySeqs>, env: &Envelope) {
     if let Some(k) = &env.key
         && let Some(set) = keys.get_mut(k)
     {
@@ -1625,11 +1627,11 @@ mod tests {
     fn env(key: Option<&str>) -> Envelope {
         Envelope {
             origin: id(9),
-            log: String::new(),
+            log: SmolStr::default(),
             seq: 0,
             kind: Kind::Send,
             destination: "svc".into(),
-            key: key.map(str::to_string),
+            key: key.map(SmolStr::from),
             headers: vec![],
             content_type: None,
             created_at_ms: 0,
@@ -2049,7 +2051,7 @@ mod tests {
             sent.push(seq_of(&tx[0]));
         }
         let log = target().log_name();
-        let in_flight = |ob: &Outbox| ob.stats()[&log].in_flight;
+        let in_flight = |ob: &Outbox| ob.stats()[log.as_str()].in_flight;
         // #2 is acked, #3 nacked (back to waiting, in its backoff): three remain in flight.
         ob.on_ack(id(1), &log, &sent[1..2]);
         assert!(
@@ -2085,7 +2087,7 @@ mod tests {
             ob.append(&target(), e, t, None, None, false);
         }
         let figures = |ob: &Outbox| {
-            let s = &ob.stats()[&log];
+            let s = &ob.stats()[log.as_str()];
             (s.waiting, s.in_flight, s.oldest_created_ms)
         };
         assert_eq!(figures(&ob), (4, 0, Some(10)));
@@ -2130,7 +2132,14 @@ mod tests {
                 let mut e = env(None);
                 e.kind = Kind::Publish;
                 e.destination = "t.x".into();
-                ob.append(&Target::Group(format!("g{g}")), e, 0, None, None, false);
+                ob.append(
+                    &Target::Group(format_smolstr!("g{g}")),
+                    e,
+                    0,
+                    None,
+                    None,
+                    false,
+                );
             }
         }
         let mut sent = ob.dispatch(0);

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::Bytes;
 use peerbus_transport::NodeId;
+use smol_str::SmolStr;
 
 use super::inbox::{Admit, Inbox, WindowSnapshot};
 use super::outbox::{BLOCKED_PREFIX, Outbox, OutboxConfig, Outcome, Target};
@@ -29,8 +30,8 @@ impl Rng {
 }
 
 enum Reply {
-    Ack(String, u64),
-    Nack(String, u64, String),
+    Ack(SmolStr, u64),
+    Nack(SmolStr, u64, String),
 }
 
 struct Receiver {
@@ -62,11 +63,11 @@ struct Faults {
 fn env(origin: NodeId, key: &str, i: u64) -> Envelope {
     Envelope {
         origin,
-        log: String::new(),
+        log: SmolStr::default(),
         seq: 0,
         kind: Kind::Send,
         destination: "svc".into(),
-        key: Some(key.to_string()),
+        key: Some(key.into()),
         headers: vec![],
         content_type: None,
         created_at_ms: 0,
@@ -183,12 +184,12 @@ fn run(seed: u64, receivers: usize, messages: u64, keys: u64, faults: Faults) {
                         } else {
                             let idx = u64::from_le_bytes(env.payload[..8].try_into().expect("8"));
                             handled
-                                .entry(env.key.clone().unwrap_or_default())
+                                .entry(env.key.as_deref().unwrap_or_default().to_string())
                                 .or_default()
                                 .push((idx, ri));
                             r.inbox.complete(id, env.key.as_deref(), true);
                             if let Some(s) = r.inbox.snapshot(env.origin, &env.log) {
-                                r.persisted.insert(env.log.clone(), s);
+                                r.persisted.insert(env.log.to_string(), s);
                             }
                             r.outbound.push_back(Reply::Ack(env.log.clone(), env.seq));
                         }

@@ -1028,7 +1028,7 @@ impl Core {
                     try_out(
                         l,
                         Out::Control(Control::Nack {
-                            log: env.log.clone(),
+                            log: env.log.to_string(),
                             seq,
                             reason,
                             permanent,
@@ -1105,7 +1105,7 @@ impl Core {
     fn park(&mut self, a: Append) {
         if self.parked.len() >= self.limits.max_parked {
             a.reply.send(Err(SendError::Backpressure {
-                destination: a.first.env.destination.clone(),
+                destination: a.first.env.destination.to_string(),
                 entries: self.outbox.len(),
                 waited: Duration::ZERO,
             }));
@@ -1130,7 +1130,7 @@ impl Core {
             if a.deadline <= now {
                 let entries = self.outbox.len();
                 a.reply.send(Err(SendError::Backpressure {
-                    destination: a.first.env.destination.clone(),
+                    destination: a.first.env.destination.to_string(),
                     entries,
                     waited: Duration::from_millis(now.saturating_sub(a.deadline)),
                 }));
@@ -1214,7 +1214,7 @@ impl Core {
             let destination = call
                 .entries
                 .first()
-                .map(|e| e.env.destination.clone())
+                .map(|e| e.env.destination.to_string())
                 .unwrap_or_default();
             call.reply.send(Err(SendError::Backpressure {
                 destination,
@@ -1412,7 +1412,7 @@ impl Core {
                 continue;
             }
             let released = self.outbox.release_log(
-                &Target::Group(group.clone()).log_name(),
+                &Target::Group(group.as_str().into()).log_name(),
                 &format!("subscriber group `{group}` was unsubscribed"),
             );
             if !released.is_empty() {
@@ -1958,7 +1958,10 @@ fn find_topic_targets(
 ) -> Vec<Target> {
     let mut groups: BTreeSet<String> = outbox.groups_for(topic);
     groups.extend(known_groups.matching(topic).cloned());
-    let mut targets: Vec<Target> = groups.into_iter().map(Target::Group).collect();
+    let mut targets: Vec<Target> = groups
+        .into_iter()
+        .map(|g| Target::Group(g.into()))
+        .collect();
     targets.extend(outbox.ephemeral_for(topic).into_iter().map(Target::Node));
     targets
 }

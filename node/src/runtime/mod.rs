@@ -440,7 +440,9 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     let tracker = TaskTracker::new();
     let shared = Arc::new(Shared {
         id,
-        eph_log: crate::engine::outbox::Target::Node(id).log_name(),
+        eph_log: crate::engine::outbox::Target::Node(id)
+            .log_name()
+            .to_string(),
         service: b.service.clone(),
         mesh: b.mesh.clone(),
         incarnation: rand::random(),

@@ -790,7 +790,7 @@ mod tests {
     fn request_env() -> Envelope {
         Envelope {
             origin: peer(0),
-            log: String::new(),
+            log: Default::default(),
             seq: 0,
             kind: Kind::Request,
             destination: "echo".into(),

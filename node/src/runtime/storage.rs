@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use peerbus_transport::NodeId;
+use smol_str::SmolStr;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, warn};
 
@@ -33,7 +34,7 @@ pub(crate) enum StoreOp {
     /// once durable). Their logs' next sequence numbers are stored with them.
     Append(StagedCall),
     /// Settled entries to delete.
-    Remove(Vec<(String, u64)>),
+    Remove(Vec<(SmolStr, u64)>),
     /// A dedup window changed because a handler finished `ack`: persist it, then send the ack.
     Window(WindowSnapshot, AckRef),
     /// An entry was dead-lettered.
@@ -237,7 +238,7 @@ fn answer(answers: Vec<(CallReply, Arc<Envelope>, usize)>, error: Option<&str>) 
         reply.send(match error {
             None => Ok(copies),
             Some(reason) => Err(crate::error::SendError::Store {
-                destination: first.destination.clone(),
+                destination: first.destination.to_string(),
                 reason: reason.to_owned(),
             }),
         });

@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 use super::{Batch, DeadLetter, Recovered, Store, StoreError, StoreStats, StoredEntry};
 use crate::engine::inbox::WindowSnapshot;
 use crate::engine::wire::GroupState;
+use smol_str::SmolStr;
 
 /// A store that keeps everything in memory: all of it is lost when the process ends.
 #[derive(Default, Debug, Clone)]
 pub struct MemoryStore {
-    entries: BTreeMap<(String, u64), StoredEntry>,
+    entries: BTreeMap<(SmolStr, u64), StoredEntry>,
     seqs: BTreeMap<String, u64>,
     windows: BTreeMap<(Vec<u8>, String), WindowSnapshot>,
     dead: BTreeMap<u64, DeadLetter>,

@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 
 use crate::engine::inbox::WindowSnapshot;
 use crate::engine::wire::{Envelope, GroupState};
@@ -89,7 +90,7 @@ pub struct Batch {
     /// New entries.
     pub append: Vec<StoredEntry>,
     /// Entries to delete.
-    pub remove: Vec<(String, u64)>,
+    pub remove: Vec<(SmolStr, u64)>,
     /// Dedup windows.
     pub windows: Vec<WindowSnapshot>,
     /// Next sequence numbers.

@@ -387,7 +387,10 @@ impl RedbStore {
         // Raised before the commit: an upper bound stays right whether or not the commit lands,
         // so a reopen after a failure need not read the entries again.
         for e in &batch.append {
-            let m = self.db_max.entry(e.env.log.clone()).or_insert(e.env.seq);
+            let m = self
+                .db_max
+                .entry(e.env.log.to_string())
+                .or_insert(e.env.seq);
             *m = (*m).max(e.env.seq);
         }
         let txn = self.begin(true)?;

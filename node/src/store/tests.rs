@@ -20,7 +20,7 @@ fn entry(log: &str, seq: u64, size: usize) -> StoredEntry {
             seq,
             kind: Kind::Send,
             destination: "orders".into(),
-            key: Some(format!("k{}", seq % 3)),
+            key: Some(format!("k{}", seq % 3).into()),
             headers: vec![("traceparent".into(), "00-ab-cd-01".into())],
             content_type: None,
             created_at_ms: seq,
@@ -55,7 +55,7 @@ fn window(origin: u8, log: &str, floor: u64) -> WindowSnapshot {
 fn ids(rec: &Recovered) -> Vec<(String, u64)> {
     rec.entries
         .iter()
-        .map(|e| (e.env.log.clone(), e.env.seq))
+        .map(|e| (e.env.log.to_string(), e.env.seq))
         .collect()
 }
 
@@ -405,9 +405,7 @@ fn removed_entries_do_not_grow_the_file_and_compact_shrinks_it() {
         })
         .expect("append");
         s.commit(Batch {
-            remove: (base..base + 2000)
-                .map(|i| ("svc:a".to_string(), i))
-                .collect(),
+            remove: (base..base + 2000).map(|i| ("svc:a".into(), i)).collect(),
             ..Batch::default()
         })
         .expect("remove");
@@ -461,7 +459,7 @@ fn appended(log: &str, seqs: std::ops::RangeInclusive<u64>) -> Batch {
 
 fn removed(log: &str, seqs: &[u64]) -> Batch {
     Batch {
-        remove: seqs.iter().map(|q| (log.to_string(), *q)).collect(),
+        remove: seqs.iter().map(|q| (log.into(), *q)).collect(),
         ..Batch::default()
     }
 }
@@ -948,7 +946,10 @@ fn batch_strategy() -> impl Strategy<Value = Batch> {
     )
         .prop_map(|(append, remove, windows, next_seqs, dead, groups)| Batch {
             append,
-            remove,
+            remove: remove
+                .into_iter()
+                .map(|(l, s): (String, u64)| (l.into(), s))
+                .collect(),
             windows,
             next_seqs,
             dead,
@@ -970,7 +971,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 /// The simplest thing that could be right.
 #[derive(Default)]
 struct Model {
-    entries: BTreeMap<(String, u64), StoredEntry>,
+    entries: BTreeMap<(smol_str::SmolStr, u64), StoredEntry>,
     seqs: BTreeMap<String, u64>,
     windows: BTreeMap<([u8; 32], String), WindowSnapshot>,
     dead: BTreeMap<u64, DeadLetter>,

@@ -126,7 +126,7 @@ impl Unapplied {
                 None if !in_db(&log, seq) => (None, false),
                 None => {
                     self.entries
-                        .entry(log)
+                        .entry(log.to_string())
                         .or_default()
                         .insert(seq, Change::Delete);
                     (None, true)
@@ -213,7 +213,7 @@ impl Unapplied {
                         carried: false,
                     } if max_entries > 0 => young.push(entry),
                     Change::Put { entry, .. } => batch.append.push(entry.clone()),
-                    Change::Delete => batch.remove.push((log.clone(), *seq)),
+                    Change::Delete => batch.remove.push((log.as_str().into(), *seq)),
                 }
             }
         }
@@ -287,10 +287,7 @@ mod tests {
     fn batch(append: Vec<StoredEntry>, remove: Vec<(&str, u64)>) -> Batch {
         Batch {
             append,
-            remove: remove
-                .into_iter()
-                .map(|(l, s)| (l.to_string(), s))
-                .collect(),
+            remove: remove.into_iter().map(|(l, s)| (l.into(), s)).collect(),
             ..Batch::default()
         }
     }
@@ -314,7 +311,7 @@ mod tests {
         u.fold(batch(vec![], vec![("svc:a", 3), ("svc:a", 9)]), &db_max);
         let b = u.to_batch();
         assert!(b.append.is_empty());
-        assert_eq!(b.remove, vec![("svc:a".to_string(), 3)]);
+        assert_eq!(b.remove, vec![("svc:a".into(), 3)]);
     }
 
     #[test]
@@ -347,7 +344,7 @@ mod tests {
             .map(|e| (e.env.log.as_str(), e.env.seq, e.env.payload[0]))
             .collect();
         assert_eq!(puts, vec![("svc:a", 2, 2), ("svc:b", 11, 1)]);
-        assert_eq!(b.remove, vec![("svc:b".to_string(), 3)]);
+        assert_eq!(b.remove, vec![("svc:b".into(), 3)]);
         u.fold(batch(vec![], vec![("svc:a", 2), ("svc:b", 11)]), &db_max);
         assert_eq!(u.len(), 1, "the delete of svc:b#3 stays");
         assert_eq!(u.put_bytes(), 0);

@@ -83,7 +83,7 @@ type LegacyGroup = (String, Option<Vec<String>>);
 /// this version, nor the other way round.
 #[derive(Serialize)]
 struct BatchRest<'a> {
-    remove: &'a [(String, u64)],
+    remove: &'a [(smol_str::SmolStr, u64)],
     windows: &'a [crate::engine::inbox::WindowSnapshot],
     next_seqs: &'a [(String, u64)],
     dead: &'a [super::DeadLetter],
@@ -203,7 +203,7 @@ struct RecordV1 {
 #[derive(Serialize, serde::Deserialize)]
 struct BatchV1 {
     append: Vec<super::StoredEntry>,
-    remove: Vec<(String, u64)>,
+    remove: Vec<(smol_str::SmolStr, u64)>,
     windows: Vec<crate::engine::inbox::WindowSnapshot>,
     next_seqs: Vec<(String, u64)>,
     dead: Vec<super::DeadLetter>,
@@ -689,7 +689,10 @@ mod tests {
         )
             .prop_map(|(append, remove, windows, next_seqs, dead, groups)| Batch {
                 append,
-                remove,
+                remove: remove
+                    .into_iter()
+                    .map(|(l, s): (String, u64)| (l.into(), s))
+                    .collect(),
                 windows,
                 next_seqs,
                 dead,

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use peerbus_transport::{FrameError, NodeId};
+use smol_str::SmolStr;
 
 use super::{Data, Envelope, Kind};
 
@@ -146,12 +147,21 @@ impl<'a> Reader<'a> {
         self.str().map(str::to_owned)
     }
 
-    fn opt_string(&mut self) -> Result<Option<String>, FrameError> {
+    /// An `Option`: its tag, then `read` when it is `Some`.
+    fn optional<T>(
+        &mut self,
+        read: impl FnOnce(&mut Self) -> Result<T, FrameError>,
+    ) -> Result<Option<T>, FrameError> {
         if self.option()? {
-            self.string().map(Some)
+            read(self).map(Some)
         } else {
             Ok(None)
         }
+    }
+
+    /// A string kept inline when short (log names, destinations, keys): no allocation.
+    fn small_string(&mut self) -> Result<SmolStr, FrameError> {
+        self.str().map(SmolStr::new)
     }
 
     fn kind(&mut self) -> Result<Kind, FrameError> {
@@ -211,17 +221,17 @@ impl<'a> Reader<'a> {
         };
         Ok(Envelope {
             origin,
-            log: self.string()?,
+            log: self.small_string()?,
             seq: self.u64()?,
             kind: self.kind()?,
-            destination: self.string()?,
-            key: self.opt_string()?,
+            destination: self.small_string()?,
+            key: self.optional(Self::small_string)?,
             headers: if peer.is_some() {
                 self.compact_headers()?
             } else {
                 self.headers()?
             },
-            content_type: self.opt_string()?,
+            content_type: self.optional(Self::string)?,
             created_at_ms: self.u64()?,
             attempt: self.u32()?,
             payload: body.slice_ref(self.bytes()?),

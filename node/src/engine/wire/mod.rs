@@ -19,6 +19,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use peerbus_transport::{FrameError, NodeId};
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
 
 mod decode;
 pub(crate) mod encode;
@@ -54,15 +55,15 @@ pub struct Envelope {
     /// The node that created the message.
     pub origin: NodeId,
     /// The origin's log the entry lives in (`svc:<service>` or `grp:<group>`); empty for requests.
-    pub log: String,
+    pub log: SmolStr,
     /// Sequence number within `(origin, log)`; for requests, the correlation id.
     pub seq: u64,
     /// Send, publish, request or reply.
     pub kind: Kind,
     /// Service name (send, request) or topic (publish).
-    pub destination: String,
+    pub destination: SmolStr,
     /// Partition key: messages with the same key are handled in order.
-    pub key: Option<String>,
+    pub key: Option<SmolStr>,
     /// User headers; `traceparent`/`tracestate` ride here too.
     pub headers: Vec<(String, String)>,
     /// MIME type of the payload, when the sender set one.
@@ -473,11 +474,11 @@ pub(crate) mod tests {
             .prop_map(
                 |(o, log, seq, kind, destination, key, headers, created, attempt, p)| Envelope {
                     origin: node(o),
-                    log,
+                    log: log.into(),
                     seq,
                     kind,
-                    destination,
-                    key,
+                    destination: destination.into(),
+                    key: key.map(Into::into),
                     headers,
                     content_type: None,
                     created_at_ms: created,
@@ -844,19 +845,19 @@ pub(crate) mod tests {
             roundtrip(Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) });
             roundtrip(Data::Request { budget_ms: budget, env: env.clone() });
             roundtrip(Data::Reply { corr: floor, result: Ok(env.payload.clone()) });
-            roundtrip(Data::Reply { corr: floor, result: Err(env.destination.clone()) });
+            roundtrip(Data::Reply { corr: floor, result: Err(env.destination.to_string()) });
             roundtrip_shared(Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) });
             roundtrip_shared(Data::Request { budget_ms: budget, env: env.clone() });
             roundtrip_shared(Data::Reply { corr: floor, result: Ok(env.payload.clone()) });
-            roundtrip_shared(Data::Reply { corr: floor, result: Err(env.destination.clone()) });
+            roundtrip_shared(Data::Reply { corr: floor, result: Err(env.destination.to_string()) });
             encoders_agree(&Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) })?;
             encoders_agree(&Data::Request { budget_ms: budget, env: env.clone() })?;
             encoders_agree(&Data::Reply { corr: budget, result: Ok(env.payload.clone()) })?;
-            encoders_agree(&Data::Reply { corr: budget, result: Err(env.destination.clone()) })?;
+            encoders_agree(&Data::Reply { corr: budget, result: Err(env.destination.to_string()) })?;
             dialects_agree(&Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) })?;
             dialects_agree(&Data::Request { budget_ms: budget, env: env.clone() })?;
             dialects_agree(&Data::Reply { corr: budget, result: Ok(env.payload.clone()) })?;
-            dialects_agree(&Data::Reply { corr: budget, result: Err(env.destination) })?;
+            dialects_agree(&Data::Reply { corr: budget, result: Err(env.destination.to_string()) })?;
         }
 
         #[test]
@@ -865,7 +866,7 @@ pub(crate) mod tests {
                 0 => Data::Deliver { floor: n, key_floor: Some(n / 2), env: Arc::new(env) },
                 1 => Data::Request { budget_ms: n, env },
                 2 => Data::Reply { corr: n, result: Ok(env.payload) },
-                _ => Data::Reply { corr: n, result: Err(env.destination) },
+                _ => Data::Reply { corr: n, result: Err(env.destination.to_string()) },
             };
             let mut out = Vec::new();
             encode_frame(&frame, &mut out, 1 << 20).expect("encode");

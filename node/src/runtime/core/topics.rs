@@ -70,7 +70,7 @@ mod tests {
     use super::*;
 
     fn group(name: &str) -> Target {
-        Target::Group(name.to_string())
+        Target::Group(name.into())
     }
 
     #[test]
