@@ -269,7 +269,8 @@ impl FrameSender {
     /// Cancel-safe: if the future is dropped, the bytes not yet taken stay buffered and the
     /// next flush continues where this one stopped, so no frame is cut or repeated.
     pub async fn flush(&mut self) -> Result<(), FrameError> {
-        // The chunks are older than `buf`. QUIC advances a chunk it took in part, in place.
+        // What `buf` holds goes behind the chunks, which are older. QUIC advances a chunk it
+        // took in part, in place.
         self.queue_buffered();
         while !self.chunks.is_empty() {
             match self.stream.write_chunks(&mut self.chunks).await {
