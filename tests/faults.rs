@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{builder, drain, eventually, start, within};
-use peerbus::{CloseCode, FaultConfig, Faults, MemoryNetwork, MeshKey, Node, Outgoing};
+use peerbus::{CloseCode, FaultConfig, Faults, MemoryNetwork, MeshKey, Node, Outgoing, Receipt};
 
 async fn check_in_order(got: &mut tokio::sync::mpsc::Receiver<(Option<String>, String)>, n: usize) {
     let mut per_key: HashMap<String, Vec<usize>> = HashMap::new();
@@ -154,6 +154,38 @@ async fn a_partition_that_heals_and_a_frozen_peer_lose_nothing() {
     .await;
 }
 
+/// Sends message `i` to `orders` under the key `k{i % keys}`.
+async fn send_keyed(sender: &Node, i: usize, keys: usize) -> Receipt {
+    sender
+        .send(
+            "orders",
+            Outgoing::new(format!("{i}")).key(format!("k{}", i % keys)),
+        )
+        .await
+        .expect("stored")
+}
+
+/// Two seconds without a packet either way between the faulty node and `peer`, sending a
+/// message (numbered from `i` on) every 10 ms all along, then the partition heals.
+async fn partition_while_sending(
+    faults: &Faults,
+    peer: &Node,
+    sender: &Node,
+    i: &mut usize,
+    keys: usize,
+) -> Vec<Receipt> {
+    let mut receipts = Vec::new();
+    faults.partition(peer.local_addr());
+    let cut = tokio::time::Instant::now();
+    while cut.elapsed() < Duration::from_secs(2) {
+        receipts.push(send_keyed(sender, *i, keys).await);
+        *i += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    faults.heal_all();
+    receipts
+}
+
 /// A partition shorter than the idle timeout (3 s) leaves the connection open, with QUIC
 /// backing off its resends: its next probe can come a second or more after the path is back.
 /// The nodes notice that the connection receives nothing, find the peer answering a new
@@ -165,35 +197,15 @@ async fn a_partition_that_heals_and_a_frozen_peer_lose_nothing() {
 async fn a_connection_stalled_by_a_short_partition_is_replaced_when_it_heals() {
     within(120, async {
         let (fa, sender, receiver, mut got) = faulty_sender_and_receiver(5).await;
-        let send = |i: usize| {
-            let sender = sender.clone();
-            async move {
-                sender
-                    .send(
-                        "orders",
-                        Outgoing::new(format!("{i}")).key(format!("k{}", i % 5)),
-                    )
-                    .await
-                    .expect("stored")
-            }
-        };
         let stalled = |n: &Node| n.connections_closed().get(CloseCode::Stalled);
         let mut i = 0;
         for round in 1..=4 {
             let mut receipts = Vec::new();
             for _ in 0..20 {
-                receipts.push(send(i).await);
+                receipts.push(send_keyed(&sender, i, 5).await);
                 i += 1;
             }
-            // Two seconds without a packet either way, sending all along.
-            fa.partition(receiver.local_addr());
-            let cut = tokio::time::Instant::now();
-            while cut.elapsed() < Duration::from_secs(2) {
-                receipts.push(send(i).await);
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            fa.heal_all();
+            receipts.extend(partition_while_sending(&fa, &receiver, &sender, &mut i, 5).await);
             let healed = tokio::time::Instant::now();
             for r in receipts {
                 r.acked().await.expect("acked after the partition healed");
@@ -219,6 +231,79 @@ async fn a_connection_stalled_by_a_short_partition_is_replaced_when_it_heals() {
         check_in_order(&mut got, i).await;
         sender.shutdown().await;
         receiver.shutdown().await;
+    })
+    .await;
+}
+
+/// When a stalled connection is replaced, what was in flight on it waits for that instance
+/// to reconnect instead of going to another instance of the service: the instance drops with
+/// its dedup window what it had already handled, where another would handle it again. So
+/// with two instances and a partition that cuts one of them off, every key stays with the
+/// instance it started on. Rounds as in the test above, until a replacement happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_on_a_replaced_connection_wait_for_their_instance() {
+    within(120, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let fa = Faults::new(11);
+        let sender = start(builder(&net, "payments", &key).faults(fa.clone())).await;
+        let cut_off = start(builder(&net, "orders", &key)).await;
+        let other = start(builder(&net, "orders", &key)).await;
+        let mut got = [
+            drain(cut_off.messages().expect("messages")),
+            drain(other.messages().expect("messages")),
+        ];
+        assert!(
+            sender
+                .wait_for_instances("orders", 2, Duration::from_secs(10))
+                .await
+        );
+        let stalled = |n: &Node| n.connections_closed().get(CloseCode::Stalled);
+        let mut i = 0;
+        for round in 1..=4 {
+            let receipts = partition_while_sending(&fa, &cut_off, &sender, &mut i, 16).await;
+            for r in receipts {
+                r.acked().await.expect("acked after the partition healed");
+            }
+            let replaced = stalled(&sender) + stalled(&cut_off);
+            println!("round {round}: stalled connections replaced so far: {replaced}");
+            if replaced > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert!(
+            stalled(&sender) + stalled(&cut_off) >= 1,
+            "a node replaced the stalled connection"
+        );
+        // Which instance handled each key: every message once acked, so all are in.
+        let mut handled_by: HashMap<String, std::collections::BTreeSet<usize>> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < i {
+            for (instance, rx) in got.iter_mut().enumerate() {
+                while let Ok((k, p)) = rx.try_recv() {
+                    seen.insert(p);
+                    handled_by
+                        .entry(k.expect("key"))
+                        .or_default()
+                        .insert(instance);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let cut_off_keys = handled_by.values().filter(|s| s.contains(&0)).count();
+        assert!(
+            cut_off_keys > 0,
+            "the cut-off instance had keys: {handled_by:?}"
+        );
+        let moved: Vec<_> = handled_by.iter().filter(|(_, s)| s.len() > 1).collect();
+        assert!(
+            moved.is_empty(),
+            "keys handled by both instances: {moved:?}"
+        );
+        sender.shutdown().await;
+        cut_off.shutdown().await;
+        other.shutdown().await;
     })
     .await;
 }

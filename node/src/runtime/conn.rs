@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::FutureExt as _;
 use peerbus_transport::{
-    CloseCode, ConnectError, Connection, FrameError, FrameReceiver, FrameSender, NodeId,
+    CloseCode, ConnectError, Connection, ConnectionError, FrameError, FrameReceiver, FrameSender,
+    NodeId,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -335,11 +336,19 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
     let shared2 = shared.clone();
     t.spawn(
         async move {
-            let reason = tokio::select! {
-                e = conn.closed() => e.to_string(),
+            let (reason, stalled) = tokio::select! {
+                e = conn.closed() => {
+                    // The peer replaced a connection it found stalled: it is reachable, and
+                    // dials again at once.
+                    let stalled = matches!(
+                        e,
+                        ConnectionError::ClosedByPeer { code: CloseCode::Stalled, .. }
+                    );
+                    (e.to_string(), stalled)
+                }
                 () = cancel.cancelled() => {
                     conn.close(CloseCode::Shutdown, "connection replaced or node stopping");
-                    "closed locally".to_string()
+                    ("closed locally".to_string(), false)
                 }
             };
             cancel.cancel();
@@ -350,6 +359,7 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
                     peer,
                     generation,
                     reason,
+                    stalled,
                 })
                 .await;
         }

@@ -171,11 +171,12 @@ pub(crate) enum CoreMsg {
     ReleaseGroup(String),
     /// A handshake finished.
     PeerReady(Box<conn::Ready>),
-    /// A connection closed.
+    /// A connection closed; `stalled` when the peer closed it as stalled (`core/stall.rs`).
     PeerGone {
         peer: NodeId,
         generation: u64,
         reason: String,
+        stalled: bool,
     },
     /// A stalled connection's probe completed a handshake with its peer (`core/stall.rs`).
     Reachable { peer: NodeId, generation: u64 },
@@ -361,6 +362,10 @@ struct Core {
     connections_retired: u64,
     /// The probes of stalled connections that may run at once (`core/stall.rs`).
     probes: Arc<tokio::sync::Semaphore>,
+    /// Peers whose stalled connection was replaced, with that connection's generation and
+    /// when its entries in flight stop waiting for the peer to reconnect (`core/stall.rs`).
+    /// At most one per peer.
+    held: FastMap<NodeId, (u64, u64)>,
 }
 
 /// Log size limits (see `NodeBuilder::max_log_entries` and friends).
@@ -455,6 +460,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         retiring: FastMap::default(),
         connections_retired: 0,
         probes: Arc::new(tokio::sync::Semaphore::new(stall::MAX_PROBES)),
+        held: FastMap::default(),
     };
     core.refresh_local(true);
     // The next tick: after TICK, or IDLE_TICK while core has no timed work. Each tick is set
@@ -581,7 +587,11 @@ impl Core {
                 peer,
                 generation,
                 reason,
-            } => self.peer_gone(peer, generation, &reason),
+                stalled,
+            } => {
+                let hold_until = stalled.then(|| self.now() + stall::RECONNECT_HOLD);
+                self.peer_gone(peer, generation, &reason, hold_until);
+            }
             CoreMsg::Reachable { peer, generation } => self.peer_reachable(peer, generation),
             CoreMsg::DialFailed {
                 peer,
@@ -698,6 +708,8 @@ impl Core {
                 for c in self.seed_dialing.values() {
                     c.cancel();
                 }
+                // A peer that went away is not waited for now (what is in flight drains).
+                self.end_holds(u64::MAX);
                 for l in self.links.values() {
                     try_out(l, Out::Control(Control::Goodbye));
                 }
@@ -756,6 +768,7 @@ impl Core {
         requests::give_all(expired);
         self.settle_all_retired();
         self.expire_retired(now);
+        self.end_holds(now);
         if !self.closing {
             self.watch_stalls(now);
         }
@@ -1770,7 +1783,10 @@ impl Core {
         }
     }
 
-    fn peer_gone(&mut self, peer: NodeId, generation: u64, reason: &str) {
+    /// The connection `generation` to `peer` closed. With `hold_until`, what was in flight
+    /// to the peer stays its own until then (it gets no new entries meanwhile): if it
+    /// reconnects first, that goes out again on the new connection (see `core/stall.rs`).
+    fn peer_gone(&mut self, peer: NodeId, generation: u64, reason: &str, hold_until: Option<u64>) {
         if self
             .retiring
             .get(&generation)
@@ -1800,8 +1816,16 @@ impl Core {
         self.shared
             .events
             .emit(EventKind::PeerDown, Some(peer), service, reason);
-        self.outbox.peer_down(peer, generation);
-        self.release_backlogs();
+        match hold_until.filter(|_| !self.closing) {
+            Some(until) => {
+                self.outbox.peer_draining(peer);
+                self.held.insert(peer, (generation, until));
+            }
+            None => {
+                self.outbox.peer_down(peer, generation);
+                self.release_backlogs();
+            }
+        }
         self.fail_requests_on(peer, generation);
         let advertised = self.known.get(&peer).is_some_and(|k| k.advertised);
         if let Some(k) = self.known.get_mut(&peer) {

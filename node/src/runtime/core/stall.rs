@@ -13,10 +13,14 @@
 //! wait for the old one's backoff. A handshake
 //! that completes (the mesh proof included) shows that the path is back and the peer answers;
 //! if the old connection still received nothing, core closes it with [`CloseCode::Stalled`]
-//! and handles the close as any lost connection (its entries in flight go out again, and both
-//! sides dial at once). A connection that receives again before that is left alone, and its
-//! probe stops. The probe connection itself is closed as soon as it is up; the peer sees a
-//! handshake that ended before its hello. At most [`MAX_PROBES`] probes run at once.
+//! and handles the close as a lost connection (requests on it fail, and both sides dial at
+//! once), except for its entries in flight: they stay the peer's for up to
+//! [`RECONNECT_HOLD`], and go out again on its new connection, where its dedup window drops
+//! those it had handled (another instance would handle them a second time). The peer, told
+//! by the close code, holds what was in flight on its side the same way. A connection that
+//! receives again before that is left alone, and its probe stops. The probe connection
+//! itself is closed as soon as it is up; the peer sees a handshake that ended before its
+//! hello. At most [`MAX_PROBES`] probes run at once.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +46,12 @@ const STALL_AFTER: u64 = 1_000;
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest a probe's handshake may take (a path whose round trip is 250 ms or more).
 const PROBE_MAX: Duration = Duration::from_secs(1);
+/// How long the entries in flight on a replaced connection wait for the peer to reconnect
+/// (engine ms) before they go back to waiting, for any instance. The peer has just answered
+/// a handshake and both sides dial at once, so it is usually back within a few round trips;
+/// on its new connection they go out again and its dedup window drops what it had handled,
+/// where another instance would have handled those a second time.
+pub(super) const RECONNECT_HOLD: u64 = 1_000;
 /// Most probes that run at once on a node: a node whose own network went dark stalls every
 /// connection at once, and probing them all would start a handshake per peer every
 /// [`PROBE_INTERVAL`]. The others wait for a free slot at a later tick.
@@ -134,7 +144,31 @@ impl Core {
             peer,
             generation,
             &format!("connection stalled for {dark} ms after the network came back; reconnecting"),
+            Some(now + RECONNECT_HOLD),
         );
+    }
+
+    /// Ends the holds of replaced connections whose peer did not reconnect within
+    /// [`RECONNECT_HOLD`]: what was in flight to it goes back to waiting, for another instance
+    /// (a no-op for a peer that reconnected, which sent it again then).
+    pub(super) fn end_holds(&mut self, now: u64) {
+        if self.held.is_empty() {
+            return;
+        }
+        let due: Vec<(NodeId, u64)> = self
+            .held
+            .iter()
+            .filter(|(_, (_, until))| *until <= now)
+            .map(|(peer, (generation, _))| (*peer, *generation))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        for (peer, generation) in due {
+            self.held.remove(&peer);
+            self.outbox.peer_down(peer, generation);
+        }
+        self.release_backlogs();
     }
 }
 
