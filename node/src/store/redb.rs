@@ -387,11 +387,12 @@ impl RedbStore {
         // Raised before the commit: an upper bound stays right whether or not the commit lands,
         // so a reopen after a failure need not read the entries again.
         for e in &batch.append {
-            let m = self
-                .db_max
-                .entry(e.env.log.to_string())
-                .or_insert(e.env.seq);
-            *m = (*m).max(e.env.seq);
+            match self.db_max.get_mut(e.env.log.as_str()) {
+                Some(m) => *m = (*m).max(e.env.seq),
+                None => {
+                    self.db_max.insert(e.env.log.to_string(), e.env.seq);
+                }
+            }
         }
         let txn = self.begin(true)?;
         apply(&txn, &mut batch, &path)?;
