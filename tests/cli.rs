@@ -1272,6 +1272,13 @@ fn bench_json(only: &str, limit: Duration) -> (Finished, Value) {
     (done, doc)
 }
 
+/// The cases of a bench JSON document, and their names in order.
+fn cases_and_names(doc: &Value) -> (&Vec<Value>, Vec<&str>) {
+    let cases = doc["cases"].as_array().expect("cases");
+    let names = cases.iter().filter_map(|c| c["name"].as_str()).collect();
+    (cases, names)
+}
+
 /// `peerbus bench` writes its cases as JSON: names, figures, baselines, targets.
 #[test]
 fn bench_writes_json_cases() {
@@ -1282,8 +1289,7 @@ fn bench_writes_json_cases() {
         done.stdout
     );
     assert!(doc["machine"]["cores"].as_u64().is_some_and(|n| n >= 1));
-    let cases = doc["cases"].as_array().expect("cases");
-    let names: Vec<&str> = cases.iter().filter_map(|c| c["name"].as_str()).collect();
+    let (cases, names) = cases_and_names(&doc);
     assert_eq!(
         names,
         [
@@ -1363,8 +1369,7 @@ fn bench_times_lone_sends_until_acked_with_their_fsyncs() {
 #[test]
 fn bench_times_sends_of_one_key_against_many() {
     let (_, doc) = bench_json("send/memory/1KiB/keys=1", Duration::from_secs(300));
-    let cases = doc["cases"].as_array().expect("cases");
-    let names: Vec<&str> = cases.iter().filter_map(|c| c["name"].as_str()).collect();
+    let (cases, names) = cases_and_names(&doc);
     assert_eq!(
         names,
         [
@@ -1389,8 +1394,7 @@ fn bench_times_sends_of_one_key_against_many() {
 #[test]
 fn bench_runs_one_case_by_name_with_what_it_compares_with() {
     let (_, doc) = bench_json("send/fsync/64B", Duration::from_secs(300));
-    let cases = doc["cases"].as_array().expect("cases");
-    let names: Vec<&str> = cases.iter().filter_map(|c| c["name"].as_str()).collect();
+    let (cases, names) = cases_and_names(&doc);
     // The fsync case, the memory send it is a ratio of, and that one's raw baseline; nothing
     // else.
     assert_eq!(
