@@ -50,7 +50,7 @@ fn envelope(kind: Kind, destination: &str) -> Envelope {
         kind,
         destination: destination.into(),
         key: None,
-        headers: Vec::new(),
+        headers: Default::default(),
         content_type: None,
         created_at_ms: 0,
         attempt: 1,

@@ -26,7 +26,7 @@ fn entry(seq: u64, payload: &Bytes) -> StoredEntry {
             kind: Kind::Send,
             destination: "bench".into(),
             key: None,
-            headers: Vec::new(),
+            headers: Default::default(),
             content_type: None,
             created_at_ms: 0,
             attempt: 1,

@@ -2,7 +2,7 @@
 //! ([`Outgoing`]).
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -35,19 +35,25 @@ impl fmt::Display for MessageId {
 pub use crate::engine::wire::Kind as MessageKind;
 
 /// A message received by a handler or subscription. Cloning it is cheap: clones share the
-/// envelope.
+/// envelope (and copy the list of headers if [`Message::headers`] made one).
 #[derive(Clone, Debug)]
 pub struct Message {
     pub(crate) env: Arc<Envelope>,
+    /// The headers as text, made by the first [`Message::headers`] call when the envelope
+    /// keeps its `traceparent` as bytes.
+    headers: OnceLock<Vec<(String, String)>>,
 }
 
 impl Message {
     pub(crate) fn new(env: Envelope) -> Self {
-        Self { env: Arc::new(env) }
+        Self::shared(Arc::new(env))
     }
 
     pub(crate) fn shared(env: Arc<Envelope>) -> Self {
-        Self { env }
+        Self {
+            env,
+            headers: OnceLock::new(),
+        }
     }
 
     /// The message's id.
@@ -79,18 +85,25 @@ impl Message {
         self.env.key.as_deref()
     }
 
-    /// All headers, in the order the sender added them.
+    /// All headers, in the order the sender added them. A message that carries a
+    /// `traceparent` keeps it as bytes; the first call makes the list with its text.
     pub fn headers(&self) -> &[(String, String)] {
-        &self.env.headers
+        match self.env.headers.text_only() {
+            Some(list) => list,
+            None => self.headers.get_or_init(|| self.env.headers.to_vec()),
+        }
     }
 
     /// The first header named `name` (case-sensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.env
-            .headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        if name == crate::trace::TRACEPARENT {
+            return self
+                .headers()
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str());
+        }
+        self.env.headers.text(name)
     }
 
     /// The payload's MIME type, if the sender set one.

@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info};
 use crate::builder::NodeBuilder;
 use crate::engine::outbox::{LogStats, Target};
 use crate::engine::routing::validate_subject;
-use crate::engine::wire::{Envelope, Interest, Kind};
+use crate::engine::wire::{Envelope, Headers, Interest, Kind};
 use crate::error::{
     AdminError, DeliveryError, HandlerError, RequestError, SendError, SubscribeError,
 };
@@ -1246,7 +1246,7 @@ impl Node {
             destination: destination.into(),
             key: msg.key.map(SmolStr::from),
             headers: {
-                let mut h = msg.headers;
+                let mut h = Headers::from(msg.headers);
                 crate::trace::stamp(&mut h, self.shared.start_traces);
                 h
             },

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::engine::wire::Envelope;
+use crate::engine::wire::{Envelope, Headers, TraceBytes};
 
 tokio::task_local! {
     static CURRENT: Current;
@@ -104,6 +104,31 @@ impl TraceContext {
         })
     }
 
+    /// A context from the 25 bytes of a `traceparent` (trace id, span id, flags): `None` if
+    /// either id is all zero.
+    fn from_bytes(b: &TraceBytes, tracestate: Option<&str>) -> Option<Self> {
+        let (trace_id, rest) = b.split_first_chunk::<16>()?;
+        let (span_id, flags) = rest.split_first_chunk::<8>()?;
+        if *trace_id == [0; 16] || *span_id == [0; 8] {
+            return None;
+        }
+        Some(Self {
+            trace_id: *trace_id,
+            span_id: *span_id,
+            flags: *flags.first()?,
+            state: tracestate.map(str::to_string),
+        })
+    }
+
+    /// The 25 bytes of its `traceparent`: trace id, span id, flags.
+    fn bytes(&self) -> TraceBytes {
+        let mut b = [0; 25];
+        b[..16].copy_from_slice(&self.trace_id);
+        b[16..24].copy_from_slice(&self.span_id);
+        b[24] = self.flags;
+        b
+    }
+
     /// The `traceparent` header value.
     pub fn traceparent(&self) -> String {
         // Written by hand into bytes: this runs for every message sent, and `format!` per
@@ -160,8 +185,11 @@ pub(crate) async fn scope_message<F: Future>(env: Arc<Envelope>, fut: F) -> F::O
 
 /// Adds `traceparent` (and `tracestate`) to outgoing headers unless the caller set one: a
 /// child of the current trace context, or else (when `new_roots`) a new trace.
-pub(crate) fn stamp(headers: &mut Vec<(String, String)>, new_roots: bool) {
-    if headers.iter().any(|(k, _)| k == TRACEPARENT) {
+///
+/// The `traceparent` is kept as bytes ([`Headers`]): stamping allocates nothing unless the
+/// context has a `tracestate`.
+pub(crate) fn stamp(headers: &mut Headers, new_roots: bool) {
+    if headers.has_traceparent() {
         return;
     }
     let ctx = match current() {
@@ -169,23 +197,21 @@ pub(crate) fn stamp(headers: &mut Vec<(String, String)>, new_roots: bool) {
         None if new_roots => TraceContext::new_root(),
         None => return,
     };
-    headers.push((TRACEPARENT.to_string(), ctx.traceparent()));
+    headers.push_trace(ctx.bytes());
     if let Some(state) = &ctx.state
-        && !headers.iter().any(|(k, _)| k == TRACESTATE)
+        && headers.text(TRACESTATE).is_none()
     {
-        headers.push((TRACESTATE.to_string(), state.clone()));
+        headers.push(TRACESTATE, state.clone());
     }
 }
 
 /// The trace context a message carries.
-pub(crate) fn of_headers(headers: &[(String, String)]) -> Option<TraceContext> {
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
-    TraceContext::parse(get(TRACEPARENT)?, get(TRACESTATE))
+pub(crate) fn of_headers(headers: &Headers) -> Option<TraceContext> {
+    let state = headers.text(TRACESTATE);
+    match headers.trace() {
+        Some(b) => TraceContext::from_bytes(b, state),
+        None => TraceContext::parse(headers.text(TRACEPARENT)?, state),
+    }
 }
 
 fn nonzero<const N: usize>() -> [u8; N] {
@@ -281,10 +307,10 @@ mod tests {
 
     #[tokio::test]
     async fn stamping_continues_the_current_trace() {
-        let mut h = vec![];
+        let mut h = Headers::new();
         stamp(&mut h, true);
         let root = of_headers(&h).expect("root stamped");
-        let mut inner = vec![];
+        let mut inner = Headers::new();
         scope(root.clone(), async { stamp(&mut inner, true) }).await;
         let child = of_headers(&inner).expect("child stamped");
         assert_eq!(child.trace_id, root.trace_id);
@@ -304,27 +330,48 @@ mod tests {
                 payload: bytes::Bytes::new(),
             })
         };
-        let mut from_message = vec![];
+        let mut from_message = Headers::new();
         scope_message(env(h.clone()), async { stamp(&mut from_message, true) }).await;
         let child = of_headers(&from_message).expect("child of the message stamped");
         assert_eq!(child.trace_id, root.trace_id);
         assert_ne!(child.span_id, root.span_id);
-        let mut untraced = vec![];
-        scope_message(env(vec![]), async { stamp(&mut untraced, true) }).await;
+        let mut untraced = Headers::new();
+        scope_message(env(Headers::new()), async { stamp(&mut untraced, true) }).await;
         let new = of_headers(&untraced).expect("new root stamped");
         assert_ne!(new.trace_id, root.trace_id);
-        let mut explicit = vec![(TRACEPARENT.to_string(), "x".to_string())];
+        let mut explicit = Headers::from(vec![(TRACEPARENT.to_string(), "x".to_string())]);
         stamp(&mut explicit, true);
         assert_eq!(explicit.len(), 1, "an explicit header is kept");
     }
 
     #[tokio::test]
+    async fn a_stamped_trace_reads_as_the_headers_a_sender_would_have_written() {
+        let mut root = TraceContext::new_root();
+        root.state = Some("vendor=1".into());
+        let mut h = Headers::from(vec![("tenant".to_string(), "acme".to_string())]);
+        scope(root.clone(), async { stamp(&mut h, true) }).await;
+        let child = of_headers(&h).expect("stamped");
+        assert_eq!(child.state.as_deref(), Some("vendor=1"));
+        let text = child.traceparent();
+        assert_eq!(
+            h.to_vec(),
+            [
+                ("tenant".to_string(), "acme".to_string()),
+                (TRACEPARENT.to_string(), text.clone()),
+                (TRACESTATE.to_string(), "vendor=1".to_string()),
+            ]
+        );
+        assert_eq!(h.get(TRACEPARENT).as_deref(), Some(text.as_str()));
+        assert_eq!(TraceContext::parse(&text, Some("vendor=1")), Some(child));
+    }
+
+    #[tokio::test]
     async fn without_new_roots_only_a_current_trace_is_continued() {
-        let mut outside = vec![];
+        let mut outside = Headers::new();
         stamp(&mut outside, false);
         assert!(outside.is_empty(), "no trace started: {outside:?}");
         let root = TraceContext::new_root();
-        let mut inner = vec![];
+        let mut inner = Headers::new();
         scope(root.clone(), async { stamp(&mut inner, false) }).await;
         let child = of_headers(&inner).expect("the current trace continued");
         assert_eq!(child.trace_id, root.trace_id);

@@ -131,7 +131,7 @@ pub fn push_delivery(s: &mut FrameSender, dialect: Dialect, origin: NodeId, seq:
         kind: Kind::Send,
         destination: "orders".into(),
         key: None,
-        headers: Vec::new(),
+        headers: Default::default(),
         content_type: None,
         created_at_ms: 0,
         attempt: 1,

@@ -1632,7 +1632,7 @@ mod tests {
             kind: Kind::Send,
             destination: "svc".into(),
             key: key.map(SmolStr::from),
-            headers: vec![],
+            headers: Default::default(),
             content_type: None,
             created_at_ms: 0,
             attempt: 1,

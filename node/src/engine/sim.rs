@@ -68,7 +68,7 @@ fn env(origin: NodeId, key: &str, i: u64) -> Envelope {
         kind: Kind::Send,
         destination: "svc".into(),
         key: Some(key.into()),
-        headers: vec![],
+        headers: Default::default(),
         content_type: None,
         created_at_ms: 0,
         attempt: 1,

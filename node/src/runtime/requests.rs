@@ -795,7 +795,7 @@ mod tests {
             kind: Kind::Request,
             destination: "echo".into(),
             key: None,
-            headers: Vec::new(),
+            headers: Default::default(),
             content_type: None,
             created_at_ms: 0,
             attempt: 1,

@@ -308,7 +308,7 @@ mod tests {
                 kind: crate::engine::wire::Kind::Send,
                 destination: "orders".into(),
                 key: None,
-                headers: Vec::new(),
+                headers: Default::default(),
                 content_type: None,
                 created_at_ms: 0,
                 attempt: 1,

@@ -21,7 +21,7 @@ fn entry(log: &str, seq: u64, size: usize) -> StoredEntry {
             kind: Kind::Send,
             destination: "orders".into(),
             key: Some(format!("k{}", seq % 3).into()),
-            headers: vec![("traceparent".into(), "00-ab-cd-01".into())],
+            headers: vec![("traceparent".into(), "00-ab-cd-01".into())].into(),
             content_type: None,
             created_at_ms: seq,
             attempt: 1,

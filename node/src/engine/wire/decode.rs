@@ -20,7 +20,7 @@ use bytes::Bytes;
 use peerbus_transport::{FrameError, NodeId};
 use smol_str::SmolStr;
 
-use super::{Data, Envelope, Kind};
+use super::{Data, Envelope, Headers, Kind};
 
 /// Decodes a whole body: one [`Data`] frame and nothing after it. With `peer`, envelopes on the
 /// wire leave their origin out and it is `peer` ([`super::Dialect::PeerOrigin`]).
@@ -187,29 +187,18 @@ impl<'a> Reader<'a> {
     }
 
     /// The headers as [`Dialect::PeerOrigin`](super::Dialect::PeerOrigin) writes them (see
-    /// `encode.rs`, `compact_headers`): a binary `traceparent` goes back where it was.
-    fn compact_headers(&mut self) -> Result<Vec<(String, String)>, FrameError> {
+    /// `encode.rs`, `compact_headers`): a binary `traceparent` stays bytes, in its place.
+    fn compact_headers(&mut self) -> Result<Headers, FrameError> {
         let at = self.len()?;
         let traceparent = if at > 0 {
             Some(self.array::<25>()?)
         } else {
             None
         };
-        let mut headers = self.headers()?;
-        if let Some(b) = traceparent {
-            if at - 1 > headers.len() {
-                return Err(malformed(format!(
-                    "traceparent at header {} of {}",
-                    at - 1,
-                    headers.len() + 1
-                )));
-            }
-            headers.insert(
-                at - 1,
-                (super::TRACEPARENT.to_string(), super::traceparent_text(&b)),
-            );
-        }
-        Ok(headers)
+        let headers = self.headers()?;
+        let n = headers.len();
+        Headers::from_parts(headers, traceparent.map(|b| (at - 1, b)))
+            .ok_or_else(|| malformed(format!("traceparent at header {} of {}", at - 1, n + 1)))
     }
 
     /// An [`Envelope`] whose payload is a slice of `body` (the buffer this reader reads), from
@@ -229,7 +218,7 @@ impl<'a> Reader<'a> {
             headers: if peer.is_some() {
                 self.compact_headers()?
             } else {
-                self.headers()?
+                Headers::from(self.headers()?)
             },
             content_type: self.optional(Self::string)?,
             created_at_ms: self.u64()?,

@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 
-use super::{Data, Dialect, Envelope, Kind};
+use super::{Data, Dialect, Envelope, Headers, Kind};
 
 /// The payload of a frame that carries none.
 static NO_PAYLOAD: Bytes = Bytes::new();
@@ -123,73 +123,30 @@ pub(crate) fn varint(out: &mut Vec<u8>, v: u64) {
 fn headers<'h>(out: &mut Vec<u8>, n: usize, list: impl Iterator<Item = &'h (String, String)>) {
     varint(out, n as u64);
     for (k, v) in list {
-        bytes(out, k.as_bytes());
-        bytes(out, v.as_bytes());
+        header(out, k, v);
     }
 }
 
-/// The headers in [`Dialect::PeerOrigin`]: the position of the first `traceparent` header
-/// whose value [`binary_traceparent`] takes, plus one (0: none), then its 25 bytes, then the
-/// other headers as [`headers`] writes them. The reader puts the header back where it was,
-/// text and all, so the envelope reads back exactly; a `traceparent` costs 26 bytes instead
-/// of 68.
-fn compact_headers(out: &mut Vec<u8>, list: &[(String, String)]) {
-    let found = list.iter().enumerate().find_map(|(i, (k, v))| {
-        (k == super::TRACEPARENT)
-            .then(|| binary_traceparent(v))
-            .flatten()
-            .map(|b| (i, b))
-    });
-    match found {
-        Some((i, b)) => {
-            varint(out, i as u64 + 1);
-            out.extend_from_slice(&b);
-            headers(out, list.len() - 1, list[..i].iter().chain(&list[i + 1..]));
+fn header(out: &mut Vec<u8>, k: &str, v: &str) {
+    bytes(out, k.as_bytes());
+    bytes(out, v.as_bytes());
+}
+
+/// The headers in [`Dialect::PeerOrigin`]: the position of the `traceparent` the headers keep
+/// as bytes, plus one (0: none), then its 25 bytes, then the other headers as [`headers`]
+/// writes them. The reader keeps it as bytes in its place, so the envelope reads back
+/// exactly; a `traceparent` costs 26 bytes instead of 68.
+fn compact_headers(out: &mut Vec<u8>, h: &Headers) {
+    let (list, trace) = h.parts();
+    match trace {
+        Some((at, b)) => {
+            varint(out, at as u64 + 1);
+            out.extend_from_slice(b);
         }
-        None => {
-            out.push(0);
-            headers(out, list.len(), list.iter());
-        }
+        None => out.push(0),
     }
+    headers(out, list.len(), list.iter());
 }
-
-/// The 25 bytes (trace id, span id, flags) of a `traceparent` value written exactly as
-/// `00-<32 hex>-<16 hex>-<2 hex>` with lower-case digits, the only text
-/// [`super::traceparent_text`] gives back; `None` for any other value (sent as text).
-pub(super) fn binary_traceparent(v: &str) -> Option<[u8; 25]> {
-    let v = v.as_bytes();
-    if v.len() != 55 || !v.starts_with(b"00-") || v[35] != b'-' || v[52] != b'-' {
-        return None;
-    }
-    let mut out = [0; 25];
-    let mut bad = 0;
-    for (i, o) in out.iter_mut().enumerate() {
-        let at = super::traceparent_digit(i);
-        let (hi, lo) = (
-            HEX_VALUE[usize::from(v[at])],
-            HEX_VALUE[usize::from(v[at + 1])],
-        );
-        bad |= hi | lo;
-        *o = hi << 4 | lo;
-    }
-    (bad <= 15).then_some(out)
-}
-
-/// The value of each lower-case hex digit; 255 for every other byte.
-static HEX_VALUE: [u8; 256] = {
-    let mut t = [255; 256];
-    let mut i = 0;
-    while i < 10 {
-        t[b'0' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        t[b'a' as usize + i] = 10 + i as u8;
-        i += 1;
-    }
-    t
-};
 
 /// A string or byte string: its length, then its bytes.
 fn bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -230,7 +187,10 @@ fn envelope_head<'e>(out: &mut Vec<u8>, env: &'e Envelope, dialect: Dialect) -> 
     bytes(out, env.destination.as_bytes());
     opt_str(out, env.key.as_deref());
     match dialect {
-        Dialect::WithOrigin => headers(out, env.headers.len(), env.headers.iter()),
+        Dialect::WithOrigin => {
+            varint(out, env.headers.len() as u64);
+            env.headers.for_each(|k, v| header(out, k, v));
+        }
         Dialect::PeerOrigin => compact_headers(out, &env.headers),
     }
     opt_str(out, env.content_type.as_deref());

@@ -23,6 +23,10 @@ use smol_str::SmolStr;
 
 mod decode;
 pub(crate) mod encode;
+mod headers;
+
+pub use headers::Headers;
+pub(crate) use headers::TraceBytes;
 
 /// What kind of interaction a message belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -64,8 +68,9 @@ pub struct Envelope {
     pub destination: SmolStr,
     /// Partition key: messages with the same key are handled in order.
     pub key: Option<SmolStr>,
-    /// User headers; `traceparent`/`tracestate` ride here too.
-    pub headers: Vec<(String, String)>,
+    /// User headers; `traceparent`/`tracestate` ride here too (a `traceparent` of the usual
+    /// form kept as bytes: see [`Headers`]).
+    pub headers: Headers,
     /// MIME type of the payload, when the sender set one.
     pub content_type: Option<String>,
     /// Milliseconds since the Unix epoch when the message was created.
@@ -246,29 +251,6 @@ pub fn negotiate(
     Ok(version)
 }
 
-/// The header name of a W3C trace parent (see `crate::trace`).
-const TRACEPARENT: &str = "traceparent";
-
-/// The text of a `traceparent` from its 25 bytes (trace id, span id, flags):
-/// `00-<32 hex>-<16 hex>-<2 hex>`, lower-case.
-fn traceparent_text(b: &[u8; 25]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
-    for (i, x) in b.iter().enumerate() {
-        let at = traceparent_digit(i);
-        out[at] = DIGITS[usize::from(x >> 4)];
-        out[at + 1] = DIGITS[usize::from(x & 0xf)];
-    }
-    // Only ASCII digits and dashes are in it.
-    String::from_utf8(out.to_vec()).unwrap_or_default()
-}
-
-/// Where the two hex digits of byte `i` (below 25) of a binary traceparent stand in its text:
-/// the trace id from 3, the span id from 36, the flags at 53.
-fn traceparent_digit(i: usize) -> usize {
-    3 + 2 * i + usize::from(i >= 16) + usize::from(i >= 24)
-}
-
 /// How the envelopes of [`Data`] frames travel on one connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
@@ -390,6 +372,10 @@ pub struct Hello {
 }
 
 /// Frames on data lanes (unidirectional streams).
+// A request holds its envelope inline (some 240 bytes, the others under 50): a frame is
+// moved a few times, from its caller to a writer, and a box would cost an allocation per
+// request each side.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Data {
     /// A log entry to hand to a handler.
@@ -444,7 +430,9 @@ impl Data {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::headers::traceparent_text;
     use super::*;
+    use crate::trace::TRACEPARENT;
     use peerbus_transport::{decode_frame, encode_frame};
     use proptest::prelude::*;
 
@@ -479,7 +467,7 @@ pub(crate) mod tests {
                     kind,
                     destination: destination.into(),
                     key: key.map(Into::into),
-                    headers,
+                    headers: headers.into(),
                     content_type: None,
                     created_at_ms: created,
                     attempt,
@@ -575,10 +563,7 @@ pub(crate) mod tests {
                 None => 0,
                 Some(env) => {
                     env.origin = peer;
-                    let binary = env
-                        .headers
-                        .iter()
-                        .any(|(k, v)| k == TRACEPARENT && encode::binary_traceparent(v).is_some());
+                    let binary = env.headers.trace().is_some();
                     // The origin; one byte for where the traceparent was; and, when it goes as
                     // binary, its name and text (1 + 11 + 1 + 55) for its 25 bytes.
                     32 - 1 + if binary { 68 - 25 } else { 0 }
@@ -608,7 +593,7 @@ pub(crate) mod tests {
     #[test]
     fn a_usual_traceparent_goes_as_binary_and_reads_back_as_text() {
         let text = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        let b = encode::binary_traceparent(text).expect("the usual form");
+        let b = headers::binary_traceparent(text).expect("the usual form");
         assert_eq!(traceparent_text(&b), text);
         for other in [
             "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",
@@ -618,7 +603,7 @@ pub(crate) mod tests {
             "00-0af7651916cd43dd8448eb211c80319g-b7ad6b7169203331-01",
             "",
         ] {
-            assert_eq!(encode::binary_traceparent(other), None, "{other}");
+            assert_eq!(headers::binary_traceparent(other), None, "{other}");
         }
         // A binary traceparent placed past the end of the headers is refused.
         let env = Envelope {
@@ -628,7 +613,7 @@ pub(crate) mod tests {
             kind: Kind::Send,
             destination: "d".into(),
             key: None,
-            headers: vec![(TRACEPARENT.into(), text.into())],
+            headers: vec![(TRACEPARENT.into(), text.into())].into(),
             content_type: None,
             created_at_ms: 0,
             attempt: 1,
@@ -667,7 +652,8 @@ pub(crate) mod tests {
                     TRACEPARENT.into(),
                     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
                 ),
-            ],
+            ]
+            .into(),
             content_type: Some("text/plain".into()),
             created_at_ms: 1_700_000_000_000,
             attempt: 2,
@@ -780,7 +766,8 @@ pub(crate) mod tests {
             headers: vec![
                 ("traceparent".into(), "00-ab".into()),
                 ("é".into(), String::new()),
-            ],
+            ]
+            .into(),
             content_type: content_type.map(Into::into),
             created_at_ms: 1_700_000_000_000,
             attempt: 70_000,
@@ -832,8 +819,9 @@ pub(crate) mod tests {
         #[test]
         fn compact_envelopes_read_back_exactly(env in env_strategy(), tp in traceparent_strategy(), at in any::<prop::sample::Index>(), floor in any::<u64>(), body in proptest::collection::vec(any::<u8>(), 0..64)) {
             let mut env = env;
-            let i = at.index(env.headers.len() + 1);
-            env.headers.insert(i, (TRACEPARENT.into(), tp));
+            let mut list = env.headers.to_vec();
+            list.insert(at.index(list.len() + 1), (TRACEPARENT.into(), tp));
+            env.headers = list.into();
             dialects_agree(&Data::Deliver { floor, key_floor: None, env: Arc::new(env.clone()) })?;
             dialects_agree(&Data::Request { budget_ms: floor, env })?;
             // Whatever a compact body holds, reading it fails or gives a frame; never a panic.
