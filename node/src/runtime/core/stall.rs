@@ -106,7 +106,7 @@ impl Core {
         }
         for (peer, generation, addr, wait, token, slot) in stalled {
             debug!(peer = %peer.short(), %addr, "connection stalled; probing the peer");
-            let target = Target {
+            let target = ProbeTarget {
                 peer,
                 generation,
                 addr,
@@ -173,7 +173,7 @@ impl Core {
 }
 
 /// The stalled connection a probe is for.
-struct Target {
+struct ProbeTarget {
     peer: NodeId,
     generation: u64,
     addr: SocketAddr,
@@ -182,8 +182,13 @@ struct Target {
 /// Dials the peer of a stalled connection, a new handshake every `wait`, until one completes
 /// (then tells core, [`CoreMsg::Reachable`]) or `cancel` fires (the connection received again
 /// or closed).
-async fn probe(shared: Arc<Shared>, target: Target, wait: Duration, cancel: CancellationToken) {
-    let Target {
+async fn probe(
+    shared: Arc<Shared>,
+    target: ProbeTarget,
+    wait: Duration,
+    cancel: CancellationToken,
+) {
+    let ProbeTarget {
         peer,
         generation,
         addr,
