@@ -307,3 +307,59 @@ async fn entries_on_a_replaced_connection_wait_for_their_instance() {
     })
     .await;
 }
+
+/// A node whose own network goes dark stalls every connection at once. It probes at most 16
+/// of them at a time (`MAX_PROBES`): with 20 peers, 16 probes run while the network is dark
+/// (until the idle timeout closes the connections), never more. Once it is back, every peer
+/// is connected again and no probe is left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_every_peer_runs_at_most_sixteen_probes() {
+    within(120, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let fa = Faults::new(13);
+        let hub = start(builder(&net, "hub", &key).faults(fa.clone())).await;
+        let mut peers = Vec::new();
+        for _ in 0..20 {
+            peers.push(start(builder(&net, "orders", &key)).await);
+        }
+        assert!(
+            hub.wait_for_instances("orders", 20, Duration::from_secs(30))
+                .await
+        );
+        let probes = || async { hub.status().await.expect("status").stall_probes };
+        fa.block_all(true);
+        let cut = tokio::time::Instant::now();
+        let mut most = 0;
+        let mut samples = Vec::new();
+        // Stalled after a second without a datagram, noticed at core's next tick (once a
+        // second on an idle node); the idle timeout (3 s) closes the connections.
+        while cut.elapsed() < Duration::from_millis(2_800) {
+            let n = probes().await;
+            most = most.max(n);
+            samples.push(n);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        fa.block_all(false);
+        assert_eq!(
+            most, 16,
+            "probes running while cut off, every 50 ms: {samples:?}"
+        );
+        eventually(
+            30,
+            "every peer connected again, no probe running",
+            || async {
+                let s = hub.status().await.expect("status");
+                s.connections == 20 && s.stall_probes == 0
+            },
+        )
+        .await;
+        // At once: a node's shutdown waits up to 1 s for its connections' closes to drain.
+        let mut stopping = tokio::task::JoinSet::new();
+        for node in peers.into_iter().chain([hub]) {
+            stopping.spawn(async move { node.shutdown().await });
+        }
+        while stopping.join_next().await.is_some() {}
+    })
+    .await;
+}

@@ -205,6 +205,10 @@ pub struct Status {
     /// `max_log_entries` of them, and 65,536); each fails with [`SendError::Backpressure`]
     /// once its `send_timeout` passes.
     pub sends_waiting: usize,
+    /// Connections that received nothing for a second (stalled, say by a partition) whose
+    /// peer is being dialled now to see if it answers a new connection; at most 16 at once,
+    /// the others wait for a free slot (ARCHITECTURE, "Liveness and reconnects").
+    pub stall_probes: usize,
     /// Circuit breaker and bulkhead per requested service.
     pub breakers: BTreeMap<String, BreakerStatus>,
     /// Durable subscriber groups this node knows of (a `publish` keeps copies for the live

@@ -1950,6 +1950,7 @@ impl Core {
             requests_own_stream: c.requests_own_stream.load(Ordering::Relaxed),
             core_ticks: c.core_ticks.load(Ordering::Relaxed),
             sends_waiting: self.parked.len(),
+            stall_probes: stall::MAX_PROBES.saturating_sub(self.probes.available_permits()),
             breakers,
             groups: self.known_groups.states().into_iter().collect(),
         }

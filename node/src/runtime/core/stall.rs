@@ -20,7 +20,7 @@
 //! by the close code, holds what was in flight on its side the same way. A connection that
 //! receives again before that is left alone, and its probe stops. The probe connection
 //! itself is closed as soon as it is up; the peer sees a handshake that ended before its
-//! hello. At most [`MAX_PROBES`] probes run at once.
+//! hello. At most [`MAX_PROBES`] probes run at once (`Status::stall_probes` counts them).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
