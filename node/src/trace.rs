@@ -131,17 +131,7 @@ impl TraceContext {
 
     /// The `traceparent` header value.
     pub fn traceparent(&self) -> String {
-        // Written by hand into bytes: this runs for every message sent, and `format!` per
-        // byte (later `String::push` per character) was a visible part of the send profile.
-        let mut b = Vec::with_capacity(55);
-        b.extend_from_slice(b"00-");
-        push_hex_bytes(&mut b, &self.trace_id);
-        b.push(b'-');
-        push_hex_bytes(&mut b, &self.span_id);
-        b.push(b'-');
-        push_hex_bytes(&mut b, &[self.flags]);
-        // Only ASCII hex digits and dashes were written, so this never fails.
-        String::from_utf8(b).unwrap_or_default()
+        crate::engine::wire::traceparent_text(&self.bytes())
     }
 
     /// The trace id as 32 hex characters.

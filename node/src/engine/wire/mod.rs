@@ -26,7 +26,7 @@ pub(crate) mod encode;
 mod headers;
 
 pub use headers::Headers;
-pub(crate) use headers::TraceBytes;
+pub(crate) use headers::{TraceBytes, traceparent_text};
 
 /// What kind of interaction a message belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -430,7 +430,6 @@ impl Data {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::headers::traceparent_text;
     use super::*;
     use crate::trace::TRACEPARENT;
     use peerbus_transport::{decode_frame, encode_frame};
