@@ -9,6 +9,11 @@ use std::time::Duration;
 use common::{builder, drain, eventually, start, within};
 use peerbus::{CloseCode, FaultConfig, Faults, MemoryNetwork, MeshKey, Node, Outgoing, Receipt};
 
+/// Held by each test of this file while it runs: they time partitions and reconnects (the
+/// stall test's 1 s hold among them), so one test's nodes (21 in the probe test) should not
+/// load the 2-core machine while another's partition heals.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn check_in_order(got: &mut tokio::sync::mpsc::Receiver<(Option<String>, String)>, n: usize) {
     let mut per_key: HashMap<String, Vec<usize>> = HashMap::new();
     let mut seen = std::collections::HashSet::new();
@@ -36,6 +41,7 @@ async fn check_in_order(got: &mut tokio::sync::mpsc::Receiver<(Option<String>, S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_percent_loss_loses_nothing() {
     within(120, async {
+        let _alone = ALONE.lock().await;
         let net = MemoryNetwork::new();
         let key = MeshKey::generate();
         let lossy = FaultConfig {
@@ -106,6 +112,7 @@ async fn faulty_sender_and_receiver(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_that_heals_and_a_frozen_peer_lose_nothing() {
     within(120, async {
+        let _alone = ALONE.lock().await;
         let (fa, sender, receiver, mut got) = faulty_sender_and_receiver(3).await;
         // Partition: everything between the two is dropped for longer than the idle timeout.
         fa.partition(receiver.local_addr());
@@ -196,6 +203,7 @@ async fn partition_while_sending(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_stalled_by_a_short_partition_is_replaced_when_it_heals() {
     within(120, async {
+        let _alone = ALONE.lock().await;
         let (fa, sender, receiver, mut got) = faulty_sender_and_receiver(5).await;
         let stalled = |n: &Node| n.connections_closed().get(CloseCode::Stalled);
         let mut i = 0;
@@ -243,6 +251,7 @@ async fn a_connection_stalled_by_a_short_partition_is_replaced_when_it_heals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_on_a_replaced_connection_wait_for_their_instance() {
     within(120, async {
+        let _alone = ALONE.lock().await;
         let net = MemoryNetwork::new();
         let key = MeshKey::generate();
         let fa = Faults::new(11);
@@ -315,6 +324,7 @@ async fn entries_on_a_replaced_connection_wait_for_their_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_every_peer_runs_at_most_sixteen_probes() {
     within(120, async {
+        let _alone = ALONE.lock().await;
         let net = MemoryNetwork::new();
         let key = MeshKey::generate();
         let fa = Faults::new(13);

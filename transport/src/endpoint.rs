@@ -6,7 +6,7 @@
 //! The proof stream is the first bidirectional stream the dialer opens.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -31,6 +31,16 @@ const PROOF_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`Endpoint::close`] waits for the close frames to leave.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long quinn keeps a connection whose handshake did not complete (given up, failed or
+/// timed out): closed, for three probe timeouts, which without a round-trip sample start from
+/// quinn's initial estimate (333 ms): 3 × (333 + 4 × 167) ms, about 3 s; a little more here.
+/// [`Endpoint::close`] does not wait for those.
+const HALF_OPEN_LINGER: Duration = Duration::from_millis(3_500);
+/// Most handshakes [`Endpoint::close`] remembers as given up (the oldest are forgotten first):
+/// a node dials and probes a few peers at a time, so this is never reached in practice.
+const MAX_HALF_OPEN: usize = 1024;
+/// How often [`Endpoint::close`] looks at the connections quinn still keeps.
+const CLOSE_POLL: Duration = Duration::from_millis(5);
 /// Concurrent streams a peer may open, per kind. A node uses one control stream plus a
 /// handful of lanes; 256 leaves room without letting a peer hold unbounded state.
 const MAX_STREAMS: u32 = 256;
@@ -101,6 +111,76 @@ struct Inner {
     closing: Arc<AtomicBool>,
     /// Connections this endpoint closed, by code ([`Endpoint::local_closes`]).
     closes: Arc<CloseTally>,
+    /// The handshakes that never completed, see [`HalfOpen`].
+    half_open: HalfOpen,
+}
+
+/// The connections quinn keeps that never completed a handshake: those in one now, and when
+/// each given-up, failed or timed-out one ended (at most [`MAX_HALF_OPEN`], each for
+/// [`HALF_OPEN_LINGER`]). [`Endpoint::close`] waits for the other connections only: it waited
+/// for every connection quinn kept, so a node that shut down within about 3 s of losing a
+/// dial tie-break, or of a stall probe, waited its whole [`CLOSE_GRACE`], for connections
+/// whose peer has nothing to be told.
+#[derive(Debug, Default)]
+struct HalfOpen {
+    handshaking: AtomicUsize,
+    ended: std::sync::Mutex<std::collections::VecDeque<std::time::Instant>>,
+}
+
+impl HalfOpen {
+    /// How many connections quinn may keep that never completed a handshake.
+    fn count(&self) -> usize {
+        let mut ended = self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while ended
+            .front()
+            .is_some_and(|t| t.elapsed() >= HALF_OPEN_LINGER)
+        {
+            ended.pop_front();
+        }
+        ended.len() + self.handshaking.load(Ordering::Relaxed)
+    }
+}
+
+/// A handshake under way; dropped without [`Handshake::completed`] (given up, failed, timed
+/// out), it is remembered as ended.
+struct Handshake<'a> {
+    half_open: &'a HalfOpen,
+    completed: bool,
+}
+
+impl<'a> Handshake<'a> {
+    fn start(half_open: &'a HalfOpen) -> Self {
+        half_open.handshaking.fetch_add(1, Ordering::Relaxed);
+        Handshake {
+            half_open,
+            completed: false,
+        }
+    }
+
+    fn completed(mut self) {
+        self.completed = true;
+    }
+}
+
+impl Drop for Handshake<'_> {
+    fn drop(&mut self) {
+        self.half_open.handshaking.fetch_sub(1, Ordering::Relaxed);
+        if self.completed {
+            return;
+        }
+        let mut ended = self
+            .half_open
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ended.len() >= MAX_HALF_OPEN {
+            ended.pop_front();
+        }
+        ended.push_back(std::time::Instant::now());
+    }
 }
 
 /// How many connections an endpoint closed itself, by close code: a malformed frame, a
@@ -228,6 +308,7 @@ impl Endpoint {
                 certified,
                 closing: Arc::default(),
                 closes: Arc::default(),
+                half_open: HalfOpen::default(),
             }),
         })
     }
@@ -273,6 +354,7 @@ impl Endpoint {
             .quinn
             .connect_with(client, addr, tls::SERVER_NAME)
             .map_err(|e| ConnectError::Unreachable(format!("cannot dial {addr}: {e}")))?;
+        let handshake = Handshake::start(&self.inner.half_open);
         let quinn_conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
             Err(_) => return Err(ConnectError::TimedOut),
             Ok(Err(e)) => {
@@ -286,6 +368,7 @@ impl Endpoint {
             }
             Ok(Ok(c)) => c,
         };
+        handshake.completed();
         let peer = peer_id(&quinn_conn).map_err(ConnectError::Tls)?;
         let conn = Connection::new(quinn_conn, peer, true, self);
         match tokio::time::timeout(PROOF_TIMEOUT, self.prove(&conn)).await {
@@ -390,14 +473,26 @@ impl Endpoint {
     }
 
     /// Closes every connection with [`CloseCode::Shutdown`], stops accepting, and waits (at
-    /// most 1 s) for the close to reach peers.
+    /// most 1 s) for the close to reach peers: until quinn keeps no connection but those that
+    /// never completed a handshake (a dial given up, failed or timed out: quinn keeps those
+    /// about 3 s, and their peers have nothing to be told).
     pub async fn close(&self) {
         self.inner.closing.store(true, Ordering::Relaxed);
         self.inner.quinn.close(
             VarInt::from_u32(CloseCode::Shutdown as u32),
             b"node shutting down",
         );
-        let _ = tokio::time::timeout(CLOSE_GRACE, self.inner.quinn.wait_idle()).await;
+        let settled = async {
+            while !self.close_settled() {
+                tokio::time::sleep(CLOSE_POLL).await;
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, settled).await;
+    }
+
+    /// Whether quinn keeps no connection but those that never completed a handshake.
+    fn close_settled(&self) -> bool {
+        self.inner.quinn.open_connections() <= self.inner.half_open.count()
     }
 }
 
@@ -444,11 +539,13 @@ impl Incoming {
                 .await
                 .map_err(|e| ConnectionError::from(e).to_string())
         };
+        let half_open = Handshake::start(&self.endpoint.inner.half_open);
         let quinn_conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
             Err(_) => return Err(failed("TLS handshake timed out".into())),
             Ok(Err(e)) => return Err(failed(format!("TLS handshake failed: {e}"))),
             Ok(Ok(c)) => c,
         };
+        half_open.completed();
         let peer = peer_id(&quinn_conn).map_err(failed)?;
         let ep = &self.endpoint;
         let conn = Connection::new(quinn_conn, peer, false, ep);
@@ -827,6 +924,40 @@ mod tests {
             Ok(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code.into_inner()),
             _ => None,
         }
+    }
+
+    /// A dial given up before its handshake completed leaves quinn a connection that it keeps,
+    /// closed, for about 3 s: `close` waits until the established connections have drained,
+    /// not for that one.
+    #[tokio::test]
+    async fn close_waits_for_established_connections_not_a_given_up_handshake() {
+        let key = MeshKey::generate();
+        let a = keyed_endpoint(&key);
+        let b = keyed_endpoint(&key);
+        let accepted = {
+            let b = b.clone();
+            tokio::spawn(async move { b.accept().await.expect("open").complete().await })
+        };
+        let _conn = a.connect(b.local_addr(), None).await.expect("dial b");
+        let _accepted = accepted.await.expect("join").expect("accepted");
+        // A UDP socket that never answers: the handshake with it never completes.
+        let dark = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let dark = dark.local_addr().expect("address");
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), a.connect(dark, None)).await;
+        assert!(gave_up.is_err(), "nothing answers");
+        assert_eq!(a.inner.quinn.open_connections(), 2);
+        assert_eq!(a.inner.half_open.count(), 1);
+        assert!(!a.close_settled(), "the connection to b is open");
+        a.close().await;
+        assert_eq!(
+            a.inner.quinn.open_connections(),
+            1,
+            "close waited for the connection to b to drain, and the given-up one is still kept"
+        );
+        assert!(
+            a.close_settled(),
+            "close need not wait for the given-up one"
+        );
     }
 
     /// A peer that completes TLS and then says nothing is closed with
