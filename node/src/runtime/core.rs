@@ -362,9 +362,9 @@ struct Core {
     connections_retired: u64,
     /// The probes of stalled connections that may run at once (`core/stall.rs`).
     probes: Arc<tokio::sync::Semaphore>,
-    /// Peers whose stalled connection was replaced, with that connection's generation and
-    /// when its entries in flight stop waiting for the peer to reconnect (`core/stall.rs`).
-    /// At most one per peer.
+    /// Peers whose stalled connection was replaced (`core/stall.rs`), or who retired the
+    /// connection we used (`core/retire.rs`), with that connection's generation and when its
+    /// entries in flight stop waiting for the peer's next connection. At most one per peer.
     held: FastMap<NodeId, (u64, u64)>,
 }
 

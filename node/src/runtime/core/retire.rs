@@ -177,8 +177,9 @@ impl Core {
 
     /// The peer retired the connection we use as our link to it: it keeps another one, which
     /// is usually on its way to us (its handshake finished on the peer's side first).
-    /// Deliveries sent on this one would be dropped there, so the outbox stops using it; the
-    /// peer still answers requests on it, so it stays our link for them until the kept one
+    /// Deliveries sent on this one would be dropped there, so the outbox stops using it; what
+    /// was in flight on it waits up to `RECONNECT_HOLD` (1 s) to go out again on the kept one.
+    /// The peer still answers requests on it, so it stays our link for them until the kept one
     /// arrives and replaces it (`Core::peer_ready`). Should none come (the one the peer keeps
     /// may be dead on our side), we dial the peer after [`REDIAL_AFTER_RETIRED`]; the kept
     /// one's arrival cancels that dial.
@@ -193,10 +194,17 @@ impl Core {
         link.peer_retired = true;
         link.gone.store(true, Ordering::Release);
         let (generation, addr) = (link.generation, link.conn.remote_addr());
-        self.outbox.peer_down(peer, generation);
         if self.closing {
+            self.outbox.peer_down(peer, generation);
             return;
         }
+        // What was in flight on it waits for the kept connection, as after a stall (the peer
+        // lives on, and its dedup window drops what it had handled): put back to waiting at
+        // once, a key's entries went to another instance. Both sides dial at once after a
+        // stalled connection is replaced, so this follows a replacement often.
+        self.outbox.peer_draining(peer);
+        let until = self.now().saturating_add(super::stall::RECONNECT_HOLD);
+        self.held.insert(peer, (generation, until));
         if self.known.get(&peer).is_some_and(|k| k.advertised) {
             self.start_dial_after(peer, REDIAL_AFTER_RETIRED);
         }

@@ -148,9 +148,9 @@ impl Core {
         );
     }
 
-    /// Ends the holds of replaced connections whose peer did not reconnect within
-    /// [`RECONNECT_HOLD`]: what was in flight to it goes back to waiting, for another instance
-    /// (a no-op for a peer that reconnected, which sent it again then).
+    /// Ends the holds of replaced (or retired) connections whose peer did not reconnect
+    /// within [`RECONNECT_HOLD`]: what was in flight to it goes back to waiting, for another
+    /// instance (a no-op for a peer that reconnected, which sent it again then).
     pub(super) fn end_holds(&mut self, now: u64) {
         if self.held.is_empty() {
             return;
