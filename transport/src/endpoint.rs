@@ -128,12 +128,24 @@ struct HalfOpen {
 }
 
 impl HalfOpen {
+    fn ended(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<std::time::Instant>> {
+        self.ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A handshake ended without completing: quinn keeps its connection a while.
+    fn gave_up(&self) {
+        let mut ended = self.ended();
+        if ended.len() >= MAX_HALF_OPEN {
+            ended.pop_front();
+        }
+        ended.push_back(std::time::Instant::now());
+    }
+
     /// How many connections quinn may keep that never completed a handshake.
     fn count(&self) -> usize {
-        let mut ended = self
-            .ended
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ended = self.ended();
         while ended
             .front()
             .is_some_and(|t| t.elapsed() >= HALF_OPEN_LINGER)
@@ -168,18 +180,9 @@ impl<'a> Handshake<'a> {
 impl Drop for Handshake<'_> {
     fn drop(&mut self) {
         self.half_open.handshaking.fetch_sub(1, Ordering::Relaxed);
-        if self.completed {
-            return;
+        if !self.completed {
+            self.half_open.gave_up();
         }
-        let mut ended = self
-            .half_open
-            .ended
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if ended.len() >= MAX_HALF_OPEN {
-            ended.pop_front();
-        }
-        ended.push_back(std::time::Instant::now());
     }
 }
 

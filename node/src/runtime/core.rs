@@ -1817,10 +1817,7 @@ impl Core {
             .events
             .emit(EventKind::PeerDown, Some(peer), service, reason);
         match hold_until.filter(|_| !self.closing) {
-            Some(until) => {
-                self.outbox.peer_draining(peer);
-                self.held.insert(peer, (generation, until));
-            }
+            Some(until) => self.hold_in_flight(peer, generation, until),
             None => {
                 self.outbox.peer_down(peer, generation);
                 self.release_backlogs();

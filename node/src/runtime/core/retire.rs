@@ -202,9 +202,8 @@ impl Core {
         // lives on, and its dedup window drops what it had handled): put back to waiting at
         // once, a key's entries went to another instance. Both sides dial at once after a
         // stalled connection is replaced, so this follows a replacement often.
-        self.outbox.peer_draining(peer);
         let until = self.now().saturating_add(super::stall::RECONNECT_HOLD);
-        self.held.insert(peer, (generation, until));
+        self.hold_in_flight(peer, generation, until);
         if self.known.get(&peer).is_some_and(|k| k.advertised) {
             self.start_dial_after(peer, REDIAL_AFTER_RETIRED);
         }

@@ -148,6 +148,14 @@ impl Core {
         );
     }
 
+    /// Keeps what was in flight on `peer`'s connection `generation` (replaced, or retired by
+    /// the peer) for that peer until `until`: the peer gets no new entries meanwhile, and its
+    /// next connection sends them again ([`Core::end_holds`] ends a hold that outlives it).
+    pub(super) fn hold_in_flight(&mut self, peer: NodeId, generation: u64, until: u64) {
+        self.outbox.peer_draining(peer);
+        self.held.insert(peer, (generation, until));
+    }
+
     /// Ends the holds of replaced (or retired) connections whose peer did not reconnect
     /// within [`RECONNECT_HOLD`]: what was in flight to it goes back to waiting, for another
     /// instance (a no-op for a peer that reconnected, which sent it again then).
