@@ -195,10 +195,11 @@ pub(crate) fn stamp(headers: &mut Headers, new_roots: bool) {
     }
 }
 
-/// The trace context a message carries.
+/// The trace context a message carries: from its first `traceparent` header (the one
+/// [`Headers::get`] returns), none if that one is not valid.
 pub(crate) fn of_headers(headers: &Headers) -> Option<TraceContext> {
     let state = headers.text(TRACESTATE);
-    match headers.trace() {
+    match headers.first_trace() {
         Some(b) => TraceContext::from_bytes(b, state),
         None => TraceContext::parse(headers.text(TRACEPARENT)?, state),
     }
@@ -353,6 +354,32 @@ mod tests {
         );
         assert_eq!(h.get(TRACEPARENT).as_deref(), Some(text.as_str()));
         assert_eq!(TraceContext::parse(&text, Some("vendor=1")), Some(child));
+    }
+
+    #[test]
+    fn the_context_comes_from_the_first_traceparent_as_the_header_does() {
+        const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        // A malformed one first: the header reads as it, and there is no context, though a
+        // usual one (kept as bytes) follows.
+        let h = Headers::from(vec![pair(TRACEPARENT, "00-bad"), pair(TRACEPARENT, TP)]);
+        assert!(h.trace().is_some(), "the usual one is kept as bytes");
+        assert_eq!(h.get(TRACEPARENT).as_deref(), Some("00-bad"));
+        assert_eq!(of_headers(&h), None);
+        // The same from the compact wire form, with the bytes after the text one.
+        let b = *h.trace().expect("bytes");
+        let wire =
+            Headers::from_parts(vec![pair(TRACEPARENT, "00-bad")], Some((1, b))).expect("in range");
+        assert_eq!(wire, h);
+        assert_eq!(of_headers(&wire), None);
+        // A valid text one first (upper-case digits stay text) is the context.
+        let upper = TP.to_uppercase();
+        let h = Headers::from(vec![pair(TRACEPARENT, &upper), pair(TRACEPARENT, TP)]);
+        let ctx = of_headers(&h).expect("the first one is valid");
+        assert_eq!(Some(ctx), TraceContext::parse(&upper, None));
+        // With the bytes first, they are the context.
+        let h = Headers::from(vec![pair(TRACEPARENT, TP), pair(TRACEPARENT, "00-bad")]);
+        assert_eq!(of_headers(&h), TraceContext::parse(TP, None));
     }
 
     #[tokio::test]

@@ -105,9 +105,20 @@ impl Headers {
             .map(|(_, v)| v.as_str())
     }
 
-    /// The `traceparent` kept as bytes, if any.
+    /// The `traceparent` kept as bytes, if any (tests; a message's trace context comes from
+    /// [`Headers::first_trace`]).
+    #[cfg(test)]
     pub(crate) fn trace(&self) -> Option<&TraceBytes> {
         self.trace.as_ref().map(|(_, b)| b)
+    }
+
+    /// The `traceparent` kept as bytes if it is the first header of that name, the one
+    /// [`Headers::get`] returns and the message's trace context comes from. A text one
+    /// before it (one not of the usual form, as a peer may send) shadows it.
+    pub(crate) fn first_trace(&self) -> Option<&TraceBytes> {
+        let (at, b) = self.trace.as_ref()?;
+        let before = self.list.get(..usize::from(*at)).unwrap_or_default();
+        (!before.iter().any(|(k, _)| k == TRACEPARENT)).then_some(b)
     }
 
     /// Whether any header is named `traceparent` (as bytes or as text).
