@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use peerbus_transport::NodeId;
 use serde::{Serialize, de::DeserializeOwned};
+use smol_str::SmolStr;
 
 use crate::engine::wire::{Envelope, Kind};
 use crate::error::CodecError;
@@ -168,7 +169,7 @@ impl Message {
 #[derive(Clone, Debug, Default)]
 pub struct Outgoing {
     pub(crate) payload: Bytes,
-    pub(crate) key: Option<String>,
+    pub(crate) key: Option<SmolStr>,
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) content_type: Option<String>,
     pub(crate) ttl: Option<Duration>,
@@ -186,7 +187,7 @@ impl Outgoing {
                 .iter()
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>()
-            + self.key.as_ref().map_or(0, String::len)
+            + self.key.as_ref().map_or(0, SmolStr::len)
     }
 
     /// A message with raw bytes.
@@ -211,8 +212,9 @@ impl Outgoing {
     }
 
     /// Partition key: messages with the same key are handled in order, by one instance at a time.
-    pub fn key(mut self, key: impl Into<String>) -> Self {
-        self.key = Some(key.into());
+    /// A key of up to 23 bytes is kept inline: given as a `&str`, it costs no allocation.
+    pub fn key(mut self, key: impl AsRef<str>) -> Self {
+        self.key = Some(SmolStr::new(key));
         self
     }
 

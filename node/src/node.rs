@@ -1248,7 +1248,7 @@ impl Node {
             seq: 0,
             kind,
             destination: destination.into(),
-            key: msg.key.map(SmolStr::from),
+            key: msg.key,
             headers: {
                 let mut h = Headers::from(msg.headers);
                 crate::trace::stamp(&mut h, self.shared.start_traces);
