@@ -226,7 +226,11 @@ impl Completions {
                 Some(c) => CoreMsg::Completed(c),
                 None => return,
             },
-            _ => CoreMsg::CompletedBatch(std::mem::take(&mut self.pending)),
+            // The next batch starts at this one's size: grown from empty, its vector was
+            // reallocated several times per batch.
+            n => {
+                CoreMsg::CompletedBatch(std::mem::replace(&mut self.pending, Vec::with_capacity(n)))
+            }
         };
         let _ = shared.core.send(msg).await;
     }

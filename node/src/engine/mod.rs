@@ -19,6 +19,7 @@ pub mod inbox;
 pub mod outbox;
 pub mod recipients;
 pub mod routing;
+pub(crate) mod seqset;
 pub mod wire;
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use smol_str::{SmolStr, SmolStrBuilder, format_smolstr};
 use super::FastMap;
 use super::recipients::{self, Recipients};
 use super::routing::{rendezvous, topic_matches};
+use super::seqset::SeqSet;
 use super::wire::{Data, Envelope, Interest};
 
 /// Most entries one [`Outbox::poll`] looks at per log. Bounds the work per
@@ -227,7 +228,7 @@ fn left_flight(in_flight: &mut BTreeSet<(u64, u64)>, seq: u64, state: &State) {
 /// The unsettled entries of one key of a log.
 #[derive(Debug)]
 struct KeySeqs {
-    seqs: BTreeSet<u64>,
+    seqs: SeqSet,
     /// Set by dispatch when it sends one of them: the chain up to it, so the next entry of the
     /// key need not look at every earlier one again ([`Log::key_chain`]).
     run: Option<KeyRun>,
@@ -319,7 +320,7 @@ impl<R> Log<R> {
         };
         let (mut follows, from) = match k.run {
             Some(run) if run.returns == self.returns && run.upto < seq => {
-                let any = k.seqs.first().is_some_and(|&first| first <= run.upto);
+                let any = k.seqs.first().is_some_and(|first| first <= run.upto);
                 (any.then_some(run.peer), run.upto + 1)
             }
             _ => (None, 0),
@@ -338,12 +339,12 @@ impl<R> Log<R> {
     /// `follows` (if any).
     fn walk_chain(
         &self,
-        seqs: &BTreeSet<u64>,
+        seqs: &SeqSet,
         range: std::ops::Range<u64>,
         follows: &mut Option<NodeId>,
     ) -> Chain {
         for s in seqs.range(range) {
-            match self.entries.get(s).map(|e| &e.state) {
+            match self.entries.get(&s).map(|e| &e.state) {
                 Some(State::InFlight { peer, .. }) => match *follows {
                     None => *follows = Some(*peer),
                     Some(p) if p == *peer => {}
@@ -683,7 +684,7 @@ impl<R> Outbox<R> {
                     k.seqs.insert(env.seq);
                 }
                 None => {
-                    let seqs = BTreeSet::from([env.seq]);
+                    let seqs = SeqSet::one(env.seq);
                     log.keys.insert(k.clone(), KeySeqs { seqs, run: None });
                 }
             }
@@ -1387,7 +1388,7 @@ fn forget_key(keys: &mut FastMap<SmolStr, KeySeqs>, env: &Envelope) {
     if let Some(k) = &env.key
         && let Some(set) = keys.get_mut(k)
     {
-        set.seqs.remove(&env.seq);
+        set.seqs.remove(env.seq);
         if set.seqs.is_empty() {
             keys.remove(k);
         }
@@ -1539,7 +1540,7 @@ impl Dispatch<'_> {
                 }
                 continue;
             }
-            let key_floor = key.and_then(|k| log.keys.get(k)?.seqs.first().copied());
+            let key_floor = key.and_then(|k| log.keys.get(k)?.seqs.first());
             let mut env = e.env.clone();
             if env.attempt != e.attempts + 1 {
                 // Copies the envelope only if an earlier frame of it is still queued.
