@@ -58,17 +58,25 @@ impl Headers {
     /// The value of the first header named `name` (case-sensitive).
     pub fn get(&self, name: &str) -> Option<Cow<'_, str>> {
         if name == TRACEPARENT
-            && let Some((at, b)) = self.trace
+            && let Some((_, b)) = self.trace
         {
-            // The binary one is the first unless a text one (not of the usual form) is
-            // before it.
-            let before = self.list.get(..usize::from(at)).unwrap_or_default();
-            return Some(match before.iter().find(|(k, _)| k == name) {
-                Some((_, v)) => Cow::Borrowed(v.as_str()),
+            return Some(match self.text_before_trace() {
+                Some(v) => Cow::Borrowed(v),
                 None => Cow::Owned(traceparent_text(&b)),
             });
         }
         self.text(name).map(Cow::Borrowed)
+    }
+
+    /// A text `traceparent` (one not of the usual form) placed before the one kept as bytes:
+    /// it, not the bytes, is the first header of that name.
+    fn text_before_trace(&self) -> Option<&str> {
+        let (at, _) = self.trace.as_ref()?;
+        let before = self.list.get(..usize::from(*at)).unwrap_or_default();
+        before
+            .iter()
+            .find(|(k, _)| k == TRACEPARENT)
+            .map(|(_, v)| v.as_str())
     }
 
     /// All headers as text, in order.
@@ -116,9 +124,8 @@ impl Headers {
     /// [`Headers::get`] returns and the message's trace context comes from. A text one
     /// before it (one not of the usual form, as a peer may send) shadows it.
     pub(crate) fn first_trace(&self) -> Option<&TraceBytes> {
-        let (at, b) = self.trace.as_ref()?;
-        let before = self.list.get(..usize::from(*at)).unwrap_or_default();
-        (!before.iter().any(|(k, _)| k == TRACEPARENT)).then_some(b)
+        let (_, b) = self.trace.as_ref()?;
+        self.text_before_trace().is_none().then_some(b)
     }
 
     /// Whether any header is named `traceparent` (as bytes or as text).
