@@ -90,18 +90,8 @@ impl TraceContext {
         if parts.next().is_some() || v != "00" || t.len() != 32 || s.len() != 16 || f.len() != 2 {
             return None;
         }
-        let trace_id: [u8; 16] = hex(t)?;
-        let span_id: [u8; 8] = hex(s)?;
         let [flags] = hex::<1>(f)?;
-        if trace_id == [0; 16] || span_id == [0; 8] {
-            return None;
-        }
-        Some(Self {
-            trace_id,
-            span_id,
-            flags,
-            state: tracestate.map(str::to_string),
-        })
+        Self::from_ids(hex(t)?, hex(s)?, flags, tracestate)
     }
 
     /// A context from the 25 bytes of a `traceparent` (trace id, span id, flags): `None` if
@@ -109,13 +99,24 @@ impl TraceContext {
     fn from_bytes(b: &TraceBytes, tracestate: Option<&str>) -> Option<Self> {
         let (trace_id, rest) = b.split_first_chunk::<16>()?;
         let (span_id, flags) = rest.split_first_chunk::<8>()?;
-        if *trace_id == [0; 16] || *span_id == [0; 8] {
+        Self::from_ids(*trace_id, *span_id, *flags.first()?, tracestate)
+    }
+
+    /// A context of these ids and flags: `None` if either id is all zero (invalid in W3C
+    /// trace context).
+    fn from_ids(
+        trace_id: [u8; 16],
+        span_id: [u8; 8],
+        flags: u8,
+        tracestate: Option<&str>,
+    ) -> Option<Self> {
+        if trace_id == [0; 16] || span_id == [0; 8] {
             return None;
         }
         Some(Self {
-            trace_id: *trace_id,
-            span_id: *span_id,
-            flags: *flags.first()?,
+            trace_id,
+            span_id,
+            flags,
             state: tracestate.map(str::to_string),
         })
     }
@@ -216,17 +217,15 @@ fn nonzero<const N: usize>() -> [u8; N] {
     })
 }
 
-fn push_hex_bytes(out: &mut Vec<u8>, b: &[u8]) {
+/// Lower-case hex digits of `b`, in one allocation (a handled message's span records its
+/// trace and span ids).
+fn to_hex(b: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(b.len() * 2);
     for x in b {
         out.push(DIGITS[usize::from(x >> 4)]);
         out.push(DIGITS[usize::from(x & 0xf)]);
     }
-}
-
-fn to_hex(b: &[u8]) -> String {
-    let mut out = Vec::with_capacity(b.len() * 2);
-    push_hex_bytes(&mut out, b);
     String::from_utf8(out).unwrap_or_default()
 }
 

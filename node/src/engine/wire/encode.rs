@@ -119,9 +119,9 @@ pub(crate) fn varint(out: &mut Vec<u8>, v: u64) {
     }
 }
 
-/// A list of `n` headers as serde writes it: its length, then each name and value.
-fn headers<'h>(out: &mut Vec<u8>, n: usize, list: impl Iterator<Item = &'h (String, String)>) {
-    varint(out, n as u64);
+/// A list of headers as serde writes it: its length, then each name and value.
+fn headers(out: &mut Vec<u8>, list: &[(String, String)]) {
+    varint(out, list.len() as u64);
     for (k, v) in list {
         header(out, k, v);
     }
@@ -145,7 +145,7 @@ fn compact_headers(out: &mut Vec<u8>, h: &Headers) {
         }
         None => out.push(0),
     }
-    headers(out, list.len(), list.iter());
+    headers(out, list);
 }
 
 /// A string or byte string: its length, then its bytes.
