@@ -46,10 +46,6 @@ pub struct Message {
 }
 
 impl Message {
-    pub(crate) fn new(env: Envelope) -> Self {
-        Self::shared(Arc::new(env))
-    }
-
     pub(crate) fn shared(env: Arc<Envelope>) -> Self {
         Self {
             env,

@@ -562,7 +562,7 @@ impl Node {
         let item = |msg: Outgoing| -> Result<(Item, usize), SendError> {
             let (ttl, after, size) = (msg.ttl, msg.deliver_after, msg.size());
             let item = Item {
-                env: self.envelope(kind, destination, msg)?,
+                env: Arc::new(self.envelope(kind, destination, msg)?),
                 ttl_ms: ttl.map(|d| d.as_millis() as u64),
                 delay_ms: after.map(|d| d.as_millis() as u64),
             };
@@ -745,7 +745,7 @@ impl Node {
             Err((env, tx)) => {
                 let queued = self.core(CoreMsg::Request {
                     service: service.to_string(),
-                    env,
+                    env: Box::new(env),
                     budget_ms,
                     reply: tx,
                 });
@@ -828,7 +828,7 @@ impl Node {
         let (started_tx, started_rx) = oneshot::channel();
         self.core(CoreMsg::Scatter {
             target,
-            env,
+            env: Box::new(env),
             budget_ms: within.as_millis() as u64,
             replies: tx,
             started: started_tx,
@@ -1313,7 +1313,7 @@ impl Node {
             env.attempt = 1;
             env.created_at_ms = now_unix_ms();
             let item = Item {
-                env,
+                env: Arc::new(env),
                 ttl_ms: None,
                 delay_ms: None,
             };
@@ -1418,10 +1418,10 @@ where
     Fut: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    Arc::new(move |env: Envelope, budget_ms: u64| {
+    Arc::new(move |env: Arc<Envelope>, budget_ms: u64| {
         let budget = Duration::from_millis(budget_ms);
         let request = Request {
-            msg: Message::new(env),
+            msg: Message::shared(env),
             budget,
         };
         let (span, ctx) = crate::subscription::handler_span(&request.msg);

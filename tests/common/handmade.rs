@@ -77,10 +77,10 @@ impl HandMade {
 
     /// Sends `ours` as a negotiated hello and reads the node's, as [`HandMade::hello_negotiated`].
     pub async fn send_hello(&mut self, ours: Hello) -> Option<Hello> {
-        let ours = Control::Hello(ours);
+        let ours = Control::Hello(Box::new(ours));
         self.ctl_tx.send(&ours).await.expect("hello");
         match self.ctl_rx.recv::<Control>().await {
-            Ok(Some(Control::Hello(h))) => Some(h),
+            Ok(Some(Control::Hello(h))) => Some(*h),
             _ => None,
         }
     }

@@ -538,13 +538,14 @@ impl<R> Outbox<R> {
 
     /// Assigns the next sequence number of `target`'s log and appends `env`
     /// (whose `origin`, `kind`, `destination`, `key` … the caller filled in).
-    /// Returns the entry as stored, with `log` and `seq` set.
+    /// Returns the entry as stored, with `log` and `seq` set. An envelope given in an `Arc`
+    /// that nothing else holds is stored in it as it is; a shared one is copied.
     ///
     /// With `staged`, the entry is not sent until [`Outbox::mark_durable`] (the store has it).
     pub fn append(
         &mut self,
         target: &Target,
-        env: Envelope,
+        env: impl Into<Arc<Envelope>>,
         now: u64,
         ttl_ms: Option<u64>,
         not_before_ms: Option<u64>,
@@ -559,7 +560,7 @@ impl<R> Outbox<R> {
     pub fn append_with_receipt(
         &mut self,
         target: &Target,
-        mut env: Envelope,
+        env: impl Into<Arc<Envelope>>,
         now: u64,
         ttl_ms: Option<u64>,
         not_before_ms: Option<u64>,
@@ -580,15 +581,16 @@ impl<R> Outbox<R> {
             }
             None => base,
         };
-        env.log = name;
-        env.seq = seq;
-        env.attempt = env.attempt.max(1);
+        let mut env = env.into();
+        let e = Arc::make_mut(&mut env);
+        e.log = name;
+        e.seq = seq;
+        e.attempt = e.attempt.max(1);
         let state = if staged {
             State::Staged
         } else {
             State::Pending
         };
-        let env = Arc::new(env);
         self.insert(
             env.clone(),
             receipt,

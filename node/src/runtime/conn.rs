@@ -88,8 +88,8 @@ async fn handshake(shared: &Shared, conn: Connection) -> Result<Ready, String> {
                 exchange(&conn, &ControlV4::Hello(ours.to_v4())).await?;
             Ok::<_, String>((tx, rx, Hello::from(h)))
         } else {
-            match exchange(&conn, &Control::Hello(ours)).await? {
-                (tx, rx, Control::Hello(h)) => Ok((tx, rx, h)),
+            match exchange(&conn, &Control::Hello(Box::new(ours))).await? {
+                (tx, rx, Control::Hello(h)) => Ok((tx, rx, *h)),
                 (_, _, other) => Err(format!("expected hello, got {other:?}")),
             }
         }
@@ -782,7 +782,7 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
         };
         let env = match &frame {
             Data::Deliver { env, .. } => Some(&**env),
-            Data::Request { env, .. } => Some(env),
+            Data::Request { env, .. } => Some(&**env),
             Data::Reply { .. } => None,
         };
         if let Some(env) = env
@@ -870,7 +870,7 @@ pub(crate) enum ReplyTo {
 /// Serves a request that arrived on the connection (`cx`) with the time it may take
 /// (`budget_ms`): its handler's first poll runs here. `false` once the connection's tasks are
 /// cancelled.
-async fn serve_request(cx: &LaneContext, env: Envelope, budget_ms: u64, on: ReplyOn) -> bool {
+async fn serve_request(cx: &LaneContext, env: Arc<Envelope>, budget_ms: u64, on: ReplyOn) -> bool {
     let LaneContext {
         shared,
         out,
@@ -1033,7 +1033,7 @@ const HANDLER_PANICKED: &str = "the request's handler panicked";
 /// (before any future exists) makes an error reply, as a panic in a poll does.
 pub(crate) fn start_handler(
     run: &super::ServeFn,
-    env: Envelope,
+    env: Arc<Envelope>,
     budget_ms: u64,
     corr: u64,
 ) -> super::ReplyFuture {
@@ -1046,7 +1046,7 @@ pub(crate) fn start_handler(
 /// outcome.
 async fn start_and_poll(
     server: &super::Server,
-    env: Envelope,
+    env: Arc<Envelope>,
     budget_ms: u64,
     corr: u64,
 ) -> (super::ReplyFuture, Poll<Option<Result<Bytes, String>>>) {

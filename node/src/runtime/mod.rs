@@ -133,7 +133,7 @@ impl From<CancellationToken> for ConnState {
 
 /// A request arriving for the local `serve` handler.
 pub(crate) struct InboundRequest {
-    pub(crate) env: Envelope,
+    pub(crate) env: Arc<Envelope>,
     pub(crate) budget_ms: u64,
     /// Where the serve task's handler run sends the reply itself, without a hop through
     /// core: the outgoing queue of the connection the request came on (closed once that
@@ -151,7 +151,7 @@ pub(crate) type ReplyFuture =
 /// caller polls it: a lane reader polls it once itself and replies at once when it is ready
 /// (`conn::lane_reader`), and otherwise hands it to a task (`conn::spawn_handler`); a handler
 /// whose first polls are slow ([`FirstPollCost`]) is called and polled in a task from the start.
-pub(crate) type ServeFn = Arc<dyn Fn(Envelope, u64) -> ReplyFuture + Send + Sync>;
+pub(crate) type ServeFn = Arc<dyn Fn(Arc<Envelope>, u64) -> ReplyFuture + Send + Sync>;
 
 /// The local `serve` handler, as lane readers reach it.
 pub(crate) struct Server {

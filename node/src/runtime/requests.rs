@@ -537,7 +537,10 @@ impl Requests {
         );
         Started {
             corr,
-            frame: Data::Request { budget_ms, env },
+            frame: Data::Request {
+                budget_ms,
+                env: Arc::new(env),
+            },
             peer,
             way,
         }

@@ -44,7 +44,7 @@ pub(super) fn data(body: Bytes, peer: Option<NodeId>) -> Result<Data, FrameError
         }
         1 => {
             let budget_ms = r.u64()?;
-            let env = r.envelope(&body, peer)?;
+            let env = Arc::new(r.envelope(&body, peer)?);
             Data::Request { budget_ms, env }
         }
         2 => {

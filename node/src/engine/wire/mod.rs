@@ -118,8 +118,10 @@ impl GroupState {
 /// Frames on the control stream (one bidirectional stream per connection).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Control {
-    /// First frame in each direction.
-    Hello(Hello),
+    /// First frame in each direction. Boxed (the same bytes on the wire): the largest
+    /// variant by far, it sized every control frame queued to a connection's writer, and with
+    /// it every delivery queued there.
+    Hello(Box<Hello>),
     /// The sender's interests changed; the full new set follows.
     Interests(Vec<Interest>),
     /// Entries of `log` (of the receiver of this frame, as origin) that were handled.
@@ -392,8 +394,10 @@ pub enum Data {
     Request {
         /// Milliseconds the responder has left when the frame was sent.
         budget_ms: u64,
-        /// The request.
-        env: Envelope,
+        /// The request. Behind a pointer, as a delivery's: inline, it made every frame
+        /// (and every queued [`Transmit`](crate::engine::outbox::Transmit) and writer
+        /// message) 248 bytes where a delivery needs 40, and each move of one copied them all.
+        env: Arc<Envelope>,
     },
     /// The answer to a request.
     Reply {
@@ -536,7 +540,7 @@ pub(crate) mod tests {
         let mut expected = frame.clone();
         let env = match &mut expected {
             Data::Deliver { env, .. } => Some(Arc::make_mut(env)),
-            Data::Request { env, .. } => Some(env),
+            Data::Request { env, .. } => Some(Arc::make_mut(env)),
             Data::Reply { .. } => None,
         };
         // A delivery's floors as distances below its seq.
@@ -618,7 +622,10 @@ pub(crate) mod tests {
             attempt: 1,
             payload: Bytes::new(),
         };
-        let frame = Data::Request { budget_ms: 1, env };
+        let frame = Data::Request {
+            budget_ms: 1,
+            env: Arc::new(env),
+        };
         let mut body = Vec::new();
         frame.encode_head_in(&mut body, Dialect::PeerOrigin);
         // variant, budget, log, seq, kind, destination, key: then the position byte.
@@ -785,7 +792,7 @@ pub(crate) mod tests {
             },
             Data::Request {
                 budget_ms: 5_000,
-                env: env(Some("k"), None),
+                env: Arc::new(env(Some("k"), None)),
             },
             Data::Reply {
                 corr: 1 << 40,
@@ -822,7 +829,7 @@ pub(crate) mod tests {
             list.insert(at.index(list.len() + 1), (TRACEPARENT.into(), tp));
             env.headers = list.into();
             dialects_agree(&Data::Deliver { floor, key_floor: None, env: Arc::new(env.clone()) })?;
-            dialects_agree(&Data::Request { budget_ms: floor, env })?;
+            dialects_agree(&Data::Request { budget_ms: floor, env: Arc::new(env) })?;
             // Whatever a compact body holds, reading it fails or gives a frame; never a panic.
             let _ = Data::decode_from(Bytes::from(body), Dialect::PeerOrigin, node(9));
         }
@@ -830,19 +837,19 @@ pub(crate) mod tests {
         #[test]
         fn data_frames_round_trip(env in env_strategy(), floor in any::<u64>(), kf in proptest::option::of(any::<u64>()), budget in any::<u64>()) {
             roundtrip(Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) });
-            roundtrip(Data::Request { budget_ms: budget, env: env.clone() });
+            roundtrip(Data::Request { budget_ms: budget, env: Arc::new(env.clone()) });
             roundtrip(Data::Reply { corr: floor, result: Ok(env.payload.clone()) });
             roundtrip(Data::Reply { corr: floor, result: Err(env.destination.to_string()) });
             roundtrip_shared(Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) });
-            roundtrip_shared(Data::Request { budget_ms: budget, env: env.clone() });
+            roundtrip_shared(Data::Request { budget_ms: budget, env: Arc::new(env.clone()) });
             roundtrip_shared(Data::Reply { corr: floor, result: Ok(env.payload.clone()) });
             roundtrip_shared(Data::Reply { corr: floor, result: Err(env.destination.to_string()) });
             encoders_agree(&Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) })?;
-            encoders_agree(&Data::Request { budget_ms: budget, env: env.clone() })?;
+            encoders_agree(&Data::Request { budget_ms: budget, env: Arc::new(env.clone()) })?;
             encoders_agree(&Data::Reply { corr: budget, result: Ok(env.payload.clone()) })?;
             encoders_agree(&Data::Reply { corr: budget, result: Err(env.destination.to_string()) })?;
             dialects_agree(&Data::Deliver { floor, key_floor: kf, env: Arc::new(env.clone()) })?;
-            dialects_agree(&Data::Request { budget_ms: budget, env: env.clone() })?;
+            dialects_agree(&Data::Request { budget_ms: budget, env: Arc::new(env.clone()) })?;
             dialects_agree(&Data::Reply { corr: budget, result: Ok(env.payload.clone()) })?;
             dialects_agree(&Data::Reply { corr: budget, result: Err(env.destination.to_string()) })?;
         }
@@ -851,7 +858,7 @@ pub(crate) mod tests {
         fn shared_decoding_agrees_with_serde_on_corrupted_frames(env in env_strategy(), variant in 0..4u8, n in any::<u64>(), at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
             let frame = match variant {
                 0 => Data::Deliver { floor: n, key_floor: Some(n / 2), env: Arc::new(env) },
-                1 => Data::Request { budget_ms: n, env },
+                1 => Data::Request { budget_ms: n, env: Arc::new(env) },
                 2 => Data::Reply { corr: n, result: Ok(env.payload) },
                 _ => Data::Reply { corr: n, result: Err(env.destination.to_string()) },
             };
@@ -873,12 +880,12 @@ pub(crate) mod tests {
         fn control_frames_round_trip(log in ".{0,16}", seqs in proptest::collection::vec(any::<u64>(), 0..50), reason in ".{0,30}", pat in ".{0,10}", group in proptest::option::of(".{0,6}"), credits in any::<u32>()) {
             let interests = vec![Interest { pattern: pat, group }];
             let hello = Hello { version: 4, node_id: node(3), service: log.clone(), mesh: reason.clone(), interests: interests.clone(), serves: true, credits, incarnation: 7, consumes: true, min_version: 4 };
-            roundtrip(Control::Hello(hello.clone()));
+            roundtrip(Control::Hello(Box::new(hello.clone())));
             roundtrip(ControlV4::Hello(hello.to_v4()));
             // Protocol 4's hello is today's without its last field: the bytes a protocol 4
             // build writes and reads.
             let (mut new, mut old) = (Vec::new(), Vec::new());
-            encode_frame(&Control::Hello(hello.clone()), &mut new, 1 << 20).expect("encode");
+            encode_frame(&Control::Hello(Box::new(hello.clone())), &mut new, 1 << 20).expect("encode");
             encode_frame(&ControlV4::Hello(hello.to_v4()), &mut old, 1 << 20).expect("encode");
             prop_assert_eq!(&new[4..new.len() - 1], &old[4..]);
             prop_assert_eq!(new.last(), Some(&4));
