@@ -65,6 +65,8 @@ struct Case {
     baseline: Option<(String, f64)>,
     /// How the target reads, and whether the figure meets it.
     target: Option<(String, bool)>,
+    /// Which way a shown ratio rounds: towards missing its target, if it has one.
+    rounding: Rounding,
     /// The median of per-run ratios, when each run was paired with a baseline run.
     paired_ratio: Option<f64>,
     /// The primary figure of each run of a throughput case, in run order.
@@ -81,6 +83,7 @@ impl Case {
             primary,
             baseline: None,
             target: None,
+            rounding: Rounding::Nearest,
             paired_ratio: None,
             runs: Vec::new(),
             run_ratios: Vec::new(),
@@ -131,6 +134,7 @@ impl Case {
     fn ratio_at_least(mut self, min: f64) -> Self {
         let met = self.ratio().is_some_and(|r| r >= min);
         self.target = Some((format!("ratio >= {min}"), met));
+        self.rounding = Rounding::Down;
         self
     }
 
@@ -138,6 +142,7 @@ impl Case {
     fn ratio_at_most(mut self, max: f64) -> Self {
         let met = self.ratio().is_some_and(|r| r <= max);
         self.target = Some((format!("ratio <= {max}"), met));
+        self.rounding = Rounding::Up;
         self
     }
 
@@ -155,7 +160,7 @@ impl Case {
         }
         v["baseline"] = json!(self.baseline.as_ref().map(|(n, _)| n));
         v["baseline_value"] = json!(self.baseline.as_ref().map(|(_, x)| round(*x)));
-        v["ratio"] = json!(self.ratio().map(round));
+        v["ratio"] = json!(self.shown_ratio());
         v["target"] = json!(self.target.as_ref().map(|(t, _)| t));
         v["met"] = json!(self.target.as_ref().map(|(_, m)| m));
         if !self.runs.is_empty() {
@@ -171,6 +176,20 @@ impl Case {
             );
         }
         v
+    }
+
+    /// The ratio to three decimals, as the table and the JSON show it: rounded towards
+    /// missing the target, so a shown ratio never reads as the other side of its line
+    /// (1.30014 against `ratio <= 1.3` shows 1.301, not a missed 1.300).
+    fn shown_ratio(&self) -> Option<f64> {
+        let r = self.ratio()? * 1000.0;
+        Some(
+            match self.rounding {
+                Rounding::Nearest => r.round(),
+                Rounding::Up => r.ceil(),
+                Rounding::Down => r.floor(),
+            } / 1000.0,
+        )
     }
 
     fn row(&self) -> String {
@@ -199,7 +218,9 @@ impl Case {
             ),
             unit => format!("{:>10.0} µs ({unit})", self.value()),
         };
-        let ratio = self.ratio().map_or(String::new(), |r| format!("{r:.3}"));
+        let ratio = self
+            .shown_ratio()
+            .map_or(String::new(), |r| format!("{r:.3}"));
         let target = self.target.as_ref().map_or(String::new(), |(t, met)| {
             format!("{t}: {}", if *met { "met" } else { "MISSED" })
         });
@@ -209,6 +230,17 @@ impl Case {
             self.name, figure, baseline, ratio, target
         )
     }
+}
+
+/// How [`Case::shown_ratio`] rounds.
+#[derive(Clone, Copy, Debug)]
+enum Rounding {
+    /// No target on the ratio.
+    Nearest,
+    /// A target of at most some ratio.
+    Up,
+    /// A target of at least some ratio.
+    Down,
 }
 
 fn round(x: f64) -> f64 {
@@ -1043,5 +1075,32 @@ mod tests {
         assert_eq!(ack.ratio(), Some(100.0 / 30.0));
         let ack99 = find("ack/in-task/p99").json();
         assert_eq!(ack99["baseline"], json!("baseline/pingpong/in-task/p99"));
+    }
+
+    /// A ratio just past its line is shown past it, in the table and the JSON, and one just
+    /// inside it inside: rounded to the nearest it read 1.300 (or 0.500) and "MISSED".
+    #[test]
+    fn a_shown_ratio_reads_on_the_side_of_its_line_that_its_verdict_says() {
+        // (figure, baseline, target) -> (verdict, the JSON's ratio)
+        let judged = |value: f64, base: f64, target: fn(Case) -> Case| {
+            let base = Case::new("base", "p50_us", base);
+            let case = target(Case::new("case", "p50_us", value).against(&base));
+            let met = case.target.as_ref().map(|(_, met)| *met);
+            (met, case.json()["ratio"].clone(), case.row())
+        };
+        let at_most = |c: Case| c.ratio_at_most(1.3);
+        let at_least = |c: Case| c.ratio_at_least(0.5);
+        let (met, ratio, row) = judged(38.046, 29.263, at_most);
+        assert_eq!((met, ratio), (Some(false), json!(1.301)));
+        assert!(row.contains(" 1.301  ratio <= 1.3: MISSED"), "{row}");
+        let (met, ratio, _) = judged(38.04, 29.263, at_most);
+        assert_eq!((met, ratio), (Some(true), json!(1.3)));
+        let (met, ratio, _) = judged(49_996.0, 100_000.0, at_least);
+        assert_eq!((met, ratio), (Some(false), json!(0.499)));
+        let (met, ratio, _) = judged(50_004.0, 100_000.0, at_least);
+        assert_eq!((met, ratio), (Some(true), json!(0.5)));
+        // Without a target the ratio rounds to the nearest.
+        let (met, ratio, _) = judged(49_996.0, 100_000.0, |c| c);
+        assert_eq!((met, ratio), (None, json!(0.5)));
     }
 }
