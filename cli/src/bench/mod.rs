@@ -170,26 +170,28 @@ impl Case {
             v["run_ratios"] = json!(
                 self.run_ratios
                     .iter()
-                    .copied()
-                    .map(round)
+                    .map(|&r| self.shown(r))
                     .collect::<Vec<_>>()
             );
         }
         v
     }
 
-    /// The ratio to three decimals, as the table and the JSON show it: rounded towards
+    /// The ratio to three decimals, as the table and the JSON show it: see [`Case::shown`].
+    fn shown_ratio(&self) -> Option<f64> {
+        self.ratio().map(|r| self.shown(r))
+    }
+
+    /// A ratio of this case (the case's, or one run's) to three decimals, rounded towards
     /// missing the target, so a shown ratio never reads as the other side of its line
     /// (1.30014 against `ratio <= 1.3` shows 1.301, not a missed 1.300).
-    fn shown_ratio(&self) -> Option<f64> {
-        let r = self.ratio()? * 1000.0;
-        Some(
-            match self.rounding {
-                Rounding::Nearest => r.round(),
-                Rounding::Up => r.ceil(),
-                Rounding::Down => r.floor(),
-            } / 1000.0,
-        )
+    fn shown(&self, ratio: f64) -> f64 {
+        let r = ratio * 1000.0;
+        (match self.rounding {
+            Rounding::Nearest => r.round(),
+            Rounding::Up => r.ceil(),
+            Rounding::Down => r.floor(),
+        }) / 1000.0
     }
 
     fn row(&self) -> String {
@@ -232,7 +234,7 @@ impl Case {
     }
 }
 
-/// How [`Case::shown_ratio`] rounds.
+/// How [`Case::shown`] rounds.
 #[derive(Clone, Copy, Debug)]
 enum Rounding {
     /// No target on the ratio.
