@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{builder, eventually, start, within};
+use common::{builder, eventually, settled, start, within};
 use peerbus::{
     DeliveryError, Durability, HandlerError, MemoryNetwork, MeshKey, Outgoing, Receipt, SendError,
 };
@@ -147,14 +147,7 @@ async fn a_restarted_sender_resumes_from_its_log() {
                 .expect("delivered after the sender restarted");
             assert_eq!(p, i.to_string());
         }
-        eventually(10, "log drained", || async {
-            sender.status().await.is_some_and(|s| {
-                s.logs
-                    .get("svc:orders")
-                    .is_none_or(|l| l.waiting + l.in_flight == 0)
-            })
-        })
-        .await;
+        settled(&sender, "svc:orders", 10).await;
         // New sends continue the sequence (no reuse of acknowledged seqs).
         sender
             .send("orders", "after")
@@ -540,4 +533,95 @@ async fn expire_while_failing() -> (usize, u64) {
     sender.shutdown().await;
     receiver.shutdown().await;
     (calls.load(Ordering::SeqCst), retired)
+}
+
+/// A sender that stops while its consumers are still handling its entries (their acks never
+/// reach it) resends them after its restart. Each consumer's dedup window drops what it
+/// handled, but only if the entry comes back to the same instance: the restarted sender
+/// holds what it recovered (`NodeBuilder::recovered_hold`) until it has met the instances
+/// it knew, instead of handing every key to whichever connected first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sender_resends_to_the_instances_that_handled_its_entries() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let dir = tempfile::tempdir().expect("tempdir");
+        const KEYS: usize = 32;
+        // Every handled message, by payload; a first handling takes a second, so the sender
+        // stops before any ack reaches it.
+        let handled: Arc<std::sync::Mutex<HashMap<String, usize>>> = Arc::default();
+        let finished = Arc::new(AtomicUsize::new(0));
+        let mut consumers = Vec::new();
+        for _ in 0..2 {
+            let node = start(builder(&net, "orders", &key)).await;
+            let (handled, finished) = (handled.clone(), finished.clone());
+            let mut messages = node.messages().expect("messages");
+            // A task per message, so that every key's handling runs at once.
+            tokio::spawn(async move {
+                while let Some(d) = messages.next().await {
+                    let first = {
+                        let mut h = handled.lock().expect("lock");
+                        let n = h.entry(d.message().payload_text()).or_default();
+                        *n += 1;
+                        *n == 1
+                    };
+                    let finished = finished.clone();
+                    tokio::spawn(async move {
+                        if first {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        d.ack().await;
+                        finished.fetch_add(1, Ordering::Relaxed);
+                    });
+                }
+            });
+            consumers.push(node);
+        }
+        let sender_builder = || {
+            builder(&net, "payments", &key)
+                .data_dir(dir.path())
+                .shutdown_grace(Duration::from_millis(200))
+        };
+        let sender = start(sender_builder()).await;
+        assert!(
+            sender
+                .wait_for_consumers("orders", 2, Duration::from_secs(10))
+                .await
+        );
+        for i in 0..KEYS {
+            // The receipts never learn the outcome: the sender stops before the acks.
+            let _ = sender
+                .send("orders", Outgoing::new(format!("{i}")).key(format!("k{i}")))
+                .await
+                .expect("stored");
+        }
+        eventually(10, "every message handled once", || async {
+            handled.lock().expect("lock").len() == KEYS
+        })
+        .await;
+        sender.shutdown().await;
+        let offline = peerbus::control::offline_status(dir.path()).expect("offline status");
+        assert_eq!(
+            offline.logs["svc:orders"].waiting, KEYS,
+            "the sender stopped before any ack came"
+        );
+        eventually(10, "every handler finished", || async {
+            finished.load(Ordering::Relaxed) == KEYS
+        })
+        .await;
+
+        let sender = start(sender_builder()).await;
+        settled(&sender, "svc:orders", 20).await;
+        let handled = handled.lock().expect("lock").clone();
+        let twice: Vec<_> = handled.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "handled again after the restart: {twice:?}"
+        );
+        sender.shutdown().await;
+        for c in consumers {
+            c.shutdown().await;
+        }
+    })
+    .await;
 }

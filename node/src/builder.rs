@@ -66,6 +66,7 @@ pub struct NodeBuilder {
     pub(crate) min_protocol_version: u32,
     pub(crate) shutdown_grace: Duration,
     pub(crate) retired_linger: Duration,
+    pub(crate) recovered_hold: Duration,
     pub(crate) max_requests_in_flight: usize,
     pub(crate) serve_concurrency: usize,
     pub(crate) start_traces: bool,
@@ -114,6 +115,7 @@ impl NodeBuilder {
             min_protocol_version: crate::engine::wire::MIN_PROTOCOL_VERSION,
             shutdown_grace: Duration::from_secs(5),
             retired_linger: Duration::from_secs(30),
+            recovered_hold: Duration::from_millis(500),
             max_requests_in_flight: 65_536,
             serve_concurrency: 256,
             start_traces: true,
@@ -300,6 +302,22 @@ impl NodeBuilder {
     /// side, has a later deadline). Default 30 s.
     pub fn retired_linger(mut self, d: Duration) -> Self {
         self.retired_linger = d;
+        self
+    }
+
+    /// How long the entries a restarted node finds unsettled in its store wait before it
+    /// sends them again. Default 500 ms; zero sends them as soon as any instance connects.
+    ///
+    /// The store does not say which instance each was in flight to when the node stopped (a
+    /// crash, or a shutdown whose grace ran out): an instance may have handled one without its
+    /// ack getting back. Sent again to that instance, its dedup window drops it and acks it;
+    /// sent to another, it is handled twice. Each key goes to one instance chosen among those
+    /// connected, so entries sent before the instances the node knew have connected would all
+    /// go to the first one. The hold gives discovery and the handshakes that time (on
+    /// loopback they take a few ms; allow for what mDNS needs on your network). Later
+    /// messages of a held key wait behind it, in order; other keys are not held.
+    pub fn recovered_hold(mut self, d: Duration) -> Self {
+        self.recovered_hold = d;
         self
     }
 

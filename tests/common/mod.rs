@@ -68,6 +68,16 @@ where
     }
 }
 
+/// Waits up to `secs` until `node`'s log `log` holds no entry waiting or in flight.
+pub async fn settled(node: &Node, log: &str, secs: u64) {
+    eventually(secs, &format!("{log} settled"), || async {
+        node.status()
+            .await
+            .is_some_and(|s| s.logs.get(log).is_none_or(|l| l.waiting + l.in_flight == 0))
+    })
+    .await;
+}
+
 /// Handles every message of `sub` (acknowledging it) and forwards (key, payload text).
 pub fn drain(sub: peerbus::Subscription) -> tokio::sync::mpsc::Receiver<(Option<String>, String)> {
     let (tx, rx) = tokio::sync::mpsc::channel(100_000);

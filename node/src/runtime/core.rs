@@ -386,6 +386,8 @@ pub(crate) struct CoreInit {
     pub(crate) recovered: Option<crate::store::Recovered>,
     pub(crate) start_unix_ms: u64,
     pub(crate) limits: Limits,
+    /// Engine time before which recovered entries are not sent (`NodeBuilder::recovered_hold`).
+    pub(crate) recovered_hold_ms: u64,
 }
 
 pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, init: CoreInit) {
@@ -401,7 +403,12 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         }
         for e in rec.entries {
             let expires = e.expires_at_ms.map(|t| clock.engine_time(t));
-            let not_before = e.not_before_ms.map_or(0, |t| clock.engine_time(t));
+            // Held until the instances this node knew have had time to connect: sent to the
+            // first one that did, an entry another instance handled would be handled twice.
+            let not_before = e
+                .not_before_ms
+                .map_or(0, |t| clock.engine_time(t))
+                .max(init.recovered_hold_ms);
             outbox.restore(e.env, expires, not_before);
         }
         dead_letters = rec.dead_letters;

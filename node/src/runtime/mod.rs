@@ -532,6 +532,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
             total_bytes: b.max_log_bytes,
             max_parked: b.max_log_entries.min(65_536),
         },
+        recovered_hold_ms: u64::try_from(b.recovered_hold.as_millis()).unwrap_or(u64::MAX),
     };
     tracker.spawn(core::run(shared.clone(), core_rx, init).instrument(span.clone()));
     drop(core_tx);
