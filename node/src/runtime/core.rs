@@ -109,8 +109,8 @@ impl Targets {
 
 /// One message of a `send`/`publish` call, before it is stored.
 pub(crate) struct Item {
-    /// In the `Arc` its log entry keeps (the one allocation a message costs the sender):
-    /// inline, it made every call to core 352 bytes, copied at each move of the call.
+    /// Already in the `Arc` its log entry keeps, made by the caller (core made it before):
+    /// inline, the envelope made every call to core 352 bytes, copied at each move of it.
     pub(crate) env: Arc<Envelope>,
     pub(crate) ttl_ms: Option<u64>,
     pub(crate) delay_ms: Option<u64>,
@@ -2065,19 +2065,14 @@ mod tests {
     /// "Hot path notes"). A large new variant belongs behind a pointer.
     #[test]
     fn what_moves_per_message_stays_small() {
-        assert!(
-            size_of::<super::CoreMsg>() <= 128,
-            "CoreMsg: {}",
-            size_of::<super::CoreMsg>()
-        );
-        assert!(
-            size_of::<super::Out>() <= 64,
-            "Out: {}",
-            size_of::<super::Out>()
-        );
-        let transmit = size_of::<crate::engine::outbox::Transmit>();
-        assert!(transmit <= 96, "Transmit: {transmit}");
-        let data = size_of::<crate::engine::wire::Data>();
-        assert!(data <= 48, "Data: {data}");
+        let sizes = [
+            ("CoreMsg", size_of::<super::CoreMsg>(), 128),
+            ("Out", size_of::<super::Out>(), 64),
+            ("Transmit", size_of::<crate::engine::outbox::Transmit>(), 96),
+            ("Data", size_of::<crate::engine::wire::Data>(), 48),
+        ];
+        for (name, size, most) in sizes {
+            assert!(size <= most, "{name} is {size} bytes, over {most}");
+        }
     }
 }
