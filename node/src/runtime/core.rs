@@ -423,7 +423,8 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         if !outbox.is_empty() {
             info!(
                 entries = outbox.len(),
-                "resuming delivery of entries recovered from the store"
+                hold_ms = init.recovered_hold_ms,
+                "resuming delivery of entries recovered from the store after the recovered hold"
             );
         }
     }
