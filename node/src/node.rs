@@ -678,7 +678,7 @@ impl Node {
             };
             let Some(mut env) = next else { break };
             env.attempt = attempt;
-            let result = self.request_once(service, env, share).await;
+            let result = self.request_once(service, Arc::new(env), share).await;
             let retryable = matches!(
                 result,
                 Err(RequestError::Timeout { .. }
@@ -708,7 +708,7 @@ impl Node {
     async fn request_once(
         &self,
         service: &str,
-        env: Envelope,
+        env: Arc<Envelope>,
         timeout: Duration,
     ) -> Result<Bytes, RequestError> {
         if self.shared.cancel.is_cancelled() {
@@ -745,7 +745,7 @@ impl Node {
             Err((env, tx)) => {
                 let queued = self.core(CoreMsg::Request {
                     service: service.to_string(),
-                    env: Box::new(env),
+                    env,
                     budget_ms,
                     reply: tx,
                 });

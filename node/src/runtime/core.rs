@@ -198,8 +198,9 @@ pub(crate) enum CoreMsg {
     /// the reply (or error) comes back on `reply`.
     Request {
         service: String,
-        /// Boxed, as in `Scatter`: the rare calls should not size every message to core.
-        env: Box<Envelope>,
+        /// Behind a pointer, as in `Scatter`: these calls should not size every message to
+        /// core. The `Arc` becomes the request frame's.
+        env: Arc<Envelope>,
         budget_ms: u64,
         reply: oneshot::Sender<Result<Bytes, RequestError>>,
     },
@@ -645,7 +646,7 @@ impl Core {
             } => {
                 let now = self.shared.now();
                 let started =
-                    super::lock(&self.shared.requests).start(&service, *env, budget_ms, reply, now);
+                    super::lock(&self.shared.requests).start(&service, env, budget_ms, reply, now);
                 match started {
                     Ok(request) => request.send(&self.shared),
                     Err((error, reply)) => {

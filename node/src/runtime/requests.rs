@@ -374,7 +374,7 @@ impl Requests {
     pub(crate) fn start(
         &mut self,
         service: &str,
-        env: Envelope,
+        env: Arc<Envelope>,
         budget_ms: u64,
         reply: oneshot::Sender<Result<Bytes, RequestError>>,
         now: u64,
@@ -487,7 +487,7 @@ impl Requests {
                 continue;
             };
             let sink = Sink::Many(replies.clone());
-            let env = env.clone();
+            let env = Arc::new(env.clone());
             started.push(self.begin(taken, name.to_string(), env, budget_ms, sink, now));
         }
         started
@@ -515,14 +515,15 @@ impl Requests {
             way,
         }: Taken,
         service: String,
-        mut env: Envelope,
+        mut env: Arc<Envelope>,
         budget_ms: u64,
         sink: Sink,
         now: u64,
     ) -> Started {
         let corr = self.next_corr;
         self.next_corr += 1;
-        env.seq = corr;
+        // The caller's own envelope: set in place, not copied.
+        Arc::make_mut(&mut env).seq = corr;
         let deadline = now.saturating_add(budget_ms);
         self.due = self.due.min(deadline);
         self.pending.insert(
@@ -537,10 +538,7 @@ impl Requests {
         );
         Started {
             corr,
-            frame: Data::Request {
-                budget_ms,
-                env: Arc::new(env),
-            },
+            frame: Data::Request { budget_ms, env },
             peer,
             way,
         }
@@ -817,7 +815,7 @@ mod tests {
         now: u64,
     ) -> Result<(u64, NodeId, Waiting), RequestError> {
         let (tx, rx) = oneshot::channel();
-        match t.start(service, request_env(), budget_ms, tx, now) {
+        match t.start(service, Arc::new(request_env()), budget_ms, tx, now) {
             Ok(s) => Ok((s.corr, s.peer, rx)),
             Err((e, _)) => Err(e),
         }
