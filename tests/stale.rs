@@ -67,6 +67,88 @@ async fn unsettled(node: &Node) -> usize {
         .unwrap_or(usize::MAX)
 }
 
+/// Records `first`'s handler calls as `first`; message 0's handler then waits for a permit of
+/// the gate returned.
+fn record_first(first: &Node, calls: &Calls) -> Arc<Semaphore> {
+    let gate = Arc::new(Semaphore::new(0));
+    record(
+        first,
+        "first",
+        calls,
+        Some(("0", gate.clone())),
+        Duration::ZERO,
+    );
+    gate
+}
+
+/// Sends `n` messages of one key to `orders`, whose only instance `first` blocks message 0's
+/// handler (see [`record`]), and waits until all `n` are queued there behind it.
+async fn queue_behind_message_0(sender: &Node, first: &Node, calls: &Calls, n: usize) {
+    assert!(
+        sender
+            .wait_for_instances("orders", 1, Duration::from_secs(10))
+            .await
+    );
+    // One key: message 0 blocks the only worker, 1..n queue up behind it at `first`.
+    for i in 0..n {
+        let msg = Outgoing::new(format!("{i}")).key("k");
+        drop(sender.send("orders", msg).await.expect("stored"));
+    }
+    eventually(10, "all n in flight to `first`", || async {
+        in_flight(sender, "svc:orders").await == n
+    })
+    .await;
+    eventually(10, "message 0 is being handled", || async {
+        !calls.lock().expect("calls").is_empty()
+    })
+    .await;
+    // Every in-flight entry reached `first` and is queued behind message 0. At least n: when
+    // both nodes dialed each other at start, the tie-break can retire the connection the first
+    // sends went out on, and they are sent again on the other one, so `first` may have some
+    // twice. (Waiting for exactly n timed out once in a clean-clone CI run; this is the
+    // likeliest way for `first` to receive more than n.)
+    eventually(10, "all n queued at `first`", || async {
+        first.status().await.is_some_and(|s| s.received >= n as u64)
+    })
+    .await;
+}
+
+/// Starts a second instance of `orders`, recording its calls as `second`, and waits until it
+/// has handled all `n` messages (which the sender gave it after losing `first`).
+async fn second_handles_all(net: &MemoryNetwork, key: &MeshKey, calls: &Calls, n: usize) -> Node {
+    let second = start(builder(net, "orders", key)).await;
+    record(&second, "second", calls, None, Duration::ZERO);
+    eventually(30, "`second` handled all n", || async {
+        tally(calls)
+            .values()
+            .filter(|w| w.contains(&"second"))
+            .count()
+            == n
+    })
+    .await;
+    second
+}
+
+/// Asserts that `second` handled each of the `n` messages once and `first` only message 0,
+/// whose handler was running when `first` lost its connection: at least once allows that.
+fn assert_only_message_0_ran_on_first(calls: &Calls, first: &Node, n: usize) {
+    let t = tally(calls);
+    assert_eq!(t.len(), n, "every message handled: {t:?}");
+    for (p, who) in &t {
+        let expected: &[&str] = if p == "0" {
+            &["first", "second"]
+        } else {
+            &["second"]
+        };
+        assert_eq!(who, expected, "handler calls of message {p}");
+    }
+    assert_eq!(
+        first.delivered_count(),
+        1,
+        "`first` admitted only message 0"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_deliveries_of_a_cut_connection_are_not_run_once_the_handler_frees() {
     within(90, async {
@@ -77,54 +159,12 @@ async fn queued_deliveries_of_a_cut_connection_are_not_run_once_the_handler_free
         let sender = start(builder(&net, "payments", &key).faults(faults.clone())).await;
         let first = start(builder(&net, "orders", &key)).await;
         let calls: Calls = Arc::default();
-        let gate = Arc::new(Semaphore::new(0));
-        record(
-            &first,
-            "first",
-            &calls,
-            Some(("0", gate.clone())),
-            Duration::ZERO,
-        );
-        assert!(
-            sender
-                .wait_for_instances("orders", 1, Duration::from_secs(10))
-                .await
-        );
-        // One key: message 0 blocks the only worker, 1..N queue up behind it at `first`.
-        for i in 0..N {
-            let msg = Outgoing::new(format!("{i}")).key("k");
-            drop(sender.send("orders", msg).await.expect("stored"));
-        }
-        eventually(10, "all N in flight to `first`", || async {
-            in_flight(&sender, "svc:orders").await == N
-        })
-        .await;
-        eventually(10, "message 0 is being handled", || async {
-            !calls.lock().expect("calls").is_empty()
-        })
-        .await;
-        // Every in-flight entry reached `first` and is queued behind message 0 before the cut.
-        // At least N: when both nodes dialed each other at start, the tie-break can retire the
-        // connection the first sends went out on, and they are sent again on the other one, so
-        // `first` may have some twice. (Waiting for exactly N timed out once in a clean-clone
-        // CI run; this is the likeliest way for `first` to receive more than N.)
-        eventually(10, "all N queued at `first`", || async {
-            first.status().await.is_some_and(|s| s.received >= N as u64)
-        })
-        .await;
+        let gate = record_first(&first, &calls);
+        queue_behind_message_0(&sender, &first, &calls, N).await;
 
         // Cut the connection; a second instance comes up and gets everything redelivered.
         faults.partition(first.local_addr());
-        let second = start(builder(&net, "orders", &key)).await;
-        record(&second, "second", &calls, None, Duration::ZERO);
-        eventually(30, "`second` handled all N", || async {
-            tally(&calls)
-                .values()
-                .filter(|w| w.contains(&"second"))
-                .count()
-                == N
-        })
-        .await;
+        let second = second_handles_all(&net, &key, &calls, N).await;
         eventually(10, "`first` noticed its connection is gone", || async {
             first.status().await.is_some_and(|s| {
                 s.peers
@@ -138,26 +178,134 @@ async fn queued_deliveries_of_a_cut_connection_are_not_run_once_the_handler_free
         gate.add_permits(1);
         // Bounded wait for anything `first` would (wrongly) still run.
         tokio::time::sleep(Duration::from_millis(1_000)).await;
-        let t = tally(&calls);
-        assert_eq!(t.len(), N, "every message handled: {t:?}");
-        for (p, who) in &t {
-            let expected: &[&str] = if p == "0" {
-                // Its handler was running when the connection was cut: at least once allows it.
-                &["first", "second"]
-            } else {
-                &["second"]
-            };
-            assert_eq!(who, expected, "handler calls of message {p}");
-        }
-        assert_eq!(
-            first.delivered_count(),
-            1,
-            "`first` admitted only message 0"
-        );
+        assert_only_message_0_ran_on_first(&calls, &first, N);
         faults.heal_all();
         sender.shutdown().await;
         first.shutdown().await;
         second.shutdown().await;
+    })
+    .await;
+}
+
+/// A tokio runtime of its own, on a thread of its own, for a node the test pauses: blocking
+/// that one thread stops everything of the node (its QUIC endpoint, core, handlers), as
+/// `SIGSTOP` stops a process, while the other nodes run on.
+struct Pausable {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pausable {
+    fn new() -> Self {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            handle_tx.send(rt.handle().clone()).expect("handle");
+            rt.block_on(async {
+                let _ = stopped.await;
+            });
+        });
+        Pausable {
+            handle: handle_rx.recv().expect("handle"),
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Blocks the runtime's thread for `d`, then runs `then` on it before anything else.
+    fn pause(&self, d: Duration, then: impl FnOnce() + Send + 'static) {
+        self.handle.spawn(async move {
+            std::thread::sleep(d);
+            then();
+        });
+    }
+}
+
+impl Drop for Pausable {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_did_not_run_for_seconds_does_not_run_what_its_sender_gave_to_another() {
+    within(90, async {
+        const N: usize = 20;
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let sender = start(builder(&net, "payments", &key)).await;
+        let paused = Pausable::new();
+        // An ack timeout longer than the pause, so the age of a queued first copy does not
+        // drop it: only the pause may.
+        let first = paused
+            .handle
+            .spawn(start(
+                builder(&net, "orders", &key).ack_timeout(Duration::from_secs(30)),
+            ))
+            .await
+            .expect("first started");
+        let calls: Calls = Arc::default();
+        let gate = {
+            let _on_its_runtime = paused.handle.enter();
+            record_first(&first, &calls)
+        };
+        queue_behind_message_0(&sender, &first, &calls, N).await;
+
+        // `first` stops running for longer than the idle timeout (3 s): the sender's
+        // connection to it times out, and a second instance gets everything. The moment
+        // `first` runs again, message 0's handler returns and its worker takes the next
+        // queued delivery, before `first`'s QUIC endpoint has seen anything.
+        let pause = Duration::from_millis(4_500);
+        let resumed = Arc::new(Mutex::new(None));
+        let (gate2, resumed2) = (gate.clone(), resumed.clone());
+        paused.pause(pause, move || {
+            *resumed2.lock().expect("resumed") = Some(std::time::Instant::now());
+            gate2.add_permits(1);
+        });
+        let second = second_handles_all(&net, &key, &calls, N).await;
+        eventually(10, "`first` runs again", || async {
+            resumed.lock().expect("resumed").is_some()
+        })
+        .await;
+        eventually(10, "`first` noticed the pause", || async {
+            first.status().await.is_some_and(|s| s.pauses == 1)
+        })
+        .await;
+        // Bounded wait for anything `first` would (wrongly) still run.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert_only_message_0_ran_on_first(&calls, &first, N);
+        let status = first.status().await.expect("status");
+        assert!(
+            status
+                .connections_closed
+                .get("stalled")
+                .copied()
+                .unwrap_or(0)
+                >= 1,
+            "`first` replaced the connection it had across the pause: {:?}",
+            status.connections_closed
+        );
+        eventually(20, "the sender's log settled", || async {
+            unsettled(&sender).await == 0
+        })
+        .await;
+        sender.shutdown().await;
+        second.shutdown().await;
+        paused
+            .handle
+            .spawn(async move { first.shutdown().await })
+            .await
+            .expect("first stopped");
     })
     .await;
 }

@@ -201,6 +201,13 @@ pub struct Status {
     /// connections, writes not yet synced with `Durability::Interval`) and once a second
     /// otherwise, so an idle node seldom wakes.
     pub core_ticks: u64,
+    /// Times since start this node noticed that it had not run for two seconds or more: its
+    /// process was stopped or paused, or its runtime's threads were blocked (a handler that
+    /// blocks them does that). Each time it replaced every connection that was open, since
+    /// a peer may have given up on it and given its entries to another instance, and dropped
+    /// unhandled what had arrived on them (their senders send it again). See ARCHITECTURE,
+    /// "Liveness and reconnects".
+    pub pauses: u64,
     /// `send`/`publish` calls waiting for room in a full log (backpressure; at most
     /// `max_log_entries` of them, and 65,536); each fails with [`SendError::Backpressure`]
     /// once its `send_timeout` passes.

@@ -284,10 +284,11 @@ fn message_span(msg: &Message) -> tracing::Span {
 }
 
 /// Why a queued entry must not reach a handler any more, if it must not: its connection is
-/// gone (closed, timed out, replaced), or it is a first attempt that waited here at least the
-/// ack timeout (this node's, taken as the sender's).
+/// gone (closed, timed out, replaced), this node did not run for a while since its connection
+/// opened (the connection is being replaced: see [`runtime::pause`]), or it is a first attempt
+/// that waited here at least the ack timeout (this node's, taken as the sender's).
 ///
-/// Its sender redelivers it in both cases (to this node or another instance), so running it
+/// Its sender redelivers it in each case (to this node or another instance), so running it
 /// now could only repeat it, and repeat it late: after newer entries of its key were handled
 /// elsewhere. Not acking it is what the sender expects.
 ///
@@ -295,24 +296,41 @@ fn message_span(msg: &Message) -> tracing::Span {
 /// queue takes about the ack timeout to drain, every copy would otherwise wait that long and
 /// be dropped again, until the sender dead-lettered the entry. Such a consumer now handles
 /// each entry's second copy at the latest.
-fn stale_reason(shared: &Shared, inbound: &Inbound) -> Option<&'static str> {
+fn stale_reason(shared: &Shared, inbound: &Inbound) -> Option<Stale> {
     if inbound.conn.is_gone() {
-        Some("its connection is gone")
+        Some(Stale::ConnectionGone("its connection is gone"))
+    } else if inbound.conn.outlived_a_pause(&shared.pause) {
+        Some(Stale::ConnectionGone(
+            "this node did not run for a while since its connection opened",
+        ))
     } else if inbound.env.attempt <= 1 && inbound.received.elapsed() >= shared.ack_timeout {
-        Some("its first attempt waited longer than the ack timeout")
+        Some(Stale::TimedOut)
     } else {
         None
     }
+}
+
+/// Why [`stale_reason`] dropped an entry.
+enum Stale {
+    /// Its connection is gone or going: the sender resends every unsettled entry of the
+    /// connection, in order.
+    ConnectionGone(&'static str),
+    /// Its first attempt waited past the ack timeout on a connection that lives on.
+    TimedOut,
 }
 
 /// Runs the dedup window and key block for an arriving entry; `Some` when the
 /// application should handle it. A stale entry ([`stale_reason`]) is dropped first, as if it
 /// never arrived.
 async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
-    if let Some(why) = stale_reason(shared, &inbound) {
+    if let Some(stale) = stale_reason(shared, &inbound) {
         let env = &inbound.env;
+        let why = match stale {
+            Stale::ConnectionGone(why) => why,
+            Stale::TimedOut => "its first attempt waited longer than the ack timeout",
+        };
         debug!(origin = %env.origin.short(), log = %env.log, seq = env.seq, why, "stale delivery dropped unhandled; its sender redelivers it");
-        if !inbound.conn.is_gone() {
+        if matches!(stale, Stale::TimedOut) {
             // The connection lives on: later entries of the key may be queued behind this one
             // and must not overtake its redelivery. (A gone connection's queued entries are all
             // stale, and the sender resends its unsettled entries in order.)

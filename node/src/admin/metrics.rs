@@ -77,6 +77,9 @@ pub const BREAKER_STATE: &str = "peerbus_breaker_state";
 /// Timer ticks of the node's core: 20 a second while it has timed work, one a second when
 /// idle (see `Status::core_ticks`).
 pub const CORE_TICKS: &str = "peerbus_core_ticks_total";
+/// Times the node noticed it had not run for two seconds or more (a stopped or paused process,
+/// a blocked runtime) and replaced its connections (see `Status::pauses`).
+pub const PAUSES: &str = "peerbus_pauses_total";
 /// Durable (fsync'd) store commits.
 pub const STORE_FSYNCS: &str = "peerbus_store_fsyncs_total";
 /// Store commits.
@@ -196,6 +199,8 @@ pub(crate) struct Counters {
     pub(crate) requests_own_stream: Count,
     /// Core's timer ticks.
     pub(crate) core_ticks: Count,
+    /// Pauses the node noticed (`runtime::pause`).
+    pub(crate) pauses: Count,
     /// Store commit time, recorded by the store writer thread.
     pub(crate) commit_latency: Arc<Latency>,
 }
@@ -226,6 +231,7 @@ impl Counters {
             duplicates_dropped: Count::new(DUPLICATES_DROPPED, &node),
             requests_own_stream: Count::new(REQUESTS_OWN_STREAM, &node),
             core_ticks: Count::new(CORE_TICKS, &node),
+            pauses: Count::new(PAUSES, &node),
             commit_latency: Arc::new(Latency::store_commit(&node)),
         }
     }
@@ -421,7 +427,7 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         esc(&s.mesh),
         s.listen
     );
-    let counter_rows: [(&str, &str, &Count); 9] = [
+    let counter_rows: [(&str, &str, &Count); 10] = [
         (
             MESSAGES_SENT,
             "Entries stored by send/publish (one per subscriber group copy).",
@@ -468,6 +474,12 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
             "Timer ticks of the node's core: 20 a second while it has timed work, one a \
              second when idle.",
             &counters.core_ticks,
+        ),
+        (
+            PAUSES,
+            "Times the node noticed it had not run for two seconds or more and replaced its \
+             connections.",
+            &counters.pauses,
         ),
     ];
     for (name, help, c) in counter_rows {

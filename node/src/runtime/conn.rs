@@ -275,6 +275,8 @@ pub(crate) struct ConnHandles {
     /// The connection's [`ConnState`] flag: the close watcher sets it, and core sets it when
     /// it retires the connection.
     pub(crate) gone: Arc<AtomicBool>,
+    /// The [`super::pause`] epoch the connection opened in.
+    pub(crate) opened_in: u64,
     /// The latest deadline (engine ms) of the peer's requests that arrived on it, raised by
     /// the lane readers, so a retired connection stays open while they may still be answered.
     pub(crate) serving: Arc<AtomicU64>,
@@ -290,6 +292,7 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
         rx,
         cancel,
         gone,
+        opened_in,
         serving,
         direct,
     } = handles;
@@ -322,6 +325,7 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
         out: out.clone(),
         cancel: cancel.clone(),
         gone: gone.clone(),
+        opened_in,
         serving,
         replies: direct,
     };
@@ -538,6 +542,8 @@ struct LaneContext {
     /// Set once `cancel` is cancelled or core retired the connection (see
     /// [`super::ConnState`]).
     gone: Arc<AtomicBool>,
+    /// The [`super::pause`] epoch the connection opened in.
+    opened_in: u64,
     /// The latest deadline (engine ms) of the peer's requests that arrived on the connection.
     serving: Arc<AtomicU64>,
     /// Where the lane readers write the replies of handlers that answered without waiting.
@@ -763,6 +769,7 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
         dialect,
         cancel,
         gone,
+        opened_in,
         replies,
         ..
     } = &cx;
@@ -813,7 +820,10 @@ async fn lane_reader(cx: LaneContext, mut rx: FrameReceiver) {
                     env,
                     floor,
                     key_floor,
-                    conn: ConnState::Flag(gone.clone()),
+                    conn: ConnState::Flag {
+                        gone: gone.clone(),
+                        opened_in: *opened_in,
+                    },
                     received: Instant::now(),
                 };
                 if !hand_over(shared, inbound, cancel).await {

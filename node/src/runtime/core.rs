@@ -182,6 +182,9 @@ pub(crate) enum CoreMsg {
     },
     /// A stalled connection's probe completed a handshake with its peer (`core/stall.rs`).
     Reachable { peer: NodeId, generation: u64 },
+    /// This node did not run for `paused_ms`, and pause epoch `epoch` began: replace every
+    /// connection opened before it (`super::pause`, `core/stall.rs`).
+    Paused { epoch: u64, paused_ms: u64 },
     /// A dial attempt failed.
     DialFailed {
         peer: Option<NodeId>,
@@ -264,6 +267,8 @@ struct Link {
     cancel: CancellationToken,
     /// The connection's [`super::ConnState`] flag: set when it closes or is retired.
     gone: Arc<AtomicBool>,
+    /// The [`super::pause`] epoch the connection opened in: a later one closes it.
+    opened_in: u64,
     /// The latest deadline (engine ms) of the peer's requests that arrived on it (set by its
     /// lane readers): once retired, it stays open until then.
     serving: Arc<AtomicU64>,
@@ -605,6 +610,7 @@ impl Core {
                 self.peer_gone(peer, generation, &reason, hold_until);
             }
             CoreMsg::Reachable { peer, generation } => self.peer_reachable(peer, generation),
+            CoreMsg::Paused { epoch, paused_ms } => self.paused(epoch, paused_ms),
             CoreMsg::DialFailed {
                 peer,
                 refused,
@@ -1644,6 +1650,7 @@ impl Core {
             rx,
             cancel: self.shared.cancel.child_token(),
             gone: Arc::new(AtomicBool::new(gone)),
+            opened_in: self.shared.pause.epoch(),
             serving: Arc::new(AtomicU64::new(0)),
             direct: Arc::new(conn::DirectStream::new(r.conn.clone(), r.version)),
         }
@@ -1766,6 +1773,7 @@ impl Core {
             consumes: r.hello.consumes,
             cancel: handles.cancel.clone(),
             gone: handles.gone.clone(),
+            opened_in: handles.opened_in,
             serving: handles.serving.clone(),
             peer_retired: false,
             protocol: r.version,
@@ -1959,6 +1967,7 @@ impl Core {
             requests_in_flight,
             requests_own_stream: c.requests_own_stream.load(Ordering::Relaxed),
             core_ticks: c.core_ticks.load(Ordering::Relaxed),
+            pauses: c.pauses.load(Ordering::Relaxed),
             sends_waiting: self.parked.len(),
             stall_probes: stall::MAX_PROBES.saturating_sub(self.probes.available_permits()),
             breakers,

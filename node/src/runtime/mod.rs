@@ -32,6 +32,7 @@
 
 pub(crate) mod conn;
 pub(crate) mod core;
+pub(crate) mod pause;
 pub(crate) mod requests;
 pub(crate) mod storage;
 
@@ -108,9 +109,13 @@ pub(crate) struct Inbound {
 /// by the connection's tasks) to clone, drop or read.
 #[derive(Clone, Debug)]
 pub(crate) enum ConnState {
-    /// A peer connection: set by the connection's close watcher (`conn::spawn_connection`)
-    /// once the connection's token is cancelled.
-    Flag(Arc<AtomicBool>),
+    /// A peer connection: `gone` is set by the connection's close watcher
+    /// (`conn::spawn_connection`) once the connection's token is cancelled; `opened_in` is the
+    /// [`pause`] epoch it opened in.
+    Flag {
+        gone: Arc<AtomicBool>,
+        opened_in: u64,
+    },
     /// The local lanes' "connection": the node's token.
     Token(CancellationToken),
 }
@@ -119,8 +124,18 @@ impl ConnState {
     /// Whether the connection is gone.
     pub(crate) fn is_gone(&self) -> bool {
         match self {
-            ConnState::Flag(gone) => gone.load(Ordering::Acquire),
+            ConnState::Flag { gone, .. } => gone.load(Ordering::Acquire),
             ConnState::Token(t) => t.is_cancelled(),
+        }
+    }
+
+    /// Whether the node did not run for a while since the connection opened, or is only now
+    /// running again ([`pause::PauseWatch::fences`]): its peer may have given up on it, and
+    /// core replaces it. Never for the local lanes.
+    pub(crate) fn outlived_a_pause(&self, watch: &pause::PauseWatch) -> bool {
+        match self {
+            ConnState::Flag { opened_in, .. } => watch.fences(*opened_in),
+            ConnState::Token(_) => false,
         }
     }
 }
@@ -288,6 +303,8 @@ pub(crate) struct Shared {
     /// Core's timer ticks: fast (every 50 ms) while it has timed work, slow (every second)
     /// when idle. See [`core::Ticks`].
     pub(crate) ticks: core::Ticks,
+    /// Notices when the node did not run for a while (see [`pause`]).
+    pub(crate) pause: pause::PauseWatch,
 }
 
 impl Shared {
@@ -484,6 +501,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         faults: b.faults.clone(),
         peers_changed: tokio::sync::watch::Sender::new(()),
         ticks: core::Ticks::default(),
+        pause: pause::PauseWatch::new(),
     });
     let span = info_span!("node", node = %id.short(), service = %b.service);
     info!(parent: &span, %local_addr, mesh = %b.mesh, "node started");
@@ -537,6 +555,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     tracker.spawn(core::run(shared.clone(), core_rx, init).instrument(span.clone()));
     drop(core_tx);
     tracker.spawn(conn::accept_loop(shared.clone()).instrument(span.clone()));
+    tracker.spawn(pause::watch(shared.clone()).instrument(span.clone()));
 
     // Discovery: user-supplied sources, seeds, and mDNS unless turned off.
     let mut discoveries: Vec<Box<dyn Discovery>> = b.discoveries;

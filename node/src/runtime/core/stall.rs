@@ -148,6 +148,39 @@ impl Core {
         );
     }
 
+    /// This node did not run for `paused_ms` (`super::super::pause`), and epoch `epoch` began:
+    /// closes every connection opened before it as stalled, as [`Core::peer_reachable`] closes
+    /// one, for the same reason (the peer may have given up on it) and with the same hold of
+    /// what was in flight on it.
+    pub(super) fn paused(&mut self, epoch: u64, paused_ms: u64) {
+        let now = self.now();
+        let fenced: Vec<(NodeId, u64)> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.opened_in < epoch)
+            .map(|(peer, l)| (*peer, l.generation))
+            .collect();
+        info!(
+            paused_ms,
+            connections = fenced.len(),
+            "replacing the connections that were open while this node did not run"
+        );
+        for (peer, generation) in fenced {
+            if let Some(l) = self.links.get(&peer) {
+                l.conn.close(
+                    CloseCode::Stalled,
+                    "this node did not run for a while; reconnecting",
+                );
+            }
+            self.peer_gone(
+                peer,
+                generation,
+                &format!("this node did not run for {paused_ms} ms; reconnecting"),
+                Some(now + RECONNECT_HOLD),
+            );
+        }
+    }
+
     /// Keeps what was in flight on `peer`'s connection `generation` (replaced, or retired by
     /// the peer) for that peer until `until`: the peer gets no new entries meanwhile, and its
     /// next connection sends them again ([`Core::end_holds`] ends a hold that outlives it).
