@@ -1,10 +1,12 @@
 //! Fewer repeats: a consumer does not run deliveries its sender already gave up on (their
-//! connection is gone, or they waited past the ack timeout), and a gracefully restarted sender
-//! does not resend what was handled. In process over real QUIC on 127.0.0.1.
+//! connection is gone, they waited past the ack timeout, or the consumer did not run for
+//! seconds), a server does not serve requests that came while it did not run, and a gracefully
+//! restarted sender does not resend what was handled. In process over real QUIC on 127.0.0.1.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -306,6 +308,92 @@ async fn a_node_that_did_not_run_for_seconds_does_not_run_what_its_sender_gave_t
             .spawn(async move { first.shutdown().await })
             .await
             .expect("first stopped");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_did_not_run_for_seconds_does_not_serve_what_came_meanwhile() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "payments", &key)).await;
+        let paused = Pausable::new();
+        let served = Arc::new(AtomicUsize::new(0));
+        let counter = served.clone();
+        let (server, serving) = paused
+            .handle
+            .spawn(async move {
+                let server = start(builder(&net, "orders", &key)).await;
+                let serving = server
+                    .serve(move |_req| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        async { Ok("served".into()) }
+                    })
+                    .await
+                    .expect("serve");
+                (server, serving)
+            })
+            .await
+            .expect("server started");
+        assert!(
+            client
+                .wait_for_servers("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        let reply = client
+            .request("orders", "before", Duration::from_secs(5))
+            .await
+            .expect("served before the pause");
+        assert_eq!(&reply[..], b"served");
+
+        // The server stops running for longer than the idle timeout; a request sent meanwhile
+        // waits in its socket, and the client's connection times out, failing the request.
+        let resumed = Arc::new(AtomicBool::new(false));
+        let flag = resumed.clone();
+        paused.pause(Duration::from_millis(4_500), move || {
+            flag.store(true, Ordering::SeqCst);
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let err = client
+            .request("orders", "during", Duration::from_secs(10))
+            .await
+            .expect_err("the server did not run");
+        assert!(
+            !resumed.load(Ordering::SeqCst),
+            "failed before the server ran again: {err}"
+        );
+        eventually(10, "the server noticed the pause", || async {
+            server.status().await.is_some_and(|s| s.pauses == 1)
+        })
+        .await;
+        // Bounded wait for a handler call the server would (wrongly) still make.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert_eq!(
+            served.load(Ordering::SeqCst),
+            1,
+            "only the request before the pause was served (the client gave up on the other: {err})"
+        );
+        // The server reconnects and serves again.
+        assert!(
+            client
+                .wait_for_servers("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        let reply = client
+            .request("orders", "after", Duration::from_secs(5))
+            .await
+            .expect("served after the pause");
+        assert_eq!(&reply[..], b"served");
+        client.shutdown().await;
+        paused
+            .handle
+            .spawn(async move {
+                drop(serving);
+                server.shutdown().await;
+            })
+            .await
+            .expect("server stopped");
     })
     .await;
 }

@@ -880,6 +880,11 @@ pub(crate) enum ReplyTo {
 /// Serves a request that arrived on the connection (`cx`) with the time it may take
 /// (`budget_ms`): its handler's first poll runs here. `false` once the connection's tasks are
 /// cancelled.
+///
+/// Not when this node did not run for a while since the connection opened
+/// ([`super::pause`]): the connection is being replaced, and its requester gave up on it (its
+/// idle timeout) or sees the request fail with the close; running the handler now would run
+/// what the requester counts as failed, perhaps after asking another instance.
 async fn serve_request(cx: &LaneContext, env: Arc<Envelope>, budget_ms: u64, on: ReplyOn) -> bool {
     let LaneContext {
         shared,
@@ -887,8 +892,16 @@ async fn serve_request(cx: &LaneContext, env: Arc<Envelope>, budget_ms: u64, on:
         cancel,
         serving,
         replies,
+        opened_in,
         ..
     } = cx;
+    if shared.pause.fences(*opened_in) {
+        debug!(
+            corr = env.seq,
+            "request dropped unserved: this node did not run for a while since its connection opened"
+        );
+        return true;
+    }
     serving.fetch_max(shared.now().saturating_add(budget_ms), Ordering::Relaxed);
     let serve = super::read(&shared.routes).serve.clone();
     let corr = env.seq;
