@@ -297,13 +297,16 @@ fn message_span(msg: &Message) -> tracing::Span {
 /// be dropped again, until the sender dead-lettered the entry. Such a consumer now handles
 /// each entry's second copy at the latest.
 fn stale_reason(shared: &Shared, inbound: &Inbound) -> Option<Stale> {
+    let now = Instant::now();
     if inbound.conn.is_gone() {
         Some(Stale::ConnectionGone("its connection is gone"))
-    } else if inbound.conn.outlived_a_pause(&shared.pause) {
+    } else if inbound.conn.outlived_a_pause(&shared.pause, now) {
         Some(Stale::ConnectionGone(
             "this node did not run for a while since its connection opened",
         ))
-    } else if inbound.env.attempt <= 1 && inbound.received.elapsed() >= shared.ack_timeout {
+    } else if inbound.env.attempt <= 1
+        && now.saturating_duration_since(inbound.received) >= shared.ack_timeout
+    {
         Some(Stale::TimedOut)
     } else {
         None

@@ -132,9 +132,9 @@ impl ConnState {
     /// Whether the node did not run for a while since the connection opened, or is only now
     /// running again ([`pause::PauseWatch::fences`]): its peer may have given up on it, and
     /// core replaces it. Never for the local lanes.
-    pub(crate) fn outlived_a_pause(&self, watch: &pause::PauseWatch) -> bool {
+    pub(crate) fn outlived_a_pause(&self, watch: &pause::PauseWatch, now: Instant) -> bool {
         match self {
-            ConnState::Flag { opened_in, .. } => watch.fences(*opened_in),
+            ConnState::Flag { opened_in, .. } => watch.fences_at(*opened_in, now),
             ConnState::Token(_) => false,
         }
     }

@@ -77,9 +77,14 @@ impl PauseWatch {
     /// handler: a pause was noticed since that connection opened, or one is under way (no
     /// beat for [`PAUSE`]), which only a connection of an earlier epoch can have outlived.
     pub(crate) fn fences(&self, opened_in: u64) -> bool {
+        self.fences_at(opened_in, Instant::now())
+    }
+
+    /// [`PauseWatch::fences`] at `now`.
+    pub(crate) fn fences_at(&self, opened_in: u64, now: Instant) -> bool {
         // The beat first: the watch starts a new epoch before it beats again.
         let beat = self.beat_ms.load(Ordering::Acquire);
-        self.ms(Instant::now()).saturating_sub(beat) >= pause_ms() || self.epoch() > opened_in
+        self.ms(now).saturating_sub(beat) >= pause_ms() || self.epoch() > opened_in
     }
 
     /// Beats at `now`; returns the time since the last beat (ms, at most one [`BEAT`] longer
