@@ -41,9 +41,10 @@ pub(crate) const BEAT: Duration = Duration::from_millis(250);
 /// connection that received nothing for the idle timeout (3 s), and the node's last datagram
 /// before a pause may be one keep-alive interval (500 ms) older than the pause: so a peer may
 /// have given up after a pause of 2.5 s, never after a shorter one. The beats around a pause
-/// are at least the pause apart, so this notices every such pause, and some of 1.75–2.5 s.
-/// (At a second, every freeze of 1.2–2.4 s in a chaos run replaced the node's connections,
-/// and 145 requests failed as `peer_lost` where 14 had failed without: ARCHITECTURE.)
+/// are at least the pause apart and at most one [`BEAT`] more, so this notices every pause of
+/// 2 s or more (every one after which a peer may have given up) and some of 1.75–2 s. (At a
+/// second, every freeze of 1.2–2.4 s in a chaos run replaced the node's connections, and 145
+/// requests failed as `peer_lost` where none had without: ARCHITECTURE.)
 pub(crate) const PAUSE: Duration = Duration::from_millis(2_000);
 
 /// The node's pause watch: when it last beat, and how many pauses it noticed.
