@@ -156,6 +156,9 @@ pub struct Transmit {
     pub peer: NodeId,
     /// The connection generation it must go out on.
     pub conn: u64,
+    /// Whether the entry went out before: a retry, or a resend after its connection was lost
+    /// or replaced, which keeps its attempt number (only failures count as attempts).
+    pub resend: bool,
     /// The frame.
     pub frame: Data,
 }
@@ -1551,7 +1554,9 @@ impl Dispatch<'_> {
             peer.in_flight += 1;
             let conn = peer.conn;
             *self.round_robin = self.round_robin.wrapping_add(1);
+            let mut resend = false;
             if let Some(e) = log.entries.get_mut(&seq) {
+                resend = e.sent_to != 0;
                 // It was pending (the scan skips every other entry): not in the index yet.
                 e.state = State::InFlight {
                     peer: peer_id,
@@ -1574,6 +1579,7 @@ impl Dispatch<'_> {
             tx.push(Transmit {
                 peer: peer_id,
                 conn,
+                resend,
                 frame: Data::Deliver {
                     floor,
                     key_floor,
@@ -1935,6 +1941,41 @@ mod tests {
         assert!(ob.check_timers(1_000).is_empty());
         let due = ob.next_deadline().expect("retry");
         assert_eq!(ob.dispatch(due).len(), 1, "resent after the ack timeout");
+    }
+
+    /// A transmit says whether its entry went out before, whatever its attempt number: a
+    /// resend after a lost connection keeps attempt 1 (it is not a failure), and is still
+    /// counted as redelivered.
+    #[test]
+    fn a_transmit_says_whether_its_entry_went_out_before() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        ob.append(&target(), env(Some("k")), 0, None, None, false);
+        let first = ob.dispatch(0);
+        assert_eq!(first.iter().map(|t| t.resend).collect::<Vec<_>>(), [false]);
+        // The connection is lost and a new one comes: the entry goes out again, still at
+        // attempt 1.
+        ob.peer_down(id(1), 1);
+        ob.peer_up(id(1), 2, "svc".into(), vec![], 100);
+        ob.append(&target(), env(Some("k")), 1, None, None, false);
+        let again = ob.dispatch(1);
+        assert_eq!(again.iter().map(seq_of).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(
+            again.iter().map(|t| t.resend).collect::<Vec<_>>(),
+            [true, false]
+        );
+        let Data::Deliver { env, .. } = &again[0].frame else {
+            panic!("a delivery");
+        };
+        assert_eq!(env.attempt, 1, "a lost connection is no failed attempt");
+        // An ack timeout is one; its resend is a resend too.
+        assert!(ob.check_timers(1_001).is_empty());
+        // After the backoff (at most 300 ms for a first failure).
+        let retry = ob.dispatch(1_500);
+        assert!(
+            retry.len() == 2 && retry.iter().all(|t| t.resend),
+            "{retry:?}"
+        );
     }
 
     /// A backoff after an ack timeout ends when the connection the ack timed out on closes

@@ -804,7 +804,19 @@ impl Core {
         let mut transmits = std::mem::take(&mut self.transmits);
         self.outbox.dispatch_into(now, &mut transmits);
         for t in transmits.drain(..) {
-            if t.peer == self.shared.id {
+            let local = t.peer == self.shared.id;
+            let goes_out = local
+                || self
+                    .links
+                    .get(&t.peer)
+                    .is_some_and(|l| l.generation == t.conn);
+            if t.resend && goes_out {
+                self.shared
+                    .counters
+                    .redelivered
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            if local {
                 self.deliver_local(t.frame);
                 continue;
             }
@@ -831,14 +843,6 @@ impl Core {
                     attempt = env.attempt,
                     "deliver"
                 );
-            }
-            if let Data::Deliver { env, .. } = &t.frame
-                && env.attempt > 1
-            {
-                self.shared
-                    .counters
-                    .redelivered
-                    .fetch_add(1, Ordering::Relaxed);
             }
             try_out(
                 l,
@@ -891,12 +895,6 @@ impl Core {
             attempt = env.attempt,
             "deliver locally"
         );
-        if env.attempt > 1 {
-            self.shared
-                .counters
-                .redelivered
-                .fetch_add(1, Ordering::Relaxed);
-        }
         let Some(tx) = self.local.lanes.get(lane) else {
             return;
         };
