@@ -315,11 +315,21 @@ fn stale_reason(shared: &Shared, inbound: &Inbound) -> Option<Stale> {
 
 /// Why [`stale_reason`] dropped an entry.
 enum Stale {
-    /// Its connection is gone or going: the sender resends every unsettled entry of the
+    /// Its connection is gone or going (why): the sender resends every unsettled entry of the
     /// connection, in order.
     ConnectionGone(&'static str),
     /// Its first attempt waited past the ack timeout on a connection that lives on.
     TimedOut,
+}
+
+impl Stale {
+    /// Why, for the log.
+    fn why(&self) -> &'static str {
+        match self {
+            Stale::ConnectionGone(why) => why,
+            Stale::TimedOut => "its first attempt waited longer than the ack timeout",
+        }
+    }
 }
 
 /// Runs the dedup window and key block for an arriving entry; `Some` when the
@@ -328,10 +338,7 @@ enum Stale {
 async fn admit(shared: &Arc<Shared>, inbound: Inbound) -> Option<Delivery> {
     if let Some(stale) = stale_reason(shared, &inbound) {
         let env = &inbound.env;
-        let why = match stale {
-            Stale::ConnectionGone(why) => why,
-            Stale::TimedOut => "its first attempt waited longer than the ack timeout",
-        };
+        let why = stale.why();
         debug!(origin = %env.origin.short(), log = %env.log, seq = env.seq, why, "stale delivery dropped unhandled; its sender redelivers it");
         if matches!(stale, Stale::TimedOut) {
             // The connection lives on: later entries of the key may be queued behind this one

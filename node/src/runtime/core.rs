@@ -804,19 +804,11 @@ impl Core {
         let mut transmits = std::mem::take(&mut self.transmits);
         self.outbox.dispatch_into(now, &mut transmits);
         for t in transmits.drain(..) {
-            let local = t.peer == self.shared.id;
-            let goes_out = local
-                || self
-                    .links
-                    .get(&t.peer)
-                    .is_some_and(|l| l.generation == t.conn);
-            if t.resend && goes_out {
-                self.shared
-                    .counters
-                    .redelivered
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            if local {
+            let redelivered = &self.shared.counters.redelivered;
+            if t.peer == self.shared.id {
+                if t.resend {
+                    redelivered.fetch_add(1, Ordering::Relaxed);
+                }
                 self.deliver_local(t.frame);
                 continue;
             }
@@ -825,6 +817,9 @@ impl Core {
             };
             if l.generation != t.conn {
                 continue;
+            }
+            if t.resend {
+                redelivered.fetch_add(1, Ordering::Relaxed);
             }
             let lane = match &t.frame {
                 Data::Deliver { env, .. } => {
