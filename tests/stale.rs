@@ -312,6 +312,21 @@ async fn a_node_that_did_not_run_for_seconds_does_not_run_what_its_sender_gave_t
     .await;
 }
 
+/// Waits until `client` is connected to a server of `orders`, then asks it once (`payload`
+/// names the moment) and checks the reply.
+async fn served_once_connected(client: &Node, payload: &str) {
+    assert!(
+        client
+            .wait_for_servers("orders", 1, Duration::from_secs(10))
+            .await
+    );
+    let reply = client
+        .request("orders", payload, Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("request `{payload}` served: {e}"));
+    assert_eq!(&reply[..], b"served");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_did_not_run_for_seconds_does_not_serve_what_came_meanwhile() {
     within(60, async {
@@ -336,16 +351,7 @@ async fn a_server_that_did_not_run_for_seconds_does_not_serve_what_came_meanwhil
             })
             .await
             .expect("server started");
-        assert!(
-            client
-                .wait_for_servers("orders", 1, Duration::from_secs(10))
-                .await
-        );
-        let reply = client
-            .request("orders", "before", Duration::from_secs(5))
-            .await
-            .expect("served before the pause");
-        assert_eq!(&reply[..], b"served");
+        served_once_connected(&client, "before").await;
 
         // The server stops running for longer than the idle timeout; a request sent meanwhile
         // waits in its socket, and the client's connection times out, failing the request.
@@ -375,16 +381,7 @@ async fn a_server_that_did_not_run_for_seconds_does_not_serve_what_came_meanwhil
             "only the request before the pause was served (the client gave up on the other: {err})"
         );
         // The server reconnects and serves again.
-        assert!(
-            client
-                .wait_for_servers("orders", 1, Duration::from_secs(10))
-                .await
-        );
-        let reply = client
-            .request("orders", "after", Duration::from_secs(5))
-            .await
-            .expect("served after the pause");
-        assert_eq!(&reply[..], b"served");
+        served_once_connected(&client, "after").await;
         client.shutdown().await;
         paused
             .handle
