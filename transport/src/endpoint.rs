@@ -863,6 +863,17 @@ impl Connection {
                 .is_ok()
         {
             self.shared.closes.count(code);
+            if code.is_protocol_fault() {
+                // Rare between nodes of one build and mesh, so each names itself: the chaos
+                // report counts these closes as faults, and the reason is only here.
+                warn!(
+                    peer = %self.peer_id(),
+                    addr = %self.remote_addr(),
+                    code = code.name(),
+                    reason,
+                    "closing a connection whose peer broke the protocol"
+                );
+            }
         }
         self.inner
             .close(VarInt::from_u32(code as u32), reason.as_bytes());
