@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{builder, eventually, settled, start, within};
+use common::{builder, connections_settled, eventually, settled, start, within};
 use peerbus::{
     DeliveryError, Durability, HandlerError, MemoryNetwork, MeshKey, Outgoing, Receipt, SendError,
 };
@@ -592,23 +592,8 @@ async fn a_restarted_sender_resends_to_the_instances_that_handled_its_entries() 
                 .wait_for_consumers("orders", 2, Duration::from_secs(10))
                 .await
         );
-        // Nodes that find each other at once dial each other at once, and a tie-break retires
-        // one of the two connections a few ms later; an entry in flight on the retired one can
-        // still reach the other instance (the retire hold narrows that race, ARCHITECTURE,
-        // "Liveness and reconnects"). That start-up race is not what this test is about: it
-        // sends once the connections have settled.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        eventually(
-            10,
-            "no connection of the sender is being retired",
-            || async {
-                sender
-                    .status()
-                    .await
-                    .is_some_and(|s| s.connections == 2 && s.retiring_connections == 0)
-            },
-        )
-        .await;
+        // That start-up race is not what this test is about.
+        connections_settled(&sender, 2).await;
         for i in 0..KEYS {
             // The receipts never learn the outcome: the sender stops before the acks.
             let _ = sender

@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{builder, eventually, start, within};
-use peerbus::{Faults, HandlerError, MemoryNetwork, MeshKey, Node, Outgoing, PeerState};
+use common::{builder, connections_settled, eventually, start, within};
+use peerbus::{
+    Faults, HandlerError, MemoryNetwork, MeshKey, Node, NodeBuilder, Outgoing, PeerState,
+};
 use tokio::sync::Semaphore;
 
 /// Handler calls so far, as (consumer, payload) in call order.
@@ -219,6 +221,19 @@ impl Pausable {
         }
     }
 
+    /// Starts a node on the runtime.
+    async fn start(&self, b: NodeBuilder) -> Node {
+        self.handle.spawn(start(b)).await.expect("node started")
+    }
+
+    /// Shuts `node` down on the runtime.
+    async fn shut_down(&self, node: Node) {
+        self.handle
+            .spawn(async move { node.shutdown().await })
+            .await
+            .expect("node stopped");
+    }
+
     /// Blocks the runtime's thread for `d`, then runs `then` on it before anything else.
     fn pause(&self, d: Duration, then: impl FnOnce() + Send + 'static) {
         self.handle.spawn(async move {
@@ -250,12 +265,8 @@ async fn a_node_that_did_not_run_for_seconds_does_not_run_what_its_sender_gave_t
         // An ack timeout longer than the pause, so the age of a queued first copy does not
         // drop it: only the pause may.
         let first = paused
-            .handle
-            .spawn(start(
-                builder(&net, "orders", &key).ack_timeout(Duration::from_secs(30)),
-            ))
-            .await
-            .expect("first started");
+            .start(builder(&net, "orders", &key).ack_timeout(Duration::from_secs(30)))
+            .await;
         let calls: Calls = Arc::default();
         let gate = {
             let _on_its_runtime = paused.handle.enter();
@@ -303,11 +314,7 @@ async fn a_node_that_did_not_run_for_seconds_does_not_run_what_its_sender_gave_t
         .await;
         sender.shutdown().await;
         second.shutdown().await;
-        paused
-            .handle
-            .spawn(async move { first.shutdown().await })
-            .await
-            .expect("first stopped");
+        paused.shut_down(first).await;
     })
     .await;
 }
@@ -513,6 +520,95 @@ async fn a_gracefully_restarted_sender_does_not_resend_what_was_handled() {
         assert!(twice.is_empty(), "handled more than once: {twice:?}");
         sender.shutdown().await;
         second.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_did_not_run_for_seconds_resends_to_the_instances_that_had_its_entries() {
+    within(90, async {
+        const N: usize = 8;
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let paused = Pausable::new();
+        // An ack timeout far shorter than the pause: when the sender runs again, every entry
+        // in flight is past it.
+        let sender = paused
+            .start(builder(&net, "payments", &key).ack_timeout(Duration::from_secs(1)))
+            .await;
+        let calls: Calls = Arc::default();
+        // Every handler records its call, then waits until the test opens the gate.
+        let (open, gate) = tokio::sync::watch::channel(false);
+        let mut instances = Vec::new();
+        for name in ["a", "b"] {
+            let node = start(builder(&net, "orders", &key)).await;
+            let (calls, gate) = (calls.clone(), gate.clone());
+            tokio::spawn(node.messages().expect("messages").handle(N, move |m| {
+                let (calls, mut gate) = (calls.clone(), gate.clone());
+                async move {
+                    calls.lock().expect("calls").push((name, m.payload_text()));
+                    let _ = gate.wait_for(|open| *open).await;
+                    Ok::<(), HandlerError>(())
+                }
+            }));
+            instances.push(node);
+        }
+        assert!(
+            sender
+                .wait_for_instances("orders", 2, Duration::from_secs(10))
+                .await
+        );
+        connections_settled(&sender, 2).await;
+        // No keys: the sender spreads the messages over both instances, and each lands on a
+        // free handler worker.
+        for i in 0..N {
+            drop(
+                sender
+                    .send("orders", Outgoing::new(format!("{i}")))
+                    .await
+                    .expect("stored"),
+            );
+        }
+        eventually(10, "every message is being handled", || async {
+            calls.lock().expect("calls").len() == N
+        })
+        .await;
+        assert_eq!(tally(&calls).len(), N, "each handled once before the pause");
+
+        // The sender stops running for longer than the idle timeout (3 s). Both instances time
+        // its connection out, and only then finish their handlers: their acks wait for a new
+        // connection. When the sender runs again every entry is past its ack timeout and its
+        // connection is dead, but each instance handled its entries: they must go back to it
+        // (whose dedup window drops them), not to the other instance.
+        let resumed = Arc::new(AtomicBool::new(false));
+        let flag = resumed.clone();
+        paused.pause(Duration::from_millis(4_500), move || {
+            flag.store(true, Ordering::SeqCst);
+        });
+        tokio::time::sleep(Duration::from_millis(3_700)).await;
+        assert!(
+            !resumed.load(Ordering::SeqCst),
+            "the sender is still paused"
+        );
+        open.send_replace(true);
+        eventually(10, "the sender noticed the pause", || async {
+            sender.status().await.is_some_and(|s| s.pauses == 1)
+        })
+        .await;
+        eventually(20, "the sender's log settled", || async {
+            unsettled(&sender).await == 0
+        })
+        .await;
+        // Bounded wait for a copy that went to the other instance (wrongly).
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let t = tally(&calls);
+        assert_eq!(t.len(), N, "every message handled: {t:?}");
+        let twice: Vec<(&String, &Vec<&str>)> = t.iter().filter(|(_, w)| w.len() > 1).collect();
+        assert!(twice.is_empty(), "handled more than once: {twice:?}");
+        for node in instances {
+            node.shutdown().await;
+        }
+        paused.shut_down(sender).await;
     })
     .await;
 }

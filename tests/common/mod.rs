@@ -50,6 +50,21 @@ pub async fn start(b: NodeBuilder) -> Node {
     }
 }
 
+/// Waits until `node` has `n` connections and retires none. Nodes that find each other at
+/// once dial each other at once, and a tie-break retires one of the two connections a few ms
+/// later; an entry in flight on the retired one can still reach another instance (the retire
+/// hold narrows that race: ARCHITECTURE, "Liveness and reconnects"). A test that is not about
+/// that start-up race sends once this returns.
+pub async fn connections_settled(node: &Node, n: usize) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(10, "no connection is being retired", || async {
+        node.status()
+            .await
+            .is_some_and(|s| s.connections == n && s.retiring_connections == 0)
+    })
+    .await;
+}
+
 /// Polls `cond` every 20 ms until it holds or `secs` pass.
 pub async fn eventually<F, Fut>(secs: u64, what: &str, mut cond: F)
 where

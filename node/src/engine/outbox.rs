@@ -185,6 +185,10 @@ struct Entry<R> {
     not_before: u64,
     expires_at: Option<u64>,
     attempts: u32,
+    /// It was in flight on a connection that closed or was replaced, so its peer may have
+    /// handled it: without a key, it goes back to an instance it was sent to when one is
+    /// connected, whose dedup window drops it if so (a key's instance is chosen by the key).
+    lost_in_flight: bool,
     /// The nodes it was sent to: only they may ack it.
     sent_to: recipients::Mask,
     /// The connection generation its last failed attempt timed out on (no ack in time); 0
@@ -719,6 +723,7 @@ impl<R> Outbox<R> {
             attempts,
             sent_to,
             timed_out_on: 0,
+            lost_in_flight: false,
         };
         match log.entries.insert(seq, entry) {
             None => {
@@ -792,6 +797,34 @@ impl<R> Outbox<R> {
         }
     }
 
+    /// Moves the ack deadline of every entry in flight `by` ms later: the node did not run
+    /// for that long (`runtime::pause`), so no ack could be read meanwhile, and an entry is
+    /// not a peer's failure for it.
+    pub fn postpone_in_flight(&mut self, by: u64) {
+        if by == 0 {
+            return;
+        }
+        for log in self.logs.values_mut() {
+            if log.in_flight.is_empty() {
+                continue;
+            }
+            let moved: BTreeSet<(u64, u64)> = std::mem::take(&mut log.in_flight)
+                .into_iter()
+                .map(|(sent_at, seq)| (sent_at.saturating_add(by), seq))
+                .collect();
+            for &(later, seq) in &moved {
+                if let Some(State::InFlight { sent_at, .. }) =
+                    log.entries.get_mut(&seq).map(|e| &mut e.state)
+                {
+                    *sent_at = later;
+                }
+            }
+            log.in_flight = moved;
+            log.debug_check_in_flight();
+        }
+        self.ack_due = self.ack_due.saturating_add(by);
+    }
+
     /// The connection `conn` to `peer` is gone: its in-flight entries go back
     /// to waiting, to be sent to another instance or on reconnect.
     pub fn peer_down(&mut self, peer: NodeId, conn: u64) {
@@ -832,6 +865,7 @@ impl<R> Outbox<R> {
                     return true;
                 }
                 e.state = State::Pending;
+                e.lost_in_flight = true;
                 *returns = returns.wrapping_add(1);
                 lowest = Some(lowest.map_or(seq, |l| l.min(seq)));
                 earliest = earliest.into_iter().chain(e.expires_at).min();
@@ -1411,6 +1445,17 @@ fn consumes(id: &NodeId, p: &Peer, target: &Target, topic: Option<&str>) -> bool
     }
 }
 
+/// The instance of `consumers` with credit left that a keyless entry goes to: the least
+/// loaded, ties broken by [`stable_rr`].
+fn any_free(peers: &FastMap<NodeId, Peer>, consumers: &[NodeId], rr: u64) -> Option<NodeId> {
+    consumers
+        .iter()
+        .filter_map(|c| peers.get(c).map(|p| (c, p)))
+        .filter(|(_, p)| p.in_flight < p.credits)
+        .min_by_key(|(c, p)| (p.in_flight, stable_rr(c, rr)))
+        .map(|(c, _)| *c)
+}
+
 /// Whether every one of `candidates` (a log's instances) has used up its credit.
 fn all_out_of_credit(peers: &FastMap<NodeId, Peer>, candidates: &[NodeId]) -> bool {
     candidates
@@ -1510,12 +1555,16 @@ impl Dispatch<'_> {
                     Chain::Follows(p) => Some(p),
                     Chain::Free => rendezvous(k, consumers.iter()),
                 },
-                None => consumers
+                // Back to an instance that may have handled it, when one is connected: it
+                // waits for that one's credit (or its reconnect, while it is held).
+                None if e.lost_in_flight => consumers
                     .iter()
+                    .filter(|c| self.recipients.was_sent(**c, e.sent_to))
                     .filter_map(|c| self.peers.get(c).map(|p| (c, p)))
-                    .filter(|(_, p)| p.in_flight < p.credits)
                     .min_by_key(|(c, p)| (p.in_flight, stable_rr(c, *self.round_robin)))
-                    .map(|(c, _)| *c),
+                    .map(|(c, _)| *c)
+                    .or_else(|| any_free(self.peers, consumers, *self.round_robin)),
+                None => any_free(self.peers, consumers, *self.round_robin),
             };
             let Some(peer_id) = chosen else {
                 first_left = first_left.or(Some(seq));
@@ -1557,6 +1606,7 @@ impl Dispatch<'_> {
             let mut resend = false;
             if let Some(e) = log.entries.get_mut(&seq) {
                 resend = e.sent_to != 0;
+                e.lost_in_flight = false;
                 // It was pending (the scan skips every other entry): not in the index yet.
                 e.state = State::InFlight {
                     peer: peer_id,
@@ -1752,6 +1802,37 @@ mod tests {
         }
         assert_eq!(got.len(), 3, "{got:?}");
         assert!(got.values().all(|n| (70..=130).contains(n)), "{got:?}");
+    }
+
+    /// A keyless entry that was in flight on a connection that closed goes back to the
+    /// instance it was sent to, which may have handled it (its dedup window then drops it),
+    /// though another instance is less loaded; a new keyless entry goes to the less loaded.
+    #[test]
+    fn a_keyless_entry_lost_in_flight_goes_back_to_its_instance() {
+        let mut ob = outbox();
+        for b in 1..=2 {
+            ob.peer_up(id(b), 1, "svc".into(), vec![], 100);
+        }
+        ob.append(&target(), env(None), 0, None, None, false);
+        let first = ob.dispatch(0);
+        assert_eq!(first.len(), 1);
+        let had = first[0].peer;
+        let other = if had == id(1) { id(2) } else { id(1) };
+        // Its connection is replaced; before the entry goes out again, the instance that had
+        // it gets a direct entry (`eph:` logs are dispatched first), so it is the busier one.
+        ob.peer_up(had, 2, "svc".into(), vec![], 100);
+        ob.append(&Target::Node(had), env(None), 1, None, None, false);
+        ob.append(&target(), env(None), 1, None, None, false);
+        let again = ob.dispatch(1);
+        let svc = target().log_name();
+        let to = |seq: u64| {
+            again
+                .iter()
+                .find(|t| matches!(&t.frame, Data::Deliver { env, .. } if env.log == svc && env.seq == seq))
+                .map(|t| t.peer)
+        };
+        assert_eq!(to(1), Some(had), "the lost entry goes back: {again:?}");
+        assert_eq!(to(2), Some(other), "a new one goes to the less loaded");
     }
 
     #[test]
@@ -1976,6 +2057,28 @@ mod tests {
             retry.len() == 2 && retry.iter().all(|t| t.resend),
             "{retry:?}"
         );
+    }
+
+    /// A pause of the node moves every ack deadline on by its length: an entry sent before it
+    /// times out an ack timeout (1 s) of running time after it was sent, not at once.
+    #[test]
+    fn a_pause_postpones_the_ack_deadlines_of_entries_in_flight() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 100);
+        ob.append(&target(), env(Some("k")), 0, None, None, false);
+        assert_eq!(ob.dispatch(0).len(), 1);
+        ob.append(&target(), env(Some("j")), 500, None, None, false);
+        assert_eq!(ob.dispatch(500).len(), 1);
+        let in_flight = |ob: &Outbox| ob.stats()[target().log_name().as_str()].in_flight;
+        // The node did not run from 600 to 4,600 ms.
+        ob.postpone_in_flight(4_000);
+        assert!(ob.check_timers(4_600).is_empty());
+        assert_eq!(in_flight(&ob), 2, "nothing timed out at once");
+        assert_eq!(ob.next_deadline(), Some(5_000));
+        ob.check_timers(5_000);
+        assert_eq!(in_flight(&ob), 1, "the first entry's deadline, postponed");
+        ob.check_timers(5_500);
+        assert_eq!(in_flight(&ob), 0, "the second entry's");
     }
 
     /// A backoff after an ack timeout ends when the connection the ack timed out on closes

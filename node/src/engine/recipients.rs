@@ -78,6 +78,11 @@ impl Recipients {
         mask & UNTRACKED != 0 || self.bits.get(&node).is_some_and(|b| mask & (1 << b) != 0)
     }
 
+    /// Whether an entry with `mask` was sent to `node` (known only for a tracked node).
+    pub fn was_sent(&self, node: NodeId, mask: Mask) -> bool {
+        self.bits.get(&node).is_some_and(|b| mask & (1 << b) != 0)
+    }
+
     /// An entry with `mask` left its log. `connected` holds the nodes still connected: a bit
     /// no unsettled entry carries is freed once its node is gone.
     pub fn settled<V>(&mut self, mask: Mask, connected: &FastMap<NodeId, V>) {

@@ -343,11 +343,13 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
             let (reason, stalled) = tokio::select! {
                 e = conn.closed() => {
                     // The peer replaced a connection it found stalled: it is reachable, and
-                    // dials again at once.
+                    // dials again at once. Or the connection outlived a pause of this node,
+                    // and QUIC's idle timer saw it before the pause watch did: the peer may
+                    // have handled what was in flight, and dials again too.
                     let stalled = matches!(
                         e,
                         ConnectionError::ClosedByPeer { code: CloseCode::Stalled, .. }
-                    );
+                    ) || shared2.pause.fences(opened_in);
                     (e.to_string(), stalled)
                 }
                 () = cancel.cancelled() => {

@@ -182,9 +182,9 @@ pub(crate) enum CoreMsg {
     },
     /// A stalled connection's probe completed a handshake with its peer (`core/stall.rs`).
     Reachable { peer: NodeId, generation: u64 },
-    /// This node did not run for `paused_ms`, and pause epoch `epoch` began: replace every
-    /// connection opened before it (`super::pause`, `core/stall.rs`).
-    Paused { epoch: u64, paused_ms: u64 },
+    /// This node did not run for a while, and a new pause epoch began: replace every
+    /// connection opened before it (`super::pause`, `Core::catch_up_pause`).
+    Paused,
     /// A dial attempt failed.
     DialFailed {
         peer: Option<NodeId>,
@@ -375,6 +375,9 @@ struct Core {
     /// connection we used (`core/retire.rs`), with that connection's generation and when its
     /// entries in flight stop waiting for the peer's next connection. At most one per peer.
     held: FastMap<NodeId, (u64, u64)>,
+    /// The pause epoch and the summed length of the pauses (ms) that core has handled
+    /// (`Core::catch_up_pause`).
+    pauses_seen: (u64, u64),
 }
 
 /// Log size limits (see `NodeBuilder::max_log_entries` and friends).
@@ -478,6 +481,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         connections_retired: 0,
         probes: Arc::new(tokio::sync::Semaphore::new(stall::MAX_PROBES)),
         held: FastMap::default(),
+        pauses_seen: (0, 0),
     };
     core.refresh_local(true);
     // The next tick: after TICK, or IDLE_TICK while core has no timed work. Each tick is set
@@ -610,7 +614,7 @@ impl Core {
                 self.peer_gone(peer, generation, &reason, hold_until);
             }
             CoreMsg::Reachable { peer, generation } => self.peer_reachable(peer, generation),
-            CoreMsg::Paused { epoch, paused_ms } => self.paused(epoch, paused_ms),
+            CoreMsg::Paused => self.catch_up_pause(),
             CoreMsg::DialFailed {
                 peer,
                 refused,
@@ -768,6 +772,13 @@ impl Core {
             .counters
             .core_ticks
             .fetch_add(1, Ordering::Relaxed);
+        if self.shared.pause.overdue(std::time::Instant::now()) {
+            // This node has just run again after a pause that its watch has not seen yet:
+            // every ack deadline and hold looks due, though no ack could be read meanwhile.
+            // The watch runs next; until it has, nothing times out.
+            return;
+        }
+        self.catch_up_pause();
         let now = self.now();
         // Interval durability: sync at least once per interval even when no commit comes.
         if let crate::store::Durability::Interval(every) = self.shared.durability {

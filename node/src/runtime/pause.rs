@@ -19,6 +19,9 @@
 //! drops what was handled. Until then nothing that arrived on a connection of an earlier epoch
 //! reaches a handler ([`PauseWatch::fences`]), and neither does anything that arrives while
 //! the beat is overdue: after a pause the handler workers may run before this task does.
+//! As a sender, core moves its ack deadlines on by the pause and times nothing out while the
+//! beat is overdue (`Core::catch_up_pause`): no ack could be read meanwhile, and the peers
+//! that had its entries get them again on their new connections.
 //!
 //! A shorter pause changes nothing: no peer gave up on the node, and a peer that found the
 //! connection stalled (`core/stall.rs`) keeps what was in flight on it for the node. What it
@@ -56,6 +59,8 @@ pub(crate) struct PauseWatch {
     beat_ms: AtomicU64,
     /// Pauses noticed so far: the current epoch.
     epoch: AtomicU64,
+    /// The pauses noticed so far, summed (ms between the beats around each).
+    paused_ms: AtomicU64,
 }
 
 impl PauseWatch {
@@ -65,6 +70,7 @@ impl PauseWatch {
             origin: Instant::now(),
             beat_ms: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            paused_ms: AtomicU64::new(0),
         }
     }
 
@@ -72,6 +78,21 @@ impl PauseWatch {
     /// opened in.
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The pauses noticed so far: the current epoch, and their lengths summed (ms). The sum
+    /// may already hold a pause whose epoch is not counted yet (the next call has it).
+    pub(crate) fn noticed(&self) -> (u64, u64) {
+        let epoch = self.epoch();
+        (epoch, self.paused_ms.load(Ordering::Acquire))
+    }
+
+    /// Whether the watch has not beaten for [`PAUSE`] at `now`: the node has just run again
+    /// after a pause that the watch has not seen yet, or is still in it.
+    pub(crate) fn overdue(&self, now: Instant) -> bool {
+        self.ms(now)
+            .saturating_sub(self.beat_ms.load(Ordering::Acquire))
+            >= pause_ms()
     }
 
     /// Whether an entry that came on a connection opened in epoch `opened_in` must not reach a
@@ -84,8 +105,7 @@ impl PauseWatch {
     /// [`PauseWatch::fences`] at `now`.
     pub(crate) fn fences_at(&self, opened_in: u64, now: Instant) -> bool {
         // The beat first: the watch starts a new epoch before it beats again.
-        let beat = self.beat_ms.load(Ordering::Acquire);
-        self.ms(now).saturating_sub(beat) >= pause_ms() || self.epoch() > opened_in
+        self.overdue(now) || self.epoch() > opened_in
     }
 
     /// Beats at `now`; returns the time since the last beat (ms, at most one [`BEAT`] longer
@@ -94,6 +114,8 @@ impl PauseWatch {
         let now = self.ms(now);
         let gap = now.saturating_sub(self.beat_ms.load(Ordering::Acquire));
         let paused = (gap >= pause_ms()).then(|| {
+            // The length first, so that whoever sees the new epoch sees it too.
+            self.paused_ms.fetch_add(gap, Ordering::AcqRel);
             self.epoch.fetch_add(1, Ordering::AcqRel);
             gap
         });
@@ -126,18 +148,12 @@ pub(crate) async fn watch(shared: Arc<Shared>) {
             continue;
         };
         shared.counters.pauses.fetch_add(1, Ordering::Relaxed);
-        let epoch = shared.pause.epoch();
         warn!(
             paused_ms,
             "this node did not run for {paused_ms} ms (stopped, paused, or its runtime blocked); \
              replacing the connections that were open, whose peers may have given up on it"
         );
-        if shared
-            .core
-            .send(CoreMsg::Paused { epoch, paused_ms })
-            .await
-            .is_err()
-        {
+        if shared.core.send(CoreMsg::Paused).await.is_err() {
             return;
         }
     }
@@ -164,6 +180,11 @@ mod tests {
             Some(duration_ms(PAUSE + Duration::from_millis(500)))
         );
         assert_eq!(w.epoch(), 1);
+        assert_eq!(
+            w.noticed(),
+            (1, duration_ms(PAUSE + Duration::from_millis(500))),
+            "core reads the pause's length with its epoch"
+        );
         assert!(w.fences(0), "a connection opened before the pause");
         // The watch's clock is the test's `t0 + late`, in the future of the real clock: the
         // beat is not overdue, so only the epoch decides.
@@ -180,8 +201,10 @@ mod tests {
             ..w
         };
         assert_eq!(w.epoch(), 0);
+        assert!(w.overdue(Instant::now()), "core's tick waits for the watch");
         assert!(w.fences(0), "fenced while the beat is overdue");
         assert!(w.beat(Instant::now()).is_some(), "then the watch notices");
         assert!(w.fences(0) && !w.fences(1));
+        assert!(!w.overdue(Instant::now()));
     }
 }

@@ -148,11 +148,26 @@ impl Core {
         );
     }
 
-    /// This node did not run for `paused_ms` (`super::super::pause`), and epoch `epoch` began:
-    /// closes every connection opened before it as stalled, as [`Core::peer_reachable`] closes
-    /// one, for the same reason (the peer may have given up on it) and with the same hold of
-    /// what was in flight on it.
-    pub(super) fn paused(&mut self, epoch: u64, paused_ms: u64) {
+    /// Handles the pauses the node's watch noticed since core last looked
+    /// (`super::super::pause`): this node did not run, and a new epoch began. Nothing that
+    /// was in flight could be acked meanwhile, so every ack deadline, and every hold of a
+    /// replaced connection, moves on by the pauses' length; then every connection opened
+    /// before the epoch is closed as stalled, as [`Core::peer_reachable`] closes one, for the
+    /// same reason (the peer may have given up on it) and with the same hold of what was in
+    /// flight on it. Runs when the watch says so ([`CoreMsg::Paused`]) or at a tick that comes
+    /// first; the second call finds nothing new.
+    pub(super) fn catch_up_pause(&mut self) {
+        let (epoch, total_ms) = self.shared.pause.noticed();
+        let (seen_epoch, seen_ms) = self.pauses_seen;
+        if epoch <= seen_epoch {
+            return;
+        }
+        self.pauses_seen = (epoch, total_ms);
+        let paused_ms = total_ms.saturating_sub(seen_ms);
+        self.outbox.postpone_in_flight(paused_ms);
+        for (_, until) in self.held.values_mut() {
+            *until = until.saturating_add(paused_ms);
+        }
         let now = self.now();
         let fenced: Vec<(NodeId, u64)> = self
             .links
