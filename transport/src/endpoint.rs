@@ -51,13 +51,6 @@ const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// Size of one mesh proof message: a tag byte and 32 bytes.
 const PROOF_LEN: usize = 33;
-/// The UDP socket's receive buffer asked for (bytes; the kernel caps it at
-/// `net.core.rmem_max`, and Linux books about twice a datagram's length against it). The
-/// default (208 KiB on Linux) holds about a hundred full datagrams: a node that did not run
-/// for two seconds found it full of its peers' keep-alives and stall probes, and dropped the
-/// handshake replies of its own reconnects, which then waited for QUIC's initial probe
-/// timeout (a second). It is only memory while datagrams wait in it.
-const RECV_BUFFER: usize = 2 * 1024 * 1024;
 
 /// Endpoint settings. Build with [`EndpointConfig::new`], then adjust fields.
 #[derive(Clone, Debug)]
@@ -285,21 +278,6 @@ fn check_alpn(alpn: &[Vec<u8>]) -> Result<(), String> {
     Ok(())
 }
 
-/// Binds the endpoint's UDP socket at `addr`, with a receive buffer of [`RECV_BUFFER`] (or
-/// what the kernel allows: a smaller one is no error).
-fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    if let Err(e) = socket.set_recv_buffer_size(RECV_BUFFER) {
-        warn!(error = %e, "could not enlarge the UDP receive buffer; keeping the default");
-    }
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
-}
-
 impl Endpoint {
     /// Binds the UDP socket and prepares TLS. Needs a tokio runtime.
     pub fn bind(config: EndpointConfig) -> Result<Endpoint, BindError> {
@@ -310,27 +288,21 @@ impl Endpoint {
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| BindError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport.clone());
-        let quinn = udp_socket(config.listen)
-            .and_then(|socket| match &config.faults {
-                None => quinn::Endpoint::new(
+        let quinn = match &config.faults {
+            None => quinn::Endpoint::server(server, config.listen),
+            Some(faults) => fault::bind(config.listen, faults.clone()).and_then(|socket| {
+                quinn::Endpoint::new_with_abstract_socket(
                     quinn::EndpointConfig::default(),
                     Some(server),
                     socket,
                     Arc::new(quinn::TokioRuntime),
-                ),
-                Some(faults) => fault::wrap(socket, faults.clone()).and_then(|socket| {
-                    quinn::Endpoint::new_with_abstract_socket(
-                        quinn::EndpointConfig::default(),
-                        Some(server),
-                        socket,
-                        Arc::new(quinn::TokioRuntime),
-                    )
-                }),
-            })
-            .map_err(|e| BindError::Io {
-                addr: config.listen,
-                error: e,
-            })?;
+                )
+            }),
+        }
+        .map_err(|e| BindError::Io {
+            addr: config.listen,
+            error: e,
+        })?;
         Ok(Endpoint {
             inner: Arc::new(Inner {
                 quinn,
@@ -924,24 +896,6 @@ mod tests {
     use super::*;
     use crate::identity::Identity;
     use crate::membership::MeshKey;
-
-    /// The endpoint's socket gets the receive buffer asked for, or as much as the kernel
-    /// allows (`net.core.rmem_max`); Linux reports twice what it books.
-    #[test]
-    fn the_udp_socket_has_the_larger_receive_buffer() {
-        let sock = udp_socket("127.0.0.1:0".parse().expect("addr")).expect("bound");
-        let allowed = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .unwrap_or(RECV_BUFFER);
-        let got = socket2::SockRef::from(&sock)
-            .recv_buffer_size()
-            .expect("SO_RCVBUF");
-        assert!(
-            got >= RECV_BUFFER.min(allowed),
-            "receive buffer {got} B, asked for {RECV_BUFFER} B (the kernel allows {allowed} B)"
-        );
-    }
 
     /// A raw quinn endpoint on 127.0.0.1 with a node identity and peerbus's ALPN, which
     /// completes TLS handshakes but never runs the mesh proof: a peer that stopped (frozen,
