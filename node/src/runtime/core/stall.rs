@@ -136,16 +136,24 @@ impl Core {
         }
         let dark = now.saturating_sub(l.rx.moved_at);
         info!(peer = %peer.short(), dark_ms = dark, "connection stalled while the peer answers a new one; reconnecting");
-        l.conn.close(
-            CloseCode::Stalled,
-            "no packets on this connection; the peer answered a new one",
-        );
-        self.peer_gone(
+        self.replace_stalled(
             peer,
             generation,
+            "no packets on this connection; the peer answered a new one",
             &format!("connection stalled for {dark} ms after the network came back; reconnecting"),
-            Some(now + RECONNECT_HOLD),
         );
+    }
+
+    /// Closes `peer`'s connection `generation` with [`CloseCode::Stalled`] (`told`, the
+    /// reason the peer reads) and handles it as lost (`why`, the reason logged), except that
+    /// what was in flight on it waits [`RECONNECT_HOLD`] for the peer's next connection: the
+    /// peer may have handled it, and both sides dial again at once.
+    fn replace_stalled(&mut self, peer: NodeId, generation: u64, told: &str, why: &str) {
+        if let Some(l) = self.links.get(&peer).filter(|l| l.generation == generation) {
+            l.conn.close(CloseCode::Stalled, told);
+        }
+        let until = self.now() + RECONNECT_HOLD;
+        self.peer_gone(peer, generation, why, Some(until));
     }
 
     /// Handles the pauses the node's watch noticed since core last looked
@@ -168,7 +176,6 @@ impl Core {
         for (_, until) in self.held.values_mut() {
             *until = until.saturating_add(paused_ms);
         }
-        let now = self.now();
         let fenced: Vec<(NodeId, u64)> = self
             .links
             .iter()
@@ -180,18 +187,13 @@ impl Core {
             connections = fenced.len(),
             "replacing the connections that were open while this node did not run"
         );
+        let why = format!("this node did not run for {paused_ms} ms; reconnecting");
         for (peer, generation) in fenced {
-            if let Some(l) = self.links.get(&peer) {
-                l.conn.close(
-                    CloseCode::Stalled,
-                    "this node did not run for a while; reconnecting",
-                );
-            }
-            self.peer_gone(
+            self.replace_stalled(
                 peer,
                 generation,
-                &format!("this node did not run for {paused_ms} ms; reconnecting"),
-                Some(now + RECONNECT_HOLD),
+                "this node did not run for a while; reconnecting",
+                &why,
             );
         }
     }
