@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::{builder, connections_settled, eventually, start, within};
 use peerbus::{
-    Faults, HandlerError, MemoryNetwork, MeshKey, Node, NodeBuilder, Outgoing, PeerState,
+    Faults, HandlerError, MemoryNetwork, MeshKey, Node, NodeBuilder, Outgoing, PeerState, Request,
+    ServeHandle,
 };
 use tokio::sync::Semaphore;
 
@@ -226,6 +228,33 @@ impl Pausable {
         self.handle.spawn(start(b)).await.expect("node started")
     }
 
+    /// Starts a node on the runtime that serves requests with `handler`.
+    async fn serve<F, Fut>(&self, b: NodeBuilder, handler: F) -> (Node, ServeHandle)
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, HandlerError>> + Send + 'static,
+    {
+        self.handle
+            .spawn(async move {
+                let server = start(b).await;
+                let serving = server.serve(handler).await.expect("serve");
+                (server, serving)
+            })
+            .await
+            .expect("server started")
+    }
+
+    /// Stops `serving` and shuts `server` down on the runtime.
+    async fn stop_serving(&self, server: Node, serving: ServeHandle) {
+        self.handle
+            .spawn(async move {
+                drop(serving);
+                server.shutdown().await;
+            })
+            .await
+            .expect("server stopped");
+    }
+
     /// Shuts `node` down on the runtime.
     async fn shut_down(&self, node: Node) {
         self.handle
@@ -344,20 +373,11 @@ async fn a_server_that_did_not_run_for_seconds_does_not_serve_what_came_meanwhil
         let served = Arc::new(AtomicUsize::new(0));
         let counter = served.clone();
         let (server, serving) = paused
-            .handle
-            .spawn(async move {
-                let server = start(builder(&net, "orders", &key)).await;
-                let serving = server
-                    .serve(move |_req| {
-                        counter.fetch_add(1, Ordering::SeqCst);
-                        async { Ok("served".into()) }
-                    })
-                    .await
-                    .expect("serve");
-                (server, serving)
+            .serve(builder(&net, "orders", &key), move |_req| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async { Ok("served".into()) }
             })
-            .await
-            .expect("server started");
+            .await;
         served_once_connected(&client, "before").await;
 
         // The server stops running for longer than the idle timeout; a request sent meanwhile
@@ -390,14 +410,7 @@ async fn a_server_that_did_not_run_for_seconds_does_not_serve_what_came_meanwhil
         // The server reconnects and serves again.
         served_once_connected(&client, "after").await;
         client.shutdown().await;
-        paused
-            .handle
-            .spawn(async move {
-                drop(serving);
-                server.shutdown().await;
-            })
-            .await
-            .expect("server stopped");
+        paused.stop_serving(server, serving).await;
     })
     .await;
 }
@@ -609,6 +622,78 @@ async fn a_sender_that_did_not_run_for_seconds_resends_to_the_instances_that_had
             node.shutdown().await;
         }
         paused.shut_down(sender).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_did_not_run_for_seconds_does_not_serve_the_requests_queued_for_a_slot() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "payments", &key)).await;
+        let paused = Pausable::new();
+        let served: Arc<Mutex<Vec<String>>> = Arc::default();
+        let calls = served.clone();
+        // One request at a time: "busy" holds the only slot for 1 s of the server's time, so
+        // "queued" waits for it in the server's queue.
+        let (server, serving) = paused
+            .serve(
+                builder(&net, "orders", &key).serve_concurrency(1),
+                move |req| {
+                    let calls = calls.clone();
+                    async move {
+                        let payload = String::from_utf8_lossy(req.payload()).into_owned();
+                        calls.lock().expect("calls").push(payload);
+                        tokio::time::sleep(Duration::from_millis(1_000)).await;
+                        Ok("served".into())
+                    }
+                },
+            )
+            .await;
+        assert!(
+            client
+                .wait_for_servers("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        let asked = |payload: &'static str| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .request("orders", payload, Duration::from_secs(10))
+                    .await
+            })
+        };
+        let busy = asked("busy");
+        eventually(10, "`busy` is being served", || async {
+            !served.lock().expect("served").is_empty()
+        })
+        .await;
+        let queued = asked("queued");
+        // Time for `queued` to reach the server's queue.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // The server stops running for longer than the idle timeout: the client's connection
+        // times out and both requests fail. When the server runs again, `busy`'s handler is
+        // past its sleep and frees the slot; `queued` must not be served then.
+        paused.pause(Duration::from_millis(4_500), || {});
+        for (name, r) in [("busy", busy), ("queued", queued)] {
+            let r = r.await.expect("request task");
+            assert!(r.is_err(), "`{name}` failed at the client: {r:?}");
+        }
+        eventually(10, "the server noticed the pause", || async {
+            server.status().await.is_some_and(|s| s.pauses == 1)
+        })
+        .await;
+        // Bounded wait for a handler call the server would (wrongly) still make.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(
+            *served.lock().expect("served"),
+            ["busy"],
+            "only the request that held the slot before the pause ran"
+        );
+        client.shutdown().await;
+        paused.stop_serving(server, serving).await;
     })
     .await;
 }

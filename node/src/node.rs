@@ -909,6 +909,16 @@ impl Node {
                         break;
                     };
                     let corr = req.env.seq;
+                    if shared.pause.fences(req.opened_in) {
+                        // It waited for a slot while this node did not run: as a request
+                        // that arrives on such a connection (`conn::serve_request`).
+                        debug!(
+                            corr,
+                            "queued request dropped unserved: this node did not run for a \
+                             while since its connection opened"
+                        );
+                        continue;
+                    }
                     let deadline =
                         tokio::time::Instant::now() + Duration::from_millis(req.budget_ms);
                     let reply = runtime::conn::start_handler(&run, req.env, req.budget_ms, corr);

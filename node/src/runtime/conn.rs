@@ -917,6 +917,7 @@ async fn serve_request(cx: &LaneContext, env: Arc<Envelope>, budget_ms: u64, on:
             env,
             budget_ms,
             reply: on.later(out),
+            opened_in: *opened_in,
         };
         let queued = tokio::select! {
             r = server.queue.send(request) => r.is_ok(),

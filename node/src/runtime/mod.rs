@@ -155,6 +155,9 @@ pub(crate) struct InboundRequest {
     /// connection is gone, which means the requester is gone too), or the request's own
     /// stream.
     pub(crate) reply: conn::ReplyTo,
+    /// The pause epoch the request's connection opened in: a request that waited for a slot
+    /// across a pause of this node is not served ([`pause::PauseWatch::fences`]).
+    pub(crate) opened_in: u64,
 }
 
 /// One request's handler run: its reply, or `None` when the requester's budget ran out first
