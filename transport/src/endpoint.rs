@@ -113,6 +113,22 @@ struct Inner {
     closes: Arc<CloseTally>,
     /// The handshakes that never completed, see [`HalfOpen`].
     half_open: HalfOpen,
+    /// The UDP socket's receive buffer, see [`ReceiveBuffer`].
+    rx_buffer: ReceiveBuffer,
+}
+
+/// The endpoint's UDP socket (a second handle to it), to enlarge its receive buffer for a
+/// while ([`Endpoint::widen_receive_buffer`]). The kernel's default (208 KiB on Linux, about
+/// a hundred full datagrams) stays the rest of the time: a deeper queue in front of a busy
+/// receiver lengthened round trips and slowed 64 B sends by a fifth or more (ARCHITECTURE,
+/// "Liveness and reconnects").
+#[derive(Debug)]
+struct ReceiveBuffer {
+    socket: socket2::Socket,
+    /// The size the socket had when bound (as `SO_RCVBUF` reads it back).
+    default: usize,
+    /// Counts the widenings, so that only the last one's timer narrows the buffer again.
+    widened: AtomicU64,
 }
 
 /// The connections quinn keeps that never completed a handshake: those in one now, and when
@@ -288,9 +304,25 @@ impl Endpoint {
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| BindError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport.clone());
+        let io = |error| BindError::Io {
+            addr: config.listen,
+            error,
+        };
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(io)?;
+        let rx_socket = socket2::Socket::from(socket.try_clone().map_err(io)?);
+        let rx_buffer = ReceiveBuffer {
+            default: rx_socket.recv_buffer_size().map_err(io)?,
+            socket: rx_socket,
+            widened: AtomicU64::new(0),
+        };
         let quinn = match &config.faults {
-            None => quinn::Endpoint::server(server, config.listen),
-            Some(faults) => fault::bind(config.listen, faults.clone()).and_then(|socket| {
+            None => quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(server),
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            ),
+            Some(faults) => fault::wrap(socket, faults.clone()).and_then(|socket| {
                 quinn::Endpoint::new_with_abstract_socket(
                     quinn::EndpointConfig::default(),
                     Some(server),
@@ -299,10 +331,7 @@ impl Endpoint {
                 )
             }),
         }
-        .map_err(|e| BindError::Io {
-            addr: config.listen,
-            error: e,
-        })?;
+        .map_err(io)?;
         Ok(Endpoint {
             inner: Arc::new(Inner {
                 quinn,
@@ -312,8 +341,38 @@ impl Endpoint {
                 closing: Arc::default(),
                 closes: Arc::default(),
                 half_open: HalfOpen::default(),
+                rx_buffer,
             }),
         })
+    }
+
+    /// Lets the UDP socket's receive buffer hold up to `bytes` (the kernel caps it at
+    /// `net.core.rmem_max`) for `period`, then the default again. For a node that has just
+    /// run again after a pause: its buffer is full of what its peers sent meanwhile, and the
+    /// replies to its reconnects would be dropped until it has read that backlog, and wait
+    /// for QUIC's initial probe timeout (a second). Needs a tokio runtime.
+    pub fn widen_receive_buffer(&self, bytes: usize, period: Duration) {
+        let rx = &self.inner.rx_buffer;
+        let widening = rx.widened.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Err(e) = rx.socket.set_recv_buffer_size(bytes) {
+            warn!(error = %e, "could not enlarge the UDP receive buffer");
+            return;
+        }
+        let inner = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            tokio::time::sleep(period).await;
+            let Some(inner) = inner.upgrade() else { return };
+            let rx = &inner.rx_buffer;
+            if rx.widened.load(Ordering::Acquire) == widening {
+                // Linux reads back twice what was set (it books each datagram's overhead).
+                let _ = rx.socket.set_recv_buffer_size(rx.default / 2);
+            }
+        });
+    }
+
+    /// The UDP socket's receive buffer size now, as the kernel reports it.
+    pub fn receive_buffer(&self) -> std::io::Result<usize> {
+        self.inner.rx_buffer.socket.recv_buffer_size()
     }
 
     /// The bound address (with the real port when `listen` asked for port 0).
@@ -930,6 +989,36 @@ mod tests {
             "127.0.0.1:0".parse().expect("addr"),
         );
         Endpoint::bind(cfg).expect("bind")
+    }
+
+    /// A widened receive buffer holds more for its period, then the default again; a second
+    /// widening within the first's period is not cut short by the first's timer.
+    #[tokio::test]
+    async fn a_widened_receive_buffer_narrows_again_after_its_period() {
+        let ep = keyed_endpoint(&MeshKey::generate());
+        let default = ep.receive_buffer().expect("SO_RCVBUF");
+        let allowed = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(usize::MAX);
+        // Four times the default, or what the kernel allows (Linux reads back twice that).
+        let wide = (default * 2).min(allowed);
+        ep.widen_receive_buffer(wide, Duration::from_millis(100));
+        let widened = ep.receive_buffer().expect("SO_RCVBUF");
+        assert!(
+            widened > default || allowed <= default / 2,
+            "widened to {widened} B from {default} B (the kernel allows {allowed} B)"
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        ep.widen_receive_buffer(wide, Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            ep.receive_buffer().expect("SO_RCVBUF"),
+            widened,
+            "the first timer does not narrow the second widening"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(ep.receive_buffer().expect("SO_RCVBUF"), default);
     }
 
     /// The application close code `conn` ended with, waiting at most `limit`.

@@ -378,12 +378,14 @@ impl fmt::Debug for FaultySocket {
     }
 }
 
-/// Binds `addr` and wraps it in a faulty socket controlled by `faults`. Needs a tokio
-/// runtime (it spawns the task releasing held datagrams).
-pub(crate) fn bind(addr: SocketAddr, faults: Faults) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+/// Wraps the bound `sock` in a faulty socket controlled by `faults`. Needs a tokio runtime
+/// (it spawns the task releasing held datagrams).
+pub(crate) fn wrap(
+    sock: std::net::UdpSocket,
+    faults: Faults,
+) -> io::Result<Arc<dyn AsyncUdpSocket>> {
     let handle = tokio::runtime::Handle::try_current()
         .map_err(|e| io::Error::other(format!("no tokio runtime: {e}")))?;
-    let sock = std::net::UdpSocket::bind(addr)?;
     let inner = TokioRuntime.wrap_udp_socket(sock)?;
     let wake = Arc::new(Notify::new());
     let socket = Arc::new(FaultySocket {

@@ -52,6 +52,14 @@ const PROBE_MAX: Duration = Duration::from_secs(1);
 /// on its new connection they go out again and its dedup window drops what it had handled,
 /// where another instance would have handled those a second time.
 pub(super) const RECONNECT_HOLD: u64 = 1_000;
+/// The UDP receive buffer a node asks for while it catches up after a pause (bytes), and for
+/// how long ([`Core::catch_up_pause`]). Its default one (208 KiB on Linux) is full of what its
+/// peers sent while it did not run, their keep-alives and the stall probes' handshakes, and
+/// the replies to its reconnects were dropped until it had read that: a reconnect then waited
+/// for QUIC's initial probe timeout, a second (ARCHITECTURE, "Liveness and reconnects").
+const CATCH_UP_RX_BUFFER: usize = 2 * 1024 * 1024;
+/// See [`CATCH_UP_RX_BUFFER`]: a few round trips of reconnects, with room to spare.
+const CATCH_UP_PERIOD: Duration = Duration::from_secs(2);
 /// Most probes that run at once on a node: a node whose own network went dark stalls every
 /// connection at once, and probing them all would start a handshake per peer every
 /// [`PROBE_INTERVAL`]. The others wait for a free slot at a later tick.
@@ -171,6 +179,9 @@ impl Core {
             return;
         }
         self.pauses_seen = (epoch, total_ms);
+        self.shared
+            .endpoint
+            .widen_receive_buffer(CATCH_UP_RX_BUFFER, CATCH_UP_PERIOD);
         let paused_ms = total_ms.saturating_sub(seen_ms);
         self.outbox.postpone_in_flight(paused_ms);
         for (_, until) in self.held.values_mut() {
