@@ -365,7 +365,12 @@ impl Endpoint {
             let rx = &inner.rx_buffer;
             if rx.widened.load(Ordering::Acquire) == widening {
                 // Linux reads back twice what was set (it books each datagram's overhead).
-                let _ = rx.socket.set_recv_buffer_size(rx.default / 2);
+                let set = if cfg!(target_os = "linux") {
+                    rx.default / 2
+                } else {
+                    rx.default
+                };
+                let _ = rx.socket.set_recv_buffer_size(set);
             }
         });
     }
