@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{IdleTimeout, TransportConfig, VarInt};
+use quinn::{IdleTimeout, Runtime, TransportConfig, VarInt};
 use tracing::warn;
 
 use crate::error::{AcceptError, BindError, CloseCode, ConnectError, ConnectionError};
@@ -125,7 +125,8 @@ struct Inner {
 #[derive(Debug)]
 struct ReceiveBuffer {
     socket: socket2::Socket,
-    /// The size the socket had when bound (as `SO_RCVBUF` reads it back).
+    /// What to set `SO_RCVBUF` to for the size the socket had when bound: Linux reads back
+    /// twice what was set (it books each datagram's overhead), other systems what was set.
     default: usize,
     /// Counts the widenings, so that only the last one's timer narrows the buffer again.
     widened: AtomicU64,
@@ -310,27 +311,27 @@ impl Endpoint {
         };
         let socket = std::net::UdpSocket::bind(config.listen).map_err(io)?;
         let rx_socket = socket2::Socket::from(socket.try_clone().map_err(io)?);
+        let bound = rx_socket.recv_buffer_size().map_err(io)?;
         let rx_buffer = ReceiveBuffer {
-            default: rx_socket.recv_buffer_size().map_err(io)?,
+            default: if cfg!(target_os = "linux") {
+                bound / 2
+            } else {
+                bound
+            },
             socket: rx_socket,
             widened: AtomicU64::new(0),
         };
-        let quinn = match &config.faults {
-            None => quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                Some(server),
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            ),
-            Some(faults) => fault::wrap(socket, faults.clone()).and_then(|socket| {
-                quinn::Endpoint::new_with_abstract_socket(
-                    quinn::EndpointConfig::default(),
-                    Some(server),
-                    socket,
-                    Arc::new(quinn::TokioRuntime),
-                )
-            }),
+        let socket = match &config.faults {
+            None => quinn::TokioRuntime.wrap_udp_socket(socket),
+            Some(faults) => fault::wrap(socket, faults.clone()),
         }
+        .map_err(io)?;
+        let quinn = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
         .map_err(io)?;
         Ok(Endpoint {
             inner: Arc::new(Inner {
@@ -364,13 +365,7 @@ impl Endpoint {
             let Some(inner) = inner.upgrade() else { return };
             let rx = &inner.rx_buffer;
             if rx.widened.load(Ordering::Acquire) == widening {
-                // Linux reads back twice what was set (it books each datagram's overhead).
-                let set = if cfg!(target_os = "linux") {
-                    rx.default / 2
-                } else {
-                    rx.default
-                };
-                let _ = rx.socket.set_recv_buffer_size(set);
+                let _ = rx.socket.set_recv_buffer_size(rx.default);
             }
         });
     }

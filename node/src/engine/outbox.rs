@@ -1445,13 +1445,17 @@ fn consumes(id: &NodeId, p: &Peer, target: &Target, topic: Option<&str>) -> bool
     }
 }
 
-/// The instance of `consumers` with credit left that a keyless entry goes to: the least
-/// loaded, ties broken by [`stable_rr`].
-fn any_free(peers: &FastMap<NodeId, Peer>, consumers: &[NodeId], rr: u64) -> Option<NodeId> {
-    consumers
-        .iter()
+/// The least loaded of the connected `instances` that a keyless entry goes to (only those
+/// with credit left when `with_credit`), ties broken by [`stable_rr`].
+fn least_loaded<'a>(
+    peers: &FastMap<NodeId, Peer>,
+    instances: impl Iterator<Item = &'a NodeId>,
+    with_credit: bool,
+    rr: u64,
+) -> Option<NodeId> {
+    instances
         .filter_map(|c| peers.get(c).map(|p| (c, p)))
-        .filter(|(_, p)| p.in_flight < p.credits)
+        .filter(|(_, p)| !with_credit || p.in_flight < p.credits)
         .min_by_key(|(c, p)| (p.in_flight, stable_rr(c, rr)))
         .map(|(c, _)| *c)
 }
@@ -1557,14 +1561,15 @@ impl Dispatch<'_> {
                 },
                 // Back to an instance that may have handled it, when one is connected: it
                 // waits for that one's credit (or its reconnect, while it is held).
-                None if e.lost_in_flight => consumers
-                    .iter()
-                    .filter(|c| self.recipients.was_sent(**c, e.sent_to))
-                    .filter_map(|c| self.peers.get(c).map(|p| (c, p)))
-                    .min_by_key(|(c, p)| (p.in_flight, stable_rr(c, *self.round_robin)))
-                    .map(|(c, _)| *c)
-                    .or_else(|| any_free(self.peers, consumers, *self.round_robin)),
-                None => any_free(self.peers, consumers, *self.round_robin),
+                None if e.lost_in_flight => {
+                    let had = consumers
+                        .iter()
+                        .filter(|c| self.recipients.was_sent(**c, e.sent_to));
+                    least_loaded(self.peers, had, false, *self.round_robin).or_else(|| {
+                        least_loaded(self.peers, consumers.iter(), true, *self.round_robin)
+                    })
+                }
+                None => least_loaded(self.peers, consumers.iter(), true, *self.round_robin),
             };
             let Some(peer_id) = chosen else {
                 first_left = first_left.or(Some(seq));
