@@ -76,6 +76,43 @@ pub(crate) struct LostMessage {
     pub(crate) copies: usize,
 }
 
+/// One handling of a message by a consumer beyond its first: who handled it before and who
+/// again, when, and the fault its cause names.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct DuplicateExample {
+    /// The consumer (`svc:…` / `grp:…`).
+    pub(crate) consumer: String,
+    /// Origin node.
+    pub(crate) origin: usize,
+    /// Per-origin sequence.
+    pub(crate) seq: u64,
+    /// Destination.
+    pub(crate) destination: String,
+    /// Key.
+    pub(crate) key: String,
+    /// Per-key sequence.
+    pub(crate) key_seq: u64,
+    /// The node that handled the previous copy, and when (on the same clocks as
+    /// [`LostMessage::accepted_us`]).
+    pub(crate) previous_by: usize,
+    /// See [`DuplicateExample::previous_by`].
+    pub(crate) previous_at_us: u64,
+    /// The node that handled it again, and when.
+    pub(crate) by: usize,
+    /// See [`DuplicateExample::by`].
+    pub(crate) at_us: u64,
+    /// The two handlings in seconds since the run's start, as the fault table gives its
+    /// faults' times (0 in the checker's findings; the report sets them).
+    pub(crate) previous_at_s: f64,
+    /// See [`DuplicateExample::previous_at_s`].
+    pub(crate) at_s: f64,
+    /// Its likeliest cause (a key of [`Findings::duplicate_causes`]).
+    pub(crate) cause: &'static str,
+    /// The fault the cause names: its number in the report's fault table (from 1), `None`
+    /// for `no fault of the handler or sender`.
+    pub(crate) fault: Option<usize>,
+}
+
 /// One order violation.
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct OrderViolation {
@@ -160,6 +197,8 @@ pub(crate) struct Findings {
     /// node that handled it again, overlapping the time between the two handlings; else
     /// `no fault of the handler or sender`.
     pub(crate) duplicate_causes: BTreeMap<String, u64>,
+    /// The first duplicates (at most 50), each with its handlings and cause.
+    pub(crate) duplicate_examples: Vec<DuplicateExample>,
     /// Connections closed for a broken protocol (must be 0; see
     /// [`CloseCode::is_protocol_fault`]).
     pub(crate) protocol_faults: u64,
@@ -239,7 +278,7 @@ struct Sent {
 }
 
 /// Why a message handled at `prev_t` on `prev_by` was handled again at `t` (see
-/// [`Findings::duplicate_causes`]).
+/// [`Findings::duplicate_causes`]), and the index in `faults` of the fault that names it.
 fn duplicate_cause(
     faults: &[FaultRecord],
     prev_t: u64,
@@ -247,7 +286,7 @@ fn duplicate_cause(
     t: u64,
     by: usize,
     origin: usize,
-) -> &'static str {
+) -> (&'static str, Option<usize>) {
     let overlaps = |fr: &FaultRecord, node: usize| {
         let until = if fr.kind == FaultKind::Kill {
             fr.down_us
@@ -286,12 +325,13 @@ fn duplicate_cause(
     ];
     causes
         .iter()
-        .find(|(kind, node, _)| {
+        .find_map(|(kind, node, cause)| {
             faults
                 .iter()
-                .any(|fr| fr.kind == *kind && overlaps(fr, *node))
+                .position(|fr| fr.kind == *kind && overlaps(fr, *node))
+                .map(|i| (*cause, Some(i)))
         })
-        .map_or("no fault of the handler or sender", |c| c.2)
+        .unwrap_or(("no fault of the handler or sender", None))
 }
 
 /// Whether every begun request ended by its deadline (give or take [`LATE_SLACK_MS`]),
@@ -466,7 +506,25 @@ pub(crate) fn check(
         }
         if let Some(&(prev_t, prev_by)) = last.get(&id) {
             f.duplicates += 1;
-            let cause = duplicate_cause(faults, prev_t, prev_by, t, by, p.o);
+            let (cause, fault) = duplicate_cause(faults, prev_t, prev_by, t, by, p.o);
+            if f.duplicate_examples.len() < 50 {
+                f.duplicate_examples.push(DuplicateExample {
+                    consumer: c.to_string(),
+                    origin: p.o,
+                    seq: p.g,
+                    destination: p.d.clone(),
+                    key: p.k.clone(),
+                    key_seq: p.n,
+                    previous_by: prev_by,
+                    previous_at_us: prev_t,
+                    by,
+                    at_us: t,
+                    previous_at_s: 0.0,
+                    at_s: 0.0,
+                    cause,
+                    fault: fault.map(|i| i + 1),
+                });
+            }
             match cause {
                 "kill of the handler" => f.duplicates_explained += 1,
                 "kill of the sender" => f.duplicates_after_sender_kill += 1,
@@ -670,7 +728,43 @@ mod tests {
         assert_eq!(f.duplicates_after_sender_kill, 0);
         assert_eq!(f.duplicate_causes["kill of the handler"], 1);
         assert_eq!(f.duplicate_causes["no fault of the handler or sender"], 1);
+        let d = &f.duplicate_examples;
+        assert_eq!(d.len(), 2);
+        assert_eq!((d[0].seq, d[0].previous_at_us, d[0].at_us), (1, 20, 40));
+        assert_eq!((d[0].cause, d[0].fault), ("kill of the handler", Some(1)));
+        assert_eq!(
+            (d[1].previous_at_us, d[1].at_us, d[1].fault),
+            (40, 41, None)
+        );
         assert_eq!(f.drain_seconds, vec![None]);
+    }
+
+    /// A duplicate names the fault of its cause by its number in the fault table, not the
+    /// first fault of the run.
+    #[test]
+    fn a_duplicate_names_the_fault_that_caused_it() {
+        let fault = |kind, target, start_us, end_us| FaultRecord {
+            kind,
+            targets: vec![target],
+            start_us,
+            down_us: start_us,
+            end_us,
+        };
+        let faults = [
+            fault(FaultKind::Partition, 3, 5, 8),
+            fault(FaultKind::Freeze, 2, 12, 30),
+        ];
+        let j0 = sent(1, p(0, 0, "svc-1", "a", 0)).to_vec();
+        let j1 = vec![h(10, p(0, 0, "svc-1", "a", 0), 1, "svc:svc-1")];
+        let j2 = vec![h(31, p(0, 0, "svc-1", "a", 0), 2, "svc:svc-1")];
+        let f = check(&[(0, j0), (1, j1), (2, j2)], 0, 2, &faults);
+        assert_eq!(f.duplicates, 1);
+        let d = &f.duplicate_examples[0];
+        assert_eq!((d.previous_by, d.by), (1, 2));
+        assert_eq!(
+            (d.cause, d.fault),
+            ("freeze of the repeating handler", Some(2))
+        );
     }
 
     /// A duplicate of a message handled after a later message of its key (same consumer,

@@ -734,6 +734,10 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         v.at_us = unix_of(v.at_us);
     }
     let secs_of = |us: u64| us.saturating_sub(t0_us) as f64 / 1e6;
+    for d in &mut findings.duplicate_examples {
+        (d.previous_at_s, d.at_s) = (secs_of(d.previous_at_us), secs_of(d.at_us));
+        (d.previous_at_us, d.at_us) = (unix_of(d.previous_at_us), unix_of(d.at_us));
+    }
     let faults: Vec<FaultView> = records
         .iter()
         .zip(&findings.drain_seconds)

@@ -307,6 +307,26 @@ impl RunReport {
         for (cause, n) in &f.duplicate_causes {
             let _ = writeln!(s, "    duplicates after {cause:<40} {n}");
         }
+        for d in f.duplicate_examples.iter().take(10) {
+            let _ = writeln!(
+                s,
+                "    duplicate: {} handled node-{}'s seq {} to {} key {}#{} on node-{} at {:.2} s, \
+                 again on node-{} at {:.2} s ({}{})",
+                d.consumer,
+                d.origin,
+                d.seq,
+                d.destination,
+                d.key,
+                d.key_seq,
+                d.previous_by,
+                d.previous_at_s,
+                d.by,
+                d.at_s,
+                d.cause,
+                d.fault
+                    .map_or_else(String::new, |n| format!(": fault #{n}"))
+            );
+        }
         for m in f.lost_messages.iter().take(10) {
             let _ = writeln!(
                 s,
