@@ -113,6 +113,29 @@ pub(crate) struct DuplicateExample {
     pub(crate) fault: Option<usize>,
 }
 
+/// The message that a fault's drain waited for last: accepted before the fault ended, and
+/// the last of those whose required consumers had all handled it.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct SlowestDelivery {
+    /// Origin node.
+    pub(crate) origin: usize,
+    /// Per-origin sequence.
+    pub(crate) seq: u64,
+    /// Destination.
+    pub(crate) destination: String,
+    /// Key.
+    pub(crate) key: String,
+    /// The consumer whose first handling came last (`svc:…` / `grp:…`).
+    pub(crate) consumer: String,
+    /// The node that handled it then.
+    pub(crate) by: usize,
+    /// When it was accepted and when that handling was, on the same clocks as
+    /// [`LostMessage::accepted_us`].
+    pub(crate) accepted_us: u64,
+    /// See [`SlowestDelivery::accepted_us`].
+    pub(crate) handled_us: u64,
+}
+
 /// One order violation.
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct OrderViolation {
@@ -222,6 +245,10 @@ pub(crate) struct Findings {
     /// Per fault, in order: seconds from its end until everything accepted before then was
     /// handled (`None` when a message accepted before then was lost).
     pub(crate) drain_seconds: Vec<Option<f64>>,
+    /// Per fault, in order: the message its drain waited for last, when that was handled
+    /// after the fault's end (`None` when a message was lost, or everything accepted before
+    /// then was handled by then).
+    pub(crate) drain_slowest: Vec<Option<SlowestDelivery>>,
     /// Requests made (journal `request`: each ended, with a reply or an error).
     pub(crate) requests: u64,
     /// Of those, answered by their service's handler.
@@ -565,8 +592,10 @@ pub(crate) fn check(
 
     // Delivery per accepted message.
     let groups: Vec<String> = (0..services).map(|j| format!("grp:svc-{j}")).collect();
-    // (accepted time, completion time or None when lost)
-    let mut done: Vec<(u64, Option<u64>)> = Vec::new();
+    // (accepted time, the last of its required first handlings or None when lost: (time,
+    // id, consumer, node))
+    type Handled = (u64, (usize, u64), String, usize);
+    let mut done: Vec<(u64, Option<Handled>)> = Vec::new();
     let mut latencies: Vec<f64> = Vec::new();
     let mut ids: Vec<&(usize, u64)> = sent.keys().collect();
     ids.sort();
@@ -586,13 +615,18 @@ pub(crate) fn check(
             f.short_publishes += 1;
         }
         let mut missing = Vec::new();
-        let mut complete = acc;
-        for c in &required {
+        let mut slowest: Option<Handled> = None;
+        for c in required {
             match first.get(&(id.0, id.1, c.as_str())) {
-                Some(&(t, _)) => complete = complete.max(t),
+                Some(&(t, by)) => {
+                    if slowest.as_ref().is_none_or(|h| t > h.0) {
+                        slowest = Some((t, *id, c.clone(), by));
+                    }
+                }
                 None => missing.push(c.clone()),
             }
         }
+        let complete = slowest.as_ref().map_or(acc, |h| h.0.max(acc));
         let lost = !missing.is_empty();
         if lost {
             f.lost += 1;
@@ -612,7 +646,7 @@ pub(crate) fn check(
         } else {
             f.delivered += 1;
             latencies.push(complete.saturating_sub(acc) as f64 / 1e6);
-            done.push((acc, Some(complete)));
+            done.push((acc, slowest));
         }
     }
     latencies.sort_by(f64::total_cmp);
@@ -622,15 +656,35 @@ pub(crate) fn check(
     // Drain per fault.
     done.sort_by_key(|d| d.0);
     for fr in faults {
-        let mut worst = Some(fr.end_us);
-        for &(_, complete) in done.iter().take_while(|d| d.0 <= fr.end_us) {
-            worst = match (worst, complete) {
-                (Some(w), Some(c)) => Some(w.max(c)),
-                _ => None,
-            };
-        }
-        f.drain_seconds
-            .push(worst.map(|w| w.saturating_sub(fr.end_us) as f64 / 1e6));
+        let mut before = done.iter().take_while(|d| d.0 <= fr.end_us);
+        // The latest last handling, `None` when one of them was lost.
+        let worst: Option<Option<(u64, &Handled)>> =
+            before.try_fold(None, |w: Option<(u64, &Handled)>, (acc, h)| {
+                let h = h.as_ref()?;
+                Some(match w {
+                    Some(w) if w.1.0 >= h.0 => Some(w),
+                    _ => Some((*acc, h)),
+                })
+            });
+        f.drain_seconds.push(worst.map(|w| {
+            let until = w.map_or(fr.end_us, |(_, h)| h.0.max(fr.end_us));
+            until.saturating_sub(fr.end_us) as f64 / 1e6
+        }));
+        let slowest = worst.flatten().filter(|(_, h)| h.0 > fr.end_us);
+        f.drain_slowest
+            .push(slowest.map(|(acc, &(t, (origin, seq), ref consumer, by))| {
+                let s = &sent[&(origin, seq)];
+                SlowestDelivery {
+                    origin,
+                    seq,
+                    destination: s.destination.clone(),
+                    key: s.key.clone(),
+                    consumer: consumer.to_string(),
+                    by,
+                    accepted_us: acc,
+                    handled_us: t,
+                }
+            }));
     }
     f
 }
@@ -973,15 +1027,26 @@ mod tests {
         let j0 = vec![
             intent(1, p(0, 0, "svc-1", "a", 0), false),
             acc(500_000, 0, 0, 1),
+            intent(550_000, p(0, 2, "svc-1", "b", 0), false),
+            acc(600_000, 0, 2, 1),
             intent(2_000_000, p(0, 1, "svc-1", "a", 1), false),
             acc(2_000_001, 0, 1, 1),
         ];
         let j1 = vec![
+            h(2_500_000, p(0, 2, "svc-1", "b", 0), 1, "svc:svc-1"),
             h(3_500_000, p(0, 0, "svc-1", "a", 0), 1, "svc:svc-1"),
             h(9_000_000, p(0, 1, "svc-1", "a", 1), 1, "svc:svc-1"),
         ];
         let f = check(&[(0, j0), (1, j1)], 0, 2, &[fr]);
         assert!(f.ok());
         assert_eq!(f.drain_seconds, vec![Some(2.5)]);
+        let slowest = f.drain_slowest[0]
+            .as_ref()
+            .expect("the drain waited for seq 0");
+        assert_eq!((slowest.origin, slowest.seq, slowest.by), (0, 0, 1));
+        assert_eq!(
+            (slowest.accepted_us, slowest.handled_us),
+            (500_000, 3_500_000)
+        );
     }
 }

@@ -738,10 +738,14 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         (d.previous_at_s, d.at_s) = (secs_of(d.previous_at_us), secs_of(d.at_us));
         (d.previous_at_us, d.at_us) = (unix_of(d.previous_at_us), unix_of(d.at_us));
     }
+    for d in findings.drain_slowest.iter_mut().flatten() {
+        (d.accepted_us, d.handled_us) = (unix_of(d.accepted_us), unix_of(d.handled_us));
+    }
     let faults: Vec<FaultView> = records
         .iter()
         .zip(&findings.drain_seconds)
-        .map(|(r, d)| FaultView {
+        .zip(&findings.drain_slowest)
+        .map(|((r, d), slowest)| FaultView {
             kind: r.kind.to_string(),
             target: r
                 .targets
@@ -752,6 +756,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             start: secs_of(r.start_us),
             end: secs_of(r.end_us),
             drain_seconds: *d,
+            slowest: slowest.clone(),
         })
         .collect();
     let p = progress

@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Serialize;
 use serde_json::json;
 
-use super::checker::Findings;
+use super::checker::{Findings, SlowestDelivery};
 
 /// One progress sample (taken about every second).
 #[derive(Clone, Debug, Serialize)]
@@ -38,6 +38,9 @@ pub(crate) struct FaultView {
     pub(crate) end: f64,
     /// Seconds from its end until everything accepted before then was handled.
     pub(crate) drain_seconds: Option<f64>,
+    /// The message that drain waited for last, when it was handled after the fault's end
+    /// (its times in µs since the Unix epoch, to find it in the nodes' logs).
+    pub(crate) slowest: Option<SlowestDelivery>,
 }
 
 /// How the faults of one kind drained (see [`FaultView::drain_seconds`]).
@@ -160,13 +163,25 @@ impl RunReport {
         let _ = writeln!(s, "\nfaults");
         let _ = writeln!(
             s,
-            "  {:>3}  {:<10} {:<16} {:>8} {:>8} {:>10}",
+            "  {:>3}  {:<10} {:<16} {:>8} {:>8} {:>10}  waited for last",
             "#", "kind", "target", "start s", "end s", "drain s"
         );
         for (i, x) in self.faults.iter().enumerate() {
+            let last = x.slowest.as_ref().map_or_else(String::new, |m| {
+                format!(
+                    "node-{}'s seq {} to {} key {} at {} on node-{}, {:.2} s after its acceptance",
+                    m.origin,
+                    m.seq,
+                    m.destination,
+                    m.key,
+                    m.consumer,
+                    m.by,
+                    m.handled_us.saturating_sub(m.accepted_us) as f64 / 1e6
+                )
+            });
             let _ = writeln!(
                 s,
-                "  {:>3}  {:<10} {:<16} {:>8.2} {:>8.2} {:>10}",
+                "  {:>3}  {:<10} {:<16} {:>8.2} {:>8.2} {:>10}  {last}",
                 i + 1,
                 x.kind,
                 x.target,
@@ -525,6 +540,7 @@ mod tests {
             start: 1.0,
             end: 2.0,
             drain_seconds: drain,
+            slowest: None,
         }
     }
 
