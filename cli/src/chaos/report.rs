@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Serialize;
 use serde_json::json;
 
-use super::checker::{Findings, SlowestDelivery};
+use super::checker::{DuplicateExample, Findings, SlowestDelivery};
 
 /// One progress sample (taken about every second).
 #[derive(Clone, Debug, Serialize)]
@@ -167,18 +167,7 @@ impl RunReport {
             "#", "kind", "target", "start s", "end s", "drain s"
         );
         for (i, x) in self.faults.iter().enumerate() {
-            let last = x.slowest.as_ref().map_or_else(String::new, |m| {
-                format!(
-                    "node-{}'s seq {} to {} key {} at {} on node-{}, {:.2} s after its acceptance",
-                    m.origin,
-                    m.seq,
-                    m.destination,
-                    m.key,
-                    m.consumer,
-                    m.by,
-                    m.handled_us.saturating_sub(m.accepted_us) as f64 / 1e6
-                )
-            });
+            let last = x.slowest.as_ref().map_or_else(String::new, slowest_text);
             let _ = writeln!(
                 s,
                 "  {:>3}  {:<10} {:<16} {:>8.2} {:>8.2} {:>10}  {last}",
@@ -323,24 +312,7 @@ impl RunReport {
             let _ = writeln!(s, "    duplicates after {cause:<40} {n}");
         }
         for d in f.duplicate_examples.iter().take(10) {
-            let _ = writeln!(
-                s,
-                "    duplicate: {} handled node-{}'s seq {} to {} key {}#{} on node-{} at {:.2} s, \
-                 again on node-{} at {:.2} s ({}{})",
-                d.consumer,
-                d.origin,
-                d.seq,
-                d.destination,
-                d.key,
-                d.key_seq,
-                d.previous_by,
-                d.previous_at_s,
-                d.by,
-                d.at_s,
-                d.cause,
-                d.fault
-                    .map_or_else(String::new, |n| format!(": fault #{n}"))
-            );
+            let _ = writeln!(s, "    duplicate: {}", duplicate_text(d));
         }
         for m in f.lost_messages.iter().take(10) {
             let _ = writeln!(
@@ -495,14 +467,28 @@ impl RunReport {
         for (i, fv) in self.faults.iter().enumerate() {
             let _ = write!(
                 rows,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{}</td></tr>",
                 i + 1,
                 fv.kind,
                 fv.target,
                 fv.start,
                 fv.end,
-                secs(fv.drain_seconds)
+                secs(fv.drain_seconds),
+                escape(&fv.slowest.as_ref().map_or_else(String::new, slowest_text))
             );
+        }
+        let mut duplicates = String::new();
+        if !f.duplicate_examples.is_empty() {
+            let _ = write!(
+                duplicates,
+                "<h2>Duplicates</h2><p>the first {} of {}</p><ul>",
+                f.duplicate_examples.len(),
+                f.duplicates
+            );
+            for d in &f.duplicate_examples {
+                let _ = write!(duplicates, "<li>{}</li>", escape(&duplicate_text(d)));
+            }
+            duplicates.push_str("</ul>");
         }
         format!(
             r#"<!doctype html><html><head><meta charset="utf-8"><title>peerbus chaos report</title>
@@ -510,7 +496,8 @@ impl RunReport {
 <h1>peerbus chaos: <span class="{cls}">{verdict}</span></h1>
 <p>accepted {acc} · delivered {del} · lost {lost} · order violations {ord} · protocol faults {pf} · duplicates {dup} ({dupx} after a kill of the handler, {dups} of the sender) · peak log depth {peak}</p>
 {svg}
-<h2>Faults</h2><table><tr><th>#</th><th>kind</th><th>target</th><th>start s</th><th>end s</th><th>drain s</th></tr>{rows}</table>
+<h2>Faults</h2><table><tr><th>#</th><th>kind</th><th>target</th><th>start s</th><th>end s</th><th>drain s</th><th>waited for last</th></tr>{rows}</table>
+{duplicates}
 <h2>Settings</h2><pre>{settings}</pre></body></html>
 "#,
             cls = if f.ok() { "ok" } else { "fail" },
@@ -529,6 +516,57 @@ impl RunReport {
     }
 }
 
+/// The message a fault's drain waited for last, in a line.
+fn slowest_text(m: &SlowestDelivery) -> String {
+    format!(
+        "node-{}'s seq {} to {} key {} at {} on node-{}, {:.2} s after its acceptance",
+        m.origin,
+        m.seq,
+        m.destination,
+        m.key,
+        m.consumer,
+        m.by,
+        m.handled_us.saturating_sub(m.accepted_us) as f64 / 1e6
+    )
+}
+
+/// A duplicate, its two handlings and its cause, in a line.
+fn duplicate_text(d: &DuplicateExample) -> String {
+    format!(
+        "{} handled node-{}'s seq {} to {} key {}#{} on node-{} at {:.2} s, again on node-{} at \
+         {:.2} s ({}{})",
+        d.consumer,
+        d.origin,
+        d.seq,
+        d.destination,
+        d.key,
+        d.key_seq,
+        d.previous_by,
+        d.previous_at_s,
+        d.by,
+        d.at_s,
+        d.cause,
+        d.fault
+            .map_or_else(String::new, |n| format!(": fault #{n}"))
+    )
+}
+
+/// `s` with the characters that mean something in HTML escaped.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +580,67 @@ mod tests {
             drain_seconds: drain,
             slowest: None,
         }
+    }
+
+    /// The table and the page name each fault's slowest message and each duplicate, the
+    /// page with what came from the journals escaped.
+    #[test]
+    fn the_table_and_the_page_name_the_slowest_message_and_the_duplicates() {
+        let mut slow = fault("kill", Some(1.25));
+        slow.slowest = Some(SlowestDelivery {
+            origin: 2,
+            seq: 41,
+            destination: "svc-1".into(),
+            key: "<k>".into(),
+            consumer: "svc:svc-1".into(),
+            by: 3,
+            accepted_us: 1_000_000,
+            handled_us: 2_500_000,
+        });
+        let mut findings = Findings {
+            duplicates: 1,
+            ..Findings::default()
+        };
+        findings.duplicate_examples.push(DuplicateExample {
+            consumer: "grp:svc-0".into(),
+            origin: 1,
+            seq: 7,
+            destination: "chaos.events".into(),
+            key: "k0".into(),
+            key_seq: 3,
+            previous_by: 0,
+            previous_at_us: 0,
+            by: 4,
+            at_us: 0,
+            previous_at_s: 1.5,
+            at_s: 2.75,
+            cause: "kill of the handler",
+            fault: Some(1),
+        });
+        let report = RunReport {
+            settings: json!({}),
+            findings,
+            faults: vec![slow],
+            samples: Vec::new(),
+            peak_backlog: 0,
+            peak_backlog_per_node: Vec::new(),
+            final_drain_seconds: 0.0,
+            dir: String::new(),
+        };
+        let slowest = "node-2's seq 41 to svc-1 key <k> at svc:svc-1 on node-3, 1.50 s after its \
+                       acceptance";
+        let duplicate = "grp:svc-0 handled node-1's seq 7 to chaos.events key k0#3 on node-0 at \
+                         1.50 s, again on node-4 at 2.75 s (kill of the handler: fault #1)";
+        let table = report.table();
+        assert!(table.contains(slowest), "{table}");
+        assert!(
+            table.contains(&format!("duplicate: {duplicate}")),
+            "{table}"
+        );
+        let html = report.html();
+        assert!(html.contains(&escape(slowest)), "{html}");
+        assert!(html.contains("key &lt;k&gt;"), "{html}");
+        assert!(html.contains(&escape(duplicate)), "{html}");
     }
 
     /// Drains are summed up by kind: how many faults, how many drained, their mean and
