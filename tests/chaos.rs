@@ -97,6 +97,7 @@ fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
         "accepted",
         "delivered",
         "lost",
+        "undrained",
         "duplicates",
         "order_violations",
         "protocol_faults",
@@ -108,6 +109,7 @@ fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
     let accepted = r["accepted"].as_u64().expect("accepted");
     assert!(accepted > 300, "only {accepted} messages accepted\n{why}");
     assert_eq!(r["lost"], 0, "{why}");
+    assert_eq!(r["undrained"], 0, "{why}");
     assert_eq!(r["order_violations"], 0, "{why}");
     // No node closed a connection for a protocol fault (an ack of something never sent to
     // that peer, a frame that did not decode), across both protocol versions.
@@ -196,6 +198,8 @@ fn the_checker_fails_a_mesh_that_acknowledges_without_handling() {
         lost >= accepted / 40 && lost > 0,
         "lost {lost} of {accepted}\n{why}"
     );
+    // Acknowledged, so gone from the senders' logs: lost, not undrained.
+    assert_eq!(r["undrained"], 0, "{why}");
     assert_eq!(delivered + lost, accepted, "{why}");
     assert_eq!(r["ok"], false);
     assert!(
@@ -206,6 +210,42 @@ fn the_checker_fails_a_mesh_that_acknowledges_without_handling() {
         String::from_utf8_lossy(&out.stderr).contains("invariants broken"),
         "{why}"
     );
+}
+
+#[test]
+fn a_backlog_left_when_the_drain_wait_ends_is_undrained_not_lost() {
+    // Every handler takes 50 ms and there is one key per sender, so the two nodes handle
+    // about 40 messages a second of the 200 offered, and the drain wait ends after a second:
+    // most of what was accepted is still in the senders' logs when the nodes stop.
+    let (out, report, _tmp) = chaos(
+        &[
+            "--nodes=2",
+            "--services=1",
+            "--duration=4s",
+            "--rate=200",
+            "--keys=1",
+            "--faults=none",
+            "--slow-handlers=1000",
+            "--slow-handler-time=50ms",
+            "--drain-timeout=1s",
+        ],
+        Duration::from_secs(120),
+    );
+    let why = describe(&out);
+    assert_eq!(out.status.code(), Some(1), "{why}");
+    let r = report.unwrap_or_else(|| panic!("no report written\n{why}"));
+    let accepted = r["accepted"].as_u64().expect("accepted");
+    let delivered = r["delivered"].as_u64().expect("delivered");
+    let undrained = r["undrained"].as_u64().expect("undrained");
+    assert_eq!(r["lost"], 0, "{why}");
+    assert!(
+        undrained > accepted / 4,
+        "{undrained} of {accepted} undrained\n{why}"
+    );
+    assert_eq!(delivered + undrained, accepted, "{why}");
+    assert_eq!(r["ok"], false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("kept in their senders' logs"), "{why}");
 }
 
 #[test]

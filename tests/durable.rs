@@ -136,6 +136,20 @@ async fn a_restarted_sender_resumes_from_its_log() {
         // Offline status of the stopped node's directory.
         let offline = peerbus::control::offline_status(dir.path()).expect("offline status");
         assert_eq!(offline.logs["svc:orders"].waiting, 300);
+        // And its entries, in order, each with its message.
+        let entries = peerbus::control::offline_entries(dir.path(), 1_000).expect("entries");
+        let payloads: Vec<&str> = entries.iter().map(|e| e.payload.as_str()).collect();
+        let expected: Vec<String> = (0..300).map(|i| i.to_string()).collect();
+        assert_eq!(payloads, expected);
+        assert!(entries.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert!(
+            entries
+                .iter()
+                .all(|e| e.log == "svc:orders" && e.key.as_deref() == Some("k"))
+        );
+        let first = peerbus::control::offline_entries(dir.path(), 2).expect("entries");
+        assert_eq!(first.len(), 2);
+        assert_eq!(first[1].payload, "1");
 
         let receiver = start(builder(&net, "orders", &key)).await;
         let mut got = handle_with(&receiver, |_| Ok(()));

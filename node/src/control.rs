@@ -126,6 +126,52 @@ pub fn offline_status(data_dir: &Path) -> Result<OfflineStatus, StoreError> {
     })
 }
 
+/// One entry a stopped node's log still holds: a message no consumer had acknowledged when
+/// the node stopped (waiting, or in flight then), as [`offline_entries`] lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoredEntryView {
+    /// The log (`svc:<service>`, `grp:<group>`).
+    pub log: String,
+    /// Sequence number in the log.
+    pub seq: u64,
+    /// Destination (service or topic).
+    pub destination: String,
+    /// Partition key.
+    pub key: Option<String>,
+    /// When it was created (Unix ms).
+    pub created_at_ms: u64,
+    /// When it expires (Unix ms); `None`: never.
+    pub expires_at_ms: Option<u64>,
+    /// Not delivered before this time (Unix ms); `None`: at once.
+    pub not_before_ms: Option<u64>,
+    /// Payload as UTF-8 text (lossy).
+    pub payload: String,
+}
+
+/// The entries a stopped node's data directory holds, by log and then sequence number, at
+/// most `limit` of them: what it will send once it runs again. Fails with
+/// [`StoreError::InUse`] when a node runs there (its log is in its memory; ask its status
+/// instead). Reads the whole store to find them, as a start does.
+pub fn offline_entries(data_dir: &Path, limit: usize) -> Result<Vec<StoredEntryView>, StoreError> {
+    let mut store = RedbStore::open_read_only(data_dir)?;
+    let rec = store.recover()?;
+    Ok(rec
+        .entries
+        .iter()
+        .take(limit)
+        .map(|e| StoredEntryView {
+            log: e.env.log.to_string(),
+            seq: e.env.seq,
+            destination: e.env.destination.to_string(),
+            key: e.env.key.as_ref().map(|k| k.to_string()),
+            created_at_ms: e.env.created_at_ms,
+            expires_at_ms: e.expires_at_ms,
+            not_before_ms: e.not_before_ms,
+            payload: String::from_utf8_lossy(&e.env.payload).into_owned(),
+        })
+        .collect())
+}
+
 /// Dead letters in a stopped node's data directory, oldest first.
 pub fn offline_dead_letters(
     data_dir: &Path,

@@ -6,8 +6,10 @@
 //!   A publish whose receipt covered fewer groups than there are services is also counted
 //!   as *short* (the publisher did not know every durable group yet); a group that never
 //!   handled it makes it lost like any other.
-//! - **delivered**: accepted messages handled by every required consumer. **lost**: the
-//!   rest (must be 0).
+//! - **delivered**: accepted messages handled by every required consumer. **undrained**: the
+//!   rest whose every missing copy was still in its sender's log when the run ended (read
+//!   from each node's store once it stopped): kept, not lost, but not delivered before the
+//!   drain wait gave up (must be 0 too). **lost**: the others (must be 0).
 //! - **duplicates**: handlings of a message by a consumer beyond its first. One is
 //!   *explained* by the documented crash case when the node that handled the previous copy
 //!   was SIGKILL'd between the two handlings (the handler ran, the dedup window was not yet
@@ -53,7 +55,11 @@ pub(crate) struct FaultRecord {
     pub(crate) end_us: u64,
 }
 
-/// One message the checker found lost.
+/// Copies still in the nodes' logs when the run ended: the logs (consumers: `svc:…`,
+/// `grp:…`) that held each (origin, per-origin sequence).
+pub(crate) type Kept = HashMap<(usize, u64), Vec<String>>;
+
+/// One message the checker found lost (or, in [`Findings::undrained_messages`], undrained).
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct LostMessage {
     /// Origin node.
@@ -70,7 +76,8 @@ pub(crate) struct LostMessage {
     /// µs since the Unix epoch in the report (the run's start on the wall clock plus the
     /// monotonic time since).
     pub(crate) accepted_us: u64,
-    /// Consumers that never handled it.
+    /// Consumers that never handled it (for an undrained message, all of them had it in
+    /// their log at the sender).
     pub(crate) missing: Vec<String>,
     /// Copies its receipt reported (one per group known to the publisher; 1 for a send).
     pub(crate) copies: usize,
@@ -196,6 +203,13 @@ pub(crate) struct Findings {
     pub(crate) lost: u64,
     /// The first lost messages (at most 50).
     pub(crate) lost_messages: Vec<LostMessage>,
+    /// Accepted messages not handled by every required consumer, whose every missing copy
+    /// was still in its sender's log when the run ended: not lost, but not delivered before
+    /// the drain wait gave up (must be 0: a consumer that cannot keep up, or a message
+    /// stuck in its log).
+    pub(crate) undrained: u64,
+    /// The first undrained messages (at most 50).
+    pub(crate) undrained_messages: Vec<LostMessage>,
     /// Publishes whose receipt covered fewer groups than there are services.
     pub(crate) short_publishes: u64,
     /// Handler runs in all.
@@ -243,7 +257,7 @@ pub(crate) struct Findings {
     /// Journal lines that could not be read (torn by a SIGKILL).
     pub(crate) torn_lines: usize,
     /// Per fault, in order: seconds from its end until everything accepted before then was
-    /// handled (`None` when a message accepted before then was lost).
+    /// handled (`None` when a message accepted before then was lost or undrained).
     pub(crate) drain_seconds: Vec<Option<f64>>,
     /// Per fault, in order: the message its drain waited for last, when that was handled
     /// after the fault's end (`None` when a message was lost, or everything accepted before
@@ -286,6 +300,7 @@ impl Findings {
     /// Whether every invariant holds.
     pub(crate) fn ok(&self) -> bool {
         self.lost == 0
+            && self.undrained == 0
             && self.order_violations == 0
             && self.phantoms == 0
             && self.protocol_faults == 0
@@ -411,12 +426,26 @@ fn check_deadlines(
     }
 }
 
-/// Checks the journals (`(node index, events)`) of a run with `services` services.
+/// Checks the journals (`(node index, events)`) of a run with `services` services, as
+/// [`check_with_logs`] does with no log read.
 pub(crate) fn check(
     journals: &[(usize, Vec<Event>)],
     torn_lines: usize,
     services: usize,
     faults: &[FaultRecord],
+) -> Findings {
+    check_with_logs(journals, torn_lines, services, faults, &Kept::new())
+}
+
+/// Checks the journals (`(node index, events)`) of a run with `services` services; `kept`
+/// lists the copies still in the nodes' logs when the run ended (an unhandled copy there is
+/// undrained, not lost).
+pub(crate) fn check_with_logs(
+    journals: &[(usize, Vec<Event>)],
+    torn_lines: usize,
+    services: usize,
+    faults: &[FaultRecord],
+    kept: &Kept,
 ) -> Findings {
     let mut f = Findings {
         torn_lines,
@@ -627,11 +656,21 @@ pub(crate) fn check(
             }
         }
         let complete = slowest.as_ref().map_or(acc, |h| h.0.max(acc));
-        let lost = !missing.is_empty();
-        if lost {
-            f.lost += 1;
-            if f.lost_messages.len() < 50 {
-                f.lost_messages.push(LostMessage {
+        if missing.is_empty() {
+            f.delivered += 1;
+            latencies.push(complete.saturating_sub(acc) as f64 / 1e6);
+            done.push((acc, slowest));
+        } else {
+            // Every missing copy still in the sender's log: kept, only not delivered yet.
+            let in_log = |c: &String| kept.get(id).is_some_and(|logs| logs.contains(c));
+            let (count, examples) = if missing.iter().all(in_log) {
+                (&mut f.undrained, &mut f.undrained_messages)
+            } else {
+                (&mut f.lost, &mut f.lost_messages)
+            };
+            *count += 1;
+            if examples.len() < 50 {
+                examples.push(LostMessage {
                     origin: id.0,
                     seq: id.1,
                     destination: s.destination.clone(),
@@ -643,10 +682,6 @@ pub(crate) fn check(
                 });
             }
             done.push((acc, None));
-        } else {
-            f.delivered += 1;
-            latencies.push(complete.saturating_sub(acc) as f64 / 1e6);
-            done.push((acc, slowest));
         }
     }
     latencies.sort_by(f64::total_cmp);
@@ -656,10 +691,12 @@ pub(crate) fn check(
     // Drain per fault.
     done.sort_by_key(|d| d.0);
     for fr in faults {
-        let mut before = done.iter().take_while(|d| d.0 <= fr.end_us);
-        // The latest last handling, `None` when one of them was lost.
-        let worst: Option<Option<(u64, &Handled)>> =
-            before.try_fold(None, |w: Option<(u64, &Handled)>, (acc, h)| {
+        // Of the messages accepted before the fault's end, the one handled last (with its
+        // acceptance time), `None` when one of them was lost.
+        let worst: Option<Option<(u64, &Handled)>> = done
+            .iter()
+            .take_while(|d| d.0 <= fr.end_us)
+            .try_fold(None, |w: Option<(u64, &Handled)>, (acc, h)| {
                 let h = h.as_ref()?;
                 Some(match w {
                     Some(w) if w.1.0 >= h.0 => Some(w),
@@ -791,6 +828,34 @@ mod tests {
             (40, 41, None)
         );
         assert_eq!(f.drain_seconds, vec![None]);
+    }
+
+    /// An unhandled copy still in its sender's log is undrained, not lost, and fails the run
+    /// all the same; a publish with one copy in the log and one nowhere is lost.
+    #[test]
+    fn an_unhandled_copy_still_in_its_senders_log_is_undrained_not_lost() {
+        let j0 = [
+            sent(1, p(0, 0, "svc-1", "a", 0)),
+            sent(2, p(0, 1, "svc-1", "a", 1)),
+            [
+                intent(3, p(0, 2, "chaos.events", "b", 0), true),
+                acc(4, 0, 2, 2),
+            ],
+        ]
+        .concat();
+        let j1 = vec![h(10, p(0, 0, "svc-1", "a", 0), 1, "svc:svc-1")];
+        let kept = Kept::from([
+            ((0, 1), vec!["svc:svc-1".to_string()]),
+            ((0, 2), vec!["grp:svc-0".to_string()]),
+        ]);
+        let f = check_with_logs(&[(0, j0.clone()), (1, j1.clone())], 0, 2, &[], &kept);
+        assert_eq!((f.delivered, f.undrained, f.lost), (1, 1, 1));
+        assert_eq!(f.undrained_messages[0].seq, 1);
+        assert_eq!(f.lost_messages[0].seq, 2);
+        assert!(!f.ok());
+        // Without the logs, both count as lost.
+        let f = check(&[(0, j0), (1, j1)], 0, 2, &[]);
+        assert_eq!((f.undrained, f.lost), (0, 2));
     }
 
     /// A duplicate names the fault of its cause by its number in the fault table, not the

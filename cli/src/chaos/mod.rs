@@ -723,11 +723,16 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     }
 
     let (journals, torn) = read_journals(&dirs)?;
-    let mut findings = checker::check(&journals, torn, a.services, &records);
+    let kept = read_logs(&dirs);
+    let mut findings = checker::check_with_logs(&journals, torn, a.services, &records, &kept);
     // The report names when a lost or late message was seen in Unix time, to find it in the
     // nodes' logs: the run's start on the wall clock plus the monotonic time since.
     let unix_of = |us: u64| t0_unix_us.saturating_add(us).saturating_sub(t0_us);
-    for l in &mut findings.lost_messages {
+    for l in findings
+        .lost_messages
+        .iter_mut()
+        .chain(&mut findings.undrained_messages)
+    {
         l.accepted_us = unix_of(l.accepted_us);
     }
     for v in &mut findings.order_examples {
@@ -798,12 +803,18 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     let f = &report.findings;
     if !f.ok() {
         bail!(
-            "chaos: invariants broken: {} lost, {} out of key order, {} phantom, {} connections \
-             closed for a protocol fault (the nodes' logs say why); journals kept in {}",
+            "chaos: invariants broken: {} lost, {} undrained (still in their senders' logs), {} \
+             out of key order, {} phantom, {} connections closed for a protocol fault (the \
+             nodes' logs say why), {} replies to the wrong request, {} requests never ended, \
+             {} past their deadline; journals kept in {}",
             f.lost,
+            f.undrained,
             f.order_violations,
             f.phantoms,
             f.protocol_faults,
+            f.requests_wrong,
+            f.requests_unended,
+            f.requests_late,
             dir.display()
         );
     }
@@ -817,6 +828,30 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
 type Journals = Vec<(usize, Vec<journal::Event>)>;
 
 /// Reads every node's journal; also returns how many lines were torn.
+/// The copies still in the stopped nodes' logs (each node's data directory is its run
+/// directory): for each (origin, per-origin sequence) in a payload there, the logs that hold
+/// it. A store that cannot be read (a node still running, a damaged file) adds nothing, so
+/// what it held counts as lost: the check errs on the side of failing. The stores' own
+/// limits (`max_log_entries`, `max_log_bytes`) bound what is read.
+fn read_logs(dirs: &[PathBuf]) -> checker::Kept {
+    let mut kept = checker::Kept::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let entries = match control::offline_entries(d, usize::MAX) {
+            Ok(entries) => entries,
+            Err(e) => {
+                println!("chaos: could not read node-{i}'s log after the run: {e}");
+                continue;
+            }
+        };
+        for e in entries {
+            if let Ok(p) = serde_json::from_str::<journal::Payload>(&e.payload) {
+                kept.entry((p.o, p.g)).or_default().push(e.log);
+            }
+        }
+    }
+    kept
+}
+
 fn read_journals(dirs: &[PathBuf]) -> anyhow::Result<(Journals, usize)> {
     let mut out = Vec::new();
     let mut torn = 0;

@@ -132,6 +132,7 @@ impl RunReport {
             "accepted": f.accepted,
             "delivered": f.delivered,
             "lost": f.lost,
+            "undrained": f.undrained,
             "duplicates": f.duplicates,
             "duplicates_explained_by_crash": f.duplicates_explained,
             "duplicates_after_sender_kill": f.duplicates_after_sender_kill,
@@ -207,6 +208,14 @@ impl RunReport {
             ),
             ("delivered", f.delivered.to_string(), ""),
             ("lost", f.lost.to_string(), verdict(f.lost == 0)),
+            (
+                "undrained",
+                format!(
+                    "{} (not handled when the drain wait ended, still in their senders' logs)",
+                    f.undrained
+                ),
+                verdict(f.undrained == 0),
+            ),
             (
                 "order violations",
                 f.order_violations.to_string(),
@@ -314,18 +323,24 @@ impl RunReport {
         for d in f.duplicate_examples.iter().take(10) {
             let _ = writeln!(s, "    duplicate: {}", duplicate_text(d));
         }
-        for m in f.lost_messages.iter().take(10) {
-            let _ = writeln!(
-                s,
-                "  lost: origin node-{} seq {} to {} key {}#{} (missing {}; receipt copies {})",
-                m.origin,
-                m.seq,
-                m.destination,
-                m.key,
-                m.key_seq,
-                m.missing.join(","),
-                m.copies
-            );
+        let unhandled = [
+            ("lost", &f.lost_messages),
+            ("undrained", &f.undrained_messages),
+        ];
+        for (what, messages) in unhandled {
+            for m in messages.iter().take(10) {
+                let _ = writeln!(
+                    s,
+                    "  {what}: origin node-{} seq {} to {} key {}#{} (missing {}; receipt copies {})",
+                    m.origin,
+                    m.seq,
+                    m.destination,
+                    m.key,
+                    m.key_seq,
+                    m.missing.join(","),
+                    m.copies
+                );
+            }
         }
         for q in f.request_problems.iter().take(10) {
             let _ = writeln!(
@@ -358,6 +373,15 @@ impl RunReport {
                 "FAIL: invariants broken (see above)"
             }
         );
+        if f.undrained > 0 {
+            let _ = writeln!(
+                s,
+                "{} accepted messages were kept in their senders' logs but not handled before the \
+                 drain wait ended: the consumers did not keep up (a longer --drain-timeout or a \
+                 lower --rate tells a slow drain from a stuck one)",
+                f.undrained
+            );
+        }
         s
     }
 
@@ -494,7 +518,7 @@ impl RunReport {
             r#"<!doctype html><html><head><meta charset="utf-8"><title>peerbus chaos report</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 10px;text-align:left}}.ok{{color:#1b5e20}}.fail{{color:#b71c1c}}</style></head><body>
 <h1>peerbus chaos: <span class="{cls}">{verdict}</span></h1>
-<p>accepted {acc} · delivered {del} · lost {lost} · order violations {ord} · protocol faults {pf} · duplicates {dup} ({dupx} after a kill of the handler, {dups} of the sender) · peak log depth {peak}</p>
+<p>accepted {acc} · delivered {del} · lost {lost} · undrained {undrained} · order violations {ord} · protocol faults {pf} · duplicates {dup} ({dupx} after a kill of the handler, {dups} of the sender) · peak log depth {peak}</p>
 {svg}
 <h2>Faults</h2><table><tr><th>#</th><th>kind</th><th>target</th><th>start s</th><th>end s</th><th>drain s</th><th>waited for last</th></tr>{rows}</table>
 {duplicates}
@@ -505,6 +529,7 @@ impl RunReport {
             acc = f.accepted,
             del = f.delivered,
             lost = f.lost,
+            undrained = f.undrained,
             ord = f.order_violations,
             pf = f.protocol_faults,
             dup = f.duplicates,
