@@ -1053,6 +1053,23 @@ fn sender_killed_after_send_returned_delivers_everything_after_restart() {
     let v: Value = serde_json::from_str(&status.stdout).expect("status json");
     assert_eq!(v["running"], false);
     assert_eq!(v["logs"]["svc:orders"]["waiting"], 500, "{}", status.stdout);
+    // Its log, entry by entry: the oldest first.
+    let entries = run(
+        mesh.command(&["entries", "--limit", "3", "--data-dir", sd]),
+        "peerbus entries",
+        budget.left(),
+    );
+    let rows: Vec<&str> = entries.stdout.lines().collect();
+    assert_eq!(rows.len(), 5, "{}", entries.stdout);
+    for (row, i) in rows[1..4].iter().zip(0..) {
+        assert!(row.starts_with("svc:orders"), "{row}");
+        assert!(row.contains(&format!("k{i} ")), "{row}");
+        assert!(
+            row.contains("stored") && row.ends_with(&format!("m{i}")),
+            "{row}"
+        );
+    }
+    assert_eq!(rows[4], "3 entries");
 
     let receiver = spawn(
         mesh.command(&["node", "--service", "orders", "--print"]),

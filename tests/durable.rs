@@ -131,7 +131,17 @@ async fn a_restarted_sender_resumes_from_its_log() {
                     .await
                     .expect("stored");
             }
+            // What its log holds while it runs: the oldest first, all waiting.
+            let running = sender.log_entries(3).await.expect("running");
+            let payloads: Vec<&str> = running.iter().map(|e| e.payload.as_str()).collect();
+            assert_eq!(payloads, ["0", "1", "2"]);
+            assert!(
+                running
+                    .iter()
+                    .all(|e| e.state == "waiting" && e.attempts == Some(0))
+            );
             sender.shutdown().await;
+            assert!(sender.log_entries(3).await.is_none(), "stopped");
         }
         // Offline status of the stopped node's directory.
         let offline = peerbus::control::offline_status(dir.path()).expect("offline status");
@@ -146,6 +156,11 @@ async fn a_restarted_sender_resumes_from_its_log() {
             entries
                 .iter()
                 .all(|e| e.log == "svc:orders" && e.key.as_deref() == Some("k"))
+        );
+        assert!(
+            entries
+                .iter()
+                .all(|e| e.state == "stored" && e.attempts.is_none())
         );
         let first = peerbus::control::offline_entries(dir.path(), 2).expect("entries");
         assert_eq!(first.len(), 2);

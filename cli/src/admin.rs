@@ -1,4 +1,4 @@
-//! `peerbus status` and `peerbus dlq`: ask a running node through its control socket, or
+//! `peerbus status`, `peerbus entries` and `peerbus dlq`: ask a running node through its control socket, or
 //! read a stopped node's data directory.
 
 use std::path::{Path, PathBuf};
@@ -16,6 +16,17 @@ pub(crate) struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// `peerbus entries`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct EntriesArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// At most this many (a running node lists at most 10,000).
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
 }
 
 /// `peerbus dlq`.
@@ -196,6 +207,60 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// `peerbus entries`.
+pub(crate) async fn entries(common: &CommonArgs, args: &EntriesArgs) -> Result<()> {
+    let dir = data_dir(common)?;
+    let req = json!({"cmd": "entries", "limit": args.limit});
+    let list: Value = match ask(&dir, req).await? {
+        Some(answer) => answer.get("entries").cloned().unwrap_or(json!([])),
+        None => serde_json::to_value(
+            control::offline_entries(&dir, args.limit)
+                .with_context(|| format!("reading the stopped node's log in {}", dir.display()))?,
+        )?,
+    };
+    if args.json {
+        return print_line(&serde_json::to_string_pretty(&list)?);
+    }
+    let list = list.as_array().cloned().unwrap_or_default();
+    print_line(&format!(
+        "{:<24} {:>20} {:<16} {:<20} {:>8} {:>8}  PAYLOAD",
+        "LOG", "SEQ", "KEY", "STATE", "ATTEMPTS", "AGE"
+    ))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for e in &list {
+        let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+        let n = |k: &str| e.get(k).and_then(Value::as_u64);
+        let state = match e.get("to").and_then(Value::as_str) {
+            Some(to) => format!("{} {}", s("state"), to.get(..10).unwrap_or(to)),
+            None => s("state"),
+        };
+        let age = n("created_at_ms").map_or("-".into(), |t| {
+            format!("{:.1}s", now.saturating_sub(t) as f64 / 1000.0)
+        });
+        let payload = s("payload");
+        let shown: String = payload.chars().take(40).collect();
+        print_line(&format!(
+            "{:<24} {:>20} {:<16} {state:<20} {:>8} {age:>8}  {shown}{}",
+            s("log"),
+            n("seq").unwrap_or(0),
+            s("key"),
+            n("attempts").map_or("-".into(), |a| a.to_string()),
+            if shown.len() < payload.len() {
+                "…"
+            } else {
+                ""
+            }
+        ))?;
+    }
+    print_line(&format!(
+        "{} entr{}",
+        list.len(),
+        if list.len() == 1 { "y" } else { "ies" }
+    ))
 }
 
 /// `peerbus dlq`.

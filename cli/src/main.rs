@@ -73,6 +73,10 @@ enum Command {
     /// Show a node's logs (waiting, in flight, oldest) and counters; works on a running node
     /// (through its control socket) and on a stopped node's --data-dir.
     Status(admin::StatusArgs),
+    /// List the messages a node's logs hold, not yet acknowledged by a consumer (oldest
+    /// first per log; waiting or in flight, and to which node); works on a running node and
+    /// on a stopped node's --data-dir.
+    Entries(admin::EntriesArgs),
     /// Inspect and replay dead letters of the node in --data-dir.
     Dlq(admin::DlqArgs),
     /// Run the benchmark suite on loopback, each case beside its baseline (prints a table;
@@ -113,6 +117,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::DemoService(args) => demo::run_service(args).await,
         Command::Status(args) => admin::status(common, args).await,
+        Command::Entries(args) => admin::entries(common, args).await,
         Command::Dlq(args) => admin::dlq(common, args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Chaos(_) => Err(common::UsageError(

@@ -10,6 +10,7 @@
 //! | `{"cmd":"status"}` | `{"ok":true,"status":{…}}` |
 //! | `{"cmd":"dlq_list","limit":100}` | `{"ok":true,"dead_letters":[…]}` |
 //! | `{"cmd":"dlq_replay","ids":[1,2]}` or `{"cmd":"dlq_replay","all":true}` | `{"ok":true,"replayed":2}` |
+//! | `{"cmd":"entries","limit":100}` | `{"ok":true,"entries":[…]}` (at most [`MAX_ENTRIES_LISTED`]) |
 //! | `{"cmd":"faults","partition":["127.0.0.1:7001"],"heal":["…"],"heal_all":true}` | `{"ok":true,"faults":{…}}` |
 //!
 //! `faults` only works on a node built with [`NodeBuilder::faults`](crate::NodeBuilder::faults)
@@ -31,9 +32,13 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::engine::outbox::LogStats;
+use crate::engine::outbox::{EntrySnapshot, EntryState, LogStats};
+use crate::engine::wire::Envelope;
 use crate::node::Node;
 use crate::store::{DeadLetter, RedbStore, Store, StoreError};
+
+/// Most log entries one `entries` request lists (each carries its payload).
+pub const MAX_ENTRIES_LISTED: usize = 10_000;
 
 /// File name of the control socket inside the data directory.
 pub const SOCKET_NAME: &str = "peerbus.sock";
@@ -126,10 +131,10 @@ pub fn offline_status(data_dir: &Path) -> Result<OfflineStatus, StoreError> {
     })
 }
 
-/// One entry a stopped node's log still holds: a message no consumer had acknowledged when
-/// the node stopped (waiting, or in flight then), as [`offline_entries`] lists it.
+/// One entry a node's log holds: a message no consumer has acknowledged yet, as
+/// [`Node::log_entries`] (a running node) and [`offline_entries`] (a stopped one) list it.
 #[derive(Clone, Debug, Serialize)]
-pub struct StoredEntryView {
+pub struct LogEntryView {
     /// The log (`svc:<service>`, `grp:<group>`).
     pub log: String,
     /// Sequence number in the log.
@@ -144,30 +149,78 @@ pub struct StoredEntryView {
     pub expires_at_ms: Option<u64>,
     /// Not delivered before this time (Unix ms); `None`: at once.
     pub not_before_ms: Option<u64>,
-    /// Payload as UTF-8 text (lossy).
+    /// `waiting`, `in_flight` (see `to`) or `staged` (its store commit not done yet) in a
+    /// running node; `stored` in a stopped one.
+    pub state: &'static str,
+    /// The node it is in flight to.
+    pub to: Option<String>,
+    /// Delivery attempts that failed so far (a nack, an ack timeout); `None` for a stopped
+    /// node's entry (its store does not keep the count).
+    pub attempts: Option<u32>,
+    /// The payload's first [`PAYLOAD_SHOWN`] bytes as UTF-8 text (lossy).
     pub payload: String,
+    /// The payload's length in bytes.
+    pub payload_bytes: usize,
+}
+
+/// How much of each payload a [`LogEntryView`] shows: a listing of 10,000 entries
+/// ([`MAX_ENTRIES_LISTED`]) then stays near 10 MB whatever the payloads.
+pub const PAYLOAD_SHOWN: usize = 1024;
+
+impl LogEntryView {
+    /// The view of `env` as a running node's outbox holds it (`unix` turns engine times into
+    /// Unix ms).
+    pub(crate) fn of_entry(e: &EntrySnapshot, unix: impl Fn(u64) -> u64) -> Self {
+        let (state, to) = match e.state {
+            EntryState::Staged => ("staged", None),
+            EntryState::Waiting => ("waiting", None),
+            EntryState::InFlight(peer) => ("in_flight", Some(peer.to_string())),
+        };
+        Self {
+            state,
+            to,
+            attempts: Some(e.attempts),
+            expires_at_ms: e.expires_at.map(&unix),
+            not_before_ms: (e.not_before > 0).then(|| unix(e.not_before)),
+            ..Self::of_envelope(&e.env)
+        }
+    }
+
+    /// The view of a stored envelope (state `stored`, no times but its creation).
+    fn of_envelope(env: &Envelope) -> Self {
+        Self {
+            log: env.log.to_string(),
+            seq: env.seq,
+            destination: env.destination.to_string(),
+            key: env.key.as_ref().map(|k| k.to_string()),
+            created_at_ms: env.created_at_ms,
+            expires_at_ms: None,
+            not_before_ms: None,
+            state: "stored",
+            to: None,
+            attempts: None,
+            payload: String::from_utf8_lossy(&env.payload[..env.payload.len().min(PAYLOAD_SHOWN)])
+                .into_owned(),
+            payload_bytes: env.payload.len(),
+        }
+    }
 }
 
 /// The entries a stopped node's data directory holds, by log and then sequence number, at
 /// most `limit` of them: what it will send once it runs again. Fails with
 /// [`StoreError::InUse`] when a node runs there (its log is in its memory; ask its status
 /// instead). Reads the whole store to find them, as a start does.
-pub fn offline_entries(data_dir: &Path, limit: usize) -> Result<Vec<StoredEntryView>, StoreError> {
+pub fn offline_entries(data_dir: &Path, limit: usize) -> Result<Vec<LogEntryView>, StoreError> {
     let mut store = RedbStore::open_read_only(data_dir)?;
     let rec = store.recover()?;
     Ok(rec
         .entries
         .iter()
         .take(limit)
-        .map(|e| StoredEntryView {
-            log: e.env.log.to_string(),
-            seq: e.env.seq,
-            destination: e.env.destination.to_string(),
-            key: e.env.key.as_ref().map(|k| k.to_string()),
-            created_at_ms: e.env.created_at_ms,
+        .map(|e| LogEntryView {
             expires_at_ms: e.expires_at_ms,
             not_before_ms: e.not_before_ms,
-            payload: String::from_utf8_lossy(&e.env.payload).into_owned(),
+            ..LogEntryView::of_envelope(&e.env)
         })
         .collect())
 }
@@ -296,6 +349,13 @@ async fn answer(node: &Node, req: &Value) -> Value {
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             }
         }
+        Some("entries") => {
+            let limit = req.get("limit").and_then(Value::as_u64).unwrap_or(100) as usize;
+            match node.log_entries(limit.min(MAX_ENTRIES_LISTED)).await {
+                Some(list) => json!({"ok": true, "entries": list}),
+                None => json!({"ok": false, "error": "node is stopping"}),
+            }
+        }
         Some("faults") => faults(node, req),
         Some(other) => json!({"ok": false, "error": format!("unknown command `{other}`")}),
         None => json!({"ok": false, "error": "missing `cmd`"}),
@@ -345,4 +405,58 @@ fn faults(node: &Node, req: &Value) -> Value {
         "sent": st.sent, "dropped": st.dropped, "duplicated": st.duplicated,
         "delayed": st.delayed, "reordered": st.reordered,
     }})
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use peerbus_transport::NodeId;
+
+    use super::*;
+    use crate::engine::wire::Kind;
+
+    fn env(payload: Vec<u8>) -> Envelope {
+        Envelope {
+            origin: NodeId::from_bytes([1; 32]),
+            log: "svc:orders".into(),
+            seq: 7,
+            kind: Kind::Send,
+            destination: "orders".into(),
+            key: Some("k".into()),
+            headers: Default::default(),
+            content_type: None,
+            created_at_ms: 1_000,
+            attempt: 1,
+            payload: Bytes::from(payload),
+        }
+    }
+
+    /// A listed entry shows a payload's first bytes and its whole length; an entry in flight
+    /// names its node, and its times are Unix times.
+    #[test]
+    fn an_entry_shows_the_start_of_a_large_payload_and_where_it_stands() {
+        let big = env(vec![b'a'; PAYLOAD_SHOWN * 3]);
+        let stored = LogEntryView::of_envelope(&big);
+        assert_eq!(stored.payload.len(), PAYLOAD_SHOWN);
+        assert_eq!(stored.payload_bytes, PAYLOAD_SHOWN * 3);
+        assert_eq!((stored.state, stored.attempts), ("stored", None));
+
+        let peer = NodeId::from_bytes([2; 32]);
+        let snapshot = EntrySnapshot {
+            env: Arc::new(env(b"small".to_vec())),
+            state: EntryState::InFlight(peer),
+            attempts: 2,
+            not_before: 0,
+            expires_at: Some(50),
+        };
+        let live = LogEntryView::of_entry(&snapshot, |t| 1_000_000 + t);
+        assert_eq!((live.payload.as_str(), live.payload_bytes), ("small", 5));
+        assert_eq!((live.state, live.attempts), ("in_flight", Some(2)));
+        assert_eq!(live.to, Some(peer.to_string()));
+        assert_eq!(
+            (live.expires_at_ms, live.not_before_ms),
+            (Some(1_000_050), None)
+        );
+        assert_eq!((live.log.as_str(), live.seq), ("svc:orders", 7));
+    }
 }

@@ -1042,6 +1042,16 @@ impl Node {
         rx.await.ok()
     }
 
+    /// The first `limit` messages this node's logs hold, not yet acknowledged by a consumer:
+    /// by log name, then from each log's oldest, each waiting or in flight (and to whom).
+    /// `None` once the node stopped (read a stopped node's with
+    /// [`offline_entries`](crate::control::offline_entries)).
+    pub async fn log_entries(&self, limit: usize) -> Option<Vec<crate::control::LogEntryView>> {
+        let (reply, rx) = oneshot::channel();
+        self.core(CoreMsg::Entries { limit, reply }).await.ok()?;
+        rx.await.ok()
+    }
+
     /// Durable subscriber groups this node knows of, released ones included (see
     /// [`Status::groups`]); empty once the node stopped.
     pub async fn groups(&self) -> BTreeMap<String, crate::engine::wire::GroupState> {

@@ -197,6 +197,33 @@ struct Entry<R> {
     timed_out_on: u64,
 }
 
+/// One unsettled entry as [`Outbox::entries`] shows it.
+#[derive(Clone, Debug)]
+pub struct EntrySnapshot {
+    /// The message.
+    pub env: Arc<Envelope>,
+    /// Where it stands.
+    pub state: EntryState,
+    /// Delivery attempts that failed (a nack, an ack timeout) so far.
+    pub attempts: u32,
+    /// Not sent before this time (engine ms; 0: at once).
+    pub not_before: u64,
+    /// When it expires (engine ms); `None`: never.
+    pub expires_at: Option<u64>,
+}
+
+/// Where an unsettled entry stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryState {
+    /// Appended, its store commit not done yet.
+    Staged,
+    /// Waiting for a consumer (none connected, no credit, its key's earlier entries, a
+    /// backoff or delay).
+    Waiting,
+    /// Sent to this node, not acknowledged yet.
+    InFlight(NodeId),
+}
+
 #[derive(Debug)]
 struct Log<R> {
     /// Who consumes it (parsed from its name once, not on every dispatch); `None` for a name
@@ -1340,6 +1367,27 @@ impl<R> Outbox<R> {
         best
     }
 
+    /// The first `limit` unsettled entries, by log name and then seq (a log's entries from
+    /// its oldest), each with where it stands.
+    pub fn entries(&self, limit: usize) -> Vec<EntrySnapshot> {
+        self.logs
+            .values()
+            .flat_map(|log| log.entries.values())
+            .take(limit)
+            .map(|e| EntrySnapshot {
+                env: e.env.clone(),
+                state: match e.state {
+                    State::Staged => EntryState::Staged,
+                    State::Pending => EntryState::Waiting,
+                    State::InFlight { peer, .. } => EntryState::InFlight(peer),
+                },
+                attempts: e.attempts,
+                not_before: e.not_before,
+                expires_at: e.expires_at,
+            })
+            .collect()
+    }
+
     /// Figures per log.
     pub fn stats(&self) -> BTreeMap<String, LogStats> {
         self.logs
@@ -1812,6 +1860,30 @@ mod tests {
     /// A keyless entry that was in flight on a connection that closed goes back to the
     /// instance it was sent to, which may have handled it (its dedup window then drops it),
     /// though another instance is less loaded; a new keyless entry goes to the less loaded.
+    #[test]
+    fn entries_show_what_waits_and_what_is_in_flight_to_whom() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 1);
+        for _ in 0..3 {
+            ob.append(&target(), env(Some("k")), 0, None, None, false);
+        }
+        // One credit: the first goes out, the others of its key wait.
+        assert_eq!(ob.dispatch(0).len(), 1);
+        let all = ob.entries(10);
+        let seqs: Vec<u64> = all.iter().map(|e| e.env.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert_eq!(all[0].state, EntryState::InFlight(id(1)));
+        assert_eq!(all[1].state, EntryState::Waiting);
+        assert!(all.iter().all(|e| e.attempts == 0));
+        assert_eq!(ob.entries(2).len(), 2);
+        // A nack brings it back to waiting, one failed attempt on, with its backoff.
+        let log = target().log_name();
+        assert!(ob.on_nack(id(1), &log, 1, "busy", false, 5).is_none());
+        let first = &ob.entries(1)[0];
+        assert_eq!((first.state, first.attempts), (EntryState::Waiting, 1));
+        assert!(first.not_before > 5, "{first:?}");
+    }
+
     #[test]
     fn a_keyless_entry_lost_in_flight_goes_back_to_its_instance() {
         let mut ob = outbox();

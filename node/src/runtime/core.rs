@@ -227,6 +227,11 @@ pub(crate) enum CoreMsg {
     InterestsChanged,
     /// Status snapshot.
     Status(oneshot::Sender<Status>),
+    /// The first unsettled entries of the logs (at most `limit`).
+    Entries {
+        limit: usize,
+        reply: oneshot::Sender<Vec<crate::control::LogEntryView>>,
+    },
     /// Instances currently connected for a service.
     Instances {
         service: String,
@@ -694,6 +699,16 @@ impl Core {
             }
             CoreMsg::Status(reply) => {
                 let _ = reply.send(self.status());
+            }
+            CoreMsg::Entries { limit, reply } => {
+                let clock = &self.clock;
+                let views = self
+                    .outbox
+                    .entries(limit)
+                    .iter()
+                    .map(|e| crate::control::LogEntryView::of_entry(e, |t| clock.unix_time(t)))
+                    .collect();
+                let _ = reply.send(views);
             }
             CoreMsg::Instances {
                 service,
