@@ -1095,6 +1095,75 @@ fn sender_killed_after_send_returned_delivers_everything_after_restart() {
 }
 
 #[test]
+fn an_operator_moves_what_waits_for_a_gone_service_to_the_dead_letters() {
+    let budget = Budget::new(90);
+    let mesh = Mesh::open("dlq-move");
+    let dirs = tempfile::tempdir().expect("tempdir");
+    let dir = dirs.path().join("payments");
+    let d = dir.to_str().expect("utf8");
+    let stored = run(
+        mesh.command(&[
+            "send",
+            "orders",
+            "o{i}",
+            "--count",
+            "4",
+            "--no-wait",
+            "--data-dir",
+            d,
+        ]),
+        "peerbus send --no-wait",
+        budget.left(),
+    );
+    assert!(stored.status.success(), "{}", stored.stderr);
+    let node = spawn(
+        mesh.command(&["node", "--service", "payments", "--data-dir", d]),
+        "peerbus node payments",
+    );
+    // Once its control socket answers, the node has restored its log.
+    let moved = loop {
+        let moved = run(
+            mesh.command(&["dlq", "move", "--log", "svc:orders", "--data-dir", d]),
+            "peerbus dlq move",
+            budget.left(),
+        );
+        if moved.status.success() || budget.left() < Duration::from_secs(30) {
+            break moved;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(moved.status.success(), "{}", moved.stderr);
+    assert_eq!(
+        moved.stdout,
+        "moved 4 waiting message(s) of svc:orders to the dead letters"
+    );
+    let list = run(
+        mesh.command(&["dlq", "list", "--json", "--data-dir", d]),
+        "peerbus dlq list",
+        budget.left(),
+    );
+    let dead: Value = serde_json::from_str(&list.stdout).expect("dlq json");
+    let dead = dead.as_array().expect("a list");
+    assert_eq!(dead.len(), 4, "{}", list.stdout);
+    assert!(
+        dead.iter()
+            .all(|d| d["reason"].as_str().is_some_and(|r| r.contains("operator")))
+    );
+    let none = run(
+        mesh.command(&["dlq", "move", "--log", "svc:orders", "--data-dir", d]),
+        "peerbus dlq move again",
+        budget.left(),
+    );
+    assert_eq!(none.status.code(), Some(1));
+    assert!(
+        none.stderr.contains("no log named `svc:orders`"),
+        "{}",
+        none.stderr
+    );
+    assert!(node.terminate(Duration::from_secs(20)).success());
+}
+
+#[test]
 fn one_of_two_instances_killed_the_other_takes_its_unacknowledged_work() {
     const N: u64 = 3_000;
     let budget = Budget::new(150);

@@ -268,6 +268,27 @@ async fn ttl_and_exhausted_attempts_go_to_the_dead_letter_store_and_replay() {
         assert_eq!(n, 1);
         assert_eq!(late.recv().await.map(|m| m.1).as_deref(), Some("late"));
         assert_eq!(sender.dead_letters(10).await.expect("list").len(), 2);
+
+        // An operator gives up on what waits for a service that is gone.
+        let mut waiting = Vec::new();
+        for i in 0..3 {
+            waiting.push(sender.send("gone", format!("g{i}")).await);
+        }
+        let moved = sender.dead_letter_waiting("svc:gone").await.expect("move");
+        assert_eq!(moved, 3);
+        for r in waiting {
+            let e = r.expect("stored").acked().await.expect_err("dead-lettered");
+            assert!(e.to_string().contains("by an operator"), "{e}");
+        }
+        let dead = sender.dead_letters(10).await.expect("list");
+        assert_eq!(
+            dead.iter().filter(|d| d.env.destination == "gone").count(),
+            3
+        );
+        assert_eq!(
+            sender.dead_letter_waiting("svc:gone").await,
+            Err(peerbus::AdminError::NoSuchLog("svc:gone".into()))
+        );
         for n in [sender, receiver, nobody] {
             n.shutdown().await;
         }

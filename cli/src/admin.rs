@@ -47,6 +47,13 @@ enum DlqAction {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// Move every message waiting in a log to the dead letters (needs the node running): for
+    /// a service gone for good. Messages in flight stay; `replay` sends them again.
+    Move {
+        /// The log (`svc:<service>`, `grp:<group>`, as `peerbus status` lists them).
+        #[arg(long)]
+        log: String,
+    },
     /// Send dead letters again to their original destination (needs the node running).
     Replay {
         /// Ids to replay (repeatable).
@@ -288,10 +295,9 @@ pub(crate) async fn dlq(common: &CommonArgs, args: &DlqArgs) -> Result<()> {
                 "ID", "DESTINATION", "ATTEMPTS", "KEY"
             ))?;
             for d in &list {
-                let s = |k: &str| {
-                    d.get(k)
-                        .map(|v| v.to_string().trim_matches('"').to_string())
-                        .unwrap_or_default()
+                let s = |k: &str| match d.get(k) {
+                    None | Some(Value::Null) => "-".to_string(),
+                    Some(v) => v.to_string().trim_matches('"').to_string(),
                 };
                 print_line(&format!(
                     "{:>6} {:<24} {:>8} {:<24} {}",
@@ -303,6 +309,20 @@ pub(crate) async fn dlq(common: &CommonArgs, args: &DlqArgs) -> Result<()> {
                 ))?;
             }
             print_line(&format!("{} dead letter(s)", list.len()))
+        }
+        DlqAction::Move { log } => {
+            let answer = ask(&dir, json!({"cmd": "dlq_move", "log": log}))
+                .await?
+                .ok_or_else(|| {
+                    anyhow!(
+                        "no node is running on {}: start it (`peerbus node --data-dir ...`), then move",
+                        dir.display()
+                    )
+                })?;
+            let n = answer.get("moved").and_then(Value::as_u64).unwrap_or(0);
+            print_line(&format!(
+                "moved {n} waiting message(s) of {log} to the dead letters"
+            ))
         }
         DlqAction::Replay { ids, all } => {
             let req = if *all {

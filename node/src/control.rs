@@ -10,6 +10,7 @@
 //! | `{"cmd":"status"}` | `{"ok":true,"status":{…}}` |
 //! | `{"cmd":"dlq_list","limit":100}` | `{"ok":true,"dead_letters":[…]}` |
 //! | `{"cmd":"dlq_replay","ids":[1,2]}` or `{"cmd":"dlq_replay","all":true}` | `{"ok":true,"replayed":2}` |
+//! | `{"cmd":"dlq_move","log":"svc:orders"}` | `{"ok":true,"moved":12}` ([`Node::dead_letter_waiting`]) |
 //! | `{"cmd":"entries","limit":100}` | `{"ok":true,"entries":[…]}` (at most [`MAX_ENTRIES_LISTED`]) |
 //! | `{"cmd":"faults","partition":["127.0.0.1:7001"],"heal":["…"],"heal_all":true}` | `{"ok":true,"faults":{…}}` |
 //!
@@ -346,6 +347,15 @@ async fn answer(node: &Node, req: &Value) -> Value {
             }
             match node.replay_dead_letters(ids.as_deref()).await {
                 Ok(n) => json!({"ok": true, "replayed": n}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            }
+        }
+        Some("dlq_move") => {
+            let Some(log) = req.get("log").and_then(Value::as_str) else {
+                return json!({"ok": false, "error": "give the `log` to move (`svc:…`, `grp:…`)"});
+            };
+            match node.dead_letter_waiting(log).await {
+                Ok(n) => json!({"ok": true, "moved": n}),
                 Err(e) => json!({"ok": false, "error": e.to_string()}),
             }
         }

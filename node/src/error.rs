@@ -293,4 +293,7 @@ pub enum AdminError {
     /// The node is shutting down or stopped.
     #[error("the node is shut down")]
     Stopped,
+    /// No log of that name holds an entry.
+    #[error("no log named `{0}` holds an entry (`peerbus status` lists the logs)")]
+    NoSuchLog(String),
 }

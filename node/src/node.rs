@@ -1308,6 +1308,25 @@ impl Node {
             .map_err(AdminError::Store)
     }
 
+    /// Moves every message waiting in `log` (`svc:<service>`, `grp:<group>`, as
+    /// [`Status::logs`] names them) to the dead-letter store, where
+    /// [`Node::replay_dead_letters`] can send them again: for a service gone for good, whose
+    /// messages would otherwise wait until their TTL, if any. Each one's receipt is answered
+    /// [`DeliveryError::DeadLettered`]. Messages in flight stay and settle as usual. Returns how
+    /// many moved.
+    pub async fn dead_letter_waiting(&self, log: &str) -> Result<usize, AdminError> {
+        let (reply, rx) = oneshot::channel();
+        self.core(CoreMsg::DeadLetterWaiting {
+            log: log.to_string(),
+            reply,
+        })
+        .await
+        .map_err(|_| AdminError::Stopped)?;
+        rx.await
+            .map_err(|_| AdminError::Stopped)?
+            .ok_or_else(|| AdminError::NoSuchLog(log.to_string()))
+    }
+
     /// Re-sends dead letters (all of them when `ids` is `None`) to their original destination as
     /// new entries, attempts reset. Returns how many were re-sent.
     pub async fn replay_dead_letters(&self, ids: Option<&[u64]>) -> Result<usize, AdminError> {

@@ -1141,6 +1141,25 @@ impl<R> Outbox<R> {
         v
     }
 
+    /// Moves every waiting entry of `log_name` out of its log as dead-lettered with `reason`:
+    /// an operator gave up on them (their consumers are gone for good). Entries in flight,
+    /// and staged ones, stay and settle as usual. `None` when no such log holds an entry.
+    pub fn dead_letter_waiting(&mut self, log_name: &str, reason: &str) -> Option<Vec<Settled<R>>> {
+        let log = self.logs.get(log_name).filter(|l| !l.entries.is_empty())?;
+        let waiting: Vec<u64> = log
+            .entries
+            .iter()
+            .filter(|(_, e)| e.state == State::Pending)
+            .map(|(&seq, _)| seq)
+            .collect();
+        Some(
+            waiting
+                .into_iter()
+                .filter_map(|seq| self.dead_letter(log_name, seq, reason.to_string()))
+                .collect(),
+        )
+    }
+
     /// Moves an entry out of its log by hand (for `dlq`-style tooling and tests).
     pub fn remove(&mut self, log_name: &str, seq: u64, reason: &str) -> Option<Settled<R>> {
         self.dead_letter(log_name, seq, reason.to_string())
@@ -1882,6 +1901,35 @@ mod tests {
         let first = &ob.entries(1)[0];
         assert_eq!((first.state, first.attempts), (EntryState::Waiting, 1));
         assert!(first.not_before > 5, "{first:?}");
+    }
+
+    #[test]
+    fn an_operator_dead_letters_what_waits_and_leaves_what_is_in_flight() {
+        let mut ob = outbox();
+        ob.peer_up(id(1), 1, "svc".into(), vec![], 1);
+        for _ in 0..3 {
+            ob.append(&target(), env(Some("k")), 0, None, None, false);
+        }
+        assert_eq!(ob.dispatch(0).len(), 1);
+        let log = target().log_name();
+        let moved = ob
+            .dead_letter_waiting(&log, "gone")
+            .expect("the log holds entries");
+        let seqs: Vec<u64> = moved.iter().map(|s| s.seq).collect();
+        assert_eq!(seqs, [2, 3]);
+        assert!(
+            moved.iter().all(
+                |s| matches!(&s.outcome, Outcome::DeadLettered { reason } if reason == "gone")
+            )
+        );
+        assert_eq!(ob.len(), 1, "the one in flight stays");
+        assert_eq!(ob.on_ack(id(1), &log, &[1]).settled.len(), 1);
+        assert!(ob.is_empty());
+        assert!(
+            ob.dead_letter_waiting(&log, "gone").is_none(),
+            "an empty log"
+        );
+        assert!(ob.dead_letter_waiting("svc:nobody", "gone").is_none());
     }
 
     #[test]

@@ -227,6 +227,12 @@ pub(crate) enum CoreMsg {
     InterestsChanged,
     /// Status snapshot.
     Status(oneshot::Sender<Status>),
+    /// Dead-letters every waiting entry of a log (`Node::dead_letter_waiting`): how many, or
+    /// `None` when no such log holds an entry.
+    DeadLetterWaiting {
+        log: String,
+        reply: oneshot::Sender<Option<usize>>,
+    },
     /// The first unsettled entries of the logs (at most `limit`).
     Entries {
         limit: usize,
@@ -699,6 +705,17 @@ impl Core {
             }
             CoreMsg::Status(reply) => {
                 let _ = reply.send(self.status());
+            }
+            CoreMsg::DeadLetterWaiting { log, reply } => {
+                let moved = self
+                    .outbox
+                    .dead_letter_waiting(&log, "moved to the dead letters by an operator");
+                let n = moved.as_ref().map(Vec::len);
+                if let Some(n) = n {
+                    info!(%log, entries = n, "moving the log's waiting entries to the dead letters");
+                }
+                self.settle(moved.unwrap_or_default());
+                let _ = reply.send(n);
             }
             CoreMsg::Entries { limit, reply } => {
                 let clock = &self.clock;
