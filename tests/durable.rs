@@ -297,6 +297,64 @@ async fn ttl_and_exhausted_attempts_go_to_the_dead_letter_store_and_replay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_store_keeps_the_newest_within_its_limit_across_a_restart() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = |net: &MemoryNetwork| {
+            builder(net, "payments", &key)
+                .data_dir(dir.path())
+                .max_dead_letters(2)
+        };
+        let sender = start(node(&net)).await;
+        // No consumer: each one's TTL runs out and it is dead-lettered.
+        for i in 0..5 {
+            let _ = sender
+                .send(
+                    "nobody",
+                    Outgoing::new(format!("{i}")).ttl(Duration::from_millis(50)),
+                )
+                .await
+                .expect("stored");
+        }
+        eventually(10, "the five dead-lettered", || async {
+            sender.status().await.is_some_and(|s| s.dead_letters == 5)
+        })
+        .await;
+        eventually(10, "the store trimmed to two", || async {
+            sender.dead_letters(10).await.is_ok_and(|d| d.len() == 2)
+        })
+        .await;
+        let kept: Vec<String> = sender
+            .dead_letters(10)
+            .await
+            .expect("list")
+            .iter()
+            .map(|d| String::from_utf8_lossy(&d.env.payload).into_owned())
+            .collect();
+        assert_eq!(kept, ["3", "4"], "the newest are kept");
+        sender.shutdown().await;
+        let offline = peerbus::control::offline_dead_letters(dir.path(), 10).expect("offline");
+        assert_eq!(offline.len(), 2, "durable");
+        // After a restart the count goes on from what the store holds.
+        let sender = start(node(&net)).await;
+        let _ = sender
+            .send("nobody", Outgoing::new("5").ttl(Duration::from_millis(50)))
+            .await
+            .expect("stored");
+        eventually(10, "the newest replaced the oldest", || async {
+            sender.dead_letters(10).await.is_ok_and(|d| {
+                d.iter().map(|d| d.env.payload.as_ref()).collect::<Vec<_>>() == [b"4", b"5"]
+            })
+        })
+        .await;
+        sender.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_log_makes_send_wait_then_fail_and_loses_nothing_accepted() {
     within(60, async {
         let net = MemoryNetwork::new();

@@ -72,6 +72,7 @@ pub struct NodeBuilder {
     pub(crate) start_traces: bool,
     pub(crate) durability: Option<Durability>,
     pub(crate) max_log_entries: usize,
+    pub(crate) max_dead_letters: usize,
     pub(crate) max_log_bytes: usize,
     pub(crate) send_timeout: Duration,
     pub(crate) max_frame_size: usize,
@@ -121,6 +122,7 @@ impl NodeBuilder {
             start_traces: true,
             durability: None,
             max_log_entries: 1_000_000,
+            max_dead_letters: 100_000,
             max_log_bytes: 1 << 30,
             send_timeout: Duration::from_secs(5),
             max_frame_size: peerbus_transport::DEFAULT_MAX_FRAME_SIZE,
@@ -365,6 +367,14 @@ impl NodeBuilder {
     /// [`NodeBuilder::max_log_entries`] when reached.
     pub fn max_log_bytes(mut self, n: usize) -> Self {
         self.max_log_bytes = n.max(1);
+        self
+    }
+
+    /// Most dead letters the node keeps. Default 100,000. Past it, the oldest are dropped
+    /// (logged at warn, counted in `peerbus_dead_letters_dropped_total`): a consumer that
+    /// rejects everything, or messages whose TTL runs out for good, cannot fill the disk.
+    pub fn max_dead_letters(mut self, n: usize) -> Self {
+        self.max_dead_letters = n.max(1);
         self
     }
 

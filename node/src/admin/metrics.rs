@@ -41,6 +41,9 @@ pub const MESSAGES_ACKNOWLEDGED: &str = "peerbus_messages_acknowledged_total";
 pub const MESSAGES_REDELIVERED: &str = "peerbus_messages_redelivered_total";
 /// Entries given up and moved to the dead-letter store.
 pub const MESSAGES_DEAD_LETTERED: &str = "peerbus_messages_dead_lettered_total";
+/// Dead letters dropped, oldest first, to keep the dead-letter store within
+/// `NodeBuilder::max_dead_letters`.
+pub const DEAD_LETTERS_DROPPED: &str = "peerbus_dead_letters_dropped_total";
 /// Retransmissions dropped by the dedup window before reaching a handler.
 pub const DUPLICATES_DROPPED: &str = "peerbus_duplicates_dropped_total";
 /// Unsettled entries (waiting + in flight) per destination log.
@@ -195,6 +198,8 @@ pub(crate) struct Counters {
     pub(crate) acked: Count,
     pub(crate) redelivered: Count,
     pub(crate) dead_lettered: Count,
+    /// Dead letters dropped for room, counted by the store writer thread.
+    pub(crate) dead_letters_dropped: Arc<Count>,
     pub(crate) duplicates_dropped: Count,
     pub(crate) requests_own_stream: Count,
     /// Core's timer ticks.
@@ -228,6 +233,7 @@ impl Counters {
             acked: Count::new(MESSAGES_ACKNOWLEDGED, &node),
             redelivered: Count::new(MESSAGES_REDELIVERED, &node),
             dead_lettered: Count::new(MESSAGES_DEAD_LETTERED, &node),
+            dead_letters_dropped: Arc::new(Count::new(DEAD_LETTERS_DROPPED, &node)),
             duplicates_dropped: Count::new(DUPLICATES_DROPPED, &node),
             requests_own_stream: Count::new(REQUESTS_OWN_STREAM, &node),
             core_ticks: Count::new(CORE_TICKS, &node),
@@ -427,7 +433,7 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         esc(&s.mesh),
         s.listen
     );
-    let counter_rows: [(&str, &str, &Count); 10] = [
+    let counter_rows: [(&str, &str, &Count); 11] = [
         (
             MESSAGES_SENT,
             "Entries stored by send/publish (one per subscriber group copy).",
@@ -458,6 +464,11 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
             MESSAGES_DEAD_LETTERED,
             "Entries moved to the dead-letter store.",
             &counters.dead_lettered,
+        ),
+        (
+            DEAD_LETTERS_DROPPED,
+            "Dead letters dropped, oldest first, to keep the dead-letter store within its limit.",
+            &counters.dead_letters_dropped,
         ),
         (
             DUPLICATES_DROPPED,

@@ -432,6 +432,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         }
         _ => (Box::new(MemoryStore::new()), None),
     };
+    let dead_letters_stored = recovered.as_ref().map_or(0, |r| r.dead_letters);
     let inbox = match &recovered {
         Some(r) => Inbox::restore(r.windows.iter().cloned()),
         None => Inbox::new(),
@@ -534,6 +535,11 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         core_tx.clone(),
         shared.store_stats.clone(),
         shared.counters.commit_latency.clone(),
+        storage::DeadLetterBound {
+            max: b.max_dead_letters,
+            stored: dead_letters_stored,
+            dropped: shared.counters.dead_letters_dropped.clone(),
+        },
     )
     .map_err(|e| StartError::DataDir {
         path: b

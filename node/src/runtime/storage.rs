@@ -74,6 +74,17 @@ pub(crate) struct Durable {
     pub(crate) error: Option<String>,
 }
 
+/// How many dead letters the store keeps (`NodeBuilder::max_dead_letters`): past `max`, the
+/// writer drops the oldest, counts them in `dropped` and logs a warning.
+pub(crate) struct DeadLetterBound {
+    /// Most dead letters kept.
+    pub(crate) max: usize,
+    /// Dead letters the store held when the node started.
+    pub(crate) stored: usize,
+    /// Counts the dead letters dropped for room.
+    pub(crate) dropped: Arc<crate::admin::metrics::Count>,
+}
+
 /// Starts the writer thread. It stops when every sender is dropped.
 pub(crate) fn spawn(
     mut store: Box<dyn Store>,
@@ -81,6 +92,7 @@ pub(crate) fn spawn(
     core: mpsc::Sender<CoreMsg>,
     stats: Arc<std::sync::Mutex<crate::store::StoreStats>>,
     commit_latency: Arc<crate::admin::metrics::Latency>,
+    dead: DeadLetterBound,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("peerbus-store".into())
@@ -89,6 +101,7 @@ pub(crate) fn spawn(
                 store: &mut *store,
                 rx: &mut rx,
                 ops: Vec::new(),
+                dead,
             };
             while let Some(stop) = writer.round(&core, &stats, &commit_latency) {
                 if stop {
@@ -110,6 +123,8 @@ struct Writer<'a> {
     rx: &'a mut mpsc::Receiver<StoreOp>,
     /// Ops taken from the queue in one go (reused; at most [`MAX_GROUP`]).
     ops: Vec<StoreOp>,
+    /// The dead letters the store holds (`stored`, kept up to date) and their limit.
+    dead: DeadLetterBound,
 }
 
 impl Writer<'_> {
@@ -183,12 +198,16 @@ impl Writer<'_> {
             }
         }
         if !batch.is_empty() {
+            let new_dead = batch.dead.len();
             let started = std::time::Instant::now();
             let result = self.store.commit(batch);
             commit_latency.record(started.elapsed());
-            if let Err(e) = result {
-                error!(error = %e, "store commit failed; the affected sends report it");
-                report.error = Some(e.to_string());
+            match result {
+                Ok(()) => self.dead.stored += new_dead,
+                Err(e) => {
+                    error!(error = %e, "store commit failed; the affected sends report it");
+                    report.error = Some(e.to_string());
+                }
             }
         }
         if sync && let Err(e) = self.store.sync() {
@@ -200,15 +219,16 @@ impl Writer<'_> {
                     let _ = tx.send(self.store.dead_letters(limit).map_err(|e| e.to_string()));
                 }
                 StoreOp::TakeDead(ids, tx) => {
-                    let _ = tx.send(
-                        self.store
-                            .take_dead_letters(&ids)
-                            .map_err(|e| e.to_string()),
-                    );
+                    let taken = self.store.take_dead_letters(&ids);
+                    if let Ok(t) = &taken {
+                        self.dead.stored = self.dead.stored.saturating_sub(t.len());
+                    }
+                    let _ = tx.send(taken.map_err(|e| e.to_string()));
                 }
                 _ => {}
             }
         }
+        self.drop_oldest_dead_letters();
         *super::lock(stats) = self.store.stats();
         let error = report.error.clone();
         if stop {
@@ -229,6 +249,35 @@ impl Writer<'_> {
         // its next copy is staged behind the ones this commit made sendable.
         answer(answers, error.as_deref());
         Some(false)
+    }
+}
+
+impl Writer<'_> {
+    /// Drops the oldest dead letters past the limit (a failure leaves them for the next
+    /// round).
+    fn drop_oldest_dead_letters(&mut self) {
+        let excess = self.dead.stored.saturating_sub(self.dead.max);
+        if excess == 0 {
+            return;
+        }
+        let dropped = self.store.dead_letters(excess).and_then(|oldest| {
+            let ids: Vec<u64> = oldest.iter().map(|d| d.id).collect();
+            self.store.take_dead_letters(&ids)
+        });
+        match dropped {
+            Ok(d) => {
+                self.dead.stored = self.dead.stored.saturating_sub(d.len());
+                self.dead
+                    .dropped
+                    .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                warn!(
+                    dropped = d.len(),
+                    max = self.dead.max,
+                    "the dead-letter store is full: dropped its oldest dead letters"
+                );
+            }
+            Err(e) => warn!(error = %e, "could not drop the oldest dead letters"),
+        }
     }
 }
 
@@ -329,7 +378,15 @@ mod tests {
             .try_send(CoreMsg::Durable(Durable::default()))
             .expect("fill core's queue");
         let latency = Arc::new(crate::admin::metrics::Latency::store_commit("test"));
-        let thread = spawn(store, rx, core_tx, Arc::default(), latency).expect("spawn");
+        let thread = spawn(
+            store,
+            rx,
+            core_tx,
+            Arc::default(),
+            latency,
+            bound(usize::MAX),
+        )
+        .expect("spawn");
         let (reply, ticket) = CallReply::for_test();
         let entries = (1..=copies).map(|s| entry("svc:orders", s)).collect();
         tx.blocking_send(StoreOp::Append(StagedCall { entries, reply }))
@@ -352,6 +409,83 @@ mod tests {
         drop(tx);
         thread.join().expect("writer");
         (report, answer)
+    }
+
+    fn bound(max: usize) -> DeadLetterBound {
+        DeadLetterBound {
+            max,
+            stored: 0,
+            dropped: Arc::new(crate::admin::metrics::Count::new("test_dropped", "test")),
+        }
+    }
+
+    fn dead(seq: u64) -> DeadLetter {
+        DeadLetter {
+            id: 0,
+            env: Envelope::clone(&entry("svc:orders", seq).env),
+            reason: "ttl expired".into(),
+            attempts: 1,
+            dead_at_ms: 0,
+        }
+    }
+
+    /// Past its limit the dead-letter store keeps the newest, counts what it dropped, and
+    /// counts a replay's takes as room made.
+    #[test]
+    fn the_dead_letter_store_keeps_its_newest_within_its_limit() {
+        let (tx, rx) = mpsc::channel(64);
+        let (core_tx, _core_rx) = mpsc::channel(64);
+        let latency = Arc::new(crate::admin::metrics::Latency::store_commit("test"));
+        let limit = bound(3);
+        let dropped = limit.dropped.clone();
+        let thread = spawn(
+            Box::new(MemoryStore::new()),
+            rx,
+            core_tx,
+            Arc::default(),
+            latency,
+            limit,
+        )
+        .expect("spawn");
+        let list = |tx: &mpsc::Sender<StoreOp>| {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            tx.blocking_send(StoreOp::ListDead(100, reply))
+                .expect("queue");
+            let seqs: Vec<u64> = answer
+                .blocking_recv()
+                .expect("answered")
+                .expect("listed")
+                .iter()
+                .map(|d| d.env.seq)
+                .collect();
+            seqs
+        };
+        for seq in 1..=5 {
+            tx.blocking_send(StoreOp::Dead(dead(seq))).expect("queue");
+        }
+        // The list is answered after the round that stored them, and trims after it: the
+        // next round's list shows the trimmed store.
+        let _ = list(&tx);
+        assert_eq!(list(&tx), [3, 4, 5]);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 2);
+        // A take makes room: one more fits without a drop.
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.blocking_send(StoreOp::TakeDead(vec![3], reply))
+            .expect("queue");
+        assert_eq!(
+            answer
+                .blocking_recv()
+                .expect("answered")
+                .expect("taken")
+                .len(),
+            1
+        );
+        tx.blocking_send(StoreOp::Dead(dead(6))).expect("queue");
+        let _ = list(&tx);
+        assert_eq!(list(&tx), [4, 5, 6]);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 2);
+        drop(tx);
+        thread.join().expect("writer");
     }
 
     #[test]
