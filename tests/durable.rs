@@ -318,22 +318,23 @@ async fn the_dead_letter_store_keeps_the_newest_within_its_limit_across_a_restar
                 .await
                 .expect("stored");
         }
-        eventually(10, "the five dead-lettered", || async {
-            sender.status().await.is_some_and(|s| s.dead_letters == 5)
+        let payloads = |d: Vec<peerbus::DeadLetter>| -> Vec<String> {
+            d.iter()
+                .map(|d| String::from_utf8_lossy(&d.env.payload).into_owned())
+                .collect()
+        };
+        // All five dead-lettered, the newest two kept.
+        eventually(10, "the store trimmed to the newest two", || async {
+            sender
+                .dead_letters(10)
+                .await
+                .is_ok_and(|d| payloads(d) == ["3", "4"])
         })
         .await;
-        eventually(10, "the store trimmed to two", || async {
-            sender.dead_letters(10).await.is_ok_and(|d| d.len() == 2)
+        eventually(10, "the status counts what the store holds", || async {
+            sender.status().await.is_some_and(|s| s.dead_letters == 2)
         })
         .await;
-        let kept: Vec<String> = sender
-            .dead_letters(10)
-            .await
-            .expect("list")
-            .iter()
-            .map(|d| String::from_utf8_lossy(&d.env.payload).into_owned())
-            .collect();
-        assert_eq!(kept, ["3", "4"], "the newest are kept");
         sender.shutdown().await;
         let offline = peerbus::control::offline_dead_letters(dir.path(), 10).expect("offline");
         assert_eq!(offline.len(), 2, "durable");

@@ -175,7 +175,10 @@ pub struct Status {
     pub connections_closed: BTreeMap<String, u64>,
     /// Per destination log: waiting, in flight, oldest.
     pub logs: BTreeMap<String, LogStats>,
-    /// Entries dead-lettered since start.
+    /// Dead letters the node's store holds (what `peerbus dlq list` lists), as its writer
+    /// thread last counted them: a new one counts once its commit is done; replays, moves
+    /// back and drops past `NodeBuilder::max_dead_letters` take theirs off.
+    /// `peerbus_messages_dead_lettered_total` counts every one since start.
     pub dead_letters: usize,
     /// Entries stored by `send`/`publish` since start (one per group copy).
     pub sent: u64,

@@ -320,6 +320,9 @@ pub(crate) enum ScatterTarget {
 
 /// The connection generation of the local node in the outbox (real connections count from 1).
 const LOCAL_CONN: u64 = 0;
+/// Dead letters of one settle that are each logged at warn; the rest get one line (an
+/// operator's `dlq move` of a whole log, or a burst of expiries, would write thousands).
+const DEAD_LETTER_WARNINGS: usize = 8;
 
 /// The local node as a consumer of its own logs: it is a peer in the outbox (same credits,
 /// rendezvous, retries, ack timeout and dead letters as any instance), its deliveries go
@@ -361,7 +364,6 @@ struct Core {
     deferred_releases: BTreeSet<String>,
     seeds: Vec<SocketAddr>,
     seed_dialing: HashMap<SocketAddr, CancellationToken>,
-    dead_letters: usize,
     closing: bool,
     store: mpsc::Sender<StoreOp>,
     clock: Clock,
@@ -415,7 +417,6 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         start_unix_ms: init.start_unix_ms,
     };
     let mut outbox = Outbox::with_receipts(init.cfg);
-    let mut dead_letters = 0;
     let mut known_groups = KnownGroups::default();
     if let Some(rec) = init.recovered {
         for (log, next) in &rec.next_seqs {
@@ -431,7 +432,6 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
                 .max(init.recovered_hold_ms);
             outbox.restore(e.env, expires, not_before);
         }
-        dead_letters = rec.dead_letters;
         known_groups = KnownGroups::restore(rec.groups);
         let (live, released) = known_groups.counts();
         if live + released > 0 {
@@ -478,7 +478,6 @@ pub(crate) async fn run(shared: Arc<Shared>, mut rx: mpsc::Receiver<CoreMsg>, in
         deferred_releases: known_groups_released,
         seeds: Vec::new(),
         seed_dialing: HashMap::new(),
-        dead_letters,
         closing: false,
         store: init.store,
         clock,
@@ -997,6 +996,7 @@ impl Core {
         let persistent = self.persistent();
         // One store op for all of them.
         let mut removed = Vec::with_capacity(if persistent { settled.len() } else { 0 });
+        let mut dead_lettered = 0usize;
         for s in settled {
             if persistent {
                 removed.push((s.env.log.clone(), s.seq));
@@ -1028,12 +1028,14 @@ impl Core {
                     reason: reason.clone(),
                 }),
                 Outcome::DeadLettered { reason } => {
-                    self.dead_letters += 1;
                     self.shared
                         .counters
                         .dead_lettered
                         .fetch_add(1, Ordering::Relaxed);
-                    warn!(log = %s.env.log, seq = s.seq, attempts = s.attempts, %reason, "dead-lettered");
+                    dead_lettered += 1;
+                    if dead_lettered <= DEAD_LETTER_WARNINGS {
+                        warn!(log = %s.env.log, seq = s.seq, attempts = s.attempts, %reason, "dead-lettered");
+                    }
                     self.shared.events.emit(
                         EventKind::DeadLetter,
                         None,
@@ -1051,6 +1053,12 @@ impl Core {
             if let Some(receipt) = s.receipt {
                 receipt.send(result);
             }
+        }
+        if dead_lettered > DEAD_LETTER_WARNINGS {
+            warn!(
+                more = dead_lettered - DEAD_LETTER_WARNINGS,
+                "dead-lettered more entries at once (not each logged)"
+            );
         }
         if !removed.is_empty() {
             self.store_op(StoreOp::Remove(removed));
@@ -1994,7 +2002,7 @@ impl Core {
                 .map(|(code, n)| (code.name().to_string(), n))
                 .collect(),
             logs: self.outbox.stats(),
-            dead_letters: self.dead_letters,
+            dead_letters: self.shared.dead_letters_stored.load(Ordering::Relaxed),
             sent: d.sent,
             acked: d.acked,
             received: d.received,

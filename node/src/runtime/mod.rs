@@ -283,6 +283,8 @@ pub(crate) struct Shared {
     pub(crate) ack_timeout: std::time::Duration,
     pub(crate) send_timeout: std::time::Duration,
     pub(crate) store_stats: Arc<Mutex<crate::store::StoreStats>>,
+    /// Dead letters the store holds, as its writer thread counts them (`Status::dead_letters`).
+    pub(crate) dead_letters_stored: Arc<std::sync::atomic::AtomicUsize>,
     pub(crate) durability: Durability,
     pub(crate) started: Instant,
     pub(crate) core: mpsc::Sender<core::CoreMsg>,
@@ -479,6 +481,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         ack_timeout: b.ack_timeout,
         send_timeout: b.send_timeout,
         store_stats: Arc::new(Mutex::new(crate::store::StoreStats::default())),
+        dead_letters_stored: Arc::new(std::sync::atomic::AtomicUsize::new(dead_letters_stored)),
         durability,
         started: Instant::now(),
         core: core_tx.clone(),
@@ -537,7 +540,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         shared.counters.commit_latency.clone(),
         storage::DeadLetterBound {
             max: b.max_dead_letters,
-            stored: dead_letters_stored,
+            stored: shared.dead_letters_stored.clone(),
             dropped: shared.counters.dead_letters_dropped.clone(),
         },
     )

@@ -7,6 +7,7 @@
 //! [`CoreMsg::Durable`] message.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use peerbus_transport::NodeId;
 use smol_str::SmolStr;
@@ -79,10 +80,22 @@ pub(crate) struct Durable {
 pub(crate) struct DeadLetterBound {
     /// Most dead letters kept.
     pub(crate) max: usize,
-    /// Dead letters the store held when the node started.
-    pub(crate) stored: usize,
+    /// Dead letters the store holds: the recovered count when the node starts, then kept up
+    /// to date by the writer (`Status::dead_letters` reads it).
+    pub(crate) stored: Arc<std::sync::atomic::AtomicUsize>,
     /// Counts the dead letters dropped for room.
     pub(crate) dropped: Arc<crate::admin::metrics::Count>,
+}
+
+impl DeadLetterBound {
+    /// Counts `n` dead letters taken out of the store.
+    fn take_off(&self, n: usize) {
+        let _ = self
+            .stored
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some(s.saturating_sub(n))
+            });
+    }
 }
 
 /// Starts the writer thread. It stops when every sender is dropped.
@@ -203,7 +216,9 @@ impl Writer<'_> {
             let result = self.store.commit(batch);
             commit_latency.record(started.elapsed());
             match result {
-                Ok(()) => self.dead.stored += new_dead,
+                Ok(()) => {
+                    self.dead.stored.fetch_add(new_dead, Ordering::Relaxed);
+                }
                 Err(e) => {
                     error!(error = %e, "store commit failed; the affected sends report it");
                     report.error = Some(e.to_string());
@@ -221,7 +236,7 @@ impl Writer<'_> {
                 StoreOp::TakeDead(ids, tx) => {
                     let taken = self.store.take_dead_letters(&ids);
                     if let Ok(t) = &taken {
-                        self.dead.stored = self.dead.stored.saturating_sub(t.len());
+                        self.dead.take_off(t.len());
                     }
                     let _ = tx.send(taken.map_err(|e| e.to_string()));
                 }
@@ -250,13 +265,15 @@ impl Writer<'_> {
         answer(answers, error.as_deref());
         Some(false)
     }
-}
 
-impl Writer<'_> {
     /// Drops the oldest dead letters past the limit (a failure leaves them for the next
     /// round).
     fn drop_oldest_dead_letters(&mut self) {
-        let excess = self.dead.stored.saturating_sub(self.dead.max);
+        let excess = self
+            .dead
+            .stored
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.dead.max);
         if excess == 0 {
             return;
         }
@@ -266,10 +283,10 @@ impl Writer<'_> {
         });
         match dropped {
             Ok(d) => {
-                self.dead.stored = self.dead.stored.saturating_sub(d.len());
+                self.dead.take_off(d.len());
                 self.dead
                     .dropped
-                    .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    .fetch_add(d.len() as u64, Ordering::Relaxed);
                 warn!(
                     dropped = d.len(),
                     max = self.dead.max,
@@ -414,7 +431,7 @@ mod tests {
     fn bound(max: usize) -> DeadLetterBound {
         DeadLetterBound {
             max,
-            stored: 0,
+            stored: Arc::default(),
             dropped: Arc::new(crate::admin::metrics::Count::new("test_dropped", "test")),
         }
     }
@@ -437,7 +454,7 @@ mod tests {
         let (core_tx, _core_rx) = mpsc::channel(64);
         let latency = Arc::new(crate::admin::metrics::Latency::store_commit("test"));
         let limit = bound(3);
-        let dropped = limit.dropped.clone();
+        let (dropped, stored) = (limit.dropped.clone(), limit.stored.clone());
         let thread = spawn(
             Box::new(MemoryStore::new()),
             rx,
@@ -467,7 +484,8 @@ mod tests {
         // next round's list shows the trimmed store.
         let _ = list(&tx);
         assert_eq!(list(&tx), [3, 4, 5]);
-        assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(stored.load(Ordering::Relaxed), 3);
         // A take makes room: one more fits without a drop.
         let (reply, answer) = tokio::sync::oneshot::channel();
         tx.blocking_send(StoreOp::TakeDead(vec![3], reply))
@@ -483,7 +501,8 @@ mod tests {
         tx.blocking_send(StoreOp::Dead(dead(6))).expect("queue");
         let _ = list(&tx);
         assert_eq!(list(&tx), [4, 5, 6]);
-        assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(stored.load(Ordering::Relaxed), 3);
         drop(tx);
         thread.join().expect("writer");
     }
