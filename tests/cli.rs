@@ -1101,47 +1101,82 @@ fn an_operator_moves_what_waits_for_a_gone_service_to_the_dead_letters() {
     let dirs = tempfile::tempdir().expect("tempdir");
     let dir = dirs.path().join("payments");
     let d = dir.to_str().expect("utf8");
-    let stored = run(
-        mesh.command(&[
-            "send",
-            "orders",
-            "o{i}",
-            "--count",
-            "4",
-            "--no-wait",
-            "--data-dir",
-            d,
-        ]),
-        "peerbus send --no-wait",
+    let store = |what: &str, count: &str| {
+        let stored = run(
+            mesh.command(&[
+                "send",
+                "orders",
+                what,
+                "--count",
+                count,
+                "--no-wait",
+                "--data-dir",
+                d,
+            ]),
+            "peerbus send --no-wait",
+            budget.left(),
+        );
+        assert!(stored.status.success(), "{}", stored.stderr);
+    };
+    let dlq = |args: &[&str], what: &str| {
+        let mut all = vec!["dlq"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--data-dir", d]);
+        run(mesh.command(&all), what, budget.left())
+    };
+    let moved = "moved 2 waiting message(s) of svc:orders to the dead letters";
+
+    // A stopped node's log is moved in its directory.
+    store("o{i}", "2");
+    let offline = dlq(
+        &["move", "--log", "svc:orders"],
+        "peerbus dlq move (stopped)",
+    );
+    assert!(offline.status.success(), "{}", offline.stderr);
+    assert_eq!(offline.stdout, moved);
+    let entries = run(
+        mesh.command(&["entries", "--json", "--data-dir", d]),
+        "peerbus entries (stopped)",
         budget.left(),
     );
-    assert!(stored.status.success(), "{}", stored.stderr);
+    assert_eq!(entries.stdout.trim(), "[]", "the log is empty");
+    let none = dlq(
+        &["move", "--log", "svc:orders"],
+        "peerbus dlq move (stopped, empty)",
+    );
+    assert_eq!(none.status.code(), Some(1));
+    assert!(
+        none.stderr.contains("no log named `svc:orders`"),
+        "{}",
+        none.stderr
+    );
+
+    // A running node moves what waits in its log.
+    store("p{i}", "2");
     let node = spawn(
         mesh.command(&["node", "--service", "payments", "--data-dir", d]),
         "peerbus node payments",
     );
-    // Once its control socket answers, the node has restored its log.
-    let moved = loop {
-        let moved = run(
-            mesh.command(&["dlq", "move", "--log", "svc:orders", "--data-dir", d]),
-            "peerbus dlq move",
+    loop {
+        let status = run(
+            mesh.command(&["status", "--json", "--data-dir", d]),
+            "peerbus status",
             budget.left(),
         );
-        if moved.status.success() || budget.left() < Duration::from_secs(30) {
-            break moved;
+        let running =
+            serde_json::from_str::<Value>(&status.stdout).is_ok_and(|v| v["running"] == true);
+        if running || budget.left() < Duration::from_secs(30) {
+            break;
         }
         thread::sleep(Duration::from_millis(200));
-    };
-    assert!(moved.status.success(), "{}", moved.stderr);
-    assert_eq!(
-        moved.stdout,
-        "moved 4 waiting message(s) of svc:orders to the dead letters"
+    }
+    let online = dlq(
+        &["move", "--log", "svc:orders"],
+        "peerbus dlq move (running)",
     );
-    let list = run(
-        mesh.command(&["dlq", "list", "--json", "--data-dir", d]),
-        "peerbus dlq list",
-        budget.left(),
-    );
+    assert!(online.status.success(), "{}", online.stderr);
+    assert_eq!(online.stdout, moved);
+    let list = dlq(&["list", "--json"], "peerbus dlq list");
     let dead: Value = serde_json::from_str(&list.stdout).expect("dlq json");
     let dead = dead.as_array().expect("a list");
     assert_eq!(dead.len(), 4, "{}", list.stdout);
@@ -1149,11 +1184,7 @@ fn an_operator_moves_what_waits_for_a_gone_service_to_the_dead_letters() {
         dead.iter()
             .all(|d| d["reason"].as_str().is_some_and(|r| r.contains("operator")))
     );
-    let none = run(
-        mesh.command(&["dlq", "move", "--log", "svc:orders", "--data-dir", d]),
-        "peerbus dlq move again",
-        budget.left(),
-    );
+    let none = dlq(&["move", "--log", "svc:orders"], "peerbus dlq move again");
     assert_eq!(none.status.code(), Some(1));
     assert!(
         none.stderr.contains("no log named `svc:orders`"),

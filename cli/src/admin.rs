@@ -47,8 +47,9 @@ enum DlqAction {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// Move every message waiting in a log to the dead letters (needs the node running): for
-    /// a service gone for good. Messages in flight stay; `replay` sends them again.
+    /// Move every message waiting in a log to the dead letters, on a running node or a stopped
+    /// node's --data-dir: for a service gone for good. Messages in flight stay; `replay` sends
+    /// them again.
     Move {
         /// The log (`svc:<service>`, `grp:<group>`, as `peerbus status` lists them).
         #[arg(long)]
@@ -311,15 +312,21 @@ pub(crate) async fn dlq(common: &CommonArgs, args: &DlqArgs) -> Result<()> {
             print_line(&format!("{} dead letter(s)", list.len()))
         }
         DlqAction::Move { log } => {
-            let answer = ask(&dir, json!({"cmd": "dlq_move", "log": log}))
-                .await?
-                .ok_or_else(|| {
-                    anyhow!(
-                        "no node is running on {}: start it (`peerbus node --data-dir ...`), then move",
-                        dir.display()
-                    )
-                })?;
-            let n = answer.get("moved").and_then(Value::as_u64).unwrap_or(0);
+            let n = match ask(&dir, json!({"cmd": "dlq_move", "log": log})).await? {
+                Some(answer) => answer.get("moved").and_then(Value::as_u64).unwrap_or(0),
+                None => {
+                    let moved = control::offline_dead_letter_log(&dir, log)
+                        .with_context(|| format!("moving {log} in {}", dir.display()))?;
+                    if moved == 0 {
+                        bail!(
+                            "no log named `{log}` holds an entry in the stopped node's {} \
+                             (`peerbus status` lists the logs)",
+                            dir.display()
+                        );
+                    }
+                    moved as u64
+                }
+            };
             print_line(&format!(
                 "moved {n} waiting message(s) of {log} to the dead letters"
             ))

@@ -36,7 +36,7 @@ use tracing::{debug, warn};
 use crate::engine::outbox::{EntrySnapshot, EntryState, LogStats};
 use crate::engine::wire::Envelope;
 use crate::node::Node;
-use crate::store::{DeadLetter, RedbStore, Store, StoreError};
+use crate::store::{Batch, DeadLetter, RedbStore, Store, StoreError};
 
 /// Most log entries one `entries` request lists (each carries its payload).
 pub const MAX_ENTRIES_LISTED: usize = 10_000;
@@ -224,6 +224,40 @@ pub fn offline_entries(data_dir: &Path, limit: usize) -> Result<Vec<LogEntryView
             ..LogEntryView::of_envelope(&e.env)
         })
         .collect())
+}
+
+/// Why an entry an operator moved to the dead letters is there ([`Node::dead_letter_waiting`],
+/// [`offline_dead_letter_log`]).
+pub const MOVED_BY_OPERATOR: &str = "moved to the dead letters by an operator";
+
+/// Moves every entry a stopped node's `log` holds to its dead letters, in one durable commit,
+/// as [`Node::dead_letter_waiting`] does for a running node (a stopped node has nothing in
+/// flight). Returns how many moved: 0 when no entry of that log is there. Fails with
+/// [`StoreError::InUse`] when a node runs there, and on a directory with no store (it makes
+/// none).
+pub fn offline_dead_letter_log(data_dir: &Path, log: &str) -> Result<usize, StoreError> {
+    // The read-only open fails on a directory without a store, where `open` would make one.
+    drop(RedbStore::open_read_only(data_dir)?);
+    let mut store = RedbStore::open(data_dir, crate::store::Durability::Fsync)?;
+    let rec = store.recover()?;
+    let now = crate::message::now_unix_ms();
+    let mut batch = Batch::default();
+    for e in rec.entries.iter().filter(|e| e.env.log == log) {
+        batch.remove.push((e.env.log.clone(), e.env.seq));
+        batch.dead.push(DeadLetter {
+            id: 0,
+            env: Envelope::clone(&e.env),
+            reason: MOVED_BY_OPERATOR.to_string(),
+            attempts: 0,
+            dead_at_ms: now,
+        });
+    }
+    let moved = batch.dead.len();
+    if moved > 0 {
+        store.commit(batch)?;
+        store.sync()?;
+    }
+    Ok(moved)
 }
 
 /// Dead letters in a stopped node's data directory, oldest first.

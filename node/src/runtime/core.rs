@@ -708,7 +708,7 @@ impl Core {
             CoreMsg::DeadLetterWaiting { log, reply } => {
                 let moved = self
                     .outbox
-                    .dead_letter_waiting(&log, "moved to the dead letters by an operator");
+                    .dead_letter_waiting(&log, crate::control::MOVED_BY_OPERATOR);
                 let n = moved.as_ref().map(Vec::len);
                 if let Some(n) = n {
                     info!(%log, entries = n, "moving the log's waiting entries to the dead letters");
