@@ -389,6 +389,18 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
             "{log}"
         );
         assert_ne!(s["peers"][0]["state"], "connected");
+        // The entries themselves, oldest first, at most `limit`.
+        let r = get(&payments, "/entries?limit=2").await;
+        assert_eq!(r.code, 200, "{}", r.body);
+        let entries: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+        let payloads: Vec<&str> = entries
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|e| e["payload"].as_str())
+            .collect();
+        assert_eq!(payloads, ["late-0", "late-1"], "{}", r.body);
+        assert_eq!(entries[0]["log"], "svc:orders");
         // What the closed connection carried still counts.
         let traffic = &s["peers"][0]["traffic"];
         assert!(

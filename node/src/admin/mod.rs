@@ -201,11 +201,34 @@ async fn route(state: &Arc<AdminState>, req: Request<Incoming>) -> Response<Body
             None => text(StatusCode::SERVICE_UNAVAILABLE, "node stopped\n"),
         },
         "/events" => events_stream(state.clone()),
+        "/entries" => {
+            let limit = query_limit(req.uri().query()).unwrap_or(100);
+            let limit = limit.min(crate::control::MAX_ENTRIES_LISTED);
+            match state.node.log_entries(limit).await {
+                Some(list) => match serde_json::to_string(&list) {
+                    Ok(json) => full(StatusCode::OK, "application/json", json),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+                },
+                None => text(StatusCode::SERVICE_UNAVAILABLE, "node stopped\n"),
+            }
+        }
         other => text(
             StatusCode::NOT_FOUND,
-            format!("no such page: {other}; try /, /status, /metrics, /healthz or /events\n"),
+            format!(
+                "no such page: {other}; try /, /status, /metrics, /healthz, /events or \
+                 /entries?limit=N\n"
+            ),
         ),
     }
+}
+
+/// The `limit=N` of a query string (`/entries?limit=20`), when there is a valid one.
+fn query_limit(query: Option<&str>) -> Option<usize> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("limit="))?
+        .parse()
+        .ok()
 }
 
 /// Fault injector settings, for chaos runs.
