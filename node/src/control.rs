@@ -169,7 +169,7 @@ pub struct LogEntryView {
 pub const PAYLOAD_SHOWN: usize = 1024;
 
 impl LogEntryView {
-    /// The view of `env` as a running node's outbox holds it (`unix` turns engine times into
+    /// The view of an entry of a running node's outbox (`unix` turns its engine times into
     /// Unix ms).
     pub(crate) fn of_entry(e: &EntrySnapshot, unix: impl Fn(u64) -> u64) -> Self {
         let (state, to) = match e.state {
