@@ -426,6 +426,34 @@ async fn status_and_metrics_show_peers_counters_and_backlog() {
             kinds.contains(&("peer_down".into(), "orders".into())),
             "{kinds:?}"
         );
+
+        // An operator gives up on twelve waiting messages: the first eight are events of
+        // their own, the other four one more, so the page's list keeps its other events.
+        for i in 0..12 {
+            let _receipt = payments
+                .send("gone", format!("gone-{i}"))
+                .await
+                .expect("send");
+        }
+        assert_eq!(payments.dead_letter_waiting("svc:gone").await, Ok(12));
+        let s = status(&payments).await;
+        let dead: Vec<&str> = s["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| e["kind"] == "dead_letter")
+            .filter_map(|e| e["detail"].as_str())
+            .collect();
+        assert_eq!(dead.len(), 9, "{dead:?}");
+        assert!(dead[0].starts_with("svc:gone#"), "{dead:?}");
+        assert_eq!(dead[8], "and 4 more dead-lettered at once");
+        // The store counts them once their commit is done.
+        eventually(10, "the store counts all twelve", || async {
+            status(&payments).await["dead_letters"]
+                .as_u64()
+                .is_some_and(|n| n >= 12)
+        })
+        .await;
         payments.shutdown().await;
     })
     .await;

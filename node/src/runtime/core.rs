@@ -320,8 +320,9 @@ pub(crate) enum ScatterTarget {
 
 /// The connection generation of the local node in the outbox (real connections count from 1).
 const LOCAL_CONN: u64 = 0;
-/// Dead letters of one settle that are each logged at warn; the rest get one line (an
-/// operator's `dlq move` of a whole log, or a burst of expiries, would write thousands).
+/// Dead letters of one settle that are each logged at warn and shown as a mesh event; the
+/// rest get one line and one event (an operator's `dlq move` of a whole log, or a burst of
+/// expiries, would write thousands, and push every other event out of the page's list).
 const DEAD_LETTER_WARNINGS: usize = 8;
 
 /// The local node as a consumer of its own logs: it is a peer in the outbox (same credits,
@@ -1035,16 +1036,16 @@ impl Core {
                     dead_lettered += 1;
                     if dead_lettered <= DEAD_LETTER_WARNINGS {
                         warn!(log = %s.env.log, seq = s.seq, attempts = s.attempts, %reason, "dead-lettered");
+                        self.shared.events.emit(
+                            EventKind::DeadLetter,
+                            None,
+                            None,
+                            format!(
+                                "{}#{} after {} attempts: {reason}",
+                                s.env.log, s.seq, s.attempts
+                            ),
+                        );
                     }
-                    self.shared.events.emit(
-                        EventKind::DeadLetter,
-                        None,
-                        None,
-                        format!(
-                            "{}#{} after {} attempts: {reason}",
-                            s.env.log, s.seq, s.attempts
-                        ),
-                    );
                     Err(DeliveryError::DeadLettered {
                         reason: reason.clone(),
                     })
@@ -1055,9 +1056,13 @@ impl Core {
             }
         }
         if dead_lettered > DEAD_LETTER_WARNINGS {
-            warn!(
-                more = dead_lettered - DEAD_LETTER_WARNINGS,
-                "dead-lettered more entries at once (not each logged)"
+            let more = dead_lettered - DEAD_LETTER_WARNINGS;
+            warn!(more, "dead-lettered more entries at once (not each logged)");
+            self.shared.events.emit(
+                EventKind::DeadLetter,
+                None,
+                None,
+                format!("and {more} more dead-lettered at once"),
             );
         }
         if !removed.is_empty() {
