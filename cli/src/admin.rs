@@ -173,9 +173,7 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
         "{:<32} {:>9} {:>10} {:>12}",
         "DESTINATION", "WAITING", "IN FLIGHT", "OLDEST"
     ))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = unix_now_ms();
     if let Some(logs) = status.get("logs").and_then(Value::as_object) {
         for (name, l) in logs {
             let n = |k: &str| l.get(k).and_then(Value::as_u64).unwrap_or(0);
@@ -217,6 +215,13 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
     Ok(())
 }
 
+/// Milliseconds since the Unix epoch (0 on a clock before it), for the ages of entries.
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// `peerbus entries`.
 pub(crate) async fn entries(common: &CommonArgs, args: &EntriesArgs) -> Result<()> {
     let dir = data_dir(common)?;
@@ -236,9 +241,7 @@ pub(crate) async fn entries(common: &CommonArgs, args: &EntriesArgs) -> Result<(
         "{:<24} {:>20} {:<16} {:<20} {:>8} {:>8}  PAYLOAD",
         "LOG", "SEQ", "KEY", "STATE", "ATTEMPTS", "AGE"
     ))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = unix_now_ms();
     for e in &list {
         let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
         let n = |k: &str| e.get(k).and_then(Value::as_u64);

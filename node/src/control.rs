@@ -236,9 +236,7 @@ pub const MOVED_BY_OPERATOR: &str = "moved to the dead letters by an operator";
 /// [`StoreError::InUse`] when a node runs there, and on a directory with no store (it makes
 /// none).
 pub fn offline_dead_letter_log(data_dir: &Path, log: &str) -> Result<usize, StoreError> {
-    // The read-only open fails on a directory without a store, where `open` would make one.
-    drop(RedbStore::open_read_only(data_dir)?);
-    let mut store = RedbStore::open(data_dir, crate::store::Durability::Fsync)?;
+    let mut store = RedbStore::open_existing(data_dir, crate::store::Durability::Fsync)?;
     let rec = store.recover()?;
     let now = crate::message::now_unix_ms();
     let mut batch = Batch::default();

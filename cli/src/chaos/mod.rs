@@ -827,7 +827,6 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
 /// Every node's journal events, by node index.
 type Journals = Vec<(usize, Vec<journal::Event>)>;
 
-/// Reads every node's journal; also returns how many lines were torn.
 /// The copies still in the stopped nodes' logs (each node's data directory is its run
 /// directory): for each (origin, per-origin sequence) in a payload there, the logs that hold
 /// it. A store that cannot be read (a node still running, a damaged file) adds nothing, so
@@ -852,6 +851,7 @@ fn read_logs(dirs: &[PathBuf]) -> checker::Kept {
     kept
 }
 
+/// Reads every node's journal; also returns how many lines were torn.
 fn read_journals(dirs: &[PathBuf]) -> anyhow::Result<(Journals, usize)> {
     let mut out = Vec::new();
     let mut torn = 0;

@@ -182,6 +182,18 @@ impl RedbStore {
     /// side log is replayed.
     pub fn open(dir: &Path, durability: Durability) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        Self::open_in(dir, durability)
+    }
+
+    /// [`RedbStore::open`] for a directory that already holds a store (tooling that changes a
+    /// stopped node's store): fails with [`StoreError::Io`] (not found) where `open` would
+    /// make a new one.
+    pub fn open_existing(dir: &Path, durability: Durability) -> Result<RedbStore, StoreError> {
+        store_file_in(dir)?;
+        Self::open_in(dir, durability)
+    }
+
+    fn open_in(dir: &Path, durability: Durability) -> Result<RedbStore, StoreError> {
         let lock = lock_dir(dir)?;
         let mut store = RedbStore::new(dir, durability, lock);
         store.open_rw()?;
@@ -197,16 +209,7 @@ impl RedbStore {
     /// records without moving them to quarantine; [`Store::commit`] and
     /// [`Store::take_dead_letters`] fail.
     pub fn open_read_only(dir: &Path) -> Result<RedbStore, StoreError> {
-        let path = dir.join(STORE_FILE);
-        if !path.exists() {
-            return Err(io_error(
-                dir,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("no peerbus store ({STORE_FILE}) in this directory"),
-                ),
-            ));
-        }
+        let path = store_file_in(dir)?;
         let lock = lock_dir(dir)?;
         let mut store = RedbStore::new(dir, Durability::Fsync, lock);
         let wal_empty = Wal::is_empty_in(dir);
@@ -1233,6 +1236,21 @@ impl<T, E: Into<redb::Error>> OrStore<T> for Result<T, E> {
 }
 
 /// An I/O error on `path`; a full disk becomes [`StoreError::Full`].
+/// The store file of `dir`, or a not-found error when it has none.
+fn store_file_in(dir: &Path) -> Result<std::path::PathBuf, StoreError> {
+    let path = dir.join(STORE_FILE);
+    if path.exists() {
+        return Ok(path);
+    }
+    Err(io_error(
+        dir,
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no peerbus store ({STORE_FILE}) in this directory"),
+        ),
+    ))
+}
+
 pub(super) fn io_error(path: &Path, e: std::io::Error) -> StoreError {
     if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(libc::ENOSPC) {
         StoreError::Full {
