@@ -68,9 +68,9 @@ fn describe(out: &Output) -> String {
 
 #[test]
 fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
-    // Seed 2 schedules (4 s apart): partition, kill, kill, freeze. Nodes 1 and 3 speak protocol
-    // 4 (a mesh halfway through an upgrade), so both versions carry messages through the
-    // faults; `scripts/chaos` runs the mesh of one version. Handlers fail and run slow on
+    // Seed 2 schedules (4 s apart): partition, kill, kill, freeze. Nodes 1, 2 and 3 speak at
+    // most protocol 4, 5 and 6 (a mesh halfway through its upgrades), so every version
+    // carries messages through the faults; `scripts/chaos` runs the mesh of one version. Handlers fail and run slow on
     // purpose, and a 400 ms ack timeout makes each freeze time out what is in flight.
     let (out, report, tmp) = chaos(
         &[

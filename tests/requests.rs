@@ -439,6 +439,28 @@ async fn a_request_whose_instance_goes_away_fails_as_peer_lost() {
     .await;
 }
 
+/// Serves on `server` a handler that takes `hold` and answers with its request's payload;
+/// returns the most handlers that ran at once, counted as they run.
+async fn serve_counting(server: &Node, hold: Duration) -> Arc<AtomicUsize> {
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (r, m) = (running, most.clone());
+    server
+        .serve(move |req| {
+            let (r, m) = (r.clone(), m.clone());
+            async move {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(hold).await;
+                r.fetch_sub(1, Ordering::SeqCst);
+                Ok(req.payload().clone())
+            }
+        })
+        .await
+        .expect("serve");
+    most
+}
+
 /// `serve_concurrency` bounds the handlers running at once; requests beyond it wait their
 /// turn (in the serve queue) and are all answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,22 +470,7 @@ async fn serve_runs_at_most_its_concurrency_and_queues_the_rest() {
         let key = MeshKey::generate();
         let client = start(builder(&net, "web", &key)).await;
         let server = start(builder(&net, "pool", &key).serve_concurrency(2)).await;
-        let running = Arc::new(AtomicUsize::new(0));
-        let most = Arc::new(AtomicUsize::new(0));
-        let (r, m) = (running.clone(), most.clone());
-        server
-            .serve(move |_req| {
-                let (r, m) = (r.clone(), m.clone());
-                async move {
-                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
-                    m.fetch_max(now, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    r.fetch_sub(1, Ordering::SeqCst);
-                    Ok("done".into())
-                }
-            })
-            .await
-            .expect("serve");
+        let most = serve_counting(&server, Duration::from_millis(50)).await;
         until_served(&client, "pool", "x", Duration::from_secs(1)).await;
         let mut calls = Vec::new();
         for _ in 0..12 {
@@ -473,9 +480,50 @@ async fn serve_runs_at_most_its_concurrency_and_queues_the_rest() {
             }));
         }
         for call in calls {
-            assert_eq!(&call.await.expect("join").expect("answered")[..], b"done");
+            assert_eq!(&call.await.expect("join").expect("answered")[..], b"x");
         }
         assert_eq!(most.load(Ordering::SeqCst), 2, "handlers at once");
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// Requests made from tasks go on streams of their own, each served by that stream's task on
+/// the server (protocol 7): there too `serve_concurrency` bounds the handlers running at once,
+/// and a stream's request waits for a slot, then is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_kept_streams_wait_for_a_serve_slot() {
+    within(30, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let client = start(builder(&net, "web", &key)).await;
+        let server = start(builder(&net, "pool", &key).serve_concurrency(1)).await;
+        let most = serve_counting(&server, Duration::from_millis(30)).await;
+        until_served(&client, "pool", "x", Duration::from_secs(1)).await;
+        let own_before = client.status().await.expect("status").requests_own_stream;
+        // Two callers, each with one request in flight at a time: the node never has more
+        // than two, so every request goes on a stream of its own.
+        let mut callers = Vec::new();
+        for caller in 0..2 {
+            let c = client.clone();
+            callers.push(tokio::spawn(async move {
+                for i in 0..5 {
+                    let text = format!("{caller}/{i}");
+                    let reply = c
+                        .request("pool", text.clone(), Duration::from_secs(5))
+                        .await
+                        .unwrap_or_else(|e| panic!("{text}: {e}"));
+                    assert_eq!(String::from_utf8_lossy(&reply), text);
+                }
+            }));
+        }
+        for caller in callers {
+            caller.await.expect("caller");
+        }
+        let own = client.status().await.expect("status").requests_own_stream - own_before;
+        assert_eq!(own, 10, "every request read its reply on its own stream");
+        assert_eq!(most.load(Ordering::SeqCst), 1, "handlers at once");
         client.shutdown().await;
         server.shutdown().await;
     })
@@ -1113,9 +1161,11 @@ async fn tie_break_rounds(handler: Duration, linger: Option<Duration>, enough: u
 /// stream of its own and its caller reads the reply there (`Status::requests_own_stream`),
 /// whatever the reply: a value, an error or a panic, from a handler polled in the task that
 /// read the request or in a task of its own (one that waits, or whose first polls are slow,
-/// as they may be on a loaded machine). A request that times out ends at its deadline. A
-/// request made outside any task (here, the test's `block_on`), or to an instance held at
-/// protocol 5, goes the shared way.
+/// as they may be on a loaded machine). To an instance of protocol 7 the stream is kept for
+/// the next request (`Status::request_streams_opened`), and one whose request timed out is
+/// not; to one held at protocol 6 each request opens a stream. A request that times out
+/// ends at its deadline. A request made outside any task (here, the test's `block_on`), or
+/// to an instance held at protocol 5, goes the shared way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
     within(60, async {
@@ -1124,7 +1174,8 @@ async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
         let client = start(builder(&net, "web", &key)).await;
         let server = start(builder(&net, "echo", &key)).await;
         let older = start(builder(&net, "older", &key).max_protocol_version(5)).await;
-        for node in [&server, &older] {
+        let six = start(builder(&net, "six", &key).max_protocol_version(6)).await;
+        for node in [&server, &older, &six] {
             node.serve(|req| async move {
                 match req.payload_text().as_str() {
                     "wait" => {
@@ -1145,11 +1196,18 @@ async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
         }
         until_served(&client, "echo", "x", Duration::from_secs(1)).await;
         until_served(&client, "older", "x", Duration::from_secs(1)).await;
+        until_served(&client, "six", "x", Duration::from_secs(1)).await;
         let own = |node: Node| async move {
             node.status()
                 .await
                 .expect("status")
                 .requests_own_stream
+        };
+        let opened = |node: Node| async move {
+            node.status()
+                .await
+                .expect("status")
+                .request_streams_opened
         };
         // From the test's `block_on`: the shared way.
         let before = own(client.clone()).await;
@@ -1161,12 +1219,18 @@ async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
         assert_eq!(own(client.clone()).await, before, "not from a task");
 
         let c = client.clone();
+        let opened_before = opened(client.clone()).await;
         tokio::spawn(async move {
             echoes(&c, "echo", 50).await;
             assert_eq!(
                 own(c.clone()).await,
                 before + 50,
                 "each request read its own reply"
+            );
+            let streams = opened(c.clone()).await - opened_before;
+            assert!(
+                (1..=2).contains(&streams),
+                "50 requests one after another to protocol 7 opened {streams} streams"
             );
             let reply = c
                 .request("echo", "wait", Duration::from_secs(5))
@@ -1190,6 +1254,11 @@ async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
                 "{err}"
             );
             assert_eq!(own(c.clone()).await, before + 53, "a wait, an error, a panic");
+            assert_eq!(
+                opened(c.clone()).await - opened_before,
+                streams,
+                "a wait, an error and a panic kept their stream"
+            );
             let t0 = std::time::Instant::now();
             let err = c
                 .request("echo", "slow", Duration::from_millis(300))
@@ -1201,6 +1270,19 @@ async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
                 "ended at its deadline: {:?}",
                 t0.elapsed()
             );
+            // The timed-out request's stream is dropped, not kept: the next one opens another.
+            echoes(&c, "echo", 3).await;
+            assert_eq!(own(c.clone()).await, before + 56);
+            assert_eq!(
+                opened(c.clone()).await - opened_before,
+                streams + 1,
+                "a new stream after the timeout"
+            );
+            // To an instance held at protocol 6: a stream per request.
+            let (own6, opened6) = (own(c.clone()).await, opened(c.clone()).await);
+            echoes(&c, "six", 5).await;
+            assert_eq!(own(c.clone()).await, own6 + 5);
+            assert_eq!(opened(c.clone()).await, opened6 + 5, "protocol 6 keeps no stream");
             // To an instance of protocol 5: the shared way.
             let mid = own(c.clone()).await;
             echoes(&c, "older", 5).await;
@@ -1209,7 +1291,7 @@ async fn requests_from_a_task_read_their_replies_on_their_own_streams() {
         .await
         .expect("caller");
         in_flight_drains(&client).await;
-        for node in [client, server, older] {
+        for node in [client, server, older, six] {
             node.shutdown().await;
         }
     })

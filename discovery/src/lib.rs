@@ -95,8 +95,9 @@ pub use seeds::StaticDiscovery;
 /// a mesh upgrades one node at a time) and leaves the origin out of envelopes on the wire (it
 /// is the connection's peer). Version 6 lets a requester send a request on a bidirectional
 /// stream of its own and read the reply there itself (see `peerbus`'s ARCHITECTURE,
-/// "Requests"); the frames are those of version 5.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// "Requests"); the frames are those of version 5. Version 7 lets the requester keep that
+/// stream for its next requests, one after another.
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The DNS-SD service type under which peerbus nodes announce themselves.
 pub const SERVICE_TYPE: &str = "_peerbus._udp.local.";

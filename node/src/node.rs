@@ -199,6 +199,10 @@ pub struct Status {
     /// flight (see ARCHITECTURE, "Requests"). The others are answered through the node's
     /// lane readers.
     pub requests_own_stream: u64,
+    /// Request streams this node opened for those requests: one per request to an instance
+    /// of protocol 6; to one of protocol 7 or later a stream is kept for the next requests,
+    /// so far fewer.
+    pub request_streams_opened: u64,
     /// Timer ticks of the node's core since start. Core ticks every 50 ms while it has timed
     /// work (unsettled entries, requests in flight, calls waiting for room, retired
     /// connections, writes not yet synced with `Durability::Interval`) and once a second

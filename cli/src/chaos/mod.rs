@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use peerbus::control;
-use peerbus::engine::wire::{FIRST_NEGOTIATED_VERSION, MIN_PROTOCOL_VERSION};
+use peerbus::engine::wire::{
+    FIRST_NEGOTIATED_VERSION, MIN_PROTOCOL_VERSION, REQUEST_STREAMS_VERSION,
+};
 use peerbus::{MeshKey, PROTOCOL_VERSION};
 use serde_json::json;
 
@@ -173,18 +175,20 @@ pub(crate) struct ChaosArgs {
     #[arg(long)]
     admin: bool,
     /// A mesh in the middle of rolling upgrades: node i speaks at most protocol 4 when
-    /// i % 3 is 1, at most 5 when it is 2 (as builds before protocol 5 and 6 do,
-    /// `NodeBuilder::max_protocol_version`), and this build's own when it is 0, so
-    /// connections of three versions carry the load through the faults.
+    /// i % 4 is 1, at most 5 when it is 2 and at most 6 when it is 3 (as builds before
+    /// protocol 5, 6 and 7 do, `NodeBuilder::max_protocol_version`), and this build's own
+    /// when it is 0, so connections of four versions carry the load through the faults.
     #[arg(long)]
     mixed_protocols: bool,
 }
 
-/// The highest protocol node `i` speaks in a `--mixed-protocols` run: 4, 5 or this build's.
+/// The highest protocol node `i` speaks in a `--mixed-protocols` run: 4, 5, 6 or this
+/// build's.
 fn mixed_protocol(i: usize) -> u32 {
-    match i % 3 {
+    match i % 4 {
         1 => MIN_PROTOCOL_VERSION,
         2 => FIRST_NEGOTIATED_VERSION,
+        3 => REQUEST_STREAMS_VERSION,
         _ => PROTOCOL_VERSION,
     }
 }

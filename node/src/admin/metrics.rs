@@ -29,6 +29,10 @@ pub const MESSAGES_SENT: &str = "peerbus_messages_sent_total";
 /// Requests whose reply their caller read on the request's own stream (made from a task, to
 /// an instance of protocol 6 or later, while the node had few requests in flight).
 pub const REQUESTS_OWN_STREAM: &str = "peerbus_requests_own_stream_total";
+/// Request streams this node opened for such requests: one per request to an instance of
+/// protocol 6, far fewer to one of protocol 7 or later, which serves several requests per
+/// stream.
+pub const REQUEST_STREAMS_OPENED: &str = "peerbus_request_streams_opened_total";
 /// Entries that arrived for local handlers (queued for them), before the dedup window and
 /// the stale checks: `received - delivered` counts duplicates, stale copies and the entries
 /// still queued.
@@ -202,6 +206,7 @@ pub(crate) struct Counters {
     pub(crate) dead_letters_dropped: Arc<Count>,
     pub(crate) duplicates_dropped: Count,
     pub(crate) requests_own_stream: Count,
+    pub(crate) request_streams_opened: Count,
     /// Core's timer ticks.
     pub(crate) core_ticks: Count,
     /// Pauses the node noticed (`runtime::pause`).
@@ -236,6 +241,7 @@ impl Counters {
             dead_letters_dropped: Arc::new(Count::new(DEAD_LETTERS_DROPPED, &node)),
             duplicates_dropped: Count::new(DUPLICATES_DROPPED, &node),
             requests_own_stream: Count::new(REQUESTS_OWN_STREAM, &node),
+            request_streams_opened: Count::new(REQUEST_STREAMS_OPENED, &node),
             core_ticks: Count::new(CORE_TICKS, &node),
             pauses: Count::new(PAUSES, &node),
             commit_latency: Arc::new(Latency::store_commit(&node)),
@@ -433,7 +439,7 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         esc(&s.mesh),
         s.listen
     );
-    let counter_rows: [(&str, &str, &Count); 11] = [
+    let counter_rows: [(&str, &str, &Count); 12] = [
         (
             MESSAGES_SENT,
             "Entries stored by send/publish (one per subscriber group copy).",
@@ -479,6 +485,11 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
             REQUESTS_OWN_STREAM,
             "Requests whose caller read the reply on the request's own stream.",
             &counters.requests_own_stream,
+        ),
+        (
+            REQUEST_STREAMS_OPENED,
+            "Request streams opened for requests answered on their own stream.",
+            &counters.request_streams_opened,
         ),
         (
             CORE_TICKS,

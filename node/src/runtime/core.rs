@@ -2015,6 +2015,7 @@ impl Core {
             redelivered: d.redelivered,
             requests_in_flight,
             requests_own_stream: c.requests_own_stream.load(Ordering::Relaxed),
+            request_streams_opened: c.request_streams_opened.load(Ordering::Relaxed),
             core_ticks: c.core_ticks.load(Ordering::Relaxed),
             pauses: c.pauses.load(Ordering::Relaxed),
             sends_waiting: self.parked.len(),

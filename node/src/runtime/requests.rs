@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
-use peerbus_transport::{CloseCode, FrameReceiver, NodeId};
+use peerbus_transport::{CloseCode, FrameReceiver, FrameSender, NodeId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Shared;
@@ -136,6 +136,9 @@ pub(crate) struct Started {
 /// the reply.
 pub(crate) struct ReplyStream {
     rx: FrameReceiver,
+    /// The stream's sending side, kept for the next request once the reply is read, when the
+    /// peer serves several requests per stream (`REQUEST_STREAM_REUSE_VERSION`).
+    tx: Option<FrameSender>,
     /// The request's correlation id.
     corr: u64,
     /// The instance asked.
@@ -184,7 +187,13 @@ impl ReplyStream {
                 return None;
             }
         };
-        read_end(&mut self.rx);
+        let Self {
+            mut rx, tx, way, ..
+        } = self;
+        match tx {
+            Some(tx) if corr == self.corr => way.direct.reuse(tx, rx),
+            _ => read_end(&mut rx),
+        }
         let now = shared.now();
         let answer = super::lock(&shared.requests).reply(peer, corr, result, now)?;
         match answer {
@@ -226,13 +235,10 @@ impl Started {
             self.send(shared);
             return None;
         }
-        match self
-            .way
-            .direct
-            .try_request_stream(&self.frame, &shared.tracker)
-        {
-            StreamRequest::Sent(rx) => Some(ReplyStream {
+        match self.way.direct.try_request_stream(&self.frame, shared) {
+            StreamRequest::Sent(rx, tx) => Some(ReplyStream {
                 rx,
+                tx,
                 corr: self.corr,
                 peer: self.peer,
                 way: self.way,

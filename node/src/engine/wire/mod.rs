@@ -232,6 +232,12 @@ pub const FIRST_NEGOTIATED_VERSION: u32 = 5;
 /// later, or through its writer, replies on its direct stream or a lane as before, and just
 /// ends its side of the request stream.
 pub const REQUEST_STREAMS_VERSION: u32 = 6;
+/// The first version whose nodes serve more than one request on a request stream: after
+/// reading a [`Data::Reply`] there, the requester may write its next [`Data::Request`] on the
+/// same stream instead of ending it, and the server serves the stream's requests one after
+/// another until the requester ends it (then ends its own side). Such a server ends the
+/// stream without a reply only when it gives up on it.
+pub const REQUEST_STREAM_REUSE_VERSION: u32 = 7;
 
 /// The version two nodes speak on an [`ALPN_NEGOTIATED`] connection: the highest in both
 /// ranges (each is `min_version..=version` of a [`Hello`]), or an error naming both ranges
