@@ -9,7 +9,8 @@
 //! - A consumer that stops reading is closed as unresponsive once the node's outgoing queue
 //!   to it is full, and what it held goes to another instance.
 //! - A request stream (protocol 6) carries one request and its reply: anything else on it,
-//!   either way, closes the connection.
+//!   either way, closes the connection. From protocol 7 it carries requests one after
+//!   another, each answered on it, until the requester ends it.
 //! - Versions: a build of protocol 4 (its own ALPN id and hello) and a later build that still
 //!   speaks this one's version are served; a peer with no version in common is refused.
 
@@ -18,10 +19,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::handmade::{HandMade, push_delivery};
+use common::handmade::{HandMade, push_delivery, push_request};
 use common::{builder, start, within};
 use peerbus::engine::wire::{
-    ALPN_NEGOTIATED, ALPN_V4, Control, ControlV4, Dialect, Hello, Interest, MAX_ACK_RUN_SEQS,
+    ALPN_NEGOTIATED, ALPN_V4, Control, ControlV4, Data, Dialect, Hello, Interest, MAX_ACK_RUN_SEQS,
 };
 use peerbus::{
     Bytes, CloseCode, HandlerError, MemoryNetwork, MeshKey, Node, NodeId, Outgoing,
@@ -170,6 +171,67 @@ async fn a_newer_build_speaks_the_highest_version_both_know() {
             .expect("ack runs");
         // The node closes a connection that acks too much at once.
         newer.closed_with("too many acks").await;
+        orders.shutdown().await;
+    })
+    .await;
+}
+
+/// A request stream of protocol 7 carries requests one after another: the node answers each on
+/// the stream, and ends its side once the requester has ended its own. On a connection of
+/// protocol 6 the node answers the stream's one request and ends its side at once, as builds
+/// of protocol 6 expect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stream_of_protocol_7_carries_requests_one_after_another() {
+    within(60, async {
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let orders = start(builder(&net, "orders", &key)).await;
+        orders
+            .serve(|r| async move {
+                if r.payload_text() == "wait" {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(r.payload().clone())
+            })
+            .await
+            .expect("serve");
+        let reply = |frame: Option<Data>, corr: u64, text: &str| match frame {
+            Some(Data::Reply {
+                corr: c,
+                result: Ok(payload),
+            }) if c == corr => assert_eq!(&payload[..], text.as_bytes()),
+            other => panic!("wanted the reply {text:?} to {corr}, got {other:?}"),
+        };
+        for version in [7, 6] {
+            let mut client = HandMade::dial(&key, &orders, ALPN_NEGOTIATED).await;
+            assert!(
+                client.hello_negotiated(5, version).await.is_some(),
+                "the node's hello"
+            );
+            let own_id = client.endpoint.node_id();
+            let (mut tx, mut rx) = client.conn.open_bi().await.expect("request stream");
+            let decode = |body| Data::decode_from(body, Dialect::PeerOrigin, own_id);
+            push_request(&mut tx, own_id, "orders", 1, "first");
+            tx.flush().await.expect("written");
+            reply(rx.recv_shared(decode).await.expect("read"), 1, "first");
+            if version == 6 {
+                let end = rx.recv_shared(decode).await.expect("read");
+                assert!(end.is_none(), "protocol 6: the stream ends after its reply");
+                continue;
+            }
+            // The same stream again: a handler that waits, then one that does not.
+            for (corr, text) in [(2, "wait"), (3, "third")] {
+                push_request(&mut tx, own_id, "orders", corr, text);
+                tx.flush().await.expect("written");
+                reply(rx.recv_shared(decode).await.expect("read"), corr, text);
+            }
+            tx.finish().await.expect("ended");
+            let end = tokio::time::timeout(Duration::from_secs(10), rx.recv_shared(decode))
+                .await
+                .expect("the node ends its side");
+            assert!(end.expect("read").is_none(), "nothing after the last reply");
+            assert_eq!(violations(&orders).await, 0);
+        }
         orders.shutdown().await;
     })
     .await;

@@ -121,27 +121,55 @@ impl HandMade {
     }
 }
 
+/// Buffers on `s` a request for `service` (correlation id `corr`, a 10 s budget) from the peer
+/// `origin`, with `text` as its payload, in the dialect of protocol 5 and later.
+pub fn push_request(s: &mut FrameSender, origin: NodeId, service: &str, corr: u64, text: &str) {
+    let env = envelope(origin, "", corr, Kind::Request, service, text);
+    let frame = Data::Request {
+        budget_ms: 10_000,
+        env: Arc::new(env),
+    };
+    push_frame(s, &frame, Dialect::PeerOrigin);
+}
+
 /// Buffers on `s` one `orders` message with `origin` in its envelope, written in `dialect`
 /// (with [`Dialect::PeerOrigin`] the origin stays off the wire).
 pub fn push_delivery(s: &mut FrameSender, dialect: Dialect, origin: NodeId, seq: u64, text: &str) {
-    let env = Envelope {
+    let env = envelope(origin, "svc:orders", seq, Kind::Send, "orders", text);
+    let frame = Data::Deliver {
+        floor: seq,
+        key_floor: None,
+        env: Arc::new(env),
+    };
+    push_frame(s, &frame, dialect);
+}
+
+/// An envelope with no key, headers or content type, `text` as its payload.
+fn envelope(
+    origin: NodeId,
+    log: &str,
+    seq: u64,
+    kind: Kind,
+    destination: &str,
+    text: &str,
+) -> Envelope {
+    Envelope {
         origin,
-        log: "svc:orders".into(),
+        log: log.into(),
         seq,
-        kind: Kind::Send,
-        destination: "orders".into(),
+        kind,
+        destination: destination.into(),
         key: None,
         headers: Default::default(),
         content_type: None,
         created_at_ms: 0,
         attempt: 1,
         payload: Bytes::from(text.to_string()),
-    };
-    let frame = Data::Deliver {
-        floor: seq,
-        key_floor: None,
-        env: Arc::new(env),
-    };
+    }
+}
+
+/// Buffers `frame` on `s`, written in `dialect`.
+fn push_frame(s: &mut FrameSender, frame: &Data, dialect: Dialect) {
     s.push_encoded_with_payload(
         |buf| {
             frame.encode_head_in(buf, dialect);
