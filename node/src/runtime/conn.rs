@@ -681,7 +681,7 @@ impl DirectStream {
     /// [`DirectStream::try_request_stream`] to a peer that serves several requests per
     /// stream: on a kept stream, else on a new one, written without waiting and not ended.
     /// A kept stream whose write fails (the peer ended it meanwhile) is dropped and the next
-    /// one tried.
+    /// one tried: at most [`IDLE_REQUEST_STREAMS`] kept ones, then a new one.
     fn request_on_kept_stream(&self, frame: &Data, shared: &Shared) -> StreamRequest {
         loop {
             let kept = super::lock(&self.idle_request_streams).pop();

@@ -153,7 +153,8 @@ impl ReplyStream {
     /// its deadline, say). `None` when the stream ends without the reply (the server replied
     /// through its writer, or the connection failed) or carries something else (the
     /// connection is then closed): the lane readers or core answer it through the caller's
-    /// reply channel then.
+    /// reply channel then. A stream the peer serves further requests on is kept for the
+    /// connection's next request once its reply is read ([`DirectStream::reuse`]).
     ///
     /// The caller waits here without also polling its reply channel: an answer given
     /// through the channel would wake it once more after it has read the reply itself, and
