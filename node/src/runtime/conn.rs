@@ -996,11 +996,7 @@ async fn serve_request(cx: &LaneContext, env: Arc<Envelope>, budget_ms: u64, on:
         opened_in,
         ..
     } = cx;
-    if shared.pause.fences(*opened_in) {
-        debug!(
-            corr = env.seq,
-            "request dropped unserved: this node did not run for a while since its connection opened"
-        );
+    if paused_since_opened(shared, *opened_in, env.seq) {
         return true;
     }
     serving.fetch_max(shared.now().saturating_add(budget_ms), Ordering::Relaxed);
@@ -1067,6 +1063,20 @@ async fn serve_request(cx: &LaneContext, env: Arc<Envelope>, budget_ms: u64, on:
         }
     }
     true
+}
+
+/// Whether this node did not run for a while since the connection a request `corr` came on
+/// opened in pause epoch `opened_in` ([`super::pause`]): the request is then dropped
+/// unserved (see [`serve_request`]), which this logs.
+fn paused_since_opened(shared: &Shared, opened_in: u64, corr: u64) -> bool {
+    let fenced = shared.pause.fences(opened_in);
+    if fenced {
+        debug!(
+            corr,
+            "request dropped unserved: this node did not run for a while since its connection opened"
+        );
+    }
+    fenced
 }
 
 /// Writes the reply to request `corr` on the request's own stream and ends it. Waits while
@@ -1202,11 +1212,7 @@ async fn serve_on_stream(
         ..
     } = cx;
     let corr = env.seq;
-    if shared.pause.fences(*opened_in) {
-        debug!(
-            corr,
-            "request dropped unserved: this node did not run for a while since its connection opened"
-        );
+    if paused_since_opened(shared, *opened_in, corr) {
         return false;
     }
     serving.fetch_max(shared.now().saturating_add(budget_ms), Ordering::Relaxed);
@@ -1229,11 +1235,7 @@ async fn serve_on_stream(
             };
             // As for a request that waited in the serve queue: a pause while this one waited
             // for its slot replaces the connection, and its requester counts it as failed.
-            if shared.pause.fences(*opened_in) {
-                debug!(
-                    corr,
-                    "request dropped unserved: this node did not run for a while since its connection opened"
-                );
+            if paused_since_opened(shared, *opened_in, corr) {
                 return false;
             }
             let (reply, first) = start_and_poll(&server, env, budget_ms, corr).await;
