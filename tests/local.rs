@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{builder, drain, eventually, start, within};
+use common::{builder, connections_settled, drain, eventually, start, within};
 use peerbus::{HandlerError, MemoryNetwork, MeshKey, Node, Outgoing};
 use tokio::sync::mpsc;
 
@@ -116,6 +116,10 @@ async fn the_sender_competes_with_other_instances_and_keys_stay_in_order() {
                 .await,
             "a sees b taking messages"
         );
+        // Nor while a tie-break retires one of the two connections `a` and `b` made to each
+        // other at once (`connections_settled`): in a loaded CI run one key's first message
+        // went to `a` and its later ones to `b`, the start-up race that helper waits out.
+        connections_settled(&a, 1).await;
         // 40 keys × 5 messages, each key's messages sent in order.
         let mut receipts = Vec::new();
         for n in 0..5u32 {
