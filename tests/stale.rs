@@ -264,11 +264,17 @@ impl Pausable {
     }
 
     /// Blocks the runtime's thread for `d`, then runs `then` on it before anything else.
-    fn pause(&self, d: Duration, then: impl FnOnce() + Send + 'static) {
+    /// Returns once the thread is blocked, so what the test does next happens while the node
+    /// does not run. In one loaded CI run a request sent 300 ms after the pause was asked for
+    /// was served; the one explanation found is that the runtime had not got to the pause.
+    async fn pause(&self, d: Duration, then: impl FnOnce() + Send + 'static) {
+        let (blocking, blocked) = tokio::sync::oneshot::channel();
         self.handle.spawn(async move {
+            let _ = blocking.send(());
             std::thread::sleep(d);
             then();
         });
+        blocked.await.expect("the pause started");
     }
 }
 
@@ -310,10 +316,12 @@ async fn a_node_that_did_not_run_for_seconds_does_not_run_what_its_sender_gave_t
         let pause = Duration::from_millis(4_500);
         let resumed = Arc::new(Mutex::new(None));
         let (gate2, resumed2) = (gate.clone(), resumed.clone());
-        paused.pause(pause, move || {
-            *resumed2.lock().expect("resumed") = Some(std::time::Instant::now());
-            gate2.add_permits(1);
-        });
+        paused
+            .pause(pause, move || {
+                *resumed2.lock().expect("resumed") = Some(std::time::Instant::now());
+                gate2.add_permits(1);
+            })
+            .await;
         let second = second_handles_all(&net, &key, &calls, N).await;
         eventually(10, "`first` runs again", || async {
             resumed.lock().expect("resumed").is_some()
@@ -384,9 +392,11 @@ async fn a_server_that_did_not_run_for_seconds_does_not_serve_what_came_meanwhil
         // waits in its socket, and the client's connection times out, failing the request.
         let resumed = Arc::new(AtomicBool::new(false));
         let flag = resumed.clone();
-        paused.pause(Duration::from_millis(4_500), move || {
-            flag.store(true, Ordering::SeqCst);
-        });
+        paused
+            .pause(Duration::from_millis(4_500), move || {
+                flag.store(true, Ordering::SeqCst);
+            })
+            .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let err = client
             .request("orders", "during", Duration::from_secs(10))
@@ -595,9 +605,11 @@ async fn a_sender_that_did_not_run_for_seconds_resends_to_the_instances_that_had
         // (whose dedup window drops them), not to the other instance.
         let resumed = Arc::new(AtomicBool::new(false));
         let flag = resumed.clone();
-        paused.pause(Duration::from_millis(4_500), move || {
-            flag.store(true, Ordering::SeqCst);
-        });
+        paused
+            .pause(Duration::from_millis(4_500), move || {
+                flag.store(true, Ordering::SeqCst);
+            })
+            .await;
         tokio::time::sleep(Duration::from_millis(3_700)).await;
         assert!(
             !resumed.load(Ordering::SeqCst),
@@ -676,7 +688,7 @@ async fn a_server_that_did_not_run_for_seconds_does_not_serve_the_requests_queue
         // The server stops running for longer than the idle timeout: the client's connection
         // times out and both requests fail. When the server runs again, `busy`'s handler is
         // past its sleep and frees the slot; `queued` must not be served then.
-        paused.pause(Duration::from_millis(4_500), || {});
+        paused.pause(Duration::from_millis(4_500), || {}).await;
         for (name, r) in [("busy", busy), ("queued", queued)] {
             let r = r.await.expect("request task");
             assert!(r.is_err(), "`{name}` failed at the client: {r:?}");
