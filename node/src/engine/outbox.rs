@@ -1876,18 +1876,23 @@ mod tests {
         assert!(got.values().all(|n| (70..=130).contains(n)), "{got:?}");
     }
 
-    /// A keyless entry that was in flight on a connection that closed goes back to the
-    /// instance it was sent to, which may have handled it (its dedup window then drops it),
-    /// though another instance is less loaded; a new keyless entry goes to the less loaded.
-    #[test]
-    fn entries_show_what_waits_and_what_is_in_flight_to_whom() {
+    /// Three entries of one key to an instance with one credit: the first goes out, the
+    /// others wait behind it.
+    fn one_in_flight_two_waiting() -> Outbox {
         let mut ob = outbox();
         ob.peer_up(id(1), 1, "svc".into(), vec![], 1);
         for _ in 0..3 {
             ob.append(&target(), env(Some("k")), 0, None, None, false);
         }
-        // One credit: the first goes out, the others of its key wait.
         assert_eq!(ob.dispatch(0).len(), 1);
+        ob
+    }
+
+    /// The entries listed show which wait and which are in flight, to whom, and a nack's
+    /// failed attempt and backoff.
+    #[test]
+    fn entries_show_what_waits_and_what_is_in_flight_to_whom() {
+        let mut ob = one_in_flight_two_waiting();
         let all = ob.entries(10);
         let seqs: Vec<u64> = all.iter().map(|e| e.env.seq).collect();
         assert_eq!(seqs, [1, 2, 3]);
@@ -1903,14 +1908,11 @@ mod tests {
         assert!(first.not_before > 5, "{first:?}");
     }
 
+    /// An operator's move dead-letters the waiting entries of a log and leaves the one in
+    /// flight to settle; an empty or unknown log is `None`.
     #[test]
     fn an_operator_dead_letters_what_waits_and_leaves_what_is_in_flight() {
-        let mut ob = outbox();
-        ob.peer_up(id(1), 1, "svc".into(), vec![], 1);
-        for _ in 0..3 {
-            ob.append(&target(), env(Some("k")), 0, None, None, false);
-        }
-        assert_eq!(ob.dispatch(0).len(), 1);
+        let mut ob = one_in_flight_two_waiting();
         let log = target().log_name();
         let moved = ob
             .dead_letter_waiting(&log, "gone")
@@ -1932,6 +1934,9 @@ mod tests {
         assert!(ob.dead_letter_waiting("svc:nobody", "gone").is_none());
     }
 
+    /// A keyless entry that was in flight on a connection that closed goes back to the
+    /// instance it was sent to, which may have handled it (its dedup window then drops it),
+    /// though another instance is less loaded; a new keyless entry goes to the less loaded.
     #[test]
     fn a_keyless_entry_lost_in_flight_goes_back_to_its_instance() {
         let mut ob = outbox();
