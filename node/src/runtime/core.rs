@@ -1720,6 +1720,8 @@ impl Core {
         }
         // Retired connections of an earlier run of the peer are dead.
         self.close_retired_of(peer, r.hello.incarnation);
+        // So is a link that receives nothing while the peer reaches us on a new one.
+        self.replace_if_stalled(peer, r.hello.incarnation);
         // A tie-break between two connections of a live peer is no news for the event feed
         // (the connections retired above and here are of this run of the peer).
         let restarted = self

@@ -152,6 +152,39 @@ impl Core {
         );
     }
 
+    /// A new connection from `peer` is up while our link to it received nothing for
+    /// [`STALL_AFTER`]: the same proof a probe looks for, that the path is back and the peer
+    /// answers. Replaces that link as [`Core::peer_reachable`] does, so that the new
+    /// connection becomes the link instead of losing a tie-break to a dead one. The peer
+    /// dials again only once it gave up on the old connection (its idle timeout or its own
+    /// probe): keeping the old one made it retire the new one, wait for a connection that
+    /// never came, and dial once more as this node's probe reconnected too, two dials that
+    /// met in another tie-break. (Its probe, if one runs, ends with it.)
+    pub(super) fn replace_if_stalled(&mut self, peer: NodeId, incarnation: u64) {
+        let now = self.now();
+        let Some(l) = self
+            .links
+            .get(&peer)
+            .filter(|l| l.incarnation == incarnation && !l.peer_retired)
+        else {
+            return;
+        };
+        // `moved_at` is when a tick last saw the count move: nothing arrived since then
+        // when the count is unchanged, so the link is dark for at least `now - moved_at`.
+        let dark = now.saturating_sub(l.rx.moved_at);
+        if l.conn.traffic().datagrams_received != l.rx.datagrams || dark < STALL_AFTER {
+            return;
+        }
+        let generation = l.generation;
+        info!(peer = %peer.short(), dark_ms = dark, "connection stalled while a new one to the peer is up; replacing it");
+        self.replace_stalled(
+            peer,
+            generation,
+            "no packets on this connection; a new one is up",
+            &format!("connection stalled for {dark} ms while a new one came up"),
+        );
+    }
+
     /// Closes `peer`'s connection `generation` with [`CloseCode::Stalled`] (`told`, the
     /// reason the peer reads) and handles it as lost (`why`, the reason logged), except that
     /// what was in flight on it waits [`RECONNECT_HOLD`] for the peer's next connection: the
