@@ -59,9 +59,10 @@ pub(crate) struct FaultRecord {
 /// `grp:…`) that held each (origin, per-origin sequence).
 pub(crate) type Kept = HashMap<(usize, u64), Vec<String>>;
 
-/// One message the checker found lost (or, in [`Findings::undrained_messages`], undrained).
+/// Which message a finding is about. Its fields are the finding's own in the report's JSON
+/// (flattened).
 #[derive(Clone, Debug, Serialize)]
-pub(crate) struct LostMessage {
+pub(crate) struct MessageRef {
     /// Origin node.
     pub(crate) origin: usize,
     /// Per-origin sequence.
@@ -72,6 +73,37 @@ pub(crate) struct LostMessage {
     pub(crate) key: String,
     /// Per-key sequence.
     pub(crate) key_seq: u64,
+}
+
+impl MessageRef {
+    /// The message `seq` of node `origin`, as its sender's journal gave it.
+    fn of((origin, seq): (usize, u64), s: &Sent) -> Self {
+        MessageRef {
+            origin,
+            seq,
+            destination: s.destination.clone(),
+            key: s.key.clone(),
+            key_seq: s.key_seq,
+        }
+    }
+}
+
+impl std::fmt::Display for MessageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "node-{}'s seq {} to {} key {}#{}",
+            self.origin, self.seq, self.destination, self.key, self.key_seq
+        )
+    }
+}
+
+/// One message the checker found lost (or, in [`Findings::undrained_messages`], undrained).
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct LostMessage {
+    /// The message.
+    #[serde(flatten)]
+    pub(crate) message: MessageRef,
     /// When it was accepted: on the journals' monotonic clock in the checker's findings, in
     /// µs since the Unix epoch in the report (the run's start on the wall clock plus the
     /// monotonic time since).
@@ -89,16 +121,9 @@ pub(crate) struct LostMessage {
 pub(crate) struct DuplicateExample {
     /// The consumer (`svc:…` / `grp:…`).
     pub(crate) consumer: String,
-    /// Origin node.
-    pub(crate) origin: usize,
-    /// Per-origin sequence.
-    pub(crate) seq: u64,
-    /// Destination.
-    pub(crate) destination: String,
-    /// Key.
-    pub(crate) key: String,
-    /// Per-key sequence.
-    pub(crate) key_seq: u64,
+    /// The message.
+    #[serde(flatten)]
+    pub(crate) message: MessageRef,
     /// The node that handled the previous copy, and when (on the same clocks as
     /// [`LostMessage::accepted_us`]).
     pub(crate) previous_by: usize,
@@ -124,14 +149,9 @@ pub(crate) struct DuplicateExample {
 /// the last of those whose required consumers had all handled it.
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct SlowestDelivery {
-    /// Origin node.
-    pub(crate) origin: usize,
-    /// Per-origin sequence.
-    pub(crate) seq: u64,
-    /// Destination.
-    pub(crate) destination: String,
-    /// Key.
-    pub(crate) key: String,
+    /// The message.
+    #[serde(flatten)]
+    pub(crate) message: MessageRef,
     /// The consumer whose first handling came last (`svc:…` / `grp:…`).
     pub(crate) consumer: String,
     /// The node that handled it then.
@@ -566,11 +586,13 @@ pub(crate) fn check_with_logs(
             if f.duplicate_examples.len() < 50 {
                 f.duplicate_examples.push(DuplicateExample {
                     consumer: c.to_string(),
-                    origin: p.o,
-                    seq: p.g,
-                    destination: p.d.clone(),
-                    key: p.k.clone(),
-                    key_seq: p.n,
+                    message: MessageRef {
+                        origin: p.o,
+                        seq: p.g,
+                        destination: p.d.clone(),
+                        key: p.k.clone(),
+                        key_seq: p.n,
+                    },
                     previous_by: prev_by,
                     previous_at_us: prev_t,
                     by,
@@ -671,11 +693,7 @@ pub(crate) fn check_with_logs(
             *count += 1;
             if examples.len() < 50 {
                 examples.push(LostMessage {
-                    origin: id.0,
-                    seq: id.1,
-                    destination: s.destination.clone(),
-                    key: s.key.clone(),
-                    key_seq: s.key_seq,
+                    message: MessageRef::of(*id, s),
                     accepted_us: acc,
                     missing,
                     copies: s.copies,
@@ -708,20 +726,15 @@ pub(crate) fn check_with_logs(
             until.saturating_sub(fr.end_us) as f64 / 1e6
         }));
         let slowest = worst.flatten().filter(|(_, h)| h.0 > fr.end_us);
-        f.drain_slowest
-            .push(slowest.map(|(acc, &(t, (origin, seq), ref consumer, by))| {
-                let s = &sent[&(origin, seq)];
-                SlowestDelivery {
-                    origin,
-                    seq,
-                    destination: s.destination.clone(),
-                    key: s.key.clone(),
-                    consumer: consumer.to_string(),
-                    by,
-                    accepted_us: acc,
-                    handled_us: t,
-                }
-            }));
+        f.drain_slowest.push(
+            slowest.map(|(acc, &(t, id, ref consumer, by))| SlowestDelivery {
+                message: MessageRef::of(id, &sent[&id]),
+                consumer: consumer.to_string(),
+                by,
+                accepted_us: acc,
+                handled_us: t,
+            }),
+        );
     }
     f
 }
@@ -821,7 +834,10 @@ mod tests {
         assert_eq!(f.duplicate_causes["no fault of the handler or sender"], 1);
         let d = &f.duplicate_examples;
         assert_eq!(d.len(), 2);
-        assert_eq!((d[0].seq, d[0].previous_at_us, d[0].at_us), (1, 20, 40));
+        assert_eq!(
+            (d[0].message.seq, d[0].previous_at_us, d[0].at_us),
+            (1, 20, 40)
+        );
         assert_eq!((d[0].cause, d[0].fault), ("kill of the handler", Some(1)));
         assert_eq!(
             (d[1].previous_at_us, d[1].at_us, d[1].fault),
@@ -850,8 +866,8 @@ mod tests {
         ]);
         let f = check_with_logs(&[(0, j0.clone()), (1, j1.clone())], 0, 2, &[], &kept);
         assert_eq!((f.delivered, f.undrained, f.lost), (1, 1, 1));
-        assert_eq!(f.undrained_messages[0].seq, 1);
-        assert_eq!(f.lost_messages[0].seq, 2);
+        assert_eq!(f.undrained_messages[0].message.seq, 1);
+        assert_eq!(f.lost_messages[0].message.seq, 2);
         assert!(!f.ok());
         // Without the logs, both count as lost.
         let f = check(&[(0, j0), (1, j1)], 0, 2, &[]);
@@ -1108,7 +1124,10 @@ mod tests {
         let slowest = f.drain_slowest[0]
             .as_ref()
             .expect("the drain waited for seq 0");
-        assert_eq!((slowest.origin, slowest.seq, slowest.by), (0, 0, 1));
+        assert_eq!(
+            (slowest.message.origin, slowest.message.seq, slowest.by),
+            (0, 0, 1)
+        );
         assert_eq!(
             (slowest.accepted_us, slowest.handled_us),
             (500_000, 3_500_000)

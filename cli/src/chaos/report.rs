@@ -331,12 +331,8 @@ impl RunReport {
             for m in messages.iter().take(10) {
                 let _ = writeln!(
                     s,
-                    "  {what}: origin node-{} seq {} to {} key {}#{} (missing {}; receipt copies {})",
-                    m.origin,
-                    m.seq,
-                    m.destination,
-                    m.key,
-                    m.key_seq,
+                    "  {what}: {} (missing {}; receipt copies {})",
+                    m.message,
                     m.missing.join(","),
                     m.copies
                 );
@@ -544,11 +540,8 @@ impl RunReport {
 /// The message a fault's drain waited for last, in a line.
 fn slowest_text(m: &SlowestDelivery) -> String {
     format!(
-        "node-{}'s seq {} to {} key {} at {} on node-{}, {:.2} s after its acceptance",
-        m.origin,
-        m.seq,
-        m.destination,
-        m.key,
+        "{} at {} on node-{}, {:.2} s after its acceptance",
+        m.message,
         m.consumer,
         m.by,
         m.handled_us.saturating_sub(m.accepted_us) as f64 / 1e6
@@ -558,14 +551,9 @@ fn slowest_text(m: &SlowestDelivery) -> String {
 /// A duplicate, its two handlings and its cause, in a line.
 fn duplicate_text(d: &DuplicateExample) -> String {
     format!(
-        "{} handled node-{}'s seq {} to {} key {}#{} on node-{} at {:.2} s, again on node-{} at \
-         {:.2} s ({}{})",
+        "{} handled {} on node-{} at {:.2} s, again on node-{} at {:.2} s ({}{})",
         d.consumer,
-        d.origin,
-        d.seq,
-        d.destination,
-        d.key,
-        d.key_seq,
+        d.message,
         d.previous_by,
         d.previous_at_s,
         d.by,
@@ -595,6 +583,7 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chaos::checker::MessageRef;
 
     fn fault(kind: &str, drain: Option<f64>) -> FaultView {
         FaultView {
@@ -613,10 +602,13 @@ mod tests {
     fn the_table_and_the_page_name_the_slowest_message_and_the_duplicates() {
         let mut slow = fault("kill", Some(1.25));
         slow.slowest = Some(SlowestDelivery {
-            origin: 2,
-            seq: 41,
-            destination: "svc-1".into(),
-            key: "<k>".into(),
+            message: MessageRef {
+                origin: 2,
+                seq: 41,
+                destination: "svc-1".into(),
+                key: "<k>".into(),
+                key_seq: 5,
+            },
             consumer: "svc:svc-1".into(),
             by: 3,
             accepted_us: 1_000_000,
@@ -628,11 +620,13 @@ mod tests {
         };
         findings.duplicate_examples.push(DuplicateExample {
             consumer: "grp:svc-0".into(),
-            origin: 1,
-            seq: 7,
-            destination: "chaos.events".into(),
-            key: "k0".into(),
-            key_seq: 3,
+            message: MessageRef {
+                origin: 1,
+                seq: 7,
+                destination: "chaos.events".into(),
+                key: "k0".into(),
+                key_seq: 3,
+            },
             previous_by: 0,
             previous_at_us: 0,
             by: 4,
@@ -652,7 +646,7 @@ mod tests {
             final_drain_seconds: 0.0,
             dir: String::new(),
         };
-        let slowest = "node-2's seq 41 to svc-1 key <k> at svc:svc-1 on node-3, 1.50 s after its \
+        let slowest = "node-2's seq 41 to svc-1 key <k>#5 at svc:svc-1 on node-3, 1.50 s after its \
                        acceptance";
         let duplicate = "grp:svc-0 handled node-1's seq 7 to chaos.events key k0#3 on node-0 at \
                          1.50 s, again on node-4 at 2.75 s (kill of the handler: fault #1)";
