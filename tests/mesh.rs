@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::{builder, eventually, mdns_builder, start, within};
 use peerbus::trace::TraceContext;
 use peerbus::{
-    Faults, HandlerError, MemoryNetwork, MeshKey, Node, NodeBuilder, Outgoing, PeerState,
-    RequestError,
+    DnsDiscovery, Faults, HandlerError, MemoryNetwork, MeshKey, Node, NodeBuilder, Outgoing,
+    PeerState, RequestError,
 };
 use tokio::sync::mpsc;
 
@@ -402,17 +402,20 @@ async fn mdns_on_loopback_finds_peers_and_a_restarted_node() {
     .await;
 }
 
+/// A node of `service` in `mesh` on 127.0.0.1, with mDNS off: it finds peers by seeds only.
+fn loopback_node(mesh: &str, key: &MeshKey, service: &str) -> NodeBuilder {
+    Node::builder(service)
+        .mesh(mesh)
+        .mesh_key(key.clone())
+        .listen("127.0.0.1:0".parse().expect("addr"))
+        .no_mdns()
+}
+
 /// An `orders` node without discovery and a `payments` node (its builder passed through
 /// `client` first) that knows only the other's address, as a seed; returned once connected.
 async fn seeded_pair(mesh: &str, client: impl FnOnce(NodeBuilder) -> NodeBuilder) -> (Node, Node) {
     let key = MeshKey::generate();
-    let node = |service: &str| {
-        Node::builder(service)
-            .mesh(mesh)
-            .mesh_key(key.clone())
-            .listen("127.0.0.1:0".parse().expect("addr"))
-            .no_mdns()
-    };
+    let node = |service: &str| loopback_node(mesh, &key, service);
     let server = start(node("orders")).await;
     let client = start(client(node("payments")).seed(server.local_addr())).await;
     assert!(
@@ -811,6 +814,127 @@ async fn a_seed_lost_to_a_partition_is_redialed_once() {
             let retired = client.status().await.expect("status").connections_retired;
             assert_eq!(retired, 0, "connections retired by round {round}");
         }
+        client.shutdown().await;
+        server.shutdown().await;
+    })
+    .await;
+}
+
+/// A DNS name's records are the seeds: a node that joins them is dialed at the next
+/// resolution, and one that left them is not redialed once its connection is lost (its state
+/// reads `Gone`, and it stays unconnected after the network heals), where a static seed's
+/// loop would dial it for as long as the node runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_seeds_follow_the_records() {
+    within(60, async {
+        let key = MeshKey::generate();
+        let node = |service: &str| loopback_node("dns-seeds", &key, service);
+        let first = start(node("orders")).await;
+        let second = start(node("orders")).await;
+        let records = Arc::new(Mutex::new(vec![first.local_addr()]));
+        let dns = {
+            let records = records.clone();
+            DnsDiscovery::new(["orders.shop.svc.cluster.local:7000"])
+                .refresh(Duration::from_millis(100))
+                .with_resolver(move |_name| {
+                    let addrs = records.lock().expect("records").clone();
+                    async move { Ok(addrs) }
+                })
+        };
+        let faults = Faults::new(12);
+        let client = start(node("payments").discovery(dns).faults(faults.clone())).await;
+        assert!(
+            client
+                .wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await,
+            "the first record dialed"
+        );
+
+        // A headless service lists the node itself too: it does not become its own peer.
+        records.lock().expect("records").push(client.local_addr());
+        records.lock().expect("records").push(second.local_addr());
+        assert!(
+            client
+                .wait_for_instances("orders", 2, Duration::from_secs(10))
+                .await,
+            "a node that joined the records dialed"
+        );
+        // It dialed itself once, closed that connection before the hello, and stopped there:
+        // before, its accepting side refused itself as a protocol violation, and the seed
+        // loop dialed again and again.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let normal = closed(&client, "normal").await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(closed(&client, "protocol_violation").await, 0);
+        assert_eq!(
+            closed(&client, "normal").await,
+            normal,
+            "dialed itself again"
+        );
+
+        // The first node leaves the records, then its connection is lost (the idle timeout,
+        // 3 s, ends it): it is not dialed again, not even once the network heals.
+        records
+            .lock()
+            .expect("records")
+            .retain(|a| *a != first.local_addr());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let gone = first.id();
+        faults.partition(first.local_addr());
+        let state = || async {
+            client
+                .peers()
+                .await
+                .into_iter()
+                .find(|p| p.node_id == gone)
+                .map(|p| p.state)
+        };
+        eventually(15, "the node that left the records is gone", || async {
+            state().await == Some(PeerState::Gone)
+        })
+        .await;
+        faults.heal_all();
+        // Longer than a seed loop's first redial (backoff from 100 ms).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(state().await, Some(PeerState::Gone), "redialed");
+        assert_eq!(client.instances("orders").await.len(), 1);
+        let peers = client.peers().await;
+        assert!(peers.iter().all(|p| p.node_id != client.id()), "{peers:?}");
+        client.shutdown().await;
+        first.shutdown().await;
+        second.shutdown().await;
+    })
+    .await;
+}
+
+/// Connections `node` closed with `code` since it started.
+async fn closed(node: &Node, code: &str) -> u64 {
+    let status = node.status().await.expect("status");
+    status.connections_closed.get(code).copied().unwrap_or(0)
+}
+
+/// `NodeBuilder::dns_seed` resolves with the system's resolver (`localhost` from the hosts
+/// file), and refuses at start a name that is not `host:port`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_seed_resolves_with_the_system_resolver() {
+    within(60, async {
+        let key = MeshKey::generate();
+        let node = |service: &str| loopback_node("dns-seed", &key, service);
+        let server = start(node("orders")).await;
+        let port = server.local_addr().port();
+        let client = start(node("payments").dns_seed(format!("localhost:{port}"))).await;
+        assert!(
+            client
+                .wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await,
+            "localhost:{port} dialed"
+        );
+        let refused = node("payments").dns_seed("orders.shop").start().await;
+        let Err(error) = refused else {
+            panic!("a node started with a DNS seed without a port");
+        };
+        let error = error.to_string();
+        assert!(error.contains("orders.shop"), "{error}");
         client.shutdown().await;
         server.shutdown().await;
     })

@@ -86,6 +86,20 @@ pub(crate) struct CommonArgs {
     )]
     pub(crate) seeds: Vec<SocketAddr>,
 
+    /// A DNS name whose addresses are seeds, resolved every 10 s: a Kubernetes headless
+    /// service, or any name with a record per node (repeatable; PEERBUS_DNS_SEEDS takes a
+    /// comma-separated list). The port is the one the nodes listen on: give them a fixed
+    /// `--listen`.
+    #[arg(
+        long = "dns-seed",
+        global = true,
+        env = "PEERBUS_DNS_SEEDS",
+        value_delimiter = ',',
+        value_name = "HOST:PORT",
+        value_parser = dns_seed
+    )]
+    pub(crate) dns_seeds: Vec<String>,
+
     /// Send messages that are not part of a trace without a `traceparent` header, instead of
     /// starting a new trace for each. Messages sent inside a trace (a handler's onward sends)
     /// still carry one.
@@ -124,6 +138,9 @@ impl CommonArgs {
         }
         for seed in &self.seeds {
             b = b.seed(*seed);
+        }
+        for name in &self.dns_seeds {
+            b = b.dns_seed(name);
         }
         if self.no_new_traces {
             b = b.start_traces(false);
@@ -169,4 +186,10 @@ pub(crate) async fn shutdown_signal() -> Result<()> {
         .await
         .context("could not watch Ctrl-C")?;
     Ok(())
+}
+
+/// Parses a `--dns-seed`: `host:port`.
+fn dns_seed(s: &str) -> Result<String, String> {
+    peerbus::DnsDiscovery::check_name(s)?;
+    Ok(s.to_string())
 }

@@ -3,13 +3,16 @@
 //!
 //! A [`Discovery`] is started with the local [`PeerRecord`] and a bounded
 //! channel; it announces the record and reports [`DiscoveryEvent`]s about the
-//! other members of the same mesh. Three implementations:
+//! other members of the same mesh. Four implementations:
 //!
 //! - [`MdnsDiscovery`]: multicast DNS (RFC 6762/6763) on the chosen
 //!   [`Interfaces`]. Service type [`SERVICE_TYPE`], instance name = the node id,
 //!   TXT `v` (protocol version), `id` (node id), `svc` (service), `mesh` (mesh).
 //! - [`StaticDiscovery`]: a fixed list of seed addresses, reported as
 //!   [`DiscoveryEvent::Seed`] (for subnets without multicast).
+//! - [`DnsDiscovery`]: DNS names (`host:port`) resolved now and then, each address a
+//!   seed, one that is no longer in the records [`DiscoveryEvent::SeedGone`] (Kubernetes
+//!   headless services, any name with one record per node).
 //! - [`MemoryNetwork`] / [`MemoryDiscovery`]: an in-process "LAN" for tests.
 //!
 //! Discovery is a hint, never the truth about liveness: a
@@ -68,6 +71,7 @@
 //! `PEERBUS.md`) that applies the selection first.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod dns;
 mod interfaces;
 mod mdns;
 mod memory;
@@ -77,6 +81,7 @@ mod txt;
 
 use std::net::SocketAddr;
 
+pub use dns::{DNS_REFRESH, DNS_SEED_LIMIT, DnsDiscovery, ResolveFuture, Resolver};
 pub use interfaces::{Interfaces, InterfacesParseError};
 pub use mdns::{MDNS_PEER_LIMIT, MdnsDiscovery};
 pub use memory::{MEMORY_MEMBER_LIMIT, MemoryDiscovery, MemoryNetwork};
@@ -133,9 +138,12 @@ pub enum DiscoveryEvent {
     /// A peer withdrew its announcement or timed out. A hint only: the QUIC
     /// connection is the truth about liveness, and the peer may already be back.
     Down(NodeId),
-    /// An address to dial whose identity is unknown (static seeds). Re-dialing
+    /// An address to dial whose identity is unknown (static seeds, DNS). Re-dialing
     /// with backoff is the node's job.
     Seed(SocketAddr),
+    /// A seed reported before is no longer one (its DNS record went): stop dialing it. A
+    /// live connection to the node there stays.
+    SeedGone(SocketAddr),
 }
 
 /// A way of finding the other members of a mesh.
@@ -159,7 +167,7 @@ pub trait Discovery: Send + 'static {
     /// yet delivered are discarded. A stopped discovery may be started again.
     fn stop(&mut self);
 
-    /// A short name for logs: `"mdns"`, `"static"` or `"memory"`.
+    /// A short name for logs: `"mdns"`, `"static"`, `"dns"` or `"memory"`.
     fn name(&self) -> &'static str;
 }
 
@@ -182,6 +190,9 @@ pub enum DiscoveryError {
          interfaces exist, or use static seeds"
     )]
     Mdns(String),
+    /// A DNS seed is not `host:port`.
+    #[error("bad DNS seed: {0}")]
+    InvalidName(String),
     /// The in-memory network is full.
     #[error("the in-memory network already has {limit} members; stop some before starting more")]
     MemberLimit {

@@ -1,5 +1,6 @@
-//! Static seed addresses.
+//! Static seed addresses, and the task a seed discovery runs.
 
+use std::future::Future;
 use std::net::SocketAddr;
 
 use tokio::sync::mpsc;
@@ -8,13 +9,53 @@ use tracing::Instrument;
 
 use crate::{Discovery, DiscoveryError, DiscoveryEvent, PeerRecord, runtime};
 
+/// The task a discovery that only reports seeds ([`StaticDiscovery`],
+/// [`DnsDiscovery`](crate::DnsDiscovery)) runs while started; dropping it stops it.
+#[derive(Debug, Default)]
+pub(crate) struct SeedTask(Option<JoinHandle<()>>);
+
+impl SeedTask {
+    /// Spawns `work` on the current runtime in `span`, unless a task runs already (`name`
+    /// is the discovery's, for the error).
+    pub(crate) fn start(
+        &mut self,
+        name: &'static str,
+        span: tracing::Span,
+        work: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), DiscoveryError> {
+        if self.0.is_some() {
+            return Err(DiscoveryError::AlreadyStarted(name));
+        }
+        self.0 = Some(runtime()?.spawn(work.instrument(span)));
+        Ok(())
+    }
+
+    /// Whether it runs.
+    pub(crate) fn is_running(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Stops it (idempotent).
+    pub(crate) fn stop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for SeedTask {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Reports a fixed list of addresses as [`DiscoveryEvent::Seed`], once each, on
 /// start. Dialing them, learning their ids and re-dialing with backoff is the
 /// node's job. Announces nothing.
 #[derive(Debug)]
 pub struct StaticDiscovery {
     seeds: Vec<SocketAddr>,
-    task: Option<JoinHandle<()>>,
+    task: SeedTask,
 }
 
 impl StaticDiscovery {
@@ -28,7 +69,7 @@ impl StaticDiscovery {
         }
         Self {
             seeds: unique,
-            task: None,
+            task: SeedTask::default(),
         }
     }
 }
@@ -39,41 +80,23 @@ impl Discovery for StaticDiscovery {
         _local: PeerRecord,
         events: mpsc::Sender<DiscoveryEvent>,
     ) -> Result<(), DiscoveryError> {
-        if self.task.is_some() {
-            return Err(DiscoveryError::AlreadyStarted(self.name()));
-        }
-        let handle = runtime()?;
         let seeds = self.seeds.clone();
         let span = tracing::debug_span!("discovery", kind = "static", seeds = seeds.len());
-        self.task = Some(
-            handle.spawn(
-                async move {
-                    for seed in seeds {
-                        if events.send(DiscoveryEvent::Seed(seed)).await.is_err() {
-                            return;
-                        }
-                        tracing::debug!(%seed, "seed reported");
-                    }
+        self.task.start(self.name(), span, async move {
+            for seed in seeds {
+                if events.send(DiscoveryEvent::Seed(seed)).await.is_err() {
+                    return;
                 }
-                .instrument(span),
-            ),
-        );
-        Ok(())
+                tracing::debug!(%seed, "seed reported");
+            }
+        })
     }
 
     fn stop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+        self.task.stop();
     }
 
     fn name(&self) -> &'static str {
         "static"
-    }
-}
-
-impl Drop for StaticDiscovery {
-    fn drop(&mut self) {
-        self.stop();
     }
 }

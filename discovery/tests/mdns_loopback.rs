@@ -58,7 +58,7 @@ async fn wait_for(
         let about = match &event {
             DiscoveryEvent::Up(r) => Some(r.node_id),
             DiscoveryEvent::Down(id) => Some(*id),
-            DiscoveryEvent::Seed(_) => None,
+            DiscoveryEvent::Seed(_) | DiscoveryEvent::SeedGone(_) => None,
         };
         if let Some(about) = about {
             assert!(!never.contains(&about), "unexpected event {event:?}");

@@ -55,6 +55,10 @@ pub struct NodeBuilder {
     pub(crate) interfaces: Option<Interfaces>,
     pub(crate) mdns: bool,
     pub(crate) seeds: Vec<SocketAddr>,
+    /// DNS names whose addresses are seeds ([`NodeBuilder::dns_seed`]), and how often they
+    /// are resolved again.
+    pub(crate) dns_seeds: Vec<String>,
+    pub(crate) dns_refresh: Duration,
     pub(crate) discoveries: Vec<Box<dyn Discovery>>,
     pub(crate) prefetch: u32,
     pub(crate) max_message_size: usize,
@@ -105,6 +109,8 @@ impl NodeBuilder {
             interfaces: None,
             mdns: true,
             seeds: Vec::new(),
+            dns_seeds: Vec::new(),
+            dns_refresh: peerbus_discovery::DNS_REFRESH,
             discoveries: Vec::new(),
             prefetch: 256,
             max_message_size: 4 * 1024 * 1024,
@@ -203,6 +209,27 @@ impl NodeBuilder {
     /// identified by its certificate and must pass the mesh proof.
     pub fn seed(mut self, addr: SocketAddr) -> Self {
         self.seeds.push(addr);
+        self
+    }
+
+    /// Adds a DNS name (`host:port`, the port the nodes listen on there) whose addresses are
+    /// seeds: for a Kubernetes headless service (one record per ready pod, for example
+    /// `orders.default.svc.cluster.local:7000`) or any name with a record per node. It is
+    /// resolved at start and every [`NodeBuilder::dns_refresh`] (10 s by default); a new
+    /// address is dialed like a [`seed`](Self::seed), and one that left the records is no
+    /// longer dialed (a live connection to it stays). A name that fails to resolve keeps the
+    /// addresses it had. At most 1,024 addresses are tracked over all names. `start` fails
+    /// with [`StartError::Discovery`] when a name is not `host:port`. Like seeds, turns
+    /// mDNS off unless [`NodeBuilder::interfaces`] is called.
+    pub fn dns_seed(mut self, name: impl Into<String>) -> Self {
+        self.dns_seeds.push(name.into());
+        self
+    }
+
+    /// How often DNS seeds ([`NodeBuilder::dns_seed`]) are resolved again (10 s by default,
+    /// at least 100 ms): how soon a node that joins the records is dialed.
+    pub fn dns_refresh(mut self, every: Duration) -> Self {
+        self.dns_refresh = every;
         self
     }
 

@@ -119,8 +119,8 @@ pub use subscription::{Delivery, Subscription};
 
 pub use bytes::Bytes;
 pub use peerbus_discovery::{
-    Discovery, DiscoveryError, DiscoveryEvent, Interfaces, MdnsDiscovery, MemoryDiscovery,
-    MemoryNetwork, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
+    Discovery, DiscoveryError, DiscoveryEvent, DnsDiscovery, Interfaces, MdnsDiscovery,
+    MemoryDiscovery, MemoryNetwork, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
 };
 pub use peerbus_transport::{
     CloseCode, CloseCounts, FaultConfig, FaultStats, Faults, MAX_MESH_KEYS, MeshKey, NodeId,

@@ -212,6 +212,15 @@ pub(crate) async fn dial_loop(
                     () = cancel.cancelled() => return,
                 };
                 let error = match res {
+                    Ok(conn) if conn.peer_id() == shared.id => {
+                        // A seed at this node's own address: a headless service lists every
+                        // pod, this one too, and a shared seed list names every node. Before
+                        // the hello, so the node does not see itself as a peer; never again,
+                        // as nothing else will answer there while this node runs.
+                        conn.close(CloseCode::Normal, "connected to itself");
+                        debug!(%addr, "this seed is this node itself; not dialing it again");
+                        return;
+                    }
                     Ok(conn) => match handshake(&shared, conn).await {
                         Ok(ready) => {
                             let _ = shared.core.send(CoreMsg::PeerReady(Box::new(ready))).await;

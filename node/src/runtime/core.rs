@@ -1639,6 +1639,31 @@ impl Core {
                 }
                 self.start_seed_dial(addr);
             }
+            DiscoveryEvent::SeedGone(addr) => self.seed_gone(addr),
+        }
+    }
+
+    /// The seed `addr` left its DNS records: its dial loop stops, and so does the redial of
+    /// a node known only there that is not connected (it is gone). A live connection to the
+    /// node there stays, as the connection is the truth about liveness, but is not redialed
+    /// once it ends, unless the address comes back.
+    fn seed_gone(&mut self, addr: SocketAddr) {
+        self.seeds.retain(|s| *s != addr);
+        if let Some(c) = self.seed_dialing.remove(&addr) {
+            c.cancel();
+        }
+        for (peer, k) in &mut self.known {
+            if k.addrs != [addr] {
+                continue;
+            }
+            debug!(peer = %peer.short(), %addr, "seed left the DNS records");
+            k.advertised = false;
+            if let Some(c) = k.dialing.take() {
+                c.cancel();
+            }
+            if !self.links.contains_key(peer) {
+                k.state = PeerState::Gone;
+            }
         }
     }
 

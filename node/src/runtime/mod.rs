@@ -41,7 +41,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use peerbus_discovery::{
-    Discovery, DiscoveryEvent, MdnsDiscovery, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
+    Discovery, DiscoveryEvent, DnsDiscovery, MdnsDiscovery, PROTOCOL_VERSION, PeerRecord,
+    StaticDiscovery,
 };
 use peerbus_transport::{
     Endpoint, EndpointConfig, Identity, MAX_MESH_KEYS, Membership, MeshKey, NodeId,
@@ -573,6 +574,11 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     let mut discoveries: Vec<Box<dyn Discovery>> = b.discoveries;
     if !b.seeds.is_empty() {
         discoveries.push(Box::new(StaticDiscovery::new(b.seeds.clone())));
+    }
+    if !b.dns_seeds.is_empty() {
+        discoveries.push(Box::new(
+            DnsDiscovery::new(b.dns_seeds.clone()).refresh(b.dns_refresh),
+        ));
     }
     let want_mdns = b.mdns && (b.interfaces.is_some() || discoveries.is_empty());
     if want_mdns {
