@@ -9,8 +9,9 @@ use std::time::Duration;
 use common::{builder, eventually, mdns_builder, start, within};
 use peerbus::trace::TraceContext;
 use peerbus::{
-    DnsDiscovery, Faults, HandlerError, MemoryNetwork, MeshKey, Node, NodeBuilder, Outgoing,
-    PeerState, RequestError,
+    Discovery, DiscoveryError, DiscoveryEvent, DnsDiscovery, Faults, HandlerError, MemoryNetwork,
+    MeshKey, Node, NodeBuilder, NodeId, Outgoing, PROTOCOL_VERSION, PeerRecord, PeerState,
+    RequestError,
 };
 use tokio::sync::mpsc;
 
@@ -903,6 +904,76 @@ async fn dns_seeds_follow_the_records() {
         client.shutdown().await;
         first.shutdown().await;
         second.shutdown().await;
+    })
+    .await;
+}
+
+/// Reports `gone` peers that come up and go (no address: nothing to dial), then `last`: what
+/// a node sees over months of containers that start with fresh identities.
+struct Churn {
+    gone: u32,
+    last: PeerRecord,
+}
+
+impl Discovery for Churn {
+    fn start(
+        &mut self,
+        _local: PeerRecord,
+        events: mpsc::Sender<DiscoveryEvent>,
+    ) -> Result<(), DiscoveryError> {
+        let (gone, last) = (self.gone, self.last.clone());
+        tokio::spawn(async move {
+            for i in 0..gone {
+                let mut id = [0xee; 32];
+                id[..4].copy_from_slice(&i.to_le_bytes());
+                let record = PeerRecord {
+                    node_id: NodeId::from_bytes(id),
+                    addrs: Vec::new(),
+                    ..last.clone()
+                };
+                let _ = events.send(DiscoveryEvent::Up(record)).await;
+                let _ = events
+                    .send(DiscoveryEvent::Down(NodeId::from_bytes(id)))
+                    .await;
+            }
+            let _ = events.send(DiscoveryEvent::Up(last)).await;
+        });
+        Ok(())
+    }
+
+    fn stop(&mut self) {}
+
+    fn name(&self) -> &'static str {
+        "churn"
+    }
+}
+
+/// A node that saw more peers come and go than it remembers (4,096) still takes a new one:
+/// a gone peer makes room. Before, it ignored every peer discovered once the map was full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_long_gone_make_room_for_new_ones() {
+    within(60, async {
+        let key = MeshKey::generate();
+        let server = start(loopback_node("churn", &key, "orders")).await;
+        let last = PeerRecord {
+            node_id: server.id(),
+            service: "orders".into(),
+            mesh: "churn".into(),
+            protocol_version: PROTOCOL_VERSION,
+            addrs: vec![server.local_addr()],
+        };
+        let churn = Churn { gone: 5_000, last };
+        let client = start(loopback_node("churn", &key, "payments").discovery(churn)).await;
+        assert!(
+            client
+                .wait_for_instances("orders", 1, Duration::from_secs(20))
+                .await,
+            "the peer discovered after 5,000 gone ones was ignored"
+        );
+        let known = client.peers().await.len();
+        assert!(known <= 4_096, "{known} peers known");
+        client.shutdown().await;
+        server.shutdown().await;
     })
     .await;
 }

@@ -309,6 +309,24 @@ struct Known {
     traffic: Traffic,
 }
 
+impl Known {
+    /// A peer first heard of now, in `state`.
+    fn new(state: PeerState, advertised: bool) -> Self {
+        Known {
+            service: None,
+            addrs: Vec::new(),
+            advertised,
+            dialing: None,
+            state,
+            last_error: None,
+            delivered_to: 0,
+            acked_by: 0,
+            handled_from: 0,
+            traffic: Traffic::default(),
+        }
+    }
+}
+
 /// Who a scatter request goes to.
 #[derive(Clone, Debug)]
 pub(crate) enum ScatterTarget {
@@ -1595,25 +1613,17 @@ impl Core {
                 if rec.node_id == self.shared.id {
                     return;
                 }
-                if !self.known.contains_key(&rec.node_id) && self.known.len() >= MAX_KNOWN_PEERS {
+                if !self.room_in_known(rec.node_id) {
                     warn!(
                         limit = MAX_KNOWN_PEERS,
-                        "too many known peers; ignoring a discovered one"
+                        "too many known peers, none of them gone; ignoring a discovered one"
                     );
                     return;
                 }
-                let k = self.known.entry(rec.node_id).or_insert_with(|| Known {
-                    service: None,
-                    addrs: Vec::new(),
-                    advertised: true,
-                    dialing: None,
-                    state: PeerState::Discovered,
-                    last_error: None,
-                    delivered_to: 0,
-                    traffic: Traffic::default(),
-                    acked_by: 0,
-                    handled_from: 0,
-                });
+                let k = self
+                    .known
+                    .entry(rec.node_id)
+                    .or_insert_with(|| Known::new(PeerState::Discovered, true));
                 k.service = Some(rec.service.clone());
                 k.addrs = rec.addrs.clone();
                 k.advertised = true;
@@ -1665,6 +1675,25 @@ impl Core {
                 k.state = PeerState::Gone;
             }
         }
+    }
+
+    /// Whether `peer` fits in the known peers: it is there, there is room (fewer than
+    /// [`MAX_KNOWN_PEERS`]), or a gone peer (no longer advertised, not connected, not
+    /// dialed) made room, the first one found; what it loses is that peer's figures. Nodes
+    /// that come and go with fresh identities (containers without a data directory) would
+    /// otherwise fill the map for good, and a node would then ignore every new peer.
+    fn room_in_known(&mut self, peer: NodeId) -> bool {
+        if self.known.len() < MAX_KNOWN_PEERS || self.known.contains_key(&peer) {
+            return true;
+        }
+        let gone = self.known.iter().find(|(id, k)| {
+            k.state == PeerState::Gone && k.dialing.is_none() && !self.links.contains_key(*id)
+        });
+        let Some(gone) = gone.map(|(id, _)| *id) else {
+            return false;
+        };
+        self.known.remove(&gone);
+        true
     }
 
     fn start_dial(&mut self, peer: NodeId) {
@@ -1812,18 +1841,12 @@ impl Core {
             ),
             Some(false) => {}
         }
-        let k = self.known.entry(peer).or_insert_with(|| Known {
-            service: None,
-            addrs: Vec::new(),
-            advertised: false,
-            dialing: None,
-            state: PeerState::Connected,
-            last_error: None,
-            delivered_to: 0,
-            traffic: Traffic::default(),
-            acked_by: 0,
-            handled_from: 0,
-        });
+        // A connected peer is known even past the limit (connections have their own).
+        self.room_in_known(peer);
+        let k = self
+            .known
+            .entry(peer)
+            .or_insert_with(|| Known::new(PeerState::Connected, false));
         k.service = Some(r.hello.service.clone());
         if !k.addrs.contains(&addr) && r.conn.is_dialer() {
             k.addrs.push(addr);

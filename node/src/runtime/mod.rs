@@ -81,7 +81,9 @@ pub(crate) const SUBSCRIPTION_QUEUE: usize = 1024;
 pub(crate) const SERVE_QUEUE: usize = 1024;
 /// Most local subscriptions on one node.
 pub(crate) const MAX_SUBSCRIPTIONS: usize = 1024;
-/// Most peers the node remembers (discovered or connected).
+/// Most peers the node remembers (discovered or connected); a gone one makes room for a new
+/// one, and a peer that connects is remembered even past it (connections are bounded on
+/// their own).
 pub(crate) const MAX_KNOWN_PEERS: usize = 4096;
 /// Handshakes (TLS + mesh proof + hello) running at once on the accept side.
 pub(crate) const MAX_PENDING_HANDSHAKES: usize = 64;
