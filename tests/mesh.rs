@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -833,15 +834,7 @@ async fn dns_seeds_follow_the_records() {
         let first = start(node("orders")).await;
         let second = start(node("orders")).await;
         let records = Arc::new(Mutex::new(vec![first.local_addr()]));
-        let dns = {
-            let records = records.clone();
-            DnsDiscovery::new(["orders.shop.svc.cluster.local:7000"])
-                .refresh(Duration::from_millis(100))
-                .with_resolver(move |_name| {
-                    let addrs = records.lock().expect("records").clone();
-                    async move { Ok(addrs) }
-                })
-        };
+        let dns = dns_records(&records);
         let faults = Faults::new(12);
         let client = start(node("payments").discovery(dns).faults(faults.clone())).await;
         assert!(
@@ -904,6 +897,61 @@ async fn dns_seeds_follow_the_records() {
         client.shutdown().await;
         first.shutdown().await;
         second.shutdown().await;
+    })
+    .await;
+}
+
+/// A DNS discovery of one name whose records are `records` at each resolution (every 100 ms).
+fn dns_records(records: &Arc<Mutex<Vec<SocketAddr>>>) -> DnsDiscovery {
+    let records = records.clone();
+    DnsDiscovery::new(["orders.shop.svc.cluster.local:7000"])
+        .refresh(Duration::from_millis(100))
+        .with_resolver(move |_name| {
+            let addrs = records.lock().expect("records").clone();
+            async move { Ok(addrs) }
+        })
+}
+
+/// A node that restarts at a new address (same identity, from its data directory) is known
+/// at the new one only once the old one leaves the records, even when the new record came
+/// first and the node was reached there: a seed that goes takes its address off every peer,
+/// so a node's addresses do not pile up as it moves again and again (each was redialed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_moved_is_known_at_its_new_address_only() {
+    within(60, async {
+        let key = MeshKey::generate();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = |service: &str| loopback_node("dns-moves", &key, service);
+        let server = start(node("orders").data_dir(dir.path())).await;
+        let (id, old) = (server.id(), server.local_addr());
+        let records = Arc::new(Mutex::new(vec![old]));
+        let client = start(node("payments").discovery(dns_records(&records))).await;
+        assert!(
+            client
+                .wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        server.shutdown().await;
+        let server = start(node("orders").data_dir(dir.path())).await;
+        let new = server.local_addr();
+        assert_eq!(server.id(), id, "the same identity");
+        records.lock().expect("records").push(new);
+        let addrs = || async {
+            let peers = client.peers().await;
+            peers.into_iter().find(|p| p.node_id == id).map(|p| p.addrs)
+        };
+        eventually(10, "reached at the new address", || async {
+            client.instances("orders").await.len() == 1
+                && addrs().await.is_some_and(|a| a.contains(&new))
+        })
+        .await;
+        records.lock().expect("records").retain(|a| *a != old);
+        eventually(10, "known at the new address only", || async {
+            addrs().await == Some(vec![new])
+        })
+        .await;
+        client.shutdown().await;
+        server.shutdown().await;
     })
     .await;
 }

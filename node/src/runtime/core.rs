@@ -1653,17 +1653,22 @@ impl Core {
         }
     }
 
-    /// The seed `addr` left its DNS records: its dial loop stops, and so does the redial of
-    /// a node known only there that is not connected (it is gone). A live connection to the
-    /// node there stays, as the connection is the truth about liveness, but is not redialed
-    /// once it ends, unless the address comes back.
+    /// The seed `addr` left its DNS records: its dial loop stops, and no node is dialed there
+    /// any more. A node known only there is gone: its redial stops too. A live connection to
+    /// it stays, as the connection is the truth about liveness, but is not redialed once it
+    /// ends, unless the address comes back. (A node that moved to a new address keeps only
+    /// the new one, so its addresses do not pile up as it moves again and again.)
     fn seed_gone(&mut self, addr: SocketAddr) {
         self.seeds.retain(|s| *s != addr);
         if let Some(c) = self.seed_dialing.remove(&addr) {
             c.cancel();
         }
         for (peer, k) in &mut self.known {
-            if k.addrs != [addr] {
+            if !k.addrs.contains(&addr) {
+                continue;
+            }
+            k.addrs.retain(|a| *a != addr);
+            if !k.addrs.is_empty() {
                 continue;
             }
             debug!(peer = %peer.short(), %addr, "seed left the DNS records");
