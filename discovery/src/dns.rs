@@ -141,7 +141,8 @@ impl Tracked {
         match looked_up {
             Ok(addrs) => {
                 self.last_error[i] = None;
-                self.per_name[i] = addrs.into_iter().collect();
+                // No more than can be reported: the answer comes from the network.
+                self.per_name[i] = addrs.into_iter().take(DNS_SEED_LIMIT).collect();
             }
             Err(e) => {
                 let e = e.to_string();
@@ -255,9 +256,10 @@ mod tests {
         ([127, 0, 0, last], 7000).into()
     }
 
-    /// A discovery whose resolver answers from `answers` (per name), refreshed every 100 ms.
+    /// What the resolver of [`discovery`] answers, per name.
     type Answers = Arc<Mutex<std::collections::HashMap<String, io::Result<Vec<SocketAddr>>>>>;
 
+    /// A discovery of `names` whose resolver answers from `answers`, refreshed every 100 ms.
     fn discovery(names: &[&str], answers: &Answers) -> DnsDiscovery {
         let answers = answers.clone();
         DnsDiscovery::new(names.iter().copied())
