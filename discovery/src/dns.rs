@@ -57,7 +57,7 @@ impl std::fmt::Debug for DnsDiscovery {
         f.debug_struct("DnsDiscovery")
             .field("names", &self.names)
             .field("refresh", &self.refresh)
-            .field("running", &self.task.is_running())
+            .field("started", &self.task.is_started())
             .finish_non_exhaustive()
     }
 }

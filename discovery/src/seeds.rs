@@ -30,8 +30,9 @@ impl SeedTask {
         Ok(())
     }
 
-    /// Whether it runs.
-    pub(crate) fn is_running(&self) -> bool {
+    /// Whether it was started and not stopped since (a task that did its work and ended
+    /// counts).
+    pub(crate) fn is_started(&self) -> bool {
         self.0.is_some()
     }
 
