@@ -657,13 +657,9 @@ impl DirectStream {
         if self.reuse_request_streams {
             return self.request_on_kept_stream(frame, shared);
         }
-        let Some(Ok((mut tx, rx))) = self.conn.open_bi().now_or_never() else {
+        let Some((mut tx, rx)) = self.open_request_stream(shared) else {
             return StreamRequest::NotSent;
         };
-        shared
-            .counters
-            .request_streams_opened
-            .fetch_add(1, Ordering::Relaxed);
         if push_data(&mut tx, frame, self.dialect).is_err() {
             // Nothing was buffered; the writer says why it drops it.
             return StreamRequest::NotSent;
@@ -687,6 +683,17 @@ impl DirectStream {
         }
     }
 
+    /// A new request stream, counted in `Status::request_streams_opened`; `None` when none
+    /// can be opened at once (QUIC's stream limit, or the connection is closing).
+    fn open_request_stream(&self, shared: &Shared) -> Option<(FrameSender, FrameReceiver)> {
+        let (tx, rx) = self.conn.open_bi().now_or_never()?.ok()?;
+        shared
+            .counters
+            .request_streams_opened
+            .fetch_add(1, Ordering::Relaxed);
+        Some((tx, rx))
+    }
+
     /// [`DirectStream::try_request_stream`] to a peer that serves several requests per
     /// stream: on a kept stream, else on a new one, written without waiting and not ended.
     /// A kept stream whose write fails (the peer ended it meanwhile) is dropped and the next
@@ -701,15 +708,9 @@ impl DirectStream {
                     }
                     (tx, rx, true)
                 }
-                None => match self.conn.open_bi().now_or_never() {
-                    Some(Ok((tx, rx))) => {
-                        shared
-                            .counters
-                            .request_streams_opened
-                            .fetch_add(1, Ordering::Relaxed);
-                        (tx, rx, false)
-                    }
-                    _ => return StreamRequest::NotSent,
+                None => match self.open_request_stream(shared) {
+                    Some((tx, rx)) => (tx, rx, false),
+                    None => return StreamRequest::NotSent,
                 },
             };
             if push_data(&mut tx, frame, self.dialect).is_err() {
@@ -1000,21 +1001,18 @@ async fn serve_request(cx: &LaneContext, env: Arc<Envelope>, budget_ms: u64, on:
         shared,
         out,
         cancel,
-        serving,
         replies,
         opened_in,
         ..
     } = cx;
-    if paused_since_opened(shared, *opened_in, env.seq) {
-        return true;
-    }
-    serving.fetch_max(shared.now().saturating_add(budget_ms), Ordering::Relaxed);
-    let serve = super::read(&shared.routes).serve.clone();
     let corr = env.seq;
-    let Some(server) = serve else {
-        let result = Err(format!("`{}` does not serve requests", shared.service));
-        send_reply(out, shared.lanes, corr, result);
-        return true;
+    let server = match admit_request(cx, corr, budget_ms) {
+        None => return true,
+        Some(Ok(server)) => server,
+        Some(Err(not_serving)) => {
+            send_reply(out, shared.lanes, corr, Err(not_serving));
+            return true;
+        }
     };
     let Ok(permit) = server.permits.clone().try_acquire_owned() else {
         let request = InboundRequest {
@@ -1074,6 +1072,25 @@ async fn serve_request(cx: &LaneContext, env: Arc<Envelope>, budget_ms: u64, on:
     true
 }
 
+/// How serving request `corr`, which may take `budget_ms`, starts: `None` when it is dropped
+/// unserved ([`paused_since_opened`]); else the connection is kept open for its budget
+/// (`serving`, should it be retired meanwhile), and this is the node's serve handler, or the
+/// error to reply with when the node serves none.
+fn admit_request(
+    cx: &LaneContext,
+    corr: u64,
+    budget_ms: u64,
+) -> Option<Result<Arc<super::Server>, String>> {
+    let shared = &cx.shared;
+    if paused_since_opened(shared, cx.opened_in, corr) {
+        return None;
+    }
+    cx.serving
+        .fetch_max(shared.now().saturating_add(budget_ms), Ordering::Relaxed);
+    let serve = super::read(&shared.routes).serve.clone();
+    Some(serve.ok_or_else(|| format!("`{}` does not serve requests", shared.service)))
+}
+
 /// Whether this node did not run for a while since the connection a request `corr` came on
 /// opened in pause epoch `opened_in` ([`super::pause`]): the request is then dropped
 /// unserved (see [`serve_request`]), which this logs.
@@ -1091,10 +1108,7 @@ fn paused_since_opened(shared: &Shared, opened_in: u64, corr: u64) -> bool {
 /// Writes the reply to request `corr` on the request's own stream and ends it. Waits while
 /// QUIC flow control holds the stream back, as [`DirectStream::reply`] does.
 async fn reply_on_stream(mut stream: FrameSender, corr: u64, result: Result<Bytes, String>) {
-    let frame = Data::Reply { corr, result };
-    // A reply carries no envelope: it reads the same in every dialect.
-    if let Err(e) = push_data(&mut stream, &frame, Dialect::PeerOrigin) {
-        warn!(corr, error = %e, "reply dropped: it cannot be sent as a frame");
+    if !push_reply(&mut stream, corr, result) {
         return;
     }
     if let Err(e) = stream.finish().await {
@@ -1102,6 +1116,18 @@ async fn reply_on_stream(mut stream: FrameSender, corr: u64, result: Result<Byte
         // that).
         debug!(corr, error = %e, "reply dropped: the request's stream failed");
     }
+}
+
+/// Buffers the reply to request `corr` on `stream`, to be flushed; `false` (logged) when it
+/// cannot be sent as a frame.
+fn push_reply(stream: &mut FrameSender, corr: u64, result: Result<Bytes, String>) -> bool {
+    let frame = Data::Reply { corr, result };
+    // A reply carries no envelope: it reads the same in every dialect.
+    let pushed = push_data(stream, &frame, Dialect::PeerOrigin);
+    if let Err(e) = &pushed {
+        warn!(corr, error = %e, "reply dropped: it cannot be sent as a frame");
+    }
+    pushed.is_ok()
 }
 
 /// Whether the server side of a kept request stream is still open: nothing more came on it
@@ -1216,20 +1242,17 @@ async fn serve_on_stream(
     let LaneContext {
         shared,
         cancel,
-        serving,
         opened_in,
         ..
     } = cx;
     let corr = env.seq;
-    if paused_since_opened(shared, *opened_in, corr) {
+    let Some(serve) = admit_request(cx, corr, budget_ms) else {
         return false;
-    }
-    serving.fetch_max(shared.now().saturating_add(budget_ms), Ordering::Relaxed);
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(budget_ms);
-    let serve = super::read(&shared.routes).serve.clone();
     let result = match serve {
-        None => Some(Err(format!("`{}` does not serve requests", shared.service))),
-        Some(server) => {
+        Err(not_serving) => Some(Err(not_serving)),
+        Ok(server) => {
             let permit = match server.permits.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => tokio::select! {
@@ -1263,10 +1286,7 @@ async fn serve_on_stream(
     };
     // `None`: the requester's budget ran out first, and it stopped waiting.
     let Some(result) = result else { return true };
-    let frame = Data::Reply { corr, result };
-    // A reply carries no envelope: it reads the same in every dialect.
-    if let Err(e) = push_data(tx, &frame, Dialect::PeerOrigin) {
-        warn!(corr, error = %e, "reply dropped: it cannot be sent as a frame");
+    if !push_reply(tx, corr, result) {
         return false;
     }
     // Waits while QUIC flow control holds the stream back, as `DirectStream::reply` does.
