@@ -7,13 +7,14 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, Runtime, TransportConfig, VarInt};
 use tracing::warn;
 
+use crate::ca::{MeshCa, NodeCert};
 use crate::error::{AcceptError, BindError, CloseCode, ConnectError, ConnectionError};
 use crate::fault::{self, Faults};
 use crate::frame::{FrameReceiver, FrameSender};
@@ -51,6 +52,11 @@ const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// Size of one mesh proof message: a tag byte and 32 bytes.
 const PROOF_LEN: usize = 33;
+/// First byte of a proof message: a mesh key's HMAC follows.
+const PROOF_KEY: u8 = 1;
+/// First byte of a proof message: the handshake's certificate is the proof (a mesh CA).
+/// Nodes before the mesh CA read it as "no key", and refuse it when they have one.
+const PROOF_CA: u8 = 2;
 
 /// Endpoint settings. Build with [`EndpointConfig::new`], then adjust fields.
 #[derive(Clone, Debug)]
@@ -106,7 +112,9 @@ struct Inner {
     quinn: quinn::Endpoint,
     config: EndpointConfig,
     transport: Arc<TransportConfig>,
-    certified: tls::Certified,
+    /// The certificate and key presented in handshakes (replaced by
+    /// [`Endpoint::renew_certificate`]).
+    certified: RwLock<Arc<tls::Certified>>,
     /// Set by [`Endpoint::close`], so that connections report why they closed.
     closing: Arc<AtomicBool>,
     /// Connections this endpoint closed, by code ([`Endpoint::local_closes`]).
@@ -295,16 +303,51 @@ fn check_alpn(alpn: &[Vec<u8>]) -> Result<(), String> {
     Ok(())
 }
 
+/// The certificate a mesh CA issued, with the identity's key, once checked: issued for this
+/// node, by one of the CAs it trusts, and valid now.
+fn ca_certified(
+    identity: &Identity,
+    ca: &MeshCa,
+    cert: &NodeCert,
+) -> Result<tls::Certified, BindError> {
+    let ours = identity.node_id();
+    if cert.node_id() != ours {
+        return Err(BindError::Config(format!(
+            "the mesh certificate was issued for node {}, not for this node ({ours}); issue one \
+             with `peerbus ca issue --node-id {ours}`",
+            cert.node_id()
+        )));
+    }
+    ca.check(cert.der().as_ref(), SystemTime::now())
+        .map_err(|why| {
+            BindError::Config(format!("this node's mesh certificate is refused: {why}"))
+        })?;
+    Ok(tls::issued(identity, cert))
+}
+
+/// The listener's QUIC config for a certificate.
+fn server_config(
+    certified: &tls::Certified,
+    alpn: &[Vec<u8>],
+    transport: &Arc<TransportConfig>,
+) -> Result<quinn::ServerConfig, BindError> {
+    let tls = tls::server_config(certified, alpn).map_err(BindError::Tls)?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| BindError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport.clone());
+    Ok(server)
+}
+
 impl Endpoint {
     /// Binds the UDP socket and prepares TLS. Needs a tokio runtime.
     pub fn bind(config: EndpointConfig) -> Result<Endpoint, BindError> {
         let transport = Arc::new(transport_config(&config)?);
-        let certified = tls::certificate(&config.identity).map_err(BindError::Tls)?;
+        let certified = match &config.membership {
+            Membership::Ca { ca, cert } => ca_certified(&config.identity, ca, cert)?,
+            _ => tls::certificate(&config.identity).map_err(BindError::Tls)?,
+        };
         check_alpn(&config.alpn).map_err(BindError::Config)?;
-        let tls = tls::server_config(&certified, &config.alpn).map_err(BindError::Tls)?;
-        let crypto = QuicServerConfig::try_from(tls).map_err(|e| BindError::Tls(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(transport.clone());
+        let server = server_config(&certified, &config.alpn, &transport)?;
         let io = |error| BindError::Io {
             addr: config.listen,
             error,
@@ -338,13 +381,46 @@ impl Endpoint {
                 quinn,
                 config,
                 transport,
-                certified,
+                certified: RwLock::new(Arc::new(certified)),
                 closing: Arc::default(),
                 closes: Arc::default(),
                 half_open: HalfOpen::default(),
                 rx_buffer,
             }),
         })
+    }
+
+    /// Presents `cert` from now on, in place of the mesh certificate this endpoint was bound
+    /// with (a mesh CA, [`Membership::Ca`]): a renewed certificate, read again while the node
+    /// runs. Handshakes already made keep the old one; a peer closes those when the old one
+    /// expires, and the node connects again with the new one.
+    ///
+    /// Errors ([`BindError::Config`]) when the endpoint has no mesh CA, or the certificate is
+    /// for another node, not from a trusted CA, or not valid now; the old one stays.
+    pub fn renew_certificate(&self, cert: &NodeCert) -> Result<(), BindError> {
+        let Membership::Ca { ca, .. } = &self.inner.config.membership else {
+            return Err(BindError::Config(
+                "this endpoint proves membership with no mesh CA certificate".into(),
+            ));
+        };
+        let certified = ca_certified(&self.inner.config.identity, ca, cert)?;
+        let server = server_config(&certified, &self.inner.config.alpn, &self.inner.transport)?;
+        self.inner.quinn.set_server_config(Some(server));
+        *self
+            .inner
+            .certified
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(certified);
+        Ok(())
+    }
+
+    /// The certificate and key handshakes present now.
+    fn certified(&self) -> Arc<tls::Certified> {
+        self.inner
+            .certified
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Lets the UDP socket's receive buffer hold up to `bytes` (the kernel caps it at
@@ -404,9 +480,9 @@ impl Endpoint {
         addr: SocketAddr,
         expected: Option<NodeId>,
     ) -> Result<Connection, ConnectError> {
-        let (tls, seen) =
-            tls::client_config(&self.inner.certified, expected, &self.inner.config.alpn)
-                .map_err(ConnectError::Tls)?;
+        let certified = self.certified();
+        let (tls, seen) = tls::client_config(&certified, expected, &self.inner.config.alpn)
+            .map_err(ConnectError::Tls)?;
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| ConnectError::Tls(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
@@ -434,7 +510,7 @@ impl Endpoint {
         let peer = peer_id(&quinn_conn).map_err(ConnectError::Tls)?;
         let conn = Connection::new(quinn_conn, peer, true, self);
         match tokio::time::timeout(PROOF_TIMEOUT, self.prove(&conn)).await {
-            Ok(Ok(())) => Ok(conn),
+            Ok(Ok(until)) => Ok(conn.member_until(until)),
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 conn.close(CloseCode::Unresponsive, "mesh proof timed out");
@@ -445,7 +521,8 @@ impl Endpoint {
 
     /// The dialer's side of the mesh proof: send ours, check theirs, then finish the stream,
     /// which tells the listener that we accept it.
-    async fn prove(&self, conn: &Connection) -> Result<(), ConnectError> {
+    /// Returns when the listener's membership ends ([`Connection::membership_expires`]).
+    async fn prove(&self, conn: &Connection) -> Result<Option<SystemTime>, ConnectError> {
         let (dialer, listener) = (self.node_id(), conn.peer);
         let ekm = ekm(&conn.inner, &dialer, &listener).map_err(ConnectError::Other)?;
         let lost = |e: quinn::ConnectionError| refused(conn.convert(e));
@@ -464,7 +541,8 @@ impl Endpoint {
                 None => ConnectError::Other(format!("mesh proof exchange failed: {other}")),
             },
         })?;
-        if let Err(why) = self.check_proof(1, &dialer, &listener, &ekm, &theirs) {
+        let until = self.check_proof(1, &dialer, &listener, &ekm, &theirs, &conn.inner);
+        if let Err(why) = until {
             warn!(addr = %conn.remote_addr(), claimed = %conn.peer, reason = %why,
                 "refusing peer: mesh proof failed");
             conn.close(CloseCode::MeshProofFailed, &why);
@@ -475,11 +553,11 @@ impl Endpoint {
         }
         send.finish()
             .map_err(|e| ConnectError::Other(format!("mesh proof exchange failed: {e}")))?;
-        Ok(())
+        Ok(until.ok().flatten())
     }
 
-    /// Our proof message for `role` (0 dialer, 1 listener): `[1][HMAC]`, or `[0][zeros]`
-    /// when we have no key.
+    /// Our proof message for `role` (0 dialer, 1 listener): `[1][HMAC]` with a mesh key,
+    /// `[2][zeros]` with a mesh CA certificate, `[0][zeros]` in an open mesh.
     fn proof_bytes(
         &self,
         role: u8,
@@ -489,14 +567,18 @@ impl Endpoint {
     ) -> [u8; PROOF_LEN] {
         let mut out = [0u8; PROOF_LEN];
         if let Some(k) = self.inner.config.membership.own_key() {
-            out[0] = 1;
+            out[0] = PROOF_KEY;
             out[1..].copy_from_slice(k.proof(role, dialer, listener, ekm).as_ref());
+        } else if let Membership::Ca { .. } = self.inner.config.membership {
+            // The certificate in the handshake is the proof; the marker names it.
+            out[0] = PROOF_CA;
         }
         out
     }
 
-    /// Checks the peer's proof message. The error is the reason sent in the close frame,
-    /// worded so that it reads right on both sides.
+    /// Checks the peer's proof message: `Some(expiry)` of its certificate with a mesh CA. The
+    /// error is the reason sent in the close frame, worded so that it reads right on both
+    /// sides.
     fn check_proof(
         &self,
         role: u8,
@@ -504,13 +586,44 @@ impl Endpoint {
         listener: &NodeId,
         ekm: &[u8],
         got: &[u8; PROOF_LEN],
-    ) -> Result<(), String> {
+        conn: &quinn::Connection,
+    ) -> Result<Option<SystemTime>, String> {
         let who = if role == 0 { "dialer" } else { "listener" };
         let other = if role == 0 { "listener" } else { "dialer" };
         let membership = &self.inner.config.membership;
+        if let Membership::Ca { ca, .. } = membership {
+            return match got[0] {
+                PROOF_CA => {
+                    let cert = peer_certificate(conn)?;
+                    let peer = if role == 0 { dialer } else { listener };
+                    match ca.check(cert.as_ref(), SystemTime::now()) {
+                        Ok(c) if c.node_id() == *peer => Ok(Some(c.not_after())),
+                        Ok(c) => Err(format!(
+                            "the {who}'s certificate is for node {}",
+                            c.node_id()
+                        )),
+                        Err(why) => Err(format!(
+                            "the {other} refuses the {who}'s mesh certificate: {why}"
+                        )),
+                    }
+                }
+                PROOF_KEY => Err(format!(
+                    "the {who} proves a mesh key but the {other} requires a certificate from \
+                     its mesh CA"
+                )),
+                _ => Err(format!(
+                    "the {who} has no mesh certificate but the {other} requires one from its \
+                     mesh CA"
+                )),
+            };
+        }
         if matches!(membership, Membership::InsecureOpen) {
-            Ok(())
-        } else if got[0] != 1 {
+            Ok(None)
+        } else if got[0] == PROOF_CA {
+            Err(format!(
+                "the {who} proves a mesh CA certificate but the {other} requires a mesh key"
+            ))
+        } else if got[0] != PROOF_KEY {
             Err(format!(
                 "the {who} has no mesh key but the {other} requires one"
             ))
@@ -518,7 +631,7 @@ impl Endpoint {
             .accepted()
             .any(|k| k.verify(role, dialer, listener, ekm, &got[1..]))
         {
-            Ok(())
+            Ok(None)
         } else {
             Err(format!("the {who}'s mesh key differs from the {other}'s"))
         }
@@ -612,7 +725,7 @@ impl Incoming {
         let ep = &self.endpoint;
         let conn = Connection::new(quinn_conn, peer, false, ep);
         match tokio::time::timeout(PROOF_TIMEOUT, ep.answer_proof(&conn)).await {
-            Ok(Ok(())) => Ok(conn),
+            Ok(Ok(until)) => Ok(conn.member_until(until)),
             Ok(Err(ProofFailure::Mismatch(reason))) => {
                 warn!(%addr, claimed = %peer, %reason, "refusing peer: mesh proof failed");
                 conn.close(CloseCode::MeshProofFailed, &reason);
@@ -641,7 +754,7 @@ impl Incoming {
 impl Endpoint {
     /// The listener's side of the mesh proof: check the dialer's, send ours, then wait for the
     /// dialer to finish its stream (its acceptance of our proof).
-    async fn answer_proof(&self, conn: &Connection) -> Result<(), ProofFailure> {
+    async fn answer_proof(&self, conn: &Connection) -> Result<Option<SystemTime>, ProofFailure> {
         let (dialer, listener) = (conn.peer, self.node_id());
         let lost = |e: quinn::ConnectionError| ProofFailure::Lost(conn.convert(e));
         let read_err = |e: quinn::ReadError| match e {
@@ -657,7 +770,8 @@ impl Endpoint {
                 ProofFailure::Protocol(format!("proof stream ended after {n} bytes"))
             }
         })?;
-        self.check_proof(0, &dialer, &listener, &ekm, &theirs)
+        let until = self
+            .check_proof(0, &dialer, &listener, &ekm, &theirs, &conn.inner)
             .map_err(ProofFailure::Mismatch)?;
         let ours = self.proof_bytes(1, &dialer, &listener, &ekm);
         send.write_all(&ours).await.map_err(|e| match e {
@@ -671,7 +785,7 @@ impl Endpoint {
                 ProofFailure::Protocol("extra bytes after the mesh proof".into())
             }
         })?;
-        Ok(())
+        Ok(until)
     }
 }
 
@@ -686,6 +800,13 @@ fn ekm(conn: &quinn::Connection, dialer: &NodeId, listener: &NodeId) -> Result<[
 }
 
 fn peer_id(conn: &quinn::Connection) -> Result<NodeId, String> {
+    tls::node_id_of(&peer_certificate(conn)?).map_err(|e| e.to_string())
+}
+
+/// The certificate the peer presented in the handshake.
+fn peer_certificate(
+    conn: &quinn::Connection,
+) -> Result<rustls::pki_types::CertificateDer<'static>, String> {
     let certs = conn
         .peer_identity()
         .and_then(|any| {
@@ -693,10 +814,10 @@ fn peer_id(conn: &quinn::Connection) -> Result<NodeId, String> {
                 .ok()
         })
         .ok_or_else(|| "peer presented no certificate".to_string())?;
-    let first = certs
-        .first()
-        .ok_or_else(|| "peer presented no certificate".to_string())?;
-    tls::node_id_of(first).map_err(|e| e.to_string())
+    certs
+        .into_iter()
+        .next()
+        .ok_or_else(|| "peer presented no certificate".to_string())
 }
 
 /// A dial that failed after the handshake, by the connection's end.
@@ -785,6 +906,8 @@ pub struct Connection {
     alpn: Arc<[u8]>,
     max_frame: usize,
     shared: Arc<Shared>,
+    /// When the peer's mesh certificate expires (a mesh CA); `None` otherwise.
+    member_until: Option<SystemTime>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -816,7 +939,21 @@ impl Connection {
                 endpoint_closing: ep.inner.closing.clone(),
                 closes: ep.inner.closes.clone(),
             }),
+            member_until: None,
         }
+    }
+
+    fn member_until(mut self, until: Option<SystemTime>) -> Self {
+        self.member_until = until;
+        self
+    }
+
+    /// When the peer's membership ends: the expiry of the certificate it proved membership
+    /// with, in a mesh CA ([`Membership::Ca`]). Its node closes the connection then with
+    /// [`CloseCode::MeshProofFailed`], and the peer cannot connect again until it is issued a
+    /// new certificate. `None` with a mesh key or an open mesh.
+    pub fn membership_expires(&self) -> Option<SystemTime> {
+        self.member_until
     }
 
     /// Converts quinn's reason, filling in our own close code for local closes.

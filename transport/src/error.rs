@@ -118,7 +118,7 @@ impl CloseCode {
         match self {
             CloseCode::Normal => "closed",
             CloseCode::Shutdown => "node shutting down",
-            CloseCode::MeshProofFailed => "mesh key mismatch",
+            CloseCode::MeshProofFailed => "mesh membership refused",
             CloseCode::MalformedFrame => "malformed frame",
             CloseCode::FrameTooLarge => "frame too large",
             CloseCode::DuplicateConnection => "duplicate connection",
@@ -133,7 +133,8 @@ impl CloseCode {
     pub(crate) fn advice(&self) -> &'static str {
         match self {
             CloseCode::MeshProofFailed => {
-                "; every node of a mesh needs the same mesh key file (or all run an open mesh)"
+                "; every node of a mesh needs the same mesh key file, or a certificate from \
+                 the same mesh CA (or all run an open mesh)"
             }
             CloseCode::MalformedFrame | CloseCode::ProtocolViolation => {
                 "; check that both nodes run the same peerbus version"
@@ -255,6 +256,37 @@ pub enum MeshKeyError {
     },
 }
 
+/// A mesh CA file, CA directory or node certificate could not be read, written or used.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// A file could not be read or written.
+    #[error("{}: {error}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error (in the message, not a [`source`](std::error::Error::source)).
+        error: std::io::Error,
+    },
+    /// A file or certificate is not what it should be.
+    #[error("{what} {reason}")]
+    Malformed {
+        /// The file (or certificate in it).
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `CaKey::create` found a file already there.
+    #[error("{} already exists; not overwriting it", path.display())]
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A certificate could not be made.
+    #[error("cannot issue a certificate: {0}")]
+    Sign(String),
+}
+
 /// The endpoint could not be created.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -324,7 +356,7 @@ pub enum ConnectError {
 #[non_exhaustive]
 pub enum AcceptError {
     /// The dialer failed the mesh proof.
-    #[error("refused {addr} (node {claimed}): mesh key mismatch ({reason}){}", CloseCode::MeshProofFailed.advice())]
+    #[error("refused {addr} (node {claimed}): mesh membership refused ({reason}){}", CloseCode::MeshProofFailed.advice())]
     MeshProofFailed {
         /// Its address.
         addr: SocketAddr,

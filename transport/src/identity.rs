@@ -199,6 +199,17 @@ fn create_private(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<bool
     Ok(created)
 }
 
+/// Reads at most `limit + 1` bytes of a file: the caller refuses a file longer than `limit`
+/// without ever reading a huge one.
+pub(crate) fn read_limited(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut raw = Vec::with_capacity(1024);
+    fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_end(&mut raw)?;
+    Ok(raw)
+}
+
 /// Writes a new file readable by the owner only; refuses to overwrite.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut opts = fs::OpenOptions::new();

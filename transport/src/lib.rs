@@ -12,8 +12,11 @@
 //!   (mode 0600); the node id is the public key, printed as 52 lowercase base32 characters.
 //! - [`MeshKey`] / [`Membership`]: who may join. Members prove the shared key with an HMAC
 //!   over TLS exported keying material bound to both node ids; the key never crosses the wire.
+//! - [`CaKey`] / [`MeshCa`] / [`NodeCert`]: membership by a mesh CA instead
+//!   ([`Membership::Ca`]): a node presents a certificate the CA issued for its key, and
+//!   refuses peers whose certificate another CA signed or that expired.
 //! - [`Endpoint`] / [`Connection`]: QUIC with ALPN [`ALPN`], TLS 1.3 only, both sides
-//!   presenting a self-signed certificate for their key. The dialer may pin the node id it
+//!   presenting a certificate for their key (self-signed, or issued by the mesh CA). The dialer may pin the node id it
 //!   expects ([`ConnectError::WrongPeer`]). A [`Connection`] is handed out only after the mesh
 //!   proof, on both sides.
 //! - [`FrameSender`] / [`FrameReceiver`]: coalescing frame I/O on streams; a malformed or
@@ -61,6 +64,7 @@
 //! # }
 //! ```
 
+mod ca;
 mod endpoint;
 mod error;
 mod fault;
@@ -71,10 +75,11 @@ mod tls;
 
 use std::time::Duration;
 
+pub use ca::{CA_VALIDITY, CaKey, MAX_CA_CERTS, MAX_NODE_VALIDITY, MeshCa, NodeCert};
 pub use endpoint::{CloseCounts, Connection, Endpoint, EndpointConfig, Incoming, Traffic};
 pub use error::{
-    AcceptError, BindError, CloseCode, ConnectError, ConnectionError, IdParseError, IdentityError,
-    MeshKeyError,
+    AcceptError, BindError, CaError, CloseCode, ConnectError, ConnectionError, IdParseError,
+    IdentityError, MeshKeyError,
 };
 pub use fault::{FaultConfig, FaultStats, Faults};
 pub use frame::{

@@ -5,8 +5,9 @@ use std::path::Path;
 
 use ring::hmac;
 
+use crate::ca::{MeshCa, NodeCert};
 use crate::error::MeshKeyError;
-use crate::identity::{NodeId, write_private};
+use crate::identity::{NodeId, read_limited, write_private};
 
 /// The mesh's shared secret (32 bytes). Never printed, never sent: members prove they hold it
 /// with an HMAC over TLS exported keying material.
@@ -44,23 +45,15 @@ impl MeshKey {
     /// `#` are skipped). The first is the key this node proves membership with; a peer may
     /// prove it with any of them (see [`Membership::Rotating`]).
     pub fn load_all(path: &Path) -> Result<Vec<MeshKey>, MeshKeyError> {
-        use std::io::Read;
-        let io = |e| MeshKeyError::Io {
-            path: path.into(),
-            error: e,
-        };
         let bad = |reason: String| MeshKeyError::Malformed {
             path: path.into(),
             reason,
         };
-        // A key file holds a few lines of 64 characters: read one byte past the limit to tell
-        // a longer file, never a whole huge one.
-        let mut raw = Vec::with_capacity(128);
-        std::fs::File::open(path)
-            .map_err(io)?
-            .take(MAX_KEY_FILE + 1)
-            .read_to_end(&mut raw)
-            .map_err(io)?;
+        // A key file holds a few lines of 64 characters.
+        let raw = read_limited(path, MAX_KEY_FILE).map_err(|error| MeshKeyError::Io {
+            path: path.into(),
+            error,
+        })?;
         if raw.len() as u64 > MAX_KEY_FILE {
             return Err(bad(format!("larger than {MAX_KEY_FILE} bytes")));
         }
@@ -183,6 +176,14 @@ pub enum Membership {
         /// Keys a peer may prove membership with besides `key`.
         also_accept: Vec<MeshKey>,
     },
+    /// Peers must present a certificate signed by the mesh CA (one of `ca`'s certificates);
+    /// we present `cert`, which must be issued for this node's id (see [`crate::CaKey`]).
+    Ca {
+        /// The CA certificates a peer's certificate may be signed by.
+        ca: MeshCa,
+        /// This node's certificate.
+        cert: NodeCert,
+    },
     /// No key: any peer is accepted (and keyed peers refuse us). For demos only.
     InsecureOpen,
 }
@@ -209,7 +210,7 @@ impl Membership {
     pub(crate) fn own_key(&self) -> Option<&MeshKey> {
         match self {
             Membership::Key(key) | Membership::Rotating { key, .. } => Some(key),
-            Membership::InsecureOpen => None,
+            Membership::Ca { .. } | Membership::InsecureOpen => None,
         }
     }
 

@@ -9,6 +9,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, Error as TlsError, SignatureScheme};
 
+use crate::ca::NodeCert;
 use crate::identity::{Identity, NodeId};
 
 /// The server name every dialer asks for; ignored by the verifiers (ids are pinned instead).
@@ -44,7 +45,7 @@ pub(crate) struct Certified {
 }
 
 impl Certified {
-    fn chain(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    pub(crate) fn chain(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         (vec![self.cert.clone()], self.key.clone_key())
     }
 }
@@ -70,8 +71,18 @@ pub(crate) fn certificate(identity: &Identity) -> Result<Certified, String> {
     })
 }
 
-/// Accepts any self-signed ed25519 certificate (the key *is* the identity), checks the
-/// handshake signature against it, and on the dialer pins the expected node id.
+/// The identity's key with the certificate the mesh CA issued for it (which must be for the
+/// same key: [`Endpoint::bind`](crate::Endpoint::bind) checks).
+pub(crate) fn issued(identity: &Identity, cert: &NodeCert) -> Certified {
+    Certified {
+        cert: cert.der().clone(),
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.pkcs8().to_vec())),
+    }
+}
+
+/// Accepts any ed25519 certificate (the key *is* the identity), checks the handshake
+/// signature against it, and on the dialer pins the expected node id. Whether a mesh CA signed
+/// it is checked after the handshake, with the mesh proof, so that a refusal carries a reason.
 #[derive(Debug)]
 struct PeerVerifier {
     algs: WebPkiSupportedAlgorithms,

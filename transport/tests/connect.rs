@@ -211,13 +211,13 @@ async fn wrong_key_and_no_key_are_refused() {
                 ),
                 "{err:?}"
             );
-            assert!(err.to_string().contains("mesh key mismatch"), "{err}");
+            assert!(err.to_string().contains("mesh membership refused"), "{err}");
             let acc_err = acc.await.expect("join").expect_err("listener refuses");
             assert!(
                 matches!(acc_err, AcceptError::MeshProofFailed { claimed, .. } if claimed == a.node_id()),
                 "{acc_err:?}"
             );
-            assert!(acc_err.to_string().contains("mesh key mismatch"), "{acc_err}");
+            assert!(acc_err.to_string().contains("mesh membership refused"), "{acc_err}");
         }
         // The listener counted both refusals.
         assert_eq!(b.local_closes().get(CloseCode::MeshProofFailed), 2);
@@ -435,7 +435,10 @@ async fn close_code_numbers_round_trip() {
     assert!(!CloseCode::Stalled.is_protocol_fault());
     assert_eq!(CloseCode::from_u32(8), CloseCode::Stalled);
     assert_eq!(CloseCode::from_u32(77), CloseCode::Unknown);
-    assert_eq!(CloseCode::MeshProofFailed.describe(), "mesh key mismatch");
+    assert_eq!(
+        CloseCode::MeshProofFailed.describe(),
+        "mesh membership refused"
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,218 @@
+//! Membership by a mesh CA over real QUIC on 127.0.0.1: certificates from one CA connect;
+//! another CA's, an expired one, a mesh key and an open mesh are refused with a reason both
+//! sides can read, before any stream opens.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use peerbus_transport::{
+    AcceptError, BindError, CaKey, CloseCode, ConnectError, Connection, Endpoint, EndpointConfig,
+    Identity, Membership, MeshKey, NodeCert,
+};
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+/// An endpoint whose certificate `issuer` issued for `valid_for`, trusting `trusted`.
+fn certified(issuer: &CaKey, trusted: &CaKey, valid_for: Duration) -> Endpoint {
+    let id = Identity::generate().expect("identity");
+    let pem = issuer.issue(&id.node_id(), valid_for).expect("issue");
+    let cert = NodeCert::from_pem("node.crt", pem.as_bytes()).expect("cert");
+    let ca = trusted.trust().expect("trust");
+    Endpoint::bind(EndpointConfig::new(
+        id,
+        Membership::Ca { ca, cert },
+        loopback(),
+    ))
+    .expect("bind")
+}
+
+fn plain(m: Membership) -> Endpoint {
+    let id = Identity::generate().expect("identity");
+    Endpoint::bind(EndpointConfig::new(id, m, loopback())).expect("bind")
+}
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .expect("test timed out")
+}
+
+/// Our CA and another mesh's.
+fn two_cas() -> (CaKey, CaKey) {
+    (
+        CaKey::generate("ours", DAY).expect("ca"),
+        CaKey::generate("theirs", DAY).expect("other"),
+    )
+}
+
+/// Dials `listener` from `dialer`; returns both ends of the connection.
+async fn connected(dialer: &Endpoint, listener: &Endpoint) -> (Connection, Connection) {
+    let l = listener.clone();
+    let acc = tokio::spawn(async move { l.accept().await.expect("open").complete().await });
+    let conn = dialer
+        .connect(listener.local_addr(), Some(listener.node_id()))
+        .await
+        .expect("connect");
+    (conn, acc.await.expect("join").expect("accept"))
+}
+
+/// Dials `listener` from `dialer`; returns the dialer's and the listener's refusal reasons.
+async fn refused(dialer: &Endpoint, listener: &Endpoint) -> (String, String) {
+    let l = listener.clone();
+    let acc = tokio::spawn(async move { l.accept().await.expect("open").complete().await });
+    let err = dialer
+        .connect(listener.local_addr(), Some(listener.node_id()))
+        .await
+        .expect_err("refused");
+    let ConnectError::Refused {
+        code: CloseCode::MeshProofFailed,
+        reason,
+    } = &err
+    else {
+        panic!("dialer: {err:?}");
+    };
+    let acc_err = acc.await.expect("join").expect_err("listener refuses");
+    let AcceptError::MeshProofFailed { reason: theirs, .. } = &acc_err else {
+        panic!("listener: {acc_err:?}");
+    };
+    (reason.clone(), theirs.clone())
+}
+
+#[tokio::test]
+async fn certificates_from_one_ca_connect_both_ways() {
+    within(async {
+        let ca = CaKey::generate("test", DAY).expect("ca");
+        let (a, b) = (certified(&ca, &ca, DAY), certified(&ca, &ca, DAY));
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            let (conn, back) = connected(x, y).await;
+            assert_eq!(conn.peer_id(), y.node_id());
+            assert_eq!(back.peer_id(), x.node_id());
+        }
+        assert_eq!(a.local_closes().get(CloseCode::MeshProofFailed), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_ca_listener_refuses_another_ca_a_mesh_key_and_an_open_mesh() {
+    within(async {
+        let (ca, other) = two_cas();
+        let listener = certified(&ca, &ca, DAY);
+        let cases = [
+            (
+                certified(&other, &other, DAY),
+                "the listener refuses the dialer's mesh certificate: the certificate is not \
+                 signed by the mesh CA",
+            ),
+            (
+                plain(Membership::Key(MeshKey::generate())),
+                "the dialer proves a mesh key but the listener requires a certificate from its \
+                 mesh CA",
+            ),
+            (
+                plain(Membership::InsecureOpen),
+                "the dialer has no mesh certificate but the listener requires one from its mesh CA",
+            ),
+        ];
+        for (dialer, why) in &cases {
+            let (ours, theirs) = refused(dialer, &listener).await;
+            assert_eq!(ours, *why, "the dialer reads the listener's reason");
+            assert_eq!(theirs, *why);
+        }
+        assert_eq!(listener.local_closes().get(CloseCode::MeshProofFailed), 3);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_ca_dialer_refuses_a_keyed_listener_and_a_keyed_listener_refuses_it() {
+    within(async {
+        let ca = CaKey::generate("ours", DAY).expect("ca");
+        let dialer = certified(&ca, &ca, DAY);
+        let keyed = plain(Membership::Key(MeshKey::generate()));
+        let (ours, theirs) = refused(&dialer, &keyed).await;
+        let why = "the dialer proves a mesh CA certificate but the listener requires a mesh key";
+        assert_eq!((ours.as_str(), theirs.as_str()), (why, why));
+        // The other way round, the dialer (keyed) is refused by the CA listener.
+        let (ours, _) = refused(&keyed, &dialer).await;
+        assert!(ours.contains("proves a mesh key"), "{ours}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_certificate_that_expires_while_its_node_runs_is_refused_until_renewed() {
+    within(async {
+        let ca = CaKey::generate("test", DAY).expect("ca");
+        let listener = certified(&ca, &ca, DAY);
+        // Valid for a second from issue: bound at once, then past its end.
+        let short = certified(&ca, &ca, Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        let (ours, _) = refused(&short, &listener).await;
+        assert!(
+            ours.starts_with(
+                "the listener refuses the dialer's mesh certificate: the certificate is expired at"
+            ),
+            "{ours}"
+        );
+
+        // Renewed, it connects again; the listener sees the new certificate's end.
+        let issue = |ca: &CaKey| {
+            let pem = ca.issue(&short.node_id(), DAY).expect("issue");
+            NodeCert::from_pem("node.crt", pem.as_bytes()).expect("cert")
+        };
+        let other = CaKey::generate("other", DAY).expect("other");
+        let err = short
+            .renew_certificate(&issue(&other))
+            .expect_err("another CA's");
+        assert!(
+            err.to_string().contains("not signed by the mesh CA"),
+            "{err}"
+        );
+        let renewed = issue(&ca);
+        short.renew_certificate(&renewed).expect("renew");
+        let (conn, back) = connected(&short, &listener).await;
+        assert_eq!(back.membership_expires(), Some(renewed.not_after()));
+        assert!(conn.membership_expires().is_some());
+        let keyed = plain(Membership::Key(MeshKey::generate()));
+        assert!(keyed.renew_certificate(&renewed).is_err());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bind_refuses_a_certificate_for_another_node_or_from_another_ca() {
+    within(async {
+        let (ca, other) = two_cas();
+        let bind = |issuer: &CaKey, for_id: &Identity, id: Identity| {
+            let pem = issuer.issue(&for_id.node_id(), DAY).expect("issue");
+            let cert = NodeCert::from_pem("node.crt", pem.as_bytes()).expect("cert");
+            let m = Membership::Ca {
+                ca: ca.trust().expect("trust"),
+                cert,
+            };
+            Endpoint::bind(EndpointConfig::new(id, m, loopback()))
+        };
+        let (me, someone) = (
+            Identity::generate().expect("id"),
+            Identity::generate().expect("id"),
+        );
+        let Err(BindError::Config(why)) = bind(&ca, &someone, me.clone()) else {
+            panic!("a certificate for another node was accepted");
+        };
+        assert!(
+            why.contains("was issued for node") && why.contains("peerbus ca issue --node-id"),
+            "{why}"
+        );
+        let Err(BindError::Config(why)) = bind(&other, &me, me.clone()) else {
+            panic!("another CA's certificate was accepted");
+        };
+        assert!(why.contains("not signed by the mesh CA"), "{why}");
+        assert!(bind(&ca, &me, me.clone()).is_ok());
+    })
+    .await;
+}
