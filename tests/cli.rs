@@ -134,6 +134,8 @@ fn base_command(args: &[&str]) -> Command {
     for var in [
         "PEERBUS_MESH",
         "PEERBUS_MESH_KEY_FILE",
+        "PEERBUS_MESH_CA",
+        "PEERBUS_MESH_CERT",
         "PEERBUS_INSECURE_OPEN_MESH",
         "PEERBUS_INTERFACE",
         "PEERBUS_LISTEN",
@@ -751,6 +753,98 @@ fn send_with_another_mesh_key_is_refused() {
         "{}",
         status.stdout
     );
+}
+
+/// An operator's mesh CA from the CLI: `ca new`, `ca issue` for each node's data directory,
+/// nodes and clients that present their certificates; a client whose certificate another CA
+/// issued is refused and told why.
+#[test]
+fn members_by_mesh_ca_certificate_talk_and_a_stranger_is_refused() {
+    let budget = Budget::new(90);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    for ca in ["ca", "other-ca"] {
+        let out = run(
+            base_command(&["ca", "new", "--dir", &path(ca)]),
+            "ca new",
+            budget.left(),
+        );
+        assert!(out.status.success(), "ca new failed: {}", out.stderr);
+        assert!(out.stdout.contains("ca.crt"), "{}", out.stdout);
+    }
+    let again = run(
+        base_command(&["ca", "new", "--dir", &path("ca")]),
+        "ca new over an existing CA",
+        budget.left(),
+    );
+    assert_eq!(again.status.code(), Some(1), "ca new must not overwrite");
+    assert!(again.stderr.contains("already exists"), "{}", again.stderr);
+    for (ca, node) in [("ca", "vault"), ("ca", "client"), ("other-ca", "stranger")] {
+        let out = run(
+            base_command(&[
+                "ca",
+                "issue",
+                "--ca",
+                &path(ca),
+                "--for-data-dir",
+                &path(node),
+                "--days",
+                "7",
+                "--out",
+                &path(&format!("{node}.crt")),
+            ]),
+            "ca issue",
+            budget.left(),
+        );
+        assert!(out.status.success(), "ca issue failed: {}", out.stderr);
+        assert!(
+            out.stdout.contains("issued a certificate for node"),
+            "{}",
+            out.stdout
+        );
+    }
+    let mesh = |ca: &str, node: &str| Mesh {
+        name: format!("cli-{}-ca", std::process::id()),
+        membership: vec![
+            "--mesh-ca".into(),
+            format!("{}/ca.crt", path(ca)),
+            "--mesh-cert".into(),
+            path(&format!("{node}.crt")),
+            "--data-dir".into(),
+            path(node),
+        ],
+    };
+    let _vault = spawn(
+        mesh("ca", "vault").command(&["node", "--service", "vault"]),
+        "vault node",
+    );
+    let refused = run(
+        mesh("other-ca", "stranger").command(&["send", "vault", "let me in", "--timeout", "20s"]),
+        "send by a stranger",
+        budget.left(),
+    );
+    assert!(!refused.status.success(), "the stranger's send succeeded");
+    assert!(
+        refused.stderr.contains("mesh membership refused") && refused.stderr.contains("--mesh-ca"),
+        "stderr does not explain the refusal:\n{}",
+        refused.stderr
+    );
+    let accepted = run(
+        mesh("ca", "client").command(&["send", "vault", "hello", "--timeout", "30s"]),
+        "send by a member",
+        budget.left(),
+    );
+    assert!(
+        accepted.status.success(),
+        "a member's send failed: {}",
+        accepted.stderr
+    );
+    let mixed = run(
+        mesh("ca", "client").command(&["send", "vault", "x", "--mesh-key-file", "k"]),
+        "a mesh CA and a key file",
+        budget.left(),
+    );
+    assert_eq!(mixed.status.code(), Some(2), "{}", mixed.stderr);
 }
 
 /// A node that cannot start says why, and says each cause once: the library's errors carry

@@ -759,18 +759,18 @@ async fn wait_for_peers(node: &Node, max: Duration) -> bool {
     }
 }
 
-/// Why no instance of `service` was found: a peer refusing our mesh key, connected nodes of
+/// Why no instance of `service` was found: a peer refusing our membership, connected nodes of
 /// the service that take no messages, or nothing at all.
 async fn no_instance_error(node: &Node, service: &str, waited: Duration) -> anyhow::Error {
     let peers = node.peers().await;
     let waited = fmt_dur(waited);
-    let refusing: Vec<&PeerInfo> = peers.iter().filter(|p| mentions_mesh_key(p)).collect();
+    let refusing: Vec<&PeerInfo> = peers.iter().filter(|p| refuses_membership(p)).collect();
     if let Some(p) = refusing.first() {
         return anyhow!(
-            "peer refused: mesh key mismatch: {} peer(s) of mesh \"{}\" (for example {} of \
-             service \"{}\") do not accept this node's mesh key, and no instance of service \
-             \"{service}\" was reachable within {waited}; use the mesh's key file \
-             (--mesh-key-file)",
+            "peer refused: mesh membership refused: {} peer(s) of mesh \"{}\" (for example {} \
+             of service \"{}\") do not accept this node as a member, and no instance of \
+             service \"{service}\" was reachable within {waited}; use the mesh's key file \
+             (--mesh-key-file) or a certificate from its CA (--mesh-ca, --mesh-cert)",
             refusing.len(),
             node.mesh(),
             p.node_id.short(),
@@ -813,13 +813,13 @@ async fn no_instance_error(node: &Node, service: &str, waited: Duration) -> anyh
     anyhow!(msg)
 }
 
-fn mentions_mesh_key(peer: &PeerInfo) -> bool {
+fn refuses_membership(peer: &PeerInfo) -> bool {
     let error = peer
         .last_error
         .as_deref()
         .unwrap_or_default()
         .to_lowercase();
-    error.contains("mesh key") || error.contains("mesh proof")
+    error.contains("mesh key") || error.contains("mesh proof") || error.contains("membership")
 }
 
 fn fmt_dur(d: Duration) -> String {

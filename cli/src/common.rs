@@ -44,6 +44,29 @@ pub(crate) struct CommonArgs {
     )]
     pub(crate) mesh_key_file: Option<PathBuf>,
 
+    /// File of the mesh CA's certificate (`ca.crt` of `peerbus ca new`): peers must present
+    /// a certificate it signed. Membership by CA instead of a mesh key; needs --mesh-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "PEERBUS_MESH_CA",
+        value_name = "PATH",
+        requires = "mesh_cert",
+        conflicts_with_all = ["mesh_key_file", "insecure_open_mesh"]
+    )]
+    pub(crate) mesh_ca: Option<PathBuf>,
+
+    /// File of this node's certificate from the mesh CA (`peerbus ca issue`), for the
+    /// identity in --data-dir.
+    #[arg(
+        long,
+        global = true,
+        env = "PEERBUS_MESH_CERT",
+        value_name = "PATH",
+        requires = "mesh_ca"
+    )]
+    pub(crate) mesh_cert: Option<PathBuf>,
+
     /// Run without a mesh key: any node that finds this one may exchange messages with it.
     /// Only for demos and trusted networks.
     #[arg(
@@ -119,6 +142,9 @@ impl CommonArgs {
         let mut b = Node::builder(service)
             .mesh(&self.mesh)
             .interfaces(self.interface.clone());
+        if let (Some(ca), Some(cert)) = (&self.mesh_ca, &self.mesh_cert) {
+            b = b.mesh_ca_files(ca, cert);
+        }
         match (&self.mesh_key_file, self.insecure_open_mesh) {
             (Some(_), true) => bail!(UsageError(
                 "--mesh-key-file (PEERBUS_MESH_KEY_FILE) and --insecure-open-mesh \

@@ -6,6 +6,7 @@
 
 mod admin;
 mod bench;
+mod ca;
 mod chaos;
 mod commands;
 mod common;
@@ -45,6 +46,9 @@ struct Cli {
 enum Command {
     /// Write a new mesh key to a file (never overwrites).
     Keygen(commands::KeygenArgs),
+    /// A mesh CA: membership by node certificates instead of a shared mesh key (`ca new`,
+    /// `ca issue`).
+    Ca(ca::CaArgs),
     /// Run a node of a service until Ctrl-C or SIGTERM.
     Node(commands::NodeArgs),
     /// Send messages to a service and wait until they are acknowledged.
@@ -106,6 +110,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let common = &cli.common;
     match &cli.command {
         Command::Keygen(args) => commands::keygen(args),
+        Command::Ca(args) => ca::run(&common.mesh, args),
         Command::Node(args) => commands::node(common, args).await,
         Command::Send(args) => commands::send(common, args).await,
         Command::Pub(args) => commands::publish(common, args).await,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use peerbus_discovery::{Discovery, Interfaces};
-use peerbus_transport::MeshKey;
+use peerbus_transport::{MeshCa, MeshKey, NodeCert};
 
 use crate::engine::breaker::BreakerConfig;
 use crate::error::StartError;
@@ -26,6 +26,8 @@ pub(crate) enum MembershipChoice {
     Unset,
     Key(MeshKey),
     KeyFile(PathBuf),
+    Ca(MeshCa, NodeCert),
+    CaFiles { ca: PathBuf, cert: PathBuf },
     Insecure,
 }
 
@@ -59,6 +61,8 @@ pub struct NodeBuilder {
     /// are resolved again.
     pub(crate) dns_seeds: Vec<String>,
     pub(crate) dns_refresh: Duration,
+    /// How often the certificate file of [`NodeBuilder::mesh_ca_files`] is read again.
+    pub(crate) mesh_cert_check_every: Duration,
     pub(crate) discoveries: Vec<Box<dyn Discovery>>,
     pub(crate) prefetch: u32,
     pub(crate) max_message_size: usize,
@@ -111,6 +115,7 @@ impl NodeBuilder {
             seeds: Vec::new(),
             dns_seeds: Vec::new(),
             dns_refresh: peerbus_discovery::DNS_REFRESH,
+            mesh_cert_check_every: crate::runtime::CERT_CHECK_EVERY,
             discoveries: Vec::new(),
             prefetch: 256,
             max_message_size: 4 * 1024 * 1024,
@@ -168,6 +173,39 @@ impl NodeBuilder {
     /// "Rotating the mesh key"). A missing or malformed file fails `start()`.
     pub fn mesh_key_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.membership = MembershipChoice::KeyFile(path.into());
+        self
+    }
+
+    /// Membership by a mesh CA: peers must present a certificate signed by `ca`, and this
+    /// node presents `cert`, which the CA issued for its node id (so the node needs a
+    /// [`data_dir`](NodeBuilder::data_dir) holding that identity, or `start()` fails). Peers
+    /// with another CA's certificate, an expired one or a mesh key are refused before any
+    /// message moves. See [`CaKey`](peerbus_transport::CaKey) and `peerbus ca`.
+    pub fn mesh_ca(mut self, ca: MeshCa, cert: NodeCert) -> Self {
+        self.membership = MembershipChoice::Ca(ca, cert);
+        self
+    }
+
+    /// [`NodeBuilder::mesh_ca`] from files: the CA certificate (`ca.crt` of `peerbus ca new`;
+    /// while the CA is replaced, both CAs' certificates one after the other) and this node's
+    /// certificate (`peerbus ca issue`). A missing, malformed or expired file, or a
+    /// certificate for another node, fails `start()`. The node reads its certificate file
+    /// again every minute ([`NodeBuilder::mesh_cert_check_every`]) and presents a renewed one
+    /// from then on, without a restart.
+    pub fn mesh_ca_files(mut self, ca: impl Into<PathBuf>, cert: impl Into<PathBuf>) -> Self {
+        self.membership = MembershipChoice::CaFiles {
+            ca: ca.into(),
+            cert: cert.into(),
+        };
+        self
+    }
+
+    /// How often a node of [`NodeBuilder::mesh_ca_files`] reads its certificate file again to
+    /// take a renewed certificate (60 s by default, at least 100 ms). A file that cannot be
+    /// read, or holds a certificate that is not valid for this node, is logged and the one in
+    /// use stays.
+    pub fn mesh_cert_check_every(mut self, every: Duration) -> Self {
+        self.mesh_cert_check_every = every;
         self
     }
 

@@ -12,13 +12,17 @@ pub enum StartError {
     /// Neither a mesh key nor `insecure_open_mesh()` was configured.
     #[error(
         "no mesh key configured: pass a mesh key (`mesh_key_file`, CLI `--mesh-key-file`, env \
-         PEERBUS_MESH_KEY_FILE; create one with `peerbus keygen`) or opt into an open mesh with \
-         `insecure_open_mesh()` (CLI `--insecure-open-mesh`)"
+         PEERBUS_MESH_KEY_FILE; create one with `peerbus keygen`), a mesh CA and this node's \
+         certificate from it (`mesh_ca_files`, CLI `--mesh-ca` and `--mesh-cert`; see `peerbus \
+         ca`) or opt into an open mesh with `insecure_open_mesh()` (CLI `--insecure-open-mesh`)"
     )]
     NoMembership,
     /// The mesh key file could not be read.
     #[error("mesh key: {0}")]
     MeshKey(peerbus_transport::MeshKeyError),
+    /// The mesh CA file or the node's certificate could not be read.
+    #[error("mesh CA: {0}")]
+    MeshCa(peerbus_transport::CaError),
     /// The node identity could not be loaded or created.
     #[error("node identity: {0}")]
     Identity(peerbus_transport::IdentityError),
@@ -68,6 +72,7 @@ macro_rules! start_error_from {
 }
 start_error_from!(
     MeshKey(peerbus_transport::MeshKeyError),
+    MeshCa(peerbus_transport::CaError),
     Identity(peerbus_transport::IdentityError),
     Bind(peerbus_transport::BindError),
     Discovery(peerbus_discovery::DiscoveryError),

@@ -123,6 +123,6 @@ pub use peerbus_discovery::{
     MemoryDiscovery, MemoryNetwork, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
 };
 pub use peerbus_transport::{
-    CloseCode, CloseCounts, FaultConfig, FaultStats, Faults, MAX_MESH_KEYS, MeshKey, NodeId,
-    Traffic,
+    CaError, CaKey, CloseCode, CloseCounts, FaultConfig, FaultStats, Faults, Identity,
+    MAX_CA_CERTS, MAX_MESH_KEYS, MeshCa, MeshKey, NodeCert, NodeId, Traffic,
 };

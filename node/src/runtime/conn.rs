@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
@@ -365,6 +365,13 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
                     conn.close(CloseCode::Shutdown, "connection replaced or node stopping");
                     ("closed locally".to_string(), false)
                 }
+                () = membership_ends(conn.membership_expires()) => {
+                    let why = "the peer's mesh certificate expired";
+                    warn!(%peer, "closing the connection: {why}; it cannot connect again until \
+                        the mesh CA issues it a new one");
+                    conn.close(CloseCode::MeshProofFailed, why);
+                    (why.to_string(), false)
+                }
             };
             cancel.cancel();
             gone.store(true, Ordering::Release);
@@ -380,6 +387,18 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
         }
         .instrument(span),
     );
+}
+
+/// Completes when a peer's membership ends ([`Connection::membership_expires`]); never for a
+/// peer whose membership does not expire.
+async fn membership_ends(until: Option<SystemTime>) {
+    match until {
+        Some(t) => {
+            let left = t.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn writer(

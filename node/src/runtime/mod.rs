@@ -30,11 +30,14 @@
 //! accepting, say goodbye to peers, wait (up to the grace period) for local
 //! handlers and acks, close connections, cancel and join every task.
 
+mod cert;
 pub(crate) mod conn;
 pub(crate) mod core;
 pub(crate) mod pause;
 pub(crate) mod requests;
 pub(crate) mod storage;
+
+pub(crate) use cert::CHECK_EVERY as CERT_CHECK_EVERY;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -45,7 +48,8 @@ use peerbus_discovery::{
     StaticDiscovery,
 };
 use peerbus_transport::{
-    Endpoint, EndpointConfig, Identity, MAX_MESH_KEYS, Membership, MeshKey, NodeId,
+    Endpoint, EndpointConfig, Identity, MAX_MESH_KEYS, Membership, MeshCa, MeshKey, NodeCert,
+    NodeId,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -391,6 +395,23 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         MembershipChoice::Unset => return Err(StartError::NoMembership),
         MembershipChoice::Key(k) => keyed(vec![k.clone()])?,
         MembershipChoice::KeyFile(p) => keyed(MeshKey::load_all(p)?)?,
+        MembershipChoice::Ca(..) | MembershipChoice::CaFiles { .. }
+            if !b.also_accept.is_empty() =>
+        {
+            return Err(StartError::Config(
+                "a mesh CA takes no mesh keys to accept: while the CA is replaced, its file \
+                 holds the certificates of both CAs"
+                    .into(),
+            ));
+        }
+        MembershipChoice::Ca(ca, cert) => Membership::Ca {
+            ca: ca.clone(),
+            cert: cert.clone(),
+        },
+        MembershipChoice::CaFiles { ca, cert } => Membership::Ca {
+            ca: MeshCa::load(ca)?,
+            cert: NodeCert::load(cert)?,
+        },
         MembershipChoice::Insecure if !b.also_accept.is_empty() => {
             return Err(StartError::Config(
                 "an open mesh accepts every peer: it takes no mesh keys to accept".into(),
@@ -445,6 +466,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     // The admin endpoint binds first: a bad address fails `start()` before anything runs.
     let admin_listener = b.admin.map(crate::admin::bind).transpose()?;
     let listen = b.default_listen();
+    let membership_in_use = membership.clone();
     let mut endpoint_config = EndpointConfig::new(identity, membership, listen);
     endpoint_config.max_frame_size = b.max_frame_size;
     endpoint_config.faults = b.faults.clone();
@@ -515,6 +537,9 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     });
     let span = info_span!("node", node = %id.short(), service = %b.service);
     info!(parent: &span, %local_addr, mesh = %b.mesh, "node started");
+    if let Membership::Ca { cert, .. } = &membership_in_use {
+        cert::report(&span, cert, "this node's mesh certificate is valid");
+    }
 
     let outbox_cfg = OutboxConfig {
         ack_timeout_ms: b.ack_timeout.as_millis() as u64,
@@ -571,6 +596,19 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     drop(core_tx);
     tracker.spawn(conn::accept_loop(shared.clone()).instrument(span.clone()));
     tracker.spawn(pause::watch(shared.clone()).instrument(span.clone()));
+    if let (MembershipChoice::CaFiles { cert: path, .. }, Membership::Ca { cert, .. }) =
+        (&b.membership, &membership_in_use)
+    {
+        tracker.spawn(cert::watch(
+            shared.clone(),
+            path.clone(),
+            cert.clone(),
+            b.mesh_cert_check_every
+                .max(std::time::Duration::from_millis(100)),
+            cancel.clone(),
+            span.clone(),
+        ));
+    }
 
     // Discovery: user-supplied sources, seeds, and mDNS unless turned off.
     let mut discoveries: Vec<Box<dyn Discovery>> = b.discoveries;

@@ -1,0 +1,114 @@
+//! `peerbus ca`: a mesh CA for membership by certificate instead of a shared mesh key.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context as _, Result, bail};
+use peerbus::{CaKey, Identity, NodeId};
+
+use crate::common::UsageError;
+use crate::output::print_line;
+
+/// `peerbus ca`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CaArgs {
+    #[command(subcommand)]
+    command: CaCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CaCommand {
+    /// Create a mesh CA in a directory: `ca.key`, its signing key (mode 0600; keep it off
+    /// the nodes), and `ca.crt`, the certificate every node trusts (`--mesh-ca`). Never
+    /// overwrites.
+    New(NewArgs),
+    /// Issue a node's certificate (`--mesh-cert`) for its node id, signed by the CA.
+    Issue(IssueArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct NewArgs {
+    /// Directory to create the CA in.
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Name written in the CA certificate (for people reading it) [default: the mesh name].
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("node").required(true).args(["node_id", "node_data_dir"])))]
+struct IssueArgs {
+    /// Directory of the CA (`peerbus ca new --dir`).
+    #[arg(long, value_name = "DIR")]
+    ca: PathBuf,
+    /// The node id to issue the certificate for (a node prints it at start).
+    #[arg(long, value_name = "ID")]
+    node_id: Option<NodeId>,
+    /// The node's data directory: its identity is read there, or created if it has none yet
+    /// (to provision a node before its first start).
+    #[arg(long = "for-data-dir", value_name = "DIR")]
+    node_data_dir: Option<PathBuf>,
+    /// Days the certificate is valid. A node refuses peers whose certificate expired, so
+    /// this is how long a node may stay in the mesh without a new one.
+    #[arg(long, default_value_t = 90)]
+    days: u64,
+    /// File to write the certificate to (PEM). An existing file is replaced, so that a node's
+    /// certificate can be renewed in place.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+pub(crate) fn run(mesh: &str, args: &CaArgs) -> Result<()> {
+    match &args.command {
+        CaCommand::New(a) => new(mesh, a),
+        CaCommand::Issue(a) => issue(a),
+    }
+}
+
+fn new(mesh: &str, args: &NewArgs) -> Result<()> {
+    let name = args.name.as_deref().unwrap_or(mesh);
+    CaKey::create(&args.dir, name)
+        .with_context(|| format!("could not create a mesh CA in {}", args.dir.display()))?;
+    print_line(&format!(
+        "created mesh CA \"{name}\" in {dir}: {dir}/ca.key is its signing key (keep it off the \
+         nodes), {dir}/ca.crt is what every node trusts (--mesh-ca)",
+        dir = args.dir.display()
+    ))
+}
+
+fn issue(args: &IssueArgs) -> Result<()> {
+    let node = match (&args.node_id, &args.node_data_dir) {
+        (Some(id), _) => *id,
+        (None, Some(dir)) => Identity::load_or_create(dir)
+            .with_context(|| format!("no node identity in {}", dir.display()))?
+            .node_id(),
+        (None, None) => bail!(UsageError("--node-id or --for-data-dir is required".into())),
+    };
+    if args.days == 0 {
+        bail!(UsageError("--days must be at least 1".into()));
+    }
+    let valid_for = Duration::from_secs(args.days.saturating_mul(86_400));
+    let ca = CaKey::load(&args.ca)
+        .with_context(|| format!("could not load the mesh CA in {}", args.ca.display()))?;
+    let pem = ca
+        .issue(&node, valid_for)
+        .with_context(|| format!("could not issue a certificate for node {node}"))?;
+    write_replacing(&args.out, pem.as_bytes())
+        .with_context(|| format!("could not write {}", args.out.display()))?;
+    let until = humantime::format_rfc3339_seconds(SystemTime::now() + valid_for);
+    print_line(&format!(
+        "issued a certificate for node {node} valid until about {until}: {}",
+        args.out.display()
+    ))
+}
+
+/// Writes `bytes` to a file beside `path` and renames it into place, so that a node reading
+/// the certificate never sees half of it.
+fn write_replacing(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,250 @@
+//! Membership by a mesh CA, as a service embeds it: nodes whose certificates one CA issued
+//! exchange messages; a node of another CA is refused and says why; a certificate for
+//! another node fails `start()`; a certificate that ends cuts its node off until it is
+//! renewed, in place or with a restart. Everything binds 127.0.0.1 with in-memory discovery.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{drain, eventually, within};
+use peerbus::{CaKey, Identity, MemoryNetwork, Node, NodeBuilder, Outgoing, PeerState};
+use tokio::sync::mpsc::Receiver;
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// What one test's meshes share: a directory, a CA in it (`ca/`) and the in-memory network.
+struct Fixture {
+    dir: tempfile::TempDir,
+    ca: CaKey,
+    net: MemoryNetwork,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = CaKey::create(&dir.path().join("ca"), "test").expect("ca");
+        Self {
+            dir,
+            ca,
+            net: MemoryNetwork::new(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A node of `service` whose identity lives in `<dir>/<name>`, with a certificate this
+    /// CA issued for it for a day, trusting this CA.
+    fn member(&self, service: &str, name: &str) -> NodeBuilder {
+        self.issued(service, name, &self.ca, &self.path("ca/ca.crt"), DAY)
+    }
+
+    /// A node of `service` whose identity lives in `<dir>/<name>`, with a certificate `issuer`
+    /// issued for it for `valid_for`, trusting the CA certificate file `trusted` (as `peerbus
+    /// ca issue --for-data-dir` and `--mesh-ca`/`--mesh-cert` would set it up).
+    fn issued(
+        &self,
+        service: &str,
+        name: &str,
+        issuer: &CaKey,
+        trusted: &Path,
+        valid_for: Duration,
+    ) -> NodeBuilder {
+        let dir = self.path(name);
+        let id = Identity::load_or_create(&dir).expect("identity").node_id();
+        let cert = dir.join("node.crt");
+        std::fs::write(&cert, issuer.issue(&id, valid_for).expect("issue")).expect("write");
+        Node::builder(service)
+            .mesh("test")
+            .data_dir(&dir)
+            .mesh_ca_files(trusted, &cert)
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .discovery(self.net.discovery())
+            .shutdown_grace(Duration::from_millis(500))
+    }
+
+    /// A sender, and a receiver of service `orders` (in `<dir>/r`) whose certificate ends
+    /// three seconds from now (the validity counts whole seconds), with a first message
+    /// delivered between them; `tune` adjusts the receiver's builder.
+    async fn expiring_pair(
+        &self,
+        tune: impl FnOnce(NodeBuilder) -> NodeBuilder,
+    ) -> (Node, Node, Receiver<(Option<String>, String)>) {
+        let sender = self.member("sender", "s").start().await.expect("sender");
+        let short = self.issued(
+            "orders",
+            "r",
+            &self.ca,
+            &self.path("ca/ca.crt"),
+            Duration::from_secs(3),
+        );
+        let receiver = tune(short).start().await.expect("receiver");
+        let mut got = drain(receiver.messages().expect("messages"));
+        delivered(&sender, &mut got, "first").await;
+        (sender, receiver, got)
+    }
+}
+
+/// Sends `text` to `orders`, waits for its ack, and checks that it was the next message
+/// handled.
+async fn delivered(sender: &Node, got: &mut Receiver<(Option<String>, String)>, text: &str) {
+    sender
+        .send("orders", Outgoing::new(text.to_string()))
+        .await
+        .expect("stored")
+        .acked()
+        .await
+        .expect("acked");
+    assert_eq!(got.recv().await.expect("delivered").1, text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_of_one_ca_exchange_messages_and_another_cas_node_is_refused() {
+    within(60, async {
+        let f = Fixture::new();
+        let other = CaKey::create(&f.path("other"), "other").expect("other ca");
+        let sender = f.member("sender", "s").start().await.expect("sender");
+        let receiver = f.member("orders", "r").start().await.expect("receiver");
+        let mut got = drain(receiver.messages().expect("messages"));
+        delivered(&sender, &mut got, "by certificate").await;
+
+        // A node with a certificate from another CA (trusting its own) finds the mesh but is
+        // refused by it, and the refusal says why on both sides.
+        let trust_other = f.path("other/ca.crt");
+        let stranger = f
+            .issued("orders", "x", &other, &trust_other, DAY)
+            .start()
+            .await
+            .expect("stranger");
+        eventually(15, "the stranger is refused", || async {
+            let peers = sender.peers().await;
+            peers
+                .iter()
+                .any(|p| p.node_id == stranger.id() && p.state == PeerState::Refused)
+        })
+        .await;
+        let peers = stranger.peers().await;
+        let seen = peers.iter().find(|p| p.node_id == sender.id());
+        let why = seen.and_then(|p| p.last_error.clone()).unwrap_or_default();
+        assert!(
+            why.contains("mesh certificate") && why.contains("not signed by the mesh CA"),
+            "{why}"
+        );
+        // No message reaches it: the mesh has one instance of `orders`.
+        assert_eq!(sender.instances("orders").await, vec![receiver.id()]);
+
+        for n in [sender, receiver, stranger] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_for_another_node_or_a_missing_file_fails_start() {
+    within(30, async {
+        let f = Fixture::new();
+        let trust = f.path("ca/ca.crt");
+        // Issued for the identity in `a`, used by the node of `b`.
+        let _ = f.member("x", "a");
+        let err = f
+            .member("x", "b")
+            .mesh_ca_files(&trust, f.path("a/node.crt"))
+            .start()
+            .await
+            .expect_err("another node's certificate");
+        assert!(err.to_string().contains("was issued for node"), "{err}");
+
+        let err = f
+            .member("x", "b")
+            .mesh_ca_files(f.path("missing.crt"), f.path("b/node.crt"))
+            .start()
+            .await
+            .expect_err("a missing CA file");
+        assert!(err.to_string().contains("missing.crt"), "{err}");
+
+        let err = f
+            .member("x", "b")
+            .also_accept_mesh_keys([peerbus::MeshKey::generate()])
+            .start()
+            .await
+            .expect_err("mesh keys beside a CA");
+        let why = err.to_string();
+        assert!(why.contains("a mesh CA takes no mesh keys"), "{why}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_certificate_expires_is_cut_off_and_catches_up_once_renewed() {
+    within(60, async {
+        let f = Fixture::new();
+        let (sender, receiver, got) = f.expiring_pair(|b| b).await;
+
+        // The certificate ends: the sender closes the connection and refuses the receiver
+        // from then on. What it sends meanwhile waits in its log.
+        eventually(15, "the expired member is refused", || async {
+            let peers = sender.peers().await;
+            peers.iter().any(|p| {
+                p.node_id == receiver.id()
+                    && p.state == PeerState::Refused
+                    && p.last_error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("expired"))
+            })
+        })
+        .await;
+        let waiting = sender
+            .send("orders", Outgoing::new("while expired"))
+            .await
+            .expect("stored");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut got = got;
+        assert!(
+            got.try_recv().is_err(),
+            "a message reached an expired member"
+        );
+
+        // Issued a new certificate and restarted, the receiver gets what waited.
+        receiver.shutdown().await;
+        drop(got);
+        let receiver = f.member("orders", "r").start().await.expect("restart");
+        let mut got = drain(receiver.messages().expect("messages"));
+        waiting.acked().await.expect("acked after renewal");
+        assert_eq!(got.recv().await.expect("delivered").1, "while expired");
+        for n in [sender, receiver] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_renewed_in_its_file_is_taken_without_a_restart() {
+    within(60, async {
+        let f = Fixture::new();
+        let (sender, receiver, mut got) = f
+            .expiring_pair(|b| b.mesh_cert_check_every(Duration::from_millis(200)))
+            .await;
+
+        // The operator renews the certificate in place, as `peerbus ca issue --out` does. A
+        // garbled file on the way is refused and the certificate in use stays.
+        let file = f.path("r/node.crt");
+        std::fs::write(&file, "not a certificate").expect("garble");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let renewed = f.ca.issue(&receiver.id(), DAY).expect("renew");
+        std::fs::write(&file, renewed).expect("write renewed");
+
+        // Past the old certificate's end, the sender closes the connection it made with it,
+        // and the receiver connects again with the renewed one.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        delivered(&sender, &mut got, "after renewal").await;
+        for n in [sender, receiver] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
