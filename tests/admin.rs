@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::{builder, eventually, start, within};
-use peerbus::{CloseCode, HandlerError, MemoryNetwork, MeshKey, Node, NodeBuilder, StartError};
+use peerbus::{
+    CaKey, CloseCode, HandlerError, Identity, MemoryNetwork, MeshKey, Node, NodeBuilder, NodeCert,
+    StartError,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A response: status code, headers (lowercase names), body.
@@ -611,6 +614,51 @@ async fn a_node_of_another_mesh_key_shows_as_refused() {
         assert_eq!(s["connections_closed"]["protocol_violation"], 0, "{s}");
         intruder.shutdown().await;
         payments.shutdown().await;
+    })
+    .await;
+}
+
+/// A node of a mesh CA shows when its certificate ends, in `/status` and `/metrics`, so that
+/// an alert can fire well before; a node with a mesh key has no such figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
+    within(30, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = CaKey::generate("test", Duration::from_secs(86_400)).expect("ca");
+        let id = Identity::load_or_create(dir.path())
+            .expect("identity")
+            .node_id();
+        let pem = ca.issue(&id, Duration::from_secs(3_600)).expect("issue");
+        let cert = NodeCert::from_pem("node.crt", pem.as_bytes()).expect("cert");
+        let node = start(admin(
+            Node::builder("payments")
+                .data_dir(dir.path())
+                .mesh_ca(ca.trust().expect("trust"), cert.clone())
+                .listen("127.0.0.1:0".parse().expect("addr"))
+                .discovery(MemoryNetwork::new().discovery()),
+        ))
+        .await;
+        let ends = cert
+            .not_after()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_secs();
+        assert_eq!(status(&node).await["mesh_certificate_expires"], ends);
+        let m = metrics(&node).await;
+        let name = "peerbus_mesh_certificate_expiration_timestamp_seconds";
+        let nid = node.id().to_string();
+        assert_eq!(sample(&m, name, &[("node", &nid)]), Some(ends as f64));
+        node.shutdown().await;
+
+        let keyed = start(admin(builder(
+            &MemoryNetwork::new(),
+            "x",
+            &MeshKey::generate(),
+        )))
+        .await;
+        assert!(status(&keyed).await["mesh_certificate_expires"].is_null());
+        assert!(!metrics(&keyed).await.contains(name));
+        keyed.shutdown().await;
     })
     .await;
 }

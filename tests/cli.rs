@@ -839,6 +839,16 @@ fn members_by_mesh_ca_certificate_talk_and_a_stranger_is_refused() {
         "a member's send failed: {}",
         accepted.stderr
     );
+    let status = run(
+        mesh("ca", "vault").command(&["status"]),
+        "peerbus status of the vault",
+        budget.left(),
+    );
+    assert!(
+        status.stdout.contains("mesh certificate valid until"),
+        "{}",
+        status.stdout
+    );
     let mixed = run(
         mesh("ca", "client").command(&["send", "vault", "x", "--mesh-key-file", "k"]),
         "a mesh CA and a key file",

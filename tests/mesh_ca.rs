@@ -238,6 +238,17 @@ async fn a_certificate_renewed_in_its_file_is_taken_without_a_restart() {
         let renewed = f.ca.issue(&receiver.id(), DAY).expect("renew");
         std::fs::write(&file, renewed).expect("write renewed");
 
+        let renewed_ends = std::time::SystemTime::now() + DAY;
+        eventually(10, "the node presents the renewed certificate", || async {
+            let ends = receiver
+                .status()
+                .await
+                .and_then(|s| s.mesh_certificate_expires);
+            let soon = std::time::UNIX_EPOCH + Duration::from_secs(ends.unwrap_or(0));
+            soon + Duration::from_secs(60) > renewed_ends
+        })
+        .await;
+
         // Past the old certificate's end, the sender closes the connection it made with it,
         // and the receiver connects again with the renewed one.
         tokio::time::sleep(Duration::from_secs(4)).await;

@@ -158,6 +158,16 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
                 faults.join("  ")
             ))?;
         }
+        if let Some(secs) = status
+            .get("mesh_certificate_expires")
+            .and_then(Value::as_u64)
+        {
+            let until = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            print_line(&format!(
+                "mesh certificate valid until {}",
+                humantime::format_rfc3339_seconds(until)
+            ))?;
+        }
     } else {
         print_line(&format!(
             "node in {} is not running (read from its data directory)",

@@ -223,6 +223,10 @@ pub struct Status {
     /// peer is being dialled now to see if it answers a new connection; at most 16 at once,
     /// the others wait for a free slot (ARCHITECTURE, "Liveness and reconnects").
     pub stall_probes: usize,
+    /// When this node's mesh certificate ends, in seconds since the Unix epoch, with
+    /// membership by a mesh CA (after a renewal, the new one's); `None` otherwise. Peers refuse
+    /// the node from then on.
+    pub mesh_certificate_expires: Option<u64>,
     /// Circuit breaker and bulkhead per requested service.
     pub breakers: BTreeMap<String, BreakerStatus>,
     /// Durable subscriber groups this node knows of (a `publish` keeps copies for the live

@@ -414,6 +414,12 @@ impl Endpoint {
         Ok(())
     }
 
+    /// When the mesh certificate this endpoint presents now ends (a mesh CA, after
+    /// [`Endpoint::renew_certificate`] the new one's); `None` with a mesh key or an open mesh.
+    pub fn certificate_expires(&self) -> Option<SystemTime> {
+        self.certified().not_after
+    }
+
     /// The certificate and key handshakes present now.
     fn certified(&self) -> Arc<tls::Certified> {
         self.inner

@@ -2,6 +2,7 @@
 //! verifiers that derive (and for the dialer, pin) the peer's node id.
 
 use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -42,6 +43,8 @@ pub(crate) fn node_id_of(cert: &CertificateDer<'_>) -> Result<NodeId, TlsError> 
 pub(crate) struct Certified {
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
+    /// When a mesh CA's certificate ends (`None` for a self-signed one: it never matters).
+    pub(crate) not_after: Option<SystemTime>,
 }
 
 impl Certified {
@@ -68,6 +71,7 @@ pub(crate) fn certificate(identity: &Identity) -> Result<Certified, String> {
     Ok(Certified {
         cert: cert.der().clone(),
         key,
+        not_after: None,
     })
 }
 
@@ -77,6 +81,7 @@ pub(crate) fn issued(identity: &Identity, cert: &NodeCert) -> Certified {
     Certified {
         cert: cert.der().clone(),
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.pkcs8().to_vec())),
+        not_after: Some(cert.not_after()),
     }
 }
 

@@ -79,6 +79,9 @@ pub const PEER_LOST_PACKETS: &str = "peerbus_peer_lost_packets_total";
 pub const REQUESTS_IN_FLIGHT: &str = "peerbus_requests_in_flight";
 /// `send`/`publish` calls waiting for room in a full log (backpressure).
 pub const SENDS_WAITING: &str = "peerbus_sends_waiting";
+/// When this node's mesh certificate ends, in seconds since the Unix epoch (membership by a
+/// mesh CA only): alert well before it.
+pub const MESH_CERTIFICATE_EXPIRES: &str = "peerbus_mesh_certificate_expiration_timestamp_seconds";
 /// Circuit breaker state per requested service (0 closed, 1 half-open, 2 open).
 pub const BREAKER_STATE: &str = "peerbus_breaker_state";
 /// Timer ticks of the node's core: 20 a second while it has timed work, one a second when
@@ -354,6 +357,9 @@ pub(crate) async fn facade_sampler(node: Node) {
         metrics::gauge!(REQUESTS_IN_FLIGHT, "node" => node_label.clone())
             .set(s.requests_in_flight as f64);
         metrics::gauge!(SENDS_WAITING, "node" => node_label.clone()).set(s.sends_waiting as f64);
+        if let Some(t) = s.mesh_certificate_expires {
+            metrics::gauge!(MESH_CERTIFICATE_EXPIRES, "node" => node_label.clone()).set(t as f64);
+        }
         for (svc, b) in &s.breakers {
             metrics::gauge!(BREAKER_STATE, "node" => node_label.clone(), "service" => svc.clone())
                 .set(breaker_value(b.state));
@@ -678,6 +684,15 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
          Backpressure once its send_timeout passes.",
     );
     let _ = writeln!(out, "{SENDS_WAITING}{{{n}}} {}", s.sends_waiting);
+    if let Some(t) = s.mesh_certificate_expires {
+        head(
+            &mut out,
+            MESH_CERTIFICATE_EXPIRES,
+            "gauge",
+            "When this node's mesh certificate ends, in seconds since the Unix epoch.",
+        );
+        let _ = writeln!(out, "{MESH_CERTIFICATE_EXPIRES}{{{n}}} {t}");
+    }
     head(
         &mut out,
         BREAKER_STATE,

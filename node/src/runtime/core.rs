@@ -2075,6 +2075,12 @@ impl Core {
             pauses: c.pauses.load(Ordering::Relaxed),
             sends_waiting: self.parked.len(),
             stall_probes: stall::MAX_PROBES.saturating_sub(self.probes.available_permits()),
+            mesh_certificate_expires: self
+                .shared
+                .endpoint
+                .certificate_expires()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
             breakers,
             groups: self.known_groups.states().into_iter().collect(),
         }
