@@ -161,6 +161,56 @@ async fn a_partition_that_heals_and_a_frozen_peer_lose_nothing() {
     .await;
 }
 
+/// A one-way partition each way in turn, longer than the idle timeout, with messages sent
+/// all along: first the sender stops hearing the receiver (deliveries arrive, acks do not;
+/// the receiver handles messages the sender will send again), then the receiver stops
+/// hearing the sender (the receiver's acks and keep-alives arrive, deliveries do not).
+/// Nothing acknowledged is lost and every key stays in order once both heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_way_partitions_either_way_lose_nothing() {
+    within(120, async {
+        let _alone = ALONE.lock().await;
+        let net = MemoryNetwork::new();
+        let key = MeshKey::generate();
+        let (fs, fr) = (Faults::new(5), Faults::new(6));
+        let sender = start(builder(&net, "payments", &key).faults(fs.clone())).await;
+        let receiver = start(builder(&net, "orders", &key).faults(fr.clone())).await;
+        let mut got = drain(receiver.messages().expect("messages"));
+        assert!(
+            sender
+                .wait_for_instances("orders", 1, Duration::from_secs(10))
+                .await
+        );
+        let mut receipts = Vec::new();
+        let mut i = 0;
+        for (deaf, heard) in [(&fs, receiver.local_addr()), (&fr, sender.local_addr())] {
+            deaf.deafen(heard);
+            let cut = tokio::time::Instant::now();
+            while cut.elapsed() < Duration::from_secs(5) {
+                receipts.push(send_keyed(&sender, i, 7).await);
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            deaf.heal_all();
+        }
+        for _ in 0..100 {
+            receipts.push(send_keyed(&sender, i, 7).await);
+            i += 1;
+        }
+        // Each side dropped what the other sent it while deaf.
+        assert!(fs.stats().dropped > 0 && fr.stats().dropped > 0);
+        for r in receipts {
+            r.acked()
+                .await
+                .expect("acked after the one-way partitions healed");
+        }
+        check_in_order(&mut got, i).await;
+        sender.shutdown().await;
+        receiver.shutdown().await;
+    })
+    .await;
+}
+
 /// Sends message `i` to `orders` under the key `k{i % keys}`.
 async fn send_keyed(sender: &Node, i: usize, keys: usize) -> Receipt {
     sender

@@ -12,11 +12,12 @@
 //! | `{"cmd":"dlq_replay","ids":[1,2]}` or `{"cmd":"dlq_replay","all":true}` | `{"ok":true,"replayed":2}` |
 //! | `{"cmd":"dlq_move","log":"svc:orders"}` | `{"ok":true,"moved":12}` ([`Node::dead_letter_waiting`]) |
 //! | `{"cmd":"entries","limit":100}` | `{"ok":true,"entries":[…]}` (at most [`MAX_ENTRIES_LISTED`]) |
-//! | `{"cmd":"faults","partition":["127.0.0.1:7001"],"heal":["…"],"heal_all":true}` | `{"ok":true,"faults":{…}}` |
+//! | `{"cmd":"faults","partition":["127.0.0.1:7001"],"deaf":["…"],"heal":["…"],"heal_all":true}` | `{"ok":true,"faults":{…}}` |
 //!
 //! `faults` only works on a node built with [`NodeBuilder::faults`](crate::NodeBuilder::faults)
 //! (`peerbus chaos` does): `partition` drops every datagram to and from those peer listen
-//! addresses, `heal` ends those partitions, `heal_all` ends all of them (applied first). Every
+//! addresses, `deaf` every datagram from them (a one-way partition: they still hear this
+//! node), `heal` ends those partitions, `heal_all` ends all of them (applied first). Every
 //! field is optional; the answer lists the fault counters.
 //!
 //! Errors answer `{"ok":false,"error":"…"}`. Limits: [`MAX_CONTROL_CLIENTS`]
@@ -404,7 +405,8 @@ async fn answer(node: &Node, req: &Value) -> Value {
     }
 }
 
-/// The `faults` command: partitions and heals through the node's fault injector.
+/// The `faults` command: partitions (both ways or one way) and heals through the node's fault
+/// injector.
 fn faults(node: &Node, req: &Value) -> Value {
     let Some(faults) = &node.shared.faults else {
         return json!({"ok": false, "error": "this node runs without fault injection (build it with NodeBuilder::faults)"});
@@ -425,9 +427,11 @@ fn faults(node: &Node, req: &Value) -> Value {
             )),
         }
     };
-    let (partition, heal) = match (addrs("partition"), addrs("heal")) {
-        (Ok(p), Ok(h)) => (p, h),
-        (Err(e), _) | (_, Err(e)) => return json!({"ok": false, "error": e}),
+    let (partition, deaf, heal) = match (addrs("partition"), addrs("deaf"), addrs("heal")) {
+        (Ok(p), Ok(d), Ok(h)) => (p, d, h),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            return json!({"ok": false, "error": e});
+        }
     };
     if req
         .get("heal_all")
@@ -441,6 +445,9 @@ fn faults(node: &Node, req: &Value) -> Value {
     }
     for a in partition {
         faults.partition(a);
+    }
+    for a in deaf {
+        faults.deafen(a);
     }
     let st = faults.stats();
     json!({"ok": true, "faults": {

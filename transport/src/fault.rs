@@ -19,8 +19,9 @@
 //!    4096 datagrams (beyond it, it is dropped and counted) and is released by a
 //!    tokio task; at release, block and partition are checked again.
 //!
-//! On **receive**: datagrams from a partitioned address, or any datagram while blocked, are
-//! dropped. Loss, duplication and delay apply on send only (give both ends faults to affect
+//! On **receive**: datagrams from a partitioned or [`Faults::deafen`]ed address, or any
+//! datagram while blocked, are dropped (a deafened address is a one-way partition: what we
+//! send still reaches it). Loss, duplication and delay apply on send only (give both ends faults to affect
 //! both directions).
 //!
 //! Segmentation offload: the faulty socket asks quinn for one datagram per transmit (no GSO)
@@ -167,6 +168,8 @@ struct State {
     config: FaultConfig,
     rng: Rng,
     partitioned: HashSet<SocketAddr>,
+    /// Addresses whose datagrams we drop on receive only ([`Faults::deafen`]).
+    deaf: HashSet<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -194,6 +197,7 @@ impl fmt::Debug for Faults {
         f.debug_struct("Faults")
             .field("config", &state.config)
             .field("partitioned", &state.partitioned)
+            .field("deaf", &state.deaf)
             .field("blocked", &self.shared.blocked.load(Ordering::Relaxed))
             .field("stats", &self.stats())
             .finish()
@@ -212,6 +216,7 @@ impl Faults {
                     },
                     rng: Rng::new(seed),
                     partitioned: HashSet::new(),
+                    deaf: HashSet::new(),
                 }),
                 blocked: AtomicBool::new(false),
                 sent: AtomicU64::new(0),
@@ -249,14 +254,25 @@ impl Faults {
         self.lock().partitioned.insert(addr);
     }
 
-    /// Ends the partition from `addr`.
-    pub fn heal(&self, addr: SocketAddr) {
-        self.lock().partitioned.remove(&addr);
+    /// Drops every datagram received from `addr` until [`heal`](Self::heal)ed, while what we
+    /// send to it still leaves: a one-way partition, in which the peer hears us and we do not
+    /// hear it (a lost return route, a one-way firewall rule).
+    pub fn deafen(&self, addr: SocketAddr) {
+        self.lock().deaf.insert(addr);
     }
 
-    /// Ends every partition (not [`block_all`](Self::block_all)).
+    /// Ends the partition from `addr`, both ways or one way.
+    pub fn heal(&self, addr: SocketAddr) {
+        let mut state = self.lock();
+        state.partitioned.remove(&addr);
+        state.deaf.remove(&addr);
+    }
+
+    /// Ends every partition, both ways or one way (not [`block_all`](Self::block_all)).
     pub fn heal_all(&self) {
-        self.lock().partitioned.clear();
+        let mut state = self.lock();
+        state.partitioned.clear();
+        state.deaf.clear();
     }
 
     /// Whether datagrams to and from `addr` are dropped by a partition.
@@ -289,6 +305,11 @@ impl Faults {
     /// Whether traffic with `addr` is cut (blocked or partitioned).
     fn cut(&self, addr: SocketAddr) -> bool {
         self.shared.blocked.load(Ordering::Relaxed) || self.lock().partitioned.contains(&addr)
+    }
+
+    /// Whether what `addr` sends us is cut (blocked, partitioned or deafened).
+    fn cut_in(&self, addr: SocketAddr) -> bool {
+        self.cut(addr) || self.lock().deaf.contains(&addr)
     }
 
     /// The fate of the next datagram sent to `to`.
@@ -568,7 +589,7 @@ impl AsyncUdpSocket for FaultySocket {
             for i in 0..n.min(meta.len()).min(bufs.len()) {
                 let m = meta[i];
                 let fits = i == kept || bufs[kept].len() >= m.len;
-                if self.faults.cut(m.addr) || !fits {
+                if self.faults.cut_in(m.addr) || !fits {
                     let segments = if m.stride == 0 {
                         1
                     } else {
@@ -705,5 +726,20 @@ mod tests {
         f.partition(other);
         f.heal_all();
         assert!(!f.cut(peer) && !f.cut(other));
+    }
+
+    #[test]
+    fn a_deafened_address_is_cut_on_receive_only() {
+        let f = Faults::new(3);
+        let peer: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 4000));
+        let other: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 4001));
+        f.deafen(peer);
+        assert!(f.cut_in(peer) && !f.cut(peer) && !f.cut_in(other));
+        assert_ne!(f.on_send(peer), Decision::Drop);
+        f.heal(peer);
+        assert!(!f.cut_in(peer));
+        f.deafen(peer);
+        f.heal_all();
+        assert!(!f.cut_in(peer));
     }
 }

@@ -339,6 +339,12 @@ struct Sent {
     copies: usize,
 }
 
+/// Whether a recorded fault of kind `recorded` is one of `kind`'s family: a one-way partition
+/// counts as a partition.
+fn same_family(recorded: FaultKind, kind: FaultKind) -> bool {
+    recorded == kind || (recorded.cuts_a_link() && kind.cuts_a_link())
+}
+
 /// Why a message handled at `prev_t` on `prev_by` was handled again at `t` (see
 /// [`Findings::duplicate_causes`]), and the index in `faults` of the fault that names it.
 fn duplicate_cause(
@@ -390,7 +396,7 @@ fn duplicate_cause(
         .find_map(|(kind, node, cause)| {
             faults
                 .iter()
-                .position(|fr| fr.kind == *kind && overlaps(fr, *node))
+                .position(|fr| same_family(fr.kind, *kind) && overlaps(fr, *node))
                 .map(|i| (*cause, Some(i)))
         })
         .unwrap_or(("no fault of the handler or sender", None))

@@ -115,7 +115,8 @@ pub(crate) struct ChaosArgs {
     /// fault schedule.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Fault kinds to inject, comma separated: kill, freeze, restart, partition (or none).
+    /// Fault kinds to inject, comma separated: kill, freeze, restart, partition, oneway (the
+    /// first of two nodes stops hearing the second, which still hears it), or none.
     #[arg(
         long,
         value_name = "KINDS",
@@ -380,7 +381,8 @@ fn parse_kinds(s: &str) -> anyhow::Result<Vec<FaultKind>> {
             Some(k) if !kinds.contains(&k) => kinds.push(k),
             Some(_) => {}
             None => bail!(UsageError(format!(
-                "unknown fault kind `{}` (expected kill, freeze, restart, partition or none)",
+                "unknown fault kind `{}` (expected kill, freeze, restart, partition, oneway \
+                 or none)",
                 part.trim()
             ))),
         }
@@ -922,6 +924,20 @@ async fn inject(mesh: &mut Mesh, f: &Planned) -> anyhow::Result<FaultRecord> {
             let heal = |other: SocketAddr| json!({"cmd": "faults", "heal": [other.to_string()]});
             let _ = control(&dx, heal(ay)).await;
             let _ = control(&dy, heal(ax)).await;
+        }
+        FaultKind::OneWay => {
+            // `x` drops what `y` sends it; `y` still hears `x`.
+            let (x, y) = (f.targets[0], f.targets[1]);
+            let dx = mesh.procs[x].data_dir.clone();
+            let ay = mesh.procs[y].addr.to_string();
+            if control(&dx, json!({"cmd": "faults", "deaf": [ay]}))
+                .await
+                .is_none()
+            {
+                println!("chaos: one-way partition node-{x}<-node-{y}: the node did not take it");
+            }
+            tokio::time::sleep(f.hold).await;
+            let _ = control(&dx, json!({"cmd": "faults", "heal": [ay]})).await;
         }
     }
     let end_us = journal::now_us();

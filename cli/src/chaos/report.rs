@@ -480,7 +480,7 @@ impl RunReport {
         );
         let _ = write!(
             svg,
-            r##"<text x="{ml}" y="{:.1}"><tspan fill="#1b5e20">— sent/s</tspan>  <tspan fill="#0d47a1">— handled/s</tspan>  <tspan fill="#b71c1c">— backlog (right axis)</tspan>  K kill · F freeze · R restart · P partition</text></svg>"##,
+            r##"<text x="{ml}" y="{:.1}"><tspan fill="#1b5e20">— sent/s</tspan>  <tspan fill="#0d47a1">— handled/s</tspan>  <tspan fill="#b71c1c">— backlog (right axis)</tspan>  K kill · F freeze · R restart · P partition · O one-way partition</text></svg>"##,
             h - 8.0
         );
         let mut rows = String::new();

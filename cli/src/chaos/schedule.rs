@@ -45,18 +45,29 @@ pub(crate) enum FaultKind {
     Restart,
     /// Two nodes drop every datagram between them, healed after the fault's duration.
     Partition,
+    /// The first of two nodes drops every datagram from the second, which still hears the
+    /// first (a one-way partition), healed after the fault's duration.
+    OneWay,
 }
 
 impl FaultKind {
-    /// Parses `kill`, `freeze`, `restart` or `partition`.
+    /// Parses `kill`, `freeze`, `restart`, `partition` or `oneway`.
     pub(crate) fn parse(s: &str) -> Option<FaultKind> {
         match s.trim() {
             "kill" => Some(FaultKind::Kill),
             "freeze" => Some(FaultKind::Freeze),
             "restart" => Some(FaultKind::Restart),
             "partition" => Some(FaultKind::Partition),
+            "oneway" => Some(FaultKind::OneWay),
             _ => None,
         }
+    }
+}
+
+impl FaultKind {
+    /// Whether the fault cuts the link between two nodes (both ways or one way).
+    pub(crate) fn cuts_a_link(self) -> bool {
+        matches!(self, FaultKind::Partition | FaultKind::OneWay)
     }
 }
 
@@ -67,6 +78,7 @@ impl fmt::Display for FaultKind {
             FaultKind::Freeze => "freeze",
             FaultKind::Restart => "restart",
             FaultKind::Partition => "partition",
+            FaultKind::OneWay => "oneway",
         })
     }
 }
@@ -76,7 +88,8 @@ impl fmt::Display for FaultKind {
 pub(crate) struct Planned {
     /// What.
     pub(crate) kind: FaultKind,
-    /// Node indexes: one, or two for a partition.
+    /// Node indexes: one, or two for a partition (for a one-way partition, the node that
+    /// stops hearing the other first).
     pub(crate) targets: Vec<usize>,
     /// Offset from the start of the workload.
     pub(crate) at: Duration,
@@ -107,9 +120,13 @@ pub(crate) fn plan(
         }
         let kind = kinds[rng.below(kinds.len() as u64) as usize];
         let a = rng.below(nodes as u64) as usize;
-        let targets = if kind == FaultKind::Partition && nodes > 1 {
+        let targets = if kind.cuts_a_link() && nodes > 1 {
             let b = (a + 1 + rng.below(nodes as u64 - 1) as usize) % nodes;
-            vec![a.min(b), a.max(b)]
+            if kind == FaultKind::OneWay {
+                vec![a, b]
+            } else {
+                vec![a.min(b), a.max(b)]
+            }
         } else {
             vec![a]
         };
@@ -143,6 +160,7 @@ mod tests {
             FaultKind::Freeze,
             FaultKind::Restart,
             FaultKind::Partition,
+            FaultKind::OneWay,
         ];
         let i = Duration::from_secs(5);
         let d = Duration::from_secs(120);
@@ -156,7 +174,7 @@ mod tests {
         for f in &a {
             assert!(f.at + f.hold < d);
             assert!(f.targets.iter().all(|&t| t < 5));
-            if f.kind == FaultKind::Partition {
+            if f.kind.cuts_a_link() {
                 assert_eq!(f.targets.len(), 2);
                 assert_ne!(f.targets[0], f.targets[1]);
             }
