@@ -154,13 +154,7 @@ fn parse(der: &[u8]) -> Result<Parsed, String> {
     if !rest.is_empty() {
         return Err("the certificate has trailing bytes".into());
     }
-    let key = tls::node_id_of(&CertificateDer::from(der))
-        .map_err(|e| match e {
-            rustls::Error::General(s) => s.replace("peer ", ""),
-            other => other.to_string(),
-        })?
-        .as_bytes()
-        .to_owned();
+    let key = tls::ed25519_key(&cert).map_err(|why| format!("the {why}"))?;
     let validity = cert.validity();
     Ok(Parsed {
         key,

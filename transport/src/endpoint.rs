@@ -516,7 +516,7 @@ impl Endpoint {
         let peer = peer_id(&quinn_conn).map_err(ConnectError::Tls)?;
         let conn = Connection::new(quinn_conn, peer, true, self);
         match tokio::time::timeout(PROOF_TIMEOUT, self.prove(&conn)).await {
-            Ok(Ok(until)) => Ok(conn.member_until(until)),
+            Ok(Ok(until)) => Ok(conn.with_membership_until(until)),
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 conn.close(CloseCode::Unresponsive, "mesh proof timed out");
@@ -547,19 +547,21 @@ impl Endpoint {
                 None => ConnectError::Other(format!("mesh proof exchange failed: {other}")),
             },
         })?;
-        let until = self.check_proof(1, &dialer, &listener, &ekm, &theirs, &conn.inner);
-        if let Err(why) = until {
-            warn!(addr = %conn.remote_addr(), claimed = %conn.peer, reason = %why,
-                "refusing peer: mesh proof failed");
-            conn.close(CloseCode::MeshProofFailed, &why);
-            return Err(ConnectError::Refused {
-                code: CloseCode::MeshProofFailed,
-                reason: why,
-            });
-        }
+        let until = match self.check_proof(1, &dialer, &listener, &ekm, &theirs, &conn.inner) {
+            Ok(until) => until,
+            Err(why) => {
+                warn!(addr = %conn.remote_addr(), claimed = %conn.peer, reason = %why,
+                    "refusing peer: mesh proof failed");
+                conn.close(CloseCode::MeshProofFailed, &why);
+                return Err(ConnectError::Refused {
+                    code: CloseCode::MeshProofFailed,
+                    reason: why,
+                });
+            }
+        };
         send.finish()
             .map_err(|e| ConnectError::Other(format!("mesh proof exchange failed: {e}")))?;
-        Ok(until.ok().flatten())
+        Ok(until)
     }
 
     /// Our proof message for `role` (0 dialer, 1 listener): `[1][HMAC]` with a mesh key,
@@ -731,7 +733,7 @@ impl Incoming {
         let ep = &self.endpoint;
         let conn = Connection::new(quinn_conn, peer, false, ep);
         match tokio::time::timeout(PROOF_TIMEOUT, ep.answer_proof(&conn)).await {
-            Ok(Ok(until)) => Ok(conn.member_until(until)),
+            Ok(Ok(until)) => Ok(conn.with_membership_until(until)),
             Ok(Err(ProofFailure::Mismatch(reason))) => {
                 warn!(%addr, claimed = %peer, %reason, "refusing peer: mesh proof failed");
                 conn.close(CloseCode::MeshProofFailed, &reason);
@@ -949,15 +951,15 @@ impl Connection {
         }
     }
 
-    fn member_until(mut self, until: Option<SystemTime>) -> Self {
+    fn with_membership_until(mut self, until: Option<SystemTime>) -> Self {
         self.member_until = until;
         self
     }
 
     /// When the peer's membership ends: the expiry of the certificate it proved membership
-    /// with, in a mesh CA ([`Membership::Ca`]). Its node closes the connection then with
-    /// [`CloseCode::MeshProofFailed`], and the peer cannot connect again until it is issued a
-    /// new certificate. `None` with a mesh key or an open mesh.
+    /// with, in a mesh CA ([`Membership::Ca`]). A peerbus node closes the connection then
+    /// with [`CloseCode::MeshProofFailed`], and the peer cannot connect again until it is
+    /// issued a new certificate. `None` with a mesh key or an open mesh.
     pub fn membership_expires(&self) -> Option<SystemTime> {
         self.member_until
     }

@@ -24,19 +24,24 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 pub(crate) fn node_id_of(cert: &CertificateDer<'_>) -> Result<NodeId, TlsError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| TlsError::General(format!("peer certificate does not parse: {e}")))?;
-    let spki = &parsed.tbs_certificate.subject_pki;
+    ed25519_key(&parsed)
+        .map(NodeId::from_bytes)
+        .map_err(|why| TlsError::General(format!("peer {why}")))
+}
+
+/// A certificate's ed25519 subject public key; the error completes "certificate …".
+pub(crate) fn ed25519_key(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<[u8; 32], &'static str> {
+    let spki = &cert.tbs_certificate.subject_pki;
     if spki.algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
-        return Err(TlsError::General(
-            "peer certificate key is not ed25519".into(),
-        ));
+        return Err("certificate key is not ed25519");
     }
-    let raw: [u8; 32] = spki
-        .subject_public_key
+    spki.subject_public_key
         .data
         .as_ref()
         .try_into()
-        .map_err(|_| TlsError::General("peer ed25519 key is not 32 bytes".into()))?;
-    Ok(NodeId::from_bytes(raw))
+        .map_err(|_| "certificate ed25519 key is not 32 bytes")
 }
 
 /// A node's self-signed certificate and its key, made once per endpoint.

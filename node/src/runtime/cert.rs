@@ -27,7 +27,7 @@ pub(crate) fn report(span: &Span, cert: &NodeCert, what: &str) {
     let hours = left.as_secs() / 3600;
     if left < EXPIRY_WARNING {
         warn!(parent: span, hours, "{what}; it ends soon, and peers refuse this node from then \
-            on: issue a new one (`peerbus ca issue`) into its file");
+            on: issue a new one (`peerbus ca issue`) in its place");
     } else {
         info!(parent: span, hours, "{what}");
     }

@@ -367,8 +367,8 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
                 }
                 () = membership_ends(conn.membership_expires()) => {
                     let why = "the peer's mesh certificate expired";
-                    warn!(%peer, "closing the connection: {why}; it cannot connect again until \
-                        the mesh CA issues it a new one");
+                    warn!(%peer, "closing the connection: {why}; it connects again only with a \
+                        renewed one");
                     conn.close(CloseCode::MeshProofFailed, why);
                     (why.to_string(), false)
                 }

@@ -466,7 +466,10 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     // The admin endpoint binds first: a bad address fails `start()` before anything runs.
     let admin_listener = b.admin.map(crate::admin::bind).transpose()?;
     let listen = b.default_listen();
-    let membership_in_use = membership.clone();
+    let own_cert = match &membership {
+        Membership::Ca { cert, .. } => Some(cert.clone()),
+        _ => None,
+    };
     let mut endpoint_config = EndpointConfig::new(identity, membership, listen);
     endpoint_config.max_frame_size = b.max_frame_size;
     endpoint_config.faults = b.faults.clone();
@@ -537,7 +540,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     });
     let span = info_span!("node", node = %id.short(), service = %b.service);
     info!(parent: &span, %local_addr, mesh = %b.mesh, "node started");
-    if let Membership::Ca { cert, .. } = &membership_in_use {
+    if let Some(cert) = &own_cert {
         cert::report(&span, cert, "this node's mesh certificate is valid");
     }
 
@@ -596,13 +599,11 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     drop(core_tx);
     tracker.spawn(conn::accept_loop(shared.clone()).instrument(span.clone()));
     tracker.spawn(pause::watch(shared.clone()).instrument(span.clone()));
-    if let (MembershipChoice::CaFiles { cert: path, .. }, Membership::Ca { cert, .. }) =
-        (&b.membership, &membership_in_use)
-    {
+    if let (MembershipChoice::CaFiles { cert: path, .. }, Some(cert)) = (&b.membership, own_cert) {
         tracker.spawn(cert::watch(
             shared.clone(),
             path.clone(),
-            cert.clone(),
+            cert,
             b.mesh_cert_check_every
                 .max(std::time::Duration::from_millis(100)),
             cancel.clone(),
