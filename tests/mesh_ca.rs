@@ -13,6 +13,9 @@ use peerbus::{CaKey, Identity, MemoryNetwork, Node, NodeBuilder, Outgoing, PeerS
 use tokio::sync::mpsc::Receiver;
 
 const DAY: Duration = Duration::from_secs(86_400);
+/// How long the short certificates of the expiry tests last: enough for two nodes to start
+/// and exchange a message on a loaded machine (the validity counts whole seconds).
+const SHORT: Duration = Duration::from_secs(6);
 
 /// What one test's meshes share: a directory, a CA in it (`ca/`) and the in-memory network.
 struct Fixture {
@@ -67,20 +70,14 @@ impl Fixture {
     }
 
     /// A sender, and a receiver of service `orders` (in `<dir>/r`) whose certificate ends
-    /// three seconds from now (the validity counts whole seconds), with a first message
+    /// [`SHORT`] from now, with a first message
     /// delivered between them; `tune` adjusts the receiver's builder.
     async fn expiring_pair(
         &self,
         tune: impl FnOnce(NodeBuilder) -> NodeBuilder,
     ) -> (Node, Node, Receiver<(Option<String>, String)>) {
         let sender = self.member("sender", "s").start().await.expect("sender");
-        let short = self.issued(
-            "orders",
-            "r",
-            &self.ca,
-            &self.path("ca/ca.crt"),
-            Duration::from_secs(3),
-        );
+        let short = self.issued("orders", "r", &self.ca, &self.path("ca/ca.crt"), SHORT);
         let receiver = tune(short).start().await.expect("receiver");
         let mut got = drain(receiver.messages().expect("messages"));
         delivered(&sender, &mut got, "first").await;
@@ -119,20 +116,32 @@ async fn members_of_one_ca_exchange_messages_and_another_cas_node_is_refused() {
             .start()
             .await
             .expect("stranger");
-        eventually(15, "the stranger is refused", || async {
-            let peers = sender.peers().await;
-            peers
-                .iter()
-                .any(|p| p.node_id == stranger.id() && p.state == PeerState::Refused)
+        // Each side dials the other and each refusal names its reason, read where it is
+        // recorded: in the refusing node's view of its peer, and in the refused one's.
+        let refused_for = |node: &Node, peer: peerbus::NodeId| {
+            let node = node.clone();
+            async move {
+                let peers = node.peers().await;
+                peers.iter().any(|p| {
+                    p.node_id == peer
+                        && p.state == PeerState::Refused
+                        && p.last_error.as_deref().is_some_and(|why| {
+                            why.contains("mesh certificate")
+                                && why.contains("not signed by the mesh CA")
+                        })
+                })
+            }
+        };
+        eventually(15, "the sender refuses the stranger, and says why", || {
+            refused_for(&sender, stranger.id())
         })
         .await;
-        let peers = stranger.peers().await;
-        let seen = peers.iter().find(|p| p.node_id == sender.id());
-        let why = seen.and_then(|p| p.last_error.clone()).unwrap_or_default();
-        assert!(
-            why.contains("mesh certificate") && why.contains("not signed by the mesh CA"),
-            "{why}"
-        );
+        eventually(
+            15,
+            "the stranger is refused by the sender, and says why",
+            || refused_for(&stranger, sender.id()),
+        )
+        .await;
         // No message reaches it: the mesh has one instance of `orders`.
         assert_eq!(sender.instances("orders").await, vec![receiver.id()]);
 
@@ -230,29 +239,43 @@ async fn a_certificate_renewed_in_its_file_is_taken_without_a_restart() {
             .expiring_pair(|b| b.mesh_cert_check_every(Duration::from_millis(200)))
             .await;
 
+        let ends = || async {
+            let secs = receiver
+                .status()
+                .await
+                .and_then(|s| s.mesh_certificate_expires);
+            std::time::UNIX_EPOCH + Duration::from_secs(secs.expect("a mesh CA node's expiry"))
+        };
+        let first_ends = ends().await;
+
         // The operator renews the certificate in place, as `peerbus ca issue --out` does. A
         // garbled file on the way is refused and the certificate in use stays.
         let file = f.path("r/node.crt");
         std::fs::write(&file, "not a certificate").expect("garble");
         tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            ends().await,
+            first_ends,
+            "a garbled file replaced the certificate"
+        );
         let renewed = f.ca.issue(&receiver.id(), DAY).expect("renew");
         std::fs::write(&file, renewed).expect("write renewed");
-
-        let renewed_ends = std::time::SystemTime::now() + DAY;
         eventually(10, "the node presents the renewed certificate", || async {
-            let ends = receiver
-                .status()
-                .await
-                .and_then(|s| s.mesh_certificate_expires);
-            let soon = std::time::UNIX_EPOCH + Duration::from_secs(ends.unwrap_or(0));
-            soon + Duration::from_secs(60) > renewed_ends
+            ends().await > first_ends + Duration::from_secs(3_600)
         })
         .await;
 
         // Past the old certificate's end, the sender closes the connection it made with it,
         // and the receiver connects again with the renewed one.
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        let past = first_ends + Duration::from_millis(1_500);
+        let wait = past.duration_since(std::time::SystemTime::now());
+        tokio::time::sleep(wait.unwrap_or_default()).await;
         delivered(&sender, &mut got, "after renewal").await;
+        let closed = sender.status().await.expect("status").connections_closed;
+        assert!(
+            closed.get("mesh_proof_failed").copied().unwrap_or(0) >= 1,
+            "the connection made with the old certificate was not closed at its end: {closed:?}"
+        );
         for n in [sender, receiver] {
             n.shutdown().await;
         }

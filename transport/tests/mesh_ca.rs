@@ -3,7 +3,7 @@
 //! sides can read, before any stream opens.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use peerbus_transport::{
     AcceptError, BindError, CaKey, CloseCode, ConnectError, Connection, Endpoint, EndpointConfig,
@@ -149,9 +149,14 @@ async fn a_certificate_that_expires_while_its_node_runs_is_refused_until_renewed
     within(async {
         let ca = CaKey::generate("test", DAY).expect("ca");
         let listener = certified(&ca, &ca, DAY);
-        // Valid for a second from issue: bound at once, then past its end.
-        let short = certified(&ca, &ca, Duration::from_secs(1));
-        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        // Valid for two seconds from issue (one to two: the validity counts whole seconds),
+        // bound at once; then past its end.
+        let short = certified(&ca, &ca, Duration::from_secs(2));
+        let ends = short
+            .certificate_expires()
+            .expect("a mesh CA endpoint's expiry");
+        let wait = (ends + Duration::from_millis(1_100)).duration_since(SystemTime::now());
+        tokio::time::sleep(wait.unwrap_or_default()).await;
         let (ours, _) = refused(&short, &listener).await;
         assert!(
             ours.starts_with(
