@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{drain, eventually, within};
-use peerbus::{CaKey, Identity, MemoryNetwork, Node, NodeBuilder, Outgoing, PeerState};
+use peerbus::{CaKey, Identity, MemoryNetwork, Node, NodeBuilder, NodeId, Outgoing, PeerState};
 use tokio::sync::mpsc::Receiver;
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -98,6 +98,18 @@ async fn delivered(sender: &Node, got: &mut Receiver<(Option<String>, String)>, 
     assert_eq!(got.recv().await.expect("delivered").1, text);
 }
 
+/// Whether `node` holds `peer` refused, for a reason that names each of `why`.
+async fn refuses(node: &Node, peer: NodeId, why: &[&str]) -> bool {
+    let peers = node.peers().await;
+    peers.iter().any(|p| {
+        p.node_id == peer
+            && p.state == PeerState::Refused
+            && p.last_error
+                .as_deref()
+                .is_some_and(|e| why.iter().all(|w| e.contains(w)))
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_of_one_ca_exchange_messages_and_another_cas_node_is_refused() {
     within(60, async {
@@ -118,28 +130,15 @@ async fn members_of_one_ca_exchange_messages_and_another_cas_node_is_refused() {
             .expect("stranger");
         // Each side dials the other and each refusal names its reason, read where it is
         // recorded: in the refusing node's view of its peer, and in the refused one's.
-        let refused_for = |node: &Node, peer: peerbus::NodeId| {
-            let node = node.clone();
-            async move {
-                let peers = node.peers().await;
-                peers.iter().any(|p| {
-                    p.node_id == peer
-                        && p.state == PeerState::Refused
-                        && p.last_error.as_deref().is_some_and(|why| {
-                            why.contains("mesh certificate")
-                                && why.contains("not signed by the mesh CA")
-                        })
-                })
-            }
-        };
+        let why = ["mesh certificate", "not signed by the mesh CA"];
         eventually(15, "the sender refuses the stranger, and says why", || {
-            refused_for(&sender, stranger.id())
+            refuses(&sender, stranger.id(), &why)
         })
         .await;
         eventually(
             15,
             "the stranger is refused by the sender, and says why",
-            || refused_for(&stranger, sender.id()),
+            || refuses(&stranger, sender.id(), &why),
         )
         .await;
         // No message reaches it: the mesh has one instance of `orders`.
@@ -195,15 +194,8 @@ async fn a_member_whose_certificate_expires_is_cut_off_and_catches_up_once_renew
 
         // The certificate ends: the sender closes the connection and refuses the receiver
         // from then on. What it sends meanwhile waits in its log.
-        eventually(15, "the expired member is refused", || async {
-            let peers = sender.peers().await;
-            peers.iter().any(|p| {
-                p.node_id == receiver.id()
-                    && p.state == PeerState::Refused
-                    && p.last_error
-                        .as_deref()
-                        .is_some_and(|e| e.contains("expired"))
-            })
+        eventually(15, "the expired member is refused", || {
+            refuses(&sender, receiver.id(), &["expired"])
         })
         .await;
         let waiting = sender
@@ -276,6 +268,73 @@ async fn a_certificate_renewed_in_its_file_is_taken_without_a_restart() {
             closed.get("mesh_proof_failed").copied().unwrap_or(0) >= 1,
             "the connection made with the old certificate was not closed at its end: {closed:?}"
         );
+        for n in [sender, receiver] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+/// Replacing the mesh CA without a restart, as README's "Membership by a mesh CA" lays out:
+/// every node trusts both CAs, nodes get certificates from the new one, then the old one is
+/// dropped. A node that drops the old CA closes its live connection to a node still holding
+/// an old certificate at once, and takes it back once that node's certificate is renewed. A
+/// CA file that would refuse the node's own certificate waits until that one is renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_ca_is_replaced_without_a_restart() {
+    within(60, async {
+        let f = Fixture::new();
+        let new = CaKey::create(&f.path("new"), "new").expect("new ca");
+        let (old_pem, new_pem) = (f.ca.certificate_pem(), new.certificate_pem());
+        let both = format!("{old_pem}{new_pem}");
+        let every = Duration::from_millis(200);
+        // The sender already has a certificate from the new CA, the receiver one from the old;
+        // both trust both CAs (each node has a CA file of its own).
+        let trusting_both = |name: &str| {
+            let file = f.path(&format!("{name}.ca.crt"));
+            std::fs::write(&file, &both).expect("write CA file");
+            file
+        };
+        let s_ca = trusting_both("s");
+        let r_ca = trusting_both("r");
+        let sender = f
+            .issued("sender", "s", &new, &s_ca, DAY)
+            .mesh_cert_check_every(every)
+            .start()
+            .await
+            .expect("sender");
+        let receiver = f
+            .issued("orders", "r", &f.ca, &r_ca, DAY)
+            .mesh_cert_check_every(every)
+            .start()
+            .await
+            .expect("receiver");
+        let mut got = drain(receiver.messages().expect("messages"));
+        delivered(&sender, &mut got, "before").await;
+
+        // The sender drops the old CA: its live connection to the receiver ends at once.
+        std::fs::write(&s_ca, new_pem).expect("new CA only");
+        eventually(
+            10,
+            "the sender refuses the receiver's old certificate",
+            || refuses(&sender, receiver.id(), &["not signed by the mesh CA"]),
+        )
+        .await;
+        let waiting = sender
+            .send("orders", Outgoing::new("while replaced"))
+            .await
+            .expect("stored");
+
+        // The receiver is given the new CA alone before its new certificate: it keeps
+        // trusting both (its own certificate is from the old one) until the certificate
+        // comes, then takes both, and the sender lets it in again.
+        std::fs::write(&r_ca, new_pem).expect("new CA only");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let renewed = new.issue(&receiver.id(), DAY).expect("issue");
+        std::fs::write(f.path("r/node.crt"), renewed).expect("renew");
+        waiting.acked().await.expect("acked once renewed");
+        assert_eq!(got.recv().await.expect("delivered").1, "while replaced");
+        delivered(&sender, &mut got, "after").await;
         for n in [sender, receiver] {
             n.shutdown().await;
         }

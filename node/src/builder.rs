@@ -189,9 +189,10 @@ impl NodeBuilder {
     /// [`NodeBuilder::mesh_ca`] from files: the CA certificate (`ca.crt` of `peerbus ca new`;
     /// while the CA is replaced, both CAs' certificates one after the other) and this node's
     /// certificate (`peerbus ca issue`). A missing, malformed or expired file, or a
-    /// certificate for another node, fails `start()`. The node reads its certificate file
-    /// again every minute ([`NodeBuilder::mesh_cert_check_every`]) and presents a renewed one
-    /// from then on, without a restart.
+    /// certificate for another node, fails `start()`. The node reads both files again every
+    /// minute ([`NodeBuilder::mesh_cert_check_every`]), without a restart: it presents a
+    /// renewed certificate from then on, and checks a new CA file's peers anew (closing live
+    /// connections to peers it no longer accepts).
     pub fn mesh_ca_files(mut self, ca: impl Into<PathBuf>, cert: impl Into<PathBuf>) -> Self {
         self.membership = MembershipChoice::CaFiles {
             ca: ca.into(),
@@ -200,9 +201,10 @@ impl NodeBuilder {
         self
     }
 
-    /// How often a node of [`NodeBuilder::mesh_ca_files`] reads its certificate file again to
-    /// take a renewed certificate (60 s by default, at least 100 ms). A file that cannot be
-    /// read, or holds a certificate that is not valid for this node, is logged and the one in
+    /// How often a node of [`NodeBuilder::mesh_ca_files`] reads its CA and certificate files
+    /// again to take a renewed certificate or a new CA file (60 s by default, at least
+    /// 100 ms). A file that cannot be read, a certificate that is not valid for this node, or
+    /// a CA file that does not accept this node's own certificate is logged and the one in
     /// use stays.
     pub fn mesh_cert_check_every(mut self, every: Duration) -> Self {
         self.mesh_cert_check_every = every;

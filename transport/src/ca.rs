@@ -100,7 +100,7 @@ fn pem_certificates(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static
 }
 
 /// A certificate's validity period, in seconds since the Unix epoch.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Validity {
     not_before: i64,
     not_after: i64,
@@ -184,6 +184,16 @@ struct Root {
 #[derive(Clone)]
 pub struct MeshCa {
     roots: Arc<Vec<Root>>,
+}
+
+/// Two trusts are equal when they hold the same CA keys with the same validity, in order.
+impl PartialEq for MeshCa {
+    fn eq(&self, other: &MeshCa) -> bool {
+        let ids = |ca: &MeshCa| -> Vec<([u8; 32], Validity)> {
+            ca.roots.iter().map(|r| (r.key, r.validity)).collect()
+        };
+        ids(self) == ids(other)
+    }
 }
 
 impl fmt::Debug for MeshCa {

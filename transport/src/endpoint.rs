@@ -115,6 +115,12 @@ struct Inner {
     /// The certificate and key presented in handshakes (replaced by
     /// [`Endpoint::renew_certificate`]).
     certified: RwLock<Arc<tls::Certified>>,
+    /// The CA certificates a peer's must be signed by, with a mesh CA (replaced by
+    /// [`Endpoint::renew_trust`]); `None` otherwise.
+    trust: RwLock<Option<MeshCa>>,
+    /// Bumped by [`Endpoint::renew_trust`], so that live connections are checked again
+    /// ([`Connection::trust_changes`]).
+    trust_changed: tokio::sync::watch::Sender<u64>,
     /// Set by [`Endpoint::close`], so that connections report why they closed.
     closing: Arc<AtomicBool>,
     /// Connections this endpoint closed, by code ([`Endpoint::local_closes`]).
@@ -325,6 +331,11 @@ fn ca_certified(
     Ok(tls::issued(identity, cert))
 }
 
+/// The error of a mesh CA call on an endpoint without one.
+fn no_mesh_ca() -> BindError {
+    BindError::Config("this endpoint proves membership with no mesh CA certificate".into())
+}
+
 /// The listener's QUIC config for a certificate.
 fn server_config(
     certified: &tls::Certified,
@@ -348,6 +359,10 @@ impl Endpoint {
         };
         check_alpn(&config.alpn).map_err(BindError::Config)?;
         let server = server_config(&certified, &config.alpn, &transport)?;
+        let trust = match &config.membership {
+            Membership::Ca { ca, .. } => Some(ca.clone()),
+            _ => None,
+        };
         let io = |error| BindError::Io {
             addr: config.listen,
             error,
@@ -382,6 +397,8 @@ impl Endpoint {
                 config,
                 transport,
                 certified: RwLock::new(Arc::new(certified)),
+                trust: RwLock::new(trust),
+                trust_changed: tokio::sync::watch::Sender::new(0),
                 closing: Arc::default(),
                 closes: Arc::default(),
                 half_open: HalfOpen::default(),
@@ -398,12 +415,8 @@ impl Endpoint {
     /// Errors ([`BindError::Config`]) when the endpoint has no mesh CA, or the certificate is
     /// for another node, not from a trusted CA, or not valid now; the old one stays.
     pub fn renew_certificate(&self, cert: &NodeCert) -> Result<(), BindError> {
-        let Membership::Ca { ca, .. } = &self.inner.config.membership else {
-            return Err(BindError::Config(
-                "this endpoint proves membership with no mesh CA certificate".into(),
-            ));
-        };
-        let certified = ca_certified(&self.inner.config.identity, ca, cert)?;
+        let ca = self.trust().ok_or_else(no_mesh_ca)?;
+        let certified = ca_certified(&self.inner.config.identity, &ca, cert)?;
         let server = server_config(&certified, &self.inner.config.alpn, &self.inner.transport)?;
         self.inner.quinn.set_server_config(Some(server));
         *self
@@ -412,6 +425,58 @@ impl Endpoint {
             .write()
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(certified);
         Ok(())
+    }
+
+    /// Trusts `ca` from now on, in place of the CA certificates this endpoint was bound with
+    /// (a mesh CA, [`Membership::Ca`]): while the mesh CA is replaced, a file with both CAs'
+    /// certificates, then the new one's alone. New handshakes are checked against it, and
+    /// [`Connection::trust_changes`] tells the holders of live connections to check those
+    /// again ([`Endpoint::recheck`]).
+    ///
+    /// Errors ([`BindError::Config`]) when the endpoint has no mesh CA, or its own
+    /// certificate is not signed by a CA of `ca` (issue it one from the new CA first: the
+    /// mesh would refuse it); the old trust stays.
+    pub fn renew_trust(&self, ca: MeshCa) -> Result<(), BindError> {
+        if self.trust().is_none() {
+            return Err(no_mesh_ca());
+        }
+        let ours = self.certified();
+        ca.check(ours.chain().0[0].as_ref(), SystemTime::now())
+            .map_err(|why| {
+                BindError::Config(format!(
+                    "the new mesh CA file does not accept this node's own certificate ({why}); \
+                     issue it one from the new CA first"
+                ))
+            })?;
+        *self
+            .inner
+            .trust
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(ca);
+        self.inner.trust_changed.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Checks a live connection's peer again against the CA certificates trusted now: when
+    /// its membership ends ([`Connection::membership_expires`] for the trust of now), or why
+    /// it is no longer a member. Always `Ok(None)` without a mesh CA.
+    pub fn recheck(&self, conn: &Connection) -> Result<Option<SystemTime>, String> {
+        let Some(ca) = self.trust() else {
+            return Ok(None);
+        };
+        let cert = peer_certificate(&conn.inner)?;
+        ca.check(cert.as_ref(), SystemTime::now())
+            .map(|c| Some(c.not_after()))
+            .map_err(|why| format!("the peer's mesh certificate is no longer accepted: {why}"))
+    }
+
+    /// The CA certificates trusted now, with a mesh CA.
+    fn trust(&self) -> Option<MeshCa> {
+        self.inner
+            .trust
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// When the mesh certificate this endpoint presents now ends (a mesh CA, after
@@ -599,7 +664,7 @@ impl Endpoint {
         let who = if role == 0 { "dialer" } else { "listener" };
         let other = if role == 0 { "listener" } else { "dialer" };
         let membership = &self.inner.config.membership;
-        if let Membership::Ca { ca, .. } = membership {
+        if let Some(ca) = self.trust() {
             return match got[0] {
                 PROOF_CA => {
                     let cert = peer_certificate(conn)?;
@@ -916,6 +981,8 @@ pub struct Connection {
     shared: Arc<Shared>,
     /// When the peer's mesh certificate expires (a mesh CA); `None` otherwise.
     member_until: Option<SystemTime>,
+    /// The endpoint's trust changes, seen as of this connection's start.
+    trust: tokio::sync::watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -948,6 +1015,7 @@ impl Connection {
                 closes: ep.inner.closes.clone(),
             }),
             member_until: None,
+            trust: ep.inner.trust_changed.subscribe(),
         }
     }
 
@@ -962,6 +1030,13 @@ impl Connection {
     /// issued a new certificate. `None` with a mesh key or an open mesh.
     pub fn membership_expires(&self) -> Option<SystemTime> {
         self.member_until
+    }
+
+    /// Changes each time [`Endpoint::renew_trust`] replaces the trusted CA certificates after
+    /// this connection began (so a change during its proof is not missed): the peer's
+    /// membership is then for [`Endpoint::recheck`] to say.
+    pub fn trust_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.trust.clone()
     }
 
     /// Converts quinn's reason, filling in our own close code for local closes.

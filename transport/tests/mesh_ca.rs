@@ -185,6 +185,15 @@ async fn a_certificate_that_expires_while_its_node_runs_is_refused_until_renewed
         assert!(conn.membership_expires().is_some());
         let keyed = plain(Membership::Key(MeshKey::generate()));
         assert!(keyed.renew_certificate(&renewed).is_err());
+        assert!(keyed.renew_trust(ca.trust().expect("trust")).is_err());
+        // A trust that would refuse the endpoint's own certificate is refused.
+        let err = short
+            .renew_trust(other.trust().expect("trust"))
+            .expect_err("another CA alone");
+        assert!(
+            err.to_string().contains("does not accept this node's own"),
+            "{err}"
+        );
     })
     .await;
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use peerbus_transport::NodeCert;
+use peerbus_transport::{MeshCa, NodeCert};
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, info, warn};
 
@@ -33,61 +33,122 @@ pub(crate) fn report(span: &Span, cert: &NodeCert, what: &str) {
     }
 }
 
-/// Reads the certificate at `path` every `every` until `cancel`; one that differs from the
-/// one in use and is valid replaces it ([`peerbus_transport::Endpoint::renew_certificate`]).
-/// A file that cannot be read or used is warned about once per distinct content, and the
-/// certificate in use stays.
+/// The files of a node's mesh CA membership, read again every `every`.
+pub(crate) struct Files {
+    /// The CA certificate file (`--mesh-ca`).
+    pub(crate) ca: PathBuf,
+    /// This node's certificate file (`--mesh-cert`).
+    pub(crate) cert: PathBuf,
+    pub(crate) every: Duration,
+}
+
+/// What the files held at the last look, and what was refused (warned about once per
+/// distinct content).
+struct Seen {
+    ca: MeshCa,
+    cert: NodeCert,
+    refused: Vec<String>,
+}
+
+impl Seen {
+    /// Warns about `error` unless it was warned about since the last change taken.
+    fn refuse(&mut self, span: &Span, error: String) {
+        if !self.refused.contains(&error) {
+            warn!(parent: span, %error, "keeping the mesh membership in use");
+            // One per file and content at most; bounded all the same.
+            if self.refused.len() == 8 {
+                self.refused.remove(0);
+            }
+            self.refused.push(error);
+        }
+    }
+}
+
+/// Reads the CA and certificate files every `files.every` until `cancel`. A CA file that
+/// changed replaces the trusted CAs ([`peerbus_transport::Endpoint::renew_trust`]: live
+/// connections are checked again), and a certificate file that changed replaces this node's
+/// certificate ([`peerbus_transport::Endpoint::renew_certificate`]), each when the endpoint
+/// accepts it; otherwise the one in use stays and the reason is logged.
 pub(crate) async fn watch(
     shared: Arc<Shared>,
-    path: PathBuf,
-    mut current: NodeCert,
-    every: Duration,
+    files: Files,
+    ca: MeshCa,
+    cert: NodeCert,
     cancel: CancellationToken,
     span: Span,
 ) {
-    let mut refused: Option<Result<Vec<u8>, String>> = None;
+    let mut seen = Seen {
+        ca,
+        cert,
+        refused: Vec::new(),
+    };
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep(files.every) => {}
         }
-        let file = path.clone();
-        let loaded = match tokio::task::spawn_blocking(move || NodeCert::load(&file)).await {
-            Ok(loaded) => loaded,
-            // Only a panic in the read (never expected) or a runtime shutting down.
-            Err(_) => return,
-        };
-        let cert = match loaded {
-            Ok(cert) if cert.der() == current.der() => continue,
-            Ok(cert) => cert,
+        let (ca_path, cert_path) = (files.ca.clone(), files.cert.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            (MeshCa::load(&ca_path), NodeCert::load(&cert_path))
+        });
+        // Only a panic in the read (never expected) or a runtime shutting down.
+        let Ok((ca, cert)) = read.await else { return };
+        let new_ca = match ca {
+            Ok(ca) if ca != seen.ca => Some(ca),
+            Ok(_) => None,
             Err(e) => {
-                let seen = Err(e.to_string());
-                if refused.as_ref() != Some(&seen) {
-                    warn!(parent: &span, error = %e, "cannot read the renewed mesh certificate; \
-                        keeping the one in use");
-                    refused = Some(seen);
-                }
-                continue;
+                seen.refuse(&span, format!("cannot read the mesh CA file: {e}"));
+                None
             }
         };
-        match shared.endpoint.renew_certificate(&cert) {
-            Ok(()) => {
-                report(
-                    &span,
-                    &cert,
-                    "renewed this node's mesh certificate from its file",
-                );
-                current = cert;
-                refused = None;
-            }
+        let new_cert = match cert {
+            Ok(cert) if cert.der() != seen.cert.der() => Some(cert),
+            Ok(_) => None,
             Err(e) => {
-                let seen = Ok(cert.der().to_vec());
-                if refused.as_ref() != Some(&seen) {
-                    warn!(parent: &span, error = %e, "refusing the mesh certificate in {}; \
-                        keeping the one in use", path.display());
-                    refused = Some(seen);
-                }
+                seen.refuse(&span, format!("cannot read the mesh certificate: {e}"));
+                None
             }
+        };
+        // The CA first; if it does not accept the certificate in use, a new certificate the
+        // CA in use accepts may come first (both files replaced at once, during a CA change).
+        let mut refused_ca = new_ca.and_then(|ca| take_trust(&shared, &span, &mut seen, ca).err());
+        if let Some(cert) = new_cert {
+            match shared.endpoint.renew_certificate(&cert) {
+                Ok(()) => {
+                    report(
+                        &span,
+                        &cert,
+                        "renewed this node's mesh certificate from its file",
+                    );
+                    seen.cert = cert;
+                    seen.refused.clear();
+                }
+                Err(e) => seen.refuse(&span, format!("refusing the new mesh certificate: {e}")),
+            }
+            refused_ca =
+                refused_ca.and_then(|(ca, _)| take_trust(&shared, &span, &mut seen, ca).err());
         }
+        if let Some((_, error)) = refused_ca {
+            seen.refuse(&span, format!("refusing the new mesh CA file: {error}"));
+        }
+    }
+}
+
+/// Trusts `ca` if the endpoint takes it; gives it back with the reason if not.
+fn take_trust(
+    shared: &Shared,
+    span: &Span,
+    seen: &mut Seen,
+    ca: MeshCa,
+) -> Result<(), (MeshCa, String)> {
+    match shared.endpoint.renew_trust(ca.clone()) {
+        Ok(()) => {
+            info!(parent: span, "trusting the mesh CA file as it is now; live connections are \
+                checked again");
+            seen.ca = ca;
+            seen.refused.clear();
+            Ok(())
+        }
+        Err(e) => Err((ca, e.to_string())),
     }
 }

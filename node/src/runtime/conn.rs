@@ -347,31 +347,50 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
     }
     t.spawn(lane_acceptor(lanes, conn.clone()).instrument(span.clone()));
     let shared2 = shared.clone();
+    let mut trust = conn.trust_changes();
     t.spawn(
         async move {
-            let (reason, stalled) = tokio::select! {
-                e = conn.closed() => {
-                    // The peer replaced a connection it found stalled: it is reachable, and
-                    // dials again at once. Or the connection outlived a pause of this node,
-                    // and QUIC's idle timer saw it before the pause watch did: the peer may
-                    // have handled what was in flight, and dials again too.
-                    let stalled = matches!(
-                        e,
-                        ConnectionError::ClosedByPeer { code: CloseCode::Stalled, .. }
-                    ) || shared2.pause.fences(opened_in);
-                    (e.to_string(), stalled)
-                }
-                () = cancel.cancelled() => {
-                    conn.close(CloseCode::Shutdown, "connection replaced or node stopping");
-                    ("closed locally".to_string(), false)
-                }
-                () = membership_ends(conn.membership_expires()) => {
-                    let why = "the peer's mesh certificate expired";
-                    warn!(%peer, "closing the connection: {why}; it connects again only with a \
-                        renewed one");
-                    conn.close(CloseCode::MeshProofFailed, why);
-                    (why.to_string(), false)
-                }
+            let mut member_until = conn.membership_expires();
+            let (reason, stalled) = loop {
+                break tokio::select! {
+                    e = conn.closed() => {
+                        // The peer replaced a connection it found stalled: it is reachable, and
+                        // dials again at once. Or the connection outlived a pause of this node,
+                        // and QUIC's idle timer saw it before the pause watch did: the peer may
+                        // have handled what was in flight, and dials again too.
+                        let stalled = matches!(
+                            e,
+                            ConnectionError::ClosedByPeer { code: CloseCode::Stalled, .. }
+                        ) || shared2.pause.fences(opened_in);
+                        (e.to_string(), stalled)
+                    }
+                    () = cancel.cancelled() => {
+                        conn.close(CloseCode::Shutdown, "connection replaced or node stopping");
+                        ("closed locally".to_string(), false)
+                    }
+                    () = membership_ends(member_until) => {
+                        let why = "the peer's mesh certificate expired";
+                        warn!(%peer, "closing the connection: {why}; it connects again only with a \
+                            renewed one");
+                        conn.close(CloseCode::MeshProofFailed, why);
+                        (why.to_string(), false)
+                    }
+                    Ok(()) = trust.changed() => {
+                        // The mesh CA file changed: the peer's certificate may be from a CA no
+                        // longer trusted.
+                        match shared2.endpoint.recheck(&conn) {
+                            Ok(until) => {
+                                member_until = until;
+                                continue;
+                            }
+                            Err(why) => {
+                                warn!(%peer, reason = %why, "closing the connection");
+                                conn.close(CloseCode::MeshProofFailed, &why);
+                                (why, false)
+                            }
+                        }
+                    }
+                };
             };
             cancel.cancel();
             gone.store(true, Ordering::Release);

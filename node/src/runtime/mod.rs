@@ -466,8 +466,8 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     // The admin endpoint binds first: a bad address fails `start()` before anything runs.
     let admin_listener = b.admin.map(crate::admin::bind).transpose()?;
     let listen = b.default_listen();
-    let own_cert = match &membership {
-        Membership::Ca { cert, .. } => Some(cert.clone()),
+    let ca_in_use = match &membership {
+        Membership::Ca { ca, cert } => Some((ca.clone(), cert.clone())),
         _ => None,
     };
     let mut endpoint_config = EndpointConfig::new(identity, membership, listen);
@@ -540,7 +540,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     });
     let span = info_span!("node", node = %id.short(), service = %b.service);
     info!(parent: &span, %local_addr, mesh = %b.mesh, "node started");
-    if let Some(cert) = &own_cert {
+    if let Some((_, cert)) = &ca_in_use {
         cert::report(&span, cert, "this node's mesh certificate is valid");
     }
 
@@ -599,13 +599,26 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     drop(core_tx);
     tracker.spawn(conn::accept_loop(shared.clone()).instrument(span.clone()));
     tracker.spawn(pause::watch(shared.clone()).instrument(span.clone()));
-    if let (MembershipChoice::CaFiles { cert: path, .. }, Some(cert)) = (&b.membership, own_cert) {
+    if let (
+        MembershipChoice::CaFiles {
+            ca: ca_file,
+            cert: cert_file,
+        },
+        Some((ca, cert)),
+    ) = (&b.membership, ca_in_use)
+    {
+        let files = cert::Files {
+            ca: ca_file.clone(),
+            cert: cert_file.clone(),
+            every: b
+                .mesh_cert_check_every
+                .max(std::time::Duration::from_millis(100)),
+        };
         tracker.spawn(cert::watch(
             shared.clone(),
-            path.clone(),
+            files,
+            ca,
             cert,
-            b.mesh_cert_check_every
-                .max(std::time::Duration::from_millis(100)),
             cancel.clone(),
             span.clone(),
         ));
