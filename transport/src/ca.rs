@@ -11,8 +11,10 @@
 //!   [`CloseCode::MeshProofFailed`](crate::CloseCode) and a reason both sides can read.
 //!
 //! Only the subject key, the validity period and the CA's signature count; the names in the
-//! certificates are for people reading them. Revocation is by expiry: issue certificates for
-//! as long as a node may stay in the mesh without being issued a new one.
+//! certificates are for people reading them. Revocation is by expiry (issue certificates for
+//! as long as a node may stay in the mesh without being issued a new one: a connection ends
+//! when its peer's certificate does), or of a whole CA by dropping it from the trusted file
+//! ([`Endpoint::renew_trust`](crate::Endpoint::renew_trust)); there are no revocation lists.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -62,9 +62,7 @@ impl FaultKind {
             _ => None,
         }
     }
-}
 
-impl FaultKind {
     /// Whether the fault cuts the link between two nodes (both ways or one way).
     pub(crate) fn cuts_a_link(self) -> bool {
         matches!(self, FaultKind::Partition | FaultKind::OneWay)
