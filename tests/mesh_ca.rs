@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{drain, eventually, within};
-use peerbus::{CaKey, Identity, MemoryNetwork, Node, NodeBuilder, NodeId, Outgoing, PeerState};
+use peerbus::{
+    CaKey, Identity, MemoryNetwork, Node, NodeBuilder, NodeCert, NodeId, Outgoing, PeerState,
+};
 use tokio::sync::mpsc::Receiver;
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -338,6 +340,56 @@ async fn the_mesh_ca_is_replaced_without_a_restart() {
         for n in [sender, receiver] {
             n.shutdown().await;
         }
+    })
+    .await;
+}
+
+/// A service that keeps its certificates in memory (from a secret store, say) renews them
+/// through the node: the certificate it presents changes, and what the node does not accept
+/// is refused with the one in use kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_given_certificates_in_memory_renews_them_through_its_api() {
+    within(30, async {
+        let f = Fixture::new();
+        let dir = f.path("m");
+        let id = Identity::load_or_create(&dir).expect("identity").node_id();
+        let cert = |ca: &CaKey, valid_for: Duration| {
+            let pem = ca.issue(&id, valid_for).expect("issue");
+            NodeCert::from_pem("memory", pem.as_bytes()).expect("cert")
+        };
+        let first = cert(&f.ca, Duration::from_secs(3_600));
+        let node = Node::builder("payments")
+            .data_dir(&dir)
+            .mesh_ca(f.ca.trust().expect("trust"), first.clone())
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .discovery(f.net.discovery())
+            .start()
+            .await
+            .expect("start");
+        let ends = || async {
+            let secs = node.status().await.and_then(|s| s.mesh_certificate_expires);
+            std::time::UNIX_EPOCH + Duration::from_secs(secs.expect("an expiry"))
+        };
+        assert_eq!(ends().await, first.not_after());
+
+        let renewed = cert(&f.ca, DAY);
+        node.renew_mesh_certificate(&renewed).expect("renewed");
+        assert_eq!(ends().await, renewed.not_after());
+
+        let other = CaKey::generate("other", DAY).expect("other CA");
+        let err = node
+            .renew_mesh_certificate(&cert(&other, DAY))
+            .expect_err("another CA's certificate");
+        assert!(
+            err.to_string().contains("not signed by the mesh CA"),
+            "{err}"
+        );
+        let err = node
+            .renew_mesh_ca(other.trust().expect("trust"))
+            .expect_err("a CA that refuses the node's own certificate");
+        assert!(err.to_string().contains("own certificate"), "{err}");
+        assert_eq!(ends().await, renewed.not_after());
+        node.shutdown().await;
     })
     .await;
 }

@@ -288,6 +288,12 @@ impl HandlerError {
     }
 }
 
+/// A new mesh certificate or CA ([`Node::renew_mesh_certificate`](crate::Node::renew_mesh_certificate),
+/// [`Node::renew_mesh_ca`](crate::Node::renew_mesh_ca)) was refused; the one in use stays.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("mesh membership not renewed: {0}")]
+pub struct RenewError(pub String);
+
 /// An administrative operation (dead letters, status) failed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]

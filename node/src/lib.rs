@@ -106,8 +106,8 @@ mod subscription;
 pub use builder::{MAX_LANES, NodeBuilder};
 pub use engine::breaker::{BreakerConfig, BreakerState};
 pub use error::{
-    AdminError, CodecError, DeliveryError, HandlerError, RequestError, SendError, StartError,
-    SubscribeError,
+    AdminError, CodecError, DeliveryError, HandlerError, RenewError, RequestError, SendError,
+    StartError, SubscribeError,
 };
 pub use message::{Message, MessageId, MessageKind, Outgoing};
 pub use node::{

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use peerbus_discovery::Discovery;
-use peerbus_transport::{NodeId, Traffic};
+use peerbus_transport::{MeshCa, NodeCert, NodeId, Traffic};
 use serde::Serialize;
 use smol_str::SmolStr;
 use tokio::sync::{mpsc, oneshot};
@@ -21,7 +21,7 @@ use crate::engine::outbox::{LogStats, Target};
 use crate::engine::routing::validate_subject;
 use crate::engine::wire::{Envelope, Headers, Interest, Kind};
 use crate::error::{
-    AdminError, DeliveryError, HandlerError, RequestError, SendError, SubscribeError,
+    AdminError, DeliveryError, HandlerError, RenewError, RequestError, SendError, SubscribeError,
 };
 use crate::message::{Message, Outgoing, now_unix_ms};
 use crate::runtime::core::{Append, CoreMsg, Item, Role, ScatterTarget, Targets};
@@ -496,6 +496,28 @@ impl Node {
     /// turned on with [`NodeBuilder::admin`]. With port 0 asked for, this is the port chosen.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.inner.admin_addr
+    }
+
+    /// Presents `cert` from now on in place of this node's mesh certificate (membership by a
+    /// mesh CA): for a service that gets renewed certificates from elsewhere than a file
+    /// ([`NodeBuilder::mesh_ca_files`](crate::NodeBuilder::mesh_ca_files) reads its file
+    /// again by itself). Refused when the node has no mesh CA, or `cert` is for another node,
+    /// not from a trusted CA, or not valid now.
+    pub fn renew_mesh_certificate(&self, cert: &NodeCert) -> Result<(), RenewError> {
+        self.shared
+            .endpoint
+            .renew_certificate(cert)
+            .map_err(|e| RenewError(e.to_string()))
+    }
+
+    /// Trusts `ca` from now on in place of this node's mesh CA certificates, and closes live
+    /// connections to peers it does not accept. Refused when the node has no mesh CA, or `ca`
+    /// does not accept this node's own certificate (renew that first).
+    pub fn renew_mesh_ca(&self, ca: MeshCa) -> Result<(), RenewError> {
+        self.shared
+            .endpoint
+            .renew_trust(ca)
+            .map_err(|e| RenewError(e.to_string()))
     }
 
     /// Whether [`Node::shutdown`] has begun (or finished).
