@@ -288,8 +288,9 @@ impl HandlerError {
     }
 }
 
-/// A new mesh certificate or CA ([`Node::renew_mesh_certificate`](crate::Node::renew_mesh_certificate),
-/// [`Node::renew_mesh_ca`](crate::Node::renew_mesh_ca)) was refused; the one in use stays.
+/// A new mesh certificate or CA was refused
+/// ([`Node::renew_mesh_certificate`](crate::Node::renew_mesh_certificate),
+/// [`Node::renew_mesh_ca`](crate::Node::renew_mesh_ca)); the one in use stays.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("mesh membership not renewed: {0}")]
 pub struct RenewError(pub String);

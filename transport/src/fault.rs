@@ -21,8 +21,8 @@
 //!
 //! On **receive**: datagrams from a partitioned or [`Faults::deafen`]ed address, or any
 //! datagram while blocked, are dropped (a deafened address is a one-way partition: what we
-//! send still reaches it). Loss, duplication and delay apply on send only (give both ends faults to affect
-//! both directions).
+//! send still reaches it). Loss, duplication and delay apply on send only (give both ends
+//! faults to affect both directions).
 //!
 //! Segmentation offload: the faulty socket asks quinn for one datagram per transmit (no GSO)
 //! and splits a multi-segment transmit anyway, so every decision is per datagram. Received
@@ -86,8 +86,8 @@ pub struct FaultConfig {
 pub struct FaultStats {
     /// Datagrams handed to the real socket (duplicates and released held datagrams included).
     pub sent: u64,
-    /// Datagrams dropped: lost, partitioned or blocked (sent or received), over the bound of
-    /// 4096 held datagrams, or refused by the real socket at release.
+    /// Datagrams dropped: lost, partitioned, deafened (received) or blocked (sent or received),
+    /// over the bound of 4096 held datagrams, or refused by the real socket at release.
     pub dropped: u64,
     /// Extra copies sent.
     pub duplicated: u64,

@@ -16,9 +16,9 @@
 //!   ([`Membership::Ca`]): a node presents a certificate the CA issued for its key, and
 //!   refuses peers whose certificate another CA signed or that expired.
 //! - [`Endpoint`] / [`Connection`]: QUIC with ALPN [`ALPN`], TLS 1.3 only, both sides
-//!   presenting a certificate for their key (self-signed, or issued by the mesh CA). The dialer may pin the node id it
-//!   expects ([`ConnectError::WrongPeer`]). A [`Connection`] is handed out only after the mesh
-//!   proof, on both sides.
+//!   presenting a certificate for their key (self-signed, or issued by the mesh CA). The
+//!   dialer may pin the node id it expects ([`ConnectError::WrongPeer`]). A [`Connection`]
+//!   is handed out only after the mesh proof, on both sides.
 //! - [`FrameSender`] / [`FrameReceiver`]: coalescing frame I/O on streams; a malformed or
 //!   oversized frame closes the connection with a [`CloseCode`].
 //! - [`Faults`] / [`FaultConfig`]: optional in-process fault injection (seeded loss, delay,
