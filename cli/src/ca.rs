@@ -1,10 +1,10 @@
 //! `peerbus ca`: a mesh CA for membership by certificate instead of a shared mesh key.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use peerbus::{CaKey, Identity, NodeId};
+use peerbus::{CaKey, Identity, NodeCert, NodeId};
 
 use crate::common::UsageError;
 use crate::output::print_line;
@@ -96,9 +96,12 @@ fn issue(args: &IssueArgs) -> Result<()> {
         .with_context(|| format!("could not issue a certificate for node {node}"))?;
     write_replacing(&args.out, pem.as_bytes())
         .with_context(|| format!("could not write {}", args.out.display()))?;
-    let until = humantime::format_rfc3339_seconds(SystemTime::now() + valid_for);
+    let until = NodeCert::from_pem("the issued certificate", pem.as_bytes())
+        .context("the issued certificate does not read back")?
+        .not_after();
     print_line(&format!(
-        "issued a certificate for node {node} valid until about {until}: {}",
+        "issued a certificate for node {node} valid until {}: {}",
+        humantime::format_rfc3339_seconds(until),
         args.out.display()
     ))
 }
