@@ -108,16 +108,24 @@ impl EndpointConfig {
     }
 }
 
+/// The certificate an endpoint presents and the CA certificates it trusts, behind one lock so
+/// that a renewal checks one against the other and swaps it in one step.
+struct Presented {
+    /// The certificate and key presented in handshakes (replaced by
+    /// [`Endpoint::renew_certificate`]).
+    certified: Arc<tls::Certified>,
+    /// The CA certificates a peer's must be signed by, with a mesh CA (replaced by
+    /// [`Endpoint::renew_trust`]); `None` otherwise.
+    trust: Option<MeshCa>,
+}
+
 struct Inner {
     quinn: quinn::Endpoint,
     config: EndpointConfig,
     transport: Arc<TransportConfig>,
-    /// The certificate and key presented in handshakes (replaced by
-    /// [`Endpoint::renew_certificate`]).
-    certified: RwLock<Arc<tls::Certified>>,
-    /// The CA certificates a peer's must be signed by, with a mesh CA (replaced by
-    /// [`Endpoint::renew_trust`]); `None` otherwise.
-    trust: RwLock<Option<MeshCa>>,
+    /// What this endpoint presents and trusts now. `config.membership` keeps what it was
+    /// bound with; the renewals change this.
+    presented: RwLock<Presented>,
     /// Bumped by [`Endpoint::renew_trust`], so that live connections are checked again
     /// ([`Connection::trust_changes`]).
     trust_changed: tokio::sync::watch::Sender<u64>,
@@ -353,16 +361,17 @@ impl Endpoint {
     /// Binds the UDP socket and prepares TLS. Needs a tokio runtime.
     pub fn bind(config: EndpointConfig) -> Result<Endpoint, BindError> {
         let transport = Arc::new(transport_config(&config)?);
-        let certified = match &config.membership {
-            Membership::Ca { ca, cert } => ca_certified(&config.identity, ca, cert)?,
-            _ => tls::certificate(&config.identity).map_err(BindError::Tls)?,
+        let (certified, trust) = match &config.membership {
+            Membership::Ca { ca, cert } => {
+                (ca_certified(&config.identity, ca, cert)?, Some(ca.clone()))
+            }
+            _ => (
+                tls::certificate(&config.identity).map_err(BindError::Tls)?,
+                None,
+            ),
         };
         check_alpn(&config.alpn).map_err(BindError::Config)?;
         let server = server_config(&certified, &config.alpn, &transport)?;
-        let trust = match &config.membership {
-            Membership::Ca { ca, .. } => Some(ca.clone()),
-            _ => None,
-        };
         let io = |error| BindError::Io {
             addr: config.listen,
             error,
@@ -396,8 +405,10 @@ impl Endpoint {
                 quinn,
                 config,
                 transport,
-                certified: RwLock::new(Arc::new(certified)),
-                trust: RwLock::new(trust),
+                presented: RwLock::new(Presented {
+                    certified: Arc::new(certified),
+                    trust,
+                }),
                 trust_changed: tokio::sync::watch::Sender::new(0),
                 closing: Arc::default(),
                 closes: Arc::default(),
@@ -415,15 +426,12 @@ impl Endpoint {
     /// Errors ([`BindError::Config`]) when the endpoint has no mesh CA, or the certificate is
     /// for another node, not from a trusted CA, or not valid now; the old one stays.
     pub fn renew_certificate(&self, cert: &NodeCert) -> Result<(), BindError> {
-        let ca = self.trust().ok_or_else(no_mesh_ca)?;
-        let certified = ca_certified(&self.inner.config.identity, &ca, cert)?;
+        let mut presented = self.presented_mut();
+        let ca = presented.trust.as_ref().ok_or_else(no_mesh_ca)?;
+        let certified = ca_certified(&self.inner.config.identity, ca, cert)?;
         let server = server_config(&certified, &self.inner.config.alpn, &self.inner.transport)?;
         self.inner.quinn.set_server_config(Some(server));
-        *self
-            .inner
-            .certified
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(certified);
+        presented.certified = Arc::new(certified);
         Ok(())
     }
 
@@ -437,22 +445,19 @@ impl Endpoint {
     /// certificate is not signed by a CA of `ca` (issue it one from the new CA first: the
     /// mesh would refuse it); the old trust stays.
     pub fn renew_trust(&self, ca: MeshCa) -> Result<(), BindError> {
-        if self.trust().is_none() {
+        let mut presented = self.presented_mut();
+        if presented.trust.is_none() {
             return Err(no_mesh_ca());
         }
-        let ours = self.certified();
-        ca.check(ours.chain().0[0].as_ref(), SystemTime::now())
+        ca.check(presented.certified.chain().0[0].as_ref(), SystemTime::now())
             .map_err(|why| {
                 BindError::Config(format!(
                     "the new mesh CA file does not accept this node's own certificate ({why}); \
                      issue it one from the new CA first"
                 ))
             })?;
-        *self
-            .inner
-            .trust
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(ca);
+        presented.trust = Some(ca);
+        drop(presented);
         self.inner.trust_changed.send_modify(|n| *n += 1);
         Ok(())
     }
@@ -472,11 +477,7 @@ impl Endpoint {
 
     /// The CA certificates trusted now, with a mesh CA.
     fn trust(&self) -> Option<MeshCa> {
-        self.inner
-            .trust
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.presented().trust.clone()
     }
 
     /// When the mesh certificate this endpoint presents now ends (a mesh CA, after
@@ -487,11 +488,21 @@ impl Endpoint {
 
     /// The certificate and key handshakes present now.
     fn certified(&self) -> Arc<tls::Certified> {
+        self.presented().certified.clone()
+    }
+
+    fn presented(&self) -> std::sync::RwLockReadGuard<'_, Presented> {
         self.inner
-            .certified
+            .presented
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    }
+
+    fn presented_mut(&self) -> std::sync::RwLockWriteGuard<'_, Presented> {
+        self.inner
+            .presented
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Lets the UDP socket's receive buffer hold up to `bytes` (the kernel caps it at

@@ -1,5 +1,5 @@
 //! A node's mesh certificate while it runs (membership by a mesh CA): how long it is valid,
-//! and a renewed one taken from its file without a restart.
+//! and a renewed certificate or a new CA file taken without a restart.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use tracing::{Span, info, warn};
 
 use super::Shared;
 
-/// How often a node reads its certificate file again by default
+/// How often a node reads its certificate and CA files again by default
 /// ([`NodeBuilder::mesh_cert_check_every`](crate::NodeBuilder::mesh_cert_check_every)).
 pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(60);
 
