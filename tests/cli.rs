@@ -112,6 +112,22 @@ impl Mesh {
         }
     }
 
+    /// A member by certificate: the node in `dir` (`<dir>.crt` its certificate) trusting
+    /// the CA certificate `ca`.
+    fn certified(test: &str, ca: &str, dir: &str) -> Self {
+        Self {
+            name: format!("cli-{}-{test}", std::process::id()),
+            membership: vec![
+                "--mesh-ca".into(),
+                ca.into(),
+                "--mesh-cert".into(),
+                format!("{dir}.crt"),
+                "--data-dir".into(),
+                dir.into(),
+            ],
+        }
+    }
+
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = base_command(args);
         cmd.args([
@@ -803,17 +819,8 @@ fn members_by_mesh_ca_certificate_talk_and_a_stranger_is_refused() {
             out.stdout
         );
     }
-    let mesh = |ca: &str, node: &str| Mesh {
-        name: format!("cli-{}-ca", std::process::id()),
-        membership: vec![
-            "--mesh-ca".into(),
-            format!("{}/ca.crt", path(ca)),
-            "--mesh-cert".into(),
-            path(&format!("{node}.crt")),
-            "--data-dir".into(),
-            path(node),
-        ],
-    };
+    let mesh =
+        |ca: &str, node: &str| Mesh::certified("ca", &format!("{}/ca.crt", path(ca)), &path(node));
     let _vault = spawn(
         mesh("ca", "vault").command(&["node", "--service", "vault"]),
         "vault node",
@@ -855,6 +862,68 @@ fn members_by_mesh_ca_certificate_talk_and_a_stranger_is_refused() {
         budget.left(),
     );
     assert_eq!(mixed.status.code(), Some(2), "{}", mixed.stderr);
+}
+
+/// `peerbus ca request` writes a certificate request for the node in --data-dir that a CA of
+/// another PKI signs (here an ECDSA P-256 CA, as `openssl x509 -req` would sign it); nodes
+/// started with the certificates it returned talk.
+#[test]
+fn nodes_certified_by_another_pki_from_their_requests_talk() {
+    let budget = Budget::new(90);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("ca key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = params.self_signed(&key).expect("ca cert");
+    std::fs::write(path("corp-ca.crt"), ca_cert.pem()).expect("write");
+    let corp = rcgen::Issuer::new(params, key);
+    for node in ["vault", "client"] {
+        let csr = path(&format!("{node}.csr"));
+        let out = run(
+            base_command(&["ca", "request", "--data-dir", &path(node), "--out", &csr]),
+            "ca request",
+            budget.left(),
+        );
+        assert!(out.status.success(), "ca request failed: {}", out.stderr);
+        let id = peerbus::Identity::load_or_create(&dir.path().join(node))
+            .expect("the identity ca request created")
+            .node_id();
+        assert!(out.stdout.contains(&id.to_string()), "{}", out.stdout);
+        let request = std::fs::read_to_string(&csr).expect("the request");
+        let request = rcgen::CertificateSigningRequestParams::from_pem(&request)
+            .expect("the request parses and its signature holds");
+        let cert = request.signed_by(&corp).expect("sign").pem();
+        std::fs::write(path(&format!("{node}.crt")), &cert).expect("write");
+        let issued = peerbus::NodeCert::from_pem("issued", cert.as_bytes()).expect("node cert");
+        assert_eq!(issued.node_id(), id, "the request is for another key");
+    }
+    let no_dir = run(
+        base_command(&["ca", "request", "--out", &path("x.csr")]),
+        "ca request without --data-dir",
+        budget.left(),
+    );
+    assert_eq!(no_dir.status.code(), Some(2), "{}", no_dir.stderr);
+    assert!(
+        no_dir.stderr.contains("--data-dir is required"),
+        "{}",
+        no_dir.stderr
+    );
+    let mesh = |node: &str| Mesh::certified("pki", &path("corp-ca.crt"), &path(node));
+    let _vault = spawn(
+        mesh("vault").command(&["node", "--service", "vault"]),
+        "vault node",
+    );
+    let accepted = run(
+        mesh("client").command(&["send", "vault", "hello", "--timeout", "30s"]),
+        "send by a member",
+        budget.left(),
+    );
+    assert!(
+        accepted.status.success(),
+        "a member's send failed: {}",
+        accepted.stderr
+    );
 }
 
 /// A node that cannot start says why, and says each cause once: the library's errors carry

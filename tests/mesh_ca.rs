@@ -154,6 +154,60 @@ async fn members_of_one_ca_exchange_messages_and_another_cas_node_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_certified_by_an_existing_pkis_ecdsa_ca_exchange_messages() {
+    within(60, async {
+        let f = Fixture::new();
+        // The issuing CA of an existing PKI, with an ECDSA P-256 key: it never sees a node's
+        // key, only the request each node writes (`peerbus ca request`).
+        let corp_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Example Corp issuing CA");
+        let corp_ca = f.path("corp-ca.crt");
+        let ca_cert = params.self_signed(&corp_key).expect("ca cert");
+        std::fs::write(&corp_ca, ca_cert.pem()).expect("write");
+        let corp = rcgen::Issuer::new(params, corp_key);
+        let certified = |service: &str, name: &str| {
+            let dir = f.path(name);
+            let identity = Identity::load_or_create(&dir).expect("identity");
+            let csr = peerbus::certificate_request(&identity).expect("request");
+            let cert = rcgen::CertificateSigningRequestParams::from_pem(&csr)
+                .expect("the request parses and its signature holds")
+                .signed_by(&corp)
+                .expect("sign");
+            let cert_file = dir.join("node.crt");
+            std::fs::write(&cert_file, cert.pem()).expect("write");
+            Node::builder(service)
+                .mesh("test")
+                .data_dir(&dir)
+                .mesh_ca_files(&corp_ca, &cert_file)
+                .listen("127.0.0.1:0".parse().expect("addr"))
+                .discovery(f.net.discovery())
+                .shutdown_grace(Duration::from_millis(500))
+        };
+        let sender = certified("sender", "s").start().await.expect("sender");
+        let receiver = certified("orders", "r").start().await.expect("receiver");
+        let mut got = drain(receiver.messages().expect("messages"));
+        delivered(&sender, &mut got, "certified by the corporate CA").await;
+
+        // A node of the mesh's own ed25519 CA is not a member of this one.
+        let stranger = f.member("orders", "x").start().await.expect("stranger");
+        let why = ["mesh certificate", "not signed by the mesh CA"];
+        eventually(15, "the sender refuses the stranger, and says why", || {
+            refuses(&sender, stranger.id(), &why)
+        })
+        .await;
+        assert_eq!(sender.instances("orders").await, vec![receiver.id()]);
+        for n in [sender, receiver, stranger] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_for_another_node_or_a_missing_file_fails_start() {
     within(30, async {
         let f = Fixture::new();

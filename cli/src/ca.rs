@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use peerbus::{CaKey, Identity, NodeCert, NodeId};
 
-use crate::common::UsageError;
+use crate::common::{CommonArgs, UsageError};
 use crate::output::print_line;
 
 /// `peerbus ca`.
@@ -24,6 +24,19 @@ enum CaCommand {
     New(NewArgs),
     /// Issue a node's certificate (`--mesh-cert`) for its node id, signed by the CA.
     Issue(IssueArgs),
+    /// Write a certificate signing request (PKCS#10) for the node in --data-dir (its identity
+    /// is created if it has none), for the CA of an existing PKI to sign (`openssl x509
+    /// -req`, Vault, step-ca, cert-manager): the certificate it returns is the node's
+    /// `--mesh-cert`, and that CA's certificate goes in `--mesh-ca`. The node's key stays in
+    /// --data-dir.
+    Request(RequestArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RequestArgs {
+    /// File to write the request to (PEM).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -59,10 +72,11 @@ struct IssueArgs {
     out: PathBuf,
 }
 
-pub(crate) fn run(mesh: &str, args: &CaArgs) -> Result<()> {
+pub(crate) fn run(common: &CommonArgs, args: &CaArgs) -> Result<()> {
     match &args.command {
-        CaCommand::New(a) => new(mesh, a),
+        CaCommand::New(a) => new(&common.mesh, a),
         CaCommand::Issue(a) => issue(a),
+        CaCommand::Request(a) => request(common, a),
     }
 }
 
@@ -102,6 +116,26 @@ fn issue(args: &IssueArgs) -> Result<()> {
     print_line(&format!(
         "issued a certificate for node {node} valid until {}: {}",
         humantime::format_rfc3339_seconds(until),
+        args.out.display()
+    ))
+}
+
+fn request(common: &CommonArgs, args: &RequestArgs) -> Result<()> {
+    let Some(dir) = &common.data_dir else {
+        bail!(UsageError(
+            "--data-dir is required: the request is for the key of the node kept there".into()
+        ));
+    };
+    let identity = Identity::load_or_create(dir)
+        .with_context(|| format!("no node identity in {}", dir.display()))?;
+    let pem = peerbus::certificate_request(&identity)
+        .context("could not write the certificate signing request")?;
+    write_replacing(&args.out, pem.as_bytes())
+        .with_context(|| format!("could not write {}", args.out.display()))?;
+    print_line(&format!(
+        "wrote a certificate signing request for node {}: {} (have your CA sign it; start \
+         the node with --mesh-cert set to the certificate and --mesh-ca to the CA's)",
+        identity.node_id(),
         args.out.display()
     ))
 }

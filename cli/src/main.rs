@@ -47,7 +47,7 @@ enum Command {
     /// Write a new mesh key to a file (never overwrites).
     Keygen(commands::KeygenArgs),
     /// A mesh CA: membership by node certificates instead of a shared mesh key (`ca new`,
-    /// `ca issue`).
+    /// `ca issue`, or `ca request` for the CA of an existing PKI).
     Ca(ca::CaArgs),
     /// Run a node of a service until Ctrl-C or SIGTERM.
     Node(commands::NodeArgs),
@@ -110,7 +110,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let common = &cli.common;
     match &cli.command {
         Command::Keygen(args) => commands::keygen(args),
-        Command::Ca(args) => ca::run(&common.mesh, args),
+        Command::Ca(args) => ca::run(common, args),
         Command::Node(args) => commands::node(common, args).await,
         Command::Send(args) => commands::send(common, args).await,
         Command::Pub(args) => commands::publish(common, args).await,

@@ -4,6 +4,9 @@
 //! - [`CaKey`] is the CA: its ed25519 signing key and its self-signed certificate, written by
 //!   `peerbus ca new` and used only to issue node certificates (`peerbus ca issue`).
 //! - [`MeshCa`] is what a node trusts: one CA certificate, or a few while the CA is replaced.
+//!   It need not be a [`CaKey`]'s: a CA of an existing PKI (an ed25519, ECDSA P-256 or P-384,
+//!   or RSA key) works too, signing the request [`certificate_request`] writes for a node
+//!   (`peerbus ca request`).
 //! - [`NodeCert`] is a node's certificate, issued for its node id. The node presents it in the
 //!   TLS handshake instead of its self-signed one; the handshake proves the node holds the
 //!   key, and the peer checks the CA's signature and the validity period in the mesh proof
@@ -25,7 +28,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 
 use crate::error::CaError;
-use crate::identity::{NodeId, read_limited, write_private};
+use crate::identity::{Identity, NodeId, read_limited, write_private};
 use crate::tls;
 
 /// CA certificates a node trusts at once: its CA and, while the CA is replaced, the next one
@@ -138,16 +141,125 @@ fn show_time(secs: i64) -> String {
     }
 }
 
-/// What a node checks of a certificate: its ed25519 key, validity and signature.
+/// A certificate's subject public key, of the kinds a mesh CA may have. A node's is always
+/// ed25519 (it is the node id); a CA of an existing PKI often has an ECDSA or RSA key.
+#[derive(Clone, PartialEq, Eq)]
+enum PublicKey {
+    Ed25519([u8; 32]),
+    /// The uncompressed curve point, as ring reads it.
+    EcdsaP256(Vec<u8>),
+    EcdsaP384(Vec<u8>),
+    /// The DER of the `RSAPublicKey`, as ring reads it.
+    Rsa(Vec<u8>),
+    /// Any other kind: such a CA signs nothing this node can check.
+    Unsupported(String),
+}
+
+impl PublicKey {
+    fn of(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> PublicKey {
+        use x509_parser::oid_registry as oid;
+        let bits = spki.subject_public_key.data.to_vec();
+        let alg = &spki.algorithm.algorithm;
+        if *alg == oid::OID_SIG_ED25519 {
+            match <[u8; 32]>::try_from(bits.as_slice()) {
+                Ok(key) => PublicKey::Ed25519(key),
+                Err(_) => PublicKey::Unsupported("an ed25519 key that is not 32 bytes".into()),
+            }
+        } else if *alg == oid::OID_KEY_TYPE_EC_PUBLIC_KEY {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok());
+            match curve {
+                Some(c) if c == oid::OID_EC_P256 => PublicKey::EcdsaP256(bits),
+                Some(c) if c == oid::OID_NIST_EC_P384 => PublicKey::EcdsaP384(bits),
+                Some(c) => PublicKey::Unsupported(format!("an ECDSA key on curve {c}")),
+                None => PublicKey::Unsupported("an ECDSA key without a named curve".into()),
+            }
+        } else if *alg == oid::OID_PKCS1_RSAENCRYPTION {
+            PublicKey::Rsa(bits)
+        } else {
+            PublicKey::Unsupported(format!("a key of algorithm {alg}"))
+        }
+    }
+
+    /// Whether `signature` over `signed` is this key's, made the way `how` says. `false` for
+    /// a signature of another kind than the key's.
+    fn verifies(&self, how: Signed, signed: &[u8], signature: &[u8]) -> bool {
+        use ring::signature as sig;
+        let (alg, key): (&'static dyn sig::VerificationAlgorithm, &[u8]) = match (self, how) {
+            (PublicKey::Ed25519(k), Signed::Ed25519) => (&sig::ED25519, k),
+            (PublicKey::EcdsaP256(k), Signed::EcdsaSha256) => (&sig::ECDSA_P256_SHA256_ASN1, k),
+            (PublicKey::EcdsaP256(k), Signed::EcdsaSha384) => (&sig::ECDSA_P256_SHA384_ASN1, k),
+            (PublicKey::EcdsaP384(k), Signed::EcdsaSha256) => (&sig::ECDSA_P384_SHA256_ASN1, k),
+            (PublicKey::EcdsaP384(k), Signed::EcdsaSha384) => (&sig::ECDSA_P384_SHA384_ASN1, k),
+            (PublicKey::Rsa(k), Signed::RsaSha256) => (&sig::RSA_PKCS1_2048_8192_SHA256, k),
+            (PublicKey::Rsa(k), Signed::RsaSha384) => (&sig::RSA_PKCS1_2048_8192_SHA384, k),
+            (PublicKey::Rsa(k), Signed::RsaSha512) => (&sig::RSA_PKCS1_2048_8192_SHA512, k),
+            _ => return false,
+        };
+        sig::UnparsedPublicKey::new(alg, key)
+            .verify(signed, signature)
+            .is_ok()
+    }
+}
+
+/// How a certificate was signed, of the algorithms a mesh CA may sign with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Signed {
+    Ed25519,
+    EcdsaSha256,
+    EcdsaSha384,
+    RsaSha256,
+    RsaSha384,
+    RsaSha512,
+}
+
+impl Signed {
+    /// The algorithm of `oid`, or why it is not one a node checks.
+    fn of(oid: &x509_parser::der_parser::oid::Oid<'_>) -> Result<Signed, String> {
+        use x509_parser::oid_registry as reg;
+        Ok(match oid {
+            o if *o == reg::OID_SIG_ED25519 => Signed::Ed25519,
+            o if *o == reg::OID_SIG_ECDSA_WITH_SHA256 => Signed::EcdsaSha256,
+            o if *o == reg::OID_SIG_ECDSA_WITH_SHA384 => Signed::EcdsaSha384,
+            o if *o == reg::OID_PKCS1_SHA256WITHRSA => Signed::RsaSha256,
+            o if *o == reg::OID_PKCS1_SHA384WITHRSA => Signed::RsaSha384,
+            o if *o == reg::OID_PKCS1_SHA512WITHRSA => Signed::RsaSha512,
+            o => {
+                return Err(format!(
+                    "the certificate is signed with algorithm {o}, which a node does not check \
+                     (ed25519, ECDSA with SHA-256 or SHA-384, or RSA PKCS#1 with SHA-256, \
+                     SHA-384 or SHA-512)"
+                ));
+            }
+        })
+    }
+}
+
+/// What a node checks of a certificate: its subject key, validity and signature.
 struct Parsed {
-    key: [u8; 32],
+    key: PublicKey,
     validity: Validity,
     is_ca: bool,
+    /// Whether it is an X.509 version 3 certificate (rustls takes no other).
+    v3: bool,
     subject: String,
-    /// The signed part and its signature, for [`MeshCa::check`].
+    /// The signed part, its signature and how it was made, for [`MeshCa::check`].
     tbs: Vec<u8>,
     signature: Vec<u8>,
-    ed25519_signed: bool,
+    signed: Result<Signed, String>,
+}
+
+impl Parsed {
+    /// The subject's ed25519 key: a node certificate's node id.
+    fn node_key(&self) -> Result<[u8; 32], String> {
+        match &self.key {
+            PublicKey::Ed25519(key) => Ok(*key),
+            _ => Err("the certificate key is not ed25519".into()),
+        }
+    }
 }
 
 fn parse(der: &[u8]) -> Result<Parsed, String> {
@@ -156,27 +268,26 @@ fn parse(der: &[u8]) -> Result<Parsed, String> {
     if !rest.is_empty() {
         return Err("the certificate has trailing bytes".into());
     }
-    let key = tls::ed25519_key(&cert).map_err(|why| format!("the {why}"))?;
     let validity = cert.validity();
     Ok(Parsed {
-        key,
+        key: PublicKey::of(&cert.tbs_certificate.subject_pki),
         validity: Validity {
             not_before: validity.not_before.timestamp(),
             not_after: validity.not_after.timestamp(),
         },
         is_ca: cert.is_ca(),
+        v3: cert.version() == x509_parser::x509::X509Version::V3,
         subject: cert.subject().to_string(),
         tbs: cert.tbs_certificate.as_ref().to_vec(),
         signature: cert.signature_value.data.to_vec(),
-        ed25519_signed: cert.signature_algorithm.algorithm
-            == x509_parser::oid_registry::OID_SIG_ED25519,
+        signed: Signed::of(&cert.signature_algorithm.algorithm),
     })
 }
 
 /// One trusted CA certificate.
 #[derive(Clone)]
 struct Root {
-    key: [u8; 32],
+    key: PublicKey,
     validity: Validity,
     subject: String,
 }
@@ -191,10 +302,12 @@ pub struct MeshCa {
 /// Two trusts are equal when they hold the same CA keys with the same validity, in order.
 impl PartialEq for MeshCa {
     fn eq(&self, other: &MeshCa) -> bool {
-        let ids = |ca: &MeshCa| -> Vec<([u8; 32], Validity)> {
-            ca.roots.iter().map(|r| (r.key, r.validity)).collect()
-        };
-        ids(self) == ids(other)
+        self.roots.len() == other.roots.len()
+            && self
+                .roots
+                .iter()
+                .zip(other.roots.iter())
+                .all(|(a, b)| a.key == b.key && a.validity == b.validity)
     }
 }
 
@@ -206,8 +319,10 @@ impl fmt::Debug for MeshCa {
 }
 
 impl MeshCa {
-    /// Reads a CA certificate file (`ca.crt` from `peerbus ca new`). While the CA is replaced
-    /// it holds both certificates, one after the other; at most [`MAX_CA_CERTS`].
+    /// Reads a CA certificate file (`ca.crt` from `peerbus ca new`, or the certificate of the
+    /// CA of an existing PKI that signs the nodes' certificates: an ed25519, ECDSA P-256 or
+    /// P-384, or RSA key). While the CA is replaced it holds both certificates, one after the
+    /// other; at most [`MAX_CA_CERTS`].
     pub fn load(path: &Path) -> Result<MeshCa, CaError> {
         Self::from_pem(&path.display().to_string(), &read_pem_file(path)?)
     }
@@ -226,6 +341,11 @@ impl MeshCa {
                     "is not a CA certificate (a node certificate in place of the CA's?)".into(),
                 ));
             }
+            if let PublicKey::Unsupported(kind) = &p.key {
+                return Err(bad(format!(
+                    "has {kind}; a mesh CA's key is ed25519, ECDSA P-256 or P-384, or RSA"
+                )));
+            }
             roots.push(Root {
                 key: p.key,
                 validity: p.validity,
@@ -242,14 +362,12 @@ impl MeshCa {
     /// why not.
     pub fn check(&self, der: &[u8], now: SystemTime) -> Result<NodeCert, String> {
         let cert = parse(der)?;
-        if !cert.ed25519_signed {
-            return Err("the certificate is not signed by the mesh CA".into());
-        }
-        let signer = self.roots.iter().find(|r| {
-            ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &r.key)
-                .verify(&cert.tbs, &cert.signature)
-                .is_ok()
-        });
+        let node = cert.node_key()?;
+        let how = cert.signed.clone()?;
+        let signer = self
+            .roots
+            .iter()
+            .find(|r| r.key.verifies(how, &cert.tbs, &cert.signature));
         let Some(root) = signer else {
             return Err("the certificate is not signed by the mesh CA".into());
         };
@@ -261,7 +379,7 @@ impl MeshCa {
             .map_err(|why| format!("the certificate is {why}"))?;
         Ok(NodeCert {
             der: CertificateDer::from(der.to_vec()),
-            node: NodeId::from_bytes(cert.key),
+            node: NodeId::from_bytes(node),
             validity: cert.validity,
         })
     }
@@ -285,7 +403,9 @@ impl fmt::Debug for NodeCert {
 }
 
 impl NodeCert {
-    /// Reads a node certificate file (written by `peerbus ca issue`).
+    /// Reads a node certificate file (written by `peerbus ca issue`, or by another CA from the
+    /// node's [`certificate_request`]). A file that holds the chain, the node's certificate
+    /// first, is read too: the certificates after the first are not used.
     pub fn load(path: &Path) -> Result<NodeCert, CaError> {
         Self::from_pem(&path.display().to_string(), &read_pem_file(path)?)
     }
@@ -304,9 +424,17 @@ impl NodeCert {
                 "is a CA certificate, not a node's (issue one with `peerbus ca issue`)".into(),
             ));
         }
+        if !p.v3 {
+            return Err(bad(
+                "is not an X.509 version 3 certificate, which TLS requires (a CA that signs \
+                 without extensions makes version 1: with `openssl x509 -req`, add \
+                 `-copy_extensions copy`)"
+                    .into(),
+            ));
+        }
         Ok(NodeCert {
             der,
-            node: NodeId::from_bytes(p.key),
+            node: NodeId::from_bytes(p.node_key().map_err(bad)?),
             validity: p.validity,
         })
     }
@@ -325,6 +453,26 @@ impl NodeCert {
     pub fn der(&self) -> &CertificateDer<'static> {
         &self.der
     }
+}
+
+/// A certificate signing request (PKCS#10, PEM) for `identity`'s key, named after its node id,
+/// for a CA of an existing PKI to sign (`peerbus ca request`): `openssl x509 -req`, Vault's
+/// `pki/sign`, step-ca, cert-manager and the like. The certificate it gets back is a
+/// [`NodeCert`] for this node; the CA's own certificate goes in the [`MeshCa`] file.
+pub fn certificate_request(identity: &Identity) -> Result<String, CaError> {
+    let sign = |e: rcgen::Error| CaError::Sign(e.to_string());
+    let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
+        &PrivatePkcs8KeyDer::from(identity.pkcs8()),
+        &rcgen::PKCS_ED25519,
+    )
+    .map_err(sign)?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![tls::SERVER_NAME.to_string()]).map_err(sign)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, identity.node_id().to_string());
+    let request = params.serialize_request(&key).map_err(sign)?;
+    request.pem().map_err(sign)
 }
 
 /// The public half of a node key, as rcgen signs it.
@@ -417,7 +565,7 @@ impl CaKey {
         let what = cert_path.display().to_string();
         let cert = pem_certificates(&what, &cert_pem)?.swap_remove(0);
         let p = parse(&cert).map_err(|why| bad(&cert_path, why))?;
-        if p.key != key.public_key_raw() {
+        if !matches!(&p.key, PublicKey::Ed25519(k) if k[..] == *key.public_key_raw()) {
             return Err(bad(
                 &cert_path,
                 format!("is not the certificate of {CA_KEY_FILE}"),
@@ -643,5 +791,96 @@ mod tests {
             err.to_string().contains("is not the certificate of"),
             "{err}"
         );
+    }
+
+    /// A CA of another PKI: a self-signed CA certificate (PEM) for a key of `alg` (the given
+    /// PKCS#8 key, or a new one), and the issuer that signs with it.
+    fn external_ca(
+        alg: &'static rcgen::SignatureAlgorithm,
+        key_pem: Option<&str>,
+    ) -> (String, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let key = match key_pem {
+            Some(pem) => rcgen::KeyPair::from_pem_and_sign_algo(pem, alg).expect("ca key"),
+            None => rcgen::KeyPair::generate_for(alg).expect("ca key"),
+        };
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Example Corp issuing CA");
+        let cert = params.self_signed(&key).expect("ca cert");
+        (cert.pem(), rcgen::Issuer::new(params, key))
+    }
+
+    /// `identity`'s certificate request, signed by `issuer` as another PKI would (PEM).
+    fn sign_request(identity: &Identity, issuer: &rcgen::Issuer<'_, rcgen::KeyPair>) -> String {
+        let csr = certificate_request(identity).expect("request");
+        assert!(
+            csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"),
+            "{csr}"
+        );
+        rcgen::CertificateSigningRequestParams::from_pem(&csr)
+            .expect("the request parses and its signature holds")
+            .signed_by(issuer)
+            .expect("sign")
+            .pem()
+    }
+
+    const RSA_CA_KEY: &str = include_str!("../tests/data/rsa-ca.key");
+
+    #[test]
+    fn a_request_signed_by_an_ecdsa_rsa_or_ed25519_ca_makes_a_node_certificate() {
+        let cas = [
+            external_ca(&rcgen::PKCS_ECDSA_P256_SHA256, None),
+            external_ca(&rcgen::PKCS_ECDSA_P384_SHA384, None),
+            external_ca(&rcgen::PKCS_RSA_SHA256, Some(RSA_CA_KEY)),
+            external_ca(&rcgen::PKCS_RSA_SHA512, Some(RSA_CA_KEY)),
+            external_ca(&rcgen::PKCS_ED25519, None),
+        ];
+        for (n, (ca_pem, issuer)) in cas.iter().enumerate() {
+            let identity = Identity::generate().expect("id");
+            let pem = sign_request(&identity, issuer);
+            let cert = NodeCert::from_pem("node.crt", pem.as_bytes()).expect("node cert");
+            assert_eq!(cert.node_id(), identity.node_id(), "CA {n}");
+            let trust = MeshCa::from_pem("ca.crt", ca_pem.as_bytes()).expect("trust");
+            assert_eq!(checked(&trust, &cert), Ok(identity.node_id()), "CA {n}");
+            // Every other CA refuses it, whatever its key: the P-256 CA a P-384 one's
+            // certificate, the RSA CA with SHA-256 the same key's certificate with SHA-512
+            // (another certificate, so another subject and signature: still not its own).
+            for (m, (other_pem, _)) in cas.iter().enumerate().filter(|(m, _)| *m != n) {
+                let other = MeshCa::from_pem("other", other_pem.as_bytes()).expect("other");
+                let verdict = checked(&other, &cert);
+                if m / 2 == 1 && n / 2 == 1 {
+                    // The two RSA CAs share their key: a signature of one is the other's.
+                    assert_eq!(verdict, Ok(identity.node_id()), "CA {n} under {m}");
+                } else {
+                    let err = verdict.expect_err("another CA");
+                    assert!(
+                        err.contains("not signed by the mesh CA"),
+                        "{n} under {m}: {err}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_ca_whose_key_or_signature_a_node_cannot_check_is_refused_clearly() {
+        let p521 = include_str!("../tests/data/p521-ca.crt");
+        let err = MeshCa::from_pem("p521.crt", p521.as_bytes()).expect_err("P-521");
+        assert!(err.to_string().contains("an ECDSA key on curve"), "{err}");
+        assert!(err.to_string().contains("P-256 or P-384"), "{err}");
+        // A node certificate whose key is not ed25519 names no node.
+        let (_, issuer) = external_ca(&rcgen::PKCS_ECDSA_P256_SHA256, None);
+        let ecdsa_node = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("k");
+        let params = rcgen::CertificateParams::new(vec!["peerbus".to_string()]).expect("params");
+        let pem = params.signed_by(&ecdsa_node, &issuer).expect("sign").pem();
+        let err = NodeCert::from_pem("node.crt", pem.as_bytes()).expect_err("not ed25519");
+        assert!(err.to_string().contains("key is not ed25519"), "{err}");
+        // `openssl x509 -req` without extensions signs a version 1 certificate, which TLS
+        // refuses: the node says so when it reads the file, not with a TLS error at start.
+        let v1 = include_str!("../tests/data/v1-node.crt");
+        let err = NodeCert::from_pem("v1.crt", v1.as_bytes()).expect_err("version 1");
+        assert!(err.to_string().contains("-copy_extensions copy"), "{err}");
     }
 }

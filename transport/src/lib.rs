@@ -75,7 +75,9 @@ mod tls;
 
 use std::time::Duration;
 
-pub use ca::{CA_VALIDITY, CaKey, MAX_CA_CERTS, MAX_NODE_VALIDITY, MeshCa, NodeCert};
+pub use ca::{
+    CA_VALIDITY, CaKey, MAX_CA_CERTS, MAX_NODE_VALIDITY, MeshCa, NodeCert, certificate_request,
+};
 pub use endpoint::{CloseCounts, Connection, Endpoint, EndpointConfig, Incoming, Traffic};
 pub use error::{
     AcceptError, BindError, CaError, CloseCode, ConnectError, ConnectionError, IdParseError,
