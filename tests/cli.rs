@@ -771,14 +771,11 @@ fn send_with_another_mesh_key_is_refused() {
     );
 }
 
-/// An operator's mesh CA from the CLI: `ca new`, `ca issue` for each node's data directory,
-/// nodes and clients that present their certificates; a client whose certificate another CA
-/// issued is refused and told why.
-#[test]
-fn members_by_mesh_ca_certificate_talk_and_a_stranger_is_refused() {
-    let budget = Budget::new(90);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = |name: &str| dir.path().join(name).display().to_string();
+/// In `dir`, two CAs made with `ca new` (`ca/`, `other-ca/`) and certificates for a week
+/// made with `ca issue` for the nodes whose data directories are `vault/` and `client/` (by
+/// `ca`) and `stranger/` (by `other-ca`), as `<node>.crt`. Returns the three node ids.
+fn two_cas_and_three_nodes(dir: &Path, budget: &Budget) -> Vec<String> {
+    let path = |name: &str| dir.join(name).display().to_string();
     for ca in ["ca", "other-ca"] {
         let out = run(
             base_command(&["ca", "new", "--dir", &path(ca)]),
@@ -788,13 +785,7 @@ fn members_by_mesh_ca_certificate_talk_and_a_stranger_is_refused() {
         assert!(out.status.success(), "ca new failed: {}", out.stderr);
         assert!(out.stdout.contains("ca.crt"), "{}", out.stdout);
     }
-    let again = run(
-        base_command(&["ca", "new", "--dir", &path("ca")]),
-        "ca new over an existing CA",
-        budget.left(),
-    );
-    assert_eq!(again.status.code(), Some(1), "ca new must not overwrite");
-    assert!(again.stderr.contains("already exists"), "{}", again.stderr);
+    let mut ids = Vec::new();
     for (ca, node) in [("ca", "vault"), ("ca", "client"), ("other-ca", "stranger")] {
         let out = run(
             base_command(&[
@@ -818,7 +809,28 @@ fn members_by_mesh_ca_certificate_talk_and_a_stranger_is_refused() {
             "{}",
             out.stdout
         );
+        let id = peerbus::Identity::load_or_create(&dir.join(node)).expect("identity");
+        ids.push(id.node_id().to_string());
     }
+    ids
+}
+
+/// An operator's mesh CA from the CLI: `ca new`, `ca issue` for each node's data directory,
+/// nodes and clients that present their certificates; a client whose certificate another CA
+/// issued is refused and told why.
+#[test]
+fn members_by_mesh_ca_certificate_talk_and_a_stranger_is_refused() {
+    let budget = Budget::new(90);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    two_cas_and_three_nodes(dir.path(), &budget);
+    let again = run(
+        base_command(&["ca", "new", "--dir", &path("ca")]),
+        "ca new over an existing CA",
+        budget.left(),
+    );
+    assert_eq!(again.status.code(), Some(1), "ca new must not overwrite");
+    assert!(again.stderr.contains("already exists"), "{}", again.stderr);
     let mesh =
         |ca: &str, node: &str| Mesh::certified("ca", &format!("{}/ca.crt", path(ca)), &path(node));
     let _vault = spawn(
@@ -862,6 +874,93 @@ fn members_by_mesh_ca_certificate_talk_and_a_stranger_is_refused() {
         budget.left(),
     );
     assert_eq!(mixed.status.code(), Some(2), "{}", mixed.stderr);
+}
+
+/// `peerbus ca revoke` adds a node's certificates to the CA's revocation list (`ca new`
+/// writes it empty), by the record `ca issue` keeps; a node given the list refuses them, its
+/// own at start included, and certificates of another CA or of unknown nodes are not taken.
+#[test]
+fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
+    let budget = Budget::new(90);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let ids = two_cas_and_three_nodes(dir.path(), &budget);
+    let revoke = |args: &[&str]| {
+        let mut all = vec!["ca", "revoke", "--ca"];
+        let ca = path("ca");
+        all.push(&ca);
+        all.extend_from_slice(args);
+        run(base_command(&all), "ca revoke", budget.left())
+    };
+    let unknown = revoke(&["--node-id", &ids[2]]);
+    assert!(!unknown.status.success());
+    assert!(
+        unknown.stderr.contains("records no certificate"),
+        "{}",
+        unknown.stderr
+    );
+    let foreign = revoke(&["--cert", &path("stranger.crt")]);
+    assert!(!foreign.status.success());
+    assert!(
+        foreign.stderr.contains("is not a certificate of this CA"),
+        "{}",
+        foreign.stderr
+    );
+    let revoked = revoke(&["--node-id", &ids[1]]);
+    assert!(revoked.status.success(), "{}", revoked.stderr);
+    assert!(
+        revoked.stdout.contains("now revokes 1"),
+        "{}",
+        revoked.stdout
+    );
+    // Revoking it again by its file adds nothing; the list keeps what it revoked.
+    let again = revoke(&["--cert", &path("client.crt")]);
+    assert!(again.status.success(), "{}", again.stderr);
+    assert!(again.stdout.contains("now revokes 1"), "{}", again.stdout);
+
+    let mesh = |node: &str| {
+        let mut m = Mesh::certified("crl", &format!("{}/ca.crt", path("ca")), &path(node));
+        m.membership
+            .extend(["--mesh-crl".to_string(), format!("{}/ca.crl", path("ca"))]);
+        m
+    };
+    let _vault = spawn(
+        mesh("vault").command(&["node", "--service", "vault"]),
+        "vault node",
+    );
+    let refused = run(
+        mesh("client").command(&["send", "vault", "let me in", "--timeout", "10s"]),
+        "send by a revoked node",
+        budget.left(),
+    );
+    assert!(!refused.status.success(), "a revoked node's send succeeded");
+    assert!(
+        refused.stderr.contains("is revoked by the mesh CA"),
+        "{}",
+        refused.stderr
+    );
+    // A certificate the CA issues the node anew is not revoked: it rejoins.
+    let reissued = run(
+        base_command(&[
+            "ca",
+            "issue",
+            "--ca",
+            &path("ca"),
+            "--for-data-dir",
+            &path("client"),
+            "--out",
+            &path("client.crt"),
+        ]),
+        "ca issue again",
+        budget.left(),
+    );
+    assert!(reissued.status.success(), "{}", reissued.stderr);
+    let accepted = run(
+        mesh("client").command(&["send", "vault", "hello again", "--timeout", "30s"]),
+        "send with a new certificate",
+        budget.left(),
+    );
+    assert!(accepted.status.success(), "{}", accepted.stderr);
 }
 
 /// `peerbus ca request` writes a certificate request for the node in --data-dir that a CA of

@@ -280,6 +280,89 @@ async fn a_member_whose_certificate_expires_is_cut_off_and_catches_up_once_renew
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_revoked_while_connected_is_cut_off_and_the_others_stay() {
+    within(60, async {
+        let f = Fixture::new();
+        let crl = f.path("ca/ca.crl");
+        // The receiver takes the CA's revocation list (empty as `ca new` writes it) and reads
+        // it again every 200 ms; the rogue sender ignores lists.
+        let receiver = f
+            .member("orders", "r")
+            .mesh_crl_file(&crl)
+            .mesh_cert_check_every(Duration::from_millis(200))
+            .start()
+            .await
+            .expect("receiver");
+        let mut got = drain(receiver.messages().expect("messages"));
+        let rogue = f.member("sender", "s").start().await.expect("rogue");
+        let honest = f.member("sender", "h").start().await.expect("honest");
+        delivered(&rogue, &mut got, "before").await;
+
+        // The operator revokes the rogue's certificate (`peerbus ca revoke`).
+        let serial = NodeCert::load(&f.path("s/node.crt"))
+            .expect("cert")
+            .serial();
+        let current = std::fs::read(&crl).expect("the empty list");
+        let list =
+            f.ca.revoke(Some(&current), [serial.as_str()])
+                .expect("revoke");
+        std::fs::write(&crl, list).expect("write");
+        let why = ["mesh certificate", "is revoked by the mesh CA"];
+        eventually(
+            15,
+            "the receiver cuts the revoked member off, and says why",
+            || refuses(&receiver, rogue.id(), &why),
+        )
+        .await;
+        let waiting = rogue
+            .send("orders", Outgoing::new("while revoked"))
+            .await
+            .expect("stored");
+        delivered(&honest, &mut got, "from a member in good standing").await;
+        let acked = tokio::time::timeout(Duration::from_millis(500), waiting.acked()).await;
+        assert!(
+            acked.is_err(),
+            "a revoked member's message was acknowledged"
+        );
+        assert!(
+            got.try_recv().is_err(),
+            "a revoked member's message was delivered"
+        );
+
+        // A node whose own certificate is revoked does not start; nor does a list without
+        // the CA's files.
+        rogue.shutdown().await;
+        let err = Node::builder("sender")
+            .mesh("test")
+            .data_dir(f.path("s"))
+            .mesh_ca_files(f.path("ca/ca.crt"), f.path("s/node.crt"))
+            .mesh_crl_file(&crl)
+            .discovery(f.net.discovery())
+            .start()
+            .await
+            .expect_err("revoked at start");
+        assert!(
+            err.to_string().contains("is revoked by the mesh CA"),
+            "{err}"
+        );
+        let err = Node::builder("x")
+            .insecure_open_mesh()
+            .mesh_crl_file(&crl)
+            .start()
+            .await
+            .expect_err("a list without a CA");
+        assert!(
+            err.to_string().contains("needs the mesh CA's files"),
+            "{err}"
+        );
+        for n in [honest, receiver] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_renewed_in_its_file_is_taken_without_a_restart() {
     within(60, async {
         let f = Fixture::new();

@@ -1,6 +1,6 @@
 //! `peerbus ca`: a mesh CA for membership by certificate instead of a shared mesh key.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
@@ -30,6 +30,32 @@ enum CaCommand {
     /// `--mesh-cert`, and that CA's certificate goes in `--mesh-ca`. The node's key stays in
     /// --data-dir.
     Request(RequestArgs),
+    /// Revoke node certificates the CA issued: writes the CA's revocation list (`ca.crl` in
+    /// the CA's directory unless --out says otherwise), which every node takes with
+    /// `--mesh-crl` and reads again every minute, closing connections to the revoked nodes.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["cert", "serial", "node_id"])))]
+struct RevokeArgs {
+    /// Directory of the CA (`peerbus ca new --dir`).
+    #[arg(long, value_name = "DIR")]
+    ca: PathBuf,
+    /// A certificate file to revoke (repeatable).
+    #[arg(long, value_name = "FILE")]
+    cert: Vec<PathBuf>,
+    /// The serial number of a certificate to revoke, in hex (repeatable).
+    #[arg(long, value_name = "HEX")]
+    serial: Vec<String>,
+    /// Revoke every certificate this CA issued for the node (as recorded in the CA
+    /// directory's `issued.txt` by `peerbus ca issue`; repeatable).
+    #[arg(long, value_name = "ID")]
+    node_id: Vec<NodeId>,
+    /// The revocation list to write [default: ca.crl in the CA's directory]. What it revokes
+    /// already stays revoked.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,6 +103,7 @@ pub(crate) fn run(common: &CommonArgs, args: &CaArgs) -> Result<()> {
         CaCommand::New(a) => new(&common.mesh, a),
         CaCommand::Issue(a) => issue(a),
         CaCommand::Request(a) => request(common, a),
+        CaCommand::Revoke(a) => revoke(a),
     }
 }
 
@@ -86,7 +113,8 @@ fn new(mesh: &str, args: &NewArgs) -> Result<()> {
         .with_context(|| format!("could not create a mesh CA in {}", args.dir.display()))?;
     print_line(&format!(
         "created mesh CA \"{name}\" in {dir}: {dir}/ca.key is its signing key (keep it off the \
-         nodes), {dir}/ca.crt is what every node trusts (--mesh-ca)",
+         nodes), {dir}/ca.crt is what every node trusts (--mesh-ca), {dir}/ca.crl its \
+         revocation list, empty (--mesh-crl; `peerbus ca revoke` adds to it)",
         dir = args.dir.display()
     ))
 }
@@ -110,9 +138,10 @@ fn issue(args: &IssueArgs) -> Result<()> {
         .with_context(|| format!("could not issue a certificate for node {node}"))?;
     write_replacing(&args.out, pem.as_bytes())
         .with_context(|| format!("could not write {}", args.out.display()))?;
-    let until = NodeCert::from_pem("the issued certificate", pem.as_bytes())
-        .context("the issued certificate does not read back")?
-        .not_after();
+    let issued = NodeCert::from_pem("the issued certificate", pem.as_bytes())
+        .context("the issued certificate does not read back")?;
+    let until = issued.not_after();
+    record_issued(&args.ca, &issued)?;
     print_line(&format!(
         "issued a certificate for node {node} valid until {}: {}",
         humantime::format_rfc3339_seconds(until),
@@ -137,6 +166,103 @@ fn request(common: &CommonArgs, args: &RequestArgs) -> Result<()> {
          the node with --mesh-cert set to the certificate and --mesh-ca to the CA's)",
         identity.node_id(),
         args.out.display()
+    ))
+}
+
+/// The record of what a CA issued, in its directory: a line per certificate, its serial
+/// number, node id and expiry, tab-separated (`peerbus ca revoke --node-id` reads it).
+const ISSUED_FILE: &str = "issued.txt";
+
+/// The most lines of [`ISSUED_FILE`] read: a CA that issued more is revoked from by serial
+/// or certificate file.
+const MAX_ISSUED: usize = 1_000_000;
+
+fn record_issued(ca: &Path, cert: &NodeCert) -> Result<()> {
+    use std::io::Write as _;
+    let path = ca.join(ISSUED_FILE);
+    let line = format!(
+        "{}\t{}\t{}\n",
+        cert.serial(),
+        cert.node_id(),
+        humantime::format_rfc3339_seconds(cert.not_after())
+    );
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()))
+        .with_context(|| format!("could not record the certificate in {}", path.display()))
+}
+
+/// The serial numbers of the certificates the CA in `ca` issued for `node`, from its record.
+fn issued_for(ca: &Path, node: &NodeId) -> Result<Vec<String>> {
+    let path = ca.join(ISSUED_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("could not read {}", path.display())),
+    };
+    let id = node.to_string();
+    Ok(text
+        .lines()
+        .take(MAX_ISSUED)
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let serial = fields.next()?;
+            (fields.next()? == id).then(|| serial.to_string())
+        })
+        .collect())
+}
+
+fn revoke(args: &RevokeArgs) -> Result<()> {
+    let ca = CaKey::load(&args.ca)
+        .with_context(|| format!("could not load the mesh CA in {}", args.ca.display()))?;
+    let trust = ca.trust()?;
+    let mut serials = args.serial.clone();
+    for file in &args.cert {
+        let cert = NodeCert::load(file)?;
+        // Checked at its last valid second: an expired certificate may be revoked too.
+        let at = cert.not_after() - Duration::from_secs(1);
+        if let Err(why) = trust.check(cert.der().as_ref(), at) {
+            bail!("{} is not a certificate of this CA: {why}", file.display());
+        }
+        serials.push(cert.serial());
+    }
+    for node in &args.node_id {
+        let issued = issued_for(&args.ca, node)?;
+        if issued.is_empty() {
+            bail!(
+                "{} records no certificate this CA issued for node {node}: revoke it by \
+                 --cert or --serial",
+                args.ca.join(ISSUED_FILE).display()
+            );
+        }
+        serials.extend(issued);
+    }
+    let out = args.out.clone().unwrap_or_else(|| args.ca.join("ca.crl"));
+    let current = match std::fs::read(&out) {
+        Ok(pem) => Some(pem),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("could not read {}", out.display())),
+    };
+    let list = ca
+        .revoke(current.as_deref(), serials.iter().map(String::as_str))
+        .with_context(|| format!("could not write the revocation list {}", out.display()))?;
+    let revoked = trust
+        .with_revocation_lists("the new revocation list", list.as_bytes())
+        .context("the new revocation list does not read back")?
+        .revoked();
+    write_replacing(&out, list.as_bytes())
+        .with_context(|| format!("could not write {}", out.display()))?;
+    print_line(&format!(
+        "revoked {} (serial {}); {} now revokes {revoked}: every node takes it with --mesh-crl \
+         and reads it again within a minute",
+        match serials.len() {
+            1 => "1 certificate".to_string(),
+            n => format!("{n} certificates"),
+        },
+        serials.join(", "),
+        out.display()
     ))
 }
 

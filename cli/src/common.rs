@@ -67,6 +67,18 @@ pub(crate) struct CommonArgs {
     )]
     pub(crate) mesh_cert: Option<PathBuf>,
 
+    /// File of the mesh CA's revocation lists (`ca.crl` of `peerbus ca revoke`, or the PEM
+    /// CRL of another PKI's CA): peers whose certificates it revokes are refused. Read again
+    /// every minute, like the CA and certificate files.
+    #[arg(
+        long,
+        global = true,
+        env = "PEERBUS_MESH_CRL",
+        value_name = "PATH",
+        requires = "mesh_ca"
+    )]
+    pub(crate) mesh_crl: Option<PathBuf>,
+
     /// Run without a mesh key: any node that finds this one may exchange messages with it.
     /// Only for demos and trusted networks.
     #[arg(
@@ -144,6 +156,9 @@ impl CommonArgs {
             .interfaces(self.interface.clone());
         if let (Some(ca), Some(cert)) = (&self.mesh_ca, &self.mesh_cert) {
             b = b.mesh_ca_files(ca, cert);
+        }
+        if let Some(crl) = &self.mesh_crl {
+            b = b.mesh_crl_file(crl);
         }
         match (&self.mesh_key_file, self.insecure_open_mesh) {
             (Some(_), true) => bail!(UsageError(

@@ -63,6 +63,8 @@ pub struct NodeBuilder {
     pub(crate) dns_refresh: Duration,
     /// How often the certificate file of [`NodeBuilder::mesh_ca_files`] is read again.
     pub(crate) mesh_cert_check_every: Duration,
+    /// The mesh CA's revocation lists ([`NodeBuilder::mesh_crl_file`]).
+    pub(crate) mesh_crl: Option<PathBuf>,
     pub(crate) discoveries: Vec<Box<dyn Discovery>>,
     pub(crate) prefetch: u32,
     pub(crate) max_message_size: usize,
@@ -116,6 +118,7 @@ impl NodeBuilder {
             dns_seeds: Vec::new(),
             dns_refresh: peerbus_discovery::DNS_REFRESH,
             mesh_cert_check_every: crate::runtime::CERT_CHECK_EVERY,
+            mesh_crl: None,
             discoveries: Vec::new(),
             prefetch: 256,
             max_message_size: 4 * 1024 * 1024,
@@ -198,6 +201,19 @@ impl NodeBuilder {
             ca: ca.into(),
             cert: cert.into(),
         };
+        self
+    }
+
+    /// The revocation lists of the CAs of [`NodeBuilder::mesh_ca_files`] (PEM CRLs: `ca.crl`
+    /// of `peerbus ca revoke`, or what the CA of an existing PKI publishes): a peer whose
+    /// certificate's serial number is on its CA's list is refused. Read again with the other
+    /// files ([`NodeBuilder::mesh_cert_check_every`]): a certificate revoked while its node
+    /// is connected ends that connection then. A missing or malformed file, or a list no CA
+    /// of the CA file signed, fails `start()`; so does this without `mesh_ca_files` (with
+    /// [`NodeBuilder::mesh_ca`], give the lists to
+    /// [`MeshCa::with_revocation_lists`](peerbus_transport::MeshCa::with_revocation_lists)).
+    pub fn mesh_crl_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.mesh_crl = Some(path.into());
         self
     }
 

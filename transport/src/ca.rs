@@ -13,19 +13,22 @@
 //!   step, before any stream opens. A refused peer is closed with
 //!   [`CloseCode::MeshProofFailed`](crate::CloseCode) and a reason both sides can read.
 //!
-//! Only the subject key, the validity period and the CA's signature count; the names in the
-//! certificates are for people reading them. Revocation is by expiry (issue certificates for
-//! as long as a node may stay in the mesh without being issued a new one: a connection ends
-//! when its peer's certificate does), or of a whole CA by dropping it from the trusted file
-//! ([`Endpoint::renew_trust`](crate::Endpoint::renew_trust)); there are no revocation lists.
+//! Only the subject key, the serial number, the validity period and the CA's signature count;
+//! the names in the certificates are for people reading them. A certificate ends at its
+//! expiry (a connection ends when its peer's certificate does), when the CA's revocation list
+//! names its serial number ([`MeshCa::with_revocation_lists`], written by `peerbus ca revoke`
+//! or [`CaKey::revoke`], or published by the CA of an existing PKI), or with its whole CA,
+//! dropped from the trusted file. A node reads both files again while it runs
+//! ([`Endpoint::renew_trust`](crate::Endpoint::renew_trust) checks live connections anew).
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivatePkcs8KeyDer};
 
 use crate::error::CaError;
 use crate::identity::{Identity, NodeId, read_limited, write_private};
@@ -38,6 +41,16 @@ pub const MAX_CA_CERTS: usize = 8;
 /// Largest certificate or CA key file read. An ed25519 certificate is about 600 bytes of
 /// PEM; a larger file is refused, not cut.
 const MAX_PEM_FILE: u64 = 64 * 1024;
+
+/// The largest revocation list file read: [`MAX_REVOKED`] entries take about 4 MiB.
+const MAX_CRL_FILE: u64 = 8 * 1024 * 1024;
+
+/// The most certificates the revocation lists of a [`MeshCa`] may revoke, together.
+pub const MAX_REVOKED: usize = 100_000;
+
+/// How long a revocation list [`CaKey::revoke`] writes says it stays current (its next
+/// update). Nodes use a list past it all the same: the file they are given is the word.
+const CRL_NEXT_UPDATE: Duration = Duration::from_secs(365 * 86_400);
 
 /// How long `peerbus ca new` makes a CA certificate valid.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -52,6 +65,7 @@ const BACKDATE: Duration = Duration::from_secs(300);
 /// File names inside a CA directory.
 const CA_KEY_FILE: &str = "ca.key";
 const CA_CERT_FILE: &str = "ca.crt";
+const CA_CRL_FILE: &str = "ca.crl";
 
 /// Seconds since the Unix epoch (0 for a clock before it).
 fn unix_secs(t: SystemTime) -> i64 {
@@ -66,14 +80,19 @@ fn offset_time(t: SystemTime) -> time::OffsetDateTime {
 
 /// Reads at most [`MAX_PEM_FILE`] bytes of `path`, refusing a larger file.
 fn read_pem_file(path: &Path) -> Result<Vec<u8>, CaError> {
-    let raw = read_limited(path, MAX_PEM_FILE).map_err(|error| CaError::Io {
+    read_file_of_at_most(path, MAX_PEM_FILE)
+}
+
+/// Reads at most `limit` bytes of `path`, refusing a larger file.
+fn read_file_of_at_most(path: &Path, limit: u64) -> Result<Vec<u8>, CaError> {
+    let raw = read_limited(path, limit).map_err(|error| CaError::Io {
         path: path.into(),
         error,
     })?;
-    if raw.len() as u64 > MAX_PEM_FILE {
+    if raw.len() as u64 > limit {
         return Err(CaError::Malformed {
             what: path.display().to_string(),
-            reason: format!("larger than {MAX_PEM_FILE} bytes"),
+            reason: format!("larger than {limit} bytes"),
         });
     }
     Ok(raw)
@@ -217,7 +236,8 @@ enum Signed {
 }
 
 impl Signed {
-    /// The algorithm of `oid`, or why it is not one a node checks.
+    /// The algorithm of `oid`, or why it is not one a node checks (completing "… is signed
+    /// with algorithm …").
     fn of(oid: &x509_parser::der_parser::oid::Oid<'_>) -> Result<Signed, String> {
         use x509_parser::oid_registry as reg;
         Ok(match oid {
@@ -229,9 +249,8 @@ impl Signed {
             o if *o == reg::OID_PKCS1_SHA512WITHRSA => Signed::RsaSha512,
             o => {
                 return Err(format!(
-                    "the certificate is signed with algorithm {o}, which a node does not check \
-                     (ed25519, ECDSA with SHA-256 or SHA-384, or RSA PKCS#1 with SHA-256, \
-                     SHA-384 or SHA-512)"
+                    "algorithm {o}, which a node does not check (ed25519, ECDSA with SHA-256 \
+                     or SHA-384, or RSA PKCS#1 with SHA-256, SHA-384 or SHA-512)"
                 ));
             }
         })
@@ -245,6 +264,7 @@ struct Parsed {
     is_ca: bool,
     /// Whether it is an X.509 version 3 certificate (rustls takes no other).
     v3: bool,
+    serial: Serial,
     subject: String,
     /// The signed part, its signature and how it was made, for [`MeshCa::check`].
     tbs: Vec<u8>,
@@ -277,6 +297,7 @@ fn parse(der: &[u8]) -> Result<Parsed, String> {
         },
         is_ca: cert.is_ca(),
         v3: cert.version() == x509_parser::x509::X509Version::V3,
+        serial: Serial::of(cert.raw_serial()),
         subject: cert.subject().to_string(),
         tbs: cert.tbs_certificate.as_ref().to_vec(),
         signature: cert.signature_value.data.to_vec(),
@@ -284,12 +305,56 @@ fn parse(der: &[u8]) -> Result<Parsed, String> {
     })
 }
 
-/// One trusted CA certificate.
+/// A certificate's serial number: the bytes of its DER integer, without leading zeros (so
+/// that a certificate and a revocation list compare alike however they were encoded).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Serial(Vec<u8>);
+
+impl Serial {
+    fn of(raw: &[u8]) -> Serial {
+        let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len());
+        Serial(raw[start..].to_vec())
+    }
+}
+
+impl fmt::Display for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("0");
+        }
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// A serial number in hex (`1a2b…`, any case, colons allowed), or `None`.
+fn parse_serial(hex: &str) -> Option<Serial> {
+    let digits: Vec<u8> = hex
+        .bytes()
+        .filter(|b| *b != b':')
+        .map(|b| (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok()))
+        .collect::<Option<_>>()?;
+    if digits.is_empty() || digits.len() > 40 {
+        return None;
+    }
+    // Pairs from the right: an odd count has a lone leading digit.
+    let mut bytes = Vec::with_capacity(digits.len().div_ceil(2));
+    let odd = digits.len() % 2;
+    if odd == 1 {
+        bytes.push(digits[0]);
+    }
+    for pair in digits[odd..].chunks(2) {
+        bytes.push(pair[0] << 4 | pair[1]);
+    }
+    Some(Serial::of(&bytes))
+}
+
+/// One trusted CA certificate, and the serial numbers its revocation list revokes.
 #[derive(Clone)]
 struct Root {
     key: PublicKey,
     validity: Validity,
     subject: String,
+    revoked: Arc<BTreeSet<Serial>>,
 }
 
 /// The CA certificates a node trusts: a peer's certificate must be signed by one of them.
@@ -307,14 +372,18 @@ impl PartialEq for MeshCa {
                 .roots
                 .iter()
                 .zip(other.roots.iter())
-                .all(|(a, b)| a.key == b.key && a.validity == b.validity)
+                .all(|(a, b)| a.key == b.key && a.validity == b.validity && a.revoked == b.revoked)
     }
 }
 
 impl fmt::Debug for MeshCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.roots.iter().map(|r| r.subject.as_str()).collect();
-        f.debug_struct("MeshCa").field("roots", &names).finish()
+        let revoked: usize = self.roots.iter().map(|r| r.revoked.len()).sum();
+        f.debug_struct("MeshCa")
+            .field("roots", &names)
+            .field("revoked", &revoked)
+            .finish()
     }
 }
 
@@ -350,6 +419,7 @@ impl MeshCa {
                 key: p.key,
                 validity: p.validity,
                 subject: p.subject,
+                revoked: Arc::default(),
             });
         }
         Ok(MeshCa {
@@ -363,7 +433,10 @@ impl MeshCa {
     pub fn check(&self, der: &[u8], now: SystemTime) -> Result<NodeCert, String> {
         let cert = parse(der)?;
         let node = cert.node_key()?;
-        let how = cert.signed.clone()?;
+        let how = cert
+            .signed
+            .clone()
+            .map_err(|alg| format!("the certificate is signed with {alg}"))?;
         let signer = self
             .roots
             .iter()
@@ -371,6 +444,12 @@ impl MeshCa {
         let Some(root) = signer else {
             return Err("the certificate is not signed by the mesh CA".into());
         };
+        if root.revoked.contains(&cert.serial) {
+            return Err(format!(
+                "the certificate (serial {}) is revoked by the mesh CA ({})",
+                cert.serial, root.subject
+            ));
+        }
         root.validity
             .check(now)
             .map_err(|why| format!("the mesh CA certificate ({}) is {why}", root.subject))?;
@@ -381,7 +460,83 @@ impl MeshCa {
             der: CertificateDer::from(der.to_vec()),
             node: NodeId::from_bytes(node),
             validity: cert.validity,
+            serial: cert.serial,
         })
+    }
+}
+
+impl MeshCa {
+    /// These CAs with the revocation lists (CRLs) in PEM text, `what` naming it in errors: a
+    /// certificate whose serial number the list of its CA names is refused from then on.
+    /// Each list must be signed by one of the CAs (one list per CA; while a CA is replaced,
+    /// the lists of both one after the other). They replace any lists taken before; a list
+    /// past its next update is used all the same. At most [`MAX_REVOKED`] certificates in
+    /// all.
+    pub fn with_revocation_lists(&self, what: &str, pem: &[u8]) -> Result<MeshCa, CaError> {
+        let mut revoked = vec![BTreeSet::new(); self.roots.len()];
+        let (mut lists, mut count) = (0, 0);
+        for der in CertificateRevocationListDer::pem_slice_iter(pem) {
+            lists += 1;
+            let bad = |reason: String| CaError::Malformed {
+                what: format!("{what}, revocation list {lists}"),
+                reason,
+            };
+            let der = der.map_err(|e| bad(format!("not PEM: {e}")))?;
+            if lists > MAX_CA_CERTS {
+                return Err(bad(format!("more than {MAX_CA_CERTS} revocation lists")));
+            }
+            let (rest, crl) = x509_parser::parse_x509_crl(der.as_ref())
+                .map_err(|e| bad(format!("does not parse: {e}")))?;
+            if !rest.is_empty() {
+                return Err(bad("has trailing bytes".into()));
+            }
+            let how = Signed::of(&crl.signature_algorithm.algorithm)
+                .map_err(|alg| bad(format!("is signed with {alg}")))?;
+            let signer = self.roots.iter().position(|r| {
+                r.key
+                    .verifies(how, crl.tbs_cert_list.as_ref(), &crl.signature_value.data)
+            });
+            let Some(root) = signer else {
+                return Err(bad("is not signed by a CA of the mesh CA file".into()));
+            };
+            for entry in crl.iter_revoked_certificates() {
+                count += 1;
+                if count > MAX_REVOKED {
+                    return Err(bad(format!("revokes more than {MAX_REVOKED} certificates")));
+                }
+                revoked[root].insert(Serial::of(entry.raw_serial()));
+            }
+        }
+        if lists == 0 {
+            return Err(CaError::Malformed {
+                what: what.into(),
+                reason: "holds no PEM revocation list (X509 CRL)".into(),
+            });
+        }
+        let roots = self
+            .roots
+            .iter()
+            .zip(revoked)
+            .map(|(r, revoked)| Root {
+                revoked: Arc::new(revoked),
+                ..r.clone()
+            })
+            .collect();
+        Ok(MeshCa {
+            roots: Arc::new(roots),
+        })
+    }
+
+    /// [`MeshCa::with_revocation_lists`] from a file (`ca.crl` of `peerbus ca revoke`, or
+    /// the CRL another CA publishes, in PEM).
+    pub fn with_revocation_list_file(&self, path: &Path) -> Result<MeshCa, CaError> {
+        let pem = read_file_of_at_most(path, MAX_CRL_FILE)?;
+        self.with_revocation_lists(&path.display().to_string(), &pem)
+    }
+
+    /// How many certificates the revocation lists taken revoke.
+    pub fn revoked(&self) -> usize {
+        self.roots.iter().map(|r| r.revoked.len()).sum()
     }
 }
 
@@ -391,6 +546,7 @@ pub struct NodeCert {
     der: CertificateDer<'static>,
     node: NodeId,
     validity: Validity,
+    serial: Serial,
 }
 
 impl fmt::Debug for NodeCert {
@@ -436,6 +592,7 @@ impl NodeCert {
             der,
             node: NodeId::from_bytes(p.node_key().map_err(bad)?),
             validity: p.validity,
+            serial: p.serial,
         })
     }
 
@@ -447,6 +604,11 @@ impl NodeCert {
     /// When the certificate expires.
     pub fn not_after(&self) -> SystemTime {
         self.validity.not_after()
+    }
+
+    /// Its serial number, in hex (what a revocation list names).
+    pub fn serial(&self) -> String {
+        self.serial.to_string()
     }
 
     /// The certificate, DER-encoded.
@@ -529,11 +691,14 @@ impl CaKey {
         })
     }
 
-    /// Creates a CA in `dir` (made if missing): `ca.key`, the signing key (mode 0600), and
-    /// `ca.crt`, the certificate every node trusts. Refuses to overwrite either.
+    /// Creates a CA in `dir` (made if missing): `ca.key`, the signing key (mode 0600),
+    /// `ca.crt`, the certificate every node trusts, and `ca.crl`, its revocation list, empty
+    /// (so that nodes can take it from the start: [`CaKey::revoke`] adds to it). Refuses to
+    /// overwrite any of them.
     pub fn create(dir: &Path, name: &str) -> Result<CaKey, CaError> {
         let (key_path, cert_path) = (dir.join(CA_KEY_FILE), dir.join(CA_CERT_FILE));
-        for path in [&key_path, &cert_path] {
+        let crl_path = dir.join(CA_CRL_FILE);
+        for path in [&key_path, &cert_path, &crl_path] {
             if path.exists() {
                 return Err(CaError::Exists { path: path.clone() });
             }
@@ -546,6 +711,8 @@ impl CaKey {
         std::fs::create_dir_all(dir).map_err(io(&dir.to_path_buf()))?;
         write_private(&key_path, ca.key.serialize_pem().as_bytes()).map_err(io(&key_path))?;
         write_private(&cert_path, ca.cert_pem.as_bytes()).map_err(io(&cert_path))?;
+        let crl = ca.revoke(None, [])?;
+        write_private(&crl_path, crl.as_bytes()).map_err(io(&crl_path))?;
         Ok(ca)
     }
 
@@ -602,6 +769,98 @@ impl CaKey {
         }
         let now = SystemTime::now();
         self.issue_between(node, now - BACKDATE, now + valid_for)
+    }
+
+    /// This CA's revocation list (PEM) revoking the certificates of `serials` (hex, as
+    /// [`NodeCert::serial`] or `openssl x509 -serial` show them) as well as every one that
+    /// `current`, this CA's list as written before (PEM), revokes; numbered one past it. The
+    /// nodes take it as their `mesh_crl_file` (`--mesh-crl`).
+    pub fn revoke<'a>(
+        &self,
+        current: Option<&[u8]>,
+        serials: impl IntoIterator<Item = &'a str>,
+    ) -> Result<String, CaError> {
+        let sign = |e: rcgen::Error| CaError::Sign(e.to_string());
+        let now = SystemTime::now();
+        let (mut entries, number) = match current {
+            Some(pem) => self.revoked_by(pem)?,
+            None => (Vec::new(), 0),
+        };
+        for hex in serials {
+            let serial = parse_serial(hex)
+                .ok_or_else(|| CaError::Sign(format!("`{hex}` is not a serial number in hex")))?;
+            if !entries.iter().any(|(s, _)| *s == serial) {
+                entries.push((serial, offset_time(now)));
+            }
+        }
+        if entries.len() > MAX_REVOKED {
+            return Err(CaError::Sign(format!(
+                "a revocation list names at most {MAX_REVOKED} certificates"
+            )));
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: offset_time(now - BACKDATE),
+            next_update: offset_time(now + CRL_NEXT_UPDATE),
+            crl_number: rcgen::SerialNumber::from(number.saturating_add(1)),
+            issuing_distribution_point: None,
+            revoked_certs: entries
+                .into_iter()
+                .map(|(serial, when)| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(&serial.0),
+                    revocation_time: when,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let issuer = rcgen::Issuer::from_ca_cert_der(&self.cert, &self.key).map_err(sign)?;
+        params
+            .signed_by(&issuer)
+            .and_then(|l| l.pem())
+            .map_err(sign)
+    }
+
+    /// The entries of this CA's revocation list `pem` and its number; an error for a list
+    /// that another key signed.
+    fn revoked_by(
+        &self,
+        pem: &[u8],
+    ) -> Result<(Vec<(Serial, time::OffsetDateTime)>, u64), CaError> {
+        let bad = |reason: String| CaError::Malformed {
+            what: "the current revocation list".into(),
+            reason,
+        };
+        let der = CertificateRevocationListDer::from_pem_slice(pem)
+            .map_err(|e| bad(format!("not PEM: {e}")))?;
+        let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+            .map_err(|e| bad(format!("does not parse: {e}")))?;
+        let ours = PublicKey::Ed25519(
+            self.key
+                .public_key_raw()
+                .try_into()
+                .map_err(|_| bad("this CA's key is not ed25519".into()))?,
+        );
+        let signed = Signed::of(&crl.signature_algorithm.algorithm).is_ok_and(|how| {
+            ours.verifies(how, crl.tbs_cert_list.as_ref(), &crl.signature_value.data)
+        });
+        if !signed {
+            return Err(bad("is not this CA's".into()));
+        }
+        let number = crl.crl_number().map_or(0, |n| {
+            n.to_bytes_be()
+                .iter()
+                .fold(0u64, |acc, b| acc.wrapping_shl(8) | u64::from(*b))
+        });
+        let entries = crl
+            .iter_revoked_certificates()
+            .map(|e| {
+                let when = time::OffsetDateTime::from_unix_timestamp(e.revocation_date.timestamp())
+                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+                (Serial::of(e.raw_serial()), when)
+            })
+            .collect();
+        Ok((entries, number))
     }
 
     /// Issues a certificate for `node` valid from `not_before` to `not_after`, in PEM.
@@ -758,6 +1017,11 @@ mod tests {
         let cert = NodeCert::from_pem("x", pem.as_bytes()).expect("cert");
         assert_eq!(checked(&trust, &cert), Ok(id));
         assert_eq!(ca.certificate_pem(), loaded.certificate_pem());
+        // `create` writes the CA's revocation list too, empty, for nodes to take from the start.
+        let listed = trust
+            .with_revocation_list_file(&ca_dir.join(CA_CRL_FILE))
+            .expect("the empty list");
+        assert_eq!((listed.revoked(), checked(&listed, &cert)), (0, Ok(id)));
 
         // A node certificate is not a CA, and the CA's is not a node's.
         let node_file = dir.path().join("node.crt");
@@ -882,5 +1146,130 @@ mod tests {
         let v1 = include_str!("../tests/data/v1-node.crt");
         let err = NodeCert::from_pem("v1.crt", v1.as_bytes()).expect_err("version 1");
         assert!(err.to_string().contains("-copy_extensions copy"), "{err}");
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_refused_and_the_others_still_accepted() {
+        let (ca, other) = (
+            CaKey::generate("a", DAY).expect("ca"),
+            CaKey::generate("b", DAY).expect("other"),
+        );
+        let issue = |ca: &CaKey| {
+            let pem = ca.issue(&node(), DAY).expect("issue");
+            NodeCert::from_pem("x", pem.as_bytes()).expect("cert")
+        };
+        let (a, b) = (issue(&ca), issue(&ca));
+        let trust = ca.trust().expect("trust");
+        let crl = ca.revoke(None, [a.serial().as_str()]).expect("revoke a");
+        let revoking = trust
+            .with_revocation_lists("ca.crl", crl.as_bytes())
+            .expect("the CA's list");
+        assert_eq!(revoking.revoked(), 1);
+        assert_ne!(revoking, trust, "a list changes what is trusted");
+        let err = checked(&revoking, &a).expect_err("revoked");
+        assert!(
+            err.contains(&format!("(serial {}) is revoked", a.serial())),
+            "{err}"
+        );
+        assert_eq!(checked(&revoking, &b), Ok(b.node_id()));
+
+        // The next list keeps what the last one revoked, and is numbered after it.
+        let crl2 = ca
+            .revoke(
+                Some(crl.as_bytes()),
+                [b.serial().as_str(), a.serial().as_str()],
+            )
+            .expect("revoke b");
+        let both = trust
+            .with_revocation_lists("ca.crl", crl2.as_bytes())
+            .expect("the CA's list");
+        assert_eq!(both.revoked(), 2);
+        assert!(checked(&both, &a).is_err() && checked(&both, &b).is_err());
+        let der = CertificateRevocationListDer::from_pem_slice(crl2.as_bytes()).expect("pem");
+        let (_, parsed) = x509_parser::parse_x509_crl(der.as_ref()).expect("parse");
+        assert_eq!(parsed.crl_number().map(|n| n.to_bytes_be()), Some(vec![2]));
+
+        // Another CA's list is not taken, nor continued.
+        let foreign = other
+            .revoke(None, [a.serial().as_str()])
+            .expect("foreign list");
+        let err = trust
+            .with_revocation_lists("other.crl", foreign.as_bytes())
+            .expect_err("another CA's list");
+        assert!(
+            err.to_string()
+                .contains("not signed by a CA of the mesh CA file"),
+            "{err}"
+        );
+        let err = ca
+            .revoke(Some(foreign.as_bytes()), [b.serial().as_str()])
+            .expect_err("continuing another CA's list");
+        assert!(err.to_string().contains("is not this CA's"), "{err}");
+        assert!(ca.revoke(None, ["xyz"]).is_err());
+        let err = trust
+            .with_revocation_lists("empty", ca.certificate_pem().as_bytes())
+            .expect_err("no list");
+        assert!(
+            err.to_string().contains("holds no PEM revocation list"),
+            "{err}"
+        );
+        // A certificate of another CA in the same file is still judged by its own list.
+        let bundle = format!("{}{}", ca.certificate_pem(), other.certificate_pem());
+        let two = MeshCa::from_pem("bundle", bundle.as_bytes())
+            .expect("bundle")
+            .with_revocation_lists("lists", format!("{crl}{foreign}").as_bytes())
+            .expect("one list per CA");
+        let c = issue(&other);
+        assert_eq!(checked(&two, &c), Ok(c.node_id()));
+        assert!(checked(&two, &a).is_err());
+    }
+
+    #[test]
+    fn another_pkis_revocation_list_revokes_its_certificates() {
+        let (ca_pem, issuer) = external_ca(&rcgen::PKCS_ECDSA_P256_SHA256, None);
+        let (identity, kept) = (
+            Identity::generate().expect("id"),
+            Identity::generate().expect("id"),
+        );
+        let cert = NodeCert::from_pem("n", sign_request(&identity, &issuer).as_bytes()).expect("c");
+        let other = NodeCert::from_pem("k", sign_request(&kept, &issuer).as_bytes()).expect("c");
+        let now = offset_time(SystemTime::now());
+        let list = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(7),
+            crl_number: rcgen::SerialNumber::from(7u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(
+                    &parse_serial(&cert.serial()).expect("serial").0,
+                ),
+                revocation_time: now,
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            }],
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .expect("sign")
+        .pem()
+        .expect("pem");
+        let trust = MeshCa::from_pem("ca", ca_pem.as_bytes())
+            .expect("trust")
+            .with_revocation_lists("corp.crl", list.as_bytes())
+            .expect("the CA's list");
+        let err = checked(&trust, &cert).expect_err("revoked");
+        assert!(err.contains("is revoked by the mesh CA"), "{err}");
+        assert_eq!(checked(&trust, &other), Ok(kept.node_id()));
+    }
+
+    #[test]
+    fn serial_numbers_read_alike_however_written() {
+        let s = |hex: &str| parse_serial(hex).map(|s| s.to_string());
+        assert_eq!(s("00AB:cd"), Some("abcd".into()));
+        assert_eq!(s("abc"), Some("0abc".into()));
+        assert_eq!(s("0"), Some("0".into()));
+        assert_eq!(Serial::of(&[0, 0, 0x80]), Serial::of(&[0x80]));
+        assert_eq!(s(""), None);
+        assert_eq!(s("0g"), None);
     }
 }

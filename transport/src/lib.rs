@@ -76,7 +76,8 @@ mod tls;
 use std::time::Duration;
 
 pub use ca::{
-    CA_VALIDITY, CaKey, MAX_CA_CERTS, MAX_NODE_VALIDITY, MeshCa, NodeCert, certificate_request,
+    CA_VALIDITY, CaKey, MAX_CA_CERTS, MAX_NODE_VALIDITY, MAX_REVOKED, MeshCa, NodeCert,
+    certificate_request,
 };
 pub use endpoint::{CloseCounts, Connection, Endpoint, EndpointConfig, Incoming, Traffic};
 pub use error::{

@@ -1,11 +1,11 @@
 //! A node's mesh certificate while it runs (membership by a mesh CA): how long it is valid,
 //! and a renewed certificate or a new CA file taken without a restart.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use peerbus_transport::{MeshCa, NodeCert};
+use peerbus_transport::{CaError, MeshCa, NodeCert};
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, info, warn};
 
@@ -33,12 +33,24 @@ pub(crate) fn report(span: &Span, cert: &NodeCert, what: &str) {
     }
 }
 
+/// The CAs of the CA certificate file `ca`, with the revocation lists of the file `crl` when
+/// there is one.
+pub(crate) fn load_trust(ca: &Path, crl: Option<&Path>) -> Result<MeshCa, CaError> {
+    let trust = MeshCa::load(ca)?;
+    match crl {
+        Some(crl) => trust.with_revocation_list_file(crl),
+        None => Ok(trust),
+    }
+}
+
 /// The files of a node's mesh CA membership, read again every `every`.
 pub(crate) struct Files {
     /// The CA certificate file (`--mesh-ca`).
     pub(crate) ca: PathBuf,
     /// This node's certificate file (`--mesh-cert`).
     pub(crate) cert: PathBuf,
+    /// The CAs' revocation lists (`--mesh-crl`).
+    pub(crate) crl: Option<PathBuf>,
     pub(crate) every: Duration,
 }
 
@@ -87,9 +99,13 @@ pub(crate) async fn watch(
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(files.every) => {}
         }
-        let (ca_path, cert_path) = (files.ca.clone(), files.cert.clone());
+        let (ca_path, cert_path, crl_path) =
+            (files.ca.clone(), files.cert.clone(), files.crl.clone());
         let read = tokio::task::spawn_blocking(move || {
-            (MeshCa::load(&ca_path), NodeCert::load(&cert_path))
+            (
+                load_trust(&ca_path, crl_path.as_deref()),
+                NodeCert::load(&cert_path),
+            )
         });
         // Only a panic in the read (never expected) or a runtime shutting down.
         let Ok((ca, cert)) = read.await else { return };
@@ -97,7 +113,10 @@ pub(crate) async fn watch(
             Ok(ca) if ca != seen.ca => Some(ca),
             Ok(_) => None,
             Err(e) => {
-                seen.refuse(&span, format!("cannot read the mesh CA file: {e}"));
+                seen.refuse(
+                    &span,
+                    format!("cannot read the mesh CA file or its revocation lists: {e}"),
+                );
                 None
             }
         };
@@ -143,8 +162,8 @@ fn take_trust(
 ) -> Result<(), (MeshCa, String)> {
     match shared.endpoint.renew_trust(ca.clone()) {
         Ok(()) => {
-            info!(parent: span, "trusting the mesh CA file as it is now; live connections are \
-                checked again");
+            info!(parent: span, revoked = ca.revoked(), "trusting the mesh CA file and its \
+                revocation lists as they are now; live connections are checked again");
             seen.ca = ca;
             seen.refused.clear();
             Ok(())

@@ -48,8 +48,7 @@ use peerbus_discovery::{
     StaticDiscovery,
 };
 use peerbus_transport::{
-    Endpoint, EndpointConfig, Identity, MAX_MESH_KEYS, Membership, MeshCa, MeshKey, NodeCert,
-    NodeId,
+    Endpoint, EndpointConfig, Identity, MAX_MESH_KEYS, Membership, MeshKey, NodeCert, NodeId,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -391,6 +390,13 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         }
         Membership::from_keys(keys).ok_or(StartError::NoMembership)
     };
+    if b.mesh_crl.is_some() && !matches!(b.membership, MembershipChoice::CaFiles { .. }) {
+        return Err(StartError::Config(
+            "a mesh CA revocation list file needs the mesh CA's files (mesh_ca_files, \
+             --mesh-ca and --mesh-cert)"
+                .into(),
+        ));
+    }
     let membership = match &b.membership {
         MembershipChoice::Unset => return Err(StartError::NoMembership),
         MembershipChoice::Key(k) => keyed(vec![k.clone()])?,
@@ -409,7 +415,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
             cert: cert.clone(),
         },
         MembershipChoice::CaFiles { ca, cert } => Membership::Ca {
-            ca: MeshCa::load(ca)?,
+            ca: cert::load_trust(ca, b.mesh_crl.as_deref())?,
             cert: NodeCert::load(cert)?,
         },
         MembershipChoice::Insecure if !b.also_accept.is_empty() => {
@@ -610,6 +616,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         let files = cert::Files {
             ca: ca_file.clone(),
             cert: cert_file.clone(),
+            crl: b.mesh_crl.clone(),
             every: b
                 .mesh_cert_check_every
                 .max(std::time::Duration::from_millis(100)),
