@@ -120,7 +120,7 @@ pub(crate) struct ChaosArgs {
     #[arg(
         long,
         value_name = "KINDS",
-        default_value = "kill,freeze,restart,partition"
+        default_value = "kill,freeze,restart,partition,oneway"
     )]
     faults: String,
     /// Time between fault starts; each fault is held for 30-60 % of it.
