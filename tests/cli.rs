@@ -961,6 +961,31 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         budget.left(),
     );
     assert!(accepted.status.success(), "{}", accepted.stderr);
+
+    // `ca list` shows what the CA issued, in order, and what became of it.
+    let listed = run(
+        base_command(&["ca", "list", "--ca", &path("ca"), "--json"]),
+        "ca list",
+        budget.left(),
+    );
+    assert!(listed.status.success(), "{}", listed.stderr);
+    let rows: Vec<(String, String)> = listed
+        .stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            (
+                v["node_id"].as_str().expect("node").into(),
+                v["state"].as_str().expect("state").into(),
+            )
+        })
+        .collect();
+    let expected = [(&ids[0], "valid"), (&ids[1], "revoked"), (&ids[1], "valid")];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(id, st)| (id.to_string(), st.to_string()))
+        .collect();
+    assert_eq!(rows, expected, "{}", listed.stdout);
 }
 
 /// `peerbus ca request` writes a certificate request for the node in --data-dir that a CA of

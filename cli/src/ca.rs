@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use peerbus::{CaKey, Identity, NodeCert, NodeId};
+use peerbus::{CaKey, Identity, MeshCa, NodeCert, NodeId};
 
 use crate::common::{CommonArgs, UsageError};
 use crate::output::print_line;
@@ -34,6 +34,19 @@ enum CaCommand {
     /// the CA's directory unless --out says otherwise), which every node takes with
     /// `--mesh-crl` and reads again every minute, closing connections to the revoked nodes.
     Revoke(RevokeArgs),
+    /// List the certificates the CA issued (from its record, `issued.txt`), newest last: node,
+    /// serial number, expiry, and whether each is valid, expired or revoked (by `ca.crl`).
+    List(ListArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ListArgs {
+    /// Directory of the CA (`peerbus ca new --dir`).
+    #[arg(long, value_name = "DIR")]
+    ca: PathBuf,
+    /// One JSON object per certificate, one per line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,6 +117,7 @@ pub(crate) fn run(common: &CommonArgs, args: &CaArgs) -> Result<()> {
         CaCommand::Issue(a) => issue(a),
         CaCommand::Request(a) => request(common, a),
         CaCommand::Revoke(a) => revoke(a),
+        CaCommand::List(a) => list(a),
     }
 }
 
@@ -194,24 +208,98 @@ fn record_issued(ca: &Path, cert: &NodeCert) -> Result<()> {
         .with_context(|| format!("could not record the certificate in {}", path.display()))
 }
 
-/// The serial numbers of the certificates the CA in `ca` issued for `node`, from its record.
-fn issued_for(ca: &Path, node: &NodeId) -> Result<Vec<String>> {
+/// One line of a CA's record of what it issued.
+struct Issued {
+    serial: String,
+    node: String,
+    not_after: String,
+}
+
+/// The certificates the CA in `ca` issued, from its record (at most [`MAX_ISSUED`]; none
+/// when it has no record yet).
+fn issued(ca: &Path) -> Result<Vec<Issued>> {
+    use std::io::BufRead as _;
     let path = ca.join(ISSUED_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("could not read {}", path.display())),
     };
+    let mut all = Vec::new();
+    for line in std::io::BufReader::new(file).lines().take(MAX_ISSUED) {
+        let line = line.with_context(|| format!("could not read {}", path.display()))?;
+        let mut fields = line.split('\t').map(str::to_string);
+        if let (Some(serial), Some(node), Some(not_after)) =
+            (fields.next(), fields.next(), fields.next())
+        {
+            all.push(Issued {
+                serial,
+                node,
+                not_after,
+            });
+        }
+    }
+    Ok(all)
+}
+
+/// The serial numbers of the certificates the CA in `ca` issued for `node`, from its record.
+fn issued_for(ca: &Path, node: &NodeId) -> Result<Vec<String>> {
     let id = node.to_string();
-    Ok(text
-        .lines()
-        .take(MAX_ISSUED)
-        .filter_map(|line| {
-            let mut fields = line.split('\t');
-            let serial = fields.next()?;
-            (fields.next()? == id).then(|| serial.to_string())
-        })
+    Ok(issued(ca)?
+        .into_iter()
+        .filter(|i| i.node == id)
+        .map(|i| i.serial)
         .collect())
+}
+
+fn list(args: &ListArgs) -> Result<()> {
+    let mut trust = MeshCa::load(&args.ca.join("ca.crt"))
+        .with_context(|| format!("could not load the mesh CA in {}", args.ca.display()))?;
+    let crl = args.ca.join("ca.crl");
+    if crl.exists() {
+        trust = trust.with_revocation_list_file(&crl)?;
+    }
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let rows: Vec<(Issued, &str)> = issued(&args.ca)?
+        .into_iter()
+        .map(|i| {
+            // RFC 3339 times in UTC, all to the second: their text orders as they do.
+            let state = if trust.revokes(&i.serial) {
+                "revoked"
+            } else if i.not_after < now {
+                "expired"
+            } else {
+                "valid"
+            };
+            (i, state)
+        })
+        .collect();
+    if args.json {
+        for (i, state) in &rows {
+            let row = serde_json::json!({
+                "node_id": i.node, "serial": i.serial, "not_after": i.not_after, "state": state,
+            });
+            print_line(&row.to_string())?;
+        }
+        return Ok(());
+    }
+    if rows.is_empty() {
+        return print_line(&format!(
+            "{} records no certificate yet (`peerbus ca issue`)",
+            args.ca.join(ISSUED_FILE).display()
+        ));
+    }
+    let mut out = format!(
+        "{:<52}  {:<32}  {:<20}  STATE\n",
+        "NODE", "SERIAL", "EXPIRES"
+    );
+    for (i, state) in &rows {
+        out.push_str(&format!(
+            "{:<52}  {:<32}  {:<20}  {state}\n",
+            i.node, i.serial, i.not_after
+        ));
+    }
+    print_line(out.trim_end())
 }
 
 fn revoke(args: &RevokeArgs) -> Result<()> {

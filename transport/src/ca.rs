@@ -538,6 +538,12 @@ impl MeshCa {
     pub fn revoked(&self) -> usize {
         self.roots.iter().map(|r| r.revoked.len()).sum()
     }
+
+    /// Whether a revocation list taken names the serial number `serial` (hex, as
+    /// [`NodeCert::serial`] shows it), for any of the CAs.
+    pub fn revokes(&self, serial: &str) -> bool {
+        parse_serial(serial).is_some_and(|s| self.roots.iter().any(|r| r.revoked.contains(&s)))
+    }
 }
 
 /// A node's certificate, issued by the mesh CA for its node id. Cheap to clone.
@@ -1184,6 +1190,8 @@ mod tests {
             .with_revocation_lists("ca.crl", crl2.as_bytes())
             .expect("the CA's list");
         assert_eq!(both.revoked(), 2);
+        assert!(both.revokes(&a.serial()) && both.revokes(&b.serial()));
+        assert!(!revoking.revokes(&b.serial()) && !revoking.revokes("not hex"));
         assert!(checked(&both, &a).is_err() && checked(&both, &b).is_err());
         let der = CertificateRevocationListDer::from_pem_slice(crl2.as_bytes()).expect("pem");
         let (_, parsed) = x509_parser::parse_x509_crl(der.as_ref()).expect("parse");
