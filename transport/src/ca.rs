@@ -237,7 +237,7 @@ enum Signed {
 
 impl Signed {
     /// The algorithm of `oid`, or why it is not one a node checks (completing "… is signed
-    /// with algorithm …").
+    /// with …").
     fn of(oid: &x509_parser::der_parser::oid::Oid<'_>) -> Result<Signed, String> {
         use x509_parser::oid_registry as reg;
         Ok(match oid {
@@ -437,19 +437,26 @@ impl MeshCa {
             .signed
             .clone()
             .map_err(|alg| format!("the certificate is signed with {alg}"))?;
-        let signer = self
+        // Every trusted certificate of the signing key counts: a CA certificate renewed for
+        // the same key sits beside the old one in the file, and either may be the valid one.
+        let signers: Vec<&Root> = self
             .roots
             .iter()
-            .find(|r| r.key.verifies(how, &cert.tbs, &cert.signature));
-        let Some(root) = signer else {
+            .filter(|r| r.key.verifies(how, &cert.tbs, &cert.signature))
+            .collect();
+        let Some(first) = signers.first() else {
             return Err("the certificate is not signed by the mesh CA".into());
         };
-        if root.revoked.contains(&cert.serial) {
+        if let Some(root) = signers.iter().find(|r| r.revoked.contains(&cert.serial)) {
             return Err(format!(
                 "the certificate (serial {}) is revoked by the mesh CA ({})",
                 cert.serial, root.subject
             ));
         }
+        let root = signers
+            .iter()
+            .find(|r| r.validity.check(now).is_ok())
+            .unwrap_or(first);
         root.validity
             .check(now)
             .map_err(|why| format!("the mesh CA certificate ({}) is {why}", root.subject))?;
@@ -492,19 +499,27 @@ impl MeshCa {
             }
             let how = Signed::of(&crl.signature_algorithm.algorithm)
                 .map_err(|alg| bad(format!("is signed with {alg}")))?;
-            let signer = self.roots.iter().position(|r| {
-                r.key
-                    .verifies(how, crl.tbs_cert_list.as_ref(), &crl.signature_value.data)
-            });
-            let Some(root) = signer else {
+            // The list holds for every trusted certificate of its signing key.
+            let signers: Vec<usize> = (0..self.roots.len())
+                .filter(|&i| {
+                    self.roots[i].key.verifies(
+                        how,
+                        crl.tbs_cert_list.as_ref(),
+                        &crl.signature_value.data,
+                    )
+                })
+                .collect();
+            if signers.is_empty() {
                 return Err(bad("is not signed by a CA of the mesh CA file".into()));
-            };
+            }
             for entry in crl.iter_revoked_certificates() {
                 count += 1;
                 if count > MAX_REVOKED {
                     return Err(bad(format!("revokes more than {MAX_REVOKED} certificates")));
                 }
-                revoked[root].insert(Serial::of(entry.raw_serial()));
+                for &root in &signers {
+                    revoked[root].insert(Serial::of(entry.raw_serial()));
+                }
             }
         }
         if lists == 0 {
@@ -1279,5 +1294,61 @@ mod tests {
         assert_eq!(Serial::of(&[0, 0, 0x80]), Serial::of(&[0x80]));
         assert_eq!(s(""), None);
         assert_eq!(s("0g"), None);
+    }
+
+    #[test]
+    fn a_ca_certificate_renewed_for_the_same_key_counts_beside_the_old_one() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let now = SystemTime::now();
+        let ca_cert = |from: SystemTime, to: SystemTime| {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("p");
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.not_before = offset_time(from);
+            params.not_after = offset_time(to);
+            let pem = params.self_signed(&key).expect("ca cert").pem();
+            (pem, params)
+        };
+        let (old, _) = ca_cert(now - 3 * DAY, now - DAY);
+        let (renewed, params) = ca_cert(now - DAY, now + DAY);
+        let issuer = rcgen::Issuer::new(params, &key);
+        let identity = Identity::generate().expect("id");
+        let csr = certificate_request(&identity).expect("request");
+        let pem = rcgen::CertificateSigningRequestParams::from_pem(&csr)
+            .expect("request")
+            .signed_by(&issuer)
+            .expect("sign")
+            .pem();
+        let cert = NodeCert::from_pem("n", pem.as_bytes()).expect("cert");
+        let list = rcgen::CertificateRevocationListParams {
+            this_update: offset_time(now),
+            next_update: offset_time(now + DAY),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(
+                    &parse_serial(&cert.serial()).expect("serial").0,
+                ),
+                revocation_time: offset_time(now),
+                reason_code: None,
+                invalidity_date: None,
+            }],
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .expect("sign")
+        .pem()
+        .expect("pem");
+        for bundle in [format!("{old}{renewed}"), format!("{renewed}{old}")] {
+            let trust = MeshCa::from_pem("bundle", bundle.as_bytes()).expect("bundle");
+            assert_eq!(checked(&trust, &cert), Ok(identity.node_id()), "{bundle}");
+            let revoking = trust
+                .with_revocation_lists("list", list.as_bytes())
+                .expect("the key's list");
+            let err = checked(&revoking, &cert).expect_err("revoked under either certificate");
+            assert!(err.contains("is revoked"), "{err}");
+        }
+        let only_old = MeshCa::from_pem("old", old.as_bytes()).expect("old");
+        let err = checked(&only_old, &cert).expect_err("the old CA certificate expired");
+        assert!(err.contains("the mesh CA certificate"), "{err}");
     }
 }
