@@ -124,5 +124,6 @@ pub use peerbus_discovery::{
 };
 pub use peerbus_transport::{
     CaError, CaKey, CloseCode, CloseCounts, FaultConfig, FaultStats, Faults, Identity,
-    MAX_CA_CERTS, MAX_MESH_KEYS, MeshCa, MeshKey, NodeCert, NodeId, Traffic, certificate_request,
+    MAX_CA_CERTS, MAX_MESH_KEYS, MAX_REVOKED, MeshCa, MeshKey, NodeCert, NodeId, Traffic,
+    certificate_request,
 };

@@ -441,9 +441,10 @@ impl Endpoint {
     /// [`Connection::trust_changes`] tells the holders of live connections to check those
     /// again ([`Endpoint::recheck`]).
     ///
-    /// Errors ([`BindError::Config`]) when the endpoint has no mesh CA, or its own
-    /// certificate is not signed by a CA of `ca` (issue it one from the new CA first: the
-    /// mesh would refuse it); the old trust stays.
+    /// Errors ([`BindError::Config`]) when the endpoint has no mesh CA, or `ca` does not
+    /// accept its own certificate (not signed by a CA of `ca`: issue it one from the new CA
+    /// first, the mesh would refuse it; or revoked by `ca`'s revocation lists); the old trust
+    /// stays.
     pub fn renew_trust(&self, ca: MeshCa) -> Result<(), BindError> {
         let mut presented = self.presented_mut();
         if presented.trust.is_none() {
@@ -452,8 +453,8 @@ impl Endpoint {
         ca.check(presented.certified.chain().0[0].as_ref(), SystemTime::now())
             .map_err(|why| {
                 BindError::Config(format!(
-                    "the new mesh CA file does not accept this node's own certificate ({why}); \
-                     issue it one from the new CA first"
+                    "the new mesh CA file or its revocation lists do not accept this node's own \
+                     certificate ({why}); the trust in use stays"
                 ))
             })?;
         presented.trust = Some(ca);
