@@ -191,7 +191,7 @@ async fn a_certificate_that_expires_while_its_node_runs_is_refused_until_renewed
             .renew_trust(other.trust().expect("trust"))
             .expect_err("another CA alone");
         assert!(
-            err.to_string().contains("does not accept this node's own"),
+            err.to_string().contains("do not accept this node's own"),
             "{err}"
         );
     })
