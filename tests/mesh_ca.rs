@@ -294,6 +294,11 @@ async fn a_member_revoked_while_connected_is_cut_off_and_the_others_stay() {
             .await
             .expect("receiver");
         let mut got = drain(receiver.messages().expect("messages"));
+        let revoked = |n: &Node| {
+            let n = n.clone();
+            async move { n.status().await.and_then(|s| s.mesh_ca_revoked) }
+        };
+        assert_eq!(revoked(&receiver).await, Some(0));
         let rogue = f.member("sender", "s").start().await.expect("rogue");
         let honest = f.member("sender", "h").start().await.expect("honest");
         delivered(&rogue, &mut got, "before").await;
@@ -314,6 +319,11 @@ async fn a_member_revoked_while_connected_is_cut_off_and_the_others_stay() {
             || refuses(&receiver, rogue.id(), &why),
         )
         .await;
+        assert_eq!(
+            revoked(&receiver).await,
+            Some(1),
+            "the status counts the revocation"
+        );
         let waiting = rogue
             .send("orders", Outgoing::new("while revoked"))
             .await

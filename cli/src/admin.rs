@@ -168,6 +168,15 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
                 humantime::format_rfc3339_seconds(until)
             ))?;
         }
+        if let Some(n) = status.get("mesh_ca_revoked").and_then(Value::as_u64) {
+            print_line(&format!(
+                "mesh CA revocation lists: {}",
+                match n {
+                    1 => "1 certificate revoked".to_string(),
+                    n => format!("{n} certificates revoked"),
+                }
+            ))?;
+        }
     } else {
         print_line(&format!(
             "node in {} is not running (read from its data directory)",

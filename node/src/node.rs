@@ -227,6 +227,11 @@ pub struct Status {
     /// membership by a mesh CA (after a renewal, the new one's); `None` otherwise. Peers refuse
     /// the node from then on.
     pub mesh_certificate_expires: Option<u64>,
+    /// How many certificates the mesh CA's revocation lists in use revoke
+    /// ([`NodeBuilder::mesh_crl_file`](crate::NodeBuilder::mesh_crl_file)), with membership
+    /// by a mesh CA; `None` otherwise. Every node of a mesh should show the same number once
+    /// a new list has reached them all.
+    pub mesh_ca_revoked: Option<usize>,
     /// Circuit breaker and bulkhead per requested service.
     pub breakers: BTreeMap<String, BreakerStatus>,
     /// Durable subscriber groups this node knows of (a `publish` keeps copies for the live

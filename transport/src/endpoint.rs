@@ -481,6 +481,12 @@ impl Endpoint {
         self.presented().trust.clone()
     }
 
+    /// How many certificates the revocation lists of the mesh CA trusted now revoke
+    /// ([`MeshCa::with_revocation_lists`]); `None` with a mesh key or an open mesh.
+    pub fn revoked_certificates(&self) -> Option<usize> {
+        self.presented().trust.as_ref().map(MeshCa::revoked)
+    }
+
     /// When the mesh certificate this endpoint presents now ends (a mesh CA, after
     /// [`Endpoint::renew_certificate`] the new one's); `None` with a mesh key or an open mesh.
     pub fn certificate_expires(&self) -> Option<SystemTime> {

@@ -82,6 +82,9 @@ pub const SENDS_WAITING: &str = "peerbus_sends_waiting";
 /// When this node's mesh certificate ends, in seconds since the Unix epoch (membership by a
 /// mesh CA only): alert well before it.
 pub const MESH_CERTIFICATE_EXPIRES: &str = "peerbus_mesh_certificate_expiration_timestamp_seconds";
+/// Certificates the mesh CA's revocation lists in use revoke (membership by a mesh CA only):
+/// every node should show the same number once a new list has reached them all.
+pub const MESH_CA_REVOKED: &str = "peerbus_mesh_ca_revoked_certificates";
 /// Circuit breaker state per requested service (0 closed, 1 half-open, 2 open).
 pub const BREAKER_STATE: &str = "peerbus_breaker_state";
 /// Timer ticks of the node's core: 20 a second while it has timed work, one a second when
@@ -359,6 +362,9 @@ pub(crate) async fn facade_sampler(node: Node) {
         metrics::gauge!(SENDS_WAITING, "node" => node_label.clone()).set(s.sends_waiting as f64);
         if let Some(t) = s.mesh_certificate_expires {
             metrics::gauge!(MESH_CERTIFICATE_EXPIRES, "node" => node_label.clone()).set(t as f64);
+        }
+        if let Some(n) = s.mesh_ca_revoked {
+            metrics::gauge!(MESH_CA_REVOKED, "node" => node_label.clone()).set(n as f64);
         }
         for (svc, b) in &s.breakers {
             metrics::gauge!(BREAKER_STATE, "node" => node_label.clone(), "service" => svc.clone())
@@ -692,6 +698,15 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
             "When this node's mesh certificate ends, in seconds since the Unix epoch.",
         );
         let _ = writeln!(out, "{MESH_CERTIFICATE_EXPIRES}{{{n}}} {t}");
+    }
+    if let Some(revoked) = s.mesh_ca_revoked {
+        head(
+            &mut out,
+            MESH_CA_REVOKED,
+            "gauge",
+            "Certificates the mesh CA's revocation lists in use revoke.",
+        );
+        let _ = writeln!(out, "{MESH_CA_REVOKED}{{{n}}} {revoked}");
     }
     head(
         &mut out,

@@ -2081,6 +2081,7 @@ impl Core {
                 .certificate_expires()
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
+            mesh_ca_revoked: self.shared.endpoint.revoked_certificates(),
             breakers,
             groups: self.known_groups.states().into_iter().collect(),
         }
