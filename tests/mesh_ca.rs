@@ -347,6 +347,7 @@ async fn a_member_revoked_while_connected_is_cut_off_and_the_others_stay() {
             .data_dir(f.path("s"))
             .mesh_ca_files(f.path("ca/ca.crt"), f.path("s/node.crt"))
             .mesh_crl_file(&crl)
+            .listen("127.0.0.1:0".parse().expect("addr"))
             .discovery(f.net.discovery())
             .start()
             .await
@@ -358,6 +359,8 @@ async fn a_member_revoked_while_connected_is_cut_off_and_the_others_stay() {
         let err = Node::builder("x")
             .insecure_open_mesh()
             .mesh_crl_file(&crl)
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .discovery(f.net.discovery())
             .start()
             .await
             .expect_err("a list without a CA");
