@@ -264,6 +264,10 @@ struct Parsed {
     is_ca: bool,
     /// Whether it is an X.509 version 3 certificate (rustls takes no other).
     v3: bool,
+    /// What its key usage extension allows its key to sign (both when it has none, as RFC
+    /// 5280 reads it): certificates, and revocation lists.
+    signs_certificates: bool,
+    signs_lists: bool,
     serial: Serial,
     subject: String,
     /// The signed part, its signature and how it was made, for [`MeshCa::check`].
@@ -289,6 +293,12 @@ fn parse(der: &[u8]) -> Result<Parsed, String> {
         return Err("the certificate has trailing bytes".into());
     }
     let validity = cert.validity();
+    let usage = cert
+        .key_usage()
+        .map_err(|e| format!("the certificate's key usage does not parse: {e}"))?;
+    let (signs_certificates, signs_lists) = usage.map_or((true, true), |u| {
+        (u.value.key_cert_sign(), u.value.crl_sign())
+    });
     Ok(Parsed {
         key: PublicKey::of(&cert.tbs_certificate.subject_pki),
         validity: Validity {
@@ -297,6 +307,8 @@ fn parse(der: &[u8]) -> Result<Parsed, String> {
         },
         is_ca: cert.is_ca(),
         v3: cert.version() == x509_parser::x509::X509Version::V3,
+        signs_certificates,
+        signs_lists,
         serial: Serial::of(cert.raw_serial()),
         subject: cert.subject().to_string(),
         tbs: cert.tbs_certificate.as_ref().to_vec(),
@@ -354,6 +366,8 @@ struct Root {
     key: PublicKey,
     validity: Validity,
     subject: String,
+    /// Whether its key usage lets it sign revocation lists.
+    signs_lists: bool,
     revoked: Arc<BTreeSet<Serial>>,
 }
 
@@ -410,6 +424,11 @@ impl MeshCa {
                     "is not a CA certificate (a node certificate in place of the CA's?)".into(),
                 ));
             }
+            if !p.signs_certificates {
+                return Err(bad(
+                    "has a key usage that does not allow signing certificates (keyCertSign)".into(),
+                ));
+            }
             if let PublicKey::Unsupported(kind) = &p.key {
                 return Err(bad(format!(
                     "has {kind}; a mesh CA's key is ed25519, ECDSA P-256 or P-384, or RSA"
@@ -419,6 +438,7 @@ impl MeshCa {
                 key: p.key,
                 validity: p.validity,
                 subject: p.subject,
+                signs_lists: p.signs_lists,
                 revoked: Arc::default(),
             });
         }
@@ -511,6 +531,13 @@ impl MeshCa {
                 .collect();
             if signers.is_empty() {
                 return Err(bad("is not signed by a CA of the mesh CA file".into()));
+            }
+            if signers.iter().any(|&i| !self.roots[i].signs_lists) {
+                return Err(bad(format!(
+                    "is signed by a CA ({}) whose key usage does not allow signing revocation \
+                     lists (cRLSign)",
+                    self.roots[signers[0]].subject
+                )));
             }
             for entry in crl.iter_revoked_certificates() {
                 count += 1;
@@ -1098,7 +1125,10 @@ mod tests {
     }
 
     /// `identity`'s certificate request, signed by `issuer` as another PKI would (PEM).
-    fn sign_request(identity: &Identity, issuer: &rcgen::Issuer<'_, rcgen::KeyPair>) -> String {
+    fn sign_request(
+        identity: &Identity,
+        issuer: &rcgen::Issuer<'_, impl rcgen::SigningKey>,
+    ) -> String {
         let csr = certificate_request(identity).expect("request");
         assert!(
             csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"),
@@ -1109,6 +1139,37 @@ mod tests {
             .signed_by(issuer)
             .expect("sign")
             .pem()
+    }
+
+    /// A revocation list (PEM) that `issuer` signs, valid for a day from now, revoking
+    /// `certs`.
+    fn list_revoking(
+        issuer: &rcgen::Issuer<'_, impl rcgen::SigningKey>,
+        certs: &[&NodeCert],
+    ) -> String {
+        let now = offset_time(SystemTime::now());
+        rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: certs
+                .iter()
+                .map(|c| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(
+                        &parse_serial(&c.serial()).expect("serial").0,
+                    ),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(issuer)
+        .expect("sign")
+        .pem()
+        .expect("pem")
     }
 
     const RSA_CA_KEY: &str = include_str!("../tests/data/rsa-ca.key");
@@ -1256,26 +1317,7 @@ mod tests {
         );
         let cert = NodeCert::from_pem("n", sign_request(&identity, &issuer).as_bytes()).expect("c");
         let other = NodeCert::from_pem("k", sign_request(&kept, &issuer).as_bytes()).expect("c");
-        let now = offset_time(SystemTime::now());
-        let list = rcgen::CertificateRevocationListParams {
-            this_update: now,
-            next_update: now + time::Duration::days(7),
-            crl_number: rcgen::SerialNumber::from(7u64),
-            issuing_distribution_point: None,
-            revoked_certs: vec![rcgen::RevokedCertParams {
-                serial_number: rcgen::SerialNumber::from_slice(
-                    &parse_serial(&cert.serial()).expect("serial").0,
-                ),
-                revocation_time: now,
-                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-                invalidity_date: None,
-            }],
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
-        }
-        .signed_by(&issuer)
-        .expect("sign")
-        .pem()
-        .expect("pem");
+        let list = list_revoking(&issuer, &[&cert]);
         let trust = MeshCa::from_pem("ca", ca_pem.as_bytes())
             .expect("trust")
             .with_revocation_lists("corp.crl", list.as_bytes())
@@ -1312,32 +1354,9 @@ mod tests {
         let (renewed, params) = ca_cert(now - DAY, now + DAY);
         let issuer = rcgen::Issuer::new(params, &key);
         let identity = Identity::generate().expect("id");
-        let csr = certificate_request(&identity).expect("request");
-        let pem = rcgen::CertificateSigningRequestParams::from_pem(&csr)
-            .expect("request")
-            .signed_by(&issuer)
-            .expect("sign")
-            .pem();
+        let pem = sign_request(&identity, &issuer);
         let cert = NodeCert::from_pem("n", pem.as_bytes()).expect("cert");
-        let list = rcgen::CertificateRevocationListParams {
-            this_update: offset_time(now),
-            next_update: offset_time(now + DAY),
-            crl_number: rcgen::SerialNumber::from(1u64),
-            issuing_distribution_point: None,
-            revoked_certs: vec![rcgen::RevokedCertParams {
-                serial_number: rcgen::SerialNumber::from_slice(
-                    &parse_serial(&cert.serial()).expect("serial").0,
-                ),
-                revocation_time: offset_time(now),
-                reason_code: None,
-                invalidity_date: None,
-            }],
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
-        }
-        .signed_by(&issuer)
-        .expect("sign")
-        .pem()
-        .expect("pem");
+        let list = list_revoking(&issuer, &[&cert]);
         for bundle in [format!("{old}{renewed}"), format!("{renewed}{old}")] {
             let trust = MeshCa::from_pem("bundle", bundle.as_bytes()).expect("bundle");
             assert_eq!(checked(&trust, &cert), Ok(identity.node_id()), "{bundle}");
@@ -1350,5 +1369,39 @@ mod tests {
         let only_old = MeshCa::from_pem("old", old.as_bytes()).expect("old");
         let err = checked(&only_old, &cert).expect_err("the old CA certificate expired");
         assert!(err.contains("the mesh CA certificate"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_whose_key_usage_forbids_signing_is_refused() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let ca = |usages: Vec<rcgen::KeyUsagePurpose>| {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("p");
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.key_usages = usages;
+            (params.self_signed(&key).expect("ca cert").pem(), params)
+        };
+        let (signs_only_data, _) = ca(vec![rcgen::KeyUsagePurpose::DigitalSignature]);
+        let err = MeshCa::from_pem("ca.crt", signs_only_data.as_bytes()).expect_err("usage");
+        assert!(err.to_string().contains("keyCertSign"), "{err}");
+
+        // A CA that may sign certificates but not lists: its certificates count, a list
+        // signed with its key does not. (The list is signed through a CA description that
+        // allows it: rcgen would refuse otherwise.)
+        let (certs_only, _) = ca(vec![rcgen::KeyUsagePurpose::KeyCertSign]);
+        let (_, both) = ca(vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ]);
+        let issuer = rcgen::Issuer::new(both, &key);
+        let identity = Identity::generate().expect("id");
+        let pem = sign_request(&identity, &issuer);
+        let cert = NodeCert::from_pem("n", pem.as_bytes()).expect("cert");
+        let trust = MeshCa::from_pem("ca.crt", certs_only.as_bytes()).expect("trust");
+        assert_eq!(checked(&trust, &cert), Ok(identity.node_id()));
+        let list = list_revoking(&issuer, &[]);
+        let err = trust
+            .with_revocation_lists("ca.crl", list.as_bytes())
+            .expect_err("a CA that may not sign lists");
+        assert!(err.to_string().contains("cRLSign"), "{err}");
     }
 }
