@@ -78,6 +78,16 @@ fn offset_time(t: SystemTime) -> time::OffsetDateTime {
     time::OffsetDateTime::from(t)
 }
 
+/// Creates `path` with `bytes` (the umask's mode), refusing to replace a file.
+fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)?
+        .write_all(bytes)
+}
+
 /// Reads at most [`MAX_PEM_FILE`] bytes of `path`, refusing a larger file.
 fn read_pem_file(path: &Path) -> Result<Vec<u8>, CaError> {
     read_file_of_at_most(path, MAX_PEM_FILE)
@@ -741,8 +751,8 @@ impl CaKey {
 
     /// Creates a CA in `dir` (made if missing): `ca.key`, the signing key (mode 0600),
     /// `ca.crt`, the certificate every node trusts, and `ca.crl`, its revocation list, empty
-    /// (so that nodes can take it from the start: [`CaKey::revoke`] adds to it). Refuses to
-    /// overwrite any of them.
+    /// (so that nodes can take it from the start: [`CaKey::revoke`] adds to it); those two
+    /// are public (the umask's mode). Refuses to overwrite any of them.
     pub fn create(dir: &Path, name: &str) -> Result<CaKey, CaError> {
         let (key_path, cert_path) = (dir.join(CA_KEY_FILE), dir.join(CA_CERT_FILE));
         let crl_path = dir.join(CA_CRL_FILE);
@@ -758,9 +768,10 @@ impl CaKey {
         };
         std::fs::create_dir_all(dir).map_err(io(&dir.to_path_buf()))?;
         write_private(&key_path, ca.key.serialize_pem().as_bytes()).map_err(io(&key_path))?;
-        write_private(&cert_path, ca.cert_pem.as_bytes()).map_err(io(&cert_path))?;
+        // The certificate and the list are public: every node gets a copy.
+        write_new(&cert_path, ca.cert_pem.as_bytes()).map_err(io(&cert_path))?;
         let crl = ca.revoke(None, [])?;
-        write_private(&crl_path, crl.as_bytes()).map_err(io(&crl_path))?;
+        write_new(&crl_path, crl.as_bytes()).map_err(io(&crl_path))?;
         Ok(ca)
     }
 
