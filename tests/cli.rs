@@ -143,6 +143,16 @@ impl Mesh {
     }
 }
 
+/// `peerbus send vault <text> --timeout <timeout>` as a member of `mesh`, run to its end
+/// (`what` names it in failures).
+fn send_to_vault(mesh: &Mesh, text: &str, timeout: &str, what: &str, budget: &Budget) -> Finished {
+    run(
+        mesh.command(&["send", "vault", text, "--timeout", timeout]),
+        what,
+        budget.left(),
+    )
+}
+
 /// `peerbus <args>` with a clean PEERBUS_* environment.
 fn base_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(peerbus_bin());
@@ -713,12 +723,8 @@ fn send_with_another_mesh_key_is_refused() {
         "node with key a",
     );
 
-    let refused = run(
-        // Long enough for the vault to start and be found on a busy machine.
-        with_b.command(&["send", "vault", "let me in", "--timeout", "20s"]),
-        "send with key b",
-        budget.left(),
-    );
+    // Long enough for the vault to start and be found on a busy machine.
+    let refused = send_to_vault(&with_b, "let me in", "20s", "send with key b", &budget);
     assert!(
         !refused.status.success(),
         "send with the wrong key succeeded"
@@ -746,11 +752,7 @@ fn send_with_another_mesh_key_is_refused() {
         shown = status.stdout;
     }
 
-    let accepted = run(
-        with_a.command(&["send", "vault", "hello", "--timeout", "30s"]),
-        "send with key a",
-        budget.left(),
-    );
+    let accepted = send_to_vault(&with_a, "hello", "30s", "send with key a", &budget);
     assert!(
         accepted.status.success(),
         "send with the right key failed: {}",
@@ -837,10 +839,12 @@ fn members_by_mesh_ca_certificate_talk_and_a_stranger_is_refused() {
         mesh("ca", "vault").command(&["node", "--service", "vault"]),
         "vault node",
     );
-    let refused = run(
-        mesh("other-ca", "stranger").command(&["send", "vault", "let me in", "--timeout", "20s"]),
+    let refused = send_to_vault(
+        &mesh("other-ca", "stranger"),
+        "let me in",
+        "20s",
         "send by a stranger",
-        budget.left(),
+        &budget,
     );
     assert!(!refused.status.success(), "the stranger's send succeeded");
     assert!(
@@ -848,10 +852,12 @@ fn members_by_mesh_ca_certificate_talk_and_a_stranger_is_refused() {
         "stderr does not explain the refusal:\n{}",
         refused.stderr
     );
-    let accepted = run(
-        mesh("ca", "client").command(&["send", "vault", "hello", "--timeout", "30s"]),
+    let accepted = send_to_vault(
+        &mesh("ca", "client"),
+        "hello",
+        "30s",
         "send by a member",
-        budget.left(),
+        &budget,
     );
     assert!(
         accepted.status.success(),
@@ -928,10 +934,12 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         mesh("vault").command(&["node", "--service", "vault"]),
         "vault node",
     );
-    let refused = run(
-        mesh("client").command(&["send", "vault", "let me in", "--timeout", "10s"]),
+    let refused = send_to_vault(
+        &mesh("client"),
+        "let me in",
+        "10s",
         "send by a revoked node",
-        budget.left(),
+        &budget,
     );
     assert!(!refused.status.success(), "a revoked node's send succeeded");
     assert!(
@@ -955,10 +963,12 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         budget.left(),
     );
     assert!(reissued.status.success(), "{}", reissued.stderr);
-    let accepted = run(
-        mesh("client").command(&["send", "vault", "hello again", "--timeout", "30s"]),
+    let accepted = send_to_vault(
+        &mesh("client"),
+        "hello again",
+        "30s",
         "send with a new certificate",
-        budget.left(),
+        &budget,
     );
     assert!(accepted.status.success(), "{}", accepted.stderr);
 
@@ -1038,11 +1048,7 @@ fn nodes_certified_by_another_pki_from_their_requests_talk() {
         mesh("vault").command(&["node", "--service", "vault"]),
         "vault node",
     );
-    let accepted = run(
-        mesh("client").command(&["send", "vault", "hello", "--timeout", "30s"]),
-        "send by a member",
-        budget.left(),
-    );
+    let accepted = send_to_vault(&mesh("client"), "hello", "30s", "send by a member", &budget);
     assert!(
         accepted.status.success(),
         "a member's send failed: {}",

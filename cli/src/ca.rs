@@ -183,25 +183,6 @@ fn request(common: &CommonArgs, args: &RequestArgs) -> Result<()> {
     ))
 }
 
-/// The largest revocation list `ca revoke` reads to add to (what a node reads too).
-const MAX_CRL_FILE: u64 = 8 * 1024 * 1024;
-
-/// The bytes of `path`, or an `InvalidData` error when it holds more than `limit`.
-fn read_at_most(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read as _;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(limit + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > limit {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("larger than {limit} bytes"),
-        ));
-    }
-    Ok(bytes)
-}
-
 /// The record of what a CA issued, in its directory: a line per certificate, its serial
 /// number, node id and expiry, tab-separated (`peerbus ca revoke --node-id` reads it).
 const ISSUED_FILE: &str = "issued.txt";
@@ -347,13 +328,8 @@ fn revoke(args: &RevokeArgs) -> Result<()> {
         serials.extend(issued);
     }
     let out = args.out.clone().unwrap_or_else(|| args.ca.join("ca.crl"));
-    let current = match read_at_most(&out, MAX_CRL_FILE) {
-        Ok(pem) => Some(pem),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).with_context(|| format!("could not read {}", out.display())),
-    };
     let list = ca
-        .revoke(current.as_deref(), serials.iter().map(String::as_str))
+        .revoke_continuing(&out, serials.iter().map(String::as_str))
         .with_context(|| format!("could not write the revocation list {}", out.display()))?;
     let revoked = trust
         .with_revocation_lists("the new revocation list", list.as_bytes())

@@ -187,14 +187,15 @@ enum PublicKey {
 impl PublicKey {
     fn of(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> PublicKey {
         use x509_parser::oid_registry as oid;
-        let bits = spki.subject_public_key.data.to_vec();
         let alg = &spki.algorithm.algorithm;
         if *alg == oid::OID_SIG_ED25519 {
-            match <[u8; 32]>::try_from(bits.as_slice()) {
+            return match tls::ed25519_key(spki) {
                 Ok(key) => PublicKey::Ed25519(key),
-                Err(_) => PublicKey::Unsupported("an ed25519 key that is not 32 bytes".into()),
-            }
-        } else if *alg == oid::OID_KEY_TYPE_EC_PUBLIC_KEY {
+                Err(why) => PublicKey::Unsupported(format!("a {why}")),
+            };
+        }
+        let bits = spki.subject_public_key.data.to_vec();
+        if *alg == oid::OID_KEY_TYPE_EC_PUBLIC_KEY {
             let curve = spki
                 .algorithm
                 .parameters
@@ -457,6 +458,21 @@ impl MeshCa {
         })
     }
 
+    /// The trusted certificates whose key made `signature` over `signed` the way `how` says:
+    /// every one of that key, as a CA certificate renewed for the same key sits beside the
+    /// old one in the file, and either may be the valid one.
+    fn signers<'a>(
+        &'a self,
+        how: Signed,
+        signed: &'a [u8],
+        signature: &'a [u8],
+    ) -> impl Iterator<Item = (usize, &'a Root)> {
+        self.roots
+            .iter()
+            .enumerate()
+            .filter(move |(_, r)| r.key.verifies(how, signed, signature))
+    }
+
     /// Checks a node certificate (DER) at `now`: signed by one of these CAs, itself valid, and
     /// that CA valid too. Returns the certificate (its node id, its expiry); the error says
     /// why not.
@@ -467,12 +483,9 @@ impl MeshCa {
             .signed
             .clone()
             .map_err(|alg| format!("the certificate is signed with {alg}"))?;
-        // Every trusted certificate of the signing key counts: a CA certificate renewed for
-        // the same key sits beside the old one in the file, and either may be the valid one.
         let signers: Vec<&Root> = self
-            .roots
-            .iter()
-            .filter(|r| r.key.verifies(how, &cert.tbs, &cert.signature))
+            .signers(how, &cert.tbs, &cert.signature)
+            .map(|(_, r)| r)
             .collect();
         let Some(first) = signers.first() else {
             return Err("the certificate is not signed by the mesh CA".into());
@@ -530,14 +543,9 @@ impl MeshCa {
             let how = Signed::of(&crl.signature_algorithm.algorithm)
                 .map_err(|alg| bad(format!("is signed with {alg}")))?;
             // The list holds for every trusted certificate of its signing key.
-            let signers: Vec<usize> = (0..self.roots.len())
-                .filter(|&i| {
-                    self.roots[i].key.verifies(
-                        how,
-                        crl.tbs_cert_list.as_ref(),
-                        &crl.signature_value.data,
-                    )
-                })
+            let signers: Vec<usize> = self
+                .signers(how, crl.tbs_cert_list.as_ref(), &crl.signature_value.data)
+                .map(|(i, _)| i)
                 .collect();
             if signers.is_empty() {
                 return Err(bad("is not signed by a CA of the mesh CA file".into()));
@@ -878,6 +886,21 @@ impl CaKey {
             .signed_by(&issuer)
             .and_then(|l| l.pem())
             .map_err(sign)
+    }
+
+    /// [`CaKey::revoke`] continuing this CA's list in the file `path`, when there is one
+    /// (read up to the size a node reads); the new list, in PEM, is for the caller to write.
+    pub fn revoke_continuing<'a>(
+        &self,
+        path: &Path,
+        serials: impl IntoIterator<Item = &'a str>,
+    ) -> Result<String, CaError> {
+        let current = match read_file_of_at_most(path, MAX_CRL_FILE) {
+            Ok(pem) => Some(pem),
+            Err(CaError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        self.revoke(current.as_deref(), serials)
     }
 
     /// The entries of this CA's revocation list `pem` and its number; an error for a list

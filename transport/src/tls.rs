@@ -24,16 +24,15 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 pub(crate) fn node_id_of(cert: &CertificateDer<'_>) -> Result<NodeId, TlsError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| TlsError::General(format!("peer certificate does not parse: {e}")))?;
-    ed25519_key(&parsed)
+    ed25519_key(&parsed.tbs_certificate.subject_pki)
         .map(NodeId::from_bytes)
         .map_err(|why| TlsError::General(format!("peer {why}")))
 }
 
-/// A certificate's ed25519 subject public key; the error completes "certificate …".
+/// A certificate's ed25519 subject public key (`spki`); the error completes "certificate …".
 pub(crate) fn ed25519_key(
-    cert: &x509_parser::certificate::X509Certificate<'_>,
+    spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>,
 ) -> Result<[u8; 32], &'static str> {
-    let spki = &cert.tbs_certificate.subject_pki;
     if spki.algorithm.algorithm != x509_parser::oid_registry::OID_SIG_ED25519 {
         return Err("certificate key is not ed25519");
     }
