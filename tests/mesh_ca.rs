@@ -71,6 +71,21 @@ impl Fixture {
             .shutdown_grace(Duration::from_millis(500))
     }
 
+    /// Adds the certificate of the node in `<dir>/<name>` to the CA's revocation list,
+    /// `ca/ca.crl` (as `peerbus ca revoke` does).
+    fn revoke(&self, name: &str) {
+        let serial = NodeCert::load(&self.path(&format!("{name}/node.crt")))
+            .expect("cert")
+            .serial();
+        let crl = self.path("ca/ca.crl");
+        let current = std::fs::read(&crl).expect("the current list");
+        let list = self
+            .ca
+            .revoke(Some(&current), [serial.as_str()])
+            .expect("revoke");
+        std::fs::write(&crl, list).expect("write");
+    }
+
     /// A sender, and a receiver of service `orders` (in `<dir>/r`) whose certificate ends
     /// [`SHORT`] from now, with a first message
     /// delivered between them; `tune` adjusts the receiver's builder.
@@ -304,14 +319,7 @@ async fn a_member_revoked_while_connected_is_cut_off_and_the_others_stay() {
         delivered(&rogue, &mut got, "before").await;
 
         // The operator revokes the rogue's certificate (`peerbus ca revoke`).
-        let serial = NodeCert::load(&f.path("s/node.crt"))
-            .expect("cert")
-            .serial();
-        let current = std::fs::read(&crl).expect("the empty list");
-        let list =
-            f.ca.revoke(Some(&current), [serial.as_str()])
-                .expect("revoke");
-        std::fs::write(&crl, list).expect("write");
+        f.revoke("s");
         let why = ["mesh certificate", "is revoked by the mesh CA"];
         eventually(
             15,
@@ -369,6 +377,94 @@ async fn a_member_revoked_while_connected_is_cut_off_and_the_others_stay() {
             "{err}"
         );
         for n in [honest, receiver] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_list_given_to_one_node_reaches_the_mesh_and_outlives_a_restart() {
+    within(90, async {
+        let f = Fixture::new();
+        let crl = f.path("ca/ca.crl");
+        let revoked = |n: &Node| {
+            let n = n.clone();
+            async move { n.status().await.and_then(|s| s.mesh_ca_revoked) }
+        };
+        // Only the gateway reads the CA's list file; the receiver has the CA's files alone.
+        let gateway = f
+            .member("gateway", "g")
+            .mesh_crl_file(&crl)
+            .mesh_cert_check_every(Duration::from_millis(200))
+            .start()
+            .await
+            .expect("gateway");
+        let receiver = f.member("orders", "r").start().await.expect("receiver");
+        let mut got = drain(receiver.messages().expect("messages"));
+        // A node of protocol 7 reads no lists: it is not sent them, and stays connected.
+        let older = f
+            .member("audit", "o")
+            .max_protocol_version(7)
+            .start()
+            .await
+            .expect("older");
+        let mut audited = drain(older.messages().expect("messages"));
+        let rogue = f.member("sender", "s").start().await.expect("rogue");
+        let honest = f.member("sender", "h").start().await.expect("honest");
+        delivered(&rogue, &mut got, "before").await;
+        assert_eq!(revoked(&receiver).await, Some(0));
+
+        // The operator revokes the rogue's certificate and gives the list to the gateway.
+        f.revoke("s");
+        let why = ["mesh certificate", "is revoked by the mesh CA"];
+        eventually(
+            15,
+            "the receiver, which has no list file, cuts the revoked member off",
+            || refuses(&receiver, rogue.id(), &why),
+        )
+        .await;
+        assert_eq!(revoked(&receiver).await, Some(1));
+        assert!(
+            f.path(&format!("r/{}", "mesh-revocations.crl")).exists(),
+            "the receiver keeps the list in its data directory"
+        );
+        delivered(&honest, &mut got, "from a member in good standing").await;
+        honest
+            .send("audit", Outgoing::new("to the older node"))
+            .await
+            .expect("stored")
+            .acked()
+            .await
+            .expect("the older node still takes messages");
+        assert_eq!(
+            audited.recv().await.expect("audited").1,
+            "to the older node"
+        );
+        assert_eq!(
+            revoked(&older).await,
+            Some(0),
+            "a node of protocol 7 is not sent lists"
+        );
+
+        // Restarted with no peer to tell it, the receiver still holds the list.
+        for n in [gateway, older, honest] {
+            n.shutdown().await;
+        }
+        receiver.shutdown().await;
+        let receiver = f.member("orders", "r").start().await.expect("restarted");
+        assert_eq!(
+            revoked(&receiver).await,
+            Some(1),
+            "the list kept in the data directory is taken at start"
+        );
+        eventually(
+            15,
+            "the restarted receiver refuses the revoked member",
+            || refuses(&receiver, rogue.id(), &why),
+        )
+        .await;
+        for n in [rogue, receiver] {
             n.shutdown().await;
         }
     })

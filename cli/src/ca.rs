@@ -31,8 +31,9 @@ enum CaCommand {
     /// --data-dir.
     Request(RequestArgs),
     /// Revoke node certificates the CA issued: writes the CA's revocation list (`ca.crl` in
-    /// the CA's directory unless --out says otherwise), which every node takes with
-    /// `--mesh-crl` and reads again every minute, closing connections to the revoked nodes.
+    /// the CA's directory unless --out says otherwise). A node given it with `--mesh-crl`
+    /// reads it again every minute and passes it on to its peers; every node that takes it
+    /// closes its connections to the revoked nodes.
     Revoke(RevokeArgs),
     /// List the certificates the CA issued (from its record, `issued.txt`), newest last: node,
     /// serial number, expiry, and whether each is valid, expired or revoked (by `ca.crl`).
@@ -338,8 +339,9 @@ fn revoke(args: &RevokeArgs) -> Result<()> {
     write_replacing(&out, list.as_bytes())
         .with_context(|| format!("could not write {}", out.display()))?;
     print_line(&format!(
-        "revoked {} (serial {}); {} now revokes {revoked}: every node takes it with --mesh-crl \
-         and reads it again within a minute",
+        "revoked {} (serial {}); {} now revokes {revoked}: a node given it with --mesh-crl \
+         reads it again within a minute and passes it on to its peers (protocol 8), each of \
+         which checks its connections again",
         match serials.len() {
             1 => "1 certificate".to_string(),
             n => format!("{n} certificates"),

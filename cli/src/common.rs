@@ -69,7 +69,8 @@ pub(crate) struct CommonArgs {
 
     /// File of the mesh CA's revocation lists (`ca.crl` of `peerbus ca revoke`, or the PEM
     /// CRL of another PKI's CA): peers whose certificates it revokes are refused. Read again
-    /// every minute, like the CA and certificate files.
+    /// every minute, like the CA and certificate files, and passed on to peers: one node given
+    /// a new list is enough, and nodes without this option take lists from their peers.
     #[arg(
         long,
         global = true,

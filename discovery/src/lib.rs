@@ -101,8 +101,9 @@ pub use seeds::StaticDiscovery;
 /// is the connection's peer). Version 6 lets a requester send a request on a bidirectional
 /// stream of its own and read the reply there itself (see `peerbus`'s ARCHITECTURE,
 /// "Requests"); the frames are those of version 5. Version 7 lets the requester keep that
-/// stream for its next requests, one after another.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// stream for its next requests, one after another. Version 8 passes the mesh CA's revocation
+/// lists from node to node.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// The DNS-SD service type under which peerbus nodes announce themselves.
 pub const SERVICE_TYPE: &str = "_peerbus._udp.local.";

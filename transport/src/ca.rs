@@ -108,6 +108,42 @@ fn read_file_of_at_most(path: &Path, limit: u64) -> Result<Vec<u8>, CaError> {
     Ok(raw)
 }
 
+/// Revocation lists (DER) as PEM text, as a list file holds them.
+pub fn revocation_lists_pem(lists: &[Vec<u8>]) -> String {
+    let mut pem = String::new();
+    for der in lists {
+        pem.push_str("-----BEGIN X509 CRL-----\n");
+        let text = data_encoding::BASE64.encode(der);
+        for line in text.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END X509 CRL-----\n");
+    }
+    pem
+}
+
+/// The revocation lists (DER) of the PEM file `path`, unchecked: at most [`MAX_CA_CERTS`],
+/// and at most 8 MiB of file, as a list file ([`MeshCa::with_revocation_list_file`]).
+pub fn read_revocation_lists(path: &Path) -> Result<Vec<Vec<u8>>, CaError> {
+    let pem = read_file_of_at_most(path, MAX_CRL_FILE)?;
+    let mut lists = Vec::new();
+    for der in CertificateRevocationListDer::pem_slice_iter(&pem) {
+        let der = der.map_err(|e| CaError::Malformed {
+            what: path.display().to_string(),
+            reason: format!("not PEM: {e}"),
+        })?;
+        if lists.len() == MAX_CA_CERTS {
+            return Err(CaError::Malformed {
+                what: path.display().to_string(),
+                reason: format!("more than {MAX_CA_CERTS} revocation lists"),
+            });
+        }
+        lists.push(der.as_ref().to_vec());
+    }
+    Ok(lists)
+}
+
 /// Every certificate in PEM text (other sections are skipped).
 fn pem_certificates(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CaError> {
     let mut out = Vec::new();
@@ -380,6 +416,32 @@ struct Root {
     /// Whether its key usage lets it sign revocation lists.
     signs_lists: bool,
     revoked: Arc<BTreeSet<Serial>>,
+    /// The newest revocation list taken for it (`revoked` holds what it names).
+    list: Option<Arc<RevocationList>>,
+}
+
+/// A revocation list a [`MeshCa`] took: its bytes, passed on to peers as they are (its CA's
+/// signature vouches for them), and what orders two lists of one CA.
+#[derive(Debug, PartialEq, Eq)]
+struct RevocationList {
+    der: Vec<u8>,
+    /// Its CRL number (big-endian, no leading zeros), when it has one. RFC 5280 makes it
+    /// mandatory, and `peerbus ca revoke` numbers each list one past the last.
+    number: Option<Vec<u8>>,
+    /// When it was issued (thisUpdate), seconds since the Unix epoch.
+    issued: i64,
+}
+
+impl RevocationList {
+    /// Whether this list replaces `held`, an earlier one of the same CA: a higher CRL
+    /// number, or, when either has none, a later issue time. A list never replaces itself,
+    /// so a list passed around the mesh comes to rest.
+    fn newer_than(&self, held: &RevocationList) -> bool {
+        match (&self.number, &held.number) {
+            (Some(a), Some(b)) => (a.len(), a) > (b.len(), b),
+            _ => self.issued > held.issued,
+        }
+    }
 }
 
 /// The CA certificates a node trusts: a peer's certificate must be signed by one of them.
@@ -393,21 +455,21 @@ pub struct MeshCa {
 impl PartialEq for MeshCa {
     fn eq(&self, other: &MeshCa) -> bool {
         self.roots.len() == other.roots.len()
-            && self
-                .roots
-                .iter()
-                .zip(other.roots.iter())
-                .all(|(a, b)| a.key == b.key && a.validity == b.validity && a.revoked == b.revoked)
+            && self.roots.iter().zip(other.roots.iter()).all(|(a, b)| {
+                a.key == b.key
+                    && a.validity == b.validity
+                    && a.revoked == b.revoked
+                    && a.list == b.list
+            })
     }
 }
 
 impl fmt::Debug for MeshCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names: Vec<&str> = self.roots.iter().map(|r| r.subject.as_str()).collect();
-        let revoked: usize = self.roots.iter().map(|r| r.revoked.len()).sum();
         f.debug_struct("MeshCa")
             .field("roots", &names)
-            .field("revoked", &revoked)
+            .field("revoked", &self.revoked())
             .finish()
     }
 }
@@ -451,6 +513,7 @@ impl MeshCa {
                 subject: p.subject,
                 signs_lists: p.signs_lists,
                 revoked: Arc::default(),
+                list: None,
             });
         }
         Ok(MeshCa {
@@ -524,6 +587,7 @@ impl MeshCa {
     /// all.
     pub fn with_revocation_lists(&self, what: &str, pem: &[u8]) -> Result<MeshCa, CaError> {
         let mut revoked = vec![BTreeSet::new(); self.roots.len()];
+        let mut newest: Vec<Option<Arc<RevocationList>>> = vec![None; self.roots.len()];
         let (mut lists, mut count) = (0, 0);
         for der in CertificateRevocationListDer::pem_slice_iter(pem) {
             lists += 1;
@@ -535,35 +599,15 @@ impl MeshCa {
             if lists > MAX_CA_CERTS {
                 return Err(bad(format!("more than {MAX_CA_CERTS} revocation lists")));
             }
-            let (rest, crl) = x509_parser::parse_x509_crl(der.as_ref())
-                .map_err(|e| bad(format!("does not parse: {e}")))?;
-            if !rest.is_empty() {
-                return Err(bad("has trailing bytes".into()));
-            }
-            let how = Signed::of(&crl.signature_algorithm.algorithm)
-                .map_err(|alg| bad(format!("is signed with {alg}")))?;
-            // The list holds for every trusted certificate of its signing key.
-            let signers: Vec<usize> = self
-                .signers(how, crl.tbs_cert_list.as_ref(), &crl.signature_value.data)
-                .map(|(i, _)| i)
-                .collect();
-            if signers.is_empty() {
-                return Err(bad("is not signed by a CA of the mesh CA file".into()));
-            }
-            if signers.iter().any(|&i| !self.roots[i].signs_lists) {
-                return Err(bad(format!(
-                    "is signed by a CA ({}) whose key usage does not allow signing revocation \
-                     lists (cRLSign)",
-                    self.roots[signers[0]].subject
-                )));
-            }
-            for entry in crl.iter_revoked_certificates() {
-                count += 1;
-                if count > MAX_REVOKED {
-                    return Err(bad(format!("revokes more than {MAX_REVOKED} certificates")));
-                }
-                for &root in &signers {
-                    revoked[root].insert(Serial::of(entry.raw_serial()));
+            let (signers, list, serials) = self
+                .verify_list(der.as_ref(), MAX_REVOKED - count)
+                .map_err(bad)?;
+            count += serials.len();
+            let list = Arc::new(list);
+            for &root in &signers {
+                revoked[root].extend(serials.iter().cloned());
+                if newest[root].as_ref().is_none_or(|n| list.newer_than(n)) {
+                    newest[root] = Some(list.clone());
                 }
             }
         }
@@ -576,15 +620,151 @@ impl MeshCa {
         let roots = self
             .roots
             .iter()
-            .zip(revoked)
-            .map(|(r, revoked)| Root {
+            .zip(revoked.into_iter().zip(newest))
+            .map(|(r, (revoked, list))| Root {
                 revoked: Arc::new(revoked),
+                list,
                 ..r.clone()
             })
             .collect();
         Ok(MeshCa {
             roots: Arc::new(roots),
         })
+    }
+
+    /// Checks one revocation list (DER): it parses, and a trusted CA whose key usage allows
+    /// it signed it. Returns the roots it holds for (every trusted certificate of the signing
+    /// key), the list, and the serial numbers it revokes, refusing more than `room`.
+    fn verify_list(
+        &self,
+        der: &[u8],
+        room: usize,
+    ) -> Result<(Vec<usize>, RevocationList, BTreeSet<Serial>), String> {
+        let (rest, crl) =
+            x509_parser::parse_x509_crl(der).map_err(|e| format!("does not parse: {e}"))?;
+        if !rest.is_empty() {
+            return Err("has trailing bytes".into());
+        }
+        let how = Signed::of(&crl.signature_algorithm.algorithm)
+            .map_err(|alg| format!("is signed with {alg}"))?;
+        // The list holds for every trusted certificate of its signing key.
+        let signers: Vec<usize> = self
+            .signers(how, crl.tbs_cert_list.as_ref(), &crl.signature_value.data)
+            .map(|(i, _)| i)
+            .collect();
+        if signers.is_empty() {
+            return Err("is not signed by a CA of the mesh CA file".into());
+        }
+        if signers.iter().any(|&i| !self.roots[i].signs_lists) {
+            return Err(format!(
+                "is signed by a CA ({}) whose key usage does not allow signing revocation \
+                 lists (cRLSign)",
+                self.roots[signers[0]].subject
+            ));
+        }
+        let mut serials = BTreeSet::new();
+        for entry in crl.iter_revoked_certificates() {
+            if serials.len() == room {
+                return Err(format!("revokes more than {MAX_REVOKED} certificates"));
+            }
+            serials.insert(Serial::of(entry.raw_serial()));
+        }
+        let list = RevocationList {
+            der: der.to_vec(),
+            number: crl.crl_number().map(|n| n.to_bytes_be()),
+            issued: crl.last_update().timestamp(),
+        };
+        Ok((signers, list, serials))
+    }
+
+    /// These CAs with `der`, a revocation list (DER) a peer passed on, in place of the list
+    /// held for its CA when it is newer ([`MeshCa::revocation_lists`]: a higher CRL number,
+    /// or a later issue time when either list has none); `None` when it is not (the same
+    /// list, or an older one). Errors when it does not parse, no CA of these signed it, or
+    /// the lists would revoke more than [`MAX_REVOKED`] certificates together.
+    pub fn with_newer_revocation_list(&self, der: &[u8]) -> Result<Option<MeshCa>, CaError> {
+        let bad = |reason: String| CaError::Malformed {
+            what: "a revocation list passed on by a peer".into(),
+            reason,
+        };
+        let (signers, list, serials) = self.verify_list(der, MAX_REVOKED).map_err(bad)?;
+        let newer = signers.iter().any(|&i| {
+            self.roots[i]
+                .list
+                .as_ref()
+                .is_none_or(|held| list.newer_than(held))
+        });
+        if !newer {
+            return Ok(None);
+        }
+        let (list, serials) = (Arc::new(list), Arc::new(serials));
+        let roots: Vec<Root> = self
+            .roots
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match signers.contains(&i) {
+                true => Root {
+                    revoked: serials.clone(),
+                    list: Some(list.clone()),
+                    ..r.clone()
+                },
+                false => r.clone(),
+            })
+            .collect();
+        let ca = MeshCa {
+            roots: Arc::new(roots),
+        };
+        if ca.revoked() > MAX_REVOKED {
+            return Err(bad(format!(
+                "would make the lists revoke more than {MAX_REVOKED} certificates together"
+            )));
+        }
+        Ok(Some(ca))
+    }
+
+    /// These CAs, where `held` (the trust in use) has a newer revocation list for a CA of the
+    /// same key, with that list in place of theirs: a list a peer passed on outlives an older
+    /// one read again from a file. An operator replaces a list only with a newer one.
+    pub fn keeping_newer_lists_of(&self, held: &MeshCa) -> MeshCa {
+        let roots = self
+            .roots
+            .iter()
+            .map(|r| {
+                let newer = held.roots.iter().find(|h| {
+                    h.key == r.key
+                        && h.list
+                            .as_ref()
+                            .is_some_and(|l| r.list.as_ref().is_none_or(|mine| l.newer_than(mine)))
+                });
+                match newer {
+                    Some(h) => Root {
+                        revoked: h.revoked.clone(),
+                        list: h.list.clone(),
+                        ..r.clone()
+                    },
+                    None => r.clone(),
+                }
+            })
+            .collect();
+        MeshCa {
+            roots: Arc::new(roots),
+        }
+    }
+
+    /// The revocation lists taken (DER), one per CA key: what a node passes on to its peers.
+    pub fn revocation_lists(&self) -> Vec<Vec<u8>> {
+        let mut lists: Vec<Vec<u8>> = Vec::new();
+        for list in self.roots.iter().filter_map(|r| r.list.as_ref()) {
+            if !lists.contains(&list.der) {
+                lists.push(list.der.clone());
+            }
+        }
+        lists
+    }
+
+    /// Whether `other` is this very trust (a clone of it), not only an equal one.
+    pub fn is_same(&self, other: &MeshCa) -> bool {
+        Arc::ptr_eq(&self.roots, &other.roots)
     }
 
     /// [`MeshCa::with_revocation_lists`] from a file (`ca.crl` of `peerbus ca revoke`, or
@@ -594,9 +774,15 @@ impl MeshCa {
         self.with_revocation_lists(&path.display().to_string(), &pem)
     }
 
-    /// How many certificates the revocation lists taken revoke.
+    /// How many certificates the revocation lists taken revoke (a CA certificate renewed for
+    /// the same key shares its list, counted once).
     pub fn revoked(&self) -> usize {
-        self.roots.iter().map(|r| r.revoked.len()).sum()
+        self.roots
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| !self.roots[..*i].iter().any(|e| e.key == r.key))
+            .map(|(_, r)| r.revoked.len())
+            .sum()
     }
 
     /// Whether a revocation list taken names the serial number `serial` (hex, as
@@ -1264,16 +1450,105 @@ mod tests {
         assert!(err.to_string().contains("-copy_extensions copy"), "{err}");
     }
 
-    #[test]
-    fn a_revoked_certificate_is_refused_and_the_others_still_accepted() {
-        let (ca, other) = (
+    /// Two CAs, valid for a day.
+    fn two_cas() -> (CaKey, CaKey) {
+        (
             CaKey::generate("a", DAY).expect("ca"),
             CaKey::generate("b", DAY).expect("other"),
-        );
-        let issue = |ca: &CaKey| {
-            let pem = ca.issue(&node(), DAY).expect("issue");
-            NodeCert::from_pem("x", pem.as_bytes()).expect("cert")
+        )
+    }
+
+    /// A certificate `ca` issued for a new node, for a day.
+    fn issue(ca: &CaKey) -> NodeCert {
+        let pem = ca.issue(&node(), DAY).expect("issue");
+        NodeCert::from_pem("x", pem.as_bytes()).expect("cert")
+    }
+
+    #[test]
+    fn a_newer_list_passed_on_replaces_the_one_held_and_an_older_one_does_not() {
+        let (ca, other) = two_cas();
+        let (a, b, c) = (issue(&ca), issue(&ca), issue(&other));
+        let der = |pem: &str| {
+            CertificateRevocationListDer::from_pem_slice(pem.as_bytes())
+                .expect("pem")
+                .as_ref()
+                .to_vec()
         };
+        let first = ca.revoke(None, [a.serial().as_str()]).expect("first");
+        let second = ca
+            .revoke(Some(first.as_bytes()), [b.serial().as_str()])
+            .expect("second");
+        // Both CAs trusted; only `ca`'s first list taken from the file.
+        let bundle = format!("{}{}", ca.certificate_pem(), other.certificate_pem());
+        let trust = MeshCa::from_pem("bundle", bundle.as_bytes())
+            .expect("bundle")
+            .with_revocation_lists("ca.crl", first.as_bytes())
+            .expect("list");
+        assert_eq!(trust.revocation_lists(), vec![der(&first)]);
+
+        // The same list, or an older one, changes nothing; the next one replaces it.
+        assert!(
+            trust
+                .with_newer_revocation_list(&der(&first))
+                .expect("same")
+                .is_none()
+        );
+        let newer = trust
+            .with_newer_revocation_list(&der(&second))
+            .expect("checked")
+            .expect("newer");
+        assert!(newer.revokes(&a.serial()) && newer.revokes(&b.serial()));
+        assert_eq!(newer.revoked(), 2);
+        assert_eq!(newer.revocation_lists(), vec![der(&second)]);
+        assert!(
+            newer
+                .with_newer_revocation_list(&der(&first))
+                .expect("older")
+                .is_none()
+        );
+        assert_eq!(
+            checked(&newer, &c),
+            Ok(c.node_id()),
+            "the other CA's nodes stay"
+        );
+
+        // A first list for the other CA is taken beside it; both are passed on.
+        let others = other.revoke(None, [c.serial().as_str()]).expect("other's");
+        let both = newer
+            .with_newer_revocation_list(&der(&others))
+            .expect("checked")
+            .expect("first of its CA");
+        assert!(checked(&both, &c).is_err() && checked(&both, &a).is_err());
+        assert_eq!(both.revocation_lists(), vec![der(&second), der(&others)]);
+        let pem = revocation_lists_pem(&both.revocation_lists());
+        let again = MeshCa::from_pem("bundle", bundle.as_bytes())
+            .expect("bundle")
+            .with_revocation_lists("written", pem.as_bytes())
+            .expect("the PEM written reads back");
+        assert_eq!(again, both);
+
+        // A list no trusted CA signed is refused, and says why.
+        let stranger = CaKey::generate("c", DAY).expect("stranger");
+        let foreign = stranger
+            .revoke(None, [a.serial().as_str()])
+            .expect("foreign");
+        let err = trust
+            .with_newer_revocation_list(&der(&foreign))
+            .expect_err("a stranger's list");
+        assert!(err.to_string().contains("not signed by a CA"), "{err}");
+        assert!(trust.with_newer_revocation_list(b"junk").is_err());
+
+        // A list read again from a file does not undo a newer one passed on.
+        let reread = trust.keeping_newer_lists_of(&both);
+        assert_eq!(reread, both);
+        assert_eq!(both.keeping_newer_lists_of(&trust), both);
+        let plain = MeshCa::from_pem("bundle", bundle.as_bytes()).expect("bundle");
+        assert_eq!(plain.keeping_newer_lists_of(&both), both);
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_refused_and_the_others_still_accepted() {
+        let (ca, other) = two_cas();
         let (a, b) = (issue(&ca), issue(&ca));
         let trust = ca.trust().expect("trust");
         let crl = ca.revoke(None, [a.serial().as_str()]).expect("revoke a");

@@ -445,11 +445,15 @@ impl Endpoint {
     /// accept its own certificate (not signed by a CA of `ca`: issue it one from the new CA
     /// first, the mesh would refuse it; or revoked by `ca`'s revocation lists); the old trust
     /// stays.
+    ///
+    /// Where the trust in use holds a newer revocation list for a CA of `ca` (one a peer
+    /// passed on, [`Endpoint::take_revocation_list`]), that list stays.
     pub fn renew_trust(&self, ca: MeshCa) -> Result<(), BindError> {
         let mut presented = self.presented_mut();
-        if presented.trust.is_none() {
+        let Some(held) = presented.trust.as_ref() else {
             return Err(no_mesh_ca());
-        }
+        };
+        let ca = ca.keeping_newer_lists_of(held);
         ca.check(presented.certified.chain().0[0].as_ref(), SystemTime::now())
             .map_err(|why| {
                 BindError::Config(format!(
@@ -461,6 +465,57 @@ impl Endpoint {
         drop(presented);
         self.inner.trust_changed.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Takes `der`, a revocation list a peer passed on, in place of the one held for its CA
+    /// when it is newer ([`MeshCa::with_newer_revocation_list`]); live connections are then
+    /// checked again, as after [`Endpoint::renew_trust`]. `Ok(true)` when it was taken,
+    /// `Ok(false)` when the list held is as new.
+    ///
+    /// Errors ([`BindError::Config`]) without a mesh CA, when the list is not one of a trusted
+    /// CA's, or when it revokes this node's own certificate (the trust in use stays: the
+    /// peers that take the list refuse this node anyway).
+    pub fn take_revocation_list(&self, der: &[u8]) -> Result<bool, BindError> {
+        // Checked outside the lock (a list of many entries takes a while to read), then taken
+        // if the trust did not change meanwhile; a file read again at that moment makes it
+        // try again, at most three times in all.
+        for _ in 0..3 {
+            let held = self.trust().ok_or_else(no_mesh_ca)?;
+            let Some(ca) = held
+                .with_newer_revocation_list(der)
+                .map_err(|e| BindError::Config(e.to_string()))?
+            else {
+                return Ok(false);
+            };
+            let mut presented = self.presented_mut();
+            if !presented.trust.as_ref().is_some_and(|t| t.is_same(&held)) {
+                continue;
+            }
+            ca.check(presented.certified.chain().0[0].as_ref(), SystemTime::now())
+                .map_err(|why| {
+                    BindError::Config(format!(
+                        "the revocation list does not accept this node's own certificate \
+                         ({why}); the trust in use stays"
+                    ))
+                })?;
+            presented.trust = Some(ca);
+            drop(presented);
+            self.inner.trust_changed.send_modify(|n| *n += 1);
+            return Ok(true);
+        }
+        Err(BindError::Config(
+            "the mesh CA trust kept changing while a revocation list was checked".into(),
+        ))
+    }
+
+    /// The revocation lists (DER) of the mesh CA trusted now, one per CA key: what this node
+    /// passes on to its peers. Empty without a mesh CA or lists.
+    pub fn revocation_lists(&self) -> Vec<Vec<u8>> {
+        self.presented()
+            .trust
+            .as_ref()
+            .map(MeshCa::revocation_lists)
+            .unwrap_or_default()
     }
 
     /// Checks a live connection's peer again against the CA certificates trusted now: when

@@ -77,7 +77,7 @@ use std::time::Duration;
 
 pub use ca::{
     CA_VALIDITY, CaKey, MAX_CA_CERTS, MAX_NODE_VALIDITY, MAX_REVOKED, MeshCa, NodeCert,
-    certificate_request,
+    certificate_request, read_revocation_lists, revocation_lists_pem,
 };
 pub use endpoint::{CloseCounts, Connection, Endpoint, EndpointConfig, Incoming, Traffic};
 pub use error::{

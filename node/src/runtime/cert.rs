@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Span, info, warn};
 
 use super::Shared;
+use super::revocations::News;
 
 /// How often a node reads its certificate and CA files again by default
 /// ([`NodeBuilder::mesh_cert_check_every`](crate::NodeBuilder::mesh_cert_check_every)).
@@ -153,15 +154,28 @@ pub(crate) async fn watch(
     }
 }
 
-/// Trusts `ca` if the endpoint takes it; gives it back with the reason if not.
+/// Trusts `ca` if the endpoint takes it; gives it back with the reason if not. Revocation
+/// lists it brings are passed on to the peers (`super::revocations`).
 fn take_trust(
     shared: &Shared,
     span: &Span,
     seen: &mut Seen,
     ca: MeshCa,
 ) -> Result<(), (MeshCa, String)> {
+    let before = shared.endpoint.revocation_lists();
     match shared.endpoint.renew_trust(ca.clone()) {
         Ok(()) => {
+            let new: Vec<Vec<u8>> = shared
+                .endpoint
+                .revocation_lists()
+                .into_iter()
+                .filter(|l| !before.contains(l))
+                .collect();
+            // Full only while peers' lists queue up: those are passed on in their turn, and
+            // every new connection is sent the lists held then.
+            if !new.is_empty() && shared.revocations.try_send(News::Taken(new)).is_err() {
+                warn!(parent: span, "could not pass the new revocation list on to peers now; each new connection gets it");
+            }
             info!(parent: span, revoked = ca.revoked(), "trusting the mesh CA file and its \
                 revocation lists as they are now; live connections are checked again");
             seen.ca = ca;

@@ -19,7 +19,10 @@ use super::{Inbound, MAX_KNOWN_PEERS, Shared, conn, requests};
 use crate::admin::EventKind;
 use crate::engine::FastMap;
 use crate::engine::outbox::{Outbox, OutboxConfig, Outcome, Settled, Target, Transmit};
-use crate::engine::wire::{Control, Data, Envelope, GroupState, Hello, Interest, MAX_ACK_RUN_SEQS};
+use crate::engine::wire::{
+    Control, Data, Envelope, GroupState, Hello, Interest, MAX_ACK_RUN_SEQS,
+    REVOCATION_LISTS_VERSION,
+};
 use crate::error::{DeliveryError, RequestError, SendError};
 use crate::node::{CallReply, CopyReceipt, PeerInfo, PeerState, Status};
 use crate::store::{DeadLetter, StoredEntry};
@@ -191,6 +194,9 @@ pub(crate) enum CoreMsg {
         refused: bool,
         error: String,
     },
+    /// Revocation lists this node took (from its files or a peer): pass them on to every
+    /// peer that reads them (`super::revocations`).
+    Revocations(Vec<Bytes>),
     /// A control frame from a peer.
     Control {
         peer: NodeId,
@@ -632,6 +638,7 @@ impl Core {
             }
             CoreMsg::Durable(d) => self.on_durable(d),
             CoreMsg::ReleaseGroup(group) => self.release_group(&group),
+            CoreMsg::Revocations(lists) => self.pass_on_revocations(lists, None),
             CoreMsg::PeerReady(ready) => self.peer_ready(*ready),
             CoreMsg::PeerGone {
                 peer,
@@ -1388,6 +1395,14 @@ impl Core {
             self.merge_groups(groups);
             return;
         }
+        // Revocation lists are signed by the mesh CA: good from any connection, as groups.
+        if let Control::Revocations(lists) = frame {
+            let news = super::revocations::News::FromPeer(peer, lists);
+            if self.shared.revocations.try_send(news).is_err() {
+                debug!(peer = %peer.short(), "revocation lists waiting to be checked are many; dropping the peer's (others pass them on too)");
+            }
+            return;
+        }
         if self
             .links
             .get(&peer)
@@ -1458,7 +1473,39 @@ impl Core {
                 }
             }
             // Handled above, whichever connection they came on.
-            Control::Retired | Control::Groups(_) => {}
+            Control::Retired | Control::Groups(_) | Control::Revocations(_) => {}
+        }
+    }
+
+    /// Sends revocation lists to `to`, or to every peer, where the connection's protocol
+    /// reads them ([`REVOCATION_LISTS_VERSION`]). A list larger than this node's largest
+    /// message is not sent: the operator gives it to each node by file.
+    fn pass_on_revocations(&self, lists: Vec<Bytes>, to: Option<&Link>) {
+        let max = self.shared.max_message_size;
+        let (fit, large): (Vec<Bytes>, Vec<Bytes>) =
+            lists.into_iter().partition(|l| l.len() <= max);
+        if !large.is_empty() {
+            warn!(
+                lists = large.len(),
+                max_message_size = max,
+                "a mesh CA revocation list is too large to pass on to peers; give it to each node by its file (--mesh-crl)"
+            );
+        }
+        if fit.is_empty() {
+            return;
+        }
+        let frame = Control::Revocations(fit);
+        match to {
+            Some(l) => try_out(l, Out::Control(frame)),
+            None => {
+                for l in self
+                    .links
+                    .values()
+                    .filter(|l| l.protocol >= REVOCATION_LISTS_VERSION)
+                {
+                    try_out(l, Out::Control(frame.clone()));
+                }
+            }
         }
     }
 
@@ -1905,6 +1952,10 @@ impl Core {
             // Every group we know, released ones included: a peer that was away learns of
             // releases, and its older news of them loses.
             try_out(l, Out::Control(Control::Groups(self.known_groups.states())));
+            let lists = self.shared.endpoint.revocation_lists();
+            if l.protocol >= REVOCATION_LISTS_VERSION && !lists.is_empty() {
+                self.pass_on_revocations(lists.into_iter().map(Bytes::from).collect(), Some(l));
+            }
         }
     }
 

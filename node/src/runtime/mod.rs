@@ -35,6 +35,7 @@ pub(crate) mod conn;
 pub(crate) mod core;
 pub(crate) mod pause;
 pub(crate) mod requests;
+mod revocations;
 pub(crate) mod storage;
 
 pub(crate) use cert::CHECK_EVERY as CERT_CHECK_EVERY;
@@ -316,6 +317,8 @@ pub(crate) struct Shared {
     pub(crate) ticks: core::Ticks,
     /// Notices when the node did not run for a while (see [`pause`]).
     pub(crate) pause: pause::PauseWatch,
+    /// Revocation lists to check and pass on (see [`revocations`]; [`revocations::QUEUE`]).
+    pub(crate) revocations: mpsc::Sender<revocations::News>,
 }
 
 impl Shared {
@@ -443,6 +446,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         None => Identity::generate()?,
     };
     let id = identity.node_id();
+    let membership = revocations::with_kept_lists(membership, b.data_dir.as_deref());
 
     // The durable log: redb in the data directory unless durability is Memory.
     let durability = match (&b.data_dir, b.durability) {
@@ -492,6 +496,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     let local_addr = endpoint.local_addr();
 
     let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
+    let (revocations_tx, revocations_rx) = mpsc::channel(revocations::QUEUE);
     let (service_tx, service_rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -543,6 +548,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         peers_changed: tokio::sync::watch::Sender::new(()),
         ticks: core::Ticks::default(),
         pause: pause::PauseWatch::new(),
+        revocations: revocations_tx,
     });
     let span = info_span!("node", node = %id.short(), service = %b.service);
     info!(parent: &span, %local_addr, mesh = %b.mesh, "node started");
@@ -605,6 +611,12 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
     drop(core_tx);
     tracker.spawn(conn::accept_loop(shared.clone()).instrument(span.clone()));
     tracker.spawn(pause::watch(shared.clone()).instrument(span.clone()));
+    tracker.spawn(revocations::run(
+        shared.clone(),
+        revocations_rx,
+        b.data_dir.clone(),
+        span.clone(),
+    ));
     if let (
         MembershipChoice::CaFiles {
             ca: ca_file,

@@ -167,6 +167,13 @@ pub enum Control {
         /// first, after 0) and holds `len` seqs. At most [`MAX_ACK_RUN_SEQS`] in all.
         runs: Vec<(u64, u64)>,
     },
+    /// Revocation lists (CRLs, DER) of the mesh CA, from protocol
+    /// [`REVOCATION_LISTS_VERSION`]: the sender's on a new connection, and each newer list it
+    /// takes (from its file or a peer) to every peer. A receiver whose mesh CA signed a list
+    /// takes it when it is newer than its own (a higher CRL number) and passes it on, so a
+    /// list given to one node reaches the mesh; a list it holds already, or an older one, stops
+    /// there. At most [`MAX_CA_CERTS`](peerbus_transport::MAX_CA_CERTS) lists are read.
+    Revocations(Vec<Bytes>),
 }
 
 /// Most seqs one [`Control::AckRuns`] may stand for: a frame naming more closes the
@@ -238,6 +245,9 @@ pub const REQUEST_STREAMS_VERSION: u32 = 6;
 /// another until the requester ends it (then ends its own side). Such a server ends the
 /// stream without a reply only when it gives up on it.
 pub const REQUEST_STREAM_REUSE_VERSION: u32 = 7;
+/// The first version whose nodes pass the mesh CA's revocation lists on
+/// ([`Control::Revocations`]).
+pub const REVOCATION_LISTS_VERSION: u32 = 8;
 
 /// The version two nodes speak on an [`ALPN_NEGOTIATED`] connection: the highest in both
 /// ranges (each is `min_version..=version` of a [`Hello`]), or an error naming both ranges
@@ -908,6 +918,7 @@ pub(crate) mod tests {
             roundtrip(Control::Retired);
             roundtrip(Control::Consumes(false));
             roundtrip(Control::ack_runs("svc:x".into(), seqs.clone()));
+            roundtrip(Control::Revocations(vec![Bytes::from(vec![0x30, 0x82]), Bytes::new()]));
         }
 
         #[test]
