@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use peerbus::{CaKey, Identity, MeshCa, NodeCert, NodeId};
+use peerbus_transport::write_replacing;
 
 use crate::common::{CommonArgs, UsageError};
 use crate::output::print_line;
@@ -349,14 +350,4 @@ fn revoke(args: &RevokeArgs) -> Result<()> {
         serials.join(", "),
         out.display()
     ))
-}
-
-/// Writes `bytes` to a file beside `path` and renames it into place, so that a node reading
-/// the certificate never sees half of it.
-fn write_replacing(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }

@@ -88,6 +88,18 @@ fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .write_all(bytes)
 }
 
+/// Writes `bytes` to a file beside `path`, syncs it and renames it over `path`, so that a
+/// reader of `path` (a node reading its certificate or revocation lists again) never sees half
+/// of it.
+pub fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Reads at most [`MAX_PEM_FILE`] bytes of `path`, refusing a larger file.
 fn read_pem_file(path: &Path) -> Result<Vec<u8>, CaError> {
     read_file_of_at_most(path, MAX_PEM_FILE)
@@ -110,36 +122,41 @@ fn read_file_of_at_most(path: &Path, limit: u64) -> Result<Vec<u8>, CaError> {
 
 /// Revocation lists (DER) as PEM text, as a list file holds them.
 pub fn revocation_lists_pem(lists: &[Vec<u8>]) -> String {
-    let mut pem = String::new();
-    for der in lists {
-        pem.push_str("-----BEGIN X509 CRL-----\n");
-        let text = data_encoding::BASE64.encode(der);
-        for line in text.as_bytes().chunks(64) {
-            pem.push_str(&String::from_utf8_lossy(line));
-            pem.push('\n');
-        }
-        pem.push_str("-----END X509 CRL-----\n");
-    }
-    pem
+    let pems: Vec<pem::Pem> = lists
+        .iter()
+        .map(|der| pem::Pem::new("X509 CRL", der.as_slice()))
+        .collect();
+    pem::encode_many_config(
+        &pems,
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 /// The revocation lists (DER) of the PEM file `path`, unchecked: at most [`MAX_CA_CERTS`],
 /// and at most 8 MiB of file, as a list file ([`MeshCa::with_revocation_list_file`]).
 pub fn read_revocation_lists(path: &Path) -> Result<Vec<Vec<u8>>, CaError> {
     let pem = read_file_of_at_most(path, MAX_CRL_FILE)?;
+    let lists = pem_revocation_lists(&path.display().to_string(), &pem)?;
+    Ok(lists.into_iter().map(|der| der.as_ref().to_vec()).collect())
+}
+
+/// The revocation lists in PEM text (other sections are skipped), `what` naming it in
+/// errors: at most [`MAX_CA_CERTS`].
+fn pem_revocation_lists(
+    what: &str,
+    pem: &[u8],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, CaError> {
     let mut lists = Vec::new();
-    for der in CertificateRevocationListDer::pem_slice_iter(&pem) {
-        let der = der.map_err(|e| CaError::Malformed {
-            what: path.display().to_string(),
-            reason: format!("not PEM: {e}"),
-        })?;
+    for der in CertificateRevocationListDer::pem_slice_iter(pem) {
+        let bad = |reason: String| CaError::Malformed {
+            what: format!("{what}, revocation list {}", lists.len() + 1),
+            reason,
+        };
+        let der = der.map_err(|e| bad(format!("not PEM: {e}")))?;
         if lists.len() == MAX_CA_CERTS {
-            return Err(CaError::Malformed {
-                what: path.display().to_string(),
-                reason: format!("more than {MAX_CA_CERTS} revocation lists"),
-            });
+            return Err(bad(format!("more than {MAX_CA_CERTS} revocation lists")));
         }
-        lists.push(der.as_ref().to_vec());
+        lists.push(der);
     }
     Ok(lists)
 }
@@ -588,17 +605,13 @@ impl MeshCa {
     pub fn with_revocation_lists(&self, what: &str, pem: &[u8]) -> Result<MeshCa, CaError> {
         let mut revoked = vec![BTreeSet::new(); self.roots.len()];
         let mut newest: Vec<Option<Arc<RevocationList>>> = vec![None; self.roots.len()];
-        let (mut lists, mut count) = (0, 0);
-        for der in CertificateRevocationListDer::pem_slice_iter(pem) {
-            lists += 1;
+        let lists = pem_revocation_lists(what, pem)?;
+        let mut count = 0;
+        for (n, der) in lists.iter().enumerate() {
             let bad = |reason: String| CaError::Malformed {
-                what: format!("{what}, revocation list {lists}"),
+                what: format!("{what}, revocation list {}", n + 1),
                 reason,
             };
-            let der = der.map_err(|e| bad(format!("not PEM: {e}")))?;
-            if lists > MAX_CA_CERTS {
-                return Err(bad(format!("more than {MAX_CA_CERTS} revocation lists")));
-            }
             let (signers, list, serials) = self
                 .verify_list(der.as_ref(), MAX_REVOKED - count)
                 .map_err(bad)?;
@@ -611,7 +624,7 @@ impl MeshCa {
                 }
             }
         }
-        if lists == 0 {
+        if lists.is_empty() {
             return Err(CaError::Malformed {
                 what: what.into(),
                 reason: "holds no PEM revocation list (X509 CRL)".into(),
@@ -702,13 +715,16 @@ impl MeshCa {
             .roots
             .iter()
             .enumerate()
-            .map(|(i, r)| match signers.contains(&i) {
-                true => Root {
-                    revoked: serials.clone(),
-                    list: Some(list.clone()),
-                    ..r.clone()
-                },
-                false => r.clone(),
+            .map(|(i, r)| {
+                if signers.contains(&i) {
+                    Root {
+                        revoked: serials.clone(),
+                        list: Some(list.clone()),
+                        ..r.clone()
+                    }
+                } else {
+                    r.clone()
+                }
             })
             .collect();
         let ca = MeshCa {

@@ -339,6 +339,19 @@ fn ca_certified(
     Ok(tls::issued(identity, cert))
 }
 
+/// What [`Endpoint::take_revocation_list`] did with a revocation list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListTaken {
+    /// It was newer than the list held for its CA: trusted from now on, and live connections
+    /// are checked again.
+    Taken,
+    /// The list held for its CA is as new (this very list, most often) or newer.
+    NotNewer,
+    /// It revokes this node's own certificate (why, as the check says it), so it was not
+    /// taken.
+    RevokesThisNode(String),
+}
+
 /// The error of a mesh CA call on an endpoint without one.
 fn no_mesh_ca() -> BindError {
     BindError::Config("this endpoint proves membership with no mesh CA certificate".into())
@@ -449,18 +462,28 @@ impl Endpoint {
     /// Where the trust in use holds a newer revocation list for a CA of `ca` (one a peer
     /// passed on, [`Endpoint::take_revocation_list`]), that list stays.
     pub fn renew_trust(&self, ca: MeshCa) -> Result<(), BindError> {
-        let mut presented = self.presented_mut();
+        let presented = self.presented_mut();
         let Some(held) = presented.trust.as_ref() else {
             return Err(no_mesh_ca());
         };
         let ca = ca.keeping_newer_lists_of(held);
-        ca.check(presented.certified.chain().0[0].as_ref(), SystemTime::now())
-            .map_err(|why| {
-                BindError::Config(format!(
-                    "the new mesh CA file or its revocation lists do not accept this node's own \
-                     certificate ({why}); the trust in use stays"
-                ))
-            })?;
+        self.swap_trust(presented, ca).map_err(|why| {
+            BindError::Config(format!(
+                "the new mesh CA file or its revocation lists do not accept this node's own \
+                 certificate ({why}); the trust in use stays"
+            ))
+        })
+    }
+
+    /// Trusts `ca` from now on if it accepts this node's own certificate, and tells the
+    /// holders of live connections to check those again; why not otherwise (the trust in use
+    /// stays).
+    fn swap_trust(
+        &self,
+        mut presented: std::sync::RwLockWriteGuard<'_, Presented>,
+        ca: MeshCa,
+    ) -> Result<(), String> {
+        ca.check(presented.certified.chain().0[0].as_ref(), SystemTime::now())?;
         presented.trust = Some(ca);
         drop(presented);
         self.inner.trust_changed.send_modify(|n| *n += 1);
@@ -469,13 +492,13 @@ impl Endpoint {
 
     /// Takes `der`, a revocation list a peer passed on, in place of the one held for its CA
     /// when it is newer ([`MeshCa::with_newer_revocation_list`]); live connections are then
-    /// checked again, as after [`Endpoint::renew_trust`]. `Ok(true)` when it was taken,
-    /// `Ok(false)` when the list held is as new.
+    /// checked again, as after [`Endpoint::renew_trust`]. A list that revokes this node's own
+    /// certificate is not taken ([`ListTaken::RevokesThisNode`]): the peers that take it
+    /// refuse this node anyway.
     ///
-    /// Errors ([`BindError::Config`]) without a mesh CA, when the list is not one of a trusted
-    /// CA's, or when it revokes this node's own certificate (the trust in use stays: the
-    /// peers that take the list refuse this node anyway).
-    pub fn take_revocation_list(&self, der: &[u8]) -> Result<bool, BindError> {
+    /// Errors ([`BindError::Config`]) without a mesh CA, or when the list is not one of a
+    /// trusted CA's.
+    pub fn take_revocation_list(&self, der: &[u8]) -> Result<ListTaken, BindError> {
         // Checked outside the lock (a list of many entries takes a while to read), then taken
         // if the trust did not change meanwhile; a file read again at that moment makes it
         // try again, at most three times in all.
@@ -485,23 +508,16 @@ impl Endpoint {
                 .with_newer_revocation_list(der)
                 .map_err(|e| BindError::Config(e.to_string()))?
             else {
-                return Ok(false);
+                return Ok(ListTaken::NotNewer);
             };
-            let mut presented = self.presented_mut();
+            let presented = self.presented_mut();
             if !presented.trust.as_ref().is_some_and(|t| t.is_same(&held)) {
                 continue;
             }
-            ca.check(presented.certified.chain().0[0].as_ref(), SystemTime::now())
-                .map_err(|why| {
-                    BindError::Config(format!(
-                        "the revocation list does not accept this node's own certificate \
-                         ({why}); the trust in use stays"
-                    ))
-                })?;
-            presented.trust = Some(ca);
-            drop(presented);
-            self.inner.trust_changed.send_modify(|n| *n += 1);
-            return Ok(true);
+            return Ok(match self.swap_trust(presented, ca) {
+                Ok(()) => ListTaken::Taken,
+                Err(why) => ListTaken::RevokesThisNode(why),
+            });
         }
         Err(BindError::Config(
             "the mesh CA trust kept changing while a revocation list was checked".into(),

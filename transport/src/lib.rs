@@ -77,9 +77,11 @@ use std::time::Duration;
 
 pub use ca::{
     CA_VALIDITY, CaKey, MAX_CA_CERTS, MAX_NODE_VALIDITY, MAX_REVOKED, MeshCa, NodeCert,
-    certificate_request, read_revocation_lists, revocation_lists_pem,
+    certificate_request, read_revocation_lists, revocation_lists_pem, write_replacing,
 };
-pub use endpoint::{CloseCounts, Connection, Endpoint, EndpointConfig, Incoming, Traffic};
+pub use endpoint::{
+    CloseCounts, Connection, Endpoint, EndpointConfig, Incoming, ListTaken, Traffic,
+};
 pub use error::{
     AcceptError, BindError, CaError, CloseCode, ConnectError, ConnectionError, IdParseError,
     IdentityError, MeshKeyError,

@@ -1952,9 +1952,12 @@ impl Core {
             // Every group we know, released ones included: a peer that was away learns of
             // releases, and its older news of them loses.
             try_out(l, Out::Control(Control::Groups(self.known_groups.states())));
-            let lists = self.shared.endpoint.revocation_lists();
-            if l.protocol >= REVOCATION_LISTS_VERSION && !lists.is_empty() {
-                self.pass_on_revocations(lists.into_iter().map(Bytes::from).collect(), Some(l));
+            if l.protocol >= REVOCATION_LISTS_VERSION {
+                let lists = self.shared.endpoint.revocation_lists();
+                if !lists.is_empty() {
+                    let lists = lists.into_iter().map(Bytes::from).collect();
+                    self.pass_on_revocations(lists, Some(l));
+                }
             }
         }
     }

@@ -21,7 +21,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use peerbus_transport::{
-    BindError, MAX_CA_CERTS, Membership, NodeId, read_revocation_lists, revocation_lists_pem,
+    ListTaken, MAX_CA_CERTS, Membership, NodeId, read_revocation_lists, revocation_lists_pem,
+    write_replacing,
 };
 use tokio::sync::mpsc;
 use tracing::{Span, debug, info, warn};
@@ -81,9 +82,9 @@ pub(crate) async fn run(
                 let mut taken = Vec::new();
                 for (der, result) in checked {
                     match result {
-                        Ok(true) => taken.push(der.to_vec()),
-                        Ok(false) => {}
-                        Err(BindError::Config(why)) if why.contains("own certificate") => {
+                        Ok(ListTaken::Taken) => taken.push(der.to_vec()),
+                        Ok(ListTaken::NotNewer) => {}
+                        Ok(ListTaken::RevokesThisNode(why)) => {
                             if !refused.contains(&der) {
                                 warn!(parent: &span, peer = %peer.short(), %why, "a peer passed on a mesh CA revocation list that revokes this node: its peers refuse it from now on");
                                 refused.truncate(MAX_CA_CERTS - 1);
@@ -118,11 +119,9 @@ pub(crate) async fn run(
 
 /// Writes `lists` to [`KEPT_LISTS`] in `dir` (a new file renamed over the old one).
 async fn keep(dir: &Path, lists: Vec<Vec<u8>>, span: &Span) {
-    let (path, tmp) = (dir.join(KEPT_LISTS), dir.join(format!("{KEPT_LISTS}.new")));
+    let path = dir.join(KEPT_LISTS);
     let written = tokio::task::spawn_blocking(move || {
-        std::fs::write(&tmp, revocation_lists_pem(&lists))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        write_replacing(&path, revocation_lists_pem(&lists).as_bytes())
     })
     .await;
     match written {
