@@ -172,6 +172,51 @@ fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
     assert!(r["duplicates_dropped"].is_u64(), "{r}");
 }
 
+/// `--mesh-ca`: nodes are members by certificates of a CA the run makes, and halfway through
+/// the run revokes a certificate of a node that never runs. Only node-0 reads the list file;
+/// the run passes only if every node holds the list at the end, so it got there from node to
+/// node, kills and partitions meanwhile.
+#[test]
+fn a_chaos_run_of_a_mesh_ca_carries_a_revocation_list_to_every_node() {
+    // Seed 5 schedules (2 s apart): a kill of node-3, a partition of node-0 (the one that
+    // reads the list file) from node-1 as the list changes at 4 s, so node-1 most likely
+    // hears of it from the others, and node-3 killed again.
+    let (out, report, tmp) = chaos(
+        &[
+            "--mesh-ca",
+            "--nodes=4",
+            "--services=2",
+            "--duration=8s",
+            "--rate=60",
+            "--keys=4",
+            "--seed=5",
+            "--faults=kill,partition",
+            "--fault-interval=2s",
+        ],
+        Duration::from_secs(180),
+    );
+    let why = describe(&out);
+    assert!(out.status.success(), "{why}");
+    let r = report.unwrap_or_else(|| panic!("no report written\n{why}"));
+    assert_eq!(r["settings"]["mesh_ca"], true, "{r}");
+    assert_eq!(r["lost"], 0, "{why}");
+    assert!(r["accepted"].as_u64().is_some_and(|n| n > 100), "{why}");
+    let list = &r["revocation"];
+    assert_eq!(list["nodes_expected"], 4, "{list}");
+    assert_eq!(list["nodes_holding"], 4, "{list}");
+    let at = list["revoked_at_s"].as_f64().expect("revoked_at_s");
+    assert!((4.0..6.0).contains(&at), "revoked at {at} s\n{why}");
+    // The nodes were members by certificate: each has the one the run issued it, and
+    // node-1 (which never read the list file) kept the list it was passed.
+    let run = tmp.path().join("run");
+    assert!(run.join("ca/ca.crl").exists() && run.join("node-1/node.crt").exists());
+    assert!(run.join("node-1/mesh-revocations.crl").exists(), "{why}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("revocation list reached every node"),
+        "{why}"
+    );
+}
+
 #[test]
 fn the_checker_fails_a_mesh_that_acknowledges_without_handling() {
     // Every 20th message handled on each node is acknowledged but never handled (journaled).

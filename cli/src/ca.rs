@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use peerbus::{CaKey, Identity, MeshCa, NodeCert, NodeId};
+use peerbus::{CA_CERT_FILE, CA_CRL_FILE, CaKey, Identity, MeshCa, NodeCert, NodeId};
 use peerbus_transport::write_replacing;
 
 use crate::common::{CommonArgs, UsageError};
@@ -255,9 +255,9 @@ fn issued_for(ca: &Path, node: &NodeId) -> Result<Vec<String>> {
 }
 
 fn list(args: &ListArgs) -> Result<()> {
-    let mut trust = MeshCa::load(&args.ca.join("ca.crt"))
+    let mut trust = MeshCa::load(&args.ca.join(CA_CERT_FILE))
         .with_context(|| format!("could not load the mesh CA in {}", args.ca.display()))?;
-    let crl = args.ca.join("ca.crl");
+    let crl = args.ca.join(CA_CRL_FILE);
     if crl.exists() {
         trust = trust.with_revocation_list_file(&crl)?;
     }
@@ -329,7 +329,10 @@ fn revoke(args: &RevokeArgs) -> Result<()> {
         }
         serials.extend(issued);
     }
-    let out = args.out.clone().unwrap_or_else(|| args.ca.join("ca.crl"));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.ca.join(CA_CRL_FILE));
     let list = ca
         .revoke_continuing(&out, serials.iter().map(String::as_str))
         .with_context(|| format!("could not write the revocation list {}", out.display()))?;

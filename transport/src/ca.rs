@@ -62,10 +62,12 @@ pub const MAX_NODE_VALIDITY: Duration = CA_VALIDITY;
 /// the issuer's accepts it at once.
 const BACKDATE: Duration = Duration::from_secs(300);
 
-/// File names inside a CA directory.
-const CA_KEY_FILE: &str = "ca.key";
-const CA_CERT_FILE: &str = "ca.crt";
-const CA_CRL_FILE: &str = "ca.crl";
+/// The CA's signing key in a CA directory ([`CaKey::create`]): kept off the nodes.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// The CA certificate in a CA directory: what every node of the mesh trusts.
+pub const CA_CERT_FILE: &str = "ca.crt";
+/// The CA's revocation list in a CA directory ([`CaKey::create`] writes it empty).
+pub const CA_CRL_FILE: &str = "ca.crl";
 
 /// Seconds since the Unix epoch (0 for a clock before it).
 fn unix_secs(t: SystemTime) -> i64 {

@@ -314,6 +314,23 @@ pub(crate) struct Findings {
     pub(crate) latency_p50_s: f64,
     /// Worst seconds from acceptance to the last required handling.
     pub(crate) latency_max_s: f64,
+    /// How a `--mesh-ca` run's revocation list spread (`None` in a run of a mesh key).
+    pub(crate) revocation: Option<Revocation>,
+}
+
+/// How the revocation list of a `--mesh-ca` run spread from node-0, the one node that reads
+/// its file, to the others.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Revocation {
+    /// Seconds into the run when the list file changed.
+    pub(crate) revoked_at_s: f64,
+    /// Seconds after that until every node expected to hold the list answered that it did,
+    /// while the faults ran; `None` when that was not before the workload ended.
+    pub(crate) reached_all_after_s: Option<f64>,
+    /// Nodes that held it at the end of the run, every fault healed.
+    pub(crate) nodes_holding: usize,
+    /// Nodes expected to hold it: those of protocol 8 or later.
+    pub(crate) nodes_expected: usize,
 }
 
 impl Findings {
@@ -327,6 +344,10 @@ impl Findings {
             && self.requests_wrong == 0
             && self.requests_unended == 0
             && self.requests_late == 0
+            && self
+                .revocation
+                .as_ref()
+                .is_none_or(|r| r.nodes_holding == r.nodes_expected)
     }
 }
 

@@ -23,14 +23,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use peerbus::control;
+use peerbus::engine::wire::REVOCATION_LISTS_VERSION;
 use peerbus::engine::wire::{
     FIRST_NEGOTIATED_VERSION, MIN_PROTOCOL_VERSION, REQUEST_STREAMS_VERSION,
 };
-use peerbus::{MeshKey, PROTOCOL_VERSION};
+use peerbus::{CA_CRL_FILE, CaKey, Identity, MeshKey, PROTOCOL_VERSION};
+use peerbus_transport::write_replacing;
 use serde_json::json;
 
 use crate::common::UsageError;
-use checker::FaultRecord;
+use checker::{FaultRecord, Revocation};
 use report::{FaultView, RunReport, Sample};
 use schedule::{FaultKind, Planned};
 use worker::WorkerArgs;
@@ -181,6 +183,13 @@ pub(crate) struct ChaosArgs {
     /// when it is 0, so connections of four versions carry the load through the faults.
     #[arg(long)]
     mixed_protocols: bool,
+    /// Membership by a mesh CA instead of a mesh key: the run makes a CA and a certificate
+    /// for each node, and halfway through revokes the certificate of a node that never runs.
+    /// Only node-0 reads the CA's revocation list file, so the list reaches the others from
+    /// node to node (protocol 8) through the faults. The run fails unless every node of
+    /// protocol 8 or later holds the list at the end.
+    #[arg(long)]
+    mesh_ca: bool,
 }
 
 /// The highest protocol node `i` speaks in a `--mixed-protocols` run: 4, 5, 6 or this
@@ -538,6 +547,23 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     }
     let mut mesh = Mesh { procs, args, exe };
     let dirs: Vec<PathBuf> = mesh.procs.iter().map(|p| p.data_dir.clone()).collect();
+    let ca_dir = dir.join(worker::CA_DIR);
+    let bystander = if a.mesh_ca {
+        let serial = mesh_ca_setup(&dir, &dirs).context("setting up the run's mesh CA")?;
+        for (i, v) in mesh.args.iter_mut().enumerate() {
+            v.push("--mesh-ca".into());
+            if i == 0 {
+                v.push(format!("--mesh-crl={}", ca_dir.join(CA_CRL_FILE).display()));
+            }
+        }
+        Some(serial)
+    } else {
+        None
+    };
+    // The nodes that must hold the revocation list at the end: those that take lists.
+    let list_holders: Vec<usize> = (0..a.nodes)
+        .filter(|&i| !a.mixed_protocols || mixed_protocol(i) >= REVOCATION_LISTS_VERSION)
+        .collect();
     println!(
         "chaos: {} nodes, {} services, {:.0} msg/s, {} keys/node, seed {}, faults [{}] every {}{}{}{}, for {}; dir {}",
         a.nodes,
@@ -584,6 +610,14 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             .map(|i| format!("node-{i} {}", mixed_protocol(i)))
             .collect();
         println!("chaos: mixed protocols: {} (at most)", versions.join(", "));
+    }
+    if a.mesh_ca {
+        println!(
+            "chaos: membership by the mesh CA in {}; node-0 reads its revocation list, which \
+             revokes a certificate of a node that never runs at {:.1}s",
+            ca_dir.display(),
+            (a.duration / 2).as_secs_f64()
+        );
     }
     for i in 0..a.nodes {
         mesh.spawn(i)?;
@@ -650,8 +684,36 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         tokio::time::sleep_until((t0 + a.duration).into()).await;
         anyhow::Ok(records)
     };
-    let records = tokio::select! {
-        r = run_faults => r?,
+    // Halfway through, a `--mesh-ca` run revokes the bystander's certificate, then follows
+    // the list from node to node until every node holds it or the workload ends.
+    let spread = async {
+        let Some(serial) = &bystander else {
+            return anyhow::Ok(None);
+        };
+        tokio::time::sleep_until((t0 + a.duration / 2).into()).await;
+        revoke(&ca_dir, serial).context("revoking the bystander's certificate")?;
+        let revoked_at = t0.elapsed();
+        println!(
+            "chaos: revoked the bystander's certificate at {:.1}s",
+            revoked_at.as_secs_f64()
+        );
+        let holders = list_holders.clone();
+        let reached = async {
+            while holding_list(&dirs, &holders).await < holders.len() {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let after = t0.elapsed() - revoked_at;
+            println!(
+                "chaos: the revocation list reached every node {:.2}s after it was revoked",
+                after.as_secs_f64()
+            );
+            after
+        };
+        let reached = tokio::time::timeout_at((t0 + a.duration).into(), reached).await;
+        Ok(Some((revoked_at, reached.ok())))
+    };
+    let (records, spread) = tokio::select! {
+        r = async { tokio::join!(run_faults, spread) } => (r.0?, r.1?),
         _ = tokio::signal::ctrl_c() => bail!("interrupted; the run directory is {}", dir.display()),
     };
 
@@ -715,6 +777,24 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     }
     let final_drain = load_end.elapsed().as_secs_f64();
     sampler.abort();
+    // Every node is up and healed now: the nodes that take lists must all hold it.
+    let revocation = match spread {
+        Some((revoked_at, reached)) => {
+            let deadline = Instant::now() + LIST_SPREAD_WAIT;
+            let mut holding = holding_list(&dirs, &list_holders).await;
+            while holding < list_holders.len() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                holding = holding_list(&dirs, &list_holders).await;
+            }
+            Some(Revocation {
+                revoked_at_s: revoked_at.as_secs_f64(),
+                reached_all_after_s: reached.map(|d| d.as_secs_f64()),
+                nodes_holding: holding,
+                nodes_expected: list_holders.len(),
+            })
+        }
+        None => None,
+    };
 
     // Stop the nodes gracefully.
     for i in 0..a.nodes {
@@ -731,6 +811,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     let (journals, torn) = read_journals(&dirs)?;
     let kept = read_logs(&dirs);
     let mut findings = checker::check_with_logs(&journals, torn, a.services, &records, &kept);
+    findings.revocation = revocation;
     // The report names when a lost or late message was seen in Unix time, to find it in the
     // nodes' logs: the run's start on the wall clock plus the monotonic time since.
     let unix_of = |us: u64| t0_unix_us.saturating_add(us).saturating_sub(t0_us);
@@ -787,6 +868,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             "ack_timeout_s": a.ack_timeout.as_secs_f64(),
             "no_ready_wait": a.no_ready_wait,
             "mixed_protocols": a.mixed_protocols,
+            "mesh_ca": a.mesh_ca,
         }),
         findings,
         faults,
@@ -812,7 +894,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             "chaos: invariants broken: {} lost, {} undrained (still in their senders' logs), {} \
              out of key order, {} phantom, {} connections closed for a protocol fault (the \
              nodes' logs say why), {} replies to the wrong request, {} requests never ended, \
-             {} past their deadline; journals kept in {}",
+             {} past their deadline, {}; journals kept in {}",
             f.lost,
             f.undrained,
             f.order_violations,
@@ -821,6 +903,13 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             f.requests_wrong,
             f.requests_unended,
             f.requests_late,
+            f.revocation.as_ref().map_or_else(
+                || "no revocation list to follow".to_string(),
+                |r| format!(
+                    "the revocation list held by {} of {} nodes",
+                    r.nodes_holding, r.nodes_expected
+                )
+            ),
             dir.display()
         );
     }
@@ -828,6 +917,67 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
+}
+
+/// Longest wait, after the drain, for every node to hold a `--mesh-ca` run's revocation
+/// list.
+const LIST_SPREAD_WAIT: Duration = Duration::from_secs(15);
+
+/// Makes a `--mesh-ca` run's CA (anew, in the run directory's [`worker::CA_DIR`]), a
+/// certificate for each node's identity (its data directory's, created here when it has
+/// none) and one for a bystander that never runs. Returns the bystander certificate's serial
+/// number, to be revoked halfway through.
+fn mesh_ca_setup(run_dir: &Path, data_dirs: &[PathBuf]) -> anyhow::Result<String> {
+    let ca_dir = run_dir.join(worker::CA_DIR);
+    // A run directory used again gets a new CA: its old list revoked the old bystander.
+    if ca_dir.exists() {
+        std::fs::remove_dir_all(&ca_dir)
+            .with_context(|| format!("removing the old CA in {}", ca_dir.display()))?;
+    }
+    let ca = CaKey::create(&ca_dir, "chaos")?;
+    let valid_for = Duration::from_secs(86_400);
+    for d in data_dirs {
+        let node = Identity::load_or_create(d)?.node_id();
+        write_replacing(
+            &d.join(worker::NODE_CERT),
+            ca.issue(&node, valid_for)?.as_bytes(),
+        )?;
+    }
+    let bystander = Identity::generate()?.node_id();
+    let cert = peerbus::NodeCert::from_pem(
+        "the bystander's certificate",
+        ca.issue(&bystander, valid_for)?.as_bytes(),
+    )?;
+    Ok(cert.serial())
+}
+
+/// Adds the certificate of serial `serial` to the revocation list in `ca_dir`.
+fn revoke(ca_dir: &Path, serial: &str) -> anyhow::Result<()> {
+    let ca = CaKey::load(ca_dir)?;
+    let path = ca_dir.join(CA_CRL_FILE);
+    let list = ca.revoke_continuing(&path, [serial])?;
+    write_replacing(&path, list.as_bytes())?;
+    Ok(())
+}
+
+/// How many of the nodes `which` answer that they hold a revocation list that revokes a
+/// certificate.
+async fn holding_list(dirs: &[PathBuf], which: &[usize]) -> usize {
+    let mut set = tokio::task::JoinSet::new();
+    for &i in which {
+        let d = dirs[i].clone();
+        set.spawn(async move {
+            let v = control(&d, json!({"cmd": "status"})).await?;
+            v.get("status")?.get("mesh_ca_revoked")?.as_u64()
+        });
+    }
+    let mut holding = 0;
+    while let Some(r) = set.join_next().await {
+        if matches!(r, Ok(Some(n)) if n >= 1) {
+            holding += 1;
+        }
+    }
+    holding
 }
 
 /// Every node's journal events, by node index.

@@ -143,6 +143,7 @@ impl RunReport {
             "closes": f.closes,
             "redelivered": f.redelivered,
             "duplicates_dropped": f.duplicates_dropped,
+            "revocation": f.revocation,
             "faults": self.faults,
             "drain_seconds": self.faults.iter().map(|x| x.drain_seconds).collect::<Vec<_>>(),
             "drain_by_kind": drain_by_kind(&self.faults),
@@ -197,7 +198,7 @@ impl RunReport {
             );
         }
         let _ = writeln!(s, "\nresult");
-        let rows: Vec<(&str, String, &str)> = vec![
+        let mut rows: Vec<(&str, String, &str)> = vec![
             (
                 "accepted",
                 format!(
@@ -314,6 +315,25 @@ impl RunReport {
                 "",
             ),
         ];
+        if let Some(r) = &f.revocation {
+            rows.push((
+                "revocation list held by",
+                format!(
+                    "{} of {} nodes (revoked at {:.1} s; {})",
+                    r.nodes_holding,
+                    r.nodes_expected,
+                    r.revoked_at_s,
+                    match r.reached_all_after_s {
+                        Some(after) => format!("all held it {after:.2} s later"),
+                        None if r.nodes_holding == r.nodes_expected => {
+                            "all held it only once the faults were healed".to_string()
+                        }
+                        None => "not all held it".to_string(),
+                    }
+                ),
+                verdict(r.nodes_holding == r.nodes_expected),
+            ));
+        }
         for (k, v, ok) in rows {
             let _ = writeln!(s, "  {k:<30} {v:<52} {ok}");
         }
@@ -362,11 +382,17 @@ impl RunReport {
         let _ = writeln!(
             s,
             "\n{}",
-            if f.ok() {
-                "PASS: no acknowledged message lost, none out of key order, no protocol fault, \
-                 no reply to the wrong request, every request ended by its deadline"
-            } else {
-                "FAIL: invariants broken (see above)"
+            match (f.ok(), f.revocation.is_some()) {
+                (true, false) => {
+                    "PASS: no acknowledged message lost, none out of key order, no protocol \
+                     fault, no reply to the wrong request, every request ended by its deadline"
+                }
+                (true, true) => {
+                    "PASS: no acknowledged message lost, none out of key order, no protocol \
+                     fault, no reply to the wrong request, every request ended by its deadline, \
+                     the mesh CA's revocation list reached every node"
+                }
+                (false, _) => "FAIL: invariants broken (see above)",
             }
         );
         if f.undrained > 0 {

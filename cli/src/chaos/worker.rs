@@ -103,7 +103,23 @@ pub(crate) struct WorkerArgs {
     /// The highest protocol version this node speaks (default: this build's).
     #[arg(long)]
     max_protocol_version: Option<u32>,
+    /// Membership by the run's mesh CA (`<run-dir>/ca/ca.crt`, and this node's certificate
+    /// `<data-dir>/node.crt`) instead of the run's mesh key. The files are read again every
+    /// second.
+    #[arg(long)]
+    mesh_ca: bool,
+    /// The mesh CA's revocation list file this node reads (again every second); with
+    /// `--mesh-ca`.
+    #[arg(long, requires = "mesh_ca")]
+    mesh_crl: Option<PathBuf>,
 }
+
+/// The run's mesh CA directory, in the run directory (`peerbus chaos --mesh-ca`).
+pub(crate) const CA_DIR: &str = "ca";
+/// A node's certificate from the run's mesh CA, in its data directory.
+pub(crate) const NODE_CERT: &str = "node.crt";
+/// How often a node of a `--mesh-ca` run reads its CA, certificate and list files again.
+const MESH_FILES_EVERY: Duration = Duration::from_secs(1);
 
 /// The service of node `index` in a run with `services` services.
 pub(crate) fn service_of(index: usize, services: usize) -> String {
@@ -128,7 +144,6 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
     let resume = journal::resume(&a.data_dir, a.index).context("reading the journal")?;
     let mut builder = Node::builder(service.clone())
         .mesh("chaos")
-        .mesh_key_file(a.run_dir.join("mesh.key"))
         .data_dir(&a.data_dir)
         .listen(a.listen)
         .no_mdns()
@@ -138,6 +153,19 @@ pub(crate) async fn run(a: &WorkerArgs) -> anyhow::Result<()> {
         // reported lost. (Handlers fail only a message's first attempts.)
         .max_attempts(u32::MAX)
         .faults(Faults::new(a.seed ^ a.index as u64));
+    builder = if a.mesh_ca {
+        builder
+            .mesh_ca_files(
+                a.run_dir.join(CA_DIR).join(peerbus::CA_CERT_FILE),
+                a.data_dir.join(NODE_CERT),
+            )
+            .mesh_cert_check_every(MESH_FILES_EVERY)
+    } else {
+        builder.mesh_key_file(a.run_dir.join("mesh.key"))
+    };
+    if let Some(list) = &a.mesh_crl {
+        builder = builder.mesh_crl_file(list);
+    }
     for s in &a.seed_peers {
         builder = builder.seed(*s);
     }
