@@ -947,6 +947,26 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         "{}",
         refused.stderr
     );
+    // Not given the list itself, it starts, and the vault's refusal says why and what to do.
+    let unaware = send_to_vault(
+        &Mesh::certified("crl", &format!("{}/ca.crt", path("ca")), &path("client")),
+        "let me in",
+        "10s",
+        "send by a revoked node without the list",
+        &budget,
+    );
+    assert!(!unaware.status.success(), "a revoked node's send succeeded");
+    let error = unaware
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {}", unaware.stderr));
+    assert!(
+        error.contains("is revoked by the mesh CA")
+            && error.contains("a new one (`peerbus ca issue`")
+            && !error.contains("--mesh-key-file"),
+        "{error}"
+    );
     // A certificate the CA issues the node anew is not revoked: it rejoins.
     let reissued = run(
         base_command(&[

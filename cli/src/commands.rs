@@ -766,11 +766,18 @@ async fn no_instance_error(node: &Node, service: &str, waited: Duration) -> anyh
     let waited = fmt_dur(waited);
     let refusing: Vec<&PeerInfo> = peers.iter().filter(|p| refuses_membership(p)).collect();
     if let Some(p) = refusing.first() {
+        let reason = refusal_reason(p);
+        // A revoked node is told so by the reason itself (with what to do about it).
+        let advice = if peerbus::says_revoked(reason) {
+            ""
+        } else {
+            "; use the mesh's key file (--mesh-key-file) or a certificate from its CA \
+             (--mesh-ca, --mesh-cert)"
+        };
         return anyhow!(
-            "peer refused: mesh membership refused: {} peer(s) of mesh \"{}\" (for example {} \
-             of service \"{}\") do not accept this node as a member, and no instance of \
-             service \"{service}\" was reachable within {waited}; use the mesh's key file \
-             (--mesh-key-file) or a certificate from its CA (--mesh-ca, --mesh-cert)",
+            "peer refused: mesh membership refused: {} peer(s) of mesh \"{}\" do not accept \
+             this node as a member, and no instance of service \"{service}\" was reachable \
+             within {waited}{advice}; for example {} of service \"{}\": {reason}",
             refusing.len(),
             node.mesh(),
             p.node_id.short(),
@@ -778,11 +785,10 @@ async fn no_instance_error(node: &Node, service: &str, waited: Duration) -> anyh
         );
     }
     if let Some(p) = peers.iter().find(|p| p.state == PeerState::Refused) {
-        let reason = p.last_error.as_deref().unwrap_or("no reason given");
-        let reason = reason.strip_prefix("peer refused: ").unwrap_or(reason);
         return anyhow!(
-            "peer refused: {reason} (peer {} of service \"{}\"); no instance of service \
+            "peer refused: {} (peer {} of service \"{}\"); no instance of service \
              \"{service}\" found within {waited}",
+            refusal_reason(p),
             p.node_id.short(),
             p.service,
         );
@@ -811,6 +817,12 @@ async fn no_instance_error(node: &Node, service: &str, waited: Duration) -> anyh
         ));
     }
     anyhow!(msg)
+}
+
+/// Why `peer` refused this node, as its last error says.
+fn refusal_reason(peer: &PeerInfo) -> &str {
+    let reason = peer.last_error.as_deref().unwrap_or("no reason given");
+    reason.strip_prefix("peer refused: ").unwrap_or(reason)
 }
 
 fn refuses_membership(peer: &PeerInfo) -> bool {

@@ -69,6 +69,17 @@ pub const CA_CERT_FILE: &str = "ca.crt";
 /// The CA's revocation list in a CA directory ([`CaKey::create`] writes it empty).
 pub const CA_CRL_FILE: &str = "ca.crl";
 
+/// What a refusal of a revoked certificate says, in this node's words and (as a close
+/// reason) in its peers' ([`says_revoked`]).
+const REVOKED: &str = "is revoked by the mesh CA";
+
+/// Whether `reason`, a refusal's reason or an error's text, says that a certificate is
+/// revoked by the mesh CA: a node refused for that needs a new certificate, not another
+/// mesh key or CA.
+pub fn says_revoked(reason: &str) -> bool {
+    reason.contains(REVOKED)
+}
+
 /// Seconds since the Unix epoch (0 for a clock before it).
 fn unix_secs(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
@@ -574,7 +585,7 @@ impl MeshCa {
         };
         if let Some(root) = signers.iter().find(|r| r.revoked.contains(&cert.serial)) {
             return Err(format!(
-                "the certificate (serial {}) is revoked by the mesh CA ({})",
+                "the certificate (serial {}) {REVOKED} ({})",
                 cert.serial, root.subject
             ));
         }

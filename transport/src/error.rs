@@ -129,9 +129,15 @@ impl CloseCode {
         }
     }
 
-    /// What to do about it, appended to error messages ("" when there is nothing to do).
-    pub(crate) fn advice(&self) -> &'static str {
+    /// What to do about a close for `reason`, appended to error messages ("" when there is
+    /// nothing to do).
+    pub(crate) fn advice(&self, reason: &str) -> &'static str {
         match self {
+            CloseCode::MeshProofFailed if crate::ca::says_revoked(reason) => {
+                "; the mesh CA revoked that certificate: its node is a member again only with \
+                 a new one (`peerbus ca issue`; a running node reads its --mesh-cert file again \
+                 every minute)"
+            }
             CloseCode::MeshProofFailed => {
                 "; every node of a mesh needs the same mesh key file, or a certificate from \
                  the same mesh CA (or all run an open mesh)"
@@ -152,7 +158,7 @@ impl CloseCode {
 #[non_exhaustive]
 pub enum ConnectionError {
     /// The peer closed it.
-    #[error("peer closed the connection: {} ({reason}){}", code.describe(), code.advice())]
+    #[error("peer closed the connection: {} ({reason}){}", code.describe(), code.advice(reason))]
     ClosedByPeer {
         /// Its close code.
         code: CloseCode,
@@ -313,7 +319,7 @@ pub enum BindError {
 #[non_exhaustive]
 pub enum ConnectError {
     /// The peer (or we) refused the connection, for example over the mesh key.
-    #[error("peer refused: {} ({reason}){}", code.describe(), code.advice())]
+    #[error("peer refused: {} ({reason}){}", code.describe(), code.advice(reason))]
     Refused {
         /// The close code.
         code: CloseCode,
@@ -356,7 +362,7 @@ pub enum ConnectError {
 #[non_exhaustive]
 pub enum AcceptError {
     /// The dialer failed the mesh proof.
-    #[error("refused {addr} (node {claimed}): mesh membership refused ({reason}){}", CloseCode::MeshProofFailed.advice())]
+    #[error("refused {addr} (node {claimed}): mesh membership refused ({reason}){}", CloseCode::MeshProofFailed.advice(reason))]
     MeshProofFailed {
         /// Its address.
         addr: SocketAddr,
@@ -367,7 +373,7 @@ pub enum AcceptError {
     },
     /// The dialer refused us (for example it holds a mesh key and we run an open mesh), or
     /// closed the connection during the proof.
-    #[error("{addr} refused this node: {} ({reason}){}", code.describe(), code.advice())]
+    #[error("{addr} refused this node: {} ({reason}){}", code.describe(), code.advice(reason))]
     Refused {
         /// Its address.
         addr: SocketAddr,

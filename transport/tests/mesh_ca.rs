@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use peerbus_transport::{
     AcceptError, BindError, CaKey, CloseCode, ConnectError, Connection, Endpoint, EndpointConfig,
-    Identity, Membership, MeshKey, NodeCert,
+    Identity, ListTaken, Membership, MeshKey, NodeCert,
 };
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -28,6 +28,18 @@ fn certified(issuer: &CaKey, trusted: &CaKey, valid_for: Duration) -> Endpoint {
         loopback(),
     ))
     .expect("bind")
+}
+
+/// A member of `ca`'s mesh, and its certificate's serial number.
+fn member(ca: &CaKey) -> (Endpoint, String) {
+    let endpoint = certified(ca, ca, DAY);
+    let id = endpoint.node_id();
+    // The serial number is random per certificate: issue it again to learn one, and present
+    // that one.
+    let pem = ca.issue(&id, DAY).expect("issue");
+    let cert = NodeCert::from_pem("node.crt", pem.as_bytes()).expect("cert");
+    endpoint.renew_certificate(&cert).expect("renew");
+    (endpoint, cert.serial())
 }
 
 fn plain(m: Membership) -> Endpoint {
@@ -227,6 +239,70 @@ async fn bind_refuses_a_certificate_for_another_node_or_from_another_ca() {
         };
         assert!(why.contains("not signed by the mesh CA"), "{why}");
         assert!(bind(&ca, &me, me.clone()).is_ok());
+    })
+    .await;
+}
+
+/// A revocation list a peer passes on (`Endpoint::take_revocation_list`): a newer one is
+/// taken, and a live connection of the certificate it revokes fails its check again; the
+/// same list again is not newer; a list that revokes the endpoint's own certificate is not
+/// taken, so its trust stays as it was; another CA's list and junk are errors.
+#[tokio::test]
+async fn a_list_a_peer_passes_on_is_taken_when_newer_and_not_when_it_revokes_this_node() {
+    within(async {
+        let (ca, other) = two_cas();
+        let (listener, _) = member(&ca);
+        let (dialer, dialer_serial) = member(&ca);
+        let (_at_dialer, at_listener) = connected(&dialer, &listener).await;
+        let der = |ca: &CaKey, serials: &[&str]| {
+            let pem = ca.revoke(None, serials.iter().copied()).expect("revoke");
+            let trust = ca.trust().expect("trust");
+            let mut lists = trust
+                .with_revocation_lists("the list", pem.as_bytes())
+                .expect("reads back")
+                .revocation_lists();
+            assert_eq!(lists.len(), 1);
+            lists.remove(0)
+        };
+        let list = der(&ca, &[dialer_serial.as_str()]);
+
+        // The node the list revokes does not take it: it keeps its trust and its lists.
+        let held = dialer.revocation_lists();
+        match dialer.take_revocation_list(&list) {
+            Ok(ListTaken::RevokesThisNode(why)) => {
+                assert!(why.contains("is revoked by the mesh CA"), "{why}");
+            }
+            other => panic!("the revoked node: {other:?}"),
+        }
+        assert_eq!(dialer.revocation_lists(), held);
+        assert_eq!(dialer.revoked_certificates(), Some(0));
+
+        // Its peer takes it, and the live connection of the revoked node fails its check.
+        assert!(listener.recheck(&at_listener).expect("a member").is_some());
+        assert_eq!(
+            listener.take_revocation_list(&list).ok(),
+            Some(ListTaken::Taken)
+        );
+        assert_eq!(listener.revoked_certificates(), Some(1));
+        assert_eq!(listener.revocation_lists(), vec![list.clone()]);
+        let why = listener.recheck(&at_listener).expect_err("revoked");
+        assert!(why.contains("is revoked by the mesh CA"), "{why}");
+        // Passed back to it, the same list goes no further.
+        assert_eq!(
+            listener.take_revocation_list(&list).ok(),
+            Some(ListTaken::NotNewer)
+        );
+
+        let theirs = der(&other, &[]);
+        let err = listener
+            .take_revocation_list(&theirs)
+            .expect_err("another CA's");
+        assert!(matches!(err, BindError::Config(_)), "{err}");
+        assert!(listener.take_revocation_list(b"not a list").is_err());
+        assert_eq!(listener.revoked_certificates(), Some(1));
+        // A mesh key has no lists to take.
+        let keyed = plain(Membership::Key(MeshKey::generate()));
+        assert!(keyed.take_revocation_list(&list).is_err());
     })
     .await;
 }

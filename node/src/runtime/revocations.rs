@@ -65,6 +65,7 @@ pub(crate) async fn run(
         let taken = match item {
             News::Taken(lists) => lists,
             News::FromPeer(peer, lists) => {
+                let revoked_before = shared.endpoint.revoked_certificates();
                 let endpoint = shared.endpoint.clone();
                 let checked = tokio::task::spawn_blocking(move || {
                     lists
@@ -98,8 +99,13 @@ pub(crate) async fn run(
                         }
                     }
                 }
-                if !taken.is_empty() {
-                    info!(parent: &span, peer = %peer.short(), lists = taken.len(), revoked = shared.endpoint.revoked_certificates().unwrap_or(0), "took a newer mesh CA revocation list from a peer; live connections are checked again, and the list is passed on");
+                let revoked = shared.endpoint.revoked_certificates();
+                if !taken.is_empty() && revoked != revoked_before {
+                    info!(parent: &span, peer = %peer.short(), lists = taken.len(), revoked = revoked.unwrap_or(0), "took a newer mesh CA revocation list from a peer; live connections are checked again, and the list is passed on");
+                } else if !taken.is_empty() {
+                    // The first list a node without a list file hears of, most often: the
+                    // CA's empty one. Not news for the operator.
+                    debug!(parent: &span, peer = %peer.short(), lists = taken.len(), revoked = revoked.unwrap_or(0), "took a newer mesh CA revocation list from a peer that revokes as many certificates as the one it replaces; passing it on");
                 }
                 taken
             }
