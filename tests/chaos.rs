@@ -172,12 +172,13 @@ fn a_short_chaos_run_with_kills_freezes_and_partitions_passes() {
     assert!(r["duplicates_dropped"].is_u64(), "{r}");
 }
 
-/// `--mesh-ca`: nodes are members by certificates of a CA the run makes, and halfway through
-/// the run revokes a certificate of a node that never runs. Only node-0 reads the list file;
-/// the run passes only if every node holds the list at the end, so it got there from node to
-/// node, kills and partitions meanwhile.
+/// `--mesh-ca`: nodes are members by certificates of a CA the run makes; halfway through the
+/// run revokes a certificate of a node that never runs, and three quarters through it renews
+/// every node's certificate. Only node-0 reads the list file; the run passes only if every
+/// node holds the list at the end, so it got there from node to node, kills and partitions
+/// meanwhile, and if every node presents its renewed certificate.
 #[test]
-fn a_chaos_run_of_a_mesh_ca_carries_a_revocation_list_to_every_node() {
+fn a_chaos_run_of_a_mesh_ca_spreads_a_revocation_list_and_renews_every_certificate() {
     // Seed 5 schedules (2 s apart): a kill of node-3, a partition of node-0 (the one that
     // reads the list file) from node-1 as the list changes at 4 s, so node-1 most likely
     // hears of it from the others, and node-3 killed again.
@@ -201,11 +202,18 @@ fn a_chaos_run_of_a_mesh_ca_carries_a_revocation_list_to_every_node() {
     assert_eq!(r["settings"]["mesh_ca"], true, "{r}");
     assert_eq!(r["lost"], 0, "{why}");
     assert!(r["accepted"].as_u64().is_some_and(|n| n > 100), "{why}");
-    let list = &r["revocation"];
-    assert_eq!(list["nodes_expected"], 4, "{list}");
-    assert_eq!(list["nodes_holding"], 4, "{list}");
-    let at = list["revoked_at_s"].as_f64().expect("revoked_at_s");
+    let ca = &r["mesh_ca"];
+    assert_eq!(ca["nodes_expected"], 4, "{ca}");
+    assert_eq!(ca["nodes_holding"], 4, "{ca}");
+    let at = ca["revoked_at_s"].as_f64().expect("revoked_at_s");
     assert!((4.0..6.0).contains(&at), "revoked at {at} s\n{why}");
+    assert_eq!(
+        (&ca["nodes_renewed"], &ca["nodes"]),
+        (&4.into(), &4.into()),
+        "{ca}"
+    );
+    let at = ca["renewed_at_s"].as_f64().expect("renewed_at_s");
+    assert!((6.0..8.0).contains(&at), "renewed at {at} s\n{why}");
     // The nodes were members by certificate: each has the one the run issued it, and
     // node-1 (which never read the list file) kept the list it was passed.
     let run = tmp.path().join("run");

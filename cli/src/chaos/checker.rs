@@ -314,14 +314,15 @@ pub(crate) struct Findings {
     pub(crate) latency_p50_s: f64,
     /// Worst seconds from acceptance to the last required handling.
     pub(crate) latency_max_s: f64,
-    /// How a `--mesh-ca` run's revocation list spread (`None` in a run of a mesh key).
-    pub(crate) revocation: Option<Revocation>,
+    /// How a `--mesh-ca` run's revocation list spread and its renewed certificates were
+    /// taken (`None` in a run of a mesh key).
+    pub(crate) mesh_ca: Option<MeshCaRun>,
 }
 
 /// How the revocation list of a `--mesh-ca` run spread from node-0, the one node that reads
-/// its file, to the others.
+/// its file, to the others, and whether every node took its renewed certificate.
 #[derive(Clone, Debug, Serialize)]
-pub(crate) struct Revocation {
+pub(crate) struct MeshCaRun {
     /// Seconds into the run when the list file changed.
     pub(crate) revoked_at_s: f64,
     /// Seconds after that until every node expected to hold the list answered that it did,
@@ -331,6 +332,19 @@ pub(crate) struct Revocation {
     pub(crate) nodes_holding: usize,
     /// Nodes expected to hold it: those of protocol 8 or later.
     pub(crate) nodes_expected: usize,
+    /// Seconds into the run when every node's certificate file was renewed.
+    pub(crate) renewed_at_s: f64,
+    /// Nodes that presented their renewed certificate at the end of the run.
+    pub(crate) nodes_renewed: usize,
+    /// Nodes in the run.
+    pub(crate) nodes: usize,
+}
+
+impl MeshCaRun {
+    /// Whether every node took what it had to: the list, and its renewed certificate.
+    pub(crate) fn ok(&self) -> bool {
+        self.nodes_holding == self.nodes_expected && self.nodes_renewed == self.nodes
+    }
 }
 
 impl Findings {
@@ -344,10 +358,7 @@ impl Findings {
             && self.requests_wrong == 0
             && self.requests_unended == 0
             && self.requests_late == 0
-            && self
-                .revocation
-                .as_ref()
-                .is_none_or(|r| r.nodes_holding == r.nodes_expected)
+            && self.mesh_ca.as_ref().is_none_or(MeshCaRun::ok)
     }
 }
 

@@ -32,7 +32,7 @@ use peerbus_transport::write_replacing;
 use serde_json::json;
 
 use crate::common::UsageError;
-use checker::{FaultRecord, Revocation};
+use checker::{FaultRecord, MeshCaRun};
 use report::{FaultView, RunReport, Sample};
 use schedule::{FaultKind, Planned};
 use worker::WorkerArgs;
@@ -184,10 +184,11 @@ pub(crate) struct ChaosArgs {
     #[arg(long)]
     mixed_protocols: bool,
     /// Membership by a mesh CA instead of a mesh key: the run makes a CA and a certificate
-    /// for each node, and halfway through revokes the certificate of a node that never runs.
-    /// Only node-0 reads the CA's revocation list file, so the list reaches the others from
-    /// node to node (protocol 8) through the faults. The run fails unless every node of
-    /// protocol 8 or later holds the list at the end.
+    /// for each node, halfway through revokes the certificate of a node that never runs, and
+    /// three quarters through renews every node's certificate. Only node-0 reads the CA's
+    /// revocation list file, so the list reaches the others from node to node (protocol 8)
+    /// through the faults. The run fails unless, at the end, every node of protocol 8 or
+    /// later holds the list and every node presents its renewed certificate.
     #[arg(long)]
     mesh_ca: bool,
 }
@@ -614,9 +615,11 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     if a.mesh_ca {
         println!(
             "chaos: membership by the mesh CA in {}; node-0 reads its revocation list, which \
-             revokes a certificate of a node that never runs at {:.1}s",
+             revokes a certificate of a node that never runs at {:.1}s; every node's \
+             certificate is renewed at {:.1}s",
             ca_dir.display(),
-            (a.duration / 2).as_secs_f64()
+            (a.duration / 2).as_secs_f64(),
+            (a.duration * 3 / 4).as_secs_f64()
         );
     }
     for i in 0..a.nodes {
@@ -699,7 +702,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         );
         let holders = list_holders.clone();
         let reached = async {
-            while holding_list(&dirs, &holders).await < holders.len() {
+            while count_nodes(&dirs, &holders, holds_list).await < holders.len() {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             let after = t0.elapsed() - revoked_at;
@@ -712,8 +715,24 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         let reached = tokio::time::timeout_at((t0 + a.duration).into(), reached).await;
         Ok(Some((revoked_at, reached.ok())))
     };
-    let (records, spread) = tokio::select! {
-        r = async { tokio::join!(run_faults, spread) } => (r.0?, r.1?),
+    // Three quarters through, it renews every node's certificate: each node reads its file
+    // again within a second (or at its restart) and presents the new one.
+    let renew = async {
+        if bystander.is_none() {
+            return anyhow::Ok(None);
+        }
+        tokio::time::sleep_until((t0 + a.duration * 3 / 4).into()).await;
+        let renewed_at = t0.elapsed();
+        let until = issue_certificates(&ca_dir, &dirs, RENEWED_VALIDITY)
+            .context("renewing the nodes' certificates")?;
+        println!(
+            "chaos: renewed every node's certificate at {:.1}s",
+            renewed_at.as_secs_f64()
+        );
+        Ok(Some((renewed_at, until)))
+    };
+    let (records, spread, renewed) = tokio::select! {
+        r = async { tokio::join!(run_faults, spread, renew) } => (r.0?, r.1?, r.2?),
         _ = tokio::signal::ctrl_c() => bail!("interrupted; the run directory is {}", dir.display()),
     };
 
@@ -777,23 +796,39 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     }
     let final_drain = load_end.elapsed().as_secs_f64();
     sampler.abort();
-    // Every node is up and healed now: the nodes that take lists must all hold it.
-    let revocation = match spread {
-        Some((revoked_at, reached)) => {
-            let deadline = Instant::now() + LIST_SPREAD_WAIT;
-            let mut holding = holding_list(&dirs, &list_holders).await;
-            while holding < list_holders.len() && Instant::now() < deadline {
+    // Every node is up and healed now: the nodes that take lists must all hold it, and
+    // every node must present its renewed certificate.
+    let mesh_ca = match (spread, renewed) {
+        (Some((revoked_at, reached)), Some((renewed_at, until))) => {
+            let all: Vec<usize> = (0..a.nodes).collect();
+            let renewed = move |status: &serde_json::Value| {
+                status
+                    .get("mesh_certificate_expires")
+                    .and_then(serde_json::Value::as_u64)
+                    .is_some_and(|secs| secs >= until)
+            };
+            let deadline = Instant::now() + MESH_CA_WAIT;
+            let (mut holding, mut presenting);
+            loop {
+                holding = count_nodes(&dirs, &list_holders, holds_list).await;
+                presenting = count_nodes(&dirs, &all, renewed).await;
+                let done = holding == list_holders.len() && presenting == all.len();
+                if done || Instant::now() >= deadline {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                holding = holding_list(&dirs, &list_holders).await;
             }
-            Some(Revocation {
+            Some(MeshCaRun {
                 revoked_at_s: revoked_at.as_secs_f64(),
                 reached_all_after_s: reached.map(|d| d.as_secs_f64()),
                 nodes_holding: holding,
                 nodes_expected: list_holders.len(),
+                renewed_at_s: renewed_at.as_secs_f64(),
+                nodes_renewed: presenting,
+                nodes: all.len(),
             })
         }
-        None => None,
+        _ => None,
     };
 
     // Stop the nodes gracefully.
@@ -811,7 +846,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     let (journals, torn) = read_journals(&dirs)?;
     let kept = read_logs(&dirs);
     let mut findings = checker::check_with_logs(&journals, torn, a.services, &records, &kept);
-    findings.revocation = revocation;
+    findings.mesh_ca = mesh_ca;
     // The report names when a lost or late message was seen in Unix time, to find it in the
     // nodes' logs: the run's start on the wall clock plus the monotonic time since.
     let unix_of = |us: u64| t0_unix_us.saturating_add(us).saturating_sub(t0_us);
@@ -903,11 +938,12 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             f.requests_wrong,
             f.requests_unended,
             f.requests_late,
-            f.revocation.as_ref().map_or_else(
-                || "no revocation list to follow".to_string(),
+            f.mesh_ca.as_ref().map_or_else(
+                || "no mesh CA".to_string(),
                 |r| format!(
-                    "the revocation list held by {} of {} nodes",
-                    r.nodes_holding, r.nodes_expected
+                    "the revocation list held by {} of {} nodes, the renewed certificate \
+                     presented by {} of {}",
+                    r.nodes_holding, r.nodes_expected, r.nodes_renewed, r.nodes
                 )
             ),
             dir.display()
@@ -920,8 +956,13 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
 }
 
 /// Longest wait, after the drain, for every node to hold a `--mesh-ca` run's revocation
-/// list.
-const LIST_SPREAD_WAIT: Duration = Duration::from_secs(15);
+/// list and present its renewed certificate.
+const MESH_CA_WAIT: Duration = Duration::from_secs(15);
+/// How long a `--mesh-ca` run's first certificates are valid.
+const FIRST_VALIDITY: Duration = Duration::from_secs(86_400);
+/// How long its renewed certificates are valid: longer, so a node's status tells which it
+/// presents.
+const RENEWED_VALIDITY: Duration = Duration::from_secs(2 * 86_400);
 
 /// Makes a `--mesh-ca` run's CA (anew, in the run directory's [`worker::CA_DIR`]), a
 /// certificate for each node's identity (its data directory's, created here when it has
@@ -935,7 +976,24 @@ fn mesh_ca_setup(run_dir: &Path, data_dirs: &[PathBuf]) -> anyhow::Result<String
             .with_context(|| format!("removing the old CA in {}", ca_dir.display()))?;
     }
     let ca = CaKey::create(&ca_dir, "chaos")?;
-    let valid_for = Duration::from_secs(86_400);
+    issue_certificates(&ca_dir, data_dirs, FIRST_VALIDITY)?;
+    let bystander = Identity::generate()?.node_id();
+    let pem = ca.issue(&bystander, FIRST_VALIDITY)?;
+    let cert = peerbus::NodeCert::from_pem("the bystander's certificate", pem.as_bytes())?;
+    Ok(cert.serial())
+}
+
+/// Issues each node a certificate valid for `valid_for` (into its data directory, for its
+/// identity there, created when it has none) from the CA in `ca_dir`. Returns a time, in
+/// seconds since the Unix epoch, that every one of them is valid until and a certificate
+/// valid half as long, issued before, is not.
+fn issue_certificates(
+    ca_dir: &Path,
+    data_dirs: &[PathBuf],
+    valid_for: Duration,
+) -> anyhow::Result<u64> {
+    let ca = CaKey::load(ca_dir)?;
+    let issued_at = journal::unix_now_us() / 1_000_000;
     for d in data_dirs {
         let node = Identity::load_or_create(d)?.node_id();
         write_replacing(
@@ -943,12 +1001,7 @@ fn mesh_ca_setup(run_dir: &Path, data_dirs: &[PathBuf]) -> anyhow::Result<String
             ca.issue(&node, valid_for)?.as_bytes(),
         )?;
     }
-    let bystander = Identity::generate()?.node_id();
-    let cert = peerbus::NodeCert::from_pem(
-        "the bystander's certificate",
-        ca.issue(&bystander, valid_for)?.as_bytes(),
-    )?;
-    Ok(cert.serial())
+    Ok(issued_at + valid_for.as_secs() * 3 / 4)
 }
 
 /// Adds the certificate of serial `serial` to the revocation list in `ca_dir`.
@@ -960,24 +1013,34 @@ fn revoke(ca_dir: &Path, serial: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How many of the nodes `which` answer that they hold a revocation list that revokes a
-/// certificate.
-async fn holding_list(dirs: &[PathBuf], which: &[usize]) -> usize {
+/// Whether a node's status says it holds a revocation list that revokes a certificate.
+fn holds_list(status: &serde_json::Value) -> bool {
+    status
+        .get("mesh_ca_revoked")
+        .and_then(serde_json::Value::as_u64)
+        .is_some_and(|n| n >= 1)
+}
+
+/// How many of the nodes `which` answer with a status that `test` accepts.
+async fn count_nodes(
+    dirs: &[PathBuf],
+    which: &[usize],
+    test: impl Fn(&serde_json::Value) -> bool,
+) -> usize {
     let mut set = tokio::task::JoinSet::new();
     for &i in which {
         let d = dirs[i].clone();
-        set.spawn(async move {
-            let v = control(&d, json!({"cmd": "status"})).await?;
-            v.get("status")?.get("mesh_ca_revoked")?.as_u64()
-        });
+        set.spawn(async move { control(&d, json!({"cmd": "status"})).await });
     }
-    let mut holding = 0;
+    let mut count = 0;
     while let Some(r) = set.join_next().await {
-        if matches!(r, Ok(Some(n)) if n >= 1) {
-            holding += 1;
+        if let Ok(Some(v)) = r
+            && v.get("status").is_some_and(&test)
+        {
+            count += 1;
         }
     }
-    holding
+    count
 }
 
 /// Every node's journal events, by node index.

@@ -143,7 +143,7 @@ impl RunReport {
             "closes": f.closes,
             "redelivered": f.redelivered,
             "duplicates_dropped": f.duplicates_dropped,
-            "revocation": f.revocation,
+            "mesh_ca": f.mesh_ca,
             "faults": self.faults,
             "drain_seconds": self.faults.iter().map(|x| x.drain_seconds).collect::<Vec<_>>(),
             "drain_by_kind": drain_by_kind(&self.faults),
@@ -315,7 +315,7 @@ impl RunReport {
                 "",
             ),
         ];
-        if let Some(r) = &f.revocation {
+        if let Some(r) = &f.mesh_ca {
             rows.push((
                 "revocation list held by",
                 format!(
@@ -332,6 +332,14 @@ impl RunReport {
                     }
                 ),
                 verdict(r.nodes_holding == r.nodes_expected),
+            ));
+            rows.push((
+                "renewed certificate presented by",
+                format!(
+                    "{} of {} nodes (renewed at {:.1} s)",
+                    r.nodes_renewed, r.nodes, r.renewed_at_s
+                ),
+                verdict(r.nodes_renewed == r.nodes),
             ));
         }
         for (k, v, ok) in rows {
@@ -382,7 +390,7 @@ impl RunReport {
         let _ = writeln!(
             s,
             "\n{}",
-            match (f.ok(), f.revocation.is_some()) {
+            match (f.ok(), f.mesh_ca.is_some()) {
                 (true, false) => {
                     "PASS: no acknowledged message lost, none out of key order, no protocol \
                      fault, no reply to the wrong request, every request ended by its deadline"
@@ -390,7 +398,8 @@ impl RunReport {
                 (true, true) => {
                     "PASS: no acknowledged message lost, none out of key order, no protocol \
                      fault, no reply to the wrong request, every request ended by its deadline, \
-                     the mesh CA's revocation list reached every node"
+                     the mesh CA's revocation list reached every node, and every node presents \
+                     its renewed certificate"
                 }
                 (false, _) => "FAIL: invariants broken (see above)",
             }
