@@ -650,6 +650,12 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
         assert_eq!(sample(&m, name, &[("node", &nid)]), Some(ends as f64));
         // With no revocation list, none is revoked, and the metric says so.
         assert_eq!(status(&node).await["mesh_ca_revoked"], 0);
+        assert_eq!(
+            status(&node).await["mesh_ca_lists"]
+                .as_array()
+                .map(Vec::len),
+            Some(0)
+        );
         let revoked = "peerbus_mesh_ca_revoked_certificates";
         assert_eq!(sample(&m, revoked, &[("node", &nid)]), Some(0.0));
         node.shutdown().await;
@@ -662,6 +668,12 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
         .await;
         assert!(status(&keyed).await["mesh_certificate_expires"].is_null());
         assert!(status(&keyed).await["mesh_ca_revoked"].is_null());
+        assert_eq!(
+            status(&keyed).await["mesh_ca_lists"]
+                .as_array()
+                .map(Vec::len),
+            Some(0)
+        );
         assert!(!metrics(&keyed).await.contains(name));
         keyed.shutdown().await;
     })

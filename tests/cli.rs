@@ -991,6 +991,22 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         &budget,
     );
     assert!(accepted.status.success(), "{}", accepted.stderr);
+    // The vault's status names the list it uses: `ca new` wrote number 1, each `ca revoke`
+    // one more.
+    let status = run(
+        mesh("vault").command(&["status"]),
+        "peerbus status of the vault",
+        budget.left(),
+    );
+    assert!(
+        status
+            .stdout
+            .contains("mesh CA revocation lists: 1 certificate revoked")
+            && status.stdout.contains("  list 3 of CN=peerbus mesh CA")
+            && status.stdout.contains(": 1 revoked"),
+        "{}",
+        status.stdout
+    );
 
     // `ca list` shows what the CA issued, in order, and what became of it.
     let listed = run(

@@ -425,6 +425,15 @@ async fn a_revocation_list_given_to_one_node_reaches_the_mesh_and_outlives_a_res
         )
         .await;
         assert_eq!(revoked(&receiver).await, Some(1));
+        // The very list the gateway read: `ca new` wrote number 1, the revocation 2.
+        let lists = |n: &Node| {
+            let n = n.clone();
+            async move { n.status().await.map(|s| s.mesh_ca_lists) }
+        };
+        let held = lists(&receiver).await.expect("status");
+        assert_eq!(Some(&held), lists(&gateway).await.as_ref());
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert_eq!((held[0].number.as_deref(), held[0].revoked), (Some("2"), 1));
         assert!(
             f.path(&format!("r/{}", "mesh-revocations.crl")).exists(),
             "the receiver keeps the list in its data directory"

@@ -177,6 +177,20 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
                 }
             ))?;
         }
+        let lists = status.get("mesh_ca_lists").and_then(Value::as_array);
+        for list in lists.into_iter().flatten() {
+            let issued = list.get("issued").and_then(Value::as_u64).unwrap_or(0);
+            let issued = std::time::UNIX_EPOCH + std::time::Duration::from_secs(issued);
+            print_line(&format!(
+                "  list {} of {}, issued {}: {} revoked",
+                list.get("number")
+                    .and_then(Value::as_str)
+                    .unwrap_or("(unnumbered)"),
+                list.get("ca").and_then(Value::as_str).unwrap_or("?"),
+                humantime::format_rfc3339_seconds(issued),
+                list.get("revoked").and_then(Value::as_u64).unwrap_or(0),
+            ))?;
+        }
     } else {
         print_line(&format!(
             "node in {} is not running (read from its data directory)",

@@ -125,5 +125,5 @@ pub use peerbus_discovery::{
 pub use peerbus_transport::{
     CA_CERT_FILE, CA_CRL_FILE, CA_KEY_FILE, CaError, CaKey, CloseCode, CloseCounts, FaultConfig,
     FaultStats, Faults, Identity, MAX_CA_CERTS, MAX_MESH_KEYS, MAX_REVOKED, MeshCa, MeshKey,
-    NodeCert, NodeId, Traffic, certificate_request, says_revoked,
+    NodeCert, NodeId, RevocationListInfo, Traffic, certificate_request, says_revoked,
 };

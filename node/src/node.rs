@@ -232,6 +232,10 @@ pub struct Status {
     /// by a mesh CA; `None` otherwise. Every node of a mesh should show the same number once
     /// a new list has reached them all.
     pub mesh_ca_revoked: Option<usize>,
+    /// The mesh CA's revocation lists in use, one per CA key: each one's CA, CRL number, issue
+    /// time and count of revoked certificates. Every node of a mesh shows the same numbers
+    /// once a new list has reached them all. Empty without a mesh CA or lists.
+    pub mesh_ca_lists: Vec<peerbus_transport::RevocationListInfo>,
     /// Circuit breaker and bulkhead per requested service.
     pub breakers: BTreeMap<String, BreakerStatus>,
     /// Durable subscriber groups this node knows of (a `publish` keeps copies for the live

@@ -450,6 +450,31 @@ struct Root {
     list: Option<Arc<RevocationList>>,
 }
 
+/// What a revocation list a [`MeshCa`] took is ([`MeshCa::revocation_list_info`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RevocationListInfo {
+    /// The subject of the CA that signed it.
+    pub ca: String,
+    /// Its CRL number: decimal, or hexadecimal (`0x…`) when over 128 bits; `None` when the
+    /// list has none (lists of `peerbus ca revoke` always do, one past the last).
+    pub number: Option<String>,
+    /// When it was issued (its thisUpdate), in seconds since the Unix epoch.
+    pub issued: u64,
+    /// How many certificates it revokes.
+    pub revoked: usize,
+}
+
+/// A CRL number (big-endian, no leading zeros) as [`RevocationListInfo::number`] shows it.
+fn crl_number_text(number: &[u8]) -> String {
+    if number.len() <= 16 {
+        let n = number.iter().fold(0u128, |n, &b| (n << 8) | u128::from(b));
+        n.to_string()
+    } else {
+        let hex: String = number.iter().map(|b| format!("{b:02x}")).collect();
+        format!("0x{hex}")
+    }
+}
+
 /// A revocation list a [`MeshCa`] took: its bytes, passed on to peers as they are (its CA's
 /// signature vouches for them), and what orders two lists of one CA.
 #[derive(Debug, PartialEq, Eq)]
@@ -789,6 +814,30 @@ impl MeshCa {
             }
         }
         lists
+    }
+
+    /// What the revocation lists taken are, one per CA key, in the order of the CA file:
+    /// which CA issued each, its number and issue time, and how many certificates it
+    /// revokes. Every node of a mesh shows the same once a new list reached them all.
+    pub fn revocation_list_info(&self) -> Vec<RevocationListInfo> {
+        let mut infos: Vec<(&Arc<RevocationList>, RevocationListInfo)> = Vec::new();
+        for root in self.roots.iter() {
+            let Some(list) = &root.list else { continue };
+            if infos
+                .iter()
+                .any(|(l, _)| Arc::ptr_eq(l, list) || l.der == list.der)
+            {
+                continue;
+            }
+            let info = RevocationListInfo {
+                ca: root.subject.clone(),
+                number: list.number.as_deref().map(crl_number_text),
+                issued: u64::try_from(list.issued).unwrap_or(0),
+                revoked: root.revoked.len(),
+            };
+            infos.push((list, info));
+        }
+        infos.into_iter().map(|(_, info)| info).collect()
     }
 
     /// Whether `other` is this very trust (a clone of it), not only an equal one.
@@ -1549,6 +1598,25 @@ mod tests {
             .expect("first of its CA");
         assert!(checked(&both, &c).is_err() && checked(&both, &a).is_err());
         assert_eq!(both.revocation_lists(), vec![der(&second), der(&others)]);
+        // Status shows each CA's list: its number (`revoke` with no list before numbers 1),
+        // its issue time and what it revokes.
+        let info = both.revocation_list_info();
+        let shown: Vec<(Option<&str>, usize)> = info
+            .iter()
+            .map(|l| (l.number.as_deref(), l.revoked))
+            .collect();
+        assert_eq!(shown, vec![(Some("2"), 2), (Some("1"), 1)]);
+        assert_ne!(info[0].ca, info[1].ca);
+        let now = u64::try_from(unix_secs(SystemTime::now())).expect("after 1970");
+        assert!(
+            info.iter()
+                .all(|l| l.issued + 3_600 > now && l.issued <= now)
+        );
+        assert_eq!(crl_number_text(&[1, 0]), "256");
+        assert_eq!(
+            crl_number_text(&[0xab; 17]),
+            format!("0x{}", "ab".repeat(17))
+        );
         let pem = revocation_lists_pem(&both.revocation_lists());
         let again = MeshCa::from_pem("bundle", bundle.as_bytes())
             .expect("bundle")

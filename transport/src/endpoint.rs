@@ -14,7 +14,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, Runtime, TransportConfig, VarInt};
 use tracing::warn;
 
-use crate::ca::{MeshCa, NodeCert};
+use crate::ca::{MeshCa, NodeCert, RevocationListInfo};
 use crate::error::{AcceptError, BindError, CloseCode, ConnectError, ConnectionError};
 use crate::fault::{self, Faults};
 use crate::frame::{FrameReceiver, FrameSender};
@@ -556,6 +556,16 @@ impl Endpoint {
     /// ([`MeshCa::with_revocation_lists`]); `None` with a mesh key or an open mesh.
     pub fn revoked_certificates(&self) -> Option<usize> {
         self.presented().trust.as_ref().map(MeshCa::revoked)
+    }
+
+    /// What the revocation lists of the mesh CA trusted now are
+    /// ([`MeshCa::revocation_list_info`]); empty without a mesh CA or lists.
+    pub fn revocation_list_info(&self) -> Vec<RevocationListInfo> {
+        self.presented()
+            .trust
+            .as_ref()
+            .map(MeshCa::revocation_list_info)
+            .unwrap_or_default()
     }
 
     /// When the mesh certificate this endpoint presents now ends (a mesh CA, after

@@ -77,7 +77,7 @@ use std::time::Duration;
 
 pub use ca::{
     CA_CERT_FILE, CA_CRL_FILE, CA_KEY_FILE, CA_VALIDITY, CaKey, MAX_CA_CERTS, MAX_NODE_VALIDITY,
-    MAX_REVOKED, MeshCa, NodeCert, certificate_request, read_revocation_lists,
+    MAX_REVOKED, MeshCa, NodeCert, RevocationListInfo, certificate_request, read_revocation_lists,
     revocation_lists_pem, says_revoked, write_replacing,
 };
 pub use endpoint::{

@@ -2136,6 +2136,7 @@ impl Core {
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
             mesh_ca_revoked: self.shared.endpoint.revoked_certificates(),
+            mesh_ca_lists: self.shared.endpoint.revocation_list_info(),
             breakers,
             groups: self.known_groups.states().into_iter().collect(),
         }
