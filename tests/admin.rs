@@ -619,7 +619,8 @@ async fn a_node_of_another_mesh_key_shows_as_refused() {
 }
 
 /// A node of a mesh CA shows when its certificate ends, in `/status` and `/metrics`, so that
-/// an alert can fire well before; a node with a mesh key has no such figure.
+/// an alert can fire well before, and which revocation list it uses; a node with a mesh key
+/// has no such figures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
     within(30, async {
@@ -630,10 +631,17 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
             .node_id();
         let pem = ca.issue(&id, Duration::from_secs(3_600)).expect("issue");
         let cert = NodeCert::from_pem("node.crt", pem.as_bytes()).expect("cert");
+        // The CA's first list, empty (number 1, as `peerbus ca new` writes it).
+        let list = ca.revoke(None, []).expect("empty list");
+        let trust = ca
+            .trust()
+            .expect("trust")
+            .with_revocation_lists("ca.crl", list.as_bytes())
+            .expect("list");
         let node = start(admin(
             Node::builder("payments")
                 .data_dir(dir.path())
-                .mesh_ca(ca.trust().expect("trust"), cert.clone())
+                .mesh_ca(trust, cert.clone())
                 .listen("127.0.0.1:0".parse().expect("addr"))
                 .discovery(MemoryNetwork::new().discovery()),
         ))
@@ -648,16 +656,22 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
         let name = "peerbus_mesh_certificate_expiration_timestamp_seconds";
         let nid = node.id().to_string();
         assert_eq!(sample(&m, name, &[("node", &nid)]), Some(ends as f64));
-        // With no revocation list, none is revoked, and the metric says so.
+        // Its list revokes none, and the metrics say so, and which list it is.
         assert_eq!(status(&node).await["mesh_ca_revoked"], 0);
+        let lists = &status(&node).await["mesh_ca_lists"];
+        assert_eq!(lists.as_array().map(Vec::len), Some(1), "{lists}");
         assert_eq!(
-            status(&node).await["mesh_ca_lists"]
-                .as_array()
-                .map(Vec::len),
-            Some(0)
+            (&lists[0]["number"], &lists[0]["revoked"]),
+            (&"1".into(), &0.into())
         );
         let revoked = "peerbus_mesh_ca_revoked_certificates";
         assert_eq!(sample(&m, revoked, &[("node", &nid)]), Some(0.0));
+        let ca_name = lists[0]["ca"].as_str().expect("the CA's subject");
+        let number = "peerbus_mesh_ca_revocation_list_number";
+        assert_eq!(
+            sample(&m, number, &[("node", &nid), ("ca", ca_name)]),
+            Some(1.0)
+        );
         node.shutdown().await;
 
         let keyed = start(admin(builder(
@@ -674,6 +688,7 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
                 .map(Vec::len),
             Some(0)
         );
+        assert!(!metrics(&keyed).await.contains(number));
         assert!(!metrics(&keyed).await.contains(name));
         keyed.shutdown().await;
     })

@@ -85,6 +85,10 @@ pub const MESH_CERTIFICATE_EXPIRES: &str = "peerbus_mesh_certificate_expiration_
 /// Certificates the mesh CA's revocation lists in use revoke (membership by a mesh CA only):
 /// every node should show the same number once a new list has reached them all.
 pub const MESH_CA_REVOKED: &str = "peerbus_mesh_ca_revoked_certificates";
+/// The CRL number of each mesh CA revocation list in use, by CA (membership by a mesh CA,
+/// lists numbered below 2^53 only): every node should show the same numbers once a new list
+/// has reached them all.
+pub const MESH_CA_LIST_NUMBER: &str = "peerbus_mesh_ca_revocation_list_number";
 /// Circuit breaker state per requested service (0 closed, 1 half-open, 2 open).
 pub const BREAKER_STATE: &str = "peerbus_breaker_state";
 /// Timer ticks of the node's core: 20 a second while it has timed work, one a second when
@@ -366,6 +370,10 @@ pub(crate) async fn facade_sampler(node: Node) {
         if let Some(n) = s.mesh_ca_revoked {
             metrics::gauge!(MESH_CA_REVOKED, "node" => node_label.clone()).set(n as f64);
         }
+        for (ca, number) in list_numbers(&s) {
+            metrics::gauge!(MESH_CA_LIST_NUMBER, "node" => node_label.clone(), "ca" => ca)
+                .set(number);
+        }
         for (svc, b) in &s.breakers {
             metrics::gauge!(BREAKER_STATE, "node" => node_label.clone(), "service" => svc.clone())
                 .set(breaker_value(b.state));
@@ -424,6 +432,19 @@ fn esc(v: &str) -> String {
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The numbered revocation lists in use, by CA subject, with numbers a gauge holds exactly
+/// (below 2^53): what [`MESH_CA_LIST_NUMBER`] shows.
+fn list_numbers(s: &Status) -> Vec<(String, f64)> {
+    const EXACT: u64 = 1 << 53;
+    s.mesh_ca_lists
+        .iter()
+        .filter_map(|l| {
+            let n: u64 = l.number.as_deref()?.parse().ok()?;
+            (n < EXACT).then(|| (l.ca.clone(), n as f64))
+        })
+        .collect()
 }
 
 /// How many known durable groups are live and how many released.
@@ -707,6 +728,22 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
             "Certificates the mesh CA's revocation lists in use revoke.",
         );
         let _ = writeln!(out, "{MESH_CA_REVOKED}{{{n}}} {revoked}");
+    }
+    let numbers = list_numbers(s);
+    if !numbers.is_empty() {
+        head(
+            &mut out,
+            MESH_CA_LIST_NUMBER,
+            "gauge",
+            "The CRL number of each mesh CA revocation list in use, by CA.",
+        );
+    }
+    for (ca, number) in numbers {
+        let _ = writeln!(
+            out,
+            "{MESH_CA_LIST_NUMBER}{{{n},ca=\"{}\"}} {number}",
+            esc(&ca)
+        );
     }
     head(
         &mut out,
