@@ -823,10 +823,8 @@ impl MeshCa {
         let mut infos: Vec<(&Arc<RevocationList>, RevocationListInfo)> = Vec::new();
         for root in self.roots.iter() {
             let Some(list) = &root.list else { continue };
-            if infos
-                .iter()
-                .any(|(l, _)| Arc::ptr_eq(l, list) || l.der == list.der)
-            {
+            // A CA certificate renewed for the same key shares its list: shown once.
+            if infos.iter().any(|(l, _)| l.der == list.der) {
                 continue;
             }
             let info = RevocationListInfo {

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use peerbus::control;
-use peerbus::engine::wire::REVOCATION_LISTS_VERSION;
 use peerbus::engine::wire::{
     FIRST_NEGOTIATED_VERSION, MIN_PROTOCOL_VERSION, REQUEST_STREAMS_VERSION,
+    REVOCATION_LISTS_VERSION,
 };
 use peerbus::{CA_CRL_FILE, CaKey, Identity, MeshKey, PROTOCOL_VERSION};
 use peerbus_transport::write_replacing;
