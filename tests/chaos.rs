@@ -223,6 +223,13 @@ fn a_chaos_run_of_a_mesh_ca_spreads_a_revocation_list_and_renews_every_certifica
         String::from_utf8_lossy(&out.stdout).contains("revocation list reached every node"),
         "{why}"
     );
+    let html = std::fs::read_to_string(tmp.path().join("report.html")).expect("HTML report");
+    assert!(
+        html.contains("<h2>Mesh CA</h2><p>revocation list held by 4 of 4 nodes")
+            && html.find(">renewed</text>") < html.find("</svg>")
+            && html.contains(">renewed</text>"),
+        "HTML report: {html:.300}"
+    );
 }
 
 #[test]

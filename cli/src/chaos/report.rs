@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Serialize;
 use serde_json::json;
 
-use super::checker::{DuplicateExample, Findings, SlowestDelivery};
+use super::checker::{DuplicateExample, Findings, MeshCaRun, SlowestDelivery};
 
 /// One progress sample (taken about every second).
 #[derive(Clone, Debug, Serialize)]
@@ -316,29 +316,15 @@ impl RunReport {
             ),
         ];
         if let Some(r) = &f.mesh_ca {
+            let (list, renewal) = mesh_ca_text(r);
             rows.push((
                 "revocation list held by",
-                format!(
-                    "{} of {} nodes (revoked at {:.1} s; {})",
-                    r.nodes_holding,
-                    r.nodes_expected,
-                    r.revoked_at_s,
-                    match r.reached_all_after_s {
-                        Some(after) => format!("all held it {after:.2} s later"),
-                        None if r.nodes_holding == r.nodes_expected => {
-                            "all held it only once the faults were healed".to_string()
-                        }
-                        None => "not all held it".to_string(),
-                    }
-                ),
+                list,
                 verdict(r.nodes_holding == r.nodes_expected),
             ));
             rows.push((
                 "renewed certificate presented by",
-                format!(
-                    "{} of {} nodes (renewed at {:.1} s)",
-                    r.nodes_renewed, r.nodes, r.renewed_at_s
-                ),
+                renewal,
                 verdict(r.nodes_renewed == r.nodes),
             ));
         }
@@ -502,6 +488,21 @@ impl RunReport {
                 .collect(),
             "#b71c1c",
         ));
+        // A `--mesh-ca` run's revocation and renewal, as dashed lines across the plot.
+        for (at, label) in f
+            .mesh_ca
+            .iter()
+            .flat_map(|r| [(r.revoked_at_s, "revoked"), (r.renewed_at_s, "renewed")])
+        {
+            let _ = write!(
+                svg,
+                r##"<line x1="{x:.1}" y1="{mt}" x2="{x:.1}" y2="{:.1}" stroke="#555" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" fill="#555">{label}</text>"##,
+                mt + ph,
+                x(at) + 3.0,
+                mt + ph - 4.0,
+                x = x(at),
+            );
+        }
         let _ = write!(
             svg,
             r##"<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/><text x="{ml}" y="{:.1}">0 s</text><text x="{:.1}" y="{:.1}" text-anchor="end">{t_max:.0} s</text><text x="{:.1}" y="{:.1}" text-anchor="end">{rate_max:.0}/s</text><text x="{:.1}" y="{:.1}">{back_max:.0}</text>"##,
@@ -518,6 +519,15 @@ impl RunReport {
             r##"<text x="{ml}" y="{:.1}"><tspan fill="#1b5e20">— sent/s</tspan>  <tspan fill="#0d47a1">— handled/s</tspan>  <tspan fill="#b71c1c">— backlog (right axis)</tspan>  K kill · F freeze · R restart · P partition · O one-way partition</text></svg>"##,
             h - 8.0
         );
+        let mesh_ca = f.mesh_ca.as_ref().map_or_else(String::new, |r| {
+            let (list, renewal) = mesh_ca_text(r);
+            format!(
+                "<h2>Mesh CA</h2><p>revocation list held by {} · renewed certificate presented \
+                 by {}</p>",
+                escape(&list),
+                escape(&renewal)
+            )
+        });
         let mut rows = String::new();
         for (i, fv) in self.faults.iter().enumerate() {
             let _ = write!(
@@ -552,6 +562,7 @@ impl RunReport {
 <p>accepted {acc} · delivered {del} · lost {lost} · undrained {undrained} · order violations {ord} · protocol faults {pf} · duplicates {dup} ({dupx} after a kill of the handler, {dups} of the sender) · peak log depth {peak}</p>
 {svg}
 <h2>Faults</h2><table><tr><th>#</th><th>kind</th><th>target</th><th>start s</th><th>end s</th><th>drain s</th><th>waited for last</th></tr>{rows}</table>
+{mesh_ca}
 {duplicates}
 <h2>Settings</h2><pre>{settings}</pre></body></html>
 "#,
@@ -570,6 +581,29 @@ impl RunReport {
             settings = serde_json::to_string_pretty(&self.settings).unwrap_or_default(),
         )
     }
+}
+
+/// How a `--mesh-ca` run's revocation list spread and its renewal was taken, in words: the
+/// table's two rows, and the HTML page's.
+fn mesh_ca_text(r: &MeshCaRun) -> (String, String) {
+    let list = format!(
+        "{} of {} nodes (revoked at {:.1} s; {})",
+        r.nodes_holding,
+        r.nodes_expected,
+        r.revoked_at_s,
+        match r.reached_all_after_s {
+            Some(after) => format!("all held it {after:.2} s later"),
+            None if r.nodes_holding == r.nodes_expected => {
+                "all held it only once the faults were healed".to_string()
+            }
+            None => "not all held it".to_string(),
+        }
+    );
+    let renewal = format!(
+        "{} of {} nodes (renewed at {:.1} s)",
+        r.nodes_renewed, r.nodes, r.renewed_at_s
+    );
+    (list, renewal)
 }
 
 /// The message a fault's drain waited for last, in a line.
