@@ -805,37 +805,41 @@ impl MeshCa {
         }
     }
 
-    /// The revocation lists taken (DER), one per CA key: what a node passes on to its peers.
-    pub fn revocation_lists(&self) -> Vec<Vec<u8>> {
-        let mut lists: Vec<Vec<u8>> = Vec::new();
-        for list in self.roots.iter().filter_map(|r| r.list.as_ref()) {
-            if !lists.contains(&list.der) {
-                lists.push(list.der.clone());
+    /// Each revocation list taken once, with the first CA certificate (in the order of the
+    /// CA file) it holds for: a CA certificate renewed for the same key shares its list.
+    fn distinct_lists(&self) -> Vec<(&Root, &RevocationList)> {
+        let mut lists: Vec<(&Root, &RevocationList)> = Vec::new();
+        for root in self.roots.iter() {
+            if let Some(list) = &root.list
+                && !lists.iter().any(|(_, l)| l.der == list.der)
+            {
+                lists.push((root, list));
             }
         }
         lists
+    }
+
+    /// The revocation lists taken (DER), one per CA key: what a node passes on to its peers.
+    pub fn revocation_lists(&self) -> Vec<Vec<u8>> {
+        self.distinct_lists()
+            .into_iter()
+            .map(|(_, list)| list.der.clone())
+            .collect()
     }
 
     /// What the revocation lists taken are, one per CA key, in the order of the CA file:
     /// which CA issued each, its number and issue time, and how many certificates it
     /// revokes. Every node of a mesh shows the same once a new list reached them all.
     pub fn revocation_list_info(&self) -> Vec<RevocationListInfo> {
-        let mut infos: Vec<(&Arc<RevocationList>, RevocationListInfo)> = Vec::new();
-        for root in self.roots.iter() {
-            let Some(list) = &root.list else { continue };
-            // A CA certificate renewed for the same key shares its list: shown once.
-            if infos.iter().any(|(l, _)| l.der == list.der) {
-                continue;
-            }
-            let info = RevocationListInfo {
+        self.distinct_lists()
+            .into_iter()
+            .map(|(root, list)| RevocationListInfo {
                 ca: root.subject.clone(),
                 number: list.number.as_deref().map(crl_number_text),
                 issued: u64::try_from(list.issued).unwrap_or(0),
                 revoked: root.revoked.len(),
-            };
-            infos.push((list, info));
-        }
-        infos.into_iter().map(|(_, info)| info).collect()
+            })
+            .collect()
     }
 
     /// Whether `other` is this very trust (a clone of it), not only an equal one.

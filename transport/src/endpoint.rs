@@ -527,10 +527,7 @@ impl Endpoint {
     /// The revocation lists (DER) of the mesh CA trusted now, one per CA key: what this node
     /// passes on to its peers. Empty without a mesh CA or lists.
     pub fn revocation_lists(&self) -> Vec<Vec<u8>> {
-        self.presented()
-            .trust
-            .as_ref()
-            .map(MeshCa::revocation_lists)
+        self.with_trust(MeshCa::revocation_lists)
             .unwrap_or_default()
     }
 
@@ -549,22 +546,24 @@ impl Endpoint {
 
     /// The CA certificates trusted now, with a mesh CA.
     fn trust(&self) -> Option<MeshCa> {
-        self.presented().trust.clone()
+        self.with_trust(MeshCa::clone)
+    }
+
+    /// `f` of the CA certificates trusted now, with a mesh CA (read under the lock).
+    fn with_trust<T>(&self, f: impl FnOnce(&MeshCa) -> T) -> Option<T> {
+        self.presented().trust.as_ref().map(f)
     }
 
     /// How many certificates the revocation lists of the mesh CA trusted now revoke
     /// ([`MeshCa::with_revocation_lists`]); `None` with a mesh key or an open mesh.
     pub fn revoked_certificates(&self) -> Option<usize> {
-        self.presented().trust.as_ref().map(MeshCa::revoked)
+        self.with_trust(MeshCa::revoked)
     }
 
     /// What the revocation lists of the mesh CA trusted now are
     /// ([`MeshCa::revocation_list_info`]); empty without a mesh CA or lists.
     pub fn revocation_list_info(&self) -> Vec<RevocationListInfo> {
-        self.presented()
-            .trust
-            .as_ref()
-            .map(MeshCa::revocation_list_info)
+        self.with_trust(MeshCa::revocation_list_info)
             .unwrap_or_default()
     }
 

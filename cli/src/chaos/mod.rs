@@ -702,7 +702,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         );
         let holders = list_holders.clone();
         let reached = async {
-            while count_nodes(&dirs, &holders, holds_list).await < holders.len() {
+            while count(&statuses(&dirs, &holders).await, holds_list) < holders.len() {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             let after = t0.elapsed() - revoked_at;
@@ -810,8 +810,13 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             let deadline = Instant::now() + MESH_CA_WAIT;
             let (mut holding, mut presenting);
             loop {
-                holding = count_nodes(&dirs, &list_holders, holds_list).await;
-                presenting = count_nodes(&dirs, &all, renewed).await;
+                // One status of each node answers both.
+                let all_statuses = statuses(&dirs, &all).await;
+                holding = list_holders
+                    .iter()
+                    .filter(|&&i| all_statuses[i].as_ref().is_some_and(holds_list))
+                    .count();
+                presenting = count(&all_statuses, renewed);
                 let done = holding == list_holders.len() && presenting == all.len();
                 if done || Instant::now() >= deadline {
                     break;
@@ -1021,26 +1026,35 @@ fn holds_list(status: &serde_json::Value) -> bool {
         .is_some_and(|n| n >= 1)
 }
 
-/// How many of the nodes `which` answer with a status that `test` accepts.
-async fn count_nodes(
-    dirs: &[PathBuf],
-    which: &[usize],
-    test: impl Fn(&serde_json::Value) -> bool,
-) -> usize {
+/// The statuses of the nodes `which`, in that order (`None` for a node that does not
+/// answer), asked at once.
+async fn statuses(dirs: &[PathBuf], which: &[usize]) -> Vec<Option<serde_json::Value>> {
     let mut set = tokio::task::JoinSet::new();
-    for &i in which {
+    for (slot, &i) in which.iter().enumerate() {
         let d = dirs[i].clone();
-        set.spawn(async move { control(&d, json!({"cmd": "status"})).await });
+        set.spawn(async move {
+            let v = control(&d, json!({"cmd": "status"})).await;
+            (
+                slot,
+                v.and_then(|mut v| v.get_mut("status").map(serde_json::Value::take)),
+            )
+        });
     }
-    let mut count = 0;
+    let mut out = vec![None; which.len()];
     while let Some(r) = set.join_next().await {
-        if let Ok(Some(v)) = r
-            && v.get("status").is_some_and(&test)
-        {
-            count += 1;
+        if let Ok((slot, status)) = r {
+            out[slot] = status;
         }
     }
-    count
+    out
+}
+
+/// How many of `statuses` `test` accepts.
+fn count(
+    statuses: &[Option<serde_json::Value>],
+    test: impl Fn(&serde_json::Value) -> bool,
+) -> usize {
+    statuses.iter().flatten().filter(|s| test(s)).count()
 }
 
 /// Every node's journal events, by node index.
