@@ -666,6 +666,10 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
         );
         let revoked = "peerbus_mesh_ca_revoked_certificates";
         assert_eq!(sample(&m, revoked, &[("node", &nid)]), Some(0.0));
+        // It refused no revoked certificate yet.
+        assert_eq!(status(&node).await["mesh_ca_refused_revoked"], 0);
+        let refused = "peerbus_mesh_ca_refused_revoked_total";
+        assert_eq!(sample(&m, refused, &[("node", &nid)]), Some(0.0));
         let ca_name = lists[0]["ca"].as_str().expect("the CA's subject");
         let number = "peerbus_mesh_ca_revocation_list_number";
         assert_eq!(
@@ -682,6 +686,8 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
         .await;
         assert!(status(&keyed).await["mesh_certificate_expires"].is_null());
         assert!(status(&keyed).await["mesh_ca_revoked"].is_null());
+        assert!(status(&keyed).await["mesh_ca_refused_revoked"].is_null());
+        assert!(!metrics(&keyed).await.contains(refused));
         assert_eq!(
             status(&keyed).await["mesh_ca_lists"]
                 .as_array()

@@ -991,8 +991,8 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         &budget,
     );
     assert!(accepted.status.success(), "{}", accepted.stderr);
-    // The vault's status names the list it uses: `ca new` wrote number 1, each `ca revoke`
-    // one more.
+    // The vault's status names the list it uses (`ca new` wrote number 1, each `ca revoke`
+    // one more) and counts the revoked client's refused dials.
     let status = run(
         mesh("vault").command(&["status"]),
         "peerbus status of the vault",
@@ -1003,7 +1003,11 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
             .stdout
             .contains("mesh CA revocation lists: 1 certificate revoked")
             && status.stdout.contains("  list 3 of CN=peerbus mesh CA")
-            && status.stdout.contains(": 1 revoked"),
+            && status.stdout.contains(": 1 revoked")
+            // It refused the revoked client's dials, and counts them apart.
+            && status
+                .stdout
+                .contains("  connections refused for a revoked certificate: "),
         "{}",
         status.stdout
     );

@@ -332,6 +332,17 @@ async fn a_member_revoked_while_connected_is_cut_off_and_the_others_stay() {
             Some(1),
             "the status counts the revocation"
         );
+        // It counts the connection it cut off (and any dial of the rogue since) apart from
+        // other membership refusals.
+        let status = receiver.status().await.expect("status");
+        let refused = status
+            .mesh_ca_refused_revoked
+            .expect("a mesh CA node counts them");
+        assert!(
+            refused >= 1 && status.connections_closed["mesh_proof_failed"] >= refused,
+            "{refused} refused for a revoked certificate, closes {:?}",
+            status.connections_closed
+        );
         let waiting = rogue
             .send("orders", Outgoing::new("while revoked"))
             .await

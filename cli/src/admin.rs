@@ -191,6 +191,15 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
                 list.get("revoked").and_then(Value::as_u64).unwrap_or(0),
             ))?;
         }
+        if let Some(n) = status
+            .get("mesh_ca_refused_revoked")
+            .and_then(Value::as_u64)
+            .filter(|&n| n > 0)
+        {
+            print_line(&format!(
+                "  connections refused for a revoked certificate: {n}"
+            ))?;
+        }
     } else {
         print_line(&format!(
             "node in {} is not running (read from its data directory)",

@@ -236,6 +236,11 @@ pub struct Status {
     /// time and count of revoked certificates. Every node of a mesh shows the same numbers
     /// once a new list has reached them all. Empty without a mesh CA or lists.
     pub mesh_ca_lists: Vec<peerbus_transport::RevocationListInfo>,
+    /// Connections this node refused or closed since start because the peer's certificate
+    /// is revoked, with membership by a mesh CA; `None` otherwise. These are among
+    /// `connections_closed`'s `mesh_proof_failed`; a count that keeps growing is a revoked
+    /// node that still runs and dials.
+    pub mesh_ca_refused_revoked: Option<u64>,
     /// Circuit breaker and bulkhead per requested service.
     pub breakers: BTreeMap<String, BreakerStatus>,
     /// Durable subscriber groups this node knows of (a `publish` keeps copies for the live

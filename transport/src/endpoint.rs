@@ -230,12 +230,24 @@ impl Drop for Handshake<'_> {
 /// operator can see a misbehaving (or mismatched) peer without reading logs. Closes the
 /// endpoint's own shutdown makes without a code are not counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CloseCounts([u64; CloseCode::ALL.len()]);
+pub struct CloseCounts {
+    by_code: [u64; CloseCode::ALL.len()],
+    revoked: u64,
+}
 
 impl CloseCounts {
     /// Connections closed with `code`.
     pub fn get(&self, code: CloseCode) -> u64 {
-        self.0[code.index()]
+        self.by_code[code.index()]
+    }
+
+    /// Of the connections closed with [`CloseCode::MeshProofFailed`], those that refused (or
+    /// cut off) a peer whose certificate the mesh CA revoked ([`says_revoked`] of the
+    /// reason): a revoked node that keeps dialling, not a peer that breaks the protocol.
+    ///
+    /// [`says_revoked`]: crate::says_revoked
+    pub fn revoked_certificates(&self) -> u64 {
+        self.revoked
     }
 
     /// Every code with its count, zeros included, in [`CloseCode::ALL`] order.
@@ -246,15 +258,24 @@ impl CloseCounts {
 
 /// The running tally behind [`CloseCounts`], shared by an endpoint and its connections.
 #[derive(Debug, Default)]
-struct CloseTally([AtomicU64; CloseCode::ALL.len()]);
+struct CloseTally {
+    by_code: [AtomicU64; CloseCode::ALL.len()],
+    revoked: AtomicU64,
+}
 
 impl CloseTally {
-    fn count(&self, code: CloseCode) {
-        self.0[code.index()].fetch_add(1, Ordering::Relaxed);
+    fn count(&self, code: CloseCode, reason: &str) {
+        self.by_code[code.index()].fetch_add(1, Ordering::Relaxed);
+        if code == CloseCode::MeshProofFailed && crate::ca::says_revoked(reason) {
+            self.revoked.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn snapshot(&self) -> CloseCounts {
-        CloseCounts(std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed)))
+        CloseCounts {
+            by_code: std::array::from_fn(|i| self.by_code[i].load(Ordering::Relaxed)),
+            revoked: self.revoked.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -1239,8 +1260,8 @@ impl Connection {
                 .set((code, reason.to_string()))
                 .is_ok()
         {
-            self.shared.closes.count(code);
-            if code.is_protocol_fault() {
+            self.shared.closes.count(code, reason);
+            if code.is_protocol_fault() && !crate::ca::says_revoked(reason) {
                 // Rare between nodes of one build and mesh, so each names itself: the chaos
                 // report counts these closes as faults, and the reason is only here.
                 warn!(

@@ -135,7 +135,10 @@ async fn a_ca_listener_refuses_another_ca_a_mesh_key_and_an_open_mesh() {
             assert_eq!(ours, *why, "the dialer reads the listener's reason");
             assert_eq!(theirs, *why);
         }
-        assert_eq!(listener.local_closes().get(CloseCode::MeshProofFailed), 3);
+        let closes = listener.local_closes();
+        assert_eq!(closes.get(CloseCode::MeshProofFailed), 3);
+        // None of them was for a revoked certificate.
+        assert_eq!(closes.revoked_certificates(), 0);
     })
     .await;
 }
@@ -287,6 +290,14 @@ async fn a_list_a_peer_passes_on_is_taken_when_newer_and_not_when_it_revokes_thi
         assert_eq!(listener.revocation_lists(), vec![list.clone()]);
         let why = listener.recheck(&at_listener).expect_err("revoked");
         assert!(why.contains("is revoked by the mesh CA"), "{why}");
+        // Closing it (as a node does) and refusing the revoked node's next dial count as
+        // refusals of a revoked certificate among the membership refusals.
+        at_listener.close(CloseCode::MeshProofFailed, &why);
+        let (_, theirs) = refused(&dialer, &listener).await;
+        assert!(theirs.contains("is revoked by the mesh CA"), "{theirs}");
+        let closes = listener.local_closes();
+        assert_eq!(closes.get(CloseCode::MeshProofFailed), 2);
+        assert_eq!(closes.revoked_certificates(), 2);
         // Passed back to it, the same list goes no further.
         assert_eq!(
             listener.take_revocation_list(&list).ok(),

@@ -89,6 +89,10 @@ pub const MESH_CA_REVOKED: &str = "peerbus_mesh_ca_revoked_certificates";
 /// lists numbered below 2^53 only): every node should show the same numbers once a new list
 /// has reached them all.
 pub const MESH_CA_LIST_NUMBER: &str = "peerbus_mesh_ca_revocation_list_number";
+/// Connections this node refused or closed because the peer's certificate is revoked
+/// (membership by a mesh CA only; also counted in [`CONNECTIONS_CLOSED`] as
+/// `mesh_proof_failed`).
+pub const MESH_CA_REFUSED_REVOKED: &str = "peerbus_mesh_ca_refused_revoked_total";
 /// Circuit breaker state per requested service (0 closed, 1 half-open, 2 open).
 pub const BREAKER_STATE: &str = "peerbus_breaker_state";
 /// Timer ticks of the node's core: 20 a second while it has timed work, one a second when
@@ -369,6 +373,9 @@ pub(crate) async fn facade_sampler(node: Node) {
         }
         if let Some(n) = s.mesh_ca_revoked {
             metrics::gauge!(MESH_CA_REVOKED, "node" => node_label.clone()).set(n as f64);
+        }
+        if let Some(n) = s.mesh_ca_refused_revoked {
+            metrics::counter!(MESH_CA_REFUSED_REVOKED, "node" => node_label.clone()).absolute(n);
         }
         for (ca, number) in list_numbers(&s) {
             metrics::gauge!(MESH_CA_LIST_NUMBER, "node" => node_label.clone(), "ca" => ca)
@@ -728,6 +735,16 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
             "Certificates the mesh CA's revocation lists in use revoke.",
         );
         let _ = writeln!(out, "{MESH_CA_REVOKED}{{{n}}} {revoked}");
+    }
+    if let Some(refused) = s.mesh_ca_refused_revoked {
+        head(
+            &mut out,
+            MESH_CA_REFUSED_REVOKED,
+            "counter",
+            "Connections this node refused or closed because the peer's certificate is revoked \
+             (also counted as mesh_proof_failed closes).",
+        );
+        let _ = writeln!(out, "{MESH_CA_REFUSED_REVOKED}{{{n}}} {refused}");
     }
     let numbers = list_numbers(s);
     if !numbers.is_empty() {

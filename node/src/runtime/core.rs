@@ -2137,6 +2137,11 @@ impl Core {
                 .map(|d| d.as_secs()),
             mesh_ca_revoked: self.shared.endpoint.revoked_certificates(),
             mesh_ca_lists: self.shared.endpoint.revocation_list_info(),
+            mesh_ca_refused_revoked: self
+                .shared
+                .endpoint
+                .revoked_certificates()
+                .map(|_| self.shared.endpoint.local_closes().revoked_certificates()),
             breakers,
             groups: self.known_groups.states().into_iter().collect(),
         }
