@@ -320,20 +320,34 @@ pub(crate) struct Findings {
 }
 
 /// How the revocation list of a `--mesh-ca` run spread from node-0, the one node that reads
-/// its file, to the others, and whether every node took its renewed certificate.
+/// its file, to the others, whether it cut off the running node whose certificate it
+/// revoked, and whether every node took its renewed certificate (the revoked node a member
+/// again with it).
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct MeshCaRun {
+    /// The node whose certificate the list revoked, while it ran.
+    pub(crate) revoked_node: usize,
     /// Seconds into the run when the list file changed.
     pub(crate) revoked_at_s: f64,
-    /// Seconds after that until every node expected to hold the list answered that it did,
-    /// while the faults ran; `None` when that was not before the workload ended.
+    /// Seconds after that until every node expected to hold the list, the revoked node
+    /// aside (it refuses a list that revokes it), answered that it did, while the faults
+    /// ran; `None` when that was not before the workload ended. From then until the renewal
+    /// the revoked node is cut off.
     pub(crate) reached_all_after_s: Option<f64>,
+    /// Messages the revoked node accepted while it was cut off (kept in its log for later).
+    pub(crate) sent_while_cut_off: u64,
+    /// How many of those another node that holds lists handled before the renewal: a
+    /// connection the list should have refused or closed carried them. Must be 0.
+    pub(crate) handled_while_cut_off: u64,
     /// Nodes that held it at the end of the run, every fault healed.
     pub(crate) nodes_holding: usize,
     /// Nodes expected to hold it: those of protocol 8 or later.
     pub(crate) nodes_expected: usize,
     /// Seconds into the run when every node's certificate file was renewed.
     pub(crate) renewed_at_s: f64,
+    /// Seconds after that until the revoked node had a connection again, while the faults
+    /// ran; `None` when that was not before the workload ended.
+    pub(crate) readmitted_after_s: Option<f64>,
     /// Nodes that presented their renewed certificate at the end of the run.
     pub(crate) nodes_renewed: usize,
     /// Nodes in the run.
@@ -341,10 +355,47 @@ pub(crate) struct MeshCaRun {
 }
 
 impl MeshCaRun {
-    /// Whether every node took what it had to: the list, and its renewed certificate.
+    /// Whether every node took what it had to (the list, and its renewed certificate) and
+    /// nothing the revoked node sent while cut off got through.
     pub(crate) fn ok(&self) -> bool {
-        self.nodes_holding == self.nodes_expected && self.nodes_renewed == self.nodes
+        self.nodes_holding == self.nodes_expected
+            && self.nodes_renewed == self.nodes
+            && self.handled_while_cut_off == 0
     }
+}
+
+/// Of the messages node `node` accepted in `[from_us, until_us)` (the journals' clock), how
+/// many there were, and how many of them a node of `others` handled before `until_us`.
+pub(crate) fn cut_off(
+    journals: &[(usize, Vec<Event>)],
+    node: usize,
+    others: &[usize],
+    from_us: u64,
+    until_us: u64,
+) -> (u64, u64) {
+    let sent: HashSet<u64> = journals
+        .iter()
+        .filter(|(i, _)| *i == node)
+        .flat_map(|(_, events)| events)
+        .filter_map(|e| match e {
+            Event::Accepted { t, o, g, .. } if *o == node && (from_us..until_us).contains(t) => {
+                Some(*g)
+            }
+            _ => None,
+        })
+        .collect();
+    let handled: HashSet<u64> = journals
+        .iter()
+        .filter(|(i, _)| others.contains(i))
+        .flat_map(|(_, events)| events)
+        .filter_map(|e| match e {
+            Event::Handled { t, p, .. } if p.o == node && *t < until_us && sent.contains(&p.g) => {
+                Some(p.g)
+            }
+            _ => None,
+        })
+        .collect();
+    (sent.len() as u64, handled.len() as u64)
 }
 
 impl Findings {
@@ -1000,6 +1051,52 @@ mod tests {
         ]);
         assert!(!f.ok());
         assert_eq!((f.lost, f.protocol_faults), (0, 3));
+    }
+
+    #[test]
+    fn refusals_of_a_revoked_certificate_are_not_protocol_faults() {
+        let f = delivered(vec![closes(0, &[("revoked_certificate", 7)])]);
+        assert!(f.ok(), "{f:?}");
+        assert_eq!((f.protocol_faults, f.closes["revoked_certificate"]), (0, 7));
+    }
+
+    #[test]
+    fn a_message_of_a_cut_off_node_counts_when_another_list_holder_handled_it_before_the_renewal() {
+        // Node 2 is cut off from 100 to 200 µs. Messages 1 and 2 were accepted meanwhile;
+        // message 0 before (handled anywhere, any time: not counted) and message 3 after.
+        let j2 = vec![
+            acc(50, 2, 0, 1),
+            acc(120, 2, 1, 1),
+            acc(150, 2, 2, 2),
+            acc(210, 2, 3, 1),
+            // Its own handler's copy does not count.
+            h(160, p(2, 2, "t", "a", 0), 2, "grp:svc-2"),
+        ];
+        let j0 = vec![
+            h(130, p(2, 0, "svc-0", "a", 0), 0, "svc:svc-0"),
+            // Handled after the renewal: kept in node 2's log, sent once readmitted.
+            h(250, p(2, 1, "svc-0", "a", 1), 0, "svc:svc-0"),
+        ];
+        let j1 = vec![h(190, p(2, 2, "t", "a", 0), 1, "grp:svc-1")];
+        let journals = [(0, j0), (1, j1), (2, j2)];
+        assert_eq!(cut_off(&journals, 2, &[0, 1], 100, 200), (2, 1));
+        // A node that does not hold lists (an older protocol) may still take them.
+        assert_eq!(cut_off(&journals, 2, &[0], 100, 200), (2, 0));
+        let run = |handled_while_cut_off| MeshCaRun {
+            revoked_node: 2,
+            revoked_at_s: 1.0,
+            reached_all_after_s: Some(0.1),
+            sent_while_cut_off: 2,
+            handled_while_cut_off,
+            nodes_holding: 3,
+            nodes_expected: 3,
+            renewed_at_s: 2.0,
+            readmitted_after_s: Some(0.2),
+            nodes_renewed: 3,
+            nodes: 3,
+        };
+        assert!(run(0).ok());
+        assert!(!run(1).ok());
     }
 
     #[test]

@@ -549,18 +549,18 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     let mut mesh = Mesh { procs, args, exe };
     let dirs: Vec<PathBuf> = mesh.procs.iter().map(|p| p.data_dir.clone()).collect();
     let ca_dir = dir.join(worker::CA_DIR);
-    let bystander = if a.mesh_ca {
-        let serial = mesh_ca_setup(&dir, &dirs).context("setting up the run's mesh CA")?;
+    // The node a `--mesh-ca` run revokes halfway through: the last one (never node-0, the
+    // one that reads the list file).
+    let revoked_node = a.mesh_ca.then_some(a.nodes - 1);
+    if a.mesh_ca {
+        mesh_ca_setup(&dir, &dirs).context("setting up the run's mesh CA")?;
         for (i, v) in mesh.args.iter_mut().enumerate() {
             v.push("--mesh-ca".into());
             if i == 0 {
                 v.push(format!("--mesh-crl={}", ca_dir.join(CA_CRL_FILE).display()));
             }
         }
-        Some(serial)
-    } else {
-        None
-    };
+    }
     // The nodes that must hold the revocation list at the end: those that take lists.
     let list_holders: Vec<usize> = (0..a.nodes)
         .filter(|&i| !a.mixed_protocols || mixed_protocol(i) >= REVOCATION_LISTS_VERSION)
@@ -612,11 +612,11 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             .collect();
         println!("chaos: mixed protocols: {} (at most)", versions.join(", "));
     }
-    if a.mesh_ca {
+    if let Some(r) = revoked_node {
         println!(
             "chaos: membership by the mesh CA in {}; node-0 reads its revocation list, which \
-             revokes a certificate of a node that never runs at {:.1}s; every node's \
-             certificate is renewed at {:.1}s",
+             revokes node-{r}'s certificate at {:.1}s; every node's certificate is renewed \
+             (node-{r} readmitted) at {:.1}s",
             ca_dir.display(),
             (a.duration / 2).as_secs_f64(),
             (a.duration * 3 / 4).as_secs_f64()
@@ -687,27 +687,31 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         tokio::time::sleep_until((t0 + a.duration).into()).await;
         anyhow::Ok(records)
     };
-    // Halfway through, a `--mesh-ca` run revokes the bystander's certificate, then follows
-    // the list from node to node until every node holds it or the workload ends.
+    // Halfway through, a `--mesh-ca` run revokes the certificate of a node that is running
+    // (sending, serving and handling under load), then follows the list from node to node
+    // until every other node holds it (from then on the revoked node is cut off) or the
+    // workload ends.
     let spread = async {
-        let Some(serial) = &bystander else {
+        let Some(r) = revoked_node else {
             return anyhow::Ok(None);
         };
         tokio::time::sleep_until((t0 + a.duration / 2).into()).await;
-        revoke(&ca_dir, serial).context("revoking the bystander's certificate")?;
+        revoke(&ca_dir, &dirs[r]).with_context(|| format!("revoking node-{r}'s certificate"))?;
         let revoked_at = t0.elapsed();
         println!(
-            "chaos: revoked the bystander's certificate at {:.1}s",
+            "chaos: revoked node-{r}'s certificate at {:.1}s",
             revoked_at.as_secs_f64()
         );
-        let holders = list_holders.clone();
+        // The revoked node refuses a list that revokes it: only the others can take it.
+        let holders: Vec<usize> = list_holders.iter().copied().filter(|&i| i != r).collect();
         let reached = async {
             while count(&statuses(&dirs, &holders).await, holds_list) < holders.len() {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             let after = t0.elapsed() - revoked_at;
             println!(
-                "chaos: the revocation list reached every node {:.2}s after it was revoked",
+                "chaos: the revocation list reached every other node {:.2}s after it revoked \
+                 node-{r}: node-{r} is cut off",
                 after.as_secs_f64()
             );
             after
@@ -716,11 +720,13 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         Ok(Some((revoked_at, reached.ok())))
     };
     // Three quarters through, it renews every node's certificate: each node reads its file
-    // again within a second (or at its restart) and presents the new one.
+    // again within a second (or at its restart) and presents the new one. The revoked node's
+    // new certificate is not on the list: it is a member again, and the run follows it until
+    // it has a connection again or the workload ends.
     let renew = async {
-        if bystander.is_none() {
+        let Some(r) = revoked_node else {
             return anyhow::Ok(None);
-        }
+        };
         tokio::time::sleep_until((t0 + a.duration * 3 / 4).into()).await;
         let renewed_at = t0.elapsed();
         let until = issue_certificates(&ca_dir, &dirs, RENEWED_VALIDITY)
@@ -729,7 +735,22 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             "chaos: renewed every node's certificate at {:.1}s",
             renewed_at.as_secs_f64()
         );
-        Ok(Some((renewed_at, until)))
+        let readmitted = async {
+            while backlog(dirs[r].clone())
+                .await
+                .is_none_or(|(_, connections)| connections == 0)
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let after = t0.elapsed() - renewed_at;
+            println!(
+                "chaos: node-{r} was connected again {:.2}s after its renewal",
+                after.as_secs_f64()
+            );
+            after
+        };
+        let readmitted = tokio::time::timeout_at((t0 + a.duration).into(), readmitted).await;
+        Ok(Some((renewed_at, until, readmitted.ok())))
     };
     let (records, spread, renewed) = tokio::select! {
         r = async { tokio::join!(run_faults, spread, renew) } => (r.0?, r.1?, r.2?),
@@ -798,8 +819,8 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     sampler.abort();
     // Every node is up and healed now: the nodes that take lists must all hold it, and
     // every node must present its renewed certificate.
-    let mesh_ca = match (spread, renewed) {
-        (Some((revoked_at, reached)), Some((renewed_at, until))) => {
+    let mesh_ca = match (spread, renewed, revoked_node) {
+        (Some((revoked_at, reached)), Some((renewed_at, until, readmitted)), Some(r)) => {
             let all: Vec<usize> = (0..a.nodes).collect();
             let renewed = move |status: &serde_json::Value| {
                 status
@@ -824,11 +845,15 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Some(MeshCaRun {
+                revoked_node: r,
                 revoked_at_s: revoked_at.as_secs_f64(),
                 reached_all_after_s: reached.map(|d| d.as_secs_f64()),
+                sent_while_cut_off: 0,
+                handled_while_cut_off: 0,
                 nodes_holding: holding,
                 nodes_expected: list_holders.len(),
                 renewed_at_s: renewed_at.as_secs_f64(),
+                readmitted_after_s: readmitted.map(|d| d.as_secs_f64()),
                 nodes_renewed: presenting,
                 nodes: all.len(),
             })
@@ -851,7 +876,27 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     let (journals, torn) = read_journals(&dirs)?;
     let kept = read_logs(&dirs);
     let mut findings = checker::check_with_logs(&journals, torn, a.services, &records, &kept);
-    findings.mesh_ca = mesh_ca;
+    // What the revoked node sent while it was cut off (every other node held the list, and
+    // its renewed certificate was not written yet) must not have reached another node that
+    // holds lists before the renewal.
+    findings.mesh_ca = mesh_ca.map(|mut m| {
+        if let Some(after) = m.reached_all_after_s {
+            let journal_us = |s: f64| t0_us + (s * 1e6) as u64;
+            let others: Vec<usize> = list_holders
+                .iter()
+                .copied()
+                .filter(|&i| i != m.revoked_node)
+                .collect();
+            (m.sent_while_cut_off, m.handled_while_cut_off) = checker::cut_off(
+                &journals,
+                m.revoked_node,
+                &others,
+                journal_us(m.revoked_at_s + after),
+                journal_us(m.renewed_at_s),
+            );
+        }
+        m
+    });
     // The report names when a lost or late message was seen in Unix time, to find it in the
     // nodes' logs: the run's start on the wall clock plus the monotonic time since.
     let unix_of = |us: u64| t0_unix_us.saturating_add(us).saturating_sub(t0_us);
@@ -946,9 +991,14 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             f.mesh_ca.as_ref().map_or_else(
                 || "no mesh CA".to_string(),
                 |r| format!(
-                    "the revocation list held by {} of {} nodes, the renewed certificate \
+                    "the revocation list held by {} of {} nodes, {} messages of the revoked \
+                     node handled elsewhere while it was cut off, the renewed certificate \
                      presented by {} of {}",
-                    r.nodes_holding, r.nodes_expected, r.nodes_renewed, r.nodes
+                    r.nodes_holding,
+                    r.nodes_expected,
+                    r.handled_while_cut_off,
+                    r.nodes_renewed,
+                    r.nodes
                 )
             ),
             dir.display()
@@ -969,23 +1019,19 @@ const FIRST_VALIDITY: Duration = Duration::from_secs(86_400);
 /// presents.
 const RENEWED_VALIDITY: Duration = Duration::from_secs(2 * 86_400);
 
-/// Makes a `--mesh-ca` run's CA (anew, in the run directory's [`worker::CA_DIR`]), a
+/// Makes a `--mesh-ca` run's CA (anew, in the run directory's [`worker::CA_DIR`]) and a
 /// certificate for each node's identity (its data directory's, created here when it has
-/// none) and one for a bystander that never runs. Returns the bystander certificate's serial
-/// number, to be revoked halfway through.
-fn mesh_ca_setup(run_dir: &Path, data_dirs: &[PathBuf]) -> anyhow::Result<String> {
+/// none).
+fn mesh_ca_setup(run_dir: &Path, data_dirs: &[PathBuf]) -> anyhow::Result<()> {
     let ca_dir = run_dir.join(worker::CA_DIR);
-    // A run directory used again gets a new CA: its old list revoked the old bystander.
+    // A run directory used again gets a new CA: its old list revoked a node's certificate.
     if ca_dir.exists() {
         std::fs::remove_dir_all(&ca_dir)
             .with_context(|| format!("removing the old CA in {}", ca_dir.display()))?;
     }
-    let ca = CaKey::create(&ca_dir, "chaos")?;
+    CaKey::create(&ca_dir, "chaos")?;
     issue_certificates(&ca_dir, data_dirs, FIRST_VALIDITY)?;
-    let bystander = Identity::generate()?.node_id();
-    let pem = ca.issue(&bystander, FIRST_VALIDITY)?;
-    let cert = peerbus::NodeCert::from_pem("the bystander's certificate", pem.as_bytes())?;
-    Ok(cert.serial())
+    Ok(())
 }
 
 /// Issues each node a certificate valid for `valid_for` (into its data directory, for its
@@ -1009,11 +1055,14 @@ fn issue_certificates(
     Ok(issued_at + valid_for.as_secs() * 3 / 4)
 }
 
-/// Adds the certificate of serial `serial` to the revocation list in `ca_dir`.
-fn revoke(ca_dir: &Path, serial: &str) -> anyhow::Result<()> {
+/// Adds the certificate the node of `data_dir` holds now to the revocation list in `ca_dir`.
+fn revoke(ca_dir: &Path, data_dir: &Path) -> anyhow::Result<()> {
+    let file = data_dir.join(worker::NODE_CERT);
+    let pem = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+    let serial = peerbus::NodeCert::from_pem(&file.display().to_string(), &pem)?.serial();
     let ca = CaKey::load(ca_dir)?;
     let path = ca_dir.join(CA_CRL_FILE);
-    let list = ca.revoke_continuing(&path, [serial])?;
+    let list = ca.revoke_continuing(&path, [serial.as_str()])?;
     write_replacing(&path, list.as_bytes())?;
     Ok(())
 }

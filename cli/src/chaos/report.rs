@@ -316,11 +316,16 @@ impl RunReport {
             ),
         ];
         if let Some(r) = &f.mesh_ca {
-            let (list, renewal) = mesh_ca_text(r);
+            let [list, cut_off, renewal] = mesh_ca_text(r);
             rows.push((
                 "revocation list held by",
                 list,
                 verdict(r.nodes_holding == r.nodes_expected),
+            ));
+            rows.push((
+                "got through while cut off",
+                cut_off,
+                verdict(r.handled_while_cut_off == 0),
             ));
             rows.push((
                 "renewed certificate presented by",
@@ -384,8 +389,8 @@ impl RunReport {
                 (true, true) => {
                     "PASS: no acknowledged message lost, none out of key order, no protocol \
                      fault, no reply to the wrong request, every request ended by its deadline, \
-                     the mesh CA's revocation list reached every node, and every node presents \
-                     its renewed certificate"
+                     the mesh CA's revocation list reached every node and cut off the node it \
+                     revoked, and every node presents its renewed certificate"
                 }
                 (false, _) => "FAIL: invariants broken (see above)",
             }
@@ -520,11 +525,12 @@ impl RunReport {
             h - 8.0
         );
         let mesh_ca = f.mesh_ca.as_ref().map_or_else(String::new, |r| {
-            let (list, renewal) = mesh_ca_text(r);
+            let [list, cut_off, renewal] = mesh_ca_text(r);
             format!(
-                "<h2>Mesh CA</h2><p>revocation list held by {} · renewed certificate presented \
-                 by {}</p>",
+                "<h2>Mesh CA</h2><p>revocation list held by {} · got through while cut off: {} \
+                 · renewed certificate presented by {}</p>",
                 escape(&list),
+                escape(&cut_off),
                 escape(&renewal)
             )
         });
@@ -583,27 +589,45 @@ impl RunReport {
     }
 }
 
-/// How a `--mesh-ca` run's revocation list spread and its renewal was taken, in words: the
-/// table's two rows, and the HTML page's.
-fn mesh_ca_text(r: &MeshCaRun) -> (String, String) {
+/// How a `--mesh-ca` run's revocation list spread, what it cut off and how its renewal was
+/// taken, in words: the table's three rows, and the HTML page's.
+fn mesh_ca_text(r: &MeshCaRun) -> [String; 3] {
+    let node = r.revoked_node;
     let list = format!(
-        "{} of {} nodes (revoked at {:.1} s; {})",
+        "{} of {} nodes (node-{node}'s certificate revoked at {:.1} s; {})",
         r.nodes_holding,
         r.nodes_expected,
         r.revoked_at_s,
         match r.reached_all_after_s {
-            Some(after) => format!("all held it {after:.2} s later"),
+            Some(after) => format!("every other node held it {after:.2} s later"),
             None if r.nodes_holding == r.nodes_expected => {
                 "all held it only once the faults were healed".to_string()
             }
             None => "not all held it".to_string(),
         }
     );
+    let cut_off = match r.reached_all_after_s {
+        Some(after) => format!(
+            "{} of the {} messages node-{node} sent from {:.1} s to its renewal",
+            r.handled_while_cut_off,
+            r.sent_while_cut_off,
+            r.revoked_at_s + after
+        ),
+        None => format!(
+            "not checked: the list reached every other node only after node-{node}'s renewal"
+        ),
+    };
     let renewal = format!(
-        "{} of {} nodes (renewed at {:.1} s)",
-        r.nodes_renewed, r.nodes, r.renewed_at_s
+        "{} of {} nodes (renewed at {:.1} s; node-{node} {})",
+        r.nodes_renewed,
+        r.nodes,
+        r.renewed_at_s,
+        match r.readmitted_after_s {
+            Some(after) => format!("connected again {after:.2} s later"),
+            None => "not connected again before the workload ended".to_string(),
+        }
     );
-    (list, renewal)
+    [list, cut_off, renewal]
 }
 
 /// The message a fault's drain waited for last, in a line.

@@ -16,7 +16,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use peerbus::{
-    CloseCounts, DeliveryCounts, Faults, HandlerError, Message, Node, Outgoing, RequestError,
+    CloseCode, CloseCounts, DeliveryCounts, Faults, HandlerError, Message, Node, Outgoing,
+    RequestError,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -296,12 +297,22 @@ impl CountJournal {
             })?;
         }
         let now = node.connections_closed();
+        // A refusal of a revoked certificate (a `--mesh-ca` run revokes a running node's) is
+        // journaled apart from the other `mesh_proof_failed` closes: it is not a fault.
+        let revoked = now
+            .revoked_certificates()
+            .saturating_sub(self.last.revoked_certificates());
         let codes: BTreeMap<String, u64> = now
             .iter()
-            .filter_map(|(code, n)| {
-                let grew = n.saturating_sub(self.last.get(code));
-                (grew > 0).then(|| (code.name().to_string(), grew))
+            .map(|(code, n)| {
+                let mut grew = n.saturating_sub(self.last.get(code));
+                if code == CloseCode::MeshProofFailed {
+                    grew = grew.saturating_sub(revoked);
+                }
+                (code.name().to_string(), grew)
             })
+            .chain([(REVOKED_CLOSES.to_string(), revoked)])
+            .filter(|&(_, grew)| grew > 0)
             .collect();
         self.last = now;
         if codes.is_empty() {
@@ -314,6 +325,10 @@ impl CountJournal {
         })
     }
 }
+
+/// The name under which a `closes` line counts the connections refused or closed for a
+/// revoked certificate (taken out of `mesh_proof_failed`).
+pub(crate) const REVOKED_CLOSES: &str = "revoked_certificate";
 
 /// The part of the arguments the workload needs.
 #[derive(Clone, Debug)]
