@@ -3,7 +3,9 @@
 //! Needs the Debian packages `chromium` and `chromium-driver` (`.ci/run` installs them).
 //! Three in-process nodes on loopback; the page of one of them must show all three, then
 //! show a node as down once it is cut off (frozen like a killed process: no goodbye).
-//! The screenshot lands in `target/test-output/browser/mesh.png`.
+//! Then the page of a node that is a member by a mesh CA must show when its certificate ends
+//! and which revocation list it uses. The screenshots land in
+//! `target/test-output/browser/mesh.png` and `mesh-ca.png`.
 
 mod common;
 
@@ -227,6 +229,108 @@ async fn wait_for_page(
     panic!("the page did not show {what} within {secs}s; it showed {last:?}");
 }
 
+/// Opens `node`'s admin page in the session.
+async fn open(port: u16, session: &str, node: &peerbus::Node) {
+    let page = format!("http://{}/", node.admin_addr().expect("admin"));
+    wd(
+        port,
+        "POST",
+        &format!("/session/{session}/url"),
+        Some(json!({ "url": page })),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("open {page}: {e}"));
+}
+
+/// Saves a screenshot of the page as `path` (a PNG).
+async fn screenshot(port: u16, session: &str, path: &Path) {
+    let png = wd(port, "GET", &format!("/session/{session}/screenshot"), None)
+        .await
+        .expect("screenshot");
+    let png = data_encoding::BASE64
+        .decode(png.as_str().expect("base64 string").as_bytes())
+        .expect("base64");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    std::fs::write(path, &png).expect("write the screenshot");
+    eprintln!("screenshot: {} ({} bytes)", path.display(), png.len());
+}
+
+/// Runs `js` in the page and returns its value.
+async fn script(port: u16, session: &str, js: &str) -> Value {
+    wd(
+        port,
+        "POST",
+        &format!("/session/{session}/execute/sync"),
+        Some(json!({ "script": js, "args": [] })),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{js}: {e}"))
+}
+
+/// Opens the page of a node that is a member by a mesh CA certificate valid for 3 days, whose
+/// CA's list (number 2) revokes one certificate: its membership panel says when the
+/// certificate ends (amber: within 7 days) and which list the node uses. Its screenshot lands
+/// in `out/mesh-ca.png`.
+async fn mesh_ca_membership(port: u16, session: &str, out: &Path) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = peerbus::CaKey::generate("shop", Duration::from_secs(30 * 86_400)).expect("ca");
+    let id = peerbus::Identity::load_or_create(dir.path())
+        .expect("identity")
+        .node_id();
+    let pem = ca
+        .issue(&id, Duration::from_secs(3 * 86_400))
+        .expect("issue");
+    let cert = peerbus::NodeCert::from_pem("node.crt", pem.as_bytes()).expect("cert");
+    let other = peerbus::Identity::generate().expect("identity").node_id();
+    let revoked = ca
+        .issue(&other, Duration::from_secs(86_400))
+        .expect("issue");
+    let revoked = peerbus::NodeCert::from_pem("other.crt", revoked.as_bytes()).expect("cert");
+    let first = ca.revoke(None, []).expect("list 1");
+    let list = ca
+        .revoke(Some(first.as_bytes()), [revoked.serial().as_str()])
+        .expect("list 2");
+    let trust = ca
+        .trust()
+        .expect("trust")
+        .with_revocation_lists("ca.crl", list.as_bytes())
+        .expect("list");
+    let node = start(
+        peerbus::Node::builder("vault")
+            .data_dir(dir.path())
+            .mesh_ca(trust, cert)
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .discovery(MemoryNetwork::new().discovery())
+            .admin("127.0.0.1:0".parse().expect("addr")),
+    )
+    .await;
+    open(port, session, &node).await;
+    let read = "const p = document.getElementById('membership-panel'); \
+        const c = document.getElementById('certificate'); \
+        return p.hidden ? null : [c ? c.dataset.level : '', \
+        document.getElementById('membership').innerText];";
+    let mut shown = Value::Null;
+    for _ in 0..100 {
+        shown = script(port, session, read).await;
+        if !shown.is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = shown[1].as_str().unwrap_or_default();
+    assert_eq!(shown[0], "soon", "{shown}");
+    assert!(
+        text.contains("certificate valid until ")
+            && (text.contains("(2 days left)") || text.contains("(3 days left)"))
+            && text.contains("list 2 of ")
+            && text.contains("shop")
+            && text.contains(": 1 revoked"),
+        "{text}"
+    );
+    screenshot(port, session, &out.join("mesh-ca.png")).await;
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_page_shows_every_node_then_one_down() {
     let out = output_dir();
@@ -284,15 +388,7 @@ async fn mesh_page_shows_every_node_then_one_down() {
             .as_str()
             .expect("session id")
             .to_string();
-        let page = format!("http://{}/", payments.admin_addr().expect("admin"));
-        wd(
-            port,
-            "POST",
-            &format!("/session/{session}/url"),
-            Some(json!({ "url": page })),
-        )
-        .await
-        .expect("open the mesh page");
+        open(port, &session, &payments).await;
 
         wait_for_page(port, &session, 30, "all three nodes up", |nodes| {
             ["payments", "orders", "notifications"].iter().all(|svc| {
@@ -324,32 +420,26 @@ async fn mesh_page_shows_every_node_then_one_down() {
         })
         .await;
         // The page lists the backlog kept for the lost node.
-        let backlog = wd(
+        let backlog = script(
             port,
-            "POST",
-            &format!("/session/{session}/execute/sync"),
-            Some(json!({
-                "script": "const r = document.querySelector('#backlog tr[data-destination=\"svc:notifications\"]'); return r ? Number(r.dataset.depth) : -1;",
-                "args": []
-            })),
+            &session,
+            "const r = document.querySelector('#backlog tr[data-destination=\"svc:notifications\"]'); return r ? Number(r.dataset.depth) : -1;",
         )
-        .await
-        .expect("backlog row");
+        .await;
         assert!(
             backlog.as_i64().unwrap_or(-1) > 0,
             "backlog of svc:notifications on the page: {backlog}"
         );
 
-        let png = wd(port, "GET", &format!("/session/{session}/screenshot"), None)
-            .await
-            .expect("screenshot");
-        let png = data_encoding::BASE64
-            .decode(png.as_str().expect("base64 string").as_bytes())
-            .expect("base64");
-        assert!(png.starts_with(b"\x89PNG"), "a PNG");
-        let path = out.join("mesh.png");
-        std::fs::write(&path, &png).expect("write the screenshot");
-        eprintln!("screenshot: {} ({} bytes)", path.display(), png.len());
+        screenshot(port, &session, &out.join("mesh.png")).await;
+
+        // A mesh key: no membership panel.
+        assert_eq!(
+            script(port, &session, "return document.getElementById('membership-panel').hidden;")
+                .await,
+            Value::Bool(true)
+        );
+        mesh_ca_membership(port, &session, &out).await;
 
         let _ = wd(port, "DELETE", &format!("/session/{session}"), None).await;
         running.store(false, Ordering::Relaxed);
