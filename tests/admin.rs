@@ -656,6 +656,10 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
         let name = "peerbus_mesh_certificate_expiration_timestamp_seconds";
         let nid = node.id().to_string();
         assert_eq!(sample(&m, name, &[("node", &nid)]), Some(ends as f64));
+        // Nothing says its own certificate is revoked.
+        assert!(status(&node).await["mesh_certificate_revoked"].is_null());
+        let own_revoked = "peerbus_mesh_certificate_revoked";
+        assert_eq!(sample(&m, own_revoked, &[("node", &nid)]), Some(0.0));
         // Its list revokes none, and the metrics say so, and which list it is.
         assert_eq!(status(&node).await["mesh_ca_revoked"], 0);
         let lists = &status(&node).await["mesh_ca_lists"];
@@ -688,6 +692,7 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
         assert!(status(&keyed).await["mesh_ca_revoked"].is_null());
         assert!(status(&keyed).await["mesh_ca_refused_revoked"].is_null());
         assert!(!metrics(&keyed).await.contains(refused));
+        assert!(!metrics(&keyed).await.contains(own_revoked));
         assert_eq!(
             status(&keyed).await["mesh_ca_lists"]
                 .as_array()

@@ -255,6 +255,19 @@ async fn screenshot(port: u16, session: &str, path: &Path) {
     eprintln!("screenshot: {} ({} bytes)", path.display(), png.len());
 }
 
+/// Runs `js` in the page every 200 ms until it returns something other than null, for up to
+/// `secs` seconds; returns that (or null).
+async fn shown_within(port: u16, session: &str, secs: u64, js: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let shown = script(port, session, js).await;
+        if !shown.is_null() || tokio::time::Instant::now() >= deadline {
+            return shown;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs `js` in the page and returns its value.
 async fn script(port: u16, session: &str, js: &str) -> Value {
     wd(
@@ -269,8 +282,9 @@ async fn script(port: u16, session: &str, js: &str) -> Value {
 
 /// Opens the page of a node that is a member by a mesh CA certificate valid for 3 days, whose
 /// CA's list (number 2) revokes one certificate: its membership panel says when the
-/// certificate ends (amber: within 7 days) and which list the node uses. Its screenshot lands
-/// in `out/mesh-ca.png`.
+/// certificate ends (amber: within 7 days) and which list the node uses; then, once the CA's
+/// next list revokes the node's own certificate, that it is revoked (red). Its screenshot
+/// lands in `out/mesh-ca.png`.
 async fn mesh_ca_membership(port: u16, session: &str, out: &Path) {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = peerbus::CaKey::generate("shop", Duration::from_secs(30 * 86_400)).expect("ca");
@@ -298,7 +312,7 @@ async fn mesh_ca_membership(port: u16, session: &str, out: &Path) {
     let node = start(
         peerbus::Node::builder("vault")
             .data_dir(dir.path())
-            .mesh_ca(trust, cert)
+            .mesh_ca(trust, cert.clone())
             .listen("127.0.0.1:0".parse().expect("addr"))
             .discovery(MemoryNetwork::new().discovery())
             .admin("127.0.0.1:0".parse().expect("addr")),
@@ -309,14 +323,7 @@ async fn mesh_ca_membership(port: u16, session: &str, out: &Path) {
         const c = document.getElementById('certificate'); \
         return p.hidden ? null : [c ? c.dataset.level : '', \
         document.getElementById('membership').innerText];";
-    let mut shown = Value::Null;
-    for _ in 0..100 {
-        shown = script(port, session, read).await;
-        if !shown.is_null() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let shown = shown_within(port, session, 20, read).await;
     let text = shown[1].as_str().unwrap_or_default();
     assert_eq!(shown[0], "soon", "{shown}");
     assert!(
@@ -325,6 +332,30 @@ async fn mesh_ca_membership(port: u16, session: &str, out: &Path) {
             && text.contains("list 2 of ")
             && text.contains("shop")
             && text.contains(": 1 revoked"),
+        "{text}"
+    );
+    // The CA's next list revokes the node's own certificate: the node does not take it, and
+    // its page says in red that it is revoked.
+    let third = ca
+        .revoke(Some(list.as_bytes()), [cert.serial().as_str()])
+        .expect("list 3");
+    let revoking = ca
+        .trust()
+        .expect("trust")
+        .with_revocation_lists("ca.crl", third.as_bytes())
+        .expect("list");
+    assert!(
+        node.renew_mesh_ca(revoking).is_err(),
+        "a list revoking itself was taken"
+    );
+    let read = "const r = document.getElementById('revoked'); \
+        return r ? [r.dataset.level, r.innerText] : null;";
+    let shown = shown_within(port, session, 20, read).await;
+    let text = shown[1].as_str().unwrap_or_default();
+    assert_eq!(shown[0], "ended", "{shown}");
+    assert!(
+        text.contains("certificate REVOKED: ")
+            && text.contains(&format!("(serial {})", cert.serial())),
         "{text}"
     );
     screenshot(port, session, &out.join("mesh-ca.png")).await;

@@ -357,6 +357,26 @@ async fn a_member_revoked_while_connected_is_cut_off_and_the_others_stay() {
             got.try_recv().is_err(),
             "a revoked member's message was delivered"
         );
+        // The rogue, refused when it dials again, knows why.
+        assert_eq!(
+            honest.status().await.map(|s| s.mesh_certificate_revoked),
+            Some(None)
+        );
+        eventually(
+            15,
+            "the rogue's status says its certificate is revoked",
+            || {
+                let rogue = rogue.clone();
+                async move {
+                    rogue
+                        .status()
+                        .await
+                        .and_then(|s| s.mesh_certificate_revoked)
+                        .is_some_and(|why| why.contains("is revoked by the mesh CA"))
+                }
+            },
+        )
+        .await;
 
         // A node whose own certificate is revoked does not start; nor does a list without
         // the CA's files.

@@ -168,6 +168,15 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
                 humantime::format_rfc3339_seconds(until)
             ))?;
         }
+        if let Some(why) = status
+            .get("mesh_certificate_revoked")
+            .and_then(Value::as_str)
+        {
+            print_line(&format!(
+                "mesh certificate REVOKED: {why}; its peers refuse this node until it has a new \
+                 one (`peerbus ca issue`; the node reads its --mesh-cert file again every minute)"
+            ))?;
+        }
         if let Some(n) = status.get("mesh_ca_revoked").and_then(Value::as_u64) {
             print_line(&format!(
                 "mesh CA revocation lists: {}",

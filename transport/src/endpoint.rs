@@ -117,6 +117,10 @@ struct Presented {
     /// The CA certificates a peer's must be signed by, with a mesh CA (replaced by
     /// [`Endpoint::renew_trust`]); `None` otherwise.
     trust: Option<MeshCa>,
+    /// Why `certified` is revoked, once a revocation list of its CA said so (one a peer
+    /// passed on, or a CA file read again): the endpoint did not take that list, but its
+    /// peers refuse it. Cleared when another certificate is presented.
+    revoked: Option<String>,
 }
 
 struct Inner {
@@ -442,6 +446,7 @@ impl Endpoint {
                 presented: RwLock::new(Presented {
                     certified: Arc::new(certified),
                     trust,
+                    revoked: None,
                 }),
                 trust_changed: tokio::sync::watch::Sender::new(0),
                 closing: Arc::default(),
@@ -466,7 +471,20 @@ impl Endpoint {
         let server = server_config(&certified, &self.inner.config.alpn, &self.inner.transport)?;
         self.inner.quinn.set_server_config(Some(server));
         presented.certified = Arc::new(certified);
+        presented.revoked = None;
         Ok(())
+    }
+
+    /// Why the mesh certificate this endpoint presents is revoked, when, since it was
+    /// presented, a revocation list of its CA said so (one a peer passed on,
+    /// [`ListTaken::RevokesThisNode`], or one of a CA file read again,
+    /// [`Endpoint::renew_trust`]; neither is taken) or a peer refused it as revoked (the
+    /// refusal's reason names its serial number; a revoked node most often learns it so: its
+    /// peers refuse it before they pass lists on). Peers that know refuse this node until it
+    /// presents a new certificate ([`Endpoint::renew_certificate`], which clears this).
+    /// `None` otherwise, and without a mesh CA.
+    pub fn own_certificate_revoked(&self) -> Option<String> {
+        self.presented().revoked.clone()
     }
 
     /// Trusts `ca` from now on, in place of the CA certificates this endpoint was bound with
@@ -504,7 +522,12 @@ impl Endpoint {
         mut presented: std::sync::RwLockWriteGuard<'_, Presented>,
         ca: MeshCa,
     ) -> Result<(), String> {
-        ca.check(presented.certified.chain().0[0].as_ref(), SystemTime::now())?;
+        if let Err(why) = ca.check(presented.certified.chain().0[0].as_ref(), SystemTime::now()) {
+            if crate::ca::says_revoked(&why) {
+                presented.revoked = Some(why.clone());
+            }
+            return Err(why);
+        }
         presented.trust = Some(ca);
         drop(presented);
         self.inner.trust_changed.send_modify(|n| *n += 1);
@@ -666,6 +689,33 @@ impl Endpoint {
     /// (for example [`CloseCode::MeshProofFailed`]: the meshes' keys differ), or when we
     /// refused the peer's proof; [`ConnectError::Unreachable`] when nothing answered.
     pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<Connection, ConnectError> {
+        let result = self.dial(addr, expected).await;
+        if let Err(ConnectError::Refused { code, reason }) = &result {
+            self.note_refusal(*code, reason);
+        }
+        result
+    }
+
+    /// Notes a refusal of this endpoint's own certificate as revoked (the peer's reason
+    /// names its serial number): [`Endpoint::own_certificate_revoked`] says so from then on.
+    /// The peer's word alone, but a peer that says so refuses this node all the same.
+    fn note_refusal(&self, code: CloseCode, reason: &str) {
+        if code != CloseCode::MeshProofFailed || !crate::ca::says_revoked(reason) {
+            return;
+        }
+        let mut presented = self.presented_mut();
+        let ours = presented.certified.serial.as_ref();
+        if ours.is_some_and(|serial| reason.contains(&format!("(serial {serial})"))) {
+            presented.revoked = Some(reason.to_string());
+        }
+    }
+
+    /// [`Endpoint::connect`] without noting a refusal.
+    async fn dial(
         &self,
         addr: SocketAddr,
         expected: Option<NodeId>,
@@ -897,6 +947,16 @@ impl Incoming {
     /// [`CloseCode::MeshProofFailed`] and is logged (warn) with the address and the claimed
     /// node id. Completes only once the dialer has accepted our proof too.
     pub async fn complete(self) -> Result<Connection, AcceptError> {
+        let endpoint = self.endpoint.clone();
+        let result = self.answer().await;
+        if let Err(AcceptError::Refused { code, reason, .. }) = &result {
+            endpoint.note_refusal(*code, reason);
+        }
+        result
+    }
+
+    /// [`Incoming::complete`] without noting a refusal.
+    async fn answer(self) -> Result<Connection, AcceptError> {
         let addr = self.remote_addr();
         let failed = |reason: String| AcceptError::Failed { addr, reason };
         let handshake = async {

@@ -49,6 +49,9 @@ pub(crate) struct Certified {
     key: PrivateKeyDer<'static>,
     /// When a mesh CA's certificate ends (`None` for a self-signed one: it never matters).
     pub(crate) not_after: Option<SystemTime>,
+    /// A mesh CA's certificate's serial number, as [`NodeCert::serial`] writes it (`None`
+    /// for a self-signed one).
+    pub(crate) serial: Option<String>,
 }
 
 impl Certified {
@@ -76,6 +79,7 @@ pub(crate) fn certificate(identity: &Identity) -> Result<Certified, String> {
         cert: cert.der().clone(),
         key,
         not_after: None,
+        serial: None,
     })
 }
 
@@ -86,6 +90,7 @@ pub(crate) fn issued(identity: &Identity, cert: &NodeCert) -> Certified {
         cert: cert.der().clone(),
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.pkcs8().to_vec())),
         not_after: Some(cert.not_after()),
+        serial: Some(cert.serial()),
     }
 }
 

@@ -249,7 +249,8 @@ async fn bind_refuses_a_certificate_for_another_node_or_from_another_ca() {
 /// A revocation list a peer passes on (`Endpoint::take_revocation_list`): a newer one is
 /// taken, and a live connection of the certificate it revokes fails its check again; the
 /// same list again is not newer; a list that revokes the endpoint's own certificate is not
-/// taken, so its trust stays as it was; another CA's list and junk are errors.
+/// taken, so its trust stays as it was (it knows it is revoked, and a new certificate makes
+/// it a member again); another CA's list and junk are errors.
 #[tokio::test]
 async fn a_list_a_peer_passes_on_is_taken_when_newer_and_not_when_it_revokes_this_node() {
     within(async {
@@ -269,17 +270,6 @@ async fn a_list_a_peer_passes_on_is_taken_when_newer_and_not_when_it_revokes_thi
         };
         let list = der(&ca, &[dialer_serial.as_str()]);
 
-        // The node the list revokes does not take it: it keeps its trust and its lists.
-        let held = dialer.revocation_lists();
-        match dialer.take_revocation_list(&list) {
-            Ok(ListTaken::RevokesThisNode(why)) => {
-                assert!(why.contains("is revoked by the mesh CA"), "{why}");
-            }
-            other => panic!("the revoked node: {other:?}"),
-        }
-        assert_eq!(dialer.revocation_lists(), held);
-        assert_eq!(dialer.revoked_certificates(), Some(0));
-
         // Its peer takes it, and the live connection of the revoked node fails its check.
         assert!(listener.recheck(&at_listener).expect("a member").is_some());
         assert_eq!(
@@ -298,6 +288,32 @@ async fn a_list_a_peer_passes_on_is_taken_when_newer_and_not_when_it_revokes_thi
         let closes = listener.local_closes();
         assert_eq!(closes.get(CloseCode::MeshProofFailed), 2);
         assert_eq!(closes.revoked_certificates(), 2);
+        // The refused node knows it is revoked from that refusal (it names its serial); the
+        // refusing one is not.
+        let own = dialer.own_certificate_revoked().unwrap_or_default();
+        assert!(
+            own.contains(&format!("(serial {dialer_serial}) is revoked")),
+            "{own:?}"
+        );
+        assert_eq!(listener.own_certificate_revoked(), None);
+
+        // The node the list revokes does not take it: it keeps its trust and its lists.
+        let held = dialer.revocation_lists();
+        match dialer.take_revocation_list(&list) {
+            Ok(ListTaken::RevokesThisNode(why)) => {
+                assert!(why.contains("is revoked by the mesh CA"), "{why}");
+            }
+            other => panic!("the revoked node: {other:?}"),
+        }
+        assert_eq!(dialer.revocation_lists(), held);
+        assert_eq!(dialer.revoked_certificates(), Some(0));
+        assert!(dialer.own_certificate_revoked().is_some());
+        // A new certificate is not revoked: the node is a member again.
+        let pem = ca.issue(&dialer.node_id(), DAY).expect("issue");
+        let renewed = NodeCert::from_pem("node.crt", pem.as_bytes()).expect("cert");
+        dialer.renew_certificate(&renewed).expect("renew");
+        assert_eq!(dialer.own_certificate_revoked(), None);
+        connected(&dialer, &listener).await;
         // Passed back to it, the same list goes no further.
         assert_eq!(
             listener.take_revocation_list(&list).ok(),

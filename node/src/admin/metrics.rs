@@ -82,6 +82,9 @@ pub const SENDS_WAITING: &str = "peerbus_sends_waiting";
 /// When this node's mesh certificate ends, in seconds since the Unix epoch (membership by a
 /// mesh CA only): alert well before it.
 pub const MESH_CERTIFICATE_EXPIRES: &str = "peerbus_mesh_certificate_expiration_timestamp_seconds";
+/// 1 once a revocation list of the mesh CA revoked this node's own certificate, until it
+/// presents a new one; 0 otherwise (membership by a mesh CA only).
+pub const MESH_CERTIFICATE_REVOKED: &str = "peerbus_mesh_certificate_revoked";
 /// Certificates the mesh CA's revocation lists in use revoke (membership by a mesh CA only):
 /// every node should show the same number once a new list has reached them all.
 pub const MESH_CA_REVOKED: &str = "peerbus_mesh_ca_revoked_certificates";
@@ -370,6 +373,13 @@ pub(crate) async fn facade_sampler(node: Node) {
         metrics::gauge!(SENDS_WAITING, "node" => node_label.clone()).set(s.sends_waiting as f64);
         if let Some(t) = s.mesh_certificate_expires {
             metrics::gauge!(MESH_CERTIFICATE_EXPIRES, "node" => node_label.clone()).set(t as f64);
+            metrics::gauge!(MESH_CERTIFICATE_REVOKED, "node" => node_label.clone()).set(
+                if s.mesh_certificate_revoked.is_some() {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
         }
         if let Some(n) = s.mesh_ca_revoked {
             metrics::gauge!(MESH_CA_REVOKED, "node" => node_label.clone()).set(n as f64);
@@ -726,6 +736,15 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
             "When this node's mesh certificate ends, in seconds since the Unix epoch.",
         );
         let _ = writeln!(out, "{MESH_CERTIFICATE_EXPIRES}{{{n}}} {t}");
+        head(
+            &mut out,
+            MESH_CERTIFICATE_REVOKED,
+            "gauge",
+            "1 once a revocation list of the mesh CA revoked this node's certificate (its peers \
+             refuse it until it presents a new one), else 0.",
+        );
+        let revoked = u8::from(s.mesh_certificate_revoked.is_some());
+        let _ = writeln!(out, "{MESH_CERTIFICATE_REVOKED}{{{n}}} {revoked}");
     }
     if let Some(revoked) = s.mesh_ca_revoked {
         head(
