@@ -238,6 +238,12 @@ fn a_chaos_run_of_a_mesh_ca_cuts_off_a_revoked_node_and_readmits_it_with_a_new_c
         "{}",
         r["closes"]
     );
+    // It said it was revoked while it was, and no node says so once renewed.
+    let knew = ca["knew_after_s"]
+        .as_f64()
+        .expect("the revoked node said so");
+    assert!(at + knew < renewed, "{ca}");
+    assert_eq!(ca["nodes_still_revoked"], 0, "{ca}");
     assert!(ca["readmitted_after_s"].is_f64(), "{ca}");
     assert_eq!(
         (&ca["nodes_renewed"], &ca["nodes"]),

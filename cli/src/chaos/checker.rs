@@ -339,6 +339,13 @@ pub(crate) struct MeshCaRun {
     /// How many of those another node that holds lists handled before the renewal: a
     /// connection the list should have refused or closed carried them. Must be 0.
     pub(crate) handled_while_cut_off: u64,
+    /// Seconds after the revocation until the revoked node's status said its certificate
+    /// is revoked (`mesh_certificate_revoked`), polled until the renewal; `None` when it did
+    /// not before then.
+    pub(crate) knew_after_s: Option<f64>,
+    /// Nodes whose status still said their certificate is revoked at the end of the run,
+    /// their renewed certificates presented. Must be 0.
+    pub(crate) nodes_still_revoked: usize,
     /// Nodes that held it at the end of the run, every fault healed.
     pub(crate) nodes_holding: usize,
     /// Nodes expected to hold it: those of protocol 8 or later.
@@ -361,6 +368,7 @@ impl MeshCaRun {
         self.nodes_holding == self.nodes_expected
             && self.nodes_renewed == self.nodes
             && self.handled_while_cut_off == 0
+            && self.nodes_still_revoked == 0
     }
 }
 
@@ -1088,6 +1096,8 @@ mod tests {
             reached_all_after_s: Some(0.1),
             sent_while_cut_off: 2,
             handled_while_cut_off,
+            knew_after_s: Some(0.3),
+            nodes_still_revoked: 0,
             nodes_holding: 3,
             nodes_expected: 3,
             renewed_at_s: 2.0,
@@ -1097,6 +1107,13 @@ mod tests {
         };
         assert!(run(0).ok());
         assert!(!run(1).ok());
+        assert!(
+            !MeshCaRun {
+                nodes_still_revoked: 1,
+                ..run(0)
+            }
+            .ok()
+        );
     }
 
     #[test]

@@ -704,20 +704,34 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         );
         // The revoked node refuses a list that revokes it: only the others can take it.
         let holders: Vec<usize> = list_holders.iter().copied().filter(|&i| i != r).collect();
-        let reached = async {
-            while count(&statuses(&dirs, &holders).await, holds_list) < holders.len() {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            let after = t0.elapsed() - revoked_at;
-            println!(
-                "chaos: the revocation list reached every other node {:.2}s after it revoked \
-                 node-{r}: node-{r} is cut off",
-                after.as_secs_f64()
-            );
-            after
-        };
-        let reached = tokio::time::timeout_at((t0 + a.duration).into(), reached).await;
-        Ok(Some((revoked_at, reached.ok())))
+        let reached = time_until(
+            t0,
+            revoked_at,
+            async || count(&statuses(&dirs, &holders).await, holds_list) == holders.len(),
+            |after| {
+                format!(
+                    "the revocation list reached every other node {after:.2}s after it revoked \
+                     node-{r}: node-{r} is cut off"
+                )
+            },
+        );
+        // The revoked node learns it from its peers' refusals (or a list it does not take)
+        // and says so in its status until its renewal.
+        let knew = time_until(
+            t0,
+            revoked_at,
+            async || {
+                statuses(&dirs, &[r]).await[0]
+                    .as_ref()
+                    .is_some_and(says_revoked)
+            },
+            |after| format!("node-{r} said its certificate is revoked {after:.2}s after it was"),
+        );
+        let (reached, knew) = tokio::join!(
+            tokio::time::timeout_at((t0 + a.duration).into(), reached),
+            tokio::time::timeout_at((t0 + a.duration * 3 / 4).into(), knew)
+        );
+        Ok(Some((revoked_at, reached.ok(), knew.ok())))
     };
     // Three quarters through, it renews every node's certificate: each node reads its file
     // again within a second (or at its restart) and presents the new one. The revoked node's
@@ -735,20 +749,16 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             "chaos: renewed every node's certificate at {:.1}s",
             renewed_at.as_secs_f64()
         );
-        let readmitted = async {
-            while backlog(dirs[r].clone())
-                .await
-                .is_none_or(|(_, connections)| connections == 0)
-            {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            let after = t0.elapsed() - renewed_at;
-            println!(
-                "chaos: node-{r} was connected again {:.2}s after its renewal",
-                after.as_secs_f64()
-            );
-            after
-        };
+        let readmitted = time_until(
+            t0,
+            renewed_at,
+            async || {
+                backlog(dirs[r].clone())
+                    .await
+                    .is_some_and(|(_, connections)| connections > 0)
+            },
+            |after| format!("node-{r} was connected again {after:.2}s after its renewal"),
+        );
         let readmitted = tokio::time::timeout_at((t0 + a.duration).into(), readmitted).await;
         Ok(Some((renewed_at, until, readmitted.ok())))
     };
@@ -820,7 +830,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     // Every node is up and healed now: the nodes that take lists must all hold it, and
     // every node must present its renewed certificate.
     let mesh_ca = match (spread, renewed, revoked_node) {
-        (Some((revoked_at, reached)), Some((renewed_at, until, readmitted)), Some(r)) => {
+        (Some((revoked_at, reached, knew)), Some((renewed_at, until, readmitted)), Some(r)) => {
             let all: Vec<usize> = (0..a.nodes).collect();
             let renewed = move |status: &serde_json::Value| {
                 status
@@ -829,16 +839,18 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
                     .is_some_and(|secs| secs >= until)
             };
             let deadline = Instant::now() + MESH_CA_WAIT;
-            let (mut holding, mut presenting);
+            let (mut holding, mut presenting, mut still_revoked);
             loop {
-                // One status of each node answers both.
+                // One status of each node answers all three.
                 let all_statuses = statuses(&dirs, &all).await;
                 holding = list_holders
                     .iter()
                     .filter(|&&i| all_statuses[i].as_ref().is_some_and(holds_list))
                     .count();
                 presenting = count(&all_statuses, renewed);
-                let done = holding == list_holders.len() && presenting == all.len();
+                still_revoked = count(&all_statuses, says_revoked);
+                let done =
+                    holding == list_holders.len() && presenting == all.len() && still_revoked == 0;
                 if done || Instant::now() >= deadline {
                     break;
                 }
@@ -850,6 +862,8 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
                 reached_all_after_s: reached.map(|d| d.as_secs_f64()),
                 sent_while_cut_off: 0,
                 handled_while_cut_off: 0,
+                knew_after_s: knew.map(|d| d.as_secs_f64()),
+                nodes_still_revoked: still_revoked,
                 nodes_holding: holding,
                 nodes_expected: list_holders.len(),
                 renewed_at_s: renewed_at.as_secs_f64(),
@@ -993,12 +1007,13 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
                 |r| format!(
                     "the revocation list held by {} of {} nodes, {} messages of the revoked \
                      node handled elsewhere while it was cut off, the renewed certificate \
-                     presented by {} of {}",
+                     presented by {} of {} ({} still saying they are revoked)",
                     r.nodes_holding,
                     r.nodes_expected,
                     r.handled_while_cut_off,
                     r.nodes_renewed,
-                    r.nodes
+                    r.nodes,
+                    r.nodes_still_revoked
                 )
             ),
             dir.display()
@@ -1073,6 +1088,29 @@ fn holds_list(status: &serde_json::Value) -> bool {
         .get("mesh_ca_revoked")
         .and_then(serde_json::Value::as_u64)
         .is_some_and(|n| n >= 1)
+}
+
+/// Polls `done` every 250 ms until it answers true, then prints what `say` makes of the
+/// seconds since `since` (a time of the run started at `t0`) and returns them.
+async fn time_until(
+    t0: Instant,
+    since: Duration,
+    mut done: impl AsyncFnMut() -> bool,
+    say: impl FnOnce(f64) -> String,
+) -> Duration {
+    while !done().await {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let after = t0.elapsed() - since;
+    println!("chaos: {}", say(after.as_secs_f64()));
+    after
+}
+
+/// Whether a node's status says its own certificate is revoked.
+fn says_revoked(status: &serde_json::Value) -> bool {
+    status
+        .get("mesh_certificate_revoked")
+        .is_some_and(serde_json::Value::is_string)
 }
 
 /// The statuses of the nodes `which`, in that order (`None` for a node that does not

@@ -330,7 +330,7 @@ impl RunReport {
             rows.push((
                 "renewed certificate presented by",
                 renewal,
-                verdict(r.nodes_renewed == r.nodes),
+                verdict(r.nodes_renewed == r.nodes && r.nodes_still_revoked == 0),
             ));
         }
         for (k, v, ok) in rows {
@@ -606,9 +606,13 @@ fn mesh_ca_text(r: &MeshCaRun) -> [String; 3] {
             None => "not all held it".to_string(),
         }
     );
+    let knew = match r.knew_after_s {
+        Some(after) => format!("it said it was revoked {after:.2} s after the revocation"),
+        None => "it did not say it was revoked before the renewal".to_string(),
+    };
     let cut_off = match r.reached_all_after_s {
         Some(after) => format!(
-            "{} of the {} messages node-{node} sent from {:.1} s to its renewal",
+            "{} of the {} messages node-{node} sent from {:.1} s to its renewal ({knew})",
             r.handled_while_cut_off,
             r.sent_while_cut_off,
             r.revoked_at_s + after
@@ -618,13 +622,17 @@ fn mesh_ca_text(r: &MeshCaRun) -> [String; 3] {
         ),
     };
     let renewal = format!(
-        "{} of {} nodes (renewed at {:.1} s; node-{node} {})",
+        "{} of {} nodes (renewed at {:.1} s; node-{node} {}{})",
         r.nodes_renewed,
         r.nodes,
         r.renewed_at_s,
         match r.readmitted_after_s {
             Some(after) => format!("connected again {after:.2} s later"),
             None => "not connected again before the workload ended".to_string(),
+        },
+        match r.nodes_still_revoked {
+            0 => String::new(),
+            n => format!("; {n} still said they were revoked"),
         }
     );
     [list, cut_off, renewal]
