@@ -227,10 +227,12 @@ pub struct Status {
     /// membership by a mesh CA (after a renewal, the new one's); `None` otherwise. Peers refuse
     /// the node from then on.
     pub mesh_certificate_expires: Option<u64>,
-    /// Why this node's mesh certificate is revoked, once a revocation list of its CA said so
-    /// (one a peer passed on, or its `--mesh-crl` file read again): its peers refuse it until
-    /// it presents a new certificate (`peerbus ca issue`), which clears this. `None`
-    /// otherwise, and without a mesh CA.
+    /// Why this node's mesh certificate is revoked, once a peer refused it as revoked (the
+    /// refusal names its serial number) or a revocation list of its CA said so (one a peer
+    /// passed on, or its `--mesh-crl` file read again): its peers refuse it until it presents
+    /// a new certificate (`peerbus ca issue`), which clears this
+    /// ([`Endpoint::own_certificate_revoked`](peerbus_transport::Endpoint::own_certificate_revoked)).
+    /// `None` otherwise, and without a mesh CA.
     pub mesh_certificate_revoked: Option<String>,
     /// How many certificates the mesh CA's revocation lists in use revoke
     /// ([`NodeBuilder::mesh_crl_file`](crate::NodeBuilder::mesh_crl_file)), with membership

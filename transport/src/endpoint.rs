@@ -117,9 +117,9 @@ struct Presented {
     /// The CA certificates a peer's must be signed by, with a mesh CA (replaced by
     /// [`Endpoint::renew_trust`]); `None` otherwise.
     trust: Option<MeshCa>,
-    /// Why `certified` is revoked, once a revocation list of its CA said so (one a peer
-    /// passed on, or a CA file read again): the endpoint did not take that list, but its
-    /// peers refuse it. Cleared when another certificate is presented.
+    /// Why `certified` is revoked, once a peer's refusal or a revocation list of its CA said
+    /// so ([`Endpoint::own_certificate_revoked`]). Cleared when another certificate is
+    /// presented.
     revoked: Option<String>,
 }
 

@@ -82,8 +82,9 @@ pub const SENDS_WAITING: &str = "peerbus_sends_waiting";
 /// When this node's mesh certificate ends, in seconds since the Unix epoch (membership by a
 /// mesh CA only): alert well before it.
 pub const MESH_CERTIFICATE_EXPIRES: &str = "peerbus_mesh_certificate_expiration_timestamp_seconds";
-/// 1 once a revocation list of the mesh CA revoked this node's own certificate, until it
-/// presents a new one; 0 otherwise (membership by a mesh CA only).
+/// 1 once a peer's refusal or a revocation list of the mesh CA said this node's own
+/// certificate is revoked (`Status::mesh_certificate_revoked`), until it presents a new one;
+/// 0 otherwise (membership by a mesh CA only).
 pub const MESH_CERTIFICATE_REVOKED: &str = "peerbus_mesh_certificate_revoked";
 /// Certificates the mesh CA's revocation lists in use revoke (membership by a mesh CA only):
 /// every node should show the same number once a new list has reached them all.
@@ -740,8 +741,8 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
             &mut out,
             MESH_CERTIFICATE_REVOKED,
             "gauge",
-            "1 once a revocation list of the mesh CA revoked this node's certificate (its peers \
-             refuse it until it presents a new one), else 0.",
+            "1 once a peer's refusal or a revocation list of the mesh CA said this node's \
+             certificate is revoked (its peers refuse it until it presents a new one), else 0.",
         );
         let revoked = u8::from(s.mesh_certificate_revoked.is_some());
         let _ = writeln!(out, "{MESH_CERTIFICATE_REVOKED}{{{n}}} {revoked}");
