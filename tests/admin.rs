@@ -680,6 +680,17 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
             sample(&m, number, &[("node", &nid), ("ca", ca_name)]),
             Some(1.0)
         );
+        // When the CA promised the next list by (`revoke` writes a year ahead).
+        let next = lists[0]["next_update"].as_u64().expect("next_update");
+        assert!(
+            next > ends,
+            "a year ahead, past the certificate's hour: {lists}"
+        );
+        let next_update = "peerbus_mesh_ca_revocation_list_next_update_timestamp_seconds";
+        assert_eq!(
+            sample(&m, next_update, &[("node", &nid), ("ca", ca_name)]),
+            Some(next as f64)
+        );
         node.shutdown().await;
 
         let keyed = start(admin(builder(
@@ -700,6 +711,7 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
             Some(0)
         );
         assert!(!metrics(&keyed).await.contains(number));
+        assert!(!metrics(&keyed).await.contains(next_update));
         assert!(!metrics(&keyed).await.contains(name));
         keyed.shutdown().await;
     })

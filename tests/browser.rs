@@ -330,6 +330,8 @@ async fn mesh_ca_membership(port: u16, session: &str, out: &Path) {
         text.contains("certificate valid until ")
             && (text.contains("(2 days left)") || text.contains("(3 days left)"))
             && text.contains("list 2 of ")
+            && text.contains(", next update ")
+            && !text.contains("past its next update")
             && text.contains("shop")
             && text.contains(": 1 revoked"),
         "{text}"

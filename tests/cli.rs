@@ -1003,6 +1003,8 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
             .stdout
             .contains("mesh CA revocation lists: 1 certificate revoked")
             && status.stdout.contains("  list 3 of CN=peerbus mesh CA")
+            && status.stdout.contains(", next update ")
+            && !status.stdout.contains("PAST ITS NEXT UPDATE")
             && status.stdout.contains(": 1 revoked")
             // It refused the revoked client's dials, and counts them apart.
             && status

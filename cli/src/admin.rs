@@ -96,6 +96,34 @@ async fn ask(dir: &Path, req: Value) -> Result<Option<Value>> {
     }
 }
 
+/// A line of `peerbus status` for one of the node's revocation lists (an item of
+/// `/status`'s `mesh_ca_lists`) at `now` (seconds since the Unix epoch): its number, CA,
+/// issue and next update times and count, and a warning once it is past its next update.
+fn list_line(list: &Value, now: u64) -> String {
+    let time = |secs: u64| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+        )
+    };
+    let next = list.get("next_update").and_then(Value::as_u64);
+    format!(
+        "  list {} of {}, issued {}{}: {} revoked{}",
+        list.get("number")
+            .and_then(Value::as_str)
+            .unwrap_or("(unnumbered)"),
+        list.get("ca").and_then(Value::as_str).unwrap_or("?"),
+        time(list.get("issued").and_then(Value::as_u64).unwrap_or(0)),
+        next.map_or_else(String::new, |t| format!(", next update {}", time(t))),
+        list.get("revoked").and_then(Value::as_u64).unwrap_or(0),
+        if next.is_some_and(|t| t <= now) {
+            "; PAST ITS NEXT UPDATE: the CA may have revoked more since, give the mesh a \
+             newer list"
+        } else {
+            ""
+        }
+    )
+}
+
 /// `peerbus status`.
 pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()> {
     let dir = data_dir(common)?;
@@ -187,18 +215,9 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
             ))?;
         }
         let lists = status.get("mesh_ca_lists").and_then(Value::as_array);
+        let now = status.get("now_ms").and_then(Value::as_u64).unwrap_or(0) / 1000;
         for list in lists.into_iter().flatten() {
-            let issued = list.get("issued").and_then(Value::as_u64).unwrap_or(0);
-            let issued = std::time::UNIX_EPOCH + std::time::Duration::from_secs(issued);
-            print_line(&format!(
-                "  list {} of {}, issued {}: {} revoked",
-                list.get("number")
-                    .and_then(Value::as_str)
-                    .unwrap_or("(unnumbered)"),
-                list.get("ca").and_then(Value::as_str).unwrap_or("?"),
-                humantime::format_rfc3339_seconds(issued),
-                list.get("revoked").and_then(Value::as_u64).unwrap_or(0),
-            ))?;
+            print_line(&list_line(list, now))?;
         }
         if let Some(n) = status
             .get("mesh_ca_refused_revoked")
@@ -397,5 +416,33 @@ pub(crate) async fn dlq(common: &CommonArgs, args: &DlqArgs) -> Result<()> {
             let n = answer.get("replayed").and_then(Value::as_u64).unwrap_or(0);
             print_line(&format!("replayed {n} dead letter(s)"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_line_names_the_next_update_and_warns_once_it_is_past() {
+        let list = serde_json::json!({
+            "ca": "CN=peerbus mesh CA shop", "number": "3",
+            "issued": 1_800_000_000u64, "next_update": 1_800_086_400u64, "revoked": 2,
+        });
+        let fresh = list_line(&list, 1_800_000_100);
+        assert_eq!(
+            fresh,
+            "  list 3 of CN=peerbus mesh CA shop, issued 2027-01-15T08:00:00Z, next update \
+             2027-01-16T08:00:00Z: 2 revoked"
+        );
+        let stale = list_line(&list, 1_800_086_400);
+        assert!(
+            stale.starts_with(&fresh) && stale.contains("; PAST ITS NEXT UPDATE"),
+            "{stale}"
+        );
+        // A list that names no next update is never past it.
+        let mut undated = list.clone();
+        undated["next_update"] = serde_json::Value::Null;
+        assert!(list_line(&undated, u64::MAX).ends_with(": 2 revoked"));
     }
 }

@@ -460,8 +460,21 @@ pub struct RevocationListInfo {
     pub number: Option<String>,
     /// When it was issued (its thisUpdate), in seconds since the Unix epoch.
     pub issued: u64,
+    /// When its CA promised a newer one by (its nextUpdate), in seconds since the Unix
+    /// epoch; `None` when it names no time. A list past it is still used (the mesh would
+    /// rather keep what it knows is revoked than refuse everyone), but the CA may have
+    /// revoked more since: give the mesh a newer one (`peerbus ca revoke` writes one, valid
+    /// a year).
+    pub next_update: Option<u64>,
     /// How many certificates it revokes.
     pub revoked: usize,
+}
+
+impl RevocationListInfo {
+    /// Whether the list is past its next update at `now` (seconds since the Unix epoch).
+    pub fn stale_at(&self, now: u64) -> bool {
+        self.next_update.is_some_and(|next| next <= now)
+    }
 }
 
 /// A CRL number (big-endian, no leading zeros) as [`RevocationListInfo::number`] shows it.
@@ -485,6 +498,8 @@ struct RevocationList {
     number: Option<Vec<u8>>,
     /// When it was issued (thisUpdate), seconds since the Unix epoch.
     issued: i64,
+    /// When a newer one is due (nextUpdate), seconds since the Unix epoch, when it says.
+    next_update: Option<i64>,
 }
 
 impl RevocationList {
@@ -724,6 +739,7 @@ impl MeshCa {
             der: der.to_vec(),
             number: crl.crl_number().map(|n| n.to_bytes_be()),
             issued: crl.last_update().timestamp(),
+            next_update: crl.next_update().map(|t| t.timestamp()),
         };
         Ok((signers, list, serials))
     }
@@ -837,6 +853,7 @@ impl MeshCa {
                 ca: root.subject.clone(),
                 number: list.number.as_deref().map(crl_number_text),
                 issued: u64::try_from(list.issued).unwrap_or(0),
+                next_update: list.next_update.map(|t| u64::try_from(t).unwrap_or(0)),
                 revoked: root.revoked.len(),
             })
             .collect()
@@ -1613,6 +1630,18 @@ mod tests {
         assert!(
             info.iter()
                 .all(|l| l.issued + 3_600 > now && l.issued <= now)
+        );
+        // `revoke` promises the next list in a year: not stale now, stale after it.
+        let year = CRL_NEXT_UPDATE.as_secs();
+        assert!(
+            info.iter().all(|l| l
+                .next_update
+                .is_some_and(|next| next > now + year - 3_600 && next <= now + year)),
+            "{info:?}"
+        );
+        assert!(
+            info.iter()
+                .all(|l| !l.stale_at(now) && l.stale_at(now + year))
         );
         assert_eq!(crl_number_text(&[1, 0]), "256");
         assert_eq!(

@@ -93,6 +93,11 @@ pub const MESH_CA_REVOKED: &str = "peerbus_mesh_ca_revoked_certificates";
 /// lists numbered below 2^53 only): every node should show the same numbers once a new list
 /// has reached them all.
 pub const MESH_CA_LIST_NUMBER: &str = "peerbus_mesh_ca_revocation_list_number";
+/// When each mesh CA revocation list in use is due to be replaced (its nextUpdate), in
+/// seconds since the Unix epoch, by CA (membership by a mesh CA, lists that name a time):
+/// alert when it passes, as the CA may have revoked more since.
+pub const MESH_CA_LIST_NEXT_UPDATE: &str =
+    "peerbus_mesh_ca_revocation_list_next_update_timestamp_seconds";
 /// Connections this node refused or closed because the peer's certificate is revoked
 /// (membership by a mesh CA only; also counted in [`CONNECTIONS_CLOSED`] as
 /// `mesh_proof_failed`).
@@ -392,6 +397,10 @@ pub(crate) async fn facade_sampler(node: Node) {
             metrics::gauge!(MESH_CA_LIST_NUMBER, "node" => node_label.clone(), "ca" => ca)
                 .set(number);
         }
+        for (ca, next) in list_next_updates(&s) {
+            metrics::gauge!(MESH_CA_LIST_NEXT_UPDATE, "node" => node_label.clone(), "ca" => ca)
+                .set(next as f64);
+        }
         for (svc, b) in &s.breakers {
             metrics::gauge!(BREAKER_STATE, "node" => node_label.clone(), "service" => svc.clone())
                 .set(breaker_value(b.state));
@@ -462,6 +471,15 @@ fn list_numbers(s: &Status) -> Vec<(String, f64)> {
             let n: u64 = l.number.as_deref()?.parse().ok()?;
             (n < EXACT).then(|| (l.ca.clone(), n as f64))
         })
+        .collect()
+}
+
+/// The revocation lists in use that name a next update, by CA subject: what
+/// [`MESH_CA_LIST_NEXT_UPDATE`] shows.
+fn list_next_updates(s: &Status) -> Vec<(String, u64)> {
+    s.mesh_ca_lists
+        .iter()
+        .filter_map(|l| Some((l.ca.clone(), l.next_update?)))
         .collect()
 }
 
@@ -779,6 +797,23 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         let _ = writeln!(
             out,
             "{MESH_CA_LIST_NUMBER}{{{n},ca=\"{}\"}} {number}",
+            esc(&ca)
+        );
+    }
+    let next_updates = list_next_updates(s);
+    if !next_updates.is_empty() {
+        head(
+            &mut out,
+            MESH_CA_LIST_NEXT_UPDATE,
+            "gauge",
+            "When each mesh CA revocation list in use is due to be replaced (nextUpdate), in \
+             seconds since the Unix epoch, by CA.",
+        );
+    }
+    for (ca, next) in next_updates {
+        let _ = writeln!(
+            out,
+            "{MESH_CA_LIST_NEXT_UPDATE}{{{n},ca=\"{}\"}} {next}",
             esc(&ca)
         );
     }
