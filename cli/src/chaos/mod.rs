@@ -565,6 +565,13 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     let list_holders: Vec<usize> = (0..a.nodes)
         .filter(|&i| !a.mixed_protocols || mixed_protocol(i) >= REVOCATION_LISTS_VERSION)
         .collect();
+    // Those of them that cut off the revoked node: all but itself (it refuses a list that
+    // revokes it).
+    let cutting_off: Vec<usize> = list_holders
+        .iter()
+        .copied()
+        .filter(|&i| Some(i) != revoked_node)
+        .collect();
     println!(
         "chaos: {} nodes, {} services, {:.0} msg/s, {} keys/node, seed {}, faults [{}] every {}{}{}{}, for {}; dir {}",
         a.nodes,
@@ -702,12 +709,10 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             "chaos: revoked node-{r}'s certificate at {:.1}s",
             revoked_at.as_secs_f64()
         );
-        // The revoked node refuses a list that revokes it: only the others can take it.
-        let holders: Vec<usize> = list_holders.iter().copied().filter(|&i| i != r).collect();
         let reached = time_until(
             t0,
             revoked_at,
-            async || count(&statuses(&dirs, &holders).await, holds_list) == holders.len(),
+            async || count(&statuses(&dirs, &cutting_off).await, holds_list) == cutting_off.len(),
             |after| {
                 format!(
                     "the revocation list reached every other node {after:.2}s after it revoked \
@@ -827,8 +832,8 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     }
     let final_drain = load_end.elapsed().as_secs_f64();
     sampler.abort();
-    // Every node is up and healed now: the nodes that take lists must all hold it, and
-    // every node must present its renewed certificate.
+    // Every node is up and healed now: the nodes that take lists must all hold it, every
+    // node must present its renewed certificate, and none may still say it is revoked.
     let mesh_ca = match (spread, renewed, revoked_node) {
         (Some((revoked_at, reached, knew)), Some((renewed_at, until, readmitted)), Some(r)) => {
             let all: Vec<usize> = (0..a.nodes).collect();
@@ -896,15 +901,10 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     findings.mesh_ca = mesh_ca.map(|mut m| {
         if let Some(after) = m.reached_all_after_s {
             let journal_us = |s: f64| t0_us + (s * 1e6) as u64;
-            let others: Vec<usize> = list_holders
-                .iter()
-                .copied()
-                .filter(|&i| i != m.revoked_node)
-                .collect();
             (m.sent_while_cut_off, m.handled_while_cut_off) = checker::cut_off(
                 &journals,
                 m.revoked_node,
-                &others,
+                &cutting_off,
                 journal_us(m.revoked_at_s + after),
                 journal_us(m.renewed_at_s),
             );
