@@ -967,6 +967,33 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
             && !error.contains("--mesh-key-file"),
         "{error}"
     );
+    // Run as a node, it learns from the vault's refusals that it is revoked, and its
+    // `peerbus status` says so.
+    let unaware = Mesh::certified("crl", &format!("{}/ca.crt", path("ca")), &path("client"));
+    let client = spawn(
+        unaware.command(&["node", "--service", "client"]),
+        "revoked client node",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20).min(budget.left());
+    let status = loop {
+        let status = run(
+            unaware.command(&["status"]),
+            "peerbus status of the revoked client",
+            budget.left(),
+        );
+        if status.stdout.contains("mesh certificate REVOKED") || Instant::now() >= deadline {
+            break status;
+        }
+        thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        status.stdout.contains("mesh certificate REVOKED: ")
+            && status.stdout.contains(") is revoked by the mesh CA")
+            && status.stdout.contains("(`peerbus ca issue`"),
+        "{}",
+        status.stdout
+    );
+    assert!(client.terminate(Duration::from_secs(15)).success());
     // A certificate the CA issues the node anew is not revoked: it rejoins.
     let reissued = run(
         base_command(&[
