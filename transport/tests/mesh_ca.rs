@@ -30,8 +30,8 @@ fn certified(issuer: &CaKey, trusted: &CaKey, valid_for: Duration) -> Endpoint {
     .expect("bind")
 }
 
-/// A member of `ca`'s mesh, and its certificate's serial number.
-fn member(ca: &CaKey) -> (Endpoint, String) {
+/// A member of `ca`'s mesh, and the certificate it presents.
+fn member(ca: &CaKey) -> (Endpoint, NodeCert) {
     let endpoint = certified(ca, ca, DAY);
     let id = endpoint.node_id();
     // The serial number is random per certificate: issue it again to learn one, and present
@@ -39,7 +39,7 @@ fn member(ca: &CaKey) -> (Endpoint, String) {
     let pem = ca.issue(&id, DAY).expect("issue");
     let cert = NodeCert::from_pem("node.crt", pem.as_bytes()).expect("cert");
     endpoint.renew_certificate(&cert).expect("renew");
-    (endpoint, cert.serial())
+    (endpoint, cert)
 }
 
 fn plain(m: Membership) -> Endpoint {
@@ -256,7 +256,8 @@ async fn a_list_a_peer_passes_on_is_taken_when_newer_and_not_when_it_revokes_thi
     within(async {
         let (ca, other) = two_cas();
         let (listener, _) = member(&ca);
-        let (dialer, dialer_serial) = member(&ca);
+        let (dialer, dialer_cert) = member(&ca);
+        let dialer_serial = dialer_cert.serial();
         let (_at_dialer, at_listener) = connected(&dialer, &listener).await;
         let der = |ca: &CaKey, serials: &[&str]| {
             let pem = ca.revoke(None, serials.iter().copied()).expect("revoke");
@@ -296,6 +297,27 @@ async fn a_list_a_peer_passes_on_is_taken_when_newer_and_not_when_it_revokes_thi
             "{own:?}"
         );
         assert_eq!(listener.own_certificate_revoked(), None);
+        // It also learns it as the listener, from a dialer that refuses it: presented again
+        // (which forgets what it learnt), it is dialled by the node that holds the list.
+        dialer.renew_certificate(&dialer_cert).expect("renew");
+        assert_eq!(dialer.own_certificate_revoked(), None);
+        let d = dialer.clone();
+        let acc = tokio::spawn(async move { d.accept().await.expect("open").complete().await });
+        let err = listener
+            .connect(dialer.local_addr(), Some(dialer.node_id()))
+            .await
+            .expect_err("the holder of the list refuses it");
+        assert!(
+            err.to_string().contains("is revoked by the mesh CA"),
+            "{err}"
+        );
+        let acc_err = acc.await.expect("join").expect_err("refused");
+        assert!(acc_err.to_string().contains("is revoked"), "{acc_err}");
+        let own = dialer.own_certificate_revoked().unwrap_or_default();
+        assert!(
+            own.contains(&format!("(serial {dialer_serial}) is revoked")),
+            "{own:?}"
+        );
 
         // The node the list revokes does not take it: it keeps its trust and its lists.
         let held = dialer.revocation_lists();
