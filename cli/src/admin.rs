@@ -167,18 +167,26 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
             s("dead_letters"),
             s("connections")
         ))?;
-        // Closes that point at a misbehaving or mismatched peer (its log has the details).
+        // Closes that point at a misbehaving or mismatched peer (its log has the details);
+        // refusals of a revoked certificate are counted on their own line below.
+        let revoked = status
+            .get("mesh_ca_refused_revoked")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         let faults: Vec<String> = status
             .get("connections_closed")
             .and_then(Value::as_object)
             .into_iter()
             .flatten()
-            .filter(|(code, n)| {
-                CloseCode::from_name(code)
-                    .is_some_and(|c| c.is_protocol_fault() || c == CloseCode::Unresponsive)
-                    && n.as_u64() > Some(0)
+            .filter_map(|(code, n)| {
+                let c = CloseCode::from_name(code)?;
+                let mut n = n.as_u64()?;
+                if c == CloseCode::MeshProofFailed {
+                    n = n.saturating_sub(revoked);
+                }
+                ((c.is_protocol_fault() || c == CloseCode::Unresponsive) && n > 0)
+                    .then(|| format!("{code} {n}"))
             })
-            .map(|(code, n)| format!("{code} {n}"))
             .collect();
         if !faults.is_empty() {
             print_line(&format!(
