@@ -611,15 +611,18 @@ fn mesh_ca_text(r: &MeshCaRun) -> [String; 3] {
         None => "it did not say it was revoked before the renewal".to_string(),
     };
     let cut_off = match r.reached_all_after_s {
-        Some(after) => format!(
+        Some(after) if r.revoked_at_s + after < r.renewed_at_s => format!(
             "{} of the {} messages node-{node} sent from {:.1} s to its renewal ({knew})",
             r.handled_while_cut_off,
             r.sent_while_cut_off,
             r.revoked_at_s + after
         ),
-        None => format!(
+        Some(_) => format!(
             "not checked: the list reached every other node only after node-{node}'s renewal"
         ),
+        None => {
+            "not checked: the list did not reach every other node while the faults ran".to_string()
+        }
     };
     let renewal = format!(
         "{} of {} nodes (renewed at {:.1} s; node-{node} {}{})",
@@ -695,6 +698,48 @@ mod tests {
             drain_seconds: drain,
             slowest: None,
         }
+    }
+
+    /// The cut-off row counts what got through only when every other node held the list
+    /// before the renewal, and says why not otherwise.
+    #[test]
+    fn the_cut_off_row_is_checked_only_when_the_list_came_before_the_renewal() {
+        let run = |reached| MeshCaRun {
+            revoked_node: 4,
+            revoked_at_s: 30.0,
+            reached_all_after_s: reached,
+            sent_while_cut_off: 1046,
+            handled_while_cut_off: 0,
+            knew_after_s: Some(0.5),
+            nodes_still_revoked: 0,
+            nodes_holding: 5,
+            nodes_expected: 5,
+            renewed_at_s: 45.0,
+            readmitted_after_s: Some(2.78),
+            nodes_renewed: 5,
+            nodes: 5,
+        };
+        let [list, cut_off, renewal] = mesh_ca_text(&run(Some(1.91)));
+        assert!(
+            list.contains("every other node held it 1.91 s later"),
+            "{list}"
+        );
+        assert_eq!(
+            cut_off,
+            "0 of the 1046 messages node-4 sent from 31.9 s to its renewal (it said it was \
+             revoked 0.50 s after the revocation)"
+        );
+        assert!(
+            renewal.contains("node-4 connected again 2.78 s later"),
+            "{renewal}"
+        );
+        let [_, late, _] = mesh_ca_text(&run(Some(16.0)));
+        assert!(late.starts_with("not checked: the list reached every other node only after"));
+        let [_, never, _] = mesh_ca_text(&run(None));
+        assert!(
+            never.starts_with("not checked: the list did not reach"),
+            "{never}"
+        );
     }
 
     /// The table and the page name each fault's slowest message and each duplicate, the
