@@ -4,7 +4,8 @@
 //! Three in-process nodes on loopback; the page of one of them must show all three, then
 //! show a node as down once it is cut off (frozen like a killed process: no goodbye).
 //! Then the page of a node that is a member by a mesh CA must show when its certificate ends
-//! and which revocation list it uses. The screenshots land in
+//! and which revocation list it uses, and, once a list revokes it, that it is revoked. The
+//! screenshots land in
 //! `target/test-output/browser/mesh.png` and `mesh-ca.png`.
 
 mod common;
