@@ -223,7 +223,7 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
             ))?;
         }
         let lists = status.get("mesh_ca_lists").and_then(Value::as_array);
-        let now = status.get("now_ms").and_then(Value::as_u64).unwrap_or(0) / 1000;
+        let now = unix_now_ms() / 1000;
         for list in lists.into_iter().flatten() {
             print_line(&list_line(list, now))?;
         }
