@@ -923,6 +923,23 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
     let again = revoke(&["--cert", &path("client.crt")]);
     assert!(again.status.success(), "{}", again.stderr);
     assert!(again.stdout.contains("now revokes 1"), "{}", again.stdout);
+    // Renewed with nothing more revoked, its next update a second away: the vault uses it
+    // all the same (the revoked client stays refused), and its status flags it once late.
+    let too_short = revoke(&["--renew", "--next-update", "0s"]);
+    assert!(
+        !too_short.status.success() && too_short.stderr.contains("next update is 1 s to"),
+        "{}",
+        too_short.stderr
+    );
+    let renewed = revoke(&["--renew", "--next-update", "1s"]);
+    assert!(
+        renewed.status.success()
+            && renewed.stdout.contains("renewed the revocation list")
+            && renewed.stdout.contains("now revokes 1, next update "),
+        "{}{}",
+        renewed.stdout,
+        renewed.stderr
+    );
 
     let mesh = |node: &str| {
         let mut m = Mesh::certified("crl", &format!("{}/ca.crt", path("ca")), &path(node));
@@ -1019,7 +1036,8 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
     );
     assert!(accepted.status.success(), "{}", accepted.stderr);
     // The vault's status names the list it uses (`ca new` wrote number 1, each `ca revoke`
-    // one more) and counts the revoked client's refused dials.
+    // one more), flags it as past its next update, and counts the revoked client's refused
+    // dials.
     let status = run(
         mesh("vault").command(&["status"]),
         "peerbus status of the vault",
@@ -1029,9 +1047,9 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         status
             .stdout
             .contains("mesh CA revocation lists: 1 certificate revoked")
-            && status.stdout.contains("  list 3 of CN=peerbus mesh CA")
+            && status.stdout.contains("  list 4 of CN=peerbus mesh CA")
             && status.stdout.contains(", next update ")
-            && !status.stdout.contains("PAST ITS NEXT UPDATE")
+            && status.stdout.contains("PAST ITS NEXT UPDATE")
             && status.stdout.contains(": 1 revoked")
             // It refused the revoked client's dials, and counts them apart, not as faults of
             // a mismatched peer.

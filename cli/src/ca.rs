@@ -1,7 +1,7 @@
 //! `peerbus ca`: a mesh CA for membership by certificate instead of a shared mesh key.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result, bail};
 use peerbus::{CA_CERT_FILE, CA_CRL_FILE, CaKey, Identity, MeshCa, NodeCert, NodeId};
@@ -52,7 +52,7 @@ struct ListArgs {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["cert", "serial", "node_id"])))]
+#[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["cert", "serial", "node_id", "renew"])))]
 struct RevokeArgs {
     /// Directory of the CA (`peerbus ca new --dir`).
     #[arg(long, value_name = "DIR")]
@@ -71,6 +71,14 @@ struct RevokeArgs {
     /// already stays revoked.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Write the list anew with nothing more revoked: a new number and next update, for a
+    /// list that is past (or near) its next update.
+    #[arg(long)]
+    renew: bool,
+    /// How long the new list says it stays current (its next update; 1s to 3650d). Nodes
+    /// still use a list past it, but flag it in their status, page and metrics.
+    #[arg(long, value_name = "DUR", default_value = "365d", value_parser = humantime::parse_duration)]
+    next_update: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -334,7 +342,7 @@ fn revoke(args: &RevokeArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| args.ca.join(CA_CRL_FILE));
     let list = ca
-        .revoke_continuing(&out, serials.iter().map(String::as_str))
+        .revoke_continuing(&out, serials.iter().map(String::as_str), args.next_update)
         .with_context(|| format!("could not write the revocation list {}", out.display()))?;
     let revoked = trust
         .with_revocation_lists("the new revocation list", list.as_bytes())
@@ -342,15 +350,16 @@ fn revoke(args: &RevokeArgs) -> Result<()> {
         .revoked();
     write_replacing(&out, list.as_bytes())
         .with_context(|| format!("could not write {}", out.display()))?;
+    let next = humantime::format_rfc3339_seconds(SystemTime::now() + args.next_update);
     print_line(&format!(
-        "revoked {} (serial {}); {} now revokes {revoked}: a node given it with --mesh-crl \
+        "{}; {} now revokes {revoked}, next update {next}: a node given it with --mesh-crl \
          reads it again within a minute and passes it on to its peers (protocol 8), each of \
          which checks its connections again",
         match serials.len() {
-            1 => "1 certificate".to_string(),
-            n => format!("{n} certificates"),
+            0 => "renewed the revocation list".to_string(),
+            1 => format!("revoked 1 certificate (serial {})", serials[0]),
+            n => format!("revoked {n} certificates (serial {})", serials.join(", ")),
         },
-        serials.join(", "),
         out.display()
     ))
 }

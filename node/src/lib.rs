@@ -123,7 +123,8 @@ pub use peerbus_discovery::{
     MemoryDiscovery, MemoryNetwork, PROTOCOL_VERSION, PeerRecord, StaticDiscovery,
 };
 pub use peerbus_transport::{
-    CA_CERT_FILE, CA_CRL_FILE, CA_KEY_FILE, CaError, CaKey, CloseCode, CloseCounts, FaultConfig,
-    FaultStats, Faults, Identity, MAX_CA_CERTS, MAX_MESH_KEYS, MAX_REVOKED, MeshCa, MeshKey,
-    NodeCert, NodeId, RevocationListInfo, Traffic, certificate_request, says_revoked,
+    CA_CERT_FILE, CA_CRL_FILE, CA_KEY_FILE, CRL_NEXT_UPDATE, CaError, CaKey, CloseCode,
+    CloseCounts, FaultConfig, FaultStats, Faults, Identity, MAX_CA_CERTS, MAX_MESH_KEYS,
+    MAX_REVOKED, MeshCa, MeshKey, NodeCert, NodeId, RevocationListInfo, Traffic,
+    certificate_request, says_revoked,
 };

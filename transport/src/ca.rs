@@ -49,8 +49,9 @@ const MAX_CRL_FILE: u64 = 8 * 1024 * 1024;
 pub const MAX_REVOKED: usize = 100_000;
 
 /// How long a revocation list [`CaKey::revoke`] writes says it stays current (its next
-/// update). Nodes use a list past it all the same: the file they are given is the word.
-const CRL_NEXT_UPDATE: Duration = Duration::from_secs(365 * 86_400);
+/// update), a year. Nodes use a list past it all the same (the file they are given is the
+/// word) and flag it ([`RevocationListInfo::stale_at`]).
+pub const CRL_NEXT_UPDATE: Duration = Duration::from_secs(365 * 86_400);
 
 /// How long `peerbus ca new` makes a CA certificate valid.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -1123,14 +1124,35 @@ impl CaKey {
 
     /// This CA's revocation list (PEM) revoking the certificates of `serials` (hex, as
     /// [`NodeCert::serial`] or `openssl x509 -serial` show them) as well as every one that
-    /// `current`, this CA's list as written before (PEM), revokes; numbered one past it. The
-    /// nodes take it as their `mesh_crl_file` (`--mesh-crl`).
+    /// `current`, this CA's list as written before (PEM), revokes; numbered one past it, and
+    /// current for [`CRL_NEXT_UPDATE`]. The nodes take it as their `mesh_crl_file`
+    /// (`--mesh-crl`). With no `serials` it renews `current`: the same certificates revoked,
+    /// a new number and next update.
     pub fn revoke<'a>(
         &self,
         current: Option<&[u8]>,
         serials: impl IntoIterator<Item = &'a str>,
     ) -> Result<String, CaError> {
+        self.revoke_until(current, serials, CRL_NEXT_UPDATE)
+    }
+
+    /// [`CaKey::revoke`] with a list whose next update is `current_for` from now (1 s to
+    /// [`MAX_NODE_VALIDITY`]): a CA that publishes lists often promises the next one soon, so
+    /// that a list left behind shows as late.
+    pub fn revoke_until<'a>(
+        &self,
+        current: Option<&[u8]>,
+        serials: impl IntoIterator<Item = &'a str>,
+        current_for: Duration,
+    ) -> Result<String, CaError> {
         let sign = |e: rcgen::Error| CaError::Sign(e.to_string());
+        if current_for < Duration::from_secs(1) || current_for > MAX_NODE_VALIDITY {
+            return Err(CaError::Sign(format!(
+                "a revocation list's next update is 1 s to {} days ahead, not {} s",
+                MAX_NODE_VALIDITY.as_secs() / 86_400,
+                current_for.as_secs_f64()
+            )));
+        }
         let now = SystemTime::now();
         let (mut entries, number) = match current {
             Some(pem) => self.revoked_by(pem)?,
@@ -1150,7 +1172,7 @@ impl CaKey {
         }
         let params = rcgen::CertificateRevocationListParams {
             this_update: offset_time(now - BACKDATE),
-            next_update: offset_time(now + CRL_NEXT_UPDATE),
+            next_update: offset_time(now + current_for),
             crl_number: rcgen::SerialNumber::from(number.saturating_add(1)),
             issuing_distribution_point: None,
             revoked_certs: entries
@@ -1171,19 +1193,21 @@ impl CaKey {
             .map_err(sign)
     }
 
-    /// [`CaKey::revoke`] continuing this CA's list in the file `path`, when there is one
-    /// (read up to the size a node reads); the new list, in PEM, is for the caller to write.
+    /// [`CaKey::revoke_until`] continuing this CA's list in the file `path`, when there is
+    /// one (read up to the size a node reads); the new list, in PEM, is for the caller to
+    /// write.
     pub fn revoke_continuing<'a>(
         &self,
         path: &Path,
         serials: impl IntoIterator<Item = &'a str>,
+        current_for: Duration,
     ) -> Result<String, CaError> {
         let current = match read_file_of_at_most(path, MAX_CRL_FILE) {
             Ok(pem) => Some(pem),
             Err(CaError::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        self.revoke(current.as_deref(), serials)
+        self.revoke_until(current.as_deref(), serials, current_for)
     }
 
     /// The entries of this CA's revocation list `pem` and its number; an error for a list
@@ -1643,6 +1667,21 @@ mod tests {
             info.iter()
                 .all(|l| !l.stale_at(now) && l.stale_at(now + year))
         );
+        // A list renewed for a minute (no more revoked, one number up) says so; a next
+        // update out of bounds is refused.
+        let minute = ca
+            .revoke_until(Some(second.as_bytes()), [], Duration::from_secs(60))
+            .expect("renewed");
+        let renewed = newer
+            .with_newer_revocation_list(&der(&minute))
+            .expect("checked")
+            .expect("newer");
+        let info = renewed.revocation_list_info();
+        assert_eq!((info[0].number.as_deref(), info[0].revoked), (Some("3"), 2));
+        let next = info[0].next_update.expect("next update");
+        assert!(next > now && next <= now + 61, "{info:?}");
+        assert!(ca.revoke_until(None, [], Duration::ZERO).is_err());
+        assert!(ca.revoke_until(None, [], MAX_NODE_VALIDITY + DAY).is_err());
         assert_eq!(crl_number_text(&[1, 0]), "256");
         assert_eq!(
             crl_number_text(&[0xab; 17]),

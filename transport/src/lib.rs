@@ -76,9 +76,9 @@ mod tls;
 use std::time::Duration;
 
 pub use ca::{
-    CA_CERT_FILE, CA_CRL_FILE, CA_KEY_FILE, CA_VALIDITY, CaKey, MAX_CA_CERTS, MAX_NODE_VALIDITY,
-    MAX_REVOKED, MeshCa, NodeCert, RevocationListInfo, certificate_request, read_revocation_lists,
-    revocation_lists_pem, says_revoked, write_replacing,
+    CA_CERT_FILE, CA_CRL_FILE, CA_KEY_FILE, CA_VALIDITY, CRL_NEXT_UPDATE, CaKey, MAX_CA_CERTS,
+    MAX_NODE_VALIDITY, MAX_REVOKED, MeshCa, NodeCert, RevocationListInfo, certificate_request,
+    read_revocation_lists, revocation_lists_pem, says_revoked, write_replacing,
 };
 pub use endpoint::{
     CloseCounts, Connection, Endpoint, EndpointConfig, Incoming, ListTaken, Traffic,

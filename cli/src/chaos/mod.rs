@@ -1077,7 +1077,7 @@ fn revoke(ca_dir: &Path, data_dir: &Path) -> anyhow::Result<()> {
     let serial = peerbus::NodeCert::from_pem(&file.display().to_string(), &pem)?.serial();
     let ca = CaKey::load(ca_dir)?;
     let path = ca_dir.join(CA_CRL_FILE);
-    let list = ca.revoke_continuing(&path, [serial.as_str()])?;
+    let list = ca.revoke_continuing(&path, [serial.as_str()], peerbus::CRL_NEXT_UPDATE)?;
     write_replacing(&path, list.as_bytes())?;
     Ok(())
 }
