@@ -305,15 +305,17 @@ async fn mesh_ca_membership(port: u16, session: &str, out: &Path) {
     let list = ca
         .revoke(Some(first.as_bytes()), [revoked.serial().as_str()])
         .expect("list 2");
-    let trust = ca
-        .trust()
-        .expect("trust")
-        .with_revocation_lists("ca.crl", list.as_bytes())
-        .expect("list");
+    // The CA's certificate trusted with the list `pem`.
+    let trusting = |pem: &str| {
+        ca.trust()
+            .expect("trust")
+            .with_revocation_lists("ca.crl", pem.as_bytes())
+            .expect("list")
+    };
     let node = start(
         peerbus::Node::builder("vault")
             .data_dir(dir.path())
-            .mesh_ca(trust, cert.clone())
+            .mesh_ca(trusting(&list), cert.clone())
             .listen("127.0.0.1:0".parse().expect("addr"))
             .discovery(MemoryNetwork::new().discovery())
             .admin("127.0.0.1:0".parse().expect("addr")),
@@ -342,13 +344,8 @@ async fn mesh_ca_membership(port: u16, session: &str, out: &Path) {
     let third = ca
         .revoke(Some(list.as_bytes()), [cert.serial().as_str()])
         .expect("list 3");
-    let revoking = ca
-        .trust()
-        .expect("trust")
-        .with_revocation_lists("ca.crl", third.as_bytes())
-        .expect("list");
     assert!(
-        node.renew_mesh_ca(revoking).is_err(),
+        node.renew_mesh_ca(trusting(&third)).is_err(),
         "a list revoking itself was taken"
     );
     let read = "const r = document.getElementById('revoked'); \

@@ -227,13 +227,9 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
         for list in lists.into_iter().flatten() {
             print_line(&list_line(list, now))?;
         }
-        if let Some(n) = status
-            .get("mesh_ca_refused_revoked")
-            .and_then(Value::as_u64)
-            .filter(|&n| n > 0)
-        {
+        if revoked > 0 {
             print_line(&format!(
-                "  connections refused for a revoked certificate: {n}"
+                "  connections refused for a revoked certificate: {revoked}"
             ))?;
         }
     } else {

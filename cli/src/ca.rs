@@ -1,7 +1,7 @@
 //! `peerbus ca`: a mesh CA for membership by certificate instead of a shared mesh key.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use peerbus::{CA_CERT_FILE, CA_CRL_FILE, CaKey, Identity, MeshCa, NodeCert, NodeId};
@@ -344,13 +344,24 @@ fn revoke(args: &RevokeArgs) -> Result<()> {
     let list = ca
         .revoke_continuing(&out, serials.iter().map(String::as_str), args.next_update)
         .with_context(|| format!("could not write the revocation list {}", out.display()))?;
-    let revoked = trust
+    let read_back = trust
         .with_revocation_lists("the new revocation list", list.as_bytes())
-        .context("the new revocation list does not read back")?
-        .revoked();
+        .context("the new revocation list does not read back")?;
+    let revoked = read_back.revoked();
     write_replacing(&out, list.as_bytes())
         .with_context(|| format!("could not write {}", out.display()))?;
-    let next = humantime::format_rfc3339_seconds(SystemTime::now() + args.next_update);
+    // As the list itself says it.
+    let next = read_back
+        .revocation_list_info()
+        .first()
+        .and_then(|l| l.next_update)
+        .map_or_else(
+            || "none".to_string(),
+            |secs| {
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs))
+                    .to_string()
+            },
+        );
     print_line(&format!(
         "{}; {} now revokes {revoked}, next update {next}: a node given it with --mesh-crl \
          reads it again within a minute and passes it on to its peers (protocol 8), each of \

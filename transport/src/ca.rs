@@ -81,6 +81,12 @@ pub fn says_revoked(reason: &str) -> bool {
     reason.contains(REVOKED)
 }
 
+/// Whether `reason` says that the certificate of serial number `serial` (as
+/// [`NodeCert::serial`] writes it) is revoked, in the words of [`MeshCa::check`].
+pub(crate) fn says_serial_revoked(reason: &str, serial: &str) -> bool {
+    reason.contains(&format!("(serial {serial}) {REVOKED}"))
+}
+
 /// Seconds since the Unix epoch (0 for a clock before it).
 fn unix_secs(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
@@ -625,6 +631,7 @@ impl MeshCa {
             return Err("the certificate is not signed by the mesh CA".into());
         };
         if let Some(root) = signers.iter().find(|r| r.revoked.contains(&cert.serial)) {
+            // `says_serial_revoked` reads these words back.
             return Err(format!(
                 "the certificate (serial {}) {REVOKED} ({})",
                 cert.serial, root.subject

@@ -254,6 +254,23 @@ impl CloseCounts {
         self.revoked
     }
 
+    /// The name under which [`CloseCounts::by_cause`] counts the refusals of a revoked
+    /// certificate.
+    pub const REVOKED_CERTIFICATE: &'static str = "revoked_certificate";
+
+    /// Every code's name with its count, zeros included, in [`CloseCode::ALL`] order, except
+    /// that `mesh_proof_failed` leaves out the refusals of a revoked certificate, which come
+    /// last as [`CloseCounts::REVOKED_CERTIFICATE`]: a revoked node that keeps dialling
+    /// apart from a peer that breaks the protocol.
+    pub fn by_cause(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        self.iter()
+            .map(|(code, n)| match code {
+                CloseCode::MeshProofFailed => (code.name(), n.saturating_sub(self.revoked)),
+                _ => (code.name(), n),
+            })
+            .chain([(Self::REVOKED_CERTIFICATE, self.revoked)])
+    }
+
     /// Every code with its count, zeros included, in [`CloseCode::ALL`] order.
     pub fn iter(&self) -> impl Iterator<Item = (CloseCode, u64)> + '_ {
         CloseCode::ALL.iter().map(|c| (*c, self.get(*c)))
@@ -708,8 +725,8 @@ impl Endpoint {
             return;
         }
         let mut presented = self.presented_mut();
-        let ours = presented.certified.serial.as_ref();
-        if ours.is_some_and(|serial| reason.contains(&format!("(serial {serial})"))) {
+        let ours = presented.certified.serial.as_deref();
+        if ours.is_some_and(|serial| crate::ca::says_serial_revoked(reason, serial)) {
             presented.revoked = Some(reason.to_string());
         }
     }

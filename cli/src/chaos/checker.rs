@@ -365,10 +365,22 @@ impl MeshCaRun {
     /// Whether every node took what it had to (the list, and its renewed certificate) and
     /// nothing the revoked node sent while cut off got through.
     pub(crate) fn ok(&self) -> bool {
+        self.list_ok() && self.cut_off_ok() && self.renewal_ok()
+    }
+
+    /// Every node expected to hold the list holds it.
+    pub(crate) fn list_ok(&self) -> bool {
         self.nodes_holding == self.nodes_expected
-            && self.nodes_renewed == self.nodes
-            && self.handled_while_cut_off == 0
-            && self.nodes_still_revoked == 0
+    }
+
+    /// Nothing the revoked node sent while cut off got through.
+    pub(crate) fn cut_off_ok(&self) -> bool {
+        self.handled_while_cut_off == 0
+    }
+
+    /// Every node presents its renewed certificate, and none says it is revoked.
+    pub(crate) fn renewal_ok(&self) -> bool {
+        self.nodes_renewed == self.nodes && self.nodes_still_revoked == 0
     }
 }
 

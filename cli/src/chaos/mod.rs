@@ -184,11 +184,13 @@ pub(crate) struct ChaosArgs {
     #[arg(long)]
     mixed_protocols: bool,
     /// Membership by a mesh CA instead of a mesh key: the run makes a CA and a certificate
-    /// for each node, halfway through revokes the certificate of a node that never runs, and
-    /// three quarters through renews every node's certificate. Only node-0 reads the CA's
-    /// revocation list file, so the list reaches the others from node to node (protocol 8)
-    /// through the faults. The run fails unless, at the end, every node of protocol 8 or
-    /// later holds the list and every node presents its renewed certificate.
+    /// for each node, halfway through revokes the certificate of the last node while it runs
+    /// under load, and three quarters through renews every node's certificate, which
+    /// readmits it. Only node-0 reads the CA's revocation list file, so the list reaches the
+    /// others from node to node (protocol 8) through the faults. The run fails if anything
+    /// the revoked node sent while every other node held the list was handled elsewhere
+    /// before the renewal, or unless, at the end, every node of protocol 8 or later holds the
+    /// list, every node presents its renewed certificate and none says it is revoked.
     #[arg(long)]
     mesh_ca: bool,
 }

@@ -16,8 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use peerbus::{
-    CloseCode, CloseCounts, DeliveryCounts, Faults, HandlerError, Message, Node, Outgoing,
-    RequestError,
+    CloseCounts, DeliveryCounts, Faults, HandlerError, Message, Node, Outgoing, RequestError,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -299,19 +298,10 @@ impl CountJournal {
         let now = node.connections_closed();
         // A refusal of a revoked certificate (a `--mesh-ca` run revokes a running node's) is
         // journaled apart from the other `mesh_proof_failed` closes: it is not a fault.
-        let revoked = now
-            .revoked_certificates()
-            .saturating_sub(self.last.revoked_certificates());
         let codes: BTreeMap<String, u64> = now
-            .iter()
-            .map(|(code, n)| {
-                let mut grew = n.saturating_sub(self.last.get(code));
-                if code == CloseCode::MeshProofFailed {
-                    grew = grew.saturating_sub(revoked);
-                }
-                (code.name().to_string(), grew)
-            })
-            .chain([(REVOKED_CLOSES.to_string(), revoked)])
+            .by_cause()
+            .zip(self.last.by_cause())
+            .map(|((name, n), (_, before))| (name.to_string(), n.saturating_sub(before)))
             .filter(|&(_, grew)| grew > 0)
             .collect();
         self.last = now;
@@ -325,10 +315,6 @@ impl CountJournal {
         })
     }
 }
-
-/// The name under which a `closes` line counts the connections refused or closed for a
-/// revoked certificate (taken out of `mesh_proof_failed`).
-pub(crate) const REVOKED_CLOSES: &str = "revoked_certificate";
 
 /// The part of the arguments the workload needs.
 #[derive(Clone, Debug)]

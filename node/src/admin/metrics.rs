@@ -483,6 +483,23 @@ fn list_next_updates(s: &Status) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Writes the gauge `name` with one sample per CA subject of `values` (and its header when
+/// there is any), each labelled with the node labels `node` and the CA.
+fn per_ca_gauge<T: std::fmt::Display>(
+    out: &mut String,
+    node: &str,
+    name: &str,
+    help: &str,
+    values: Vec<(String, T)>,
+) {
+    if !values.is_empty() {
+        head(out, name, "gauge", help);
+    }
+    for (ca, value) in values {
+        let _ = writeln!(out, "{name}{{{node},ca=\"{}\"}} {value}", esc(&ca));
+    }
+}
+
 /// How many known durable groups are live and how many released.
 fn group_counts(s: &Status) -> (usize, usize) {
     let released = s.groups.values().filter(|g| g.is_released()).count();
@@ -784,39 +801,21 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         );
         let _ = writeln!(out, "{MESH_CA_REFUSED_REVOKED}{{{n}}} {refused}");
     }
-    let numbers = list_numbers(s);
-    if !numbers.is_empty() {
-        head(
-            &mut out,
-            MESH_CA_LIST_NUMBER,
-            "gauge",
-            "The CRL number of each mesh CA revocation list in use, by CA.",
-        );
-    }
-    for (ca, number) in numbers {
-        let _ = writeln!(
-            out,
-            "{MESH_CA_LIST_NUMBER}{{{n},ca=\"{}\"}} {number}",
-            esc(&ca)
-        );
-    }
-    let next_updates = list_next_updates(s);
-    if !next_updates.is_empty() {
-        head(
-            &mut out,
-            MESH_CA_LIST_NEXT_UPDATE,
-            "gauge",
-            "When each mesh CA revocation list in use is due to be replaced (nextUpdate), in \
-             seconds since the Unix epoch, by CA.",
-        );
-    }
-    for (ca, next) in next_updates {
-        let _ = writeln!(
-            out,
-            "{MESH_CA_LIST_NEXT_UPDATE}{{{n},ca=\"{}\"}} {next}",
-            esc(&ca)
-        );
-    }
+    per_ca_gauge(
+        &mut out,
+        &n,
+        MESH_CA_LIST_NUMBER,
+        "The CRL number of each mesh CA revocation list in use, by CA.",
+        list_numbers(s),
+    );
+    per_ca_gauge(
+        &mut out,
+        &n,
+        MESH_CA_LIST_NEXT_UPDATE,
+        "When each mesh CA revocation list in use is due to be replaced (nextUpdate), in \
+         seconds since the Unix epoch, by CA.",
+        list_next_updates(s),
+    );
     head(
         &mut out,
         BREAKER_STATE,

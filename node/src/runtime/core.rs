@@ -2099,6 +2099,8 @@ impl Core {
         peers.sort_by(|a, b| (&a.service, a.node_id).cmp(&(&b.service, b.node_id)));
         let c = &self.shared.counters;
         let d = c.delivery_counts();
+        // One snapshot serves the closes by code and those of revoked certificates.
+        let closes = self.shared.endpoint.local_closes();
         Status {
             node_id: self.shared.id,
             service: self.shared.service.clone(),
@@ -2108,10 +2110,7 @@ impl Core {
             connections: self.links.len(),
             retiring_connections: self.retiring.len(),
             connections_retired: self.connections_retired,
-            connections_closed: self
-                .shared
-                .endpoint
-                .local_closes()
+            connections_closed: closes
                 .iter()
                 .map(|(code, n)| (code.name().to_string(), n))
                 .collect(),
@@ -2138,11 +2137,12 @@ impl Core {
             mesh_certificate_revoked: self.shared.endpoint.own_certificate_revoked(),
             mesh_ca_revoked: self.shared.endpoint.revoked_certificates(),
             mesh_ca_lists: self.shared.endpoint.revocation_list_info(),
+            // Counted with a mesh CA only (which alone has revocation lists).
             mesh_ca_refused_revoked: self
                 .shared
                 .endpoint
                 .revoked_certificates()
-                .map(|_| self.shared.endpoint.local_closes().revoked_certificates()),
+                .map(|_| closes.revoked_certificates()),
             breakers,
             groups: self.known_groups.states().into_iter().collect(),
         }
