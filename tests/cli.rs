@@ -1010,8 +1010,9 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         "{}",
         status.stdout
     );
-    assert!(client.terminate(Duration::from_secs(15)).success());
-    // A certificate the CA issues the node anew is not revoked: it rejoins.
+    // A certificate the CA issues the node anew is not revoked. `peerbus reload` makes the
+    // running node take it at once (not at its next look at the file, a minute away), and
+    // it no longer says it is revoked.
     let reissued = run(
         base_command(&[
             "ca",
@@ -1027,6 +1028,60 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         budget.left(),
     );
     assert!(reissued.status.success(), "{}", reissued.stderr);
+    let reload = run(
+        unaware.command(&["reload"]),
+        "peerbus reload of the client",
+        budget.left(),
+    );
+    assert!(
+        reload.status.success()
+            && reload
+                .stdout
+                .contains("mesh CA file and revocation lists: unchanged")
+            && reload.stdout.contains("this node's certificate: taken"),
+        "{}{}",
+        reload.stdout,
+        reload.stderr
+    );
+    let status = run(
+        unaware.command(&["status"]),
+        "peerbus status of the renewed client",
+        budget.left(),
+    );
+    assert!(
+        status.status.success() && !status.stdout.contains("REVOKED"),
+        "{}",
+        status.stdout
+    );
+    // SIGHUP reads the files again too (nothing new now), and the node keeps running.
+    signal(&client.guard.child, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10).min(budget.left());
+    while !client
+        .guard
+        .stderr()
+        .contains("SIGHUP: read the mesh CA files again")
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let log = client.guard.stderr();
+    assert!(
+        log.contains("SIGHUP: read the mesh CA files again") && log.contains("unchanged"),
+        "{log}"
+    );
+    assert!(client.terminate(Duration::from_secs(15)).success());
+    // A stopped node has nothing to read its files again.
+    let stopped = run(
+        unaware.command(&["reload"]),
+        "peerbus reload of a stopped node",
+        budget.left(),
+    );
+    assert!(
+        !stopped.status.success() && stopped.stderr.contains("no node runs in"),
+        "{}",
+        stopped.stderr
+    );
+    // It rejoins with its new certificate.
     let accepted = send_to_vault(
         &mesh("client"),
         "hello again",

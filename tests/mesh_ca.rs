@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::{drain, eventually, within};
 use peerbus::{
-    CaKey, Identity, MemoryNetwork, Node, NodeBuilder, NodeCert, NodeId, Outgoing, PeerState,
+    AdminError, CaKey, FileOutcome, Identity, MemoryNetwork, MeshReload, Node, NodeBuilder,
+    NodeCert, NodeId, Outgoing, PeerState,
 };
 use tokio::sync::mpsc::Receiver;
 
@@ -563,6 +564,106 @@ async fn a_certificate_renewed_in_its_file_is_taken_without_a_restart() {
     .await;
 }
 
+/// An operator who revokes or renews does not wait for the nodes' next look at their files
+/// (every minute by default, an hour here): `reload_mesh_files` (`peerbus reload`, SIGHUP)
+/// reads them at once and says what it took or refused. A member renewed after its
+/// revocation dials again at once, not after the seconds of backoff its refusals built up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloading_takes_a_revocation_and_a_renewal_at_once() {
+    within(60, async {
+        let f = Fixture::new();
+        let hour = Duration::from_secs(3_600);
+        let receiver = f
+            .member("orders", "r")
+            .mesh_crl_file(f.path("ca/ca.crl"))
+            .mesh_cert_check_every(hour)
+            .start()
+            .await
+            .expect("receiver");
+        let mut got = drain(receiver.messages().expect("messages"));
+        let rogue = f
+            .member("sender", "s")
+            .mesh_cert_check_every(hour)
+            .start()
+            .await
+            .expect("rogue");
+        delivered(&rogue, &mut got, "before").await;
+        let reload = |n: &Node| {
+            let n = n.clone();
+            async move { n.reload_mesh_files().await.expect("reload") }
+        };
+        let unchanged = MeshReload {
+            ca: FileOutcome::Unchanged,
+            certificate: FileOutcome::Unchanged,
+        };
+        assert_eq!(reload(&receiver).await, unchanged);
+
+        // Revoked, and taken at once.
+        f.revoke("s");
+        assert_eq!(
+            reload(&receiver).await,
+            MeshReload {
+                ca: FileOutcome::Taken,
+                certificate: FileOutcome::Unchanged,
+            }
+        );
+        eventually(5, "the receiver cuts the revoked member off", || {
+            refuses(
+                &receiver,
+                rogue.id(),
+                &["mesh certificate", "is revoked by the mesh CA"],
+            )
+        })
+        .await;
+        assert_eq!(reload(&receiver).await, unchanged, "nothing new since");
+
+        // A garbled certificate file is refused and the one in use stays.
+        let r_cert = f.path("r/node.crt");
+        let good = std::fs::read(&r_cert).expect("read");
+        std::fs::write(&r_cert, "not a certificate").expect("garble");
+        let garbled = reload(&receiver).await;
+        assert_eq!(garbled.ca, FileOutcome::Unchanged);
+        assert!(
+            matches!(&garbled.certificate, FileOutcome::Refused(why)
+                if why.contains("cannot read the mesh certificate")),
+            "{garbled:?}"
+        );
+        std::fs::write(&r_cert, good).expect("restore");
+
+        // The rogue keeps dialling and is refused each time, its backoff growing towards
+        // its cap (2.5 to 5 s between dials).
+        let waiting = rogue
+            .send("orders", Outgoing::new("while revoked"))
+            .await
+            .expect("stored");
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        assert!(
+            got.try_recv().is_err(),
+            "a revoked member's message was delivered"
+        );
+
+        // A new certificate (not on the list) for the rogue, taken by a reload: it dials at
+        // once, so its message arrives well within a backoff step. (Without that, the next
+        // dial of either side, each 2.5 to 5 s apart, about half the time came within this
+        // second.)
+        let renewed = f.ca.issue(&rogue.id(), DAY).expect("renew");
+        std::fs::write(f.path("s/node.crt"), renewed).expect("write renewed");
+        assert_eq!(reload(&rogue).await.certificate, FileOutcome::Taken);
+        let readmitted = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(1), waiting.acked())
+            .await
+            .expect("the renewed member dials again at once, not after its backoff")
+            .expect("acked");
+        assert_eq!(got.recv().await.expect("delivered").1, "while revoked");
+        eprintln!("readmitted after {:?}", readmitted.elapsed());
+
+        rogue.shutdown().await;
+        assert_eq!(rogue.reload_mesh_files().await, Err(AdminError::Stopped));
+        receiver.shutdown().await;
+    })
+    .await;
+}
+
 /// Replacing the mesh CA without a restart, as README's "Membership by a mesh CA" lays out:
 /// every node trusts both CAs, nodes get certificates from the new one, then the old one is
 /// dropped. A node that drops the old CA closes its live connection to a node still holding
@@ -675,6 +776,11 @@ async fn a_node_given_certificates_in_memory_renews_them_through_its_api() {
             .expect_err("a CA that refuses the node's own certificate");
         assert!(err.to_string().contains("own certificate"), "{err}");
         assert_eq!(ends().await, renewed.not_after());
+        assert_eq!(
+            node.reload_mesh_files().await,
+            Err(AdminError::NoMeshCaFiles),
+            "a node without CA files has nothing to read again"
+        );
         node.shutdown().await;
     })
     .await;

@@ -18,6 +18,14 @@ pub(crate) struct StatusArgs {
     json: bool,
 }
 
+/// `peerbus reload`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReloadArgs {
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    json: bool,
+}
+
 /// `peerbus entries`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct EntriesArgs {
@@ -122,6 +130,35 @@ fn list_line(list: &Value, now: u64) -> String {
             ""
         }
     )
+}
+
+/// `peerbus reload`: the running node reads its mesh CA files now. Fails when it refused
+/// one (after printing what it did with each), so a script that renews or revokes notices.
+pub(crate) async fn reload(common: &CommonArgs, args: &ReloadArgs) -> Result<()> {
+    let dir = data_dir(common)?;
+    let Some(answer) = ask(&dir, json!({"cmd": "reload"})).await? else {
+        bail!(
+            "no node runs in {} (a node reads its mesh CA files when it starts)",
+            dir.display()
+        );
+    };
+    let reload: peerbus::MeshReload =
+        serde_json::from_value(answer.get("reload").cloned().unwrap_or(Value::Null))
+            .context("the node's answer to `reload` is not what this peerbus understands")?;
+    if args.json {
+        print_line(&serde_json::to_string_pretty(&reload)?)?;
+    } else {
+        print_line(&format!("mesh CA file and revocation lists: {}", reload.ca))?;
+        print_line(&format!("this node's certificate: {}", reload.certificate))?;
+    }
+    let refused = [&reload.ca, &reload.certificate]
+        .into_iter()
+        .filter(|o| matches!(o, peerbus::FileOutcome::Refused(_)))
+        .count();
+    if refused > 0 {
+        bail!("the node refused {refused} of its mesh CA files and keeps the ones in use");
+    }
+    Ok(())
 }
 
 /// `peerbus status`.

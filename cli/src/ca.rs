@@ -364,8 +364,8 @@ fn revoke(args: &RevokeArgs) -> Result<()> {
         );
     print_line(&format!(
         "{}; {} now revokes {revoked}, next update {next}: a node given it with --mesh-crl \
-         reads it again within a minute and passes it on to its peers (protocol 8), each of \
-         which checks its connections again",
+         reads it again within a minute (at once with `peerbus reload` there) and passes it on \
+         to its peers (protocol 8), each of which checks its connections again",
         match serials.len() {
             0 => "renewed the revocation list".to_string(),
             1 => format!("revoked 1 certificate (serial {})", serials[0]),

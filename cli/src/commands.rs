@@ -260,9 +260,37 @@ pub(crate) async fn node(common: &CommonArgs, args: &NodeArgs) -> Result<()> {
     if let Some(addr) = node.admin_addr() {
         info!("live mesh page: http://{addr}/  (also /status, /metrics, /healthz)");
     }
+    let reloads = tokio::spawn(reload_on_hangup(node.clone()));
     let result = run_node(&node, args).await;
+    reloads.abort();
     node.shutdown().await;
     result
+}
+
+/// Reads the node's mesh CA files again at every SIGHUP (as `peerbus reload` asks through
+/// the control socket), logging what it did with each.
+async fn reload_on_hangup(node: Node) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(error = %e, "could not watch SIGHUP: `peerbus reload` still works");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            match node.reload_mesh_files().await {
+                Ok(r) => {
+                    info!(ca = %r.ca, certificate = %r.certificate, "SIGHUP: read the mesh CA files again")
+                }
+                Err(e) => warn!(error = %e, "SIGHUP: nothing to read again"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(node);
 }
 
 async fn run_node(node: &Node, args: &NodeArgs) -> Result<()> {

@@ -77,6 +77,10 @@ enum Command {
     /// Show a node's logs (waiting, in flight, oldest) and counters; works on a running node
     /// (through its control socket) and on a stopped node's --data-dir.
     Status(admin::StatusArgs),
+    /// Make the running node in --data-dir read its mesh CA files (CA, revocation lists, its
+    /// certificate) now instead of at its next look (every minute): after `peerbus ca
+    /// revoke` or `peerbus ca issue`. SIGHUP to `peerbus node` does the same.
+    Reload(admin::ReloadArgs),
     /// List the messages a node's logs hold, not yet acknowledged by a consumer (oldest
     /// first per log; waiting or in flight, and to which node); works on a running node and
     /// on a stopped node's --data-dir.
@@ -122,6 +126,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::DemoService(args) => demo::run_service(args).await,
         Command::Status(args) => admin::status(common, args).await,
+        Command::Reload(args) => admin::reload(common, args).await,
         Command::Entries(args) => admin::entries(common, args).await,
         Command::Dlq(args) => admin::dlq(common, args).await,
         Command::Bench(args) => bench::run(args).await,

@@ -221,7 +221,8 @@ impl NodeBuilder {
     /// again to take a renewed certificate or a new CA file (60 s by default, at least
     /// 100 ms). A file that cannot be read, a certificate that is not valid for this node, or
     /// a CA file that does not accept this node's own certificate is logged and the one in
-    /// use stays.
+    /// use stays. [`Node::reload_mesh_files`](crate::Node::reload_mesh_files) reads them at
+    /// once.
     pub fn mesh_cert_check_every(mut self, every: Duration) -> Self {
         self.mesh_cert_check_every = every;
         self

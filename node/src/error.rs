@@ -308,4 +308,11 @@ pub enum AdminError {
     /// No log of that name holds an entry.
     #[error("no log named `{0}` holds an entry (`peerbus status` lists the logs)")]
     NoSuchLog(String),
+    /// The node has no mesh CA files to read again: it was built with a mesh key, an open
+    /// mesh, or a mesh CA given in memory.
+    #[error(
+        "this node has no mesh CA files to read again (it was not started with --mesh-ca and \
+         --mesh-cert files)"
+    )]
+    NoMeshCaFiles,
 }

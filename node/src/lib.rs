@@ -114,6 +114,7 @@ pub use node::{
     BreakerStatus, DeliveryCounts, MAX_BATCH, MAX_BATCH_BYTES, Node, PeerInfo, PeerState, Receipt,
     Request, RequestOptions, ScatterReply, ServeHandle, Status,
 };
+pub use runtime::cert::{FileOutcome, MeshReload};
 pub use store::{DeadLetter, Durability, StoreError, StoreStats};
 pub use subscription::{Delivery, Subscription};
 

@@ -24,6 +24,7 @@ use crate::error::{
     AdminError, DeliveryError, HandlerError, RenewError, RequestError, SendError, SubscribeError,
 };
 use crate::message::{Message, Outgoing, now_unix_ms};
+use crate::runtime::cert::MeshReload;
 use crate::runtime::core::{Append, CoreMsg, Item, Role, ScatterTarget, Targets};
 use crate::runtime::storage::StoreOp;
 use crate::runtime::{self, InboundRequest, LocalSub, MAX_SUBSCRIPTIONS, SERVE_QUEUE, Shared};
@@ -528,7 +529,9 @@ impl Node {
         self.shared
             .endpoint
             .renew_certificate(cert)
-            .map_err(|e| RenewError(e.to_string()))
+            .map_err(|e| RenewError(e.to_string()))?;
+        self.shared.membership_changed();
+        Ok(())
     }
 
     /// Trusts `ca` from now on in place of this node's mesh CA certificates, and closes live
@@ -538,7 +541,34 @@ impl Node {
         self.shared
             .endpoint
             .renew_trust(ca)
-            .map_err(|e| RenewError(e.to_string()))
+            .map_err(|e| RenewError(e.to_string()))?;
+        self.shared.membership_changed();
+        Ok(())
+    }
+
+    /// Reads this node's mesh CA files (the CA certificate file, its revocation lists, this
+    /// node's certificate) now, as it does by itself every
+    /// [`NodeBuilder::mesh_cert_check_every`](crate::NodeBuilder::mesh_cert_check_every), and
+    /// takes what changed: for an operator who just revoked a member (`peerbus ca revoke`)
+    /// or renewed a certificate and does not want to wait for the next look. A new list or
+    /// CA file checks live connections again and is passed on to peers, and a new
+    /// certificate or CA makes this node dial the peers it waits for at once.
+    ///
+    /// Says, per file, whether it was unchanged, taken or refused (the one in use stays, and
+    /// why is given). Fails with [`AdminError::NoMeshCaFiles`] on a node built without
+    /// [`NodeBuilder::mesh_ca_files`](crate::NodeBuilder::mesh_ca_files), and with
+    /// [`AdminError::Stopped`] once it shuts down.
+    pub async fn reload_mesh_files(&self) -> Result<MeshReload, AdminError> {
+        if self.is_shutting_down() {
+            return Err(AdminError::Stopped);
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.shared
+            .reloads
+            .send(reply)
+            .await
+            .map_err(|_| AdminError::NoMeshCaFiles)?;
+        answer.await.map_err(|_| AdminError::Stopped)
     }
 
     /// Whether [`Node::shutdown`] has begun (or finished).

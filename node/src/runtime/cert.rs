@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use peerbus_transport::{CaError, MeshCa, NodeCert};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Span, info, warn};
 
@@ -18,6 +20,47 @@ pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(60);
 
 /// A certificate that ends sooner than this is warned about, at start and when renewed.
 const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 86_400);
+
+/// Reloads asked for ([`Node::reload_mesh_files`](crate::Node::reload_mesh_files)) and not
+/// yet looked at: one look answers every request that queued during it, so more callers than
+/// this only wait for room.
+pub(crate) const RELOAD_QUEUE: usize = 4;
+
+/// A request to read the mesh CA files now, answered with what was found.
+pub(crate) type ReloadRequest = oneshot::Sender<MeshReload>;
+
+/// What [`Node::reload_mesh_files`](crate::Node::reload_mesh_files) found in a node's mesh CA
+/// files, each compared with the one in use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshReload {
+    /// The CA certificate file with its revocation lists (`--mesh-ca`, `--mesh-crl`).
+    pub ca: FileOutcome,
+    /// This node's certificate file (`--mesh-cert`).
+    pub certificate: FileOutcome,
+}
+
+/// What a node did with one of its mesh CA files when it read it again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileOutcome {
+    /// It holds what the node uses already.
+    Unchanged,
+    /// It changed, and the node uses it from now on (live connections were checked again
+    /// against a new CA file or list).
+    Taken,
+    /// It changed or could not be read, and the node keeps the one in use: why.
+    Refused(String),
+}
+
+impl std::fmt::Display for FileOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unchanged => f.write_str("unchanged"),
+            Self::Taken => f.write_str("taken"),
+            Self::Refused(why) => write!(f, "refused: {why}"),
+        }
+    }
+}
 
 /// Logs how long `cert` is valid: a warning when it ends within a week.
 pub(crate) fn report(span: &Span, cert: &NodeCert, what: &str) {
@@ -77,16 +120,17 @@ impl Seen {
     }
 }
 
-/// Reads the CA and certificate files every `files.every` until `cancel`. A CA file that
-/// changed replaces the trusted CAs ([`peerbus_transport::Endpoint::renew_trust`]: live
-/// connections are checked again), and a certificate file that changed replaces this node's
-/// certificate ([`peerbus_transport::Endpoint::renew_certificate`]), each when the endpoint
-/// accepts it; otherwise the one in use stays and the reason is logged.
+/// Reads the CA and certificate files every `files.every` until `cancel`, and at once when
+/// asked through `reloads`. A CA file that changed replaces the trusted CAs
+/// ([`peerbus_transport::Endpoint::renew_trust`]: live connections are checked again), and a
+/// certificate file that changed replaces this node's certificate
+/// ([`peerbus_transport::Endpoint::renew_certificate`]), each when the endpoint accepts it;
+/// otherwise the one in use stays and the reason is logged.
 pub(crate) async fn watch(
     shared: Arc<Shared>,
     files: Files,
-    ca: MeshCa,
-    cert: NodeCert,
+    (ca, cert): (MeshCa, NodeCert),
+    mut reloads: mpsc::Receiver<ReloadRequest>,
     cancel: CancellationToken,
     span: Span,
 ) {
@@ -96,62 +140,96 @@ pub(crate) async fn watch(
         refused: Vec::new(),
     };
     loop {
-        tokio::select! {
+        let first = tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(files.every) => {}
-        }
-        let (ca_path, cert_path, crl_path) =
-            (files.ca.clone(), files.cert.clone(), files.crl.clone());
-        let read = tokio::task::spawn_blocking(move || {
-            (
-                load_trust(&ca_path, crl_path.as_deref()),
-                NodeCert::load(&cert_path),
-            )
-        });
-        // Only a panic in the read (never expected) or a runtime shutting down.
-        let Ok((ca, cert)) = read.await else { return };
-        let new_ca = match ca {
-            Ok(ca) if ca != seen.ca => Some(ca),
-            Ok(_) => None,
-            Err(e) => {
-                seen.refuse(
-                    &span,
-                    format!("cannot read the mesh CA file or its revocation lists: {e}"),
-                );
-                None
-            }
+            () = tokio::time::sleep(files.every) => None,
+            Some(reply) = reloads.recv() => Some(reply),
         };
-        let new_cert = match cert {
-            Ok(cert) if cert.der() != seen.cert.der() => Some(cert),
-            Ok(_) => None,
-            Err(e) => {
-                seen.refuse(&span, format!("cannot read the mesh certificate: {e}"));
-                None
-            }
+        // Every request queued by now is answered by this look, which reads the files after
+        // they were asked; one that comes during the look waits for the next.
+        let asked: Vec<ReloadRequest> = first
+            .into_iter()
+            .chain(std::iter::from_fn(|| reloads.try_recv().ok()))
+            .take(RELOAD_QUEUE + 1)
+            .collect();
+        let Some(outcome) = look(&shared, &files, &mut seen, &span).await else {
+            return;
         };
-        // The CA first; if it does not accept the certificate in use, a new certificate the
-        // CA in use accepts may come first (both files replaced at once, during a CA change).
-        let mut refused_ca = new_ca.and_then(|ca| take_trust(&shared, &span, &mut seen, ca).err());
-        if let Some(cert) = new_cert {
-            match shared.endpoint.renew_certificate(&cert) {
-                Ok(()) => {
-                    report(
-                        &span,
-                        &cert,
-                        "renewed this node's mesh certificate from its file",
-                    );
-                    seen.cert = cert;
-                    seen.refused.clear();
-                }
-                Err(e) => seen.refuse(&span, format!("refusing the new mesh certificate: {e}")),
-            }
-            refused_ca =
-                refused_ca.and_then(|(ca, _)| take_trust(&shared, &span, &mut seen, ca).err());
-        }
-        if let Some((_, error)) = refused_ca {
-            seen.refuse(&span, format!("refusing the new mesh CA file: {error}"));
+        for reply in asked {
+            let _ = reply.send(outcome.clone());
         }
     }
+}
+
+/// Reads the files once and takes what changed (see [`watch`]); `None` when the runtime is
+/// shutting down.
+async fn look(shared: &Shared, files: &Files, seen: &mut Seen, span: &Span) -> Option<MeshReload> {
+    let (ca_path, cert_path, crl_path) = (files.ca.clone(), files.cert.clone(), files.crl.clone());
+    let read = tokio::task::spawn_blocking(move || {
+        (
+            load_trust(&ca_path, crl_path.as_deref()),
+            NodeCert::load(&cert_path),
+        )
+    });
+    // Only a panic in the read (never expected) or a runtime shutting down.
+    let (ca, cert) = read.await.ok()?;
+    let mut outcome = MeshReload {
+        ca: FileOutcome::Unchanged,
+        certificate: FileOutcome::Unchanged,
+    };
+    let new_ca = match ca {
+        Ok(ca) if ca != seen.ca => Some(ca),
+        Ok(_) => None,
+        Err(e) => {
+            let why = format!("cannot read the mesh CA file or its revocation lists: {e}");
+            seen.refuse(span, why.clone());
+            outcome.ca = FileOutcome::Refused(why);
+            None
+        }
+    };
+    let new_cert = match cert {
+        Ok(cert) if cert.der() != seen.cert.der() => Some(cert),
+        Ok(_) => None,
+        Err(e) => {
+            let why = format!("cannot read the mesh certificate: {e}");
+            seen.refuse(span, why.clone());
+            outcome.certificate = FileOutcome::Refused(why);
+            None
+        }
+    };
+    // The CA first; if it does not accept the certificate in use, a new certificate the CA
+    // in use accepts may come first (both files replaced at once, during a CA change).
+    let ca_changed = new_ca.is_some();
+    let mut refused_ca = new_ca.and_then(|ca| take_trust(shared, span, seen, ca).err());
+    if let Some(cert) = new_cert {
+        match shared.endpoint.renew_certificate(&cert) {
+            Ok(()) => {
+                report(
+                    span,
+                    &cert,
+                    "renewed this node's mesh certificate from its file",
+                );
+                seen.cert = cert;
+                seen.refused.clear();
+                outcome.certificate = FileOutcome::Taken;
+                shared.membership_changed();
+            }
+            Err(e) => {
+                let why = format!("refusing the new mesh certificate: {e}");
+                seen.refuse(span, why.clone());
+                outcome.certificate = FileOutcome::Refused(why);
+            }
+        }
+        refused_ca = refused_ca.and_then(|(ca, _)| take_trust(shared, span, seen, ca).err());
+    }
+    if let Some((_, error)) = refused_ca {
+        let why = format!("refusing the new mesh CA file: {error}");
+        seen.refuse(span, why.clone());
+        outcome.ca = FileOutcome::Refused(why);
+    } else if ca_changed {
+        outcome.ca = FileOutcome::Taken;
+    }
+    Some(outcome)
 }
 
 /// Trusts `ca` if the endpoint takes it; gives it back with the reason if not. Revocation
@@ -180,6 +258,7 @@ fn take_trust(
                 revocation lists as they are now; live connections are checked again");
             seen.ca = ca;
             seen.refused.clear();
+            shared.membership_changed();
             Ok(())
         }
         Err(e) => Err((ca, e.to_string())),

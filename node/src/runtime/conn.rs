@@ -183,7 +183,8 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>) {
 }
 
 /// Dials `addrs` until connected or cancelled, with capped exponential backoff and jitter,
-/// starting after `delay`. `expected` pins the peer's node id (None for seeds, whose id is
+/// starting after `delay`; a new mesh certificate or CA here cuts a backoff short
+/// ([`Shared::membership_changed`]). `expected` pins the peer's node id (None for seeds, whose id is
 /// learnt from the certificate).
 pub(crate) async fn dial_loop(
     shared: Arc<Shared>,
@@ -262,6 +263,9 @@ pub(crate) async fn dial_loop(
             let jittered = base / 2 + rand::random::<u64>() % (base / 2 + 1);
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(jittered)) => {}
+                // A new certificate or CA here: the refusal may be over, dial now and back
+                // off from the start.
+                () = shared.redial.notified() => attempt = 0,
                 () = cancel.cancelled() => return,
             }
         }

@@ -30,7 +30,7 @@
 //! accepting, say goodbye to peers, wait (up to the grace period) for local
 //! handlers and acks, close connections, cancel and join every task.
 
-mod cert;
+pub(crate) mod cert;
 pub(crate) mod conn;
 pub(crate) mod core;
 pub(crate) mod pause;
@@ -319,9 +319,21 @@ pub(crate) struct Shared {
     pub(crate) pause: pause::PauseWatch,
     /// Revocation lists to check and pass on (see [`revocations`]; [`revocations::QUEUE`]).
     pub(crate) revocations: mpsc::Sender<revocations::News>,
+    /// Asks the mesh CA file watcher ([`cert::watch`]) to read its files now
+    /// ([`cert::RELOAD_QUEUE`]); closed when the node has no mesh CA files.
+    pub(crate) reloads: mpsc::Sender<cert::ReloadRequest>,
+    /// Wakes every dial loop waiting out its backoff ([`Shared::membership_changed`]).
+    pub(crate) redial: tokio::sync::Notify,
 }
 
 impl Shared {
+    /// This node took a new mesh certificate or CA: peers that refused it, or that it
+    /// refused, may take it now, so every dial loop waiting out its backoff dials again at
+    /// once instead of seconds later.
+    pub(crate) fn membership_changed(&self) {
+        self.redial.notify_waiters();
+    }
+
     /// Tells [`Shared::peers_changed`]'s waiters that the connected peers changed.
     pub(crate) fn notify_peers_changed(&self) {
         self.peers_changed.send_replace(());
@@ -497,6 +509,7 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
 
     let (core_tx, core_rx) = mpsc::channel(CORE_QUEUE);
     let (revocations_tx, revocations_rx) = mpsc::channel(revocations::QUEUE);
+    let (reloads_tx, reloads_rx) = mpsc::channel(cert::RELOAD_QUEUE);
     let (service_tx, service_rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -549,6 +562,8 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         ticks: core::Ticks::default(),
         pause: pause::PauseWatch::new(),
         revocations: revocations_tx,
+        reloads: reloads_tx,
+        redial: tokio::sync::Notify::new(),
     });
     let span = info_span!("node", node = %id.short(), service = %b.service);
     info!(parent: &span, %local_addr, mesh = %b.mesh, "node started");
@@ -636,8 +651,8 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         tracker.spawn(cert::watch(
             shared.clone(),
             files,
-            ca,
-            cert,
+            (ca, cert),
+            reloads_rx,
             cancel.clone(),
             span.clone(),
         ));
