@@ -947,7 +947,7 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
             .extend(["--mesh-crl".to_string(), format!("{}/ca.crl", path("ca"))]);
         m
     };
-    let _vault = spawn(
+    let vault = spawn(
         mesh("vault").command(&["node", "--service", "vault"]),
         "vault node",
     );
@@ -1115,6 +1115,20 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         "{}",
         status.stdout
     );
+    // Its log warns of the late list once it looks at its files again (here at once).
+    let reload = run(
+        mesh("vault").command(&["reload"]),
+        "peerbus reload of the vault",
+        budget.left(),
+    );
+    assert!(reload.status.success(), "{}", reload.stderr);
+    let warned = "revocation list in use is past its next update";
+    let deadline = Instant::now() + Duration::from_secs(5).min(budget.left());
+    while !vault.guard.stderr().contains(warned) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let log = vault.guard.stderr();
+    assert_eq!(log.matches(warned).count(), 1, "{log}");
 
     // `ca list` shows what the CA issued, in order, and what became of it.
     let listed = run(

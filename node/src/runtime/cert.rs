@@ -104,6 +104,8 @@ struct Seen {
     ca: MeshCa,
     cert: NodeCert,
     refused: Vec<String>,
+    /// The revocation lists in use (CA and number) warned about as past their next update.
+    stale: Vec<(String, Option<String>)>,
 }
 
 impl Seen {
@@ -116,6 +118,27 @@ impl Seen {
                 self.refused.remove(0);
             }
             self.refused.push(error);
+        }
+    }
+
+    /// Warns once about each revocation list in use (its own or one a peer passed on) that
+    /// is past its next update: it is still used, but its CA may have revoked more since.
+    fn warn_stale(&mut self, shared: &Shared, span: &Span) {
+        let now = crate::message::now_unix_ms() / 1000;
+        for list in shared.endpoint.revocation_list_info() {
+            let key = (list.ca.clone(), list.number.clone());
+            if !list.stale_at(now) || self.stale.contains(&key) {
+                continue;
+            }
+            warn!(parent: span, ca = %list.ca, number = list.number.as_deref().unwrap_or("none"),
+                next_update = list.next_update.unwrap_or(0), "a mesh CA revocation list in use is \
+                past its next update: it is still used, but the CA may have revoked more since; \
+                give the mesh a newer one (`peerbus ca revoke --renew`)");
+            // One per CA in use at most (a newer list of a CA replaces its older one).
+            if self.stale.len() == peerbus_transport::MAX_CA_CERTS {
+                self.stale.remove(0);
+            }
+            self.stale.push(key);
         }
     }
 }
@@ -138,7 +161,9 @@ pub(crate) async fn watch(
         ca,
         cert,
         refused: Vec::new(),
+        stale: Vec::new(),
     };
+    seen.warn_stale(&shared, &span);
     loop {
         let first = tokio::select! {
             () = cancel.cancelled() => return,
@@ -155,6 +180,7 @@ pub(crate) async fn watch(
         let Some(outcome) = look(&shared, &files, &mut seen, &span).await else {
             return;
         };
+        seen.warn_stale(&shared, &span);
         for reply in asked {
             let _ = reply.send(outcome.clone());
         }
