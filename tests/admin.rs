@@ -670,10 +670,20 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
         );
         let revoked = "peerbus_mesh_ca_revoked_certificates";
         assert_eq!(sample(&m, revoked, &[("node", &nid)]), Some(0.0));
-        // It refused no revoked certificate yet.
-        assert_eq!(status(&node).await["mesh_ca_refused_revoked"], 0);
+        // It refused no revoked certificate yet, and its closes by cause show them apart.
+        let s = status(&node).await;
+        assert_eq!(s["mesh_ca_refused_revoked"], 0);
+        assert_eq!(s["connections_closed"]["revoked_certificate"], 0, "{s}");
         let refused = "peerbus_mesh_ca_refused_revoked_total";
         assert_eq!(sample(&m, refused, &[("node", &nid)]), Some(0.0));
+        assert_eq!(
+            sample(
+                &m,
+                "peerbus_connections_closed_total",
+                &[("node", &nid), ("code", "revoked_certificate")]
+            ),
+            Some(0.0)
+        );
         let ca_name = lists[0]["ca"].as_str().expect("the CA's subject");
         let number = "peerbus_mesh_ca_revocation_list_number";
         assert_eq!(

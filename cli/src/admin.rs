@@ -205,11 +205,8 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
             s("connections")
         ))?;
         // Closes that point at a misbehaving or mismatched peer (its log has the details);
-        // refusals of a revoked certificate are counted on their own line below.
-        let revoked = status
-            .get("mesh_ca_refused_revoked")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        // refusals of a revoked certificate (`revoked_certificate`, no close code of its own)
+        // are counted on their own line below.
         let faults: Vec<String> = status
             .get("connections_closed")
             .and_then(Value::as_object)
@@ -217,10 +214,7 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
             .flatten()
             .filter_map(|(code, n)| {
                 let c = CloseCode::from_name(code)?;
-                let mut n = n.as_u64()?;
-                if c == CloseCode::MeshProofFailed {
-                    n = n.saturating_sub(revoked);
-                }
+                let n = n.as_u64()?;
                 ((c.is_protocol_fault() || c == CloseCode::Unresponsive) && n > 0)
                     .then(|| format!("{code} {n}"))
             })
@@ -264,7 +258,11 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
         for list in lists.into_iter().flatten() {
             print_line(&list_line(list, now))?;
         }
-        if revoked > 0 {
+        if let Some(revoked) = status
+            .get("mesh_ca_refused_revoked")
+            .and_then(Value::as_u64)
+            .filter(|n| *n > 0)
+        {
             print_line(&format!(
                 "  connections refused for a revoked certificate: {revoked}"
             ))?;

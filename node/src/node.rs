@@ -170,9 +170,13 @@ pub struct Status {
     pub connections_retired: u64,
     /// Connections this node closed since start, by close code
     /// ([`CloseCode::name`](peerbus_transport::CloseCode::name): `protocol_violation`,
-    /// `malformed_frame`, `mesh_proof_failed`, …; every code, zeros included). A growing
-    /// count of the protocol codes means a peer that misbehaves or runs an incompatible
-    /// build; each close is also logged (warn) with the peer and the reason.
+    /// `malformed_frame`, `mesh_proof_failed`, …; every code, zeros included), with the
+    /// refusals of a revoked certificate apart as `revoked_certificate`
+    /// ([`CloseCounts::by_cause`](peerbus_transport::CloseCounts::by_cause)): they close
+    /// with `mesh_proof_failed` on the wire, but are a revoked node that keeps dialling, not
+    /// a mismatched peer. A growing count of the protocol codes means a peer that misbehaves
+    /// or runs an incompatible build; each close is also logged (warn) with the peer and the
+    /// reason.
     pub connections_closed: BTreeMap<String, u64>,
     /// Per destination log: waiting, in flight, oldest.
     pub logs: BTreeMap<String, LogStats>,
@@ -245,9 +249,9 @@ pub struct Status {
     /// once a new list has reached them all. Empty without a mesh CA or lists.
     pub mesh_ca_lists: Vec<peerbus_transport::RevocationListInfo>,
     /// Connections this node refused or closed since start because the peer's certificate
-    /// is revoked, with membership by a mesh CA; `None` otherwise. These are among
-    /// `connections_closed`'s `mesh_proof_failed`; a count that keeps growing is a revoked
-    /// node that still runs and dials.
+    /// is revoked, with membership by a mesh CA; `None` otherwise: `connections_closed`'s
+    /// `revoked_certificate`. A count that keeps growing is a revoked node that still runs
+    /// and dials.
     pub mesh_ca_refused_revoked: Option<u64>,
     /// Circuit breaker and bulkhead per requested service.
     pub breakers: BTreeMap<String, BreakerStatus>,

@@ -2111,8 +2111,8 @@ impl Core {
             retiring_connections: self.retiring.len(),
             connections_retired: self.connections_retired,
             connections_closed: closes
-                .iter()
-                .map(|(code, n)| (code.name().to_string(), n))
+                .by_cause()
+                .map(|(cause, n)| (cause.to_string(), n))
                 .collect(),
             logs: self.outbox.stats(),
             dead_letters: self.shared.dead_letters_stored.load(Ordering::Relaxed),
