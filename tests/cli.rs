@@ -789,25 +789,28 @@ fn two_cas_and_three_nodes(dir: &Path, budget: &Budget) -> Vec<String> {
     }
     let mut ids = Vec::new();
     for (ca, node) in [("ca", "vault"), ("ca", "client"), ("other-ca", "stranger")] {
-        let out = run(
-            base_command(&[
-                "ca",
-                "issue",
-                "--ca",
-                &path(ca),
-                "--for-data-dir",
-                &path(node),
-                "--days",
-                "7",
-                "--out",
-                &path(&format!("{node}.crt")),
-            ]),
-            "ca issue",
-            budget.left(),
-        );
+        let (ca_dir, out_file, data_dir) = (path(ca), path(&format!("{node}.crt")), path(node));
+        let mut args = vec![
+            "ca",
+            "issue",
+            "--ca",
+            &ca_dir,
+            "--for-data-dir",
+            &data_dir,
+            "--days",
+            "7",
+            "--out",
+            &out_file,
+        ];
+        // The vault's certificate binds it to its service; the others may run any.
+        if node == "vault" {
+            args.extend(["--service", "vault"]);
+        }
+        let out = run(base_command(&args), "ca issue", budget.left());
         assert!(out.status.success(), "ca issue failed: {}", out.stderr);
         assert!(
-            out.stdout.contains("issued a certificate for node"),
+            out.stdout.contains("issued a certificate for node")
+                && out.stdout.contains(", for service vault") == (node == "vault"),
             "{}",
             out.stdout
         );
@@ -835,6 +838,21 @@ fn members_by_mesh_ca_certificate_talk_and_a_stranger_is_refused() {
     assert!(again.stderr.contains("already exists"), "{}", again.stderr);
     let mesh =
         |ca: &str, node: &str| Mesh::certified("ca", &format!("{}/ca.crt", path(ca)), &path(node));
+    // Its certificate binds the vault to its service: it cannot run another.
+    let other = run(
+        mesh("ca", "vault").command(&["node", "--service", "cashier"]),
+        "node of another service",
+        budget.left(),
+    );
+    assert!(
+        !other.status.success()
+            && other.stderr.contains(
+                "this node cannot run service `cashier`: its mesh certificate binds it to \
+                 service `vault`, not `cashier`"
+            ),
+        "{}",
+        other.stderr
+    );
     let _vault = spawn(
         mesh("ca", "vault").command(&["node", "--service", "vault"]),
         "vault node",

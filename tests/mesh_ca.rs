@@ -664,6 +664,75 @@ async fn reloading_takes_a_revocation_and_a_renewal_at_once() {
     .await;
 }
 
+/// A certificate bound to a service (`peerbus ca issue --service`) runs that service only: a
+/// node started as another fails `start()` and says why, and a renewal bound to another
+/// service is refused with the one in use kept; bound nodes exchange messages as any.
+/// (Peers refuse a node whose certificate names other services than the one its hello
+/// claims; a peerbus node never sends such a hello, since it does not start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_bound_to_a_service_runs_that_service_only() {
+    within(60, async {
+        let f = Fixture::new();
+        let bound = |service: &str, name: &str, bound_to: &[&str]| {
+            let b = f.member(service, name);
+            let dir = f.path(name);
+            let id = Identity::load_or_create(&dir).expect("identity").node_id();
+            let pem = f.ca.issue_for_services(&id, DAY, bound_to).expect("issue");
+            std::fs::write(dir.join("node.crt"), pem).expect("write");
+            b
+        };
+        let err = bound("sender", "x", &["inventory"])
+            .start()
+            .await
+            .expect_err("a certificate for another service");
+        assert!(
+            err.to_string().contains(
+                "this node cannot run service `sender`: its mesh certificate binds it to \
+                 service `inventory`, not `sender`"
+            ),
+            "{err}"
+        );
+        let receiver = bound("orders", "r", &["orders", "orders-canary"])
+            .mesh_cert_check_every(Duration::from_secs(3_600))
+            .start()
+            .await
+            .expect("receiver");
+        let mut got = drain(receiver.messages().expect("messages"));
+        let sender = bound("sender", "s", &["sender"])
+            .start()
+            .await
+            .expect("sender");
+        delivered(&sender, &mut got, "between bound members").await;
+
+        // Renewals bound elsewhere are refused, through the API and from the file.
+        let billing =
+            f.ca.issue_for_services(&receiver.id(), DAY, &["billing"])
+                .expect("issue");
+        let cert = NodeCert::from_pem("billing", billing.as_bytes()).expect("cert");
+        let err = receiver
+            .renew_mesh_certificate(&cert)
+            .expect_err("bound elsewhere");
+        assert!(
+            err.to_string().contains(
+                "this node runs `orders`: its mesh certificate binds it to service `billing`"
+            ),
+            "{err}"
+        );
+        std::fs::write(f.path("r/node.crt"), billing).expect("write");
+        let reload = receiver.reload_mesh_files().await.expect("reload");
+        assert!(
+            matches!(&reload.certificate, FileOutcome::Refused(why)
+                if why.contains("binds it to service `billing`, not `orders`")),
+            "{reload:?}"
+        );
+        delivered(&sender, &mut got, "with the certificate in use").await;
+        for n in [sender, receiver] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
 /// Replacing the mesh CA without a restart, as README's "Membership by a mesh CA" lays out:
 /// every node trusts both CAs, nodes get certificates from the new one, then the old one is
 /// dropped. A node that drops the old CA closes its live connection to a node still holding

@@ -119,6 +119,11 @@ struct IssueArgs {
     /// certificate can be renewed in place.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// Bind the certificate to this service (repeatable): its node may run only a service
+    /// named here, and its peers refuse it when it claims another, so a member cannot take
+    /// another service's messages. Without it, the node may run any service.
+    #[arg(long, value_name = "NAME")]
+    service: Vec<String>,
 }
 
 pub(crate) fn run(common: &CommonArgs, args: &CaArgs) -> Result<()> {
@@ -157,8 +162,9 @@ fn issue(args: &IssueArgs) -> Result<()> {
     let valid_for = Duration::from_secs(args.days.saturating_mul(86_400));
     let ca = CaKey::load(&args.ca)
         .with_context(|| format!("could not load the mesh CA in {}", args.ca.display()))?;
+    let services: Vec<&str> = args.service.iter().map(String::as_str).collect();
     let pem = ca
-        .issue(&node, valid_for)
+        .issue_for_services(&node, valid_for, &services)
         .with_context(|| format!("could not issue a certificate for node {node}"))?;
     write_replacing(&args.out, pem.as_bytes())
         .with_context(|| format!("could not write {}", args.out.display()))?;
@@ -167,8 +173,12 @@ fn issue(args: &IssueArgs) -> Result<()> {
     let until = issued.not_after();
     record_issued(&args.ca, &issued)?;
     print_line(&format!(
-        "issued a certificate for node {node} valid until {}: {}",
+        "issued a certificate for node {node} valid until {}{}: {}",
         humantime::format_rfc3339_seconds(until),
+        match issued.services() {
+            [] => String::new(),
+            names => format!(", for service {}", names.join(", ")),
+        },
         args.out.display()
     ))
 }

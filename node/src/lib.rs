@@ -126,6 +126,6 @@ pub use peerbus_discovery::{
 pub use peerbus_transport::{
     CA_CERT_FILE, CA_CRL_FILE, CA_KEY_FILE, CRL_NEXT_UPDATE, CaError, CaKey, CloseCode,
     CloseCounts, FaultConfig, FaultStats, Faults, Identity, MAX_CA_CERTS, MAX_MESH_KEYS,
-    MAX_REVOKED, MeshCa, MeshKey, NodeCert, NodeId, RevocationListInfo, Traffic,
+    MAX_REVOKED, MeshCa, MeshKey, NodeCert, NodeId, RevocationListInfo, SERVICE_URI, Traffic,
     certificate_request, says_revoked,
 };

@@ -528,8 +528,15 @@ impl Node {
     /// mesh CA): for a service that gets renewed certificates from elsewhere than a file
     /// ([`NodeBuilder::mesh_ca_files`](crate::NodeBuilder::mesh_ca_files) reads its file
     /// again by itself). Refused when the node has no mesh CA, or `cert` is for another node,
-    /// not from a trusted CA, or not valid now.
+    /// not from a trusted CA, not valid now, or bound to services other than this node's
+    /// ([`NodeCert::services`]).
     pub fn renew_mesh_certificate(&self, cert: &NodeCert) -> Result<(), RenewError> {
+        if let Some(why) = cert.refuses_service(&self.shared.service) {
+            return Err(RenewError(format!(
+                "this node runs `{}`: {why}",
+                self.shared.service
+            )));
+        }
         self.shared
             .endpoint
             .renew_certificate(cert)

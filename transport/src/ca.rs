@@ -53,6 +53,11 @@ pub const MAX_REVOKED: usize = 100_000;
 /// word) and flag it ([`RevocationListInfo::stale_at`]).
 pub const CRL_NEXT_UPDATE: Duration = Duration::from_secs(365 * 86_400);
 
+/// The start of a subject alternative name (URI) that binds a node certificate to a service:
+/// `peerbus:service:payments` lets its node run `payments` only ([`NodeCert::services`]). A
+/// CA of another PKI binds its certificates the same way.
+pub const SERVICE_URI: &str = "peerbus:service:";
+
 /// How long `peerbus ca new` makes a CA certificate valid.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -354,6 +359,8 @@ struct Parsed {
     signs_lists: bool,
     serial: Serial,
     subject: String,
+    /// The services its subject alternative names bind it to ([`SERVICE_URI`]).
+    services: Vec<String>,
     /// The signed part, its signature and how it was made, for [`MeshCa::check`].
     tbs: Vec<u8>,
     signature: Vec<u8>,
@@ -383,6 +390,18 @@ fn parse(der: &[u8]) -> Result<Parsed, String> {
     let (signs_certificates, signs_lists) = usage.map_or((true, true), |u| {
         (u.value.key_cert_sign(), u.value.crl_sign())
     });
+    let names = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("the certificate's alternative names do not parse: {e}"))?;
+    let services = names
+        .into_iter()
+        .flat_map(|n| n.value.general_names.iter())
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(uri) => uri.strip_prefix(SERVICE_URI),
+            _ => None,
+        })
+        .map(str::to_owned)
+        .collect();
     Ok(Parsed {
         key: PublicKey::of(&cert.tbs_certificate.subject_pki),
         validity: Validity {
@@ -395,6 +414,7 @@ fn parse(der: &[u8]) -> Result<Parsed, String> {
         signs_lists,
         serial: Serial::of(cert.raw_serial()),
         subject: cert.subject().to_string(),
+        services,
         tbs: cert.tbs_certificate.as_ref().to_vec(),
         signature: cert.signature_value.data.to_vec(),
         signed: Signed::of(&cert.signature_algorithm.algorithm),
@@ -652,6 +672,7 @@ impl MeshCa {
             node: NodeId::from_bytes(node),
             validity: cert.validity,
             serial: cert.serial,
+            services: cert.services,
         })
     }
 }
@@ -904,6 +925,7 @@ pub struct NodeCert {
     node: NodeId,
     validity: Validity,
     serial: Serial,
+    services: Vec<String>,
 }
 
 impl fmt::Debug for NodeCert {
@@ -950,6 +972,7 @@ impl NodeCert {
             node: NodeId::from_bytes(p.node_key().map_err(bad)?),
             validity: p.validity,
             serial: p.serial,
+            services: p.services,
         })
     }
 
@@ -966,6 +989,30 @@ impl NodeCert {
     /// Its serial number, in hex (what a revocation list names).
     pub fn serial(&self) -> String {
         self.serial.to_string()
+    }
+
+    /// The services the certificate binds its node to (subject alternative names
+    /// `peerbus:service:<name>`, [`SERVICE_URI`]; `peerbus ca issue --service`): a node
+    /// that claims another service is refused by its peers. Empty when it names none: the
+    /// node may run any service.
+    pub fn services(&self) -> &[String] {
+        &self.services
+    }
+
+    /// Why the certificate does not let its node run `service` (it names services, and not
+    /// that one); `None` when it does.
+    pub fn refuses_service(&self, service: &str) -> Option<String> {
+        (!self.services.is_empty() && !self.services.iter().any(|s| s == service)).then(|| {
+            format!(
+                "its mesh certificate binds it to service{} {}, not `{service}`",
+                if self.services.len() == 1 { "" } else { "s" },
+                self.services
+                    .iter()
+                    .map(|s| format!("`{s}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
     }
 
     /// The certificate, DER-encoded.
@@ -1118,6 +1165,26 @@ impl CaKey {
     /// Issues a certificate for `node`, valid from now for `valid_for` (at most
     /// [`MAX_NODE_VALIDITY`]), in PEM.
     pub fn issue(&self, node: &NodeId, valid_for: Duration) -> Result<String, CaError> {
+        self.issue_for_services(node, valid_for, &[])
+    }
+
+    /// [`CaKey::issue`] binding the certificate to `services` (none: any service): its node
+    /// may run only one of them, and its peers refuse it when it claims another
+    /// ([`NodeCert::services`]). Each name is a service name as nodes use them.
+    pub fn issue_for_services(
+        &self,
+        node: &NodeId,
+        valid_for: Duration,
+        services: &[&str],
+    ) -> Result<String, CaError> {
+        if let Some(bad) = services.iter().find(|s| {
+            s.is_empty() || s.len() > 255 || !s.is_ascii() || s.contains(char::is_whitespace)
+        }) {
+            return Err(CaError::Sign(format!(
+                "`{bad}` is not a service name to bind a certificate to (1 to 255 ASCII \
+                 characters, no spaces)"
+            )));
+        }
         if valid_for.is_zero() || valid_for > MAX_NODE_VALIDITY {
             return Err(CaError::Sign(format!(
                 "a node certificate is valid for 1 s to {} days, not {} s",
@@ -1126,7 +1193,7 @@ impl CaKey {
             )));
         }
         let now = SystemTime::now();
-        self.issue_between(node, now - BACKDATE, now + valid_for)
+        self.issue_between(node, now - BACKDATE, now + valid_for, services)
     }
 
     /// This CA's revocation list (PEM) revoking the certificates of `serials` (hex, as
@@ -1265,11 +1332,16 @@ impl CaKey {
         node: &NodeId,
         not_before: SystemTime,
         not_after: SystemTime,
+        services: &[&str],
     ) -> Result<String, CaError> {
         let sign = |e: rcgen::Error| CaError::Sign(e.to_string());
         let issuer = rcgen::Issuer::from_ca_cert_der(&self.cert, &self.key).map_err(sign)?;
         let mut params =
             rcgen::CertificateParams::new(vec![tls::SERVER_NAME.to_string()]).map_err(sign)?;
+        for service in services {
+            let uri = format!("{SERVICE_URI}{service}").try_into().map_err(sign)?;
+            params.subject_alt_names.push(rcgen::SanType::URI(uri));
+        }
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, node.to_string());
@@ -1300,6 +1372,36 @@ mod tests {
 
     fn node() -> NodeId {
         Identity::generate().expect("identity").node_id()
+    }
+
+    #[test]
+    fn a_certificate_bound_to_services_names_them_and_refuses_others() {
+        let ca = CaKey::generate("test", DAY).expect("ca");
+        let id = node();
+        let pem = ca
+            .issue_for_services(&id, DAY, &["payments", "refunds"])
+            .expect("issue");
+        let cert = NodeCert::from_pem("node.crt", pem.as_bytes()).expect("node cert");
+        assert_eq!(cert.services(), ["payments", "refunds"]);
+        // The checked certificate a peer sees names them too.
+        let checked = ca
+            .trust()
+            .expect("trust")
+            .check(cert.der(), SystemTime::now());
+        assert_eq!(checked.expect("valid").services(), ["payments", "refunds"]);
+        assert_eq!(cert.refuses_service("refunds"), None);
+        assert_eq!(
+            cert.refuses_service("orders").as_deref(),
+            Some("its mesh certificate binds it to services `payments`, `refunds`, not `orders`")
+        );
+        let any = NodeCert::from_pem("any.crt", ca.issue(&id, DAY).expect("issue").as_bytes())
+            .expect("cert");
+        assert!(any.services().is_empty());
+        assert_eq!(any.refuses_service("orders"), None);
+        for bad in ["", "two words"] {
+            let err = ca.issue_for_services(&id, DAY, &[bad]).expect_err(bad);
+            assert!(err.to_string().contains("is not a service name"), "{err}");
+        }
     }
 
     #[test]
@@ -1366,13 +1468,13 @@ mod tests {
         let trust = ca.trust().expect("trust");
         let now = SystemTime::now();
         let expired = ca
-            .issue_between(&node(), now - 2 * DAY, now - DAY)
+            .issue_between(&node(), now - 2 * DAY, now - DAY, &[])
             .expect("issue");
         let cert = NodeCert::from_pem("x", expired.as_bytes()).expect("cert");
         let err = trust.check(cert.der(), now).expect_err("expired");
         assert!(err.contains("the certificate is expired at"), "{err}");
         let early = ca
-            .issue_between(&node(), now + DAY, now + 2 * DAY)
+            .issue_between(&node(), now + DAY, now + 2 * DAY, &[])
             .expect("issue");
         let cert = NodeCert::from_pem("x", early.as_bytes()).expect("cert");
         let err = trust.check(cert.der(), now).expect_err("early");

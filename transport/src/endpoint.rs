@@ -767,7 +767,7 @@ impl Endpoint {
         let peer = peer_id(&quinn_conn).map_err(ConnectError::Tls)?;
         let conn = Connection::new(quinn_conn, peer, true, self);
         match tokio::time::timeout(PROOF_TIMEOUT, self.prove(&conn)).await {
-            Ok(Ok(until)) => Ok(conn.with_membership_until(until)),
+            Ok(Ok(cert)) => Ok(conn.with_membership(cert)),
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 conn.close(CloseCode::Unresponsive, "mesh proof timed out");
@@ -779,7 +779,7 @@ impl Endpoint {
     /// The dialer's side of the mesh proof: send ours, check theirs, then finish the stream,
     /// which tells the listener that we accept it.
     /// Returns when the listener's membership ends ([`Connection::membership_expires`]).
-    async fn prove(&self, conn: &Connection) -> Result<Option<SystemTime>, ConnectError> {
+    async fn prove(&self, conn: &Connection) -> Result<Option<NodeCert>, ConnectError> {
         let (dialer, listener) = (self.node_id(), conn.peer);
         let ekm = ekm(&conn.inner, &dialer, &listener).map_err(ConnectError::Other)?;
         let lost = |e: quinn::ConnectionError| refused(conn.convert(e));
@@ -846,7 +846,7 @@ impl Endpoint {
         ekm: &[u8],
         got: &[u8; PROOF_LEN],
         conn: &quinn::Connection,
-    ) -> Result<Option<SystemTime>, String> {
+    ) -> Result<Option<NodeCert>, String> {
         let who = if role == 0 { "dialer" } else { "listener" };
         let other = if role == 0 { "listener" } else { "dialer" };
         let membership = &self.inner.config.membership;
@@ -856,7 +856,7 @@ impl Endpoint {
                     let cert = peer_certificate(conn)?;
                     let peer = if role == 0 { dialer } else { listener };
                     match ca.check(cert.as_ref(), SystemTime::now()) {
-                        Ok(c) if c.node_id() == *peer => Ok(Some(c.not_after())),
+                        Ok(c) if c.node_id() == *peer => Ok(Some(c)),
                         Ok(c) => Err(format!(
                             "the {who}'s certificate is for node {}",
                             c.node_id()
@@ -994,7 +994,7 @@ impl Incoming {
         let ep = &self.endpoint;
         let conn = Connection::new(quinn_conn, peer, false, ep);
         match tokio::time::timeout(PROOF_TIMEOUT, ep.answer_proof(&conn)).await {
-            Ok(Ok(until)) => Ok(conn.with_membership_until(until)),
+            Ok(Ok(cert)) => Ok(conn.with_membership(cert)),
             Ok(Err(ProofFailure::Mismatch(reason))) => {
                 warn!(%addr, claimed = %peer, %reason, "refusing peer: mesh proof failed");
                 conn.close(CloseCode::MeshProofFailed, &reason);
@@ -1023,7 +1023,7 @@ impl Incoming {
 impl Endpoint {
     /// The listener's side of the mesh proof: check the dialer's, send ours, then wait for the
     /// dialer to finish its stream (its acceptance of our proof).
-    async fn answer_proof(&self, conn: &Connection) -> Result<Option<SystemTime>, ProofFailure> {
+    async fn answer_proof(&self, conn: &Connection) -> Result<Option<NodeCert>, ProofFailure> {
         let (dialer, listener) = (conn.peer, self.node_id());
         let lost = |e: quinn::ConnectionError| ProofFailure::Lost(conn.convert(e));
         let read_err = |e: quinn::ReadError| match e {
@@ -1175,8 +1175,10 @@ pub struct Connection {
     alpn: Arc<[u8]>,
     max_frame: usize,
     shared: Arc<Shared>,
-    /// When the peer's mesh certificate expires (a mesh CA); `None` otherwise.
-    member_until: Option<SystemTime>,
+    /// The mesh certificate the peer proved membership with (a mesh CA); `None` otherwise.
+    /// Behind a pointer: inline, it made every `Connection` (and every frame sender holding
+    /// one) some 200 bytes larger.
+    member_cert: Option<Arc<NodeCert>>,
     /// The endpoint's trust changes, seen as of this connection's start.
     trust: tokio::sync::watch::Receiver<u64>,
 }
@@ -1210,13 +1212,13 @@ impl Connection {
                 endpoint_closing: ep.inner.closing.clone(),
                 closes: ep.inner.closes.clone(),
             }),
-            member_until: None,
+            member_cert: None,
             trust: ep.inner.trust_changed.subscribe(),
         }
     }
 
-    fn with_membership_until(mut self, until: Option<SystemTime>) -> Self {
-        self.member_until = until;
+    fn with_membership(mut self, cert: Option<NodeCert>) -> Self {
+        self.member_cert = cert.map(Arc::new);
         self
     }
 
@@ -1225,7 +1227,14 @@ impl Connection {
     /// with [`CloseCode::MeshProofFailed`], and the peer cannot connect again until it is
     /// issued a new certificate. `None` with a mesh key or an open mesh.
     pub fn membership_expires(&self) -> Option<SystemTime> {
-        self.member_until
+        self.member_cert.as_deref().map(NodeCert::not_after)
+    }
+
+    /// The mesh certificate the peer proved membership with, as checked then (a mesh CA;
+    /// `None` with a mesh key or an open mesh): its [`NodeCert::services`] say which
+    /// services the peer may run.
+    pub fn peer_mesh_certificate(&self) -> Option<&NodeCert> {
+        self.member_cert.as_deref()
     }
 
     /// Changes each time [`Endpoint::renew_trust`] replaces the trusted CA certificates after

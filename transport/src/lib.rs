@@ -77,8 +77,9 @@ use std::time::Duration;
 
 pub use ca::{
     CA_CERT_FILE, CA_CRL_FILE, CA_KEY_FILE, CA_VALIDITY, CRL_NEXT_UPDATE, CaKey, MAX_CA_CERTS,
-    MAX_NODE_VALIDITY, MAX_REVOKED, MeshCa, NodeCert, RevocationListInfo, certificate_request,
-    read_revocation_lists, revocation_lists_pem, says_revoked, write_replacing,
+    MAX_NODE_VALIDITY, MAX_REVOKED, MeshCa, NodeCert, RevocationListInfo, SERVICE_URI,
+    certificate_request, read_revocation_lists, revocation_lists_pem, says_revoked,
+    write_replacing,
 };
 pub use endpoint::{
     CloseCounts, Connection, Endpoint, EndpointConfig, Incoming, ListTaken, Traffic,

@@ -109,6 +109,43 @@ async fn certificates_from_one_ca_connect_both_ways() {
     .await;
 }
 
+/// Each end of a connection sees the services the other's certificate binds it to (what a
+/// node checks the peer's claimed service against), and none for an unbound certificate.
+#[tokio::test]
+async fn each_side_sees_the_services_the_peers_certificate_binds_it_to() {
+    within(async {
+        let ca = CaKey::generate("test", DAY).expect("ca");
+        let bound = certified(&ca, &ca, DAY);
+        let pem = ca
+            .issue_for_services(&bound.node_id(), DAY, &["payments"])
+            .expect("issue");
+        let cert = NodeCert::from_pem("node.crt", pem.as_bytes()).expect("cert");
+        bound.renew_certificate(&cert).expect("renew");
+        let any = certified(&ca, &ca, DAY);
+        let services = |c: &Connection| c.peer_mesh_certificate().map(|p| p.services().to_vec());
+        for (dialer, listener) in [(&bound, &any), (&any, &bound)] {
+            let (conn, back) = connected(dialer, listener).await;
+            // `conn` is the dialer's end (its peer is the listener), `back` the listener's.
+            let (to_bound, to_any) = if dialer.node_id() == bound.node_id() {
+                (back, conn)
+            } else {
+                (conn, back)
+            };
+            assert_eq!(services(&to_bound), Some(vec!["payments".to_string()]));
+            assert_eq!(services(&to_any), Some(Vec::new()));
+        }
+        // With a mesh key there is no certificate to read.
+        let key = MeshKey::generate();
+        let (a, b) = (
+            plain(Membership::Key(key.clone())),
+            plain(Membership::Key(key)),
+        );
+        let (conn, _) = connected(&a, &b).await;
+        assert!(conn.peer_mesh_certificate().is_none());
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_ca_listener_refuses_another_ca_a_mesh_key_and_an_open_mesh() {
     within(async {

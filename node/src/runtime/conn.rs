@@ -115,6 +115,17 @@ async fn handshake(shared: &Shared, conn: Connection) -> Result<Ready, String> {
             hello.mesh, shared.mesh
         ));
     }
+    // A certificate bound to services (`peerbus ca issue --service`) admits its node as one
+    // of them only: a member cannot take another service's messages by claiming its name.
+    if let Some(why) = conn
+        .peer_mesh_certificate()
+        .and_then(|c| c.refuses_service(&hello.service))
+    {
+        let reason = format!("refusing node {} as a peer: {why}", hello.node_id.short());
+        warn!(peer = %hello.node_id.short(), claimed = %hello.service, %why, "refusing a peer that claims a service its mesh certificate does not name");
+        conn.close(CloseCode::MeshProofFailed, &reason);
+        return Err(reason);
+    }
     let version = if v4 {
         (hello.version == MIN_PROTOCOL_VERSION)
             .then_some(MIN_PROTOCOL_VERSION)

@@ -447,6 +447,15 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
             Membership::InsecureOpen
         }
     };
+    if let Membership::Ca { cert, .. } = &membership
+        && let Some(why) = cert.refuses_service(&b.service)
+    {
+        return Err(StartError::Config(format!(
+            "this node cannot run service `{}`: {why} (issue it one for this service: \
+             `peerbus ca issue --service {}`)",
+            b.service, b.service
+        )));
+    }
     let identity = match &b.data_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| StartError::DataDir {
