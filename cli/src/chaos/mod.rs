@@ -555,7 +555,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     // one that reads the list file).
     let revoked_node = a.mesh_ca.then_some(a.nodes - 1);
     if a.mesh_ca {
-        mesh_ca_setup(&dir, &dirs).context("setting up the run's mesh CA")?;
+        mesh_ca_setup(&dir, &dirs, a.services).context("setting up the run's mesh CA")?;
         for (i, v) in mesh.args.iter_mut().enumerate() {
             v.push("--mesh-ca".into());
             if i == 0 {
@@ -750,7 +750,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         };
         tokio::time::sleep_until((t0 + a.duration * 3 / 4).into()).await;
         let renewed_at = t0.elapsed();
-        let until = issue_certificates(&ca_dir, &dirs, RENEWED_VALIDITY)
+        let until = issue_certificates(&ca_dir, &dirs, a.services, RENEWED_VALIDITY)
             .context("renewing the nodes' certificates")?;
         println!(
             "chaos: renewed every node's certificate at {:.1}s",
@@ -1038,8 +1038,8 @@ const RENEWED_VALIDITY: Duration = Duration::from_secs(2 * 86_400);
 
 /// Makes a `--mesh-ca` run's CA (anew, in the run directory's [`worker::CA_DIR`]) and a
 /// certificate for each node's identity (its data directory's, created here when it has
-/// none).
-fn mesh_ca_setup(run_dir: &Path, data_dirs: &[PathBuf]) -> anyhow::Result<()> {
+/// none), bound to its service of `services`.
+fn mesh_ca_setup(run_dir: &Path, data_dirs: &[PathBuf], services: usize) -> anyhow::Result<()> {
     let ca_dir = run_dir.join(worker::CA_DIR);
     // A run directory used again gets a new CA: its old list revoked a node's certificate.
     if ca_dir.exists() {
@@ -1047,26 +1047,31 @@ fn mesh_ca_setup(run_dir: &Path, data_dirs: &[PathBuf]) -> anyhow::Result<()> {
             .with_context(|| format!("removing the old CA in {}", ca_dir.display()))?;
     }
     CaKey::create(&ca_dir, "chaos")?;
-    issue_certificates(&ca_dir, data_dirs, FIRST_VALIDITY)?;
+    issue_certificates(&ca_dir, data_dirs, services, FIRST_VALIDITY)?;
     Ok(())
 }
 
 /// Issues each node a certificate valid for `valid_for` (into its data directory, for its
-/// identity there, created when it has none) from the CA in `ca_dir`. Returns a time, in
+/// identity there, created when it has none) from the CA in `ca_dir`, bound to the node's
+/// service of `services` ([`worker::service_of`]), so that every run checks that peers
+/// take the services the certificates name. Returns a time, in
 /// seconds since the Unix epoch, that every one of them is valid until and a certificate
 /// valid half as long, issued before, is not.
 fn issue_certificates(
     ca_dir: &Path,
     data_dirs: &[PathBuf],
+    services: usize,
     valid_for: Duration,
 ) -> anyhow::Result<u64> {
     let ca = CaKey::load(ca_dir)?;
     let issued_at = journal::unix_now_us() / 1_000_000;
-    for d in data_dirs {
+    for (i, d) in data_dirs.iter().enumerate() {
         let node = Identity::load_or_create(d)?.node_id();
+        let service = worker::service_of(i, services);
         write_replacing(
             &d.join(worker::NODE_CERT),
-            ca.issue(&node, valid_for)?.as_bytes(),
+            ca.issue_for_services(&node, valid_for, &[&service])?
+                .as_bytes(),
         )?;
     }
     Ok(issued_at + valid_for.as_secs() * 3 / 4)
