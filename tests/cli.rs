@@ -1155,7 +1155,7 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         budget.left(),
     );
     assert!(listed.status.success(), "{}", listed.stderr);
-    let rows: Vec<(String, String)> = listed
+    let rows: Vec<(String, String, serde_json::Value)> = listed
         .stdout
         .lines()
         .map(|l| {
@@ -1163,15 +1163,37 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
             (
                 v["node_id"].as_str().expect("node").into(),
                 v["state"].as_str().expect("state").into(),
+                v["services"].clone(),
             )
         })
         .collect();
-    let expected = [(&ids[0], "valid"), (&ids[1], "revoked"), (&ids[1], "valid")];
-    let expected: Vec<(String, String)> = expected
-        .iter()
-        .map(|(id, st)| (id.to_string(), st.to_string()))
+    // The vault's certificate is bound to its service; the client's may run any.
+    let expected = [
+        (&ids[0], "valid", serde_json::json!(["vault"])),
+        (&ids[1], "revoked", serde_json::json!([])),
+        (&ids[1], "valid", serde_json::json!([])),
+    ];
+    let expected: Vec<(String, String, serde_json::Value)> = expected
+        .into_iter()
+        .map(|(id, st, services)| (id.to_string(), st.to_string(), services))
         .collect();
     assert_eq!(rows, expected, "{}", listed.stdout);
+    let table = run(
+        base_command(&["ca", "list", "--ca", &path("ca")]),
+        "ca list as a table",
+        budget.left(),
+    );
+    assert!(
+        table
+            .stdout
+            .lines()
+            .next()
+            .is_some_and(|h| h.ends_with("STATE     SERVICES"))
+            && table.stdout.contains("valid     vault")
+            && table.stdout.contains("revoked   any"),
+        "{}",
+        table.stdout
+    );
 }
 
 /// `peerbus ca request` writes a certificate request for the node in --data-dir that a CA of

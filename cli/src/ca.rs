@@ -37,7 +37,8 @@ enum CaCommand {
     /// closes its connections to the revoked nodes.
     Revoke(RevokeArgs),
     /// List the certificates the CA issued (from its record, `issued.txt`), newest last: node,
-    /// serial number, expiry, and whether each is valid, expired or revoked (by `ca.crl`).
+    /// serial number, expiry, whether each is valid, expired or revoked (by `ca.crl`), and the
+    /// services it binds its node to (`any` when none).
     List(ListArgs),
 }
 
@@ -215,10 +216,11 @@ fn record_issued(ca: &Path, cert: &NodeCert) -> Result<()> {
     use std::io::Write as _;
     let path = ca.join(ISSUED_FILE);
     let line = format!(
-        "{}\t{}\t{}\n",
+        "{}\t{}\t{}\t{}\n",
         cert.serial(),
         cert.node_id(),
-        humantime::format_rfc3339_seconds(cert.not_after())
+        humantime::format_rfc3339_seconds(cert.not_after()),
+        cert.services().join(",")
     );
     std::fs::OpenOptions::new()
         .create(true)
@@ -233,6 +235,9 @@ struct Issued {
     serial: String,
     node: String,
     not_after: String,
+    /// The services the certificate binds its node to; empty: any (so are the lines
+    /// recorded before certificates could be bound, which have no such field).
+    services: Vec<String>,
 }
 
 /// The certificates the CA in `ca` issued, from its record (at most [`MAX_ISSUED`]; none
@@ -252,10 +257,20 @@ fn issued(ca: &Path) -> Result<Vec<Issued>> {
         if let (Some(serial), Some(node), Some(not_after)) =
             (fields.next(), fields.next(), fields.next())
         {
+            let services = fields
+                .next()
+                .map(|s| {
+                    s.split(',')
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
             all.push(Issued {
                 serial,
                 node,
                 not_after,
+                services,
             });
         }
     }
@@ -298,6 +313,7 @@ fn list(args: &ListArgs) -> Result<()> {
         for (i, state) in &rows {
             let row = serde_json::json!({
                 "node_id": i.node, "serial": i.serial, "not_after": i.not_after, "state": state,
+                "services": i.services,
             });
             print_line(&row.to_string())?;
         }
@@ -310,12 +326,16 @@ fn list(args: &ListArgs) -> Result<()> {
         ));
     }
     let mut out = format!(
-        "{:<52}  {:<32}  {:<20}  STATE\n",
-        "NODE", "SERIAL", "EXPIRES"
+        "{:<52}  {:<32}  {:<20}  {:<8}  SERVICES\n",
+        "NODE", "SERIAL", "EXPIRES", "STATE"
     );
     for (i, state) in &rows {
+        let services = match i.services.as_slice() {
+            [] => "any".to_string(),
+            names => names.join(","),
+        };
         out.push_str(&format!(
-            "{:<52}  {:<32}  {:<20}  {state}\n",
+            "{:<52}  {:<32}  {:<20}  {state:<8}  {services}\n",
             i.node, i.serial, i.not_after
         ));
     }
