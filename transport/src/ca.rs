@@ -359,8 +359,9 @@ struct Parsed {
     signs_lists: bool,
     serial: Serial,
     subject: String,
-    /// The services its subject alternative names bind it to ([`SERVICE_URI`]).
-    services: Vec<String>,
+    /// The services its subject alternative names bind it to ([`SERVICE_URI`]), or why they
+    /// do not parse: a node certificate's must (it might bind its node), a CA's need not.
+    services: Result<Vec<String>, String>,
     /// The signed part, its signature and how it was made, for [`MeshCa::check`].
     tbs: Vec<u8>,
     signature: Vec<u8>,
@@ -390,18 +391,20 @@ fn parse(der: &[u8]) -> Result<Parsed, String> {
     let (signs_certificates, signs_lists) = usage.map_or((true, true), |u| {
         (u.value.key_cert_sign(), u.value.crl_sign())
     });
-    let names = cert
+    let services = cert
         .subject_alternative_name()
-        .map_err(|e| format!("the certificate's alternative names do not parse: {e}"))?;
-    let services = names
-        .into_iter()
-        .flat_map(|n| n.value.general_names.iter())
-        .filter_map(|n| match n {
-            x509_parser::extensions::GeneralName::URI(uri) => uri.strip_prefix(SERVICE_URI),
-            _ => None,
+        .map(|names| {
+            names
+                .into_iter()
+                .flat_map(|n| n.value.general_names.iter())
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(uri) => uri.strip_prefix(SERVICE_URI),
+                    _ => None,
+                })
+                .map(str::to_owned)
+                .collect()
         })
-        .map(str::to_owned)
-        .collect();
+        .map_err(|e| format!("the certificate's alternative names do not parse: {e}"));
     Ok(Parsed {
         key: PublicKey::of(&cert.tbs_certificate.subject_pki),
         validity: Validity {
@@ -672,7 +675,7 @@ impl MeshCa {
             node: NodeId::from_bytes(node),
             validity: cert.validity,
             serial: cert.serial,
-            services: cert.services,
+            services: cert.services?,
         })
     }
 }
@@ -972,7 +975,7 @@ impl NodeCert {
             node: NodeId::from_bytes(p.node_key().map_err(bad)?),
             validity: p.validity,
             serial: p.serial,
-            services: p.services,
+            services: p.services.map_err(bad)?,
         })
     }
 
