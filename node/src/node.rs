@@ -531,11 +531,8 @@ impl Node {
     /// not from a trusted CA, not valid now, or bound to services other than this node's
     /// ([`NodeCert::services`]).
     pub fn renew_mesh_certificate(&self, cert: &NodeCert) -> Result<(), RenewError> {
-        if let Some(why) = cert.refuses_service(&self.shared.service) {
-            return Err(RenewError(format!(
-                "this node runs `{}`: {why}",
-                self.shared.service
-            )));
+        if let Some(why) = self.shared.refuses_own(cert) {
+            return Err(RenewError(why));
         }
         self.shared
             .endpoint

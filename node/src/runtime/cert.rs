@@ -228,8 +228,8 @@ async fn look(shared: &Shared, files: &Files, seen: &mut Seen, span: &Span) -> O
     let ca_changed = new_ca.is_some();
     let mut refused_ca = new_ca.and_then(|ca| take_trust(shared, span, seen, ca).err());
     if let Some(cert) = new_cert {
-        let renewed = match cert.refuses_service(&shared.service) {
-            Some(why) => Err(format!("this node runs `{}`: {why}", shared.service)),
+        let renewed = match shared.refuses_own(&cert) {
+            Some(why) => Err(why),
             None => shared
                 .endpoint
                 .renew_certificate(&cert)

@@ -334,6 +334,14 @@ impl Shared {
         self.redial.notify_waiters();
     }
 
+    /// Why `cert` cannot be this node's certificate: it is bound to services other than
+    /// the one this node runs ([`NodeCert::services`]). Renewals check it; `start()` checks
+    /// the first certificate the same way.
+    pub(crate) fn refuses_own(&self, cert: &NodeCert) -> Option<String> {
+        cert.refuses_service(&self.service)
+            .map(|why| format!("this node runs `{}`: {why}", self.service))
+    }
+
     /// Tells [`Shared::peers_changed`]'s waiters that the connected peers changed.
     pub(crate) fn notify_peers_changed(&self) {
         self.peers_changed.send_replace(());
