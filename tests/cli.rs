@@ -1120,6 +1120,8 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         status
             .stdout
             .contains("mesh CA revocation lists: 1 certificate revoked")
+            // Its certificate binds it to its service.
+            && status.stdout.contains(", for service vault")
             && status.stdout.contains("  list 4 of CN=peerbus mesh CA")
             && status.stdout.contains(", next update ")
             && status.stdout.contains("PAST ITS NEXT UPDATE")

@@ -230,9 +230,21 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
             .and_then(Value::as_u64)
         {
             let until = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            let services: Vec<&str> = status
+                .get("mesh_certificate_services")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
             print_line(&format!(
-                "mesh certificate valid until {}",
-                humantime::format_rfc3339_seconds(until)
+                "mesh certificate valid until {}{}",
+                humantime::format_rfc3339_seconds(until),
+                if services.is_empty() {
+                    String::new()
+                } else {
+                    format!(", for service {}", services.join(", "))
+                }
             ))?;
         }
         if let Some(why) = status
@@ -241,7 +253,8 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
         {
             print_line(&format!(
                 "mesh certificate REVOKED: {why}; its peers refuse this node until it has a new \
-                 one (`peerbus ca issue`; the node reads its --mesh-cert file again every minute)"
+                 one (`peerbus ca issue`; the node reads its --mesh-cert file again every minute, \
+                 at once with `peerbus reload`)"
             ))?;
         }
         if let Some(n) = status.get("mesh_ca_revoked").and_then(Value::as_u64) {

@@ -232,6 +232,9 @@ pub struct Status {
     /// membership by a mesh CA (after a renewal, the new one's); `None` otherwise. Peers refuse
     /// the node from then on.
     pub mesh_certificate_expires: Option<u64>,
+    /// The services this node's mesh certificate binds it to (`peerbus ca issue --service`;
+    /// empty: any), with membership by a mesh CA; `None` otherwise.
+    pub mesh_certificate_services: Option<Vec<String>>,
     /// Why this node's mesh certificate is revoked, once a peer refused it as revoked (the
     /// refusal names its serial number) or a revocation list of its CA said so (one a peer
     /// passed on, or its `--mesh-crl` file read again): its peers refuse it until it presents

@@ -634,6 +634,13 @@ impl Endpoint {
         self.certified().not_after
     }
 
+    /// The services the mesh certificate this endpoint presents now binds it to
+    /// ([`NodeCert::services`]; empty: any); `None` with a mesh key or an open mesh.
+    pub fn certificate_services(&self) -> Option<Vec<String>> {
+        let certified = self.certified();
+        certified.not_after.map(|_| certified.services.clone())
+    }
+
     /// The certificate and key handshakes present now.
     fn certified(&self) -> Arc<tls::Certified> {
         self.presented().certified.clone()

@@ -49,6 +49,9 @@ pub(crate) struct Certified {
     key: PrivateKeyDer<'static>,
     /// When a mesh CA's certificate ends (`None` for a self-signed one: it never matters).
     pub(crate) not_after: Option<SystemTime>,
+    /// The services a mesh CA's certificate binds the node to ([`NodeCert::services`]; empty
+    /// for a self-signed one, and for one bound to none).
+    pub(crate) services: Vec<String>,
     /// A mesh CA's certificate's serial number, as [`NodeCert::serial`] writes it (`None`
     /// for a self-signed one).
     pub(crate) serial: Option<String>,
@@ -79,6 +82,7 @@ pub(crate) fn certificate(identity: &Identity) -> Result<Certified, String> {
         cert: cert.der().clone(),
         key,
         not_after: None,
+        services: Vec::new(),
         serial: None,
     })
 }
@@ -90,6 +94,7 @@ pub(crate) fn issued(identity: &Identity, cert: &NodeCert) -> Certified {
         cert: cert.der().clone(),
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.pkcs8().to_vec())),
         not_after: Some(cert.not_after()),
+        services: cert.services().to_vec(),
         serial: Some(cert.serial()),
     }
 }

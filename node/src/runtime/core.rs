@@ -2134,6 +2134,7 @@ impl Core {
                 .certificate_expires()
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
+            mesh_certificate_services: self.shared.endpoint.certificate_services(),
             mesh_certificate_revoked: self.shared.endpoint.own_certificate_revoked(),
             mesh_ca_revoked: self.shared.endpoint.revoked_certificates(),
             mesh_ca_lists: self.shared.endpoint.revocation_list_info(),
