@@ -1061,6 +1061,18 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
         reload.stdout,
         reload.stderr
     );
+    // Asked again, nothing is new; `--json` says so per file.
+    let again = run(
+        unaware.command(&["reload", "--json"]),
+        "peerbus reload --json of the client",
+        budget.left(),
+    );
+    let answer: serde_json::Value = serde_json::from_str(&again.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}{}", again.stdout, again.stderr));
+    assert_eq!(
+        answer,
+        serde_json::json!({"ca": "unchanged", "certificate": "unchanged"})
+    );
     let status = run(
         unaware.command(&["status"]),
         "peerbus status of the renewed client",
