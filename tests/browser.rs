@@ -281,9 +281,10 @@ async fn script(port: u16, session: &str, js: &str) -> Value {
     .unwrap_or_else(|e| panic!("{js}: {e}"))
 }
 
-/// Opens the page of a node that is a member by a mesh CA certificate valid for 3 days, whose
-/// CA's list (number 2) revokes one certificate: its membership panel says when the
-/// certificate ends (amber: within 7 days) and which list the node uses; then, once the CA's
+/// Opens the page of a node that is a member by a mesh CA certificate valid for 3 days and
+/// bound to its service, whose CA's list (number 2) revokes one certificate: its membership
+/// panel says when the certificate ends (amber: within 7 days), for which service, and which
+/// list the node uses; then, once the CA's
 /// next list revokes the node's own certificate, that it is revoked (red). Its screenshot
 /// lands in `out/mesh-ca.png`.
 async fn mesh_ca_membership(port: u16, session: &str, out: &Path) {
@@ -293,7 +294,7 @@ async fn mesh_ca_membership(port: u16, session: &str, out: &Path) {
         .expect("identity")
         .node_id();
     let pem = ca
-        .issue(&id, Duration::from_secs(3 * 86_400))
+        .issue_for_services(&id, Duration::from_secs(3 * 86_400), &["vault"])
         .expect("issue");
     let cert = peerbus::NodeCert::from_pem("node.crt", pem.as_bytes()).expect("cert");
     let other = peerbus::Identity::generate().expect("identity").node_id();
@@ -331,6 +332,7 @@ async fn mesh_ca_membership(port: u16, session: &str, out: &Path) {
     assert_eq!(shown[0], "soon", "{shown}");
     assert!(
         text.contains("certificate valid until ")
+            && text.contains(", for service vault (")
             && (text.contains("(2 days left)") || text.contains("(3 days left)"))
             && text.contains("list 2 of ")
             && text.contains(", next update ")
