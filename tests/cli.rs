@@ -682,6 +682,8 @@ fn req_gets_the_echo_and_fails_clearly_without_an_instance() {
     );
 }
 
+/// A sender of another mesh key is refused and told why, the vault's status counts the
+/// refusals, and the vault takes a key rotation's first step in place with `peerbus reload`.
 #[test]
 fn send_with_another_mesh_key_is_refused() {
     let budget = Budget::new(90);
@@ -771,6 +773,36 @@ fn send_with_another_mesh_key_is_refused() {
         "{}",
         status.stdout
     );
+
+    // A key rotation's first step in place: the vault's key file now proves key a and
+    // accepts key b, and `peerbus reload` takes it without a restart. A client of the next
+    // step (proving b, accepting a) gets in.
+    let (a, b) = (
+        std::fs::read_to_string(&key_a).expect("read key a"),
+        std::fs::read_to_string(&key_b).expect("read key b"),
+    );
+    std::fs::write(&key_a, format!("{a}{b}")).expect("step 1");
+    let reload = run(
+        with_a.command(&["reload", "--data-dir", vault_dir]),
+        "peerbus reload of the vault",
+        budget.left(),
+    );
+    assert!(
+        reload.status.success() && reload.stdout.trim() == "mesh key file: taken",
+        "{}{}",
+        reload.stdout,
+        reload.stderr
+    );
+    let step2 = dir.path().join("step2.key");
+    std::fs::write(&step2, format!("{b}{a}")).expect("step 2");
+    let next = send_to_vault(
+        &Mesh::keyed("key", &step2),
+        "hello from the next step",
+        "30s",
+        "send with key b, accepting a",
+        &budget,
+    );
+    assert!(next.status.success(), "{}", next.stderr);
 }
 
 /// In `dir`, two CAs made with `ca new` (`ca/`, `other-ca/`) and certificates for a week
@@ -1089,14 +1121,14 @@ fn a_revoked_node_is_refused_and_the_revocation_list_keeps_what_it_revoked() {
     while !client
         .guard
         .stderr()
-        .contains("SIGHUP: read the mesh CA files again")
+        .contains("SIGHUP: read the mesh files again")
         && Instant::now() < deadline
     {
         thread::sleep(Duration::from_millis(100));
     }
     let log = client.guard.stderr();
     assert!(
-        log.contains("SIGHUP: read the mesh CA files again") && log.contains("unchanged"),
+        log.contains("SIGHUP: read the mesh files again") && log.contains("unchanged"),
         "{log}"
     );
     assert!(client.terminate(Duration::from_secs(15)).success());

@@ -593,8 +593,9 @@ async fn reloading_takes_a_revocation_and_a_renewal_at_once() {
             async move { n.reload_mesh_files().await.expect("reload") }
         };
         let unchanged = MeshReload {
-            ca: FileOutcome::Unchanged,
-            certificate: FileOutcome::Unchanged,
+            ca: Some(FileOutcome::Unchanged),
+            certificate: Some(FileOutcome::Unchanged),
+            key_file: None,
         };
         assert_eq!(reload(&receiver).await, unchanged);
 
@@ -603,8 +604,9 @@ async fn reloading_takes_a_revocation_and_a_renewal_at_once() {
         assert_eq!(
             reload(&receiver).await,
             MeshReload {
-                ca: FileOutcome::Taken,
-                certificate: FileOutcome::Unchanged,
+                ca: Some(FileOutcome::Taken),
+                certificate: Some(FileOutcome::Unchanged),
+                key_file: None,
             }
         );
         eventually(5, "the receiver cuts the revoked member off", || {
@@ -622,9 +624,9 @@ async fn reloading_takes_a_revocation_and_a_renewal_at_once() {
         let good = std::fs::read(&r_cert).expect("read");
         std::fs::write(&r_cert, "not a certificate").expect("garble");
         let garbled = reload(&receiver).await;
-        assert_eq!(garbled.ca, FileOutcome::Unchanged);
+        assert_eq!(garbled.ca, Some(FileOutcome::Unchanged));
         assert!(
-            matches!(&garbled.certificate, FileOutcome::Refused(why)
+            matches!(&garbled.certificate, Some(FileOutcome::Refused(why))
                 if why.contains("cannot read the mesh certificate")),
             "{garbled:?}"
         );
@@ -648,7 +650,7 @@ async fn reloading_takes_a_revocation_and_a_renewal_at_once() {
         // of 6.)
         let renewed = f.ca.issue(&rogue.id(), DAY).expect("renew");
         std::fs::write(f.path("s/node.crt"), renewed).expect("write renewed");
-        assert_eq!(reload(&rogue).await.certificate, FileOutcome::Taken);
+        assert_eq!(reload(&rogue).await.certificate, Some(FileOutcome::Taken));
         let reloaded = std::time::Instant::now();
         tokio::time::timeout(Duration::from_secs(1), waiting.acked())
             .await
@@ -724,7 +726,7 @@ async fn a_certificate_bound_to_a_service_runs_that_service_only() {
         std::fs::write(f.path("r/node.crt"), billing).expect("write");
         let reload = receiver.reload_mesh_files().await.expect("reload");
         assert!(
-            matches!(&reload.certificate, FileOutcome::Refused(why)
+            matches!(&reload.certificate, Some(FileOutcome::Refused(why))
                 if why.contains("binds it to service `billing`, not `orders`")),
             "{reload:?}"
         );
@@ -850,7 +852,7 @@ async fn a_node_given_certificates_in_memory_renews_them_through_its_api() {
         assert_eq!(ends().await, renewed.not_after());
         assert_eq!(
             node.reload_mesh_files().await,
-            Err(AdminError::NoMeshCaFiles),
+            Err(AdminError::NoMeshFiles),
             "a node without CA files has nothing to read again"
         );
         node.shutdown().await;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{eventually, within};
-use peerbus::{MemoryNetwork, MeshKey, Node, PeerState};
+use peerbus::{FileOutcome, MemoryNetwork, MeshKey, Node, PeerState};
 
 /// A key file holding the keys of `files` in order (each written by `MeshKey::write_new`, as
 /// `peerbus keygen --out` does), as an operator would join them with `cat`.
@@ -84,6 +84,95 @@ async fn nodes_of_neighbouring_rotation_steps_connect() {
             }
         }
         for n in [before, step1, step2, after] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+/// The same rotation without restarts: each node's key file is rewritten for the next step
+/// and the node reloads it (`peerbus reload`, SIGHUP). Two running nodes exchange messages
+/// through every step; at the end the mesh runs on the new key alone (a node of the old key
+/// is refused, one of the new joins), a reload of an unchanged file changes nothing, and a
+/// garbled file is refused with the keys in use kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotation_in_place_needs_no_restart() {
+    within(60, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (old, new) = (dir.path().join("old.key"), dir.path().join("new.key"));
+        MeshKey::write_new(&old).expect("old key");
+        MeshKey::write_new(&new).expect("new key");
+        let net = MemoryNetwork::new();
+        let sender_file = joined(dir.path(), "sender.key", &[&old]);
+        let receiver_file = joined(dir.path(), "receiver.key", &[&old]);
+        let sender = node(&net, "sender", &sender_file).await;
+        let receiver = node(&net, "orders", &receiver_file).await;
+        let mut got = common::drain(receiver.messages().expect("messages"));
+        let delivered = |text: &'static str| {
+            let sender = sender.clone();
+            async move {
+                sender
+                    .send("orders", text)
+                    .await
+                    .expect("stored")
+                    .acked()
+                    .await
+                    .expect("acked");
+            }
+        };
+        delivered("before").await;
+        assert_eq!(got.recv().await.expect("delivered").1, "before");
+        let reload = |n: &Node| {
+            let n = n.clone();
+            async move { n.reload_mesh_files().await.expect("reload") }
+        };
+        let took =
+            |r: peerbus::MeshReload| r.key_file == Some(FileOutcome::Taken) && r.ca.is_none();
+        let steps: [[&Path; 2]; 2] = [[&old, &new], [&new, &old]];
+        for (step, files) in steps.iter().enumerate() {
+            for (file, n) in [(&sender_file, &sender), (&receiver_file, &receiver)] {
+                joined(
+                    dir.path(),
+                    file.file_name().and_then(|f| f.to_str()).expect("name"),
+                    files,
+                );
+                assert!(took(reload(n).await), "step {}", step + 1);
+            }
+            let text = ["during step 1", "during step 2"][step];
+            delivered(text).await;
+            assert_eq!(got.recv().await.expect("delivered").1, text);
+        }
+        for (file, n) in [(&sender_file, &sender), (&receiver_file, &receiver)] {
+            joined(
+                dir.path(),
+                file.file_name().and_then(|f| f.to_str()).expect("name"),
+                &[&new],
+            );
+            assert!(took(reload(n).await), "the new key alone");
+        }
+        assert_eq!(reload(&sender).await.key_file, Some(FileOutcome::Unchanged));
+        delivered("after").await;
+        assert_eq!(got.recv().await.expect("delivered").1, "after");
+
+        // The mesh runs on the new key alone now.
+        let stale = node(&net, "stale", &old).await;
+        eventually(10, "a node of the old key is refused", || async {
+            state_of(&receiver, &stale).await == Some(PeerState::Refused)
+        })
+        .await;
+        std::fs::write(&sender_file, "not a key\n").expect("garble");
+        let garbled = reload(&sender).await;
+        assert!(
+            matches!(&garbled.key_file, Some(FileOutcome::Refused(why)) if why.contains("line 1")),
+            "{garbled:?}"
+        );
+        let late = node(&net, "late", &new).await;
+        assert!(
+            late.wait_for_instances("sender", 1, Duration::from_secs(10))
+                .await,
+            "the garbled file left the sender's keys as they were"
+        );
+        for n in [stale, late, sender, receiver] {
             n.shutdown().await;
         }
     })

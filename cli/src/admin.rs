@@ -132,13 +132,14 @@ fn list_line(list: &Value, now: u64) -> String {
     )
 }
 
-/// `peerbus reload`: the running node reads its mesh CA files now. Fails when it refused
-/// one (after printing what it did with each), so a script that renews or revokes notices.
+/// `peerbus reload`: the running node reads its mesh files (CA files, or its key file) now.
+/// Fails when it refused one (after printing what it did with each), so a script that
+/// renews, revokes or rotates notices.
 pub(crate) async fn reload(common: &CommonArgs, args: &ReloadArgs) -> Result<()> {
     let dir = data_dir(common)?;
     let Some(answer) = ask(&dir, json!({"cmd": "reload"})).await? else {
         bail!(
-            "no node runs in {} (a node reads its mesh CA files when it starts)",
+            "no node runs in {} (a node reads its mesh files when it starts)",
             dir.display()
         );
     };
@@ -148,15 +149,16 @@ pub(crate) async fn reload(common: &CommonArgs, args: &ReloadArgs) -> Result<()>
     if args.json {
         print_line(&serde_json::to_string_pretty(&reload)?)?;
     } else {
-        print_line(&format!("mesh CA file and revocation lists: {}", reload.ca))?;
-        print_line(&format!("this node's certificate: {}", reload.certificate))?;
+        for (name, outcome) in reload.files() {
+            print_line(&format!("{name}: {outcome}"))?;
+        }
     }
-    let refused = [&reload.ca, &reload.certificate]
-        .into_iter()
-        .filter(|o| matches!(o, peerbus::FileOutcome::Refused(_)))
+    let refused = reload
+        .files()
+        .filter(|(_, o)| matches!(o, peerbus::FileOutcome::Refused(_)))
         .count();
     if refused > 0 {
-        bail!("the node refused {refused} of its mesh CA files and keeps the ones in use");
+        bail!("the node refused {refused} of its mesh files and keeps what it uses");
     }
     Ok(())
 }

@@ -267,8 +267,8 @@ pub(crate) async fn node(common: &CommonArgs, args: &NodeArgs) -> Result<()> {
     result
 }
 
-/// Reads the node's mesh CA files again at every SIGHUP (as `peerbus reload` asks through
-/// the control socket), logging what it did with each.
+/// Reads the node's mesh files (CA files, or its key file) again at every SIGHUP (as
+/// `peerbus reload` asks through the control socket), logging what it did with each.
 async fn reload_on_hangup(node: Node) {
     #[cfg(unix)]
     {
@@ -282,9 +282,7 @@ async fn reload_on_hangup(node: Node) {
         };
         while hangups.recv().await.is_some() {
             match node.reload_mesh_files().await {
-                Ok(r) => {
-                    info!(ca = %r.ca, certificate = %r.certificate, "SIGHUP: read the mesh CA files again")
-                }
+                Ok(r) => info!(files = %r, "SIGHUP: read the mesh files again"),
                 Err(e) => warn!(error = %e, "SIGHUP: nothing to read again"),
             }
         }

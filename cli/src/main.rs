@@ -77,9 +77,10 @@ enum Command {
     /// Show a node's logs (waiting, in flight, oldest) and counters; works on a running node
     /// (through its control socket) and on a stopped node's --data-dir.
     Status(admin::StatusArgs),
-    /// Make the running node in --data-dir read its mesh CA files (CA, revocation lists, its
-    /// certificate) now instead of at its next look (every minute): after `peerbus ca
-    /// revoke` or `peerbus ca issue`. SIGHUP to `peerbus node` does the same.
+    /// Make the running node in --data-dir read its mesh files now: its CA files (CA,
+    /// revocation lists, its certificate; otherwise read every minute) after `peerbus ca
+    /// revoke` or `peerbus ca issue`, or its --mesh-key-file for a step of a key rotation
+    /// without a restart. SIGHUP to `peerbus node` does the same.
     Reload(admin::ReloadArgs),
     /// List the messages a node's logs hold, not yet acknowledged by a consumer (oldest
     /// first per log; waiting or in flight, and to which node); works on a running node and

@@ -308,11 +308,11 @@ pub enum AdminError {
     /// No log of that name holds an entry.
     #[error("no log named `{0}` holds an entry (`peerbus status` lists the logs)")]
     NoSuchLog(String),
-    /// The node has no mesh CA files to read again: it was built with a mesh key, an open
-    /// mesh, or a mesh CA given in memory.
+    /// The node has no mesh files to read again: it was built with a mesh key or a mesh CA
+    /// given in memory, or an open mesh.
     #[error(
-        "this node has no mesh CA files to read again (it was not started with --mesh-ca and \
-         --mesh-cert files)"
+        "this node has no mesh files to read again (it was started with neither \
+         --mesh-key-file nor --mesh-ca and --mesh-cert files)"
     )]
-    NoMeshCaFiles,
+    NoMeshFiles,
 }

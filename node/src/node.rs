@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use peerbus_discovery::Discovery;
-use peerbus_transport::{MeshCa, NodeCert, NodeId, Traffic};
+use peerbus_transport::{MeshCa, MeshKey, NodeCert, NodeId, Traffic};
 use serde::Serialize;
 use smol_str::SmolStr;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{Instrument, debug, info};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::builder::NodeBuilder;
 use crate::engine::outbox::{LogStats, Target};
@@ -24,7 +24,7 @@ use crate::error::{
     AdminError, DeliveryError, HandlerError, RenewError, RequestError, SendError, SubscribeError,
 };
 use crate::message::{Message, Outgoing, now_unix_ms};
-use crate::runtime::cert::MeshReload;
+use crate::runtime::cert::{FileOutcome, MeshReload};
 use crate::runtime::core::{Append, CoreMsg, Item, Role, ScatterTarget, Targets};
 use crate::runtime::storage::StoreOp;
 use crate::runtime::{self, InboundRequest, LocalSub, MAX_SUBSCRIPTIONS, SERVE_QUEUE, Shared};
@@ -557,29 +557,71 @@ impl Node {
         Ok(())
     }
 
-    /// Reads this node's mesh CA files (the CA certificate file, its revocation lists, this
-    /// node's certificate) now, as it does by itself every
-    /// [`NodeBuilder::mesh_cert_check_every`](crate::NodeBuilder::mesh_cert_check_every), and
-    /// takes what changed: for an operator who just revoked a member (`peerbus ca revoke`)
-    /// or renewed a certificate and does not want to wait for the next look. A new list or
-    /// CA file checks live connections again and is passed on to peers, and a new
-    /// certificate or CA makes this node dial the peers it waits for at once.
+    /// Reads this node's mesh files now and takes what changed.
+    /// - Mesh CA files (the CA certificate file, its revocation lists, this node's
+    ///   certificate), which the node also reads by itself every
+    ///   [`NodeBuilder::mesh_cert_check_every`](crate::NodeBuilder::mesh_cert_check_every):
+    ///   for an operator who just revoked a member (`peerbus ca revoke`) or renewed a
+    ///   certificate and does not want to wait for the next look. A new list or CA file
+    ///   checks live connections again and is passed on to peers.
+    /// - A mesh key file ([`NodeBuilder::mesh_key_file`](crate::NodeBuilder::mesh_key_file)),
+    ///   read only when asked: the node proves its first key and accepts all of them from
+    ///   now on, so a key rotation's steps need no restarts. Live connections stay (their
+    ///   peers proved a key when they began).
     ///
+    /// A new certificate, CA or key set makes this node dial the peers it waits for at once.
     /// Says, per file, whether it was unchanged, taken or refused (the one in use stays, and
-    /// why is given). Fails with [`AdminError::NoMeshCaFiles`] on a node built without
-    /// [`NodeBuilder::mesh_ca_files`](crate::NodeBuilder::mesh_ca_files), and with
-    /// [`AdminError::Stopped`] once it shuts down.
+    /// why is given). Fails with [`AdminError::NoMeshFiles`] on a node without such files,
+    /// and with [`AdminError::Stopped`] once it shuts down.
     pub async fn reload_mesh_files(&self) -> Result<MeshReload, AdminError> {
         if self.is_shutting_down() {
             return Err(AdminError::Stopped);
+        }
+        if let Some((path, also)) = &self.shared.key_file {
+            return Ok(MeshReload {
+                key_file: Some(self.reload_key_file(path.clone(), also.clone()).await),
+                ..MeshReload::default()
+            });
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.shared
             .reloads
             .send(reply)
             .await
-            .map_err(|_| AdminError::NoMeshCaFiles)?;
+            .map_err(|_| AdminError::NoMeshFiles)?;
         answer.await.map_err(|_| AdminError::Stopped)
+    }
+
+    /// Reads the mesh key file at `path` again (with the builder's `also` keys) and proves
+    /// and accepts its keys from now on when they changed.
+    async fn reload_key_file(&self, path: std::path::PathBuf, also: Vec<MeshKey>) -> FileOutcome {
+        let read = tokio::task::spawn_blocking(move || {
+            MeshKey::load_all(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|keys| runtime::key_set(keys, &also))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("reading the key file failed: {e}")));
+        let keys = match read {
+            Ok(keys) => keys,
+            Err(why) => {
+                warn!(error = %why, "keeping the mesh keys in use");
+                return FileOutcome::Refused(why);
+            }
+        };
+        if keys == self.shared.endpoint.mesh_keys() {
+            return FileOutcome::Unchanged;
+        }
+        match self.shared.endpoint.renew_keys(keys) {
+            Ok(()) => {
+                info!(
+                    "took the mesh key file as it is now: proving its first key, accepting all of them"
+                );
+                self.shared.membership_changed();
+                FileOutcome::Taken
+            }
+            Err(e) => FileOutcome::Refused(e.to_string()),
+        }
     }
 
     /// Whether [`Node::shutdown`] has begun (or finished).

@@ -19,7 +19,7 @@ use crate::error::{AcceptError, BindError, CloseCode, ConnectError, ConnectionEr
 use crate::fault::{self, Faults};
 use crate::frame::{FrameReceiver, FrameSender};
 use crate::identity::{Identity, NodeId};
-use crate::membership::{EXPORTER_LABEL, Membership};
+use crate::membership::{EXPORTER_LABEL, MAX_MESH_KEYS, Membership, MeshKey};
 use crate::tls;
 use crate::{
     ALPN, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_FRAME_SIZE, MAX_ALPN_PROTOCOLS,
@@ -121,6 +121,9 @@ struct Presented {
     /// so ([`Endpoint::own_certificate_revoked`]). Cleared when another certificate is
     /// presented.
     revoked: Option<String>,
+    /// With a mesh key: the key this endpoint proves, then the others a peer may prove
+    /// (replaced by [`Endpoint::renew_keys`]); empty otherwise.
+    keys: Vec<MeshKey>,
 }
 
 struct Inner {
@@ -416,6 +419,7 @@ impl Endpoint {
     /// Binds the UDP socket and prepares TLS. Needs a tokio runtime.
     pub fn bind(config: EndpointConfig) -> Result<Endpoint, BindError> {
         let transport = Arc::new(transport_config(&config)?);
+        let keys: Vec<MeshKey> = config.membership.accepted().cloned().collect();
         let (certified, trust) = match &config.membership {
             Membership::Ca { ca, cert } => {
                 (ca_certified(&config.identity, ca, cert)?, Some(ca.clone()))
@@ -464,6 +468,7 @@ impl Endpoint {
                     certified: Arc::new(certified),
                     trust,
                     revoked: None,
+                    keys,
                 }),
                 trust_changed: tokio::sync::watch::Sender::new(0),
                 closing: Arc::default(),
@@ -490,6 +495,34 @@ impl Endpoint {
         presented.certified = Arc::new(certified);
         presented.revoked = None;
         Ok(())
+    }
+
+    /// Proves `keys[0]` and accepts a peer that proves any of `keys` from now on, in place of
+    /// the mesh keys this endpoint was bound with or last given (a key rotation without a
+    /// restart: the steps of [`Membership::Rotating`], each taken in place). Only for an
+    /// endpoint bound with a mesh key; 1 to [`MAX_MESH_KEYS`] keys. Live connections stay:
+    /// their peers proved a key when they began, and a key proof cannot be checked again
+    /// later.
+    pub fn renew_keys(&self, keys: Vec<MeshKey>) -> Result<(), BindError> {
+        if self.inner.config.membership.own_key().is_none() {
+            return Err(BindError::Config(
+                "this endpoint proves membership with no mesh key".into(),
+            ));
+        }
+        if keys.is_empty() || keys.len() > MAX_MESH_KEYS {
+            return Err(BindError::Config(format!(
+                "{} mesh keys: an endpoint takes 1 to {MAX_MESH_KEYS}",
+                keys.len()
+            )));
+        }
+        self.presented_mut().keys = keys;
+        Ok(())
+    }
+
+    /// The mesh keys this endpoint proves (the first) and accepts now; empty without a mesh
+    /// key.
+    pub fn mesh_keys(&self) -> Vec<MeshKey> {
+        self.presented().keys.clone()
     }
 
     /// Why the mesh certificate this endpoint presents is revoked, when, since it was
@@ -832,7 +865,7 @@ impl Endpoint {
         ekm: &[u8],
     ) -> [u8; PROOF_LEN] {
         let mut out = [0u8; PROOF_LEN];
-        if let Some(k) = self.inner.config.membership.own_key() {
+        if let Some(k) = self.presented().keys.first() {
             out[0] = PROOF_KEY;
             out[1..].copy_from_slice(k.proof(role, dialer, listener, ekm).as_ref());
         } else if let Membership::Ca { .. } = self.inner.config.membership {
@@ -893,8 +926,10 @@ impl Endpoint {
             Err(format!(
                 "the {who} has no mesh key but the {other} requires one"
             ))
-        } else if membership
-            .accepted()
+        } else if self
+            .presented()
+            .keys
+            .iter()
             .any(|k| k.verify(role, dialer, listener, ekm, &got[1..]))
         {
             Ok(None)
@@ -1386,7 +1421,6 @@ impl Connection {
 mod tests {
     use super::*;
     use crate::identity::Identity;
-    use crate::membership::MeshKey;
 
     /// A raw quinn endpoint on 127.0.0.1 with a node identity and peerbus's ALPN, which
     /// completes TLS handshakes but never runs the mesh proof: a peer that stopped (frozen,

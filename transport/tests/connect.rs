@@ -187,6 +187,46 @@ async fn a_mesh_key_rotation_keeps_neighbouring_steps_connected() {
     .await;
 }
 
+/// The same rotation taken in place (`renew_keys`, what a node's `reload` does with its key
+/// file): two running endpoints go from key A to key B one step at a time and stay
+/// connected at every step; an endpoint two steps ahead is refused; an endpoint without a
+/// mesh key takes no keys.
+#[tokio::test]
+async fn a_mesh_key_rotation_in_place_keeps_running_endpoints_connected() {
+    within(async {
+        let (a, b) = (MeshKey::generate(), MeshKey::generate());
+        let (x, y) = (keyed(&a), keyed(&a));
+        assert_eq!(x.mesh_keys(), std::slice::from_ref(&a));
+        let steps = [
+            vec![a.clone(), b.clone()],
+            vec![b.clone(), a.clone()],
+            vec![b.clone()],
+        ];
+        for (n, keys) in steps.iter().enumerate() {
+            // One endpoint takes the step, then the other: both orders connect each time.
+            x.renew_keys(keys.clone()).expect("renew");
+            assert!(
+                connects(&x, &y).await && connects(&y, &x).await,
+                "x at step {n}"
+            );
+            y.renew_keys(keys.clone()).expect("renew");
+            assert!(
+                connects(&x, &y).await && connects(&y, &x).await,
+                "both at step {n}"
+            );
+        }
+        assert_eq!(y.mesh_keys(), std::slice::from_ref(&b));
+        // Two steps apart: on B alone against one still on A alone.
+        x.renew_keys(vec![a.clone()]).expect("renew");
+        assert!(!connects(&x, &y).await, "A alone against B alone");
+        assert!(x.renew_keys(Vec::new()).is_err(), "no key");
+        let open = endpoint(Membership::InsecureOpen);
+        assert!(open.renew_keys(vec![a]).is_err(), "an open mesh");
+        assert!(open.mesh_keys().is_empty());
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn wrong_key_and_no_key_are_refused() {
     within(async {

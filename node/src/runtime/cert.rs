@@ -29,14 +29,41 @@ pub(crate) const RELOAD_QUEUE: usize = 4;
 /// A request to read the mesh CA files now, answered with what was found.
 pub(crate) type ReloadRequest = oneshot::Sender<MeshReload>;
 
-/// What [`Node::reload_mesh_files`](crate::Node::reload_mesh_files) found in a node's mesh CA
-/// files, each compared with the one in use.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What [`Node::reload_mesh_files`](crate::Node::reload_mesh_files) found in a node's mesh
+/// files, each compared with the one in use; `None` for a file the node does not have.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshReload {
     /// The CA certificate file with its revocation lists (`--mesh-ca`, `--mesh-crl`).
-    pub ca: FileOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<FileOutcome>,
     /// This node's certificate file (`--mesh-cert`).
-    pub certificate: FileOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<FileOutcome>,
+    /// The mesh key file (`--mesh-key-file`): its first key proven, every key accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<FileOutcome>,
+}
+
+impl MeshReload {
+    /// Each file the node has, with a name for people and what became of it.
+    pub fn files(&self) -> impl Iterator<Item = (&'static str, &FileOutcome)> {
+        [
+            ("mesh CA file and revocation lists", &self.ca),
+            ("this node's certificate", &self.certificate),
+            ("mesh key file", &self.key_file),
+        ]
+        .into_iter()
+        .filter_map(|(name, outcome)| outcome.as_ref().map(|o| (name, o)))
+    }
+}
+
+impl std::fmt::Display for MeshReload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, outcome)) in self.files().enumerate() {
+            write!(f, "{}{name}: {outcome}", if i == 0 { "" } else { "; " })?;
+        }
+        Ok(())
+    }
 }
 
 /// What a node did with one of its mesh CA files when it read it again.
@@ -199,17 +226,14 @@ async fn look(shared: &Shared, files: &Files, seen: &mut Seen, span: &Span) -> O
     });
     // Only a panic in the read (never expected) or a runtime shutting down.
     let (ca, cert) = read.await.ok()?;
-    let mut outcome = MeshReload {
-        ca: FileOutcome::Unchanged,
-        certificate: FileOutcome::Unchanged,
-    };
+    let (mut ca_outcome, mut cert_outcome) = (FileOutcome::Unchanged, FileOutcome::Unchanged);
     let new_ca = match ca {
         Ok(ca) if ca != seen.ca => Some(ca),
         Ok(_) => None,
         Err(e) => {
             let why = format!("cannot read the mesh CA file or its revocation lists: {e}");
             seen.refuse(span, why.clone());
-            outcome.ca = FileOutcome::Refused(why);
+            ca_outcome = FileOutcome::Refused(why);
             None
         }
     };
@@ -219,7 +243,7 @@ async fn look(shared: &Shared, files: &Files, seen: &mut Seen, span: &Span) -> O
         Err(e) => {
             let why = format!("cannot read the mesh certificate: {e}");
             seen.refuse(span, why.clone());
-            outcome.certificate = FileOutcome::Refused(why);
+            cert_outcome = FileOutcome::Refused(why);
             None
         }
     };
@@ -244,13 +268,13 @@ async fn look(shared: &Shared, files: &Files, seen: &mut Seen, span: &Span) -> O
                 );
                 seen.cert = cert;
                 seen.refused.clear();
-                outcome.certificate = FileOutcome::Taken;
+                cert_outcome = FileOutcome::Taken;
                 shared.membership_changed();
             }
             Err(e) => {
                 let why = format!("refusing the new mesh certificate: {e}");
                 seen.refuse(span, why.clone());
-                outcome.certificate = FileOutcome::Refused(why);
+                cert_outcome = FileOutcome::Refused(why);
             }
         }
         refused_ca = refused_ca.and_then(|(ca, _)| take_trust(shared, span, seen, ca).err());
@@ -258,11 +282,15 @@ async fn look(shared: &Shared, files: &Files, seen: &mut Seen, span: &Span) -> O
     if let Some((_, error)) = refused_ca {
         let why = format!("refusing the new mesh CA file: {error}");
         seen.refuse(span, why.clone());
-        outcome.ca = FileOutcome::Refused(why);
+        ca_outcome = FileOutcome::Refused(why);
     } else if ca_changed {
-        outcome.ca = FileOutcome::Taken;
+        ca_outcome = FileOutcome::Taken;
     }
-    Some(outcome)
+    Some(MeshReload {
+        ca: Some(ca_outcome),
+        certificate: Some(cert_outcome),
+        key_file: None,
+    })
 }
 
 /// Trusts `ca` if the endpoint takes it; gives it back with the reason if not. Revocation

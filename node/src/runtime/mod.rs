@@ -324,11 +324,32 @@ pub(crate) struct Shared {
     pub(crate) reloads: mpsc::Sender<cert::ReloadRequest>,
     /// Wakes every dial loop waiting out its backoff ([`Shared::membership_changed`]).
     pub(crate) redial: tokio::sync::Notify,
+    /// The mesh key file (`--mesh-key-file`) and the keys the builder added to it
+    /// (`also_accept`), read again by [`Node::reload_mesh_files`](crate::Node); `None`
+    /// without a key file.
+    pub(crate) key_file: Option<(std::path::PathBuf, Vec<MeshKey>)>,
+}
+
+/// The mesh keys a node proves (the first of `keys`) and accepts: `keys` (a key file's, or
+/// the builder's key), then each of `also` not among them; at most [`MAX_MESH_KEYS`].
+pub(crate) fn key_set(mut keys: Vec<MeshKey>, also: &[MeshKey]) -> Result<Vec<MeshKey>, String> {
+    for k in also {
+        if !keys.contains(k) {
+            keys.push(k.clone());
+        }
+    }
+    if keys.len() > MAX_MESH_KEYS {
+        return Err(format!(
+            "{} mesh keys: a node takes at most {MAX_MESH_KEYS}",
+            keys.len()
+        ));
+    }
+    Ok(keys)
 }
 
 impl Shared {
-    /// This node took a new mesh certificate or CA: peers that refused it, or that it
-    /// refused, may take it now, so every dial loop waiting out its backoff dials again at
+    /// This node took a new mesh certificate, CA or mesh keys: peers that refused it, or that
+    /// it refused, may take it now, so every dial loop waiting out its backoff dials again at
     /// once instead of seconds later.
     pub(crate) fn membership_changed(&self) {
         self.redial.notify_waiters();
@@ -399,18 +420,8 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
             b.min_protocol_version, b.max_protocol_version
         )));
     }
-    let keyed = |mut keys: Vec<MeshKey>| {
-        for k in &b.also_accept {
-            if !keys.contains(k) {
-                keys.push(k.clone());
-            }
-        }
-        if keys.len() > MAX_MESH_KEYS {
-            return Err(StartError::Config(format!(
-                "{} mesh keys: a node takes at most {MAX_MESH_KEYS}",
-                keys.len()
-            )));
-        }
+    let keyed = |keys: Vec<MeshKey>| {
+        let keys = key_set(keys, &b.also_accept).map_err(StartError::Config)?;
         Membership::from_keys(keys).ok_or(StartError::NoMembership)
     };
     if b.mesh_crl.is_some() && !matches!(b.membership, MembershipChoice::CaFiles { .. }) {
@@ -581,6 +592,10 @@ pub(crate) async fn start(b: NodeBuilder) -> Result<Node, StartError> {
         revocations: revocations_tx,
         reloads: reloads_tx,
         redial: tokio::sync::Notify::new(),
+        key_file: match &b.membership {
+            MembershipChoice::KeyFile(path) => Some((path.clone(), b.also_accept.clone())),
+            _ => None,
+        },
     });
     let span = info_span!("node", node = %id.short(), service = %b.service);
     info!(parent: &span, %local_addr, mesh = %b.mesh, "node started");
