@@ -13,7 +13,7 @@
 //! | `{"cmd":"dlq_move","log":"svc:orders"}` | `{"ok":true,"moved":12}` ([`Node::dead_letter_waiting`]) |
 //! | `{"cmd":"entries","limit":100}` | `{"ok":true,"entries":[…]}` (at most [`MAX_ENTRIES_LISTED`]) |
 //! | `{"cmd":"faults","partition":["127.0.0.1:7001"],"deaf":["…"],"heal":["…"],"heal_all":true}` | `{"ok":true,"faults":{…}}` |
-//! | `{"cmd":"reload"}` | `{"ok":true,"reload":{"ca":"taken","certificate":"unchanged"}}` ([`Node::reload_mesh_files`]; a refused file is `{"refused":"why"}`) |
+//! | `{"cmd":"reload"}` | `{"ok":true,"reload":{"ca":"taken","certificate":"unchanged"}}`, or `{"key_file":"taken"}` for a node of a mesh key file ([`Node::reload_mesh_files`]; a refused file is `{"refused":"why"}`) |
 //!
 //! `faults` only works on a node built with [`NodeBuilder::faults`](crate::NodeBuilder::faults)
 //! (`peerbus chaos` does): `partition` drops every datagram to and from those peer listen
