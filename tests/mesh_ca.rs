@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{drain, eventually, within};
+use common::{delivered, drain, eventually, within};
 use peerbus::{
     AdminError, CaKey, FileOutcome, Identity, MemoryNetwork, MeshReload, Node, NodeBuilder,
     NodeCert, NodeId, Outgoing, PeerState,
@@ -101,19 +101,6 @@ impl Fixture {
         delivered(&sender, &mut got, "first").await;
         (sender, receiver, got)
     }
-}
-
-/// Sends `text` to `orders`, waits for its ack, and checks that it was the next message
-/// handled.
-async fn delivered(sender: &Node, got: &mut Receiver<(Option<String>, String)>, text: &str) {
-    sender
-        .send("orders", Outgoing::new(text.to_string()))
-        .await
-        .expect("stored")
-        .acked()
-        .await
-        .expect("acked");
-    assert_eq!(got.recv().await.expect("delivered").1, text);
 }
 
 /// Whether `node` holds `peer` refused, for a reason that names each of `why`.

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{eventually, within};
+use common::{delivered, drain, eventually, within};
 use peerbus::{FileOutcome, MemoryNetwork, MeshKey, Node, PeerState};
 
 /// A key file holding the keys of `files` in order (each written by `MeshKey::write_new`, as
@@ -107,21 +107,8 @@ async fn a_key_rotation_in_place_needs_no_restart() {
         let receiver_file = joined(dir.path(), "receiver.key", &[&old]);
         let sender = node(&net, "sender", &sender_file).await;
         let receiver = node(&net, "orders", &receiver_file).await;
-        let mut got = common::drain(receiver.messages().expect("messages"));
-        let delivered = |text: &'static str| {
-            let sender = sender.clone();
-            async move {
-                sender
-                    .send("orders", text)
-                    .await
-                    .expect("stored")
-                    .acked()
-                    .await
-                    .expect("acked");
-            }
-        };
-        delivered("before").await;
-        assert_eq!(got.recv().await.expect("delivered").1, "before");
+        let mut got = drain(receiver.messages().expect("messages"));
+        delivered(&sender, &mut got, "before").await;
         let reload = |n: &Node| {
             let n = n.clone();
             async move { n.reload_mesh_files().await.expect("reload") }
@@ -139,8 +126,7 @@ async fn a_key_rotation_in_place_needs_no_restart() {
                 assert!(took(reload(n).await), "step {}", step + 1);
             }
             let text = ["during step 1", "during step 2"][step];
-            delivered(text).await;
-            assert_eq!(got.recv().await.expect("delivered").1, text);
+            delivered(&sender, &mut got, text).await;
         }
         for (file, n) in [(&sender_file, &sender), (&receiver_file, &receiver)] {
             joined(
@@ -151,8 +137,7 @@ async fn a_key_rotation_in_place_needs_no_restart() {
             assert!(took(reload(n).await), "the new key alone");
         }
         assert_eq!(reload(&sender).await.key_file, Some(FileOutcome::Unchanged));
-        delivered("after").await;
-        assert_eq!(got.recv().await.expect("delivered").1, "after");
+        delivered(&sender, &mut got, "after").await;
 
         // The mesh runs on the new key alone now.
         let stale = node(&net, "stale", &old).await;

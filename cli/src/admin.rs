@@ -8,7 +8,7 @@ use peerbus::{CloseCode, control};
 use serde_json::{Value, json};
 
 use crate::common::{CommonArgs, UsageError};
-use crate::output::print_line;
+use crate::output::{for_services, print_line};
 
 /// `peerbus status`.
 #[derive(Debug, clap::Args)]
@@ -242,11 +242,7 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
             print_line(&format!(
                 "mesh certificate valid until {}{}",
                 humantime::format_rfc3339_seconds(until),
-                if services.is_empty() {
-                    String::new()
-                } else {
-                    format!(", for service {}", services.join(", "))
-                }
+                for_services(&services)
             ))?;
         }
         if let Some(why) = status

@@ -8,7 +8,7 @@ use peerbus::{CA_CERT_FILE, CA_CRL_FILE, CaKey, Identity, MeshCa, NodeCert, Node
 use peerbus_transport::write_replacing;
 
 use crate::common::{CommonArgs, UsageError};
-use crate::output::print_line;
+use crate::output::{for_services, print_line};
 
 /// `peerbus ca`.
 #[derive(Debug, clap::Args)]
@@ -176,10 +176,7 @@ fn issue(args: &IssueArgs) -> Result<()> {
     print_line(&format!(
         "issued a certificate for node {node} valid until {}{}: {}",
         humantime::format_rfc3339_seconds(until),
-        match issued.services() {
-            [] => String::new(),
-            names => format!(", for service {}", names.join(", ")),
-        },
+        for_services(issued.services()),
         args.out.display()
     ))
 }

@@ -7,6 +7,16 @@ use anyhow::{Context as _, Result};
 use peerbus::{Message, MessageKind, PeerInfo, PeerState};
 use serde_json::{Map, Value, json};
 
+/// ", for service a, b": the services a mesh certificate binds its node to, as `ca issue`
+/// and `status` append them; empty when it names none (any service).
+pub(crate) fn for_services<S: AsRef<str>>(names: &[S]) -> String {
+    if names.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
+    format!(", for service {}", names.join(", "))
+}
+
 /// A received message as one JSON object (`node --print`, `sub`).
 ///
 /// Fields: `id`, `kind`, `from`, `service` (sends, requests) or `topic` (publishes), `key`

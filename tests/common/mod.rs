@@ -108,6 +108,23 @@ pub fn drain(sub: peerbus::Subscription) -> tokio::sync::mpsc::Receiver<(Option<
     rx
 }
 
+/// Sends `text` to `orders` from `sender`, waits for its ack, and checks that it was the next
+/// message `got` (a [`drain`] of the `orders` node's messages) handled.
+pub async fn delivered(
+    sender: &Node,
+    got: &mut tokio::sync::mpsc::Receiver<(Option<String>, String)>,
+    text: &str,
+) {
+    sender
+        .send("orders", peerbus::Outgoing::new(text.to_string()))
+        .await
+        .expect("stored")
+        .acked()
+        .await
+        .expect("acked");
+    assert_eq!(got.recv().await.expect("delivered").1, text);
+}
+
 /// The `peerbus` binary, built on first use (`cargo build -p peerbus-cli --bin peerbus` into
 /// the target directory and profile of this test binary, derived from `current_exe()`; a
 /// no-op when it is up to date). Set `PEERBUS_BIN` to use a prebuilt binary instead.

@@ -136,16 +136,18 @@ struct Seen {
 }
 
 impl Seen {
-    /// Warns about `error` unless it was warned about since the last change taken.
-    fn refuse(&mut self, span: &Span, error: String) {
+    /// Warns about `error` unless it was warned about since the last change taken; the
+    /// file's outcome, refused for that reason.
+    fn refuse(&mut self, span: &Span, error: String) -> FileOutcome {
         if !self.refused.contains(&error) {
             warn!(parent: span, %error, "keeping the mesh membership in use");
             // One per file and content at most; bounded all the same.
             if self.refused.len() == 8 {
                 self.refused.remove(0);
             }
-            self.refused.push(error);
+            self.refused.push(error.clone());
         }
+        FileOutcome::Refused(error)
     }
 
     /// Warns once about each revocation list in use (its own or one a peer passed on) that
@@ -231,9 +233,10 @@ async fn look(shared: &Shared, files: &Files, seen: &mut Seen, span: &Span) -> O
         Ok(ca) if ca != seen.ca => Some(ca),
         Ok(_) => None,
         Err(e) => {
-            let why = format!("cannot read the mesh CA file or its revocation lists: {e}");
-            seen.refuse(span, why.clone());
-            ca_outcome = FileOutcome::Refused(why);
+            ca_outcome = seen.refuse(
+                span,
+                format!("cannot read the mesh CA file or its revocation lists: {e}"),
+            );
             None
         }
     };
@@ -241,9 +244,7 @@ async fn look(shared: &Shared, files: &Files, seen: &mut Seen, span: &Span) -> O
         Ok(cert) if cert.der() != seen.cert.der() => Some(cert),
         Ok(_) => None,
         Err(e) => {
-            let why = format!("cannot read the mesh certificate: {e}");
-            seen.refuse(span, why.clone());
-            cert_outcome = FileOutcome::Refused(why);
+            cert_outcome = seen.refuse(span, format!("cannot read the mesh certificate: {e}"));
             None
         }
     };
@@ -272,17 +273,13 @@ async fn look(shared: &Shared, files: &Files, seen: &mut Seen, span: &Span) -> O
                 shared.membership_changed();
             }
             Err(e) => {
-                let why = format!("refusing the new mesh certificate: {e}");
-                seen.refuse(span, why.clone());
-                cert_outcome = FileOutcome::Refused(why);
+                cert_outcome = seen.refuse(span, format!("refusing the new mesh certificate: {e}"));
             }
         }
         refused_ca = refused_ca.and_then(|(ca, _)| take_trust(shared, span, seen, ca).err());
     }
     if let Some((_, error)) = refused_ca {
-        let why = format!("refusing the new mesh CA file: {error}");
-        seen.refuse(span, why.clone());
-        ca_outcome = FileOutcome::Refused(why);
+        ca_outcome = seen.refuse(span, format!("refusing the new mesh CA file: {error}"));
     } else if ca_changed {
         ca_outcome = FileOutcome::Taken;
     }
