@@ -2099,8 +2099,10 @@ impl Core {
         peers.sort_by(|a, b| (&a.service, a.node_id).cmp(&(&b.service, b.node_id)));
         let c = &self.shared.counters;
         let d = c.delivery_counts();
-        // One snapshot serves the closes by code and those of revoked certificates.
+        // One snapshot serves the closes by code and those of revoked certificates, one
+        // count of the lists' revocations both fields that depend on them.
         let closes = self.shared.endpoint.local_closes();
+        let revoked = self.shared.endpoint.revoked_certificates();
         Status {
             node_id: self.shared.id,
             service: self.shared.service.clone(),
@@ -2136,14 +2138,10 @@ impl Core {
                 .map(|d| d.as_secs()),
             mesh_certificate_services: self.shared.endpoint.certificate_services(),
             mesh_certificate_revoked: self.shared.endpoint.own_certificate_revoked(),
-            mesh_ca_revoked: self.shared.endpoint.revoked_certificates(),
+            mesh_ca_revoked: revoked,
             mesh_ca_lists: self.shared.endpoint.revocation_list_info(),
             // Counted with a mesh CA only (which alone has revocation lists).
-            mesh_ca_refused_revoked: self
-                .shared
-                .endpoint
-                .revoked_certificates()
-                .map(|_| closes.revoked_certificates()),
+            mesh_ca_refused_revoked: revoked.map(|_| closes.revoked_certificates()),
             breakers,
             groups: self.known_groups.states().into_iter().collect(),
         }
