@@ -269,6 +269,81 @@ fn a_chaos_run_of_a_mesh_ca_cuts_off_a_revoked_node_and_readmits_it_with_a_new_c
     );
 }
 
+/// `--rotate-key`: the mesh key is rotated in place under kills, freezes and partitions, by
+/// rewriting the key file every node reads and asking each node to read it again, in three
+/// steps each taken by every node before the next. The run passes only if no node was ever
+/// refused for its key (a protocol fault), every node took every step, each ends on the new
+/// key alone, and node-0, restarted on it at the end, is admitted by every other.
+#[test]
+fn a_chaos_run_rotates_the_mesh_key_in_place_under_faults() {
+    // Seed 3 schedules (3 s apart): kills of node-1 and node-3 around step 1 (4 s) and step
+    // 2 (8 s), a freeze of node-2 before step 3 (12 s) and a kill of node-3 as step 3 is
+    // written, so step 3 waits for node-3 to start again.
+    let (out, report, tmp) = chaos(
+        &[
+            "--rotate-key",
+            "--nodes=4",
+            "--services=2",
+            "--duration=16s",
+            "--rate=100",
+            "--keys=4",
+            "--seed=3",
+            "--faults=kill,freeze,partition",
+            "--fault-interval=3s",
+            "--ack-timeout=400ms",
+        ],
+        Duration::from_secs(180),
+    );
+    let why = describe(&out);
+    assert!(out.status.success(), "{why}");
+    let r = report.unwrap_or_else(|| panic!("no report written\n{why}"));
+    assert_eq!(r["settings"]["rotate_key"], true, "{r}");
+    assert_eq!(
+        (&r["lost"], &r["protocol_faults"]),
+        (&0.into(), &0.into()),
+        "{why}"
+    );
+    assert!(r["accepted"].as_u64().is_some_and(|n| n > 600), "{why}");
+    let rot = &r["key_rotation"];
+    let steps = rot["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 3, "{rot}");
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s["step"], i + 1, "{rot}");
+        assert!(s["all_took_after_s"].is_f64(), "{rot}");
+        assert_eq!(s["refusals"], serde_json::json!([]), "{rot}");
+    }
+    // The first step was written while the faults ran, a quarter through.
+    assert_eq!(steps[0]["under_faults"], true, "{rot}");
+    let at = steps[0]["written_at_s"].as_f64().expect("written_at_s");
+    assert!((4.0..6.0).contains(&at), "step 1 at {at} s\n{why}");
+    assert_eq!(
+        (&rot["nodes_on_new_key"], &rot["nodes"]),
+        (&4.into(), &4.into()),
+        "{rot}"
+    );
+    assert!(rot["rejoined_after_s"].is_f64(), "{rot}");
+    // The key file every node reads now holds the new key alone.
+    let run = tmp.path().join("run");
+    assert_eq!(
+        peerbus::MeshKey::load_all(&run.join("mesh.key")).expect("key file"),
+        peerbus::MeshKey::load_all(&run.join("next.key")).expect("new key"),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("every node took key rotation step 3")
+            && stdout.contains("restarted on the new key alone, was connected to every other"),
+        "{why}"
+    );
+    let html = std::fs::read_to_string(tmp.path().join("report.html")).expect("HTML report");
+    assert!(
+        html.contains("<h2>Mesh key rotation</h2><p>4 of 4 nodes on the new key alone")
+            && html
+                .find(">key step 1</text>")
+                .is_some_and(|k| Some(k) < html.find("</svg>")),
+        "HTML report: {html:.300}"
+    );
+}
+
 #[test]
 fn the_checker_fails_a_mesh_that_acknowledges_without_handling() {
     // Every 20th message handled on each node is acknowledged but never handled (journaled).
@@ -355,6 +430,7 @@ fn bad_chaos_options_are_usage_errors() {
         (&["--slow-handlers=1001"][..], "--slow-handlers"),
         (&["--slow-handler-time=2s"][..], "--slow-handler-time"),
         (&["--ack-timeout=50ms"][..], "--ack-timeout"),
+        (&["--rotate-key", "--mesh-ca"][..], "--mesh-ca"),
     ] {
         let out = Command::new(peerbus_bin())
             .arg("chaos")

@@ -317,6 +317,8 @@ pub(crate) struct Findings {
     /// How a `--mesh-ca` run's revocation list spread and its renewed certificates were
     /// taken (`None` in a run of a mesh key).
     pub(crate) mesh_ca: Option<MeshCaRun>,
+    /// How a `--rotate-key` run's rotation of the mesh key went (`None` without one).
+    pub(crate) key_rotation: Option<super::rotation::KeyRotationRun>,
 }
 
 /// How the revocation list of a `--mesh-ca` run spread from node-0, the one node that reads
@@ -430,6 +432,10 @@ impl Findings {
             && self.requests_unended == 0
             && self.requests_late == 0
             && self.mesh_ca.as_ref().is_none_or(MeshCaRun::ok)
+            && self
+                .key_rotation
+                .as_ref()
+                .is_none_or(super::rotation::KeyRotationRun::ok)
     }
 }
 

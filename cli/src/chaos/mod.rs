@@ -5,11 +5,14 @@
 //! Each node is this same binary run as the hidden `chaos-worker` command (see
 //! [`worker`]): mDNS off, static seeds, fixed 127.0.0.1 ports, `Fsync` durability, a data
 //! directory per node. The orchestrator only signals processes, talks to their control
-//! sockets (`status`, `faults`) and reads journals. See [`checker`] for what is checked.
+//! sockets (`status`, `faults`, and `reload` for a `--rotate-key` run's steps, see
+//! [`rotation`]), writes their mesh files and reads journals. See [`checker`] for what is
+//! checked.
 
 mod checker;
 mod journal;
 mod report;
+mod rotation;
 mod schedule;
 mod worker;
 
@@ -193,6 +196,16 @@ pub(crate) struct ChaosArgs {
     /// list, every node presents its renewed certificate and none says it is revoked.
     #[arg(long)]
     mesh_ca: bool,
+    /// Rotate the mesh key in place while the faults run, as an operator would with `peerbus
+    /// reload`: a quarter, half and three quarters through, the run writes the next step of a
+    /// rotation to a new key into the key file every node reads (1: prove the old key and
+    /// accept the new one; 2: prove the new one and accept the old; 3: the new key alone),
+    /// and asks each node to read it again until it answers (a killed node reads it when it
+    /// starts again). A step is written only once every node took the one before it. The run
+    /// fails unless every node took every step and ends on the new key alone; a node refused
+    /// for its key is a protocol fault like any other.
+    #[arg(long, conflicts_with = "mesh_ca")]
+    rotate_key: bool,
 }
 
 /// The highest protocol node `i` speaks in a `--mixed-protocols` run: 4, 5, 6 or this
@@ -489,6 +502,11 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     if !key_path.exists() {
         MeshKey::write_new(&key_path).context("writing the mesh key")?;
     }
+    let rotation = a
+        .rotate_key
+        .then(|| rotation::Rotation::prepare(&key_path))
+        .transpose()
+        .context("preparing the mesh key rotation")?;
     let addrs = free_ports(a.nodes, false).context("finding free ports on 127.0.0.1")?;
     let admins = if a.admin {
         free_ports(a.nodes, true).context("finding free TCP ports on 127.0.0.1")?
@@ -631,6 +649,17 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             (a.duration * 3 / 4).as_secs_f64()
         );
     }
+    if a.rotate_key {
+        println!(
+            "chaos: the mesh key in {} is rotated in place to the new key in {} in three steps, \
+             at {:.1}s, {:.1}s and {:.1}s or once every node took the step before",
+            key_path.display(),
+            key_path.with_file_name("next.key").display(),
+            (a.duration / 4).as_secs_f64(),
+            (a.duration / 2).as_secs_f64(),
+            (a.duration * 3 / 4).as_secs_f64()
+        );
+    }
     for i in 0..a.nodes {
         mesh.spawn(i)?;
     }
@@ -769,8 +798,22 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         let readmitted = tokio::time::timeout_at((t0 + a.duration).into(), readmitted).await;
         Ok(Some((renewed_at, until, readmitted.ok())))
     };
+    // A `--rotate-key` run takes the rotation's steps a quarter, half and three quarters
+    // through, each once every node took the one before.
+    let mut rotation_steps = Vec::new();
+    let rotate = async {
+        if let Some(r) = &rotation {
+            let at = |step: usize| t0 + a.duration * step as u32 / 4;
+            rotation::take_steps(r, &dirs, t0, at, t0 + a.duration, true, &mut rotation_steps)
+                .await?;
+        }
+        anyhow::Ok(())
+    };
     let (records, spread, renewed) = tokio::select! {
-        r = async { tokio::join!(run_faults, spread, renew) } => (r.0?, r.1?, r.2?),
+        r = async { tokio::join!(run_faults, spread, renew, rotate) } => {
+            r.3?;
+            (r.0?, r.1?, r.2?)
+        }
         _ = tokio::signal::ctrl_c() => bail!("interrupted; the run directory is {}", dir.display()),
     };
 
@@ -789,6 +832,24 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     }
     for d in &dirs {
         let _ = control(d, json!({"cmd": "faults", "heal_all": true})).await;
+    }
+    // The rotation's steps not taken while the faults ran are taken now, before the drain
+    // (which needs every node on keys its peers accept).
+    if let Some(r) = &rotation
+        && (rotation_steps.len() < rotation::STEPS.len()
+            || rotation_steps.iter().any(|s| s.all_took_after_s.is_none()))
+    {
+        let until = Instant::now() + ROTATION_WAIT;
+        rotation::take_steps(
+            r,
+            &dirs,
+            t0,
+            |_| Instant::now(),
+            until,
+            false,
+            &mut rotation_steps,
+        )
+        .await?;
     }
     std::fs::write(dir.join(worker::STOP_FILE), b"")?;
     let stop_deadline = Instant::now() + Duration::from_secs(20);
@@ -882,6 +943,34 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         _ => None,
     };
 
+    // Every node must hold the key file's keys, the new key alone, at the end, and a node
+    // started on them must be admitted by every other on new connections: node-0 restarts.
+    let key_rotation = match &rotation {
+        Some(_) => {
+            let nodes_on_new_key =
+                rotation::nodes_on_file(&dirs, Instant::now() + ROTATION_WAIT).await;
+            let rejoined_after_s = rejoin(&mut mesh, 0, &dirs).await?.map(|d| d.as_secs_f64());
+            match rejoined_after_s {
+                Some(after) => println!(
+                    "chaos: node-0, restarted on the new key alone, was connected to every \
+                     other node {after:.2}s after it started"
+                ),
+                None => println!(
+                    "chaos: node-0, restarted on the new key alone, was not connected to every \
+                     other node within {}",
+                    humantime::format_duration(ROTATION_WAIT)
+                ),
+            }
+            Some(rotation::KeyRotationRun {
+                nodes_on_new_key,
+                steps: rotation_steps,
+                nodes: a.nodes,
+                rejoined_after_s,
+            })
+        }
+        None => None,
+    };
+
     // Stop the nodes gracefully.
     for i in 0..a.nodes {
         if let Some(pid) = mesh.pid(i) {
@@ -913,6 +1002,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
         }
         m
     });
+    findings.key_rotation = key_rotation;
     // The report names when a lost or late message was seen in Unix time, to find it in the
     // nodes' logs: the run's start on the wall clock plus the monotonic time since.
     let unix_of = |us: u64| t0_unix_us.saturating_add(us).saturating_sub(t0_us);
@@ -970,6 +1060,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             "no_ready_wait": a.no_ready_wait,
             "mixed_protocols": a.mixed_protocols,
             "mesh_ca": a.mesh_ca,
+            "rotate_key": a.rotate_key,
         }),
         findings,
         faults,
@@ -995,7 +1086,7 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
             "chaos: invariants broken: {} lost, {} undrained (still in their senders' logs), {} \
              out of key order, {} phantom, {} connections closed for a protocol fault (the \
              nodes' logs say why), {} replies to the wrong request, {} requests never ended, \
-             {} past their deadline, {}; journals kept in {}",
+             {} past their deadline, {}, {}; journals kept in {}",
             f.lost,
             f.undrained,
             f.order_violations,
@@ -1018,6 +1109,10 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
                     r.nodes_still_revoked
                 )
             ),
+            f.key_rotation.as_ref().map_or_else(
+                || "no key rotation".to_string(),
+                |r| format!("key rotation: {}", r.text())
+            ),
             dir.display()
         );
     }
@@ -1026,6 +1121,35 @@ pub(crate) async fn run(a: &ChaosArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Restarts node `i` gracefully and waits up to [`ROTATION_WAIT`] until it has a connection
+/// to every other node: the time that took from its start, or `None`.
+async fn rejoin(mesh: &mut Mesh, i: usize, dirs: &[PathBuf]) -> anyhow::Result<Option<Duration>> {
+    if let Some(pid) = mesh.pid(i) {
+        signal(pid, libc::SIGTERM);
+    }
+    if !mesh.reap(i, Duration::from_secs(15)).await {
+        println!("chaos: node-{i} did not stop within 15s of SIGTERM; killed");
+    }
+    mesh.spawn(i)?;
+    let started = Instant::now();
+    let deadline = started + ROTATION_WAIT;
+    while Instant::now() < deadline {
+        if backlog(dirs[i].clone())
+            .await
+            .is_some_and(|(_, connections)| connections + 1 >= dirs.len())
+        {
+            return Ok(Some(started.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(None)
+}
+
+/// Longest wait, once the faults are healed, for every node to take a `--rotate-key` run's
+/// steps not taken while they ran, and then at the end for every node to answer that it holds
+/// the new key alone.
+const ROTATION_WAIT: Duration = Duration::from_secs(15);
 
 /// Longest wait, after the drain, for every node to hold a `--mesh-ca` run's revocation
 /// list and present its renewed certificate.

@@ -144,6 +144,7 @@ impl RunReport {
             "redelivered": f.redelivered,
             "duplicates_dropped": f.duplicates_dropped,
             "mesh_ca": f.mesh_ca,
+            "key_rotation": f.key_rotation,
             "faults": self.faults,
             "drain_seconds": self.faults.iter().map(|x| x.drain_seconds).collect::<Vec<_>>(),
             "drain_by_kind": drain_by_kind(&self.faults),
@@ -329,6 +330,9 @@ impl RunReport {
                 verdict(r.renewal_ok()),
             ));
         }
+        if let Some(r) = &f.key_rotation {
+            rows.push(("mesh key rotation", r.text(), verdict(r.ok())));
+        }
         for (k, v, ok) in rows {
             let _ = writeln!(s, "  {k:<30} {v:<52} {ok}");
         }
@@ -377,18 +381,24 @@ impl RunReport {
         let _ = writeln!(
             s,
             "\n{}",
-            match (f.ok(), f.mesh_ca.is_some()) {
-                (true, false) => {
+            match (f.ok(), f.mesh_ca.is_some(), f.key_rotation.is_some()) {
+                (true, false, false) => {
                     "PASS: no acknowledged message lost, none out of key order, no protocol \
                      fault, no reply to the wrong request, every request ended by its deadline"
                 }
-                (true, true) => {
+                (true, true, _) => {
                     "PASS: no acknowledged message lost, none out of key order, no protocol \
                      fault, no reply to the wrong request, every request ended by its deadline, \
                      the mesh CA's revocation list reached every node and cut off the node it \
                      revoked, and every node presents its renewed certificate"
                 }
-                (false, _) => "FAIL: invariants broken (see above)",
+                (true, false, true) => {
+                    "PASS: no acknowledged message lost, none out of key order, no protocol \
+                     fault, no reply to the wrong request, every request ended by its deadline, \
+                     and every node took each step of the mesh key rotation and proves and \
+                     accepts the new key alone"
+                }
+                (false, ..) => "FAIL: invariants broken (see above)",
             }
         );
         if f.undrained > 0 {
@@ -489,11 +499,25 @@ impl RunReport {
                 .collect(),
             "#b71c1c",
         ));
-        // A `--mesh-ca` run's revocation and renewal, as dashed lines across the plot.
+        // A `--mesh-ca` run's revocation and renewal, and a `--rotate-key` run's steps written
+        // while the faults ran, as dashed lines across the plot.
+        let steps: Vec<(f64, String)> = f
+            .key_rotation
+            .iter()
+            .flat_map(|r| &r.steps)
+            .filter(|s| s.under_faults)
+            .map(|s| (s.written_at_s, format!("key step {}", s.step)))
+            .collect();
         for (at, label) in f
             .mesh_ca
             .iter()
-            .flat_map(|r| [(r.revoked_at_s, "revoked"), (r.renewed_at_s, "renewed")])
+            .flat_map(|r| {
+                [
+                    (r.revoked_at_s, "revoked".to_string()),
+                    (r.renewed_at_s, "renewed".to_string()),
+                ]
+            })
+            .chain(steps)
         {
             let _ = write!(
                 svg,
@@ -530,6 +554,9 @@ impl RunReport {
                 escape(&renewal)
             )
         });
+        let key_rotation = f.key_rotation.as_ref().map_or_else(String::new, |r| {
+            format!("<h2>Mesh key rotation</h2><p>{}</p>", escape(&r.text()))
+        });
         let mut rows = String::new();
         for (i, fv) in self.faults.iter().enumerate() {
             let _ = write!(
@@ -565,6 +592,7 @@ impl RunReport {
 {svg}
 <h2>Faults</h2><table><tr><th>#</th><th>kind</th><th>target</th><th>start s</th><th>end s</th><th>drain s</th><th>waited for last</th></tr>{rows}</table>
 {mesh_ca}
+{key_rotation}
 {duplicates}
 <h2>Settings</h2><pre>{settings}</pre></body></html>
 "#,
