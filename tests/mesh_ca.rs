@@ -8,10 +8,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::handmade::HandMade;
 use common::{delivered, drain, eventually, within};
+use peerbus::engine::wire::ALPN_NEGOTIATED;
 use peerbus::{
-    AdminError, CaKey, FileOutcome, Identity, MemoryNetwork, MeshReload, Node, NodeBuilder,
-    NodeCert, NodeId, Outgoing, PeerState,
+    AdminError, CaKey, CloseCode, FileOutcome, Identity, MemoryNetwork, MeshReload, Node,
+    NodeBuilder, NodeCert, NodeId, Outgoing, PROTOCOL_VERSION, PeerState,
 };
 use tokio::sync::mpsc::Receiver;
 
@@ -721,6 +723,80 @@ async fn a_certificate_bound_to_a_service_runs_that_service_only() {
         for n in [sender, receiver] {
             n.shutdown().await;
         }
+    })
+    .await;
+}
+
+/// A member cannot take another service's messages by claiming its name in its hello: a
+/// hand-made peer whose certificate binds it to `orders` dials a node and claims `vault`;
+/// the node refuses it before answering (`mesh_proof_failed`, naming the binding) and counts
+/// the refusal, and a message for `vault` waits. Dialling again as `orders`, the same peer is
+/// admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_claiming_a_service_its_certificate_does_not_name_is_refused() {
+    within(60, async {
+        let f = Fixture::new();
+        let node = f.member("payments", "p").start().await.expect("node");
+        let receipt = node
+            .send("vault", Outgoing::new("for the vault"))
+            .await
+            .expect("kept for the vault");
+        let identity = peerbus_transport::Identity::generate().expect("identity");
+        let pem =
+            f.ca.issue_for_services(&identity.node_id(), DAY, &["orders"])
+                .expect("issue");
+        let membership = || peerbus_transport::Membership::Ca {
+            ca: f.ca.trust().expect("trust"),
+            cert: NodeCert::from_pem("orders.crt", pem.as_bytes()).expect("cert"),
+        };
+        let claim = |peer: &HandMade, service: &str| {
+            let mut hello = peer.hello(
+                peerbus::engine::wire::MIN_PROTOCOL_VERSION,
+                PROTOCOL_VERSION,
+            );
+            hello.service = service.into();
+            hello.consumes = true;
+            hello
+        };
+
+        let mut rogue =
+            HandMade::dial_as(identity.clone(), membership(), &node, ALPN_NEGOTIATED).await;
+        let hello = claim(&rogue, "vault");
+        assert!(
+            rogue.send_hello(hello).await.is_none(),
+            "the node answered a hello that claims `vault`"
+        );
+        match rogue.conn.closed().await {
+            peerbus_transport::ConnectionError::ClosedByPeer { code, reason } => {
+                assert_eq!(code, CloseCode::MeshProofFailed, "{reason}");
+                assert!(
+                    reason.contains("binds it to service `orders`, not `vault`"),
+                    "{reason}"
+                );
+            }
+            other => panic!("closed otherwise: {other}"),
+        }
+        eventually(5, "the refusal counted", || async {
+            node.status()
+                .await
+                .is_some_and(|s| s.connections_closed.get("mesh_proof_failed").copied() == Some(1))
+        })
+        .await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), receipt.acked())
+                .await
+                .is_err(),
+            "the message for `vault` settled"
+        );
+
+        let mut honest = HandMade::dial_as(identity, membership(), &node, ALPN_NEGOTIATED).await;
+        let hello = claim(&honest, "orders");
+        let answer = honest
+            .send_hello(hello)
+            .await
+            .expect("admitted as `orders`");
+        assert_eq!(answer.node_id, node.id());
+        node.shutdown().await;
     })
     .await;
 }

@@ -25,11 +25,19 @@ impl HandMade {
     /// Dials `node` offering only the ALPN id `alpn` and opens the control stream.
     pub async fn dial(key: &MeshKey, node: &Node, alpn: &[u8]) -> HandMade {
         let identity = Identity::generate().expect("identity");
-        let mut config = EndpointConfig::new(
-            identity,
-            Membership::Key(key.clone()),
-            "127.0.0.1:0".parse().expect("addr"),
-        );
+        HandMade::dial_as(identity, Membership::Key(key.clone()), node, alpn).await
+    }
+
+    /// [`HandMade::dial`] as `identity`, a member by `membership` (a mesh CA's certificate,
+    /// say).
+    pub async fn dial_as(
+        identity: Identity,
+        membership: Membership,
+        node: &Node,
+        alpn: &[u8],
+    ) -> HandMade {
+        let mut config =
+            EndpointConfig::new(identity, membership, "127.0.0.1:0".parse().expect("addr"));
         config.alpn = vec![alpn.to_vec()];
         let endpoint = Endpoint::bind(config).expect("bind");
         let conn = endpoint
