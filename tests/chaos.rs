@@ -271,7 +271,8 @@ fn a_chaos_run_of_a_mesh_ca_cuts_off_a_revoked_node_and_readmits_it_with_a_new_c
 
 /// `--rotate-key`: the mesh key is rotated in place under kills, freezes and partitions, by
 /// rewriting the key file every node reads and asking each node to read it again, in three
-/// steps each taken by every node before the next. The run passes only if no node was ever
+/// steps each taken by every node before the next; the last step closes the connections
+/// whose peer proved the old key, under load. The run passes only if no node was ever
 /// refused for its key (a protocol fault), every node took every step, each ends on the new
 /// key alone, and node-0, restarted on it at the end, is admitted by every other.
 #[test]
@@ -322,6 +323,15 @@ fn a_chaos_run_rotates_the_mesh_key_in_place_under_faults() {
         "{rot}"
     );
     assert!(rot["rejoined_after_s"].is_f64(), "{rot}");
+    // Step 3 closed the connections whose peer had proved the old key (not a fault), and
+    // their peers dialled again with the new one.
+    assert!(
+        r["closes"]["retired_mesh_key"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{}",
+        r["closes"]
+    );
     // The key file every node reads now holds the new key alone.
     let run = tmp.path().join("run");
     assert_eq!(

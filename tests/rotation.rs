@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{delivered, drain, eventually, within};
-use peerbus::{FileOutcome, MemoryNetwork, MeshKey, Node, PeerState};
+use peerbus::{FileOutcome, MemoryNetwork, MeshKey, Node, Outgoing, PeerState};
 
 /// A key file holding the keys of `files` in order (each written by `MeshKey::write_new`, as
 /// `peerbus keygen --out` does), as an operator would join them with `cat`.
@@ -42,6 +42,53 @@ async fn state_of(node: &Node, peer: &Node) -> Option<PeerState> {
         .iter()
         .find(|p| p.node_id == peer.id())
         .map(|p| p.state)
+}
+
+/// Two nodes of one key that rotate it in place: `sender` and an `orders` receiver, each
+/// reading its own key file in `dir`, and the key files `old` (the one they start on) and
+/// `new`.
+struct InPlace {
+    dir: tempfile::TempDir,
+    old: PathBuf,
+    new: PathBuf,
+    net: MemoryNetwork,
+    sender: Node,
+    receiver: Node,
+}
+
+impl InPlace {
+    async fn start() -> InPlace {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (old, new) = (dir.path().join("old.key"), dir.path().join("new.key"));
+        MeshKey::write_new(&old).expect("old key");
+        MeshKey::write_new(&new).expect("new key");
+        let net = MemoryNetwork::new();
+        let sender_file = joined(dir.path(), "sender.key", &[&old]);
+        let receiver_file = joined(dir.path(), "receiver.key", &[&old]);
+        let sender = node(&net, "sender", &sender_file).await;
+        let receiver = node(&net, "orders", &receiver_file).await;
+        InPlace {
+            dir,
+            old,
+            new,
+            net,
+            sender,
+            receiver,
+        }
+    }
+
+    /// Writes the keys of `files` into `n`'s key file (`sender.key` or `receiver.key`) and
+    /// has it read the file: whether it took it (and nothing else).
+    async fn take(&self, n: &Node, files: &[&Path]) -> bool {
+        let name = if n.id() == self.sender.id() {
+            "sender.key"
+        } else {
+            "receiver.key"
+        };
+        joined(self.dir.path(), name, files);
+        let r = n.reload_mesh_files().await.expect("reload");
+        r.key_file == Some(FileOutcome::Taken) && r.ca.is_none()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,66 +145,148 @@ async fn nodes_of_neighbouring_rotation_steps_connect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_rotation_in_place_needs_no_restart() {
     within(60, async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (old, new) = (dir.path().join("old.key"), dir.path().join("new.key"));
-        MeshKey::write_new(&old).expect("old key");
-        MeshKey::write_new(&new).expect("new key");
-        let net = MemoryNetwork::new();
-        let sender_file = joined(dir.path(), "sender.key", &[&old]);
-        let receiver_file = joined(dir.path(), "receiver.key", &[&old]);
-        let sender = node(&net, "sender", &sender_file).await;
-        let receiver = node(&net, "orders", &receiver_file).await;
+        let m = InPlace::start().await;
+        let InPlace {
+            dir,
+            old,
+            new,
+            net,
+            sender,
+            receiver,
+        } = &m;
         let mut got = drain(receiver.messages().expect("messages"));
-        delivered(&sender, &mut got, "before").await;
-        let reload = |n: &Node| {
-            let n = n.clone();
-            async move { n.reload_mesh_files().await.expect("reload") }
-        };
-        let took =
-            |r: peerbus::MeshReload| r.key_file == Some(FileOutcome::Taken) && r.ca.is_none();
-        let steps: [[&Path; 2]; 2] = [[&old, &new], [&new, &old]];
+        delivered(sender, &mut got, "before").await;
+        let steps: [[&Path; 2]; 2] = [[old, new], [new, old]];
         for (step, files) in steps.iter().enumerate() {
-            for (file, n) in [(&sender_file, &sender), (&receiver_file, &receiver)] {
-                joined(
-                    dir.path(),
-                    file.file_name().and_then(|f| f.to_str()).expect("name"),
-                    files,
-                );
-                assert!(took(reload(n).await), "step {}", step + 1);
+            for n in [sender, receiver] {
+                assert!(m.take(n, files).await, "step {}", step + 1);
             }
             let text = ["during step 1", "during step 2"][step];
-            delivered(&sender, &mut got, text).await;
+            delivered(sender, &mut got, text).await;
         }
-        for (file, n) in [(&sender_file, &sender), (&receiver_file, &receiver)] {
-            joined(
-                dir.path(),
-                file.file_name().and_then(|f| f.to_str()).expect("name"),
-                &[&new],
-            );
-            assert!(took(reload(n).await), "the new key alone");
+        for n in [sender, receiver] {
+            assert!(m.take(n, &[new]).await, "the new key alone");
         }
-        assert_eq!(reload(&sender).await.key_file, Some(FileOutcome::Unchanged));
-        delivered(&sender, &mut got, "after").await;
+        let again = sender.reload_mesh_files().await.expect("reload");
+        assert_eq!(again.key_file, Some(FileOutcome::Unchanged));
+        delivered(sender, &mut got, "after").await;
 
         // The mesh runs on the new key alone now.
-        let stale = node(&net, "stale", &old).await;
+        let stale = node(net, "stale", old).await;
         eventually(10, "a node of the old key is refused", || async {
-            state_of(&receiver, &stale).await == Some(PeerState::Refused)
+            state_of(receiver, &stale).await == Some(PeerState::Refused)
         })
         .await;
-        std::fs::write(&sender_file, "not a key\n").expect("garble");
-        let garbled = reload(&sender).await;
+        std::fs::write(dir.path().join("sender.key"), "not a key\n").expect("garble");
+        let garbled = sender.reload_mesh_files().await.expect("reload");
         assert!(
             matches!(&garbled.key_file, Some(FileOutcome::Refused(why)) if why.contains("line 1")),
             "{garbled:?}"
         );
-        let late = node(&net, "late", &new).await;
+        let late = node(net, "late", new).await;
         assert!(
             late.wait_for_instances("sender", 1, Duration::from_secs(10))
                 .await,
             "the garbled file left the sender's keys as they were"
         );
-        for n in [stale, late, sender, receiver] {
+        for n in [&stale, &late, sender, receiver] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
+/// A key is rotated out because it leaked: an intruder that holds only the old key, connected
+/// and consuming `orders` before the rotation, is cut off when the sender drops the old key
+/// (the last step), not only refused on its next dial, and takes no message from then on.
+/// The members' own connections, proved with the old key before the rotation, are closed
+/// then too and made again with the new key at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_key_cuts_off_a_live_peer_that_proved_it() {
+    within(60, async {
+        let m = InPlace::start().await;
+        let InPlace {
+            old,
+            new,
+            net,
+            sender,
+            receiver,
+            ..
+        } = &m;
+        let intruder = node(net, "orders", old).await;
+        let mut got = drain(receiver.messages().expect("messages"));
+        let mut stolen = drain(intruder.messages().expect("messages"));
+        assert!(
+            sender
+                .wait_for_instances("orders", 2, Duration::from_secs(10))
+                .await,
+            "both instances connected"
+        );
+        let steps: [[&Path; 2]; 2] = [[old, new], [new, old]];
+        for files in steps {
+            for n in [sender, receiver] {
+                assert!(m.take(n, &files).await);
+            }
+        }
+        let retired = |n: &Node| {
+            let n = n.clone();
+            async move {
+                n.status().await.map_or(0, |s| {
+                    s.connections_closed
+                        .get("retired_mesh_key")
+                        .copied()
+                        .unwrap_or(0)
+                })
+            }
+        };
+        assert_eq!(retired(sender).await, 0, "steps 1 and 2 keep the old key");
+        assert!(m.take(sender, &[new]).await);
+        // The intruder's connection and the receiver's (both proved the old key) are closed.
+        eventually(5, "the intruder is cut off", || async {
+            retired(sender).await >= 2
+                && state_of(sender, &intruder).await != Some(PeerState::Connected)
+        })
+        .await;
+        // Its dials from then on are refused (`mesh_proof_failed`: a peer of another key).
+        eventually(10, "the intruder's redial is refused", || async {
+            state_of(sender, &intruder).await == Some(PeerState::Refused)
+        })
+        .await;
+        // The receiver proves the new key: it is back at once, and gets everything.
+        assert!(
+            sender
+                .wait_for_instances("orders", 1, Duration::from_secs(5))
+                .await
+        );
+        for i in 0..20 {
+            sender
+                .send(
+                    "orders",
+                    Outgoing::new(format!("after {i}")).key(format!("k{i}")),
+                )
+                .await
+                .expect("stored")
+                .acked()
+                .await
+                .expect("acked");
+        }
+        for _ in 0..20 {
+            assert!(
+                got.recv()
+                    .await
+                    .is_some_and(|(_, t)| t.starts_with("after"))
+            );
+        }
+        assert!(
+            std::iter::from_fn(|| stolen.try_recv().ok()).all(|(_, t)| !t.starts_with("after")),
+            "the intruder took a message after the old key was dropped"
+        );
+        assert_ne!(
+            state_of(sender, &intruder).await,
+            Some(PeerState::Connected),
+            "the intruder connected again"
+        );
+        for n in [&intruder, sender, receiver] {
             n.shutdown().await;
         }
     })

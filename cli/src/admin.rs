@@ -208,7 +208,8 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
         ))?;
         // Closes that point at a misbehaving or mismatched peer (its log has the details);
         // refusals of a revoked certificate (`revoked_certificate`, no close code of its own)
-        // are counted on their own line below.
+        // and the closes for a dropped mesh key (`retired_mesh_key`) are counted on their own
+        // lines below.
         let faults: Vec<String> = status
             .get("connections_closed")
             .and_then(Value::as_object)
@@ -276,6 +277,17 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
         {
             print_line(&format!(
                 "  connections refused for a revoked certificate: {revoked}"
+            ))?;
+        }
+        if let Some(retired) = status
+            .get("connections_closed")
+            .and_then(|c| c.get(peerbus_transport::CloseCounts::RETIRED_MESH_KEY))
+            .and_then(Value::as_u64)
+            .filter(|n| *n > 0)
+        {
+            print_line(&format!(
+                "connections closed for a mesh key this node dropped: {retired} (their peers \
+                 proved it; those that prove a key in use connected again)"
             ))?;
         }
     } else {

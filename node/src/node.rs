@@ -174,7 +174,8 @@ pub struct Status {
     /// refusals of a revoked certificate apart as `revoked_certificate`
     /// ([`CloseCounts::by_cause`](peerbus_transport::CloseCounts::by_cause)): they close
     /// with `mesh_proof_failed` on the wire, but are a revoked node that keeps dialling, not
-    /// a mismatched peer. A growing count of the protocol codes means a peer that misbehaves
+    /// a mismatched peer; likewise the live connections closed because their peer proved a
+    /// mesh key this node dropped, as `retired_mesh_key`. A growing count of the protocol codes means a peer that misbehaves
     /// or runs an incompatible build; each close is also logged (warn) with the peer and the
     /// reason.
     pub connections_closed: BTreeMap<String, u64>,
@@ -566,8 +567,10 @@ impl Node {
     ///   checks live connections again and is passed on to peers.
     /// - A mesh key file ([`NodeBuilder::mesh_key_file`](crate::NodeBuilder::mesh_key_file)),
     ///   read only when asked: the node proves its first key and accepts all of them from
-    ///   now on, so a key rotation's steps need no restarts. Live connections stay (their
-    ///   peers proved a key when they began).
+    ///   now on, so a key rotation's steps need no restarts. Live connections whose peer
+    ///   proved a key the file still holds stay; the others are closed (counted as
+    ///   `retired_mesh_key`): dropping a key cuts off whoever was admitted by it, and a
+    ///   peer that proves a key in use connects again at once.
     ///
     /// A new certificate, CA or key set makes this node dial the peers it waits for at once.
     /// Says, per file, whether it was unchanged, taken or refused (the one in use stays, and

@@ -240,6 +240,7 @@ impl Drop for Handshake<'_> {
 pub struct CloseCounts {
     by_code: [u64; CloseCode::ALL.len()],
     revoked: u64,
+    retired: u64,
 }
 
 impl CloseCounts {
@@ -261,17 +262,36 @@ impl CloseCounts {
     /// certificate.
     pub const REVOKED_CERTIFICATE: &'static str = "revoked_certificate";
 
+    /// Of the connections closed with [`CloseCode::MeshProofFailed`], the live ones whose
+    /// peer had proved a mesh key this endpoint no longer accepts ([`Endpoint::renew_keys`]
+    /// dropped it: the last step of a key rotation): a peer that proves the new key
+    /// connects again at once, one that knows only the old key cannot.
+    pub fn retired_keys(&self) -> u64 {
+        self.retired
+    }
+
+    /// The name under which [`CloseCounts::by_cause`] counts the closes of connections whose
+    /// peer proved a retired mesh key.
+    pub const RETIRED_MESH_KEY: &'static str = "retired_mesh_key";
+
     /// Every code's name with its count, zeros included, in [`CloseCode::ALL`] order, except
-    /// that `mesh_proof_failed` leaves out the refusals of a revoked certificate, which come
-    /// last as [`CloseCounts::REVOKED_CERTIFICATE`]: a revoked node that keeps dialling
-    /// apart from a peer that breaks the protocol.
+    /// that `mesh_proof_failed` leaves out the refusals of a revoked certificate and the
+    /// closes for a retired mesh key, which come last as
+    /// [`CloseCounts::REVOKED_CERTIFICATE`] and [`CloseCounts::RETIRED_MESH_KEY`]: a revoked
+    /// node that keeps dialling, and the connections a key rotation ended, apart from a
+    /// peer that breaks the protocol.
     pub fn by_cause(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         self.iter()
             .map(|(code, n)| match code {
-                CloseCode::MeshProofFailed => (code.name(), n.saturating_sub(self.revoked)),
+                CloseCode::MeshProofFailed => {
+                    (code.name(), n.saturating_sub(self.revoked + self.retired))
+                }
                 _ => (code.name(), n),
             })
-            .chain([(Self::REVOKED_CERTIFICATE, self.revoked)])
+            .chain([
+                (Self::REVOKED_CERTIFICATE, self.revoked),
+                (Self::RETIRED_MESH_KEY, self.retired),
+            ])
     }
 
     /// Every code with its count, zeros included, in [`CloseCode::ALL`] order.
@@ -285,13 +305,18 @@ impl CloseCounts {
 struct CloseTally {
     by_code: [AtomicU64; CloseCode::ALL.len()],
     revoked: AtomicU64,
+    retired: AtomicU64,
 }
 
 impl CloseTally {
     fn count(&self, code: CloseCode, reason: &str) {
         self.by_code[code.index()].fetch_add(1, Ordering::Relaxed);
-        if code == CloseCode::MeshProofFailed && crate::ca::says_revoked(reason) {
-            self.revoked.fetch_add(1, Ordering::Relaxed);
+        if code == CloseCode::MeshProofFailed {
+            if crate::ca::says_revoked(reason) {
+                self.revoked.fetch_add(1, Ordering::Relaxed);
+            } else if reason.starts_with(RETIRED_KEY) {
+                self.retired.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -299,8 +324,24 @@ impl CloseTally {
         CloseCounts {
             by_code: std::array::from_fn(|i| self.by_code[i].load(Ordering::Relaxed)),
             revoked: self.revoked.load(Ordering::Relaxed),
+            retired: self.retired.load(Ordering::Relaxed),
         }
     }
+}
+
+/// How [`Endpoint::recheck`]'s reason begins for a live connection whose peer proved a mesh
+/// key that [`Endpoint::renew_keys`] dropped (counted as
+/// [`CloseCounts::RETIRED_MESH_KEY`]).
+pub const RETIRED_KEY: &str = "the mesh key the peer proved is no longer accepted";
+
+/// What a peer proved its membership with.
+enum Proved {
+    /// A certificate of the mesh CA, as checked.
+    Certificate(NodeCert),
+    /// One of the mesh keys this endpoint accepted then.
+    Key(MeshKey),
+    /// Nothing: an open mesh.
+    Open,
 }
 
 /// A bound QUIC endpoint: dials and accepts peer connections. Cheap to clone.
@@ -500,9 +541,12 @@ impl Endpoint {
     /// Proves `keys[0]` and accepts a peer that proves any of `keys` from now on, in place of
     /// the mesh keys this endpoint was bound with or last given (a key rotation without a
     /// restart: the steps of [`Membership::Rotating`], each taken in place). Only for an
-    /// endpoint bound with a mesh key; 1 to [`MAX_MESH_KEYS`] keys. Live connections stay:
-    /// their peers proved a key when they began, and a key proof cannot be checked again
-    /// later.
+    /// endpoint bound with a mesh key; 1 to [`MAX_MESH_KEYS`] keys. Live connections whose
+    /// peer proved a key still accepted stay; [`Connection::trust_changes`] tells the holders
+    /// of the others ([`Endpoint::recheck`]) that their peer proved a key no longer accepted
+    /// (the rotation's last step drops the old key: whoever was admitted by it alone, a
+    /// holder of a leaked key say, is cut off, and a peer that proves the new key connects
+    /// again).
     pub fn renew_keys(&self, keys: Vec<MeshKey>) -> Result<(), BindError> {
         if self.inner.config.membership.own_key().is_none() {
             return Err(BindError::Config(
@@ -516,6 +560,7 @@ impl Endpoint {
             )));
         }
         self.presented_mut().keys = keys;
+        self.inner.trust_changed.send_modify(|n| *n += 1);
         Ok(())
     }
 
@@ -627,8 +672,19 @@ impl Endpoint {
 
     /// Checks a live connection's peer again against the CA certificates trusted now: when
     /// its membership ends ([`Connection::membership_expires`] for the trust of now), or why
-    /// it is no longer a member. Always `Ok(None)` without a mesh CA.
+    /// it is no longer a member. With mesh keys, whether the key the peer proved is still
+    /// one of [`Endpoint::mesh_keys`] (`Ok(None)`), or why not (starting with
+    /// [`RETIRED_KEY`]). `Ok(None)` in an open mesh.
     pub fn recheck(&self, conn: &Connection) -> Result<Option<SystemTime>, String> {
+        if let Some(key) = conn.proved_key.as_deref() {
+            return if self.presented().keys.contains(key) {
+                Ok(None)
+            } else {
+                Err(format!(
+                    "{RETIRED_KEY}: this node's key file (or `renew_keys`) dropped it"
+                ))
+            };
+        }
         let Some(ca) = self.trust() else {
             return Ok(None);
         };
@@ -807,7 +863,7 @@ impl Endpoint {
         let peer = peer_id(&quinn_conn).map_err(ConnectError::Tls)?;
         let conn = Connection::new(quinn_conn, peer, true, self);
         match tokio::time::timeout(PROOF_TIMEOUT, self.prove(&conn)).await {
-            Ok(Ok(cert)) => Ok(conn.with_membership(cert)),
+            Ok(Ok(proved)) => Ok(conn.with_membership(proved)),
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 conn.close(CloseCode::Unresponsive, "mesh proof timed out");
@@ -817,9 +873,8 @@ impl Endpoint {
     }
 
     /// The dialer's side of the mesh proof: send ours, check theirs, then finish the stream,
-    /// which tells the listener that we accept it.
-    /// Returns when the listener's membership ends ([`Connection::membership_expires`]).
-    async fn prove(&self, conn: &Connection) -> Result<Option<NodeCert>, ConnectError> {
+    /// which tells the listener that we accept it. Returns what the listener proved.
+    async fn prove(&self, conn: &Connection) -> Result<Proved, ConnectError> {
         let (dialer, listener) = (self.node_id(), conn.peer);
         let ekm = ekm(&conn.inner, &dialer, &listener).map_err(ConnectError::Other)?;
         let lost = |e: quinn::ConnectionError| refused(conn.convert(e));
@@ -838,8 +893,8 @@ impl Endpoint {
                 None => ConnectError::Other(format!("mesh proof exchange failed: {other}")),
             },
         })?;
-        let until = match self.check_proof(1, &dialer, &listener, &ekm, &theirs, &conn.inner) {
-            Ok(until) => until,
+        let proved = match self.check_proof(1, &dialer, &listener, &ekm, &theirs, &conn.inner) {
+            Ok(proved) => proved,
             Err(why) => {
                 warn!(addr = %conn.remote_addr(), claimed = %conn.peer, reason = %why,
                     "refusing peer: mesh proof failed");
@@ -852,7 +907,7 @@ impl Endpoint {
         };
         send.finish()
             .map_err(|e| ConnectError::Other(format!("mesh proof exchange failed: {e}")))?;
-        Ok(until)
+        Ok(proved)
     }
 
     /// Our proof message for `role` (0 dialer, 1 listener): `[1][HMAC]` with a mesh key,
@@ -886,7 +941,7 @@ impl Endpoint {
         ekm: &[u8],
         got: &[u8; PROOF_LEN],
         conn: &quinn::Connection,
-    ) -> Result<Option<NodeCert>, String> {
+    ) -> Result<Proved, String> {
         let who = if role == 0 { "dialer" } else { "listener" };
         let other = if role == 0 { "listener" } else { "dialer" };
         let membership = &self.inner.config.membership;
@@ -896,7 +951,7 @@ impl Endpoint {
                     let cert = peer_certificate(conn)?;
                     let peer = if role == 0 { dialer } else { listener };
                     match ca.check(cert.as_ref(), SystemTime::now()) {
-                        Ok(c) if c.node_id() == *peer => Ok(Some(c)),
+                        Ok(c) if c.node_id() == *peer => Ok(Proved::Certificate(c)),
                         Ok(c) => Err(format!(
                             "the {who}'s certificate is for node {}",
                             c.node_id()
@@ -917,7 +972,7 @@ impl Endpoint {
             };
         }
         if matches!(membership, Membership::InsecureOpen) {
-            Ok(None)
+            Ok(Proved::Open)
         } else if got[0] == PROOF_CA {
             Err(format!(
                 "the {who} proves a mesh CA certificate but the {other} requires a mesh key"
@@ -926,13 +981,13 @@ impl Endpoint {
             Err(format!(
                 "the {who} has no mesh key but the {other} requires one"
             ))
-        } else if self
+        } else if let Some(key) = self
             .presented()
             .keys
             .iter()
-            .any(|k| k.verify(role, dialer, listener, ekm, &got[1..]))
+            .find(|k| k.verify(role, dialer, listener, ekm, &got[1..]))
         {
-            Ok(None)
+            Ok(Proved::Key(key.clone()))
         } else {
             Err(format!("the {who}'s mesh key differs from the {other}'s"))
         }
@@ -1036,7 +1091,7 @@ impl Incoming {
         let ep = &self.endpoint;
         let conn = Connection::new(quinn_conn, peer, false, ep);
         match tokio::time::timeout(PROOF_TIMEOUT, ep.answer_proof(&conn)).await {
-            Ok(Ok(cert)) => Ok(conn.with_membership(cert)),
+            Ok(Ok(proved)) => Ok(conn.with_membership(proved)),
             Ok(Err(ProofFailure::Mismatch(reason))) => {
                 warn!(%addr, claimed = %peer, %reason, "refusing peer: mesh proof failed");
                 conn.close(CloseCode::MeshProofFailed, &reason);
@@ -1065,7 +1120,7 @@ impl Incoming {
 impl Endpoint {
     /// The listener's side of the mesh proof: check the dialer's, send ours, then wait for the
     /// dialer to finish its stream (its acceptance of our proof).
-    async fn answer_proof(&self, conn: &Connection) -> Result<Option<NodeCert>, ProofFailure> {
+    async fn answer_proof(&self, conn: &Connection) -> Result<Proved, ProofFailure> {
         let (dialer, listener) = (conn.peer, self.node_id());
         let lost = |e: quinn::ConnectionError| ProofFailure::Lost(conn.convert(e));
         let read_err = |e: quinn::ReadError| match e {
@@ -1081,7 +1136,7 @@ impl Endpoint {
                 ProofFailure::Protocol(format!("proof stream ended after {n} bytes"))
             }
         })?;
-        let until = self
+        let proved = self
             .check_proof(0, &dialer, &listener, &ekm, &theirs, &conn.inner)
             .map_err(ProofFailure::Mismatch)?;
         let ours = self.proof_bytes(1, &dialer, &listener, &ekm);
@@ -1096,7 +1151,7 @@ impl Endpoint {
                 ProofFailure::Protocol("extra bytes after the mesh proof".into())
             }
         })?;
-        Ok(until)
+        Ok(proved)
     }
 }
 
@@ -1221,6 +1276,9 @@ pub struct Connection {
     /// Behind a pointer: inline, it made every `Connection` (and every frame sender holding
     /// one) some 200 bytes larger.
     member_cert: Option<Arc<NodeCert>>,
+    /// The mesh key the peer proved membership with (a mesh key); `None` otherwise. Behind
+    /// a pointer for the same reason.
+    proved_key: Option<Arc<MeshKey>>,
     /// The endpoint's trust changes, seen as of this connection's start.
     trust: tokio::sync::watch::Receiver<u64>,
 }
@@ -1255,12 +1313,17 @@ impl Connection {
                 closes: ep.inner.closes.clone(),
             }),
             member_cert: None,
+            proved_key: None,
             trust: ep.inner.trust_changed.subscribe(),
         }
     }
 
-    fn with_membership(mut self, cert: Option<NodeCert>) -> Self {
-        self.member_cert = cert.map(Arc::new);
+    fn with_membership(mut self, proved: Proved) -> Self {
+        match proved {
+            Proved::Certificate(cert) => self.member_cert = Some(Arc::new(cert)),
+            Proved::Key(key) => self.proved_key = Some(Arc::new(key)),
+            Proved::Open => {}
+        }
         self
     }
 
@@ -1279,9 +1342,10 @@ impl Connection {
         self.member_cert.as_deref()
     }
 
-    /// Changes each time [`Endpoint::renew_trust`] replaces the trusted CA certificates after
-    /// this connection began (so a change during its proof is not missed): the peer's
-    /// membership is then for [`Endpoint::recheck`] to say.
+    /// Changes each time [`Endpoint::renew_trust`] replaces the trusted CA certificates (or a
+    /// revocation list is taken, or [`Endpoint::renew_keys`] the mesh keys) after this
+    /// connection began (so a change during its proof is not missed): the peer's membership
+    /// is then for [`Endpoint::recheck`] to say.
     pub fn trust_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.trust.clone()
     }
@@ -1389,7 +1453,10 @@ impl Connection {
                 .is_ok()
         {
             self.shared.closes.count(code, reason);
-            if code.is_protocol_fault() && !crate::ca::says_revoked(reason) {
+            if code.is_protocol_fault()
+                && !crate::ca::says_revoked(reason)
+                && !reason.starts_with(RETIRED_KEY)
+            {
                 // Rare between nodes of one build and mesh, so each names itself: the chaos
                 // report counts these closes as faults, and the reason is only here.
                 warn!(

@@ -82,7 +82,7 @@ pub use ca::{
     write_replacing,
 };
 pub use endpoint::{
-    CloseCounts, Connection, Endpoint, EndpointConfig, Incoming, ListTaken, Traffic,
+    CloseCounts, Connection, Endpoint, EndpointConfig, Incoming, ListTaken, RETIRED_KEY, Traffic,
 };
 pub use error::{
     AcceptError, BindError, CaError, CloseCode, ConnectError, ConnectionError, IdParseError,

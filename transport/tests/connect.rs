@@ -227,6 +227,61 @@ async fn a_mesh_key_rotation_in_place_keeps_running_endpoints_connected() {
     .await;
 }
 
+/// The rotation's last step drops the old key: a live connection whose peer proved it is
+/// told to close (its trust watch changes and `recheck` says why), one whose peer proved a
+/// key still accepted is not, and the close counts as `retired_mesh_key`, not as a failed
+/// proof.
+#[tokio::test]
+async fn a_live_connection_whose_peer_proved_a_dropped_key_is_rechecked_out() {
+    within(async {
+        let (old, new) = (MeshKey::generate(), MeshKey::generate());
+        let x = keyed(&old);
+        let (stale, renewed) = (keyed(&old), keyed(&new));
+        // At step 2 already: proves the new key, still accepts the old one.
+        renewed
+            .renew_keys(vec![new.clone(), old.clone()])
+            .expect("step 2");
+        x.renew_keys(vec![old.clone(), new.clone()])
+            .expect("step 1");
+        let (_stale_end, from_stale) = pair(&stale, &x).await;
+        let (_renewed_end, from_renewed) = pair(&renewed, &x).await;
+        let (mut w_stale, mut w_renewed) =
+            (from_stale.trust_changes(), from_renewed.trust_changes());
+        for c in [&from_stale, &from_renewed] {
+            assert_eq!(x.recheck(c), Ok(None));
+        }
+
+        // Step 2 keeps both keys: both peers stay members.
+        x.renew_keys(vec![new.clone(), old.clone()])
+            .expect("step 2");
+        w_stale.changed().await.expect("told of step 2");
+        assert_eq!(x.recheck(&from_stale), Ok(None));
+        assert_eq!(x.recheck(&from_renewed), Ok(None));
+
+        // Step 3: the new key alone.
+        x.renew_keys(vec![new.clone()]).expect("step 3");
+        w_stale.changed().await.expect("told of step 3");
+        w_renewed.changed().await.expect("told too");
+        let why = x.recheck(&from_stale).expect_err("proved the dropped key");
+        assert!(why.starts_with(peerbus_transport::RETIRED_KEY), "{why}");
+        assert_eq!(x.recheck(&from_renewed), Ok(None));
+        from_stale.close(CloseCode::MeshProofFailed, &why);
+        let closes = x.local_closes();
+        assert_eq!(
+            (
+                closes.retired_keys(),
+                closes.get(CloseCode::MeshProofFailed)
+            ),
+            (1, 1)
+        );
+        let by_cause: Vec<_> = closes.by_cause().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(by_cause, vec![(CloseCounts::RETIRED_MESH_KEY, 1)]);
+        // A new connection of the stale peer is refused; the renewed peer's still connects.
+        assert!(!connects(&stale, &x).await && connects(&renewed, &x).await);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn wrong_key_and_no_key_are_refused() {
     within(async {

@@ -61,8 +61,8 @@ pub const PEERS_CONNECTED: &str = "peerbus_peers_connected";
 /// Retired connections still open (see `Status::retiring_connections`).
 pub const CONNECTIONS_RETIRING: &str = "peerbus_connections_retiring";
 /// Connections this node closed, per close code (`code="protocol_violation"`, …), with the
-/// refusals of a revoked certificate apart (`code="revoked_certificate"`, not
-/// `mesh_proof_failed`).
+/// refusals of a revoked certificate and the closes for a dropped mesh key apart
+/// (`code="revoked_certificate"`, `code="retired_mesh_key"`, not `mesh_proof_failed`).
 pub const CONNECTIONS_CLOSED: &str = "peerbus_connections_closed_total";
 /// Known peers per state.
 pub const PEERS: &str = "peerbus_peers";
@@ -672,12 +672,14 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
         &format!(
             "Connections this node closed, per close code: {} name a misbehaving or mismatched \
              peer, {} a frozen or overloaded one, {} a network path that went dark and came \
-             back (reconnected at once), {} a peer whose certificate the mesh CA revoked \
-             (closed as {} on the wire).",
+             back (reconnected at once), {} a peer whose certificate the mesh CA revoked, {} \
+             a live connection whose peer proved a mesh key this node dropped (both closed as \
+             {} on the wire).",
             faults.join(", "),
             CloseCode::Unresponsive.name(),
             CloseCode::Stalled.name(),
             peerbus_transport::CloseCounts::REVOKED_CERTIFICATE,
+            peerbus_transport::CloseCounts::RETIRED_MESH_KEY,
             CloseCode::MeshProofFailed.name()
         ),
     );

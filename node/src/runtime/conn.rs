@@ -391,8 +391,9 @@ pub(crate) fn spawn_connection(shared: Arc<Shared>, ready: Ready, handles: ConnH
                         (why.to_string(), false)
                     }
                     Ok(()) = trust.changed() => {
-                        // The mesh CA file changed: the peer's certificate may be from a CA no
-                        // longer trusted.
+                        // The mesh CA, its revocation lists or the mesh keys changed: the
+                        // peer's certificate may be from a CA no longer trusted, or revoked,
+                        // or the key it proved dropped (a rotation's last step).
                         match shared2.endpoint.recheck(&conn) {
                             Ok(until) => {
                                 member_until = until;
