@@ -658,11 +658,12 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
         assert_eq!(sample(&m, name, &[("node", &nid)]), Some(ends as f64));
         // Nothing says its own certificate is revoked.
         assert!(status(&node).await["mesh_certificate_revoked"].is_null());
-        // Its certificate names no service: it may run any.
+        // Its certificate names no service: it may run any. It has no mesh key.
         assert_eq!(
             status(&node).await["mesh_certificate_services"],
             serde_json::json!([])
         );
+        assert_eq!(status(&node).await["mesh_keys"], serde_json::json!([]));
         let own_revoked = "peerbus_mesh_certificate_revoked";
         assert_eq!(sample(&m, own_revoked, &[("node", &nid)]), Some(0.0));
         // Its list revokes none, and the metrics say so, and which list it is.
@@ -708,12 +709,12 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
         );
         node.shutdown().await;
 
-        let keyed = start(admin(builder(
-            &MemoryNetwork::new(),
-            "x",
-            &MeshKey::generate(),
-        )))
-        .await;
+        let key = MeshKey::generate();
+        let keyed = start(admin(builder(&MemoryNetwork::new(), "x", &key))).await;
+        assert_eq!(
+            status(&keyed).await["mesh_keys"],
+            serde_json::json!([key.fingerprint()])
+        );
         assert!(status(&keyed).await["mesh_certificate_expires"].is_null());
         assert!(status(&keyed).await["mesh_certificate_services"].is_null());
         assert!(status(&keyed).await["mesh_ca_revoked"].is_null());

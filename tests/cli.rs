@@ -698,6 +698,11 @@ fn send_with_another_mesh_key_is_refused() {
             budget.left(),
         );
         assert!(out.status.success(), "keygen failed: {}", out.stderr);
+        let fingerprint = peerbus::MeshKey::load(key).expect("key").fingerprint();
+        assert_eq!(
+            out.stdout.trim(),
+            format!("wrote a new mesh key to {path} (fingerprint {fingerprint})")
+        );
     }
     let before = std::fs::read(&key_a).expect("read key a");
     let again = run(
@@ -792,6 +797,21 @@ fn send_with_another_mesh_key_is_refused() {
         "{}{}",
         reload.stdout,
         reload.stderr
+    );
+    // Its status names both keys by fingerprint, the one it proves first.
+    let [fa, fb] =
+        [&key_a, &key_b].map(|k| peerbus::MeshKey::load_all(k).expect("key")[0].fingerprint());
+    let status = run(
+        with_a.command(&["status", "--data-dir", vault_dir]),
+        "peerbus status of the vault",
+        budget.left(),
+    );
+    assert!(
+        status.stdout.contains(&format!(
+            "mesh key {fa}, also accepting {fb} (a key rotation's step)\n"
+        )),
+        "{}",
+        status.stdout
     );
     let step2 = dir.path().join("step2.key");
     std::fs::write(&step2, format!("{b}{a}")).expect("step 2");

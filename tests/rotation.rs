@@ -156,16 +156,25 @@ async fn a_key_rotation_in_place_needs_no_restart() {
         } = &m;
         let mut got = drain(receiver.messages().expect("messages"));
         delivered(sender, &mut got, "before").await;
+        // `Status::mesh_keys` names the keys in use by fingerprint, proved one first.
+        let fp = |f: &Path| MeshKey::load(f).expect("key").fingerprint();
+        let keys_of = |n: &Node| {
+            let n = n.clone();
+            async move { n.status().await.expect("status").mesh_keys }
+        };
+        assert_eq!(keys_of(sender).await, [fp(old)]);
         let steps: [[&Path; 2]; 2] = [[old, new], [new, old]];
         for (step, files) in steps.iter().enumerate() {
             for n in [sender, receiver] {
                 assert!(m.take(n, files).await, "step {}", step + 1);
+                assert_eq!(keys_of(n).await, files.map(fp), "step {}", step + 1);
             }
             let text = ["during step 1", "during step 2"][step];
             delivered(sender, &mut got, text).await;
         }
         for n in [sender, receiver] {
             assert!(m.take(n, &[new]).await, "the new key alone");
+            assert_eq!(keys_of(n).await, [fp(new)]);
         }
         let again = sender.reload_mesh_files().await.expect("reload");
         assert_eq!(again.key_file, Some(FileOutcome::Unchanged));

@@ -228,18 +228,25 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
                 faults.join("  ")
             ))?;
         }
+        if let Some((proved, also)) = strings(&status, "mesh_keys").split_first() {
+            print_line(&format!(
+                "mesh key {proved}{}",
+                if also.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", also accepting {} (a key rotation's step)",
+                        also.join(", ")
+                    )
+                }
+            ))?;
+        }
         if let Some(secs) = status
             .get("mesh_certificate_expires")
             .and_then(Value::as_u64)
         {
             let until = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
-            let services: Vec<&str> = status
-                .get("mesh_certificate_services")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
+            let services = strings(&status, "mesh_certificate_services");
             print_line(&format!(
                 "mesh certificate valid until {}{}",
                 humantime::format_rfc3339_seconds(until),
@@ -348,6 +355,17 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
 }
 
 /// Milliseconds since the Unix epoch (0 on a clock before it), for the ages of entries.
+/// The strings of the array `field` of a status (none when it is missing or not one).
+fn strings<'a>(status: &'a Value, field: &str) -> Vec<&'a str> {
+    status
+        .get(field)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
 fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

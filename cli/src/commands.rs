@@ -241,9 +241,13 @@ pub(crate) struct ReleaseGroupArgs {
 
 /// Writes a new mesh key.
 pub(crate) fn keygen(args: &KeygenArgs) -> Result<()> {
-    MeshKey::write_new(&args.out)
+    let key = MeshKey::write_new(&args.out)
         .with_context(|| format!("could not write a mesh key to {}", args.out.display()))?;
-    print_line(&format!("wrote a new mesh key to {}", args.out.display()))
+    print_line(&format!(
+        "wrote a new mesh key to {} (fingerprint {})",
+        args.out.display(),
+        key.fingerprint()
+    ))
 }
 
 /// Runs a node until Ctrl-C or SIGTERM.

@@ -236,6 +236,10 @@ pub struct Status {
     /// The services this node's mesh certificate binds it to (`peerbus ca issue --service`;
     /// empty: any), with membership by a mesh CA; `None` otherwise.
     pub mesh_certificate_services: Option<Vec<String>>,
+    /// The fingerprints ([`MeshKey::fingerprint`](peerbus_transport::MeshKey::fingerprint))
+    /// of the mesh keys this node proves (the first) and accepts now: one key, or those of a
+    /// rotation's step. Empty with a mesh CA or an open mesh.
+    pub mesh_keys: Vec<String>,
     /// Why this node's mesh certificate is revoked, once a peer refused it as revoked (the
     /// refusal names its serial number) or a revocation list of its CA said so (one a peer
     /// passed on, or its `--mesh-crl` file read again): its peers refuse it until it presents

@@ -31,6 +31,21 @@ impl MeshKey {
         MeshKey(b)
     }
 
+    /// A short name for the key that does not give it away: the first 8 bytes of
+    /// SHA-256(`"peerbus mesh key fingerprint"`, a zero byte, the key), as 16 hex digits.
+    /// `peerbus keygen` prints it and `peerbus status` names the keys a node proves and
+    /// accepts by it, so operators compare keys across nodes (a rotation's steps) without
+    /// copying them.
+    pub fn fingerprint(&self) -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(FINGERPRINT_LABEL);
+        ctx.update(&self.0);
+        ctx.finish().as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// Reads a key file's first key (see [`MeshKey::load_all`]).
     pub fn load(path: &Path) -> Result<MeshKey, MeshKeyError> {
         let first = MeshKey::load_all(path)?.into_iter().next();
@@ -224,9 +239,24 @@ impl Membership {
     }
 }
 
+/// What [`MeshKey::fingerprint`] hashes before the key (with its terminating zero byte).
+const FINGERPRINT_LABEL: &[u8] = b"peerbus mesh key fingerprint\0";
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fingerprint_names_a_key_without_giving_it_away() {
+        // Computed apart: python3 -c "import hashlib; print(hashlib.sha256(
+        //   b'peerbus mesh key fingerprint\x00' + bytes(range(32))).hexdigest()[:16])"
+        let k = MeshKey::from_bytes(std::array::from_fn(|i| i as u8));
+        assert_eq!(k.fingerprint(), "7e4d87a56a7a73d1");
+        let (a, b) = (MeshKey::generate(), MeshKey::generate());
+        assert_eq!(a.fingerprint(), a.clone().fingerprint());
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint().len(), 16);
+    }
 
     #[test]
     fn key_file_round_trip_and_errors() {

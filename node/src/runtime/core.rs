@@ -2137,6 +2137,13 @@ impl Core {
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
             mesh_certificate_services: self.shared.endpoint.certificate_services(),
+            mesh_keys: self
+                .shared
+                .endpoint
+                .mesh_keys()
+                .iter()
+                .map(peerbus_transport::MeshKey::fingerprint)
+                .collect(),
             mesh_certificate_revoked: self.shared.endpoint.own_certificate_revoked(),
             mesh_ca_revoked: revoked,
             mesh_ca_lists: self.shared.endpoint.revocation_list_info(),
