@@ -466,11 +466,16 @@ async fn mesh_page_shows_every_node_then_one_down() {
 
         screenshot(port, &session, &out.join("mesh.png")).await;
 
-        // A mesh key: no membership panel.
+        // A mesh key: the membership panel names it by its fingerprint, and nothing of a
+        // certificate.
+        let keys = "const p = document.getElementById('membership-panel'); \
+            const k = document.getElementById('mesh-keys'); \
+            return p.hidden || !k ? null : [k.innerText, !!document.getElementById('certificate')];";
+        let shown = shown_within(port, &session, 20, keys).await;
         assert_eq!(
-            script(port, &session, "return document.getElementById('membership-panel').hidden;")
-                .await,
-            Value::Bool(true)
+            shown,
+            json!([format!("mesh key {}", key.fingerprint()), false]),
+            "{shown}"
         );
         mesh_ca_membership(port, &session, &out).await;
 

@@ -201,9 +201,11 @@ pub(crate) struct ChaosArgs {
     /// rotation to a new key into the key file every node reads (1: prove the old key and
     /// accept the new one; 2: prove the new one and accept the old; 3: the new key alone),
     /// and asks each node to read it again until it answers (a killed node reads it when it
-    /// starts again). A step is written only once every node took the one before it. The run
-    /// fails unless every node took every step and ends on the new key alone; a node refused
-    /// for its key is a protocol fault like any other.
+    /// starts again). A step is written only once every node took the one before it; the last
+    /// one closes the connections whose peer proved the old key, and they are made again. The
+    /// run fails unless every node took every step and ends on the new key alone, and node-0,
+    /// restarted on it at the end, is admitted by every other; a node refused for its key is
+    /// a protocol fault like any other.
     #[arg(long, conflicts_with = "mesh_ca")]
     rotate_key: bool,
 }
