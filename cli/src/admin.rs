@@ -354,7 +354,6 @@ pub(crate) async fn status(common: &CommonArgs, args: &StatusArgs) -> Result<()>
     Ok(())
 }
 
-/// Milliseconds since the Unix epoch (0 on a clock before it), for the ages of entries.
 /// The strings of the array `field` of a status (none when it is missing or not one).
 fn strings<'a>(status: &'a Value, field: &str) -> Vec<&'a str> {
     status
@@ -366,6 +365,7 @@ fn strings<'a>(status: &'a Value, field: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// Milliseconds since the Unix epoch (0 on a clock before it), for the ages of entries.
 fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -7,7 +7,9 @@
 //! (killed, frozen) until it does; a killed node reads the file when it starts again. A step
 //! is written only once every node took the one before it, so no two nodes are ever two
 //! steps apart: a node refused for its key is a protocol fault of the run (`mesh_proof_failed`).
-//! At the end every node must prove and accept the new key alone.
+//! The last step makes each node close the connections whose peer proved the old key, and
+//! those peers dial again with the new one. At the end every node must prove and accept the
+//! new key alone, and node-0, restarted on it, must be admitted by every other.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -143,7 +145,9 @@ impl KeyRotationRun {
             && self.rejoined_after_s.is_some()
     }
 
-    /// The steps written while the faults ran, in words (`1 in 0.52 s, 2 in 1.10 s, …`).
+    /// The run's rotation in words, for the table and the HTML page: how many nodes end on
+    /// the new key, whether the restarted node rejoined, then each step (`step 1 at 4.0 s,
+    /// all took it in 0.25 s; …`).
     pub(crate) fn text(&self) -> String {
         let steps: Vec<String> = self
             .steps
