@@ -302,6 +302,90 @@ async fn dropping_a_key_cuts_off_a_live_peer_that_proved_it() {
     .await;
 }
 
+/// Keys that come from elsewhere than a file (a secrets manager) rotate in place through
+/// `Node::renew_mesh_keys`: two running nodes take the three steps and exchange messages
+/// throughout; the last step cuts off a node of the old key alone that was connected; bad
+/// key sets are refused with the keys in use kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_given_in_code_rotate_in_place_through_the_api() {
+    within(60, async {
+        let (old, new) = (MeshKey::generate(), MeshKey::generate());
+        let net = MemoryNetwork::new();
+        let start = |service: &str| {
+            Node::builder(service)
+                .mesh("test")
+                .mesh_key(old.clone())
+                .listen("127.0.0.1:0".parse().expect("addr"))
+                .discovery(net.discovery())
+                .shutdown_grace(Duration::from_millis(500))
+                .start()
+        };
+        let sender = start("sender").await.expect("sender");
+        let receiver = start("orders").await.expect("receiver");
+        let stale = start("stale").await.expect("stale");
+        let mut got = drain(receiver.messages().expect("messages"));
+        assert!(
+            sender
+                .wait_for_instances("stale", 1, Duration::from_secs(10))
+                .await
+        );
+        let steps = [
+            vec![old.clone(), new.clone()],
+            vec![new.clone(), old.clone()],
+            vec![new.clone()],
+        ];
+        for (n, keys) in steps.iter().enumerate() {
+            for node in [&sender, &receiver] {
+                node.renew_mesh_keys(keys.clone()).expect("renew");
+                let fingerprints: Vec<String> = keys.iter().map(MeshKey::fingerprint).collect();
+                assert_eq!(node.status().await.expect("status").mesh_keys, fingerprints);
+            }
+            delivered(&sender, &mut got, &format!("after step {}", n + 1)).await;
+        }
+        eventually(10, "the node of the old key alone is cut off", || async {
+            state_of(&sender, &stale).await == Some(PeerState::Refused)
+        })
+        .await;
+
+        // Bad key sets: refused, the keys in use kept.
+        let twice = sender
+            .renew_mesh_keys(vec![new.clone(), old.clone(), new.clone()])
+            .expect_err("a key twice");
+        assert!(
+            twice.to_string().contains(&format!(
+                "mesh key {} is given twice (as key 3)",
+                new.fingerprint()
+            )),
+            "{twice}"
+        );
+        assert!(sender.renew_mesh_keys(Vec::new()).is_err(), "no key");
+        let nine = (0..=peerbus::MAX_MESH_KEYS)
+            .map(|_| MeshKey::generate())
+            .collect();
+        assert!(sender.renew_mesh_keys(nine).is_err(), "too many keys");
+        assert_eq!(
+            sender.status().await.expect("status").mesh_keys,
+            [new.fingerprint()]
+        );
+        delivered(&sender, &mut got, "with the keys kept").await;
+        let open = Node::builder("open")
+            .insecure_open_mesh()
+            .listen("127.0.0.1:0".parse().expect("addr"))
+            .discovery(MemoryNetwork::new().discovery())
+            .start()
+            .await
+            .expect("open");
+        assert!(
+            open.renew_mesh_keys(vec![new.clone()]).is_err(),
+            "an open mesh"
+        );
+        for n in [open, stale, sender, receiver] {
+            n.shutdown().await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_file_with_a_malformed_line_fails_start() {
     within(30, async {

@@ -562,6 +562,36 @@ impl Node {
         Ok(())
     }
 
+    /// Proves `keys[0]` and accepts a peer that proves any of `keys` from now on, in place of
+    /// the mesh keys this node holds (the builder's, [`also_accept_mesh_keys`] included, or its
+    /// key file's): a key rotation's step in place for a service that gets its keys from
+    /// elsewhere than a file, a secrets manager say ([`Node::reload_mesh_files`] reads a
+    /// [`mesh_key_file`] again). Take each step on every node before the next, as with
+    /// files (README: "Rotating the mesh key"). Live connections whose peer proved a key not
+    /// in `keys` are closed (`retired_mesh_key` in [`Status::connections_closed`]); a peer
+    /// that proves one of `keys` connects again at once. Refused, with the keys in use kept,
+    /// when the node has no mesh key (a mesh CA or an open mesh), or `keys` is empty, holds
+    /// more than [`MAX_MESH_KEYS`](peerbus_transport::MAX_MESH_KEYS) keys or one key twice.
+    ///
+    /// [`also_accept_mesh_keys`]: crate::NodeBuilder::also_accept_mesh_keys
+    /// [`mesh_key_file`]: crate::NodeBuilder::mesh_key_file
+    pub fn renew_mesh_keys(&self, keys: Vec<MeshKey>) -> Result<(), RenewError> {
+        if let Some(n) = (1..keys.len()).find(|&n| keys[..n].contains(&keys[n])) {
+            return Err(RenewError(format!(
+                "mesh key {} is given twice (as key {})",
+                keys[n].fingerprint(),
+                n + 1
+            )));
+        }
+        self.shared
+            .endpoint
+            .renew_keys(keys)
+            .map_err(|e| RenewError(e.to_string()))?;
+        info!("took new mesh keys: proving the first, accepting all of them");
+        self.shared.membership_changed();
+        Ok(())
+    }
+
     /// Reads this node's mesh files now and takes what changed.
     /// - Mesh CA files (the CA certificate file, its revocation lists, this node's
     ///   certificate), which the node also reads by itself every
