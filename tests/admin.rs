@@ -664,6 +664,7 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
             serde_json::json!([])
         );
         assert_eq!(status(&node).await["mesh_keys"], serde_json::json!([]));
+        assert!(!m.contains("peerbus_mesh_key_info"), "{m}");
         let own_revoked = "peerbus_mesh_certificate_revoked";
         assert_eq!(sample(&m, own_revoked, &[("node", &nid)]), Some(0.0));
         // Its list revokes none, and the metrics say so, and which list it is.
@@ -714,6 +715,20 @@ async fn a_mesh_ca_node_shows_when_its_certificate_ends() {
         assert_eq!(
             status(&keyed).await["mesh_keys"],
             serde_json::json!([key.fingerprint()])
+        );
+        let fingerprint = key.fingerprint();
+        let kid = keyed.id().to_string();
+        assert_eq!(
+            sample(
+                &metrics(&keyed).await,
+                "peerbus_mesh_key_info",
+                &[
+                    ("node", &kid),
+                    ("fingerprint", &fingerprint),
+                    ("role", "proved")
+                ]
+            ),
+            Some(1.0)
         );
         assert!(status(&keyed).await["mesh_certificate_expires"].is_null());
         assert!(status(&keyed).await["mesh_certificate_services"].is_null());
@@ -919,6 +934,35 @@ async fn a_recorder_installed_by_the_application_sees_counters_and_gauges() {
         eventually(10, "backlog and peers gauges through the facade", || {
             let v = (rec.gauge(&backlog), rec.gauge(&connected));
             async move { v == (Some(1.0), Some(0.0)) }
+        })
+        .await;
+        // The mesh keys by fingerprint and role; one dropped, or moved to the other role,
+        // reads 0.
+        let info = |k: &MeshKey, role: &str| {
+            rec.gauge(&format!(
+                "peerbus_mesh_key_info{{fingerprint={},node={p},role={role}}}",
+                k.fingerprint()
+            ))
+        };
+        let next = MeshKey::generate();
+        payments
+            .renew_mesh_keys(vec![key.clone(), next.clone()])
+            .expect("step 1");
+        eventually(10, "both keys through the facade", || {
+            let v = (info(&key, "proved"), info(&next, "accepted"));
+            async move { v == (Some(1.0), Some(1.0)) }
+        })
+        .await;
+        payments
+            .renew_mesh_keys(vec![next.clone()])
+            .expect("step 3");
+        eventually(10, "the dropped key reads 0", || {
+            let v = [
+                info(&key, "proved"),
+                info(&next, "accepted"),
+                info(&next, "proved"),
+            ];
+            async move { v == [Some(0.0), Some(0.0), Some(1.0)] }
         })
         .await;
         payments.shutdown().await;

@@ -81,6 +81,11 @@ pub const PEER_LOST_PACKETS: &str = "peerbus_peer_lost_packets_total";
 pub const REQUESTS_IN_FLIGHT: &str = "peerbus_requests_in_flight";
 /// `send`/`publish` calls waiting for room in a full log (backpressure).
 pub const SENDS_WAITING: &str = "peerbus_sends_waiting";
+/// 1 for each mesh key this node holds, by fingerprint (`MeshKey::fingerprint`) and role:
+/// `proved` for the one it proves, `accepted` for the others of a rotation's step (mesh keys
+/// only). `count by (fingerprint) (peerbus_mesh_key_info{role="proved"})` shows how far a
+/// rotation has come across the fleet.
+pub const MESH_KEY_INFO: &str = "peerbus_mesh_key_info";
 /// When this node's mesh certificate ends, in seconds since the Unix epoch (membership by a
 /// mesh CA only): alert well before it.
 pub const MESH_CERTIFICATE_EXPIRES: &str = "peerbus_mesh_certificate_expiration_timestamp_seconds";
@@ -316,6 +321,9 @@ pub(crate) async fn facade_sampler(node: Node) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Destinations and peers seen before: their gauges drop to 0 when they disappear.
     let mut last_logs: Vec<String> = Vec::new();
+    // The mesh keys published last, so a key dropped since (or moved from one role to the
+    // other) reads 0 instead of staying at 1.
+    let mut last_keys: Vec<(String, &'static str)> = Vec::new();
     let mut last_peers: Vec<String> = Vec::new();
     loop {
         tokio::select! {
@@ -379,6 +387,20 @@ pub(crate) async fn facade_sampler(node: Node) {
         metrics::gauge!(REQUESTS_IN_FLIGHT, "node" => node_label.clone())
             .set(s.requests_in_flight as f64);
         metrics::gauge!(SENDS_WAITING, "node" => node_label.clone()).set(s.sends_waiting as f64);
+        let keys_now: Vec<(String, &'static str)> = key_roles(&s)
+            .map(|(f, role)| (f.to_string(), role))
+            .collect();
+        for (fingerprint, role) in last_keys.iter().filter(|k| !keys_now.contains(k)) {
+            metrics::gauge!(MESH_KEY_INFO, "node" => node_label.clone(),
+                "fingerprint" => fingerprint.clone(), "role" => *role)
+            .set(0.0);
+        }
+        for (fingerprint, role) in &keys_now {
+            metrics::gauge!(MESH_KEY_INFO, "node" => node_label.clone(),
+                "fingerprint" => fingerprint.clone(), "role" => *role)
+            .set(1.0);
+        }
+        last_keys = keys_now;
         if let Some(t) = s.mesh_certificate_expires {
             metrics::gauge!(MESH_CERTIFICATE_EXPIRES, "node" => node_label.clone()).set(t as f64);
             metrics::gauge!(MESH_CERTIFICATE_REVOKED, "node" => node_label.clone()).set(
@@ -461,6 +483,14 @@ fn esc(v: &str) -> String {
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Each mesh key of `s` by fingerprint, with its role: `proved` (the first), `accepted`.
+fn key_roles(s: &Status) -> impl Iterator<Item = (&str, &'static str)> {
+    s.mesh_keys
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.as_str(), if i == 0 { "proved" } else { "accepted" }))
 }
 
 /// The numbered revocation lists in use, by CA subject, with numbers a gauge holds exactly
@@ -771,6 +801,22 @@ pub(crate) fn render(s: &Status, store: &StoreStats, counters: &Counters, now_ms
          Backpressure once its send_timeout passes.",
     );
     let _ = writeln!(out, "{SENDS_WAITING}{{{n}}} {}", s.sends_waiting);
+    if !s.mesh_keys.is_empty() {
+        head(
+            &mut out,
+            MESH_KEY_INFO,
+            "gauge",
+            "1 for each mesh key this node holds, by fingerprint: role proved for the one it \
+             proves, accepted for the others of a key rotation's step.",
+        );
+        for (fingerprint, role) in key_roles(s) {
+            let _ = writeln!(
+                out,
+                "{MESH_KEY_INFO}{{{n},fingerprint=\"{}\",role=\"{role}\"}} 1",
+                esc(fingerprint)
+            );
+        }
+    }
     if let Some(t) = s.mesh_certificate_expires {
         head(
             &mut out,
