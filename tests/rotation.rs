@@ -362,7 +362,12 @@ async fn keys_given_in_code_rotate_in_place_through_the_api() {
         let nine = (0..=peerbus::MAX_MESH_KEYS)
             .map(|_| MeshKey::generate())
             .collect();
-        assert!(sender.renew_mesh_keys(nine).is_err(), "too many keys");
+        let nine = sender.renew_mesh_keys(nine).expect_err("too many keys");
+        assert!(
+            nine.to_string()
+                .contains("9 mesh keys: a node takes 1 to 8"),
+            "{nine}"
+        );
         assert_eq!(
             sender.status().await.expect("status").mesh_keys,
             [new.fingerprint()]

@@ -175,9 +175,9 @@ pub struct Status {
     /// ([`CloseCounts::by_cause`](peerbus_transport::CloseCounts::by_cause)): they close
     /// with `mesh_proof_failed` on the wire, but are a revoked node that keeps dialling, not
     /// a mismatched peer; likewise the live connections closed because their peer proved a
-    /// mesh key this node dropped, as `retired_mesh_key`. A growing count of the protocol codes means a peer that misbehaves
-    /// or runs an incompatible build; each close is also logged (warn) with the peer and the
-    /// reason.
+    /// mesh key this node dropped, as `retired_mesh_key`. A growing count of the protocol
+    /// codes means a peer that misbehaves or runs an incompatible build; each close is also
+    /// logged (warn) with the peer and the reason.
     pub connections_closed: BTreeMap<String, u64>,
     /// Per destination log: waiting, in flight, oldest.
     pub logs: BTreeMap<String, LogStats>,
@@ -576,6 +576,15 @@ impl Node {
     /// [`also_accept_mesh_keys`]: crate::NodeBuilder::also_accept_mesh_keys
     /// [`mesh_key_file`]: crate::NodeBuilder::mesh_key_file
     pub fn renew_mesh_keys(&self, keys: Vec<MeshKey>) -> Result<(), RenewError> {
+        // The count first (the endpoint refuses it too): the look for a key given twice is
+        // quadratic.
+        if keys.len() > peerbus_transport::MAX_MESH_KEYS {
+            return Err(RenewError(format!(
+                "{} mesh keys: a node takes 1 to {}",
+                keys.len(),
+                peerbus_transport::MAX_MESH_KEYS
+            )));
+        }
         if let Some(n) = (1..keys.len()).find(|&n| keys[..n].contains(&keys[n])) {
             return Err(RenewError(format!(
                 "mesh key {} is given twice (as key {})",

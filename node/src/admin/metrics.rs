@@ -83,8 +83,8 @@ pub const REQUESTS_IN_FLIGHT: &str = "peerbus_requests_in_flight";
 pub const SENDS_WAITING: &str = "peerbus_sends_waiting";
 /// 1 for each mesh key this node holds, by fingerprint (`MeshKey::fingerprint`) and role:
 /// `proved` for the one it proves, `accepted` for the others of a rotation's step (mesh keys
-/// only). `count by (fingerprint) (peerbus_mesh_key_info{role="proved"})` shows how far a
-/// rotation has come across the fleet.
+/// only; one dropped reads 0). `count by (fingerprint) (peerbus_mesh_key_info{role="proved"}
+/// == 1)` shows how far a rotation has come across the fleet.
 pub const MESH_KEY_INFO: &str = "peerbus_mesh_key_info";
 /// When this node's mesh certificate ends, in seconds since the Unix epoch (membership by a
 /// mesh CA only): alert well before it.
