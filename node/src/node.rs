@@ -539,15 +539,7 @@ impl Node {
     /// not from a trusted CA, not valid now, or bound to services other than this node's
     /// ([`NodeCert::services`]).
     pub fn renew_mesh_certificate(&self, cert: &NodeCert) -> Result<(), RenewError> {
-        if let Some(why) = self.shared.refuses_own(cert) {
-            return Err(RenewError(why));
-        }
-        self.shared
-            .endpoint
-            .renew_certificate(cert)
-            .map_err(|e| RenewError(e.to_string()))?;
-        self.shared.membership_changed();
-        Ok(())
+        self.shared.renew_certificate(cert).map_err(RenewError)
     }
 
     /// Trusts `ca` from now on in place of this node's mesh CA certificates, and closes live
@@ -576,29 +568,7 @@ impl Node {
     /// [`also_accept_mesh_keys`]: crate::NodeBuilder::also_accept_mesh_keys
     /// [`mesh_key_file`]: crate::NodeBuilder::mesh_key_file
     pub fn renew_mesh_keys(&self, keys: Vec<MeshKey>) -> Result<(), RenewError> {
-        // The count first (the endpoint refuses it too): the look for a key given twice is
-        // quadratic.
-        if keys.len() > peerbus_transport::MAX_MESH_KEYS {
-            return Err(RenewError(format!(
-                "{} mesh keys: a node takes 1 to {}",
-                keys.len(),
-                peerbus_transport::MAX_MESH_KEYS
-            )));
-        }
-        if let Some(n) = (1..keys.len()).find(|&n| keys[..n].contains(&keys[n])) {
-            return Err(RenewError(format!(
-                "mesh key {} is given twice (as key {})",
-                keys[n].fingerprint(),
-                n + 1
-            )));
-        }
-        self.shared
-            .endpoint
-            .renew_keys(keys)
-            .map_err(|e| RenewError(e.to_string()))?;
-        info!("took new mesh keys: proving the first, accepting all of them");
-        self.shared.membership_changed();
-        Ok(())
+        self.shared.renew_keys(keys).map_err(RenewError)
     }
 
     /// Reads this node's mesh files now and takes what changed.
@@ -658,15 +628,9 @@ impl Node {
         if keys == self.shared.endpoint.mesh_keys() {
             return FileOutcome::Unchanged;
         }
-        match self.shared.endpoint.renew_keys(keys) {
-            Ok(()) => {
-                info!(
-                    "took the mesh key file as it is now: proving its first key, accepting all of them"
-                );
-                self.shared.membership_changed();
-                FileOutcome::Taken
-            }
-            Err(e) => FileOutcome::Refused(e.to_string()),
+        match self.shared.renew_keys(keys) {
+            Ok(()) => FileOutcome::Taken,
+            Err(why) => FileOutcome::Refused(why),
         }
     }
 

@@ -546,17 +546,25 @@ impl Endpoint {
     /// of the others ([`Endpoint::recheck`]) that their peer proved a key no longer accepted
     /// (the rotation's last step drops the old key: whoever was admitted by it alone, a
     /// holder of a leaked key say, is cut off, and a peer that proves the new key connects
-    /// again).
+    /// again). Refused, the keys in use kept, when `keys` holds one key twice.
     pub fn renew_keys(&self, keys: Vec<MeshKey>) -> Result<(), BindError> {
         if self.inner.config.membership.own_key().is_none() {
             return Err(BindError::Config(
                 "this endpoint proves membership with no mesh key".into(),
             ));
         }
+        // The count first: the look for a key given twice is quadratic.
         if keys.is_empty() || keys.len() > MAX_MESH_KEYS {
             return Err(BindError::Config(format!(
-                "{} mesh keys: an endpoint takes 1 to {MAX_MESH_KEYS}",
+                "{} mesh keys: a node takes 1 to {MAX_MESH_KEYS}",
                 keys.len()
+            )));
+        }
+        if let Some(n) = (1..keys.len()).find(|&n| keys[..n].contains(&keys[n])) {
+            return Err(BindError::Config(format!(
+                "mesh key {} is given twice (as key {})",
+                keys[n].fingerprint(),
+                n + 1
             )));
         }
         self.presented_mut().keys = keys;

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use peerbus::FileOutcome;
 use serde::Serialize;
 use serde_json::json;
 
@@ -187,30 +188,14 @@ impl KeyRotationRun {
     }
 }
 
-/// What a node answered a reload with, for its key file.
-enum Answer {
-    /// It took the file's keys now.
-    Taken,
-    /// It held the file's keys already.
-    Unchanged,
-    Refused(String),
-    /// No answer (down, frozen, stopping) or one without a key file's outcome.
-    Silent,
-}
-
-async fn reload(dir: &Path) -> Answer {
-    let Some(v) = control(dir, json!({"cmd": "reload"})).await else {
-        return Answer::Silent;
-    };
-    let outcome = &v["reload"]["key_file"];
-    match outcome.as_str() {
-        Some("taken") => Answer::Taken,
-        Some("unchanged") => Answer::Unchanged,
-        _ => match outcome.get("refused").and_then(serde_json::Value::as_str) {
-            Some(why) => Answer::Refused(why.to_string()),
-            None => Answer::Silent,
-        },
-    }
+/// What a node did with its key file when asked to read it again (the control socket's
+/// `reload`, read as [`peerbus::MeshReload`]); `None` without an answer (down, frozen,
+/// stopping) or with one that names no key file.
+async fn reload(dir: &Path) -> Option<FileOutcome> {
+    let mut v = control(dir, json!({"cmd": "reload"})).await?;
+    serde_json::from_value::<peerbus::MeshReload>(v["reload"].take())
+        .ok()?
+        .key_file
 }
 
 /// Asks every node of `pending` at once to read its key file again; keeps in `pending` those
@@ -230,9 +215,9 @@ async fn ask(
     let mut holding = Vec::new();
     while let Some(r) = set.join_next().await {
         match r {
-            Ok((i, Answer::Unchanged)) => holding.push(i),
-            Ok((i, Answer::Taken)) if !already => holding.push(i),
-            Ok((i, Answer::Refused(why))) => refusals.push(format!("node-{i}: {why}")),
+            Ok((i, Some(FileOutcome::Unchanged))) => holding.push(i),
+            Ok((i, Some(FileOutcome::Taken))) if !already => holding.push(i),
+            Ok((i, Some(FileOutcome::Refused(why)))) => refusals.push(format!("node-{i}: {why}")),
             _ => {}
         }
     }

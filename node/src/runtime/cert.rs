@@ -22,8 +22,8 @@ pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(60);
 const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 86_400);
 
 /// Reloads asked for ([`Node::reload_mesh_files`](crate::Node::reload_mesh_files)) and not
-/// yet looked at: one look answers every request that queued during it, so more callers than
-/// this only wait for room.
+/// yet looked at: one look answers every request queued before it began, so more callers
+/// than this only wait for room.
 pub(crate) const RELOAD_QUEUE: usize = 4;
 
 /// A request to read the mesh CA files now, answered with what was found.
@@ -253,14 +253,7 @@ async fn look(shared: &Shared, files: &Files, seen: &mut Seen, span: &Span) -> O
     let ca_changed = new_ca.is_some();
     let mut refused_ca = new_ca.and_then(|ca| take_trust(shared, span, seen, ca).err());
     if let Some(cert) = new_cert {
-        let renewed = match shared.refuses_own(&cert) {
-            Some(why) => Err(why),
-            None => shared
-                .endpoint
-                .renew_certificate(&cert)
-                .map_err(|e| e.to_string()),
-        };
-        match renewed {
+        match shared.renew_certificate(&cert) {
             Ok(()) => {
                 report(
                     span,
@@ -270,7 +263,6 @@ async fn look(shared: &Shared, files: &Files, seen: &mut Seen, span: &Span) -> O
                 seen.cert = cert;
                 seen.refused.clear();
                 cert_outcome = FileOutcome::Taken;
-                shared.membership_changed();
             }
             Err(e) => {
                 cert_outcome = seen.refuse(span, format!("refusing the new mesh certificate: {e}"));

@@ -355,6 +355,30 @@ impl Shared {
         self.redial.notify_waiters();
     }
 
+    /// Presents `cert` from now on, unless it is bound to other services than this node's
+    /// ([`Shared::refuses_own`]) or the endpoint refuses it; then redials at once. Why not,
+    /// when refused (the certificate in use stays).
+    pub(crate) fn renew_certificate(&self, cert: &NodeCert) -> Result<(), String> {
+        if let Some(why) = self.refuses_own(cert) {
+            return Err(why);
+        }
+        self.endpoint
+            .renew_certificate(cert)
+            .map_err(|e| e.to_string())?;
+        self.membership_changed();
+        Ok(())
+    }
+
+    /// Proves `keys[0]` and accepts all of `keys` from now on, if the endpoint takes them
+    /// (1 to [`MAX_MESH_KEYS`], none twice, a keyed node); then redials at once. Why not,
+    /// when refused (the keys in use stay).
+    pub(crate) fn renew_keys(&self, keys: Vec<MeshKey>) -> Result<(), String> {
+        self.endpoint.renew_keys(keys).map_err(|e| e.to_string())?;
+        info!("took new mesh keys: proving the first, accepting all of them");
+        self.membership_changed();
+        Ok(())
+    }
+
     /// Why `cert` cannot be this node's certificate: it is bound to services other than
     /// the one this node runs ([`NodeCert::services`]). Renewals check it; `start()` checks
     /// the first certificate the same way.
